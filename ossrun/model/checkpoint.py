@@ -1,0 +1,268 @@
+"""Checkpoints: both official on-disk layouts, read memory-mapped, and random ones written in them.
+
+One place maps names. Internally every tensor goes by its `original/` (reference) name; the
+Hugging Face layout differs only in names and in splitting the fused qkv projection. MXFP4 expert
+tensors are returned packed (uint8) exactly as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ossrun.model import mxfp4
+from ossrun.model.config import ModelConfig
+from ossrun.model.safetensors_io import TensorSpec, open_mmap, write_streaming
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("original", "hf")
+# Shard size for written HF checkpoints (the hub's own shards are ~5 GB).
+HF_SHARD_BYTES = 4 * 1024**3
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # original names; experts packed uint8, the rest as stored (bf16)
+    layout: str
+    path: Path
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+_HF_LAYER_NAMES = {
+    "attn.norm.scale": "input_layernorm.weight",
+    "attn.sinks": "self_attn.sinks",
+    "attn.out.weight": "self_attn.o_proj.weight",
+    "attn.out.bias": "self_attn.o_proj.bias",
+    "mlp.norm.scale": "post_attention_layernorm.weight",
+    "mlp.gate.weight": "mlp.router.weight",
+    "mlp.gate.bias": "mlp.router.bias",
+    "mlp.mlp1_weight.blocks": "mlp.experts.gate_up_proj_blocks",
+    "mlp.mlp1_weight.scales": "mlp.experts.gate_up_proj_scales",
+    "mlp.mlp1_bias": "mlp.experts.gate_up_proj_bias",
+    "mlp.mlp2_weight.blocks": "mlp.experts.down_proj_blocks",
+    "mlp.mlp2_weight.scales": "mlp.experts.down_proj_scales",
+    "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
+}
+_HF_GLOBAL_NAMES = {"embedding.weight": "model.embed_tokens.weight", "norm.scale": "model.norm.weight", "unembedding.weight": "lm_head.weight"}
+_QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def original_specs(config: ModelConfig) -> list[TensorSpec]:
+    """Every tensor of an `original/` checkpoint, in the reference's order."""
+    c, bf16, u8 = config, torch.bfloat16, torch.uint8
+    qkv = c.q_size + 2 * c.kv_size
+    specs = [TensorSpec("embedding.weight", bf16, (c.vocab_size, c.hidden_size))]
+    for i in range(c.num_hidden_layers):
+        p = f"block.{i}."
+        specs += [
+            TensorSpec(p + "attn.norm.scale", bf16, (c.hidden_size,)),
+            TensorSpec(p + "attn.qkv.weight", bf16, (qkv, c.hidden_size)),
+            TensorSpec(p + "attn.qkv.bias", bf16, (qkv,)),
+            TensorSpec(p + "attn.sinks", bf16, (c.num_attention_heads,)),
+            TensorSpec(p + "attn.out.weight", bf16, (c.hidden_size, c.q_size)),
+            TensorSpec(p + "attn.out.bias", bf16, (c.hidden_size,)),
+            TensorSpec(p + "mlp.norm.scale", bf16, (c.hidden_size,)),
+            TensorSpec(p + "mlp.gate.weight", bf16, (c.num_experts, c.hidden_size)),
+            TensorSpec(p + "mlp.gate.bias", bf16, (c.num_experts,)),
+            TensorSpec(p + "mlp.mlp1_weight.blocks", u8, (c.num_experts, 2 * c.intermediate_size, c.hidden_size // 32, 16)),
+            TensorSpec(p + "mlp.mlp1_weight.scales", u8, (c.num_experts, 2 * c.intermediate_size, c.hidden_size // 32)),
+            TensorSpec(p + "mlp.mlp1_bias", bf16, (c.num_experts, 2 * c.intermediate_size)),
+            TensorSpec(p + "mlp.mlp2_weight.blocks", u8, (c.num_experts, c.hidden_size, c.intermediate_size // 32, 16)),
+            TensorSpec(p + "mlp.mlp2_weight.scales", u8, (c.num_experts, c.hidden_size, c.intermediate_size // 32)),
+            TensorSpec(p + "mlp.mlp2_bias", bf16, (c.num_experts, c.hidden_size)),
+        ]
+    specs += [TensorSpec("norm.scale", bf16, (c.hidden_size,)), TensorSpec("unembedding.weight", bf16, (c.vocab_size, c.hidden_size))]
+    return specs
+
+
+def hf_name(original: str) -> str:
+    if original in _HF_GLOBAL_NAMES:
+        return _HF_GLOBAL_NAMES[original]
+    layer, rest = re.fullmatch(r"block\.(\d+)\.(.+)", original).groups()
+    return f"model.layers.{layer}.{_HF_LAYER_NAMES[rest]}"
+
+
+def _qkv_rows(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    q, kv = config.q_size, config.kv_size
+    return {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+
+
+def hf_specs(config: ModelConfig) -> list[tuple[TensorSpec, str, tuple[int, int] | None]]:
+    """HF tensors as (spec, original name it comes from, row slice of that tensor or None)."""
+    out = []
+    rows = _qkv_rows(config)
+    for spec in original_specs(config):
+        match = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", spec.name)
+        if match:
+            layer, kind = match.groups()
+            for part in _QKV_PARTS:
+                begin, end = rows[part]
+                shape = (end - begin, *spec.shape[1:])
+                out.append((TensorSpec(f"model.layers.{layer}.self_attn.{part}.{kind}", spec.dtype, shape), spec.name, (begin, end)))
+        else:
+            out.append((TensorSpec(hf_name(spec.name), spec.dtype, spec.shape), spec.name, None))
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+def detect_layout(path: Path) -> tuple[str, Path]:
+    """→ (layout, directory). A hub snapshot holds both; `original/` is preferred (one file, no renames)."""
+    path = Path(path)
+    if (path / "original" / "config.json").exists():
+        return "original", path / "original"
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json and no original/config.json: not a gpt-oss checkpoint")
+    return ("hf" if "model_type" in json.loads(config_file.read_text()) else "original"), path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    layout, directory = detect_layout(Path(path))
+    data = json.loads((directory / "config.json").read_text())
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no .safetensors files")
+    stored: dict[str, torch.Tensor] = {}
+    for file in files:
+        stored.update(open_mmap(file))
+    if layout == "original":
+        config = ModelConfig.from_original_json(data)
+        tensors = stored
+    else:
+        config = ModelConfig.from_hf_json(data)
+        tensors = _from_hf_names(config, stored)
+    _check_complete(config, tensors, directory)
+    log.info("loaded %s checkpoint from %s (%d tensors)", layout, directory, len(tensors))
+    return Checkpoint(config, tensors, layout, directory)
+
+
+def _from_hf_names(config: ModelConfig, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for spec in original_specs(config):
+        match = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", spec.name)
+        if match:
+            layer, kind = match.groups()
+            parts = [stored[f"model.layers.{layer}.self_attn.{part}.{kind}"] for part in _QKV_PARTS]
+            tensors[spec.name] = torch.cat(parts, dim=0)
+        elif hf_name(spec.name) in stored:
+            tensors[spec.name] = stored[hf_name(spec.name)]
+    return tensors
+
+
+def _check_complete(config: ModelConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    for spec in original_specs(config):
+        tensor = tensors.get(spec.name)
+        if tensor is None:
+            raise ValueError(f"{directory}: checkpoint lacks {spec.name}")
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{directory}: {spec.name} has shape {tuple(tensor.shape)}, config implies {spec.shape}")
+
+
+# -- random checkpoints ---------------------------------------------------------------------------
+
+class RandomWeights:
+    """Deterministic random tensors by name, so the two layouts of one seed hold the same values.
+
+    Magnitudes keep activations in a realistic range through many layers, and the expert scales
+    are chosen so that SwiGLU pre-activations cross the ±7 clamp on a visible fraction of values.
+    """
+
+    def __init__(self, config: ModelConfig, seed: int):
+        self.config = config
+        self.seed = seed
+        c = config
+        fp4_std = 2.93  # RMS of the FP4 code values
+        e1 = round(math.log2(5.0 / (math.sqrt(c.hidden_size) * fp4_std))) + mxfp4.SCALE_BIAS
+        e2 = round(math.log2(0.5 / (math.sqrt(c.intermediate_size) * fp4_std))) + mxfp4.SCALE_BIAS
+        self.scale_bytes = {"mlp1": (e1 - 1, e1, e1 + 1), "mlp2": (e2 - 1, e2, e2 + 1)}
+
+    def _generator(self, name: str) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+
+    def _std(self, name: str) -> float:
+        c = self.config
+        if name == "embedding.weight" or name.endswith("sinks"):
+            return 1.0
+        if name.endswith(("qkv.weight", "gate.weight")) or name == "unembedding.weight":
+            return c.hidden_size ** -0.5
+        if name.endswith("out.weight"):
+            return c.q_size ** -0.5
+        if name.endswith("mlp1_bias"):
+            return 0.5
+        return 0.1  # biases and the deviation of norm scales from 1
+
+    def make(self, spec: TensorSpec) -> torch.Tensor:
+        g = self._generator(spec.name)
+        if spec.dtype == torch.uint8:
+            kind = "mlp1" if "mlp1" in spec.name else "mlp2"
+            if spec.name.endswith(".blocks"):
+                return torch.randint(0, 256, spec.shape, dtype=torch.uint8, generator=g)
+            choice = torch.tensor(self.scale_bytes[kind], dtype=torch.uint8)
+            return choice[torch.randint(0, len(choice), spec.shape, generator=g)]
+        values = torch.randn(spec.shape, generator=g) * self._std(spec.name)
+        if spec.name.endswith(".scale"):
+            values += 1.0
+        return values.to(spec.dtype)
+
+
+def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = "original", seed: int = 0) -> Path:
+    """Write a random checkpoint in an official layout, one tensor in memory at a time.
+
+    `original`: `config.json` + `model.safetensors` as in the hub's `original/` folder (pass the
+    folder itself as `out`, or a root and the loader finds `original/`). `hf`: the hub root layout,
+    sharded with `model.safetensors.index.json` when over one shard.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = RandomWeights(config, seed)
+    if layout == "original":
+        (out / "config.json").write_text(json.dumps(config.to_original_json(), indent=2))
+        write_streaming(out / "model.safetensors", original_specs(config), weights.make)
+        return out
+    (out / "config.json").write_text(json.dumps(config.to_hf_json(), indent=2))
+    entries = hf_specs(config)
+    by_name = {spec.name: (source, rows) for spec, source, rows in entries}
+    shards = _shard([spec for spec, _, _ in entries])
+    source_specs = {spec.name: spec for spec in original_specs(config)}
+
+    def make(spec: TensorSpec) -> torch.Tensor:
+        source, rows = by_name[spec.name]
+        tensor = weights.make(source_specs[source])
+        return tensor[rows[0]:rows[1]].clone() if rows else tensor
+
+    if len(shards) == 1:
+        write_streaming(out / "model.safetensors", shards[0], make)
+        return out
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_streaming(out / name, shard, make)
+        weight_map.update({spec.name: name for spec in shard})
+    total = sum(spec.nbytes for spec, _, _ in entries)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def _shard(specs: list[TensorSpec]) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > HF_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards

@@ -1,0 +1,187 @@
+"""The gpt-oss architecture's hyper-parameters, the presets we build random checkpoints from,
+and their translation to and from both on-disk config formats (`original/config.json`, HF `config.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# The 16 fields of `original/config.json`, in the order OpenAI writes them. The reference loader
+# rejects any other key, so `to_original_json` writes exactly these.
+ORIGINAL_FIELDS = (
+    "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
+    "intermediate_size", "swiglu_limit", "head_dim", "num_attention_heads", "num_key_value_heads",
+    "sliding_window", "initial_context_length", "rope_theta", "rope_scaling_factor",
+    "rope_ntk_alpha", "rope_ntk_beta",
+)
+
+HARMONY_VOCAB_SIZE = 201088
+MAX_CONTEXT = 131072
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    num_hidden_layers: int = 24
+    num_experts: int = 32
+    experts_per_token: int = 4
+    vocab_size: int = HARMONY_VOCAB_SIZE
+    hidden_size: int = 2880
+    intermediate_size: int = 2880
+    swiglu_limit: float = 7.0
+    head_dim: int = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    sliding_window: int = 128
+    initial_context_length: int = 4096
+    rope_theta: float = 150000.0
+    rope_scaling_factor: float = 32.0
+    rope_ntk_alpha: float = 1.0
+    rope_ntk_beta: float = 32.0
+    rms_norm_eps: float = 1e-5
+    # Not a checkpoint field: the name the served model answers to in the API.
+    served_name: str = "@cf/openai/gpt-oss-20b"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % 32 or self.intermediate_size % 32:
+            raise ValueError("hidden_size and intermediate_size must be multiples of the 32-value MXFP4 block")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError("experts_per_token must be in 1..num_experts")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even (RoPE rotates halves)")
+
+    # -- derived sizes ------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def max_context(self) -> int:
+        """Positions the RoPE tables cover: YaRN stretches the 4096 trained positions by the factor."""
+        return int(self.initial_context_length * self.rope_scaling_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Even layers attend within the sliding window, odd layers to the full context."""
+        return layer % 2 == 0
+
+    # -- original/config.json -----------------------------------------------------------------
+    def to_original_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ORIGINAL_FIELDS}
+
+    @classmethod
+    def from_original_json(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    # -- Hugging Face config.json -------------------------------------------------------------
+    def to_hf_json(self) -> dict[str, Any]:
+        return {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "experts_per_token": self.experts_per_token,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "swiglu_limit": self.swiglu_limit,
+            "head_dim": self.head_dim,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "sliding_window": self.sliding_window,
+            "initial_context_length": self.initial_context_length,
+            "max_position_embeddings": MAX_CONTEXT,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": self.rope_scaling_factor,
+                "beta_fast": self.rope_ntk_beta,
+                "beta_slow": self.rope_ntk_alpha,
+                "original_max_position_embeddings": self.initial_context_length,
+                "truncate": False,
+            },
+            "layer_types": [
+                "sliding_attention" if self.is_sliding(i) else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ],
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "router_aux_loss_coef": 0.9,
+            "output_router_logits": False,
+            "use_cache": True,
+            "initializer_range": 0.02,
+            "eos_token_id": 200002,
+            "pad_token_id": 199999,
+            "torch_dtype": "bfloat16",
+            "quantization_config": {
+                "quant_method": "mxfp4",
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+                ],
+            },
+        }
+
+    @classmethod
+    def from_hf_json(cls, data: dict[str, Any]) -> "ModelConfig":
+        rope = data.get("rope_scaling") or {}
+        return cls(
+            num_hidden_layers=data["num_hidden_layers"],
+            num_experts=data["num_local_experts"],
+            experts_per_token=data.get("num_experts_per_tok", data.get("experts_per_token", 4)),
+            vocab_size=data["vocab_size"],
+            hidden_size=data["hidden_size"],
+            intermediate_size=data["intermediate_size"],
+            swiglu_limit=data.get("swiglu_limit", 7.0),
+            head_dim=data.get("head_dim", data["hidden_size"] // data["num_attention_heads"]),
+            num_attention_heads=data["num_attention_heads"],
+            num_key_value_heads=data["num_key_value_heads"],
+            sliding_window=data.get("sliding_window", 128),
+            initial_context_length=rope.get("original_max_position_embeddings", data.get("initial_context_length", 4096)),
+            rope_theta=data.get("rope_theta", 150000.0),
+            rope_scaling_factor=rope.get("factor", 32.0),
+            rope_ntk_alpha=rope.get("beta_slow", 1.0),
+            rope_ntk_beta=rope.get("beta_fast", 32.0),
+            rms_norm_eps=data.get("rms_norm_eps", 1e-5),
+        )
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Seconds to write; the full harmony vocabulary so the server can speak harmony with it.
+    "tiny": ModelConfig(
+        num_hidden_layers=4, num_experts=8, experts_per_token=4, hidden_size=64, intermediate_size=64,
+        head_dim=16, num_attention_heads=8, num_key_value_heads=2,
+    ),
+    # Big enough that batching and the MoE matter, small enough for a 2-core benchmark.
+    "small": ModelConfig(
+        num_hidden_layers=8, num_experts=32, experts_per_token=4, hidden_size=512, intermediate_size=512,
+        head_dim=64, num_attention_heads=16, num_key_value_heads=4,
+    ),
+    "20b": ModelConfig(),
+    "120b": ModelConfig(num_hidden_layers=36, num_experts=128, served_name="@cf/openai/gpt-oss-120b"),
+}
+
+
+def yarn_parameters(config: ModelConfig) -> tuple[float, float, float]:
+    """(concentration, low, high) of YaRN's NTK-by-parts ramp, as the reference computes them."""
+    factor = config.rope_scaling_factor
+    if factor <= 1.0:
+        return 1.0, 0.0, 0.0
+    d_half = config.head_dim / 2
+    log_base = math.log(config.rope_theta)
+    low = d_half * math.log(config.initial_context_length / (config.rope_ntk_beta * 2 * math.pi)) / log_base
+    high = d_half * math.log(config.initial_context_length / (config.rope_ntk_alpha * 2 * math.pi)) / log_base
+    return 0.1 * math.log(factor) + 1.0, low, high

@@ -1,0 +1,187 @@
+"""gpt-oss in plain PyTorch, computed as OpenAI's reference computes it.
+
+The forward takes a flat batch: the tokens of several sequences side by side with their
+positions, and an attention backend that knows where each sequence's keys live. That is what
+lets the engine batch prefills and decodes of many requests into one step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ossrun.model import mxfp4
+from ossrun.model.attention import AttentionBackend
+from ossrun.model.checkpoint import Checkpoint
+from ossrun.model.config import ModelConfig, yarn_parameters
+
+SWIGLU_ALPHA = 1.702
+
+
+def _weight(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    """Always in fp32: the norm's eps is part of the exact arithmetic (1e-4 off if computed in bf16)."""
+
+    def __init__(self, scale: torch.Tensor, eps: float, device: torch.device):
+        super().__init__()
+        self.scale = _weight(scale, torch.float32, device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (t * self.scale).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """YaRN-scaled RoPE on the two halves of each head, from positions (not from 0..T-1)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device):
+        super().__init__()
+        concentration, low, high = yarn_parameters(config)
+        d_half = config.head_dim // 2
+        freq = config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+        if config.rope_scaling_factor > 1.0:
+            ramp = (torch.arange(d_half, dtype=torch.float32) - low) / (high - low)
+            mask = 1 - ramp.clamp(0, 1)
+            inv_freq = (1.0 / (config.rope_scaling_factor * freq)) * (1 - mask) + (1.0 / freq) * mask
+        else:
+            inv_freq = 1.0 / freq
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.concentration = concentration
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for this step's positions [T] → cos, sin [T, 1, D/2] (fp32, shared by every layer)."""
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        return (freqs.cos() * self.concentration).unsqueeze(1), (freqs.sin() * self.concentration).unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        prefix = f"block.{layer}.attn."
+        self.layer = layer
+        self.config = config
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = config.head_dim ** -0.5
+        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
+        self.qkv_weight = _weight(weights[prefix + "qkv.weight"], dtype, device)
+        self.qkv_bias = _weight(weights[prefix + "qkv.bias"], dtype, device)
+        self.sinks = _weight(weights[prefix + "sinks"], torch.float32, device)
+        self.out_weight = _weight(weights[prefix + "out.weight"], dtype, device)
+        self.out_bias = _weight(weights[prefix + "out.bias"], dtype, device)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend) -> torch.Tensor:
+        c = self.config
+        tokens = x.shape[0]
+        qkv = F.linear(self.norm(x), self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = Rotary.apply(q.view(tokens, c.num_attention_heads, c.head_dim), *rope)
+        k = Rotary.apply(k.view(tokens, c.num_key_value_heads, c.head_dim), *rope)
+        v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
+        o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale)  # [T, Hq, D]
+        return x + F.linear(o.reshape(tokens, c.q_size), self.out_weight, self.out_bias)
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved columns: glu = h[0::2], linear = h[1::2]."""
+    glu = h[..., 0::2].clamp(max=limit)
+    linear = h[..., 1::2].clamp(min=-limit, max=limit)
+    return glu * torch.sigmoid(SWIGLU_ALPHA * glu) * (linear + 1)
+
+
+class MoE(nn.Module):
+    """Top-k-then-softmax router over MXFP4 experts that stay packed; only routed experts are expanded."""
+
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        prefix = f"block.{layer}.mlp."
+        self.config = config
+        self.dtype = dtype
+        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
+        self.gate_weight = _weight(weights[prefix + "gate.weight"], dtype, device)
+        self.gate_bias = _weight(weights[prefix + "gate.bias"], dtype, device)
+        packed = {
+            "mlp1_blocks": "mlp1_weight.blocks", "mlp1_scales": "mlp1_weight.scales",
+            "mlp2_blocks": "mlp2_weight.blocks", "mlp2_scales": "mlp2_weight.scales",
+        }
+        for attr, name in packed.items():
+            self.register_buffer(attr, weights[prefix + name].to(device), persistent=False)
+        self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
+        self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ expert ids [T, k] and their weights [T, k] (softmax over the k chosen logits only)."""
+        logits = F.linear(t, self.gate_weight, self.gate_bias)
+        top = torch.topk(logits, self.config.experts_per_token, dim=-1, sorted=True)
+        return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], self.dtype)  # [2I, H]
+        h = swiglu(F.linear(x, w1, self.mlp1_bias[e]), self.config.swiglu_limit)
+        w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], self.dtype)  # [H, I]
+        return F.linear(h, w2, self.mlp2_bias[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(x)
+        experts, weights = self.route(t)
+        out = torch.zeros_like(t)
+        for e in torch.unique(experts).tolist():
+            token_idx, slot = torch.nonzero(experts == e, as_tuple=True)
+            y = self.expert(e, t[token_idx])
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
+        return x + out
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.attn = Attention(config, layer, weights, dtype, device)
+        self.mlp = MoE(config, layer, weights, dtype, device)
+
+    def forward(self, x, rope, attention):
+        return self.mlp(self.attn(x, rope, attention))
+
+
+class GptOss(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.embedding = _weight(weights["embedding.weight"], dtype, device)
+        self.rotary = Rotary(config, device)
+        self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device)
+        self.unembedding = _weight(weights["unembedding.weight"], dtype, device)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> "GptOss":
+        return cls(checkpoint.config, checkpoint.tensors, dtype, device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """token_ids, positions [T] → logits [T, V] (fp32), or only the rows in `logits_indices`."""
+        x = F.embedding(token_ids, self.embedding)
+        rope = self.rotary.cos_sin(positions)
+        for block in self.blocks:
+            x = block(x, rope, attention)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return F.linear(self.norm(x), self.unembedding).float()

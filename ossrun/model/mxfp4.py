@@ -1,0 +1,60 @@
+"""MXFP4: 4-bit E2M1 values in blocks of 32 along the input dimension, one E8M0 scale byte per block.
+
+The experts stay packed in memory (4.25 bits a weight); `dequantize` expands only the experts a
+step routes to, so the full 20b MoE never exists in bf16 (~36 GiB) at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK_SIZE = 32
+BYTES_PER_BLOCK = 16
+SCALE_BIAS = 127
+
+_byte_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-byte lookups: the two FP4 values a byte holds (low nibble first) and 2^(byte-127)."""
+    key = (device, dtype)
+    if key not in _byte_tables:
+        fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        codes = torch.arange(256)
+        pairs = torch.stack([fp4[codes & 0x0F], fp4[codes >> 4]], dim=-1)  # [256, 2]
+        # ldexp keeps powers of two exact down to the subnormals (2^-127 is one in fp32 and bf16).
+        powers = torch.ldexp(torch.ones(256, dtype=torch.float64), codes.to(torch.float64) - SCALE_BIAS)
+        _byte_tables[key] = (pairs.to(device=device, dtype=dtype), powers.to(device=device, dtype=torch.float32))
+    return _byte_tables[key]
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Packed `blocks` [..., n_blocks, 16] (uint8) and `scales` [..., n_blocks] (uint8) → [..., n_blocks * 32].
+
+    Exact: every FP4 value times a power of two is representable in bf16 and fp32 (scale bytes
+    0..254; 255 is E8M0's NaN and decodes to inf here).
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError("MXFP4 blocks and scales are uint8")
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
+        raise ValueError(f"blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    pairs, powers = _tables(blocks.device, torch.float32)
+    values = pairs[blocks.long()]  # [..., n_blocks, 16, 2]
+    values = values.reshape(*scales.shape, BLOCK_SIZE) * powers[scales.long()].unsqueeze(-1)
+    return values.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE).to(dtype)
+
+
+def quantize_random(
+    shape_out: int, shape_in: int, n_matrices: int, generator: torch.Generator, scale_bytes: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed weights [n, out, in/32, 16] with scale bytes drawn from `scale_bytes`.
+
+    Used by the random checkpoints: the scale range decides how large activations get, which is
+    how the `20b` preset makes the SwiGLU clamps fire.
+    """
+    n_blocks = shape_in // BLOCK_SIZE
+    blocks = torch.randint(0, 256, (n_matrices, shape_out, n_blocks, BYTES_PER_BLOCK), dtype=torch.uint8, generator=generator)
+    choice = torch.tensor(scale_bytes, dtype=torch.uint8)
+    scales = choice[torch.randint(0, len(scale_bytes), (n_matrices, shape_out, n_blocks), generator=generator)]
+    return blocks, scales
