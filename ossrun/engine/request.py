@@ -1,0 +1,92 @@
+"""What a caller hands the engine and what it gets back: plain data, no tensors.
+
+`SamplingParams` is validated once at construction, so everything below the API can trust it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Priority(IntEnum):
+    """Lower runs first: interactive requests before batch-queue work."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    repetition_penalty: float = 1.0  # multiplicative (CTRL), on tokens seen in prompt or output
+    frequency_penalty: float = 0.0  # additive, × count in the output
+    presence_penalty: float = 0.0  # additive, once if present in the output
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be non-negative"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be non-negative"),
+            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    priority: Priority = Priority.INTERACTIVE
+    lora: str | None = None
+    # A grammar matcher (structured output); the sampler masks tokens it forbids. None = free.
+    constraint: object | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token of one request (or, with `token_id` None, only the end of the request).
+
+    `finish_reason`: "stop" (stop token or string), "length" (max_tokens or context), "abort"
+    (cancelled), "error". `stop_reason` is the stop token id or stop string that ended it.
+    """
+
+    request_id: str
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
