@@ -1,0 +1,199 @@
+"""The synchronous engine: one loop owns the model, the KV cache and every running request.
+
+`step()` is schedule → run → postprocess. Everything else (the async front, the batch queue,
+the server) talks to it through `add`, `abort` and the events `step` returns.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ossrun.engine.errors import ContextLengthError
+from ossrun.engine.kv_cache import KVCacheManager
+from ossrun.engine.request import Request, TokenEvent
+from ossrun.engine.runner import ModelRunner
+from ossrun.engine.sampler import Sampler
+from ossrun.engine.scheduler import Scheduler
+from ossrun.engine.sequence import Sequence
+from ossrun.model.config import MAX_CONTEXT
+from ossrun.model.gpt_oss import GptOss
+
+log = logging.getLogger(__name__)
+
+SERVED_CONTEXT = 128000  # what the hosted API serves of the model's 131072
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_tokens_per_step: int = 512
+    kv_cache_bytes: int = 2 * 1024**3
+    kv_dtype: torch.dtype = torch.bfloat16
+    prefix_caching: bool = True
+    max_model_len: int = SERVED_CONTEXT
+    seed: int | None = None
+
+
+def plan_blocks(model: GptOss, options: EngineOptions) -> tuple[int, int]:
+    """Split the KV budget into (full, sliding) pool sizes.
+
+    The sliding pool needs only the window (plus the block being filled) for every running
+    sequence and one step's worth of prefill; everything else goes to the full-attention layers.
+    """
+    c, bs = model.config, options.block_size
+    item = torch.empty((), dtype=options.kv_dtype).element_size()
+    per_layer_block = 2 * bs * c.num_key_value_heads * c.head_dim * item
+    n_sliding_layers = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
+    n_full_layers = c.num_hidden_layers - n_sliding_layers
+    sliding = options.max_num_seqs * (c.sliding_window // bs + 2) + options.max_tokens_per_step // bs + 2
+    remaining = options.kv_cache_bytes - sliding * per_layer_block * n_sliding_layers
+    full = remaining // max(1, per_layer_block * n_full_layers)
+    full = min(full, options.max_num_seqs * (-(-options.max_model_len // bs)) + 1)
+    if full < 2 + options.max_tokens_per_step // bs:
+        raise ValueError(f"kv_cache_bytes={options.kv_cache_bytes} is too small for this model and these options")
+    return int(full), int(sliding)
+
+
+class Engine:
+    def __init__(self, model: GptOss, options: EngineOptions = EngineOptions(), decode_token: Callable[[int], bytes] | None = None):
+        self.model = model
+        self.options = options
+        self.max_model_len = min(options.max_model_len, MAX_CONTEXT)
+        full, sliding = plan_blocks(model, options)
+        self.kv = KVCacheManager(full, sliding, options.block_size, model.config.sliding_window, options.prefix_caching)
+        self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
+        self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed))
+        self.decode_token = decode_token
+        self.sequences: dict[str, Sequence] = {}
+        self._aborted: list[str] = []
+        self.generated_tokens = 0
+        log.info("KV cache: %d full blocks, %d sliding blocks of %d tokens", full, sliding, options.block_size)
+
+    # -- requests ---------------------------------------------------------------------------
+    def validate(self, request: Request) -> None:
+        prompt = len(request.prompt_token_ids)
+        if prompt == 0:
+            raise ValueError("the prompt has no tokens")
+        if prompt + request.params.max_tokens > self.max_model_len:
+            raise ContextLengthError(prompt, request.params.max_tokens, self.max_model_len)
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+
+    def add(self, request: Request) -> None:
+        self.validate(request)
+        if request.request_id in self.sequences:
+            raise ValueError(f"request id {request.request_id} is already running")
+        seq = Sequence.from_request(request)
+        self.sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed at the start of the next step."""
+        self._aborted.append(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.sequences) or bool(self._aborted)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        events = self._reap_aborted()
+        step = self.scheduler.schedule()
+        if not step.scheduled:
+            return events
+        sampled, output = self.runner.run(step.scheduled)
+        for item in step.scheduled:
+            item.seq.num_computed += item.num_new_tokens
+        for i, item in enumerate(sampled):
+            events.append(self._postprocess(item.seq, output, i))
+        for item in step.scheduled:
+            if item.seq.request_id in self.sequences:
+                self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
+        return events
+
+    def _reap_aborted(self) -> list[TokenEvent]:
+        events = []
+        for request_id in self._aborted:
+            seq = self.sequences.pop(request_id, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                events.append(self._event(seq, None, finish_reason="abort"))
+        self._aborted.clear()
+        return events
+
+    def _postprocess(self, seq: Sequence, output, i: int) -> TokenEvent:
+        token = output.token_ids[i]
+        seq.append(token)
+        self.generated_tokens += 1
+        finish, stop_reason = self._check_stop(seq, token)
+        event = self._event(seq, token, output.logprobs[i], output.top_logprobs[i], finish, stop_reason)
+        if finish:
+            del self.sequences[seq.request_id]
+            self.scheduler.remove(seq)
+        return event
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | str | None]:
+        params = seq.request.params
+        if token in params.stop_token_ids:
+            return "stop", token
+        if params.stop and self.decode_token is not None:
+            matched = self._match_stop_string(seq, token)
+            if matched is not None:
+                return "stop", matched
+        if seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _match_stop_string(self, seq: Sequence, token: int) -> str | None:
+        """Decode incrementally (a token may end mid-character) and look for a stop string in the tail."""
+        if seq.text_decoder is None:
+            seq.text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = seq.text_decoder.decode(self.decode_token(token))
+        longest = max(len(s) for s in seq.request.params.stop)
+        seq.text_tail = (seq.text_tail + text)[-(longest + len(text)):]
+        for stop in seq.request.params.stop:
+            if stop in seq.text_tail:
+                return stop
+        return None
+
+    def _event(self, seq, token, logprob=None, top=(), finish_reason=None, stop_reason=None) -> TokenEvent:
+        return TokenEvent(
+            request_id=seq.request_id,
+            token_id=token,
+            logprob=logprob,
+            top_logprobs=tuple(top or ()),
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output,
+        )
+
+    # -- offline use --------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> dict[str, list[TokenEvent]]:
+        """Run requests to completion (CLI, tests, benchmarks) → each request's events in order."""
+        results: dict[str, list[TokenEvent]] = {}
+        for request in requests:
+            self.add(request)
+            results[request.request_id] = []
+        while self.has_work:
+            for event in self.step():
+                results[event.request_id].append(event)
+        return results
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.kv.full.num_used,
+            "kv_blocks_total": self.kv.full.num_blocks - 1,
+            "kv_sliding_blocks_used": self.kv.sliding.num_used,
+            "generated_tokens_total": self.generated_tokens,
+        }

@@ -1,0 +1,16 @@
+"""Errors the engine raises to its callers, with the numbers a client needs to fix the request."""
+
+from __future__ import annotations
+
+
+class ContextLengthError(ValueError):
+    """prompt + max_tokens does not fit the served context window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.limit = limit
+        super().__init__(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} "
+            f"exceeds the context window of {limit} tokens"
+        )

@@ -1,0 +1,88 @@
+"""Turns a scheduled step into tensors, runs the model over the paged cache, and samples.
+
+The only engine file that touches tensors: it owns the KV cache memory (one k/v pool per layer,
+sliding layers drawing on the smaller sliding pool) and builds each step's flat batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ossrun.engine.kv_cache import NULL_BLOCK, KVCacheManager
+from ossrun.engine.sampler import Sampler, SamplerOutput
+from ossrun.engine.scheduler import Scheduled
+from ossrun.model.attention import PagedAttention, PagedGroup
+from ossrun.model.gpt_oss import GptOss
+
+
+class ModelRunner:
+    def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler):
+        self.model = model
+        self.kv = kv
+        self.sampler = sampler
+        self.device = model.device
+        c = model.config
+        shape = (kv.block_size, c.num_key_value_heads, c.head_dim)
+        self.caches = []
+        for layer in range(c.num_hidden_layers):
+            blocks = kv.sliding.num_blocks if c.is_sliding(layer) else kv.full.num_blocks
+            self.caches.append(
+                (torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device), torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device))
+            )
+
+    def run(self, scheduled: list[Scheduled]) -> tuple[list[Scheduled], SamplerOutput | None]:
+        """Compute the step; → the sequences that sampled a token, and the sampler's output for them."""
+        token_ids, positions, starts, lens = [], [], [], []
+        for item in scheduled:
+            seq, begin = item.seq, item.seq.num_computed
+            starts.append(len(token_ids))
+            lens.append(item.num_new_tokens)
+            token_ids.extend(seq.tokens[begin:begin + item.num_new_tokens])
+            positions.extend(range(begin, begin + item.num_new_tokens))
+        device = self.device
+        positions_t = torch.tensor(positions, dtype=torch.long, device=device)
+        attention = PagedAttention(
+            caches=self.caches,
+            block_size=self.kv.block_size,
+            groups={"full": self._group(scheduled, positions, sliding=False), "sliding": self._group(scheduled, positions, sliding=True)},
+            query_starts=starts,
+            query_lens=lens,
+            positions=positions_t,
+        )
+        attention.prepare()
+        sampling = [item for item in scheduled if item.samples]
+        if not sampling:
+            self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.empty(0, dtype=torch.long, device=device))
+            return [], None
+        last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
+        logits = self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.tensor(last, device=device))
+        masks = [self._mask(item) for item in sampling]
+        output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
+        return sampling, output
+
+    def _mask(self, item: Scheduled) -> torch.Tensor | None:
+        constraint = item.seq.request.constraint
+        return None if constraint is None else constraint.allowed_tokens()
+
+    def _group(self, scheduled: list[Scheduled], positions: list[int], sliding: bool) -> PagedGroup:
+        bs = self.kv.block_size
+        slots, tables, firsts, context = [], [], [], []
+        for item in scheduled:
+            seq = item.seq
+            table = seq.blocks.sliding if sliding else seq.blocks.full
+            begin, end = seq.num_computed, seq.num_computed + item.num_new_tokens
+            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
+            first = max(0, begin - self.kv.window + 1) // bs if sliding else 0
+            last = (end - 1) // bs
+            tables.append(table[first:last + 1])
+            firsts.append(first)
+            context.append(end)
+        width = max(len(t) for t in tables)
+        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
+        device = self.device
+        return PagedGroup(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+            first_block=torch.tensor(firsts, dtype=torch.long, device=device),
+            context_lens=torch.tensor(context, dtype=torch.long, device=device),
+        )

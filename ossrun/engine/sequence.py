@@ -1,0 +1,61 @@
+"""All per-request state of a running request, as plain Python (no tensors)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from ossrun.engine.kv_cache import SequenceBlocks
+from ossrun.engine.request import Request
+from ossrun.engine.sampler import SamplingState
+
+_arrival = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: Request
+    tokens: list[int]  # prompt then output
+    sampling: SamplingState
+    num_prompt_tokens: int
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # of the prompt, served by the prefix cache (first admission)
+    status: Status = Status.WAITING
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    admitted_once: bool = False
+    text_tail: str = ""  # recent decoded output, for stop strings
+    text_decoder: object | None = None  # incremental UTF-8 decoder, created on first use
+
+    @classmethod
+    def from_request(cls, request: Request) -> "Sequence":
+        tokens = list(request.prompt_token_ids)
+        return cls(request, tokens, SamplingState(request.params, tokens), len(tokens))
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt_tokens
+
+    @property
+    def num_to_compute(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: priority class first, then arrival (first come, first served)."""
+        return (int(self.request.priority), self.arrival)
+
+    def append(self, token_id: int) -> None:
+        self.tokens.append(token_id)
+        self.sampling.append(token_id)

@@ -1,0 +1,72 @@
+"""Where a model named on the command line lives: a directory, a preset we write once, or a hub id.
+
+Presets are random checkpoints the project writes itself (no network); hub ids resolve to the real
+weights in the Hugging Face cache, which `download` fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import platformdirs
+
+from ossrun.model.checkpoint import write_random_checkpoint
+from ossrun.model.config import PRESETS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny"
+HUB_MODELS = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
+# Only what the engine reads: both layouts' weights and configs, not the metal/ or GGUF copies.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "original/*", "generation_config.json"]
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OSSRUN_CACHE_DIR") or platformdirs.user_cache_dir("ossrun"))
+
+
+def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
+    """The preset's checkpoint in the cache, written on first use (the embedded default model)."""
+    if preset not in PRESETS:
+        raise ModelNotFound(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    path = cache_dir() / "models" / f"{preset}-{layout}-seed{seed}"
+    if not (path / "config.json").exists():
+        log.info("writing the %s preset to %s", preset, path)
+        partial = path.with_name(path.name + ".partial")
+        write_random_checkpoint(PRESETS[preset], partial, layout, seed)
+        partial.rename(path)  # atomic: a killed write never leaves a half checkpoint behind
+    return path
+
+
+def resolve_model(spec: str | Path | None) -> Path:
+    """A checkpoint directory for `spec`: an existing path, a preset name, or a hub id already downloaded."""
+    if spec is None:
+        return preset_dir(DEFAULT_MODEL)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    spec = str(spec)
+    if spec in PRESETS:
+        return preset_dir(spec)
+    if "/" in spec:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise ModelNotFound(f"{spec} is not downloaded; run `ossrun download {spec}` first") from None
+    raise ModelNotFound(f"{spec!r} is neither a directory, a preset ({', '.join(PRESETS)}) nor a hub id")
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Fetch the real weights from the Hugging Face hub (progress bars are huggingface_hub's own)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
