@@ -118,14 +118,22 @@ class Engine:
                 self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
         return events
 
-    def _reap_aborted(self) -> list[TokenEvent]:
+    def _reap_aborted(self, finish_reason: str = "abort", error: str | None = None) -> list[TokenEvent]:
         events = []
         for request_id in self._aborted:
             seq = self.sequences.pop(request_id, None)
             if seq is not None:
                 self.scheduler.remove(seq)
-                events.append(self._event(seq, None, finish_reason="abort"))
+                events.append(self._event(seq, None, finish_reason=finish_reason, error=error))
         self._aborted.clear()
+        return events
+
+    def abort_all(self, finish_reason: str = "abort", error: str | None = None) -> list[TokenEvent]:
+        """End every request now (after a failed step the cache state is not trusted) → their last events."""
+        self._aborted.extend(self.sequences)
+        events = self._reap_aborted(finish_reason, error)
+        self.scheduler.waiting.clear()
+        self.scheduler.running.clear()
         return events
 
     def _postprocess(self, seq: Sequence, output, i: int) -> TokenEvent:
@@ -163,7 +171,7 @@ class Engine:
                 return stop
         return None
 
-    def _event(self, seq, token, logprob=None, top=(), finish_reason=None, stop_reason=None) -> TokenEvent:
+    def _event(self, seq, token, logprob=None, top=(), finish_reason=None, stop_reason=None, error=None) -> TokenEvent:
         return TokenEvent(
             request_id=seq.request_id,
             token_id=token,
@@ -174,6 +182,7 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output,
+            error=error,
         )
 
     # -- offline use --------------------------------------------------------------------------

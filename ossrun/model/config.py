@@ -121,8 +121,9 @@ class ModelConfig:
             "output_router_logits": False,
             "use_cache": True,
             "initializer_range": 0.02,
-            "eos_token_id": 200002,
-            "pad_token_id": 199999,
+            # Harmony's <|return|> and <|endoftext|>; absent for vocabularies too small to hold them.
+            "eos_token_id": 200002 if self.vocab_size > 200002 else None,
+            "pad_token_id": 199999 if self.vocab_size > 199999 else None,
             "torch_dtype": "bfloat16",
             "quantization_config": {
                 "quant_method": "mxfp4",

@@ -1,0 +1,156 @@
+"""The `ossrun` command: serve, generate, tokenize, make-model, make-adapter, download."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve OpenAI's gpt-oss models with the Workers AI API.")
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    b20 = "20b"
+    b120 = "120b"
+
+
+class Layout(str, Enum):
+    original = "original"
+    hf = "hf"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command("make-model")
+def make_model(
+    preset: Preset = typer.Option(Preset.tiny, help="Architecture preset (random weights in the official format)."),
+    layout: Layout = typer.Option(Layout.original, help="`original` (reference) or `hf` (Hugging Face root) layout."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same values in both layouts."),
+    out: Path = typer.Option(..., help="Output directory."),
+) -> None:
+    """Write a random gpt-oss checkpoint (MXFP4 experts, bf16 rest) without holding it all in memory."""
+    from ossrun.model.checkpoint import write_random_checkpoint
+    from ossrun.model.config import PRESETS
+
+    start = time.perf_counter()
+    write_random_checkpoint(PRESETS[preset.value], out, layout.value, seed)
+    typer.echo(f"wrote {preset.value} ({layout.value} layout, seed {seed}) to {out} in {time.perf_counter() - start:.1f}s")
+
+
+def _parse_token_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter("--token-ids takes comma-separated integers, e.g. 1,2,3") from None
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, help="Checkpoint directory, preset name or downloaded hub id (default: the tiny preset)."),
+    raw: Optional[str] = typer.Option(None, help="Prompt text, tokenised with harmony special tokens allowed (no chat template)."),
+    prompt: Optional[str] = typer.Option(None, help="One user turn, rendered in the harmony chat format."),
+    token_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated (bypasses the tokenizer)."),
+    max_tokens: int = typer.Option(32, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    dtype: DType = typer.Option(DType.bfloat16),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."}.'),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Generate one completion from the command line (greedy with --temperature 0)."""
+    _setup_logging(verbose)
+    from ossrun import harmony
+    from ossrun.engine.async_engine import build_engine
+    from ossrun.engine.request import Request, SamplingParams
+    from ossrun.model.resolve import resolve_model
+
+    given = [x for x in (raw, prompt, token_ids) if x is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --raw, --prompt, --token-ids")
+    if token_ids is not None:
+        ids = _parse_token_ids(token_ids)
+    elif raw is not None:
+        ids = harmony.encode(raw, allow_special=True)
+    else:
+        ids = harmony.render_request({"prompt": prompt}).token_ids
+    engine = build_engine(resolve_model(model), dtype.value, device, kv_dtype=dtype.value)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop_token_ids=harmony.STOP_TOKEN_IDS)
+    events = engine.generate([Request(uuid.uuid4().hex, ids, params)])
+    out = [e.token_id for e in next(iter(events.values())) if e.token_id is not None]
+    text = harmony.decode(out)
+    if as_json:
+        typer.echo(json.dumps({"token_ids": out, "text": text}, ensure_ascii=False))
+    else:
+        typer.echo(text)
+
+
+@app.command()
+def tokenize(text: str = typer.Argument(..., help="Text; harmony special tokens like <|start|> are recognised.")) -> None:
+    """Print the o200k_harmony token ids of TEXT (offline)."""
+    from ossrun import harmony
+
+    typer.echo(json.dumps(harmony.encode(text, allow_special=True)))
+
+
+@app.command()
+def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"), revision: Optional[str] = typer.Option(None)) -> None:
+    """Fetch the real weights from the Hugging Face hub into its local cache."""
+    from ossrun.model.resolve import download as fetch
+
+    try:
+        path = fetch(repo_id, revision)
+    except Exception as exc:  # network, auth, unknown repo: say which, fail fast
+        typer.echo(f"error: could not download {repo_id} from the Hugging Face hub: {type(exc).__name__}: {exc}", err=True)
+        typer.echo("Check the network (or HF_ENDPOINT / proxy settings), or pass --model DIR to use weights already on disk.", err=True)
+        raise typer.Exit(1)
+    typer.echo(str(path))
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, help="Checkpoint directory, preset name or downloaded hub id (default: the embedded tiny model)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8787),
+    api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", help="Require `Authorization: Bearer TOKEN`."),
+    dtype: DType = typer.Option(DType.bfloat16),
+    device: str = typer.Option("cpu"),
+    data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
+    rate_limit: int = typer.Option(300, help="Requests per minute per token."),
+    lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the Workers AI and OpenAI APIs."""
+    _setup_logging(verbose)
+    from ossrun.api.serve import ServerSettings, serve as run_server
+
+    settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype.value, device=device,
+                              data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora)
+    run_server(settings)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,148 @@
+"""The engine behind an asyncio front: one thread runs the step loop, coroutines stream its events.
+
+The model's forward releases the GIL for its heavy kernels, so the event loop keeps serving HTTP
+while a step runs. Commands (add, abort) cross into the engine thread through an inbox; events
+cross back with `call_soon_threadsafe`. Closing a stream early aborts its request, which frees
+its KV blocks at the start of the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from ossrun.engine.engine import Engine, EngineOptions
+from ossrun.engine.request import Request, TokenEvent
+from ossrun.model.checkpoint import load_checkpoint
+from ossrun.model.config import ModelConfig
+from ossrun.model.gpt_oss import GptOss
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_engine(model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options) -> Engine:
+    """Load a checkpoint directory into a ready engine (the one place that wires model, tokenizer and options)."""
+    from ossrun.harmony import decode_token_bytes
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    checkpoint = load_checkpoint(model)
+    net = GptOss.from_checkpoint(checkpoint, DTYPES[dtype], device)
+    kv_dtype = options.pop("kv_dtype", torch.bfloat16)
+    if isinstance(kv_dtype, str):
+        kv_dtype = DTYPES[kv_dtype]
+    return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=decode_token_bytes)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._inbox: list[tuple[str, object]] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="ossrun-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options) -> "AsyncEngine":
+        return cls(build_engine(model, dtype, device, **options))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.engine.model.config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def validate(self, request: Request) -> None:
+        self.engine.validate(request)
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    # -- the coroutine side --------------------------------------------------------------------
+    async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Submit a request and stream its events; leaving the loop early cancels the request."""
+        self.validate(request)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id} is already running")
+            self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+            self._inbox.append(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                finished = event.finished
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopped:
+            self._apply_inbox()
+            if not self.engine.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # a failed step must not kill the loop: fail its requests, keep serving
+                log.exception("engine step failed")
+                events = self._fail_all(exc)
+            for event in events:
+                self._deliver(event.request_id, event)
+
+    def _apply_inbox(self) -> None:
+        with self._lock:
+            commands, self._inbox = self._inbox, []
+        for kind, payload in commands:
+            if kind == "abort":
+                self.engine.abort(payload)
+                continue
+            try:
+                self.engine.add(payload)
+            except Exception as exc:
+                self._deliver(payload.request_id, exc)
+
+    def _fail_all(self, exc: Exception) -> list[TokenEvent]:
+        return self.engine.abort_all(finish_reason="error", error=f"engine step failed: {exc}")
+
+    def _deliver(self, request_id: str, item: object) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random checkpoints written once per test session, in both official layouts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never touch the user's cache or the network.
+os.environ.setdefault("OSSRUN_CACHE_DIR", tempfile.mkdtemp(prefix="ossrun-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from ossrun.model.checkpoint import write_random_checkpoint  # noqa: E402
+from ossrun.model.config import PRESETS  # noqa: E402
+
+TINY = PRESETS["tiny"]
+# Same architecture with a small vocabulary: fast where the vocabulary is not what is tested.
+TINY_SMALL_VOCAB = TINY.replace(vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """{"original", "hf", "small_vocab_hf", "small_vocab_original"} → checkpoint dirs (seed 1)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "original": write_random_checkpoint(TINY, root / "tiny-original", "original", seed=1),
+        "hf": write_random_checkpoint(TINY, root / "tiny-hf", "hf", seed=1),
+        "small_vocab_original": write_random_checkpoint(TINY_SMALL_VOCAB, root / "sv-original", "original", seed=2),
+        "small_vocab_hf": write_random_checkpoint(TINY_SMALL_VOCAB, root / "sv-hf", "hf", seed=2),
+    }
+
+
+def load_hf_reference(path: Path):
+    """Hugging Face's GptOssForCausalLM on the same checkpoint, in float32 (MXFP4 dequantised exactly)."""
+    from transformers import GptOssForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.float().eval()
