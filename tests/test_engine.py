@@ -1,0 +1,183 @@
+"""The engine end to end on the tiny model (float32, fp32 KV): batching, caching and cancelling change nothing."""
+
+import asyncio
+
+import pytest
+import torch
+
+from ossrun.engine.async_engine import AsyncEngine
+from ossrun.engine.engine import Engine, EngineOptions
+from ossrun.engine.errors import ContextLengthError
+from ossrun.engine.request import Priority, Request, SamplingParams
+from ossrun.model.checkpoint import load_checkpoint
+from ossrun.model.gpt_oss import GptOss
+from tests.conftest import load_hf_reference
+
+GREEDY = dict(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoints):
+    return load_hf_reference(checkpoints["hf"])
+
+
+def make_engine(model, **overrides) -> Engine:
+    options = dict(kv_dtype=torch.float32, max_tokens_per_step=96, kv_cache_bytes=32 * 1024**2, max_model_len=4096, max_num_seqs=32)
+    options.update(overrides)
+    return Engine(model, EngineOptions(**options))
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def tokens(events) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def prompts_with_shared_prefixes(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(0, 201088, (70,), generator=g).tolist()
+    lengths = [3, 17, 64, 129, 200, 333, 15, 90, 140, 260, 31, 48, 150, 5, 99, 180][:n]
+    prompts = []
+    for i, length in enumerate(lengths):
+        own = torch.randint(0, 201088, (length,), generator=g).tolist()
+        prompts.append(shared + own if i % 3 == 0 else own)
+    return prompts
+
+
+def test_greedy_32_tokens_equal_transformers(model, hf):
+    prompt = torch.randint(0, 201088, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = make_engine(model)
+    result = engine.generate([Request("a", prompt, SamplingParams(max_tokens=32, **GREEDY))])
+    assert tokens(result["a"]) == hf_greedy(hf, prompt, 32)
+    assert result["a"][-1].finish_reason == "length"
+
+
+def test_16_concurrent_requests_equal_each_alone_in_transformers(model, hf):
+    prompts = prompts_with_shared_prefixes(16)
+    assert any(len(p) > 128 for p in prompts) and any(len(p) < 128 for p in prompts)
+    engine = make_engine(model)  # a 96-token budget: long prompts are prefilled in chunks beside running decodes
+    results = engine.generate([Request(str(i), p, SamplingParams(max_tokens=10, **GREEDY)) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        assert tokens(results[str(i)]) == hf_greedy(hf, prompt, 10), f"request {i} (prompt {len(prompt)} tokens)"
+    assert engine.kv.full.num_used == 0 and engine.kv.sliding.num_used == 0
+
+
+def test_repeated_prompt_hits_the_prefix_cache(model):
+    prompt = torch.randint(0, 201088, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine = make_engine(model)
+    first = engine.generate([Request("1", prompt, SamplingParams(max_tokens=8, **GREEDY))])["1"]
+    second = engine.generate([Request("2", prompt, SamplingParams(max_tokens=8, **GREEDY))])["2"]
+    assert first[-1].num_cached_tokens == 0
+    assert second[-1].num_cached_tokens == 144  # 9 full blocks of 16; the last token is always recomputed
+    assert tokens(first) == tokens(second)
+
+
+def test_sliding_blocks_stay_bounded_on_a_long_sequence(model):
+    window, block = model.config.sliding_window, 16
+    prompt = torch.randint(0, 201088, (10 * window,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine = make_engine(model, max_tokens_per_step=64)
+    engine.add(Request("long", prompt, SamplingParams(max_tokens=20, **GREEDY)))
+    seq = engine.sequences["long"]
+    peak_sliding, full_blocks = 0, 0
+    while engine.has_work:
+        engine.step()
+        if "long" in engine.sequences:
+            peak_sliding = max(peak_sliding, engine.kv.sliding_held(seq.blocks))
+            full_blocks = len(seq.blocks.full)
+    # The window (8 blocks) plus the block being filled and one step's chunk (64 tokens = 4 blocks).
+    assert peak_sliding <= window // block + 1 + 64 // block
+    assert full_blocks >= 10 * window // block  # full layers keep everything
+
+
+def test_cancelled_request_returns_its_blocks(model):
+    engine = make_engine(model)
+    engine.add(Request("x", list(range(100, 400)), SamplingParams(max_tokens=50, **GREEDY)))
+    for _ in range(5):
+        engine.step()
+    assert engine.kv.full.num_used > 0
+    engine.abort("x")
+    events = engine.step()
+    assert [e.finish_reason for e in events] == ["abort"]
+    assert engine.kv.full.num_used == 0 and engine.kv.sliding.num_used == 0
+    assert not engine.has_work
+
+
+def test_seeded_sampling_is_the_same_in_any_batch(model):
+    prompt = list(range(1000, 1040))
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    alone = make_engine(model).generate([Request("s", prompt, params)])["s"]
+    others = [Request(f"o{i}", list(range(i, i + 30 + 7 * i)), SamplingParams(max_tokens=15, temperature=0.8, seed=None if i % 2 else i + 1))
+              for i in range(5)]
+    crowded = make_engine(model).generate(others[:2] + [Request("s", prompt, params)] + others[2:])["s"]
+    assert tokens(alone) == tokens(crowded)
+    different = make_engine(model).generate([Request("s", prompt, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99))])["s"]
+    assert tokens(different) != tokens(alone)
+
+
+def test_preemption_under_memory_pressure_keeps_outputs_exact(model, hf):
+    prompts = prompts_with_shared_prefixes(6)
+    engine = make_engine(model, kv_cache_bytes=3 * 1024**2 // 4, max_num_seqs=6, max_tokens_per_step=64, prefix_caching=False)
+    results = engine.generate([Request(str(i), p, SamplingParams(max_tokens=6, **GREEDY)) for i, p in enumerate(prompts)])
+    for i, prompt in enumerate(prompts):
+        assert tokens(results[str(i)]) == hf_greedy(hf, prompt, 6)
+
+
+def test_context_limit_names_both_numbers(model):
+    engine = make_engine(model, max_model_len=1000)
+    with pytest.raises(ContextLengthError, match=r"900 tokens.*\(200\).*1000"):
+        engine.add(Request("big", [1] * 900, SamplingParams(max_tokens=200)))
+
+
+def test_stop_tokens_and_stop_strings(model):
+    engine = make_engine(model)
+    free = tokens(engine.generate([Request("f", [5, 6, 7], SamplingParams(max_tokens=8, **GREEDY))])["f"])
+    stopped = engine.generate([Request("t", [5, 6, 7], SamplingParams(max_tokens=8, stop_token_ids=(free[2],), **GREEDY))])["t"]
+    assert tokens(stopped) == free[:3] and stopped[-1].finish_reason == "stop" and stopped[-1].stop_reason == free[2]
+
+    engine.decode_token = lambda t: f"<{t}>".encode()
+    needle = f"{free[3]}><{free[4]}"  # spans two tokens' text
+    by_string = engine.generate([Request("s", [5, 6, 7], SamplingParams(max_tokens=8, stop=(needle,), **GREEDY))])["s"]
+    assert tokens(by_string) == free[:5] and by_string[-1].stop_reason == needle
+
+
+def test_interactive_requests_run_before_batch_work(model):
+    engine = make_engine(model, max_num_seqs=1)
+    engine.add(Request("batch", [1, 2, 3], SamplingParams(max_tokens=2, **GREEDY), priority=Priority.BATCH))
+    engine.add(Request("live", [4, 5, 6], SamplingParams(max_tokens=2, **GREEDY)))
+    finished = []
+    while engine.has_work:
+        finished += [e.request_id for e in engine.step() if e.finished]
+    assert finished == ["live", "batch"]
+
+
+def test_async_stream_and_cancellation(model):
+    engine = AsyncEngine(make_engine(model))
+
+    async def scenario():
+        full = [e async for e in engine.generate(Request("a", [9, 8, 7], SamplingParams(max_tokens=5, **GREEDY)))]
+        stream = engine.generate(Request("b", list(range(50)), SamplingParams(max_tokens=500, **GREEDY)))
+        async for event in stream:
+            if event.num_output_tokens >= 3:
+                break
+        await stream.aclose()  # a client that disconnects
+        for _ in range(100):
+            if engine.engine.kv.full.num_used == 0 and not engine.engine.has_work:
+                break
+            await asyncio.sleep(0.02)
+        return full
+
+    try:
+        full = asyncio.run(scenario())
+        assert len(full) == 5 and full[-1].finish_reason == "length"
+        assert engine.engine.kv.full.num_used == 0 and engine.engine.kv.sliding.num_used == 0
+    finally:
+        engine.shutdown()
