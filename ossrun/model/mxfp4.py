@@ -17,15 +17,18 @@ _byte_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.T
 
 
 def _tables(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-byte lookups: the two FP4 values a byte holds (low nibble first) and 2^(byte-127)."""
+    """Per-byte lookups in `dtype`: the two FP4 values a byte holds (low nibble first) and 2^(byte-127).
+
+    Both are exact in bf16 and fp32 (powers of two down to the subnormals, 2^-127 included), so
+    decoding straight into the compute dtype loses nothing and moves half the bytes of an fp32 detour.
+    """
     key = (device, dtype)
     if key not in _byte_tables:
         fp4 = torch.tensor(FP4_VALUES, dtype=torch.float32)
         codes = torch.arange(256)
         pairs = torch.stack([fp4[codes & 0x0F], fp4[codes >> 4]], dim=-1)  # [256, 2]
-        # ldexp keeps powers of two exact down to the subnormals (2^-127 is one in fp32 and bf16).
         powers = torch.ldexp(torch.ones(256, dtype=torch.float64), codes.to(torch.float64) - SCALE_BIAS)
-        _byte_tables[key] = (pairs.to(device=device, dtype=dtype), powers.to(device=device, dtype=torch.float32))
+        _byte_tables[key] = (pairs.to(device=device, dtype=dtype), powers.to(device=device, dtype=dtype))
     return _byte_tables[key]
 
 
@@ -33,16 +36,18 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     """Packed `blocks` [..., n_blocks, 16] (uint8) and `scales` [..., n_blocks] (uint8) → [..., n_blocks * 32].
 
     Exact: every FP4 value times a power of two is representable in bf16 and fp32 (scale bytes
-    0..254; 255 is E8M0's NaN and decodes to inf here).
+    0..254; 255 is E8M0's NaN and decodes to inf here; 251+ overflow fp32 for |values| ≥ 2).
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError("MXFP4 blocks and scales are uint8")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    pairs, powers = _tables(blocks.device, torch.float32)
-    values = pairs[blocks.long()]  # [..., n_blocks, 16, 2]
-    values = values.reshape(*scales.shape, BLOCK_SIZE) * powers[scales.long()].unsqueeze(-1)
-    return values.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE).to(dtype)
+    table_dtype = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+    pairs, powers = _tables(blocks.device, table_dtype)
+    # index_select with int32 indices: several times faster on CPU than advanced indexing with int64.
+    values = pairs.index_select(0, blocks.reshape(-1).int()).view(*scales.shape, BLOCK_SIZE)
+    values.mul_(powers.index_select(0, scales.reshape(-1).int()).view(*scales.shape, 1))
+    return values.view(*scales.shape[:-1], scales.shape[-1] * BLOCK_SIZE).to(dtype)
 
 
 def quantize_random(
