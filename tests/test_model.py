@@ -115,13 +115,29 @@ def test_experts_stay_packed_and_memory_mapped(ours, checkpoints):
     assert moe.mlp1_blocks.data_ptr() == blocks.data_ptr()  # no copy: a view of the file's mapping
 
 
-def test_only_routed_experts_are_dequantised(ours, monkeypatch):
+def test_only_routed_experts_are_expanded(ours, monkeypatch):
     calls = []
     original = gpt_oss.mxfp4.dequantize
     monkeypatch.setattr(gpt_oss.mxfp4, "dequantize", lambda b, s, d: calls.append(1) or original(b, s, d))
     model = ours["small_vocab_hf"]
+    for block in model.blocks:
+        monkeypatch.setattr(block.mlp, "kernel_rows", 0)  # the PyTorch path
     dense_logits(model, random_ids(1, 1024))  # one token routes to k experts per layer
     assert len(calls) == 2 * model.config.experts_per_token * model.config.num_hidden_layers
+
+
+def test_fused_kernel_equals_the_pytorch_path(ours, monkeypatch):
+    from ossrun.model.kernels import mxfp4_kernel_max_tokens
+
+    if mxfp4_kernel_max_tokens(torch.device("cpu")) == 0:
+        pytest.skip("no C compiler here: the fused kernel is not built")
+    model = ours["hf"]
+    moe = model.blocks[1].mlp
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    fused = torch.cat([moe.expert(e, x) for e in range(model.config.num_experts)])
+    monkeypatch.setattr(moe, "kernel_rows", 0)
+    plain = torch.cat([moe.expert(e, x) for e in range(model.config.num_experts)])
+    assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_tensor_is_a_clear_error(tmp_path, checkpoints):

@@ -7,13 +7,11 @@ weights in the Hugging Face cache, which `download` fills.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-
-import platformdirs
 
 from ossrun.model.checkpoint import write_random_checkpoint
 from ossrun.model.config import PRESETS
+from ossrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +23,6 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 
 class ModelNotFound(Exception):
     pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OSSRUN_CACHE_DIR") or platformdirs.user_cache_dir("ossrun"))
 
 
 def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
