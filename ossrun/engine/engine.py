@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ossrun.engine.errors import ContextLengthError
+from ossrun.engine.errors import ContextLengthError, UnknownAdapterError
 from ossrun.engine.kv_cache import KVCacheManager
+from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.engine.runner import ModelRunner
 from ossrun.engine.sampler import Sampler
@@ -38,6 +39,7 @@ class EngineOptions:
     prefix_caching: bool = True
     max_model_len: int = SERVED_CONTEXT
     seed: int | None = None
+    adapter_budget_bytes: int = 512 * 1024**2
 
 
 def plan_blocks(model: GptOss, options: EngineOptions) -> tuple[int, int]:
@@ -68,7 +70,8 @@ class Engine:
         full, sliding = plan_blocks(model, options)
         self.kv = KVCacheManager(full, sliding, options.block_size, model.config.sliding_window, options.prefix_caching)
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
-        self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed))
+        self.adapters = AdapterRegistry(model.config, model.dtype, model.device, options.adapter_budget_bytes)
+        self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters)
         self.decode_token = decode_token
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[str] = []
@@ -82,6 +85,8 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if prompt + request.params.max_tokens > self.max_model_len:
             raise ContextLengthError(prompt, request.params.max_tokens, self.max_model_len)
+        if request.lora is not None and not self.adapters.known(request.lora):
+            raise UnknownAdapterError(request.lora)
         bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")

@@ -14,3 +14,11 @@ class ContextLengthError(ValueError):
             f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} "
             f"exceeds the context window of {limit} tokens"
         )
+
+
+class UnknownAdapterError(ValueError):
+    """A request names a LoRA adapter the server does not have."""
+
+    def __init__(self, name: str):
+        self.name = name
+        super().__init__(f"unknown LoRA adapter {name!r}")

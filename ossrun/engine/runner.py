@@ -9,17 +9,20 @@ from __future__ import annotations
 import torch
 
 from ossrun.engine.kv_cache import NULL_BLOCK, KVCacheManager
+from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.sampler import Sampler, SamplerOutput
 from ossrun.engine.scheduler import Scheduled
 from ossrun.model.attention import PagedAttention, PagedGroup
 from ossrun.model.gpt_oss import GptOss
+from ossrun.model.lora import LoraBatch
 
 
 class ModelRunner:
-    def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler):
+    def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler, adapters: AdapterRegistry):
         self.model = model
         self.kv = kv
         self.sampler = sampler
+        self.adapters = adapters
         self.device = model.device
         c = model.config
         shape = (kv.block_size, c.num_key_value_heads, c.head_dim)
@@ -50,15 +53,27 @@ class ModelRunner:
             positions=positions_t,
         )
         attention.prepare()
+        lora = self._lora(scheduled, starts, lens)
         sampling = [item for item in scheduled if item.samples]
         if not sampling:
-            self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.empty(0, dtype=torch.long, device=device))
+            self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.empty(0, dtype=torch.long, device=device), lora)
             return [], None
         last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
-        logits = self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.tensor(last, device=device))
+        logits = self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.tensor(last, device=device), lora)
         masks = [self._mask(item) for item in sampling]
         output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
         return sampling, output
+
+    def _lora(self, scheduled: list[Scheduled], starts: list[int], lens: list[int]) -> LoraBatch | None:
+        """Group the step's rows by adapter; None when every row runs on the base model."""
+        rows: dict[str, list[int]] = {}
+        for item, start, n in zip(scheduled, starts, lens):
+            if item.seq.request.lora is not None:
+                rows.setdefault(item.seq.request.lora, []).extend(range(start, start + n))
+        if not rows:
+            return None
+        adapters = self.adapters.get_many(set(rows))
+        return LoraBatch([(torch.tensor(r, dtype=torch.long, device=self.device), adapters[name]) for name, r in rows.items()])
 
     def _mask(self, item: Scheduled) -> torch.Tensor | None:
         constraint = item.seq.request.constraint

@@ -16,6 +16,7 @@ from ossrun.model.attention import AttentionBackend
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.kernels import mxfp4_kernel_max_tokens, mxfp4_linear
+from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
 
@@ -81,16 +82,34 @@ class Attention(nn.Module):
         self.out_weight = _weight(weights[prefix + "out.weight"], dtype, device)
         self.out_bias = _weight(weights[prefix + "out.bias"], dtype, device)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend,
+                lora: LoraBatch | None = None) -> torch.Tensor:
         c = self.config
         tokens = x.shape[0]
-        qkv = F.linear(self.norm(x), self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        t = self.norm(x)
+        qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        if lora is not None:
+            self._add_qkv_lora(qkv, t, lora)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = Rotary.apply(q.view(tokens, c.num_attention_heads, c.head_dim), *rope)
         k = Rotary.apply(k.view(tokens, c.num_key_value_heads, c.head_dim), *rope)
         v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
-        o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale)  # [T, Hq, D]
-        return x + F.linear(o.reshape(tokens, c.q_size), self.out_weight, self.out_bias)
+        o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale).reshape(tokens, c.q_size)  # [T, Hq·D]
+        out = F.linear(o, self.out_weight, self.out_bias)
+        if lora is not None:
+            delta = lora.delta(self.layer, "o_proj", o, c.hidden_size)
+            if delta is not None:
+                out = out + delta
+        return x + out
+
+    def _add_qkv_lora(self, qkv: torch.Tensor, t: torch.Tensor, lora: LoraBatch) -> None:
+        c = self.config
+        begin = 0
+        for target, size in (("q_proj", c.q_size), ("k_proj", c.kv_size), ("v_proj", c.kv_size)):
+            delta = lora.delta(self.layer, target, t, size)
+            if delta is not None:
+                qkv[:, begin:begin + size] += delta
+            begin += size
 
 
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
@@ -156,8 +175,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer, weights, dtype, device)
         self.mlp = MoE(config, layer, weights, dtype, device)
 
-    def forward(self, x, rope, attention):
-        return self.mlp(self.attn(x, rope, attention))
+    def forward(self, x, rope, attention, lora=None):
+        return self.mlp(self.attn(x, rope, attention, lora))
 
 
 class GptOss(nn.Module):
@@ -184,12 +203,16 @@ class GptOss(nn.Module):
         positions: torch.Tensor,
         attention: AttentionBackend,
         logits_indices: torch.Tensor | None = None,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
-        """token_ids, positions [T] → logits [T, V] (fp32), or only the rows in `logits_indices`."""
+        """token_ids, positions [T] → logits [T, V] (fp32), or only the rows in `logits_indices`.
+
+        `lora` says which rows run with which adapter (None: all on the base model).
+        """
         x = F.embedding(token_ids, self.embedding)
         rope = self.rotary.cos_sin(positions)
         for block in self.blocks:
-            x = block(x, rope, attention)
+            x = block(x, rope, attention, lora)
         if logits_indices is not None:
             x = x[logits_indices]
         return F.linear(self.norm(x), self.unembedding).float()
