@@ -53,6 +53,26 @@ def make_model(
     typer.echo(f"wrote {preset.value} ({layout.value} layout, seed {seed}) to {out} in {time.perf_counter() - start:.1f}s")
 
 
+@app.command("make-adapter")
+def make_adapter(
+    model: Optional[str] = typer.Option(None, help="The base checkpoint (directory, preset or hub id): its shapes."),
+    rank: int = typer.Option(8, min=1, max=32),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., help="Output directory (PEFT format)."),
+) -> None:
+    """Write a random PEFT LoRA adapter on q/k/v/o_proj for the given base model (tests, demos)."""
+    from ossrun.model.checkpoint import detect_layout
+    from ossrun.model.config import ModelConfig
+    from ossrun.model.lora import write_random_adapter
+    from ossrun.model.resolve import resolve_model
+
+    layout, directory = detect_layout(resolve_model(model))
+    data = json.loads((directory / "config.json").read_text())
+    config = ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
+    write_random_adapter(config, out, rank=rank, seed=seed)
+    typer.echo(f"wrote a rank-{rank} adapter to {out}")
+
+
 def _parse_token_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]

@@ -1,0 +1,117 @@
+"""LoRA: our adapters equal transformers + peft, and one batch serves base and adapter requests side by side."""
+
+import json
+
+import pytest
+import torch
+
+from ossrun.engine.engine import Engine, EngineOptions
+from ossrun.engine.errors import UnknownAdapterError
+from ossrun.engine.request import Request, SamplingParams
+from ossrun.model.attention import DenseAttention
+from ossrun.model.checkpoint import load_checkpoint
+from ossrun.model.gpt_oss import GptOss
+from ossrun.model.lora import AdapterError, LoraBatch, load_peft_adapter, write_random_adapter
+from tests.conftest import load_hf_reference
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def adapters(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "one": write_random_adapter(model.config, root / "one", rank=8, seed=1),
+        "two": write_random_adapter(model.config, root / "two", rank=4, seed=2, targets=("q_proj", "v_proj")),
+    }
+
+
+def logits(model, ids, lora=None):
+    positions = torch.arange(len(ids))
+    return model(ids, positions, DenseAttention(torch.zeros(len(ids), dtype=torch.long), positions), lora=lora)
+
+
+@pytest.mark.parametrize("name", ["one", "two"])
+def test_logits_equal_transformers_with_peft(model, adapters, checkpoints, name):
+    from peft import PeftModel
+
+    ids = torch.randint(0, 201088, (160,), generator=torch.Generator().manual_seed(5))
+    adapter = load_peft_adapter(adapters[name], model.config, name)
+    ours = logits(model, ids, LoraBatch([(torch.arange(len(ids)), adapter)]))
+    reference = PeftModel.from_pretrained(load_hf_reference(checkpoints["hf"]), adapters[name]).eval()
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (ours - expected).abs().max()
+    assert not torch.allclose(ours, logits(model, ids), atol=1e-2)  # the adapter does change the output
+
+
+def test_mixed_batch_equals_each_request_alone(model, adapters):
+    def engine():
+        e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, max_tokens_per_step=128))
+        e.adapters.register("one", adapters["one"])
+        e.adapters.register("two", adapters["two"])
+        return e
+
+    prompt = list(range(500, 540))  # the same prompt: only the adapter differs
+    requests = [Request(f"r{i}", prompt, SamplingParams(max_tokens=8, temperature=0), lora=lora)
+                for i, lora in enumerate([None, "one", "two", None, "two", "one"])]
+    together = engine().generate(requests)
+    outputs = {}
+    for request in requests:
+        alone = engine().generate([Request(request.request_id, request.prompt_token_ids, request.params, lora=request.lora)])
+        got = [e.token_id for e in together[request.request_id]]
+        assert got == [e.token_id for e in alone[request.request_id]], request.lora
+        outputs[request.lora] = got
+    assert len({tuple(v) for v in outputs.values()}) == 3  # base, one and two really differ
+
+
+def test_adapters_do_not_share_prefix_cache_entries(model, adapters):
+    e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048))
+    e.adapters.register("one", adapters["one"])
+    prompt = list(range(100, 180))
+    e.generate([Request("a", prompt, SamplingParams(max_tokens=2, temperature=0))])
+    with_adapter = e.generate([Request("b", prompt, SamplingParams(max_tokens=2, temperature=0), lora="one")])["b"]
+    assert with_adapter[-1].num_cached_tokens == 0
+
+
+def test_unknown_adapter_is_rejected_up_front(model):
+    e = Engine(model, EngineOptions(kv_cache_bytes=32 * 1024**2, max_model_len=2048))
+    with pytest.raises(UnknownAdapterError):
+        e.add(Request("x", [1, 2, 3], SamplingParams(max_tokens=2), lora="nope"))
+
+
+def test_eviction_under_budget_reloads_on_demand(model, adapters):
+    e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, adapter_budget_bytes=1))
+    e.adapters.register("one", adapters["one"])
+    e.adapters.register("two", adapters["two"])
+    assert e.adapters.loaded_names == ["two"]  # over budget: only the pinned newest stays
+    out = e.generate([Request("x", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0), lora="one")])["x"]
+    assert len(out) == 3 and e.adapters.loaded_names == ["one"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": 64}, "over the maximum of 32"),
+    ({"target_modules": ["q_proj", "gate_up_proj"]}, "not supported"),
+    ({"use_dora": True}, "DoRA"),
+])
+def test_bad_adapters_are_explained(model, adapters, tmp_path, change, message):
+    import shutil
+
+    shutil.copytree(adapters["one"], tmp_path / "bad")
+    settings = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
+    settings.update(change)
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(settings))
+    with pytest.raises(AdapterError, match=message):
+        load_peft_adapter(tmp_path / "bad", model.config, "bad")
+
+
+def test_missing_adapter_file_is_explained(model, adapters, tmp_path):
+    import shutil
+
+    shutil.copytree(adapters["one"], tmp_path / "half")
+    (tmp_path / "half" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+        load_peft_adapter(tmp_path / "half", model.config, "half")
