@@ -61,15 +61,11 @@ def make_adapter(
     out: Path = typer.Option(..., help="Output directory (PEFT format)."),
 ) -> None:
     """Write a random PEFT LoRA adapter on q/k/v/o_proj for the given base model (tests, demos)."""
-    from ossrun.model.checkpoint import detect_layout
-    from ossrun.model.config import ModelConfig
+    from ossrun.model.checkpoint import read_config
     from ossrun.model.lora import write_random_adapter
     from ossrun.model.resolve import resolve_model
 
-    layout, directory = detect_layout(resolve_model(model))
-    data = json.loads((directory / "config.json").read_text())
-    config = ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
-    write_random_adapter(config, out, rank=rank, seed=seed)
+    write_random_adapter(read_config(resolve_model(model)), out, rank=rank, seed=seed)
     typer.echo(f"wrote a rank-{rank} adapter to {out}")
 
 

@@ -127,21 +127,23 @@ def detect_layout(path: Path) -> tuple[str, Path]:
     return ("hf" if "model_type" in json.loads(config_file.read_text()) else "original"), path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def read_config(path: str | Path) -> ModelConfig:
+    """The architecture of a checkpoint in either layout, without touching its weights."""
     layout, directory = detect_layout(Path(path))
     data = json.loads((directory / "config.json").read_text())
+    return ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    layout, directory = detect_layout(Path(path))
+    config = read_config(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no .safetensors files")
     stored: dict[str, torch.Tensor] = {}
     for file in files:
         stored.update(open_mmap(file))
-    if layout == "original":
-        config = ModelConfig.from_original_json(data)
-        tensors = stored
-    else:
-        config = ModelConfig.from_hf_json(data)
-        tensors = _from_hf_names(config, stored)
+    tensors = stored if layout == "original" else _from_hf_names(config, stored)
     _check_complete(config, tensors, directory)
     log.info("loaded %s checkpoint from %s (%d tensors)", layout, directory, len(tensors))
     return Checkpoint(config, tensors, layout, directory)
