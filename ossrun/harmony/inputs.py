@@ -53,8 +53,12 @@ def text_parts(content: Any, where: str) -> list[str]:
 
 
 def _message(author: Author, texts: list[str]) -> Message:
-    """A harmony message holding each text part as its own text content, as the library models it."""
-    return Message(author=author, content=[TextContent(text=t) for t in texts] or [TextContent(text="")])
+    """A harmony message with the parts joined into one text.
+
+    The library would tokenise separate text contents separately; joining them means a text
+    gets the same tokens however the client happened to split it into parts.
+    """
+    return Message(author=author, content=[TextContent(text="".join(texts))])
 
 
 def _assistant(texts: list[str], channel: str) -> Message:
