@@ -60,7 +60,9 @@ def parse_header(text: str, *, has_role: bool) -> Header:
         if m is None or not _take(header, m, first=pos == 0, has_role=has_role):
             break
         pos = m.end()
-    header.rest = text[pos:]
+    recognised = header.role or header.channel or header.recipient or header.content_type
+    # Whitespace separates header pieces from text; without any piece it is part of the text.
+    header.rest = text[pos:] if recognised else text
     _check(header, has_role)
     return header
 

@@ -1,0 +1,371 @@
+"""The streaming parser: exact events for good completions, sensible ones for every known bad shape, never an exception."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from openai_harmony import Role
+
+from ossrun.harmony import (
+    ContentDelta,
+    Finished,
+    MessageEnd,
+    ReasoningDelta,
+    StreamParser,
+    ToolCallArgumentsDelta,
+    ToolCallStart,
+    encode,
+    fold_events,
+    get_encoding,
+    new_call_id,
+    parse_completion,
+)
+from ossrun.harmony import parser as parser_module
+
+
+def toks(text: str) -> list[int]:
+    """Token ids with harmony's special tokens spelled out in `text`."""
+    return encode(text, allow_special=True)
+
+
+def counter_ids():
+    numbers = itertools.count()
+    return lambda: f"call-{next(numbers)}"
+
+
+def run(tokens: list[int], reason: str = "length") -> tuple[list, StreamParser]:
+    parser = StreamParser(call_id_factory=counter_ids())
+    events = [e for t in tokens for e in parser.feed(t)]
+    return events + parser.finish(reason), parser
+
+
+def parse(text: str):
+    return parse_completion(toks(text), call_id_factory=counter_ids())
+
+
+def merged(events: list) -> list:
+    """Adjacent deltas of one kind joined, so expectations do not depend on token boundaries."""
+    out: list = []
+    for e in events:
+        if out and type(e) is type(out[-1]) and isinstance(e, (ReasoningDelta, ContentDelta)):
+            out[-1] = type(e)(out[-1].text + e.text)
+        elif out and isinstance(e, ToolCallArgumentsDelta) and isinstance(out[-1], ToolCallArgumentsDelta):
+            out[-1] = ToolCallArgumentsDelta(e.index, out[-1].text + e.text)
+        else:
+            out.append(e)
+    return out
+
+
+# --- well-formed completions -----------------------------------------------------------------
+
+
+def test_reasoning_then_final_answer():
+    events, parser = run(toks("<|channel|>analysis<|message|>User says hi.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>"))
+    assert merged(events) == [
+        ReasoningDelta("User says hi."),
+        MessageEnd("analysis"),
+        ContentDelta("Hello!"),
+        MessageEnd("final"),
+        Finished("stop"),
+    ]
+    assert parser.finish_reason == "stop" and parser.anomalies == []
+
+
+def test_tool_call_streams_start_then_arguments():
+    text = (
+        "<|channel|>analysis<|message|>Need the weather.<|end|>"
+        '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location":"Tokyo"}<|call|>'
+    )
+    events, parser = run(toks(text))
+    assert merged(events) == [
+        ReasoningDelta("Need the weather."),
+        MessageEnd("analysis"),
+        ToolCallStart(0, "call-0", "get_weather"),
+        ToolCallArgumentsDelta(0, '{"location":"Tokyo"}'),
+        MessageEnd("commentary", "functions.get_weather"),
+        Finished("tool_calls"),
+    ]
+    assert parser.anomalies == []
+
+
+def test_two_tool_calls_and_a_preamble():
+    text = (
+        "<|channel|>commentary<|message|>Checking both.<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"location":"A"}<|end|>'
+        '<|start|>assistant to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>{"tz":"B"}<|call|>'
+    )
+    result = parse(text)
+    assert result.content == "Checking both."
+    assert [(c.call_id, c.name, c.arguments) for c in result.tool_calls] == [
+        ("call-0", "get_weather", '{"location":"A"}'),
+        ("call-1", "get_time", '{"tz":"B"}'),
+    ]
+    assert result.finish_reason == "tool_calls" and result.anomalies == []
+
+
+def test_length_mid_message_closes_it():
+    events, parser = run(toks("<|channel|>final<|message|>Once upon a"), reason="length")
+    assert merged(events) == [ContentDelta("Once upon a"), MessageEnd("final"), Finished("length")]
+    assert parser.finish_reason == "length" and parser.anomalies == []
+
+
+def test_length_inside_a_tool_call_header_emits_no_half_call():
+    result = parse("<|channel|>analysis<|message|>Call it.<|end|><|start|>assistant to=functions.get_we")
+    assert result.tool_calls == [] and result.finish_reason == "length" and result.anomalies == []
+
+
+def test_finish_after_stop_keeps_the_reason_and_emits_nothing():
+    parser = StreamParser()
+    for t in toks("<|channel|>final<|message|>Hi<|return|>"):
+        parser.feed(t)
+    assert parser.finish("length") == []
+    assert parser.finish_reason == "stop"
+
+
+def test_default_call_ids_have_the_api_shape():
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", new_call_id())
+    result = parse_completion(toks("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>"))
+    assert re.fullmatch(r"chatcmpl-tool-[0-9a-f]{16}", result.tool_calls[0].call_id)
+
+
+# --- known failure shapes from other servers ---------------------------------------------------
+
+
+def test_constrain_after_recipient_in_the_first_header():
+    result = parse('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location":"Oslo"}<|call|>')
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", '{"location":"Oslo"}')]
+    assert result.finish_reason == "tool_calls" and result.anomalies == []
+
+
+def test_recipient_before_the_channel():
+    result = parse(' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"location":"Rome"}<|call|>')
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", '{"location":"Rome"}')]
+    assert result.anomalies == []
+
+
+def test_channel_token_leaking_into_the_tool_name():
+    result = parse("<|channel|>commentary to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>")
+    assert [c.name for c in result.tool_calls] == ["get_weather"]
+    assert result.finish_reason == "tool_calls"
+    assert any("repeated" in a for a in result.anomalies)
+
+
+def test_channel_spelled_as_text_leaking_into_the_tool_name():
+    tokens = toks("<|channel|>commentary") + encode(" to=functions.get_weather<|channel|>commentary json") + toks("<|message|>{}<|call|>")
+    result = parse_completion(tokens, call_id_factory=counter_ids())
+    assert [c.name for c in result.tool_calls] == ["get_weather"]
+
+
+def test_text_after_end_without_start_becomes_content():
+    result = parse("<|channel|>final<|message|>Hello.<|end|> Anything else?<|return|>")
+    assert result.content == "Hello. Anything else?"
+    assert result.finish_reason == "stop"
+    assert "text after <|end|> without <|start|>" in result.anomalies
+
+
+def test_header_after_end_without_start_is_still_read_as_a_header():
+    result = parse("<|channel|>analysis<|message|>Think.<|end|>assistant<|channel|>final<|message|>Answer.<|return|>")
+    assert (result.reasoning, result.content) == ("Think.", "Answer.")
+    assert "text after <|end|> without <|start|>" in result.anomalies
+
+
+def test_missing_message_token_reads_the_rest_as_the_message():
+    result = parse("<|channel|>final Hello there<|return|>")
+    assert result.content == "Hello there"
+    assert result.finish_reason == "stop"
+    assert any("without <|message|>" in a for a in result.anomalies)
+
+
+def test_missing_message_token_in_a_tool_call():
+    result = parse('<|channel|>commentary to=functions.get_weather <|constrain|>json{"location":"Lima"}<|call|>')
+    assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", '{"location":"Lima"}')]
+    assert result.finish_reason == "tool_calls"
+
+
+def test_unexpected_start_inside_a_message_ends_it():
+    result = parse("<|channel|>analysis<|message|>Hmm<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
+    assert (result.reasoning, result.content) == ("Hmm", "Done.")
+    assert "<|start|> before the message's <|end|>" in result.anomalies
+
+
+def test_unexpected_start_inside_a_header():
+    result = parse("<|channel|>fin<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
+    assert result.content == "Done."
+    assert "<|start|> inside a header" in result.anomalies
+
+
+def test_channel_inside_a_message_starts_the_next_one():
+    result = parse("<|channel|>analysis<|message|>Think<|channel|>final<|message|>Answer<|return|>")
+    assert (result.reasoning, result.content) == ("Think", "Answer")
+
+
+def test_call_without_a_tool_call_finishes_with_stop():
+    result = parse("<|channel|>final<|message|>Hi<|call|>")
+    assert result.content == "Hi" and result.finish_reason == "stop"
+    assert any("<|call|>" in a for a in result.anomalies)
+
+
+def test_tool_call_ended_by_return_still_reports_tool_calls():
+    result = parse("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|return|>")
+    assert result.finish_reason == "tool_calls" and len(result.tool_calls) == 1
+    assert "<|return|> ended a tool call" in result.anomalies
+
+
+def test_tokens_after_a_stop_token_are_ignored():
+    events, parser = run(toks("<|channel|>final<|message|>Hi<|return|> more<|end|><|start|>"))
+    assert merged(events) == [ContentDelta("Hi"), MessageEnd("final"), Finished("stop")]
+    assert len(parser.anomalies) == 1 and "after the end" in parser.anomalies[0]
+
+
+def test_message_without_a_channel_is_final_content():
+    result = parse("<|message|>Plain answer<|return|>")
+    assert result.content == "Plain answer"
+    assert "header without a channel" in result.anomalies
+
+
+def test_header_without_message_runs_on_into_text_that_still_streams():
+    parser = StreamParser()
+    events = [e for t in toks("<|channel|>final" + " word" * 80) for e in parser.feed(t)]
+    assert merged(events)[0].text.strip().startswith("word")  # streaming resumed before the end
+    assert any("header tokens" in a for a in parser.anomalies)
+
+
+@pytest.mark.parametrize("odd", ["<|endoftext|>", "<|reserved_200017|>", "<|startoftext|>", "<|constrain|>", "<|end|>"])
+def test_stray_special_tokens_in_text_are_ignored(odd):
+    result = parse(f"<|channel|>final<|message|>A<|end|>{odd}<|start|>assistant<|channel|>final<|message|>B<|return|>")
+    assert result.content == "AB" and result.finish_reason == "stop"
+    assert result.anomalies
+
+
+@pytest.mark.parametrize("bad", [-1, 201088, 10**12, None, "7", 3.5, object()])
+def test_ids_that_are_no_tokens_are_ignored(bad):
+    parser = StreamParser()
+    tokens = toks("<|channel|>final<|message|>Hi")
+    events = [e for t in tokens[:-1] for e in parser.feed(t)] + parser.feed(bad) + parser.feed(tokens[-1])
+    assert fold_events(events).content == "Hi"
+    assert len(parser.anomalies) == 1
+
+
+def test_numpy_style_integers_are_accepted():
+    class IndexLike:
+        def __init__(self, value):
+            self.value = value
+
+        def __index__(self):
+            return self.value
+
+    result = parse_completion([IndexLike(t) for t in toks("<|channel|>final<|message|>Hi<|return|>")])
+    assert result.content == "Hi" and result.anomalies == []
+
+
+def test_a_message_from_another_role_is_recorded_and_kept():
+    result = parse(
+        "<|channel|>final<|message|>A<|end|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>B<|end|>"
+    )
+    assert result.content == "AB" and result.tool_calls == []
+    assert any("functions.get_weather" in a for a in result.anomalies)
+
+
+def test_anomalies_are_capped():
+    parser = StreamParser()
+    for _ in range(200):
+        parser.feed(toks("<|endoftext|>")[0])
+    assert len(parser.anomalies) == parser_module.MAX_ANOMALIES + 1
+
+
+def test_an_internal_error_becomes_an_anomaly_and_final_content(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(parser_module, "parse_header", broken)
+    parser = StreamParser()
+    events = [e for t in toks("<|channel|>analysis<|message|>still here") for e in parser.feed(t)]
+    events += parser.finish()
+    assert "still here" in fold_events(events).content
+    assert any("boom" in a for a in parser.anomalies)
+    assert isinstance(events[-1], Finished)
+
+
+# --- UTF-8 split across tokens ---------------------------------------------------------------
+
+
+def _multi_token_char() -> str:
+    for char in ["🦜", "🫠", "𓀀", "\U0001fae8"]:
+        if len(encode(char)) > 1:
+            return char
+    raise AssertionError("no multi-token character found")
+
+
+def test_a_character_split_across_tokens_is_never_split_across_deltas():
+    char = _multi_token_char()
+    events, _ = run(toks(f"<|channel|>final<|message|>a{char}b{char}<|return|>"))
+    texts = [e.text for e in events if isinstance(e, ContentDelta)]
+    assert "".join(texts) == f"a{char}b{char}"
+    assert all("\ufffd" not in t for t in texts)
+    assert any(char in t for t in texts)
+
+
+def test_split_character_in_tool_arguments():
+    char = _multi_token_char()
+    result = parse(f'<|channel|>commentary to=functions.say <|constrain|>json<|message|>{{"text":"{char}"}}<|call|>')
+    assert result.tool_calls[0].arguments == f'{{"text":"{char}"}}'
+
+
+def test_truncated_character_at_length_becomes_a_replacement():
+    char = _multi_token_char()
+    tokens = toks("<|channel|>final<|message|>") + encode(char)[:1]
+    assert parse_completion(tokens).content == "\ufffd"
+
+
+# --- raw prompts: start where the prompt left off -----------------------------------------------
+
+
+def test_raw_prompt_ending_inside_a_final_message():
+    prompt = toks("<|start|>user<|message|>Hi<|end|><|start|>assistant<|channel|>final<|message|>")
+    result = parse_completion(encode("Hello!") + toks("<|return|>"), prompt_ids=prompt)
+    assert result.content == "Hello!" and result.anomalies == [] and result.finish_reason == "stop"
+
+
+def test_raw_prompt_without_harmony_tokens_is_plain_continuation():
+    result = parse_completion(encode(" upon a time"), prompt_ids=encode("Once"))
+    assert result.content == " upon a time" and result.finish_reason == "length"
+
+
+def test_raw_prompt_ending_inside_a_tool_call_announces_it_first():
+    prompt = toks("<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>{")
+    parser = StreamParser(prompt_ids=prompt, call_id_factory=counter_ids())
+    first = parser.feed(encode("}")[0])
+    assert first[0] == ToolCallStart(0, "call-0", "f")
+    assert parser.feed(toks("<|call|>")[0])[-1] == Finished("tool_calls")
+
+
+# --- agreement with openai-harmony on well-formed completions -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Answer: 42 🎉<|return|>",
+        "<|channel|>analysis<|message|>Tool.<|end|><|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{\"q\":\"x\"}<|call|>",
+        " to=functions.lookup<|channel|>commentary json<|message|>{}<|call|>",
+        "<|channel|>commentary<|message|>Let me look.<|end|><|start|>assistant to=functions.lookup<|channel|>commentary <|constrain|>json<|message|>{}<|call|>",
+    ],
+)
+def test_agrees_with_openai_harmony(text):
+    tokens = toks(text)
+    reference = get_encoding().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
+    result = parse_completion(tokens)
+    texts = {"analysis": "", "final": "", "commentary": ""}
+    calls = []
+    for m in reference:
+        body = "".join(c.text for c in m.content)
+        if m.recipient:
+            calls.append((m.recipient.removeprefix("functions."), body))
+        else:
+            texts[m.channel] += body
+    assert result.reasoning == texts["analysis"]
+    assert result.content == texts["final"] + texts["commentary"] or result.content == texts["commentary"] + texts["final"]
+    assert [(c.name, c.arguments) for c in result.tool_calls] == calls
+    assert result.anomalies == []
