@@ -62,7 +62,8 @@ def merged(events: list) -> list:
 
 
 def test_reasoning_then_final_answer():
-    events, parser = run(toks("<|channel|>analysis<|message|>User says hi.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>"))
+    text = "<|channel|>analysis<|message|>User says hi.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>"
+    events, parser = run(toks(text))
     assert merged(events) == [
         ReasoningDelta("User says hi."),
         MessageEnd("analysis"),
@@ -239,7 +240,12 @@ def test_stray_special_tokens_in_text_are_ignored(odd):
     assert result.anomalies
 
 
-@pytest.mark.parametrize("bad", [-1, 201088, 10**12, None, "7", 3.5, object()])
+class BrokenIndex:
+    def __index__(self):
+        raise ValueError("no")
+
+
+@pytest.mark.parametrize("bad", [-1, 201088, 10**12, None, "7", 3.5, object(), BrokenIndex()])
 def test_ids_that_are_no_tokens_are_ignored(bad):
     parser = StreamParser()
     tokens = toks("<|channel|>final<|message|>Hi")
@@ -348,9 +354,11 @@ def test_raw_prompt_ending_inside_a_tool_call_announces_it_first():
     "text",
     [
         "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Answer: 42 🎉<|return|>",
-        "<|channel|>analysis<|message|>Tool.<|end|><|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{\"q\":\"x\"}<|call|>",
+        "<|channel|>analysis<|message|>Tool.<|end|>"
+        '<|start|>assistant<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{"q":"x"}<|call|>',
         " to=functions.lookup<|channel|>commentary json<|message|>{}<|call|>",
-        "<|channel|>commentary<|message|>Let me look.<|end|><|start|>assistant to=functions.lookup<|channel|>commentary <|constrain|>json<|message|>{}<|call|>",
+        "<|channel|>commentary<|message|>Let me look.<|end|>"
+        "<|start|>assistant to=functions.lookup<|channel|>commentary <|constrain|>json<|message|>{}<|call|>",
     ],
 )
 def test_agrees_with_openai_harmony(text):

@@ -218,7 +218,9 @@ def test_text_beside_tool_calls_is_a_commentary_preamble():
     assert ids(body) == expected
 
 
-@pytest.mark.parametrize("tools_key, tool", [("tools", FLAT_TOOL), ("tools", NESTED_TOOL), ("tools", RESPONSES_TOOL), ("functions", FLAT_TOOL)])
+@pytest.mark.parametrize(
+    "tools_key, tool", [("tools", FLAT_TOOL), ("tools", NESTED_TOOL), ("tools", RESPONSES_TOOL), ("functions", FLAT_TOOL)]
+)
 def test_every_tool_shape_renders_into_the_functions_namespace(tools_key, tool):
     rendered = render_request({"messages": [{"role": "user", "content": "Hi"}], tools_key: [tool]})
     assert rendered.token_ids == reference(system(), developer(tools=[WEATHER]), user("Hi"))

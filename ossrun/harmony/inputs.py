@@ -137,7 +137,8 @@ def _chat_assistant(out: Converted, msg: Mapping, texts: list[str], where: str) 
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(fn, Mapping):
-            raise RenderError(f"{where}.tool_calls[{j}]: expected {{id, type: 'function', function: {{name, arguments}}}}")
+            expected = "{id, type: 'function', function: {name, arguments}}"
+            raise RenderError(f"{where}.tool_calls[{j}]: expected {expected}")
         _add_tool_call(out, fn.get("name"), fn.get("arguments"), call.get("id"), f"{where}.tool_calls[{j}]")
 
 

@@ -97,15 +97,14 @@ class StreamParser:
     def feed(self, token_id: int) -> list[Event]:
         """Events caused by one generated token (often none, e.g. inside a header)."""
         events, self._pending = self._pending, []
-        token = self._valid_token(token_id)
-        if token is None:
-            return events
         try:
-            self._feed(token, events)
+            token = self._valid_token(token_id)
+            if token is not None:
+                self._feed(token, events)
         except Exception as exc:  # the guarantee: a parse problem never ends a stream
-            log.exception("harmony parser failed on token %d; continuing as final content", token)
-            self._note(f"parser error on token {token}: {exc!r}")
-            self._recover(token, events)
+            log.exception("harmony parser failed on token %r; continuing as final content", token_id)
+            self._note(f"parser error on token {token_id!r}: {exc!r}")
+            self._recover(token_id, events)
         return events
 
     def finish(self, reason_if_not_stopped: str = "length") -> list[Event]:
@@ -291,7 +290,7 @@ class StreamParser:
         """The id as an int, or None (noted) for something that is no id of this vocabulary."""
         try:
             token = operator.index(token_id)  # type: ignore[arg-type]
-        except TypeError:
+        except Exception:  # not an integer at all (None, str, float, a broken __index__)
             self._note(f"non-integer token {token_id!r} ignored")
             return None
         if not 0 <= token < VOCAB_SIZE:
@@ -306,11 +305,11 @@ class StreamParser:
         elif len(self.anomalies) == MAX_ANOMALIES:
             self.anomalies.append("further anomalies not recorded")
 
-    def _recover(self, token_id: int, events: list[Event]) -> None:
+    def _recover(self, token_id: object, events: list[Event]) -> None:
         """After an internal error: continue in a plain final-content message, keeping the token's text."""
         try:
             self._open_message(Header(channel="final"), events)
-            if not is_special(token_id):
+            if isinstance(token_id, int) and 0 <= token_id < VOCAB_SIZE and not is_special(token_id):
                 self._emit(self._decoder.feed(token_id), events)
         except Exception:  # nothing more to save; the next token starts afresh
             log.exception("harmony parser recovery failed")

@@ -118,7 +118,8 @@ def tool_descriptions(body: Mapping[str, Any]) -> list[ToolDescription]:
 
 
 def _tool(tool: Any, where: str) -> ToolDescription:
-    """`{name, description, parameters}`, `{type: function, function: {...}}` or Responses' flat `{type: function, name, ...}`."""
+    """One tool in any shape: `{name, description, parameters}`, `{type: function, function: {...}}`
+    or the Responses API's flat `{type: function, name, description, parameters, strict}`."""
     if not isinstance(tool, Mapping):
         raise RenderError(f"{where}: a tool must be an object")
     if tool.get("type", "function") != "function":
