@@ -110,7 +110,7 @@ def generate(
         ids = harmony.render_request({"prompt": prompt}).token_ids
     engine = build_engine(resolve_model(model), dtype.value, device, kv_dtype=dtype.value)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop_token_ids=harmony.STOP_TOKEN_IDS)
+                            stop_token_ids=tuple(harmony.STOP_TOKENS))
     events = engine.generate([Request(uuid.uuid4().hex, ids, params)])
     out = [e.token_id for e in next(iter(events.values())) if e.token_id is not None]
     text = harmony.decode(out)

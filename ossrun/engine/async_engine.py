@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def build_engine(model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options) -> Engine:
     """Load a checkpoint directory into a ready engine (the one place that wires model, tokenizer and options)."""
-    from ossrun.harmony import decode_token_bytes
+    from ossrun.harmony import token_bytes
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
@@ -38,7 +38,7 @@ def build_engine(model: str | Path, dtype: str = "bfloat16", device: str = "cpu"
     kv_dtype = options.pop("kv_dtype", torch.bfloat16)
     if isinstance(kv_dtype, str):
         kv_dtype = DTYPES[kv_dtype]
-    return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=decode_token_bytes)
+    return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=token_bytes)
 
 
 class AsyncEngine:

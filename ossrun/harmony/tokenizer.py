@@ -21,6 +21,8 @@ from typing import Iterable
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
 
+from ossrun.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 VOCAB_FILE = "o200k_base.tiktoken"
@@ -44,16 +46,6 @@ VOCAB_SIZE = 201088  # every id below this decodes (the tail is <|reserved_…|>
 
 class TokenizerError(RuntimeError):
     """The bundled vocabulary is missing or corrupt; there is no network fallback by design."""
-
-
-def cache_dir() -> Path:
-    """Where ossrun keeps derived files: `OSSRUN_CACHE_DIR`, else the platform's user cache dir."""
-    override = os.environ.get("OSSRUN_CACHE_DIR")
-    if override:
-        return Path(override)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("ossrun"))
 
 
 def _sha256(data: bytes) -> str:
