@@ -1,0 +1,465 @@
+"""The sampler: one row of logits per sequence in, one token (and its logprobs) per sequence out.
+
+Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate` agrees):
+
+1. Structured-output mask: forbidden tokens get -inf before anything else, so no later stage can
+   bring them back. A mask that allows nothing raises `ConstraintError` (a `ValueError`).
+2. Repetition penalty (CTRL, Keskar et al. 2019; vLLM and HF `repetition_penalty`): every token seen
+   in the prompt OR the output so far: logit > 0 → logit / p, else logit * p. Applied once per
+   distinct token, however often it occurred.
+3. Frequency and presence penalties (OpenAI's definition, as vLLM applies them): subtract
+   `frequency_penalty × count` and `presence_penalty × [count > 0]`, where count is the token's count
+   in the OUTPUT only; prompt tokens are not penalised.
+4. temperature == 0: greedy argmax (ties → lowest token id, `torch.argmax` returns the first
+   maximum); the row draws no random number. Otherwise, in order:
+5. Divide by temperature.
+6. top_k (0 = off): keep every token whose logit is ≥ the k-th largest. Tokens tied with the k-th are
+   all kept, as vLLM (`apply_top_k_only`) and HF (`TopKLogitsWarper`) do.
+7. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
+   tokens whose cumulative probability is ≥ top_p (a token is kept iff the tokens ranked above it
+   sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept.
+   Ties at the cut are broken by lowest token id, so the set is deterministic (vLLM's is arbitrary).
+8. Draw: one float64 uniform u per row per step; the token is the first one, in token-id order,
+   whose cumulative (renormalised) probability exceeds u — inverse-CDF sampling. A token removed by
+   the mask, top_k or top_p has probability exactly 0 and so can never be drawn.
+
+Logprobs (OpenAI `logprobs` / `top_logprobs`): log_softmax over the logits after the mask and the
+penalties, before temperature, top_k and top_p. Why: OpenAI's reported logprobs do not change with
+temperature or top_p — they describe the model's distribution, not the sampling knobs — and vLLM's
+default (`logprobs_mode="raw_logprobs"`) likewise ignores temperature/top-k/top-p. We do include the
+mask (vLLM applies the grammar bitmask before its sampler, so its raw logprobs include it too) and the
+penalties (vLLM's raw mode omits them), so the reported number is the distribution the request's
+own settings define before the sampling knobs; with the default parameters (no penalties) the two
+agree exactly. Top entries with logprob -inf (forbidden tokens) are left out: they are not
+alternatives, and -inf is not valid JSON.
+
+Randomness: a request with a seed owns a `torch.Generator` (created in `SamplingState`) and takes
+exactly one draw from it per sampled step, so its tokens do not depend on what else is in the batch.
+Unseeded rows take one draw each from the sampler's shared generator. Greedy rows draw nothing.
+
+Greedy is temperature == 0 exactly (vLLM also treats temperature < 1e-5 as greedy; here a tiny
+temperature still samples: the max is subtracted before dividing, so nothing overflows).
+
+Cost: besides O(batch) Python, each step touches only the distinct tokens a penalised sequence has
+seen (kept incrementally in `SamplingState`). Full-vocabulary work is a few vectorised passes over
+the rows that need it, in a reused scratch buffer, and never a full sort: rows with top_k sample
+among their `topk` candidates; top_p looks at the top 128 candidates and, for the rare row whose
+nucleus is larger, at a mass histogram plus a sort of one narrow bin; the inverse CDF goes through
+per-block sums. `logits` are consumed (masked, penalised, then overwritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ossrun.engine.request import SamplingParams, TokenLogprob
+
+_CDF_BLOCK = 1024  # inverse-CDF block size: the second level scans one block per row
+_NUCLEUS_CANDIDATES = 128  # top_p candidates looked at first; larger nuclei go through a histogram
+
+
+class ConstraintError(ValueError):
+    """A structured-output mask allowed no token; `row` is the batch row, so the engine can fail
+    just that request."""
+
+    def __init__(self, row: int):
+        self.row = row
+        super().__init__("constraint allows no token")
+
+
+class _Buffer:
+    """A growable 1-D CPU tensor: `append` is amortised O(1) and `view` is zero-copy, so a
+    sequence's penalty state is never rebuilt from its whole history."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self, dtype: torch.dtype, values: Sequence[int] = ()):
+        self.data = torch.zeros(max(16, 2 * len(values)), dtype=dtype)
+        self.data[: len(values)] = torch.tensor(values, dtype=dtype)
+        self.size = len(values)
+
+    def append(self, value: int | float) -> None:
+        if self.size == self.data.numel():
+            self.data = torch.cat([self.data, torch.zeros_like(self.data)])
+        self.data[self.size] = value
+        self.size += 1
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.size]
+
+
+class SamplingState:
+    """Per-request sampling state, owned by the engine's per-sequence object.
+
+    `generator` is the request's own random stream when it has a seed (None: the sampler's shared
+    one). Penalty bookkeeping exists only for the penalties the request uses: the distinct tokens
+    seen in prompt or output (repetition penalty), and the distinct output tokens with their counts
+    (frequency/presence). The prompt is read once, because the caller's list grows with the output.
+    """
+
+    __slots__ = ("params", "generator", "_seen", "_seen_ids", "_out_slot", "_out_ids", "_out_counts")
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]):
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            # manual_seed takes any 64-bit value; fold larger or negative seeds into that range.
+            self.generator = torch.Generator().manual_seed(params.seed % 2**64)
+        self._seen: set[int] | None = None
+        self._out_slot: dict[int, int] | None = None
+        if params.repetition_penalty != 1.0:
+            self._seen = set(prompt_token_ids)
+            self._seen_ids = _Buffer(torch.long, sorted(self._seen))
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+            self._out_slot = {}
+            self._out_ids = _Buffer(torch.long)
+            self._out_counts = _Buffer(torch.float32)
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token: O(1)."""
+        if self._seen is not None and token_id not in self._seen:
+            self._seen.add(token_id)
+            self._seen_ids.append(token_id)
+        if self._out_slot is not None:
+            slot = self._out_slot.get(token_id)
+            if slot is None:
+                self._out_slot[token_id] = self._out_ids.size
+                self._out_ids.append(token_id)
+                self._out_counts.append(1.0)
+            else:
+                self._out_counts.data[slot] += 1.0
+
+    def seen_ids(self) -> torch.Tensor | None:
+        """Distinct tokens of prompt and output (long [n]); None when there is no repetition penalty."""
+        return None if self._seen is None else self._seen_ids.view()
+
+    def output_counts(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(distinct output tokens long [n], their counts float [n]); None without freq/presence penalty."""
+        return None if self._out_slot is None else (self._out_ids.view(), self._out_counts.view())
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float | None]  # of the chosen token when params.logprobs, else None
+    top_logprobs: list[tuple[TokenLogprob, ...]]  # params.top_logprobs entries, highest first, else ()
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        """`seed` seeds the shared generator that unseeded requests draw from (None: random)."""
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed % 2**64)
+        # Reused [n, V] scratch rows: on CPU a fresh 50 MB tensor per step costs more in page
+        # faults than the arithmetic done on it.
+        self._scratch = torch.empty(0)
+
+    def __call__(
+        self, logits: torch.Tensor, states: list[SamplingState], masks: list[torch.Tensor | None] | None = None
+    ) -> SamplerOutput:
+        """Pick one token per row. logits [B, V] float32 (one row per sequence, same order as states),
+        consumed: masked, penalised and overwritten in place. masks[i], when given, is a bool tensor
+        [V] of ALLOWED tokens (structured output); forbidden tokens get -inf before anything else."""
+        logits = logits.float().contiguous()
+        if masks is not None:
+            _apply_masks(logits, masks)
+        _apply_penalties(logits, states)
+        tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
+        if any(s.params.greedy for s in states):
+            tokens = logits.argmax(-1)  # every row: one pass, cheaper than gathering the greedy ones
+        rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if rows:
+            tokens[_index(rows, logits.device)] = self._sample(logits, rows, [states[i] for i in rows])
+        logprobs, top = self._logprobs(logits, states, tokens)
+        return SamplerOutput(tokens.tolist(), logprobs, top)
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], states: list[SamplingState]) -> torch.Tensor:
+        """Draw for the non-greedy `rows` without writing `logits` → tokens long [len(rows)].
+        Rows with top_k take the short path over their candidates; the others, and top_k rows with a
+        tie at the k-th logit, take the long path over the whole vocabulary."""
+        params = [s.params for s in states]
+        u = self._uniforms(states).to(logits.device)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        vocab = logits.shape[1]
+        short = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
+        long = [j for j, p in enumerate(params) if not 0 < p.top_k < vocab]
+        if short:
+            x = logits if len(short) == len(logits) else self._rows(logits, [rows[j] for j in short])
+            picked, tied = _sample_top_k(x, [params[j] for j in short], u[short])
+            tokens[short] = picked
+            long += [short[i] for i in tied.nonzero().flatten().tolist()]
+        if long:
+            long.sort(key=lambda j: params[j].top_p == 1.0)  # top_p rows first, so they are a view
+            x = self._rows(logits, [rows[j] for j in long])
+            tokens[long] = _sample_full(x, [params[j] for j in long], u[long])
+        return tokens
+
+    def _rows(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """A copy of logits[rows] in the reused scratch buffer → [len(rows), V]."""
+        n, vocab = len(rows), logits.shape[1]
+        scratch = self._scratch
+        if scratch.device != logits.device or scratch.shape[1:] != (vocab,) or scratch.shape[0] < n:
+            scratch = self._scratch = torch.empty(max(n, scratch.shape[0]), vocab, device=logits.device)
+        return torch.index_select(logits, 0, _index(rows, logits.device), out=scratch[:n])
+
+    def _uniforms(self, states: list[SamplingState]) -> torch.Tensor:
+        """One float64 uniform in [0, 1) per row: from the row's own generator when seeded (so its
+        draws do not depend on the batch), else from the shared one in a single call."""
+        u = torch.empty(len(states), dtype=torch.float64)
+        shared = [i for i, s in enumerate(states) if s.generator is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), dtype=torch.float64, generator=self.generator)
+        for i, s in enumerate(states):
+            if s.generator is not None:
+                u[i] = torch.rand(1, dtype=torch.float64, generator=s.generator)
+        return u
+
+    def _logprobs(
+        self, logits: torch.Tensor, states: list[SamplingState], tokens: torch.Tensor
+    ) -> tuple[list[float | None], list[tuple[TokenLogprob, ...]]]:
+        """The chosen token's logprob and the top-N alternatives, for rows that asked, from the logits
+        after mask and penalties (see the module docstring): logprob = logit − logsumexp(row)."""
+        rows = [i for i, s in enumerate(states) if s.params.logprobs]
+        logprobs: list[float | None] = [None] * len(states)
+        top: list[tuple[TokenLogprob, ...]] = [()] * len(states)
+        if not rows:
+            return logprobs, top
+        x = logits if len(rows) == len(states) else self._rows(logits, rows)
+        chosen = x.gather(1, tokens[_index(rows, x.device)][:, None])
+        n = max(states[i].params.top_logprobs for i in rows)
+        values, ids = x.topk(n, dim=-1)  # n = 0 gives empty rows
+        lse = _logsumexp_(x)
+        chosen, values, ids = (chosen - lse).squeeze(1).tolist(), (values - lse).tolist(), ids.tolist()
+        for j, i in enumerate(rows):
+            logprobs[i] = chosen[j]
+            pairs = zip(ids[j][: states[i].params.top_logprobs], values[j])
+            top[i] = tuple(TokenLogprob(t, v) for t, v in pairs if v != float("-inf"))
+        return logprobs, top
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _on_rows(x: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor], object]) -> None:
+    """Apply the in-place `fn` to x[rows]: directly when that is every row, else via a copy."""
+    if len(rows) == x.shape[0]:
+        fn(x)
+        return
+    index = _index(rows, x.device)
+    sub = x[index]
+    fn(sub)
+    x[index] = sub
+
+
+def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim → [n, 1], overwriting x (torch.logsumexp allocates a full copy)."""
+    peak = x.amax(-1, keepdim=True)
+    return peak + x.sub_(peak).exp_().sum(-1, keepdim=True).log()
+
+
+# -- mask and penalties: in place on the logits ----------------------------------------------
+
+
+def _apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
+    """-inf on every forbidden token; raise `ConstraintError` first if some mask allows nothing."""
+    rows = [i for i, m in enumerate(masks) if m is not None]
+    if not rows:
+        return
+    allowed = torch.stack([masks[i] for i in rows]).to(device=logits.device, dtype=torch.bool)
+    empty = (~allowed.any(-1)).nonzero()
+    if empty.numel():
+        raise ConstraintError(rows[int(empty[0, 0])])
+    _on_rows(logits, rows, lambda sub: sub.masked_fill_(~allowed, float("-inf")))
+
+
+def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """Repetition penalty, then frequency/presence, in place; touches only the tokens each
+    penalised row has seen, all rows in one indexed op per penalty."""
+    vocab, flat = logits.shape[1], logits.view(-1)
+    repeated = _repetition_rows(states)
+    if repeated:
+        index, penalty = _flat_index(repeated, vocab, logits.device)
+        values = flat[index]
+        flat[index] = torch.where(values > 0, values / penalty, values * penalty)
+    counted = _output_rows(states)
+    if counted:
+        index, amount = _flat_index(counted, vocab, logits.device)
+        flat[index] -= amount  # indices are distinct within a row, so no two updates collide
+
+
+def _repetition_rows(states: list[SamplingState]) -> list[tuple[int, torch.Tensor, float]]:
+    """(row, distinct tokens seen, penalty) for the rows with a repetition penalty to apply."""
+    rows = []
+    for i, s in enumerate(states):
+        seen = s.seen_ids()
+        if seen is not None and seen.numel():
+            rows.append((i, seen, s.params.repetition_penalty))
+    return rows
+
+
+def _output_rows(states: list[SamplingState]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(row, distinct output tokens, amount to subtract from each) for rows with freq/presence."""
+    rows = []
+    for i, s in enumerate(states):
+        counts = s.output_counts()
+        if counts is not None and counts[0].numel():
+            p = s.params
+            rows.append((i, counts[0], counts[1] * p.frequency_penalty + p.presence_penalty))
+    return rows
+
+
+def _flat_index(rows: list, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(row, token ids [n], one value per token or per row)] → (indices into logits.view(-1), values)."""
+    index = torch.cat([ids + row * vocab for row, ids, _ in rows])
+    values = torch.cat([v if isinstance(v, torch.Tensor) else torch.full((ids.numel(),), v) for _, ids, v in rows])
+    return index.to(device), values.to(device=device, dtype=torch.float32)
+
+
+# -- short path: rows with top_k, on their candidates only -------------------------------------
+
+
+def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature → top_k → top_p → draw, on each row's k candidates (logits [n, V] not written).
+    → (tokens [n], tied [n]): rows whose k-th logit ties the next are not decided here."""
+    device = logits.device
+    k = torch.tensor([p.top_k for p in params], device=device)
+    values, ids = logits.topk(int(k.max()) + 1, dim=-1)  # descending; + 1 to see a tie at the k-th
+    tied = (values.gather(1, (k - 1)[:, None]) == values.gather(1, k[:, None])).squeeze(1)
+    in_top_k = torch.arange(values.shape[1], device=device) < k[:, None]
+    ids, order = ids.sort(-1)  # token-id order: the order the draw walks in
+    values, in_top_k = values.gather(1, order), in_top_k.gather(1, order)
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    e = ((values - values.amax(-1, keepdim=True)) / temperature).exp() * in_top_k  # as the long path
+    if any(p.top_p < 1.0 for p in params):
+        e = _top_p_in_id_order(e, torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
+    cum = e.double().cumsum(-1)
+    position = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1)
+    position = torch.minimum(position, _last_positive(e))
+    return ids.gather(1, position[:, None]).squeeze(1), tied
+
+
+def _top_p_in_id_order(e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """e [m candidates, token-id order] with everything outside each row's nucleus zeroed. A stable
+    descending sort ranks ties by lowest id; top_p = 1 keeps every candidate."""
+    m = e.shape[1]
+    ranked, order = torch.sort(e, dim=-1, descending=True, stable=True)
+    cum = ranked.double().cumsum(-1)
+    last = torch.searchsorted(cum, top_p[:, None] * cum[:, -1:]).squeeze(1)  # first cum ≥ top_p
+    last = torch.where(top_p < 1.0, last.clamp(max=m - 1), m - 1)
+    keep = torch.arange(m, device=e.device) <= last[:, None]
+    return e * torch.zeros_like(keep).scatter(1, order, keep)
+
+
+# -- long path: the whole vocabulary ---------------------------------------------------------
+
+
+def _sample_full(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """Temperature → top_k → top_p → draw, in place on x [n, V], whose rows with top_p < 1 come first."""
+    vocab = x.shape[1]
+    x.sub_(x.amax(-1, keepdim=True))  # first, so that a tiny temperature cannot overflow
+    if any(p.temperature != 1.0 for p in params):
+        x.div_(torch.tensor([p.temperature for p in params], device=x.device)[:, None])
+    k_rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]  # only rows with a k-th tie
+    if k_rows:
+        k = torch.tensor([params[i].top_k for i in k_rows], device=x.device)
+        _on_rows(x, k_rows, lambda sub: _apply_top_k(sub, k))
+    x.exp_()  # unnormalised probabilities; the max becomes exactly 1
+    n_p = sum(p.top_p < 1.0 for p in params)
+    if n_p:
+        _apply_top_p(x[:n_p], torch.tensor([p.top_p for p in params[:n_p]], dtype=torch.float64, device=x.device))
+    return _inverse_cdf(x, u)
+
+
+def _apply_top_k(x: torch.Tensor, k: torch.Tensor) -> None:
+    """-inf below each row's k-th largest logit (x [n, V], k long [n]); ties with the k-th stay."""
+    kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    x.masked_fill_(x < kth, float("-inf"))
+
+
+def _apply_top_p(e: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Zero every unnormalised probability outside its row's nucleus (e [n, V], top_p float64 [n])."""
+    target = top_p * e.sum(-1).double()
+    cutoff, ties_kept, check = _nucleus_cutoff(e, target)
+    e.masked_fill_(e < cutoff[:, None], 0.0)
+    for row in check.nonzero().flatten().tolist():
+        # Rare: more tokens tie at the cut than the nucleus needs; keep the lowest ids.
+        tied = (e[row] == cutoff[row]).nonzero().flatten()
+        e[row, tied[int(ties_kept[row]):]] = 0.0
+
+
+def _nucleus_cutoff(e: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the probability c of the nucleus's last token, how many tokens equal to c the
+    nucleus holds, and whether more than that tie at c. The top candidates settle most rows (an
+    LLM's nucleus is usually small); a row whose nucleus is larger is settled by a histogram."""
+    k = min(_NUCLEUS_CANDIDATES, e.shape[1])
+    cutoff, ties_kept, check, found = _cut(e.topk(k, dim=-1).values, target, complete=k == e.shape[1])
+    for row in (~found).nonzero().flatten().tolist():
+        cutoff[row], ties_kept[row], check[row] = _histogram_cut(e[row], float(target[row]))
+    return cutoff, ties_kept, check
+
+
+def _cut(values: torch.Tensor, target: torch.Tensor, complete: bool) -> tuple[torch.Tensor, ...]:
+    """Where the nucleus ends within candidate values [n, m] (descending, the row's largest; all of
+    the row when `complete`) → (cutoff c, ties at c kept, more ties at c than kept?, found?)."""
+    m = values.shape[1]
+    cum = values.double().cumsum(-1)
+    last = torch.searchsorted(cum, target[:, None]).squeeze(1)  # first cum ≥ target
+    found = (last < m) | (values[:, -1] == 0) | complete  # the nucleus, or all that is left, is here
+    # Past the end only through rounding (top_p ≈ 1): keep every positive token.
+    last = torch.minimum(last.clamp(max=m - 1), (values > 0).sum(-1) - 1)
+    cutoff = values.gather(1, last[:, None])
+    kept = last + 1 - (values > cutoff).sum(-1)
+    outside = (values[:, -1:] == cutoff).squeeze(1) & (not complete)  # ties may go on past the candidates
+    return cutoff.squeeze(1), kept, ((values == cutoff).sum(-1) > kept) | outside, found
+
+
+def _histogram_cut(row: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_cut` for one row [V] with a large nucleus: a mass histogram over the top 16 bits of the
+    float32 values (monotone for values ≥ 0) finds the bin holding the cut, and only that bin is
+    sorted, instead of the whole nucleus."""
+    key = row.view(torch.int32) >> 16
+    above = torch.bincount(key, weights=row.double()).flip(0).cumsum(0).flip(0)  # mass of bins ≥ b
+    enough = (above >= target).nonzero()
+    if not enough.numel():  # only through rounding (top_p ≈ 1): keep every positive token
+        return row[row > 0].min(), torch.tensor(0), torch.tensor(False)
+    b = int(enough[-1])
+    rest = target - (float(above[b + 1]) if b + 1 < above.numel() else 0.0)
+    values = row[key == b].sort(descending=True).values[None]
+    cutoff, kept, more, _ = _cut(values, torch.tensor([rest], dtype=torch.float64, device=row.device), complete=True)
+    return cutoff[0], kept[0], more[0]
+
+
+def _inverse_cdf(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token, in id order, whose cumulative share of e [n, V] (unnormalised, ≥ 0) exceeds
+    u [n] (float64 in [0, 1)). Two levels — block sums, then a float64 running sum inside one
+    block — so tiny probabilities are neither rounded away nor inflated, as they would be by one
+    float32 running sum over the whole vocabulary."""
+    n, vocab = e.shape
+    block = min(_CDF_BLOCK, vocab)
+    whole = vocab // block * block
+    sums = e[:, :whole].reshape(n, -1, block).sum(-1)
+    if whole < vocab:
+        sums = torch.cat([sums, e[:, whole:].sum(-1, keepdim=True)], dim=1)
+    sums = sums.double()  # float32 within a block (fast, relative error ~1e-7), float64 across blocks
+    cdf = sums.cumsum(-1)
+    target = u * cdf[:, -1]
+    chosen = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+    chosen = torch.minimum(chosen, _last_positive(sums))  # rounding can put target at the very end
+    before = torch.where(chosen > 0, cdf.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    columns = chosen[:, None] * block + torch.arange(block, device=e.device)
+    inside = columns < vocab
+    local = e.gather(1, columns.clamp(max=vocab - 1)).double() * inside
+    position = torch.searchsorted(local.cumsum(-1), (target - before)[:, None], right=True).squeeze(1)
+    return chosen * block + torch.minimum(position, _last_positive(local))
+
+
+def _last_positive(x: torch.Tensor) -> torch.Tensor:
+    """Index of the last positive entry of each row of x [n, m] (rows have at least one)."""
+    return x.shape[1] - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1)

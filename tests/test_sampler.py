@@ -1,0 +1,361 @@
+"""Sampler semantics, each against a hand computation on a tiny vocabulary.
+
+The draw is inverse-CDF with one float64 uniform per row per step from the row's generator, so a
+seeded request whose first uniform u is known must pick the token whose interval
+[cdf[i-1], cdf[i]) of the hand-computed final distribution contains u. `seed_with_u` finds such a
+seed, which turns "these are the final probabilities" into exact, deterministic assertions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ossrun.engine.request import SamplingParams, TokenLogprob
+from ossrun.engine.sampler import ConstraintError, Sampler, SamplingState
+
+LN2 = math.log(2)
+NEG = -1000.0  # exp(NEG - max) is exactly 0 in float32: a token with no probability
+
+
+def state(prompt=(), outputs=(), **params) -> SamplingState:
+    s = SamplingState(SamplingParams(**params), list(prompt))
+    for token in outputs:
+        s.append(token)
+    return s
+
+
+def sample(rows, states, masks=None, sampler=None):
+    logits = torch.tensor(rows, dtype=torch.float32)
+    return (sampler or Sampler(0))(logits, states, masks)
+
+
+def uniforms(seed: int, steps: int) -> list[float]:
+    """The uniforms a request with this seed draws, one per step (as the sampler draws them)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, dtype=torch.float64, generator=g).item() for _ in range(steps)]
+
+
+def seed_with_u(lo: float, hi: float) -> int:
+    for seed in range(100_000):
+        if lo <= uniforms(seed, 1)[0] < hi:
+            return seed
+    raise AssertionError(f"no seed with u in [{lo}, {hi})")
+
+
+def softmax(xs: list[float]) -> list[float]:
+    peak = max(xs)
+    e = [math.exp(x - peak) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def log_softmax(xs: list[float]) -> list[float]:
+    peak = max(xs)
+    lse = peak + math.log(sum(math.exp(x - peak) for x in xs))
+    return [x - lse for x in xs]
+
+
+def assert_final_probs(logits: list[float], expected: list[float], masks=None, **params) -> None:
+    """Seeds whose u falls inside each token's interval of `expected` (well away from its edges)
+    must draw that token; a token with probability 0 has no interval and is never drawn."""
+    assert math.isclose(sum(expected), 1.0)
+    start = 0.0
+    for token, p in enumerate(expected):
+        if p > 0:
+            for lo, hi in [(start + 0.02 * p, start + 0.1 * p), (start + 0.9 * p, start + 0.98 * p)]:
+                out = sample([logits], [state(seed=seed_with_u(lo, hi), **params)], masks)
+                assert out.token_ids == [token], (token, lo, hi)
+        start += p
+
+
+# -- greedy ---------------------------------------------------------------------------------
+
+
+def test_greedy_picks_argmax_and_breaks_ties_by_lowest_id():
+    out = sample([[1, 3, 3, 0, 3, -1], [0, 0, 0, 0, 0, 5]], [state(temperature=0), state(temperature=0)])
+    assert out.token_ids == [1, 5]
+    assert out.logprobs == [None, None] and out.top_logprobs == [(), ()]
+
+
+def test_greedy_rows_draw_no_random_numbers():
+    logits = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    alone, mixed = Sampler(5), Sampler(5)
+    seeded_greedy = state(temperature=0, seed=9)
+    before = seeded_greedy.generator.get_state()
+    for _ in range(20):
+        a = alone(torch.tensor([logits]), [state()]).token_ids
+        m = mixed(torch.tensor([logits, logits, logits]), [state(temperature=0), state(), seeded_greedy]).token_ids
+        assert m == [5, a[0], 5]
+    assert torch.equal(seeded_greedy.generator.get_state(), before)
+
+
+# -- penalties ------------------------------------------------------------------------------
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative_on_prompt_and_output():
+    logits = [3.0, 1.0, 0.5, -1.0, -2.0, 0.25]
+    # prompt has 0 (positive) and 3 (negative, prompt only); the output has 4 (negative).
+    s = state(prompt=[0, 3, 0], outputs=[4], repetition_penalty=2.0, temperature=0, logprobs=True, top_logprobs=6)
+    out = sample([logits], [s])
+    processed = [1.5, 1.0, 0.5, -2.0, -4.0, 0.25]
+    assert out.token_ids == [0]
+    expected = log_softmax(processed)
+    assert out.logprobs[0] == pytest.approx(expected[0], abs=1e-6)
+    assert [t.token_id for t in out.top_logprobs[0]] == [0, 1, 2, 5, 3, 4]
+    assert [t.logprob for t in out.top_logprobs[0]] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
+    # A stronger penalty moves the argmax: 3 / 4 = 0.75 < 1.
+    assert sample([logits], [state(prompt=[0], repetition_penalty=4.0, temperature=0)]).token_ids == [1]
+
+
+def test_frequency_and_presence_penalties_count_only_output_tokens():
+    s = state(prompt=[1, 1, 1], outputs=[2, 2, 3], frequency_penalty=0.5, presence_penalty=0.25, temperature=0, logprobs=True, top_logprobs=6)
+    out = sample([[0.0] * 6], [s])
+    # token 1 (prompt only) untouched; token 2: -(2 * 0.5 + 0.25); token 3: -(1 * 0.5 + 0.25).
+    expected = log_softmax([0.0, 0.0, -1.25, -0.75, 0.0, 0.0])
+    assert out.token_ids == [0]
+    got = {t.token_id: t.logprob for t in out.top_logprobs[0]}
+    assert got == pytest.approx(dict(enumerate(expected)), abs=1e-6)
+
+
+def test_negative_penalties_raise_output_tokens():
+    s = state(outputs=[4, 4], frequency_penalty=-1.0, presence_penalty=-0.5, temperature=0)
+    assert sample([[2.0, 0, 0, 0, 0, 0]], [s]).token_ids == [4]  # 0 + 2 + 0.5 > 2
+
+
+def test_repetition_penalty_applies_before_frequency_penalty():
+    s = state(outputs=[0], repetition_penalty=2.0, frequency_penalty=1.0, temperature=0, logprobs=True)
+    out = sample([[2.0, 0.25, 0, 0, 0, 0]], [s])
+    # 2 / 2 - 1 = 0 (the other order would give (2 - 1) / 2 = 0.5 > 0.25).
+    assert out.token_ids == [1]
+    assert out.logprobs[0] == pytest.approx(log_softmax([0.0, 0.25, 0, 0, 0, 0])[1], abs=1e-6)
+
+
+def test_penalty_state_is_incremental_and_copies_the_prompt():
+    prompt = [5, 1, 5]
+    s = SamplingState(SamplingParams(repetition_penalty=1.5, frequency_penalty=0.1), prompt)
+    prompt.append(2)  # the engine's token list grows with the output; the state must not follow it
+    for token in [3, 1, 3, 3]:
+        s.append(token)
+    assert sorted(s.seen_ids().tolist()) == [1, 3, 5]
+    ids, counts = s.output_counts()
+    assert dict(zip(ids.tolist(), counts.tolist())) == {3: 3.0, 1: 1.0}
+    plain = state(prompt=[1, 2])
+    assert plain.seen_ids() is None and plain.output_counts() is None
+
+
+# -- temperature, top_k, top_p ------------------------------------------------------------------
+
+
+def test_temperature_divides_logits():
+    logits = [0.0, math.log(3), 1.0, -1.0, 0.5, 2.0]
+    assert_final_probs(logits, softmax([x / 2 for x in logits]), temperature=2.0)
+    assert_final_probs(logits, softmax([x / 0.5 for x in logits]), temperature=0.5)
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    kept = softmax([3.0, 2.0, 2.5])
+    assert_final_probs(logits, [0, kept[0], kept[1], 0, 0, kept[2]], top_k=3)
+    assert_final_probs(logits, [0, 1, 0, 0, 0, 0], top_k=1)
+    assert_final_probs(logits, softmax(logits), top_k=6)  # top_k >= V is off
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = [1.0, 3.0, 2.0, 2.0, 0.0, -1.0]
+    kept = softmax([3.0, 2.0, 2.0])
+    assert_final_probs(logits, [0, kept[0], kept[1], kept[2], 0, 0], top_k=2)
+
+
+def test_top_k_then_temperature_then_top_p():
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    # top_k=3 → {1, 5, 2}; T=0.5 → softmax([6, 5, 4]) = [.665, .245, .090]; top_p=0.8 → {1, 5}.
+    p = softmax([6.0, 5.0])
+    assert_final_probs(logits, [0, p[0], 0, 0, 0, p[1]], top_k=3, temperature=0.5, top_p=0.8)
+
+
+# Exact probabilities: softmax of these is [1/8, 1/2, 1/16, 1/4, 1/16, 0] in float32, bit for bit.
+DYADIC = [-2 * LN2, 0.0, -3 * LN2, -LN2, -3 * LN2, NEG]
+
+
+@pytest.mark.parametrize("top_k", [0, 5])  # long path, and the top_k path (5th logit ≠ 6th)
+def test_top_p_stops_at_exact_cumulative_equality(top_k):
+    assert torch.softmax(torch.tensor(DYADIC), -1).tolist() == [0.125, 0.5, 0.0625, 0.25, 0.0625, 0.0]
+    # 1/2 + 1/4 = 0.75 exactly: the nucleus is {1, 3}; any more needs token 0 as well.
+    assert_final_probs(DYADIC, [0, 2 / 3, 0, 1 / 3, 0, 0], top_p=0.75, top_k=top_k)
+    assert_final_probs(DYADIC, [1 / 7, 4 / 7, 0, 2 / 7, 0, 0], top_p=0.7500001, top_k=top_k)
+    # 0.875 exactly, then the two tied 1/16 tokens: 0.9 needs one of them, the lower id.
+    assert_final_probs(DYADIC, [2 / 15, 8 / 15, 1 / 15, 4 / 15, 0, 0], top_p=0.9, top_k=top_k)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_tiny_top_p_keeps_only_the_top_token(top_k):
+    for seed in range(20):
+        assert sample([DYADIC], [state(top_p=1e-9, top_k=top_k, seed=seed)]).token_ids == [1]
+
+
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_top_p_ties_keep_the_lowest_ids(top_k):
+    logits = [0.0, 0.0, 0.0, 0.0, NEG, NEG]  # four tokens of exactly 1/4
+    assert_final_probs(logits, [0.5, 0.5, 0, 0, 0, 0], top_p=0.5, top_k=top_k)
+    assert_final_probs(logits, [1 / 3, 1 / 3, 1 / 3, 0, 0, 0], top_p=0.6, top_k=top_k)
+
+
+def test_top_p_one_keeps_everything():
+    assert_final_probs(DYADIC, [0.125, 0.5, 0.0625, 0.25, 0.0625, 0.0], top_p=1.0)
+
+
+def test_removed_tokens_are_never_drawn():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0, 2.5]]).repeat(3000, 1)
+    for params, allowed in [({"top_k": 2}, {1, 5}), ({"top_p": 0.5}, {1, 5}), ({"top_k": 3, "top_p": 0.7}, {1, 5})]:
+        tokens = Sampler(1)(logits.clone(), [state(**params) for _ in range(3000)]).token_ids
+        assert set(tokens) == allowed
+
+
+# -- logprobs -------------------------------------------------------------------------------
+
+
+def test_logprobs_are_log_softmax_before_temperature_and_top_k():
+    logits = [1.0, 2.0, 3.0, 0.0, -1.0, 0.5]
+    expected = log_softmax(logits)
+    greedy = sample([logits], [state(temperature=0, logprobs=True, top_logprobs=3)])
+    assert greedy.token_ids == [2]
+    assert greedy.logprobs[0] == pytest.approx(expected[2], abs=1e-6)
+    assert [t.token_id for t in greedy.top_logprobs[0]] == [2, 1, 0]
+    assert [t.logprob for t in greedy.top_logprobs[0]] == pytest.approx([expected[2], expected[1], expected[0]], abs=1e-6)
+    assert isinstance(greedy.top_logprobs[0][0], TokenLogprob)
+    for seed in range(10):
+        out = sample([logits], [state(temperature=0.5, top_k=2, top_p=0.9, seed=seed, logprobs=True, top_logprobs=2)])
+        token = out.token_ids[0]
+        assert token in (1, 2)
+        assert out.logprobs[0] == pytest.approx(expected[token], abs=1e-6)
+        assert [(t.token_id, round(t.logprob, 5)) for t in out.top_logprobs[0]] == [(2, round(expected[2], 5)), (1, round(expected[1], 5))]
+
+
+def test_logprobs_only_for_rows_that_ask():
+    logits = [[1.0, 2.0, 3.0, 0.0, -1.0, 0.5]] * 3
+    out = sample(logits, [state(temperature=0), state(temperature=0, logprobs=True), state(logprobs=True, top_logprobs=1, seed=3)])
+    assert out.logprobs[0] is None and out.top_logprobs[0] == ()
+    assert out.logprobs[1] == pytest.approx(log_softmax(logits[0])[2], abs=1e-6) and out.top_logprobs[1] == ()
+    assert out.logprobs[2] == pytest.approx(log_softmax(logits[0])[out.token_ids[2]], abs=1e-6)
+    assert [t.token_id for t in out.top_logprobs[2]] == [2]
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def test_mask_forbids_tokens_before_everything_else():
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    allowed = torch.tensor([True, False, True, True, False, False])
+    masks = [allowed, None]
+    out = sample([logits, logits], [state(temperature=0, logprobs=True, top_logprobs=5), state(temperature=0)], masks)
+    assert out.token_ids == [2, 1]  # the second row has no mask
+    expected = log_softmax([1.0, 2.0, 0.0])  # over the allowed tokens 0, 2, 3 only
+    assert out.logprobs[0] == pytest.approx(expected[1], abs=1e-6)
+    assert [(t.token_id, round(t.logprob, 5)) for t in out.top_logprobs[0]] == [
+        (2, round(expected[1], 5)), (0, round(expected[0], 5)), (3, round(expected[2], 5))
+    ]  # forbidden tokens are not alternatives
+    p = softmax([1.0, 2.0, 0.0])
+    assert_final_probs(logits, [p[0], 0, p[1], p[2], 0, 0], masks=[allowed])
+    many = Sampler(2)(torch.tensor([logits] * 2000), [state(top_k=2) for _ in range(2000)], [allowed] * 2000).token_ids
+    assert set(many) == {0, 2}  # top_k applies after the mask
+
+
+def test_mask_allowing_nothing_raises():
+    masks = [torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)]
+    with pytest.raises(ValueError, match="constraint allows no token") as caught:
+        sample([[0.0] * 6] * 2, [state(), state()], masks)
+    assert isinstance(caught.value, ConstraintError) and caught.value.row == 1
+
+
+# -- seeds and the distribution -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.9, "top_p": 0.8, "repetition_penalty": 1.3, "frequency_penalty": 0.4},
+        {"temperature": 1.2, "top_k": 5, "presence_penalty": 0.5, "logprobs": True, "top_logprobs": 3},
+        {},
+    ],
+)
+def test_seeded_request_is_independent_of_its_batch(params):
+    vocab, steps = 50, 40
+    g = torch.Generator().manual_seed(0)
+    step_logits = [torch.randn(6, vocab, generator=g) * 2 for _ in range(steps)]
+
+    def run(batch: bool) -> list[int]:
+        target = SamplingState(SamplingParams(seed=1234, **params), [1, 2, 3])
+        others = [
+            SamplingState(SamplingParams(seed=7, top_k=20), [4]),
+            SamplingState(SamplingParams(), [5]),
+            SamplingState(SamplingParams(temperature=0, logprobs=True), [6]),
+            SamplingState(SamplingParams(top_p=0.5, repetition_penalty=1.1), [7]),
+            SamplingState(SamplingParams(seed=99, top_k=3, top_p=0.9), [8]),
+        ]
+        sampler, tokens = Sampler(int(batch)), []
+        for logits in step_logits:
+            if batch:
+                states = others[:3] + [target] + others[3:]
+                out = sampler(logits.clone(), states)
+                for s, t in zip(states, out.token_ids):
+                    s.append(t)
+                tokens.append(out.token_ids[3])
+            else:
+                out = sampler(logits[3:4].clone(), [target])
+                target.append(out.token_ids[0])
+                tokens.append(out.token_ids[0])
+        return tokens
+
+    alone = run(batch=False)
+    assert run(batch=True) == alone
+    assert len(set(alone)) > 3  # it really sampled
+
+
+def test_seeded_draws_follow_the_generator_one_uniform_per_step():
+    logits = [0.0, 0.0, 0.0, 0.0, NEG, NEG]  # four tokens of exactly 1/4
+    s, sampler = state(seed=42), Sampler(0)
+    tokens = []
+    for _ in range(30):
+        tokens.append(sampler(torch.tensor([logits]), [s]).token_ids[0])
+    assert tokens == [int(u * 4) for u in uniforms(42, 30)]
+
+
+def test_distribution_matches_probabilities():
+    probs = [0.5, 0.3, 0.2]
+    logits = torch.tensor([[math.log(p) for p in probs]])
+    s, sampler = state(seed=2024), Sampler(0)
+    counts = [0, 0, 0]
+    for _ in range(4000):
+        counts[sampler(logits.clone(), [s]).token_ids[0]] += 1
+    assert [c / 4000 for c in counts] == pytest.approx(probs, abs=0.025)
+    batch = Sampler(11)(logits.repeat(4000, 1), [state() for _ in range(4000)]).token_ids
+    assert [batch.count(t) / 4000 for t in range(3)] == pytest.approx(probs, abs=0.025)
+
+
+def test_large_vocabulary_matches_a_float64_reference():
+    """Multi-block inverse CDF, and top_p nuclei larger than the first candidate set."""
+    vocab = 5000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 0.5
+    for params in [{"top_p": 0.9, "temperature": 0.8}, {}, {"top_k": 700, "top_p": 0.7}]:
+        probs = _reference_probs(logits[0].double(), **params)
+        assert int((probs > 0).sum()) > 128
+        cdf = probs.cumsum(0)
+        for seed in range(25):
+            u = uniforms(seed, 1)[0]
+            expected = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
+            out = Sampler(0)(logits.clone(), [state(seed=seed, **params)])
+            assert out.token_ids == [expected], (params, seed)
+
+
+def _reference_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    x = logits / temperature
+    if top_k:
+        x[x < x.topk(top_k).values[-1]] = float("-inf")
+    probs = torch.softmax(x, 0)
+    if top_p < 1:
+        ranked, order = torch.sort(probs, descending=True, stable=True)
+        above = ranked.cumsum(0) - ranked  # mass ranked strictly higher
+        probs[order[above >= top_p]] = 0
+    return probs
