@@ -1,9 +1,10 @@
 """Sampler semantics, each against a hand computation on a tiny vocabulary.
 
-The draw is inverse-CDF with one float64 uniform per row per step from the row's generator, so a
-seeded request whose first uniform u is known must pick the token whose interval
-[cdf[i-1], cdf[i]) of the hand-computed final distribution contains u. `seed_with_u` finds such a
-seed, which turns "these are the final probabilities" into exact, deterministic assertions.
+The draw is an exponential race whose Exp(1) draws come from the request's own generator, so for a
+seeded request we know them (`draws`) and can predict its token from hand-computed final
+probabilities p: argmax p_i / E_i (`race`). Checking that prediction over many seeds turns "these
+are the final probabilities" into exact, deterministic assertions: a wrong support or a wrong
+weight changes the winner for some seed.
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ def sample(rows, states, masks=None, sampler=None):
     return (sampler or Sampler(0))(logits, states, masks)
 
 
-def uniforms(seed: int, steps: int) -> list[float]:
-    """The uniforms a request with this seed draws, one per step (as the sampler draws them)."""
+def draws(seed: int, vocab: int, steps: int = 1) -> list[torch.Tensor]:
+    """The Exp(1) draws a request with this seed makes, per step: one per 1024-token block, then
+    one per token of a block (the sampler's layout)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(1, dtype=torch.float64, generator=g).item() for _ in range(steps)]
+    block = min(1024, vocab)
+    width = -(-vocab // block) + block
+    return [torch.empty(width, dtype=torch.float64).exponential_(generator=g) for _ in range(steps)]
 
 
-def seed_with_u(lo: float, hi: float) -> int:
-    for seed in range(100_000):
-        if lo <= uniforms(seed, 1)[0] < hi:
-            return seed
-    raise AssertionError(f"no seed with u in [{lo}, {hi})")
+def race(probs, noise: torch.Tensor) -> int:
+    """The winner of the two-level race: the block with the largest mass / E_block, then in it the
+    token with the largest p_i / E_(blocks + i mod 1024). One block (V ≤ 1024): argmax p_i / E_(1+i)."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    block = min(1024, probs.numel())
+    blocks = -(-probs.numel() // block)
+    masses = torch.stack([probs[b * block:(b + 1) * block].sum() for b in range(blocks)])
+    winner = int((masses / noise[:blocks]).argmax())
+    local = probs[winner * block:(winner + 1) * block]
+    return winner * block + int((local / noise[blocks:blocks + local.numel()]).argmax())
 
 
 def softmax(xs: list[float]) -> list[float]:
@@ -57,17 +66,15 @@ def log_softmax(xs: list[float]) -> list[float]:
     return [x - lse for x in xs]
 
 
-def assert_final_probs(logits: list[float], expected: list[float], masks=None, **params) -> None:
-    """Seeds whose u falls inside each token's interval of `expected` (well away from its edges)
-    must draw that token; a token with probability 0 has no interval and is never drawn."""
+def assert_final_probs(logits: list[float], expected: list[float], masks=None, seeds: int = 150, **params) -> None:
+    """For every seed, the sampled token is the race winner under the hand-computed `expected`."""
     assert math.isclose(sum(expected), 1.0)
-    start = 0.0
-    for token, p in enumerate(expected):
-        if p > 0:
-            for lo, hi in [(start + 0.02 * p, start + 0.1 * p), (start + 0.9 * p, start + 0.98 * p)]:
-                out = sample([logits], [state(seed=seed_with_u(lo, hi), **params)], masks)
-                assert out.token_ids == [token], (token, lo, hi)
-        start += p
+    winners = set()
+    for seed in range(seeds):
+        winner = race(expected, draws(seed, len(logits))[0])
+        assert sample([logits], [state(seed=seed, **params)], masks).token_ids == [winner], seed
+        winners.add(winner)
+    assert winners >= {i for i, p in enumerate(expected) if p > 0.05}  # the seeds covered the support
 
 
 # -- greedy ---------------------------------------------------------------------------------
@@ -202,6 +209,18 @@ def test_top_p_ties_keep_the_lowest_ids(top_k):
     assert_final_probs(logits, [1 / 3, 1 / 3, 1 / 3, 0, 0, 0], top_p=0.6, top_k=top_k)
 
 
+def test_top_p_is_exact_for_a_nucleus_larger_than_the_first_candidates():
+    # 300 tokens of e = 1 at ids 1000..1299, 1700 of e = 1/2 elsewhere: mass 1150, top_p 0.5 → 575 =
+    # the 300 large ones + 550 small ones, the lowest ids (0..549), by the tie rule.
+    logits = [-LN2] * 2000
+    logits[1000:1300] = [0.0] * 300
+    expected = [0.5 / 575 if i < 550 else 0.0 for i in range(2000)]
+    expected[1000:1300] = [1 / 575] * 300
+    for seed in range(40):
+        winner = race(expected, draws(seed, 2000)[0])
+        assert sample([logits], [state(seed=seed, top_p=0.5)]).token_ids == [winner]
+
+
 def test_top_p_one_keeps_everything():
     assert_final_probs(DYADIC, [0.125, 0.5, 0.0625, 0.25, 0.0625, 0.0], top_p=1.0)
 
@@ -313,13 +332,32 @@ def test_seeded_request_is_independent_of_its_batch(params):
     assert len(set(alone)) > 3  # it really sampled
 
 
-def test_seeded_draws_follow_the_generator_one_uniform_per_step():
+def test_seeded_draws_follow_the_generator_step_by_step():
     logits = [0.0, 0.0, 0.0, 0.0, NEG, NEG]  # four tokens of exactly 1/4
     s, sampler = state(seed=42), Sampler(0)
-    tokens = []
-    for _ in range(30):
-        tokens.append(sampler(torch.tensor([logits]), [s]).token_ids[0])
-    assert tokens == [int(u * 4) for u in uniforms(42, 30)]
+    tokens = [sampler(torch.tensor([logits]), [s]).token_ids[0] for _ in range(30)]
+    assert tokens == [race([0.25] * 4 + [0, 0], noise) for noise in draws(42, 6, steps=30)]
+    assert len(set(tokens)) == 4
+
+
+def test_seeded_draw_survives_noise_that_swaps_the_tokens_at_the_top_p_cut():
+    """A batched forward moves logits by ~1e-6, which can swap the two tokens at the edge of a flat
+    distribution's nucleus. The draw must not move: an inverse CDF in token-id order would shift
+    every boundary between the two swapped ids by a token's width, so nearly every seed would pick
+    a neighbouring token; in the race only the two blocks' masses move, by about 1/1024."""
+    vocab, top_p = 50000, 0.9
+    values = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 0.1
+    ranked = values.sort(descending=True).values
+    kept = int((torch.softmax(ranked.double(), 0).cumsum(0) < top_p).sum()) + 1
+    last_in, first_out = ranked[kept - 1], ranked[kept]
+    assert 0 < last_in - first_out < 1e-4
+    rest = ranked[torch.arange(vocab) != kept - 1]
+    rest = rest[rest != first_out][: vocab - 2]
+    before = torch.cat([last_in[None], rest, first_out[None]])[None]  # in at id 0, out at id V-1
+    after = torch.cat([first_out[None], rest, last_in[None]])[None]  # the two swapped
+    for seed in range(20):
+        a = Sampler(0)(before.clone(), [state(seed=seed, top_p=top_p)]).token_ids
+        assert Sampler(1)(after.clone(), [state(seed=seed, top_p=top_p)]).token_ids == a
 
 
 def test_distribution_matches_probabilities():
@@ -335,18 +373,18 @@ def test_distribution_matches_probabilities():
 
 
 def test_large_vocabulary_matches_a_float64_reference():
-    """Multi-block inverse CDF, and top_p nuclei larger than the first candidate set."""
+    """Several race blocks (the last one short), and top_p nuclei larger than the first candidates."""
     vocab = 5000
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 0.5
     for params in [{"top_p": 0.9, "temperature": 0.8}, {}, {"top_k": 700, "top_p": 0.7}]:
         probs = _reference_probs(logits[0].double(), **params)
         assert int((probs > 0).sum()) > 128
-        cdf = probs.cumsum(0)
+        winners = set()
         for seed in range(25):
-            u = uniforms(seed, 1)[0]
-            expected = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
-            out = Sampler(0)(logits.clone(), [state(seed=seed, **params)])
-            assert out.token_ids == [expected], (params, seed)
+            winner = race(probs, draws(seed, vocab)[0])
+            assert Sampler(0)(logits.clone(), [state(seed=seed, **params)]).token_ids == [winner], (params, seed)
+            winners.add(winner // 1024)
+        assert len(winners) > 1
 
 
 def _reference_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

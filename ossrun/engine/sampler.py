@@ -19,9 +19,12 @@ Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate`
    tokens whose cumulative probability is ≥ top_p (a token is kept iff the tokens ranked above it
    sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept.
    Ties at the cut are broken by lowest token id, so the set is deterministic (vLLM's is arbitrary).
-8. Draw: one float64 uniform u per row per step; the token is the first one, in token-id order,
-   whose cumulative (renormalised) probability exceeds u — inverse-CDF sampling. A token removed by
-   the mask, top_k or top_p has probability exactly 0 and so can never be drawn.
+8. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
+   E_i ~ Exp(1) and the largest p_i / E_i wins, which picks i with probability exactly p_i / Σp.
+   It runs in two levels — first among 1024-token blocks (by token id) weighted by block mass,
+   then among the winning block's tokens — so a row draws ceil(V/1024) + min(V, 1024) numbers
+   per step (1,221 for gpt-oss), not V. A token removed by the mask, top_k or top_p has p = 0 and
+   can never win.
 
 Logprobs (OpenAI `logprobs` / `top_logprobs`): log_softmax over the logits after the mask and the
 penalties, before temperature, top_k and top_p. Why: OpenAI's reported logprobs do not change with
@@ -34,8 +37,15 @@ agree exactly. Top entries with logprob -inf (forbidden tokens) are left out: th
 alternatives, and -inf is not valid JSON.
 
 Randomness: a request with a seed owns a `torch.Generator` (created in `SamplingState`) and takes
-exactly one draw from it per sampled step, so its tokens do not depend on what else is in the batch.
-Unseeded rows take one draw each from the sampler's shared generator. Greedy rows draw nothing.
+the same fixed number of draws from it every sampled step, whatever the path and the batch, so its
+tokens do not depend on what else is in the batch. Unseeded rows draw from the sampler's shared
+generator, in one call. Greedy rows draw nothing. Why a race and not inverse-CDF with one uniform:
+the batched forward changes a row's logits by ~1e-6 with the batch composition. Over a flat
+distribution that can swap the two tokens at the top_p cut, and an inverse CDF in token-id order
+then shifts every boundary between their ids by a token's width, so the same seed picks a
+neighbouring token in another batch (it did, in the engine's test on the random tiny model). The
+race changes its winner only if a swapped token was winning, or a block's mass moved by a token's
+share of 1024 enough to reorder the top two blocks.
 
 Greedy is temperature == 0 exactly (vLLM also treats temperature < 1e-5 as greedy; here a tiny
 temperature still samples: the max is subtracted before dividing, so nothing overflows).
@@ -44,8 +54,8 @@ Cost: besides O(batch) Python, each step touches only the distinct tokens a pena
 seen (kept incrementally in `SamplingState`). Full-vocabulary work is a few vectorised passes over
 the rows that need it, in a reused scratch buffer, and never a full sort: rows with top_k sample
 among their `topk` candidates; top_p looks at the top 128 candidates and, for the rare row whose
-nucleus is larger, at a mass histogram plus a sort of one narrow bin; the inverse CDF goes through
-per-block sums. `logits` are consumed (masked, penalised, then overwritten).
+nucleus is larger, at a mass histogram plus a sort of one narrow bin; the race needs one pass for
+the block sums. `logits` are consumed (masked, penalised, then overwritten).
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ import torch
 
 from ossrun.engine.request import SamplingParams, TokenLogprob
 
-_CDF_BLOCK = 1024  # inverse-CDF block size: the second level scans one block per row
+_RACE_BLOCK = 1024  # tokens per block of the two-level race
 _NUCLEUS_CANDIDATES = 128  # top_p candidates looked at first; larger nuclei go through a histogram
 
 
@@ -183,21 +193,20 @@ class Sampler:
         """Draw for the non-greedy `rows` without writing `logits` → tokens long [len(rows)].
         Rows with top_k take the short path over their candidates; the others, and top_k rows with a
         tie at the k-th logit, take the long path over the whole vocabulary."""
-        params = [s.params for s in states]
-        u = self._uniforms(states).to(logits.device)
+        params, vocab = [s.params for s in states], logits.shape[1]
+        noise = self._noise(states, vocab).to(logits.device)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        vocab = logits.shape[1]
         short = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
         long = [j for j, p in enumerate(params) if not 0 < p.top_k < vocab]
         if short:
             x = logits if len(short) == len(logits) else self._rows(logits, [rows[j] for j in short])
-            picked, tied = _sample_top_k(x, [params[j] for j in short], u[short])
+            picked, tied = _sample_top_k(x, [params[j] for j in short], noise[short])
             tokens[short] = picked
             long += [short[i] for i in tied.nonzero().flatten().tolist()]
         if long:
             long.sort(key=lambda j: params[j].top_p == 1.0)  # top_p rows first, so they are a view
             x = self._rows(logits, [rows[j] for j in long])
-            tokens[long] = _sample_full(x, [params[j] for j in long], u[long])
+            tokens[long] = _sample_full(x, [params[j] for j in long], noise[long])
         return tokens
 
     def _rows(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -208,17 +217,18 @@ class Sampler:
             scratch = self._scratch = torch.empty(max(n, scratch.shape[0]), vocab, device=logits.device)
         return torch.index_select(logits, 0, _index(rows, logits.device), out=scratch[:n])
 
-    def _uniforms(self, states: list[SamplingState]) -> torch.Tensor:
-        """One float64 uniform in [0, 1) per row: from the row's own generator when seeded (so its
-        draws do not depend on the batch), else from the shared one in a single call."""
-        u = torch.empty(len(states), dtype=torch.float64)
+    def _noise(self, states: list[SamplingState], vocab: int) -> torch.Tensor:
+        """The race's Exp(1) draws, float64 [n, blocks + block size], the same count for every row:
+        from the row's own generator when seeded (so its draws do not depend on the batch), else
+        from the shared one in a single call."""
+        noise = torch.empty(len(states), _race_width(vocab), dtype=torch.float64)
         shared = [i for i, s in enumerate(states) if s.generator is None]
         if shared:
-            u[shared] = torch.rand(len(shared), dtype=torch.float64, generator=self.generator)
+            noise[shared] = noise[shared].exponential_(generator=self.generator)
         for i, s in enumerate(states):
             if s.generator is not None:
-                u[i] = torch.rand(1, dtype=torch.float64, generator=s.generator)
-        return u
+                noise[i].exponential_(generator=s.generator)
+        return noise.clamp_(min=1e-300)  # an exact 0 would turn a removed token's 0 / 0 into NaN
 
     def _logprobs(
         self, logits: torch.Tensor, states: list[SamplingState], tokens: torch.Tensor
@@ -325,9 +335,10 @@ def _flat_index(rows: list, vocab: int, device: torch.device) -> tuple[torch.Ten
 # -- short path: rows with top_k, on their candidates only -------------------------------------
 
 
-def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature → top_k → top_p → draw, on each row's k candidates (logits [n, V] not written).
-    → (tokens [n], tied [n]): rows whose k-th logit ties the next are not decided here."""
+def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature → top_k → top_p → race, on each row's k candidates (logits [n, V] not written),
+    with exactly the outcome of the long path. → (tokens [n], tied [n]): rows whose k-th logit ties
+    the next are not decided here."""
     device = logits.device
     k = torch.tensor([p.top_k for p in params], device=device)
     values, ids = logits.topk(int(k.max()) + 1, dim=-1)  # descending; + 1 to see a tie at the k-th
@@ -339,10 +350,7 @@ def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], u: torch.T
     e = ((values - values.amax(-1, keepdim=True)) / temperature).exp() * in_top_k  # as the long path
     if any(p.top_p < 1.0 for p in params):
         e = _top_p_in_id_order(e, torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
-    cum = e.double().cumsum(-1)
-    position = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1)
-    position = torch.minimum(position, _last_positive(e))
-    return ids.gather(1, position[:, None]).squeeze(1), tied
+    return _race_sparse(e, ids, logits.shape[1], noise), tied
 
 
 def _top_p_in_id_order(e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -360,8 +368,8 @@ def _top_p_in_id_order(e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 # -- long path: the whole vocabulary ---------------------------------------------------------
 
 
-def _sample_full(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
-    """Temperature → top_k → top_p → draw, in place on x [n, V], whose rows with top_p < 1 come first."""
+def _sample_full(x: torch.Tensor, params: list[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
+    """Temperature → top_k → top_p → race, in place on x [n, V], whose rows with top_p < 1 come first."""
     vocab = x.shape[1]
     x.sub_(x.amax(-1, keepdim=True))  # first, so that a tiny temperature cannot overflow
     if any(p.temperature != 1.0 for p in params):
@@ -374,7 +382,7 @@ def _sample_full(x: torch.Tensor, params: list[SamplingParams], u: torch.Tensor)
     n_p = sum(p.top_p < 1.0 for p in params)
     if n_p:
         _apply_top_p(x[:n_p], torch.tensor([p.top_p for p in params[:n_p]], dtype=torch.float64, device=x.device))
-    return _inverse_cdf(x, u)
+    return _race(x, noise)
 
 
 def _apply_top_k(x: torch.Tensor, k: torch.Tensor) -> None:
@@ -436,30 +444,37 @@ def _histogram_cut(row: torch.Tensor, target: float) -> tuple[torch.Tensor, torc
     return cutoff[0], kept[0], more[0]
 
 
-def _inverse_cdf(e: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The first token, in id order, whose cumulative share of e [n, V] (unnormalised, ≥ 0) exceeds
-    u [n] (float64 in [0, 1)). Two levels — block sums, then a float64 running sum inside one
-    block — so tiny probabilities are neither rounded away nor inflated, as they would be by one
-    float32 running sum over the whole vocabulary."""
+def _race_width(vocab: int) -> int:
+    """Draws per row per step: one per block, then one per token of the winning block."""
+    block = min(_RACE_BLOCK, vocab)
+    return -(-vocab // block) + block
+
+
+def _race(e: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The race over e [n, V] (unnormalised probabilities ≥ 0) → tokens [n]. Level one: block b
+    scores mass_b / noise[b]; level two: token i of the winning block scores e_i / noise[blocks + i
+    mod block]. Block sums are float32 inside a block (fast; relative error ~1e-7), float64 after."""
     n, vocab = e.shape
-    block = min(_CDF_BLOCK, vocab)
+    block = min(_RACE_BLOCK, vocab)
     whole = vocab // block * block
     sums = e[:, :whole].reshape(n, -1, block).sum(-1)
     if whole < vocab:
         sums = torch.cat([sums, e[:, whole:].sum(-1, keepdim=True)], dim=1)
-    sums = sums.double()  # float32 within a block (fast, relative error ~1e-7), float64 across blocks
-    cdf = sums.cumsum(-1)
-    target = u * cdf[:, -1]
-    chosen = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
-    chosen = torch.minimum(chosen, _last_positive(sums))  # rounding can put target at the very end
-    before = torch.where(chosen > 0, cdf.gather(1, (chosen - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-    columns = chosen[:, None] * block + torch.arange(block, device=e.device)
-    inside = columns < vocab
-    local = e.gather(1, columns.clamp(max=vocab - 1)).double() * inside
-    position = torch.searchsorted(local.cumsum(-1), (target - before)[:, None], right=True).squeeze(1)
-    return chosen * block + torch.minimum(position, _last_positive(local))
+    blocks = sums.shape[1]
+    winner = (sums.double() / noise[:, :blocks]).argmax(-1)
+    columns = winner[:, None] * block + torch.arange(block, device=e.device)
+    local = e.gather(1, columns.clamp(max=vocab - 1)).double() * (columns < vocab)
+    return winner * block + (local / noise[:, blocks:]).argmax(-1)
 
 
-def _last_positive(x: torch.Tensor) -> torch.Tensor:
-    """Index of the last positive entry of each row of x [n, m] (rows have at least one)."""
-    return x.shape[1] - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1)
+def _race_sparse(e: torch.Tensor, ids: torch.Tensor, vocab: int, noise: torch.Tensor) -> torch.Tensor:
+    """`_race` for rows whose only positive entries are the candidates e [n, m] at token ids [n, m]:
+    the same block masses (summed in float64 here) and the same draws, so the same winner."""
+    block = min(_RACE_BLOCK, vocab)
+    blocks = -(-vocab // block)
+    of_block = ids // block
+    masses = torch.zeros(e.shape[0], blocks, dtype=torch.float64, device=e.device).scatter_add_(1, of_block, e.double())
+    winner = (masses / noise[:, :blocks]).argmax(-1)
+    score = e.double() / noise.gather(1, blocks + ids % block)
+    score = torch.where(of_block == winner[:, None], score, -1.0)
+    return ids.gather(1, score.argmax(-1, keepdim=True)).squeeze(1)
