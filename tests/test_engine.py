@@ -181,3 +181,39 @@ def test_async_stream_and_cancellation(model):
         assert engine.engine.kv.full.num_used == 0 and engine.engine.kv.sliding.num_used == 0
     finally:
         engine.shutdown()
+
+
+class _Refuses:
+    """A constraint whose mask allows nothing (a grammar that painted itself into a corner)."""
+
+    def allowed_tokens(self):
+        return torch.zeros(201088, dtype=torch.bool)
+
+    def advance(self, token_id):
+        raise AssertionError("never reached")
+
+
+class _OnlyToken:
+    def __init__(self, token: int):
+        self.token = token
+
+    def allowed_tokens(self):
+        mask = torch.zeros(201088, dtype=torch.bool)
+        mask[self.token] = True
+        return mask
+
+    def advance(self, token_id):
+        assert token_id == self.token
+
+
+def test_a_failing_constraint_ends_only_its_request(model):
+    engine = make_engine(model)
+    results = engine.generate([
+        Request("bad", [1, 2, 3], SamplingParams(max_tokens=4, temperature=1.0), constraint=_Refuses()),
+        Request("good", [1, 2, 3], SamplingParams(max_tokens=4, temperature=1.0), constraint=_OnlyToken(42)),
+        Request("free", [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY)),
+    ])
+    assert results["bad"][-1].finish_reason == "error" and "allows no token" in results["bad"][-1].error
+    assert tokens(results["good"]) == [42, 42, 42, 42]
+    assert len(tokens(results["free"])) == 4
+    assert engine.kv.full.num_used == 0

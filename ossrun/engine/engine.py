@@ -142,6 +142,10 @@ class Engine:
         return events
 
     def _postprocess(self, seq: Sequence, output, i: int) -> TokenEvent:
+        if seq.error is not None:
+            del self.sequences[seq.request_id]
+            self.scheduler.remove(seq)
+            return self._event(seq, None, finish_reason="error", error=seq.error)
         token = output.token_ids[i]
         seq.append(token)
         self.generated_tokens += 1

@@ -33,6 +33,7 @@ class ModelRunner:
                 (torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device), torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device))
             )
 
+    @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[list[Scheduled], SamplerOutput | None]:
         """Compute the step; → the sequences that sampled a token, and the sampler's output for them."""
         token_ids, positions, starts, lens = [], [], [], []
@@ -76,8 +77,19 @@ class ModelRunner:
         return LoraBatch([(torch.tensor(r, dtype=torch.long, device=self.device), adapters[name]) for name, r in rows.items()])
 
     def _mask(self, item: Scheduled) -> torch.Tensor | None:
+        """The constraint's allowed tokens; a mask that allows nothing fails that request alone."""
         constraint = item.seq.request.constraint
-        return None if constraint is None else constraint.allowed_tokens()
+        if constraint is None or item.seq.error is not None:
+            return None
+        try:
+            mask = constraint.allowed_tokens()
+        except Exception as exc:  # a broken grammar must not take the batch down with it
+            item.seq.error = f"structured output failed: {exc}"
+            return None
+        if mask is not None and not bool(mask.any()):
+            item.seq.error = "structured output: the constraint allows no token"
+            return None
+        return mask
 
     def _group(self, scheduled: list[Scheduled], positions: list[int], sliding: bool) -> PagedGroup:
         bs = self.kv.block_size

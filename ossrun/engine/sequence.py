@@ -32,6 +32,7 @@ class Sequence:
     arrival: int = field(default_factory=lambda: next(_arrival))
     admitted_once: bool = False
     text_tail: str = ""  # recent decoded output, for stop strings
+    error: str | None = None  # set when the request must end with an error after this step
     text_decoder: object | None = None  # incremental UTF-8 decoder, created on first use
 
     @classmethod
