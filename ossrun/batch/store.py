@@ -1,0 +1,175 @@
+"""The durable batch queue: every accepted request is on disk before the client hears "queued".
+
+`BatchStore` is the interface (a networked database can implement it for several replicas);
+`SQLiteBatchStore` is the embedded default, one file in the server's data directory, in WAL mode.
+An item's result is written in the same transaction that marks it done, so after a crash an
+item is either done (reported as it was) or not (run again): each is reported exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class BatchItem:
+    batch_id: str
+    index: int
+    body: dict[str, Any]
+    external_reference: str | None = None
+    state: str = "queued"  # queued | running | done
+    success: bool | None = None
+    result: Any = None  # the sync result, or the error object when not successful
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+
+
+@dataclass(slots=True)
+class Batch:
+    batch_id: str
+    model: str
+    created_at: float
+    items: list[BatchItem] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        states = {item.state for item in self.items}
+        if states == {"done"}:
+            return "done"
+        return "running" if states & {"running", "done"} else "queued"
+
+
+class BatchStore(Protocol):
+    def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str: ...
+    def get(self, batch_id: str) -> Batch | None: ...
+    def claim(self, limit: int) -> list[BatchItem]: ...
+    def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def requeue_running(self) -> int: ...
+    def delete_finished_before(self, cutoff: float) -> int: ...
+    def pending(self) -> int: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS items (
+    batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    external_reference TEXT,
+    state TEXT NOT NULL DEFAULT 'queued',
+    success INTEGER,
+    result TEXT,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (batch_id, idx)
+);
+CREATE INDEX IF NOT EXISTS items_state ON items(state, batch_id, idx);
+"""
+
+
+class SQLiteBatchStore:
+    """SQLite in WAL mode; one connection guarded by a lock (the queue is not the hot path)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # "queued" means on disk, power loss included
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str:
+        batch_id = str(uuid.uuid4())
+        rows = []
+        for index, body in enumerate(bodies):
+            body = dict(body)
+            reference = body.pop("external_reference", None)
+            rows.append((batch_id, index, json.dumps(body), None if reference is None else str(reference)))
+        with self._lock, self._transaction():
+            self._db.execute("INSERT INTO batches (id, model, created_at) VALUES (?, ?, ?)", (batch_id, model, time.time()))
+            self._db.executemany("INSERT INTO items (batch_id, idx, body, external_reference) VALUES (?, ?, ?, ?)", rows)
+        return batch_id
+
+    def get(self, batch_id: str) -> Batch | None:
+        with self._lock:
+            row = self._db.execute("SELECT id, model, created_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None:
+                return None
+            items = self._db.execute(
+                "SELECT batch_id, idx, body, external_reference, state, success, result, prompt_tokens, completion_tokens "
+                "FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)).fetchall()
+        return Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items])
+
+    def claim(self, limit: int) -> list[BatchItem]:
+        """Mark up to `limit` queued items running (oldest batch first) and return them."""
+        with self._lock, self._transaction():
+            rows = self._db.execute(
+                "SELECT i.batch_id, i.idx, i.body, i.external_reference, i.state, i.success, i.result, i.prompt_tokens, i.completion_tokens, b.model "
+                "FROM items i JOIN batches b ON b.id = i.batch_id WHERE i.state = 'queued' "
+                "ORDER BY b.created_at, i.batch_id, i.idx LIMIT ?", (limit,)).fetchall()
+            self._db.executemany("UPDATE items SET state = 'running' WHERE batch_id = ? AND idx = ?", [(r[0], r[1]) for r in rows])
+        items = [_item(r[:-1], r[-1]) for r in rows]
+        for item in items:
+            item.state = "running"
+        return items
+
+    def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None:
+        with self._lock, self._transaction():
+            self._db.execute(
+                "UPDATE items SET state = 'done', success = ?, result = ?, prompt_tokens = ?, completion_tokens = ? "
+                "WHERE batch_id = ? AND idx = ? AND state != 'done'",
+                (int(success), json.dumps(result), prompt_tokens, completion_tokens, item.batch_id, item.index))
+            remaining = self._db.execute("SELECT COUNT(*) FROM items WHERE batch_id = ? AND state != 'done'", (item.batch_id,)).fetchone()[0]
+            if remaining == 0:
+                self._db.execute("UPDATE batches SET finished_at = ? WHERE id = ? AND finished_at IS NULL", (time.time(), item.batch_id))
+
+    def requeue_running(self) -> int:
+        """After a restart: items a dead process was running go back to the queue (their results were never written)."""
+        with self._lock, self._transaction():
+            return self._db.execute("UPDATE items SET state = 'queued' WHERE state = 'running'").rowcount
+
+    def delete_finished_before(self, cutoff: float) -> int:
+        with self._lock, self._transaction():
+            return self._db.execute("DELETE FROM batches WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,)).rowcount
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM items WHERE state != 'done'").fetchone()[0]
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, traceback):
+        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        return False
+
+
+def _item(row: tuple, model: str) -> BatchItem:
+    batch_id, index, body, reference, state, success, result, prompt_tokens, completion_tokens = row
+    return BatchItem(batch_id, index, json.loads(body), reference, state, None if success is None else bool(success),
+                     None if result is None else json.loads(result), prompt_tokens, completion_tokens, model)

@@ -1,0 +1,91 @@
+"""Feeds queued batch items to the engine at batch priority and writes each result back once.
+
+The executor is the server's own sync path (so a batch result is exactly what the sync call would
+have returned); the worker only decides how many items are in flight and keeps the store honest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ossrun.batch.store import BatchItem, BatchStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ItemOutcome:
+    success: bool
+    result: Any  # the sync result, or {"code", "message"} on failure
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Executor = Callable[[str, dict[str, Any]], Awaitable[ItemOutcome]]
+
+
+class BatchWorker:
+    def __init__(self, store: BatchStore, execute: Executor, concurrency: int = 16, retention_s: float = 7 * 24 * 3600,
+                 poll_s: float = 0.5):
+        self.store = store
+        self.execute = execute
+        self.concurrency = concurrency
+        self.retention_s = retention_s
+        self.poll_s = poll_s
+        self._active: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        requeued = self.store.requeue_running()
+        if requeued:
+            log.info("batch queue: %d items interrupted by the last shutdown are queued again", requeued)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ossrun-batch-worker")
+
+    def notify(self) -> None:
+        """New work was queued: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop taking work; items in flight stay 'running' in the store and are queued again at the next start."""
+        tasks = [t for t in (self._task, *self._active) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        last_cleanup = 0.0
+        while True:
+            free = self.concurrency - len(self._active)
+            if free > 0:
+                for item in await asyncio.to_thread(self.store.claim, free):
+                    task = asyncio.create_task(self._process(item))
+                    self._active.add(task)
+                    task.add_done_callback(self._finished)
+            if time.time() - last_cleanup > 60:
+                last_cleanup = time.time()
+                await asyncio.to_thread(self.store.delete_finished_before, time.time() - self.retention_s)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._active.discard(task)
+        self._wake.set()
+
+    async def _process(self, item: BatchItem) -> None:
+        try:
+            outcome = await self.execute(item.model, item.body)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one bad item never stops the queue
+            log.exception("batch item %s/%d failed", item.batch_id, item.index)
+            outcome = ItemOutcome(False, {"code": 3000, "message": f"AiError: {exc}"})
+        await asyncio.to_thread(self.store.complete, item, outcome.success, outcome.result, outcome.prompt_tokens, outcome.completion_tokens)

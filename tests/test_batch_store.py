@@ -1,0 +1,72 @@
+"""The durable queue on its own: exactly-once bookkeeping across a simulated crash (no model involved)."""
+
+import asyncio
+import time
+
+from ossrun.batch.store import SQLiteBatchStore
+from ossrun.batch.worker import BatchWorker, ItemOutcome
+
+
+def test_items_are_kept_in_order_with_their_references(tmp_path):
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+    batch_id = store.create("@cf/openai/gpt-oss-20b", [{"prompt": "a", "external_reference": "ref-a"}, {"prompt": "b"}])
+    batch = store.get(batch_id)
+    assert batch.status == "queued"
+    assert [(i.index, i.body, i.external_reference) for i in batch.items] == [(0, {"prompt": "a"}, "ref-a"), (1, {"prompt": "b"}, None)]
+    assert store.get("no-such-id") is None
+
+
+def test_a_crash_requeues_running_items_and_keeps_done_ones(tmp_path):
+    path = tmp_path / "q.sqlite"
+    store = SQLiteBatchStore(path)
+    batch_id = store.create("m", [{"prompt": str(i)} for i in range(4)])
+    claimed = store.claim(3)
+    assert [i.index for i in claimed] == [0, 1, 2] and claimed[0].model == "m"
+    store.complete(claimed[0], True, {"response": "done 0"}, 3, 5)
+    store.close()  # the process dies with items 1 and 2 running
+
+    reopened = SQLiteBatchStore(path)
+    assert reopened.requeue_running() == 2
+    assert sorted(i.index for i in reopened.claim(10)) == [1, 2, 3]
+    batch = reopened.get(batch_id)
+    assert batch.items[0].result == {"response": "done 0"} and batch.items[0].prompt_tokens == 3
+    reopened.complete(batch.items[0], True, {"response": "again"}, 1, 1)  # a duplicate completion is ignored
+    assert reopened.get(batch_id).items[0].result == {"response": "done 0"}
+
+
+def test_retention_deletes_only_finished_batches(tmp_path):
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+    done = store.create("m", [{"prompt": "x"}])
+    open_batch = store.create("m", [{"prompt": "y"}])
+    store.complete(store.claim(1)[0], True, {"response": "x"}, 1, 1)
+    assert store.delete_finished_before(time.time() + 1) == 1
+    assert store.get(done) is None and store.get(open_batch) is not None
+
+
+def test_worker_runs_every_item_once_and_survives_a_failing_one(tmp_path):
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+    seen = []
+
+    async def execute(model, body):
+        seen.append(body["prompt"])
+        await asyncio.sleep(0.01)
+        if body["prompt"] == "boom":
+            raise RuntimeError("bad item")
+        return ItemOutcome(True, {"response": body["prompt"].upper()}, 1, 2)
+
+    async def scenario():
+        worker = BatchWorker(store, execute, concurrency=3, poll_s=0.05)
+        worker.start()
+        batch_id = store.create("m", [{"prompt": p} for p in ["a", "boom", "c", "d", "e"]])
+        worker.notify()
+        for _ in range(200):
+            if store.get(batch_id).status == "done":
+                break
+            await asyncio.sleep(0.02)
+        await worker.stop()
+        return store.get(batch_id)
+
+    batch = asyncio.run(scenario())
+    assert batch.status == "done" and sorted(seen) == ["a", "boom", "c", "d", "e"]
+    assert [i.success for i in batch.items] == [True, False, True, True, True]
+    assert batch.items[0].result == {"response": "A"} and "bad item" in batch.items[1].result["message"]
