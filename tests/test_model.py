@@ -121,23 +121,35 @@ def test_only_routed_experts_are_expanded(ours, monkeypatch):
     monkeypatch.setattr(gpt_oss.mxfp4, "dequantize", lambda b, s, d: calls.append(1) or original(b, s, d))
     model = ours["small_vocab_hf"]
     for block in model.blocks:
-        monkeypatch.setattr(block.mlp, "kernel_rows", 0)  # the PyTorch path
+        monkeypatch.setattr(block.mlp, "use_kernel", False)  # the PyTorch path
     dense_logits(model, random_ids(1, 1024))  # one token routes to k experts per layer
     assert len(calls) == 2 * model.config.experts_per_token * model.config.num_hidden_layers
 
 
 def test_fused_kernel_equals_the_pytorch_path(ours, monkeypatch):
-    from ossrun.model.kernels import mxfp4_kernel_max_tokens
+    """Every expert, row counts across the kernel's 16-row tiles, against expand-then-matmul."""
+    from ossrun.model.kernels import mxfp4_kernel_available
 
-    if mxfp4_kernel_max_tokens(torch.device("cpu")) == 0:
+    if not mxfp4_kernel_available(torch.device("cpu")):
         pytest.skip("no C compiler here: the fused kernel is not built")
-    model = ours["hf"]
-    moe = model.blocks[1].mlp
-    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
-    fused = torch.cat([moe.expert(e, x) for e in range(model.config.num_experts)])
-    monkeypatch.setattr(moe, "kernel_rows", 0)
-    plain = torch.cat([moe.expert(e, x) for e in range(model.config.num_experts)])
+    moe = ours["hf"].blocks[1].mlp
+    g = torch.Generator().manual_seed(4)
+    sizes = [1, 5, 16, 17, 3, 40, 2, 9]  # one group per expert, some over a tile
+    x = torch.randn(sum(sizes), moe.config.hidden_size, generator=g)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    experts = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
+    fused = moe.grouped_experts(x, offsets, experts)
+    plain = torch.cat([moe.expert(int(e), x[offsets[i]:offsets[i + 1]]) for i, e in enumerate(experts)])
     assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_with_and_without_the_kernel(ours, monkeypatch):
+    model = ours["small_vocab_hf"]
+    ids = random_ids(40, 1024, seed=9)
+    with_kernel = dense_logits(model, ids)
+    for block in model.blocks:
+        monkeypatch.setattr(block.mlp, "use_kernel", False)
+    assert torch.allclose(with_kernel, dense_logits(model, ids), atol=1e-4, rtol=0)
 
 
 def test_missing_tensor_is_a_clear_error(tmp_path, checkpoints):

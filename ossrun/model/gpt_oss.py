@@ -15,7 +15,7 @@ from ossrun.model import mxfp4
 from ossrun.model.attention import AttentionBackend
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
-from ossrun.model.kernels import mxfp4_kernel_max_tokens, mxfp4_linear
+from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
 from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
@@ -120,7 +120,14 @@ def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Top-k-then-softmax router over MXFP4 experts that stay packed; only routed experts are expanded."""
+    """Top-k-then-softmax router over MXFP4 experts that stay packed; only routed experts are touched.
+
+    Experts with few rows this step (decode) run in one fused packed-weight kernel call per
+    projection for the whole layer; an expert with many rows (prefill) is expanded once and
+    multiplied by BLAS, which amortises the expansion.
+    """
+
+    KERNEL_MAX_ROWS = 64
 
     def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -138,7 +145,10 @@ class MoE(nn.Module):
             self.register_buffer(attr, weights[prefix + name].to(device), persistent=False)
         self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
         self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
-        self.kernel_rows = mxfp4_kernel_max_tokens(device)  # 0: no fused kernel on this device
+        self.use_kernel = mxfp4_kernel_available(device)
+        if self.use_kernel:  # the kernel adds biases in fp32
+            self.register_buffer("mlp1_bias_f32", self.mlp1_bias.float(), persistent=False)
+            self.register_buffer("mlp2_bias_f32", self.mlp2_bias.float(), persistent=False)
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """→ expert ids [T, k] and their weights [T, k] (softmax over the k chosen logits only)."""
@@ -147,25 +157,38 @@ class MoE(nn.Module):
         return top.indices, torch.softmax(top.values.float(), dim=-1).to(t.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert on the rows routed to it. Few rows (decode): the fused packed kernel reads
-        4.25 bits a weight; many rows (prefill): expand once and let the BLAS matmul amortise it."""
-        if len(x) <= self.kernel_rows:
-            h = mxfp4_linear(x, self.mlp1_blocks[e], self.mlp1_scales[e], self.mlp1_bias[e]).to(x.dtype)
-            h = swiglu(h, self.config.swiglu_limit)
-            return mxfp4_linear(h, self.mlp2_blocks[e], self.mlp2_scales[e], self.mlp2_bias[e]).to(x.dtype)
+        """One expert on the rows routed to it, expanded to the compute dtype (the reference path)."""
         w1 = mxfp4.dequantize(self.mlp1_blocks[e], self.mlp1_scales[e], self.dtype)  # [2I, H]
         h = swiglu(F.linear(x, w1, self.mlp1_bias[e]), self.config.swiglu_limit)
         w2 = mxfp4.dequantize(self.mlp2_blocks[e], self.mlp2_scales[e], self.dtype)  # [H, I]
         return F.linear(h, w2, self.mlp2_bias[e])
 
+    def grouped_experts(self, x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Rows of x grouped by expert (see `mxfp4_grouped_linear`) through their experts, packed, in two calls."""
+        h = mxfp4_grouped_linear(x, offsets, experts, self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias_f32).to(x.dtype)
+        h = swiglu(h, self.config.swiglu_limit)
+        return mxfp4_grouped_linear(h, offsets, experts, self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         experts, weights = self.route(t)
+        k = self.config.experts_per_token
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        pair_expert, pair_token, pair_weight = flat[order], order // k, weights.reshape(-1)[order]
+        counts = torch.bincount(pair_expert, minlength=self.config.num_experts)
+        in_kernel = (counts[pair_expert] <= self.KERNEL_MAX_ROWS) if self.use_kernel else torch.zeros_like(pair_expert, dtype=torch.bool)
         out = torch.zeros_like(t)
-        for e in torch.unique(experts).tolist():
-            token_idx, slot = torch.nonzero(experts == e, as_tuple=True)
-            y = self.expert(e, t[token_idx])
-            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
+        if bool(in_kernel.any()):
+            pairs = torch.nonzero(in_kernel).squeeze(1)
+            group_experts, group_sizes = torch.unique_consecutive(pair_expert[pairs], return_counts=True)
+            offsets = torch.cat([group_sizes.new_zeros(1), group_sizes.cumsum(0)])
+            y = self.grouped_experts(t[pair_token[pairs]], offsets, group_experts)
+            out.index_add_(0, pair_token[pairs], y * pair_weight[pairs].unsqueeze(-1))
+        for e in torch.unique(pair_expert[~in_kernel]).tolist():
+            pairs = torch.nonzero((pair_expert == e) & ~in_kernel).squeeze(1)
+            y = self.expert(e, t[pair_token[pairs]])
+            out.index_add_(0, pair_token[pairs], y * pair_weight[pairs].unsqueeze(-1))
         return x + out
 
 

@@ -57,9 +57,9 @@ def _build() -> ctypes.CDLL | None:
                 return None
             built.replace(target)  # atomic: concurrent first uses never load a half-written file
     lib = ctypes.CDLL(str(target))
-    lib.mxfp4_linear.restype = ctypes.c_int
-    lib.mxfp4_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-    lib.mxfp4_max_tokens.restype = ctypes.c_int
+    lib.mxfp4_grouped_linear.restype = ctypes.c_int
+    lib.mxfp4_grouped_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -76,25 +76,25 @@ def _library() -> ctypes.CDLL | None:
     return _lib
 
 
-def mxfp4_kernel_max_tokens(device: torch.device) -> int:
-    """How many rows the fused kernel takes at once on `device` (0: no kernel there)."""
-    if device.type != "cpu":
-        return 0
-    lib = _library()
-    return lib.mxfp4_max_tokens() if lib is not None else 0
+def mxfp4_kernel_available(device: torch.device) -> bool:
+    """Whether the fused packed-weight kernel runs on `device` (CPU with a working C compiler)."""
+    return device.type == "cpu" and _library() is not None
 
 
-def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] @ W[O, K].T + bias with W packed as MXFP4 blocks [O, K/32, 16] / scales [O, K/32] → [T, O] fp32."""
+def mxfp4_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor,
+                         scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Rows of x [P, K] grouped by expert (group g = rows offsets[g]:offsets[g+1], expert experts[g]) times
+    their expert's packed weights (blocks [E, O, K/32, 16], scales [E, O, K/32]) plus bias [E, O] → [P, O] fp32."""
     lib = _library()
-    tokens, k = x.shape
-    out_features = blocks.shape[0]
+    rows, k = x.shape
+    out_features = blocks.shape[1]
     x = x.float().contiguous()
+    offsets, experts = offsets.to(torch.int64).contiguous(), experts.to(torch.int64).contiguous()
     blocks, scales = blocks.contiguous(), scales.contiguous()
     bias = None if bias is None else bias.float().contiguous()
-    y = torch.empty(tokens, out_features, dtype=torch.float32)
-    status = lib.mxfp4_linear(x.data_ptr(), tokens, k, blocks.data_ptr(), scales.data_ptr(), out_features,
-                              None if bias is None else bias.data_ptr(), y.data_ptr())
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    status = lib.mxfp4_grouped_linear(x.data_ptr(), k, offsets.data_ptr(), experts.data_ptr(), len(experts), blocks.data_ptr(),
+                                      scales.data_ptr(), out_features, None if bias is None else bias.data_ptr(), y.data_ptr())
     if status != 0:
-        raise ValueError(f"mxfp4_linear rejected shapes x={tuple(x.shape)} blocks={tuple(blocks.shape)}")
+        raise ValueError(f"mxfp4_grouped_linear rejected shapes x={tuple(x.shape)} blocks={tuple(blocks.shape)}")
     return y

@@ -79,18 +79,29 @@ static void row(const float *x, int T, int K, const uint8_t *blocks, const uint8
 }
 #endif
 
-/* x [T, K] fp32, blocks [O, K/32, 16], scales [O, K/32], bias [O] fp32 or NULL, y [T, O] fp32. T <= 16. */
-int mxfp4_linear(const float *x, int T, int K, const uint8_t *blocks, const uint8_t *scales, int O, const float *bias, float *y) {
-    if (T < 1 || T > MAX_T || K % 32) return -1;
+/* Many experts in one call (one MoE layer's step): rows are grouped by expert, group g covers
+ * x rows offsets[g] .. offsets[g+1]-1 and uses expert experts[g]. Weights of all experts:
+ * blocks [E, O, K/32, 16], scales [E, O, K/32], bias [E, O] fp32 (or NULL). y [P, O] fp32.
+ * Work is split over (group, output row) pairs, so a step with few rows per expert still uses every core. */
+int mxfp4_grouped_linear(const float *x, int K, const int64_t *offsets, const int64_t *experts, int G,
+                         const uint8_t *blocks, const uint8_t *scales, int O, const float *bias, float *y) {
+    if (K % 32) return -1;
     int nb = K / 32;
-    #pragma omp parallel for schedule(static)
-    for (int o = 0; o < O; o++) {
-        float out[MAX_T];
-        row(x, T, K, blocks + (size_t)o * nb * 16, scales + (size_t)o * nb, out);
-        float b = bias ? bias[o] : 0.0f;
-        for (int t = 0; t < T; t++) y[(size_t)t * O + o] = out[t] + b;
+    size_t expert_blocks = (size_t)O * nb;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int g = 0; g < G; g++) {
+        for (int o = 0; o < O; o++) {
+            int64_t e = experts[g];
+            const uint8_t *row_blocks = blocks + (e * expert_blocks + (size_t)o * nb) * 16;
+            const uint8_t *row_scales = scales + e * expert_blocks + (size_t)o * nb;
+            float b = bias ? bias[e * O + o] : 0.0f;
+            float out[MAX_T];
+            for (int64_t start = offsets[g]; start < offsets[g + 1]; start += MAX_T) {
+                int T = (int)(offsets[g + 1] - start < MAX_T ? offsets[g + 1] - start : MAX_T);
+                row(x + start * K, T, K, row_blocks, row_scales, out);
+                for (int t = 0; t < T; t++) y[(start + t) * O + o] = out[t] + b;
+            }
+        }
     }
     return 0;
 }
-
-int mxfp4_max_tokens(void) { return MAX_T; }
