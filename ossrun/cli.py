@@ -153,6 +153,9 @@ def serve(
     data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
     rate_limit: int = typer.Option(300, help="Requests per minute per token."),
     lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable)."),
+    max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
+    kv_cache_gib: float = typer.Option(2.0, help="Memory for the KV cache."),
+    max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
@@ -160,7 +163,8 @@ def serve(
     from ossrun.api.serve import ServerSettings, serve as run_server
 
     settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype.value, device=device,
-                              data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora)
+                              data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
+                              kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests)
     run_server(settings)
 
 

@@ -1,0 +1,140 @@
+"""The FastAPI app, built by a factory that takes the engine (so tests run it on the tiny model).
+
+Cross-cutting checks live here as one middleware, in the order a request meets them: body size,
+authentication, rate limit. Errors leave in the envelope of the surface they came in on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from ossrun.api import openai_routes, workers_ai
+from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
+from ossrun.api.metering import Metering
+from ossrun.api.service import Service
+from ossrun.batch.store import SQLiteBatchStore
+from ossrun.batch.worker import BatchWorker
+from ossrun.finetunes import FinetuneStore
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+@dataclass
+class AppSettings:
+    data_dir: Path
+    api_token: str | None = None
+    rate_limit_per_minute: int = 300
+    request_timeout_s: float = 600.0
+    max_batch_requests: int = 1000
+    batch_concurrency: int = 16
+    batch_retention_s: float = 7 * 24 * 3600
+    loras: dict[str, Path] = field(default_factory=dict)
+
+
+class RateLimiter:
+    """Sliding one-minute window per key (the bearer token, or the client address without one)."""
+
+    def __init__(self, per_minute: int):
+        self.per_minute = per_minute
+        self._hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits[key]
+            while hits and now - hits[0] > 60:
+                hits.popleft()
+            if len(hits) >= self.per_minute:
+                return False
+            hits.append(now)
+            return True
+
+
+def _error_response(path: str, error: ApiError) -> JSONResponse:
+    return openai_error(error) if is_openai_path(path) else envelope_error(error)
+
+
+def build_app(engine, settings: AppSettings) -> FastAPI:
+    service = Service(engine, settings, Metering(engine.config.served_name, engine))
+    service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / "batch.sqlite")
+    service.finetunes = FinetuneStore(settings.data_dir)
+    for name, path in settings.loras.items():
+        engine.engine.adapters.register(name, path)
+    service.load_finetunes()
+    worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        await worker.stop()
+
+    app = FastAPI(title="ossrun", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
+    app.state.service = service
+    app.state.batch_worker = worker
+    limiter = RateLimiter(settings.rate_limit_per_minute)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        open_path = path in ("/health", "/metrics", "/openapi.json", "/docs")
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_BODY_BYTES:
+            return _error_response(path, ApiError(*TOO_LARGE))
+        token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
+        if settings.api_token and not open_path and not hmac.compare_digest(token.encode(), settings.api_token.encode()):
+            return _error_response(path, ApiError(*AUTH_FAILED))
+        if not open_path and request.method == "POST" and not limiter.allow(token or (request.client.host if request.client else "?")):
+            return _error_response(path, ApiError(*RATE_LIMITED))
+        response = await call_next(request)
+        service.metering.requests.labels(request.scope.get("route").path if request.scope.get("route") else "unmatched",
+                                         str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = "/" + "/".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return _error_response(request.url.path, bad_input(f"Error: at '{where}': {first.get('msg')}"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
+
+    @app.get("/health", tags=["Server"])
+    async def health():
+        return {"status": "ok", "model": engine.config.served_name, **engine.stats()}
+
+    @app.get("/metrics", tags=["Server"])
+    async def metrics():
+        return Response(service.metering.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(workers_ai.router)
+    app.include_router(openai_routes.prefixed)
+    app.include_router(openai_routes.bare)
+    return app

@@ -1,0 +1,66 @@
+"""API errors and the two envelopes they travel in: Workers AI's v4 envelope and OpenAI's error object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+class ApiError(Exception):
+    """An error the client caused or must know about; `code` is the Workers AI error code."""
+
+    def __init__(self, status: int, code: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def bad_input(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, 5006, f"AiError: Bad input: {message}", param)
+
+
+def unknown_model(model: str) -> ApiError:
+    return ApiError(400, 5007, f"No such model {model} or task")
+
+
+def context_too_long(prompt_tokens: int, max_tokens: int, limit: int) -> ApiError:
+    return ApiError(400, 8, f"AiError: prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} "
+                            f"exceeds the model's context window of {limit} tokens")
+
+
+def unknown_lora(name: str) -> ApiError:
+    return ApiError(400, 5005, f"AiError: the model does not support LoRA {name!r} (no such fine-tune, or it is not loadable)")
+
+
+AUTH_FAILED = (403, 10000, "Authentication error")
+RATE_LIMITED = (429, 3036, "Rate limit exceeded: too many requests for this token, try again later.")
+BUSY = (429, 3040, "Capacity temporarily exceeded, please try again.")
+TOO_LARGE = (413, 3006, "Request is too large: the body exceeds 10 MB.")
+TIMEOUT = (408, 3007, "Request timeout.")
+
+
+def envelope(result: Any) -> dict[str, Any]:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def envelope_error(error: ApiError) -> JSONResponse:
+    body = {"result": {} if error.code != 10000 else None, "success": False,
+            "errors": [{"code": error.code, "message": error.message}], "messages": []}
+    return JSONResponse(body, status_code=error.status)
+
+
+_OPENAI_TYPES = {400: "invalid_request_error", 403: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+                 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def openai_error(error: ApiError) -> JSONResponse:
+    body = {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
+                      "param": error.param, "code": str(error.code)}}
+    return JSONResponse(body, status_code=error.status)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or "/ai/v1/" in path

@@ -1,0 +1,74 @@
+"""Prices, neurons and the Prometheus metrics: what each request cost, and how the server is doing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """USD per million tokens and neurons per million tokens (spec §8)."""
+
+    input_usd: float
+    output_usd: float
+    input_neurons: float
+    output_neurons: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> tuple[float, float]:
+        usd = (prompt_tokens * self.input_usd + completion_tokens * self.output_usd) / 1e6
+        neurons = (prompt_tokens * self.input_neurons + completion_tokens * self.output_neurons) / 1e6
+        return round(usd, 10), round(neurons, 4)
+
+
+USD_PER_NEURON = 0.011 / 1000
+PRICES = {
+    "@cf/openai/gpt-oss-20b": Prices(0.20, 0.30, 18182, 27273),
+    "@cf/openai/gpt-oss-120b": Prices(0.35, 0.75, 0.35 / USD_PER_NEURON, 0.75 / USD_PER_NEURON),
+}
+
+
+class Metering:
+    def __init__(self, model: str, engine):
+        self.model = model
+        self.prices = PRICES.get(model, PRICES["@cf/openai/gpt-oss-20b"])
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ossrun_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("ossrun_request_seconds", "Generation latency", registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.tokens = Counter("ossrun_tokens_total", "Tokens by kind", ["kind"], registry=r)
+        self.cost = Counter("ossrun_cost_usd_total", "Estimated cost at the hosted prices (USD)", registry=r)
+        self.neurons = Counter("ossrun_neurons_total", "Estimated neurons at the hosted rates", registry=r)
+        self.queue = Gauge("ossrun_queue_depth", "Requests waiting for the engine", registry=r)
+        self.running = Gauge("ossrun_running_requests", "Requests the engine is running", registry=r)
+        self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
+        self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
+        self._last = (0, 0.0)
+
+    def record(self, model: str, outcome) -> None:
+        self.tokens.labels("prompt").inc(outcome.prompt_tokens)
+        self.tokens.labels("completion").inc(outcome.completion_tokens)
+        self.tokens.labels("cached").inc(outcome.cached_tokens)
+        self.tokens.labels("reasoning").inc(outcome.reasoning_tokens)
+        usd, neurons = self.prices.cost(outcome.prompt_tokens, outcome.completion_tokens)
+        self.cost.inc(usd)
+        self.neurons.inc(neurons)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+
+    def render(self) -> bytes:
+        import time
+
+        stats = self.engine.stats()
+        self.queue.set(stats["waiting"])
+        self.running.set(stats["running"])
+        self.kv.set(stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"]))
+        now, (last_tokens, last_time) = time.monotonic(), self._last
+        if last_time:
+            self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
+        self._last = (stats["generated_tokens_total"], now)
+        return generate_latest(self.registry)

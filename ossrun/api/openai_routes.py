@@ -1,0 +1,68 @@
+"""The OpenAI surface, bare (`/v1/...`) and under the account prefix (`/client/v4/accounts/{id}/ai/v1/...`)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ossrun.api import results, schemas, streaming
+from ossrun.api.service import Service
+from ossrun.api.workers_ai import SSE, json_body, service_of
+
+
+def _body(model_cls, raw) -> dict:
+    schemas.parse(model_cls, raw)
+    return raw
+
+
+async def chat_completions(request: Request):
+    service: Service = service_of(request)
+    body = _body(schemas.ChatCompletionRequest, await json_body(request))
+    service.check_model(body["model"])
+    plan = service.plan("messages", body, openai=True)
+    if plan.stream:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE)
+    outcome = await service.complete(plan)
+    return results.chat_completion(outcome, body["model"], service.metering.prices, with_logprobs=bool(body.get("logprobs")))
+
+
+async def responses(request: Request):
+    service: Service = service_of(request)
+    body = _body(schemas.ResponsesRequest, await json_body(request))
+    service.check_model(body["model"])
+    plan = service.plan("responses", body, openai=True)
+    if plan.stream:
+        return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE)
+    outcome = await service.complete(plan)
+    return results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"))
+
+
+async def completions(request: Request):
+    service: Service = service_of(request)
+    body = _body(schemas.CompletionRequest, await json_body(request))
+    service.check_model(body["model"])
+    plan = service.plan("completions", body, openai=True)
+    outcome = await service.complete(plan)
+    return results.text_completion(outcome, body["model"], service.metering.prices)
+
+
+async def models(request: Request):
+    service: Service = service_of(request)
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "openai"}
+                                       for name in service.model_names]}
+
+
+def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
+    router = APIRouter(prefix=prefix, tags=["OpenAI"], include_in_schema=include_in_schema)
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], summary="Chat completions")
+    router.add_api_route("/responses", responses, methods=["POST"], summary="Responses")
+    router.add_api_route("/completions", completions, methods=["POST"], summary="Text completions")
+    router.add_api_route("/models", models, methods=["GET"], summary="Models")
+    return router
+
+
+bare = make_router("/v1", include_in_schema=True)
+prefixed = make_router("/client/v4/accounts/{account_id}/ai/v1", include_in_schema=True)

@@ -1,0 +1,104 @@
+"""Result objects of each surface (spec §3), built from one `Outcome`."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from ossrun.api.service import Outcome, usage
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def _arguments_object(text: str) -> Any:
+    """Prompt-shape tool calls carry arguments as an object; unparseable text stays a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def prompt_result(outcome: Outcome, prices) -> dict[str, Any]:
+    result: dict[str, Any] = {"response": outcome.content, "usage": usage(outcome, prices)}
+    if outcome.tool_calls:
+        result["tool_calls"] = [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in outcome.tool_calls]
+    return result
+
+
+def chat_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
+    return [{"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in outcome.tool_calls]
+
+
+def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": outcome.content if outcome.content or not outcome.tool_calls else None,
+                               "reasoning_content": outcome.reasoning or None, "refusal": None, "tool_calls": chat_tool_calls(outcome)}
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": {"content": outcome.logprobs} if with_logprobs else None,
+            "finish_reason": outcome.finish_reason,
+            "stop_reason": None,
+        }],
+        "usage": usage(outcome, prices),
+    }
+
+
+def responses_usage(outcome: Outcome, prices) -> dict[str, Any]:
+    base = usage(outcome, prices)
+    return {"input_tokens": outcome.prompt_tokens, "output_tokens": outcome.completion_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+            "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
+            "output_tokens_details": {"reasoning_tokens": outcome.reasoning_tokens},
+            "cost_usd": base["cost_usd"], "neurons": base["neurons"]}
+
+
+def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id or new_id("rs"), "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def message_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or new_id("msg"), "role": "assistant", "status": status,
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
+            "status": "completed"}
+
+
+def response_object(outcome: Outcome | None, model: str, prices, response_id: str, output: list[dict[str, Any]] | None = None,
+                    status: str | None = None) -> dict[str, Any]:
+    """A Responses `response`; with `outcome` None it is the in-progress shell the stream starts with."""
+    if outcome is not None and output is None:
+        output = []
+        if outcome.reasoning:
+            output.append(reasoning_item(outcome.reasoning))
+        status_item = "incomplete" if outcome.finish_reason == "length" else "completed"
+        if outcome.content or not outcome.tool_calls:
+            output.append(message_item(outcome.content, status_item))
+        output += [function_call_item(c.call_id, c.name, c.arguments) for c in outcome.tool_calls]
+    if status is None:
+        status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
+    text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
+    body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": int(time.time()), "model": model,
+                            "status": status, "output": output or [], "output_text": text,
+                            "usage": responses_usage(outcome, prices) if outcome is not None else None}
+    if status == "incomplete":
+        body["incomplete_details"] = {"reason": "max_output_tokens"}
+    return body
+
+
+def text_completion(outcome: Outcome, model: str, prices) -> dict[str, Any]:
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": outcome.text, "logprobs": None,
+                         "finish_reason": "length" if outcome.finish_reason == "length" else "stop"}],
+            "usage": usage(outcome, prices)}

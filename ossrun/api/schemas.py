@@ -1,0 +1,229 @@
+"""Request shapes as pydantic models: validation with the spec's ranges, and the OpenAPI document.
+
+Extra fields are accepted (clients send more than the schema names); known fields are checked
+strictly. `classify` picks the one input shape of `/ai/run` a body matches, as the hosted
+JSON Schema's `oneOf` does, and says what was expected when none or several match.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ossrun.api.errors import ApiError, bad_input
+
+Effort = Literal["low", "medium", "high"]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ResponseFormat(_Open):
+    type: Literal["json_object", "json_schema", "text"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class RunOptions(_Open):
+    rejectIfBusy: bool | None = None
+
+
+class Sampling(_Open):
+    """Sampling fields shared by the Prompt and Messages shapes (spec §2)."""
+
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, ge=0.001, le=1)
+    top_k: int | None = Field(None, ge=1, le=50)
+    seed: int | None = Field(None, ge=1, le=9999999999)
+    repetition_penalty: float | None = Field(None, ge=0, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+    raw: bool = False
+    lora: str | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream_options: StreamOptions | None = None
+    reasoning_effort: Effort | None = None
+    options: RunOptions | None = None
+
+
+class FunctionDef(_Open):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class WrappedTool(_Open):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+Tool = Union[WrappedTool, FunctionDef]
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: dict[str, Any] | None = None
+    name: str | None = None  # the Responses spelling
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class ToolCallFunction(_Open):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class TextPart(_Open):
+    type: str
+    text: str | None = None
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class PromptInput(Sampling):
+    prompt: str = Field(min_length=1)
+
+
+class MessagesInput(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    functions: list[FunctionDef] | None = None
+    tool_choice: ToolChoice | None = None
+
+
+class Reasoning(_Open):
+    effort: Effort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class TextConfig(_Open):
+    format: dict[str, Any] | None = None
+
+
+class ResponsesInput(_Open):
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    reasoning: Reasoning | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=5)
+    top_p: float | None = Field(None, ge=0.001, le=1)
+    text: TextConfig | None = None
+    previous_response_id: str | None = None
+    stream: bool = False
+    lora: str | None = None
+    seed: int | None = Field(None, ge=1, le=9999999999)
+    options: RunOptions | None = None
+
+
+class BatchInput(_Open):
+    requests: list[dict[str, Any]] = Field(min_length=1)
+
+
+class PollInput(_Open):
+    request_id: str
+
+
+class ChatCompletionRequest(MessagesInput):
+    model: str
+
+
+class ResponsesRequest(ResponsesInput):
+    model: str
+
+
+class CompletionRequest(Sampling):
+    model: str
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class FinetuneCreate(_Open):
+    model: str
+    name: str
+    description: str | None = None
+
+
+SHAPES: dict[str, tuple[type[BaseModel], str]] = {
+    "prompt": (PromptInput, "prompt"),
+    "messages": (MessagesInput, "messages"),
+    "responses": (ResponsesInput, "input"),
+}
+
+
+def _pointer(loc: tuple) -> str:
+    return "/" + "/".join(str(part) for part in loc if part not in ("function-after", "union_tag"))
+
+
+def describe(error: ValidationError) -> str:
+    """Pydantic's errors as JSON-pointer sentences, like the hosted validator's."""
+    parts = []
+    for item in error.errors()[:5]:
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "dict", "int", "float", "bool"))))
+        parts.append(f"at '{_pointer(loc)}': {item['msg']}")
+    return "Error: " + "; ".join(parts)
+
+
+def parse(model: type[BaseModel], body: Any) -> BaseModel:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise bad_input(describe(exc)) from None
+
+
+def classify(body: Any) -> tuple[str, BaseModel]:
+    """Which `/ai/run` shape this body is → (shape name, validated model). Exactly one must match."""
+    if not isinstance(body, dict):
+        raise bad_input("Error: type at '/' must be object")
+    present = [name for name, (_, key) in SHAPES.items() if key in body]
+    if len(present) != 1:
+        matches = "0 matches" if not present else f"{len(present)} matches ({', '.join(present)})"
+        expected = "; ".join(f"required properties at '/' are '{key}'" for _, key in SHAPES.values())
+        raise ApiError(400, 5006, f"AiError: Bad input: Error: oneOf at '/' not met, {matches}: {expected}")
+    name = present[0]
+    return name, parse(SHAPES[name][0], body)
+
+
+def input_schema() -> dict[str, Any]:
+    """The `/ai/run` input as one JSON Schema `oneOf` (for `ai/models/schema`)."""
+    return {"type": "object", "oneOf": [model.model_json_schema() for model, _ in SHAPES.values()] + [BatchInput.model_json_schema()]}
+
+
+def output_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "oneOf": [
+            {"title": "Prompt", "type": "object", "properties": {"response": {"type": "string"}, "usage": {"type": "object"},
+                                                                  "tool_calls": {"type": "array"}}, "required": ["response"]},
+            {"title": "Messages", "type": "object", "properties": {"object": {"const": "chat.completion"}, "choices": {"type": "array"}}},
+            {"title": "Responses", "type": "object", "properties": {"object": {"const": "response"}, "output": {"type": "array"}}},
+        ],
+    }

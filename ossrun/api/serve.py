@@ -1,0 +1,80 @@
+"""`ossrun serve`: resolve the model, load it with a progress bar, build the app, run uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ossrun.paths import data_dir as default_data_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8787
+    api_token: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    data_dir: Path | None = None
+    rate_limit_per_minute: int = 300
+    loras: list[str] = field(default_factory=list)  # NAME=DIR
+    max_num_seqs: int = 64
+    kv_cache_gib: float = 2.0
+    max_batch_requests: int = 1000
+
+
+def _parse_loras(items: list[str]) -> dict[str, Path]:
+    loras = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora takes NAME=DIR, not {item!r}")
+        loras[name] = Path(path)
+    return loras
+
+
+def load_engine(settings: ServerSettings):
+    """Resolve and load the model, showing progress (loading a 20b checkpoint maps 13 GB)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from ossrun.engine.async_engine import AsyncEngine
+    from ossrun.model.resolve import resolve_model
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task("resolving the model", total=3)
+        path = resolve_model(settings.model)
+        progress.update(task, advance=1, description=f"loading {path}")
+        engine = AsyncEngine.from_model(path, settings.dtype, settings.device, max_num_seqs=settings.max_num_seqs,
+                                        kv_cache_bytes=int(settings.kv_cache_gib * 1024**3))
+        progress.update(task, advance=1, description="warming up the tokenizer")
+        from ossrun import harmony
+
+        harmony.get_encoding()
+        progress.update(task, advance=1, description=f"loaded {path}")
+    return engine
+
+
+def serve(settings: ServerSettings) -> None:
+    import uvicorn
+
+    from ossrun.api.app import AppSettings, build_app
+
+    data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    engine = load_engine(settings)
+    app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
+                                        rate_limit_per_minute=settings.rate_limit_per_minute, loras=_parse_loras(settings.loras),
+                                        max_batch_requests=settings.max_batch_requests))
+    base = f"http://{settings.host}:{settings.port}"
+    auth = f" -H 'Authorization: Bearer {settings.api_token}'" if settings.api_token else ""
+    print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
+    print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
+          f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
+    print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        engine.shutdown()

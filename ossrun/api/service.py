@@ -1,0 +1,279 @@
+"""From a validated request body to engine work and back: the one path every route shares.
+
+`plan` renders the conversation (harmony) and maps the API's fields onto `SamplingParams`;
+`run` streams the engine's tokens through the harmony parser and yields `Step`s, each with the
+parser's events for that token; `complete` folds them into an `Outcome`. Routes only shape JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ossrun import harmony
+from ossrun.api.errors import ApiError, bad_input, context_too_long, unknown_lora
+from ossrun.engine.errors import ContextLengthError, UnknownAdapterError
+from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
+
+WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
+OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
+
+
+@dataclass(slots=True)
+class Plan:
+    shape: str  # prompt | messages | responses | completions
+    body: dict[str, Any]
+    prompt_ids: list[int]
+    params: SamplingParams
+    lora: str | None = None
+    forced_tool: str | None = None
+    raw: bool = False
+    stream: bool = False
+    priority: Priority = Priority.INTERACTIVE
+    constraint: object | None = None
+
+
+@dataclass(slots=True)
+class Step:
+    token: TokenEvent
+    events: list[Any]
+
+
+@dataclass(slots=True)
+class Outcome:
+    reasoning: str = ""
+    content: str = ""
+    text: str = ""  # every generated token decoded (completions)
+    tool_calls: list[harmony.ParsedToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
+
+
+def _max_tokens(body: dict[str, Any], defaults: dict[str, Any]) -> int:
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if body.get(key) is not None:
+            return int(body[key])
+    return defaults["max_tokens"]
+
+
+def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not s for s in stops) or len(stops) > 4:
+        raise bad_input("Error: at '/stop': up to 4 non-empty strings")
+    return stops
+
+
+def _named_tool(body: dict[str, Any]) -> str | None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        if not name:
+            raise bad_input("Error: at '/tool_choice': a named tool choice needs function.name")
+        return name
+    if choice == "required":
+        names = [t.name for t in harmony.tool_descriptions(body)]
+        return names[0] if len(names) == 1 else None
+    return None
+
+
+class Service:
+    def __init__(self, engine, settings, metering):
+        self.engine = engine
+        self.settings = settings
+        self.metering = metering
+        self.batch_store = None  # set by the app factory
+        self.finetunes = None
+
+    # -- LoRA fine-tunes --------------------------------------------------------------------------
+    def register_finetune(self, record) -> None:
+        """Serve an uploaded fine-tune under its name (requests may also use its id)."""
+        from ossrun.model.lora import AdapterError
+
+        try:
+            self.engine.engine.adapters.register(record.name, self.finetunes.folder(record))
+        except AdapterError as exc:
+            raise ApiError(400, 5005, f"AiError: {exc}") from None
+
+    def load_finetunes(self) -> None:
+        """At startup: every complete fine-tune on disk becomes servable again."""
+        for record in self.finetunes.list():
+            if not self.finetunes.missing_assets(record):
+                try:
+                    self.register_finetune(record)
+                except ApiError as exc:
+                    import logging
+
+                    logging.getLogger(__name__).warning("fine-tune %s not loadable: %s", record.name, exc.message)
+
+    def adapter_name(self, lora: str) -> str:
+        """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
+        adapters = self.engine.engine.adapters
+        if adapters.known(lora):
+            return lora
+        record = self.finetunes.get(lora) if self.finetunes is not None else None
+        if record is not None and adapters.known(record.name):
+            return record.name
+        if record is not None:
+            missing = self.finetunes.missing_assets(record)
+            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: missing {', '.join(missing) or 'a valid adapter'}")
+        raise unknown_lora(lora)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.engine.config.served_name]
+
+    def check_model(self, model: str) -> None:
+        if model not in self.model_names:
+            from ossrun.api.errors import unknown_model
+
+            raise unknown_model(model)
+
+    # -- planning -------------------------------------------------------------------------------
+    def plan(self, shape: str, body: dict[str, Any], openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
+        defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
+        raw = bool(body.get("raw")) or shape == "completions"
+        forced = None
+        try:
+            if raw:
+                prompt = body["prompt"] if isinstance(body["prompt"], str) else "".join(body["prompt"])
+                prompt_ids = harmony.encode(prompt, allow_special=True)
+            else:
+                rendered = harmony.render_request(body)
+                prompt_ids = list(rendered.token_ids)
+                forced = _named_tool(body)
+                if forced is not None:
+                    if forced not in rendered.tool_names:
+                        raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
+                    prompt_ids += harmony.encode(f"<|channel|>commentary to=functions.{forced} <|constrain|>json<|message|>", allow_special=True)
+        except harmony.RenderError as exc:
+            raise bad_input(f"Error: {exc}") from None
+        if not prompt_ids:
+            raise bad_input("Error: the prompt renders to no tokens")
+        max_tokens = _max_tokens(body, defaults)
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=float(body["temperature"]) if body.get("temperature") is not None else defaults["temperature"],
+                top_p=float(body.get("top_p") or 1.0),
+                top_k=int(body.get("top_k") or 0),
+                seed=body.get("seed"),
+                repetition_penalty=float(body.get("repetition_penalty") or 1.0) or 1.0,
+                frequency_penalty=float(body.get("frequency_penalty") or 0.0),
+                presence_penalty=float(body.get("presence_penalty") or 0.0),
+                stop_token_ids=tuple(harmony.STOP_TOKENS),
+                stop=_stop_strings(body),
+                logprobs=bool(body.get("logprobs")),
+                top_logprobs=int(body.get("top_logprobs") or 0),
+            )
+        except ValueError as exc:
+            raise bad_input(f"Error: {exc}") from None
+        lora = self.adapter_name(body["lora"]) if body.get("lora") is not None else None
+        plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority)
+        self._check_context(plan)
+        return plan
+
+    def _check_context(self, plan: Plan) -> None:
+        limit = self.engine.max_model_len
+        if len(plan.prompt_ids) + plan.params.max_tokens > limit:
+            raise context_too_long(len(plan.prompt_ids), plan.params.max_tokens, limit)
+
+    def is_busy(self) -> bool:
+        stats = self.engine.stats()
+        return stats["waiting"] > 0 or stats["running"] >= self.engine.engine.options.max_num_seqs
+
+    # -- running ----------------------------------------------------------------------------------
+    async def run(self, plan: Plan) -> AsyncIterator[Step]:
+        """The engine's tokens for this plan, each with the harmony events it produced."""
+        request = Request(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.constraint)
+        parser = harmony.StreamParser(prompt_ids=plan.prompt_ids)
+        started = time.perf_counter()
+        stream = self.engine.generate(request)
+        try:
+            async for token in stream:
+                if token.finish_reason == "error":
+                    raise ApiError(500, 3000, f"AiError: {token.error or 'generation failed'}")
+                events = parser.feed(token.token_id) if token.token_id is not None else []
+                if token.finished:
+                    reason = "length" if token.finish_reason == "length" else "stop"
+                    events += parser.finish(reason)
+                yield Step(token, events)
+        except ContextLengthError as exc:
+            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
+        except UnknownAdapterError as exc:
+            raise unknown_lora(exc.name) from None
+        finally:
+            await stream.aclose()
+            self.metering.observe_latency(time.perf_counter() - started)
+
+    async def complete(self, plan: Plan) -> Outcome:
+        """Run to the end → the whole outcome (sync routes and the batch queue)."""
+        outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
+        events: list[Any] = []
+        tokens: list[int] = []
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                async for step in self.run(plan):
+                    events += step.events
+                    self.account(outcome, step, tokens)
+        except TimeoutError:
+            from ossrun.api.errors import TIMEOUT
+
+            raise ApiError(*TIMEOUT) from None
+        parsed = harmony.fold_events(events, [])
+        outcome.reasoning, outcome.content, outcome.tool_calls = parsed.reasoning, parsed.content, parsed.tool_calls
+        outcome.finish_reason = parsed.finish_reason
+        outcome.text = harmony.decode([t for t in tokens if t not in harmony.STOP_TOKENS])
+        self.metering.record(self.engine.config.served_name, outcome)
+        return outcome
+
+    @staticmethod
+    def account(outcome: Outcome, step: Step, tokens: list[int]) -> None:
+        """Fold one step's counters into the outcome (shared by sync and streaming routes)."""
+        token = step.token
+        outcome.cached_tokens = token.num_cached_tokens
+        if token.token_id is None:
+            return
+        tokens.append(token.token_id)
+        outcome.completion_tokens += 1
+        if any(isinstance(e, harmony.ReasoningDelta) for e in step.events):
+            outcome.reasoning_tokens += 1
+        if token.logprob is not None and any(isinstance(e, harmony.ContentDelta) for e in step.events):
+            outcome.logprobs.append(logprob_entry(token))
+        if token.finished and token.finish_reason == "length":
+            outcome.finish_reason = "length"
+
+
+def logprob_entry(token: TokenEvent) -> dict[str, Any]:
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        data = harmony.token_bytes(token_id)
+        return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
+
+    entry = one(token.token_id, token.logprob)
+    entry["top_logprobs"] = [one(t.token_id, t.logprob) for t in token.top_logprobs]
+    return entry
+
+
+def usage(outcome: Outcome, prices) -> dict[str, Any]:
+    """OpenAI-style usage with the details the hosted API reports, plus our cost estimate."""
+    cost, neurons = prices.cost(outcome.prompt_tokens, outcome.completion_tokens)
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": outcome.reasoning_tokens},
+        "cost_usd": cost,
+        "neurons": neurons,
+    }

@@ -1,0 +1,188 @@
+"""Server-sent event streams of each surface (spec §5), driven by the harmony parser's events.
+
+Every stream ends with `data: [DONE]` (Responses: `response.completed` first). A client that goes
+away cancels the generator, which aborts the engine request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ossrun import harmony
+from ossrun.api import results
+from ossrun.api.errors import ApiError
+from ossrun.api.service import Outcome, Plan, Service, usage
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def frame(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def error_frame(exc: Exception) -> bytes:
+    if isinstance(exc, ApiError):
+        return frame({"error": {"message": exc.message, "code": exc.code}})
+    log.exception("stream failed")
+    return frame({"error": {"message": "internal error", "code": 3000}})
+
+
+async def _steps(service: Service, plan: Plan, outcome: Outcome) -> AsyncIterator[Any]:
+    """Harmony events of the plan's generation, with the outcome's counters kept up to date."""
+    tokens: list[int] = []
+    async for step in service.run(plan):
+        service.account(outcome, step, tokens)
+        for event in step.events:
+            if isinstance(event, harmony.Finished):
+                outcome.finish_reason = event.reason
+            yield event
+    service.metering.record(service.engine.config.served_name, outcome)
+
+
+async def prompt_stream(service: Service, plan: Plan) -> AsyncIterator[bytes]:
+    outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
+    calls: dict[int, dict[str, Any]] = {}
+    try:
+        async for event in _steps(service, plan, outcome):
+            if isinstance(event, harmony.ContentDelta):
+                yield frame({"response": event.text})
+            elif isinstance(event, harmony.ToolCallStart):
+                calls[event.index] = {"name": event.name, "arguments": ""}
+            elif isinstance(event, harmony.ToolCallArgumentsDelta):
+                calls[event.index]["arguments"] += event.text
+        last: dict[str, Any] = {"response": "", "usage": usage(outcome, service.metering.prices)}
+        if calls:
+            last["tool_calls"] = [{"name": c["name"], "arguments": results._arguments_object(c["arguments"])} for c in calls.values()]
+        yield frame(last)
+    except Exception as exc:
+        yield error_frame(exc)
+    yield DONE
+
+
+async def chat_stream(service: Service, plan: Plan, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    chunk_id, created = results.new_id("chatcmpl"), int(time.time())
+    outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+        return frame({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in _steps(service, plan, outcome):
+            if isinstance(event, harmony.ReasoningDelta):
+                yield chunk({"reasoning_content": event.text})
+            elif isinstance(event, harmony.ContentDelta):
+                yield chunk({"content": event.text})
+            elif isinstance(event, harmony.ToolCallStart):
+                yield chunk({"tool_calls": [{"index": event.index, "id": event.call_id, "type": "function",
+                                             "function": {"name": event.name, "arguments": ""}}]})
+            elif isinstance(event, harmony.ToolCallArgumentsDelta):
+                yield chunk({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+        yield chunk({}, outcome.finish_reason)
+        if include_usage:
+            yield frame({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                         "usage": usage(outcome, service.metering.prices)})
+    except Exception as exc:
+        yield error_frame(exc)
+    yield DONE
+
+
+class _ResponsesEvents:
+    """Turns harmony events into OpenAI Responses stream events, opening and closing output items."""
+
+    def __init__(self, response_id: str):
+        self.response_id = response_id
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None
+        self.text = ""
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return frame(data, event=kind)
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.current["id"], "output_index": len(self.output) - 1}
+
+    def open(self, item: dict[str, Any]) -> list[bytes]:
+        frames = self.close()
+        self.current, self.text = item, ""
+        self.output.append(item)
+        frames.append(self.event("response.output_item.added", output_index=len(self.output) - 1, item=item))
+        if item["type"] == "message":
+            frames.append(self.event("response.content_part.added", **self._where(), content_index=0,
+                                     part={"type": "output_text", "text": "", "annotations": []}))
+        return frames
+
+    def delta(self, text: str) -> bytes:
+        self.text += text
+        kind = {"reasoning": "response.reasoning_text.delta", "message": "response.output_text.delta",
+                "function_call": "response.function_call_arguments.delta"}[self.current["type"]]
+        extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
+        return self.event(kind, **self._where(), **extra, delta=text)
+
+    def close(self) -> list[bytes]:
+        if self.current is None:
+            return []
+        item, frames = self.current, []
+        if item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": self.text}]
+            frames.append(self.event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
+        elif item["type"] == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": []}
+            item["content"], item["status"] = [part], "completed"
+            frames.append(self.event("response.output_text.done", **self._where(), content_index=0, text=self.text))
+            frames.append(self.event("response.content_part.done", **self._where(), content_index=0, part=part))
+        else:
+            item["arguments"] = self.text
+            frames.append(self.event("response.function_call_arguments.done", **self._where(), arguments=self.text))
+        frames.append(self.event("response.output_item.done", output_index=len(self.output) - 1, item=item))
+        self.current = None
+        return frames
+
+
+async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIterator[bytes]:
+    response_id = results.new_id("resp")
+    prices = service.metering.prices
+    out = _ResponsesEvents(response_id)
+    outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
+    shell = results.response_object(None, model, prices, response_id)
+    try:
+        yield out.event("response.created", response=shell)
+        yield out.event("response.in_progress", response=shell)
+        async for event in _steps(service, plan, outcome):
+            current = out.current["type"] if out.current else None
+            if isinstance(event, harmony.ReasoningDelta):
+                if current != "reasoning":
+                    for f in out.open({"type": "reasoning", "id": results.new_id("rs"), "summary": [], "content": []}):
+                        yield f
+                yield out.delta(event.text)
+            elif isinstance(event, harmony.ContentDelta):
+                if current != "message":
+                    for f in out.open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress", "content": []}):
+                        yield f
+                yield out.delta(event.text)
+            elif isinstance(event, harmony.ToolCallStart):
+                for f in out.open(results.function_call_item(event.call_id, event.name, "")):
+                    yield f
+            elif isinstance(event, harmony.ToolCallArgumentsDelta):
+                yield out.delta(event.text)
+            elif isinstance(event, harmony.MessageEnd):
+                for f in out.close():
+                    yield f
+        for f in out.close():
+            yield f
+        final = results.response_object(outcome, model, prices, response_id, output=out.output)
+        yield out.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+    except Exception as exc:
+        yield error_frame(exc)
+    yield DONE

@@ -1,0 +1,200 @@
+"""The Workers AI surface: `/client/v4/accounts/{account_id}/ai/...` with the v4 envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ossrun.api import results, schemas, streaming
+from ossrun.api.errors import ApiError, bad_input, envelope
+from ossrun.api.service import Plan, Service
+from ossrun.batch.worker import ItemOutcome
+from ossrun.engine.request import Priority
+
+router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
+
+SSE = "text/event-stream"
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise bad_input("Error: the body is not valid JSON") from None
+
+
+def _reject_if_busy(service: Service, body: dict[str, Any]) -> None:
+    options = body.get("options") or {}
+    if isinstance(options, dict) and options.get("rejectIfBusy") and service.is_busy():
+        from ossrun.api.errors import BUSY
+
+        raise ApiError(*BUSY)
+
+
+async def run_sync(service: Service, shape: str, body: dict[str, Any], priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
+    """The sync result of one `/ai/run` body (also what the batch queue stores) → (result, outcome)."""
+    plan = service.plan(shape, body, priority=priority)
+    outcome = await service.complete(plan)
+    prices, model = service.metering.prices, service.engine.config.served_name
+    if shape == "prompt":
+        return results.prompt_result(outcome, prices), outcome
+    if shape == "messages":
+        return results.chat_completion(outcome, model, prices, with_logprobs=bool(body.get("logprobs"))), outcome
+    return results.response_object(outcome, model, prices, results.new_id("resp")), outcome
+
+
+def stream_response(service: Service, plan: Plan) -> StreamingResponse:
+    model = service.engine.config.served_name
+    if plan.shape == "prompt":
+        body = streaming.prompt_stream(service, plan)
+    elif plan.shape == "messages":
+        body = streaming.chat_stream(service, plan, model, include_usage=True)
+    else:
+        body = streaming.responses_stream(service, plan, model)
+    return StreamingResponse(body, media_type=SSE, headers={"Cache-Control": "no-cache"})
+
+
+@router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)")
+async def run(account_id: str, model: str, request: Request, queueRequest: bool = False):
+    service = service_of(request)
+    service.check_model(model)
+    body = await json_body(request)
+    if queueRequest:
+        return await _queue(service, model, body, request)
+    if isinstance(body, dict) and "request_id" in body and not any(k in body for k in ("prompt", "messages", "input")):
+        return _poll(service, body)
+    if isinstance(body, dict) and "requests" in body:
+        raise bad_input("Error: a 'requests' batch must be sent with ?queueRequest=true")
+    shape, _ = schemas.classify(body)
+    _reject_if_busy(service, body)
+    if body.get("stream"):
+        return stream_response(service, service.plan(shape, body))
+    result, _ = await run_sync(service, shape, body)
+    return envelope(result)
+
+
+async def _queue(service: Service, model: str, body: Any, request: Request) -> dict[str, Any]:
+    batch = schemas.parse(schemas.BatchInput, body)
+    limit = service.settings.max_batch_requests
+    if len(batch.requests) > limit:
+        raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(batch.requests)}")
+    for index, item in enumerate(batch.requests):  # reject bad items now, not hours later
+        item = {k: v for k, v in item.items() if k != "external_reference"}
+        try:
+            shape, _ = schemas.classify(item)
+            service.plan(shape, {**item, "stream": False}, priority=Priority.BATCH)
+        except ApiError as exc:
+            raise ApiError(exc.status, exc.code, f"{exc.message} (in requests[{index}])") from None
+    batch_id = service.batch_store.create(model, batch.requests)
+    request.app.state.batch_worker.notify()
+    return envelope({"status": "queued", "request_id": batch_id, "model": model})
+
+
+def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+    poll = schemas.parse(schemas.PollInput, body)
+    batch = service.batch_store.get(poll.request_id)
+    if batch is None:
+        raise bad_input(f"Error: no queued request with request_id {poll.request_id!r} (unknown, or its results expired)")
+    if batch.status != "done":
+        return envelope({"status": batch.status, "request_id": batch.batch_id})
+    responses, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
+    for item in batch.items:
+        entry = {"id": item.index, "result": item.result if item.success else {}, "success": bool(item.success)}
+        if not item.success:
+            entry["errors"] = [item.result]
+        if item.external_reference is not None:
+            entry["external_reference"] = item.external_reference
+        responses.append(entry)
+        totals["prompt_tokens"] += item.prompt_tokens
+        totals["completion_tokens"] += item.completion_tokens
+    totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    return envelope({"responses": responses, "usage": totals, "request_id": batch.batch_id, "status": "done"})
+
+
+def batch_executor(service: Service):
+    """What the batch worker runs per item: exactly the sync path, at batch priority."""
+
+    async def execute(model: str, body: dict[str, Any]) -> ItemOutcome:
+        try:
+            service.check_model(model)
+            shape, _ = schemas.classify(body)
+            result, outcome = await run_sync(service, shape, {**body, "stream": False}, Priority.BATCH)
+            return ItemOutcome(True, result, outcome.prompt_tokens, outcome.completion_tokens)
+        except ApiError as exc:
+            return ItemOutcome(False, {"code": exc.code, "message": exc.message})
+
+    return execute
+
+
+@router.get("/models/search", summary="The models this server serves")
+async def models_search(account_id: str, request: Request):
+    service = service_of(request)
+    return envelope([_model_entry(name) for name in service.model_names])
+
+
+def _model_entry(name: str) -> dict[str, Any]:
+    size = name.rsplit("-", 1)[-1]
+    return {
+        "id": name, "source": 1, "name": name,
+        "description": f"OpenAI's open-weight gpt-oss-{size} reasoning model, served locally by ossrun.",
+        "task": {"id": "text-generation", "name": "Text Generation",
+                 "description": "Family of generative text models, such as large language models (LLM), that can be adapted for a variety of natural language tasks."},
+        "tags": [], "properties": [{"property_id": "context_window", "value": "128000"}, {"property_id": "lora", "value": "true"}],
+    }
+
+
+@router.get("/models/schema", summary="Input and output JSON schemas of a model")
+async def models_schema(account_id: str, request: Request, model: str):
+    service_of(request).check_model(model)
+    return envelope({"input": schemas.input_schema(), "output": schemas.output_schema()})
+
+
+@router.post("/finetunes", summary="Create a LoRA fine-tune")
+async def create_finetune(account_id: str, request: Request):
+    service = service_of(request)
+    spec = schemas.parse(schemas.FinetuneCreate, await json_body(request))
+    service.check_model(spec.model)
+    from ossrun.finetunes import FinetuneError
+
+    try:
+        record = service.finetunes.create(spec.model, spec.name, spec.description or "")
+    except FinetuneError as exc:
+        raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
+    return envelope(_finetune_json(record))
+
+
+@router.get("/finetunes", summary="List fine-tunes")
+async def list_finetunes(account_id: str, request: Request):
+    return envelope([_finetune_json(r) for r in service_of(request).finetunes.list()])
+
+
+@router.post("/finetunes/{id_or_name}/finetune-assets", summary="Upload adapter_config.json or adapter_model.safetensors")
+async def upload_asset(account_id: str, id_or_name: str, request: Request):
+    service = service_of(request)
+    from ossrun.finetunes import FinetuneError
+
+    try:
+        form = await request.form()
+    except Exception:
+        raise ApiError(400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'") from None
+    file_name, upload = form.get("file_name"), form.get("file")
+    if not isinstance(file_name, str) or upload is None or isinstance(upload, str):
+        raise ApiError(400, 3039, "AiError: missing 'file_name' or 'file' in the multipart form")
+    try:
+        record = service.finetunes.upload(id_or_name, file_name, await upload.read())
+        if not service.finetunes.missing_assets(record):
+            service.register_finetune(record)
+    except FinetuneError as exc:
+        raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
+    return envelope(_finetune_json(record))
+
+
+def _finetune_json(record) -> dict[str, Any]:
+    return {"id": record.id, "name": record.name, "model": record.model, "created_at": record.created_at,
+            "modified_at": record.modified_at, "description": record.description}

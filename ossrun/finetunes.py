@@ -1,0 +1,118 @@
+"""LoRA fine-tunes kept on disk under the server's data directory, surviving restarts.
+
+Each fine-tune is a folder `finetunes/<id>/` with `meta.json` and the PEFT files as uploaded.
+Writes are atomic (temp file + rename), so a crash never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_ASSET_BYTES = 300 * 1024 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class FinetuneError(ValueError):
+    """A fine-tune request that cannot be honoured; `code` is the API error code."""
+
+    def __init__(self, message: str, code: int = 5006, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(slots=True)
+class Finetune:
+    id: str
+    name: str
+    model: str
+    created_at: str
+    modified_at: str
+    description: str = ""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FinetuneStore:
+    def __init__(self, data_dir: str | Path):
+        self.root = Path(data_dir) / "finetunes"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def create(self, model: str, name: str, description: str = "") -> Finetune:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise FinetuneError("name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        with self._lock:
+            if any(f.name == name for f in self._all()):
+                raise FinetuneError(f"a fine-tune named {name!r} already exists")
+            now = _now()
+            record = Finetune(str(uuid.uuid4()), name, model, now, now, description or "")
+            folder = self.root / record.id
+            folder.mkdir()
+            _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+        return record
+
+    def list(self) -> list[Finetune]:
+        with self._lock:
+            return sorted(self._all(), key=lambda f: f.created_at)
+
+    def get(self, id_or_name: str) -> Finetune | None:
+        with self._lock:
+            for record in self._all():
+                if id_or_name in (record.id, record.name):
+                    return record
+        return None
+
+    def upload(self, id_or_name: str, file_name: str, data: bytes) -> Finetune:
+        record = self.get(id_or_name)
+        if record is None:
+            raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
+        if file_name not in ASSET_NAMES:
+            raise FinetuneError(f"file_name must be one of {', '.join(ASSET_NAMES)}, not {file_name!r}", code=3039)
+        if len(data) > MAX_ASSET_BYTES:
+            raise FinetuneError(f"{file_name} is {len(data)} bytes; the limit is {MAX_ASSET_BYTES}", code=3006, status=413)
+        with self._lock:
+            folder = self.root / record.id
+            _atomic_write(folder / file_name, data)
+            record.modified_at = _now()
+            _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+        return record
+
+    def folder(self, record: Finetune) -> Path:
+        return self.root / record.id
+
+    def missing_assets(self, record: Finetune) -> list[str]:
+        return [name for name in ASSET_NAMES if not (self.folder(record) / name).exists()]
+
+    def _all(self) -> list[Finetune]:
+        records = []
+        for meta in self.root.glob("*/meta.json"):
+            try:
+                records.append(Finetune(**json.loads(meta.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue  # a foreign or damaged folder is skipped, not fatal
+        return records
