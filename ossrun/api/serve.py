@@ -25,6 +25,7 @@ class ServerSettings:
     max_num_seqs: int = 64
     kv_cache_gib: float = 2.0
     max_batch_requests: int = 1000
+    request_timeout_s: float = 600.0
 
 
 def _parse_loras(items: list[str]) -> dict[str, Path]:
@@ -67,7 +68,7 @@ def serve(settings: ServerSettings) -> None:
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=_parse_loras(settings.loras),
-                                        max_batch_requests=settings.max_batch_requests))
+                                        max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s))
     base = f"http://{settings.host}:{settings.port}"
     auth = f" -H 'Authorization: Bearer {settings.api_token}'" if settings.api_token else ""
     print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)

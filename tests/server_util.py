@@ -1,0 +1,77 @@
+"""Start the real server (`ossrun serve`) in a subprocess on a free loopback port, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL = "@cf/openai/gpt-oss-20b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    data_dir: Path
+    token: str | None
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run_url(self, model: str = MODEL) -> str:
+        return f"{self.base}/client/v4/accounts/acct/ai/run/{model}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def health(self) -> dict:
+        return httpx.get(self.base + "/health", timeout=10).json()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None = None, timeout: float = 120) -> Server:
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / f"server-{port}.log"
+    command = [sys.executable, "-m", "ossrun.cli", "serve", "--model", str(model_dir), "--port", str(port),
+               "--data-dir", str(data_dir), "--dtype", "float32", *args]
+    if token:
+        command += ["--api-token", token]
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "OSSRUN_API_TOKEN": ""})
+    server = Server(process, port, data_dir, token, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(server.base + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,253 @@
+"""The real server over HTTP: the official openai client, raw Workers AI calls, streams, errors, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("data"), "--rate-limit", "100000", token="secret")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoints, tmp_path_factory):
+    """One request at a time, a 3-per-minute rate limit and a 2 s timeout: for the capacity errors."""
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-small"), "--max-num-seqs", "1", "--rate-limit", "4",
+                     "--request-timeout", "2")
+    yield s
+    s.stop()
+
+
+def clients(server):
+    return [openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret"),
+            openai.OpenAI(base_url=f"{server.base}/client/v4/accounts/acct/ai/v1", api_key="secret")]
+
+
+def sse_frames(response: httpx.Response) -> list:
+    frames = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            frames.append(payload if payload == "[DONE]" else json.loads(payload))
+    return frames
+
+
+def post(server, body, **kwargs):
+    return httpx.post(server.run_url(kwargs.pop("model", MODEL)), json=body, headers=server.headers, timeout=120, **kwargs)
+
+
+# -- the OpenAI client ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_chat_completion(server, which):
+    client = clients(server)[which]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=12, temperature=0)
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_chat_stream_equals_sync(server, which):
+    client = clients(server)[which]
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me"}], max_tokens=16, temperature=0)
+    sync = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert content == (sync.choices[0].message.content or "")
+    assert reasoning == (getattr(sync.choices[0].message, "reasoning_content", None) or "")
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == sync.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == sync.usage.completion_tokens
+
+
+def test_openai_named_tool_choice_always_calls_the_tool(server):
+    client = clients(server)[0]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=10, temperature=0)
+    message = reply.choices[0].message
+    assert message.tool_calls and message.tool_calls[0].function.name == "get_weather"
+    assert message.tool_calls[0].id.startswith("chatcmpl-tool-")
+    assert not message.content  # nothing leaks into content
+    stream = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+                                                 tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=10,
+                                                 temperature=0, stream=True))
+    calls = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and calls[0].id.startswith("chatcmpl-tool-")
+    streamed_args = "".join(tc.function.arguments or "" for tc in calls)
+    assert streamed_args == message.tool_calls[0].function.arguments
+    assert not "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_responses_plain_and_streamed(server, which):
+    client = clients(server)[which]
+    response = client.responses.create(model=MODEL, input="Hello there", max_output_tokens=12, temperature=0)
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    assert response.usage.output_tokens <= 12
+    events = list(client.responses.create(model=MODEL, input="Hello there", max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.output_text == response.output_text
+    assert final.usage.output_tokens == response.usage.output_tokens
+
+
+def test_openai_models_and_completions(server):
+    client = clients(server)[0]
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    completion = client.completions.create(model=MODEL, prompt="<|start|>user<|message|>Hi<|end|><|start|>assistant", max_tokens=5, temperature=0)
+    assert completion.object == "text_completion" and completion.usage.completion_tokens <= 5
+
+
+# -- raw Workers AI -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, key", [
+    ({"prompt": "Hello", "max_tokens": 10, "temperature": 0}, "response"),
+    ({"messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hello"}], "max_tokens": 10, "temperature": 0}, "choices"),
+    ({"input": "Hello", "max_output_tokens": 10, "temperature": 0}, "output"),
+])
+def test_ai_run_shapes_sync_and_stream(server, body, key):
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["success"] is True and data["errors"] == [] and key in data["result"]
+    with httpx.stream("POST", server.run_url(), json={**body, "stream": True}, headers=server.headers, timeout=120) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+        frames = sse_frames(streamed)
+    assert frames[-1] == "[DONE]"
+    if key == "response":
+        assert "".join(f["response"] for f in frames[:-1]) == data["result"]["response"]
+        assert frames[-2]["usage"]["completion_tokens"] == data["result"]["usage"]["completion_tokens"]
+    elif key == "choices":
+        assert all(f["object"] == "chat.completion.chunk" for f in frames[:-1])
+        assert "usage" in frames[-2]  # /ai/run always sends the usage chunk
+    else:
+        assert frames[-2]["type"] in ("response.completed", "response.incomplete")
+
+
+def test_models_search_and_schema(server):
+    found = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/search", headers=server.headers).json()
+    assert found["success"] and found["result"][0]["id"] == MODEL
+    schema = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL}, headers=server.headers).json()
+    assert "oneOf" in schema["result"]["input"] and "output" in schema["result"]
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def error_code(response: httpx.Response) -> int:
+    return response.json()["errors"][0]["code"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"nothing": 1}, "oneOf at '/' not met, 0 matches"),
+    ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "2 matches"),
+    ({"prompt": "a", "temperature": 9}, "/temperature"),
+    ({"prompt": "a", "top_k": 0}, "/top_k"),
+    ({"prompt": "a", "seed": 0}, "/seed"),
+    ({"prompt": ""}, "/prompt"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "/messages/0/role"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, "tool_call_id"),
+])
+def test_bad_input_is_5006_and_says_what(server, body, fragment):
+    response = post(server, body)
+    assert response.status_code == 400 and error_code(response) == 5006
+    assert fragment in response.json()["errors"][0]["message"]
+
+
+def test_unknown_model_context_and_lora_errors(server):
+    unknown = post(server, {"prompt": "a"}, model="@cf/meta/llama")
+    assert unknown.status_code == 400 and error_code(unknown) == 5007 and "No such model @cf/meta/llama" in unknown.text
+    too_long = post(server, {"prompt": "a", "max_tokens": 200000})
+    assert too_long.status_code == 400 and error_code(too_long) == 8
+    assert "200000" in too_long.text and "128000" in too_long.text
+    lora = post(server, {"prompt": "a", "lora": "no-such-adapter"})
+    assert lora.status_code == 400 and error_code(lora) == 5005
+
+
+def test_auth_and_body_cap(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(server.run_url(), json={"prompt": "a"}, headers=headers)
+        assert response.status_code == 403
+        assert response.json() == {"success": False, "errors": [{"code": 10000, "message": "Authentication error"}], "messages": [], "result": None}
+    big = post(server, {"prompt": "x" * (10 * 1024 * 1024 + 10)})
+    assert big.status_code == 413 and error_code(big) == 3006
+    openai_style = httpx.post(f"{server.base}/v1/chat/completions", json={"model": MODEL}, headers=server.headers)
+    assert openai_style.status_code == 400 and "error" in openai_style.json()
+
+
+def test_busy_rate_limit_and_timeout(small_server):
+    s = small_server
+    with httpx.stream("POST", s.run_url(), json={"prompt": "long", "max_tokens": 2000, "temperature": 0, "stream": True}, timeout=60) as running:
+        lines = running.iter_lines()
+        first = next(lines)
+        assert s.health()["running"] == 1, first + "".join(lines)  # the only slot is taken
+        busy = httpx.post(s.run_url(), json={"prompt": "a", "max_tokens": 2, "options": {"rejectIfBusy": True}}, timeout=30)
+        assert busy.status_code == 429 and error_code(busy) == 3040
+        assert "Capacity temporarily exceeded" in busy.text
+    timeout = httpx.post(s.run_url(), json={"prompt": "slow", "max_tokens": 5000}, timeout=60)
+    assert timeout.status_code == 408 and error_code(timeout) == 3007
+    limited = [httpx.post(s.run_url(), json={"prompt": "a", "max_tokens": 1}, timeout=60) for _ in range(3)]
+    assert limited[-1].status_code == 429 and error_code(limited[-1]) == 3036
+
+
+# -- streams under load and cancellation -------------------------------------------------------------
+
+def test_closing_a_stream_frees_the_engine(server):
+    with httpx.stream("POST", server.run_url(), json={"prompt": "go on", "max_tokens": 3000, "stream": True},
+                      headers=server.headers, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.health()["running"] == 1
+    for _ in range(100):
+        health = server.health()
+        if health["running"] == 0 and health["kv_blocks_used"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert health["running"] == 0 and health["kv_blocks_used"] == 0 and health["kv_sliding_blocks_used"] == 0
+
+
+def test_32_concurrent_streams_complete(server):
+    async def one(client: httpx.AsyncClient, i: int) -> list:
+        body = {"messages": [{"role": "user", "content": f"request {i}"}], "max_tokens": 8, "temperature": 0.7, "seed": i + 1, "stream": True}
+        async with client.stream("POST", server.run_url(), json=body, headers=server.headers) as response:
+            assert response.status_code == 200
+            frames = []
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    frames.append(line[6:])
+            return frames
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    for frames in asyncio.run(all_of_them()):
+        assert frames[-1] == "[DONE]"
+        chunks = [json.loads(f) for f in frames[:-1]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert chunks[-1]["usage"]["completion_tokens"] <= 8
+
+
+def test_metrics_report_requests_and_cost(server):
+    post(server, {"prompt": "count me", "max_tokens": 3})
+    text = httpx.get(server.base + "/metrics").text
+    assert "ossrun_requests_total" in text and "ossrun_cost_usd_total" in text and "ossrun_kv_cache_usage" in text
+    assert 'ossrun_tokens_total{kind="completion"}' in text
