@@ -1,0 +1,108 @@
+"""The async batch queue through the real server: results, crash safety with kill -9, interactive latency."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.server_util import start_server
+
+
+def queue(server, requests: list[dict]) -> str:
+    response = httpx.post(server.run_url(), params={"queueRequest": "true"}, json={"requests": requests}, timeout=60)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    assert result["status"] == "queued" and result["model"] == "@cf/openai/gpt-oss-20b"
+    return result["request_id"]
+
+
+def poll(server, request_id: str) -> dict:
+    response = httpx.post(server.run_url(), json={"request_id": request_id}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["result"]
+
+
+def wait_done(server, request_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = poll(server, request_id)
+        if "responses" in result:
+            return result
+        assert result["status"] in ("queued", "running")
+        time.sleep(0.3)
+    raise AssertionError("batch did not finish")
+
+
+def items(n: int, max_tokens: int = 4) -> list[dict]:
+    shapes = [
+        lambda i: {"prompt": f"item {i}", "max_tokens": max_tokens, "temperature": 0},
+        lambda i: {"messages": [{"role": "user", "content": f"item {i}"}], "max_tokens": max_tokens, "temperature": 0},
+        lambda i: {"input": f"item {i}", "max_output_tokens": max_tokens, "temperature": 0},
+    ]
+    return [{**shapes[i % 3](i), "external_reference": f"ref-{i}"} for i in range(n)]
+
+
+def test_fifty_requests_complete_once_in_order(checkpoints, tmp_path):
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        request_id = queue(server, items(50))
+        result = wait_done(server, request_id)
+        responses = result["responses"]
+        assert [r["id"] for r in responses] == list(range(50))
+        assert [r["external_reference"] for r in responses] == [f"ref-{i}" for i in range(50)]
+        assert all(r["success"] for r in responses)
+        assert "response" in responses[0]["result"] and "choices" in responses[1]["result"] and "output" in responses[2]["result"]
+        assert result["usage"]["completion_tokens"] == sum(
+            r["result"]["usage"].get("completion_tokens", r["result"]["usage"].get("output_tokens", 0)) for r in responses)
+        # the same item sync gives the same result (greedy)
+        sync = httpx.post(server.run_url(), json={"prompt": "item 0", "max_tokens": 4, "temperature": 0}, timeout=60).json()["result"]
+        assert sync["response"] == responses[0]["result"]["response"]
+        unknown = httpx.post(server.run_url(), json={"request_id": "00000000-0000-0000-0000-000000000000"}, timeout=30)
+        assert unknown.status_code == 400 and "no queued request" in unknown.text
+        bad = httpx.post(server.run_url(), params={"queueRequest": "true"}, json={"requests": [{"prompt": "ok"}, {"prompt": "x", "top_k": 99}]})
+        assert bad.status_code == 400 and "requests[1]" in bad.text
+    finally:
+        server.stop()
+
+
+def test_kill_9_loses_nothing(checkpoints, tmp_path):
+    data = tmp_path / "data"
+    server = start_server(checkpoints["original"], data)
+    running_batch = queue(server, items(24, max_tokens=40))
+    for _ in range(200):  # wait until it is under way, then kill the server mid-batch
+        if poll(server, running_batch)["status"] == "running":
+            break
+        time.sleep(0.05)
+    just_queued = queue(server, items(5))
+    server.stop(signal.SIGKILL)
+
+    server = start_server(checkpoints["original"], data)
+    try:
+        for request_id, n in ((running_batch, 24), (just_queued, 5)):
+            result = wait_done(server, request_id)
+            assert [r["id"] for r in result["responses"]] == list(range(n))
+            assert all(r["success"] for r in result["responses"])
+            assert [r["external_reference"] for r in result["responses"]] == [f"ref-{i}" for i in range(n)]
+    finally:
+        server.stop()
+
+
+def test_interactive_requests_are_answered_while_a_batch_runs(checkpoints, tmp_path):
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        request_id = queue(server, items(60, max_tokens=30))
+        time.sleep(0.5)
+        assert poll(server, request_id)["status"] == "running"  # the batch fills the engine while we ask
+        latencies = []
+        for i in range(5):
+            start = time.monotonic()
+            reply = httpx.post(server.run_url(), json={"prompt": f"now {i}", "max_tokens": 8}, timeout=120)
+            assert reply.status_code == 200
+            latencies.append(time.monotonic() - start)
+        print(f"interactive latency during a 60-item batch: {[round(x, 2) for x in latencies]}")
+        wait_done(server, request_id)
+    finally:
+        server.stop()
