@@ -157,6 +157,7 @@ def serve(
     kv_cache_gib: float = typer.Option(2.0, help="Memory for the KV cache."),
     max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),
     request_timeout: float = typer.Option(600.0, help="Seconds a sync request may run before a 408."),
+    max_model_len: int = typer.Option(128000, min=16, help="Served context window (prompt + max_tokens)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
@@ -166,7 +167,7 @@ def serve(
     settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype.value, device=device,
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
-                              request_timeout_s=request_timeout)
+                              request_timeout_s=request_timeout, max_model_len=max_model_len)
     run_server(settings)
 
 

@@ -137,4 +137,17 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     app.include_router(workers_ai.router)
     app.include_router(openai_routes.prefixed)
     app.include_router(openai_routes.bare)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            from ossrun.api.schemas import openapi_components
+
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

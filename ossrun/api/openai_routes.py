@@ -57,9 +57,12 @@ async def models(request: Request):
 
 def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["OpenAI"], include_in_schema=include_in_schema)
-    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], summary="Chat completions")
-    router.add_api_route("/responses", responses, methods=["POST"], summary="Responses")
-    router.add_api_route("/completions", completions, methods=["POST"], summary="Text completions")
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], summary="Chat completions",
+                         openapi_extra=schemas.body_schema(schemas.ChatCompletionRequest))
+    router.add_api_route("/responses", responses, methods=["POST"], summary="Responses",
+                         openapi_extra=schemas.body_schema(schemas.ResponsesRequest))
+    router.add_api_route("/completions", completions, methods=["POST"], summary="Text completions",
+                         openapi_extra=schemas.body_schema(schemas.CompletionRequest))
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
     return router
 

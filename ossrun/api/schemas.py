@@ -227,3 +227,22 @@ def output_schema() -> dict[str, Any]:
             {"title": "Responses", "type": "object", "properties": {"object": {"const": "response"}, "output": {"type": "array"}}},
         ],
     }
+
+
+def body_schema(*models: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its own body: the body's schema by reference."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+DOCUMENTED = (PromptInput, MessagesInput, ResponsesInput, BatchInput, PollInput, ChatCompletionRequest, ResponsesRequest,
+              CompletionRequest, FinetuneCreate)
+
+
+def openapi_components() -> dict[str, Any]:
+    """JSON schemas of every documented body, with refs into `#/components/schemas`."""
+    from pydantic.json_schema import models_json_schema
+
+    _, top = models_json_schema([(m, "validation") for m in DOCUMENTED], ref_template="#/components/schemas/{model}")
+    return top.get("$defs", {})

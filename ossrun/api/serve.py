@@ -26,6 +26,7 @@ class ServerSettings:
     kv_cache_gib: float = 2.0
     max_batch_requests: int = 1000
     request_timeout_s: float = 600.0
+    max_model_len: int = 128000
 
 
 def _parse_loras(items: list[str]) -> dict[str, Path]:
@@ -50,7 +51,7 @@ def load_engine(settings: ServerSettings):
         path = resolve_model(settings.model)
         progress.update(task, advance=1, description=f"loading {path}")
         engine = AsyncEngine.from_model(path, settings.dtype, settings.device, max_num_seqs=settings.max_num_seqs,
-                                        kv_cache_bytes=int(settings.kv_cache_gib * 1024**3))
+                                        kv_cache_bytes=int(settings.kv_cache_gib * 1024**3), max_model_len=settings.max_model_len)
         progress.update(task, advance=1, description="warming up the tokenizer")
         from ossrun import harmony
 

@@ -58,11 +58,12 @@ class Outcome:
     anomalies: list[str] = field(default_factory=list)
 
 
-def _max_tokens(body: dict[str, Any], defaults: dict[str, Any]) -> int:
+def _max_tokens(body: dict[str, Any], defaults: dict[str, Any], room: int) -> int:
+    """The request's own limit, else the surface's default, but never more than the context has left."""
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         if body.get(key) is not None:
             return int(body[key])
-    return defaults["max_tokens"]
+    return max(1, min(defaults["max_tokens"], room))
 
 
 def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
@@ -161,7 +162,7 @@ class Service:
             raise bad_input(f"Error: {exc}") from None
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
-        max_tokens = _max_tokens(body, defaults)
+        max_tokens = _max_tokens(body, defaults, self.engine.max_model_len - len(prompt_ids))
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,

@@ -60,7 +60,9 @@ def stream_response(service: Service, plan: Plan) -> StreamingResponse:
     return StreamingResponse(body, media_type=SSE, headers={"Cache-Control": "no-cache"})
 
 
-@router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)")
+@router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",
+             openapi_extra=schemas.body_schema(schemas.PromptInput, schemas.MessagesInput, schemas.ResponsesInput,
+                                               schemas.BatchInput, schemas.PollInput))
 async def run(account_id: str, model: str, request: Request, queueRequest: bool = False):
     service = service_of(request)
     service.check_model(model)
@@ -155,7 +157,7 @@ async def models_schema(account_id: str, request: Request, model: str):
     return envelope({"input": schemas.input_schema(), "output": schemas.output_schema()})
 
 
-@router.post("/finetunes", summary="Create a LoRA fine-tune")
+@router.post("/finetunes", summary="Create a LoRA fine-tune", openapi_extra=schemas.body_schema(schemas.FinetuneCreate))
 async def create_finetune(account_id: str, request: Request):
     service = service_of(request)
     spec = schemas.parse(schemas.FinetuneCreate, await json_body(request))
