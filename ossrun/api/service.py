@@ -157,9 +157,14 @@ class Service:
                 if forced is not None:
                     if forced not in rendered.tool_names:
                         raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
-                    prompt_ids += harmony.encode(f"<|channel|>commentary to=functions.{forced} <|constrain|>json<|message|>", allow_special=True)
+                    prompt_ids += harmony.tool_call_prefix(forced)
         except harmony.RenderError as exc:
             raise bad_input(f"Error: {exc}") from None
+        except BaseException as exc:
+            # The Rust tokenizer panics (a BaseException) on some huge inputs, e.g. megabytes without a space.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise bad_input("Error: the prompt cannot be tokenized (is it one enormous word?)") from None
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
         max_tokens = _max_tokens(body, defaults, self.engine.max_model_len - len(prompt_ids))

@@ -18,7 +18,7 @@ from .events import (
 )
 from .inputs import RenderError
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
-from .render import RenderedPrompt, reasoning_effort, render_request, tool_descriptions
+from .render import RenderedPrompt, reasoning_effort, render_request, tool_call_prefix, tool_descriptions
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -76,5 +76,6 @@ __all__ = [
     "reasoning_effort",
     "render_request",
     "token_bytes",
+    "tool_call_prefix",
     "tool_descriptions",
 ]

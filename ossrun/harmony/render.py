@@ -149,3 +149,12 @@ def _developer_message(instructions: list[str], tools: list[ToolDescription]) ->
     if tools:
         content = content.with_function_tools(tools)
     return Message.from_role_and_content(Role.DEVELOPER, content)
+
+
+def tool_call_prefix(name: str) -> list[int]:
+    """The assistant header of a call to `functions.NAME`, to append to a prompt that ends in
+    `<|start|>assistant`: generation then continues inside that call's JSON arguments (a forced
+    `tool_choice`). Parse the completion with `StreamParser(prompt_ids=...)` to pick the call up."""
+    from .tokenizer import encode
+
+    return encode(f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>", allow_special=True)
