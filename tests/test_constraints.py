@@ -1,0 +1,284 @@
+"""Structured output on the tiny random model: its tokens are noise, so only the grammar can make these pass.
+
+Every completion is read back with `ossrun.harmony`'s parser, whole (`parse_completion`) and token by
+token (`StreamParser`, what the streaming routes use), and validated with `jsonschema`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from ossrun.engine.constraints import (
+    ConstraintCompiler,
+    ConstraintViolation,
+    GrammarError,
+    default_reasoning_budget,
+)
+from ossrun.engine.engine import Engine, EngineOptions
+from ossrun.engine.request import Request, SamplingParams
+from ossrun.harmony import (
+    CHANNEL,
+    END,
+    START,
+    STOP_TOKENS,
+    VOCAB_SIZE,
+    ContentDelta,
+    StreamParser,
+    ToolCallArgumentsDelta,
+    ToolCallStart,
+    encode,
+    fold_events,
+    parse_completion,
+    render_request,
+)
+from ossrun.model.checkpoint import load_checkpoint
+from ossrun.model.gpt_oss import GptOss
+
+
+def string(n: int = 12) -> dict:
+    return {"type": "string", "maxLength": n}
+
+
+def integer(lo: int = 0, hi: int = 100) -> dict:
+    return {"type": "integer", "minimum": lo, "maximum": hi}
+
+
+def obj(props: dict, required: list[str] | None = None) -> dict:
+    return {"type": "object", "properties": props, "required": list(props) if required is None else required,
+            "additionalProperties": False}
+
+
+# Bounded strings and numbers: a random model never closes an unbounded string on its own (a real
+# model does), and these tests must end within max_tokens.
+SCHEMAS = [
+    obj({"name": string(), "color": {"enum": ["red", "green", "blue"]}, "count": integer()}),
+    obj({"user": obj({"id": integer(1, 9999), "email": string(20), "role": {"enum": ["admin", "viewer"]}}),
+         "active": {"type": "boolean"}}),
+    obj({"items": {"type": "array", "minItems": 1, "maxItems": 3,
+                   "items": obj({"sku": string(8), "qty": integer(1, 9), "unit": {"enum": ["kg", "pcs"]}})}}),
+    obj({"title": string(16),
+         "meta": obj({"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4},
+                      "score": integer(-5, 5), "note": string(10)}, required=["tags"]),
+         "flag": {"type": "boolean"}}, required=["title", "meta"]),
+    obj({"grid": {"type": "array", "minItems": 1, "maxItems": 2,
+                  "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": integer(0, 9)}},
+         "shape": {"anyOf": [obj({"kind": {"const": "circle"}, "r": integer(1, 50)}),
+                             obj({"kind": {"const": "square"}, "side": integer(1, 50)})]},
+         "level": {"enum": [1, 2, 3, None]}}),
+]
+WEATHER = obj({"city": string(16), "unit": {"enum": ["c", "f"]}, "days": integer(1, 7)}, required=["city", "unit"])
+SEARCH = obj({"query": string(20), "limit": integer(1, 10)})
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "search", "description": "Web search", "parameters": SEARCH}},
+]
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    compiler = ConstraintCompiler()
+    yield compiler
+    compiler.close()
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32)
+
+
+def make_engine(model) -> Engine:
+    engine = Engine(model, EngineOptions(kv_dtype=torch.float32, max_tokens_per_step=512, kv_cache_bytes=64 * 1024**2,
+                                         max_model_len=4096, max_num_seqs=32))
+    if not hasattr(Engine, "_advance_constraint"):  # until the engine feeds its constraints itself
+        postprocess = engine._postprocess
+
+        def feeding_postprocess(seq, output, i):
+            if seq.error is None and seq.request.constraint is not None:
+                seq.request.constraint.advance(output.token_ids[i])
+            return postprocess(seq, output, i)
+
+        engine._postprocess = feeding_postprocess
+    return engine
+
+
+def generated(events) -> list[int]:
+    return [e.token_id for e in events if e.token_id is not None]
+
+
+def streamed(tokens: list[int]):
+    """What a streaming route sees: events token by token, folded."""
+    parser = StreamParser()
+    events = [e for t in tokens for e in parser.feed(t)] + parser.finish()
+    return events, fold_events(events, parser.anomalies)
+
+
+def sampled(seed: int, max_tokens: int = 600) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, stop_token_ids=STOP_TOKENS)
+
+
+def feed(constraint, text: str) -> list[int]:
+    """Drive a constraint through `text` (harmony tokens spelled out) as the engine would."""
+    tokens = encode(text, allow_special=True)
+    for token in tokens:
+        assert constraint.allowed_tokens()[token], f"token {token} refused in {text!r}"
+        constraint.advance(token)
+    return tokens
+
+
+# -- on the engine ------------------------------------------------------------------------------
+
+def test_twenty_json_schema_requests_parse_and_validate(model, compiler):
+    prompt = render_request({"messages": [{"role": "user", "content": "Describe it as JSON."}]}).token_ids
+    requests = [Request(str(i), prompt, sampled(seed=i + 1),
+                        constraint=compiler.json_final(SCHEMAS[i % len(SCHEMAS)], reasoning_budget=16)) for i in range(20)]
+    results = make_engine(model).generate(requests)
+    reasoned = 0
+    for i in range(20):
+        tokens, schema = generated(results[str(i)]), SCHEMAS[i % len(SCHEMAS)]
+        assert results[str(i)][-1].finish_reason == "stop" and tokens[-1] == STOP_TOKENS[0], f"request {i}"
+        whole = parse_completion(tokens)
+        events, stream = streamed(tokens)
+        assert whole.finish_reason == stream.finish_reason == "stop" and not whole.anomalies
+        assert whole.content == stream.content and not whole.tool_calls
+        jsonschema.validate(json.loads(whole.content), schema)
+        reasoned += bool(whole.reasoning)
+    assert reasoned > 0  # the analysis channel stays open to the model
+
+
+def test_named_tool_choice_forces_that_call_with_valid_arguments(model, compiler):
+    prompt = render_request({"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": TOOLS}).token_ids
+    requests = [Request(str(i), prompt, sampled(seed=100 + i),
+                        constraint=compiler.tool_call("get_weather", WEATHER, reasoning_budget=8)) for i in range(4)]
+    results = make_engine(model).generate(requests)
+    for i in range(4):
+        tokens = generated(results[str(i)])
+        assert results[str(i)][-1].stop_reason == STOP_TOKENS[1]  # <|call|>
+        whole = parse_completion(tokens)
+        events, stream = streamed(tokens)
+        assert whole.finish_reason == stream.finish_reason == "tool_calls"
+        assert whole.content == stream.content == "" and not any(isinstance(e, ContentDelta) for e in events)
+        assert [c.name for c in whole.tool_calls] == ["get_weather"] and not whole.anomalies
+        jsonschema.validate(json.loads(whole.tool_calls[0].arguments), WEATHER)
+        starts = [e for e in events if isinstance(e, ToolCallStart)]
+        deltas = "".join(e.text for e in events if isinstance(e, ToolCallArgumentsDelta))
+        assert [s.name for s in starts] == ["get_weather"] and deltas == whole.tool_calls[0].arguments
+
+
+def test_required_calls_one_of_the_tools(model, compiler):
+    prompt = render_request({"messages": [{"role": "user", "content": "Help."}], "tools": TOOLS}).token_ids
+    constraint = lambda: compiler.tools({"get_weather": WEATHER, "search": SEARCH}, "required", reasoning_budget=8)  # noqa: E731
+    results = make_engine(model).generate([Request(str(i), prompt, sampled(seed=200 + i), constraint=constraint()) for i in range(6)])
+    for i in range(6):
+        whole = parse_completion(generated(results[str(i)]))
+        assert whole.finish_reason == "tool_calls" and whole.content == "" and len(whole.tool_calls) == 1
+        call = whole.tool_calls[0]
+        jsonschema.validate(json.loads(call.arguments), {"get_weather": WEATHER, "search": SEARCH}[call.name])
+
+
+def test_auto_and_none_on_the_engine(model, compiler):
+    prompt = render_request({"messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS}).token_ids
+    tools = {"get_weather": WEATHER, "search": SEARCH}
+    requests = [Request(f"auto{i}", prompt, sampled(seed=300 + i, max_tokens=300),
+                        constraint=compiler.tools(tools, "auto", reasoning_budget=8)) for i in range(6)]
+    requests += [Request(f"none{i}", prompt, sampled(seed=400 + i, max_tokens=300),
+                         constraint=compiler.tools(tools, "none", final_schema=SCHEMAS[0], reasoning_budget=8)) for i in range(3)]
+    results = make_engine(model).generate(requests)
+    for name, events in results.items():
+        whole = parse_completion(generated(events), reason_if_not_stopped=events[-1].finish_reason)
+        assert not whole.anomalies
+        if whole.tool_calls:  # "auto" may call; the arguments then follow the tool's schema
+            assert name.startswith("auto") and whole.finish_reason == "tool_calls" and len(whole.tool_calls) == 1
+            jsonschema.validate(json.loads(whole.tool_calls[0].arguments), tools[whole.tool_calls[0].name])
+        elif name.startswith("none"):
+            jsonschema.validate(json.loads(whole.content), SCHEMAS[0])
+
+
+def test_unconstrained_requests_pay_nothing(model, compiler, monkeypatch):
+    prompt = render_request({"messages": [{"role": "user", "content": "Hello"}]}).token_ids
+    free = lambda rid: Request(rid, prompt, SamplingParams(max_tokens=12, temperature=0))  # noqa: E731
+    engine = make_engine(model)
+    masks_seen = []
+    sampler = engine.runner.sampler
+    engine.runner.sampler = lambda logits, states, masks=None: masks_seen.append(masks) or sampler(logits, states, masks)
+    alone = generated(engine.generate([free("alone")])["alone"])
+    assert masks_seen and all(m is None for m in masks_seen)  # no mask built, none applied
+    beside = engine.generate([free("beside"), Request("json", prompt, sampled(seed=5), constraint=compiler.json_final(SCHEMAS[0], reasoning_budget=4))])
+    assert generated(beside["beside"]) == alone  # a constrained neighbour changes nothing
+
+
+# -- the grammar itself ---------------------------------------------------------------------------
+
+def test_what_gpt_oss_writes_is_accepted_and_parsed(compiler):
+    reply = feed(compiler.tool_call("get_weather", WEATHER),
+                 '<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant'
+                 '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo","unit":"c"}<|call|>')
+    whole = parse_completion(reply)
+    assert (whole.reasoning, whole.finish_reason, whole.anomalies) == ("Need the weather tool.", "tool_calls", [])
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == [("get_weather", '{"city":"Oslo","unit":"c"}')]
+    constraint = compiler.json_final(None)  # json_object: any JSON object
+    feed(constraint, '<|channel|>final<|message|>{"any": [1, {"thing": null}]}<|return|>')
+    assert constraint.is_finished
+
+
+def test_reasoning_is_free_text_without_special_tokens(compiler):
+    constraint = compiler.json_final(SCHEMAS[0])
+    feed(constraint, "<|channel|>analysis<|message|>Let me think")
+    mask = constraint.allowed_tokens()
+    specials = mask[199998:].nonzero().flatten() + 199998
+    assert specials.tolist() == [END] and int(mask.sum()) > 190000
+    with pytest.raises(ConstraintViolation, match="token 200006 .*not allowed here"):
+        constraint.advance(START)
+    with pytest.raises(ConstraintViolation, match="not allowed here"):  # a failed grammar stays failed
+        constraint.allowed_tokens()
+
+
+def test_reasoning_budget_closes_the_analysis_message(compiler):
+    constraint = compiler.json_final(SCHEMAS[0], reasoning_budget=3)
+    feed(constraint, "<|channel|>analysis<|message|> one two three")
+    assert constraint.reasoning_tokens == 3
+    assert constraint.allowed_tokens().nonzero().flatten().tolist() == [END]
+    feed(constraint, '<|end|><|start|>assistant<|channel|>final<|message|>{"name":"x","color":"red","count":1}<|return|>')
+    no_reasoning = compiler.json_final(SCHEMAS[0], reasoning_budget=0)
+    assert no_reasoning.allowed_tokens().nonzero().flatten().tolist() == [CHANNEL]
+    no_reasoning.advance(CHANNEL)
+    assert not no_reasoning.allowed_tokens()[encode("analysis")[0]]
+    assert default_reasoning_budget(256) == 128 and default_reasoning_budget(4096) == 3072 and default_reasoning_budget(1) == 1
+
+
+def test_none_forbids_calls_and_auto_constrains_arguments(compiler):
+    with pytest.raises(AssertionError, match="refused"):
+        feed(compiler.tools({"search": SEARCH}, "none"), "<|channel|>commentary to=functions.search")
+    auto = compiler.tools({"search": SEARCH}, "auto")
+    feed(auto, '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"query":')
+    assert not auto.allowed_tokens()[encode("42")[0]]  # the schema wants a string here
+    free = compiler.tools({"search": SEARCH}, "auto")
+    feed(free, "<|channel|>final<|message|>Plain text, no call.<|return|>")
+    assert compiler.tools({}, "auto") is None and compiler.tools({}, "none") is None
+
+
+@pytest.mark.parametrize(("build", "reason"), [
+    (lambda c: c.json_final({"type": "objekt"}), "Invalid type: objekt"),
+    (lambda c: c.json_final({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}), "/nowhere"),
+    (lambda c: c.json_final({"oneOf": [{"type": "integer"}, {"type": "number"}]}), "oneOf"),
+    (lambda c: c.json_final(["not", "a", "schema"]), "must be a JSON object"),
+    (lambda c: c.tool_call("get_weather", {"type": "string", "format": "no-such-format"}), "parameters of tool 'get_weather'"),
+    (lambda c: c.tool_call("bad name", None), "tool name"),
+    (lambda c: c.tools({}, "required"), "at least one tool"),
+])
+def test_a_schema_that_cannot_compile_is_a_grammar_error_with_the_reason(compiler, build, reason):
+    with pytest.raises(GrammarError, match=reason):
+        build(compiler)
+
+
+def test_compiled_grammars_are_cached_and_masks_have_the_vocabulary_size(compiler):
+    schema = obj({"cache_probe": string()})
+    compiler.json_final(schema)
+    compiled = compiler.compiled
+    constraint = compiler.json_final(schema)
+    assert compiler.compiled == compiled
+    mask = constraint.allowed_tokens()
+    assert mask.dtype == torch.bool and mask.shape == (VOCAB_SIZE,) and mask.nonzero().flatten().tolist() == [CHANNEL]
