@@ -25,11 +25,43 @@ from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
 from ossrun.batch.worker import BatchWorker
-from ossrun.finetunes import FinetuneStore
+from ossrun.finetunes import MAX_ASSET_BYTES, FinetuneStore
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
+# Adapter uploads may be up to 300 MB (spec §7); the multipart framing needs a little more.
+MAX_ASSET_BODY_BYTES = MAX_ASSET_BYTES + 1024 * 1024
+
+
+def body_limit(path: str) -> int:
+    return MAX_ASSET_BODY_BYTES if path.endswith("/finetune-assets") else MAX_BODY_BYTES
+
+
+class BodyLimit:
+    """Counts the bytes a body really has, so a chunked upload without Content-Length meets the same cap.
+
+    Raising from `receive` lands in the route, whose exception handler answers 413 in the surface's envelope.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, seen = body_limit(scope["path"]), 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(*TOO_LARGE)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 @dataclass
@@ -90,6 +122,7 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     app.state.service = service
     app.state.batch_worker = worker
     limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.add_middleware(BodyLimit)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -99,7 +132,7 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = 0
-        if length > MAX_BODY_BYTES:
+        if length > body_limit(path):
             return _error_response(path, ApiError(*TOO_LARGE))
         token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
         if settings.api_token and not open_path and not hmac.compare_digest(token.encode(), settings.api_token.encode()):
@@ -142,10 +175,12 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
+            from ossrun.api.openapi import finish_document
             from ossrun.api.schemas import openapi_components
 
             document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            finish_document(document, service.model_names)
             app.openapi_schema = document
         return app.openapi_schema
 

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ossrun.api.errors import ApiError, bad_input
 
 Effort = Literal["low", "medium", "high"]
 
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs")
+
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Strict like the hosted JSON Schema validator: "0.5" is no number and 1 is no boolean.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """JSON Schema's "integer" includes 5.0 (JavaScript cannot tell them apart); strict pydantic does not."""
+        if isinstance(data, dict) and any(isinstance(data.get(k), float) and data[k].is_integer() for k in INTEGER_FIELDS):
+            data = {**data, **{k: int(data[k]) for k in INTEGER_FIELDS if isinstance(data.get(k), float) and data[k].is_integer()}}
+        return data
 
 
 class ResponseFormat(_Open):
@@ -94,8 +105,8 @@ class ToolCall(_Open):
 
 
 class TextPart(_Open):
-    type: str
-    text: str | None = None
+    type: Literal["text", "input_text", "output_text"]
+    text: str
 
 
 class Message(_Open):

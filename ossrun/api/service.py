@@ -144,7 +144,7 @@ class Service:
     # -- planning -------------------------------------------------------------------------------
     def plan(self, shape: str, body: dict[str, Any], openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
-        raw = bool(body.get("raw")) or shape == "completions"
+        raw = (bool(body.get("raw")) and shape == "prompt") or shape == "completions"  # `raw` is a Prompt-shape field
         forced = None
         try:
             if raw:
@@ -174,7 +174,7 @@ class Service:
                 temperature=float(body["temperature"]) if body.get("temperature") is not None else defaults["temperature"],
                 top_p=float(body.get("top_p") or 1.0),
                 top_k=int(body.get("top_k") or 0),
-                seed=body.get("seed"),
+                seed=int(body["seed"]) if body.get("seed") is not None else None,
                 repetition_penalty=float(body.get("repetition_penalty") or 1.0) or 1.0,
                 frequency_penalty=float(body.get("frequency_penalty") or 0.0),
                 presence_penalty=float(body.get("presence_penalty") or 0.0),

@@ -183,6 +183,8 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
 
     try:
         form = await request.form()
+    except ApiError:  # the body cap
+        raise
     except Exception:
         raise ApiError(400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'") from None
     file_name, upload = form.get("file_name"), form.get("file")

@@ -1,0 +1,491 @@
+"""What every route answers, as pydantic models, and the pass that writes them into the OpenAPI document.
+
+The routes build plain dicts (results.py); these models only document them, so the fuzz test can
+hold each real answer against its declared schema. Errors are documented with the status codes the
+server really sends (400, never FastAPI's default 422) in the envelope of their surface.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ossrun.api.errors import is_openai_path
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- usage ---------------------------------------------------------------------------------------------
+
+class PromptTokensDetails(_Out):
+    cached_tokens: int = Field(ge=0)
+
+
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int = Field(ge=0)
+
+
+class Usage(_Out):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+    cost_usd: float = Field(ge=0, description="At the hosted price per million tokens")
+    neurons: float = Field(ge=0, description="At the hosted neuron rates")
+
+
+# -- Prompt ----------------------------------------------------------------------------------------------
+
+class PromptToolCall(_Out):
+    name: str
+    arguments: Any = Field(description="The parsed JSON arguments (the raw text when they do not parse)")
+
+
+class PromptResult(_Out):
+    response: str
+    usage: Usage
+    tool_calls: list[PromptToolCall] | None = None
+
+
+# -- chat completions ------------------------------------------------------------------------------------
+
+class FunctionCallOut(_Out):
+    name: str
+    arguments: str
+
+
+class ChatToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class ChatMessageOut(_Out):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    refusal: None = None
+    tool_calls: list[ChatToolCall] = []
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Out):
+    content: list[TokenLogprobOut]
+
+
+class ChatChoice(_Out):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    stop_reason: str | int | None = None
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] = Field(min_length=1)
+    usage: Usage
+
+
+# -- Responses -------------------------------------------------------------------------------------------
+
+class ReasoningText(_Out):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+class ReasoningItem(_Out):
+    type: Literal["reasoning"]
+    id: str
+    summary: list[Any]
+    content: list[ReasoningText]
+
+
+class OutputText(_Out):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+
+
+class MessageItem(_Out):
+    type: Literal["message"]
+    id: str
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class FunctionCallItem(_Out):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = Annotated[Union[ReasoningItem, MessageItem, FunctionCallItem], Field(discriminator="type")]
+
+
+class InputTokensDetails(_Out):
+    cached_tokens: int = Field(ge=0)
+
+
+class OutputTokensDetails(_Out):
+    reasoning_tokens: int = Field(ge=0)
+
+
+class ResponsesUsage(_Out):
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    input_tokens_details: InputTokensDetails
+    output_tokens_details: OutputTokensDetails
+    cost_usd: float = Field(ge=0)
+    neurons: float = Field(ge=0)
+
+
+class IncompleteDetails(_Out):
+    reason: str
+
+
+class ResponseObject(_Out):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    model: str
+    status: Literal["completed", "incomplete", "in_progress"]
+    output: list[OutputItem]
+    output_text: str
+    usage: ResponsesUsage | None
+    incomplete_details: IncompleteDetails | None = None
+
+
+# -- completions and models ------------------------------------------------------------------------------
+
+class TextChoice(_Out):
+    index: int
+    text: str
+    logprobs: Any = None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice] = Field(min_length=1)
+    usage: Usage
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+# -- batch queue -----------------------------------------------------------------------------------------
+
+class Queued(_Out):
+    status: Literal["queued"]
+    request_id: str
+    model: str
+
+
+class BatchPending(_Out):
+    status: Literal["queued", "running"]
+    request_id: str
+
+
+class BatchItemResult(_Out):
+    id: int
+    result: Any
+    success: bool
+
+
+class BatchUsage(_Out):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class BatchDone(_Out):
+    status: Literal["done"]
+    request_id: str
+    responses: list[BatchItemResult]
+    usage: BatchUsage
+
+
+# -- the Workers AI envelopes ----------------------------------------------------------------------------
+
+class Task(_Out):
+    id: str
+    name: str
+    description: str
+
+
+class ModelEntry(_Out):
+    id: str
+    source: int
+    name: str
+    description: str
+    task: Task
+    tags: list[str]
+    properties: list[dict[str, Any]]
+
+
+class ModelSchemas(_Out):
+    input: dict[str, Any]
+    output: dict[str, Any]
+
+
+class FinetuneOut(_Out):
+    id: str
+    name: str
+    model: str
+    created_at: str
+    modified_at: str
+    description: str
+
+
+# -- stream frames (spec §5): one model per `data:` payload ---------------------------------------------
+
+class PromptFrame(_Out):
+    response: str
+    usage: Usage | None = None
+    tool_calls: list[PromptToolCall] | None = None
+
+
+class ChunkFunction(_Out):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChunkToolCall(_Out):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunction
+
+
+class ChunkDelta(_Out):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
+
+
+class ChunkChoice(_Out):
+    index: int
+    delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+
+
+class ChatCompletionChunk(_Out):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ResponsesEvent(_Out):
+    type: Literal["response.created", "response.in_progress", "response.output_item.added", "response.output_item.done",
+                  "response.content_part.added", "response.content_part.done", "response.reasoning_text.delta",
+                  "response.reasoning_text.done", "response.output_text.delta", "response.output_text.done",
+                  "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                  "response.completed", "response.incomplete"]
+    sequence_number: int = Field(ge=0)
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    item_id: str | None = None
+    content_index: int | None = None
+    delta: str | None = None
+    item: OutputItem | None = None
+
+
+class StreamErrorDetail(_Out):
+    message: str
+    code: int
+
+
+class StreamError(_Out):
+    """What a stream sends instead of its next frame when generation fails mid-way (then `[DONE]`)."""
+
+    error: StreamErrorDetail
+
+
+class _Envelope(_Out):
+    success: Literal[True]
+    errors: list[Any] = Field(max_length=0)
+    messages: list[Any]
+
+
+class RunEnvelope(_Envelope):
+    result: Union[PromptResult, ChatCompletion, ResponseObject, Queued, BatchPending, BatchDone]
+
+
+class ModelsEnvelope(_Envelope):
+    result: list[ModelEntry]
+
+
+class SchemaEnvelope(_Envelope):
+    result: ModelSchemas
+
+
+class FinetuneEnvelope(_Envelope):
+    result: FinetuneOut
+
+
+class FinetunesEnvelope(_Envelope):
+    result: list[FinetuneOut]
+
+
+class ErrorItem(_Out):
+    code: int
+    message: str
+
+
+class ErrorEnvelope(_Out):
+    result: dict[str, Any] | None
+    success: Literal[False]
+    errors: list[ErrorItem] = Field(min_length=1)
+    messages: list[Any]
+
+
+class OpenAIErrorDetail(_Out):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(_Out):
+    error: OpenAIErrorDetail
+
+
+class Health(_Out):
+    status: Literal["ok"]
+    model: str
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
+                   ChatCompletion, ResponseObject, TextCompletion, ModelList, OpenAIError, Health)
+
+# (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
+ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
+    ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 429)),
+    ("/ai/models/search", "get"): (ModelsEnvelope, (), (403,)),
+    ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
+    ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 429)),
+    ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
+    ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 429)),
+    ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 429)),
+    ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 429)),
+    ("/v1/completions", "post"): (TextCompletion, (), (400, 403, 408, 413, 429)),
+    ("/v1/models", "get"): (ModelList, (), (403,)),
+    ("/health", "get"): (Health, (), ()),
+    ("/metrics", "get"): (None, (), ()),
+}
+
+_REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
+            408: "Timeout", 413: "Body over 10 MB", 429: "Rate limited, or busy with options.rejectIfBusy"}
+
+ASSET_UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file_name", "file"],
+    "properties": {"file_name": {"type": "string", "enum": ["adapter_config.json", "adapter_model.safetensors"]},
+                   "file": {"type": "string", "format": "binary"}}}}}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def sse_event_schema(frames: tuple[type[BaseModel], ...]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.2's `itemSchema`): its `data` is a JSON frame, an error, or `[DONE]`."""
+    payload = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [_ref(m) for m in (*frames, StreamError)]}}
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string"}, "data": {"oneOf": [{"const": "[DONE]"}, payload]}}}
+
+
+def _route_for(path: str, method: str):
+    for (suffix, verb), spec in ROUTES.items():
+        if verb == method and path.endswith(suffix):
+            return spec
+    return None
+
+
+# Bodies whose `model` must name a served model (anything else is a 400, code 5007).
+MODEL_BODIES = ("ChatCompletionRequest", "ResponsesRequest", "CompletionRequest", "FinetuneCreate")
+
+
+def _pin_model_names(document: dict[str, Any], names: list[str]) -> None:
+    """`model` (path, query or body) documented as the served names, which is what the server accepts."""
+    served = {"type": "string", "enum": list(names)}
+    components = document["components"]["schemas"]
+    for name in MODEL_BODIES:
+        if "model" in components.get(name, {}).get("properties", {}):
+            components[name]["properties"]["model"] = {**served, "title": "Model"}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "model":
+                    parameter["schema"] = {**served, "title": "Model"}
+
+
+def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
+    """Write every route's real answers (success, stream, errors) into a FastAPI-generated document."""
+    from pydantic.json_schema import models_json_schema
+
+    _, top = models_json_schema([(m, "validation") for m in RESPONSE_MODELS], ref_template="#/components/schemas/{model}")
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    components.update(top.get("$defs", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            spec = _route_for(path, method)
+            if spec is None:
+                continue
+            model, frames, errors = spec
+            if path.endswith("/finetune-assets"):
+                operation["requestBody"] = ASSET_UPLOAD
+            ok: dict[str, Any] = {"application/json": {"schema": _ref(model)}} if model else {"text/plain": {"schema": {"type": "string"}}}
+            if frames:
+                ok["text/event-stream"] = {"itemSchema": sse_event_schema(frames)}
+            error_model = OpenAIError if is_openai_path(path) else ErrorEnvelope
+            responses = {"200": {"description": "Success" + (" (an SSE stream when `stream` is true)" if frames else ""), "content": ok}}
+            for status in errors:
+                responses[str(status)] = {"description": _REASONS[status], "content": {"application/json": {"schema": _ref(error_model)}}}
+            operation["responses"] = responses
+    _pin_model_names(document, model_names)
+    return document
