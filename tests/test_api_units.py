@@ -1,0 +1,197 @@
+"""The API's rooms one by one: validation and its 5006 messages, prices, the rate limiter, the body cap, envelopes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ossrun.api import schemas
+from ossrun.api.app import MAX_BODY_BYTES, AppSettings, RateLimiter, build_app
+from ossrun.api.errors import ApiError, is_openai_path
+from ossrun.api.metering import PRICES, USD_PER_NEURON
+from tests.api_fakes import FakeEngine
+
+MODEL = "@cf/openai/gpt-oss-20b"
+RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
+
+
+@pytest.fixture
+def client(tmp_path):
+    with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        yield c
+
+
+# -- shapes and validation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, shape", [
+    ({"prompt": "hi"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    ({"input": "hi"}, "responses"),
+    ({"input": [{"role": "user", "content": "hi"}], "reasoning": {"effort": "low"}}, "responses"),
+])
+def test_classify_picks_the_one_shape(body, shape):
+    assert schemas.classify(body)[0] == shape
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"prompt": "a", "temperature": "0.5"}, "at '/temperature'"),
+    ({"prompt": "a", "max_tokens": "5"}, "at '/max_tokens'"),
+    ({"prompt": "a", "max_tokens": 5.5}, "at '/max_tokens'"),
+    ({"prompt": "a", "stream": 1}, "at '/stream'"),
+    ({"prompt": "a", "top_p": 0}, "at '/top_p'"),
+    ({"prompt": "a", "top_k": 51}, "at '/top_k'"),
+    ({"prompt": "a", "seed": 10**10}, "at '/seed'"),
+    ({"prompt": "a", "repetition_penalty": 2.5}, "at '/repetition_penalty'"),
+    ({"prompt": "a", "frequency_penalty": -3}, "at '/frequency_penalty'"),
+    ({"prompt": "a", "presence_penalty": 3}, "at '/presence_penalty'"),
+    ({"prompt": "a", "response_format": {"type": "xml"}}, "at '/response_format/type'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]}, "at '/messages/0/content"),
+    ({"messages": []}, "at '/messages'"),
+    ({"input": "a", "reasoning": {"effort": "max"}}, "at '/reasoning/effort'"),
+    ({"input": "a", "max_output_tokens": 0}, "at '/max_output_tokens'"),
+    ([1, 2], "must be object"),
+])
+def test_out_of_range_is_5006_naming_the_field(body, fragment):
+    with pytest.raises(ApiError) as caught:
+        schemas.classify(body)
+    assert caught.value.status == 400 and caught.value.code == 5006
+    assert caught.value.message.startswith("AiError: Bad input: ") and fragment in caught.value.message
+
+
+def test_integral_floats_are_integers():
+    """JSON Schema's "integer" includes 5.0, so the hosted validator (JavaScript) accepts it; so do we."""
+    _, parsed = schemas.classify({"prompt": "a", "max_tokens": 5.0, "seed": 7.0, "top_k": 3.0})
+    assert (parsed.max_tokens, parsed.seed, parsed.top_k) == (5, 7, 3)
+
+
+def test_temperature_may_be_an_integer():
+    assert schemas.classify({"prompt": "a", "temperature": 1})[1].temperature == 1.0
+
+
+@pytest.mark.parametrize("body, matches", [({"nothing": 1}, "0 matches"), ({"prompt": "a", "input": "b"}, "2 matches (prompt, responses)")])
+def test_one_of_says_what_was_expected(body, matches):
+    with pytest.raises(ApiError) as caught:
+        schemas.classify(body)
+    message = caught.value.message
+    assert f"oneOf at '/' not met, {matches}" in message
+    assert all(f"required properties at '/' are '{key}'" in message for key in ("prompt", "messages", "input"))
+
+
+# -- prices -------------------------------------------------------------------------------------------------
+
+def test_prices_and_neurons_follow_the_spec():
+    p20 = PRICES["@cf/openai/gpt-oss-20b"]
+    assert p20.cost(1_000_000, 0) == (0.20, 18182)
+    assert p20.cost(0, 1_000_000) == (0.30, 27273)
+    usd, neurons = p20.cost(1000, 500)
+    assert usd == pytest.approx(0.0002 + 0.00015) and neurons == pytest.approx(18.182 + 13.6365)
+    p120 = PRICES["@cf/openai/gpt-oss-120b"]
+    assert p120.cost(1_000_000, 1_000_000)[0] == pytest.approx(1.10)
+    # neurons are priced at $0.011 per thousand, consistently for both models
+    assert p120.cost(1_000_000, 0)[1] * USD_PER_NEURON == pytest.approx(0.35)
+    assert p20.cost(1_000_000, 0)[1] * USD_PER_NEURON == pytest.approx(0.20, rel=1e-4)
+
+
+def test_usage_carries_cost_on_every_result(client):
+    usage = client.post(RUN, json={"prompt": "hi"}).json()["result"]["usage"]
+    usd, neurons = PRICES[MODEL].cost(usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["cost_usd"] == usd and usage["neurons"] == neurons
+    text = client.get("/metrics").text
+    assert 'ossrun_tokens_total{kind="prompt"}' in text and "ossrun_neurons_total" in text
+    assert "ossrun_queue_depth" in text and "ossrun_request_seconds_bucket" in text
+
+
+# -- rate limit, body cap, auth ----------------------------------------------------------------------------
+
+def test_rate_limiter_window_per_key(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("ossrun.api.app.time.monotonic", lambda: now[0])
+    limiter = RateLimiter(3)
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # another token has its own budget
+    now[0] += 61
+    assert limiter.allow("a")
+    assert all(RateLimiter(0).allow("a") for _ in range(1000))  # 0 = unlimited
+
+
+def test_rate_limit_answers_3036_in_each_surface(tmp_path):
+    with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path, rate_limit_per_minute=2))) as c:
+        codes = [c.post(RUN, json={"prompt": "hi"}).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        assert c.post(RUN, json={"prompt": "hi"}).json()["errors"][0]["code"] == 3036
+        openai_style = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert openai_style.status_code == 429 and openai_style.json()["error"]["code"] == "3036"
+        assert c.get("/health").status_code == 200  # liveness is never limited
+
+
+def chunks(total: int, size: int = 1024 * 1024):
+    yield b'{"prompt": "'
+    sent = 0
+    while sent < total:
+        yield b"x" * min(size, total - sent)
+        sent += size
+    yield b'"}'
+
+
+def test_body_cap_counts_chunked_bodies_too(client):
+    response = client.post(RUN, content=chunks(MAX_BODY_BYTES + 10), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["errors"][0]["code"] == 3006
+    response = client.post("/v1/completions", content=chunks(MAX_BODY_BYTES + 10), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "3006"
+    declared = client.post(RUN, content=b"{" + b" " * MAX_BODY_BYTES + b"}", headers={"Content-Type": "application/json"})
+    assert declared.status_code == 413
+
+
+def test_auth_on_every_route_but_liveness(tmp_path):
+    with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path, api_token="t0k"))) as c:
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        for method, path in [("post", RUN), ("get", "/client/v4/accounts/a/ai/models/search"), ("get", "/v1/models"),
+                             ("post", "/v1/chat/completions"), ("get", "/client/v4/accounts/a/ai/finetunes")]:
+            response = getattr(c, method)(path, headers={"Authorization": "Bearer nope"})
+            assert response.status_code == 403, path
+            if is_openai_path(path):
+                assert response.json()["error"]["type"] == "authentication_error"
+            else:
+                assert response.json()["errors"] == [{"code": 10000, "message": "Authentication error"}]
+        ok = c.post(RUN, json={"prompt": "hi"}, headers={"Authorization": "Bearer t0k"})
+        assert ok.status_code == 200 and ok.json()["success"] is True
+
+
+# -- envelopes ------------------------------------------------------------------------------------------
+
+def test_error_envelopes_per_surface(client):
+    bad = client.post(RUN, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400
+    assert bad.json() == {"result": {}, "success": False, "errors": [{"code": 5006, "message": bad.json()["errors"][0]["message"]}],
+                          "messages": []}
+    unknown = client.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]})
+    error = unknown.json()["error"]
+    assert unknown.status_code == 400 and error["code"] == "5007" and error["type"] == "invalid_request_error"
+    assert error["message"] == "No such model gpt-4 or task"
+    missing_query = client.get("/client/v4/accounts/a/ai/models/schema")
+    assert missing_query.status_code == 400 and missing_query.json()["errors"][0]["code"] == 5006
+
+
+def test_models_routes(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    found = client.get("/client/v4/accounts/a/ai/models/search").json()
+    assert found["success"] and found["result"][0]["task"]["id"] == "text-generation"
+    schema = client.get("/client/v4/accounts/a/ai/models/schema", params={"model": MODEL}).json()["result"]
+    assert len(schema["input"]["oneOf"]) >= 3 and json.dumps(schema["output"])
+
+
+def test_reject_if_busy(tmp_path):
+    engine = FakeEngine()
+    engine.engine.options.max_num_seqs = 1
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        assert c.post(RUN, json={"prompt": "hi", "options": {"rejectIfBusy": True}}).status_code == 200  # idle
+        engine.running.add("someone-else")
+        busy = c.post(RUN, json={"prompt": "hi", "options": {"rejectIfBusy": True}})
+        assert busy.status_code == 429 and busy.json()["errors"] == [
+            {"code": 3040, "message": "Capacity temporarily exceeded, please try again."}]
+        assert c.post(RUN, json={"prompt": "hi"}).status_code == 200  # without the option it queues
