@@ -285,3 +285,16 @@ def test_completions_return_every_token(client):
     tokens = [t for t in harmony.encode(THINK_AND_ANSWER, allow_special=True) if t not in harmony.STOP_TOKENS]
     assert reply["choices"][0]["text"] == harmony.decode(tokens)
     assert reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completions_stream_equals_sync(client):
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 50}
+    sync = client.post("/v1/completions", json=body).json()
+    chunks = stream(client, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == sync["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1] == "stop"
+    assert chunks[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    text = "".join(c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt="Once", max_tokens=3, stream=True))
+    assert text == harmony.decode(harmony.encode(THINK_AND_ANSWER, allow_special=True)[:3])

@@ -195,3 +195,22 @@ def test_reject_if_busy(tmp_path):
         assert busy.status_code == 429 and busy.json()["errors"] == [
             {"code": 3040, "message": "Capacity temporarily exceeded, please try again."}]
         assert c.post(RUN, json={"prompt": "hi"}).status_code == 200  # without the option it queues
+
+
+def test_garbage_adapter_upload_is_5005_not_500(tmp_path):
+    import torch
+
+    from ossrun.engine.lora import AdapterRegistry
+    from ossrun.model.config import PRESETS
+
+    engine = FakeEngine()
+    engine.engine.adapters = AdapterRegistry(PRESETS["tiny"], torch.float32, torch.device("cpu"))
+    base = "/client/v4/accounts/a/ai/finetunes"
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        assert c.post(base, json={"model": MODEL, "name": "junk"}).status_code == 200
+        png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+        first = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_config.json"}, files={"file": ("a.png", png)})
+        assert first.status_code == 200  # one file alone is not loaded yet
+        second = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_model.safetensors"}, files={"file": ("b.png", png)})
+        assert second.status_code == 400 and second.json()["errors"][0]["code"] == 5005
+        assert c.post(RUN, json={"prompt": "hi", "lora": "junk"}).json()["errors"][0]["code"] == 5005

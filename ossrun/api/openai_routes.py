@@ -45,6 +45,9 @@ async def completions(request: Request):
     body = _body(schemas.CompletionRequest, await json_body(request))
     service.check_model(body["model"])
     plan = service.plan("completions", body, openai=True)
+    if plan.stream:
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE)
     outcome = await service.complete(plan)
     return results.text_completion(outcome, body["model"], service.metering.prices)
 

@@ -314,6 +314,22 @@ class ChatCompletionChunk(_Out):
     usage: Usage | None = None
 
 
+class CompletionChunkChoice(_Out):
+    index: int
+    text: str
+    logprobs: Any = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(_Out):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
 class ResponsesEvent(_Out):
     type: Literal["response.created", "response.in_progress", "response.output_item.added", "response.output_item.done",
                   "response.content_part.added", "response.content_part.done", "response.reasoning_text.delta",
@@ -398,7 +414,7 @@ class Health(_Out):
     kv_blocks_total: int
 
 
-RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
+RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
                    ChatCompletion, ResponseObject, TextCompletion, ModelList, OpenAIError, Health)
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
@@ -411,7 +427,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 429)),
     ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 429)),
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 429)),
-    ("/v1/completions", "post"): (TextCompletion, (), (400, 403, 408, 413, 429)),
+    ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 429)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/health", "get"): (Health, (), ()),
     ("/metrics", "get"): (None, (), ()),

@@ -106,6 +106,9 @@ class Service:
             self.engine.engine.adapters.register(record.name, self.finetunes.folder(record))
         except AdapterError as exc:
             raise ApiError(400, 5005, f"AiError: {exc}") from None
+        except Exception as exc:  # uploaded bytes are anything: a PNG as adapter_config.json must be a 400, not a 500
+            raise ApiError(400, 5005, f"AiError: fine-tune {record.name!r} is not a loadable PEFT LoRA adapter "
+                                      f"({type(exc).__name__}: {exc})") from None
 
     def load_finetunes(self) -> None:
         """At startup: every complete fine-tune on disk becomes servable again."""

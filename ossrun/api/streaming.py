@@ -95,6 +95,34 @@ async def chat_stream(service: Service, plan: Plan, model: str, include_usage: b
     yield DONE
 
 
+async def completion_stream(service: Service, plan: Plan, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """`/v1/completions` with `stream: true`: `text_completion` chunks of every generated token's text."""
+    chunk_id, created = results.new_id("cmpl"), int(time.time())
+    outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
+    decoder = harmony.TextDecoder()
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        return frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
+                      "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+    try:
+        tokens: list[int] = []
+        async for step in service.run(plan):
+            service.account(outcome, step, tokens)
+            token = step.token.token_id
+            text = decoder.feed(token) if token is not None and token not in harmony.STOP_TOKENS else ""
+            if text:
+                yield chunk(text)
+        service.metering.record(model, outcome)
+        yield chunk(decoder.flush(), "length" if outcome.finish_reason == "length" else "stop")
+        if include_usage:
+            yield frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+                         "usage": usage(outcome, service.metering.prices)})
+    except Exception as exc:
+        yield error_frame(exc)
+    yield DONE
+
+
 class _ResponsesEvents:
     """Turns harmony events into OpenAI Responses stream events, opening and closing output items."""
 
