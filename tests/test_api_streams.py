@@ -298,3 +298,26 @@ def test_completions_stream_equals_sync(client):
     sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
     text = "".join(c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt="Once", max_tokens=3, stream=True))
     assert text == harmony.decode(harmony.encode(THINK_AND_ANSWER, allow_special=True)[:3])
+
+
+def test_previous_response_id_continues_the_conversation(client, engine):
+    first = client.post("/v1/responses", json={"model": MODEL, "input": "My name is Ada."}).json()
+    second = client.post("/v1/responses", json={"model": MODEL, "input": "What is my name?", "previous_response_id": first["id"]})
+    assert second.status_code == 200
+    prompt = harmony.decode(engine.requests[-1].prompt_token_ids)
+    assert prompt.index("My name is Ada.") < prompt.index("Hello world") < prompt.index("What is my name?")
+    # a streamed response can be continued too, and a continuation can be continued
+    events = stream(client, RUN, {"input": "And then?", "previous_response_id": second.json()["id"]})
+    third = events[-2]["response"]["id"]
+    client.post("/v1/responses", json={"model": MODEL, "input": "Last.", "previous_response_id": third})
+    prompt = harmony.decode(engine.requests[-1].prompt_token_ids)
+    assert all(text in prompt for text in ("My name is Ada.", "What is my name?", "And then?", "Last."))
+
+
+def test_previous_response_id_unknown_or_not_stored(client):
+    unknown = client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp-nope"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "5006"
+    assert "previous_response_id" in unknown.json()["error"]["message"]
+    private = client.post("/v1/responses", json={"model": MODEL, "input": "secret", "store": False}).json()
+    again = client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": private["id"]})
+    assert again.status_code == 400

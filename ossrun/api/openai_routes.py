@@ -37,7 +37,9 @@ async def responses(request: Request):
     if plan.stream:
         return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE)
     outcome = await service.complete(plan)
-    return results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"))
+    response = results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"))
+    service.responses.remember(response["id"], plan.body, response)
+    return response
 
 
 async def completions(request: Request):

@@ -148,6 +148,7 @@ class ResponsesInput(_Open):
     top_p: float | None = Field(None, ge=0.001, le=1)
     text: TextConfig | None = None
     previous_response_id: str | None = None
+    store: bool | None = None  # false: not kept for a later previous_response_id
     stream: bool = False
     lora: str | None = None
     seed: int | None = Field(None, ge=1, le=9999999999)

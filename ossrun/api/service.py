@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ossrun import harmony
+from ossrun.api.conversations import ResponseMemory
 from ossrun.api.errors import ApiError, bad_input, context_too_long, unknown_lora
 from ossrun.engine.errors import ContextLengthError, UnknownAdapterError
 from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
@@ -89,12 +90,37 @@ def _named_tool(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _parameters(tool) -> dict[str, Any] | None:
+    """A tool's parameter schema as the grammar needs it (None: any JSON object)."""
+    parameters = getattr(tool, "parameters", None)
+    return parameters if isinstance(parameters, dict) and parameters else None
+
+
+def _final_format(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """(schema, structured) of `response_format` or Responses `text.format`: json_schema → its schema,
+    json_object → (None, True), text or absent → (None, False)."""
+    fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if not isinstance(fmt, dict):
+        return None, False
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return None, True
+    if kind == "json_schema":
+        wrapper = fmt.get("json_schema") if "json_schema" in fmt else fmt  # chat nests it; Responses does not
+        schema = (wrapper or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise bad_input("Error: at '/response_format/json_schema/schema': a JSON Schema object is required")
+        return schema, True
+    return None, False
+
+
 class Service:
     def __init__(self, engine, settings, metering):
         self.engine = engine
         self.settings = settings
         self.metering = metering
         self.batch_store = None  # set by the app factory
+        self.responses = ResponseMemory()  # for previous_response_id
         self.finetunes = None
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
@@ -147,6 +173,8 @@ class Service:
     # -- planning -------------------------------------------------------------------------------
     def plan(self, shape: str, body: dict[str, Any], openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
+        if shape == "responses" and body.get("previous_response_id") is not None:
+            body = self.responses.continue_from(body)
         raw = (bool(body.get("raw")) and shape == "prompt") or shape == "completions"  # `raw` is a Prompt-shape field
         forced = None
         try:
@@ -191,7 +219,39 @@ class Service:
         lora = self.adapter_name(body["lora"]) if body.get("lora") is not None else None
         plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority)
         self._check_context(plan)
+        if not raw:
+            plan.constraint = self._constraint(body, forced, max_tokens)
         return plan
+
+    # -- structured output ------------------------------------------------------------------------
+    @property
+    def compiler(self):
+        """The grammar compiler, built on first use (its o200k tokenizer takes about a second)."""
+        if getattr(self, "_compiler", None) is None:
+            from ossrun.engine.constraints import ConstraintCompiler
+
+            self._compiler = ConstraintCompiler()
+        return self._compiler
+
+    def _constraint(self, body: dict[str, Any], forced: str | None, max_tokens: int):
+        """The grammar a request's output must follow, or None (free). A named (prefilled) tool call
+        gets its arguments constrained; `required`/`auto` tools and `response_format` / Responses
+        `text.format` constrain the whole completion, leaving the reasoning free within a budget."""
+        from ossrun.engine.constraints import GrammarError, default_reasoning_budget
+
+        tools = {t.name: _parameters(t) for t in harmony.tool_descriptions(body)} if body.get("tool_choice") != "none" else {}
+        schema, structured = _final_format(body)
+        choice = body.get("tool_choice") or "auto"
+        try:
+            if forced is not None:
+                return self.compiler.arguments(forced, tools.get(forced))
+            if not tools and not structured:
+                return None
+            budget = default_reasoning_budget(max_tokens)
+            mode = choice if isinstance(choice, str) and choice in ("auto", "required", "none") else "auto"
+            return self.compiler.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget)
+        except GrammarError as exc:
+            raise bad_input(f"Error: {exc}") from None
 
     def _check_context(self, plan: Plan) -> None:
         limit = self.engine.max_model_len

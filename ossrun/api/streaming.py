@@ -210,6 +210,7 @@ async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIte
         for f in out.close():
             yield f
         final = results.response_object(outcome, model, prices, response_id, output=out.output)
+        service.responses.remember(response_id, plan.body, final)
         yield out.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
     except Exception as exc:
         yield error_frame(exc)

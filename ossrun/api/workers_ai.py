@@ -46,7 +46,9 @@ async def run_sync(service: Service, shape: str, body: dict[str, Any], priority:
         return results.prompt_result(outcome, prices), outcome
     if shape == "messages":
         return results.chat_completion(outcome, model, prices, with_logprobs=bool(body.get("logprobs"))), outcome
-    return results.response_object(outcome, model, prices, results.new_id("resp")), outcome
+    response = results.response_object(outcome, model, prices, results.new_id("resp"))
+    service.responses.remember(response["id"], plan.body, response)
+    return response, outcome
 
 
 def stream_response(service: Service, plan: Plan) -> StreamingResponse:
