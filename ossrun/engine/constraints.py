@@ -210,6 +210,16 @@ class ConstraintCompiler:
         `parameters` (None: any JSON object), then `<|call|>`."""
         return self._constraint([_call(name, parameters, 0)], reasoning_budget)
 
+    def arguments(self, name: str, parameters: Mapping[str, Any] | None) -> Constraint:
+        """The arguments of a call whose header the prompt already holds (a forced `tool_choice` is
+        prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
+        _call(name, parameters, 0)  # the same name check as a generated call
+        what = f"parameters of tool {name!r}"
+        self._check(what, parameters)
+        grammar = f"start: args_0 <|call|>\nargs_0: %json {json.dumps(_with_options(parameters))}"
+        matcher = self._cached(grammar) or self._compile(grammar)
+        return Constraint(matcher, self._pool, None)
+
     def tools(
         self,
         tools: Mapping[str, Mapping[str, Any] | None],

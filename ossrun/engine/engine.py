@@ -148,6 +148,7 @@ class Engine:
             return self._event(seq, None, finish_reason="error", error=seq.error)
         token = output.token_ids[i]
         seq.append(token)
+        self._advance_constraint(seq, token)
         self.generated_tokens += 1
         finish, stop_reason = self._check_stop(seq, token)
         event = self._event(seq, token, output.logprobs[i], output.top_logprobs[i], finish, stop_reason)
@@ -155,6 +156,16 @@ class Engine:
             del self.sequences[seq.request_id]
             self.scheduler.remove(seq)
         return event
+
+    @staticmethod
+    def _advance_constraint(seq: Sequence, token: int) -> None:
+        """Tell the request's grammar what was sampled (it then prepares the next mask in the background)."""
+        constraint = seq.request.constraint
+        if constraint is not None and seq.error is None:
+            try:
+                constraint.advance(token)
+            except Exception as exc:  # the request ends with an error; the batch goes on
+                seq.error = f"structured output failed: {exc}"
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | str | None]:
         params = seq.request.params

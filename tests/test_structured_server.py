@@ -1,0 +1,105 @@
+"""Structured output through the real server: on a random model only the constraint can make these pass."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.server_util import MODEL, start_server
+from tests.test_constraints import SCHEMAS, TOOLS, WEATHER
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("structured"), "--rate-limit", "0")
+    yield s
+    s.stop()
+
+
+def body(i: int, stream: bool) -> dict:
+    schema = SCHEMAS[i % len(SCHEMAS)]
+    return {"messages": [{"role": "user", "content": f"Give me item {i} as JSON"}], "max_tokens": 400, "temperature": 1.0,
+            "seed": 100 + i, "stream": stream, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+
+
+def streamed_content(frames: list[str]) -> str:
+    chunks = [json.loads(f) for f in frames if f != "[DONE]"]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+
+def test_twenty_json_schema_requests_validate_sync_and_streamed(server):
+    async def one(client: httpx.AsyncClient, i: int, stream: bool) -> str:
+        if not stream:
+            response = await client.post(server.run_url(), json=body(i, False))
+            assert response.status_code == 200, response.text
+            return response.json()["result"]["choices"][0]["message"]["content"]
+        async with client.stream("POST", server.run_url(), json=body(i, True)) as response:
+            return streamed_content([line[6:] async for line in response.aiter_lines() if line.startswith("data: ")])
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(client, i, stream) for stream in (False, True) for i in range(20)))
+
+    contents = asyncio.run(run_all())
+    for n, content in enumerate(contents):
+        jsonschema.validate(json.loads(content), SCHEMAS[(n % 20) % len(SCHEMAS)])
+    assert contents[:20] == contents[20:]  # seeded: streaming changes nothing
+
+
+def test_json_schema_on_the_prompt_and_responses_shapes(server):
+    # (json_object allows unbounded strings, which a random model never closes: see test_constraints for it.)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMAS[1]}}
+    prompt = httpx.post(server.run_url(), json={"prompt": "JSON please", "max_tokens": 300, "seed": 7, "temperature": 1.0,
+                                                "response_format": fmt}, timeout=120)
+    jsonschema.validate(json.loads(prompt.json()["result"]["response"]), SCHEMAS[1])
+    responses = httpx.post(server.run_url(), json={"input": "JSON please", "max_output_tokens": 300, "temperature": 1.0, "seed": 8,
+                                                   "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMAS[2]}}}, timeout=120)
+    jsonschema.validate(json.loads(responses.json()["result"]["output_text"]), SCHEMAS[2])
+
+
+@pytest.mark.parametrize("route", ["openai", "ai-run"])
+def test_named_tool_choice_returns_valid_arguments(server, route):
+    args = dict(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, max_tokens=120, temperature=1.0, seed=3,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    if route == "openai":
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x")
+        reply = client.chat.completions.create(model=MODEL, **args)
+        choice = reply.choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+        content, finish = choice.message.content, choice.finish_reason
+        stream = list(client.chat.completions.create(model=MODEL, stream=True, **args))
+        deltas = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments or "" for d in deltas) == calls[0][1]
+        assert not "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    else:
+        result = httpx.post(server.run_url(), json=args, timeout=120).json()["result"]
+        choice = result["choices"][0]
+        calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+        content, finish = choice["message"]["content"], choice["finish_reason"]
+    assert finish == "tool_calls" and not content
+    assert calls[0][0] == "get_weather"
+    jsonschema.validate(json.loads(calls[0][1]), WEATHER)
+
+
+def test_required_tool_choice_calls_some_tool(server):
+    result = httpx.post(server.run_url(), json={"messages": [{"role": "user", "content": "Do something"}], "tools": TOOLS,
+                                                "tool_choice": "required", "max_tokens": 300, "temperature": 1.0, "seed": 11},
+                        timeout=120).json()["result"]
+    choice = result["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]["function"]
+    schema = {"get_weather": WEATHER, "search": TOOLS[1]["function"]["parameters"]}[call["name"]]
+    jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
+def test_a_bad_schema_is_a_5006_with_the_reason(server):
+    response = httpx.post(server.run_url(), json={"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "bad", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}}, timeout=60)
+    assert response.status_code == 400 and response.json()["errors"][0]["code"] == 5006
+    assert "schema" in response.json()["errors"][0]["message"]
