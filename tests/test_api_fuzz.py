@@ -77,10 +77,10 @@ def test_document_covers_every_route_with_real_status_codes(fuzzed):
 
 
 def test_fuzz_valid_bodies_get_documented_answers(fuzzed):
-    failures = run_operations(fuzzed, GenerationMode.POSITIVE, CHECKS, max_examples=40)
+    failures = run_operations(fuzzed, GenerationMode.POSITIVE, CHECKS, max_examples=30)
     assert not failures, "\n\n".join(failures)
 
 
 def test_fuzz_invalid_bodies_are_refused(fuzzed):
-    failures = run_operations(fuzzed, GenerationMode.NEGATIVE, CHECKS + [negative_data_rejection], max_examples=40)
+    failures = run_operations(fuzzed, GenerationMode.NEGATIVE, CHECKS + [negative_data_rejection], max_examples=30)
     assert not failures, "\n\n".join(failures)
