@@ -12,8 +12,8 @@ from tests.server_util import start_server  # noqa: E402
 
 @pytest.fixture(scope="module")
 def fuzz_server(checkpoints, tmp_path_factory):
-    # A 64-token context keeps every accepted request short; anything longer must be a clean 400.
-    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("fuzz"), "--max-model-len", "256", "--rate-limit", "0",
+    # A 96-token context keeps every accepted request short; anything longer must be a clean 400.
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("fuzz"), "--max-model-len", "96", "--rate-limit", "0",
                           "--request-timeout", "20")
     yield server
     server.stop()
@@ -28,7 +28,7 @@ def test_openapi_fuzz(fuzz_server):
     for operation in schema.get_all_operations():
         op = operation.ok()
 
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=op.as_strategy())
         def check(case):
             response = case.call(timeout=60)
