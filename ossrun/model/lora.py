@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from struct import error as struct_error
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,10 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     path = Path(path)
     try:
         settings = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8 at all
         raise AdapterError(f"adapter {name}: adapter_config.json unreadable: {exc}") from None
+    if not isinstance(settings, dict):
+        raise AdapterError(f"adapter {name}: adapter_config.json must hold a JSON object")
     rank, alpha = settings.get("r"), settings.get("lora_alpha", settings.get("r"))
     if settings.get("peft_type", "LORA") != "LORA" or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"adapter {name}: not a PEFT LoRA adapter (peft_type LORA with an integer r)")
@@ -75,7 +78,7 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     scaling = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
     try:
         stored = open_mmap(path / "adapter_model.safetensors")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, struct_error) as exc:
         raise AdapterError(f"adapter {name}: adapter_model.safetensors unreadable: {exc}") from None
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in stored.items():
