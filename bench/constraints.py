@@ -1,6 +1,6 @@
 """Structured output: llguidance vs xgrammar on o200k_harmony, then the engine's tokens/s with and without constraints.
 
-    python bench/constraints.py [--libs llguidance xgrammar] [--concurrency 1 16] [--max-tokens 200] [--repeats 3] [--skip-engine]
+    python bench/constraints.py [--libs llguidance xgrammar] [--concurrency 1 16] [--max-tokens 200] [--repeats 3] [--threads N] [--skip-engine]
 
 Part 1 measures each grammar library in a fresh process (so its memory is its own): building its
 tokenizer from our 201,088-token vocabulary, compiling JSON schemas (caches off) and the harmony
@@ -312,10 +312,11 @@ def _valid(content: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--libs", nargs="+", default=["llguidance", "xgrammar"])
+    parser.add_argument("--libs", nargs="*", default=["llguidance", "xgrammar"], help="none: skip the comparison")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-engine", action="store_true")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -323,11 +324,15 @@ def main() -> None:
         print(json.dumps({"llguidance": measure_llguidance, "xgrammar": measure_xgrammar}[args.measure]()))
         return
     console = Console()
-    console.print(compare_libraries(args.libs))
-    console.print("Choice: llguidance — compiles schemas 20-40x faster (they arrive per request), keeps special tokens out of "
-                  "free text, expresses the harmony wrapper with inline JSON Schema in one Lark grammar, and has no "
-                  "dependencies; its slower masks are computed while the model runs.")
+    if args.libs:
+        console.print(compare_libraries(args.libs))
+        console.print("Choice: llguidance — compiles schemas 20-40x faster (they arrive per request), keeps special tokens out of "
+                      "free text, expresses the harmony wrapper with inline JSON Schema in one Lark grammar, and has no "
+                      "dependencies; its slower masks are computed while the model runs.")
     if not args.skip_engine:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         console.print(engine_throughput(args.concurrency, args.max_tokens, args.repeats))
 
 
