@@ -171,6 +171,8 @@ class Engine:
         params = seq.request.params
         if token in params.stop_token_ids:
             return "stop", token
+        if getattr(seq.request.constraint, "is_finished", False):  # the grammar is complete: nothing more may follow
+            return "stop", token
         if params.stop and self.decode_token is not None:
             matched = self._match_stop_string(seq, token)
             if matched is not None:
