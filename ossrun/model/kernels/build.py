@@ -1,0 +1,118 @@
+"""Compiling and loading the native CPU kernels, with run-time dispatch on the CPU's features.
+
+Every C kernel file is built once per (source, instruction set) with the system C compiler, cached
+under `cache_dir()/kernels`, and loaded with ctypes. The instruction set is chosen at run time from
+what the CPU reports, so a kernel never runs an instruction the machine lacks:
+
+- `portable`: plain C (`-O3`, no vector extensions beyond the x86-64 / aarch64 baseline);
+- `avx2`: AVX2 + FMA + F16C (Haswell, Zen);
+- `avx512`: AVX-512 F/BW/VL/DQ (Skylake-X and later, Zen 4);
+- `avx512vnni`: `avx512` plus VNNI integer dot products (Cascade Lake, Ice Lake, Zen 4).
+
+C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVX512F__`,
+`__AVX512VNNI__`), so one file serves every variant and the portable path is always there.
+
+`OSSRUN_CPU_ISA=portable|avx2|avx512|avx512vnni` forces a variant (one the CPU lacks is refused, and
+the best supported one is used instead, with a warning); `OSSRUN_KERNELS=0` turns every native
+kernel off (the PyTorch reference runs everywhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+from ossrun.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+# Weakest first. Each variant: the /proc/cpuinfo flags it needs, and the compiler flags that enable it.
+ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "portable": ((), ()),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    "avx512": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
+               ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
+    "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+                   ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")),
+}
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def supported_isas() -> list[str]:
+    """Every variant this CPU can run, weakest first (always at least `portable`)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["portable"]
+    flags = cpu_flags()
+    return [name for name, (needs, _) in ISA_VARIANTS.items() if all(f in flags for f in needs)]
+
+
+def selected_isa() -> str:
+    """The variant kernels use: the best supported one, or `OSSRUN_CPU_ISA` if the CPU has it."""
+    supported = supported_isas()
+    forced = os.environ.get("OSSRUN_CPU_ISA")
+    if forced:
+        if forced in supported:
+            return forced
+        log.warning("OSSRUN_CPU_ISA=%s is not supported by this CPU (%s); using %s", forced, ", ".join(supported), supported[-1])
+    return supported[-1]
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("OSSRUN_KERNELS", "1") != "0"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+@cache
+def load_library(source: Path, isa: str) -> ctypes.CDLL | None:
+    """Build (once, cached by source hash and variant) and load `source` for `isa`; None if it cannot be built.
+
+    The caller declares argtypes/restype. A broken toolchain never breaks the model: it logs and
+    returns None, and the caller falls back to the PyTorch path.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler: %s falls back to PyTorch", source.name)
+        return None
+    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_VARIANTS[isa][1]]
+    text = source.read_bytes()
+    for header in sorted(source.parent.glob("*.h")):  # shared headers are part of what is built
+        text += header.read_bytes()
+    digest = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{source.stem}-{isa}-{digest}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                command = [compiler, *flags, str(source), "-o", str(built), "-lm"]
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("%s (%s) did not compile: %s", source.name, isa, result.stderr.strip()[:800])
+                    return None
+                built.replace(target)  # atomic: concurrent first uses never load a half-written file
+        return ctypes.CDLL(str(target))
+    except Exception:
+        log.exception("%s (%s) could not be built or loaded; using the PyTorch path", source.name, isa)
+        return None
