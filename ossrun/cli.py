@@ -33,6 +33,15 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Precision(str, Enum):
+    fast = "fast"
+    exact = "exact"
+
+
+PRECISION_HELP = "fast: 8-bit dense weights and native kernels; exact: the reference computation (equal to transformers in float32)."
+DTYPE_HELP = "Activations and KV cache (default: float32 with --precision exact, bfloat16 with fast)."
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -87,7 +96,8 @@ def generate(
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
     seed: Optional[int] = typer.Option(None),
-    dtype: DType = typer.Option(DType.bfloat16),
+    precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
+    dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
     as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."}.'),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -108,7 +118,7 @@ def generate(
         ids = harmony.encode(raw, allow_special=True)
     else:
         ids = harmony.render_request({"prompt": prompt}).token_ids
-    engine = build_engine(resolve_model(model), dtype.value, device, kv_dtype=dtype.value)
+    engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop_token_ids=tuple(harmony.STOP_TOKENS))
     events = engine.generate([Request(uuid.uuid4().hex, ids, params)])
@@ -148,7 +158,8 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8787),
     api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", help="Require `Authorization: Bearer TOKEN`."),
-    dtype: DType = typer.Option(DType.bfloat16),
+    precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
+    dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
     data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
     rate_limit: int = typer.Option(300, help="Requests per minute per token."),
@@ -164,7 +175,8 @@ def serve(
     _setup_logging(verbose)
     from ossrun.api.serve import ServerSettings, serve as run_server
 
-    settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype.value, device=device,
+    settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype and dtype.value,
+                              precision=precision.value, device=device,
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
                               request_timeout_s=request_timeout, max_model_len=max_model_len)

@@ -59,7 +59,7 @@ def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None 
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
     command = [sys.executable, "-m", "ossrun.cli", "serve", "--model", str(model_dir), "--port", str(port),
-               "--data-dir", str(data_dir), "--dtype", "float32", *args]
+               "--data-dir", str(data_dir), "--precision", "exact", "--dtype", "float32", *args]
     if token:
         command += ["--api-token", token]
     process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "OSSRUN_API_TOKEN": ""})

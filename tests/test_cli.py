@@ -27,8 +27,9 @@ def test_tokenize_prints_the_harmony_ids():
 
 
 def test_generate_json_equals_the_engine(checkpoints):
+    """`--precision exact` alone means float32 (weights, activations, KV cache): today's exact outputs."""
     result = ossrun("generate", "--model", str(checkpoints["original"]), "--token-ids", "1,2,3", "--max-tokens", "6",
-                    "--temperature", "0", "--dtype", "float32", "--json")
+                    "--temperature", "0", "--precision", "exact", "--json")
     assert result.returncode == 0, result.stderr
     printed = json.loads(result.stdout)
     model = GptOss.from_checkpoint(load_checkpoint(checkpoints["original"]), torch.float32)
@@ -40,7 +41,7 @@ def test_generate_json_equals_the_engine(checkpoints):
 
 def test_generate_raw_text(checkpoints):
     result = ossrun("generate", "--model", str(checkpoints["hf"]), "--raw", "<|start|>user<|message|>Hi<|end|><|start|>assistant",
-                    "--max-tokens", "4", "--temperature", "0", "--dtype", "float32", "--json")
+                    "--max-tokens", "4", "--temperature", "0", "--precision", "exact", "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["token_ids"]) <= 4
 

@@ -17,7 +17,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8787
     api_token: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: float32 for the exact path, bfloat16 for the fast one
+    precision: str = "fast"
     device: str = "cpu"
     data_dir: Path | None = None
     rate_limit_per_minute: int = 300
@@ -50,7 +51,7 @@ def load_engine(settings: ServerSettings):
         task = progress.add_task("resolving the model", total=3)
         path = resolve_model(settings.model)
         progress.update(task, advance=1, description=f"loading {path}")
-        engine = AsyncEngine.from_model(path, settings.dtype, settings.device, max_num_seqs=settings.max_num_seqs,
+        engine = AsyncEngine.from_model(path, settings.dtype, settings.device, settings.precision, max_num_seqs=settings.max_num_seqs,
                                         kv_cache_bytes=int(settings.kv_cache_gib * 1024**3), max_model_len=settings.max_model_len)
         progress.update(task, advance=1, description="warming up the tokenizer")
         from ossrun import harmony

@@ -20,22 +20,38 @@ from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.config import ModelConfig
-from ossrun.model.gpt_oss import GptOss
+from ossrun.model.gpt_oss import GptOss, check_precision
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# What `dtype=None` means: the exact path computes in float32 (equal to transformers at 1e-4);
+# the fast path keeps activations and the KV cache in bfloat16 (half the memory traffic).
+DEFAULT_DTYPES = {"exact": "float32", "fast": "bfloat16"}
 
 
-def build_engine(model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options) -> Engine:
-    """Load a checkpoint directory into a ready engine (the one place that wires model, tokenizer and options)."""
+def resolve_dtype(precision: str, dtype: str | None = None) -> torch.dtype:
+    """The compute dtype for `precision`: `dtype` if given, else the precision's default."""
+    check_precision(precision)
+    name = dtype or DEFAULT_DTYPES[precision]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_engine(model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast", **options) -> Engine:
+    """Load a checkpoint directory into a ready engine (the one place that wires model, tokenizer and options).
+
+    `precision` is "fast" (quantised kernels) or "exact" (the reference computation); `dtype` None
+    takes the precision's default (see DEFAULT_DTYPES). The KV cache takes the model's dtype unless
+    `kv_dtype` says otherwise.
+    """
     from ossrun.harmony import token_bytes
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    compute = resolve_dtype(precision, dtype)
     checkpoint = load_checkpoint(model)
-    net = GptOss.from_checkpoint(checkpoint, DTYPES[dtype], device)
-    kv_dtype = options.pop("kv_dtype", torch.bfloat16)
+    net = GptOss.from_checkpoint(checkpoint, compute, device, precision)
+    kv_dtype = options.pop("kv_dtype", compute)
     if isinstance(kv_dtype, str):
         kv_dtype = DTYPES[kv_dtype]
     return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=token_bytes)
@@ -53,8 +69,9 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_model(cls, model: str | Path, dtype: str = "bfloat16", device: str = "cpu", **options) -> "AsyncEngine":
-        return cls(build_engine(model, dtype, device, **options))
+    def from_model(cls, model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast",
+                   **options) -> "AsyncEngine":
+        return cls(build_engine(model, dtype, device, precision, **options))
 
     @property
     def config(self) -> ModelConfig:

@@ -20,6 +20,17 @@ from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
 
+# "exact": the reference computation at the model's dtype (fp32: equal to transformers at 1e-4).
+# "fast": quantised weights and native kernels where they exist (int8 dense layers, packed MXFP4
+# experts, a tiled attention kernel on the CPU; Triton on CUDA); elsewhere the same as "exact".
+PRECISIONS = ("exact", "fast")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
 
 def _weight(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
@@ -68,11 +79,13 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 precision: str = "exact"):
         super().__init__()
         prefix = f"block.{layer}.attn."
         self.layer = layer
         self.config = config
+        self.precision = check_precision(precision)
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = config.head_dim ** -0.5
         self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
@@ -129,10 +142,12 @@ class MoE(nn.Module):
 
     KERNEL_MAX_ROWS = 64
 
-    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 precision: str = "exact"):
         super().__init__()
         prefix = f"block.{layer}.mlp."
         self.config = config
+        self.precision = check_precision(precision)
         self.dtype = dtype
         self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
         self.gate_weight = _weight(weights[prefix + "gate.weight"], dtype, device)
@@ -193,31 +208,38 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: ModelConfig, layer: int, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 precision: str = "exact"):
         super().__init__()
-        self.attn = Attention(config, layer, weights, dtype, device)
-        self.mlp = MoE(config, layer, weights, dtype, device)
+        self.precision = check_precision(precision)
+        self.attn = Attention(config, layer, weights, dtype, device, precision)
+        self.mlp = MoE(config, layer, weights, dtype, device, precision)
 
     def forward(self, x, rope, attention, lora=None):
         return self.mlp(self.attn(x, rope, attention, lora))
 
 
 class GptOss(nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+    """The whole model; `precision` ("exact" or "fast", see PRECISIONS) is passed to every layer."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cpu", precision: str = "exact"):
         super().__init__()
         device = torch.device(device)
+        self.precision = check_precision(precision)
         self.config = config
         self.dtype = dtype
         self.device = device
         self.embedding = _weight(weights["embedding.weight"], dtype, device)
         self.rotary = Rotary(config, device)
-        self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device) for i in range(config.num_hidden_layers))
+        self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device, precision) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device)
         self.unembedding = _weight(weights["unembedding.weight"], dtype, device)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> "GptOss":
-        return cls(checkpoint.config, checkpoint.tensors, dtype, device)
+    def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                        precision: str = "exact") -> "GptOss":
+        return cls(checkpoint.config, checkpoint.tensors, dtype, device, precision)
 
     @torch.inference_mode()
     def forward(
