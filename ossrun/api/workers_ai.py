@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ossrun.api import results, schemas, streaming
+from ossrun.api.body import parse_json
 from ossrun.api.errors import ApiError, bad_input, envelope
 from ossrun.api.service import Plan, Service
 from ossrun.batch.worker import ItemOutcome
@@ -23,10 +24,7 @@ def service_of(request: Request) -> Service:
 
 
 async def json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise bad_input("Error: the body is not valid JSON") from None
+    return parse_json(await request.body())
 
 
 def _reject_if_busy(service: Service, body: dict[str, Any]) -> None:

@@ -31,6 +31,20 @@ from .tokenizer import encode, get_encoding
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 DEFAULT_EFFORT = "medium"
+# openai-harmony parses the conversation as JSON with serde's 128-level limit; a tool's schema sits
+# about a dozen levels down, so 64 leaves room and is far beyond any real schema.
+MAX_PARAMETERS_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """How many containers deep a JSON value nests (iterative: deep values are what it is for)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping) or isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return deepest
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +81,7 @@ def _render(conversation: Conversation) -> list[int]:
     """The library's rendering; its errors (unexpected in practice) become RenderErrors, not 500s."""
     try:
         return get_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
-    except HarmonyError as exc:
+    except (HarmonyError, ValueError) as exc:  # ValueError: the library's JSON recursion limit
         raise RenderError(f"the conversation cannot be rendered: {exc}") from exc
 
 
@@ -132,6 +146,8 @@ def _tool(tool: Any, where: str) -> ToolDescription:
         raise RenderError(f"{where}: description must be a string")
     if params is not None and not isinstance(params, Mapping):
         raise RenderError(f"{where}: parameters must be a JSON schema object")
+    if params is not None and json_depth(params) > MAX_PARAMETERS_DEPTH:
+        raise RenderError(f"{where}: parameters nest deeper than {MAX_PARAMETERS_DEPTH} levels")
     return ToolDescription.new(name, description, dict(params) if params is not None else None)
 
 

@@ -1,0 +1,70 @@
+"""Wire defects a hard tester found (issue 11), each through the real server where it was seen."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+TOKEN = "secret"
+RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("wire"), "--rate-limit", "0", "--max-model-len", "512",
+                     token=TOKEN)
+    yield s
+    s.stop()
+
+
+def call(server, method: str, path: str, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.request(method, server.base + path, headers=headers, timeout=60, **kwargs)
+
+
+def assert_surface_error(response: httpx.Response, path: str, status: int = 400, code: int = 5006) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    if path.startswith("/v1/"):
+        assert body["error"]["code"] == str(code) and body["error"]["type"], body
+    else:
+        assert body["success"] is False and body["errors"][0]["code"] == code, body
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+# -- 5: bad input is a 400, never a 500 ---------------------------------------------------------------
+
+BAD_BODIES = [
+    (RUN, b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+    (RUN, b'{"input": [{"role": "user", "content": "x\\udfff"}]}'),
+    (RUN, b'{"prompt": "\\ud800", "raw": true}'),
+    ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800"}' % MODEL.encode()),
+    ("/v1/completions", b'{"model": "%s", "prompt": "\xff\xfe"}' % MODEL.encode()),
+    ("/v1/responses", b'{"model": "%s", "input": "\\udc00"}' % MODEL.encode()),
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "x": %s}'
+     % (MODEL.encode(), b"[" * 1000 + b"]" * 1000)),
+    (RUN, b'{"prompt": "hi", "x": %s}' % (b'{"a":' * 300 + b"1" + b"}" * 300)),
+]
+
+
+@pytest.mark.parametrize("path,raw", BAD_BODIES, ids=["surrogate-messages", "surrogate-input", "surrogate-raw", "surrogate-v1-prompt",
+                                                       "bytes-v1", "surrogate-v1-responses", "deep-array-v1", "deep-object-run"])
+def test_malformed_text_and_deep_bodies_are_400(server, path, raw):
+    assert_surface_error(call(server, "POST", path, content=raw), path)
+
+
+@pytest.mark.parametrize("path", [RUN, "/v1/chat/completions"])
+def test_tool_parameters_nested_too_deep_are_400(server, path):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": _nested(70)}}]}
+    assert_surface_error(call(server, "POST", path, json=body), path)
+    body["tools"][0]["function"]["parameters"] = _nested(20)  # deep but reasonable: served
+    assert call(server, "POST", path, json=body).status_code == 200
