@@ -8,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ossrun.api import schemas
-from ossrun.api.app import MAX_BODY_BYTES, AppSettings, RateLimiter, build_app
+from ossrun.api.access import RateLimiter
+from ossrun.api.app import MAX_BODY_BYTES, AppSettings, build_app
 from ossrun.api.errors import ApiError, is_openai_path
 from ossrun.api.metering import PRICES, USD_PER_NEURON
 from tests.api_fakes import FakeEngine
@@ -110,7 +111,7 @@ def test_usage_carries_cost_on_every_result(client):
 
 def test_rate_limiter_window_per_key(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("ossrun.api.app.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("ossrun.api.access.time.monotonic", lambda: now[0])
     limiter = RateLimiter(3)
     assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
     assert limiter.allow("b")  # another token has its own budget
@@ -214,3 +215,12 @@ def test_garbage_adapter_upload_is_5005_not_500(tmp_path):
         second = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_model.safetensors"}, files={"file": ("b.png", png)})
         assert second.status_code == 400 and second.json()["errors"][0]["code"] == 5005
         assert c.post(RUN, json={"prompt": "hi", "lora": "junk"}).json()["errors"][0]["code"] == 5005
+
+
+def test_rate_limiter_key_table_is_bounded():
+    limiter = RateLimiter(2, max_keys=100)
+    for i in range(1000):
+        assert limiter.allow(f"key-{i}")
+    assert len(limiter) == 100
+    assert limiter.allow("key-999") and not limiter.allow("key-999")  # a recent key keeps its hits
+    assert limiter.retry_after("key-999") >= 1

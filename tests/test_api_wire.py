@@ -68,3 +68,37 @@ def test_tool_parameters_nested_too_deep_are_400(server, path):
     assert_surface_error(call(server, "POST", path, json=body), path)
     body["tools"][0]["function"]["parameters"] = _nested(20)  # deep but reasonable: served
     assert call(server, "POST", path, json=body).status_code == 200
+
+
+# -- 9: auth --------------------------------------------------------------------------------------------
+
+def test_api_document_needs_the_token(server):
+    for path in ("/openapi.json", "/docs"):
+        assert httpx.get(server.base + path, timeout=30).status_code == 403, path
+        assert call(server, "GET", path).status_code == 200, path
+    assert httpx.get(server.base + "/health", timeout=30).status_code == 200  # liveness stays open
+
+
+@pytest.mark.parametrize("header,status", [(TOKEN, 403), (f"bearer {TOKEN}", 200), (f"BEARER  {TOKEN}", 200),
+                                           (f"Basic {TOKEN}", 403), ("Bearer", 403), (f"Bearer {TOKEN}x", 403)])
+def test_bearer_scheme_is_required_and_case_insensitive(server, header, status):
+    response = httpx.get(server.base + "/v1/models", headers={"Authorization": header}, timeout=30)
+    assert response.status_code == status, response.text
+
+
+# -- 10: rate limit -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def limited_server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("wire-limited"), "--rate-limit", "3", "--max-model-len", "256")
+    yield s
+    s.stop()
+
+
+def test_rate_limit_keys_on_the_client_without_auth(limited_server):
+    url, body = limited_server.run_url(), {"prompt": "a", "max_tokens": 1}
+    codes = [httpx.post(url, json=body, headers={"Authorization": f"Bearer made-up-{i}"}, timeout=60) for i in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert 1 <= int(codes[-1].headers["Retry-After"]) <= 60
+    openai_style = httpx.post(limited_server.base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1}, timeout=60)
+    assert openai_style.status_code == 429 and "Retry-After" in openai_style.headers

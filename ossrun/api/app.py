@@ -6,12 +6,8 @@ authentication, rate limit. Errors leave in the envelope of the surface they cam
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import hmac
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from ossrun.api import openai_routes, workers_ai
+from ossrun.api.access import RateLimiter, bearer_token, token_matches
 from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
@@ -32,6 +29,10 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 10 * 1024 * 1024
 # Adapter uploads may be up to 300 MB (spec §7); the multipart framing needs a little more.
 MAX_ASSET_BODY_BYTES = MAX_ASSET_BYTES + 1024 * 1024
+
+
+# Liveness and metrics stay open for probes and scrapers; the API document is behind the token like the API.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 def body_limit(path: str) -> int:
@@ -76,30 +77,23 @@ class AppSettings:
     loras: dict[str, Path] = field(default_factory=dict)
 
 
-class RateLimiter:
-    """Sliding one-minute window per key (the bearer token, or the client address without one)."""
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._hits: dict[str, collections.deque] = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> bool:
-        if self.per_minute <= 0:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits[key]
-            while hits and now - hits[0] > 60:
-                hits.popleft()
-            if len(hits) >= self.per_minute:
-                return False
-            hits.append(now)
-            return True
-
-
 def _error_response(path: str, error: ApiError) -> JSONResponse:
     return openai_error(error) if is_openai_path(path) else envelope_error(error)
+
+
+def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter) -> JSONResponse | None:
+    """403 for a missing or wrong token, 429 (with `Retry-After`) over the rate limit; None: go on."""
+    path = request.url.path
+    token = bearer_token(request.headers.get("authorization"))
+    if settings.api_token and not token_matches(token, settings.api_token):
+        return _error_response(path, ApiError(*AUTH_FAILED))
+    client = token if settings.api_token else (request.client.host if request.client else "?")
+    wait = limiter.retry_after(client) if request.method == "POST" else 0
+    if not wait:
+        return None
+    response = _error_response(path, ApiError(*RATE_LIMITED))
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 def build_app(engine, settings: AppSettings) -> FastAPI:
@@ -127,18 +121,16 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        open_path = path in ("/health", "/metrics", "/openapi.json", "/docs")
+        open_path = path in OPEN_PATHS
         try:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
             length = 0
         if length > body_limit(path):
             return _error_response(path, ApiError(*TOO_LARGE))
-        token = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip()
-        if settings.api_token and not open_path and not hmac.compare_digest(token.encode(), settings.api_token.encode()):
-            return _error_response(path, ApiError(*AUTH_FAILED))
-        if not open_path and request.method == "POST" and not limiter.allow(token or (request.client.host if request.client else "?")):
-            return _error_response(path, ApiError(*RATE_LIMITED))
+        refused = None if open_path else _refusal(request, settings, limiter)
+        if refused is not None:
+            return refused
         response = await call_next(request)
         service.metering.requests.labels(request.scope.get("route").path if request.scope.get("route") else "unmatched",
                                          str(response.status_code)).inc()
