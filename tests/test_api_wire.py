@@ -102,3 +102,14 @@ def test_rate_limit_keys_on_the_client_without_auth(limited_server):
     assert 1 <= int(codes[-1].headers["Retry-After"]) <= 60
     openai_style = httpx.post(limited_server.base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1}, timeout=60)
     assert openai_style.status_code == 429 and "Retry-After" in openai_style.headers
+
+
+# -- 7: polling a batch on the queue URL ----------------------------------------------------------------
+
+def test_batch_polls_on_either_url(server):
+    queued = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [{"prompt": "hi", "max_tokens": 2}]})
+    request_id = queued.json()["result"]["request_id"]
+    for url in (RUN + "?queueRequest=true", RUN):
+        polled = call(server, "POST", url, json={"request_id": request_id})
+        assert polled.status_code == 200, polled.text
+        assert polled.json()["result"]["request_id"] == request_id

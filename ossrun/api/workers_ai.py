@@ -67,10 +67,10 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     service = service_of(request)
     service.check_model(model)
     body = await json_body(request)
+    if _is_poll(body):  # the hosted docs poll on either URL
+        return _poll(service, body)
     if queueRequest:
         return await _queue(service, model, body, request)
-    if isinstance(body, dict) and "request_id" in body and not any(k in body for k in ("prompt", "messages", "input")):
-        return _poll(service, body)
     if isinstance(body, dict) and "requests" in body:
         raise bad_input("Error: a 'requests' batch must be sent with ?queueRequest=true")
     shape, _ = schemas.classify(body)
@@ -79,6 +79,10 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
         return stream_response(service, service.plan(shape, body))
     result, _ = await run_sync(service, shape, body)
     return envelope(result)
+
+
+def _is_poll(body: Any) -> bool:
+    return isinstance(body, dict) and "request_id" in body and not any(k in body for k in ("prompt", "messages", "input", "requests"))
 
 
 async def _queue(service: Service, model: str, body: Any, request: Request) -> dict[str, Any]:
