@@ -16,6 +16,7 @@ from ossrun.model.attention import AttentionBackend
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
+from ossrun.model.kernels.moe_cpu import moe_q8_available, moe_q8_layer
 from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
@@ -135,9 +136,10 @@ def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
 class MoE(nn.Module):
     """Top-k-then-softmax router over MXFP4 experts that stay packed; only routed experts are touched.
 
-    Experts with few rows this step (decode) run in one fused packed-weight kernel call per
-    projection for the whole layer; an expert with many rows (prefill) is expanded once and
-    multiplied by BLAS, which amortises the expansion.
+    Exact precision: experts with few rows this step (decode) run in one fused packed-weight kernel
+    call per projection for the whole layer; an expert with many rows (prefill) is expanded once and
+    multiplied by BLAS, which amortises the expansion. Fast precision on the CPU: the whole layer is
+    one native call on int8-quantised activations (`kernels/moe_cpu.py`), prefill and decode alike.
     """
 
     KERNEL_MAX_ROWS = 64
@@ -161,7 +163,8 @@ class MoE(nn.Module):
         self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
         self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
         self.use_kernel = mxfp4_kernel_available(device)
-        if self.use_kernel:  # the kernel adds biases in fp32
+        self.use_q8 = self.precision == "fast" and moe_q8_available(device)
+        if self.use_kernel or self.use_q8:  # the kernels add biases in fp32
             self.register_buffer("mlp1_bias_f32", self.mlp1_bias.float(), persistent=False)
             self.register_buffer("mlp2_bias_f32", self.mlp2_bias.float(), persistent=False)
 
@@ -184,9 +187,22 @@ class MoE(nn.Module):
         h = swiglu(h, self.config.swiglu_limit)
         return mxfp4_grouped_linear(h, offsets, experts, self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32).to(x.dtype)
 
+    def q8_experts(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum [T, H] fp32 in one native call (fast precision, CPU)."""
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.config.num_experts)
+        group_experts = torch.nonzero(counts).squeeze(1)
+        offsets = torch.cat([counts.new_zeros(1), counts[group_experts].cumsum(0)])
+        return moe_q8_layer(t, order // self.config.experts_per_token, weights.reshape(-1)[order], offsets, group_experts,
+                            (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias_f32),
+                            (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32), self.config.swiglu_limit)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         experts, weights = self.route(t)
+        if self.use_q8:
+            return x + self.q8_experts(t, experts, weights).to(x.dtype)
         k = self.config.experts_per_token
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert

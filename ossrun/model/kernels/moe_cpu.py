@@ -1,0 +1,140 @@
+"""The fast-precision MoE on the CPU: packed MXFP4 experts times int8 activations (`moe_q8_cpu.c`).
+
+Activations are quantised per 32-value block to int8 with one fp32 scale; the experts stay packed
+and are decoded to int8 in registers, so a decode step reads only the 4.25-bit weights. One native
+call runs a whole MoE layer (both projections, biases, SwiGLU and the routing-weighted sum) for
+every expert routed that step. Every function takes `isa` to force a variant (the tests load each
+one); by default the variant is `build.selected_isa()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+
+import torch
+
+from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+
+_SOURCE = Path(__file__).with_name("moe_q8_cpu.c")
+_P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P]),
+    "moe_q8_decode": (None, [_P, _I64, _P]),
+    "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P]),
+    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P]),
+}
+_configured: set[int] = set()
+
+
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library for `isa` (default: the selected one), or None where it cannot be built or is turned off."""
+    if not kernels_enabled():
+        return None
+    lib = load_library(_SOURCE, isa or selected_isa())
+    if lib is not None and id(lib) not in _configured:
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            getattr(lib, name).restype = restype
+            getattr(lib, name).argtypes = argtypes
+        _configured.add(id(lib))
+    return lib
+
+
+def moe_q8_available(device: torch.device) -> bool:
+    return device.type == "cpu" and library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise ValueError(f"{what}: the kernel rejected these shapes (sizes must be multiples of 32)")
+
+
+def quantize_rows(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] → int8 q [R, K] (each block's 16 even elements, then its 16 odd ones) and fp32 scales [R, K/32]."""
+    x = x.float().contiguous()
+    rows, k = x.shape
+    q = torch.empty(rows, k, dtype=torch.int8)
+    d = torch.empty(rows, k // 32, dtype=torch.float32)
+    _check(library(isa).moe_q8_quantize(x.data_ptr(), rows, k, q.data_ptr(), d.data_ptr()), "moe_q8_quantize")
+    return q, d
+
+
+def decode_nibbles(blocks: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """Packed blocks [..., 16] → int8 [..., 32]: twice the E2M1 values, in the kernels' (evens, odds) order."""
+    blocks = blocks.contiguous()
+    n = blocks.numel() // 16
+    out = torch.empty(*blocks.shape[:-1], 32, dtype=torch.int8)
+    library(isa).moe_q8_decode(blocks.data_ptr(), n, out.data_ptr())
+    return out
+
+
+def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, row_of: torch.Tensor | None, offsets: torch.Tensor,
+                      experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                      isa: str | None = None) -> torch.Tensor:
+    """One projection for rows grouped by expert: output row p (group g = offsets[g]:offsets[g+1], expert
+    experts[g]) is activation row row_of[p] (p when None) times the expert's packed weights
+    (blocks [E, O, K/32, 16], scales [E, O, K/32]) plus bias [E, O] → [P, O] fp32."""
+    k = q.shape[1]
+    out_features = blocks.shape[1]
+    offsets, experts = offsets.to(torch.int64).contiguous(), experts.to(torch.int64).contiguous()
+    row_of = None if row_of is None else row_of.to(torch.int64).contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    y = torch.empty(int(offsets[-1]), out_features, dtype=torch.float32)
+    status = library(isa).moe_q8_linear(q.data_ptr(), d.data_ptr(), _ptr(row_of), k, offsets.data_ptr(), experts.data_ptr(),
+                                        len(experts), blocks.data_ptr(), scales.data_ptr(), out_features, _ptr(bias), y.data_ptr())
+    _check(status, "moe_q8_linear")
+    return y
+
+
+class _Scratch(threading.local):
+    """Grow-only buffers for the quantised activations, one set per thread: nothing is allocated per step
+    once the largest step has been seen."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, size: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(max(size, 1), dtype=dtype)
+        return buffer
+
+
+_scratch = _Scratch()
+
+
+def moe_q8_layer(x: torch.Tensor, pair_token: torch.Tensor, pair_weight: torch.Tensor, offsets: torch.Tensor,
+                 experts: torch.Tensor, mlp1: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 mlp2: tuple[torch.Tensor, torch.Tensor, torch.Tensor], limit: float, isa: str | None = None) -> torch.Tensor:
+    """The routed experts of one MoE layer: Σ over each token's pairs of weight · mlp2(swiglu(mlp1(x))) → [T, H] fp32.
+
+    Pairs (token, expert) come grouped by expert: group g is pairs offsets[g]:offsets[g+1] with expert
+    experts[g]; `pair_token` [P] and `pair_weight` [P] say whose they are. mlp1/mlp2 are (blocks, scales,
+    fp32 bias) as `q8_grouped_linear` takes them.
+    """
+    x = x.float().contiguous()
+    tokens, hidden = x.shape
+    blocks1, scales1, bias1 = (t.contiguous() for t in mlp1)  # no copies: loaded weights are contiguous
+    blocks2, scales2, bias2 = (t.contiguous() for t in mlp2)
+    inter = blocks2.shape[2] * 32
+    pairs = int(pair_token.shape[0])
+    pair_token = pair_token.to(torch.int64).contiguous()
+    pair_weight = pair_weight.float().contiguous()
+    offsets, experts = offsets.to(torch.int64).contiguous(), experts.to(torch.int64).contiguous()
+    out = torch.zeros(tokens, hidden, dtype=torch.float32)
+    xq = _scratch.get("xq", tokens * hidden, torch.int8)
+    xd = _scratch.get("xd", tokens * hidden // 32, torch.float32)
+    hq = _scratch.get("hq", pairs * inter, torch.int8)
+    hd = _scratch.get("hd", pairs * inter // 32, torch.float32)
+    status = library(isa).moe_q8_layer(
+        x.data_ptr(), tokens, hidden, inter, pair_token.data_ptr(), pair_weight.data_ptr(), offsets.data_ptr(),
+        experts.data_ptr(), len(experts), blocks1.data_ptr(), scales1.data_ptr(), bias1.data_ptr(), blocks2.data_ptr(),
+        scales2.data_ptr(), bias2.data_ptr(), limit, xq.data_ptr(), xd.data_ptr(), hq.data_ptr(), hd.data_ptr(), out.data_ptr())
+    _check(status, "moe_q8_layer")
+    return out

@@ -1,0 +1,313 @@
+/* MXFP4 experts times 8-bit activations on the CPU: the MoE of the "fast" precision.
+ *
+ * Activations are quantised per 32-value block to int8 with one fp32 scale d = amax/127 (like
+ * llama.cpp's Q8_0). The packed weights are never expanded to float: a block's 16 bytes of E2M1
+ * nibbles become 32 int8 by one byte shuffle (E2M1 x 2 = the integers 0,1,2,3,4,6,8,12 with a
+ * sign), the block's dot product is exact integer arithmetic, and one float multiply-add per block
+ * applies both scales: x scale * 2^(e-128) (the E8M0 exponent, bias 127, times the 1/2 that the
+ * doubled E2M1 integers carry). So the packed weights (17 bytes per 32) are the only big bytes read.
+ *
+ * Element order: byte j of a block holds element 2j in its low nibble and 2j+1 in its high one.
+ * Instead of interleaving the decoded nibbles, the activations are stored permuted within each
+ * block (the 16 even elements, then the 16 odd ones), so the low nibbles decode straight into the
+ * first 16 lanes and the high nibbles into the last 16. The permutation is done once per row, at
+ * quantisation, and costs nothing per weight.
+ *
+ * Code paths: AVX2 (maddubs/madd with the sign trick: |w| times q carrying w's sign), AVX-512 VNNI
+ * (dpbusd on 256-bit lanes, same data flow), and portable C. Parallel work items are (expert group,
+ * output tile), so a step with a few rows per expert still keeps every core busy.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <math.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define QK 32      /* values per block, for the weights and the activations alike */
+#define NR 4       /* activation rows that share one decode of a weight block */
+#define TILE_O 16  /* output rows per work item of a plain projection */
+#define TILE_1 64  /* mlp1 rows per work item: 64 interleaved glu/linear rows = 32 SwiGLU outputs = one block */
+
+static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static float POW2[256]; /* POW2[s] = 2^(s-128) */
+
+__attribute__((constructor)) static void init_pow2(void) {
+    for (int s = 0; s < 256; s++) POW2[s] = ldexpf(1.0f, s - 128);
+}
+
+/* One activation row as the kernels see it: K int8 (blocks permuted) and K/32 scales. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+} Row;
+
+/* ---------------------------------------------------------------- activation quantisation */
+
+/* Round to nearest, ties to even (as torch.round), in every build: the tests compare bit for bit. */
+static inline void quantize_block(const float *x, int8_t *q, float *d) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *d = amax / 127.0f;
+    for (int j = 0; j < QK / 2; j++) {
+        q[j] = (int8_t)nearbyintf(x[2 * j] * id);
+        q[QK / 2 + j] = (int8_t)nearbyintf(x[2 * j + 1] * id);
+    }
+}
+
+static void quantize_row(const float *x, int K, int8_t *q, float *d) {
+    for (int b = 0; b < K / QK; b++) quantize_block(x + b * QK, q + b * QK, d + b);
+}
+
+/* ---------------------------------------------------------------- one output row, up to NR activation rows */
+
+#ifdef __AVX2__
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* 16 packed bytes → 32 int8 weights times 2, even elements in the low lane, odd ones in the high lane. */
+static inline __m256i decode_block(const uint8_t *p, __m256i lut, __m256i mask) {
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    __m256i nibbles = _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes);
+    return _mm256_shuffle_epi8(lut, _mm256_and_si256(nibbles, mask));
+}
+
+/* Σ w*q in 8 int32 lanes: |w| (unsigned) times q with w's sign moved onto it. |w| ≤ 12, |q| ≤ 127, so
+ * the int16 pair sums of maddubs (≤ 2*12*127) never saturate. */
+static inline __m256i dot_block(__m256i w_abs, __m256i w, __m256i q) {
+    __m256i q_signed = _mm256_sign_epi8(q, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, q_signed);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, q_signed), _mm256_set1_epi16(1));
+#endif
+}
+
+/* Two accumulators per row (even and odd blocks) break the fma latency chain when n is 1. */
+static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, const uint8_t *sc, int nb,
+                                                           const Row *rows, const int n, float *out) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256 acc0[NR], acc1[NR];
+    for (int t = 0; t < n; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m256i w0 = decode_block(blk + 16 * b, lut, mask), w1 = decode_block(blk + 16 * b + 16, lut, mask);
+        __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+        float p0 = POW2[sc[b]], p1 = POW2[sc[b + 1]];
+        for (int t = 0; t < n; t++) {
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b));
+            __m256i q1 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b + QK));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a0, w0, q0)), _mm256_set1_ps(rows[t].d[b] * p0), acc0[t]);
+            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a1, w1, q1)), _mm256_set1_ps(rows[t].d[b + 1] * p1), acc1[t]);
+        }
+    }
+    if (b < nb) {
+        __m256i w0 = decode_block(blk + 16 * b, lut, mask), a0 = _mm256_abs_epi8(w0);
+        float p0 = POW2[sc[b]];
+        for (int t = 0; t < n; t++) {
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b));
+            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a0, w0, q0)), _mm256_set1_ps(rows[t].d[b] * p0), acc0[t]);
+        }
+    }
+    for (int t = 0; t < n; t++) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+}
+
+static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < n; b++)
+        _mm256_storeu_si256((__m256i *)(out + QK * b), decode_block(blocks + 16 * b, lut, mask));
+}
+#else
+static inline void decode_block(const uint8_t *p, int8_t *w) {
+    for (int j = 0; j < QK / 2; j++) {
+        w[j] = E2M1_X2[p[j] & 0x0F];
+        w[QK / 2 + j] = E2M1_X2[p[j] >> 4];
+    }
+}
+
+static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, const uint8_t *sc, int nb,
+                                                           const Row *rows, const int n, float *out) {
+    float acc[NR] = {0};
+    int8_t w[QK];
+    for (int b = 0; b < nb; b++) {
+        decode_block(blk + 16 * b, w);
+        float p = POW2[sc[b]];
+        for (int t = 0; t < n; t++) {
+            const int8_t *q = rows[t].q + QK * b;
+            int32_t s = 0;
+            for (int j = 0; j < QK; j++) s += (int32_t)w[j] * q[j];
+            acc[t] += (float)s * (rows[t].d[b] * p);
+        }
+    }
+    for (int t = 0; t < n; t++) out[t] = acc[t];
+}
+
+static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
+    for (int64_t b = 0; b < n; b++) decode_block(blocks + 16 * b, out + QK * b);
+}
+#endif
+
+/* n is a compile-time constant in each case, so every loop over rows is unrolled into registers. */
+static void dot_rows_n(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
+    switch (n) {
+    case 1: dot_rows(blk, sc, nb, rows, 1, out); break;
+    case 2: dot_rows(blk, sc, nb, rows, 2, out); break;
+    case 3: dot_rows(blk, sc, nb, rows, 3, out); break;
+    default: dot_rows(blk, sc, nb, rows, 4, out); break;
+    }
+}
+
+/* ---------------------------------------------------------------- exported entry points */
+
+/* x [rows, K] fp32 → q [rows, K] int8 (blocks permuted: evens then odds), d [rows, K/32]. */
+int moe_q8_quantize(const float *x, int64_t rows, int K, int8_t *q, float *d) {
+    if (K % QK) return -1;
+    #pragma omp parallel for schedule(static) if (rows * K >= 65536)
+    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * K, K, q + r * K, d + r * (K / QK));
+    return 0;
+}
+
+/* n packed blocks → n*32 int8 weights times 2, in the kernels' order (evens then odds per block). */
+void moe_q8_decode(const uint8_t *blocks, int64_t n, int8_t *out) { decode_blocks(blocks, n, out); }
+
+static inline Row row_at(const int8_t *q, const float *d, int K, int64_t r) {
+    Row row = {q + r * K, d + r * (K / QK)};
+    return row;
+}
+
+/* One projection for rows grouped by expert: group g covers output rows offsets[g]..offsets[g+1]-1,
+ * whose inputs are activation rows row_of[p] (p itself when row_of is NULL), and uses expert
+ * experts[g]. Weights: blocks [E, O, K/32, 16], scales [E, O, K/32]; bias [E, O] fp32 or NULL.
+ * y [P, O] fp32. */
+int moe_q8_linear(const int8_t *q, const float *d, const int64_t *row_of, int K, const int64_t *offsets,
+                  const int64_t *experts, int G, const uint8_t *blocks, const uint8_t *scales, int O,
+                  const float *bias, float *y) {
+    if (K % QK) return -1;
+    const int nb = K / QK, tiles = (O + TILE_O - 1) / TILE_O;
+    const size_t per_expert = (size_t)O * nb;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int g = 0; g < G; g++) {
+        for (int tile = 0; tile < tiles; tile++) {
+            const int64_t e = experts[g];
+            const int o_end = (tile + 1) * TILE_O < O ? (tile + 1) * TILE_O : O;
+            for (int64_t start = offsets[g]; start < offsets[g + 1]; start += NR) {
+                const int n = offsets[g + 1] - start < NR ? (int)(offsets[g + 1] - start) : NR;
+                Row rows[NR];
+                for (int t = 0; t < n; t++) rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
+                for (int o = tile * TILE_O; o < o_end; o++) {
+                    const size_t at = e * per_expert + (size_t)o * nb;
+                    float out[NR];
+                    dot_rows_n(blocks + 16 * at, scales + at, nb, rows, n, out);
+                    const float b = bias ? bias[e * O + o] : 0.0f;
+                    for (int t = 0; t < n; t++) y[(start + t) * O + o] = out[t] + b;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- one whole MoE layer */
+
+/* gpt-oss's clamped SwiGLU on one (glu, linear) pair, alpha 1.702 (gpt_oss.swiglu). */
+static inline float swiglu(float glu, float lin, float limit) {
+    glu = fminf(glu, limit);
+    lin = fminf(fmaxf(lin, -limit), limit);
+    return glu / (1.0f + expf(-1.702f * glu)) * (lin + 1.0f);
+}
+
+typedef struct {
+    int64_t T;
+    int H, I;
+    const int64_t *pair_token; /* [P] the token of each (token, expert) pair, pairs grouped by expert */
+    const float *pair_weight;  /* [P] the pair's routing weight */
+    const int64_t *offsets, *experts;
+    const uint8_t *blocks1, *scales1, *blocks2, *scales2;
+    const float *bias1, *bias2;
+    float limit;
+    int8_t *xq, *hq; /* quantised inputs [T, H] and SwiGLU outputs [P, I] */
+    float *xd, *hd;
+    float *out; /* [T, H], added to */
+} Layer;
+
+/* mlp1 rows tile*64 .. +63 of group g's expert for all its pairs, + bias, SwiGLU, quantised at once:
+ * the 32 outputs are exactly activation block `tile` of mlp2's input. */
+static void mlp1_tile(const Layer *L, int g, int tile) {
+    const int nb = L->H / QK, O = 2 * L->I;
+    const int64_t e = L->experts[g];
+    for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
+        const int n = L->offsets[g + 1] - start < NR ? (int)(L->offsets[g + 1] - start) : NR;
+        Row rows[NR];
+        for (int t = 0; t < n; t++) rows[t] = row_at(L->xq, L->xd, L->H, L->pair_token[start + t]);
+        float h[NR][TILE_1];
+        for (int r = 0; r < TILE_1; r++) {
+            const int o = tile * TILE_1 + r;
+            const size_t at = (size_t)e * O * nb + (size_t)o * nb;
+            float dots[NR];
+            dot_rows_n(L->blocks1 + 16 * at, L->scales1 + at, nb, rows, n, dots);
+            for (int t = 0; t < n; t++) h[t][r] = dots[t] + L->bias1[e * O + o];
+        }
+        for (int t = 0; t < n; t++) {
+            float act[QK];
+            for (int i = 0; i < QK; i++) act[i] = swiglu(h[t][2 * i], h[t][2 * i + 1], L->limit);
+            const int64_t p = start + t;
+            quantize_block(act, L->hq + p * L->I + tile * QK, L->hd + p * (L->I / QK) + tile);
+        }
+    }
+}
+
+/* mlp2 rows of one output tile for every group, each added into its token's output times the pair's
+ * routing weight. One thread owns the tile's columns of `out`, so the k experts of a token never race. */
+static void mlp2_tile(const Layer *L, int G, int tile) {
+    const int nb = L->I / QK, H = L->H;
+    const int o_end = (tile + 1) * TILE_O < H ? (tile + 1) * TILE_O : H;
+    for (int g = 0; g < G; g++) {
+        const int64_t e = L->experts[g];
+        for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
+            const int n = L->offsets[g + 1] - start < NR ? (int)(L->offsets[g + 1] - start) : NR;
+            Row rows[NR];
+            for (int t = 0; t < n; t++) rows[t] = row_at(L->hq, L->hd, L->I, start + t);
+            for (int o = tile * TILE_O; o < o_end; o++) {
+                const size_t at = (size_t)e * H * nb + (size_t)o * nb;
+                float dots[NR];
+                dot_rows_n(L->blocks2 + 16 * at, L->scales2 + at, nb, rows, n, dots);
+                const float bias = L->bias2[e * H + o];
+                for (int t = 0; t < n; t++)
+                    L->out[L->pair_token[start + t] * H + o] += L->pair_weight[start + t] * (dots[t] + bias);
+            }
+        }
+    }
+}
+
+/* The routed experts of one MoE layer in one call: out[T, H] += Σ_pairs weight * mlp2(swiglu(mlp1(x))).
+ * Pairs are grouped by expert (group g = pairs offsets[g]..offsets[g+1]-1, expert experts[g]).
+ * mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2 [E, H, I/32, 16], bias2 [E, H].
+ * Scratch (the caller's, reused across steps): xq [T, H], xd [T, H/32], hq [P, I], hd [P, I/32]. */
+int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *pair_token, const float *pair_weight,
+                 const int64_t *offsets, const int64_t *experts, int G,
+                 const uint8_t *blocks1, const uint8_t *scales1, const float *bias1,
+                 const uint8_t *blocks2, const uint8_t *scales2, const float *bias2, float limit,
+                 int8_t *xq, float *xd, int8_t *hq, float *hd, float *out) {
+    if (H % QK || I % QK) return -1;
+    const Layer L = {T, H, I, pair_token, pair_weight, offsets, experts, blocks1, scales1, blocks2, scales2,
+                     bias1, bias2, limit, xq, hq, xd, hd, out};
+    const int tiles1 = 2 * I / TILE_1, tiles2 = (H + TILE_O - 1) / TILE_O;
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < T; r++) quantize_row(x + r * H, H, xq + r * H, xd + r * (H / QK));
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int g = 0; g < G; g++)
+            for (int tile = 0; tile < tiles1; tile++) mlp1_tile(&L, g, tile);
+        #pragma omp for schedule(dynamic, 1)
+        for (int tile = 0; tile < tiles2; tile++) mlp2_tile(&L, G, tile);
+    }
+    return 0;
+}

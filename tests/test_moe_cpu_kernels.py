@@ -1,0 +1,196 @@
+"""The fast MoE kernel (`kernels/moe_q8_cpu.c`): every instruction-set variant this CPU runs, plus forced portable.
+
+Error bounds, derived rather than tuned. An activation block x (32 values) is stored as d·q with
+d = amax/127 and q = round(x/d), so each element is off by at most d/2 (times 1 + 2^-20 for the
+rounding of 1/d). The weights are exact (E2M1 times a power of two), and the integer block dot
+products are exact, so one output o = Σ_j W[o,j]·x[j] is off by at most
+
+    Σ_j |W[o,j]| · d(j)/2                                      (activation quantisation)
+  + (K + K/32 + 16) · 2^-24 · Σ_j |W[o,j]|·|x[j]| · 2           (fp32 rounding of both paths)
+
+where d(j) is the scale of j's block. Through a layer (mlp1 → clamped SwiGLU → mlp2 → routing-weighted
+sum) the bound is carried element by element: SwiGLU f(g, l) = min(g,L)·σ(α·min(g,L))·(clamp(l)+1)
+moves by at most sup|∂f/∂g|·|Δg| + sup|∂f/∂l|·|Δl| over the box of possible inputs, with
+|∂f/∂g| ≤ 1.1·(|l|+|Δl|+1) (σ(z) + zσ(z)(1-σ(z)) ≤ 1.0999) and |∂f/∂l| ≤ |g|+|Δg|; the SwiGLU outputs
+are quantised again (d/2 each, with d from the largest value the block can hold), then mlp2's bound
+and the routing weights follow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ossrun.model import mxfp4
+from ossrun.model.checkpoint import load_checkpoint
+from ossrun.model.gpt_oss import MoE
+from ossrun.model.kernels import moe_cpu
+from ossrun.model.kernels.build import supported_isas
+
+if moe_cpu.library() is None:
+    pytest.skip("no C compiler here: the fast MoE kernel is not built", allow_module_level=True)
+
+ISAS = supported_isas()  # always includes "portable"
+U = 2.0 ** -24
+
+
+def to_kernel_order(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] in the natural order → each 32-block's 16 even elements, then its 16 odd ones."""
+    blocks = values.reshape(*values.shape[:-1], -1, 16, 2)
+    return torch.cat([blocks[..., 0], blocks[..., 1]], dim=-1).reshape(values.shape)
+
+
+def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8 per 32 values in fp32, as the kernel states it: d = amax/127, q = round(x · (127/amax)), ties to even."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse).to(torch.int8).reshape(x.shape)
+    return to_kernel_order(q), (amax / 127.0).squeeze(-1)
+
+
+def linear_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The module docstring's bound for x [R, K] @ weight [O, K]ᵀ (float64 in, [R, O] out)."""
+    k = x.shape[1]
+    d = x.reshape(x.shape[0], k // 32, 32).abs().amax(-1) / 127.0
+    half_step = (d / 2 * (1 + 2.0 ** -20)).repeat_interleave(32, dim=1)
+    rounding = 2 * (k + k / 32 + 16) * U * (x.abs() @ weight.abs().T)
+    return half_step @ weight.abs().T + rounding
+
+
+def random_experts(experts: int, out: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mxfp4.quantize_random(out, k, experts, torch.Generator().manual_seed(seed), (122, 124, 126, 127, 128, 129))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nibble_decode_is_bit_exact(isa):
+    """Every byte value, decoded by the kernel's shuffle, against mxfp4.dequantize (scale 2^0)."""
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(16, 16)[torch.randperm(16)].reshape(16, 16)
+    blocks = torch.cat([blocks, blocks.flip(-1)])  # every byte at every position parity
+    ones = torch.full(blocks.shape[:-1], mxfp4.SCALE_BIAS, dtype=torch.uint8)
+    expected = to_kernel_order(mxfp4.dequantize(blocks, ones, torch.float32))
+    decoded = moe_cpu.decode_nibbles(blocks, isa).float() / 2
+    assert torch.equal(decoded.view(-1), expected.view(-1))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantisation_is_bit_exact(isa):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 96, generator=g) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(32)
+    x[2, 32:64] = 0  # an all-zero block: scale 0, values 0
+    x[3, :32] = torch.arange(32) - 15.5  # halves after scaling? the largest is exactly ±127
+    q, d = moe_cpu.quantize_rows(x, isa)
+    q_ref, d_ref = reference_quantize(x)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(d, d_ref)
+
+
+# Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4).
+GROUPINGS = {
+    "decode": ([1], [2]),
+    "decode_4": ([1, 1, 1, 1], [0, 3, 4, 6]),
+    "empty_groups": ([0, 3, 0, 1, 0], [0, 1, 2, 5, 6]),
+    "prefill": ([37, 5, 64, 2, 11], [6, 0, 3, 1, 5]),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_grouped_linear_within_the_derived_bound(isa, grouping):
+    sizes, experts = GROUPINGS[grouping]
+    k, out = 160, 40  # 5 blocks (odd: the kernel's two-block loop has a tail), output tiles of 16 with a tail
+    blocks, scales = random_experts(7, out, k, seed=2)
+    weight = mxfp4.dequantize(blocks, scales, torch.float64)
+    bias = torch.randn(7, out, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, k, generator=g) * 4
+    rows = int(sum(sizes))
+    row_of = torch.randint(0, x.shape[0], (rows,), generator=g)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    q, d = moe_cpu.quantize_rows(x, isa)
+    y = moe_cpu.q8_grouped_linear(q, d, row_of, offsets, torch.tensor(experts), blocks, scales, bias, isa)
+    assert y.shape == (rows, out)
+    for group, e in enumerate(experts):
+        pick = row_of[offsets[group]:offsets[group + 1]]
+        exact = x[pick].double() @ weight[e].T + bias[e].double()
+        error = (y[offsets[group]:offsets[group + 1]].double() - exact).abs()
+        assert (error <= linear_bound(x[pick].double(), weight[e])).all(), f"expert {e}: max error {error.max()}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_variants_differ_only_by_summation_order(isa):
+    """Same integers, same scales: a variant and portable differ by fp32 rounding alone (both bounded as above)."""
+    blocks, scales = random_experts(2, 48, 2880, seed=5)
+    x = torch.randn(6, 2880, generator=torch.Generator().manual_seed(6))
+    q, d = moe_cpu.quantize_rows(x, "portable")
+    offsets, experts = torch.tensor([0, 1, 6]), torch.tensor([1, 0])
+    portable = moe_cpu.q8_grouped_linear(q, d, None, offsets, experts, blocks, scales, None, "portable")
+    variant = moe_cpu.q8_grouped_linear(q, d, None, offsets, experts, blocks, scales, None, isa)
+    weight = mxfp4.dequantize(blocks, scales, torch.float64)
+    x_hat = x.double().abs() + (d.double() / 2).repeat_interleave(32, dim=1)  # ≥ |d·q| elementwise
+    magnitude = torch.cat([x_hat[:1] @ weight[1].abs().T, x_hat[1:] @ weight[0].abs().T])
+    assert ((variant.double() - portable.double()).abs() <= 4 * (2880 + 90 + 16) * U * magnitude).all()
+
+
+def test_sizes_that_are_not_blocks_are_refused():
+    with pytest.raises(ValueError):
+        moe_cpu.quantize_rows(torch.zeros(2, 40))
+
+
+def swiglu_error(h: torch.Tensor, dh: torch.Tensor, limit: float) -> torch.Tensor:
+    """How far gpt-oss's SwiGLU can move when its interleaved inputs h move by at most dh (see module docstring)."""
+    glu, lin, dglu, dlin = h[..., 0::2], h[..., 1::2], dh[..., 0::2], dh[..., 1::2]
+    sup_dg = 1.1 * ((lin.abs() + dlin).clamp(max=limit) + 1)
+    sup_dl = glu.abs() + dglu
+    return sup_dg * dglu + sup_dl * dlin
+
+
+def moe_error_bound(moe: MoE, t: torch.Tensor) -> torch.Tensor:
+    """Per-element bound [T, H] on |fast − exact| of one MoE layer's expert sum for normed inputs t."""
+    experts, weights = moe.route(t)
+    limit = moe.config.swiglu_limit
+    t64 = t.double()
+    bound = torch.zeros_like(t64)
+    for e in experts.unique().tolist():
+        tokens, slots = torch.nonzero(experts == e, as_tuple=True)
+        w1 = mxfp4.dequantize(moe.mlp1_blocks[e], moe.mlp1_scales[e], torch.float64)
+        w2 = mxfp4.dequantize(moe.mlp2_blocks[e], moe.mlp2_scales[e], torch.float64)
+        h = t64[tokens] @ w1.T + moe.mlp1_bias[e].double()
+        dh = linear_bound(t64[tokens], w1)
+        act = F_swiglu(h, limit)
+        dact = swiglu_error(h, dh, limit) * (1 + 1e-6) + 4 * U * act.abs()
+        # The fast path quantises its own SwiGLU outputs: their block's amax is at most amax + max Δ.
+        amax = (act.abs() + dact).reshape(act.shape[0], -1, 32).amax(-1)
+        quant = (amax / 127 / 2 * (1 + 2.0 ** -20)).repeat_interleave(32, dim=1)
+        k = act.shape[1]
+        rounding = 2 * (k + k / 32 + 16) * U * ((act.abs() + dact) @ w2.abs().T)
+        dy = (dact + quant) @ w2.abs().T + rounding
+        bound.index_add_(0, tokens, dy * weights[tokens, slots].double().unsqueeze(1))
+    return bound
+
+
+def F_swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    from ossrun.model.gpt_oss import swiglu
+
+    return swiglu(h, limit)
+
+
+@pytest.fixture(scope="module")
+def tiny_layers(checkpoints):
+    checkpoint = load_checkpoint(checkpoints["original"])
+    make = lambda precision: MoE(checkpoint.config, 1, checkpoint.tensors, torch.float32, torch.device("cpu"), precision)
+    return make("exact"), make("fast")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_fused_layer_against_the_exact_layer_on_tiny(tiny_layers, rows, isa, monkeypatch):
+    """The whole fast MoE layer (one native call) against the exact layer, within the derived bound."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    exact, fast = tiny_layers
+    assert fast.use_q8 and not exact.use_q8
+    x = torch.randn(rows, exact.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 2
+    difference = (fast(x).double() - exact(x).double()).abs()
+    bound = moe_error_bound(exact, exact.norm(x)) + 4 * U * (x.double().abs() + 1)  # + the residual add in fp32
+    assert (difference <= bound).all(), f"max excess {(difference - bound).max()}"
+    assert difference.max() > 0  # the fast path really ran (it quantises)
