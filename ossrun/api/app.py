@@ -115,6 +115,14 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
                   description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
     app.state.service = service
     app.state.batch_worker = worker
+
+    async def drain() -> None:
+        """Shutdown's first move (on SIGTERM, before uvicorn waits for open requests): batch items stop
+        first and stay queued for the next start, then every other request ends within a step."""
+        await worker.stop()
+        engine.abort_all()
+
+    app.state.drain = drain
     limiter = RateLimiter(settings.rate_limit_per_minute)
     app.add_middleware(BodyLimit)
 

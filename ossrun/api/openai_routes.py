@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ossrun.api import results, schemas, streaming
+from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.service import Service
 from ossrun.api.workers_ai import SSE, json_body, service_of
 
@@ -25,7 +26,7 @@ async def chat_completions(request: Request):
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE)
-    outcome = await service.complete(plan)
+    outcome = await unless_client_leaves(request, service.complete(plan))
     return results.chat_completion(outcome, body["model"], service.metering.prices, with_logprobs=bool(body.get("logprobs")))
 
 
@@ -36,7 +37,7 @@ async def responses(request: Request):
     plan = service.plan("responses", body, openai=True)
     if plan.stream:
         return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE)
-    outcome = await service.complete(plan)
+    outcome = await unless_client_leaves(request, service.complete(plan))
     response = results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"))
     service.responses.remember(response["id"], plan.body, response)
     return response
@@ -50,7 +51,7 @@ async def completions(request: Request):
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE)
-    outcome = await service.complete(plan)
+    outcome = await unless_client_leaves(request, service.complete(plan))
     return results.text_completion(outcome, body["model"], service.metering.prices)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,36 @@ def load_engine(settings: ServerSettings):
     return engine
 
 
+GRACE_S = 3.0  # after draining, the longest uvicorn waits for connections before cancelling them
+
+
+def _draining_server(config, drain: Callable[[], Awaitable[None]]):
+    """A uvicorn server whose first exit signal also drains the app.
+
+    uvicorn's graceful shutdown waits for every open request to finish; a sync request generating
+    thousands of tokens would hold SIGTERM for minutes. Draining ends them all within an engine step.
+    """
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        _loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first and self._loop is not None:  # a signal handler: only hand the work to the loop
+                loop = self._loop
+                loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
+
+    return DrainingServer(config)
+
+
 def serve(settings: ServerSettings) -> None:
     import uvicorn
 
@@ -78,6 +109,7 @@ def serve(settings: ServerSettings) -> None:
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+        _draining_server(config, app.state.drain).run()
     finally:
         engine.shutdown()

@@ -16,8 +16,8 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api.conversations import ResponseMemory
-from ossrun.api.errors import ApiError, bad_input, context_too_long, unknown_lora
-from ossrun.engine.errors import ContextLengthError, UnknownAdapterError
+from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
+from ossrun.engine.errors import ContextLengthError, ShuttingDownError, UnknownAdapterError
 from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
 
 WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
@@ -273,6 +273,8 @@ class Service:
             async for token in stream:
                 if token.finish_reason == "error":
                     raise ApiError(500, 3000, f"AiError: {token.error or 'generation failed'}")
+                if token.finish_reason == "abort":  # only shutdown aborts a request whose client still listens
+                    raise ShuttingDownError("aborted")
                 events = parser.feed(token.token_id) if token.token_id is not None else []
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
@@ -282,6 +284,8 @@ class Service:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
         except UnknownAdapterError as exc:
             raise unknown_lora(exc.name) from None
+        except ShuttingDownError:
+            raise ApiError(*SHUTTING_DOWN) from None
         finally:
             await stream.aclose()
             self.metering.observe_latency(time.perf_counter() - started)

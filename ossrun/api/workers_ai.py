@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ossrun.api import results, schemas, streaming
 from ossrun.api.body import parse_json
+from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope
 from ossrun.api.service import Plan, Service
 from ossrun.batch.worker import ItemOutcome
@@ -77,7 +78,7 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     _reject_if_busy(service, body)
     if body.get("stream"):
         return stream_response(service, service.plan(shape, body))
-    result, _ = await run_sync(service, shape, body)
+    result, _ = await unless_client_leaves(request, run_sync(service, shape, body))
     return envelope(result)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ossrun.engine.engine import Engine, EngineOptions
+from ossrun.engine.errors import ShuttingDownError
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.config import ModelConfig
@@ -65,6 +66,7 @@ class AsyncEngine:
         self._inbox: list[tuple[str, object]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._draining = False  # set by abort_all: shutdown has begun, nothing new is taken
         self._thread = threading.Thread(target=self._run, name="ossrun-engine", daemon=True)
         self._thread.start()
 
@@ -90,6 +92,8 @@ class AsyncEngine:
     # -- the coroutine side --------------------------------------------------------------------
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:
         """Submit a request and stream its events; leaving the loop early cancels the request."""
+        if self._draining:
+            raise ShuttingDownError("the server is shutting down")
         self.validate(request)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -120,6 +124,14 @@ class AsyncEngine:
             self._inbox.append(("abort", request_id))
         self._wake.set()
 
+    def abort_all(self) -> None:
+        """Shutdown begins: end every request at the engine's next step (their streams get an "abort"
+        event) and refuse new ones, so the server's open connections close within a step."""
+        self._draining = True
+        with self._lock:
+            self._inbox.append(("abort_all", None))
+        self._wake.set()
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -148,6 +160,10 @@ class AsyncEngine:
         for kind, payload in commands:
             if kind == "abort":
                 self.engine.abort(payload)
+                continue
+            if kind == "abort_all":
+                for event in self.engine.abort_all():
+                    self._deliver(event.request_id, event)
                 continue
             try:
                 self.engine.add(payload)

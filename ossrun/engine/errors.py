@@ -22,3 +22,7 @@ class UnknownAdapterError(ValueError):
     def __init__(self, name: str):
         self.name = name
         super().__init__(f"unknown LoRA adapter {name!r}")
+
+
+class ShuttingDownError(RuntimeError):
+    """The engine is draining for shutdown: it ended this request (or takes no new ones)."""
