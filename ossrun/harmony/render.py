@@ -12,6 +12,8 @@ caller passes one, so the same request always gives the same tokens (and the sam
 
 from __future__ import annotations
 
+import secrets
+import string
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -23,11 +25,12 @@ from openai_harmony import (
     ReasoningEffort,
     Role,
     SystemContent,
+    TextContent,
     ToolDescription,
 )
 
 from .inputs import Converted, RenderError, convert_chat, convert_responses
-from .tokenizer import encode, get_encoding
+from .tokenizer import encode, get_encoding, has_long_run
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 DEFAULT_EFFORT = "medium"
@@ -69,12 +72,67 @@ def render_request(body: Mapping[str, Any], *, conversation_start_date: str | No
         return RenderedPrompt(token_ids=encode(body["prompt"], allow_special=True), raw=True)
     effort = reasoning_effort(body)
     tools = tool_descriptions(body)
+    stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
     if converted.instructions or tools:
-        messages.append(_developer_message(converted.instructions, tools))
-    messages.extend(converted.messages)
-    ids = _render(Conversation.from_messages(messages))
+        messages.append(_developer_message([stand_ins.text(t) for t in converted.instructions], tools))
+    messages.extend(stand_ins.message(m) for m in converted.messages)
+    ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in tools), reasoning_effort=effort)
+
+
+class StandIns:
+    """Texts with a pathological run (see `tokenizer.MAX_RUN`) leave the library's rendering, which
+    would tokenise them in one quadratic call under the GIL: a short marker word stands in for each,
+    and after rendering the marker's tokens are replaced by the text's bounded encoding.
+
+    A message's text sits between special tokens and instructions between blank lines, so the marker
+    (lowercase letters only) is tokenised on its own and found exactly; a message's ids are the same
+    as the library's whenever its own encoding of the text would be.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = "ossrunstandin" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(12))
+        self._texts: list[tuple[list[int], str]] = []  # (marker ids, text), in rendering order
+
+    def text(self, text: str) -> str:
+        """`text`, or the marker standing in for it."""
+        if not has_long_run(text):
+            return text
+        n, suffix = len(self._texts), ""
+        while True:  # n in base 26, letters only
+            n, digit = divmod(n, 26)
+            suffix += string.ascii_lowercase[digit]
+            if n == 0:
+                break
+        marker = self._prefix + suffix + "z"
+        self._texts.append((encode(marker), text))
+        return marker
+
+    def message(self, message: Message) -> Message:
+        if not any(isinstance(c, TextContent) and has_long_run(c.text) for c in message.content):
+            return message
+        content = [TextContent(text=self.text(c.text)) if isinstance(c, TextContent) else c for c in message.content]
+        return message.model_copy(update={"content": content})
+
+    def splice(self, ids: list[int]) -> list[int]:
+        """The rendered ids with each marker's tokens replaced by its text's tokens."""
+        out, at = [], 0
+        for marker, text in self._texts:
+            found = _find(ids, marker, at)
+            if found < 0:
+                raise RenderError("a very long word could not be placed in the prompt")
+            out += ids[at:found] + encode(text)
+            at = found + len(marker)
+        return out + ids[at:]
+
+
+def _find(ids: list[int], part: list[int], start: int) -> int:
+    """Index of the first occurrence of `part` in `ids` at or after `start`, or -1."""
+    for i in range(start, len(ids) - len(part) + 1):
+        if ids[i:i + len(part)] == part:
+            return i
+    return -1
 
 
 def _render(conversation: Conversation) -> list[int]:

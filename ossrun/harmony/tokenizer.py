@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import threading
 from importlib import resources
@@ -113,13 +114,59 @@ def get_encoding() -> HarmonyEncoding:
     return _encoding
 
 
+# BPE merges within one pre-tokenizer piece cost quadratic time in the piece's length, and the
+# library holds the GIL throughout: "x" * 200000 is one piece and took minutes, freezing the server.
+# A piece never spans more than one run of non-space (or of space) characters plus one character,
+# so text without such a run of MAX_RUN characters is encoded exactly as before, in one call; a
+# longer run is encoded in MAX_RUN-character chunks (its ids differ from the unbounded encoding only
+# at the chunk edges), so no single call works on more than MAX_RUN characters.
+MAX_RUN = 512
+_LONG_RUN = re.compile(r"\S{%d,}|\s{%d,}" % (MAX_RUN, MAX_RUN))
+_SPECIAL = re.compile(r"<\|[^\s|<>]{1,64}\|>")  # a spelled-out special token is never cut in two
+
+
+def has_long_run(text: str) -> bool:
+    """Whether `text` has a run that `encode` must cut into chunks (pathological input)."""
+    return _LONG_RUN.search(text) is not None
+
+
 def encode(text: str, allow_special: bool = False) -> list[int]:
     """Token ids of `text`.
 
     With `allow_special` the spelled-out harmony tokens (`<|start|>` …) become special tokens
     (raw prompts, `ossrun tokenize`); without it they are ordinary text, so user content can
-    never inject message boundaries.
+    never inject message boundaries. Every library call sees a bounded piece (see MAX_RUN).
     """
+    if not has_long_run(text):
+        return _encode(text, allow_special)
+    ids: list[int] = []
+    done = 0
+    for run in _LONG_RUN.finditer(text):
+        ids += _encode(text[done:run.start()], allow_special)
+        for chunk in _chunks(run.group(), allow_special):
+            ids += _encode(chunk, allow_special)
+        done = run.end()
+    return ids + _encode(text[done:], allow_special)
+
+
+def _chunks(run: str, allow_special: bool) -> list[str]:
+    """A long run cut into pieces of at most MAX_RUN characters, never inside a spelled-out special token."""
+    specials = [m.span() for m in _SPECIAL.finditer(run)] if allow_special else []
+    chunks, start, k = [], 0, 0
+    while start < len(run):
+        end = min(start + MAX_RUN, len(run))
+        while k < len(specials) and specials[k][1] <= end:
+            k += 1
+        if k < len(specials) and specials[k][0] < end:  # the cut would split this special token
+            end = specials[k][0] if specials[k][0] > start else specials[k][1]
+        chunks.append(run[start:end])
+        start = end
+    return chunks
+
+
+def _encode(text: str, allow_special: bool) -> list[int]:
+    if not text:
+        return []
     enc = get_encoding()
     if allow_special:
         return enc.encode(text, allowed_special="all")
