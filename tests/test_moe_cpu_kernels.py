@@ -85,12 +85,12 @@ def test_activation_quantisation_is_bit_exact(isa):
     assert torch.equal(d, d_ref)
 
 
-# Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4).
+# Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4 rows, 8 per chunk).
 GROUPINGS = {
     "decode": ([1], [2]),
     "decode_4": ([1, 1, 1, 1], [0, 3, 4, 6]),
     "empty_groups": ([0, 3, 0, 1, 0], [0, 1, 2, 5, 6]),
-    "prefill": ([37, 5, 64, 2, 11], [6, 0, 3, 1, 5]),
+    "prefill": ([37, 5, 64, 2, 11, 4, 6], [6, 0, 3, 1, 5, 2, 4]),
 }
 
 

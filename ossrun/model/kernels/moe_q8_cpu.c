@@ -25,7 +25,7 @@
 #endif
 
 #define QK 32      /* values per block, for the weights and the activations alike */
-#define NR 4       /* activation rows that share one decode of a weight block */
+#define NR 8       /* activation rows that share one decode of a weight block (a chunk) */
 #define TILE_O 16  /* output rows per work item of a plain projection */
 #define TILE_1 64  /* mlp1 rows per work item: 64 interleaved glu/linear rows = 32 SwiGLU outputs = one block */
 
@@ -41,6 +41,14 @@ typedef struct {
     const int8_t *q;
     const float *d;
 } Row;
+
+/* Up to NR rows that go through the same weight rows together. dx4 [NR/4][nb][4]: the scales of each
+ * full group of 4 rows side by side, so the 4-row kernel scales 4 rows' sums with one vector multiply. */
+typedef struct {
+    Row rows[NR];
+    int n;
+    float *dx4;
+} Chunk;
 
 /* ---------------------------------------------------------------- activation quantisation */
 
@@ -93,7 +101,7 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, c
                                                            const Row *rows, const int n, float *out) {
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    __m256 acc0[NR], acc1[NR];
+    __m256 acc0[4], acc1[4];
     for (int t = 0; t < n; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
     int b = 0;
     for (; b + 1 < nb; b += 2) {
@@ -116,6 +124,32 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, c
         }
     }
     for (int t = 0; t < n; t++) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
+}
+
+/* Prefill: one weight row against `groups` groups of 4 rows, each block decoded once for all of them.
+ * The 4 rows' 16-bit pair sums are folded by two horizontal adds into one vector (rows 0-3 in each
+ * 128-bit half), so the int32 widening, the conversion and the scaling happen once per 4 rows.
+ * |maddubs lanes| ≤ 2*12*127 = 3048, so the 4-lane sums of the two hadds (≤ 12192) stay in int16. */
+static inline __attribute__((always_inline)) void dot4x(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
+                                                        const float *dx4, const int groups, float *out) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        __m256i w = decode_block(blk + 16 * b, lut, mask), a = _mm256_abs_epi8(w);
+        __m256 pw = _mm256_set1_ps(POW2[sc[b]]);
+        for (int g = 0; g < groups; g++) {
+            const Row *r = rows + 4 * g;
+            __m256i m[4];
+            for (int t = 0; t < 4; t++)
+                m[t] = _mm256_maddubs_epi16(a, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(r[t].q + QK * b)), w));
+            __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(m[0], m[1]), _mm256_hadd_epi16(m[2], m[3]));
+            __m256 scale = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(dx4 + ((size_t)g * nb + b) * 4)), pw);
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(h, ones)), scale, acc[g]);
+        }
+    }
+    for (int g = 0; g < groups; g++)
+        _mm_storeu_ps(out + 4 * g, _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1)));
 }
 
 static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
@@ -164,6 +198,27 @@ static void dot_rows_n(const uint8_t *blk, const uint8_t *sc, int nb, const Row 
     }
 }
 
+/* Gather the scales of each full group of 4 rows (see Chunk); nothing to do for the portable build. */
+static void chunk_prepare(Chunk *c, int nb) {
+#ifdef __AVX2__
+    for (int g = 0; g < c->n / 4; g++)
+        for (int b = 0; b < nb; b++)
+            for (int t = 0; t < 4; t++) c->dx4[((size_t)g * nb + b) * 4 + t] = c->rows[4 * g + t].d[b];
+#else
+    (void)c, (void)nb;
+#endif
+}
+
+/* One weight row against every row of a chunk: out[t] for t < c->n. */
+static void dot_chunk(const uint8_t *blk, const uint8_t *sc, int nb, const Chunk *c, float *out) {
+    int t = 0;
+#ifdef __AVX2__
+    if (c->n >= 8) dot4x(blk, sc, nb, c->rows, c->dx4, 2, out), t = 8;
+    else if (c->n >= 4) dot4x(blk, sc, nb, c->rows, c->dx4, 1, out), t = 4;
+#endif
+    for (; t < c->n; t += 4) dot_rows_n(blk, sc, nb, c->rows + t, c->n - t < 4 ? c->n - t : 4, out + t);
+}
+
 /* ---------------------------------------------------------------- exported entry points */
 
 /* x [rows, K] fp32 → q [rows, K] int8 (blocks permuted: evens then odds), d [rows, K/32]. */
@@ -182,6 +237,13 @@ static inline Row row_at(const int8_t *q, const float *d, int K, int64_t r) {
     return row;
 }
 
+/* Rows start .. min(end, start+NR)-1 as a chunk; row p reads activation row row_of[p] (p when NULL). */
+static void chunk_load(Chunk *c, const int8_t *q, const float *d, int K, const int64_t *row_of, int64_t start, int64_t end) {
+    c->n = end - start < NR ? (int)(end - start) : NR;
+    for (int t = 0; t < c->n; t++) c->rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
+    chunk_prepare(c, K / QK);
+}
+
 /* One projection for rows grouped by expert: group g covers output rows offsets[g]..offsets[g+1]-1,
  * whose inputs are activation rows row_of[p] (p itself when row_of is NULL), and uses expert
  * experts[g]. Weights: blocks [E, O, K/32, 16], scales [E, O, K/32]; bias [E, O] fp32 or NULL.
@@ -197,16 +259,16 @@ int moe_q8_linear(const int8_t *q, const float *d, const int64_t *row_of, int K,
         for (int tile = 0; tile < tiles; tile++) {
             const int64_t e = experts[g];
             const int o_end = (tile + 1) * TILE_O < O ? (tile + 1) * TILE_O : O;
+            float dx4[NR * nb];
+            Chunk c = {.dx4 = dx4};
             for (int64_t start = offsets[g]; start < offsets[g + 1]; start += NR) {
-                const int n = offsets[g + 1] - start < NR ? (int)(offsets[g + 1] - start) : NR;
-                Row rows[NR];
-                for (int t = 0; t < n; t++) rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
+                chunk_load(&c, q, d, K, row_of, start, offsets[g + 1]);
                 for (int o = tile * TILE_O; o < o_end; o++) {
                     const size_t at = e * per_expert + (size_t)o * nb;
                     float out[NR];
-                    dot_rows_n(blocks + 16 * at, scales + at, nb, rows, n, out);
+                    dot_chunk(blocks + 16 * at, scales + at, nb, &c, out);
                     const float b = bias ? bias[e * O + o] : 0.0f;
-                    for (int t = 0; t < n; t++) y[(start + t) * O + o] = out[t] + b;
+                    for (int t = 0; t < c.n; t++) y[(start + t) * O + o] = out[t] + b;
                 }
             }
         }
@@ -242,19 +304,19 @@ typedef struct {
 static void mlp1_tile(const Layer *L, int g, int tile) {
     const int nb = L->H / QK, O = 2 * L->I;
     const int64_t e = L->experts[g];
+    float dx4[NR * nb];
+    Chunk c = {.dx4 = dx4};
     for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
-        const int n = L->offsets[g + 1] - start < NR ? (int)(L->offsets[g + 1] - start) : NR;
-        Row rows[NR];
-        for (int t = 0; t < n; t++) rows[t] = row_at(L->xq, L->xd, L->H, L->pair_token[start + t]);
+        chunk_load(&c, L->xq, L->xd, L->H, L->pair_token, start, L->offsets[g + 1]);
         float h[NR][TILE_1];
         for (int r = 0; r < TILE_1; r++) {
             const int o = tile * TILE_1 + r;
             const size_t at = (size_t)e * O * nb + (size_t)o * nb;
             float dots[NR];
-            dot_rows_n(L->blocks1 + 16 * at, L->scales1 + at, nb, rows, n, dots);
-            for (int t = 0; t < n; t++) h[t][r] = dots[t] + L->bias1[e * O + o];
+            dot_chunk(L->blocks1 + 16 * at, L->scales1 + at, nb, &c, dots);
+            for (int t = 0; t < c.n; t++) h[t][r] = dots[t] + L->bias1[e * O + o];
         }
-        for (int t = 0; t < n; t++) {
+        for (int t = 0; t < c.n; t++) {
             float act[QK];
             for (int i = 0; i < QK; i++) act[i] = swiglu(h[t][2 * i], h[t][2 * i + 1], L->limit);
             const int64_t p = start + t;
@@ -268,18 +330,18 @@ static void mlp1_tile(const Layer *L, int g, int tile) {
 static void mlp2_tile(const Layer *L, int G, int tile) {
     const int nb = L->I / QK, H = L->H;
     const int o_end = (tile + 1) * TILE_O < H ? (tile + 1) * TILE_O : H;
+    float dx4[NR * nb];
+    Chunk c = {.dx4 = dx4};
     for (int g = 0; g < G; g++) {
         const int64_t e = L->experts[g];
         for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
-            const int n = L->offsets[g + 1] - start < NR ? (int)(L->offsets[g + 1] - start) : NR;
-            Row rows[NR];
-            for (int t = 0; t < n; t++) rows[t] = row_at(L->hq, L->hd, L->I, start + t);
+            chunk_load(&c, L->hq, L->hd, L->I, NULL, start, L->offsets[g + 1]);
             for (int o = tile * TILE_O; o < o_end; o++) {
                 const size_t at = (size_t)e * H * nb + (size_t)o * nb;
                 float dots[NR];
-                dot_rows_n(L->blocks2 + 16 * at, L->scales2 + at, nb, rows, n, dots);
+                dot_chunk(L->blocks2 + 16 * at, L->scales2 + at, nb, &c, dots);
                 const float bias = L->bias2[e * H + o];
-                for (int t = 0; t < n; t++)
+                for (int t = 0; t < c.n; t++)
                     L->out[L->pair_token[start + t] * H + o] += L->pair_weight[start + t] * (dots[t] + bias);
             }
         }
