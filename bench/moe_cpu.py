@@ -58,25 +58,28 @@ class Layer:
         self.bias2 = torch.randn(self.experts, self.hidden, generator=g) * 0.1
         self.expert_bytes = sum(t[0].numel() for t in (self.blocks1, self.scales1, self.blocks2, self.scales2))
 
-    def routing(self, rows: int, g: torch.Generator):
+        self.q8 = moe_cpu.Q8Experts((self.blocks1, self.scales1, self.bias1), (self.blocks2, self.scales2, self.bias2), self.limit)
+
+    def routing(self, rows: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random distinct top-k experts per row and their softmax weights: [rows, k] each."""
         experts = torch.stack([torch.randperm(self.experts, generator=g)[:self.k] for _ in range(rows)])
-        weights = torch.softmax(torch.randn(rows, self.k, generator=g), dim=-1)
+        return experts, torch.softmax(torch.randn(rows, self.k, generator=g), dim=-1)
+
+    def old(self, x, experts, weights):
+        """The exact path's decode kernel: float MXFP4 (grouping, two grouped calls, SwiGLU and the sum in torch)."""
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.experts)
         present = torch.nonzero(counts).squeeze(1)
         offsets = torch.cat([counts.new_zeros(1), counts[present].cumsum(0)])
-        return order // self.k, weights.reshape(-1)[order], offsets, present
-
-    def old(self, x, pair_token, pair_weight, offsets, present):
-        """The exact path's decode kernel: float MXFP4 (two grouped calls, SwiGLU and the sum in torch)."""
+        pair_token, pair_weight = order // self.k, weights.reshape(-1)[order]
         h = swiglu(mxfp4_grouped_linear(x[pair_token], offsets, present, self.blocks1, self.scales1, self.bias1), self.limit)
         y = mxfp4_grouped_linear(h, offsets, present, self.blocks2, self.scales2, self.bias2)
         return torch.zeros_like(x).index_add_(0, pair_token, y * pair_weight.unsqueeze(1))
 
-    def new(self, x, pair_token, pair_weight, offsets, present):
-        return moe_cpu.moe_q8_layer(x, pair_token, pair_weight, offsets, present, (self.blocks1, self.scales1, self.bias1),
-                                    (self.blocks2, self.scales2, self.bias2), self.limit)
+    def new(self, x, experts, weights):
+        """The fast path: the whole layer's experts in one native call."""
+        return self.q8(x, experts, weights)
 
 
 def time_path(layer: Layer, path, rows: int, repeats: int) -> tuple[float, float]:
@@ -91,7 +94,7 @@ def time_path(layer: Layer, path, rows: int, repeats: int) -> tuple[float, float
         path(x, *routing)
         elapsed = time.perf_counter() - start
         if elapsed < best:
-            best, best_bytes = elapsed, len(routing[3]) * layer.expert_bytes
+            best, best_bytes = elapsed, len(routing[0].unique()) * layer.expert_bytes
     return best, best_bytes
 
 

@@ -194,3 +194,25 @@ def test_fused_layer_against_the_exact_layer_on_tiny(tiny_layers, rows, isa, mon
     bound = moe_error_bound(exact, exact.norm(x)) + 4 * U * (x.double().abs() + 1)  # + the residual add in fp32
     assert (difference <= bound).all(), f"max excess {(difference - bound).max()}"
     assert difference.max() > 0  # the fast path really ran (it quantises)
+
+
+def test_expert_ids_out_of_range_are_refused(tiny_layers):
+    _, fast = tiny_layers
+    x = torch.zeros(2, fast.config.hidden_size)
+    weights = torch.full((2, fast.config.experts_per_token), 0.25)
+    for bad in (fast.config.num_experts, -1):
+        experts = torch.tensor([[0, 1, 2, 3], [4, 5, 6, bad]])
+        with pytest.raises(ValueError, match="expert ids"):
+            fast.q8(x, experts, weights)
+
+
+def test_layer_groups_pairs_like_the_reference(tiny_layers):
+    """Repeated, unsorted and absent experts: the one-call layer equals the sum of its experts one by one."""
+    _, fast = tiny_layers
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, fast.config.hidden_size, generator=g)
+    experts = torch.tensor([[7, 0, 3, 5], [0, 7, 5, 3], [2, 2, 2, 2], [5, 3, 0, 7], [1, 6, 4, 2], [3, 3, 7, 0]])
+    weights = torch.rand(6, 4, generator=g)
+    together = fast.q8(x, experts, weights)
+    one_by_one = sum(fast.q8(x, experts[:, j:j + 1], weights[:, j:j + 1]) for j in range(4))
+    assert torch.allclose(together, one_by_one, rtol=1e-5, atol=1e-5 * float(one_by_one.abs().max()))

@@ -16,7 +16,7 @@ from ossrun.model.attention import AttentionBackend
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
-from ossrun.model.kernels.moe_cpu import moe_q8_available, moe_q8_layer
+from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
 from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
@@ -167,6 +167,9 @@ class MoE(nn.Module):
         if self.use_kernel or self.use_q8:  # the kernels add biases in fp32
             self.register_buffer("mlp1_bias_f32", self.mlp1_bias.float(), persistent=False)
             self.register_buffer("mlp2_bias_f32", self.mlp2_bias.float(), persistent=False)
+        if self.use_q8:  # fast precision: the whole layer's experts in one native call on int8 activations
+            self.q8 = Q8Experts((self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias_f32),
+                                (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32), config.swiglu_limit)
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """→ expert ids [T, k] and their weights [T, k] (softmax over the k chosen logits only)."""
@@ -187,22 +190,11 @@ class MoE(nn.Module):
         h = swiglu(h, self.config.swiglu_limit)
         return mxfp4_grouped_linear(h, offsets, experts, self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32).to(x.dtype)
 
-    def q8_experts(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The routed experts' weighted sum [T, H] fp32 in one native call (fast precision, CPU)."""
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=self.config.num_experts)
-        group_experts = torch.nonzero(counts).squeeze(1)
-        offsets = torch.cat([counts.new_zeros(1), counts[group_experts].cumsum(0)])
-        return moe_q8_layer(t, order // self.config.experts_per_token, weights.reshape(-1)[order], offsets, group_experts,
-                            (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias_f32),
-                            (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32), self.config.swiglu_limit)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         experts, weights = self.route(t)
         if self.use_q8:
-            return x + self.q8_experts(t, experts, weights).to(x.dtype)
+            return x + self.q8(t, experts, weights).to(x.dtype)
         k = self.config.experts_per_token
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert

@@ -23,7 +23,7 @@ _SIGNATURES = {
     "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P]),
     "moe_q8_decode": (None, [_P, _I64, _P]),
     "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P]),
-    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P]),
+    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P]),
 }
 _configured: set[int] = set()
 
@@ -109,32 +109,37 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def moe_q8_layer(x: torch.Tensor, pair_token: torch.Tensor, pair_weight: torch.Tensor, offsets: torch.Tensor,
-                 experts: torch.Tensor, mlp1: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 mlp2: tuple[torch.Tensor, torch.Tensor, torch.Tensor], limit: float, isa: str | None = None) -> torch.Tensor:
-    """The routed experts of one MoE layer: Σ over each token's pairs of weight · mlp2(swiglu(mlp1(x))) → [T, H] fp32.
+class Q8Experts:
+    """One MoE layer's packed experts, ready for the native call: checked and made contiguous once, at load.
 
-    Pairs (token, expert) come grouped by expert: group g is pairs offsets[g]:offsets[g+1] with expert
-    experts[g]; `pair_token` [P] and `pair_weight` [P] say whose they are. mlp1/mlp2 are (blocks, scales,
-    fp32 bias) as `q8_grouped_linear` takes them.
+    mlp1 = (blocks [E, 2I, H/32, 16], scales [E, 2I, H/32], bias [E, 2I]); mlp2 likewise with [E, H, I/32, ...].
     """
-    x = x.float().contiguous()
-    tokens, hidden = x.shape
-    blocks1, scales1, bias1 = (t.contiguous() for t in mlp1)  # no copies: loaded weights are contiguous
-    blocks2, scales2, bias2 = (t.contiguous() for t in mlp2)
-    inter = blocks2.shape[2] * 32
-    pairs = int(pair_token.shape[0])
-    pair_token = pair_token.to(torch.int64).contiguous()
-    pair_weight = pair_weight.float().contiguous()
-    offsets, experts = offsets.to(torch.int64).contiguous(), experts.to(torch.int64).contiguous()
-    out = torch.zeros(tokens, hidden, dtype=torch.float32)
-    xq = _scratch.get("xq", tokens * hidden, torch.int8)
-    xd = _scratch.get("xd", tokens * hidden // 32, torch.float32)
-    hq = _scratch.get("hq", pairs * inter, torch.int8)
-    hd = _scratch.get("hd", pairs * inter // 32, torch.float32)
-    status = library(isa).moe_q8_layer(
-        x.data_ptr(), tokens, hidden, inter, pair_token.data_ptr(), pair_weight.data_ptr(), offsets.data_ptr(),
-        experts.data_ptr(), len(experts), blocks1.data_ptr(), scales1.data_ptr(), bias1.data_ptr(), blocks2.data_ptr(),
-        scales2.data_ptr(), bias2.data_ptr(), limit, xq.data_ptr(), xd.data_ptr(), hq.data_ptr(), hd.data_ptr(), out.data_ptr())
-    _check(status, "moe_q8_layer")
-    return out
+
+    def __init__(self, mlp1: tuple[torch.Tensor, torch.Tensor, torch.Tensor], mlp2: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 limit: float):
+        self.blocks1, self.scales1, self.blocks2, self.scales2 = (t.contiguous() for t in (*mlp1[:2], *mlp2[:2]))
+        self.bias1, self.bias2 = mlp1[2].float().contiguous(), mlp2[2].float().contiguous()
+        self.experts, self.hidden = self.blocks2.shape[:2]
+        self.inter = self.blocks2.shape[2] * 32
+        if self.blocks1.shape != (self.experts, 2 * self.inter, self.hidden // 32, 16) or self.bias1.shape != (self.experts, 2 * self.inter):
+            raise ValueError(f"mlp1 {tuple(self.blocks1.shape)} does not match mlp2 {tuple(self.blocks2.shape)}")
+        self.limit = float(limit)
+        self._weights = [t.data_ptr() for t in (self.blocks1, self.scales1, self.bias1, self.blocks2, self.scales2, self.bias2)]
+
+    def __call__(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+        """x [T, H], the router's choices experts [T, k] and weights [T, k] → Σ_j weights[t, j]·expert(x[t]) [T, H] fp32."""
+        x = x.float().contiguous()
+        experts = experts.to(torch.int64).contiguous()
+        weights = weights.float().contiguous()
+        tokens, k = experts.shape
+        pairs = tokens * k
+        out = torch.empty(tokens, self.hidden, dtype=torch.float32)
+        scratch = [_scratch.get("xq", tokens * self.hidden, torch.int8), _scratch.get("xd", tokens * self.hidden // 32, torch.float32),
+                   _scratch.get("hq", pairs * self.inter, torch.int8), _scratch.get("hd", pairs * self.inter // 32, torch.float32),
+                   _scratch.get("route", 2 * pairs + 2 * self.experts + 1, torch.int64)]
+        status = library(isa).moe_q8_layer(x.data_ptr(), tokens, self.hidden, self.inter, experts.data_ptr(), weights.data_ptr(), k,
+                                           self.experts, *self._weights, self.limit, *(t.data_ptr() for t in scratch), out.data_ptr())
+        if status == -2:
+            raise ValueError(f"expert ids must be in 0..{self.experts - 1}")
+        _check(status, "moe_q8_layer")
+        return out

@@ -289,14 +289,15 @@ typedef struct {
     int64_t T;
     int H, I;
     const int64_t *pair_token; /* [P] the token of each (token, expert) pair, pairs grouped by expert */
-    const float *pair_weight;  /* [P] the pair's routing weight */
+    const int64_t *pair_slot;  /* [P] the pair's index into the router's [T, k] choices */
+    const float *topw;         /* [T, k] routing weights */
     const int64_t *offsets, *experts;
     const uint8_t *blocks1, *scales1, *blocks2, *scales2;
     const float *bias1, *bias2;
     float limit;
     int8_t *xq, *hq; /* quantised inputs [T, H] and SwiGLU outputs [P, I] */
     float *xd, *hd;
-    float *out; /* [T, H], added to */
+    float *out; /* [T, H], zeroed by the quantisation pass, then added to */
 } Layer;
 
 /* mlp1 rows tile*64 .. +63 of group g's expert for all its pairs, + bias, SwiGLU, quantised at once:
@@ -342,29 +343,68 @@ static void mlp2_tile(const Layer *L, int G, int tile) {
                 dot_chunk(L->blocks2 + 16 * at, L->scales2 + at, nb, &c, dots);
                 const float bias = L->bias2[e * H + o];
                 for (int t = 0; t < c.n; t++)
-                    L->out[L->pair_token[start + t] * H + o] += L->pair_weight[start + t] * (dots[t] + bias);
+                    L->out[L->pair_token[start + t] * H + o] += L->topw[L->pair_slot[start + t]] * (dots[t] + bias);
             }
         }
     }
 }
 
-/* The routed experts of one MoE layer in one call: out[T, H] += Σ_pairs weight * mlp2(swiglu(mlp1(x))).
- * Pairs are grouped by expert (group g = pairs offsets[g]..offsets[g+1]-1, expert experts[g]).
- * mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2 [E, H, I/32, 16], bias2 [E, H].
- * Scratch (the caller's, reused across steps): xq [T, H], xd [T, H/32], hq [P, I], hd [P, I/32]. */
-int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *pair_token, const float *pair_weight,
-                 const int64_t *offsets, const int64_t *experts, int G,
+/* Pairs (token, slot) grouped by expert, as a stable counting sort of the router's choices: group g
+ * is pairs offsets[g] .. offsets[g+1]-1 with expert experts[g], experts ascending, tokens ascending
+ * within a group. Returns the number of groups, or -1 for an expert id outside 0..E-1. */
+static int group_pairs(const int64_t *topk, int64_t T, int k, int E, int64_t *offsets, int64_t *experts,
+                       int64_t *pair_token, int64_t *pair_slot) {
+    int64_t *next = offsets; /* counts, then each group's next free position (offsets rebuilt below) */
+    for (int e = 0; e <= E; e++) next[e] = 0;
+    for (int64_t s = 0; s < T * k; s++) {
+        if (topk[s] < 0 || topk[s] >= E) return -1;
+        next[topk[s] + 1]++;
+    }
+    for (int e = 0; e < E; e++) next[e + 1] += next[e];
+    for (int64_t s = 0; s < T * k; s++) {
+        const int64_t at = next[topk[s]]++;
+        pair_token[at] = s / k;
+        pair_slot[at] = s;
+    }
+    /* next[e] is now the end of expert e's pairs: keep the non-empty ones as groups */
+    int G = 0;
+    int64_t begin = 0;
+    for (int e = 0; e < E; e++) {
+        const int64_t end = next[e];
+        if (end > begin) {
+            experts[G] = e;
+            offsets[G] = begin; /* G ≤ e, so offsets[G] no longer holds a needed next[] */
+            G++;
+        }
+        begin = end;
+    }
+    offsets[G] = begin;
+    return G;
+}
+
+/* The routed experts of one MoE layer in one call: out[T, H] = Σ_j topw[t, j] * mlp2(swiglu(mlp1(x[t])))
+ * over each token's k experts topk[t, j]. mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2
+ * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd [T, H/32],
+ * hq [T*k, I], hd [T*k, I/32], route [2*T*k + 2*E + 1]. Returns 0, -1 for sizes that are not blocks,
+ * -2 for an expert id outside 0..E-1. */
+int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, const float *topw, int k, int E,
                  const uint8_t *blocks1, const uint8_t *scales1, const float *bias1,
                  const uint8_t *blocks2, const uint8_t *scales2, const float *bias2, float limit,
-                 int8_t *xq, float *xd, int8_t *hq, float *hd, float *out) {
+                 int8_t *xq, float *xd, int8_t *hq, float *hd, int64_t *route, float *out) {
     if (H % QK || I % QK) return -1;
-    const Layer L = {T, H, I, pair_token, pair_weight, offsets, experts, blocks1, scales1, blocks2, scales2,
+    int64_t *offsets = route, *experts = route + E + 1, *pair_token = route + 2 * E + 1, *pair_slot = pair_token + T * k;
+    const int G = group_pairs(topk, T, k, E, offsets, experts, pair_token, pair_slot);
+    if (G < 0) return -2;
+    const Layer L = {T, H, I, pair_token, pair_slot, topw, offsets, experts, blocks1, scales1, blocks2, scales2,
                      bias1, bias2, limit, xq, hq, xd, hd, out};
     const int tiles1 = 2 * I / TILE_1, tiles2 = (H + TILE_O - 1) / TILE_O;
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < T; r++) quantize_row(x + r * H, H, xq + r * H, xd + r * (H / QK));
+        for (int64_t r = 0; r < T; r++) {
+            quantize_row(x + r * H, H, xq + r * H, xd + r * (H / QK));
+            for (int o = 0; o < H; o++) out[r * H + o] = 0.0f;
+        }
         #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int g = 0; g < G; g++)
             for (int tile = 0; tile < tiles1; tile++) mlp1_tile(&L, g, tile);
