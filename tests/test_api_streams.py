@@ -321,3 +321,19 @@ def test_previous_response_id_unknown_or_not_stored(client):
     private = client.post("/v1/responses", json={"model": MODEL, "input": "secret", "store": False}).json()
     again = client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": private["id"]})
     assert again.status_code == 400
+
+
+def test_a_cut_off_function_call_is_incomplete(client, engine):
+    engine.script = TOOL_CALL
+    cut = token_count(TOOL_CALL) - 3  # inside the arguments
+    body = {"model": MODEL, "input": "Weather?", "tools": [{"type": "function", **TOOLS[0]["function"]}], "max_output_tokens": cut}
+    response = client.post("/v1/responses", json=body).json()
+    assert response["status"] == "incomplete"
+    assert [(i["type"], i.get("status")) for i in response["output"]][-1] == ("function_call", "incomplete")
+    events = [f for f in stream(client, "/v1/responses", body) if f != "[DONE]"]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done[-1]["type"] == "function_call" and done[-1]["status"] == "incomplete"
+    assert events[-1]["response"]["output"][-1]["status"] == "incomplete"
+    engine.script = THINK_AND_ANSWER
+    whole = client.post("/v1/responses", json={**body, "max_output_tokens": 500}).json()
+    assert whole["status"] == "completed" and whole["output"][-1]["status"] == "completed"

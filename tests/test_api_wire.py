@@ -113,3 +113,102 @@ def test_batch_polls_on_either_url(server):
         polled = call(server, "POST", url, json={"request_id": request_id})
         assert polled.status_code == 200, polled.text
         assert polled.json()["result"]["request_id"] == request_id
+
+
+# -- 12: smaller wire differences -----------------------------------------------------------------------
+
+def openai_client(server, prefixed: bool = False):
+    import openai
+
+    base = f"{server.base}/client/v4/accounts/acct/ai/v1" if prefixed else f"{server.base}/v1"
+    return openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0)
+
+
+def test_unknown_routes_and_methods_answer_in_the_surface_envelope(server):
+    assert_surface_error(call(server, "GET", "/v1/nope"), "/v1/nope", 404, 7000)
+    assert_surface_error(call(server, "GET", "/client/v4/accounts/a/ai/nope"), "/client/v4/accounts/a/ai/nope", 404, 7000)
+    assert_surface_error(call(server, "DELETE", "/v1/chat/completions"), "/v1/chat/completions", 405, 7001)
+
+
+@pytest.mark.parametrize("prefixed", [False, True], ids=["bare", "account-prefixed"])
+def test_sdk_retrieves_models_and_responses(server, prefixed):
+    import openai
+
+    client = openai_client(server, prefixed)
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("@cf/nope/nothing")
+    created = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, instructions="Be brief.")
+    assert created.id.startswith("resp_") and all(item.id.split("_")[0] in ("rs", "msg", "fc") for item in created.output)
+    fetched = client.responses.retrieve(created.id)
+    assert fetched.id == created.id and fetched.output_text == created.output_text and fetched.instructions == "Be brief."
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_unknown")
+
+
+def test_responses_echo_the_request(server):
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    client = openai_client(server)
+    first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, instructions="Be brief.", tools=tools)
+    assert first.instructions == "Be brief." and first.previous_response_id is None
+    assert [t.name for t in first.tools] == ["get_weather"]
+    second = client.responses.create(model=MODEL, input="Again", max_output_tokens=3, previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.tools == []
+
+
+def test_required_tool_choice_needs_tools(server):
+    path = "/v1/chat/completions"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "max_tokens": 2}
+    assert_surface_error(call(server, "POST", path, json=body), path)
+    assert_surface_error(call(server, "POST", "/v1/responses", json={"model": MODEL, "input": "hi", "tool_choice": "required"}),
+                         "/v1/responses")
+
+
+def test_v1_streams_are_not_cached(server):
+    for path, body in [("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                       ("/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("/v1/responses", {"input": "hi", "max_output_tokens": 2})]:
+        response = call(server, "POST", path, json={"model": MODEL, "stream": True, **body})
+        assert response.headers["cache-control"] == "no-cache", path
+
+
+def _completion_tokens_metered(server) -> float:
+    for line in call(server, "GET", "/metrics").text.splitlines():
+        if line.startswith('ossrun_tokens_total{kind="completion"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("path,body", [
+    (RUN, {"prompt": "go on", "max_tokens": 400, "stream": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "go on", "max_tokens": 400, "stream": True}),
+])
+def test_aborted_streams_are_metered(server, path, body):
+    import time
+
+    before = _completion_tokens_metered(server)
+    seen = 0
+    with httpx.stream("POST", server.base + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as response:
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+    deadline = time.monotonic() + 10
+    while _completion_tokens_metered(server) - before < seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _completion_tokens_metered(server) - before >= seen
+
+
+def test_stored_responses_survive_a_restart(checkpoints, tmp_path):
+    server = start_server(checkpoints["original"], tmp_path, "--max-model-len", "256", token=TOKEN)
+    try:
+        first = openai_client(server).responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=3)
+    finally:
+        server.stop()
+    server = start_server(checkpoints["original"], tmp_path, "--max-model-len", "256", token=TOKEN)
+    try:
+        client = openai_client(server)
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        follow_up = client.responses.create(model=MODEL, input="My name?", max_output_tokens=3, previous_response_id=first.id)
+        assert follow_up.usage.input_tokens > first.usage.input_tokens
+    finally:
+        server.stop()

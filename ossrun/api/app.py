@@ -14,6 +14,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ossrun.api import openai_routes, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
@@ -147,6 +148,19 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return _error_response(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """Unknown routes and methods in the surface's envelope, not FastAPI's `{"detail"}`."""
+        if exc.status_code == 405:
+            error = ApiError(405, 7001, f"Method {request.method} not allowed on {request.url.path}")
+        elif exc.status_code == 404:
+            error = ApiError(404, 7000, f"No route for {request.url.path}")
+        else:
+            error = ApiError(exc.status_code, 3000, str(exc.detail))
+        response = _error_response(request.url.path, error)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

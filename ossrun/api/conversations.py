@@ -1,17 +1,28 @@
-"""`previous_response_id`: the Responses API's multi-turn, from a bounded memory of recent responses.
+"""`previous_response_id` and `GET /v1/responses/{id}`: finished responses kept in the data directory's SQLite file.
 
-Each finished response is kept as the input items that would replay it: its own input, then its
-output turned back into input (reasoning, assistant text, function calls). A follow-up naming it
-gets those items in front of its own input. Memory only: a restart forgets, and so does the LRU.
+Each finished response is kept twice over: as the response object (what `retrieve` returns) and as the
+input items that would replay it: its own input, then its output turned back into input (reasoning,
+assistant text, function calls). A follow-up naming it gets those items in front of its own input.
+Kept on disk so a restart does not break a conversation; bounded by count and by age.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
-from collections import OrderedDict
+import time
+from pathlib import Path
 from typing import Any
 
 from ossrun.api.errors import bad_input
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_age ON responses(created_at);
+"""
 
 
 def as_input_items(input_: Any) -> list[dict[str, Any]]:
@@ -32,31 +43,49 @@ def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-class ResponseMemory:
-    def __init__(self, capacity: int = 1024):
-        self.capacity = capacity
-        self._items: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+class ResponseStore:
+    """SQLite (WAL, one connection behind a lock); `capacity` newest responses no older than `retention_s`."""
+
+    def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600):
+        self.capacity, self.retention_s = capacity, retention_s
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
 
     def continue_from(self, body: dict[str, Any]) -> dict[str, Any]:
         """The body with the named response's conversation in front of its input; 400 if unknown."""
         previous = body["previous_response_id"]
-        with self._lock:
-            items = self._items.get(previous) if isinstance(previous, str) else None
-            if items is not None:
-                self._items.move_to_end(previous)
-        if items is None:
-            raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or forgotten)",
+        row = self._row("replay", previous) if isinstance(previous, str) else None
+        if row is None:
+            raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
-        return {**body, "input": items + as_input_items(body["input"])}
+        return {**body, "input": json.loads(row) + as_input_items(body["input"])}
+
+    def get(self, response_id: str) -> dict[str, Any] | None:
+        """The stored response object, or None."""
+        row = self._row("response", response_id)
+        return None if row is None else json.loads(row)
 
     def remember(self, response_id: str, body: dict[str, Any], response: dict[str, Any]) -> None:
-        """Keep a finished response (unless the client sent `store: false`)."""
+        """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
         if body.get("store") is False or self.capacity <= 0:
             return
-        replay = [item for item in map(output_as_input, response.get("output") or []) if item is not None]
+        replay = as_input_items(body["input"]) + [i for i in map(output_as_input, response.get("output") or []) if i is not None]
+        now = time.time()
         with self._lock:
-            self._items[response_id] = as_input_items(body["input"]) + replay
-            self._items.move_to_end(response_id)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._db.execute("INSERT OR REPLACE INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",
+                             (response_id, now, json.dumps(replay), json.dumps(response)))
+            self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
+                             "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+
+    def _row(self, column: str, response_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {column} FROM responses WHERE id = ? AND created_at >= ?",
+                                   (response_id, time.time() - self.retention_s)).fetchone()
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

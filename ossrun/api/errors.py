@@ -55,7 +55,7 @@ def envelope_error(error: ApiError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status)
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 403: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+_OPENAI_TYPES = {400: "invalid_request_error", 403: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                  413: "invalid_request_error", 429: "rate_limit_error"}
 
 

@@ -10,7 +10,8 @@ from fastapi.responses import StreamingResponse
 from ossrun.api import results, schemas, streaming
 from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.service import Service
-from ossrun.api.workers_ai import SSE, json_body, service_of
+from ossrun.api.errors import ApiError
+from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
 
 def _body(model_cls, raw) -> dict:
@@ -25,7 +26,7 @@ async def chat_completions(request: Request):
     plan = service.plan("messages", body, openai=True)
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE)
+        return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)
     outcome = await unless_client_leaves(request, service.complete(plan))
     return results.chat_completion(outcome, body["model"], service.metering.prices, with_logprobs=bool(body.get("logprobs")))
 
@@ -36,9 +37,9 @@ async def responses(request: Request):
     service.check_model(body["model"])
     plan = service.plan("responses", body, openai=True)
     if plan.stream:
-        return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE)
+        return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE, headers=NO_CACHE)
     outcome = await unless_client_leaves(request, service.complete(plan))
-    response = results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"))
+    response = results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"), request=plan.body)
     service.responses.remember(response["id"], plan.body, response)
     return response
 
@@ -50,15 +51,33 @@ async def completions(request: Request):
     plan = service.plan("completions", body, openai=True)
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE)
+        return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)
     outcome = await unless_client_leaves(request, service.complete(plan))
     return results.text_completion(outcome, body["model"], service.metering.prices)
 
 
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "openai"}
+
+
 async def models(request: Request):
     service: Service = service_of(request)
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "openai"}
-                                       for name in service.model_names]}
+    return {"object": "list", "data": [_model_card(name) for name in service.model_names]}
+
+
+async def model(model_id: str, request: Request):
+    """`client.models.retrieve(name)`."""
+    if model_id not in service_of(request).model_names:
+        raise ApiError(404, 5007, f"No such model {model_id}", "model")
+    return _model_card(model_id)
+
+
+async def stored_response(response_id: str, request: Request):
+    """`client.responses.retrieve(id)`: a finished response kept for `previous_response_id`."""
+    response = service_of(request).responses.get(response_id)
+    if response is None:
+        raise ApiError(404, 5006, f"No stored response {response_id!r} (unknown, expired, or created with store: false)", "response_id")
+    return response
 
 
 def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
@@ -70,6 +89,8 @@ def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router.add_api_route("/completions", completions, methods=["POST"], summary="Text completions",
                          openapi_extra=schemas.body_schema(schemas.CompletionRequest))
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
+    router.add_api_route("/models/{model_id:path}", model, methods=["GET"], summary="One model")
+    router.add_api_route("/responses/{response_id}", stored_response, methods=["GET"], summary="A stored response")
     return router
 
 

@@ -415,7 +415,7 @@ class Health(_Out):
 
 
 RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
-                   ChatCompletion, ResponseObject, TextCompletion, ModelList, OpenAIError, Health)
+                   ChatCompletion, ResponseObject, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
@@ -429,12 +429,14 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 429)),
     ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 429)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
+    ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
+    ("/v1/responses/{response_id}", "get"): (ResponseObject, (), (403, 404)),
     ("/health", "get"): (Health, (), ()),
     ("/metrics", "get"): (None, (), ()),
 }
 
 _REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
-            408: "Timeout", 413: "Body over 10 MB", 429: "Rate limited, or busy with options.rejectIfBusy"}
+            404: "Not found", 408: "Timeout", 413: "Body over 10 MB", 429: "Rate limited, or busy with options.rejectIfBusy"}
 
 ASSET_UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file_name", "file"],
@@ -500,7 +502,8 @@ def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[st
                 ok["text/event-stream"] = {"itemSchema": sse_event_schema(frames)}
             error_model = OpenAIError if is_openai_path(path) else ErrorEnvelope
             responses = {"200": {"description": "Success" + (" (an SSE stream when `stream` is true)" if frames else ""), "content": ok}}
-            for status in errors:
+            # A path parameter that does not route (a '/' in account_id, say) meets no route: 404 in the envelope.
+            for status in sorted({*errors, *((404,) if "{" in path else ())}):
                 responses[str(status)] = {"description": _REASONS[status], "content": {"application/json": {"schema": _ref(error_model)}}}
             operation["responses"] = responses
     _pin_model_names(document, model_names)

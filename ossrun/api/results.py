@@ -10,8 +10,12 @@ from typing import Any
 from ossrun.api.service import Outcome, usage
 
 
+# OpenAI's own spellings: Responses objects and their items use `_`, chat and text completions `-`.
+_UNDERSCORED = ("resp", "msg", "rs", "fc")
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+    return f"{prefix}{'_' if prefix in _UNDERSCORED else '-'}{secrets.token_hex(12)}"
 
 
 def _arguments_object(text: str) -> Any:
@@ -70,13 +74,23 @@ def message_item(text: str, status: str, item_id: str | None = None) -> dict[str
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
 
 
-def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None) -> dict[str, Any]:
+def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
     return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
-            "status": "completed"}
+            "status": status}
+
+
+# Request fields a Responses object repeats back, with OpenAI's value when the request left them out.
+ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "temperature": None,
+          "top_p": None, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None}
+
+
+def echoed(request: dict[str, Any] | None) -> dict[str, Any]:
+    request = request or {}
+    return {key: request.get(key, default) if request.get(key) is not None else default for key, default in ECHOED.items()}
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, output: list[dict[str, Any]] | None = None,
-                    status: str | None = None) -> dict[str, Any]:
+                    status: str | None = None, request: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Responses `response`; with `outcome` None it is the in-progress shell the stream starts with."""
     if outcome is not None and output is None:
         output = []
@@ -84,14 +98,16 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
             output.append(reasoning_item(outcome.reasoning))
         status_item = "incomplete" if outcome.finish_reason == "length" else "completed"
         if outcome.content or not outcome.tool_calls:
-            output.append(message_item(outcome.content, status_item))
-        output += [function_call_item(c.call_id, c.name, c.arguments) for c in outcome.tool_calls]
+            output.append(message_item(outcome.content, status_item if not outcome.tool_calls else "completed"))
+        for n, call in enumerate(outcome.tool_calls, start=1):  # only the last one can have been cut off
+            output.append(function_call_item(call.call_id, call.name, call.arguments,
+                                             status=status_item if n == len(outcome.tool_calls) else "completed"))
     if status is None:
         status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
     body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": int(time.time()), "model": model,
                             "status": status, "output": output or [], "output_text": text,
-                            "usage": responses_usage(outcome, prices) if outcome is not None else None}
+                            "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request)}
     if status == "incomplete":
         body["incomplete_details"] = {"reason": "max_output_tokens"}
     return body

@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ossrun import harmony
-from ossrun.api.conversations import ResponseMemory
+from ossrun.api.conversations import ResponseStore
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
 from ossrun.engine.errors import ContextLengthError, ShuttingDownError, UnknownAdapterError
 from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
@@ -86,6 +87,8 @@ def _named_tool(body: dict[str, Any]) -> str | None:
         return name
     if choice == "required":
         names = [t.name for t in harmony.tool_descriptions(body)]
+        if not names:
+            raise bad_input("Error: at '/tool_choice': 'required' needs at least one tool in 'tools'", "tool_choice")
         return names[0] if len(names) == 1 else None
     return None
 
@@ -120,7 +123,7 @@ class Service:
         self.settings = settings
         self.metering = metering
         self.batch_store = None  # set by the app factory
-        self.responses = ResponseMemory()  # for previous_response_id
+        self.responses = ResponseStore(Path(settings.data_dir) / "batch.sqlite")  # previous_response_id, GET /v1/responses/{id}
         self.finetunes = None
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------

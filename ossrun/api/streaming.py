@@ -35,15 +35,19 @@ def error_frame(exc: Exception) -> bytes:
 
 
 async def _steps(service: Service, plan: Plan, outcome: Outcome) -> AsyncIterator[Any]:
-    """Harmony events of the plan's generation, with the outcome's counters kept up to date."""
+    """Harmony events of the plan's generation, with the outcome's counters kept up to date.
+
+    Metered however it ends: a client that leaves mid-stream has still had its tokens generated."""
     tokens: list[int] = []
-    async for step in service.run(plan):
-        service.account(outcome, step, tokens)
-        for event in step.events:
-            if isinstance(event, harmony.Finished):
-                outcome.finish_reason = event.reason
-            yield event
-    service.metering.record(service.engine.config.served_name, outcome)
+    try:
+        async for step in service.run(plan):
+            service.account(outcome, step, tokens)
+            for event in step.events:
+                if isinstance(event, harmony.Finished):
+                    outcome.finish_reason = event.reason
+                yield event
+    finally:
+        service.metering.record(service.engine.config.served_name, outcome)
 
 
 async def prompt_stream(service: Service, plan: Plan) -> AsyncIterator[bytes]:
@@ -107,13 +111,15 @@ async def completion_stream(service: Service, plan: Plan, model: str, include_us
 
     try:
         tokens: list[int] = []
-        async for step in service.run(plan):
-            service.account(outcome, step, tokens)
-            token = step.token.token_id
-            text = decoder.feed(token) if token is not None and token not in harmony.STOP_TOKENS else ""
-            if text:
-                yield chunk(text)
-        service.metering.record(model, outcome)
+        try:
+            async for step in service.run(plan):
+                service.account(outcome, step, tokens)
+                token = step.token.token_id
+                text = decoder.feed(token) if token is not None and token not in harmony.STOP_TOKENS else ""
+                if text:
+                    yield chunk(text)
+        finally:  # metered however it ends (see _steps)
+            service.metering.record(model, outcome)
         yield chunk(decoder.flush(), "length" if outcome.finish_reason == "length" else "stop")
         if include_usage:
             yield frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [],
@@ -158,20 +164,22 @@ class _ResponsesEvents:
         extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
         return self.event(kind, **self._where(), **extra, delta=text)
 
-    def close(self) -> list[bytes]:
+    def close(self, cut: bool = False) -> list[bytes]:
+        """End the open item; `cut`: `max_output_tokens` ended it, so it is `incomplete`."""
         if self.current is None:
             return []
         item, frames = self.current, []
+        status = "incomplete" if cut else "completed"
         if item["type"] == "reasoning":
             item["content"] = [{"type": "reasoning_text", "text": self.text}]
             frames.append(self.event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
         elif item["type"] == "message":
             part = {"type": "output_text", "text": self.text, "annotations": []}
-            item["content"], item["status"] = [part], "completed"
+            item["content"], item["status"] = [part], status
             frames.append(self.event("response.output_text.done", **self._where(), content_index=0, text=self.text))
             frames.append(self.event("response.content_part.done", **self._where(), content_index=0, part=part))
         else:
-            item["arguments"] = self.text
+            item["arguments"], item["status"] = self.text, status
             frames.append(self.event("response.function_call_arguments.done", **self._where(), arguments=self.text))
         frames.append(self.event("response.output_item.done", output_index=len(self.output) - 1, item=item))
         self.current = None
@@ -183,7 +191,7 @@ async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIte
     prices = service.metering.prices
     out = _ResponsesEvents(response_id)
     outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
-    shell = results.response_object(None, model, prices, response_id)
+    shell = results.response_object(None, model, prices, response_id, request=plan.body)
     try:
         yield out.event("response.created", response=shell)
         yield out.event("response.in_progress", response=shell)
@@ -200,16 +208,16 @@ async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIte
                         yield f
                 yield out.delta(event.text)
             elif isinstance(event, harmony.ToolCallStart):
-                for f in out.open(results.function_call_item(event.call_id, event.name, "")):
+                for f in out.open(results.function_call_item(event.call_id, event.name, "", status="in_progress")):
                     yield f
             elif isinstance(event, harmony.ToolCallArgumentsDelta):
                 yield out.delta(event.text)
-            elif isinstance(event, harmony.MessageEnd):
-                for f in out.close():
+            elif isinstance(event, harmony.MessageEnd):  # on the last step of a `length` finish: cut off
+                for f in out.close(cut=outcome.finish_reason == "length"):
                     yield f
-        for f in out.close():
+        for f in out.close(cut=outcome.finish_reason == "length"):
             yield f
-        final = results.response_object(outcome, model, prices, response_id, output=out.output)
+        final = results.response_object(outcome, model, prices, response_id, output=out.output, request=plan.body)
         service.responses.remember(response_id, plan.body, final)
         yield out.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
     except Exception as exc:

@@ -18,6 +18,7 @@ from ossrun.engine.request import Priority
 router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
 
 SSE = "text/event-stream"
+NO_CACHE = {"Cache-Control": "no-cache"}  # no proxy may buffer or replay a stream
 
 
 def service_of(request: Request) -> Service:
@@ -45,7 +46,7 @@ async def run_sync(service: Service, shape: str, body: dict[str, Any], priority:
         return results.prompt_result(outcome, prices), outcome
     if shape == "messages":
         return results.chat_completion(outcome, model, prices, with_logprobs=bool(body.get("logprobs"))), outcome
-    response = results.response_object(outcome, model, prices, results.new_id("resp"))
+    response = results.response_object(outcome, model, prices, results.new_id("resp"), request=plan.body)
     service.responses.remember(response["id"], plan.body, response)
     return response, outcome
 
@@ -58,7 +59,7 @@ def stream_response(service: Service, plan: Plan) -> StreamingResponse:
         body = streaming.chat_stream(service, plan, model, include_usage=True)
     else:
         body = streaming.responses_stream(service, plan, model)
-    return StreamingResponse(body, media_type=SSE, headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(body, media_type=SSE, headers=NO_CACHE)
 
 
 @router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",
