@@ -19,6 +19,27 @@ from ossrun.model.checkpoint import write_random_checkpoint  # noqa: E402
 from ossrun.model.config import PRESETS  # noqa: E402
 
 TINY = PRESETS["tiny"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="where the model, engine and kernel tests that take the `device` fixture run")
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cpu":
+        # On CPU tensors Triton kernels run only in its interpreter, and Triton reads this when a
+        # kernel is decorated (when its module is imported): it must be set before any import.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """`--device cuda` runs the tests that take this fixture on the GPU (skipped where there is none)."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device here")
+    return torch.device(name)
 # Same architecture with a small vocabulary: fast where the vocabulary is not what is tested.
 TINY_SMALL_VOCAB = TINY.replace(vocab_size=1024)
 

@@ -14,6 +14,7 @@ from ossrun.engine.sampler import Sampler, SamplerOutput
 from ossrun.engine.scheduler import Scheduled
 from ossrun.model.attention import PagedAttention, PagedGroup
 from ossrun.model.gpt_oss import GptOss
+from ossrun.model.kernels.gpu import triton_available
 from ossrun.model.lora import LoraBatch
 
 
@@ -24,6 +25,7 @@ class ModelRunner:
         self.sampler = sampler
         self.adapters = adapters
         self.device = model.device
+        self.triton_attention = triton_available(model.device, model.precision)
         c = model.config
         shape = (kv.block_size, c.num_key_value_heads, c.head_dim)
         self.caches = []
@@ -52,6 +54,7 @@ class ModelRunner:
             query_starts=starts,
             query_lens=lens,
             positions=positions_t,
+            triton=self.triton_attention,
         )
         attention.prepare()
         lora = self._lora(scheduled, starts, lens)

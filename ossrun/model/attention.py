@@ -89,6 +89,8 @@ class PagedAttention:
 
     Sequences whose step is one token (decodes) run as one padded batch; longer query runs
     (prefill chunks) run one sequence at a time, so no query is padded to another's length.
+    With `triton` (CUDA, fast precision: see `kernels.gpu`), one Triton launch computes all the
+    decodes and one all the prefill chunks, reading keys in place through the block tables.
     """
 
     caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -97,10 +99,12 @@ class PagedAttention:
     query_starts: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     positions: torch.Tensor | None = None
+    triton: bool = False
     # Filled by `prepare`: which sequences decode together.
     _decode_rows: torch.Tensor | None = None
     _decode_tokens: torch.Tensor | None = None
     _prefill_rows: list[int] = field(default_factory=list)
+    _launch: object | None = None  # kernels.gpu.PagedLaunch when `triton`
 
     def prepare(self) -> None:
         """Split the step's sequences into the batched decode group and the one-by-one prefills (once per step)."""
@@ -109,6 +113,10 @@ class PagedAttention:
         self._decode_rows = torch.tensor(decode, dtype=torch.long, device=device)
         self._decode_tokens = torch.tensor([self.query_starts[b] for b in decode], dtype=torch.long, device=device)
         self._prefill_rows = [b for b, n in enumerate(self.query_lens) if n > 1]
+        if self.triton:
+            from ossrun.model.kernels.gpu import PagedLaunch
+
+            self._launch = PagedLaunch.build(self.query_starts, self.query_lens, self._prefill_rows, self.positions)
 
     def __call__(self, layer, q, k, v, sinks, window, scale):
         group = self.groups["sliding" if window else "full"]
@@ -116,6 +124,8 @@ class PagedAttention:
         n_kv, dim = k.shape[1], k.shape[2]
         k_cache.view(-1, n_kv, dim)[group.slot_mapping] = k.to(k_cache.dtype)
         v_cache.view(-1, n_kv, dim)[group.slot_mapping] = v.to(v_cache.dtype)
+        if self._launch is not None:
+            return self._launch(group, q, k_cache, v_cache, sinks, window, scale)
         out = torch.empty_like(q)
         if len(self._decode_rows):
             rows, tokens = self._decode_rows, self._decode_tokens

@@ -17,6 +17,7 @@ from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
 from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
+from ossrun.model.kernels.gpu import triton_available
 from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
@@ -140,6 +141,7 @@ class MoE(nn.Module):
     call per projection for the whole layer; an expert with many rows (prefill) is expanded once and
     multiplied by BLAS, which amortises the expansion. Fast precision on the CPU: the whole layer is
     one native call on int8-quantised activations (`kernels/moe_cpu.py`), prefill and decode alike.
+    Fast precision on CUDA: one grouped Triton kernel per projection serves every row (`kernels/triton_moe.py`).
     """
 
     KERNEL_MAX_ROWS = 64
@@ -162,6 +164,7 @@ class MoE(nn.Module):
             self.register_buffer(attr, weights[prefix + name].to(device), persistent=False)
         self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
         self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
+        self.use_triton = triton_available(device, precision)
         self.use_kernel = mxfp4_kernel_available(device)
         self.use_q8 = self.precision == "fast" and moe_q8_available(device)
         if self.use_kernel or self.use_q8:  # the kernels add biases in fp32
@@ -195,6 +198,11 @@ class MoE(nn.Module):
         experts, weights = self.route(t)
         if self.use_q8:
             return x + self.q8(t, experts, weights).to(x.dtype)
+        if self.use_triton:
+            from ossrun.model.kernels.triton_moe import moe_experts
+
+            return x + moe_experts(t, experts, weights, (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
+                                   (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias), self.config.swiglu_limit)
         k = self.config.experts_per_token
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert

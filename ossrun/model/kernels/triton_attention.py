@@ -1,0 +1,141 @@
+"""Paged attention with sinks and sliding windows in Triton: the CUDA drop-in behind `PagedAttention`.
+
+One kernel serves decode and varlen (chunked) prefill. A program takes one sequence, a tile of
+its query tokens and one KV head; the GQA group's query heads are folded into the tile's rows
+(row = token · group + head), so each key is read once per KV head. Keys are gathered straight
+from the block pool through the sequence's block table, only over the positions the tile can
+see (causal, and for sliding layers the window), and the softmax runs online in fp32 starting
+from the sink: m = sink, l = 1 is exactly the sink's column already counted, so no extra pass
+and no −inf arithmetic. The same arithmetic as `attention_with_sinks`, the reference.
+
+Launch shape: (sequences, query tiles of the longest sequence, KV heads); tiles past a shorter
+sequence's end return at once, so no per-sequence Python runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ossrun.model.kernels.triton_moe import interpreting
+
+
+@triton.jit
+def _dot(a, b, EMULATE: tl.constexpr):
+    """fp32-accumulated a·b; widened to fp32 under the interpreter (its bf16 dot is wrong, see triton_moe.mma)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first_block, n_table, hi, window, scale, kvh,
+              stride_kb, stride_ks, stride_kh,
+              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr):
+    """One online-softmax update over keys start … start+BLOCK_N−1, gathered through the block table."""
+    d = tl.arange(0, HEAD_DIM)
+    k_pos = start + tl.arange(0, BLOCK_N)
+    logical = k_pos // PAGE - first_block
+    k_ok = (k_pos < hi) & (logical < n_table)
+    block = tl.load(table + logical, mask=k_ok, other=0).to(tl.int64)
+    slot = block * stride_kb + (k_pos % PAGE) * stride_ks + kvh * stride_kh
+    k_t = tl.load(k_ptr + slot[None, :] + d[:, None], mask=k_ok[None, :], other=0.0)  # [D, N]
+    s = _dot(q, k_t, EMULATE) * scale
+    allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if SLIDING:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
+    acc = acc * alpha[:, None] + _dot(p.to(v_ptr.dtype.element_ty), v, EMULATE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, k_ptr, v_ptr, sinks_ptr,
+    tables_ptr, first_block_ptr, context_ptr, q_start_ptr, q_len_ptr, positions_ptr, seqs_ptr,
+    n_table, window, scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_tb,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr,
+):
+    seq = tl.load(seqs_ptr + tl.program_id(0))  # which sequence of the step (row of the block tables)
+    t0 = tl.program_id(1) * BLOCK_T
+    kvh = tl.program_id(2)
+    q_len = tl.load(q_len_ptr + seq)
+    if t0 >= q_len:
+        return
+    q_start = tl.load(q_start_ptr + seq)
+    BLOCK_M: tl.constexpr = BLOCK_T * GROUP_P
+    r = tl.arange(0, BLOCK_M)
+    tok = t0 + r // GROUP_P
+    head = kvh * GROUP + r % GROUP_P
+    row_ok = (tok < q_len) & (r % GROUP_P < GROUP)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(positions_ptr + q_start + tok, mask=row_ok, other=-1)
+    # The keys this tile can see: causal up to its last query, windowed from its first.
+    first = tl.load(first_block_ptr + seq) * PAGE
+    hi = tl.minimum(tl.max(q_pos, 0) + 1, tl.load(context_ptr + seq))
+    lo = first
+    if SLIDING:
+        lo = tl.maximum(tl.min(tl.where(row_ok, q_pos, 1 << 30), 0) - window + 1, first)
+    m_i = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32)  # the sink is the first column
+    l_i = tl.full((BLOCK_M,), 1.0, tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    q = q.to(k_ptr.dtype.element_ty)
+    table = tables_ptr + seq.to(tl.int64) * stride_tb
+    if EMULATE:  # the interpreter cannot take tensors as range() bounds (Triton 3.6 with NumPy 2)
+        start = lo
+        while start < hi:
+            m_i, l_i, acc = _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first // PAGE, n_table, hi, window,
+                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE)
+            start += BLOCK_N
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first // PAGE, n_table, hi, window,
+                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor, window: int | None, scale: float,
+    block_tables: torch.Tensor, first_block: torch.Tensor, context_lens: torch.Tensor,
+    q_starts: torch.Tensor, q_lens: torch.Tensor, positions: torch.Tensor, seqs: torch.Tensor, max_q_len: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of the step's queries for the sequences `seqs` against the paged cache, into `out` [T, Hq, D].
+
+    q [T, Hq, D] (the step's flat queries, cache already written); k/v_cache [blocks, page, Hkv, D];
+    block_tables [B, N] from logical block first_block[b]; context_lens [B] (tokens after this step);
+    q_starts, q_lens [B]: where each sequence's queries sit in q; positions [T]; seqs [S]: which of the
+    B sequences to compute (a launch for the decodes, one for the prefills); max_q_len: the longest of them.
+    """
+    if len(seqs) == 0:
+        return out
+    n_heads, dim = q.shape[1], q.shape[2]
+    page, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    group_p = triton.next_power_of_2(group)
+    block_t = max(1, 16 // group_p) if max_q_len == 1 else max(1, 128 // group_p)
+    block_t = min(block_t, triton.next_power_of_2(max_q_len)) if max_q_len > 1 else block_t
+    block_t = max(block_t, triton.cdiv(16, group_p))  # tl.dot needs 16 rows
+    grid = (len(seqs), triton.cdiv(max_q_len, block_t), n_kv)
+    _paged_attention_kernel[grid](
+        q, out, k_cache, v_cache, sinks,
+        block_tables, first_block, context_lens, q_starts, q_lens, positions, seqs,
+        block_tables.shape[1], window or 0, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, PAGE=page,
+        BLOCK_T=block_t, BLOCK_N=64, SLIDING=bool(window), EMULATE=interpreting(),
+    )
+    return out

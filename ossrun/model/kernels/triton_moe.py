@@ -1,0 +1,199 @@
+"""Grouped MXFP4 expert matmul in Triton: the CUDA drop-in behind `MoE.grouped_experts`.
+
+Rows (token, expert) pairs arrive sorted by expert. One launch multiplies every group by its
+expert's packed weights: each program takes BLOCK_M rows of one expert and BLOCK_N output
+columns, streams the weights as they lie in the checkpoint (blocks [E, O, K/32, 16] uint8, scales
+[E, O, K/32] E8M0), decodes E2M1 × 2^(scale−127) in registers and feeds bf16 tensor-core dots
+with fp32 accumulation. The first projection fuses its bias and gpt-oss's clamped SwiGLU (glu and
+linear are interleaved output rows, so one program reads both halves of its output columns); the
+second fuses its bias. Which rows belong to which expert is computed on the device (no host sync),
+so the same launch serves decode, prefill and a captured CUDA graph.
+
+Decoding without a lookup table: the three magnitude bits of an E2M1 nibble, placed at bit 9 of
+an fp16, give exactly 2^-14 times the E2M1 value (the zero-exponent case lands on fp16's
+subnormal, which conversions handle exactly); the sign bit goes to bit 15. Multiplying by
+2^14 · 2^(s−127) then restores the value, exactly for scale bytes 2..240 (real checkpoints sit
+around 110..130; outside, weights would be below 2^-125 or above 2^115).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SWIGLU_ALPHA = 1.702
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: the CI tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def mma(a, b, EMULATE: tl.constexpr):
+    """a·b of bf16 tiles with fp32 accumulation. Triton 3.6's interpreter multiplies bf16 tiles as
+    their raw uint16 bits, so there the (already bf16-rounded) operands are widened to fp32 first."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _decode(nibble, scale):
+    """E2M1 nibbles (int32) and their fp32 block scales → fp32 values (exact)."""
+    bits = ((nibble & 8) << 12) | ((nibble & 7) << 9)
+    half = bits.to(tl.int16).to(tl.float16, bitcast=True)
+    return half.to(tl.float32) * scale
+
+
+@triton.jit
+def _scale_of(byte):
+    """E8M0 byte → 2^(byte−127) · 2^14 in fp32, built as the float with exponent field byte + 14."""
+    return ((byte.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_grouped_kernel(
+    x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr,
+    tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    N_OUT, swiglu_limit,
+    stride_xm, stride_ym,
+    stride_be, stride_bo, stride_se, stride_so, stride_biase,
+    K: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert < 0:  # a tile past the last group: nothing to do
+        return
+    row_start = tl.load(tile_row_ptr + tile)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
+    col_ok = cols < N_OUT
+    # Weight rows: with SwiGLU, output column c needs rows 2c (glu) and 2c+1 (linear).
+    w_rows = cols * 2 if SWIGLU else cols
+    half_k: tl.constexpr = BLOCK_K // 2
+    kb = tl.arange(0, half_k)  # byte index within the K tile: byte j holds elements 2j (low) and 2j+1 (high)
+    w_base = blocks_ptr + expert.to(tl.int64) * stride_be
+    s_base = scales_ptr + expert.to(tl.int64) * stride_se
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte = k0 // 2 + kb  # [half_k]
+        k_ok = byte < K // 2
+        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * byte)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * byte + 1)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_even = x_even.to(tl.bfloat16)
+        x_odd = x_odd.to(tl.bfloat16)
+        wmask = k_ok[:, None] & col_ok[None, :]
+        packed = tl.load(w_base + w_rows[None, :] * stride_bo + byte[:, None], mask=wmask, other=0).to(tl.int32)  # [half_k, N]
+        sbyte = tl.load(s_base + w_rows[None, :] * stride_so + (byte // 16)[:, None], mask=wmask, other=0)
+        scale = _scale_of(sbyte)
+        acc += mma(x_even, _decode(packed & 15, scale).to(tl.bfloat16), EMULATE)
+        acc += mma(x_odd, _decode(packed >> 4, scale).to(tl.bfloat16), EMULATE)
+        if SWIGLU:
+            packed = tl.load(w_base + (w_rows + 1)[None, :] * stride_bo + byte[:, None], mask=wmask, other=0).to(tl.int32)
+            sbyte = tl.load(s_base + (w_rows + 1)[None, :] * stride_so + (byte // 16)[:, None], mask=wmask, other=0)
+            scale = _scale_of(sbyte)
+            acc_lin += mma(x_even, _decode(packed & 15, scale).to(tl.bfloat16), EMULATE)
+            acc_lin += mma(x_odd, _decode(packed >> 4, scale).to(tl.bfloat16), EMULATE)
+    if HAS_BIAS:
+        b_base = bias_ptr + expert * stride_biase
+        acc += tl.load(b_base + w_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_lin += tl.load(b_base + w_rows + 1, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        glu = tl.minimum(acc, swiglu_limit)
+        lin = tl.minimum(tl.maximum(acc_lin, -swiglu_limit), swiglu_limit)
+        acc = glu * tl.sigmoid(SWIGLU_ALPHA * glu) * (lin + 1.0)
+    out = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@dataclass(slots=True)
+class GroupPlan:
+    """Which rows each program of a grouped launch takes; computed once per MoE layer call, used by both matmuls."""
+
+    tile_expert: torch.Tensor  # [tiles] int32, −1 past the last group
+    tile_row: torch.Tensor  # [tiles] int32, the tile's first row
+    offsets: torch.Tensor  # [E+1] int32, group g = rows offsets[g]:offsets[g+1]
+    block_m: int
+
+
+def group_plan(counts: torch.Tensor, rows: int) -> GroupPlan:
+    """Per-expert row counts [E] (summing to `rows`) → the tiles of a grouped launch.
+
+    All on the device with static shapes (at most rows/BLOCK_M + E tiles), so there is no host
+    sync and a decode step can be captured in a CUDA graph. BLOCK_M is the mean group size
+    rounded up to a power of two, between 16 (the smallest dot) and 64.
+    """
+    n_experts = counts.shape[0]
+    block_m = min(64, max(16, triton.next_power_of_2(max(1, rows // max(1, n_experts)))))
+    max_tiles = triton.cdiv(rows, block_m) + n_experts
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=counts.device)
+    offsets[1:] = counts.cumsum(0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = tiles.cumsum(0)
+    t = torch.arange(max_tiles, device=counts.device)
+    expert = torch.searchsorted(tile_end, t, right=True).clamp(max=n_experts)
+    expert_c = expert.clamp(max=n_experts - 1)
+    row = offsets[expert_c].long() + (t - (tile_end[expert_c] - tiles[expert_c])) * block_m
+    tile_expert = torch.where(expert < n_experts, expert_c, -1).to(torch.int32)
+    return GroupPlan(tile_expert, row.to(torch.int32), offsets, block_m)
+
+
+def mxfp4_grouped_matmul(
+    x: torch.Tensor, counts: torch.Tensor | GroupPlan, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    swiglu_limit: float | None = None, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Rows of x [P, K] sorted by expert, `counts` [E] rows per expert (or their `GroupPlan`) → x·Wᵀ + b [P, O],
+    or the clamped SwiGLU of it [P, O/2] with `swiglu_limit` (glu and linear interleaved, as gpt-oss stores them).
+
+    blocks [E, O, K/32, 16] and scales [E, O, K/32] are the checkpoint's packed bytes; bias [E, O].
+    """
+    n_experts, n_rows_w = blocks.shape[0], blocks.shape[1]
+    rows, k = x.shape
+    if blocks.shape[2] * 32 != k:
+        raise ValueError(f"x has {k} features, the packed weights {blocks.shape[2] * 32}")
+    n_out = n_rows_w // 2 if swiglu_limit is not None else n_rows_w
+    y = torch.empty(rows, n_out, dtype=out_dtype or x.dtype, device=x.device)
+    if rows == 0:
+        return y
+    plan = counts if isinstance(counts, GroupPlan) else group_plan(counts, rows)
+    x = x.contiguous()
+    block_n = 64
+    grid = (plan.tile_expert.shape[0], triton.cdiv(n_out, block_n))
+    _mxfp4_grouped_kernel[grid](
+        x, y, blocks, scales, bias if bias is not None else x,
+        plan.tile_expert, plan.tile_row, plan.offsets,
+        n_out, float(swiglu_limit or 0.0),
+        x.stride(0), y.stride(0),
+        blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), bias.stride(0) if bias is not None else 0,
+        K=k, SWIGLU=swiglu_limit is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=128, EMULATE=interpreting(),
+    )
+    return y
+
+
+def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, mlp1: tuple, mlp2: tuple,
+                swiglu_limit: float) -> torch.Tensor:
+    """The routed experts of a MoE layer: t [T, H], experts/weights [T, k] → Σ_k weight · expert(t) [T, H].
+
+    mlp1/mlp2 = (blocks, scales, bias). Rows are sorted by expert on the device, both projections
+    run grouped (the first with its SwiGLU fused), and the k results of a token are summed in fp32.
+    """
+    n_tokens, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    plan = group_plan(torch.bincount(flat, minlength=mlp1[0].shape[0]), flat.shape[0])
+    h = mxfp4_grouped_matmul(t[order // k], plan, *mlp1, swiglu_limit=swiglu_limit)
+    y = mxfp4_grouped_matmul(h, plan, *mlp2)
+    by_pair = torch.empty_like(y).index_copy_(0, order, y).view(n_tokens, k, -1)
+    return torch.einsum("tkh,tk->th", by_pair.float(), weights.float()).to(t.dtype)

@@ -1,0 +1,215 @@
+"""The Triton kernels against the PyTorch reference: on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest for `--device cpu`), compiled on a GPU with `--device cuda`.
+
+Tolerances: the MXFP4 matmul multiplies bf16-rounded activations by exactly decoded weights, so
+against an fp32 matmul of the same operands only the summation order differs (1e-5 of the
+output's scale; 1e-4 on tensor cores, whose fp32 accumulation rounds differently). Attention in
+fp32 caches differs from the reference only by the online softmax's order (1e-5); with bf16
+caches both sides round P to bf16 at different points, and the interpreter truncates where
+the GPU rounds (2e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # sigmoid(-large) in the interpreter
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'triton==3.6.0'; Linux only)")
+
+from ossrun.model import mxfp4  # noqa: E402
+from ossrun.model.attention import PagedAttention, PagedGroup  # noqa: E402
+from ossrun.model.gpt_oss import swiglu  # noqa: E402
+from ossrun.model.kernels.triton_moe import mxfp4_grouped_matmul  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all()
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
+
+
+# ---------------------------------------------------------------- MXFP4 grouped matmul
+
+def moe_reference(x, counts, blocks, scales, bias, limit):
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        w = mxfp4.dequantize(blocks[e], scales[e], torch.float32)
+        h = x[start:start + n].bfloat16().float() @ w.T + bias[e]
+        out.append(swiglu(h, limit) if limit is not None else h)
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("counts", [
+    [3, 0, 20, 1],  # an empty expert, one over a 16-row tile
+    [0, 0, 0, 5],  # everything in the last expert
+    [1, 1, 1, 1],  # decode-like: one row each
+    [0, 37, 0, 0],  # one expert, three tiles
+    [70, 2, 0, 9],  # 64-row tiles (mean group ≥ 17)
+])
+@pytest.mark.parametrize("limit", [None, 7.0])
+def test_mxfp4_grouped_matmul_equals_dequantize_then_matmul(counts, limit, device):
+    g = torch.Generator().manual_seed(sum(counts) + (limit is None))
+    n_experts, n_out, k = 4, 96, 96  # K not a multiple of the 128-wide K tile: masked tail
+    blocks, scales = mxfp4.quantize_random(n_out, k, n_experts, g, (119, 123, 127, 129, 131))
+    bias = torch.randn(n_experts, n_out, generator=g)
+    counts_t = torch.tensor(counts)
+    # bf16-representable inputs: the interpreter truncates fp32→bf16 where the GPU rounds to nearest.
+    x = (torch.randn(int(counts_t.sum()), k, generator=g) * 4).bfloat16().float()
+    y = mxfp4_grouped_matmul(x.to(device), counts_t.to(device), blocks.to(device), scales.to(device), bias.to(device),
+                             swiglu_limit=limit, out_dtype=torch.float32)
+    ref = moe_reference(x, counts_t, blocks, scales, bias, limit)
+    assert y.shape == ref.shape
+    assert rel_err(y.cpu(), ref) < (1e-5 if device.type == "cpu" else 1e-4)
+
+
+def test_mxfp4_decode_is_exact_for_every_nibble_and_extreme_scales(device):
+    """Identity activations read the decoded weights back: every code, scale bytes 2 (2^-125) to 240 (2^113)."""
+    k = 32
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16)  # every byte once: both nibbles of all codes
+    scales = torch.tensor([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], dtype=torch.uint8).view(1, 16, 1)
+    x = torch.eye(k)
+    y = mxfp4_grouped_matmul(x.to(device), torch.tensor([k], device=device), blocks.to(device), scales.to(device), None,
+                             out_dtype=torch.float32)
+    w = mxfp4.dequantize(blocks[0], scales[0], torch.float32)  # [16, 32]
+    assert torch.equal(y.cpu(), w.T)
+
+
+def test_mxfp4_bf16_output_and_no_rows(device):
+    g = torch.Generator().manual_seed(3)
+    blocks, scales = mxfp4.quantize_random(64, 64, 2, g, (125, 127))
+    x = torch.randn(5, 64, generator=g)
+    counts = torch.tensor([2, 3])
+    y = mxfp4_grouped_matmul(x.bfloat16().to(device), counts.to(device), blocks.to(device), scales.to(device), None)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.cpu(), moe_reference(x, counts, blocks, scales, torch.zeros(2, 64), None)) < 1e-2
+    empty = mxfp4_grouped_matmul(x[:0].to(device), torch.zeros(2, dtype=torch.long, device=device), blocks.to(device),
+                                 scales.to(device), None)
+    assert empty.shape == (0, 64)
+
+
+# ---------------------------------------------------------------- paged attention with sinks
+
+
+def build_step(seqs, page, n_kv, dim, n_heads, window, dtype, device, n_blocks=64, seed=0):
+    """A step of the engine: seqs = [(cached tokens, new tokens)] → q, k, v, caches and a PagedAttention."""
+    g = torch.Generator().manual_seed(seed)
+    free = (torch.randperm(n_blocks - 1, generator=g) + 1).tolist()  # block 0 is the null block
+    tokens = sum(n for _, n in seqs)
+    q = torch.randn(tokens, n_heads, dim, generator=g)
+    k = torch.randn(tokens, n_kv, dim, generator=g)
+    v = torch.randn(tokens, n_kv, dim, generator=g)
+    # Keys already cached are random too (what earlier steps wrote); the step writes its own.
+    k_cache = torch.randn(n_blocks, page, n_kv, dim, generator=g)
+    v_cache = torch.randn(n_blocks, page, n_kv, dim, generator=g)
+    starts, lens, positions, slots, tables, firsts, context = [], [], [], [], [], [], []
+    for cached, n in seqs:
+        end = cached + n
+        table = [free.pop() for _ in range((end - 1) // page + 1)]
+        starts.append(len(positions))
+        lens.append(n)
+        positions.extend(range(cached, end))
+        slots.extend(table[p // page] * page + p % page for p in range(cached, end))
+        first = max(0, cached - window + 1) // page if window else 0
+        tables.append(table[first:])
+        firsts.append(first)
+        context.append(end)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    group = PagedGroup(as_long(slots), as_long(padded), as_long(firsts), as_long(context))
+
+    def attention(use_triton: bool):
+        caches = [(k_cache.to(device=device, dtype=dtype), v_cache.to(device=device, dtype=dtype))]
+        paged = PagedAttention(caches, page, {"full": group, "sliding": group}, starts, lens, as_long(positions), triton=use_triton)
+        paged.prepare()
+        return paged
+
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return to(q), to(k), to(v), attention
+
+
+STEPS = {
+    "decode": [(5, 1), (40, 1), (0, 1), (17, 1)],
+    "prefill": [(0, 23), (0, 5), (0, 40)],
+    "chunked_prefill_over_cached_prefix": [(37, 20), (16, 16), (3, 1)],
+    "mixed_step": [(9, 1), (0, 30), (50, 1), (21, 12)],
+}
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("window", [None, 8])
+def test_paged_attention_equals_reference(step, window, device):
+    """Sequences longer than the window (8) in every step; page 4 so tables span many blocks."""
+    n_heads, n_kv, dim = 8, 2, 16
+    q, k, v, attention = build_step(STEPS[step], 4, n_kv, dim, n_heads, window, torch.float32, device)
+    sinks = torch.randn(n_heads, device=device)
+    ref = attention(False)(0, q, k, v, sinks, window, dim ** -0.5)
+    out = attention(True)(0, q, k, v, sinks, window, dim ** -0.5)
+    assert rel_err(out.cpu(), ref.cpu()) < 1e-5
+
+
+def test_sinks_that_take_most_of_the_weight(device):
+    n_heads, n_kv, dim = 8, 2, 16
+    q, k, v, attention = build_step(STEPS["mixed_step"], 4, n_kv, dim, n_heads, 8, torch.float32, device, seed=5)
+    sinks = torch.full((n_heads,), 12.0, device=device)  # e^12 against scores of order 1: outputs shrink ~1e5
+    ref = attention(False)(0, q, k, v, sinks, 8, dim ** -0.5)
+    out = attention(True)(0, q, k, v, sinks, 8, dim ** -0.5)
+    assert float(ref.abs().max()) < 1e-3
+    assert rel_err(out.cpu(), ref.cpu()) < 1e-5
+
+
+def test_gpt_oss_head_shapes_in_bf16(device):
+    """64 query heads on 8 KV heads of 64 dims (the 20b layout), page 16, window 128, bf16 cache."""
+    n_heads, n_kv, dim = 64, 8, 64
+    seqs = [(150, 1), (0, 20), (130, 9)]
+    q, k, v, attention = build_step(seqs, 16, n_kv, dim, n_heads, 128, torch.bfloat16, device, n_blocks=40)
+    sinks = torch.randn(n_heads, device=device)
+    ref = attention(False)(0, q, k, v, sinks, 128, dim ** -0.5)
+    out = attention(True)(0, q, k, v, sinks, 128, dim ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), ref.cpu()) < 2e-2
+
+
+# ---------------------------------------------------------------- a whole MoE layer
+
+
+def test_moe_layer_through_triton_equals_the_reference(checkpoints, device):
+    """The tiny model's MoE layers: routing, grouping, both projections, SwiGLU and the weighted sum."""
+    from ossrun.model.checkpoint import load_checkpoint
+    from ossrun.model.gpt_oss import GptOss
+
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device)
+    x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(11)).to(device)
+    for block in model.blocks[:2]:
+        moe = block.mlp
+        moe.use_kernel, moe.use_triton = False, False
+        ref = moe(x)
+        moe.use_triton = True
+        out = moe(x)
+        # The kernel rounds activations (and the hidden SwiGLU output) to bf16; the reference stays fp32.
+        assert rel_err((out - x).cpu(), (ref - x).cpu()) < 1e-2
+
+
+def test_engine_with_triton_attention_generates_the_reference_tokens(checkpoints, device):
+    """Through the engine: chunked prefill (96-token steps) of prompts longer than the window, a
+    shared prefix from the cache, and batched decodes, all in fp32 (attention is not rounded)."""
+    from ossrun.engine.engine import Engine, EngineOptions
+    from ossrun.engine.request import Request, SamplingParams
+    from ossrun.model.checkpoint import load_checkpoint
+    from ossrun.model.gpt_oss import GptOss
+
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["small_vocab_hf"]), torch.float32, device)
+    g = torch.Generator().manual_seed(2)
+    shared = torch.randint(0, 1024, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(0, 1024, (n,), generator=g).tolist() for n in (100, 3)]
+
+    def generate(use_triton: bool) -> list[list[int]]:
+        options = EngineOptions(kv_dtype=torch.float32, max_tokens_per_step=96, kv_cache_bytes=8 * 1024**2, max_model_len=512)
+        engine = Engine(model, options)
+        engine.runner.triton_attention = use_triton
+        requests = [Request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0)) for i, p in enumerate(prompts)]
+        events = engine.generate(requests)
+        return [[e.token_id for e in events[r.request_id] if e.token_id is not None] for r in requests]
+
+    assert generate(True) == generate(False)
