@@ -17,8 +17,8 @@ GREEDY = dict(temperature=0)
 
 
 @pytest.fixture(scope="module")
-def model(checkpoints):
-    return GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32)
+def model(checkpoints, device):
+    return GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,10 @@ ATOL = 1e-4
 
 
 def dense_logits(model: GptOss, ids: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(len(ids))
-    return model(ids, positions, DenseAttention(torch.zeros(len(ids), dtype=torch.long), positions))
+    """Logits of one whole sequence on the model's device, back on the CPU."""
+    ids = ids.to(model.device)
+    positions = torch.arange(len(ids), device=model.device)
+    return model(ids, positions, DenseAttention(torch.zeros_like(positions), positions)).cpu()
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -26,8 +28,8 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ours(checkpoints):
-    return {name: GptOss.from_checkpoint(load_checkpoint(path), torch.float32) for name, path in checkpoints.items()}
+def ours(checkpoints, device):
+    return {name: GptOss.from_checkpoint(load_checkpoint(path), torch.float32, device) for name, path in checkpoints.items()}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,8 @@ def test_batched_sequences_equal_separate_runs(ours):
     ids = torch.cat([a, b])
     positions = torch.cat([torch.arange(150), torch.arange(40)])
     seq_ids = torch.cat([torch.zeros(150, dtype=torch.long), torch.ones(40, dtype=torch.long)])
-    both = model(ids, positions, DenseAttention(seq_ids, positions))
+    ids, positions, seq_ids = (t.to(model.device) for t in (ids, positions, seq_ids))
+    both = model(ids, positions, DenseAttention(seq_ids, positions)).cpu()
     assert torch.allclose(both[:150], dense_logits(model, a), atol=1e-5)
     assert torch.allclose(both[150:], dense_logits(model, b), atol=1e-5)
 
@@ -133,6 +136,8 @@ def test_fused_kernel_equals_the_pytorch_path(ours, monkeypatch):
     if not mxfp4_kernel_available(torch.device("cpu")):
         pytest.skip("no C compiler here: the fused kernel is not built")
     moe = ours["hf"].blocks[1].mlp
+    if moe.mlp1_blocks.device.type != "cpu":
+        pytest.skip("the fused C kernel is the CPU path")
     g = torch.Generator().manual_seed(4)
     sizes = [1, 5, 16, 17, 3, 40, 2, 9]  # one group per expert, some over a tile
     x = torch.randn(sum(sizes), moe.config.hidden_size, generator=g)

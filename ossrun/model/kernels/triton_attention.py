@@ -125,9 +125,8 @@ def paged_attention(
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
     group_p = triton.next_power_of_2(group)
-    block_t = max(1, 16 // group_p) if max_q_len == 1 else max(1, 128 // group_p)
-    block_t = min(block_t, triton.next_power_of_2(max_q_len)) if max_q_len > 1 else block_t
-    block_t = max(block_t, triton.cdiv(16, group_p))  # tl.dot needs 16 rows
+    # Two tile shapes only (each one compile): 16 rows for decodes, 128 rows for prefill chunks; tl.dot needs 16.
+    block_t = max(1, (16 if max_q_len == 1 else 128) // group_p)
     grid = (len(seqs), triton.cdiv(max_q_len, block_t), n_kv)
     _paged_attention_kernel[grid](
         q, out, k_cache, v_cache, sinks,

@@ -78,7 +78,10 @@ def _mxfp4_grouped_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
     col_ok = cols < N_OUT
     # Weight rows: with SwiGLU, output column c needs rows 2c (glu) and 2c+1 (linear).
-    w_rows = cols * 2 if SWIGLU else cols
+    if SWIGLU:
+        w_rows = cols * 2
+    else:
+        w_rows = cols
     half_k: tl.constexpr = BLOCK_K // 2
     kb = tl.arange(0, half_k)  # byte index within the K tile: byte j holds elements 2j (low) and 2j+1 (high)
     w_base = blocks_ptr + expert.to(tl.int64) * stride_be
@@ -112,7 +115,7 @@ def _mxfp4_grouped_kernel(
     if SWIGLU:
         glu = tl.minimum(acc, swiglu_limit)
         lin = tl.minimum(tl.maximum(acc_lin, -swiglu_limit), swiglu_limit)
-        acc = glu * tl.sigmoid(SWIGLU_ALPHA * glu) * (lin + 1.0)
+        acc = glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)  # SWIGLU_ALPHA (a literal: jit code reads no globals)
     out = y_ptr + rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

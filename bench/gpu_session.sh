@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared session on a lent GPU machine (its image has torch, triton, transformers; no harmony).
+# Each step runs under its own timeout and logs to $OUT (default ./gpu-out); a failing step does
+# not stop the next. Steps: a CUDA sanity check, the Triton kernel tests compiled for the GPU,
+# the model/engine tests with --device cuda, and bench/gpu.py (kernel path, then eager).
+#
+#   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,bench,tests]
+set -u
+OUT=${OUT:-./gpu-out}
+BENCH_SECONDS=${1:-240}
+STEPS=${2:-sanity,kernels,bench,tests}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTHON=${PYTHON:-python3}
+unset TRITON_INTERPRET
+
+step() {  # step NAME SECONDS COMMAND...: run when NAME is in $STEPS
+    local name=$1 seconds=$2
+    shift 2
+    case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
+    echo "=== $name (≤ ${seconds}s) $(date -u +%T)"
+    local t0=$SECONDS
+    timeout --kill-after=5 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "=== $name rc=$rc in $((SECONDS - t0))s"
+}
+
+step sanity 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
+  $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
+import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
+step kernels 150 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -x
+step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel eager --eager-max-concurrency 16 --max-seconds 25
+step tests 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
+exit 0
