@@ -6,7 +6,8 @@
 
 Random weights of the preset are made directly in GPU memory (no 13 GB file), once; the `eager`
 path (precision "exact": the PyTorch reference, experts expanded when routed to) and the `kernel`
-path (precision "fast": the Triton kernels) share them. Requests are token ids (no harmony),
+path (precision "fast": the Triton kernels, decode steps replayed from CUDA graphs; `kernel-nograph`
+without the graphs) share them. Requests are token ids (no harmony),
 distinct random prompts, greedy, no stop token, so each generates exactly --max-tokens.
 
 Batch-1 decode: the time between a request's first and last token over the tokens in between,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import traceback
 
 import torch
 
@@ -32,7 +34,8 @@ from ossrun.model.config import PRESETS, ModelConfig
 from ossrun.model.gpt_oss import GptOss
 from ossrun.model.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
 
-PATHS = {"eager": "exact", "kernel": "fast"}
+# path → (precision, CUDA graphs for decode steps)
+PATHS = {"eager": ("exact", False), "kernel": ("fast", True), "kernel-nograph": ("fast", False)}
 
 
 def bytes_per_token(c: ModelConfig, context: int, kv_bytes: int = 2) -> int:
@@ -79,7 +82,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def make_engine(model: GptOss, concurrency: int, args) -> Engine:
-    return Engine(model, EngineOptions(max_num_seqs=max(concurrency, 1), max_tokens_per_step=args.step_tokens,
+    return Engine(model, EngineOptions(max_num_seqs=max(concurrency, 1), max_tokens_per_step=args.step_tokens, cuda_graphs=args.graphs,
                                        kv_cache_bytes=int(args.kv_gib * 2**30), kv_dtype=torch.bfloat16,
                                        max_model_len=args.step_tokens + args.prompt_len + args.max_tokens, prefix_caching=False))
 
@@ -128,6 +131,21 @@ def warm_up(model: GptOss, args) -> None:
     sync(model.device)
 
 
+def profile_decode(model: GptOss, args, steps: int = 8) -> None:
+    """Where a batch-1 decode step's GPU time goes: the profiler's top kernels over a few eager-launch steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = make_engine(model, 1, argparse.Namespace(**{**vars(args), "graphs": False}))
+    engine.add(Request("p", prompts(1, args.prompt_len, model.config.vocab_size, 7)[0], SamplingParams(max_tokens=steps + 2, temperature=0)))
+    engine.step()  # the prefill
+    sync(model.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(model.device)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="20b", choices=sorted(PRESETS))
@@ -137,9 +155,10 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["kernel", "eager"], choices=sorted(PATHS))
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="the datasheet HBM bandwidth (H200: 4.8)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="cut a run after this long (eager at high N)")
-    parser.add_argument("--eager-max-concurrency", type=int, default=64, help="skip eager rows above this N")
+    parser.add_argument("--eager-max-concurrency", type=int, default=64, help="skip eager and kernel-nograph rows above this N")
     parser.add_argument("--step-tokens", type=int, default=8192, help="the engine's token budget per step")
     parser.add_argument("--kv-gib", type=float, default=24.0)
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of batch-1 decode steps (kernel path)")
     parser.add_argument("--device", default="cuda", help="cpu only to check this script on a small preset")
     args = parser.parse_args()
 
@@ -160,25 +179,40 @@ def main() -> None:
 
     rows = []
     for path in args.paths:
-        model = GptOss(config, weights, torch.bfloat16, device, PATHS[path])
+        precision, graphs = PATHS[path]
+        model = GptOss(config, weights, torch.bfloat16, device, precision)
+        args.graphs = graphs
         start = time.perf_counter()
-        warm_up(model, args)
+        try:
+            warm_up(model, args)
+        except Exception:
+            traceback.print_exc()
+            continue
         print(f"{path}: warm-up (compiles) {time.perf_counter() - start:.1f} s", flush=True)
         for n in args.concurrency:
-            if path == "eager" and n > args.eager_max_concurrency:
+            if path != "kernel" and n > args.eager_max_concurrency:
                 continue
-            result = run(model, n, args, seed=n)
+            try:
+                result = run(model, n, args, seed=n)
+            except Exception:  # one broken row must not cost the rest of a GPU session
+                traceback.print_exc()
+                continue
             rows.append((path, n, result))
-            print(f"{path:6s} N={n:4d}: output {result['output']:9.1f} tok/s  total {result['total']:9.1f} tok/s  "
+            print(f"{path:14s} N={n:4d}: output {result['output']:9.1f} tok/s  total {result['total']:9.1f} tok/s  "
                   f"req-0 decode {result['decode']:7.1f} tok/s  TTFT {result['ttft']:6.2f} s"
                   f"{'  (partial: cut at --max-seconds)' if result['partial'] else ''}", flush=True)
+        if path == "kernel" and args.profile:
+            try:
+                profile_decode(model, args)
+            except Exception:
+                traceback.print_exc()
         del model
         gc.collect()
 
-    print(f"\n{'path':6s} {'N':>4s} {'output tok/s':>13s} {'total tok/s':>12s} {'req-0 decode':>13s} {'% ceiling':>9s} {'TTFT s':>7s}")
+    print(f"\n{'path':14s} {'N':>4s} {'output tok/s':>13s} {'total tok/s':>12s} {'req-0 decode':>13s} {'% ceiling':>9s} {'TTFT s':>7s}")
     for path, n, r in rows:
         pct = 100 * r["decode"] / ceiling if n == 1 else float("nan")
-        print(f"{path:6s} {n:4d} {r['output']:13.1f} {r['total']:12.1f} {r['decode']:13.1f} {pct:9.1f} {r['ttft']:7.2f}"
+        print(f"{path:14s} {n:4d} {r['output']:13.1f} {r['total']:12.1f} {r['decode']:13.1f} {pct:9.1f} {r['ttft']:7.2f}"
               f"{' partial' if r['partial'] else ''}")
 
 

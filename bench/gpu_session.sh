@@ -7,7 +7,7 @@
 #   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,bench,tests]
 set -u
 OUT=${OUT:-./gpu-out}
-BENCH_SECONDS=${1:-240}
+BENCH_SECONDS=${1:-200}
 STEPS=${2:-sanity,kernels,bench,tests}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTHON=${PYTHON:-python3}
@@ -25,10 +25,10 @@ step() {  # step NAME SECONDS COMMAND...: run when NAME is in $STEPS
     echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
 
-step sanity 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
+step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
   $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
-step kernels 150 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -x
-step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel eager --eager-max-concurrency 16 --max-seconds 25
-step tests 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
+step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py
+step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel kernel-nograph eager --eager-max-concurrency 16 --max-seconds 20 --profile
+step tests 90 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
 exit 0

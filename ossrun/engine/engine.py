@@ -40,6 +40,7 @@ class EngineOptions:
     max_model_len: int = SERVED_CONTEXT
     seed: int | None = None
     adapter_budget_bytes: int = 512 * 1024**2
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton kernels only)
 
 
 def plan_blocks(model: GptOss, options: EngineOptions) -> tuple[int, int]:
@@ -71,7 +72,8 @@ class Engine:
         self.kv = KVCacheManager(full, sliding, options.block_size, model.config.sliding_window, options.prefix_caching)
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
         self.adapters = AdapterRegistry(model.config, model.dtype, model.device, options.adapter_budget_bytes)
-        self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters)
+        self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters, options.cuda_graphs,
+                                  options.max_num_seqs)
         self.decode_token = decode_token
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[str] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ossrun.engine.cuda_graphs import DecodeGraphs
 from ossrun.engine.kv_cache import NULL_BLOCK, KVCacheManager
 from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.sampler import Sampler, SamplerOutput
@@ -19,7 +20,8 @@ from ossrun.model.lora import LoraBatch
 
 
 class ModelRunner:
-    def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler, adapters: AdapterRegistry):
+    def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler, adapters: AdapterRegistry,
+                 cuda_graphs: bool = True, max_batch: int = 256):
         self.model = model
         self.kv = kv
         self.sampler = sampler
@@ -34,6 +36,9 @@ class ModelRunner:
             self.caches.append(
                 (torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device), torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device))
             )
+        self.graphs: DecodeGraphs | None = None
+        if self.triton_attention and cuda_graphs:
+            self.graphs = DecodeGraphs(model, self.caches, kv.block_size, max_batch)
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[list[Scheduled], SamplerOutput | None]:
@@ -47,26 +52,29 @@ class ModelRunner:
             positions.extend(range(begin, begin + item.num_new_tokens))
         device = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-        attention = PagedAttention(
-            caches=self.caches,
-            block_size=self.kv.block_size,
-            groups={"full": self._group(scheduled, positions, sliding=False), "sliding": self._group(scheduled, positions, sliding=True)},
-            query_starts=starts,
-            query_lens=lens,
-            positions=positions_t,
-            triton=self.triton_attention,
-        )
-        attention.prepare()
+        tokens_t = torch.tensor(token_ids, dtype=torch.long, device=device)
+        groups = {"full": self._group(scheduled, positions, sliding=False), "sliding": self._group(scheduled, positions, sliding=True)}
         lora = self._lora(scheduled, starts, lens)
         sampling = [item for item in scheduled if item.samples]
-        if not sampling:
-            self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.empty(0, dtype=torch.long, device=device), lora)
-            return [], None
-        last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
-        logits = self.model(torch.tensor(token_ids, device=device), positions_t, attention, torch.tensor(last, device=device), lora)
+        if self._graph_step(scheduled, lens, lora, sampling):
+            logits = self.graphs.forward(tokens_t, positions_t, groups)
+        else:
+            attention = PagedAttention(caches=self.caches, block_size=self.kv.block_size, groups=groups, query_starts=starts,
+                                       query_lens=lens, positions=positions_t, triton=self.triton_attention)
+            attention.prepare()
+            if not sampling:
+                self.model(tokens_t, positions_t, attention, torch.empty(0, dtype=torch.long, device=device), lora)
+                return [], None
+            last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
+            logits = self.model(tokens_t, positions_t, attention, torch.tensor(last, device=device), lora)
         masks = [self._mask(item) for item in sampling]
         output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
         return sampling, output
+
+    def _graph_step(self, scheduled: list[Scheduled], lens: list[int], lora: LoraBatch | None, sampling: list[Scheduled]) -> bool:
+        """Whether this step replays a CUDA graph: every sequence decodes one token and samples, no LoRA."""
+        return (self.graphs is not None and lora is None and len(sampling) == len(scheduled) and self.graphs.fits(len(lens))
+                and all(n == 1 for n in lens))
 
     def _lora(self, scheduled: list[Scheduled], starts: list[int], lens: list[int]) -> LoraBatch | None:
         """Group the step's rows by adapter; None when every row runs on the base model."""

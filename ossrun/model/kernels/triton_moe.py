@@ -195,7 +195,9 @@ def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, m
     n_tokens, k = experts.shape
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    plan = group_plan(torch.bincount(flat, minlength=mlp1[0].shape[0]), flat.shape[0])
+    # scatter_add rather than bincount: bincount on CUDA reads the max id back to the host (no graph capture).
+    counts = torch.zeros(mlp1[0].shape[0], dtype=torch.long, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
+    plan = group_plan(counts, flat.shape[0])
     h = mxfp4_grouped_matmul(t[order // k], plan, *mlp1, swiglu_limit=swiglu_limit)
     y = mxfp4_grouped_matmul(h, plan, *mlp2)
     by_pair = torch.empty_like(y).index_copy_(0, order, y).view(n_tokens, k, -1)

@@ -1,0 +1,97 @@
+"""Decode steps as CUDA graph replays: the whole forward of a pure-decode step is one launch.
+
+A decode step of B sequences runs hundreds of small kernels (24 layers of norms, projections,
+routing, the two kernels of each MoE and attention); launched one by one from Python they cost
+more than the arithmetic at small B. A graph is captured per (padded batch size, block-table
+width bucket) the first time that shape is needed, over static input buffers; a step copies its
+inputs into them and replays. Padding rows read token 0 at position 0 with an empty context and
+write their k/v into the null block, which every table masks out, so they change nothing.
+
+Only steps where every sequence decodes one token, without LoRA, take this path (prefill chunks
+have data-dependent shapes); the runner falls back to the eager forward otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ossrun.model.attention import PagedAttention, PagedGroup
+from ossrun.model.gpt_oss import GptOss
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    token_ids: torch.Tensor  # [Bp]
+    positions: torch.Tensor  # [Bp]
+    groups: dict[str, PagedGroup]  # static slot mappings, tables, first blocks, context lengths
+    logits: torch.Tensor  # [Bp, V], written by each replay
+
+
+class DecodeGraphs:
+    def __init__(self, model: GptOss, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, max_batch: int):
+        self.model = model
+        self.caches = caches
+        self.block_size = block_size
+        self.sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, groups: dict[str, PagedGroup]) -> torch.Tensor:
+        """One decode step of B sequences (B ≤ the largest size) → logits [B, V] (a view of the graph's output)."""
+        batch = token_ids.shape[0]
+        padded = next(b for b in self.sizes if b >= batch)
+        widths = tuple(_bucket(groups[name].block_tables.shape[1]) for name in ("full", "sliding"))
+        key = (padded, *widths)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(padded, widths)
+        g = self.graphs[key]
+        _fill(g.token_ids, token_ids)
+        _fill(g.positions, positions)
+        for name, group in groups.items():
+            static = g.groups[name]
+            _fill(static.slot_mapping, group.slot_mapping)
+            _fill(static.first_block, group.first_block)
+            _fill(static.context_lens, group.context_lens)
+            static.block_tables.zero_()
+            static.block_tables[:batch, :group.block_tables.shape[1]].copy_(group.block_tables)
+        g.graph.replay()
+        return g.logits[:batch]
+
+    def _capture(self, batch: int, widths: tuple[int, int]) -> _Graph:
+        device = self.model.device
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
+        groups = {name: PagedGroup(zeros(batch), zeros(batch, width), zeros(batch), zeros(batch))
+                  for name, width in zip(("full", "sliding"), widths)}
+        token_ids, positions = zeros(batch), zeros(batch)
+        attention = PagedAttention(self.caches, self.block_size, groups, list(range(batch)), [1] * batch, positions, triton=True)
+        attention.prepare()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the capture: Triton compiles, allocators settle
+            for _ in range(2):
+                self.model(token_ids, positions, attention)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(token_ids, positions, attention)
+        return _Graph(graph, token_ids, positions, groups, logits)
+
+
+def _bucket(width: int) -> int:
+    """Block-table widths round up to a power of two (at least 8): few graphs, little padding to copy."""
+    return max(8, 1 << (width - 1).bit_length())
+
+
+def _fill(static: torch.Tensor, values: torch.Tensor) -> None:
+    """The first rows from `values`, the padding rows zero (token 0, position 0, null slot, empty context)."""
+    n = values.shape[0]
+    static[:n].copy_(values)
+    static[n:].zero_()
