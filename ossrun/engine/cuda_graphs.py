@@ -13,6 +13,7 @@ have data-dependent shapes); the runner falls back to the eager forward otherwis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 @dataclass(slots=True)
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]  # a CUDA graph's replay; on the CPU (tests) the same forward, launched eagerly
     token_ids: torch.Tensor  # [Bp]
     positions: torch.Tensor  # [Bp]
     groups: dict[str, PagedGroup]  # static slot mappings, tables, first blocks, context lengths
@@ -39,7 +40,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -62,7 +63,7 @@ class DecodeGraphs:
             _fill(static.context_lens, group.context_lens)
             static.block_tables.zero_()
             static.block_tables[:batch, :group.block_tables.shape[1]].copy_(group.block_tables)
-        g.graph.replay()
+        g.replay()
         return g.logits[:batch]
 
     def _capture(self, batch: int, widths: tuple[int, int]) -> _Graph:
@@ -73,6 +74,9 @@ class DecodeGraphs:
         token_ids, positions = zeros(batch), zeros(batch)
         attention = PagedAttention(self.caches, self.block_size, groups, list(range(batch)), [1] * batch, positions, triton=True)
         attention.prepare()
+        if device.type != "cuda":  # what a replay computes, without a graph: lets CPU tests check the padding
+            logits = torch.empty(batch, self.model.config.vocab_size, device=device)
+            return _Graph(lambda: logits.copy_(self.model(token_ids, positions, attention)), token_ids, positions, groups, logits)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up off the capture: Triton compiles, allocators settle
@@ -82,7 +86,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model(token_ids, positions, attention)
-        return _Graph(graph, token_ids, positions, groups, logits)
+        return _Graph(graph.replay, token_ids, positions, groups, logits)
 
 
 def _bucket(width: int) -> int:

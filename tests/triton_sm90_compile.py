@@ -1,0 +1,62 @@
+"""Compile every Triton kernel configuration the model launches for Hopper (sm_90), without a GPU.
+
+Run in its own process (TRITON_INTERPRET unset: the interpreter never runs Triton's compiler),
+by tests/test_triton_kernels.py. The interpreter accepts code the compiler rejects (globals read
+inside a kernel, unsupported casts); this catches that on any machine with Triton's wheel, which
+ships ptxas. Prints one line per configuration: shared memory, and local-memory (spill) uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ossrun.model.kernels import triton_attention, triton_moe  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+MOE_SIGNATURE = {
+    "x_ptr": "*bf16", "y_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16",
+    "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "offsets_ptr": "*i32", "N_OUT": "i32", "swiglu_limit": "fp32",
+    "stride_xm": "i32", "stride_ym": "i32", "stride_be": "i32", "stride_bo": "i32", "stride_se": "i32", "stride_so": "i32",
+    "stride_biase": "i32",
+}
+ATTENTION_SIGNATURE = {
+    "q_ptr": "*bf16", "out_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "sinks_ptr": "*fp32",
+    "tables_ptr": "*i64", "first_block_ptr": "*i64", "context_ptr": "*i64", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
+    "positions_ptr": "*i64", "seqs_ptr": "*i32", "n_table": "i32", "window": "i32", "scale": "fp32",
+    "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_kb": "i32", "stride_ks": "i32",
+    "stride_kh": "i32", "stride_tb": "i32",
+}
+
+
+def compile_one(fn, signature: dict, constants: dict, name: str) -> None:
+    sig = {**signature, **{k: "constexpr" for k in constants}}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants), target=TARGET, options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    print(f"{name}: shared {kernel.metadata.shared} B, local-memory uses {ptx.count('.local')}", flush=True)
+
+
+def main() -> int:
+    for swiglu in (True, False):
+        for block_m in (16, 32, 64):
+            constants = {"K": 2880, "SWIGLU": swiglu, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
+                         "EMULATE": False}
+            compile_one(triton_moe._mxfp4_grouped_kernel, MOE_SIGNATURE, constants, f"moe swiglu={swiglu} block_m={block_m}")
+    for sliding in (True, False):
+        for block_t in (2, 16):
+            constants = {"GROUP": 8, "GROUP_P": 8, "HEAD_DIM": 64, "PAGE": 16, "BLOCK_T": block_t, "BLOCK_N": 64,
+                         "SLIDING": sliding, "EMULATE": False}
+            compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
+                        f"attention sliding={sliding} block_t={block_t}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
