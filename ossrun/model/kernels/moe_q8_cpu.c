@@ -19,6 +19,7 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -244,6 +245,139 @@ static void chunk_load(Chunk *c, const int8_t *q, const float *d, int K, const i
     chunk_prepare(c, K / QK);
 }
 
+/* ---------------------------------------------------------------- prefill: 8 weight rows in the 8 lanes */
+
+#define SPAN 32      /* activation rows handled together by one work item */
+#define RG 8         /* weight rows of a row group: one per int32 lane */
+#define RG_MIN_ROWS 8 /* a span this long takes the row-group kernel (its weight rearrangement pays off) */
+
+#ifdef __AVX2__
+/* E2M1 x 2 + 12: unsigned, so it can be the unsigned operand of maddubs/dpbusd; the +12 is taken back
+ * once per block as 12 * (sum of the block's activations). */
+static const uint8_t E2M1_X2_PLUS12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+
+/* Rows o..o+7 of one expert rearranged for many activation rows at once: for block b and group g (the
+ * activation bytes 4g..4g+3 of the block, in the kernels' evens-then-odds order), w[(b*8+g)*32 ..] holds in
+ * int32 lane r row r's four matching weights (+12). A 4x4 dword transpose per 128-bit half puts the rows
+ * in the lanes; low nibbles are groups 0-3, high nibbles groups 4-7. pw[b*8+r] = row r's block scale. */
+static void prepare_rowgroup(const uint8_t *blk, const uint8_t *sc, int nb, uint8_t *w, float *pw) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const size_t stride = (size_t)nb * 16;
+    for (int b = 0; b < nb; b++) {
+        __m256i R[4];
+        for (int r = 0; r < 4; r++)
+            R[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(blk + r * stride + 16 * b))),
+                                           _mm_loadu_si128((const __m128i *)(blk + (r + 4) * stride + 16 * b)), 1);
+        const __m256i t0 = _mm256_unpacklo_epi32(R[0], R[1]), t1 = _mm256_unpacklo_epi32(R[2], R[3]);
+        const __m256i t2 = _mm256_unpackhi_epi32(R[0], R[1]), t3 = _mm256_unpackhi_epi32(R[2], R[3]);
+        const __m256i G[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
+                              _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};
+        for (int g = 0; g < 4; g++) {
+            _mm256_storeu_si256((__m256i *)(w + (b * 8 + g) * 32), _mm256_shuffle_epi8(lut, _mm256_and_si256(G[g], mask)));
+            _mm256_storeu_si256((__m256i *)(w + (b * 8 + 4 + g) * 32),
+                                _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(G[g], 4), mask)));
+        }
+        for (int r = 0; r < RG; r++) pw[b * 8 + r] = POW2[sc[r * nb + b]];
+    }
+}
+
+static inline __m256i broadcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Σ over one block of (w+12)·q for the 8 rows, minus 12·Σq: the exact integer dot products, one per lane.
+ * maddubs lanes are ≤ 2*24*127 = 6096, so four groups summed in int16 (≤ 24384) never overflow. */
+static inline __m256i rowgroup_block(const uint8_t *w, const int8_t *q, int32_t sq12) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    __m256i acc = _mm256_set1_epi32(-sq12);
+    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(w + 32 * g)), broadcast4(q + 4 * g));
+    return acc;
+#else
+    __m256i half[2];
+    for (int h = 0; h < 2; h++) {
+        const uint8_t *wh = w + 128 * h;
+        const int8_t *qh = q + 16 * h;
+        __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)wh), broadcast4(qh)),
+                                       _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 32)), broadcast4(qh + 4)));
+        __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 64)), broadcast4(qh + 8)),
+                                       _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 96)), broadcast4(qh + 12)));
+        half[h] = _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1));
+    }
+    return _mm256_sub_epi32(_mm256_add_epi32(half[0], half[1]), _mm256_set1_epi32(sq12));
+#endif
+}
+
+/* 8 weight rows (prepared) against n activation rows: res[t*ld + r]. Two rows at a time share the loads. */
+static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *rows, const int32_t *sq12, int n,
+                          float *res, int ld) {
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const __m256 scale = _mm256_loadu_ps(pw + 8 * b);
+            const __m256i d0 = rowgroup_block(w + 256 * b, rows[t].q + QK * b, sq12[t * nb + b]);
+            const __m256i d1 = rowgroup_block(w + 256 * b, rows[t + 1].q + QK * b, sq12[(t + 1) * nb + b]);
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t].d[b])), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t + 1].d[b])), acc1);
+        }
+        _mm256_storeu_ps(res + t * ld, acc0);
+        _mm256_storeu_ps(res + (t + 1) * ld, acc1);
+    }
+    if (t < n) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const __m256i d0 = rowgroup_block(w + 256 * b, rows[t].q + QK * b, sq12[t * nb + b]);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(_mm256_loadu_ps(pw + 8 * b), _mm256_set1_ps(rows[t].d[b])), acc);
+        }
+        _mm256_storeu_ps(res + t * ld, acc);
+    }
+}
+#endif
+
+/* Weight rows o_begin..o_end-1 (blocks/scales point at the expert's row 0) against activation rows
+ * start..start+n-1 (n ≤ SPAN; row p reads row_of[p], or p when NULL): res[t*(o_end-o_begin) + o-o_begin].
+ * Long spans go 8 weight rows at a time through the row-group kernel; the rest (short spans, a tail of
+ * fewer than 8 weight rows, the portable build) through the per-row kernels. */
+static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int o_begin, int o_end, const int8_t *q,
+                      const float *d, const int64_t *row_of, int64_t start, int n, float *res) {
+    const int K = nb * QK, ld = o_end - o_begin;
+    int o = o_begin;
+#ifdef __AVX2__
+    if (n >= RG_MIN_ROWS && o_end - o_begin >= RG) {
+        Row rows[SPAN];
+        int32_t sq12[SPAN * nb];
+        uint8_t w[256 * nb];
+        float pw[8 * nb];
+        for (int t = 0; t < n; t++) {
+            rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
+            for (int b = 0; b < nb; b++) {
+                int32_t sum = 0;
+                for (int j = 0; j < QK; j++) sum += rows[t].q[QK * b + j];
+                sq12[t * nb + b] = 12 * sum;
+            }
+        }
+        for (; o + RG <= o_end; o += RG) {
+            prepare_rowgroup(blocks + (size_t)o * nb * 16, scales + (size_t)o * nb, nb, w, pw);
+            rowgroup_rows(w, pw, nb, rows, sq12, n, res + (o - o_begin), ld);
+        }
+    }
+#endif
+    if (o == o_end) return;
+    float dx4[NR * nb];
+    Chunk c = {.dx4 = dx4};
+    for (int64_t s = start; s < start + n; s += NR) {
+        chunk_load(&c, q, d, K, row_of, s, start + n);
+        for (int oo = o; oo < o_end; oo++) {
+            float out[NR];
+            dot_chunk(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, &c, out);
+            for (int t = 0; t < c.n; t++) res[(s - start + t) * ld + oo - o_begin] = out[t];
+        }
+    }
+}
+
 /* One projection for rows grouped by expert: group g covers output rows offsets[g]..offsets[g+1]-1,
  * whose inputs are activation rows row_of[p] (p itself when row_of is NULL), and uses expert
  * experts[g]. Weights: blocks [E, O, K/32, 16], scales [E, O, K/32]; bias [E, O] fp32 or NULL.
@@ -259,17 +393,15 @@ int moe_q8_linear(const int8_t *q, const float *d, const int64_t *row_of, int K,
         for (int tile = 0; tile < tiles; tile++) {
             const int64_t e = experts[g];
             const int o_end = (tile + 1) * TILE_O < O ? (tile + 1) * TILE_O : O;
-            float dx4[NR * nb];
-            Chunk c = {.dx4 = dx4};
-            for (int64_t start = offsets[g]; start < offsets[g + 1]; start += NR) {
-                chunk_load(&c, q, d, K, row_of, start, offsets[g + 1]);
-                for (int o = tile * TILE_O; o < o_end; o++) {
-                    const size_t at = e * per_expert + (size_t)o * nb;
-                    float out[NR];
-                    dot_chunk(blocks + 16 * at, scales + at, nb, &c, out);
-                    const float b = bias ? bias[e * O + o] : 0.0f;
-                    for (int t = 0; t < c.n; t++) y[(start + t) * O + o] = out[t] + b;
-                }
+            const int o_begin = tile * TILE_O;
+            const size_t at = e * per_expert;
+            float res[SPAN * TILE_O];
+            for (int64_t start = offsets[g]; start < offsets[g + 1]; start += SPAN) {
+                const int n = offsets[g + 1] - start < SPAN ? (int)(offsets[g + 1] - start) : SPAN;
+                span_dots(blocks + 16 * at, scales + at, nb, o_begin, o_end, q, d, row_of, start, n, res);
+                for (int t = 0; t < n; t++)
+                    for (int o = o_begin; o < o_end; o++)
+                        y[(start + t) * O + o] = res[t * (o_end - o_begin) + o - o_begin] + (bias ? bias[e * O + o] : 0.0f);
             }
         }
     }
@@ -303,23 +435,18 @@ typedef struct {
 /* mlp1 rows tile*64 .. +63 of group g's expert for all its pairs, + bias, SwiGLU, quantised at once:
  * the 32 outputs are exactly activation block `tile` of mlp2's input. */
 static void mlp1_tile(const Layer *L, int g, int tile) {
-    const int nb = L->H / QK, O = 2 * L->I;
+    const int nb = L->H / QK, O = 2 * L->I, o_begin = tile * TILE_1;
     const int64_t e = L->experts[g];
-    float dx4[NR * nb];
-    Chunk c = {.dx4 = dx4};
-    for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
-        chunk_load(&c, L->xq, L->xd, L->H, L->pair_token, start, L->offsets[g + 1]);
-        float h[NR][TILE_1];
-        for (int r = 0; r < TILE_1; r++) {
-            const int o = tile * TILE_1 + r;
-            const size_t at = (size_t)e * O * nb + (size_t)o * nb;
-            float dots[NR];
-            dot_chunk(L->blocks1 + 16 * at, L->scales1 + at, nb, &c, dots);
-            for (int t = 0; t < c.n; t++) h[t][r] = dots[t] + L->bias1[e * O + o];
-        }
-        for (int t = 0; t < c.n; t++) {
+    const size_t at = (size_t)e * O * nb;
+    float h[SPAN * TILE_1];
+    for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += SPAN) {
+        const int n = L->offsets[g + 1] - start < SPAN ? (int)(L->offsets[g + 1] - start) : SPAN;
+        span_dots(L->blocks1 + 16 * at, L->scales1 + at, nb, o_begin, o_begin + TILE_1, L->xq, L->xd, L->pair_token, start, n, h);
+        const float *bias = L->bias1 + e * O + o_begin;
+        for (int t = 0; t < n; t++) {
+            const float *ht = h + t * TILE_1;
             float act[QK];
-            for (int i = 0; i < QK; i++) act[i] = swiglu(h[t][2 * i], h[t][2 * i + 1], L->limit);
+            for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
             const int64_t p = start + t;
             quantize_block(act, L->hq + p * L->I + tile * QK, L->hd + p * (L->I / QK) + tile);
         }
@@ -329,21 +456,20 @@ static void mlp1_tile(const Layer *L, int g, int tile) {
 /* mlp2 rows of one output tile for every group, each added into its token's output times the pair's
  * routing weight. One thread owns the tile's columns of `out`, so the k experts of a token never race. */
 static void mlp2_tile(const Layer *L, int G, int tile) {
-    const int nb = L->I / QK, H = L->H;
-    const int o_end = (tile + 1) * TILE_O < H ? (tile + 1) * TILE_O : H;
-    float dx4[NR * nb];
-    Chunk c = {.dx4 = dx4};
+    const int nb = L->I / QK, H = L->H, o_begin = tile * TILE_O;
+    const int o_end = o_begin + TILE_O < H ? o_begin + TILE_O : H, cols = o_end - o_begin;
+    float res[SPAN * TILE_O];
     for (int g = 0; g < G; g++) {
         const int64_t e = L->experts[g];
-        for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += NR) {
-            chunk_load(&c, L->hq, L->hd, L->I, NULL, start, L->offsets[g + 1]);
-            for (int o = tile * TILE_O; o < o_end; o++) {
-                const size_t at = (size_t)e * H * nb + (size_t)o * nb;
-                float dots[NR];
-                dot_chunk(L->blocks2 + 16 * at, L->scales2 + at, nb, &c, dots);
-                const float bias = L->bias2[e * H + o];
-                for (int t = 0; t < c.n; t++)
-                    L->out[L->pair_token[start + t] * H + o] += L->topw[L->pair_slot[start + t]] * (dots[t] + bias);
+        const size_t at = (size_t)e * H * nb;
+        const float *bias = L->bias2 + e * H;
+        for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += SPAN) {
+            const int n = L->offsets[g + 1] - start < SPAN ? (int)(L->offsets[g + 1] - start) : SPAN;
+            span_dots(L->blocks2 + 16 * at, L->scales2 + at, nb, o_begin, o_end, L->hq, L->hd, NULL, start, n, res);
+            for (int t = 0; t < n; t++) {
+                float *out = L->out + L->pair_token[start + t] * H;
+                const float weight = L->topw[L->pair_slot[start + t]];
+                for (int o = o_begin; o < o_end; o++) out[o] += weight * (res[t * cols + o - o_begin] + bias[o]);
             }
         }
     }
