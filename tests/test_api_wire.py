@@ -212,3 +212,65 @@ def test_stored_responses_survive_a_restart(checkpoints, tmp_path):
         assert follow_up.usage.input_tokens > first.usage.input_tokens
     finally:
         server.stop()
+
+
+# -- 11: the OpenAPI document and the server agree --------------------------------------------------------
+
+def document(server) -> dict:
+    return call(server, "GET", "/openapi.json").json()
+
+
+def schema_accepts(doc: dict, component: str, body: dict) -> bool:
+    import jsonschema
+
+    schema = {"$ref": f"#/components/schemas/{component}", "components": doc["components"]}
+    return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+
+def test_every_path_parameter_is_declared(server):
+    for path, operations in document(server)["paths"].items():
+        for method, operation in operations.items():
+            declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            assert declared >= {part[1:-1] for part in path.split("/") if part.startswith("{")}, (method, path)
+
+
+SCHEMA_VALID = [
+    ("/v1/chat/completions", "ChatCompletionRequest",
+     {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Weather?"},
+                                                    {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+                                                    {"role": "tool", "content": "sunny"}]}),
+    (RUN, "MessagesInput", {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "", "max_tokens": 2}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [], "max_tokens": 2}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": [{"content": "hi"}]}),
+    (RUN, "ResponsesInput", {"max_output_tokens": 2, "input": [{"type": "message", "content": [{"type": "input_text", "text": "hi"}]}]}),
+    ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "Ada.v2_final-1"}),
+]
+
+
+@pytest.mark.parametrize("path,component,body", SCHEMA_VALID, ids=[f"{i}" for i in range(len(SCHEMA_VALID))])
+def test_schema_valid_requests_are_served(server, path, component, body):
+    assert schema_accepts(document(server), component, body)
+    response = call(server, "POST", path, json=body)
+    assert response.status_code == 200, response.text
+
+
+SCHEMA_INVALID = [
+    ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "no spaces"}),
+    ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": ""}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"type": "web_search_call"}]}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+]
+
+
+@pytest.mark.parametrize("path,component,body", SCHEMA_INVALID, ids=[f"{i}" for i in range(len(SCHEMA_INVALID))])
+def test_schema_invalid_requests_are_refused(server, path, component, body):
+    assert not schema_accepts(document(server), component, body)
+    assert_surface_error(call(server, "POST", path, json=body), path)
+
+
+def test_options_lists_every_method_of_a_path(server):
+    response = call(server, "OPTIONS", "/client/v4/accounts/acct/ai/finetunes")
+    assert response.status_code == 204 and {"GET", "POST"} <= set(response.headers["allow"].replace(" ", "").split(","))
+    wrong = call(server, "PUT", "/client/v4/accounts/acct/ai/finetunes")
+    assert wrong.status_code == 405 and {"GET", "POST"} <= set(wrong.headers["allow"].replace(" ", "").split(","))

@@ -97,6 +97,18 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter) -> J
     return response
 
 
+def _allowed_methods(app: FastAPI, scope) -> set[str]:
+    """Every method some route answers on this path (Starlette's 405 names only the first route's)."""
+    from starlette.routing import Match
+
+    methods = {"OPTIONS"}
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in app.router.routes):
+            methods.add(method)
+    return methods
+
+
 def build_app(engine, settings: AppSettings) -> FastAPI:
     service = Service(engine, settings, Metering(engine.config.served_name, engine))
     service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / "batch.sqlite")
@@ -153,7 +165,13 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         """Unknown routes and methods in the surface's envelope, not FastAPI's `{"detail"}`."""
         if exc.status_code == 405:
-            error = ApiError(405, 7001, f"Method {request.method} not allowed on {request.url.path}")
+            allowed = ", ".join(sorted(_allowed_methods(app, request.scope)))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allowed})
+            response = _error_response(request.url.path, ApiError(405, 7001, f"Method {request.method} not allowed on "
+                                                                                f"{request.url.path} (allowed: {allowed})"))
+            response.headers["Allow"] = allowed
+            return response
         elif exc.status_code == 404:
             error = ApiError(404, 7000, f"No route for {request.url.path}")
         else:

@@ -7,6 +7,7 @@ server really sends (400, never FastAPI's default 422) in the envelope of their 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -480,6 +481,15 @@ def _pin_model_names(document: dict[str, Any], names: list[str]) -> None:
                     parameter["schema"] = {**served, "title": "Model"}
 
 
+def _declare_path_parameters(path: str, operation: dict[str, Any]) -> None:
+    """Every `{name}` of the path as a parameter (FastAPI lists only those the handler takes as arguments)."""
+    declared = {p["name"] for p in operation.get("parameters", []) if p.get("in") == "path"}
+    for name in re.findall(r"{([^}:]+)", path):
+        if name not in declared:
+            operation.setdefault("parameters", []).append({"name": name, "in": "path", "required": True,
+                                                           "schema": {"type": "string", "title": name.replace("_", " ").title()}})
+
+
 def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
     """Write every route's real answers (success, stream, errors) into a FastAPI-generated document."""
     from pydantic.json_schema import models_json_schema
@@ -491,6 +501,7 @@ def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[st
         components.pop(name, None)
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
+            _declare_path_parameters(path, operation)
             spec = _route_for(path, method)
             if spec is None:
                 continue

@@ -137,8 +137,37 @@ class TextConfig(_Open):
     format: dict[str, Any] | None = None
 
 
+class InputMessage(_Open):
+    """A Responses message item; without `role` it is the user's (as a bare string input is)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"] = "user"
+    content: str | list[TextPart] | None = None
+
+
+class FunctionCallInput(_Open):
+    type: Literal["function_call"]
+    name: str = Field(min_length=1)
+    arguments: str | dict[str, Any] | None = None
+    call_id: str | None = None
+
+
+class FunctionCallOutputInput(_Open):
+    type: Literal["function_call_output"]
+    call_id: str = Field(description="The call_id of an earlier function_call item")
+    output: Any = None
+
+
+class ReasoningInput(_Open):
+    type: Literal["reasoning"]
+    content: list[dict[str, Any]] | None = None
+
+
+InputItem = Union[InputMessage, FunctionCallInput, FunctionCallOutputInput, ReasoningInput]
+
+
 class ResponsesInput(_Open):
-    input: str | list[dict[str, Any]]
+    input: str | list[InputItem]
     instructions: str | None = None
     reasoning: Reasoning | None = None
     tools: list[Tool] | None = None
@@ -180,7 +209,8 @@ class CompletionRequest(Sampling):
 
 class FinetuneCreate(_Open):
     model: str
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                      description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     description: str | None = None
 
 

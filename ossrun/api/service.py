@@ -183,7 +183,7 @@ class Service:
         try:
             if raw:
                 prompt = body["prompt"] if isinstance(body["prompt"], str) else "".join(body["prompt"])
-                prompt_ids = harmony.encode(prompt, allow_special=True)
+                prompt_ids = harmony.encode(prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
             else:
                 rendered = harmony.render_request(body)
                 prompt_ids = list(rendered.token_ids)

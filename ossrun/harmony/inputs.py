@@ -30,6 +30,7 @@ class Converted:
     instructions: list[str] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     tool_names_by_call_id: dict[str, str] = field(default_factory=dict)
+    last_tool_name: str | None = None
 
 
 def text_parts(content: Any, where: str) -> list[str]:
@@ -77,6 +78,7 @@ def _add_tool_call(out: Converted, name: Any, arguments: Any, call_id: Any, wher
         raise RenderError(f"{where}: a tool call needs a function name")
     msg = _assistant([_arguments(arguments)], "commentary")
     out.messages.append(msg.with_recipient(f"functions.{name}").with_content_type("<|constrain|>json"))
+    out.last_tool_name = name
     if isinstance(call_id, str):
         out.tool_names_by_call_id[call_id] = name
 
@@ -143,7 +145,8 @@ def _chat_assistant(out: Converted, msg: Mapping, texts: list[str], where: str) 
 
 
 def _tool_result_name(out: Converted, msg: Mapping, where: str) -> str:
-    """The function a tool message answers: found through its tool_call_id, else its `name`."""
+    """The function a tool message answers: found through its tool_call_id, else its `name`, else the
+    latest tool call (clients that omit the id answer the call just made)."""
     call_id = msg.get("tool_call_id")
     if call_id is not None:
         if call_id not in out.tool_names_by_call_id:
@@ -151,7 +154,7 @@ def _tool_result_name(out: Converted, msg: Mapping, where: str) -> str:
         return out.tool_names_by_call_id[call_id]
     if isinstance(msg.get("name"), str) and msg["name"]:
         return msg["name"]
-    raise RenderError(f"{where}: a tool message needs a tool_call_id")
+    return out.last_tool_name or "tool"
 
 
 # --- Responses `input` ----------------------------------------------------------------------
@@ -197,7 +200,7 @@ def _responses_item(out: Converted, item: Mapping, where: str) -> None:
 
 
 def _responses_message(out: Converted, item: Mapping, where: str) -> None:
-    role = item.get("role")
+    role = item.get("role", "user")  # a message item without a role is the user's, as a string input is
     texts = text_parts(item.get("content"), where)
     if role in ("system", "developer"):
         out.instructions.append("".join(texts))

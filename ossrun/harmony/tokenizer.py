@@ -40,6 +40,7 @@ CONSTRAIN = 200003  # <|constrain|>
 RETURN = 200002  # <|return|>
 CALL = 200012  # <|call|>
 ENDOFTEXT = 199999  # <|endoftext|>
+STARTOFTEXT = 199998  # <|startoftext|>: what an empty raw prompt starts from
 # The engine stops generating at these: <|return|> ends the answer, <|call|> hands over to a tool.
 STOP_TOKENS = (RETURN, CALL)
 VOCAB_SIZE = 201088  # every id below this decodes (the tail is <|reserved_…|> tokens)
