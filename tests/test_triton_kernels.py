@@ -192,14 +192,16 @@ def test_moe_layer_through_triton_equals_the_reference(checkpoints, device):
 
 
 def test_engine_with_triton_attention_generates_the_reference_tokens(checkpoints, device):
-    """Through the engine: chunked prefill (96-token steps) of prompts longer than the window, a
-    shared prefix from the cache, and batched decodes, all in fp32 (attention is not rounded)."""
+    """Through the engine, with the Triton attention, RMSNorm and RoPE/cache-write kernels: chunked
+    prefill (96-token steps) of prompts longer than the window, a shared prefix from the cache, and
+    batched decodes, all in fp32 (none of these kernels rounds)."""
     from ossrun.engine.engine import Engine, EngineOptions
     from ossrun.engine.request import Request, SamplingParams
     from ossrun.model.checkpoint import load_checkpoint
     from ossrun.model.gpt_oss import GptOss
 
     model = GptOss.from_checkpoint(load_checkpoint(checkpoints["small_vocab_hf"]), torch.float32, device)
+    norms = [model.norm] + [n for block in model.blocks for n in (block.attn.norm, block.mlp.norm)]
     g = torch.Generator().manual_seed(2)
     shared = torch.randint(0, 1024, (40,), generator=g).tolist()
     prompts = [shared + torch.randint(0, 1024, (n,), generator=g).tolist() for n in (100, 3)]
@@ -207,7 +209,9 @@ def test_engine_with_triton_attention_generates_the_reference_tokens(checkpoints
     def generate(use_triton: bool) -> list[list[int]]:
         options = EngineOptions(kv_dtype=torch.float32, max_tokens_per_step=96, kv_cache_bytes=8 * 1024**2, max_model_len=512)
         engine = Engine(model, options)
-        engine.runner.triton_attention = use_triton
+        engine.runner.triton_attention = use_triton  # the kernels below, not the MoE (it rounds to bf16)
+        for module in norms + [block.attn for block in model.blocks]:  # fused norms, RoPE and cache writes
+            module.triton = use_triton
         requests = [Request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0)) for i, p in enumerate(prompts)]
         events = engine.generate(requests)
         return [[e.token_id for e in events[r.request_id] if e.token_id is not None] for r in requests]
@@ -261,4 +265,48 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 10
+    assert done.stdout.count("shared") == 12
+
+
+# ---------------------------------------------------------------- fused small operations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_reference(dtype, device):
+    from ossrun.model.gpt_oss import RMSNorm
+    from ossrun.model.kernels.triton_fused import rms_norm
+
+    g = torch.Generator().manual_seed(6)
+    scale = 1 + 0.1 * torch.randn(80, generator=g)  # a width that is not a power of two
+    x = (3 * torch.randn(7, 80, generator=g)).to(device=device, dtype=dtype)
+    ref = RMSNorm(scale, 1e-5, device)(x)
+    out = rms_norm(x, scale.to(device), 1e-5)
+    assert out.dtype == dtype
+    assert rel_err(out.cpu(), ref.cpu()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_rope_and_cache_write_equal_reference(device):
+    """q rotated as Rotary.apply rotates it; k rotated and v copied into exactly their slots; nothing else written."""
+    from ossrun.model.config import PRESETS
+    from ossrun.model.gpt_oss import Rotary
+    from ossrun.model.kernels.triton_fused import rope_and_cache
+
+    config = PRESETS["20b"].replace(num_attention_heads=12, num_key_value_heads=3, head_dim=32)  # Hq, Hkv not powers of two
+    rotary = Rotary(config, device)
+    g = torch.Generator().manual_seed(8)
+    tokens, page, blocks = 9, 4, 6
+    qkv = torch.randn(tokens, (12 + 2 * 3) * 32, generator=g).to(device)
+    positions = torch.tensor([0, 1, 2, 50, 51, 7000, 3, 4, 90000], device=device)
+    slots = torch.randperm(blocks * page, generator=g)[:tokens].to(device)
+    k_cache = torch.full((blocks, page, 3, 32), float("nan"), device=device)
+    v_cache = torch.full((blocks, page, 3, 32), float("nan"), device=device)
+    cos, sin = rotary.cos_sin(positions)
+    q = rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, 12)
+    q_ref, k_ref, v_ref = qkv.split([12 * 32, 3 * 32, 3 * 32], dim=-1)
+    assert rel_err(q.cpu(), Rotary.apply(q_ref.view(tokens, 12, 32), cos, sin).cpu()) < 1e-6
+    k_flat, v_flat = k_cache.view(-1, 3, 32), v_cache.view(-1, 3, 32)
+    assert rel_err(k_flat[slots].cpu(), Rotary.apply(k_ref.reshape(tokens, 3, 32), cos, sin).cpu()) < 1e-6
+    assert torch.equal(v_flat[slots].cpu(), v_ref.reshape(tokens, 3, 32).cpu())
+    untouched = torch.ones(blocks * page, dtype=torch.bool, device=device)
+    untouched[slots] = False
+    assert torch.isnan(k_flat[untouched]).all() and torch.isnan(v_flat[untouched]).all()

@@ -17,13 +17,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ossrun.model.kernels import triton_attention, triton_moe  # noqa: E402
+from ossrun.model.kernels import triton_attention, triton_fused, triton_moe  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 MOE_SIGNATURE = {
     "x_ptr": "*bf16", "y_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16",
-    "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "offsets_ptr": "*i32", "N_OUT": "i32", "swiglu_limit": "fp32",
+    "counts_ptr": "*i64", "N_OUT": "i32", "swiglu_limit": "fp32",
     "stride_xm": "i32", "stride_ym": "i32", "stride_be": "i32", "stride_bo": "i32", "stride_se": "i32", "stride_so": "i32",
     "stride_biase": "i32",
 }
@@ -46,7 +46,7 @@ def compile_one(fn, signature: dict, constants: dict, name: str) -> None:
 def main() -> int:
     for swiglu in (True, False):
         for block_m in (16, 32, 64):
-            constants = {"K": 2880, "SWIGLU": swiglu, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
+            constants = {"K": 2880, "N_EXPERTS": 32, "SWIGLU": swiglu, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
                          "EMULATE": False}
             compile_one(triton_moe._mxfp4_grouped_kernel, MOE_SIGNATURE, constants, f"moe swiglu={swiglu} block_m={block_m}")
     for sliding in (True, False):
@@ -55,6 +55,11 @@ def main() -> int:
                          "SLIDING": sliding, "EMULATE": False}
             compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
                         f"attention sliding={sliding} block_t={block_t}")
+    compile_one(triton_fused._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16", "stride_x": "i32",
+                "stride_y": "i32", "eps": "fp32"}, {"N": 2880, "BLOCK": 4096}, "rms_norm")
+    compile_one(triton_fused._rope_cache_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
+                "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_qkv": "i32", "stride_cos": "i32", "stride_qt": "i32",
+                "stride_slot": "i32", "stride_head": "i32"}, {"HQ": 64, "HKV": 8, "HQ_P": 64, "HKV_P": 8, "D": 64}, "rope_and_cache")
     return 0
 
 

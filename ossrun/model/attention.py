@@ -136,6 +136,17 @@ class PagedAttention:
             out[start:start + n] = self._attend(group, rows, q[start:start + n].unsqueeze(0), self.positions[start:start + n].unsqueeze(0), k_cache, v_cache, sinks, window, scale, q.dtype)[0]
         return out
 
+    def attend_qkv(self, layer: int, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_heads: int,
+                   sinks: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+        """The Triton path from the qkv projection [T, (Hq + 2 Hkv)·D]: one kernel applies RoPE (rope = cos, sin)
+        and writes k/v into the cache, then the attention launches → [T, Hq, D]."""
+        from ossrun.model.kernels.triton_fused import rope_and_cache
+
+        group = self.groups["sliding" if window else "full"]
+        k_cache, v_cache = self.caches[layer]
+        q = rope_and_cache(qkv, *rope, group.slot_mapping, k_cache, v_cache, n_heads)
+        return self._launch(group, q, k_cache, v_cache, sinks, window, scale)
+
     def _attend(self, group, rows, q, q_pos, k_cache, v_cache, sinks, window, scale, dtype):
         """q [B, T, Hq, D] at positions q_pos [B, T] against the cached keys of sequences `rows`."""
         tables = group.block_tables[rows]  # [B, N]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ossrun.model import mxfp4
-from ossrun.model.attention import AttentionBackend
+from ossrun.model.attention import AttentionBackend, PagedAttention
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
@@ -39,14 +39,22 @@ def _weight(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> n
 
 
 class RMSNorm(nn.Module):
-    """Always in fp32: the norm's eps is part of the exact arithmetic (1e-4 off if computed in bf16)."""
+    """Always in fp32: the norm's eps is part of the exact arithmetic (1e-4 off if computed in bf16).
 
-    def __init__(self, scale: torch.Tensor, eps: float, device: torch.device):
+    `triton`: one fused kernel (`kernels/triton_fused.py`) instead of a chain of elementwise ones.
+    """
+
+    def __init__(self, scale: torch.Tensor, eps: float, device: torch.device, triton: bool = False):
         super().__init__()
+        self.triton = triton
         self.scale = _weight(scale, torch.float32, device)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            from ossrun.model.kernels.triton_fused import rms_norm
+
+            return rms_norm(x, self.scale, self.eps)
         t = x.float()
         t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return (t * self.scale).to(x.dtype)
@@ -90,7 +98,8 @@ class Attention(nn.Module):
         self.precision = check_precision(precision)
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = config.head_dim ** -0.5
-        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
+        self.triton = triton_available(device, precision)
+        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device, self.triton)
         self.qkv_weight = _weight(weights[prefix + "qkv.weight"], dtype, device)
         self.qkv_bias = _weight(weights[prefix + "qkv.bias"], dtype, device)
         self.sinks = _weight(weights[prefix + "sinks"], torch.float32, device)
@@ -105,11 +114,15 @@ class Attention(nn.Module):
         qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
         if lora is not None:
             self._add_qkv_lora(qkv, t, lora)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = Rotary.apply(q.view(tokens, c.num_attention_heads, c.head_dim), *rope)
-        k = Rotary.apply(k.view(tokens, c.num_key_value_heads, c.head_dim), *rope)
-        v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
-        o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale).reshape(tokens, c.q_size)  # [T, Hq·D]
+        if self.triton and isinstance(attention, PagedAttention) and attention.triton:  # RoPE and cache writes fused
+            o = attention.attend_qkv(self.layer, qkv, rope, c.num_attention_heads, self.sinks, self.window, self.scale)
+        else:
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = Rotary.apply(q.view(tokens, c.num_attention_heads, c.head_dim), *rope)
+            k = Rotary.apply(k.view(tokens, c.num_key_value_heads, c.head_dim), *rope)
+            v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
+            o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale)
+        o = o.reshape(tokens, c.q_size)  # [T, Hq·D]
         out = F.linear(o, self.out_weight, self.out_bias)
         if lora is not None:
             delta = lora.delta(self.layer, "o_proj", o, c.hidden_size)
@@ -153,7 +166,7 @@ class MoE(nn.Module):
         self.config = config
         self.precision = check_precision(precision)
         self.dtype = dtype
-        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device)
+        self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device, triton_available(device, precision))
         self.gate_weight = _weight(weights[prefix + "gate.weight"], dtype, device)
         self.gate_bias = _weight(weights[prefix + "gate.bias"], dtype, device)
         packed = {
@@ -249,7 +262,7 @@ class GptOss(nn.Module):
         self.embedding = _weight(weights["embedding.weight"], dtype, device)
         self.rotary = Rotary(config, device)
         self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device, precision) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device)
+        self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device, triton_available(device, precision))
         self.unembedding = _weight(weights["unembedding.weight"], dtype, device)
 
     @classmethod

@@ -19,7 +19,6 @@ around 110..130; outside, weights would be below 2^-125 or above 2^115).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -60,19 +59,32 @@ def _scale_of(byte):
 @triton.jit
 def _mxfp4_grouped_kernel(
     x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr,
-    tile_expert_ptr, tile_row_ptr, offsets_ptr,
+    counts_ptr,
     N_OUT, swiglu_limit,
     stride_xm, stride_ym,
     stride_be, stride_bo, stride_se, stride_so, stride_biase,
-    K: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, N_EXPERTS: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
 ):
+    # Which expert and rows this program takes: walk the groups' tile counts (E scalar loads, no
+    # host sync, no tile table to build between launches).
     tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    seen = 0  # tiles of the experts before e
+    start = 0  # rows of the experts before e
+    expert = -1
+    row_start = 0
+    row_end = 0
+    for e in range(N_EXPERTS):
+        count = tl.load(counts_ptr + e).to(tl.int32)
+        n_tiles = (count + BLOCK_M - 1) // BLOCK_M
+        hit = (tile >= seen) & (tile < seen + n_tiles)
+        expert = tl.where(hit, e, expert)
+        row_start = tl.where(hit, start + (tile - seen) * BLOCK_M, row_start)
+        row_end = tl.where(hit, start + count, row_end)
+        seen += n_tiles
+        start += count
     if expert < 0:  # a tile past the last group: nothing to do
         return
-    row_start = tl.load(tile_row_ptr + tile)
-    row_end = tl.load(offsets_ptr + expert + 1)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
@@ -120,46 +132,21 @@ def _mxfp4_grouped_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@dataclass(slots=True)
-class GroupPlan:
-    """Which rows each program of a grouped launch takes; computed once per MoE layer call, used by both matmuls."""
-
-    tile_expert: torch.Tensor  # [tiles] int32, −1 past the last group
-    tile_row: torch.Tensor  # [tiles] int32, the tile's first row
-    offsets: torch.Tensor  # [E+1] int32, group g = rows offsets[g]:offsets[g+1]
-    block_m: int
-
-
-def group_plan(counts: torch.Tensor, rows: int) -> GroupPlan:
-    """Per-expert row counts [E] (summing to `rows`) → the tiles of a grouped launch.
-
-    All on the device with static shapes (at most rows/BLOCK_M + E tiles), so there is no host
-    sync and a decode step can be captured in a CUDA graph. BLOCK_M is the mean group size
-    rounded up to a power of two, between 16 (the smallest dot) and 64.
-    """
-    n_experts = counts.shape[0]
-    block_m = min(64, max(16, triton.next_power_of_2(max(1, rows // max(1, n_experts)))))
-    max_tiles = triton.cdiv(rows, block_m) + n_experts
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=counts.device)
-    offsets[1:] = counts.cumsum(0)
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = tiles.cumsum(0)
-    t = torch.arange(max_tiles, device=counts.device)
-    expert = torch.searchsorted(tile_end, t, right=True).clamp(max=n_experts)
-    expert_c = expert.clamp(max=n_experts - 1)
-    row = offsets[expert_c].long() + (t - (tile_end[expert_c] - tiles[expert_c])) * block_m
-    tile_expert = torch.where(expert < n_experts, expert_c, -1).to(torch.int32)
-    return GroupPlan(tile_expert, row.to(torch.int32), offsets, block_m)
+def _block_m(rows: int, n_experts: int) -> int:
+    """Rows per program: the mean group size rounded up to a power of two, from 16 (the smallest dot) to 64."""
+    return min(64, max(16, triton.next_power_of_2(max(1, rows // max(1, n_experts)))))
 
 
 def mxfp4_grouped_matmul(
-    x: torch.Tensor, counts: torch.Tensor | GroupPlan, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+    x: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     swiglu_limit: float | None = None, out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Rows of x [P, K] sorted by expert, `counts` [E] rows per expert (or their `GroupPlan`) → x·Wᵀ + b [P, O],
+    """Rows of x [P, K] sorted by expert, `counts` [E] rows per expert (on the device) → x·Wᵀ + b [P, O],
     or the clamped SwiGLU of it [P, O/2] with `swiglu_limit` (glu and linear interleaved, as gpt-oss stores them).
 
     blocks [E, O, K/32, 16] and scales [E, O, K/32] are the checkpoint's packed bytes; bias [E, O].
+    The launch has rows/BLOCK_M + E programs per column tile, enough for any grouping; the ones
+    past the last group return at once. Its shape depends only on P, so it can be captured in a graph.
     """
     n_experts, n_rows_w = blocks.shape[0], blocks.shape[1]
     rows, k = x.shape
@@ -169,18 +156,17 @@ def mxfp4_grouped_matmul(
     y = torch.empty(rows, n_out, dtype=out_dtype or x.dtype, device=x.device)
     if rows == 0:
         return y
-    plan = counts if isinstance(counts, GroupPlan) else group_plan(counts, rows)
+    block_m = _block_m(rows, n_experts)
     x = x.contiguous()
     block_n = 64
-    grid = (plan.tile_expert.shape[0], triton.cdiv(n_out, block_n))
+    grid = (triton.cdiv(rows, block_m) + n_experts, triton.cdiv(n_out, block_n))
     _mxfp4_grouped_kernel[grid](
-        x, y, blocks, scales, bias if bias is not None else x,
-        plan.tile_expert, plan.tile_row, plan.offsets,
+        x, y, blocks, scales, bias if bias is not None else x, counts,
         n_out, float(swiglu_limit or 0.0),
         x.stride(0), y.stride(0),
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), bias.stride(0) if bias is not None else 0,
-        K=k, SWIGLU=swiglu_limit is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_K=128, EMULATE=interpreting(),
+        K=k, N_EXPERTS=n_experts, SWIGLU=swiglu_limit is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, EMULATE=interpreting(),
     )
     return y
 
@@ -197,8 +183,7 @@ def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, m
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
     # scatter_add rather than bincount: bincount on CUDA reads the max id back to the host (no graph capture).
     counts = torch.zeros(mlp1[0].shape[0], dtype=torch.long, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
-    plan = group_plan(counts, flat.shape[0])
-    h = mxfp4_grouped_matmul(t[order // k], plan, *mlp1, swiglu_limit=swiglu_limit)
-    y = mxfp4_grouped_matmul(h, plan, *mlp2)
+    h = mxfp4_grouped_matmul(t[order // k], counts, *mlp1, swiglu_limit=swiglu_limit)
+    y = mxfp4_grouped_matmul(h, counts, *mlp2)
     by_pair = torch.empty_like(y).index_copy_(0, order, y).view(n_tokens, k, -1)
     return torch.einsum("tkh,tk->th", by_pair.float(), weights.float()).to(t.dtype)
