@@ -23,7 +23,7 @@ async def chat_completions(request: Request):
     service: Service = service_of(request)
     body = _body(schemas.ChatCompletionRequest, await json_body(request))
     service.check_model(body["model"])
-    plan = service.plan("messages", body, openai=True)
+    plan = await service.plan_off_loop("messages", body, openai=True)
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)
@@ -35,7 +35,7 @@ async def responses(request: Request):
     service: Service = service_of(request)
     body = _body(schemas.ResponsesRequest, await json_body(request))
     service.check_model(body["model"])
-    plan = service.plan("responses", body, openai=True)
+    plan = await service.plan_off_loop("responses", body, openai=True)
     if plan.stream:
         return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE, headers=NO_CACHE)
     outcome = await unless_client_leaves(request, service.complete(plan))
@@ -48,7 +48,7 @@ async def completions(request: Request):
     service: Service = service_of(request)
     body = _body(schemas.CompletionRequest, await json_body(request))
     service.check_model(body["model"])
-    plan = service.plan("completions", body, openai=True)
+    plan = await service.plan_off_loop("completions", body, openai=True)
     if plan.stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)

@@ -226,6 +226,11 @@ class Service:
             plan.constraint = self._constraint(body, forced, max_tokens)
         return plan
 
+    async def plan_off_loop(self, *args: Any, **kwargs: Any) -> Plan:
+        """`plan` on a worker thread: rendering a long prompt or compiling a schema takes a while, and the
+        event loop must keep answering `/health` and streaming other requests' tokens meanwhile."""
+        return await asyncio.to_thread(self.plan, *args, **kwargs)
+
     # -- structured output ------------------------------------------------------------------------
     @property
     def compiler(self):

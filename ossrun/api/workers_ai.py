@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,7 +40,7 @@ def _reject_if_busy(service: Service, body: dict[str, Any]) -> None:
 
 async def run_sync(service: Service, shape: str, body: dict[str, Any], priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
     """The sync result of one `/ai/run` body (also what the batch queue stores) → (result, outcome)."""
-    plan = service.plan(shape, body, priority=priority)
+    plan = await service.plan_off_loop(shape, body, priority=priority)
     outcome = await service.complete(plan)
     prices, model = service.metering.prices, service.engine.config.served_name
     if shape == "prompt":
@@ -78,7 +79,7 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     shape, _ = schemas.classify(body)
     _reject_if_busy(service, body)
     if body.get("stream"):
-        return stream_response(service, service.plan(shape, body))
+        return stream_response(service, await service.plan_off_loop(shape, body))
     result, _ = await unless_client_leaves(request, run_sync(service, shape, body))
     return envelope(result)
 
@@ -87,18 +88,23 @@ def _is_poll(body: Any) -> bool:
     return isinstance(body, dict) and "request_id" in body and not any(k in body for k in ("prompt", "messages", "input", "requests"))
 
 
-async def _queue(service: Service, model: str, body: Any, request: Request) -> dict[str, Any]:
-    batch = schemas.parse(schemas.BatchInput, body)
-    limit = service.settings.max_batch_requests
-    if len(batch.requests) > limit:
-        raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(batch.requests)}")
-    for index, item in enumerate(batch.requests):  # reject bad items now, not hours later
+def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
+    """Reject bad items now, not hours later (on a worker thread: a thousand items take a while)."""
+    for index, item in enumerate(items):
         item = {k: v for k, v in item.items() if k != "external_reference"}
         try:
             shape, _ = schemas.classify(item)
             service.plan(shape, {**item, "stream": False}, priority=Priority.BATCH)
         except ApiError as exc:
             raise ApiError(exc.status, exc.code, f"{exc.message} (in requests[{index}])") from None
+
+
+async def _queue(service: Service, model: str, body: Any, request: Request) -> dict[str, Any]:
+    batch = schemas.parse(schemas.BatchInput, body)
+    limit = service.settings.max_batch_requests
+    if len(batch.requests) > limit:
+        raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(batch.requests)}")
+    await asyncio.to_thread(_check_items, service, batch.requests)
     batch_id = service.batch_store.create(model, batch.requests)
     request.app.state.batch_worker.notify()
     return envelope({"status": "queued", "request_id": batch_id, "model": model})

@@ -5,6 +5,11 @@ prompt, the rest of a chunked prompt, or the one token sampled last step), and e
 out a token budget, running sequences first, then waiting ones by priority. Chunked prefill
 falls out of the budget; when the KV pools run dry the least urgent running sequence is
 preempted (its blocks freed, recomputed later; the prefix cache usually gives most back).
+
+A long prompt must not hold the whole budget while it is prefilled (a 200 KB prompt is hundreds of
+steps): decoding sequences go first, each prefill chunk gets at most `max_prefill_chunk` tokens,
+and new requests are admitted from what is left. A prefill alone in its step still gets the whole
+budget; next to others it stays capped, so their steps (and tokens) keep coming.
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_tokens_per_step: int = 512, batch_max_wait_steps: int = 256):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_tokens_per_step: int = 512, batch_max_wait_steps: int = 256,
+                 max_prefill_chunk: int | None = None):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_tokens_per_step = max_tokens_per_step
+        # one prefill chunk's share of a step before the others had theirs (default: half the budget)
+        self.max_prefill_chunk = max_prefill_chunk or max(1, max_tokens_per_step // 2)
         self.batch_max_wait_steps = batch_max_wait_steps  # aging: batch work is never starved forever
         self.waiting: list[Sequence] = []  # kept sorted by sort_key
         self.running: list[Sequence] = []
@@ -78,11 +86,11 @@ class Scheduler:
         self.steps += 1
         step = Step()
         budget = self.max_tokens_per_step
-        self.running.sort(key=lambda s: s.sort_key)
+        self.running.sort(key=lambda s: (s.num_to_compute > 1, s.sort_key))  # decodes before prefills
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
-            n = min(seq.num_to_compute, budget)
+            n = min(seq.num_to_compute, budget, self.max_prefill_chunk)
             while not self.kv.allocate(seq.blocks, seq.num_computed + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, step)
@@ -93,7 +101,20 @@ class Scheduler:
                 budget -= n
         if not step.preempted:
             budget = self._admit(step, budget)
+            if len(step.scheduled) == 1:
+                self._top_up(step, budget)
         return step
+
+    def _top_up(self, step: Step, budget: int) -> None:
+        """A prefill alone in its step gets the rest of the budget (never preempts). With others in the
+        step it stays capped: a step's time grows with its prefill tokens, and theirs is waiting on it."""
+        for item in step.scheduled:
+            if budget <= 0:
+                return
+            extra = min(item.seq.num_to_compute - item.num_new_tokens, budget)
+            if extra > 0 and self.kv.allocate(item.seq.blocks, item.seq.num_computed + item.num_new_tokens + extra):
+                item.num_new_tokens += extra
+                budget -= extra
 
     def _admit(self, step: Step, budget: int) -> int:
         self.waiting.sort(key=self._key)
@@ -104,7 +125,7 @@ class Scheduler:
                 seq.num_computed = cached
                 if not seq.admitted_once:
                     seq.num_cached_tokens = cached
-            n = min(seq.num_to_compute, budget)
+            n = min(seq.num_to_compute, budget, self.max_prefill_chunk)
             if not self.kv.allocate(seq.blocks, seq.num_computed + n):
                 self.kv.free(seq.blocks)  # don't sit on cached blocks while waiting
                 seq.num_computed = 0

@@ -1,0 +1,74 @@
+"""A 200 KB single-word prompt through the real server: the server keeps answering while it is prefilled.
+
+It once took 337 s, froze `/health` for 20 s and timed out every small request: tokenisation was
+quadratic and ran on the event loop, and the long prefill took every step's whole token budget, so
+nothing else was admitted until it was done. The long request here is never waited for: once the
+small one is answered, its client leaves (which ends it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-long"), "--rate-limit", "100000")
+    yield s
+    s.stop()
+
+
+def send_raw(server, body: dict) -> socket.socket:
+    """POST without waiting for the answer; closing the socket is the client leaving."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST /client/v4/accounts/a/ai/run/{MODEL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+class HealthWatch(threading.Thread):
+    """Polls /health until stopped; remembers the slowest answer."""
+
+    def __init__(self, server):
+        super().__init__(daemon=True)
+        self.server, self.slowest, self.done = server, 0.0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            started = time.monotonic()
+            httpx.get(self.server.base + "/health", timeout=30)
+            self.slowest = max(self.slowest, time.monotonic() - started)
+            time.sleep(0.1)
+
+
+def test_small_requests_and_health_are_served_while_a_long_prompt_is_prefilled(server):
+    watch = HealthWatch(server)
+    watch.start()
+    long_client = send_raw(server, {"prompt": "x" * 200_000, "max_tokens": 2})
+    try:
+        deadline = time.monotonic() + 60
+        while server.health()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.health()["running"] == 1  # the long prompt is being prefilled (minutes on the tiny model)
+        small = httpx.post(server.run_url(), json={"prompt": "Hi", "max_tokens": 4, "temperature": 0}, timeout=120)
+        assert small.status_code == 200, small.text
+        assert small.json()["result"]["usage"]["completion_tokens"] == 4
+        assert server.health()["running"] == 1, "the small request was only served after the long prefill"
+    finally:
+        long_client.close()
+    deadline = time.monotonic() + 30
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watch.done.set()
+    watch.join()
+    assert server.health()["running"] == 0
+    assert watch.slowest < 1, f"/health took {watch.slowest:.2f}s during the long prefill"
