@@ -23,7 +23,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 MOE_SIGNATURE = {
     "x_ptr": "*bf16", "y_ptr": "*bf16", "blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16",
-    "counts_ptr": "*i64", "N_OUT": "i32", "swiglu_limit": "fp32",
+    "counts_ptr": "*i64", "order_ptr": "*i64", "row_weight_ptr": "*bf16", "N_OUT": "i32", "swiglu_limit": "fp32",
     "stride_xm": "i32", "stride_ym": "i32", "stride_be": "i32", "stride_bo": "i32", "stride_se": "i32", "stride_so": "i32",
     "stride_biase": "i32",
 }
@@ -44,9 +44,9 @@ def compile_one(fn, signature: dict, constants: dict, name: str) -> None:
 
 
 def main() -> int:
-    for swiglu in (True, False):
+    for swiglu in (True, False):  # the first projection gathers its rows, the second scatters them
         for block_m in (16, 32, 64):
-            constants = {"K": 2880, "N_EXPERTS": 32, "SWIGLU": swiglu, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
+            constants = {"K": 2880, "N_EXPERTS": 32, "GATHER": swiglu, "SCATTER": not swiglu, "ROUTE_K": 4, "SWIGLU": swiglu, "HAS_BIAS": True, "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128,
                          "EMULATE": False}
             compile_one(triton_moe._mxfp4_grouped_kernel, MOE_SIGNATURE, constants, f"moe swiglu={swiglu} block_m={block_m}")
     for sliding in (True, False):

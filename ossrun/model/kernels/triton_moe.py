@@ -1,12 +1,13 @@
-"""Grouped MXFP4 expert matmul in Triton: the CUDA drop-in behind `MoE.grouped_experts`.
+"""Grouped MXFP4 expert matmul in Triton: the CUDA drop-in for a MoE layer's routed experts.
 
 Rows (token, expert) pairs arrive sorted by expert. One launch multiplies every group by its
 expert's packed weights: each program takes BLOCK_M rows of one expert and BLOCK_N output
 columns, streams the weights as they lie in the checkpoint (blocks [E, O, K/32, 16] uint8, scales
 [E, O, K/32] E8M0), decodes E2M1 × 2^(scale−127) in registers and feeds bf16 tensor-core dots
 with fp32 accumulation. The first projection fuses its bias and gpt-oss's clamped SwiGLU (glu and
-linear are interleaved output rows, so one program reads both halves of its output columns); the
-second fuses its bias. Which rows belong to which expert is computed on the device (no host sync),
+linear are interleaved output rows, so one program reads both halves of its output columns) and
+gathers its rows from the tokens; the second fuses its bias and the routing weight, and scatters
+its rows back to token order. Which rows belong to which expert is computed on the device (no host sync),
 so the same launch serves decode, prefill and a captured CUDA graph.
 
 Decoding without a lookup table: the three magnitude bits of an E2M1 nibble, placed at bit 9 of
@@ -59,11 +60,12 @@ def _scale_of(byte):
 @triton.jit
 def _mxfp4_grouped_kernel(
     x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr,
-    counts_ptr,
+    counts_ptr, order_ptr, row_weight_ptr,
     N_OUT, swiglu_limit,
     stride_xm, stride_ym,
     stride_be, stride_bo, stride_se, stride_so, stride_biase,
     K: tl.constexpr, N_EXPERTS: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, ROUTE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr,
 ):
     # Which expert and rows this program takes: walk the groups' tile counts (E scalar loads, no
@@ -87,6 +89,10 @@ def _mxfp4_grouped_kernel(
         return
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
+    if GATHER:  # sorted row r reads token order[r] // k of x (no gathered copy of the activations)
+        x_rows = tl.load(order_ptr + rows, mask=row_ok, other=0) // ROUTE_K
+    else:
+        x_rows = rows
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
     col_ok = cols < N_OUT
     # Weight rows: with SwiGLU, output column c needs rows 2c (glu) and 2c+1 (linear).
@@ -103,8 +109,8 @@ def _mxfp4_grouped_kernel(
     for k0 in range(0, K, BLOCK_K):
         byte = k0 // 2 + kb  # [half_k]
         k_ok = byte < K // 2
-        x_even = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * byte)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + (2 * byte + 1)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_even = tl.load(x_ptr + x_rows[:, None] * stride_xm + (2 * byte)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_odd = tl.load(x_ptr + x_rows[:, None] * stride_xm + (2 * byte + 1)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x_even = x_even.to(tl.bfloat16)
         x_odd = x_odd.to(tl.bfloat16)
         wmask = k_ok[:, None] & col_ok[None, :]
@@ -128,7 +134,12 @@ def _mxfp4_grouped_kernel(
         glu = tl.minimum(acc, swiglu_limit)
         lin = tl.minimum(tl.maximum(acc_lin, -swiglu_limit), swiglu_limit)
         acc = glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)  # SWIGLU_ALPHA (a literal: jit code reads no globals)
-    out = y_ptr + rows[:, None] * stride_ym + cols[None, :]
+    if SCATTER:  # back to (token, slot) order, times the routing weight: the caller only sums over slots
+        y_rows = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        acc = acc * tl.load(row_weight_ptr + y_rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    else:
+        y_rows = rows
+    out = y_ptr + y_rows[:, None] * stride_ym + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -140,16 +151,20 @@ def _block_m(rows: int, n_experts: int) -> int:
 def mxfp4_grouped_matmul(
     x: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     swiglu_limit: float | None = None, out_dtype: torch.dtype | None = None,
+    order: torch.Tensor | None = None, gather: bool = False, route_k: int = 1, row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows of x [P, K] sorted by expert, `counts` [E] rows per expert (on the device) → x·Wᵀ + b [P, O],
-    or the clamped SwiGLU of it [P, O/2] with `swiglu_limit` (glu and linear interleaved, as gpt-oss stores them).
+    """Rows sorted by expert, `counts` [E] rows per expert (on the device) → x·Wᵀ + b [P, O], or the clamped
+    SwiGLU of it [P, O/2] with `swiglu_limit` (glu and linear interleaved, as gpt-oss stores them).
 
     blocks [E, O, K/32, 16] and scales [E, O, K/32] are the checkpoint's packed bytes; bias [E, O].
-    The launch has rows/BLOCK_M + E programs per column tile, enough for any grouping; the ones
+    With `order` [P] (pair index of each sorted row): `gather` reads sorted row r from x[order[r] // route_k]
+    (x holds the tokens); otherwise `row_weights` [P] (per pair) scales row r and writes it to output row
+    order[r]. The launch has P/BLOCK_M + E programs per column tile, enough for any grouping; the ones
     past the last group return at once. Its shape depends only on P, so it can be captured in a graph.
     """
     n_experts, n_rows_w = blocks.shape[0], blocks.shape[1]
-    rows, k = x.shape
+    k = x.shape[1]
+    rows = order.shape[0] if order is not None else x.shape[0]
     if blocks.shape[2] * 32 != k:
         raise ValueError(f"x has {k} features, the packed weights {blocks.shape[2] * 32}")
     n_out = n_rows_w // 2 if swiglu_limit is not None else n_rows_w
@@ -160,12 +175,15 @@ def mxfp4_grouped_matmul(
     x = x.contiguous()
     block_n = 64
     grid = (triton.cdiv(rows, block_m) + n_experts, triton.cdiv(n_out, block_n))
+    scatter = order is not None and not gather
     _mxfp4_grouped_kernel[grid](
         x, y, blocks, scales, bias if bias is not None else x, counts,
+        order if order is not None else counts, row_weights if scatter else x,
         n_out, float(swiglu_limit or 0.0),
         x.stride(0), y.stride(0),
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), bias.stride(0) if bias is not None else 0,
         K=k, N_EXPERTS=n_experts, SWIGLU=swiglu_limit is not None, HAS_BIAS=bias is not None,
+        GATHER=order is not None and gather, SCATTER=scatter, ROUTE_K=route_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, EMULATE=interpreting(),
     )
     return y
@@ -175,15 +193,15 @@ def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, m
                 swiglu_limit: float) -> torch.Tensor:
     """The routed experts of a MoE layer: t [T, H], experts/weights [T, k] → Σ_k weight · expert(t) [T, H].
 
-    mlp1/mlp2 = (blocks, scales, bias). Rows are sorted by expert on the device, both projections
-    run grouped (the first with its SwiGLU fused), and the k results of a token are summed in fp32.
+    mlp1/mlp2 = (blocks, scales, bias). The (token, slot) pairs are sorted by expert on the device;
+    the first projection gathers its rows from t and fuses the SwiGLU, the second scatters its rows
+    back to pair order times their routing weights (fp32), and the k slots of a token are summed.
     """
     n_tokens, k = experts.shape
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
     # scatter_add rather than bincount: bincount on CUDA reads the max id back to the host (no graph capture).
     counts = torch.zeros(mlp1[0].shape[0], dtype=torch.long, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
-    h = mxfp4_grouped_matmul(t[order // k], counts, *mlp1, swiglu_limit=swiglu_limit)
-    y = mxfp4_grouped_matmul(h, counts, *mlp2)
-    by_pair = torch.empty_like(y).index_copy_(0, order, y).view(n_tokens, k, -1)
-    return torch.einsum("tkh,tk->th", by_pair.float(), weights.float()).to(t.dtype)
+    h = mxfp4_grouped_matmul(t, counts, *mlp1, swiglu_limit=swiglu_limit, order=order, gather=True, route_k=k)
+    y = mxfp4_grouped_matmul(h, counts, *mlp2, out_dtype=torch.float32, order=order, row_weights=weights.reshape(-1))
+    return y.view(n_tokens, k, -1).sum(1).to(t.dtype)
