@@ -1,0 +1,160 @@
+"""The CPU paged-attention kernel against `attention_with_sinks` on dense keys, every instruction-set variant.
+
+Each case builds a paged cache with shuffled physical blocks, the block tables the engine would
+pass, and an independent dense reference: per sequence, its keys in position order, the causal
+(and windowed) mask from `visibility`, and `attention_with_sinks`. Blocks a sequence must not read
+(table padding, the null block, blocks the window released) hold huge values, so reading one shows.
+
+Tolerance: float32 throughout, |q|, |k|, |v| ~ 1. The kernel sums in a different order (per key
+block, with online-softmax rescaling) and its exp is a ~1-ulp polynomial, so each output differs from
+torch's by a few ulps per accumulated term (5e-7 measured); 1e-5 absolute (about 80 ulps at 1.0) bounds that for the
+few hundred keys here with room, while a wrong mask, sink or block gives errors of order 0.1.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ossrun.model.attention import attention_with_sinks, visibility
+from ossrun.model.kernels.attention_cpu import _library, paged_attention_cpu
+from ossrun.model.kernels.build import supported_isas
+
+ATOL = 1e-5
+POISON = 1e4  # what unreadable blocks hold: a kernel that reads one is off by far more than ATOL
+
+pytestmark = pytest.mark.skipif(_library("portable") is None, reason="no C compiler: the kernel is not built")
+
+
+def make_case(contexts: list[int], new: list[int], *, window: int | None, n_kv: int = 2, group: int = 4, dim: int = 16,
+              block_size: int = 16, cache_dtype: torch.dtype = torch.float32, sink_shift: float = 0.0, seed: int = 0):
+    """Sequences with `contexts[b]` tokens after the step, the last `new[b]` of them queried this step."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    n_heads = n_kv * group
+    blocks_per_seq = [-(-c // block_size) for c in contexts]
+    physical = list(range(1, 1 + sum(blocks_per_seq) + 3))  # block 0 is the null block
+    rng.shuffle(physical)
+    shape = (len(physical) + 1, block_size, n_kv, dim)
+    k_cache = torch.full(shape, POISON).to(cache_dtype)
+    v_cache = torch.full(shape, POISON).to(cache_dtype)
+    full_tables, cursor = [], 0
+    for n in blocks_per_seq:
+        full_tables.append(physical[cursor:cursor + n])
+        cursor += n
+    dense_k, dense_v = [], []
+    for table, length in zip(full_tables, contexts):
+        k = torch.randn(length, n_kv, dim, generator=g).to(cache_dtype)
+        v = torch.randn(length, n_kv, dim, generator=g).to(cache_dtype)
+        for p in range(length):
+            k_cache[table[p // block_size], p % block_size] = k[p]
+            v_cache[table[p // block_size], p % block_size] = v[p]
+        dense_k.append(k.float())
+        dense_v.append(v.float())
+    firsts, tables = [], []
+    for table, length, n in zip(full_tables, contexts, new):
+        begin = length - n
+        first = max(0, begin - window + 1) // block_size if window else 0
+        for released in table[:first]:  # what the window gave back may hold anything by now
+            k_cache[released] = POISON
+            v_cache[released] = POISON
+        firsts.append(first)
+        tables.append(table[first:])
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(sum(new), n_heads, dim, generator=g)
+    sinks = torch.randn(n_heads, generator=g) + sink_shift
+    starts = torch.tensor([sum(new[:b]) for b in range(len(new))])
+    positions = torch.cat([torch.arange(c - n, c) for c, n in zip(contexts, new)])
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, query_starts=starts, query_lens=torch.tensor(new),
+                positions=positions, block_tables=block_tables, first_block=torch.tensor(firsts),
+                context_lens=torch.tensor(contexts), sinks=sinks, window=window, scale=dim ** -0.5), (dense_k, dense_v)
+
+
+def reference(case: dict, dense: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+    """Per sequence: dense keys in position order, the mask from `visibility`, `attention_with_sinks`."""
+    outs = []
+    for b, (k, v) in enumerate(zip(*dense)):
+        start, n = int(case["query_starts"][b]), int(case["query_lens"][b])
+        q_pos = case["positions"][start:start + n]
+        allowed = visibility(q_pos, torch.arange(k.shape[0]), case["window"])
+        outs.append(attention_with_sinks(case["q"][None, start:start + n], k[None], v[None], case["sinks"], allowed[None],
+                                         case["scale"])[0])
+    return torch.cat(outs)
+
+
+ISAS = supported_isas()
+
+
+def check(case: dict, dense, isa: str) -> float:
+    got = paged_attention_cpu(**case, isa=isa)
+    want = reference(case, dense)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    err = (got - want).abs().max().item()
+    assert err <= ATOL, f"{isa}: max error {err}"
+    return err
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_decode_several_sequences(isa, cache_dtype):
+    """One new token each, contexts from 1 token to several blocks, ragged tables padded with the null block."""
+    check(*make_case([1, 17, 50, 16, 100], [1, 1, 1, 1, 1], window=None, cache_dtype=cache_dtype), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_from_empty(isa, cache_dtype):
+    """A whole prompt in one step: causal within the step, query tiles crossing block edges."""
+    check(*make_case([77], [77], window=None, cache_dtype=cache_dtype, seed=1), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_chunked_prefill_over_a_cached_prefix(isa):
+    """A chunk of 40 tokens after 90 cached ones: the chunk sees the prefix and its own past."""
+    check(*make_case([130], [40], window=None, seed=2), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_mixed_decodes_and_prefill_chunks_in_one_call(isa, cache_dtype):
+    check(*make_case([5, 200, 33, 64, 150], [5, 1, 20, 1, 64], window=None, cache_dtype=cache_dtype, seed=3), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("window", [32, 40])  # a window of whole blocks, and one that ends mid-block
+def test_sliding_window_longer_than_the_window(isa, window):
+    """Sequences several windows long: released blocks are poisoned, partial blocks are masked per query."""
+    check(*make_case([300, 260, 45, 120], [1, 70, 45, 3], window=window, seed=4), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_sinks_that_take_most_of_the_weight(isa):
+    """Sinks ~ +12 over scores ~ ±1: outputs shrink by ~e^-10 and must still match (no double-counted sink)."""
+    case, dense = make_case([90, 40], [30, 1], window=None, sink_shift=12.0, seed=5)
+    want = reference(case, dense)
+    assert want.abs().max() < 1e-2  # the sink really does take most of the weight
+    check(case, dense, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_kv,group,dim", [(1, 8, 16), (4, 1, 16), (2, 3, 64), (2, 2, 12)])
+def test_gqa_shapes_and_head_dims(isa, n_kv, group, dim):
+    """Groups of 1, 3 and 8 query heads per KV head, and a head size that is not a multiple of 8 (scalar tail)."""
+    check(*make_case([70, 19], [25, 1], window=None, n_kv=n_kv, group=group, dim=dim, seed=6), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_block_size_not_a_multiple_of_eight(isa):
+    check(*make_case([50, 23], [12, 1], window=20, block_size=5, seed=7), isa)
+
+
+def test_output_in_the_query_dtype():
+    case, dense = make_case([40], [8], window=None, seed=8)
+    case["q"] = case["q"].bfloat16()
+    got = paged_attention_cpu(**case)
+    assert got.dtype == torch.bfloat16
+    case["q"] = case["q"].float()  # the same bf16-rounded queries, in fp32 for the reference
+    assert (got.float() - reference(case, dense)).abs().max() < 2e-2  # bf16 output rounding
