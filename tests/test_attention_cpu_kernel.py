@@ -158,3 +158,33 @@ def test_output_in_the_query_dtype():
     assert got.dtype == torch.bfloat16
     case["q"] = case["q"].float()  # the same bf16-rounded queries, in fp32 for the reference
     assert (got.float() - reference(case, dense)).abs().max() < 2e-2  # bf16 output rounding
+
+
+def test_engine_fast_mode_kernel_equals_reference_attention(checkpoints):
+    """The engine on the fast precision, with the kernel and with the reference attention: same greedy tokens and
+    logprobs on a 300-token prompt (over two 128-token windows) prefilled in 96-token chunks while a short request
+    decodes beside it. Float32 weights and cache, so the only difference is the attention's summation order."""
+    from ossrun.engine.engine import Engine, EngineOptions
+    from ossrun.engine.request import Request, SamplingParams
+    from ossrun.model.checkpoint import load_checkpoint
+    from ossrun.model.gpt_oss import GptOss
+
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32)
+    model.precision = "fast"
+    g = torch.Generator().manual_seed(11)
+    prompts = {"long": torch.randint(0, 201088, (300,), generator=g).tolist(), "short": torch.randint(0, 201088, (7,), generator=g).tolist()}
+    results = {}
+    for name, use_kernel in (("kernel", True), ("reference", False)):
+        engine = Engine(model, EngineOptions(kv_dtype=torch.float32, max_tokens_per_step=96, kv_cache_bytes=16 * 1024**2, max_model_len=1024))
+        assert engine.runner.attention_kernel is paged_attention_cpu
+        if not use_kernel:
+            engine.runner.attention_kernel = None
+        params = SamplingParams(max_tokens=24, temperature=0, logprobs=True)
+        results[name] = engine.generate([Request(rid, p, params) for rid, p in prompts.items()])
+    for rid in prompts:
+        kernel, ref = results["kernel"][rid], results["reference"][rid]
+        assert [e.token_id for e in kernel] == [e.token_id for e in ref]
+        assert len([e for e in kernel if e.token_id is not None]) == 24
+        for a, b in zip(kernel, ref):
+            if a.logprob is not None:
+                assert abs(a.logprob - b.logprob) < 1e-4

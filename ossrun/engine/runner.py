@@ -13,7 +13,7 @@ from ossrun.engine.kv_cache import NULL_BLOCK, KVCacheManager
 from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.sampler import Sampler, SamplerOutput
 from ossrun.engine.scheduler import Scheduled
-from ossrun.model.attention import PagedAttention, PagedGroup
+from ossrun.model.attention import PagedAttention, PagedGroup, paged_kernel
 from ossrun.model.gpt_oss import GptOss
 from ossrun.model.kernels.gpu import triton_available
 from ossrun.model.lora import LoraBatch
@@ -28,6 +28,7 @@ class ModelRunner:
         self.adapters = adapters
         self.device = model.device
         self.triton_attention = triton_available(model.device, model.precision)
+        self.attention_kernel = paged_kernel(model.device, model.precision)
         c = model.config
         shape = (kv.block_size, c.num_key_value_heads, c.head_dim)
         self.caches = []
@@ -60,7 +61,8 @@ class ModelRunner:
             logits = self.graphs.forward(tokens_t, positions_t, groups)
         else:
             attention = PagedAttention(caches=self.caches, block_size=self.kv.block_size, groups=groups, query_starts=starts,
-                                       query_lens=lens, positions=positions_t, triton=self.triton_attention)
+                                       query_lens=lens, positions=positions_t, triton=self.triton_attention,
+                                       kernel=self.attention_kernel)
             attention.prepare()
             if not sampling:
                 self.model(tokens_t, positions_t, attention, torch.empty(0, dtype=torch.long, device=device), lora)

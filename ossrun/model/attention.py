@@ -3,7 +3,9 @@
 The model computes q, k, v for the step's tokens and hands them to an `AttentionBackend`; the
 backend decides where keys come from: the step itself (`DenseAttention`, no cache: tests and
 one-shot scoring) or a paged KV cache (`PagedAttention`, the engine). Both end in
-`attention_with_sinks`, so the sink/window arithmetic exists once.
+`attention_with_sinks`, so the sink/window arithmetic exists once; on the fast precision a fused
+kernel (the C one on the CPU, `paged_kernel`; Triton on CUDA, `kernels.gpu.triton_available`) reads
+the paged cache itself instead, and `attention_with_sinks` stays the reference it is tested against.
 """
 
 from __future__ import annotations
@@ -67,6 +69,29 @@ class DenseAttention:
         return attention_with_sinks(q[None], k[None], v[None], sinks, allowed[None], scale)[0]
 
 
+class PagedKernel(Protocol):
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_starts: torch.Tensor,
+        query_lens: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, first_block: torch.Tensor,
+        context_lens: torch.Tensor, sinks: torch.Tensor, window: int | None, scale: float,
+    ) -> torch.Tensor:
+        """Every sequence of the step in one call: q [T, Hq, D] (sequence b: rows query_starts[b] … + query_lens[b])
+        against caches [blocks, block_size, Hkv, D] through the `PagedGroup` tables → [T, Hq, D]."""
+        ...
+
+
+def paged_kernel(device: torch.device, precision: str) -> PagedKernel | None:
+    """The CPU's fused paged-attention kernel for this device and precision; None → the reference path
+    (or, on CUDA, the Triton launch that `kernels.gpu.triton_available` selects). Exact always takes the reference."""
+    if precision != "fast":
+        return None
+    if device.type == "cpu":
+        from ossrun.model.kernels.attention_cpu import attention_kernel_available, paged_attention_cpu
+
+        return paged_attention_cpu if attention_kernel_available(device) else None
+    return None
+
+
 @dataclass(slots=True)
 class PagedGroup:
     """Where one layer type (full or sliding) keeps and finds keys this step.
@@ -87,10 +112,11 @@ class PagedGroup:
 class PagedAttention:
     """Attention over a paged KV cache: one (k, v) pool per layer, `[blocks, block_size, Hkv, D]`.
 
-    Sequences whose step is one token (decodes) run as one padded batch; longer query runs
-    (prefill chunks) run one sequence at a time, so no query is padded to another's length.
-    With `triton` (CUDA, fast precision: see `kernels.gpu`), one Triton launch computes all the
-    decodes and one all the prefill chunks, reading keys in place through the block tables.
+    With a `kernel` (CPU, fast precision: `kernels.attention_cpu`), one call per layer covers every
+    sequence. With `triton` (CUDA, fast precision: see `kernels.gpu`), one Triton launch computes all
+    the decodes and one all the prefill chunks. Both read keys in place through the block tables.
+    Otherwise (the reference): sequences whose step is one token (decodes) run as one padded batch;
+    longer query runs (prefill chunks) run one sequence at a time, so no query is padded to another's length.
     """
 
     caches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -100,14 +126,22 @@ class PagedAttention:
     query_lens: list[int] = field(default_factory=list)
     positions: torch.Tensor | None = None
     triton: bool = False
-    # Filled by `prepare`: which sequences decode together.
+    kernel: PagedKernel | None = None
+    # Filled by `prepare`: the runs as tensors (kernel), or which sequences decode together (reference).
+    _starts: torch.Tensor | None = None
+    _lens: torch.Tensor | None = None
     _decode_rows: torch.Tensor | None = None
     _decode_tokens: torch.Tensor | None = None
     _prefill_rows: list[int] = field(default_factory=list)
     _launch: object | None = None  # kernels.gpu.PagedLaunch when `triton`
 
     def prepare(self) -> None:
-        """Split the step's sequences into the batched decode group and the one-by-one prefills (once per step)."""
+        """Once per step: the CPU kernel's run tensors, or the split into batched decodes and one-by-one prefills
+        (the reference's, which the Triton launch also takes; `triton` wins over `kernel`)."""
+        if self.kernel is not None and not self.triton:
+            self._starts = torch.tensor(self.query_starts, dtype=torch.long, device=self.positions.device)
+            self._lens = torch.tensor(self.query_lens, dtype=torch.long, device=self.positions.device)
+            return
         decode = [b for b, n in enumerate(self.query_lens) if n == 1]
         device = self.positions.device
         self._decode_rows = torch.tensor(decode, dtype=torch.long, device=device)
@@ -126,6 +160,9 @@ class PagedAttention:
         v_cache.view(-1, n_kv, dim)[group.slot_mapping] = v.to(v_cache.dtype)
         if self._launch is not None:
             return self._launch(group, q, k_cache, v_cache, sinks, window, scale)
+        if self.kernel is not None:
+            return self.kernel(q, k_cache, v_cache, self._starts, self._lens, self.positions, group.block_tables,
+                               group.first_block, group.context_lens, sinks, window, scale)
         out = torch.empty_like(q)
         if len(self._decode_rows):
             rows, tokens = self._decode_rows, self._decode_tokens
