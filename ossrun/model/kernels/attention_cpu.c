@@ -22,7 +22,8 @@
 #include <immintrin.h>
 #endif
 
-#define TILE_ROWS 64 /* query rows (tokens x heads of one KV head) per job: K/V conversions amortised over them */
+#define TILE_ROWS 64   /* query rows (tokens x heads of one KV head) per job: K/V conversions amortised over them */
+#define CHUNK_KEYS 128 /* keys converted together, so each row's softmax update covers many keys at once */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -177,7 +178,8 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     const int D = P->dim, G = P->group, bs = P->block_size, rows = nt * G;
     float *q = scratch, *acc = q + (size_t)rows * D, *m = acc + (size_t)rows * D, *l = m + rows;
     int64_t *lo = (int64_t *)(l + rows), *hi = lo + rows;
-    float *kb = (float *)(hi + rows), *vb = kb + (size_t)bs * D, *s = vb + (size_t)bs * D;
+    const int chunk = CHUNK_KEYS > bs ? CHUNK_KEYS / bs * bs : bs;
+    float *kb = (float *)(hi + rows), *vb = kb + (size_t)chunk * D, *s = vb + (size_t)chunk * D;
     const int64_t first = P->first_block[b] * bs, limit = (P->first_block[b] + P->table_width) * bs - 1;
     const int64_t last_key = P->context_lens[b] - 1;
     int64_t tile_lo = INT64_MAX, tile_hi = -1;
@@ -201,17 +203,22 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     }
     const size_t token_stride = (size_t)P->n_kv * D;
     const size_t elem = P->bf16 ? 2 : 4;
-    for (int64_t block = tile_lo / bs; tile_hi >= 0 && block <= tile_hi / bs; block++) {
-        int64_t physical = P->block_tables[(size_t)b * P->table_width + (block - P->first_block[b])];
-        size_t offset = ((size_t)physical * bs * P->n_kv + h) * D * elem;
-        load_rows((const char *)P->k_cache + offset, P->bf16, token_stride, bs, D, kb);
-        load_rows((const char *)P->v_cache + offset, P->bf16, token_stride, bs, D, vb);
-        int64_t base = block * bs;
+    const int chunk_blocks = CHUNK_KEYS > bs ? CHUNK_KEYS / bs : 1, n = chunk_blocks * bs;
+    for (int64_t block = tile_lo / bs; tile_hi >= 0 && block <= tile_hi / bs; block += chunk_blocks) {
+        /* A chunk of cache blocks converted to fp32 once, then every row of the tile runs over it. */
+        int64_t base = block * bs, stop = base + n - 1 < tile_hi ? base + n - 1 : tile_hi;
+        for (int64_t i = block; i <= stop / bs; i++) {
+            int64_t physical = P->block_tables[(size_t)b * P->table_width + (i - P->first_block[b])];
+            size_t offset = ((size_t)physical * bs * P->n_kv + h) * D * elem;
+            size_t row = (size_t)(i - block) * bs * D;
+            load_rows((const char *)P->k_cache + offset, P->bf16, token_stride, bs, D, kb + row);
+            load_rows((const char *)P->v_cache + offset, P->bf16, token_stride, bs, D, vb + row);
+        }
         for (int r = 0; r < rows; r++) {
-            int64_t a = lo[r] > base ? lo[r] : base, z = hi[r] < base + bs - 1 ? hi[r] : base + bs - 1;
+            int64_t a = lo[r] > base ? lo[r] : base, z = hi[r] < stop ? hi[r] : stop;
             if (a > z) continue;
             int jlo = (int)(a - base), jhi = (int)(z - base);
-            float best = scores(q + (size_t)r * D, kb, bs, D, jlo, jhi, s);
+            float best = scores(q + (size_t)r * D, kb, n, D, jlo, jhi, s);
             float m_new = best > m[r] ? best : m[r];
             float c = expf(m[r] - m_new);
             float sum = exponentiate(s, jlo, jhi, m_new);
@@ -244,7 +251,8 @@ int paged_attention(const float *q, float *out, const void *k_cache, const void 
     for (int b = 0; b < n_seqs; b++) tile_start[b + 1] = tile_start[b] + (query_lens[b] + tile_tokens - 1) / tile_tokens;
     const int64_t jobs = tile_start[n_seqs] * n_kv;
     const int rows = tile_tokens * group;
-    const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)block_size * (2 * dim + 1)) +
+    const int chunk = CHUNK_KEYS > block_size ? CHUNK_KEYS / block_size * block_size : block_size;
+    const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)chunk * (2 * dim + 1)) +
                                  sizeof(int64_t) * 2 * rows;
     int failed = 0;
     #pragma omp parallel
