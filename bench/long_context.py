@@ -98,8 +98,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         config = PRESETS["tiny"]
-        model = GptOss.from_checkpoint(load_checkpoint(write_random_checkpoint(config, Path(tmp) / "tiny")), torch.bfloat16)
-    model.precision = "fast"
+        model = GptOss.from_checkpoint(load_checkpoint(write_random_checkpoint(config, Path(tmp) / "tiny")), torch.bfloat16,
+                                       precision="fast")
     run(model, 64, 2, args.chunk, True)  # warm up: builds the kernel, touches the code paths
     attention_table(model, args)
     if not args.no_engine:
