@@ -265,7 +265,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 12
+    assert done.stdout.count("shared") == 14
 
 
 # ---------------------------------------------------------------- fused small operations
@@ -310,3 +310,18 @@ def test_rope_and_cache_write_equal_reference(device):
     untouched = torch.ones(blocks * page, dtype=torch.bool, device=device)
     untouched[slots] = False
     assert torch.isnan(k_flat[untouched]).all() and torch.isnan(v_flat[untouched]).all()
+
+
+def test_routing_equals_topk_then_softmax(device):
+    """Top-4 of 32 experts, softmax over the four, counts per expert, and the pairs grouped by expert."""
+    from ossrun.model.kernels.triton_moe import route
+
+    logits = torch.randn(45, 32, generator=torch.Generator().manual_seed(12)).to(device)
+    experts, weights, counts, order = route(logits, 4)
+    top = torch.topk(logits, 4, dim=-1, sorted=True)
+    assert torch.equal(experts.cpu(), top.indices.cpu())
+    assert rel_err(weights.cpu(), torch.softmax(top.values, dim=-1).cpu()) < 1e-6
+    assert torch.equal(counts.cpu().long(), torch.bincount(top.indices.reshape(-1).cpu(), minlength=32))
+    assert torch.equal(order.sort().values.cpu(), torch.arange(45 * 4))  # a permutation of the pairs
+    grouped = experts.reshape(-1)[order].cpu()
+    assert torch.equal(grouped, grouped.sort().values)  # sorted by expert

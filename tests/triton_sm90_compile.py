@@ -55,6 +55,10 @@ def main() -> int:
                          "SLIDING": sliding, "EMULATE": False}
             compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
                         f"attention sliding={sliding} block_t={block_t}")
+    compile_one(triton_moe._route_kernel, {"logits_ptr": "*bf16", "experts_ptr": "*i64", "weights_ptr": "*bf16", "counts_ptr": "*i32",
+                "rank_ptr": "*i32", "stride_l": "i32"}, {"E": 32, "E_P": 32, "K": 4, "K_P": 4}, "route")
+    compile_one(triton_moe._order_kernel, {"experts_ptr": "*i64", "rank_ptr": "*i32", "counts_ptr": "*i32", "order_ptr": "*i64",
+                "P": "i32"}, {"E": 32, "E_P": 32, "BLOCK": 128}, "order")
     compile_one(triton_fused._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16", "stride_x": "i32",
                 "stride_y": "i32", "eps": "fp32"}, {"N": 2880, "BLOCK": 4096}, "rms_norm")
     compile_one(triton_fused._rope_cache_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",

@@ -208,14 +208,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
+        if self.use_triton:  # routing, both projections and the weighted sum in Triton
+            from ossrun.model.kernels.triton_moe import moe_experts
+
+            logits = F.linear(t, self.gate_weight, self.gate_bias)
+            return x + moe_experts(t, logits, self.config.experts_per_token, (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
+                                   (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias), self.config.swiglu_limit)
         experts, weights = self.route(t)
         if self.use_q8:
             return x + self.q8(t, experts, weights).to(x.dtype)
-        if self.use_triton:
-            from ossrun.model.kernels.triton_moe import moe_experts
-
-            return x + moe_experts(t, experts, weights, (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
-                                   (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias), self.config.swiglu_limit)
         k = self.config.experts_per_token
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert

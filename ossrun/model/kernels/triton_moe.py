@@ -189,19 +189,72 @@ def mxfp4_grouped_matmul(
     return y
 
 
-def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, mlp1: tuple, mlp2: tuple,
-                swiglu_limit: float) -> torch.Tensor:
-    """The routed experts of a MoE layer: t [T, H], experts/weights [T, k] → Σ_k weight · expert(t) [T, H].
+@triton.jit
+def _route_kernel(logits_ptr, experts_ptr, weights_ptr, counts_ptr, rank_ptr, stride_l,
+                  E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr):
+    """One token: top-k of its router logits (highest first, lowest id on ties), softmax over those k in
+    fp32, and each chosen expert's row count bumped; the count before the bump is the pair's rank in its group."""
+    t = tl.program_id(0)
+    e = tl.arange(0, E_P)
+    logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    j = tl.arange(0, K_P)
+    top_v = tl.full((K_P,), float("-inf"), tl.float32)
+    top_e = tl.zeros((K_P,), tl.int32)
+    for i in tl.static_range(K):
+        best = tl.max(logits, 0)
+        chosen = tl.min(tl.where(logits == best, e, E_P), 0)
+        top_v = tl.where(j == i, best, top_v)
+        top_e = tl.where(j == i, chosen, top_e)
+        logits = tl.where(e == chosen, float("-inf"), logits)
+    w = tl.exp(top_v - tl.max(top_v, 0))
+    w = w / tl.sum(w, 0)
+    ok = j < K
+    tl.store(experts_ptr + t * K + j, top_e.to(tl.int64), mask=ok)
+    tl.store(weights_ptr + t * K + j, w.to(weights_ptr.dtype.element_ty), mask=ok)
+    rank = tl.atomic_add(counts_ptr + top_e, 1, mask=ok)
+    tl.store(rank_ptr + t * K + j, rank, mask=ok)
 
-    mlp1/mlp2 = (blocks, scales, bias). The (token, slot) pairs are sorted by expert on the device;
-    the first projection gathers its rows from t and fuses the SwiGLU, the second scatters its rows
-    back to pair order times their routing weights (fp32), and the k slots of a token are summed.
+
+@triton.jit
+def _order_kernel(experts_ptr, rank_ptr, counts_ptr, order_ptr, P, E: tl.constexpr, E_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Pairs → their place when sorted by expert: order[offset(expert) + rank] = pair."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = p < P
+    expert = tl.load(experts_ptr + p, mask=ok, other=0).to(tl.int32)
+    rank = tl.load(rank_ptr + p, mask=ok, other=0)
+    e = tl.arange(0, E_P)
+    counts = tl.load(counts_ptr + e, mask=e < E, other=0)
+    offset = tl.sum(tl.where(e[None, :] < expert[:, None], counts[None, :], 0), 1)
+    tl.store(order_ptr + offset + rank, p.to(tl.int64), mask=ok)
+
+
+def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] → experts [T, k] (int64), weights [T, k] (logits' dtype), rows per expert [E] (int32)
+    and `order` [T·k]: the pairs sorted by expert. Three launches, no host sync; within an expert the
+    order is whatever the atomics gave, which changes no row's result (rows of a tile never mix)."""
+    n_tokens, n_experts = logits.shape
+    experts = torch.empty(n_tokens, k, dtype=torch.long, device=logits.device)
+    weights = torch.empty(n_tokens, k, dtype=logits.dtype, device=logits.device)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=logits.device)
+    rank = torch.empty(n_tokens * k, dtype=torch.int32, device=logits.device)
+    order = torch.empty(n_tokens * k, dtype=torch.long, device=logits.device)
+    if n_tokens:
+        e_p, k_p = triton.next_power_of_2(n_experts), triton.next_power_of_2(k)
+        _route_kernel[(n_tokens,)](logits, experts, weights, counts, rank, logits.stride(0), E=n_experts, E_P=e_p, K=k, K_P=k_p)
+        block = 128
+        _order_kernel[(triton.cdiv(n_tokens * k, block),)](experts, rank, counts, order, n_tokens * k, E=n_experts, E_P=e_p,
+                                                           BLOCK=block)
+    return experts, weights, counts, order
+
+
+def moe_experts(t: torch.Tensor, logits: torch.Tensor, k: int, mlp1: tuple, mlp2: tuple, swiglu_limit: float) -> torch.Tensor:
+    """A MoE layer's experts from its router logits: t [T, H], logits [T, E] → Σ_k weight · expert(t) [T, H].
+
+    mlp1/mlp2 = (blocks, scales, bias). Routing (top-k, softmax, grouping by expert) runs in two small
+    kernels; the first projection gathers its rows from t and fuses the SwiGLU, the second scatters
+    its rows back to pair order times their routing weights (fp32), and the k slots of a token are summed.
     """
-    n_tokens, k = experts.shape
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-    # scatter_add rather than bincount: bincount on CUDA reads the max id back to the host (no graph capture).
-    counts = torch.zeros(mlp1[0].shape[0], dtype=torch.long, device=t.device).scatter_add_(0, flat, torch.ones_like(flat))
+    _, weights, counts, order = route(logits, k)
     h = mxfp4_grouped_matmul(t, counts, *mlp1, swiglu_limit=swiglu_limit, order=order, gather=True, route_k=k)
     y = mxfp4_grouped_matmul(h, counts, *mlp2, out_dtype=torch.float32, order=order, row_weights=weights.reshape(-1))
-    return y.view(n_tokens, k, -1).sum(1).to(t.dtype)
+    return y.view(t.shape[0], k, -1).sum(1).to(t.dtype)
