@@ -214,6 +214,14 @@ def main() -> None:
         pct = 100 * r["decode"] / ceiling if n == 1 else float("nan")
         print(f"{path:14s} {n:4d} {r['output']:13.1f} {r['total']:12.1f} {r['decode']:13.1f} {pct:9.1f} {r['ttft']:7.2f}"
               f"{' partial' if r['partial'] else ''}")
+    kernel = {n: r for path, n, r in rows if path == "kernel"}
+    if 1 in kernel:
+        share = kernel[1]["decode"] / ceiling
+        print(f"target batch-1 decode ≥ 60% of the ceiling: {100 * share:.1f}% → {'met' if share >= 0.6 else 'not met'}")
+    if 256 in kernel:
+        r = kernel[256]
+        print(f"target 256 concurrent ≥ 10,000 tok/s: output {r['output']:.0f}, total {r['total']:.0f} → "
+              f"{'met' if r['output'] >= 10_000 else 'met counting prompt tokens' if r['total'] >= 10_000 else 'not met'}")
 
 
 if __name__ == "__main__":
