@@ -50,7 +50,7 @@ def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool) -
             "message": message,
             "logprobs": {"content": outcome.logprobs} if with_logprobs else None,
             "finish_reason": outcome.finish_reason,
-            "stop_reason": None,
+            "stop_reason": outcome.stop_reason,
         }],
         "usage": usage(outcome, prices),
     }
@@ -116,5 +116,5 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
 def text_completion(outcome: Outcome, model: str, prices) -> dict[str, Any]:
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": outcome.text, "logprobs": None,
-                         "finish_reason": "length" if outcome.finish_reason == "length" else "stop"}],
+                         "finish_reason": "length" if outcome.finish_reason == "length" else "stop", "stop_reason": outcome.stop_reason}],
             "usage": usage(outcome, prices)}

@@ -8,6 +8,7 @@ parser's events for that token; `complete` folds them into an `Outcome`. Routes 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api.conversations import ResponseStore
+from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
 from ossrun.engine.errors import ContextLengthError, ShuttingDownError, UnknownAdapterError
 from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
@@ -37,6 +39,7 @@ class Plan:
     stream: bool = False
     priority: Priority = Priority.INTERACTIVE
     constraint: object | None = None
+    stop: tuple[str, ...] = ()  # stop strings: matched on the answer text here, not by the engine
 
 
 @dataclass(slots=True)
@@ -52,6 +55,7 @@ class Outcome:
     text: str = ""  # every generated token decoded (completions)
     tool_calls: list[harmony.ParsedToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
+    stop_reason: str | None = None  # the stop string that ended the answer
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -213,14 +217,13 @@ class Service:
                 frequency_penalty=float(body.get("frequency_penalty") or 0.0),
                 presence_penalty=float(body.get("presence_penalty") or 0.0),
                 stop_token_ids=tuple(harmony.STOP_TOKENS),
-                stop=_stop_strings(body),
                 logprobs=bool(body.get("logprobs")),
                 top_logprobs=int(body.get("top_logprobs") or 0),
             )
         except ValueError as exc:
             raise bad_input(f"Error: {exc}") from None
         lora = self.adapter_name(body["lora"]) if body.get("lora") is not None else None
-        plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority)
+        plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority, stop=_stop_strings(body))
         self._check_context(plan)
         if not raw:
             plan.constraint = self._constraint(body, forced, max_tokens)
@@ -274,7 +277,8 @@ class Service:
     async def run(self, plan: Plan) -> AsyncIterator[Step]:
         """The engine's tokens for this plan, each with the harmony events it produced."""
         request = Request(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.constraint)
-        parser = harmony.StreamParser(prompt_ids=plan.prompt_ids)
+        parser = PlainText() if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
+        stops = StopStrings(plan.stop) if plan.stop else None
         started = time.perf_counter()
         stream = self.engine.generate(request)
         try:
@@ -287,6 +291,14 @@ class Service:
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
                     events += parser.finish(reason)
+                if stops is not None:
+                    events = stops.filter(events)
+                    if stops.matched is not None and not token.finished:  # leaving the loop ends the engine request
+                        events += stops.filter(parser.finish("stop"))
+                        yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events)
+                        return
+                    if stops.matched is not None:
+                        token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
                 yield Step(token, events)
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
@@ -315,7 +327,7 @@ class Service:
         parsed = harmony.fold_events(events, [])
         outcome.reasoning, outcome.content, outcome.tool_calls = parsed.reasoning, parsed.content, parsed.tool_calls
         outcome.finish_reason = parsed.finish_reason
-        outcome.text = harmony.decode([t for t in tokens if t not in harmony.STOP_TOKENS])
+        outcome.text = parsed.content if plan.shape == "completions" else harmony.decode([t for t in tokens if t not in harmony.STOP_TOKENS])
         self.metering.record(self.engine.config.served_name, outcome)
         return outcome
 
@@ -334,6 +346,24 @@ class Service:
             outcome.logprobs.append(logprob_entry(token))
         if token.finished and token.finish_reason == "length":
             outcome.finish_reason = "length"
+        if isinstance(token.stop_reason, str):
+            outcome.stop_reason = token.stop_reason
+
+
+class PlainText:
+    """What `/v1/completions` shows: every generated token's text, no harmony parsing. It has the
+    harmony parser's interface, so stop strings and logprobs treat both surfaces' text alike."""
+
+    def __init__(self) -> None:
+        self._decoder = harmony.TextDecoder()
+
+    def feed(self, token_id: int) -> list[harmony.Event]:
+        text = "" if token_id in harmony.STOP_TOKENS else self._decoder.feed(token_id)
+        return [harmony.ContentDelta(text)] if text else []
+
+    def finish(self, reason: str) -> list[harmony.Event]:
+        text = self._decoder.flush()
+        return [*([harmony.ContentDelta(text)] if text else []), harmony.Finished(reason)]
 
 
 def logprob_entry(token: TokenEvent) -> dict[str, Any]:

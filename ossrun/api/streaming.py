@@ -75,8 +75,10 @@ async def chat_stream(service: Service, plan: Plan, model: str, include_usage: b
     outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
 
     def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
-        return frame({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                      "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = outcome.stop_reason
+        return frame({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -103,24 +105,18 @@ async def completion_stream(service: Service, plan: Plan, model: str, include_us
     """`/v1/completions` with `stream: true`: `text_completion` chunks of every generated token's text."""
     chunk_id, created = results.new_id("cmpl"), int(time.time())
     outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
-    decoder = harmony.TextDecoder()
 
     def chunk(text: str, finish: str | None = None) -> bytes:
-        return frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model,
-                      "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = outcome.stop_reason
+        return frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
 
     try:
-        tokens: list[int] = []
-        try:
-            async for step in service.run(plan):
-                service.account(outcome, step, tokens)
-                token = step.token.token_id
-                text = decoder.feed(token) if token is not None and token not in harmony.STOP_TOKENS else ""
-                if text:
-                    yield chunk(text)
-        finally:  # metered however it ends (see _steps)
-            service.metering.record(model, outcome)
-        yield chunk(decoder.flush(), "length" if outcome.finish_reason == "length" else "stop")
+        async for event in _steps(service, plan, outcome):
+            if isinstance(event, harmony.ContentDelta):
+                yield chunk(event.text)
+        yield chunk("", "length" if outcome.finish_reason == "length" else "stop")
         if include_usage:
             yield frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [],
                          "usage": usage(outcome, service.metering.prices)})

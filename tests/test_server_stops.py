@@ -1,0 +1,100 @@
+"""Stop strings through the real server: the answer ends right before the stop string, sync and streamed.
+
+The stop string used to be returned (with the rest of its token), and `stop_reason` was null. The
+tiny model's greedy answer is random text; a stretch from its middle is the stop string, so the
+expected answer is exactly the text before it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+GREEDY = {"temperature": 0, "max_tokens": 40}
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-stops"), "--rate-limit", "100000")
+    yield s
+    s.stop()
+
+
+def pick_stop(text: str) -> tuple[str, str]:
+    """(stop string, the text before it): 5 characters from the middle, first occurring there."""
+    for at in range(len(text) // 2, len(text) - 5):
+        stop = text[at:at + 5]
+        if text.find(stop) == at and stop.strip():
+            return stop, text[:at]
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def sse(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def assert_idle(server):
+    deadline = time.monotonic() + 2
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.health()["running"] == 0
+
+
+def test_chat_completions_stop_at_the_stop_string(server):
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    free = client.chat.completions.create(model=MODEL, messages=MESSAGES, **GREEDY).choices[0].message.content
+    stop, before = pick_stop(free)
+    choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, stop=[stop, "\u2603never"], **GREEDY).choices[0]
+    assert choice.message.content == before
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == stop
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stop=stop, stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == before
+    last = [c for c in chunks if c.choices][-1].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == stop
+    assert_idle(server)
+
+
+def test_completions_stop_at_the_stop_string(server):
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    free = client.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY).choices[0].text
+    stop, before = pick_stop(free)
+    choice = client.completions.create(model=MODEL, prompt="Once upon a time", stop=[stop], **GREEDY).choices[0]
+    assert choice.text == before and choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == stop
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", stop=[stop], stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == before
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert_idle(server)
+
+
+def test_workers_ai_run_stops_at_the_stop_string(server):
+    body = {"prompt": "Tell me a story", **GREEDY}
+    free = httpx.post(server.run_url(), json=body, timeout=60).json()["result"]["response"]
+    stop, before = pick_stop(free)
+    result = httpx.post(server.run_url(), json={**body, "stop": [stop]}, timeout=60).json()["result"]
+    assert result["response"] == before
+    with httpx.stream("POST", server.run_url(), json={**body, "stop": [stop], "stream": True}, timeout=60) as response:
+        frames = sse(response)
+    assert "".join(f.get("response", "") for f in frames) == before
+    assert_idle(server)
+
+
+def test_text_that_only_begins_a_stop_string_is_shown_in_the_end(server):
+    """Held-back text that never completes a stop string is not lost."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    free = client.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY).choices[0].text
+    stop = free[-3:] + "\u2603"  # the answer's end starts it; the snowman never comes
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", stop=[stop], stream=True, **GREEDY))
+            text, finish = "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(model=MODEL, prompt="Once upon a time", stop=[stop], **GREEDY).choices[0]
+            text, finish = choice.text, choice.finish_reason
+        assert text == free and finish == "length"
