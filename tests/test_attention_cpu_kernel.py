@@ -151,6 +151,21 @@ def test_block_size_not_a_multiple_of_eight(isa):
     check(*make_case([50, 23], [12, 1], window=20, block_size=5, seed=7), isa)
 
 
+def test_same_bits_whatever_the_thread_count():
+    """Each query row belongs to one job and sums its keys in one order, so the team size (torch's setting,
+    passed to the kernel) changes nothing, not even the last bit."""
+    case, _ = make_case([5, 200, 33, 150], [5, 1, 20, 64], window=None, seed=9)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(paged_attention_cpu(**case))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_output_in_the_query_dtype():
     case, dense = make_case([40], [8], window=None, seed=8)
     case["q"] = case["q"].bfloat16()

@@ -235,11 +235,13 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     }
 }
 
-/* → 0, or -1 when the shapes are outside what the kernel handles (the caller then uses the reference). */
+/* → 0, -1 for shapes outside what the kernel handles, -2 when out of memory. `threads`: the team size, passed
+ * by the caller (torch's setting) because OpenMP's own default is per calling thread and the engine may run
+ * on a thread that never set it. */
 int paged_attention(const float *q, float *out, const void *k_cache, const void *v_cache, int bf16, int block_size,
                     int n_kv, int group, int dim, int n_seqs, const int64_t *query_starts, const int64_t *query_lens,
                     const int64_t *positions, const int64_t *block_tables, int table_width, const int64_t *first_block,
-                    const int64_t *context_lens, const float *sinks, int window, float scale) {
+                    const int64_t *context_lens, const float *sinks, int window, float scale, int threads) {
     if (block_size <= 0 || dim <= 0 || n_kv <= 0 || group <= 0) return -1;
     Problem P = {q, out, k_cache, v_cache, bf16, block_size, n_kv, group, dim, query_starts, query_lens, positions,
                  block_tables, first_block, context_lens, table_width, sinks, window, scale};
@@ -255,7 +257,7 @@ int paged_attention(const float *q, float *out, const void *k_cache, const void 
     const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)chunk * (2 * dim + 1)) +
                                  sizeof(int64_t) * 2 * rows;
     int failed = 0;
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         float *scratch = malloc(scratch_bytes);
         if (!scratch) {

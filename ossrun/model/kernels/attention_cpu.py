@@ -24,7 +24,7 @@ def _library(isa: str | None = None) -> ctypes.CDLL | None:
     lib = load_library(_SOURCE, isa or selected_isa())
     if lib is not None:
         lib.paged_attention.restype = ctypes.c_int
-        lib.paged_attention.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _I, ctypes.c_float]
+        lib.paged_attention.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _I, ctypes.c_float, _I]
     return lib
 
 
@@ -63,7 +63,8 @@ def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     status = lib.paged_attention(qf.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                  int(k_cache.dtype == torch.bfloat16), block_size, n_kv, n_heads // n_kv, dim, len(starts),
                                  starts.data_ptr(), lens.data_ptr(), pos.data_ptr(), tables.data_ptr(), tables.shape[1],
-                                 first.data_ptr(), context.data_ptr(), sinks.data_ptr(), int(window or 0), float(scale))
+                                 first.data_ptr(), context.data_ptr(), sinks.data_ptr(), int(window or 0), float(scale),
+                                 torch.get_num_threads())
     if status != 0:
         raise ValueError(f"paged_attention rejected q={tuple(q.shape)} cache={tuple(k_cache.shape)} (status {status})")
     return out.to(q.dtype)
