@@ -112,9 +112,10 @@ def test_prefill_from_empty(isa, cache_dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_chunked_prefill_over_a_cached_prefix(isa):
-    """A chunk of 40 tokens after 90 cached ones: the chunk sees the prefix and its own past."""
-    check(*make_case([130], [40], window=None, seed=2), isa)
+@pytest.mark.parametrize("context,dim", [(130, 16), (700, 16), (300, 64)])  # 700 / 300: several of the kernel's key chunks
+def test_chunked_prefill_over_a_cached_prefix(isa, context, dim):
+    """A chunk of 40 tokens after a cached prefix: the chunk sees the prefix and its own past."""
+    check(*make_case([context, 9], [40, 1], window=None, dim=dim, seed=2), isa)
 
 
 @pytest.mark.parametrize("isa", ISAS)

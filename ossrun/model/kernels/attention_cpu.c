@@ -23,7 +23,7 @@
 #endif
 
 #define TILE_ROWS 64   /* query rows (tokens x heads of one KV head) per job: K/V conversions amortised over them */
-#define CHUNK_KEYS 128 /* keys converted together, so each row's softmax update covers many keys at once */
+#define CHUNK_BYTES 16384 /* fp32 K (and V) converted together: many keys per softmax update, both still in L1 */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -148,6 +148,16 @@ static float exponentiate(float *s, int lo, int hi, float m) {
 static void accumulate(float *acc, float c, const float *p, const float *v, int lo, int hi, int D) {
     int i = 0;
 #ifdef __AVX2__
+    for (; i + 64 <= D; i += 64) { /* 64 outputs in 8 registers: one broadcast of p[j] feeds 8 FMAs */
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = _mm256_mul_ps(_mm256_loadu_ps(acc + i + 8 * u), _mm256_set1_ps(c));
+        for (int j = lo; j <= hi; j++) {
+            __m256 pj = _mm256_set1_ps(p[j]);
+            const float *vj = v + (size_t)j * D + i;
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(acc + i + 8 * u, a[u]);
+    }
     for (; i + 8 <= D; i += 8) {
         __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), _mm256_set1_ps(c));
         for (int j = lo; j <= hi; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + (size_t)j * D + i), a);
@@ -159,6 +169,12 @@ static void accumulate(float *acc, float c, const float *p, const float *v, int 
         for (int j = lo; j <= hi; j++) a += p[j] * v[(size_t)j * D + i];
         acc[i] = a;
     }
+}
+
+/* Keys per chunk: whole cache blocks, about CHUNK_BYTES of fp32 keys, at least one block. */
+static int chunk_keys(int block_size, int dim) {
+    int keys = CHUNK_BYTES / (int)sizeof(float) / dim;
+    return keys > block_size ? keys / block_size * block_size : block_size;
 }
 
 typedef struct {
@@ -178,7 +194,7 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     const int D = P->dim, G = P->group, bs = P->block_size, rows = nt * G;
     float *q = scratch, *acc = q + (size_t)rows * D, *m = acc + (size_t)rows * D, *l = m + rows;
     int64_t *lo = (int64_t *)(l + rows), *hi = lo + rows;
-    const int chunk = CHUNK_KEYS > bs ? CHUNK_KEYS / bs * bs : bs;
+    const int chunk = chunk_keys(bs, D);
     float *kb = (float *)(hi + rows), *vb = kb + (size_t)chunk * D, *s = vb + (size_t)chunk * D;
     const int64_t first = P->first_block[b] * bs, limit = (P->first_block[b] + P->table_width) * bs - 1;
     const int64_t last_key = P->context_lens[b] - 1;
@@ -203,7 +219,7 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     }
     const size_t token_stride = (size_t)P->n_kv * D;
     const size_t elem = P->bf16 ? 2 : 4;
-    const int chunk_blocks = CHUNK_KEYS > bs ? CHUNK_KEYS / bs : 1, n = chunk_blocks * bs;
+    const int n = chunk, chunk_blocks = chunk / bs;
     for (int64_t block = tile_lo / bs; tile_hi >= 0 && block <= tile_hi / bs; block += chunk_blocks) {
         /* A chunk of cache blocks converted to fp32 once, then every row of the tile runs over it. */
         int64_t base = block * bs, stop = base + n - 1 < tile_hi ? base + n - 1 : tile_hi;
@@ -253,7 +269,7 @@ int paged_attention(const float *q, float *out, const void *k_cache, const void 
     for (int b = 0; b < n_seqs; b++) tile_start[b + 1] = tile_start[b] + (query_lens[b] + tile_tokens - 1) / tile_tokens;
     const int64_t jobs = tile_start[n_seqs] * n_kv;
     const int rows = tile_tokens * group;
-    const int chunk = CHUNK_KEYS > block_size ? CHUNK_KEYS / block_size * block_size : block_size;
+    const int chunk = chunk_keys(block_size, dim);
     const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)chunk * (2 * dim + 1)) +
                                  sizeof(int64_t) * 2 * rows;
     int failed = 0;
