@@ -79,10 +79,11 @@ def test_activation_quantisation_is_bit_exact(isa):
     x = torch.randn(5, 96, generator=g) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(32)
     x[2, 32:64] = 0  # an all-zero block: scale 0, values 0
     x[3, :32] = torch.arange(32) - 15.5  # halves after scaling? the largest is exactly ±127
-    q, d = moe_cpu.quantize_rows(x, isa)
+    q, d, s = moe_cpu.quantize_rows(x, isa)
     q_ref, d_ref = reference_quantize(x)
     assert torch.equal(q, q_ref)
     assert torch.equal(d, d_ref)
+    assert torch.equal(s, q_ref.view(5, 3, 32).int().sum(-1))
 
 
 # Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4 rows, 8 per chunk).
@@ -108,8 +109,8 @@ def test_grouped_linear_within_the_derived_bound(isa, grouping):
     rows = int(sum(sizes))
     row_of = torch.randint(0, x.shape[0], (rows,), generator=g)
     offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
-    q, d = moe_cpu.quantize_rows(x, isa)
-    y = moe_cpu.q8_grouped_linear(q, d, row_of, offsets, torch.tensor(experts), blocks, scales, bias, isa)
+    q, d, s = moe_cpu.quantize_rows(x, isa)
+    y = moe_cpu.q8_grouped_linear(q, d, s, row_of, offsets, torch.tensor(experts), blocks, scales, bias, isa)
     assert y.shape == (rows, out)
     for group, e in enumerate(experts):
         pick = row_of[offsets[group]:offsets[group + 1]]
@@ -123,10 +124,10 @@ def test_variants_differ_only_by_summation_order(isa):
     """Same integers, same scales: a variant and portable differ by fp32 rounding alone (both bounded as above)."""
     blocks, scales = random_experts(2, 48, 2880, seed=5)
     x = torch.randn(6, 2880, generator=torch.Generator().manual_seed(6))
-    q, d = moe_cpu.quantize_rows(x, "portable")
+    q, d, s = moe_cpu.quantize_rows(x, "portable")
     offsets, experts = torch.tensor([0, 1, 6]), torch.tensor([1, 0])
-    portable = moe_cpu.q8_grouped_linear(q, d, None, offsets, experts, blocks, scales, None, "portable")
-    variant = moe_cpu.q8_grouped_linear(q, d, None, offsets, experts, blocks, scales, None, isa)
+    portable = moe_cpu.q8_grouped_linear(q, d, s, None, offsets, experts, blocks, scales, None, "portable")
+    variant = moe_cpu.q8_grouped_linear(q, d, s, None, offsets, experts, blocks, scales, None, isa)
     weight = mxfp4.dequantize(blocks, scales, torch.float64)
     x_hat = x.double().abs() + (d.double() / 2).repeat_interleave(32, dim=1)  # ≥ |d·q| elementwise
     magnitude = torch.cat([x_hat[:1] @ weight[1].abs().T, x_hat[1:] @ weight[0].abs().T])

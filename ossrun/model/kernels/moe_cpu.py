@@ -20,10 +20,10 @@ from ossrun.model.kernels.build import kernels_enabled, load_library, selected_i
 _SOURCE = Path(__file__).with_name("moe_q8_cpu.c")
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P]),
+    "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P, _P]),
     "moe_q8_decode": (None, [_P, _I64, _P]),
-    "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P]),
-    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P]),
+    "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P]),
+    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P]),
 }
 _configured: set[int] = set()
 
@@ -54,14 +54,16 @@ def _check(status: int, what: str) -> None:
         raise ValueError(f"{what}: the kernel rejected these shapes (sizes must be multiples of 32)")
 
 
-def quantize_rows(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] → int8 q [R, K] (each block's 16 even elements, then its 16 odd ones) and fp32 scales [R, K/32]."""
+def quantize_rows(x: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [R, K] → int8 q [R, K] (each block's 16 even elements, then its 16 odd ones), fp32 scales [R, K/32]
+    and int32 block sums Σq [R, K/32]."""
     x = x.float().contiguous()
     rows, k = x.shape
     q = torch.empty(rows, k, dtype=torch.int8)
     d = torch.empty(rows, k // 32, dtype=torch.float32)
-    _check(library(isa).moe_q8_quantize(x.data_ptr(), rows, k, q.data_ptr(), d.data_ptr()), "moe_q8_quantize")
-    return q, d
+    s = torch.empty(rows, k // 32, dtype=torch.int32)
+    _check(library(isa).moe_q8_quantize(x.data_ptr(), rows, k, q.data_ptr(), d.data_ptr(), s.data_ptr()), "moe_q8_quantize")
+    return q, d, s
 
 
 def decode_nibbles(blocks: torch.Tensor, isa: str | None = None) -> torch.Tensor:
@@ -73,10 +75,10 @@ def decode_nibbles(blocks: torch.Tensor, isa: str | None = None) -> torch.Tensor
     return out
 
 
-def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, row_of: torch.Tensor | None, offsets: torch.Tensor,
+def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, row_of: torch.Tensor | None, offsets: torch.Tensor,
                       experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                       isa: str | None = None) -> torch.Tensor:
-    """One projection for rows grouped by expert: output row p (group g = offsets[g]:offsets[g+1], expert
+    """One projection for rows grouped by expert, on activations as `quantize_rows` returns them: output row p (group g = offsets[g]:offsets[g+1], expert
     experts[g]) is activation row row_of[p] (p when None) times the expert's packed weights
     (blocks [E, O, K/32, 16], scales [E, O, K/32]) plus bias [E, O] → [P, O] fp32."""
     k = q.shape[1]
@@ -86,7 +88,7 @@ def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, row_of: torch.Tensor | N
     bias = None if bias is None else bias.float().contiguous()
     blocks, scales = blocks.contiguous(), scales.contiguous()
     y = torch.empty(int(offsets[-1]), out_features, dtype=torch.float32)
-    status = library(isa).moe_q8_linear(q.data_ptr(), d.data_ptr(), _ptr(row_of), k, offsets.data_ptr(), experts.data_ptr(),
+    status = library(isa).moe_q8_linear(q.data_ptr(), d.data_ptr(), s.data_ptr(), _ptr(row_of), k, offsets.data_ptr(), experts.data_ptr(),
                                         len(experts), blocks.data_ptr(), scales.data_ptr(), out_features, _ptr(bias), y.data_ptr())
     _check(status, "moe_q8_linear")
     return y
@@ -135,7 +137,9 @@ class Q8Experts:
         pairs = tokens * k
         out = torch.empty(tokens, self.hidden, dtype=torch.float32)
         scratch = [_scratch.get("xq", tokens * self.hidden, torch.int8), _scratch.get("xd", tokens * self.hidden // 32, torch.float32),
+                   _scratch.get("xs", tokens * self.hidden // 32, torch.int32),
                    _scratch.get("hq", pairs * self.inter, torch.int8), _scratch.get("hd", pairs * self.inter // 32, torch.float32),
+                   _scratch.get("hs", pairs * self.inter // 32, torch.int32),
                    _scratch.get("route", 2 * pairs + 2 * self.experts + 1, torch.int64)]
         status = library(isa).moe_q8_layer(x.data_ptr(), tokens, self.hidden, self.inter, experts.data_ptr(), weights.data_ptr(), k,
                                            self.experts, *self._weights, self.limit, *(t.data_ptr() for t in scratch), out.data_ptr())

@@ -37,10 +37,12 @@ __attribute__((constructor)) static void init_pow2(void) {
     for (int s = 0; s < 256; s++) POW2[s] = ldexpf(1.0f, s - 128);
 }
 
-/* One activation row as the kernels see it: K int8 (blocks permuted) and K/32 scales. */
+/* One activation row as the kernels see it: K int8 (blocks permuted), K/32 scales and K/32 block sums Σq
+ * (the row-group kernel takes its +12 weight offset back as 12·Σq). */
 typedef struct {
     const int8_t *q;
     const float *d;
+    const int32_t *s;
 } Row;
 
 /* Up to NR rows that go through the same weight rows together. dx4 [NR/4][nb][4]: the scales of each
@@ -54,7 +56,7 @@ typedef struct {
 /* ---------------------------------------------------------------- activation quantisation */
 
 /* Round to nearest, ties to even (as torch.round), in every build: the tests compare bit for bit. */
-static inline void quantize_block(const float *x, int8_t *q, float *d) {
+static inline void quantize_block(const float *x, int8_t *q, float *d, int32_t *s) {
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
     float id = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -63,10 +65,13 @@ static inline void quantize_block(const float *x, int8_t *q, float *d) {
         q[j] = (int8_t)nearbyintf(x[2 * j] * id);
         q[QK / 2 + j] = (int8_t)nearbyintf(x[2 * j + 1] * id);
     }
+    int32_t sum = 0;
+    for (int j = 0; j < QK; j++) sum += q[j];
+    *s = sum;
 }
 
-static void quantize_row(const float *x, int K, int8_t *q, float *d) {
-    for (int b = 0; b < K / QK; b++) quantize_block(x + b * QK, q + b * QK, d + b);
+static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s) {
+    for (int b = 0; b < K / QK; b++) quantize_block(x + b * QK, q + b * QK, d + b, s + b);
 }
 
 /* ---------------------------------------------------------------- one output row, up to NR activation rows */
@@ -222,26 +227,27 @@ static void dot_chunk(const uint8_t *blk, const uint8_t *sc, int nb, const Chunk
 
 /* ---------------------------------------------------------------- exported entry points */
 
-/* x [rows, K] fp32 → q [rows, K] int8 (blocks permuted: evens then odds), d [rows, K/32]. */
-int moe_q8_quantize(const float *x, int64_t rows, int K, int8_t *q, float *d) {
+/* x [rows, K] fp32 → q [rows, K] int8 (blocks permuted: evens then odds), d [rows, K/32], s [rows, K/32] = Σq. */
+int moe_q8_quantize(const float *x, int64_t rows, int K, int8_t *q, float *d, int32_t *s) {
     if (K % QK) return -1;
     #pragma omp parallel for schedule(static) if (rows * K >= 65536)
-    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * K, K, q + r * K, d + r * (K / QK));
+    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * K, K, q + r * K, d + r * (K / QK), s + r * (K / QK));
     return 0;
 }
 
 /* n packed blocks → n*32 int8 weights times 2, in the kernels' order (evens then odds per block). */
 void moe_q8_decode(const uint8_t *blocks, int64_t n, int8_t *out) { decode_blocks(blocks, n, out); }
 
-static inline Row row_at(const int8_t *q, const float *d, int K, int64_t r) {
-    Row row = {q + r * K, d + r * (K / QK)};
+static inline Row row_at(const int8_t *q, const float *d, const int32_t *s, int K, int64_t r) {
+    Row row = {q + r * K, d + r * (K / QK), s + r * (K / QK)};
     return row;
 }
 
 /* Rows start .. min(end, start+NR)-1 as a chunk; row p reads activation row row_of[p] (p when NULL). */
-static void chunk_load(Chunk *c, const int8_t *q, const float *d, int K, const int64_t *row_of, int64_t start, int64_t end) {
+static void chunk_load(Chunk *c, const int8_t *q, const float *d, const int32_t *s, int K, const int64_t *row_of, int64_t start,
+                       int64_t end) {
     c->n = end - start < NR ? (int)(end - start) : NR;
-    for (int t = 0; t < c->n; t++) c->rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
+    for (int t = 0; t < c->n; t++) c->rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
     chunk_prepare(c, K / QK);
 }
 
@@ -249,40 +255,51 @@ static void chunk_load(Chunk *c, const int8_t *q, const float *d, int K, const i
 
 #define SPAN 32      /* activation rows handled together by one work item */
 #define RG 8         /* weight rows of a row group: one per int32 lane */
-#define RG_MIN_ROWS 8 /* a span this long takes the row-group kernel (its weight rearrangement pays off) */
+#define RG_MIN_ROWS 5 /* a span this long takes the row-group kernel; shorter ones (decode) the per-row kernels */
 
 #ifdef __AVX2__
 /* E2M1 x 2 + 12: unsigned, so it can be the unsigned operand of maddubs/dpbusd; the +12 is taken back
  * once per block as 12 * (sum of the block's activations). */
 static const uint8_t E2M1_X2_PLUS12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
-/* Rows o..o+7 of one expert rearranged for many activation rows at once: for block b and group g (the
- * activation bytes 4g..4g+3 of the block, in the kernels' evens-then-odds order), w[(b*8+g)*32 ..] holds in
- * int32 lane r row r's four matching weights (+12). A 4x4 dword transpose per 128-bit half puts the rows
- * in the lanes; low nibbles are groups 0-3, high nibbles groups 4-7. pw[b*8+r] = row r's block scale. */
-static void prepare_rowgroup(const uint8_t *blk, const uint8_t *sc, int nb, uint8_t *w, float *pw) {
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    const size_t stride = (size_t)nb * 16;
-    for (int b = 0; b < nb; b++) {
-        __m256i R[4];
-        for (int r = 0; r < 4; r++)
-            R[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(blk + r * stride + 16 * b))),
-                                           _mm_loadu_si128((const __m128i *)(blk + (r + 4) * stride + 16 * b)), 1);
-        const __m256i t0 = _mm256_unpacklo_epi32(R[0], R[1]), t1 = _mm256_unpacklo_epi32(R[2], R[3]);
-        const __m256i t2 = _mm256_unpackhi_epi32(R[0], R[1]), t3 = _mm256_unpackhi_epi32(R[2], R[3]);
-        const __m256i G[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
-                              _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};
-        for (int g = 0; g < 4; g++) {
-            _mm256_storeu_si256((__m256i *)(w + (b * 8 + g) * 32), _mm256_shuffle_epi8(lut, _mm256_and_si256(G[g], mask)));
-            _mm256_storeu_si256((__m256i *)(w + (b * 8 + 4 + g) * 32),
-                                _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(G[g], 4), mask)));
-        }
-        for (int r = 0; r < RG; r++) pw[b * 8 + r] = POW2[sc[r * nb + b]];
+/* Block b of rows 0..7 (row r at blk + r*stride) in the row-group layout: w[g] holds in int32 lane r row r's
+ * four weights (+12) that meet activation bytes 4g..4g+3 of the block (the kernels' evens-then-odds order).
+ * A 4x4 dword transpose per 128-bit half puts the rows in the lanes; low nibbles are groups 0-3, high
+ * nibbles groups 4-7. */
+static inline __attribute__((always_inline)) void rowgroup_weights(const uint8_t *blk, size_t stride, int b, __m256i lut,
+                                                                   __m256i mask, __m256i w[8]) {
+    __m256i R[4];
+    for (int r = 0; r < 4; r++)
+        R[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(blk + r * stride + 16 * b))),
+                                       _mm_loadu_si128((const __m128i *)(blk + (r + 4) * stride + 16 * b)), 1);
+    const __m256i t0 = _mm256_unpacklo_epi32(R[0], R[1]), t1 = _mm256_unpacklo_epi32(R[2], R[3]);
+    const __m256i t2 = _mm256_unpackhi_epi32(R[0], R[1]), t3 = _mm256_unpackhi_epi32(R[2], R[3]);
+    const __m256i G[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
+                          _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};
+    for (int g = 0; g < 4; g++) {
+        w[g] = _mm256_shuffle_epi8(lut, _mm256_and_si256(G[g], mask));
+        w[4 + g] = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(G[g], 4), mask));
     }
 }
 
-static inline __m256i broadcast4(const int8_t *q) {
+/* pw[b*8 + r] = 2^(s-128) of row r's block b. */
+static void rowgroup_scales(const uint8_t *sc, int nb, float *pw) {
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < RG; r++) pw[b * 8 + r] = POW2[sc[r * nb + b]];
+}
+
+/* Every block of rows 0..7 in the row-group layout, stored: w + 256*b + 32*g (see rowgroup_weights). */
+static void prepare_rowgroup(const uint8_t *blk, int nb, uint8_t *w) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        __m256i v[8];
+        rowgroup_weights(blk, (size_t)nb * 16, b, lut, mask, v);
+        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(w + 256 * b + 32 * g), v[g]);
+    }
+}
+
+static inline __attribute__((always_inline)) __m256i broadcast4(const int8_t *q) {
     int32_t v;
     memcpy(&v, q, 4);
     return _mm256_set1_epi32(v);
@@ -290,36 +307,39 @@ static inline __m256i broadcast4(const int8_t *q) {
 
 /* Σ over one block of (w+12)·q for the 8 rows, minus 12·Σq: the exact integer dot products, one per lane.
  * maddubs lanes are ≤ 2*24*127 = 6096, so four groups summed in int16 (≤ 24384) never overflow. */
-static inline __m256i rowgroup_block(const uint8_t *w, const int8_t *q, int32_t sq12) {
+static inline __attribute__((always_inline)) __m256i rowgroup_block(const __m256i w[8], const int8_t *q, int32_t sq12) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     __m256i acc = _mm256_set1_epi32(-sq12);
-    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(w + 32 * g)), broadcast4(q + 4 * g));
+    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, w[g], broadcast4(q + 4 * g));
     return acc;
 #else
     __m256i half[2];
     for (int h = 0; h < 2; h++) {
-        const uint8_t *wh = w + 128 * h;
+        const __m256i *wh = w + 4 * h;
         const int8_t *qh = q + 16 * h;
-        __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)wh), broadcast4(qh)),
-                                       _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 32)), broadcast4(qh + 4)));
-        __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 64)), broadcast4(qh + 8)),
-                                       _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(wh + 96)), broadcast4(qh + 12)));
+        __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(wh[0], broadcast4(qh)), _mm256_maddubs_epi16(wh[1], broadcast4(qh + 4)));
+        __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(wh[2], broadcast4(qh + 8)), _mm256_maddubs_epi16(wh[3], broadcast4(qh + 12)));
         half[h] = _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1));
     }
     return _mm256_sub_epi32(_mm256_add_epi32(half[0], half[1]), _mm256_set1_epi32(sq12));
 #endif
 }
 
-/* 8 weight rows (prepared) against n activation rows: res[t*ld + r]. Two rows at a time share the loads. */
-static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *rows, const int32_t *sq12, int n,
-                          float *res, int ld) {
+static inline __attribute__((always_inline)) __m256i rowgroup_block_at(const uint8_t *w, const int8_t *q, int32_t sq12) {
+    __m256i v[8];
+    for (int g = 0; g < 8; g++) v[g] = _mm256_loadu_si256((const __m256i *)(w + 32 * g));
+    return rowgroup_block(v, q, sq12);
+}
+
+/* 8 prepared weight rows against n activation rows: res[t*ld + r]. Two rows at a time share the loads. */
+static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *rows, int n, float *res, int ld) {
     int t = 0;
     for (; t + 1 < n; t += 2) {
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const __m256 scale = _mm256_loadu_ps(pw + 8 * b);
-            const __m256i d0 = rowgroup_block(w + 256 * b, rows[t].q + QK * b, sq12[t * nb + b]);
-            const __m256i d1 = rowgroup_block(w + 256 * b, rows[t + 1].q + QK * b, sq12[(t + 1) * nb + b]);
+            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q + QK * b, 12 * rows[t].s[b]);
+            const __m256i d1 = rowgroup_block_at(w + 256 * b, rows[t + 1].q + QK * b, 12 * rows[t + 1].s[b]);
             acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t].d[b])), acc0);
             acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t + 1].d[b])), acc1);
         }
@@ -329,12 +349,13 @@ static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *
     if (t < n) {
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            const __m256i d0 = rowgroup_block(w + 256 * b, rows[t].q + QK * b, sq12[t * nb + b]);
+            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q + QK * b, 12 * rows[t].s[b]);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(_mm256_loadu_ps(pw + 8 * b), _mm256_set1_ps(rows[t].d[b])), acc);
         }
         _mm256_storeu_ps(res + t * ld, acc);
     }
 }
+
 #endif
 
 /* Weight rows o_begin..o_end-1 (blocks/scales point at the expert's row 0) against activation rows
@@ -342,38 +363,31 @@ static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *
  * Long spans go 8 weight rows at a time through the row-group kernel; the rest (short spans, a tail of
  * fewer than 8 weight rows, the portable build) through the per-row kernels. */
 static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int o_begin, int o_end, const int8_t *q,
-                      const float *d, const int64_t *row_of, int64_t start, int n, float *res) {
+                      const float *d, const int32_t *s, const int64_t *row_of, int64_t start, int n, float *res) {
     const int K = nb * QK, ld = o_end - o_begin;
     int o = o_begin;
 #ifdef __AVX2__
-    if (n >= RG_MIN_ROWS && o_end - o_begin >= RG) {
+    if (o_end - o_begin >= RG && n >= RG_MIN_ROWS) {
         Row rows[SPAN];
-        int32_t sq12[SPAN * nb];
-        uint8_t w[256 * nb];
         float pw[8 * nb];
-        for (int t = 0; t < n; t++) {
-            rows[t] = row_at(q, d, K, row_of ? row_of[start + t] : start + t);
-            for (int b = 0; b < nb; b++) {
-                int32_t sum = 0;
-                for (int j = 0; j < QK; j++) sum += rows[t].q[QK * b + j];
-                sq12[t * nb + b] = 12 * sum;
-            }
-        }
+        for (int t = 0; t < n; t++) rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
+        uint8_t w[256 * nb];
         for (; o + RG <= o_end; o += RG) {
-            prepare_rowgroup(blocks + (size_t)o * nb * 16, scales + (size_t)o * nb, nb, w, pw);
-            rowgroup_rows(w, pw, nb, rows, sq12, n, res + (o - o_begin), ld);
+            rowgroup_scales(scales + (size_t)o * nb, nb, pw);
+            prepare_rowgroup(blocks + (size_t)o * nb * 16, nb, w);
+            rowgroup_rows(w, pw, nb, rows, n, res + (o - o_begin), ld);
         }
     }
 #endif
     if (o == o_end) return;
     float dx4[NR * nb];
     Chunk c = {.dx4 = dx4};
-    for (int64_t s = start; s < start + n; s += NR) {
-        chunk_load(&c, q, d, K, row_of, s, start + n);
+    for (int64_t at = start; at < start + n; at += NR) {
+        chunk_load(&c, q, d, s, K, row_of, at, start + n);
         for (int oo = o; oo < o_end; oo++) {
             float out[NR];
             dot_chunk(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, &c, out);
-            for (int t = 0; t < c.n; t++) res[(s - start + t) * ld + oo - o_begin] = out[t];
+            for (int t = 0; t < c.n; t++) res[(at - start + t) * ld + oo - o_begin] = out[t];
         }
     }
 }
@@ -381,8 +395,8 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
 /* One projection for rows grouped by expert: group g covers output rows offsets[g]..offsets[g+1]-1,
  * whose inputs are activation rows row_of[p] (p itself when row_of is NULL), and uses expert
  * experts[g]. Weights: blocks [E, O, K/32, 16], scales [E, O, K/32]; bias [E, O] fp32 or NULL.
- * y [P, O] fp32. */
-int moe_q8_linear(const int8_t *q, const float *d, const int64_t *row_of, int K, const int64_t *offsets,
+ * Activations as moe_q8_quantize writes them (q, d, s). y [P, O] fp32. */
+int moe_q8_linear(const int8_t *q, const float *d, const int32_t *s, const int64_t *row_of, int K, const int64_t *offsets,
                   const int64_t *experts, int G, const uint8_t *blocks, const uint8_t *scales, int O,
                   const float *bias, float *y) {
     if (K % QK) return -1;
@@ -398,7 +412,7 @@ int moe_q8_linear(const int8_t *q, const float *d, const int64_t *row_of, int K,
             float res[SPAN * TILE_O];
             for (int64_t start = offsets[g]; start < offsets[g + 1]; start += SPAN) {
                 const int n = offsets[g + 1] - start < SPAN ? (int)(offsets[g + 1] - start) : SPAN;
-                span_dots(blocks + 16 * at, scales + at, nb, o_begin, o_end, q, d, row_of, start, n, res);
+                span_dots(blocks + 16 * at, scales + at, nb, o_begin, o_end, q, d, s, row_of, start, n, res);
                 for (int t = 0; t < n; t++)
                     for (int o = o_begin; o < o_end; o++)
                         y[(start + t) * O + o] = res[t * (o_end - o_begin) + o - o_begin] + (bias ? bias[e * O + o] : 0.0f);
@@ -429,6 +443,7 @@ typedef struct {
     float limit;
     int8_t *xq, *hq; /* quantised inputs [T, H] and SwiGLU outputs [P, I] */
     float *xd, *hd;
+    int32_t *xs, *hs; /* their block sums */
     float *out; /* [T, H], zeroed by the quantisation pass, then added to */
 } Layer;
 
@@ -441,14 +456,14 @@ static void mlp1_tile(const Layer *L, int g, int tile) {
     float h[SPAN * TILE_1];
     for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += SPAN) {
         const int n = L->offsets[g + 1] - start < SPAN ? (int)(L->offsets[g + 1] - start) : SPAN;
-        span_dots(L->blocks1 + 16 * at, L->scales1 + at, nb, o_begin, o_begin + TILE_1, L->xq, L->xd, L->pair_token, start, n, h);
+        span_dots(L->blocks1 + 16 * at, L->scales1 + at, nb, o_begin, o_begin + TILE_1, L->xq, L->xd, L->xs, L->pair_token, start, n, h);
         const float *bias = L->bias1 + e * O + o_begin;
         for (int t = 0; t < n; t++) {
             const float *ht = h + t * TILE_1;
             float act[QK];
             for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
             const int64_t p = start + t;
-            quantize_block(act, L->hq + p * L->I + tile * QK, L->hd + p * (L->I / QK) + tile);
+            quantize_block(act, L->hq + p * L->I + tile * QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
         }
     }
 }
@@ -465,7 +480,7 @@ static void mlp2_tile(const Layer *L, int G, int tile) {
         const float *bias = L->bias2 + e * H;
         for (int64_t start = L->offsets[g]; start < L->offsets[g + 1]; start += SPAN) {
             const int n = L->offsets[g + 1] - start < SPAN ? (int)(L->offsets[g + 1] - start) : SPAN;
-            span_dots(L->blocks2 + 16 * at, L->scales2 + at, nb, o_begin, o_end, L->hq, L->hd, NULL, start, n, res);
+            span_dots(L->blocks2 + 16 * at, L->scales2 + at, nb, o_begin, o_end, L->hq, L->hd, L->hs, NULL, start, n, res);
             for (int t = 0; t < n; t++) {
                 float *out = L->out + L->pair_token[start + t] * H;
                 const float weight = L->topw[L->pair_slot[start + t]];
@@ -510,25 +525,25 @@ static int group_pairs(const int64_t *topk, int64_t T, int k, int E, int64_t *of
 
 /* The routed experts of one MoE layer in one call: out[T, H] = Σ_j topw[t, j] * mlp2(swiglu(mlp1(x[t])))
  * over each token's k experts topk[t, j]. mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2
- * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd [T, H/32],
- * hq [T*k, I], hd [T*k, I/32], route [2*T*k + 2*E + 1]. Returns 0, -1 for sizes that are not blocks,
+ * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd and xs [T, H/32],
+ * hq [T*k, I], hd and hs [T*k, I/32], route [2*T*k + 2*E + 1]. Returns 0, -1 for sizes that are not blocks,
  * -2 for an expert id outside 0..E-1. */
 int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, const float *topw, int k, int E,
                  const uint8_t *blocks1, const uint8_t *scales1, const float *bias1,
                  const uint8_t *blocks2, const uint8_t *scales2, const float *bias2, float limit,
-                 int8_t *xq, float *xd, int8_t *hq, float *hd, int64_t *route, float *out) {
+                 int8_t *xq, float *xd, int32_t *xs, int8_t *hq, float *hd, int32_t *hs, int64_t *route, float *out) {
     if (H % QK || I % QK) return -1;
     int64_t *offsets = route, *experts = route + E + 1, *pair_token = route + 2 * E + 1, *pair_slot = pair_token + T * k;
     const int G = group_pairs(topk, T, k, E, offsets, experts, pair_token, pair_slot);
     if (G < 0) return -2;
     const Layer L = {T, H, I, pair_token, pair_slot, topw, offsets, experts, blocks1, scales1, blocks2, scales2,
-                     bias1, bias2, limit, xq, hq, xd, hd, out};
+                     bias1, bias2, limit, xq, hq, xd, hd, xs, hs, out};
     const int tiles1 = 2 * I / TILE_1, tiles2 = (H + TILE_O - 1) / TILE_O;
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < T; r++) {
-            quantize_row(x + r * H, H, xq + r * H, xd + r * (H / QK));
+            quantize_row(x + r * H, H, xq + r * H, xd + r * (H / QK), xs + r * (H / QK));
             for (int o = 0; o < H; o++) out[r * H + o] = 0.0f;
         }
         #pragma omp for collapse(2) schedule(dynamic, 1)
