@@ -61,6 +61,7 @@ class Outcome:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # tokens whose text the parser still holds
     anomalies: list[str] = field(default_factory=list)
 
 
@@ -342,12 +343,30 @@ class Service:
         outcome.completion_tokens += 1
         if any(isinstance(e, harmony.ReasoningDelta) for e in step.events):
             outcome.reasoning_tokens += 1
-        if token.logprob is not None and any(isinstance(e, harmony.ContentDelta) for e in step.events):
-            outcome.logprobs.append(logprob_entry(token))
+        if token.logprob is not None:
+            Service._account_logprobs(outcome, step)
         if token.finished and token.finish_reason == "length":
             outcome.finish_reason = "length"
         if isinstance(token.stop_reason, str):
             outcome.stop_reason = token.stop_reason
+
+
+    @staticmethod
+    def _account_logprobs(outcome: Outcome, step: Step) -> None:
+        """Logprobs of the answer's tokens. The parser may show a token's text only steps later (it
+        waits to know the text is not a header), so tokens wait until the answer shows their text; a
+        special token or reasoning / tool-call text means the waiting tokens were not the answer's."""
+        token, events = step.token, step.events
+        special = harmony.is_special(token.token_id)
+        if not special:
+            outcome.pending_logprobs.append(logprob_entry(token))
+        if any(isinstance(e, harmony.ContentDelta) for e in events):
+            outcome.logprobs += outcome.pending_logprobs
+            outcome.pending_logprobs.clear()
+        elif special or any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
+            outcome.pending_logprobs.clear()
+        if special:
+            outcome.pending_logprobs.clear()
 
 
 class PlainText:

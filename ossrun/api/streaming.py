@@ -80,13 +80,17 @@ async def chat_stream(service: Service, plan: Plan, model: str, include_usage: b
             choice["stop_reason"] = outcome.stop_reason
         return frame({"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]})
 
+    sent_logprobs = 0  # entries of outcome.logprobs already sent: each content chunk carries its tokens'
+
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for event in _steps(service, plan, outcome):
             if isinstance(event, harmony.ReasoningDelta):
                 yield chunk({"reasoning_content": event.text})
             elif isinstance(event, harmony.ContentDelta):
-                yield chunk({"content": event.text})
+                logprobs = {"content": outcome.logprobs[sent_logprobs:]} if plan.params.logprobs else None
+                sent_logprobs = len(outcome.logprobs)
+                yield chunk({"content": event.text}, logprobs=logprobs)
             elif isinstance(event, harmony.ToolCallStart):
                 yield chunk({"tool_calls": [{"index": event.index, "id": event.call_id, "type": "function",
                                              "function": {"name": event.name, "arguments": ""}}]})

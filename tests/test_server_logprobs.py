@@ -1,0 +1,46 @@
+"""Logprobs on /v1/chat/completions through the real server with the openai client, sync and streamed.
+
+Streamed chunks used to carry `logprobs: null`, and a sync answer lost the logprobs of every token
+whose text the harmony parser showed only later (it holds text until it knows it is no header).
+The check: the tokens' bytes put together are the answer's text (which the parser shows without
+the leading space of its first token).
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Say something"}], "max_tokens": 24, "temperature": 0,
+       "logprobs": True, "top_logprobs": 2}
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints, tmp_path_factory):
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-logprobs"), "--rate-limit", "100000")
+    yield openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    server.stop()
+
+
+def text_of(entries) -> str:
+    return b"".join(bytes(entry.bytes) for entry in entries).decode("utf-8", "replace")
+
+
+def test_sync_logprobs_cover_every_token_of_the_answer(client):
+    choice = client.chat.completions.create(**ASK).choices[0]
+    entries = choice.logprobs.content
+    assert choice.message.content and text_of(entries).lstrip() == choice.message.content
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in entries)
+    assert entries[0].top_logprobs[0].logprob >= entries[0].top_logprobs[1].logprob
+
+
+def test_streamed_chunks_carry_their_tokens_logprobs(client):
+    sync = client.chat.completions.create(**ASK).choices[0]
+    chunks = [c for c in client.chat.completions.create(**ASK, stream=True) if c.choices]
+    with_text = [c.choices[0] for c in chunks if c.choices[0].delta.content]
+    assert with_text and all(choice.logprobs is not None for choice in with_text)
+    entries = [entry for choice in with_text for entry in choice.logprobs.content]
+    assert "".join(choice.delta.content for choice in with_text) == sync.message.content == text_of(entries).lstrip()
+    assert [e.token for e in entries] == [e.token for e in sync.logprobs.content]
