@@ -27,7 +27,7 @@ from ossrun.model.kernels.build import selected_isa
 
 
 def set_threads(n: int) -> None:
-    """Both kernels and torch: the kernels share the system OpenMP runtime, torch has its own pool."""
+    """Torch's pool, which the fast kernel follows; the old kernel takes the system OpenMP runtime's setting."""
     torch.set_num_threads(n)
     ctypes.CDLL("libgomp.so.1").omp_set_num_threads(n)
 

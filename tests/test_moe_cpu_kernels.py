@@ -218,3 +218,18 @@ def test_layer_groups_pairs_like_the_reference(tiny_layers):
     together = fast.q8(x, experts, weights)
     one_by_one = sum(fast.q8(x, experts[:, j:j + 1], weights[:, j:j + 1]) for j in range(4))
     assert torch.allclose(together, one_by_one, rtol=1e-5, atol=1e-5 * float(one_by_one.abs().max()))
+
+
+def test_same_bits_at_any_thread_count(tiny_layers):
+    """Each output is one work item's, summed in a fixed order: the team size (torch's thread count) changes no bit."""
+    _, fast = tiny_layers
+    x = torch.randn(40, fast.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fast(x))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], r) for r in results[1:])

@@ -22,8 +22,8 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P, _P]),
     "moe_q8_decode": (None, [_P, _I64, _P]),
-    "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P]),
-    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P]),
+    "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I]),
+    "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _I]),
 }
 _configured: set[int] = set()
 
@@ -89,7 +89,8 @@ def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, row_of:
     blocks, scales = blocks.contiguous(), scales.contiguous()
     y = torch.empty(int(offsets[-1]), out_features, dtype=torch.float32)
     status = library(isa).moe_q8_linear(q.data_ptr(), d.data_ptr(), s.data_ptr(), _ptr(row_of), k, offsets.data_ptr(), experts.data_ptr(),
-                                        len(experts), blocks.data_ptr(), scales.data_ptr(), out_features, _ptr(bias), y.data_ptr())
+                                        len(experts), blocks.data_ptr(), scales.data_ptr(), out_features, _ptr(bias), y.data_ptr(),
+                                        torch.get_num_threads())
     _check(status, "moe_q8_linear")
     return y
 
@@ -142,7 +143,8 @@ class Q8Experts:
                    _scratch.get("hs", pairs * self.inter // 32, torch.int32),
                    _scratch.get("route", 2 * pairs + 2 * self.experts + 1, torch.int64)]
         status = library(isa).moe_q8_layer(x.data_ptr(), tokens, self.hidden, self.inter, experts.data_ptr(), weights.data_ptr(), k,
-                                           self.experts, *self._weights, self.limit, *(t.data_ptr() for t in scratch), out.data_ptr())
+                                           self.experts, *self._weights, self.limit, *(t.data_ptr() for t in scratch), out.data_ptr(),
+                                           torch.get_num_threads())
         if status == -2:
             raise ValueError(f"expert ids must be in 0..{self.experts - 1}")
         _check(status, "moe_q8_layer")

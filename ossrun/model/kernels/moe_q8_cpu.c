@@ -395,14 +395,14 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
 /* One projection for rows grouped by expert: group g covers output rows offsets[g]..offsets[g+1]-1,
  * whose inputs are activation rows row_of[p] (p itself when row_of is NULL), and uses expert
  * experts[g]. Weights: blocks [E, O, K/32, 16], scales [E, O, K/32]; bias [E, O] fp32 or NULL.
- * Activations as moe_q8_quantize writes them (q, d, s). y [P, O] fp32. */
+ * Activations as moe_q8_quantize writes them (q, d, s). y [P, O] fp32. `threads`: the OpenMP team. */
 int moe_q8_linear(const int8_t *q, const float *d, const int32_t *s, const int64_t *row_of, int K, const int64_t *offsets,
                   const int64_t *experts, int G, const uint8_t *blocks, const uint8_t *scales, int O,
-                  const float *bias, float *y) {
+                  const float *bias, float *y, int threads) {
     if (K % QK) return -1;
     const int nb = K / QK, tiles = (O + TILE_O - 1) / TILE_O;
     const size_t per_expert = (size_t)O * nb;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads > 0 ? threads : 1)
     for (int g = 0; g < G; g++) {
         for (int tile = 0; tile < tiles; tile++) {
             const int64_t e = experts[g];
@@ -526,12 +526,14 @@ static int group_pairs(const int64_t *topk, int64_t T, int k, int E, int64_t *of
 /* The routed experts of one MoE layer in one call: out[T, H] = Σ_j topw[t, j] * mlp2(swiglu(mlp1(x[t])))
  * over each token's k experts topk[t, j]. mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2
  * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd and xs [T, H/32],
- * hq [T*k, I], hd and hs [T*k, I/32], route [2*T*k + 2*E + 1]. Returns 0, -1 for sizes that are not blocks,
+ * hq [T*k, I], hd and hs [T*k, I/32], route [2*T*k + 2*E + 1]. `threads`: the OpenMP team (the caller
+ * passes torch's thread count: OpenMP's own default is per calling thread, and the engine runs on its own). Returns 0, -1 for sizes that are not blocks,
  * -2 for an expert id outside 0..E-1. */
 int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, const float *topw, int k, int E,
                  const uint8_t *blocks1, const uint8_t *scales1, const float *bias1,
                  const uint8_t *blocks2, const uint8_t *scales2, const float *bias2, float limit,
-                 int8_t *xq, float *xd, int32_t *xs, int8_t *hq, float *hd, int32_t *hs, int64_t *route, float *out) {
+                 int8_t *xq, float *xd, int32_t *xs, int8_t *hq, float *hd, int32_t *hs, int64_t *route, float *out,
+                 int threads) {
     if (H % QK || I % QK) return -1;
     int64_t *offsets = route, *experts = route + E + 1, *pair_token = route + 2 * E + 1, *pair_slot = pair_token + T * k;
     const int G = group_pairs(topk, T, k, E, offsets, experts, pair_token, pair_slot);
@@ -539,7 +541,7 @@ int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, c
     const Layer L = {T, H, I, pair_token, pair_slot, topw, offsets, experts, blocks1, scales1, blocks2, scales2,
                      bias1, bias2, limit, xq, hq, xd, hd, xs, hs, out};
     const int tiles1 = 2 * I / TILE_1, tiles2 = (H + TILE_O - 1) / TILE_O;
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < T; r++) {
