@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ossrun.api import results, schemas, streaming
+from ossrun.api import choices, results, schemas, streaming
 from ossrun.api.disconnect import unless_client_leaves
-from ossrun.api.service import Service
+from ossrun.api.service import Service, usage
 from ossrun.api.errors import ApiError
 from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
@@ -23,12 +24,15 @@ async def chat_completions(request: Request):
     service: Service = service_of(request)
     body = _body(schemas.ChatCompletionRequest, await json_body(request))
     service.check_model(body["model"])
-    plan = await service.plan_off_loop("messages", body, openai=True)
-    if plan.stream:
+    plans = service.choice_plans(await service.plan_off_loop("messages", body, openai=True))
+    prices, with_logprobs = service.metering.prices, bool(body.get("logprobs"))
+    if plans[0].stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(streaming.chat_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)
-    outcome = await unless_client_leaves(request, service.complete(plan))
-    return results.chat_completion(outcome, body["model"], service.metering.prices, with_logprobs=bool(body.get("logprobs")))
+        streams = [streaming.chat_stream(service, plan, body["model"], include_usage) for plan in plans]
+        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
+    outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
+    answers = [results.chat_completion(outcome, body["model"], prices, with_logprobs) for outcome in outcomes]
+    return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
 
 
 async def responses(request: Request):
@@ -48,12 +52,15 @@ async def completions(request: Request):
     service: Service = service_of(request)
     body = _body(schemas.CompletionRequest, await json_body(request))
     service.check_model(body["model"])
-    plan = await service.plan_off_loop("completions", body, openai=True)
-    if plan.stream:
+    plans = service.choice_plans(await service.plan_off_loop("completions", body, openai=True))
+    prices = service.metering.prices
+    if plans[0].stream:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(streaming.completion_stream(service, plan, body["model"], include_usage), media_type=SSE, headers=NO_CACHE)
-    outcome = await unless_client_leaves(request, service.complete(plan))
-    return results.text_completion(outcome, body["model"], service.metering.prices)
+        streams = [streaming.completion_stream(service, plan, body["model"], include_usage) for plan in plans]
+        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
+    outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
+    answers = [results.text_completion(outcome, body["model"], prices) for outcome in outcomes]
+    return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
 
 
 def _model_card(name: str) -> dict:

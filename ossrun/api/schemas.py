@@ -194,6 +194,7 @@ class PollInput(_Open):
 
 class ChatCompletionRequest(MessagesInput):
     model: str
+    n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
 
 
 class ResponsesRequest(ResponsesInput):
@@ -202,6 +203,7 @@ class ResponsesRequest(ResponsesInput):
 
 class CompletionRequest(Sampling):
     model: str
+    n: int | None = Field(None, ge=1, le=16)
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None

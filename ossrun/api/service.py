@@ -230,6 +230,18 @@ class Service:
             plan.constraint = self._constraint(body, forced, max_tokens)
         return plan
 
+    def choice_plans(self, plan: Plan) -> list[Plan]:
+        """One plan per choice of `n` (each its own seed and grammar state); just [plan] for n = 1."""
+        from ossrun.api.choices import derive_seed
+
+        n = int(plan.body.get("n") or 1)
+        plans = [plan]
+        for index in range(1, n):
+            params = dataclasses.replace(plan.params, seed=derive_seed(plan.params.seed, index))
+            constraint = None if plan.constraint is None else self._constraint(plan.body, plan.forced_tool, plan.params.max_tokens)
+            plans.append(dataclasses.replace(plan, params=params, constraint=constraint))
+        return plans
+
     async def plan_off_loop(self, *args: Any, **kwargs: Any) -> Plan:
         """`plan` on a worker thread: rendering a long prompt or compiling a schema takes a while, and the
         event loop must keep answering `/health` and streaming other requests' tokens meanwhile."""

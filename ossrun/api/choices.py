@@ -1,0 +1,102 @@
+"""`n > 1` on /v1/chat/completions and /v1/completions: n engine requests, one answer with n choices.
+
+Each choice is its own request (own seed, own grammar state); a seeded request stays reproducible
+because choice i's seed is derived from the request's seed and i (choice 0 keeps the seed itself, so
+`n: 1` and the first of `n: 2` agree). Streams of the choices are interleaved as they come, each
+frame's choice renumbered, with one usage chunk and one `[DONE]` at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ossrun.api.service import Outcome
+
+MAX_CHOICES = 16
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive choices' seeds far apart
+
+
+def derive_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed: the request's own for choice 0, a fixed mix of both for the others."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _GOLDEN) % (2**63 - 1) or 1
+
+
+def combined(outcomes: list[Outcome]) -> Outcome:
+    """Usage of all choices: the prompt once, every choice's completion tokens."""
+    first = outcomes[0]
+    return Outcome(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+                   completion_tokens=sum(o.completion_tokens for o in outcomes),
+                   reasoning_tokens=sum(o.reasoning_tokens for o in outcomes))
+
+
+def merge_results(results: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+    """One answer from each choice's single-choice answer (the first one's id and metadata)."""
+    merged = dict(results[0])
+    merged["choices"] = [{**result["choices"][0], "index": i} for i, result in enumerate(results)]
+    merged["usage"] = usage
+    return merged
+
+
+def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    total = json.loads(json.dumps(usages[0]))
+    for usage in usages[1:]:
+        total["completion_tokens"] += usage["completion_tokens"]
+        for key in ("cost_usd", "neurons"):
+            if key in total:
+                total[key] += usage.get(key, 0)
+        details = total.get("completion_tokens_details")
+        if details and usage.get("completion_tokens_details"):
+            details["reasoning_tokens"] += usage["completion_tokens_details"].get("reasoning_tokens", 0)
+    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+    return total
+
+
+async def merged_stream(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The choices' SSE streams as one: frames renumbered by choice and given the first stream's id;
+    each stream's usage chunk is held back and summed into one; a single `[DONE]` ends it. Leaving
+    early cancels every choice (each closes its engine request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[bytes]) -> None:
+        try:
+            async for frame in stream:
+                await queue.put((index, frame))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    chunk_id, usages, open_streams = None, [], len(tasks)
+    try:
+        while open_streams:
+            index, frame = await queue.get()
+            if frame is None:
+                open_streams -= 1
+                continue
+            if not frame.startswith(b"data: {"):
+                continue  # [DONE]: only once, at the very end
+            data = json.loads(frame[len(b"data: "):])
+            if "choices" not in data:  # an error frame
+                yield frame
+                continue
+            chunk_id = chunk_id or data.get("id")
+            data["id"] = chunk_id
+            if not data["choices"] and data.get("usage"):
+                usages.append(data)
+                continue
+            for choice in data["choices"]:
+                choice["index"] = index
+            yield b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+        if usages:
+            last = usages[0]
+            last["usage"] = _sum_usage([u["usage"] for u in usages])
+            yield b"data: " + json.dumps(last, ensure_ascii=False).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,50 @@
+"""`n > 1` through the real server with the openai client: indexed choices, sync and streamed,
+seeded per choice so a seeded request is reproducible and its choices differ."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Write a line"}], "max_tokens": 8, "temperature": 1.0, "seed": 7}
+TEXT = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 11}
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints, tmp_path_factory):
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-choices"), "--rate-limit", "100000")
+    yield openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    server.stop()
+
+
+def streamed_texts(chunks, n: int, field) -> tuple[list[str], list[str | None]]:
+    texts, finishes = [""] * n, [None] * n
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += field(choice) or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    return texts, finishes
+
+
+def test_chat_n_choices_sync_and_streamed(client):
+    first = client.chat.completions.create(**CHAT, n=2)
+    again = client.chat.completions.create(**CHAT, n=2)
+    assert [c.index for c in first.choices] == [0, 1]
+    texts = [c.message.content for c in first.choices]
+    assert texts[0] != texts[1] and texts == [c.message.content for c in again.choices]
+    assert first.usage.completion_tokens == 16 and first.usage.total_tokens == first.usage.prompt_tokens + 16
+    chunks = list(client.chat.completions.create(**CHAT, n=2, stream=True, stream_options={"include_usage": True}))
+    streamed, finishes = streamed_texts(chunks, 2, lambda c: c.delta.content)
+    assert streamed == texts and finishes == ["length", "length"]
+    assert len({c.id for c in chunks}) == 1 and chunks[-1].usage.completion_tokens == 16
+
+
+def test_completions_n_choices_sync_and_streamed(client):
+    first = client.completions.create(**TEXT, n=3)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.text for c in first.choices]
+    assert len(set(texts)) == 3 and texts == [c.text for c in client.completions.create(**TEXT, n=3).choices]
+    streamed, finishes = streamed_texts(list(client.completions.create(**TEXT, n=3, stream=True)), 3, lambda c: c.text)
+    assert streamed == texts and finishes == ["length"] * 3
