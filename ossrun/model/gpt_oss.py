@@ -15,6 +15,7 @@ from ossrun.model import mxfp4
 from ossrun.model.attention import AttentionBackend, PagedAttention
 from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
+from ossrun.model.dense import DenseLinear
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
 from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
 from ossrun.model.kernels.gpu import triton_available
@@ -100,18 +101,16 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
         self.triton = triton_available(device, precision)
         self.norm = RMSNorm(weights[prefix + "norm.scale"], config.rms_norm_eps, device, self.triton)
-        self.qkv_weight = _weight(weights[prefix + "qkv.weight"], dtype, device)
-        self.qkv_bias = _weight(weights[prefix + "qkv.bias"], dtype, device)
+        self.qkv = DenseLinear(weights[prefix + "qkv.weight"], weights[prefix + "qkv.bias"], dtype, device, precision)
         self.sinks = _weight(weights[prefix + "sinks"], torch.float32, device)
-        self.out_weight = _weight(weights[prefix + "out.weight"], dtype, device)
-        self.out_bias = _weight(weights[prefix + "out.bias"], dtype, device)
+        self.out = DenseLinear(weights[prefix + "out.weight"], weights[prefix + "out.bias"], dtype, device, precision)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend,
                 lora: LoraBatch | None = None) -> torch.Tensor:
         c = self.config
         tokens = x.shape[0]
         t = self.norm(x)
-        qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, (Hq + 2 Hkv) D]
+        qkv = self.qkv(t)  # [T, (Hq + 2 Hkv) D]
         if lora is not None:
             self._add_qkv_lora(qkv, t, lora)
         if self.triton and isinstance(attention, PagedAttention) and attention.triton:  # RoPE and cache writes fused
@@ -123,7 +122,7 @@ class Attention(nn.Module):
             v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
             o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale)
         o = o.reshape(tokens, c.q_size)  # [T, Hq·D]
-        out = F.linear(o, self.out_weight, self.out_bias)
+        out = self.out(o)
         if lora is not None:
             delta = lora.delta(self.layer, "o_proj", o, c.hidden_size)
             if delta is not None:
@@ -264,7 +263,7 @@ class GptOss(nn.Module):
         self.rotary = Rotary(config, device)
         self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device, precision) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device, triton_available(device, precision))
-        self.unembedding = _weight(weights["unembedding.weight"], dtype, device)
+        self.unembedding = DenseLinear(weights["unembedding.weight"], None, dtype, device, precision)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
@@ -290,4 +289,4 @@ class GptOss(nn.Module):
             x = block(x, rope, attention, lora)
         if logits_indices is not None:
             x = x[logits_indices]
-        return F.linear(self.norm(x), self.unembedding).float()
+        return self.unembedding(self.norm(x), torch.float32)

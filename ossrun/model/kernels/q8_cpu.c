@@ -1,0 +1,223 @@
+/* 8-bit dense matrix product for the CPU: y[m, n] = sum_k x[m, k] * W[n, k] + bias[n].
+ *
+ * W is quantised once at load, per block of 32 weights along k: int8 values q in [-127, 127] and
+ * one fp16 scale per block (times one power-of-two `wscale` per tensor, so small scales never fall
+ * into fp16's subnormals). Activations are quantised the same way on the fly (int8 + fp32 scale per
+ * 32), so each block's dot product is exact integer arithmetic, scaled once by both scales. Only
+ * int8 weights and their scales are read: half of bf16's bytes, which is what decode waits on.
+ *
+ * x86 paths (chosen by the compiler's macros, one per build variant):
+ *   AVX2: sign trick (|w| unsigned times x carrying w's sign) with maddubs, then madd to int32;
+ *   AVX-512 BW: the same, two blocks per 512-bit register, sign applied with a mask;
+ *   AVX-512 VNNI: dpbusd does the multiply and the int32 sums in one instruction.
+ * maddubs cannot saturate: |w|, |x| <= 127, so a pair sums to at most 2 * 127 * 127 = 32258.
+ * The portable path computes the same integers in plain C.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define QK 32     /* weights per block */
+#define MR 4      /* activation rows per micro-kernel call */
+#define MCHUNK 64 /* activation rows whose int8 copy stays in cache while every weight row passes */
+
+/* IEEE half -> float (portable; the x86 builds use F16C). */
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* One row of activations to int8 per block of 32: d = max|x| / 127, q = round_half_even(x / d).
+ * The same arithmetic as the PyTorch reference (x * (1/d), rounded to nearest even), so the
+ * quantised activations are bit-identical to it. */
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        d[b] = scale;
+#if defined(__AVX2__)
+        const __m256 vinv = _mm256_set1_ps(inv);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 8), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 16), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + 24), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        /* packs interleave 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * QK), packed);
+#else
+        for (int j = 0; j < QK; j++) q[b * QK + j] = (int8_t)nearbyintf(xb[j] * inv);
+#endif
+    }
+}
+
+#if defined(__AVX2__)
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* int32 sums of 4 products each, 8 lanes, for one 32-byte block of w (|w| given) and x. */
+static inline __m256i block_dot_avx2(__m256i w, __m256i aw, __m256i x) {
+    __m256i p16 = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+}
+#endif
+
+/* Dots of one weight row (nb blocks) with `rows` (<= MR) activation rows; out[r] gets the sum.
+ * Inlined with a constant `rows` so each case gets its own unrolled code. */
+static inline __attribute__((always_inline)) void dot_row(const int8_t *w, const uint16_t *wd, int64_t nb,
+                                                          const int8_t *xq, const float *xd, int64_t K, int rows,
+                                                          float *out) {
+    int64_t b = 0;
+#if defined(__AVX512BW__)
+    __m512 acc512[MR];
+    for (int r = 0; r < rows; r++) acc512[r] = _mm512_setzero_ps();
+    for (; b + 2 <= nb; b += 2) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + b * QK));
+        __m512i aw = _mm512_abs_epi8(wv);
+        __mmask64 neg = _mm512_movepi8_mask(wv);
+        __m512 dw = _mm512_insertf32x8(_mm512_set1_ps(half_to_float(wd[b])), _mm256_set1_ps(half_to_float(wd[b + 1])), 1);
+        for (int r = 0; r < rows; r++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + r * K + b * QK));
+            __m512i sx = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+#if defined(__AVX512VNNI__)
+            __m512i p32 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx);
+#else
+            __m512i p32 = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), _mm512_set1_epi16(1));
+#endif
+            const float *xs = xd + r * (K / QK) + b;
+            __m512 dx = _mm512_insertf32x8(_mm512_set1_ps(xs[0]), _mm256_set1_ps(xs[1]), 1);
+            acc512[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_mul_ps(dw, dx), acc512[r]);
+        }
+    }
+    float tail[MR] = {0};
+    for (; b < nb; b++) { /* an odd last block: the AVX2 step */
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        __m256i aw = _mm256_sign_epi8(wv, wv);
+        float dw = half_to_float(wd[b]);
+        for (int r = 0; r < rows; r++) {
+            __m256i p32 = block_dot_avx2(wv, aw, _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK)));
+            tail[r] += hsum8(_mm256_cvtepi32_ps(p32)) * dw * xd[r * (K / QK) + b];
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = _mm512_reduce_add_ps(acc512[r]) + tail[r];
+#elif defined(__AVX2__)
+    __m256 acc[MR];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        __m256i aw = _mm256_sign_epi8(wv, wv);
+        float dw = half_to_float(wd[b]);
+        for (int r = 0; r < rows; r++) {
+            __m256i p32 = block_dot_avx2(wv, aw, _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw * xd[r * (K / QK) + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = hsum8(acc[r]);
+#else
+    float acc[MR] = {0};
+    for (; b < nb; b++) {
+        const int8_t *wb = w + b * QK;
+        float dw = half_to_float(wd[b]);
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xb = xq + r * K + b * QK;
+            int32_t s = 0;
+            for (int j = 0; j < QK; j++) s += (int32_t)wb[j] * (int32_t)xb[j];
+            acc[r] += (float)s * (dw * xd[r * (K / QK) + b]);
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = acc[r];
+#endif
+}
+
+static void dot_rows(const int8_t *w, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd, int64_t K,
+                     int rows, float *out) {
+    switch (rows) {
+    case 4: dot_row(w, wd, nb, xq, xd, K, 4, out); break;
+    case 3: dot_row(w, wd, nb, xq, xd, K, 3, out); break;
+    case 2: dot_row(w, wd, nb, xq, xd, K, 2, out); break;
+    default: dot_row(w, wd, nb, xq, xd, K, 1, out); break;
+    }
+}
+
+/* Per-thread scratch for the quantised activations, grown on demand and kept: nothing is
+ * allocated per call once the largest batch has been seen. */
+static __thread int8_t *scratch_q;
+static __thread float *scratch_d;
+static __thread int64_t scratch_rows_k;
+
+static int ensure_scratch(int64_t elements) {
+    if (elements <= scratch_rows_k) return 0;
+    int8_t *q = realloc(scratch_q, (size_t)elements);
+    if (!q) return -1;
+    scratch_q = q;
+    float *d = realloc(scratch_d, (size_t)(elements / QK) * sizeof(float));
+    if (!d) return -1;
+    scratch_d = d;
+    scratch_rows_k = elements;
+    return 0;
+}
+
+/* Activations x [M, K] fp32 to int8 q [M, K] and scales d [M, K/32] (exported for the tests). */
+int q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, int nthreads) {
+    if (K % QK) return -1;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, q + m * K, d + m * (K / QK));
+    return 0;
+}
+
+/* y [M, N] fp32 = x [M, K] fp32 times W^T (wq [N, K] int8, wd [N, K/32] fp16 bits, times wscale)
+ * plus bias [N] (or NULL). Output rows are split across threads; every thread sees all of x. */
+int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd, float wscale, int64_t N,
+              const float *bias, float *y, int nthreads) {
+    if (K % QK || M < 0 || N < 0) return -1;
+    if (ensure_scratch(M * K)) return -2;
+    int8_t *xq = scratch_q;
+    float *xd = scratch_d;
+    int64_t nb = K / QK;
+    q8_quantize_rows(x, M, K, xq, xd, nthreads);
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
+        int64_t m1 = m0 + MCHUNK < M ? m0 + MCHUNK : M;
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t *w = wq + n * K;
+            const uint16_t *d = wd + n * nb;
+            float b = bias ? bias[n] : 0.0f, out[MR];
+            for (int64_t m = m0; m < m1; m += MR) {
+                int rows = (int)(m1 - m < MR ? m1 - m : MR);
+                dot_rows(w, d, nb, xq + m * K, xd + m * nb, K, rows, out);
+                for (int r = 0; r < rows; r++) y[(m + r) * N + n] = out[r] * wscale + b;
+            }
+        }
+    }
+    return 0;
+}
