@@ -25,3 +25,138 @@ def test_dtype_defaults_from_the_precision():
     assert resolve_dtype("exact", "bfloat16") == torch.bfloat16  # an explicit dtype wins
     with pytest.raises(ValueError):
         resolve_dtype("exact", "float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity. Two levels, each with a bound derived before measuring:
+#
+# 1. Every Q8 projection, on the inputs the exact model really feeds it: rounding a value to the
+#    nearest step s of its block leaves an error uniform on ±s/2, variance s²/12, independent of
+#    the others. For y = Ŵx̂ the expected squared error is then
+#        E‖Δy‖² = Σ_{m,n,k} x_mk² s_w(n,k)²/12 + W_nk² s_x(m,k)²/12   (+ a product term ≪ both),
+#    and with thousands of terms the measured error lands within a factor 2 of it (either way:
+#    a broken kernel is far above, a silently unquantised one far below).
+# 2. The whole model. On random checkpoints most of the logit error comes from discrete events
+#    (a token routed to another expert, a SwiGLU clamp), not from smooth propagation, so the
+#    yardstick is today's bf16 path, which is served and makes the same kind of events happen:
+#    one Q8 rounding (RMS ≈ 2.5/(127·√12) ≈ 0.6% of a block's σ) is 2.5–5× one bf16 rounding
+#    (0.1–0.2%), but the fast path rounds twice per matmul where bf16 rounds after every op, so
+#    the two perturbations are of one order. Bounds: mean KL(exact‖fast) ≤ 4× bf16's, top-1
+#    disagreement ≤ 2× bf16's (+3 binomial s.d.), max |Δlogit| ≤ 2× bf16's.
+# ---------------------------------------------------------------------------------------------
+
+from ossrun.model.attention import DenseAttention  # noqa: E402
+from ossrun.model.checkpoint import write_random_checkpoint  # noqa: E402
+from ossrun.model.config import PRESETS  # noqa: E402
+from ossrun.model.dense import DenseLinear  # noqa: E402
+from ossrun.model.kernels import dense_cpu  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not dense_cpu.q8_kernel_available(torch.device("cpu")), reason="no C compiler")
+
+
+def dense_logits(model: GptOss, ids: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(len(ids))
+    return model(ids, positions, DenseAttention(torch.zeros(len(ids), dtype=torch.long), positions))
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def expected_squared_error(x: torch.Tensor, layer: DenseLinear) -> float:
+    """E‖Δy‖² of the Q8 product under independent uniform rounding (see the comment above)."""
+    m, k = x.shape
+    step_w = (layer.scales.double() * layer.scale).repeat_interleave(32, dim=1)  # [N, K]
+    _, step_x = dense_cpu.quantize_activations(x)  # d = amax/127 is the step
+    step_x = step_x.double().repeat_interleave(32, dim=1)  # [M, K]
+    w = dense_cpu.Q8Weight(layer.values, layer.scales, layer.scale).dequantize().double()
+    weight_part = (x.double() ** 2) @ (step_w ** 2).T / 12
+    activation_part = (step_x ** 2) @ (w ** 2).T / 12
+    return float((weight_part + activation_part).sum())
+
+
+@needs_kernel
+def test_every_q8_projection_errs_as_rounding_predicts(checkpoints):
+    checkpoint = load_checkpoint(checkpoints["small_vocab_original"])
+    exact = GptOss.from_checkpoint(checkpoint, torch.float32)
+    fast = GptOss.from_checkpoint(checkpoint, torch.float32, precision="fast")
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str):
+        def hook(module, args, output) -> None:
+            inputs[name] = args[0].clone()
+        return hook
+
+    hooks = [module.register_forward_hook(keep_input(name)) for name, module in exact.named_modules() if isinstance(module, DenseLinear)]
+    dense_logits(exact, random_ids(96, checkpoint.config.vocab_size))
+    for hook in hooks:
+        hook.remove()
+    fast_layers = dict(fast.named_modules())
+    assert len(inputs) == 2 * checkpoint.config.num_hidden_layers + 1  # qkv and out per layer, the unembedding
+    for name, x in inputs.items():
+        layer = fast_layers[name]
+        assert layer.quantized, name
+        measured = float(((layer(x) - dict(exact.named_modules())[name](x)).double() ** 2).sum())
+        expected = expected_squared_error(x, layer)
+        print(name, measured / expected)
+        assert 0.5 * expected <= measured <= 2 * expected, (name, measured / expected)
+
+
+def divergence(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """Mean KL(reference‖other), top-1 disagreement and max |Δlogit| over positions."""
+    log_p, log_q = reference.log_softmax(-1), other.float().log_softmax(-1)
+    return {"kl": float((log_p.exp() * (log_p - log_q)).sum(-1).mean()),
+            "disagree": float((reference.argmax(-1) != other.argmax(-1)).float().mean()),
+            "max_abs": float((reference - other).abs().max())}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    return write_random_checkpoint(PRESETS["small"], tmp_path_factory.mktemp("small") / "small", "original", seed=1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_fast_model_within_the_bf16_yardstick(preset, checkpoints, small_checkpoint):
+    """The served fast path (Q8 dense, int8 MoE activations, bf16 activations) against exact fp32."""
+    checkpoint = load_checkpoint(checkpoints["original"] if preset == "tiny" else small_checkpoint)
+    positions = 256 if preset == "tiny" else 128
+    ids = random_ids(positions, checkpoint.config.vocab_size)
+    exact = dense_logits(GptOss.from_checkpoint(checkpoint, torch.float32), ids)
+    bf16 = divergence(exact, dense_logits(GptOss.from_checkpoint(checkpoint, torch.bfloat16), ids))
+    fast = divergence(exact, dense_logits(GptOss.from_checkpoint(checkpoint, torch.bfloat16, precision="fast"), ids))
+    noise = 3 * (max(bf16["disagree"], 1 / positions) * (1 - bf16["disagree"]) / positions) ** 0.5
+    print(f"{preset}: bf16 {bf16}, fast {fast}")
+    assert fast["kl"] <= 4 * bf16["kl"], (fast, bf16)
+    assert fast["disagree"] <= 2 * bf16["disagree"] + noise, (fast, bf16)
+    assert fast["max_abs"] <= 2 * bf16["max_abs"], (fast, bf16)
+
+
+def cli_tokens(*args: str) -> list[int]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ossrun.cli", "generate", "--token-ids", "1,2,3", "--max-tokens", "6",
+                             "--temperature", "0", "--json", *args], capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["token_ids"]
+
+
+def engine_tokens(model: GptOss, kv_dtype: torch.dtype) -> list[int]:
+    from ossrun.engine.engine import Engine, EngineOptions
+    from ossrun.engine.request import Request, SamplingParams
+
+    engine = Engine(model, EngineOptions(kv_dtype=kv_dtype, kv_cache_bytes=16 * 1024**2, max_model_len=1024))
+    return [e.token_id for e in engine.generate([Request("x", [1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])["x"]]
+
+
+@pytest.mark.parametrize("args,dtype,precision", [
+    (("--precision", "exact", "--dtype", "bfloat16"), torch.bfloat16, "exact"),  # what --dtype bfloat16 meant before the flag
+    ((), torch.bfloat16, "fast"),  # the default: fast, bf16 activations and KV cache
+])
+def test_cli_builds_the_model_the_flags_name(checkpoints, args, dtype, precision):
+    path = checkpoints["small_vocab_original"]
+    expected = engine_tokens(GptOss.from_checkpoint(load_checkpoint(path), dtype, precision=precision), dtype)
+    assert cli_tokens("--model", str(path), *args) == expected

@@ -1,0 +1,104 @@
+"""The Q8 dense kernel (kernels/q8_cpu.c) against its PyTorch reference, on every instruction set this CPU runs.
+
+Bound for the product (derived, not fitted): each block's integer dot product is exact in int32
+and in fp32 (|Σ| ≤ 32·127² < 2²⁴); the kernel then rounds the product of the two scales once and
+accumulates ≤ K/32 block terms (plus a ≤ 16-lane horizontal sum) in fp32. With u = 2⁻²⁴ that is
+|y − y_ref| ≤ (K/32 + 8)·u·Σ_k |ŵ_k x̂_k| + u·|y_ref|, with ŵ, x̂ the dequantised operands and
+y_ref computed in float64.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ossrun.model.dense import DenseLinear
+from ossrun.model.kernels import dense_cpu
+from ossrun.model.kernels.build import supported_isas
+
+ISAS = supported_isas()  # always includes "portable"
+U = 2.0 ** -24
+
+
+@pytest.fixture(autouse=True)
+def kernel_available():
+    if not dense_cpu.q8_kernel_available(torch.device("cpu")):
+        pytest.skip("no C compiler: the Q8 kernel cannot be built")
+
+
+def operands(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 4  # rows of different scales
+    x[:, :7] *= 30  # an outlier block, as real activations have
+    return x, torch.randn(n, k, generator=g) * 0.02, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_activation_quantisation_is_bit_exact(isa, monkeypatch):
+    monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    x, _, _ = operands(9, 2880, 1, seed=1)
+    x[3, 64:96] = 0  # an all-zero block: scale 0, values 0
+    x[4, 32:64] = 0
+    x[4, 32:36] = torch.tensor([127.0, 2.5, 3.5, -2.5])  # scale 1: exact halves round to even, as torch.round does
+    q, d = dense_cpu.q8_quantize_activations(x)
+    q_ref, d_ref = dense_cpu.quantize_activations(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+    assert q[4, 32:36].tolist() == [127, 2, 4, -2] and d[4, 1] == 1.0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(1, 32, 3), (1, 96, 7), (3, 2880, 33), (4, 4096, 5), (5, 160, 64), (70, 64, 9), (131, 96, 4)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_within_the_derived_bound(isa, m, k, n, with_bias, monkeypatch):
+    """Row counts cross the 4-row micro-kernel and the 64-row chunk; odd block counts hit the AVX-512 tail."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    x, w, b = operands(m, k, n, seed=m * 1000 + k + n)
+    b = b if with_bias else None
+    weight = dense_cpu.quantize_weight(w)
+    got = dense_cpu.q8_linear(x, weight, b)
+    ref = dense_cpu.q8_linear_reference(x, weight, b).double()
+    xq, xd = dense_cpu.quantize_activations(x)
+    x_hat = (xq.view(m, k // 32, 32).double() * xd.double().unsqueeze(-1)).view(m, k)
+    magnitude = x_hat.abs() @ weight.dequantize().double().abs().T
+    bound = (k // 32 + 8) * U * magnitude + U * ref.abs() + 1e-30
+    assert ((got.double() - ref).abs() <= bound).all(), ((got.double() - ref).abs() / bound).max()
+
+
+def test_reference_is_the_product_of_the_dequantised_operands():
+    """The float64 reference equals x̂ Ŵᵀ + b: the kernel's only approximation is the rounding to int8."""
+    x, w, b = operands(6, 256, 12, seed=3)
+    weight = dense_cpu.quantize_weight(w)
+    xq, xd = dense_cpu.quantize_activations(x)
+    x_hat = (xq.view(6, 8, 32).float() * xd.unsqueeze(-1)).view(6, 256)
+    assert torch.allclose(dense_cpu.q8_linear_reference(x, weight, b), F.linear(x_hat, weight.dequantize(), b), atol=1e-5)
+
+
+def test_weights_round_to_the_nearest_step_of_their_block():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 128, generator=g)
+    w[0] *= 1e-7  # tiny rows: the per-tensor power of two keeps their fp16 scales out of the subnormals
+    w[1] = 0
+    weight = dense_cpu.quantize_weight(w.bfloat16(), chunk_rows=16)  # several chunks
+    assert weight.values.dtype == torch.int8 and weight.values.abs().max() <= 127
+    step = (weight.scales.float() * weight.scale).repeat_interleave(32, dim=1)
+    error = (weight.dequantize() - w.bfloat16().float()).abs()
+    assert (error <= step * 0.5 * (1 + 1e-3) + 1e-30).all()
+    amax = w.bfloat16().float().view(40, 4, 32).abs().amax(-1).repeat_interleave(32, dim=1)
+    assert (step[0] / amax[0] * 127 - 1).abs().max() < 1e-3  # fp16 scale within its 11-bit precision
+    assert (weight.dequantize()[1] == 0).all()
+
+
+def test_without_kernels_the_fast_layer_keeps_full_precision(monkeypatch):
+    monkeypatch.setenv("OSSRUN_KERNELS", "0")
+    _, w, b = operands(1, 64, 8, seed=5)
+    layer = DenseLinear(w, b, torch.float32, torch.device("cpu"), "fast")
+    assert not layer.quantized and torch.equal(layer.weight, w)
+
+
+def test_fast_layer_is_quantised_and_exact_layer_is_not():
+    x, w, b = operands(2, 64, 8, seed=6)
+    fast = DenseLinear(w, b, torch.float32, torch.device("cpu"), "fast")
+    exact = DenseLinear(w, b, torch.float32, torch.device("cpu"), "exact")
+    assert fast.quantized and not exact.quantized
+    assert torch.equal(exact(x), F.linear(x, w, b))
+    assert torch.allclose(fast(x), dense_cpu.q8_linear_reference(x, dense_cpu.quantize_weight(w), b), atol=1e-5)
+    assert fast(x.bfloat16()).dtype == torch.bfloat16 and fast(x, torch.float32).dtype == torch.float32
