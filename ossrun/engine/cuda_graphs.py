@@ -2,9 +2,9 @@
 
 A decode step of B sequences runs hundreds of small kernels (24 layers of norms, projections,
 routing, the two kernels of each MoE and attention); launched one by one from Python they cost
-more than the arithmetic at small B. A graph is captured per (padded batch size, block-table
-width bucket) the first time that shape is needed, over static input buffers; a step copies its
-inputs into them and replays. Padding rows read token 0 at position 0 with an empty context and
+more than the arithmetic at small B. One graph per padded batch size is captured when the engine
+starts, over static input buffers whose block tables are as wide as the longest context needs;
+a step copies its inputs into them and replays. Padding rows read token 0 at position 0 with an empty context and
 write their k/v into the null block, which every table masks out, so they change nothing.
 
 Only steps where every sequence decodes one token, without LoRA, take this path (prefill chunks
@@ -34,26 +34,34 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, model: GptOss, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, max_batch: int):
+    def __init__(self, model: GptOss, caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, max_batch: int,
+                 max_model_len: int):
         self.model = model
         self.caches = caches
         self.block_size = block_size
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_batch} | {max_batch})
-        self.graphs: dict[tuple[int, int, int], _Graph] = {}
+        # Table widths: a decode sees at most the whole context (full layers), or the window plus the
+        # block being filled and one partly outside it (sliding layers).
+        self.widths = {"full": -(-max_model_len // block_size), "sliding": model.config.sliding_window // block_size + 2}
+        self.graphs: dict[int, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
 
-    def fits(self, batch: int) -> bool:
-        return batch <= self.sizes[-1]
+    def capture_all(self) -> None:
+        """Capture every batch size now (at engine start), so no step pays for a capture."""
+        for size in self.sizes:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
+
+    def fits(self, batch: int, groups: dict[str, PagedGroup]) -> bool:
+        return batch <= self.sizes[-1] and all(groups[name].block_tables.shape[1] <= width for name, width in self.widths.items())
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, groups: dict[str, PagedGroup]) -> torch.Tensor:
         """One decode step of B sequences (B ≤ the largest size) → logits [B, V] (a view of the graph's output)."""
         batch = token_ids.shape[0]
         padded = next(b for b in self.sizes if b >= batch)
-        widths = tuple(_bucket(groups[name].block_tables.shape[1]) for name in ("full", "sliding"))
-        key = (padded, *widths)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(padded, widths)
-        g = self.graphs[key]
+        if padded not in self.graphs:
+            self.graphs[padded] = self._capture(padded)
+        g = self.graphs[padded]
         _fill(g.token_ids, token_ids)
         _fill(g.positions, positions)
         for name, group in groups.items():
@@ -66,11 +74,10 @@ class DecodeGraphs:
         g.replay()
         return g.logits[:batch]
 
-    def _capture(self, batch: int, widths: tuple[int, int]) -> _Graph:
+    def _capture(self, batch: int) -> _Graph:
         device = self.model.device
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
-        groups = {name: PagedGroup(zeros(batch), zeros(batch, width), zeros(batch), zeros(batch))
-                  for name, width in zip(("full", "sliding"), widths)}
+        groups = {name: PagedGroup(zeros(batch), zeros(batch, width), zeros(batch), zeros(batch)) for name, width in self.widths.items()}
         token_ids, positions = zeros(batch), zeros(batch)
         attention = PagedAttention(self.caches, self.block_size, groups, list(range(batch)), [1] * batch, positions, triton=True)
         attention.prepare()
@@ -87,11 +94,6 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model(token_ids, positions, attention)
         return _Graph(graph.replay, token_ids, positions, groups, logits)
-
-
-def _bucket(width: int) -> int:
-    """Block-table widths round up to a power of two (at least 8): few graphs, little padding to copy."""
-    return max(8, 1 << (width - 1).bit_length())
 
 
 def _fill(static: torch.Tensor, values: torch.Tensor) -> None:

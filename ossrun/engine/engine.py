@@ -73,7 +73,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
         self.adapters = AdapterRegistry(model.config, model.dtype, model.device, options.adapter_budget_bytes)
         self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters, options.cuda_graphs,
-                                  options.max_num_seqs)
+                                  options.max_num_seqs, self.max_model_len)
         self.decode_token = decode_token
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[str] = []

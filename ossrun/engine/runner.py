@@ -23,7 +23,7 @@ from ossrun.model.lora import LoraBatch
 
 class ModelRunner:
     def __init__(self, model: GptOss, kv: KVCacheManager, kv_dtype: torch.dtype, sampler: Sampler, adapters: AdapterRegistry,
-                 cuda_graphs: bool = True, max_batch: int = 256):
+                 cuda_graphs: bool = True, max_batch: int = 256, max_model_len: int = 4096):
         self.model = model
         self.kv = kv
         self.sampler = sampler
@@ -41,7 +41,8 @@ class ModelRunner:
             )
         self.graphs: DecodeGraphs | None = None
         if self.triton_attention and cuda_graphs:
-            self.graphs = DecodeGraphs(model, self.caches, kv.block_size, max_batch)
+            self.graphs = DecodeGraphs(model, self.caches, kv.block_size, max_batch, max_model_len)
+            self.graphs.capture_all()
 
     @torch.inference_mode()
     def run(self, scheduled: list[Scheduled]) -> tuple[list[Scheduled], SamplerOutput | None]:
@@ -59,7 +60,7 @@ class ModelRunner:
         groups = {"full": self._group(scheduled, positions, sliding=False), "sliding": self._group(scheduled, positions, sliding=True)}
         lora = self._lora(scheduled, starts, lens)
         sampling = [item for item in scheduled if item.samples]
-        if self._graph_step(scheduled, lens, lora, sampling):
+        if self._graph_step(scheduled, lens, lora, sampling, groups):
             logits = self.graphs.forward(tokens_t, positions_t, groups)
         else:
             attention = PagedAttention(caches=self.caches, block_size=self.kv.block_size, groups=groups, query_starts=starts,
@@ -75,10 +76,11 @@ class ModelRunner:
         output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
         return sampling, output
 
-    def _graph_step(self, scheduled: list[Scheduled], lens: list[int], lora: LoraBatch | None, sampling: list[Scheduled]) -> bool:
+    def _graph_step(self, scheduled: list[Scheduled], lens: list[int], lora: LoraBatch | None, sampling: list[Scheduled],
+                    groups: dict[str, PagedGroup]) -> bool:
         """Whether this step replays a CUDA graph: every sequence decodes one token and samples, no LoRA."""
-        return (self.graphs is not None and lora is None and len(sampling) == len(scheduled) and self.graphs.fits(len(lens))
-                and all(n == 1 for n in lens))
+        return (self.graphs is not None and lora is None and len(sampling) == len(scheduled) and all(n == 1 for n in lens)
+                and self.graphs.fits(len(lens), groups))
 
     def _lora(self, scheduled: list[Scheduled], starts: list[int], lens: list[int]) -> LoraBatch | None:
         """Group the step's rows by adapter; None when every row runs on the base model."""
