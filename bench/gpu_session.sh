@@ -29,6 +29,6 @@ step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
   $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
 step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py
-step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel kernel-nograph eager --eager-max-concurrency 16 --max-seconds 20 --profile
+step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel eager kernel-nograph --eager-max-concurrency 16 --max-seconds 20 --profile
 step tests 90 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
 exit 0

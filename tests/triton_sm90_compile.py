@@ -52,9 +52,12 @@ def main() -> int:
     for sliding in (True, False):
         for block_t in (2, 16):
             constants = {"GROUP": 8, "GROUP_P": 8, "HEAD_DIM": 64, "PAGE": 16, "BLOCK_T": block_t, "BLOCK_N": 64,
-                         "SLIDING": sliding, "EMULATE": False}
+                         "SLIDING": sliding, "EMULATE": False, "IEEE": False}
             compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
                         f"attention sliding={sliding} block_t={block_t}")
+    fp32 = {**ATTENTION_SIGNATURE, **{name: "*fp32" for name in ("q_ptr", "out_ptr", "k_ptr", "v_ptr")}}
+    compile_one(triton_attention._paged_attention_kernel, fp32, {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 16, "PAGE": 16, "BLOCK_T": 4,
+                "BLOCK_N": 64, "SLIDING": True, "EMULATE": False, "IEEE": True}, "attention fp32 (ieee)")
     compile_one(triton_moe._route_kernel, {"logits_ptr": "*bf16", "experts_ptr": "*i64", "weights_ptr": "*bf16", "counts_ptr": "*i32",
                 "rank_ptr": "*i32", "stride_l": "i32"}, {"E": 32, "E_P": 32, "K": 4, "K_P": 4}, "route")
     compile_one(triton_moe._order_kernel, {"experts_ptr": "*i64", "rank_ptr": "*i32", "counts_ptr": "*i32", "order_ptr": "*i64",

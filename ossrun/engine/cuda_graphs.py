@@ -31,6 +31,7 @@ class _Graph:
     positions: torch.Tensor  # [Bp]
     groups: dict[str, PagedGroup]  # static slot mappings, tables, first blocks, context lengths
     logits: torch.Tensor  # [Bp, V], written by each replay
+    attention: PagedAttention  # holds the launch tensors the graph reads: must live as long as the graph
 
 
 class DecodeGraphs:
@@ -83,7 +84,8 @@ class DecodeGraphs:
         attention.prepare()
         if device.type != "cuda":  # what a replay computes, without a graph: lets CPU tests check the padding
             logits = torch.empty(batch, self.model.config.vocab_size, device=device)
-            return _Graph(lambda: logits.copy_(self.model(token_ids, positions, attention)), token_ids, positions, groups, logits)
+            return _Graph(lambda: logits.copy_(self.model(token_ids, positions, attention)), token_ids, positions, groups, logits,
+                          attention)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up off the capture: Triton compiles, allocators settle
@@ -93,7 +95,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self.model(token_ids, positions, attention)
-        return _Graph(graph.replay, token_ids, positions, groups, logits)
+        return _Graph(graph.replay, token_ids, positions, groups, logits, attention)
 
 
 def _fill(static: torch.Tensor, values: torch.Tensor) -> None:

@@ -22,10 +22,13 @@ from ossrun.model.kernels.triton_moe import interpreting
 
 
 @triton.jit
-def _dot(a, b, EMULATE: tl.constexpr):
-    """fp32-accumulated a·b; widened to fp32 under the interpreter (its bf16 dot is wrong, see triton_moe.mma)."""
+def _dot(a, b, EMULATE: tl.constexpr, IEEE: tl.constexpr):
+    """fp32-accumulated a·b; widened to fp32 under the interpreter (its bf16 dot is wrong, see triton_moe.mma).
+    IEEE: fp32 caches multiply in full fp32 (a GPU's default for an fp32 dot is tf32, 1e-3 off)."""
     if EMULATE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
 
@@ -33,7 +36,8 @@ def _dot(a, b, EMULATE: tl.constexpr):
 @triton.jit
 def _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first_block, n_table, hi, window, scale, kvh,
               stride_kb, stride_ks, stride_kh,
-              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr):
+              HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr,
+              IEEE: tl.constexpr):
     """One online-softmax update over keys start … start+BLOCK_N−1, gathered through the block table."""
     d = tl.arange(0, HEAD_DIM)
     k_pos = start + tl.arange(0, BLOCK_N)
@@ -42,7 +46,7 @@ def _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first_block, 
     block = tl.load(table + logical, mask=k_ok, other=0).to(tl.int64)
     slot = block * stride_kb + (k_pos % PAGE) * stride_ks + kvh * stride_kh
     k_t = tl.load(k_ptr + slot[None, :] + d[:, None], mask=k_ok[None, :], other=0.0)  # [D, N]
-    s = _dot(q, k_t, EMULATE) * scale
+    s = _dot(q, k_t, EMULATE, IEEE) * scale
     allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
     if SLIDING:
         allowed &= k_pos[None, :] > q_pos[:, None] - window
@@ -52,7 +56,7 @@ def _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first_block, 
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)  # [N, D]
-    acc = acc * alpha[:, None] + _dot(p.to(v_ptr.dtype.element_ty), v, EMULATE)
+    acc = acc * alpha[:, None] + _dot(p.to(v_ptr.dtype.element_ty), v, EMULATE, IEEE)
     return m_new, l_i, acc
 
 
@@ -63,7 +67,7 @@ def _paged_attention_kernel(
     n_table, window, scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_tb,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr,
 ):
     seq = tl.load(seqs_ptr + tl.program_id(0))  # which sequence of the step (row of the block tables)
     t0 = tl.program_id(1) * BLOCK_T
@@ -95,12 +99,12 @@ def _paged_attention_kernel(
         start = lo
         while start < hi:
             m_i, l_i, acc = _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first // PAGE, n_table, hi, window,
-                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE)
+                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE, IEEE)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first // PAGE, n_table, hi, window,
-                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE)
+                                      scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -135,6 +139,6 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, PAGE=page,
-        BLOCK_T=block_t, BLOCK_N=64, SLIDING=bool(window), EMULATE=interpreting(),
+        BLOCK_T=block_t, BLOCK_N=64, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
     )
     return out

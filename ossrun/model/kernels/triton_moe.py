@@ -202,7 +202,7 @@ def _route_kernel(logits_ptr, experts_ptr, weights_ptr, counts_ptr, rank_ptr, st
     top_e = tl.zeros((K_P,), tl.int32)
     for i in tl.static_range(K):
         best = tl.max(logits, 0)
-        chosen = tl.min(tl.where(logits == best, e, E_P), 0)
+        chosen = tl.minimum(tl.min(tl.where(logits == best, e, E_P), 0), E - 1)  # NaN logits must not index past E
         top_v = tl.where(j == i, best, top_v)
         top_e = tl.where(j == i, chosen, top_e)
         logits = tl.where(e == chosen, float("-inf"), logits)
