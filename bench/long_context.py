@@ -10,6 +10,8 @@ attention (`attention_with_sinks` over gathered keys, what the exact path runs) 
 token; decode is the fastest step after it (the machine is shared: the minimum is the least noisy). The reference is skipped above `--ref-max` (it grows
 quadratically: 8k takes about half a minute on 2 cores). The `tiny` model has 64-wide hidden states,
 so attention is most of its work at depth: what this shows is the attention's cost, not the MLPs'.
+On a shared, oversubscribed machine `--threads 1` gives the stabler figures: with 2 threads every
+parallel region waits for both threads to be scheduled, and that wait dominates short calls.
 """
 
 from __future__ import annotations
