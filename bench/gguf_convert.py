@@ -155,6 +155,7 @@ def _dense_shape(shape: tuple[int, int], qtype: gguf.GGMLQuantizationType) -> tu
 def tensor_plan(ckpt: Checkpoint, dense: str) -> list[Planned]:
     c, w, dq = ckpt.config, ckpt.tensors, DENSE_TYPES[dense]
     plan: list[Planned] = []
+    # Every `make` runs after the loop: each lambda binds its names as defaults (no late binding).
 
     def f32(name: str, tensor_fn: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> None:
         plan.append(Planned(name, F32, lambda: _f32(tensor_fn()), shape))
@@ -173,8 +174,9 @@ def tensor_plan(ckpt: Checkpoint, dense: str) -> list[Planned]:
         qkv_w, qkv_b = p + "attn.qkv.weight", p + "attn.qkv.bias"
         f32(b + "attn_norm.weight", lambda n=p + "attn.norm.scale": w[n], (H,))
         for part, begin, size in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
-            matrix(b + f"attn_{part}.weight", lambda s=slice(begin, begin + size): w[qkv_w][s], (size, H))
-            f32(b + f"attn_{part}.bias", lambda s=slice(begin, begin + size): w[qkv_b][s], (size,))
+            rows = slice(begin, begin + size)
+            matrix(b + f"attn_{part}.weight", lambda s=rows, n=qkv_w: w[n][s], (size, H))
+            f32(b + f"attn_{part}.bias", lambda s=rows, n=qkv_b: w[n][s], (size,))
         matrix(b + "attn_output.weight", lambda n=p + "attn.out.weight": w[n], (H, q))
         f32(b + "attn_output.bias", lambda n=p + "attn.out.bias": w[n], (H,))
         f32(b + "attn_sinks.weight", lambda n=p + "attn.sinks": w[n], (c.num_attention_heads,))
