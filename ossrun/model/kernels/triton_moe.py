@@ -148,6 +148,19 @@ def _block_m(rows: int, n_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(1, rows // max(1, n_experts)))))
 
 
+def _tile(block_m: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps). With few rows a step is a pure weight stream: narrow column tiles
+    give more programs in flight (the first H200 run, 64-wide: 80 µs a batch-1 projection, ~10 % of
+    HBM bandwidth). OSSRUN_MOE_TILE="N,K,W" overrides the small-row tile (bench/gpu_sweep.py)."""
+    if block_m > 16:
+        return 64, 128, 4
+    override = os.environ.get("OSSRUN_MOE_TILE")
+    if override:
+        n, k, w = (int(v) for v in override.split(","))
+        return n, k, w
+    return 32, 256, 4
+
+
 def mxfp4_grouped_matmul(
     x: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
     swiglu_limit: float | None = None, out_dtype: torch.dtype | None = None,
@@ -173,7 +186,7 @@ def mxfp4_grouped_matmul(
         return y
     block_m = _block_m(rows, n_experts)
     x = x.contiguous()
-    block_n = 64
+    block_n, block_k, warps = _tile(block_m)
     grid = (triton.cdiv(rows, block_m) + n_experts, triton.cdiv(n_out, block_n))
     scatter = order is not None and not gather
     _mxfp4_grouped_kernel[grid](
@@ -184,7 +197,7 @@ def mxfp4_grouped_matmul(
         blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1), bias.stride(0) if bias is not None else 0,
         K=k, N_EXPERTS=n_experts, SWIGLU=swiglu_limit is not None, HAS_BIAS=bias is not None,
         GATHER=order is not None and gather, SCATTER=scatter, ROUTE_K=route_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, EMULATE=interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EMULATE=interpreting(), num_warps=warps,
     )
     return y
 
