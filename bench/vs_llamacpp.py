@@ -172,16 +172,19 @@ def fidelity_rows(table: Table, jobs: dict[str, dict], args, model_dir: Path) ->
     table.add("top-1 agreement with exact", threads, top1, fmt="{:.1%}", ratios=False)
 
 
-def divergence(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """(mean KL(p_ref ‖ p_other), share of positions whose argmax agrees), from logits [T, V]."""
+def divergence(reference: np.ndarray, other: np.ndarray, rows: int = 32) -> tuple[float, float]:
+    """(mean KL(p_ref ‖ p_other), share of positions whose argmax agrees), from logits [T, V];
+    float64, `rows` positions at a time (a 201k vocabulary makes whole-array temporaries GBs)."""
     def log_softmax(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float64)
         x = x - x.max(axis=-1, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
-    lp, lq = log_softmax(reference), log_softmax(other)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    return float(kl.mean()), float((reference.argmax(-1) == other.argmax(-1)).mean())
+    kl = []
+    for begin in range(0, len(reference), rows):
+        lp, lq = log_softmax(reference[begin:begin + rows]), log_softmax(other[begin:begin + rows])
+        kl.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
+    return float(np.concatenate(kl).mean()), float((reference.argmax(-1) == other.argmax(-1)).mean())
 
 
 def concurrency_rows(table: Table, jobs: dict[str, dict], args) -> None:
