@@ -44,3 +44,18 @@ def test_streamed_chunks_carry_their_tokens_logprobs(client):
     entries = [entry for choice in with_text for entry in choice.logprobs.content]
     assert "".join(choice.delta.content for choice in with_text) == sync.message.content == text_of(entries).lstrip()
     assert [e.token for e in entries] == [e.token for e in sync.logprobs.content]
+
+
+TEXT = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+
+
+def test_completions_logprobs_sync_and_streamed(client):
+    choice = client.completions.create(**TEXT).choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    assert all(len(top) <= 2 and max(top.values()) >= logprob for top, logprob in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chunks = [c.choices[0] for c in client.completions.create(**TEXT, stream=True) if c.choices and c.choices[0].text]
+    assert all(c.logprobs is not None for c in chunks)
+    assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset

@@ -59,7 +59,7 @@ async def completions(request: Request):
         streams = [streaming.completion_stream(service, plan, body["model"], include_usage) for plan in plans]
         return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
     outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
-    answers = [results.text_completion(outcome, body["model"], prices) for outcome in outcomes]
+    answers = [results.text_completion(outcome, body["model"], prices, plans[0].params.logprobs) for outcome in outcomes]
     return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
 
 

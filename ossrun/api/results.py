@@ -113,8 +113,18 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
     return body
 
 
-def text_completion(outcome: Outcome, model: str, prices) -> dict[str, Any]:
+def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """Legacy completions' logprobs object from chat-style entries; `text_offset` counts from `offset`."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries], "text_offset": offsets}
+
+
+def text_completion(outcome: Outcome, model: str, prices, with_logprobs: bool = False) -> dict[str, Any]:
     return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": outcome.text, "logprobs": None,
+            "choices": [{"index": 0, "text": outcome.text, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
                          "finish_reason": "length" if outcome.finish_reason == "length" else "stop", "stop_reason": outcome.stop_reason}],
             "usage": usage(outcome, prices)}

@@ -204,6 +204,7 @@ class ResponsesRequest(ResponsesInput):
 class CompletionRequest(Sampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)
+    logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None

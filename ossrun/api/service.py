@@ -83,6 +83,13 @@ def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
     return stops
 
 
+def _logprob_fields(shape: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Chat's `logprobs: true` + `top_logprobs: N`; legacy completions' `logprobs: N` means both at once."""
+    if shape == "completions":
+        return {"logprobs": body.get("logprobs") is not None, "top_logprobs": int(body.get("logprobs") or 0)}
+    return {"logprobs": bool(body.get("logprobs")), "top_logprobs": int(body.get("top_logprobs") or 0)}
+
+
 def _named_tool(body: dict[str, Any]) -> str | None:
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
@@ -218,8 +225,7 @@ class Service:
                 frequency_penalty=float(body.get("frequency_penalty") or 0.0),
                 presence_penalty=float(body.get("presence_penalty") or 0.0),
                 stop_token_ids=tuple(harmony.STOP_TOKENS),
-                logprobs=bool(body.get("logprobs")),
-                top_logprobs=int(body.get("top_logprobs") or 0),
+                **_logprob_fields(shape, body),
             )
         except ValueError as exc:
             raise bad_input(f"Error: {exc}") from None

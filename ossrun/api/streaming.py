@@ -110,16 +110,23 @@ async def completion_stream(service: Service, plan: Plan, model: str, include_us
     chunk_id, created = results.new_id("cmpl"), int(time.time())
     outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
 
-    def chunk(text: str, finish: str | None = None) -> bytes:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = outcome.stop_reason
         return frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [choice]})
 
+    sent_logprobs, text_offset = 0, 0  # each chunk carries the logprobs of its own tokens
+
     try:
         async for event in _steps(service, plan, outcome):
             if isinstance(event, harmony.ContentDelta):
-                yield chunk(event.text)
+                logprobs = None
+                if plan.params.logprobs:
+                    fresh = outcome.logprobs[sent_logprobs:]
+                    logprobs = results.completion_logprobs(fresh, text_offset)
+                    sent_logprobs, text_offset = len(outcome.logprobs), text_offset + sum(len(e["token"]) for e in fresh)
+                yield chunk(event.text, logprobs=logprobs)
         yield chunk("", "length" if outcome.finish_reason == "length" else "stop")
         if include_usage:
             yield frame({"id": chunk_id, "object": "text_completion", "created": created, "model": model, "choices": [],
