@@ -185,6 +185,7 @@ class TextChoice(_Out):
     text: str
     logprobs: Any = None
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | None = None  # the stop string that ended the text
 
 
 class TextCompletion(_Out):
@@ -304,6 +305,7 @@ class ChunkChoice(_Out):
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    stop_reason: str | None = None  # on the chunk with finish_reason: the stop string that ended the answer
 
 
 class ChatCompletionChunk(_Out):
@@ -320,6 +322,7 @@ class CompletionChunkChoice(_Out):
     text: str
     logprobs: Any = None
     finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | None = None
 
 
 class CompletionChunk(_Out):
