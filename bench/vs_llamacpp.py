@@ -53,11 +53,15 @@ FIDELITY_PROMPTS = [(192, 11), (192, 12)]  # (length, seed): past the 128-token 
 def run_worker(job: dict, threads: int) -> dict:
     """Run `job` in a child process with `threads` threads (torch, OpenMP and llama.cpp alike) → its result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**job, "threads": threads})],
                          env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"worker {job} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    label = job.get("precision") or Path(job.get("gguf", "")).stem or ""
+    print(f"[{time.strftime('%H:%M:%S')}] {job['task']} {job.get('engine', '')} {label} {threads} thread(s): "
+          f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)  # progress of a long run
     return json.loads(lines[-1][len("RESULT "):])
 
 
