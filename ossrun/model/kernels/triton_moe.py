@@ -113,17 +113,18 @@ def _mxfp4_grouped_kernel(
         x_odd = tl.load(x_ptr + x_rows[:, None] * stride_xm + (2 * byte + 1)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x_even = x_even.to(tl.bfloat16)
         x_odd = x_odd.to(tl.bfloat16)
-        # Weights load as [N, K/2] (each row's bytes contiguous: wide coalesced loads), then transpose for the dot.
-        wmask = col_ok[:, None] & k_ok[None, :]
-        packed = tl.load(w_base + w_rows[:, None] * stride_bo + byte[None, :], mask=wmask, other=0).to(tl.int32)
-        scale = _scale_of(tl.load(s_base + w_rows[:, None] * stride_so + (byte // 16)[None, :], mask=wmask, other=0))
-        acc += mma(x_even, tl.trans(_decode(packed & 15, scale).to(tl.bfloat16)), EMULATE)
-        acc += mma(x_odd, tl.trans(_decode(packed >> 4, scale).to(tl.bfloat16)), EMULATE)
+        wmask = k_ok[:, None] & col_ok[None, :]
+        packed = tl.load(w_base + w_rows[None, :] * stride_bo + byte[:, None], mask=wmask, other=0).to(tl.int32)  # [half_k, N]
+        sbyte = tl.load(s_base + w_rows[None, :] * stride_so + (byte // 16)[:, None], mask=wmask, other=0)
+        scale = _scale_of(sbyte)
+        acc += mma(x_even, _decode(packed & 15, scale).to(tl.bfloat16), EMULATE)
+        acc += mma(x_odd, _decode(packed >> 4, scale).to(tl.bfloat16), EMULATE)
         if SWIGLU:
-            packed = tl.load(w_base + (w_rows + 1)[:, None] * stride_bo + byte[None, :], mask=wmask, other=0).to(tl.int32)
-            scale = _scale_of(tl.load(s_base + (w_rows + 1)[:, None] * stride_so + (byte // 16)[None, :], mask=wmask, other=0))
-            acc_lin += mma(x_even, tl.trans(_decode(packed & 15, scale).to(tl.bfloat16)), EMULATE)
-            acc_lin += mma(x_odd, tl.trans(_decode(packed >> 4, scale).to(tl.bfloat16)), EMULATE)
+            packed = tl.load(w_base + (w_rows + 1)[None, :] * stride_bo + byte[:, None], mask=wmask, other=0).to(tl.int32)
+            sbyte = tl.load(s_base + (w_rows + 1)[None, :] * stride_so + (byte // 16)[:, None], mask=wmask, other=0)
+            scale = _scale_of(sbyte)
+            acc_lin += mma(x_even, _decode(packed & 15, scale).to(tl.bfloat16), EMULATE)
+            acc_lin += mma(x_odd, _decode(packed >> 4, scale).to(tl.bfloat16), EMULATE)
     if HAS_BIAS:
         b_base = bias_ptr + expert * stride_biase
         acc += tl.load(b_base + w_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -148,15 +149,16 @@ def _block_m(rows: int, n_experts: int) -> int:
 
 
 def _tile(block_m: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps). OSSRUN_MOE_TILE="N,K,W" overrides the small-row tile (bench/gpu_sweep.py:
-    on the H200 the tile shape moved a batch-1 layer only between 200 and 320 µs, ~10 % of HBM bandwidth)."""
+    """(BLOCK_N, BLOCK_K, warps). With few rows a step is a pure weight stream: narrow column tiles
+    give more programs in flight (the first H200 run, 64-wide: 80 µs a batch-1 projection, ~10 % of
+    HBM bandwidth). OSSRUN_MOE_TILE="N,K,W" overrides the small-row tile (bench/gpu_sweep.py)."""
     if block_m > 16:
         return 64, 128, 4
     override = os.environ.get("OSSRUN_MOE_TILE")
     if override:
         n, k, w = (int(v) for v in override.split(","))
         return n, k, w
-    return 64, 128, 4
+    return 32, 256, 4
 
 
 def mxfp4_grouped_matmul(
