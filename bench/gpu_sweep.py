@@ -30,7 +30,7 @@ def main() -> None:
         os.environ["OSSRUN_MOE_TILE"] = tile
         fn = lambda: triton_moe.moe_experts(t, logits, 4, (blocks1, scales1, bias1), (blocks2, scales2, bias2), 7.0)  # noqa: E731
         ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-        print(f"tile {tile:10s}: {ms * 1000:7.1f} us per MoE layer, {bytes_read / ms / 1e9:6.0f} GB/s", flush=True)
+        print(f"tile {tile:10s}: {ms * 1000:7.1f} us per MoE layer, {bytes_read / ms / 1e6:6.0f} GB/s", flush=True)
         if best is None or ms < best[1]:
             best = (tile, ms)
     print(best[0])

@@ -149,16 +149,14 @@ def _block_m(rows: int, n_experts: int) -> int:
 
 
 def _tile(block_m: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps). With few rows a step is a pure weight stream: narrow column tiles
-    give more programs in flight (the first H200 run, 64-wide: 80 µs a batch-1 projection, ~10 % of
-    HBM bandwidth). OSSRUN_MOE_TILE="N,K,W" overrides the small-row tile (bench/gpu_sweep.py)."""
-    if block_m > 16:
-        return 64, 128, 4
+    """(BLOCK_N, BLOCK_K, warps): 64×128, 4 warps, the tile of the measured H200 runs (bench/GPU_NOTES.md).
+    OSSRUN_MOE_TILE="N,K,W" overrides it for small row counts (bench/gpu_sweep.py times the choices:
+    at batch 1 they moved a MoE layer only between ~200 and ~430 µs, far from the ~15 µs HBM allows)."""
     override = os.environ.get("OSSRUN_MOE_TILE")
-    if override:
+    if override and block_m == 16:
         n, k, w = (int(v) for v in override.split(","))
         return n, k, w
-    return 32, 256, 4
+    return 64, 128, 4
 
 
 def mxfp4_grouped_matmul(
