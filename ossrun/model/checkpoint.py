@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,7 +231,14 @@ def random_tensors(config: ModelConfig, device: torch.device | str, seed: int = 
 
 
 def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = "original", seed: int = 0) -> Path:
-    """Write a random checkpoint in an official layout, one tensor in memory at a time.
+    """Write a random checkpoint in an official layout, one tensor in memory at a time (see `write_checkpoint`)."""
+    return write_checkpoint(config, out, RandomWeights(config, seed).make, layout)
+
+
+def write_checkpoint(config: ModelConfig, out: str | Path, make: Callable[[TensorSpec], torch.Tensor],
+                     layout: str = "original") -> Path:
+    """Write a checkpoint in an official layout; `make(spec)` gives each tensor of `original_specs` by its
+    original name (bf16, experts packed uint8), one at a time, so no checkpoint is ever whole in memory.
 
     `original`: `config.json` + `model.safetensors` as in the hub's `original/` folder (pass the
     folder itself as `out`, or a root and the loader finds `original/`). `hf`: the hub root layout,
@@ -240,10 +248,9 @@ def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = 
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = RandomWeights(config, seed)
     if layout == "original":
         (out / "config.json").write_text(json.dumps(config.to_original_json(), indent=2))
-        write_streaming(out / "model.safetensors", original_specs(config), weights.make)
+        write_streaming(out / "model.safetensors", original_specs(config), make)
         return out
     (out / "config.json").write_text(json.dumps(config.to_hf_json(), indent=2))
     entries = hf_specs(config)
@@ -251,18 +258,18 @@ def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = 
     shards = _shard([spec for spec, _, _ in entries])
     source_specs = {spec.name: spec for spec in original_specs(config)}
 
-    def make(spec: TensorSpec) -> torch.Tensor:
+    def make_hf(spec: TensorSpec) -> torch.Tensor:
         source, rows = by_name[spec.name]
-        tensor = weights.make(source_specs[source])
+        tensor = make(source_specs[source])
         return tensor[rows[0]:rows[1]].clone() if rows else tensor
 
     if len(shards) == 1:
-        write_streaming(out / "model.safetensors", shards[0], make)
+        write_streaming(out / "model.safetensors", shards[0], make_hf)
         return out
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_streaming(out / name, shard, make)
+        write_streaming(out / name, shard, make_hf)
         weight_map.update({spec.name: name for spec in shard})
     total = sum(spec.nbytes for spec, _, _ in entries)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

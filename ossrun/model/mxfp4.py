@@ -63,3 +63,43 @@ def quantize_random(
     choice = torch.tensor(scale_bytes, dtype=torch.uint8)
     scales = choice[torch.randint(0, len(scale_bytes), (n_matrices, shape_out, n_blocks), generator=generator)]
     return blocks, scales
+
+
+def _scale_exponents(weights: torch.Tensor) -> torch.Tensor:
+    """Per 32-value block, the smallest power of two that brings the block's largest |value| to ≤ 6
+    (FP4's largest), so nothing is clipped. weights [..., n·32] float → exponents [..., n] (int)."""
+    blocks = weights.float().reshape(*weights.shape[:-1], -1, BLOCK_SIZE)
+    amax = blocks.abs().amax(dim=-1).clamp(min=2.0 ** -120)
+    return torch.ceil(torch.log2(amax / 6.0)).clamp(-SCALE_BIAS, 127).int()
+
+
+def _nearest_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """FP4 code (0..15) of the representable value nearest to each `scaled` value (|scaled| ≤ 6)."""
+    magnitudes = torch.tensor(FP4_VALUES[:8])
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    codes = torch.bucketize(scaled.abs(), midpoints)
+    return torch.where(scaled < 0, codes + 8, codes)
+
+
+def round_to_mxfp4(weights: torch.Tensor) -> torch.Tensor:
+    """`weights` [..., n·32] rounded to the nearest MXFP4 values (float32), as `quantize` stores them.
+
+    Quantisation-aware training uses this in the forward: it is `dequantize(*quantize(w))` without packing.
+    """
+    exponents = _scale_exponents(weights)
+    blocks = weights.float().reshape(*weights.shape[:-1], -1, BLOCK_SIZE)
+    powers = torch.exp2(exponents.float()).unsqueeze(-1)
+    values = torch.tensor(FP4_VALUES)[_nearest_codes(blocks / powers)] * powers
+    return values.reshape(weights.shape)
+
+
+def quantize(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weights` [..., n·32] → packed (blocks [..., n, 16], scales [..., n]) in the checkpoint layout:
+    low nibble first, E8M0 scale bytes. Round to nearest; `dequantize` of the result is `round_to_mxfp4`."""
+    if weights.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"the last dimension ({weights.shape[-1]}) must be a multiple of {BLOCK_SIZE}")
+    exponents = _scale_exponents(weights)
+    blocks = weights.float().reshape(*weights.shape[:-1], -1, BLOCK_SIZE)
+    codes = _nearest_codes(blocks / torch.exp2(exponents.float()).unsqueeze(-1)).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.contiguous(), (exponents + SCALE_BIAS).to(torch.uint8)

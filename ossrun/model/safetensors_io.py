@@ -71,10 +71,11 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def write_streaming(path: Path, specs: Iterable[TensorSpec], make: Callable[[TensorSpec], torch.Tensor]) -> None:
+def write_streaming(path: Path, specs: Iterable[TensorSpec], make: Callable[[TensorSpec], torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose tensors are produced one at a time by `make(spec)`."""
     specs = list(specs)
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for spec in specs:
         header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
