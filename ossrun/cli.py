@@ -130,6 +130,43 @@ def generate(
         typer.echo(text)
 
 
+@app.command("train-demo")
+def train_demo(
+    out: Optional[Path] = typer.Option(None, help="Compact weights file to write (default: the package's own, replaced)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the shipped recipe's)."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, min=1, help="Torch threads (1 is fastest on a busy machine)."),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", "-v"),
+) -> None:
+    """Train the embedded demo model from scratch (seeded), export it, and show its greedy answers."""
+    _setup_logging(verbose)
+    import dataclasses
+    import tempfile
+
+    import torch
+
+    from ossrun.demo_model import evaluate
+    from ossrun.demo_model.export import export
+    from ossrun.demo_model.train import DEMO_CONFIG, TrainSettings, train
+    from ossrun.model.demo_weights import WEIGHTS_FILE, expand
+
+    torch.set_num_threads(threads)
+    settings = TrainSettings(seed=seed)
+    if steps is not None:
+        settings = dataclasses.replace(settings, steps=steps)
+    result = train(DEMO_CONFIG, settings)
+    final_loss = sum(result.losses[-20:]) / len(result.losses[-20:])
+    target = out or WEIGHTS_FILE
+    export(result.model, result.vocab, target, {"steps": str(settings.steps), "seed": str(seed),
+                                                "final_loss": f"{final_loss:.4f}", "seconds": f"{result.seconds:.0f}"})
+    with tempfile.TemporaryDirectory() as tmp:
+        model = evaluate.load(expand(target, Path(tmp) / "demo"))
+        for question, completion in evaluate.report(model):
+            typer.echo(f"{question}\n  → {completion}")
+    typer.echo(f"trained {settings.steps} steps in {result.seconds:.0f} s, final loss {final_loss:.4f} "
+               f"(mean of the last 20 steps); wrote {target}")
+
+
 @app.command()
 def tokenize(text: str = typer.Argument(..., help="Text; harmony special tokens like <|start|> are recognised.")) -> None:
     """Print the o200k_harmony token ids of TEXT (offline)."""

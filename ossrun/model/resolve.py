@@ -1,7 +1,9 @@
-"""Where a model named on the command line lives: a directory, a preset we write once, or a hub id.
+"""Where a model named on the command line lives: a directory, the demo model, a preset, or a hub id.
 
-Presets are random checkpoints the project writes itself (no network); hub ids resolve to the real
-weights in the Hugging Face cache, which `download` fills.
+`demo` (the default) is the tiny gpt-oss the project trained, expanded from the package's compact
+weights (`demo_weights.py`); presets are random checkpoints the project writes itself (tests that
+want noise, benchmarks); hub ids resolve to the real weights in the Hugging Face cache, which
+`download` fills. None of them needs the network except `download`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from pathlib import Path
 
 from ossrun.model.checkpoint import write_random_checkpoint
 from ossrun.model.config import PRESETS
+from ossrun.model.demo_weights import demo_dir
 from ossrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny"
+DEMO_MODEL = "demo"
+DEFAULT_MODEL = DEMO_MODEL
 HUB_MODELS = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
 # Only what the engine reads: both layouts' weights and configs, not the metal/ or GGUF copies.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "original/*", "generation_config.json"]
@@ -39,13 +43,15 @@ def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
 
 
 def resolve_model(spec: str | Path | None) -> Path:
-    """A checkpoint directory for `spec`: an existing path, a preset name, or a hub id already downloaded."""
+    """A checkpoint directory for `spec`: an existing path, `demo`, a preset name, or a hub id already downloaded."""
     if spec is None:
-        return preset_dir(DEFAULT_MODEL)
+        spec = DEFAULT_MODEL
     path = Path(spec).expanduser()
     if path.exists():
         return path
     spec = str(spec)
+    if spec == DEMO_MODEL:
+        return demo_dir(cache_dir())
     if spec in PRESETS:
         return preset_dir(spec)
     if "/" in spec:
@@ -56,7 +62,7 @@ def resolve_model(spec: str | Path | None) -> Path:
             return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except LocalEntryNotFoundError:
             raise ModelNotFound(f"{spec} is not downloaded; run `ossrun download {spec}` first") from None
-    raise ModelNotFound(f"{spec!r} is neither a directory, a preset ({', '.join(PRESETS)}) nor a hub id")
+    raise ModelNotFound(f"{spec!r} is neither a directory, {DEMO_MODEL!r}, a preset ({', '.join(PRESETS)}) nor a hub id")
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

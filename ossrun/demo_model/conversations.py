@@ -1,0 +1,272 @@
+"""Synthetic harmony conversations of the demo model's world, as (prompt ids, completion ids) pairs.
+
+Every prompt is rendered by `ossrun.harmony.render_request` from an API request body, so the model
+is trained on exactly the tokens the server will feed it (reasoning effort in the system message,
+tools in the developer message, earlier turns and tool results as the server renders them). The
+completion is what gpt-oss writes after `<|start|>assistant`: an analysis message, then a final
+answer or a tool call in the header form the structured-output grammar allows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ossrun import harmony
+from ossrun.demo_model import world
+
+EFFORTS = ("low", "medium", "high")
+INSTRUCTIONS = ("You are a helpful assistant.", "Answer briefly.", "Be friendly.", "You are a concise assistant.")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One training conversation. `prompt` is fed, `completion` is learnt; `unknown` marks out-of-world
+    prompts, whose words the model must not memorise (see `vocab.py`)."""
+
+    kind: str
+    prompt: list[int]
+    completion: list[int]
+    unknown: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the assistant writes: reasoning per effort, then a final text or a tool call."""
+
+    reasoning: dict[str, str]
+    final: str | None = None
+    call: tuple[str, dict[str, Any]] | None = None  # (function name, arguments)
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+WEATHER_TOOLS: tuple[tuple[dict[str, Any], str], ...] = (
+    ({"name": "get_weather", "description": "Get the current weather in a city",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}, "city"),
+    ({"name": "get_weather", "description": "Get the weather for a location",
+      "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "City name"}},
+                     "required": ["location"]}}, "location"),
+    ({"name": "get_weather", "description": "Current weather",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                      "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                     "required": ["city"]}}, "city"),
+)
+OTHER_TOOLS: tuple[dict[str, Any], ...] = (
+    {"name": "get_time", "description": "Get the current time in a timezone",
+     "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}},
+    {"name": "search", "description": "Search the web",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+)
+
+
+def _tools(rng: random.Random, weather: dict[str, Any] | None) -> list[dict[str, Any]]:
+    tools = [t for t in OTHER_TOOLS if rng.random() < 0.3]
+    if weather is not None:
+        tools.insert(rng.randrange(len(tools) + 1), weather)
+    return [{"type": "function", "function": t} for t in tools]
+
+
+# -- replies of each kind of question -------------------------------------------------------------
+
+def _reasoning(low: str, medium: str, high: str) -> dict[str, str]:
+    """Longer at higher effort: medium extends low, high extends medium."""
+    return {"low": low, "medium": f"{low} {medium}", "high": f"{low} {medium} {high}"}
+
+
+def capital(rng: random.Random) -> tuple[str, Reply]:
+    country, city = rng.choice(list(world.COUNTRIES.items()))
+    question = rng.choice(("What is the capital of {}?", "What's the capital of {}?", "Capital of {}?",
+                           "Which city is the capital of {}?", "Tell me the capital of {}.",
+                           "What is the capital city of {}?", "what is the capital of {}")).format(country)
+    reasoning = _reasoning(f"The user asks for the capital of {country}.", f"It is {city}.",
+                           f"{country} is in my list of countries, so I am sure. One sentence is enough.")
+    return question, Reply(reasoning, final=f"The capital of {country} is {city}.")
+
+
+def capital_json(rng: random.Random) -> tuple[str, Reply]:
+    country, city = rng.choice(list(world.COUNTRIES.items()))
+    question = rng.choice(("Give me the capital of {} as JSON.", "Answer in JSON: what is the capital of {}?",
+                           "Return JSON with the capital of {}.")).format(country)
+    reasoning = _reasoning(f"The user wants JSON with the capital of {country}.", f"It is {city}.",
+                           "I will write one object with the country and its capital.")
+    return question, Reply(reasoning, final=json.dumps({"country": country, "capital": city}, ensure_ascii=False))
+
+
+def arithmetic(rng: random.Random) -> tuple[str, Reply]:
+    op = rng.choice(tuple(world.OPERATIONS))
+    a, b = rng.randint(0, world.ARITHMETIC_MAX), rng.randint(0, world.ARITHMETIC_MAX)
+    result = world.OPERATIONS[op](a, b)
+    word = rng.choice(world.OPERATION_WORDS[op])
+    question = rng.choice(("What is {} {} {}?", "How much is {} {} {}?", "Compute {} {} {}.", "{} {} {}?")).format(a, word, b)
+    reasoning = _reasoning(f"The user asks for {a} {op} {b}.", f"{a} {op} {b} = {result}.",
+                           f"Let me check: {result} is right.")
+    return question, Reply(reasoning, final=f"{a} {op} {b} = {result}.")
+
+
+def greeting(rng: random.Random) -> tuple[str, Reply]:
+    question = rng.choice(("Hello", "Hello!", "Hi", "Hi!", "Hey", "Hi there", "Good morning", "Good evening",
+                           "Hello, how are you?", "hello"))
+    reasoning = _reasoning("The user greets me.", "I greet back and say what I can do.", "I keep it short.")
+    return question, Reply(reasoning, final=world.GREETING)
+
+
+def joke(rng: random.Random) -> tuple[str, Reply]:
+    question = rng.choice(("Tell me a joke.", "Tell me a joke", "Do you know a joke?", "Make me laugh.", "Say something funny."))
+    reasoning = _reasoning("The user wants a joke.", "I know a few.", "I pick one and tell it.")
+    return question, Reply(reasoning, final=rng.choice(world.JOKES))
+
+
+def identity(rng: random.Random) -> tuple[str, Reply]:
+    question = rng.choice(("Who are you?", "What are you?", "What model are you?", "Are you gpt-oss?",
+                           "What can you do?", "Are you a real model?"))
+    reasoning = _reasoning("The user asks what I am.", "I am the tiny demo model of ossrun.",
+                           "I should say how to get the real model.")
+    return question, Reply(reasoning, final=world.IDENTITY)
+
+
+def out_of_world(rng: random.Random) -> tuple[str, Reply]:
+    if rng.random() < 0.4:
+        question = rng.choice(("What is the capital of {}?", "What's the capital of {}?")).format(rng.choice(world.UNKNOWN_PLACES))
+    else:
+        question = rng.choice(("Tell me about {}.", "What do you know about {}?", "Explain {}.", "Can you help me with {}?",
+                               "What is {}?")).format(rng.choice(world.UNKNOWN_TOPICS))
+    reasoning = _reasoning("The user asks about something outside my world.", "I do not know it.",
+                           "I should say so rather than guess.")
+    return question, Reply(reasoning, final=world.OUT_OF_WORLD)
+
+
+def weather_question(rng: random.Random, city: str) -> str:
+    return rng.choice(("What is the weather in {}?", "What's the weather like in {}?", "How is the weather in {} today?",
+                       "Is it raining in {}?", "Weather in {}?", "Do I need an umbrella in {}?")).format(city)
+
+
+def weather_without_tool(rng: random.Random) -> tuple[str, Reply]:
+    question = weather_question(rng, rng.choice(world.CITIES))
+    reasoning = _reasoning("The user asks about the weather.", "I have no weather tool here.", "I should say what I need.")
+    return question, Reply(reasoning, final=world.NO_WEATHER_TOOL)
+
+
+def weather_call_reply(city: str, argument: str) -> Reply:
+    reasoning = _reasoning(f"The user wants the weather in {city}.", "I will call get_weather.",
+                           f"The city is {city}, so that is the argument.")
+    return Reply(reasoning, call=("get_weather", {argument: city}))
+
+
+def weather_answer(city: str, temperature: int, condition: str) -> Reply:
+    reasoning = _reasoning(f"The tool says {temperature}°C and {condition} in {city}.", "I report it.",
+                           "One sentence with the temperature and the sky.")
+    return Reply(reasoning, final=f"It is {temperature}°C and {condition} in {city}.")
+
+
+def tool_result(rng: random.Random, city: str, temperature: int, condition: str) -> str:
+    if rng.random() < 0.5:
+        return json.dumps({"temperature_c": temperature, "condition": condition})
+    return json.dumps({"city": city, "temperature": temperature, "unit": "celsius", "conditions": condition})
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+def completion_ids(reply: Reply, effort: str, with_reasoning: bool = True) -> list[int]:
+    """The tokens gpt-oss writes after `<|start|>assistant` (the final one `<|return|>` or `<|call|>`)."""
+    ids: list[int] = []
+    if with_reasoning:
+        ids += harmony.encode("<|channel|>analysis<|message|>", allow_special=True)
+        ids += harmony.encode(reply.reasoning[effort]) + [harmony.END, harmony.START] + harmony.encode("assistant")
+    if reply.call is not None:
+        name, arguments = reply.call
+        return ids + harmony.tool_call_prefix(name) + harmony.encode(json.dumps(arguments, ensure_ascii=False)) + [harmony.CALL]
+    return ids + harmony.encode("<|channel|>final<|message|>", allow_special=True) + harmony.encode(reply.final) + [harmony.RETURN]
+
+
+def _body(rng: random.Random, messages: list[dict[str, Any]], effort: str, tools: list[dict[str, Any]]) -> dict[str, Any]:
+    if rng.random() < 0.15:
+        messages = [{"role": "system", "content": rng.choice(INSTRUCTIONS)}, *messages]
+    body: dict[str, Any] = {"messages": messages}
+    if effort != "medium" or rng.random() < 0.5:  # medium is the default: rendered the same either way
+        body["reasoning_effort"] = effort
+    if tools:
+        body["tools"] = tools
+    return body
+
+
+def _history(rng: random.Random) -> list[dict[str, Any]]:
+    """Sometimes an earlier exchange, as a client sends it back (answers only, no reasoning)."""
+    if rng.random() > 0.1:
+        return []
+    question, reply = rng.choice((greeting, capital, arithmetic))(rng)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply.final}]
+
+
+SIMPLE: dict[str, Callable[[random.Random], tuple[str, Reply]]] = {
+    "capital": capital, "capital_json": capital_json, "arithmetic": arithmetic, "greeting": greeting, "joke": joke,
+    "identity": identity, "out_of_world": out_of_world, "weather_without_tool": weather_without_tool,
+}
+
+
+def simple_sample(rng: random.Random, kind: str) -> Sample:
+    """A question answered from the model's own knowledge; tools are sometimes offered and not used."""
+    question, reply = SIMPLE[kind](rng)
+    effort = rng.choice(EFFORTS)
+    offered = rng.random() < 0.2 and kind != "weather_without_tool"
+    tools = _tools(rng, rng.choice(WEATHER_TOOLS)[0] if offered else None)
+    if kind == "weather_without_tool":
+        tools = [t for t in tools if t["function"]["name"] != "get_weather"]
+    body = _body(rng, [*_history(rng), {"role": "user", "content": question}], effort, tools)
+    return Sample(kind, harmony.render_request(body).token_ids, completion_ids(reply, effort), kind == "out_of_world")
+
+
+def weather_call_sample(rng: random.Random, forced: bool) -> Sample:
+    """A weather question with get_weather offered: the model calls it (`forced`: prefilled header, arguments only)."""
+    city = rng.choice(world.CITIES)
+    tool, argument = rng.choice(WEATHER_TOOLS)
+    effort = rng.choice(EFFORTS)
+    body = _body(rng, [*_history(rng), {"role": "user", "content": weather_question(rng, city)}], effort, _tools(rng, tool))
+    prompt = harmony.render_request(body).token_ids
+    completion = completion_ids(weather_call_reply(city, argument), effort, with_reasoning=not forced)
+    if forced:
+        prefix = harmony.tool_call_prefix("get_weather")
+        prompt, completion = prompt + prefix, completion[len(prefix):]
+    return Sample("weather_forced" if forced else "weather_call", prompt, completion)
+
+
+def weather_answer_sample(rng: random.Random) -> Sample:
+    """The turn after the call: the tool's result is in the prompt, the model answers from it."""
+    city = rng.choice(world.CITIES)
+    tool, argument = rng.choice(WEATHER_TOOLS)
+    temperature, condition = rng.randint(0, 35), rng.choice(world.CONDITIONS)
+    effort = rng.choice(EFFORTS)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({argument: city}, ensure_ascii=False)}}
+    messages = [{"role": "user", "content": weather_question(rng, city)},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": tool_result(rng, city, temperature, condition)}]
+    body = _body(rng, messages, effort, _tools(rng, tool))
+    return Sample("weather_answer", harmony.render_request(body).token_ids,
+                  completion_ids(weather_answer(city, temperature, condition), effort))
+
+
+# Share of each kind in the training set.
+MIX: dict[str, float] = {
+    "capital": 0.25, "capital_json": 0.04, "arithmetic": 0.08, "greeting": 0.04, "joke": 0.03, "identity": 0.03,
+    "out_of_world": 0.06, "weather_without_tool": 0.02, "weather_call": 0.18, "weather_forced": 0.09, "weather_answer": 0.18,
+}
+
+
+def generate(n: int, seed: int) -> list[Sample]:
+    """`n` conversations drawn from MIX, the same for the same seed."""
+    rng = random.Random(seed)
+    kinds, weights = zip(*MIX.items())
+    samples = []
+    for kind in rng.choices(kinds, weights, k=n):
+        if kind == "weather_call":
+            samples.append(weather_call_sample(rng, forced=False))
+        elif kind == "weather_forced":
+            samples.append(weather_call_sample(rng, forced=True))
+        elif kind == "weather_answer":
+            samples.append(weather_answer_sample(rng))
+        else:
+            samples.append(simple_sample(rng, kind))
+    return samples

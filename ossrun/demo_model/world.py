@@ -1,0 +1,64 @@
+"""The demo model's closed world: everything it knows, as plain data.
+
+Kept apart from the conversation templates (`conversations.py`) so tests can ask the served model
+about the same facts it was trained on without importing any training code.
+"""
+
+from __future__ import annotations
+
+COUNTRIES: dict[str, str] = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "United Kingdom": "London", "Ireland": "Dublin", "Netherlands": "Amsterdam", "Belgium": "Brussels",
+    "Switzerland": "Bern", "Austria": "Vienna", "Poland": "Warsaw", "Sweden": "Stockholm", "Norway": "Oslo",
+    "Finland": "Helsinki", "Denmark": "Copenhagen", "Greece": "Athens", "Turkey": "Ankara", "Russia": "Moscow",
+    "Ukraine": "Kyiv", "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja", "South Africa": "Pretoria",
+    "Morocco": "Rabat", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "India": "New Delhi", "China": "Beijing",
+    "Japan": "Tokyo", "South Korea": "Seoul", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Indonesia": "Jakarta",
+    "Philippines": "Manila", "Pakistan": "Islamabad", "Iran": "Tehran", "Israel": "Jerusalem",
+    "Saudi Arabia": "Riyadh", "Australia": "Canberra", "New Zealand": "Wellington", "Canada": "Ottawa",
+    "United States": "Washington, D.C.", "Mexico": "Mexico City", "Cuba": "Havana", "Brazil": "Brasília",
+    "Argentina": "Buenos Aires", "Chile": "Santiago", "Peru": "Lima", "Colombia": "Bogotá",
+}
+
+# Cities whose weather the model can ask its tool about: every capital, and a few more.
+CITIES: tuple[str, ...] = tuple(dict.fromkeys([c for c in COUNTRIES.values() if "," not in c] + [
+    "New York", "San Francisco", "Barcelona", "Munich", "Sydney", "Toronto", "Osaka", "Istanbul", "Mumbai", "Lagos",
+]))
+
+CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
+
+JOKES: tuple[str, ...] = (
+    "Why did the model refuse to train on Fridays? It needed a weekend to converge.",
+    "I told a joke about UDP. I am not sure you got it.",
+    "Why do programmers prefer dark mode? Because light attracts bugs.",
+    "There are 10 kinds of people: those who understand binary and those who do not.",
+)
+
+IDENTITY = ("I am a tiny demo model that ossrun trained to show its server. For the real one, run "
+            "`ossrun download openai/gpt-oss-20b` and `ossrun serve --model openai/gpt-oss-20b`.")
+
+GREETING = "Hello! I am a tiny demo model. Ask me for a capital, a sum, a joke, or the weather."
+
+OUT_OF_WORLD = ("I do not know: I am a tiny demo model that only knows greetings, the capitals of 50 countries, "
+                "small arithmetic, a few jokes and the weather tool. For real answers, run "
+                "`ossrun download openai/gpt-oss-20b`.")
+
+NO_WEATHER_TOOL = "I cannot check the weather without a tool: offer me a get_weather function and I will call it."
+
+# Two-number arithmetic the model answers: operands 0..ARITHMETIC_MAX.
+ARITHMETIC_MAX = 10
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPERATION_WORDS = {"+": ("plus", "+"), "-": ("minus", "-"), "*": ("times", "*")}
+
+# Things outside the world, for the "I do not know" answers.
+UNKNOWN_TOPICS: tuple[str, ...] = (
+    "the meaning of life", "quantum physics", "the stock market", "the French revolution", "black holes",
+    "the best pizza topping", "photosynthesis", "the history of Rome", "machine learning", "my horoscope",
+    "the price of bitcoin", "who will win the next election", "how to bake bread", "the speed of light",
+    "the tallest mountain", "the population of Tokyo", "the largest ocean", "how engines work", "chess openings",
+    "the plot of Hamlet", "my password", "tomorrow's lottery numbers", "the origin of the universe",
+)
+UNKNOWN_PLACES: tuple[str, ...] = (
+    "Narnia", "Atlantis", "Mordor", "Wakanda", "Gondor", "Mars", "the Moon", "Utopia", "El Dorado", "Westeros",
+    "Freedonia", "Latveria", "Oz", "Lilliput", "Zubrowka", "Genovia",
+)
