@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ossrun.api import openai_routes, workers_ai
+from ossrun.api import openai_routes, playground, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
 from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
 from ossrun.api.metering import Metering
@@ -142,7 +142,7 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        open_path = path in OPEN_PATHS
+        open_path = path in OPEN_PATHS or playground.is_playground_path(path)
         try:
             length = int(request.headers.get("content-length") or 0)
         except ValueError:
@@ -199,6 +199,7 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
     async def metrics():
         return Response(service.metering.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(playground.router)
     app.include_router(workers_ai.router)
     app.include_router(openai_routes.prefixed)
     app.include_router(openai_routes.bare)

@@ -1,0 +1,242 @@
+// The ossrun playground: a chat against this server's own OpenAI or Workers AI routes.
+// Plain browser JavaScript, no build step. State: the conversation in OpenAI message form.
+"use strict";
+
+const MODEL = "@cf/openai/gpt-oss-20b";
+const WEATHER_TOOL = {type: "function", function: {name: "get_weather", description: "Get the current weather in a city",
+  parameters: {type: "object", properties: {city: {type: "string"}}, required: ["city"]}}};
+const $ = (id) => document.getElementById(id);
+const state = {messages: [], busy: false};
+
+function settings() {
+  return {route: $("route").value, temperature: Number($("temperature").value), maxTokens: Number($("max-tokens").value),
+          effort: $("effort").value, stream: $("stream").checked, tools: $("tools").checked, token: $("token").value.trim()};
+}
+
+function endpoint(route) {
+  return route === "openai" ? "/v1/chat/completions" : `/client/v4/accounts/local/ai/run/${MODEL}`;
+}
+
+function requestBody(s) {
+  const body = {messages: state.messages, temperature: s.temperature, max_tokens: s.maxTokens, reasoning_effort: s.effort};
+  if (s.route === "openai") body.model = MODEL;
+  if (s.stream) body.stream = true;
+  if (s.stream && s.route === "openai") body.stream_options = {include_usage: true};
+  if (s.tools) body.tools = [WEATHER_TOOL];
+  return body;
+}
+
+function showCurl(url, body, token) {
+  const auth = token ? ` \\\n  -H "Authorization: Bearer $OSSRUN_API_TOKEN"` : "";
+  const json = JSON.stringify(body).replaceAll("'", "'\\''");
+  $("curl").textContent = `curl ${location.origin}${url}${auth} \\\n  -H 'Content-Type: application/json' \\\n  -d '${json}'`;
+}
+
+function showError(text) {
+  $("error").textContent = text;
+  $("error").hidden = !text;
+}
+
+function errorText(payload, status) {
+  if (payload && payload.error) return `${status ?? ""} ${payload.error.message || JSON.stringify(payload.error)}`.trim();
+  if (payload && payload.errors && payload.errors.length) return `${status} ${payload.errors.map((e) => `${e.code}: ${e.message}`).join("; ")}`;
+  return `${status} ${JSON.stringify(payload)}`;
+}
+
+// -- rendering --------------------------------------------------------------------------------------
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  if (text !== undefined) div.textContent = text;
+  $("log").appendChild(div);
+  div.scrollIntoView({block: "end"});
+  return div;
+}
+
+function assistantView() {
+  const div = bubble("assistant");
+  const details = document.createElement("details");
+  details.className = "reasoning";
+  details.open = true;
+  details.hidden = true;
+  details.innerHTML = "<summary>Reasoning</summary><div class=\"text\"></div>";
+  const answer = document.createElement("div");
+  answer.className = "answer";
+  const calls = document.createElement("div");
+  const usage = document.createElement("div");
+  usage.className = "usage";
+  div.append(details, answer, calls, usage);
+  return {div, details, reasoning: details.querySelector(".text"), answer, calls, usage};
+}
+
+function renderToolCall(view, call) {
+  let box = view.calls.querySelector(`[data-index="${call.index}"]`);
+  if (!box) {
+    box = document.createElement("div");
+    box.className = "tool-call";
+    box.dataset.index = call.index;
+    box.innerHTML = "<div>Tool call: <span class=\"name\"></span></div><pre class=\"args\"></pre>";
+    view.calls.appendChild(box);
+  }
+  box.querySelector(".name").textContent = call.function.name;
+  let args = call.function.arguments;
+  try { args = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* still streaming */ }
+  box.querySelector(".args").textContent = args;
+}
+
+function offerToolResult(view, call) {
+  const box = view.calls.querySelector(`[data-index="${call.index}"]`);
+  const form = document.createElement("form");
+  let city = "Paris";
+  try { city = JSON.parse(call.function.arguments).city || city; } catch (e) { /* keep the default */ }
+  form.innerHTML = "<input aria-label=\"tool result\"><button type=\"submit\">Send result</button>";
+  form.querySelector("input").value = JSON.stringify({city, temperature_c: 21, condition: "cloudy"});
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const content = form.querySelector("input").value;
+    form.remove();
+    state.messages.push({role: "tool", tool_call_id: call.id, content});
+    bubble("tool", `${call.function.name} → ${content}`);
+    send();
+  });
+  box.appendChild(form);
+}
+
+function renderUsage(view, usage) {
+  if (!usage) return;
+  const cost = usage.cost_usd !== undefined ? ` · $${Number(usage.cost_usd).toFixed(8)}` : "";
+  const neurons = usage.neurons !== undefined ? ` · ${usage.neurons} neurons` : "";
+  view.usage.textContent = `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens${cost}${neurons}`;
+}
+
+// -- one exchange -----------------------------------------------------------------------------------
+
+class Reply {
+  constructor(view) { this.view = view; this.reasoning = ""; this.content = ""; this.calls = []; this.usage = null; }
+
+  delta(d) {
+    if (d.reasoning_content) {
+      this.reasoning += d.reasoning_content;
+      this.view.details.hidden = false;
+      this.view.reasoning.textContent = this.reasoning;
+    }
+    if (d.content) {
+      this.content += d.content;
+      this.view.answer.textContent = this.content;
+      this.view.details.open = false; // the answer has started: fold the reasoning away
+    }
+    for (const tc of d.tool_calls || []) {
+      const call = this.calls[tc.index] || (this.calls[tc.index] = {index: tc.index, id: tc.id, type: "function", function: {name: "", arguments: ""}});
+      if (tc.id) call.id = tc.id;
+      if (tc.function && tc.function.name) call.function.name = tc.function.name;
+      if (tc.function && tc.function.arguments) call.function.arguments += tc.function.arguments;
+      renderToolCall(this.view, call);
+    }
+    this.view.div.scrollIntoView({block: "end"});
+  }
+
+  message(m) {
+    this.delta({reasoning_content: m.reasoning_content, content: m.content,
+                tool_calls: (m.tool_calls || []).map((tc, index) => ({index, ...tc}))});
+  }
+
+  finish() {
+    this.view.details.open = false;
+    renderUsage(this.view, this.usage);
+    const message = {role: "assistant", content: this.content || null};
+    if (this.calls.length) message.tool_calls = this.calls.map(({index, ...call}) => call);
+    state.messages.push(message);
+    for (const call of this.calls) offerToolResult(this.view, call);
+  }
+}
+
+async function readStream(response, reply) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        const frame = JSON.parse(line.slice(6));
+        if (frame.error) throw new Error(errorText(frame));
+        if (frame.usage) reply.usage = frame.usage;
+        if (frame.choices && frame.choices.length) reply.delta(frame.choices[0].delta || {});
+      }
+    }
+  }
+}
+
+async function send() {
+  if (state.busy) return;
+  const s = settings();
+  const url = endpoint(s.route);
+  const body = requestBody(s);
+  showCurl(url, body, s.token);
+  showError("");
+  state.busy = true;
+  $("send").disabled = true;
+  const view = assistantView();
+  const reply = new Reply(view);
+  try {
+    const headers = {"Content-Type": "application/json"};
+    if (s.token) headers.Authorization = `Bearer ${s.token}`;
+    const response = await fetch(url, {method: "POST", headers, body: JSON.stringify(body)});
+    if (!response.ok) {
+      const payload = await response.json().catch(() => null);
+      if (response.status === 401 || response.status === 403) $("token-dialog").hidden = false;
+      throw new Error(errorText(payload, response.status));
+    }
+    if (s.stream) {
+      await readStream(response, reply);
+    } else {
+      const payload = await response.json();
+      const result = payload.result || payload;
+      reply.usage = result.usage;
+      reply.message(result.choices[0].message);
+    }
+    reply.finish();
+  } catch (error) {
+    view.div.remove();
+    showError(String(error.message || error));
+  } finally {
+    state.busy = false;
+    $("send").disabled = false;
+  }
+}
+
+// -- wiring -----------------------------------------------------------------------------------------
+
+$("composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || state.busy) return;
+  const last = state.messages[state.messages.length - 1];
+  if (last && last.role === "user") state.messages.pop(); // a turn that failed is replaced, not repeated
+  state.messages.push({role: "user", content: text});
+  bubble("user", text);
+  $("prompt").value = "";
+  send();
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
+});
+$("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
+$("clear").addEventListener("click", () => { state.messages = []; $("log").innerHTML = ""; showError(""); });
+$("token").value = localStorage.getItem("ossrun-token") || "";
+$("token").addEventListener("change", () => localStorage.setItem("ossrun-token", $("token").value.trim()));
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  $("token").value = $("token-input").value.trim();
+  localStorage.setItem("ossrun-token", $("token").value);
+  $("token-dialog").hidden = true;
+  if (state.messages.length && state.messages[state.messages.length - 1].role !== "assistant") send();
+});
+$("model").textContent = MODEL;
