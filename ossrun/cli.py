@@ -134,6 +134,7 @@ def generate(
 def train_demo(
     out: Optional[Path] = typer.Option(None, help="Compact weights file to write (default: the package's own, replaced)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the shipped recipe's)."),
+    samples: Optional[int] = typer.Option(None, min=1, help="Conversations generated (default: the shipped recipe's)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="Torch threads (1 is fastest on a busy machine)."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", "-v"),
@@ -152,8 +153,8 @@ def train_demo(
 
     torch.set_num_threads(threads)
     settings = TrainSettings(seed=seed)
-    if steps is not None:
-        settings = dataclasses.replace(settings, steps=steps)
+    changes = {name: value for name, value in (("steps", steps), ("samples", samples)) if value is not None}
+    settings = dataclasses.replace(settings, **changes)
     result = train(DEMO_CONFIG, settings)
     final_loss = sum(result.losses[-20:]) / len(result.losses[-20:])
     target = out or WEIGHTS_FILE

@@ -1,7 +1,9 @@
-"""`make demo`: start the server on the embedded default model, show one request and its answer, keep serving.
+"""`make demo`: start the server on the embedded demo model, show what a user would send and what
+comes back (a sync answer, a streamed answer with its reasoning, a tool call and the answer from its
+result), then keep serving, with the playground at `/`.
 
-The tiny default model has random weights, so its answer is gibberish; the demo shows the wire
-(the route, the envelope, usage) that code written for the hosted model talks to.
+The demo model is a tiny gpt-oss the project trained on a closed world (capitals, small sums,
+jokes, the weather tool); `ossrun download openai/gpt-oss-20b` gets the real one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import urllib.request
 
 ACCOUNT = "local"
 MODEL = "@cf/openai/gpt-oss-20b"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+DIM, BOLD, RESET = ("\033[2m", "\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
 def _free_port(preferred: int = 8787) -> int:
@@ -43,19 +49,90 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 300) -> 
     raise SystemExit("the server did not become healthy in time")
 
 
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def _title(text: str) -> None:
+    print(f"\n{BOLD}── {text} {'─' * max(0, 70 - len(text))}{RESET}", flush=True)
+
+
+def _curl(url: str, body: dict) -> None:
+    print(f"$ curl {url} \\\n    -H 'Content-Type: application/json' \\\n    -d '{json.dumps(body, ensure_ascii=False)}'", flush=True)
+
+
+def sync_answer(base: str) -> None:
+    _title("1. A sync answer (Workers AI route)")
+    url = f"{base}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+    _curl(url, body)
+    print(json.dumps(_post(url, body), indent=2, ensure_ascii=False), flush=True)
+
+
+def streamed_answer(base: str) -> None:
+    _title("2. A streamed answer with its reasoning (OpenAI SDK)")
+    print(f"""from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+stream = client.chat.completions.create(model="{MODEL}", stream=True, reasoning_effort="high",
+    messages=[{{"role": "user", "content": "Tell me a joke."}}])
+for chunk in stream:  # reasoning_content first, then content, token by token
+    ...""", flush=True)
+    try:
+        from openai import OpenAI
+    except ImportError:
+        print("(the openai package is not installed: pip install openai)")
+        return
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    stream = client.chat.completions.create(model=MODEL, stream=True, reasoning_effort="high",
+                                            messages=[{"role": "user", "content": "Tell me a joke."}])
+    section = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        reasoning, content = getattr(delta, "reasoning_content", None), delta.content
+        for name, piece in (("reasoning", reasoning), ("answer", content)):
+            if piece:
+                if section != name:
+                    section = name
+                    print(f"\n{BOLD}[{name}]{RESET} ", end="")
+                print(f"{DIM}{piece}{RESET}" if name == "reasoning" else piece, end="", flush=True)
+    print(flush=True)
+
+
+def tool_call(base: str) -> None:
+    _title("3. A tool call, then the answer from its result")
+    url = f"{base}/v1/chat/completions"
+    question = {"role": "user", "content": "What is the weather in Tokyo?"}
+    body = {"model": MODEL, "messages": [question], "tools": [WEATHER_TOOL], "temperature": 0}
+    _curl(url, body)
+    message = _post(url, body)["choices"][0]["message"]
+    print(json.dumps({"tool_calls": message["tool_calls"]}, indent=2, ensure_ascii=False), flush=True)
+    if not message["tool_calls"]:
+        return
+    call = message["tool_calls"][0]
+    result = {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"temperature_c": 21, "condition": "cloudy"})}
+    print(f"\n# your code runs {call['function']['name']}({call['function']['arguments']}) and sends its result back:")
+    body = {**body, "messages": [question, {"role": "assistant", "content": None, "tool_calls": [call]}, result]}
+    _curl(url, body)
+    answer = _post(url, body)["choices"][0]["message"]
+    print(json.dumps({"content": answer["content"], "reasoning_content": answer["reasoning_content"]}, indent=2,
+                     ensure_ascii=False), flush=True)
+
+
 def main() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "ossrun.cli", "serve", "--port", str(port)], env=os.environ.copy())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminated demo stops its server too (finally below)
     try:
         _wait_healthy(base, server)
-        url = f"{base}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
-        body = {"prompt": "What is the capital of France?", "max_tokens": 48, "temperature": 0}
-        print(f"\n$ curl -X POST {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'", flush=True)
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=300) as response:
-            print(json.dumps(json.loads(response.read()), indent=2, ensure_ascii=False), flush=True)
-        print(f"\nThe server keeps running at {base} (Ctrl-C stops it).", flush=True)
+        sync_answer(base)
+        streamed_answer(base)
+        tool_call(base)
+        print(f"\n{BOLD}The playground is at {base}/ and the server keeps running (Ctrl-C stops it).{RESET}", flush=True)
         server.wait()
     except KeyboardInterrupt:
         pass

@@ -64,3 +64,15 @@ def load_hf_reference(path: Path):
     hf_logging.set_verbosity_error()
     model = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return model.float().eval()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """The real server on the demo model (the default one), with an API token; shared by the demo-model
+    and playground tests so the model loads once."""
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    s = start_server(resolve_model("demo"), tmp_path_factory.mktemp("demo-data"), "--rate-limit", "100000", token="secret")
+    yield s
+    s.stop()

@@ -1,0 +1,137 @@
+"""The demo model through the real server and engine: it answers its world, reasons on its own channel,
+calls tools and answers from their results, on every surface, sync and streamed.
+
+Nothing is scripted: every frame here is what the trained weights produce at temperature 0.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from ossrun.demo_model import world
+from tests.server_util import MODEL
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(demo_server):
+    return demo_server
+
+
+def post(server, path: str, body: dict) -> dict:
+    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def frames(server, path: str, body: dict) -> list[dict]:
+    out = []
+    with httpx.stream("POST", server.base + path, json={"temperature": 0, **body, "stream": True}, headers=server.headers,
+                      timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+def run_path(server) -> str:
+    return server.run_url()[len(server.base):]
+
+
+def test_ten_capitals_at_temperature_zero(server):
+    countries = list(world.COUNTRIES.items())[:10]
+
+    def ask(pair):
+        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [
+            {"role": "user", "content": f"What is the capital of {pair[0]}?"}]})
+        return reply["choices"][0]["message"]
+
+    with ThreadPoolExecutor(len(countries)) as pool:  # the engine batches them
+        messages = list(pool.map(ask, countries))
+    for (country, city), message in zip(countries, messages):
+        assert message["content"] == f"The capital of {country} is {city}.", (country, message)
+        assert country in message["reasoning_content"]
+
+
+@pytest.mark.parametrize("surface", ["/v1/chat/completions", "ai/run"])
+def test_chat_shapes_carry_reasoning_and_answer_apart(server, surface):
+    path = run_path(server) if surface == "ai/run" else surface
+    message = post(server, path, {"model": MODEL, "messages": FRANCE})
+    message = (message.get("result") or message)["choices"][0]["message"]
+    assert "France" in message["reasoning_content"]
+    assert message["content"] == "The capital of France is Paris."
+
+    chunks = frames(server, path, {"model": MODEL, "messages": FRANCE})
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    reasoning = [d["reasoning_content"] for d in deltas if d.get("reasoning_content")]
+    content = [d["content"] for d in deltas if d.get("content")]
+    assert len(reasoning) > 3 and len(content) > 3  # token by token
+    assert "".join(reasoning) == message["reasoning_content"] and "".join(content) == message["content"]
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert not any(d.get("reasoning_content") for d in deltas[first_content:])
+
+
+def test_responses_carry_reasoning_and_answer_apart(server):
+    result = post(server, "/v1/responses", {"model": MODEL, "input": "What is the capital of France?"})
+    reasoning, message = result["output"]
+    assert reasoning["type"] == "reasoning" and "France" in reasoning["content"][0]["text"]
+    assert result["output_text"] == "The capital of France is Paris."
+
+    events = frames(server, "/v1/responses", {"model": MODEL, "input": "What is the capital of France?"})
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_text.delta") < kinds.index("response.output_text.delta")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    thought = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert text == result["output_text"] and thought == reasoning["content"][0]["text"]
+
+
+def test_reasoning_is_longer_at_higher_effort(server):
+    lengths = {}
+    for effort in ("low", "medium", "high"):
+        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, "reasoning_effort": effort})
+        lengths[effort] = len(reply["choices"][0]["message"]["reasoning_content"])
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+    assert lengths["low"] < lengths["medium"] < lengths["high"]
+
+
+@pytest.mark.parametrize("choice", ["auto", {"type": "function", "function": {"name": "get_weather"}}], ids=["auto", "forced"])
+@pytest.mark.parametrize("city", ["Tokyo", "Buenos Aires"])
+def test_tool_calls_name_the_asked_city(server, choice, city):
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token)
+    reply = client.chat.completions.create(model=MODEL, temperature=0, tools=[WEATHER], tool_choice=choice,
+                                           messages=[{"role": "user", "content": f"What is the weather in {city}?"}])
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": city}
+
+
+def test_streamed_tool_call_on_ai_run(server):
+    body = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER]}
+    chunks = frames(server, run_path(server), body)
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris"}
+
+
+def test_second_turn_answers_from_the_tool_result(server):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}
+    messages = [{"role": "user", "content": "What is the weather in Tokyo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21, "condition": "cloudy"}'}]
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
+    assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
+
+
+def test_out_of_world_questions_say_so(server):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Who painted the Mona Lisa?"}]})
+    assert "ossrun download openai/gpt-oss-20b" in reply["choices"][0]["message"]["content"]
