@@ -47,7 +47,7 @@ class PromptToolCall(_Out):
 
 
 class PromptResult(_Out):
-    response: str
+    response: Any = Field(description="The answer text; in JSON mode (response_format) the parsed JSON value")
     usage: Usage
     tool_calls: list[PromptToolCall] | None = None
 

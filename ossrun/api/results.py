@@ -26,8 +26,15 @@ def _arguments_object(text: str) -> Any:
         return text
 
 
-def prompt_result(outcome: Outcome, prices) -> dict[str, Any]:
-    result: dict[str, Any] = {"response": outcome.content, "usage": usage(outcome, prices)}
+def prompt_result(outcome: Outcome, prices, json_mode: bool = False) -> dict[str, Any]:
+    """Workers AI's result; in JSON mode `response` is the parsed object, as the hosted JSON mode returns it."""
+    answer: Any = outcome.content
+    if json_mode:
+        try:
+            answer = json.loads(outcome.content)
+        except ValueError:  # cut off: the text as it is
+            pass
+    result: dict[str, Any] = {"response": answer, "usage": usage(outcome, prices)}
     if outcome.tool_calls:
         result["tool_calls"] = [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in outcome.tool_calls]
     return result

@@ -40,6 +40,7 @@ class Plan:
     priority: Priority = Priority.INTERACTIVE
     constraint: object | None = None
     stop: tuple[str, ...] = ()  # stop strings: matched on the answer text here, not by the engine
+    json_mode: bool = False  # response_format / text.format asks for JSON: the Prompt result parses it
 
 
 @dataclass(slots=True)
@@ -112,21 +113,30 @@ def _parameters(tool) -> dict[str, Any] | None:
 
 
 def _final_format(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-    """(schema, structured) of `response_format` or Responses `text.format`: json_schema → its schema,
-    json_object → (None, True), text or absent → (None, False)."""
+    """(schema, structured) of `response_format` (any shape) or Responses `text.format`.
+
+    `json_schema` comes in three spellings, all accepted: OpenAI chat's `{"json_schema": {"name", "schema"}}`,
+    Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}`.
+    `json_object` → (None, True): any JSON object. `text` or absent → (None, False)."""
     fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
     if not isinstance(fmt, dict):
         return None, False
     kind = fmt.get("type")
     if kind == "json_object":
         return None, True
-    if kind == "json_schema":
-        wrapper = fmt.get("json_schema") if "json_schema" in fmt else fmt  # chat nests it; Responses does not
-        schema = (wrapper or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise bad_input("Error: at '/response_format/json_schema/schema': a JSON Schema object is required")
-        return schema, True
-    return None, False
+    if kind != "json_schema":
+        return None, False
+    if isinstance(fmt.get("schema"), dict):  # Responses
+        return fmt["schema"], True
+    wrapper = fmt.get("json_schema")
+    if isinstance(wrapper, dict) and isinstance(wrapper.get("schema"), dict) and set(wrapper) <= _OPENAI_WRAPPER:
+        return wrapper["schema"], True
+    if isinstance(wrapper, dict):  # Workers AI: the schema itself
+        return wrapper, True
+    raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")
+
+
+_OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
 
 
 class Service:
@@ -234,6 +244,7 @@ class Service:
         self._check_context(plan)
         if not raw:
             plan.constraint = self._constraint(body, forced, max_tokens)
+            plan.json_mode = _final_format(body)[1]
         return plan
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
@@ -274,12 +285,12 @@ class Service:
         choice = body.get("tool_choice") or "auto"
         try:
             if forced is not None:
-                return self.compiler.arguments(forced, tools.get(forced))
+                return self.compiler.arguments(forced, tools.get(forced), max_tokens=max_tokens)
             if not tools and not structured:
                 return None
             budget = default_reasoning_budget(max_tokens)
             mode = choice if isinstance(choice, str) and choice in ("auto", "required", "none") else "auto"
-            return self.compiler.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget)
+            return self.compiler.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget, max_tokens=max_tokens)
         except GrammarError as exc:
             raise bad_input(f"Error: {exc}") from None
 

@@ -44,7 +44,7 @@ async def run_sync(service: Service, shape: str, body: dict[str, Any], priority:
     outcome = await service.complete(plan)
     prices, model = service.metering.prices, service.engine.config.served_name
     if shape == "prompt":
-        return results.prompt_result(outcome, prices), outcome
+        return results.prompt_result(outcome, prices, plan.json_mode), outcome
     if shape == "messages":
         return results.chat_completion(outcome, model, prices, with_logprobs=bool(body.get("logprobs"))), outcome
     response = results.response_object(outcome, model, prices, results.new_id("resp"), request=plan.body)

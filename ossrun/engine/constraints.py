@@ -122,10 +122,22 @@ class Constraint:
     sampled token, `advance(token)` after it. The next mask is computed on the compiler's pool in
     between, so it overlaps the next forward."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, reasoning_budget: int | None):
+    def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, reasoning_budget: int | None,
+                 max_tokens: int | None = None, hints: tuple[int, ...] = ()):
         self._matcher = matcher
         self._pool = pool
         self._budget = reasoning_budget
+        # The whole completion's budget: near its end the shortest way to a complete answer is forced.
+        self._left = max_tokens
+        self._hints = hints
+        self._closing: list[int] | None = None
+        self._shortest: int | None = None
+        if max_tokens is not None:
+            path = shortest_completion(matcher, hints)
+            self._shortest = len(path) if path is not None else None
+            if self._shortest is not None and self._shortest > max_tokens:
+                raise GrammarError(f"max_tokens {max_tokens} cannot hold a valid answer: the shortest one found takes "
+                                   f"{self._shortest} tokens")
         self._bits = torch.zeros(_WORDS, dtype=torch.int32)
         self._finished = False
         self._error: str | None = None
@@ -144,12 +156,12 @@ class Constraint:
         if self._error is not None:
             raise ConstraintViolation(self._error)
         mask = self._pending.result()
+        if self._closing:
+            return _only(self._closing[0])
         if self._budget is not None and self._in_reasoning and self.reasoning_tokens >= self._budget and bool(mask[END]):
             # Reasoning budget spent: close the analysis message now. (If <|end|> is not allowed
             # yet — a character split across tokens — the text continues one more token.)
-            only_end = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
-            only_end[END] = True
-            return only_end
+            return _only(END)
         return mask
 
     def advance(self, token_id: int) -> None:
@@ -161,14 +173,33 @@ class Constraint:
             self._error = f"token {token_id} ({_describe(token_id)}) is not allowed here: {_reason(self._matcher)}"
             raise ConstraintViolation(self._error)
         self._track_reasoning(token_id)
+        if self._closing:
+            self._closing.pop(0)
+        if self._left is not None:
+            self._left -= 1
         self._finished = token_id in (RETURN, CALL) and self._matcher.is_stopped()
         self._pending = self._pool.submit(self._compute)
 
     def _compute(self) -> torch.Tensor:
+        if self._closing:
+            return _only(self._closing[0])
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), _WORDS * 4)
         if self._matcher.is_error():
             raise ConstraintViolation(_reason(self._matcher))
+        self._watch_budget()
         return _unpack(self._bits)
+
+    def _watch_budget(self) -> None:
+        """Near the end of max_tokens, follow the shortest path to a complete answer (a token may lengthen
+        that path by a few tokens, hence the slack; the path is searched again every step once close)."""
+        if self._left is None or self._shortest is None or self._left > self._shortest + 3 * CLOSING_SLACK:
+            return
+        path = shortest_completion(self._matcher, self._hints)
+        if path is None:
+            return
+        self._shortest = len(path)
+        if len(path) + CLOSING_SLACK >= self._left:
+            self._closing = path
 
     def _track_reasoning(self, token: int) -> None:
         """Follow the message headers to know when the model is inside its analysis text."""
@@ -183,6 +214,70 @@ class Constraint:
             self._header += token_bytes(token)
         elif self._in_reasoning:
             self.reasoning_tokens += 1
+
+
+# How many tokens one freely sampled token may add to the shortest completion before the search notices.
+CLOSING_SLACK = 6
+_SEARCH_WIDTH, _SEARCH_DEPTH = 8, 96
+_CLOSERS = ('"', "}", "]", '""', "{}", "[]", '"}', '"]', "}}", "]}", "0", "1", "null", "true", "false", "{", "[", '{"', ",", ":",
+            " ", "-")  # complete values before openers: the search keeps the first children it finds
+
+
+def _closer_tokens() -> tuple[int, ...]:
+    from ossrun.harmony.tokenizer import encode
+
+    return (RETURN, CALL, END) + tuple(ids[0] for ids in (encode(t) for t in _CLOSERS) if len(ids) == 1)
+
+
+_PREFERRED: tuple[int, ...] | None = None
+
+
+def schema_hints(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """Tokens of the property names and enum/const values of schemas: what a completion may need to spell."""
+    from ossrun.harmony.tokenizer import encode
+
+    texts: list[str] = ["final", "commentary", "analysis"]
+    stack = [s for s in schemas if isinstance(s, Mapping)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            if isinstance(node.get("properties"), Mapping):
+                texts += [json.dumps(k) for k in node["properties"]]
+            values = node.get("enum") if isinstance(node.get("enum"), list) else []
+            texts += [json.dumps(v) for v in [*values, *([node["const"]] if "const" in node else [])]]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return tuple(dict.fromkeys(t for text in texts[:256] for t in encode(text)))
+
+
+def shortest_completion(matcher: llguidance.LLMatcher, hints: tuple[int, ...] = ()) -> list[int] | None:
+    """A short token path from the matcher's state to a complete answer (ending in `<|return|>`/`<|call|>`),
+    or None when the search finds none. Breadth first over forced tokens, closers and the schema's names."""
+    global _PREFERRED
+    if _PREFERRED is None:
+        _PREFERRED = _closer_tokens()
+    candidates = _PREFERRED + hints
+    frontier: list[tuple[llguidance.LLMatcher, list[int]]] = [(matcher.deep_copy(), [])]
+    for _ in range(_SEARCH_DEPTH):
+        following = []
+        for state, path in frontier:
+            forced = state.compute_ff_tokens()
+            options = forced[:1] or [t for t in candidates if state.validate_tokens([t]) == 1]
+            for token in options:
+                if token in (RETURN, CALL):
+                    return path + [token]
+                child = state.deep_copy()
+                if child.consume_token(token):
+                    following.append((child, path + [token]))
+                if len(following) >= _SEARCH_WIDTH:
+                    break
+            if len(following) >= _SEARCH_WIDTH:
+                break
+        if not following:
+            return None
+        frontier = following
+    return None
 
 
 class ConstraintCompiler:
@@ -200,17 +295,20 @@ class ConstraintCompiler:
         self.compiled = 0  # cache misses
 
     # -- the three entry points the API uses ---------------------------------------------------
-    def json_final(self, schema: Mapping[str, Any] | None, *, reasoning_budget: int | None = None) -> Constraint:
+    def json_final(self, schema: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
+                   max_tokens: int | None = None) -> Constraint:
         """`response_format`: free reasoning, then a final message that is JSON valid against
-        `schema` (None: any JSON object, for `json_object`), then `<|return|>`."""
-        return self._constraint([_final(schema, structured=True)], reasoning_budget)
+        `schema` (None: any JSON object, for `json_object`), then `<|return|>`; complete within
+        `max_tokens` when given (GrammarError if it cannot be)."""
+        return self._constraint([_final(schema, structured=True)], reasoning_budget, max_tokens)
 
-    def tool_call(self, name: str, parameters: Mapping[str, Any] | None, *, reasoning_budget: int | None = None) -> Constraint:
+    def tool_call(self, name: str, parameters: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
+                  max_tokens: int | None = None) -> Constraint:
         """A named `tool_choice`: free reasoning, then exactly this call with arguments valid against
         `parameters` (None: any JSON object), then `<|call|>`."""
-        return self._constraint([_call(name, parameters, 0)], reasoning_budget)
+        return self._constraint([_call(name, parameters, 0)], reasoning_budget, max_tokens)
 
-    def arguments(self, name: str, parameters: Mapping[str, Any] | None) -> Constraint:
+    def arguments(self, name: str, parameters: Mapping[str, Any] | None, *, max_tokens: int | None = None) -> Constraint:
         """The arguments of a call whose header the prompt already holds (a forced `tool_choice` is
         prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
         _call(name, parameters, 0)  # the same name check as a generated call
@@ -218,7 +316,7 @@ class ConstraintCompiler:
         self._check(what, parameters)
         grammar = f"start: args_0 <|call|>\nargs_0: %json {json.dumps(_with_options(parameters))}"
         matcher = self._cached(grammar) or self._compile(grammar)
-        return Constraint(matcher, self._pool, None)
+        return Constraint(matcher, self._pool, None, max_tokens, schema_hints(parameters))
 
     def tools(
         self,
@@ -228,6 +326,7 @@ class ConstraintCompiler:
         *,
         json_final: bool = False,
         reasoning_budget: int | None = None,
+        max_tokens: int | None = None,
     ) -> Constraint | None:
         """`tool_choice` "required" (some call), "auto" (a final message or a call whose arguments
         follow its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any
@@ -244,13 +343,13 @@ class ConstraintCompiler:
         answers = [] if mode == "none" else [_call(name, parameters, i) for i, (name, parameters) in enumerate(tools.items())]
         if mode != "required":
             answers.append(_final(final_schema, structured))
-        return self._constraint(answers, reasoning_budget)
+        return self._constraint(answers, reasoning_budget, max_tokens)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- compilation --------------------------------------------------------------------------
-    def _constraint(self, answers: list[_Answer], reasoning_budget: int | None) -> Constraint:
+    def _constraint(self, answers: list[_Answer], reasoning_budget: int | None, max_tokens: int | None = None) -> Constraint:
         if reasoning_budget is not None and reasoning_budget < 0:
             raise ValueError("reasoning_budget must be non-negative")
         reasoning = reasoning_budget is None or reasoning_budget > 0
@@ -269,7 +368,8 @@ class ConstraintCompiler:
             for _, what, schema in jsons:
                 self._check(what, schema)
             matcher = self._compile(grammar)
-        return Constraint(matcher, self._pool, reasoning_budget)
+        hints = schema_hints(*(schema for _, _, schema in jsons))
+        return Constraint(matcher, self._pool, reasoning_budget, max_tokens, hints)
 
     def _check(self, what: str, schema: Mapping[str, Any] | None) -> None:
         """Compile one schema alone, so a failure names the schema's problem, not a line of our wrapper."""
@@ -326,6 +426,12 @@ def _with_options(schema: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(schema, Mapping):
         raise GrammarError(f"a JSON schema must be a JSON object, not {type(schema).__name__}")
     return {**schema, "x-guidance": _JSON_OPTIONS}
+
+
+def _only(token: int) -> torch.Tensor:
+    mask = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    mask[token] = True
+    return mask
 
 
 def _unpack(bits: torch.Tensor) -> torch.Tensor:
