@@ -123,16 +123,16 @@ class Constraint:
     between, so it overlaps the next forward."""
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, reasoning_budget: int | None,
-                 max_tokens: int | None = None, hints: tuple[int, ...] = ()):
+                 max_tokens: int | None = None, hints: tuple[int, ...] = (), must_fit: bool = True):
         self._matcher = matcher
         self._pool = pool
         self._budget = reasoning_budget
         # The whole completion's budget: near its end the shortest way to a complete answer is forced.
-        self._left = max_tokens
+        self._left = max_tokens if must_fit else None  # free text (auto tools) may simply be cut off
         self._hints = hints
         self._closing: list[int] | None = None
         self._shortest: int | None = None
-        if max_tokens is not None:
+        if self._left is not None:
             path = shortest_completion(matcher, hints)
             self._shortest = len(path) if path is not None else None
             if self._shortest is not None and self._shortest > max_tokens:
@@ -343,13 +343,15 @@ class ConstraintCompiler:
         answers = [] if mode == "none" else [_call(name, parameters, i) for i, (name, parameters) in enumerate(tools.items())]
         if mode != "required":
             answers.append(_final(final_schema, structured))
-        return self._constraint(answers, reasoning_budget, max_tokens)
+        # With "auto" and a free-text answer, a tiny budget is no error: the model may just answer.
+        return self._constraint(answers, reasoning_budget, max_tokens, must_fit=structured or mode == "required")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- compilation --------------------------------------------------------------------------
-    def _constraint(self, answers: list[_Answer], reasoning_budget: int | None, max_tokens: int | None = None) -> Constraint:
+    def _constraint(self, answers: list[_Answer], reasoning_budget: int | None, max_tokens: int | None = None,
+                    must_fit: bool = True) -> Constraint:
         if reasoning_budget is not None and reasoning_budget < 0:
             raise ValueError("reasoning_budget must be non-negative")
         reasoning = reasoning_budget is None or reasoning_budget > 0
@@ -369,7 +371,7 @@ class ConstraintCompiler:
                 self._check(what, schema)
             matcher = self._compile(grammar)
         hints = schema_hints(*(schema for _, _, schema in jsons))
-        return Constraint(matcher, self._pool, reasoning_budget, max_tokens, hints)
+        return Constraint(matcher, self._pool, reasoning_budget, max_tokens, hints, must_fit)
 
     def _check(self, what: str, schema: Mapping[str, Any] | None) -> None:
         """Compile one schema alone, so a failure names the schema's problem, not a line of our wrapper."""
