@@ -224,3 +224,17 @@ def test_rate_limiter_key_table_is_bounded():
     assert len(limiter) == 100
     assert limiter.allow("key-999") and not limiter.allow("key-999")  # a recent key keeps its hits
     assert limiter.retry_after("key-999") >= 1
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function"}},
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function", "function": {}}},
+    {"messages": [{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": ""}}]}]},
+])
+def test_schema_refuses_what_the_server_cannot_serve(client, body):
+    """Named choices without a name and nameless tool calls are schema violations, not schema-valid 400s."""
+    from ossrun.api.schemas import MessagesInput
+
+    with pytest.raises(Exception):
+        MessagesInput.model_validate(body)
+    assert client.post(RUN, json=body).status_code == 400

@@ -84,17 +84,29 @@ class WrappedTool(_Open):
 Tool = Union[WrappedTool, FunctionDef]
 
 
+class FunctionName(_Open):
+    name: str = Field(min_length=1)
+
+
 class NamedToolChoice(_Open):
+    """Chat's spelling: `{type: function, function: {name}}`."""
+
     type: Literal["function"]
-    function: dict[str, Any] | None = None
-    name: str | None = None  # the Responses spelling
+    function: FunctionName
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+class FlatNamedToolChoice(_Open):
+    """The Responses spelling: `{type: function, name}`."""
+
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, FlatNamedToolChoice]
 
 
 class ToolCallFunction(_Open):
-    name: str
+    name: str = Field(min_length=1)
     arguments: str | dict[str, Any] = "{}"
 
 
