@@ -334,3 +334,9 @@ def test_a_budget_too_small_for_the_schema_is_a_clear_400(server):
     response = call(server, "POST", "/v1/chat/completions", json=body)
     assert_surface_error(response, "/v1/chat/completions")
     assert "max_tokens 3 cannot hold a valid answer" in response.json()["error"]["message"]
+
+
+def test_raw_on_a_conversation_is_ignored_not_refused(server):
+    """`raw` is in the sampling fields every shape's schema shares; only a Prompt has raw text to send."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "raw": True, "max_tokens": 2}
+    assert call(server, "POST", "/v1/chat/completions", json=body).status_code == 200

@@ -315,7 +315,6 @@ def test_responses_assistant_output_text_is_a_final_message():
         ({"input": "Hi", "tools": [{"type": "function", "description": "x"}]}, "needs a name"),
         ({"input": "Hi", "tools": [FLAT_TOOL, NESTED_TOOL]}, "unique"),
         ({"prompt": "Hi", "reasoning_effort": "extreme"}, "low, medium, high"),
-        ({"messages": [], "raw": True}, "raw"),
         ({"prompt": "Hi", "input": "Hi"}, "exactly one"),
         ({"temperature": 1}, "exactly one"),
         ({"prompt": 7}, "prompt must be a string"),

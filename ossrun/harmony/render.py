@@ -148,8 +148,7 @@ def _convert(body: Mapping[str, Any]) -> Converted | None:
     shapes = [k for k in ("prompt", "messages", "input") if k in body]
     if len(shapes) != 1:
         raise RenderError(f"expected exactly one of 'prompt', 'messages' or 'input', got {shapes or 'none'}")
-    if body.get("raw") and shapes != ["prompt"]:
-        raise RenderError("raw: true needs a prompt")
+    # `raw` is a Prompt-shape field; the shared sampling schema lets other shapes send it, and there it means nothing.
     if shapes == ["messages"]:
         return convert_chat(body["messages"])
     if shapes == ["input"]:
