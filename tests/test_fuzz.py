@@ -42,3 +42,48 @@ def test_openapi_fuzz(fuzz_server):
     assert not failures, "\n\n".join(failures)
     print(f"fuzzed {sum(statuses.values())} requests: {statuses}")
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0  # both accepted and rejected inputs were exercised
+
+
+# 400s that no schema can express: references to state (earlier calls, stored responses, fine-tunes), the
+# context window, the token budget. Any other 5006 on a schema-valid body means schema and server disagree.
+SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "cannot hold a valid answer", "no tool named",
+            "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique")
+
+
+def test_bounded_fuzz_positive_and_negative(checkpoints, tmp_path_factory):
+    """Every operation, schema-valid and schema-violating bodies, under two minutes: no 5xx, valid bodies served."""
+    import time
+
+    from schemathesis import GenerationMode
+    from schemathesis.checks import negative_data_rejection, not_a_server_error
+
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("fuzz-bounded"), "--max-model-len", "96",
+                          "--rate-limit", "0", "--request-timeout", "20")
+    started, failures, rejected = time.monotonic(), [], []
+    try:
+        schema = schemathesis.openapi.from_url(server.base + "/openapi.json")
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            for operation in schema.get_all_operations():
+                op = operation.ok()
+
+                @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+                @given(case=op.as_strategy(generation_mode=mode))
+                def check(case):
+                    response = case.call(timeout=60)
+                    checks = (not_a_server_error,) if mode is GenerationMode.POSITIVE else (not_a_server_error, negative_data_rejection)
+                    case.validate_response(response, checks=checks)
+                    if mode is GenerationMode.POSITIVE and response.status_code == 400 and "5006" in response.text:
+                        if not any(reason in response.text for reason in SEMANTIC):
+                            rejected.append(f"{op.method.upper()} {op.path}: {case.body!r:.300} → {response.text[:300]}")
+
+                try:
+                    check()
+                except Exception as exc:
+                    if "Unsatisfiable" not in type(exc).__name__:
+                        failures.append(f"{mode.name} {op.method.upper()} {op.path}: {exc}"[:1500])
+    finally:
+        server.stop()
+    elapsed = time.monotonic() - started
+    assert not failures, "\n\n".join(failures)
+    assert not rejected, "schema-valid bodies refused:\n" + "\n".join(rejected[:10])
+    assert elapsed < 120, f"the bounded fuzz took {elapsed:.0f} s"

@@ -7,15 +7,16 @@ JSON Schema's `oneOf` does, and says what was expected when none or several matc
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ossrun.api.errors import ApiError, bad_input
 
 Effort = Literal["low", "medium", "high"]
+StopText = Annotated[str, Field(min_length=1)]
 
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs")
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs")
 
 
 class _Open(BaseModel):
@@ -60,7 +61,7 @@ class Sampling(_Open):
     response_format: ResponseFormat | None = None
     raw: bool = False
     lora: str | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     n: int | None = Field(None, ge=1, le=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -197,7 +198,8 @@ class ResponsesInput(_Open):
 
 
 class BatchInput(_Open):
-    requests: list[dict[str, Any]] = Field(min_length=1)
+    # Each item is one of the sync shapes (plus `external_reference`), so the document says what is queued.
+    requests: list[Union[PromptInput, MessagesInput, ResponsesInput]] = Field(min_length=1)
 
 
 class PollInput(_Open):
