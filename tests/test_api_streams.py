@@ -1,13 +1,17 @@
-"""Exact result and stream shapes (spec §3, §5) on a scripted engine: reasoning, answers and tool calls.
+"""Exact result and stream shapes (spec §3, §5) through the real server and engine on the demo model:
+reasoning and answers, tool calls, stops, usage and SSE framing on every surface, sync and streamed.
 
-The real-server tests run the tiny random model, whose gibberish rarely contains a channel header
-or a tool call; here the engine "generates" chosen harmony text, so every frame can be checked.
+Nothing is scripted: each frame is what the trained demo weights write at temperature 0, and each
+expected count is derived from the answer that came back (its tokens, re-encoded), so a frame that
+drops, repeats or misplaces a token fails. The last two tests keep the scripted engine
+(`tests/api_fakes.py`); their docstrings say why.
 """
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -15,67 +19,81 @@ from fastapi.testclient import TestClient
 from ossrun import harmony
 from ossrun.api.app import AppSettings, build_app
 from tests.api_fakes import FakeEngine
+from tests.server_util import MODEL
 
-MODEL = "@cf/openai/gpt-oss-20b"
-RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
-THINK_AND_ANSWER = "<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>Hello world<|return|>"
-TOOL_CALL = ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
-             "<|constrain|>json<|message|>{\"city\":\"Paris\"}<|call|>")
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-USER = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(THINK_AND_ANSWER)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PARIS = "The capital of France is Paris."
+WEATHER_IN = "What is the weather in {}?"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+RESPONSES_TOOLS = [{"type": "function", **TOOLS[0]["function"]}]
 
 
-@pytest.fixture
-def client(engine, tmp_path):
-    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
-        yield c
+@pytest.fixture(scope="module")
+def server(demo_server):
+    return demo_server
 
 
-def frames(response) -> list:
+def run_path(server) -> str:
+    return server.run_url()[len(server.base):]
+
+
+def post(server, path: str, body: dict, status: int = 200) -> dict:
+    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def stream(server, path: str, body: dict) -> list:
+    """Every `data:` payload in order (JSON objects, and the final "[DONE]")."""
     out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
-def stream(client, url: str, body: dict) -> list:
-    with client.stream("POST", url, json={**body, "stream": True}) as response:
+    with httpx.stream("POST", server.base + path, json={"temperature": 0, **body, "stream": True},
+                      headers=server.headers, timeout=120) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        return frames(response)
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                payload = line[len("data: "):]
+                out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
 
 
 def token_count(text: str) -> int:
     return len(harmony.encode(text, allow_special=True))
 
 
+def completion_text(reasoning: str, answer: str) -> str:
+    """The harmony completion behind a reasoned answer, as the model wrote it after `<|start|>assistant`."""
+    return (f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+            f"<|channel|>final<|message|>{answer}<|return|>")
+
+
+def prompt_tokens(body: dict) -> int:
+    return len(harmony.render_request(body).token_ids)
+
+
 # -- Messages (/ai/run) and chat completions ------------------------------------------------------------
 
-def test_messages_sync_separates_reasoning_from_content(client):
-    result = client.post(RUN, json={"messages": USER}).json()["result"]
+def test_messages_sync_separates_reasoning_from_content(server):
+    result = post(server, run_path(server), {"messages": FRANCE})["result"]
     assert result["object"] == "chat.completion" and result["model"] == MODEL
     choice = result["choices"][0]
-    assert choice["message"]["role"] == "assistant"
-    assert choice["message"]["reasoning_content"] == "Let me think."
-    assert choice["message"]["content"] == "Hello world"
-    assert choice["message"]["tool_calls"] == [] and choice["finish_reason"] == "stop"
+    message = choice["message"]
+    assert message["role"] == "assistant" and message["content"] == PARIS
+    assert "France" in message["reasoning_content"]
+    assert message["tool_calls"] == [] and choice["finish_reason"] == "stop"
     usage = result["usage"]
-    assert usage["completion_tokens"] == token_count(THINK_AND_ANSWER)
+    assert usage["prompt_tokens"] == prompt_tokens({"messages": FRANCE})
+    assert usage["completion_tokens"] == token_count(completion_text(message["reasoning_content"], PARIS))
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert usage["completion_tokens_details"]["reasoning_tokens"] == token_count("Let me think.")
-    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == token_count(message["reasoning_content"])
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
 
 
-def test_messages_stream_frames_in_order(client):
-    chunks = stream(client, RUN, {"messages": USER})
+def test_messages_stream_frames_in_order(server):
+    sync = post(server, run_path(server), {"messages": FRANCE})["result"]
+    chunks = stream(server, run_path(server), {"messages": FRANCE})
     assert chunks[-1] == "[DONE]"
     chunks = chunks[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
@@ -84,116 +102,134 @@ def test_messages_stream_frames_in_order(client):
     assert deltas[0] == {"role": "assistant", "content": ""}
     reasoning = [d["reasoning_content"] for d in deltas if "reasoning_content" in d]
     content = [d["content"] for d in deltas[1:] if "content" in d]
-    assert "".join(reasoning) == "Let me think." and "".join(content) == "Hello world"
+    assert "".join(reasoning) == sync["choices"][0]["message"]["reasoning_content"] and "".join(content) == PARIS
     # reasoning strictly before the answer, one token per frame
     first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
     assert all("content" not in d for d in deltas[1:first_content])
-    assert len(reasoning) == token_count("Let me think.")
+    assert not any("reasoning_content" in d for d in deltas[first_content:])
+    assert len(reasoning) == sync["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert len(content) == token_count(PARIS)
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finish[-1] == "stop" and not any(finish[:-1])
     usage = chunks[-1]  # /ai/run always ends with the usage chunk
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == token_count(THINK_AND_ANSWER)
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
 
 
-def test_chat_stream_usage_chunk_only_when_asked(client):
-    body = {"model": MODEL, "messages": USER}
-    without = stream(client, "/v1/chat/completions", body)
-    assert all("usage" not in c for c in without[:-1])
-    with_usage = stream(client, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
-    assert with_usage[-2]["usage"]["completion_tokens"] == token_count(THINK_AND_ANSWER) and with_usage[-1] == "[DONE]"
+def test_chat_stream_usage_chunk_only_when_asked(server):
+    body = {"model": MODEL, "messages": FRANCE}
+    sync = post(server, "/v1/chat/completions", body)
+    assert sync["object"] == "chat.completion" and sync["choices"][0]["message"]["content"] == PARIS
+    without = stream(server, "/v1/chat/completions", body)
+    assert without[-1] == "[DONE]" and all("usage" not in c or c["usage"] is None for c in without[:-1])
+    with_usage = stream(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert with_usage[-1] == "[DONE]" and with_usage[-2]["choices"] == []
+    assert with_usage[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in with_usage[:-2]) == PARIS
 
 
-def test_tool_call_sync_and_stream(client, engine):
-    engine.script = TOOL_CALL
-    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS}
-    choice = client.post(RUN, json=body).json()["result"]["choices"][0]
+def test_tool_call_sync_and_stream(server):
+    body = {"messages": [{"role": "user", "content": WEATHER_IN.format("Paris")}], "tools": TOOLS}
+    choice = post(server, run_path(server), body)["result"]["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert "Paris" in choice["message"]["reasoning_content"]
     (call,) = choice["message"]["tool_calls"]
     assert call["type"] == "function" and call["id"].startswith("chatcmpl-tool-")
-    assert call["function"] == {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
 
-    chunks = stream(client, RUN, body)[:-1]
+    chunks = stream(server, run_path(server), body)[:-1]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
     start = calls[0]
     assert start["index"] == 0 and start["type"] == "function" and start["id"].startswith("chatcmpl-tool-")
     assert start["function"] == {"name": "get_weather", "arguments": ""}
     assert all(set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"} for tc in calls[1:])
-    assert "".join(tc["function"]["arguments"] for tc in calls) == "{\"city\":\"Paris\"}"
+    assert len(calls) > 3  # the arguments arrive token by token
+    assert "".join(tc["function"]["arguments"] for tc in calls) == call["function"]["arguments"]
     assert not "".join(d.get("content") or "" for d in deltas)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
 
 
 @pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
-def test_forced_tool_call_prefills_the_call_header(client, engine, choice):
-    """A named (or the only `required`) tool: the prompt ends inside the call, so content cannot carry it."""
-    engine.script = "{\"city\":\"Rome\"}<|call|>"
-    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "tool_choice": choice}
-    reply = client.post("/v1/chat/completions", json=body).json()
-    prompt_tail = harmony.decode(engine.requests[-1].prompt_token_ids[-20:])
-    assert prompt_tail.endswith("<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>")
+def test_forced_tool_call_prefills_the_call_header(server, choice):
+    """A named (or the only `required`) tool: the prompt ends inside the call, so content cannot carry it and
+    the model writes only the arguments (the prompt is longer by exactly the header, the completion holds no reasoning)."""
+    messages = [{"role": "user", "content": WEATHER_IN.format("Rome")}]
+    body = {"model": MODEL, "messages": messages, "tools": TOOLS, "tool_choice": choice}
+    reply = post(server, "/v1/chat/completions", body)
+    header = harmony.tool_call_prefix("get_weather")
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens({"messages": messages, "tools": TOOLS}) + len(header)
     message = reply["choices"][0]["message"]
     assert message["content"] is None and reply["choices"][0]["finish_reason"] == "tool_calls"
-    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}
-    chunks = stream(client, "/v1/chat/completions", body)[:-1]
+    assert not message.get("reasoning_content")
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+    assert reply["usage"]["completion_tokens"] == token_count(call["function"]["arguments"] + "<|call|>")
+    chunks = stream(server, "/v1/chat/completions", body)[:-1]
     calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
     assert calls[0]["function"]["name"] == "get_weather"
-    assert "".join(tc["function"]["arguments"] for tc in calls) == "{\"city\":\"Rome\"}"
+    assert "".join(tc["function"]["arguments"] for tc in calls) == call["function"]["arguments"]
 
 
-def test_forced_tool_must_exist(client):
-    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}
-    response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400 and "nope" in response.json()["error"]["message"]
+def test_forced_tool_must_exist(server):
+    body = {"model": MODEL, "messages": FRANCE, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}
+    assert "nope" in post(server, "/v1/chat/completions", body, status=400)["error"]["message"]
 
 
-def test_length_finish_when_max_tokens_runs_out(client):
-    result = client.post(RUN, json={"messages": USER, "max_tokens": 3}).json()["result"]
+def test_length_finish_when_max_tokens_runs_out(server):
+    result = post(server, run_path(server), {"messages": FRANCE, "max_tokens": 3})["result"]
     assert result["choices"][0]["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 3
+    assert result["choices"][0]["message"]["content"] is None or result["choices"][0]["message"]["content"] == ""
 
 
-def test_logprobs_cover_answer_tokens(client):
-    reply = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 2}).json()
-    content = reply["choices"][0]["logprobs"]["content"]
-    assert "".join(entry["token"] for entry in content) == "Hello world"
-    assert all(entry["logprob"] == -0.25 and len(entry["top_logprobs"]) == 2 for entry in content)
-    assert all(bytes(entry["bytes"]).decode() == entry["token"] for entry in content)
+def test_logprobs_cover_answer_tokens(server):
+    body = {"model": MODEL, "messages": FRANCE, "logprobs": True, "top_logprobs": 2}
+    content = post(server, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    assert "".join(entry["token"] for entry in content) == PARIS and len(content) == token_count(PARIS)
+    for entry in content:
+        first, second = entry["top_logprobs"]
+        # temperature 0: the chosen token is the most likely one
+        assert first["token"] == entry["token"] and first["logprob"] == pytest.approx(entry["logprob"])
+        assert 0 >= first["logprob"] >= second["logprob"] and second["token"] != first["token"]
+        assert bytes(entry["bytes"]).decode() == entry["token"]
 
 
 # -- Prompt ----------------------------------------------------------------------------------------------
 
-def test_prompt_sync_and_stream(client, engine):
-    result = client.post(RUN, json={"prompt": "Hi"}).json()["result"]
-    assert result["response"] == "Hello world" and "tool_calls" not in result
-    assert result["usage"]["completion_tokens"] == token_count(THINK_AND_ANSWER)
-    frames_ = stream(client, RUN, {"prompt": "Hi"})
-    assert frames_[-1] == "[DONE]"
-    assert "".join(f["response"] for f in frames_[:-1]) == "Hello world"
-    assert frames_[-2]["response"] == "" and frames_[-2]["usage"] == result["usage"]
-    assert all(set(f) == {"response"} for f in frames_[:-2])
+def test_prompt_sync_and_stream(server):
+    question = "What is the capital of France?"
+    result = post(server, run_path(server), {"prompt": question})["result"]
+    assert result["response"] == PARIS and "tool_calls" not in result
+    assert result["usage"]["prompt_tokens"] == prompt_tokens({"prompt": question})
+    frames = stream(server, run_path(server), {"prompt": question})
+    assert frames[-1] == "[DONE]"
+    assert "".join(f["response"] for f in frames[:-1]) == PARIS
+    assert frames[-2]["response"] == "" and frames[-2]["usage"] == result["usage"]
+    assert all(set(f) == {"response"} for f in frames[:-2]) and len(frames) - 2 == token_count(PARIS)
 
-    engine.script = TOOL_CALL
-    result = client.post(RUN, json={"prompt": "Weather?"}).json()["result"]
+    body = {"prompt": WEATHER_IN.format("Paris"), "tools": TOOLS}
+    result = post(server, run_path(server), body)["result"]
     assert result["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
-    assert stream(client, RUN, {"prompt": "Weather?"})[-2]["tool_calls"] == result["tool_calls"]
+    assert stream(server, run_path(server), body)[-2]["tool_calls"] == result["tool_calls"]
 
 
 # -- Responses -----------------------------------------------------------------------------------------
 
-def test_responses_sync_items(client):
-    result = client.post(RUN, json={"input": "Hi"}).json()["result"]
+def test_responses_sync_items(server):
+    result = post(server, run_path(server), {"input": "What is the capital of France?"})["result"]
     assert result["object"] == "response" and result["status"] == "completed"
     reasoning, message = result["output"]
-    assert reasoning["type"] == "reasoning" and reasoning["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert reasoning["type"] == "reasoning" and "France" in reasoning["content"][0]["text"]
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": reasoning["content"][0]["text"]}]
     assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
-    assert message["content"] == [{"type": "output_text", "text": "Hello world", "annotations": []}]
-    assert result["output_text"] == "Hello world"
-    assert result["usage"]["output_tokens"] == token_count(THINK_AND_ANSWER)
-    assert result["usage"]["total_tokens"] == result["usage"]["input_tokens"] + result["usage"]["output_tokens"]
+    assert message["content"] == [{"type": "output_text", "text": PARIS, "annotations": []}]
+    assert result["output_text"] == PARIS
+    usage = result["usage"]
+    assert usage["output_tokens"] == token_count(completion_text(reasoning["content"][0]["text"], PARIS))
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
-def test_responses_stream_event_sequence(client):
-    events = stream(client, "/v1/responses", {"model": MODEL, "input": "Hi"})
+def test_responses_stream_event_sequence(server):
+    events = stream(server, "/v1/responses", {"model": MODEL, "input": "What is the capital of France?"})
     assert events[-1] == "[DONE]"
     events = events[:-1]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
@@ -207,55 +243,154 @@ def test_responses_stream_event_sequence(client):
         "response.completed",
     ]
     assert events[0]["response"]["status"] == "in_progress"
-    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
-    assert text == "Hello world"
+    text = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(text) == PARIS and len(text) == token_count(PARIS)
     for e in events:
         if e["type"].endswith(".delta") or e["type"].endswith("_text.done"):
             assert e["item_id"] and e["content_index"] == 0 and e["output_index"] in (0, 1)
+    thought = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert next(e["text"] for e in events if e["type"] == "response.reasoning_text.done") == thought
     final = events[-1]["response"]
-    assert final["status"] == "completed" and final["output_text"] == "Hello world"
+    assert final["status"] == "completed" and final["output_text"] == PARIS
     assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"][0]["text"] == thought
     added = [e["item"]["id"] for e in events if e["type"] == "response.output_item.added"]
     assert added == [item["id"] for item in final["output"]]
 
 
-def test_responses_stream_function_call(client, engine):
-    engine.script = TOOL_CALL
-    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
-    events = stream(client, "/v1/responses", {"model": MODEL, "input": "Weather?", "tools": tools})[:-1]
-    args = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
-    assert "".join(e["delta"] for e in args) == "{\"city\":\"Paris\"}"
+def test_responses_stream_function_call(server):
+    body = {"model": MODEL, "input": WEATHER_IN.format("Paris"), "tools": RESPONSES_TOOLS}
+    events = stream(server, "/v1/responses", body)[:-1]
+    args = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(args) > 3 and json.loads("".join(args)) == {"city": "Paris"}
     done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
-    assert done["arguments"] == "{\"city\":\"Paris\"}"
+    assert done["arguments"] == "".join(args)
     final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
     call = final["output"][-1]
-    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["arguments"] == "{\"city\":\"Paris\"}"
-    assert call["call_id"]
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["arguments"] == done["arguments"]
+    assert call["call_id"] and call["status"] == "completed"
 
 
-def test_responses_incomplete_on_length(client):
-    result = client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}).json()
+def test_responses_incomplete_on_length(server):
+    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 2}
+    result = post(server, "/v1/responses", body)
     assert result["status"] == "incomplete" and result["incomplete_details"] == {"reason": "max_output_tokens"}
-    events = stream(client, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 2})
+    assert result["usage"]["output_tokens"] == 2
+    events = stream(server, "/v1/responses", body)
     assert events[-2]["type"] == "response.incomplete" and events[-2]["response"]["status"] == "incomplete"
 
 
-# -- the official client over the scripted engine -------------------------------------------------------
+def test_a_cut_off_function_call_is_incomplete(server):
+    body = {"model": MODEL, "input": WEATHER_IN.format("Paris"), "tools": RESPONSES_TOOLS}
+    whole = post(server, "/v1/responses", body)
+    assert whole["status"] == "completed" and whole["output"][-1]["status"] == "completed"
+    cut = {**body, "max_output_tokens": whole["usage"]["output_tokens"] - 3}  # inside the arguments
+    response = post(server, "/v1/responses", cut)
+    assert response["status"] == "incomplete"
+    assert [(i["type"], i.get("status")) for i in response["output"]][-1] == ("function_call", "incomplete")
+    events = [f for f in stream(server, "/v1/responses", cut) if f != "[DONE]"]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done[-1]["type"] == "function_call" and done[-1]["status"] == "incomplete"
+    assert events[-1]["response"]["output"][-1]["status"] == "incomplete"
 
-def test_openai_sdk_parses_our_frames(client, engine):
-    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
-    reply = sdk.chat.completions.create(model=MODEL, messages=USER)
-    assert reply.choices[0].message.content == "Hello world"
-    engine.script = TOOL_CALL
-    chunks = list(sdk.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, stream=True))
+
+def test_previous_response_id_continues_the_conversation(server):
+    """The tool's result is sent alone; only the stored first turn says which city it was about."""
+    first = post(server, "/v1/responses", {"model": MODEL, "input": WEATHER_IN.format("Tokyo"), "tools": RESPONSES_TOOLS})
+    call = first["output"][-1]
+    assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"city": "Tokyo"}
+    result = {"type": "function_call_output", "call_id": call["call_id"],
+              "output": json.dumps({"temperature_c": 21, "condition": "cloudy"})}
+    second = post(server, "/v1/responses", {"model": MODEL, "input": [result], "tools": RESPONSES_TOOLS,
+                                            "previous_response_id": first["id"]})
+    assert second["output_text"] == "It is 21°C and cloudy in Tokyo."
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
+    # a streamed response can continue it too, and a continuation can be continued (the demo model was not
+    # trained on such long histories: what it answers is not checked, only that the history is in the prompt)
+    events = stream(server, run_path(server), {"input": "What is the capital of France?", "tools": RESPONSES_TOOLS,
+                                               "previous_response_id": second["id"]})
+    third = events[-2]["response"]
+    assert third["status"] == "completed" and third["usage"]["input_tokens"] > second["usage"]["input_tokens"]
+    fourth = post(server, "/v1/responses", {"model": MODEL, "input": "Hello", "tools": RESPONSES_TOOLS,
+                                            "previous_response_id": third["id"]})
+    assert fourth["status"] == "completed" and fourth["usage"]["input_tokens"] > third["usage"]["input_tokens"]
+
+
+def test_previous_response_id_unknown_or_not_stored(server):
+    unknown = post(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": "resp-nope"}, status=400)
+    assert unknown["error"]["code"] == "5006" and "previous_response_id" in unknown["error"]["message"]
+    private = post(server, "/v1/responses", {"model": MODEL, "input": "Hello", "store": False})
+    post(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": private["id"]}, status=400)
+
+
+# -- the official client over the real frames ----------------------------------------------------------
+
+def test_openai_sdk_parses_our_frames(server):
+    sdk = openai.OpenAI(base_url=server.base + "/v1", api_key=server.token)
+    reply = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0)
+    assert reply.choices[0].message.content == PARIS
+    chunks = list(sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": WEATHER_IN.format("Lima")}],
+                                              tools=TOOLS, temperature=0, stream=True))
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls[0].function.name == "get_weather"
-    events = list(sdk.responses.create(model=MODEL, input="Weather?", stream=True))
+    assert json.loads("".join(tc.function.arguments for tc in calls)) == {"city": "Lima"}
+    events = list(sdk.responses.create(model=MODEL, input=WEATHER_IN.format("Lima"), tools=RESPONSES_TOOLS,
+                                       temperature=0, stream=True))
     assert events[-1].type == "response.completed"
     assert events[-1].response.output[-1].type == "function_call"
 
 
-# -- robustness --------------------------------------------------------------------------------------
+# -- /v1/completions: the raw harmony text ------------------------------------------------------------
+
+def test_completions_return_every_token(server):
+    """A rendered harmony prompt sent raw: the text is the completion as the model wrote it, special tokens spelled."""
+    prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
+    reply = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 200})
+    assert reply["object"] == "text_completion" and reply["choices"][0]["finish_reason"] == "stop"
+    text = reply["choices"][0]["text"]
+    reasoning = text[len("<|channel|>analysis<|message|>"):text.index("<|end|>")]
+    assert text == completion_text(reasoning, PARIS)[:-len("<|return|>")] and "France" in reasoning
+    assert reply["usage"]["completion_tokens"] == token_count(text) + 1  # and the <|return|> that stopped it
+
+
+def test_completions_stream_equals_sync(server):
+    prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 200}
+    sync = post(server, "/v1/completions", body)
+    chunks = stream(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == sync["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1] == "stop"
+    assert chunks[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
+    sdk = openai.OpenAI(base_url=server.base + "/v1", api_key=server.token)
+    text = "".join(c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                                                      temperature=0, stream=True))
+    assert text == harmony.decode(harmony.encode(sync["choices"][0]["text"], allow_special=True)[:3])
+
+
+# -- what the trained model cannot be made to do: the scripted engine -------------------------------
+
+SCRIPTED_RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
+
+
+def scripted_stream(client: TestClient, body: dict) -> list[str]:
+    """The raw `data:` payloads of a streamed /ai/run answer from the in-process app."""
+    with client.stream("POST", SCRIPTED_RUN, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine("<|channel|>analysis<|message|>Let me think.<|end|><|start|>assistant<|channel|>final<|message|>Hi<|return|>")
+
+
+@pytest.fixture
+def client(engine, tmp_path):
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        yield c
+
 
 @pytest.mark.parametrize("script", [
     "<|message|><|message|>oops<|end|><|end|>",
@@ -265,75 +400,18 @@ def test_openai_sdk_parses_our_frames(client, engine):
     "plain text with no header at all",
 ])
 def test_malformed_model_output_is_never_a_500(client, engine, script):
+    """Scripted: the trained model writes well-formed harmony at every temperature we can pin, so broken
+    headers, stray stop tokens and unparsable arguments can only be produced on demand by a script."""
     engine.script = script
-    for body in ({"prompt": "x"}, {"messages": USER}, {"input": "x"}):
-        assert client.post(RUN, json=body).status_code == 200
-        assert stream(client, RUN, body)[-1] == "[DONE]"
+    for body in ({"prompt": "x"}, {"messages": FRANCE}, {"input": "x"}):
+        assert client.post(SCRIPTED_RUN, json=body).status_code == 200
+        assert scripted_stream(client, body)[-1] == "[DONE]"
 
 
 def test_engine_error_mid_stream_ends_the_stream_cleanly(client, engine):
+    """Scripted: the real engine fails mid-generation only on a bug or a dead device; the script fails on cue."""
     engine.fail_after = 3
-    frames_ = stream(client, RUN, {"messages": USER})
-    assert frames_[-1] == "[DONE]" and "error" in frames_[-2]
-    assert client.post(RUN, json={"messages": USER}).status_code == 500  # sync: the envelope, not a crash
-    assert client.post(RUN, json={"messages": USER}).json()["success"] is False
-
-
-def test_completions_return_every_token(client):
-    reply = client.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 50}).json()
-    assert reply["object"] == "text_completion"
-    tokens = [t for t in harmony.encode(THINK_AND_ANSWER, allow_special=True) if t not in harmony.STOP_TOKENS]
-    assert reply["choices"][0]["text"] == harmony.decode(tokens)
-    assert reply["choices"][0]["finish_reason"] == "stop"
-
-
-def test_completions_stream_equals_sync(client):
-    body = {"model": MODEL, "prompt": "Once", "max_tokens": 50}
-    sync = client.post("/v1/completions", json=body).json()
-    chunks = stream(client, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
-    assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
-    assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == sync["choices"][0]["text"]
-    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1] == "stop"
-    assert chunks[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
-    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
-    text = "".join(c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt="Once", max_tokens=3, stream=True))
-    assert text == harmony.decode(harmony.encode(THINK_AND_ANSWER, allow_special=True)[:3])
-
-
-def test_previous_response_id_continues_the_conversation(client, engine):
-    first = client.post("/v1/responses", json={"model": MODEL, "input": "My name is Ada."}).json()
-    second = client.post("/v1/responses", json={"model": MODEL, "input": "What is my name?", "previous_response_id": first["id"]})
-    assert second.status_code == 200
-    prompt = harmony.decode(engine.requests[-1].prompt_token_ids)
-    assert prompt.index("My name is Ada.") < prompt.index("Hello world") < prompt.index("What is my name?")
-    # a streamed response can be continued too, and a continuation can be continued
-    events = stream(client, RUN, {"input": "And then?", "previous_response_id": second.json()["id"]})
-    third = events[-2]["response"]["id"]
-    client.post("/v1/responses", json={"model": MODEL, "input": "Last.", "previous_response_id": third})
-    prompt = harmony.decode(engine.requests[-1].prompt_token_ids)
-    assert all(text in prompt for text in ("My name is Ada.", "What is my name?", "And then?", "Last."))
-
-
-def test_previous_response_id_unknown_or_not_stored(client):
-    unknown = client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": "resp-nope"})
-    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "5006"
-    assert "previous_response_id" in unknown.json()["error"]["message"]
-    private = client.post("/v1/responses", json={"model": MODEL, "input": "secret", "store": False}).json()
-    again = client.post("/v1/responses", json={"model": MODEL, "input": "x", "previous_response_id": private["id"]})
-    assert again.status_code == 400
-
-
-def test_a_cut_off_function_call_is_incomplete(client, engine):
-    engine.script = TOOL_CALL
-    cut = token_count(TOOL_CALL) - 3  # inside the arguments
-    body = {"model": MODEL, "input": "Weather?", "tools": [{"type": "function", **TOOLS[0]["function"]}], "max_output_tokens": cut}
-    response = client.post("/v1/responses", json=body).json()
-    assert response["status"] == "incomplete"
-    assert [(i["type"], i.get("status")) for i in response["output"]][-1] == ("function_call", "incomplete")
-    events = [f for f in stream(client, "/v1/responses", body) if f != "[DONE]"]
-    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
-    assert done[-1]["type"] == "function_call" and done[-1]["status"] == "incomplete"
-    assert events[-1]["response"]["output"][-1]["status"] == "incomplete"
-    engine.script = THINK_AND_ANSWER
-    whole = client.post("/v1/responses", json={**body, "max_output_tokens": 500}).json()
-    assert whole["status"] == "completed" and whole["output"][-1]["status"] == "completed"
+    payloads = scripted_stream(client, {"messages": FRANCE})
+    assert payloads[-1] == "[DONE]" and "error" in json.loads(payloads[-2])
+    assert client.post(SCRIPTED_RUN, json={"messages": FRANCE}).status_code == 500  # sync: the envelope, not a crash
+    assert client.post(SCRIPTED_RUN, json={"messages": FRANCE}).json()["success"] is False
