@@ -1,7 +1,7 @@
 """Fuzz the app from its own OpenAPI document, in process on the scripted engine.
 
 `test_fuzz.py` fuzzes the real server; here the engine answers with reasoning, text, tool calls or
-malformed harmony, so the documented result schemas are checked against every shape of answer, and
+malformed harmony (which the trained demo model never writes, hence the script), so the documented result schemas are checked against every shape of answer, and
 schema-violating bodies (negative mode) must be refused with a 4xx in the surface's error shape.
 """
 

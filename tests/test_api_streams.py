@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from ossrun import harmony
 from ossrun.api.app import AppSettings, build_app
+from ossrun.api.metering import PRICES
 from tests.api_fakes import FakeEngine
 from tests.server_util import MODEL
 
@@ -322,6 +323,21 @@ def test_previous_response_id_unknown_or_not_stored(server):
     assert unknown["error"]["code"] == "5006" and "previous_response_id" in unknown["error"]["message"]
     private = post(server, "/v1/responses", {"model": MODEL, "input": "Hello", "store": False})
     post(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": private["id"]}, status=400)
+
+
+def test_usage_carries_cost_on_every_result(server):
+    bodies = [(run_path(server), {"prompt": "Hello"}), (run_path(server), {"messages": FRANCE}),
+              ("/v1/chat/completions", {"model": MODEL, "messages": FRANCE})]
+    for path, body in bodies:
+        reply = post(server, path, body)
+        usage = (reply.get("result") or reply)["usage"]
+        usd, neurons = PRICES[MODEL].cost(usage["prompt_tokens"], usage["completion_tokens"])
+        assert usage["cost_usd"] == usd and usage["neurons"] == neurons and usage["completion_tokens"] > 10
+    response = post(server, "/v1/responses", {"model": MODEL, "input": "Hello"})
+    assert response["usage"]["cost_usd"] == PRICES[MODEL].cost(response["usage"]["input_tokens"], response["usage"]["output_tokens"])[0]
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    assert 'ossrun_tokens_total{kind="prompt"}' in text and "ossrun_neurons_total" in text
+    assert "ossrun_queue_depth" in text and "ossrun_request_seconds_bucket" in text
 
 
 # -- the official client over the real frames ----------------------------------------------------------
