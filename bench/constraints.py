@@ -77,8 +77,10 @@ def measure_llguidance() -> dict:
     import llguidance
     import torch
 
-    from ossrun.engine.constraints import ConstraintCompiler, build_tokenizer
+    from ossrun.engine.constraints import ConstraintCompiler
     from ossrun.harmony import END, VOCAB_SIZE, encode
+    from ossrun.harmony import grammar as harmony_grammar
+    from ossrun.harmony.grammar import llguidance_tokenizer as build_tokenizer
 
     base = _rss_mb()
     start = time.perf_counter()
@@ -107,9 +109,9 @@ def measure_llguidance() -> dict:
 
     # The harmony wrapper as the engine builds it (reasoning, then a forced tool call); its matcher is
     # driven directly, so the time is the library's alone, as for xgrammar.
-    compiler = ConstraintCompiler(tokenizer=tokenizer, workers=1)
+    compiler = ConstraintCompiler(tokenizer, workers=1)
     t0 = time.perf_counter()
-    constraint = compiler.tool_call("get_weather", NESTED)
+    constraint = compiler.compile(harmony_grammar.tool_call("get_weather", NESTED))
     result["compile_harmony_ms"] = (time.perf_counter() - t0) * 1e3
     constraint.allowed_tokens()  # the first mask, computed on the pool, is done
     matcher = constraint._matcher
@@ -221,12 +223,14 @@ def engine_throughput(concurrency: list[int], max_tokens: int, repeats: int) -> 
     from ossrun.engine.engine import Engine, EngineOptions
     from ossrun.engine.request import Request, SamplingParams
     from ossrun.harmony import STOP_TOKENS, parse_completion, render_request
+    from ossrun.harmony import grammar as harmony_grammar
+    from ossrun.harmony.grammar import llguidance_tokenizer
     from ossrun.model.checkpoint import load_checkpoint
     from ossrun.model.gpt_oss import GptOss
     from ossrun.model.resolve import preset_dir
 
     model = GptOss.from_checkpoint(load_checkpoint(preset_dir("tiny", layout="hf")), torch.float32)
-    compiler = ConstraintCompiler()
+    compiler = ConstraintCompiler(llguidance_tokenizer())
     timings = {"compute": [], "wait": []}
     compute, allowed = constraints_module.Constraint._compute, constraints_module.Constraint.allowed_tokens
 
@@ -270,7 +274,7 @@ def engine_throughput(concurrency: list[int], max_tokens: int, repeats: int) -> 
         for i in range(n):
             if lengths is None:
                 params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i + 1, stop_token_ids=STOP_TOKENS)
-                requests.append(Request(str(i), prompt, params, constraint=compiler.json_final(schema, reasoning_budget=16)))
+                requests.append(Request(str(i), prompt, params, constraint=compiler.compile(harmony_grammar.json_final(schema, reasoning_budget=16))))
             else:
                 requests.append(Request(str(i), prompt, SamplingParams(max_tokens=lengths[i], temperature=1.0, seed=i + 1)))
         start = time.perf_counter()

@@ -118,7 +118,7 @@ def generate(
         ids = harmony.encode(raw, allow_special=True)
     else:
         ids = harmony.render_request({"prompt": prompt}).token_ids
-    engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value)
+    engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value, decode_token=harmony.token_bytes)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop_token_ids=tuple(harmony.STOP_TOKENS))
     events = engine.generate([Request(uuid.uuid4().hex, ids, params)])
@@ -211,7 +211,7 @@ def serve(
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
     _setup_logging(verbose)
-    from ossrun.api.serve import ServerSettings, serve as run_server
+    from ossrun.serve import ServerSettings, serve as run_server
 
     settings = ServerSettings(model=model, host=host, port=port, api_token=api_token, dtype=dtype and dtype.value,
                               precision=precision.value, device=device,

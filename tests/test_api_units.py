@@ -185,7 +185,7 @@ def test_models_routes(client):
 
 def test_reject_if_busy(tmp_path):
     engine = FakeEngine()
-    engine.engine.options.max_num_seqs = 1
+    engine.max_num_seqs = 1
     with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
         assert c.post(RUN, json={"prompt": "hi", "options": {"rejectIfBusy": True}}).status_code == 200  # idle
         engine.running.add("someone-else")
@@ -202,7 +202,7 @@ def test_garbage_adapter_upload_is_5005_not_500(tmp_path):
     from ossrun.model.config import PRESETS
 
     engine = FakeEngine()
-    engine.engine.adapters = AdapterRegistry(PRESETS["tiny"], torch.float32, torch.device("cpu"))
+    engine.adapters = AdapterRegistry(PRESETS["tiny"], torch.float32, torch.device("cpu"))
     base = "/client/v4/accounts/a/ai/finetunes"
     with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
         assert c.post(base, json={"model": MODEL, "name": "junk"}).status_code == 200

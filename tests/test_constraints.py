@@ -12,12 +12,9 @@ import jsonschema
 import pytest
 import torch
 
-from ossrun.engine.constraints import (
-    ConstraintCompiler,
-    ConstraintViolation,
-    GrammarError,
-    default_reasoning_budget,
-)
+from ossrun.engine.constraints import ConstraintCompiler, ConstraintViolation, GrammarError
+from ossrun.harmony import grammar as harmony_grammar
+from ossrun.harmony.grammar import default_reasoning_budget, llguidance_tokenizer
 from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, SamplingParams
 from ossrun.harmony import (
@@ -78,11 +75,32 @@ TOOLS = [
 ]
 
 
+class Grammars:
+    """What a request gets: a harmony grammar (`ossrun.harmony.grammar`, data) compiled by the engine's compiler."""
+
+    def __init__(self) -> None:
+        self.engine = ConstraintCompiler(llguidance_tokenizer())
+
+    @property
+    def compiled(self) -> int:
+        return self.engine.compiled
+
+    def json_final(self, *args, **kwargs):
+        return self.engine.compile(harmony_grammar.json_final(*args, **kwargs))
+
+    def tool_call(self, *args, **kwargs):
+        return self.engine.compile(harmony_grammar.tool_call(*args, **kwargs))
+
+    def tools(self, *args, **kwargs):
+        grammar = harmony_grammar.tools(*args, **kwargs)
+        return None if grammar is None else self.engine.compile(grammar)
+
+
 @pytest.fixture(scope="module")
 def compiler():
-    compiler = ConstraintCompiler()
-    yield compiler
-    compiler.close()
+    grammars = Grammars()
+    yield grammars
+    grammars.engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +257,7 @@ def test_reasoning_is_free_text_without_special_tokens(compiler):
 def test_reasoning_budget_closes_the_analysis_message(compiler):
     constraint = compiler.json_final(SCHEMAS[0], reasoning_budget=3)
     feed(constraint, "<|channel|>analysis<|message|> one two three")
-    assert constraint.reasoning_tokens == 3
+    assert constraint.span_tokens == 3
     assert constraint.allowed_tokens().nonzero().flatten().tolist() == [END]
     feed(constraint, '<|end|><|start|>assistant<|channel|>final<|message|>{"name":"x","color":"red","count":1}<|return|>')
     no_reasoning = compiler.json_final(SCHEMAS[0], reasoning_budget=0)

@@ -22,6 +22,7 @@ from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, ba
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
+from ossrun.engine.client import EngineClient
 from ossrun.batch.worker import BatchWorker
 from ossrun.finetunes import MAX_ASSET_BYTES, FinetuneStore
 
@@ -109,12 +110,12 @@ def _allowed_methods(app: FastAPI, scope) -> set[str]:
     return methods
 
 
-def build_app(engine, settings: AppSettings) -> FastAPI:
-    service = Service(engine, settings, Metering(engine.config.served_name, engine))
+def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
+    service = Service(engine, settings, Metering(engine.info.served_name, engine))
     service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / "batch.sqlite")
     service.finetunes = FinetuneStore(settings.data_dir)
     for name, path in settings.loras.items():
-        engine.engine.adapters.register(name, path)
+        engine.register_adapter(name, path)
     service.load_finetunes()
     worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s)
 
@@ -193,7 +194,7 @@ def build_app(engine, settings: AppSettings) -> FastAPI:
 
     @app.get("/health", tags=["Server"])
     async def health():
-        return {"status": "ok", "model": engine.config.served_name, **engine.stats()}
+        return {"status": "ok", "model": engine.info.served_name, **engine.stats()}
 
     @app.get("/metrics", tags=["Server"])
     async def metrics():

@@ -20,8 +20,20 @@ from ossrun import harmony
 from ossrun.api.conversations import ResponseStore
 from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
-from ossrun.engine.errors import ContextLengthError, ShuttingDownError, UnknownAdapterError
-from ossrun.engine.request import Priority, Request, SamplingParams, TokenEvent
+from ossrun.engine.client import (
+    AdapterLoadError,
+    ContextLengthError,
+    EngineClient,
+    Grammar,
+    GrammarError,
+    Priority,
+    SamplingParams,
+    ShuttingDownError,
+    Submission,
+    TokenEvent,
+    UnknownAdapterError,
+)
+from ossrun.harmony import grammar as harmony_grammar
 
 WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
 OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
@@ -38,7 +50,7 @@ class Plan:
     raw: bool = False
     stream: bool = False
     priority: Priority = Priority.INTERACTIVE
-    constraint: object | None = None
+    grammar: Grammar | None = None  # what the output must follow (the engine compiles it)
     stop: tuple[str, ...] = ()  # stop strings: matched on the answer text here, not by the engine
     json_mode: bool = False  # response_format / text.format asks for JSON: the Prompt result parses it
 
@@ -140,7 +152,7 @@ _OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
 
 
 class Service:
-    def __init__(self, engine, settings, metering):
+    def __init__(self, engine: EngineClient, settings, metering):
         self.engine = engine
         self.settings = settings
         self.metering = metering
@@ -151,11 +163,9 @@ class Service:
     # -- LoRA fine-tunes --------------------------------------------------------------------------
     def register_finetune(self, record) -> None:
         """Serve an uploaded fine-tune under its name (requests may also use its id)."""
-        from ossrun.model.lora import AdapterError
-
         try:
-            self.engine.engine.adapters.register(record.name, self.finetunes.folder(record))
-        except AdapterError as exc:
+            self.engine.register_adapter(record.name, self.finetunes.folder(record))
+        except AdapterLoadError as exc:
             raise ApiError(400, 5005, f"AiError: {exc}") from None
         except Exception as exc:  # uploaded bytes are anything: a PNG as adapter_config.json must be a 400, not a 500
             raise ApiError(400, 5005, f"AiError: fine-tune {record.name!r} is not a loadable PEFT LoRA adapter "
@@ -174,11 +184,10 @@ class Service:
 
     def adapter_name(self, lora: str) -> str:
         """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
-        adapters = self.engine.engine.adapters
-        if adapters.known(lora):
+        if self.engine.has_adapter(lora):
             return lora
         record = self.finetunes.get(lora) if self.finetunes is not None else None
-        if record is not None and adapters.known(record.name):
+        if record is not None and self.engine.has_adapter(record.name):
             return record.name
         if record is not None:
             missing = self.finetunes.missing_assets(record)
@@ -187,7 +196,7 @@ class Service:
 
     @property
     def model_names(self) -> list[str]:
-        return [self.engine.config.served_name]
+        return [self.engine.info.served_name]
 
     def check_model(self, model: str) -> None:
         if model not in self.model_names:
@@ -223,7 +232,7 @@ class Service:
             raise bad_input("Error: the prompt cannot be tokenized (is it one enormous word?)") from None
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
-        max_tokens = _max_tokens(body, defaults, self.engine.max_model_len - len(prompt_ids))
+        max_tokens = _max_tokens(body, defaults, self.engine.info.max_model_len - len(prompt_ids))
         try:
             params = SamplingParams(
                 max_tokens=max_tokens,
@@ -241,10 +250,12 @@ class Service:
             raise bad_input(f"Error: {exc}") from None
         lora = self.adapter_name(body["lora"]) if body.get("lora") is not None else None
         plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority, stop=_stop_strings(body))
-        self._check_context(plan)
+        self._check(plan)
         if not raw:
-            plan.constraint = self._constraint(body, forced, max_tokens)
+            plan.grammar = self._grammar(body, forced, max_tokens)
             plan.json_mode = _final_format(body)[1]
+            if plan.grammar is not None:
+                self._check(plan)
         return plan
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
@@ -255,8 +266,7 @@ class Service:
         plans = [plan]
         for index in range(1, n):
             params = dataclasses.replace(plan.params, seed=derive_seed(plan.params.seed, index))
-            constraint = None if plan.constraint is None else self._constraint(plan.body, plan.forced_tool, plan.params.max_tokens)
-            plans.append(dataclasses.replace(plan, params=params, constraint=constraint))
+            plans.append(dataclasses.replace(plan, params=params))  # the engine compiles each one's own grammar state
         return plans
 
     async def plan_off_loop(self, *args: Any, **kwargs: Any) -> Plan:
@@ -265,52 +275,49 @@ class Service:
         return await asyncio.to_thread(self.plan, *args, **kwargs)
 
     # -- structured output ------------------------------------------------------------------------
-    @property
-    def compiler(self):
-        """The grammar compiler, built on first use (its o200k tokenizer takes about a second)."""
-        if getattr(self, "_compiler", None) is None:
-            from ossrun.engine.constraints import ConstraintCompiler
-
-            self._compiler = ConstraintCompiler()
-        return self._compiler
-
-    def _constraint(self, body: dict[str, Any], forced: str | None, max_tokens: int):
+    def _grammar(self, body: dict[str, Any], forced: str | None, max_tokens: int) -> Grammar | None:
         """The grammar a request's output must follow, or None (free). A named (prefilled) tool call
         gets its arguments constrained; `required`/`auto` tools and `response_format` / Responses
         `text.format` constrain the whole completion, leaving the reasoning free within a budget."""
-        from ossrun.engine.constraints import GrammarError, default_reasoning_budget
-
         tools = {t.name: _parameters(t) for t in harmony.tool_descriptions(body)} if body.get("tool_choice") != "none" else {}
         schema, structured = _final_format(body)
         choice = body.get("tool_choice") or "auto"
         try:
             if forced is not None:
-                return self.compiler.arguments(forced, tools.get(forced), max_tokens=max_tokens)
+                return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens)
             if not tools and not structured:
                 return None
-            budget = default_reasoning_budget(max_tokens)
+            budget = harmony_grammar.default_reasoning_budget(max_tokens)
             mode = choice if isinstance(choice, str) and choice in ("auto", "required", "none") else "auto"
-            return self.compiler.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget, max_tokens=max_tokens)
+            return harmony_grammar.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget, max_tokens=max_tokens)
         except GrammarError as exc:
             raise bad_input(f"Error: {exc}") from None
 
-    def _check_context(self, plan: Plan) -> None:
-        limit = self.engine.max_model_len
-        if len(plan.prompt_ids) + plan.params.max_tokens > limit:
-            raise context_too_long(len(plan.prompt_ids), plan.params.max_tokens, limit)
+    def _submission(self, plan: Plan) -> Submission:
+        return Submission(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.grammar)
+
+    def _check(self, plan: Plan) -> None:
+        """What the engine would refuse, refused now (a 400 before any stream starts)."""
+        try:
+            self.engine.check(self._submission(plan))
+        except ContextLengthError as exc:
+            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
+        except UnknownAdapterError as exc:
+            raise unknown_lora(exc.name) from None
+        except ValueError as exc:  # GrammarError, a token outside the vocabulary
+            raise bad_input(f"Error: {exc}") from None
 
     def is_busy(self) -> bool:
         stats = self.engine.stats()
-        return stats["waiting"] > 0 or stats["running"] >= self.engine.engine.options.max_num_seqs
+        return stats["waiting"] > 0 or stats["running"] >= self.engine.info.max_num_seqs
 
     # -- running ----------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> AsyncIterator[Step]:
         """The engine's tokens for this plan, each with the harmony events it produced."""
-        request = Request(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.constraint)
         parser = PlainText() if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
         stops = StopStrings(plan.stop) if plan.stop else None
         started = time.perf_counter()
-        stream = self.engine.generate(request)
+        stream = self.engine.submit(self._submission(plan))
         try:
             async for token in stream:
                 if token.finish_reason == "error":
@@ -358,7 +365,7 @@ class Service:
         outcome.reasoning, outcome.content, outcome.tool_calls = parsed.reasoning, parsed.content, parsed.tool_calls
         outcome.finish_reason = parsed.finish_reason
         outcome.text = parsed.content if plan.shape == "completions" else harmony.decode([t for t in tokens if t not in harmony.STOP_TOKENS])
-        self.metering.record(self.engine.config.served_name, outcome)
+        self.metering.record(self.engine.info.served_name, outcome)
         return outcome
 
     @staticmethod

@@ -47,7 +47,7 @@ async def _steps(service: Service, plan: Plan, outcome: Outcome) -> AsyncIterato
                     outcome.finish_reason = event.reason
                 yield event
     finally:
-        service.metering.record(service.engine.config.served_name, outcome)
+        service.metering.record(service.engine.info.served_name, outcome)
 
 
 async def prompt_stream(service: Service, plan: Plan) -> AsyncIterator[bytes]:

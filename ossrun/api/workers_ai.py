@@ -14,7 +14,7 @@ from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope
 from ossrun.api.service import Plan, Service
 from ossrun.batch.worker import ItemOutcome
-from ossrun.engine.request import Priority
+from ossrun.engine.client import Priority
 
 router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
 
@@ -42,7 +42,7 @@ async def run_sync(service: Service, shape: str, body: dict[str, Any], priority:
     """The sync result of one `/ai/run` body (also what the batch queue stores) → (result, outcome)."""
     plan = await service.plan_off_loop(shape, body, priority=priority)
     outcome = await service.complete(plan)
-    prices, model = service.metering.prices, service.engine.config.served_name
+    prices, model = service.metering.prices, service.engine.info.served_name
     if shape == "prompt":
         return results.prompt_result(outcome, prices, plan.json_mode), outcome
     if shape == "messages":
@@ -53,7 +53,7 @@ async def run_sync(service: Service, shape: str, body: dict[str, Any], priority:
 
 
 def stream_response(service: Service, plan: Plan) -> StreamingResponse:
-    model = service.engine.config.served_name
+    model = service.engine.info.served_name
     if plan.shape == "prompt":
         body = streaming.prompt_stream(service, plan)
     elif plan.shape == "messages":

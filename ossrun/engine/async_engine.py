@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
 
+from ossrun.engine.client import EngineInfo, Submission
 from ossrun.engine.engine import Engine, EngineOptions
-from ossrun.engine.errors import ShuttingDownError
+from ossrun.engine.errors import AdapterLoadError, ShuttingDownError
+from ossrun.engine.grammar import GrammarError
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.config import ModelConfig
@@ -40,27 +42,34 @@ def resolve_dtype(precision: str, dtype: str | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_engine(model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast", **options) -> Engine:
-    """Load a checkpoint directory into a ready engine (the one place that wires model, tokenizer and options).
+def build_engine(model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast",
+                 decode_token: Callable[[int], bytes] | None = None, **options) -> Engine:
+    """Load a checkpoint directory into a ready engine (the one place that wires model and options).
 
     `precision` is "fast" (quantised kernels) or "exact" (the reference computation); `dtype` None
     takes the precision's default (see DEFAULT_DTYPES). The KV cache takes the model's dtype unless
-    `kv_dtype` says otherwise.
+    `kv_dtype` says otherwise. `decode_token` (a token's bytes) lets the engine match stop strings;
+    the tokenizer is the caller's (`ossrun.serve.load_engine` passes harmony's).
     """
-    from ossrun.harmony import token_bytes
-
     compute = resolve_dtype(precision, dtype)
     checkpoint = load_checkpoint(model)
     net = GptOss.from_checkpoint(checkpoint, compute, device, precision)
     kv_dtype = options.pop("kv_dtype", compute)
     if isinstance(kv_dtype, str):
         kv_dtype = DTYPES[kv_dtype]
-    return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=token_bytes)
+    return Engine(net, EngineOptions(kv_dtype=kv_dtype, **options), decode_token=decode_token)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    """The engine behind the `EngineClient` protocol (`engine/client.py`). `grammar_tokenizer` builds the
+    llguidance tokenizer that grammars compile against (on first use: it takes about a second); without
+    it, a submission with a grammar is a GrammarError."""
+
+    def __init__(self, engine: Engine, grammar_tokenizer: Callable[[], object] | None = None):
         self.engine = engine
+        self._grammar_tokenizer = grammar_tokenizer
+        self._compiler = None
+        self._compiler_lock = threading.Lock()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[tuple[str, object]] = []
@@ -72,8 +81,9 @@ class AsyncEngine:
 
     @classmethod
     def from_model(cls, model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast",
+                   decode_token: Callable[[int], bytes] | None = None, grammar_tokenizer: Callable[[], object] | None = None,
                    **options) -> "AsyncEngine":
-        return cls(build_engine(model, dtype, device, precision, **options))
+        return cls(build_engine(model, dtype, device, precision, decode_token, **options), grammar_tokenizer)
 
     @property
     def config(self) -> ModelConfig:
@@ -88,6 +98,48 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
+
+    # -- the EngineClient protocol ---------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.config.served_name, self.max_model_len, self.engine.options.max_num_seqs)
+
+    def check(self, submission: Submission) -> None:
+        self._request(submission)
+
+    async def submit(self, submission: Submission) -> AsyncIterator[TokenEvent]:
+        async for event in self.generate(self._request(submission)):
+            yield event
+
+    def register_adapter(self, name: str, path: Path) -> None:
+        from ossrun.model.lora import AdapterError
+
+        try:
+            self.engine.adapters.register(name, path)
+        except AdapterError as exc:
+            raise AdapterLoadError(str(exc)) from None
+
+    def has_adapter(self, name: str) -> bool:
+        return self.engine.adapters.known(name)
+
+    def _request(self, submission: Submission) -> Request:
+        """The engine's request for a submission, its grammar compiled; context and grammar errors raised."""
+        request = Request(submission.request_id, list(submission.prompt_token_ids), submission.params, submission.priority,
+                          submission.adapter)
+        self.validate(request)
+        if submission.grammar is not None:
+            request.constraint = self._compiler_for().compile(submission.grammar)
+        return request
+
+    def _compiler_for(self):
+        with self._compiler_lock:
+            if self._compiler is None:
+                if self._grammar_tokenizer is None:
+                    raise GrammarError("structured output is not available: the engine has no grammar tokenizer")
+                from ossrun.engine.constraints import ConstraintCompiler
+
+                self._compiler = ConstraintCompiler(self._grammar_tokenizer())
+            return self._compiler
 
     # -- the coroutine side --------------------------------------------------------------------
     async def generate(self, request: Request) -> AsyncIterator[TokenEvent]:

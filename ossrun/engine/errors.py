@@ -26,3 +26,7 @@ class UnknownAdapterError(ValueError):
 
 class ShuttingDownError(RuntimeError):
     """The engine is draining for shutdown: it ended this request (or takes no new ones)."""
+
+
+class AdapterLoadError(ValueError):
+    """A LoRA adapter that cannot be served (wrong modules, rank, shapes); the message says why."""

@@ -1,4 +1,8 @@
-"""`ossrun serve`: resolve the model, load it with a progress bar, build the app, run uvicorn."""
+"""`ossrun serve`: resolve the model, load it with a progress bar, build the app, run uvicorn.
+
+The composition root: the one place that wires the rooms together (model → engine, with harmony's
+tokenizer for stop strings and grammars; the engine → the API through its client interface).
+"""
 
 from __future__ import annotations
 
@@ -45,18 +49,20 @@ def load_engine(settings: ServerSettings):
     """Resolve and load the model, showing progress (loading a 20b checkpoint maps 13 GB)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from ossrun import harmony
     from ossrun.engine.async_engine import AsyncEngine
+    from ossrun.harmony.grammar import llguidance_tokenizer
     from ossrun.model.resolve import resolve_model
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("resolving the model", total=3)
         path = resolve_model(settings.model)
         progress.update(task, advance=1, description=f"loading {path}")
-        engine = AsyncEngine.from_model(path, settings.dtype, settings.device, settings.precision, max_num_seqs=settings.max_num_seqs,
-                                        kv_cache_bytes=int(settings.kv_cache_gib * 1024**3), max_model_len=settings.max_model_len)
+        engine = AsyncEngine.from_model(path, settings.dtype, settings.device, settings.precision,
+                                        decode_token=harmony.token_bytes, grammar_tokenizer=llguidance_tokenizer,
+                                        max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
+                                        max_model_len=settings.max_model_len)
         progress.update(task, advance=1, description="warming up the tokenizer")
-        from ossrun import harmony
-
         harmony.get_encoding()
         progress.update(task, advance=1, description=f"loaded {path}")
     return engine

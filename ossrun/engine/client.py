@@ -1,0 +1,69 @@
+"""The engine as its callers see it: one narrow, typed interface (plain data in, token events out).
+
+`api/` talks to the engine only through `EngineClient` (the real one is `AsyncEngine`; API tests use a
+scripted fake that implements the same protocol). What crosses it: a `Submission` (prompt ids, validated
+`SamplingParams`, priority, adapter name, an optional `Grammar` as data) in, `TokenEvent`s out, and the
+errors of `engine/errors.py`. The engine compiles grammars itself, so no engine internals leave it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ossrun.engine.errors import AdapterLoadError, ContextLengthError, ShuttingDownError, UnknownAdapterError
+from ossrun.engine.grammar import Grammar, GrammarError, Span
+from ossrun.engine.request import Priority, SamplingParams, TokenEvent, TokenLogprob
+
+__all__ = ["AdapterLoadError", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar", "GrammarError", "Priority",
+           "SamplingParams", "ShuttingDownError", "Span", "Submission", "TokenEvent", "TokenLogprob", "UnknownAdapterError"]
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One generation request, as data. `grammar`: what the output must follow (compiled by the engine)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: Priority = Priority.INTERACTIVE
+    adapter: str | None = None
+    grammar: Grammar | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a caller may know about the engine's limits."""
+
+    served_name: str
+    max_model_len: int
+    max_num_seqs: int
+
+
+class EngineClient(Protocol):
+    """Everything `api/` may ask of the engine."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def check(self, submission: Submission) -> None:
+        """Raise now what `submit` would raise later (ContextLengthError, GrammarError): blocking (a new
+        grammar compiles for a few ms), so callers run it off the event loop."""
+
+    def submit(self, submission: Submission) -> AsyncIterator[TokenEvent]:
+        """Stream the request's token events; closing the stream early aborts the request."""
+
+    def abort(self, request_id: str) -> None: ...
+
+    def abort_all(self) -> None:
+        """Shutdown begins: every running request ends within a step ("abort" events); new ones are refused."""
+
+    def register_adapter(self, name: str, path: Path) -> None:
+        """Serve a PEFT LoRA adapter under `name`; AdapterLoadError (or any error of unreadable files) when it cannot be."""
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /health and /metrics: running, waiting, KV blocks, generated tokens."""

@@ -1,0 +1,45 @@
+"""A grammar as plain data: what a request's output must follow, in the terms the engine's token masks need.
+
+Who writes the grammar knows the output format (`ossrun.harmony.grammar` writes gpt-oss's); the
+engine only compiles it (`constraints.ConstraintCompiler`) and masks tokens with it. Nothing here
+imports torch or llguidance, so the API can build and pass these values through the engine client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class GrammarError(ValueError):
+    """A grammar or schema that cannot be compiled, or a budget it cannot fit in; the message says why (→ 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A bounded free-text span of the output (gpt-oss's reasoning): it starts when a header opened by
+    `opener` reads `tag` at `body`, and ends at `close`; after `limit` text tokens only `close` is allowed."""
+
+    opener: int
+    tag: bytes
+    body: int
+    close: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grammar:
+    """An llguidance Lark grammar over the whole completion, plus what the engine needs to drive it.
+
+    `schemas` are the JSON Schemas inlined in `lark`, each compiled alone first so that an error names
+    the schema rather than a line of the wrapper. `final_tokens`: a sampled token among them that
+    completes the grammar ends the request. `path_tokens`: what the shortest-completion search tries
+    besides forced tokens. `max_tokens`: the completion must be complete within it (None: it may be cut)."""
+
+    lark: str
+    schemas: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    final_tokens: tuple[int, ...] = ()
+    path_tokens: tuple[int, ...] = ()
+    max_tokens: int | None = None
+    span: Span | None = None

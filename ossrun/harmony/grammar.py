@@ -1,0 +1,211 @@
+"""Structured output in gpt-oss's format: the harmony wrapper of a request's grammar, as data for the engine.
+
+The grammar covers everything the model writes after the prompt's `<|start|>assistant`, not only
+the answer, because gpt-oss reasons first and the reasoning must stay free:
+
+    start:     reasoning? answer
+    reasoning: <|channel|> "analysis" <|message|> TEXT <|end|> <|start|> "assistant"
+    answer:    <|channel|> "final" <|message|> JSON <|return|>                     (response_format)
+             | <|channel|> "commentary to=functions.NAME " <|constrain|> "json" <|message|> ARGS <|call|>
+
+TEXT is any text without special tokens (a special token is never text to llguidance, so the model
+cannot open a message or spell `<|call|>` inside its reasoning), JSON and ARGS are llguidance's
+compilation of the request's JSON Schemas (inline `%json`). The tool call header is the one gpt-oss
+itself writes (recipient after the channel, as in OpenAI's harmony guide), so forcing it keeps the
+model in distribution; `StreamParser` reads it back as a tool call.
+
+Reasoning budget: reasoning is gpt-oss's strength, so it is allowed by default, but it must not eat
+the answer (the hosted service returns an empty answer when it does). A grammar built with
+`reasoning_budget=n` lets the analysis message run for at most n tokens, then allows only `<|end|>`,
+after which the grammar forces the answer's header; `default_reasoning_budget(max_tokens)` keeps a
+share of max_tokens for the answer. Budget 0 forbids the analysis message altogether.
+
+The builders return `engine.grammar.Grammar` values (plain data); the engine compiles them
+(`engine/constraints.py`) with the llguidance view of o200k_harmony built here (`llguidance_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from ossrun.engine.grammar import Grammar, GrammarError, Span
+
+from .tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, VOCAB_FILE, VOCAB_SHA256, VOCAB_SIZE
+from .tokenizer import encode, ensure_vocab_file, get_encoding
+
+ToolMode = Literal["auto", "required", "none"]
+
+# o200k's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it. llguidance uses it only
+# to tokenise text it forces, never to compute masks; tiktoken offers no way to get it without a download.
+_O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+# JSON whitespace: allowed (models write `{"a": 1}` and pretty-print), but at most 24 characters at
+# each place, so a model cannot pad its answer with whitespace until max_tokens.
+_JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,24}"}
+# A name the harmony header parser reads back whole (its recipient pattern, without `/`).
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_FINAL_TOKENS = (RETURN, CALL)  # the grammar ends with one of them, and the request with it
+# What the shortest-completion search tries: complete values before openers (it keeps the first children it finds).
+_CLOSERS = ('"', "}", "]", '""', "{}", "[]", '"}', '"]', "}}", "]}", "0", "1", "null", "true", "false", "{", "[", '{"', ",", ":",
+            " ", "-")
+
+
+@functools.cache
+def llguidance_tokenizer():
+    """llguidance's view of o200k_harmony (~1 s, once per process): the verified offline vocabulary
+    plus every special token. Ids at or above the model's vocabulary (`<|reserved_201088|>`) are left
+    out. The "EOS" llguidance allows once the grammar is complete is `<|endoftext|>`: the grammar ends
+    with `<|return|>` or `<|call|>` itself, and the engine stops there."""
+    import llguidance
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(ensure_vocab_file() / VOCAB_FILE), expected_hash=VOCAB_SHA256)
+    encoding = get_encoding()
+    special = {}
+    for name in encoding.special_tokens_set:
+        token = encoding.encode(name, allowed_special="all")[0]
+        if token < VOCAB_SIZE:
+            special[name] = token
+    return llguidance.LLTokenizer.from_tiktoken(
+        encoder=ranks, special_tokens=special, pattern=_O200K_PATTERN, eos_token=ENDOFTEXT, n_vocab=VOCAB_SIZE
+    )
+
+
+def default_reasoning_budget(max_tokens: int) -> int:
+    """Tokens the analysis message may use so the constrained answer still fits in max_tokens.
+
+    The answer keeps a quarter of the budget, and for small budgets half of it up to 256 tokens:
+    256 → 128 for reasoning, 1000 → 744, 4096 → 3072. JSON longer than that needs a larger max_tokens.
+    """
+    reserve = max(max_tokens // 4, min(max_tokens // 2, 256))
+    return max(0, max_tokens - reserve)
+
+
+def json_final(schema: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
+               max_tokens: int | None = None) -> Grammar:
+    """`response_format`: free reasoning, then a final message that is JSON valid against `schema`
+    (None: any JSON object, for `json_object`), then `<|return|>`; complete within `max_tokens` when given."""
+    return _wrapper([_final(schema, structured=True)], reasoning_budget, max_tokens)
+
+
+def tool_call(name: str, parameters: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
+              max_tokens: int | None = None) -> Grammar:
+    """A named tool call generated whole: free reasoning, then exactly this call with arguments valid
+    against `parameters` (None: any JSON object), then `<|call|>`."""
+    return _wrapper([_call(name, parameters, 0)], reasoning_budget, max_tokens)
+
+
+def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: int | None = None) -> Grammar:
+    """The arguments of a call whose header the prompt already holds (a forced `tool_choice` is
+    prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
+    _call(name, parameters, 0)  # the same name check as a generated call
+    schema = _with_options(parameters)
+    return Grammar(f"start: args_0 <|call|>\nargs_0: %json {json.dumps(schema)}", ((f"parameters of tool {name!r}", schema),),
+                   _FINAL_TOKENS, _path_tokens(parameters), max_tokens)
+
+
+def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_schema: Mapping[str, Any] | None = None, *,
+          json_final: bool = False, reasoning_budget: int | None = None, max_tokens: int | None = None) -> Grammar | None:
+    """`tool_choice` "required" (some call), "auto" (a final message or a call whose arguments follow
+    its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any JSON object).
+    The final message is JSON against `final_schema` when given (any JSON object with `json_final`),
+    else free text. → None when there is nothing to constrain (no tools and a free final message)."""
+    if mode not in ("auto", "required", "none"):
+        raise GrammarError(f"unknown tool_choice {mode!r}")
+    if mode == "required" and not tools:
+        raise GrammarError('tool_choice "required" needs at least one tool')
+    structured = final_schema is not None or json_final
+    if not tools and not structured:
+        return None
+    answers = [] if mode == "none" else [_call(name, parameters, i) for i, (name, parameters) in enumerate(tools.items())]
+    if mode != "required":
+        answers.append(_final(final_schema, structured))
+    # With "auto" and a free-text answer, a tiny budget is no error: the model may just answer, or be cut off.
+    return _wrapper(answers, reasoning_budget, max_tokens if structured or mode == "required" else None)
+
+
+def schema_hints(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
+    """Tokens of the property names and enum/const values of schemas: what a completion may need to spell."""
+    texts: list[str] = ["final", "commentary", "analysis"]
+    stack = [s for s in schemas if isinstance(s, Mapping)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            if isinstance(node.get("properties"), Mapping):
+                texts += [json.dumps(k) for k in node["properties"]]
+            values = node.get("enum") if isinstance(node.get("enum"), list) else []
+            texts += [json.dumps(v) for v in [*values, *([node["const"]] if "const" in node else [])]]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return tuple(dict.fromkeys(t for text in texts[:256] for t in encode(text)))
+
+
+@functools.cache
+def _closer_tokens() -> tuple[int, ...]:
+    return (RETURN, CALL, END) + tuple(ids[0] for ids in (encode(t) for t in _CLOSERS) if len(ids) == 1)
+
+
+def _path_tokens(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
+    return _closer_tokens() + schema_hints(*schemas)
+
+
+# One alternative of the `answer` rule, and for one holding JSON its `%json` rule: (rule, what, schema).
+_Answer = tuple[str, "tuple[str, str, Mapping[str, Any] | None] | None"]
+
+
+def _wrapper(answers: list[_Answer], reasoning_budget: int | None, max_tokens: int | None) -> Grammar:
+    """The whole-completion grammar: optional reasoning (bounded by its budget), then one of the answers."""
+    if reasoning_budget is not None and reasoning_budget < 0:
+        raise ValueError("reasoning_budget must be non-negative")
+    reasoning = reasoning_budget is None or reasoning_budget > 0
+    lines = [
+        "start: " + ("reasoning? " if reasoning else "") + "answer",
+        "answer: " + " | ".join(alternative for alternative, _ in answers),
+        'reasoning: <|channel|> "analysis" <|message|> TEXT <|end|> <|start|> "assistant"',
+        r"TEXT: /(.|\n)*/",
+    ]
+    jsons = [json_rule for _, json_rule in answers if json_rule is not None]
+    schemas = []
+    for rule, what, schema in jsons:
+        full = _with_options(schema)
+        lines.append(f"{rule}: %json {json.dumps(full)}")
+        schemas.append((what, full))
+    span = Span(CHANNEL, b"analysis", MESSAGE, END, reasoning_budget) if reasoning_budget is not None else None
+    return Grammar("\n".join(lines), tuple(schemas), _FINAL_TOKENS, _path_tokens(*(schema for _, _, schema in jsons)),
+                   max_tokens, span)
+
+
+def _final(schema: Mapping[str, Any] | None, structured: bool) -> _Answer:
+    if not structured:
+        return '<|channel|> "final" <|message|> TEXT <|return|>', None
+    return '<|channel|> "final" <|message|> final_json <|return|>', ("final_json", "response_format schema", schema)
+
+
+def _call(name: str, parameters: Mapping[str, Any] | None, i: int) -> _Answer:
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise GrammarError(f"tool name {name!r} must match [A-Za-z0-9_.:-]{{1,128}}")
+    # The header gpt-oss writes: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
+    header = json.dumps(f"commentary to=functions.{name} ")
+    return (f'<|channel|> {header} <|constrain|> "json" <|message|> args_{i} <|call|>',
+            (f"args_{i}", f"parameters of tool {name!r}", parameters))
+
+
+def _with_options(schema: Mapping[str, Any] | None) -> dict[str, Any]:
+    if schema is None:
+        schema = _ANY_OBJECT
+    if not isinstance(schema, Mapping):
+        raise GrammarError(f"a JSON schema must be a JSON object, not {type(schema).__name__}")
+    return {**schema, "x-guidance": _JSON_OPTIONS}
