@@ -2,13 +2,16 @@
 # One prepared session on a lent GPU machine (its image has torch, triton, transformers; no harmony).
 # Each step runs under its own timeout and logs to $OUT (default ./gpu-out); a failing step does
 # not stop the next. Steps: a CUDA sanity check, the Triton kernel tests compiled for the GPU,
-# the model/engine tests with --device cuda, and bench/gpu.py (kernel path, then eager).
+# the tile sweep (bench/gpu_sweep.py: its choices go to $OUT/tuned.env, which the bench step reads),
+# bench/gpu.py (kernel path with its profile and graph replay; the eager path when named), and the
+# model/engine tests with --device cuda.
 #
-#   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,bench,tests]
+#   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,sweep,bench,tests] [bench paths]
 set -u
 OUT=${OUT:-./gpu-out}
 BENCH_SECONDS=${1:-200}
-STEPS=${2:-sanity,kernels,bench,tests}
+STEPS=${2:-sanity,kernels,sweep,bench,tests}
+PATHS_=${3:-kernel kernel-nograph}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTHON=${PYTHON:-python3}
 unset TRITON_INTERPRET
@@ -21,14 +24,17 @@ step() {  # step NAME SECONDS COMMAND...: run when NAME is in $STEPS
     local t0=$SECONDS
     timeout --kill-after=5 "$seconds" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    tail -n 25 "$OUT/$name.log"
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
     echo "=== $name rc=$rc in $((SECONDS - t0))s"
 }
 
 step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
   $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
-step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py
-step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths kernel eager kernel-nograph --eager-max-concurrency 16 --max-seconds 20 --profile
+# The sm_90 compile test runs on the CPU machines (CI); here the kernels themselves run.
+step kernels 150 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
+TAIL=60 step sweep 150 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
+if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
+TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile
 step tests 90 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
 exit 0

@@ -1,39 +1,162 @@
-"""Batch-1 MoE tiles on the GPU: time one 20b projection pair (4 experts routed) per tile shape.
+"""Batch-1 kernels on the GPU, tile by tile, on 20b shapes; writes the fastest choices as environment settings.
 
-    PYTHONPATH=. python bench/gpu_sweep.py   → a table, and the fastest "N,K,W" on the last line
+    PYTHONPATH=. python bench/gpu_sweep.py [--env-out tuned.env]
+
+Times (median of triton.testing.do_bench, weights rotated over several copies so that L2, 60 MB,
+does not hold them between calls):
+1. the decode MoE kernels (`triton_moe_decode`) per tile: mlp1 (4 experts × 5760 rows) and mlp2
+   (4 × 2880 rows) at one token, against the bytes they must read;
+2. the PTX nibble decode against the integer one at the best tiles;
+3. a whole MoE layer (norm, routing, both projections, residual) at 1–16 tokens, GEMV kernels against
+   the grouped tl.dot kernel: the largest token count where the GEMV kernels win;
+4. the dense GEMVs (qkv, out, unembedding) at 1, 2 and 4 rows, cuBLAS (`F.linear`) against the Triton GEMV per tile.
+The choices go to --env-out as `export` lines, which bench/gpu_session.sh sources before bench/gpu.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
+import torch.nn.functional as F
 import triton.testing
 
-from ossrun.model import mxfp4
-from ossrun.model.kernels import triton_moe
+from ossrun.model.gpt_oss import RMSNorm
+from ossrun.model.kernels import triton_gemv, triton_moe, triton_moe_decode
 
-TILES = ["64,128,4", "32,256,4", "32,128,4", "16,256,4", "16,512,4", "32,512,8", "16,256,2"]
+H, I, E, K_ROUTE = 2880, 2880, 32, 4  # 20b
+COPIES = 4  # layers' worth of expert weights: 4 × 400 MB
+
+
+def bench(fn, copies: int) -> float:
+    """Median µs of one call, `fn(i)` cycling over the weight copies."""
+    state = {"i": 0}
+
+    def step():
+        fn(state["i"] % copies)
+        state["i"] += 1
+    return 1000 * triton.testing.do_bench(step, warmup=25, rep=150, return_mode="median")
+
+
+def expert_weights(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed bytes, scales near 2^-5..2^0 (real checkpoints' range), bf16 biases: no CPU quantisation."""
+    blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, device="cuda")
+    scales = torch.randint(118, 124, (E, rows, cols // 32), dtype=torch.uint8, device="cuda")
+    return blocks, scales, torch.randn(E, rows, device="cuda", dtype=torch.bfloat16)
+
+
+def routed(tokens: int, g: torch.Generator) -> torch.Tensor:
+    return torch.stack([torch.randperm(E, generator=g)[:K_ROUTE] for _ in range(tokens)]).to(torch.int32).cuda()
+
+
+def sweep_decode_tiles(layers, env: dict) -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    experts = routed(1, g)
+    weights = torch.full((1, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(K_ROUTE, I, device="cuda", dtype=torch.bfloat16)
+    bytes1 = K_ROUTE * 2 * I * (H // 2 + H // 32)
+    bytes2 = K_ROUTE * H * (I // 2 + I // 32)
+    best: dict[str, tuple[float, tuple]] = {}
+    print(f"decode MoE tiles at 1 token (mlp1 reads {bytes1 / 1e6:.1f} MB, mlp2 {bytes2 / 1e6:.1f} MB):", flush=True)
+    for tile in triton_moe_decode.SWEEP_TILES:
+        text = ",".join(map(str, tile))
+        os.environ["OSSRUN_MOE_DECODE_TILES"] = f"{text};{text}"
+        us1 = bench(lambda i: triton_moe_decode.mlp1(t, experts, *layers[i][0], 7.0), COPIES)
+        us2 = bench(lambda i: triton_moe_decode.mlp2(h, experts, weights, *layers[i][1], residual=t), COPIES)
+        print(f"  tile {text:10s}: mlp1 {us1:7.1f} us ({bytes1 / us1 / 1e3:5.0f} GB/s)   mlp2 {us2:7.1f} us ({bytes2 / us2 / 1e3:5.0f} GB/s)",
+              flush=True)
+        for name, us in (("mlp1", us1), ("mlp2", us2)):
+            if name not in best or us < best[name][0]:
+                best[name] = (us, tile)
+    tiles = ";".join(",".join(map(str, best[name][1])) for name in ("mlp1", "mlp2"))
+    os.environ["OSSRUN_MOE_DECODE_TILES"] = env["OSSRUN_MOE_DECODE_TILES"] = tiles
+    print(f"  best: {tiles} → {best['mlp1'][0] + best['mlp2'][0]:.1f} us a layer's projections "
+          f"({(bytes1 + bytes2) / (best['mlp1'][0] + best['mlp2'][0]) / 1e3:.0f} GB/s)", flush=True)
+    both = {}
+    for asm in ("1", "0"):
+        os.environ["OSSRUN_MOE_ASM"] = asm
+        both[asm] = bench(lambda i: triton_moe_decode.mlp1(t, experts, *layers[i][0], 7.0), COPIES) + \
+            bench(lambda i: triton_moe_decode.mlp2(h, experts, weights, *layers[i][1], residual=t), COPIES)
+        print(f"  PTX nibble decode {'on ' if asm == '1' else 'off'}: {both[asm]:7.1f} us", flush=True)
+    os.environ["OSSRUN_MOE_ASM"] = env["OSSRUN_MOE_ASM"] = "1" if both["1"] <= both["0"] else "0"
+
+
+def sweep_decode_threshold(layers, env: dict) -> None:
+    norm = RMSNorm(torch.ones(H), 1e-5, torch.device("cuda"), triton=True)
+    gate = (torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 50, torch.randn(E, device="cuda", dtype=torch.bfloat16))
+    print("whole MoE layer (norm, routing, projections, residual): GEMV kernels vs grouped tl.dot kernel", flush=True)
+    chosen = previous = 0
+    for tokens in (1, 2, 4, 8, 16):
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for name, limit in (("gemv", "64"), ("grouped", "0")):
+            os.environ["OSSRUN_MOE_DECODE_MAX"] = limit
+            times[name] = bench(lambda i: triton_moe.moe_layer(x, norm, gate, K_ROUTE, layers[i][0], layers[i][1], 7.0), COPIES)
+        print(f"  {tokens:3d} tokens: gemv {times['gemv']:7.1f} us   grouped {times['grouped']:7.1f} us", flush=True)
+        if times["gemv"] < times["grouped"] and chosen == previous:  # the GEMV kernels won at every count so far
+            chosen = tokens
+        previous = tokens
+    os.environ["OSSRUN_MOE_DECODE_MAX"] = env["OSSRUN_MOE_DECODE_MAX"] = str(chosen)
+    print(f"  GEMV kernels up to {chosen} tokens", flush=True)
+
+
+def sweep_gemv(env: dict) -> None:
+    shapes = {"qkv": (5120, 2880, 8), "out": (2880, 4096, 8), "unembedding": (201088, 2880, 1)}
+    weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)] for name, (n, k, copies) in shapes.items()}
+    biases = {name: torch.randn(n, device="cuda", dtype=torch.bfloat16) for name, (n, _, _) in shapes.items()}
+    print("dense GEMVs: cuBLAS (F.linear) vs the Triton GEMV per tile, µs (GB/s)", flush=True)
+    totals: dict[tuple[int, str], float] = {}
+    tiles = ["cublas"] + [",".join(map(str, t)) for t in triton_gemv.SWEEP_TILES]
+    for rows in (1, 2, 4):
+        for tile in tiles:
+            line, total = [], 0.0
+            for name, (n, k, copies) in shapes.items():
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                bias = None if name == "unembedding" else biases[name]
+                if tile == "cublas":
+                    us = bench(lambda i: F.linear(x, weights[name][i], bias), copies)
+                else:
+                    os.environ["OSSRUN_GEMV_TILE"] = tile
+                    us = bench(lambda i: triton_gemv.gemv(x, weights[name][i], bias), copies)
+                total += us * (24 if name != "unembedding" else 1)
+                line.append(f"{name} {us:7.1f} ({n * k * 2 / us / 1e3:4.0f})")
+            totals[(rows, tile)] = total
+            print(f"  rows {rows} {tile:10s}: {'  '.join(line)}   per token {total / 1000:.3f} ms", flush=True)
+    best_tile = min(tiles[1:], key=lambda t: totals[(1, t)])
+    max_rows = previous = 0
+    for rows in (1, 2, 4):
+        if totals[(rows, best_tile)] < totals[(rows, "cublas")] and max_rows == previous:  # won at every count so far
+            max_rows = rows
+        previous = rows
+    os.environ["OSSRUN_GEMV_TILE"] = env["OSSRUN_GEMV_TILE"] = best_tile
+    os.environ["OSSRUN_GEMV_MAX_ROWS"] = env["OSSRUN_GEMV_MAX_ROWS"] = str(max_rows)
+    print(f"  Triton GEMV tile {best_tile}, up to {max_rows} rows", flush=True)
 
 
 def main() -> None:
-    g = torch.Generator().manual_seed(0)
-    blocks1, scales1 = (t.cuda() for t in mxfp4.quantize_random(5760, 2880, 32, g, (120, 121, 122)))
-    blocks2, scales2 = (t.cuda() for t in mxfp4.quantize_random(2880, 2880, 32, g, (116, 117, 118)))
-    bias1 = torch.randn(32, 5760, device="cuda", dtype=torch.bfloat16)
-    bias2 = torch.randn(32, 2880, device="cuda", dtype=torch.bfloat16)
-    t = torch.randn(1, 2880, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(1, 32, device="cuda", dtype=torch.bfloat16)
-    bytes_read = 4 * (5760 + 2880) * 1440 * 17 / 16
-    best = None
-    for tile in TILES:
-        os.environ["OSSRUN_MOE_TILE"] = tile
-        fn = lambda: triton_moe.moe_experts(t, logits, 4, (blocks1, scales1, bias1), (blocks2, scales2, bias2), 7.0)  # noqa: E731
-        ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-        print(f"tile {tile:10s}: {ms * 1000:7.1f} us per MoE layer, {bytes_read / ms / 1e6:6.0f} GB/s", flush=True)
-        if best is None or ms < best[1]:
-            best = (tile, ms)
-    print(best[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env-out", default=None, help="write the choices here as export lines")
+    parser.add_argument("--parts", default="tiles,threshold,gemv")
+    args = parser.parse_args()
+    env: dict[str, str] = {}
+    parts = args.parts.split(",")
+    if "tiles" in parts or "threshold" in parts:
+        layers = [(expert_weights(2 * I, H), expert_weights(H, I)) for _ in range(COPIES)]
+        if "tiles" in parts:
+            sweep_decode_tiles(layers, env)
+        if "threshold" in parts:
+            sweep_decode_threshold(layers, env)
+        del layers
+        torch.cuda.empty_cache()
+    if "gemv" in parts:
+        sweep_gemv(env)
+    lines = [f"export {k}='{v}'" for k, v in env.items()]
+    print("\n".join(lines), flush=True)
+    if args.env_out:
+        with open(args.env_out, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

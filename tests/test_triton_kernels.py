@@ -88,6 +88,87 @@ def test_mxfp4_bf16_output_and_no_rows(device):
     assert empty.shape == (0, 64)
 
 
+# ---------------------------------------------------------------- MoE for few tokens (GEMV kernels)
+
+DECODE_TILES = [None, "32,2,4;64,2,2"]  # the default tiles; wide tiles with masked column and K tails
+
+
+@pytest.mark.parametrize("experts", [
+    [[0, 1, 2, 3]],  # batch 1
+    [[2, 0, 3, 1], [2, 0, 3, 1], [3, 2, 1, 0]],  # every token in the same four experts (experts 4, 5 empty)
+    [[5, 4, 0, 1], [0, 2, 3, 4], [1, 5, 2, 3], [4, 3, 5, 0], [2, 1, 4, 5]],  # spread over all six
+])
+@pytest.mark.parametrize("tiles", DECODE_TILES)
+def test_moe_decode_projections_equal_dequantize_then_matmul(experts, tiles, device, monkeypatch):
+    """mlp1 (gate/linear rows, bias, clamped SwiGLU) per (token, slot) and mlp2 (bias, routing weight, sum over slots,
+    residual) per token against dequantised fp32 matmuls of the same bf16-rounded activations."""
+    from ossrun.model.kernels import triton_moe_decode
+
+    if tiles:
+        monkeypatch.setenv("OSSRUN_MOE_DECODE_TILES", tiles)
+    g = torch.Generator().manual_seed(len(experts) + (tiles is None))
+    n_experts, hidden, inter, k = 6, 96, 64, 4  # K = 3 blocks of 32: a masked tail for 2- and 4-block iterations
+    b1, s1 = mxfp4.quantize_random(2 * inter, hidden, n_experts, g, (119, 123, 127, 129, 131))
+    b2, s2 = mxfp4.quantize_random(hidden, inter, n_experts, g, (120, 124, 127, 130))
+    bias1, bias2 = torch.randn(n_experts, 2 * inter, generator=g), torch.randn(n_experts, hidden, generator=g)
+    chosen = torch.tensor(experts, dtype=torch.int32)
+    tokens = chosen.shape[0]
+    weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
+    t = (torch.randn(tokens, hidden, generator=g) * 4).bfloat16().float()
+    x = torch.randn(tokens, hidden, generator=g)
+    to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
+    h = triton_moe_decode.mlp1(*to(t, chosen, b1, s1, bias1), 7.0)
+    y = triton_moe_decode.mlp2(*to(h.cpu().bfloat16().float(), chosen, weights, b2, s2, bias2, x))
+    h_ref = torch.stack([swiglu(t[p // k] @ mxfp4.dequantize(b1[e], s1[e], torch.float32).T + bias1[e], 7.0)
+                         for p, e in enumerate(chosen.reshape(-1).tolist())])
+    assert rel_err(h.cpu(), h_ref) < (1e-5 if device.type == "cpu" else 1e-4)
+    h_in = h.cpu().bfloat16().float()
+    y_ref = x.clone()
+    for p, e in enumerate(chosen.reshape(-1).tolist()):
+        y_ref[p // k] += weights.reshape(-1)[p] * (h_in[p] @ mxfp4.dequantize(b2[e], s2[e], torch.float32).T + bias2[e])
+    assert rel_err((y.cpu() - x), y_ref - x) < (1e-5 if device.type == "cpu" else 1e-4)
+
+
+def test_moe_decode_norm_and_routing_equal_reference(device):
+    """RMSNorm, router logits, top-4 of 32 and the softmax over the four, in one program per token."""
+    from ossrun.model.gpt_oss import RMSNorm
+    from ossrun.model.kernels.triton_moe_decode import norm_route
+
+    g = torch.Generator().manual_seed(13)
+    hidden = 200  # not a multiple of the 128-wide chunk
+    x = 3 * torch.randn(6, hidden, generator=g)
+    scale = 1 + 0.1 * torch.randn(hidden, generator=g)
+    gate, gate_bias = torch.randn(32, hidden, generator=g) / 10, torch.randn(32, generator=g)
+    t, experts, weights = norm_route(x.to(device), scale.to(device), 1e-5, gate.to(device), gate_bias.to(device), 4)
+    t_ref = RMSNorm(scale, 1e-5, torch.device("cpu"))(x)
+    top = torch.topk(torch.nn.functional.linear(t_ref, gate, gate_bias), 4, dim=-1, sorted=True)
+    assert rel_err(t.cpu(), t_ref) < 1e-6
+    assert torch.equal(experts.cpu().long(), top.indices)
+    assert rel_err(weights.cpu(), torch.softmax(top.values, dim=-1)) < 1e-5
+
+
+# ---------------------------------------------------------------- dense GEMV (few rows)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("tile", [None, "8,64,2"])
+def test_gemv_equals_linear_with_bias_residual_and_upcast(rows, tile, device, monkeypatch):
+    """N and K not multiples of the tiles; fp32 operands (the interpreter's bf16 truncates where the GPU rounds)."""
+    from ossrun.model.kernels.triton_gemv import gemv
+
+    if tile:
+        monkeypatch.setenv("OSSRUN_GEMV_TILE", tile)
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 300, generator=g), torch.randn(70, 300, generator=g), torch.randn(70, generator=g)
+    residual = torch.randn(rows, 70, generator=g)
+    ref = torch.nn.functional.linear(x, w, b)
+    tol = 1e-5 if device.type == "cpu" else 1e-4
+    assert rel_err(gemv(x.to(device), w.to(device), b.to(device)).cpu(), ref) < tol
+    assert rel_err(gemv(x.to(device), w.to(device), b.to(device), residual=residual.to(device)).cpu(), ref + residual) < tol
+    plain = gemv(x.to(device), w.to(device), None, torch.float64)
+    assert plain.dtype == torch.float64 and rel_err(plain.cpu(), ref - b) < tol
+
+
 # ---------------------------------------------------------------- paged attention with sinks
 
 
@@ -174,13 +255,14 @@ def test_gpt_oss_head_shapes_in_bf16(device):
 # ---------------------------------------------------------------- a whole MoE layer
 
 
-def test_moe_layer_through_triton_equals_the_reference(checkpoints, device):
-    """The tiny model's MoE layers: routing, grouping, both projections, SwiGLU and the weighted sum."""
+@pytest.mark.parametrize("tokens", [1, 5, 37])  # the decode kernels (≤ DECODE_MAX_TOKENS), then the grouped one
+def test_moe_layer_through_triton_equals_the_reference(tokens, checkpoints, device):
+    """The tiny model's MoE layers: norm, routing, grouping, both projections, SwiGLU, the weighted sum and the residual."""
     from ossrun.model.checkpoint import load_checkpoint
     from ossrun.model.gpt_oss import GptOss
 
     model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device)
-    x = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(11)).to(device)
+    x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(11)).to(device)
     for block in model.blocks[:2]:
         moe = block.mlp
         moe.use_kernel, moe.use_triton = False, False
@@ -266,7 +348,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 15
+    assert done.stdout.count("shared") == 38
 
 
 # ---------------------------------------------------------------- fused small operations

@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ossrun.model.kernels import triton_attention, triton_fused, triton_moe  # noqa: E402
+from ossrun.model.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_moe_decode  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -36,11 +36,32 @@ ATTENTION_SIGNATURE = {
 }
 
 
-def compile_one(fn, signature: dict, constants: dict, name: str) -> None:
+DECODE_WEIGHTS = {"blocks_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "experts_ptr": "*i32"}
+DECODE_STRIDES = {name: "i32" for name in ("stride_be", "stride_bo", "stride_se", "stride_so", "stride_biase")}
+MLP1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "N_OUT": "i32", "swiglu_limit": "fp32",
+                  "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
+MLP2_SIGNATURE = {"h_ptr": "*bf16", "x_ptr": "*bf16", "y_ptr": "*bf16", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "N_OUT": "i32",
+                  "stride_h": "i32", "stride_x": "i32", "stride_y": "i32", **DECODE_STRIDES}
+DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_be", "stride_bo", "stride_se", "stride_biase")  # 20b
+GEMV_TILES = triton_gemv.SWEEP_TILES
+# The decode tiles: the default and the ones bench/gpu_sweep.py times (BLOCK_N, BLOCK_B, warps).
+DECODE_TILES = triton_moe_decode.SWEEP_TILES
+
+
+def aligned(signature: dict, ints: tuple[str, ...] = ()) -> dict:
+    """What a launch on real tensors tells the compiler: pointers and the named ints are multiples of 16
+    (Triton specialises on that; without it no load is vectorised, so the PTX would not be the GPU's)."""
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or name in ints}
+
+
+def compile_one(fn, signature: dict, constants: dict, name: str, warps: int = 4, attrs: dict | None = None) -> str:
+    """→ the PTX (tests/ptx_report.py reads it)."""
     sig = {**signature, **{k: "constexpr" for k in constants}}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants), target=TARGET, options={"num_warps": 4})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs), target=TARGET,
+                            options={"num_warps": warps})
     ptx = kernel.asm["ptx"]
     print(f"{name}: shared {kernel.metadata.shared} B, local-memory uses {ptx.count('.local')}", flush=True)
+    return ptx
 
 
 def main() -> int:
@@ -67,6 +88,23 @@ def main() -> int:
     compile_one(triton_fused._rope_cache_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
                 "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_qkv": "i32", "stride_cos": "i32", "stride_qt": "i32",
                 "stride_slot": "i32", "stride_head": "i32"}, {"HQ": 64, "HKV": 8, "HQ_P": 64, "HKV_P": 8, "D": 64}, "rope_and_cache")
+    compile_one(triton_moe_decode._norm_route_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
+                "gate_bias_ptr": "*bf16", "experts_ptr": "*i32", "weights_ptr": "*bf16", "stride_x": "i32", "stride_t": "i32",
+                "stride_g": "i32", "eps": "fp32"}, {"H": 2880, "H_P": 4096, "E": 32, "E_P": 32, "K": 4, "K_P": 4, "BLOCK_H": 128},
+                "norm_route", warps=8)
+    for block_n, block_b, warps in DECODE_TILES:
+        for asm in (True, False) if (block_n, block_b, warps) == DECODE_TILES[0] else (True,):
+            common = {"K": 2880, "ROUTE_K": 4, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_B": block_b, "ASM": asm}
+            name = f"{block_n},{block_b},{warps}{' asm' if asm else ''}"
+            compile_one(triton_moe_decode._mlp1_kernel, MLP1_SIGNATURE, common, f"moe decode mlp1 {name}", warps,
+                        aligned(MLP1_SIGNATURE, DECODE_ALIGNED))
+            compile_one(triton_moe_decode._mlp2_kernel, MLP2_SIGNATURE, {**common, "RESIDUAL": True}, f"moe decode mlp2 {name}", warps,
+                        aligned(MLP2_SIGNATURE, DECODE_ALIGNED))
+    gemv = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_x": "i32",
+            "stride_w": "i32", "stride_r": "i32", "stride_y": "i32"}
+    for block_n, block_k, warps in GEMV_TILES:
+        compile_one(triton_gemv._gemv_kernel, gemv, {"K": 2880, "HAS_BIAS": True, "RESIDUAL": True, "BLOCK_N": block_n,
+                    "BLOCK_K": block_k}, f"gemv {block_n},{block_k},{warps}", warps, aligned(gemv, tuple(gemv)))
     return 0
 
 

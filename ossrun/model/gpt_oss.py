@@ -18,7 +18,7 @@ from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.dense import DenseLinear
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
 from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
-from ossrun.model.kernels.gpu import triton_available
+from ossrun.model.kernels.gpu import linear, triton_available
 from ossrun.model.lora import LoraBatch
 
 SWIGLU_ALPHA = 1.702
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         c = self.config
         tokens = x.shape[0]
         t = self.norm(x)
-        qkv = self.qkv(t)  # [T, (Hq + 2 Hkv) D]
+        qkv = linear(self.qkv, t) if self.triton else self.qkv(t)  # [T, (Hq + 2 Hkv) D]
         if lora is not None:
             self._add_qkv_lora(qkv, t, lora)
         if self.triton and isinstance(attention, PagedAttention) and attention.triton:  # RoPE and cache writes fused
@@ -122,6 +122,8 @@ class Attention(nn.Module):
             v = v.reshape(tokens, c.num_key_value_heads, c.head_dim)
             o = attention(self.layer, q, k, v, self.sinks, self.window, self.scale)
         o = o.reshape(tokens, c.q_size)  # [T, Hq·D]
+        if self.triton and lora is None:  # the residual add fused into the projection
+            return linear(self.out, o, residual=x)
         out = self.out(o)
         if lora is not None:
             delta = lora.delta(self.layer, "o_proj", o, c.hidden_size)
@@ -206,13 +208,13 @@ class MoE(nn.Module):
         return mxfp4_grouped_linear(h, offsets, experts, self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.norm(x)
-        if self.use_triton:  # routing, both projections and the weighted sum in Triton
-            from ossrun.model.kernels.triton_moe import moe_experts
+        if self.use_triton:  # norm, routing, both projections, the weighted sum and the residual in Triton
+            from ossrun.model.kernels.triton_moe import moe_layer
 
-            logits = F.linear(t, self.gate_weight, self.gate_bias)
-            return x + moe_experts(t, logits, self.config.experts_per_token, (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias),
-                                   (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias), self.config.swiglu_limit)
+            return moe_layer(x, self.norm, (self.gate_weight, self.gate_bias), self.config.experts_per_token,
+                             (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias), (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias),
+                             self.config.swiglu_limit)
+        t = self.norm(x)
         experts, weights = self.route(t)
         if self.use_q8:
             return x + self.q8(t, experts, weights).to(x.dtype)
@@ -262,7 +264,8 @@ class GptOss(nn.Module):
         self.embedding = _weight(weights["embedding.weight"], dtype, device)
         self.rotary = Rotary(config, device)
         self.blocks = nn.ModuleList(Block(config, i, weights, dtype, device, precision) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device, triton_available(device, precision))
+        self.triton = triton_available(device, precision)
+        self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device, self.triton)
         self.unembedding = DenseLinear(weights["unembedding.weight"], None, dtype, device, precision)
 
     @classmethod
@@ -289,4 +292,6 @@ class GptOss(nn.Module):
             x = block(x, rope, attention, lora)
         if logits_indices is not None:
             x = x[logits_indices]
+        if self.triton:
+            return linear(self.unembedding, self.norm(x), torch.float32)
         return self.unembedding(self.norm(x), torch.float32)

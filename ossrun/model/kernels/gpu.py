@@ -59,3 +59,14 @@ class PagedLaunch:
         paged_attention(*common, self.decode_seqs, 1, out)
         paged_attention(*common, self.prefill_seqs, self.max_prefill_len, out)
         return out
+
+
+def linear(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + layer(x, out_dtype)` for a `DenseLinear` on the CUDA fast path: few rows take the Triton GEMV
+    (bias and residual fused, `kernels/triton_gemv.py`), more rows cuBLAS through the layer."""
+    from ossrun.model.kernels.triton_gemv import gemv, gemv_max_rows
+
+    if layer.weight is not None and x.shape[0] <= gemv_max_rows():
+        return gemv(x, layer.weight, layer.bias, out_dtype, residual)
+    y = layer(x, out_dtype)
+    return y if residual is None else residual + y

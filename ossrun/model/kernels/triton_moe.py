@@ -269,3 +269,21 @@ def moe_experts(t: torch.Tensor, logits: torch.Tensor, k: int, mlp1: tuple, mlp2
     h = mxfp4_grouped_matmul(t, counts, *mlp1, swiglu_limit=swiglu_limit, order=order, gather=True, route_k=k)
     y = mxfp4_grouped_matmul(h, counts, *mlp2, out_dtype=torch.float32, order=order, row_weights=weights.reshape(-1))
     return y.view(t.shape[0], k, -1).sum(1).to(t.dtype)
+
+
+def moe_layer(x: torch.Tensor, norm, gate: tuple[torch.Tensor, torch.Tensor], k: int, mlp1: tuple, mlp2: tuple,
+              swiglu_limit: float) -> torch.Tensor:
+    """A MoE layer with its residual: x [T, H] → x + Σ_k weight · expert(norm(x)); `norm` is the layer's `RMSNorm`
+    (fp32 `scale`, `eps`), gate = (weight [E, H], bias [E]).
+
+    Chosen by token count (a graph captures one count, so one path): up to `decode_max_tokens()` tokens the
+    GEMV kernels of `triton_moe_decode` (three launches, weights read once per row at 16-byte loads);
+    above, the router, `route` and the grouped tensor-core kernel, which decodes each weight tile once for
+    all the rows of its expert."""
+    from ossrun.model.kernels.triton_moe_decode import decode_max_tokens, moe_layer_decode
+
+    if x.shape[0] <= decode_max_tokens():
+        return moe_layer_decode(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
+    t = norm(x)
+    logits = torch.nn.functional.linear(t, *gate)
+    return x + moe_experts(t, logits, k, mlp1, mlp2, swiglu_limit)

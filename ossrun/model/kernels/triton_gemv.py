@@ -1,0 +1,78 @@
+"""Dense projections of a few rows in Triton (bf16 weights): the batch-1 qkv, out and unembedding GEMVs.
+
+At one row a projection is a matrix-vector product bound by reading W once. Each program owns one
+row and BLOCK_N output columns, streams its W rows with 16-byte loads along K, accumulates in fp32 and
+reduces once at the end; programs of the same columns for different rows run side by side, so L2
+serves W's repeats. The bias, the rounding to the activations' dtype (as `F.linear` rounds), and
+the residual add (`x + out(o)`) are fused, which saves the separate add launch of each layer.
+Whether it beats cuBLAS at a row count is measured (bench/gpu_sweep.py); `gemv_max_rows()` is the
+largest row count that takes it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_ROWS = 1
+SWEEP_TILES = [(16, 256, 4), (8, 256, 4), (32, 256, 8), (8, 512, 4)]  # (BLOCK_N, BLOCK_K, warps); the first is the default
+
+
+def gemv_max_rows() -> int:
+    """Row counts up to this take the Triton GEMV (OSSRUN_GEMV_MAX_ROWS overrides: 0 keeps cuBLAS everywhere)."""
+    return int(os.environ.get("OSSRUN_GEMV_MAX_ROWS", GEMV_MAX_ROWS))
+
+
+def gemv_tile() -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps); OSSRUN_GEMV_TILE="n,k,w" overrides it (bench/gpu_sweep.py)."""
+    override = os.environ.get("OSSRUN_GEMV_TILE")
+    if override:
+        n, k, w = (int(v) for v in override.split(","))
+        return n, k, w
+    return SWEEP_TILES[0]
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, stride_x, stride_w, stride_r, stride_y,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    k_i = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_x
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # the unembedding's 201088 rows × 2880 pass 2^31 elements
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + k_i
+        k_ok = k < K
+        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = out.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output dtype, before any residual or upcast
+    if RESIDUAL:
+        out += tl.load(r_ptr + row * stride_r + cols, mask=col_ok, other=0.0).to(tl.float32)
+        out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] · weightᵀ [N, K] + bias, rounded to x's dtype, + residual [M, N] (rounded again) → [M, N] in `out_dtype`:
+    what `residual + F.linear(x, weight, bias).to(out_dtype)` computes, up to the fp32 summation order."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
+    if rows:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        block_n, block_k, warps = gemv_tile()
+        r = residual if residual is not None else y
+        _gemv_kernel[(rows, triton.cdiv(n, block_n))](
+            x, weight, bias if bias is not None else x, r, y, n, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
+            K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y

@@ -1,0 +1,288 @@
+"""A MoE layer for few tokens (decode) in Triton: GEMV-style MXFP4 kernels, no tensor cores, three launches.
+
+At batch 1 a MoE layer multiplies one row by each of 4 experts: a matrix-vector product whose
+cost is reading the packed weights once (~51 MB a 20b layer: ~12 µs of HBM). The grouped tl.dot
+kernel (`triton_moe.py`) pads every expert to 16 rows and lays the decoded tile out for the tensor
+cores; at one row a program it reached ~185 GB/s. Here each program owns one (row, output tile):
+it streams its weight rows with 16-byte loads along K (the checkpoint's layout: a row's bytes are
+contiguous), decodes E2M1 in registers, multiplies by the activations on the FP32 units, and
+applies each 32-element block's E8M0 scale once to the block's partial sum. No sorting by expert
+is needed: a row knows its expert.
+
+The three launches of a layer:
+1. `_norm_route_kernel`, one program per token: RMSNorm (fp32), the router (logits rounded to the
+   model dtype as `F.linear` rounds them), top-k and softmax over the k. Replaces norm, router GEMV,
+   routing and grouping (~6 launches).
+2. `_mlp1_kernel`, per (token, slot) and output tile: gate and linear rows (interleaved in the
+   checkpoint) + bias + gpt-oss's clamped SwiGLU → h (model dtype, as the grouped kernel rounds it).
+3. `_mlp2_kernel`, per token and output tile: the k slots' rows of h through their experts, + bias,
+   times the routing weight, summed in fp32, rounded to the model dtype and added to the residual
+   (the caller's `x + moe(x)`), so the layer's output leaves in one store.
+
+Each decoded weight is used once per row here, so the FP32 work grows with rows; the grouped
+kernel wins once experts hold several rows: `DECODE_MAX_TOKENS` picks between them
+(measured on the H200, bench/GPU_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting
+
+DECODE_MAX_TOKENS = 8
+# (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first is the default.
+SWEEP_TILES = [(16, 4, 4), (8, 8, 4), (16, 8, 4), (32, 4, 4), (8, 8, 2), (8, 16, 4), (32, 8, 8), (4, 16, 2)]
+
+
+def decode_max_tokens() -> int:
+    """Token counts up to this take the GEMV kernels (OSSRUN_MOE_DECODE_MAX overrides, for bench/gpu_sweep.py)."""
+    return int(os.environ.get("OSSRUN_MOE_DECODE_MAX", DECODE_MAX_TOKENS))
+
+
+def use_asm() -> bool:
+    """The PTX nibble decode: compiled kernels only (OSSRUN_MOE_ASM=0 takes the integer path, for comparison)."""
+    return not interpreting() and os.environ.get("OSSRUN_MOE_ASM", "1") != "0"
+
+
+def tiles() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """((BLOCK_N, BLOCK_B, warps) of mlp1, the same of mlp2): output columns per program, 32-element blocks of K
+    per iteration, warps. OSSRUN_MOE_DECODE_TILES="n1,b1,w1;n2,b2,w2" overrides them (bench/gpu_sweep.py)."""
+    override = os.environ.get("OSSRUN_MOE_DECODE_TILES")
+    if override:
+        first, second = (tuple(int(v) for v in part.split(",")) for part in override.split(";"))
+        return first, second  # type: ignore[return-value]
+    return SWEEP_TILES[0], SWEEP_TILES[1]
+
+
+@triton.jit
+def _e2m1(nibble):
+    """E2M1 nibbles (int32) → their values × 2^-14 in fp32, exactly (see triton_moe's module docstring)."""
+    bits = ((nibble & 8) << 12) | ((nibble & 7) << 9)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+_E2M1_PTX = tl.constexpr("""{
+    .reg .b32 z, t0, t1, a, b;
+    mov.b32 z, 0;
+    prmt.b32 t0, $4, z, 0x4140;
+    prmt.b32 t1, $4, z, 0x4342;
+    shl.b32 a, t0, 9;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, t0, 12;
+    and.b32 b, b, 0x80008000;
+    or.b32 $0, a, b;
+    shl.b32 a, t1, 9;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, t1, 12;
+    and.b32 b, b, 0x80008000;
+    or.b32 $1, a, b;
+    shl.b32 a, t0, 5;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, t0, 8;
+    and.b32 b, b, 0x80008000;
+    or.b32 $2, a, b;
+    shl.b32 a, t1, 5;
+    and.b32 a, a, 0x0E000E00;
+    shl.b32 b, t1, 8;
+    and.b32 b, b, 0x80008000;
+    or.b32 $3, a, b;
+}""")  # a constexpr: jit code reads no other globals
+
+
+@triton.jit
+def _e2m1_pairs(packed, ASM: tl.constexpr):
+    """Packed bytes (uint8) → (low nibbles, high nibbles) as fp32 values × 2^-14, exactly.
+
+    ASM (compiled on NVIDIA GPUs): four bytes per PTX block, two nibbles per instruction: prmt spreads
+    bytes 0,1 (then 2,3) to the two 16-bit halves of a word, and shifts and masks put each nibble's magnitude
+    at bit 9 and its sign at bit 15 of its half (an fp16 pair): ~2 instructions a value instead of ~8 for
+    the per-element integer path, which the interpreter takes (it has no PTX)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_E2M1_PTX, "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=4)
+        return lo.to(tl.float32), hi.to(tl.float32)
+    else:
+        p = packed.to(tl.int32)
+        return _e2m1(p & 15), _e2m1(p >> 4)
+
+
+@triton.jit
+def _row_dot(x_row, w_base, s_base, rows, row_ok, stride_bo, stride_so,
+             NBLK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    """Σ_k x[k] · W[rows, k] in fp32 for one activation row x_row (pointer) → [BLOCK_N].
+
+    W's rows are NBLK blocks of 16 bytes (32 nibbles: element 2j low, 2j+1 high) with one scale byte each.
+    The tile [BLOCK_N, BLOCK_B, 16] loads 16 contiguous bytes per (row, block); a block's 32 products are
+    summed before its scale is applied."""
+    blk_i = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, 16)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for b0 in range(0, NBLK, BLOCK_B):
+        blk = b0 + blk_i
+        b_ok = blk < NBLK
+        pairs = tl.load(x_row + (blk * 32)[:, None, None] + (2 * j)[None, :, None] + tl.arange(0, 2)[None, None, :],
+                        mask=b_ok[:, None, None], other=0.0)
+        x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [BLOCK_B, 16] each, bf16-rounded as the tl.dot path
+        mask = row_ok[:, None, None] & b_ok[None, :, None]
+        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :], mask=mask, other=0)
+        lo, hi = _e2m1_pairs(packed, ASM)
+        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)
+        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
+        acc += part * _scale_of(sbyte)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _norm_route_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, experts_ptr, weights_ptr,
+                       stride_x, stride_t, stride_g, eps,
+                       H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr,
+                       K_P: tl.constexpr, BLOCK_H: tl.constexpr):
+    tok = tl.program_id(0)
+    cols = tl.arange(0, H_P)
+    ok = cols < H
+    x = tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    inv = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
+    t = (x * inv * tl.load(norm_ptr + cols, mask=ok, other=0.0)).to(t_ptr.dtype.element_ty)
+    tl.store(t_ptr + tok * stride_t + cols, t, mask=ok)
+    # Router: logits [E] = t · gateᵀ + bias, over H in chunks (t recomputed per chunk: it stays in registers).
+    e = tl.arange(0, E_P)
+    e_ok = e < E
+    logits = tl.zeros((E_P,), dtype=tl.float32)
+    h_i = tl.arange(0, BLOCK_H)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + h_i
+        h_ok = h < H
+        xc = tl.load(x_ptr + tok * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
+        tc = (xc * inv * tl.load(norm_ptr + h, mask=h_ok, other=0.0)).to(t_ptr.dtype.element_ty).to(tl.float32)
+        g = tl.load(gate_ptr + e[:, None] * stride_g + h[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+        logits += tl.sum(g * tc[None, :], axis=1)
+    logits += tl.load(gate_bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    logits = logits.to(weights_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output dtype
+    logits = tl.where(e_ok, logits, float("-inf"))
+    # Top-k (highest first, lowest id on ties) and softmax over those k, as triton_moe._route_kernel.
+    j = tl.arange(0, K_P)
+    top_v = tl.full((K_P,), float("-inf"), tl.float32)
+    top_e = tl.zeros((K_P,), tl.int32)
+    for i in tl.static_range(K):
+        best = tl.max(logits, 0)
+        chosen = tl.minimum(tl.min(tl.where(logits == best, e, E_P), 0), E - 1)
+        top_v = tl.where(j == i, best, top_v)
+        top_e = tl.where(j == i, chosen, top_e)
+        logits = tl.where(e == chosen, float("-inf"), logits)
+    w = tl.exp(top_v - tl.max(top_v, 0))
+    w = w / tl.sum(w, 0)
+    tl.store(experts_ptr + tok * K + j, top_e, mask=j < K)
+    tl.store(weights_ptr + tok * K + j, w.to(weights_ptr.dtype.element_ty), mask=j < K)
+
+
+@triton.jit
+def _mlp1_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, N_OUT, swiglu_limit,
+                 stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+                 K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    pair = tl.program_id(0)  # fastest axis: the pairs sharing a weight tile run together (L2 serves the repeats)
+    expert = tl.load(experts_ptr + pair).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_OUT
+    x_row = t_ptr + (pair // ROUTE_K) * stride_t
+    w_base = blocks_ptr + expert * stride_be
+    s_base = scales_ptr + expert * stride_se
+    glu = _row_dot(x_row, w_base, s_base, 2 * cols, col_ok, stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
+    lin = _row_dot(x_row, w_base, s_base, 2 * cols + 1, col_ok, stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
+    if HAS_BIAS:
+        glu += tl.load(bias_ptr + expert * stride_biase + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
+        lin += tl.load(bias_ptr + expert * stride_biase + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
+    glu = tl.minimum(glu, swiglu_limit)
+    lin = tl.minimum(tl.maximum(lin, -swiglu_limit), swiglu_limit)
+    out = glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)  # SWIGLU_ALPHA
+    tl.store(h_ptr + pair * stride_h + cols, out.to(h_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, N_OUT,
+                 stride_h, stride_x, stride_y, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+                 K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    tok = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_OUT
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for slot in tl.static_range(ROUTE_K):
+        pair = tok * ROUTE_K + slot
+        expert = tl.load(experts_ptr + pair).to(tl.int64)
+        out = _row_dot(h_ptr + pair * stride_h, blocks_ptr + expert * stride_be, scales_ptr + expert * stride_se, cols, col_ok,
+                       stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
+        total += out * tl.load(weights_ptr + pair).to(tl.float32)
+    out = total.to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds the weighted sum before the residual add
+    if RESIDUAL:
+        out += tl.load(x_ptr + tok * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tok * stride_y + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype), experts [T, k] (int32) and routing weights [T, k] (x's dtype)."""
+    tokens, hidden = x.shape
+    n_experts = gate_weight.shape[0]
+    t = torch.empty_like(x)
+    experts = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
+    if tokens:
+        _norm_route_kernel[(tokens,)](x, norm_scale, t, gate_weight, gate_bias, experts, weights,
+                                      x.stride(0), t.stride(0), gate_weight.stride(0), eps,
+                                      H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, E_P=triton.next_power_of_2(n_experts),
+                                      K=k, K_P=triton.next_power_of_2(k), BLOCK_H=128, num_warps=8)
+    return t, experts, weights
+
+
+def mlp1(t: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+         swiglu_limit: float) -> torch.Tensor:
+    """t [T, H] and experts [T, k] → the clamped SwiGLU of each (token, slot)'s first projection, h [T·k, O/2]."""
+    (block_n, block_b, warps), _ = tiles()
+    pairs, k = experts.numel(), experts.shape[1]
+    n_out = blocks.shape[1] // 2
+    h = torch.empty(pairs, n_out, dtype=t.dtype, device=t.device)
+    if pairs:
+        _mlp1_kernel[(pairs, triton.cdiv(n_out, block_n))](
+            t, h, blocks, scales, bias if bias is not None else t, experts, n_out, float(swiglu_limit),
+            t.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            K=t.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), num_warps=warps)
+    return h
+
+
+def mlp2(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+         bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """h [T·k, I] → Σ_slots weight · (h·W2ᵀ + b2) [T, O], rounded to h's dtype, plus `residual` [T, O] when given."""
+    _, (block_n, block_b, warps) = tiles()
+    tokens, k = experts.shape
+    n_out = blocks.shape[1]
+    y = torch.empty(tokens, n_out, dtype=h.dtype, device=h.device)
+    if tokens:
+        x = residual if residual is not None else y
+        _mlp2_kernel[(tokens, triton.cdiv(n_out, block_n))](
+            h, x, y, blocks, scales, bias if bias is not None else h, experts, weights, n_out,
+            h.stride(0), x.stride(0), y.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            K=h.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+            BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), num_warps=warps)
+    return y
+
+
+def moe_layer_decode(x: torch.Tensor, norm: tuple[torch.Tensor, float], gate: tuple[torch.Tensor, torch.Tensor], k: int,
+                     mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float) -> torch.Tensor:
+    """A whole MoE layer with its residual for few tokens: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in three launches.
+
+    norm = (scale fp32, eps); gate = (weight [E, H], bias [E]); mlp1/mlp2 = (blocks, scales, bias) as in
+    `triton_moe.mxfp4_grouped_matmul`."""
+    x = x.contiguous()
+    t, experts, weights = norm_route(x, norm[0], norm[1], gate[0], gate[1], k)
+    h = mlp1(t, experts, *mlp1_weights, swiglu_limit)
+    return mlp2(h, experts, weights, *mlp2_weights, residual=x)
