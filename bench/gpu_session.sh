@@ -32,9 +32,9 @@ step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
   $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
 # The sm_90 compile test runs on the CPU machines (CI); here the kernels themselves run.
-step kernels 150 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
+step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
 TAIL=60 step sweep 150 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
 if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
 TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile
-step tests 90 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
+step tests 60 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
 exit 0
