@@ -60,17 +60,18 @@ def sweep_decode_tiles(layers, env: dict) -> None:
     bytes2 = K_ROUTE * H * (I // 2 + I // 32)
     best: dict[str, tuple[float, tuple]] = {}
     print(f"decode MoE tiles at 1 token (mlp1 reads {bytes1 / 1e6:.1f} MB, mlp2 {bytes2 / 1e6:.1f} MB):", flush=True)
-    for tile in triton_moe_decode.SWEEP_TILES:
-        text = ",".join(map(str, tile))
-        os.environ["OSSRUN_MOE_DECODE_TILES"] = f"{text};{text}"
+    for i in range(max(len(triton_moe_decode.SWEEP_TILES_MLP1), len(triton_moe_decode.SWEEP_TILES_MLP2))):
+        pick = lambda tiles: tiles[min(i, len(tiles) - 1)]  # noqa: E731
+        text1, text2 = ",".join(map(str, pick(triton_moe_decode.SWEEP_TILES_MLP1))), ",".join(map(str, pick(triton_moe_decode.SWEEP_TILES_MLP2)))
+        os.environ["OSSRUN_MOE_DECODE_TILES"] = f"{text1};{text2}"
         us1 = bench(lambda i: triton_moe_decode.mlp1(t, experts, *layers[i][0], 7.0), COPIES)
         us2 = bench(lambda i: triton_moe_decode.mlp2(h, experts, weights, *layers[i][1], residual=t), COPIES)
-        print(f"  tile {text:10s}: mlp1 {us1:7.1f} us ({bytes1 / us1 / 1e3:5.0f} GB/s)   mlp2 {us2:7.1f} us ({bytes2 / us2 / 1e3:5.0f} GB/s)",
+        print(f"  mlp1 {text1:8s} {us1:7.1f} us ({bytes1 / us1 / 1e3:5.0f} GB/s)   mlp2 {text2:8s} {us2:7.1f} us ({bytes2 / us2 / 1e3:5.0f} GB/s)",
               flush=True)
-        for name, us in (("mlp1", us1), ("mlp2", us2)):
+        for name, us, tile in (("mlp1", us1, text1), ("mlp2", us2, text2)):
             if name not in best or us < best[name][0]:
                 best[name] = (us, tile)
-    tiles = ";".join(",".join(map(str, best[name][1])) for name in ("mlp1", "mlp2"))
+    tiles = ";".join(best[name][1] for name in ("mlp1", "mlp2"))
     os.environ["OSSRUN_MOE_DECODE_TILES"] = env["OSSRUN_MOE_DECODE_TILES"] = tiles
     print(f"  best: {tiles} → {best['mlp1'][0] + best['mlp2'][0]:.1f} us a layer's projections "
           f"({(bytes1 + bytes2) / (best['mlp1'][0] + best['mlp2'][0]) / 1e3:.0f} GB/s)", flush=True)

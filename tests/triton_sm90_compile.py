@@ -45,7 +45,6 @@ MLP2_SIGNATURE = {"h_ptr": "*bf16", "x_ptr": "*bf16", "y_ptr": "*bf16", **DECODE
 DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_be", "stride_bo", "stride_se", "stride_biase")  # 20b
 GEMV_TILES = triton_gemv.SWEEP_TILES
 # The decode tiles: the default and the ones bench/gpu_sweep.py times (BLOCK_N, BLOCK_B, warps).
-DECODE_TILES = triton_moe_decode.SWEEP_TILES
 
 
 def aligned(signature: dict, ints: tuple[str, ...] = ()) -> dict:
@@ -88,18 +87,21 @@ def main() -> int:
     compile_one(triton_fused._rope_cache_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
                 "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_qkv": "i32", "stride_cos": "i32", "stride_qt": "i32",
                 "stride_slot": "i32", "stride_head": "i32"}, {"HQ": 64, "HKV": 8, "HQ_P": 64, "HKV_P": 8, "D": 64}, "rope_and_cache")
-    compile_one(triton_moe_decode._norm_route_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
-                "gate_bias_ptr": "*bf16", "experts_ptr": "*i32", "weights_ptr": "*bf16", "stride_x": "i32", "stride_t": "i32",
-                "stride_g": "i32", "eps": "fp32"}, {"H": 2880, "H_P": 4096, "E": 32, "E_P": 32, "K": 4, "K_P": 4, "BLOCK_H": 128},
-                "norm_route", warps=8)
-    for block_n, block_b, warps in DECODE_TILES:
-        for asm in (True, False) if (block_n, block_b, warps) == DECODE_TILES[0] else (True,):
-            common = {"K": 2880, "ROUTE_K": 4, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_B": block_b, "ASM": asm}
-            name = f"{block_n},{block_b},{warps}{' asm' if asm else ''}"
-            compile_one(triton_moe_decode._mlp1_kernel, MLP1_SIGNATURE, common, f"moe decode mlp1 {name}", warps,
-                        aligned(MLP1_SIGNATURE, DECODE_ALIGNED))
-            compile_one(triton_moe_decode._mlp2_kernel, MLP2_SIGNATURE, {**common, "RESIDUAL": True}, f"moe decode mlp2 {name}", warps,
-                        aligned(MLP2_SIGNATURE, DECODE_ALIGNED))
+    compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
+                "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
+                {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4}, "norm_logits", warps=8)
+    compile_one(triton_moe_decode._topk_kernel, {"logits_ptr": "*fp32", "experts_ptr": "*i32", "weights_ptr": "*bf16"},
+                {"E": 32, "E_P": 32, "K": 4, "K_P": 4}, "topk", warps=1)
+    for mlp, tiles in ((1, triton_moe_decode.SWEEP_TILES_MLP1), (2, triton_moe_decode.SWEEP_TILES_MLP2)):
+        kernel = triton_moe_decode._mlp1_kernel if mlp == 1 else triton_moe_decode._mlp2_kernel
+        signature = MLP1_SIGNATURE if mlp == 1 else MLP2_SIGNATURE
+        for block_n, block_b, warps in tiles:
+            for asm in (True, False) if (block_n, block_b, warps) == tiles[0] else (True,):
+                common = {"K": 2880, "ROUTE_K": 4, "HAS_BIAS": True, "BLOCK_N": block_n, "BLOCK_B": block_b, "ASM": asm}
+                if mlp == 2:
+                    common.update(K_P=4, RESIDUAL=True)
+                compile_one(kernel, signature, common, f"moe decode mlp{mlp} {block_n},{block_b},{warps}{' asm' if asm else ''}", warps,
+                            aligned(signature, DECODE_ALIGNED))
     gemv = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_x": "i32",
             "stride_w": "i32", "stride_r": "i32", "stride_y": "i32"}
     for block_n, block_k, warps in GEMV_TILES:

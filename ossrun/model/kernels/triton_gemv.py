@@ -1,9 +1,9 @@
 """Dense projections of a few rows in Triton (bf16 weights): the batch-1 qkv, out and unembedding GEMVs.
 
 At one row a projection is a matrix-vector product bound by reading W once. Each program owns one
-row and BLOCK_N output columns, streams its W rows with 16-byte loads along K, accumulates in fp32 and
-reduces once at the end; programs of the same columns for different rows run side by side, so L2
-serves W's repeats. The bias, the rounding to the activations' dtype (as `F.linear` rounds), and
+row and BLOCK_N output columns, loads its W rows with 16-byte loads along K (the widest tiles take a
+whole row in one round trip), accumulates in fp32 and reduces once at the end; a second row reads W
+again (from L2 when it is still there): this is for one or two rows. The bias, the rounding to the activations' dtype (as `F.linear` rounds), and
 the residual add (`x + out(o)`) are fused, which saves the separate add launch of each layer.
 Whether it beats cuBLAS at a row count is measured (bench/gpu_sweep.py); `gemv_max_rows()` is the
 largest row count that takes it.
@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 GEMV_MAX_ROWS = 1
-SWEEP_TILES = [(16, 256, 4), (8, 256, 4), (32, 256, 8), (8, 512, 4)]  # (BLOCK_N, BLOCK_K, warps); the first is the default
+# (BLOCK_N, BLOCK_K, warps); the first is the default. Run 1: tiles that loop over K (256–512 wide) ran at 0.7–1.4 TB/s
+# on qkv/out (serial round trips); the wide ones load a whole row at once.
+SWEEP_TILES = [(8, 512, 4), (2, 4096, 4), (4, 2048, 8), (4, 4096, 8), (2, 2048, 4), (4, 1024, 4)]
 
 
 def gemv_max_rows() -> int:
@@ -38,8 +40,8 @@ def gemv_tile() -> tuple[int, int, int]:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, stride_x, stride_w, stride_r, stride_y,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: the unembedding has 201088 / BLOCK_N tiles
     col_ok = cols < N
     k_i = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_x
@@ -72,7 +74,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_d
         x = x if x.stride(-1) == 1 else x.contiguous()
         block_n, block_k, warps = gemv_tile()
         r = residual if residual is not None else y
-        _gemv_kernel[(rows, triton.cdiv(n, block_n))](
+        _gemv_kernel[(triton.cdiv(n, block_n), rows)](
             x, weight, bias if bias is not None else x, r, y, n, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
             K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y

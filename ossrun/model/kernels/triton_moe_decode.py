@@ -1,4 +1,4 @@
-"""A MoE layer for few tokens (decode) in Triton: GEMV-style MXFP4 kernels, no tensor cores, three launches.
+"""A MoE layer for few tokens (decode) in Triton: GEMV-style MXFP4 kernels, no tensor cores, four launches.
 
 At batch 1 a MoE layer multiplies one row by each of 4 experts: a matrix-vector product whose
 cost is reading the packed weights once (~51 MB a 20b layer: ~12 µs of HBM). The grouped tl.dot
@@ -9,15 +9,16 @@ contiguous), decodes E2M1 in registers, multiplies by the activations on the FP3
 applies each 32-element block's E8M0 scale once to the block's partial sum. No sorting by expert
 is needed: a row knows its expert.
 
-The three launches of a layer:
-1. `_norm_route_kernel`, one program per token: RMSNorm (fp32), the router (logits rounded to the
-   model dtype as `F.linear` rounds them), top-k and softmax over the k. Replaces norm, router GEMV,
-   routing and grouping (~6 launches).
-2. `_mlp1_kernel`, per (token, slot) and output tile: gate and linear rows (interleaved in the
-   checkpoint) + bias + gpt-oss's clamped SwiGLU → h (model dtype, as the grouped kernel rounds it).
-3. `_mlp2_kernel`, per token and output tile: the k slots' rows of h through their experts, + bias,
-   times the routing weight, summed in fp32, rounded to the model dtype and added to the residual
-   (the caller's `x + moe(x)`), so the layer's output leaves in one store.
+The four launches of a layer:
+1. `_norm_logits_kernel`, per token and 4 experts: RMSNorm (fp32) and those router logits (rounded to
+   the model dtype as `F.linear` rounds them); `_topk_kernel`, per token: top-k and the softmax over
+   the k. They replace norm, router GEMV, routing and grouping (~6 launches).
+2. `_mlp1_kernel`, per (token, slot) and output tile: the gate and linear rows (interleaved in the
+   checkpoint: one contiguous run of rows) + bias + gpt-oss's clamped SwiGLU → h (model dtype, as the
+   grouped kernel rounds it).
+3. `_mlp2_kernel`, per token and output tile, the k slots side by side in one tile: h through their
+   experts, + bias, times the routing weight, summed in fp32, rounded to the model dtype and added to
+   the residual (the caller's `x + moe(x)`), so the layer's output leaves in one store.
 
 Each decoded weight is used once per row here, so the FP32 work grows with rows; the grouped
 kernel wins once experts hold several rows: `DECODE_MAX_TOKENS` picks between them
@@ -35,8 +36,11 @@ import triton.language as tl
 from ossrun.model.kernels.triton_moe import _scale_of, interpreting
 
 DECODE_MAX_TOKENS = 8
-# (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first is the default.
-SWEEP_TILES = [(16, 4, 4), (8, 8, 4), (16, 8, 4), (32, 4, 4), (8, 8, 2), (8, 16, 4), (32, 8, 8), (4, 16, 2)]
+# (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first of
+# each is the default (the fastest of run 1's sweep, bench/GPU_NOTES.md). mlp1's tile is [2·BLOCK_N rows, BLOCK_B, 16 B],
+# mlp2's [k slots, BLOCK_N, BLOCK_B, 16 B]; 16 B or more a thread keeps the loads 16 bytes wide.
+SWEEP_TILES_MLP1 = [(8, 8, 4), (4, 8, 2), (8, 16, 4), (4, 16, 4), (16, 8, 8), (4, 32, 4), (2, 32, 2), (4, 16, 2), (8, 32, 8)]
+SWEEP_TILES_MLP2 = [(4, 8, 4), (2, 16, 4), (4, 16, 4), (8, 8, 8), (2, 8, 2), (2, 32, 4), (4, 32, 8), (1, 32, 2), (2, 16, 2)]
 
 
 def decode_max_tokens() -> int:
@@ -56,7 +60,7 @@ def tiles() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     if override:
         first, second = (tuple(int(v) for v in part.split(",")) for part in override.split(";"))
         return first, second  # type: ignore[return-value]
-    return SWEEP_TILES[0], SWEEP_TILES[1]
+    return SWEEP_TILES_MLP1[0], SWEEP_TILES_MLP2[0]
 
 
 @triton.jit
@@ -113,58 +117,56 @@ def _e2m1_pairs(packed, ASM: tl.constexpr):
 
 @triton.jit
 def _row_dot(x_row, w_base, s_base, rows, row_ok, stride_bo, stride_so,
-             NBLK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
-    """Σ_k x[k] · W[rows, k] in fp32 for one activation row x_row (pointer) → [BLOCK_N].
+             NBLK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    """Σ_k x[k] · W[rows, k] in fp32 for one activation row x_row (pointer) → [BLOCK_R].
 
     W's rows are NBLK blocks of 16 bytes (32 nibbles: element 2j low, 2j+1 high) with one scale byte each.
-    The tile [BLOCK_N, BLOCK_B, 16] loads 16 contiguous bytes per (row, block); a block's 32 products are
+    The tile [BLOCK_R, BLOCK_B, 16] loads 16 contiguous bytes per (row, block); a block's 32 products are
     summed before its scale is applied."""
     blk_i = tl.arange(0, BLOCK_B)
     j = tl.arange(0, 16)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
     for b0 in range(0, NBLK, BLOCK_B):
         blk = b0 + blk_i
         b_ok = blk < NBLK
+        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
+                         mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
+        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
         pairs = tl.load(x_row + (blk * 32)[:, None, None] + (2 * j)[None, :, None] + tl.arange(0, 2)[None, None, :],
                         mask=b_ok[:, None, None], other=0.0)
         x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [BLOCK_B, 16] each, bf16-rounded as the tl.dot path
-        mask = row_ok[:, None, None] & b_ok[None, :, None]
-        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :], mask=mask, other=0)
         lo, hi = _e2m1_pairs(packed, ASM)
         part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)
-        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
         acc += part * _scale_of(sbyte)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _norm_route_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, experts_ptr, weights_ptr,
-                       stride_x, stride_t, stride_g, eps,
-                       H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr,
-                       K_P: tl.constexpr, BLOCK_H: tl.constexpr):
+def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_ptr, stride_x, stride_t, stride_g, eps,
+                        H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per (token, BLOCK_E experts): RMSNorm of the token (each program recomputes it: 2880 values from L2;
+    the first stores it) and those experts' router logits, rounded to the model dtype as F.linear rounds them.
+    Several programs a token: one program reading the whole 184 KB router was latency-bound (26 µs, run 1)."""
     tok = tl.program_id(0)
     cols = tl.arange(0, H_P)
     ok = cols < H
     x = tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
     t = (x * inv * tl.load(norm_ptr + cols, mask=ok, other=0.0)).to(t_ptr.dtype.element_ty)
-    tl.store(t_ptr + tok * stride_t + cols, t, mask=ok)
-    # Router: logits [E] = t · gateᵀ + bias, over H in chunks (t recomputed per chunk: it stays in registers).
-    e = tl.arange(0, E_P)
+    tl.store(t_ptr + tok * stride_t + cols, t, mask=ok & (tl.program_id(1) == 0))
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
-    logits = tl.zeros((E_P,), dtype=tl.float32)
-    h_i = tl.arange(0, BLOCK_H)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + h_i
-        h_ok = h < H
-        xc = tl.load(x_ptr + tok * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
-        tc = (xc * inv * tl.load(norm_ptr + h, mask=h_ok, other=0.0)).to(t_ptr.dtype.element_ty).to(tl.float32)
-        g = tl.load(gate_ptr + e[:, None] * stride_g + h[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        logits += tl.sum(g * tc[None, :], axis=1)
-    logits += tl.load(gate_bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    logits = logits.to(weights_ptr.dtype.element_ty).to(tl.float32)  # F.linear's output dtype
-    logits = tl.where(e_ok, logits, float("-inf"))
-    # Top-k (highest first, lowest id on ties) and softmax over those k, as triton_moe._route_kernel.
+    g = tl.load(gate_ptr + e[:, None] * stride_g + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    logits = tl.sum(g * t.to(tl.float32)[None, :], axis=1) + tl.load(gate_bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    tl.store(logits_ptr + tok * E + e, logits.to(t_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, experts_ptr, weights_ptr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr):
+    """Top-k of a token's logits (highest first, lowest id on ties) and the softmax over those k, as triton_moe._route_kernel."""
+    tok = tl.program_id(0)
+    e = tl.arange(0, E_P)
+    logits = tl.load(logits_ptr + tok * E + e, mask=e < E, other=float("-inf"))
     j = tl.arange(0, K_P)
     top_v = tl.full((K_P,), float("-inf"), tl.float32)
     top_e = tl.zeros((K_P,), tl.int32)
@@ -187,58 +189,86 @@ def _mlp1_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, N_
                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
     pair = tl.program_id(0)  # fastest axis: the pairs sharing a weight tile run together (L2 serves the repeats)
     expert = tl.load(experts_ptr + pair).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N_OUT
+    # Output columns c get weight rows 2c (glu) and 2c+1 (linear): one contiguous run of 2·BLOCK_N rows, one loop.
+    rows = tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+    row_ok = rows < 2 * N_OUT
     x_row = t_ptr + (pair // ROUTE_K) * stride_t
-    w_base = blocks_ptr + expert * stride_be
-    s_base = scales_ptr + expert * stride_se
-    glu = _row_dot(x_row, w_base, s_base, 2 * cols, col_ok, stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
-    lin = _row_dot(x_row, w_base, s_base, 2 * cols + 1, col_ok, stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
+    acc = _row_dot(x_row, blocks_ptr + expert * stride_be, scales_ptr + expert * stride_se, rows, row_ok, stride_bo, stride_so,
+                   K // 32, 2 * BLOCK_N, BLOCK_B, ASM)
     if HAS_BIAS:
-        glu += tl.load(bias_ptr + expert * stride_biase + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
-        lin += tl.load(bias_ptr + expert * stride_biase + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
+        acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)
+    glu, lin = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
     glu = tl.minimum(glu, swiglu_limit)
     lin = tl.minimum(tl.maximum(lin, -swiglu_limit), swiglu_limit)
     out = glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)  # SWIGLU_ALPHA
-    tl.store(h_ptr + pair * stride_h + cols, out.to(h_ptr.dtype.element_ty), mask=col_ok)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(h_ptr + pair * stride_h + cols, out.to(h_ptr.dtype.element_ty), mask=cols < N_OUT)
 
 
 @triton.jit
 def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, N_OUT,
                  stride_h, stride_x, stride_y, stride_be, stride_bo, stride_se, stride_so, stride_biase,
-                 K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                 K: tl.constexpr, ROUTE_K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+    """Per token and BLOCK_N outputs, all k slots in one tile [K_P, BLOCK_N, BLOCK_B, 16]: the k experts' bytes are
+    in flight together (one slot after another kept ~1 KB in flight a program: 600 GB/s, run 1)."""
     tok = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_OUT
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for slot in tl.static_range(ROUTE_K):
-        pair = tok * ROUTE_K + slot
-        expert = tl.load(experts_ptr + pair).to(tl.int64)
-        out = _row_dot(h_ptr + pair * stride_h, blocks_ptr + expert * stride_be, scales_ptr + expert * stride_se, cols, col_ok,
-                       stride_bo, stride_so, K // 32, BLOCK_N, BLOCK_B, ASM)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + expert * stride_biase + cols, mask=col_ok, other=0.0).to(tl.float32)
-        total += out * tl.load(weights_ptr + pair).to(tl.float32)
-    out = total.to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds the weighted sum before the residual add
+    slot = tl.arange(0, K_P)
+    slot_ok = slot < ROUTE_K
+    pair = tok * ROUTE_K + slot
+    expert = tl.load(experts_ptr + pair, mask=slot_ok, other=0).to(tl.int64)
+    route_w = tl.load(weights_ptr + pair, mask=slot_ok, other=0.0).to(tl.float32)  # [K_P]
+    w_base = blocks_ptr + expert * stride_be  # [K_P] pointers
+    s_base = scales_ptr + expert * stride_se
+    x_base = h_ptr + pair * stride_h
+    NBLK: tl.constexpr = K // 32
+    blk_i = tl.arange(0, BLOCK_B)
+    j = tl.arange(0, 16)
+    ok2 = slot_ok[:, None] & col_ok[None, :]  # [K_P, BLOCK_N]
+    acc = tl.zeros((K_P, BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for b0 in range(0, NBLK, BLOCK_B):
+        blk = b0 + blk_i
+        b_ok = blk < NBLK
+        packed = tl.load(w_base[:, None, None, None] + cols[None, :, None, None] * stride_bo + (blk * 16)[None, None, :, None]
+                         + j[None, None, None, :], mask=ok2[:, :, None, None] & b_ok[None, None, :, None], other=0)
+        sbyte = tl.load(s_base[:, None, None] + cols[None, :, None] * stride_so + blk[None, None, :],
+                        mask=ok2[:, :, None] & b_ok[None, None, :], other=0)
+        pairs = tl.load(x_base[:, None, None, None] + (blk * 32)[None, :, None, None] + (2 * j)[None, None, :, None]
+                        + tl.arange(0, 2)[None, None, None, :], mask=slot_ok[:, None, None, None] & b_ok[None, :, None, None],
+                        other=0.0)
+        x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [K_P, BLOCK_B, 16]
+        lo, hi = _e2m1_pairs(packed, ASM)
+        part = tl.sum(lo * x_even[:, None, :, :] + hi * x_odd[:, None, :, :], axis=3)  # [K_P, BLOCK_N, BLOCK_B]
+        acc += part * _scale_of(sbyte)
+    out = tl.sum(acc, axis=2)  # [K_P, BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + expert[:, None] * stride_biase + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
+    total = tl.sum(out * route_w[:, None], axis=0)
+    moe = total.to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds the weighted sum before the residual add
     if RESIDUAL:
-        out += tl.load(x_ptr + tok * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + tok * stride_y + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
+        moe += tl.load(x_ptr + tok * stride_x + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tok * stride_y + cols, moe.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
 def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype), experts [T, k] (int32) and routing weights [T, k] (x's dtype)."""
+    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype), experts [T, k] (int32) and routing weights [T, k] (x's dtype).
+    Two launches: norm and logits over T × E/4 programs, then top-k and softmax per token."""
     tokens, hidden = x.shape
     n_experts = gate_weight.shape[0]
     t = torch.empty_like(x)
+    logits = torch.empty(tokens, n_experts, dtype=torch.float32, device=x.device)
     experts = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
     weights = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
     if tokens:
-        _norm_route_kernel[(tokens,)](x, norm_scale, t, gate_weight, gate_bias, experts, weights,
-                                      x.stride(0), t.stride(0), gate_weight.stride(0), eps,
-                                      H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, E_P=triton.next_power_of_2(n_experts),
-                                      K=k, K_P=triton.next_power_of_2(k), BLOCK_H=128, num_warps=8)
+        block_e = 4
+        _norm_logits_kernel[(tokens, triton.cdiv(n_experts, block_e))](
+            x, norm_scale, t, gate_weight, gate_bias, logits, x.stride(0), t.stride(0), gate_weight.stride(0), eps,
+            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, num_warps=8)
+        _topk_kernel[(tokens,)](logits, experts, weights, E=n_experts, E_P=triton.next_power_of_2(n_experts), K=k,
+                                K_P=triton.next_power_of_2(k), num_warps=1)
     return t, experts, weights
 
 
@@ -271,14 +301,14 @@ def mlp2(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks: 
             h, x, y, blocks, scales, bias if bias is not None else h, experts, weights, n_out,
             h.stride(0), x.stride(0), y.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0,
-            K=h.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+            K=h.shape[1], ROUTE_K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
             BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), num_warps=warps)
     return y
 
 
 def moe_layer_decode(x: torch.Tensor, norm: tuple[torch.Tensor, float], gate: tuple[torch.Tensor, torch.Tensor], k: int,
                      mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float) -> torch.Tensor:
-    """A whole MoE layer with its residual for few tokens: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in three launches.
+    """A whole MoE layer with its residual for few tokens: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in four launches.
 
     norm = (scale fp32, eps); gate = (weight [E, H], bias [E]); mlp1/mlp2 = (blocks, scales, bias) as in
     `triton_moe.mxfp4_grouped_matmul`."""
