@@ -70,11 +70,11 @@ def main() -> int:
                          "EMULATE": False}
             compile_one(triton_moe._mxfp4_grouped_kernel, MOE_SIGNATURE, constants, f"moe swiglu={swiglu} block_m={block_m}")
     for sliding in (True, False):
-        for block_t in (2, 16):
-            constants = {"GROUP": 8, "GROUP_P": 8, "HEAD_DIM": 64, "PAGE": 16, "BLOCK_T": block_t, "BLOCK_N": 64,
+        for block_t, block_n in ((2, 64), (16, 64), (2, 128), (2, 256)):  # decode tiles: bench/gpu.py's graph replay times them
+            constants = {"GROUP": 8, "GROUP_P": 8, "HEAD_DIM": 64, "PAGE": 16, "BLOCK_T": block_t, "BLOCK_N": block_n,
                          "SLIDING": sliding, "EMULATE": False, "IEEE": False}
             compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
-                        f"attention sliding={sliding} block_t={block_t}")
+                        f"attention sliding={sliding} block_t={block_t} block_n={block_n}")
     fp32 = {**ATTENTION_SIGNATURE, **{name: "*fp32" for name in ("q_ptr", "out_ptr", "k_ptr", "v_ptr")}}
     compile_one(triton_attention._paged_attention_kernel, fp32, {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 16, "PAGE": 16, "BLOCK_T": 4,
                 "BLOCK_N": 64, "SLIDING": True, "EMULATE": False, "IEEE": True}, "attention fp32 (ieee)")

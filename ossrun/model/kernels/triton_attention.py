@@ -14,6 +14,8 @@ sequence's end return at once, so no per-sequence Python runs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -110,6 +112,16 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+DECODE_BLOCK_N = 64
+
+
+def decode_block_n() -> int:
+    """Keys per step of a decode program's walk over its context. A decode launch has one program per
+    (sequence, KV head), 8 at batch 1, so its time is the number of serial steps; wider steps mean fewer.
+    OSSRUN_ATTN_DECODE_BLOCK_N overrides it (bench/gpu.py's graph replay times the choices)."""
+    return int(os.environ.get("OSSRUN_ATTN_DECODE_BLOCK_N", DECODE_BLOCK_N))
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor, window: int | None, scale: float,
     block_tables: torch.Tensor, first_block: torch.Tensor, context_lens: torch.Tensor,
@@ -131,6 +143,7 @@ def paged_attention(
     group_p = triton.next_power_of_2(group)
     # Two tile shapes only (each one compile): 16 rows for decodes, 128 rows for prefill chunks; tl.dot needs 16.
     block_t = max(1, (16 if max_q_len == 1 else 128) // group_p)
+    block_n = decode_block_n() if max_q_len == 1 else 64
     grid = (len(seqs), triton.cdiv(max_q_len, block_t), n_kv)
     _paged_attention_kernel[grid](
         q, out, k_cache, v_cache, sinks,
@@ -139,6 +152,6 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, PAGE=page,
-        BLOCK_T=block_t, BLOCK_N=64, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
+        BLOCK_T=block_t, BLOCK_N=block_n, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
     )
     return out

@@ -47,12 +47,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, stride_x, stride_w, strid
     x_row = x_ptr + row * stride_x
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # the unembedding's 201088 rows × 2880 pass 2^31 elements
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    x = tl.load(x_row + k_i, mask=k_i < K, other=0.0)
+    w = tl.load(w_rows + k_i[None, :], mask=col_ok[:, None] & (k_i < K)[None, :], other=0.0)
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):  # the next chunk's loads go out before this one's math
         k = k0 + k_i
         k_ok = k < K
-        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+        n_x = tl.load(x_row + k, mask=k_ok, other=0.0)
+        n_w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x, w = n_x, n_w
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)

@@ -116,28 +116,43 @@ def _e2m1_pairs(packed, ASM: tl.constexpr):
 
 
 @triton.jit
+def _chunk_loads(x_row, w_base, s_base, rows, row_ok, blk, b_ok, stride_bo, stride_so):
+    """One K chunk's operands: packed bytes [R, B, 16] (16 contiguous bytes per row and block), scale bytes [R, B],
+    activation pairs [B, 16, 2] (elements 2j, 2j+1 of each block). Masked chunks past K load nothing."""
+    j = tl.arange(0, 16)
+    packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
+                     mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
+    sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
+    pairs = tl.load(x_row + (blk * 32)[:, None, None] + (2 * j)[None, :, None] + tl.arange(0, 2)[None, None, :],
+                    mask=b_ok[:, None, None], other=0.0)
+    return packed, sbyte, pairs
+
+
+@triton.jit
+def _chunk_math(packed, sbyte, pairs, ASM: tl.constexpr):
+    """Σ over each block's 32 elements of x · E2M1, times the block's scale → [R, B] fp32."""
+    x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [B, 16] each, bf16-rounded as the tl.dot path
+    lo, hi = _e2m1_pairs(packed, ASM)
+    return tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2) * _scale_of(sbyte)
+
+
+@triton.jit
 def _row_dot(x_row, w_base, s_base, rows, row_ok, stride_bo, stride_so,
              NBLK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
     """Σ_k x[k] · W[rows, k] in fp32 for one activation row x_row (pointer) → [BLOCK_R].
 
     W's rows are NBLK blocks of 16 bytes (32 nibbles: element 2j low, 2j+1 high) with one scale byte each.
-    The tile [BLOCK_R, BLOCK_B, 16] loads 16 contiguous bytes per (row, block); a block's 32 products are
-    summed before its scale is applied."""
+    The next chunk's loads are issued before the current chunk is decoded: two chunks in flight for a
+    few more registers (packed bytes are 4 to a register), where one chunk per round trip left the
+    kernels at ~1 TB/s (run 6)."""
     blk_i = tl.arange(0, BLOCK_B)
-    j = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, NBLK, BLOCK_B):
+    packed, sbyte, pairs = _chunk_loads(x_row, w_base, s_base, rows, row_ok, blk_i, blk_i < NBLK, stride_bo, stride_so)
+    for b0 in range(BLOCK_B, NBLK + BLOCK_B, BLOCK_B):  # one iteration per chunk; the last prefetches nothing
         blk = b0 + blk_i
-        b_ok = blk < NBLK
-        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
-                         mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
-        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
-        pairs = tl.load(x_row + (blk * 32)[:, None, None] + (2 * j)[None, :, None] + tl.arange(0, 2)[None, None, :],
-                        mask=b_ok[:, None, None], other=0.0)
-        x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [BLOCK_B, 16] each, bf16-rounded as the tl.dot path
-        lo, hi = _e2m1_pairs(packed, ASM)
-        part = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)
-        acc += part * _scale_of(sbyte)
+        n_packed, n_sbyte, n_pairs = _chunk_loads(x_row, w_base, s_base, rows, row_ok, blk, blk < NBLK, stride_bo, stride_so)
+        acc += _chunk_math(packed, sbyte, pairs, ASM)
+        packed, sbyte, pairs = n_packed, n_sbyte, n_pairs
     return tl.sum(acc, axis=1)
 
 
@@ -206,6 +221,19 @@ def _mlp1_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, N_
 
 
 @triton.jit
+def _slot_loads(w_base, s_base, x_base, cols, ok2, slot_ok, blk, b_ok, stride_bo, stride_so):
+    """One K chunk of every slot: packed [K_P, N, B, 16], scale bytes [K_P, N, B], h pairs [K_P, B, 16, 2]."""
+    j = tl.arange(0, 16)
+    packed = tl.load(w_base[:, None, None, None] + cols[None, :, None, None] * stride_bo + (blk * 16)[None, None, :, None]
+                     + j[None, None, None, :], mask=ok2[:, :, None, None] & b_ok[None, None, :, None], other=0)
+    sbyte = tl.load(s_base[:, None, None] + cols[None, :, None] * stride_so + blk[None, None, :],
+                    mask=ok2[:, :, None] & b_ok[None, None, :], other=0)
+    pairs = tl.load(x_base[:, None, None, None] + (blk * 32)[None, :, None, None] + (2 * j)[None, None, :, None]
+                    + tl.arange(0, 2)[None, None, None, :], mask=slot_ok[:, None, None, None] & b_ok[None, :, None, None], other=0.0)
+    return packed, sbyte, pairs
+
+
+@triton.jit
 def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, N_OUT,
                  stride_h, stride_x, stride_y, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                  K: tl.constexpr, ROUTE_K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -225,23 +253,17 @@ def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
     x_base = h_ptr + pair * stride_h
     NBLK: tl.constexpr = K // 32
     blk_i = tl.arange(0, BLOCK_B)
-    j = tl.arange(0, 16)
     ok2 = slot_ok[:, None] & col_ok[None, :]  # [K_P, BLOCK_N]
     acc = tl.zeros((K_P, BLOCK_N, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, NBLK, BLOCK_B):
+    packed, sbyte, pairs = _slot_loads(w_base, s_base, x_base, cols, ok2, slot_ok, blk_i, blk_i < NBLK, stride_bo, stride_so)
+    for b0 in range(BLOCK_B, NBLK + BLOCK_B, BLOCK_B):  # prefetch the next chunk, as _row_dot
         blk = b0 + blk_i
-        b_ok = blk < NBLK
-        packed = tl.load(w_base[:, None, None, None] + cols[None, :, None, None] * stride_bo + (blk * 16)[None, None, :, None]
-                         + j[None, None, None, :], mask=ok2[:, :, None, None] & b_ok[None, None, :, None], other=0)
-        sbyte = tl.load(s_base[:, None, None] + cols[None, :, None] * stride_so + blk[None, None, :],
-                        mask=ok2[:, :, None] & b_ok[None, None, :], other=0)
-        pairs = tl.load(x_base[:, None, None, None] + (blk * 32)[None, :, None, None] + (2 * j)[None, None, :, None]
-                        + tl.arange(0, 2)[None, None, None, :], mask=slot_ok[:, None, None, None] & b_ok[None, :, None, None],
-                        other=0.0)
+        n_packed, n_sbyte, n_pairs = _slot_loads(w_base, s_base, x_base, cols, ok2, slot_ok, blk, blk < NBLK, stride_bo, stride_so)
         x_even, x_odd = tl.split(pairs.to(tl.bfloat16).to(tl.float32))  # [K_P, BLOCK_B, 16]
         lo, hi = _e2m1_pairs(packed, ASM)
         part = tl.sum(lo * x_even[:, None, :, :] + hi * x_odd[:, None, :, :], axis=3)  # [K_P, BLOCK_N, BLOCK_B]
         acc += part * _scale_of(sbyte)
+        packed, sbyte, pairs = n_packed, n_sbyte, n_pairs
     out = tl.sum(acc, axis=2)  # [K_P, BLOCK_N]
     if HAS_BIAS:
         out += tl.load(bias_ptr + expert[:, None] * stride_biase + cols[None, :], mask=ok2, other=0.0).to(tl.float32)
