@@ -152,11 +152,11 @@ def profile_decode(model: GptOss, args, steps: int = 8) -> None:
 def graph_replay(model: GptOss, args, steps: int = 100) -> None:
     """The batch-1 decode graph replayed back to back: the GPU time of a step without the engine's host work
     (the gap to the req-0 decode rate is what the scheduler, input copies and sampling cost). Also with the
-    decode attention's key step (OSSRUN_ATTN_DECODE_BLOCK_N) at 128 and 256: a fresh capture each."""
+    decode attention's key step (OSSRUN_ATTN_DECODE_BLOCK_N) at 64 and 256: a fresh capture each."""
     import os
 
     need = bytes_per_token(model.config, args.prompt_len + 1)
-    for block_n in (None, "128", "256"):
+    for block_n in (None, "64", "256"):
         if block_n:
             os.environ["OSSRUN_ATTN_DECODE_BLOCK_N"] = block_n
         engine = make_engine(model, 1, argparse.Namespace(**{**vars(args), "graphs": True}))

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 GEMV_MAX_ROWS = 1
-# (BLOCK_N, BLOCK_K, warps); the first is the default (the fastest in run 2). Run 1: tiles that loop over K (256–512 wide) ran at 0.7–1.4 TB/s
+# (BLOCK_N, BLOCK_K, warps); the first is the default (the fastest in run 7). Run 1: tiles that loop over K (256–512 wide) ran at 0.7–1.4 TB/s
 # on qkv/out (serial round trips); the wide ones load a whole row at once.
-SWEEP_TILES = [(2, 2048, 4), (8, 512, 4), (2, 4096, 4), (4, 2048, 8), (4, 4096, 8), (4, 1024, 4)]
+SWEEP_TILES = [(4, 2048, 8), (2, 2048, 4), (8, 512, 4), (2, 4096, 4), (4, 4096, 8), (4, 1024, 4)]
 
 
 def gemv_max_rows() -> int:

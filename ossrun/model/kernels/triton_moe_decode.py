@@ -37,9 +37,9 @@ from ossrun.model.kernels.triton_moe import _scale_of, interpreting
 
 DECODE_MAX_TOKENS = 8
 # (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first of
-# each is the default (the fastest of run 2's sweep, bench/GPU_NOTES.md). mlp1's tile is [2·BLOCK_N rows, BLOCK_B, 16 B],
+# each is the default (the fastest of run 7's sweep, bench/GPU_NOTES.md). mlp1's tile is [2·BLOCK_N rows, BLOCK_B, 16 B],
 # mlp2's [k slots, BLOCK_N, BLOCK_B, 16 B]; 16 B or more a thread keeps the loads 16 bytes wide.
-SWEEP_TILES_MLP1 = [(4, 16, 4), (8, 8, 4), (4, 8, 2), (8, 16, 4), (16, 8, 8), (4, 32, 4), (2, 32, 2), (4, 16, 2), (8, 32, 8)]
+SWEEP_TILES_MLP1 = [(8, 8, 4), (4, 16, 4), (4, 8, 2), (8, 16, 4), (16, 8, 8), (4, 32, 4), (2, 32, 2), (4, 16, 2), (8, 32, 8)]
 SWEEP_TILES_MLP2 = [(8, 8, 8), (4, 8, 4), (2, 16, 4), (4, 16, 4), (2, 8, 2), (2, 32, 4), (4, 32, 8), (1, 32, 2), (8, 16, 8)]
 
 
