@@ -10,7 +10,7 @@ from array import array
 
 import torch
 
-from ossrun.engine.cuda_graphs import DecodeGraphs
+from ossrun.engine.cuda_graphs import DecodeGraphs, HostGroup
 from ossrun.engine.kv_cache import NULL_BLOCK, KVCacheManager
 from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.sampler import Sampler, SamplerOutput
@@ -55,14 +55,13 @@ class ModelRunner:
             token_ids.extend(seq.tokens[begin:begin + item.num_new_tokens])
             positions.extend(range(begin, begin + item.num_new_tokens))
         device = self.device
-        positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-        tokens_t = torch.tensor(token_ids, dtype=torch.long, device=device)
-        groups = {"full": self._group(scheduled, positions, sliding=False), "sliding": self._group(scheduled, positions, sliding=True)}
         lora = self._lora(scheduled, starts, lens)
         sampling = [item for item in scheduled if item.samples]
-        if self._graph_step(scheduled, lens, lora, sampling, groups):
-            logits = self.graphs.forward(tokens_t, positions_t, groups)
-        else:
+        logits = self._graph_forward(scheduled, token_ids, positions, lens, lora, sampling)
+        if logits is None:
+            positions_t = torch.tensor(positions, dtype=torch.long, device=device)
+            tokens_t = torch.tensor(token_ids, dtype=torch.long, device=device)
+            groups = {"full": self._group(scheduled, sliding=False), "sliding": self._group(scheduled, sliding=True)}
             attention = PagedAttention(caches=self.caches, block_size=self.kv.block_size, groups=groups, query_starts=starts,
                                        query_lens=lens, positions=positions_t, triton=self.triton_attention,
                                        kernel=self.attention_kernel)
@@ -76,11 +75,16 @@ class ModelRunner:
         output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
         return sampling, output
 
-    def _graph_step(self, scheduled: list[Scheduled], lens: list[int], lora: LoraBatch | None, sampling: list[Scheduled],
-                    groups: dict[str, PagedGroup]) -> bool:
-        """Whether this step replays a CUDA graph: every sequence decodes one token and samples, no LoRA."""
-        return (self.graphs is not None and lora is None and len(sampling) == len(scheduled) and all(n == 1 for n in lens)
-                and self.graphs.fits(len(lens), groups))
+    def _graph_forward(self, scheduled: list[Scheduled], token_ids: list[int], positions: list[int], lens: list[int],
+                       lora: LoraBatch | None, sampling: list[Scheduled]) -> torch.Tensor | None:
+        """Logits of a step replayed from a CUDA graph: every sequence decodes one token and samples, no LoRA, tables
+        within the captured widths. Its inputs go over in one host→device copy. None: the step runs eagerly."""
+        if self.graphs is None or lora is not None or len(sampling) != len(scheduled) or any(n != 1 for n in lens):
+            return None
+        groups = {"full": self._group_arrays(scheduled, sliding=False), "sliding": self._group_arrays(scheduled, sliding=True)}
+        if not self.graphs.fits(len(lens), {name: group.width for name, group in groups.items()}):
+            return None
+        return self.graphs.forward(token_ids, positions, groups)
 
     def _lora(self, scheduled: list[Scheduled], starts: list[int], lens: list[int]) -> LoraBatch | None:
         """Group the step's rows by adapter; None when every row runs on the base model."""
@@ -108,7 +112,17 @@ class ModelRunner:
             return None
         return mask
 
-    def _group(self, scheduled: list[Scheduled], positions: list[int], sliding: bool) -> PagedGroup:
+    def _group(self, scheduled: list[Scheduled], sliding: bool) -> PagedGroup:
+        """The step's slots and block tables for one layer type, as tensors on the model's device."""
+        host = self._group_arrays(scheduled, sliding)
+        return PagedGroup(
+            slot_mapping=self._tensor(host.slots),
+            block_tables=self._tensor(host.tables).view(len(host.firsts), host.width),
+            first_block=self._tensor(host.firsts),
+            context_lens=self._tensor(host.context),
+        )
+
+    def _group_arrays(self, scheduled: list[Scheduled], sliding: bool) -> HostGroup:
         """The step's slots and block tables for one layer type, built in flat int64 arrays.
 
         A 32k-token sequence has a 2k-entry table: stdlib `array` and `torch.frombuffer` turn it into
@@ -130,12 +144,7 @@ class ModelRunner:
         for table, first, stop in spans:
             tables.extend(table[first:stop])
             tables.extend(array("q", [NULL_BLOCK]) * (width - (stop - first)))
-        return PagedGroup(
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(tables).view(len(spans), width),
-            first_block=self._tensor(firsts),
-            context_lens=self._tensor(context),
-        )
+        return HostGroup(slots, tables, firsts, context, width)
 
     def _tensor(self, values: array) -> torch.Tensor:
         """int64 array → tensor on the model's device (frombuffer shares the array's memory: no copy on the CPU)."""
