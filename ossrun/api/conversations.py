@@ -12,10 +12,17 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter
 
 from ossrun.api.errors import bad_input
+from ossrun.api.schemas import ResponsesInput
+from ossrun.harmony.shapes import InputItem, InputMessage
+
+R = TypeVar("R", bound=ResponsesInput)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -25,15 +32,18 @@ CREATE INDEX IF NOT EXISTS responses_age ON responses(created_at);
 """
 
 
-def as_input_items(input_: Any) -> list[dict[str, Any]]:
+_ITEMS = TypeAdapter(list[InputItem])
+
+
+def as_input_items(input_: str | Sequence[InputItem]) -> list[InputItem]:
     """A Responses `input` (string or items) as a list of items."""
     if isinstance(input_, str):
-        return [{"role": "user", "content": input_}]
+        return [InputMessage(role="user", content=input_)]
     return list(input_)
 
 
 def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
-    """One output item of a response as the input item that replays it."""
+    """One output item of a response (our own JSON) as the input item that replays it."""
     if item["type"] == "reasoning":
         return {"type": "reasoning", "content": item.get("content", [])}
     if item["type"] == "message":
@@ -54,25 +64,26 @@ class ResponseStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
-    def continue_from(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The body with the named response's conversation in front of its input; 400 if unknown."""
-        previous = body["previous_response_id"]
-        row = self._row("replay", previous) if isinstance(previous, str) else None
+    def continue_from(self, request: R) -> R:
+        """The request with the named response's conversation in front of its input; 400 if unknown."""
+        previous = request.previous_response_id
+        row = self._row("replay", previous)
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
-        return {**body, "input": json.loads(row) + as_input_items(body["input"])}
+        return request.model_copy(update={"input": _ITEMS.validate_python(json.loads(row)) + as_input_items(request.input)})
 
     def get(self, response_id: str) -> dict[str, Any] | None:
         """The stored response object, or None."""
         row = self._row("response", response_id)
         return None if row is None else json.loads(row)
 
-    def remember(self, response_id: str, body: dict[str, Any], response: dict[str, Any]) -> None:
+    def remember(self, response_id: str, items: str | Sequence[InputItem], store: bool, response: dict[str, Any]) -> None:
         """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
-        if body.get("store") is False or self.capacity <= 0:
+        if not store or self.capacity <= 0:
             return
-        replay = as_input_items(body["input"]) + [i for i in map(output_as_input, response.get("output") or []) if i is not None]
+        replay = _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)
+        replay += [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",

@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ossrun.api import ask as asks
 from ossrun.api import choices, results, schemas, streaming
 from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.service import Service, usage
@@ -15,51 +16,49 @@ from ossrun.api.errors import ApiError
 from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
 
-def _body(model_cls, raw) -> dict:
-    schemas.parse(model_cls, raw)
-    return raw
-
-
 async def chat_completions(request: Request):
     service: Service = service_of(request)
-    body = _body(schemas.ChatCompletionRequest, await json_body(request))
-    service.check_model(body["model"])
-    plans = service.choice_plans(await service.plan_off_loop("messages", body, openai=True))
-    prices, with_logprobs = service.metering.prices, bool(body.get("logprobs"))
-    if plans[0].stream:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        streams = [streaming.chat_stream(service, plan, body["model"], include_usage) for plan in plans]
+    body = schemas.parse(schemas.ChatCompletionRequest, await json_body(request))
+    service.check_model(body.model)
+    ask = asks.from_messages(body)
+    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
+    prices = service.metering.prices
+    if ask.stream:
+        streams = [streaming.chat_stream(service, plan, body.model, ask.include_usage) for plan in plans]
         return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
     outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
-    answers = [results.chat_completion(outcome, body["model"], prices, with_logprobs) for outcome in outcomes]
+    answers = [results.chat_completion(outcome, body.model, prices, ask.logprobs) for outcome in outcomes]
     return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
 
 
 async def responses(request: Request):
     service: Service = service_of(request)
-    body = _body(schemas.ResponsesRequest, await json_body(request))
-    service.check_model(body["model"])
-    plan = await service.plan_off_loop("responses", body, openai=True)
-    if plan.stream:
-        return StreamingResponse(streaming.responses_stream(service, plan, body["model"]), media_type=SSE, headers=NO_CACHE)
+    body = schemas.parse(schemas.ResponsesRequest, await json_body(request))
+    service.check_model(body.model)
+    if body.previous_response_id is not None:
+        body = service.responses.continue_from(body)
+    ask = asks.from_responses(body)
+    plan = await service.plan_off_loop(ask, openai=True)
+    if ask.stream:
+        return StreamingResponse(streaming.responses_stream(service, plan, body.model), media_type=SSE, headers=NO_CACHE)
     outcome = await unless_client_leaves(request, service.complete(plan))
-    response = results.response_object(outcome, body["model"], service.metering.prices, results.new_id("resp"), request=plan.body)
-    service.responses.remember(response["id"], plan.body, response)
+    response = results.response_object(outcome, body.model, service.metering.prices, results.new_id("resp"), request=body)
+    service.responses.remember(response["id"], ask.items, ask.store, response)
     return response
 
 
 async def completions(request: Request):
     service: Service = service_of(request)
-    body = _body(schemas.CompletionRequest, await json_body(request))
-    service.check_model(body["model"])
-    plans = service.choice_plans(await service.plan_off_loop("completions", body, openai=True))
+    body = schemas.parse(schemas.CompletionRequest, await json_body(request))
+    service.check_model(body.model)
+    ask = asks.from_completion(body)
+    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
     prices = service.metering.prices
-    if plans[0].stream:
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        streams = [streaming.completion_stream(service, plan, body["model"], include_usage) for plan in plans]
+    if ask.stream:
+        streams = [streaming.completion_stream(service, plan, body.model, ask.include_usage) for plan in plans]
         return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
     outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
-    answers = [results.text_completion(outcome, body["model"], prices, plans[0].params.logprobs) for outcome in outcomes]
+    answers = [results.text_completion(outcome, body.model, prices, ask.logprobs) for outcome in outcomes]
     return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
 
 

@@ -7,6 +7,7 @@ import secrets
 import time
 from typing import Any
 
+from ossrun.api.schemas import ResponsesInput
 from ossrun.api.service import Outcome, usage
 
 
@@ -91,13 +92,15 @@ ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool
           "top_p": None, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None}
 
 
-def echoed(request: dict[str, Any] | None) -> dict[str, Any]:
-    request = request or {}
-    return {key: request.get(key, default) if request.get(key) is not None else default for key, default in ECHOED.items()}
+def echoed(request: ResponsesInput | None) -> dict[str, Any]:
+    """The echoed fields as the request set them (JSON), OpenAI's defaults for the others."""
+    if request is None:
+        return dict(ECHOED)
+    return {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True)}
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, output: list[dict[str, Any]] | None = None,
-                    status: str | None = None, request: dict[str, Any] | None = None) -> dict[str, Any]:
+                    status: str | None = None, request: ResponsesInput | None = None) -> dict[str, Any]:
     """A Responses `response`; with `outcome` None it is the in-progress shell the stream starts with."""
     if outcome is not None and output is None:
         output = []

@@ -9,9 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ossrun.api.errors import ApiError, bad_input
+from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmony renders, part of these bodies
+    FunctionCallInput,
+    FunctionCallOutputInput,
+    FunctionDef,
+    InputItem,
+    InputMessage,
+    Message,
+    ReasoningInput,
+    Shape,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolCallFunction,
+    WrappedTool,
+)
 
 Effort = Literal["low", "medium", "high"]
 StopText = Annotated[str, Field(min_length=1)]
@@ -19,9 +34,8 @@ StopText = Annotated[str, Field(min_length=1)]
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs")
 
 
-class _Open(BaseModel):
-    # Strict like the hosted JSON Schema validator: "0.5" is no number and 1 is no boolean.
-    model_config = ConfigDict(extra="allow", strict=True)
+class _Open(Shape):
+    # Strict like the hosted JSON Schema validator: "0.5" is no number and 1 is no boolean (`Shape`).
 
     @model_validator(mode="before")
     @classmethod
@@ -35,6 +49,7 @@ class _Open(BaseModel):
 class ResponseFormat(_Open):
     type: Literal["json_object", "json_schema", "text"]
     json_schema: dict[str, Any] | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # the Responses API's flat spelling (`text.format`)
 
 
 class StreamOptions(_Open):
@@ -70,21 +85,6 @@ class Sampling(_Open):
     options: RunOptions | None = None
 
 
-class FunctionDef(_Open):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class WrappedTool(_Open):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-Tool = Union[WrappedTool, FunctionDef]
-
-
 class FunctionName(_Open):
     name: str = Field(min_length=1)
 
@@ -106,39 +106,20 @@ class FlatNamedToolChoice(_Open):
 ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, FlatNamedToolChoice]
 
 
-class ToolCallFunction(_Open):
-    name: str = Field(min_length=1)
-    arguments: str | dict[str, Any] = "{}"
+class WithTools(_Open):
+    """Function tools, offered on the Prompt shape as on Messages (`functions`: the legacy spelling)."""
 
-
-class ToolCall(_Open):
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
-
-
-class TextPart(_Open):
-    type: Literal["text", "input_text", "output_text"]
-    text: str
-
-
-class Message(_Open):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    name: str | None = None
-
-
-class PromptInput(Sampling):
-    prompt: str = Field(min_length=1)
-
-
-class MessagesInput(Sampling):
-    messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
     functions: list[FunctionDef] | None = None
     tool_choice: ToolChoice | None = None
+
+
+class PromptInput(Sampling, WithTools):
+    prompt: str = Field(min_length=1)
+
+
+class MessagesInput(Sampling, WithTools):
+    messages: list[Message] = Field(min_length=1)
 
 
 class Reasoning(_Open):
@@ -147,36 +128,7 @@ class Reasoning(_Open):
 
 
 class TextConfig(_Open):
-    format: dict[str, Any] | None = None
-
-
-class InputMessage(_Open):
-    """A Responses message item; without `role` it is the user's (as a bare string input is)."""
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system", "developer"] = "user"
-    content: str | list[TextPart] | None = None
-
-
-class FunctionCallInput(_Open):
-    type: Literal["function_call"]
-    name: str = Field(min_length=1)
-    arguments: str | dict[str, Any] | None = None
-    call_id: str | None = None
-
-
-class FunctionCallOutputInput(_Open):
-    type: Literal["function_call_output"]
-    call_id: str = Field(description="The call_id of an earlier function_call item")
-    output: Any = None
-
-
-class ReasoningInput(_Open):
-    type: Literal["reasoning"]
-    content: list[dict[str, Any]] | None = None
-
-
-InputItem = Union[InputMessage, FunctionCallInput, FunctionCallOutputInput, ReasoningInput]
+    format: ResponseFormat | None = None
 
 
 class ResponsesInput(_Open):
@@ -189,12 +141,14 @@ class ResponsesInput(_Open):
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0.001, le=1)
     text: TextConfig | None = None
+    response_format: ResponseFormat | None = None  # Workers AI's JSON mode, accepted on every shape
     previous_response_id: str | None = None
     store: bool | None = None  # false: not kept for a later previous_response_id
     stream: bool = False
     lora: str | None = None
     seed: int | None = Field(None, ge=1, le=9999999999)
     options: RunOptions | None = None
+    metadata: dict[str, Any] | None = None  # echoed on the response object
 
 
 class BatchInput(_Open):

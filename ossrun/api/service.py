@@ -1,6 +1,7 @@
-"""From a validated request body to engine work and back: the one path every route shares.
+"""From a parsed request (`ask.Ask`) to engine work and back: the one path every route shares.
 
-`plan` renders the conversation (harmony) and maps the API's fields onto `SamplingParams`;
+`plan` renders the typed conversation (harmony) and maps the request's fields onto `SamplingParams`
+and a grammar;
 `run` streams the engine's tokens through the harmony parser and yields `Step`s, each with the
 parser's events for that token; `complete` folds them into an `Outcome`. Routes only shape JSON.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ossrun import harmony
+from ossrun.api.ask import Ask
 from ossrun.api.conversations import ResponseStore
 from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
@@ -42,7 +44,7 @@ OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
 @dataclass(slots=True)
 class Plan:
     shape: str  # prompt | messages | responses | completions
-    body: dict[str, Any]
+    ask: Ask
     prompt_ids: list[int]
     params: SamplingParams
     lora: str | None = None
@@ -78,77 +80,49 @@ class Outcome:
     anomalies: list[str] = field(default_factory=list)
 
 
-def _max_tokens(body: dict[str, Any], defaults: dict[str, Any], room: int) -> int:
+def _max_tokens(ask: Ask, defaults: dict[str, Any], room: int) -> int:
     """The request's own limit, else the surface's default, but never more than the context has left."""
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        if body.get(key) is not None:
-            return int(body[key])
+    if ask.max_tokens is not None:
+        return ask.max_tokens
     return max(1, min(defaults["max_tokens"], room))
 
 
-def _stop_strings(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(not s for s in stops) or len(stops) > 4:
-        raise bad_input("Error: at '/stop': up to 4 non-empty strings")
-    return stops
-
-
-def _logprob_fields(shape: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Chat's `logprobs: true` + `top_logprobs: N`; legacy completions' `logprobs: N` means both at once."""
-    if shape == "completions":
-        return {"logprobs": body.get("logprobs") is not None, "top_logprobs": int(body.get("logprobs") or 0)}
-    return {"logprobs": bool(body.get("logprobs")), "top_logprobs": int(body.get("top_logprobs") or 0)}
-
-
-def _named_tool(body: dict[str, Any]) -> str | None:
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") or choice.get("name")
-        if not name:
-            raise bad_input("Error: at '/tool_choice': a named tool choice needs function.name")
-        return name
-    if choice == "required":
-        names = [t.name for t in harmony.tool_descriptions(body)]
-        if not names:
+def _named_tool(ask: Ask, tool_names: tuple[str, ...]) -> str | None:
+    """The one function the answer must call: a named `tool_choice`, or `required` with a single tool."""
+    if ask.named_tool is not None:
+        return ask.named_tool
+    if ask.tool_choice == "required":
+        if not tool_names:
             raise bad_input("Error: at '/tool_choice': 'required' needs at least one tool in 'tools'", "tool_choice")
-        return names[0] if len(names) == 1 else None
+        return tool_names[0] if len(tool_names) == 1 else None
     return None
 
 
-def _parameters(tool) -> dict[str, Any] | None:
-    """A tool's parameter schema as the grammar needs it (None: any JSON object)."""
-    parameters = getattr(tool, "parameters", None)
-    return parameters if isinstance(parameters, dict) and parameters else None
+def _converted(ask: Ask) -> harmony.Converted:
+    if ask.messages is not None:
+        return harmony.convert_chat(ask.messages)
+    if ask.items is not None:
+        return harmony.convert_responses(ask.items, ask.instructions)
+    return harmony.convert_prompt(ask.prompt)
 
 
-def _final_format(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-    """(schema, structured) of `response_format` (any shape) or Responses `text.format`.
-
-    `json_schema` comes in three spellings, all accepted: OpenAI chat's `{"json_schema": {"name", "schema"}}`,
-    Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}`.
-    `json_object` → (None, True): any JSON object. `text` or absent → (None, False)."""
-    fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
-    if not isinstance(fmt, dict):
-        return None, False
-    kind = fmt.get("type")
-    if kind == "json_object":
-        return None, True
-    if kind != "json_schema":
-        return None, False
-    if isinstance(fmt.get("schema"), dict):  # Responses
-        return fmt["schema"], True
-    wrapper = fmt.get("json_schema")
-    if isinstance(wrapper, dict) and isinstance(wrapper.get("schema"), dict) and set(wrapper) <= _OPENAI_WRAPPER:
-        return wrapper["schema"], True
-    if isinstance(wrapper, dict):  # Workers AI: the schema itself
-        return wrapper, True
-    raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")
-
-
-_OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
+def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=ask.temperature if ask.temperature is not None else defaults["temperature"],
+            top_p=ask.top_p or 1.0,
+            top_k=ask.top_k or 0,
+            seed=ask.seed,
+            repetition_penalty=ask.repetition_penalty or 1.0,
+            frequency_penalty=ask.frequency_penalty or 0.0,
+            presence_penalty=ask.presence_penalty or 0.0,
+            stop_token_ids=tuple(harmony.STOP_TOKENS),
+            logprobs=ask.logprobs,
+            top_logprobs=ask.top_logprobs,
+        )
+    except ValueError as exc:
+        raise bad_input(f"Error: {exc}") from None
 
 
 class Service:
@@ -205,20 +179,16 @@ class Service:
             raise unknown_model(model)
 
     # -- planning -------------------------------------------------------------------------------
-    def plan(self, shape: str, body: dict[str, Any], openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
+    def plan(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
-        if shape == "responses" and body.get("previous_response_id") is not None:
-            body = self.responses.continue_from(body)
-        raw = (bool(body.get("raw")) and shape == "prompt") or shape == "completions"  # `raw` is a Prompt-shape field
         forced = None
         try:
-            if raw:
-                prompt = body["prompt"] if isinstance(body["prompt"], str) else "".join(body["prompt"])
-                prompt_ids = harmony.encode(prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
+            if ask.raw:
+                prompt_ids = harmony.encode(ask.prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
             else:
-                rendered = harmony.render_request(body)
+                rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort)
                 prompt_ids = list(rendered.token_ids)
-                forced = _named_tool(body)
+                forced = _named_tool(ask, rendered.tool_names)
                 if forced is not None:
                     if forced not in rendered.tool_names:
                         raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
@@ -232,42 +202,24 @@ class Service:
             raise bad_input("Error: the prompt cannot be tokenized (is it one enormous word?)") from None
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
-        max_tokens = _max_tokens(body, defaults, self.engine.info.max_model_len - len(prompt_ids))
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=float(body["temperature"]) if body.get("temperature") is not None else defaults["temperature"],
-                top_p=float(body.get("top_p") or 1.0),
-                top_k=int(body.get("top_k") or 0),
-                seed=int(body["seed"]) if body.get("seed") is not None else None,
-                repetition_penalty=float(body.get("repetition_penalty") or 1.0) or 1.0,
-                frequency_penalty=float(body.get("frequency_penalty") or 0.0),
-                presence_penalty=float(body.get("presence_penalty") or 0.0),
-                stop_token_ids=tuple(harmony.STOP_TOKENS),
-                **_logprob_fields(shape, body),
-            )
-        except ValueError as exc:
-            raise bad_input(f"Error: {exc}") from None
-        lora = self.adapter_name(body["lora"]) if body.get("lora") is not None else None
-        plan = Plan(shape, body, prompt_ids, params, lora, forced, raw, bool(body.get("stream")), priority, stop=_stop_strings(body))
+        max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
+        params = _sampling_params(ask, defaults, max_tokens)
+        lora = self.adapter_name(ask.lora) if ask.lora is not None else None
+        plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop)
         self._check(plan)
-        if not raw:
-            plan.grammar = self._grammar(body, forced, max_tokens)
-            plan.json_mode = _final_format(body)[1]
+        if not ask.raw:
+            plan.grammar = self._grammar(ask, forced, max_tokens)
+            plan.json_mode = ask.final.structured
             if plan.grammar is not None:
                 self._check(plan)
         return plan
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
-        """One plan per choice of `n` (each its own seed and grammar state); just [plan] for n = 1."""
+        """One plan per choice of `n` (each its own seed; the engine gives each its own grammar state); [plan] for n = 1."""
         from ossrun.api.choices import derive_seed
 
-        n = int(plan.body.get("n") or 1)
-        plans = [plan]
-        for index in range(1, n):
-            params = dataclasses.replace(plan.params, seed=derive_seed(plan.params.seed, index))
-            plans.append(dataclasses.replace(plan, params=params))  # the engine compiles each one's own grammar state
-        return plans
+        return [plan] + [dataclasses.replace(plan, params=dataclasses.replace(plan.params, seed=derive_seed(plan.params.seed, index)))
+                         for index in range(1, plan.ask.n)]
 
     async def plan_off_loop(self, *args: Any, **kwargs: Any) -> Plan:
         """`plan` on a worker thread: rendering a long prompt or compiling a schema takes a while, and the
@@ -275,22 +227,20 @@ class Service:
         return await asyncio.to_thread(self.plan, *args, **kwargs)
 
     # -- structured output ------------------------------------------------------------------------
-    def _grammar(self, body: dict[str, Any], forced: str | None, max_tokens: int) -> Grammar | None:
+    def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar | None:
         """The grammar a request's output must follow, or None (free). A named (prefilled) tool call
         gets its arguments constrained; `required`/`auto` tools and `response_format` / Responses
         `text.format` constrain the whole completion, leaving the reasoning free within a budget."""
-        tools = {t.name: _parameters(t) for t in harmony.tool_descriptions(body)} if body.get("tool_choice") != "none" else {}
-        schema, structured = _final_format(body)
-        choice = body.get("tool_choice") or "auto"
         try:
+            tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)}
             if forced is not None:
                 return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens)
-            if not tools and not structured:
+            if not tools and not ask.final.structured:
                 return None
             budget = harmony_grammar.default_reasoning_budget(max_tokens)
-            mode = choice if isinstance(choice, str) and choice in ("auto", "required", "none") else "auto"
-            return harmony_grammar.tools(tools, mode, schema, json_final=structured, reasoning_budget=budget, max_tokens=max_tokens)
-        except GrammarError as exc:
+            return harmony_grammar.tools(tools, ask.tool_choice, ask.final.schema, json_final=ask.final.structured,
+                                         reasoning_budget=budget, max_tokens=max_tokens)
+        except (GrammarError, harmony.RenderError) as exc:
             raise bad_input(f"Error: {exc}") from None
 
     def _submission(self, plan: Plan) -> Submission:

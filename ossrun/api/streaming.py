@@ -198,7 +198,7 @@ async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIte
     prices = service.metering.prices
     out = _ResponsesEvents(response_id)
     outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
-    shell = results.response_object(None, model, prices, response_id, request=plan.body)
+    shell = results.response_object(None, model, prices, response_id, request=plan.ask.source)
     try:
         yield out.event("response.created", response=shell)
         yield out.event("response.in_progress", response=shell)
@@ -224,8 +224,8 @@ async def responses_stream(service: Service, plan: Plan, model: str) -> AsyncIte
                     yield f
         for f in out.close(cut=outcome.finish_reason == "length"):
             yield f
-        final = results.response_object(outcome, model, prices, response_id, output=out.output, request=plan.body)
-        service.responses.remember(response_id, plan.body, final)
+        final = results.response_object(outcome, model, prices, response_id, output=out.output, request=plan.ask.source)
+        service.responses.remember(response_id, plan.ask.items, plan.ask.store, final)
         yield out.event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
     except Exception as exc:
         yield error_frame(exc)

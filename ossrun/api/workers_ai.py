@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ossrun.api import ask as asks
 from ossrun.api import results, schemas, streaming
+from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
 from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope
@@ -30,25 +33,36 @@ async def json_body(request: Request) -> Any:
     return parse_json(await request.body())
 
 
-def _reject_if_busy(service: Service, body: dict[str, Any]) -> None:
-    options = body.get("options") or {}
-    if isinstance(options, dict) and options.get("rejectIfBusy") and service.is_busy():
+def parse_run(service: Service, body: Any) -> Ask:
+    """An `/ai/run` body → its typed request (Prompt, Messages or Responses shape), parsed once."""
+    shape, model = schemas.classify(body)
+    if shape == "prompt":
+        return asks.from_prompt(model)
+    if shape == "messages":
+        return asks.from_messages(model)
+    if model.previous_response_id is not None:
+        model = service.responses.continue_from(model)
+    return asks.from_responses(model)
+
+
+def _reject_if_busy(service: Service, ask: Ask) -> None:
+    if ask.reject_if_busy and service.is_busy():
         from ossrun.api.errors import BUSY
 
         raise ApiError(*BUSY)
 
 
-async def run_sync(service: Service, shape: str, body: dict[str, Any], priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
-    """The sync result of one `/ai/run` body (also what the batch queue stores) → (result, outcome)."""
-    plan = await service.plan_off_loop(shape, body, priority=priority)
+async def run_sync(service: Service, ask: Ask, priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
+    """The sync result of one `/ai/run` request (also what the batch queue stores) → (result, outcome)."""
+    plan = await service.plan_off_loop(ask, priority=priority)
     outcome = await service.complete(plan)
     prices, model = service.metering.prices, service.engine.info.served_name
-    if shape == "prompt":
+    if ask.shape == "prompt":
         return results.prompt_result(outcome, prices, plan.json_mode), outcome
-    if shape == "messages":
-        return results.chat_completion(outcome, model, prices, with_logprobs=bool(body.get("logprobs"))), outcome
-    response = results.response_object(outcome, model, prices, results.new_id("resp"), request=plan.body)
-    service.responses.remember(response["id"], plan.body, response)
+    if ask.shape == "messages":
+        return results.chat_completion(outcome, model, prices, with_logprobs=ask.logprobs), outcome
+    response = results.response_object(outcome, model, prices, results.new_id("resp"), request=ask.source)
+    service.responses.remember(response["id"], ask.items, ask.store, response)
     return response, outcome
 
 
@@ -76,11 +90,11 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     # ?queueRequest=true with it, and that URL also runs a single request rather than refusing it).
     if isinstance(body, dict) and "requests" in body:
         return await _queue(service, model, body, request)
-    shape, _ = schemas.classify(body)
-    _reject_if_busy(service, body)
-    if body.get("stream"):
-        return stream_response(service, await service.plan_off_loop(shape, body))
-    result, _ = await unless_client_leaves(request, run_sync(service, shape, body))
+    ask = parse_run(service, body)
+    _reject_if_busy(service, ask)
+    if ask.stream:
+        return stream_response(service, await service.plan_off_loop(ask))
+    result, _ = await unless_client_leaves(request, run_sync(service, ask))
     return envelope(result)
 
 
@@ -93,8 +107,7 @@ def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
     for index, item in enumerate(items):
         item = {k: v for k, v in item.items() if k != "external_reference"}
         try:
-            shape, _ = schemas.classify(item)
-            service.plan(shape, {**item, "stream": False}, priority=Priority.BATCH)
+            service.plan(dataclasses.replace(parse_run(service, item), stream=False), priority=Priority.BATCH)
         except ApiError as exc:
             raise ApiError(exc.status, exc.code, f"{exc.message} (in requests[{index}])") from None
 
@@ -139,8 +152,8 @@ def batch_executor(service: Service):
     async def execute(model: str, body: dict[str, Any]) -> ItemOutcome:
         try:
             service.check_model(model)
-            shape, _ = schemas.classify(body)
-            result, outcome = await run_sync(service, shape, {**body, "stream": False}, Priority.BATCH)
+            ask = dataclasses.replace(parse_run(service, body), stream=False)
+            result, outcome = await run_sync(service, ask, Priority.BATCH)
             return ItemOutcome(True, result, outcome.prompt_tokens, outcome.completion_tokens)
         except ApiError as exc:
             return ItemOutcome(False, {"code": exc.code, "message": exc.message})

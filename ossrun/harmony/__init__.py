@@ -1,6 +1,7 @@
 """Harmony, gpt-oss's chat format: the offline tokenizer, request rendering and a streaming parser.
 
-`render_request(body)` turns any of the API's input shapes into prompt token ids;
+The API's input shapes are typed (`shapes`); `convert_*` + `render` turn a parsed conversation into
+prompt token ids (`render_request(body)` does both for a JSON body);
 `StreamParser` turns generated token ids back into reasoning, answer text and tool calls,
 and never raises whatever the model emits.
 """
@@ -16,9 +17,9 @@ from .events import (
     ToolCallArgumentsDelta,
     ToolCallStart,
 )
-from .inputs import RenderError
+from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
-from .render import RenderedPrompt, reasoning_effort, render_request, tool_call_prefix, tool_descriptions
+from .render import RenderedPrompt, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -54,6 +55,7 @@ __all__ = [
     "STOP_TOKENS",
     "VOCAB_SIZE",
     "ContentDelta",
+    "Converted",
     "Event",
     "Finished",
     "MessageEnd",
@@ -67,6 +69,9 @@ __all__ = [
     "ToolCallArgumentsDelta",
     "ToolCallStart",
     "TokenizerError",
+    "convert_chat",
+    "convert_prompt",
+    "convert_responses",
     "decode",
     "encode",
     "ensure_vocab_file",
@@ -76,6 +81,7 @@ __all__ = [
     "new_call_id",
     "parse_completion",
     "reasoning_effort",
+    "render_conversation",
     "render_request",
     "token_bytes",
     "tool_call_prefix",

@@ -1,4 +1,4 @@
-"""One function from any of the API's input shapes to prompt token ids.
+"""From a parsed conversation (typed: `shapes.py`, converted by `inputs.py`) to prompt token ids.
 
 The rendering itself is `openai-harmony`'s (`render_conversation_for_completion`), so our prompts
 match OpenAI's token for token; this module only builds the harmony conversation: a system
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import secrets
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+from pydantic import ValidationError
 
 from openai_harmony import (
     Conversation,
@@ -29,7 +32,8 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from .inputs import Converted, RenderError, convert_chat, convert_responses
+from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses
+from .shapes import FunctionDef, InputItem, Message as ChatMessage, Shape, Tool, WrappedTool
 from .tokenizer import encode, get_encoding, has_long_run
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
@@ -60,25 +64,64 @@ class RenderedPrompt:
     raw: bool = False  # true: the text was tokenised as is; it need not end with <|start|>assistant
 
 
-def render_request(body: Mapping[str, Any], *, conversation_start_date: str | None = None) -> RenderedPrompt:
-    """Prompt tokens for a request body (parsed JSON) of the Prompt, Messages or Responses shape.
-
-    Raises RenderError (a ValueError) saying what is wrong when the body cannot be rendered.
-    """
-    if not isinstance(body, Mapping):
-        raise RenderError("the request body must be a JSON object")
-    converted = _convert(body)
-    if converted is None:  # raw prompt
-        return RenderedPrompt(token_ids=encode(body["prompt"], allow_special=True), raw=True)
-    effort = reasoning_effort(body)
-    tools = tool_descriptions(body)
+def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort: str | None = None, *,
+           conversation_start_date: str | None = None) -> RenderedPrompt:
+    """Prompt tokens for a converted conversation, the function tools offered, and a reasoning effort
+    (low, medium or high; None: medium). Raises RenderError saying what is wrong."""
+    effort = reasoning_effort(effort)
+    descriptions = tool_descriptions(tools)
     stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
-    if converted.instructions or tools:
-        messages.append(_developer_message([stand_ins.text(t) for t in converted.instructions], tools))
+    if converted.instructions or descriptions:
+        messages.append(_developer_message([stand_ins.text(t) for t in converted.instructions], descriptions))
     messages.extend(stand_ins.message(m) for m in converted.messages)
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
-    return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in tools), reasoning_effort=effort)
+    return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
+
+
+class EffortConfig(Shape):
+    effort: str | None = None
+
+
+class RenderBody(Shape):
+    """The fields of a request body that rendering reads, for callers holding a JSON body rather than
+    the API's parsed request (the CLI, the demo model's data, tests)."""
+
+    prompt: str | None = None
+    raw: bool = False
+    messages: list[ChatMessage] | None = None
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    tools: list[Tool] | None = None
+    functions: list[FunctionDef] | None = None
+    tool_choice: Any = None
+    reasoning_effort: str | None = None
+    reasoning: EffortConfig | None = None
+
+
+def render_request(body: Mapping[str, Any], *, conversation_start_date: str | None = None) -> RenderedPrompt:
+    """Prompt tokens for a JSON request body of the Prompt, Messages or Responses shape: parsed once
+    into the typed shapes, then rendered. Raises RenderError (a ValueError) saying what is wrong."""
+    if not isinstance(body, Mapping):
+        raise RenderError("the request body must be a JSON object")
+    shapes = [k for k in ("prompt", "messages", "input") if k in body]
+    if len(shapes) != 1:
+        raise RenderError(f"expected exactly one of 'prompt', 'messages' or 'input', got {shapes or 'none'}")
+    try:
+        request = RenderBody.model_validate(body)
+    except ValidationError as exc:
+        raise RenderError(_first_error(exc)) from None
+    if request.prompt is not None and request.raw:  # `raw` is a Prompt-shape field; elsewhere it means nothing
+        return RenderedPrompt(token_ids=encode(request.prompt, allow_special=True), raw=True)
+    if request.messages is not None:
+        converted = convert_chat(request.messages)
+    elif request.input is not None:
+        converted = convert_responses(request.input, request.instructions)
+    else:
+        converted = convert_prompt(request.prompt)
+    tools = [] if request.tool_choice == "none" else [*(request.tools or []), *(request.functions or [])]
+    effort = request.reasoning_effort if request.reasoning_effort is not None else (request.reasoning.effort if request.reasoning else None)
+    return render_conversation(converted, tools, effort, conversation_start_date=conversation_start_date)
 
 
 class StandIns:
@@ -143,69 +186,43 @@ def _render(conversation: Conversation) -> list[int]:
         raise RenderError(f"the conversation cannot be rendered: {exc}") from exc
 
 
-def _convert(body: Mapping[str, Any]) -> Converted | None:
-    """The conversation of whichever shape the body has; None for a raw prompt."""
-    shapes = [k for k in ("prompt", "messages", "input") if k in body]
-    if len(shapes) != 1:
-        raise RenderError(f"expected exactly one of 'prompt', 'messages' or 'input', got {shapes or 'none'}")
-    # `raw` is a Prompt-shape field; the shared sampling schema lets other shapes send it, and there it means nothing.
-    if shapes == ["messages"]:
-        return convert_chat(body["messages"])
-    if shapes == ["input"]:
-        return convert_responses(body["input"], body.get("instructions"))
-    if not isinstance(body["prompt"], str):
-        raise RenderError("prompt must be a string")
-    if body.get("raw"):
-        return None
-    return convert_chat([{"role": "user", "content": body["prompt"]}])
+def _first_error(error: ValidationError) -> str:
+    """The deepest of pydantic's errors (in a union, the branch that got furthest), as a JSON pointer and what was found."""
+    item = max(error.errors(), key=lambda e: len(e["loc"]))
+    path = "/".join(str(p) for p in item["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in _TYPE_TAGS)))
+    found = repr(item["input"])
+    return f"at '/{path}': {item['msg']} (got {found[:60] + '…' if len(found) > 60 else found})"
 
 
-def reasoning_effort(body: Mapping[str, Any]) -> str:
-    """`reasoning_effort` (Chat) or `reasoning.effort` (Responses), lower case; medium when absent."""
-    effort = body.get("reasoning_effort")
-    reasoning = body.get("reasoning")
-    if effort is None and isinstance(reasoning, Mapping):
-        effort = reasoning.get("effort")
+_TYPE_TAGS = ("str", "list", "dict", "int", "float", "bool", "function-after")
+
+
+def reasoning_effort(effort: str | None) -> str:
+    """A reasoning effort, lower case; medium when absent."""
     if effort is None:
         return DEFAULT_EFFORT
-    if not isinstance(effort, str) or effort.lower() not in EFFORTS:
+    if effort.lower() not in EFFORTS:
         raise RenderError(f"reasoning effort must be one of low, medium, high, not {effort!r}")
     return effort.lower()
 
 
-def tool_descriptions(body: Mapping[str, Any]) -> list[ToolDescription]:
-    """The function tools of `tools` (any of the three shapes) and legacy `functions`.
-
-    `tool_choice: "none"` offers none: a model that is not shown tools cannot call them.
-    """
-    if body.get("tool_choice") == "none":
-        return []
-    raw_tools = [*(body.get("tools") or []), *(body.get("functions") or [])]
-    tools = [_tool(t, f"tools[{i}]") for i, t in enumerate(raw_tools)]
-    names = [t.name for t in tools]
+def tool_descriptions(tools: Sequence[Tool]) -> list[ToolDescription]:
+    """The function tools, in either spelling (`{type: function, function: {...}}` or the flat
+    `{name, description, parameters}`), as harmony describes them; names must be unique.
+    (`tool_choice: "none"` offers none: the caller leaves them out, since a model that is not shown
+    tools cannot call them.)"""
+    out = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise RenderError(f"tool names must be unique, got {names}")
-    return tools
+    return out
 
 
-def _tool(tool: Any, where: str) -> ToolDescription:
-    """One tool in any shape: `{name, description, parameters}`, `{type: function, function: {...}}`
-    or the Responses API's flat `{type: function, name, description, parameters, strict}`."""
-    if not isinstance(tool, Mapping):
-        raise RenderError(f"{where}: a tool must be an object")
-    if tool.get("type", "function") != "function":
-        raise RenderError(f"{where}: tool type {tool.get('type')!r} is not supported (only function tools are)")
-    spec = tool["function"] if isinstance(tool.get("function"), Mapping) else tool
-    name, params, description = spec.get("name"), spec.get("parameters"), spec.get("description") or ""
-    if not isinstance(name, str) or not name:
-        raise RenderError(f"{where}: a tool needs a name")
-    if not isinstance(description, str):
-        raise RenderError(f"{where}: description must be a string")
-    if params is not None and not isinstance(params, Mapping):
-        raise RenderError(f"{where}: parameters must be a JSON schema object")
-    if params is not None and json_depth(params) > MAX_PARAMETERS_DEPTH:
+def _tool(tool: Tool, where: str) -> ToolDescription:
+    spec = tool.function if isinstance(tool, WrappedTool) else tool
+    if spec.parameters is not None and json_depth(spec.parameters) > MAX_PARAMETERS_DEPTH:
         raise RenderError(f"{where}: parameters nest deeper than {MAX_PARAMETERS_DEPTH} levels")
-    return ToolDescription.new(name, description, dict(params) if params is not None else None)
+    return ToolDescription.new(spec.name, spec.description or "", dict(spec.parameters) if spec.parameters is not None else None)
 
 
 def _system_message(effort: str, conversation_start_date: str | None) -> Message:

@@ -1,0 +1,137 @@
+"""One generation request as the service needs it, whichever surface it came in on.
+
+Each surface parses its body once into its pydantic model (`schemas.py`) and maps that model onto an
+`Ask` here; nothing below reads the body again. The mapping is where the surfaces differ: the field
+that holds the output budget, where the JSON format is named, what `logprobs` means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ossrun.api import schemas
+from ossrun.api.errors import bad_input
+from ossrun.harmony.shapes import InputItem, Message, Tool
+
+
+@dataclass(frozen=True, slots=True)
+class FinalFormat:
+    """What the answer must be: free text, any JSON object (`schema` None), or JSON valid against `schema`."""
+
+    schema: dict[str, Any] | None = None
+    structured: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    shape: str  # prompt | messages | responses | completions
+    messages: Sequence[Message] | None = None  # Chat
+    items: str | Sequence[InputItem] | None = None  # Responses
+    instructions: str | None = None
+    prompt: str | None = None  # the Prompt shape's text, or the raw text (`raw`, /v1/completions)
+    raw: bool = False
+    tools: Sequence[Tool] = ()  # empty when tool_choice is "none": the model is not shown them
+    tool_choice: str = "auto"  # auto | required | none
+    named_tool: str | None = None  # a tool_choice naming one function
+    effort: str | None = None
+    final: FinalFormat = field(default_factory=FinalFormat)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    lora: str | None = None
+    stream: bool = False
+    include_usage: bool = False
+    reject_if_busy: bool = False
+    source: schemas.ResponsesInput | None = None  # a Responses request: its object echoes some fields, `store` keeps it
+
+    @property
+    def store(self) -> bool:
+        """Keep the finished response for `previous_response_id` (Responses' `store`, true unless false)."""
+        return self.source is not None and self.source.store is not False
+
+
+def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
+    """`response_format` (any shape) or Responses `text.format`.
+
+    `json_schema` comes in three spellings, all accepted: OpenAI chat's `{"json_schema": {"name", "schema"}}`,
+    Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}`.
+    `json_object`: any JSON object. `text` or absent: free text."""
+    if fmt is None or fmt.type == "text":
+        return FinalFormat()
+    if fmt.type == "json_object":
+        return FinalFormat(None, True)
+    if fmt.schema_ is not None:  # Responses
+        return FinalFormat(fmt.schema_, True)
+    wrapper = fmt.json_schema
+    if wrapper is not None and isinstance(wrapper.get("schema"), dict) and set(wrapper) <= _OPENAI_WRAPPER:
+        return FinalFormat(wrapper["schema"], True)
+    if wrapper is not None:  # Workers AI: the schema itself
+        return FinalFormat(wrapper, True)
+    raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")
+
+
+_OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
+
+
+def _choice(choice: schemas.ToolChoice | None) -> tuple[str, str | None]:
+    """(mode, named function) of a `tool_choice` in any spelling."""
+    if choice is None:
+        return "auto", None
+    if isinstance(choice, str):
+        return choice, None
+    name = choice.function.name if isinstance(choice, schemas.NamedToolChoice) else choice.name
+    return "auto", name
+
+
+def _tools(tools: Sequence[Tool] | None, mode: str) -> tuple[Tool, ...]:
+    return () if mode == "none" else tuple(tools or ())
+
+
+def _sampling(m: schemas.Sampling) -> dict[str, Any]:
+    """The fields every Sampling-based shape (Prompt, Messages, /v1 chat and completions) shares."""
+    stop = () if m.stop is None else ((m.stop,) if isinstance(m.stop, str) else tuple(m.stop))
+    max_tokens = m.max_completion_tokens if m.max_completion_tokens is not None else m.max_tokens
+    return dict(max_tokens=max_tokens, temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
+                repetition_penalty=m.repetition_penalty, frequency_penalty=m.frequency_penalty, presence_penalty=m.presence_penalty,
+                stop=stop, n=m.n or 1, lora=m.lora, stream=m.stream, effort=m.reasoning_effort,
+                include_usage=bool(m.stream_options and m.stream_options.include_usage),
+                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m)
+
+
+def from_prompt(m: schemas.PromptInput) -> Ask:
+    mode, named = _choice(m.tool_choice)
+    tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
+    return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
+               logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, **_sampling(m))
+
+
+def from_messages(m: schemas.MessagesInput) -> Ask:
+    mode, named = _choice(m.tool_choice)
+    tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
+    return Ask("messages", messages=m.messages, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
+               logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, **_sampling(m))
+
+
+def from_completion(m: schemas.CompletionRequest) -> Ask:
+    prompt = m.prompt if isinstance(m.prompt, str) else "".join(m.prompt)
+    # Legacy completions' `logprobs: N` means both "return logprobs" and "N alternatives per token".
+    return Ask("completions", prompt=prompt, raw=True, logprobs=m.logprobs is not None, top_logprobs=m.logprobs or 0, **_sampling(m))
+
+
+def from_responses(m: schemas.ResponsesInput) -> Ask:
+    mode, named = _choice(m.tool_choice)
+    return Ask("responses", items=m.input, instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
+               effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
+               max_tokens=m.max_output_tokens, temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
+               reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m)
