@@ -9,26 +9,31 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ossrun.api import ask as asks
-from ossrun.api import choices, results, schemas, streaming
+from ossrun.api import choices, schemas, surfaces
 from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.service import Service, usage
 from ossrun.api.errors import ApiError
 from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
 
+async def _answer(request: Request, service: Service, ask: asks.Ask, model: str):
+    """Plan (one plan per choice of `n`), then stream or answer: each choice through its surface."""
+    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
+    made = [surfaces.for_plan(service, plan, model, ask.include_usage) for plan in plans]
+    if ask.stream:
+        streams = [surfaces.stream(service, plan, surface) for plan, surface in zip(plans, made)]
+        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
+    answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s) for p, s in zip(plans, made))))
+    if len(answers) == 1:
+        return answers[0]
+    return choices.merge_results(answers, usage(choices.combined([s.outcome for s in made]), service.metering.prices))
+
+
 async def chat_completions(request: Request):
     service: Service = service_of(request)
     body = schemas.parse(schemas.ChatCompletionRequest, await json_body(request))
     service.check_model(body.model)
-    ask = asks.from_messages(body)
-    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
-    prices = service.metering.prices
-    if ask.stream:
-        streams = [streaming.chat_stream(service, plan, body.model, ask.include_usage) for plan in plans]
-        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
-    outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
-    answers = [results.chat_completion(outcome, body.model, prices, ask.logprobs) for outcome in outcomes]
-    return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
+    return await _answer(request, service, asks.from_messages(body), body.model)
 
 
 async def responses(request: Request):
@@ -37,29 +42,14 @@ async def responses(request: Request):
     service.check_model(body.model)
     if body.previous_response_id is not None:
         body = service.responses.continue_from(body)
-    ask = asks.from_responses(body)
-    plan = await service.plan_off_loop(ask, openai=True)
-    if ask.stream:
-        return StreamingResponse(streaming.responses_stream(service, plan, body.model), media_type=SSE, headers=NO_CACHE)
-    outcome = await unless_client_leaves(request, service.complete(plan))
-    response = results.response_object(outcome, body.model, service.metering.prices, results.new_id("resp"), request=body)
-    service.responses.remember(response["id"], ask.items, ask.store, response)
-    return response
+    return await _answer(request, service, asks.from_responses(body), body.model)
 
 
 async def completions(request: Request):
     service: Service = service_of(request)
     body = schemas.parse(schemas.CompletionRequest, await json_body(request))
     service.check_model(body.model)
-    ask = asks.from_completion(body)
-    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
-    prices = service.metering.prices
-    if ask.stream:
-        streams = [streaming.completion_stream(service, plan, body.model, ask.include_usage) for plan in plans]
-        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
-    outcomes = await unless_client_leaves(request, asyncio.gather(*(service.complete(plan) for plan in plans)))
-    answers = [results.text_completion(outcome, body.model, prices, ask.logprobs) for outcome in outcomes]
-    return answers[0] if len(answers) == 1 else choices.merge_results(answers, usage(choices.combined(outcomes), prices))
+    return await _answer(request, service, asks.from_completion(body), body.model)
 
 
 def _model_card(name: str) -> dict:

@@ -1,4 +1,4 @@
-"""Result objects of each surface (spec §3), built from one `Outcome`."""
+"""The JSON objects of each surface (spec §3), built from one `Outcome`; `surfaces/` decides when."""
 
 from __future__ import annotations
 
@@ -37,21 +37,26 @@ def prompt_result(outcome: Outcome, prices, json_mode: bool = False) -> dict[str
             pass
     result: dict[str, Any] = {"response": answer, "usage": usage(outcome, prices)}
     if outcome.tool_calls:
-        result["tool_calls"] = [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in outcome.tool_calls]
+        result["tool_calls"] = prompt_tool_calls(outcome)
     return result
+
+
+def prompt_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
+    return [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in outcome.tool_calls]
 
 
 def chat_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
     return [{"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in outcome.tool_calls]
 
 
-def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool) -> dict[str, Any]:
+def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool, completion_id: str | None = None,
+                    created: int | None = None) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": outcome.content if outcome.content or not outcome.tool_calls else None,
                                "reasoning_content": outcome.reasoning or None, "refusal": None, "tool_calls": chat_tool_calls(outcome)}
     return {
-        "id": new_id("chatcmpl"),
+        "id": completion_id or new_id("chatcmpl"),
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": created or int(time.time()),
         "model": model,
         "choices": [{
             "index": 0,
@@ -73,15 +78,6 @@ def responses_usage(outcome: Outcome, prices) -> dict[str, Any]:
             "cost_usd": base["cost_usd"], "neurons": base["neurons"]}
 
 
-def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
-    return {"type": "reasoning", "id": item_id or new_id("rs"), "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
-
-
-def message_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
-    return {"type": "message", "id": item_id or new_id("msg"), "role": "assistant", "status": status,
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
-
-
 def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
     return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
@@ -100,20 +96,9 @@ def echoed(request: ResponsesInput | None) -> dict[str, Any]:
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, output: list[dict[str, Any]] | None = None,
-                    status: str | None = None, request: ResponsesInput | None = None) -> dict[str, Any]:
-    """A Responses `response`; with `outcome` None it is the in-progress shell the stream starts with."""
-    if outcome is not None and output is None:
-        output = []
-        if outcome.reasoning:
-            output.append(reasoning_item(outcome.reasoning))
-        status_item = "incomplete" if outcome.finish_reason == "length" else "completed"
-        if outcome.content or not outcome.tool_calls:
-            output.append(message_item(outcome.content, status_item if not outcome.tool_calls else "completed"))
-        for n, call in enumerate(outcome.tool_calls, start=1):  # only the last one can have been cut off
-            output.append(function_call_item(call.call_id, call.name, call.arguments,
-                                             status=status_item if n == len(outcome.tool_calls) else "completed"))
-    if status is None:
-        status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
+                    request: ResponsesInput | None = None) -> dict[str, Any]:
+    """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell."""
+    status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
     body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": int(time.time()), "model": model,
                             "status": status, "output": output or [], "output_text": text,
@@ -133,8 +118,13 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
             "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries], "text_offset": offsets}
 
 
-def text_completion(outcome: Outcome, model: str, prices, with_logprobs: bool = False) -> dict[str, Any]:
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": outcome.text, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
-                         "finish_reason": "length" if outcome.finish_reason == "length" else "stop", "stop_reason": outcome.stop_reason}],
+def completion_finish(outcome: Outcome) -> str:
+    return "length" if outcome.finish_reason == "length" else "stop"
+
+
+def text_completion(outcome: Outcome, model: str, prices, with_logprobs: bool = False, completion_id: str | None = None,
+                    created: int | None = None) -> dict[str, Any]:
+    return {"id": completion_id or new_id("cmpl"), "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": outcome.content, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
+                         "finish_reason": completion_finish(outcome), "stop_reason": outcome.stop_reason}],
             "usage": usage(outcome, prices)}

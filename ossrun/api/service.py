@@ -1,9 +1,9 @@
 """From a parsed request (`ask.Ask`) to engine work and back: the one path every route shares.
 
 `plan` renders the typed conversation (harmony) and maps the request's fields onto `SamplingParams`
-and a grammar;
-`run` streams the engine's tokens through the harmony parser and yields `Step`s, each with the
-parser's events for that token; `complete` folds them into an `Outcome`. Routes only shape JSON.
+and a grammar; `run` streams the engine's tokens through the harmony parser and yields `Step`s, each
+with the parser's events for that token; `account` and `Outcome.add` fold them. The surfaces
+(`surfaces/`) turn the same folding into a stream or a sync answer.
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ class Step:
 
 @dataclass(slots=True)
 class Outcome:
+    """Everything a request produced, folded from its steps as they come (`Service.account` for the
+    counters, `add` for the parsed events): what sync results and streams are both built from."""
+
     reasoning: str = ""
-    content: str = ""
-    text: str = ""  # every generated token decoded (completions)
+    content: str = ""  # the answer (on /v1/completions: every generated token's text)
     tool_calls: list[harmony.ParsedToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
     stop_reason: str | None = None  # the stop string that ended the answer
@@ -78,6 +80,19 @@ class Outcome:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # tokens whose text the parser still holds
     anomalies: list[str] = field(default_factory=list)
+
+    def add(self, event: harmony.Event) -> None:
+        """Fold one parsed event in (as `harmony.fold_events` does for a whole list)."""
+        if isinstance(event, harmony.ReasoningDelta):
+            self.reasoning += event.text
+        elif isinstance(event, harmony.ContentDelta):
+            self.content += event.text
+        elif isinstance(event, harmony.ToolCallStart):
+            self.tool_calls.append(harmony.ParsedToolCall(event.call_id, event.name))
+        elif isinstance(event, harmony.ToolCallArgumentsDelta) and event.index < len(self.tool_calls):
+            self.tool_calls[event.index].arguments += event.text
+        elif isinstance(event, harmony.Finished):
+            self.finish_reason = event.reason
 
 
 def _max_tokens(ask: Ask, defaults: dict[str, Any], room: int) -> int:
@@ -297,35 +312,13 @@ class Service:
             await stream.aclose()
             self.metering.observe_latency(time.perf_counter() - started)
 
-    async def complete(self, plan: Plan) -> Outcome:
-        """Run to the end → the whole outcome (sync routes and the batch queue)."""
-        outcome = Outcome(prompt_tokens=len(plan.prompt_ids))
-        events: list[Any] = []
-        tokens: list[int] = []
-        try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                async for step in self.run(plan):
-                    events += step.events
-                    self.account(outcome, step, tokens)
-        except TimeoutError:
-            from ossrun.api.errors import TIMEOUT
-
-            raise ApiError(*TIMEOUT) from None
-        parsed = harmony.fold_events(events, [])
-        outcome.reasoning, outcome.content, outcome.tool_calls = parsed.reasoning, parsed.content, parsed.tool_calls
-        outcome.finish_reason = parsed.finish_reason
-        outcome.text = parsed.content if plan.shape == "completions" else harmony.decode([t for t in tokens if t not in harmony.STOP_TOKENS])
-        self.metering.record(self.engine.info.served_name, outcome)
-        return outcome
-
     @staticmethod
-    def account(outcome: Outcome, step: Step, tokens: list[int]) -> None:
+    def account(outcome: Outcome, step: Step) -> None:
         """Fold one step's counters into the outcome (shared by sync and streaming routes)."""
         token = step.token
         outcome.cached_tokens = token.num_cached_tokens
         if token.token_id is None:
             return
-        tokens.append(token.token_id)
         outcome.completion_tokens += 1
         if any(isinstance(e, harmony.ReasoningDelta) for e in step.events):
             outcome.reasoning_tokens += 1

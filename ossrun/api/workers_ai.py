@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ossrun.api import ask as asks
-from ossrun.api import results, schemas, streaming
+from ossrun.api import schemas, surfaces
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
 from ossrun.api.disconnect import unless_client_leaves
@@ -55,26 +55,13 @@ def _reject_if_busy(service: Service, ask: Ask) -> None:
 async def run_sync(service: Service, ask: Ask, priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
     """The sync result of one `/ai/run` request (also what the batch queue stores) → (result, outcome)."""
     plan = await service.plan_off_loop(ask, priority=priority)
-    outcome = await service.complete(plan)
-    prices, model = service.metering.prices, service.engine.info.served_name
-    if ask.shape == "prompt":
-        return results.prompt_result(outcome, prices, plan.json_mode), outcome
-    if ask.shape == "messages":
-        return results.chat_completion(outcome, model, prices, with_logprobs=ask.logprobs), outcome
-    response = results.response_object(outcome, model, prices, results.new_id("resp"), request=ask.source)
-    service.responses.remember(response["id"], ask.items, ask.store, response)
-    return response, outcome
+    surface = surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
+    return await surfaces.complete(service, plan, surface), surface.outcome
 
 
 def stream_response(service: Service, plan: Plan) -> StreamingResponse:
-    model = service.engine.info.served_name
-    if plan.shape == "prompt":
-        body = streaming.prompt_stream(service, plan)
-    elif plan.shape == "messages":
-        body = streaming.chat_stream(service, plan, model, include_usage=True)
-    else:
-        body = streaming.responses_stream(service, plan, model)
-    return StreamingResponse(body, media_type=SSE, headers=NO_CACHE)
+    surface = surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
+    return StreamingResponse(surfaces.stream(service, plan, surface), media_type=SSE, headers=NO_CACHE)
 
 
 @router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",

@@ -1,0 +1,96 @@
+"""Each API surface as one object: how a request's parsed events are spelled as a stream, and as one result.
+
+A surface is made per request (per choice) around an `Outcome`. `drive` is the one loop both modes
+share: engine steps → the outcome's counters and parsed events → the surface's frames. A stream
+sends those frames; a sync request runs the very same loop, drops the frames, and answers
+`surface.result()`. Both are built from the same outcome and the same event sequence, so they
+cannot drift (the Responses stream's final object *is* the sync result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from ossrun import harmony
+from ossrun.api.errors import TIMEOUT, ApiError
+from ossrun.api.service import Outcome, Plan, Service
+from ossrun.api.surfaces.frames import DONE, error_frame
+
+log = logging.getLogger(__name__)
+
+
+class Surface(Protocol):
+    outcome: Outcome
+
+    def opening(self) -> list[bytes]:
+        """Frames before the first token (a stream's role chunk, `response.created`)."""
+
+    def event(self, event: harmony.Event) -> list[bytes]:
+        """Frames for one parsed event (already folded into `outcome`)."""
+
+    def closing(self) -> list[bytes]:
+        """Frames after the last event: the finish chunk, usage, the final object (not `[DONE]`)."""
+
+    def result(self) -> dict[str, Any]:
+        """The whole answer, as a sync request returns it."""
+
+
+async def drive(service: Service, plan: Plan, surface: Surface) -> AsyncIterator[bytes]:
+    """The request's frames, from the engine's first step to the closing ones; metered however it
+    ends (a client that leaves mid-stream has still had its tokens generated)."""
+    outcome = surface.outcome
+    try:
+        for frame in surface.opening():
+            yield frame
+        async for step in service.run(plan):
+            service.account(outcome, step)
+            for event in step.events:
+                outcome.add(event)
+                for frame in surface.event(event):
+                    yield frame
+        for frame in surface.closing():
+            yield frame
+    finally:
+        service.metering.record(service.engine.info.served_name, outcome)
+
+
+async def stream(service: Service, plan: Plan, surface: Surface) -> AsyncIterator[bytes]:
+    """Server-sent events: the frames, an error frame if generation fails, then `data: [DONE]`."""
+    try:
+        async for frame in drive(service, plan, surface):
+            yield frame
+    except Exception as exc:
+        yield error_frame(exc)
+    yield DONE
+
+
+async def complete(service: Service, plan: Plan, surface: Surface) -> dict[str, Any]:
+    """The sync answer: the same loop as the stream, within the request timeout."""
+    try:
+        async with asyncio.timeout(service.settings.request_timeout_s):
+            async for _ in drive(service, plan, surface):
+                pass
+    except TimeoutError:
+        raise ApiError(*TIMEOUT) from None
+    return surface.result()
+
+
+def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> Surface:
+    """The surface a plan's shape answers in (`model`: the name the answer carries)."""
+    from ossrun.api.surfaces.chat import ChatSurface
+    from ossrun.api.surfaces.completion import CompletionSurface
+    from ossrun.api.surfaces.prompt import PromptSurface
+    from ossrun.api.surfaces.responses import ResponsesSurface
+
+    outcome, prices, ask = Outcome(prompt_tokens=len(plan.prompt_ids)), service.metering.prices, plan.ask
+    if plan.shape == "prompt":
+        return PromptSurface(outcome, prices, plan.json_mode)
+    if plan.shape == "messages":
+        return ChatSurface(outcome, model, prices, ask.logprobs, include_usage)
+    if plan.shape == "completions":
+        return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage)
+    return ResponsesSurface(outcome, model, prices, ask.source,
+                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response))

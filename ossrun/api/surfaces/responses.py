@@ -1,0 +1,117 @@
+"""The Responses API (`/v1/responses`, and `/ai/run` with `input`): a `response` object whose output items
+(reasoning, message, function calls) are opened and closed as the parsed events come. The stream sends
+each item's events; its final `response.completed` object is the sync result, built from the same items."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ossrun import harmony
+from ossrun.api import results
+from ossrun.api.schemas import ResponsesInput
+from ossrun.api.service import Outcome
+from ossrun.api.surfaces.frames import frame
+
+_DELTA = {"reasoning": "response.reasoning_text.delta", "message": "response.output_text.delta",
+          "function_call": "response.function_call_arguments.delta"}
+
+
+class ResponsesSurface:
+    """`remember(response)` keeps the finished response for `previous_response_id` (both modes)."""
+
+    def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
+                 remember: Callable[[dict[str, Any]], None]):
+        self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
+        self.id = results.new_id("resp")
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []
+        self.current: dict[str, Any] | None = None
+        self.text = ""
+
+    # -- the surface --------------------------------------------------------------------------------
+    def opening(self) -> list[bytes]:
+        shell = results.response_object(None, self.model, self.prices, self.id, request=self.request)
+        return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
+
+    def event(self, event: harmony.Event) -> list[bytes]:
+        kind = self.current["type"] if self.current else None
+        frames: list[bytes] = []
+        if isinstance(event, harmony.ReasoningDelta):
+            if kind != "reasoning":
+                frames += self._open({"type": "reasoning", "id": results.new_id("rs"), "summary": [], "content": []})
+            frames.append(self._delta(event.text))
+        elif isinstance(event, harmony.ContentDelta):
+            if kind != "message":
+                frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
+                                      "content": []})
+            frames.append(self._delta(event.text))
+        elif isinstance(event, harmony.ToolCallStart):
+            frames += self._open(results.function_call_item(event.call_id, event.name, "", status="in_progress"))
+        elif isinstance(event, harmony.ToolCallArgumentsDelta) and self.current is not None:
+            frames.append(self._delta(event.text))
+        elif isinstance(event, harmony.MessageEnd):  # on the last step of a `length` finish: cut off
+            frames += self._close(cut=self._cut)
+        return frames
+
+    def closing(self) -> list[bytes]:
+        frames = self._close(cut=self._cut)
+        if not any(item["type"] in ("message", "function_call") for item in self.output):  # an answer, even if empty
+            frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
+                                  "content": []})
+            frames += self._close(cut=self._cut)
+        final = self.result()
+        self.remember(final)
+        return frames + [self._event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)]
+
+    def result(self) -> dict[str, Any]:
+        return results.response_object(self.outcome, self.model, self.prices, self.id, output=self.output, request=self.request)
+
+    # -- output items -------------------------------------------------------------------------------
+    @property
+    def _cut(self) -> bool:
+        return self.outcome.finish_reason == "length"
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return frame(data, event=kind)
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.current["id"], "output_index": len(self.output) - 1}
+
+    def _open(self, item: dict[str, Any]) -> list[bytes]:
+        frames = self._close()
+        self.current, self.text = item, ""
+        self.output.append(item)
+        frames.append(self._event("response.output_item.added", output_index=len(self.output) - 1, item=item))
+        if item["type"] == "message":
+            frames.append(self._event("response.content_part.added", **self._where(), content_index=0,
+                                      part={"type": "output_text", "text": "", "annotations": []}))
+        return frames
+
+    def _delta(self, text: str) -> bytes:
+        self.text += text
+        extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
+        return self._event(_DELTA[self.current["type"]], **self._where(), **extra, delta=text)
+
+    def _close(self, cut: bool = False) -> list[bytes]:
+        """End the open item; `cut`: `max_output_tokens` ended it, so it is `incomplete`."""
+        if self.current is None:
+            return []
+        item, frames = self.current, []
+        status = "incomplete" if cut else "completed"
+        if item["type"] == "reasoning":
+            item["content"] = [{"type": "reasoning_text", "text": self.text}]
+            frames.append(self._event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
+        elif item["type"] == "message":
+            part = {"type": "output_text", "text": self.text, "annotations": []}
+            item["content"], item["status"] = [part], status
+            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text))
+            frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
+        else:
+            item["arguments"], item["status"] = self.text, status
+            frames.append(self._event("response.function_call_arguments.done", **self._where(), arguments=self.text))
+        frames.append(self._event("response.output_item.done", output_index=len(self.output) - 1, item=item))
+        self.current = None
+        return frames

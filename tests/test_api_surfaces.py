@@ -1,0 +1,117 @@
+"""Each surface builds its sync answer and its stream from the same outcome, so the two agree on every
+script, including ones a model should not write (two reasoning segments, calls after text, a cut-off).
+
+On the scripted engine: the same script is answered sync and streamed, and the stream, folded the
+way a client folds it, must give exactly the sync answer (ids and timestamps aside).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ossrun.api.app import AppSettings, build_app
+from tests.api_fakes import FakeEngine
+
+MODEL = "@cf/openai/gpt-oss-20b"
+RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+
+SCRIPTS = {
+    "think-answer": "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>final<|message|>Paris.<|return|>",
+    "two-thoughts": ("<|channel|>analysis<|message|>One.<|end|><|start|>assistant<|channel|>analysis<|message|>Two.<|end|>"
+                     "<|start|>assistant<|channel|>final<|message|>Done.<|return|>"),
+    "preamble-calls": ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+                       '<|constrain|>json<|message|>{"city":"Oslo"}<|call|>'),
+    "only-thinking": "<|channel|>analysis<|message|>Still thinking about it",
+    "cut-call": '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"query":"long',
+    "no-header": "Just text without any header.<|return|>",
+}
+
+
+@pytest.fixture
+def app(tmp_path):
+    engine = FakeEngine()
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as client:
+        yield engine, client
+
+
+def frames(response) -> list:
+    out = []
+    for block in response.text.split("\n\n"):
+        data = [line[len("data: "):] for line in block.splitlines() if line.startswith("data: ")]
+        if data and data[0] != "[DONE]":
+            out.append(json.loads(data[0]))
+    return out
+
+
+def both(client, path: str, body: dict) -> tuple[dict, list]:
+    sync = client.post(path, json=body).json()
+    streamed = client.post(path, json={**body, "stream": True})
+    assert streamed.status_code == 200
+    return sync, frames(streamed)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_chat_stream_folds_to_the_sync_message(app, script):
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    sync, chunks = both(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                        "tools": TOOLS, "max_tokens": 400})
+    message, calls = {"content": "", "reasoning_content": ""}, {}
+    for chunk in chunks[:-1] if not chunks[-1]["choices"] else chunks:
+        delta = chunk["choices"][0]["delta"]
+        for key in ("content", "reasoning_content"):
+            message[key] += delta.get(key) or ""
+        for call in delta.get("tool_calls") or []:
+            entry = calls.setdefault(call["index"], {"id": call.get("id"), "name": "", "arguments": ""})
+            entry["name"] += call["function"].get("name") or ""
+            entry["arguments"] += call["function"]["arguments"]
+    choice = sync["choices"][0]
+    assert (choice["message"]["content"] or "") == message["content"]
+    assert (choice["message"]["reasoning_content"] or "") == message["reasoning_content"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == \
+        [(c["name"], c["arguments"]) for c in calls.values()]  # call ids are fresh per request
+    assert all(c["id"] for c in calls.values())
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert chunks[0]["id"] == chunks[-1]["id"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_responses_stream_ends_with_the_sync_response(app, script):
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    body = {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "get_weather"}, {"type": "function", "name": "search"}],
+            "max_output_tokens": 400}
+    sync, events = both(client, "/v1/responses", body)
+    final = events[-1]["response"]
+    strip = lambda items: [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in items]  # noqa: E731
+    assert strip(final["output"]) == strip(sync["output"]) and final["status"] == sync["status"]
+    assert final["output_text"] == sync["output_text"] and final["usage"] == sync["usage"]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done == final["output"]  # every item of the final object was announced, and closed as it ends
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_prompt_stream_folds_to_the_sync_result(app, script):
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    sync, chunks = both(client, RUN, {"prompt": "x", "tools": TOOLS, "max_tokens": 400})
+    result = sync["result"]
+    assert "".join(c["response"] for c in chunks) == result["response"]
+    assert chunks[-1].get("tool_calls") == result.get("tool_calls") and chunks[-1]["usage"] == result["usage"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_completions_stream_folds_to_the_sync_text(app, script):
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    sync, chunks = both(client, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 400, "logprobs": 1})
+    choice = sync["choices"][0]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    streamed_tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed_tokens == choice["logprobs"]["tokens"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
