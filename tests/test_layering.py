@@ -67,3 +67,27 @@ def test_the_checker_sees_lazy_relative_and_from_imports(tmp_path, monkeypatch):
     assert violations("api") == ["ossrun/api/x.py imports ossrun.engine", "ossrun/api/x.py imports ossrun.engine.engine",
                                  "ossrun/api/x.py imports ossrun.model", "ossrun/api/x.py imports ossrun.model.lora",
                                  "ossrun/api/x.py imports torch"]
+
+
+@pytest.mark.parametrize("client", ["ossrun.engine.async_engine:AsyncEngine", "tests.api_fakes:FakeEngine"])
+def test_engine_clients_implement_the_protocol(client):
+    """`build_app` takes any `EngineClient`: the real engine and the scripted fake both implement every
+    member, with the protocol's parameters (structurally: neither inherits from it)."""
+    import importlib
+    import inspect
+
+    from ossrun.engine.client import EngineClient
+
+    module, name = client.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert EngineClient not in cls.__mro__
+    members = [m for m in vars(EngineClient) if not m.startswith("_")]
+    assert {"info", "check", "submit", "abort", "abort_all", "register_adapter", "has_adapter", "stats"} <= set(members)
+    for member in members:
+        theirs, ours = getattr(cls, member, None), getattr(EngineClient, member)
+        assert theirs is not None, f"{name} lacks {member}"
+        if isinstance(ours, property):
+            assert isinstance(theirs, property), f"{name}.{member} must be a property"
+        else:
+            assert list(inspect.signature(theirs).parameters) == list(inspect.signature(ours).parameters), member
+    assert inspect.isasyncgenfunction(cls.submit)
