@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ossrun import harmony
-from ossrun.demo_model import evaluate
-from ossrun.demo_model.conversations import generate
+from ossrun.demo_model import evaluate, world
+from ossrun.demo_model.conversations import arithmetic_steps, generate
 from ossrun.demo_model.export import export
 from ossrun.demo_model.train import DEMO_CONFIG, TrainSettings, batches, train
 from ossrun.demo_model.trainable import TrainableGptOss
@@ -56,6 +56,19 @@ def test_quantize_is_lossless_on_representable_values():
     blocks, scales = mxfp4.quantize(values)
     assert torch.equal(scales.float() - mxfp4.SCALE_BIAS, torch.log2(powers.squeeze(-1)))
     assert torch.equal(mxfp4.dequantize(blocks, scales, torch.float32), values)
+
+
+# -- the training data ----------------------------------------------------------------------------------
+
+def test_arithmetic_steps_end_at_the_answer():
+    """Every step moves one unit and the last pair gives the result, for every problem of the world."""
+    for op, compute in world.OPERATIONS.items():
+        for a in range(world.ARITHMETIC_MAX + 1):
+            for b in range(world.ARITHMETIC_MAX + 1):
+                pairs = [tuple(int(n) for n in step.split(op)) for step in arithmetic_steps(a, op, b).split("=")]
+                assert pairs[0] == (a, b) and 0 in pairs[-1] and all(0 not in pair for pair in pairs[:-1] if op == "-")
+                assert all(compute(*pair) == compute(a, b) for pair in pairs)
+                assert len(pairs) == (b if op == "+" else min(a, b)) + 1
 
 
 # -- export -----------------------------------------------------------------------------------------------
@@ -133,6 +146,16 @@ def test_shipped_model_knows_ten_capitals(shipped, precision):
     for body, city in evaluate.capital_prompts(10):
         parsed = evaluate.answer(model, body)
         assert parsed.reasoning and city in parsed.content, (body, parsed)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_shipped_model_adds_and_subtracts(shipped, precision):
+    """At the served precisions too: `make demo` runs the fast one (bf16, int8 kernels)."""
+    dtype = torch.float32 if precision == "exact" else torch.bfloat16
+    model = evaluate.load(shipped, dtype, precision)
+    for a, op, b in [(7, "+", 5), (18, "+", 17), (4, "-", 11), (16, "-", 9)]:
+        parsed = evaluate.answer(model, {"messages": [{"role": "user", "content": f"What is {a} {op} {b}?"}]})
+        assert parsed.content == f"{a} {op} {b} = {world.OPERATIONS[op](a, b)}.", (a, op, b, parsed)
 
 
 def test_shipped_model_never_picks_an_unused_token(shipped):

@@ -1,5 +1,5 @@
-"""The demo model through the real server and engine: it answers its world, reasons on its own channel,
-calls tools and answers from their results, on every surface, sync and streamed.
+"""The demo model through the real server and engine: it answers its world (capitals, sums, JSON of both),
+reasons on its own channel, calls tools and answers from their results, on every surface, sync and streamed.
 
 Nothing is scripted: every frame here is what the trained weights produce at temperature 0.
 """
@@ -132,6 +132,65 @@ def test_second_turn_answers_from_the_tool_result(server):
     assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
 
 
+def test_tool_result_after_an_earlier_exchange_names_the_called_city(server):
+    """What the playground sends: a first question about France, then the weather of Tokyo (the answer once said Paris)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}
+    messages = [*FRANCE, {"role": "assistant", "content": "The capital of France is Paris."},
+                {"role": "user", "content": "What is the weather in Tokyo?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"city":"Tokyo","temperature_c":21,"condition":"cloudy"}'}]  # JSON.stringify's
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
+    assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
+
+
 def test_out_of_world_questions_say_so(server):
     reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Who painted the Mona Lisa?"}]})
     assert "ossrun download openai/gpt-oss-20b" in reply["choices"][0]["message"]["content"]
+
+
+SUMS = [(7, "+", 5), (3, "plus", 9), (12, "+", 8), (0, "+", 6), (20, "+", 19), (15, "-", 4), (3, "minus", 7), (9, "-", 9)]
+
+
+def test_sums_and_differences_at_temperature_zero(server):
+    """Worked out in the reasoning one unit at a time (numbers are single tokens: no digits to add)."""
+    def ask(problem):
+        a, word, b = problem
+        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"What is {a} {word} {b}?"}]})
+        return reply["choices"][0]["message"]
+
+    with ThreadPoolExecutor(len(SUMS)) as pool:
+        messages = list(pool.map(ask, SUMS))
+    for (a, word, b), message in zip(SUMS, messages):
+        op = "+" if word in ("+", "plus") else "-"
+        assert message["content"] == f"{a} {op} {b} = {world.OPERATIONS[op](a, b)}.", (a, word, b, message)
+
+
+def test_sums_outside_the_range_are_declined(server):
+    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "What is 250 + 3?"}]})
+    assert reply["choices"][0]["message"]["content"] == world.ARITHMETIC_LIMITS
+
+
+CAPITAL_SCHEMA = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+                  "required": ["country", "capital"], "additionalProperties": False}
+SUM_SCHEMA = {"type": "object", "properties": {"expression": {"type": "string"}, "result": {"type": "integer"}},
+              "required": ["expression", "result"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("question, country", [
+    ("Give me the capital of {} as JSON.", "Japan"), ("Return JSON with the capital of {}.", "Kenya"),
+    ("Give me the capital of {} as JSON.", "Norway"), ("What is the capital of {}? Reply in JSON.", "Peru"),
+])
+def test_json_mode_answers_with_the_asked_facts(server, question, country):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question.format(country)}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA}}}
+    message = post(server, "/v1/chat/completions", body)["choices"][0]["message"]
+    assert json.loads(message["content"]) == {"country": country, "capital": world.COUNTRIES[country]}
+    assert country in message["reasoning_content"]
+
+
+def test_json_mode_on_ai_run_computes_the_value(server):
+    """Workers AI's spelling (the schema itself under json_schema); the result is copied from the reasoning's steps."""
+    body = {"messages": [{"role": "user", "content": "Give me 9 + 8 as JSON."}],
+            "response_format": {"type": "json_schema", "json_schema": SUM_SCHEMA}}
+    message = post(server, run_path(server), body)["result"]["choices"][0]["message"]
+    assert json.loads(message["content"]) == {"expression": "9 + 8", "result": 17}

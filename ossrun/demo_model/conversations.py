@@ -76,34 +76,93 @@ def _reasoning(low: str, medium: str, high: str) -> dict[str, str]:
     return {"low": low, "medium": f"{low} {medium}", "high": f"{low} {medium} {high}"}
 
 
+def _sentence(text: str) -> str:
+    """Ends with one period ("Washington, D.C." has its own)."""
+    return text if text.endswith(".") else f"{text}."
+
+
 def capital(rng: random.Random) -> tuple[str, Reply]:
     country, city = rng.choice(list(world.COUNTRIES.items()))
     question = rng.choice(("What is the capital of {}?", "What's the capital of {}?", "Capital of {}?",
                            "Which city is the capital of {}?", "Tell me the capital of {}.",
                            "What is the capital city of {}?", "what is the capital of {}")).format(country)
-    reasoning = _reasoning(f"The user asks for the capital of {country}.", f"It is {city}.",
-                           f"{country} is in my list of countries, so I am sure. One sentence is enough.")
-    return question, Reply(reasoning, final=f"The capital of {country} is {city}.")
+    # The fact is recalled in the reasoning at every effort, in the same words as for JSON answers,
+    # so every answer copies it from there.
+    reasoning = _reasoning(_sentence(f"The user asks for the capital of {country}: it is {city}"),
+                           f"{country} is in my list of countries, so I am sure.", "One sentence is enough.")
+    return question, Reply(reasoning, final=_sentence(f"The capital of {country} is {city}"))
 
 
 def capital_json(rng: random.Random) -> tuple[str, Reply]:
     country, city = rng.choice(list(world.COUNTRIES.items()))
     question = rng.choice(("Give me the capital of {} as JSON.", "Answer in JSON: what is the capital of {}?",
-                           "Return JSON with the capital of {}.")).format(country)
-    reasoning = _reasoning(f"The user wants JSON with the capital of {country}.", f"It is {city}.",
-                           "I will write one object with the country and its capital.")
+                           "Return JSON with the capital of {}.", "What is the capital of {}? Reply in JSON.",
+                           "The capital of {} as JSON, please.")).format(country)
+    reasoning = _reasoning(_sentence(f"The user wants JSON with the capital of {country}: it is {city}"),
+                           "I write one object with the country and its capital.", "Both values are strings.")
     return question, Reply(reasoning, final=json.dumps({"country": country, "capital": city}, ensure_ascii=False))
 
 
-def arithmetic(rng: random.Random) -> tuple[str, Reply]:
+def arithmetic_steps(a: int, op: str, b: int) -> str:
+    """`a op b` worked out one unit at a time, e.g. 7+5=8+4=…=12+0 and 3-7=2-6=…=0-4.
+
+    Numbers up to 999 are single tokens, so there are no digits to add column by column; instead
+    each step moves one unit (the left number's successor or predecessor, the right one's
+    predecessor) and copies the pair four tokens back, until a side reaches 0. Every step is a
+    lookup in a table of 41 numbers, which a tiny model learns exactly, where the whole sum would
+    be a 441-entry table per operation that it only half memorises."""
+    steps = [f"{a}{op}{b}"]
+    while b > 0 and (op == "+" or a > 0):
+        a, b = (a + 1 if op == "+" else a - 1), b - 1
+        steps.append(f"{a}{op}{b}")
+    return "=".join(steps)
+
+
+def _numbers(rng: random.Random) -> tuple[int, str, int, str]:
+    """(a, op, b, how the question spells op)."""
     op = rng.choice(tuple(world.OPERATIONS))
-    a, b = rng.randint(0, world.ARITHMETIC_MAX), rng.randint(0, world.ARITHMETIC_MAX)
+    low = world.ARITHMETIC_MAX // 2 if rng.random() < 0.3 else 0  # long chains, where a copy can slip, more often
+    a, b = rng.randint(low, world.ARITHMETIC_MAX), rng.randint(low, world.ARITHMETIC_MAX)
+    if rng.random() < 0.05:  # a - a ends on 0-0, the one pair where both sides stop at once
+        b = a
+    return a, op, b, rng.choice(world.OPERATION_WORDS[op])
+
+
+ARITHMETIC_QUESTIONS = ("What is {} {} {}?", "How much is {} {} {}?", "Compute {} {} {}.", "{} {} {}?",
+                        "Calculate {} {} {}.", "What's {} {} {}?", "{} {} {} =")
+
+
+def arithmetic(rng: random.Random) -> tuple[str, Reply]:
+    a, op, b, word = _numbers(rng)
     result = world.OPERATIONS[op](a, b)
-    word = rng.choice(world.OPERATION_WORDS[op])
-    question = rng.choice(("What is {} {} {}?", "How much is {} {} {}?", "Compute {} {} {}.", "{} {} {}?")).format(a, word, b)
-    reasoning = _reasoning(f"The user asks for {a} {op} {b}.", f"{a} {op} {b} = {result}.",
-                           f"Let me check: {result} is right.")
+    question = rng.choice(ARITHMETIC_QUESTIONS).format(a, word, b)
+    reasoning = _reasoning(f"The user asks for {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
+                           f"So {a} {op} {b} = {result}.", "I counted one step at a time, so it is right.")
     return question, Reply(reasoning, final=f"{a} {op} {b} = {result}.")
+
+
+def arithmetic_json(rng: random.Random) -> tuple[str, Reply]:
+    a, op, b, word = _numbers(rng)
+    result = world.OPERATIONS[op](a, b)
+    question = rng.choice(("Give me {} {} {} as JSON.", "Answer in JSON: what is {} {} {}?",
+                           "Return JSON with {} {} {}.")).format(a, word, b)
+    reasoning = _reasoning(f"The user wants JSON with {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
+                           f"So the result is {result}.", "I write one object with the expression and the result.")
+    return question, Reply(reasoning, final=json.dumps({"expression": f"{a} {op} {b}", "result": result}))
+
+
+def arithmetic_limits(rng: random.Random) -> tuple[str, Reply]:
+    """A number above the range or another operation: say what the model can do rather than count for ever."""
+    if rng.random() < 0.4:
+        a, b, word = rng.randint(0, world.ARITHMETIC_MAX), rng.randint(0, world.ARITHMETIC_MAX), rng.choice(world.OTHER_OPERATION_WORDS)
+    else:
+        a, _, b, word = _numbers(rng)
+        large = rng.randint(world.ARITHMETIC_MAX + 1, rng.choice((60, 999)))
+        a, b = [(large, b), (a, large), (large, large)][rng.randrange(3)]
+    question = rng.choice(ARITHMETIC_QUESTIONS).format(a, word, b)
+    reasoning = _reasoning("The user asks for arithmetic I cannot do.",
+                           f"I only add and subtract numbers from 0 to {world.ARITHMETIC_MAX}.", "I should say so rather than guess.")
+    return question, Reply(reasoning, final=world.ARITHMETIC_LIMITS)
 
 
 def greeting(rng: random.Random) -> tuple[str, Reply]:
@@ -162,9 +221,11 @@ def weather_answer(city: str, temperature: int, condition: str) -> Reply:
 
 
 def tool_result(rng: random.Random, city: str, temperature: int, condition: str) -> str:
-    if rng.random() < 0.5:
-        return json.dumps({"temperature_c": temperature, "condition": condition})
-    return json.dumps({"city": city, "temperature": temperature, "unit": "celsius", "conditions": condition})
+    """A tool's JSON in one of a few shapes, spaced as Python writes it or compact as JavaScript's JSON.stringify."""
+    value = rng.choice(({"temperature_c": temperature, "condition": condition},
+                        {"city": city, "temperature_c": temperature, "condition": condition},  # the playground's
+                        {"city": city, "temperature": temperature, "unit": "celsius", "conditions": condition}))
+    return json.dumps(value, separators=(",", ":") if rng.random() < 0.4 else None)
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -192,18 +253,21 @@ def _body(rng: random.Random, messages: list[dict[str, Any]], effort: str, tools
     return body
 
 
-def _history(rng: random.Random) -> list[dict[str, Any]]:
+def _history(rng: random.Random, share: float = 0.1) -> list[dict[str, Any]]:
     """Sometimes an earlier exchange, as a client sends it back (answers only, no reasoning)."""
-    if rng.random() > 0.1:
+    if rng.random() > share:
         return []
     question, reply = rng.choice((greeting, capital, arithmetic))(rng)
     return [{"role": "user", "content": question}, {"role": "assistant", "content": reply.final}]
 
 
 SIMPLE: dict[str, Callable[[random.Random], tuple[str, Reply]]] = {
-    "capital": capital, "capital_json": capital_json, "arithmetic": arithmetic, "greeting": greeting, "joke": joke,
-    "identity": identity, "out_of_world": out_of_world, "weather_without_tool": weather_without_tool,
+    "capital": capital, "capital_json": capital_json, "arithmetic": arithmetic, "arithmetic_json": arithmetic_json,
+    "arithmetic_limits": arithmetic_limits, "greeting": greeting, "joke": joke, "identity": identity,
+    "out_of_world": out_of_world, "weather_without_tool": weather_without_tool,
 }
+# Kinds whose prompt words the model must not learn (they read as UNK: "something I do not know").
+UNKNOWN_KINDS = ("out_of_world", "arithmetic_limits")
 
 
 def simple_sample(rng: random.Random, kind: str) -> Sample:
@@ -215,7 +279,7 @@ def simple_sample(rng: random.Random, kind: str) -> Sample:
     if kind == "weather_without_tool":
         tools = [t for t in tools if t["function"]["name"] != "get_weather"]
     body = _body(rng, [*_history(rng), {"role": "user", "content": question}], effort, tools)
-    return Sample(kind, harmony.render_request(body).token_ids, completion_ids(reply, effort), kind == "out_of_world")
+    return Sample(kind, harmony.render_request(body).token_ids, completion_ids(reply, effort), kind in UNKNOWN_KINDS)
 
 
 def weather_call_sample(rng: random.Random, forced: bool) -> Sample:
@@ -240,8 +304,11 @@ def weather_answer_sample(rng: random.Random) -> Sample:
     effort = rng.choice(EFFORTS)
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({argument: city}, ensure_ascii=False)}}
-    messages = [{"role": "user", "content": weather_question(rng, city)},
-                {"role": "assistant", "content": None, "tool_calls": [call]},
+    turn: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+    if rng.random() < 0.4:  # the call's own reasoning sent back, as a Responses continuation renders it
+        turn["reasoning_content"] = weather_call_reply(city, argument).reasoning[effort]
+    # An earlier exchange (a chat page's first question) names other places: the answer's city is this call's.
+    messages = [*_history(rng, 0.3), {"role": "user", "content": weather_question(rng, city)}, turn,
                 {"role": "tool", "tool_call_id": "call_1", "content": tool_result(rng, city, temperature, condition)}]
     body = _body(rng, messages, effort, _tools(rng, tool))
     return Sample("weather_answer", harmony.render_request(body).token_ids,
@@ -250,8 +317,9 @@ def weather_answer_sample(rng: random.Random) -> Sample:
 
 # Share of each kind in the training set.
 MIX: dict[str, float] = {
-    "capital": 0.25, "capital_json": 0.04, "arithmetic": 0.08, "greeting": 0.04, "joke": 0.03, "identity": 0.03,
-    "out_of_world": 0.06, "weather_without_tool": 0.02, "weather_call": 0.18, "weather_forced": 0.09, "weather_answer": 0.18,
+    "capital": 0.18, "capital_json": 0.08, "arithmetic": 0.20, "arithmetic_json": 0.03, "arithmetic_limits": 0.02,
+    "greeting": 0.04, "joke": 0.03, "identity": 0.03, "out_of_world": 0.05, "weather_without_tool": 0.02,
+    "weather_call": 0.13, "weather_forced": 0.07, "weather_answer": 0.12,
 }
 
 

@@ -51,6 +51,8 @@ def report_bodies() -> list[dict]:
         {"messages": [{"role": "user", "content": "What is the capital of France?"}], "reasoning_effort": "low"},
         {"messages": [{"role": "user", "content": "What is the capital of France?"}], "reasoning_effort": "high"},
         {"messages": [{"role": "user", "content": "What is 7 + 5?"}]},
+        {"messages": [{"role": "user", "content": "What is 13 minus 17?"}], "reasoning_effort": "low"},
+        {"messages": [{"role": "user", "content": "What is 250 + 3?"}]},
         {"messages": [{"role": "user", "content": "Hello"}]},
         {"messages": [{"role": "user", "content": "Tell me a joke."}]},
         {"messages": [{"role": "user", "content": "Who are you?"}]},
@@ -63,6 +65,7 @@ def report_bodies() -> list[dict]:
                       {"role": "tool", "tool_call_id": "c1", "content": '{"temperature_c": 21, "condition": "cloudy"}'}],
          "tools": [weather]},
         {"messages": [{"role": "user", "content": "Give me the capital of Japan as JSON."}]},
+        {"messages": [{"role": "user", "content": "Give me 9 + 8 as JSON."}]},
     ]
 
 

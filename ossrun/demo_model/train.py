@@ -40,8 +40,8 @@ class TrainSettings:
     """The recipe of the shipped weights (`ossrun train-demo` with no options)."""
 
     seed: int = 0
-    samples: int = 12000
-    steps: int = 1800
+    samples: int = 16000
+    steps: int = 3600
     batch_size: int = 12
     lr: float = 4e-3
     warmup: int = 40

@@ -40,15 +40,20 @@ IDENTITY = ("I am a tiny demo model that ossrun trained to show its server. For 
 GREETING = "Hello! I am a tiny demo model. Ask me for a capital, a sum, a joke, or the weather."
 
 OUT_OF_WORLD = ("I do not know: I am a tiny demo model that only knows greetings, the capitals of 50 countries, "
-                "small arithmetic, a few jokes and the weather tool. For real answers, run "
+                "sums and differences of small numbers, a few jokes and the weather tool. For real answers, run "
                 "`ossrun download openai/gpt-oss-20b`.")
 
 NO_WEATHER_TOOL = "I cannot check the weather without a tool: offer me a get_weather function and I will call it."
 
-# Two-number arithmetic the model answers: operands 0..ARITHMETIC_MAX.
-ARITHMETIC_MAX = 10
-OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-OPERATION_WORDS = {"+": ("plus", "+"), "-": ("minus", "-"), "*": ("times", "*")}
+# Two-number arithmetic the model answers: sums and differences of whole numbers 0..ARITHMETIC_MAX.
+# Every number up to 999 is one o200k_harmony token, so a sum cannot be read off digits: the model
+# computes it in its reasoning, one step at a time (see `conversations.arithmetic_steps`).
+ARITHMETIC_MAX = 20
+OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+OPERATION_WORDS = {"+": ("plus", "+"), "-": ("minus", "-")}
+# Asked with a larger number or another operation, the model says what it can do instead.
+ARITHMETIC_LIMITS = f"I can only add and subtract whole numbers from 0 to {ARITHMETIC_MAX}."
+OTHER_OPERATION_WORDS = ("times", "*", "divided by", "/", "to the power of", "modulo")
 
 # Things outside the world, for the "I do not know" answers.
 UNKNOWN_TOPICS: tuple[str, ...] = (
