@@ -182,6 +182,18 @@ def test_top_k_then_temperature_then_top_p():
     assert_final_probs(logits, [0, p[0], 0, 0, 0, p[1]], top_k=3, temperature=0.5, top_p=0.8)
 
 
+@pytest.mark.parametrize("top_k", [0, 3])  # long path, and the top_k path
+@pytest.mark.parametrize("top_p", [1.0, 0.7287])
+def test_a_temperature_below_float32_range_samples_the_top_tokens(top_k, top_p):
+    # Found by the bounded fuzz: temperature 9e-196 is 0.0 in float32, so dividing by it made 0/0 = NaN
+    # and the whole engine step failed (500). Any positive temperature must sample (here: the max).
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    for temperature in (9.019024795135673e-196, 1e-45, 1e-30):
+        for seed in range(5):
+            params = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+            assert sample([logits], [state(**params)]).token_ids == [1], (temperature, seed)
+
+
 # Exact probabilities: softmax of these is [1/8, 1/2, 1/16, 1/4, 1/16, 0] in float32, bit for bit.
 DYADIC = [-2 * LN2, 0.0, -3 * LN2, -LN2, -3 * LN2, NEG]
 

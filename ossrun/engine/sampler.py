@@ -48,7 +48,8 @@ race changes its winner only if a swapped token was winning, or a block's mass m
 share of 1024 enough to reorder the top two blocks.
 
 Greedy is temperature == 0 exactly (vLLM also treats temperature < 1e-5 as greedy; here a tiny
-temperature still samples: the max is subtracted before dividing, so nothing overflows).
+temperature still samples: the max is subtracted before dividing, so nothing overflows, and a
+temperature below float32's range divides as float32's smallest normal, so nothing is 0/0).
 
 Cost: besides O(batch) Python, each step touches only the distinct tokens a penalised sequence has
 seen (kept incrementally in `SamplingState`). Full-vocabulary work is a few vectorised passes over
@@ -346,7 +347,7 @@ def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], noise: tor
     in_top_k = torch.arange(values.shape[1], device=device) < k[:, None]
     ids, order = ids.sort(-1)  # token-id order: the order the draw walks in
     values, in_top_k = values.gather(1, order), in_top_k.gather(1, order)
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    temperature = _temperatures(params, device)
     e = ((values - values.amax(-1, keepdim=True)) / temperature).exp() * in_top_k  # as the long path
     if any(p.top_p < 1.0 for p in params):
         e = _top_p_in_id_order(e, torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
@@ -373,7 +374,7 @@ def _sample_full(x: torch.Tensor, params: list[SamplingParams], noise: torch.Ten
     vocab = x.shape[1]
     x.sub_(x.amax(-1, keepdim=True))  # first, so that a tiny temperature cannot overflow
     if any(p.temperature != 1.0 for p in params):
-        x.div_(torch.tensor([p.temperature for p in params], device=x.device)[:, None])
+        x.div_(_temperatures(params, x.device))
     k_rows = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]  # only rows with a k-th tie
     if k_rows:
         k = torch.tensor([params[i].top_k for i in k_rows], device=x.device)
@@ -383,6 +384,14 @@ def _sample_full(x: torch.Tensor, params: list[SamplingParams], noise: torch.Ten
     if n_p:
         _apply_top_p(x[:n_p], torch.tensor([p.top_p for p in params[:n_p]], dtype=torch.float64, device=x.device))
     return _race(x, noise)
+
+
+def _temperatures(params: list[SamplingParams], device: torch.device) -> torch.Tensor:
+    """Each row's temperature [n, 1] as a float32 divisor. A positive temperature below float32's
+    smallest normal (the API allows any positive float) would round to 0 and turn the max logit into
+    0/0 = NaN; raised to that smallest normal, the max still maps to 0 and the rest to -inf."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.tensor([max(p.temperature, tiny) for p in params], device=device)[:, None]
 
 
 def _apply_top_k(x: torch.Tensor, k: torch.Tensor) -> None:
