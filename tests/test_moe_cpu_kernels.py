@@ -34,19 +34,32 @@ ISAS = supported_isas()  # always includes "portable"
 U = 2.0 ** -24
 
 
-def to_kernel_order(values: torch.Tensor) -> torch.Tensor:
-    """[..., K] in the natural order → each 32-block's 16 even elements, then its 16 odd ones."""
+def to_block_order(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] in the natural order → each 32-block's 16 even elements, then its 16 odd ones (decoded weights)."""
     blocks = values.reshape(*values.shape[:-1], -1, 16, 2)
     return torch.cat([blocks[..., 0], blocks[..., 1]], dim=-1).reshape(values.shape)
 
 
-def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8 per 32 values in fp32, as the kernel states it: d = amax/127, q = round(x · (127/amax)), ties to even."""
+def to_pair_layout(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] in the natural order → the kernels' activation layout: blocks b, b+1 (b even) as
+    [b evens | b+1 evens | b odds | b+1 odds], 16 values each; a last block without a partner as [evens | odds]."""
+    blocks = to_block_order(values).reshape(*values.shape[:-1], -1, 2, 16)  # [..., nb, (evens, odds), 16]
+    nb = blocks.shape[-3]
+    paired = blocks[..., : nb - nb % 2, :, :].reshape(*values.shape[:-1], -1, 2, 2, 16).transpose(-3, -2)
+    parts = [paired.reshape(*values.shape[:-1], -1)]
+    if nb % 2:
+        parts.append(blocks[..., -1, :, :].reshape(*values.shape[:-1], 32))
+    return torch.cat(parts, dim=-1)
+
+
+def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q8 per 32 values in fp32, as the kernel states it: d = amax/127, q = round(x · (127/amax)), ties to even
+    → q in the pair layout, d, and each block's Σq."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    q = torch.round(blocks * inverse).to(torch.int8).reshape(x.shape)
-    return to_kernel_order(q), (amax / 127.0).squeeze(-1)
+    q = torch.round(blocks * inverse).to(torch.int8)
+    return to_pair_layout(q.reshape(x.shape)), (amax / 127.0).squeeze(-1), q.int().sum(-1)
 
 
 def linear_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -68,7 +81,7 @@ def test_nibble_decode_is_bit_exact(isa):
     blocks = torch.arange(256, dtype=torch.uint8).reshape(16, 16)[torch.randperm(16)].reshape(16, 16)
     blocks = torch.cat([blocks, blocks.flip(-1)])  # every byte at every position parity
     ones = torch.full(blocks.shape[:-1], mxfp4.SCALE_BIAS, dtype=torch.uint8)
-    expected = to_kernel_order(mxfp4.dequantize(blocks, ones, torch.float32))
+    expected = to_block_order(mxfp4.dequantize(blocks, ones, torch.float32))
     decoded = moe_cpu.decode_nibbles(blocks, isa).float() / 2
     assert torch.equal(decoded.view(-1), expected.view(-1))
 
@@ -80,10 +93,10 @@ def test_activation_quantisation_is_bit_exact(isa):
     x[2, 32:64] = 0  # an all-zero block: scale 0, values 0
     x[3, :32] = torch.arange(32) - 15.5  # halves after scaling? the largest is exactly ±127
     q, d, s = moe_cpu.quantize_rows(x, isa)
-    q_ref, d_ref = reference_quantize(x)
+    q_ref, d_ref, s_ref = reference_quantize(x)
     assert torch.equal(q, q_ref)
     assert torch.equal(d, d_ref)
-    assert torch.equal(s, q_ref.view(5, 3, 32).int().sum(-1))
+    assert torch.equal(s, s_ref)
 
 
 # Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4 rows, 8 per chunk).
@@ -99,8 +112,9 @@ GROUPINGS = {
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_grouped_linear_within_the_derived_bound(isa, grouping):
     sizes, experts = GROUPINGS[grouping]
-    # 5 blocks (odd: the two-block decode loop has a tail); 44 outputs: tiles of 16, 16 and 12 (one 8-row group + 4 single rows)
-    k, out = 160, 44
+    # 11 blocks: one step of eight, a pair and a lone last block in the one-row kernel; 44 outputs: tiles of 16, 16
+    # and 12 (one 8-row group + 4 single rows)
+    k, out = 352, 44
     blocks, scales = random_experts(7, out, k, seed=2)
     weight = mxfp4.dequantize(blocks, scales, torch.float64)
     bias = torch.randn(7, out, generator=torch.Generator().manual_seed(3))

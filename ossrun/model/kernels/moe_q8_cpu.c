@@ -8,13 +8,15 @@
  * doubled E2M1 integers carry). So the packed weights (17 bytes per 32) are the only big bytes read.
  *
  * Element order: byte j of a block holds element 2j in its low nibble and 2j+1 in its high one.
- * Instead of interleaving the decoded nibbles, the activations are stored permuted within each
- * block (the 16 even elements, then the 16 odd ones), so the low nibbles decode straight into the
- * first 16 lanes and the high nibbles into the last 16. The permutation is done once per row, at
- * quantisation, and costs nothing per weight.
+ * Instead of interleaving the decoded nibbles, the activations are stored in a "pair layout" (see
+ * below): two blocks' even elements, then their odd ones, so one 32-byte load of two packed blocks
+ * decodes by two shuffles straight into the lanes of the activations it meets. The permutation is
+ * done once per row, at quantisation, and costs nothing per weight.
  *
- * Code paths: AVX2 (maddubs/madd with the sign trick: |w| times q carrying w's sign), AVX-512 VNNI
- * (dpbusd on 256-bit lanes, same data flow), and portable C. Parallel work items are (expert group,
+ * Code paths: AVX2 (decoded weights + 12 as maddubs' unsigned operand, the +12 taken back per block
+ * from Σq; a one-row kernel for decode that reduces eight blocks at a time, and a row-group kernel
+ * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd in the row-group
+ * kernel), and portable C. Parallel work items are (expert group,
  * output tile), so a step with a few rows per expert still keeps every core busy.
  */
 #include <stddef.h>
@@ -26,55 +28,65 @@
 #endif
 
 #define QK 32      /* values per block, for the weights and the activations alike */
-#define NR 8       /* activation rows that share one decode of a weight block (a chunk) */
-#define TILE_O 16  /* output rows per work item of a plain projection */
+#define TILE_O 64  /* output rows per work item of a plain projection */
 #define TILE_1 64  /* mlp1 rows per work item: 64 interleaved glu/linear rows = 32 SwiGLU outputs = one block */
+#define PREFETCH 2048 /* bytes of packed weights fetched ahead by the one-row kernel (DRAM latency at one core) */
 
 static const int8_t E2M1_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+/* E2M1 x 2 + 12: unsigned, so it can be the unsigned operand of maddubs/dpbusd; the +12 is taken back
+ * once per block as 12 * (sum of the block's activations). */
+static const uint8_t E2M1_X2_PLUS12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 static float POW2[256]; /* POW2[s] = 2^(s-128) */
 
 __attribute__((constructor)) static void init_pow2(void) {
     for (int s = 0; s < 256; s++) POW2[s] = ldexpf(1.0f, s - 128);
 }
 
-/* One activation row as the kernels see it: K int8 (blocks permuted), K/32 scales and K/32 block sums Σq
- * (the row-group kernel takes its +12 weight offset back as 12·Σq). */
+/* One activation row as the kernels see it: K int8 in the pair layout (below), K/32 scales and K/32
+ * block sums Σq (the kernels take their +12 weight offset back as 12·Σq). */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int32_t *s;
 } Row;
 
-/* Up to NR rows that go through the same weight rows together. dx4 [NR/4][nb][4]: the scales of each
- * full group of 4 rows side by side, so the 4-row kernel scales 4 rows' sums with one vector multiply. */
-typedef struct {
-    Row rows[NR];
-    int n;
-    float *dx4;
-} Chunk;
+/* ---------------------------------------------------------------- the pair layout of quantised activations
+ *
+ * A packed block holds element 2j in the low nibble of byte j and 2j+1 in the high one. Two blocks
+ * side by side are 32 bytes: one 256-bit load whose low nibbles are both blocks' even elements and
+ * whose high nibbles are their odd ones. The activations of blocks b, b+1 (b even) are stored to meet
+ * them: [b evens | b+1 evens | b odds | b+1 odds], 16 bytes each. A last block without a partner (K/32
+ * odd) is [evens | odds]. So the kernels decode two blocks with one load and two shuffles, and the
+ * permutation costs nothing per weight: it is done once per activation row, at quantisation. */
+
+/* Offsets in a row of block b's 16 even and 16 odd activations. */
+static inline int evens_at(int b) { return (b & 1) ? QK * b - 16 : QK * b; }
+static inline int odds_at(int b, int nb) { return (b & 1) ? QK * b + 16 : (b + 1 < nb ? QK * b + QK : QK * b + 16); }
 
 /* ---------------------------------------------------------------- activation quantisation */
 
-/* Round to nearest, ties to even (as torch.round), in every build: the tests compare bit for bit. */
-static inline void quantize_block(const float *x, int8_t *q, float *d, int32_t *s) {
+/* Round to nearest, ties to even (as torch.round), in every build: the tests compare bit for bit.
+ * Block b of a row with nb blocks: q is the row's start. */
+static inline void quantize_block(const float *x, int8_t *q, int b, int nb, float *d, int32_t *s) {
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
     float id = amax > 0.0f ? 127.0f / amax : 0.0f;
     *d = amax / 127.0f;
-    for (int j = 0; j < QK / 2; j++) {
-        q[j] = (int8_t)nearbyintf(x[2 * j] * id);
-        q[QK / 2 + j] = (int8_t)nearbyintf(x[2 * j + 1] * id);
-    }
+    int8_t *evens = q + evens_at(b), *odds = q + odds_at(b, nb);
     int32_t sum = 0;
-    for (int j = 0; j < QK; j++) sum += q[j];
+    for (int j = 0; j < QK / 2; j++) {
+        evens[j] = (int8_t)nearbyintf(x[2 * j] * id);
+        odds[j] = (int8_t)nearbyintf(x[2 * j + 1] * id);
+        sum += evens[j] + odds[j];
+    }
     *s = sum;
 }
 
 static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s) {
-    for (int b = 0; b < K / QK; b++) quantize_block(x + b * QK, q + b * QK, d + b, s + b);
+    for (int b = 0; b < K / QK; b++) quantize_block(x + b * QK, q, b, K / QK, d + b, s + b);
 }
 
-/* ---------------------------------------------------------------- one output row, up to NR activation rows */
+/* ---------------------------------------------------------------- one weight row against one activation row */
 
 #ifdef __AVX2__
 static inline float hsum(__m256 v) {
@@ -91,78 +103,72 @@ static inline __m256i decode_block(const uint8_t *p, __m256i lut, __m256i mask) 
     return _mm256_shuffle_epi8(lut, _mm256_and_si256(nibbles, mask));
 }
 
-/* Σ w*q in 8 int32 lanes: |w| (unsigned) times q with w's sign moved onto it. |w| ≤ 12, |q| ≤ 127, so
- * the int16 pair sums of maddubs (≤ 2*12*127) never saturate. */
-static inline __m256i dot_block(__m256i w_abs, __m256i w, __m256i q) {
-    __m256i q_signed = _mm256_sign_epi8(q, w);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, q_signed);
-#else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, q_signed), _mm256_set1_epi16(1));
-#endif
-}
-
-/* Two accumulators per row (even and odd blocks) break the fma latency chain when n is 1. */
-static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, const uint8_t *sc, int nb,
-                                                           const Row *rows, const int n, float *out) {
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
-    const __m256i mask = _mm256_set1_epi8(0x0F);
-    __m256 acc0[4], acc1[4];
-    for (int t = 0; t < n; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        __m256i w0 = decode_block(blk + 16 * b, lut, mask), w1 = decode_block(blk + 16 * b + 16, lut, mask);
-        __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
-        float p0 = POW2[sc[b]], p1 = POW2[sc[b + 1]];
-        for (int t = 0; t < n; t++) {
-            __m256i q0 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b));
-            __m256i q1 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b + QK));
-            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a0, w0, q0)), _mm256_set1_ps(rows[t].d[b] * p0), acc0[t]);
-            acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a1, w1, q1)), _mm256_set1_ps(rows[t].d[b + 1] * p1), acc1[t]);
-        }
-    }
-    if (b < nb) {
-        __m256i w0 = decode_block(blk + 16 * b, lut, mask), a0 = _mm256_abs_epi8(w0);
-        float p0 = POW2[sc[b]];
-        for (int t = 0; t < n; t++) {
-            __m256i q0 = _mm256_loadu_si256((const __m256i *)(rows[t].q + QK * b));
-            acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_block(a0, w0, q0)), _mm256_set1_ps(rows[t].d[b] * p0), acc0[t]);
-        }
-    }
-    for (int t = 0; t < n; t++) out[t] = hsum(_mm256_add_ps(acc0[t], acc1[t]));
-}
-
-/* Prefill: one weight row against `groups` groups of 4 rows, each block decoded once for all of them.
- * The 4 rows' 16-bit pair sums are folded by two horizontal adds into one vector (rows 0-3 in each
- * 128-bit half), so the int32 widening, the conversion and the scaling happen once per 4 rows.
- * |maddubs lanes| ≤ 2*12*127 = 3048, so the 4-lane sums of the two hadds (≤ 12192) stay in int16. */
-static inline __attribute__((always_inline)) void dot4x(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
-                                                        const float *dx4, const int groups, float *out) {
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
-    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int b = 0; b < nb; b++) {
-        __m256i w = decode_block(blk + 16 * b, lut, mask), a = _mm256_abs_epi8(w);
-        __m256 pw = _mm256_set1_ps(POW2[sc[b]]);
-        for (int g = 0; g < groups; g++) {
-            const Row *r = rows + 4 * g;
-            __m256i m[4];
-            for (int t = 0; t < 4; t++)
-                m[t] = _mm256_maddubs_epi16(a, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(r[t].q + QK * b)), w));
-            __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(m[0], m[1]), _mm256_hadd_epi16(m[2], m[3]));
-            __m256 scale = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(dx4 + ((size_t)g * nb + b) * 4)), pw);
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(h, ones)), scale, acc[g]);
-        }
-    }
-    for (int g = 0; g < groups; g++)
-        _mm_storeu_ps(out + 4 * g, _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1)));
-}
-
 static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
     const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < n; b++)
         _mm256_storeu_si256((__m256i *)(out + QK * b), decode_block(blocks + 16 * b, lut, mask));
+}
+
+/* Blocks b, b+1 (32 packed bytes at w, activations at q in the pair layout): int16 lanes, the low 128
+ * bits block b's and the high 128 bits block b+1's, each lane a sum of 4 products (w+12)·q. |lane| ≤
+ * 4·24·127 = 12192: two of them still fit in int16. */
+static inline __attribute__((always_inline)) __m256i pair_products(const uint8_t *w, const int8_t *q, __m256i lut, __m256i mask) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)w);
+    const __m256i evens = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, mask));
+    const __m256i odds = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    return _mm256_add_epi16(_mm256_maddubs_epi16(evens, _mm256_loadu_si256((const __m256i *)q)),
+                            _mm256_maddubs_epi16(odds, _mm256_loadu_si256((const __m256i *)(q + 32))));
+}
+
+/* 2^(e-127) for 8 E8M0 exponents, exact: e << 23 is the float's exponent field; e = 0 is the subnormal
+ * 2^-127 (bits 1 << 22, below every e << 23 with e ≥ 1, so one max). */
+static inline __m256 pow2_x8(const uint8_t *e) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)e)), 23);
+    return _mm256_castsi256_ps(_mm256_max_epi32(bits, _mm256_set1_epi32(1 << 22)));
+}
+
+/* Σ_k W[k]·x[k] for one packed weight row (nb blocks at blk, E8M0 scales at sc) and one activation row.
+ * Eight blocks a step: four 32-byte loads, and the int16 products of the eight blocks reduced by
+ * horizontal adds to one int32 per block (lanes b, b+2, b+4, b+6 | b+1, b+3, b+5, b+7, put back in
+ * order by one permute), so the +12 correction, the int→float conversion and the two scales are one
+ * vector operation each per eight blocks instead of one per block. */
+static float gemv_row(const uint8_t *blk, const uint8_t *sc, int nb, const Row *row) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), twelve = _mm256_set1_epi32(12);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int8_t *q = row->q;
+    __m256 acc = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        _mm_prefetch((const char *)(blk + 16 * b + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + 16 * b + PREFETCH + 64), _MM_HINT_T0);
+        const __m256i p0 = pair_products(blk + 16 * b, q + QK * b, lut, mask);
+        const __m256i p1 = pair_products(blk + 16 * b + 32, q + QK * b + 64, lut, mask);
+        const __m256i p2 = pair_products(blk + 16 * b + 64, q + QK * b + 128, lut, mask);
+        const __m256i p3 = pair_products(blk + 16 * b + 96, q + QK * b + 192, lut, mask);
+        __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones),
+                                         _mm256_madd_epi16(_mm256_hadd_epi16(p2, p3), ones));
+        sums = _mm256_permutevar8x32_epi32(sums, order);
+        sums = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(row->s + b)), twelve));
+        const __m256 scale = _mm256_mul_ps(pow2_x8(sc + b), _mm256_loadu_ps(row->d + b));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+    }
+    float tail = 0.0f; /* at most 3 pairs and a lone block: per block, with POW2 = 2^(e-128) */
+    for (; b + 2 <= nb; b += 2) {
+        const __m256i p = _mm256_madd_epi16(pair_products(blk + 16 * b, q + QK * b, lut, mask), ones);
+        __m128i t = _mm_hadd_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        t = _mm_hadd_epi32(t, t); /* block b, block b+1, again */
+        tail += (float)(_mm_cvtsi128_si32(t) - 12 * row->s[b]) * (row->d[b] * POW2[sc[b]]);
+        tail += (float)(_mm_extract_epi32(t, 1) - 12 * row->s[b + 1]) * (row->d[b + 1] * POW2[sc[b + 1]]);
+    }
+    if (b < nb) {
+        int32_t dot = 0;
+        for (int j = 0; j < QK / 2; j++)
+            dot += E2M1_X2_PLUS12[blk[16 * b + j] & 0x0F] * q[QK * b + j] + E2M1_X2_PLUS12[blk[16 * b + j] >> 4] * q[QK * b + 16 + j];
+        tail += (float)(dot - 12 * row->s[b]) * (row->d[b] * POW2[sc[b]]);
+    }
+    return hsum(acc) * 0.5f + tail; /* pow2_x8 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
 }
 #else
 static inline void decode_block(const uint8_t *p, int8_t *w) {
@@ -172,62 +178,27 @@ static inline void decode_block(const uint8_t *p, int8_t *w) {
     }
 }
 
-static inline __attribute__((always_inline)) void dot_rows(const uint8_t *blk, const uint8_t *sc, int nb,
-                                                           const Row *rows, const int n, float *out) {
-    float acc[NR] = {0};
-    int8_t w[QK];
-    for (int b = 0; b < nb; b++) {
-        decode_block(blk + 16 * b, w);
-        float p = POW2[sc[b]];
-        for (int t = 0; t < n; t++) {
-            const int8_t *q = rows[t].q + QK * b;
-            int32_t s = 0;
-            for (int j = 0; j < QK; j++) s += (int32_t)w[j] * q[j];
-            acc[t] += (float)s * (rows[t].d[b] * p);
-        }
-    }
-    for (int t = 0; t < n; t++) out[t] = acc[t];
-}
-
 static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
     for (int64_t b = 0; b < n; b++) decode_block(blocks + 16 * b, out + QK * b);
 }
-#endif
 
-/* n is a compile-time constant in each case, so every loop over rows is unrolled into registers. */
-static void dot_rows_n(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
-    switch (n) {
-    case 1: dot_rows(blk, sc, nb, rows, 1, out); break;
-    case 2: dot_rows(blk, sc, nb, rows, 2, out); break;
-    case 3: dot_rows(blk, sc, nb, rows, 3, out); break;
-    default: dot_rows(blk, sc, nb, rows, 4, out); break;
+static float gemv_row(const uint8_t *blk, const uint8_t *sc, int nb, const Row *row) {
+    float acc = 0.0f;
+    int8_t w[QK];
+    for (int b = 0; b < nb; b++) {
+        decode_block(blk + 16 * b, w);
+        const int8_t *evens = row->q + evens_at(b), *odds = row->q + odds_at(b, nb);
+        int32_t dot = 0;
+        for (int j = 0; j < QK / 2; j++) dot += (int32_t)w[j] * evens[j] + (int32_t)w[QK / 2 + j] * odds[j];
+        acc += (float)dot * (row->d[b] * POW2[sc[b]]);
     }
+    return acc;
 }
-
-/* Gather the scales of each full group of 4 rows (see Chunk); nothing to do for the portable build. */
-static void chunk_prepare(Chunk *c, int nb) {
-#ifdef __AVX2__
-    for (int g = 0; g < c->n / 4; g++)
-        for (int b = 0; b < nb; b++)
-            for (int t = 0; t < 4; t++) c->dx4[((size_t)g * nb + b) * 4 + t] = c->rows[4 * g + t].d[b];
-#else
-    (void)c, (void)nb;
 #endif
-}
-
-/* One weight row against every row of a chunk: out[t] for t < c->n. */
-static void dot_chunk(const uint8_t *blk, const uint8_t *sc, int nb, const Chunk *c, float *out) {
-    int t = 0;
-#ifdef __AVX2__
-    if (c->n >= 8) dot4x(blk, sc, nb, c->rows, c->dx4, 2, out), t = 8;
-    else if (c->n >= 4) dot4x(blk, sc, nb, c->rows, c->dx4, 1, out), t = 4;
-#endif
-    for (; t < c->n; t += 4) dot_rows_n(blk, sc, nb, c->rows + t, c->n - t < 4 ? c->n - t : 4, out + t);
-}
 
 /* ---------------------------------------------------------------- exported entry points */
 
-/* x [rows, K] fp32 → q [rows, K] int8 (blocks permuted: evens then odds), d [rows, K/32], s [rows, K/32] = Σq. */
+/* x [rows, K] fp32 → q [rows, K] int8 (the pair layout), d [rows, K/32], s [rows, K/32] = Σq. */
 int moe_q8_quantize(const float *x, int64_t rows, int K, int8_t *q, float *d, int32_t *s) {
     if (K % QK) return -1;
     #pragma omp parallel for schedule(static) if (rows * K >= 65536)
@@ -243,14 +214,6 @@ static inline Row row_at(const int8_t *q, const float *d, const int32_t *s, int 
     return row;
 }
 
-/* Rows start .. min(end, start+NR)-1 as a chunk; row p reads activation row row_of[p] (p when NULL). */
-static void chunk_load(Chunk *c, const int8_t *q, const float *d, const int32_t *s, int K, const int64_t *row_of, int64_t start,
-                       int64_t end) {
-    c->n = end - start < NR ? (int)(end - start) : NR;
-    for (int t = 0; t < c->n; t++) c->rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
-    chunk_prepare(c, K / QK);
-}
-
 /* ---------------------------------------------------------------- prefill: 8 weight rows in the 8 lanes */
 
 #define SPAN 32      /* activation rows handled together by one work item */
@@ -258,12 +221,8 @@ static void chunk_load(Chunk *c, const int8_t *q, const float *d, const int32_t 
 #define RG_MIN_ROWS 5 /* a span this long takes the row-group kernel; shorter ones (decode) the per-row kernels */
 
 #ifdef __AVX2__
-/* E2M1 x 2 + 12: unsigned, so it can be the unsigned operand of maddubs/dpbusd; the +12 is taken back
- * once per block as 12 * (sum of the block's activations). */
-static const uint8_t E2M1_X2_PLUS12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
-
 /* Block b of rows 0..7 (row r at blk + r*stride) in the row-group layout: w[g] holds in int32 lane r row r's
- * four weights (+12) that meet activation bytes 4g..4g+3 of the block (the kernels' evens-then-odds order).
+ * four weights (+12) that meet the block's even activations 4g..4g+3 (g < 4) or odd ones 4(g-4)..4(g-4)+3.
  * A 4x4 dword transpose per 128-bit half puts the rows in the lanes; low nibbles are groups 0-3, high
  * nibbles groups 4-7. */
 static inline __attribute__((always_inline)) void rowgroup_weights(const uint8_t *blk, size_t stride, int b, __m256i lut,
@@ -307,16 +266,16 @@ static inline __attribute__((always_inline)) __m256i broadcast4(const int8_t *q)
 
 /* Σ over one block of (w+12)·q for the 8 rows, minus 12·Σq: the exact integer dot products, one per lane.
  * maddubs lanes are ≤ 2*24*127 = 6096, so four groups summed in int16 (≤ 24384) never overflow. */
-static inline __attribute__((always_inline)) __m256i rowgroup_block(const __m256i w[8], const int8_t *q, int32_t sq12) {
+static inline __attribute__((always_inline)) __m256i rowgroup_block(const __m256i w[8], const int8_t *evens, const int8_t *odds, int32_t sq12) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     __m256i acc = _mm256_set1_epi32(-sq12);
-    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, w[g], broadcast4(q + 4 * g));
+    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, w[g], broadcast4(g < 4 ? evens + 4 * g : odds + 4 * (g - 4)));
     return acc;
 #else
     __m256i half[2];
     for (int h = 0; h < 2; h++) {
         const __m256i *wh = w + 4 * h;
-        const int8_t *qh = q + 16 * h;
+        const int8_t *qh = h ? odds : evens;
         __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(wh[0], broadcast4(qh)), _mm256_maddubs_epi16(wh[1], broadcast4(qh + 4)));
         __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(wh[2], broadcast4(qh + 8)), _mm256_maddubs_epi16(wh[3], broadcast4(qh + 12)));
         half[h] = _mm256_madd_epi16(_mm256_add_epi16(s01, s23), _mm256_set1_epi16(1));
@@ -325,10 +284,10 @@ static inline __attribute__((always_inline)) __m256i rowgroup_block(const __m256
 #endif
 }
 
-static inline __attribute__((always_inline)) __m256i rowgroup_block_at(const uint8_t *w, const int8_t *q, int32_t sq12) {
+static inline __attribute__((always_inline)) __m256i rowgroup_block_at(const uint8_t *w, const int8_t *q, int b, int nb, int32_t sq12) {
     __m256i v[8];
     for (int g = 0; g < 8; g++) v[g] = _mm256_loadu_si256((const __m256i *)(w + 32 * g));
-    return rowgroup_block(v, q, sq12);
+    return rowgroup_block(v, q + evens_at(b), q + odds_at(b, nb), sq12);
 }
 
 /* 8 prepared weight rows against n activation rows: res[t*ld + r]. Two rows at a time share the loads. */
@@ -338,8 +297,8 @@ static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int b = 0; b < nb; b++) {
             const __m256 scale = _mm256_loadu_ps(pw + 8 * b);
-            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q + QK * b, 12 * rows[t].s[b]);
-            const __m256i d1 = rowgroup_block_at(w + 256 * b, rows[t + 1].q + QK * b, 12 * rows[t + 1].s[b]);
+            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q, b, nb, 12 * rows[t].s[b]);
+            const __m256i d1 = rowgroup_block_at(w + 256 * b, rows[t + 1].q, b, nb, 12 * rows[t + 1].s[b]);
             acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t].d[b])), acc0);
             acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_mul_ps(scale, _mm256_set1_ps(rows[t + 1].d[b])), acc1);
         }
@@ -349,7 +308,7 @@ static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *
     if (t < n) {
         __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q + QK * b, 12 * rows[t].s[b]);
+            const __m256i d0 = rowgroup_block_at(w + 256 * b, rows[t].q, b, nb, 12 * rows[t].s[b]);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(_mm256_loadu_ps(pw + 8 * b), _mm256_set1_ps(rows[t].d[b])), acc);
         }
         _mm256_storeu_ps(res + t * ld, acc);
@@ -380,15 +339,10 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
     }
 #endif
     if (o == o_end) return;
-    float dx4[NR * nb];
-    Chunk c = {.dx4 = dx4};
-    for (int64_t at = start; at < start + n; at += NR) {
-        chunk_load(&c, q, d, s, K, row_of, at, start + n);
-        for (int oo = o; oo < o_end; oo++) {
-            float out[NR];
-            dot_chunk(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, &c, out);
-            for (int t = 0; t < c.n; t++) res[(at - start + t) * ld + oo - o_begin] = out[t];
-        }
+    for (int t = 0; t < n; t++) {
+        const Row row = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
+        for (int oo = o; oo < o_end; oo++)
+            res[t * ld + oo - o_begin] = gemv_row(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, &row);
     }
 }
 
@@ -463,7 +417,7 @@ static void mlp1_tile(const Layer *L, int g, int tile) {
             float act[QK];
             for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
             const int64_t p = start + t;
-            quantize_block(act, L->hq + p * L->I + tile * QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
+            quantize_block(act, L->hq + p * L->I, tile, L->I / QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
         }
     }
 }
