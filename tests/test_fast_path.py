@@ -160,3 +160,81 @@ def test_cli_builds_the_model_the_flags_name(checkpoints, args, dtype, precision
     path = checkpoints["small_vocab_original"]
     expected = engine_tokens(GptOss.from_checkpoint(load_checkpoint(path), dtype, precision=precision), dtype)
     assert cli_tokens("--model", str(path), *args) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The native blocks (`kernels/blocks_cpu.c`): the served fast path on the CPU runs every block of a
+# paged step in one C call on fp32 activations. Same quantised arithmetic as the fast modules, so
+# it must stand against exact fp32 by the same yardstick, and the modules (with fp32 activations
+# and KV) must be no further from it than they are from exact.
+# ---------------------------------------------------------------------------------------------
+
+from ossrun.model.attention import PagedAttention, PagedGroup  # noqa: E402
+from ossrun.model.kernels.attention_cpu import paged_attention_cpu  # noqa: E402
+
+
+def paged_logits(model: GptOss, ids: torch.Tensor, chunk: int, kv_dtype: torch.dtype = torch.float32,
+                 native: bool = True) -> torch.Tensor:
+    """Logits at every position of one sequence prefilled `chunk` tokens a step over a paged cache (block 0 null),
+    with the CPU attention kernel, through the native blocks or (native=False) the modules."""
+    c, block = model.config, 16
+    blocks = (len(ids) + block - 1) // block + 1
+    caches = [(torch.zeros(blocks, block, c.num_key_value_heads, c.head_dim, dtype=kv_dtype),
+               torch.zeros(blocks, block, c.num_key_value_heads, c.head_dim, dtype=kv_dtype)) for _ in model.blocks]
+    table = torch.arange(1, blocks).unsqueeze(0)
+    saved, model.native = model.native, model.native if native else None
+    try:
+        rows = []
+        for begin in range(0, len(ids), chunk):
+            positions = torch.arange(begin, min(begin + chunk, len(ids)))
+            group = PagedGroup(table[0, positions // block] * block + positions % block, table, torch.zeros(1, dtype=torch.long),
+                               torch.tensor([positions[-1].item() + 1]))
+            attention = PagedAttention(caches, block, {"full": group, "sliding": group}, [0], [len(positions)], positions,
+                                       kernel=paged_attention_cpu)
+            attention.prepare()
+            rows.append(model(ids[positions], positions, attention))
+        return torch.cat(rows)
+    finally:
+        model.native = saved
+
+
+@needs_kernel
+def test_fast_model_builds_native_blocks_and_exact_does_not(checkpoints):
+    checkpoint = load_checkpoint(checkpoints["small_vocab_original"])
+    assert GptOss.from_checkpoint(checkpoint, torch.bfloat16, precision="fast").native is not None
+    assert GptOss.from_checkpoint(checkpoint, torch.float32, precision="exact").native is None
+    assert not GptOss.from_checkpoint(checkpoint, torch.float32, precision="fast").native.accepts(DenseAttention(torch.zeros(1), torch.zeros(1)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_native_blocks_within_the_bf16_yardstick(preset, checkpoints, small_checkpoint):
+    """Prefilled in chunks of 48 (every chunk after the first reads a cached prefix, and the sliding layers' window
+    of 128 is crossed on tiny), bf16 KV as served."""
+    checkpoint = load_checkpoint(checkpoints["original"] if preset == "tiny" else small_checkpoint)
+    positions = 256 if preset == "tiny" else 128
+    ids = random_ids(positions, checkpoint.config.vocab_size)
+    exact = dense_logits(GptOss.from_checkpoint(checkpoint, torch.float32), ids)
+    bf16 = divergence(exact, dense_logits(GptOss.from_checkpoint(checkpoint, torch.bfloat16), ids))
+    native = divergence(exact, paged_logits(GptOss.from_checkpoint(checkpoint, torch.bfloat16, precision="fast"), ids, 48,
+                                            torch.bfloat16))
+    noise = 3 * (max(bf16["disagree"], 1 / positions) * (1 - bf16["disagree"]) / positions) ** 0.5
+    print(f"{preset}: bf16 {bf16}, native {native}")
+    assert native["kl"] <= 4 * bf16["kl"], (native, bf16)
+    assert native["disagree"] <= 2 * bf16["disagree"] + noise, (native, bf16)
+    assert native["max_abs"] <= 2 * bf16["max_abs"], (native, bf16)
+
+
+@needs_kernel
+def test_native_blocks_compute_what_the_fast_modules_compute(checkpoints):
+    """fp32 activations and KV on both sides: the same quantised products, summed in another order, so they differ
+    only where a value crosses an int8 rounding step. Each is much closer to the other than to exact fp32."""
+    checkpoint = load_checkpoint(checkpoints["original"])
+    ids = random_ids(200, checkpoint.config.vocab_size, seed=3)
+    model = GptOss.from_checkpoint(checkpoint, torch.float32, precision="fast")
+    native, modules = paged_logits(model, ids, 64), paged_logits(model, ids, 64, native=False)
+    exact = dense_logits(GptOss.from_checkpoint(checkpoint, torch.float32), ids)
+    between, from_exact = divergence(modules, native), divergence(exact, modules)
+    print(between, from_exact)
+    assert between["kl"] <= from_exact["kl"] / 4, (between, from_exact)
+    assert between["disagree"] <= from_exact["disagree"] / 2 + 0.01, (between, from_exact)

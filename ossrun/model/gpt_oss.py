@@ -17,6 +17,7 @@ from ossrun.model.checkpoint import Checkpoint
 from ossrun.model.config import ModelConfig, yarn_parameters
 from ossrun.model.dense import DenseLinear
 from ossrun.model.kernels import mxfp4_grouped_linear, mxfp4_kernel_available
+from ossrun.model.kernels.blocks_cpu import NativeBlocks
 from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
 from ossrun.model.kernels.gpu import linear, triton_available
 from ossrun.model.lora import LoraBatch
@@ -267,6 +268,8 @@ class GptOss(nn.Module):
         self.triton = triton_available(device, precision)
         self.norm = RMSNorm(weights["norm.scale"], config.rms_norm_eps, device, self.triton)
         self.unembedding = DenseLinear(weights["unembedding.weight"], None, dtype, device, precision)
+        # fast precision on the CPU: every block of a paged step in one native call (fp32 activations)
+        self.native = NativeBlocks.build(self)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
@@ -288,8 +291,11 @@ class GptOss(nn.Module):
         """
         x = F.embedding(token_ids, self.embedding)
         rope = self.rotary.cos_sin(positions)
-        for block in self.blocks:
-            x = block(x, rope, attention, lora)
+        if lora is None and self.native is not None and self.native.accepts(attention):
+            x = self.native(x.float(), rope, attention)
+        else:
+            for block in self.blocks:
+                x = block(x, rope, attention, lora)
         if logits_indices is not None:
             x = x[logits_indices]
         if self.triton:

@@ -85,18 +85,20 @@ def _compiler() -> str | None:
 
 
 @cache
-def load_library(source: Path, isa: str) -> ctypes.CDLL | None:
+def load_library(source: Path, isa: str, linked: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
     """Build (once, cached by source hash and variant) and load `source` for `isa`; None if it cannot be built.
 
-    The caller declares argtypes/restype. A broken toolchain never breaks the model: it logs and
-    returns None, and the caller falls back to the PyTorch path.
+    `linked`: other kernel sources compiled into the same library, so `source` can call their exported
+    functions directly (each keeps its own static helpers). The caller declares argtypes/restype. A
+    broken toolchain never breaks the model: it logs and returns None, and the caller falls back to
+    the PyTorch path.
     """
     compiler = _compiler()
     if compiler is None:
         log.info("no C compiler: %s falls back to PyTorch", source.name)
         return None
     flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_VARIANTS[isa][1]]
-    text = source.read_bytes()
+    text = b"".join(path.read_bytes() for path in (source, *linked))
     for header in sorted(source.parent.glob("*.h")):  # shared headers are part of what is built
         text += header.read_bytes()
     digest = hashlib.sha256(text + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
@@ -106,7 +108,7 @@ def load_library(source: Path, isa: str) -> ctypes.CDLL | None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                command = [compiler, *flags, str(source), "-o", str(built), "-lm"]
+                command = [compiler, *flags, str(source), *map(str, linked), "-o", str(built), "-lm"]
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     log.warning("%s (%s) did not compile: %s", source.name, isa, result.stderr.strip()[:800])
