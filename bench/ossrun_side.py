@@ -15,7 +15,7 @@ import torch
 from ossrun.engine.async_engine import resolve_dtype
 from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, SamplingParams, TokenEvent
-from ossrun.model.attention import DenseAttention
+from ossrun.model.attention import PagedAttention, PagedGroup, paged_kernel
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.gpt_oss import GptOss
 from workload import Timings, best_rate, bytes_per_token_from_sizes, prompt
@@ -112,12 +112,23 @@ def depth(model: GptOss, depth_tokens: int, gen: int = 32, pp: int = 512) -> Tim
 
 
 def logits(model: GptOss, prompts: list[list[int]]) -> np.ndarray:
-    """Next-token logits at every position of every prompt (no cache: the model's own forward) → [ΣT, V] fp32."""
+    """Next-token logits at every position of every prompt → [ΣT, V] fp32, each prompt in one step over a paged
+    cache with the attention the engine picks for this precision: the path a served request's prompt takes (on
+    the CPU's fast precision, the native blocks)."""
+    c, block = model.config, 16
+    kernel = paged_kernel(model.device, model.precision)
     rows = []
     for tokens in prompts:
-        ids = torch.tensor(tokens)
-        positions = torch.arange(len(tokens))
-        rows.append(model(ids, positions, DenseAttention(torch.zeros_like(ids), positions)).float().numpy())
+        ids, positions = torch.tensor(tokens), torch.arange(len(tokens))
+        blocks = (len(tokens) + block - 1) // block + 1  # block 0 is the engine's null block
+        caches = [tuple(torch.zeros(blocks, block, c.num_key_value_heads, c.head_dim, dtype=model.dtype) for _ in range(2))
+                  for _ in model.blocks]
+        table = torch.arange(1, blocks).unsqueeze(0)
+        group = PagedGroup(table[0, positions // block] * block + positions % block, table, torch.zeros(1, dtype=torch.long),
+                           torch.tensor([len(tokens)]))
+        attention = PagedAttention(caches, block, {"full": group, "sliding": group}, [0], [len(tokens)], positions, kernel=kernel)
+        attention.prepare()
+        rows.append(model(ids, positions, attention).float().numpy())
     return np.concatenate(rows)
 
 

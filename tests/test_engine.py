@@ -217,3 +217,32 @@ def test_a_failing_constraint_ends_only_its_request(model):
     assert tokens(results["good"]) == [42, 42, 42, 42]
     assert len(tokens(results["free"])) == 4
     assert engine.kv.full.num_used == 0
+
+
+class _FailsForSeed:
+    """The engine's own sampler, except that a batch holding a request with `seed` fails the way a sampler bug would
+    (the fault is injected: no parameter the API accepts is known to make the sampler raise today)."""
+
+    def __init__(self, sampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+
+    def __call__(self, logits, states, masks=None):
+        if any(s.params.seed == self.seed for s in states):
+            raise RuntimeError("probability tensor contains nan")
+        return self.sampler(logits, states, masks)
+
+
+def test_a_failing_sampler_ends_only_its_request(model):
+    """Before: the exception failed the whole step, and every request in it ended with the error."""
+    good = Request("good", list(range(300, 330)), SamplingParams(max_tokens=6, temperature=0.9, seed=5, logprobs=True))
+    alone = make_engine(model).generate([good])["good"]
+    engine = make_engine(model)
+    engine.runner.sampler = _FailsForSeed(engine.runner.sampler, 666)
+    results = engine.generate([Request("bad", [1, 2, 3], SamplingParams(max_tokens=6, temperature=1.0, seed=666)),
+                               Request("good", good.prompt_token_ids, good.params),
+                               Request("greedy", [7, 8, 9], SamplingParams(max_tokens=6, **GREEDY))])
+    assert results["bad"][-1].finish_reason == "error" and "sampling failed" in results["bad"][-1].error
+    assert tokens(results["good"]) == tokens(alone)
+    assert [e.logprob for e in results["good"]] == pytest.approx([e.logprob for e in alone], abs=1e-5)
+    assert len(tokens(results["greedy"])) == 6
+    assert engine.kv.full.num_used == 0

@@ -72,8 +72,31 @@ class ModelRunner:
             last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
             logits = self.model(tokens_t, positions_t, attention, torch.tensor(last, device=device), lora)
         masks = [self._mask(item) for item in sampling]
-        output = self.sampler(logits, [item.seq.sampling for item in sampling], masks if any(m is not None for m in masks) else None)
-        return sampling, output
+        return sampling, self._sample(logits, sampling, masks if any(m is not None for m in masks) else None)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Scheduled], masks: list[torch.Tensor | None] | None) -> SamplerOutput:
+        """One sampler call for the batch. If it fails, each row again alone (from a copy: the sampler consumes
+        its logits), so only a request whose own sampling fails ends, with an error; the others keep their tokens."""
+        states = [item.seq.sampling for item in sampling]
+        spare = logits.clone() if len(states) > 1 else None
+        try:
+            return self.sampler(logits, states, masks)
+        except Exception as exc:
+            if spare is None:
+                return self._failed(sampling[0], exc)
+        rows = []
+        for i, item in enumerate(sampling):
+            try:
+                rows.append(self.sampler(spare[i:i + 1], [states[i]], None if masks is None else [masks[i]]))
+            except Exception as exc:
+                rows.append(self._failed(item, exc))
+        return SamplerOutput([r.token_ids[0] for r in rows], [r.logprobs[0] for r in rows], [r.top_logprobs[0] for r in rows])
+
+    @staticmethod
+    def _failed(item: Scheduled, exc: Exception) -> SamplerOutput:
+        """Mark the request failed (the engine ends it with this error) → a placeholder row nobody reads."""
+        item.seq.error = f"sampling failed: {exc}"
+        return SamplerOutput([0], [None], [()])
 
     def _graph_forward(self, scheduled: list[Scheduled], token_ids: list[int], positions: list[int], lens: list[int],
                        lora: LoraBatch | None, sampling: list[Scheduled]) -> torch.Tensor | None:

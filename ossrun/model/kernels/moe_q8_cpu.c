@@ -128,47 +128,69 @@ static inline __m256 pow2_x8(const uint8_t *e) {
     return _mm256_castsi256_ps(_mm256_max_epi32(bits, _mm256_set1_epi32(1 << 22)));
 }
 
-/* Σ_k W[k]·x[k] for one packed weight row (nb blocks at blk, E8M0 scales at sc) and one activation row.
- * Eight blocks a step: four 32-byte loads, and the int16 products of the eight blocks reduced by
- * horizontal adds to one int32 per block (lanes b, b+2, b+4, b+6 | b+1, b+3, b+5, b+7, put back in
- * order by one permute), so the +12 correction, the int→float conversion and the two scales are one
- * vector operation each per eight blocks instead of one per block. */
-static float gemv_row(const uint8_t *blk, const uint8_t *sc, int nb, const Row *row) {
+/* Σ_k W[k]·x[k] for one packed weight row (nb blocks at blk, E8M0 scales at sc) and n (1 or 2, a constant
+ * once inlined) activation rows: out[t]. Eight blocks a step: four 32-byte loads, decoded once for the n
+ * rows, and each row's int16 products of the eight blocks reduced by horizontal adds to one int32 per
+ * block (lanes b, b+2, b+4, b+6 | b+1, b+3, b+5, b+7, put back in order by one permute), so the +12
+ * correction, the int→float conversion and the two scales are one vector operation each per eight
+ * blocks instead of one per block. */
+static inline __attribute__((always_inline)) void gemv_rows(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
+                                                            const int n, float *out) {
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
     const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), twelve = _mm256_set1_epi32(12);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const int8_t *q = row->q;
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     int b = 0;
     for (; b + 8 <= nb; b += 8) {
         _mm_prefetch((const char *)(blk + 16 * b + PREFETCH), _MM_HINT_T0);
         _mm_prefetch((const char *)(blk + 16 * b + PREFETCH + 64), _MM_HINT_T0);
-        const __m256i p0 = pair_products(blk + 16 * b, q + QK * b, lut, mask);
-        const __m256i p1 = pair_products(blk + 16 * b + 32, q + QK * b + 64, lut, mask);
-        const __m256i p2 = pair_products(blk + 16 * b + 64, q + QK * b + 128, lut, mask);
-        const __m256i p3 = pair_products(blk + 16 * b + 96, q + QK * b + 192, lut, mask);
-        __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(p0, p1), ones),
-                                         _mm256_madd_epi16(_mm256_hadd_epi16(p2, p3), ones));
-        sums = _mm256_permutevar8x32_epi32(sums, order);
-        sums = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(row->s + b)), twelve));
-        const __m256 scale = _mm256_mul_ps(pow2_x8(sc + b), _mm256_loadu_ps(row->d + b));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+        __m256i p[2][4];
+        for (int i = 0; i < 4; i++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 * b + 32 * i));
+            const __m256i evens = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, mask));
+            const __m256i odds = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+            for (int t = 0; t < n; t++) {
+                const int8_t *q = rows[t].q + QK * b + 64 * i;
+                p[t][i] = _mm256_add_epi16(_mm256_maddubs_epi16(evens, _mm256_loadu_si256((const __m256i *)q)),
+                                           _mm256_maddubs_epi16(odds, _mm256_loadu_si256((const __m256i *)(q + 32))));
+            }
+        }
+        const __m256 pw = pow2_x8(sc + b);
+        for (int t = 0; t < n; t++) {
+            __m256i sums = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_hadd_epi16(p[t][0], p[t][1]), ones),
+                                             _mm256_madd_epi16(_mm256_hadd_epi16(p[t][2], p[t][3]), ones));
+            sums = _mm256_permutevar8x32_epi32(sums, order);
+            sums = _mm256_sub_epi32(sums, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(rows[t].s + b)), twelve));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(pw, _mm256_loadu_ps(rows[t].d + b)), acc[t]);
+        }
     }
-    float tail = 0.0f; /* at most 3 pairs and a lone block: per block, with POW2 = 2^(e-128) */
-    for (; b + 2 <= nb; b += 2) {
-        const __m256i p = _mm256_madd_epi16(pair_products(blk + 16 * b, q + QK * b, lut, mask), ones);
-        __m128i t = _mm_hadd_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-        t = _mm_hadd_epi32(t, t); /* block b, block b+1, again */
-        tail += (float)(_mm_cvtsi128_si32(t) - 12 * row->s[b]) * (row->d[b] * POW2[sc[b]]);
-        tail += (float)(_mm_extract_epi32(t, 1) - 12 * row->s[b + 1]) * (row->d[b + 1] * POW2[sc[b + 1]]);
+    for (int t = 0; t < n; t++) {
+        const Row *row = rows + t;
+        const int8_t *q = row->q;
+        float tail = 0.0f; /* at most 3 pairs and a lone block: per block, with POW2 = 2^(e-128) */
+        for (int c = b; c + 2 <= nb; c += 2) {
+            const __m256i pr = _mm256_madd_epi16(pair_products(blk + 16 * c, q + QK * c, lut, mask), ones);
+            __m128i h = _mm_hadd_epi32(_mm256_castsi256_si128(pr), _mm256_extracti128_si256(pr, 1));
+            h = _mm_hadd_epi32(h, h); /* block c, block c+1, again */
+            tail += (float)(_mm_cvtsi128_si32(h) - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
+            tail += (float)(_mm_extract_epi32(h, 1) - 12 * row->s[c + 1]) * (row->d[c + 1] * POW2[sc[c + 1]]);
+        }
+        if ((nb - b) % 2) {
+            const int c = nb - 1;
+            int32_t dot = 0;
+            for (int j = 0; j < QK / 2; j++)
+                dot += E2M1_X2_PLUS12[blk[16 * c + j] & 0x0F] * q[QK * c + j] + E2M1_X2_PLUS12[blk[16 * c + j] >> 4] * q[QK * c + 16 + j];
+            tail += (float)(dot - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
+        }
+        out[t] = hsum(acc[t]) * 0.5f + tail; /* pow2_x8 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
     }
-    if (b < nb) {
-        int32_t dot = 0;
-        for (int j = 0; j < QK / 2; j++)
-            dot += E2M1_X2_PLUS12[blk[16 * b + j] & 0x0F] * q[QK * b + j] + E2M1_X2_PLUS12[blk[16 * b + j] >> 4] * q[QK * b + 16 + j];
-        tail += (float)(dot - 12 * row->s[b]) * (row->d[b] * POW2[sc[b]]);
-    }
-    return hsum(acc) * 0.5f + tail; /* pow2_x8 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
+}
+
+/* Rows two at a time, so each weight block is decoded once for both. */
+static void gemv(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
+    int t = 0;
+    for (; t + 2 <= n; t += 2) gemv_rows(blk, sc, nb, rows + t, 2, out + t);
+    if (t < n) gemv_rows(blk, sc, nb, rows + t, 1, out + t);
 }
 #else
 static inline void decode_block(const uint8_t *p, int8_t *w) {
@@ -182,17 +204,18 @@ static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
     for (int64_t b = 0; b < n; b++) decode_block(blocks + 16 * b, out + QK * b);
 }
 
-static float gemv_row(const uint8_t *blk, const uint8_t *sc, int nb, const Row *row) {
-    float acc = 0.0f;
+static void gemv(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
     int8_t w[QK];
+    for (int t = 0; t < n; t++) out[t] = 0.0f;
     for (int b = 0; b < nb; b++) {
         decode_block(blk + 16 * b, w);
-        const int8_t *evens = row->q + evens_at(b), *odds = row->q + odds_at(b, nb);
-        int32_t dot = 0;
-        for (int j = 0; j < QK / 2; j++) dot += (int32_t)w[j] * evens[j] + (int32_t)w[QK / 2 + j] * odds[j];
-        acc += (float)dot * (row->d[b] * POW2[sc[b]]);
+        for (int t = 0; t < n; t++) {
+            const int8_t *evens = rows[t].q + evens_at(b), *odds = rows[t].q + odds_at(b, nb);
+            int32_t dot = 0;
+            for (int j = 0; j < QK / 2; j++) dot += (int32_t)w[j] * evens[j] + (int32_t)w[QK / 2 + j] * odds[j];
+            out[t] += (float)dot * (rows[t].d[b] * POW2[sc[b]]);
+        }
     }
-    return acc;
 }
 #endif
 
@@ -339,10 +362,12 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
     }
 #endif
     if (o == o_end) return;
-    for (int t = 0; t < n; t++) {
-        const Row row = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
-        for (int oo = o; oo < o_end; oo++)
-            res[t * ld + oo - o_begin] = gemv_row(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, &row);
+    Row rows[SPAN];
+    for (int t = 0; t < n; t++) rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
+    for (int oo = o; oo < o_end; oo++) {
+        float out[SPAN];
+        gemv(blocks + (size_t)oo * nb * 16, scales + (size_t)oo * nb, nb, rows, n, out);
+        for (int t = 0; t < n; t++) res[t * ld + oo - o_begin] = out[t];
     }
 }
 
