@@ -233,7 +233,7 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
     #pragma omp parallel num_threads(nthreads)
     for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         int64_t m1 = m0 + MCHUNK < M ? m0 + MCHUNK : M;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 64) /* 64 weight rows a grab: a core slowed by a neighbour no longer holds the other at the barrier */
         for (int64_t n = 0; n < N; n++) {
             const int8_t *w = wq + n * K;
             const uint16_t *d = wd + n * nb;
