@@ -246,3 +246,19 @@ def test_a_failing_sampler_ends_only_its_request(model):
     assert [e.logprob for e in results["good"]] == pytest.approx([e.logprob for e in alone], abs=1e-5)
     assert len(tokens(results["greedy"])) == 6
     assert engine.kv.full.num_used == 0
+
+
+def test_a_failing_stop_string_check_ends_only_its_request(model):
+    """Stop strings decode each token's text; a decoder that fails on a token (here: every token) ends the request that
+    needed it, not the step. Before: the exception left the step and every request in it failed."""
+    engine = make_engine(model)
+
+    def decode(token: int) -> bytes:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    engine.decode_token = decode
+    results = engine.generate([Request("stops", [5, 6, 7], SamplingParams(max_tokens=5, stop=("x",), **GREEDY)),
+                               Request("plain", [8, 9, 10], SamplingParams(max_tokens=5, **GREEDY))])
+    assert results["stops"][-1].finish_reason == "error" and "postprocessing failed" in results["stops"][-1].error
+    assert len(tokens(results["plain"])) == 5
+    assert engine.kv.full.num_used == 0

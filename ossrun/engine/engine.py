@@ -119,7 +119,11 @@ class Engine:
         for item in step.scheduled:
             item.seq.num_computed += item.num_new_tokens
         for i, item in enumerate(sampled):
-            events.append(self._postprocess(item.seq, output, i))
+            try:
+                events.append(self._postprocess(item.seq, output, i))
+            except Exception as exc:  # this request ends with the error; the others keep going
+                item.seq.error = f"postprocessing failed: {exc}"
+                events.append(self._postprocess(item.seq, output, i))
         for item in step.scheduled:
             if item.seq.request_id in self.sequences:
                 self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
