@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/vs_llamacpp.py [--preset small|20b] [--model-dir DIR]
         [--rows speed,fidelity,concurrency,depth] [--threads 1,2] [--depths 4096,16384]
-        [--concurrency 1,4,16] [--precisions fast] [--reps 3]
+        [--concurrency 1,4,16] [--precisions fast] [--layouts q8_0,bf16] [--reps 3]
 
 Needs the `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python builds llama.cpp, minutes).
 The checkpoint is the project's own (`ossrun make-model`, original layout, MXFP4 experts), written
@@ -111,7 +111,7 @@ def _weight_bytes(job: dict, target) -> float:
 def engines(args: argparse.Namespace, model_dir: Path, ggufs: dict[str, Path], config) -> dict[str, dict]:
     """Engine name → its worker job (without task and threads)."""
     out = {f"ossrun {p}": {"engine": "ossrun", "model": str(model_dir), "precision": p} for p in args.precisions}
-    for layout in LAYOUTS:
+    for layout in args.layouts:
         out[f"llama.cpp {layout}"] = {"engine": "llamacpp", "gguf": str(ggufs[layout]),
                                       "experts_used": config.experts_per_token, "num_experts": config.num_experts}
     return out
@@ -222,7 +222,7 @@ def prepare(args: argparse.Namespace):
             partial = model_dir.with_name(model_dir.name + ".partial")
             write_random_checkpoint(PRESETS[args.preset], partial, "original", seed=0)
             partial.rename(model_dir)
-    ggufs = {layout: gguf_convert.gguf_path(model_dir, layout) for layout in LAYOUTS}
+    ggufs = {layout: gguf_convert.gguf_path(model_dir, layout) for layout in args.layouts}
     missing = [layout for layout, path in ggufs.items() if not path.exists()]
     if missing:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
@@ -251,6 +251,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", type=ints, default=[4096, 16384])
     parser.add_argument("--concurrency", type=ints, default=[1, 4, 16])
     parser.add_argument("--precisions", type=names(("fast", "exact")), default=["fast"], help="ossrun precisions to run (the first one gets the ratios)")
+    parser.add_argument("--layouts", type=names(LAYOUTS), default=list(LAYOUTS), help="llama.cpp GGUF layouts to run (q8_0 alone halves the long depth rows)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
