@@ -6,6 +6,10 @@
  * the query heads of a KV head (GQA) share every K/V block read, and walks only the blocks that
  * some row of its tile can see: causal, inside the window on sliding layers, inside the context.
  *
+ * Each chunk of keys is converted to fp32 once per job (K transposed to [D, keys]) and the rows then
+ * go through it MR at a time as small register-blocked matrix products: a K or V vector loaded feeds
+ * MR rows' FMAs, so at depth, where attention is arithmetic and not memory, the FMA units stay busy.
+ *
  * The sink is one extra logit per query head with no value: the running max starts at the sink
  * and the running sum at exp(sink - max) = 1, so it joins the softmax exactly as a column of the
  * score matrix would. Accumulation is fp32 whatever the cache holds (bf16 or fp32).
@@ -71,54 +75,115 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
 }
 
-/* Eight dot products q·k_j (k rows D apart) reduced into one vector without a horizontal sum per key. */
-static inline __m256 dot8(const float *q, const float *k, int D) {
-    __m256 a[8];
-    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-    for (int i = 0; i < D; i += 8) {
-        __m256 qv = _mm256_loadu_ps(q + i);
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)j * D + i), a[j]);
-    }
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#endif
+
+/* Query rows per micro-tile: each K/V vector loaded feeds MR rows' FMAs (a register-blocked GEMM at small M), so
+ * the dot products run on the FMA units instead of waiting on loads. 4 rows x 16 keys = 8 accumulators. */
+#define MR 4
+
+#ifdef __AVX2__
+/* 8 fp32 values of a cache row (bf16 widened by a shift). */
+static inline __m256 load8(const void *src, int bf16, size_t at) {
+    if (!bf16) return _mm256_loadu_ps((const float *)src + at);
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + at)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+/* In-register 8x8 transpose: r[u] holds row u on entry, column u on return. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20), r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20), r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31), r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31), r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 #endif
 
-/* s[j] = q·k_j for j in [lo, hi], -inf elsewhere in [0, n); → the largest s. k is [n, D] fp32. */
-static float scores(const float *q, const float *k, int n, int D, int lo, int hi, float *s) {
-    float best = -INFINITY;
+/* n keys of D values from the cache (rows `stride` elements apart) into columns col0 … col0+n-1 of kT [D, ld]:
+ * transposed, so a score micro-tile loads 8 or 16 keys' values of one dimension in one vector. */
+static void load_keys_transposed(const void *src, int bf16, size_t stride, int n, int D, float *kT, int ld, int col0) {
     int j = 0;
-    (void)n; /* the vector path needs the block's length; the scalar one stays inside [lo, hi] */
 #ifdef __AVX2__
     if (D % 8 == 0) {
-        __m256 vbest = _mm256_set1_ps(-INFINITY);
-        const __m256 lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-        for (j = (lo / 8) * 8; j + 8 <= n && j <= hi; j += 8) {
-            __m256 idx = _mm256_add_ps(lanes, _mm256_set1_ps((float)j));
-            __m256 keep = _mm256_and_ps(_mm256_cmp_ps(idx, _mm256_set1_ps((float)lo), _CMP_GE_OQ),
-                                        _mm256_cmp_ps(idx, _mm256_set1_ps((float)hi), _CMP_LE_OQ));
-            __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), dot8(q, k + (size_t)j * D, D), keep);
-            _mm256_storeu_ps(s + j, v);
-            vbest = _mm256_max_ps(vbest, v);
+        for (; j + 8 <= n; j += 8) {
+            for (int i = 0; i < D; i += 8) {
+                __m256 r[8];
+                for (int u = 0; u < 8; u++) r[u] = load8(src, bf16, (size_t)(j + u) * stride + i);
+                transpose8(r);
+                for (int u = 0; u < 8; u++) _mm256_storeu_ps(kT + (size_t)(i + u) * ld + col0 + j, r[u]);
+            }
         }
-        float lanes_best[8];
-        _mm256_storeu_ps(lanes_best, vbest);
-        for (int i = 0; i < 8; i++) best = lanes_best[i] > best ? lanes_best[i] : best;
-        if (j > hi) return best; /* everything in range done; lanes past hi already hold -inf */
     }
-    j = j > lo ? j : lo;
-#else
-    j = lo;
 #endif
-    for (; j <= hi; j++) {
-        const float *kj = k + (size_t)j * D;
-        float d = 0.0f;
-        for (int i = 0; i < D; i++) d += q[i] * kj[i];
-        s[j] = d;
-        best = d > best ? d : best;
+    for (; j < n; j++) {
+        for (int i = 0; i < D; i++) {
+            size_t at = (size_t)j * stride + i;
+            kT[(size_t)i * ld + col0 + j] = bf16 ? bf16_to_f32(((const uint16_t *)src)[at]) : ((const float *)src)[at];
+        }
     }
+}
+
+/* s[r * ls + j] = q[r] · k_j for the MR rows and keys j0 ≤ j < j1 (multiples of 8), from kT [D, ld]. */
+static void score_tile(const float *const q[MR], const float *kT, int ld, int D, int j0, int j1, float *s, int ls) {
+    int j = j0;
+#ifdef __AVX2__
+    for (; j + 16 <= j1; j += 16) {
+        __m256 a[MR][2];
+        for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (int i = 0; i < D; i++) {
+            const float *k = kT + (size_t)i * ld + j;
+            __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+            for (int r = 0; r < MR; r++) {
+                __m256 qr = _mm256_broadcast_ss(q[r] + i);
+                a[r][0] = _mm256_fmadd_ps(qr, k0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(qr, k1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            _mm256_storeu_ps(s + (size_t)r * ls + j, a[r][0]);
+            _mm256_storeu_ps(s + (size_t)r * ls + j + 8, a[r][1]);
+        }
+    }
+    for (; j < j1; j += 8) {
+        __m256 a[MR];
+        for (int r = 0; r < MR; r++) a[r] = _mm256_setzero_ps();
+        for (int i = 0; i < D; i++) {
+            __m256 k0 = _mm256_loadu_ps(kT + (size_t)i * ld + j);
+            for (int r = 0; r < MR; r++) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q[r] + i), k0, a[r]);
+        }
+        for (int r = 0; r < MR; r++) _mm256_storeu_ps(s + (size_t)r * ls + j, a[r]);
+    }
+#endif
+    for (; j < j1; j++) {
+        for (int r = 0; r < MR; r++) {
+            float d = 0.0f;
+            for (int i = 0; i < D; i++) d += q[r][i] * kT[(size_t)i * ld + j];
+            s[(size_t)r * ls + j] = d;
+        }
+    }
+}
+
+/* The largest of s[lo … hi]. */
+static float range_max(const float *s, int lo, int hi) {
+    float best = -INFINITY;
+    int j = lo;
+#ifdef __AVX2__
+    if (hi - lo + 1 >= 8) {
+        __m256 vbest = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= hi + 1; j += 8) vbest = _mm256_max_ps(vbest, _mm256_loadu_ps(s + j));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vbest);
+        for (int i = 0; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    }
+#endif
+    for (; j <= hi; j++) best = s[j] > best ? s[j] : best;
     return best;
 }
 
@@ -171,11 +236,60 @@ static void accumulate(float *acc, float c, const float *p, const float *v, int 
     }
 }
 
+/* acc[r] = acc[r] * c[r] + sum_{j in [lo, hi]} p[r * lp + j] v_j for the MR rows (acc rows D apart), v [n, D]:
+ * each V vector loaded feeds MR rows. */
+static void accumulate_tile(float *acc, const float c[MR], const float *p, int lp, const float *v, int lo, int hi, int D) {
+    int i = 0;
+#ifdef __AVX2__
+    for (; i + 16 <= D; i += 16) {
+        __m256 a[MR][2];
+        for (int r = 0; r < MR; r++) {
+            __m256 cr = _mm256_set1_ps(c[r]);
+            a[r][0] = _mm256_mul_ps(_mm256_loadu_ps(acc + (size_t)r * D + i), cr);
+            a[r][1] = _mm256_mul_ps(_mm256_loadu_ps(acc + (size_t)r * D + i + 8), cr);
+        }
+        for (int j = lo; j <= hi; j++) {
+            const float *vj = v + (size_t)j * D + i;
+            __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
+            for (int r = 0; r < MR; r++) {
+                __m256 pr = _mm256_broadcast_ss(p + (size_t)r * lp + j);
+                a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            _mm256_storeu_ps(acc + (size_t)r * D + i, a[r][0]);
+            _mm256_storeu_ps(acc + (size_t)r * D + i + 8, a[r][1]);
+        }
+    }
+    for (; i + 8 <= D; i += 8) {
+        __m256 a[MR];
+        for (int r = 0; r < MR; r++) a[r] = _mm256_mul_ps(_mm256_loadu_ps(acc + (size_t)r * D + i), _mm256_set1_ps(c[r]));
+        for (int j = lo; j <= hi; j++) {
+            __m256 vj = _mm256_loadu_ps(v + (size_t)j * D + i);
+            for (int r = 0; r < MR; r++) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)r * lp + j), vj, a[r]);
+        }
+        for (int r = 0; r < MR; r++) _mm256_storeu_ps(acc + (size_t)r * D + i, a[r]);
+    }
+#endif
+    for (; i < D; i++) {
+        for (int r = 0; r < MR; r++) {
+            float a = acc[(size_t)r * D + i] * c[r];
+            for (int j = lo; j <= hi; j++) a += p[(size_t)r * lp + j] * v[(size_t)j * D + i];
+            acc[(size_t)r * D + i] = a;
+        }
+    }
+}
+
 /* Keys per chunk: whole cache blocks, about CHUNK_BYTES of fp32 keys, at least one block. */
 static int chunk_keys(int block_size, int dim) {
     int keys = CHUNK_BYTES / (int)sizeof(float) / dim;
     return keys > block_size ? keys / block_size * block_size : block_size;
 }
+
+/* n rounded up to a multiple of 8: the width of the transposed keys and of a score row, so score vectors never
+ * run past them. */
+static int padded(int n) { return (n + 7) / 8 * 8; }
 
 typedef struct {
     const float *q;
@@ -189,13 +303,34 @@ typedef struct {
     float scale;
 } Problem;
 
-/* One job: sequence b, KV head h, query tokens t0 .. t0+nt-1 of that sequence's run. */
+/* Softmax update of one row over its keys [jlo, jhi] of a chunk, whose scores s hold for keys [ulo, uhi] of the
+ * micro-tile (jlo > jhi: the row sees none of them): s becomes the row's weights there, 0 outside its own keys.
+ * → the factor its accumulator is rescaled by. */
+static float row_update(float *s, int ulo, int uhi, int jlo, int jhi, float *m, float *l) {
+    if (jlo > jhi) {
+        memset(s + ulo, 0, sizeof(float) * (uhi - ulo + 1));
+        return 1.0f;
+    }
+    float best = range_max(s, jlo, jhi);
+    float m_new = best > *m ? best : *m;
+    float c = expf(*m - m_new);
+    float sum = exponentiate(s, jlo, jhi, m_new);
+    *l = *l * c + sum;
+    *m = m_new;
+    if (jlo > ulo) memset(s + ulo, 0, sizeof(float) * (jlo - ulo));
+    if (jhi < uhi) memset(s + jhi + 1, 0, sizeof(float) * (uhi - jhi));
+    return c;
+}
+
+/* One job: sequence b, KV head h, query tokens t0 .. t0+nt-1 of that sequence's run. The tile's rows are taken
+ * MR at a time against each chunk: scores over the union of their key ranges (a row's own range differs only at
+ * the causal and window edges), each row's softmax over its own keys, then one weighted sum of V for all MR. */
 static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, float *scratch) {
     const int D = P->dim, G = P->group, bs = P->block_size, rows = nt * G;
     float *q = scratch, *acc = q + (size_t)rows * D, *m = acc + (size_t)rows * D, *l = m + rows;
     int64_t *lo = (int64_t *)(l + rows), *hi = lo + rows;
-    const int chunk = chunk_keys(bs, D);
-    float *kb = (float *)(hi + rows), *vb = kb + (size_t)chunk * D, *s = vb + (size_t)chunk * D;
+    const int chunk = chunk_keys(bs, D), width = padded(chunk);
+    float *kT = (float *)(hi + rows), *vb = kT + (size_t)D * width, *s = vb + (size_t)chunk * D;
     const int64_t first = P->first_block[b] * bs, limit = (P->first_block[b] + P->table_width) * bs - 1;
     const int64_t last_key = P->context_lens[b] - 1;
     int64_t tile_lo = INT64_MAX, tile_hi = -1;
@@ -219,28 +354,39 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     }
     const size_t token_stride = (size_t)P->n_kv * D;
     const size_t elem = P->bf16 ? 2 : 4;
-    const int n = chunk, chunk_blocks = chunk / bs;
+    const int chunk_blocks = chunk / bs;
     for (int64_t block = tile_lo / bs; tile_hi >= 0 && block <= tile_hi / bs; block += chunk_blocks) {
-        /* A chunk of cache blocks converted to fp32 once, then every row of the tile runs over it. */
-        int64_t base = block * bs, stop = base + n - 1 < tile_hi ? base + n - 1 : tile_hi;
+        /* A chunk of cache blocks converted to fp32 once (K transposed), then every row of the tile runs over it. */
+        int64_t base = block * bs, stop = base + chunk - 1 < tile_hi ? base + chunk - 1 : tile_hi;
         for (int64_t i = block; i <= stop / bs; i++) {
             int64_t physical = P->block_tables[(size_t)b * P->table_width + (i - P->first_block[b])];
             size_t offset = ((size_t)physical * bs * P->n_kv + h) * D * elem;
-            size_t row = (size_t)(i - block) * bs * D;
-            load_rows((const char *)P->k_cache + offset, P->bf16, token_stride, bs, D, kb + row);
-            load_rows((const char *)P->v_cache + offset, P->bf16, token_stride, bs, D, vb + row);
+            int col = (int)(i - block) * bs;
+            load_keys_transposed((const char *)P->k_cache + offset, P->bf16, token_stride, bs, D, kT, width, col);
+            load_rows((const char *)P->v_cache + offset, P->bf16, token_stride, bs, D, vb + (size_t)col * D);
         }
-        for (int r = 0; r < rows; r++) {
-            int64_t a = lo[r] > base ? lo[r] : base, z = hi[r] < stop ? hi[r] : stop;
-            if (a > z) continue;
-            int jlo = (int)(a - base), jhi = (int)(z - base);
-            float best = scores(q + (size_t)r * D, kb, n, D, jlo, jhi, s);
-            float m_new = best > m[r] ? best : m[r];
-            float c = expf(m[r] - m_new);
-            float sum = exponentiate(s, jlo, jhi, m_new);
-            l[r] = l[r] * c + sum;
-            m[r] = m_new;
-            accumulate(acc + (size_t)r * D, c, s, vb, jlo, jhi, D);
+        for (int r0 = 0; r0 < rows; r0 += MR) {
+            const int nr = rows - r0 < MR ? rows - r0 : MR;
+            int jlo[MR], jhi[MR], ulo = INT32_MAX, uhi = -1;
+            for (int u = 0; u < nr; u++) {
+                int64_t a = lo[r0 + u] > base ? lo[r0 + u] : base, z = hi[r0 + u] < stop ? hi[r0 + u] : stop;
+                jlo[u] = (int)(a - base), jhi[u] = (int)(z - base);
+                if (a <= z) {
+                    ulo = jlo[u] < ulo ? jlo[u] : ulo;
+                    uhi = jhi[u] > uhi ? jhi[u] : uhi;
+                }
+            }
+            if (ulo > uhi) continue;
+            const float *rows_q[MR];
+            for (int u = 0; u < MR; u++) rows_q[u] = q + (size_t)(r0 + (u < nr ? u : nr - 1)) * D; /* spare lanes repeat a row */
+            score_tile(rows_q, kT, width, D, ulo / 8 * 8, padded(uhi + 1), s, width);
+            float c[MR];
+            for (int u = 0; u < nr; u++) c[u] = row_update(s + (size_t)u * width, ulo, uhi, jlo[u], jhi[u], m + r0 + u, l + r0 + u);
+            if (nr == MR) {
+                accumulate_tile(acc + (size_t)r0 * D, c, s, width, vb, ulo, uhi, D);
+            } else {
+                for (int u = 0; u < nr; u++) accumulate(acc + (size_t)(r0 + u) * D, c[u], s + (size_t)u * width, vb, ulo, uhi, D);
+            }
         }
     }
     for (int r = 0; r < rows; r++) {
@@ -270,12 +416,12 @@ int paged_attention(const float *q, float *out, const void *k_cache, const void 
     const int64_t jobs = tile_start[n_seqs] * n_kv;
     const int rows = tile_tokens * group;
     const int chunk = chunk_keys(block_size, dim);
-    const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)chunk * (2 * dim + 1)) +
-                                 sizeof(int64_t) * 2 * rows;
+    const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)padded(chunk) * (dim + MR) +
+                                                  (size_t)chunk * dim) + sizeof(int64_t) * 2 * rows;
     int failed = 0;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        float *scratch = malloc(scratch_bytes);
+        float *scratch = calloc(1, scratch_bytes); /* zeroed: padding lanes of kT are read, never used */
         if (!scratch) {
             #pragma omp atomic write
             failed = 1;
