@@ -93,21 +93,18 @@ def test_mxfp4_bf16_output_and_no_rows(device):
 DECODE_TILES = [None, "32,2,4;64,2,2"]  # the default tiles; wide tiles with masked column and K tails
 
 
-@pytest.mark.parametrize("experts", [
+DECODE_EXPERTS = [
     [[0, 1, 2, 3]],  # batch 1
     [[2, 0, 3, 1], [2, 0, 3, 1], [3, 2, 1, 0]],  # every token in the same four experts (experts 4, 5 empty)
     [[5, 4, 0, 1], [0, 2, 3, 4], [1, 5, 2, 3], [4, 3, 5, 0], [2, 1, 4, 5]],  # spread over all six
-])
-@pytest.mark.parametrize("tiles", DECODE_TILES)
-def test_moe_decode_projections_equal_dequantize_then_matmul(experts, tiles, device, monkeypatch):
-    """mlp1 (gate/linear rows, bias, clamped SwiGLU) per (token, slot) and mlp2 (bias, routing weight, sum over slots,
-    residual) per token against dequantised fp32 matmuls of the same bf16-rounded activations."""
-    from ossrun.model.kernels import triton_moe_decode
+]
 
-    if tiles:
-        monkeypatch.setenv("OSSRUN_MOE_DECODE_TILES", tiles)
-    g = torch.Generator().manual_seed(len(experts) + (tiles is None))
-    n_experts, hidden, inter, k = 6, 96, 64, 4  # K = 3 blocks of 32: a masked tail for 2- and 4-block iterations
+
+def decode_case(experts: list[list[int]], seed: int) -> dict:
+    """A few-token MoE case: 6 experts, hidden 96 (3 blocks of 32: a masked K tail for 2- and 4-block iterations),
+    intermediate 64, top-4; with the fp32 references of both projections (h_ref from t, y_ref from bf16-rounded h_ref)."""
+    g = torch.Generator().manual_seed(seed)
+    n_experts, hidden, inter, k = 6, 96, 64, 4
     b1, s1 = mxfp4.quantize_random(2 * inter, hidden, n_experts, g, (119, 123, 127, 129, 131))
     b2, s2 = mxfp4.quantize_random(hidden, inter, n_experts, g, (120, 124, 127, 130))
     bias1, bias2 = torch.randn(n_experts, 2 * inter, generator=g), torch.randn(n_experts, hidden, generator=g)
@@ -116,17 +113,81 @@ def test_moe_decode_projections_equal_dequantize_then_matmul(experts, tiles, dev
     weights = torch.softmax(torch.randn(tokens, k, generator=g), -1)
     t = (torch.randn(tokens, hidden, generator=g) * 4).bfloat16().float()
     x = torch.randn(tokens, hidden, generator=g)
-    to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
-    h = triton_moe_decode.mlp1(*to(t, chosen, b1, s1, bias1), 7.0)
-    y = triton_moe_decode.mlp2(*to(h.cpu().bfloat16().float(), chosen, weights, b2, s2, bias2, x))
-    h_ref = torch.stack([swiglu(t[p // k] @ mxfp4.dequantize(b1[e], s1[e], torch.float32).T + bias1[e], 7.0)
-                         for p, e in enumerate(chosen.reshape(-1).tolist())])
-    assert rel_err(h.cpu(), h_ref) < (1e-5 if device.type == "cpu" else 1e-4)
-    h_in = h.cpu().bfloat16().float()
+    pairs = list(enumerate(chosen.reshape(-1).tolist()))
+    h_ref = torch.stack([swiglu(t[p // k] @ mxfp4.dequantize(b1[e], s1[e], torch.float32).T + bias1[e], 7.0) for p, e in pairs])
+    h_in = h_ref.bfloat16().float()
     y_ref = x.clone()
-    for p, e in enumerate(chosen.reshape(-1).tolist()):
+    for p, e in pairs:
         y_ref[p // k] += weights.reshape(-1)[p] * (h_in[p] @ mxfp4.dequantize(b2[e], s2[e], torch.float32).T + bias2[e])
-    assert rel_err((y.cpu() - x), y_ref - x) < (1e-5 if device.type == "cpu" else 1e-4)
+    return dict(mlp1=(b1, s1, bias1), mlp2=(b2, s2, bias2), chosen=chosen, weights=weights, t=t, x=x, h_in=h_in,
+                h_ref=h_ref, y_ref=y_ref)
+
+
+@pytest.mark.parametrize("experts", DECODE_EXPERTS)
+@pytest.mark.parametrize("tiles", DECODE_TILES)
+def test_moe_decode_projections_equal_dequantize_then_matmul(experts, tiles, device, monkeypatch):
+    """mlp1 (gate/linear rows, bias, clamped SwiGLU) per (token, slot) and mlp2 (bias, routing weight, sum over slots,
+    residual) per token against dequantised fp32 matmuls of the same bf16-rounded activations."""
+    from ossrun.model.kernels import triton_moe_decode
+
+    if tiles:
+        monkeypatch.setenv("OSSRUN_MOE_DECODE_TILES", tiles)
+    case = decode_case(experts, len(experts) + (tiles is None))
+    to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
+    h = triton_moe_decode.mlp1(*to(case["t"], case["chosen"], *case["mlp1"]), 7.0)
+    y = triton_moe_decode.mlp2(*to(case["h_in"], case["chosen"], case["weights"], *case["mlp2"], case["x"]))
+    assert rel_err(h.cpu(), case["h_ref"]) < (1e-5 if device.type == "cpu" else 1e-4)
+    assert rel_err(y.cpu() - case["x"], case["y_ref"] - case["x"]) < (1e-5 if device.type == "cpu" else 1e-4)
+
+
+# ---------------------------------------------------------------- MoE for few tokens (swap-AB tensor-core kernels)
+
+MMA_TILES = [None, "128,4,8,2", "32,8,4,3"]  # the default; wide rows with a K tail; narrow rows, 8 blocks (K tail)
+
+
+def deinterleave(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a[:, 0::2], a[:, 1::2]], 1).contiguous()
+
+
+def interleave(a: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(a)
+    half = a.shape[1] // 2
+    out[:, 0::2], out[:, 1::2] = a[:, :half], a[:, half:]
+    return out
+
+
+@pytest.mark.parametrize("experts", DECODE_EXPERTS)
+@pytest.mark.parametrize("tiles", MMA_TILES)
+def test_moe_mma_projections_equal_dequantize_then_matmul(experts, tiles, device, monkeypatch):
+    """The swap-AB kernels: one program per (expert, row tile) serving every pair routed to it (the 3-token case puts
+    three pairs in each of four experts, the 5-token one 32 columns), de-interleaved activations in and h out."""
+    from ossrun.model.kernels import triton_moe_mma
+
+    if tiles:
+        monkeypatch.setenv("OSSRUN_MOE_MMA_TILE", tiles)
+    case = decode_case(experts, len(experts) + (tiles is None))
+    to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
+    h = triton_moe_mma.mlp1(*to(deinterleave(case["t"]), case["chosen"], *case["mlp1"]), 7.0)
+    y = triton_moe_mma.mlp2(*to(deinterleave(case["h_in"]), case["chosen"], case["weights"], *case["mlp2"], case["x"]))
+    # 2e-5 on the CPU: the lows' and highs' dot products are summed apart, a different order than the reference's.
+    assert rel_err(interleave(h.cpu()), case["h_ref"]) < (2e-5 if device.type == "cpu" else 1e-4)
+    assert rel_err(y.cpu() - case["x"], case["y_ref"] - case["x"]) < (1e-5 if device.type == "cpu" else 1e-4)
+
+
+def test_moe_mma_decode_is_exact_for_every_nibble_and_extreme_scales(device):
+    """Identity activations through the second projection read the decoded weights back, exactly: every byte (both
+    nibbles of every code), scale bytes 2 (2^-125) to 240 (2^113). 32 tokens of one expert: 32 columns of one program.
+    On a GPU this checks the PTX decode (its bf16 subnormal step included); the interpreter checks the fp32 route."""
+    from ossrun.model.kernels import triton_moe_mma
+
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16)
+    scales = torch.tensor([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], dtype=torch.uint8).view(1, 16, 1)
+    h = deinterleave(torch.eye(32))
+    experts = torch.zeros(32, 1, dtype=torch.int32)
+    ones = torch.ones(32, 1)
+    y = triton_moe_mma.mlp2(h.to(device), experts.to(device), ones.to(device), blocks.to(device), scales.to(device), None,
+                            residual=torch.zeros(32, 16, device=device))
+    assert torch.equal(y.cpu(), mxfp4.dequantize(blocks[0], scales[0], torch.float32).T)
 
 
 def test_moe_decode_norm_and_routing_equal_reference(device):
@@ -255,11 +316,14 @@ def test_gpt_oss_head_shapes_in_bf16(device):
 # ---------------------------------------------------------------- a whole MoE layer
 
 
-@pytest.mark.parametrize("tokens", [1, 5, 37])  # the decode kernels (≤ DECODE_MAX_TOKENS), then the grouped one
-def test_moe_layer_through_triton_equals_the_reference(tokens, checkpoints, device):
-    """The tiny model's MoE layers: norm, routing, grouping, both projections, SwiGLU, the weighted sum and the residual."""
+@pytest.mark.parametrize("tokens, kind", [(1, "gemv"), (5, "gemv"), (1, "mma"), (5, "mma"), (37, "gemv")])
+def test_moe_layer_through_triton_equals_the_reference(tokens, kind, checkpoints, device, monkeypatch):
+    """The tiny model's MoE layers: norm, routing, grouping, both projections, SwiGLU, the weighted sum and the residual.
+    Up to DECODE_MAX_TOKENS tokens the few-token kernels of `kind` (GEMV or swap-AB tensor-core), then the grouped one."""
     from ossrun.model.checkpoint import load_checkpoint
     from ossrun.model.gpt_oss import GptOss
+
+    monkeypatch.setenv("OSSRUN_MOE_DECODE_KIND", kind)
 
     model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device)
     x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(11)).to(device)
@@ -348,7 +412,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 47
+    assert done.stdout.count("shared") == 63
 
 
 # ---------------------------------------------------------------- fused small operations

@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ossrun.model.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_moe_decode  # noqa: E402
+from ossrun.model.kernels import triton_attention, triton_fused, triton_gemv, triton_moe, triton_moe_decode, triton_moe_mma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -42,7 +42,12 @@ MLP1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "N_OUT":
                   "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
 MLP2_SIGNATURE = {"h_ptr": "*bf16", "x_ptr": "*bf16", "y_ptr": "*bf16", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "N_OUT": "i32",
                   "stride_h": "i32", "stride_x": "i32", "stride_y": "i32", **DECODE_STRIDES}
-DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_be", "stride_bo", "stride_se", "stride_biase")  # 20b
+MMA1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "PAIRS": "i32", "N_OUT": "i32", "swiglu_limit": "fp32",
+                  "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
+MMA2_SIGNATURE = {"h_ptr": "*bf16", "part_ptr": "*fp32", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "PAIRS": "i32", "N_OUT": "i32",
+                  "stride_h": "i32", "stride_p": "i32", **DECODE_STRIDES}
+DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_p", "stride_be", "stride_bo", "stride_se",
+                  "stride_biase")  # 20b
 GEMV_TILES = triton_gemv.SWEEP_TILES
 # The decode tiles: the default and the ones bench/gpu_sweep.py times (BLOCK_N, BLOCK_B, warps).
 
@@ -89,7 +94,21 @@ def main() -> int:
                 "stride_slot": "i32", "stride_head": "i32"}, {"HQ": 64, "HKV": 8, "HQ_P": 64, "HKV_P": 8, "D": 64}, "rope_and_cache")
     compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
                 "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
-                {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4}, "norm_logits", warps=8)
+                {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4, "DEINTERLEAVE": False}, "norm_logits", warps=8)
+    compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
+                "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
+                {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4, "DEINTERLEAVE": True}, "norm_logits deinterleaved", warps=8)
+    for block_m, nb, warps, stages in triton_moe_mma.SWEEP_TILES:  # the swap-AB tensor-core kernels
+        for cols in (16, 32) if (block_m, nb, warps, stages) == triton_moe_mma.SWEEP_TILES[0] else (16,):
+            common = {"K": 2880, "HAS_BIAS": True, "COLS": cols, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": True,
+                      "EMULATE": False}
+            name = f"{block_m},{nb},{warps},{stages} cols {cols}"
+            compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, "ROUTE_K": 4}, f"moe mma mlp1 {name}", warps,
+                        aligned(MMA1_SIGNATURE, DECODE_ALIGNED))
+            compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, common, f"moe mma mlp2 {name}", warps,
+                        aligned(MMA2_SIGNATURE, DECODE_ALIGNED))
+    compile_one(triton_moe_mma._combine_kernel, {"part_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_p": "i32",
+                "stride_x": "i32", "stride_y": "i32"}, {"ROUTE_K": 4, "BLOCK": 1024}, "moe mma combine")
     compile_one(triton_moe_decode._topk_kernel, {"logits_ptr": "*fp32", "experts_ptr": "*i32", "weights_ptr": "*bf16"},
                 {"E": 32, "E_P": 32, "K": 4, "K_P": 4}, "topk", warps=1)
     for mlp, tiles in ((1, triton_moe_decode.SWEEP_TILES_MLP1), (2, triton_moe_decode.SWEEP_TILES_MLP2)):

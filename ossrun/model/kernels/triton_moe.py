@@ -277,12 +277,16 @@ def moe_layer(x: torch.Tensor, norm, gate: tuple[torch.Tensor, torch.Tensor], k:
     (fp32 `scale`, `eps`), gate = (weight [E, H], bias [E]).
 
     Chosen by token count (a graph captures one count, so one path): up to `decode_max_tokens()` tokens the
-    GEMV kernels of `triton_moe_decode` (three launches, weights read once per row at 16-byte loads);
-    above, the router, `route` and the grouped tensor-core kernel, which decodes each weight tile once for
-    all the rows of its expert."""
-    from ossrun.model.kernels.triton_moe_decode import decode_max_tokens, moe_layer_decode
+    few-token kernels, `decode_kind()` of them: the GEMV kernels of `triton_moe_decode` (weights read once
+    per row at 16-byte loads) or the swap-AB tensor-core kernels of `triton_moe_mma`; above, the router,
+    `route` and the grouped tensor-core kernel, which decodes each weight tile once for all the rows of its expert."""
+    from ossrun.model.kernels.triton_moe_decode import decode_kind, decode_max_tokens, moe_layer_decode
 
     if x.shape[0] <= decode_max_tokens():
+        if decode_kind() == "mma":
+            from ossrun.model.kernels.triton_moe_mma import moe_layer_mma
+
+            return moe_layer_mma(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
         return moe_layer_decode(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
     t = norm(x)
     logits = torch.nn.functional.linear(t, *gate)

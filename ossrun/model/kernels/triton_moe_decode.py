@@ -48,6 +48,15 @@ def decode_max_tokens() -> int:
     return int(os.environ.get("OSSRUN_MOE_DECODE_MAX", DECODE_MAX_TOKENS))
 
 
+def decode_kind() -> str:
+    """Which few-token MoE kernels run: "gemv" (this module) or "mma" (`triton_moe_mma`, the swap-AB tensor-core
+    kernels). OSSRUN_MOE_DECODE_KIND picks; bench/gpu_sweep.py times both and writes the faster one."""
+    kind = os.environ.get("OSSRUN_MOE_DECODE_KIND", "gemv")
+    if kind not in ("gemv", "mma"):
+        raise ValueError(f"OSSRUN_MOE_DECODE_KIND={kind!r}: expected 'gemv' or 'mma'")
+    return kind
+
+
 def use_asm() -> bool:
     """The PTX nibble decode: compiled kernels only (OSSRUN_MOE_ASM=0 takes the integer path, for comparison)."""
     return not interpreting() and os.environ.get("OSSRUN_MOE_ASM", "1") != "0"
@@ -158,9 +167,10 @@ def _row_dot(x_row, w_base, s_base, rows, row_ok, stride_bo, stride_so,
 
 @triton.jit
 def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_ptr, stride_x, stride_t, stride_g, eps,
-                        H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr):
+                        H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, DEINTERLEAVE: tl.constexpr):
     """Per (token, BLOCK_E experts): RMSNorm of the token (each program recomputes it: 2880 values from L2;
-    the first stores it) and those experts' router logits, rounded to the model dtype as F.linear rounds them.
+    the first stores it, de-interleaved for `triton_moe_mma` when asked: even elements, then odd ones) and those
+    experts' router logits, rounded to the model dtype as F.linear rounds them.
     Several programs a token: one program reading the whole 184 KB router was latency-bound (26 µs, run 1)."""
     tok = tl.program_id(0)
     cols = tl.arange(0, H_P)
@@ -168,7 +178,11 @@ def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_
     x = tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
     t = (x * inv * tl.load(norm_ptr + cols, mask=ok, other=0.0)).to(t_ptr.dtype.element_ty)
-    tl.store(t_ptr + tok * stride_t + cols, t, mask=ok & (tl.program_id(1) == 0))
+    if DEINTERLEAVE:
+        where = cols // 2 + (cols % 2) * (H // 2)
+    else:
+        where = cols
+    tl.store(t_ptr + tok * stride_t + where, t, mask=ok & (tl.program_id(1) == 0))
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     g = tl.load(gate_ptr + e[:, None] * stride_g + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
@@ -275,9 +289,11 @@ def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
 
 
 def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype), experts [T, k] (int32) and routing weights [T, k] (x's dtype).
+               k: int, deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype; with `deinterleave` each row's even elements, then its odd ones),
+    experts [T, k] (int32) and routing weights [T, k] (x's dtype).
     Two launches: norm and logits over T × E/4 programs, then top-k and softmax per token."""
+    assert not deinterleave or x.shape[1] % 2 == 0
     tokens, hidden = x.shape
     n_experts = gate_weight.shape[0]
     t = torch.empty_like(x)
@@ -288,7 +304,7 @@ def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weigh
         block_e = 4
         _norm_logits_kernel[(tokens, triton.cdiv(n_experts, block_e))](
             x, norm_scale, t, gate_weight, gate_bias, logits, x.stride(0), t.stride(0), gate_weight.stride(0), eps,
-            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, num_warps=8)
+            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, num_warps=8)
         _topk_kernel[(tokens,)](logits, experts, weights, E=n_experts, E_P=triton.next_power_of_2(n_experts), K=k,
                                 K_P=triton.next_power_of_2(k), num_warps=1)
     return t, experts, weights

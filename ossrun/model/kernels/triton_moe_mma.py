@@ -1,0 +1,267 @@
+"""A MoE layer for few tokens on the tensor cores: the expert's weights are the A operand (swap-AB).
+
+At batch 1 the GEMV kernels (`triton_moe_decode`) are bound by instructions, not bytes: per weight
+byte they decode two nibbles to fp16, widen them to fp32, scale, multiply-add on the FP32 units and
+relay the activations through shared memory, ~17 instructions a byte (bench/GPU_NOTES.md, read off
+the sm_90 SASS). Here the decoded weights feed `tl.dot` as its left operand, [rows, K], and the few
+tokens' activations are the right one, [K, 16 or 32 columns]: a warpgroup MMA takes A straight from
+registers, so a weight costs only its decode, and the multiply-adds go to the tensor cores.
+
+The decode goes straight to bf16, two values per instruction (`_E2M1_BF16_PTX`): a nibble's three
+magnitude bits land on bits 6–8 of a bf16 and its sign on bit 15 (one integer multiply places both:
+the nibble times 2^6 + 2^12), which is its E2M1 value × 2^-126 (a bf16 subnormal when the exponent
+is 0); × 2^126 and × the block's scale 2^(s−127) then give the weight exactly (two bf16 multiplies:
+one would overflow for s > 128). The interpreter (no PTX) takes the fp32 route of `triton_moe`.
+
+Columns are (token, slot) pairs. A program takes one expert and BLOCK_M weight rows, and serves every
+pair routed to that expert (the launch has one program per pair; a pair whose expert an earlier pair
+already has returns at once), so each expert's weights are read once a step however many tokens chose
+it. The activations come de-interleaved (a row's even elements, then its odd ones) so that the low
+and high nibbles of a byte multiply contiguous runs: `norm_route(..., deinterleave=True)` writes RMSNorm's
+output that way and the first projection writes h that way. The second projection writes each
+pair's weighted output in fp32; a small kernel sums a token's slots in order, rounds it to the model
+dtype as the reference does and adds the residual.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting, mma
+from ossrun.model.kernels.triton_moe_decode import _e2m1, norm_route
+
+# (BLOCK_M, NB, warps, stages): weight rows a program, 32-element blocks of K an iteration (a power of two), warps,
+# software pipeline stages. The first is the default; bench/gpu_sweep.py times them all, tests/triton_sm90_compile.py
+# compiles them. BLOCK_M = 64 is one warpgroup's MMA height (32 takes the older MMA: 2.4x the instructions). Read
+# off the sm_90 SASS (loop instructions a weight byte a thread, 2026-12-01): 64,2: 11.4; 64,4: 9.7; 64,8: 8.4;
+# 128,2: 9.2; the GEMV kernels ~17. NB = 4 and 8 leave a masked tail of gpt-oss's 90 blocks.
+SWEEP_TILES = [(64, 4, 4, 3), (64, 8, 4, 2), (128, 2, 4, 3), (64, 2, 4, 3), (64, 4, 4, 4), (128, 4, 8, 3)]
+
+
+def tiles() -> tuple[int, int, int, int]:
+    """(BLOCK_M, NB, warps, stages) of both projections; OSSRUN_MOE_MMA_TILE="m,nb,w,s" overrides (bench/gpu_sweep.py)."""
+    override = os.environ.get("OSSRUN_MOE_MMA_TILE")
+    if override:
+        m, nb, w, s = (int(v) for v in override.split(","))
+        return m, nb, w, s
+    return SWEEP_TILES[0]
+
+
+def columns(pairs: int) -> int:
+    """Right-operand columns for `pairs` (token, slot) pairs: at least 16 (the smallest dot), a power of two."""
+    return max(16, triton.next_power_of_2(pairs))
+
+
+_E2M1_BF16_PTX = tl.constexpr("""{
+    .reg .b32 z, c, t0, t1, m;
+    mov.b32 z, 0;
+    mov.b32 c, 0x7E807E80;
+    prmt.b32 t0, $4, z, 0x4140;
+    prmt.b32 t1, $4, z, 0x4342;
+    and.b32 m, t0, 0x000F000F;
+    mul.lo.u32 m, m, 4160;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 m, m, c;
+    mul.rn.bf16x2 $0, m, $5;
+    and.b32 m, t1, 0x000F000F;
+    mul.lo.u32 m, m, 4160;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 m, m, c;
+    mul.rn.bf16x2 $1, m, $6;
+    and.b32 m, t0, 0x00F000F0;
+    mul.lo.u32 m, m, 260;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 m, m, c;
+    mul.rn.bf16x2 $2, m, $5;
+    and.b32 m, t1, 0x00F000F0;
+    mul.lo.u32 m, m, 260;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 m, m, c;
+    mul.rn.bf16x2 $3, m, $6;
+}""")  # a constexpr: jit code reads no other globals
+
+
+@triton.jit
+def _decode_bf16(packed, sbyte, ASM: tl.constexpr):
+    """Packed bytes (uint8) and their blocks' scale bytes (same shape) → (low nibbles, high nibbles) as bf16 weights, exactly.
+
+    ASM: four bytes per PTX block (see the module docstring): prmt spreads bytes 0,1 (then 2,3) to the halves of a
+    word; per half-word pair, mask, one multiply placing magnitude and sign, mask, × 2^126, × scale."""
+    if ASM:
+        scale = (sbyte.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s−127): the E8M0 byte as a bf16 exponent
+        lo, hi = tl.inline_asm_elementwise(_E2M1_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return lo, hi
+    else:
+        p = packed.to(tl.int32)
+        scale = _scale_of(sbyte)
+        return (_e2m1(p & 15) * scale).to(tl.bfloat16), (_e2m1(p >> 4) * scale).to(tl.bfloat16)
+
+
+@triton.jit
+def _expert_columns(experts_ptr, PAIRS, COLS: tl.constexpr):
+    """This program's expert (that of pair program_id(0)), whether an earlier pair already serves it, the pairs it
+    serves [COLS] and the column index c [COLS]."""
+    expert = tl.load(experts_ptr + tl.program_id(0))
+    c = tl.arange(0, COLS)
+    ec = tl.load(experts_ptr + c, mask=c < PAIRS, other=-1)
+    served_before = tl.sum(((ec == expert) & (c < tl.program_id(0))).to(tl.int32), 0) > 0
+    return expert, served_before, ec == expert, c
+
+
+@triton.jit
+def _expert_dot(x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr,
+                BLOCK_M: tl.constexpr, NB: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
+                STAGES: tl.constexpr):
+    """W[rows] · X over all of K → [BLOCK_M, COLS] fp32. X's columns start at x_base [COLS] (pointers), de-interleaved:
+    element 2j at j, 2j+1 at K/2 + j. W's rows are K/32 blocks of 16 bytes with one scale byte each."""
+    NBLK: tl.constexpr = K // 32
+    j = tl.arange(0, 16)
+    bi = tl.arange(0, NB)
+    kk = tl.arange(0, NB * 16)
+    acc = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)
+    for b0 in tl.range(0, NBLK, NB, num_stages=STAGES):
+        blk = b0 + bi
+        b_ok = blk < NBLK
+        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
+                         mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
+        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
+        lo, hi = _decode_bf16(packed, sbyte[:, :, None], ASM)
+        byte = b0 * 16 + kk  # [NB·16]: byte index along the row = index of the even element in the de-interleaved X
+        k_ok = byte < K // 2
+        x_even = tl.load(x_base[None, :] + byte[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
+        x_odd = tl.load(x_base[None, :] + (K // 2 + byte)[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
+        acc += mma(_mma_order(lo, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_even), COLS, NB)), EMULATE)
+        acc += mma(_mma_order(hi, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_odd), COLS, NB)), EMULATE)
+    return acc
+
+
+@triton.jit
+def _mma_order(a, R: tl.constexpr, NB: tl.constexpr):
+    """[R, NB·16] in memory order → the same values in an order of K whose tensor-core fragments are memory runs.
+
+    A dot's sum over K does not care about K's order, only that both operands share it. An MMA's left operand
+    gives each thread of a quad-lane l the K pairs 2l, 2l+1 and 8+2l, 8+2l+1 of every 16: in memory order a
+    thread would hold 2-byte pieces (loaded as u16 and repacked, ~3 instructions a byte). Logical k = 16c + 8h
+    + 2l + e taken from memory byte l·4NB + 4c + 2h + e hands each thread 4·NB contiguous bytes instead."""
+    a = tl.reshape(a, (R, 4, NB, 2, 2))  # memory byte = l·4NB + 4c + 2h + e
+    return tl.reshape(tl.permute(a, (0, 2, 3, 1, 4)), (R, NB * 16))  # logical k = 16c + 8h + 2l + e
+
+
+@triton.jit
+def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, PAIRS, N_OUT, swiglu_limit,
+                     stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+                     K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """h (de-interleaved, [PAIRS, N_OUT]) = clamped SwiGLU of t · W1[e]ᵀ + b1[e] for the pairs of expert e; the weight
+    rows of output column n are 2n (glu) and 2n+1 (linear), one contiguous run of BLOCK_M rows a program."""
+    expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
+    if served_before:
+        return
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < 2 * N_OUT
+    x_base = t_ptr + (tl.minimum(c, PAIRS - 1) // ROUTE_K) * stride_t  # a column past the pairs reads a real row
+    acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
+                      rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    glu, lin = tl.split(tl.reshape(tl.trans(acc), (COLS, BLOCK_M // 2, 2)))  # [COLS, BLOCK_M/2] each
+    glu = tl.minimum(glu, swiglu_limit)
+    lin = tl.minimum(tl.maximum(lin, -swiglu_limit), swiglu_limit)
+    out = glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)  # SWIGLU_ALPHA
+    n = tl.program_id(1) * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)
+    where = (n // 2) + (n % 2) * (N_OUT // 2)  # de-interleaved for the second projection
+    tl.store(h_ptr + c[:, None] * stride_h + where[None, :], out.to(h_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & (n < N_OUT)[None, :])
+
+
+@triton.jit
+def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, PAIRS, N_OUT,
+                     stride_h, stride_p, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """part[pair] = routing weight · (h[pair] · W2[e]ᵀ + b2[e]) in fp32, for the pairs of expert e."""
+    expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
+    if served_before:
+        return
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N_OUT
+    x_base = h_ptr + tl.minimum(c, PAIRS - 1) * stride_h
+    acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
+                      rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    route_w = tl.load(weights_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(part_ptr + c[None, :] * stride_p + rows[:, None], acc * route_w[None, :], mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, x_ptr, y_ptr, N, stride_p, stride_x, stride_y, ROUTE_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t] = x[t] + (Σ over t's slots, in order, of part) rounded to the model dtype (as the reference rounds moe(x))."""
+    tok = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    total = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(ROUTE_K):
+        total += tl.load(part_ptr + (tok * ROUTE_K + s) * stride_p + cols, mask=ok, other=0.0)
+    moe = total.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tok * stride_y + cols, moe.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def use_asm() -> bool:
+    """The PTX decode: compiled kernels only (the interpreter has no PTX)."""
+    return not interpreting()
+
+
+def mlp1(t_deinterleaved: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
+         bias: torch.Tensor | None, swiglu_limit: float) -> torch.Tensor:
+    """t [T, H] (de-interleaved rows) and experts [T, k] → h [T·k, O/2], de-interleaved: the clamped SwiGLU of each
+    (token, slot)'s first projection."""
+    block_m, nb, warps, stages = tiles()
+    pairs, k = experts.numel(), experts.shape[1]
+    n_out = blocks.shape[1] // 2
+    h = torch.empty(pairs, n_out, dtype=t_deinterleaved.dtype, device=t_deinterleaved.device)
+    if pairs:
+        _mlp1_mma_kernel[(pairs, triton.cdiv(2 * n_out, block_m))](
+            t_deinterleaved, h, blocks, scales, bias if bias is not None else h, experts, pairs, n_out, float(swiglu_limit),
+            t_deinterleaved.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            K=t_deinterleaved.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
+            STAGES=stages, ASM=use_asm(), EMULATE=interpreting(), num_warps=warps)
+    return h
+
+
+def mlp2(h_deinterleaved: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor,
+         scales: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """h [T·k, I] (de-interleaved rows) → residual + Σ_slots weight · (h·W2ᵀ + b2) [T, O], the sum rounded to h's dtype."""
+    block_m, nb, warps, stages = tiles()
+    tokens, k = experts.shape
+    pairs, n_out = experts.numel(), blocks.shape[1]
+    y = torch.empty(tokens, n_out, dtype=h_deinterleaved.dtype, device=h_deinterleaved.device)
+    if not tokens:
+        return y
+    part = torch.empty(pairs, n_out, dtype=torch.float32, device=y.device)
+    _mlp2_mma_kernel[(pairs, triton.cdiv(n_out, block_m))](
+        h_deinterleaved, part, blocks, scales, bias if bias is not None else h_deinterleaved, experts, weights, pairs, n_out,
+        h_deinterleaved.stride(0), part.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        K=h_deinterleaved.shape[1], HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb, STAGES=stages,
+        ASM=use_asm(), EMULATE=interpreting(), num_warps=warps)
+    block = 1024
+    _combine_kernel[(tokens, triton.cdiv(n_out, block))](part, residual, y, n_out, part.stride(0), residual.stride(0), y.stride(0),
+                                                          ROUTE_K=k, BLOCK=block, num_warps=4)
+    return y
+
+
+def moe_layer_mma(x: torch.Tensor, norm: tuple[torch.Tensor, float], gate: tuple[torch.Tensor, torch.Tensor], k: int,
+                  mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float) -> torch.Tensor:
+    """`triton_moe_decode.moe_layer_decode` on the tensor cores: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in five
+    launches (norm and logits, top-k, two projections, the slot sum with the residual)."""
+    x = x.contiguous()
+    t, experts, weights = norm_route(x, norm[0], norm[1], gate[0], gate[1], k, deinterleave=True)
+    h = mlp1(t, experts, *mlp1_weights, swiglu_limit)
+    return mlp2(h, experts, weights, *mlp2_weights, residual=x)
