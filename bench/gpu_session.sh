@@ -33,7 +33,7 @@ step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
 # The sm_90 compile test runs on the CPU machines (CI); here the kernels themselves run.
 step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
-TAIL=60 step sweep 150 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
+TAIL=80 step sweep 240 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
 if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
 TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile
 step tests 60 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py

@@ -7,9 +7,12 @@ does not hold them between calls):
 1. the decode MoE kernels (`triton_moe_decode`) per tile: mlp1 (4 experts × 5760 rows) and mlp2
    (4 × 2880 rows) at one token, against the bytes they must read;
 2. the PTX nibble decode against the integer one at the best tiles;
-3. a whole MoE layer (norm, routing, both projections, residual) at 1–16 tokens, GEMV kernels against
-   the grouped tl.dot kernel: the largest token count where the GEMV kernels win;
-4. the dense GEMVs (qkv, out, unembedding) at 1, 2 and 4 rows, cuBLAS (`F.linear`) against the Triton GEMV per tile.
+3. the swap-AB tensor-core kernels (`triton_moe_mma`) per tile at one token, each checked against the GEMV
+   kernels' output first (a wrong result, e.g. a GPU that flushes the bf16 subnormals the decode passes
+   through, rules the kind out);
+4. a whole MoE layer (norm, routing, both projections, residual) at 1–16 tokens, GEMV and tensor-core
+   few-token kernels against the grouped tl.dot kernel: which few-token kind, and up to how many tokens;
+5. the dense GEMVs (qkv, out, unembedding) at 1, 2 and 4 rows, cuBLAS (`F.linear`) against the Triton GEMV per tile.
 The choices go to --env-out as `export` lines, which bench/gpu_session.sh sources before bench/gpu.py.
 """
 
@@ -22,8 +25,9 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from ossrun.model import mxfp4
 from ossrun.model.gpt_oss import RMSNorm
-from ossrun.model.kernels import triton_gemv, triton_moe, triton_moe_decode
+from ossrun.model.kernels import triton_gemv, triton_moe, triton_moe_decode, triton_moe_mma
 
 H, I, E, K_ROUTE = 2880, 2880, 32, 4  # 20b
 COPIES = 4  # layers' worth of expert weights: 4 × 400 MB
@@ -84,23 +88,94 @@ def sweep_decode_tiles(layers, env: dict) -> None:
     os.environ["OSSRUN_MOE_ASM"] = env["OSSRUN_MOE_ASM"] = "1" if both["1"] <= both["0"] else "0"
 
 
-def sweep_decode_threshold(layers, env: dict) -> None:
+def deinterleave(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a[:, 0::2], a[:, 1::2]], 1).contiguous()
+
+
+def mma_agrees(layers) -> bool:
+    """Whether the tensor-core kernels reproduce the GEMV kernels at 1 and 3 tokens (both round h and y to bf16:
+    a few bf16 steps apart at most), and read every weight back exactly (identity activations, scales 2..240)."""
+    g = torch.Generator().manual_seed(1)
+    agree = True
+    for tokens in (1, 3):
+        t = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        experts, weights = routed(tokens, g), torch.full((tokens, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
+        h_gemv = triton_moe_decode.mlp1(t, experts, *layers[0][0], 7.0)
+        h_mma = triton_moe_mma.mlp1(deinterleave(t), experts, *layers[0][0], 7.0)
+        y_gemv = triton_moe_decode.mlp2(h_gemv, experts, weights, *layers[0][1], residual=x)
+        y_mma = triton_moe_mma.mlp2(deinterleave(h_gemv), experts, weights, *layers[0][1], residual=x)
+        err_h = float((deinterleave(h_gemv).float() - h_mma.float()).abs().max() / h_gemv.float().abs().max())
+        err_y = float((y_gemv.float() - y_mma.float()).abs().max() / (y_gemv.float() - x.float()).abs().max())
+        print(f"  tensor-core vs GEMV kernels at {tokens} token(s): h {err_h:.1e}, y {err_y:.1e} (max relative)", flush=True)
+        agree &= err_h < 2e-2 and err_y < 2e-2
+    blocks = torch.arange(256, dtype=torch.uint8, device="cuda").view(1, 16, 1, 16)
+    scales = torch.tensor([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], dtype=torch.uint8,
+                          device="cuda").view(1, 16, 1)
+    eye = deinterleave(torch.eye(32, device="cuda"))
+    y = triton_moe_mma.mlp2(eye, torch.zeros(32, 1, dtype=torch.int32, device="cuda"), torch.ones(32, 1, device="cuda"), blocks,
+                            scales, None, residual=torch.zeros(32, 16, device="cuda"))
+    exact = bool(torch.equal(y.cpu(), mxfp4.dequantize(blocks[0].cpu(), scales[0].cpu(), torch.float32).T))
+    print(f"  tensor-core decode of every nibble at scales 2..240: {'exact' if exact else 'WRONG'}", flush=True)
+    return agree and exact
+
+
+def sweep_mma_tiles(layers, env: dict) -> bool:
+    """The tensor-core kernels per tile at one token; → whether they may be chosen at all (`mma_agrees`)."""
+    print("tensor-core (swap-AB) few-token MoE kernels:", flush=True)
+    if not mma_agrees(layers):
+        print("  ruled out: their results differ from the GEMV kernels'", flush=True)
+        return False
+    g = torch.Generator().manual_seed(0)
+    t = deinterleave(torch.randn(1, H, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    experts = routed(1, g)
+    weights = torch.full((1, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(K_ROUTE, I, device="cuda", dtype=torch.bfloat16)
+    bytes1 = K_ROUTE * 2 * I * (H // 2 + H // 32)
+    bytes2 = K_ROUTE * H * (I // 2 + I // 32)
+    best: tuple[float, str] | None = None
+    for tile in triton_moe_mma.SWEEP_TILES:
+        text = ",".join(map(str, tile))
+        os.environ["OSSRUN_MOE_MMA_TILE"] = text
+        us1 = bench(lambda i: triton_moe_mma.mlp1(t, experts, *layers[i][0], 7.0), COPIES)
+        us2 = bench(lambda i: triton_moe_mma.mlp2(h, experts, weights, *layers[i][1], residual=x), COPIES)
+        print(f"  {text:10s} mlp1 {us1:7.1f} us ({bytes1 / us1 / 1e3:5.0f} GB/s)   mlp2 + slot sum {us2:7.1f} us "
+              f"({bytes2 / us2 / 1e3:5.0f} GB/s)   {us1 + us2:7.1f} us", flush=True)
+        if best is None or us1 + us2 < best[0]:
+            best = (us1 + us2, text)
+    assert best is not None
+    os.environ["OSSRUN_MOE_MMA_TILE"] = env["OSSRUN_MOE_MMA_TILE"] = best[1]
+    print(f"  best: {best[1]} → {best[0]:.1f} us a layer's projections ({(bytes1 + bytes2) / best[0] / 1e3:.0f} GB/s)", flush=True)
+    return True
+
+
+def sweep_decode_threshold(layers, env: dict, kinds: tuple[str, ...]) -> None:
     norm = RMSNorm(torch.ones(H), 1e-5, torch.device("cuda"), triton=True)
     gate = (torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 50, torch.randn(E, device="cuda", dtype=torch.bfloat16))
-    print("whole MoE layer (norm, routing, projections, residual): GEMV kernels vs grouped tl.dot kernel", flush=True)
-    chosen = previous = 0
+    print(f"whole MoE layer (norm, routing, projections, residual): few-token kernels ({', '.join(kinds)}) vs grouped tl.dot kernel",
+          flush=True)
+    chosen = {kind: 0 for kind in kinds}
+    at_one: dict[str, float] = {}
+    previous = 0
     for tokens in (1, 2, 4, 8, 16):
         x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
         times = {}
-        for name, limit in (("gemv", "64"), ("grouped", "0")):
+        for name, limit in [(kind, "64") for kind in kinds] + [("grouped", "0")]:
             os.environ["OSSRUN_MOE_DECODE_MAX"] = limit
+            if name != "grouped":
+                os.environ["OSSRUN_MOE_DECODE_KIND"] = name
             times[name] = bench(lambda i: triton_moe.moe_layer(x, norm, gate, K_ROUTE, layers[i][0], layers[i][1], 7.0), COPIES)
-        print(f"  {tokens:3d} tokens: gemv {times['gemv']:7.1f} us   grouped {times['grouped']:7.1f} us", flush=True)
-        if times["gemv"] < times["grouped"] and chosen == previous:  # the GEMV kernels won at every count so far
-            chosen = tokens
+        print(f"  {tokens:3d} tokens: " + "   ".join(f"{name} {us:7.1f} us" for name, us in times.items()), flush=True)
+        at_one = at_one or times
+        for kind in kinds:
+            if times[kind] < times["grouped"] and chosen[kind] == previous:  # this kind won at every count so far
+                chosen[kind] = tokens
         previous = tokens
-    os.environ["OSSRUN_MOE_DECODE_MAX"] = env["OSSRUN_MOE_DECODE_MAX"] = str(chosen)
-    print(f"  GEMV kernels up to {chosen} tokens", flush=True)
+    kind = min(kinds, key=lambda k: at_one[k])  # the faster at batch 1 (the latency target); it keeps the counts it wins
+    os.environ["OSSRUN_MOE_DECODE_KIND"] = env["OSSRUN_MOE_DECODE_KIND"] = kind
+    os.environ["OSSRUN_MOE_DECODE_MAX"] = env["OSSRUN_MOE_DECODE_MAX"] = str(chosen[kind])
+    print(f"  few-token kernels: {kind}, up to {chosen[kind]} tokens", flush=True)
 
 
 def sweep_gemv(env: dict) -> None:
@@ -139,16 +214,19 @@ def sweep_gemv(env: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-out", default=None, help="write the choices here as export lines")
-    parser.add_argument("--parts", default="tiles,threshold,gemv")
+    parser.add_argument("--parts", default="tiles,mma,threshold,gemv")
     args = parser.parse_args()
     env: dict[str, str] = {}
     parts = args.parts.split(",")
-    if "tiles" in parts or "threshold" in parts:
+    if "tiles" in parts or "mma" in parts or "threshold" in parts:
         layers = [(expert_weights(2 * I, H), expert_weights(H, I)) for _ in range(COPIES)]
+        kinds: tuple[str, ...] = ("gemv",)
         if "tiles" in parts:
             sweep_decode_tiles(layers, env)
+        if "mma" in parts and sweep_mma_tiles(layers, env):
+            kinds = ("gemv", "mma")
         if "threshold" in parts:
-            sweep_decode_threshold(layers, env)
+            sweep_decode_threshold(layers, env, kinds)
         del layers
         torch.cuda.empty_cache()
     if "gemv" in parts:
