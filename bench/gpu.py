@@ -149,34 +149,52 @@ def profile_decode(model: GptOss, args, steps: int = 8) -> None:
         graph_replay(model, args)
 
 
+REPLAY_VARIANTS = [  # (label, environment): each a fresh engine and capture, beside the tuned defaults
+    ("attention key step 64", {"OSSRUN_ATTN_DECODE_BLOCK_N": "64"}),
+    ("attention key step 256", {"OSSRUN_ATTN_DECODE_BLOCK_N": "256"}),
+    ("attention keys split in 8", {"OSSRUN_ATTN_DECODE_SPLITS": "8"}),
+    ("attention keys split in 16", {"OSSRUN_ATTN_DECODE_SPLITS": "16"}),
+    ("MoE GEMV kernels", {"OSSRUN_MOE_DECODE_KIND": "gemv"}),
+    ("MoE tensor-core kernels", {"OSSRUN_MOE_DECODE_KIND": "mma"}),
+]
+
+
 def graph_replay(model: GptOss, args, steps: int = 100) -> None:
     """The batch-1 decode graph replayed back to back: the GPU time of a step without the engine's host work
-    (the gap to the req-0 decode rate is what the scheduler, input copies and sampling cost). Also with the
-    decode attention's key step (OSSRUN_ATTN_DECODE_BLOCK_N) at 64 and 256: a fresh capture each."""
+    (the gap to the req-0 decode rate is what the scheduler, input copies and sampling cost). Also with each of
+    `REPLAY_VARIANTS` (decode attention's key step and key splits, the few-token MoE kernels): a fresh capture each."""
     import os
 
     need = bytes_per_token(model.config, args.prompt_len + 1)
-    for block_n in (None, "64", "256"):
-        if block_n:
-            os.environ["OSSRUN_ATTN_DECODE_BLOCK_N"] = block_n
-        engine = make_engine(model, 1, argparse.Namespace(**{**vars(args), "graphs": True}))
-        engine.add(Request("g", prompts(1, args.prompt_len, model.config.vocab_size, 8)[0], SamplingParams(max_tokens=4, temperature=0)))
-        engine.step()  # the prefill
-        engine.step()  # one decode: fills the graph's inputs
-        graph = engine.runner.graphs.graphs[1]
-        for _ in range(5):
-            graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / steps
-        print(f"batch-1 graph replay (attention key step {block_n or 'default'}): {ms:.3f} ms a step → {1000 / ms:.0f} tok/s, "
-              f"{need / ms / 1e9:.2f} TB/s of the bytes a token needs", flush=True)
-        del engine
-        os.environ.pop("OSSRUN_ATTN_DECODE_BLOCK_N", None)
+    for label, env in [("tuned defaults", {})] + REPLAY_VARIANTS:
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            engine = make_engine(model, 1, argparse.Namespace(**{**vars(args), "graphs": True}))
+            engine.add(Request("g", prompts(1, args.prompt_len, model.config.vocab_size, 8)[0], SamplingParams(max_tokens=4, temperature=0)))
+            engine.step()  # the prefill
+            engine.step()  # one decode: fills the graph's inputs
+            graph = engine.runner.graphs.graphs[1]
+            for _ in range(5):
+                graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / steps
+            print(f"batch-1 graph replay ({label}): {ms:.3f} ms a step → {1000 / ms:.0f} tok/s, "
+                  f"{need / ms / 1e9:.2f} TB/s of the bytes a token needs", flush=True)
+            del engine
+        except Exception as error:  # one variant failing must not cost the others
+            print(f"batch-1 graph replay ({label}): failed: {error!r}", flush=True)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def main() -> None:

@@ -281,8 +281,12 @@ STEPS = {
 
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("window", [None, 8])
-def test_paged_attention_equals_reference(step, window, device):
-    """Sequences longer than the window (8) in every step; page 4 so tables span many blocks."""
+@pytest.mark.parametrize("splits", [None, "4"])
+def test_paged_attention_equals_reference(step, window, splits, device, monkeypatch):
+    """Sequences longer than the window (8) in every step; page 4 so tables span many blocks. With `splits` the decodes
+    take the split-key kernels (runs of 64 keys: the 40-token context fills one run, the others stay empty)."""
+    if splits:
+        monkeypatch.setenv("OSSRUN_ATTN_DECODE_SPLITS", splits)
     n_heads, n_kv, dim = 8, 2, 16
     q, k, v, attention = build_step(STEPS[step], 4, n_kv, dim, n_heads, window, torch.float32, device)
     sinks = torch.randn(n_heads, device=device)
@@ -291,7 +295,10 @@ def test_paged_attention_equals_reference(step, window, device):
     assert rel_err(out.cpu(), ref.cpu()) < 1e-5
 
 
-def test_sinks_that_take_most_of_the_weight(device):
+@pytest.mark.parametrize("splits", [None, "2"])
+def test_sinks_that_take_most_of_the_weight(splits, device, monkeypatch):
+    if splits:
+        monkeypatch.setenv("OSSRUN_ATTN_DECODE_SPLITS", splits)
     n_heads, n_kv, dim = 8, 2, 16
     q, k, v, attention = build_step(STEPS["mixed_step"], 4, n_kv, dim, n_heads, 8, torch.float32, device, seed=5)
     sinks = torch.full((n_heads,), 12.0, device=device)  # e^12 against scores of order 1: outputs shrink ~1e5
@@ -301,11 +308,15 @@ def test_sinks_that_take_most_of_the_weight(device):
     assert rel_err(out.cpu(), ref.cpu()) < 1e-5
 
 
-def test_gpt_oss_head_shapes_in_bf16(device):
-    """64 query heads on 8 KV heads of 64 dims (the 20b layout), page 16, window 128, bf16 cache."""
+@pytest.mark.parametrize("splits", [None, "4"])
+def test_gpt_oss_head_shapes_in_bf16(splits, device, monkeypatch):
+    """64 query heads on 8 KV heads of 64 dims (the 20b layout), page 16, window 128, bf16 cache; with `splits` the
+    decodes' keys (300 and 151 of them, 128 in the window) are split into 4 runs of 64 or 128 (some empty)."""
+    if splits:
+        monkeypatch.setenv("OSSRUN_ATTN_DECODE_SPLITS", splits)
     n_heads, n_kv, dim = 64, 8, 64
-    seqs = [(150, 1), (0, 20), (130, 9)]
-    q, k, v, attention = build_step(seqs, 16, n_kv, dim, n_heads, 128, torch.bfloat16, device, n_blocks=40)
+    seqs = [(150, 1), (0, 20), (130, 9), (299, 1)]
+    q, k, v, attention = build_step(seqs, 16, n_kv, dim, n_heads, 128, torch.bfloat16, device, n_blocks=64)
     sinks = torch.randn(n_heads, device=device)
     ref = attention(False)(0, q, k, v, sinks, 128, dim ** -0.5)
     out = attention(True)(0, q, k, v, sinks, 128, dim ** -0.5)
@@ -412,7 +423,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 63
+    assert done.stdout.count("shared") == 69
 
 
 # ---------------------------------------------------------------- fused small operations

@@ -80,6 +80,19 @@ def main() -> int:
                          "SLIDING": sliding, "EMULATE": False, "IEEE": False}
             compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, constants,
                         f"attention sliding={sliding} block_t={block_t} block_n={block_n}")
+    split = {"q_ptr": "*bf16", "part_ptr": "*fp32", "stats_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "tables_ptr": "*i64",
+             "first_block_ptr": "*i64", "context_ptr": "*i64", "q_start_ptr": "*i32", "positions_ptr": "*i64", "seqs_ptr": "*i32",
+             "n_table": "i32", "window": "i32", "scale": "fp32", "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i32",
+             "stride_ks": "i32", "stride_kh": "i32", "stride_tb": "i32"}
+    for sliding in (True, False):
+        for splits in (8, 16):
+            compile_one(triton_attention._decode_split_kernel, split, {"GROUP": 8, "ROWS": 16, "HEAD_DIM": 64, "PAGE": 16, "BLOCK_N": 64,
+                        "SPLITS": splits, "SLIDING": sliding, "EMULATE": False, "IEEE": False},
+                        f"attention decode split sliding={sliding} splits={splits}")
+    for splits in (8, 16):
+        compile_one(triton_attention._decode_combine_kernel, {"part_ptr": "*fp32", "stats_ptr": "*fp32", "sinks_ptr": "*fp32",
+                    "out_ptr": "*bf16", "q_start_ptr": "*i32", "seqs_ptr": "*i32", "stride_ot": "i32", "stride_oh": "i32"},
+                    {"GROUP": 8, "ROWS": 16, "HEAD_DIM": 64, "SPLITS": splits}, f"attention decode combine splits={splits}")
     fp32 = {**ATTENTION_SIGNATURE, **{name: "*fp32" for name in ("q_ptr", "out_ptr", "k_ptr", "v_ptr")}}
     compile_one(triton_attention._paged_attention_kernel, fp32, {"GROUP": 4, "GROUP_P": 4, "HEAD_DIM": 16, "PAGE": 16, "BLOCK_T": 4,
                 "BLOCK_N": 64, "SLIDING": True, "EMULATE": False, "IEEE": True}, "attention fp32 (ieee)")

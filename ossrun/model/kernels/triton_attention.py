@@ -112,6 +112,91 @@ def _paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, part_ptr, stats_ptr, k_ptr, v_ptr,
+    tables_ptr, first_block_ptr, context_ptr, q_start_ptr, positions_ptr, seqs_ptr,
+    n_table, window, scale,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Decode (one query a sequence), split along the keys: program (i, KV head, split) takes the split-th of SPLITS
+    equal runs of the keys its query sees and leaves the unnormalised (max, sum, P·V) of its GROUP query heads;
+    `_decode_combine_kernel` merges the runs with the sink. Rows past GROUP pad the tile to the 16 a dot needs."""
+    i = tl.program_id(0)
+    seq = tl.load(seqs_ptr + i)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.arange(0, ROWS)
+    row_ok = r < GROUP
+    head = kvh * GROUP + tl.minimum(r, GROUP - 1)
+    q_start = tl.load(q_start_ptr + seq)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + q_start * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    pos = tl.load(positions_ptr + q_start)
+    q_pos = tl.zeros((ROWS,), tl.int64) + pos
+    first = tl.load(first_block_ptr + seq) * PAGE
+    hi = tl.minimum(pos + 1, tl.load(context_ptr + seq))
+    lo = first
+    if SLIDING:
+        lo = tl.maximum(pos - window + 1, first)
+    chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+    m_i = tl.full((ROWS,), -1.0e30, tl.float32)  # finite: an empty run must not make exp(−inf − (−inf))
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    q = q.to(k_ptr.dtype.element_ty)
+    table = tables_ptr + seq.to(tl.int64) * stride_tb
+    while start < end:  # a while loop: tensor bounds (the interpreter takes no tensor range() bounds either)
+        m_i, l_i, acc = _key_tile(start, q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table, first // PAGE, n_table, end, window,
+                                  scale, kvh, stride_kb, stride_ks, stride_kh, HEAD_DIM, PAGE, BLOCK_N, SLIDING, EMULATE, IEEE)
+        start += BLOCK_N
+    at = (i * tl.num_programs(1) + kvh) * SPLITS + split
+    tl.store(stats_ptr + at * 2 * ROWS + r, m_i)
+    tl.store(stats_ptr + at * 2 * ROWS + ROWS + r, l_i)
+    tl.store(part_ptr + at * ROWS * HEAD_DIM + r[:, None] * HEAD_DIM + d[None, :], acc)
+
+
+@triton.jit
+def _decode_combine_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, q_start_ptr, seqs_ptr, stride_ot, stride_oh,
+                           GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """The runs of one (sequence, KV head) merged with the sink as the first column: out = Σ_s e^(m_s−M)·acc_s / L,
+    L = e^(sink−M) + Σ_s e^(m_s−M)·l_s, M the largest of the sink and the m_s (the reference's softmax, regrouped)."""
+    i = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    row_ok = r < GROUP
+    head = kvh * GROUP + tl.minimum(r, GROUP - 1)
+    at = (i * tl.num_programs(1) + kvh) * SPLITS + s  # [SPLITS]
+    m_s = tl.load(stats_ptr + at[:, None] * 2 * ROWS + r[None, :])  # [SPLITS, ROWS]
+    l_s = tl.load(stats_ptr + at[:, None] * 2 * ROWS + ROWS + r[None, :])
+    sink = tl.load(sinks_ptr + head).to(tl.float32)  # [ROWS]
+    big = tl.maximum(sink, tl.max(m_s, 0))
+    w = tl.exp(m_s - big[None, :])  # [SPLITS, ROWS]
+    total = tl.exp(sink - big) + tl.sum(w * l_s, 0)
+    acc = tl.load(part_ptr + at[:, None, None] * ROWS * HEAD_DIM + r[None, :, None] * HEAD_DIM + d[None, None, :])
+    out = tl.sum(acc * w[:, :, None], 0) / total[:, None]
+    q_start = tl.load(q_start_ptr + tl.load(seqs_ptr + i))
+    tl.store(out_ptr + q_start * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+DECODE_SPLITS = 1  # not yet timed on a GPU: bench/gpu.py's graph replay compares 8 and 16 (bench/GPU_NOTES.md)
+SPLIT_BLOCK_N = 64
+
+
+def decode_splits(programs: int) -> int:
+    """Runs the keys of each decode query are split into (a power of two, 1 = the one-pass kernel). A decode launch
+    has one program per (sequence, KV head), 8 at batch 1, each walking its whole context: splitting gives the GPU
+    more programs where there are few; past 128 programs there are enough. OSSRUN_ATTN_DECODE_SPLITS sets it."""
+    splits = int(os.environ.get("OSSRUN_ATTN_DECODE_SPLITS", DECODE_SPLITS))
+    return splits if programs < 128 else 1
+
+
 DECODE_BLOCK_N = 128  # run 7's graph replay: 2.41 ms a batch-1 step (64: 2.51, 256: 2.45)
 
 
@@ -141,6 +226,10 @@ def paged_attention(
     page, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
     group_p = triton.next_power_of_2(group)
+    splits = decode_splits(len(seqs) * n_kv) if max_q_len == 1 else 1
+    if splits > 1:
+        return _split_decode(q, k_cache, v_cache, sinks, window, scale, block_tables, first_block, context_lens, q_starts,
+                             positions, seqs, out, splits)
     # Two tile shapes only (each one compile): 16 rows for decodes, 128 rows for prefill chunks; tl.dot needs 16.
     block_t = max(1, (16 if max_q_len == 1 else 128) // group_p)
     block_n = decode_block_n() if max_q_len == 1 else 64
@@ -154,4 +243,25 @@ def paged_attention(
         GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, PAGE=page,
         BLOCK_T=block_t, BLOCK_N=block_n, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
     )
+    return out
+
+
+def _split_decode(q, k_cache, v_cache, sinks, window, scale, block_tables, first_block, context_lens, q_starts, positions, seqs,
+                  out, splits: int) -> torch.Tensor:
+    """`paged_attention` for decodes in two launches: the key runs (`_decode_split_kernel`), then their merge."""
+    n_heads, dim = q.shape[1], q.shape[2]
+    page, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    rows = max(16, triton.next_power_of_2(group))
+    runs = len(seqs) * n_kv * splits
+    part = torch.empty(runs, rows, dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(runs, 2, rows, dtype=torch.float32, device=q.device)
+    common = dict(GROUP=group, ROWS=rows, HEAD_DIM=dim, SPLITS=splits)
+    _decode_split_kernel[(len(seqs), n_kv, splits)](
+        q, part, stats, k_cache, v_cache, block_tables, first_block, context_lens, q_starts, positions, seqs,
+        block_tables.shape[1], window or 0, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        PAGE=page, BLOCK_N=SPLIT_BLOCK_N, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
+        **common)
+    _decode_combine_kernel[(len(seqs), n_kv)](part, stats, sinks, out, q_starts, seqs, out.stride(0), out.stride(1), **common)
     return out
