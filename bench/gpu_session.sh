@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,sweep,bench,tests] [bench paths]
 set -u
 OUT=${OUT:-./gpu-out}
-BENCH_SECONDS=${1:-200}
+BENCH_SECONDS=${1:-280}
 STEPS=${2:-sanity,kernels,sweep,bench,tests}
 PATHS_=${3:-kernel kernel-nograph}
 mkdir -p "$OUT"
@@ -32,7 +32,7 @@ step sanity 40 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
   $PYTHON -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0));
 import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kernels.triton_attention; print(\"imports ok\")"'
 # The sm_90 compile test runs on the CPU machines (CI); here the kernels themselves run.
-step kernels 120 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
+step kernels 180 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
 TAIL=80 step sweep 240 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
 if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
 TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile

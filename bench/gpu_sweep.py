@@ -102,21 +102,27 @@ def mma_agrees(layers) -> bool:
         x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
         experts, weights = routed(tokens, g), torch.full((tokens, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
         h_gemv = triton_moe_decode.mlp1(t, experts, *layers[0][0], 7.0)
-        h_mma = triton_moe_mma.mlp1(deinterleave(t), experts, *layers[0][0], 7.0)
         y_gemv = triton_moe_decode.mlp2(h_gemv, experts, weights, *layers[0][1], residual=x)
-        y_mma = triton_moe_mma.mlp2(deinterleave(h_gemv), experts, weights, *layers[0][1], residual=x)
-        err_h = float((deinterleave(h_gemv).float() - h_mma.float()).abs().max() / h_gemv.float().abs().max())
-        err_y = float((y_gemv.float() - y_mma.float()).abs().max() / (y_gemv.float() - x.float()).abs().max())
-        print(f"  tensor-core vs GEMV kernels at {tokens} token(s): h {err_h:.1e}, y {err_y:.1e} (max relative)", flush=True)
-        agree &= err_h < 2e-2 and err_y < 2e-2
+        for small in (False, True):  # the sweep's scale bytes are 118..123: both decodes apply
+            h_mma = triton_moe_mma.mlp1(deinterleave(t), experts, *layers[0][0], 7.0, small_scales=small)
+            y_mma = triton_moe_mma.mlp2(deinterleave(h_gemv), experts, weights, *layers[0][1], residual=x, small_scales=small)
+            err_h = float((deinterleave(h_gemv).float() - h_mma.float()).abs().max() / h_gemv.float().abs().max())
+            err_y = float((y_gemv.float() - y_mma.float()).abs().max() / (y_gemv.float() - x.float()).abs().max())
+            print(f"  tensor-core ({'one' if small else 'two'}-multiply decode) vs GEMV kernels at {tokens} token(s): "
+                  f"h {err_h:.1e}, y {err_y:.1e} (max relative)", flush=True)
+            agree &= err_h < 2e-2 and err_y < 2e-2
     blocks = torch.arange(256, dtype=torch.uint8, device="cuda").view(1, 16, 1, 16)
-    scales = torch.tensor([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], dtype=torch.uint8,
-                          device="cuda").view(1, 16, 1)
     eye = deinterleave(torch.eye(32, device="cuda"))
-    y = triton_moe_mma.mlp2(eye, torch.zeros(32, 1, dtype=torch.int32, device="cuda"), torch.ones(32, 1, device="cuda"), blocks,
-                            scales, None, residual=torch.zeros(32, 16, device="cuda"))
-    exact = bool(torch.equal(y.cpu(), mxfp4.dequantize(blocks[0].cpu(), scales[0].cpu(), torch.float32).T))
-    print(f"  tensor-core decode of every nibble at scales 2..240: {'exact' if exact else 'WRONG'}", flush=True)
+    exact = True
+    for scale_bytes, small in (([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], False),
+                               ([2, 3, 100, 127, 128, 120, 4, 127, 126, 5, 60, 127, 127, 110, 90, 2], True)):
+        scales = torch.tensor(scale_bytes, dtype=torch.uint8, device="cuda").view(1, 16, 1)
+        y = triton_moe_mma.mlp2(eye, torch.zeros(32, 1, dtype=torch.int32, device="cuda"), torch.ones(32, 1, device="cuda"), blocks,
+                                scales, None, residual=torch.zeros(32, 16, device="cuda"), small_scales=small)
+        ok = bool(torch.equal(y.cpu(), mxfp4.dequantize(blocks[0].cpu(), scales[0].cpu(), torch.float32).T))
+        print(f"  tensor-core {'one' if small else 'two'}-multiply decode of every nibble at extreme scales: "
+              f"{'exact' if ok else 'WRONG'}", flush=True)
+        exact &= ok
     return agree and exact
 
 
@@ -147,6 +153,17 @@ def sweep_mma_tiles(layers, env: dict) -> bool:
     assert best is not None
     os.environ["OSSRUN_MOE_MMA_TILE"] = env["OSSRUN_MOE_MMA_TILE"] = best[1]
     print(f"  best: {best[1]} → {best[0]:.1f} us a layer's projections ({(bytes1 + bytes2) / best[0] / 1e3:.0f} GB/s)", flush=True)
+    split_us = {}
+    for split_k in ("1", "2", "4"):  # the second projection's K runs (more programs, more bytes in flight)
+        os.environ["OSSRUN_MOE_MMA_SPLIT_K"] = split_k
+        split_us[split_k] = bench(lambda i: triton_moe_mma.mlp2(h, experts, weights, *layers[i][1], residual=x), COPIES)
+        print(f"  mlp2 + slot sum with K in {split_k} run(s): {split_us[split_k]:7.1f} us ({bytes2 / split_us[split_k] / 1e3:5.0f} GB/s)",
+              flush=True)
+    os.environ["OSSRUN_MOE_MMA_SPLIT_K"] = env["OSSRUN_MOE_MMA_SPLIT_K"] = min(split_us, key=split_us.get)
+    for small in (False, True):  # the model passes small_scales when its scale bytes are all ≤ 128
+        us = bench(lambda i: triton_moe_mma.mlp1(t, experts, *layers[i][0], 7.0, small_scales=small), COPIES) + \
+            bench(lambda i: triton_moe_mma.mlp2(h, experts, weights, *layers[i][1], residual=x, small_scales=small), COPIES)
+        print(f"  {'one' if small else 'two'}-multiply decode: {us:7.1f} us a layer's projections", flush=True)
     return True
 
 

@@ -142,7 +142,9 @@ def test_moe_decode_projections_equal_dequantize_then_matmul(experts, tiles, dev
 
 # ---------------------------------------------------------------- MoE for few tokens (swap-AB tensor-core kernels)
 
-MMA_TILES = [None, "128,4,8,2", "32,8,4,3"]  # the default; wide rows with a K tail; narrow rows, 8 blocks (K tail)
+# (tile, second projection's K runs): the defaults; wide rows with a K tail, unsplit; 8 blocks an iteration with 4 runs
+# of K (the 2-block K of the tests' second projection leaves two runs empty).
+MMA_TILES = [(None, None), ("128,4,8,2", "1"), ("64,8,4,3", "4")]
 
 
 def deinterleave(a: torch.Tensor) -> torch.Tensor:
@@ -163,9 +165,11 @@ def test_moe_mma_projections_equal_dequantize_then_matmul(experts, tiles, device
     three pairs in each of four experts, the 5-token one 32 columns), de-interleaved activations in and h out."""
     from ossrun.model.kernels import triton_moe_mma
 
-    if tiles:
-        monkeypatch.setenv("OSSRUN_MOE_MMA_TILE", tiles)
-    case = decode_case(experts, len(experts) + (tiles is None))
+    tile, split_k = tiles
+    if tile:
+        monkeypatch.setenv("OSSRUN_MOE_MMA_TILE", tile)
+        monkeypatch.setenv("OSSRUN_MOE_MMA_SPLIT_K", split_k)
+    case = decode_case(experts, len(experts) + (tile is None))
     to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
     h = triton_moe_mma.mlp1(*to(deinterleave(case["t"]), case["chosen"], *case["mlp1"]), 7.0)
     y = triton_moe_mma.mlp2(*to(deinterleave(case["h_in"]), case["chosen"], case["weights"], *case["mlp2"], case["x"]))
@@ -174,19 +178,23 @@ def test_moe_mma_projections_equal_dequantize_then_matmul(experts, tiles, device
     assert rel_err(y.cpu() - case["x"], case["y_ref"] - case["x"]) < (1e-5 if device.type == "cpu" else 1e-4)
 
 
-def test_moe_mma_decode_is_exact_for_every_nibble_and_extreme_scales(device):
+@pytest.mark.parametrize("scale_bytes, small_scales", [
+    ([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], False),  # 2^-125 … 2^113: two multiplies
+    ([2, 3, 100, 127, 128, 120, 4, 127, 126, 5, 60, 127, 127, 110, 90, 2], True),  # all ≤ 128: the one-multiply decode
+])
+def test_moe_mma_decode_is_exact_for_every_nibble_and_extreme_scales(scale_bytes, small_scales, device):
     """Identity activations through the second projection read the decoded weights back, exactly: every byte (both
-    nibbles of every code), scale bytes 2 (2^-125) to 240 (2^113). 32 tokens of one expert: 32 columns of one program.
-    On a GPU this checks the PTX decode (its bf16 subnormal step included); the interpreter checks the fp32 route."""
+    nibbles of every code) under extreme scale bytes. 32 tokens of one expert: 32 columns of one program.
+    On a GPU this checks the PTX decodes (their bf16 subnormal steps included); the interpreter checks the fp32 route."""
     from ossrun.model.kernels import triton_moe_mma
 
     blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16)
-    scales = torch.tensor([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], dtype=torch.uint8).view(1, 16, 1)
+    scales = torch.tensor(scale_bytes, dtype=torch.uint8).view(1, 16, 1)
     h = deinterleave(torch.eye(32))
     experts = torch.zeros(32, 1, dtype=torch.int32)
     ones = torch.ones(32, 1)
     y = triton_moe_mma.mlp2(h.to(device), experts.to(device), ones.to(device), blocks.to(device), scales.to(device), None,
-                            residual=torch.zeros(32, 16, device=device))
+                            residual=torch.zeros(32, 16, device=device), small_scales=small_scales)
     assert torch.equal(y.cpu(), mxfp4.dequantize(blocks[0], scales[0], torch.float32).T)
 
 
@@ -423,7 +431,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 69
+    assert done.stdout.count("shared") == 71
 
 
 # ---------------------------------------------------------------- fused small operations

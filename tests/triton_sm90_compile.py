@@ -45,8 +45,8 @@ MLP2_SIGNATURE = {"h_ptr": "*bf16", "x_ptr": "*bf16", "y_ptr": "*bf16", **DECODE
 MMA1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "PAIRS": "i32", "N_OUT": "i32", "swiglu_limit": "fp32",
                   "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
 MMA2_SIGNATURE = {"h_ptr": "*bf16", "part_ptr": "*fp32", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "PAIRS": "i32", "N_OUT": "i32",
-                  "stride_h": "i32", "stride_p": "i32", **DECODE_STRIDES}
-DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_p", "stride_be", "stride_bo", "stride_se",
+                  "stride_h": "i32", "stride_p": "i32", "stride_ps": "i32", **DECODE_STRIDES}
+DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_p", "stride_ps", "stride_be", "stride_bo", "stride_se",
                   "stride_biase")  # 20b
 GEMV_TILES = triton_gemv.SWEEP_TILES
 # The decode tiles: the default and the ones bench/gpu_sweep.py times (BLOCK_N, BLOCK_B, warps).
@@ -112,16 +112,18 @@ def main() -> int:
                 "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
                 {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4, "DEINTERLEAVE": True}, "norm_logits deinterleaved", warps=8)
     for block_m, nb, warps, stages in triton_moe_mma.SWEEP_TILES:  # the swap-AB tensor-core kernels
-        for cols in (16, 32) if (block_m, nb, warps, stages) == triton_moe_mma.SWEEP_TILES[0] else (16,):
-            common = {"K": 2880, "HAS_BIAS": True, "COLS": cols, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": True,
+        default = (block_m, nb, warps, stages) == triton_moe_mma.SWEEP_TILES[0]
+        for cols, asm in ((16, 1), (32, 1), (16, 2)) if default else ((16, 1),):  # asm 2: the one-multiply decode
+            common = {"K": 2880, "HAS_BIAS": True, "COLS": cols, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": asm,
                       "EMULATE": False}
-            name = f"{block_m},{nb},{warps},{stages} cols {cols}"
+            name = f"{block_m},{nb},{warps},{stages} cols {cols} asm {asm}"
             compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, "ROUTE_K": 4}, f"moe mma mlp1 {name}", warps,
                         aligned(MMA1_SIGNATURE, DECODE_ALIGNED))
-            compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, common, f"moe mma mlp2 {name}", warps,
-                        aligned(MMA2_SIGNATURE, DECODE_ALIGNED))
+            compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, {**common, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K},
+                        f"moe mma mlp2 {name}", warps, aligned(MMA2_SIGNATURE, DECODE_ALIGNED))
     compile_one(triton_moe_mma._combine_kernel, {"part_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_p": "i32",
-                "stride_x": "i32", "stride_y": "i32"}, {"ROUTE_K": 4, "BLOCK": 1024}, "moe mma combine")
+                "stride_ps": "i32", "stride_x": "i32", "stride_y": "i32"}, {"ROUTE_K": 4, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K,
+                "BLOCK": 1024}, "moe mma combine")
     compile_one(triton_moe_decode._topk_kernel, {"logits_ptr": "*fp32", "experts_ptr": "*i32", "weights_ptr": "*bf16"},
                 {"E": 32, "E_P": 32, "K": 4, "K_P": 4}, "topk", warps=1)
     for mlp, tiles in ((1, triton_moe_decode.SWEEP_TILES_MLP1), (2, triton_moe_decode.SWEEP_TILES_MLP2)):

@@ -180,6 +180,8 @@ class MoE(nn.Module):
         self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
         self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
         self.use_triton = triton_available(device, precision)
+        # Scale bytes all ≤ 128 (blocks up to 12): the tensor-core decode then scales with one multiply (triton_moe_mma).
+        self.small_scales = self.use_triton and int(torch.maximum(self.mlp1_scales.max(), self.mlp2_scales.max())) <= 128
         self.use_kernel = mxfp4_kernel_available(device)
         self.use_q8 = self.precision == "fast" and moe_q8_available(device)
         if self.use_kernel or self.use_q8:  # the kernels add biases in fp32
@@ -214,7 +216,7 @@ class MoE(nn.Module):
 
             return moe_layer(x, self.norm, (self.gate_weight, self.gate_bias), self.config.experts_per_token,
                              (self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias), (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias),
-                             self.config.swiglu_limit)
+                             self.config.swiglu_limit, self.small_scales)
         t = self.norm(x)
         experts, weights = self.route(t)
         if self.use_q8:

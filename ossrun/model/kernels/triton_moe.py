@@ -272,7 +272,7 @@ def moe_experts(t: torch.Tensor, logits: torch.Tensor, k: int, mlp1: tuple, mlp2
 
 
 def moe_layer(x: torch.Tensor, norm, gate: tuple[torch.Tensor, torch.Tensor], k: int, mlp1: tuple, mlp2: tuple,
-              swiglu_limit: float) -> torch.Tensor:
+              swiglu_limit: float, small_scales: bool = False) -> torch.Tensor:
     """A MoE layer with its residual: x [T, H] → x + Σ_k weight · expert(norm(x)); `norm` is the layer's `RMSNorm`
     (fp32 `scale`, `eps`), gate = (weight [E, H], bias [E]).
 
@@ -286,7 +286,7 @@ def moe_layer(x: torch.Tensor, norm, gate: tuple[torch.Tensor, torch.Tensor], k:
         if decode_kind() == "mma":
             from ossrun.model.kernels.triton_moe_mma import moe_layer_mma
 
-            return moe_layer_mma(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
+            return moe_layer_mma(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit, small_scales)
         return moe_layer_decode(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
     t = norm(x)
     logits = torch.nn.functional.linear(t, *gate)

@@ -18,9 +18,9 @@ pair routed to that expert (the launch has one program per pair; a pair whose ex
 already has returns at once), so each expert's weights are read once a step however many tokens chose
 it. The activations come de-interleaved (a row's even elements, then its odd ones) so that the low
 and high nibbles of a byte multiply contiguous runs: `norm_route(..., deinterleave=True)` writes RMSNorm's
-output that way and the first projection writes h that way. The second projection writes each
-pair's weighted output in fp32; a small kernel sums a token's slots in order, rounds it to the model
-dtype as the reference does and adds the residual.
+output that way and the first projection writes h that way. The second projection, split along K,
+writes each pair's weighted partial outputs in fp32; a small kernel sums a token's slots and runs in
+order, rounds the sum to the model dtype as the reference does and adds the residual.
 """
 
 from __future__ import annotations
@@ -84,14 +84,44 @@ _E2M1_BF16_PTX = tl.constexpr("""{
     mul.rn.bf16x2 $3, m, $6;
 }""")  # a constexpr: jit code reads no other globals
 
+# The same with one multiply: by 2^(s−1) = 2^126 · 2^(s−127), a bf16 while s ≤ 128 (weights' blocks up to 12).
+_E2M1_BF16_ONE_MULTIPLY_PTX = tl.constexpr("""{
+    .reg .b32 z, t0, t1, m;
+    mov.b32 z, 0;
+    prmt.b32 t0, $4, z, 0x4140;
+    prmt.b32 t1, $4, z, 0x4342;
+    and.b32 m, t0, 0x000F000F;
+    mul.lo.u32 m, m, 4160;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 $0, m, $5;
+    and.b32 m, t1, 0x000F000F;
+    mul.lo.u32 m, m, 4160;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 $1, m, $6;
+    and.b32 m, t0, 0x00F000F0;
+    mul.lo.u32 m, m, 260;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 $2, m, $5;
+    and.b32 m, t1, 0x00F000F0;
+    mul.lo.u32 m, m, 260;
+    and.b32 m, m, 0x81C081C0;
+    mul.rn.bf16x2 $3, m, $6;
+}""")
+
 
 @triton.jit
 def _decode_bf16(packed, sbyte, ASM: tl.constexpr):
     """Packed bytes (uint8) and their blocks' scale bytes (same shape) → (low nibbles, high nibbles) as bf16 weights, exactly.
 
-    ASM: four bytes per PTX block (see the module docstring): prmt spreads bytes 0,1 (then 2,3) to the halves of a
-    word; per half-word pair, mask, one multiply placing magnitude and sign, mask, × 2^126, × scale."""
-    if ASM:
+    ASM 1: four bytes per PTX block (see the module docstring): prmt spreads bytes 0,1 (then 2,3) to the halves of a
+    word; per half-word pair, mask, one multiply placing magnitude and sign, mask, × 2^126, × scale. ASM 2, for
+    weights whose scale bytes are all ≤ 128 (`use_asm`): the two bf16 multiplies as one. ASM 0: fp32 (the interpreter)."""
+    if ASM == 2:
+        scale = ((sbyte.to(tl.int16) + 126) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s−1)
+        lo, hi = tl.inline_asm_elementwise(_E2M1_BF16_ONE_MULTIPLY_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        return lo, hi
+    elif ASM == 1:
         scale = (sbyte.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s−127): the E8M0 byte as a bf16 exponent
         lo, hi = tl.inline_asm_elementwise(_E2M1_BF16_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -114,29 +144,47 @@ def _expert_columns(experts_ptr, PAIRS, COLS: tl.constexpr):
 
 
 @triton.jit
-def _expert_dot(x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr,
+def _expert_dot(x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, NB: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
                 STAGES: tl.constexpr):
-    """W[rows] · X over all of K → [BLOCK_M, COLS] fp32. X's columns start at x_base [COLS] (pointers), de-interleaved:
-    element 2j at j, 2j+1 at K/2 + j. W's rows are K/32 blocks of 16 bytes with one scale byte each."""
+    """W[rows] · X over the program_id(2)-th of SPLIT_K runs of K's blocks → [BLOCK_M, COLS] fp32. X's columns start at
+    x_base [COLS] (pointers), de-interleaved: element 2j at j, 2j+1 at K/2 + j. W's rows are K/32 blocks of 16 bytes
+    with one scale byte each."""
     NBLK: tl.constexpr = K // 32
-    j = tl.arange(0, 16)
-    bi = tl.arange(0, NB)
-    kk = tl.arange(0, NB * 16)
+    RUN: tl.constexpr = (NBLK + SPLIT_K - 1) // SPLIT_K
+    first = tl.program_id(2) * RUN
+    last = tl.minimum(first + RUN, NBLK)
     acc = tl.zeros((BLOCK_M, COLS), dtype=tl.float32)
-    for b0 in tl.range(0, NBLK, NB, num_stages=STAGES):
-        blk = b0 + bi
-        b_ok = blk < NBLK
-        packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
-                         mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
-        sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
-        lo, hi = _decode_bf16(packed, sbyte[:, :, None], ASM)
-        byte = b0 * 16 + kk  # [NB·16]: byte index along the row = index of the even element in the de-interleaved X
-        k_ok = byte < K // 2
-        x_even = tl.load(x_base[None, :] + byte[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
-        x_odd = tl.load(x_base[None, :] + (K // 2 + byte)[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
-        acc += mma(_mma_order(lo, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_even), COLS, NB)), EMULATE)
-        acc += mma(_mma_order(hi, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_odd), COLS, NB)), EMULATE)
+    if EMULATE:  # the interpreter takes no tensor range() bounds (Triton 3.6 with NumPy 2)
+        b0 = first
+        while b0 < last:
+            acc = _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
+                            EMULATE)
+            b0 += NB
+    else:
+        for b0 in tl.range(first, last, NB, num_stages=STAGES):
+            acc = _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
+                            EMULATE)
+    return acc
+
+
+@triton.jit
+def _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, BLOCK_M: tl.constexpr,
+              NB: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + W[rows, blocks b0 … b0+NB−1 (those before `last`)] · X[those blocks]."""
+    j = tl.arange(0, 16)
+    blk = b0 + tl.arange(0, NB)
+    b_ok = blk < last
+    packed = tl.load(w_base + rows[:, None, None] * stride_bo + (blk * 16)[None, :, None] + j[None, None, :],
+                     mask=row_ok[:, None, None] & b_ok[None, :, None], other=0)
+    sbyte = tl.load(s_base + rows[:, None] * stride_so + blk[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0)
+    lo, hi = _decode_bf16(packed, sbyte[:, :, None], ASM)
+    byte = b0 * 16 + tl.arange(0, NB * 16)  # byte index along the row = index of the even element in the de-interleaved X
+    k_ok = byte < K // 2
+    x_even = tl.load(x_base[None, :] + byte[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
+    x_odd = tl.load(x_base[None, :] + (K // 2 + byte)[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
+    acc += mma(_mma_order(lo, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_even), COLS, NB)), EMULATE)
+    acc += mma(_mma_order(hi, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_odd), COLS, NB)), EMULATE)
     return acc
 
 
@@ -166,7 +214,7 @@ def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr
     row_ok = rows < 2 * N_OUT
     x_base = t_ptr + (tl.minimum(c, PAIRS - 1) // ROUTE_K) * stride_t  # a column past the pairs reads a real row
     acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
-                      rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
+                      rows, row_ok, stride_bo, stride_so, K, 1, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     glu, lin = tl.split(tl.reshape(tl.trans(acc), (COLS, BLOCK_M // 2, 2)))  # [COLS, BLOCK_M/2] each
@@ -181,10 +229,12 @@ def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr
 
 @triton.jit
 def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, PAIRS, N_OUT,
-                     stride_h, stride_p, stride_be, stride_bo, stride_se, stride_so, stride_biase,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
+                     stride_h, stride_p, stride_ps, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+                     K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
                      BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
-    """part[pair] = routing weight · (h[pair] · W2[e]ᵀ + b2[e]) in fp32, for the pairs of expert e."""
+    """part[split, pair] = routing weight · (h[pair] · W2[e]ᵀ over the split's run of K (+ b2[e] in the first)) in fp32,
+    for the pairs of expert e. Split along K because this projection has half the first's rows: at batch 1,
+    4 experts × 45 tiles of 64 rows leave most SMs one program, too few bytes in flight to fill HBM."""
     expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
     if served_before:
         return
@@ -192,35 +242,50 @@ def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
     row_ok = rows < N_OUT
     x_base = h_ptr + tl.minimum(c, PAIRS - 1) * stride_h
     acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
-                      rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
+                      rows, row_ok, stride_bo, stride_so, K, SPLIT_K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok & (tl.program_id(2) == 0), other=0.0).to(tl.float32)[:, None]
     route_w = tl.load(weights_ptr + c, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(part_ptr + c[None, :] * stride_p + rows[:, None], acc * route_w[None, :], mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(part_ptr + tl.program_id(2) * stride_ps + c[None, :] * stride_p + rows[:, None], acc * route_w[None, :],
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _combine_kernel(part_ptr, x_ptr, y_ptr, N, stride_p, stride_x, stride_y, ROUTE_K: tl.constexpr, BLOCK: tl.constexpr):
-    """y[t] = x[t] + (Σ over t's slots, in order, of part) rounded to the model dtype (as the reference rounds moe(x))."""
+def _combine_kernel(part_ptr, x_ptr, y_ptr, N, stride_p, stride_ps, stride_x, stride_y, ROUTE_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[t] = x[t] + (Σ over t's slots and K runs, in order, of part) rounded to the model dtype (as the reference
+    rounds moe(x))."""
     tok = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
     total = tl.zeros((BLOCK,), tl.float32)
     for s in tl.static_range(ROUTE_K):
-        total += tl.load(part_ptr + (tok * ROUTE_K + s) * stride_p + cols, mask=ok, other=0.0)
+        for run in tl.static_range(SPLIT_K):
+            total += tl.load(part_ptr + run * stride_ps + (tok * ROUTE_K + s) * stride_p + cols, mask=ok, other=0.0)
     moe = total.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + tok * stride_y + cols, moe.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def use_asm() -> bool:
-    """The PTX decode: compiled kernels only (the interpreter has no PTX)."""
-    return not interpreting()
+MLP2_SPLIT_K = 2  # not yet timed on a GPU; bench/gpu_sweep.py times 1, 2 and 4 (Little's law: 180 programs × 12 KB in flight < 4.8 MB)
+
+
+def mlp2_split_k() -> int:
+    """Runs of K the second projection is split into (OSSRUN_MOE_MMA_SPLIT_K sets it; bench/gpu_sweep.py)."""
+    return int(os.environ.get("OSSRUN_MOE_MMA_SPLIT_K", MLP2_SPLIT_K))
+
+
+def use_asm(small_scales: bool) -> int:
+    """Which decode (`_decode_bf16`): 0 in the interpreter (no PTX); 2 (one multiply) for weights whose scale bytes are
+    all ≤ 128 (`small_scales`, known at load); else 1. OSSRUN_MOE_MMA_ONE_MULTIPLY=0 keeps 1 (bench/gpu_sweep.py)."""
+    if interpreting():
+        return 0
+    return 2 if small_scales and os.environ.get("OSSRUN_MOE_MMA_ONE_MULTIPLY", "1") != "0" else 1
 
 
 def mlp1(t_deinterleaved: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-         bias: torch.Tensor | None, swiglu_limit: float) -> torch.Tensor:
+         bias: torch.Tensor | None, swiglu_limit: float, small_scales: bool = False) -> torch.Tensor:
     """t [T, H] (de-interleaved rows) and experts [T, k] → h [T·k, O/2], de-interleaved: the clamped SwiGLU of each
-    (token, slot)'s first projection."""
+    (token, slot)'s first projection. small_scales: every scale byte is ≤ 128 (the one-multiply decode)."""
     block_m, nb, warps, stages = tiles()
     pairs, k = experts.numel(), experts.shape[1]
     n_out = blocks.shape[1] // 2
@@ -231,37 +296,39 @@ def mlp1(t_deinterleaved: torch.Tensor, experts: torch.Tensor, blocks: torch.Ten
             t_deinterleaved.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0,
             K=t_deinterleaved.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
-            STAGES=stages, ASM=use_asm(), EMULATE=interpreting(), num_warps=warps)
+            STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), num_warps=warps)
     return h
 
 
 def mlp2(h_deinterleaved: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks: torch.Tensor,
-         scales: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """h [T·k, I] (de-interleaved rows) → residual + Σ_slots weight · (h·W2ᵀ + b2) [T, O], the sum rounded to h's dtype."""
+         scales: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor, small_scales: bool = False) -> torch.Tensor:
+    """h [T·k, I] (de-interleaved rows) → residual + Σ_slots weight · (h·W2ᵀ + b2) [T, O], the sum rounded to h's dtype.
+    small_scales as in `mlp1`."""
     block_m, nb, warps, stages = tiles()
     tokens, k = experts.shape
     pairs, n_out = experts.numel(), blocks.shape[1]
     y = torch.empty(tokens, n_out, dtype=h_deinterleaved.dtype, device=h_deinterleaved.device)
     if not tokens:
         return y
-    part = torch.empty(pairs, n_out, dtype=torch.float32, device=y.device)
-    _mlp2_mma_kernel[(pairs, triton.cdiv(n_out, block_m))](
+    split_k = mlp2_split_k()
+    part = torch.empty(split_k, pairs, n_out, dtype=torch.float32, device=y.device)
+    _mlp2_mma_kernel[(pairs, triton.cdiv(n_out, block_m), split_k)](
         h_deinterleaved, part, blocks, scales, bias if bias is not None else h_deinterleaved, experts, weights, pairs, n_out,
-        h_deinterleaved.stride(0), part.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        K=h_deinterleaved.shape[1], HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb, STAGES=stages,
-        ASM=use_asm(), EMULATE=interpreting(), num_warps=warps)
+        h_deinterleaved.stride(0), part.stride(1), part.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0),
+        scales.stride(1), bias.stride(0) if bias is not None else 0,
+        K=h_deinterleaved.shape[1], SPLIT_K=split_k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
+        STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), num_warps=warps)
     block = 1024
-    _combine_kernel[(tokens, triton.cdiv(n_out, block))](part, residual, y, n_out, part.stride(0), residual.stride(0), y.stride(0),
-                                                          ROUTE_K=k, BLOCK=block, num_warps=4)
+    _combine_kernel[(tokens, triton.cdiv(n_out, block))](part, residual, y, n_out, part.stride(1), part.stride(0), residual.stride(0),
+                                                          y.stride(0), ROUTE_K=k, SPLIT_K=split_k, BLOCK=block, num_warps=4)
     return y
 
 
 def moe_layer_mma(x: torch.Tensor, norm: tuple[torch.Tensor, float], gate: tuple[torch.Tensor, torch.Tensor], k: int,
-                  mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float) -> torch.Tensor:
+                  mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float, small_scales: bool = False) -> torch.Tensor:
     """`triton_moe_decode.moe_layer_decode` on the tensor cores: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in five
     launches (norm and logits, top-k, two projections, the slot sum with the residual)."""
     x = x.contiguous()
     t, experts, weights = norm_route(x, norm[0], norm[1], gate[0], gate[1], k, deinterleave=True)
-    h = mlp1(t, experts, *mlp1_weights, swiglu_limit)
-    return mlp2(h, experts, weights, *mlp2_weights, residual=x)
+    h = mlp1(t, experts, *mlp1_weights, swiglu_limit, small_scales=small_scales)
+    return mlp2(h, experts, weights, *mlp2_weights, residual=x, small_scales=small_scales)
