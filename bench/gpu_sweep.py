@@ -12,7 +12,8 @@ does not hold them between calls):
    through, rules the kind out);
 4. a whole MoE layer (norm, routing, both projections, residual) at 1–16 tokens, GEMV and tensor-core
    few-token kernels against the grouped tl.dot kernel: which few-token kind, and up to how many tokens;
-5. the dense GEMVs (qkv, out, unembedding) at 1, 2 and 4 rows, cuBLAS (`F.linear`) against the Triton GEMV per tile.
+5. the dense GEMVs (qkv, out, unembedding) at 1, 2 and 4 rows, cuBLAS (`F.linear`) against the Triton GEMV per tile;
+6. batch-1 decode attention at 576, 4k and 16k keys, one pass against keys split in 8 or 16.
 The choices go to --env-out as `export` lines, which bench/gpu_session.sh sources before bench/gpu.py.
 """
 
@@ -228,10 +229,48 @@ def sweep_gemv(env: dict) -> None:
     print(f"  Triton GEMV tile {best_tile}, up to {max_rows} rows", flush=True)
 
 
+def sweep_attention_splits(env: dict) -> None:
+    """Batch-1 decode attention on 20b shapes (64 query heads on 8 KV heads of 64, page 16, bf16 cache) at several
+    context lengths, the one-pass kernel against the split-key kernels; the choice minimises a step's attention
+    (12 full + 12 sliding layers) summed over the contexts."""
+    from ossrun.model.kernels import triton_attention
+
+    page, n_kv, heads, dim, window = 16, 8, 64, 64, 128
+    contexts = (576, 4096, 16384)
+    n_blocks = max(contexts) // page + 2
+    k_cache = torch.randn(n_blocks, page, n_kv, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(1, heads, dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    sinks = torch.randn(heads, device="cuda")
+    one = lambda v, dtype: torch.tensor([v], device="cuda", dtype=dtype)  # noqa: E731
+    print("batch-1 decode attention, µs a layer (full / sliding 128), one-pass vs keys split:", flush=True)
+    cost: dict[str, float] = {}
+    for splits in ("1", "8", "16"):
+        os.environ["OSSRUN_ATTN_DECODE_SPLITS"] = splits
+        line = []
+        for context in contexts:
+            tables = torch.arange(1, context // page + 2, device="cuda", dtype=torch.long)[None]
+            times = []
+            for win in (None, window):
+                first = max(0, context - window) // page if win else 0
+                args = (q, k_cache, v_cache, sinks, win, dim ** -0.5, tables[:, first:], one(first, torch.long),
+                        one(context, torch.long), one(0, torch.int32), one(1, torch.int32), one(context - 1, torch.long),
+                        one(0, torch.int32), 1, out)
+                times.append(bench(lambda i: triton_attention.paged_attention(*args), 1))
+            cost[splits] = cost.get(splits, 0.0) + 12 * sum(times)
+            line.append(f"{context:6d}: {times[0]:6.1f} / {times[1]:5.1f}")
+        print(f"  splits {splits:>2s}  " + "   ".join(line), flush=True)
+    best = min(cost, key=cost.get)
+    os.environ["OSSRUN_ATTN_DECODE_SPLITS"] = env["OSSRUN_ATTN_DECODE_SPLITS"] = best
+    print(f"  keys split in {best} (a step's attention summed over the contexts: "
+          + ", ".join(f"{k}: {v / 1000:.2f} ms" for k, v in cost.items()) + ")", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-out", default=None, help="write the choices here as export lines")
-    parser.add_argument("--parts", default="tiles,mma,threshold,gemv")
+    parser.add_argument("--parts", default="tiles,mma,threshold,gemv,attention")
     args = parser.parse_args()
     env: dict[str, str] = {}
     parts = args.parts.split(",")
@@ -248,6 +287,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if "gemv" in parts:
         sweep_gemv(env)
+    if "attention" in parts:
+        sweep_attention_splits(env)
     lines = [f"export {k}='{v}'" for k, v in env.items()]
     print("\n".join(lines), flush=True)
     if args.env_out:
