@@ -238,6 +238,46 @@ def test_gemv_equals_linear_with_bias_residual_and_upcast(rows, tile, device, mo
     assert plain.dtype == torch.float64 and rel_err(plain.cpu(), ref - b) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_with_the_rmsnorm_fused_equals_norm_then_linear(dtype, device):
+    """The RMSNorm taken into the projection (OSSRUN_GEMV_FUSE_NORM): the norm's fp32 arithmetic, rounded to the
+    activations' dtype where `rms_norm` rounds, then the projection; K = 300 is not a multiple of the chunk."""
+    from ossrun.model.kernels.triton_fused import rms_norm
+    from ossrun.model.kernels.triton_gemv import gemv
+
+    g = torch.Generator().manual_seed(7)
+    x, w, b = 3 * torch.randn(2, 300, generator=g), torch.randn(70, 300, generator=g), torch.randn(70, generator=g)
+    scale = 1 + 0.1 * torch.randn(300, generator=g)
+    x, w, b = (v.to(dtype).to(device) for v in (x, w, b))
+    fused = gemv(x, w, b, norm=(scale.to(device), 1e-5))
+    separate = gemv(rms_norm(x, scale.to(device), 1e-5), w, b)
+    assert fused.dtype == dtype
+    assert rel_err(fused.cpu(), separate.cpu()) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])  # the GEMV (one row), then the layer's own matmul
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_attention_block_with_triton_projections_equals_the_reference(tokens, fused, checkpoints, device, monkeypatch):
+    """The tiny model's attention block on its CUDA-path projections (`kernels.gpu.linear`: the qkv GEMV with the
+    RMSNorm fused or before it, the out GEMV with the residual) against the PyTorch reference, in fp32."""
+    from ossrun.model.attention import DenseAttention
+    from ossrun.model.checkpoint import load_checkpoint
+    from ossrun.model.gpt_oss import GptOss
+
+    monkeypatch.setenv("OSSRUN_GEMV_FUSE_NORM", fused)
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, model.config.hidden_size, generator=g).to(device)
+    positions = torch.arange(tokens, device=device)
+    backend = DenseAttention(torch.zeros(tokens, dtype=torch.long, device=device), positions)
+    attn = model.blocks[0].attn
+    attn.triton = False
+    ref = attn(x, model.rotary.cos_sin(positions), backend)
+    attn.triton = True
+    out = attn(x, model.rotary.cos_sin(positions), backend)
+    assert rel_err(out.cpu(), ref.cpu()) < 1e-5
+
+
 # ---------------------------------------------------------------- paged attention with sinks
 
 
@@ -431,7 +471,7 @@ def test_kernels_compile_for_hopper():
     done = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 71
+    assert done.stdout.count("shared") == 72
 
 
 # ---------------------------------------------------------------- fused small operations

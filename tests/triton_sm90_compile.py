@@ -136,11 +136,14 @@ def main() -> int:
                     common.update(K_P=4, RESIDUAL=True)
                 compile_one(kernel, signature, common, f"moe decode mlp{mlp} {block_n},{block_b},{warps}{' asm' if asm else ''}", warps,
                             aligned(signature, DECODE_ALIGNED))
-    gemv = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_x": "i32",
-            "stride_w": "i32", "stride_r": "i32", "stride_y": "i32"}
+    gemv = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*fp32", "N": "i32",
+            "stride_x": "i32", "stride_w": "i32", "stride_r": "i32", "stride_y": "i32", "eps": "fp32"}
+    gemv_aligned = tuple(name for name in gemv if name != "eps")
     for block_n, block_k, warps in GEMV_TILES:
-        compile_one(triton_gemv._gemv_kernel, gemv, {"K": 2880, "HAS_BIAS": True, "RESIDUAL": True, "BLOCK_N": block_n,
-                    "BLOCK_K": block_k}, f"gemv {block_n},{block_k},{warps}", warps, aligned(gemv, tuple(gemv)))
+        for norm in (False, True) if (block_n, block_k, warps) == GEMV_TILES[0] else (False,):
+            compile_one(triton_gemv._gemv_kernel, gemv, {"K": 2880, "HAS_BIAS": True, "RESIDUAL": not norm, "NORM": norm,
+                        "BLOCK_N": block_n, "BLOCK_K": block_k}, f"gemv {block_n},{block_k},{warps}{' norm' if norm else ''}", warps,
+                        aligned(gemv, gemv_aligned))
     return 0
 
 

@@ -110,10 +110,13 @@ class Attention(nn.Module):
                 lora: LoraBatch | None = None) -> torch.Tensor:
         c = self.config
         tokens = x.shape[0]
-        t = self.norm(x)
-        qkv = linear(self.qkv, t) if self.triton else self.qkv(t)  # [T, (Hq + 2 Hkv) D]
-        if lora is not None:
-            self._add_qkv_lora(qkv, t, lora)
+        if self.triton and lora is None:  # the norm may be fused into the projection
+            qkv = linear(self.qkv, x, norm=self.norm)  # [T, (Hq + 2 Hkv) D]
+        else:
+            t = self.norm(x)
+            qkv = linear(self.qkv, t) if self.triton else self.qkv(t)
+            if lora is not None:
+                self._add_qkv_lora(qkv, t, lora)
         if self.triton and isinstance(attention, PagedAttention) and attention.triton:  # RoPE and cache writes fused
             o = attention.attend_qkv(self.layer, qkv, rope, c.num_attention_heads, self.sinks, self.window, self.scale)
         else:

@@ -61,12 +61,16 @@ class PagedLaunch:
         return out
 
 
-def linear(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`residual + layer(x, out_dtype)` for a `DenseLinear` on the CUDA fast path: few rows take the Triton GEMV
-    (bias and residual fused, `kernels/triton_gemv.py`), more rows cuBLAS through the layer."""
-    from ossrun.model.kernels.triton_gemv import gemv, gemv_max_rows
+def linear(layer, x: torch.Tensor, out_dtype: torch.dtype | None = None, residual: torch.Tensor | None = None,
+           norm=None) -> torch.Tensor:
+    """`residual + layer(norm(x), out_dtype)` for a `DenseLinear` on the CUDA fast path (`norm`: an `RMSNorm` or None):
+    few rows take the Triton GEMV (bias and residual fused, and the norm where `fuse_norm()`, `kernels/triton_gemv.py`),
+    more rows cuBLAS through the layer."""
+    from ossrun.model.kernels.triton_gemv import fuse_norm, gemv, gemv_max_rows
 
     if layer.weight is not None and x.shape[0] <= gemv_max_rows():
-        return gemv(x, layer.weight, layer.bias, out_dtype, residual)
-    y = layer(x, out_dtype)
+        if norm is not None and fuse_norm():
+            return gemv(x, layer.weight, layer.bias, out_dtype, residual, norm=(norm.scale, norm.eps))
+        return gemv(norm(x) if norm is not None else x, layer.weight, layer.bias, out_dtype, residual)
+    y = layer(norm(x) if norm is not None else x, out_dtype)
     return y if residual is None else residual + y

@@ -38,21 +38,29 @@ def gemv_tile() -> tuple[int, int, int]:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, stride_x, stride_w, stride_r, stride_y,
-                 K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, g_ptr, N, stride_x, stride_w, stride_r, stride_y, eps,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: the unembedding has 201088 / BLOCK_N tiles
     col_ok = cols < N
     k_i = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_x
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # the unembedding's 201088 rows × 2880 pass 2^31 elements
+    inv = 0.0
+    if NORM:  # RMSNorm of the row first (each program reads it from L2: K values against BLOCK_N·K weights)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xs = tl.load(x_row + k0 + k_i, mask=k0 + k_i < K, other=0.0).to(tl.float32)
+            squares += xs * xs
+        inv = tl.rsqrt(tl.sum(squares, 0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    x = tl.load(x_row + k_i, mask=k_i < K, other=0.0)
+    x = _normed(x_row, g_ptr, k_i, inv, K, NORM)
     w = tl.load(w_rows + k_i[None, :], mask=col_ok[:, None] & (k_i < K)[None, :], other=0.0)
     for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):  # the next chunk's loads go out before this one's math
         k = k0 + k_i
         k_ok = k < K
-        n_x = tl.load(x_row + k, mask=k_ok, other=0.0)
+        n_x = _normed(x_row, g_ptr, k, inv, K, NORM)
         n_w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         x, w = n_x, n_w
@@ -66,10 +74,26 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, stride_x, stride_w, strid
     tl.store(y_ptr + row * stride_y + cols, out.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _normed(x_row, g_ptr, k, inv, K: tl.constexpr, NORM: tl.constexpr):
+    """x[k] (masked past K), or with NORM its RMSNorm x·inv·g in fp32 rounded to x's dtype, as `rms_norm` stores it."""
+    x = tl.load(x_row + k, mask=k < K, other=0.0)
+    if NORM:
+        x = (x.to(tl.float32) * inv * tl.load(g_ptr + k, mask=k < K, other=0.0)).to(x_row.dtype.element_ty)
+    return x
+
+
+def fuse_norm() -> bool:
+    """Whether a projection that follows an RMSNorm takes it into the GEMV (one launch fewer a layer at batch 1).
+    Not yet timed on a GPU: OSSRUN_GEMV_FUSE_NORM=1 turns it on (bench/gpu.py's graph replay compares)."""
+    return os.environ.get("OSSRUN_GEMV_FUSE_NORM", "0") == "1"
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x [M, K] · weightᵀ [N, K] + bias, rounded to x's dtype, + residual [M, N] (rounded again) → [M, N] in `out_dtype`:
-    what `residual + F.linear(x, weight, bias).to(out_dtype)` computes, up to the fp32 summation order."""
+    what `residual + F.linear(x, weight, bias).to(out_dtype)` computes, up to the fp32 summation order. With
+    norm = (scale fp32 [K], eps), x is first RMSNorm-ed (`triton_fused.rms_norm`'s arithmetic and rounding)."""
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(rows, n, dtype=out_dtype or x.dtype, device=x.device)
@@ -77,7 +101,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_d
         x = x if x.stride(-1) == 1 else x.contiguous()
         block_n, block_k, warps = gemv_tile()
         r = residual if residual is not None else y
+        scale, eps = norm if norm is not None else (x, 0.0)
         _gemv_kernel[(triton.cdiv(n, block_n), rows)](
-            x, weight, bias if bias is not None else x, r, y, n, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
-            K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+            x, weight, bias if bias is not None else x, r, y, scale, n, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
+            float(eps), K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, NORM=norm is not None, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps)
     return y
