@@ -55,14 +55,21 @@ def routed(tokens: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack([torch.randperm(E, generator=g)[:K_ROUTE] for _ in range(tokens)]).to(torch.int32).cuda()
 
 
-def sweep_decode_tiles(layers, env: dict) -> None:
-    g = torch.Generator().manual_seed(0)
+BYTES1 = K_ROUTE * 2 * I * (H // 2 + H // 32)  # what the first projection reads at one token (4 experts' rows and scales)
+BYTES2 = K_ROUTE * H * (I // 2 + I // 32)  # and the second
+
+
+def one_token() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch-1 MoE step's operands: t [1, H], its 4 experts [1, 4], routing weights [1, 4] and h [4, I]."""
     t = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
-    experts = routed(1, g)
+    experts = routed(1, torch.Generator().manual_seed(0))
     weights = torch.full((1, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(K_ROUTE, I, device="cuda", dtype=torch.bfloat16)
-    bytes1 = K_ROUTE * 2 * I * (H // 2 + H // 32)
-    bytes2 = K_ROUTE * H * (I // 2 + I // 32)
+    return t, experts, weights, torch.randn(K_ROUTE, I, device="cuda", dtype=torch.bfloat16)
+
+
+def sweep_decode_tiles(layers, env: dict) -> None:
+    t, experts, weights, h = one_token()
+    bytes1, bytes2 = BYTES1, BYTES2
     best: dict[str, tuple[float, tuple]] = {}
     print(f"decode MoE tiles at 1 token (mlp1 reads {bytes1 / 1e6:.1f} MB, mlp2 {bytes2 / 1e6:.1f} MB):", flush=True)
     for i in range(max(len(triton_moe_decode.SWEEP_TILES_MLP1), len(triton_moe_decode.SWEEP_TILES_MLP2))):
@@ -133,14 +140,9 @@ def sweep_mma_tiles(layers, env: dict) -> bool:
     if not mma_agrees(layers):
         print("  ruled out: their results differ from the GEMV kernels'", flush=True)
         return False
-    g = torch.Generator().manual_seed(0)
-    t = deinterleave(torch.randn(1, H, device="cuda", dtype=torch.bfloat16))
-    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
-    experts = routed(1, g)
-    weights = torch.full((1, K_ROUTE), 0.25, device="cuda", dtype=torch.bfloat16)
-    h = torch.randn(K_ROUTE, I, device="cuda", dtype=torch.bfloat16)
-    bytes1 = K_ROUTE * 2 * I * (H // 2 + H // 32)
-    bytes2 = K_ROUTE * H * (I // 2 + I // 32)
+    x, experts, weights, h = one_token()
+    t = deinterleave(x)  # the residual x doubles as the normed input: only the bytes and the arithmetic matter here
+    bytes1, bytes2 = BYTES1, BYTES2
     best: tuple[float, str] | None = None
     for tile in triton_moe_mma.SWEEP_TILES:
         text = ",".join(map(str, tile))

@@ -284,9 +284,10 @@ def moe_layer(x: torch.Tensor, norm, gate: tuple[torch.Tensor, torch.Tensor], k:
 
     if x.shape[0] <= decode_max_tokens():
         if decode_kind() == "mma":
-            from ossrun.model.kernels.triton_moe_mma import moe_layer_mma
+            from ossrun.model.kernels.triton_moe_mma import MAX_PAIRS, moe_layer_mma
 
-            return moe_layer_mma(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit, small_scales)
+            if x.shape[0] * k <= MAX_PAIRS:
+                return moe_layer_mma(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit, small_scales)
         return moe_layer_decode(x, (norm.scale, norm.eps), gate, k, mlp1, mlp2, swiglu_limit)
     t = norm(x)
     logits = torch.nn.functional.linear(t, *gate)

@@ -51,8 +51,12 @@ def tiles() -> tuple[int, int, int, int]:
     return SWEEP_TILES[0]
 
 
+MAX_PAIRS = 64  # columns beyond this would hold [BLOCK_M, 128+] fp32 accumulators a program: the grouped kernel's ground
+
+
 def columns(pairs: int) -> int:
-    """Right-operand columns for `pairs` (token, slot) pairs: at least 16 (the smallest dot), a power of two."""
+    """Right-operand columns for `pairs` (token, slot) pairs: at least 16 (fewer take more instructions: the 8-wide
+    MMA is not the warpgroup one), a power of two."""
     return max(16, triton.next_power_of_2(pairs))
 
 
