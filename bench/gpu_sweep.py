@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,7 @@ def sweep_mma_tiles(layers, env: dict) -> bool:
     return True
 
 
-def sweep_decode_threshold(layers, env: dict, kinds: tuple[str, ...]) -> None:
+def sweep_decode_threshold(layers, kinds: tuple[str, ...], env: dict) -> None:
     norm = RMSNorm(torch.ones(H), 1e-5, torch.device("cuda"), triton=True)
     gate = (torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 50, torch.randn(E, device="cuda", dtype=torch.bfloat16))
     print(f"whole MoE layer (norm, routing, projections, residual): few-token kernels ({', '.join(kinds)}) vs grouped tl.dot kernel",
@@ -269,6 +270,22 @@ def sweep_attention_splits(env: dict) -> None:
           + ", ".join(f"{k}: {v / 1000:.2f} ms" for k, v in cost.items()) + ")", flush=True)
 
 
+def guarded(name: str, part, env: dict, *args):
+    """Run one part of the sweep; if it fails, say so, undo the settings it made, and let the other parts run:
+    one broken kernel must not cost the device session its other measurements. → the part's result or None."""
+    saved_os, saved_env = dict(os.environ), dict(env)
+    try:
+        return part(*args, env)
+    except Exception:  # noqa: BLE001: reported, and the part's settings undone
+        traceback.print_exc()
+        print(f"  {name}: FAILED (settings left as they were)", flush=True)
+        os.environ.clear()
+        os.environ.update(saved_os)
+        env.clear()
+        env.update(saved_env)
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-out", default=None, help="write the choices here as export lines")
@@ -280,17 +297,17 @@ def main() -> None:
         layers = [(expert_weights(2 * I, H), expert_weights(H, I)) for _ in range(COPIES)]
         kinds: tuple[str, ...] = ("gemv",)
         if "tiles" in parts:
-            sweep_decode_tiles(layers, env)
-        if "mma" in parts and sweep_mma_tiles(layers, env):
+            guarded("GEMV tiles", sweep_decode_tiles, env, layers)
+        if "mma" in parts and guarded("tensor-core tiles", sweep_mma_tiles, env, layers):
             kinds = ("gemv", "mma")
         if "threshold" in parts:
-            sweep_decode_threshold(layers, env, kinds)
+            guarded("few-token threshold", sweep_decode_threshold, env, layers, kinds)
         del layers
         torch.cuda.empty_cache()
     if "gemv" in parts:
-        sweep_gemv(env)
+        guarded("dense GEMVs", sweep_gemv, env)
     if "attention" in parts:
-        sweep_attention_splits(env)
+        guarded("attention splits", sweep_attention_splits, env)
     lines = [f"export {k}='{v}'" for k, v in env.items()]
     print("\n".join(lines), flush=True)
     if args.env_out:
