@@ -1,4 +1,5 @@
-"""Compile every Triton kernel configuration the model launches for Hopper (sm_90), without a GPU.
+"""Compile every Triton kernel configuration the model launches for Hopper (sm_90), without a GPU (and the
+tensor-core MoE kernels for Ampere, sm_80, whose PTX must not use Hopper-only instructions).
 
 Run in its own process (TRITON_INTERPRET unset: the interpreter never runs Triton's compiler),
 by tests/test_triton_kernels.py. The interpreter accepts code the compiler rejects (globals read
@@ -58,10 +59,11 @@ def aligned(signature: dict, ints: tuple[str, ...] = ()) -> dict:
     return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or name in ints}
 
 
-def compile_one(fn, signature: dict, constants: dict, name: str, warps: int = 4, attrs: dict | None = None) -> str:
+def compile_one(fn, signature: dict, constants: dict, name: str, warps: int = 4, attrs: dict | None = None,
+                target: GPUTarget = TARGET) -> str:
     """→ the PTX (tests/ptx_report.py reads it)."""
     sig = {**signature, **{k: "constexpr" for k in constants}}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs), target=TARGET,
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs), target=target,
                             options={"num_warps": warps})
     ptx = kernel.asm["ptx"]
     print(f"{name}: shared {kernel.metadata.shared} B, local-memory uses {ptx.count('.local')}", flush=True)
@@ -121,6 +123,13 @@ def main() -> int:
                         aligned(MMA1_SIGNATURE, DECODE_ALIGNED))
             compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, {**common, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K},
                         f"moe mma mlp2 {name}", warps, aligned(MMA2_SIGNATURE, DECODE_ALIGNED))
+    for asm in (1, 2):  # Ampere (A100) too: the decode's PTX uses bf16x2 fma (sm_80), not sm_90's bf16x2 mul
+        block_m, nb, warps, stages = triton_moe_mma.SWEEP_TILES[0]
+        common = {"K": 2880, "HAS_BIAS": True, "COLS": 16, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": asm, "EMULATE": False}
+        compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, "ROUTE_K": 4}, f"moe mma mlp1 sm_80 asm {asm}", warps,
+                    aligned(MMA1_SIGNATURE, DECODE_ALIGNED), GPUTarget("cuda", 80, 32))
+        compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, {**common, "SPLIT_K": 2}, f"moe mma mlp2 sm_80 asm {asm}", warps,
+                    aligned(MMA2_SIGNATURE, DECODE_ALIGNED), GPUTarget("cuda", 80, 32))
     compile_one(triton_moe_mma._combine_kernel, {"part_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_p": "i32",
                 "stride_ps": "i32", "stride_x": "i32", "stride_y": "i32"}, {"ROUTE_K": 4, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K,
                 "BLOCK": 1024}, "moe mma combine")

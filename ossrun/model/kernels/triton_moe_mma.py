@@ -61,55 +61,57 @@ def columns(pairs: int) -> int:
 
 
 _E2M1_BF16_PTX = tl.constexpr("""{
-    .reg .b32 z, c, t0, t1, m;
+    .reg .b32 z, nz, c, t0, t1, m;
     mov.b32 z, 0;
+    mov.b32 nz, 0x80008000;
     mov.b32 c, 0x7E807E80;
     prmt.b32 t0, $4, z, 0x4140;
     prmt.b32 t1, $4, z, 0x4342;
     and.b32 m, t0, 0x000F000F;
     mul.lo.u32 m, m, 4160;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 m, m, c;
-    mul.rn.bf16x2 $0, m, $5;
+    fma.rn.bf16x2 m, m, c, nz;
+    fma.rn.bf16x2 $0, m, $5, nz;
     and.b32 m, t1, 0x000F000F;
     mul.lo.u32 m, m, 4160;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 m, m, c;
-    mul.rn.bf16x2 $1, m, $6;
+    fma.rn.bf16x2 m, m, c, nz;
+    fma.rn.bf16x2 $1, m, $6, nz;
     and.b32 m, t0, 0x00F000F0;
     mul.lo.u32 m, m, 260;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 m, m, c;
-    mul.rn.bf16x2 $2, m, $5;
+    fma.rn.bf16x2 m, m, c, nz;
+    fma.rn.bf16x2 $2, m, $5, nz;
     and.b32 m, t1, 0x00F000F0;
     mul.lo.u32 m, m, 260;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 m, m, c;
-    mul.rn.bf16x2 $3, m, $6;
+    fma.rn.bf16x2 m, m, c, nz;
+    fma.rn.bf16x2 $3, m, $6, nz;
 }""")  # a constexpr: jit code reads no other globals
 
 # The same with one multiply: by 2^(s−1) = 2^126 · 2^(s−127), a bf16 while s ≤ 128 (weights' blocks up to 12).
 _E2M1_BF16_ONE_MULTIPLY_PTX = tl.constexpr("""{
-    .reg .b32 z, t0, t1, m;
+    .reg .b32 z, nz, t0, t1, m;
     mov.b32 z, 0;
+    mov.b32 nz, 0x80008000;
     prmt.b32 t0, $4, z, 0x4140;
     prmt.b32 t1, $4, z, 0x4342;
     and.b32 m, t0, 0x000F000F;
     mul.lo.u32 m, m, 4160;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 $0, m, $5;
+    fma.rn.bf16x2 $0, m, $5, nz;
     and.b32 m, t1, 0x000F000F;
     mul.lo.u32 m, m, 4160;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 $1, m, $6;
+    fma.rn.bf16x2 $1, m, $6, nz;
     and.b32 m, t0, 0x00F000F0;
     mul.lo.u32 m, m, 260;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 $2, m, $5;
+    fma.rn.bf16x2 $2, m, $5, nz;
     and.b32 m, t1, 0x00F000F0;
     mul.lo.u32 m, m, 260;
     and.b32 m, m, 0x81C081C0;
-    mul.rn.bf16x2 $3, m, $6;
+    fma.rn.bf16x2 $3, m, $6, nz;
 }""")
 
 
