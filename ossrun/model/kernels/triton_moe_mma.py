@@ -4,14 +4,18 @@ At batch 1 the GEMV kernels (`triton_moe_decode`) are bound by instructions, not
 byte they decode two nibbles to fp16, widen them to fp32, scale, multiply-add on the FP32 units and
 relay the activations through shared memory, ~17 instructions a byte (bench/GPU_NOTES.md, read off
 the sm_90 SASS). Here the decoded weights feed `tl.dot` as its left operand, [rows, K], and the few
-tokens' activations are the right one, [K, 16 or 32 columns]: a warpgroup MMA takes A straight from
-registers, so a weight costs only its decode, and the multiply-adds go to the tensor cores.
+tokens' activations are the right one, [K, 16 to 64 columns]: a warpgroup MMA takes A straight from
+registers, so a weight costs only its decode, and the multiply-adds go to the tensor cores. K is
+reordered (`_mma_order`) so that each thread's share of a tile is one run of memory.
 
 The decode goes straight to bf16, two values per instruction (`_E2M1_BF16_PTX`): a nibble's three
 magnitude bits land on bits 6–8 of a bf16 and its sign on bit 15 (one integer multiply places both:
 the nibble times 2^6 + 2^12), which is its E2M1 value × 2^-126 (a bf16 subnormal when the exponent
 is 0); × 2^126 and × the block's scale 2^(s−127) then give the weight exactly (two bf16 multiplies:
-one would overflow for s > 128). The interpreter (no PTX) takes the fp32 route of `triton_moe`.
+one would overflow for s > 128; checkpoints whose scale bytes are all ≤ 128 take one, by 2^(s−1)).
+The multiplies are bf16x2 `fma`s with a −0 addend: Hopper's SASS is the same as for `mul`, and the
+PTX also compiles for Ampere. The interpreter (no PTX) takes the fp32 route of `triton_moe`.
+Loop instructions a weight byte, against the GEMV kernels' 17.8–20.6: `bench/sass_loop.py`.
 
 Columns are (token, slot) pairs. A program takes one expert and BLOCK_M weight rows, and serves every
 pair routed to that expert (the launch has one program per pair; a pair whose expert an earlier pair
@@ -37,8 +41,8 @@ from ossrun.model.kernels.triton_moe_decode import _e2m1, norm_route
 # (BLOCK_M, NB, warps, stages): weight rows a program, 32-element blocks of K an iteration (a power of two), warps,
 # software pipeline stages. The first is the default; bench/gpu_sweep.py times them all, tests/triton_sm90_compile.py
 # compiles them. BLOCK_M = 64 is one warpgroup's MMA height (32 takes the older MMA: 2.4x the instructions). Read
-# off the sm_90 SASS (loop instructions a weight byte a thread, 2026-12-01): 64,2: 11.4; 64,4: 9.7; 64,8: 8.4;
-# 128,2: 9.2; the GEMV kernels ~17. NB = 4 and 8 leave a masked tail of gpt-oss's 90 blocks.
+# off the sm_90 SASS (loop instructions a weight byte a thread, two multiplies, 2026-12-01): 64,2: 11.4; 64,4: 9.6;
+# 64,8: 8.3; 128,2: 9.2; the GEMV kernels 17.8–20.6. NB = 4 and 8 leave a masked tail of gpt-oss's 90 blocks.
 SWEEP_TILES = [(64, 4, 4, 3), (64, 8, 4, 2), (128, 2, 4, 3), (64, 2, 4, 3), (64, 4, 4, 4), (128, 4, 8, 3)]
 
 
