@@ -6,7 +6,7 @@ Times (median of triton.testing.do_bench, weights rotated over several copies so
 does not hold them between calls):
 1. the decode MoE kernels (`triton_moe_decode`) per tile: mlp1 (4 experts × 5760 rows) and mlp2
    (4 × 2880 rows) at one token, against the bytes they must read;
-2. the PTX nibble decode against the integer one at the best tiles;
+2. the PTX nibble decode against the integer one at the best tiles, and the norm + router kernel's tile;
 3. the swap-AB tensor-core kernels (`triton_moe_mma`) per tile at one token, each checked against the GEMV
    kernels' output first (a wrong result, e.g. a GPU that flushes the bf16 subnormals the decode passes
    through, rules the kind out);
@@ -133,6 +133,20 @@ def mma_agrees(layers) -> bool:
               f"{'exact' if ok else 'WRONG'}", flush=True)
         exact &= ok
     return agree and exact
+
+
+def sweep_router(env: dict) -> None:
+    """The norm + router logits + top-k launches at one token, per (experts a program, warps)."""
+    x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
+    scale = torch.ones(H, device="cuda")
+    gate = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / 50, torch.randn(E, device="cuda", dtype=torch.bfloat16)
+    times = {}
+    for block_e, warps in triton_moe_decode.SWEEP_ROUTER_TILES:
+        os.environ["OSSRUN_MOE_ROUTER_TILE"] = text = f"{block_e},{warps}"
+        times[text] = bench(lambda i: triton_moe_decode.norm_route(x, scale, 1e-5, *gate, K_ROUTE), 1)
+    print("norm + router + top-k at 1 token, µs by (experts a program, warps): "
+          + "   ".join(f"{text} {us:5.1f}" for text, us in times.items()), flush=True)
+    os.environ["OSSRUN_MOE_ROUTER_TILE"] = env["OSSRUN_MOE_ROUTER_TILE"] = min(times, key=times.get)
 
 
 def sweep_mma_tiles(layers, env: dict) -> bool:
@@ -298,6 +312,7 @@ def main() -> None:
         kinds: tuple[str, ...] = ("gemv",)
         if "tiles" in parts:
             guarded("GEMV tiles", sweep_decode_tiles, env, layers)
+            guarded("router", sweep_router, env)
         if "mma" in parts and guarded("tensor-core tiles", sweep_mma_tiles, env, layers):
             kinds = ("gemv", "mma")
         if "threshold" in parts:

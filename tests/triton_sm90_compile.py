@@ -107,9 +107,10 @@ def main() -> int:
     compile_one(triton_fused._rope_cache_kernel, {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "slot_ptr": "*i64",
                 "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_qkv": "i32", "stride_cos": "i32", "stride_qt": "i32",
                 "stride_slot": "i32", "stride_head": "i32"}, {"HQ": 64, "HKV": 8, "HQ_P": 64, "HKV_P": 8, "D": 64}, "rope_and_cache")
-    compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
-                "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
-                {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4, "DEINTERLEAVE": False}, "norm_logits", warps=8)
+    for block_e, warps in triton_moe_decode.SWEEP_ROUTER_TILES:
+        compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
+                    "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
+                    {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": block_e, "DEINTERLEAVE": False}, f"norm_logits {block_e},{warps}", warps=warps)
     compile_one(triton_moe_decode._norm_logits_kernel, {"x_ptr": "*bf16", "norm_ptr": "*fp32", "t_ptr": "*bf16", "gate_ptr": "*bf16",
                 "gate_bias_ptr": "*bf16", "logits_ptr": "*fp32", "stride_x": "i32", "stride_t": "i32", "stride_g": "i32", "eps": "fp32"},
                 {"H": 2880, "H_P": 4096, "E": 32, "BLOCK_E": 4, "DEINTERLEAVE": True}, "norm_logits deinterleaved", warps=8)

@@ -288,6 +288,20 @@ def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
     tl.store(y_ptr + tok * stride_y + cols, moe.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
+# (experts a program, warps) of the norm + router logits kernel: the first is run 8's (4.6 µs a layer at batch 1, a
+# latency-bound chain of two row reductions); bench/gpu_sweep.py times the others.
+SWEEP_ROUTER_TILES = [(4, 8), (2, 8), (1, 4), (8, 8), (2, 4)]
+
+
+def router_tile() -> tuple[int, int]:
+    """(BLOCK_E, warps) of `_norm_logits_kernel`; OSSRUN_MOE_ROUTER_TILE="e,w" overrides (bench/gpu_sweep.py)."""
+    override = os.environ.get("OSSRUN_MOE_ROUTER_TILE")
+    if override:
+        block_e, warps = (int(v) for v in override.split(","))
+        return block_e, warps
+    return SWEEP_ROUTER_TILES[0]
+
+
 def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                k: int, deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype; with `deinterleave` each row's even elements, then its odd ones),
@@ -301,10 +315,10 @@ def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weigh
     experts = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
     weights = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
     if tokens:
-        block_e = 4
+        block_e, warps = router_tile()
         _norm_logits_kernel[(tokens, triton.cdiv(n_experts, block_e))](
             x, norm_scale, t, gate_weight, gate_bias, logits, x.stride(0), t.stride(0), gate_weight.stride(0), eps,
-            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, num_warps=8)
+            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, num_warps=warps)
         _topk_kernel[(tokens,)](logits, experts, weights, E=n_experts, E_P=triton.next_power_of_2(n_experts), K=k,
                                 K_P=triton.next_power_of_2(k), num_warps=1)
     return t, experts, weights
