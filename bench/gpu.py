@@ -157,6 +157,9 @@ REPLAY_VARIANTS = [  # (label, environment): each a fresh engine and capture, be
     ("MoE GEMV kernels", {"OSSRUN_MOE_DECODE_KIND": "gemv"}),
     ("MoE tensor-core kernels", {"OSSRUN_MOE_DECODE_KIND": "mma"}),
     ("RMSNorm fused into the qkv GEMV", {"OSSRUN_GEMV_FUSE_NORM": "1"}),
+    ("programmatic dependent launch", {"OSSRUN_PDL": "1"}),
+    ("all of: MoE tensor-core, keys split in 16, fused norm, PDL",
+     {"OSSRUN_MOE_DECODE_KIND": "mma", "OSSRUN_ATTN_DECODE_SPLITS": "16", "OSSRUN_GEMV_FUSE_NORM": "1", "OSSRUN_PDL": "1"}),
 ]
 
 
@@ -164,7 +167,7 @@ def graph_replay(model: GptOss, args, steps: int = 100) -> None:
     """The batch-1 decode graph replayed back to back: the GPU time of a step without the engine's host work
     (the gap to the req-0 decode rate is what the scheduler, input copies and sampling cost). Also with each of
     `REPLAY_VARIANTS` (decode attention's key step and key splits, the few-token MoE kernels, the norm fused into
-    the qkv GEMV): a fresh capture each."""
+    the qkv GEMV, programmatic dependent launch, and all of the new ones together): a fresh capture each."""
     import os
 
     need = bytes_per_token(model.config, args.prompt_len + 1)

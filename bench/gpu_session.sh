@@ -3,14 +3,14 @@
 # Each step runs under its own timeout and logs to $OUT (default ./gpu-out); a failing step does
 # not stop the next. Steps: a CUDA sanity check, the Triton kernel tests compiled for the GPU,
 # the tile sweep (bench/gpu_sweep.py: its choices go to $OUT/tuned.env, which the bench step reads),
-# bench/gpu.py (kernel path with its profile and graph replay; the eager path when named), and the
-# model/engine tests with --device cuda.
+# bench/gpu.py (kernel path with its profile and graph replay; the eager path when named), the
+# model/engine tests with --device cuda, and those again with every not-yet-default GPU option on.
 #
-#   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,sweep,bench,tests] [bench paths]
+#   OUT=/tmp/out bash bench/gpu_session.sh [bench-seconds] [steps: sanity,kernels,sweep,bench,tests,variants] [bench paths]
 set -u
 OUT=${OUT:-./gpu-out}
 BENCH_SECONDS=${1:-280}
-STEPS=${2:-sanity,kernels,sweep,bench,tests}
+STEPS=${2:-sanity,kernels,sweep,bench,tests,variants}
 PATHS_=${3:-kernel kernel-nograph}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTHON=${PYTHON:-python3}
@@ -37,4 +37,9 @@ TAIL=80 step sweep 240 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
 if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
 TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile
 step tests 60 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
+# The same with every not-yet-default GPU option on (tensor-core MoE, split keys, fused norm, PDL): a race or a wrong
+# kernel shows as a failure here (graph vs eager steps, engine tokens vs the reference).
+step variants 120 env OSSRUN_MOE_DECODE_KIND=mma OSSRUN_ATTN_DECODE_SPLITS=16 OSSRUN_GEMV_FUSE_NORM=1 OSSRUN_PDL=1 \
+  $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py tests/test_triton_kernels.py \
+  -k "not compile_for_hopper"
 exit 0

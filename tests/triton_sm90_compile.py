@@ -60,11 +60,14 @@ def aligned(signature: dict, ints: tuple[str, ...] = ()) -> dict:
 
 
 def compile_one(fn, signature: dict, constants: dict, name: str, warps: int = 4, attrs: dict | None = None,
-                target: GPUTarget = TARGET) -> str:
-    """→ the PTX (tests/ptx_report.py reads it)."""
+                target: GPUTarget = TARGET, pdl: bool = False) -> str:
+    """→ the PTX (tests/ptx_report.py reads it). `pdl`: with programmatic dependent launch (kernels that take PDL)."""
+    if "PDL" in fn.arg_names:
+        constants = {**constants, "PDL": pdl}
+        name += " pdl" if pdl else ""
     sig = {**signature, **{k: "constexpr" for k in constants}}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs), target=target,
-                            options={"num_warps": warps})
+                            options={"num_warps": warps, "launch_pdl": pdl})
     ptx = kernel.asm["ptx"]
     print(f"{name}: shared {kernel.metadata.shared} B, local-memory uses {ptx.count('.local')}", flush=True)
     return ptx
@@ -154,6 +157,18 @@ def main() -> int:
             compile_one(triton_gemv._gemv_kernel, gemv, {"K": 2880, "HAS_BIAS": True, "RESIDUAL": not norm, "NORM": norm,
                         "BLOCK_N": block_n, "BLOCK_K": block_k}, f"gemv {block_n},{block_k},{warps}{' norm' if norm else ''}", warps,
                         aligned(gemv, gemv_aligned))
+    # Programmatic dependent launch (OSSRUN_PDL=1): one configuration of each kernel of a batch-1 decode step.
+    compile_one(triton_fused._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*fp32", "y_ptr": "*bf16", "stride_x": "i32",
+                "stride_y": "i32", "eps": "fp32"}, {"N": 2880, "BLOCK": 4096}, "rms_norm", pdl=True)
+    block_n, block_k, warps = GEMV_TILES[0]
+    compile_one(triton_gemv._gemv_kernel, gemv, {"K": 2880, "HAS_BIAS": True, "RESIDUAL": True, "NORM": False, "BLOCK_N": block_n,
+                "BLOCK_K": block_k}, f"gemv {block_n},{block_k},{warps}", warps, aligned(gemv, gemv_aligned), pdl=True)
+    compile_one(triton_attention._paged_attention_kernel, ATTENTION_SIGNATURE, {"GROUP": 8, "GROUP_P": 8, "HEAD_DIM": 64, "PAGE": 16,
+                "BLOCK_T": 2, "BLOCK_N": 128, "SLIDING": True, "EMULATE": False, "IEEE": False}, "attention decode", pdl=True)
+    block_m, nb, warps, stages = triton_moe_mma.SWEEP_TILES[0]
+    compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {"K": 2880, "HAS_BIAS": True, "COLS": 16, "BLOCK_M": block_m, "NB": nb,
+                "STAGES": stages, "ASM": 2, "EMULATE": False, "ROUTE_K": 4}, "moe mma mlp1", warps, aligned(MMA1_SIGNATURE, DECODE_ALIGNED),
+                pdl=True)
     return 0
 
 

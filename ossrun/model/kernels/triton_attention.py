@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrun.model.kernels.triton_moe import interpreting
+from ossrun.model.kernels.triton_moe import interpreting, pdl, pdl_launch, pdl_release, pdl_wait
 
 
 @triton.jit
@@ -70,7 +70,9 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_tb,
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr,
-):
+    PDL: tl.constexpr):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     seq = tl.load(seqs_ptr + tl.program_id(0))  # which sequence of the step (row of the block tables)
     t0 = tl.program_id(1) * BLOCK_T
     kvh = tl.program_id(2)
@@ -119,11 +121,12 @@ def _decode_split_kernel(
     n_table, window, scale,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_tb,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr,
-):
+    SPLITS: tl.constexpr, SLIDING: tl.constexpr, EMULATE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """Decode (one query a sequence), split along the keys: program (i, KV head, split) takes the split-th of SPLITS
     equal runs of the keys its query sees and leaves the unnormalised (max, sum, P·V) of its GROUP query heads;
     `_decode_combine_kernel` merges the runs with the sink. Rows past GROUP pad the tile to the 16 a dot needs."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     i = tl.program_id(0)
     seq = tl.load(seqs_ptr + i)
     kvh = tl.program_id(1)
@@ -161,9 +164,12 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, q_start_ptr, seqs_ptr, stride_ot, stride_oh,
-                           GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+                           GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                           PDL: tl.constexpr):
     """The runs of one (sequence, KV head) merged with the sink as the first column: out = Σ_s e^(m_s−M)·acc_s / L,
     L = e^(sink−M) + Σ_s e^(m_s−M)·l_s, M the largest of the sink and the m_s (the reference's softmax, regrouped)."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     i = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -242,6 +248,7 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, PAGE=page,
         BLOCK_T=block_t, BLOCK_N=block_n, SLIDING=bool(window), EMULATE=interpreting(), IEEE=k_cache.dtype == torch.float32,
+        PDL=pdl(), **pdl_launch(),
     )
     return out
 
@@ -256,7 +263,7 @@ def _split_decode(q, k_cache, v_cache, sinks, window, scale, block_tables, first
     runs = len(seqs) * n_kv * splits
     part = torch.empty(runs, rows, dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(runs, 2, rows, dtype=torch.float32, device=q.device)
-    common = dict(GROUP=group, ROWS=rows, HEAD_DIM=dim, SPLITS=splits)
+    common = dict(GROUP=group, ROWS=rows, HEAD_DIM=dim, SPLITS=splits, PDL=pdl(), **pdl_launch())
     _decode_split_kernel[(len(seqs), n_kv, splits)](
         q, part, stats, k_cache, v_cache, block_tables, first_block, context_lens, q_starts, positions, seqs,
         block_tables.shape[1], window or 0, scale,

@@ -13,9 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ossrun.model.kernels.triton_moe import pdl, pdl_launch, pdl_release, pdl_wait
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, eps, N: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -31,7 +35,8 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     if x.shape[0]:
         n = x.shape[-1]
-        _rms_norm_kernel[(x.shape[0],)](x, scale, y, x.stride(0), y.stride(0), eps, N=n, BLOCK=triton.next_power_of_2(n))
+        _rms_norm_kernel[(x.shape[0],)](x, scale, y, x.stride(0), y.stride(0), eps, N=n, BLOCK=triton.next_power_of_2(n), PDL=pdl(),
+                                         **pdl_launch())
     return y
 
 
@@ -48,8 +53,10 @@ def _rotate(row_ptr, heads, ok, cos, sin, HALF: tl.constexpr):
 def _rope_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_ptr, v_ptr,
     stride_qkv, stride_cos, stride_qt, stride_slot, stride_head,
-    HQ: tl.constexpr, HKV: tl.constexpr, HQ_P: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HQ_P: tl.constexpr, HKV_P: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     t = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     j = tl.arange(0, HALF)
@@ -88,6 +95,7 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot
         _rope_cache_kernel[(tokens,)](
             qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), cos.stride(0), q.stride(0), k_cache.stride(1), k_cache.stride(2),
-            HQ=n_heads, HKV=n_kv, HQ_P=triton.next_power_of_2(n_heads), HKV_P=triton.next_power_of_2(n_kv), D=dim,
+            HQ=n_heads, HKV=n_kv, HQ_P=triton.next_power_of_2(n_heads), HKV_P=triton.next_power_of_2(n_kv), D=dim, PDL=pdl(),
+            **pdl_launch(),
         )
     return q

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ossrun.model.kernels.triton_moe import pdl, pdl_launch, pdl_release, pdl_wait
+
 GEMV_MAX_ROWS = 1
 # (BLOCK_N, BLOCK_K, warps); the first is the default (the fastest in run 7). Run 1: tiles that loop over K (256–512 wide) ran at 0.7–1.4 TB/s
 # on qkv/out (serial round trips); the wide ones load a whole row at once.
@@ -40,13 +42,16 @@ def gemv_tile() -> tuple[int, int, int]:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, g_ptr, N, stride_x, stride_w, stride_r, stride_y, eps,
                  K: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_release(PDL)
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # axis 0: the unembedding has 201088 / BLOCK_N tiles
     col_ok = cols < N
     k_i = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_x
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w  # the unembedding's 201088 rows × 2880 pass 2^31 elements
+    w = tl.load(w_rows + k_i[None, :], mask=col_ok[:, None] & (k_i < K)[None, :], other=0.0)
+    pdl_wait(PDL)  # the weights are the model's: their first chunk is on its way before the previous kernel has ended
     inv = 0.0
     if NORM:  # RMSNorm of the row first (each program reads it from L2: K values against BLOCK_N·K weights)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -56,7 +61,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, g_ptr, N, stride_x, stride_w
         inv = tl.rsqrt(tl.sum(squares, 0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     x = _normed(x_row, g_ptr, k_i, inv, K, NORM)
-    w = tl.load(w_rows + k_i[None, :], mask=col_ok[:, None] & (k_i < K)[None, :], other=0.0)
     for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):  # the next chunk's loads go out before this one's math
         k = k0 + k_i
         k_ok = k < K
@@ -105,5 +109,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_d
         _gemv_kernel[(triton.cdiv(n, block_n), rows)](
             x, weight, bias if bias is not None else x, r, y, scale, n, x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
             float(eps), K=k, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, NORM=norm is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps)
+            BLOCK_K=block_k, PDL=pdl(), num_warps=warps, **pdl_launch())
     return y

@@ -24,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 SWIGLU_ALPHA = 1.702
 
@@ -31,6 +32,36 @@ SWIGLU_ALPHA = 1.702
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: the CI tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pdl() -> bool:
+    """Programmatic dependent launch (Hopper) for the decode path's kernels: each lets the next one's programs start
+    as soon as all of its own have started, and waits for the previous kernel to finish before reading what it
+    wrote; the GEMV streams its first weights before that wait. At batch 1 a step is ~220 kernels, each a few µs
+    of launch ramp and tail. OSSRUN_PDL=1 turns it on (not yet timed on a GPU: bench/gpu.py's graph replay
+    compares); never in the interpreter (no PTX there)."""
+    return not interpreting() and os.environ.get("OSSRUN_PDL", "0") == "1"
+
+
+def pdl_launch() -> dict:
+    """The launch option that goes with `pdl()`: kernel[grid](..., PDL=pdl(), **pdl_launch())."""
+    return {"launch_pdl": True} if pdl() else {}
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel's programs be scheduled (they wait in `pdl_wait` for this kernel to finish)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible. Every program of a kernel launched with
+    PDL passes here before it reads anything a kernel before it wrote, and before it returns: a kernel that ended
+    without waiting could end before its predecessor, and the kernel after it would then read too early."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit

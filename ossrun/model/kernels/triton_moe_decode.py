@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrun.model.kernels.triton_moe import _scale_of, interpreting
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting, pdl, pdl_launch, pdl_release, pdl_wait
 
 DECODE_MAX_TOKENS = 8
 # (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first of
@@ -167,11 +167,14 @@ def _row_dot(x_row, w_base, s_base, rows, row_ok, stride_bo, stride_so,
 
 @triton.jit
 def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_ptr, stride_x, stride_t, stride_g, eps,
-                        H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+                        H: tl.constexpr, H_P: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, DEINTERLEAVE: tl.constexpr,
+                        PDL: tl.constexpr):
     """Per (token, BLOCK_E experts): RMSNorm of the token (each program recomputes it: 2880 values from L2;
     the first stores it, de-interleaved for `triton_moe_mma` when asked: even elements, then odd ones) and those
     experts' router logits, rounded to the model dtype as F.linear rounds them.
     Several programs a token: one program reading the whole 184 KB router was latency-bound (26 µs, run 1)."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     cols = tl.arange(0, H_P)
     ok = cols < H
@@ -191,8 +194,11 @@ def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_
 
 
 @triton.jit
-def _topk_kernel(logits_ptr, experts_ptr, weights_ptr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr):
+def _topk_kernel(logits_ptr, experts_ptr, weights_ptr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr,
+                 PDL: tl.constexpr):
     """Top-k of a token's logits (highest first, lowest id on ties) and the softmax over those k, as triton_moe._route_kernel."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     e = tl.arange(0, E_P)
     logits = tl.load(logits_ptr + tok * E + e, mask=e < E, other=float("-inf"))
@@ -215,7 +221,9 @@ def _topk_kernel(logits_ptr, experts_ptr, weights_ptr, E: tl.constexpr, E_P: tl.
 def _mlp1_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, N_OUT, swiglu_limit,
                  stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                  K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     pair = tl.program_id(0)  # fastest axis: the pairs sharing a weight tile run together (L2 serves the repeats)
     expert = tl.load(experts_ptr + pair).to(tl.int64)
     # Output columns c get weight rows 2c (glu) and 2c+1 (linear): one contiguous run of 2·BLOCK_N rows, one loop.
@@ -251,9 +259,11 @@ def _slot_loads(w_base, s_base, x_base, cols, ok2, slot_ok, blk, b_ok, stride_bo
 def _mlp2_kernel(h_ptr, x_ptr, y_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, N_OUT,
                  stride_h, stride_x, stride_y, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                  K: tl.constexpr, ROUTE_K: tl.constexpr, K_P: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Per token and BLOCK_N outputs, all k slots in one tile [K_P, BLOCK_N, BLOCK_B, 16]: the k experts' bytes are
     in flight together (one slot after another kept ~1 KB in flight a program: 600 GB/s, run 1)."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_OUT
@@ -318,9 +328,10 @@ def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weigh
         block_e, warps = router_tile()
         _norm_logits_kernel[(tokens, triton.cdiv(n_experts, block_e))](
             x, norm_scale, t, gate_weight, gate_bias, logits, x.stride(0), t.stride(0), gate_weight.stride(0), eps,
-            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, num_warps=warps)
+            H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, PDL=pdl(),
+            num_warps=warps, **pdl_launch())
         _topk_kernel[(tokens,)](logits, experts, weights, E=n_experts, E_P=triton.next_power_of_2(n_experts), K=k,
-                                K_P=triton.next_power_of_2(k), num_warps=1)
+                                K_P=triton.next_power_of_2(k), PDL=pdl(), num_warps=1, **pdl_launch())
     return t, experts, weights
 
 
@@ -336,7 +347,8 @@ def mlp1(t: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor, scales: t
             t, h, blocks, scales, bias if bias is not None else t, experts, n_out, float(swiglu_limit),
             t.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0,
-            K=t.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), num_warps=warps)
+            K=t.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), PDL=pdl(),
+            num_warps=warps, **pdl_launch())
     return h
 
 
@@ -354,7 +366,7 @@ def mlp2(h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks: 
             h.stride(0), x.stride(0), y.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0,
             K=h.shape[1], ROUTE_K=k, K_P=triton.next_power_of_2(k), HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-            BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), num_warps=warps)
+            BLOCK_N=block_n, BLOCK_B=block_b, ASM=use_asm(), PDL=pdl(), num_warps=warps, **pdl_launch())
     return y
 
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrun.model.kernels.triton_moe import _scale_of, interpreting, mma
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting, mma, pdl, pdl_launch, pdl_release, pdl_wait
 from ossrun.model.kernels.triton_moe_decode import _e2m1, norm_route
 
 # (BLOCK_M, NB, warps, stages): weight rows a program, 32-element blocks of K an iteration (a power of two), warps,
@@ -214,9 +214,12 @@ def _mma_order(a, R: tl.constexpr, NB: tl.constexpr):
 def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, PAIRS, N_OUT, swiglu_limit,
                      stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                      K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
+                     PDL: tl.constexpr):
     """h (de-interleaved, [PAIRS, N_OUT]) = clamped SwiGLU of t · W1[e]ᵀ + b1[e] for the pairs of expert e; the weight
     rows of output column n are 2n (glu) and 2n+1 (linear), one contiguous run of BLOCK_M rows a program."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
     if served_before:
         return
@@ -241,10 +244,13 @@ def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr
 def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, weights_ptr, PAIRS, N_OUT,
                      stride_h, stride_p, stride_ps, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                      K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
+                     PDL: tl.constexpr):
     """part[split, pair] = routing weight · (h[pair] · W2[e]ᵀ over the split's run of K (+ b2[e] in the first)) in fp32,
     for the pairs of expert e. Split along K because this projection has half the first's rows: at batch 1,
     4 experts × 45 tiles of 64 rows leave most SMs one program, too few bytes in flight to fill HBM."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
     if served_before:
         return
@@ -262,9 +268,11 @@ def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
 
 @triton.jit
 def _combine_kernel(part_ptr, x_ptr, y_ptr, N, stride_p, stride_ps, stride_x, stride_y, ROUTE_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[t] = x[t] + (Σ over t's slots and K runs, in order, of part) rounded to the model dtype (as the reference
     rounds moe(x))."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     tok = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -306,7 +314,7 @@ def mlp1(t_deinterleaved: torch.Tensor, experts: torch.Tensor, blocks: torch.Ten
             t_deinterleaved.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
             bias.stride(0) if bias is not None else 0,
             K=t_deinterleaved.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
-            STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), num_warps=warps)
+            STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), PDL=pdl(), num_warps=warps, **pdl_launch())
     return h
 
 
@@ -327,10 +335,11 @@ def mlp2(h_deinterleaved: torch.Tensor, experts: torch.Tensor, weights: torch.Te
         h_deinterleaved.stride(0), part.stride(1), part.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0),
         scales.stride(1), bias.stride(0) if bias is not None else 0,
         K=h_deinterleaved.shape[1], SPLIT_K=split_k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
-        STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), num_warps=warps)
+        STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), PDL=pdl(), num_warps=warps, **pdl_launch())
     block = 1024
     _combine_kernel[(tokens, triton.cdiv(n_out, block))](part, residual, y, n_out, part.stride(1), part.stride(0), residual.stride(0),
-                                                          y.stride(0), ROUTE_K=k, SPLIT_K=split_k, BLOCK=block, num_warps=4)
+                                                          y.stride(0), ROUTE_K=k, SPLIT_K=split_k, BLOCK=block, PDL=pdl(), num_warps=4,
+                                                          **pdl_launch())
     return y
 
 
