@@ -174,10 +174,13 @@ def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_
     experts' router logits, rounded to the model dtype as F.linear rounds them.
     Several programs a token: one program reading the whole 184 KB router was latency-bound (26 µs, run 1)."""
     pdl_release(PDL)
-    pdl_wait(PDL)
     tok = tl.program_id(0)
     cols = tl.arange(0, H_P)
     ok = cols < H
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    g = tl.load(gate_ptr + e[:, None] * stride_g + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    pdl_wait(PDL)  # the router's rows are the model's: on their way before the previous kernel has ended
     x = tl.load(x_ptr + tok * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
     t = (x * inv * tl.load(norm_ptr + cols, mask=ok, other=0.0)).to(t_ptr.dtype.element_ty)
@@ -186,9 +189,6 @@ def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_
     else:
         where = cols
     tl.store(t_ptr + tok * stride_t + where, t, mask=ok & (tl.program_id(1) == 0))
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    g = tl.load(gate_ptr + e[:, None] * stride_g + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
     logits = tl.sum(g * t.to(tl.float32)[None, :], axis=1) + tl.load(gate_bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     tl.store(logits_ptr + tok * E + e, logits.to(t_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
 
