@@ -178,6 +178,50 @@ def test_moe_mma_projections_equal_dequantize_then_matmul(experts, tiles, device
     assert rel_err(y.cpu() - case["x"], case["y_ref"] - case["x"]) < (1e-5 if device.type == "cpu" else 1e-4)
 
 
+def _halves(word: int) -> tuple[int, int]:
+    return word & 0xFFFF, word >> 16
+
+
+@pytest.mark.parametrize("one_multiply", [False, True])
+def test_bf16_decode_ptx_text_on_a_model_of_its_instructions(one_multiply):
+    """The tensor-core kernels' PTX decoders, their text run on `tests/ptx_model.py` (the interpreter runs no PTX):
+    every byte, low and high nibble, under extreme scale bytes, against `mxfp4.dequantize`, bit for bit."""
+    from ossrun.model.kernels import triton_moe_mma
+    from ptx_model import run
+
+    asm = (triton_moe_mma._E2M1_BF16_ONE_MULTIPLY_PTX if one_multiply else triton_moe_mma._E2M1_BF16_PTX).value
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 1, 16)  # byte 16r + j: row r, elements 2j (low) and 2j + 1 (high)
+    for s in [2, 60, 120, 127, 128] + ([] if one_multiply else [129, 200, 240]):
+        bits = ((s + 126) << 7) if one_multiply else (s << 7)  # what `_decode_bf16` hands the asm as the scale
+        expected = mxfp4.dequantize(blocks, torch.full((16, 1), s, dtype=torch.uint8), torch.bfloat16).view(256, 2)
+        for first in range(0, 256, 4):
+            word = int.from_bytes(bytes(range(first, first + 4)), "little")
+            lo01, lo23, hi01, hi23 = run(asm, {4: word, 5: bits | bits << 16, 6: bits | bits << 16}, 4)
+            got = [*_halves(lo01), *_halves(lo23)], [*_halves(hi01), *_halves(hi23)]
+            for nibble in (0, 1):
+                want = [int(v) for v in expected[first:first + 4, nibble].view(torch.int16).tolist()]
+                assert [g if g < 0x8000 else g - 0x10000 for g in got[nibble]] == want, (s, first, nibble)
+
+
+def test_fp16_decode_ptx_text_of_the_gemv_kernels_on_a_model_of_its_instructions():
+    """The GEMV kernels' PTX nibble decoder: each nibble's E2M1 value × 2^-14 as fp16, for every byte."""
+    import struct
+
+    from ossrun.model.kernels import triton_moe_decode
+    from ptx_model import run
+
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    e2m1 = lambda n: (-1 if n & 8 else 1) * table[n & 7] * 2.0 ** -14  # noqa: E731
+    as_fp16 = lambda h: struct.unpack("<e", struct.pack("<H", h))[0]  # noqa: E731
+    for first in range(0, 256, 4):
+        word = int.from_bytes(bytes(range(first, first + 4)), "little")
+        lo01, lo23, hi01, hi23 = run(triton_moe_decode._E2M1_PTX.value, {4: word}, 4)
+        lo = [as_fp16(h) for h in (*_halves(lo01), *_halves(lo23))]
+        hi = [as_fp16(h) for h in (*_halves(hi01), *_halves(hi23))]
+        assert lo == [e2m1(b & 15) for b in range(first, first + 4)]
+        assert hi == [e2m1(b >> 4) for b in range(first, first + 4)]
+
+
 @pytest.mark.parametrize("scale_bytes, small_scales", [
     ([2, 3, 100, 127, 128, 140, 200, 127, 126, 5, 60, 127, 127, 150, 90, 240], False),  # 2^-125 … 2^113: two multiplies
     ([2, 3, 100, 127, 128, 120, 4, 127, 126, 5, 60, 127, 127, 110, 90, 2], True),  # all ≤ 128: the one-multiply decode
