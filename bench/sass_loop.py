@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ossrun.model.kernels import triton_moe_decode, triton_moe_mma  # noqa: E402
-from tests.triton_sm90_compile import DECODE_ALIGNED, MLP1_SIGNATURE, MLP2_SIGNATURE, MMA1_SIGNATURE, MMA2_SIGNATURE, aligned  # noqa: E402
+from tests.triton_sm90_compile import (DECODE_ALIGNED, MLP1_SIGNATURE, MLP2_SIGNATURE, MMA1_ROUTING, MMA1_SIGNATURE,  # noqa: E402
+                                      MMA2_SIGNATURE, aligned)
 
 NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
 INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]{4}\*/\s*(?:@!?U?P\w+\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_]+)*)")
@@ -72,7 +73,7 @@ def configurations():
             per_thread = block_m * nb * 16 / (32 * warps)
             decode = "one multiply" if asm == 2 else "two multiplies"
             yield (f"MMA mlp1 {block_m},{nb},{warps},{stages} {decode}", triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE,
-                   {**common, "ROUTE_K": 4}, warps, per_thread)
+                   {**common, **MMA1_ROUTING}, warps, per_thread)
             yield (f"MMA mlp2 {block_m},{nb},{warps},{stages} {decode}", triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE,
                    {**common, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K}, warps, per_thread)
 

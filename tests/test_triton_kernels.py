@@ -178,6 +178,28 @@ def test_moe_mma_projections_equal_dequantize_then_matmul(experts, tiles, device
     assert rel_err(y.cpu() - case["x"], case["y_ref"] - case["x"]) < (1e-5 if device.type == "cpu" else 1e-4)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 5])
+def test_moe_mma_first_projection_routes_as_the_topk_kernel(tokens, device):
+    """The first projection given the router logits: the experts and weights it writes equal `norm_route`'s top-k
+    kernel's (ties included: logits rounded to 1/4 collide), and h equals the projection given those experts."""
+    from ossrun.model.kernels import triton_moe_decode, triton_moe_mma
+
+    case = decode_case([[0, 1, 2, 3]] * tokens, tokens)
+    g = torch.Generator().manual_seed(tokens)
+    logits = (torch.randn(tokens, 6, generator=g) * 4).round() / 4  # 6 experts, some equal logits
+    experts_ref = torch.empty(tokens, 4, dtype=torch.int32)
+    weights_ref = torch.empty(tokens, 4)
+    to = lambda *ts: [v.to(device) for v in ts]  # noqa: E731
+    logits_d, experts_ref_d, weights_ref_d = to(logits, experts_ref, weights_ref)
+    triton_moe_decode._topk_kernel[(tokens,)](logits_d, experts_ref_d, weights_ref_d, E=6, E_P=8, K=4, K_P=4, PDL=False)
+    experts, weights = to(torch.full((tokens, 4), -7, dtype=torch.int32), torch.zeros(tokens, 4))
+    t = deinterleave(case["t"]).to(device)
+    h = triton_moe_mma.mlp1(t, experts, *to(*case["mlp1"]), 7.0, route=(logits_d, weights))
+    assert torch.equal(experts.cpu(), experts_ref_d.cpu())
+    assert torch.equal(weights.cpu(), weights_ref_d.cpu())
+    assert torch.equal(h.cpu(), triton_moe_mma.mlp1(t, experts_ref_d, *to(*case["mlp1"]), 7.0).cpu())
+
+
 def _halves(word: int) -> tuple[int, int]:
     return word & 0xFFFF, word >> 16
 

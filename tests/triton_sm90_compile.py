@@ -43,8 +43,9 @@ MLP1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "N_OUT":
                   "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
 MLP2_SIGNATURE = {"h_ptr": "*bf16", "x_ptr": "*bf16", "y_ptr": "*bf16", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "N_OUT": "i32",
                   "stride_h": "i32", "stride_x": "i32", "stride_y": "i32", **DECODE_STRIDES}
-MMA1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "PAIRS": "i32", "N_OUT": "i32", "swiglu_limit": "fp32",
-                  "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
+MMA1_SIGNATURE = {"t_ptr": "*bf16", "h_ptr": "*bf16", **DECODE_WEIGHTS, "logits_ptr": "*fp32", "weights_ptr": "*bf16", "PAIRS": "i32",
+                  "N_OUT": "i32", "swiglu_limit": "fp32", "stride_t": "i32", "stride_h": "i32", **DECODE_STRIDES}
+MMA1_ROUTING = {"ROUTE": True, "E": 32, "E_P": 32, "K_P": 4, "ROUTE_K": 4}  # the first projection routes (top-k of 32)
 MMA2_SIGNATURE = {"h_ptr": "*bf16", "part_ptr": "*fp32", **DECODE_WEIGHTS, "weights_ptr": "*bf16", "PAIRS": "i32", "N_OUT": "i32",
                   "stride_h": "i32", "stride_p": "i32", "stride_ps": "i32", **DECODE_STRIDES}
 DECODE_ALIGNED = ("N_OUT", "stride_t", "stride_h", "stride_x", "stride_y", "stride_p", "stride_ps", "stride_be", "stride_bo", "stride_se",
@@ -123,14 +124,14 @@ def main() -> int:
             common = {"K": 2880, "HAS_BIAS": True, "COLS": cols, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": asm,
                       "EMULATE": False}
             name = f"{block_m},{nb},{warps},{stages} cols {cols} asm {asm}"
-            compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, "ROUTE_K": 4}, f"moe mma mlp1 {name}", warps,
+            compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, **MMA1_ROUTING}, f"moe mma mlp1 {name}", warps,
                         aligned(MMA1_SIGNATURE, DECODE_ALIGNED))
             compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, {**common, "SPLIT_K": triton_moe_mma.MLP2_SPLIT_K},
                         f"moe mma mlp2 {name}", warps, aligned(MMA2_SIGNATURE, DECODE_ALIGNED))
     for asm in (1, 2):  # Ampere (A100) too: the decode's PTX uses bf16x2 fma (sm_80), not sm_90's bf16x2 mul
         block_m, nb, warps, stages = triton_moe_mma.SWEEP_TILES[0]
         common = {"K": 2880, "HAS_BIAS": True, "COLS": 16, "BLOCK_M": block_m, "NB": nb, "STAGES": stages, "ASM": asm, "EMULATE": False}
-        compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, "ROUTE_K": 4}, f"moe mma mlp1 sm_80 asm {asm}", warps,
+        compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {**common, **MMA1_ROUTING}, f"moe mma mlp1 sm_80 asm {asm}", warps,
                     aligned(MMA1_SIGNATURE, DECODE_ALIGNED), GPUTarget("cuda", 80, 32))
         compile_one(triton_moe_mma._mlp2_mma_kernel, MMA2_SIGNATURE, {**common, "SPLIT_K": 2}, f"moe mma mlp2 sm_80 asm {asm}", warps,
                     aligned(MMA2_SIGNATURE, DECODE_ALIGNED), GPUTarget("cuda", 80, 32))
@@ -167,7 +168,7 @@ def main() -> int:
                 "BLOCK_T": 2, "BLOCK_N": 128, "SLIDING": True, "EMULATE": False, "IEEE": False}, "attention decode", pdl=True)
     block_m, nb, warps, stages = triton_moe_mma.SWEEP_TILES[0]
     compile_one(triton_moe_mma._mlp1_mma_kernel, MMA1_SIGNATURE, {"K": 2880, "HAS_BIAS": True, "COLS": 16, "BLOCK_M": block_m, "NB": nb,
-                "STAGES": stages, "ASM": 2, "EMULATE": False, "ROUTE_K": 4}, "moe mma mlp1", warps, aligned(MMA1_SIGNATURE, DECODE_ALIGNED),
+                "STAGES": stages, "ASM": 2, "EMULATE": False, **MMA1_ROUTING}, "moe mma mlp1", warps, aligned(MMA1_SIGNATURE, DECODE_ALIGNED),
                 pdl=True)
     return 0
 

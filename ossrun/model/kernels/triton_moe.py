@@ -232,24 +232,33 @@ def mxfp4_grouped_matmul(
 
 
 @triton.jit
+def top_k_softmax(logits, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr):
+    """Rows of router logits [R, E_P] fp32 (−inf past E) → each row's top K experts [R, K_P] int32 (highest first,
+    lowest id on ties) and the softmax over those K logits in fp32 [R, K_P] (0 past K): the router of every path."""
+    e = tl.arange(0, E_P)[None, :]
+    j = tl.arange(0, K_P)[None, :]
+    top_v = tl.full((logits.shape[0], K_P), float("-inf"), tl.float32)
+    top_e = tl.zeros((logits.shape[0], K_P), tl.int32)
+    for i in tl.static_range(K):
+        best = tl.max(logits, 1)[:, None]
+        chosen = tl.minimum(tl.min(tl.where(logits == best, e, E_P), 1), E - 1)[:, None]  # NaN logits must not index past E
+        top_v = tl.where(j == i, best, top_v)
+        top_e = tl.where(j == i, chosen, top_e)
+        logits = tl.where(e == chosen, float("-inf"), logits)
+    w = tl.exp(top_v - tl.max(top_v, 1)[:, None])
+    return top_e, w / tl.sum(w, 1)[:, None]
+
+
+@triton.jit
 def _route_kernel(logits_ptr, experts_ptr, weights_ptr, counts_ptr, rank_ptr, stride_l,
                   E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr):
     """One token: top-k of its router logits (highest first, lowest id on ties), softmax over those k in
     fp32, and each chosen expert's row count bumped; the count before the bump is the pair's rank in its group."""
     t = tl.program_id(0)
-    e = tl.arange(0, E_P)
+    e = tl.arange(0, E_P)[None, :]
     logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
-    j = tl.arange(0, K_P)
-    top_v = tl.full((K_P,), float("-inf"), tl.float32)
-    top_e = tl.zeros((K_P,), tl.int32)
-    for i in tl.static_range(K):
-        best = tl.max(logits, 0)
-        chosen = tl.minimum(tl.min(tl.where(logits == best, e, E_P), 0), E - 1)  # NaN logits must not index past E
-        top_v = tl.where(j == i, best, top_v)
-        top_e = tl.where(j == i, chosen, top_e)
-        logits = tl.where(e == chosen, float("-inf"), logits)
-    w = tl.exp(top_v - tl.max(top_v, 0))
-    w = w / tl.sum(w, 0)
+    top_e, w = top_k_softmax(logits, E, E_P, K, K_P)
+    j = tl.arange(0, K_P)[None, :]
     ok = j < K
     tl.store(experts_ptr + t * K + j, top_e.to(tl.int64), mask=ok)
     tl.store(weights_ptr + t * K + j, w.to(weights_ptr.dtype.element_ty), mask=ok)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrun.model.kernels.triton_moe import _scale_of, interpreting, pdl, pdl_launch, pdl_release, pdl_wait
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting, pdl, pdl_launch, pdl_release, pdl_wait, top_k_softmax
 
 DECODE_MAX_TOKENS = 8
 # (BLOCK_N, BLOCK_B, warps) that bench/gpu_sweep.py times and tests/triton_sm90_compile.py compiles; the first of
@@ -196,23 +196,13 @@ def _norm_logits_kernel(x_ptr, norm_ptr, t_ptr, gate_ptr, gate_bias_ptr, logits_
 @triton.jit
 def _topk_kernel(logits_ptr, experts_ptr, weights_ptr, E: tl.constexpr, E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr,
                  PDL: tl.constexpr):
-    """Top-k of a token's logits (highest first, lowest id on ties) and the softmax over those k, as triton_moe._route_kernel."""
+    """Top-k of a token's logits (highest first, lowest id on ties) and the softmax over those k (`top_k_softmax`)."""
     pdl_release(PDL)
     pdl_wait(PDL)
     tok = tl.program_id(0)
-    e = tl.arange(0, E_P)
-    logits = tl.load(logits_ptr + tok * E + e, mask=e < E, other=float("-inf"))
-    j = tl.arange(0, K_P)
-    top_v = tl.full((K_P,), float("-inf"), tl.float32)
-    top_e = tl.zeros((K_P,), tl.int32)
-    for i in tl.static_range(K):
-        best = tl.max(logits, 0)
-        chosen = tl.minimum(tl.min(tl.where(logits == best, e, E_P), 0), E - 1)
-        top_v = tl.where(j == i, best, top_v)
-        top_e = tl.where(j == i, chosen, top_e)
-        logits = tl.where(e == chosen, float("-inf"), logits)
-    w = tl.exp(top_v - tl.max(top_v, 0))
-    w = w / tl.sum(w, 0)
+    e = tl.arange(0, E_P)[None, :]
+    top_e, w = top_k_softmax(tl.load(logits_ptr + tok * E + e, mask=e < E, other=float("-inf")), E, E_P, K, K_P)
+    j = tl.arange(0, K_P)[None, :]
     tl.store(experts_ptr + tok * K + j, top_e, mask=j < K)
     tl.store(weights_ptr + tok * K + j, w.to(weights_ptr.dtype.element_ty), mask=j < K)
 
@@ -312,24 +302,33 @@ def router_tile() -> tuple[int, int]:
     return SWEEP_ROUTER_TILES[0]
 
 
-def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-               k: int, deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype; with `deinterleave` each row's even elements, then its odd ones),
-    experts [T, k] (int32) and routing weights [T, k] (x's dtype).
-    Two launches: norm and logits over T × E/4 programs, then top-k and softmax per token."""
+def norm_logits(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                deinterleave: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype; with `deinterleave` each row's even elements, then its odd ones)
+    and the router logits [T, E] (fp32 holding the model dtype's rounding), in one launch over T × E/BLOCK_E programs."""
     assert not deinterleave or x.shape[1] % 2 == 0
     tokens, hidden = x.shape
     n_experts = gate_weight.shape[0]
     t = torch.empty_like(x)
     logits = torch.empty(tokens, n_experts, dtype=torch.float32, device=x.device)
-    experts = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
-    weights = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
     if tokens:
         block_e, warps = router_tile()
         _norm_logits_kernel[(tokens, triton.cdiv(n_experts, block_e))](
             x, norm_scale, t, gate_weight, gate_bias, logits, x.stride(0), t.stride(0), gate_weight.stride(0), eps,
             H=hidden, H_P=triton.next_power_of_2(hidden), E=n_experts, BLOCK_E=block_e, DEINTERLEAVE=deinterleave, PDL=pdl(),
             num_warps=warps, **pdl_launch())
+    return t, logits
+
+
+def norm_route(x: torch.Tensor, norm_scale: torch.Tensor, eps: float, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, H] → t = RMSNorm(x) [T, H] (x's dtype), experts [T, k] (int32) and routing weights [T, k] (x's dtype).
+    Two launches: `norm_logits`, then top-k and softmax per token."""
+    t, logits = norm_logits(x, norm_scale, eps, gate_weight, gate_bias)
+    tokens, n_experts = logits.shape
+    experts = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens, k, dtype=x.dtype, device=x.device)
+    if tokens:
         _topk_kernel[(tokens,)](logits, experts, weights, E=n_experts, E_P=triton.next_power_of_2(n_experts), K=k,
                                 K_P=triton.next_power_of_2(k), PDL=pdl(), num_warps=1, **pdl_launch())
     return t, experts, weights

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ossrun.model.kernels.triton_moe import _scale_of, interpreting, mma, pdl, pdl_launch, pdl_release, pdl_wait
-from ossrun.model.kernels.triton_moe_decode import _e2m1, norm_route
+from ossrun.model.kernels.triton_moe import _scale_of, interpreting, mma, pdl, pdl_launch, pdl_release, pdl_wait, top_k_softmax
+from ossrun.model.kernels.triton_moe_decode import _e2m1, norm_logits
 
 # (BLOCK_M, NB, warps, stages): weight rows a program, 32-element blocks of K an iteration (a power of two), warps,
 # software pipeline stages. The first is the default; bench/gpu_sweep.py times them all, tests/triton_sm90_compile.py
@@ -143,6 +143,29 @@ def _decode_bf16(packed, sbyte, ASM: tl.constexpr):
 
 
 @triton.jit
+def _routed_columns(logits_ptr, experts_ptr, weights_ptr, PAIRS, COLS: tl.constexpr, ROUTE_K: tl.constexpr,
+                    E: tl.constexpr, E_P: tl.constexpr, K_P: tl.constexpr):
+    """`_expert_columns`, with the router's top-k done here rather than in a launch of its own: every program takes
+    the top-k of the logits of every token among the columns (a few hundred values); the programs of the first
+    row tile store their pair's expert and routing weight for the second projection."""
+    c = tl.arange(0, COLS)
+    e = tl.arange(0, E_P)[None, :]
+    tok = tl.minimum(c, PAIRS - 1) // ROUTE_K
+    top_e, top_w = top_k_softmax(tl.load(logits_ptr + tok[:, None] * E + e, mask=e < E, other=float("-inf")), E, E_P,
+                                 ROUTE_K, K_P)
+    slot = (c % ROUTE_K)[:, None] == tl.arange(0, K_P)[None, :]  # [COLS, K_P]: column c is its token's slot c % k
+    ec = tl.where(c < PAIRS, tl.sum(tl.where(slot, top_e, 0), 1), -1)
+    mine = c == tl.program_id(0)
+    expert = tl.sum(tl.where(mine, ec, 0), 0)
+    if tl.program_id(1) == 0:
+        tl.store(experts_ptr + tl.program_id(0), expert)
+        weight = tl.sum(tl.where(mine, tl.sum(tl.where(slot, top_w, 0.0), 1), 0.0), 0)
+        tl.store(weights_ptr + tl.program_id(0), weight.to(weights_ptr.dtype.element_ty))
+    served_before = tl.sum(((ec == expert) & (c < tl.program_id(0))).to(tl.int32), 0) > 0
+    return expert, served_before, ec == expert, c
+
+
+@triton.jit
 def _expert_columns(experts_ptr, PAIRS, COLS: tl.constexpr):
     """This program's expert (that of pair program_id(0)), whether an earlier pair already serves it, the pairs it
     serves [COLS] and the column index c [COLS]."""
@@ -211,16 +234,20 @@ def _mma_order(a, R: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, PAIRS, N_OUT, swiglu_limit,
-                     stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
+def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr, logits_ptr, weights_ptr, PAIRS, N_OUT,
+                     swiglu_limit, stride_t, stride_h, stride_be, stride_bo, stride_se, stride_so, stride_biase,
                      K: tl.constexpr, ROUTE_K: tl.constexpr, HAS_BIAS: tl.constexpr, COLS: tl.constexpr,
                      BLOCK_M: tl.constexpr, NB: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     ROUTE: tl.constexpr, E: tl.constexpr, E_P: tl.constexpr, K_P: tl.constexpr, PDL: tl.constexpr):
     """h (de-interleaved, [PAIRS, N_OUT]) = clamped SwiGLU of t · W1[e]ᵀ + b1[e] for the pairs of expert e; the weight
-    rows of output column n are 2n (glu) and 2n+1 (linear), one contiguous run of BLOCK_M rows a program."""
+    rows of output column n are 2n (glu) and 2n+1 (linear), one contiguous run of BLOCK_M rows a program. ROUTE: the
+    pairs' experts come from the router logits [T, E] (`_routed_columns`, which also writes experts and weights)."""
     pdl_release(PDL)
     pdl_wait(PDL)
-    expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
+    if ROUTE:
+        expert, served_before, col_ok, c = _routed_columns(logits_ptr, experts_ptr, weights_ptr, PAIRS, COLS, ROUTE_K, E, E_P, K_P)
+    else:
+        expert, served_before, col_ok, c = _expert_columns(experts_ptr, PAIRS, COLS)
     if served_before:
         return
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -301,20 +328,26 @@ def use_asm(small_scales: bool) -> int:
 
 
 def mlp1(t_deinterleaved: torch.Tensor, experts: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
-         bias: torch.Tensor | None, swiglu_limit: float, small_scales: bool = False) -> torch.Tensor:
+         bias: torch.Tensor | None, swiglu_limit: float, small_scales: bool = False,
+         route: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """t [T, H] (de-interleaved rows) and experts [T, k] → h [T·k, O/2], de-interleaved: the clamped SwiGLU of each
-    (token, slot)'s first projection. small_scales: every scale byte is ≤ 128 (the one-multiply decode)."""
+    (token, slot)'s first projection. small_scales: every scale byte is ≤ 128 (the one-multiply decode).
+    route = (router logits [T, E] fp32, weights [T, k]): the kernel routes, writing `experts` and `weights` (top-k,
+    softmax over the k, as `triton_moe_decode.norm_route`), one launch fewer than routing apart."""
     block_m, nb, warps, stages = tiles()
     pairs, k = experts.numel(), experts.shape[1]
     n_out = blocks.shape[1] // 2
     h = torch.empty(pairs, n_out, dtype=t_deinterleaved.dtype, device=t_deinterleaved.device)
+    logits, weights = route if route is not None else (h, h)
     if pairs:
         _mlp1_mma_kernel[(pairs, triton.cdiv(2 * n_out, block_m))](
-            t_deinterleaved, h, blocks, scales, bias if bias is not None else h, experts, pairs, n_out, float(swiglu_limit),
-            t_deinterleaved.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
-            bias.stride(0) if bias is not None else 0,
+            t_deinterleaved, h, blocks, scales, bias if bias is not None else h, experts, logits, weights, pairs, n_out,
+            float(swiglu_limit), t_deinterleaved.stride(0), h.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0),
+            scales.stride(1), bias.stride(0) if bias is not None else 0,
             K=t_deinterleaved.shape[1], ROUTE_K=k, HAS_BIAS=bias is not None, COLS=columns(pairs), BLOCK_M=block_m, NB=nb,
-            STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), PDL=pdl(), num_warps=warps, **pdl_launch())
+            STAGES=stages, ASM=use_asm(small_scales), EMULATE=interpreting(), ROUTE=route is not None, E=logits.shape[-1],
+            E_P=triton.next_power_of_2(logits.shape[-1]), K_P=triton.next_power_of_2(k), PDL=pdl(), num_warps=warps,
+            **pdl_launch())
     return h
 
 
@@ -345,9 +378,11 @@ def mlp2(h_deinterleaved: torch.Tensor, experts: torch.Tensor, weights: torch.Te
 
 def moe_layer_mma(x: torch.Tensor, norm: tuple[torch.Tensor, float], gate: tuple[torch.Tensor, torch.Tensor], k: int,
                   mlp1_weights: tuple, mlp2_weights: tuple, swiglu_limit: float, small_scales: bool = False) -> torch.Tensor:
-    """`triton_moe_decode.moe_layer_decode` on the tensor cores: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in five
-    launches (norm and logits, top-k, two projections, the slot sum with the residual)."""
+    """`triton_moe_decode.moe_layer_decode` on the tensor cores: x [T, H] → x + Σ_k weight · expert(RMSNorm(x)), in four
+    launches (norm and logits; top-k and the first projection; the second; the slot sum with the residual)."""
     x = x.contiguous()
-    t, experts, weights = norm_route(x, norm[0], norm[1], gate[0], gate[1], k, deinterleave=True)
-    h = mlp1(t, experts, *mlp1_weights, swiglu_limit, small_scales=small_scales)
+    t, logits = norm_logits(x, norm[0], norm[1], gate[0], gate[1], deinterleave=True)
+    experts = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+    h = mlp1(t, experts, *mlp1_weights, swiglu_limit, small_scales=small_scales, route=(logits, weights))
     return mlp2(h, experts, weights, *mlp2_weights, residual=x, small_scales=small_scales)
