@@ -177,7 +177,7 @@ def _expert_columns(experts_ptr, PAIRS, COLS: tl.constexpr):
 
 
 @triton.jit
-def _expert_dot(x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, SPLIT_K: tl.constexpr,
+def _expert_dot(x_base, col_ok, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr, NB: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr,
                 STAGES: tl.constexpr):
     """W[rows] · X over the program_id(2)-th of SPLIT_K runs of K's blocks → [BLOCK_M, COLS] fp32. X's columns start at
@@ -191,18 +191,18 @@ def _expert_dot(x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: t
     if EMULATE:  # the interpreter takes no tensor range() bounds (Triton 3.6 with NumPy 2)
         b0 = first
         while b0 < last:
-            acc = _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
+            acc = _dot_step(acc, b0, last, x_base, col_ok, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
                             EMULATE)
             b0 += NB
     else:
         for b0 in tl.range(first, last, NB, num_stages=STAGES):
-            acc = _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
+            acc = _dot_step(acc, b0, last, x_base, col_ok, w_base, s_base, rows, row_ok, stride_bo, stride_so, K, BLOCK_M, NB, COLS, ASM,
                             EMULATE)
     return acc
 
 
 @triton.jit
-def _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dot_step(acc, b0, last, x_base, col_ok, w_base, s_base, rows, row_ok, stride_bo, stride_so, K: tl.constexpr, BLOCK_M: tl.constexpr,
               NB: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, EMULATE: tl.constexpr):
     """acc + W[rows, blocks b0 … b0+NB−1 (those before `last`)] · X[those blocks]."""
     j = tl.arange(0, 16)
@@ -214,8 +214,9 @@ def _dot_step(acc, b0, last, x_base, w_base, s_base, rows, row_ok, stride_bo, st
     lo, hi = _decode_bf16(packed, sbyte[:, :, None], ASM)
     byte = b0 * 16 + tl.arange(0, NB * 16)  # byte index along the row = index of the even element in the de-interleaved X
     k_ok = byte < K // 2
-    x_even = tl.load(x_base[None, :] + byte[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
-    x_odd = tl.load(x_base[None, :] + (K // 2 + byte)[:, None], mask=k_ok[:, None], other=0.0).to(tl.bfloat16)
+    x_ok = k_ok[:, None] & col_ok[None, :]  # columns of other experts' pairs (at batch 1, 15 of 16) read nothing
+    x_even = tl.load(x_base[None, :] + byte[:, None], mask=x_ok, other=0.0).to(tl.bfloat16)
+    x_odd = tl.load(x_base[None, :] + (K // 2 + byte)[:, None], mask=x_ok, other=0.0).to(tl.bfloat16)
     acc += mma(_mma_order(lo, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_even), COLS, NB)), EMULATE)
     acc += mma(_mma_order(hi, BLOCK_M, NB), tl.trans(_mma_order(tl.trans(x_odd), COLS, NB)), EMULATE)
     return acc
@@ -253,7 +254,7 @@ def _mlp1_mma_kernel(t_ptr, h_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_ptr
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < 2 * N_OUT
     x_base = t_ptr + (tl.minimum(c, PAIRS - 1) // ROUTE_K) * stride_t  # a column past the pairs reads a real row
-    acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
+    acc = _expert_dot(x_base, col_ok, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
                       rows, row_ok, stride_bo, stride_so, K, 1, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -284,7 +285,7 @@ def _mlp2_mma_kernel(h_ptr, part_ptr, blocks_ptr, scales_ptr, bias_ptr, experts_
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N_OUT
     x_base = h_ptr + tl.minimum(c, PAIRS - 1) * stride_h
-    acc = _expert_dot(x_base, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
+    acc = _expert_dot(x_base, col_ok, blocks_ptr + expert.to(tl.int64) * stride_be, scales_ptr + expert.to(tl.int64) * stride_se,
                       rows, row_ok, stride_bo, stride_so, K, SPLIT_K, BLOCK_M, NB, COLS, ASM, EMULATE, STAGES)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=row_ok & (tl.program_id(2) == 0), other=0.0).to(tl.float32)[:, None]
