@@ -292,6 +292,17 @@ def test_a_schema_that_cannot_compile_is_a_grammar_error_with_the_reason(compile
         build(compiler)
 
 
+def test_a_schema_with_integers_beyond_64_bits_compiles(compiler):
+    """JSON has no integer limit and Python parses big ones exactly; llguidance refused such a schema when handed
+    as a dict ("Value is not JSON serializable", a 400 on a schema-valid body; found by the bounded fuzz)."""
+    big = 8914607640616458256384
+    schema = obj({"n": {"type": "integer", "maximum": big}})
+    schema["x-note"] = {"count": -big}
+    constraint = compiler.json_final(schema)
+    feed(constraint, '<|channel|>final<|message|>{"n": 7}<|return|>')
+    assert constraint.is_finished
+
+
 def test_compiled_grammars_are_cached_and_masks_have_the_vocabulary_size(compiler):
     schema = obj({"cache_probe": string()})
     compiler.json_final(schema)

@@ -18,6 +18,7 @@ Requests without a constraint never reach this module.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -225,7 +226,9 @@ class ConstraintCompiler:
     def _check(self, what: str, schema: Mapping[str, Any]) -> None:
         """Compile one schema alone, so a failure names the schema's problem, not a line of the wrapper."""
         try:
-            compiled = llguidance.LLMatcher.grammar_from_json_schema(dict(schema))
+            # As JSON text, not a dict: llguidance's dict conversion refuses integers beyond 64 bits, which JSON allows
+            # (its JSON parser takes them, as the %json rules of the whole grammar already hand them over).
+            compiled = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(dict(schema)))
         except ValueError as exc:
             raise GrammarError(f"invalid {what}: {exc}") from None
         error = llguidance.LLMatcher.validate_grammar(compiled, self.tokenizer, limits=_LIMITS)
