@@ -34,7 +34,11 @@ import ossrun.engine.engine, ossrun.model.kernels.triton_moe, ossrun.model.kerne
 # The sm_90 compile test runs on the CPU machines (CI); here the kernels themselves run.
 step kernels 180 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_triton_kernels.py -k "not compile_for_hopper"
 TAIL=80 step sweep 240 $PYTHON bench/gpu_sweep.py --env-out "$OUT/tuned.env"
-if [ -s "$OUT/tuned.env" ]; then echo "tuned: $(tr '\n' ' ' <"$OUT/tuned.env")"; . "$OUT/tuned.env"; fi
+# The sweep's choices: this run's, or (TUNED=path) a file an earlier call's sweep wrote, when the steps are split
+# over two device calls (each call starts with an empty $OUT; copy the file into the checkout to carry it over).
+TUNED_FILE="$OUT/tuned.env"
+[ -s "$TUNED_FILE" ] || TUNED_FILE=${TUNED:-}
+if [ -n "$TUNED_FILE" ] && [ -s "$TUNED_FILE" ]; then echo "tuned: $(tr '\n' ' ' <"$TUNED_FILE")"; . "$TUNED_FILE"; fi
 TAIL=45 step bench "$BENCH_SECONDS" $PYTHON bench/gpu.py --paths $PATHS_ --eager-max-concurrency 1 --max-seconds 20 --profile
 step tests 60 $PYTHON -m pytest -q -p no:cacheprovider --device cuda tests/test_engine.py tests/test_model.py
 # The same with every not-yet-default GPU option on (tensor-core MoE, split keys, fused norm, PDL): a race or a wrong
