@@ -209,7 +209,7 @@ def test_bf16_decode_ptx_text_on_a_model_of_its_instructions(one_multiply):
     """The tensor-core kernels' PTX decoders, their text run on `tests/ptx_model.py` (the interpreter runs no PTX):
     every byte, low and high nibble, under extreme scale bytes, against `mxfp4.dequantize`, bit for bit."""
     from ossrun.model.kernels import triton_moe_mma
-    from ptx_model import run
+    from tests.ptx_model import run
 
     asm = (triton_moe_mma._E2M1_BF16_ONE_MULTIPLY_PTX if one_multiply else triton_moe_mma._E2M1_BF16_PTX).value
     blocks = torch.arange(256, dtype=torch.uint8).view(16, 1, 16)  # byte 16r + j: row r, elements 2j (low) and 2j + 1 (high)
@@ -230,7 +230,7 @@ def test_fp16_decode_ptx_text_of_the_gemv_kernels_on_a_model_of_its_instructions
     import struct
 
     from ossrun.model.kernels import triton_moe_decode
-    from ptx_model import run
+    from tests.ptx_model import run
 
     table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
     e2m1 = lambda n: (-1 if n & 8 else 1) * table[n & 7] * 2.0 ** -14  # noqa: E731
