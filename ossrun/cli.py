@@ -7,9 +7,11 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -46,6 +48,42 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _fail(message: str) -> NoReturn:
+    """A user's mistake: one line on stderr and exit status 2 (as for a bad option), no traceback."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What a wrong --model, --device, --lora or cache size raises (imported late: `tokenize` needs no torch)."""
+    from ossrun.engine.errors import AdapterLoadError, CacheTooSmallError
+    from ossrun.model.gpt_oss import DeviceError
+    from ossrun.model.lora import AdapterError
+    from ossrun.model.resolve import ModelNotFound
+    from ossrun.serve import SettingsError
+
+    return ModelNotFound, DeviceError, AdapterError, AdapterLoadError, CacheTooSmallError, SettingsError
+
+
+@contextmanager
+def _reported(verbose: bool) -> Iterator[None]:
+    """Users' mistakes (`_user_errors`) as one line; with --verbose, the traceback too."""
+    try:
+        yield
+    except Exception as exc:
+        if verbose or not isinstance(exc, _user_errors()):
+            raise
+        _fail(str(exc))
+
+
+def _positive(name: str) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if value <= 0:
+            raise typer.BadParameter(f"{name} must be greater than 0")
+        return value
+    return check
+
+
 @app.command("make-model")
 def make_model(
     preset: Preset = typer.Option(Preset.tiny, help="Architecture preset (random weights in the official format)."),
@@ -74,7 +112,8 @@ def make_adapter(
     from ossrun.model.lora import write_random_adapter
     from ossrun.model.resolve import resolve_model
 
-    write_random_adapter(read_config(resolve_model(model)), out, rank=rank, seed=seed)
+    with _reported(verbose=False):
+        write_random_adapter(read_config(resolve_model(model)), out, rank=rank, seed=seed)
     typer.echo(f"wrote a rank-{rank} adapter to {out}")
 
 
@@ -93,8 +132,8 @@ def generate(
     token_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated (bypasses the tokenizer)."),
     max_tokens: int = typer.Option(32, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
-    top_p: float = typer.Option(1.0),
-    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0, help="In (0, 1]."),
+    top_k: int = typer.Option(0, min=0, help="0: no top-k cut."),
     seed: Optional[int] = typer.Option(None),
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
@@ -107,6 +146,7 @@ def generate(
     from ossrun import harmony
     from ossrun.engine.async_engine import build_engine
     from ossrun.engine.request import Request, SamplingParams
+    from ossrun.model.gpt_oss import check_device
     from ossrun.model.resolve import resolve_model
 
     given = [x for x in (raw, prompt, token_ids) if x is not None]
@@ -118,10 +158,20 @@ def generate(
         ids = harmony.encode(raw, allow_special=True)
     else:
         ids = harmony.render_request({"prompt": prompt}).token_ids
-    engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value, decode_token=harmony.token_bytes)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop_token_ids=tuple(harmony.STOP_TOKENS))
-    events = engine.generate([Request(uuid.uuid4().hex, ids, params)])
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                stop_token_ids=tuple(harmony.STOP_TOKENS))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with _reported(verbose):
+        check_device(device)
+        engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value, decode_token=harmony.token_bytes)
+    request = Request(uuid.uuid4().hex, ids, params)
+    try:
+        engine.validate(request)  # an empty prompt, a token id outside the vocabulary, too long for the context
+    except ValueError as exc:
+        _fail(str(exc))
+    events = engine.generate([request])
     out = [e.token_id for e in next(iter(events.values())) if e.token_id is not None]
     text = harmony.decode(out)
     if as_json:
@@ -194,18 +244,18 @@ def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"), revision: Opti
 def serve(
     model: Optional[str] = typer.Option(None, help="Checkpoint directory, preset name or downloaded hub id (default: the embedded tiny model)."),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8787),
+    port: int = typer.Option(8787, min=1, max=65535),
     api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", help="Require `Authorization: Bearer TOKEN`."),
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
     data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
-    rate_limit: int = typer.Option(300, help="Requests per minute per token."),
+    rate_limit: int = typer.Option(300, min=0, help="Requests per minute per token (0: no limit)."),
     lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable)."),
     max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
-    kv_cache_gib: float = typer.Option(2.0, help="Memory for the KV cache."),
+    kv_cache_gib: float = typer.Option(2.0, callback=_positive("--kv-cache-gib"), help="Memory for the KV cache."),
     max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),
-    request_timeout: float = typer.Option(600.0, help="Seconds a sync request may run before a 408."),
+    request_timeout: float = typer.Option(600.0, callback=_positive("--request-timeout"), help="Seconds a sync request may run before a 408."),
     max_model_len: int = typer.Option(128000, min=16, help="Served context window (prompt + max_tokens)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -218,7 +268,8 @@ def serve(
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
                               request_timeout_s=request_timeout, max_model_len=max_model_len)
-    run_server(settings)
+    with _reported(verbose):
+        run_server(settings)
 
 
 def main() -> None:  # pragma: no cover - console entry point

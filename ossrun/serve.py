@@ -7,6 +7,7 @@ tokenizer for stop strings and grammars; the engine → the API through its clie
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +36,37 @@ class ServerSettings:
     max_model_len: int = 128000
 
 
+class SettingsError(ValueError):
+    """A server setting that cannot work (a busy port, a malformed --lora); found before the model loads."""
+
+
 def _parse_loras(items: list[str]) -> dict[str, Path]:
     loras = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--lora takes NAME=DIR, not {item!r}")
+            raise SettingsError(f"--lora takes NAME=DIR, not {item!r}")
+        if not Path(path).is_dir():
+            raise SettingsError(f"--lora {item}: no such directory")
         loras[name] = Path(path)
     return loras
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening address bound before the model loads: a busy port (another server?) fails in a line, not
+    after minutes of loading, and the "serving at" line is never printed for an address it cannot have."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def load_engine(settings: ServerSettings):
@@ -102,11 +126,15 @@ def serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from ossrun.api.app import AppSettings, build_app
+    from ossrun.model.gpt_oss import check_device
 
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    loras = _parse_loras(settings.loras)
+    check_device(settings.device)
+    sock = _listen(settings.host, settings.port)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
-                                        rate_limit_per_minute=settings.rate_limit_per_minute, loras=_parse_loras(settings.loras),
+                                        rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s))
     base = f"http://{settings.host}:{settings.port}"
     auth = f" -H 'Authorization: Bearer {settings.api_token}'" if settings.api_token else ""
@@ -116,6 +144,6 @@ def serve(settings: ServerSettings) -> None:
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
     try:
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
-        _draining_server(config, app.state.drain).run()
+        _draining_server(config, app.state.drain).run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -13,6 +13,7 @@ from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, SamplingParams
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.gpt_oss import GptOss
+from tests.server_util import free_port
 
 
 def ossrun(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -63,3 +64,70 @@ def test_download_fails_fast_and_clearly_without_network():
 def test_bad_arguments_are_explained():
     result = ossrun("generate", "--token-ids", "1,x")
     assert result.returncode != 0 and "comma-separated" in result.stderr
+
+
+def _one_clear_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    """A user's mistake: exit status 2 and a line that says what is wrong, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and "│" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("model, expected", [("/nonexistent/model", "/nonexistent/model: no such directory"),
+                                             ("nosuch", "'nosuch' is neither a directory"),
+                                             (os.devnull, "is a file; --model takes a checkpoint directory")])
+def test_a_model_that_is_not_there_is_one_line(model, expected, tmp_path):
+    _one_clear_line(ossrun("generate", "--model", model, "--token-ids", "1"), expected)
+    _one_clear_line(ossrun("serve", "--model", model, "--port", str(free_port()), "--data-dir", str(tmp_path)), expected)
+
+
+def test_a_directory_without_a_checkpoint_is_one_line(tmp_path):
+    _one_clear_line(ossrun("generate", "--model", str(tmp_path), "--token-ids", "1"), "not a gpt-oss checkpoint")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_cuda_on_a_cpu_torch_is_one_line(checkpoints):
+    _one_clear_line(ossrun("generate", "--model", str(checkpoints["original"]), "--token-ids", "1", "--device", "cuda"),
+                    "this torch")
+    _one_clear_line(ossrun("generate", "--model", str(checkpoints["original"]), "--token-ids", "1", "--device", "tpu"),
+                    "unknown device 'tpu'")
+
+
+@pytest.mark.parametrize("args, expected", [(("--token-ids", "999999999"), "outside the vocabulary"),
+                                            (("--raw", ""), "the prompt has no tokens"),
+                                            (("--token-ids", "1", "--max-tokens", "200000"), "exceeds the context window")])
+def test_a_prompt_the_engine_refuses_is_one_line(checkpoints, args, expected):
+    _one_clear_line(ossrun("generate", "--model", str(checkpoints["original"]), *args), expected)
+
+
+def test_sampling_values_out_of_range_are_refused_before_loading():
+    for args, expected in ((("--top-p", "2"), "top_p must be in (0, 1]"), (("--top-k", "-1"), "--top-k")):
+        result = ossrun("generate", "--model", "/nonexistent", "--token-ids", "1", *args)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_path):
+    base = ("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path))
+    for args, expected in ((("--lora", "x"), "--lora takes NAME=DIR"), (("--lora", "x=/nonexistent"), "no such directory")):
+        _one_clear_line(ossrun(*base, "--port", str(free_port()), *args), expected)
+    for args in (("--request-timeout", "-1"), ("--kv-cache-gib", "0"), ("--port", "70000"), ("--rate-limit", "-1")):
+        result = ossrun(*base, *args)
+        assert result.returncode == 2 and "Invalid value" in result.stderr, (args, result.stderr)
+
+
+def test_serve_on_a_busy_port_says_so_and_never_claims_to_serve(checkpoints, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = ossrun("serve", "--model", str(checkpoints["original"]), "--port", port, "--data-dir", str(tmp_path), timeout=60)
+    _one_clear_line(result, f"cannot listen on 127.0.0.1:{port}")
+    assert "serving" not in result.stdout and "loaded" not in result.stdout
+
+
+def test_a_kv_cache_too_small_says_how_much_is_needed(checkpoints, tmp_path):
+    result = ossrun("serve", "--model", str(checkpoints["original"]), "--kv-cache-gib", "0.00001", "--port", str(free_port()),
+                    "--data-dir", str(tmp_path), timeout=120)
+    _one_clear_line(result, "needs at least")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ossrun.engine.errors import ContextLengthError, UnknownAdapterError
+from ossrun.engine.errors import CacheTooSmallError, ContextLengthError, UnknownAdapterError
 from ossrun.engine.kv_cache import KVCacheManager
 from ossrun.engine.lora import AdapterRegistry
 from ossrun.engine.request import Request, TokenEvent
@@ -58,8 +58,12 @@ def plan_blocks(model: GptOss, options: EngineOptions) -> tuple[int, int]:
     remaining = options.kv_cache_bytes - sliding * per_layer_block * n_sliding_layers
     full = remaining // max(1, per_layer_block * n_full_layers)
     full = min(full, options.max_num_seqs * (-(-options.max_model_len // bs)) + 1)
-    if full < 2 + options.max_tokens_per_step // bs:
-        raise ValueError(f"kv_cache_bytes={options.kv_cache_bytes} is too small for this model and these options")
+    least = 2 + options.max_tokens_per_step // bs
+    if full < least:
+        needed = sliding * per_layer_block * n_sliding_layers + least * per_layer_block * n_full_layers
+        raise CacheTooSmallError(f"a KV cache of {options.kv_cache_bytes / 2**30:.3g} GiB is too small for this model "
+                                 f"and these options: it needs at least {needed / 2**30:.3g} GiB "
+                                 f"(fewer concurrent sequences need less)")
     return int(full), int(sliding)
 
 

@@ -16,6 +16,10 @@ class ContextLengthError(ValueError):
         )
 
 
+class CacheTooSmallError(ValueError):
+    """The KV-cache budget cannot hold one step of this model; the message says how much it needs."""
+
+
 class UnknownAdapterError(ValueError):
     """A request names a LoRA adapter the server does not have."""
 

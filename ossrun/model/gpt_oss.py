@@ -36,6 +36,29 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+class DeviceError(ValueError):
+    """A device this torch cannot run the model on; the message says why and what to do."""
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` parsed, or a DeviceError saying why not: checked before a checkpoint is read, so that a machine
+    without CUDA fails in a line and not after mapping gigabytes (or inside torch with an assertion)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but sees no GPU"
+            raise DeviceError(f"device {str(device)!r}: this torch ({torch.__version__}) is {build}; "
+                              "the README says how to install on a CUDA machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        raise DeviceError(f"device {str(device)!r}: ossrun runs on cpu or cuda")
+    return device
+
+
 def _weight(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
 
@@ -262,7 +285,7 @@ class GptOss(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cpu", precision: str = "exact"):
         super().__init__()
-        device = torch.device(device)
+        device = check_device(device)
         self.precision = check_precision(precision)
         self.config = config
         self.dtype = dtype

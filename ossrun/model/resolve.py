@@ -26,7 +26,7 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 
 
 class ModelNotFound(Exception):
-    pass
+    """A model name that resolves to no checkpoint; the message says what was looked for."""
 
 
 def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
@@ -48,13 +48,13 @@ def resolve_model(spec: str | Path | None) -> Path:
         spec = DEFAULT_MODEL
     path = Path(spec).expanduser()
     if path.exists():
-        return path
+        return _checkpoint_dir(path)
     spec = str(spec)
     if spec == DEMO_MODEL:
         return demo_dir(cache_dir())
     if spec in PRESETS:
         return preset_dir(spec)
-    if "/" in spec:
+    if _looks_like_hub_id(spec):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -62,7 +62,31 @@ def resolve_model(spec: str | Path | None) -> Path:
             return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except LocalEntryNotFoundError:
             raise ModelNotFound(f"{spec} is not downloaded; run `ossrun download {spec}` first") from None
+    if "/" in spec or spec.startswith((".", "~")):
+        raise ModelNotFound(f"{spec}: no such directory")
     raise ModelNotFound(f"{spec!r} is neither a directory, {DEMO_MODEL!r}, a preset ({', '.join(PRESETS)}) nor a hub id")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """`owner/name` as the hub spells ids; a path (`/x`, `./x`, `a/b/c`) is not one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if spec.count("/") != 1 or spec.startswith((".", "~")):
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """An existing path that must be a checkpoint directory (either layout)."""
+    if not path.is_dir():
+        raise ModelNotFound(f"{path} is a file; --model takes a checkpoint directory")
+    if not (path / "config.json").exists() and not (path / "original" / "config.json").exists():
+        raise ModelNotFound(f"{path}: no config.json and no original/config.json: not a gpt-oss checkpoint")
+    return path
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:
