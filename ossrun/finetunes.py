@@ -19,6 +19,7 @@ from pathlib import Path
 ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_ASSET_BYTES = 300 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID_SHAPE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # what `create` makes
 
 
 class FinetuneError(ValueError):
@@ -67,8 +68,12 @@ class FinetuneStore:
         if not isinstance(name, str) or not _NAME.match(name):
             raise FinetuneError("name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
         with self._lock:
-            if any(f.name == name for f in self._all()):
+            records = self._all()
+            if any(f.name == name for f in records):
                 raise FinetuneError(f"a fine-tune named {name!r} already exists")
+            # `id_or_name` must name one fine-tune: a name may not be, or later become, another one's id
+            if _ID_SHAPE.match(name) or any(f.id == name for f in records):
+                raise FinetuneError(f"a fine-tune name cannot look like a fine-tune id: {name!r}")
             now = _now()
             record = Finetune(str(uuid.uuid4()), name, model, now, now, description or "")
             folder = self.root / record.id
@@ -81,11 +86,11 @@ class FinetuneStore:
             return sorted(self._all(), key=lambda f: f.created_at)
 
     def get(self, id_or_name: str) -> Finetune | None:
+        """The fine-tune with this id, else the one with this name (ids first: older data may hold a name equal to an id)."""
         with self._lock:
-            for record in self._all():
-                if id_or_name in (record.id, record.name):
-                    return record
-        return None
+            records = self._all()
+        return (next((r for r in records if r.id == id_or_name), None)
+                or next((r for r in records if r.name == id_or_name), None))
 
     def upload(self, id_or_name: str, file_name: str, data: bytes) -> Finetune:
         record = self.get(id_or_name)

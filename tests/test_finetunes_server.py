@@ -78,3 +78,51 @@ def test_preloaded_adapter_and_bad_adapter_upload(checkpoints, tmp_path):
         assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == 5005 and "rank 64" in bad.text
     finally:
         server.stop()
+
+
+def create(server, name: str) -> httpx.Response:
+    return httpx.post(api(server, "/finetunes"), json={"model": MODEL, "name": name}, timeout=60)
+
+
+def test_an_id_names_exactly_one_finetune(checkpoints, tmp_path):
+    """A name equal to another fine-tune's id (or shaped like an id) is refused; an id is resolved before any name,
+    also over data written before names were checked (an impostor folder on disk, seen after a restart)."""
+    import json
+    import uuid
+
+    config = read_config(checkpoints["original"])
+    victim_adapter = write_random_adapter(config, tmp_path / "victim", rank=4, seed=5)
+    impostor_adapter = write_random_adapter(config, tmp_path / "impostor", rank=4, seed=6)
+    data = tmp_path / "data"
+    body = {"prompt": "Tell me a story", "max_tokens": 8, "temperature": 0}
+    server = start_server(checkpoints["original"], data)
+    try:
+        victim_id = create(server, "victim").json()["result"]["id"]
+        for name in (victim_id, str(uuid.uuid4()), str(uuid.uuid4()).upper()):
+            refused = create(server, name)
+            assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, name
+        assert [f["name"] for f in httpx.get(api(server, "/finetunes")).json()["result"]] == ["victim"]
+    finally:
+        server.stop()
+
+    # An impostor named after the victim's id, as an older server let one be created, complete and loadable.
+    impostor = data / "finetunes" / str(uuid.uuid4())
+    impostor.mkdir()
+    meta = json.loads((data / "finetunes" / victim_id / "meta.json").read_text())
+    (impostor / "meta.json").write_text(json.dumps({**meta, "id": impostor.name, "name": victim_id}))
+    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+        (impostor / file_name).write_bytes((impostor_adapter / file_name).read_bytes())
+
+    server = start_server(checkpoints["original"], data)
+    try:
+        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+            stored = upload(server, victim_id, file_name, (victim_adapter / file_name).read_bytes())
+            assert stored.status_code == 200 and stored.json()["result"]["id"] == victim_id
+        assert (data / "finetunes" / victim_id / "adapter_model.safetensors").exists()
+        by_name = httpx.post(server.run_url(), json={**body, "lora": "victim"}, timeout=60).json()["result"]["response"]
+        by_id = httpx.post(server.run_url(), json={**body, "lora": victim_id}, timeout=60).json()["result"]["response"]
+        by_impostor_id = httpx.post(server.run_url(), json={**body, "lora": impostor.name}, timeout=60).json()["result"]["response"]
+        assert by_id == by_name != by_impostor_id
+    finally:
+        server.stop()
+

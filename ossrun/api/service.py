@@ -173,9 +173,10 @@ class Service:
 
     def adapter_name(self, lora: str) -> str:
         """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
-        if self.engine.has_adapter(lora):
-            return lora
         record = self.finetunes.get(lora) if self.finetunes is not None else None
+        by_id = record is not None and record.id == lora  # an id names its fine-tune, whatever else is called so
+        if not by_id and self.engine.has_adapter(lora):
+            return lora  # a preloaded adapter or a fine-tune's name
         if record is not None and self.engine.has_adapter(record.name):
             return record.name
         if record is not None:
