@@ -1,7 +1,8 @@
 """LoRA fine-tunes kept on disk under the server's data directory, surviving restarts.
 
 Each fine-tune is a folder `finetunes/<id>/` with `meta.json` and the PEFT files as uploaded.
-Writes are atomic (temp file + rename), so a crash never leaves a half-written adapter.
+Writes are atomic (temp file + rename), so a crash never leaves a half-written adapter. An uploaded
+asset is staged and checked before it replaces the stored one, so a refused upload changes nothing.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,11 +61,30 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _check_json_object(config: bytes) -> None:
+    try:
+        value = json.loads(config)
+    except ValueError as exc:  # bad JSON or not UTF-8 at all
+        raise FinetuneError(f"adapter_config.json is not valid JSON: {exc}", code=5005) from None
+    if not isinstance(value, dict):
+        raise FinetuneError("adapter_config.json must hold a JSON object", code=5005)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # same folder tree: no copy of a 300 MB file
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 class FinetuneStore:
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir) / "finetunes"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._upload_lock = threading.Lock()
+        for stale in self.root.glob("*/.staging-*"):  # an upload a crash interrupted; the stored files are intact
+            shutil.rmtree(stale, ignore_errors=True)
 
     def create(self, model: str, name: str, description: str = "") -> Finetune:
         if not isinstance(name, str) or not _NAME.match(name):
@@ -92,7 +114,11 @@ class FinetuneStore:
         return (next((r for r in records if r.id == id_or_name), None)
                 or next((r for r in records if r.name == id_or_name), None))
 
-    def upload(self, id_or_name: str, file_name: str, data: bytes) -> Finetune:
+    def upload(self, id_or_name: str, file_name: str, data: bytes,
+               check: Callable[[Finetune, Path], None] | None = None) -> Finetune:
+        """Store one asset. It is first staged in a folder beside the fine-tune's other asset as stored; when
+        both are there, `check(record, staged_folder)` must accept the pair. Anything raised on the way leaves
+        the stored fine-tune exactly as it was; only an accepted file replaces the old one (atomically)."""
         record = self.get(id_or_name)
         if record is None:
             raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
@@ -100,11 +126,24 @@ class FinetuneStore:
             raise FinetuneError(f"file_name must be one of {', '.join(ASSET_NAMES)}, not {file_name!r}", code=3039)
         if len(data) > MAX_ASSET_BYTES:
             raise FinetuneError(f"{file_name} is {len(data)} bytes; the limit is {MAX_ASSET_BYTES}", code=3006, status=413)
-        with self._lock:
-            folder = self.root / record.id
-            _atomic_write(folder / file_name, data)
-            record.modified_at = _now()
-            _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+        if file_name == "adapter_config.json":
+            _check_json_object(data)  # alone it cannot be loaded; the loader checks the rest once the pair is complete
+        with self._upload_lock:  # one upload at a time: each is checked against the other asset as it stays stored
+            folder = self.folder(record)
+            staged = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+            try:
+                _atomic_write(staged / file_name, data)
+                for other in ASSET_NAMES:
+                    if other != file_name and (folder / other).exists():
+                        _link_or_copy(folder / other, staged / other)
+                if check is not None and all((staged / name).exists() for name in ASSET_NAMES):
+                    check(record, staged)
+                with self._lock:
+                    os.replace(staged / file_name, folder / file_name)
+                    record.modified_at = _now()
+                    _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
         return record
 
     def folder(self, record: Finetune) -> Path:

@@ -126,3 +126,43 @@ def test_an_id_names_exactly_one_finetune(checkpoints, tmp_path):
     finally:
         server.stop()
 
+
+def test_a_refused_upload_leaves_the_finetune_as_it_was(checkpoints, tmp_path):
+    """Garbage over a working adapter, or a bad config, is a 400 and changes nothing: the fine-tune still answers the
+    same after a restart (the files on disk are what a restart loads). A config that is not a JSON object is
+    refused at its own upload, even before the weights are there."""
+    config = read_config(checkpoints["original"])
+    adapter = write_random_adapter(config, tmp_path / "adapter", rank=8, seed=7)
+    data = tmp_path / "data"
+    body = {"prompt": "Tell me a story", "max_tokens": 8, "temperature": 0, "lora": "good"}
+    server = start_server(checkpoints["original"], data)
+    try:
+        assert create(server, "good").status_code == 200
+        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert upload(server, "good", file_name, (adapter / file_name).read_bytes()).status_code == 200
+        before = httpx.post(server.run_url(), json=body, timeout=60).json()["result"]["response"]
+        stored = {p.name: p.read_bytes() for p in (data / "finetunes").glob("*/adapter_*")}
+
+        refusals = [("adapter_model.safetensors", bytes(range(256)) * 4),
+                    ("adapter_config.json", b'{"bad": json'),
+                    ("adapter_config.json", b"[1, 2]"),
+                    ("adapter_config.json", b'{"peft_type": "LORA", "r": 64, "target_modules": ["q_proj"]}')]
+        for file_name, data_bytes in refusals:
+            refused = upload(server, "good", file_name, data_bytes)
+            assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5005, (file_name, data_bytes)
+        assert {p.name: p.read_bytes() for p in (data / "finetunes").glob("*/adapter_*")} == stored
+        assert httpx.post(server.run_url(), json=body, timeout=60).json()["result"]["response"] == before
+
+        half = create(server, "half").json()["result"]["id"]
+        for config_bytes in (b'{"bad": json', b'"a string"', b"\xff\xfe"):
+            refused = upload(server, "half", "adapter_config.json", config_bytes)
+            assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5005, config_bytes
+        assert sorted(p.name for p in (data / "finetunes" / half).iterdir()) == ["meta.json"]  # no staging left either
+    finally:
+        server.stop()
+
+    server = start_server(checkpoints["original"], data)
+    try:
+        assert httpx.post(server.run_url(), json=body, timeout=60).json()["result"]["response"] == before
+    finally:
+        server.stop()

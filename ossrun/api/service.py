@@ -150,10 +150,18 @@ class Service:
         self.finetunes = None
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
-    def register_finetune(self, record) -> None:
-        """Serve an uploaded fine-tune under its name (requests may also use its id)."""
+    def upload_finetune_asset(self, id_or_name: str, file_name: str, data: bytes):
+        """Store an uploaded asset and serve the fine-tune once both are there. A complete pair is loaded from where
+        it is staged before the new file replaces the stored one, so a refused upload (400) changes nothing."""
+        record = self.finetunes.upload(id_or_name, file_name, data, check=self.register_finetune)
+        if not self.finetunes.missing_assets(record):
+            self.register_finetune(record)  # again from where it is stored: the engine reloads from there after eviction
+        return record
+
+    def register_finetune(self, record, folder: Path | None = None) -> None:
+        """Serve a fine-tune under its name (requests may also use its id), from its folder or from `folder`."""
         try:
-            self.engine.register_adapter(record.name, self.finetunes.folder(record))
+            self.engine.register_adapter(record.name, folder or self.finetunes.folder(record))
         except AdapterLoadError as exc:
             raise ApiError(400, 5005, f"AiError: {exc}") from None
         except Exception as exc:  # uploaded bytes are anything: a PNG as adapter_config.json must be a 400, not a 500

@@ -205,9 +205,7 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
     if not isinstance(file_name, str) or upload is None or isinstance(upload, str):
         raise ApiError(400, 3039, "AiError: missing 'file_name' or 'file' in the multipart form")
     try:
-        record = service.finetunes.upload(id_or_name, file_name, await upload.read())
-        if not service.finetunes.missing_assets(record):
-            service.register_finetune(record)
+        record = service.upload_finetune_asset(id_or_name, file_name, await upload.read())
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
     return envelope(_finetune_json(record))
