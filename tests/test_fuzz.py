@@ -49,7 +49,7 @@ def test_openapi_fuzz(fuzz_server):
 # response_format type 'json_schema' with no schema, which OpenAI refuses too). Any other 5006 on a schema-valid body means schema and server disagree.
 SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "cannot hold a valid answer", "no tool named",
             "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique",
-            "needs at least one tool", "a JSON Schema object is required")
+            "needs at least one tool", "a JSON Schema object is required", "cannot look like a fine-tune id")
 
 
 def test_bounded_fuzz_positive_and_negative(checkpoints, tmp_path_factory):
