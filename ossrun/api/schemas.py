@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic.json_schema import models_json_schema
 
 from ossrun.api.errors import ApiError, bad_input
+from ossrun.api.openapi import ChatCompletion, PromptResult, ResponseObject
 from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmony renders, part of these bodies
     FunctionCallInput,
     FunctionCallOutputInput,
@@ -225,21 +227,26 @@ def classify(body: Any) -> tuple[str, BaseModel]:
     return name, parse(SHAPES[name][0], body)
 
 
+def one_of(branches: dict[str, type[BaseModel]]) -> dict[str, Any]:
+    """One JSON Schema `oneOf` over models, each branch a `$ref` titled by its key, every definition hoisted to the root.
+
+    (Each model's own schema carries its `$defs` but refers to them as `#/$defs/…`, which resolves against the
+    document's root: nested as branches, the refs would point nowhere.) One generator names the definitions,
+    so a name means one model across the branches.
+    """
+    refs, top = models_json_schema([(m, "validation") for m in branches.values()], ref_template="#/$defs/{model}")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "oneOf": [{"title": title, **refs[(m, "validation")]} for title, m in branches.items()], "$defs": top.get("$defs", {})}
+
+
 def input_schema() -> dict[str, Any]:
-    """The `/ai/run` input as one JSON Schema `oneOf` (for `ai/models/schema`)."""
-    return {"type": "object", "oneOf": [model.model_json_schema() for model, _ in SHAPES.values()] + [BatchInput.model_json_schema()]}
+    """The `/ai/run` input as one JSON Schema `oneOf` (for `ai/models/schema`): the three shapes and a batch."""
+    return one_of({"Prompt": PromptInput, "Messages": MessagesInput, "Responses": ResponsesInput, "Batch": BatchInput})
 
 
 def output_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "oneOf": [
-            {"title": "Prompt", "type": "object", "properties": {"response": {"type": "string"}, "usage": {"type": "object"},
-                                                                  "tool_calls": {"type": "array"}}, "required": ["response"]},
-            {"title": "Messages", "type": "object", "properties": {"object": {"const": "chat.completion"}, "choices": {"type": "array"}}},
-            {"title": "Responses", "type": "object", "properties": {"object": {"const": "response"}, "output": {"type": "array"}}},
-        ],
-    }
+    """A sync `/ai/run` result, per shape (for `ai/models/schema`): the models the OpenAPI document states results with."""
+    return one_of({"Prompt": PromptResult, "Messages": ChatCompletion, "Responses": ResponseObject})
 
 
 def body_schema(*models: type[BaseModel]) -> dict[str, Any]:
@@ -255,7 +262,5 @@ DOCUMENTED = (PromptInput, MessagesInput, ResponsesInput, BatchInput, PollInput,
 
 def openapi_components() -> dict[str, Any]:
     """JSON schemas of every documented body, with refs into `#/components/schemas`."""
-    from pydantic.json_schema import models_json_schema
-
     _, top = models_json_schema([(m, "validation") for m in DOCUMENTED], ref_template="#/components/schemas/{model}")
     return top.get("$defs", {})
