@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+from jsonschema import Draft202012Validator
 
 from tests.server_util import MODEL, start_server
 
@@ -146,6 +147,79 @@ def test_models_search_and_schema(server):
     assert found["success"] and found["result"][0]["id"] == MODEL
     schema = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL}, headers=server.headers).json()
     assert "oneOf" in schema["result"]["input"] and "output" in schema["result"]
+
+
+# The served `ai/models/schema` as a JSON Schema validator uses it: every real body and result validates.
+NAMED_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+HISTORY = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "user", "content": [{"type": "text", "text": "And Rome?"}]}]
+RESPONSES_INPUT = [{"role": "user", "content": "Weather in Paris?"},
+                   {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+                   {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+# (body, the branch it and its result must match, alone: input and output branches share the shapes' titles)
+SCHEMA_CASES = {
+    "prompt": ({"prompt": "Hello", "max_tokens": 8, "temperature": 0, "stop": ["\n\n"]}, "Prompt"),
+    "prompt-json-mode": ({"prompt": "JSON please", "max_tokens": 300, "temperature": 1.0, "seed": 7,
+                          "response_format": {"type": "json_schema", "json_schema": FLAG}}, "Prompt"),
+    "prompt-tool-call": ({"prompt": "Weather in Paris?", "tools": TOOLS, "tool_choice": NAMED_CHOICE, "max_tokens": 60, "seed": 3}, "Prompt"),
+    "messages-tool-call": ({"messages": HISTORY, "tools": TOOLS, "tool_choice": NAMED_CHOICE, "max_tokens": 60, "seed": 3}, "Messages"),
+    "messages-json-mode": ({"messages": HISTORY[:2], "max_tokens": 300, "temperature": 1.0, "seed": 7,
+                            "response_format": {"type": "json_schema", "json_schema": {"name": "flag", "schema": FLAG}}}, "Messages"),
+    "responses": ({"input": RESPONSES_INPUT, "instructions": "Be brief", "max_output_tokens": 10, "temperature": 0,
+                   "tools": [{"type": "function", **TOOLS[0]["function"]}], "reasoning": {"effort": "low"}}, "Responses"),
+    "responses-tool-call": ({"input": "Weather in Paris?", "tools": [{"type": "function", **TOOLS[0]["function"]}],
+                             "tool_choice": {"type": "function", "name": "get_weather"}, "max_output_tokens": 60, "seed": 3}, "Responses"),
+}
+TOOL_CALLS = {"Prompt": lambda r: r.get("tool_calls"), "Messages": lambda r: r["choices"][0]["message"]["tool_calls"],
+              "Responses": lambda r: [item for item in r["output"] if item["type"] == "function_call"]}
+
+
+def served_schemas(server) -> dict:
+    response = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL}, headers=server.headers)
+    assert response.status_code == 200
+    return response.json()["result"]
+
+
+def matching_branches(schema: dict, instance) -> list[str]:
+    """The titles of the `oneOf` branches an instance is valid under (each branch checked with the document's root around it)."""
+    root = {k: v for k, v in schema.items() if k != "oneOf"}
+    return [branch["title"] for branch in schema["oneOf"] if Draft202012Validator({**root, **branch}).is_valid(instance)]
+
+
+def schema_errors(schema: dict, instance) -> list[str]:
+    return [f"{list(e.absolute_path)}: {e.message[:300]}" for e in Draft202012Validator(schema).iter_errors(instance)]
+
+
+def test_models_schema_input_validates_every_real_body_and_refuses_bad_ones(server):
+    schema = served_schemas(server)["input"]
+    Draft202012Validator.check_schema(schema)
+    batch = {"requests": [SCHEMA_CASES["prompt"][0], {**SCHEMA_CASES["messages-json-mode"][0], "external_reference": "m-1"},
+                          SCHEMA_CASES["responses"][0]]}
+    for name, (body, shape) in [*SCHEMA_CASES.items(), ("batch", (batch, "Batch"))]:
+        assert post(server, body).status_code == 200, name  # a real body: the server takes it
+        assert schema_errors(schema, body) == [], name
+        assert matching_branches(schema, body) == [shape], name
+    for bad in ({"prompt": "a", "top_k": 0}, {"nothing": 1}, {"messages": [{"role": "robot", "content": "x"}]},
+                {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, {"requests": []}):
+        assert post(server, bad).status_code == 400 and schema_errors(schema, bad), bad
+
+
+@pytest.mark.parametrize("case", list(SCHEMA_CASES))
+def test_models_schema_output_validates_real_results_under_their_branch_only(server, case):
+    schema = served_schemas(server)["output"]
+    body, branch = SCHEMA_CASES[case]
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    result = response.json()["result"]
+    if case == "prompt-json-mode":
+        assert isinstance(result["response"], dict)  # the parsed JSON, as ROUTES says
+    if case.endswith("tool-call"):  # the forced tool choice: the result carries the call
+        assert TOOL_CALLS[branch](result)
+    assert schema_errors(schema, result) == []
+    assert matching_branches(schema, result) == [branch]
 
 
 # -- errors -----------------------------------------------------------------------------------------
