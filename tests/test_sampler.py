@@ -293,6 +293,53 @@ def test_mask_forbids_tokens_before_everything_else():
     assert set(many) == {0, 2}  # top_k applies after the mask
 
 
+# -- logit_bias -----------------------------------------------------------------------------
+
+
+def test_logit_bias_bans_and_forces_greedy_tokens_in_a_batch():
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    rows = [logits] * 4
+    states = [state(temperature=0), state(temperature=0, logit_bias=((1, -100.0),)),
+              state(temperature=0, logit_bias=((4, 100.0), (1, -100.0))), state(temperature=0, logit_bias=((5, 0.75),))]
+    # unbiased: 1; 1 banned: the next best, 5; 4 forced; 5 + 0.75 = 3.25 > 3.
+    assert sample(rows, states).token_ids == [1, 5, 4, 5]
+
+
+def test_logit_bias_applies_before_penalties_temperature_and_top_k():
+    s = state(prompt=[0], logit_bias=((0, 2.0), (3, -1.0)), repetition_penalty=2.0, temperature=0, logprobs=True, top_logprobs=6)
+    out = sample([[2.0, 2.5, 0.0, 0.0, 0.0, 0.0]], [s])
+    processed = [(2.0 + 2.0) / 2, 2.5, 0.0, -1.0, 0.0, 0.0]  # the bias first, then the repetition penalty
+    assert out.token_ids == [1]
+    got = {t.token_id: t.logprob for t in out.top_logprobs[0]}
+    assert got == pytest.approx(dict(enumerate(log_softmax(processed))), abs=1e-6)
+    # Sampled rows draw from the biased distribution; top_k ranks the biased logits.
+    logits = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    biased = [0.0, 1.0, 0.0, 0.0 + LN2, 0.0, -100.0]
+    assert_final_probs(logits, softmax([b / 2 for b in biased]), temperature=2.0, logit_bias=((3, LN2), (5, -100.0)))
+    many = Sampler(3)(torch.tensor([logits] * 500), [state(top_k=1, logit_bias=((2, 5.0),)) for _ in range(500)]).token_ids
+    assert set(many) == {2}
+
+
+def test_logit_bias_never_overrides_the_grammar_mask():
+    logits = [1.0, 3.0, 2.0, 0.0, -1.0, 2.5]
+    allowed = torch.tensor([True, False, True, True, False, False])
+    forced = torch.tensor([False, False, False, True, False, False])
+    states = [state(temperature=0, logit_bias=((4, 100.0),)), state(logit_bias=((4, 100.0), (1, 100.0))),
+              state(temperature=0, logit_bias=((3, -100.0),))]
+    out = sample([logits] * 3, states, [allowed, allowed, forced])
+    assert out.token_ids[0] == 2 and out.token_ids[1] in (0, 2, 3)  # +100 on a masked token brings nothing back
+    assert out.token_ids[2] == 3  # -100 cannot take away the only token the grammar allows
+
+
+def test_logit_bias_is_checked_and_built_once():
+    for bad in (((-1, 1.0),), ((2, 100.5),), ((2, float("nan")),), ((2, 1.0), (2, 2.0))):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    s = state(logit_bias=((7, -2.5), (3, 1.0)))
+    assert s.bias[0].tolist() == [7, 3] and s.bias[1].tolist() == [-2.5, 1.0]
+    assert state().bias is None
+
+
 def test_mask_allowing_nothing_raises():
     masks = [torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)]
     with pytest.raises(ValueError, match="constraint allows no token") as caught:

@@ -93,9 +93,13 @@ class Engine:
             raise ContextLengthError(prompt, request.params.max_tokens, self.max_model_len)
         if request.lora is not None and not self.adapters.known(request.lora):
             raise UnknownAdapterError(request.lora)
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.model.config.vocab_size]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        bad = [t for t, _ in request.params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
 
     def add(self, request: Request) -> None:
         self.validate(request)

@@ -30,6 +30,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
+    # (token id, bias) pairs, ids distinct: added to the row's logits after the grammar mask, before everything else.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -45,6 +47,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        ids = [token for token, _ in self.logit_bias]
+        if any(not isinstance(t, int) or t < 0 for t in ids) or len(set(ids)) != len(ids):
+            raise ValueError("logit_bias token ids must be distinct non-negative integers")
+        if not all(-100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

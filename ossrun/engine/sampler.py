@@ -4,30 +4,35 @@ Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate`
 
 1. Structured-output mask: forbidden tokens get -inf before anything else, so no later stage can
    bring them back. A mask that allows nothing raises `ConstraintError` (a `ValueError`).
-2. Repetition penalty (CTRL, Keskar et al. 2019; vLLM and HF `repetition_penalty`): every token seen
+2. Logit bias (OpenAI `logit_bias`): each biased token's logit += its bias (in [-100, 100]), before the
+   penalties, temperature, top_k and top_p, and for greedy rows too. After the mask, so the grammar wins:
+   a masked token stays -inf whatever its bias, and a -100 bias cannot take away a token the grammar
+   forces. Additive, as OpenAI defines it and vLLM applies it: ±100 bans or forces a token in practice
+   (an LLM's logits span far less than 100), without a special case that could leave a row with nothing.
+3. Repetition penalty (CTRL, Keskar et al. 2019; vLLM and HF `repetition_penalty`): every token seen
    in the prompt OR the output so far: logit > 0 → logit / p, else logit * p. Applied once per
    distinct token, however often it occurred.
-3. Frequency and presence penalties (OpenAI's definition, as vLLM applies them): subtract
+4. Frequency and presence penalties (OpenAI's definition, as vLLM applies them): subtract
    `frequency_penalty × count` and `presence_penalty × [count > 0]`, where count is the token's count
    in the OUTPUT only; prompt tokens are not penalised.
-4. temperature == 0: greedy argmax (ties → lowest token id, `torch.argmax` returns the first
+5. temperature == 0: greedy argmax (ties → lowest token id, `torch.argmax` returns the first
    maximum); the row draws no random number. Otherwise, in order:
-5. Divide by temperature.
-6. top_k (0 = off): keep every token whose logit is ≥ the k-th largest. Tokens tied with the k-th are
+6. Divide by temperature.
+7. top_k (0 = off): keep every token whose logit is ≥ the k-th largest. Tokens tied with the k-th are
    all kept, as vLLM (`apply_top_k_only`) and HF (`TopKLogitsWarper`) do.
-7. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
+8. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
    tokens whose cumulative probability is ≥ top_p (a token is kept iff the tokens ranked above it
    sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept.
    Ties at the cut are broken by lowest token id, so the set is deterministic (vLLM's is arbitrary).
-8. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
+9. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
    E_i ~ Exp(1) and the largest p_i / E_i wins, which picks i with probability exactly p_i / Σp.
    It runs in two levels — first among 1024-token blocks (by token id) weighted by block mass,
    then among the winning block's tokens — so a row draws ceil(V/1024) + min(V, 1024) numbers
    per step (1,221 for gpt-oss), not V. A token removed by the mask, top_k or top_p has p = 0 and
    can never win.
 
-Logprobs (OpenAI `logprobs` / `top_logprobs`): log_softmax over the logits after the mask and the
-penalties, before temperature, top_k and top_p. Why: OpenAI's reported logprobs do not change with
+Logprobs (OpenAI `logprobs` / `top_logprobs`): log_softmax over the logits after the mask, the bias and
+the penalties, before temperature, top_k and top_p. Why: OpenAI's reported logprobs do not change with
 temperature or top_p — they describe the model's distribution, not the sampling knobs — and vLLM's
 default (`logprobs_mode="raw_logprobs"`) likewise ignores temperature/top-k/top-p. We do include the
 mask (vLLM applies the grammar bitmask before its sampler, so its raw logprobs include it too) and the
@@ -51,7 +56,7 @@ Greedy is temperature == 0 exactly (vLLM also treats temperature < 1e-5 as greed
 temperature still samples: the max is subtracted before dividing, so nothing overflows, and a
 temperature below float32's range divides as float32's smallest normal, so nothing is 0/0).
 
-Cost: besides O(batch) Python, each step touches only the distinct tokens a penalised sequence has
+Cost: besides O(batch) Python, each step touches only the biased tokens and the distinct tokens a penalised sequence has
 seen (kept incrementally in `SamplingState`). Full-vocabulary work is a few vectorised passes over
 the rows that need it, in a reused scratch buffer, and never a full sort: rows with top_k sample
 among their `topk` candidates; top_p looks at the top 128 candidates and, for the rare row whose
@@ -111,7 +116,7 @@ class SamplingState:
     (frequency/presence). The prompt is read once, because the caller's list grows with the output.
     """
 
-    __slots__ = ("params", "generator", "_seen", "_seen_ids", "_out_slot", "_out_ids", "_out_counts")
+    __slots__ = ("params", "generator", "_seen", "_seen_ids", "_out_slot", "_out_ids", "_out_counts", "bias")
 
     def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]):
         self.params = params
@@ -119,6 +124,11 @@ class SamplingState:
         if params.seed is not None:
             # manual_seed takes any 64-bit value; fold larger or negative seeds into that range.
             self.generator = torch.Generator().manual_seed(params.seed % 2**64)
+        # logit_bias as (token ids long [n], biases float32 [n]), built once: a step only indexes with them.
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self.bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
         self._seen: set[int] | None = None
         self._out_slot: dict[int, int] | None = None
         if params.repetition_penalty != 1.0:
@@ -180,6 +190,7 @@ class Sampler:
         logits = logits.float().contiguous()
         if masks is not None:
             _apply_masks(logits, masks)
+        _apply_bias(logits, states)
         _apply_penalties(logits, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
         if any(s.params.greedy for s in states):
@@ -288,6 +299,14 @@ def _apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None
     if empty.numel():
         raise ConstraintError(rows[int(empty[0, 0])])
     _on_rows(logits, rows, lambda sub: sub.masked_fill_(~allowed, float("-inf")))
+
+
+def _apply_bias(logits: torch.Tensor, states: list[SamplingState]) -> None:
+    """logit_bias, in place: every biased row's tokens in one indexed add (-inf, a masked token, stays -inf)."""
+    rows = [(i, *s.bias) for i, s in enumerate(states) if s.bias is not None]
+    if rows:
+        index, values = _flat_index(rows, logits.shape[1], logits.device)
+        logits.view(-1)[index] += values  # a row's ids are distinct, so no two updates collide
 
 
 def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
