@@ -60,7 +60,7 @@ class FakeEngine:
     # -- the EngineClient protocol ----------------------------------------------------------------
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(self.served_name, self.max_model_len, self.max_num_seqs)
+        return EngineInfo(self.served_name, self.max_model_len, self.max_num_seqs, harmony.VOCAB_SIZE)
 
     def check(self, submission: Submission) -> None:
         prompt = len(submission.prompt_token_ids)

@@ -235,3 +235,37 @@ def test_schema_refuses_what_the_server_cannot_serve(client, body):
     with pytest.raises(Exception):
         MessagesInput.model_validate(body)
     assert client.post(RUN, json=body).status_code == 400
+
+
+# -- logit_bias -------------------------------------------------------------------------------------
+
+def test_logit_bias_reaches_the_engine_from_both_openai_routes_only(tmp_path):
+    engine = FakeEngine()
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        bias = {"976": -100, "13": 2.5, "201087": 100}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": bias, "n": 2}
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "logit_bias": bias}).status_code == 200
+        # Workers AI's schema has no logit_bias: an unknown field there, ignored like any other.
+        assert c.post(RUN, json={"messages": [{"role": "user", "content": "hi"}], "logit_bias": bias}).status_code == 200
+    expected = ((976, -100.0), (13, 2.5), (201087, 100.0))
+    assert [r.params.logit_bias for r in engine.requests] == [expected, expected, expected, ()]  # n = 2: both choices
+
+
+@pytest.mark.parametrize("bias, fragment", [
+    ({"201088": 1}, "at '/logit_bias/201088': token id 201088 is outside the vocabulary (0..201087)"),
+    ({"5": 100.5}, "at '/logit_bias/5'"),
+    ({"5": -101}, "at '/logit_bias/5'"),
+    ({"5": "1"}, "at '/logit_bias/5'"),
+    ({"5": True}, "at '/logit_bias/5'"),
+    ({"-1": 1}, "at '/logit_bias/-1'"),
+    ({"the": 1}, "at '/logit_bias/the'"),
+    ({str(i): 1 for i in range(301)}, "at '/logit_bias'"),
+    ([1], "at '/logit_bias'"),
+])
+def test_bad_logit_bias_is_a_400_naming_the_field(client, bias, fragment):
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), ("/v1/completions", {"prompt": "hi"})):
+        response = client.post(path, json={"model": MODEL, **body, "logit_bias": bias})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "5006" and fragment in error["message"], error

@@ -48,6 +48,7 @@ class Ask:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); ids not yet checked against the vocabulary
     n: int = 1
     lora: str | None = None
     stream: bool = False
@@ -106,7 +107,13 @@ def _sampling(m: schemas.Sampling) -> dict[str, Any]:
                 repetition_penalty=m.repetition_penalty, frequency_penalty=m.frequency_penalty, presence_penalty=m.presence_penalty,
                 stop=stop, n=m.n or 1, lora=m.lora, stream=m.stream, effort=m.reasoning_effort,
                 include_usage=bool(m.stream_options and m.stream_options.include_usage),
-                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m)
+                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m, logit_bias=_logit_bias(m))
+
+
+def _logit_bias(m: schemas.Sampling) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias` (only its bodies have it) as (token id, bias) pairs; the schema checked keys and values."""
+    bias = m.logit_bias if isinstance(m, schemas.OpenAISampling) else None
+    return tuple((int(token), float(value)) for token, value in (bias or {}).items())
 
 
 def from_prompt(m: schemas.PromptInput) -> Ask:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.json_schema import models_json_schema
 
 from ossrun.api.errors import ApiError, bad_input
@@ -162,7 +162,26 @@ class PollInput(_Open):
     request_id: str
 
 
-class ChatCompletionRequest(MessagesInput):
+TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+# OpenAI's `logit_bias` (chat and completions): token id (a decimal string) → bias added to its logit. Not on
+# Workers AI, whose schema does not list it. The document states what pydantic checks (no other keys, at most 300).
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=MAX_LOGIT_BIAS),
+    WithJsonSchema({"type": "object", "maxProperties": MAX_LOGIT_BIAS, "additionalProperties": False,
+                    "patternProperties": {TOKEN_ID_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
+                    "description": "token id → bias in [-100, 100], added to that token's logit before sampling"}),
+]
+
+
+class OpenAISampling(_Open):
+    """Sampling fields only the OpenAI surface (`/v1/chat/completions`, `/v1/completions`) takes."""
+
+    logit_bias: LogitBias | None = None
+
+
+class ChatCompletionRequest(MessagesInput, OpenAISampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
 
@@ -171,7 +190,7 @@ class ResponsesRequest(ResponsesInput):
     model: str
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(Sampling, OpenAISampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token

@@ -121,7 +121,16 @@ def _converted(ask: Ask) -> harmony.Converted:
     return harmony.convert_prompt(ask.prompt)
 
 
-def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int) -> SamplingParams:
+def _logit_bias(ask: Ask, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` with every token id inside the served model's vocabulary, or a 400 naming it."""
+    for token, _ in ask.logit_bias:
+        if token >= vocab_size:
+            raise bad_input(f"Error: at '/logit_bias/{token}': token id {token} is outside the vocabulary (0..{vocab_size - 1})",
+                            "logit_bias")
+    return ask.logit_bias
+
+
+def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int, vocab_size: int) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -135,6 +144,7 @@ def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int) -> Sam
             stop_token_ids=tuple(harmony.STOP_TOKENS),
             logprobs=ask.logprobs,
             top_logprobs=ask.top_logprobs,
+            logit_bias=_logit_bias(ask, vocab_size),
         )
     except ValueError as exc:
         raise bad_input(f"Error: {exc}") from None
@@ -227,7 +237,7 @@ class Service:
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
         max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
-        params = _sampling_params(ask, defaults, max_tokens)
+        params = _sampling_params(ask, defaults, max_tokens, self.engine.info.vocab_size)
         lora = self.adapter_name(ask.lora) if ask.lora is not None else None
         plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop)
         self._check(plan)

@@ -102,7 +102,8 @@ class AsyncEngine:
     # -- the EngineClient protocol ---------------------------------------------------------------
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(self.config.served_name, self.max_model_len, self.engine.options.max_num_seqs)
+        return EngineInfo(self.config.served_name, self.max_model_len, self.engine.options.max_num_seqs,
+                          self.engine.model.config.vocab_size)
 
     def check(self, submission: Submission) -> None:
         self._request(submission)

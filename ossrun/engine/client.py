@@ -40,6 +40,7 @@ class EngineInfo:
     served_name: str
     max_model_len: int
     max_num_seqs: int
+    vocab_size: int  # token ids run 0 .. vocab_size - 1 (logit_bias keys are checked against it)
 
 
 class EngineClient(Protocol):

@@ -1,0 +1,62 @@
+"""`logit_bias` through the real server with the openai client: it changes what greedy decoding picks.
+
+It used to be accepted and ignored. The tiny random model's logits span a few units, so +100 puts a
+token first and -100 puts it last; a greedy request with two tokens at +100 picks one of them, and
+banning that one leaves the other.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from ossrun import harmony
+from tests.server_util import MODEL, start_server
+
+PROMPT = "<|start|>user<|message|>Capital of Peru?<|end|><|start|>assistant<|channel|>final<|message|>"
+
+
+@pytest.fixture(scope="module")
+def client(checkpoints, tmp_path_factory):
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-bias"), "--rate-limit", "100000")
+    yield openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    server.stop()
+
+
+def token(text: str) -> int:
+    (token_id,) = harmony.encode(text)
+    return token_id
+
+
+def complete(client, bias: dict[int, int], **extra) -> str:
+    args = {"temperature": 0, **extra, "logit_bias": {str(t): b for t, b in bias.items()}}
+    return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, **args).choices[0].text
+
+
+def test_plus_100_forces_a_token_and_minus_100_bans_the_greedy_pick(client):
+    lima, paris = token(" Lima"), token(" Paris")
+    assert complete(client, {lima: 100}) == " Lima"
+    assert complete(client, {paris: 100}) == " Paris"
+    first = complete(client, {lima: 100, paris: 100})
+    assert first in (" Lima", " Paris")
+    other = " Paris" if first == " Lima" else " Lima"
+    assert complete(client, {lima: 100, paris: 100, token(first): -100}) == other
+    assert complete(client, {lima: 100}, temperature=1.0, top_p=0.9, seed=3) == " Lima"  # sampled rows too
+
+
+def test_chat_ends_at_once_on_a_return_token_forced_by_the_bias(client):
+    messages = [{"role": "user", "content": "Capital of Peru?"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].finish_reason == "length"  # the random model never ends by itself
+    args = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0, logit_bias={str(harmony.RETURN): 100})
+    reply = client.chat.completions.create(**args)
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop" and chunks[-1].usage.completion_tokens == 1
+
+
+def test_a_token_outside_the_vocabulary_is_a_400_naming_logit_bias(client):
+    with pytest.raises(openai.BadRequestError, match="logit_bias/201088.*outside the vocabulary"):
+        complete(client, {201088: 1})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logit_bias={"7": 101})
