@@ -269,3 +269,51 @@ def test_bad_logit_bias_is_a_400_naming_the_field(client, bias, fragment):
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["code"] == "5006" and fragment in error["message"], error
+
+
+# -- legacy functions / function_call --------------------------------------------------------------
+
+CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>'
+FUNCTION = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def test_functions_are_answered_as_function_call_on_v1_only(tmp_path):
+    engine = FakeEngine(CALL)
+    body = {"messages": [{"role": "user", "content": "weather?"}], "functions": [FUNCTION]}
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        choice = c.post("/v1/chat/completions", json={"model": MODEL, **body}).json()["choices"][0]
+        assert choice["finish_reason"] == "function_call" and choice["message"]["tool_calls"] == []
+        assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+        stream = c.post("/v1/chat/completions", json={"model": MODEL, **body, "stream": True}).text
+        chunks = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+        deltas = [ch["choices"][0]["delta"] for ch in chunks]
+        assert [d["function_call"] for d in deltas if "function_call" in d][0] == {"name": "get_weather", "arguments": ""}
+        assert "".join(d["function_call"]["arguments"] for d in deltas if "function_call" in d) == '{"city":"Paris"}'
+        assert not any("tool_calls" in d for d in deltas) and chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+        # Workers AI lists `functions` but answers the Messages shape with tool_calls (spec §3), and has no `function_call`.
+        result = c.post(RUN, json={**body, "function_call": "none"}).json()["result"]["choices"][0]
+        assert result["finish_reason"] == "tool_calls" and result["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert "function_call" not in result["message"]
+
+
+@pytest.mark.parametrize("extra, mode, named", [
+    ({"function_call": "none"}, "none", None),
+    ({"function_call": "auto"}, "auto", None),
+    ({"function_call": {"name": "get_weather"}}, "auto", "get_weather"),
+    ({"function_call": {"name": "get_weather"}, "tool_choice": "none"}, "none", None),  # tool_choice wins, as on OpenAI
+    ({"tool_choice": "required"}, "required", None),
+])
+def test_function_call_maps_to_tool_choice(extra, mode, named):
+    from ossrun.api import ask
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [FUNCTION], **extra}
+    made = ask.from_messages(schemas.parse(schemas.ChatCompletionRequest, body))
+    assert (made.tool_choice, made.named_tool, made.legacy_functions) == (mode, named, True)
+    assert len(made.tools) == (0 if mode == "none" else 1)
+
+
+@pytest.mark.parametrize("bad", ["required", {"name": ""}, {"nam": "x"}, 3])
+def test_bad_function_call_is_a_400_naming_it(client, bad):
+    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                         "functions": [FUNCTION], "function_call": bad})
+    assert response.status_code == 400 and "function_call" in response.json()["error"]["message"]

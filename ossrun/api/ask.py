@@ -35,6 +35,7 @@ class Ask:
     tools: Sequence[Tool] = ()  # empty when tool_choice is "none": the model is not shown them
     tool_choice: str = "auto"  # auto | required | none
     named_tool: str | None = None  # a tool_choice naming one function
+    legacy_functions: bool = False  # /v1 chat offered `functions` (no `tools`): its call is answered as `function_call`
     effort: str | None = None
     final: FinalFormat = field(default_factory=FinalFormat)
     max_tokens: int | None = None
@@ -85,8 +86,8 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
 _OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
 
 
-def _choice(choice: schemas.ToolChoice | None) -> tuple[str, str | None]:
-    """(mode, named function) of a `tool_choice` in any spelling."""
+def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> tuple[str, str | None]:
+    """(mode, named function) of a `tool_choice` in any spelling, or of a legacy `function_call`."""
     if choice is None:
         return "auto", None
     if isinstance(choice, str):
@@ -124,10 +125,13 @@ def from_prompt(m: schemas.PromptInput) -> Ask:
 
 
 def from_messages(m: schemas.MessagesInput) -> Ask:
-    mode, named = _choice(m.tool_choice)
+    # OpenAI's legacy `function_call` and answer shape; Workers AI has no `function_call` and answers `functions` as tool_calls.
+    openai = isinstance(m, schemas.ChatCompletionRequest)
+    mode, named = _choice(m.function_call if openai and m.tool_choice is None else m.tool_choice)
     tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
     return Ask("messages", messages=m.messages, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
-               logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, **_sampling(m))
+               logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, legacy_functions=openai and bool(m.functions) and not m.tools,
+               **_sampling(m))
 
 
 def from_completion(m: schemas.CompletionRequest) -> Ask:

@@ -71,6 +71,7 @@ class ChatMessageOut(_Out):
     reasoning_content: str | None = None
     refusal: None = None
     tool_calls: list[ChatToolCall] = []
+    function_call: FunctionCallOut | None = Field(None, description="The call, when the request offered legacy `functions` (/v1)")
 
 
 class TopLogprob(_Out):
@@ -91,7 +92,7 @@ class ChatChoice(_Out):
     index: int
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"]
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"]
     stop_reason: str | int | None = None
 
 
@@ -298,13 +299,14 @@ class ChunkDelta(_Out):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ChunkToolCall] | None = None
+    function_call: ChunkFunction | None = None  # the legacy `functions` call's name, then its arguments
 
 
 class ChunkChoice(_Out):
     index: int
     delta: ChunkDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None = None
     stop_reason: str | None = None  # on the chunk with finish_reason: the stop string that ended the answer
 
 

@@ -49,10 +49,22 @@ def chat_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
     return [{"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in outcome.tool_calls]
 
 
+def legacy_finish_reason(reason: str) -> str:
+    """A request that offered `functions` ends on a call with OpenAI's legacy reason."""
+    return "function_call" if reason == "tool_calls" else reason
+
+
 def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool, completion_id: str | None = None,
-                    created: int | None = None) -> dict[str, Any]:
+                    created: int | None = None, legacy_functions: bool = False) -> dict[str, Any]:
+    """`legacy_functions`: the call as `message.function_call` (a completion holds at most one: harmony stops at the call)."""
     message: dict[str, Any] = {"role": "assistant", "content": outcome.content if outcome.content or not outcome.tool_calls else None,
                                "reasoning_content": outcome.reasoning or None, "refusal": None, "tool_calls": chat_tool_calls(outcome)}
+    finish_reason = outcome.finish_reason
+    if legacy_functions:
+        calls, message["tool_calls"] = message["tool_calls"], []
+        if calls:
+            message["function_call"] = calls[0]["function"]
+        finish_reason = legacy_finish_reason(finish_reason)
     return {
         "id": completion_id or new_id("chatcmpl"),
         "object": "chat.completion",
@@ -62,7 +74,7 @@ def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool, c
             "index": 0,
             "message": message,
             "logprobs": {"content": outcome.logprobs} if with_logprobs else None,
-            "finish_reason": outcome.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": outcome.stop_reason,
         }],
         "usage": usage(outcome, prices),

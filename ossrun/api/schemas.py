@@ -184,6 +184,8 @@ class OpenAISampling(_Open):
 class ChatCompletionRequest(MessagesInput, OpenAISampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
+    # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
+    function_call: Literal["none", "auto"] | FunctionName | None = None
 
 
 class ResponsesRequest(ResponsesInput):

@@ -89,7 +89,7 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
     if plan.shape == "prompt":
         return PromptSurface(outcome, prices, plan.json_mode)
     if plan.shape == "messages":
-        return ChatSurface(outcome, model, prices, ask.logprobs, include_usage)
+        return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions)
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage)
     return ResponsesSurface(outcome, model, prices, ask.source,

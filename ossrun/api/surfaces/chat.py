@@ -1,6 +1,7 @@
 """Chat Completions (`/v1/chat/completions`, and `/ai/run` with `messages`): a `chat.completion`, streamed
 as `chat.completion.chunk`s (role, reasoning and content deltas with their logprobs, tool-call deltas,
-the finish chunk, usage when asked for)."""
+the finish chunk, usage when asked for). A `/v1` request that offered legacy `functions` gets its call as
+`function_call` (deltas and message) and `finish_reason: "function_call"`, as OpenAI answers it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from ossrun.api.surfaces.frames import frame
 
 
 class ChatSurface:
-    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool):
+    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, legacy_functions: bool = False):
         self.outcome, self.model, self.prices = outcome, model, prices
-        self.with_logprobs, self.include_usage = with_logprobs, include_usage
+        self.with_logprobs, self.include_usage, self.legacy = with_logprobs, include_usage, legacy_functions
         self.id, self.created = results.new_id("chatcmpl"), int(time.time())
         self._sent_logprobs = 0  # entries of outcome.logprobs already sent: each content chunk carries its tokens'
 
@@ -38,18 +39,23 @@ class ChatSurface:
             self._sent_logprobs = len(self.outcome.logprobs)
             return [self._chunk({"content": event.text}, logprobs=logprobs)]
         if isinstance(event, harmony.ToolCallStart):
+            if self.legacy:
+                return [self._chunk({"function_call": {"name": event.name, "arguments": ""}})]
             return [self._chunk({"tool_calls": [{"index": event.index, "id": event.call_id, "type": "function",
                                                  "function": {"name": event.name, "arguments": ""}}]})]
         if isinstance(event, harmony.ToolCallArgumentsDelta):
+            if self.legacy:
+                return [self._chunk({"function_call": {"arguments": event.text}})]
             return [self._chunk({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})]
         return []
 
     def closing(self) -> list[bytes]:
-        frames = [self._chunk({}, self.outcome.finish_reason)]
+        reason = self.outcome.finish_reason
+        frames = [self._chunk({}, results.legacy_finish_reason(reason) if self.legacy else reason)]
         if self.include_usage:
             frames.append(frame({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                                  "choices": [], "usage": usage(self.outcome, self.prices)}))
         return frames
 
     def result(self) -> dict[str, Any]:
-        return results.chat_completion(self.outcome, self.model, self.prices, self.with_logprobs, self.id, self.created)
+        return results.chat_completion(self.outcome, self.model, self.prices, self.with_logprobs, self.id, self.created, self.legacy)

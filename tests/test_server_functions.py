@@ -1,0 +1,68 @@
+"""The legacy chat fields `functions` / `function_call` through the real server (the demo model, which calls
+tools), with the official openai client, sync and streamed.
+
+`function_call` used to be ignored ("none" still called the tool, {"name"} forced nothing), and a request that
+offered `functions` got its call only as `tool_calls`, where a legacy client does not look. OpenAI answers such a
+request in the legacy shape: `message.function_call` and `finish_reason: "function_call"`, streamed as
+`delta.function_call`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.server_util import MODEL
+
+FUNCTION = {"name": "get_weather", "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return openai.OpenAI(base_url=f"{demo_server.base}/v1", api_key=demo_server.token, max_retries=0)
+
+
+def chat(client, messages, **kwargs):
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs).choices[0]
+
+
+def test_functions_answer_in_the_legacy_shape_sync_and_streamed(client):
+    choice = chat(client, WEATHER, functions=[FUNCTION])
+    assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+    assert choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments) == {"city": "Paris"}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=WEATHER, temperature=0, functions=[FUNCTION], stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [d.function_call for d in deltas if d.function_call]
+    assert calls[0].name == "get_weather" and all(c.name is None for c in calls[1:])
+    assert "".join(c.arguments or "" for c in calls) == choice.message.function_call.arguments
+    assert not any(d.tool_calls for d in deltas)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "function_call"
+
+
+def test_function_call_none_keeps_the_model_from_calling(client):
+    choice = chat(client, WEATHER, functions=[FUNCTION], function_call="none")
+    assert choice.finish_reason == "stop" and choice.message.function_call is None and choice.message.content
+
+
+def test_function_call_by_name_forces_the_call(client):
+    assert chat(client, FRANCE, functions=[FUNCTION]).message.function_call is None  # not a weather question
+    choice = chat(client, FRANCE, functions=[FUNCTION], function_call={"name": "get_weather"})
+    assert choice.finish_reason == "function_call" and choice.message.function_call.name == "get_weather"
+    json.loads(choice.message.function_call.arguments)  # valid JSON for its parameters
+    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'"):
+        chat(client, FRANCE, functions=[FUNCTION], function_call={"name": "nope"})
+
+
+def test_tool_choice_wins_over_function_call_and_tools_answer_as_tool_calls(client):
+    tools = [{"type": "function", "function": FUNCTION}]
+    choice = chat(client, WEATHER, functions=[FUNCTION], function_call={"name": "get_weather"}, tool_choice="none")
+    assert choice.finish_reason == "stop" and choice.message.function_call is None
+    choice = chat(client, FRANCE, tools=tools, function_call={"name": "get_weather"})  # no `functions`: the current shape
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    assert choice.message.function_call is None
