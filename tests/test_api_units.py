@@ -208,7 +208,9 @@ def test_garbage_adapter_upload_is_5005_not_500(tmp_path):
         assert c.post(base, json={"model": MODEL, "name": "junk"}).status_code == 200
         png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
         first = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_config.json"}, files={"file": ("a.png", png)})
-        assert first.status_code == 200  # one file alone is not loaded yet
+        assert first.status_code == 400 and first.json()["errors"][0]["code"] == 5005  # not JSON: refused at once
+        config = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_config.json"}, files={"file": ("a.json", b"{}")})
+        assert config.status_code == 200  # a JSON object alone is not loaded yet
         second = c.post(f"{base}/junk/finetune-assets", data={"file_name": "adapter_model.safetensors"}, files={"file": ("b.png", png)})
         assert second.status_code == 400 and second.json()["errors"][0]["code"] == 5005
         assert c.post(RUN, json={"prompt": "hi", "lora": "junk"}).json()["errors"][0]["code"] == 5005
