@@ -137,6 +137,20 @@ def test_context_limit_names_both_numbers(model):
         engine.add(Request("big", [1] * 900, SamplingParams(max_tokens=200)))
 
 
+def test_the_context_is_what_the_kv_cache_holds_and_a_longer_request_is_refused(model):
+    """A request the whole cache cannot hold used to be accepted and then preempt itself every step, holding
+    every request behind it (the server froze)."""
+    engine = make_engine(model, kv_cache_bytes=3 * 1024**2 // 4, max_num_seqs=2, max_tokens_per_step=64, max_model_len=4096)
+    held = engine.kv.full.capacity * engine.kv.block_size
+    assert engine.max_model_len == held < 4096
+    with pytest.raises(ContextLengthError, match=f"{held} tokens"):
+        engine.add(Request("big", [1] * (held - 10), SamplingParams(max_tokens=11)))
+    results = engine.generate([Request("fits", [1 + i % 50 for i in range(held - 10)], SamplingParams(max_tokens=10, **GREEDY)),
+                               Request("short", [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY))])
+    assert [len(tokens(results[r])) for r in ("fits", "short")] == [10, 4]
+    assert results["fits"][-1].finish_reason == "length" and engine.kv.full.num_used == 0
+
+
 def test_stop_tokens_and_stop_strings(model):
     engine = make_engine(model)
     free = tokens(engine.generate([Request("f", [5, 6, 7], SamplingParams(max_tokens=8, **GREEDY))])["f"])

@@ -53,3 +53,41 @@ def test_decodes_go_first_and_several_prompts_share_a_step():
     assert run(s) == {"long": 32, "a": 20, "b": 12}  # b's prompt is chunked: the budget is 64
     assert run(s) == {"a": 1, "long": 32, "b": 8, "c": 20}  # a decodes first; long keeps its half of the step
     assert run(s) == {"a": 1, "b": 1, "c": 1, "long": 32}
+
+
+def small_cache_scheduler() -> Scheduler:
+    """8 full blocks of 16 tokens: block 0 is the null block, so one sequence holds at most 112 tokens."""
+    return Scheduler(KVCacheManager(8, 64, 16, 128, prefix_caching=False), max_num_seqs=8, max_tokens_per_step=64)
+
+
+def test_a_prompt_the_whole_cache_cannot_hold_is_taken_out_and_does_not_block_the_queue():
+    s = small_cache_scheduler()
+    s.add(sequence("huge", 200))
+    s.add(sequence("short", 10))
+    unfit, short_steps = [], 0
+    for _ in range(30):
+        step = s.schedule()
+        unfit += [seq.request_id for seq in step.unfit]
+        short_steps += any(item.seq.request_id == "short" for item in step.scheduled)
+        for item in step.scheduled:
+            item.seq.num_computed += item.num_new_tokens
+            if item.samples:
+                item.seq.append(7)
+    assert unfit == ["huge"]  # taken out before any of it is computed, not preempted over and over
+    assert short_steps == 30 and [seq.request_id for seq in s.running] == ["short"]
+
+
+def test_a_sequence_that_outgrows_the_whole_cache_alone_is_taken_out_instead_of_spinning():
+    s = small_cache_scheduler()
+    s.add(sequence("grows", 100))
+    for _ in range(40):
+        step = s.schedule()
+        if step.unfit:
+            break
+        assert not step.preempted  # never preempting itself, step after step
+        for item in step.scheduled:
+            item.seq.num_computed += item.num_new_tokens
+            if item.samples:
+                item.seq.append(7)
+    assert [seq.request_id for seq in step.unfit] == ["grows"] and len(step.unfit[0].tokens) == 113
+    assert len(s) == 0 and s.kv.full.num_used == 0

@@ -72,3 +72,19 @@ def test_small_requests_and_health_are_served_while_a_long_prompt_is_prefilled(s
     watch.join()
     assert server.health()["running"] == 0
     assert watch.slowest < 1, f"/health took {watch.slowest:.2f}s during the long prefill"
+
+
+def test_a_request_longer_than_the_kv_cache_holds_is_a_400_and_freezes_nothing(checkpoints, tmp_path):
+    """With a small KV cache the served context is what the cache holds. A longer request used to be accepted
+    (it fit the context window), then preempt itself every step: every request behind it waited until its
+    client left, a stream forever."""
+    small = start_server(checkpoints["original"], tmp_path, "--rate-limit", "100000", "--kv-cache-gib", "0.001",
+                         "--max-num-seqs", "4")
+    try:
+        big = httpx.post(small.run_url(), json={"prompt": "What is the capital of France? " * 400, "max_tokens": 8}, timeout=30)
+        assert big.status_code == 400 and big.json()["errors"][0]["code"] == 8, big.text
+        assert "context window" in big.json()["errors"][0]["message"]
+        answer = httpx.post(small.run_url(), json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
+        assert answer.status_code == 200 and small.health()["waiting"] == 0
+    finally:
+        small.stop()

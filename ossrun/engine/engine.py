@@ -20,7 +20,7 @@ from ossrun.engine.request import Request, TokenEvent
 from ossrun.engine.runner import ModelRunner
 from ossrun.engine.sampler import Sampler
 from ossrun.engine.scheduler import Scheduler
-from ossrun.engine.sequence import Sequence
+from ossrun.engine.sequence import Sequence, Status
 from ossrun.model.config import MAX_CONTEXT
 from ossrun.model.gpt_oss import GptOss
 
@@ -71,9 +71,15 @@ class Engine:
     def __init__(self, model: GptOss, options: EngineOptions = EngineOptions(), decode_token: Callable[[int], bytes] | None = None):
         self.model = model
         self.options = options
-        self.max_model_len = min(options.max_model_len, MAX_CONTEXT)
         full, sliding = plan_blocks(model, options)
         self.kv = KVCacheManager(full, sliding, options.block_size, model.config.sliding_window, options.prefix_caching)
+        # The served context is what one sequence can hold: a longer request could never be scheduled.
+        self.kv_tokens = self.kv.full.capacity * options.block_size
+        asked = min(options.max_model_len, MAX_CONTEXT)
+        self.max_model_len = min(asked, self.kv_tokens)
+        if self.max_model_len < asked:
+            log.warning("the KV cache holds %d tokens: requests get a context of %d tokens, not %d "
+                        "(more KV cache memory raises it)", self.kv_tokens, self.max_model_len, asked)
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
         self.adapters = AdapterRegistry(model.config, model.dtype, model.device, options.adapter_budget_bytes)
         self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters, options.cuda_graphs,
@@ -121,6 +127,11 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         events = self._reap_aborted()
         step = self.scheduler.schedule()
+        for seq in step.unfit:
+            del self.sequences[seq.request_id]
+            seq.status = Status.FINISHED
+            events.append(self._event(seq, None, finish_reason="error",
+                                      error=f"{len(seq.tokens)} tokens do not fit the KV cache ({self.kv_tokens} tokens)"))
         if not step.scheduled:
             return events
         sampled, output = self.runner.run(step.scheduled)

@@ -36,8 +36,13 @@ class BlockPool:
         return len(self.free)
 
     @property
+    def capacity(self) -> int:
+        """Blocks a sequence can ever hold (all but the null block)."""
+        return self.num_blocks - 1
+
+    @property
     def num_used(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
+        return self.capacity - len(self.free)
 
     def allocate(self) -> int:
         """A fresh block (evicting the least recently freed cached one); IndexError when none is free."""
@@ -148,6 +153,11 @@ class KVCacheManager:
         have = len(blocks.full)
         want = -(-num_tokens // self.block_size)
         return max(0, want - have)
+
+    def fits_alone(self, num_tokens: int) -> bool:
+        """Whether one sequence of `num_tokens` fits the full-attention pool with every other block freed (the
+        sliding pool holds any one sequence: a window's worth a sequence is planned)."""
+        return -(-num_tokens // self.block_size) <= self.full.capacity
 
     def can_allocate(self, blocks: SequenceBlocks, num_tokens: int) -> bool:
         n = self.blocks_needed(blocks, num_tokens)

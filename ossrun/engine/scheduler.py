@@ -37,6 +37,9 @@ class Scheduled:
 class Step:
     scheduled: list[Scheduled] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Sequences the whole cache cannot hold even alone: taken out, for the engine to end with an error. The
+    # engine's context limit keeps them out; this is the guard that no step ever spins on one again.
+    unfit: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +94,9 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_to_compute, budget, self.max_prefill_chunk)
+            if not self.kv.fits_alone(len(seq.tokens)):  # grew past what the whole cache holds
+                self._unfit(seq, step)
+                continue
             while not self.kv.allocate(seq.blocks, seq.num_computed + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, step)
@@ -120,6 +126,10 @@ class Scheduler:
         self.waiting.sort(key=self._key)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self.kv.fits_alone(len(seq.tokens)):  # never admitted, and never blocking those behind it
+                self.waiting.pop(0)
+                self._unfit(seq, step)
+                continue
             if not seq.blocks.full:
                 cached = self.kv.match_prefix(seq.blocks, seq.tokens, seq.request.lora)
                 seq.num_computed = cached
@@ -138,6 +148,13 @@ class Scheduler:
             step.scheduled.append(Scheduled(seq, n))
             budget -= n
         return budget
+
+    def _unfit(self, seq: Sequence, step: Step) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self._waiting_since.pop(id(seq), None)
+        self.kv.free(seq.blocks)
+        step.unfit.append(seq)
 
     def _preempt(self, seq: Sequence, step: Step) -> None:
         self.running.remove(seq)
