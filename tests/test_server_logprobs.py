@@ -59,3 +59,19 @@ def test_completions_logprobs_sync_and_streamed(client):
     assert all(c.logprobs is not None for c in chunks)
     assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
     assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_completions_logprobs_match_the_text_special_tokens_included(demo_server):
+    """`/v1/completions` shows harmony's special tokens in its text; their logprobs used to be left out, so
+    `tokens` did not add up to `text` and every `text_offset` was off (the demo model answers with a header)."""
+    demo = openai.OpenAI(base_url=f"{demo_server.base}/v1", api_key="secret", max_retries=0)
+    ask = {"model": MODEL, "prompt": "<|start|>user<|message|>Hi<|end|><|start|>assistant", "max_tokens": 8, "temperature": 0,
+           "logprobs": 0}
+    answer = demo.completions.create(**ask)
+    choice, lp = answer.choices[0], answer.choices[0].logprobs
+    assert "<|channel|>" in choice.text and len(lp.tokens) == answer.usage.completion_tokens == 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = [c.choices[0] for c in demo.completions.create(**ask, stream=True) if c.choices and c.choices[0].text]
+    assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset

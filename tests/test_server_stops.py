@@ -98,3 +98,38 @@ def test_text_that_only_begins_a_stop_string_is_shown_in_the_end(server):
             choice = client.completions.create(model=MODEL, prompt="Once upon a time", stop=[stop], **GREEDY).choices[0]
             text, finish = choice.text, choice.finish_reason
         assert text == free and finish == "length"
+
+
+
+def listed(tokens: list[str], text: str) -> list[str]:
+    """The tokens whose whole text is in `text`, a prefix of what they spell: a token straddling the cut is left out."""
+    out, length = [], 0
+    for token in tokens:
+        length += len(token)
+        if length > len(text):
+            break
+        out.append(token)
+    return out
+
+
+def test_logprobs_stop_where_the_text_stops(server, demo_server):
+    """The text was cut at the stop string but the logprobs kept the tokens of the match (and after)."""
+    demo = openai.OpenAI(base_url=f"{demo_server.base}/v1", api_key="secret", max_retries=0)
+    peru = dict(model=MODEL, messages=[{"role": "user", "content": "What is the capital of Peru?"}], temperature=0, logprobs=True)
+    for stop, before, tokens in (("Lima", "The capital of Peru is ", ["The", " capital", " of", " Peru", " is"]),
+                                 ("of Pe", "The capital ", ["The", " capital"])):
+        choice = demo.chat.completions.create(**peru, stop=stop).choices[0]
+        assert choice.message.content == before and [e.token for e in choice.logprobs.content] == tokens
+        chunks = [c.choices[0] for c in demo.chat.completions.create(**peru, stop=stop, stream=True) if c.choices]
+        assert [e.token for c in chunks if c.logprobs for e in c.logprobs.content] == tokens
+
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    free = client.completions.create(model=MODEL, prompt="Once upon a time", logprobs=0, **GREEDY).choices[0]
+    stop, before = pick_stop(free.text)
+    ask = dict(model=MODEL, prompt="Once upon a time", stop=[stop], logprobs=0, **GREEDY)
+    choice = client.completions.create(**ask).choices[0]
+    assert choice.text == before and choice.logprobs.tokens == listed(free.logprobs.tokens, before)
+    assert choice.logprobs.text_offset == free.logprobs.text_offset[:len(choice.logprobs.tokens)]
+    chunks = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.logprobs.tokens] == choice.logprobs.tokens
+    assert [o for c in chunks for o in c.logprobs.text_offset] == choice.logprobs.text_offset

@@ -61,6 +61,8 @@ class Plan:
 class Step:
     token: TokenEvent
     events: list[Any]
+    unshown: int = 0  # characters of answer text parsed so far that stop strings hold back or cut off
+    hidden: bool = False  # the token's text is never answer text (a harmony special in chat, a stop token in completions)
 
 
 @dataclass(slots=True)
@@ -299,7 +301,9 @@ class Service:
     async def run(self, plan: Plan) -> AsyncIterator[Step]:
         """The engine's tokens for this plan, each with the harmony events it produced."""
         parser = PlainText() if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
+        hidden = PlainText.hides if plan.shape == "completions" else harmony.is_special
         stops = StopStrings(plan.stop) if plan.stop else None
+        parsed = shown = 0  # answer characters from the parser, and those the stop strings let through
         started = time.perf_counter()
         stream = self.engine.submit(self._submission(plan))
         try:
@@ -312,15 +316,22 @@ class Service:
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
                     events += parser.finish(reason)
+                is_hidden = token.token_id is not None and hidden(token.token_id)
                 if stops is not None:
+                    parsed += _text_length(events)
                     events = stops.filter(events)
                     if stops.matched is not None and not token.finished:  # leaving the loop ends the engine request
-                        events += stops.filter(parser.finish("stop"))
-                        yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events)
+                        closing = parser.finish("stop")
+                        parsed += _text_length(closing)
+                        events += stops.filter(closing)
+                        shown += _text_length(events)
+                        yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events,
+                                   parsed - shown, is_hidden)
                         return
+                    shown += _text_length(events)
                     if stops.matched is not None:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
-                yield Step(token, events)
+                yield Step(token, events, parsed - shown, is_hidden)
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
         except UnknownAdapterError as exc:
@@ -351,20 +362,31 @@ class Service:
 
     @staticmethod
     def _account_logprobs(outcome: Outcome, step: Step) -> None:
-        """Logprobs of the answer's tokens. The parser may show a token's text only steps later (it
-        waits to know the text is not a header), so tokens wait until the answer shows their text; a
-        special token or reasoning / tool-call text means the waiting tokens were not the answer's."""
+        """Logprobs of the answer's tokens: exactly those whose whole text is in the returned text. The
+        parser may show a token's text only steps later (it waits to know the text is not a header), and
+        stop strings hold back text that may still become one and cut the text at a match, so tokens wait
+        until their text is shown; a hidden token (a harmony special in chat) or reasoning / tool-call text
+        means the waiting tokens were not the answer's. A token whose text is not wholly shown yet (held back
+        by a stop string) keeps waiting; after a match, for ever: a token straddling the cut is not listed,
+        so the entries never spell text the answer does not have."""
         token, events = step.token, step.events
-        special = harmony.is_special(token.token_id)
-        if not special:
-            outcome.pending_logprobs.append(logprob_entry(token))
+        pending = outcome.pending_logprobs
+        if not step.hidden:
+            pending.append(logprob_entry(token))
         if any(isinstance(e, harmony.ContentDelta) for e in events):
-            outcome.logprobs += outcome.pending_logprobs
-            outcome.pending_logprobs.clear()
-        elif special or any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
-            outcome.pending_logprobs.clear()
-        if special:
-            outcome.pending_logprobs.clear()
+            keep, tail = len(pending), 0
+            while keep and tail < step.unshown:  # the last tokens' text is (partly) held back or cut off
+                keep, tail = keep - 1, tail + len(pending[keep - 1]["token"])
+            outcome.logprobs += pending[:keep]
+            del pending[:keep]
+        elif any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
+            pending.clear()
+        if step.hidden:
+            pending.clear()
+
+
+def _text_length(events: list[harmony.Event]) -> int:
+    return sum(len(e.text) for e in events if isinstance(e, harmony.ContentDelta))
 
 
 class PlainText:
@@ -374,8 +396,13 @@ class PlainText:
     def __init__(self) -> None:
         self._decoder = harmony.TextDecoder()
 
+    @staticmethod
+    def hides(token_id: int) -> bool:
+        """Only the tokens that end generation are not shown: harmony's other specials are text here."""
+        return token_id in harmony.STOP_TOKENS
+
     def feed(self, token_id: int) -> list[harmony.Event]:
-        text = "" if token_id in harmony.STOP_TOKENS else self._decoder.feed(token_id)
+        text = "" if self.hides(token_id) else self._decoder.feed(token_id)
         return [harmony.ContentDelta(text)] if text else []
 
     def finish(self, reason: str) -> list[harmony.Event]:
