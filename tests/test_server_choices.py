@@ -48,3 +48,14 @@ def test_completions_n_choices_sync_and_streamed(client):
     assert len(set(texts)) == 3 and texts == [c.text for c in client.completions.create(**TEXT, n=3).choices]
     streamed, finishes = streamed_texts(list(client.completions.create(**TEXT, n=3, stream=True)), 3, lambda c: c.text)
     assert streamed == texts and finishes == ["length"] * 3
+
+
+def test_streamed_usage_bills_the_prompt_once_as_the_sync_answer_does(client):
+    """Streamed usage used to add every choice's cost, each with the prompt in it (the prompt billed n times)."""
+    sync = client.chat.completions.create(**CHAT, n=3).usage
+    chunks = list(client.chat.completions.create(**CHAT, n=3, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.model_dump() == sync.model_dump()
+    text_sync = client.completions.create(**TEXT, n=3).usage
+    text_chunks = list(client.completions.create(**TEXT, n=3, stream=True, stream_options={"include_usage": True}))
+    assert text_chunks[-1].usage.model_dump() == text_sync.model_dump()
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ossrun.api.service import Outcome
@@ -42,24 +42,11 @@ def merge_results(results: list[dict[str, Any]], usage: dict[str, Any]) -> dict[
     return merged
 
 
-def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    total = json.loads(json.dumps(usages[0]))
-    for usage in usages[1:]:
-        total["completion_tokens"] += usage["completion_tokens"]
-        for key in ("cost_usd", "neurons"):
-            if key in total:
-                total[key] += usage.get(key, 0)
-        details = total.get("completion_tokens_details")
-        if details and usage.get("completion_tokens_details"):
-            details["reasoning_tokens"] += usage["completion_tokens_details"].get("reasoning_tokens", 0)
-    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    return total
-
-
-async def merged_stream(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+async def merged_stream(streams: list[AsyncIterator[bytes]], total_usage: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
     """The choices' SSE streams as one: frames renumbered by choice and given the first stream's id;
-    each stream's usage chunk is held back and summed into one; a single `[DONE]` ends it. Leaving
-    early cancels every choice (each closes its engine request)."""
+    the streams' usage chunks are held back and one is sent with `total_usage()` (the sync answer's
+    usage, once every choice has ended); a single `[DONE]` ends it. Leaving early cancels every
+    choice (each closes its engine request)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[bytes]) -> None:
@@ -93,7 +80,7 @@ async def merged_stream(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[by
             yield b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
         if usages:
             last = usages[0]
-            last["usage"] = _sum_usage([u["usage"] for u in usages])
+            last["usage"] = total_usage()
             yield b"data: " + json.dumps(last, ensure_ascii=False).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
     finally:

@@ -20,13 +20,18 @@ async def _answer(request: Request, service: Service, ask: asks.Ask, model: str)
     """Plan (one plan per choice of `n`), then stream or answer: each choice through its surface."""
     plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
     made = [surfaces.for_plan(service, plan, model, ask.include_usage) for plan in plans]
+
+    def total_usage() -> dict:  # streamed and sync alike: the prompt once, every choice's completion tokens
+        return usage(choices.combined([s.outcome for s in made]), service.metering.prices)
+
     if ask.stream:
         streams = [surfaces.stream(service, plan, surface) for plan, surface in zip(plans, made)]
-        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams), media_type=SSE, headers=NO_CACHE)
+        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage), media_type=SSE,
+                                 headers=NO_CACHE)
     answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s) for p, s in zip(plans, made))))
     if len(answers) == 1:
         return answers[0]
-    return choices.merge_results(answers, usage(choices.combined([s.outcome for s in made]), service.metering.prices))
+    return choices.merge_results(answers, total_usage())
 
 
 async def chat_completions(request: Request):
