@@ -50,6 +50,32 @@ def test_completions_n_choices_sync_and_streamed(client):
     assert streamed == texts and finishes == ["length"] * 3
 
 
+def test_completions_prompt_list_is_one_group_of_choices_per_prompt(client):
+    """A list of prompts used to be joined into one prompt (one choice): now each prompt has its n choices,
+    index = prompt_index * n + i, each as if its prompt were sent alone; usage sums over the prompts."""
+    prompts = ["Once upon a time", "Tell me"]
+    alone = [client.completions.create(**{**TEXT, "prompt": p}, n=2) for p in prompts]
+    both = client.completions.create(**{**TEXT, "prompt": prompts}, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [c.text for one in alone for c in one.choices]
+    assert both.usage.prompt_tokens == sum(one.usage.prompt_tokens for one in alone)
+    assert both.usage.completion_tokens == 4 * 8 and both.usage.total_tokens == both.usage.prompt_tokens + 32
+    assert both.usage.model_extra["cost_usd"] == pytest.approx(sum(one.usage.model_extra["cost_usd"] for one in alone))
+    chunks = list(client.completions.create(**{**TEXT, "prompt": prompts}, n=2, stream=True, stream_options={"include_usage": True}))
+    streamed, finishes = streamed_texts(chunks, 4, lambda c: c.text)
+    assert streamed == [c.text for c in both.choices] and finishes == ["length"] * 4
+    assert chunks[-1].usage.model_dump() == both.usage.model_dump()
+
+
+def test_completions_refuse_an_empty_prompt_list_and_token_ids(client):
+    for prompt in ([], [1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**{**TEXT, "prompt": prompt})
+        assert "/prompt" in str(err.value)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(**{**TEXT, "prompt": [1, 2, 3]})
+
+
 def test_streamed_usage_bills_the_prompt_once_as_the_sync_answer_does(client):
     """Streamed usage used to add every choice's cost, each with the prompt in it (the prompt billed n times)."""
     sync = client.chat.completions.create(**CHAT, n=3).usage

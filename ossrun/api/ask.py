@@ -134,10 +134,12 @@ def from_messages(m: schemas.MessagesInput) -> Ask:
                **_sampling(m))
 
 
-def from_completion(m: schemas.CompletionRequest) -> Ask:
-    prompt = m.prompt if isinstance(m.prompt, str) else "".join(m.prompt)
+def from_completion(m: schemas.CompletionRequest) -> list[Ask]:
+    """One Ask per prompt: a list of prompts is a batch, each prompt answered by its own `n` choices (OpenAI's meaning)."""
+    prompts = [m.prompt] if isinstance(m.prompt, str) else m.prompt
     # Legacy completions' `logprobs: N` means both "return logprobs" and "N alternatives per token".
-    return Ask("completions", prompt=prompt, raw=True, logprobs=m.logprobs is not None, top_logprobs=m.logprobs or 0, **_sampling(m))
+    return [Ask("completions", prompt=prompt, raw=True, logprobs=m.logprobs is not None, top_logprobs=m.logprobs or 0, **_sampling(m))
+            for prompt in prompts]
 
 
 def from_responses(m: schemas.ResponsesInput) -> Ask:

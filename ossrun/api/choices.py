@@ -26,10 +26,11 @@ def derive_seed(seed: int | None, index: int) -> int | None:
     return (seed + index * _GOLDEN) % (2**63 - 1) or 1
 
 
-def combined(outcomes: list[Outcome]) -> Outcome:
-    """Usage of all choices: the prompt once, every choice's completion tokens."""
-    first = outcomes[0]
-    return Outcome(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+def combined(groups: list[list[Outcome]]) -> Outcome:
+    """Usage of all choices, grouped by prompt (one group but for a `/v1/completions` batch): each prompt
+    once, every choice's completion tokens."""
+    outcomes = [o for group in groups for o in group]
+    return Outcome(prompt_tokens=sum(group[0].prompt_tokens for group in groups), cached_tokens=sum(group[0].cached_tokens for group in groups),
                    completion_tokens=sum(o.completion_tokens for o in outcomes),
                    reasoning_tokens=sum(o.reasoning_tokens for o in outcomes))
 

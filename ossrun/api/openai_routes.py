@@ -16,13 +16,18 @@ from ossrun.api.errors import ApiError
 from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
 
-async def _answer(request: Request, service: Service, ask: asks.Ask, model: str):
-    """Plan (one plan per choice of `n`), then stream or answer: each choice through its surface."""
-    plans = service.choice_plans(await service.plan_off_loop(ask, openai=True))
+async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.Ask], model: str):
+    """Plan (one plan per choice of `n`, for each prompt of a `/v1/completions` batch), then stream or answer: each
+    choice through its surface, choice i of prompt p at index p * n + i."""
+    batch = ask if isinstance(ask, list) else [ask]
+    ask = batch[0]
+    planned = await asyncio.gather(*(service.plan_off_loop(one, openai=True) for one in batch))
+    plans = [plan for first in planned for plan in service.choice_plans(first)]
     made = [surfaces.for_plan(service, plan, model, ask.include_usage) for plan in plans]
 
-    def total_usage() -> dict:  # streamed and sync alike: the prompt once, every choice's completion tokens
-        return usage(choices.combined([s.outcome for s in made]), service.metering.prices)
+    def total_usage() -> dict:  # streamed and sync alike: each prompt once, every choice's completion tokens
+        outcomes = [s.outcome for s in made]
+        return usage(choices.combined([outcomes[at:at + ask.n] for at in range(0, len(outcomes), ask.n)]), service.metering.prices)
 
     if ask.stream:
         streams = [surfaces.stream(service, plan, surface) for plan, surface in zip(plans, made)]

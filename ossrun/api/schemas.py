@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, model_validator
+from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import models_json_schema
 
 from ossrun.api.errors import ApiError, bad_input
@@ -192,13 +192,22 @@ class ResponsesRequest(ResponsesInput):
     model: str
 
 
+MAX_PROMPTS = 16
+
+
 class CompletionRequest(Sampling, OpenAISampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
-    prompt: str | list[str]
-    echo: bool | None = None
-    suffix: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"one prompt, or up to {MAX_PROMPTS} (each answered by its own n choices); text only, not token ids")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(item, (int, list)) and not isinstance(item, bool) for item in value):
+            raise ValueError("token ids are not accepted here: send the prompt as text (a string or a list of strings)")
+        return value
 
 
 class FinetuneCreate(_Open):
