@@ -50,7 +50,7 @@ def test_openapi_fuzz(fuzz_server):
 SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "cannot hold a valid answer", "no tool named",
             "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique",
             "needs at least one tool", "a JSON Schema object is required", "cannot look like a fine-tune id",
-            "outside the vocabulary")
+            "outside the vocabulary", "needs the prompt logprobs")
 
 
 def test_bounded_fuzz_positive_and_negative(checkpoints, tmp_path_factory):

@@ -85,3 +85,20 @@ def test_streamed_usage_bills_the_prompt_once_as_the_sync_answer_does(client):
     text_chunks = list(client.completions.create(**TEXT, n=3, stream=True, stream_options={"include_usage": True}))
     assert text_chunks[-1].usage.model_dump() == text_sync.model_dump()
 
+
+def test_completions_echo_puts_the_prompt_before_each_choice(client):
+    plain = client.completions.create(**TEXT, n=2)
+    echoed = client.completions.create(**TEXT, n=2, echo=True)
+    assert [c.text for c in echoed.choices] == [TEXT["prompt"] + c.text for c in plain.choices]
+    assert echoed.usage.model_dump() == plain.usage.model_dump()
+    streamed, _ = streamed_texts(list(client.completions.create(**TEXT, n=2, echo=True, stream=True)), 2, lambda c: c.text)
+    assert streamed == [c.text for c in echoed.choices]
+
+
+def test_completions_refuse_what_they_cannot_do(client):
+    """echo with logprobs needs the prompt's logprobs (not computed here) and suffix is insertion (not gpt-oss's):
+    both used to be accepted and ignored."""
+    with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
+        client.completions.create(**TEXT, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(**TEXT, suffix="The end.")

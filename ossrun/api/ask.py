@@ -50,6 +50,7 @@ class Ask:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); ids not yet checked against the vocabulary
+    echo: bool = False  # /v1/completions: the prompt's text before each choice's
     n: int = 1
     lora: str | None = None
     stream: bool = False
@@ -137,9 +138,12 @@ def from_messages(m: schemas.MessagesInput) -> Ask:
 def from_completion(m: schemas.CompletionRequest) -> list[Ask]:
     """One Ask per prompt: a list of prompts is a batch, each prompt answered by its own `n` choices (OpenAI's meaning)."""
     prompts = [m.prompt] if isinstance(m.prompt, str) else m.prompt
+    if m.echo and m.logprobs is not None:  # OpenAI would add the prompt's tokens and their logprobs to the answer's
+        raise bad_input("Error: at '/echo': echo with logprobs needs the prompt logprobs, which this server does not compute: "
+                        "ask for one or the other", "echo")
     # Legacy completions' `logprobs: N` means both "return logprobs" and "N alternatives per token".
-    return [Ask("completions", prompt=prompt, raw=True, logprobs=m.logprobs is not None, top_logprobs=m.logprobs or 0, **_sampling(m))
-            for prompt in prompts]
+    return [Ask("completions", prompt=prompt, raw=True, logprobs=m.logprobs is not None, top_logprobs=m.logprobs or 0,
+                echo=bool(m.echo), **_sampling(m)) for prompt in prompts]
 
 
 def from_responses(m: schemas.ResponsesInput) -> Ask:

@@ -135,8 +135,9 @@ def completion_finish(outcome: Outcome) -> str:
 
 
 def text_completion(outcome: Outcome, model: str, prices, with_logprobs: bool = False, completion_id: str | None = None,
-                    created: int | None = None) -> dict[str, Any]:
+                    created: int | None = None, echo: str = "") -> dict[str, Any]:
+    """`echo`: the prompt's text, before the answer's (`echo: true`)."""
     return {"id": completion_id or new_id("cmpl"), "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": outcome.content, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
+            "choices": [{"index": 0, "text": echo + outcome.content, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
                          "finish_reason": completion_finish(outcome), "stop_reason": outcome.stop_reason}],
             "usage": usage(outcome, prices)}

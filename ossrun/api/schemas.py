@@ -209,6 +209,16 @@ class CompletionRequest(Sampling, OpenAISampling):
             raise ValueError("token ids are not accepted here: send the prompt as text (a string or a list of strings)")
         return value
 
+    echo: bool | None = None
+    suffix: None = Field(None, description="not supported: gpt-oss does not insert text before a suffix")
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value is not None:  # vLLM refuses it too
+            raise ValueError("suffix is not supported: gpt-oss does not insert text before a suffix")
+        return value
+
 
 class FinetuneCreate(_Open):
     model: str

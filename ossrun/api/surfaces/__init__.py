@@ -91,6 +91,6 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
     if plan.shape == "messages":
         return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions)
     if plan.shape == "completions":
-        return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage)
+        return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "")
     return ResponsesSurface(outcome, model, prices, ask.source,
                             lambda response: service.responses.remember(response["id"], ask.items, ask.store, response))

@@ -1,5 +1,5 @@
-"""Legacy text completions (`/v1/completions`): a `text_completion` of every generated token's text,
-streamed as `text_completion` chunks, each with the logprobs of its own tokens."""
+"""Legacy text completions (`/v1/completions`): a `text_completion` of every generated token's text (after the
+prompt's, with `echo`), streamed as `text_completion` chunks, each with the logprobs of its own tokens."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from ossrun.api.surfaces.frames import frame
 
 
 class CompletionSurface:
-    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool):
+    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, echo: str = ""):
         self.outcome, self.model, self.prices = outcome, model, prices
         self.with_logprobs, self.include_usage = with_logprobs, include_usage
+        self.echo = echo  # the prompt's text, sent before the answer's (`echo: true`; never with logprobs)
         self.id, self.created = results.new_id("cmpl"), int(time.time())
         self._sent_logprobs, self._text_offset = 0, 0
 
@@ -26,7 +27,7 @@ class CompletionSurface:
         return frame({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]})
 
     def opening(self) -> list[bytes]:
-        return []
+        return [self._chunk(self.echo)] if self.echo else []
 
     def event(self, event: harmony.Event) -> list[bytes]:
         if not isinstance(event, harmony.ContentDelta):
@@ -46,4 +47,4 @@ class CompletionSurface:
         return frames
 
     def result(self) -> dict[str, Any]:
-        return results.text_completion(self.outcome, self.model, self.prices, self.with_logprobs, self.id, self.created)
+        return results.text_completion(self.outcome, self.model, self.prices, self.with_logprobs, self.id, self.created, self.echo)
