@@ -244,7 +244,7 @@ SCHEMA_VALID = [
                                                     {"role": "tool", "content": "sunny"}]}),
     (RUN, "MessagesInput", {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "", "max_tokens": 2}),
-    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [], "max_tokens": 2}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": ["", "hi"], "max_tokens": 2}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": [{"content": "hi"}]}),
     (RUN, "ResponsesInput", {"max_output_tokens": 2, "input": [{"type": "message", "content": [{"type": "input_text", "text": "hi"}]}]}),
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "Ada.v2_final-1"}),
@@ -262,6 +262,9 @@ SCHEMA_INVALID = [
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "no spaces"}),
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": ""}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"type": "web_search_call"}]}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": []}),  # no prompt to answer (used to run on <|startoftext|>)
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [1, 2]}),  # token ids: text only
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "suffix": "end"}),  # no insertion
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
 ]
 
