@@ -55,11 +55,16 @@ BAD_BODIES = [
     ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "x": %s}'
      % (MODEL.encode(), b"[" * 1000 + b"]" * 1000)),
     (RUN, b'{"prompt": "hi", "x": %s}' % (b'{"a":' * 300 + b"1" + b"}" * 300)),
+    # Python's json reads these; they are not JSON (RFC 8259), and JSON.parse refuses them.
+    (RUN, b'{"input": "hi", "metadata": {"x": NaN}, "max_output_tokens": 2}'),
+    (RUN + "?queueRequest=true", b'{"requests": [{"prompt": "hi", "max_tokens": 2, "external_reference": Infinity}]}'),
+    ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "x": -Infinity}' % MODEL.encode()),
 ]
 
 
 @pytest.mark.parametrize("path,raw", BAD_BODIES, ids=["surrogate-messages", "surrogate-input", "surrogate-raw", "surrogate-v1-prompt",
-                                                       "bytes-v1", "surrogate-v1-responses", "deep-array-v1", "deep-object-run"])
+                                                       "bytes-v1", "surrogate-v1-responses", "deep-array-v1", "deep-object-run",
+                                                       "nan-run", "infinity-batch", "minus-infinity-v1"])
 def test_malformed_text_and_deep_bodies_are_400(server, path, raw):
     assert_surface_error(call(server, "POST", path, content=raw), path)
 

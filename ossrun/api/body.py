@@ -2,7 +2,8 @@
 
 `json.loads` recurses (a body nested a thousand deep raises `RecursionError`), and JSON may spell
 lone UTF-16 surrogates (`"\\ud800"`) that Python keeps in a `str` but that no encoder can write,
-so they fail far away (the tokenizer, the response). Both are refused here, once, at the edge.
+so they fail far away (the tokenizer, the response). Both are refused here, once, at the edge, as are
+Python's `NaN`, `Infinity` and `-Infinity` literals, which are not JSON (RFC 8259; `JSON.parse` refuses them).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from ossrun.api.errors import bad_input
 MAX_DEPTH = 128
 
 
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
+
+
 def parse_json(raw: bytes) -> Any:
     """The body's JSON value, or a 400 saying what is wrong with it."""
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise bad_input(f"Error: the body nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # also UnicodeDecodeError: bytes that are not UTF-8
