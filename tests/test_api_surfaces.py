@@ -115,3 +115,14 @@ def test_completions_stream_folds_to_the_sync_text(app, script):
     streamed_tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
     assert streamed_tokens == choice["logprobs"]["tokens"]
     assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+def test_a_response_has_one_creation_time(app):
+    """`created_at` is when the request came: the same in every event and in the stored copy, however long it runs."""
+    engine, client = app
+    engine.delay = 0.3  # 5 tokens: the answer ends at least a second after it began
+    events = frames(client.post("/v1/responses", json={"model": MODEL, "input": "x", "stream": True}))
+    stamps = {e["response"]["created_at"] for e in events if "response" in e}
+    assert len(stamps) == 1, stamps
+    stored = client.get(f"/v1/responses/{events[-1]['response']['id']}").json()
+    assert stored["created_at"] == stamps.pop()

@@ -107,12 +107,13 @@ def echoed(request: ResponsesInput | None) -> dict[str, Any]:
     return {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True)}
 
 
-def response_object(outcome: Outcome | None, model: str, prices, response_id: str, output: list[dict[str, Any]] | None = None,
-                    request: ResponsesInput | None = None) -> dict[str, Any]:
-    """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell."""
+def response_object(outcome: Outcome | None, model: str, prices, response_id: str, created_at: int,
+                    output: list[dict[str, Any]] | None = None, request: ResponsesInput | None = None) -> dict[str, Any]:
+    """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell.
+    `created_at` is the response's one creation time: every event and the stored copy carry the same."""
     status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
-    body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": int(time.time()), "model": model,
+    body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": created_at, "model": model,
                             "status": status, "output": output or [], "output_text": text,
                             "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request)}
     if status == "incomplete":

@@ -4,6 +4,7 @@ each item's events; its final `response.completed` object is the sync result, bu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ class ResponsesSurface:
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
                  remember: Callable[[dict[str, Any]], None]):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
-        self.id = results.new_id("resp")
+        self.id, self.created = results.new_id("resp"), int(time.time())
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None
@@ -31,7 +32,7 @@ class ResponsesSurface:
 
     # -- the surface --------------------------------------------------------------------------------
     def opening(self) -> list[bytes]:
-        shell = results.response_object(None, self.model, self.prices, self.id, request=self.request)
+        shell = results.response_object(None, self.model, self.prices, self.id, self.created, request=self.request)
         return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
 
     def event(self, event: harmony.Event) -> list[bytes]:
@@ -65,7 +66,8 @@ class ResponsesSurface:
         return frames + [self._event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)]
 
     def result(self) -> dict[str, Any]:
-        return results.response_object(self.outcome, self.model, self.prices, self.id, output=self.output, request=self.request)
+        return results.response_object(self.outcome, self.model, self.prices, self.id, self.created, output=self.output,
+                                       request=self.request)
 
     # -- output items -------------------------------------------------------------------------------
     @property
