@@ -126,3 +126,37 @@ def test_a_response_has_one_creation_time(app):
     assert len(stamps) == 1, stamps
     stored = client.get(f"/v1/responses/{events[-1]['response']['id']}").json()
     assert stored["created_at"] == stamps.pop()
+
+
+def _sdk_event_types() -> dict:
+    """The openai SDK's pydantic class of each Responses stream event, by its `type`."""
+    from typing import get_args
+
+    from openai.types import responses
+
+    found = {}
+    for name in dir(responses):
+        kind = getattr(getattr(responses, name), "model_fields", {}).get("type")
+        if name.endswith("Event") and kind is not None and len(get_args(kind.annotation)) == 1:
+            found[get_args(kind.annotation)[0]] = getattr(responses, name)
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_responses_objects_and_events_validate_as_the_sdk_types(app, script):
+    """Strictly, as typed clients deserialize: `parallel_tool_calls` on every response, `logprobs` on answer text events."""
+    from openai.types.responses import Response
+
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    sdk = _sdk_event_types()
+    sync, events = both(client, "/v1/responses", {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "search"}],
+                                                  "max_output_tokens": 400})
+    assert sync["parallel_tool_calls"] is True
+    for obj in json.loads(json.dumps([sync, *events])):
+        response = obj if obj.get("object") == "response" else obj.get("response")
+        if response is not None:
+            response["usage"] = None  # the SDK's usage now also wants `cache_write_tokens`, which this test is not about
+        (Response if obj is response else sdk[obj["type"]]).model_validate(obj, strict=True)
+    echoed = client.post("/v1/responses", json={"model": MODEL, "input": "x", "parallel_tool_calls": False}).json()
+    assert echoed["parallel_tool_calls"] is False

@@ -176,6 +176,7 @@ class ResponseObject(_Out):
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None
+    parallel_tool_calls: bool
     incomplete_details: IncompleteDetails | None = None
 
 
@@ -348,6 +349,7 @@ class ResponsesEvent(_Out):
     item_id: str | None = None
     content_index: int | None = None
     delta: str | None = None
+    logprobs: list[Any] | None = None  # `[]` on output_text deltas and dones, as OpenAI sends
     item: OutputItem | None = None
 
 

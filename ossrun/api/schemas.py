@@ -139,6 +139,7 @@ class ResponsesInput(_Open):
     reasoning: Reasoning | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # echoed (OpenAI's default: true); the model makes one call per turn anyway
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0.001, le=1)

@@ -95,6 +95,8 @@ class ResponsesSurface:
     def _delta(self, text: str) -> bytes:
         self.text += text
         extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
+        if self.current["type"] == "message":
+            extra["logprobs"] = []  # OpenAI always sends it on answer text (empty unless asked for)
         return self._event(_DELTA[self.current["type"]], **self._where(), **extra, delta=text)
 
     def _close(self, cut: bool = False) -> list[bytes]:
@@ -109,7 +111,7 @@ class ResponsesSurface:
         elif item["type"] == "message":
             part = {"type": "output_text", "text": self.text, "annotations": []}
             item["content"], item["status"] = [part], status
-            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text))
+            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text, logprobs=[]))
             frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
         else:
             item["arguments"], item["status"] = self.text, status
