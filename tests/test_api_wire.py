@@ -154,6 +154,13 @@ def test_sdk_retrieves_models_and_responses(server, prefixed):
         client.responses.retrieve("resp_unknown")
 
 
+def test_model_cards_have_a_fixed_creation_time(server):
+    """`created` is the model's (gpt-oss's release, 2025-08-05), not the time of the call."""
+    for prefixed in (False, True):
+        client = openai_client(server, prefixed)
+        assert {m.created for m in client.models.list().data} == {client.models.retrieve(MODEL).created} == {1754352000}
+
+
 def test_responses_echo_the_request(server):
     tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     client = openai_client(server)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -62,8 +61,12 @@ async def completions(request: Request):
     return await _answer(request, service, asks.from_completion(body), body.model)
 
 
+# gpt-oss's release (2025-08-05, UTC) as a Unix time: a model's `created` is a fact about it, the same on every call.
+RELEASED = 1754352000
+
+
 def _model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "openai"}
+    return {"id": name, "object": "model", "created": RELEASED, "owned_by": "openai"}
 
 
 async def models(request: Request):
