@@ -94,6 +94,21 @@ def test_bearer_scheme_is_required_and_case_insensitive(server, header, status):
     assert response.status_code == status, response.text
 
 
+def requests_counted(server, status: int, route: str = "/client/v4/accounts/{account_id}/ai/run/{model:path}") -> float:
+    wanted = f'ossrun_requests_total{{route="{route}",status="{status}"}}'
+    lines = [line for line in httpx.get(server.base + "/metrics", timeout=30).text.splitlines() if line.startswith(wanted)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_refused_requests_are_counted_with_their_status(server):
+    """What an operator watches (auth failures, oversized bodies) is in /metrics like every other answer."""
+    before = requests_counted(server, 403), requests_counted(server, 413)
+    for _ in range(3):
+        assert httpx.post(server.base + RUN, json={"prompt": "x"}, timeout=30).status_code == 403
+    assert call(server, "POST", RUN, content=b"x" * (10 * 1024 * 1024 + 1)).status_code == 413  # refused by its Content-Length
+    assert (requests_counted(server, 403), requests_counted(server, 413)) == (before[0] + 3, before[1] + 1)
+
+
 # -- 10: rate limit -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -110,6 +125,7 @@ def test_rate_limit_keys_on_the_client_without_auth(limited_server):
     assert 1 <= int(codes[-1].headers["Retry-After"]) <= 60
     openai_style = httpx.post(limited_server.base + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1}, timeout=60)
     assert openai_style.status_code == 429 and "Retry-After" in openai_style.headers
+    assert requests_counted(limited_server, 429) >= 1 and requests_counted(limited_server, 429, "/v1/completions") >= 1
 
 
 # -- 7: polling a batch on the queue URL ----------------------------------------------------------------

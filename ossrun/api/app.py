@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ossrun.api import openai_routes, playground, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
@@ -98,10 +99,15 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter) -> J
     return response
 
 
+def _route_path(scope, routes: list) -> str:
+    """The route a request is counted under: the one routing chose, or for a request refused before routing
+    (413, 403, 429) the first of `routes` its path meets."""
+    route = scope.get("route") or next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return route.path if route is not None else "unmatched"
+
+
 def _allowed_methods(app: FastAPI, scope) -> set[str]:
     """Every method some route answers on this path (Starlette's 405 names only the first route's)."""
-    from starlette.routing import Match
-
     methods = {"OPTIONS"}
     for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
         probe = {**scope, "method": method}
@@ -149,13 +155,12 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         except ValueError:
             length = 0
         if length > body_limit(path):
-            return _error_response(path, ApiError(*TOO_LARGE))
-        refused = None if open_path else _refusal(request, settings, limiter)
-        if refused is not None:
-            return refused
-        response = await call_next(request)
-        service.metering.requests.labels(request.scope.get("route").path if request.scope.get("route") else "unmatched",
-                                         str(response.status_code)).inc()
+            response = _error_response(path, ApiError(*TOO_LARGE))
+        else:
+            response = None if open_path else _refusal(request, settings, limiter)
+        if response is None:
+            response = await call_next(request)
+        service.metering.requests.labels(_route_path(request.scope, routes), str(response.status_code)).inc()  # refusals too
         return response
 
     @app.exception_handler(ApiError)
@@ -200,10 +205,12 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     async def metrics():
         return Response(service.metering.render(), media_type="text/plain; version=0.0.4")
 
-    app.include_router(playground.router)
-    app.include_router(workers_ai.router)
-    app.include_router(openai_routes.prefixed)
-    app.include_router(openai_routes.bare)
+    routers = (playground.router, workers_ai.router, openai_routes.prefixed, openai_routes.bare)
+    for router in routers:
+        app.include_router(router)
+    # Every route with its path, to name the route of a request refused before routing (the app's own list holds
+    # the included routers as wholes).
+    routes = [r for r in app.router.routes if hasattr(r, "path")] + [r for router in routers for r in router.routes]
 
     def openapi() -> dict:
         if app.openapi_schema is None:
