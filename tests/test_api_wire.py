@@ -154,6 +154,17 @@ def test_unknown_routes_and_methods_answer_in_the_surface_envelope(server):
     assert_surface_error(call(server, "DELETE", "/v1/chat/completions"), "/v1/chat/completions", 405, 7001)
 
 
+@pytest.mark.parametrize("method,path", [("POST", "/client/v4/accounts/x/ai/run"), ("POST", "/client/v4/accounts/x/ai/run/"),
+                                         ("GET", "/client/v4/accounts/x/ai/finetunes/"), ("GET", "/client/v4/accounts/x/ai/models/search/"),
+                                         ("POST", "/v1/chat/completions/"), ("GET", "/v1/models/")])
+def test_a_path_one_slash_off_is_the_surface_404_not_a_redirect(server, method, path):
+    response = call(server, method, path, json={"prompt": "hi", "max_tokens": 2})
+    if path == "/v1/models/":  # `/v1/models/{id}` with an empty id: no such model
+        assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error", response.text
+    else:
+        assert_surface_error(response, path, 404, 7000)
+
+
 @pytest.mark.parametrize("prefixed", [False, True], ids=["bare", "account-prefixed"])
 def test_sdk_retrieves_models_and_responses(server, prefixed):
     import openai

@@ -131,7 +131,8 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         yield
         await worker.stop()
 
-    app = FastAPI(title="ossrun", version="0.1.0", lifespan=lifespan,
+    # No redirect_slashes: a path one '/' off a route answers the surface's 404, not a bare 307 no client expects.
+    app = FastAPI(title="ossrun", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
     app.state.service = service
     app.state.batch_worker = worker

@@ -69,6 +69,8 @@ def stream_response(service: Service, plan: Plan) -> StreamingResponse:
                                                schemas.BatchInput, schemas.PollInput))
 async def run(account_id: str, model: str, request: Request, queueRequest: bool = False):
     service = service_of(request)
+    if not model:  # `…/ai/run/`: no model segment is no route, as `…/ai/run` is
+        raise ApiError(404, 7000, f"No route for {request.url.path}")
     service.check_model(model)
     body = await json_body(request)
     if _is_poll(body):  # the hosted docs poll on either URL
