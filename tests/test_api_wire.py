@@ -188,6 +188,21 @@ def test_model_cards_have_a_fixed_creation_time(server):
         assert {m.created for m in client.models.list().data} == {client.models.retrieve(MODEL).created} == {1754352000}
 
 
+@pytest.mark.parametrize("fields,param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+])
+def test_schema_violations_name_the_param(server, fields, param):
+    """OpenAI's error `param` is the offending field, as the message's pointer says."""
+    import openai
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client(server).chat.completions.create(model=MODEL, **body)
+    assert caught.value.param == param and caught.value.code == "5006"
+
+
 def test_responses_echo_the_request(server):
     tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     client = openai_client(server)

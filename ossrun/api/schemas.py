@@ -239,20 +239,33 @@ def _pointer(loc: tuple) -> str:
     return "/" + "/".join(str(part) for part in loc if part not in ("function-after", "union_tag"))
 
 
+def _field_loc(loc: tuple) -> tuple:
+    """An error's location without pydantic's type tags (`str`, `list[TextPart]`)."""
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "dict", "int", "float", "bool"))))
+
+
 def describe(error: ValidationError) -> str:
     """Pydantic's errors as JSON-pointer sentences, like the hosted validator's."""
-    parts = []
-    for item in error.errors()[:5]:
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "dict", "int", "float", "bool"))))
-        parts.append(f"at '{_pointer(loc)}': {item['msg']}")
-    return "Error: " + "; ".join(parts)
+    return "Error: " + "; ".join(f"at '{_pointer(_field_loc(item['loc']))}': {item['msg']}" for item in error.errors()[:5])
+
+
+def param(error: ValidationError) -> str | None:
+    """OpenAI's `param` for the first error: the field as OpenAI spells it (`max_tokens`, `messages[0].content`).
+    Union members' tags (model names, capitalised; our fields never are) are not fields."""
+    text = ""
+    for part in _field_loc(error.errors()[0]["loc"]) if error.errors() else ():
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not part[:1].isupper():
+            text += f".{part}" if text else part
+    return text or None
 
 
 def parse(model: type[BaseModel], body: Any) -> BaseModel:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise bad_input(describe(exc)) from None
+        raise bad_input(describe(exc), param(exc)) from None
 
 
 def classify(body: Any) -> tuple[str, BaseModel]:
