@@ -320,6 +320,13 @@ SCHEMA_INVALID = [
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [1, 2]}),  # token ids: text only
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "suffix": "end"}),  # no insertion
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+    # Combinations OpenAI refuses: the document states them (if/then), the server answers 400 naming the field.
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": False,
+                                                       "top_logprobs": 2}),
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                       "stream_options": {"include_usage": True}}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}),
 ]
 
 
@@ -327,6 +334,17 @@ SCHEMA_INVALID = [
 def test_schema_invalid_requests_are_refused(server, path, component, body):
     assert not schema_accepts(document(server), component, body)
     assert_surface_error(call(server, "POST", path, json=body), path)
+
+
+def test_combinations_openai_refuses_name_their_field(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, param, says in [({"top_logprobs": 2}, "top_logprobs", "logprobs must be true"),
+                               ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true")]:
+        error = call(server, "POST", "/v1/chat/completions", json={**body, **extra}).json()["error"]
+        assert error["param"] == param and says in error["message"], error
+    assert call(server, "POST", "/v1/chat/completions", json={**body, "logprobs": True, "top_logprobs": 2}).status_code == 200
+    assert call(server, "POST", "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": True,
+                                                         "stream_options": {"include_usage": True}}).status_code == 200
 
 
 def test_options_lists_every_method_of_a_path(server):

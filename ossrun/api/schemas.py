@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import models_json_schema
 
 from ossrun.api.errors import ApiError, bad_input
@@ -182,11 +182,36 @@ class OpenAISampling(_Open):
     logit_bias: LogitBias | None = None
 
 
-class ChatCompletionRequest(MessagesInput, OpenAISampling):
+def _when(field: str, then: str) -> dict[str, Any]:
+    """JSON Schema: a non-null `field` needs `then: true`."""
+    return {"if": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
+            "then": {"required": [then], "properties": {then: {"const": True}}}}
+
+
+class _OpenAIRules(_Open):
+    """Combinations OpenAI's API refuses with a 400 (a caller asking for what it would silently not get)."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream")]})
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise bad_input("Error: at '/stream_options': stream_options is only allowed when stream is true", "stream_options")
+        return self
+
+
+class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
     model: str
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
     # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
     function_call: Literal["none", "auto"] | FunctionName | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise bad_input("Error: at '/top_logprobs': logprobs must be true when top_logprobs is set", "top_logprobs")
+        return self
 
 
 class ResponsesRequest(ResponsesInput):
@@ -196,7 +221,7 @@ class ResponsesRequest(ResponsesInput):
 MAX_PROMPTS = 16
 
 
-class CompletionRequest(Sampling, OpenAISampling):
+class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
     model: str
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
