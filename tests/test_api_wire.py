@@ -300,6 +300,8 @@ SCHEMA_VALID = [
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "", "max_tokens": 2}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": ["", "hi"], "max_tokens": 2}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": [{"content": "hi"}]}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": "hi",
+                                           "tools": [{"type": "function", "name": "w", "parameters": {}}]}),
     (RUN, "ResponsesInput", {"max_output_tokens": 2, "input": [{"type": "message", "content": [{"type": "input_text", "text": "hi"}]}]}),
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "Ada.v2_final-1"}),
 ]
@@ -327,6 +329,11 @@ SCHEMA_INVALID = [
     ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                        "stream_options": {"include_usage": True}}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}),
+    # A function's arguments are a JSON object, so its parameters must be an object schema (OpenAI refuses others).
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+                                                       "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "string"}}}]}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "w", "parameters": {"type": "array"}}]}),
+    (RUN, "MessagesInput", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "w", "parameters": {"type": "integer"}}]}),
 ]
 
 

@@ -8,20 +8,32 @@ strictly, like the hosted JSON Schema validator: "0.5" is no number and 1 is no 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 
 class Shape(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    if schema.get("type", "object") != "object":
+        raise ValueError(f"a function's parameters must be a JSON Schema of type 'object' (arguments are a JSON object), "
+                         f"not {schema['type']!r}")
+    return schema
+
+
+# As OpenAI requires: the arguments of a call are a JSON object, so its schema describes one (`{}`: any object).
+ObjectSchema = Annotated[dict[str, Any], AfterValidator(_object_schema),
+                         WithJsonSchema({"type": "object", "properties": {"type": {"const": "object"}}})]
+
+
 class FunctionDef(Shape):
     type: Literal["function"] | None = None  # the Responses API's flat spelling carries it
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ObjectSchema | None = None
     strict: bool | None = None
 
 
