@@ -154,9 +154,27 @@ class ResponsesInput(_Open):
     metadata: dict[str, Any] | None = None  # echoed on the response object
 
 
+class QueuedItem(_Open):
+    """What a batch item adds to its sync shape: a reference of the caller's, echoed with the item's result."""
+
+    external_reference: str | None = None
+
+
+class QueuedPrompt(QueuedItem, PromptInput):
+    pass
+
+
+class QueuedMessages(QueuedItem, MessagesInput):
+    pass
+
+
+class QueuedResponses(QueuedItem, ResponsesInput):
+    pass
+
+
 class BatchInput(_Open):
-    # Each item is one of the sync shapes (plus `external_reference`), so the document says what is queued.
-    requests: list[Union[PromptInput, MessagesInput, ResponsesInput]] = Field(min_length=1)
+    # Each item is one of the sync shapes plus `external_reference`, so the document says what is queued.
+    requests: list[Union[QueuedPrompt, QueuedMessages, QueuedResponses]] = Field(min_length=1)
 
 
 class PollInput(_Open):

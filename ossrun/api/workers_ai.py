@@ -94,6 +94,10 @@ def _is_poll(body: Any) -> bool:
 def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
     """Reject bad items now, not hours later (on a worker thread: a thousand items take a while)."""
     for index, item in enumerate(items):
+        reference = item.get("external_reference")
+        if reference is not None and not isinstance(reference, str):  # as QueuedItem says: echoed as sent, so a string
+            raise bad_input(f"Error: at '/requests/{index}/external_reference': Input should be a valid string",
+                            f"requests[{index}].external_reference")
         item = {k: v for k, v in item.items() if k != "external_reference"}
         try:
             service.plan(dataclasses.replace(parse_run(service, item), stream=False), priority=Priority.BATCH)
