@@ -7,10 +7,12 @@ tokenizer for stop strings and grammars; the engine → the API through its clie
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from ossrun.paths import data_dir as default_data_dir
 
@@ -50,6 +52,29 @@ def _parse_loras(items: list[str]) -> dict[str, Path]:
             raise SettingsError(f"--lora {item}: no such directory")
         loras[name] = Path(path)
     return loras
+
+
+def _claim(data_dir: Path) -> IO[str]:
+    """An exclusive lock on the data directory, held while the server runs (the OS drops it when the process ends,
+    however it ends). A second server on the same directory would take the first one's running batch items for
+    abandoned, queue and run them again, and write the same fine-tunes; it is refused before anything loads."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "server.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SettingsError(f"{data_dir} is in use by another ossrun server (pid {holder}); "
+                            "give each server its own --data-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -131,6 +156,7 @@ def serve(settings: ServerSettings) -> None:
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     loras = _parse_loras(settings.loras)
     check_device(settings.device)
+    lock = _claim(data_dir)  # noqa: F841  held until the process ends
     sock = _listen(settings.host, settings.port)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,

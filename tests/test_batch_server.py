@@ -126,3 +126,24 @@ def test_external_reference_is_a_string_echoed_as_sent(checkpoints, tmp_path):
                    for shape in ("Prompt", "Messages", "Responses"))
     finally:
         server.stop()
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_and_takes_no_work(checkpoints, tmp_path):
+    """It used to start, take the first server's running batch items for abandoned and run them again."""
+    data = tmp_path / "data"
+    first = start_server(checkpoints["original"], data)
+    try:
+        batch = queue(first, items(8, max_tokens=24))
+        for _ in range(200):
+            if poll(first, batch)["status"] == "running":
+                break
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match="server exited \\(2\\)") as refused:
+            start_server(checkpoints["original"], data)
+        assert f"{data} is in use by another ossrun server (pid {first.process.pid})" in str(refused.value)
+        result = wait_done(first, batch)
+        assert [r["id"] for r in result["responses"]] == list(range(8)) and all(r["success"] for r in result["responses"])
+    finally:
+        first.stop()
+    again = start_server(checkpoints["original"], data)  # the lock goes with the process
+    again.stop()
