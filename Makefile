@@ -1,12 +1,16 @@
 # ossrun: `make demo` runs the server on the embedded tiny model; `make test` runs the tests.
-# Both set up .venv from nothing. torch is pinned to the CPU build that lies on these machines:
-# an unpinned torch would pull a multi-GB CUDA build.
+# Both set up .venv from nothing, with torch's CPU build: an unpinned torch, or plain PyPI's Linux
+# torch, is a multi-GB CUDA build.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH := torch==2.13.0
+# Where the CPU build comes from: a wheel pip already finds on disk (its find-links, as on these machines), else
+# PyTorch's CPU index. Asked only when .venv is set up; `make TORCH_INDEX= test` takes whatever PyPI gives.
+TORCH_INDEX ?= $(shell $(PYTHON) -m pip install --dry-run --no-index --no-deps --quiet $(TORCH) >/dev/null 2>&1 \
+                 || echo --index-url https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup demo test bench clean
 
@@ -14,7 +18,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_INDEX) $(TORCH)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' $(TORCH)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
