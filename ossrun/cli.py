@@ -126,7 +126,7 @@ def _parse_token_ids(text: str) -> list[int]:
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Option(None, help="Checkpoint directory, preset name or downloaded hub id (default: the tiny preset)."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
     raw: Optional[str] = typer.Option(None, help="Prompt text, tokenised with harmony special tokens allowed (no chat template)."),
     prompt: Optional[str] = typer.Option(None, help="One user turn, rendered in the harmony chat format."),
     token_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated (bypasses the tokenizer)."),
@@ -242,7 +242,7 @@ def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"), revision: Opti
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help="Checkpoint directory, preset name or downloaded hub id (default: the embedded tiny model)."),
+    model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8787, min=1, max=65535),
     api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", help="Require `Authorization: Bearer TOKEN`."),
@@ -250,7 +250,7 @@ def serve(
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
     data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
-    rate_limit: int = typer.Option(300, min=0, help="Requests per minute per token (0: no limit)."),
+    rate_limit: int = typer.Option(300, min=0, help="POST requests per minute per token (0: no limit)."),
     lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable)."),
     max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
     kv_cache_gib: float = typer.Option(2.0, callback=_positive("--kv-cache-gib"), help="Memory for the KV cache."),
