@@ -361,6 +361,46 @@ def test_options_lists_every_method_of_a_path(server):
     assert wrong.status_code == 405 and {"GET", "POST"} <= set(wrong.headers["allow"].replace(" ", "").split(","))
 
 
+# -- HEAD, request content codings, SSE line separators (a later hunt: findings 3, 4 and 5) ---------------------
+
+GET_PATHS = ["/health", "/metrics", "/", "/playground/playground.js", "/v1/models", f"/v1/models/{MODEL}",
+             f"/client/v4/accounts/acct/ai/v1/models/{MODEL}", "/client/v4/accounts/acct/ai/finetunes", "/openapi.json", "/docs"]
+
+
+@pytest.mark.parametrize("path", GET_PATHS)
+def test_head_is_get_without_the_body(server, path):
+    get, head = call(server, "GET", path), call(server, "HEAD", path)
+    assert head.status_code == get.status_code == 200, head.headers
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    if path not in ("/health", "/metrics"):  # their bodies change from one call to the next
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+    allowed = set(call(server, "OPTIONS", path).headers["allow"].replace(" ", "").split(","))
+    assert {"GET", "HEAD"} <= allowed
+
+
+def test_head_keeps_the_gets_refusals_and_is_not_a_post(server):
+    assert call(server, "HEAD", "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert call(server, "HEAD", "/v1/models/nope").status_code == 404  # GET's answer: no such model
+    assert call(server, "HEAD", "/v1/nope").status_code == 404
+    post_only = call(server, "HEAD", "/v1/chat/completions")
+    assert post_only.status_code == 405
+    assert set(post_only.headers["allow"].replace(" ", "").split(",")) == {"OPTIONS", "POST"}
+
+
+def test_head_sends_no_body_bytes_on_the_wire(server):
+    """httpx never reads a HEAD response's body, so a body sent anyway would only show as garbage before the next
+    response on the connection: read the raw bytes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200"), raw
+
+
 # -- 4: Workers AI's JSON mode ----------------------------------------------------------------------------
 
 COUNTRY = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "capital": {"type": "string", "maxLength": 12}},

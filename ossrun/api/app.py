@@ -1,7 +1,8 @@
 """The FastAPI app, built by a factory that takes the engine (so tests run it on the tiny model).
 
 Cross-cutting checks live here as one middleware, in the order a request meets them: body size,
-authentication, rate limit. Errors leave in the envelope of the surface they came in on.
+authentication, rate limit. Errors leave in the envelope of the surface they came in on. Around it, HEAD
+is answered as GET without the body.
 """
 
 from __future__ import annotations
@@ -106,14 +107,40 @@ def _route_path(scope, routes: list) -> str:
     return route.path if route is not None else "unmatched"
 
 
+def _answers(app: FastAPI, scope, method: str) -> bool:
+    probe = {**scope, "method": method}
+    return any(route.matches(probe)[0] is Match.FULL for route in app.router.routes)
+
+
 def _allowed_methods(app: FastAPI, scope) -> set[str]:
-    """Every method some route answers on this path (Starlette's 405 names only the first route's)."""
-    methods = {"OPTIONS"}
-    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
-        probe = {**scope, "method": method}
-        if any(route.matches(probe)[0] is Match.FULL for route in app.router.routes):
-            methods.add(method)
-    return methods
+    """Every method some route answers on this path (Starlette's 405 names only the first route's); HEAD wherever GET."""
+    methods = {"OPTIONS"} | {m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if _answers(app, scope, m)}
+    return methods | {"HEAD"} if "GET" in methods else methods
+
+
+class HeadAsGet:
+    """HEAD on a path some GET route serves is that GET without its body (RFC 9110 §9.3.2: servers must support HEAD).
+
+    FastAPI's routes register GET alone; rather than a HEAD route beside each (and a HEAD operation in the API
+    document), the app answers a GET here, so status and headers, Content-Length included, are the GET's, and the
+    body is dropped. Outermost, so auth and metering see the GET; the server keeps its own scope, which still says HEAD.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD" or not _answers(scope["app"], scope, "GET"):
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
@@ -163,6 +190,8 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
             response = await call_next(request)
         service.metering.requests.labels(_route_path(request.scope, routes), str(response.status_code)).inc()  # refusals too
         return response
+
+    app.add_middleware(HeadAsGet)  # added last: the outermost
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
