@@ -145,6 +145,68 @@ def test_body_cap_counts_chunked_bodies_too(client):
     assert declared.status_code == 413
 
 
+def _decode(coding: str, data: bytes, limit: int = 10**6, size: int = 1) -> bytes:
+    """`data` fed to the decoder `size` bytes at a time, as a chunked body arrives."""
+    from ossrun.api.body import decoder
+
+    d = decoder(coding, limit)
+    pieces = [data[at:at + size] for at in range(0, len(data), size)] or [b""]
+    return b"".join(d.feed(piece, final=i == len(pieces) - 1) for i, piece in enumerate(pieces))
+
+
+def test_content_codings_decode_in_any_chunking():
+    import gzip
+    import zlib
+
+    raw = json.dumps({"prompt": "hi " * 500}).encode()
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for size in (1, 7, 10**6):
+        assert _decode("gzip", gzip.compress(raw), size=size) == raw
+        assert _decode(" GZip", gzip.compress(raw) + gzip.compress(raw), size=size) == raw * 2  # two members (RFC 1952)
+        assert _decode("deflate", zlib.compress(raw), size=size) == raw  # the zlib format (RFC 9110)
+    assert _decode("deflate", raw_deflate.compress(raw) + raw_deflate.flush(), size=3) == raw  # raw deflate, as some clients send
+    assert _decode("gzip", b"") == b""  # an empty body stays empty (and is then not JSON, as without the coding)
+
+
+def test_decoding_is_bounded_by_the_cap():
+    import gzip
+
+    from ossrun.api import body
+
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB in 50 kB
+    decoder, handed_on = body.decoder("gzip", 1_000_000), 0
+    with pytest.raises(ApiError) as refused:
+        for at in range(0, len(bomb), 4096):
+            handed_on += len(decoder.feed(bomb[at:at + 4096], final=at + 4096 >= len(bomb)))
+    # never inflated past the cap (one byte over is how it knows), never handed on past it
+    assert refused.value.status == 413 and decoder.decoded == 1_000_001 and handed_on <= 1_000_000
+    assert _decode("gzip", gzip.compress(b"x" * 1000), limit=1000) == b"x" * 1000  # exactly the cap is fine
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, deflate", "unknown"])
+def test_other_codings_are_415_with_accept_encoding(client, coding):
+    import gzip
+
+    for path, body in ((RUN, {"prompt": "hi"}), ("/v1/completions", {"model": MODEL, "prompt": "hi"})):
+        response = client.post(path, content=gzip.compress(json.dumps(body).encode()), headers={"Content-Encoding": coding})
+        assert response.status_code == 415 and coding in response.text and response.headers["accept-encoding"] == "gzip, deflate"
+    assert client.post(RUN, json={"prompt": "hi"}, headers={"Content-Encoding": "identity"}).status_code == 200
+
+
+def test_gzipped_adapter_uploads_are_decoded(client):
+    import gzip
+
+    import httpx
+
+    base = "/client/v4/accounts/a/ai/finetunes"
+    assert client.post(base, json={"model": MODEL, "name": "zipped"}).status_code == 200
+    form = httpx.Request("POST", "http://x", data={"file_name": "adapter_config.json"}, files={"file": ("a.json", b"{}")})
+    form.read()
+    upload = client.post(f"{base}/zipped/finetune-assets", content=gzip.compress(form.content),
+                         headers={"Content-Type": form.headers["content-type"], "Content-Encoding": "gzip"})
+    assert upload.status_code == 200, upload.text
+
+
 def test_auth_on_every_route_but_liveness(tmp_path):
     with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path, api_token="t0k"))) as c:
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200

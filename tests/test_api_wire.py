@@ -401,6 +401,58 @@ def test_head_sends_no_body_bytes_on_the_wire(server):
     assert head.startswith(b"HTTP/1.1 200") and rest.startswith(b"HTTP/1.1 200"), raw
 
 
+def _gzip(body: dict) -> bytes:
+    import gzip
+
+    return gzip.compress(json.dumps(body).encode())
+
+
+def _deflate(body: dict) -> bytes:
+    import zlib
+
+    return zlib.compress(json.dumps(body).encode())
+
+
+ENCODED = [(RUN, {"prompt": "hi", "max_tokens": 3, "temperature": 0}),
+           ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})]
+
+
+@pytest.mark.parametrize("path,body", ENCODED, ids=["ai-run", "v1-chat"])
+@pytest.mark.parametrize("coding,encode", [("gzip", _gzip), ("deflate", _deflate), ("x-gzip", _gzip)])
+def test_gzip_and_deflate_bodies_are_decoded(server, path, body, coding, encode):
+    plain = call(server, "POST", path, json=body)
+    encoded = call(server, "POST", path, content=encode(body), headers={"Content-Encoding": coding})
+    assert plain.status_code == encoded.status_code == 200, encoded.text
+    usage = lambda r: (r.json().get("result") or r.json())["usage"]  # noqa: E731
+    assert usage(encoded)["prompt_tokens"] == usage(plain)["prompt_tokens"]
+
+
+@pytest.mark.parametrize("path,body", ENCODED, ids=["ai-run", "v1-chat"])
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, gzip"])
+def test_other_content_codings_are_415_naming_the_coding(server, path, body, coding):
+    response = call(server, "POST", path, content=_gzip(body), headers={"Content-Encoding": coding})
+    assert_surface_error(response, path, 415, 3000)
+    assert coding in response.text and response.headers["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("path,body", ENCODED, ids=["ai-run", "v1-chat"])
+def test_a_corrupt_or_truncated_stream_is_400_naming_the_coding(server, path, body):
+    for coding, raw in (("gzip", b"not gzip at all"), ("gzip", _gzip(body)[:-6]), ("deflate", _deflate(body)[:10])):
+        response = call(server, "POST", path, content=raw, headers={"Content-Encoding": coding})
+        assert_surface_error(response, path, 400, 5006)
+        assert f"Content-Encoding: {coding}" in response.text
+
+
+@pytest.mark.parametrize("path,body", ENCODED, ids=["ai-run", "v1-chat"])
+def test_a_small_zip_bomb_is_413(server, path, body):
+    """11 MB of JSON whitespace gzips to 11 kB: the decoded size meets the 10 MB cap, as an unencoded body would."""
+    import gzip
+
+    bomb = gzip.compress(json.dumps(body).encode()[:-1] + b" " * (11 * 1024 * 1024) + b"}")
+    assert len(bomb) < 100_000
+    assert_surface_error(call(server, "POST", path, content=bomb, headers={"Content-Encoding": "gzip"}), path, 413, 3006)
+
+
 # -- 4: Workers AI's JSON mode ----------------------------------------------------------------------------
 
 COUNTRY = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "capital": {"type": "string", "maxLength": 12}},

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ossrun.api import openai_routes, playground, workers_ai
+from ossrun.api import body, openai_routes, playground, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
 from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
 from ossrun.api.metering import Metering
@@ -43,10 +43,13 @@ def body_limit(path: str) -> int:
     return MAX_ASSET_BODY_BYTES if path.endswith("/finetune-assets") else MAX_BODY_BYTES
 
 
-class BodyLimit:
-    """Counts the bytes a body really has, so a chunked upload without Content-Length meets the same cap.
+class RequestBody:
+    """The body as routes read it: capped and decoded. Counts the bytes a body really has, so a chunked upload
+    without Content-Length meets the same cap, and decodes `Content-Encoding: gzip` / `deflate` with the cap on
+    the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400).
 
-    Raising from `receive` lands in the route, whose exception handler answers 413 in the surface's envelope.
+    Raising from `receive` lands in the route, whose exception handler answers in the surface's envelope; a route
+    that reads no body is never refused for it.
     """
 
     def __init__(self, app):
@@ -55,15 +58,20 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, seen = body_limit(scope["path"]), 0
+        limit, seen, decoder = body_limit(scope["path"]), 0, None
+        coding = ", ".join(value.decode("latin-1") for name, value in scope["headers"] if name == b"content-encoding")
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, decoder
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise ApiError(*TOO_LARGE)
+                if coding and decoder is None:
+                    decoder = body.decoder(coding, limit)  # None for identity; a 415 for a coding we cannot decode
+                if decoder is not None:
+                    message = {**message, "body": decoder.feed(message.get("body", b""), final=not message.get("more_body", False))}
             return message
 
         await self.app(scope, counted, send)
@@ -172,7 +180,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     app.state.drain = drain
     limiter = RateLimiter(settings.rate_limit_per_minute)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestBody)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -195,7 +203,9 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return _error_response(request.url.path, exc)
+        response = _error_response(request.url.path, exc)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -1,4 +1,7 @@
-"""Reading a JSON body safely: every malformed body is a 400, never a 500.
+"""Reading a body safely: every malformed body is a 400, never a 500.
+
+A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives (`Decoder`), and what it decodes
+to counts against the body cap, so a small zip bomb is a 413, not a full memory; another coding is a 415.
 
 `json.loads` recurses (a body nested a thousand deep raises `RecursionError`), and JSON may spell
 lone UTF-16 surrogates (`"\\ud800"`) that Python keeps in a `str` but that no encoder can write,
@@ -9,9 +12,10 @@ Python's `NaN`, `Infinity` and `-Infinity` literals, which are not JSON (RFC 825
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
-from ossrun.api.errors import bad_input
+from ossrun.api.errors import TOO_LARGE, ApiError, bad_input
 
 # No legitimate body nests deeper; tool parameter schemas have their own, smaller limit (harmony).
 MAX_DEPTH = 128
@@ -55,3 +59,66 @@ def _check_text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_input(f"Error: at '{where or '/'}': the string holds a lone UTF-16 surrogate (not valid Unicode)") from None
+
+
+# Content codings a request body may come in (RFC 9110 §8.4.1; "x-gzip" is gzip's old name).
+CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
+
+
+def decoder(content_encoding: str, limit: int) -> Decoder | None:
+    """The decoder of a body sent with this `Content-Encoding` (None: as is), or a 415 naming a coding we cannot decode.
+    One coding at most: stacked codings are legal HTTP that no client of this API sends."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in CODINGS:
+        raise ApiError(415, 3000, f"Unsupported Content-Encoding {content_encoding[:100]!r}: send the body as is, or in "
+                                  f"one of gzip, deflate", headers={"Accept-Encoding": "gzip, deflate"})
+    return Decoder(CODINGS[codings[0]], limit)
+
+
+class Decoder:
+    """Inflates a body chunk by chunk, never past `limit` decoded bytes (413); a corrupt or truncated stream is a
+    400 naming the coding. gzip may hold several members (RFC 1952); deflate is the zlib format (RFC 9110), or the
+    raw deflate stream some clients send, told apart by the zlib header."""
+
+    def __init__(self, coding: str, limit: int):
+        self.coding, self.limit, self.decoded = coding, limit, 0
+        self._stream = None  # zlib's decompressor, made once the first two bytes are here
+        self._head = b""
+
+    def feed(self, data: bytes, final: bool) -> bytes:
+        """The decoded bytes of the next chunk of the body; `final`: the body ends with it."""
+        if self._stream is None:
+            data, self._head = self._head + data, b""
+            if not data or (len(data) < 2 and not final):
+                self._head = data
+                return b""  # an empty body stays empty
+            self._stream = self._new(data)
+        out = []
+        try:
+            while data:
+                if self._stream.eof:  # bytes after the end: gzip's next member, or garbage
+                    if self.coding != "gzip":
+                        raise zlib.error("data after the end of the stream")
+                    self._stream = self._new(data)
+                piece = self._stream.decompress(data, self.limit - self.decoded + 1)
+                self.decoded += len(piece)
+                if self.decoded > self.limit:
+                    raise ApiError(*TOO_LARGE)
+                out.append(piece)
+                data = self._stream.unconsumed_tail or self._stream.unused_data
+        except zlib.error:
+            raise self._corrupt() from None
+        if final and not self._stream.eof:
+            raise self._corrupt()
+        return b"".join(out)
+
+    def _new(self, data: bytes):
+        if self.coding == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+
+    def _corrupt(self) -> ApiError:
+        return bad_input(f"Error: the body is not a complete {self.coding} stream (Content-Encoding: {self.coding})")

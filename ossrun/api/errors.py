@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse
 class ApiError(Exception):
     """An error the client caused or must know about; `code` is the Workers AI error code."""
 
-    def __init__(self, status: int, code: int, message: str, param: str | None = None):
+    def __init__(self, status: int, code: int, message: str, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
+        self.headers = headers or {}  # sent with the answer (a 415's Accept-Encoding)
 
 
 def bad_input(message: str, param: str | None = None) -> ApiError:
@@ -56,7 +57,7 @@ def envelope_error(error: ApiError) -> JSONResponse:
 
 
 _OPENAI_TYPES = {400: "invalid_request_error", 403: "authentication_error", 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-                 413: "invalid_request_error", 429: "rate_limit_error"}
+                 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def openai_error(error: ApiError) -> JSONResponse:

@@ -427,15 +427,15 @@ RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesE
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
-    ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 429)),
+    ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 415, 429)),
     ("/ai/models/search", "get"): (ModelsEnvelope, (), (403,)),
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
-    ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 429)),
+    ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
-    ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 429)),
-    ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 429)),
-    ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 429)),
-    ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 429)),
+    ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
+    ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429)),
+    ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 415, 429)),
+    ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
     ("/v1/responses/{response_id}", "get"): (ResponseObject, (), (403, 404)),
@@ -444,7 +444,8 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
 }
 
 _REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
-            404: "Not found", 408: "Timeout", 413: "Body over 10 MB", 429: "Rate limited, or busy with options.rejectIfBusy"}
+            404: "Not found", 408: "Timeout", 413: "Body over 10 MB (adapter uploads: 300 MB), decoded or not",
+            415: "Content-Encoding other than gzip or deflate", 429: "Rate limited, or busy with options.rejectIfBusy"}
 
 ASSET_UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file_name", "file"],
