@@ -3,7 +3,7 @@ reasoning and answers, tool calls, stops, usage and SSE framing on every surface
 
 Nothing is scripted: each frame is what the trained demo weights write at temperature 0, and each
 expected count is derived from the answer that came back (its tokens, re-encoded), so a frame that
-drops, repeats or misplaces a token fails. The last two tests keep the scripted engine
+drops, repeats or misplaces a token fails. The last tests keep the scripted engine
 (`tests/api_fakes.py`); their docstrings say why.
 """
 
@@ -431,3 +431,24 @@ def test_engine_error_mid_stream_ends_the_stream_cleanly(client, engine):
     assert payloads[-1] == "[DONE]" and "error" in json.loads(payloads[-2])
     assert client.post(SCRIPTED_RUN, json={"messages": FRANCE}).status_code == 500  # sync: the envelope, not a crash
     assert client.post(SCRIPTED_RUN, json={"messages": FRANCE}).json()["success"] is False
+
+
+@pytest.mark.parametrize("path,body", [
+    (SCRIPTED_RUN, {"prompt": "x"}),
+    (SCRIPTED_RUN, {"messages": FRANCE}),
+    (SCRIPTED_RUN, {"input": "x"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": FRANCE}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": FRANCE, "n": 2}),  # the merged stream of n choices
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}),
+], ids=["prompt", "messages", "responses", "v1-chat", "v1-chat-n2", "v1-completions-n2"])
+def test_line_separators_in_generated_text_stay_in_their_frame(client, engine, path, body):
+    """Scripted: the demo model never writes U+2028 on demand. httpx's `iter_lines` splits as `str.splitlines` does,
+    so a raw U+2028, U+2029 or U+0085 in a frame would cut it in two and the JSON would not parse."""
+    engine.script = "<|channel|>final<|message|>a\u2028b\u2029c\x85d<|return|>"
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith(("data: ", "event: ")) for line in lines), lines
+    payloads = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+    parsed = json.dumps(payloads, ensure_ascii=False)
+    assert all(char in parsed for char in "\u2028\u2029\x85")  # the text itself, unchanged once parsed

@@ -207,6 +207,18 @@ def test_gzipped_adapter_uploads_are_decoded(client):
     assert upload.status_code == 200, upload.text
 
 
+def test_frames_escape_the_line_breaks_splitlines_knows():
+    from ossrun.api.surfaces.frames import frame
+
+    data = {"response": "a\u2028b\u2029c\x85d\ne\x0bf\x1cg", "names": ["\u2028"]}
+    for event in (None, "response.output_text.delta"):
+        raw = frame(data, event)
+        lines = [line for line in raw.decode().splitlines() if line]
+        assert lines == ([f"event: {event}"] if event else []) + [lines[-1]]  # one data line, whoever splits it
+        assert lines[-1].startswith("data: ") and json.loads(lines[-1][len("data: "):]) == data
+        assert "\u2028" not in raw.decode() and raw.endswith(b"\n\n")
+
+
 def test_auth_on_every_route_but_liveness(tmp_path):
     with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path, api_token="t0k"))) as c:
         assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200

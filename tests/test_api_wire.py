@@ -453,6 +453,29 @@ def test_a_small_zip_bomb_is_413(server, path, body):
     assert_surface_error(call(server, "POST", path, content=bomb, headers={"Content-Encoding": "gzip"}), path, 413, 3006)
 
 
+def _sse_payloads(response: httpx.Response) -> list:
+    """The `data:` payloads, read as a line-splitting client reads them (httpx splits at U+2028 as splitlines does)."""
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith(("data: ", "event: ")) for line in lines), lines
+    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["one-choice", "merged-choices"])
+def test_line_separators_in_a_stream_stay_in_their_frame(server, n):
+    """Echoed text puts U+2028, U+2029 and U+0085 in a frame deterministically: the prompt of `echo: true`, the
+    `instructions` of a Responses stream's `response.created`."""
+    text = "one\u2028two\u2029three\x85four"
+    with httpx.stream("POST", server.base + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"model": MODEL, "prompt": text, "echo": True, "max_tokens": 2, "n": n, "stream": True}) as response:
+        assert response.status_code == 200
+        texts = [choice["text"] for chunk in _sse_payloads(response) for choice in chunk["choices"]]
+    assert texts.count(text) == n
+    with httpx.stream("POST", server.base + "/v1/responses", timeout=60, headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"model": MODEL, "input": "hi", "instructions": text, "max_output_tokens": 2, "stream": True}) as response:
+        events = _sse_payloads(response)
+    assert events[0]["type"] == "response.created" and events[0]["response"]["instructions"] == text
+
+
 # -- 4: Workers AI's JSON mode ----------------------------------------------------------------------------
 
 COUNTRY = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "capital": {"type": "string", "maxLength": 12}},

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ossrun.api.service import Outcome
+from ossrun.api.surfaces.frames import DONE, frame
 
 MAX_CHOICES = 16
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive choices' seeds far apart
@@ -52,8 +53,8 @@ async def merged_stream(streams: list[AsyncIterator[bytes]], total_usage: Callab
 
     async def pump(index: int, stream: AsyncIterator[bytes]) -> None:
         try:
-            async for frame in stream:
-                await queue.put((index, frame))
+            async for sent in stream:
+                await queue.put((index, sent))
         finally:
             await queue.put((index, None))
 
@@ -61,15 +62,15 @@ async def merged_stream(streams: list[AsyncIterator[bytes]], total_usage: Callab
     chunk_id, usages, open_streams = None, [], len(tasks)
     try:
         while open_streams:
-            index, frame = await queue.get()
-            if frame is None:
+            index, sent = await queue.get()
+            if sent is None:
                 open_streams -= 1
                 continue
-            if not frame.startswith(b"data: {"):
+            if not sent.startswith(b"data: {"):
                 continue  # [DONE]: only once, at the very end
-            data = json.loads(frame[len(b"data: "):])
+            data = json.loads(sent[len(b"data: "):])
             if "choices" not in data:  # an error frame
-                yield frame
+                yield sent
                 continue
             chunk_id = chunk_id or data.get("id")
             data["id"] = chunk_id
@@ -78,12 +79,12 @@ async def merged_stream(streams: list[AsyncIterator[bytes]], total_usage: Callab
                 continue
             for choice in data["choices"]:
                 choice["index"] = index
-            yield b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+            yield frame(data)
         if usages:
             last = usages[0]
             last["usage"] = total_usage()
-            yield b"data: " + json.dumps(last, ensure_ascii=False).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
+            yield frame(last)
+        yield DONE
     finally:
         for task in tasks:
             task.cancel()
