@@ -29,6 +29,7 @@ SCRIPTS = {
     "only-thinking": "<|channel|>analysis<|message|>Still thinking about it",
     "cut-call": '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"query":"long',
     "no-header": "Just text without any header.<|return|>",
+    "header-salvaged": " hi<|channel|> x<|return|>",  # no <|message|>: the header's ordinary text is the answer
 }
 
 
@@ -115,6 +116,24 @@ def test_completions_stream_folds_to_the_sync_text(app, script):
     streamed_tokens = [t for c in chunks if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]]
     assert streamed_tokens == choice["logprobs"]["tokens"]
     assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+def test_a_salvaged_header_shows_no_special_token_on_any_chat_surface(app):
+    """The text of a header that never got its <|message|> is the answer, without harmony's specials; only
+    /v1/completions shows every token (as ROUTES.md says)."""
+    engine, client = app
+    engine.script = SCRIPTS["header-salvaged"]
+    chat, chat_chunks = both(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert chat["choices"][0]["message"]["content"] == "hi x"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chat_chunks if c["choices"]) == "hi x"
+    responses, events = both(client, "/v1/responses", {"model": MODEL, "input": "x"})
+    assert responses["output_text"] == events[-1]["response"]["output_text"] == "hi x"
+    prompt, prompt_chunks = both(client, RUN, {"prompt": "x"})
+    assert prompt["result"]["response"] == "".join(c["response"] for c in prompt_chunks) == "hi x"
+    raw = client.post(RUN, json={"prompt": "<|start|>user<|message|>x<|end|><|start|>assistant", "raw": True}).json()
+    assert raw["result"]["response"] == "hi x"
+    completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).json()
+    assert completion["choices"][0]["text"] == " hi<|channel|> x"
 
 
 def test_a_response_has_one_creation_time(app):

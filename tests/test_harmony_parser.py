@@ -185,6 +185,22 @@ def test_missing_message_token_in_a_tool_call():
     assert result.finish_reason == "tool_calls"
 
 
+def test_a_salvaged_header_keeps_its_ordinary_text_and_drops_special_tokens():
+    """The tester's repro: the header's unreadable rest is the answer, never with `<|channel|>` spelled in it."""
+    assert parse_completion(encode(" hi") + [200005] + encode(" x") + [200002]).content == "hi x"
+    assert parse_completion(encode(" hi") + [200005] + encode("final")).content == "hifinal"  # cut by max_tokens
+    result = parse("<|channel|>final<|message|>A<|end|><|channel|>xyz Hello<|return|>")  # an unknown channel: all text
+    assert result.content == "Axyz Hello"
+    streamed, _ = run(encode(" hi") + toks("<|channel|>") + encode(" x") + toks("<|return|>"))
+    assert merged(streamed) == [ContentDelta("hi x"), MessageEnd("final"), Finished("stop")]
+
+
+def test_header_text_spelling_a_special_token_is_ordinary_text():
+    """Ordinary tokens that spell `<|channel|>` are text the model wrote, so a salvaged header keeps them."""
+    result = parse_completion(encode(" hi<|channel|> x") + toks("<|return|>"))
+    assert result.content == "hi<|channel|> x"
+
+
 def test_unexpected_start_inside_a_message_ends_it():
     result = parse("<|channel|>analysis<|message|>Hmm<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
     assert (result.reasoning, result.content) == ("Hmm", "Done.")

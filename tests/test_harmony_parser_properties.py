@@ -91,6 +91,27 @@ def test_garbage_and_random_prompts_never_raise(tokens, prompt):
     check_stream(events, parser)
 
 
+# Every special token's text has a `|`; ordinary tokens without one cannot spell a special between them.
+PLAIN = st.one_of(st.sampled_from([t for t in MEANINGFUL if b"|" not in harmony.token_bytes(t)]),
+                  st.integers(0, 199_997)).filter(lambda t: b"|" not in harmony.token_bytes(t))
+SPECIAL = st.one_of(st.sampled_from(HARMONY_SPECIALS), st.sampled_from(OTHER_SPECIALS), st.integers(199_998, harmony.VOCAB_SIZE - 1))
+
+
+@SETTINGS
+@given(st.lists(st.one_of(PLAIN, SPECIAL), max_size=120), st.lists(st.one_of(PLAIN, SPECIAL), max_size=20))
+def test_no_special_token_text_ever_reaches_an_event(tokens, prompt):
+    """Specials steer the parser or are dropped: reasoning, content and arguments never spell one, with or
+    without a raw prompt, streamed or folded."""
+    for parser in (StreamParser(call_id_factory=counter_ids()), StreamParser(prompt_ids=prompt, call_id_factory=counter_ids())):
+        events = [e for t in tokens for e in parser.feed(t)]
+        events += parser.finish()
+        texts = [e.text for e in events if isinstance(e, (ReasoningDelta, ContentDelta, ToolCallArgumentsDelta))]
+        texts += [e.name for e in events if isinstance(e, ToolCallStart)]
+        assert not any("|" in text for text in texts), texts
+        folded = fold_events(events)
+        assert "|" not in folded.content + folded.reasoning + "".join(c.arguments for c in folded.tool_calls)
+
+
 @SETTINGS
 @given(st.lists(st.integers(0, 199_997), max_size=80))
 def test_ordinary_tokens_in_a_final_message_come_out_exactly(tokens):

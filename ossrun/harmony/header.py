@@ -5,7 +5,8 @@ The canonical shapes are `assistant<|channel|>final` and
 servers' fixes) produce variants: the recipient after the channel, `json` without
 `<|constrain|>`, `<|channel|>` repeated or glued to the tool name, the role missing. The header is
 read as a sequence of recognised pieces in any order; whatever follows the last recognised piece
-is returned as `rest`, which the parser treats as message text when `<|message|>` never came.
+is returned as `rest`, which the parser treats as message text when `<|message|>` never came
+(less the special tokens in it: the parser knows which bytes they spelled).
 Special tokens arrive spelled out (`<|channel|>`), so a special token and its spelling as
 ordinary text are read alike.
 """

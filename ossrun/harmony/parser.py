@@ -144,7 +144,7 @@ class StreamParser:
         elif token == CHANNEL:
             self._on_channel(events)
         elif token == CONSTRAIN and self._state is _State.HEADER:
-            self._add_to_header(_SPELLED[CONSTRAIN], events)
+            self._add_to_header(_SPELLED[CONSTRAIN], events, special=True)
         elif is_special(token):
             self._note(f"unexpected token {token_bytes(token).decode()} ignored")
         else:
@@ -203,7 +203,7 @@ class StreamParser:
         elif self._state is _State.EXPECT_START:
             self._note("<|channel|> without <|start|>")
             self._begin_header(has_role=False)
-        self._add_to_header(_SPELLED[CHANNEL], events)
+        self._add_to_header(_SPELLED[CHANNEL], events, special=True)
 
     def _on_text(self, token: int, events: list[Event]) -> None:
         if self._state is _State.EXPECT_START:
@@ -219,10 +219,13 @@ class StreamParser:
     def _begin_header(self, *, has_role: bool, initial: bytes = b"") -> None:
         self._state = _State.HEADER
         self._header = bytearray(initial)
+        self._specials: list[tuple[int, int]] = []  # byte spans of the header spelled by special tokens
         self._header_tokens = 0
         self._has_role = has_role
 
-    def _add_to_header(self, data: bytes, events: list[Event]) -> None:
+    def _add_to_header(self, data: bytes, events: list[Event], *, special: bool = False) -> None:
+        if special:
+            self._specials.append((len(self._header), len(self._header) + len(data)))
         self._header += data
         self._header_tokens += 1
         if self._header_tokens > MAX_HEADER_TOKENS:
@@ -237,20 +240,34 @@ class StreamParser:
         return header
 
     def _salvage_header(self, events: list[Event], *, truncated: bool = False) -> None:
-        """A header that never got its <|message|>: what follows the recognisable part is message text.
+        """A header that never got its <|message|>: the ordinary text after the recognisable part is message text.
 
+        The special tokens in that rest are dropped: their spelling is harmony's, never the answer's.
         `truncated`: generation stopped inside the header (max_tokens), which is no anomaly.
         """
         header = self._parse_header(record=not truncated)
         self._state = _State.EXPECT_START
-        if not header.rest:
+        text = self._ordinary_header_bytes(len(header.rest.encode("utf-8", "surrogateescape")))
+        if not text:
             if not truncated:
                 self._note("header without <|message|> or text dropped")
             return
         if not truncated:
             self._note("header without <|message|>: text after it read as the message")
         self._open_message(header, events)
-        self._emit(self._decoder.feed_bytes(header.rest.encode("utf-8", "surrogateescape")), events)
+        self._emit(self._decoder.feed_bytes(text), events)
+
+    def _ordinary_header_bytes(self, tail: int) -> bytes:
+        """The header's last `tail` bytes without those that special tokens spelled."""
+        start = len(self._header) - tail
+        kept, pos = bytearray(), start
+        for begin, end in self._specials:
+            if end <= pos:
+                continue
+            kept += self._header[pos:max(pos, begin)]
+            pos = max(pos, end)
+        kept += self._header[pos:]
+        return bytes(kept)
 
     # --- messages ---------------------------------------------------------------------------
 
