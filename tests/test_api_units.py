@@ -57,6 +57,11 @@ def test_classify_picks_the_one_shape(body, shape):
     ({"prompt": "a", "frequency_penalty": -3}, "at '/frequency_penalty'"),
     ({"prompt": "a", "presence_penalty": 3}, "at '/presence_penalty'"),
     ({"prompt": "a", "response_format": {"type": "xml"}}, "at '/response_format/type'"),
+    ({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "x-extra": 1}}},
+     "at '/response_format/json_schema': Value error, json_schema has unknown key 'x-extra'"),
+    ({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}},
+     "at '/response_format/json_schema': Value error, json_schema.schema must be a JSON Schema object"),
+    ({"input": "a", "text": {"format": {"type": "json_schema", "json_schema": {"schema": "nope"}}}}, "at '/text/format/json_schema'"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "text": "x"}]}]}, "at '/messages/0/content"),
     ({"messages": []}, "at '/messages'"),
     ({"input": "a", "reasoning": {"effort": "max"}}, "at '/reasoning/effort'"),
@@ -87,6 +92,21 @@ def test_one_of_says_what_was_expected(body, matches):
     message = caught.value.message
     assert f"oneOf at '/' not met, {matches}" in message
     assert all(f"required properties at '/' are '{key}'" in message for key in ("prompt", "messages", "input"))
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_schema", "json_schema": SCHEMA},  # Workers AI: the schema itself
+    {"type": "json_schema", "json_schema": {"name": "x", "description": "d", "schema": SCHEMA, "strict": True}},  # OpenAI chat
+    {"type": "json_schema", "json_schema": {"schema": SCHEMA}},
+    {"type": "json_schema", "name": "x", "schema": SCHEMA},  # Responses' flat spelling
+])
+def test_every_json_schema_spelling_gives_the_schema(fmt):
+    from ossrun.api.ask import final_format
+
+    assert final_format(schemas.ResponseFormat.model_validate(fmt)).schema == SCHEMA
 
 
 # -- prices -------------------------------------------------------------------------------------------------

@@ -334,6 +334,16 @@ SCHEMA_INVALID = [
                                                        "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "string"}}}]}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "w", "parameters": {"type": "array"}}]}),
     (RUN, "MessagesInput", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"name": "w", "parameters": {"type": "integer"}}]}),
+    # OpenAI's json_schema wrapper (a `schema` key) takes only its own keys and an object schema, as OpenAI's API.
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True, "x-extra": 1}}}),
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": [1, 2]}}}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "text": {"format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": "nope"}}}}),
+    (RUN, "PromptInput", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x-extra": 1}}}),
+    (RUN, "MessagesInput", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": True}}}),
 ]
 
 
@@ -523,6 +533,27 @@ def test_json_mode_and_forced_calls_end_valid_within_max_tokens(server, max_toke
             "temperature": 1.0, "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": COUNTRY}}],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}).json()
         jsonschema.validate(json.loads(forced["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]), COUNTRY)
+
+
+def test_an_odd_openai_json_schema_wrapper_is_a_400_naming_the_field(server):
+    """It used to be taken for Workers AI's schema itself, so any JSON passed: the caller's schema was dropped."""
+    import openai
+
+    client = openai_client(server)
+    for wrapper, says in [({"name": "x", "schema": COUNTRY, "strict": True, "x-extra": 1}, "unknown key 'x-extra'"),
+                          ({"name": "x", "schema": [1, 2]}, "json_schema.schema must be a JSON Schema object")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON"}], max_tokens=50,
+                                           response_format={"type": "json_schema", "json_schema": wrapper})
+        assert caught.value.code == "5006" and caught.value.param == "response_format.json_schema"
+        assert says in caught.value.message
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=MODEL, input="JSON", max_output_tokens=50,
+                                    text={"format": {"type": "json_schema", "json_schema": wrapper}})
+        assert caught.value.param == "text.format.json_schema" and says in caught.value.message
+        refused = call(server, "POST", RUN, json={"prompt": "JSON", "response_format": {"type": "json_schema", "json_schema": wrapper}})
+        assert_surface_error(refused, RUN)
+        assert says in refused.json()["errors"][0]["message"]
 
 
 def test_a_budget_too_small_for_the_schema_is_a_clear_400(server):

@@ -68,7 +68,8 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
     """`response_format` (any shape) or Responses `text.format`.
 
     `json_schema` comes in three spellings, all accepted: OpenAI chat's `{"json_schema": {"name", "schema"}}`,
-    Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}`.
+    Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}` (one without a
+    `schema` key: `schemas.ResponseFormat` refuses a wrapper with other keys or a non-object schema).
     `json_object`: any JSON object. `text` or absent: free text."""
     if fmt is None or fmt.type == "text":
         return FinalFormat()
@@ -77,14 +78,11 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
     if fmt.schema_ is not None:  # Responses
         return FinalFormat(fmt.schema_, True)
     wrapper = fmt.json_schema
-    if wrapper is not None and isinstance(wrapper.get("schema"), dict) and set(wrapper) <= _OPENAI_WRAPPER:
+    if wrapper is not None and "schema" in wrapper:  # OpenAI's wrapper (its keys and `schema` checked by the model)
         return FinalFormat(wrapper["schema"], True)
     if wrapper is not None:  # Workers AI: the schema itself
         return FinalFormat(wrapper, True)
     raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")
-
-
-_OPENAI_WRAPPER = {"name", "description", "strict", "schema"}
 
 
 def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> tuple[str, str | None]:

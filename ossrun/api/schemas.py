@@ -48,10 +48,32 @@ class _Open(Shape):
         return data
 
 
+OPENAI_WRAPPER = ("name", "description", "schema", "strict")
+# A `json_schema` with a `schema` key is OpenAI's wrapper, else Workers AI's schema itself: the wrapper takes
+# only OpenAI's keys, and its `schema` is an object (as OpenAI's API refuses anything else with a 400).
+_WRAPPER_RULE = {"if": {"type": "object", "required": ["schema"]},
+                 "then": {"properties": {**{key: {} for key in OPENAI_WRAPPER}, "schema": {"type": "object"}},
+                          "additionalProperties": False}}
+
+
 class ResponseFormat(_Open):
     type: Literal["json_object", "json_schema", "text"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: dict[str, Any] | None = Field(
+        None, json_schema_extra=_WRAPPER_RULE,
+        description="OpenAI's wrapper {name, description, schema, strict}, or (without a `schema` key) Workers AI's schema itself")
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # the Responses API's flat spelling (`text.format`)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _openai_wrapper(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None or "schema" not in value:
+            return value
+        if not isinstance(value["schema"], dict):
+            raise ValueError("json_schema.schema must be a JSON Schema object")
+        unknown = [key for key in value if key not in OPENAI_WRAPPER]
+        if unknown:
+            raise ValueError(f"json_schema has unknown key {unknown[0]!r} (a wrapper with 'schema' takes {', '.join(OPENAI_WRAPPER)})")
+        return value
 
 
 class StreamOptions(_Open):
