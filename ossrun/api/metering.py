@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -60,9 +63,10 @@ class Metering:
     def observe_latency(self, seconds: float) -> None:
         self.latency.observe(seconds)
 
-    def render(self) -> bytes:
-        import time
+    def tally(self, choices: int, usage: Callable[[], Any]) -> "Tally":
+        return Tally(self, choices, usage)
 
+    def render(self) -> bytes:
         stats = self.engine.stats()
         self.queue.set(stats["waiting"])
         self.running.set(stats["running"])
@@ -72,3 +76,20 @@ class Metering:
             self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
         self._last = (stats["generated_tokens_total"], now)
         return generate_latest(self.registry)
+
+
+class Tally:
+    """One HTTP request's metering, as its answer reports it. Its `choices` engine requests (n of them, for
+    each prompt of a `/v1/completions` list) end one by one; after the last, `usage()` (the answer's usage:
+    each prompt once, every choice's completion tokens) is recorded once, and the request's latency once."""
+
+    def __init__(self, metering: Metering, choices: int, usage: Callable[[], Any]):
+        self.metering, self.open, self.usage = metering, choices, usage
+        self.started = time.perf_counter()
+
+    def ended(self) -> None:
+        """One choice's engine request has ended, however it ended."""
+        self.open -= 1
+        if self.open == 0:
+            self.metering.record(self.metering.model, self.usage())
+            self.metering.observe_latency(time.perf_counter() - self.started)

@@ -24,15 +24,19 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     plans = [plan for first in planned for plan in service.choice_plans(first)]
     made = [surfaces.for_plan(service, plan, model, ask.include_usage) for plan in plans]
 
-    def total_usage() -> dict:  # streamed and sync alike: each prompt once, every choice's completion tokens
+    def total():  # streamed and sync alike: each prompt once, every choice's completion tokens
         outcomes = [s.outcome for s in made]
-        return usage(choices.combined([outcomes[at:at + ask.n] for at in range(0, len(outcomes), ask.n)]), service.metering.prices)
+        return choices.combined([outcomes[at:at + ask.n] for at in range(0, len(outcomes), ask.n)])
 
+    def total_usage() -> dict:
+        return usage(total(), service.metering.prices)
+
+    tally = service.metering.tally(len(made), total)  # /metrics counts the request as its usage does, once
     if ask.stream:
-        streams = [surfaces.stream(service, plan, surface) for plan, surface in zip(plans, made)]
+        streams = [surfaces.stream(service, plan, surface, tally) for plan, surface in zip(plans, made)]
         return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage), media_type=SSE,
                                  headers=NO_CACHE)
-    answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s) for p, s in zip(plans, made))))
+    answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s, tally) for p, s in zip(plans, made))))
     if len(answers) == 1:
         return answers[0]
     return choices.merge_results(answers, total_usage())

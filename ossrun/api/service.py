@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -304,7 +303,6 @@ class Service:
         hidden = PlainText.hides if plan.shape == "completions" else harmony.is_special
         stops = StopStrings(plan.stop) if plan.stop else None
         parsed = shown = 0  # answer characters from the parser, and those the stop strings let through
-        started = time.perf_counter()
         stream = self.engine.submit(self._submission(plan))
         try:
             async for token in stream:
@@ -340,7 +338,6 @@ class Service:
             raise ApiError(*SHUTTING_DOWN) from None
         finally:
             await stream.aclose()
-            self.metering.observe_latency(time.perf_counter() - started)
 
     @staticmethod
     def account(outcome: Outcome, step: Step) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from ossrun import harmony
 from ossrun.api.errors import TIMEOUT, ApiError
+from ossrun.api.metering import Tally
 from ossrun.api.service import Outcome, Plan, Service
 from ossrun.api.surfaces.frames import DONE, error_frame
 
@@ -38,10 +39,12 @@ class Surface(Protocol):
         """The whole answer, as a sync request returns it."""
 
 
-async def drive(service: Service, plan: Plan, surface: Surface) -> AsyncIterator[bytes]:
+async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
     """The request's frames, from the engine's first step to the closing ones; metered however it
-    ends (a client that leaves mid-stream has still had its tokens generated)."""
+    ends (a client that leaves mid-stream has still had its tokens generated). `tally`: the request's
+    metering when this is one of its choices (by default the request is this one choice)."""
     outcome = surface.outcome
+    tally = tally or service.metering.tally(1, lambda: outcome)
     try:
         for frame in surface.opening():
             yield frame
@@ -54,24 +57,24 @@ async def drive(service: Service, plan: Plan, surface: Surface) -> AsyncIterator
         for frame in surface.closing():
             yield frame
     finally:
-        service.metering.record(service.engine.info.served_name, outcome)
+        tally.ended()
 
 
-async def stream(service: Service, plan: Plan, surface: Surface) -> AsyncIterator[bytes]:
+async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
     """Server-sent events: the frames, an error frame if generation fails, then `data: [DONE]`."""
     try:
-        async for frame in drive(service, plan, surface):
+        async for frame in drive(service, plan, surface, tally):
             yield frame
     except Exception as exc:
         yield error_frame(exc)
     yield DONE
 
 
-async def complete(service: Service, plan: Plan, surface: Surface) -> dict[str, Any]:
+async def complete(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> dict[str, Any]:
     """The sync answer: the same loop as the stream, within the request timeout."""
     try:
         async with asyncio.timeout(service.settings.request_timeout_s):
-            async for _ in drive(service, plan, surface):
+            async for _ in drive(service, plan, surface, tally):
                 pass
     except TimeoutError:
         raise ApiError(*TIMEOUT) from None
