@@ -15,6 +15,7 @@ from tests.server_util import MODEL, start_server
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Write a line"}], "max_tokens": 12, "temperature": 1.0, "seed": 3}
 TEXT = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 5}
+LONG = 4000
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,58 @@ def test_completions_with_n_choices_and_prompt_lists_are_metered_as_their_usage(
     assert_metered_as(before, metrics(server), [sync, streamed])
     cost, neurons = PRICES[MODEL].cost(sync["prompt_tokens"], sync["completion_tokens"])
     assert sync["cost_usd"] == cost and sync["neurons"] == neurons
+
+
+def wait_idle(server) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        stats = server.health()
+        if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def settled_metrics(server, generated: int, before: dict[str, float]) -> dict[str, float]:
+    """/metrics once the completion tokens metered reach `generated` more than `before` (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        now = metrics(server)
+        if now["completion"] - before["completion"] >= generated or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "go on", "max_tokens": LONG, "stream": True}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": LONG, "stream": True}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": LONG, "stream": True,
+                              "n": 2}),
+])
+def test_a_stream_left_early_is_metered_for_every_token_generated(server, path, body):
+    wait_idle(server)
+    before, generated_before = metrics(server), server.health()["generated_tokens_total"]
+    with httpx.stream("POST", server.base + path, json=body, timeout=60) as response:
+        for seen, _ in enumerate(response.iter_lines()):
+            if seen >= 20:
+                break
+    stats = wait_idle(server)
+    generated = stats["generated_tokens_total"] - generated_before
+    assert generated > 5
+    assert settled_metrics(server, generated, before)["completion"] - before["completion"] == generated
+
+
+def test_a_sync_request_left_early_is_metered_for_every_token_generated(server):
+    wait_idle(server)
+    for seed in range(8):
+        before, generated_before = metrics(server), server.health()["generated_tokens_total"]
+        try:
+            httpx.post(server.base + "/v1/completions", json={"model": MODEL, "prompt": "go on", "max_tokens": LONG, "seed": seed},
+                       timeout=0.5)
+        except httpx.ReadTimeout:
+            break
+    else:
+        pytest.fail("every request ended before its client's timeout: nothing left early")
+    stats = wait_idle(server)
+    generated = stats["generated_tokens_total"] - generated_before
+    assert generated > 5
+    assert settled_metrics(server, generated, before)["completion"] - before["completion"] == generated

@@ -50,6 +50,7 @@ class Metering:
         self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
         self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
         self._last = (0, 0.0)
+        self._unread = 0
 
     def record(self, model: str, outcome) -> None:
         self.tokens.labels("prompt").inc(outcome.prompt_tokens)
@@ -75,7 +76,18 @@ class Metering:
         if last_time:
             self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
         self._last = (stats["generated_tokens_total"], now)
+        self._meter_unread(stats.get("unread_tokens_total", 0))
         return generate_latest(self.registry)
+
+    def _meter_unread(self, total: int) -> None:
+        """Tokens the engine generated for requests that stopped reading (a client that left, a stop string
+        matched here): no answer reports them, but they were generated, so they are metered as completion."""
+        unread, self._unread = total - self._unread, total
+        if unread > 0:
+            self.tokens.labels("completion").inc(unread)
+            usd, neurons = self.prices.cost(0, unread)
+            self.cost.inc(usd)
+            self.neurons.inc(neurons)
 
 
 class Tally:

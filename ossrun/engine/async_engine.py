@@ -74,6 +74,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._inbox: list[tuple[str, object]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # streams closed early, by request id: the tokens they read (their request's last event is still to come)
+        self._closed: dict[str, int] = {}
+        self._unread_tokens = 0  # tokens generated for closed streams after their last read
         self._stopped = False
         self._draining = False  # set by abort_all: shutdown has begun, nothing new is taken
         self._thread = threading.Thread(target=self._run, name="ossrun-engine", daemon=True)
@@ -97,7 +100,7 @@ class AsyncEngine:
         self.engine.validate(request)
 
     def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+        return {**self.engine.stats(), "unread_tokens_total": self._unread_tokens}
 
     # -- the EngineClient protocol ---------------------------------------------------------------
     @property
@@ -155,7 +158,7 @@ class AsyncEngine:
             self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
             self._inbox.append(("add", request))
         self._wake.set()
-        finished = False
+        finished, read = False, 0
         try:
             while True:
                 event = await queue.get()
@@ -163,14 +166,19 @@ class AsyncEngine:
                     finished = True
                     raise event
                 finished = event.finished
+                read += event.token_id is not None
                 yield event
                 if finished:
                     return
         finally:
-            if not finished:
+            if finished:
+                with self._lock:
+                    self._streams.pop(request.request_id, None)
+            else:  # the request goes on until the abort lands: its last event says how many tokens it made
                 self.abort(request.request_id)
-            with self._lock:
-                self._streams.pop(request.request_id, None)
+                self._closed[request.request_id] = read
+                while not queue.empty():
+                    self._arrived(request.request_id, queue, queue.get_nowait())
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -231,4 +239,19 @@ class AsyncEngine:
             target = self._streams.get(request_id)
         if target is not None:
             loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(self._arrived, request_id, queue, item)
+
+    def _arrived(self, request_id: str, queue: asyncio.Queue, item: object) -> None:
+        """On the stream's loop: an event for its reader, or, once the stream was closed early, nothing until the
+        request's last event, whose count of output tokens says how many were generated and never read."""
+        read = self._closed.get(request_id)
+        if read is None:
+            queue.put_nowait(item)
+            return
+        if isinstance(item, TokenEvent) and not item.finished:
+            return
+        del self._closed[request_id]
+        with self._lock:
+            self._streams.pop(request_id, None)
+        if isinstance(item, TokenEvent):
+            self._unread_tokens += max(0, item.num_output_tokens - read)

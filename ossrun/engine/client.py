@@ -67,4 +67,5 @@ class EngineClient(Protocol):
     def has_adapter(self, name: str) -> bool: ...
 
     def stats(self) -> dict[str, int]:
-        """Counters for /health and /metrics: running, waiting, KV blocks, generated tokens."""
+        """Counters for /health and /metrics: running, waiting, KV blocks, generated tokens (`unread_tokens_total`:
+        those generated for streams closed before reading them, counted once their request has ended)."""
