@@ -311,3 +311,91 @@ def test_compiled_grammars_are_cached_and_masks_have_the_vocabulary_size(compile
     assert compiler.compiled == compiled
     mask = constraint.allowed_tokens()
     assert mask.dtype == torch.bool and mask.shape == (VOCAB_SIZE,) and mask.nonzero().flatten().tolist() == [CHANNEL]
+
+
+# -- budgets and limits (findings of the structured-output hunt) ------------------------------------
+
+MANY_OPTIONAL = {"type": "object", "properties": {f"prop_{i}": {"type": "string"} for i in range(600)},
+                 "additionalProperties": False}
+NODE = {"$defs": {"node": obj({"name": string(8), "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}})},
+        "$ref": "#/$defs/node"}
+
+
+def test_a_schema_with_600_optional_properties_runs(compiler):
+    """llguidance's default parser limit (2000 items a row) failed at the answer's first token: a 500 mid-answer."""
+    constraint = compiler.json_final(MANY_OPTIONAL, reasoning_budget=20, max_tokens=400)
+    feed(constraint, '<|channel|>final<|message|>{"prop_7":"y","prop_599":"x"}<|return|>')
+    assert constraint.is_finished
+    call = compiler.tools({"wide": MANY_OPTIONAL}, "auto")
+    feed(call, '<|channel|>commentary to=functions.wide <|constrain|>json<|message|>{"prop_3":"z"}<|call|>')
+
+
+def test_a_parser_limit_is_a_grammar_error_before_generation(compiler, monkeypatch):
+    import llguidance
+    from ossrun.engine import constraints
+
+    monkeypatch.setattr(constraints, "_LIMITS", llguidance.LLParserLimits(verbose_errors=False))  # the library's
+    fresh = ConstraintCompiler(llguidance_tokenizer())
+    try:
+        for grammar in (harmony_grammar.json_final(MANY_OPTIONAL, max_tokens=60), harmony_grammar.tools({"wide": MANY_OPTIONAL}, "auto"),
+                        harmony_grammar.json_final(obj({"inner": MANY_OPTIONAL}), max_tokens=60)):
+            with pytest.raises(GrammarError, match="Current row has"):
+                fresh.compile(grammar)
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("schema", [
+    obj({"n": integer(3, 7)}),
+    obj({"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}),
+    obj({"when": {"type": "string", "format": "date-time"}}),
+    obj({"mail": {"type": "string", "format": "email"}}),
+    obj({f"field_{i}": {"type": "integer"} for i in range(30)}),
+])
+def test_the_budget_holds_for_schemas_the_old_search_could_not_complete(compiler, schema):
+    """The search spells digits, letters and punctuation the mask allows, so the budget is known (was: none found, no forcing)."""
+    with pytest.raises(GrammarError, match="max_tokens 5 cannot"):
+        compiler.json_final(schema, reasoning_budget=0, max_tokens=5)
+    constraint = compiler.json_final(schema, reasoning_budget=180, max_tokens=400)
+    tokens = feed(constraint, "<|channel|>analysis<|message|>" + "think " * 100)
+    while not constraint.is_finished:  # the lowest allowed token each time: long answers, which the budget must close
+        mask = constraint.allowed_tokens()
+        token = int(mask.nonzero()[0])
+        constraint.advance(token)
+        tokens.append(token)
+    assert len(tokens) <= 400
+    jsonschema.validate(json.loads(parse_completion(tokens).content), schema, format_checker=jsonschema.FormatChecker())
+
+
+def test_required_with_two_tools_has_a_budget(compiler):
+    weather = obj({"city": string()})
+    with pytest.raises(GrammarError, match="max_tokens 3 cannot"):
+        compiler.tools({"get_weather": weather, "get_news": obj({"topic": string()})}, "required", max_tokens=3)
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}, "$ref": "#/$defs/n"},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 1000000},
+])
+def test_a_format_without_a_bounded_answer_is_a_grammar_error(compiler, schema):
+    with pytest.raises(GrammarError, match="no complete answer of at most 300 tokens"):
+        compiler.json_final(schema, max_tokens=300)
+
+
+def test_a_token_that_lengthens_the_path_cannot_cut_the_answer(compiler):
+    """Recursive schema, seeded random choices (mostly structural tokens): every answer closes in max_tokens
+    (was: seed 25 ended cut: with a few tokens left the path was short, `{"` made it longer than what was left)."""
+    import random
+
+    small = harmony_grammar._path_tokens(NODE)
+    for seed in range(20, 30):
+        rnd, tokens = random.Random(seed), []
+        constraint = compiler.json_final(NODE, reasoning_budget=0, max_tokens=60)
+        while not constraint.is_finished and len(tokens) < 60:
+            allowed = constraint.allowed_tokens().nonzero().flatten().tolist()
+            structural = [t for t in allowed if t in small]
+            token = rnd.choice(structural) if structural and rnd.random() < 0.7 else rnd.choice(allowed)
+            constraint.advance(token)
+            tokens.append(token)
+        assert constraint.is_finished, seed
+        jsonschema.validate(json.loads(parse_completion(tokens).content), NODE)

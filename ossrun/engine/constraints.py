@@ -5,10 +5,12 @@ harmony wrapper is written by `ossrun.harmony.grammar`); this module only compil
 compiled matchers, and drives one matcher per request: `allowed_tokens()` before each sampled token,
 `advance(token)` after it.
 
-Budget: a grammar with `max_tokens` must be complete within it. A short breadth-first search (forced
-tokens, then the grammar's `path_tokens`) finds a way from the current state to a complete output; at
-construction a budget shorter than that is a GrammarError, and near the end of the budget the
-constraint follows that path. A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
+Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search over
+the real masks (forced tokens, then the grammar's `path_tokens` and the tokenizer's single characters)
+finds a way from the current state to a complete output; at construction a budget shorter than that,
+or no way found within it, is a GrammarError. During generation the constraint keeps such a way: it is
+forced once it takes all the tokens left, and within CLOSING_WINDOW tokens of that only tokens that
+keep it valid are allowed, so the output always completes within the budget. A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
 at most `limit` tokens, after which only its closing token is.
 
 Overlap: after `advance` the next mask is computed on the compiler's thread pool (llguidance drops the
@@ -22,6 +24,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -34,12 +37,16 @@ from ossrun.engine.grammar import Grammar, GrammarError
 
 log = logging.getLogger(__name__)
 
-# Library defaults, but errors without the parser state and the grammar (ours, and long).
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+# Errors without the parser state and the grammar (ours, and long). An object's optional properties cost the parser
+# about 4 items each in one row (the library's default, 2000, fails at ~500 of them): room for OpenAI's 5000, and
+# the items a mask may then visit inside such an object.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=300_000)
+# What a schema's value may start with; the first masks inside it are computed when it is checked.
+_OPENERS = ('{"', "{", "[", '"')
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
-__all__ = ["CLOSING_SLACK", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError",
+__all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError",
            "shortest_completion"]
 
 
@@ -53,7 +60,7 @@ class Constraint:
     between, so it overlaps the next forward."""
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
-                 tokenizer: llguidance.LLTokenizer, shortest: int | None):
+                 tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor):
         self._matcher = matcher
         self._pool = pool
         self._grammar = grammar
@@ -64,6 +71,9 @@ class Constraint:
         self._left = grammar.max_tokens
         self._closing: list[int] | None = None
         self._shortest = shortest
+        self._candidates = candidates  # what the shortest-completion search tries
+        self._path: list[int] | None = None  # a way to a complete output from the current state, when known
+        self._since_search = 0
         self._bits = torch.zeros(self._words, dtype=torch.int32)
         self._finished = False
         self._error: str | None = None
@@ -104,6 +114,7 @@ class Constraint:
             self._closing.pop(0)
         if self._left is not None:
             self._left -= 1
+            self._follow_path(token_id)
         self._finished = token_id in self._grammar.final_tokens and self._matcher.is_stopped()
         self._pending = self._pool.submit(self._compute)
 
@@ -113,20 +124,56 @@ class Constraint:
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
         if self._matcher.is_error():
             raise ConstraintViolation(_reason(self._matcher))
-        self._watch_budget()
+        safe = self._watch_budget()
+        if safe is not None:
+            mask = torch.zeros(self._vocab, dtype=torch.bool)
+            mask[safe] = True
+            return mask
         return self._unpack(self._bits)
 
-    def _watch_budget(self) -> None:
-        """Near the end of max_tokens, follow the shortest path to a complete output (a token may lengthen
-        that path by a few tokens, hence the slack; the path is searched again every step once close)."""
-        if self._left is None or self._shortest is None or self._left > self._shortest + 3 * CLOSING_SLACK:
+    def _watch_budget(self) -> list[int] | None:
+        """Keep a known way to a complete output that fits in the tokens left: forced once it takes them
+        all, and within CLOSING_WINDOW tokens of that only the tokens after which it is still valid are
+        allowed (its first token, and those of the search's candidates that leave it valid), so no token
+        can lengthen it past the end. → those tokens, or None when the mask stands (or the path is forced).
+
+        The path is kept while the sampled tokens leave it valid (checked after each, cheap), and searched
+        again when one did not (an opener such as `{"` in a recursive schema), each step once within
+        4 × CLOSING_WINDOW of the end, else every CLOSING_WINDOW tokens at most."""
+        if self._left is None or self._finished:
+            return None
+        if self._path is None:
+            near = self._left <= (self._shortest or 0) + 4 * CLOSING_WINDOW
+            if not near and self._since_search < CLOSING_WINDOW:
+                return None
+            self._since_search = 0
+            try:
+                self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left)
+            except GrammarError:  # on the search's copies; the request's own matcher reports its errors itself
+                self._path = None
+            if not self._path:
+                log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
+                return None
+            self._shortest = len(self._path)
+        if len(self._path) >= self._left:
+            self._closing = list(self._path)
+            return [self._closing[0]]
+        if self._left - len(self._path) > CLOSING_WINDOW:
+            return None
+        path, allowed = self._path, self._candidates[((self._bits[self._candidates >> 5] >> (self._candidates & 31)) & 1).bool()]
+        return [path[0]] + [t for t in allowed.tolist() if t != path[0] and self._matcher.validate_tokens([t, *path]) == len(path) + 1]
+
+    def _follow_path(self, token: int) -> None:
+        """After a sampled token: the known path goes on if still valid, else it is searched again."""
+        self._since_search += 1
+        if self._path is None:
             return
-        path = shortest_completion(self._matcher, self._grammar)
-        if path is None:
-            return
-        self._shortest = len(path)
-        if len(path) + CLOSING_SLACK >= self._left:
-            self._closing = path
+        if token == self._path[0]:
+            self._path = self._path[1:]
+        elif self._matcher.validate_tokens(self._path) != len(self._path):
+            self._path = None
+        if self._path is not None:
+            self._shortest = len(self._path)
 
     def _track_span(self, token: int) -> None:
         """Follow the headers to know when the output is inside the bounded span."""
@@ -160,34 +207,125 @@ class Constraint:
         return repr(self._tokenizer.decode_bytes([token]).decode("utf-8", errors="replace"))
 
 
-# How many tokens one freely sampled token may add to the shortest completion before the search notices.
-CLOSING_SLACK = 6
-_SEARCH_WIDTH, _SEARCH_DEPTH = 8, 96
+# Within this many tokens of the end of max_tokens (beyond the known path's length), only tokens that keep that
+# path valid are allowed: a token that would lengthen it (an opener) could push it past the end.
+CLOSING_WINDOW = 32
+# The search keeps this many states a step, and gives up after this many seconds (it then finds no path). From each
+# state it tries candidates until it has this many children that made progress, or has tried this many.
+_SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
+_SEARCH_PROGRESS, _SEARCH_TRIES = 2, 8
 
 
-def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar) -> list[int] | None:
+def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int, *,
+                        limit: int | None = None) -> list[int] | None:
     """A short token path from the matcher's state to a complete output (ending in a final token), or
-    None when the search finds none. Breadth first over forced tokens, then the grammar's path tokens."""
-    frontier: list[tuple[llguidance.LLMatcher, list[int]]] = [(matcher.deep_copy(), [])]
-    for _ in range(_SEARCH_DEPTH):
-        following = []
-        for state, path in frontier:
-            forced = state.compute_ff_tokens()
-            options = forced[:1] or [t for t in grammar.path_tokens if state.validate_tokens([t]) == 1]
-            for token in options:
-                if token in grammar.final_tokens:
-                    return path + [token]
-                child = state.deep_copy()
-                if child.consume_token(token):
-                    following.append((child, path + [token]))
-                if len(following) >= _SEARCH_WIDTH:
+    None when the search finds none within `limit` tokens (default: the grammar's max_tokens) and its time.
+
+    Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
+    generation computes there) says which of `candidates` (token ids in the order to try them: see
+    `search_candidates`) it allows. A child whose mask differs from its parent's made progress (closed
+    a string, reached the `@` of an email); one with its parent's mask only repeated itself (one more
+    character of the same string): a state keeps one such child, which goes on trying the tokens its
+    parent did not, and only when the beam has room. A grammar error on the way,
+    such as a parser limit, raises GrammarError: generation would hit it too."""
+    limit = limit if limit is not None else grammar.max_tokens
+    deadline = time.monotonic() + _SEARCH_SECONDS
+    bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+    start = _Node(matcher.deep_copy(), [])
+    done = start.settle(grammar, bits, candidates)
+    if done is not None:
+        return done
+    frontier = [start]
+    while frontier and time.monotonic() < deadline:
+        progress: list[list[_Node]] = []
+        repeats: list[list[_Node]] = []
+        for node in frontier:
+            if limit is not None and len(node.path) >= limit:
+                continue
+            moved, same = [], []
+            for index in range(node.next, min(len(node.allowed), node.next + _SEARCH_TRIES)):
+                child = node.state.deep_copy()
+                if not child.consume_token(node.allowed[index]):
+                    raise GrammarError(_reason(child))
+                child_node = _Node(child, node.path + [node.allowed[index]])
+                done = child_node.settle(grammar, bits, candidates)
+                if done is not None:
+                    return done
+                if child_node.key != node.key:
+                    moved.append(child_node)
+                elif not same:
+                    same.append(child_node)
+                if len(moved) >= _SEARCH_PROGRESS:
                     break
-            if len(following) >= _SEARCH_WIDTH:
-                break
-        if not following:
-            return None
-        frontier = following
+            if same:  # the same mask allows the same tokens: the repeat goes on with those not tried yet
+                same[0].next = (index + 1) % len(node.allowed)
+            progress.append(moved)
+            repeats.append(same)
+        frontier = _round_robin(progress, _SEARCH_WIDTH)
+        frontier += _round_robin(repeats, _SEARCH_WIDTH - len(frontier))
     return None
+
+
+class _Node:
+    """A state of the search: its matcher, the path that reached it, and (once settled) its mask's key
+    and the candidates it allows."""
+
+    def __init__(self, state: llguidance.LLMatcher, path: list[int]):
+        self.state, self.path = state, path
+        self.key = 0
+        self.allowed: list[int] = []
+        self.next = 0  # the first of `allowed` to try (a repeat goes on from where its parent stopped)
+
+    def settle(self, grammar: Grammar, bits: torch.Tensor, candidates: torch.Tensor) -> list[int] | None:
+        """Take the forced tokens and compute the mask; → the complete path when a final token was reached."""
+        forced = self.state.compute_ff_tokens()
+        for i, token in enumerate(forced):
+            if token in grammar.final_tokens:
+                return self.path + forced[:i + 1]
+        if forced:
+            if not self.state.consume_tokens(forced):
+                raise GrammarError(_reason(self.state))
+            self.path = self.path + forced
+        self.state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+        if self.state.is_error():
+            raise GrammarError(_reason(self.state))
+        self.key = hash(bits.numpy().tobytes())
+        self.allowed = candidates[((bits[candidates >> 5] >> (candidates & 31)) & 1).bool()].tolist()
+        for token in self.allowed:
+            if token in grammar.final_tokens:
+                return self.path + [token]
+        return None
+
+
+def _round_robin(groups: list[list[_Node]], width: int) -> list[_Node]:
+    """The first of each group, then the second of each, ... up to `width` (no state's children fill the beam alone)."""
+    out: list[_Node] = []
+    for rank in range(max((len(g) for g in groups), default=0)):
+        for group in groups:
+            if rank < len(group) and len(out) < width:
+                out.append(group[rank])
+    return out
+
+
+def search_candidates(grammar: Grammar, short: torch.Tensor) -> torch.Tensor:
+    """What the search tries at a state, in order: the grammar's path tokens (closers, names), then
+    the tokenizer's single characters (`short`: digits and letters first, then the rest)."""
+    path = torch.tensor(grammar.path_tokens, dtype=torch.int64)
+    return torch.cat([path, short[~torch.isin(short, path)]])
+
+
+def short_tokens(tokenizer: llguidance.LLTokenizer) -> torch.Tensor:
+    """The tokenizer's single-byte tokens, digits and letters first, whitespace and control bytes last."""
+    single = {}
+    for token in range(tokenizer.vocab_size):
+        if not tokenizer.is_special_token(token):
+            text = tokenizer.decode_bytes([token])
+            if len(text) == 1:
+                single.setdefault(text[0], token)
+    def rank(byte: int) -> tuple[int, int]:
+        char = chr(byte)
+        return (0 if char.isascii() and char.isalnum() else 1 if 0x21 <= byte < 0x7F else 2, byte)
+    return torch.tensor([single[b] for b in sorted(single, key=rank)], dtype=torch.int64)
 
 
 class ConstraintCompiler:
@@ -203,10 +341,12 @@ class ConstraintCompiler:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ossrun-grammar")
         self.compiled = 0  # cache misses
+        self._short = short_tokens(tokenizer)
 
     def compile(self, grammar: Grammar) -> Constraint:
         """A fresh constraint for one request; GrammarError when the grammar or one of its schemas does
-        not compile, or when `max_tokens` cannot hold the shortest complete output."""
+        not compile (or fails at the first state generation would reach), or when no complete output
+        is found within `max_tokens`."""
         key = (grammar.lark, grammar.path_tokens)
         found = self._cached(key)
         if found is None:
@@ -214,11 +354,17 @@ class ConstraintCompiler:
                 self._check(what, schema)
             found = self._compile(key, grammar)
         matcher, entry = found
-        shortest = entry.shortest(matcher, grammar) if grammar.max_tokens is not None else None
-        if grammar.max_tokens is not None and shortest is not None and shortest > grammar.max_tokens:
-            raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: the shortest one found takes "
-                               f"{shortest} tokens")
-        return Constraint(matcher, self._pool, grammar, self.tokenizer, shortest)
+        shortest = None
+        if grammar.max_tokens is not None:
+            shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size)
+            if shortest is None:
+                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot be shown to hold a valid answer: no complete answer "
+                                   f"of at most {grammar.max_tokens} tokens was found (the format's shortest answer is longer, "
+                                   f"or unbounded)")
+            if shortest > grammar.max_tokens:
+                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: the shortest one found takes "
+                                   f"{shortest} tokens")
+        return Constraint(matcher, self._pool, grammar, self.tokenizer, shortest, entry.candidates)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -234,6 +380,23 @@ class ConstraintCompiler:
         error = llguidance.LLMatcher.validate_grammar(compiled, self.tokenizer, limits=_LIMITS)
         if error:
             raise GrammarError(f"invalid {what}: {error}")
+        # Generation computes masks, and a parser limit shows only there: compute the first ones now.
+        start = llguidance.LLMatcher(self.tokenizer, compiled, log_level=0, limits=_LIMITS)
+        first = self._first_mask(what, start)
+        for opener in _OPENERS:
+            tokens = self.tokenizer.tokenize_str(opener)
+            if len(tokens) == 1 and bool(first[tokens[0]]):
+                state = start.deep_copy()
+                if not state.consume_tokens(tokens):
+                    raise GrammarError(f"invalid {what}: {_reason(state)}")
+                self._first_mask(what, state)
+
+    def _first_mask(self, what: str, state: llguidance.LLMatcher) -> torch.Tensor:
+        bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+        state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+        if state.is_error():
+            raise GrammarError(f"invalid {what}: {_reason(state)}")
+        return torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
 
     def _cached(self, key) -> tuple[llguidance.LLMatcher, _Entry] | None:
         with self._lock:
@@ -247,7 +410,7 @@ class ConstraintCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar.lark, log_level=0, limits=_LIMITS)  # drops the GIL while it compiles
         if matcher.is_error():
             raise GrammarError(_reason(matcher))
-        entry = _Entry(matcher)
+        entry = _Entry(matcher, search_candidates(grammar, self._short))
         with self._lock:
             self.compiled += 1
             self._cache[key] = entry
@@ -257,19 +420,29 @@ class ConstraintCompiler:
 
 
 class _Entry:
-    """A compiled grammar in the cache, and the length of its shortest complete output once searched
-    (only grammars with a budget need it; every request with the same grammar starts from the same state)."""
+    """A compiled grammar in the cache, what its shortest-completion search tries, and the length of
+    its shortest complete output once searched (only grammars with a budget need it; every request
+    with the same grammar starts from the same state, so a found length holds for any larger budget,
+    and a search that found none within a budget need not run again for a smaller one)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher):
+    def __init__(self, matcher: llguidance.LLMatcher, candidates: torch.Tensor):
         self.matcher = matcher
-        self._searched = False
+        self.candidates = candidates
+        self._lock = threading.Lock()
         self._shortest: int | None = None
+        self._none_within = 0
 
-    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar) -> int | None:
-        if not self._searched:
-            path = shortest_completion(start, grammar)
-            self._shortest, self._searched = (len(path) if path is not None else None), True
-        return self._shortest
+    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int) -> int | None:
+        """The shortest complete output's length found (searched up to `grammar.max_tokens`), or None when none was."""
+        with self._lock:
+            budget = grammar.max_tokens
+            if self._shortest is None and budget > self._none_within:
+                path = shortest_completion(start, grammar, self.candidates, vocab_size)
+                if path is None:
+                    self._none_within = budget
+                else:
+                    self._shortest = len(path)
+            return self._shortest
 
 
 def _reason(matcher: llguidance.LLMatcher) -> str:
