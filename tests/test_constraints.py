@@ -399,3 +399,26 @@ def test_a_token_that_lengthens_the_path_cannot_cut_the_answer(compiler):
             tokens.append(token)
         assert constraint.is_finished, seed
         jsonschema.validate(json.loads(parse_completion(tokens).content), NODE)
+
+
+UNIQUE_TAGS = obj({"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True},
+                   "other": {"not": {"type": "null"}, "type": "integer", "minimum": 0, "maximum": 9}})
+
+
+def test_a_schema_that_is_not_strict_ignores_keywords_not_implemented(compiler):
+    """OpenAI restricts the schema language only for `strict: true`; a non-strict tool or format with `uniqueItems`
+    or `not` was a 400. Now its supported part constrains the output; strict keeps the clear refusal."""
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        compiler.json_final(UNIQUE_TAGS, max_tokens=200)
+    constraint = compiler.json_final(UNIQUE_TAGS, max_tokens=200, strict=False)
+    feed(constraint, '<|channel|>final<|message|>{"tags":["a"],"other":3}<|return|>')
+    assert constraint.is_finished
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        compiler.tools({"tagger": UNIQUE_TAGS}, "auto")
+    call = compiler.tools({"tagger": UNIQUE_TAGS, "search": SEARCH}, "auto", lenient={"tagger"})
+    feed(call, '<|channel|>commentary to=functions.tagger <|constrain|>json<|message|>{"tags":[],"other":')
+    assert not call.allowed_tokens()[encode('"')[0]]  # the supported part (an integer) still holds
+    arguments = compiler.engine.compile(harmony_grammar.arguments("tagger", UNIQUE_TAGS, max_tokens=100, strict=False))
+    feed(arguments, '{"tags":["b"],"other":0}<|call|>')
+    with pytest.raises(GrammarError, match="Invalid type"):  # what lenient mode cannot ignore stays an error
+        compiler.json_final({"type": "no-such-type"}, strict=False)

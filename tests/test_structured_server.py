@@ -103,3 +103,40 @@ def test_a_bad_schema_is_a_5006_with_the_reason(server):
         "name": "bad", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}}, timeout=60)
     assert response.status_code == 400 and response.json()["errors"][0]["code"] == 5006
     assert "schema" in response.json()["errors"][0]["message"]
+
+
+UNIQUE = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},
+          "required": ["tags"], "additionalProperties": False}
+
+
+def test_non_strict_schemas_may_use_keywords_strict_ones_may_not(server):
+    """OpenAI checks the schema language only for strict tools and formats (absent: not strict); `uniqueItems` was a 400."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x")
+    tool = {"type": "function", "function": {"name": "tag", "description": "Tag it", "parameters": UNIQUE}}
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Tag this"}], max_tokens=120, temperature=1.0, seed=5)
+    reply = client.chat.completions.create(tools=[tool], tool_choice="required", **args)
+    call = reply.choices[0].message.tool_calls[0].function
+    assert call.name == "tag" and reply.choices[0].finish_reason == "tool_calls"
+    assert set(json.loads(call.arguments)) == {"tags"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": UNIQUE, "strict": False}}
+    content = client.chat.completions.create(response_format=fmt, **args).choices[0].message.content
+    assert set(json.loads(content)) == {"tags"}
+    strict = {"type": "function", "function": {**tool["function"], "strict": True}}
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        client.chat.completions.create(tools=[strict], **args)
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        client.chat.completions.create(response_format={"type": "json_schema", "json_schema": {**fmt["json_schema"], "strict": True}},
+                                       **args)
+
+
+def test_a_schema_with_600_optional_properties_answers(server):
+    """llguidance's default parser limit failed at the answer's first token: a 500 (stream: an error frame after a 200)."""
+    schema = {"type": "object", "properties": {f"prop_{i}": {"type": "integer", "minimum": 0, "maximum": 9} for i in range(600)},
+              "additionalProperties": False}
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x")
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "JSON"}], max_tokens=200, temperature=1.0, seed=1)
+    reply = client.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, **args)
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    tool = {"type": "function", "function": {"name": "wide", "description": "d", "parameters": schema}}
+    call = client.chat.completions.create(tools=[tool], tool_choice="required", **args)
+    jsonschema.validate(json.loads(call.choices[0].message.tool_calls[0].function.arguments), schema)

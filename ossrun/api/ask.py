@@ -22,6 +22,7 @@ class FinalFormat:
 
     schema: dict[str, Any] | None = None
     structured: bool = False
+    strict: bool = False  # OpenAI's `strict` (absent: false): only a strict schema is refused for keywords not implemented
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +77,10 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
     if fmt.type == "json_object":
         return FinalFormat(None, True)
     if fmt.schema_ is not None:  # Responses
-        return FinalFormat(fmt.schema_, True)
+        return FinalFormat(fmt.schema_, True, fmt.strict is True)
     wrapper = fmt.json_schema
     if wrapper is not None and "schema" in wrapper:  # OpenAI's wrapper (its keys and `schema` checked by the model)
-        return FinalFormat(wrapper["schema"], True)
+        return FinalFormat(wrapper["schema"], True, wrapper.get("strict") is True)
     if wrapper is not None:  # Workers AI: the schema itself
         return FinalFormat(wrapper, True)
     raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")

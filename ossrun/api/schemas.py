@@ -62,6 +62,7 @@ class ResponseFormat(_Open):
         None, json_schema_extra=_WRAPPER_RULE,
         description="OpenAI's wrapper {name, description, schema, strict}, or (without a `schema` key) Workers AI's schema itself")
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # the Responses API's flat spelling (`text.format`)
+    strict: bool | None = None  # the Responses API's flat spelling
 
     @field_validator("json_schema")
     @classmethod

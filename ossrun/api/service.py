@@ -35,6 +35,7 @@ from ossrun.engine.client import (
     UnknownAdapterError,
 )
 from ossrun.harmony import grammar as harmony_grammar
+from ossrun.harmony.shapes import WrappedTool
 
 WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
 OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
@@ -268,13 +269,17 @@ class Service:
         `text.format` constrain the whole completion, leaving the reasoning free within a budget."""
         try:
             tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)}
+            # OpenAI restricts the schema language only for `strict: true` (absent: false, on every surface here).
+            specs = (t.function if isinstance(t, WrappedTool) else t for t in ask.tools)
+            lenient = {spec.name for spec in specs if spec.strict is not True}
             if forced is not None:
-                return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens)
+                return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens, strict=forced not in lenient)
             if not tools and not ask.final.structured:
                 return None
             budget = harmony_grammar.default_reasoning_budget(max_tokens)
             return harmony_grammar.tools(tools, ask.tool_choice, ask.final.schema, json_final=ask.final.structured,
-                                         reasoning_budget=budget, max_tokens=max_tokens)
+                                         reasoning_budget=budget, max_tokens=max_tokens, lenient=lenient,
+                                         final_strict=ask.final.strict)
         except (GrammarError, harmony.RenderError) as exc:
             raise bad_input(f"Error: {exc}") from None
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from ossrun.engine.grammar import Grammar, GrammarError, Span
@@ -94,34 +94,39 @@ def default_reasoning_budget(max_tokens: int) -> int:
 
 
 def json_final(schema: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
-               max_tokens: int | None = None) -> Grammar:
+               max_tokens: int | None = None, strict: bool = True) -> Grammar:
     """`response_format`: free reasoning, then a final message that is JSON valid against `schema`
-    (None: any JSON object, for `json_object`), then `<|return|>`; complete within `max_tokens` when given."""
-    return _wrapper([_final(schema, structured=True)], reasoning_budget, max_tokens)
+    (None: any JSON object, for `json_object`), then `<|return|>`; complete within `max_tokens` when given.
+    `strict` False: keywords the grammar engine does not implement are ignored rather than refused."""
+    return _wrapper([_final(schema, structured=True, strict=strict)], reasoning_budget, max_tokens)
 
 
 def tool_call(name: str, parameters: Mapping[str, Any] | None, *, reasoning_budget: int | None = None,
-              max_tokens: int | None = None) -> Grammar:
+              max_tokens: int | None = None, strict: bool = True) -> Grammar:
     """A named tool call generated whole: free reasoning, then exactly this call with arguments valid
     against `parameters` (None: any JSON object), then `<|call|>`."""
-    return _wrapper([_call(name, parameters, 0)], reasoning_budget, max_tokens)
+    return _wrapper([_call(name, parameters, 0, strict)], reasoning_budget, max_tokens)
 
 
-def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: int | None = None) -> Grammar:
+def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: int | None = None,
+              strict: bool = True) -> Grammar:
     """The arguments of a call whose header the prompt already holds (a forced `tool_choice` is
     prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
-    _call(name, parameters, 0)  # the same name check as a generated call
-    schema = _with_options(parameters)
+    _call(name, parameters, 0, strict)  # the same name check as a generated call
+    schema = _with_options(parameters, strict)
     return Grammar(f"start: args_0 <|call|>\nargs_0: %json {json.dumps(schema)}", ((f"parameters of tool {name!r}", schema),),
                    _FINAL_TOKENS, _path_tokens(parameters), max_tokens)
 
 
 def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_schema: Mapping[str, Any] | None = None, *,
-          json_final: bool = False, reasoning_budget: int | None = None, max_tokens: int | None = None) -> Grammar | None:
+          json_final: bool = False, reasoning_budget: int | None = None, max_tokens: int | None = None,
+          lenient: Collection[str] = (), final_strict: bool = True) -> Grammar | None:
     """`tool_choice` "required" (some call), "auto" (a final message or a call whose arguments follow
     its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any JSON object).
     The final message is JSON against `final_schema` when given (any JSON object with `json_final`),
-    else free text. → None when there is nothing to constrain (no tools and a free final message)."""
+    else free text. → None when there is nothing to constrain (no tools and a free final message).
+    The tools named in `lenient` (and the final schema unless `final_strict`) are not strict: keywords
+    the grammar engine does not implement (`uniqueItems`, `not`, ...) are ignored rather than refused."""
     if mode not in ("auto", "required", "none"):
         raise GrammarError(f"unknown tool_choice {mode!r}")
     if mode == "required" and not tools:
@@ -129,9 +134,10 @@ def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_s
     structured = final_schema is not None or json_final
     if not tools and not structured:
         return None
-    answers = [] if mode == "none" else [_call(name, parameters, i) for i, (name, parameters) in enumerate(tools.items())]
+    answers = [] if mode == "none" else [_call(name, parameters, i, name not in lenient)
+                                         for i, (name, parameters) in enumerate(tools.items())]
     if mode != "required":
-        answers.append(_final(final_schema, structured))
+        answers.append(_final(final_schema, structured, final_strict))
     # With "auto" and a free-text answer, a tiny budget is no error: the model may just answer, or be cut off.
     return _wrapper(answers, reasoning_budget, max_tokens if structured or mode == "required" else None)
 
@@ -162,8 +168,8 @@ def _path_tokens(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
     return _closer_tokens() + schema_hints(*schemas)
 
 
-# One alternative of the `answer` rule, and for one holding JSON its `%json` rule: (rule, what, schema).
-_Answer = tuple[str, "tuple[str, str, Mapping[str, Any] | None] | None"]
+# One alternative of the `answer` rule, and for one holding JSON its `%json` rule: (rule, what, schema, strict).
+_Answer = tuple[str, "tuple[str, str, Mapping[str, Any] | None, bool] | None"]
 
 
 def _wrapper(answers: list[_Answer], reasoning_budget: int | None, max_tokens: int | None) -> Grammar:
@@ -179,33 +185,35 @@ def _wrapper(answers: list[_Answer], reasoning_budget: int | None, max_tokens: i
     ]
     jsons = [json_rule for _, json_rule in answers if json_rule is not None]
     schemas = []
-    for rule, what, schema in jsons:
-        full = _with_options(schema)
+    for rule, what, schema, strict in jsons:
+        full = _with_options(schema, strict)
         lines.append(f"{rule}: %json {json.dumps(full)}")
         schemas.append((what, full))
     span = Span(CHANNEL, b"analysis", MESSAGE, END, reasoning_budget) if reasoning_budget is not None else None
-    return Grammar("\n".join(lines), tuple(schemas), _FINAL_TOKENS, _path_tokens(*(schema for _, _, schema in jsons)),
+    return Grammar("\n".join(lines), tuple(schemas), _FINAL_TOKENS, _path_tokens(*(schema for _, _, schema, _ in jsons)),
                    max_tokens, span)
 
 
-def _final(schema: Mapping[str, Any] | None, structured: bool) -> _Answer:
+def _final(schema: Mapping[str, Any] | None, structured: bool, strict: bool = True) -> _Answer:
     if not structured:
         return '<|channel|> "final" <|message|> TEXT <|return|>', None
-    return '<|channel|> "final" <|message|> final_json <|return|>', ("final_json", "response_format schema", schema)
+    return '<|channel|> "final" <|message|> final_json <|return|>', ("final_json", "response_format schema", schema, strict)
 
 
-def _call(name: str, parameters: Mapping[str, Any] | None, i: int) -> _Answer:
+def _call(name: str, parameters: Mapping[str, Any] | None, i: int, strict: bool = True) -> _Answer:
     if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
         raise GrammarError(f"tool name {name!r} must match [A-Za-z0-9_.:-]{{1,128}}")
     # The header gpt-oss writes: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
     header = json.dumps(f"commentary to=functions.{name} ")
     return (f'<|channel|> {header} <|constrain|> "json" <|message|> args_{i} <|call|>',
-            (f"args_{i}", f"parameters of tool {name!r}", parameters))
+            (f"args_{i}", f"parameters of tool {name!r}", parameters, strict))
 
 
-def _with_options(schema: Mapping[str, Any] | None) -> dict[str, Any]:
+def _with_options(schema: Mapping[str, Any] | None, strict: bool = True) -> dict[str, Any]:
+    """The schema with our JSON options. Not strict: llguidance's lenient mode, which ignores the keywords
+    it does not implement (the output follows the rest of the schema), as OpenAI leaves non-strict schemas unchecked."""
     if schema is None:
         schema = _ANY_OBJECT
     if not isinstance(schema, Mapping):
         raise GrammarError(f"a JSON schema must be a JSON object, not {type(schema).__name__}")
-    return {**schema, "x-guidance": _JSON_OPTIONS}
+    return {**schema, "x-guidance": {**_JSON_OPTIONS, "lenient": not strict}}
