@@ -10,7 +10,8 @@ the real masks (forced tokens, then the grammar's `path_tokens` and the tokenize
 finds a way from the current state to a complete output; at construction a budget shorter than that,
 or no way found within it, is a GrammarError. During generation the constraint keeps such a way: it is
 forced once it takes all the tokens left, and within CLOSING_WINDOW tokens of that only tokens that
-keep it valid are allowed, so the output always completes within the budget. A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
+keep it valid are allowed, so no token from there can push it past the end (one that lengthens it by more
+than the window, taken further from the end, still can). A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
 at most `limit` tokens, after which only its closing token is.
 
 Overlap: after `advance` the next mask is computed on the compiler's thread pool (llguidance drops the
