@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import torch
 
+from ossrun.engine import constraints
 from ossrun.engine.constraints import ConstraintCompiler, ConstraintViolation, GrammarError
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.grammar import default_reasoning_budget, llguidance_tokenizer
@@ -377,9 +378,23 @@ def test_required_with_two_tools_has_a_budget(compiler):
     {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}, "$ref": "#/$defs/n"},
     {"type": "array", "items": {"type": "integer"}, "minItems": 1000000},
 ])
-def test_a_format_without_a_bounded_answer_is_a_grammar_error(compiler, schema):
+def test_a_format_without_a_bounded_answer_is_a_grammar_error(compiler, schema, monkeypatch):
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 120.0)  # the search ends by itself; a busy machine must not matter
     with pytest.raises(GrammarError, match="no complete answer of at most 300 tokens"):
         compiler.json_final(schema, max_tokens=300)
+
+
+def test_a_search_out_of_time_runs_without_the_guarantee_and_is_not_remembered(compiler, monkeypatch):
+    """Out of time is not "no answer": refusing then would make a valid request's answer depend on how busy the
+    machine is (and, cached, refuse it for good)."""
+    schema = obj({"k": integer(4, 6), "note": string(3)})
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)
+    constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=40)
+    assert constraint.allowed_tokens().any()
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 120.0)
+    assert compiler.json_final(schema, reasoning_budget=0, max_tokens=40).allowed_tokens().any()  # not refused now either
+    with pytest.raises(GrammarError, match="max_tokens 4 cannot"):  # and the search runs again
+        compiler.json_final(schema, reasoning_budget=0, max_tokens=4)
 
 
 def test_a_token_that_lengthens_the_path_cannot_cut_the_answer(compiler):

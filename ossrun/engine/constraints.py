@@ -47,7 +47,7 @@ _OPENERS = ('{"', "{", "[", '"')
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
-__all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError",
+__all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError", "SearchTimeout",
            "shortest_completion"]
 
 
@@ -150,7 +150,7 @@ class Constraint:
             self._since_search = 0
             try:
                 self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left)
-            except GrammarError:  # on the search's copies; the request's own matcher reports its errors itself
+            except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
                 self._path = None
             if not self._path:
                 log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
@@ -217,6 +217,12 @@ _SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
 _SEARCH_PROGRESS, _SEARCH_TRIES = 2, 8
 
 
+class SearchTimeout(Exception):
+    """The shortest-completion search ran out of time before it ended: whether a path exists is not known. Unlike
+    None (the search ended and found none within the limit), this depends on how busy the machine is, so it is
+    never a 400 and never cached: the request runs without the budget guarantee, as the log says."""
+
+
 def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int, *,
                         limit: int | None = None) -> list[int] | None:
     """A short token path from the matcher's state to a complete output (ending in a final token), or
@@ -230,14 +236,16 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
     parent did not, and only when the beam has room. A grammar error on the way,
     such as a parser limit, raises GrammarError: generation would hit it too."""
     limit = limit if limit is not None else grammar.max_tokens
-    deadline = time.monotonic() + _SEARCH_SECONDS
+    deadline = time.monotonic() + _SEARCH_SECONDS  # on a busy machine it may run out: SearchTimeout, not None
     bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
     start = _Node(matcher.deep_copy(), [])
     done = start.settle(grammar, bits, candidates)
     if done is not None:
         return done
     frontier = [start]
-    while frontier and time.monotonic() < deadline:
+    while frontier:
+        if time.monotonic() > deadline:
+            raise SearchTimeout(f"no complete answer found in {_SEARCH_SECONDS:g} s (the search did not end)")
         progress: list[list[_Node]] = []
         repeats: list[list[_Node]] = []
         for node in frontier:
@@ -357,7 +365,11 @@ class ConstraintCompiler:
         matcher, entry = found
         shortest = None
         if grammar.max_tokens is not None:
-            shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size)
+            try:
+                shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size)
+            except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
+                log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
+                return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates)
             if shortest is None:
                 raise GrammarError(f"max_tokens {grammar.max_tokens} cannot be shown to hold a valid answer: no complete answer "
                                    f"of at most {grammar.max_tokens} tokens was found (the format's shortest answer is longer, "
