@@ -444,13 +444,20 @@ class _Entry:
         self._lock = threading.Lock()
         self._shortest: int | None = None
         self._none_within = 0
+        self._timed_out = False  # a search ran out of time: later requests skip it (2 s each) and run unguaranteed
 
     def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int) -> int | None:
         """The shortest complete output's length found (searched up to `grammar.max_tokens`), or None when none was."""
         with self._lock:
             budget = grammar.max_tokens
             if self._shortest is None and budget > self._none_within:
-                path = shortest_completion(start, grammar, self.candidates, vocab_size)
+                if self._timed_out:
+                    raise SearchTimeout("an earlier search for this format ran out of time")
+                try:
+                    path = shortest_completion(start, grammar, self.candidates, vocab_size)
+                except SearchTimeout:
+                    self._timed_out = True
+                    raise
                 if path is None:
                     self._none_within = budget
                 else:
