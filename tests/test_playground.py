@@ -1,6 +1,11 @@
 """The playground page in a real headless Chromium (Selenium, Debian's chromium + chromedriver) against
 the real server on the demo model: streaming, reasoning apart from the answer, a tool call and its
-second turn, usage and cost, the curl of the request, the token prompt, and an error shown."""
+second turn, usage and cost, the curl of the request, the token prompt, and an error shown; then what
+the screen and the history sent back must agree on: New chat, Stop, max tokens, errors, old tool calls.
+
+The demo model answers in a fraction of a second, so the tests that act while a reply is in flight
+slow the page's view of the real server's stream down (a `fetch` wrapper that passes one SSE event at
+a time, after a delay); the same wrapper records every request body and its AbortSignal."""
 
 from __future__ import annotations
 
@@ -129,3 +134,109 @@ def chat_session(driver, demo_server) -> None:
     send(driver, "Hello again")
     wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "max_tokens" in driver.find_element(By.ID, "error").text
+
+
+# -- the conversation the page keeps, against what it shows ------------------------------------------
+
+# Wraps the page's fetch: records each request (body as sent, signal); `__delay` ms before each SSE
+# event of a stream (before a sync answer is handed over); `__rewrite(body)` changes what is sent;
+# `__errorAfter` events in, the stream ends with an error frame, as a server shutting down sends.
+WRAP_FETCH = """
+window.__requests = []; window.__delay = 0; window.__rewrite = null; window.__errorAfter = 0;
+const realFetch = window.fetch;
+const sleep = (ms, signal) => new Promise((resolve, reject) => {
+  const timer = setTimeout(resolve, ms);
+  if (signal) signal.addEventListener('abort', () => { clearTimeout(timer); reject(new DOMException('aborted', 'AbortError')); });
+});
+window.fetch = async (url, options) => {
+  let body = JSON.parse(options.body);
+  if (window.__rewrite) { body = window.__rewrite(body); options = {...options, body: JSON.stringify(body)}; }
+  window.__requests.push({url, body, signal: options.signal || null});
+  const response = await realFetch(url, options);
+  const delay = window.__delay, errorAfter = window.__errorAfter;
+  if (!response.ok || !(delay || errorAfter)) return response;
+  if (!body.stream) { await sleep(delay, options.signal); return response; }
+  const reader = response.body.getReader(), encoder = new TextEncoder(), decoder = new TextDecoder();
+  let buffer = '', passed = 0;
+  return new Response(new ReadableStream({
+    async pull(controller) {
+      for (;;) {
+        const cut = buffer.indexOf('\\n\\n');
+        if (cut >= 0) {
+          const event = buffer.slice(0, cut + 2);
+          buffer = buffer.slice(cut + 2);
+          if (delay) await sleep(delay, options.signal);
+          if (errorAfter && passed === errorAfter) {
+            controller.enqueue(encoder.encode('data: {"error": {"message": "The server is shutting down", "code": 3050}}\\n\\ndata: [DONE]\\n\\n'));
+            controller.close();
+            reader.cancel();
+            return;
+          }
+          passed++;
+          controller.enqueue(encoder.encode(event));
+          return;
+        }
+        const {value, done} = await reader.read();
+        if (done) { controller.close(); return; }
+        buffer += decoder.decode(value, {stream: true});
+      }
+    },
+    cancel(reason) { reader.cancel(reason); },
+  }), {status: response.status, headers: response.headers});
+};
+"""
+
+
+def open_page(driver, server, *, stream: bool = True, route: str = "openai", tools: bool = False, max_tokens: str = "256"):
+    """A fresh page with the token, temperature 0 and the given settings, its fetch wrapped."""
+    driver.get(server.base + "/")
+    driver.execute_script(WRAP_FETCH)
+    driver.execute_script("""
+      const [token, stream, route, tools, maxTokens] = arguments;
+      document.getElementById('token').value = token;
+      document.getElementById('temperature').value = '0';
+      document.getElementById('stream').checked = stream;
+      document.getElementById('route').value = route;
+      document.getElementById('tools').checked = tools;
+      document.getElementById('max-tokens').value = maxTokens;""", server.token, stream, route, tools, max_tokens)
+
+
+def requests(driver) -> list[dict]:
+    return driver.execute_script("return window.__requests.map((r) => ({url: r.url, body: r.body, aborted: !!(r.signal && r.signal.aborted)}))")
+
+
+def idle(driver) -> None:
+    wait(driver, lambda d: not d.execute_script("return document.getElementById('send').disabled"))
+
+
+def last_reply_done(driver, count: int) -> None:
+    """Waits until `count` assistant bubbles exist and the page is idle again."""
+    from selenium.webdriver.common.by import By
+
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) >= count)
+    idle(driver)
+
+
+def history(driver) -> list[dict]:
+    return driver.execute_script("return state.chat.messages")
+
+
+def test_enter_while_composing_does_not_send(browser, demo_server):
+    open_page(browser, demo_server)
+    browser.execute_script("""
+      const box = document.getElementById('prompt');
+      box.value = 'にほん';
+      box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}));""")
+    assert requests(browser) == [] and texts(browser, "#log .msg") == []
+
+
+def test_curl_and_favicon(browser, demo_server):
+    from selenium.webdriver.common.by import By
+
+    page = httpx.get(demo_server.base + "/", timeout=10).text
+    assert '<link rel="icon" href="data:' in page
+    open_page(browser, demo_server)
+    send(browser, "Hi")
+    last_reply_done(browser, 1)
+    curl = browser.find_element(By.ID, "curl").text
+    assert "export OSSRUN_API_TOKEN=" in curl and curl.splitlines()[1].startswith("curl -N ")

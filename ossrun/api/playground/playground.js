@@ -26,10 +26,12 @@ function requestBody(s) {
   return body;
 }
 
-function showCurl(url, body, token) {
-  const auth = token ? ` \\\n  -H "Authorization: Bearer $OSSRUN_API_TOKEN"` : "";
+function showCurl(url, body, s) {
+  const note = s.token ? "# First set the token the server was started with (ossrun serve --api-token): export OSSRUN_API_TOKEN=...\n" : "";
+  const auth = s.token ? ` \\\n  -H "Authorization: Bearer $OSSRUN_API_TOKEN"` : "";
   const json = JSON.stringify(body).replaceAll("'", "'\\''");
-  $("curl").textContent = `curl ${location.origin}${url}${auth} \\\n  -H 'Content-Type: application/json' \\\n  -d '${json}'`;
+  $("curl").textContent = `${note}curl${s.stream ? " -N" : ""} ${location.origin}${url}${auth} \\\n` +
+    `  -H 'Content-Type: application/json' \\\n  -d '${json}'`;
 }
 
 function showError(text) {
@@ -179,7 +181,7 @@ async function send() {
   const s = settings();
   const url = endpoint(s.route);
   const body = requestBody(s);
-  showCurl(url, body, s.token);
+  showCurl(url, body, s);
   showError("");
   state.busy = true;
   $("send").disabled = true;
@@ -226,6 +228,7 @@ $("composer").addEventListener("submit", (event) => {
   send();
 });
 $("prompt").addEventListener("keydown", (event) => {
+  if (event.isComposing || event.keyCode === 229) return; // Enter that confirms an IME conversion
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
 });
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
