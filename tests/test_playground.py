@@ -133,7 +133,7 @@ def chat_session(driver, demo_server) -> None:
     max_tokens.send_keys("0")
     send(driver, "Hello again")
     wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed())
-    assert "max_tokens" in driver.find_element(By.ID, "error").text
+    assert "Max tokens" in driver.find_element(By.ID, "error").text
 
 
 # -- the conversation the page keeps, against what it shows ------------------------------------------
@@ -219,6 +219,27 @@ def last_reply_done(driver, count: int) -> None:
 
 def history(driver) -> list[dict]:
     return driver.execute_script("return state.chat.messages")
+
+
+@pytest.mark.parametrize("value", ["", "0", "2.5", "-3"])
+def test_max_tokens_is_checked_on_the_page(browser, demo_server, value):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server)
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    assert (max_tokens.get_attribute("type"), max_tokens.get_attribute("min"), max_tokens.get_attribute("step")) == ("number", "1", "1")
+    max_tokens.clear()
+    max_tokens.send_keys(value)
+    send(browser, "What is 2+2?")
+    wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "Max tokens must be a whole number" in browser.find_element(By.ID, "error").text
+    assert requests(browser) == [] and not browser.find_elements(By.CSS_SELECTOR, "#log .msg")
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "What is 2+2?"
+    max_tokens.clear()
+    max_tokens.send_keys("12")
+    browser.find_element(By.ID, "send").click()
+    last_reply_done(browser, 1)
+    assert requests(browser)[-1]["body"]["max_tokens"] == 12 and not browser.find_element(By.ID, "error").is_displayed()
 
 
 def test_enter_while_composing_does_not_send(browser, demo_server):

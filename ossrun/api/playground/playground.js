@@ -8,9 +8,23 @@ const WEATHER_TOOL = {type: "function", function: {name: "get_weather", descript
 const $ = (id) => document.getElementById(id);
 const state = {messages: [], busy: false};
 
+// The settings, or {error} when one cannot be sent as it is (the server would refuse it anyway).
 function settings() {
-  return {route: $("route").value, temperature: Number($("temperature").value), maxTokens: Number($("max-tokens").value),
+  const max = $("max-tokens");
+  if (!max.checkValidity() || !Number.isInteger(Number(max.value)) || Number(max.value) < 1) {
+    return {error: "Max tokens must be a whole number of at least 1."};
+  }
+  return {route: $("route").value, temperature: Number($("temperature").value), maxTokens: Number(max.value),
           effort: $("effort").value, stream: $("stream").checked, tools: $("tools").checked, token: $("token").value.trim()};
+}
+
+// Settings good enough to send, else null with the reason shown on the page.
+function checkedSettings() {
+  const s = settings();
+  if (!s.error) return s;
+  showError(s.error);
+  $("max-tokens").focus();
+  return null;
 }
 
 function endpoint(route) {
@@ -96,6 +110,7 @@ function offerToolResult(view, call) {
   form.querySelector("input").value = JSON.stringify({city, temperature_c: 21, condition: "cloudy"});
   form.addEventListener("submit", (event) => {
     event.preventDefault();
+    if (!checkedSettings()) return;
     const content = form.querySelector("input").value;
     form.remove();
     state.messages.push({role: "tool", tool_call_id: call.id, content});
@@ -178,7 +193,8 @@ async function readStream(response, reply) {
 
 async function send() {
   if (state.busy) return;
-  const s = settings();
+  const s = checkedSettings();
+  if (!s) return;
   const url = endpoint(s.route);
   const body = requestBody(s);
   showCurl(url, body, s);
@@ -220,6 +236,7 @@ $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || state.busy) return;
+  if (!checkedSettings()) return;
   const last = state.messages[state.messages.length - 1];
   if (last && last.role === "user") state.messages.pop(); // a turn that failed is replaced, not repeated
   state.messages.push({role: "user", content: text});
