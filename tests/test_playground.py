@@ -221,6 +221,55 @@ def history(driver) -> list[dict]:
     return driver.execute_script("return state.chat.messages")
 
 
+@pytest.mark.parametrize("route", ["openai", "workers"])
+def test_reasoning_before_a_tool_call_is_sent_back(browser, demo_server, route):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server, route=route, tools=True)
+    send(browser, "What is the weather in Tokyo?")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".tool-call form"))
+    reasoning = texts(browser, ".msg.assistant .reasoning .text")[-1]
+    assert "Tokyo" in reasoning
+    browser.find_element(By.CSS_SELECTOR, ".tool-call form button").click()
+    last_reply_done(browser, 2)
+    assert texts(browser, ".msg.assistant .answer")[-1] == "It is 21°C and cloudy in Tokyo."
+    sent = requests(browser)[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool"]
+    assert sent[1]["reasoning_content"] == reasoning
+    assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert sent[2]["tool_call_id"] == sent[1]["tool_calls"][0]["id"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_answer_cut_at_max_tokens_says_so(browser, demo_server, stream):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server, stream=stream, max_tokens="5")
+    send(browser, "What is 2+2?")
+    last_reply_done(browser, 1)
+    assert "max tokens (5)" in texts(browser, ".msg.assistant .note")[-1]
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("256")
+    send(browser, "What is 3+4?")
+    last_reply_done(browser, 2)
+    assert not texts(browser, ".msg.assistant .note")[1:]
+    sent = requests(browser)[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] is None and sent[1]["reasoning_content"] == texts(browser, ".msg.assistant .reasoning .text")[0]
+    # Cut off with nothing at all (max tokens 1 ends in the channel header): no empty assistant turn goes back.
+    open_page(browser, demo_server, stream=stream, max_tokens="1")
+    send(browser, "What is 2+2?")
+    last_reply_done(browser, 1)
+    assert "max tokens (1)" in texts(browser, ".msg.assistant .note")[-1]
+    max_tokens = browser.find_element(By.ID, "max-tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("256")
+    send(browser, "What is 3+4?")
+    last_reply_done(browser, 2)
+    assert all(m["role"] != "assistant" for m in requests(browser)[-1]["body"]["messages"])
+
+
 @pytest.mark.parametrize("value", ["", "0", "2.5", "-3"])
 def test_max_tokens_is_checked_on_the_page(browser, demo_server, value):
     from selenium.webdriver.common.by import By

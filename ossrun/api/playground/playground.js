@@ -70,6 +70,17 @@ function bubble(role, text) {
   return div;
 }
 
+// A line under a bubble saying what became of it.
+function note(div, text, kind) {
+  let line = div.querySelector(":scope > .note");
+  if (!line) {
+    line = document.createElement("div");
+    div.appendChild(line);
+  }
+  line.className = `note ${kind || ""}`.trim();
+  line.textContent = text;
+}
+
 function assistantView() {
   const div = bubble("assistant");
   const details = document.createElement("details");
@@ -130,7 +141,9 @@ function renderUsage(view, usage) {
 // -- one exchange -----------------------------------------------------------------------------------
 
 class Reply {
-  constructor(view) { this.view = view; this.reasoning = ""; this.content = ""; this.calls = []; this.usage = null; }
+  constructor(view) {
+    this.view = view; this.reasoning = ""; this.content = ""; this.calls = []; this.usage = null; this.finishReason = null;
+  }
 
   delta(d) {
     if (d.reasoning_content) {
@@ -153,17 +166,37 @@ class Reply {
     this.view.div.scrollIntoView({block: "end"});
   }
 
+  choice(c) {
+    if (c.finish_reason) this.finishReason = c.finish_reason;
+  }
+
   message(m) {
     this.delta({reasoning_content: m.reasoning_content, content: m.content,
                 tool_calls: (m.tool_calls || []).map((tc, index) => ({index, ...tc}))});
   }
 
-  finish() {
+  // The assistant message as the server takes it back: the reasoning too, since harmony keeps the
+  // reasoning that led to a tool call for the next turn (the server drops what it does not need).
+  // Null when nothing arrived: an empty assistant turn is not a turn.
+  asMessage() {
+    const calls = this.calls.filter(Boolean);
+    if (!this.reasoning && !this.content && !calls.length) return null;
+    const message = {role: "assistant", content: this.content || null};
+    if (this.reasoning) message.reasoning_content = this.reasoning;
+    if (calls.length) message.tool_calls = calls.map(({index, ...call}) => call);
+    return message;
+  }
+
+  finish(maxTokens) {
     this.view.details.open = false;
     renderUsage(this.view, this.usage);
-    const message = {role: "assistant", content: this.content || null};
-    if (this.calls.length) message.tool_calls = this.calls.map(({index, ...call}) => call);
-    state.messages.push(message);
+    const message = this.asMessage();
+    if (message) state.messages.push(message);
+    if (this.finishReason === "length") {
+      note(this.view.div, this.content
+        ? `Cut off at max tokens (${maxTokens}): the answer is incomplete.`
+        : `Stopped at max tokens (${maxTokens}) before any answer: raise Max tokens or lower the reasoning effort.`, "warn");
+    }
     for (const call of this.calls) offerToolResult(this.view, call);
   }
 }
@@ -185,7 +218,10 @@ async function readStream(response, reply) {
         const frame = JSON.parse(line.slice(6));
         if (frame.error) throw new Error(errorText(frame));
         if (frame.usage) reply.usage = frame.usage;
-        if (frame.choices && frame.choices.length) reply.delta(frame.choices[0].delta || {});
+        if (frame.choices && frame.choices.length) {
+          reply.delta(frame.choices[0].delta || {});
+          reply.choice(frame.choices[0]);
+        }
       }
     }
   }
@@ -219,8 +255,9 @@ async function send() {
       const result = payload.result || payload;
       reply.usage = result.usage;
       reply.message(result.choices[0].message);
+      reply.choice(result.choices[0]);
     }
-    reply.finish();
+    reply.finish(s.maxTokens);
   } catch (error) {
     view.div.remove();
     showError(String(error.message || error));
