@@ -221,6 +221,28 @@ def history(driver) -> list[dict]:
     return driver.execute_script("return state.chat.messages")
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_new_chat_abandons_the_reply_in_flight(browser, demo_server, stream):
+    """New chat aborts the request and the old reply never reaches the new conversation."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server, stream=stream)
+    browser.execute_script("window.__delay = arguments[0]", 150 if stream else 1500)
+    send(browser, "What is the capital of Japan?")
+    if stream:
+        wait(browser, lambda d: texts(d, ".msg.assistant .reasoning .text") and texts(d, ".msg.assistant .reasoning .text")[-1])
+    browser.find_element(By.ID, "clear").click()
+    assert requests(browser)[0]["aborted"]
+    assert not browser.find_elements(By.CSS_SELECTOR, "#log .msg")
+    browser.execute_script("window.__delay = 0")
+    idle(browser)
+    send(browser, "Hi")
+    last_reply_done(browser, 1)
+    assert requests(browser)[-1]["body"]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
+    assert [m["role"] for m in history(browser)] == ["user", "assistant"]
+
+
 @pytest.mark.parametrize("route", ["openai", "workers"])
 def test_reasoning_before_a_tool_call_is_sent_back(browser, demo_server, route):
     from selenium.webdriver.common.by import By
@@ -238,6 +260,50 @@ def test_reasoning_before_a_tool_call_is_sent_back(browser, demo_server, route):
     assert sent[1]["reasoning_content"] == reasoning
     assert sent[1]["tool_calls"][0]["function"]["name"] == "get_weather"
     assert sent[2]["tool_call_id"] == sent[1]["tool_calls"][0]["id"]
+
+
+def test_stop_keeps_what_arrived(browser, demo_server):
+    """Stop aborts the stream; the part shown is the part kept, and it is what the next request sends."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server)
+    browser.execute_script("window.__delay = 250")
+    send(browser, "What is the capital of Japan?")
+    wait(browser, lambda d: texts(d, ".msg.assistant .answer")[-1])
+    browser.find_element(By.ID, "stop").click()
+    idle(browser)
+    assert requests(browser)[0]["aborted"]
+    assert not browser.find_element(By.ID, "stop").is_displayed()
+    shown = texts(browser, ".msg.assistant .answer")[-1]
+    assert shown and "The capital of Japan is Tokyo.".startswith(shown) and shown != "The capital of Japan is Tokyo."
+    assert "Stopped" in texts(browser, ".msg.assistant .note")[-1]
+    kept = history(browser)[-1]
+    assert kept["role"] == "assistant" and kept["content"] == shown
+    assert kept["reasoning_content"] == texts(browser, ".msg.assistant .reasoning .text")[-1]
+    browser.execute_script("window.__delay = 0")
+    send(browser, "Hi")
+    last_reply_done(browser, 2)
+    assert requests(browser)[-1]["body"]["messages"][:2] == [{"role": "user", "content": "What is the capital of Japan?"}, kept]
+
+
+def test_stop_before_a_sync_answer(browser, demo_server):
+    """Stopped before anything arrived: the turn is marked unanswered, and the next message replaces it."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server, stream=False)
+    browser.execute_script("window.__delay = 3000")
+    send(browser, "What is the capital of Japan?")
+    wait(browser, lambda d: d.find_element(By.ID, "stop").is_displayed())
+    browser.find_element(By.ID, "stop").click()
+    idle(browser)
+    assert requests(browser)[0]["aborted"]
+    assert "Stopped before any answer" in texts(browser, ".msg.assistant .note")[-1]
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user.failed")
+    browser.execute_script("window.__delay = 0")
+    send(browser, "Hi")
+    last_reply_done(browser, 1)
+    assert requests(browser)[-1]["body"]["messages"] == [{"role": "user", "content": "Hi"}]
+    assert texts(browser, "#log .msg.user") == ["Hi"] and len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -266,8 +332,12 @@ def test_an_answer_cut_at_max_tokens_says_so(browser, demo_server, stream):
     max_tokens.clear()
     max_tokens.send_keys("256")
     send(browser, "What is 3+4?")
-    last_reply_done(browser, 2)
+    wait(browser, lambda d: len(requests(d)) == 2)
     assert all(m["role"] != "assistant" for m in requests(browser)[-1]["body"]["messages"])
+    # The unanswered turn is replaced by the next one, on screen as in the history.
+    last_reply_done(browser, 1)
+    assert requests(browser)[-1]["body"]["messages"] == [{"role": "user", "content": "What is 3+4?"}]
+    assert texts(browser, "#log .msg.user") == ["What is 3+4?"] and len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
 
 
 @pytest.mark.parametrize("value", ["", "0", "2.5", "-3"])
@@ -289,6 +359,59 @@ def test_max_tokens_is_checked_on_the_page(browser, demo_server, value):
     browser.find_element(By.ID, "send").click()
     last_reply_done(browser, 1)
     assert requests(browser)[-1]["body"]["max_tokens"] == 12 and not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_a_failed_turn_is_marked_and_replaced(browser, demo_server):
+    """A real 400 from the server: the user turn is marked, and the next message replaces it on screen too."""
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server)
+    browser.execute_script("window.__rewrite = (body) => ({...body, max_tokens: 0})")
+    send(browser, "What is the capital of Italy?")
+    wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "max_tokens" in browser.find_element(By.ID, "error").text
+    assert texts(browser, ".msg.user.failed") and "Not answered" in texts(browser, ".msg.user.failed .note")[0]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    browser.execute_script("window.__rewrite = null")
+    send(browser, "What is the capital of Spain?")
+    last_reply_done(browser, 1)
+    assert texts(browser, "#log .msg.user") == ["What is the capital of Spain?"]
+    assert requests(browser)[-1]["body"]["messages"] == [{"role": "user", "content": "What is the capital of Spain?"}]
+    assert not browser.find_elements(By.CSS_SELECTOR, ".failed") and not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_an_error_mid_stream_keeps_the_partial_answer_marked(browser, demo_server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server)
+    browser.execute_script("window.__errorAfter = 25")
+    send(browser, "What is the capital of Japan?")
+    wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
+    idle(browser)
+    assert "shutting down" in browser.find_element(By.ID, "error").text
+    partial = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.failed")
+    assert partial and texts(browser, ".msg.assistant.failed .reasoning .text")[0]
+    assert "not kept" in texts(browser, ".msg.assistant.failed .note")[0]
+    assert history(browser) == [{"role": "user", "content": "What is the capital of Japan?"}]
+    browser.execute_script("window.__errorAfter = 0")
+    send(browser, "Hi")
+    last_reply_done(browser, 1)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
+    assert requests(browser)[-1]["body"]["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+def test_an_old_tool_call_cannot_be_answered(browser, demo_server):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, demo_server, tools=True)
+    send(browser, "What is the weather in Tokyo?")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".tool-call form"))
+    idle(browser)
+    send(browser, "Hello")
+    last_reply_done(browser, 2)
+    assert not browser.find_element(By.CSS_SELECTOR, ".tool-call form button").is_enabled()
+    browser.execute_script("document.querySelector('.tool-call form').requestSubmit()")
+    assert len(requests(browser)) == 2
 
 
 def test_enter_while_composing_does_not_send(browser, demo_server):

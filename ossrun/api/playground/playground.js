@@ -1,12 +1,19 @@
 // The ossrun playground: a chat against this server's own OpenAI or Workers AI routes.
-// Plain browser JavaScript, no build step. State: the conversation in OpenAI message form.
+// Plain browser JavaScript, no build step. State: one conversation at a time, in OpenAI message form;
+// a reply writes only into the conversation it was asked in, so "New chat" can never inherit one.
 "use strict";
 
 const MODEL = "@cf/openai/gpt-oss-20b";
 const WEATHER_TOOL = {type: "function", function: {name: "get_weather", description: "Get the current weather in a city",
   parameters: {type: "object", properties: {city: {type: "string"}}, required: ["city"]}}};
 const $ = (id) => document.getElementById(id);
-const state = {messages: [], busy: false};
+
+// A conversation: the messages sent back to the server, the bubble each one is shown in, the open
+// "Send result" forms, and the request in flight (its AbortController and its Reply).
+function newChat() {
+  return {messages: [], bubbles: new Map(), forms: [], failed: [], request: null};
+}
+const state = {chat: newChat()};
 
 // The settings, or {error} when one cannot be sent as it is (the server would refuse it anyway).
 function settings() {
@@ -31,8 +38,8 @@ function endpoint(route) {
   return route === "openai" ? "/v1/chat/completions" : `/client/v4/accounts/local/ai/run/${MODEL}`;
 }
 
-function requestBody(s) {
-  const body = {messages: state.messages, temperature: s.temperature, max_tokens: s.maxTokens, reasoning_effort: s.effort};
+function requestBody(messages, s) {
+  const body = {messages, temperature: s.temperature, max_tokens: s.maxTokens, reasoning_effort: s.effort};
   if (s.route === "openai") body.model = MODEL;
   if (s.stream) body.stream = true;
   if (s.stream && s.route === "openai") body.stream_options = {include_usage: true};
@@ -59,6 +66,11 @@ function errorText(payload, status) {
   return `${status} ${JSON.stringify(payload)}`;
 }
 
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").hidden = !busy;
+}
+
 // -- rendering --------------------------------------------------------------------------------------
 
 function bubble(role, text) {
@@ -70,7 +82,7 @@ function bubble(role, text) {
   return div;
 }
 
-// A line under a bubble saying what became of it.
+// A line under a bubble saying what became of it (stopped, cut off, failed, superseded).
 function note(div, text, kind) {
   let line = div.querySelector(":scope > .note");
   if (!line) {
@@ -112,7 +124,8 @@ function renderToolCall(view, call) {
   box.querySelector(".args").textContent = args;
 }
 
-function offerToolResult(view, call) {
+// The form that answers a tool call. It works once, and only while its turn is the latest one.
+function offerToolResult(chat, view, call) {
   const box = view.calls.querySelector(`[data-index="${call.index}"]`);
   const form = document.createElement("form");
   let city = "Paris";
@@ -121,14 +134,27 @@ function offerToolResult(view, call) {
   form.querySelector("input").value = JSON.stringify({city, temperature_c: 21, condition: "cloudy"});
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    if (!checkedSettings()) return;
+    if (form.querySelector("button").disabled || chat !== state.chat || chat.request) return;
+    const s = checkedSettings();
+    if (!s) return;
     const content = form.querySelector("input").value;
-    form.remove();
-    state.messages.push({role: "tool", tool_call_id: call.id, content});
-    bubble("tool", `${call.function.name} → ${content}`);
-    send();
+    retireToolForms(chat, "Answered.");
+    const message = {role: "tool", tool_call_id: call.id, content};
+    chat.messages.push(message);
+    chat.bubbles.set(message, bubble("tool", `${call.function.name} → ${content}`));
+    send(chat, s);
   });
   box.appendChild(form);
+  chat.forms.push(form);
+}
+
+// The conversation has moved on: older tool calls can no longer be answered.
+function retireToolForms(chat, why) {
+  for (const form of chat.forms) {
+    for (const control of form.querySelectorAll("input, button")) control.disabled = true;
+    note(form.parentElement, why, "muted");
+  }
+  chat.forms = [];
 }
 
 function renderUsage(view, usage) {
@@ -144,6 +170,8 @@ class Reply {
   constructor(view) {
     this.view = view; this.reasoning = ""; this.content = ""; this.calls = []; this.usage = null; this.finishReason = null;
   }
+
+  get empty() { return !this.reasoning && !this.content && !this.calls.length; }
 
   delta(d) {
     if (d.reasoning_content) {
@@ -178,8 +206,8 @@ class Reply {
   // The assistant message as the server takes it back: the reasoning too, since harmony keeps the
   // reasoning that led to a tool call for the next turn (the server drops what it does not need).
   // Null when nothing arrived: an empty assistant turn is not a turn.
-  asMessage() {
-    const calls = this.calls.filter(Boolean);
+  asMessage(withCalls) {
+    const calls = withCalls ? this.calls.filter(Boolean) : [];
     if (!this.reasoning && !this.content && !calls.length) return null;
     const message = {role: "assistant", content: this.content || null};
     if (this.reasoning) message.reasoning_content = this.reasoning;
@@ -187,18 +215,62 @@ class Reply {
     return message;
   }
 
-  finish(maxTokens) {
+  // The reply ended (complete, cut at max tokens, or stopped by the user): what arrived joins the history.
+  finish(chat, {stopped = false, maxTokens} = {}) {
     this.view.details.open = false;
     renderUsage(this.view, this.usage);
-    const message = this.asMessage();
-    if (message) state.messages.push(message);
-    if (this.finishReason === "length") {
+    // A stopped stream's tool call may be half written: it is shown, but neither kept nor answered.
+    const message = this.asMessage(!stopped);
+    if (message) {
+      chat.messages.push(message);
+      chat.bubbles.set(message, this.view.div);
+    }
+    if (stopped) {
+      const kept = this.calls.length ? "the text shown is kept in the conversation, the unfinished tool call is not"
+                                     : "the part shown is kept in the conversation";
+      note(this.view.div, message ? `Stopped: ${kept}.` : "Stopped before any answer.", "warn");
+      for (const box of this.view.calls.children) box.classList.add("cut");
+    } else if (this.finishReason === "length") {
       note(this.view.div, this.content
         ? `Cut off at max tokens (${maxTokens}): the answer is incomplete.`
         : `Stopped at max tokens (${maxTokens}) before any answer: raise Max tokens or lower the reasoning effort.`, "warn");
     }
-    for (const call of this.calls) offerToolResult(this.view, call);
+    if (!message) { // nothing to keep: the turn stays unanswered, and the next message replaces it
+      this.view.div.classList.add("failed");
+      chat.failed.push(this.view.div);
+      markFailed(chat, "Not answered. The next message you send replaces this one.");
+    }
+    if (!stopped) for (const call of this.calls.filter(Boolean)) offerToolResult(chat, this.view, call);
   }
+
+  // The request failed: a partial answer stays on screen, marked, and out of the conversation.
+  fail(chat) {
+    this.view.details.open = false;
+    if (this.empty) { this.view.div.remove(); return; }
+    this.view.div.classList.add("failed");
+    note(this.view.div, "Cut off by the error above: not kept in the conversation.", "warn");
+    chat.failed.push(this.view.div);
+  }
+}
+
+// The turns no reply answered (a user message, or a tool result) are marked as such.
+function markFailed(chat, text) {
+  for (let i = chat.messages.length - 1; i >= 0 && chat.messages[i].role !== "assistant"; i--) {
+    const div = chat.bubbles.get(chat.messages[i]);
+    if (!div) continue;
+    div.classList.add("failed");
+    note(div, chat.messages[i].role === "user" ? text : "Not answered.", "warn");
+    chat.failed.push(div);
+  }
+}
+
+function clearFailed(chat) {
+  for (const div of chat.failed) {
+    div.classList.remove("failed");
+    const line = div.querySelector(":scope > .note.warn");
+    if (line) line.remove();
+  }
+  chat.failed = [];
 }
 
 async function readStream(response, reply) {
@@ -214,7 +286,8 @@ async function readStream(response, reply) {
       const event = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
       for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+        if (line === "data: [DONE]") return;
+        if (!line.startsWith("data: ")) continue;
         const frame = JSON.parse(line.slice(6));
         if (frame.error) throw new Error(errorText(frame));
         if (frame.usage) reply.usage = frame.usage;
@@ -225,24 +298,26 @@ async function readStream(response, reply) {
       }
     }
   }
+  throw new Error("The connection closed before the answer ended.");
 }
 
-async function send() {
-  if (state.busy) return;
-  const s = checkedSettings();
-  if (!s) return;
+// Ask for the next assistant turn of `chat`. Everything it writes goes to that conversation only.
+async function send(chat, s) {
+  if (chat.request) return;
   const url = endpoint(s.route);
-  const body = requestBody(s);
+  const body = requestBody(chat.messages, s);
   showCurl(url, body, s);
   showError("");
-  state.busy = true;
-  $("send").disabled = true;
+  clearFailed(chat);
   const view = assistantView();
-  const reply = new Reply(view);
+  const request = {controller: new AbortController(), reply: new Reply(view), stopped: false};
+  chat.request = request;
+  setBusy(true);
+  const reply = request.reply;
   try {
     const headers = {"Content-Type": "application/json"};
     if (s.token) headers.Authorization = `Bearer ${s.token}`;
-    const response = await fetch(url, {method: "POST", headers, body: JSON.stringify(body)});
+    const response = await fetch(url, {method: "POST", headers, body: JSON.stringify(body), signal: request.controller.signal});
     if (!response.ok) {
       const payload = await response.json().catch(() => null);
       if (response.status === 401 || response.status === 403) $("token-dialog").hidden = false;
@@ -257,36 +332,66 @@ async function send() {
       reply.message(result.choices[0].message);
       reply.choice(result.choices[0]);
     }
-    reply.finish(s.maxTokens);
+    reply.finish(chat, {maxTokens: s.maxTokens});
   } catch (error) {
-    view.div.remove();
-    showError(String(error.message || error));
+    if (chat !== state.chat) return; // "New chat" abandoned it: nothing of it is shown or kept
+    if (request.stopped) {
+      reply.finish(chat, {stopped: true});
+    } else {
+      reply.fail(chat);
+      markFailed(chat, "Not answered (see the error). The next message you send replaces this one.");
+      showError(String(error.message || error));
+    }
   } finally {
-    state.busy = false;
-    $("send").disabled = false;
+    chat.request = null;
+    if (chat === state.chat) setBusy(false);
   }
+}
+
+function stop() {
+  const request = state.chat.request;
+  if (!request) return;
+  request.stopped = true;
+  request.controller.abort();
 }
 
 // -- wiring -----------------------------------------------------------------------------------------
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();
+  const chat = state.chat;
   const text = $("prompt").value.trim();
-  if (!text || state.busy) return;
-  if (!checkedSettings()) return;
-  const last = state.messages[state.messages.length - 1];
-  if (last && last.role === "user") state.messages.pop(); // a turn that failed is replaced, not repeated
-  state.messages.push({role: "user", content: text});
-  bubble("user", text);
+  if (!text || chat.request) return;
+  const s = checkedSettings();
+  if (!s) return;
+  // A user turn that got no answer is replaced by this one, on screen as in the history.
+  while (chat.messages.length && chat.messages[chat.messages.length - 1].role === "user") {
+    const failed = chat.messages.pop();
+    chat.bubbles.get(failed)?.remove();
+    chat.bubbles.delete(failed);
+  }
+  for (const div of chat.failed) if (div.classList.contains("assistant")) div.remove();
+  retireToolForms(chat, "Not answered: the conversation went on.");
+  const message = {role: "user", content: text};
+  chat.messages.push(message);
+  chat.bubbles.set(message, bubble("user", text));
   $("prompt").value = "";
-  send();
+  send(chat, s);
 });
 $("prompt").addEventListener("keydown", (event) => {
   if (event.isComposing || event.keyCode === 229) return; // Enter that confirms an IME conversion
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
 });
+$("stop").addEventListener("click", stop);
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
-$("clear").addEventListener("click", () => { state.messages = []; $("log").innerHTML = ""; showError(""); });
+$("clear").addEventListener("click", () => {
+  const old = state.chat;
+  state.chat = newChat();
+  if (old.request) old.request.controller.abort(); // the server stops generating once the connection closes
+  $("log").innerHTML = "";
+  showError("");
+  setBusy(false);
+});
 $("token").value = localStorage.getItem("ossrun-token") || "";
 $("token").addEventListener("change", () => localStorage.setItem("ossrun-token", $("token").value.trim()));
 $("token-form").addEventListener("submit", (event) => {
@@ -294,6 +399,11 @@ $("token-form").addEventListener("submit", (event) => {
   $("token").value = $("token-input").value.trim();
   localStorage.setItem("ossrun-token", $("token").value);
   $("token-dialog").hidden = true;
-  if (state.messages.length && state.messages[state.messages.length - 1].role !== "assistant") send();
+  const chat = state.chat;
+  const last = chat.messages[chat.messages.length - 1];
+  if (last && last.role !== "assistant" && !chat.request) {
+    const s = checkedSettings();
+    if (s) send(chat, s);
+  }
 });
 $("model").textContent = MODEL;
