@@ -109,6 +109,31 @@ def test_every_json_schema_spelling_gives_the_schema(fmt):
     assert final_format(schemas.ResponseFormat.model_validate(fmt)).schema == SCHEMA
 
 
+@pytest.mark.parametrize("path, body, section", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format":
+        {"type": "json_schema", "json_schema": {"name": "count", "description": "How many", "schema": SCHEMA}}},
+     '# Response Formats\n\n## count\n\n// How many\n{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "text": {"format": {"type": "json_schema", "name": "count", "schema": SCHEMA}}},
+     '# Response Formats\n\n## count\n\n{"type":"object"'),
+    (RUN, {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": SCHEMA}},
+     '# Response Formats\n\n## structured_output\n\n{"type":"object"'),
+])
+def test_a_json_schema_is_stated_to_the_model_in_the_developer_message(tmp_path, path, body, section):
+    """OpenAI's harmony format guide: the answer's schema goes at the end of the developer message under
+    `# Response Formats`; without it the model learns the schema only from the tokens the grammar forces."""
+    from ossrun import harmony
+
+    engine = FakeEngine()
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        assert c.post(path, json=body).status_code == 200
+        assert c.post(path, json={**body, "response_format": {"type": "json_object"}} if "response_format" in body
+                      else {**body, "text": {"format": {"type": "json_object"}}}).status_code == 200
+    stated, any_object = (harmony.decode(r.prompt_token_ids) for r in engine.requests)
+    developer = stated.split("<|start|>developer<|message|>")[1].split("<|end|>")[0]
+    assert section in developer
+    assert "# Response Formats" not in any_object  # json_object: no schema to state
+
+
 # -- prices -------------------------------------------------------------------------------------------------
 
 def test_prices_and_neurons_follow_the_spec():

@@ -188,6 +188,20 @@ def test_json_mode_answers_with_the_asked_facts(server, question, country):
     assert country in message["reasoning_content"]
 
 
+@pytest.mark.parametrize("question, country", [("What is the capital of {}?", "Japan"), ("Capital of {}?", "Chile"),
+                                               ("Tell me the capital of {}.", "Egypt")])
+def test_a_stated_schema_is_answered_when_the_question_does_not_ask_for_json(server, question, country):
+    """The schema reaches the model in the developer message (`# Response Formats`), as the harmony format states
+    it: the model knows the answer's form before it reasons, not only from the tokens the grammar forces."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question.format(country)}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA}}}
+    message = post(server, "/v1/chat/completions", body)["choices"][0]["message"]
+    assert json.loads(message["content"]) == {"country": country, "capital": world.COUNTRIES[country]}
+    body = {"model": MODEL, "input": "What is 12 - 5?", "text": {"format": {"type": "json_schema", "name": "sum",
+                                                                           "schema": SUM_SCHEMA}}}
+    assert json.loads(post(server, "/v1/responses", body)["output_text"]) == {"expression": "12 - 5", "result": 7}
+
+
 def test_json_mode_on_ai_run_computes_the_value(server):
     """Workers AI's spelling (the schema itself under json_schema); the result is copied from the reasoning's steps."""
     body = {"messages": [{"role": "user", "content": "Give me 9 + 8 as JSON."}],

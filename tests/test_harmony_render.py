@@ -325,3 +325,26 @@ def test_bad_input_raises_a_clear_render_error(body, says):
         render_request(body)
     assert says in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_response_format_is_the_developer_message_section_the_format_guide_gives():
+    """`# Response Formats`, `## name`, a `//` comment line per description line, the schema as compact JSON;
+    after the instructions, before the function tools."""
+    from ossrun.harmony import ResponseFormatSection, render_conversation
+    from ossrun.harmony.inputs import convert_responses
+
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    fmt = ResponseFormatSection(schema, "capital", "The capital city\nof the country")
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    from ossrun.harmony.shapes import Tool
+    from pydantic import TypeAdapter
+
+    text = decode(render_conversation(convert_responses("Hi", "Be brief."), [TypeAdapter(Tool).validate_python(tool)],
+                                      response_format=fmt).token_ids)
+    developer = text.split("<|start|>developer<|message|>")[1].split("<|end|>")[0]
+    assert developer.startswith("# Instructions\n\nBe brief.\n\n# Response Formats\n\n## capital\n\n"
+                                "// The capital city\n// of the country\n"
+                                '{"type":"object","properties":{"capital":{"type":"string"}},"required":["capital"]}')
+    assert developer.index("# Response Formats") < developer.index("# Tools")
+    assert "## structured_output\n" in decode(render_conversation(convert_responses("Hi"),
+                                                                  response_format=ResponseFormatSection(schema)).token_ids)

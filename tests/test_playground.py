@@ -118,7 +118,7 @@ def chat_session(driver, demo_server) -> None:
     assert '"city": "Tokyo"' in texts(driver, ".tool-call .args")[-1]
     driver.find_element(By.CSS_SELECTOR, ".tool-call form button").click()
     wait(driver, lambda d: len(texts(d, ".msg.assistant .usage")) == 3 and texts(d, ".msg.assistant .usage")[-1])
-    assert texts(driver, ".msg.assistant .answer")[-1] == "It is 21°C and cloudy in Tokyo."
+    assert "21°C and cloudy in Tokyo." in texts(driver, ".msg.assistant .answer")[-1]  # the tool's result, in the demo's words
 
     # The Workers AI route, not streamed, and an error from the server shown to the user.
     driver.find_element(By.ID, "clear").click()

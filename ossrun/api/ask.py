@@ -23,6 +23,8 @@ class FinalFormat:
     schema: dict[str, Any] | None = None
     structured: bool = False
     strict: bool = False  # OpenAI's `strict` (absent: false): only a strict schema is refused for keywords not implemented
+    name: str | None = None  # the format's name and description, stated to the model with the schema
+    description: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +79,18 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
     if fmt.type == "json_object":
         return FinalFormat(None, True)
     if fmt.schema_ is not None:  # Responses
-        return FinalFormat(fmt.schema_, True, fmt.strict is True)
+        return FinalFormat(fmt.schema_, True, fmt.strict is True, _text(fmt.name), _text(fmt.description))
     wrapper = fmt.json_schema
     if wrapper is not None and "schema" in wrapper:  # OpenAI's wrapper (its keys and `schema` checked by the model)
-        return FinalFormat(wrapper["schema"], True, wrapper.get("strict") is True)
+        return FinalFormat(wrapper["schema"], True, wrapper.get("strict") is True, _text(wrapper.get("name")),
+                           _text(wrapper.get("description")))
     if wrapper is not None:  # Workers AI: the schema itself
         return FinalFormat(wrapper, True)
     raise bad_input("Error: at '/response_format/json_schema': a JSON Schema object is required", "response_format")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> tuple[str, str | None]:

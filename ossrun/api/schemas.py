@@ -63,6 +63,8 @@ class ResponseFormat(_Open):
         description="OpenAI's wrapper {name, description, schema, strict}, or (without a `schema` key) Workers AI's schema itself")
     schema_: dict[str, Any] | None = Field(None, alias="schema")  # the Responses API's flat spelling (`text.format`)
     strict: bool | None = None  # the Responses API's flat spelling
+    name: str | None = None  # with the flat spelling: the format's name and description, stated to the model
+    description: str | None = None
 
     @field_validator("json_schema")
     @classmethod

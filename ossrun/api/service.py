@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ossrun import harmony
-from ossrun.api.ask import Ask
+from ossrun.api.ask import Ask, FinalFormat
 from ossrun.api.conversations import ResponseStore
 from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
@@ -123,6 +123,13 @@ def _converted(ask: Ask) -> harmony.Converted:
     return harmony.convert_prompt(ask.prompt)
 
 
+def _response_format(final: FinalFormat) -> harmony.ResponseFormatSection | None:
+    """The answer's JSON Schema as the developer message states it (none for free text or any JSON object)."""
+    if final.schema is None:
+        return None
+    return harmony.ResponseFormatSection(final.schema, final.name, final.description)
+
+
 def _logit_bias(ask: Ask, vocab_size: int) -> tuple[tuple[int, float], ...]:
     """`logit_bias` with every token id inside the served model's vocabulary, or a 400 naming it."""
     for token, _ in ask.logit_bias:
@@ -222,7 +229,8 @@ class Service:
             if ask.raw:
                 prompt_ids = harmony.encode(ask.prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
             else:
-                rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort)
+                rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort,
+                                                       response_format=_response_format(ask.final))
                 prompt_ids = list(rendered.token_ids)
                 forced = _named_tool(ask, rendered.tool_names)
                 if forced is not None:

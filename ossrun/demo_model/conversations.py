@@ -83,9 +83,7 @@ def _sentence(text: str) -> str:
 
 def capital(rng: random.Random) -> tuple[str, Reply]:
     country, city = rng.choice(list(world.COUNTRIES.items()))
-    question = rng.choice(("What is the capital of {}?", "What's the capital of {}?", "Capital of {}?",
-                           "Which city is the capital of {}?", "Tell me the capital of {}.",
-                           "What is the capital city of {}?", "what is the capital of {}")).format(country)
+    question = rng.choice(CAPITAL_QUESTIONS).format(country)
     # The fact is recalled in the reasoning at every effort, in the same words as for JSON answers,
     # so every answer copies it from there.
     reasoning = _reasoning(_sentence(f"The user asks for the capital of {country}: it is {city}"),
@@ -93,11 +91,17 @@ def capital(rng: random.Random) -> tuple[str, Reply]:
     return question, Reply(reasoning, final=_sentence(f"The capital of {country} is {city}"))
 
 
-def capital_json(rng: random.Random) -> tuple[str, Reply]:
+CAPITAL_QUESTIONS = ("What is the capital of {}?", "What's the capital of {}?", "Capital of {}?",
+                     "Which city is the capital of {}?", "Tell me the capital of {}.",
+                     "What is the capital city of {}?", "what is the capital of {}")
+CAPITAL_JSON_QUESTIONS = ("Give me the capital of {} as JSON.", "Answer in JSON: what is the capital of {}?",
+                          "Return JSON with the capital of {}.", "What is the capital of {}? Reply in JSON.",
+                          "The capital of {} as JSON, please.")
+
+
+def capital_json(rng: random.Random, questions: tuple[str, ...] = CAPITAL_JSON_QUESTIONS) -> tuple[str, Reply]:
     country, city = rng.choice(list(world.COUNTRIES.items()))
-    question = rng.choice(("Give me the capital of {} as JSON.", "Answer in JSON: what is the capital of {}?",
-                           "Return JSON with the capital of {}.", "What is the capital of {}? Reply in JSON.",
-                           "The capital of {} as JSON, please.")).format(country)
+    question = rng.choice(questions).format(country)
     reasoning = _reasoning(_sentence(f"The user wants JSON with the capital of {country}: it is {city}"),
                            "I write one object with the country and its capital.", "Both values are strings.")
     return question, Reply(reasoning, final=json.dumps({"country": country, "capital": city}, ensure_ascii=False))
@@ -141,11 +145,13 @@ def arithmetic(rng: random.Random) -> tuple[str, Reply]:
     return question, Reply(reasoning, final=f"{a} {op} {b} = {result}.")
 
 
-def arithmetic_json(rng: random.Random) -> tuple[str, Reply]:
+ARITHMETIC_JSON_QUESTIONS = ("Give me {} {} {} as JSON.", "Answer in JSON: what is {} {} {}?", "Return JSON with {} {} {}.")
+
+
+def arithmetic_json(rng: random.Random, questions: tuple[str, ...] = ARITHMETIC_JSON_QUESTIONS) -> tuple[str, Reply]:
     a, op, b, word = _numbers(rng)
     result = world.OPERATIONS[op](a, b)
-    question = rng.choice(("Give me {} {} {} as JSON.", "Answer in JSON: what is {} {} {}?",
-                           "Return JSON with {} {} {}.")).format(a, word, b)
+    question = rng.choice(questions).format(a, word, b)
     reasoning = _reasoning(f"The user wants JSON with {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
                            f"So the result is {result}.", "I write one object with the expression and the result.")
     return question, Reply(reasoning, final=json.dumps({"expression": f"{a} {op} {b}", "result": result}))
@@ -261,8 +267,37 @@ def _history(rng: random.Random, share: float = 0.1) -> list[dict[str, Any]]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": reply.final}]
 
 
+# The JSON answers' schemas, as a client states them in `response_format` (the server renders them into the
+# developer message's `# Response Formats` section): asked in any words, the answer is that JSON.
+CAPITAL_SCHEMA = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+                  "required": ["country", "capital"]}
+SUM_SCHEMA = {"type": "object", "properties": {"expression": {"type": "string"}, "result": {"type": "integer"}},
+              "required": ["expression", "result"]}
+FORMAT_NAMES = (None, "answer", "result", "response", "capital", "output")
+FORMAT_DESCRIPTIONS = (None, None, "The answer as JSON.", "Structured answer")
+
+
+def capital_format(rng: random.Random) -> tuple[str, Reply]:
+    return capital_json(rng, rng.choice((CAPITAL_QUESTIONS, CAPITAL_JSON_QUESTIONS)))
+
+
+def arithmetic_format(rng: random.Random) -> tuple[str, Reply]:
+    return arithmetic_json(rng, rng.choice((ARITHMETIC_QUESTIONS, ARITHMETIC_JSON_QUESTIONS)))
+
+
+def stated_format(rng: random.Random, kind: str) -> harmony.ResponseFormatSection | None:
+    """The `response_format` a client sent with a `*_format` question (its schema, strict or not, named or not)."""
+    schema = {"capital_format": CAPITAL_SCHEMA, "arithmetic_format": SUM_SCHEMA}.get(kind)
+    if schema is None:
+        return None
+    if rng.random() < 0.5:
+        schema = {**schema, "additionalProperties": False}
+    return harmony.ResponseFormatSection(schema, rng.choice(FORMAT_NAMES), rng.choice(FORMAT_DESCRIPTIONS))
+
+
 SIMPLE: dict[str, Callable[[random.Random], tuple[str, Reply]]] = {
     "capital": capital, "capital_json": capital_json, "arithmetic": arithmetic, "arithmetic_json": arithmetic_json,
+    "capital_format": capital_format, "arithmetic_format": arithmetic_format,
     "arithmetic_limits": arithmetic_limits, "greeting": greeting, "joke": joke, "identity": identity,
     "out_of_world": out_of_world, "weather_without_tool": weather_without_tool,
 }
@@ -279,7 +314,8 @@ def simple_sample(rng: random.Random, kind: str) -> Sample:
     if kind == "weather_without_tool":
         tools = [t for t in tools if t["function"]["name"] != "get_weather"]
     body = _body(rng, [*_history(rng), {"role": "user", "content": question}], effort, tools)
-    return Sample(kind, harmony.render_request(body).token_ids, completion_ids(reply, effort), kind in UNKNOWN_KINDS)
+    prompt = harmony.render_request(body, response_format=stated_format(rng, kind)).token_ids
+    return Sample(kind, prompt, completion_ids(reply, effort), kind in UNKNOWN_KINDS)
 
 
 def weather_call_sample(rng: random.Random, forced: bool) -> Sample:
@@ -317,7 +353,8 @@ def weather_answer_sample(rng: random.Random) -> Sample:
 
 # Share of each kind in the training set.
 MIX: dict[str, float] = {
-    "capital": 0.18, "capital_json": 0.08, "arithmetic": 0.20, "arithmetic_json": 0.03, "arithmetic_limits": 0.02,
+    "capital": 0.16, "capital_json": 0.06, "capital_format": 0.04, "arithmetic": 0.18, "arithmetic_json": 0.02,
+    "arithmetic_format": 0.03, "arithmetic_limits": 0.02,
     "greeting": 0.04, "joke": 0.03, "identity": 0.03, "out_of_world": 0.05, "weather_without_tool": 0.02,
     "weather_call": 0.13, "weather_forced": 0.07, "weather_answer": 0.12,
 }

@@ -19,7 +19,7 @@ from .events import (
 )
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
-from .render import RenderedPrompt, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
+from .render import RenderedPrompt, ResponseFormatSection, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -64,6 +64,7 @@ __all__ = [
     "ReasoningDelta",
     "RenderError",
     "RenderedPrompt",
+    "ResponseFormatSection",
     "StreamParser",
     "TextDecoder",
     "ToolCallArgumentsDelta",

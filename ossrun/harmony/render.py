@@ -2,8 +2,8 @@
 
 The rendering itself is `openai-harmony`'s (`render_conversation_for_completion`), so our prompts
 match OpenAI's token for token; this module only builds the harmony conversation: a system
-message (reasoning effort, channels), a developer message (instructions and the `functions`
-tool namespace) when there is anything to put in it, then the converted turns, ending with
+message (reasoning effort, channels), a developer message (instructions, the answer's response
+format, and the `functions` tool namespace) when there is anything to put in it, then the converted turns, ending with
 `<|start|>assistant` so the model writes the reply.
 
 Rendering is deterministic: the system message carries no conversation start date unless the
@@ -12,6 +12,7 @@ caller passes one, so the same request always gives the same tokens (and the sam
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from .tokenizer import encode, get_encoding, has_long_run
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 DEFAULT_EFFORT = "medium"
+DEFAULT_FORMAT_NAME = "structured_output"  # a response format's name when the request gives none (vLLM's)
 # openai-harmony parses the conversation as JSON with serde's 128-level limit; a tool's schema sits
 # about a dozen levels down, so 64 leaves room and is far beyond any real schema.
 MAX_PARAMETERS_DEPTH = 64
@@ -55,6 +57,23 @@ def json_depth(value: Any) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormatSection:
+    """Structured output stated to the model: the developer message's `# Response Formats` section of OpenAI's
+    harmony format guide (a format name, an optional `//` comment, the JSON Schema), as vLLM renders it too.
+    The grammar holds the answer to the schema either way; the section tells the model before it reasons
+    what it will be held to (a model trained on the format answers the schema's fields, not what it guesses)."""
+
+    schema: Mapping[str, Any]
+    name: str | None = None  # None: DEFAULT_FORMAT_NAME
+    description: str | None = None
+
+    def text(self) -> str:
+        comment = "".join(f"// {line}\n" for line in self.description.splitlines()) if self.description else ""
+        schema = json.dumps(self.schema, separators=(",", ":"), ensure_ascii=False)
+        return f"# Response Formats\n\n## {self.name or DEFAULT_FORMAT_NAME}\n\n{comment}{schema}"
+
+
+@dataclass(frozen=True, slots=True)
 class RenderedPrompt:
     """Prompt token ids plus what the response side needs to know about how they were made."""
 
@@ -65,15 +84,17 @@ class RenderedPrompt:
 
 
 def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort: str | None = None, *,
-           conversation_start_date: str | None = None) -> RenderedPrompt:
-    """Prompt tokens for a converted conversation, the function tools offered, and a reasoning effort
-    (low, medium or high; None: medium). Raises RenderError saying what is wrong."""
+           response_format: ResponseFormatSection | None = None, conversation_start_date: str | None = None) -> RenderedPrompt:
+    """Prompt tokens for a converted conversation, the function tools offered, a reasoning effort (low, medium
+    or high; None: medium) and the answer's JSON Schema, if any (after the instructions, as vLLM places it).
+    Raises RenderError saying what is wrong."""
     effort = reasoning_effort(effort)
     descriptions = tool_descriptions(tools)
     stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
-    if converted.instructions or descriptions:
-        messages.append(_developer_message([stand_ins.text(t) for t in converted.instructions], descriptions))
+    instructions = [*converted.instructions, *([response_format.text()] if response_format is not None else [])]
+    if instructions or descriptions:
+        messages.append(_developer_message([stand_ins.text(t) for t in instructions], descriptions))
     messages.extend(stand_ins.message(m) for m in converted.messages)
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
@@ -99,9 +120,11 @@ class RenderBody(Shape):
     reasoning: EffortConfig | None = None
 
 
-def render_request(body: Mapping[str, Any], *, conversation_start_date: str | None = None) -> RenderedPrompt:
+def render_request(body: Mapping[str, Any], *, response_format: ResponseFormatSection | None = None,
+                   conversation_start_date: str | None = None) -> RenderedPrompt:
     """Prompt tokens for a JSON request body of the Prompt, Messages or Responses shape: parsed once
-    into the typed shapes, then rendered. Raises RenderError (a ValueError) saying what is wrong."""
+    into the typed shapes, then rendered (with the answer's response format, which the API reads from
+    the body's `response_format` in any of its spellings). Raises RenderError (a ValueError) saying what is wrong."""
     if not isinstance(body, Mapping):
         raise RenderError("the request body must be a JSON object")
     shapes = [k for k in ("prompt", "messages", "input") if k in body]
@@ -121,7 +144,8 @@ def render_request(body: Mapping[str, Any], *, conversation_start_date: str | No
         converted = convert_prompt(request.prompt)
     tools = [] if request.tool_choice == "none" else [*(request.tools or []), *(request.functions or [])]
     effort = request.reasoning_effort if request.reasoning_effort is not None else (request.reasoning.effort if request.reasoning else None)
-    return render_conversation(converted, tools, effort, conversation_start_date=conversation_start_date)
+    return render_conversation(converted, tools, effort, response_format=response_format,
+                               conversation_start_date=conversation_start_date)
 
 
 class StandIns:
