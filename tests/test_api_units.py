@@ -438,3 +438,28 @@ def test_bad_function_call_is_a_400_naming_it(client, bad):
     response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                          "functions": [FUNCTION], "function_call": bad})
     assert response.status_code == 400 and "function_call" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"stop": ["ok", ""]}, "stop"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "bogus", "content": "x"}]}, "messages[0].role"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+    ({"tool_choice": 5}, "tool_choice"),
+    ({"response_format": {"type": "x"}}, "response_format.type"),
+    ({"model": 5}, "model"),
+])
+def test_the_param_and_pointer_name_the_field_not_pydantic_labels(client, fields, param):
+    """A union member's label (`constrained-str` for a non-empty string, `WrappedTool`) is pydantic's, not a field:
+    a bad `stop` was param 'stop.constrained-str' and pointer '/stop/constrained-str'."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    pointer = "/" + param.replace("[", "/").replace("]", "").replace(".", "/")
+    assert error["param"] == param and f"at '{pointer}'" in error["message"], error
+    assert "constrained" not in error["message"] and "WrappedTool" not in error["message"]

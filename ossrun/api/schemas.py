@@ -7,6 +7,7 @@ JSON Schema's `oneOf` does, and says what was expected when none or several matc
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
@@ -304,12 +305,19 @@ SHAPES: dict[str, tuple[type[BaseModel], str]] = {
 
 
 def _pointer(loc: tuple) -> str:
-    return "/" + "/".join(str(part) for part in loc if part not in ("function-after", "union_tag"))
+    return "/" + "/".join(str(part) for part in loc)
+
+
+# What pydantic adds to an error's location that is no field of the body: a union member's label, which is its type
+# (`str`, `list[TextPart]`, `constrained-str` for `Annotated[str, Field(min_length=1)]`, `function-after[...]`, a
+# model's name) or a tagged union's tag. The first part is always a field (`model` is one).
+_TYPE_LABEL = re.compile(r".*\[.*|[A-Z].*|str|list|dict|int|float|bool|none|union_tag|lax-or-strict|json-or-python|tagged-union"
+                         r"|(constrained|function|is|definition)-[a-z-]+")
 
 
 def _field_loc(loc: tuple) -> tuple:
-    """An error's location without pydantic's type tags (`str`, `list[TextPart]`)."""
-    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list", "dict", "int", "float", "bool"))))
+    """An error's location without pydantic's union labels and tags: the field as the body spells it."""
+    return loc[:1] + tuple(p for p in loc[1:] if not (isinstance(p, str) and _TYPE_LABEL.fullmatch(p)))
 
 
 def describe(error: ValidationError) -> str:
@@ -318,14 +326,10 @@ def describe(error: ValidationError) -> str:
 
 
 def param(error: ValidationError) -> str | None:
-    """OpenAI's `param` for the first error: the field as OpenAI spells it (`max_tokens`, `messages[0].content`).
-    Union members' tags (model names, capitalised; our fields never are) are not fields."""
+    """OpenAI's `param` for the first error: the field as OpenAI spells it (`max_tokens`, `messages[0].content`)."""
     text = ""
     for part in _field_loc(error.errors()[0]["loc"]) if error.errors() else ():
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif not part[:1].isupper():
-            text += f".{part}" if text else part
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text or None
 
 
