@@ -331,6 +331,19 @@ def test_a_schema_with_600_optional_properties_runs(compiler):
     feed(call, '<|channel|>commentary to=functions.wide <|constrain|>json<|message|>{"prop_3":"z"}<|call|>')
 
 
+WIDEST = {"type": "object", "properties": {f"prop_{i}": {"type": "string"} for i in range(5000)}, "additionalProperties": False}
+
+
+def test_a_schema_with_5000_optional_properties_runs_through_whitespace_runs(compiler):
+    """OpenAI's most properties. A whitespace run inside the object makes a mask visit a row per length the run may
+    still end at: after `{\\n\\n\\n    \\t` the mask needed more than 300,000 items (the demo model's answer: a 500
+    mid-answer, "Too many items"). The schema check now computes such a mask, so a limit is a 400 before generation."""
+    constraint = compiler.json_final(WIDEST, max_tokens=120)
+    feed(constraint, '<|channel|>analysis<|message|>JSON.<|end|><|start|>assistant<|channel|>final<|message|>{\n\n\n    \t')
+    feed(constraint, ' ' * 10 + '\n"prop_4999"\r\n:' + ' ' * 12 + '"x"' + ' ' * 14 + '}<|return|>')
+    assert constraint.is_finished
+
+
 def test_a_parser_limit_is_a_grammar_error_before_generation(compiler, monkeypatch):
     import llguidance
     from ossrun.engine import constraints

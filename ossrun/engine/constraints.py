@@ -39,11 +39,18 @@ from ossrun.engine.grammar import Grammar, GrammarError
 log = logging.getLogger(__name__)
 
 # Errors without the parser state and the grammar (ours, and long). An object's optional properties cost the parser
-# about 4 items each in one row (the library's default, 2000, fails at ~500 of them): room for OpenAI's 5000, and
-# the items a mask may then visit inside such an object.
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=300_000)
+# 4 items each in one row (the library's default, 2000, fails at ~500 of them): 30,000 is room for OpenAI's 5000
+# (7499 at most: more is refused when the schema is checked). A mask visits a row for each length the JSON
+# whitespace run (at most 24 characters) may still end at, so within a whitespace run in such an object it visits
+# many rows: measured, after `{` and 8 to 20 spaces, 5000 properties need more than 300,000 items and 7499 more
+# than 650,000 but at most 1,000,000 (that mask took 0.1 to 0.9 s on 2 busy cores). 300,000 failed mid-answer; the
+# limit is twice the most measured, and the check computes a mask in such a run (`_INSIDE`), so a schema beyond it is
+# refused before generation.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=2_000_000)
 # What a schema's value may start with; the first masks inside it are computed when it is checked.
 _OPENERS = ('{"', "{", "[", '"')
+# Within an object a whitespace run makes the mask visit the most rows (see _LIMITS): checked too.
+_INSIDE = " " * 12
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
@@ -403,6 +410,8 @@ class ConstraintCompiler:
                 if not state.consume_tokens(tokens):
                     raise GrammarError(f"invalid {what}: {_reason(state)}")
                 self._first_mask(what, state)
+                if opener == "{" and state.consume_tokens(self.tokenizer.tokenize_str(_INSIDE)):
+                    self._first_mask(what, state)
 
     def _first_mask(self, what: str, state: llguidance.LLMatcher) -> torch.Tensor:
         bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
