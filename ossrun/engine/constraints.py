@@ -6,9 +6,9 @@ compiled matchers, and drives one matcher per request: `allowed_tokens()` before
 `advance(token)` after it.
 
 Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search over
-the real masks (forced tokens, then the grammar's `path_tokens` and the tokenizer's single characters)
-finds a way from the current state to a complete output; at construction a budget shorter than that,
-or no way found within it, is a GrammarError. During generation the constraint keeps such a way: it is
+the real masks (forced tokens, then the grammar's `path_tokens`, digit runs and the tokenizer's single characters)
+finds a way from the current state to a complete output; at construction a budget that is proven too short (every
+allowed token tried: `_prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee. During generation the constraint keeps such a way: it is
 forced once it takes all the tokens left, and within CLOSING_WINDOW tokens of that only tokens that
 keep it valid are allowed, so no token from there can push it past the end (one that lengthens it by more
 than the window, taken further from the end, still can). A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
@@ -54,8 +54,8 @@ _INSIDE = " " * 12
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
-__all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError", "SearchTimeout",
-           "shortest_completion"]
+__all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError", "SearchPruned",
+           "SearchTimeout", "shortest_completion"]
 
 
 class ConstraintViolation(RuntimeError):
@@ -68,7 +68,8 @@ class Constraint:
     between, so it overlaps the next forward."""
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
-                 tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor):
+                 tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor,
+                 runs: frozenset[int] = frozenset()):
         self._matcher = matcher
         self._pool = pool
         self._grammar = grammar
@@ -79,7 +80,7 @@ class Constraint:
         self._left = grammar.max_tokens
         self._closing: list[int] | None = None
         self._shortest = shortest
-        self._candidates = candidates  # what the shortest-completion search tries
+        self._candidates, self._runs = candidates, runs  # what the shortest-completion search tries
         self._path: list[int] | None = None  # a way to a complete output from the current state, when known
         self._since_search = 0
         self._bits = torch.zeros(self._words, dtype=torch.int32)
@@ -156,7 +157,8 @@ class Constraint:
                 return None
             self._since_search = 0
             try:
-                self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left)
+                self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left,
+                                                  runs=self._runs)
             except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
                 self._path = None
             if not self._path:
@@ -222,6 +224,9 @@ CLOSING_WINDOW = 32
 # state it tries candidates until it has this many children that made progress, or has tried this many.
 _SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
 _SEARCH_PROGRESS, _SEARCH_TRIES = 2, 8
+# When the beam finds no answer within the limit, a search of every token the masks allow tries to prove there is none,
+# creating at most this many states (enough for a small budget); past that, nothing is known.
+_PROOF_STATES = 400
 
 
 class SearchTimeout(Exception):
@@ -230,10 +235,79 @@ class SearchTimeout(Exception):
     never a 400 and never cached: the request runs without the budget guarantee, as the log says."""
 
 
+class SearchPruned(SearchTimeout):
+    """The beam found no answer within the limit, and the search of every allowed token was too large to end: the
+    beam drops states, so whether one exists is not known. Never a 400: the request runs without the guarantee."""
+
+
 def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int, *,
-                        limit: int | None = None) -> list[int] | None:
-    """A short token path from the matcher's state to a complete output (ending in a final token), or
-    None when the search finds none within `limit` tokens (default: the grammar's max_tokens) and its time.
+                        limit: int | None = None, runs: frozenset[int] = frozenset()) -> list[int] | None:
+    """A short token path from the matcher's state to a complete output (ending in a final token) of at most `limit`
+    tokens (default: the grammar's max_tokens), or None when there is none: only when that is proven, by a search of
+    every token the masks allow (`_prove_none`). A beam that found none proves nothing: SearchPruned then.
+    `runs`: the multi-character tokens among the candidates.
+    """
+    limit = limit if limit is not None else grammar.max_tokens
+    deadline = time.monotonic() + _SEARCH_SECONDS  # on a busy machine it may run out: SearchTimeout, not None
+    # First with the runs (short paths for dates, numbers); a format bounded in length (an email) makes each longer run
+    # look like progress, and that beam may never reach its `@`: then again without them, in the time left.
+    without = candidates[~torch.isin(candidates, torch.tensor(sorted(runs), dtype=torch.int64))]
+    path, timed_out = None, None
+    for tries, until in ((candidates, time.monotonic() + _SEARCH_SECONDS / 2), (without, deadline)):
+        try:
+            found = _beam_search(matcher, grammar, tries, vocab_size, limit, min(until, deadline))
+        except SearchTimeout as exc:
+            timed_out = exc
+            continue
+        if found is not None and (path is None or len(found) < len(path)):
+            path = found
+        if path is not None and (limit is None or len(path) <= limit) or not runs:
+            break
+    if path is not None and (limit is None or len(path) <= limit):
+        return path
+    if timed_out is not None and path is None:
+        raise timed_out
+    if limit is None:
+        return None
+    return _prove_none(matcher, grammar, vocab_size, limit, deadline)
+
+
+def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, limit: int, deadline: float) -> list[int] | None:
+    """Breadth first over every token each mask allows, without a beam: a path of at most `limit` tokens, or None when
+    there is none (proven: every state that could still finish within the limit was expanded). SearchPruned when that
+    takes more than _PROOF_STATES states (or the search's time)."""
+    bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+    everything = torch.arange(vocab_size, dtype=torch.int64)
+    frontier, states = [_Node(matcher.deep_copy(), [])], 0
+    done = frontier[0].settle(grammar, bits, everything)
+    if done is not None:
+        return done if len(done) <= limit else None
+    while frontier:
+        children = []
+        for node in frontier:
+            if len(node.path) + 2 > limit:  # its children need one more token (a final one) at least
+                continue
+            states += len(node.allowed)
+            if states > _PROOF_STATES or time.monotonic() > deadline:
+                raise SearchPruned(f"no complete answer of at most {limit} tokens found, and too many to try them all")
+            for token in node.allowed:
+                child = node.state.deep_copy()
+                if not child.consume_token(token):
+                    raise GrammarError(_reason(child))
+                child_node = _Node(child, node.path + [token])
+                done = child_node.settle(grammar, bits, everything)
+                if done is not None:
+                    if len(done) <= limit:
+                        return done
+                    continue  # its shortest completion is too long: a dead end, nothing dropped
+                children.append(child_node)
+        frontier = children
+    return None
+
+
+def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int,
+                 limit: int | None, deadline: float) -> list[int] | None:
+    """A short path (maybe longer than `limit`), or None when the beam found none within it.
 
     Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
     generation computes there) says which of `candidates` (token ids in the order to try them: see
@@ -242,8 +316,6 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
     character of the same string): a state keeps one such child, which goes on trying the tokens its
     parent did not, and only when the beam has room. A grammar error on the way,
     such as a parser limit, raises GrammarError: generation would hit it too."""
-    limit = limit if limit is not None else grammar.max_tokens
-    deadline = time.monotonic() + _SEARCH_SECONDS  # on a busy machine it may run out: SearchTimeout, not None
     bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
     start = _Node(matcher.deep_copy(), [])
     done = start.settle(grammar, bits, candidates)
@@ -323,25 +395,44 @@ def _round_robin(groups: list[list[_Node]], width: int) -> list[_Node]:
     return out
 
 
-def search_candidates(grammar: Grammar, short: torch.Tensor) -> torch.Tensor:
-    """What the search tries at a state, in order: the grammar's path tokens (closers, names), then
-    the tokenizer's single characters (`short`: digits and letters first, then the rest)."""
+def search_candidates(grammar: Grammar, short: torch.Tensor, blank: torch.Tensor, alnum: torch.Tensor) -> torch.Tensor:
+    """What the search tries at a state, in order: the grammar's path tokens (closers, names), then the tokenizer's
+    short tokens (`short`: runs of digits and letters, longest first, then single characters), whitespace last
+    (`blank`: JSON allows it almost anywhere, and a beam of whitespace runs finds long paths). A path token that
+    is a single digit, letter or `-` (`alnum`: the closers `0`, `1`, `-`) keeps its place among the short ones, after
+    the runs (else `-` `10` beats `10` for an integer, and `0` `1` beats `01` for a month)."""
     path = torch.tensor(grammar.path_tokens, dtype=torch.int64)
-    return torch.cat([path, short[~torch.isin(short, path)]])
+    first = path[~torch.isin(path, blank) & ~torch.isin(path, alnum)]
+    rest = short[~torch.isin(short, first)]
+    return torch.cat([first, rest[~torch.isin(rest, blank)], rest[torch.isin(rest, blank)]])
 
 
-def short_tokens(tokenizer: llguidance.LLTokenizer) -> torch.Tensor:
-    """The tokenizer's single-byte tokens, digits and letters first, whitespace and control bytes last."""
-    single = {}
+def short_tokens(tokenizer: llguidance.LLTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the tokenizer's short tokens in the order the search tries them, the whitespace among them, the single
+    digits, letters and `-` among them). Runs of 2 or 3 of the digits 0, 1 and 2 come first, longest first (o200k spells
+    0 to 999 in one token: `2000-01-01` takes 6 tokens, not 10; these 36 runs suffice for dates, times and most
+    numeric patterns, and a state that only repeats itself tries few of them before the single characters),
+    then the single-byte tokens: digits and letters, punctuation, whitespace and control bytes."""
+    single, runs = {}, []
     for token in range(tokenizer.vocab_size):
         if not tokenizer.is_special_token(token):
             text = tokenizer.decode_bytes([token])
             if len(text) == 1:
                 single.setdefault(text[0], token)
+            elif len(text) <= 3 and set(text) <= set(b"012"):
+                runs.append((-len(text), text, token))
     def rank(byte: int) -> tuple[int, int]:
         char = chr(byte)
         return (0 if char.isascii() and char.isalnum() else 1 if 0x21 <= byte < 0x7F else 2, byte)
-    return torch.tensor([single[b] for b in sorted(single, key=rank)], dtype=torch.int64)
+    ordered = [token for *_, token in sorted(runs)] + [single[b] for b in sorted(single, key=rank)]
+    blank = [single[b] for b in single if chr(b) in " \t\n\r"]
+    alnum = [single[b] for b in single if rank(b)[0] == 0 or b == ord("-")]
+    return tuple(torch.tensor(t, dtype=torch.int64) for t in (ordered, blank, alnum))
+
+
+def run_tokens(short: torch.Tensor, tokenizer: llguidance.LLTokenizer) -> frozenset[int]:
+    """The multi-character tokens among `short`."""
+    return frozenset(t for t in short.tolist() if len(tokenizer.decode_bytes([t])) > 1)
 
 
 class ConstraintCompiler:
@@ -358,6 +449,7 @@ class ConstraintCompiler:
         self._pool = ThreadPoolExecutor(workers or max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="ossrun-grammar")
         self.compiled = 0  # cache misses
         self._short = short_tokens(tokenizer)
+        self._runs = run_tokens(self._short[0], tokenizer)
 
     def compile(self, grammar: Grammar) -> Constraint:
         """A fresh constraint for one request; GrammarError when the grammar or one of its schemas does
@@ -373,18 +465,14 @@ class ConstraintCompiler:
         shortest = None
         if grammar.max_tokens is not None:
             try:
-                shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size)
+                shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size, self._runs)
             except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
                 log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
-                return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates)
-            if shortest is None:
-                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot be shown to hold a valid answer: no complete answer "
-                                   f"of at most {grammar.max_tokens} tokens was found (the format's shortest answer is longer, "
-                                   f"or unbounded)")
-            if shortest > grammar.max_tokens:
-                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: the shortest one found takes "
-                                   f"{shortest} tokens")
-        return Constraint(matcher, self._pool, grammar, self.tokenizer, shortest, entry.candidates)
+                return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs)
+            if shortest is None:  # proven: every token the masks allow was tried
+                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
+                                   f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
+        return Constraint(matcher, self._pool, grammar, self.tokenizer, shortest, entry.candidates, self._runs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -432,7 +520,7 @@ class ConstraintCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar.lark, log_level=0, limits=_LIMITS)  # drops the GIL while it compiles
         if matcher.is_error():
             raise GrammarError(_reason(matcher))
-        entry = _Entry(matcher, search_candidates(grammar, self._short))
+        entry = _Entry(matcher, search_candidates(grammar, *self._short))
         with self._lock:
             self.compiled += 1
             self._cache[key] = entry
@@ -445,32 +533,43 @@ class _Entry:
     """A compiled grammar in the cache, what its shortest-completion search tries, and the length of
     its shortest complete output once searched (only grammars with a budget need it; every request
     with the same grammar starts from the same state, so a found length holds for any larger budget,
-    and a search that found none within a budget need not run again for a smaller one)."""
+    and a proof that there is none within a budget holds for a smaller one)."""
 
     def __init__(self, matcher: llguidance.LLMatcher, candidates: torch.Tensor):
         self.matcher = matcher
         self.candidates = candidates
         self._lock = threading.Lock()
-        self._shortest: int | None = None
-        self._none_within = 0
+        self._shortest: int | None = None  # the shortest complete output found, within the budget it was searched for
+        self._none_within = 0  # proven: no complete output of at most this many tokens
+        self._unknown_within = 0  # the beam found none within this many, and the proof did not end
         self._timed_out = False  # a search ran out of time: later requests skip it (2 s each) and run unguaranteed
 
-    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int) -> int | None:
-        """The shortest complete output's length found (searched up to `grammar.max_tokens`), or None when none was."""
+    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, runs: frozenset[int]) -> int | None:
+        """The length of a complete output of at most `grammar.max_tokens` tokens, or None when it is proven there is
+        none; SearchTimeout (or SearchPruned) when that is not known."""
         with self._lock:
             budget = grammar.max_tokens
-            if self._shortest is None and budget > self._none_within:
-                if self._timed_out:
-                    raise SearchTimeout("an earlier search for this format ran out of time")
-                try:
-                    path = shortest_completion(start, grammar, self.candidates, vocab_size)
-                except SearchTimeout:
-                    self._timed_out = True
-                    raise
-                if path is None:
-                    self._none_within = budget
-                else:
-                    self._shortest = len(path)
+            if self._shortest is not None and self._shortest <= budget:
+                return self._shortest
+            if budget <= self._none_within:
+                return None
+            if budget <= self._unknown_within:
+                raise SearchPruned(f"an earlier search found no complete answer of at most {self._unknown_within} tokens "
+                                   f"and could not try them all")
+            if self._timed_out:
+                raise SearchTimeout("an earlier search for this format ran out of time")
+            try:
+                path = shortest_completion(start, grammar, self.candidates, vocab_size, runs=runs)
+            except SearchPruned:
+                self._unknown_within = budget
+                raise
+            except SearchTimeout:
+                self._timed_out = True
+                raise
+            if path is None:
+                self._none_within = budget
+                return None
+            self._shortest = len(path) if self._shortest is None else min(self._shortest, len(path))
             return self._shortest
 
 
