@@ -134,6 +134,23 @@ def test_a_json_schema_is_stated_to_the_model_in_the_developer_message(tmp_path,
     assert "# Response Formats" not in any_object  # json_object: no schema to state
 
 
+def test_a_schema_too_long_to_state_is_held_by_the_grammar_alone(tmp_path):
+    """A 5000-property schema stated in full would add ~60k prompt tokens to every request."""
+    from ossrun import harmony
+    from ossrun.api.service import MAX_STATED_SCHEMA_CHARS
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}}
+    assert len(json.dumps(wide, separators=(",", ":"))) > MAX_STATED_SCHEMA_CHARS
+    engine = FakeEngine()
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        for schema in (wide, SCHEMA):
+            fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            assert c.post("/v1/chat/completions", json={**body, "response_format": fmt}).status_code == 200
+    wide_prompt, small_prompt = (harmony.decode(r.prompt_token_ids) for r in engine.requests)
+    assert "# Response Formats" not in wide_prompt and "# Response Formats" in small_prompt
+
+
 # -- prices -------------------------------------------------------------------------------------------------
 
 def test_prices_and_neurons_follow_the_spec():

@@ -128,9 +128,7 @@ def chat_session(driver, demo_server) -> None:
     wait(driver, lambda d: texts(d, ".msg.assistant .usage") and texts(d, ".msg.assistant .usage")[-1])
     assert texts(driver, ".msg.assistant .answer")[-1].startswith("Hello!")
     assert "/ai/run/" in driver.find_element(By.ID, "curl").text
-    max_tokens = driver.find_element(By.ID, "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("0")
+    set_max_tokens(driver, "0")
     send(driver, "Hello again")
     wait(driver, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "Max tokens" in driver.find_element(By.ID, "error").text
@@ -306,6 +304,14 @@ def test_stop_before_a_sync_answer(browser, demo_server):
     assert texts(browser, "#log .msg.user") == ["Hi"] and len(browser.find_elements(By.CSS_SELECTOR, "#log .msg")) == 2
 
 
+def set_max_tokens(browser, value: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    field = browser.find_element(By.ID, "max-tokens")
+    field.clear()
+    field.send_keys(value)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_an_answer_cut_at_max_tokens_says_so(browser, demo_server, stream):
     from selenium.webdriver.common.by import By
@@ -314,9 +320,7 @@ def test_an_answer_cut_at_max_tokens_says_so(browser, demo_server, stream):
     send(browser, "What is 2+2?")
     last_reply_done(browser, 1)
     assert "max tokens (5)" in texts(browser, ".msg.assistant .note")[-1]
-    max_tokens = browser.find_element(By.ID, "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("256")
+    set_max_tokens(browser, "256")
     send(browser, "What is 3+4?")
     last_reply_done(browser, 2)
     assert not texts(browser, ".msg.assistant .note")[1:]
@@ -328,9 +332,7 @@ def test_an_answer_cut_at_max_tokens_says_so(browser, demo_server, stream):
     send(browser, "What is 2+2?")
     last_reply_done(browser, 1)
     assert "max tokens (1)" in texts(browser, ".msg.assistant .note")[-1]
-    max_tokens = browser.find_element(By.ID, "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("256")
+    set_max_tokens(browser, "256")
     send(browser, "What is 3+4?")
     wait(browser, lambda d: len(requests(d)) == 2)
     assert all(m["role"] != "assistant" for m in requests(browser)[-1]["body"]["messages"])
@@ -347,8 +349,7 @@ def test_max_tokens_is_checked_on_the_page(browser, demo_server, value):
     open_page(browser, demo_server)
     max_tokens = browser.find_element(By.ID, "max-tokens")
     assert (max_tokens.get_attribute("type"), max_tokens.get_attribute("min"), max_tokens.get_attribute("step")) == ("number", "1", "1")
-    max_tokens.clear()
-    max_tokens.send_keys(value)
+    set_max_tokens(browser, value)
     send(browser, "What is 2+2?")
     wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "Max tokens must be a whole number" in browser.find_element(By.ID, "error").text

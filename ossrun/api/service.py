@@ -123,11 +123,18 @@ def _converted(ask: Ask) -> harmony.Converted:
     return harmony.convert_prompt(ask.prompt)
 
 
+# A schema longer than this (as compact JSON) is not stated to the model: a 5000-property object would add ~60k
+# prompt tokens to every request. The grammar holds the answer to it either way.
+MAX_STATED_SCHEMA_CHARS = 32_000
+
+
 def _response_format(final: FinalFormat) -> harmony.ResponseFormatSection | None:
-    """The answer's JSON Schema as the developer message states it (none for free text or any JSON object)."""
+    """The answer's JSON Schema as the developer message states it (none for free text, any JSON object, or a
+    schema over MAX_STATED_SCHEMA_CHARS)."""
     if final.schema is None:
         return None
-    return harmony.ResponseFormatSection(final.schema, final.name, final.description)
+    section = harmony.ResponseFormatSection(final.schema, final.name, final.description)
+    return section if len(section.text()) <= MAX_STATED_SCHEMA_CHARS else None
 
 
 def _logit_bias(ask: Ask, vocab_size: int) -> tuple[tuple[int, float], ...]:
