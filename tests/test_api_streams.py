@@ -116,6 +116,50 @@ def test_messages_stream_frames_in_order(server):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
 
 
+# U+1F99C (a parrot) is three o200k tokens, none a whole character: 4103 = F0 9F, 99 = A6, 250 = 9C. A bias on
+# them makes the demo model write characters split over tokens, as the real gpt-oss often does for CJK and emoji.
+SPLIT_CHARACTER_BIAS = {"4103": 26, "99": 26, "250": 26}
+
+
+def test_reasoning_tokens_count_tokens_that_hold_part_of_a_character(server):
+    """Every token of the reasoning message is a reasoning token, though a split character shows no text
+    until its last piece (they were counted only when they produced text: 21-26 of 37)."""
+    body = {"max_tokens": 40, "logit_bias": SPLIT_CHARACTER_BIAS, "temperature": 1, "seed": 1}  # sampled: pieces in order
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, **body})
+    prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
+    raw = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "logprobs": 0, **body})
+    tokens = raw["choices"][0]["logprobs"]["tokens"]
+    assert tokens[:3] == ["<|channel|>", "analysis", "<|message|>"]
+    reasoning = tokens[3:tokens.index("<|end|>")] if "<|end|>" in tokens else tokens[3:]
+    shown = chat["choices"][0]["message"]["reasoning_content"]
+    assert any(c == "\ufffd" or ord(c) > 0xFFFF for c in shown), "the bias no longer splits characters in the reasoning"
+    assert chat["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(reasoning)
+
+
+def test_completions_logprobs_spell_split_characters_as_bytes(server):
+    """A token holding part of a character is `bytes:\\xf0\\x9f` (OpenAI's legacy spelling), so the alternatives
+    keep distinct keys, and `text_offset` indexes the text: the pieces of one character share its offset.
+    Streamed chunks carry the same entries and offsets."""
+    for seed in range(1, 41):  # sampled, so that the pieces come in every order; some seed spells a whole parrot
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 6, "logprobs": 2, "temperature": 1, "seed": seed,
+                "logit_bias": {"4103": 100, "99": 100, "250": 100}}
+        choice = post(server, "/v1/completions", body)["choices"][0]
+        logprobs, text = choice["logprobs"], choice["text"]
+        if "\U0001F99C" in text:
+            break
+    assert "\U0001F99C" in text
+    spelled = b"".join(bytes.fromhex(t[len("bytes:"):].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
+                       for t in logprobs["tokens"])
+    assert spelled.decode("utf-8", "replace") == text
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"])
+    parrot = text.index("\U0001F99C")
+    assert logprobs["text_offset"][parrot:parrot + 4] == [parrot] * 3 + [parrot + 1]
+    chunks = [c["choices"][0]["logprobs"] for c in stream(server, "/v1/completions", body)[:-1]
+              if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for c in chunks for t in c["tokens"]] == logprobs["tokens"]
+    assert [o for c in chunks for o in c["text_offset"]] == logprobs["text_offset"]
+
+
 def test_chat_stream_usage_chunk_only_when_asked(server):
     body = {"model": MODEL, "messages": FRANCE}
     sync = post(server, "/v1/chat/completions", body)

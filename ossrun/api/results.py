@@ -7,6 +7,7 @@ import secrets
 import time
 from typing import Any
 
+from ossrun import harmony
 from ossrun.api.schemas import ResponsesInput
 from ossrun.api.service import Outcome, usage
 
@@ -121,14 +122,35 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
     return body
 
 
-def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
-    """Legacy completions' logprobs object from chat-style entries; `text_offset` counts from `offset`."""
-    offsets = []
-    for entry in entries:
-        offsets.append(offset)
-        offset += len(entry["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries], "text_offset": offsets}
+class LegacyLogprobs:
+    """Legacy completions' logprobs objects from chat-style entries, chunk after chunk.
+
+    A token holding only part of a UTF-8 character (emoji, CJK) is spelled `bytes:\\xNN...` as OpenAI's
+    legacy completions spell it: its "replace" decoding (U+FFFD) would give different alternatives the same
+    key in `top_logprobs`. `text_offset` is where the token's text starts in `text`: bytes decoded so far, so
+    a character split over three tokens gives them one offset and the next token the one after it."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self._offset = offset
+        self._decoder = harmony.TextDecoder()
+
+    def take(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offset)
+            self._offset += len(self._decoder.feed_bytes(bytes(entry["bytes"])))
+        return {"tokens": [legacy_token(e) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{legacy_token(t): t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+
+def legacy_token(entry: dict[str, Any]) -> str:
+    """The token's text, or `bytes:\\xf0\\x9f` where its bytes are not whole UTF-8 characters."""
+    data = bytes(entry["bytes"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 def completion_finish(outcome: Outcome) -> str:
@@ -139,6 +161,6 @@ def text_completion(outcome: Outcome, model: str, prices, with_logprobs: bool = 
                     created: int | None = None, echo: str = "") -> dict[str, Any]:
     """`echo`: the prompt's text, before the answer's (`echo: true`)."""
     return {"id": completion_id or new_id("cmpl"), "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": echo + outcome.content, "logprobs": completion_logprobs(outcome.logprobs) if with_logprobs else None,
+            "choices": [{"index": 0, "text": echo + outcome.content, "logprobs": LegacyLogprobs().take(outcome.logprobs) if with_logprobs else None,
                          "finish_reason": completion_finish(outcome), "stop_reason": outcome.stop_reason}],
             "usage": usage(outcome, prices)}

@@ -63,6 +63,7 @@ class Step:
     events: list[Any]
     unshown: int = 0  # characters of answer text parsed so far that stop strings hold back or cut off
     hidden: bool = False  # the token's text is never answer text (a harmony special in chat, a stop token in completions)
+    reasoning: bool = False  # the token is text of a reasoning message (counted in reasoning_tokens)
 
 
 @dataclass(slots=True)
@@ -330,7 +331,9 @@ class Service:
                     raise ApiError(500, 3000, f"AiError: {token.error or 'generation failed'}")
                 if token.finish_reason == "abort":  # only shutdown aborts a request whose client still listens
                     raise ShuttingDownError("aborted")
+                was_reasoning = parser.in_reasoning
                 events = parser.feed(token.token_id) if token.token_id is not None else []
+                is_reasoning = was_reasoning and parser.in_reasoning
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
                     events += parser.finish(reason)
@@ -344,12 +347,12 @@ class Service:
                         events += stops.filter(closing)
                         shown += _text_length(events)
                         yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events,
-                                   parsed - shown, is_hidden)
+                                   parsed - shown, is_hidden, is_reasoning)
                         return
                     shown += _text_length(events)
                     if stops.matched is not None:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
-                yield Step(token, events, parsed - shown, is_hidden)
+                yield Step(token, events, parsed - shown, is_hidden, is_reasoning)
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
         except UnknownAdapterError as exc:
@@ -367,7 +370,7 @@ class Service:
         if token.token_id is None:
             return
         outcome.completion_tokens += 1
-        if any(isinstance(e, harmony.ReasoningDelta) for e in step.events):
+        if step.reasoning:
             outcome.reasoning_tokens += 1
         if token.logprob is not None:
             Service._account_logprobs(outcome, step)
@@ -409,6 +412,8 @@ def _text_length(events: list[harmony.Event]) -> int:
 class PlainText:
     """What `/v1/completions` shows: every generated token's text, no harmony parsing. It has the
     harmony parser's interface, so stop strings and logprobs treat both surfaces' text alike."""
+
+    in_reasoning = False  # no channels here: nothing is reasoning
 
     def __init__(self) -> None:
         self._decoder = harmony.TextDecoder()

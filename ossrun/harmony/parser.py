@@ -107,6 +107,13 @@ class StreamParser:
             self._recover(token_id, events)
         return events
 
+    @property
+    def in_reasoning(self) -> bool:
+        """Inside the text of a reasoning (analysis) message: a token fed now and still inside one after
+        is reasoning, whether or not its bytes finish a character yet (a split CJK character or emoji
+        shows no text until its last token)."""
+        return self._state is _State.CONTENT and self._kind is _Kind.REASONING
+
     def finish(self, reason_if_not_stopped: str = "length") -> list[Event]:
         """Close the stream. A completion already ended by `<|return|>`/`<|call|>` keeps its reason."""
         if self._state is _State.DONE:

@@ -18,7 +18,7 @@ class CompletionSurface:
         self.with_logprobs, self.include_usage = with_logprobs, include_usage
         self.echo = echo  # the prompt's text, sent before the answer's (`echo: true`; never with logprobs)
         self.id, self.created = results.new_id("cmpl"), int(time.time())
-        self._sent_logprobs, self._text_offset = 0, 0
+        self._sent_logprobs, self._logprobs = 0, results.LegacyLogprobs()
 
     def _chunk(self, text: str, finish: str | None = None, logprobs: Any = None) -> bytes:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -35,8 +35,8 @@ class CompletionSurface:
         logprobs = None
         if self.with_logprobs:
             fresh = self.outcome.logprobs[self._sent_logprobs:]
-            logprobs = results.completion_logprobs(fresh, self._text_offset)
-            self._sent_logprobs, self._text_offset = len(self.outcome.logprobs), self._text_offset + sum(len(e["token"]) for e in fresh)
+            logprobs = self._logprobs.take(fresh)
+            self._sent_logprobs = len(self.outcome.logprobs)
         return [self._chunk(event.text, logprobs=logprobs)]
 
     def closing(self) -> list[bytes]:
