@@ -102,10 +102,12 @@ def test_text_that_only_begins_a_stop_string_is_shown_in_the_end(server):
 
 
 def listed(tokens: list[str], text: str) -> list[str]:
-    """The tokens whose whole text is in `text`, a prefix of what they spell: a token straddling the cut is left out."""
+    """The tokens whose whole text is in `text`, a prefix of what they spell: a token straddling the cut is left out,
+    and so is every piece of a character split over tokens (`bytes:\\xf0\\x9f`) that the cut goes through."""
     out, length = [], 0
     for token in tokens:
-        length += len(token)
+        data = bytes.fromhex(token[len("bytes:"):].replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+        length += sum(1 for byte in data if byte & 0xC0 != 0x80)  # the characters that start in this token
         if length > len(text):
             break
         out.append(token)

@@ -396,13 +396,19 @@ class Service:
         if any(isinstance(e, harmony.ContentDelta) for e in events):
             keep, tail = len(pending), 0
             while keep and tail < step.unshown:  # the last tokens' text is (partly) held back or cut off
-                keep, tail = keep - 1, tail + len(pending[keep - 1]["token"])
+                keep, tail = keep - 1, tail + characters_started(pending[keep - 1])
             outcome.logprobs += pending[:keep]
             del pending[:keep]
         elif any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
             pending.clear()
         if step.hidden:
             pending.clear()
+
+
+def characters_started(entry: dict[str, Any]) -> int:
+    """Characters of the text that begin in this logprob entry's bytes (its UTF-8 lead bytes): a character split
+    over tokens belongs to the token it starts in, so a cut through that character leaves all its pieces out."""
+    return sum(1 for byte in entry["bytes"] if byte & 0xC0 != 0x80)
 
 
 def _text_length(events: list[harmony.Event]) -> int:
