@@ -276,6 +276,9 @@ def test_busy_rate_limit_and_timeout(small_server):
         assert "Capacity temporarily exceeded" in busy.text
     timeout = httpx.post(s.run_url(), json={"prompt": "slow", "max_tokens": 5000}, timeout=60)
     assert timeout.status_code == 408 and error_code(timeout) == 3007
+    # The SDKs retry a 408 twice by default (3 full generations, metered 3 times) unless told not to.
+    assert timeout.headers["x-should-retry"] == "false"
+    assert not openai.OpenAI(base_url=f"{s.base}/v1", api_key="x")._should_retry(timeout)
     limited = [httpx.post(s.run_url(), json={"prompt": "a", "max_tokens": 1}, timeout=60) for _ in range(3)]
     assert limited[-1].status_code == 429 and error_code(limited[-1]) == 3036
 

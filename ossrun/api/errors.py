@@ -41,6 +41,9 @@ RATE_LIMITED = (429, 3036, "Rate limit exceeded: too many requests for this toke
 BUSY = (429, 3040, "Capacity temporarily exceeded, please try again.")
 TOO_LARGE = (413, 3006, "Request is too large: the body exceeds 10 MB.")
 TIMEOUT = (408, 3007, "Request timeout.")
+# Sent with the 408: the OpenAI and Cloudflare SDKs (Stainless) retry a 408 twice by default, and they read this header
+# before the status. A request that ran out of time would run out again: each retry is another full generation, metered.
+NO_RETRY = {"x-should-retry": "false"}
 # nginx's "client closed request": nobody reads it, but logs and metrics tell leaving clients apart.
 CLIENT_GONE = (499, 3000, "Client closed the request.")
 SHUTTING_DOWN = (503, 3040, "The server is shutting down, please try again.")

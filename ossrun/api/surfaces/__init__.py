@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from ossrun import harmony
-from ossrun.api.errors import TIMEOUT, ApiError
+from ossrun.api.errors import NO_RETRY, TIMEOUT, ApiError
 from ossrun.api.metering import Tally
 from ossrun.api.service import Outcome, Plan, Service
 from ossrun.api.surfaces.frames import DONE, error_frame
@@ -77,7 +77,7 @@ async def complete(service: Service, plan: Plan, surface: Surface, tally: Tally 
             async for _ in drive(service, plan, surface, tally):
                 pass
     except TimeoutError:
-        raise ApiError(*TIMEOUT) from None
+        raise ApiError(*TIMEOUT, headers=NO_RETRY) from None
     return surface.result()
 
 
