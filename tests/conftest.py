@@ -69,10 +69,10 @@ def load_hf_reference(path: Path):
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory):
     """The real server on the demo model (the default one), with an API token; shared by the demo-model
-    and playground tests so the model loads once."""
+    and playground tests so the model loads once. Verbose: its log (`server.log`) has a line per answer."""
     from ossrun.model.resolve import resolve_model
     from tests.server_util import start_server
 
-    s = start_server(resolve_model("demo"), tmp_path_factory.mktemp("demo-data"), "--rate-limit", "100000", token="secret")
+    s = start_server(resolve_model("demo"), tmp_path_factory.mktemp("demo-data"), "--rate-limit", "100000", "-v", token="secret")
     yield s
     s.stop()

@@ -2,7 +2,8 @@
 
 Cross-cutting checks live here as one middleware, in the order a request meets them: body size,
 authentication, rate limit. Errors leave in the envelope of the surface they came in on. Around it, HEAD
-is answered as GET without the body.
+is answered as GET without the body; outermost, every request gets its `x-request-id` and its log line
+(`request_ids.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from ossrun.api import body, openai_routes, playground, workers_ai
+from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
 from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
 from ossrun.api.metering import Metering
@@ -199,7 +200,8 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         service.metering.requests.labels(_route_path(request.scope, routes), str(response.status_code)).inc()  # refusals too
         return response
 
-    app.add_middleware(HeadAsGet)  # added last: the outermost
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(request_ids.RequestIds)  # added last: the outermost, so every answer carries its id
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -234,8 +236,13 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
+        """Answered outside every middleware (Starlette's ServerErrorMiddleware): the request id is added here."""
+        request_id = request_ids.of_scope(request.scope)
+        log.exception("unhandled error on %s %s request_id=%s", request.method, request.url.path, request_id)
+        response = _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
+        if request_id is not None:
+            response.headers[request_ids.HEADER] = request_id
+        return response
 
     @app.get("/health", tags=["Server"])
     async def health():

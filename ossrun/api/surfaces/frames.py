@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+from ossrun.api import request_ids
 from ossrun.api.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -27,5 +28,5 @@ def frame(data: Any, event: str | None = None) -> bytes:
 def error_frame(exc: Exception) -> bytes:
     if isinstance(exc, ApiError):
         return frame({"error": {"message": exc.message, "code": exc.code}})
-    log.exception("stream failed")
+    log.exception("stream failed request_id=%s", request_ids.current())
     return frame({"error": {"message": "internal error", "code": 3000}})
