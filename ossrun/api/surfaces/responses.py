@@ -57,7 +57,9 @@ class ResponsesSurface:
 
     def closing(self) -> list[bytes]:
         frames = self._close(cut=self._cut)
-        if not any(item["type"] in ("message", "function_call") for item in self.output):  # an answer, even if empty
+        # A finished response has an answer, even if empty; one cut inside its reasoning has none, as on OpenAI (an
+        # empty message would be an empty final turn when the output is sent back).
+        if not self._cut and not any(item["type"] in ("message", "function_call") for item in self.output):
             frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
                                   "content": []})
             frames += self._close(cut=self._cut)
