@@ -266,7 +266,7 @@ def test_responses_sync_items(server):
     assert reasoning["type"] == "reasoning" and "France" in reasoning["content"][0]["text"]
     assert reasoning["content"] == [{"type": "reasoning_text", "text": reasoning["content"][0]["text"]}]
     assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
-    assert message["content"] == [{"type": "output_text", "text": PARIS, "annotations": []}]
+    assert message["content"] == [{"type": "output_text", "text": PARIS, "annotations": [], "logprobs": []}]
     assert result["output_text"] == PARIS
     usage = result["usage"]
     assert usage["output_tokens"] == token_count(completion_text(reasoning["content"][0]["text"], PARIS))

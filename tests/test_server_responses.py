@@ -50,3 +50,27 @@ def test_cut_inside_the_reasoning_outputs_only_the_reasoning(server):
     assert [item["type"] for item in streamed[-1]["response"]["output"]] == ["reasoning"]
     again = post(server, "/v1/responses", {"model": MODEL, "input": "What is 2 + 3?", "previous_response_id": result["id"]})
     assert again["status"] == "completed" and again["output_text"]
+
+
+def test_output_text_logprobs_sync_and_streamed(server):
+    """`include: ["message.output_text.logprobs"]` lists the answer's tokens (spelling its text) with `top_logprobs`
+    alternatives in the part, and each delta carries those of its text; without the include, `[]` as on OpenAI."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    asked = dict(model=MODEL, input="What is the capital of France?", temperature=0, top_logprobs=3,
+                 include=["message.output_text.logprobs"])
+    part = client.responses.create(**asked).output[-1].content[0]
+    assert part.text == "The capital of France is Paris." and part.logprobs
+    assert b"".join(bytes(entry.bytes) for entry in part.logprobs) == part.text.encode()
+    for entry in part.logprobs:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+    sync = [entry.model_dump() for entry in part.logprobs]
+
+    streamed = events(server, {k: v for k, v in asked.items() if k != "temperature"})
+    deltas = [e for e in streamed if e["type"] == "response.output_text.delta"]
+    assert all(e["logprobs"] for e in deltas)  # each delta's own tokens
+    assert [entry for e in deltas for entry in e["logprobs"]] == sync
+    assert next(e for e in streamed if e["type"] == "response.output_text.done")["logprobs"] == sync
+    assert streamed[-1]["response"]["output"][-1]["content"][0]["logprobs"] == sync
+
+    unasked = client.responses.create(**{**asked, "include": None})
+    assert unasked.output[-1].content[0].logprobs == []

@@ -152,9 +152,17 @@ def from_completion(m: schemas.CompletionRequest) -> list[Ask]:
                 echo=bool(m.echo), **_sampling(m)) for prompt in prompts]
 
 
+# The Responses `include` value that asks for the answer text's logprobs (OpenAI's spelling).
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
 def from_responses(m: schemas.ResponsesInput) -> Ask:
+    """Logprobs only with `include: ["message.output_text.logprobs"]`, as on OpenAI (where `top_logprobs` alone
+    returns `logprobs: []`)."""
     mode, named = _choice(m.tool_choice)
+    logprobs = OUTPUT_TEXT_LOGPROBS in (m.include or ())
     return Ask("responses", items=m.input, instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
                effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
                max_tokens=m.max_output_tokens, temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
+               logprobs=logprobs, top_logprobs=(m.top_logprobs or 0) if logprobs else 0,
                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m)

@@ -123,6 +123,7 @@ class OutputText(_Out):
     type: Literal["output_text"]
     text: str
     annotations: list[Any]
+    logprobs: list[TokenLogprobOut] = Field([], description='The text\'s tokens with `include: ["message.output_text.logprobs"]`, else []')
 
 
 class MessageItem(_Out):
@@ -349,7 +350,7 @@ class ResponsesEvent(_Out):
     item_id: str | None = None
     content_index: int | None = None
     delta: str | None = None
-    logprobs: list[Any] | None = None  # `[]` on output_text deltas and dones, as OpenAI sends
+    logprobs: list[TokenLogprobOut] | None = None  # on output_text deltas and dones: the text's tokens when asked for, else []
     item: OutputItem | None = None
 
 

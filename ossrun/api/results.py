@@ -98,7 +98,8 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
 
 # Request fields a Responses object repeats back, with OpenAI's value when the request left them out.
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
-          "temperature": None, "top_p": None, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None}
+          "temperature": None, "top_p": None, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None,
+          "top_logprobs": 0}
 
 
 def echoed(request: ResponsesInput | None) -> dict[str, Any]:

@@ -178,6 +178,10 @@ class ResponsesInput(_Open):
     seed: int | None = Field(None, ge=1, le=9999999999)
     options: RunOptions | None = None
     metadata: dict[str, Any] | None = None  # echoed on the response object
+    # OpenAI's names: "message.output_text.logprobs" asks for the answer text's logprobs; the others name what a
+    # gpt-oss server has nothing of (search results, images, encrypted reasoning) and are accepted, ignored.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per logprobs entry (with that `include`)
 
 
 class QueuedItem(_Open):

@@ -96,4 +96,4 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "")
     return ResponsesSurface(outcome, model, prices, ask.source,
-                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response))
+                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response), ask.logprobs)

@@ -19,16 +19,21 @@ _DELTA = {"reasoning": "response.reasoning_text.delta", "message": "response.out
 
 
 class ResponsesSurface:
-    """`remember(response)` keeps the finished response for `previous_response_id` (both modes)."""
+    """`remember(response)` keeps the finished response for `previous_response_id` (both modes); `with_logprobs`:
+    the answer text's tokens are listed (`include: ["message.output_text.logprobs"]`) in its `output_text` part and
+    in the deltas that show them, as the chat surface lists them."""
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
-                 remember: Callable[[dict[str, Any]], None]):
+                 remember: Callable[[dict[str, Any]], None], with_logprobs: bool = False):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
+        self.with_logprobs = with_logprobs
         self.id, self.created = results.new_id("resp"), int(time.time())
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None
         self.text = ""
+        self.logprobs: list[dict[str, Any]] = []  # the open message's entries
+        self._sent_logprobs = 0  # entries of outcome.logprobs already in a delta
 
     # -- the surface --------------------------------------------------------------------------------
     def opening(self) -> list[bytes]:
@@ -86,20 +91,30 @@ class ResponsesSurface:
 
     def _open(self, item: dict[str, Any]) -> list[bytes]:
         frames = self._close()
-        self.current, self.text = item, ""
+        self.current, self.text, self.logprobs = item, "", []
         self.output.append(item)
         frames.append(self._event("response.output_item.added", output_index=len(self.output) - 1, item=item))
         if item["type"] == "message":
             frames.append(self._event("response.content_part.added", **self._where(), content_index=0,
-                                      part={"type": "output_text", "text": "", "annotations": []}))
+                                      part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
         return frames
 
     def _delta(self, text: str) -> bytes:
         self.text += text
         extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
         if self.current["type"] == "message":
-            extra["logprobs"] = []  # OpenAI always sends it on answer text (empty unless asked for)
+            extra["logprobs"] = self._new_logprobs()  # OpenAI always sends it on answer text (empty unless asked for)
         return self._event(_DELTA[self.current["type"]], **self._where(), **extra, delta=text)
+
+    def _new_logprobs(self) -> list[dict[str, Any]]:
+        """The entries not yet sent: those of the tokens whose text is now shown (the service lists exactly those,
+        in the step that shows their text, before its events reach the surface); [] unless asked for."""
+        if not self.with_logprobs:
+            return []
+        new = self.outcome.logprobs[self._sent_logprobs:]
+        self._sent_logprobs = len(self.outcome.logprobs)
+        self.logprobs += new
+        return new
 
     def _close(self, cut: bool = False) -> list[bytes]:
         """End the open item; `cut`: `max_output_tokens` ended it, so it is `incomplete`."""
@@ -111,9 +126,10 @@ class ResponsesSurface:
             item["content"] = [{"type": "reasoning_text", "text": self.text}]
             frames.append(self._event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
         elif item["type"] == "message":
-            part = {"type": "output_text", "text": self.text, "annotations": []}
+            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
             item["content"], item["status"] = [part], status
-            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text, logprobs=[]))
+            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text,
+                                      logprobs=self.logprobs))
             frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
         else:
             item["arguments"], item["status"] = self.text, status
