@@ -480,3 +480,25 @@ def test_the_param_and_pointer_name_the_field_not_pydantic_labels(client, fields
     pointer = "/" + param.replace("[", "/").replace("]", "").replace(".", "/")
     assert error["param"] == param and f"at '{pointer}'" in error["message"], error
     assert "constrained" not in error["message"] and "WrappedTool" not in error["message"]
+
+
+# -- stored responses ------------------------------------------------------------------------------------
+
+def test_input_items_of_a_response_stored_without_item_ids(tmp_path):
+    """A response stored before items had ids (an older server's row) still lists its input, each item with an
+    id derived from the response and its place (the same on every call), content as OpenAI's parts."""
+    from ossrun.api.conversations import ResponseStore
+
+    store = ResponseStore(tmp_path / "batch.sqlite")
+    replay = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Again"}]
+    response = {"id": "resp_old", "output": [{"type": "message", "id": "msg_out", "content": [{"type": "output_text", "text": "Hello"}]}]}
+    store._db.execute("INSERT INTO responses (id, created_at, replay, response) VALUES (?, strftime('%s','now'), ?, ?)",
+                      ("resp_old", json.dumps(replay + [{"role": "assistant", "content": "Hello"}]), json.dumps(response)))
+    items = store.input_items("resp_old")
+    assert items == store.input_items("resp_old") and len({item["id"] for item in items}) == 3
+    assert all(item["id"].startswith("msg_") and item["type"] == "message" and item["status"] == "completed" for item in items)
+    assert [item["content"] for item in items] == [[{"type": "input_text", "text": "Hi"}],
+                                                   [{"type": "output_text", "text": "Hello", "annotations": []}],
+                                                   [{"type": "input_text", "text": "Again"}]]
+    assert store.delete("resp_old") and store.input_items("resp_old") is None and not store.delete("resp_old")

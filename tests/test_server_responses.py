@@ -74,3 +74,41 @@ def test_output_text_logprobs_sync_and_streamed(server):
 
     unasked = client.responses.create(**{**asked, "include": None})
     assert unasked.output[-1].content[0].logprobs == []
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_input_items_and_delete_on_both_prefixes(server):
+    """`input_items` lists what a stored response was generated from (a previous response's items included), each
+    item with the same id in every response of the conversation; `delete` forgets the response."""
+    clients = [openai.OpenAI(base_url=f"{server.base}{prefix}", api_key="secret", max_retries=0)
+               for prefix in ("/v1", "/client/v4/accounts/acct/ai/v1")]
+    for client in clients:
+        first = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], temperature=0)
+        call = first.output[-1]
+        assert call.type == "function_call"
+        second = client.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], temperature=0,
+                                         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+        items = list(client.responses.input_items.list(second.id, order="asc"))
+        assert [item.type for item in items] == ["message", "reasoning", "function_call", "function_call_output"]
+        assert items[0].role == "user" and items[0].content[0].text == "What is the weather in Paris?"
+        assert [item.id for item in items[1:3]] == [item.id for item in first.output]  # the first answer's own items
+        assert items[2].call_id == call.call_id and items[3].output == "sunny" and len({i.id for i in items}) == 4
+        assert [item.id for item in client.responses.input_items.list(first.id)] == [items[0].id]
+        paged = list(client.responses.input_items.list(second.id, limit=1))  # newest first, one page per item
+        assert [item.id for item in paged] == [item.id for item in reversed(items)]
+
+        path = f"{client.base_url}responses/{second.id}"
+        page = httpx.get(f"{path}/input_items", params={"limit": 2, "after": items[-1].id}, headers=server.headers).json()
+        assert page["object"] == "list" and [i["id"] for i in page["data"]] == [items[2].id, items[1].id] and page["has_more"]
+        deleted = httpx.delete(path, headers=server.headers)
+        assert deleted.status_code == 200 and deleted.json() == {"id": second.id, "object": "response", "deleted": True}
+        for gone in (lambda: client.responses.retrieve(second.id), lambda: client.responses.delete(second.id),
+                     lambda: client.responses.input_items.list(second.id)):
+            with pytest.raises(openai.NotFoundError):
+                gone()
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model=MODEL, input="And tomorrow?", previous_response_id=second.id)
+        assert client.responses.retrieve(first.id).id == first.id  # only the one named

@@ -1,13 +1,17 @@
-"""`previous_response_id` and `GET /v1/responses/{id}`: finished responses kept in the data directory's SQLite file.
+"""`previous_response_id` and `/v1/responses/{id}` (retrieve, delete, input_items): finished responses kept in the
+data directory's SQLite file.
 
 Each finished response is kept twice over: as the response object (what `retrieve` returns) and as the
 input items that would replay it: its own input, then its output turned back into input (reasoning,
 assistant text, function calls). A follow-up naming it gets those items in front of its own input.
-Kept on disk so a restart does not break a conversation; bounded by count and by age.
+Every replayed item has an id, as OpenAI's items do: an output item keeps its own (`msg_`, `rs_`, `fc_`), an input
+item keeps the one it was sent with or gets one when stored, so `input_items` names the same item alike in every
+response of a conversation. Kept on disk so a restart does not break a conversation; bounded by count and by age.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -43,14 +47,53 @@ def as_input_items(input_: str | Sequence[InputItem]) -> list[InputItem]:
 
 
 def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
-    """One output item of a response (our own JSON) as the input item that replays it."""
+    """One output item of a response (our own JSON) as the input item that replays it (with the item's id)."""
     if item["type"] == "reasoning":
-        return {"type": "reasoning", "content": item.get("content", [])}
+        return {"type": "reasoning", "id": item["id"], "content": item.get("content", [])}
     if item["type"] == "message":
-        return {"role": "assistant", "content": "".join(part.get("text", "") for part in item.get("content", []))}
+        return {"role": "assistant", "id": item["id"], "content": "".join(part.get("text", "") for part in item.get("content", []))}
     if item["type"] == "function_call":
-        return {"type": "function_call", "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
+        return {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
     return None
+
+
+# An input item's id prefix, by type, as OpenAI spells them.
+_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def _with_id(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored input item (JSON) with an id: its own, or a new one."""
+    from ossrun.api.results import new_id  # results imports the service, which imports this module
+
+    return item if isinstance(item.get("id"), str) else {**item, "id": new_id(_ID_PREFIX[item.get("type", "message")])}
+
+
+def _text_parts(content: Any, role: str) -> list[Any]:
+    """A message's content as OpenAI lists it: parts (`input_text`, or `output_text` for the assistant's)."""
+    kind = "output_text" if role == "assistant" else "input_text"
+    if content is None:
+        return []
+    if isinstance(content, str):
+        content = [{"type": kind, "text": content}]
+    parts = [{**part, "type": kind} if isinstance(part, dict) and part.get("type") == "text" else part for part in content]
+    return [{"annotations": [], **part} if kind == "output_text" else part for part in parts]
+
+
+def listed_item(item: dict[str, Any], fallback_id: str) -> dict[str, Any]:
+    """A stored input item as `input_items` lists it (OpenAI's item shapes). `fallback_id`: for an item stored
+    without one (by an older version), derived from the response and the position so it is the same on every call."""
+    kind = item.get("type", "message")
+    listed: dict[str, Any] = {"type": kind, **({} if kind == "reasoning" else {"status": "completed"}), **item,
+                              "id": item.get("id") or fallback_id}
+    if kind == "message":
+        listed["role"] = item.get("role", "user")
+        listed["content"] = _text_parts(item.get("content"), listed["role"])
+    elif kind == "function_call":
+        arguments = item.get("arguments")
+        listed["arguments"] = arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {})
+    elif kind == "reasoning":
+        listed.setdefault("summary", [])
+    return listed
 
 
 class ResponseStore:
@@ -78,11 +121,30 @@ class ResponseStore:
         row = self._row("response", response_id)
         return None if row is None else json.loads(row)
 
+    def input_items(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The items a stored response was generated from, in order (a previous response's conversation included:
+        what the model read), each with its id; None if unknown. The replay is these items then the output's."""
+        with self._lock:
+            row = self._db.execute("SELECT replay, response FROM responses WHERE id = ? AND created_at >= ?",
+                                   (response_id, time.time() - self.retention_s)).fetchone()
+        if row is None:
+            return None
+        replay, output = json.loads(row[0]), json.loads(row[1]).get("output") or []
+        inputs = replay[:len(replay) - sum(output_as_input(item) is not None for item in output)]
+        return [listed_item(item, _derived_id(response_id, index, item)) for index, item in enumerate(inputs)]
+
+    def delete(self, response_id: str) -> bool:
+        """Forget a stored response (it can no longer be retrieved or continued); False if there was none."""
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM responses WHERE id = ? AND created_at >= ?",
+                                       (response_id, time.time() - self.retention_s)).rowcount
+        return deleted > 0
+
     def remember(self, response_id: str, items: str | Sequence[InputItem], store: bool, response: dict[str, Any]) -> None:
         """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
         if not store or self.capacity <= 0:
             return
-        replay = _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)
+        replay = [_with_id(item) for item in _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)]
         replay += [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
         with self._lock:
@@ -100,3 +162,8 @@ class ResponseStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _derived_id(response_id: str, index: int, item: dict[str, Any]) -> str:
+    digest = hashlib.sha256(f"{response_id}/{index}".encode()).hexdigest()[:24]
+    return f"{_ID_PREFIX[item.get('type', 'message')]}_{digest}"

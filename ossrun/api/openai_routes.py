@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from ossrun.api import ask as asks
 from ossrun.api import choices, schemas, surfaces
 from ossrun.api.disconnect import unless_client_leaves
 from ossrun.api.service import Service, usage
-from ossrun.api.errors import ApiError
+from ossrun.api.errors import ApiError, bad_input
 from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
 
 
@@ -85,12 +86,46 @@ async def model(model_id: str, request: Request):
     return _model_card(model_id)
 
 
+def _not_stored(response_id: str) -> ApiError:
+    return ApiError(404, 5006, f"No stored response {response_id!r} (unknown, expired, deleted, or created with store: false)",
+                    "response_id")
+
+
 async def stored_response(response_id: str, request: Request):
     """`client.responses.retrieve(id)`: a finished response kept for `previous_response_id`."""
     response = service_of(request).responses.get(response_id)
     if response is None:
-        raise ApiError(404, 5006, f"No stored response {response_id!r} (unknown, expired, or created with store: false)", "response_id")
+        raise _not_stored(response_id)
     return response
+
+
+async def delete_response(response_id: str, request: Request):
+    """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`)."""
+    if not service_of(request).responses.delete(response_id):
+        raise _not_stored(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+async def input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+                      order: Literal["asc", "desc"] = "desc", after: str | None = None):
+    """`client.responses.input_items.list(id)`: the items the response was generated from, with ids, as OpenAI's
+    cursor page (newest first unless `order=asc`; `after`: the id the previous page ended at)."""
+    items = service_of(request).responses.input_items(response_id)
+    if items is None:
+        raise _not_stored(response_id)
+    return cursor_page(items if order == "asc" else items[::-1], limit, after)
+
+
+def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> dict[str, Any]:
+    """OpenAI's list object: up to `limit` items following the one whose id is `after` (an unknown id is a 400)."""
+    if after is not None:
+        at = next((i for i, item in enumerate(items) if item["id"] == after), None)
+        if at is None:
+            raise bad_input(f"Error: at '/after': no item {after!r} in this list", "after")
+        items = items[at + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
@@ -104,6 +139,8 @@ def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
     router.add_api_route("/models/{model_id:path}", model, methods=["GET"], summary="One model")
     router.add_api_route("/responses/{response_id}", stored_response, methods=["GET"], summary="A stored response")
+    router.add_api_route("/responses/{response_id}", delete_response, methods=["DELETE"], summary="Delete a stored response")
+    router.add_api_route("/responses/{response_id}/input_items", input_items, methods=["GET"], summary="A stored response's input items")
     return router
 
 

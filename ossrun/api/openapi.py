@@ -164,6 +164,20 @@ class ResponsesUsage(_Out):
     neurons: float = Field(ge=0)
 
 
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
+class InputItemList(_Out):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="Input items (message, function_call, function_call_output, reasoning), each with its id")
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class IncompleteDetails(_Out):
     reason: str
 
@@ -424,7 +438,7 @@ class Health(_Out):
 
 
 RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
-                   ChatCompletion, ResponseObject, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
+                   ChatCompletion, ResponseObject, ResponseDeleted, InputItemList, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
@@ -440,6 +454,8 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
     ("/v1/responses/{response_id}", "get"): (ResponseObject, (), (403, 404)),
+    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404)),
+    ("/v1/responses/{response_id}/input_items", "get"): (InputItemList, (), (400, 403, 404)),
     ("/health", "get"): (Health, (), ()),
     ("/metrics", "get"): (None, (), ()),
 }

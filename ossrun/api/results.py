@@ -13,7 +13,7 @@ from ossrun.api.service import Outcome, usage
 
 
 # OpenAI's own spellings: Responses objects and their items use `_`, chat and text completions `-`.
-_UNDERSCORED = ("resp", "msg", "rs", "fc")
+_UNDERSCORED = ("resp", "msg", "rs", "fc", "fco")
 
 
 def new_id(prefix: str) -> str:
