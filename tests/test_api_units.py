@@ -502,3 +502,24 @@ def test_input_items_of_a_response_stored_without_item_ids(tmp_path):
                                                    [{"type": "output_text", "text": "Hello", "annotations": []}],
                                                    [{"type": "input_text", "text": "Again"}]]
     assert store.delete("resp_old") and store.input_items("resp_old") is None and not store.delete("resp_old")
+
+
+def test_input_items_ids_are_unique_so_paging_ends(tmp_path):
+    """The same item sent twice (with its id) is listed with two ids: `after` names one place."""
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.api.openai_routes import cursor_page
+    from ossrun.harmony.shapes import InputMessage
+
+    store = ResponseStore(tmp_path / "batch.sqlite")
+    twice = InputMessage.model_validate({"role": "user", "content": "Hi", "id": "msg_same"})
+    store.remember("resp_1", [twice, InputMessage(role="user", content="x"), twice], True, {"id": "resp_1", "output": []})
+    items = store.input_items("resp_1")
+    assert items[0]["id"] == "msg_same" and len({item["id"] for item in items}) == 3
+    pages, after = [], None
+    while True:
+        page = cursor_page(items, 1, after)
+        pages += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert pages == items

@@ -131,7 +131,14 @@ class ResponseStore:
             return None
         replay, output = json.loads(row[0]), json.loads(row[1]).get("output") or []
         inputs = replay[:len(replay) - sum(output_as_input(item) is not None for item in output)]
-        return [listed_item(item, _derived_id(response_id, index, item)) for index, item in enumerate(inputs)]
+        listed, seen = [], set()
+        for index, item in enumerate(inputs):
+            # An id sent twice (the same output item passed back twice) is listed once: a page ending at a repeated
+            # id would send the SDK's auto-paging (`after` = that id) round in circles.
+            fallback = _derived_id(response_id, index, item)
+            listed.append(listed_item(item if item.get("id") not in seen else {**item, "id": fallback}, fallback))
+            seen.add(listed[-1]["id"])
+        return listed
 
     def delete(self, response_id: str) -> bool:
         """Forget a stored response (it can no longer be retrieved or continued); False if there was none."""
