@@ -95,6 +95,22 @@ def test_responses_carry_reasoning_and_answer_apart(server):
     assert text == result["output_text"] and thought == reasoning["content"][0]["text"]
 
 
+def test_a_previous_response_id_chain_drops_the_reasoning_of_answered_turns(server):
+    """At the third turn the server-side history held the second turn's reasoning (openai-harmony drops only
+    what precedes the first final answer): 32 more prompt tokens, and the demo answered the old question."""
+    questions = ("Hi", "What is the capital of France?", "What is 2 + 3?")
+    replies, by_hand = [], []
+    for question in questions:
+        previous = {"previous_response_id": replies[-1]["id"]} if replies else {}
+        replies.append(post(server, "/v1/responses", {"model": MODEL, "input": question, "max_output_tokens": 80, **previous}))
+        by_hand.append({"role": "user", "content": question})
+        by_hand.append({"role": "assistant", "content": replies[-1]["output_text"]})
+    assert all(reply["output"][0]["type"] == "reasoning" for reply in replies[:2])  # the history has reasoning to drop
+    answers_only = post(server, "/v1/responses", {"model": MODEL, "input": by_hand[:-1], "max_output_tokens": 80})
+    assert replies[-1]["usage"]["input_tokens"] == answers_only["usage"]["input_tokens"]
+    assert replies[-1]["output_text"] == answers_only["output_text"] == "2 + 3 = 5."
+
+
 def test_reasoning_is_longer_at_higher_effort(server):
     lengths = {}
     for effort in ("low", "medium", "high"):

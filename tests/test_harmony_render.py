@@ -192,6 +192,53 @@ def test_reasoning_before_a_final_answer_is_dropped_like_the_library_does():
     assert "Simple sum." not in decode(expected)
 
 
+def test_reasoning_of_every_answered_turn_is_dropped_not_only_before_the_first_final():
+    """openai-harmony alone keeps the reasoning of the second and later answered turns; harmony's guide drops it."""
+    body = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."},
+            {"role": "user", "content": "3+3?"},
+        ]
+    }
+    expected = reference(system(), user("Hi"), assistant("Hello!", "final"), user("2+2?"), assistant("4", "final"), user("3+3?"))
+    assert ids(body) == expected
+    answers_only = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in body["messages"]]
+    assert ids({"messages": answers_only}) == expected
+
+
+def test_responses_reasoning_items_of_answered_turns_are_dropped_and_the_open_turns_kept():
+    """Reasoning items (as a `previous_response_id` chain replays them) before the last final answer go, also
+    those before an earlier tool call; the reasoning of the turn still open (before its tool call) stays."""
+    def reasoning(text: str) -> dict:
+        return {"type": "reasoning", "content": [{"type": "reasoning_text", "text": text}]}
+
+    body = {
+        "input": [
+            {"role": "user", "content": "Hi"}, reasoning("A greeting."), {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Weather in Oslo?"}, reasoning("Call the tool."),
+            {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": '{"location":"Oslo"}'},
+            {"type": "function_call_output", "call_id": "fc_1", "output": "-3"}, reasoning("Report it."),
+            {"role": "assistant", "content": "It is -3."},
+            {"role": "user", "content": "And Rome?"}, reasoning("Call it again."),
+            {"type": "function_call", "call_id": "fc_2", "name": "get_weather", "arguments": '{"location":"Rome"}'},
+            {"type": "function_call_output", "call_id": "fc_2", "output": "20"},
+        ],
+        "tools": [RESPONSES_TOOL],
+    }
+    expected = reference(
+        system(), developer(tools=[WEATHER]),
+        user("Hi"), assistant("Hello!", "final"),
+        user("Weather in Oslo?"), call("get_weather", '{"location":"Oslo"}'), tool_result("get_weather", "-3"),
+        assistant("It is -3.", "final"),
+        user("And Rome?"), assistant("Call it again.", "analysis"), call("get_weather", '{"location":"Rome"}'),
+        tool_result("get_weather", "20"),
+    )
+    assert ids(body) == expected
+
+
 def test_text_beside_tool_calls_is_a_commentary_preamble():
     body = {
         "messages": [

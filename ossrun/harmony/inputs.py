@@ -94,6 +94,21 @@ def _add_reasoning(out: Converted, text: str | None) -> None:
         out.messages.append(_assistant([text], "analysis"))
 
 
+def drop_answered_reasoning(messages: Sequence[Message]) -> list[Message]:
+    """The messages without the reasoning that an assistant `final` answer already followed.
+
+    OpenAI's harmony guide: drop earlier chain of thought once the assistant's turn ended in a message to
+    the final channel. openai-harmony's `auto_drop_analysis` drops only what comes before the *first* final
+    message, so from the third turn on every later turn's reasoning (`reasoning_content` sent back,
+    Responses `reasoning` items, a `previous_response_id` chain) would stay in the prompt: tokens paid on
+    every turn, and a model led by stale thoughts. As vLLM does, analysis before the *last* final goes;
+    reasoning after it (the open turn's, before a tool call) stays.
+    """
+    last_final = max((i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"),
+                     default=-1)
+    return [m for i, m in enumerate(messages) if i > last_final or m.channel != "analysis"]
+
+
 # --- a Workers AI `prompt` --------------------------------------------------------------------
 
 

@@ -3,8 +3,9 @@
 The rendering itself is `openai-harmony`'s (`render_conversation_for_completion`), so our prompts
 match OpenAI's token for token; this module only builds the harmony conversation: a system
 message (reasoning effort, channels), a developer message (instructions, the answer's response
-format, and the `functions` tool namespace) when there is anything to put in it, then the converted turns, ending with
-`<|start|>assistant` so the model writes the reply.
+format, and the `functions` tool namespace) when there is anything to put in it, then the converted turns (less the
+reasoning that a final answer already followed: `inputs.drop_answered_reasoning`), ending with `<|start|>assistant`
+so the model writes the reply.
 
 Rendering is deterministic: the system message carries no conversation start date unless the
 caller passes one, so the same request always gives the same tokens (and the same prefix-cache hits).
@@ -33,7 +34,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses
+from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning
 from .shapes import FunctionDef, InputItem, Message as ChatMessage, Shape, Tool, WrappedTool
 from .tokenizer import encode, get_encoding, has_long_run
 
@@ -95,7 +96,7 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     instructions = [*converted.instructions, *([response_format.text()] if response_format is not None else [])]
     if instructions or descriptions:
         messages.append(_developer_message([stand_ins.text(t) for t in instructions], descriptions))
-    messages.extend(stand_ins.message(m) for m in converted.messages)
+    messages.extend(stand_ins.message(m) for m in drop_answered_reasoning(converted.messages))
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
 
