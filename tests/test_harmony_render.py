@@ -343,6 +343,16 @@ def test_responses_assistant_output_text_is_a_final_message():
     assert ids(body) == reference(system(), user("Hi"), assistant("Hello!", "final"), user("Bye"))
 
 
+def test_a_refusal_part_is_the_assistant_answer_in_both_shapes():
+    """OpenAI's assistant parts are text or refusal (chat), output_text or refusal (a Responses output message)."""
+    refusal = [{"type": "refusal", "refusal": "I cannot help with that."}]
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": refusal}, {"role": "user", "content": "Bye"}]}
+    items = {"input": [{"role": "user", "content": "Hi"}, {"type": "message", "role": "assistant", "content": refusal},
+                       {"role": "user", "content": "Bye"}]}
+    expected = reference(system(), user("Hi"), assistant("I cannot help with that.", "final"), user("Bye"))
+    assert ids(chat) == ids(items) == expected
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
@@ -351,13 +361,13 @@ def test_responses_assistant_output_text_is_a_final_message():
     [
         ({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}, "tool_call_id 'nope'"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "at '/messages/0/role'"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "at '/messages/0/content/0/type': Input should be 'text', 'input_text' or 'output_text' (got 'image_url')"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "at '/messages/0/content/0': content part type 'image_url' is not supported: gpt-oss takes text only"),
         ({"messages": [{"role": "user", "content": 5}]}, "at '/messages/0/content': Input should be a valid string (got 5)"),
         ({"messages": "hello"}, "at '/messages': Input should be a valid list"),
         ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}]}, "at '/messages/0/tool_calls/0/function/name': Field required"),
         ({"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]}, "call_id 'x'"),
-        ({"input": [{"type": "web_search_call"}]}, "(got 'web_search_call')"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "at '/input/0/content/0/type'"),
+        ({"input": [{"type": "web_search_call"}]}, "at '/input/0': input item type 'web_search_call' is not supported"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "at '/input/0/content/0': content part type 'input_image'"),
         ({"input": "Hi", "tools": [{"type": "web_search"}]}, "at '/tools/0/type': Input should be 'function' (got 'web_search')"),
         ({"input": "Hi", "tools": [{"type": "function", "description": "x"}]}, "at '/tools/0/function': Field required"),
         ({"input": "Hi", "tools": [FLAT_TOOL, NESTED_TOOL]}, "unique"),

@@ -29,6 +29,7 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     ToolCall,
     ToolCallFunction,
     WrappedTool,
+    str_or_list,
 )
 
 Effort = Literal["low", "medium", "high"]
@@ -160,7 +161,7 @@ class TextConfig(_Open):
 
 
 class ResponsesInput(_Open):
-    input: str | list[InputItem]
+    input: str_or_list(InputItem)  # type: ignore[valid-type]
     instructions: str | None = None
     reasoning: Reasoning | None = None
     tools: list[Tool] | None = None

@@ -26,11 +26,11 @@ from .shapes import (
     InputItem,
     InputMessage,
     ReasoningInput,
+    RefusalPart,
+    TEXT_PART_TYPES,
     ToolCallFunction,
 )
 from .shapes import Message as ChatMessage
-
-TEXT_PART_TYPES = ("text", "input_text", "output_text")
 
 
 class RenderError(ValueError):
@@ -48,12 +48,13 @@ class Converted:
 
 
 def text_parts(content: Content) -> list[str]:
-    """The text pieces of a `content` value: a string, null, or a list of text parts."""
+    """The text pieces of a `content` value: a string, null, or a list of text parts (a refusal's text is the
+    assistant's answer, as it was shown to the user)."""
     if content is None:
         return []
     if isinstance(content, str):
         return [content]
-    return [part.text for part in content]
+    return [part.refusal if isinstance(part, RefusalPart) else part.text for part in content]
 
 
 def _message(author: Author, texts: list[str]) -> Message:
@@ -211,7 +212,7 @@ def _output_texts(output: Any, where: str) -> list[str]:
             texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise RenderError(f"{where}: output part of type {kind!r} is not supported (only text parts are)")
+            raise RenderError(f"{where}: output part type {kind!r} is not supported: gpt-oss takes text only (text parts)")
     return texts
 
 

@@ -4,13 +4,18 @@ body is parsed once at the edge and the same typed objects reach the renderer.
 
 Extra fields are accepted (clients send more than the schema names); known fields are checked
 strictly, like the hosted JSON Schema validator: "0.5" is no number and 1 is no boolean.
+
+Unions pick their branch from the value (a list or not; a part's or an item's `type`), so a refused value gets
+the one error of the branch it meant, never every branch's (`Input should be a valid string` for a content list
+holding an image); a part or item of a type gpt-oss cannot take is refused by name.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 
 class Shape(BaseModel):
@@ -56,12 +61,46 @@ class ToolCall(Shape):
     function: ToolCallFunction
 
 
+def str_or_list(item: Any) -> Any:
+    """`str | list[item]`, validated as the branch the value's JSON type picks (see the module's docstring).
+    The tags are pydantic's own labels for these types, which error paths already leave out."""
+    return Annotated[Union[Annotated[str, Tag("str")], Annotated[list[item], Tag("list")]],  # type: ignore[valid-type]
+                     Discriminator(lambda value: "list" if isinstance(value, list) else "str")]
+
+
+TEXT_PART_TYPES = ("text", "input_text", "output_text")
+PART_TYPES = (*TEXT_PART_TYPES, "refusal")
+
+
+def _text_only(part: Any) -> Any:
+    """A content part of a type gpt-oss cannot read (`image_url`, `input_image`, `input_audio`, `file`, …) is
+    refused by name, before the union would list what each of its branches wanted."""
+    if isinstance(part, dict) and part.get("type") not in PART_TYPES:
+        if "type" not in part:
+            raise PydanticCustomError("part_type", "a content part needs a 'type': {types}", {"types": _or(PART_TYPES)})
+        raise PydanticCustomError("part_type", "content part type {type} is not supported: gpt-oss takes text only "
+                                  "(parts of type {types})", {"type": repr(part["type"]), "types": _or(PART_TYPES)})
+    return part
+
+
+def _or(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 class TextPart(Shape):
     type: Literal["text", "input_text", "output_text"]
     text: str
 
 
-Content = Union[str, list[TextPart], None]
+class RefusalPart(Shape):
+    """An assistant turn that declined (OpenAI's chat and Responses spell it as a part): its text is the answer."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+Part = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type"), BeforeValidator(_text_only)]
+Content = Union[str_or_list(Part), None]
 
 
 class Message(Shape):
@@ -106,4 +145,23 @@ class ReasoningInput(Shape):
     content: list[ReasoningPart] | None = None
 
 
-InputItem = Union[InputMessage, FunctionCallInput, FunctionCallOutputInput, ReasoningInput]
+ITEM_TYPES = {"message": InputMessage, "function_call": FunctionCallInput, "function_call_output": FunctionCallOutputInput,
+              "reasoning": ReasoningInput}
+
+
+def _known_item(item: Any) -> Any:
+    """An item of another type (`web_search_call`, `item_reference`, …) is refused by name."""
+    if isinstance(item, dict) and item.get("type", "message") not in tuple(ITEM_TYPES):
+        raise PydanticCustomError("item_type", "input item type {type} is not supported: items are {types}",
+                                  {"type": repr(item["type"]), "types": _or(tuple(ITEM_TYPES))})
+    return item
+
+
+def _item_model(item: Any) -> str:
+    """The model an item is validated as, named as pydantic labels a union's models (which error paths leave out)."""
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+    return ITEM_TYPES.get(kind if isinstance(kind, str) else "message", InputMessage).__name__
+
+
+InputItem = Annotated[Union[tuple(Annotated[model, Tag(model.__name__)] for model in ITEM_TYPES.values())],  # type: ignore[misc]
+                      Discriminator(_item_model), BeforeValidator(_known_item)]
