@@ -583,3 +583,15 @@ def test_an_assistant_refusal_part_is_served_as_that_turns_answer(client, path):
     assert refused.status_code == 200, refused.text
     usage = [(r.json().get("result") or r.json())["usage"] for r in (refused, said)]
     assert usage[0] == usage[1]  # the same prompt tokens: the refusal is the assistant's final text
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model": "%s", "messages": [{"role": "user", "content": "Hi\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "%s", "input": [{"role": "user", "content": [{"type": "input_text", "text": "\\udfff"}]}]}', "input[0].content[0].text"),
+])
+def test_a_lone_surrogate_names_its_field_in_param(client, raw, param):
+    """The pointer was in the message, but `param` was null."""
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/responses"
+    response = client.post(path, content=raw % MODEL.encode(), headers={"Content-Type": "application/json"})
+    message, got = _error(response)
+    assert response.status_code == 400 and got == param and "lone UTF-16 surrogate" in message, response.text

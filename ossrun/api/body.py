@@ -15,7 +15,7 @@ import json
 import zlib
 from typing import Any
 
-from ossrun.api.errors import TOO_LARGE, ApiError, bad_input
+from ossrun.api.errors import TOO_LARGE, ApiError, bad_input, param_of
 
 # No legitimate body nests deeper; tool parameter schemas have their own, smaller limit (harmony).
 MAX_DEPTH = 128
@@ -39,26 +39,32 @@ def parse_json(raw: bytes) -> Any:
 
 def check_value(value: Any) -> None:
     """Iteratively (a recursive walk would fail on exactly the bodies it must refuse): depth and strings."""
-    stack = [(value, 1, "")]
+    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
     while stack:
-        item, depth, where = stack.pop()
+        item, depth, path = stack.pop()
         if isinstance(item, str):
-            _check_text(item, where)
+            _check_text(item, path)
         elif isinstance(item, (dict, list)):
             if depth > MAX_DEPTH:
-                raise bad_input(f"Error: at '{where or '/'}': the body nests deeper than {MAX_DEPTH} levels")
+                raise bad_input(f"Error: at '{_pointer(path)}': the body nests deeper than {MAX_DEPTH} levels")
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in pairs:
                 if isinstance(key, str):
-                    _check_text(key, where)
-                stack.append((child, depth + 1, f"{where}/{key}"))
+                    _check_text(key, path)
+                stack.append((child, depth + 1, (*path, key)))
 
 
-def _check_text(text: str, where: str) -> None:
+def _pointer(path: tuple[str | int, ...]) -> str:
+    return "/" + "/".join(map(str, path))
+
+
+def _check_text(text: str, path: tuple[str | int, ...]) -> None:
+    """A lone surrogate is a 400 naming where it is (OpenAI's `param` too: the field is known)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise bad_input(f"Error: at '{where or '/'}': the string holds a lone UTF-16 surrogate (not valid Unicode)") from None
+        raise bad_input(f"Error: at '{_pointer(path)}': the string holds a lone UTF-16 surrogate (not valid Unicode)",
+                        param_of(path)) from None
 
 
 # Content codings a request body may come in (RFC 9110 §8.4.1; "x-gzip" is gzip's old name).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -21,6 +22,14 @@ class ApiError(Exception):
 
 def bad_input(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, 5006, f"AiError: Bad input: {message}", param)
+
+
+def param_of(path: Sequence[str | int]) -> str | None:
+    """OpenAI's `param` for a field's path in the body: `messages[0].content` for ("messages", 0, "content")."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or None
 
 
 def unknown_model(model: str) -> ApiError:

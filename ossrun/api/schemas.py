@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import models_json_schema
 
-from ossrun.api.errors import ApiError, bad_input
+from ossrun.api.errors import ApiError, bad_input, param_of
 from ossrun.api.openapi import ChatCompletion, PromptResult, ResponseObject
 from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmony renders, part of these bodies
     FunctionCallInput,
@@ -332,10 +332,7 @@ def describe(error: ValidationError) -> str:
 
 def param(error: ValidationError) -> str | None:
     """OpenAI's `param` for the first error: the field as OpenAI spells it (`max_tokens`, `messages[0].content`)."""
-    text = ""
-    for part in _field_loc(error.errors()[0]["loc"]) if error.errors() else ():
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text or None
+    return param_of(_field_loc(error.errors()[0]["loc"])) if error.errors() else None
 
 
 def parse(model: type[BaseModel], body: Any) -> BaseModel:
