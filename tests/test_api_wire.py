@@ -568,3 +568,79 @@ def test_raw_on_a_conversation_is_ignored_not_refused(server):
     """`raw` is in the sampling fields every shape's schema shares; only a Prompt has raw text to send."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "raw": True, "max_tokens": 2}
     assert call(server, "POST", "/v1/chat/completions", json=body).status_code == 200
+
+
+# -- content parts, surrogates and raw prompts (hunt h2) -----------------------------------------------------
+
+def _error(response) -> tuple[str, str | None]:
+    """The message and (on /v1) the param of an error answer, in either envelope."""
+    body = response.json()
+    if "error" in body:
+        return body["error"]["message"], body["error"]["param"]
+    return body["errors"][0]["message"], None
+
+
+def _parts(*parts: dict) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]
+
+
+@pytest.mark.parametrize(("path", "body", "kind", "param"), [
+    ("/v1/chat/completions", {"model": MODEL, "messages": _parts({"type": "image_url", "image_url": {"url": "https://x/a.png"}})},
+     "image_url", "messages[0].content[1]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                                           *_parts({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})]},
+     "input_audio", "messages[1].content[1]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": _parts({"type": "file", "file": {"file_id": "f"}})}, "file", "messages[0].content[1]"),
+    ("/v1/responses", {"model": MODEL, "input": _parts({"type": "input_image", "image_url": "https://x/a.png"})},
+     "input_image", "input[0].content[1]"),
+    ("/v1/responses", {"model": MODEL, "input": [{"type": "message", "role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+     "input_file", "input[0].content[0]"),
+    (RUN, {"messages": _parts({"type": "image_url", "image_url": {"url": "https://x/a.png"}})}, "image_url", "messages[0].content[1]"),
+    (RUN, {"input": _parts({"type": "input_image", "image_url": "https://x/a.png"})}, "input_image", "input[0].content[1]"),
+])
+def test_a_part_gpt_oss_cannot_read_is_one_400_naming_it(server, path, body, kind, param):
+    """It was every union branch's complaint ('Input should be a valid string', 'Field required', and on Responses
+    the false 'at /input/0/type: Field required'), never saying that gpt-oss reads text only."""
+    response = call(server, "POST", path, json=body)
+    assert response.status_code == 400, response.text
+    message, got_param = _error(response)
+    pointer = "/" + param.replace("[", "/").replace("]", "").replace(".", "/")
+    assert message.endswith(f"Error: at '{pointer}': content part type '{kind}' is not supported: gpt-oss takes text only "
+                            "(parts of type text, input_text, output_text or refusal)"), message
+    assert got_param == (param if path.startswith("/v1") else None)
+
+
+def test_an_unknown_responses_item_is_one_400_naming_its_type(server):
+    response = call(server, "POST", "/v1/responses", json={"model": MODEL, "input": [{"type": "web_search_call", "id": "ws"}]})
+    message, param = _error(response)
+    assert message.endswith("Error: at '/input/0': input item type 'web_search_call' is not supported: items are message, "
+                            "function_call, function_call_output or reasoning") and param == "input[0]", message
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", RUN])
+def test_an_assistant_refusal_part_is_served_as_that_turns_answer(server, path):
+    """A history replayed from an OpenAI model may hold a refusal; it was a 400 ('Input should be text, ...')."""
+    def body(assistant_content) -> dict:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": assistant_content},
+                 {"role": "user", "content": "Bye"}]
+        responses = path == "/v1/responses"
+        return {"model": MODEL, ("input" if responses else "messages"): turns, ("max_output_tokens" if responses else "max_tokens"): 2}
+
+    refused = call(server, "POST", path, json=body([{"type": "refusal", "refusal": "I cannot help with that."}]))
+    said = call(server, "POST", path, json=body("I cannot help with that."))
+    assert refused.status_code == 200, refused.text
+    usage = [(r.json().get("result") or r.json())["usage"] for r in (refused, said)]
+    prompt = "input_tokens" if path == "/v1/responses" else "prompt_tokens"
+    assert usage[0][prompt] == usage[1][prompt]  # the same prompt: the refusal is the assistant's final text
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model": "%s", "messages": [{"role": "user", "content": "Hi\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "%s", "input": [{"role": "user", "content": [{"type": "input_text", "text": "\\udfff"}]}]}', "input[0].content[0].text"),
+])
+def test_a_lone_surrogate_names_its_field_in_param(server, raw, param):
+    """The pointer was in the message, but `param` was null."""
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/responses"
+    response = call(server, "POST", path, content=raw % MODEL.encode())
+    message, got = _error(response)
+    assert response.status_code == 400 and got == param and "lone UTF-16 surrogate" in message, response.text
