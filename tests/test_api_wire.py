@@ -644,3 +644,43 @@ def test_a_lone_surrogate_names_its_field_in_param(server, raw, param):
     response = call(server, "POST", path, content=raw % MODEL.encode())
     message, got = _error(response)
     assert response.status_code == 400 and got == param and "lone UTF-16 surrogate" in message, response.text
+
+
+
+RAW = {"prompt": "<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant", "raw": True, "max_tokens": 2}
+WEATHER_TOOL = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    (RUN, {**RAW, "response_format": {"type": "json_schema", "json_schema": {"type": "object"}}}, "response_format"),
+    (RUN, {**RAW, "response_format": {"type": "json_object"}}, "response_format"),
+    (RUN, {**RAW, "tools": [WEATHER_TOOL]}, "tools"),
+    (RUN, {**RAW, "functions": [WEATHER_TOOL]}, "functions"),
+    (RUN, {**RAW, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    (RUN, {**RAW, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_what_a_prompt_sent_as_is_cannot_honour_is_a_400_naming_it(server, path, body, field):
+    """Raw prompts answered 200 with free text, the JSON format or the named tool silently dropped (nothing renders
+    them into a raw prompt, and their grammars start at `<|start|>assistant`); so did /v1/completions' format."""
+    component = "CompletionRequest" if path.startswith("/v1") else "PromptInput"
+    assert not schema_accepts(document(server), component, body)  # the document states it
+    response = call(server, "POST", path, json=body)
+    assert_surface_error(response, path)
+    message, param = _error(response)
+    assert f"at '/{field}': " in message and f"so {field} cannot be honoured" in message, message
+    assert param == (field if path.startswith("/v1") else None)
+
+
+@pytest.mark.parametrize("extra", [{"response_format": {"type": "text"}}, {"tool_choice": "auto"}, {"tools": []},
+                                   {"tool_choice": "none"}])
+def test_a_raw_prompt_takes_what_asks_for_nothing(server, extra):
+    assert schema_accepts(document(server), "PromptInput", {**RAW, **extra})
+    assert call(server, "POST", RUN, json={**RAW, **extra}).status_code == 200
+
+
+def test_a_batch_item_raw_prompt_with_a_json_format_is_refused_when_queued(server):
+    item = {**RAW, "response_format": {"type": "json_object"}}
+    response = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [{"prompt": "hi", "max_tokens": 2}, item]})
+    assert_surface_error(response, RUN)
+    assert "in requests[1]" in _error(response)[0]

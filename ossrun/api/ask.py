@@ -124,7 +124,26 @@ def _logit_bias(m: schemas.Sampling) -> tuple[tuple[int, float], ...]:
     return tuple((int(token), float(value)) for token, value in (bias or {}).items())
 
 
+def _refuse_unhonoured(fields: dict[str, bool], why: str) -> None:
+    """A 400 naming the first field a prompt sent as is cannot honour (`fields`: name → whether it asks for
+    something); `why` says so, `{field}` standing for the field's name."""
+    field_name = next((name for name, asks in fields.items() if asks), None)
+    if field_name is not None:
+        raise bad_input(f"Error: at '/{field_name}': " + why.format(field=field_name), field_name)
+
+
+def _structured(fmt: schemas.ResponseFormat | None) -> bool:
+    return fmt is not None and fmt.type != "text"
+
+
 def from_prompt(m: schemas.PromptInput) -> Ask:
+    if m.raw:
+        # Nothing renders the tools or the format into a raw prompt, and the grammars of JSON answers and tool calls
+        # start at `<|start|>assistant`, where a raw prompt need not stop: refused, not silently free text.
+        _refuse_unhonoured({"response_format": _structured(m.response_format), "tools": bool(m.tools),
+                            "functions": bool(m.functions), "tool_choice": m.tool_choice not in (None, "none", "auto")},
+                           "a raw prompt goes to the model as sent, so {field} cannot be honoured (leave it out, or send the "
+                           "prompt without raw to have it rendered)")
     mode, named = _choice(m.tool_choice)
     tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
     return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
@@ -144,6 +163,9 @@ def from_messages(m: schemas.MessagesInput) -> Ask:
 def from_completion(m: schemas.CompletionRequest) -> list[Ask]:
     """One Ask per prompt: a list of prompts is a batch, each prompt answered by its own `n` choices (OpenAI's meaning)."""
     prompts = [m.prompt] if isinstance(m.prompt, str) else m.prompt
+    _refuse_unhonoured({"response_format": _structured(m.response_format)},
+                       "/v1/completions sends the prompt to the model as sent, so {field} cannot be honoured (leave it "
+                       "out, or ask /v1/chat/completions)")
     if m.echo and m.logprobs is not None:  # OpenAI would add the prompt's tokens and their logprobs to the answer's
         raise bad_input("Error: at '/echo': echo with logprobs needs the prompt logprobs, which this server does not compute: "
                         "ask for one or the other", "echo")

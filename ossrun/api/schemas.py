@@ -143,7 +143,18 @@ class WithTools(_Open):
     tool_choice: ToolChoice | None = None
 
 
+# What a prompt sent as is (`raw`, and every /v1/completions prompt) cannot honour, as the document states the 400
+# `ask.py` answers: a JSON `response_format` (the grammar starts at `<|start|>assistant`, where such a prompt need
+# not stop), tools (nothing renders them into it) and a `tool_choice` asking for a call.
+_FREE_TEXT = {"anyOf": [{"type": "null"}, {"properties": {"type": {"const": "text"}}}]}
+_RAW_RULE = {"if": {"required": ["raw"], "properties": {"raw": {"const": True}}},
+             "then": {"properties": {"response_format": _FREE_TEXT, "tools": {"anyOf": [{"type": "null"}, {"maxItems": 0}]},
+                                     "functions": {"anyOf": [{"type": "null"}, {"maxItems": 0}]},
+                                     "tool_choice": {"anyOf": [{"type": "null"}, {"enum": ["none", "auto"]}]}}}}
+
+
 class PromptInput(Sampling, WithTools):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_RAW_RULE]})
     prompt: str = Field(min_length=1)
 
 
@@ -271,6 +282,8 @@ MAX_PROMPTS = 16
 
 
 class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"),
+                                                           {"properties": {"response_format": _FREE_TEXT}}]})
     model: str
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
