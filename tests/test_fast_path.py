@@ -171,12 +171,13 @@ def test_cli_builds_the_model_the_flags_name(checkpoints, args, dtype, precision
 
 from ossrun.model.attention import PagedAttention, PagedGroup  # noqa: E402
 from ossrun.model.kernels.attention_cpu import paged_attention_cpu  # noqa: E402
+from ossrun.model.lora import LoraAdapter, LoraBatch, load_peft_adapter, write_random_adapter  # noqa: E402
 
 
 def paged_logits(model: GptOss, ids: torch.Tensor, chunk: int, kv_dtype: torch.dtype = torch.float32,
-                 native: bool = True) -> torch.Tensor:
+                 native: bool = True, lora: LoraAdapter | None = None) -> torch.Tensor:
     """Logits at every position of one sequence prefilled `chunk` tokens a step over a paged cache (block 0 null),
-    with the CPU attention kernel, through the native blocks or (native=False) the modules."""
+    with the CPU attention kernel, through the native blocks or (native=False) the modules; every row on `lora`."""
     c, block = model.config, 16
     blocks = (len(ids) + block - 1) // block + 1
     caches = [(torch.zeros(blocks, block, c.num_key_value_heads, c.head_dim, dtype=kv_dtype),
@@ -192,7 +193,8 @@ def paged_logits(model: GptOss, ids: torch.Tensor, chunk: int, kv_dtype: torch.d
             attention = PagedAttention(caches, block, {"full": group, "sliding": group}, [0], [len(positions)], positions,
                                        kernel=paged_attention_cpu)
             attention.prepare()
-            rows.append(model(ids[positions], positions, attention))
+            batch = None if lora is None else LoraBatch([(torch.arange(len(positions)), lora)])
+            rows.append(model(ids[positions], positions, attention, lora=batch))
         return torch.cat(rows)
     finally:
         model.native = saved
@@ -238,3 +240,23 @@ def test_native_blocks_compute_what_the_fast_modules_compute(checkpoints):
     print(between, from_exact)
     assert between["kl"] <= from_exact["kl"] / 4, (between, from_exact)
     assert between["disagree"] <= from_exact["disagree"] / 2 + 0.01, (between, from_exact)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rank, targets", [(8, ("q_proj", "k_proj", "v_proj", "o_proj")), (4, ("q_proj", "v_proj"))])
+def test_native_blocks_add_lora_as_the_modules_do(checkpoints, tmp_path, rank, targets):
+    """LoRA rows run in the native call too (fp32 A and B, as the engine loads them for this model). Against the
+    modules with the same adapter, both on fp32 activations and KV, they differ only as the two paths do without an
+    adapter (summation order, int8 rounding steps), far less than the adapter changes the output."""
+    checkpoint = load_checkpoint(checkpoints["original"])
+    model = GptOss.from_checkpoint(checkpoint, torch.float32, precision="fast")
+    path = write_random_adapter(checkpoint.config, tmp_path / "adapter", rank=rank, seed=1, targets=targets)
+    adapter = load_peft_adapter(path, checkpoint.config, "adapter", model.adapter_dtype)
+    ids = random_ids(200, checkpoint.config.vocab_size, seed=3)
+    native, modules = paged_logits(model, ids, 64, lora=adapter), paged_logits(model, ids, 64, native=False, lora=adapter)
+    base_native = paged_logits(model, ids, 64)
+    base = divergence(paged_logits(model, ids, 64, native=False), base_native)
+    between, effect = divergence(modules, native), divergence(base_native, native)
+    print(between, base, effect)
+    assert between["kl"] <= 2 * base["kl"] + 1e-9 and between["max_abs"] <= 2 * base["max_abs"] + 1e-5, (between, base)
+    assert between["kl"] <= effect["kl"] / 100, (between, effect)

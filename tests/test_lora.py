@@ -8,10 +8,11 @@ import torch
 from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.errors import UnknownAdapterError
 from ossrun.engine.request import Request, SamplingParams
-from ossrun.model.attention import DenseAttention
+from ossrun.model.attention import DenseAttention, PagedAttention, PagedGroup, paged_kernel
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.gpt_oss import GptOss
 from ossrun.model.lora import AdapterError, LoraBatch, load_peft_adapter, write_random_adapter
+from ossrun.model.safetensors_io import TensorSpec, open_mmap, write_streaming
 from tests.conftest import load_hf_reference
 
 
@@ -66,6 +67,63 @@ def test_mixed_batch_equals_each_request_alone(model, adapters):
         assert got == [e.token_id for e in alone[request.request_id]], request.lora
         outputs[request.lora] = got
     assert len({tuple(v) for v in outputs.values()}) == 3  # base, one and two really differ
+
+
+@pytest.fixture(scope="module")
+def fast_model(checkpoints):
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, precision="fast")
+    if model.native is None:
+        pytest.skip("no C compiler: the fast precision's native blocks are not built")
+    return model
+
+
+def zero_b_copy(source, out):
+    """The adapter at `source` with every lora_B zeroed: it must compute exactly what the base model does."""
+    import shutil
+
+    out.mkdir()
+    shutil.copy(source / "adapter_config.json", out / "adapter_config.json")
+    values = {k: torch.zeros_like(t) if ".lora_B." in k else t for k, t in open_mmap(source / "adapter_model.safetensors").items()}
+    specs = [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t in values.items()]
+    write_streaming(out / "adapter_model.safetensors", specs, lambda spec: values[spec.name])
+    return out
+
+
+def paged_prefill(model, prompts, adapters):
+    """One step prefilling `prompts` side by side over a fresh fp32 paged cache, through the attention kernel of the
+    model's precision → each prompt's logits. `adapters[i]`: prompt i's LoraAdapter, or None for the base model."""
+    c, size = model.config, 16
+    lens = [len(p) for p in prompts]
+    widths = [(n + size - 1) // size for n in lens]
+    caches = [tuple(torch.zeros(1 + sum(widths), size, c.num_key_value_heads, c.head_dim) for _ in "kv") for _ in model.blocks]
+    firsts = torch.tensor([0, *widths]).cumsum(0)[:-1] + 1  # block 0 is the null block
+    tables = torch.tensor([[f + i if i < w else 0 for i in range(max(widths))] for f, w in zip(firsts.tolist(), widths)])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    seq = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])
+    group = PagedGroup(tables[seq, positions // size] * size + positions % size, tables, torch.zeros(len(lens), dtype=torch.long),
+                       torch.tensor(lens))
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    attention = PagedAttention(caches, size, {"full": group, "sliding": group}, starts, lens, positions,
+                               kernel=paged_kernel(model.device, model.precision))
+    attention.prepare()
+    groups = [(torch.arange(start, start + n), adapter) for start, n, adapter in zip(starts, lens, adapters) if adapter is not None]
+    ids = torch.tensor([t for p in prompts for t in p])
+    return model(ids, positions, attention, lora=LoraBatch(groups) if groups else None).split(lens)
+
+
+def test_fast_base_rows_ignore_adapter_rows_and_a_zero_adapter_is_the_base(fast_model, adapters, tmp_path):
+    """fast precision on the CPU: a base prompt's logits are the same, bit for bit, alone and beside an adapter's
+    prompt in one step, and an adapter whose B matrices are zero gives the base model's logits. (A step with an
+    adapter row used to leave the native blocks for the modules: other arithmetic for every row of it.)"""
+    c, dtype = fast_model.config, torch.float32
+    one = load_peft_adapter(adapters["one"], c, "one", dtype)
+    zero = load_peft_adapter(zero_b_copy(adapters["one"], tmp_path / "zero"), c, "zero", dtype)
+    base, other = list(range(500, 540)), list(range(700, 730))
+    (alone,) = paged_prefill(fast_model, [base], [None])
+    beside, with_one = paged_prefill(fast_model, [base, other], [None, one])
+    assert torch.equal(beside, alone)
+    assert torch.equal(paged_prefill(fast_model, [base], [zero])[0], alone)
+    assert not torch.allclose(with_one, paged_prefill(fast_model, [other], [None])[0], atol=1e-2)  # the adapter does act
 
 
 def test_adapters_do_not_share_prefix_cache_entries(model, adapters):

@@ -81,7 +81,7 @@ class Engine:
             log.warning("the KV cache holds %d tokens: requests get a context of %d tokens, not %d "
                         "(more KV cache memory raises it)", self.kv_tokens, self.max_model_len, asked)
         self.scheduler = Scheduler(self.kv, options.max_num_seqs, options.max_tokens_per_step)
-        self.adapters = AdapterRegistry(model.config, model.dtype, model.device, options.adapter_budget_bytes)
+        self.adapters = AdapterRegistry(model.config, model.adapter_dtype, model.device, options.adapter_budget_bytes)
         self.runner = ModelRunner(model, self.kv, options.kv_dtype, Sampler(options.seed), self.adapters, options.cuda_graphs,
                                   options.max_num_seqs, self.max_model_len)
         self.decode_token = decode_token

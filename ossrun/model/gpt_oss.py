@@ -299,6 +299,12 @@ class GptOss(nn.Module):
         # fast precision on the CPU: every block of a paged step in one native call (fp32 activations)
         self.native = NativeBlocks.build(self)
 
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype LoRA adapters are loaded in: fp32 where the native blocks add them (they compute on fp32
+        activations and read the adapters' tensors in place), else the model's dtype."""
+        return torch.float32 if self.native is not None else self.dtype
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
                         precision: str = "exact") -> "GptOss":
@@ -319,8 +325,8 @@ class GptOss(nn.Module):
         """
         x = F.embedding(token_ids, self.embedding)
         rope = self.rotary.cos_sin(positions)
-        if lora is None and self.native is not None and self.native.accepts(attention):
-            x = self.native(x.float(), rope, attention)
+        if self.native is not None and self.native.accepts(attention):
+            x = self.native(x.float(), rope, attention, lora)
         else:
             for block in self.blocks:
                 x = block(x, rope, attention, lora)

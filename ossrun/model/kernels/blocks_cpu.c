@@ -9,6 +9,10 @@
  *   x += out_proj(attention(rope(qkv(rmsnorm(x)))))     (k, v written to the paged cache first)
  *   x += moe(rmsnorm(x), top-k of the router, softmax over the k chosen logits)
  *
+ * Rows of a LoRA adapter get its low-rank additions on qkv and out_proj here too (model/lora.py's
+ * LoraBatch.delta), so a step with adapter rows runs the same arithmetic for its base rows as a step
+ * without: each row's numbers depend on that row alone, and a zero adapter adds exactly nothing.
+ *
  * The residual stream stays fp32 for the whole step (the module path rounds it to the model dtype
  * after every block). Shapes follow the checkpoint: H hidden, Hq query heads, Hkv KV heads of D
  * values, E experts of which k are routed, I the experts' inner size.
@@ -70,12 +74,30 @@ typedef struct {
     int table_width;
 } Group;
 
+/* One LoRA target of one layer: A [rank, in], B [out, rank] fp32, or both NULL where the adapter leaves it. */
+typedef struct {
+    const float *a, *b;
+} LoraPair;
+
+enum { LORA_Q, LORA_K, LORA_V, LORA_O, LORA_TARGETS, LORA_MAX_RANK = 32 }; /* model/lora.py's TARGETS, MAX_RANK */
+
+/* One adapter's rows of the step. */
+typedef struct {
+    int64_t n_rows;
+    const int64_t *rows;   /* [n_rows]: indices into the step's T rows */
+    int rank;
+    float scaling;
+    const LoraPair *pairs; /* [layers][LORA_TARGETS] */
+} Lora;
+
 typedef struct {
     int64_t T;
     int n_seqs;
     const int64_t *query_starts, *query_lens, *positions; /* [B], [B], [T] */
     const float *cos, *sin;                                /* [T, D/2], YaRN concentration applied */
     Group groups[2];
+    int n_lora;                                            /* adapters with rows in this step (0: all rows base) */
+    const Lora *lora;                                      /* [n_lora] */
 } Step;
 
 /* Grow-only scratch per calling thread: nothing is allocated per step once the largest step has been seen. */
@@ -188,14 +210,44 @@ static void route(const Dims *d, const Layer *L, const float *t, int64_t T, int6
     }
 }
 
+/* y[r, at … at + out) += ((A x[r]) · Bᵀ) · scaling for each row r of each adapter that has this (layer, target), in
+ * LoraBatch.delta's order of operations; x [T, in], y rows `y_width` wide. Base rows are in no adapter: untouched. */
+static void add_lora(const Step *s, int layer, int target, const float *x, int in, float *y, int y_width, int at, int out) {
+    for (int i = 0; i < s->n_lora; i++) {
+        const Lora *a = s->lora + i;
+        const LoraPair *p = a->pairs + layer * LORA_TARGETS + target;
+        if (!p->a) continue;
+        #pragma omp parallel for schedule(static) if (a->n_rows >= 16)
+        for (int64_t j = 0; j < a->n_rows; j++) {
+            const int64_t r = a->rows[j];
+            float u[LORA_MAX_RANK];
+            for (int c = 0; c < a->rank; c++) u[c] = dot(p->a + (size_t)c * in, x + r * in, in);
+            float *dst = y + r * y_width + at;
+            for (int n = 0; n < out; n++) dst[n] += dot(p->b + (size_t)n * a->rank, u, a->rank) * a->scaling;
+        }
+    }
+}
+
+/* -2 when an adapter's rank or rows are out of range (checked once, before anything is computed). */
+static int check_lora(const Step *s) {
+    for (int i = 0; i < s->n_lora; i++) {
+        const Lora *a = s->lora + i;
+        if (a->rank < 1 || a->rank > LORA_MAX_RANK) return -2;
+        for (int64_t j = 0; j < a->n_rows; j++)
+            if (a->rows[j] < 0 || a->rows[j] >= s->T) return -2;
+    }
+    return 0;
+}
+
 static void add_into(float *x, const float *y, int64_t n) {
     #pragma omp parallel for schedule(static) if (n >= 65536)
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* Every block on x [T, H] fp32 (updated in place). Returns 0, -1 when scratch cannot be allocated, or
- * the status of the first kernel that refused its shapes. */
+/* Every block on x [T, H] fp32 (updated in place). Returns 0, -1 when scratch cannot be allocated, -2 for a LoRA
+ * adapter out of range (see check_lora), or the status of the first kernel that refused its shapes. */
 int blocks_forward(const Dims *d, const Layer *layers, const Step *s, float *x, int threads) {
+    if (check_lora(s)) return -2;
     const int64_t T = s->T;
     const int H = d->H, qd = d->Hq * d->D, kv = d->Hkv * d->D, width = qd + 2 * kv, k = d->k, I = d->I;
     const int64_t P = T * k;
@@ -222,12 +274,16 @@ int blocks_forward(const Dims *d, const Layer *layers, const Step *s, float *x, 
         int status;
         rms_norm(x, T, H, L->attn_norm, d->eps, t);
         if ((status = q8_linear(t, T, H, L->qkv.values, L->qkv.scales, L->qkv.scale, width, L->qkv.bias, qkv, threads))) return status;
+        add_lora(s, l, LORA_Q, t, H, qkv, width, 0, qd);
+        add_lora(s, l, LORA_K, t, H, qkv, width, qd, kv);
+        add_lora(s, l, LORA_V, t, H, qkv, width, qd + kv, kv);
         rope_and_cache(d, L, s, qkv, q, k_tmp);
         status = paged_attention(q, o, L->k_cache, L->v_cache, d->cache_bf16, d->block_size, d->Hkv, d->Hq / d->Hkv, d->D, s->n_seqs,
                                  s->query_starts, s->query_lens, s->positions, g->block_tables, g->table_width, g->first_block,
                                  g->context_lens, L->sinks, L->window, d->attn_scale, threads);
         if (status) return status;
         if ((status = q8_linear(o, T, qd, L->out.values, L->out.scales, L->out.scale, H, L->out.bias, y, threads))) return status;
+        add_lora(s, l, LORA_O, o, qd, y, H, 0, H);
         add_into(x, y, T * H);
         rms_norm(x, T, H, L->mlp_norm, d->eps, t);
         route(d, L, t, T, ids, weights);

@@ -1,9 +1,11 @@
 """All transformer blocks of a step in one native call (`blocks_cpu.c`): the fast precision's CPU forward.
 
 `GptOss` builds a `NativeBlocks` when every block can run natively (fast precision on the CPU, Q8 dense
-projections, the Q8 MoE, a C compiler) and uses it for steps over the paged cache without LoRA; the
-modules stay the reference and the path for everything else. The weights are the modules' own
-tensors (the router's converted to fp32 once), read in place: nothing is copied per step.
+projections, the Q8 MoE, a C compiler) and uses it for every step over the paged cache, LoRA rows
+included (their low-rank additions are made in the same call, so a base row's numbers never depend
+on the adapters beside it in the step); the modules stay the reference and the path for everything
+else. The weights are the modules' own tensors (the router's converted to fp32 once) and the
+adapters' fp32 tensors, read in place: nothing is copied per step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.lora import TARGETS, LoraBatch
 
 if TYPE_CHECKING:
     from ossrun.model.attention import PagedAttention
@@ -45,9 +48,17 @@ class _Group(ctypes.Structure):
     _fields_ = [("slot_mapping", _P), ("block_tables", _P), ("first_block", _P), ("context_lens", _P), ("table_width", _I)]
 
 
+class _LoraPair(ctypes.Structure):
+    _fields_ = [("a", _P), ("b", _P)]
+
+
+class _Lora(ctypes.Structure):
+    _fields_ = [("n_rows", ctypes.c_int64), ("rows", _P), ("rank", _I), ("scaling", _F), ("pairs", _P)]
+
+
 class _Step(ctypes.Structure):
     _fields_ = [("T", ctypes.c_int64), ("n_seqs", _I), ("query_starts", _P), ("query_lens", _P), ("positions", _P),
-                ("cos", _P), ("sin", _P), ("groups", _Group * 2)]
+                ("cos", _P), ("sin", _P), ("groups", _Group * 2), ("n_lora", _I), ("lora", _P)]
 
 
 def _library() -> ctypes.CDLL | None:
@@ -66,6 +77,29 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _q8(linear) -> _Q8:
     return _Q8(linear.values.data_ptr(), linear.scales.data_ptr(), linear.scale, _ptr(linear.bias))
+
+
+def _lora(batch: LoraBatch | None, layers: int) -> tuple[ctypes.Array | None, list]:
+    """The step's adapters as `Lora` entries (None without any), and what must stay alive while the call runs.
+
+    The engine loads adapters in fp32 for this model (`GptOss.adapter_dtype`): their tensors are read in place
+    (another dtype is converted for this call).
+    """
+    if batch is None or not batch.groups:
+        return None, []
+    entries, keep = (_Lora * len(batch.groups))(), []
+    for entry, (rows, adapter) in zip(entries, batch.groups):
+        pairs = (_LoraPair * (layers * len(TARGETS)))()
+        for layer, targets in adapter.weights.items():
+            for target, (a, b) in targets.items():
+                a, b = a.float().contiguous(), b.float().contiguous()
+                pairs[layer * len(TARGETS) + TARGETS.index(target)] = _LoraPair(a.data_ptr(), b.data_ptr())
+                keep += [a, b]
+        rows = rows.to(torch.int64).contiguous()
+        keep += [rows, pairs]
+        entry.n_rows, entry.rows, entry.rank, entry.scaling = len(rows), rows.data_ptr(), adapter.rank, adapter.scaling
+        entry.pairs = ctypes.addressof(pairs)
+    return entries, keep
 
 
 class NativeBlocks:
@@ -121,8 +155,10 @@ class NativeBlocks:
         self._dims.cache_bf16, self._dims.block_size = int(k0.dtype == torch.bfloat16), attention.block_size
         self._caches = attention.caches
 
-    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: PagedAttention) -> torch.Tensor:
-        """x [T, H] fp32 (the embeddings) through every block, in place → x. `rope`: the step's cos, sin [T, 1, D/2]."""
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: PagedAttention,
+                 lora: LoraBatch | None = None) -> torch.Tensor:
+        """x [T, H] fp32 (the embeddings) through every block, in place → x. `rope`: the step's cos, sin [T, 1, D/2];
+        `lora`: which rows run with which adapter (None: all on the base model)."""
         self._bind_caches(attention)
         cos, sin = (t.float().contiguous() for t in rope)
         groups = []
@@ -135,8 +171,12 @@ class NativeBlocks:
         for i, (slots, tables, first, context) in enumerate(groups):
             step.groups[i] = _Group(slots.data_ptr(), tables.data_ptr(), first.data_ptr(), context.data_ptr(),
                                     tables.shape[1] if tables.dim() == 2 else 0)
+        adapters, keep = _lora(lora, len(self._layers))
+        if adapters is not None:
+            step.n_lora, step.lora = len(adapters), ctypes.addressof(adapters)
         status = self._lib.blocks_forward(ctypes.byref(self._dims), self._layers, ctypes.byref(step), x.data_ptr(),
                                           torch.get_num_threads())
+        del keep  # the adapters' tensors were read by the call; only now may they go
         if status != 0:
             raise ValueError(f"blocks_forward refused the step (status {status})")
         return x
