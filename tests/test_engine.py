@@ -197,6 +197,31 @@ def test_async_stream_and_cancellation(model):
         engine.shutdown()
 
 
+
+def test_a_stream_whose_event_loop_closed_is_aborted_and_the_engine_serves_on(model):
+    """A request read on an event loop that closes (an `asyncio.run` that returned with the stream still open)
+    has nobody left to read it: the engine drops and aborts it, and its thread lives on for other loops (the
+    events it could not hand over once raised in the engine thread and ended it: every later request hung)."""
+    engine = AsyncEngine(make_engine(model))
+    first = asyncio.new_event_loop()
+    orphan = engine.generate(Request("orphan", [9, 8, 7], SamplingParams(max_tokens=500, **GREEDY)))
+    try:
+        first.run_until_complete(anext(orphan))
+        first.close()  # the stream stays open, its request running, its loop gone
+
+        async def next_request():
+            return [e async for e in engine.generate(Request("next", [9, 8, 7], SamplingParams(max_tokens=3, **GREEDY)))]
+
+        events = asyncio.run(asyncio.wait_for(next_request(), timeout=10))
+        assert len(events) == 3 and events[-1].finish_reason == "length"
+        for _ in range(100):
+            if not engine.engine.has_work:
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        assert not engine.engine.has_work and engine.engine.kv.full.num_used == 0, "the orphan still runs"
+    finally:
+        engine.shutdown()
+
 class _Refuses:
     """A constraint whose mask allows nothing (a grammar that painted itself into a corner)."""
 

@@ -237,9 +237,16 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item: object) -> None:
         with self._lock:
             target = self._streams.get(request_id)
-        if target is not None:
-            loop, queue = target
+        if target is None:
+            return
+        loop, queue = target
+        try:
             loop.call_soon_threadsafe(self._arrived, request_id, queue, item)
+        except RuntimeError:  # its event loop has closed: nobody can read the stream, and raising would end this thread
+            with self._lock:
+                self._streams.pop(request_id, None)
+                self._inbox.append(("abort", request_id))
+            self._closed.pop(request_id, None)
 
     def _arrived(self, request_id: str, queue: asyncio.Queue, item: object) -> None:
         """On the stream's loop: an event for its reader, or, once the stream was closed early, nothing until the
