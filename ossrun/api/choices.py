@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from ossrun.api.service import Outcome
@@ -44,17 +45,18 @@ def merge_results(results: list[dict[str, Any]], usage: dict[str, Any]) -> dict[
     return merged
 
 
-async def merged_stream(streams: list[AsyncIterator[bytes]], total_usage: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
+async def merged_stream(streams: list[AsyncGenerator[bytes, None]], total_usage: Callable[[], dict[str, Any]]) -> AsyncIterator[bytes]:
     """The choices' SSE streams as one: frames renumbered by choice and given the first stream's id;
     the streams' usage chunks are held back and one is sent with `total_usage()` (the sync answer's
     usage, once every choice has ended); a single `[DONE]` ends it. Leaving early cancels every
     choice (each closes its engine request)."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[bytes]) -> None:
+    async def pump(index: int, stream: AsyncGenerator[bytes, None]) -> None:
         try:
-            async for sent in stream:
-                await queue.put((index, sent))
+            async with aclosing(stream):  # however the pump ends, the choice's stream (and engine request) is closed
+                async for sent in stream:
+                    await queue.put((index, sent))
         finally:
             await queue.put((index, None))
 

@@ -6,14 +6,13 @@ import asyncio
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
 
 from ossrun.api import ask as asks
 from ossrun.api import choices, schemas, surfaces
-from ossrun.api.disconnect import unless_client_leaves
+from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.service import Service, usage
 from ossrun.api.errors import ApiError, bad_input
-from ossrun.api.workers_ai import NO_CACHE, SSE, json_body, service_of
+from ossrun.api.workers_ai import json_body, service_of
 
 
 async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.Ask], model: str):
@@ -35,8 +34,7 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     tally = service.metering.tally(len(made), total)  # /metrics counts the request as its usage does, once
     if ask.stream:
         streams = [surfaces.stream(service, plan, surface, tally) for plan, surface in zip(plans, made)]
-        return StreamingResponse(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage), media_type=SSE,
-                                 headers=NO_CACHE)
+        return EventStream(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage))
     answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s, tally) for p, s in zip(plans, made))))
     if len(answers) == 1:
         return answers[0]

@@ -7,23 +7,19 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from ossrun.api import ask as asks
 from ossrun.api import schemas, surfaces
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
-from ossrun.api.disconnect import unless_client_leaves
+from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope
 from ossrun.api.service import Plan, Service
 from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
 router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
-
-SSE = "text/event-stream"
-NO_CACHE = {"Cache-Control": "no-cache"}  # no proxy may buffer or replay a stream
-
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
@@ -59,9 +55,9 @@ async def run_sync(service: Service, ask: Ask, priority: Priority = Priority.INT
     return await surfaces.complete(service, plan, surface), surface.outcome
 
 
-def stream_response(service: Service, plan: Plan) -> StreamingResponse:
+def stream_response(service: Service, plan: Plan) -> EventStream:
     surface = surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
-    return StreamingResponse(surfaces.stream(service, plan, surface), media_type=SSE, headers=NO_CACHE)
+    return EventStream(surfaces.stream(service, plan, surface))
 
 
 @router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",

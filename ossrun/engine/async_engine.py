@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from pathlib import Path
 
 import torch
@@ -112,8 +113,9 @@ class AsyncEngine:
         self._request(submission)
 
     async def submit(self, submission: Submission) -> AsyncIterator[TokenEvent]:
-        async for event in self.generate(self._request(submission)):
-            yield event
+        async with aclosing(self.generate(self._request(submission))) as events:  # closing this one aborts the request
+            async for event in events:
+                yield event
 
     def register_adapter(self, name: str, path: Path) -> None:
         from ossrun.model.lora import AdapterError

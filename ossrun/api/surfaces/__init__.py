@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Protocol
 
 from ossrun import harmony
@@ -48,12 +49,13 @@ async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | N
     try:
         for frame in surface.opening():
             yield frame
-        async for step in service.run(plan):
-            service.account(outcome, step)
-            for event in step.events:
-                outcome.add(event)
-                for frame in surface.event(event):
-                    yield frame
+        async with aclosing(service.run(plan)) as steps:  # closed with this generator: it aborts the engine request
+            async for step in steps:
+                service.account(outcome, step)
+                for event in step.events:
+                    outcome.add(event)
+                    for frame in surface.event(event):
+                        yield frame
         for frame in surface.closing():
             yield frame
     finally:
@@ -63,8 +65,9 @@ async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | N
 async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
     """Server-sent events: the frames, an error frame if generation fails, then `data: [DONE]`."""
     try:
-        async for frame in drive(service, plan, surface, tally):
-            yield frame
+        async with aclosing(drive(service, plan, surface, tally)) as frames:
+            async for frame in frames:
+                yield frame
     except Exception as exc:
         yield error_frame(exc)
     yield DONE
@@ -74,8 +77,9 @@ async def complete(service: Service, plan: Plan, surface: Surface, tally: Tally 
     """The sync answer: the same loop as the stream, within the request timeout."""
     try:
         async with asyncio.timeout(service.settings.request_timeout_s):
-            async for _ in drive(service, plan, surface, tally):
-                pass
+            async with aclosing(drive(service, plan, surface, tally)) as frames:
+                async for _ in frames:
+                    pass
     except TimeoutError:
         raise ApiError(*TIMEOUT, headers=NO_RETRY) from None
     return surface.result()
