@@ -81,6 +81,19 @@ def test_repeated_prompt_hits_the_prefix_cache(model):
     assert tokens(first) == tokens(second)
 
 
+
+@pytest.mark.parametrize("length", [80, 150])  # the whole prompt in one step; its last chunk in the step that ends it
+def test_a_request_that_ends_in_its_first_step_leaves_its_prompt_in_the_prefix_cache(model, length):
+    """`max_tokens: 1` (a scorer's call) ends in the step that computes its last prompt tokens: their blocks
+    must be hashed before the finished request frees them, or a repeat of the prompt never hits."""
+    prompt = torch.randint(0, 201088, (length,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = make_engine(model)
+    first = engine.generate([Request("1", prompt, SamplingParams(max_tokens=1, **GREEDY))])["1"]
+    second = engine.generate([Request("2", prompt, SamplingParams(max_tokens=1, **GREEDY))])["2"]
+    assert second[-1].num_cached_tokens == (length - 1) // 16 * 16  # every full block but one holding the last token
+    assert tokens(first) == tokens(second)
+    assert engine.kv.full.num_used == 0 and engine.kv.sliding.num_used == 0
+
 def test_sliding_blocks_stay_bounded_on_a_long_sequence(model):
     window, block = model.config.sliding_window, 16
     prompt = torch.randint(0, 201088, (10 * window,), generator=torch.Generator().manual_seed(3)).tolist()

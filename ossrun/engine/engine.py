@@ -135,17 +135,15 @@ class Engine:
         if not step.scheduled:
             return events
         sampled, output = self.runner.run(step.scheduled)
-        for item in step.scheduled:
+        for item in step.scheduled:  # before postprocessing: a request that ends now frees its blocks, hashed
             item.seq.num_computed += item.num_new_tokens
+            self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
         for i, item in enumerate(sampled):
             try:
                 events.append(self._postprocess(item.seq, output, i))
             except Exception as exc:  # this request ends with the error; the others keep going
                 item.seq.error = f"postprocessing failed: {exc}"
                 events.append(self._postprocess(item.seq, output, i))
-        for item in step.scheduled:
-            if item.seq.request_id in self.sequences:
-                self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
         return events
 
     def _reap_aborted(self, finish_reason: str = "abort", error: str | None = None) -> list[TokenEvent]:
