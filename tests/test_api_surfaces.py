@@ -119,22 +119,43 @@ def test_completions_stream_folds_to_the_sync_text(app, script):
 
 
 def test_a_salvaged_header_shows_no_special_token_on_any_chat_surface(app):
-    """The text of a header that never got its <|message|> is the answer, without harmony's specials; only
-    /v1/completions shows every token (as ROUTES.md says)."""
+    """The text of a header that never got its <|message|> is the answer, without harmony's specials (and with the
+    leading space the model wrote after the prompt's `assistant`); only /v1/completions shows every token (as ROUTES.md says)."""
     engine, client = app
     engine.script = SCRIPTS["header-salvaged"]
     chat, chat_chunks = both(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
-    assert chat["choices"][0]["message"]["content"] == "hi x"
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chat_chunks if c["choices"]) == "hi x"
+    assert chat["choices"][0]["message"]["content"] == " hi x"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chat_chunks if c["choices"]) == " hi x"
     responses, events = both(client, "/v1/responses", {"model": MODEL, "input": "x"})
-    assert responses["output_text"] == events[-1]["response"]["output_text"] == "hi x"
+    assert responses["output_text"] == events[-1]["response"]["output_text"] == " hi x"
     prompt, prompt_chunks = both(client, RUN, {"prompt": "x"})
-    assert prompt["result"]["response"] == "".join(c["response"] for c in prompt_chunks) == "hi x"
+    assert prompt["result"]["response"] == "".join(c["response"] for c in prompt_chunks) == " hi x"
     raw = client.post(RUN, json={"prompt": "<|start|>user<|message|>x<|end|><|start|>assistant", "raw": True}).json()
-    assert raw["result"]["response"] == "hi x"
+    assert raw["result"]["response"] == " hi x"
     completion = client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).json()
     assert completion["choices"][0]["text"] == " hi<|channel|> x"
 
+
+
+@pytest.mark.parametrize("script", ["<|channel|>final Hello there<|return|>", "\tnull cilind<|return|>", "<|channel|>final to=x"
+                                    " Hi<|end|>", SCRIPTS["header-salvaged"], SCRIPTS["no-header"]])
+def test_chat_logprobs_of_a_salvaged_header_spell_only_text_the_answer_has(app, script):
+    """ROUTES.md: the entries are those of the tokens whose whole text is in the answer. A header without
+    <|message|> is read as text after its pieces: the tokens that spelled a piece (`final`) or straddle the
+    text's start (` Hello`, whose space separated it from the piece) are not listed; a model that wrote no
+    piece has its whole text as the answer and every token listed (the whitespace it began with, the first word
+    that followed the prompt's `assistant`)."""
+    engine, client = app
+    engine.script = script
+    sync, chunks = both(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                          "logprobs": True})
+    content = sync["choices"][0]["message"]["content"] or ""
+    spelled = "".join(entry["token"] for entry in (sync["choices"][0]["logprobs"] or {}).get("content") or [])
+    streamed = "".join(e["token"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+                       for e in c["choices"][0]["logprobs"]["content"])
+    assert content.endswith(spelled) and streamed == spelled, (content, spelled, streamed)
+    if "<|channel|>" not in script:
+        assert spelled == content
 
 def test_a_response_has_one_creation_time(app):
     """`created_at` is when the request came: the same in every event and in the stored copy, however long it runs."""

@@ -187,18 +187,45 @@ def test_missing_message_token_in_a_tool_call():
 
 def test_a_salvaged_header_keeps_its_ordinary_text_and_drops_special_tokens():
     """The tester's repro: the header's unreadable rest is the answer, never with `<|channel|>` spelled in it."""
-    assert parse_completion(encode(" hi") + [200005] + encode(" x") + [200002]).content == "hi x"
-    assert parse_completion(encode(" hi") + [200005] + encode("final")).content == "hifinal"  # cut by max_tokens
+    assert parse_completion(encode(" hi") + [200005] + encode(" x") + [200002]).content == " hi x"
+    assert parse_completion(encode(" hi") + [200005] + encode("final")).content == " hifinal"  # cut by max_tokens
     result = parse("<|channel|>final<|message|>A<|end|><|channel|>xyz Hello<|return|>")  # an unknown channel: all text
     assert result.content == "Axyz Hello"
     streamed, _ = run(encode(" hi") + toks("<|channel|>") + encode(" x") + toks("<|return|>"))
-    assert merged(streamed) == [ContentDelta("hi x"), MessageEnd("final"), Finished("stop")]
+    assert merged(streamed) == [ContentDelta(" hi x"), MessageEnd("final"), Finished("stop")]
 
+
+
+def test_a_header_less_answer_keeps_the_whitespace_it_starts_with():
+    """A model that skips the header writes its text right after the prompt's `assistant`: whitespace there is
+    the answer's, not a separator (a random model's greedy `\tnull`: the tab was dropped from the content while
+    its token's logprobs entry spelled it), and a first word is no part of a role `assistantJust` (it was
+    dropped). After a piece the model wrote itself, whitespace still separates."""
+    assert parse_completion(encode("\tnull cilind") + toks("<|return|>")).content == "\tnull cilind"
+    assert parse_completion(encode("\n\nHello")).content == "\n\nHello"  # cut by max_tokens
+    assert parse_completion(encode("Just text") + toks("<|return|>")).content == "Just text"  # no role `assistantJust`
+    assert parse("<|channel|>final Hello<|return|>").content == "Hello"
+    assert parse("<|channel|>fin<|start|>assistant<|channel|>final<|message|>Done.<|return|>").content == "Done."
+
+
+@pytest.mark.parametrize(("generated", "whole"), [
+    ("<|channel|>final Hello there", 1),  # `final` is a piece, ` Hello` straddles the text's start, ` there` is in it
+    (" hi<|channel|> x", 1),  # only the tokens after the last special token are counted
+    ("\tnull cilind", 2),  # no piece of the model's: all of it (two tokens) is text
+])
+def test_a_salvaged_header_says_how_many_of_its_last_tokens_the_text_holds_whole(generated, whole):
+    """What the logprobs need: the tokens whose whole text is in the message read from a header without <|message|>."""
+    parser = StreamParser()
+    for token in toks(generated):
+        parser.feed(token)
+    assert parser.take_salvaged() is None  # nothing salvaged yet
+    parser.feed(toks("<|return|>")[0])
+    assert parser.take_salvaged() == whole and parser.take_salvaged() is None
 
 def test_header_text_spelling_a_special_token_is_ordinary_text():
     """Ordinary tokens that spell `<|channel|>` are text the model wrote, so a salvaged header keeps them."""
     result = parse_completion(encode(" hi<|channel|> x") + toks("<|return|>"))
-    assert result.content == "hi<|channel|> x"
+    assert result.content == " hi<|channel|> x"
 
 
 def test_unexpected_start_inside_a_message_ends_it():

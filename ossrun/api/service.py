@@ -64,6 +64,7 @@ class Step:
     unshown: int = 0  # characters of answer text parsed so far that stop strings hold back or cut off
     hidden: bool = False  # the token's text is never answer text (a harmony special in chat, a stop token in completions)
     reasoning: bool = False  # the token is text of a reasoning message (counted in reasoning_tokens)
+    salvaged: int | None = None  # a header was read as answer text: only its last `salvaged` tokens are wholly in it
 
 
 @dataclass(slots=True)
@@ -347,12 +348,12 @@ class Service:
                         events += stops.filter(closing)
                         shown += _text_length(events)
                         yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events,
-                                   parsed - shown, is_hidden, is_reasoning)
+                                   parsed - shown, is_hidden, is_reasoning, parser.take_salvaged())
                         return
                     shown += _text_length(events)
                     if stops.matched is not None:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
-                yield Step(token, events, parsed - shown, is_hidden, is_reasoning)
+                yield Step(token, events, parsed - shown, is_hidden, is_reasoning, parser.take_salvaged())
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
         except UnknownAdapterError as exc:
@@ -388,11 +389,14 @@ class Service:
         until their text is shown; a hidden token (a harmony special in chat) or reasoning / tool-call text
         means the waiting tokens were not the answer's. A token whose text is not wholly shown yet (held back
         by a stop string) keeps waiting; after a match, for ever: a token straddling the cut is not listed,
-        so the entries never spell text the answer does not have."""
+        so the entries never spell text the answer does not have. When a header without `<|message|>` is read as
+        the answer, the tokens that spelled its pieces (or straddle into its text) were not the answer's either."""
         token, events = step.token, step.events
         pending = outcome.pending_logprobs
         if not step.hidden:
             pending.append(logprob_entry(token))
+        if step.salvaged is not None:
+            del pending[:max(0, len(pending) - step.salvaged)]
         if any(isinstance(e, harmony.ContentDelta) for e in events):
             keep, tail = len(pending), 0
             while keep and tail < step.unshown:  # the last tokens' text is (partly) held back or cut off
@@ -423,6 +427,11 @@ class PlainText:
 
     def __init__(self) -> None:
         self._decoder = harmony.TextDecoder()
+
+    @staticmethod
+    def take_salvaged() -> None:
+        """No headers here: nothing is ever salvaged from one."""
+        return None
 
     @staticmethod
     def hides(token_id: int) -> bool:

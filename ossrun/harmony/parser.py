@@ -88,6 +88,7 @@ class StreamParser:
         self._tool_calls = 0
         self._after_stop_noted = False
         self._pending: list[Event] = []
+        self._salvaged: int | None = None
         self._begin_header(has_role=True, initial=b"assistant")
         if prompt_ids is not None:
             self._resume_after(prompt_ids)
@@ -113,6 +114,15 @@ class StreamParser:
         is reasoning, whether or not its bytes finish a character yet (a split CJK character or emoji
         shows no text until its last token)."""
         return self._state is _State.CONTENT and self._kind is _Kind.REASONING
+
+    def take_salvaged(self) -> int | None:
+        """After a header without <|message|> was read as message text (since the last call): how many of the
+        header's last ordinary tokens, back to its last special token, have their whole text in that message.
+        The tokens before them spelled header pieces or the whitespace after one (`assistant`, `final`,
+        `to=...`), which the message leaves out; a caller listing the tokens behind the text (logprobs) drops
+        them. None: no header was salvaged."""
+        salvaged, self._salvaged = self._salvaged, None
+        return salvaged
 
     def finish(self, reason_if_not_stopped: str = "length") -> list[Event]:
         """Close the stream. A completion already ended by `<|return|>`/`<|call|>` keeps its reason."""
@@ -226,13 +236,17 @@ class StreamParser:
     def _begin_header(self, *, has_role: bool, initial: bytes = b"") -> None:
         self._state = _State.HEADER
         self._header = bytearray(initial)
+        self._given = len(initial)  # the header's first bytes came with the prompt (its role), not from the model
         self._specials: list[tuple[int, int]] = []  # byte spans of the header spelled by special tokens
+        self._token_starts: list[int] = []  # where each ordinary token's bytes begin in the header
         self._header_tokens = 0
         self._has_role = has_role
 
     def _add_to_header(self, data: bytes, events: list[Event], *, special: bool = False) -> None:
         if special:
             self._specials.append((len(self._header), len(self._header) + len(data)))
+        else:
+            self._token_starts.append(len(self._header))
         self._header += data
         self._header_tokens += 1
         if self._header_tokens > MAX_HEADER_TOKENS:
@@ -254,7 +268,9 @@ class StreamParser:
         """
         header = self._parse_header(record=not truncated)
         self._state = _State.EXPECT_START
-        text = self._ordinary_header_bytes(len(header.rest.encode("utf-8", "surrogateescape")))
+        rest = self._text_length(header)
+        self._salvaged = self._tokens_from(len(self._header) - rest)
+        text = self._ordinary_header_bytes(rest)
         if not text:
             if not truncated:
                 self._note("header without <|message|> or text dropped")
@@ -263,6 +279,29 @@ class StreamParser:
             self._note("header without <|message|>: text after it read as the message")
         self._open_message(header, events)
         self._emit(self._decoder.feed_bytes(text), events)
+
+    def _text_length(self, header: Header) -> int:
+        """How many of a salvaged header's last bytes are message text: those after its recognised pieces and the
+        whitespace that ends them. But when the prompt gave the role and the model wrote no piece of its own, all
+        it wrote is text: a model that skips the header starts its text at once, so the whitespace it begins
+        with separates nothing, and a first word glued to the prompt's `assistant` is no role."""
+        rest = len(header.rest.encode("utf-8", "surrogateescape"))
+        if self._given and self._no_piece_between(self._given, len(self._header) - rest):
+            return len(self._header) - self._given
+        return rest
+
+    def _no_piece_between(self, start: int, end: int) -> bool:
+        """Whether the header's bytes [start, end) hold no header piece: no special token, no role, channel,
+        recipient or type."""
+        if any(begin < end and start < stop for begin, stop in self._specials):
+            return False
+        alone = parse_header(self._header[start:end].decode("utf-8", "surrogateescape"), has_role=False)
+        return not (alone.role or alone.channel or alone.recipient or alone.content_type)
+
+    def _tokens_from(self, offset: int) -> int:
+        """How many of the header's ordinary tokens after its last special token begin at or after `offset`."""
+        after = self._specials[-1][1] if self._specials else 0
+        return sum(1 for start in self._token_starts if start >= max(offset, after))
 
     def _ordinary_header_bytes(self, tail: int) -> bytes:
         """The header's last `tail` bytes without those that special tokens spelled."""
@@ -353,7 +392,10 @@ class StreamParser:
             self._state, self.finish_reason = _State.EXPECT_START, None
         if self._state is _State.CONTENT and self._kind is _Kind.TOOL:
             self._pending = [e for e in replayed if isinstance(e, ToolCallStart)][-1:]
+        if self._state is _State.HEADER:
+            self._given = len(self._header)
         self.anomalies.clear()  # oddities of the caller's prompt are not the model's
+        self._salvaged = None
 
 
 def parse_completion(
