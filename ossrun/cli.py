@@ -257,6 +257,9 @@ def serve(
     max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),
     request_timeout: float = typer.Option(600.0, callback=_positive("--request-timeout"), help="Seconds a sync request may run before a 408."),
     max_model_len: int = typer.Option(128000, min=16, help="Served context window (prompt + max_tokens)."),
+    client_timeout: float = typer.Option(30.0, callback=_positive("--client-timeout"),
+                                         help="Seconds a client may take to send a request's headers (then the connection is closed) "
+                                              "or pause within its body (then a 408); a body must also average 8 KiB/s beyond that."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
@@ -267,7 +270,8 @@ def serve(
                               precision=precision.value, device=device,
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
-                              request_timeout_s=request_timeout, max_model_len=max_model_len)
+                              request_timeout_s=request_timeout, max_model_len=max_model_len,
+                              client_timeout_s=client_timeout)
     with _reported(verbose):
         run_server(settings)
 

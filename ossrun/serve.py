@@ -36,6 +36,7 @@ class ServerSettings:
     max_batch_requests: int = 1000
     request_timeout_s: float = 600.0
     max_model_len: int = 128000
+    client_timeout_s: float = 30.0  # for a request's headers, and between two pieces of its body
 
 
 class SettingsError(ValueError):
@@ -130,11 +131,14 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
 
     import uvicorn
 
+    from ossrun import connections
+
     class DrainingServer(uvicorn.Server):
         _loop: asyncio.AbstractEventLoop | None = None
 
         async def startup(self, sockets=None) -> None:
             self._loop = asyncio.get_running_loop()
+            connections.QuietAcceptErrors(self._loop)
             await super().startup(sockets)
 
         def handle_exit(self, sig, frame) -> None:
@@ -150,6 +154,7 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
 def serve(settings: ServerSettings) -> None:
     import uvicorn
 
+    from ossrun import connections
     from ossrun.api.app import AppSettings, build_app
     from ossrun.model.gpt_oss import check_device
 
@@ -157,11 +162,13 @@ def serve(settings: ServerSettings) -> None:
     loras = _parse_loras(settings.loras)
     check_device(settings.device)
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
+    open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
-                                        max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s))
+                                        max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
+                                        client_timeout_s=settings.client_timeout_s))
     base = f"http://{settings.host}:{settings.port}"
     auth = f" -H 'Authorization: Bearer {settings.api_token}'" if settings.api_token else ""
     print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
@@ -169,7 +176,8 @@ def serve(settings: ServerSettings) -> None:
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
     try:
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
+                                http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)))
         _draining_server(config, app.state.drain).run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,9 @@ class Server:
                 self.process.wait()
 
 
-def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None = None, timeout: float = 120) -> Server:
+def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None = None, timeout: float = 120,
+                 preexec_fn: Callable[[], None] | None = None) -> Server:
+    """`preexec_fn` runs in the server's process before it starts (to lower a resource limit)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
@@ -62,7 +65,8 @@ def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None 
                "--data-dir", str(data_dir), "--precision", "exact", "--dtype", "float32", *args]
     if token:
         command += ["--api-token", token]
-    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "OSSRUN_API_TOKEN": ""})
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "OSSRUN_API_TOKEN": ""},
+                               preexec_fn=preexec_fn)
     server = Server(process, port, data_dir, token, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

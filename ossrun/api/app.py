@@ -45,27 +45,33 @@ def body_limit(path: str) -> int:
 
 
 class RequestBody:
-    """The body as routes read it: capped and decoded. Counts the bytes a body really has, so a chunked upload
-    without Content-Length meets the same cap, and decodes `Content-Encoding: gzip` / `deflate` with the cap on
-    the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400).
+    """The body as routes read it: capped, decoded and on time. Counts the bytes a body really has, so a chunked
+    upload without Content-Length meets the same cap, and decodes `Content-Encoding: gzip` / `deflate` with the cap on
+    the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400). A body that stops
+    coming is a 408 (`body.BodyClock`); once it is complete, waiting on the connection (for a client that leaves)
+    is not timed.
 
     Raising from `receive` lands in the route, whose exception handler answers in the surface's envelope; a route
     that reads no body is never refused for it.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, patience_s: float = 30.0):
         self.app = app
+        self.patience_s = patience_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, seen, decoder = body_limit(scope["path"]), 0, None
         coding = ", ".join(value.decode("latin-1") for name, value in scope["headers"] if name == b"content-encoding")
+        clock: body.BodyClock | None = body.BodyClock(self.patience_s)
 
         async def counted():
-            nonlocal seen, decoder
-            message = await receive()
+            nonlocal seen, decoder, clock
+            message = await (clock.next(receive) if clock is not None else receive())
             if message["type"] == "http.request":
+                if not message.get("more_body", False):
+                    clock = None  # the body is complete
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise ApiError(*TOO_LARGE)
@@ -84,6 +90,7 @@ class AppSettings:
     api_token: str | None = None
     rate_limit_per_minute: int = 300
     request_timeout_s: float = 600.0
+    client_timeout_s: float = 30.0  # a body's patience (body.BodyClock); the server has the same for headers
     max_batch_requests: int = 1000
     batch_concurrency: int = 16
     batch_retention_s: float = 7 * 24 * 3600
@@ -181,7 +188,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     app.state.drain = drain
     limiter = RateLimiter(settings.rate_limit_per_minute)
-    app.add_middleware(RequestBody)
+    app.add_middleware(RequestBody, patience_s=settings.client_timeout_s)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

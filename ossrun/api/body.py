@@ -1,4 +1,4 @@
-"""Reading a body safely: every malformed body is a 400, never a 500.
+"""Reading a body safely: every malformed body is a 400, never a 500, and a body that stops coming is a 408.
 
 A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives (`Decoder`), and what it decodes
 to counts against the body cap, so a small zip bomb is a 413, not a full memory; another coding is a 415.
@@ -11,11 +11,14 @@ Python's `NaN`, `Infinity` and `-Infinity` literals, which are not JSON (RFC 825
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import zlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ossrun.api.errors import TOO_LARGE, ApiError, bad_input, param_of
+from ossrun.api.errors import BODY_TIMEOUT, TOO_LARGE, ApiError, bad_input, param_of
 
 # No legitimate body nests deeper; tool parameter schemas have their own, smaller limit (harmony).
 MAX_DEPTH = 128
@@ -128,3 +131,38 @@ class Decoder:
 
     def _corrupt(self) -> ApiError:
         return bad_input(f"Error: the body is not a complete {self.coding} stream (Content-Encoding: {self.coding})")
+
+
+# Beyond the client timeout, a body must average this many bytes a second (64 kbit/s: any real link does better).
+MIN_BODY_RATE = 8 * 1024
+
+
+class BodyClock:
+    """Time allowed for the rest of a body: each piece within `patience_s`, and in all at most `patience_s` plus a
+    second per MIN_BODY_RATE bytes received, so a 10 MB body may take minutes and a 300 MB adapter hours, but a
+    client trickling a byte at a time cannot hold its connection (and the route's task) for long.
+
+    Only time spent waiting for the client counts: while the route is busy with what came, TCP holds the rest back.
+    A body that misses its time is a 408 with `Connection: close` (the rest of it may still be on its way).
+    """
+
+    def __init__(self, patience_s: float):
+        self.patience_s = patience_s
+        self.waited = 0.0
+        self.received = 0
+
+    def allowed_s(self) -> float:
+        return min(self.patience_s, self.patience_s + self.received / MIN_BODY_RATE - self.waited)
+
+    async def next(self, receive: Callable[[], Awaitable[dict]]) -> dict:
+        """The next ASGI message of the body, or a 408 when it does not come in time."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(self.allowed_s(), 0.0)):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(*BODY_TIMEOUT, headers={"Connection": "close"}) from None
+        finally:
+            self.waited += time.monotonic() - started
+        self.received += len(message.get("body", b""))
+        return message

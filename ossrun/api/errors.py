@@ -53,6 +53,7 @@ TIMEOUT = (408, 3007, "Request timeout.")
 # Sent with the 408: the OpenAI and Cloudflare SDKs (Stainless) retry a 408 twice by default, and they read this header
 # before the status. A request that ran out of time would run out again: each retry is another full generation, metered.
 NO_RETRY = {"x-should-retry": "false"}
+BODY_TIMEOUT = (408, 3007, "Request timeout: the request body did not arrive in time.")
 # nginx's "client closed request": nobody reads it, but logs and metrics tell leaving clients apart.
 CLIENT_GONE = (499, 3000, "Client closed the request.")
 SHUTTING_DOWN = (503, 3040, "The server is shutting down, please try again.")

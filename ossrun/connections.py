@@ -1,0 +1,133 @@
+"""What the server allows a connection: its request's headers within a deadline, and a place below the open-files limit.
+
+uvicorn times out only a kept-alive connection that stays silent between requests. A connection that never sends a
+byte, or stops halfway through its headers, stays open for ever, holding a file descriptor; at the open-files limit
+`accept` fails, nobody is served (`/health` included), and asyncio logs every failure with a traceback. So the
+server's HTTP protocol closes a connection whose request headers do not come within the client timeout, counted
+from when it opened or its previous answer ended; beyond a cap below the limit, a new connection closes the one that
+has waited longest for its headers (a real client sends them at once); and the soft limit is raised to the hard one.
+A body has its own deadline, in the app (`api.body.BodyClock`, a 408). Should `accept` fail all the same (a burst of
+connections past the cap), asyncio retries a second later, and its error is logged once a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+SPARE_FILES = 256  # file descriptors kept for the server's own files (checkpoint, SQLite, uploads, logs)
+
+
+def raise_file_limit() -> int | None:
+    """The soft limit on open files raised to the hard one (the most the system grants the process, and asking
+    needs no privilege; 1024, a usual soft limit, is a thousand idle clients). Returns the limit in force (None:
+    unlimited, or unknown)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.debug("open files: the soft limit is the hard one already (%d)", soft)
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files: soft limit raised from %d to the hard limit %d", soft, hard)
+            soft = hard
+        except (ValueError, OSError) as exc:  # macOS refuses an unlimited hard limit
+            log.debug("open files: the soft limit stays at %d (%s)", soft, exc)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def cap(open_files: int | None) -> int | None:
+    """Connections beyond which the one waiting longest for its headers is closed (None: no cap)."""
+    return None if open_files is None else max(open_files - SPARE_FILES, open_files // 2)
+
+
+def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers and a cap on connections."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineProtocol(H11Protocol):
+        # Connections waiting for a request's headers, the longest-waiting first (a dict keeps insertion order).
+        waiting: dict[DeadlineProtocol, None] = {}
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch_headers()
+            if max_connections is not None and len(self.connections) > max_connections:
+                self._make_room()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_headers()
+
+        def handle_websocket_upgrade(self, event) -> None:
+            self._stop_watch()  # the connection is another protocol's now
+            super().handle_websocket_upgrade(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_watch()
+            super().connection_lost(exc)
+
+        def _watch_headers(self) -> None:
+            """The clock runs while no request is being answered (none yet, or the last answer is sent); it starts
+            once per wait, so bytes trickling in do not restart it."""
+            idle = self.cycle is None or self.cycle.response_complete
+            if not idle or self.transport.is_closing():
+                self._stop_watch()
+            elif self._deadline is None:
+                self._deadline = self.loop.call_later(timeout_s, self._close, "no complete request headers in time")
+                self.waiting[self] = None
+
+        def _stop_watch(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+                self.waiting.pop(self, None)
+
+        def _make_room(self) -> None:
+            oldest = next((c for c in self.waiting if c is not self), None)
+            if oldest is not None:
+                oldest._close(f"{len(self.connections)} connections, and it waited longest for its headers")
+
+        def _close(self, why: str) -> None:
+            self._stop_watch()
+            if not self.transport.is_closing():
+                log.debug("closing the connection from %s: %s", self.client, why)
+                self.transport.close()
+
+    return DeadlineProtocol
+
+
+ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+class QuietAcceptErrors:
+    """An event loop exception handler that reports failed `accept`s once a minute with their count. asyncio logs
+    each with its traceback, up to the listen backlog of them per try (CPython issue 151615): megabytes a second
+    of log while the process is out of file descriptors. Everything else goes to the handler it replaces."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every_s: float = 60.0):
+        self.previous = loop.get_exception_handler()
+        self.every_s = every_s
+        self.last = -math.inf
+        self.count = 0
+        loop.set_exception_handler(self)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if context.get("message") != ACCEPT_FAILED:
+            return self.previous(loop, context) if self.previous else loop.default_exception_handler(context)
+        self.count += 1
+        if loop.time() - self.last >= self.every_s:
+            log.error("cannot accept connections (%s; %d failures since the last report), retrying every second",
+                      context.get("exception"), self.count)
+            self.last, self.count = loop.time(), 0

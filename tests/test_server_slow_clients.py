@@ -1,0 +1,147 @@
+"""Hostile and sloppy clients against the real server, on real sockets (hunt round 2, area `load`).
+
+Connections that never finish a request are closed (headers) or answered 408 (body) after `--client-timeout`,
+and a crowd of idle ones cannot hold the last file descriptor; a client that leaves mid-body is a quiet 499; a
+made-up X-Forwarded-For buys no fresh rate-limit budget; an absolute-form request target is served.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import select
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server_util import MODEL, start_server
+
+PATIENCE_S = 2.0  # --client-timeout of the server under test
+RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
+UPLOAD = "/client/v4/accounts/acct/ai/finetunes/nobody/finetune-assets"
+CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("slow-clients"), "--client-timeout", str(PATIENCE_S),
+                     "--rate-limit", "0", "--max-model-len", "256")
+    yield s
+    s.stop()
+
+
+def connect(server, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=30, source_address=(source, 0))
+
+
+def request_head(method: str, target: str, length: int, content_type: str = "application/json") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (the socket's timeout fails the test)."""
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    return raw
+
+
+def answer(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length, the connection left open."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+# -- headers: a deadline, and room for real clients ------------------------------------------------------
+
+def test_a_connection_without_complete_headers_is_closed_after_the_client_timeout(server):
+    """Before: a connection that sent nothing, or half its headers (fresh, or after an answer on a kept-alive
+    connection, whose idle timer the first byte cancelled), stayed open for ever."""
+    kept_alive = connect(server)
+    kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(kept_alive).startswith(b"HTTP/1.1 200")
+    kept_alive.sendall(b"GET /health HTTP/1.1\r\nHo")
+    silent, half = connect(server), connect(server)
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-a")
+    started, closed_after = time.monotonic(), {}
+    kinds = {silent: "sends nothing", half: "half its headers", kept_alive: "half the next request's headers"}
+    while len(closed_after) < len(kinds) and time.monotonic() - started < PATIENCE_S + 8:
+        readable, _, _ = select.select([s for s in kinds if kinds[s] not in closed_after], [], [], 0.1)
+        for sock in readable:
+            assert sock.recv(65536) == b"", kinds[sock]  # closed without an answer
+            closed_after[kinds[sock]] = time.monotonic() - started
+    assert set(closed_after) == set(kinds.values()), closed_after
+    assert all(PATIENCE_S - 0.5 < after < PATIENCE_S + 3 for after in closed_after.values()), closed_after
+    for sock in kinds:
+        sock.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads the server's limits in /proc")
+def test_a_crowd_of_idle_connections_leaves_room_for_real_clients(checkpoints, tmp_path):
+    """Before: at the soft limit of open files (left as it was) every `accept` failed, /health included, and
+    asyncio logged each failure with a traceback. Now the soft limit is raised to the hard one, and beyond a cap
+    below it a new connection closes the one that has waited longest for its headers (the deadline is long here)."""
+    soft, hard = 300, 400
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    s = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "0", preexec_fn=limit_files)
+    try:
+        limits = Path(f"/proc/{s.process.pid}/limits").read_text().splitlines()
+        assert next(line for line in limits if line.startswith("Max open files")).split()[3:5] == [str(hard), str(hard)]
+        idle = [connect(s) for _ in range(hard + 100)]
+        started = time.monotonic()
+        assert httpx.get(s.base + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 5
+        assert sum(1 for sock in idle if select.select([sock], [], [], 0)[0]) >= 100  # the oldest were closed
+        for sock in idle:
+            sock.close()
+    finally:
+        s.stop()
+    log = s.log.read_text()
+    assert "Traceback" not in log and "out of system resource" not in log, log[-3000:]
+
+
+# -- bodies: a deadline, a 408 in the surface's shape ----------------------------------------------------
+
+MULTIPART = "multipart/form-data; boundary=b"
+BODIES = [("/v1/chat/completions", "application/json", CHAT),
+          (RUN, "application/json", json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()),
+          (UPLOAD, MULTIPART, b'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_config.json\r\n--b--\r\n')]
+
+
+@pytest.mark.parametrize("path, content_type, body", BODIES)
+@pytest.mark.parametrize("how", ["stalls", "trickles"])
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closed(server, path, content_type, body, how):
+    """Before: a body that stopped (or came a byte at a time) held its connection and its route's task for ever.
+    A trickle within the pause allowed still has to average 8 KiB/s after the client timeout."""
+    with connect(server) as sock:
+        sock.sendall(request_head("POST", path, len(body), content_type) + body[:10])
+        started = time.monotonic()
+        for byte in body[10:-1] if how == "trickles" else []:
+            if select.select([sock], [], [], 0.25)[0]:  # answered
+                break
+            sock.sendall(bytes([byte]))
+        status, error = answer(until_closed(sock))
+        assert time.monotonic() - started < PATIENCE_S + 3
+    assert status == 408
+    if path.startswith("/v1/"):
+        assert error["error"]["type"] == "timeout_error" and error["error"]["code"] == "3007", error
+    else:
+        assert error["success"] is False and error["errors"][0]["code"] == 3007, error
