@@ -145,3 +145,32 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closed(
         assert error["error"]["type"] == "timeout_error" and error["error"]["code"] == "3007", error
     else:
         assert error["success"] is False and error["errors"][0]["code"] == 3007, error
+
+
+def requests_counted(server, route: str, status: int) -> float:
+    wanted = f'ossrun_requests_total{{route="{route}",status="{status}"}}'
+    lines = [line for line in httpx.get(server.base + "/metrics", timeout=30).text.splitlines() if line.startswith(wanted)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+ROUTES = {"/v1/chat/completions": "/v1/chat/completions", RUN: "/client/v4/accounts/{account_id}/ai/run/{model:path}",
+          UPLOAD: "/client/v4/accounts/{account_id}/ai/finetunes/{id_or_name}/finetune-assets"}
+
+
+def test_a_client_leaving_mid_body_is_a_quiet_499(server):
+    """Before: each logged two tracebacks at ERROR ("unhandled error", then uvicorn's "Exception in ASGI
+    application"); an adapter upload became a 400 (3039) nobody had sent wrong."""
+    before = {path: requests_counted(server, route, 499) for path, route in ROUTES.items()}
+    for path, content_type, body in BODIES:
+        with connect(server) as sock:
+            sock.sendall(request_head("POST", path, len(body), content_type) + body[:10])
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = {path: requests_counted(server, route, 499) for path, route in ROUTES.items()}
+        if all(after[path] == before[path] + 1 for path in ROUTES):
+            break
+        time.sleep(0.2)
+    assert after == {path: before[path] + 1 for path in ROUTES}
+    log = server.log.read_text()
+    assert "Traceback" not in log and "unhandled error" not in log and "Exception in ASGI" not in log, log[-3000:]

@@ -17,11 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
-from ossrun.api.errors import AUTH_FAILED, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error
+from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path,
+                               openai_error)
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
@@ -215,6 +217,12 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         response = _error_response(request.url.path, exc)
         response.headers.update(exc.headers)
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect):
+        """A client that leaves while its body is still coming (an aborted upload, a dropped link) is no server
+        error: the quiet 499 of one that leaves after sending (`disconnect.py`), which nobody reads."""
+        return _error_response(request.url.path, ApiError(*CLIENT_GONE))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from ossrun.api import ask as asks
 from ossrun.api import schemas, surfaces
@@ -199,7 +200,7 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
 
     try:
         form = await request.form()
-    except ApiError:  # the body cap
+    except (ApiError, ClientDisconnect):  # the body cap or deadline; a client that left (499)
         raise
     except Exception:
         raise ApiError(400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'") from None
