@@ -260,6 +260,8 @@ def serve(
     client_timeout: float = typer.Option(30.0, callback=_positive("--client-timeout"),
                                          help="Seconds a client may take to send a request's headers (then the connection is closed) "
                                               "or pause within its body (then a 408); a body must also average 8 KiB/s beyond that."),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses, `*` for any) whose "
+                                                                 "X-Forwarded-For names the client, e.g. for the rate limit (default: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
@@ -271,7 +273,7 @@ def serve(
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
                               request_timeout_s=request_timeout, max_model_len=max_model_len,
-                              client_timeout_s=client_timeout)
+                              client_timeout_s=client_timeout, forwarded_allow_ips=forwarded_allow_ips)
     with _reported(verbose):
         run_server(settings)
 

@@ -37,6 +37,7 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     max_model_len: int = 128000
     client_timeout_s: float = 30.0  # for a request's headers, and between two pieces of its body
+    forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-For is believed; None: nobody's
 
 
 class SettingsError(ValueError):
@@ -176,8 +177,12 @@ def serve(settings: ServerSettings) -> None:
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
     try:
+        # Proxy headers only from the proxies named: uvicorn believes 127.0.0.1's by default, and with the default
+        # --host every client connects from there, so any of them could pick its own rate-limit key.
+        trusted = settings.forwarded_allow_ips
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
-                                http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)))
+                                http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)),
+                                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
         _draining_server(config, app.state.drain).run(sockets=[sock])
     finally:
         engine.shutdown()

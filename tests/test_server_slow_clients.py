@@ -174,3 +174,37 @@ def test_a_client_leaving_mid_body_is_a_quiet_499(server):
     assert after == {path: before[path] + 1 for path in ROUTES}
     log = server.log.read_text()
     assert "Traceback" not in log and "unhandled error" not in log and "Exception in ASGI" not in log, log[-3000:]
+
+
+# -- the rate limit keys on the address the connection comes from ---------------------------------------
+
+PROXY = "127.0.0.7"
+
+
+@pytest.fixture(scope="module")
+def limited_server(checkpoints, tmp_path_factory):
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("slow-clients-limited"), "--rate-limit", "3",
+                     "--max-model-len", "256", "--forwarded-allow-ips", PROXY)
+    yield s
+    s.stop()
+
+
+def chat_from(server, source: str, forwarded_for: str) -> httpx.Response:
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60) as client:
+        return client.post(server.base + "/v1/chat/completions", content=CHAT,
+                           headers={"Content-Type": "application/json", "X-Forwarded-For": forwarded_for})
+
+
+def test_a_made_up_forwarded_for_buys_no_fresh_budget(limited_server):
+    """Before: uvicorn believed X-Forwarded-For from 127.0.0.1, where every client of the default --host comes
+    from, so each made-up value was a fresh budget (and the 429 spoke of a token no one had sent)."""
+    answers = [chat_from(limited_server, "127.0.0.1", f"203.0.113.{i}") for i in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    message = answers[-1].json()["error"]["message"]
+    assert "client address" in message and "token" not in message, message
+
+
+def test_forwarded_for_is_believed_from_the_proxies_named(limited_server):
+    """--forwarded-allow-ips: behind a proxy, each client the proxy names has its own budget."""
+    assert [chat_from(limited_server, PROXY, "198.51.100.1").status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert chat_from(limited_server, PROXY, "198.51.100.2").status_code == 200

@@ -22,8 +22,8 @@ from starlette.routing import Match
 
 from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
-from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, RATE_LIMITED, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path,
-                               openai_error)
+from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
+                               rate_limited)
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
@@ -113,7 +113,7 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter) -> J
     wait = limiter.retry_after(client) if request.method == "POST" else 0
     if not wait:
         return None
-    response = _error_response(path, ApiError(*RATE_LIMITED))
+    response = _error_response(path, rate_limited("token" if settings.api_token else "client address"))
     response.headers["Retry-After"] = str(wait)
     return response
 

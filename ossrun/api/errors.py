@@ -45,8 +45,12 @@ def unknown_lora(name: str) -> ApiError:
     return ApiError(400, 5005, f"AiError: the model does not support LoRA {name!r} (no such fine-tune, or it is not loadable)")
 
 
+def rate_limited(per: str) -> ApiError:
+    """`per`: what the limit counts requests of ("token", or "client address" without --api-token)."""
+    return ApiError(429, 3036, f"Rate limit exceeded: too many requests for this {per}, try again later.")
+
+
 AUTH_FAILED = (403, 10000, "Authentication error")
-RATE_LIMITED = (429, 3036, "Rate limit exceeded: too many requests for this token, try again later.")
 BUSY = (429, 3040, "Capacity temporarily exceeded, please try again.")
 TOO_LARGE = (413, 3006, "Request is too large: the body exceeds 10 MB.")
 TIMEOUT = (408, 3007, "Request timeout.")
