@@ -176,6 +176,20 @@ def test_a_client_leaving_mid_body_is_a_quiet_499(server):
     assert "Traceback" not in log and "unhandled error" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
+# -- RFC 9112 §3.2.2: absolute-form targets --------------------------------------------------------------
+
+def test_an_absolute_form_target_is_served_as_its_path(server):
+    """Before: `POST http://host/v1/chat/completions` was a 404 "No route for /http://host/v1/…"."""
+    with connect(server) as sock:
+        target = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+        sock.sendall(request_head("POST", target, len(CHAT)) + CHAT)
+        status, result = answer(read_response(sock))
+        assert status == 200 and result["object"] == "chat.completion", result
+        sock.sendall(b"GET HTTP://elsewhere/health?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, health = answer(read_response(sock))
+        assert status == 200 and health["status"] == "ok"
+
+
 # -- the rate limit keys on the address the connection comes from ---------------------------------------
 
 PROXY = "127.0.0.7"

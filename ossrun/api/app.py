@@ -2,16 +2,18 @@
 
 Cross-cutting checks live here as one middleware, in the order a request meets them: body size,
 authentication, rate limit. Errors leave in the envelope of the surface they came in on. Around it, HEAD
-is answered as GET without the body; outermost, every request gets its `x-request-id` and its log line
-(`request_ids.py`).
+is answered as GET without the body, an absolute-form target is read as its path, and outermost every request
+gets its `x-request-id` and its log line (`request_ids.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -84,6 +86,26 @@ class RequestBody:
             return message
 
         await self.app(scope, counted, send)
+
+
+# RFC 9112 §3.2.2: "a server MUST accept the absolute-form in requests" (`POST http://host/v1/... HTTP/1.1`).
+ABSOLUTE_FORM = re.compile(rb"(?i)https?://(?:[^/@]*@)?([^/]*)(/.*)?")
+
+
+class OriginForm:
+    """An absolute-form request target served as its origin form: uvicorn hands the whole target over as the path,
+    which no route matches. The target's authority stands for the Host header, as the RFC says. Outside every check,
+    so each sees the path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (target := ABSOLUTE_FORM.fullmatch(scope.get("raw_path") or scope["path"].encode())):
+            authority, path = target[1], target[2] or b"/"
+            headers = [(name, value) for name, value in scope["headers"] if name != b"host"] + [(b"host", authority)]
+            scope = {**scope, "raw_path": path, "path": unquote(path.decode("latin-1")), "headers": headers}
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -210,6 +232,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         return response
 
     app.add_middleware(HeadAsGet)
+    app.add_middleware(OriginForm)
     app.add_middleware(request_ids.RequestIds)  # added last: the outermost, so every answer carries its id
 
     @app.exception_handler(ApiError)
