@@ -477,6 +477,30 @@ def test_engine_error_mid_stream_ends_the_stream_cleanly(client, engine):
     assert client.post(SCRIPTED_RUN, json={"messages": FRANCE}).json()["success"] is False
 
 
+def test_a_batch_item_that_fails_mid_generation_reports_the_tokens_it_was_billed(client, engine):
+    """Scripted, for the same reason. Before: a failed item's usage was 0 and left out of the batch's total, while
+    /metrics billed every token it had generated."""
+    import time
+
+    def billed() -> float:
+        lines = client.get("/metrics").text.splitlines()
+        return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith('ossrun_tokens_total{kind="completion"}'))
+
+    engine.fail_after = 3
+    before = billed()
+    request_id = client.post(SCRIPTED_RUN, json={"requests": [{"prompt": "x"}, {"messages": FRANCE}]}).json()["result"]["request_id"]
+    for _ in range(200):
+        polled = client.post(SCRIPTED_RUN, json={"request_id": request_id}).json()["result"]
+        if polled["status"] == "done":
+            break
+        time.sleep(0.05)
+    items = polled["responses"]
+    assert [(i["success"], i["errors"][0]["code"]) for i in items] == [(False, 3000)] * 2
+    assert [i["usage"]["completion_tokens"] for i in items] == [3, 3] and all(i["usage"]["prompt_tokens"] > 0 for i in items)
+    assert polled["usage"] == {key: sum(i["usage"][key] for i in items) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert billed() - before == 6
+
+
 @pytest.mark.parametrize("path,body", [
     (SCRIPTED_RUN, {"prompt": "x"}),
     (SCRIPTED_RUN, {"messages": FRANCE}),

@@ -147,3 +147,31 @@ def test_a_second_server_on_the_same_data_dir_is_refused_and_takes_no_work(check
         first.stop()
     again = start_server(checkpoints["original"], data)  # the lock goes with the process
     again.stop()
+
+
+def metrics(server) -> dict[str, float]:
+    """Every sample of /metrics by its name and labels, e.g. `ossrun_batch_items{state="queued"}`."""
+    lines = httpx.get(server.base + "/metrics", timeout=30).text.splitlines()
+    return {name: float(value) for name, _, value in (line.rpartition(" ") for line in lines if not line.startswith("#"))}
+
+
+def test_batch_items_are_not_cut_at_the_sync_request_timeout(checkpoints, tmp_path):
+    """Before: each item ran under `--request-timeout` (meant for a client waiting on a connection), with the time it
+    waited behind its own batch counted, so all failed with 3007; the tokens they generated were in /metrics but in
+    no usage, and the batch's total was 0."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--request-timeout", "0.3")
+    long_item = {"prompt": "count", "max_tokens": 400, "temperature": 0}
+    try:
+        sync = httpx.post(server.run_url(), json=long_item, timeout=120)
+        assert sync.status_code == 408 and sync.json()["errors"][0]["code"] == 3007  # alone it outlasts the timeout
+        before = metrics(server)
+        result = wait_done(server, queue(server, [long_item] * 4))
+        after = metrics(server)
+        assert [r["success"] for r in result["responses"]] == [True] * 4, result["responses"][0]
+        usages = [r["result"]["usage"] for r in result["responses"]]
+        assert result["usage"]["completion_tokens"] == sum(u["completion_tokens"] for u in usages) > 4
+        for kind in ("prompt", "completion"):  # the batch's usage is what /metrics billed for it
+            assert after[f'ossrun_tokens_total{{kind="{kind}"}}'] - before[f'ossrun_tokens_total{{kind="{kind}"}}'] \
+                == result["usage"][f"{kind}_tokens"]
+    finally:
+        server.stop()

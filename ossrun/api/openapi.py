@@ -239,16 +239,17 @@ class BatchPending(_Out):
     request_id: str
 
 
-class BatchItemResult(_Out):
-    id: int
-    result: Any
-    success: bool
-
-
 class BatchUsage(_Out):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     total_tokens: int = Field(ge=0)
+
+
+class BatchItemResult(_Out):
+    id: int
+    result: Any
+    success: bool
+    usage: BatchUsage | None = Field(None, description="A failed item's tokens (a successful one's are in its result's usage)")
 
 
 class BatchDone(_Out):

@@ -16,7 +16,7 @@ from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
 from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope
-from ossrun.api.service import Plan, Service
+from ossrun.api.service import Outcome, Plan, Service
 from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
@@ -49,16 +49,19 @@ def _reject_if_busy(service: Service, ask: Ask) -> None:
         raise ApiError(*BUSY)
 
 
-async def run_sync(service: Service, ask: Ask, priority: Priority = Priority.INTERACTIVE) -> tuple[dict[str, Any], Any]:
-    """The sync result of one `/ai/run` request (also what the batch queue stores) → (result, outcome)."""
-    plan = await service.plan_off_loop(ask, priority=priority)
-    surface = surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
-    return await surfaces.complete(service, plan, surface), surface.outcome
+def surface_of(service: Service, plan: Plan) -> surfaces.Surface:
+    """The `/ai/run` surface a plan answers in (sync, streamed or as a batch item)."""
+    return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
+
+
+async def run_sync(service: Service, ask: Ask) -> dict[str, Any]:
+    """The sync result of one `/ai/run` request (a batch item's is made the same way: `batch_executor`)."""
+    plan = await service.plan_off_loop(ask)
+    return await surfaces.complete(service, plan, surface_of(service, plan))
 
 
 def stream_response(service: Service, plan: Plan) -> EventStream:
-    surface = surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
-    return EventStream(surfaces.stream(service, plan, surface))
+    return EventStream(surfaces.stream(service, plan, surface_of(service, plan)))
 
 
 @router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",
@@ -80,8 +83,7 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     _reject_if_busy(service, ask)
     if ask.stream:
         return stream_response(service, await service.plan_off_loop(ask))
-    result, _ = await unless_client_leaves(request, run_sync(service, ask))
-    return envelope(result)
+    return envelope(await unless_client_leaves(request, run_sync(service, ask)))
 
 
 def _is_poll(body: Any) -> bool:
@@ -125,8 +127,10 @@ def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     responses, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for item in batch.items:
         entry = {"id": item.index, "result": item.result if item.success else {}, "success": bool(item.success)}
-        if not item.success:
+        if not item.success:  # no result holds its usage: tokens it consumed before it failed are still in the total
             entry["errors"] = [item.result]
+            entry["usage"] = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
+                              "total_tokens": item.prompt_tokens + item.completion_tokens}
         if item.external_reference is not None:
             entry["external_reference"] = item.external_reference
         responses.append(entry)
@@ -140,13 +144,18 @@ def batch_executor(service: Service):
     """What the batch worker runs per item: exactly the sync path, at batch priority."""
 
     async def execute(model: str, body: dict[str, Any]) -> ItemOutcome:
+        surface = None
         try:
             service.check_model(model)
             ask = dataclasses.replace(parse_run(service, body), stream=False)
-            result, outcome = await run_sync(service, ask, Priority.BATCH)
-            return ItemOutcome(True, result, outcome.prompt_tokens, outcome.completion_tokens)
+            plan = await service.plan_off_loop(ask, priority=Priority.BATCH)
+            surface = surface_of(service, plan)
+            result = await surfaces.complete(service, plan, surface)
+            return ItemOutcome(True, result, surface.outcome.prompt_tokens, surface.outcome.completion_tokens)
         except ApiError as exc:
-            return ItemOutcome(False, {"code": exc.code, "message": exc.message})
+            # Once generation started, /metrics bills the item's tokens however it ended: its usage says the same.
+            spent = surface.outcome if surface is not None else Outcome()
+            return ItemOutcome(False, {"code": exc.code, "message": exc.message}, spent.prompt_tokens, spent.completion_tokens)
 
     return execute
 

@@ -20,6 +20,7 @@ from ossrun.api.errors import NO_RETRY, TIMEOUT, ApiError
 from ossrun.api.metering import Tally
 from ossrun.api.service import Outcome, Plan, Service
 from ossrun.api.surfaces.frames import DONE, error_frame
+from ossrun.engine.client import Priority
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,22 @@ async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | 
 
 
 async def complete(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> dict[str, Any]:
-    """The sync answer: the same loop as the stream, within the request timeout."""
+    """The sync answer: the same loop as the stream, within the request timeout (if it has one)."""
     try:
-        async with asyncio.timeout(service.settings.request_timeout_s):
+        async with asyncio.timeout(time_limit(service, plan)):
             async with aclosing(drive(service, plan, surface, tally)) as frames:
                 async for _ in frames:
                     pass
     except TimeoutError:
         raise ApiError(*TIMEOUT, headers=NO_RETRY) from None
     return surface.result()
+
+
+def time_limit(service: Service, plan: Plan) -> float | None:
+    """`--request-timeout` bounds a request a client waits on. A batch item has no connection waiting, and the
+    clock would also count the time it waits behind interactive work and its own batch (16 items share every step):
+    its `max_tokens` bounds it, and a queued item is finished eventually, never cut at the interactive limit."""
+    return None if plan.priority is Priority.BATCH else service.settings.request_timeout_s
 
 
 def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> Surface:
