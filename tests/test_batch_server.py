@@ -175,3 +175,34 @@ def test_batch_items_are_not_cut_at_the_sync_request_timeout(checkpoints, tmp_pa
                 == result["usage"][f"{kind}_tokens"]
     finally:
         server.stop()
+
+
+def test_the_queue_answers_before_compiling_schemas_and_an_item_the_grammar_refuses_fails_alone(checkpoints, tmp_path):
+    """Before: the queue POST compiled every item's schema and searched its shortest answer (about 2 s an item
+    with its own schema) before answering, so a big batch took minutes to acknowledge, and a schema the grammar
+    engine refuses made the whole POST a 400. Now the cheap checks run at queue time (a bad field is still a 400
+    naming the item), the grammar's when the item runs: its error is that item's, in the poll result."""
+    server = start_server(checkpoints["original"], tmp_path / "data")
+
+    def item(name: str, schema: dict | None = None) -> dict:
+        schema = schema or {"type": "object", "properties": {name: {"type": "string", "format": "email"}}, "required": [name]}
+        return {"prompt": "What is the capital of Peru?", "max_tokens": 40, "temperature": 0,
+                "response_format": {"type": "json_schema", "json_schema": schema}}
+
+    try:
+        refused = item("a", {"type": "object", "properties": {"a": {"type": "strnig"}}})
+        result = wait_done(server, queue(server, [refused, {"prompt": "hi", "max_tokens": 4}]))
+        first, second = result["responses"]
+        assert first["success"] is False and first["result"] == {}, first
+        assert first["errors"][0]["code"] == 5006 and "Invalid type: strnig" in first["errors"][0]["message"]
+        assert first["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        assert second["success"] is True
+        bad = httpx.post(server.run_url(), params={"queueRequest": "true"}, timeout=60,
+                         json={"requests": [item("b"), {**item("c"), "max_tokens": 10**9}]})
+        assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == 8 and "requests[1]" in bad.text
+
+        start = time.monotonic()
+        queue(server, [item(f"distinct_{i}") for i in range(20)])  # about 40 s before, on two busy cores
+        assert time.monotonic() - start < 10
+    finally:
+        server.stop()

@@ -232,6 +232,16 @@ class Service:
 
     # -- planning -------------------------------------------------------------------------------
     def plan(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
+        """The request as the engine runs it, every check done: a 400 here is one before any stream starts."""
+        plan = self.draft(ask, openai, priority)
+        if plan.grammar is not None:
+            self._check(plan)  # compiles the grammar and searches its shortest answer within max_tokens
+        return plan
+
+    def draft(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
+        """`plan` without compiling its grammar: what is cheap to check (rendering, fields, context, LoRA, tool
+        choice), in milliseconds. The batch queue checks its items with it before answering "queued"; compiling
+        a schema and the budget search (up to seconds each) wait until the item runs."""
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
         forced = None
         try:
@@ -263,8 +273,6 @@ class Service:
         if not ask.raw:
             plan.grammar = self._grammar(ask, forced, max_tokens)
             plan.json_mode = ask.final.structured
-            if plan.grammar is not None:
-                self._check(plan)
         return plan
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
