@@ -206,3 +206,24 @@ def test_the_queue_answers_before_compiling_schemas_and_an_item_the_grammar_refu
         assert time.monotonic() - start < 10
     finally:
         server.stop()
+
+
+def test_metrics_show_the_batch_backlog_and_keep_batch_latency_apart(checkpoints, tmp_path):
+    """Before: 40 queued items showed nowhere on /metrics (`ossrun_queue_depth` counts the engine's waiting requests
+    only), and each item's minutes went into the interactive latency histogram."""
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        before = metrics(server)
+        request_id = queue(server, items(40, max_tokens=30))
+        during = metrics(server)
+        backlog = during['ossrun_batch_items{state="queued"}'] + during['ossrun_batch_items{state="running"}']
+        assert 0 < backlog <= 40
+        result = wait_done(server, request_id)
+        after = metrics(server)
+        assert after['ossrun_batch_items{state="queued"}'] == after['ossrun_batch_items{state="running"}'] == 0
+        assert after['ossrun_batch_items_finished_total{success="true"}'] == 40 == len(result["responses"])
+        assert after['ossrun_batch_items_finished_total{success="false"}'] == 0
+        assert after["ossrun_batch_item_seconds_count"] - before["ossrun_batch_item_seconds_count"] == 40
+        assert after["ossrun_request_seconds_count"] == before["ossrun_request_seconds_count"]
+    finally:
+        server.stop()

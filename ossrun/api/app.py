@@ -190,7 +190,9 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     for name, path in settings.loras.items():
         engine.register_adapter(name, path)
     service.load_finetunes()
-    worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s)
+    service.metering.batch_backlog = service.batch_store.backlog
+    worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s,
+                         on_done=service.metering.batch_item_done)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -40,8 +40,13 @@ class Metering:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("ossrun_requests_total", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("ossrun_request_seconds", "Generation latency", registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+        self.latency = Histogram("ossrun_request_seconds", "Generation latency of interactive requests", registry=r,
+                                 buckets=buckets)
+        # Batch items wait behind interactive work and share steps with their own batch: their seconds would drown
+        # the interactive latency, so they have their own histogram.
+        self.batch_latency = Histogram("ossrun_batch_item_seconds", "Generation latency of batch queue items", registry=r,
+                                       buckets=buckets + (600, 1800, 3600))
         self.tokens = Counter("ossrun_tokens_total", "Tokens by kind", ["kind"], registry=r)
         self.cost = Counter("ossrun_cost_usd_total", "Estimated cost at the hosted prices (USD)", registry=r)
         self.neurons = Counter("ossrun_neurons_total", "Estimated neurons at the hosted rates", registry=r)
@@ -49,6 +54,13 @@ class Metering:
         self.running = Gauge("ossrun_running_requests", "Requests the engine is running", registry=r)
         self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
         self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
+        self.batch_items = Gauge("ossrun_batch_items", "Batch queue items not done yet, by state (queued, running)",
+                                 ["state"], registry=r)
+        self.batch_finished = Counter("ossrun_batch_items_finished_total", "Batch queue items finished, by success",
+                                      ["success"], registry=r)
+        for success in ("true", "false"):
+            self.batch_finished.labels(success)  # both series from the start, at 0
+        self.batch_backlog: Callable[[], dict[str, int]] = dict  # the batch store's `backlog`, once the app has one
         self._last = (0, 0.0)
         self._unread = 0
 
@@ -61,11 +73,14 @@ class Metering:
         self.cost.inc(usd)
         self.neurons.inc(neurons)
 
-    def observe_latency(self, seconds: float) -> None:
-        self.latency.observe(seconds)
+    def observe_latency(self, seconds: float, batch: bool = False) -> None:
+        (self.batch_latency if batch else self.latency).observe(seconds)
 
-    def tally(self, choices: int, usage: Callable[[], Any]) -> "Tally":
-        return Tally(self, choices, usage)
+    def batch_item_done(self, outcome) -> None:
+        self.batch_finished.labels("true" if outcome.success else "false").inc()
+
+    def tally(self, choices: int, usage: Callable[[], Any], batch: bool = False) -> "Tally":
+        return Tally(self, choices, usage, batch)
 
     def render(self) -> bytes:
         stats = self.engine.stats()
@@ -77,6 +92,8 @@ class Metering:
             self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
         self._last = (stats["generated_tokens_total"], now)
         self._meter_unread(stats.get("unread_tokens_total", 0))
+        for state, count in self.batch_backlog().items():
+            self.batch_items.labels(state).set(count)
         return generate_latest(self.registry)
 
     def _meter_unread(self, total: int) -> None:
@@ -95,8 +112,8 @@ class Tally:
     each prompt of a `/v1/completions` list) end one by one; after the last, `usage()` (the answer's usage:
     each prompt once, every choice's completion tokens) is recorded once, and the request's latency once."""
 
-    def __init__(self, metering: Metering, choices: int, usage: Callable[[], Any]):
-        self.metering, self.open, self.usage = metering, choices, usage
+    def __init__(self, metering: Metering, choices: int, usage: Callable[[], Any], batch: bool = False):
+        self.metering, self.open, self.usage, self.batch = metering, choices, usage, batch
         self.started = time.perf_counter()
 
     def ended(self) -> None:
@@ -104,4 +121,4 @@ class Tally:
         self.open -= 1
         if self.open == 0:
             self.metering.record(self.metering.model, self.usage())
-            self.metering.observe_latency(time.perf_counter() - self.started)
+            self.metering.observe_latency(time.perf_counter() - self.started, self.batch)

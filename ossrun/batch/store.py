@@ -54,7 +54,7 @@ class BatchStore(Protocol):
     def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
     def requeue_running(self) -> int: ...
     def delete_finished_before(self, cutoff: float) -> int: ...
-    def pending(self) -> int: ...
+    def backlog(self) -> dict[str, int]: ...
 
 
 _SCHEMA = """
@@ -148,9 +148,12 @@ class SQLiteBatchStore:
         with self._lock, self._transaction():
             return self._db.execute("DELETE FROM batches WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,)).rowcount
 
-    def pending(self) -> int:
+    def backlog(self) -> dict[str, int]:
+        """{"queued": n, "running": m}: items not done yet (counted on the state index, so a scrape costs what the
+        backlog holds, not what the retained results do)."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM items WHERE state != 'done'").fetchone()[0]
+            rows = self._db.execute("SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'running') GROUP BY state").fetchall()
+        return {"queued": 0, "running": 0, **dict(rows)}
 
     def _transaction(self):
         return _Transaction(self._db)

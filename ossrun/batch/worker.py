@@ -29,11 +29,17 @@ class ItemOutcome:
 Executor = Callable[[str, dict[str, Any]], Awaitable[ItemOutcome]]
 
 
+def _ignore(outcome: ItemOutcome) -> None:
+    pass
+
+
 class BatchWorker:
     def __init__(self, store: BatchStore, execute: Executor, concurrency: int = 16, retention_s: float = 7 * 24 * 3600,
-                 poll_s: float = 0.5):
+                 poll_s: float = 0.5, on_done: Callable[[ItemOutcome], None] = _ignore):
+        """`on_done` hears of every item whose result was written (the server's metrics count them)."""
         self.store = store
         self.execute = execute
+        self.on_done = on_done
         self.concurrency = concurrency
         self.retention_s = retention_s
         self.poll_s = poll_s
@@ -89,3 +95,4 @@ class BatchWorker:
             log.exception("batch item %s/%d failed", item.batch_id, item.index)
             outcome = ItemOutcome(False, {"code": 3000, "message": f"AiError: {exc}"})
         await asyncio.to_thread(self.store.complete, item, outcome.success, outcome.result, outcome.prompt_tokens, outcome.completion_tokens)
+        self.on_done(outcome)

@@ -46,7 +46,7 @@ async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | N
     ends (a client that leaves mid-stream has still had its tokens generated). `tally`: the request's
     metering when this is one of its choices (by default the request is this one choice)."""
     outcome = surface.outcome
-    tally = tally or service.metering.tally(1, lambda: outcome)
+    tally = tally or service.metering.tally(1, lambda: outcome, batch=plan.priority is Priority.BATCH)
     try:
         for frame in surface.opening():
             yield frame
