@@ -131,3 +131,19 @@ def test_a_kv_cache_too_small_says_how_much_is_needed(checkpoints, tmp_path):
     result = ossrun("serve", "--model", str(checkpoints["original"]), "--kv-cache-gib", "0.00001", "--port", str(free_port()),
                     "--data-dir", str(tmp_path), timeout=120)
     _one_clear_line(result, "needs at least")
+
+
+def test_serve_refuses_a_lora_adapter_with_nan_weights(checkpoints, tmp_path):
+    """It started and answered "!!!!" (NaN logits) on every request with the adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from ossrun.model.checkpoint import read_config
+    from ossrun.model.lora import write_random_adapter
+
+    bad = write_random_adapter(read_config(checkpoints["original"]), tmp_path / "bad", rank=4, seed=1)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    result = ossrun("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path / "data"), "--port", str(free_port()),
+                    "--lora", f"bad={bad}", timeout=180)
+    _one_clear_line(result, "NaN or infinite")

@@ -173,3 +173,69 @@ def test_missing_adapter_file_is_explained(model, adapters, tmp_path):
     (tmp_path / "half" / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="adapter_model.safetensors"):
         load_peft_adapter(tmp_path / "half", model.config, "half")
+
+
+@pytest.mark.parametrize("settings, tensors, message", [
+    ({}, {"nan_in": "B"}, "NaN or infinite"),
+    ({}, {"inf_in": "A"}, "NaN or infinite"),
+    ({"lora_alpha": float("nan")}, {}, "lora_alpha must be a number"),
+    ({"lora_alpha": 1e308}, {}, "lora_alpha must be a number"),
+    ({"lora_alpha": "16"}, {}, "lora_alpha must be a number"),
+    ({"lora_alpha": None}, {}, "lora_alpha must be a number"),
+    ({"lora_alpha": [16]}, {}, "lora_alpha must be a number"),
+    ({"r": True}, {}, "integer r"),
+    ({"target_modules": 5}, {}, "target_modules must be a list"),
+    ({"target_modules": {"q_proj": 1}}, {}, "target_modules must be a list"),
+    ({"use_rslora": "yes"}, {}, "use_rslora must be true or false"),
+    ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save"),
+    ({}, {"dtype": torch.int8}, "adapters hold F32, F16 or BF16"),
+    ({}, {"dtype": torch.bool}, "adapters hold F32, F16 or BF16"),
+    ({}, {"raw": b"\xff" * 8 + b"{}"}, "header length"),
+    ({}, {"f64": True}, "dtype 'F64'"),
+])
+def test_unusable_adapter_values_are_explained(model, adapters, tmp_path, settings, tensors, message):
+    """Non-finite numbers gave NaN answers (and 500s, and bare NaN in streams); wrong types gave Python's own error
+    text, or were taken silently (`r: true` as rank 1, int8 tensors cast, `modules_to_save` ignored)."""
+    import shutil
+
+    from ossrun.model.safetensors_io import open_mmap, write_streaming, TensorSpec
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters["one"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **settings}))
+    values = {k: v.clone() for k, v in open_mmap(adapters["one"] / "adapter_model.safetensors").items()}
+    first = next(k for k in values if k.endswith("lora_A.weight"))
+    if "nan_in" in tensors or "inf_in" in tensors:
+        half = tensors.get("nan_in") or tensors["inf_in"]
+        key = first.replace("lora_A", f"lora_{half}")
+        values[key][0, 0] = float("nan") if "nan_in" in tensors else float("inf")
+    if "dtype" in tensors:
+        values = {k: v.to(tensors["dtype"]) for k, v in values.items()}
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in values.items()]
+    write_streaming(bad / "adapter_model.safetensors", specs, lambda spec: values[spec.name])
+    if "raw" in tensors:
+        (bad / "adapter_model.safetensors").write_bytes(tensors["raw"])
+    if "f64" in tensors:
+        raw = (bad / "adapter_model.safetensors").read_bytes().replace(b'"F32"', b'"F64"', 1)
+        (bad / "adapter_model.safetensors").write_bytes(raw)
+    with pytest.raises(AdapterError, match=message):
+        load_peft_adapter(bad, model.config, "bad")
+
+
+def test_lora_alpha_defaults_as_in_peft_and_a_rank_mismatch_is_told_apart(model, adapters, tmp_path):
+    """PEFT's `LoraConfig.lora_alpha` defaults to 8 (it was taken as r); a config whose r is not the tensors' rank
+    raises `AdapterRankMismatch` (each file is fine alone: a fine-tune changing rank has sent one of the two)."""
+    import shutil
+
+    from ossrun.model.lora import AdapterRankMismatch
+
+    folder = tmp_path / "a"
+    shutil.copytree(adapters["two"], folder)  # rank 4
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert load_peft_adapter(folder, model.config, "a").scaling == 8 / 4
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(AdapterRankMismatch, match="r=8 but the tensors of adapter_model.safetensors have rank 4"):
+        load_peft_adapter(folder, model.config, "a")

@@ -22,15 +22,27 @@ from pathlib import Path
 import torch
 
 from ossrun.model.config import ModelConfig
-from ossrun.model.safetensors_io import TensorSpec, open_mmap, write_streaming
+from ossrun.model.safetensors_io import DTYPE_NAMES, TensorSpec, open_mmap, write_streaming
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MAX_RANK = 32
+PEFT_DEFAULT_ALPHA = 8  # `LoraConfig.lora_alpha`'s default: what PEFT uses when the config leaves it out
+# A sanity bound, not a limit of the maths: fine-tunes use alphas from 1 to a few thousand (rsLoRA); at 1e30 and
+# beyond the product overflows the activations into inf/NaN, and every answer of the adapter is garbage.
+MAX_ALPHA = 1e6
 _NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])(?:\.default)?\.weight")
 
 
 class AdapterError(ValueError):
     """An adapter that cannot be used with this model; the message says why."""
+
+
+class AdapterRankMismatch(AdapterError):
+    """Each file is a valid adapter half on its own, but the config's `r` is not the rank of the tensors."""
+
+    def __init__(self, message: str, config_rank: int, tensor_rank: int):
+        super().__init__(message)
+        self.config_rank, self.tensor_rank = config_rank, tensor_rank
 
 
 @dataclass(slots=True)
@@ -55,31 +67,85 @@ def _in_out(config: ModelConfig, target: str) -> tuple[int, int]:
 
 def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu") -> LoraAdapter:
-    """Read and check a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`)."""
+    """Read and check a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+    Each file is checked on its own first (the config's settings; the tensors' names, shapes, dtypes and values),
+    then the pair: a config whose `r` differs from the rank the tensors have raises `AdapterRankMismatch`, so a
+    caller can tell "this file fits another partner" from "this file is wrong"."""
     path = Path(path)
+    rank, scaling = _read_settings(path, name)
+    pairs = _read_pairs(path, config, name)
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if len(ranks) > 1:
+        raise AdapterError(f"adapter {name}: its tensors have different ranks {sorted(ranks)}")
+    (tensor_rank,) = ranks
+    if tensor_rank > MAX_RANK:
+        raise AdapterError(f"adapter {name}: rank {tensor_rank} is over the maximum of {MAX_RANK}")
+    if tensor_rank != rank:
+        raise AdapterRankMismatch(f"adapter {name}: adapter_config.json says r={rank} but the tensors of "
+                                  f"adapter_model.safetensors have rank {tensor_rank}", rank, tensor_rank)
+    adapter = LoraAdapter(name, rank, scaling)
+    for (layer, target), (a, b) in pairs.items():
+        adapter.weights.setdefault(layer, {})[target] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+    return adapter
+
+
+def _read_settings(path: Path, name: str) -> tuple[int, float]:
+    """`adapter_config.json` checked on its own → (rank, scaling). Types are checked as PEFT's `LoraConfig` declares
+    them, so a wrong one is named here rather than surfacing as a Python error or as a silently different adapter."""
     try:
         settings = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8 at all
         raise AdapterError(f"adapter {name}: adapter_config.json unreadable: {exc}") from None
     if not isinstance(settings, dict):
         raise AdapterError(f"adapter {name}: adapter_config.json must hold a JSON object")
-    rank, alpha = settings.get("r"), settings.get("lora_alpha", settings.get("r"))
-    if settings.get("peft_type", "LORA") != "LORA" or not isinstance(rank, int) or rank < 1:
+    rank = settings.get("r")
+    if settings.get("peft_type", "LORA") != "LORA" or not _is_int(rank) or rank < 1:
         raise AdapterError(f"adapter {name}: not a PEFT LoRA adapter (peft_type LORA with an integer r)")
     if rank > MAX_RANK:
         raise AdapterError(f"adapter {name}: rank {rank} is over the maximum of {MAX_RANK}")
     if settings.get("use_dora") or settings.get("rank_pattern") or settings.get("alpha_pattern") or settings.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name}: DoRA, per-module rank/alpha patterns and LoRA biases are not supported")
-    targets = settings.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    if settings.get("modules_to_save"):
+        raise AdapterError(f"adapter {name}: modules_to_save (fully trained modules beside the LoRA) is not supported")
+    _check_targets(settings.get("target_modules"), name)
+    alpha = settings.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if not _is_number(alpha) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+        raise AdapterError(f"adapter {name}: lora_alpha must be a number of magnitude at most {MAX_ALPHA:g}, not {alpha!r}")
+    rslora = settings.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(f"adapter {name}: use_rslora must be true or false, not {rslora!r}")
+    return rank, alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a rank
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_targets(targets: object, name: str) -> None:
+    """PEFT's `target_modules`: a module name (PEFT reads a string as a regex; the plain names are what we serve) or a
+    list of names; absent, the tensors say which modules they adapt."""
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"adapter {name}: target_modules must be a list of module names, not {targets!r}")
     unsupported = sorted(set(targets) - set(TARGETS))
     if unsupported:
         raise AdapterError(f"adapter {name}: target modules {unsupported} are not supported (only {', '.join(TARGETS)})")
-    scaling = alpha / math.sqrt(rank) if settings.get("use_rslora") else alpha / rank
+
+
+def _read_pairs(path: Path, config: ModelConfig, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """`adapter_model.safetensors` checked on its own (the rank is the tensors' own) → (layer, target) → (A, B)."""
     try:
         stored = open_mmap(path / "adapter_model.safetensors")
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, struct_error) as exc:
-        raise AdapterError(f"adapter {name}: adapter_model.safetensors unreadable: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, MemoryError, struct_error) as exc:
+        raise AdapterError(f"adapter {name}: adapter_model.safetensors is not a readable safetensors file ({exc})") from None
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in stored.items():
         match = _NAME.fullmatch(key)
@@ -88,20 +154,26 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
         layer, target, half = int(match[1]), match[2], match[3]
         if layer >= config.num_hidden_layers:
             raise AdapterError(f"adapter {name}: tensor for layer {layer}, the model has {config.num_hidden_layers}")
+        if not tensor.is_floating_point():
+            raise AdapterError(f"adapter {name}: tensor {key} is {DTYPE_NAMES[tensor.dtype]}; adapters hold F32, F16 or BF16 numbers")
         halves.setdefault((layer, target), {})[half] = tensor
-    adapter = LoraAdapter(name, rank, scaling)
+    pairs = {}
     for (layer, target), pair in halves.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"adapter {name}: layer {layer} {target} lacks lora_A or lora_B")
         a, b = pair["A"], pair["B"]
         fan_in, fan_out = _in_out(config, target)
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != fan_in or b.shape[0] != fan_out or b.shape[1] != a.shape[0]:
             raise AdapterError(f"adapter {name}: layer {layer} {target} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                               f"expected ({rank}, {fan_in}) and ({fan_out}, {rank})")
-        adapter.weights.setdefault(layer, {})[target] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-    if not adapter.weights:
+                               f"expected (r, {fan_in}) and ({fan_out}, r)")
+        if a.shape[0] < 1:
+            raise AdapterError(f"adapter {name}: layer {layer} {target} has rank 0")
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):  # every answer would be NaN
+            raise AdapterError(f"adapter {name}: layer {layer} {target} holds NaN or infinite numbers")
+        pairs[(layer, target)] = (a, b)
+    if not pairs:
         raise AdapterError(f"adapter {name}: no LoRA tensors")
-    return adapter
+    return pairs
 
 
 def write_random_adapter(config: ModelConfig, out: str | Path, rank: int = 8, alpha: float | None = None, seed: int = 0,

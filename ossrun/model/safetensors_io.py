@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,9 +40,16 @@ class TensorSpec:
 
 
 def read_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, the JSON header); a ValueError for a file that is not safetensors (a header length
+    beyond the file would otherwise ask for exabytes of memory)."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        return 8 + length, json.loads(f.read(length))
+        if length > os.fstat(f.fileno()).st_size - 8:
+            raise ValueError(f"its header length {length} runs past the end of the file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return 8 + length, header
 
 
 def open_mmap(path: Path) -> dict[str, torch.Tensor]:
@@ -57,6 +65,8 @@ def open_mmap(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
+        if info.get("dtype") not in DTYPES:
+            raise ValueError(f"tensor {name} has dtype {info.get('dtype')!r}, not one of {', '.join(DTYPES)}")
         dtype = DTYPES[info["dtype"]]
         shape = tuple(info["shape"])
         if end == begin:
