@@ -1,6 +1,8 @@
 """LoRA: our adapters equal transformers + peft, and one batch serves base and adapter requests side by side."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +175,69 @@ def test_missing_adapter_file_is_explained(model, adapters, tmp_path):
     (tmp_path / "half" / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match="adapter_model.safetensors"):
         load_peft_adapter(tmp_path / "half", model.config, "half")
+
+
+def _finish(e: Engine, request_id: str, events: list) -> list[int]:
+    while e.has_work:
+        events.extend(ev for ev in e.step() if ev.request_id == request_id)
+    return [ev.token_id for ev in events if ev.token_id is not None]
+
+
+def test_a_reregistered_adapter_gets_its_own_kv_and_running_requests_keep_their_version(model, adapters, tmp_path):
+    """Registering a name again (a fine-tune's re-upload) makes a new version: a prefix cached under the old weights
+    is not reused (a 32-token hit gave an answer of neither adapter), and a request already running finishes with
+    the version it started with (it switched mid-answer)."""
+    other = write_random_adapter(model.config, tmp_path / "other", rank=8, seed=9)
+
+    def engine():
+        return Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048))
+
+    def alone(path) -> list[int]:
+        e = engine()
+        e.adapters.register("ft", path)
+        return [ev.token_id for ev in e.generate([Request("x", prompt, params, lora="ft")])["x"]]
+
+    prompt, params = list(range(300, 350)), SamplingParams(max_tokens=12, temperature=0)
+    old, new = alone(adapters["one"]), alone(other)
+    assert old != new
+
+    e = engine()
+    e.adapters.register("ft", adapters["one"])
+    assert [ev.token_id for ev in e.generate([Request("a", prompt, params, lora="ft")])["a"]] == old
+    e.add(Request("b", prompt, params, lora="ft"))  # starts on the old version (its prefix cached)...
+    events = e.step() + e.step()
+    e.adapters.register("ft", other)  # ...which is replaced mid-answer
+    assert _finish(e, "b", events) == old
+    after = e.generate([Request("c", prompt, params, lora="ft")])["c"]
+    assert after[-1].num_cached_tokens == 0 and [ev.token_id for ev in after] == new
+    assert e.adapters.loaded_names == ["ft"] and len(e.adapters._loaded) == 1  # the old version went with its last request
+
+
+def test_an_old_version_evicted_before_it_is_replaced_still_serves_its_requests(model, adapters, tmp_path):
+    """A waiting request's version may have been evicted (budget); its files are about to be replaced, so the
+    registry loads it back before they are."""
+    import shutil
+
+    folder = tmp_path / "ft"
+    shutil.copytree(adapters["one"], folder)
+    other = write_random_adapter(model.config, tmp_path / "other", rank=8, seed=9)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    reference = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048))
+    reference.adapters.register("ft", adapters["one"])
+    want = [ev.token_id for ev in reference.generate([Request("x", [5, 6, 7], params, lora="ft")])["x"]]
+
+    e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, adapter_budget_bytes=1))
+    e.adapters.register("ft", folder)
+    e.add(Request("x", [5, 6, 7], params, lora="ft"))
+    e.adapters.register("two", adapters["two"])  # over budget: "ft" is evicted before any step ran it
+
+    def install() -> Path:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.replace(tmp_path / "other" / name, folder / name)
+        return folder
+
+    e.adapters.register("ft", tmp_path / "other", install)
+    assert _finish(e, "x", []) == want
 
 
 @pytest.mark.parametrize("settings, tensors, message", [

@@ -112,6 +112,8 @@ class Engine:
         if request.request_id in self.sequences:
             raise ValueError(f"request id {request.request_id} is already running")
         seq = Sequence.from_request(request)
+        if request.lora is not None:  # pinned now: a re-registered adapter never switches it mid-answer
+            seq.adapter = self.adapters.acquire(request.lora)
         self.sequences[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -128,7 +130,7 @@ class Engine:
         events = self._reap_aborted()
         step = self.scheduler.schedule()
         for seq in step.unfit:
-            del self.sequences[seq.request_id]
+            self._forget(seq)
             seq.status = Status.FINISHED
             events.append(self._event(seq, None, finish_reason="error",
                                       error=f"{len(seq.tokens)} tokens do not fit the KV cache ({self.kv_tokens} tokens)"))
@@ -137,7 +139,7 @@ class Engine:
         sampled, output = self.runner.run(step.scheduled)
         for item in step.scheduled:  # before postprocessing: a request that ends now frees its blocks, hashed
             item.seq.num_computed += item.num_new_tokens
-            self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.request.lora)
+            self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.adapter)
         for i, item in enumerate(sampled):
             try:
                 events.append(self._postprocess(item.seq, output, i))
@@ -149,8 +151,9 @@ class Engine:
     def _reap_aborted(self, finish_reason: str = "abort", error: str | None = None) -> list[TokenEvent]:
         events = []
         for request_id in self._aborted:
-            seq = self.sequences.pop(request_id, None)
+            seq = self.sequences.get(request_id)
             if seq is not None:
+                self._forget(seq)
                 self.scheduler.remove(seq)
                 events.append(self._event(seq, None, finish_reason=finish_reason, error=error))
         self._aborted.clear()
@@ -166,7 +169,7 @@ class Engine:
 
     def _postprocess(self, seq: Sequence, output, i: int) -> TokenEvent:
         if seq.error is not None:
-            del self.sequences[seq.request_id]
+            self._forget(seq)
             self.scheduler.remove(seq)
             return self._event(seq, None, finish_reason="error", error=seq.error)
         token = output.token_ids[i]
@@ -176,9 +179,15 @@ class Engine:
         finish, stop_reason = self._check_stop(seq, token)
         event = self._event(seq, token, output.logprobs[i], output.top_logprobs[i], finish, stop_reason)
         if finish:
-            del self.sequences[seq.request_id]
+            self._forget(seq)
             self.scheduler.remove(seq)
         return event
+
+    def _forget(self, seq: Sequence) -> None:
+        """The request has ended: it leaves the engine's table and lets go of its adapter version."""
+        del self.sequences[seq.request_id]
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
 
     @staticmethod
     def _advance_constraint(seq: Sequence, token: int) -> None:

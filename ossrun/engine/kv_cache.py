@@ -79,7 +79,7 @@ class BlockPool:
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...], salt: str | None) -> int:
-    """Hash of a whole prefix ending in `tokens`; `salt` (the LoRA adapter) keeps different weights apart."""
+    """Hash of a whole prefix ending in `tokens`; `salt` (the LoRA adapter version) keeps different weights apart."""
     return hash((parent, tokens, salt))
 
 

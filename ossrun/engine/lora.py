@@ -1,13 +1,19 @@
 """Adapters the engine can serve: registered by name, loaded on demand, evicted LRU under a byte budget.
 
-Adapters needed by the current step are pinned, so eviction never pulls weights from under a running batch.
+Each registration is a new *version* of its name, with a key of its own (`name#n`). A request is pinned to the
+version current when it is added and keeps it to its last token; the key salts its prefix-cache blocks, so a
+re-registered adapter (a fine-tune's new upload) never reuses KV computed with the old weights. A version that
+requests still hold is never evicted (its files may be gone), and it is dropped when its last request ends.
+Adapters needed by the current step are pinned too, so eviction never pulls weights from under a running batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,52 +31,92 @@ class AdapterRegistry:
         self.dtype = dtype
         self.device = device
         self.budget_bytes = budget_bytes
-        self._paths: dict[str, Path] = {}
-        self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._current: dict[str, str] = {}  # name → the key of its current version
+        self._paths: dict[str, Path] = {}  # key → where it is (re)loaded from: current versions only
+        self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()  # key → weights, least recently used first
+        self._users: Counter[str] = Counter()  # key → requests pinned to it
+        self._versions = itertools.count(1)
         self._lock = threading.Lock()  # registration comes from the server's threads, use from the engine's
 
-    def register(self, name: str, path: str | Path) -> LoraAdapter:
-        """Make an adapter servable under `name`; it is loaded (and so checked) now. Raises AdapterError."""
+    def register(self, name: str, path: str | Path, install: Callable[[], Path] | None = None) -> LoraAdapter:
+        """Make the adapter at `path` the current version of `name`; it is loaded (and so checked) now. Raises
+        AdapterError. `install`, called once it is accepted, moves the files to where they stay and returns that
+        folder (a fine-tune's upload, checked where it was staged): no reload can run between the move and the switch."""
         adapter = load_peft_adapter(path, self.config, name, self.dtype, self.device)
         with self._lock:
-            self._paths[name] = Path(path)
-            self._loaded[name] = adapter
-            self._loaded.move_to_end(name)
-            self._evict(pinned={name})
+            old = self._current.get(name)
+            if old is not None and self._users[old] and old not in self._loaded:
+                # its files are about to change, and requests still run on it: keep the old weights in memory
+                self._loaded[old] = load_peft_adapter(self._paths[old], self.config, name, self.dtype, self.device)
+            home = Path(install()) if install is not None else Path(path)
+            key = f"{name}#{next(self._versions)}"
+            self._current[name], self._paths[key], self._loaded[key] = key, home, adapter
+            if old is not None:
+                self._paths.pop(old, None)
+                self._drop_if_unused(old)
+            self._evict(pinned={key})
         return adapter
 
     def known(self, name: str) -> bool:
         with self._lock:
-            return name in self._paths
+            return name in self._current
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self._paths)
+            return sorted(self._current)
 
     @property
     def loaded_names(self) -> list[str]:
-        return list(self._loaded)
-
-    def get_many(self, names: set[str]) -> dict[str, LoraAdapter]:
-        """The adapters a step needs, loading any that were evicted, then evicting others over budget."""
+        """Names whose current version is in memory, least recently used first."""
         with self._lock:
-            missing = [n for n in names if n not in self._paths]
-            if missing:
-                raise UnknownAdapterError(missing[0])
+            current = {key: name for name, key in self._current.items()}
+            return [current[key] for key in self._loaded if key in current]
+
+    def acquire(self, name: str) -> str:
+        """Pin a new request to `name`'s current version → its key (the request's adapter from now on)."""
+        with self._lock:
+            key = self._current.get(name)
+            if key is None:
+                raise UnknownAdapterError(name)
+            self._users[key] += 1
+            return key
+
+    def release(self, key: str) -> None:
+        """A request pinned to `key` has ended."""
+        with self._lock:
+            self._users[key] -= 1
+            if self._users[key] <= 0:
+                del self._users[key]
+                self._drop_if_unused(key)
+
+    def get_many(self, keys: set[str]) -> dict[str, LoraAdapter]:
+        """The adapter versions a step needs (by key), loading any that were evicted, then evicting others over budget."""
+        with self._lock:
             result = {}
-            for name in names:
-                if name not in self._loaded:
-                    log.info("loading adapter %s", name)
-                    self._loaded[name] = load_peft_adapter(self._paths[name], self.config, name, self.dtype, self.device)
-                self._loaded.move_to_end(name)
-                result[name] = self._loaded[name]
-            self._evict(pinned=names)
+            for key in keys:
+                if key not in self._loaded:
+                    if key not in self._paths:
+                        raise UnknownAdapterError(key)
+                    log.info("loading adapter %s", key)
+                    self._loaded[key] = load_peft_adapter(self._paths[key], self.config, key.rpartition("#")[0],
+                                                          self.dtype, self.device)
+                self._loaded.move_to_end(key)
+                result[key] = self._loaded[key]
+            self._evict(pinned=keys)
             return result
 
+    def _drop_if_unused(self, key: str) -> None:
+        """A replaced version goes once no request holds it."""
+        if key not in self._paths and not self._users[key]:
+            self._users.pop(key, None)
+            self._loaded.pop(key, None)
+
     def _evict(self, pinned: set[str]) -> None:
+        """Over budget: drop least recently used current versions no step needs (a replaced version cannot be
+        reloaded, so it stays until its requests end)."""
         total = sum(a.nbytes for a in self._loaded.values())
-        for name in list(self._loaded):
+        for key in list(self._loaded):
             if total <= self.budget_bytes:
                 break
-            if name not in pinned:
-                total -= self._loaded.pop(name).nbytes
+            if key not in pinned and key in self._paths:
+                total -= self._loaded.pop(key).nbytes

@@ -113,12 +113,12 @@ class ModelRunner:
         """Group the step's rows by adapter; None when every row runs on the base model."""
         rows: dict[str, list[int]] = {}
         for item, start, n in zip(scheduled, starts, lens):
-            if item.seq.request.lora is not None:
-                rows.setdefault(item.seq.request.lora, []).extend(range(start, start + n))
+            if item.seq.adapter is not None:
+                rows.setdefault(item.seq.adapter, []).extend(range(start, start + n))
         if not rows:
             return None
         adapters = self.adapters.get_many(set(rows))
-        return LoraBatch([(torch.tensor(r, dtype=torch.long, device=self.device), adapters[name]) for name, r in rows.items()])
+        return LoraBatch([(torch.tensor(r, dtype=torch.long, device=self.device), adapters[key]) for key, r in rows.items()])
 
     def _mask(self, item: Scheduled) -> torch.Tensor | None:
         """The constraint's allowed tokens; a mask that allows nothing fails that request alone."""

@@ -131,7 +131,7 @@ class Scheduler:
                 self._unfit(seq, step)
                 continue
             if not seq.blocks.full:
-                cached = self.kv.match_prefix(seq.blocks, seq.tokens, seq.request.lora)
+                cached = self.kv.match_prefix(seq.blocks, seq.tokens, seq.adapter)
                 seq.num_computed = cached
                 if not seq.admitted_once:
                     seq.num_cached_tokens = cached

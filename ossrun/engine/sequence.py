@@ -34,6 +34,7 @@ class Sequence:
     text_tail: str = ""  # recent decoded output, for stop strings
     error: str | None = None  # set when the request must end with an error after this step
     text_decoder: object | None = None  # incremental UTF-8 decoder, created on first use
+    adapter: str | None = None  # the LoRA version (`AdapterRegistry` key) it runs with, first token to last
 
     @classmethod
     def from_request(cls, request: Request) -> "Sequence":
