@@ -523,3 +523,13 @@ def test_input_items_ids_are_unique_so_paging_ends(tmp_path):
             break
         after = page["last_id"]
     assert pages == items
+
+
+FINETUNES = "/client/v4/accounts/a/ai/finetunes"
+
+
+def test_the_upload_route_names_its_own_size_limit(client):
+    """Its cap is 300 MB; the 413 said "the body exceeds 10 MB" (the JSON routes' cap)."""
+    too_big = client.post(f"{FINETUNES}/x/finetune-assets", content=b"x", headers={"Content-Length": "400000000"})
+    assert too_big.status_code == 413 and "300 MB" in too_big.json()["errors"][0]["message"], too_big.text
+    assert "10 MB" in client.post(RUN, content=b"x", headers={"Content-Length": "20000000"}).json()["errors"][0]["message"]

@@ -24,8 +24,8 @@ from starlette.routing import Match
 
 from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import RateLimiter, bearer_token, token_matches
-from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, TOO_LARGE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
-                               rate_limited)
+from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
+                               rate_limited, too_large)
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
@@ -36,8 +36,8 @@ from ossrun.finetunes import MAX_ASSET_BYTES, FinetuneStore
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
-# Adapter uploads may be up to 300 MB (spec §7); the multipart framing needs a little more.
-MAX_ASSET_BODY_BYTES = MAX_ASSET_BYTES + 1024 * 1024
+# Adapter uploads may be up to 300 MB (spec §7); the multipart framing needs a little more (under a MB: the 413 says 300).
+MAX_ASSET_BODY_BYTES = MAX_ASSET_BYTES + 64 * 1024
 
 
 # Liveness and metrics stay open for probes and scrapers; the API document is behind the token like the API.
@@ -78,7 +78,7 @@ class RequestBody:
                     clock = None  # the body is complete
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise ApiError(*TOO_LARGE)
+                    raise too_large(limit)
                 if coding and decoder is None:
                     decoder = body.decoder(coding, limit)  # None for identity; a 415 for a coding we cannot decode
                 if decoder is not None:
@@ -225,7 +225,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         except ValueError:
             length = 0
         if length > body_limit(path):
-            response = _error_response(path, ApiError(*TOO_LARGE))
+            response = _error_response(path, too_large(body_limit(path)))
         else:
             response = None if open_path else _refusal(request, settings, limiter)
         if response is None:

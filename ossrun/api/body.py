@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ossrun.api.errors import BODY_TIMEOUT, TOO_LARGE, ApiError, bad_input, param_of
+from ossrun.api.errors import BODY_TIMEOUT, ApiError, bad_input, param_of, too_large
 
 # No legitimate body nests deeper; tool parameter schemas have their own, smaller limit (harmony).
 MAX_DEPTH = 128
@@ -114,7 +114,7 @@ class Decoder:
                 piece = self._stream.decompress(data, self.limit - self.decoded + 1)
                 self.decoded += len(piece)
                 if self.decoded > self.limit:
-                    raise ApiError(*TOO_LARGE)
+                    raise too_large(self.limit)
                 out.append(piece)
                 data = self._stream.unconsumed_tail or self._stream.unused_data
         except zlib.error:

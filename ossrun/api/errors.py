@@ -41,6 +41,11 @@ def context_too_long(prompt_tokens: int, max_tokens: int, limit: int) -> ApiErro
                             f"exceeds the model's context window of {limit} tokens")
 
 
+def too_large(limit: int) -> ApiError:
+    """413 for a body over `limit` bytes (10 MB, or 300 MB on the adapter-upload route)."""
+    return ApiError(413, 3006, f"Request is too large: the body exceeds {limit // 2**20} MB.")
+
+
 def unknown_lora(name: str) -> ApiError:
     return ApiError(400, 5005, f"AiError: the model does not support LoRA {name!r} (no such fine-tune, or it is not loadable)")
 
@@ -52,7 +57,6 @@ def rate_limited(per: str) -> ApiError:
 
 AUTH_FAILED = (403, 10000, "Authentication error")
 BUSY = (429, 3040, "Capacity temporarily exceeded, please try again.")
-TOO_LARGE = (413, 3006, "Request is too large: the body exceeds 10 MB.")
 TIMEOUT = (408, 3007, "Request timeout.")
 # Sent with the 408: the OpenAI and Cloudflare SDKs (Stainless) retry a 408 twice by default, and they read this header
 # before the status. A request that ran out of time would run out again: each retry is another full generation, metered.
