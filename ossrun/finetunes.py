@@ -3,6 +3,11 @@
 Each fine-tune is a folder `finetunes/<id>/` with `meta.json` and the PEFT files as uploaded.
 Writes are atomic (temp file + rename), so a crash never leaves a half-written adapter. An uploaded
 asset is staged and checked before it replaces the stored one, so a refused upload changes nothing.
+
+Changing a fine-tune's rank takes two uploads, and after the first the two files disagree. Such a
+file (valid on its own, but of another rank than the stored other file) is neither refused nor
+stored: it waits in `pending/` until the other file of its rank arrives, and the two replace the
+stored pair together; until then the fine-tune serves its last complete pair.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+PENDING = "pending"  # a fine-tune's subfolder for a file waiting for its pair
 MAX_ASSET_BYTES = 300 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ID_SHAPE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # what `create` makes
@@ -32,6 +38,15 @@ class FinetuneError(ValueError):
         super().__init__(message)
         self.code = code
         self.status = status
+
+
+class PairMismatch(Exception):
+    """Raised by an upload's `serve` callback: the staged file is valid, but not the pair of the other one."""
+
+
+# serve(record, folder holding both files, install): load and serve the pair, calling `install()` (which moves the
+# files to where they stay, returns that folder) once it is accepted. Raises FinetuneError / PairMismatch / anything.
+Serve = Callable[["Finetune", Path, Callable[[], Path]], None]
 
 
 @dataclass(slots=True)
@@ -86,9 +101,12 @@ class FinetuneStore:
         for stale in self.root.glob("*/.staging-*"):  # an upload a crash interrupted; the stored files are intact
             shutil.rmtree(stale, ignore_errors=True)
 
-    def create(self, model: str, name: str, description: str = "") -> Finetune:
+    def create(self, model: str, name: str, description: str = "", reserved: Collection[str] = ()) -> Finetune:
+        """A new fine-tune. `reserved`: names served otherwise (the server's `--lora` adapters), refused like a taken one."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise FinetuneError("name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if name in reserved:
+            raise FinetuneError(f"{name!r} is the name of an adapter this server preloads (--lora); choose another name")
         with self._lock:
             records = self._all()
             if any(f.name == name for f in records):
@@ -108,17 +126,19 @@ class FinetuneStore:
             return sorted(self._all(), key=lambda f: f.created_at)
 
     def get(self, id_or_name: str) -> Finetune | None:
-        """The fine-tune with this id, else the one with this name (ids first: older data may hold a name equal to an id)."""
+        """The fine-tune with this id (in any case, as UUIDs are), else the one with this name (ids first: older data
+        may hold a name equal to an id)."""
         with self._lock:
             records = self._all()
-        return (next((r for r in records if r.id == id_or_name), None)
+        return (next((r for r in records if r.id == id_or_name.lower()), None)
                 or next((r for r in records if r.name == id_or_name), None))
 
-    def upload(self, id_or_name: str, file_name: str, data: bytes,
-               check: Callable[[Finetune, Path], None] | None = None) -> Finetune:
-        """Store one asset. It is first staged in a folder beside the fine-tune's other asset as stored; when
-        both are there, `check(record, staged_folder)` must accept the pair. Anything raised on the way leaves
-        the stored fine-tune exactly as it was; only an accepted file replaces the old one (atomically)."""
+    def upload(self, id_or_name: str, file_name: str, data: bytes, serve: Serve | None = None) -> Finetune:
+        """Store one asset. It is staged in a folder beside the other asset: the pending one first, then the stored
+        one. `serve` must accept the pair; it installs the file (the pending partner with it) when it does. A file
+        the pair check finds valid but of another rank than both partners waits in `pending/` (see the module's
+        docstring); without any partner it is stored as is. Anything else raised on the way leaves the stored
+        fine-tune exactly as it was."""
         record = self.get(id_or_name)
         if record is None:
             raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
@@ -133,24 +153,53 @@ class FinetuneStore:
             staged = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
             try:
                 _atomic_write(staged / file_name, data)
-                for other in ASSET_NAMES:
-                    if other != file_name and (folder / other).exists():
-                        _link_or_copy(folder / other, staged / other)
-                if check is not None and all((staged / name).exists() for name in ASSET_NAMES):
-                    check(record, staged)
-                with self._lock:
-                    os.replace(staged / file_name, folder / file_name)
-                    record.modified_at = _now()
-                    _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+                self._pair_and_install(record, staged, file_name, serve)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
         return record
+
+    def _pair_and_install(self, record: Finetune, staged: Path, file_name: str, serve: Serve | None) -> None:
+        folder = self.folder(record)
+        other = next(name for name in ASSET_NAMES if name != file_name)
+        partners = [p for p in (folder / PENDING / other, folder / other) if p.exists()]
+        if serve is None or not partners:
+            self._install(record, staged, file_name)
+            return
+        for partner in partners:
+            (staged / other).unlink(missing_ok=True)
+            _link_or_copy(partner, staged / other)
+            use_pending = partner.parent.name == PENDING
+            try:
+                serve(record, staged, lambda: self._install(record, staged, file_name, with_pending=use_pending))
+                return
+            except PairMismatch:
+                continue  # valid, but of another rank than this partner
+        (folder / PENDING).mkdir(exist_ok=True)
+        os.replace(staged / file_name, folder / PENDING / file_name)
+
+    def _install(self, record: Finetune, staged: Path, file_name: str, with_pending: bool = False) -> Path:
+        """The staged file replaces the stored one (the pending partner with it, when the pair was made with it);
+        anything pending is then stale. → the fine-tune's folder."""
+        folder = self.folder(record)
+        with self._lock:
+            if with_pending:
+                other = next(name for name in ASSET_NAMES if name != file_name)
+                os.replace(folder / PENDING / other, folder / other)
+            os.replace(staged / file_name, folder / file_name)
+            shutil.rmtree(folder / PENDING, ignore_errors=True)
+            record.modified_at = _now()
+            _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+        return folder
 
     def folder(self, record: Finetune) -> Path:
         return self.root / record.id
 
     def missing_assets(self, record: Finetune) -> list[str]:
         return [name for name in ASSET_NAMES if not (self.folder(record) / name).exists()]
+
+    def pending_assets(self, record: Finetune) -> list[str]:
+        """Uploaded files waiting for the other file of their rank (not served yet)."""
+        return [name for name in ASSET_NAMES if (self.folder(record) / PENDING / name).exists()]
 
     def _all(self) -> list[Finetune]:
         records = []

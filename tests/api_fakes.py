@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from ossrun import harmony
@@ -32,7 +32,9 @@ class NameSet:
     def __init__(self) -> None:
         self.names: set[str] = set()
 
-    def register(self, name: str, path: Path) -> None:
+    def register(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+        if install is not None:
+            install()
         self.names.add(name)
 
     def known(self, name: str) -> bool:
@@ -81,8 +83,8 @@ class FakeEngine:
     def abort_all(self) -> None:
         self.aborted.extend(self.running)
 
-    def register_adapter(self, name: str, path: Path) -> None:
-        self.adapters.register(name, path)
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+        self.adapters.register(name, path, install)
 
     def has_adapter(self, name: str) -> bool:
         return self.adapters.known(name)

@@ -528,8 +528,67 @@ def test_input_items_ids_are_unique_so_paging_ends(tmp_path):
 FINETUNES = "/client/v4/accounts/a/ai/finetunes"
 
 
+def _upload(c, id_or_name: str, file_name: str, data: bytes):
+    return c.post(f"{FINETUNES}/{id_or_name}/finetune-assets", data={"file_name": file_name}, files={"file": (file_name, data)})
+
+
+def test_a_finetune_may_not_take_a_preloaded_adapters_name(tmp_path):
+    """`--lora pre=DIR` serves "pre": a fine-tune named so answered 200, and its uploads replaced that adapter."""
+    preloaded = tmp_path / "pre"
+    preloaded.mkdir()
+    with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path / "data", rate_limit_per_minute=0,
+                                                        loras={"pre": preloaded}))) as c:
+        taken = c.post(FINETUNES, json={"model": MODEL, "name": "pre"})
+        assert taken.status_code == 400 and "--lora" in taken.json()["errors"][0]["message"]
+        assert c.get(FINETUNES).json()["result"] == []
+
+
+def test_a_finetune_id_matches_in_any_case(client):
+    """An id in upper case was "no fine-tune", though names shaped like ids are refused in any case (UUIDs are)."""
+    finetune_id = client.post(FINETUNES, json={"model": MODEL, "name": "mine"}).json()["result"]["id"]
+    for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+        stored = _upload(client, finetune_id.upper(), file_name, b"{}")
+        assert stored.status_code == 200 and stored.json()["result"]["id"] == finetune_id, stored.text
+    assert client.post(RUN, json={"prompt": "hi", "lora": finetune_id.upper()}).status_code == 200
+
+
 def test_the_upload_route_names_its_own_size_limit(client):
     """Its cap is 300 MB; the 413 said "the body exceeds 10 MB" (the JSON routes' cap)."""
     too_big = client.post(f"{FINETUNES}/x/finetune-assets", content=b"x", headers={"Content-Length": "400000000"})
     assert too_big.status_code == 413 and "300 MB" in too_big.json()["errors"][0]["message"], too_big.text
     assert "10 MB" in client.post(RUN, content=b"x", headers={"Content-Length": "20000000"}).json()["errors"][0]["message"]
+
+
+def test_an_upload_does_not_hold_the_event_loop(tmp_path):
+    """Writing and loading an adapter (up to 300 MB) ran inside the async route: every other request waited for it.
+    Here loading the adapter waits until `/health` has answered: on the event loop, it never could."""
+    import threading
+
+    class SlowAdapters:
+        def __init__(self) -> None:
+            self.loading, self.health_answered, self.names = threading.Event(), threading.Event(), set()
+            self.answered_while_loading = False
+
+        def register(self, name, path, install=None) -> None:
+            self.loading.set()
+            self.answered_while_loading = self.health_answered.wait(timeout=10)
+            if install is not None:
+                install()
+            self.names.add(name)
+
+        def known(self, name: str) -> bool:
+            return name in self.names
+
+    engine = FakeEngine()
+    engine.adapters = SlowAdapters()
+    with TestClient(build_app(engine, AppSettings(data_dir=tmp_path, rate_limit_per_minute=0))) as c:
+        assert c.post(FINETUNES, json={"model": MODEL, "name": "slow"}).status_code == 200
+        assert _upload(c, "slow", "adapter_config.json", b"{}").status_code == 200
+        result = {}
+        uploading = threading.Thread(target=lambda: result.update(r=_upload(c, "slow", "adapter_model.safetensors", b"{}")))
+        uploading.start()
+        assert engine.adapters.loading.wait(timeout=10)
+        assert c.get("/health").status_code == 200
+        engine.adapters.health_answered.set()
+        uploading.join(timeout=30)
+        assert result["r"].status_code == 200 and engine.adapters.answered_while_loading

@@ -166,3 +166,59 @@ def test_a_refused_upload_leaves_the_finetune_as_it_was(checkpoints, tmp_path):
         assert httpx.post(server.run_url(), json=body, timeout=60).json()["result"]["response"] == before
     finally:
         server.stop()
+
+
+def test_a_finetune_changes_rank_in_two_uploads_and_each_version_gets_its_own_kv(checkpoints, tmp_path):
+    """Retraining at another rank: each file was checked against the other one as stored, so neither upload order
+    could ever replace a rank-8 pair by a rank-4 one. Now the first file waits (200, with a message) while the old
+    pair keeps serving, and the second completes the new pair. Each new pair is a new adapter version: answers equal
+    the same weights preloaded (a re-upload reused the prefix KV of the old weights), and a NaN upload is refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = read_config(checkpoints["original"])
+    r8 = write_random_adapter(config, tmp_path / "r8", rank=8, seed=3)
+    r4 = write_random_adapter(config, tmp_path / "r4", rank=4, seed=4)
+    server = start_server(checkpoints["original"], tmp_path / "data", "--lora", f"r8={r8}", "--lora", f"r4={r4}")
+    body = {"prompt": "Once upon a time, in a land far away, there lived a king who had three daughters", "max_tokens": 8,
+            "temperature": 0}
+
+    def answer(lora: str) -> str:
+        response = httpx.post(server.run_url(), json={**body, "lora": lora}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["result"]["response"]
+
+    def send(folder, file_name: str, data: bytes | None = None) -> httpx.Response:
+        return upload(server, "ft", file_name, (folder / file_name).read_bytes() if data is None else data)
+
+    try:
+        want8, want4 = answer("r8"), answer("r4")
+        assert want8 != want4
+        assert create(server, "ft").status_code == 200
+        for file_name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert send(r8, file_name).status_code == 200
+        assert answer("ft") == want8
+
+        waits = send(r4, "adapter_config.json")
+        assert waits.status_code == 200 and "waits" in waits.json()["messages"][0]["message"], waits.text
+        assert answer("ft") == want8  # the complete old pair still serves
+        done = send(r4, "adapter_model.safetensors")
+        assert done.status_code == 200 and done.json()["messages"] == []
+        assert answer("ft") == want4
+
+        assert send(r8, "adapter_model.safetensors").json()["messages"]  # the other order
+        assert send(r8, "adapter_config.json").json()["messages"] == []
+        assert answer("ft") == want8
+
+        tensors = load_file(r8 / "adapter_model.safetensors")
+        next(iter(tensors.values()))[0, 0] = float("nan")
+        save_file(tensors, tmp_path / "nan.safetensors")
+        nan = send(r8, "adapter_model.safetensors", (tmp_path / "nan.safetensors").read_bytes())
+        assert nan.status_code == 400 and "NaN" in nan.text, nan.text
+        alpha = send(r8, "adapter_config.json", json.dumps({**json.loads((r8 / "adapter_config.json").read_text()),
+                                                           "lora_alpha": 1e308}).encode())
+        assert alpha.status_code == 400 and "lora_alpha" in alpha.text, alpha.text
+        assert answer("ft") == want8
+    finally:
+        server.stop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
 from ossrun.engine.client import (
     AdapterLoadError,
+    AdapterRankMismatchError,
     ContextLengthError,
     EngineClient,
     Grammar,
@@ -34,6 +35,7 @@ from ossrun.engine.client import (
     TokenEvent,
     UnknownAdapterError,
 )
+from ossrun.finetunes import PairMismatch
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool
 
@@ -178,18 +180,30 @@ class Service:
         self.finetunes = None
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
+    def create_finetune(self, model: str, name: str, description: str = ""):
+        """A new fine-tune; its name may not be one a `--lora` adapter is served under (requests could not tell them
+        apart, and the fine-tune would replace that adapter)."""
+        return self.finetunes.create(model, name, description, reserved=self.settings.loras)
+
     def upload_finetune_asset(self, id_or_name: str, file_name: str, data: bytes):
         """Store an uploaded asset and serve the fine-tune once both are there. A complete pair is loaded from where
-        it is staged before the new file replaces the stored one, so a refused upload (400) changes nothing."""
-        record = self.finetunes.upload(id_or_name, file_name, data, check=self.register_finetune)
-        if not self.finetunes.missing_assets(record):
-            self.register_finetune(record)  # again from where it is stored: the engine reloads from there after eviction
-        return record
+        it is staged before the new file replaces the stored one, so a refused upload (400) changes nothing; a file of
+        another rank than the stored one waits for its pair (`FinetuneStore`). Blocking: run it off the event loop."""
+        return self.finetunes.upload(id_or_name, file_name, data, serve=self._serve_finetune)
 
-    def register_finetune(self, record, folder: Path | None = None) -> None:
+    def _serve_finetune(self, record, folder: Path, install: Callable[[], Path]) -> None:
+        """The store's `serve`: a pair of two valid files of different ranks is its PairMismatch (the file waits)."""
+        try:
+            self.register_finetune(record, folder, install)
+        except AdapterRankMismatchError:
+            raise PairMismatch() from None
+
+    def register_finetune(self, record, folder: Path | None = None, install: Callable[[], Path] | None = None) -> None:
         """Serve a fine-tune under its name (requests may also use its id), from its folder or from `folder`."""
         try:
-            self.engine.register_adapter(record.name, folder or self.finetunes.folder(record))
+            self.engine.register_adapter(record.name, folder or self.finetunes.folder(record), install)
+        except AdapterRankMismatchError:
+            raise
         except AdapterLoadError as exc:
             raise ApiError(400, 5005, f"AiError: {exc}") from None
         except Exception as exc:  # uploaded bytes are anything: a PNG as adapter_config.json must be a 400, not a 500
@@ -202,22 +216,24 @@ class Service:
             if not self.finetunes.missing_assets(record):
                 try:
                     self.register_finetune(record)
-                except ApiError as exc:
+                except (ApiError, AdapterLoadError) as exc:
                     import logging
 
-                    logging.getLogger(__name__).warning("fine-tune %s not loadable: %s", record.name, exc.message)
+                    logging.getLogger(__name__).warning("fine-tune %s not loadable: %s", record.name, exc)
 
     def adapter_name(self, lora: str) -> str:
         """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
         record = self.finetunes.get(lora) if self.finetunes is not None else None
-        by_id = record is not None and record.id == lora  # an id names its fine-tune, whatever else is called so
+        by_id = record is not None and record.id == lora.lower()  # an id names its fine-tune, whatever else is called so
         if not by_id and self.engine.has_adapter(lora):
             return lora  # a preloaded adapter or a fine-tune's name
         if record is not None and self.engine.has_adapter(record.name):
             return record.name
         if record is not None:
-            missing = self.finetunes.missing_assets(record)
-            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: missing {', '.join(missing) or 'a valid adapter'}")
+            missing = ", ".join(self.finetunes.missing_assets(record)) or "a valid adapter"
+            waiting = "".join(f"; the uploaded {name} waits for the other file of its rank"
+                              for name in self.finetunes.pending_assets(record))
+            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: missing {missing}{waiting}")
         raise unknown_lora(lora)
 
     @property

@@ -194,7 +194,7 @@ async def create_finetune(account_id: str, request: Request):
     from ossrun.finetunes import FinetuneError
 
     try:
-        record = service.finetunes.create(spec.model, spec.name, spec.description or "")
+        record = service.create_finetune(spec.model, spec.name, spec.description or "")
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
     return envelope(_finetune_json(record))
@@ -208,7 +208,7 @@ async def list_finetunes(account_id: str, request: Request):
 @router.post("/finetunes/{id_or_name}/finetune-assets", summary="Upload adapter_config.json or adapter_model.safetensors")
 async def upload_asset(account_id: str, id_or_name: str, request: Request):
     service = service_of(request)
-    from ossrun.finetunes import FinetuneError
+    from ossrun.finetunes import ASSET_NAMES, FinetuneError
 
     try:
         form = await request.form()
@@ -219,11 +219,18 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
     file_name, upload = form.get("file_name"), form.get("file")
     if not isinstance(file_name, str) or upload is None or isinstance(upload, str):
         raise ApiError(400, 3039, "AiError: missing 'file_name' or 'file' in the multipart form")
-    try:
-        record = service.upload_finetune_asset(id_or_name, file_name, await upload.read())
+    data = await upload.read()
+    try:  # writing (fsync'd) and loading up to 300 MB takes a while: other requests' streams must not wait for it
+        record = await asyncio.to_thread(service.upload_finetune_asset, id_or_name, file_name, data)
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
-    return envelope(_finetune_json(record))
+    answer = envelope(_finetune_json(record))
+    if file_name in service.finetunes.pending_assets(record):
+        other = next(name for name in ASSET_NAMES if name != file_name)
+        answer["messages"].append({"code": 5005, "message": f"{file_name} is of another rank than the stored {other}: it waits "
+                                                            f"for the {other} of its rank, and the fine-tune serves its "
+                                                            f"previous pair until then"})
+    return answer
 
 
 def _finetune_json(record) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 
 from ossrun.engine.client import EngineInfo, Submission
 from ossrun.engine.engine import Engine, EngineOptions
-from ossrun.engine.errors import AdapterLoadError, ShuttingDownError
+from ossrun.engine.errors import AdapterLoadError, AdapterRankMismatchError, ShuttingDownError
 from ossrun.engine.grammar import GrammarError
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.model.checkpoint import load_checkpoint
@@ -117,11 +117,13 @@ class AsyncEngine:
             async for event in events:
                 yield event
 
-    def register_adapter(self, name: str, path: Path) -> None:
-        from ossrun.model.lora import AdapterError
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+        from ossrun.model.lora import AdapterError, AdapterRankMismatch
 
         try:
-            self.engine.adapters.register(name, path)
+            self.engine.adapters.register(name, path, install)
+        except AdapterRankMismatch as exc:
+            raise AdapterRankMismatchError(str(exc)) from None
         except AdapterError as exc:
             raise AdapterLoadError(str(exc)) from None
 

@@ -8,17 +8,17 @@ errors of `engine/errors.py`. The engine compiles grammars itself, so no engine 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ossrun.engine.errors import AdapterLoadError, ContextLengthError, ShuttingDownError, UnknownAdapterError
+from ossrun.engine.errors import AdapterLoadError, AdapterRankMismatchError, ContextLengthError, ShuttingDownError, UnknownAdapterError
 from ossrun.engine.grammar import Grammar, GrammarError, Span
 from ossrun.engine.request import Priority, SamplingParams, TokenEvent, TokenLogprob
 
-__all__ = ["AdapterLoadError", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar", "GrammarError", "Priority",
-           "SamplingParams", "ShuttingDownError", "Span", "Submission", "TokenEvent", "TokenLogprob", "UnknownAdapterError"]
+__all__ = ["AdapterLoadError", "AdapterRankMismatchError", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar",
+           "GrammarError", "Priority", "SamplingParams", "ShuttingDownError", "Span", "Submission", "TokenEvent", "TokenLogprob", "UnknownAdapterError"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +61,11 @@ class EngineClient(Protocol):
     def abort_all(self) -> None:
         """Shutdown begins: every running request ends within a step ("abort" events); new ones are refused."""
 
-    def register_adapter(self, name: str, path: Path) -> None:
-        """Serve a PEFT LoRA adapter under `name`; AdapterLoadError (or any error of unreadable files) when it cannot be."""
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+        """Serve the PEFT LoRA adapter at `path` as `name`'s new version (requests already running keep theirs, and
+        no KV is shared between versions); AdapterLoadError (AdapterRankMismatchError: the two files are each valid
+        but of different ranks), or any error of unreadable files, when it cannot be. `install`, called once the
+        adapter is accepted, moves its files to where they stay and returns that folder."""
 
     def has_adapter(self, name: str) -> bool: ...
 

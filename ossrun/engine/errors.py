@@ -34,3 +34,8 @@ class ShuttingDownError(RuntimeError):
 
 class AdapterLoadError(ValueError):
     """A LoRA adapter that cannot be served (wrong modules, rank, shapes); the message says why."""
+
+
+class AdapterRankMismatchError(AdapterLoadError):
+    """Each of the adapter's two files is valid alone, but the config's `r` is not the tensors' rank: one of them
+    belongs to another pair (a fine-tune changing rank has replaced one file so far)."""
