@@ -52,8 +52,23 @@ def _parse_loras(items: list[str]) -> dict[str, Path]:
             raise SettingsError(f"--lora takes NAME=DIR, not {item!r}")
         if not Path(path).is_dir():
             raise SettingsError(f"--lora {item}: no such directory")
+        if name in loras:
+            raise SettingsError(f"--lora {name} is given twice ({loras[name]} and {path}); give each adapter its own name")
         loras[name] = Path(path)
     return loras
+
+
+def _check_lora_names(loras: dict[str, Path], data_dir: Path) -> None:
+    """A `--lora` name that names a fine-tune in the data directory (its name, or its id) would make one of them
+    unreachable, and the fine-tune's uploads would replace the adapter: refused (a fine-tune cannot be renamed)."""
+    from ossrun.finetunes import FinetuneStore
+
+    store = FinetuneStore(data_dir)
+    for name in loras:
+        record = store.get(name)
+        if record is not None:
+            raise SettingsError(f"--lora {name}: the fine-tune {record.name!r} (id {record.id}) in {data_dir} is named so; "
+                                "give the adapter another name")
 
 
 def _claim(data_dir: Path) -> IO[str]:
@@ -163,6 +178,7 @@ def serve(settings: ServerSettings) -> None:
     loras = _parse_loras(settings.loras)
     check_device(settings.device)
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
+    _check_lora_names(loras, data_dir)
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
     engine = load_engine(settings)

@@ -133,6 +133,23 @@ def test_a_kv_cache_too_small_says_how_much_is_needed(checkpoints, tmp_path):
     _one_clear_line(result, "needs at least")
 
 
+def test_serve_refuses_a_lora_name_given_twice_or_taken_by_a_finetune(checkpoints, tmp_path):
+    """`--lora dup=A --lora dup=B` served B silently; a `--lora` named like a stored fine-tune made one of the two
+    unreachable (the fine-tune won, also for batches queued for the adapter). Both before the model loads."""
+    from ossrun.finetunes import FinetuneStore
+    from ossrun.model.checkpoint import read_config
+    from ossrun.model.lora import write_random_adapter
+
+    config = read_config(checkpoints["original"])
+    a = write_random_adapter(config, tmp_path / "a", rank=4, seed=1)
+    b = write_random_adapter(config, tmp_path / "b", rank=4, seed=2)
+    base = ("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path / "data"))
+    _one_clear_line(ossrun(*base, "--port", str(free_port()), "--lora", f"dup={a}", "--lora", f"dup={b}"), "--lora dup is given twice")
+    record = FinetuneStore(tmp_path / "data").create("@cf/openai/gpt-oss-20b", "mine")
+    for name in ("mine", record.id.upper()):
+        _one_clear_line(ossrun(*base, "--port", str(free_port()), "--lora", f"{name}={a}"), f"--lora {name}: the fine-tune 'mine'")
+
+
 def test_serve_refuses_a_lora_adapter_with_nan_weights(checkpoints, tmp_path):
     """It started and answered "!!!!" (NaN logits) on every request with the adapter."""
     from safetensors.torch import load_file, save_file
