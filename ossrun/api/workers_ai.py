@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from ossrun.api import ask as asks
