@@ -139,6 +139,20 @@ def sampled(seed: int, max_tokens: int = 600) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, stop_token_ids=STOP_TOKENS)
 
 
+def take(constraint, pick) -> int:
+    """One token as the engine takes it: `pick(mask)` samples from the mask; near the end of max_tokens the
+    constraint checks that token and may refuse it (`choose`: `pick` is asked again without it)."""
+    token = pick(constraint.allowed_tokens())
+    if constraint.guarding:
+        token = constraint.choose(token, pick)
+    constraint.advance(token)
+    return token
+
+
+def lowest(mask) -> int:
+    return int(mask.nonzero()[0])
+
+
 def feed(constraint, text: str) -> list[int]:
     """Drive a constraint through `text` (harmony tokens spelled out) as the engine would."""
     tokens = encode(text, allow_special=True)
@@ -372,11 +386,8 @@ def test_the_budget_holds_for_schemas_the_old_search_could_not_complete(compiler
         compiler.json_final(schema, reasoning_budget=0, max_tokens=5)
     constraint = compiler.json_final(schema, reasoning_budget=180, max_tokens=400)
     tokens = feed(constraint, "<|channel|>analysis<|message|>" + "think " * 100)
-    while not constraint.is_finished:  # the lowest allowed token each time: long answers, which the budget must close
-        mask = constraint.allowed_tokens()
-        token = int(mask.nonzero()[0])
-        constraint.advance(token)
-        tokens.append(token)
+    while not constraint.is_finished and len(tokens) <= 400:  # the lowest allowed token: long answers the budget must close
+        tokens.append(take(constraint, lowest))
     assert len(tokens) <= 400
     jsonschema.validate(json.loads(parse_completion(tokens).content), schema, format_checker=jsonschema.FormatChecker())
 
@@ -413,10 +424,8 @@ def test_common_formats_fit_a_moderate_budget(compiler, schema):
     o200k has (`200`, `01`) and tries whitespace last; and a beam that finds none within the budget refuses nothing."""
     constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=40)
     tokens = []
-    while not constraint.is_finished:  # the lowest allowed token each time: the budget must close the answer
-        token = int(constraint.allowed_tokens().nonzero()[0])
-        constraint.advance(token)
-        tokens.append(token)
+    while not constraint.is_finished and len(tokens) <= 40:  # the lowest allowed token each time: the budget must close it
+        tokens.append(take(constraint, lowest))
     assert len(tokens) <= 40
     jsonschema.validate(json.loads(parse_completion(tokens).content), schema, format_checker=jsonschema.FormatChecker())
     for budget in (50, 60):
@@ -454,14 +463,43 @@ def test_a_token_that_lengthens_the_path_cannot_cut_the_answer(compiler):
     for seed in range(20, 30):
         rnd, tokens = random.Random(seed), []
         constraint = compiler.json_final(NODE, reasoning_budget=0, max_tokens=60)
-        while not constraint.is_finished and len(tokens) < 60:
-            allowed = constraint.allowed_tokens().nonzero().flatten().tolist()
+        def pick(mask):
+            allowed = mask.nonzero().flatten().tolist()
             structural = [t for t in allowed if t in small]
-            token = rnd.choice(structural) if structural and rnd.random() < 0.7 else rnd.choice(allowed)
-            constraint.advance(token)
-            tokens.append(token)
+            return rnd.choice(structural) if structural and rnd.random() < 0.7 else rnd.choice(allowed)
+
+        while not constraint.is_finished and len(tokens) < 60:
+            tokens.append(take(constraint, pick))
         assert constraint.is_finished, seed
         jsonschema.validate(json.loads(parse_completion(tokens).content), NODE)
+
+
+def test_near_the_end_a_token_is_kept_while_the_answer_still_fits(compiler):
+    """The guard allowed only its own path's token and a fixed set of closers near the end of max_tokens: `Tokyo` in
+    `{"city": "Tokyo"}` (7 tokens with `<|call|>`) was refused even at max_tokens 20, and the call came back
+    `{"city" \\t   :""}`. Now the token the model chose is kept when a complete answer fits after it, else the next
+    choices are tried (`resample`), and the answer, still valid and within max_tokens, is marked cut."""
+    schema = obj({"city": {"type": "string"}})
+    tokyo = encode("Tokyo")
+    assert len(tokyo) == 1
+    for budget, fits in ((7, True), (20, True), (6, False)):
+        constraint = compiler.engine.compile(harmony_grammar.arguments("get_weather", schema, max_tokens=budget))
+        tokens = feed(constraint, '{"city": "')
+        assert constraint.guarding
+        offered = []
+        token = constraint.choose(tokyo[0], lambda mask: offered.append(mask) or lowest(mask))
+        assert (token == tokyo[0], not offered, constraint.cut) == (fits, fits, not fits), budget
+        if not fits:
+            assert not offered[0][tokyo[0]] and offered[0].sum() > 1  # refused; the rest of the mask stays on offer
+        constraint.advance(token)
+        tokens.append(token)
+        rest = encode('"}<|call|>', allow_special=True)  # what the model writes next; where it does not fit, the lowest token
+        while not constraint.is_finished and len(tokens) <= budget:
+            tokens.append(take(constraint, lambda mask: rest.pop(0) if fits else lowest(mask)))
+        whole = parse_completion(tokens, prompt_ids=encode("<|start|>assistant<|channel|>commentary to=functions.get_weather "
+                                                           "<|constrain|>json<|message|>", allow_special=True))
+        assert len(tokens) <= budget and json.loads(whole.tool_calls[0].arguments).keys() == {"city"}
+        assert (whole.tool_calls[0].arguments == '{"city": "Tokyo"}', constraint.cut) == (fits, not fits)
 
 
 UNIQUE_TAGS = obj({"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True},

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from ossrun.demo_model import world
@@ -224,3 +225,55 @@ def test_json_mode_on_ai_run_computes_the_value(server):
             "response_format": {"type": "json_schema", "json_schema": SUM_SCHEMA}}
     message = post(server, run_path(server), body)["result"]["choices"][0]["message"]
     assert json.loads(message["content"]) == {"expression": "9 + 8", "result": 17}
+
+
+class Capital(pydantic.BaseModel):
+    country: str
+    capital: str
+
+
+def test_structured_output_that_fits_max_tokens_comes_out_as_without_the_guard(server):
+    """Near the end of max_tokens the budget guard allowed only its own path's token and a fixed set of closers, so an
+    answer that fitted easily was rewritten: at max_tokens 80 `{"country"     :    "","capital":""}` with finish_reason
+    stop (the natural answer takes ~57 tokens). Now a token is kept whenever a complete answer still fits after it: the
+    same content at a generous budget and at one equal to the answer's length. Below that, the answer stays valid JSON,
+    but the guard shaped it: finish_reason length (the SDK's parse() raises), Responses incomplete."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
+    args = dict(model=MODEL, messages=FRANCE, temperature=0, response_format=Capital)
+    free = client.chat.completions.parse(max_tokens=400, **args)
+    natural = free.usage.completion_tokens
+    assert free.choices[0].message.parsed == Capital(country="France", capital="Paris")
+    for budget in (natural, natural + 3, natural + 23):
+        tight = client.chat.completions.parse(max_tokens=budget, **args)
+        assert (tight.choices[0].message.content, tight.choices[0].finish_reason) == (free.choices[0].message.content, "stop")
+    short = 30  # the reasoning budget keeps half for the answer; the answer's ~19 tokens (with its header) do not fit in 15
+    with pytest.raises(openai.LengthFinishReasonError) as caught:
+        client.chat.completions.parse(max_tokens=short, **args)
+    cut = caught.value.completion
+    assert cut.usage.completion_tokens <= short and cut.choices[0].message.content != free.choices[0].message.content
+    Capital.model_validate_json(cut.choices[0].message.content)  # still valid: ROUTES' guarantee
+    with pytest.raises(openai.LengthFinishReasonError) as caught, client.chat.completions.stream(max_tokens=short, **args) as stream:
+        for _ in stream:  # streamed: the same finish reason, so the SDK's stream helper raises too
+            pass
+    assert caught.value.completion.choices[0].message.content == cut.choices[0].message.content
+    response = client.responses.parse(model=MODEL, input=FRANCE[0]["content"], text_format=Capital, temperature=0,
+                                      max_output_tokens=short)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    Capital.model_validate_json(response.output_text)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"])
+def test_a_forced_call_that_fits_max_tokens_keeps_its_arguments(server, choice):
+    """`{"city": "Tokyo"}` takes 7 tokens, yet at max_tokens 20 to 35 it came back `{"city" \\t   :""}`."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "What is the weather in Tokyo?"}], temperature=0,
+                tools=[WEATHER], tool_choice=choice)
+    free = client.chat.completions.create(max_tokens=200, **args)
+    natural = free.usage.completion_tokens
+    assert free.choices[0].message.tool_calls[0].function.arguments == '{"city": "Tokyo"}'
+    for budget in (natural, 20, 35):
+        tight = client.chat.completions.create(max_tokens=budget, **args).choices[0]
+        assert (tight.message.tool_calls[0].function.arguments, tight.finish_reason) == ('{"city": "Tokyo"}', "tool_calls")
+    cut = client.chat.completions.create(max_tokens=natural - 1, **args)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens <= natural - 1
+    assert isinstance(json.loads(cut.choices[0].message.tool_calls[0].function.arguments)["city"], str)

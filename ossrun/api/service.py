@@ -362,6 +362,8 @@ class Service:
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
                     events += parser.finish(reason)
+                    if reason == "length":  # also an answer that ended on <|return|>/<|call|> but was shaped by max_tokens
+                        events = [harmony.Finished("length") if isinstance(e, harmony.Finished) else e for e in events]
                 is_hidden = token.token_id is not None and hidden(token.token_id)
                 if stops is not None:
                     parsed += _text_length(events)

@@ -3,16 +3,20 @@
 The grammar comes as data (`engine/grammar.py`) from whoever knows the output format (gpt-oss's
 harmony wrapper is written by `ossrun.harmony.grammar`); this module only compiles it, caches the
 compiled matchers, and drives one matcher per request: `allowed_tokens()` before each sampled token,
-`advance(token)` after it.
+`choose(token, resample)` on the sampled one near the end of max_tokens, `advance(token)` after it.
 
 Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search over
 the real masks (forced tokens, then the grammar's `path_tokens`, digit runs and the tokenizer's single characters)
 finds a way from the current state to a complete output; at construction a budget that is proven too short (every
-allowed token tried: `_prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee. During generation the constraint keeps such a way: it is
-forced once it takes all the tokens left, and within CLOSING_WINDOW tokens of that only tokens that
-keep it valid are allowed, so no token from there can push it past the end (one that lengthens it by more
-than the window, taken further from the end, still can). A grammar's `span` (gpt-oss's reasoning) is a free-text stretch allowed
-at most `limit` tokens, after which only its closing token is.
+allowed token tried: `_prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee.
+During generation the constraint keeps such a way (`_path`), and within CLOSING_WINDOW tokens of the point where it
+takes all the tokens left it is `guarding`: the mask stays the grammar's, and the engine hands each token it sampled
+to `choose`, which keeps it when a complete answer is still found within the tokens left after it (the path, a
+suffix of it, or a short search from there), else samples again without it (the model's next choices, a few), and
+then takes the path's next token. So an answer that fits (with the room the search finds) comes out as without the
+guard, and one that would not is changed only where it must be, and reported `cut` (its finish reason is then "length"). A token further from the end
+that lengthens the path by more than the window can still overshoot. A grammar's `span` (gpt-oss's reasoning) is a
+free-text stretch allowed at most `limit` tokens, after which only its closing token is.
 
 Overlap: after `advance` the next mask is computed on the compiler's thread pool (llguidance drops the
 GIL while it works), so it runs during the next forward; `allowed_tokens` only waits for it.
@@ -27,7 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -55,7 +59,7 @@ _INSIDE = " " * 12
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
 __all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError", "SearchPruned",
-           "SearchTimeout", "shortest_completion"]
+           "SearchTimeout", "completion_within", "shortest_completion"]
 
 
 class ConstraintViolation(RuntimeError):
@@ -64,8 +68,8 @@ class ConstraintViolation(RuntimeError):
 
 class Constraint:
     """One request's grammar state, driven by the engine thread: `allowed_tokens()` before each
-    sampled token, `advance(token)` after it. The next mask is computed on the compiler's pool in
-    between, so it overlaps the next forward."""
+    sampled token, `choose(token, resample)` while `guarding`, `advance(token)` after it. The next mask is
+    computed on the compiler's pool in between, so it overlaps the next forward."""
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
                  tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor,
@@ -76,13 +80,15 @@ class Constraint:
         self._tokenizer = tokenizer
         self._vocab = tokenizer.vocab_size
         self._words = (self._vocab + 31) // 32  # llguidance's bitmask: bit t % 32 of word t // 32 allows token t
-        # The whole completion's budget: near its end the shortest way to a complete output is forced.
+        # The whole completion's budget: near its end, no token is taken after which no complete output fits.
         self._left = grammar.max_tokens
-        self._closing: list[int] | None = None
         self._shortest = shortest
         self._candidates, self._runs = candidates, runs  # what the shortest-completion search tries
         self._path: list[int] | None = None  # a way to a complete output from the current state, when known
         self._since_search = 0
+        self._offered: torch.Tensor | None = None  # the last mask `allowed_tokens` gave
+        self._chosen: tuple[int, list[int]] | None = None  # the token `choose` kept, and the path after it
+        self.cut = False  # the guard refused a token the model sampled: max_tokens, not the model, shaped the answer
         self._bits = torch.zeros(self._words, dtype=torch.int32)
         self._finished = False
         self._error: str | None = None
@@ -101,14 +107,46 @@ class Constraint:
         if self._error is not None:
             raise ConstraintViolation(self._error)
         mask = self._pending.result()
-        if self._closing:
-            return self._only(self._closing[0])
         span = self._grammar.span
         if span is not None and self._in_span and self.span_tokens >= span.limit and bool(mask[span.close]):
             # Span budget spent: close it now. (If its closing token is not allowed yet — a character
             # split across tokens — the text continues one more token.)
-            return self._only(span.close)
+            mask = self._only(span.close)
+        self._offered = mask
         return mask
+
+    @property
+    def guarding(self) -> bool:
+        """Within CLOSING_WINDOW tokens of the end of max_tokens (beyond the known path's length): the token
+        sampled under `allowed_tokens()` must go through `choose`, which may refuse it."""
+        wait([self._pending])  # the path is searched with the mask
+        return (self._left is not None and self._path is not None and not self._finished
+                and self._left - len(self._path) <= CLOSING_WINDOW)
+
+    def choose(self, token: int, resample: Callable[[torch.Tensor], int]) -> int:
+        """The token to take, given the one sampled under `allowed_tokens()`; call it while `guarding`.
+
+        A token after which a complete answer is found within the tokens left (`_path_after`) is kept, so an
+        answer that fits comes out as without the guard. Else it is refused (`cut` becomes True) and the row
+        is sampled again without the tokens refused so far (`resample(mask)` → the new token): the model's
+        next choice is checked, up to _CHECKED_CHOICES of them; then the known path's next token is taken."""
+        if not self.guarding:
+            return token
+        mask, deadline = None, time.monotonic() + _CHECK_SECONDS
+        for checked in range(1, _CHECKED_CHOICES + 1):
+            after = self._path_after(token, deadline, wide=checked == 1)
+            if after is not None:
+                self._chosen = (token, after)
+                return token
+            self.cut = True
+            mask = self._offered.clone() if mask is None else mask
+            mask[token] = False
+            if checked == _CHECKED_CHOICES or not bool(mask.view(torch.uint8).max()):
+                break
+            token = resample(mask)
+        token = resample(self._only(self._path[0]))
+        self._chosen = (token, self._path[1:])
+        return token
 
     def advance(self, token_id: int) -> None:
         """Move the grammar past the sampled token and start computing the next mask."""
@@ -119,8 +157,6 @@ class Constraint:
             self._error = f"token {token_id} ({self._describe(token_id)}) is not allowed here: {_reason(self._matcher)}"
             raise ConstraintViolation(self._error)
         self._track_span(token_id)
-        if self._closing:
-            self._closing.pop(0)
         if self._left is not None:
             self._left -= 1
             self._follow_path(token_id)
@@ -128,57 +164,66 @@ class Constraint:
         self._pending = self._pool.submit(self._compute)
 
     def _compute(self) -> torch.Tensor:
-        if self._closing:
-            return self._only(self._closing[0])
         self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
         if self._matcher.is_error():
             raise ConstraintViolation(_reason(self._matcher))
-        safe = self._watch_budget()
-        if safe is not None:
-            mask = torch.zeros(self._vocab, dtype=torch.bool)
-            mask[safe] = True
-            return mask
+        self._find_path()
         return self._unpack(self._bits)
 
-    def _watch_budget(self) -> list[int] | None:
-        """Keep a known way to a complete output that fits in the tokens left: forced once it takes them
-        all, and within CLOSING_WINDOW tokens of that only the tokens after which it is still valid are
-        allowed (its first token, and those of the search's candidates that leave it valid), so no token
-        can lengthen it past the end. → those tokens, or None when the mask stands (or the path is forced).
+    def _find_path(self) -> None:
+        """Know a way to a complete output that fits in the tokens left, for `choose` to keep (see `guarding`).
 
-        The path is kept while the sampled tokens leave it valid (checked after each, cheap), and searched
-        again when one did not (an opener such as `{"` in a recursive schema), each step once within
-        4 × CLOSING_WINDOW of the end, else every CLOSING_WINDOW tokens at most."""
-        if self._left is None or self._finished:
+        The path is kept while the sampled tokens leave it valid (checked after each, cheap; `choose` hands over
+        the one it found), and searched again when one did not (an opener such as `{"` in a recursive schema),
+        each step once within 4 × CLOSING_WINDOW of the end, else every CLOSING_WINDOW tokens at most."""
+        if self._left is None or self._finished or self._path is not None:
+            return
+        near = self._left <= (self._shortest or 0) + 4 * CLOSING_WINDOW
+        if not near and self._since_search < CLOSING_WINDOW:
+            return
+        self._since_search = 0
+        try:
+            self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left,
+                                              runs=self._runs)
+        except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
+            self._path = None
+        if not self._path:
+            self._path = None
+            log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
+            return
+        self._path = retokenized(self._matcher, self._tokenizer, self._path)
+        self._shortest = len(self._path)
+
+    def _path_after(self, token: int, deadline: float, wide: bool) -> list[int] | None:
+        """A way to a complete output after `token` that fits in the tokens left after it, or None when none is
+        found. Cheapest first: the known path (token is its first, or spells some of its first ones: `":` for
+        `"` `:`, or leaves it valid: more text in a string), then, unless the path takes all the tokens left, a
+        search from the state after the token (`completion_within`; `wide`: also its wide beam, for the model's
+        own choice)."""
+        if token in self._grammar.final_tokens:  # allowed, so the output is complete
+            return []
+        room, path = self._left - 1, self._path
+        if token == path[0] and len(path) - 1 <= room:
+            return path[1:]
+        for k in range(len(path) - 1, max(0, len(path) - room) - 1, -1):  # token, then a suffix of the path: shortest first
+            if self._matcher.validate_tokens([token, *path[k:]]) == len(path) - k + 1:
+                return path[k:]
+        if len(path) > room:  # the path takes every token left: a search would have to beat it (rare; each step costs)
             return None
-        if self._path is None:
-            near = self._left <= (self._shortest or 0) + 4 * CLOSING_WINDOW
-            if not near and self._since_search < CLOSING_WINDOW:
-                return None
-            self._since_search = 0
-            try:
-                self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left,
-                                                  runs=self._runs)
-            except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
-                self._path = None
-            if not self._path:
-                log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
-                return None
-            self._shortest = len(self._path)
-        if len(self._path) >= self._left:
-            self._closing = list(self._path)
-            return [self._closing[0]]
-        if self._left - len(self._path) > CLOSING_WINDOW:
+        state = self._matcher.deep_copy()
+        if not state.consume_token(token):
             return None
-        path, allowed = self._path, self._candidates[((self._bits[self._candidates >> 5] >> (self._candidates & 31)) & 1).bool()]
-        return [path[0]] + [t for t in allowed.tolist() if t != path[0] and self._matcher.validate_tokens([t, *path]) == len(path) + 1]
+        return completion_within(state, self._grammar, self._candidates, self._tokenizer, room, deadline, wide)
 
     def _follow_path(self, token: int) -> None:
         """After a sampled token: the known path goes on if still valid, else it is searched again."""
         self._since_search += 1
-        if self._path is None:
+        chosen, self._chosen = self._chosen, None
+        if chosen is not None and chosen[0] == token:
+            self._path = chosen[1]
+        elif self._path is None:
             return
-        if token == self._path[0]:
+        elif token == self._path[0]:
             self._path = self._path[1:]
         elif self._matcher.validate_tokens(self._path) != len(self._path):
             self._path = None
@@ -217,9 +262,16 @@ class Constraint:
         return repr(self._tokenizer.decode_bytes([token]).decode("utf-8", errors="replace"))
 
 
-# Within this many tokens of the end of max_tokens (beyond the known path's length), only tokens that keep that
-# path valid are allowed: a token that would lengthen it (an opener) could push it past the end.
+# Within this many tokens of the end of max_tokens (beyond the known path's length), each sampled token is checked:
+# one after which no complete answer fits in the tokens left (an opener, whitespace at the very end) is refused.
 CLOSING_WINDOW = 32
+# A step checks at most this many of the model's choices (the sampled token, then what it samples without the refused
+# ones: greedy, its next best), then takes the known path's token. Only the first choice gets the wide search, of at
+# most _CHECK_STATES states (measured: ~50 ms on 2 busy cores when it finds nothing; its alternatives, once that is
+# refused, only the narrow one), and a step's searches stop after _CHECK_SECONDS (masks that take 0.5 s: 5000
+# properties). What they miss is refused, never let through.
+_CHECKED_CHOICES, _CHECK_STATES, _CHECK_SECONDS = 4, 256, 0.1
+_RETOKENIZED_GAIN = 2
 # The search keeps this many states a step, and gives up after this many seconds (it then finds no path). From each
 # state it tries candidates until it has this many children that made progress, or has tried this many.
 _SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
@@ -272,6 +324,42 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
     return _prove_none(matcher, grammar, vocab_size, limit, deadline)
 
 
+def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
+                      tokenizer: llguidance.LLTokenizer, limit: int, deadline: float, wide: bool = True) -> list[int] | None:
+    """A path from the matcher's state to a complete output of at most `limit` tokens (retokenized), or None when
+    the bounded search finds none before `deadline` (which proves nothing). For checking a token a step, so cheap
+    first: a beam one state wide (a few dozen masks) finds most; then, when `wide`, one _SEARCH_WIDTH wide of at
+    most _CHECK_STATES states finds shorter paths it missed. The beams may go _RETOKENIZED_GAIN tokens deeper than
+    `limit`: retokenizing shortens paths."""
+    for width, states in ((1, None), (_SEARCH_WIDTH, _CHECK_STATES))[:2 if wide else 1]:
+        try:
+            path = _beam_search(matcher, grammar, candidates, tokenizer.vocab_size, limit + _RETOKENIZED_GAIN, deadline,
+                                width=width, max_states=states)
+        except (GrammarError, SearchTimeout):
+            path = None
+        if path is not None:
+            path = retokenized(matcher, tokenizer, path)
+            if len(path) <= limit:
+                return path
+    return None
+
+
+def retokenized(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, path: list[int]) -> list[int]:
+    """The path's text as the tokenizer spells it (`","` `capital` for the search's `"` `,` `"` `capital`), when that
+    is shorter and valid from the matcher's state: the room an answer needs as a model spends it, not as the search's
+    single characters do. Special tokens stay; the text between them is tokenized again (~10 µs)."""
+    out, text = [], bytearray()
+    for token in path:
+        if tokenizer.is_special_token(token):
+            out += tokenizer.tokenize_bytes(bytes(text)) if text else []
+            out.append(token)
+            text.clear()
+        else:
+            text += tokenizer.decode_bytes([token])
+    out += tokenizer.tokenize_bytes(bytes(text)) if text else []
+    return out if len(out) < len(path) and matcher.validate_tokens(out) == len(out) else path
+
+
 def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, limit: int, deadline: float) -> list[int] | None:
     """Breadth first over every token each mask allows, without a beam: a path of at most `limit` tokens, or None when
     there is none (proven: every state that could still finish within the limit was expanded). SearchPruned when that
@@ -306,7 +394,7 @@ def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int
 
 
 def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int,
-                 limit: int | None, deadline: float) -> list[int] | None:
+                 limit: int | None, deadline: float, *, width: int | None = None, max_states: int | None = None) -> list[int] | None:
     """A short path (maybe longer than `limit`), or None when the beam found none within it.
 
     Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
@@ -315,13 +403,16 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
     a string, reached the `@` of an email); one with its parent's mask only repeated itself (one more
     character of the same string): a state keeps one such child, which goes on trying the tokens its
     parent did not, and only when the beam has room. A grammar error on the way,
-    such as a parser limit, raises GrammarError: generation would hit it too."""
+    such as a parser limit, raises GrammarError: generation would hit it too. Past the deadline (checked each step)
+    SearchTimeout. `width`: states kept a step (default _SEARCH_WIDTH); with `max_states`, past that many states
+    created or the deadline (then checked before each: a mask may take 0.5 s at 5000 properties), SearchPruned."""
+    width = width or _SEARCH_WIDTH
     bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
     start = _Node(matcher.deep_copy(), [])
     done = start.settle(grammar, bits, candidates)
     if done is not None:
         return done
-    frontier = [start]
+    frontier, states = [start], 0
     while frontier:
         if time.monotonic() > deadline:
             raise SearchTimeout(f"no complete answer found in {_SEARCH_SECONDS:g} s (the search did not end)")
@@ -332,6 +423,9 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
                 continue
             moved, same = [], []
             for index in range(node.next, min(len(node.allowed), node.next + _SEARCH_TRIES)):
+                states += 1
+                if max_states is not None and (states > max_states or time.monotonic() > deadline):  # a bounded check
+                    raise SearchPruned(f"no complete answer found within {max_states} states or the time")
                 child = node.state.deep_copy()
                 if not child.consume_token(node.allowed[index]):
                     raise GrammarError(_reason(child))
@@ -349,8 +443,8 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
                 same[0].next = (index + 1) % len(node.allowed)
             progress.append(moved)
             repeats.append(same)
-        frontier = _round_robin(progress, _SEARCH_WIDTH)
-        frontier += _round_robin(repeats, _SEARCH_WIDTH - len(frontier))
+        frontier = _round_robin(progress, width)
+        frontier += _round_robin(repeats, width - len(frontier))
     return None
 
 

@@ -177,6 +177,8 @@ class Engine:
         self._advance_constraint(seq, token)
         self.generated_tokens += 1
         finish, stop_reason = self._check_stop(seq, token)
+        if finish == "stop" and getattr(seq.request.constraint, "cut", False):
+            finish = "length"  # it ended valid, but its budget guard refused the model's tokens: max_tokens shaped it
         event = self._event(seq, token, output.logprobs[i], output.top_logprobs[i], finish, stop_reason)
         if finish:
             self._forget(seq)

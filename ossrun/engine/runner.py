@@ -72,7 +72,33 @@ class ModelRunner:
             last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
             logits = self.model(tokens_t, positions_t, attention, torch.tensor(last, device=device), lora)
         masks = [self._mask(item) for item in sampling]
-        return sampling, self._sample(logits, sampling, masks if any(m is not None for m in masks) else None)
+        # Rows whose constraint checks the sampled token keep their logits, to sample again if it is refused.
+        kept = {i: logits[i].clone() for i, item in enumerate(sampling) if masks[i] is not None and self._guarding(item)}
+        output = self._sample(logits, sampling, masks if any(m is not None for m in masks) else None)
+        for i, row in kept.items():
+            self._keep_budget(sampling[i], row, output, i)
+        return sampling, output
+
+    @staticmethod
+    def _guarding(item: Scheduled) -> bool:
+        return item.seq.error is None and getattr(item.seq.request.constraint, "guarding", False)
+
+    def _keep_budget(self, item: Scheduled, logits: torch.Tensor, output: SamplerOutput, i: int) -> None:
+        """Near the end of max_tokens the constraint may refuse the sampled token (no complete answer would fit
+        after it): the row is sampled again from its logits under the mask it gives, and that token (with its
+        logprobs) replaces the first in `output`. `logits`: the row before sampling [V]."""
+        if item.seq.error is not None:  # its sampling failed
+            return
+
+        def resample(allowed: torch.Tensor) -> int:
+            row = self.sampler(logits.unsqueeze(0).clone(), [item.seq.sampling], [allowed])
+            output.token_ids[i], output.logprobs[i], output.top_logprobs[i] = row.token_ids[0], row.logprobs[0], row.top_logprobs[0]
+            return row.token_ids[0]
+
+        try:
+            item.seq.request.constraint.choose(output.token_ids[i], resample)
+        except Exception as exc:  # a broken grammar must not take the batch down with it
+            item.seq.error = f"structured output failed: {exc}"
 
     def _sample(self, logits: torch.Tensor, sampling: list[Scheduled], masks: list[torch.Tensor | None] | None) -> SamplerOutput:
         """One sampler call for the batch. If it fails, each row again alone (from a copy: the sampler consumes
