@@ -6,7 +6,9 @@ byte, or stops halfway through its headers, stays open for ever, holding a file 
 server's HTTP protocol closes a connection whose request headers do not come within the client timeout, counted
 from when it opened or its previous answer ended; beyond a cap below the limit, a new connection closes the one that
 has waited longest for its headers (a real client sends them at once); and the soft limit is raised to the hard one.
-A body has its own deadline, in the app (`api.body.BodyClock`, a 408). Should `accept` fail all the same (a burst of
+A body has its own deadline, in the app (`api.body.BodyClock`, a 408). An answer given while the client is still
+sending its request (that 408, or a 400 on a malformed one) is followed by a lingering close (`LingeringTransport`).
+Should `accept` fail all the same (a burst of
 connections past the cap), asyncio retries a second later, and its error is logged once a minute.
 """
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 SPARE_FILES = 256  # file descriptors kept for the server's own files (checkpoint, SQLite, uploads, logs)
+LINGER_S = 2.0  # how long a lingering close drops what the client still sends before it closes all the same
 
 
 def raise_file_limit() -> int | None:
@@ -47,8 +51,48 @@ def cap(open_files: int | None) -> int | None:
     return None if open_files is None else max(open_files - SPARE_FILES, open_files // 2)
 
 
+class LingeringTransport:
+    """A connection's transport whose `close`, while the client is still sending its request, lingers: it stops
+    writing (a FIN after the answer), drops what still comes, and closes when the client does or after LINGER_S.
+
+    Closing a socket at once with the request unread loses the answer just written: bytes that reach the kernel
+    after the close are answered with a reset, and a byte already there unread turns the close itself into a reset,
+    which discards the answer on the client's side before it reads it (RFC 7230 §6.6; nginx's `lingering_close`).
+    Everything but `close` and `is_closing` is the wrapped transport's."""
+
+    def __init__(self, transport: asyncio.Transport, still_sending: Callable[[], bool]):
+        self._transport = transport
+        self._still_sending = still_sending
+        self._timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        if not self._still_sending() or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()  # after what is buffered
+        self._transport.resume_reading()  # flow control may have paused it
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, self.close_now)
+
+    def close_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport.close()
+
+
 def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers and a cap on connections."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class DeadlineProtocol(H11Protocol):
@@ -57,14 +101,21 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(LingeringTransport(transport, self._client_still_sending))
             self._watch_headers()
             if max_connections is not None and len(self.connections) > max_connections:
                 self._make_room()
 
         def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                return  # the rest of a request already answered
             super().data_received(data)
             self._watch_headers()
+
+        def eof_received(self) -> bool | None:
+            if self.transport.lingering:
+                self.transport.close_now()
+            return super().eof_received()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -76,7 +127,13 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watch()
+            if self.transport.lingering:
+                self.transport.close_now()  # the timer cancelled
             super().connection_lost(exc)
+
+        def _client_still_sending(self) -> bool:
+            """Whether the client may still be sending the request just answered (its body, or a malformed one)."""
+            return self.conn.their_state in (h11.SEND_BODY, h11.ERROR)
 
         def _watch_headers(self) -> None:
             """The clock runs while no request is being answered (none yet, or the last answer is sent); it starts

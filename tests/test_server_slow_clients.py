@@ -156,6 +156,26 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closed(
         assert error["success"] is False and error["errors"][0]["code"] == 3007, error
 
 
+def test_the_408_reaches_a_client_still_sending_its_body(server):
+    """Before: the server closed its socket as soon as the 408 was written. The bytes of the body still on their
+    way were answered with a reset (the client's next send failed), and a byte that had reached the kernel unread
+    made the close itself a reset, which discards the 408 on the client's side (ECONNRESET on its read: CI failed
+    so on the trickling case above). Now the server stops writing, drops what still comes for a while, and closes
+    when the client does."""
+    with connect(server) as sock:
+        sock.sendall(request_head("POST", "/v1/chat/completions", 100_000) + b"{")
+        started = time.monotonic()
+        while not readable_of([sock], 0.001):  # a byte a millisecond until the 408 is there
+            sock.send(b" ")
+            assert time.monotonic() - started < PATIENCE_S + 5
+        answered = time.monotonic()
+        while time.monotonic() - answered < 0.5:  # and on, as a client busy sending would
+            sock.send(b" ")
+            time.sleep(0.001)
+        status, error = answer(until_closed(sock))
+    assert status == 408 and error["error"]["code"] == "3007", error
+
+
 def requests_counted(server, route: str, status: int) -> float:
     wanted = f'ossrun_requests_total{{route="{route}",status="{status}"}}'
     lines = [line for line in httpx.get(server.base + "/metrics", timeout=30).text.splitlines() if line.startswith(wanted)]
