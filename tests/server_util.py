@@ -79,3 +79,10 @@ def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None 
             time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+
+
+def post_json(server: Server, path: str, body: dict, status: int = 200) -> dict:
+    """POST `body` at temperature 0 (unless it says otherwise), assert the status, return the JSON answer."""
+    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
+    assert response.status_code == status, response.text
+    return response.json()

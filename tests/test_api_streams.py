@@ -20,7 +20,7 @@ from ossrun import harmony
 from ossrun.api.app import AppSettings, build_app
 from ossrun.api.metering import PRICES
 from tests.api_fakes import FakeEngine
-from tests.server_util import MODEL
+from tests.server_util import MODEL, post_json
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PARIS = "The capital of France is Paris."
@@ -38,12 +38,6 @@ def server(demo_server):
 
 def run_path(server) -> str:
     return server.run_url()[len(server.base):]
-
-
-def post(server, path: str, body: dict, status: int = 200) -> dict:
-    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
-    assert response.status_code == status, response.text
-    return response.json()
 
 
 def stream(server, path: str, body: dict) -> list:
@@ -77,7 +71,7 @@ def prompt_tokens(body: dict) -> int:
 # -- Messages (/ai/run) and chat completions ------------------------------------------------------------
 
 def test_messages_sync_separates_reasoning_from_content(server):
-    result = post(server, run_path(server), {"messages": FRANCE})["result"]
+    result = post_json(server, run_path(server), {"messages": FRANCE})["result"]
     assert result["object"] == "chat.completion" and result["model"] == MODEL
     choice = result["choices"][0]
     message = choice["message"]
@@ -93,7 +87,7 @@ def test_messages_sync_separates_reasoning_from_content(server):
 
 
 def test_messages_stream_frames_in_order(server):
-    sync = post(server, run_path(server), {"messages": FRANCE})["result"]
+    sync = post_json(server, run_path(server), {"messages": FRANCE})["result"]
     chunks = stream(server, run_path(server), {"messages": FRANCE})
     assert chunks[-1] == "[DONE]"
     chunks = chunks[:-1]
@@ -125,9 +119,9 @@ def test_reasoning_tokens_count_tokens_that_hold_part_of_a_character(server):
     """Every token of the reasoning message is a reasoning token, though a split character shows no text
     until its last piece (they were counted only when they produced text: 21-26 of 37)."""
     body = {"max_tokens": 40, "logit_bias": SPLIT_CHARACTER_BIAS, "temperature": 1, "seed": 1}  # sampled: pieces in order
-    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, **body})
+    chat = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, **body})
     prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
-    raw = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "logprobs": 0, **body})
+    raw = post_json(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "logprobs": 0, **body})
     tokens = raw["choices"][0]["logprobs"]["tokens"]
     assert tokens[:3] == ["<|channel|>", "analysis", "<|message|>"]
     reasoning = tokens[3:tokens.index("<|end|>")] if "<|end|>" in tokens else tokens[3:]
@@ -143,7 +137,7 @@ def test_completions_logprobs_spell_split_characters_as_bytes(server):
     for seed in range(1, 41):  # sampled, so that the pieces come in every order; some seed spells a whole parrot
         body = {"model": MODEL, "prompt": "x", "max_tokens": 6, "logprobs": 2, "temperature": 1, "seed": seed,
                 "logit_bias": {"4103": 100, "99": 100, "250": 100}}
-        choice = post(server, "/v1/completions", body)["choices"][0]
+        choice = post_json(server, "/v1/completions", body)["choices"][0]
         logprobs, text = choice["logprobs"], choice["text"]
         if "\U0001F99C" in text:
             break
@@ -162,7 +156,7 @@ def test_completions_logprobs_spell_split_characters_as_bytes(server):
 
 def test_chat_stream_usage_chunk_only_when_asked(server):
     body = {"model": MODEL, "messages": FRANCE}
-    sync = post(server, "/v1/chat/completions", body)
+    sync = post_json(server, "/v1/chat/completions", body)
     assert sync["object"] == "chat.completion" and sync["choices"][0]["message"]["content"] == PARIS
     without = stream(server, "/v1/chat/completions", body)
     assert without[-1] == "[DONE]" and all("usage" not in c or c["usage"] is None for c in without[:-1])
@@ -174,7 +168,7 @@ def test_chat_stream_usage_chunk_only_when_asked(server):
 
 def test_tool_call_sync_and_stream(server):
     body = {"messages": [{"role": "user", "content": WEATHER_IN.format("Paris")}], "tools": TOOLS}
-    choice = post(server, run_path(server), body)["result"]["choices"][0]
+    choice = post_json(server, run_path(server), body)["result"]["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert "Paris" in choice["message"]["reasoning_content"]
     (call,) = choice["message"]["tool_calls"]
@@ -200,7 +194,7 @@ def test_forced_tool_call_prefills_the_call_header(server, choice):
     the model writes only the arguments (the prompt is longer by exactly the header, the completion holds no reasoning)."""
     messages = [{"role": "user", "content": WEATHER_IN.format("Rome")}]
     body = {"model": MODEL, "messages": messages, "tools": TOOLS, "tool_choice": choice}
-    reply = post(server, "/v1/chat/completions", body)
+    reply = post_json(server, "/v1/chat/completions", body)
     header = harmony.tool_call_prefix("get_weather")
     assert reply["usage"]["prompt_tokens"] == prompt_tokens({"messages": messages, "tools": TOOLS}) + len(header)
     message = reply["choices"][0]["message"]
@@ -217,18 +211,18 @@ def test_forced_tool_call_prefills_the_call_header(server, choice):
 
 def test_forced_tool_must_exist(server):
     body = {"model": MODEL, "messages": FRANCE, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}
-    assert "nope" in post(server, "/v1/chat/completions", body, status=400)["error"]["message"]
+    assert "nope" in post_json(server, "/v1/chat/completions", body, status=400)["error"]["message"]
 
 
 def test_length_finish_when_max_tokens_runs_out(server):
-    result = post(server, run_path(server), {"messages": FRANCE, "max_tokens": 3})["result"]
+    result = post_json(server, run_path(server), {"messages": FRANCE, "max_tokens": 3})["result"]
     assert result["choices"][0]["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 3
     assert result["choices"][0]["message"]["content"] is None or result["choices"][0]["message"]["content"] == ""
 
 
 def test_logprobs_cover_answer_tokens(server):
     body = {"model": MODEL, "messages": FRANCE, "logprobs": True, "top_logprobs": 2}
-    content = post(server, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
+    content = post_json(server, "/v1/chat/completions", body)["choices"][0]["logprobs"]["content"]
     assert "".join(entry["token"] for entry in content) == PARIS and len(content) == token_count(PARIS)
     for entry in content:
         first, second = entry["top_logprobs"]
@@ -242,7 +236,7 @@ def test_logprobs_cover_answer_tokens(server):
 
 def test_prompt_sync_and_stream(server):
     question = "What is the capital of France?"
-    result = post(server, run_path(server), {"prompt": question})["result"]
+    result = post_json(server, run_path(server), {"prompt": question})["result"]
     assert result["response"] == PARIS and "tool_calls" not in result
     assert result["usage"]["prompt_tokens"] == prompt_tokens({"prompt": question})
     frames = stream(server, run_path(server), {"prompt": question})
@@ -252,7 +246,7 @@ def test_prompt_sync_and_stream(server):
     assert all(set(f) == {"response"} for f in frames[:-2]) and len(frames) - 2 == token_count(PARIS)
 
     body = {"prompt": WEATHER_IN.format("Paris"), "tools": TOOLS}
-    result = post(server, run_path(server), body)["result"]
+    result = post_json(server, run_path(server), body)["result"]
     assert result["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     assert stream(server, run_path(server), body)[-2]["tool_calls"] == result["tool_calls"]
 
@@ -260,7 +254,7 @@ def test_prompt_sync_and_stream(server):
 # -- Responses -----------------------------------------------------------------------------------------
 
 def test_responses_sync_items(server):
-    result = post(server, run_path(server), {"input": "What is the capital of France?"})["result"]
+    result = post_json(server, run_path(server), {"input": "What is the capital of France?"})["result"]
     assert result["object"] == "response" and result["status"] == "completed"
     reasoning, message = result["output"]
     assert reasoning["type"] == "reasoning" and "France" in reasoning["content"][0]["text"]
@@ -319,7 +313,7 @@ def test_responses_stream_function_call(server):
 
 def test_responses_incomplete_on_length(server):
     body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 2}
-    result = post(server, "/v1/responses", body)
+    result = post_json(server, "/v1/responses", body)
     assert result["status"] == "incomplete" and result["incomplete_details"] == {"reason": "max_output_tokens"}
     assert result["usage"]["output_tokens"] == 2
     events = stream(server, "/v1/responses", body)
@@ -328,10 +322,10 @@ def test_responses_incomplete_on_length(server):
 
 def test_a_cut_off_function_call_is_incomplete(server):
     body = {"model": MODEL, "input": WEATHER_IN.format("Paris"), "tools": RESPONSES_TOOLS}
-    whole = post(server, "/v1/responses", body)
+    whole = post_json(server, "/v1/responses", body)
     assert whole["status"] == "completed" and whole["output"][-1]["status"] == "completed"
     cut = {**body, "max_output_tokens": whole["usage"]["output_tokens"] - 3}  # inside the arguments
-    response = post(server, "/v1/responses", cut)
+    response = post_json(server, "/v1/responses", cut)
     assert response["status"] == "incomplete"
     assert [(i["type"], i.get("status")) for i in response["output"]][-1] == ("function_call", "incomplete")
     events = [f for f in stream(server, "/v1/responses", cut) if f != "[DONE]"]
@@ -342,12 +336,12 @@ def test_a_cut_off_function_call_is_incomplete(server):
 
 def test_previous_response_id_continues_the_conversation(server):
     """The tool's result is sent alone; only the stored first turn says which city it was about."""
-    first = post(server, "/v1/responses", {"model": MODEL, "input": WEATHER_IN.format("Tokyo"), "tools": RESPONSES_TOOLS})
+    first = post_json(server, "/v1/responses", {"model": MODEL, "input": WEATHER_IN.format("Tokyo"), "tools": RESPONSES_TOOLS})
     call = first["output"][-1]
     assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"city": "Tokyo"}
     result = {"type": "function_call_output", "call_id": call["call_id"],
               "output": json.dumps({"temperature_c": 21, "condition": "cloudy"})}
-    second = post(server, "/v1/responses", {"model": MODEL, "input": [result], "tools": RESPONSES_TOOLS,
+    second = post_json(server, "/v1/responses", {"model": MODEL, "input": [result], "tools": RESPONSES_TOOLS,
                                             "previous_response_id": first["id"]})
     assert second["output_text"] == "It is 21°C and cloudy in Tokyo."
     assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
@@ -357,27 +351,27 @@ def test_previous_response_id_continues_the_conversation(server):
                                                "previous_response_id": second["id"]})
     third = events[-2]["response"]
     assert third["status"] == "completed" and third["usage"]["input_tokens"] > second["usage"]["input_tokens"]
-    fourth = post(server, "/v1/responses", {"model": MODEL, "input": "Hello", "tools": RESPONSES_TOOLS,
+    fourth = post_json(server, "/v1/responses", {"model": MODEL, "input": "Hello", "tools": RESPONSES_TOOLS,
                                             "previous_response_id": third["id"]})
     assert fourth["status"] == "completed" and fourth["usage"]["input_tokens"] > third["usage"]["input_tokens"]
 
 
 def test_previous_response_id_unknown_or_not_stored(server):
-    unknown = post(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": "resp-nope"}, status=400)
+    unknown = post_json(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": "resp-nope"}, status=400)
     assert unknown["error"]["code"] == "5006" and "previous_response_id" in unknown["error"]["message"]
-    private = post(server, "/v1/responses", {"model": MODEL, "input": "Hello", "store": False})
-    post(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": private["id"]}, status=400)
+    private = post_json(server, "/v1/responses", {"model": MODEL, "input": "Hello", "store": False})
+    post_json(server, "/v1/responses", {"model": MODEL, "input": "x", "previous_response_id": private["id"]}, status=400)
 
 
 def test_usage_carries_cost_on_every_result(server):
     bodies = [(run_path(server), {"prompt": "Hello"}), (run_path(server), {"messages": FRANCE}),
               ("/v1/chat/completions", {"model": MODEL, "messages": FRANCE})]
     for path, body in bodies:
-        reply = post(server, path, body)
+        reply = post_json(server, path, body)
         usage = (reply.get("result") or reply)["usage"]
         usd, neurons = PRICES[MODEL].cost(usage["prompt_tokens"], usage["completion_tokens"])
         assert usage["cost_usd"] == usd and usage["neurons"] == neurons and usage["completion_tokens"] > 10
-    response = post(server, "/v1/responses", {"model": MODEL, "input": "Hello"})
+    response = post_json(server, "/v1/responses", {"model": MODEL, "input": "Hello"})
     assert response["usage"]["cost_usd"] == PRICES[MODEL].cost(response["usage"]["input_tokens"], response["usage"]["output_tokens"])[0]
     text = httpx.get(server.base + "/metrics", timeout=10).text
     assert 'ossrun_tokens_total{kind="prompt"}' in text and "ossrun_neurons_total" in text
@@ -406,7 +400,7 @@ def test_openai_sdk_parses_our_frames(server):
 def test_completions_return_every_token(server):
     """A rendered harmony prompt sent raw: the text is the completion as the model wrote it, special tokens spelled."""
     prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
-    reply = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 200})
+    reply = post_json(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 200})
     assert reply["object"] == "text_completion" and reply["choices"][0]["finish_reason"] == "stop"
     text = reply["choices"][0]["text"]
     reasoning = text[len("<|channel|>analysis<|message|>"):text.index("<|end|>")]
@@ -417,7 +411,7 @@ def test_completions_return_every_token(server):
 def test_completions_stream_equals_sync(server):
     prompt = harmony.decode(harmony.render_request({"messages": FRANCE}).token_ids)
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 200}
-    sync = post(server, "/v1/completions", body)
+    sync = post_json(server, "/v1/completions", body)
     chunks = stream(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
     assert chunks[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks[:-1])
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == sync["choices"][0]["text"]

@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 from ossrun.demo_model import world
-from tests.server_util import MODEL
+from tests.server_util import MODEL, post_json
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -26,12 +26,6 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def server(demo_server):
     return demo_server
-
-
-def post(server, path: str, body: dict) -> dict:
-    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def frames(server, path: str, body: dict) -> list[dict]:
@@ -53,7 +47,7 @@ def test_ten_capitals_at_temperature_zero(server):
     countries = list(world.COUNTRIES.items())[:10]
 
     def ask(pair):
-        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [
+        reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [
             {"role": "user", "content": f"What is the capital of {pair[0]}?"}]})
         return reply["choices"][0]["message"]
 
@@ -67,7 +61,7 @@ def test_ten_capitals_at_temperature_zero(server):
 @pytest.mark.parametrize("surface", ["/v1/chat/completions", "ai/run"])
 def test_chat_shapes_carry_reasoning_and_answer_apart(server, surface):
     path = run_path(server) if surface == "ai/run" else surface
-    message = post(server, path, {"model": MODEL, "messages": FRANCE})
+    message = post_json(server, path, {"model": MODEL, "messages": FRANCE})
     message = (message.get("result") or message)["choices"][0]["message"]
     assert "France" in message["reasoning_content"]
     assert message["content"] == "The capital of France is Paris."
@@ -83,7 +77,7 @@ def test_chat_shapes_carry_reasoning_and_answer_apart(server, surface):
 
 
 def test_responses_carry_reasoning_and_answer_apart(server):
-    result = post(server, "/v1/responses", {"model": MODEL, "input": "What is the capital of France?"})
+    result = post_json(server, "/v1/responses", {"model": MODEL, "input": "What is the capital of France?"})
     reasoning, message = result["output"]
     assert reasoning["type"] == "reasoning" and "France" in reasoning["content"][0]["text"]
     assert result["output_text"] == "The capital of France is Paris."
@@ -103,11 +97,11 @@ def test_a_previous_response_id_chain_drops_the_reasoning_of_answered_turns(serv
     replies, by_hand = [], []
     for question in questions:
         previous = {"previous_response_id": replies[-1]["id"]} if replies else {}
-        replies.append(post(server, "/v1/responses", {"model": MODEL, "input": question, "max_output_tokens": 80, **previous}))
+        replies.append(post_json(server, "/v1/responses", {"model": MODEL, "input": question, "max_output_tokens": 80, **previous}))
         by_hand.append({"role": "user", "content": question})
         by_hand.append({"role": "assistant", "content": replies[-1]["output_text"]})
     assert all(reply["output"][0]["type"] == "reasoning" for reply in replies[:2])  # the history has reasoning to drop
-    answers_only = post(server, "/v1/responses", {"model": MODEL, "input": by_hand[:-1], "max_output_tokens": 80})
+    answers_only = post_json(server, "/v1/responses", {"model": MODEL, "input": by_hand[:-1], "max_output_tokens": 80})
     assert replies[-1]["usage"]["input_tokens"] == answers_only["usage"]["input_tokens"]
     assert replies[-1]["output_text"] == answers_only["output_text"] == "2 + 3 = 5."
 
@@ -115,7 +109,7 @@ def test_a_previous_response_id_chain_drops_the_reasoning_of_answered_turns(serv
 def test_reasoning_is_longer_at_higher_effort(server):
     lengths = {}
     for effort in ("low", "medium", "high"):
-        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, "reasoning_effort": effort})
+        reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": FRANCE, "reasoning_effort": effort})
         lengths[effort] = len(reply["choices"][0]["message"]["reasoning_content"])
         assert "Paris" in reply["choices"][0]["message"]["content"]
     assert lengths["low"] < lengths["medium"] < lengths["high"]
@@ -145,7 +139,7 @@ def test_second_turn_answers_from_the_tool_result(server):
     messages = [{"role": "user", "content": "What is the weather in Tokyo?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 21, "condition": "cloudy"}'}]
-    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
+    reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
     assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
 
 
@@ -156,12 +150,12 @@ def test_tool_result_after_an_earlier_exchange_names_the_called_city(server):
                 {"role": "user", "content": "What is the weather in Tokyo?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": '{"city":"Tokyo","temperature_c":21,"condition":"cloudy"}'}]  # JSON.stringify's
-    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
+    reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": [WEATHER]})
     assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
 
 
 def test_out_of_world_questions_say_so(server):
-    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Who painted the Mona Lisa?"}]})
+    reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Who painted the Mona Lisa?"}]})
     assert "ossrun download openai/gpt-oss-20b" in reply["choices"][0]["message"]["content"]
 
 
@@ -172,7 +166,7 @@ def test_sums_and_differences_at_temperature_zero(server):
     """Worked out in the reasoning one unit at a time (numbers are single tokens: no digits to add)."""
     def ask(problem):
         a, word, b = problem
-        reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"What is {a} {word} {b}?"}]})
+        reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": f"What is {a} {word} {b}?"}]})
         return reply["choices"][0]["message"]
 
     with ThreadPoolExecutor(len(SUMS)) as pool:
@@ -183,7 +177,7 @@ def test_sums_and_differences_at_temperature_zero(server):
 
 
 def test_sums_outside_the_range_are_declined(server):
-    reply = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "What is 250 + 3?"}]})
+    reply = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "What is 250 + 3?"}]})
     assert reply["choices"][0]["message"]["content"] == world.ARITHMETIC_LIMITS
 
 
@@ -200,7 +194,7 @@ SUM_SCHEMA = {"type": "object", "properties": {"expression": {"type": "string"},
 def test_json_mode_answers_with_the_asked_facts(server, question, country):
     body = {"model": MODEL, "messages": [{"role": "user", "content": question.format(country)}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA}}}
-    message = post(server, "/v1/chat/completions", body)["choices"][0]["message"]
+    message = post_json(server, "/v1/chat/completions", body)["choices"][0]["message"]
     assert json.loads(message["content"]) == {"country": country, "capital": world.COUNTRIES[country]}
     assert country in message["reasoning_content"]
 
@@ -212,18 +206,18 @@ def test_a_stated_schema_is_answered_when_the_question_does_not_ask_for_json(ser
     it: the model knows the answer's form before it reasons, not only from the tokens the grammar forces."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": question.format(country)}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA}}}
-    message = post(server, "/v1/chat/completions", body)["choices"][0]["message"]
+    message = post_json(server, "/v1/chat/completions", body)["choices"][0]["message"]
     assert json.loads(message["content"]) == {"country": country, "capital": world.COUNTRIES[country]}
     body = {"model": MODEL, "input": "What is 12 - 5?", "text": {"format": {"type": "json_schema", "name": "sum",
                                                                            "schema": SUM_SCHEMA}}}
-    assert json.loads(post(server, "/v1/responses", body)["output_text"]) == {"expression": "12 - 5", "result": 7}
+    assert json.loads(post_json(server, "/v1/responses", body)["output_text"]) == {"expression": "12 - 5", "result": 7}
 
 
 def test_json_mode_on_ai_run_computes_the_value(server):
     """Workers AI's spelling (the schema itself under json_schema); the result is copied from the reasoning's steps."""
     body = {"messages": [{"role": "user", "content": "Give me 9 + 8 as JSON."}],
             "response_format": {"type": "json_schema", "json_schema": SUM_SCHEMA}}
-    message = post(server, run_path(server), body)["result"]["choices"][0]["message"]
+    message = post_json(server, run_path(server), body)["result"]["choices"][0]["message"]
     assert json.loads(message["content"]) == {"expression": "9 + 8", "result": 17}
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_util import MODEL
+from tests.server_util import MODEL, post_json
 
 GERMANY = "What is the capital of Germany?"
 
@@ -17,12 +17,6 @@ GERMANY = "What is the capital of Germany?"
 @pytest.fixture(scope="module")
 def server(demo_server):
     return demo_server
-
-
-def post(server, path: str, body: dict) -> dict:
-    response = httpx.post(server.base + path, json={"temperature": 0, **body}, headers=server.headers, timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def events(server, body: dict) -> list[dict]:
@@ -39,7 +33,7 @@ def events(server, body: dict) -> list[dict]:
 def test_cut_inside_the_reasoning_outputs_only_the_reasoning(server):
     """As OpenAI answers "ran out of tokens during reasoning": no message the model never started."""
     body = {"model": MODEL, "input": GERMANY, "max_output_tokens": 20}
-    result = post(server, "/v1/responses", body)
+    result = post_json(server, "/v1/responses", body)
     assert result["status"] == "incomplete" and result["incomplete_details"] == {"reason": "max_output_tokens"}
     assert [item["type"] for item in result["output"]] == ["reasoning"] and result["output_text"] == ""
     streamed = events(server, body)
@@ -48,7 +42,7 @@ def test_cut_inside_the_reasoning_outputs_only_the_reasoning(server):
     assert [e["item"]["type"] for e in streamed if e["type"] == "response.output_item.added"] == ["reasoning"]
     assert streamed[-1]["type"] == "response.incomplete"
     assert [item["type"] for item in streamed[-1]["response"]["output"]] == ["reasoning"]
-    again = post(server, "/v1/responses", {"model": MODEL, "input": "What is 2 + 3?", "previous_response_id": result["id"]})
+    again = post_json(server, "/v1/responses", {"model": MODEL, "input": "What is 2 + 3?", "previous_response_id": result["id"]})
     assert again["status"] == "completed" and again["output_text"]
 
 
