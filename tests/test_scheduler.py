@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ossrun.engine.kv_cache import KVCacheManager
-from ossrun.engine.request import Request
-from ossrun.engine.scheduler import Scheduler
+from ossrun.engine.request import Priority, Request
+from ossrun.engine.scheduler import BATCH_CHUNK_BESIDE_INTERACTIVE, Scheduler
 from ossrun.engine.sequence import Sequence
 
 
@@ -91,3 +91,76 @@ def test_a_sequence_that_outgrows_the_whole_cache_alone_is_taken_out_instead_of_
                 item.seq.append(7)
     assert [seq.request_id for seq in step.unfit] == ["grows"] and len(step.unfit[0].tokens) == 113
     assert len(s) == 0 and s.kv.full.num_used == 0
+
+
+# -- batch work yields to interactive work -------------------------------------------------------------
+
+def batch_sequence(name: str, prompt_len: int) -> Sequence:
+    return Sequence.from_request(Request(name, [1 + i % 50 for i in range(prompt_len)], priority=Priority.BATCH))
+
+
+def test_without_interactive_work_every_batch_row_runs_every_step():
+    s = scheduler()
+    for name in "abcd":
+        s.add(batch_sequence(name, 5))
+    assert run(s) == dict.fromkeys("abcd", 5)
+    assert run(s) == dict.fromkeys("abcd", 1)
+
+
+def test_batch_rows_take_turns_beside_interactive_ones():
+    """Before: once admitted, every batch row was in every step, so an interactive request paid for all of them
+    each token (their grammar work made a `Hello` 200-500× slower, hunt_batch #2). Now a step holds at most as
+    many batch rows as interactive ones, the batch row that ran longest ago first."""
+    s = scheduler()
+    for name in "abcd":
+        s.add(batch_sequence(name, 5))
+    run(s)
+    s.add(sequence("chat", 5))
+    steps = [run(s) for _ in range(8)]
+    assert all(step["chat"] >= 1 and len(step) == 2 for step in steps), steps
+    turns = [next(name for name in step if name != "chat") for step in steps]
+    assert sorted(turns[:4]) == list("abcd") and turns[4:] == turns[:4], turns
+    s.remove(next(seq for seq in s.running if seq.request_id == "chat"))
+    assert run(s) == dict.fromkeys("abcd", 1)  # alone again: all of them
+
+
+def test_a_batch_prefill_beside_interactive_work_goes_in_small_chunks():
+    s = scheduler()
+    s.add(sequence("chat", 5))
+    run(s)
+    s.add(batch_sequence("long", 1000))
+    assert run(s) == {"chat": 1, "long": BATCH_CHUNK_BESIDE_INTERACTIVE}
+
+
+def test_an_interactive_request_does_not_wait_for_batch_rows_holding_every_slot():
+    """Before: with every slot (`max_num_seqs`) held by batch rows, an interactive request waited for one of them
+    to finish. Now the batch row that came last is preempted (recomputed later, from the prefix cache mostly)."""
+    s = scheduler()
+    for i in range(8):
+        s.add(batch_sequence(f"b{i}", 5))
+    run(s)
+    s.add(sequence("chat", 5))
+    step = run(s)
+    assert step["chat"] == 5 and "b7" not in step
+    assert [seq.request_id for seq in s.waiting] == ["b7"]
+
+
+class GrammarAtWork:
+    """Stands for a request's `Constraint` whose next mask is still being computed (`ready` False)."""
+
+    ready = False
+
+
+def test_a_batch_row_waiting_for_its_grammar_does_not_hold_up_an_interactive_step():
+    """Before: a step waited for every sampled row's mask; a batch row's budget search (up to 2 s, queued behind
+    the other items' on the grammar threads) held the interactive request's tokens for up to 20 s."""
+    s = scheduler()
+    for name in "ab":
+        s.add(batch_sequence(name, 5))
+    run(s)
+    s.add(sequence("chat", 5))
+    a = next(seq for seq in s.running if seq.request_id == "a")
+    a.request.constraint = GrammarAtWork()
+    assert run(s) == {"chat": 5, "b": 1} and run(s) == {"chat": 1, "b": 1}
+    a.request.constraint = None  # its mask is there
+    assert run(s) == {"chat": 1, "a": 1}

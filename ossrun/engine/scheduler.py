@@ -10,16 +10,28 @@ A long prompt must not hold the whole budget while it is prefilled (a 200 KB pro
 steps): decoding sequences go first, each prefill chunk gets at most `max_prefill_chunk` tokens,
 and new requests are admitted from what is left. A prefill alone in its step still gets the whole
 budget; next to others it stays capped, so their steps (and tokens) keep coming.
+
+Batch-queue work (`Priority.BATCH`) soaks up what interactive work leaves. While both are present, a step
+holds the interactive sequences first, then at most as many batch rows (taking turns) and as many tokens: an
+interactive request's step costs at most about twice its own, whatever the batch holds (16 structured-output
+items, each with its grammar work, once made a `Hello` 200-500× slower). An interactive request never waits
+for a slot that batch rows hold: the last batch row is preempted. Alone, the batch runs at full speed.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ossrun.engine.kv_cache import KVCacheManager
 from ossrun.engine.request import Priority
 from ossrun.engine.sequence import Sequence, Status
+
+
+# Tokens of a batch row's prefill chunk in a step with interactive work (one KV block): the batch's prompts go on
+# beside it without making its steps long.
+BATCH_CHUNK_BESIDE_INTERACTIVE = 16
 
 
 @dataclass(slots=True)
@@ -88,28 +100,82 @@ class Scheduler:
     def schedule(self) -> Step:
         self.steps += 1
         step = Step()
-        budget = self.max_tokens_per_step
-        self.running.sort(key=lambda s: (s.num_to_compute > 1, s.sort_key))  # decodes before prefills
-        queue = list(self.running)
+        everyone = (*self.running, *self.waiting)
+        if all(self._interactive(seq) for seq in everyone) or not any(self._interactive(seq) for seq in everyone):
+            budget = self._schedule_running(step, list(self.running), [], self.max_tokens_per_step)
+            if not step.preempted:
+                budget = self._admit(step, budget, [])
+                if len(step.scheduled) == 1:
+                    self._top_up(step, budget)
+            return step
+        return self._schedule_beside_interactive(step)
+
+    def _schedule_beside_interactive(self, step: Step) -> Step:
+        """Interactive work first (running, then admitted); then batch rows share the step, at most as many as
+        the interactive rows and as many tokens (or BATCH_CHUNK_BESIDE_INTERACTIVE), taking turns: the one that
+        ran longest ago first. So an interactive request pays for a bounded share of the batch each token, not
+        for all of its rows (their grammar work, their prefill chunks), and the batch still moves."""
+        idle = sorted((seq for seq in self.running if not self._interactive(seq)), key=lambda s: s.sort_key)
+        self._free_slots_for_interactive(step, idle)
+        preempted = len(step.preempted)
+        budget = self._schedule_running(step, [seq for seq in self.running if self._interactive(seq)], idle,
+                                        self.max_tokens_per_step)
+        if len(step.preempted) == preempted:  # the KV pools did not run dry
+            budget = self._admit(step, budget, idle, only=self._interactive)
+        rows = len(step.scheduled)
+        if rows == 0:  # none of it can run now: the batch goes on as if alone (and may free room for it)
+            self._schedule_running(step, idle, [], budget)
+            return step
+        room = min(budget, max(BATCH_CHUNK_BESIDE_INTERACTIVE, step.num_tokens))
+        # A row whose grammar mask is still being computed would hold the step up (a budget search takes up to
+        # seconds, and the grammar threads may have a queue): it waits for a later step.
+        turns = sorted((seq for seq in idle if not (seq.num_to_compute == 1 and seq.grammar_pending)),
+                       key=lambda s: (s.last_scheduled_step, s.sort_key))[:rows]
+        preempted = len(step.preempted)
+        room = self._schedule_running(step, turns, [s for s in idle if s not in turns], room, BATCH_CHUNK_BESIDE_INTERACTIVE)
+        if len(step.preempted) == preempted and len(step.scheduled) < 2 * rows:
+            self._admit(step, room, [], most=2 * rows - len(step.scheduled), chunk=BATCH_CHUNK_BESIDE_INTERACTIVE)
+        if len(step.scheduled) == 1 and not step.preempted:
+            self._top_up(step, self.max_tokens_per_step - step.num_tokens)
+        return step
+
+    def _schedule_running(self, step: Step, queue: list[Sequence], spare: list[Sequence], budget: int,
+                          chunk: int | None = None) -> int:
+        """Schedule the running sequences of `queue` (decodes first, then by priority) within `budget`, each at
+        most `chunk` tokens; when the KV pools run dry, preempt from `spare` (running, not in this step) first,
+        then the queue's least urgent. Returns the budget left."""
+        queue = sorted(queue, key=lambda s: (s.num_to_compute > 1, s.sort_key))
+        chunk = min(chunk or self.max_prefill_chunk, self.max_prefill_chunk)
         while queue and budget > 0:
             seq = queue.pop(0)
-            n = min(seq.num_to_compute, budget, self.max_prefill_chunk)
+            n = min(seq.num_to_compute, budget, chunk)
             if not self.kv.fits_alone(len(seq.tokens)):  # grew past what the whole cache holds
                 self._unfit(seq, step)
                 continue
             while not self.kv.allocate(seq.blocks, seq.num_computed + n):
-                victim = queue.pop() if queue else seq
+                victim = spare.pop() if spare else queue.pop() if queue else seq
                 self._preempt(victim, step)
                 if victim is seq:
                     break
             else:
-                step.scheduled.append(Scheduled(seq, n))
+                self._put(step, seq, n)
                 budget -= n
-        if not step.preempted:
-            budget = self._admit(step, budget)
-            if len(step.scheduled) == 1:
-                self._top_up(step, budget)
-        return step
+        return budget
+
+    def _put(self, step: Step, seq: Sequence, n: int) -> None:
+        step.scheduled.append(Scheduled(seq, n))
+        seq.last_scheduled_step = self.steps
+
+    @staticmethod
+    def _interactive(seq: Sequence) -> bool:
+        return seq.request.priority == Priority.INTERACTIVE
+
+    def _free_slots_for_interactive(self, step: Step, idle: list[Sequence]) -> None:
+        """Interactive requests waiting while every slot (`max_num_seqs`) is taken: batch rows are preempted, the
+        last come first, one per waiting request (they are recomputed later, from the prefix cache mostly)."""
+        waiting = sum(self._interactive(seq) for seq in self.waiting)
+        for _ in range(min(waiting - (self.max_num_seqs - len(self.running)), len(idle))):
+            self._preempt(idle.pop(), step)
 
     def _top_up(self, step: Step, budget: int) -> None:
         """A prefill alone in its step gets the rest of the budget (never preempts). With others in the
@@ -122,12 +188,18 @@ class Scheduler:
                 item.num_new_tokens += extra
                 budget -= extra
 
-    def _admit(self, step: Step, budget: int) -> int:
+    def _admit(self, step: Step, budget: int, spare: list[Sequence], only: Callable[[Sequence], bool] = lambda seq: True,
+               most: int | None = None, chunk: int | None = None) -> int:
+        """Admit waiting sequences that `only` accepts, by priority (aged batch work counts as interactive), at most
+        `most` of them. An interactive one that does not fit the KV pools preempts from `spare` (batch rows not in
+        this step), else it and those behind it wait."""
         self.waiting.sort(key=self._key)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        chunk = min(chunk or self.max_prefill_chunk, self.max_prefill_chunk)
+        for seq in [seq for seq in self.waiting if only(seq)]:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs or (most is not None and most <= 0):
+                break
             if not self.kv.fits_alone(len(seq.tokens)):  # never admitted, and never blocking those behind it
-                self.waiting.pop(0)
+                self.waiting.remove(seq)
                 self._unfit(seq, step)
                 continue
             if not seq.blocks.full:
@@ -135,18 +207,21 @@ class Scheduler:
                 seq.num_computed = cached
                 if not seq.admitted_once:
                     seq.num_cached_tokens = cached
-            n = min(seq.num_to_compute, budget, self.max_prefill_chunk)
+            n = min(seq.num_to_compute, budget, chunk)
+            while not self.kv.allocate(seq.blocks, seq.num_computed + n) and spare and self._interactive(seq):
+                self._preempt(spare.pop(), step)
             if not self.kv.allocate(seq.blocks, seq.num_computed + n):
                 self.kv.free(seq.blocks)  # don't sit on cached blocks while waiting
                 seq.num_computed = 0
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             self._waiting_since.pop(id(seq), None)
             seq.status = Status.RUNNING
             seq.admitted_once = True
             self.running.append(seq)
-            step.scheduled.append(Scheduled(seq, n))
+            self._put(step, seq, n)
             budget -= n
+            most = None if most is None else most - 1
         return budget
 
     def _unfit(self, seq: Sequence, step: Step) -> None:

@@ -31,6 +31,7 @@ class Sequence:
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     arrival: int = field(default_factory=lambda: next(_arrival))
     admitted_once: bool = False
+    last_scheduled_step: int = 0  # the scheduler's step that last ran it (batch rows take turns by it)
     text_tail: str = ""  # recent decoded output, for stop strings
     error: str | None = None  # set when the request must end with an error after this step
     text_decoder: object | None = None  # incremental UTF-8 decoder, created on first use
@@ -57,6 +58,12 @@ class Sequence:
     def sort_key(self) -> tuple[int, int]:
         """Scheduling order: priority class first, then arrival (first come, first served)."""
         return (int(self.request.priority), self.arrival)
+
+    @property
+    def grammar_pending(self) -> bool:
+        """Its structured output's next mask is still being computed (a step sampling it would wait for it)."""
+        constraint = self.request.constraint
+        return constraint is not None and not constraint.ready
 
     def append(self, token_id: int) -> None:
         self.tokens.append(token_id)
