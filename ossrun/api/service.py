@@ -178,6 +178,9 @@ class Service:
         self.batch_store = None  # set by the app factory
         self.responses = ResponseStore(Path(settings.data_dir) / "batch.sqlite")  # previous_response_id, GET /v1/responses/{id}
         self.finetunes = None
+        # Batch items are planned one at a time: they never take every thread of the pool that interactive
+        # requests are planned on (a grammar check can take a second; 16 items took 15 s from a `Hello`).
+        self._batch_planning = asyncio.Semaphore(1)
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
     def create_finetune(self, model: str, name: str, description: str = ""):
@@ -300,8 +303,13 @@ class Service:
 
     async def plan_off_loop(self, *args: Any, **kwargs: Any) -> Plan:
         """`plan` on a worker thread: rendering a long prompt or compiling a schema takes a while, and the
-        event loop must keep answering `/health` and streaming other requests' tokens meanwhile."""
-        return await asyncio.to_thread(self.plan, *args, **kwargs)
+        event loop must keep answering `/health` and streaming other requests' tokens meanwhile. Batch items
+        (`priority=Priority.BATCH`) queue for one thread, behind each other rather than in front of interactive
+        requests."""
+        if kwargs.get("priority") != Priority.BATCH:
+            return await asyncio.to_thread(self.plan, *args, **kwargs)
+        async with self._batch_planning:
+            return await asyncio.to_thread(self.plan, *args, **kwargs)
 
     # -- structured output ------------------------------------------------------------------------
     def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar | None:

@@ -1,0 +1,42 @@
+"""Where the server plans requests (render, tokenize, check the grammar): on worker threads, and batch items never
+in front of interactive requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+from ossrun.api.service import Service
+from ossrun.engine.request import Priority
+
+
+class SlowBatchPlans(Service):
+    """A service whose batch plans block until released (as 16 items' grammar checks did for seconds each)."""
+
+    def __init__(self, data_dir):
+        super().__init__(engine=None, settings=SimpleNamespace(data_dir=data_dir), metering=None)
+        self.release = threading.Event()
+
+    def plan(self, ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE):
+        if priority == Priority.BATCH:
+            assert self.release.wait(30)
+        return ask
+
+
+def test_an_interactive_plan_does_not_queue_behind_batch_plans(tmp_path):
+    """Before: every batch item's plan went to asyncio's default thread pool (os.cpu_count() + 4 threads), so 16
+    items with slow grammar checks took every thread and an interactive request's plan waited behind them (its
+    answer took 15 s instead of 0.05 s). Now batch plans go one at a time."""
+    service = SlowBatchPlans(tmp_path)
+
+    async def scenario() -> str:
+        batch = [asyncio.create_task(service.plan_off_loop(f"item {i}", priority=Priority.BATCH)) for i in range(40)]
+        await asyncio.sleep(0.1)
+        try:
+            return await asyncio.wait_for(service.plan_off_loop("Hello"), 10)
+        finally:
+            service.release.set()
+            assert len(await asyncio.gather(*batch)) == 40
+
+    assert asyncio.run(scenario()) == "Hello"
