@@ -73,7 +73,9 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
                  tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor,
-                 runs: frozenset[int] = frozenset()):
+                 runs: frozenset[int] = frozenset(), path: list[int] | None = None):
+        """`path`: a way to a complete output from the matcher's state within the budget, when known (the compiler's
+        search from the start state, so that the first mask need not search again)."""
         self._matcher = matcher
         self._pool = pool
         self._grammar = grammar
@@ -84,7 +86,7 @@ class Constraint:
         self._left = grammar.max_tokens
         self._shortest = shortest
         self._candidates, self._runs = candidates, runs  # what the shortest-completion search tries
-        self._path: list[int] | None = None  # a way to a complete output from the current state, when known
+        self._path: list[int] | None = path  # a way to a complete output from the current state, when known
         self._since_search = 0
         self._offered: torch.Tensor | None = None  # the last mask `allowed_tokens` gave
         self._chosen: tuple[int, list[int]] | None = None  # the token `choose` kept, and the path after it
@@ -96,6 +98,11 @@ class Constraint:
         self._in_span = False
         self.span_tokens = 0
         self._pending: Future[torch.Tensor] = pool.submit(self._compute)
+
+    @property
+    def ready(self) -> bool:
+        """The next mask is computed (with its budget search): `allowed_tokens` will not wait."""
+        return self._pending.done()
 
     @property
     def is_finished(self) -> bool:
@@ -556,17 +563,19 @@ class ConstraintCompiler:
                 self._check(what, schema)
             found = self._compile(key, grammar)
         matcher, entry = found
-        shortest = None
+        path = None
         if grammar.max_tokens is not None:
             try:
-                shortest = entry.shortest(matcher, grammar, self.tokenizer.vocab_size, self._runs)
+                path = entry.shortest(matcher, grammar, self.tokenizer.vocab_size, self._runs)
             except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
                 log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
                 return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs)
-            if shortest is None:  # proven: every token the masks allow was tried
+            if path is None:  # proven: every token the masks allow was tried
                 raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
                                    f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
-        return Constraint(matcher, self._pool, grammar, self.tokenizer, shortest, entry.candidates, self._runs)
+            path = retokenized(matcher, self.tokenizer, path)
+        return Constraint(matcher, self._pool, grammar, self.tokenizer, None if path is None else len(path), entry.candidates,
+                          self._runs, path)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -633,18 +642,18 @@ class _Entry:
         self.matcher = matcher
         self.candidates = candidates
         self._lock = threading.Lock()
-        self._shortest: int | None = None  # the shortest complete output found, within the budget it was searched for
+        self._shortest: list[int] | None = None  # the shortest complete output found, within the budget it was searched for
         self._none_within = 0  # proven: no complete output of at most this many tokens
         self._unknown_within = 0  # the beam found none within this many, and the proof did not end
         self._timed_out = False  # a search ran out of time: later requests skip it (2 s each) and run unguaranteed
 
-    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, runs: frozenset[int]) -> int | None:
-        """The length of a complete output of at most `grammar.max_tokens` tokens, or None when it is proven there is
-        none; SearchTimeout (or SearchPruned) when that is not known."""
+    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, runs: frozenset[int]) -> list[int] | None:
+        """A complete output (tokens from the start state) of at most `grammar.max_tokens` tokens, the shortest found,
+        or None when it is proven there is none; SearchTimeout (or SearchPruned) when that is not known."""
         with self._lock:
             budget = grammar.max_tokens
-            if self._shortest is not None and self._shortest <= budget:
-                return self._shortest
+            if self._shortest is not None and len(self._shortest) <= budget:
+                return list(self._shortest)
             if budget <= self._none_within:
                 return None
             if budget <= self._unknown_within:
@@ -663,8 +672,9 @@ class _Entry:
             if path is None:
                 self._none_within = budget
                 return None
-            self._shortest = len(path) if self._shortest is None else min(self._shortest, len(path))
-            return self._shortest
+            if self._shortest is None or len(path) < len(self._shortest):
+                self._shortest = path
+            return list(self._shortest)
 
 
 def _reason(matcher: llguidance.LLMatcher) -> str:
