@@ -259,7 +259,8 @@ def serve(
     max_model_len: int = typer.Option(128000, min=16, help="Served context window (prompt + max_tokens)."),
     client_timeout: float = typer.Option(30.0, callback=_positive("--client-timeout"),
                                          help="Seconds a client may take to send a request's headers (then the connection is closed) "
-                                              "or pause within its body (then a 408); a body must also average 8 KiB/s beyond that."),
+                                              "or pause within its body (then a 408); a body must also average 8 KiB/s beyond that. A client "
+                                              "that takes nothing of an answer for as long is disconnected (its request cancelled)."),
     forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses, `*` for any) whose "
                                                                  "X-Forwarded-For names the client, e.g. for the rate limit (default: none)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -6,7 +6,8 @@ byte, or stops halfway through its headers, stays open for ever, holding a file 
 server's HTTP protocol closes a connection whose request headers do not come within the client timeout, counted
 from when it opened or its previous answer ended; beyond a cap below the limit, a new connection closes the one that
 has waited longest for its headers (a real client sends them at once); and the soft limit is raised to the hard one.
-A body has its own deadline, in the app (`api.body.BodyClock`, a 408). An answer given while the client is still
+A client that stops reading an answer (its buffers full) has the client timeout to take some of it, else the
+connection is closed and its request cancelled. A body has its own deadline, in the app (`api.body.BodyClock`, a 408). An answer given while the client is still
 sending its request (that 408, or a 400 on a malformed one) is followed by a lingering close (`LingeringTransport`).
 Should `accept` fail all the same (a burst of
 connections past the cap), asyncio retries a second later, and its error is logged once a minute.
@@ -15,11 +16,22 @@ connections past the cap), asyncio retries a second later, and its error is logg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import struct
+import sys
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+try:  # the socket send queue's length (Linux; elsewhere only the transport's buffer is watched)
+    import fcntl
+    import termios
+
+    _OUTQ: int | None = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
+except ImportError:
+    _OUTQ = None
 
 SPARE_FILES = 256  # file descriptors kept for the server's own files (checkpoint, SQLite, uploads, logs)
 LINGER_S = 2.0  # how long a lingering close drops what the client still sends before it closes all the same
@@ -99,6 +111,7 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
         # Connections waiting for a request's headers, the longest-waiting first (a dict keeps insertion order).
         waiting: dict[DeadlineProtocol, None] = {}
         _deadline: asyncio.TimerHandle | None = None
+        _write_stall: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(LingeringTransport(transport, self._client_still_sending))
@@ -121,12 +134,54 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
             super().on_response_complete()
             self._watch_headers()
 
+        def pause_writing(self) -> None:
+            """The client is not taking what is written as fast as it comes (the buffers are full): from now on it
+            must take some of it within each client timeout, else the connection is closed and its request
+            cancelled (uvicorn has no write timeout). While paused nothing is added, so the buffer shrinking is
+            the client reading."""
+            super().pause_writing()
+            if self._write_stall is None:
+                self._watch_writes(self._unsent())
+
+        def _watch_writes(self, unsent: int) -> None:
+            self._write_stall = self.loop.call_later(timeout_s, self._check_writes, unsent)
+
+        def _unsent(self) -> int:
+            """Bytes written and not yet taken by the client: the transport's buffer, and on Linux the socket's
+            send queue (the kernel buffers megabytes, and lets the transport write again only once a third of
+            them is free: a slow reader would look stalled for minutes)."""
+            unsent = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and _OUTQ is not None:
+                with contextlib.suppress(OSError):
+                    unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+            return unsent
+
+        def _check_writes(self, unsent_before: int) -> None:
+            unsent = self._unsent()
+            if unsent < unsent_before:
+                self._watch_writes(unsent)
+            else:
+                self._write_stall = None
+                log.info("closing the connection from %s: it took nothing of the answer for %g s", self.client, timeout_s)
+                self.transport.abort()
+
+        def resume_writing(self) -> None:
+            self._stop_write_stall()
+            super().resume_writing()
+
+        def _stop_write_stall(self) -> None:
+            if self._write_stall is not None:
+                self._write_stall.cancel()
+                self._write_stall = None
+
         def handle_websocket_upgrade(self, event) -> None:
             self._stop_watch()  # the connection is another protocol's now
             super().handle_websocket_upgrade(event)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watch()
+            self._stop_write_stall()
             if self.transport.lingering:
                 self.transport.close_now()  # the timer cancelled
             super().connection_lost(exc)
