@@ -50,6 +50,15 @@ def serve(app) -> tuple[uvicorn.Server, threading.Thread, int]:
     return server, thread, port
 
 
+def asking_with_a_small_window(port: int) -> socket.socket:
+    """A client connection that has sent its request, with a receive buffer of a few KB (the server's fill soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
 def test_a_client_that_reads_nothing_is_disconnected_after_the_client_timeout():
     """Before: uvicorn has no write timeout, so a client that asked for a stream and never read it held its
     connection, and the route's task waiting to write, for ever (its answer in the server's buffers; enough such
@@ -58,10 +67,7 @@ def test_a_client_that_reads_nothing_is_disconnected_after_the_client_timeout():
     app = EndlessAnswer()
     server, thread, port = serve(app)
     try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with asking_with_a_small_window(port):
             assert app.disconnected.wait(TIMEOUT_S + 20), "the server still waits to write to a client that reads nothing"
     finally:
         server.should_exit = True
@@ -73,10 +79,7 @@ def test_a_client_that_reads_slowly_keeps_its_connection():
     app = EndlessAnswer()
     server, thread, port = serve(app)
     try:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with asking_with_a_small_window(port) as sock:
             started, received = time.monotonic(), 0
             while time.monotonic() - started < 4 * TIMEOUT_S:
                 received += len(sock.recv(2**20))
