@@ -116,6 +116,23 @@ def test_openai_models_and_completions(server):
     assert completion.object == "text_completion" and completion.usage.completion_tokens <= 5
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_seed_is_any_int64(server, which):
+    """OpenAI's `seed` is any signed 64-bit integer (`seed=0` is common in eval code): each route takes the whole
+    range and a seed reproduces; /ai/run keeps Workers AI's 1 … 9999999999 (test_bad_input_is_5006_and_says_what)."""
+    client = clients(server)[which]
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=1.0)
+    for seed in (0, -1, 2**40, 2**63 - 1, -2**63):
+        first = client.chat.completions.create(**chat, seed=seed).choices[0].message
+        assert client.chat.completions.create(**chat, seed=seed).choices[0].message == first, seed
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=1.0, seed=seed)
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, temperature=1.0, extra_body={"seed": seed})
+    for seed in (2**63, -2**63 - 1):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**chat, seed=seed)
+        assert caught.value.body["param"] == "seed"
+
+
 # -- raw Workers AI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, key", [

@@ -34,6 +34,9 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
 
 Effort = Literal["low", "medium", "high"]
 StopText = Annotated[str, Field(min_length=1)]
+# OpenAI's `seed` is any signed 64-bit integer (its OpenAPI spec, and vLLM, take the whole range); Workers AI's is
+# 1 … 9999999999 (spec §2), kept on `/ai/run`. The sampler folds any integer into its generator's range.
+OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
 
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs")
 
@@ -263,6 +266,7 @@ class _OpenAIRules(_Open):
 class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
     model: str
+    seed: OpenAISeed
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
     # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
     function_call: Literal["none", "auto"] | FunctionName | None = None
@@ -276,6 +280,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
 
 class ResponsesRequest(ResponsesInput):
     model: str
+    seed: OpenAISeed
 
 
 MAX_PROMPTS = 16
@@ -285,6 +290,7 @@ class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"),
                                                            {"properties": {"response_format": _FREE_TEXT}}]})
     model: str
+    seed: OpenAISeed
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
