@@ -63,6 +63,19 @@ def test_completions_logprobs_sync_and_streamed(client):
     assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
 
 
+@pytest.mark.parametrize("n", [0, 1])
+def test_completions_top_logprobs_hold_the_sampled_token(client, n):
+    """OpenAI's legacy completions "always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements": a token sampled outside the top N used to be missing (scoring code reading `top[tokens[i]]` failed)."""
+    ask = {**TEXT, "temperature": 2.0, "seed": 4, "logprobs": n}
+    lp = client.completions.create(**ask).choices[0].logprobs
+    assert all(top[token] == logprob and len(top) <= n + 1
+               for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    assert any(len(top) == n + 1 for top in lp.top_logprobs)  # sampled outside the top N (the random model, at T=2)
+    chunks = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices and c.choices[0].text]
+    assert [t for c in chunks for t in c.logprobs.top_logprobs] == lp.top_logprobs
+
+
 def test_completions_logprobs_match_the_text_special_tokens_included(demo_server):
     """`/v1/completions` shows harmony's special tokens in its text; their logprobs used to be left out, so
     `tokens` did not add up to `text` and every `text_offset` was off (the demo model answers with a header)."""

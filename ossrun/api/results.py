@@ -141,8 +141,16 @@ class LegacyLogprobs:
             offsets.append(self._offset)
             self._offset += len(self._decoder.feed_bytes(bytes(entry["bytes"])))
         return {"tokens": [legacy_token(e) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{legacy_token(t): t["logprob"] for t in e["top_logprobs"]} for e in entries],
-                "text_offset": offsets}
+                "top_logprobs": [legacy_top(e) for e in entries], "text_offset": offsets}
+
+
+def legacy_top(entry: dict[str, Any]) -> dict[str, float]:
+    """The top alternatives and the sampled token: OpenAI's legacy completions "always return the logprob of the
+    sampled token, so there may be up to logprobs+1 elements" (vLLM does the same), and scoring code reads
+    `top_logprobs[i][tokens[i]]`."""
+    top = {legacy_token(t): t["logprob"] for t in entry["top_logprobs"]}
+    top.setdefault(legacy_token(entry), entry["logprob"])
+    return top
 
 
 def legacy_token(entry: dict[str, Any]) -> str:
