@@ -166,6 +166,24 @@ def test_models_search_and_schema(server):
     assert "oneOf" in schema["result"]["input"] and "output" in schema["result"]
 
 
+def test_schemas_state_the_defaults_sampled_with(server):
+    """A field left out is sampled with Workers AI's defaults on /ai/run (temperature 0.6, 256 tokens) and OpenAI's on
+    /v1 (1.0; 4096 tokens): both schemas said `default: null`, so a reader could not tell the surfaces apart."""
+    served = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL}, headers=server.headers)
+    shapes = served.json()["result"]["input"]["$defs"]
+    components = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()["components"]["schemas"]
+    expected = {("PromptInput", "max_tokens"): 256, ("MessagesInput", "temperature"): 0.6, ("PromptInput", "top_p"): 1.0,
+                ("MessagesInput", "max_completion_tokens"): 256, ("ResponsesInput", "max_output_tokens"): 256,
+                ("ResponsesInput", "temperature"): 0.6, ("PromptInput", "repetition_penalty"): 1.0}
+    for (shape, field), value in expected.items():
+        assert shapes[shape]["properties"][field]["default"] == value, (shape, field)
+        assert components[shape]["properties"][field]["default"] == value, (shape, field)
+    for shape, field, value in [("ChatCompletionRequest", "temperature", 1.0), ("ChatCompletionRequest", "max_tokens", 4096),
+                                ("CompletionRequest", "temperature", 1.0), ("ResponsesRequest", "max_output_tokens", 4096),
+                                ("ResponsesRequest", "top_p", 1.0)]:
+        assert components[shape]["properties"][field]["default"] == value, (shape, field)
+
+
 # The served `ai/models/schema` as a JSON Schema validator uses it: every real body and result validates.
 NAMED_CHOICE = {"type": "function", "function": {"name": "get_weather"}}
 FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}

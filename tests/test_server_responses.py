@@ -70,6 +70,25 @@ def test_output_text_logprobs_sync_and_streamed(server):
     assert unasked.output[-1].content[0].logprobs == []
 
 
+def test_echoes_the_temperature_and_top_p_sampled_with(server):
+    """OpenAI's Response object echoes the values used (1.0 and 1.0 when not sent), and `/ai/run` samples at Workers
+    AI's 0.6: both were echoed as null. The in-progress shell, the final object and the stored copy agree."""
+    body = {"input": "What is the capital of France?", "max_output_tokens": 8}
+
+    def sampling(response: dict) -> tuple:
+        return response["temperature"], response["top_p"]
+
+    v1 = httpx.post(f"{server.base}/v1/responses", json={"model": MODEL, **body}, headers=server.headers, timeout=120).json()
+    assert sampling(v1) == (1.0, 1.0)
+    assert sampling(httpx.get(f"{server.base}/v1/responses/{v1['id']}", headers=server.headers).json()) == (1.0, 1.0)
+    run = httpx.post(server.run_url(), json=body, headers=server.headers, timeout=120).json()["result"]
+    assert sampling(run) == (0.6, 1.0)
+    sent = post_json(server, "/v1/responses", {"model": MODEL, **body, "temperature": 0.25, "top_p": 0.5})
+    assert sampling(sent) == (0.25, 0.5)
+    streamed = events(server, {"model": MODEL, **body})  # at temperature 0
+    assert sampling(streamed[0]["response"]) == sampling(streamed[-1]["response"]) == (0.0, 1.0)
+
+
 WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 

@@ -98,26 +98,28 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
 
 # Request fields a Responses object repeats back, with OpenAI's value when the request left them out.
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
-          "temperature": None, "top_p": None, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None,
+          "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None,
           "top_logprobs": 0}
 
 
-def echoed(request: ResponsesInput | None) -> dict[str, Any]:
-    """The echoed fields as the request set them (JSON), OpenAI's defaults for the others."""
-    if request is None:
-        return dict(ECHOED)
-    return {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True)}
+def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:
+    """The echoed fields as the request set them (JSON), OpenAI's defaults for the others; `sampling`: the
+    temperature and top_p the request was sampled with (`/ai/run`'s defaults differ from OpenAI's), as OpenAI echoes them."""
+    sent = {} if request is None else request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True,
+                                                         by_alias=True)
+    return {**ECHOED, **sent, **(sampling or {})}
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, created_at: int,
-                    output: list[dict[str, Any]] | None = None, request: ResponsesInput | None = None) -> dict[str, Any]:
+                    output: list[dict[str, Any]] | None = None, request: ResponsesInput | None = None,
+                    sampling: dict[str, float] | None = None) -> dict[str, Any]:
     """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell.
     `created_at` is the response's one creation time: every event and the stored copy carry the same."""
     status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
     body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": created_at, "model": model,
                             "status": status, "output": output or [], "output_text": text,
-                            "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request)}
+                            "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request, sampling)}
     if status == "incomplete":
         body["incomplete_details"] = {"reason": "max_output_tokens"}
     return body

@@ -8,10 +8,11 @@ JSON Schema's `oneOf` does, and says what was expected when none or several matc
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic.json_schema import JsonSchemaValue, models_json_schema
+from pydantic_core import CoreSchema
 
 from ossrun.api.errors import ApiError, bad_input, param_of
 from ossrun.api.openapi import ChatCompletion, PromptResult, ResponseObject
@@ -40,9 +41,34 @@ OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
 
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs")
 
+# What a request that leaves a field out is sampled with: Workers AI's defaults (spec §2) on `/ai/run`, OpenAI's on
+# `/v1` (with 4096 as the output cap where OpenAI has none); never more output than the context has left.
+WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
+OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
+_OFF = {"top_p": 1.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+
+
+def stated_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """A surface's defaults under every name its shapes give them (the output cap has three)."""
+    cap = defaults["max_tokens"]
+    return {**_OFF, **defaults, "max_completion_tokens": cap, "max_output_tokens": cap}
+
 
 class _Open(Shape):
     # Strict like the hosted JSON Schema validator: "0.5" is no number and 1 is no boolean (`Shape`).
+
+    # The `default` the JSON Schema states for sampling fields that are None when left out (so the service can tell
+    # "not sent" from a value, and one model serves both surfaces' defaults): what the server really uses.
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        properties = handler.resolve_ref_schema(schema).get("properties", {})
+        for name, value in cls.STATED_DEFAULTS.items():
+            if name in properties:
+                properties[name]["default"] = value
+        return schema
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +120,8 @@ class RunOptions(_Open):
 
 class Sampling(_Open):
     """Sampling fields shared by the Prompt and Messages shapes (spec §2)."""
+
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
 
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1)
@@ -175,6 +203,7 @@ class TextConfig(_Open):
 
 
 class ResponsesInput(_Open):
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
     input: str_or_list(InputItem)  # type: ignore[valid-type]
     instructions: str | None = None
     reasoning: Reasoning | None = None
@@ -264,6 +293,7 @@ class _OpenAIRules(_Open):
 
 
 class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
     model: str
     seed: OpenAISeed
@@ -279,6 +309,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
 
 
 class ResponsesRequest(ResponsesInput):
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model: str
     seed: OpenAISeed
 
@@ -287,6 +318,7 @@ MAX_PROMPTS = 16
 
 
 class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"),
                                                            {"properties": {"response_format": _FREE_TEXT}}]})
     model: str

@@ -19,6 +19,7 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api.ask import Ask, FinalFormat
 from ossrun.api.conversations import ResponseStore
+from ossrun.api.schemas import OPENAI_DEFAULTS, WORKERS_AI_DEFAULTS
 from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
 from ossrun.engine.client import (
@@ -39,8 +40,6 @@ from ossrun.finetunes import PairMismatch
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool
 
-WORKERS_AI_DEFAULTS = {"max_tokens": 256, "temperature": 0.6}
-OPENAI_DEFAULTS = {"max_tokens": 4096, "temperature": 1.0}
 
 
 @dataclass(slots=True)

@@ -108,4 +108,5 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "")
     return ResponsesSurface(outcome, model, prices, ask.source,
-                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response), ask.logprobs)
+                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response), ask.logprobs,
+                            {"temperature": plan.params.temperature, "top_p": plan.params.top_p})

@@ -21,12 +21,12 @@ _DELTA = {"reasoning": "response.reasoning_text.delta", "message": "response.out
 class ResponsesSurface:
     """`remember(response)` keeps the finished response for `previous_response_id` (both modes); `with_logprobs`:
     the answer text's tokens are listed (`include: ["message.output_text.logprobs"]`) in its `output_text` part and
-    in the deltas that show them, as the chat surface lists them."""
+    in the deltas that show them, as the chat surface lists them; `sampling`: the temperature and top_p used, echoed."""
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
-                 remember: Callable[[dict[str, Any]], None], with_logprobs: bool = False):
+                 remember: Callable[[dict[str, Any]], None], with_logprobs: bool = False, sampling: dict[str, float] | None = None):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
-        self.with_logprobs = with_logprobs
+        self.with_logprobs, self.sampling = with_logprobs, sampling
         self.id, self.created = results.new_id("resp"), int(time.time())
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
@@ -37,7 +37,8 @@ class ResponsesSurface:
 
     # -- the surface --------------------------------------------------------------------------------
     def opening(self) -> list[bytes]:
-        shell = results.response_object(None, self.model, self.prices, self.id, self.created, request=self.request)
+        shell = results.response_object(None, self.model, self.prices, self.id, self.created, request=self.request,
+                                        sampling=self.sampling)
         return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
 
     def event(self, event: harmony.Event) -> list[bytes]:
@@ -74,7 +75,7 @@ class ResponsesSurface:
 
     def result(self) -> dict[str, Any]:
         return results.response_object(self.outcome, self.model, self.prices, self.id, self.created, output=self.output,
-                                       request=self.request)
+                                       request=self.request, sampling=self.sampling)
 
     # -- output items -------------------------------------------------------------------------------
     @property
