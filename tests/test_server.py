@@ -133,6 +133,25 @@ def test_openai_seed_is_any_int64(server, which):
         assert caught.value.body["param"] == "seed"
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_refuses_limits_and_sampling_it_would_ignore(server, which):
+    """The sibling shapes' limit and sampling names on Responses, and `best_of` > 1 on completions, were answered 200
+    and ignored (a client porting chat code lost its `max_tokens` cost cap): a 400 naming each. Names no shape has
+    stay accepted and ignored."""
+    client = clients(server)[which]
+    refused = {"max_tokens": 7, "max_completion_tokens": 7, "stop": ["x"], "logit_bias": {"12650": -100}, "frequency_penalty": 1,
+               "presence_penalty": 1, "repetition_penalty": 1.5, "top_k": 1, "n": 2}
+    for name, value in refused.items():
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={name: value})
+        assert caught.value.body["param"] == name and "not a Responses parameter" in caught.value.body["message"], name
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"max_tokens": None, "min_p": 0.5}).id
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=4)
+    assert caught.value.body["param"] == "best_of" and "not supported" in caught.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=1, extra_body={"min_p": 0.5}).choices
+
+
 # -- raw Workers AI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, key", [
@@ -269,6 +288,8 @@ def error_code(response: httpx.Response) -> int:
     ({"prompt": "a", "temperature": 9}, "/temperature"),
     ({"prompt": "a", "top_k": 0}, "/top_k"),
     ({"prompt": "a", "seed": 0}, "/seed"),
+    ({"input": "a", "max_tokens": 7}, "at '/max_tokens': Value error, max_tokens is not a Responses parameter: use max_output_tokens"),
+    ({"input": "a", "frequency_penalty": 1}, "at '/frequency_penalty'"),
     ({"prompt": ""}, "/prompt"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "/messages/0/role"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, "tool_call_id"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema
 
@@ -39,7 +39,8 @@ StopText = Annotated[str, Field(min_length=1)]
 # 1 … 9999999999 (spec §2), kept on `/ai/run`. The sampler folds any integer into its generator's range.
 OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
 
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs")
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs",
+                  "best_of")
 
 # What a request that leaves a field out is sampled with: Workers AI's defaults (spec §2) on `/ai/run`, OpenAI's on
 # `/v1` (with 4096 as the output cap where OpenAI has none); never more output than the context has left.
@@ -202,8 +203,25 @@ class TextConfig(_Open):
     format: ResponseFormat | None = None
 
 
+# The limit and sampling names of the sibling shapes (Chat, Prompt) that the Responses shape has not: sent with
+# `input`, each would be ignored (a client porting chat code would silently lose its `max_tokens` cost cap), so each
+# is a 400 naming it, as OpenAI refuses them; other unknown names stay accepted and ignored. → what to do instead.
+NOT_RESPONSES = {"max_tokens": "use max_output_tokens", "max_completion_tokens": "use max_output_tokens",
+                 **{name: "the Responses shape has none, so it would be ignored" for name in (
+                     "stop", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "n")}}
+
+
+def _not_here(hint: str) -> Any:
+    return Field(None, description=f"not a Responses parameter: {hint}")
+
+
+def _responses_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    """`stated_defaults` without the names the Responses shape refuses."""
+    return {name: value for name, value in stated_defaults(defaults).items() if name not in NOT_RESPONSES}
+
+
 class ResponsesInput(_Open):
-    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(WORKERS_AI_DEFAULTS)
     input: str_or_list(InputItem)  # type: ignore[valid-type]
     instructions: str | None = None
     reasoning: Reasoning | None = None
@@ -226,6 +244,22 @@ class ResponsesInput(_Open):
     # gpt-oss server has nothing of (search results, images, encrypted reasoning) and are accepted, ignored.
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per logprobs entry (with that `include`)
+    max_tokens: None = _not_here(NOT_RESPONSES["max_tokens"])
+    max_completion_tokens: None = _not_here(NOT_RESPONSES["max_completion_tokens"])
+    stop: None = _not_here(NOT_RESPONSES["stop"])
+    logit_bias: None = _not_here(NOT_RESPONSES["logit_bias"])
+    frequency_penalty: None = _not_here(NOT_RESPONSES["frequency_penalty"])
+    presence_penalty: None = _not_here(NOT_RESPONSES["presence_penalty"])
+    repetition_penalty: None = _not_here(NOT_RESPONSES["repetition_penalty"])
+    top_k: None = _not_here(NOT_RESPONSES["top_k"])
+    n: None = _not_here(NOT_RESPONSES["n"])
+
+    @field_validator(*NOT_RESPONSES, mode="before")
+    @classmethod
+    def _not_a_responses_parameter(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is not a Responses parameter: {NOT_RESPONSES[info.field_name]}")
+        return value
 
 
 class QueuedItem(_Open):
@@ -309,7 +343,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
 
 
 class ResponsesRequest(ResponsesInput):
-    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(OPENAI_DEFAULTS)
     model: str
     seed: OpenAISeed
 
@@ -336,6 +370,15 @@ class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
         return value
 
     echo: bool | None = None
+    best_of: int | None = Field(None, ge=1, le=1, description="1 only: best_of is not implemented (ask for n choices and pick)")
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _no_best_of(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:  # vLLM refuses it too
+            raise ValueError("best_of is not supported: ask for n choices (each is generated and billed) and pick among them")
+        return value
+
     suffix: None = Field(None, description="not supported: gpt-oss does not insert text before a suffix")
 
     @field_validator("suffix", mode="before")
