@@ -106,6 +106,20 @@ def test_a_previous_response_id_chain_drops_the_reasoning_of_answered_turns(serv
     assert replies[-1]["output_text"] == answers_only["output_text"] == "2 + 3 = 5."
 
 
+def test_penalties_leave_the_harmony_framing_alone(server):
+    """The repetition penalty counted the prompt's harmony tokens (`<|end|>`, `<|start|>`, `<|message|>`) as repeats: at
+    2.0, within Workers AI's range, the demo never closed its reasoning and the answer came back empty with
+    `finish_reason: stop`. Special tokens are exempt from every penalty, so the framing holds (the words need not)."""
+    choice = post_json(server, run_path(server), {"messages": FRANCE, "max_tokens": 64, "repetition_penalty": 2.0})["result"]["choices"][0]
+    assert choice["message"]["reasoning_content"] and choice["message"]["content"] and choice["finish_reason"] == "stop"
+    from ossrun.harmony import decode, render_request
+
+    prompt = decode(render_request({"messages": FRANCE}).token_ids)
+    for penalties in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0, "presence_penalty": 2.0}):
+        text = post_json(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 64, **penalties})["choices"][0]["text"]
+        assert "<|end|><|start|>assistant<|channel|>final<|message|>" in text, penalties
+
+
 def test_reasoning_is_longer_at_higher_effort(server):
     lengths = {}
     for effort in ("low", "medium", "high"):

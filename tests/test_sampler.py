@@ -139,6 +139,21 @@ def test_repetition_penalty_applies_before_frequency_penalty():
     assert out.logprobs[0] == pytest.approx(log_softmax([0.0, 0.25, 0, 0, 0, 0])[1], abs=1e-6)
 
 
+def test_tokens_from_penalty_exempt_from_are_never_penalised():
+    """A chat format's special tokens (ids 4 and 5 here) fill every prompt; penalising them broke harmony's framing
+    (the model stopped writing `<|end|>`, an empty answer at repetition_penalty 2.0). None of the three touches them."""
+    params = dict(repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=0.5, temperature=0, logprobs=True, top_logprobs=6)
+    s = state(prompt=[0, 4, 5, 4], outputs=[1, 4, 5, 5], penalty_exempt_from=4, **params)
+    assert sorted(s.seen_ids().tolist()) == [0, 1]
+    assert s.output_counts()[0].tolist() == [1]
+    out = sample([[2.0, 2.0, 1.0, 0.0, 2.0, 2.0]], [s])
+    # 0: 2 / 2 (prompt); 1: 2 / 2 - 1 - 0.5 (output); 4 and 5 as they were, though seen in both.
+    expected = log_softmax([1.0, -0.5, 1.0, 0.0, 2.0, 2.0])
+    assert {t.token_id: t.logprob for t in out.top_logprobs[0]} == pytest.approx(dict(enumerate(expected)), abs=1e-6)
+    with pytest.raises(ValueError, match="penalty_exempt_from"):
+        SamplingParams(penalty_exempt_from=-1)
+
+
 def test_penalty_state_is_incremental_and_copies_the_prompt():
     prompt = [5, 1, 5]
     s = SamplingState(SamplingParams(repetition_penalty=1.5, frequency_penalty=0.1), prompt)

@@ -160,6 +160,7 @@ def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int, vocab_
             repetition_penalty=ask.repetition_penalty or 1.0,
             frequency_penalty=ask.frequency_penalty or 0.0,
             presence_penalty=ask.presence_penalty or 0.0,
+            penalty_exempt_from=harmony.STARTOFTEXT,  # o200k_harmony's special tokens, the format's framing (`harmony.is_special`)
             stop_token_ids=tuple(harmony.STOP_TOKENS),
             logprobs=ask.logprobs,
             top_logprobs=ask.top_logprobs,

@@ -26,6 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # multiplicative (CTRL), on tokens seen in prompt or output
     frequency_penalty: float = 0.0  # additive, × count in the output
     presence_penalty: float = 0.0  # additive, once if present in the output
+    # Token ids at or above this are never penalised (by any of the three): a tokenizer's special tokens, which a chat
+    # format needs however often the prompt has them (None: every token may be). The caller knows its tokenizer.
+    penalty_exempt_from: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded completion
     logprobs: bool = False
@@ -40,6 +43,7 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be non-negative"),
             (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (self.penalty_exempt_from is None or self.penalty_exempt_from >= 0, "penalty_exempt_from must be a token id"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),

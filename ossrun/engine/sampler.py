@@ -11,7 +11,9 @@ Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate`
    (an LLM's logits span far less than 100), without a special case that could leave a row with nothing.
 3. Repetition penalty (CTRL, Keskar et al. 2019; vLLM and HF `repetition_penalty`): every token seen
    in the prompt OR the output so far: logit > 0 → logit / p, else logit * p. Applied once per
-   distinct token, however often it occurred.
+   distinct token, however often it occurred. Tokens at or above `penalty_exempt_from` (a chat format's special
+   tokens: the caller says which) are never penalised, here or in 4: a harmony prompt is full of `<|end|>`,
+   `<|start|>`, `<|message|>`, and penalising them broke the message framing (an empty answer at 2.0).
 4. Frequency and presence penalties (OpenAI's definition, as vLLM applies them): subtract
    `frequency_penalty × count` and `presence_penalty × [count > 0]`, where count is the token's count
    in the OUTPUT only; prompt tokens are not penalised.
@@ -116,7 +118,7 @@ class SamplingState:
     (frequency/presence). The prompt is read once, because the caller's list grows with the output.
     """
 
-    __slots__ = ("params", "generator", "_seen", "_seen_ids", "_out_slot", "_out_ids", "_out_counts", "bias")
+    __slots__ = ("params", "generator", "_seen", "_seen_ids", "_out_slot", "_out_ids", "_out_counts", "bias", "_exempt_from")
 
     def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int]):
         self.params = params
@@ -129,18 +131,24 @@ class SamplingState:
         if params.logit_bias:
             ids, values = zip(*params.logit_bias)
             self.bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
+        self._exempt_from = params.penalty_exempt_from
         self._seen: set[int] | None = None
         self._out_slot: dict[int, int] | None = None
         if params.repetition_penalty != 1.0:
-            self._seen = set(prompt_token_ids)
+            self._seen = {token for token in prompt_token_ids if self._penalised(token)}
             self._seen_ids = _Buffer(torch.long, sorted(self._seen))
         if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             self._out_slot = {}
             self._out_ids = _Buffer(torch.long)
             self._out_counts = _Buffer(torch.float32)
 
+    def _penalised(self, token_id: int) -> bool:
+        return self._exempt_from is None or token_id < self._exempt_from
+
     def append(self, token_id: int) -> None:
         """Record a generated token: O(1)."""
+        if not self._penalised(token_id):
+            return
         if self._seen is not None and token_id not in self._seen:
             self._seen.add(token_id)
             self._seen_ids.append(token_id)
