@@ -128,6 +128,8 @@ def test_reasoning_tokens_count_tokens_that_hold_part_of_a_character(server):
     shown = chat["choices"][0]["message"]["reasoning_content"]
     assert any(c == "\ufffd" or ord(c) > 0xFFFF for c in shown), "the bias no longer splits characters in the reasoning"
     assert chat["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(reasoning)
+    # /v1/completions shows the text as is, and counts the same tokens as reasoning (it counted none).
+    assert raw["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(reasoning)
 
 
 def test_completions_logprobs_spell_split_characters_as_bytes(server):

@@ -353,7 +353,7 @@ class Service:
     # -- running ----------------------------------------------------------------------------------
     async def run(self, plan: Plan) -> AsyncIterator[Step]:
         """The engine's tokens for this plan, each with the harmony events it produced."""
-        parser = PlainText() if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
+        parser = PlainText(plan.prompt_ids) if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
         hidden = PlainText.hides if plan.shape == "completions" else harmony.is_special
         stops = StopStrings(plan.stop) if plan.stop else None
         parsed = shown = 0  # answer characters from the parser, and those the stop strings let through
@@ -455,12 +455,17 @@ def _text_length(events: list[harmony.Event]) -> int:
 
 class PlainText:
     """What `/v1/completions` shows: every generated token's text, no harmony parsing. It has the
-    harmony parser's interface, so stop strings and logprobs treat both surfaces' text alike."""
+    harmony parser's interface, so stop strings and logprobs treat both surfaces' text alike. A harmony
+    parser follows along only to tell reasoning from the rest: `reasoning_tokens` (and `/metrics`) count the
+    tokens of an analysis message's text, as for the same text sent raw to `/ai/run`."""
 
-    in_reasoning = False  # no channels here: nothing is reasoning
-
-    def __init__(self) -> None:
+    def __init__(self, prompt_ids: list[int]) -> None:
         self._decoder = harmony.TextDecoder()
+        self._channels = harmony.StreamParser(prompt_ids=prompt_ids)
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self._channels.in_reasoning
 
     @staticmethod
     def take_salvaged() -> None:
@@ -473,6 +478,7 @@ class PlainText:
         return token_id in harmony.STOP_TOKENS
 
     def feed(self, token_id: int) -> list[harmony.Event]:
+        self._channels.feed(token_id)  # its events are not shown here: only where a reasoning message is
         text = "" if self.hides(token_id) else self._decoder.feed(token_id)
         return [harmony.ContentDelta(text)] if text else []
 
