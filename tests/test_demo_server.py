@@ -120,6 +120,16 @@ def test_penalties_leave_the_harmony_framing_alone(server):
         assert "<|end|><|start|>assistant<|channel|>final<|message|>" in text, penalties
 
 
+def test_repetition_penalty_zero_is_no_penalty(server):
+    """Workers AI's range allows 0, where CTRL's division is undefined: it means off, as 1 does (ROUTES.md), while
+    values just above 0 favour repeats strongly."""
+    def answer(penalty: float) -> str:
+        reply = post_json(server, run_path(server), {"messages": FRANCE, "max_tokens": 64, "repetition_penalty": penalty})
+        return reply["result"]["choices"][0]["message"]["content"]
+
+    assert answer(0) == answer(1) == "The capital of France is Paris."
+
+
 def test_reasoning_is_longer_at_higher_effort(server):
     lengths = {}
     for effort in ("low", "medium", "high"):

@@ -10,10 +10,13 @@ text the answer did not have).
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import openai
 import pytest
 
-from tests.server_util import MODEL, start_server
+from tests.server_util import MODEL, post_json, start_server
 
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Say something"}], "max_tokens": 24, "temperature": 0,
        "logprobs": True, "top_logprobs": 2}
@@ -91,3 +94,23 @@ def test_completions_logprobs_match_the_text_special_tokens_included(demo_server
     chunks = [c.choices[0] for c in demo.completions.create(**ask, stream=True) if c.choices and c.choices[0].text]
     assert [t for c in chunks for t in c.logprobs.tokens] == lp.tokens
     assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
+
+
+def test_prompt_shape_returns_the_logprobs_its_schema_offers(demo_server):
+    """`/ai/run`'s Prompt shape lists `logprobs` and `top_logprobs` in its schema; they were accepted and never
+    returned. Its result carries them as a Messages choice does (`logprobs.content`), and each streamed text frame
+    its own tokens'; without `logprobs: true` the answer is as it was."""
+    path = demo_server.run_url()[len(demo_server.base):]
+    body = {"prompt": "What is the capital of France?", "max_tokens": 64, "logprobs": True, "top_logprobs": 2}
+    result = post_json(demo_server, path, body)["result"]
+    entries = result["logprobs"]["content"]
+    assert result["response"] == "The capital of France is Paris."
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode() == result["response"]
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["token"] == e["token"] for e in entries)
+    with httpx.stream("POST", demo_server.base + path, json={**body, "temperature": 0, "stream": True}, headers=demo_server.headers,
+                      timeout=120) as response:
+        frames = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    texts = [f for f in frames if f["response"]]
+    assert texts and all(f["logprobs"]["content"] for f in texts)
+    assert [e for f in texts for e in f["logprobs"]["content"]] == entries
+    assert "logprobs" not in post_json(demo_server, path, {**body, "logprobs": None})["result"]

@@ -50,6 +50,7 @@ class PromptResult(_Out):
     response: Any = Field(description="The answer text; in JSON mode (response_format) the parsed JSON value")
     usage: Usage
     tool_calls: list[PromptToolCall] | None = None
+    logprobs: ChoiceLogprobs | None = Field(None, description="With `logprobs: true`: the answer text's tokens, as a Messages choice lists them")
 
 
 # -- chat completions ------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ class PromptFrame(_Out):
     response: str
     usage: Usage | None = None
     tool_calls: list[PromptToolCall] | None = None
+    logprobs: ChoiceLogprobs | None = None  # with `logprobs: true`, on each text frame: its tokens
 
 
 class ChunkFunction(_Out):

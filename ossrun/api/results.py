@@ -28,8 +28,9 @@ def _arguments_object(text: str) -> Any:
         return text
 
 
-def prompt_result(outcome: Outcome, prices, json_mode: bool = False) -> dict[str, Any]:
-    """Workers AI's result; in JSON mode `response` is the parsed object, as the hosted JSON mode returns it."""
+def prompt_result(outcome: Outcome, prices, json_mode: bool = False, with_logprobs: bool = False) -> dict[str, Any]:
+    """Workers AI's result; in JSON mode `response` is the parsed object, as the hosted JSON mode returns it.
+    `with_logprobs` (`logprobs: true`, which the shape's schema offers): the answer's tokens, spelled as chat's."""
     answer: Any = outcome.content
     if json_mode:
         try:
@@ -39,6 +40,8 @@ def prompt_result(outcome: Outcome, prices, json_mode: bool = False) -> dict[str
     result: dict[str, Any] = {"response": answer, "usage": usage(outcome, prices)}
     if outcome.tool_calls:
         result["tool_calls"] = prompt_tool_calls(outcome)
+    if with_logprobs:
+        result["logprobs"] = {"content": outcome.logprobs}
     return result
 
 

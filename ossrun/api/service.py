@@ -157,7 +157,7 @@ def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int, vocab_
             top_p=ask.top_p or 1.0,
             top_k=ask.top_k or 0,
             seed=ask.seed,
-            repetition_penalty=ask.repetition_penalty or 1.0,
+            repetition_penalty=ask.repetition_penalty or 1.0,  # 0 (Workers AI's minimum) is off, as ROUTES.md says
             frequency_penalty=ask.frequency_penalty or 0.0,
             presence_penalty=ask.presence_penalty or 0.0,
             penalty_exempt_from=harmony.STARTOFTEXT,  # o200k_harmony's special tokens, the format's framing (`harmony.is_special`)

@@ -102,7 +102,7 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
 
     outcome, prices, ask = Outcome(prompt_tokens=len(plan.prompt_ids)), service.metering.prices, plan.ask
     if plan.shape == "prompt":
-        return PromptSurface(outcome, prices, plan.json_mode)
+        return PromptSurface(outcome, prices, plan.json_mode, ask.logprobs)
     if plan.shape == "messages":
         return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions)
     if plan.shape == "completions":

@@ -1,5 +1,6 @@
-"""Workers AI's Prompt-shape answer (`/ai/run` with `prompt`): `{response, usage, tool_calls?}`, streamed as
-`{"response": text}` frames and a last frame with the usage and the tool calls."""
+"""Workers AI's Prompt-shape answer (`/ai/run` with `prompt`): `{response, usage, tool_calls?, logprobs?}`, streamed as
+`{"response": text}` frames (with `logprobs: true`, each with its tokens' `logprobs`) and a last frame with the usage
+and the tool calls."""
 
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from ossrun.api.surfaces.frames import frame
 
 
 class PromptSurface:
-    def __init__(self, outcome: Outcome, prices, json_mode: bool):
-        self.outcome, self.prices, self.json_mode = outcome, prices, json_mode
+    def __init__(self, outcome: Outcome, prices, json_mode: bool, with_logprobs: bool = False):
+        self.outcome, self.prices, self.json_mode, self.with_logprobs = outcome, prices, json_mode, with_logprobs
+        self._sent_logprobs = 0  # entries of outcome.logprobs already sent: each text frame carries its tokens'
 
     def opening(self) -> list[bytes]:
         return []
 
     def event(self, event: harmony.Event) -> list[bytes]:
-        return [frame({"response": event.text})] if isinstance(event, harmony.ContentDelta) else []
+        if not isinstance(event, harmony.ContentDelta):
+            return []
+        data: dict[str, Any] = {"response": event.text}
+        if self.with_logprobs:
+            data["logprobs"] = {"content": self.outcome.logprobs[self._sent_logprobs:]}
+            self._sent_logprobs = len(self.outcome.logprobs)
+        return [frame(data)]
 
     def closing(self) -> list[bytes]:
         last: dict[str, Any] = {"response": "", "usage": usage(self.outcome, self.prices)}
@@ -28,4 +36,4 @@ class PromptSurface:
         return [frame(last)]
 
     def result(self) -> dict[str, Any]:
-        return results.prompt_result(self.outcome, self.prices, self.json_mode)
+        return results.prompt_result(self.outcome, self.prices, self.json_mode, self.with_logprobs)
