@@ -50,7 +50,8 @@ class PromptResult(_Out):
     response: Any = Field(description="The answer text; in JSON mode (response_format) the parsed JSON value")
     usage: Usage
     tool_calls: list[PromptToolCall] | None = None
-    logprobs: ChoiceLogprobs | None = Field(None, description="With `logprobs: true`: the answer text's tokens, as a Messages choice lists them")
+    logprobs: ChoiceLogprobs | None = Field(
+        None, description="With `logprobs: true`: the answer text's tokens, as a Messages choice lists them")
 
 
 # -- chat completions ------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, WithJsonSchema,
+                      field_validator, model_validator)
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema
 
