@@ -41,7 +41,6 @@ from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool
 
 
-
 @dataclass(slots=True)
 class Plan:
     shape: str  # prompt | messages | responses | completions
