@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -66,3 +67,18 @@ def test_tool_choice_wins_over_function_call_and_tools_answer_as_tool_calls(clie
     choice = chat(client, FRANCE, tools=tools, function_call={"name": "get_weather"})  # no `functions`: the current shape
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
     assert choice.message.function_call is None
+
+
+def test_a_function_result_message_finishes_the_legacy_round_trip(client, demo_server):
+    """The legacy result message (`role: "function"`, answered by `name`) was a 400 (`messages[2].role`), so a legacy
+    client's round trip stopped after its first call. `/ai/run` keeps the Workers AI spec's five roles."""
+    call = chat(client, WEATHER, functions=[FUNCTION]).message.function_call
+    turn = [*WEATHER, {"role": "assistant", "content": None, "function_call": {"name": call.name, "arguments": call.arguments}},
+            {"role": "function", "name": call.name, "content": json.dumps({"temperature_c": 7, "condition": "rainy"})}]
+    choice = chat(client, turn, functions=[FUNCTION])
+    assert choice.finish_reason == "stop" and choice.message.content == "It is 7°C and rainy in Paris."
+    with pytest.raises(openai.BadRequestError, match="'function' message needs the 'name'") as info:
+        chat(client, [*turn[:2], {"role": "function", "content": "7"}], functions=[FUNCTION])
+    assert info.value.body["param"] == "messages[2]"
+    refused = httpx.post(demo_server.run_url(), json={"messages": turn, "functions": [FUNCTION]}, headers=demo_server.headers, timeout=60)
+    assert refused.status_code == 400 and "at '/messages/2/role'" in refused.json()["errors"][0]["message"]

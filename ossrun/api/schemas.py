@@ -24,6 +24,7 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     InputItem,
     InputMessage,
     Message,
+    OpenAIMessage,
     ReasoningInput,
     Shape,
     TextPart,
@@ -332,6 +333,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
     model: str
     seed: OpenAISeed
+    messages: list[OpenAIMessage] = Field(min_length=1)  # OpenAI's legacy `function` role too
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
     # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
     function_call: Literal["none", "auto"] | FunctionName | None = None

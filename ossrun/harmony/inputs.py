@@ -137,7 +137,7 @@ def _chat_message(out: Converted, msg: ChatMessage, where: str) -> None:
         out.messages.append(_message(Author(role=Role.USER), texts))
     elif msg.role == "assistant":
         _chat_assistant(out, msg, texts)
-    else:  # tool
+    else:  # tool, or OpenAI's legacy function result (which has a `name` and no id)
         _add_tool_result(out, _tool_result_name(out, msg, where), texts)
 
 

@@ -35,7 +35,7 @@ from openai_harmony import (
 )
 
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning
-from .shapes import FunctionDef, InputItem, Message as ChatMessage, Shape, Tool, WrappedTool
+from .shapes import FunctionDef, InputItem, OpenAIMessage as ChatMessage, Shape, Tool, WrappedTool
 from .tokenizer import encode, get_encoding, has_long_run
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
@@ -111,7 +111,7 @@ class RenderBody(Shape):
 
     prompt: str | None = None
     raw: bool = False
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = None  # OpenAI's legacy `function` role included
     input: str | list[InputItem] | None = None
     instructions: str | None = None
     tools: list[Tool] | None = None

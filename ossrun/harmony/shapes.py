@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -112,6 +112,25 @@ class Message(Shape):
     reasoning_content: str | None = None  # an assistant turn's reasoning, as vLLM and DeepSeek spell it
     reasoning: str | None = None  # ... and as OpenRouter does
     function_call: ToolCallFunction | None = None  # the legacy single call
+
+
+class OpenAIMessage(Message):
+    """A `/v1/chat/completions` message: the five roles, plus OpenAI's legacy `function` role, which carries the
+    result of a legacy `function_call` back (deprecated on OpenAI, still accepted). Without it a legacy client's round
+    trip stops after the first call. It is answered by `name` (legacy calls have no id), as a tool message without
+    `tool_call_id` is. Workers AI's spec lists five roles, and `/ai/run` never answers with a `function_call`, so its
+    Messages shape keeps `Message`."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [{
+        "if": {"required": ["role"], "properties": {"role": {"const": "function"}}},
+        "then": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}}]})
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+    @model_validator(mode="after")
+    def _function_result_is_named(self) -> "OpenAIMessage":
+        if self.role == "function" and not self.name:  # OpenAI requires it: the name is all that says which call it answers
+            raise PydanticCustomError("function_name", "a 'function' message needs the 'name' of the function whose result it is")
+        return self
 
 
 class InputMessage(Shape):
