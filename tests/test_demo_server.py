@@ -158,6 +158,29 @@ def test_streamed_tool_call_on_ai_run(server):
     assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris"}
 
 
+def test_a_call_cut_inside_its_header_leaves_no_answer_text(server):
+    """Cut by max_tokens after the header's ` to` or ` to=` (before the tool's name), the header's rest came out as
+    the answer (`content: "to="`, a Responses `message` item), sync and streamed. Every cut between the reasoning
+    and the call's arguments must leave the answer empty."""
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    whole = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": question, "tools": [WEATHER]})
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    first, last = whole["usage"]["completion_tokens_details"]["reasoning_tokens"], whole["usage"]["completion_tokens"]
+    tool = {"type": "function", **WEATHER["function"]}
+
+    def answers(budget: int) -> tuple[int, object, str, list[str]]:
+        chat = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": question, "tools": [WEATHER], "max_tokens": budget})
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in frames(
+            server, "/v1/chat/completions", {"model": MODEL, "messages": question, "tools": [WEATHER], "max_tokens": budget}) if c["choices"])
+        response = post_json(server, "/v1/responses", {"model": MODEL, "input": question[0]["content"], "tools": [tool],
+                                                        "max_output_tokens": budget})
+        return budget, chat["choices"][0]["message"]["content"], streamed, [item["type"] for item in response["output"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        cuts = list(pool.map(answers, range(first + 1, last)))
+    assert all(content in ("", None) and streamed == "" and "message" not in kinds for _, content, streamed, kinds in cuts), cuts
+
+
 def test_second_turn_answers_from_the_tool_result(server):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}
     messages = [{"role": "user", "content": "What is the weather in Tokyo?"},

@@ -196,6 +196,16 @@ def test_a_salvaged_header_keeps_its_ordinary_text_and_drops_special_tokens():
 
 
 
+@pytest.mark.parametrize("cut", [" to", " to=", " to=functions.get_wea", " t"])
+def test_a_header_cut_before_its_recipient_name_leaves_no_text(cut):
+    """max_tokens stopping the header after ` to` or ` to=` (the recipient's name not yet written) made `to=` the
+    answer: an unfinished piece of a cut header is header. Text after a finished piece stays the answer."""
+    result = parse_completion(toks("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary" + cut))
+    assert (result.reasoning, result.content, result.tool_calls, result.finish_reason) == ("Hmm.", "", [], "length")
+    assert parse("<|channel|>commentary to<|return|>").content == "to"  # not cut: the model's (odd) text
+    assert parse_completion(encode(" to")).content == " to"  # no header at all: all it wrote is the answer
+
+
 def test_a_header_less_answer_keeps_the_whitespace_it_starts_with():
     """A model that skips the header writes its text right after the prompt's `assistant`: whitespace there is
     the answer's, not a separator (a random model's greedy `\tnull`: the tab was dropped from the content while

@@ -32,6 +32,10 @@ _PIECE = re.compile(
     re.VERBOSE,
 )
 
+# How a header cut short by max_tokens may end: the start of a piece whose pattern needs more than was written
+# (` to` or ` to=` before the recipient's name, a bare `js` before `json`). Read as text it would be markup in the answer.
+PARTIAL_PIECES = ("to=", "json", "code")
+
 
 @dataclass(slots=True)
 class Header:
@@ -52,8 +56,9 @@ class Header:
         return self.recipient.removeprefix("functions.") or None
 
 
-def parse_header(text: str, *, has_role: bool) -> Header:
-    """Read `text` piece by piece; `has_role` says the header began after `<|start|>` (so with a role)."""
+def parse_header(text: str, *, has_role: bool, cut: bool = False) -> Header:
+    """Read `text` piece by piece; `has_role` says the header began after `<|start|>` (so with a role). `cut`:
+    generation stopped inside the header, so a last piece may be unfinished (`PARTIAL_PIECES`): it is header, not rest."""
     header = Header()
     pos = 0
     while pos < len(text):
@@ -61,6 +66,8 @@ def parse_header(text: str, *, has_role: bool) -> Header:
         if m is None or not _take(header, m, first=pos == 0, has_role=has_role):
             break
         pos = m.end()
+    if cut and pos < len(text) and any(piece.startswith(text[pos:]) for piece in PARTIAL_PIECES):
+        pos = len(text)
     recognised = header.role or header.channel or header.recipient or header.content_type
     # Whitespace separates header pieces from text; without any piece it is part of the text.
     header.rest = text[pos:] if recognised else text

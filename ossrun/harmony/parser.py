@@ -253,9 +253,9 @@ class StreamParser:
             self._note(f"no <|message|> after {MAX_HEADER_TOKENS} header tokens: read as message text")
             self._salvage_header(events)
 
-    def _parse_header(self, *, record: bool = True) -> Header:
+    def _parse_header(self, *, record: bool = True, cut: bool = False) -> Header:
         # surrogateescape keeps a character cut at the end of the header intact for _salvage_header.
-        header = parse_header(self._header.decode("utf-8", "surrogateescape"), has_role=self._has_role)
+        header = parse_header(self._header.decode("utf-8", "surrogateescape"), has_role=self._has_role, cut=cut)
         for anomaly in header.anomalies if record else ():
             self._note(anomaly)
         return header
@@ -264,9 +264,10 @@ class StreamParser:
         """A header that never got its <|message|>: the ordinary text after the recognisable part is message text.
 
         The special tokens in that rest are dropped: their spelling is harmony's, never the answer's.
-        `truncated`: generation stopped inside the header (max_tokens), which is no anomaly.
+        `truncated`: generation stopped inside the header (max_tokens), which is no anomaly; an unfinished last
+        piece (` to=` before a tool's name) is then header, never text.
         """
-        header = self._parse_header(record=not truncated)
+        header = self._parse_header(record=not truncated, cut=truncated)
         self._state = _State.EXPECT_START
         rest = self._text_length(header)
         self._salvaged = self._tokens_from(len(self._header) - rest)
