@@ -190,6 +190,20 @@ def test_second_turn_answers_from_the_tool_result(server):
     assert reply["choices"][0]["message"]["content"] == "It is 21°C and cloudy in Tokyo."
 
 
+def test_a_tool_call_without_its_result_is_refused_on_both_surfaces(server):
+    """The model was shown a call nobody answered and made its result up ('It is 17°C and snowy in Paris.'), where
+    OpenAI answers 400 naming the call: a dropped tool result is a bug in the client's loop it needs to see."""
+    call = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]}, *FRANCE]
+    body = {"messages": messages, "tools": [WEATHER]}
+    chat = httpx.post(server.base + "/v1/chat/completions", json={"model": MODEL, **body}, headers=server.headers, timeout=60)
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages[1].tool_calls"
+    assert "did not have response messages: call_a" in chat.json()["error"]["message"]
+    run = httpx.post(server.run_url(), json=body, headers=server.headers, timeout=60)
+    assert run.status_code == 400 and "did not have response messages: call_a" in run.json()["errors"][0]["message"]
+
+
 def test_tool_result_after_an_earlier_exchange_names_the_called_city(server):
     """What the playground sends: a first question about France, then the weather of Tokyo (the answer once said Paris)."""
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}

@@ -353,6 +353,56 @@ def test_a_refusal_part_is_the_assistant_answer_in_both_shapes():
     assert ids(chat) == ids(items) == expected
 
 
+# --- every tool call answered ----------------------------------------------------------------
+
+ASK = {"role": "user", "content": "Weather in Oslo and the time?"}
+THEN = {"role": "user", "content": "Thanks. And Paris?"}
+
+
+def calls(*pairs: tuple[str, str]) -> dict:
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": cid, "type": "function", "function": {"name": name, "arguments": "{}"}} for cid, name in pairs]}
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"messages": [ASK, calls(("call_a", "get_weather")), THEN]}, "messages[1].tool_calls",
+     "(before messages[2]). The following tool_call_ids did not have response messages: call_a"),
+    ({"messages": [ASK, calls(("call_a", "get_weather"), ("call_b", "get_time")),
+                   {"role": "tool", "tool_call_id": "call_b", "content": "12:00"}, {"role": "assistant", "content": "Hm."}]},
+     "messages[1].tool_calls", "did not have response messages: call_a"),
+    ({"messages": [ASK, calls(("call_a", "get_weather"))]}, "messages[1].tool_calls", "(before the end of the conversation)"),
+    ({"input": [ASK, {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": "{}"}, THEN]}, "input",
+     "No tool output found for function call call_a"),
+    ({"input": [ASK, {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": "{}"}]}, "input",
+     "No tool output found for function call call_a"),
+])
+def test_a_tool_call_without_its_result_is_refused(body, param, says):
+    """As OpenAI refuses it: a call with no result before the next user or assistant message (or the end) would
+    have the model make its result up. The error names the call's id and where it was made."""
+    with pytest.raises(RenderError) as info:
+        render_request(body)
+    assert says in str(info.value) and info.value.param == param
+
+
+def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():
+    """What stays accepted: results in any order, tool messages without an id answered by `name` (or, without one,
+    the calls just made), a legacy `function` result, a conversation ending with its results, and a legacy
+    `function_call` (no id to name) followed by a user turn; system messages between a call and its result."""
+    both = calls(("call_a", "get_weather"), ("call_b", "get_time"))
+    conversations = [
+        [ASK, both, {"role": "tool", "tool_call_id": "call_b", "content": "12:00"}, {"role": "tool", "tool_call_id": "call_a", "content": "-3"}],
+        [ASK, both, {"role": "tool", "name": "get_time", "content": "12:00"}, {"role": "system", "content": "Be brief."},
+         {"role": "function", "name": "get_weather", "content": "-3"}, THEN],
+        [ASK, both, {"role": "tool", "content": "-3"}, {"role": "tool", "content": "12:00"}, THEN],
+        [ASK, {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}}, THEN],
+    ]
+    for messages in conversations:
+        assert render_request({"messages": messages}).token_ids
+    items = [ASK, *({"type": "function_call", "call_id": c, "name": "get_weather", "arguments": "{}"} for c in ("a", "b")),
+             *({"type": "function_call_output", "call_id": c, "output": "-3"} for c in ("b", "a")), THEN]
+    assert render_request({"input": items}).token_ids
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

@@ -402,6 +402,9 @@ def test_an_error_mid_stream_keeps_the_partial_answer_marked(browser, demo_serve
 
 
 def test_an_old_tool_call_cannot_be_answered(browser, demo_server):
+    """Going on without answering a call drops the call from the history (the server, as OpenAI, refuses a call
+    left without its result before the next message), and the reasoning that led to it: a turn that was only
+    those leaves the history, while its bubble stays on screen."""
     from selenium.webdriver.common.by import By
 
     open_page(browser, demo_server, tools=True)
@@ -410,6 +413,9 @@ def test_an_old_tool_call_cannot_be_answered(browser, demo_server):
     idle(browser)
     send(browser, "Hello")
     last_reply_done(browser, 2)
+    sent = requests(browser)[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "user"] and len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
+    assert not browser.find_element(By.ID, "error").is_displayed() and texts(browser, ".msg.assistant .answer")[-1]
     assert not browser.find_element(By.CSS_SELECTOR, ".tool-call form button").is_enabled()
     browser.execute_script("document.querySelector('.tool-call form').requestSubmit()")
     assert len(requests(browser)) == 2

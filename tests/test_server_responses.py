@@ -46,6 +46,21 @@ def test_cut_inside_the_reasoning_outputs_only_the_reasoning(server):
     assert again["status"] == "completed" and again["output_text"]
 
 
+def test_a_chain_that_ended_in_a_function_call_needs_its_output(server):
+    """A `previous_response_id` whose last item is a function_call, followed by a new question without the call's
+    output, was answered with a made-up weather report; OpenAI answers 400 "No tool output found for function call"."""
+    tool = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    first = post_json(server, "/v1/responses", {"model": MODEL, "input": "What is the weather in Paris?", "tools": [tool]})
+    (call,) = [item for item in first["output"] if item["type"] == "function_call"]
+    body = {"model": MODEL, "previous_response_id": first["id"], "tools": [tool]}
+    refused = post_json(server, "/v1/responses", {**body, "input": "What is the capital of France?"}, status=400)["error"]
+    assert refused["param"] == "input" and f"No tool output found for function call {call['call_id']}" in refused["message"]
+    output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature_c": 7, "condition": "rainy"}'}
+    answered = post_json(server, "/v1/responses", {**body, "input": [output]})
+    assert answered["output_text"] == "It is 7°C and rainy in Paris."
+
+
 def test_output_text_logprobs_sync_and_streamed(server):
     """`include: ["message.output_text.logprobs"]` lists the answer's tokens (spelling its text) with `top_logprobs`
     alternatives in the part, and each delta carries those of its text; without the include, `[]` as on OpenAI."""

@@ -275,7 +275,7 @@ class Service:
                         raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
                     prompt_ids += harmony.tool_call_prefix(forced)
         except harmony.RenderError as exc:
-            raise bad_input(f"Error: {exc}") from None
+            raise bad_input(f"Error: {exc}", exc.param) from None
         except BaseException as exc:
             # The Rust tokenizer panics (a BaseException) on some huge inputs, e.g. megabytes without a space.
             if type(exc).__name__ != "PanicException":

@@ -34,7 +34,12 @@ from .shapes import Message as ChatMessage
 
 
 class RenderError(ValueError):
-    """The request cannot be rendered into a prompt; the message says what was wrong (HTTP 400)."""
+    """The request cannot be rendered into a prompt; the message says what was wrong (HTTP 400), `param` which
+    field (OpenAI's spelling, `messages[1].tool_calls`), when one is to blame."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(slots=True)
@@ -45,6 +50,8 @@ class Converted:
     messages: list[Message] = field(default_factory=list)
     tool_names_by_call_id: dict[str, str] = field(default_factory=dict)
     last_tool_name: str | None = None
+    # Calls (by id) no result has answered yet → (function name, the call's place in the request).
+    unanswered: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def text_parts(content: Content) -> list[str]:
@@ -77,17 +84,30 @@ def _arguments(raw: str | dict[str, Any] | None) -> str:
     return raw if isinstance(raw, str) else json.dumps(raw)
 
 
-def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None) -> None:
+def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None, where: str) -> None:
     msg = _assistant([_arguments(arguments)], "commentary")
     out.messages.append(msg.with_recipient(f"functions.{name}").with_content_type("<|constrain|>json"))
     out.last_tool_name = name
-    if call_id is not None:
+    if call_id is not None:  # a call without an id (the legacy `function_call`) cannot be named as unanswered
         out.tool_names_by_call_id[call_id] = name
+        out.unanswered[call_id] = (name, where)
 
 
-def _add_tool_result(out: Converted, name: str, texts: list[str]) -> None:
+def _add_tool_result(out: Converted, name: str, texts: list[str], call_id: str | None = None) -> None:
+    """The result of call `call_id`; without an id, of the first unanswered call of that function (else the first
+    unanswered call: clients that omit the id answer the calls just made)."""
     author = Author(role=Role.TOOL, name=f"functions.{name}")
     out.messages.append(_message(author, texts).with_recipient("assistant").with_channel("commentary"))
+    if call_id is None:
+        call_id = next((cid for cid, (called, _) in out.unanswered.items() if called == name), next(iter(out.unanswered), None))
+    out.unanswered.pop(call_id, None)
+
+
+def _unanswered_calls(out: Converted) -> tuple[list[str], str] | None:
+    """The ids of the calls still waiting for their results and where the first was made, or None."""
+    if not out.unanswered:
+        return None
+    return list(out.unanswered), next(iter(out.unanswered.values()))[1]
 
 
 def _add_reasoning(out: Converted, text: str | None) -> None:
@@ -126,22 +146,36 @@ def convert_chat(messages: Sequence[ChatMessage]) -> Converted:
     out = Converted()
     for i, msg in enumerate(messages):
         _chat_message(out, msg, f"messages[{i}]")
+    _check_chat_results(out, "the end of the conversation")
     return out
 
 
 def _chat_message(out: Converted, msg: ChatMessage, where: str) -> None:
     texts = text_parts(msg.content)
+    if msg.role in ("user", "assistant"):
+        _check_chat_results(out, where)
     if msg.role in ("system", "developer"):
         out.instructions.append("".join(texts))
     elif msg.role == "user":
         out.messages.append(_message(Author(role=Role.USER), texts))
     elif msg.role == "assistant":
-        _chat_assistant(out, msg, texts)
+        _chat_assistant(out, msg, texts, where)
     else:  # tool, or OpenAI's legacy function result (which has a `name` and no id)
-        _add_tool_result(out, _tool_result_name(out, msg, where), texts)
+        _add_tool_result(out, _tool_result_name(out, msg, where), texts, msg.tool_call_id)
 
 
-def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str]) -> None:
+def _check_chat_results(out: Converted, before: str) -> None:
+    """OpenAI's rule (its 400 in its words): every tool call is answered by a tool message before the next user or
+    assistant message, and before the conversation ends. An unanswered call would have the model make up its result."""
+    unanswered = _unanswered_calls(out)
+    if unanswered is not None:
+        ids, where = unanswered
+        raise RenderError(f"{where}: An assistant message with 'tool_calls' must be followed by tool messages responding to "
+                          f"each 'tool_call_id' (before {before}). The following tool_call_ids did not have response "
+                          f"messages: {', '.join(ids)}", where)
+
+
+def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str], where: str) -> None:
     """Reasoning, then the text, then the tool calls: the order the model produces them in."""
     reasoning = msg.reasoning_content or msg.reasoning
     _add_reasoning(out, reasoning)
@@ -152,19 +186,21 @@ def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str]) -> None:
         # Text next to tool calls is a preamble, which harmony puts on the commentary channel.
         out.messages.append(_assistant(texts, "commentary" if calls else "final"))
     for function, call_id in calls:
-        _add_tool_call(out, function.name, function.arguments, call_id)
+        _add_tool_call(out, function.name, function.arguments, call_id, f"{where}.tool_calls")
 
 
 def _tool_result_name(out: Converted, msg: ChatMessage, where: str) -> str:
-    """The function a tool message answers: found through its tool_call_id, else its `name`, else the
-    latest tool call (clients that omit the id answer the call just made)."""
+    """The function a tool message answers: found through its tool_call_id, else its `name`, else the first call
+    still unanswered, else the latest (clients that omit the id answer the calls just made, in order)."""
     if msg.tool_call_id is not None:
         if msg.tool_call_id not in out.tool_names_by_call_id:
-            raise RenderError(f"{where}: tool_call_id {msg.tool_call_id!r} matches no earlier assistant tool call")
+            raise RenderError(f"{where}: tool_call_id {msg.tool_call_id!r} matches no earlier assistant tool call",
+                              f"{where}.tool_call_id")
         return out.tool_names_by_call_id[msg.tool_call_id]
     if msg.name:
         return msg.name
-    return out.last_tool_name or "tool"
+    waiting = next(iter(out.unanswered.values()), None)
+    return waiting[0] if waiting is not None else out.last_tool_name or "tool"
 
 
 # --- Responses `input` ----------------------------------------------------------------------
@@ -180,20 +216,33 @@ def convert_responses(input_: str | Sequence[InputItem], instructions: str | Non
         return out
     for i, item in enumerate(input_):
         _responses_item(out, item, f"input[{i}]")
+    _check_responses_outputs(out)
     return out
 
 
 def _responses_item(out: Converted, item: InputItem, where: str) -> None:
     if isinstance(item, InputMessage):
+        if item.role in ("user", "assistant"):
+            _check_responses_outputs(out)
         _responses_message(out, item)
     elif isinstance(item, FunctionCallInput):
-        _add_tool_call(out, item.name, item.arguments, item.call_id)
+        _add_tool_call(out, item.name, item.arguments, item.call_id, where)
     elif isinstance(item, FunctionCallOutputInput):
         if item.call_id not in out.tool_names_by_call_id:
-            raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item")
-        _add_tool_result(out, out.tool_names_by_call_id[item.call_id], _output_texts(item.output, where))
+            raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")
+        _add_tool_result(out, out.tool_names_by_call_id[item.call_id], _output_texts(item.output, where), item.call_id)
     elif isinstance(item, ReasoningInput):
         _add_reasoning(out, "".join(part.text for part in item.content or []))
+
+
+def _check_responses_outputs(out: Converted) -> None:
+    """OpenAI's rule (its 400 in its words): every function_call is answered by a function_call_output before the
+    next user or assistant message, and before the input ends; a `previous_response_id` that ended in a call needs
+    its output in the new `input`. `param` is `input`: the call may be the previous response's, not at an index of it."""
+    unanswered = _unanswered_calls(out)
+    if unanswered is not None:
+        raise RenderError(f"No tool output found for function call {unanswered[0][0]}: send a function_call_output item "
+                          f"with its call_id before the next message", "input")
 
 
 def _output_texts(output: Any, where: str) -> list[str]:

@@ -148,6 +148,21 @@ function offerToolResult(chat, view, call) {
   chat.forms.push(form);
 }
 
+// The user went on without answering the latest turn's tool call: the call leaves the history (it stays on screen,
+// as a stopped stream's does), since a call needs its result before the next message (the server refuses the
+// conversation otherwise, as OpenAI does). The reasoning that led to it goes too (left alone, "I will call
+// get_weather" had the demo model call it again for a "Hello"), and a turn that was only those leaves it whole.
+function dropUnansweredCalls(chat) {
+  const last = chat.messages[chat.messages.length - 1];
+  if (!chat.forms.length || !last || last.role !== "assistant" || !last.tool_calls) return;
+  delete last.tool_calls;
+  delete last.reasoning_content;
+  if (!last.content) {
+    chat.messages.pop();
+    chat.bubbles.delete(last);
+  }
+}
+
 // The conversation has moved on: older tool calls can no longer be answered.
 function retireToolForms(chat, why) {
   for (const form of chat.forms) {
@@ -371,7 +386,8 @@ $("composer").addEventListener("submit", (event) => {
     chat.bubbles.delete(failed);
   }
   for (const div of chat.failed) if (div.classList.contains("assistant")) div.remove();
-  retireToolForms(chat, "Not answered: the conversation went on.");
+  dropUnansweredCalls(chat);
+  retireToolForms(chat, "Not answered: the conversation went on (the call is not kept in it).");
   const message = {role: "user", content: text};
   chat.messages.push(message);
   chat.bubbles.set(message, bubble("user", text));
