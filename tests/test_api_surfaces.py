@@ -200,3 +200,26 @@ def test_responses_objects_and_events_validate_as_the_sdk_types(app, script):
         (Response if obj is response else sdk[obj["type"]]).model_validate(obj, strict=True)
     echoed = client.post("/v1/responses", json={"model": MODEL, "input": "x", "parallel_tool_calls": False}).json()
     assert echoed["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("tool", [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}, "strict": True}},
+    {"name": "get_weather", "description": "Weather", "parameters": {"type": "object"}, "strict": True},
+    {"type": "function", "name": "get_weather", "description": "Weather", "parameters": {"type": "object"}, "strict": True},
+], ids=["chat", "flat", "responses"])
+def test_responses_echo_tools_as_the_responses_function_tool(app, tool):
+    """A tool sent in chat's spelling or flat without `type` was echoed as sent: the SDK then read `tools[0].name`
+    (or `.type`) as None, and `Response` did not validate. Named tool_choice likewise takes the Responses spelling."""
+    from openai.types.responses import Response
+
+    engine, client = app
+    engine.script = SCRIPTS["think-answer"]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    for response in both(client, "/v1/responses", {"model": MODEL, "input": "x", "tools": [tool], "tool_choice": choice}):
+        response = response if isinstance(response, dict) else response[-1]["response"]
+        assert response["tools"] == [{"type": "function", "name": "get_weather", "description": "Weather",
+                                      "parameters": {"type": "object"}, "strict": True}]
+        assert response["tool_choice"] == {"type": "function", "name": "get_weather"}
+        Response.model_validate({**response, "usage": None}, strict=True)
+    bare = client.post("/v1/responses", json={"model": MODEL, "input": "x", "tools": [{"name": "f"}]}).json()["tools"]
+    assert bare == [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": False}]

@@ -75,6 +75,33 @@ def test_out_of_range_is_5006_naming_the_field(body, fragment):
     assert caught.value.message.startswith("AiError: Bad input: ") and fragment in caught.value.message
 
 
+BUILT_IN = "only function tools (type 'function') can be called here, not built-in tools"
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"input": "a", "tools": [{"type": "web_search"}]}, "tools[0].type", f"at '/tools/0/type': tool type 'web_search' is not supported: {BUILT_IN}"),
+    ({"input": "a", "tools": [{"type": "function", "name": "f"}, {"type": "file_search", "vector_store_ids": []}]}, "tools[1].type",
+     f"at '/tools/1/type': tool type 'file_search' is not supported: {BUILT_IN}"),
+    ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "custom", "name": "x"}]}, "tools[0].type",
+     f"at '/tools/0/type': tool type 'custom' is not supported: {BUILT_IN}"),
+    ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
+     "tools[0].function.parameters", "at '/tools/0/function/parameters': a function's parameters must be a JSON Schema of type 'object' "
+                                     "(arguments are a JSON object), not 'array'"),
+    ({"input": "a", "tools": [{"type": "function", "description": "x"}]}, "tools[0]",
+     "at '/tools/0': a function tool needs the function's name: {'type': 'function', 'function': {'name': …}} or, flat, {'type': 'function', 'name': …}"),
+    ({"input": "a", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice.type",
+     "at '/tool_choice/type': tool_choice type 'allowed_tools' is not supported: tool_choice is 'none', 'auto', 'required' or one function tool"),
+    ({"input": "a", "tool_choice": "sometimes"}, "tool_choice", "at '/tool_choice': Input should be 'none', 'auto' or 'required'"),
+])
+def test_a_tool_of_another_type_is_one_error_naming_it(body, param, message):
+    """A built-in tool got every union branch's complaint (`Input should be 'function'; … 'function': Field required;
+    … 'name': Field required`); the type is what is wrong, so the error says that, once."""
+    with pytest.raises(ApiError) as caught:
+        schemas.classify(body)
+    assert caught.value.param == param and message in caught.value.message
+    assert caught.value.message.count("at '/") == 1  # one error, not one per union branch
+
+
 def test_integral_floats_are_integers():
     """JSON Schema's "integer" includes 5.0, so the hosted validator (JavaScript) accepts it; so do we."""
     _, parsed = schemas.classify({"prompt": "a", "max_tokens": 5.0, "seed": 7.0, "top_k": 3.0})

@@ -184,6 +184,16 @@ class IncompleteDetails(_Out):
     reason: str
 
 
+class FunctionTool(_Out):
+    """A tool as a response echoes it: OpenAI's Responses `FunctionTool`, whichever spelling the request used."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None
+    parameters: dict[str, Any] | None
+    strict: bool
+
+
 class ResponseObject(_Out):
     id: str
     object: Literal["response"]
@@ -193,6 +203,7 @@ class ResponseObject(_Out):
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None
+    tools: list[FunctionTool]
     parallel_tool_calls: bool
     incomplete_details: IncompleteDetails | None = None
 

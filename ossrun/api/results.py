@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ossrun import harmony
-from ossrun.api.schemas import ResponsesInput
+from ossrun.api.schemas import NamedToolChoice, ResponsesInput, Tool, WrappedTool
 from ossrun.api.service import Outcome, usage
 
 
@@ -107,10 +107,25 @@ ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool
 
 def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:
     """The echoed fields as the request set them (JSON), OpenAI's defaults for the others; `sampling`: the
-    temperature and top_p the request was sampled with (`/ai/run`'s defaults differ from OpenAI's), as OpenAI echoes them."""
-    sent = {} if request is None else request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True,
-                                                         by_alias=True)
-    return {**ECHOED, **sent, **(sampling or {})}
+    temperature and top_p the request was sampled with (`/ai/run`'s defaults differ from OpenAI's), as OpenAI echoes
+    them; tools and a named tool_choice in the Responses spelling, whichever spelling the request used."""
+    if request is None:
+        return {**ECHOED, **(sampling or {})}
+    fields = {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True),
+              **(sampling or {})}
+    if request.tools:
+        fields["tools"] = [function_tool(tool) for tool in request.tools]
+    if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
+        fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
+    return fields
+
+
+def function_tool(tool: Tool) -> dict[str, Any]:
+    """A tool as OpenAI's Responses objects echo it (`FunctionTool`: SDKs read `name` and `type` there), from the
+    chat spelling or the flat one with or without `type`. `strict` as it was applied: absent is false here."""
+    spec = tool.function if isinstance(tool, WrappedTool) else tool
+    return {"type": "function", "name": spec.name, "description": spec.description, "parameters": spec.parameters,
+            "strict": spec.strict is True}
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, created_at: int,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, ValidationInfo, WithJsonSchema,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
+                      ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema
 
@@ -32,6 +32,7 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     ToolCall,
     ToolCallFunction,
     WrappedTool,
+    function_or_flat,
     str_or_list,
 )
 
@@ -160,13 +161,31 @@ class NamedToolChoice(_Open):
 
 
 class FlatNamedToolChoice(_Open):
-    """The Responses spelling: `{type: function, name}`."""
+    """The Responses spelling: `{type: function, name}` (one with a `function` key is chat's, as the document says)."""
 
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["function"]}})
     type: Literal["function"]
     name: str = Field(min_length=1)
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, FlatNamedToolChoice]
+def _choice_model(choice: Any) -> str:
+    """The branch a tool_choice is validated as, from its value: a mode, chat's `{function}`, or the flat `{name}`."""
+    if isinstance(choice, (NamedToolChoice, FlatNamedToolChoice)):
+        return type(choice).__name__
+    if not isinstance(choice, dict):
+        return "str"
+    return "NamedToolChoice" if "function" in choice else "FlatNamedToolChoice"
+
+
+def _function_choice(choice: Any) -> Any:
+    """`allowed_tools`, a built-in tool's type, …: one error naming the type, not every branch's complaint."""
+    return function_or_flat(choice, "tool_choice", "tool_choice is 'none', 'auto', 'required' or one function tool (type 'function')",
+                            "{'type': 'function', 'function': {'name': …}} or {'type': 'function', 'name': …}")
+
+
+ToolChoice = Annotated[Union[Annotated[Literal["none", "auto", "required"], Tag("str")],
+                             Annotated[NamedToolChoice, Tag("NamedToolChoice")], Annotated[FlatNamedToolChoice, Tag("FlatNamedToolChoice")]],
+                       Discriminator(_choice_model), BeforeValidator(_function_choice)]
 
 
 class WithTools(_Open):

@@ -7,15 +7,26 @@ strictly, like the hosted JSON Schema validator: "0.5" is no number and 1 is no 
 
 Unions pick their branch from the value (a list or not; a part's or an item's `type`), so a refused value gets
 the one error of the branch it meant, never every branch's (`Input should be a valid string` for a content list
-holding an image); a part or item of a type gpt-oss cannot take is refused by name.
+holding an image); a part, item or tool of a type gpt-oss cannot take is refused by name.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class Shape(BaseModel):
@@ -24,8 +35,8 @@ class Shape(BaseModel):
 
 def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
     if schema.get("type", "object") != "object":
-        raise ValueError(f"a function's parameters must be a JSON Schema of type 'object' (arguments are a JSON object), "
-                         f"not {schema['type']!r}")
+        raise PydanticCustomError("object_schema", "a function's parameters must be a JSON Schema of type 'object' "
+                                  "(arguments are a JSON object), not {type}", {"type": repr(schema["type"])})
     return schema
 
 
@@ -47,7 +58,49 @@ class WrappedTool(Shape):
     function: FunctionDef
 
 
-Tool = Union[WrappedTool, FunctionDef]
+class FlatTool(FunctionDef):
+    """A tool in the flat spelling (Responses, Workers AI). One with a `function` key is a `WrappedTool`, which
+    the document says too, so the two branches never both match."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["function"]}})
+
+
+def refused(field: str, value: Any, kind: str, message: str, context: dict[str, Any]) -> ValidationError:
+    """One error at `field` inside the value being validated (`tools[0].type`), for a before-validator to raise:
+    the one reason, where a union would list every branch's complaint."""
+    return ValidationError.from_exception_data(kind, [InitErrorDetails(
+        type=PydanticCustomError(kind, message, context), loc=(field,), input=value)])
+
+
+def function_or_flat(value: Any, thing: str, only: str, spellings: str) -> Any:
+    """A tool (or a tool_choice object) of a type other than `function` is refused by name (`only`: what is
+    supported), as is one without the `function` object or flat `name` that says which function it is (`spellings`)."""
+    if not isinstance(value, dict):
+        return value
+    if value.get("type") not in (None, "function"):
+        raise refused("type", value["type"], f"{thing}_type", "{thing} type {type} is not supported: {only}",
+                      {"thing": thing, "type": repr(value["type"]), "only": only})
+    if "function" not in value and "name" not in value:
+        raise PydanticCustomError("function_name", "a function {thing} needs the function's name: {spellings}",
+                                  {"thing": thing, "spellings": spellings})
+    return value
+
+
+def _tool_model(tool: Any) -> str:
+    """The branch a tool is validated as: `WrappedTool` when it has a `function` (chat's spelling), else flat."""
+    wrapped = isinstance(tool, WrappedTool) or isinstance(tool, dict) and "function" in tool
+    return "WrappedTool" if wrapped else "FlatTool"
+
+
+def _function_tool(tool: Any) -> Any:
+    """`web_search`, `file_search`, `code_interpreter`, `custom`, …: one error naming the type, not every branch's."""
+    return function_or_flat(tool, "tool", "only function tools (type 'function') can be called here, not built-in tools "
+                            "(web_search, file_search, code_interpreter, custom, …)",
+                            "{'type': 'function', 'function': {'name': …}} or, flat, {'type': 'function', 'name': …}")
+
+
+Tool = Annotated[Union[Annotated[WrappedTool, Tag("WrappedTool")], Annotated[FlatTool, Tag("FlatTool")]],
+                 Discriminator(_tool_model), BeforeValidator(_function_tool)]
 
 
 class ToolCallFunction(Shape):
