@@ -1,6 +1,7 @@
 """The durable queue on its own: exactly-once bookkeeping across a simulated crash (no model involved)."""
 
 import asyncio
+import sqlite3
 import time
 
 from ossrun.batch.store import SQLiteBatchStore
@@ -70,3 +71,54 @@ def test_worker_runs_every_item_once_and_survives_a_failing_one(tmp_path):
     assert batch.status == "done" and sorted(seen) == ["a", "boom", "c", "d", "e"]
     assert [i.success for i in batch.items] == [True, False, True, True, True]
     assert batch.items[0].result == {"response": "A"} and "bad item" in batch.items[1].result["message"]
+
+
+class _FlakyStore(SQLiteBatchStore):
+    """A real SQLite store whose next `fail_writes` write transactions fail as a full or failing disk does."""
+
+    fail_writes = 0
+
+    def _transaction(self):
+        if self.fail_writes > 0:
+            self.fail_writes -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return super()._transaction()
+
+
+def test_worker_survives_a_failing_store_and_finishes_every_item(tmp_path, caplog):
+    store = _FlakyStore(tmp_path / "q.sqlite")
+    runs = []
+
+    async def execute(model, body):
+        if not runs:
+            store.fail_writes = 12  # from the first item on: its result, the next claims, the other results
+        runs.append(body["prompt"])
+        await asyncio.sleep(0.01)
+        return ItemOutcome(True, {"response": body["prompt"].upper()}, 1, 2)
+
+    async def scenario():
+        worker = BatchWorker(store, execute, concurrency=3, poll_s=0.01)
+        worker.max_backoff_s = 0.05
+        worker.start()
+        first = store.create("m", [{"prompt": str(i)} for i in range(8)])
+        worker.notify()
+        for _ in range(300):
+            if store.get(first).status == "done":
+                break
+            await asyncio.sleep(0.02)
+        later = store.create("m", [{"prompt": "later"}])  # the queue still takes and runs new work
+        worker.notify()
+        for _ in range(100):
+            if store.get(later).status == "done":
+                break
+            await asyncio.sleep(0.02)
+        await worker.stop()
+        return store.get(first), store.get(later)
+
+    first, later = asyncio.run(scenario())
+    assert store.fail_writes == 0
+    assert first.status == "done" and later.status == "done"
+    assert [i.result for i in first.items] == [{"response": str(i)} for i in range(8)]
+    assert sorted(runs) == sorted([str(i) for i in range(8)] + ["later"])  # each item ran once: no result was lost
+    failures = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failures) == 1 and "retrying" in failures[0].getMessage()  # one line per failure streak, not a flood

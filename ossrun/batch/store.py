@@ -168,8 +168,22 @@ class _Transaction:
         return self.db
 
     def __exit__(self, kind, value, traceback):
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        if kind is None:
+            try:
+                self.db.execute("COMMIT")
+                return False
+            except sqlite3.Error:
+                self._rollback()  # a failed COMMIT can leave the transaction open, and every later BEGIN would fail
+                raise
+        self._rollback()
         return False
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the error that got us here is the one to report
 
 
 def _item(row: tuple, model: str) -> BatchItem:

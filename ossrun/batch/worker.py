@@ -34,6 +34,11 @@ def _ignore(outcome: ItemOutcome) -> None:
 
 
 class BatchWorker:
+    """Runs the queue; a store that fails (a full disk, an I/O error) is retried with back-off, never given up on,
+    because an accepted item must be finished eventually and the disk usually comes back."""
+
+    max_backoff_s = 5.0
+
     def __init__(self, store: BatchStore, execute: Executor, concurrency: int = 16, retention_s: float = 7 * 24 * 3600,
                  poll_s: float = 0.5, on_done: Callable[[ItemOutcome], None] = _ignore):
         """`on_done` hears of every item whose result was written (the server's metrics count them)."""
@@ -46,12 +51,14 @@ class BatchWorker:
         self._active: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._store_failing = False  # a failure streak is logged once, at its start and at its end
 
     def start(self) -> None:
         requeued = self.store.requeue_running()
         if requeued:
             log.info("batch queue: %d items interrupted by the last shutdown are queued again", requeued)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ossrun-batch-worker")
+        self._task.add_done_callback(_report_death)
 
     def notify(self) -> None:
         """New work was queued: look now rather than at the next poll."""
@@ -69,13 +76,13 @@ class BatchWorker:
         while True:
             free = self.concurrency - len(self._active)
             if free > 0:
-                for item in await asyncio.to_thread(self.store.claim, free):
+                for item in await self._store("claim queued items", self.store.claim, free):
                     task = asyncio.create_task(self._process(item))
                     self._active.add(task)
                     task.add_done_callback(self._finished)
             if time.time() - last_cleanup > 60:
                 last_cleanup = time.time()
-                await asyncio.to_thread(self.store.delete_finished_before, time.time() - self.retention_s)
+                await self._store("delete old batches", self.store.delete_finished_before, time.time() - self.retention_s)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -94,5 +101,31 @@ class BatchWorker:
         except Exception as exc:  # one bad item never stops the queue
             log.exception("batch item %s/%d failed", item.batch_id, item.index)
             outcome = ItemOutcome(False, {"code": 3000, "message": f"AiError: {exc}"})
-        await asyncio.to_thread(self.store.complete, item, outcome.success, outcome.result, outcome.prompt_tokens, outcome.completion_tokens)
+        # Until the result is written the item stays 'running' and holds its slot; a restart meanwhile queues it again.
+        await self._store(f"write the result of batch item {item.batch_id}/{item.index}", self.store.complete, item,
+                          outcome.success, outcome.result, outcome.prompt_tokens, outcome.completion_tokens)
         self.on_done(outcome)
+
+    async def _store(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)` in a thread, retried with back-off until the store accepts it."""
+        delay = self.poll_s
+        while True:
+            try:
+                result = await asyncio.to_thread(call, *args)
+            except Exception:
+                if not self._store_failing:
+                    self._store_failing = True
+                    log.exception("batch queue: the store failed to %s; retrying until it works again", what)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
+            if self._store_failing:
+                self._store_failing = False
+                log.warning("batch queue: the store works again")
+            return result
+
+
+def _report_death(task: asyncio.Task) -> None:
+    """The loop is not meant to end but by cancellation; if it does, say so rather than let the queue stop unheard."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("batch queue: the worker stopped; queued items will not run until a restart", exc_info=task.exception())
