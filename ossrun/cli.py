@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -82,6 +83,18 @@ def _positive(name: str) -> Callable[[float], float]:
             raise typer.BadParameter(f"{name} must be greater than 0")
         return value
     return check
+
+
+def _api_token(value: Optional[str]) -> Optional[str]:
+    """An empty token (often a secret that did not resolve: `-e OSSRUN_API_TOKEN=$UNSET`) would serve with no
+    authentication at all, and one with spaces around it could never be presented (the header's value is stripped):
+    both refused. click reads an empty variable as unset, hence the look at the environment itself."""
+    if value is None and "OSSRUN_API_TOKEN" in os.environ:
+        value = os.environ["OSSRUN_API_TOKEN"]
+    if value is not None and (not value.strip() or value != value.strip()):
+        raise typer.BadParameter("the token is empty or has spaces around it (from --api-token or OSSRUN_API_TOKEN); "
+                                 "leave both unset to serve without a token")
+    return value
 
 
 @app.command("make-model")
@@ -245,7 +258,7 @@ def serve(
     model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8787, min=1, max=65535),
-    api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", help="Require `Authorization: Bearer TOKEN`."),
+    api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", callback=_api_token, help="Require `Authorization: Bearer TOKEN`."),
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),

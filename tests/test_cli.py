@@ -164,3 +164,11 @@ def test_serve_refuses_a_lora_adapter_with_nan_weights(checkpoints, tmp_path):
     result = ossrun("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path / "data"), "--port", str(free_port()),
                     "--lora", f"bad={bad}", timeout=180)
     _one_clear_line(result, "NaN or infinite")
+
+
+@pytest.mark.parametrize("args, env", [(("--api-token", ""), {}), (("--api-token", "  "), {}), (("--api-token", " tok"), {}),
+                                       ((), {"OSSRUN_API_TOKEN": ""}), ((), {"OSSRUN_API_TOKEN": " "})])
+def test_serve_refuses_an_empty_api_token_rather_than_serve_without_one(args, env, tmp_path):
+    """An empty token would serve an open API; one with spaces around it a closed one (no client can present it)."""
+    result = ossrun("serve", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--port", str(free_port()), *args, env=env)
+    assert result.returncode == 2 and "--api-token" in result.stderr and "empty" in result.stderr, result.stderr
