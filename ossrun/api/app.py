@@ -183,6 +183,12 @@ class HeadAsGet:
         await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
+def _internal_error(request: Request) -> Response:
+    """The 500 of an unexpected exception (called while it is being handled): its traceback logged, a bare answer."""
+    log.exception("unhandled error on %s %s request_id=%s", request.method, request.url.path, request_ids.of_scope(request.scope))
+    return _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
+
+
 def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     service = Service(engine, settings, Metering(engine.info.served_name, engine))
     service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / "batch.sqlite")
@@ -229,7 +235,10 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         else:
             response = None if open_path else _refusal(request, settings, limiter)
         if response is None:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # answered here, inside the middlewares: counted, logged per request, its traceback once
+                response = _internal_error(request)
         service.metering.requests.labels(_route_path(request.scope, routes), str(response.status_code)).inc()  # refusals too
         return response
 
@@ -276,10 +285,10 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        """Answered outside every middleware (Starlette's ServerErrorMiddleware): the request id is added here."""
+        """The last resort for an error outside the guard (the guard answers the routes' own): answered outside every
+        middleware (Starlette's ServerErrorMiddleware), so the request id is added here."""
+        response = _internal_error(request)
         request_id = request_ids.of_scope(request.scope)
-        log.exception("unhandled error on %s %s request_id=%s", request.method, request.url.path, request_id)
-        response = _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
         if request_id is not None:
             response.headers[request_ids.HEADER] = request_id
         return response

@@ -60,8 +60,9 @@ def log_answer(scope: dict[str, Any], status: int, seconds: float) -> None:
 
 class RequestIds:
     """Outermost: gives each HTTP request its id, sends it as `x-request-id` on the answer's start (success,
-    error and stream alike) and logs the answer's line. A 500 from an unhandled exception is answered outside
-    every middleware (Starlette's ServerErrorMiddleware), so its handler adds the header and logs itself."""
+    error and stream alike) and logs the answer's line. A route's unhandled exception is answered 500 by the
+    app's guard, inside this middleware; only an error outside the guard reaches the handler on Starlette's
+    ServerErrorMiddleware, which adds the header itself."""
 
     def __init__(self, app):
         self.app = app

@@ -107,6 +107,13 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
         return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions)
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "")
-    return ResponsesSurface(outcome, model, prices, ask.source,
-                            lambda response: service.responses.remember(response["id"], ask.items, ask.store, response), ask.logprobs,
+
+    def remember(response: dict[str, Any]) -> None:
+        """The answer exists and is metered: a store that fails costs only its later `previous_response_id`."""
+        try:
+            service.responses.remember(response["id"], ask.items, ask.store, response)
+        except Exception:
+            log.exception("could not store response %s; it is answered but cannot be continued", response["id"])
+
+    return ResponsesSurface(outcome, model, prices, ask.source, remember, ask.logprobs,
                             {"temperature": plan.params.temperature, "top_p": plan.params.top_p})

@@ -1,0 +1,57 @@
+"""An unexpected error on the real engine's app: the 500 is counted and logged like every answer, its traceback once;
+and a Responses answer that exists is answered even when storing it fails (storage faults injected, model real)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+import httpx
+import pytest
+
+from ossrun import harmony
+from ossrun.api.app import AppSettings, build_app
+from ossrun.engine.async_engine import AsyncEngine
+from tests.server_util import MODEL
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints, tmp_path_factory):
+    engine = AsyncEngine.from_model(checkpoints["original"], "float32", precision="exact", decode_token=harmony.token_bytes,
+                                    kv_cache_bytes=16 * 1024**2)
+    app = build_app(engine, AppSettings(data_dir=tmp_path_factory.mktemp("errors-data"), rate_limit_per_minute=0))
+    yield app
+    engine.shutdown()
+
+
+def _disk_error(*args, **kwargs):
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+async def _post(app, path: str, body: dict) -> tuple[httpx.Response, str]:
+    """The answer (the app's own exceptions are raised here, as the server would log them again) and /metrics after."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
+        answer = await client.post(path, json=body)
+        return answer, (await client.get("/metrics")).text
+
+
+def test_a_500_is_counted_logged_once_and_carries_its_id(served, monkeypatch, caplog):
+    monkeypatch.setattr(served.state.service.batch_store, "create", _disk_error)
+    caplog.set_level(logging.INFO)
+    answer, metrics = asyncio.run(_post(served, f"/client/v4/accounts/a/ai/run/{MODEL}",
+                                        {"requests": [{"prompt": "Hi", "max_tokens": 2}]}))
+    assert answer.status_code == 500 and answer.json()["errors"][0]["code"] == 3000
+    assert 'ossrun_requests_total{route="/client/v4/accounts/{account_id}/ai/run/{model:path}",status="500"} 1.0' in metrics
+    request_id = answer.headers["x-request-id"]
+    lines = [r for r in caplog.records if f"request_id={request_id}" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["ERROR", "WARNING"]  # the traceback, then the answer's line
+    assert lines[0].exc_info is not None and " 500 " in lines[1].getMessage()
+
+
+def test_a_response_that_cannot_be_stored_is_still_answered(served, monkeypatch, caplog):
+    monkeypatch.setattr(served.state.service.responses, "remember", _disk_error)
+    answer, _ = asyncio.run(_post(served, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 8}))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] in ("completed", "incomplete") and answer.json()["usage"]["output_tokens"] > 0
+    assert any("could not store response" in r.getMessage() and r.exc_info for r in caplog.records)
