@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -78,9 +79,10 @@ def _reported(verbose: bool) -> Iterator[None]:
 
 
 def _positive(name: str) -> Callable[[float], float]:
+    """A finite number above 0: NaN passes a `<= 0` test (and then every timeout fires at once), inf a cache size."""
     def check(value: float) -> float:
-        if value <= 0:
-            raise typer.BadParameter(f"{name} must be greater than 0")
+        if not (0 < value < math.inf):
+            raise typer.BadParameter(f"{name} must be a finite number greater than 0")
         return value
     return check
 

@@ -110,7 +110,8 @@ def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_pa
     base = ("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path))
     for args, expected in ((("--lora", "x"), "--lora takes NAME=DIR"), (("--lora", "x=/nonexistent"), "no such directory")):
         _one_clear_line(ossrun(*base, "--port", str(free_port()), *args), expected)
-    for args in (("--request-timeout", "-1"), ("--kv-cache-gib", "0"), ("--port", "70000"), ("--rate-limit", "-1")):
+    for args in (("--request-timeout", "-1"), ("--kv-cache-gib", "0"), ("--port", "70000"), ("--rate-limit", "-1"),
+                 ("--request-timeout", "nan"), ("--client-timeout", "nan"), ("--kv-cache-gib", "nan"), ("--kv-cache-gib", "inf")):
         result = ossrun(*base, *args)
         assert result.returncode == 2 and "Invalid value" in result.stderr, (args, result.stderr)
 
