@@ -65,8 +65,8 @@ def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None 
                "--data-dir", str(data_dir), "--precision", "exact", "--dtype", "float32", *args]
     if token:
         command += ["--api-token", token]
-    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, "OSSRUN_API_TOKEN": ""},
-                               preexec_fn=preexec_fn)
+    env = {name: value for name, value in os.environ.items() if name != "OSSRUN_API_TOKEN"}  # only `token` counts
+    process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
     server = Server(process, port, data_dir, token, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
