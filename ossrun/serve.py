@@ -187,11 +187,13 @@ def serve(settings: ServerSettings) -> None:
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
                                         client_timeout_s=settings.client_timeout_s))
     base = f"http://{settings.host}:{settings.port}"
-    auth = f" -H 'Authorization: Bearer {settings.api_token}'" if settings.api_token else ""
+    # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
+    auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""
+    api_key = "os.environ['OSSRUN_API_TOKEN']" if settings.api_token else "'unused'"
     print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
     print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
-    print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key='{settings.api_token or 'unused'}')", flush=True)
+    print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key={api_key})", flush=True)
     try:
         # Proxy headers only from the proxies named: uvicorn believes 127.0.0.1's by default, and with the default
         # --host every client connects from there, so any of them could pick its own rate-limit key.

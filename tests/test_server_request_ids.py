@@ -47,3 +47,9 @@ def test_the_log_line_of_an_answer_has_its_id_and_the_clients(server):
     for request_id in ids:
         line = next(line for line in log.splitlines() if f"request_id={request_id}" in line)
         assert "POST /client/v4/accounts/acct/ai/run/@cf/openai/gpt-oss-20b 200 " in line and "x-request-id='trace-42'" in line
+
+
+def test_the_startup_banner_shows_how_to_pass_the_token_not_the_token(server):
+    banner = [line for line in server.log.read_text().splitlines() if "curl " in line or "OpenAI SDK" in line]
+    assert len(banner) == 2 and all(server.token not in line for line in banner), banner
+    assert '"Authorization: Bearer $OSSRUN_API_TOKEN"' in banner[0] and "os.environ['OSSRUN_API_TOKEN']" in banner[1]
