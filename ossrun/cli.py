@@ -59,12 +59,13 @@ def _fail(message: str) -> NoReturn:
 def _user_errors() -> tuple[type[Exception], ...]:
     """What a wrong --model, --device, --lora or cache size raises (imported late: `tokenize` needs no torch)."""
     from ossrun.engine.errors import AdapterLoadError, CacheTooSmallError
+    from ossrun.model.checkpoint import CheckpointError
     from ossrun.model.gpt_oss import DeviceError
     from ossrun.model.lora import AdapterError
     from ossrun.model.resolve import ModelNotFound
     from ossrun.serve import SettingsError
 
-    return ModelNotFound, DeviceError, AdapterError, AdapterLoadError, CacheTooSmallError, SettingsError
+    return ModelNotFound, CheckpointError, DeviceError, AdapterError, AdapterLoadError, CacheTooSmallError, SettingsError
 
 
 @contextmanager
@@ -110,6 +111,8 @@ def make_model(
     from ossrun.model.checkpoint import write_random_checkpoint
     from ossrun.model.config import PRESETS
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; it takes a directory")
     start = time.perf_counter()
     write_random_checkpoint(PRESETS[preset.value], out, layout.value, seed)
     typer.echo(f"wrote {preset.value} ({layout.value} layout, seed {seed}) to {out} in {time.perf_counter() - start:.1f}s")

@@ -77,8 +77,11 @@ def _claim(data_dir: Path) -> IO[str]:
     abandoned, queue and run them again, and write the same fine-tunes; it is refused before anything loads."""
     import fcntl
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / "server.lock", "a+")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(data_dir / "server.lock", "a+")
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise SettingsError(f"--data-dir {data_dir}: cannot use it ({exc.strerror or exc})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -173,3 +173,18 @@ def test_serve_refuses_an_empty_api_token_rather_than_serve_without_one(args, en
     """An empty token would serve an open API; one with spaces around it a closed one (no client can present it)."""
     result = ossrun("serve", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--port", str(free_port()), *args, env=env)
     assert result.returncode == 2 and "--api-token" in result.stderr and "empty" in result.stderr, result.stderr
+
+
+def test_operator_mistakes_with_the_data_dir_and_checkpoint_are_one_line(checkpoints, tmp_path):
+    """As README promises: one line and exit 2, not a traceback (a file where a directory belongs, a broken checkpoint)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    serve = ("serve", "--port", str(free_port()))
+    _one_clear_line(ossrun(*serve, "--model", str(checkpoints["original"]), "--data-dir", str(a_file)), f"--data-dir {a_file}")
+    not_json, no_weights = tmp_path / "not-json", tmp_path / "no-weights"
+    not_json.mkdir(), no_weights.mkdir()
+    (not_json / "config.json").write_text("{oops")
+    (no_weights / "config.json").write_text((checkpoints["original"] / "config.json").read_text())
+    _one_clear_line(ossrun(*serve, "--model", str(not_json), "--data-dir", str(tmp_path / "d1")), "config.json is not JSON")
+    _one_clear_line(ossrun(*serve, "--model", str(no_weights), "--data-dir", str(tmp_path / "d2")), "no .safetensors files")
+    _one_clear_line(ossrun("make-model", "--out", str(a_file)), "is a file")

@@ -117,6 +117,18 @@ def hf_specs(config: ModelConfig) -> list[tuple[TensorSpec, str, tuple[int, int]
 
 # -- loading --------------------------------------------------------------------------------------
 
+class CheckpointError(ValueError):
+    """A directory that looks like a checkpoint but cannot be one (a config that is not JSON, no weights): the
+    operator's mistake, said in one line."""
+
+
+def _config_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not JSON ({exc})") from None
+
+
 def detect_layout(path: Path) -> tuple[str, Path]:
     """→ (layout, directory). A hub snapshot holds both; `original/` is preferred (one file, no renames)."""
     path = Path(path)
@@ -125,13 +137,13 @@ def detect_layout(path: Path) -> tuple[str, Path]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json and no original/config.json: not a gpt-oss checkpoint")
-    return ("hf" if "model_type" in json.loads(config_file.read_text()) else "original"), path
+    return ("hf" if "model_type" in _config_json(config_file) else "original"), path
 
 
 def read_config(path: str | Path) -> ModelConfig:
     """The architecture of a checkpoint in either layout, without touching its weights."""
     layout, directory = detect_layout(Path(path))
-    data = json.loads((directory / "config.json").read_text())
+    data = _config_json(directory / "config.json")
     return ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
 
 
@@ -140,7 +152,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     config = read_config(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no .safetensors files")
+        raise CheckpointError(f"{directory}: no .safetensors files")
     stored: dict[str, torch.Tensor] = {}
     for file in files:
         stored.update(open_mmap(file))
