@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import re
+import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,6 +242,23 @@ def random_tensors(config: ModelConfig, device: torch.device | str, seed: int = 
     """
     weights = RandomWeights(config, seed)
     return {spec.name: weights.make(spec, device) for spec in original_specs(config)}
+
+
+def write_once(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(directory)` into a directory of this process's own, then renamed to `path` in one step: a killed
+    write never leaves a half checkpoint at `path`, and of two processes writing the same one into a shared cache
+    the first rename wins and the other drops its copy (the same bytes) instead of failing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{path.name}.partial-", dir=path.parent))
+    try:
+        write(partial)
+        partial.rename(path)
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
 
 
 def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = "original", seed: int = 0) -> Path:

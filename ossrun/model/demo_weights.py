@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ossrun.model.checkpoint import write_checkpoint
+from ossrun.model.checkpoint import write_checkpoint, write_once
 from ossrun.model.config import ModelConfig
 from ossrun.model.safetensors_io import TensorSpec, open_mmap, read_header, write_streaming
 
@@ -72,7 +72,5 @@ def demo_dir(cache: Path, compact: Path = WEIGHTS_FILE) -> Path:
     path = cache / "models" / f"demo-{digest}"
     if not (path / "config.json").exists():
         log.info("expanding the demo model to %s", path)
-        partial = path.with_name(path.name + ".partial")
-        expand(compact, partial)
-        partial.rename(path)  # atomic: a killed write never leaves a half checkpoint behind
+        write_once(path, lambda out: expand(compact, out))
     return path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ossrun.model.checkpoint import write_random_checkpoint
+from ossrun.model.checkpoint import write_once, write_random_checkpoint
 from ossrun.model.config import PRESETS
 from ossrun.model.demo_weights import demo_dir
 from ossrun.paths import cache_dir
@@ -36,9 +36,7 @@ def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
     path = cache_dir() / "models" / f"{preset}-{layout}-seed{seed}"
     if not (path / "config.json").exists():
         log.info("writing the %s preset to %s", preset, path)
-        partial = path.with_name(path.name + ".partial")
-        write_random_checkpoint(PRESETS[preset], partial, layout, seed)
-        partial.rename(path)  # atomic: a killed write never leaves a half checkpoint behind
+        write_once(path, lambda out: write_random_checkpoint(PRESETS[preset], out, layout, seed))
     return path
 
 
