@@ -23,7 +23,7 @@ def _resolve_tiny(cache: str, start, results) -> None:
 
 
 def test_two_processes_writing_one_preset_both_get_it(tmp_path):
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # not fork: earlier tests leave threads (engines) behind
     start, results = context.Barrier(2), context.Queue()
     workers = [context.Process(target=_resolve_tiny, args=(str(tmp_path), start, results)) for _ in range(2)]
     for worker in workers:
