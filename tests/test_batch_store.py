@@ -8,6 +8,14 @@ from ossrun.batch.store import SQLiteBatchStore
 from ossrun.batch.worker import BatchWorker, ItemOutcome
 
 
+
+async def until_done(store, batch_id: str, within_s: float) -> None:
+    """Poll the store until the batch is done or `within_s` has passed (the test's asserts then say which)."""
+    for _ in range(int(within_s / 0.02)):
+        if store.get(batch_id).status == "done":
+            return
+        await asyncio.sleep(0.02)
+
 def test_items_are_kept_in_order_with_their_references(tmp_path):
     store = SQLiteBatchStore(tmp_path / "q.sqlite")
     batch_id = store.create("@cf/openai/gpt-oss-20b", [{"prompt": "a", "external_reference": "ref-a"}, {"prompt": "b"}])
@@ -60,10 +68,7 @@ def test_worker_runs_every_item_once_and_survives_a_failing_one(tmp_path):
         worker.start()
         batch_id = store.create("m", [{"prompt": p} for p in ["a", "boom", "c", "d", "e"]])
         worker.notify()
-        for _ in range(200):
-            if store.get(batch_id).status == "done":
-                break
-            await asyncio.sleep(0.02)
+        await until_done(store, batch_id, 4.0)
         await worker.stop()
         return store.get(batch_id)
 
@@ -102,16 +107,10 @@ def test_worker_survives_a_failing_store_and_finishes_every_item(tmp_path, caplo
         worker.start()
         first = store.create("m", [{"prompt": str(i)} for i in range(8)])
         worker.notify()
-        for _ in range(300):
-            if store.get(first).status == "done":
-                break
-            await asyncio.sleep(0.02)
+        await until_done(store, first, 6.0)
         later = store.create("m", [{"prompt": "later"}])  # the queue still takes and runs new work
         worker.notify()
-        for _ in range(100):
-            if store.get(later).status == "done":
-                break
-            await asyncio.sleep(0.02)
+        await until_done(store, later, 2.0)
         await worker.stop()
         return store.get(first), store.get(later)
 
