@@ -227,3 +227,36 @@ def test_metrics_show_the_batch_backlog_and_keep_batch_latency_apart(checkpoints
         assert after["ossrun_request_seconds_count"] == before["ossrun_request_seconds_count"]
     finally:
         server.stop()
+
+
+def _until(check, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition did not come in time"
+        time.sleep(0.2)
+
+
+def test_health_and_metrics_say_when_the_batch_store_keeps_failing(checkpoints, tmp_path):
+    """Before: with the store failing, /health said ok with nothing about the queue standing still, and /metrics
+    answered 500 (its backlog query raised). The store is broken from outside, as a failing disk would: its
+    items table renamed away by another connection, then back."""
+    import sqlite3
+
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        assert server.health()["batch_store"] == "ok"
+        outside = sqlite3.connect(tmp_path / "data" / "batch.sqlite", isolation_level=None)
+        outside.execute("ALTER TABLE items RENAME TO items_away")
+        _until(lambda: server.health()["batch_store"] == "failing")
+        health = server.health()
+        assert health["status"] == "ok"  # interactive requests are still served: liveness stays
+        metrics = httpx.get(server.base + "/metrics", timeout=30)
+        assert metrics.status_code == 200 and "ossrun_batch_store_up 0.0" in metrics.text
+        outside.execute("ALTER TABLE items_away RENAME TO items")
+        outside.close()
+        _until(lambda: server.health()["batch_store"] == "ok")
+        assert "ossrun_batch_store_up 1.0" in httpx.get(server.base + "/metrics", timeout=30).text
+        request_id = queue(server, items(2))
+        assert all(r["success"] for r in wait_done(server, request_id)["responses"])  # the queue moves again
+    finally:
+        server.stop()

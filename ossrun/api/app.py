@@ -199,6 +199,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     service.metering.batch_backlog = service.batch_store.backlog
     worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s,
                          on_done=service.metering.batch_item_done)
+    service.metering.batch_store_ok = lambda: worker.store_ok
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -295,7 +296,10 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     @app.get("/health", tags=["Server"])
     async def health():
-        return {"status": "ok", "model": engine.info.served_name, **engine.stats()}
+        """Liveness stays "ok" while the batch store fails (interactive requests are still served; a load balancer
+        must not drop the server for it); `batch_store` says whether the queue can move."""
+        return {"status": "ok", "model": engine.info.served_name, **engine.stats(),
+                "batch_store": "ok" if worker.store_ok else "failing"}
 
     @app.get("/metrics", tags=["Server"])
     async def metrics():

@@ -60,7 +60,10 @@ class Metering:
                                       ["success"], registry=r)
         for success in ("true", "false"):
             self.batch_finished.labels(success)  # both series from the start, at 0
+        self.batch_store_up = Gauge("ossrun_batch_store_up", "1 while the batch queue's store works, 0 while it keeps "
+                                    "failing (the queue stands still until it works again)", registry=r)
         self.batch_backlog: Callable[[], dict[str, int]] = dict  # the batch store's `backlog`, once the app has one
+        self.batch_store_ok: Callable[[], bool] = lambda: True  # the batch worker's `store_ok`, once the app has one
         self._last = (0, 0.0)
         self._unread = 0
 
@@ -92,9 +95,20 @@ class Metering:
             self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
         self._last = (stats["generated_tokens_total"], now)
         self._meter_unread(stats.get("unread_tokens_total", 0))
-        for state, count in self.batch_backlog().items():
-            self.batch_items.labels(state).set(count)
+        self._meter_batch_store()
         return generate_latest(self.registry)
+
+    def _meter_batch_store(self) -> None:
+        """A failing store must not take /metrics down with it: the backlog keeps its last values and the
+        `ossrun_batch_store_up` gauge says why."""
+        up = self.batch_store_ok()
+        try:
+            backlog = self.batch_backlog()
+        except Exception:  # the worker logs the failure (once per streak); the scrape goes on
+            backlog, up = {}, False
+        for state, count in backlog.items():
+            self.batch_items.labels(state).set(count)
+        self.batch_store_up.set(1 if up else 0)
 
     def _meter_unread(self, total: int) -> None:
         """Tokens the engine generated for requests that stopped reading (a client that left, a stop string

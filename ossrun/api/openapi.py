@@ -450,6 +450,8 @@ class Health(_Out):
     waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
+    batch_store: Literal["ok", "failing"] = Field(description="\"failing\" while the batch queue's store keeps failing "
+                                                  "(the queue stands still; interactive requests are still served)")
 
 
 RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,

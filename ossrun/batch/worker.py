@@ -51,7 +51,7 @@ class BatchWorker:
         self._active: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._store_failing = False  # a failure streak is logged once, at its start and at its end
+        self.store_failing_since: float | None = None  # the start of a failure streak (logged once, start and end)
 
     def start(self) -> None:
         requeued = self.store.requeue_running()
@@ -59,6 +59,11 @@ class BatchWorker:
             log.info("batch queue: %d items interrupted by the last shutdown are queued again", requeued)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ossrun-batch-worker")
         self._task.add_done_callback(_report_death)
+
+    @property
+    def store_ok(self) -> bool:
+        """False while the store keeps failing: /health and /metrics say so, since the queue then stands still."""
+        return self.store_failing_since is None
 
     def notify(self) -> None:
         """New work was queued: look now rather than at the next poll."""
@@ -113,14 +118,14 @@ class BatchWorker:
             try:
                 result = await asyncio.to_thread(call, *args)
             except Exception:
-                if not self._store_failing:
-                    self._store_failing = True
+                if self.store_failing_since is None:
+                    self.store_failing_since = time.time()
                     log.exception("batch queue: the store failed to %s; retrying until it works again", what)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            if self._store_failing:
-                self._store_failing = False
+            if self.store_failing_since is not None:
+                self.store_failing_since = None
                 log.warning("batch queue: the store works again")
             return result
 
