@@ -46,3 +46,43 @@ def test_a_writer_that_loses_the_race_uses_the_winners_checkpoint(tmp_path):
 
     assert write_once(path, write) == path
     assert [p.name for p in path.parent.iterdir()] == ["x"] and load_checkpoint(path).config == PRESETS["tiny"]
+
+
+def _write_then_hang(path: str, started) -> None:
+    import time
+    from pathlib import Path
+
+    def write(out):
+        (out / "model.safetensors").write_bytes(b"\0" * 4096)  # a first file, then the process is killed
+        started.set()
+        time.sleep(600)
+
+    write_once(Path(path), write)
+
+
+def test_a_killed_writers_partial_is_removed_by_the_next_writer_and_a_live_ones_kept(tmp_path):
+    """Before: a process killed mid-write left its `NAME.partial-XXXX` folder (13 GB for the 20b preset) for ever."""
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    path = tmp_path / "models" / "x"
+    started = context.Event()
+    killed = context.Process(target=_write_then_hang, args=(str(path), started))
+    killed.start()
+    assert started.wait(60)
+    killed.kill()
+    killed.join()
+    assert killed.exitcode == -signal.SIGKILL
+    assert len(list(path.parent.glob("x.partial-*"))) == 1
+    live = context.Process(target=_write_then_hang, args=(str(path), started := context.Event()))
+    live.start()
+    try:
+        assert started.wait(60)
+        partials = [p.name for p in path.parent.glob("x.partial-*")]  # the next writer removed the killed one's
+        assert len(partials) == 1 and f"-{live.pid}-" in partials[0]
+        write_once(path, lambda out: write_random_checkpoint(PRESETS["tiny"], out, "original", 1))
+        left = sorted(p.name for p in path.parent.iterdir())
+        assert left[0] == "x" and len(left) == 2 and f"-{live.pid}-" in left[1]  # the live writer's stays
+    finally:
+        live.kill()
+        live.join()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import socket
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -249,7 +251,9 @@ def write_once(path: Path, write: Callable[[Path], object]) -> Path:
     write never leaves a half checkpoint at `path`, and of two processes writing the same one into a shared cache
     the first rename wins and the other drops its copy (the same bytes) instead of failing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{path.name}.partial-", dir=path.parent))
+    _remove_dead_writers_partials(path)
+    partial = Path(tempfile.mkdtemp(prefix=_partial_prefix(path) + f"{socket.gethostname()}-{os.getpid()}-",
+                                    dir=path.parent))
     try:
         write(partial)
         partial.rename(path)
@@ -259,6 +263,32 @@ def write_once(path: Path, write: Callable[[Path], object]) -> Path:
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path
+
+
+def _partial_prefix(path: Path) -> str:
+    return f"{path.name}.partial-"
+
+
+def _remove_dead_writers_partials(path: Path) -> None:
+    """A writer killed mid-write leaves its directory (up to the 20b preset's 13 GB) behind; the next writer of
+    the same checkpoint removes it. Only a directory of this host whose process is gone: a live writer's, or one
+    of another machine sharing the cache, is never touched."""
+    pattern = re.compile(re.escape(_partial_prefix(path)) + re.escape(socket.gethostname()) + r"-(\d+)-[^/]*$")
+    for leftover in path.parent.glob(_partial_prefix(path) + "*"):
+        match = pattern.match(leftover.name)
+        if match and not _process_alive(int(match.group(1))):
+            log.info("removing %s, left by a writer that was stopped mid-write", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_random_checkpoint(config: ModelConfig, out: str | Path, layout: str = "original", seed: int = 0) -> Path:
