@@ -223,6 +223,22 @@ def test_top_p_stops_at_exact_cumulative_equality(top_k):
     assert_final_probs(DYADIC, [2 / 15, 8 / 15, 1 / 15, 4 / 15, 0, 0], top_p=0.9, top_k=top_k)
 
 
+@pytest.mark.parametrize("top_k", [0, 5])  # long path, and the top_k path
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_one(top_k):
+    """Before: min_p was accepted and ignored. Relative to the top token (1/2): 1/4 is its half, 1/8 its quarter."""
+    assert_final_probs(DYADIC, [0, 2 / 3, 0, 1 / 3, 0, 0], min_p=0.5, top_k=top_k)  # 1/4 ≥ 0.5 × 1/2: kept exactly
+    assert_final_probs(DYADIC, [0, 1, 0, 0, 0, 0], min_p=0.51, top_k=top_k)
+    assert_final_probs(DYADIC, [1 / 7, 4 / 7, 0, 2 / 7, 0, 0], min_p=0.25, top_k=top_k)
+    assert_final_probs(DYADIC, [0, 1, 0, 0, 0, 0], min_p=1.0, top_k=top_k)  # the top token always stays
+
+
+def test_min_p_is_taken_after_temperature_and_before_top_p():
+    # T=0.5 squares the probabilities: p ∝ [1/64, 1/4, 1/256, 1/16, 1/256, 0], so token 3 is 1/4 of the top and token 0
+    # 1/16: min_p 0.2 keeps {1, 3} → [0.8, 0.2] (at T=1 it would keep token 0 too), then top_p 0.75 keeps {1}.
+    assert_final_probs(DYADIC, [0, 0.8, 0, 0.2, 0, 0], min_p=0.2, temperature=0.5)
+    assert_final_probs(DYADIC, [0, 1, 0, 0, 0, 0], min_p=0.2, temperature=0.5, top_p=0.75)
+
+
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_tiny_top_p_keeps_only_the_top_token(top_k):
     for seed in range(20):

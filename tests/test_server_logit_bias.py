@@ -60,3 +60,22 @@ def test_a_token_outside_the_vocabulary_is_a_400_naming_logit_bias(client):
         complete(client, {201088: 1})
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logit_bias={"7": 101})
+
+
+def test_min_p_cuts_the_sampled_tokens_to_those_near_the_top_one(client):
+    """Before: `min_p` (vLLM's extension) was accepted and ignored. The random model's distribution is flat, so at
+    temperature 2 seeded samples wander; with min_p 1 only the top token is left, so every sample is greedy's."""
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=2.0, n=4, seed=5)
+    wandering = client.completions.create(**args).choices
+    assert any(c.text != greedy for c in wandering)
+    cut = client.completions.create(**args, extra_body={"min_p": 1.0}).choices
+    assert [c.text for c in cut] == [greedy] * 4
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Capital of Peru?"}], max_tokens=6, n=2, seed=5)
+    greedy_chat = client.chat.completions.create(**{**chat, "n": 1}, temperature=0).choices[0].message.content
+    cut_chat = client.chat.completions.create(**chat, temperature=2.0, extra_body={"min_p": 1.0}).choices
+    assert [c.message.content for c in cut_chat] == [greedy_chat] * 2
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        client.completions.create(**args, extra_body={"min_p": 1.5})
+    with pytest.raises(openai.BadRequestError, match="min_p is not a Responses parameter"):
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, extra_body={"min_p": 0.1})

@@ -45,6 +45,7 @@ class Ask:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # /v1 only (vLLM's extension)
     seed: int | None = None
     repetition_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -115,7 +116,8 @@ def _sampling(m: schemas.Sampling) -> dict[str, Any]:
                 repetition_penalty=m.repetition_penalty, frequency_penalty=m.frequency_penalty, presence_penalty=m.presence_penalty,
                 stop=stop, n=m.n or 1, lora=m.lora, stream=m.stream, effort=m.reasoning_effort,
                 include_usage=bool(m.stream_options and m.stream_options.include_usage),
-                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m, logit_bias=_logit_bias(m))
+                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m, logit_bias=_logit_bias(m),
+                min_p=m.min_p if isinstance(m, schemas.OpenAISampling) else None)
 
 
 def _logit_bias(m: schemas.Sampling) -> tuple[tuple[int, float], ...]:

@@ -229,7 +229,7 @@ class TextConfig(_Open):
 # is a 400 naming it, as OpenAI refuses them; other unknown names stay accepted and ignored. → what to do instead.
 NOT_RESPONSES = {"max_tokens": "use max_output_tokens", "max_completion_tokens": "use max_output_tokens",
                  **{name: "the Responses shape has none, so it would be ignored" for name in (
-                     "stop", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "n")}}
+                     "stop", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "min_p", "n")}}
 
 
 def _not_here(hint: str) -> Any:
@@ -273,6 +273,7 @@ class ResponsesInput(_Open):
     presence_penalty: None = _not_here(NOT_RESPONSES["presence_penalty"])
     repetition_penalty: None = _not_here(NOT_RESPONSES["repetition_penalty"])
     top_k: None = _not_here(NOT_RESPONSES["top_k"])
+    min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
 
     @field_validator(*NOT_RESPONSES, mode="before")
@@ -327,6 +328,8 @@ class OpenAISampling(_Open):
     """Sampling fields only the OpenAI surface (`/v1/chat/completions`, `/v1/completions`) takes."""
 
     logit_bias: LogitBias | None = None
+    min_p: float | None = Field(None, ge=0, le=1, description="vLLM's extension: keep only tokens whose probability "
+                                "(after temperature) is at least min_p × the most likely token's; 0 or absent: off")
 
 
 def _when(field: str, then: str) -> dict[str, Any]:

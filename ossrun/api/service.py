@@ -155,6 +155,7 @@ def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int, vocab_
             temperature=ask.temperature if ask.temperature is not None else defaults["temperature"],
             top_p=ask.top_p or 1.0,
             top_k=ask.top_k or 0,
+            min_p=ask.min_p or 0.0,
             seed=ask.seed,
             repetition_penalty=ask.repetition_penalty or 1.0,  # 0 (Workers AI's minimum) is off, as ROUTES.md says
             frequency_penalty=ask.frequency_penalty or 0.0,

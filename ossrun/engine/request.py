@@ -22,6 +22,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off; keep tokens at least min_p × the top token's probability (after temperature)
     seed: int | None = None
     repetition_penalty: float = 1.0  # multiplicative (CTRL), on tokens seen in prompt or output
     frequency_penalty: float = 0.0  # additive, × count in the output
@@ -42,6 +43,7 @@ class SamplingParams:
             (self.temperature >= 0, "temperature must be non-negative"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be non-negative"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be positive"),
             (self.penalty_exempt_from is None or self.penalty_exempt_from >= 0, "penalty_exempt_from must be a token id"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),

@@ -22,15 +22,18 @@ Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate`
 6. Divide by temperature.
 7. top_k (0 = off): keep every token whose logit is ≥ the k-th largest. Tokens tied with the k-th are
    all kept, as vLLM (`apply_top_k_only`) and HF (`TopKLogitsWarper`) do.
-8. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
+8. min_p (0 = off; vLLM's and HF's `min_p`, Nguyen et al. 2024): keep every token whose probability after
+   temperature is ≥ min_p × the top token's. A cut relative to the max, as top_k is, so the two commute;
+   before top_p, as vLLM applies it, so top_p's nucleus is taken of what min_p left.
+9. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
    tokens whose cumulative probability is ≥ top_p (a token is kept iff the tokens ranked above it
    sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept.
    Ties at the cut are broken by lowest token id, so the set is deterministic (vLLM's is arbitrary).
-9. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
+10. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
    E_i ~ Exp(1) and the largest p_i / E_i wins, which picks i with probability exactly p_i / Σp.
    It runs in two levels — first among 1024-token blocks (by token id) weighted by block mass,
    then among the winning block's tokens — so a row draws ceil(V/1024) + min(V, 1024) numbers
-   per step (1,221 for gpt-oss), not V. A token removed by the mask, top_k or top_p has p = 0 and
+   per step (1,221 for gpt-oss), not V. A token removed by the mask, top_k, min_p or top_p has p = 0 and
    can never win.
 
 Logprobs (OpenAI `logprobs` / `top_logprobs`): log_softmax over the logits after the mask, the bias and
@@ -364,7 +367,7 @@ def _flat_index(rows: list, vocab: int, device: torch.device) -> tuple[torch.Ten
 
 
 def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature → top_k → top_p → race, on each row's k candidates (logits [n, V] not written),
+    """Temperature → top_k → min_p → top_p → race, on each row's k candidates (logits [n, V] not written),
     with exactly the outcome of the long path. → (tokens [n], tied [n]): rows whose k-th logit ties
     the next are not decided here."""
     device = logits.device
@@ -376,6 +379,8 @@ def _sample_top_k(logits: torch.Tensor, params: list[SamplingParams], noise: tor
     values, in_top_k = values.gather(1, order), in_top_k.gather(1, order)
     temperature = _temperatures(params, device)
     e = ((values - values.amax(-1, keepdim=True)) / temperature).exp() * in_top_k  # as the long path
+    if any(p.min_p > 0 for p in params):
+        _apply_min_p(e, params)
     if any(p.top_p < 1.0 for p in params):
         e = _top_p_in_id_order(e, torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device))
     return _race_sparse(e, ids, logits.shape[1], noise), tied
@@ -397,7 +402,7 @@ def _top_p_in_id_order(e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_full(x: torch.Tensor, params: list[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
-    """Temperature → top_k → top_p → race, in place on x [n, V], whose rows with top_p < 1 come first."""
+    """Temperature → top_k → min_p → top_p → race, in place on x [n, V], whose rows with top_p < 1 come first."""
     vocab = x.shape[1]
     x.sub_(x.amax(-1, keepdim=True))  # first, so that a tiny temperature cannot overflow
     if any(p.temperature != 1.0 for p in params):
@@ -407,6 +412,8 @@ def _sample_full(x: torch.Tensor, params: list[SamplingParams], noise: torch.Ten
         k = torch.tensor([params[i].top_k for i in k_rows], device=x.device)
         _on_rows(x, k_rows, lambda sub: _apply_top_k(sub, k))
     x.exp_()  # unnormalised probabilities; the max becomes exactly 1
+    if any(p.min_p > 0 for p in params):
+        _apply_min_p(x, params)
     n_p = sum(p.top_p < 1.0 for p in params)
     if n_p:
         _apply_top_p(x[:n_p], torch.tensor([p.top_p for p in params[:n_p]], dtype=torch.float64, device=x.device))
@@ -425,6 +432,13 @@ def _apply_top_k(x: torch.Tensor, k: torch.Tensor) -> None:
     """-inf below each row's k-th largest logit (x [n, V], k long [n]); ties with the k-th stay."""
     kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
     x.masked_fill_(x < kth, float("-inf"))
+
+
+def _apply_min_p(e: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Zero every unnormalised probability below its row's min_p (e [n, m], each row's max exactly 1, so p / p_max
+    is e itself). The top token always stays: its e is 1 ≥ any min_p."""
+    min_p = torch.tensor([p.min_p for p in params], dtype=e.dtype, device=e.device)[:, None]
+    e.masked_fill_(e < min_p, 0.0)
 
 
 def _apply_top_p(e: torch.Tensor, top_p: torch.Tensor) -> None:
