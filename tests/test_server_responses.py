@@ -61,6 +61,16 @@ def test_a_chain_that_ended_in_a_function_call_needs_its_output(server):
     assert answered["output_text"] == "It is 7°C and rainy in Paris."
 
 
+def test_an_error_names_the_callers_own_item_after_a_previous_response(server):
+    """Before: with `previous_response_id`, `input[i]` in an error counted the stored conversation's items too, so
+    the caller was pointed at an index its request does not have."""
+    first = post_json(server, "/v1/responses", {"model": MODEL, "input": GERMANY, "max_output_tokens": 60})
+    stray = {"type": "function_call_output", "call_id": "call_nowhere", "output": "7"}
+    body = {"model": MODEL, "previous_response_id": first["id"], "input": [{"role": "user", "content": "Hi"}, stray]}
+    refused = post_json(server, "/v1/responses", body, status=400)["error"]
+    assert refused["param"] == "input[1].call_id" and "input[1]: call_id 'call_nowhere'" in refused["message"]
+
+
 def test_output_text_logprobs_sync_and_streamed(server):
     """`include: ["message.output_text.logprobs"]` lists the answer's tokens (spelling its text) with `top_logprobs`
     alternatives in the part, and each delta carries those of its text; without the include, `[]` as on OpenAI."""

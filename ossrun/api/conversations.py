@@ -114,7 +114,10 @@ class ResponseStore:
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
-        return request.model_copy(update={"input": _ITEMS.validate_python(json.loads(row)) + as_input_items(request.input)})
+        stored = _ITEMS.validate_python(json.loads(row))
+        continued = request.model_copy(update={"input": stored + as_input_items(request.input)})
+        continued._stored_items = len(stored)
+        return continued
 
     def get(self, response_id: str) -> dict[str, Any] | None:
         """The stored response object, or None."""

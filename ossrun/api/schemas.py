@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
+from pydantic import (BaseModel, PrivateAttr, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
                       ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema
@@ -266,6 +266,9 @@ class ResponsesInput(_Open):
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per logprobs entry (with that `include`)
     max_tokens: None = _not_here(NOT_RESPONSES["max_tokens"])
+    # How many items at the front of `input` came from `previous_response_id` (set by the conversation store): an
+    # error names the caller's own items by their index in what it sent.
+    _stored_items: int = PrivateAttr(0)
     max_completion_tokens: None = _not_here(NOT_RESPONSES["max_completion_tokens"])
     stop: None = _not_here(NOT_RESPONSES["stop"])
     logit_bias: None = _not_here(NOT_RESPONSES["logit_bias"])

@@ -121,7 +121,7 @@ def _converted(ask: Ask) -> harmony.Converted:
     if ask.messages is not None:
         return harmony.convert_chat(ask.messages)
     if ask.items is not None:
-        return harmony.convert_responses(ask.items, ask.instructions)
+        return harmony.convert_responses(ask.items, ask.instructions, ask.stored_items)
     return harmony.convert_prompt(ask.prompt)
 
 

@@ -206,8 +206,9 @@ def _tool_result_name(out: Converted, msg: ChatMessage, where: str) -> str:
 # --- Responses `input` ----------------------------------------------------------------------
 
 
-def convert_responses(input_: str | Sequence[InputItem], instructions: str | None = None) -> Converted:
-    """Responses `input` (a string or items) and `instructions` → instructions and harmony messages."""
+def convert_responses(input_: str | Sequence[InputItem], instructions: str | None = None, stored: int = 0) -> Converted:
+    """Responses `input` (a string or items) and `instructions` → instructions and harmony messages. The first `stored`
+    items are a previous response's conversation: errors name the others by their index in the caller's `input`."""
     out = Converted()
     if instructions is not None:
         out.instructions.append(instructions)
@@ -215,7 +216,7 @@ def convert_responses(input_: str | Sequence[InputItem], instructions: str | Non
         out.messages.append(_message(Author(role=Role.USER), [input_]))
         return out
     for i, item in enumerate(input_):
-        _responses_item(out, item, f"input[{i}]")
+        _responses_item(out, item, f"input[{i - stored}]" if i >= stored else "previous_response_id")
     _check_responses_outputs(out)
     return out
 
