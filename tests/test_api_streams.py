@@ -168,6 +168,8 @@ def test_chat_stream_usage_chunk_only_when_asked(server):
     assert with_usage[-1] == "[DONE]" and with_usage[-2]["choices"] == []
     assert with_usage[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in with_usage[:-2]) == PARIS
+    # OpenAI: "All other chunks will also include a usage field, but with a null value" (before: no key at all)
+    assert all("usage" in c and c["usage"] is None for c in with_usage[:-2])
 
 
 def test_tool_call_sync_and_stream(server):
@@ -280,11 +282,15 @@ def test_responses_stream_event_sequence(server):
     collapsed = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
     assert collapsed == [
         "response.created", "response.in_progress",
-        "response.output_item.added", "response.reasoning_text.delta", "response.reasoning_text.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta", "response.reasoning_text.done",
+        "response.content_part.done", "response.output_item.done",  # the reasoning item's part too (before: none)
         "response.output_item.added", "response.content_part.added", "response.output_text.delta", "response.output_text.done",
         "response.content_part.done", "response.output_item.done",
         "response.completed",
     ]
+    parts = [(e["type"], e["part"]["type"]) for e in events if e["type"].startswith("response.content_part.")]
+    assert parts == [("response.content_part.added", "reasoning_text"), ("response.content_part.done", "reasoning_text"),
+                     ("response.content_part.added", "output_text"), ("response.content_part.done", "output_text")]
     assert events[0]["response"]["status"] == "in_progress"
     text = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
     assert "".join(text) == PARIS and len(text) == token_count(PARIS)
@@ -421,6 +427,7 @@ def test_completions_stream_equals_sync(server):
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"]) == sync["choices"][0]["text"]
     assert [c["choices"][0]["finish_reason"] for c in chunks[:-1] if c["choices"]][-1] == "stop"
     assert chunks[-2]["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-2])  # as on chat
     sdk = openai.OpenAI(base_url=server.base + "/v1", api_key=server.token)
     text = "".join(c.choices[0].text for c in sdk.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
                                                                       temperature=0, stream=True))

@@ -108,3 +108,57 @@ def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):
         store.close()
     finally:
         server.stop()
+
+
+def _frames(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each SSE frame."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "data" in lines:
+            out.append((lines.get("event"), lines["data"]))
+    return out
+
+
+def test_a_stream_cut_by_shutdown_ends_in_its_surfaces_error_shape(checkpoints, tmp_path):
+    """Before: every stream ended with `{"error": {"message", "code": 3040}}`: on /v1 chat not OpenAI's error object
+    (no type, no param, an integer code), on /v1/responses no Responses event at all (no `event:` line, no type, no
+    sequence_number, no `response.failed`)."""
+    import json
+
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    bodies = {server.run_url(): {"prompt": "Hi", "max_tokens": LONG},
+              f"{server.base}/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": LONG},
+              f"{server.base}/v1/responses": {"model": MODEL, "input": "Hi", "max_output_tokens": LONG}}
+    texts: dict[str, list[str]] = {url: [] for url in bodies}
+
+    def read(url: str) -> None:
+        with httpx.stream("POST", url, json={**bodies[url], "stream": True, "temperature": 0}, timeout=60) as r:
+            for piece in r.iter_text():
+                texts[url].append(piece)
+
+    try:
+        threads = [threading.Thread(target=read, args=(url,), daemon=True) for url in bodies]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while min("".join(t).count("data: ") for t in texts.values()) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)  # each stream is generating: its answer has begun
+        server.process.terminate()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        server.stop()
+    run, chat, responses = (_frames("".join(texts[url])) for url in bodies)
+    for frames in (run, chat, responses):
+        assert frames[-1] == (None, "[DONE]")
+    assert json.loads(run[-2][1]) == {"error": {"message": "The server is shutting down, please try again.", "code": 3040}}
+    assert json.loads(chat[-2][1]) == {"error": {"message": "The server is shutting down, please try again.",
+                                                 "type": "server_error", "param": None, "code": "3040"}}
+    events = [json.loads(data) for _, data in responses[:-1]]
+    assert [name for name, _ in responses[:-1]] == [e["type"] for e in events]  # every frame an event of its name
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    failed = events[-1]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": "The server is shutting down, please try again."}
+    assert failed["response"]["id"] == events[0]["response"]["id"] and failed["response"]["output"]

@@ -82,9 +82,13 @@ _OPENAI_TYPES = {400: "invalid_request_error", 403: "authentication_error", 404:
 
 
 def openai_error(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"),
-                      "param": error.param, "code": str(error.code)}}
-    return JSONResponse(body, status_code=error.status)
+    return JSONResponse({"error": openai_error_object(error)}, status_code=error.status)
+
+
+def openai_error_object(error: ApiError) -> dict[str, Any]:
+    """OpenAI's `{message, type, param, code}` (the code a string), in a body or a stream's error frame."""
+    return {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"), "param": error.param,
+            "code": str(error.code)}
 
 
 def is_openai_path(path: str) -> bool:

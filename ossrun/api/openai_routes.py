@@ -33,7 +33,7 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
 
     tally = service.metering.tally(len(made), total)  # /metrics counts the request as its usage does, once
     if ask.stream:
-        streams = [surfaces.stream(service, plan, surface, tally) for plan, surface in zip(plans, made)]
+        streams = [surfaces.stream(service, plan, surface, tally, openai_shape=True) for plan, surface in zip(plans, made)]
         return EventStream(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage))
     answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s, tally) for p, s in zip(plans, made))))
     if len(answers) == 1:

@@ -194,18 +194,24 @@ class FunctionTool(_Out):
     strict: bool
 
 
+class ResponseError(_Out):
+    code: Literal["server_error"]
+    message: str
+
+
 class ResponseObject(_Out):
     id: str
     object: Literal["response"]
     created_at: int
     model: str
-    status: Literal["completed", "incomplete", "in_progress"]
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None
     tools: list[FunctionTool]
     parallel_tool_calls: bool
     incomplete_details: IncompleteDetails | None = None
+    error: ResponseError | None = None  # with status "failed" (a stream's `response.failed`)
 
 
 # -- completions and models ------------------------------------------------------------------------------
@@ -372,7 +378,7 @@ class ResponsesEvent(_Out):
                   "response.content_part.added", "response.content_part.done", "response.reasoning_text.delta",
                   "response.reasoning_text.done", "response.output_text.delta", "response.output_text.done",
                   "response.function_call_arguments.delta", "response.function_call_arguments.done",
-                  "response.completed", "response.incomplete"]
+                  "response.completed", "response.incomplete", "response.failed"]
     sequence_number: int = Field(ge=0)
     response: ResponseObject | None = None
     output_index: int | None = None
@@ -384,12 +390,17 @@ class ResponsesEvent(_Out):
 
 
 class StreamErrorDetail(_Out):
+    """/ai/run: `{message, code}` with Workers AI's code; /v1: OpenAI's error object, its code a string."""
+
     message: str
-    code: int
+    code: int | str
+    type: str | None = None
+    param: str | None = None
 
 
 class StreamError(_Out):
-    """What a stream sends instead of its next frame when generation fails mid-way (then `[DONE]`)."""
+    """What a chunk stream sends instead of its next frame when generation fails mid-way (then `[DONE]`); a Responses
+    stream sends `response.failed` instead."""
 
     error: StreamErrorDetail
 

@@ -19,7 +19,7 @@ from ossrun import harmony
 from ossrun.api.errors import NO_RETRY, TIMEOUT, ApiError
 from ossrun.api.metering import Tally
 from ossrun.api.service import Outcome, Plan, Service
-from ossrun.api.surfaces.frames import DONE, error_frame
+from ossrun.api.surfaces.frames import DONE, stream_error
 from ossrun.engine.client import Priority
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class Surface(Protocol):
 
     def result(self) -> dict[str, Any]:
         """The whole answer, as a sync request returns it."""
+
+    def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
+        """Frames that end a stream whose generation failed (`openai_shape`: a /v1 route), before `[DONE]`."""
 
 
 async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
@@ -63,14 +66,16 @@ async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | N
         tally.ended()
 
 
-async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
-    """Server-sent events: the frames, an error frame if generation fails, then `data: [DONE]`."""
+async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None,
+                 openai_shape: bool = False) -> AsyncIterator[bytes]:
+    """Server-sent events: the frames, the surface's failure frames if generation fails, then `data: [DONE]`."""
     try:
         async with aclosing(drive(service, plan, surface, tally)) as frames:
             async for frame in frames:
                 yield frame
     except Exception as exc:
-        yield error_frame(exc)
+        for frame in surface.failed(stream_error(exc), openai_shape):
+            yield frame
     yield DONE
 
 

@@ -11,10 +11,12 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api import results
 from ossrun.api.service import Outcome, usage
-from ossrun.api.surfaces.frames import frame
+from ossrun.api.surfaces.frames import error_frames, frame
 
 
 class ChatSurface:
+    failed = staticmethod(error_frames)
+
     def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, legacy_functions: bool = False):
         self.outcome, self.model, self.prices = outcome, model, prices
         self.with_logprobs, self.include_usage, self.legacy = with_logprobs, include_usage, legacy_functions
@@ -25,8 +27,11 @@ class ChatSurface:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = self.outcome.stop_reason
-        return frame({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                      "choices": [choice]})
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
+        if self.include_usage:
+            data["usage"] = None  # OpenAI: "all other chunks will also include a usage field, but with a null value"
+        return frame(data)
 
     def opening(self) -> list[bytes]:
         return [self._chunk({"role": "assistant", "content": ""})]

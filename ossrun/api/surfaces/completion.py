@@ -9,10 +9,12 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api import results
 from ossrun.api.service import Outcome, usage
-from ossrun.api.surfaces.frames import frame
+from ossrun.api.surfaces.frames import error_frames, frame
 
 
 class CompletionSurface:
+    failed = staticmethod(error_frames)
+
     def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, echo: str = ""):
         self.outcome, self.model, self.prices = outcome, model, prices
         self.with_logprobs, self.include_usage = with_logprobs, include_usage
@@ -24,7 +26,10 @@ class CompletionSurface:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = self.outcome.stop_reason
-        return frame({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]})
+        data = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]}
+        if self.include_usage:
+            data["usage"] = None  # as on chat: every chunk but the usage one says null
+        return frame(data)
 
     def opening(self) -> list[bytes]:
         return [self._chunk(self.echo)] if self.echo else []

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from ossrun.api import request_ids
-from ossrun.api.errors import ApiError
+from ossrun.api.errors import ApiError, openai_error_object
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,16 @@ def frame(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n".encode()
 
 
-def error_frame(exc: Exception) -> bytes:
+def stream_error(exc: Exception) -> ApiError:
+    """What a stream that failed mid-way tells its client: the error itself, or (logged here) an internal error."""
     if isinstance(exc, ApiError):
-        return frame({"error": {"message": exc.message, "code": exc.code}})
+        return exc
     log.exception("stream failed request_id=%s", request_ids.current())
-    return frame({"error": {"message": "internal error", "code": 3000}})
+    return ApiError(500, 3000, "internal error")
+
+
+def error_frames(error: ApiError, openai_shape: bool) -> list[bytes]:
+    """The frame a chunk stream ends with when generation fails: OpenAI's error object on the /v1 routes (what the
+    SDKs raise `APIError` from), Workers AI's `{message, code}` on /ai/run."""
+    detail = openai_error_object(error) if openai_shape else {"message": error.message, "code": error.code}
+    return [frame({"error": detail})]

@@ -10,6 +10,7 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api import results
+from ossrun.api.errors import ApiError
 from ossrun.api.schemas import ResponsesInput
 from ossrun.api.service import Outcome
 from ossrun.api.surfaces.frames import frame
@@ -73,6 +74,14 @@ class ResponsesSurface:
         self.remember(final)
         return frames + [self._event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)]
 
+    def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
+        """Generation failed mid-way: `response.failed`, the Responses stream's own terminal event (an event of its
+        kind and sequence, as clients dispatch on `type`), with the output so far and OpenAI's `error` object. Not
+        kept for `previous_response_id`: a failed response is no conversation to continue."""
+        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message}}
+        response.pop("incomplete_details", None)
+        return [self._event("response.failed", response=response)]
+
     def result(self) -> dict[str, Any]:
         return results.response_object(self.outcome, self.model, self.prices, self.id, self.created, output=self.output,
                                        request=self.request, sampling=self.sampling)
@@ -98,6 +107,9 @@ class ResponsesSurface:
         if item["type"] == "message":
             frames.append(self._event("response.content_part.added", **self._where(), content_index=0,
                                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []}))
+        elif item["type"] == "reasoning":  # its deltas name content part 0, so the part is added first (as OpenAI's server)
+            frames.append(self._event("response.content_part.added", **self._where(), content_index=0,
+                                      part={"type": "reasoning_text", "text": ""}))
         return frames
 
     def _delta(self, text: str) -> bytes:
@@ -124,8 +136,10 @@ class ResponsesSurface:
         item, frames = self.current, []
         status = "incomplete" if cut else "completed"
         if item["type"] == "reasoning":
-            item["content"] = [{"type": "reasoning_text", "text": self.text}]
+            part = {"type": "reasoning_text", "text": self.text}
+            item["content"] = [part]
             frames.append(self._event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
+            frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
         elif item["type"] == "message":
             part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
             item["content"], item["status"] = [part], status
