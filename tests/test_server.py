@@ -140,12 +140,12 @@ def test_openai_refuses_limits_and_sampling_it_would_ignore(server, which):
     stay accepted and ignored."""
     client = clients(server)[which]
     refused = {"max_tokens": 7, "max_completion_tokens": 7, "stop": ["x"], "logit_bias": {"12650": -100}, "frequency_penalty": 1,
-               "presence_penalty": 1, "repetition_penalty": 1.5, "top_k": 1, "n": 2}
+               "presence_penalty": 1, "repetition_penalty": 1.5, "top_k": 1, "min_p": 0.5, "n": 2}
     for name, value in refused.items():
         with pytest.raises(openai.BadRequestError) as caught:
             client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={name: value})
         assert caught.value.body["param"] == name and "not a Responses parameter" in caught.value.body["message"], name
-    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"max_tokens": None, "min_p": 0.5}).id
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"max_tokens": None, "mirostat": 2}).id
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=4)
     assert caught.value.body["param"] == "best_of" and "not supported" in caught.value.body["message"]
