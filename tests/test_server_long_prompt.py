@@ -88,3 +88,30 @@ def test_a_request_longer_than_the_kv_cache_holds_is_a_400_and_freezes_nothing(c
         assert answer.status_code == 200 and small.health()["waiting"] == 0
     finally:
         small.stop()
+
+
+def test_the_served_context_window_is_what_search_states_and_errors_name_the_callers_limit(checkpoints, tmp_path):
+    """Before: /ai/models/search said context_window 128000 whatever was served; the code-8 message named
+    `max_tokens` when the caller had sent `max_output_tokens` (a name Responses refuses) or `max_completion_tokens`,
+    and `max_tokens (1)` when it had sent no limit at all; --max-model-len above the model's context was cut silently."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000", "--max-model-len", "300")
+    big = start_server(checkpoints["original"], tmp_path / "data-big", "--rate-limit", "100000", "--max-model-len", "200000")
+    try:
+        search = httpx.get(f"{server.base}/client/v4/accounts/a/ai/models/search", timeout=30).json()["result"][0]
+        assert {"property_id": "context_window", "value": "300"} in search["properties"]
+        long_text = "word " * 400
+
+        def refused(path: str, body: dict) -> str:
+            response = httpx.post(server.base + path, json={"model": MODEL, **body}, timeout=60)
+            assert response.status_code == 400, response.text
+            return response.json()["error"]["message"]
+
+        assert "+ max_output_tokens (100) =" in refused("/v1/responses", {"input": "Hi " * 150, "max_output_tokens": 100})
+        chat = {"messages": [{"role": "user", "content": "Hi " * 150}], "max_completion_tokens": 200}
+        assert "+ max_completion_tokens (200) =" in refused("/v1/chat/completions", chat)
+        assert "+ max_tokens (250) =" in refused("/v1/completions", {"prompt": "Hi " * 100, "max_tokens": 250})
+        assert "fills the model's context window of 300 tokens" in refused("/v1/completions", {"prompt": long_text})
+        assert "the model's context is 131072 tokens: requests get at most that, not 200000" in big.log.read_text()
+    finally:
+        server.stop()
+        big.stop()

@@ -43,6 +43,7 @@ class Ask:
     effort: str | None = None
     final: FinalFormat = field(default_factory=FinalFormat)
     max_tokens: int | None = None
+    max_tokens_name: str = "max_tokens"  # the field it came in (`max_completion_tokens`, Responses' `max_output_tokens`)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -62,6 +63,11 @@ class Ask:
     include_usage: bool = False
     reject_if_busy: bool = False
     source: schemas.ResponsesInput | None = None  # a Responses request: its object echoes some fields, `store` keeps it
+
+    @property
+    def limit_name(self) -> str | None:
+        """The field that set the answer's limit, for an error to name; None when the caller set none."""
+        return None if self.max_tokens is None else self.max_tokens_name
 
     @property
     def store(self) -> bool:
@@ -113,7 +119,8 @@ def _sampling(m: schemas.Sampling) -> dict[str, Any]:
     """The fields every Sampling-based shape (Prompt, Messages, /v1 chat and completions) shares."""
     stop = () if m.stop is None else ((m.stop,) if isinstance(m.stop, str) else tuple(m.stop))
     max_tokens = m.max_completion_tokens if m.max_completion_tokens is not None else m.max_tokens
-    return dict(max_tokens=max_tokens, temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
+    name = "max_completion_tokens" if m.max_completion_tokens is not None else "max_tokens"
+    return dict(max_tokens=max_tokens, max_tokens_name=name, temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed,
                 repetition_penalty=m.repetition_penalty, frequency_penalty=m.frequency_penalty, presence_penalty=m.presence_penalty,
                 stop=stop, n=m.n or 1, lora=m.lora, stream=m.stream, effort=m.reasoning_effort,
                 include_usage=bool(m.stream_options and m.stream_options.include_usage),
@@ -188,6 +195,6 @@ def from_responses(m: schemas.ResponsesInput) -> Ask:
     logprobs = OUTPUT_TEXT_LOGPROBS in (m.include or ())
     return Ask("responses", items=m.input, stored_items=m._stored_items, instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
                effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
-               max_tokens=m.max_output_tokens, temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
+               max_tokens=m.max_output_tokens, max_tokens_name="max_output_tokens", temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
                logprobs=logprobs, top_logprobs=(m.top_logprobs or 0) if logprobs else 0,
                reject_if_busy=bool(m.options and m.options.rejectIfBusy), source=m)

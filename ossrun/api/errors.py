@@ -36,8 +36,13 @@ def unknown_model(model: str) -> ApiError:
     return ApiError(400, 5007, f"No such model {model} or task")
 
 
-def context_too_long(prompt_tokens: int, max_tokens: int, limit: int) -> ApiError:
-    return ApiError(400, 8, f"AiError: prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {prompt_tokens + max_tokens} "
+def context_too_long(prompt_tokens: int, max_tokens: int, limit: int, limit_name: str | None) -> ApiError:
+    """`limit_name`: the field the caller set the answer's limit with (`max_output_tokens` on Responses), None when it
+    set none (its default was cut to the room left, so only the prompt can be too long)."""
+    if limit_name is None:
+        return ApiError(400, 8, f"AiError: the prompt ({prompt_tokens} tokens) fills the model's context window of {limit} "
+                                "tokens: no room is left for an answer")
+    return ApiError(400, 8, f"AiError: prompt ({prompt_tokens} tokens) + {limit_name} ({max_tokens}) = {prompt_tokens + max_tokens} "
                             f"exceeds the model's context window of {limit} tokens")
 
 

@@ -340,7 +340,7 @@ class Service:
         try:
             self.engine.check(self._submission(plan))
         except ContextLengthError as exc:
-            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
+            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit, plan.ask.limit_name) from None
         except UnknownAdapterError as exc:
             raise unknown_lora(exc.name) from None
         except ValueError as exc:  # GrammarError, a token outside the vocabulary
@@ -389,7 +389,7 @@ class Service:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
                 yield Step(token, events, parsed - shown, is_hidden, is_reasoning, parser.take_salvaged())
         except ContextLengthError as exc:
-            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit) from None
+            raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit, plan.ask.limit_name) from None
         except UnknownAdapterError as exc:
             raise unknown_lora(exc.name) from None
         except ShuttingDownError:

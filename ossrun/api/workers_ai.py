@@ -165,17 +165,19 @@ def batch_executor(service: Service):
 @router.get("/models/search", summary="The models this server serves")
 async def models_search(account_id: str, request: Request):
     service = service_of(request)
-    return envelope([_model_entry(name) for name in service.model_names])
+    return envelope([_model_entry(name, service.engine.info.max_model_len) for name in service.model_names])
 
 
-def _model_entry(name: str) -> dict[str, Any]:
+def _model_entry(name: str, context_window: int) -> dict[str, Any]:
+    """`context_window`: what this server serves (`--max-model-len`, or what the KV cache holds), which a client sizes its
+    prompts by; not the model's 131072, which a request here may not get."""
     size = name.rsplit("-", 1)[-1]
     return {
         "id": name, "source": 1, "name": name,
         "description": f"OpenAI's open-weight gpt-oss-{size} reasoning model, served locally by ossrun.",
         "task": {"id": "text-generation", "name": "Text Generation",
                  "description": "Family of generative text models, such as large language models (LLM), that can be adapted for a variety of natural language tasks."},
-        "tags": [], "properties": [{"property_id": "context_window", "value": "128000"}, {"property_id": "lora", "value": "true"}],
+        "tags": [], "properties": [{"property_id": "context_window", "value": str(context_window)}, {"property_id": "lora", "value": "true"}],
     }
 
 

@@ -76,6 +76,8 @@ class Engine:
         # The served context is what one sequence can hold: a longer request could never be scheduled.
         self.kv_tokens = self.kv.full.capacity * options.block_size
         asked = min(options.max_model_len, MAX_CONTEXT)
+        if options.max_model_len > MAX_CONTEXT:
+            log.warning("the model's context is %d tokens: requests get at most that, not %d", MAX_CONTEXT, options.max_model_len)
         self.max_model_len = min(asked, self.kv_tokens)
         if self.max_model_len < asked:
             log.warning("the KV cache holds %d tokens: requests get a context of %d tokens, not %d "
