@@ -66,6 +66,26 @@ def test_completions_logprobs_sync_and_streamed(client):
     assert [o for c in chunks for o in c.logprobs.text_offset] == lp.text_offset
 
 
+@pytest.mark.parametrize("forced, offsets", [({"126": 100}, [0, 1, 2, 3]), ({"126": 100, "227": 100}, None)])
+def test_completions_text_offset_counts_each_invalid_byte_as_its_own_character(client, forced, offsets):
+    """Before: a lone lead byte (token 126 is b"\\xc2") decodes to U+FFFD only when the next byte arrives, so each
+    offset lagged a token: [0, 0, 1, 2] for four of them. Each invalid byte is its own U+FFFD in `text`."""
+    args = dict(model=MODEL, prompt="Hi", max_tokens=4, temperature=0, logprobs=1, logit_bias=forced)
+    choice = client.completions.create(**args).choices[0]
+    lp = choice.logprobs
+    expected = [len(b"".join(bytes(_token_bytes(t)) for t in lp.tokens[:i]).decode("utf-8", "replace"))
+                for i in range(len(lp.tokens))]
+    assert lp.text_offset == expected and (offsets is None or lp.text_offset == offsets)
+    assert choice.text == "\ufffd" * len(lp.tokens)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [o for lp_chunk in streamed for o in lp_chunk.text_offset] == lp.text_offset
+
+
+def _token_bytes(token: str) -> bytes:
+    """A legacy `tokens` entry's bytes: `bytes:\\xNN…` for a piece of a character, else its text."""
+    return bytes.fromhex(token[len("bytes:"):].replace("\\x", "")) if token.startswith("bytes:") else token.encode()
+
+
 @pytest.mark.parametrize("n", [0, 1])
 def test_completions_top_logprobs_hold_the_sampled_token(client, n):
     """OpenAI's legacy completions "always return the logprob of the sampled token, so there may be up to logprobs+1

@@ -158,8 +158,9 @@ class LegacyLogprobs:
     def take(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
         offsets = []
         for entry in entries:
-            offsets.append(self._offset)
-            self._offset += len(self._decoder.feed_bytes(bytes(entry["bytes"])))
+            data = bytes(entry["bytes"])
+            offsets.append(self._offset + self._decoder.starts_new_character(data))
+            self._offset += len(self._decoder.feed_bytes(data))
         return {"tokens": [legacy_token(e) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
                 "top_logprobs": [legacy_top(e) for e in entries], "text_offset": offsets}
 

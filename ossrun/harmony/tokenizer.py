@@ -212,6 +212,19 @@ class TextDecoder:
         """Text completed by these bytes (may be empty)."""
         return self._decoder.decode(data)
 
+    def starts_new_character(self, data: bytes) -> int:
+        """How many characters the bytes still buffered turn into before `data`'s first byte: 0 when that byte continues
+        the buffered character (a character split over tokens), else the U+FFFDs the buffer becomes (an invalid
+        sequence is replaced only once the byte after it arrives)."""
+        pending = self._decoder.getstate()[0]
+        if not pending or not data:
+            return 0
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(pending + data[:1])
+        except UnicodeDecodeError:
+            return len(pending.decode("utf-8", errors="replace"))
+        return 0
+
     def flush(self) -> str:
         """Whatever is still buffered, with an incomplete character replaced by U+FFFD."""
         return self._decoder.decode(b"", final=True)
