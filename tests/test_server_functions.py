@@ -82,3 +82,21 @@ def test_a_function_result_message_finishes_the_legacy_round_trip(client, demo_s
     assert info.value.body["param"] == "messages[2]"
     refused = httpx.post(demo_server.run_url(), json={"messages": turn, "functions": [FUNCTION]}, headers=demo_server.headers, timeout=60)
     assert refused.status_code == 400 and "at '/messages/2/role'" in refused.json()["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none"])
+def test_a_tool_name_harmony_cannot_carry_is_a_400_naming_the_field(client, demo_server, tool_choice):
+    """Before: `get weather` was a 400 with `param: null` (found only when compiling the grammar), the OpenAPI
+    document did not state the rule, and with `tool_choice: "none"` the same tool was accepted."""
+    tool = {"type": "function", "function": {"name": "get weather", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(client, [{"role": "user", "content": "Hi"}], tools=[tool], tool_choice=tool_choice)
+    assert caught.value.body["param"] == "tools[0].function.name" and "pattern" in caught.value.body["message"]
+    flat = {"type": "function", "name": "get weather", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="Hi", tools=[flat], tool_choice=tool_choice, max_output_tokens=8)
+    assert caught.value.body["param"] == "tools[0].name"
+    document = httpx.get(demo_server.base + "/openapi.json", headers=demo_server.headers, timeout=30).json()
+    assert document["components"]["schemas"]["FunctionDef"]["properties"]["name"]["pattern"] == "^[A-Za-z0-9_.:\\-]{1,128}$"
+    named = dict(tool, function={**tool["function"], "name": "mcp.weather:get-now_1"})  # dots and colons are fine
+    assert chat(client, [{"role": "user", "content": "Hi"}], tools=[named], max_tokens=4).finish_reason

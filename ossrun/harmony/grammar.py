@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from ossrun.engine.grammar import Grammar, GrammarError, Span
 
+from .shapes import TOOL_NAME_PATTERN
 from .tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, VOCAB_FILE, VOCAB_SHA256, VOCAB_SIZE
 from .tokenizer import encode, ensure_vocab_file, get_encoding
 
@@ -54,7 +55,7 @@ _O200K_PATTERN = "|".join([
 # each place, so a model cannot pad its answer with whitespace until max_tokens.
 _JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,24}"}
 # A name the harmony header parser reads back whole (its recipient pattern, without `/`).
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+_TOOL_NAME = re.compile(TOOL_NAME_PATTERN)
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 _FINAL_TOKENS = (RETURN, CALL)  # the grammar ends with one of them, and the request with it
 # What the shortest-completion search tries: complete values before openers (it keeps the first children it finds).

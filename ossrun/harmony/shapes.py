@@ -45,9 +45,15 @@ ObjectSchema = Annotated[dict[str, Any], AfterValidator(_object_schema),
                          WithJsonSchema({"type": "object", "properties": {"type": {"const": "object"}}})]
 
 
+# What the harmony header `to=functions.NAME` can carry (and the tool grammar spells): OpenAI's `[a-zA-Z0-9_-]{1,64}`,
+# widened to the dots and colons of namespaced (MCP-style) names. In the shape, so a bad name is a 400 naming the
+# field whatever `tool_choice` says, and the OpenAPI document states it.
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.:\-]{1,128}$"
+
+
 class FunctionDef(Shape):
     type: Literal["function"] | None = None  # the Responses API's flat spelling carries it
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=TOOL_NAME_PATTERN)
     description: str | None = None
     parameters: ObjectSchema | None = None
     strict: bool | None = None
