@@ -300,6 +300,21 @@ def test_bad_input_is_5006_and_says_what(server, body, fragment):
     assert fragment in response.json()["errors"][0]["message"]
 
 
+@pytest.mark.parametrize("literal", ["9" * 4300, "9" * 4301, "1e300", "3000000000"])
+def test_a_huge_integer_is_a_range_error_naming_its_field(server, literal):
+    """Before: 4300 digits answered Python's own advice (`sys.set_int_max_str_digits()`), 4301 "the body is not valid
+    JSON" (it is), and 1e300 a code-8 message printing a 300-digit number."""
+    body = '{"prompt": "a", "max_tokens": %s}' % literal
+    response = httpx.post(server.run_url(), content=body, headers={**server.headers, "Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and error_code(response) == 5006
+    message = response.json()["errors"][0]["message"]
+    assert "at '/max_tokens'" in message and len(message) < 300
+    assert "less than or equal to 2147483647" in message or "Input should be a valid integer" in message  # inf, 1e300
+    chat = '{"model": "%s", "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": %s}' % (MODEL, literal)
+    refused = httpx.post(server.base + "/v1/chat/completions", content=chat, headers=server.headers, timeout=60).json()["error"]
+    assert refused["param"] == "max_completion_tokens" and len(refused["message"]) < 300
+
+
 def test_unknown_model_context_and_lora_errors(server):
     unknown = post(server, {"prompt": "a"}, model="@cf/meta/llama")
     assert unknown.status_code == 400 and error_code(unknown) == 5007 and "No such model @cf/meta/llama" in unknown.text

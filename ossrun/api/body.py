@@ -28,10 +28,17 @@ def _not_json(literal: str) -> Any:
     raise ValueError(f"{literal} is not JSON")
 
 
+def _integer(literal: str) -> int | float:
+    """An integer literal longer than any field's range is read as JavaScript reads it (the hosted validator's
+    `JSON.parse`): a double, `inf` past 1e308. Python's int would refuse one of more than 4300 digits (the whole body
+    then "not JSON") or fail later when printed; as a double, the field's own range check names it."""
+    return int(literal) if len(literal) <= 20 else float(literal)
+
+
 def parse_json(raw: bytes) -> Any:
     """The body's JSON value, or a 400 saying what is wrong with it."""
     try:
-        value = json.loads(raw, parse_constant=_not_json)
+        value = json.loads(raw, parse_constant=_not_json, parse_int=_integer)
     except RecursionError:
         raise bad_input(f"Error: the body nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # also UnicodeDecodeError: bytes that are not UTF-8

@@ -42,6 +42,10 @@ StopText = Annotated[str, Field(min_length=1)]
 # 1 … 9999999999 (spec §2), kept on `/ai/run`. The sampler folds any integer into its generator's range.
 OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
 
+# The largest answer limit (`max_tokens` and its siblings) a body may state: int32's, as most servers' limits are. Any
+# value past the context window is a code-8 400 naming the window; past this one it is a field error like any range.
+MAX_LIMIT = 2**31 - 1
+
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "top_k", "seed", "n", "top_logprobs", "logprobs",
                   "best_of")
 
@@ -128,8 +132,8 @@ class Sampling(_Open):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
 
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0.001, le=1)
     top_k: int | None = Field(None, ge=1, le=50)
@@ -249,7 +253,7 @@ class ResponsesInput(_Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # echoed (OpenAI's default: true); the model makes one call per turn anyway
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
     temperature: float | None = Field(None, ge=0, le=5)
     top_p: float | None = Field(None, ge=0.001, le=1)
     text: TextConfig | None = None
