@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ossrun.model import mxfp4
-from ossrun.model.config import ModelConfig
-from ossrun.model.safetensors_io import TensorSpec, open_mmap, write_streaming
+from ossrun.model.config import ConfigError, ModelConfig
+from ossrun.model.safetensors_io import DTYPE_NAMES, SafetensorsError, TensorSpec, open_mmap, write_streaming
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +122,19 @@ def hf_specs(config: ModelConfig) -> list[tuple[TensorSpec, str, tuple[int, int]
 # -- loading --------------------------------------------------------------------------------------
 
 class CheckpointError(ValueError):
-    """A directory that looks like a checkpoint but cannot be one (a config that is not JSON, no weights): the
-    operator's mistake, said in one line."""
+    """A directory that looks like a checkpoint but cannot be one (a config that is not JSON or lacks the model's
+    shape, weights missing, cut short or of other shapes than the config says): the operator's mistake, said in one
+    line that names the file."""
 
 
-def _config_json(path: Path) -> dict:
+def _config_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror})") from None
+    return data
 
 
 def detect_layout(path: Path) -> tuple[str, Path]:
@@ -141,32 +145,83 @@ def detect_layout(path: Path) -> tuple[str, Path]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json and no original/config.json: not a gpt-oss checkpoint")
-    return ("hf" if "model_type" in _config_json(config_file) else "original"), path
+    data = _config_json(config_file)
+    return ("hf" if isinstance(data, dict) and "model_type" in data else "original"), path
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The architecture of a checkpoint in either layout, without touching its weights."""
+    """The architecture of a checkpoint in either layout, without touching its weights; a CheckpointError naming
+    config.json when it describes no gpt-oss model."""
     layout, directory = detect_layout(Path(path))
-    data = _config_json(directory / "config.json")
-    return ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
+    config_file = directory / "config.json"
+    data = _config_json(config_file)
+    try:
+        return ModelConfig.from_original_json(data) if layout == "original" else ModelConfig.from_hf_json(data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Config and weights, checked against each other before anything uses them (headers only: no weight is read)."""
     layout, directory = detect_layout(Path(path))
     config = read_config(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files")
     stored: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for file in files:
-        stored.update(open_mmap(file))
+        tensors = _open_weights(file)
+        stored.update(tensors)
+        origin.update(dict.fromkeys(tensors, file))
+    _check_tensors(config, layout, stored, origin, directory)
     tensors = stored if layout == "original" else _from_hf_names(config, stored)
-    _check_complete(config, tensors, directory)
     log.info("loaded %s checkpoint from %s (%d tensors)", layout, directory, len(tensors))
     return Checkpoint(config, tensors, layout, directory)
 
 
+def _open_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return open_mmap(file)
+    except SafetensorsError as exc:
+        raise CheckpointError(f"{file}: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc.strerror})") from None
+
+
+def _check_tensors(config: ModelConfig, layout: str, stored: dict[str, torch.Tensor], origin: dict[str, Path],
+                   directory: Path) -> None:
+    """Every tensor the config implies is there, of its shape and kind (packed uint8 or floating point; float32
+    where bf16 is usual is fine), and the weights hold as many layers as the config says: a config that disagrees
+    with its weights would otherwise fail deep in the model, or serve fewer layers than the file holds."""
+    config_file = directory / "config.json"
+    layers = _layers_stored(stored)
+    if layers != config.num_hidden_layers:
+        raise CheckpointError(f"{config_file} says num_hidden_layers={config.num_hidden_layers}, but the weights in "
+                              f"{directory} hold {layers} layers")
+    specs = original_specs(config) if layout == "original" else [spec for spec, _, _ in hf_specs(config)]
+    for spec in specs:
+        tensor = stored.get(spec.name)
+        if tensor is None:
+            raise CheckpointError(f"{directory}: no .safetensors file holds {spec.name}, which {config_file.name} implies "
+                                  "(a partial download?)")
+        if tuple(tensor.shape) != spec.shape:
+            raise CheckpointError(f"{origin[spec.name]}: {spec.name} has shape {tuple(tensor.shape)}, but "
+                                  f"{config_file} implies {spec.shape}")
+        packed = spec.dtype == torch.uint8
+        if (tensor.dtype == torch.uint8) != packed or not (packed or tensor.is_floating_point()):
+            expected = "U8 (packed MXFP4)" if packed else "floating point (BF16, F16 or F32)"
+            raise CheckpointError(f"{origin[spec.name]}: {spec.name} is {DTYPE_NAMES[tensor.dtype]}, expected {expected}")
+
+
+def _layers_stored(stored: dict[str, torch.Tensor]) -> int:
+    """1 + the highest layer index among the tensors' names (both layouts)."""
+    found = (re.match(r"(?:block|model\.layers)\.(\d+)\.", name) for name in stored)
+    return max((int(match[1]) + 1 for match in found if match), default=0)
+
+
 def _from_hf_names(config: ModelConfig, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names → original names, q/k/v fused (`_check_tensors` has seen every part)."""
     tensors = {}
     for spec in original_specs(config):
         match = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", spec.name)
@@ -174,18 +229,9 @@ def _from_hf_names(config: ModelConfig, stored: dict[str, torch.Tensor]) -> dict
             layer, kind = match.groups()
             parts = [stored[f"model.layers.{layer}.self_attn.{part}.{kind}"] for part in _QKV_PARTS]
             tensors[spec.name] = torch.cat(parts, dim=0)
-        elif hf_name(spec.name) in stored:
+        else:
             tensors[spec.name] = stored[hf_name(spec.name)]
     return tensors
-
-
-def _check_complete(config: ModelConfig, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    for spec in original_specs(config):
-        tensor = tensors.get(spec.name)
-        if tensor is None:
-            raise ValueError(f"{directory}: checkpoint lacks {spec.name}")
-        if tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"{directory}: {spec.name} has shape {tuple(tensor.shape)}, config implies {spec.shape}")
 
 
 # -- random checkpoints ---------------------------------------------------------------------------

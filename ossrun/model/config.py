@@ -17,8 +17,25 @@ ORIGINAL_FIELDS = (
     "rope_ntk_alpha", "rope_ntk_beta",
 )
 
+# The fields the weights' shapes follow from. A config.json without them describes no particular model (an empty
+# `{}` would otherwise be read as the 20b defaults and fail later on the weights), so both readers require them.
+SHAPE_FIELDS = (
+    "num_hidden_layers", "num_experts", "vocab_size", "hidden_size", "intermediate_size", "head_dim",
+    "num_attention_heads", "num_key_value_heads",
+)
+# The same fields under their Hugging Face names (HF derives head_dim from hidden_size / num_attention_heads).
+HF_SHAPE_KEYS = (
+    "num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads",
+)
+
 HARMONY_VOCAB_SIZE = 201088
 MAX_CONTEXT = 131072
+
+
+class ConfigError(ValueError):
+    """A config's content that cannot describe a gpt-oss model (a missing shape field, a string where a number
+    belongs, a zero or infinite size); the one who read the file adds its name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +61,17 @@ class ModelConfig:
     served_name: str = "@cf/openai/gpt-oss-20b"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.type in ("int", "float"):
+                _number(f.name, getattr(self, f.name), f.type)
         if self.hidden_size % 32 or self.intermediate_size % 32:
-            raise ValueError("hidden_size and intermediate_size must be multiples of the 32-value MXFP4 block")
+            raise ConfigError("hidden_size and intermediate_size must be multiples of the 32-value MXFP4 block")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if not 0 < self.experts_per_token <= self.num_experts:
-            raise ValueError("experts_per_token must be in 1..num_experts")
+            raise ConfigError("experts_per_token must be in 1..num_experts")
         if self.head_dim % 2:
-            raise ValueError("head_dim must be even (RoPE rotates halves)")
+            raise ConfigError("head_dim must be even (RoPE rotates halves)")
 
     # -- derived sizes ------------------------------------------------------------------------
     @property
@@ -76,7 +96,10 @@ class ModelConfig:
         return {name: getattr(self, name) for name in ORIGINAL_FIELDS}
 
     @classmethod
-    def from_original_json(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_original_json(cls, data: Any) -> "ModelConfig":
+        """A ConfigError for anything that is not an object with the shape fields, of the right types."""
+        data = _object(data)
+        _require(data, SHAPE_FIELDS)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -134,8 +157,16 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf_json(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_hf_json(cls, data: Any) -> "ModelConfig":
+        """As `from_original_json`, from the Hugging Face names (the same shape fields required)."""
+        data = _object(data)
+        _require(data, HF_SHAPE_KEYS)
         rope = data.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_scaling must be an object, not {rope!r}")
+        if "head_dim" not in data:
+            for key in ("hidden_size", "num_attention_heads"):
+                _number(key, data[key], "int")
         return cls(
             num_hidden_layers=data["num_hidden_layers"],
             num_experts=data["num_local_experts"],
@@ -158,6 +189,31 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value: Any, kind: str) -> bool:
+    """JSON's true is a Python int, and an int is a fine float (`"rope_theta": 150000` in OpenAI's own file)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+
+
+def _number(key: str, value: Any, kind: str) -> None:
+    if not (_is_number(value, kind) and 0 < value < math.inf):
+        raise ConfigError(f"{key} must be {'an integer' if kind == 'int' else 'a number'} greater than 0, not {value!r}")
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(data), "a number")
+        raise ConfigError(f"not a gpt-oss config: {kind}, not a JSON object")
+    return data
+
+
+def _require(data: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in data]
+    if missing:
+        raise ConfigError(f"not a gpt-oss config: it lacks {', '.join(missing)} (the fields the weights' shapes follow from)")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -36,49 +36,92 @@ class TensorSpec:
         count = 1
         for dim in self.shape:
             count *= dim
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a whole safetensors file (cut short, not one at all, a header that contradicts itself).
+    Said without the file's name: the caller knows what the file is to it and names it."""
 
 
 def read_header(path: Path) -> tuple[int, dict]:
-    """(where the data starts, the JSON header); a ValueError for a file that is not safetensors (a header length
-    beyond the file would otherwise ask for exabytes of memory)."""
+    """(where the data starts, the JSON header); a SafetensorsError for a file that is not safetensors (a header
+    length beyond the file would otherwise ask for exabytes of memory)."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > os.fstat(f.fileno()).st_size - 8:
-            raise ValueError(f"its header length {length} runs past the end of the file")
-        header = json.loads(f.read(length))
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise SafetensorsError(f"not a safetensors file: {size} bytes, too short for a header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise SafetensorsError(f"not a safetensors file: its header length {length} runs past the end of the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SafetensorsError(f"not a safetensors file: its header is not JSON ({exc})") from None
     if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
+        raise SafetensorsError("not a safetensors file: its header is not a JSON object")
     return 8 + length, header
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _entries(header: dict, data_bytes: int) -> dict[str, _Entry]:
+    """The header's tensors, each checked against itself and the file's size: a cut-short file (an interrupted
+    download) is then one clear error here, not `torch.frombuffer`'s arithmetic, and nothing reads the data."""
+    entries = {name: _entry(name, info) for name, info in header.items() if name != "__metadata__"}
+    needed = max((e.end for e in entries.values()), default=0)
+    if needed > data_bytes:
+        raise SafetensorsError(f"cut short: its header describes {needed} bytes of tensors, the file holds {data_bytes} "
+                               "(an interrupted download or copy?)")
+    return entries
+
+
+def _entry(name: str, info: object) -> _Entry:
+    if not isinstance(info, dict):
+        raise SafetensorsError(f"its header's entry for {name} is not an object")
+    if info.get("dtype") not in DTYPES:
+        raise SafetensorsError(f"tensor {name} has dtype {info.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not _naturals(shape):
+        raise SafetensorsError(f"tensor {name} has shape {shape!r}, not a list of sizes")
+    if not (_naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"tensor {name} has data_offsets {offsets!r}, not [begin, end]")
+    entry = _Entry(DTYPES[info["dtype"]], tuple(shape), offsets[0], offsets[1])
+    expected = TensorSpec(name, entry.dtype, entry.shape).nbytes
+    if entry.end - entry.begin != expected:
+        raise SafetensorsError(f"tensor {name} ({info['dtype']} {list(shape)}) needs {expected} bytes, its data_offsets span "
+                               f"{entry.end - entry.begin}")
+    return entry
+
+
+def _naturals(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def open_mmap(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one file as views into a private (copy-on-write) memory map.
 
     Nothing is read until used; pages are shared with the page cache, so resident memory grows
-    only with what a forward actually touches.
+    only with what a forward actually touches. The header is checked first (SafetensorsError).
     """
     data_start, header = read_header(path)
-    header.pop("__metadata__", None)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if info.get("dtype") not in DTYPES:
-            raise ValueError(f"tensor {name} has dtype {info.get('dtype')!r}, not one of {', '.join(DTYPES)}")
-        dtype = DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        if end == begin:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+    for name, entry in _entries(header, len(mapped) - data_start).items():
+        if entry.end == entry.begin:
+            tensors[name] = torch.empty(entry.shape, dtype=entry.dtype)
             continue
-        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - begin) // _itemsize(dtype), offset=data_start + begin)
-        tensors[name] = flat.view(shape)
+        count = (entry.end - entry.begin) // entry.dtype.itemsize
+        tensors[name] = torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=data_start + entry.begin).view(entry.shape)
     return tensors
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def write_streaming(path: Path, specs: Iterable[TensorSpec], make: Callable[[TensorSpec], torch.Tensor],

@@ -1,0 +1,125 @@
+"""Broken checkpoints (cut short, garbage, a config.json that disagrees with its weights or describes no model) are
+the operator's mistake: `CheckpointError` naming the file, and from the command line one line and exit 2 (README).
+They were tracebacks (ValueError, KeyError, TypeError, AttributeError) and exit 1; an empty `{}` config was read as
+the 20b defaults, a config with fewer layers than its weights loaded silently."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from ossrun.model.checkpoint import CheckpointError, load_checkpoint
+from ossrun.model.safetensors_io import TensorSpec, open_mmap, write_streaming
+from tests.server_util import free_port
+from tests.test_cli import _one_clear_line, ossrun
+
+Break = Callable[[Path, Path, str], None]  # (source checkpoint, broken copy to fill, layout)
+
+
+def _link_weights(source: Path, out: Path) -> None:
+    (out / "model.safetensors").symlink_to(source / "model.safetensors")
+
+
+def _config(edit: Callable[[dict, str], object]) -> Break:
+    """The weights as they are, config.json edited (`edit` returns the new JSON value)."""
+    def make(source: Path, out: Path, layout: str) -> None:
+        _link_weights(source, out)
+        data = json.loads((source / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps(edit(data, layout)))
+    return make
+
+
+def _set(key: str, value: object) -> Callable[[dict, str], dict]:
+    return lambda data, layout: {**data, key: value}
+
+
+def _without(original_key: str, hf_key: str) -> Callable[[dict, str], dict]:
+    return lambda data, layout: {k: v for k, v in data.items() if k != (original_key if layout == "original" else hf_key)}
+
+
+def _weights(edit: Callable[[dict[str, torch.Tensor], str], None]) -> Break:
+    """config.json as it is, the weights rewritten after `edit` changes the tensors dict."""
+    def make(source: Path, out: Path, layout: str) -> None:
+        (out / "config.json").write_text((source / "config.json").read_text())
+        tensors = open_mmap(source / "model.safetensors")
+        edit(tensors, layout)
+        specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+        write_streaming(out / "model.safetensors", specs, lambda spec: tensors[spec.name])
+    return make
+
+
+def _bytes(content: Callable[[bytes], bytes]) -> Break:
+    def make(source: Path, out: Path, layout: str) -> None:
+        (out / "config.json").write_text((source / "config.json").read_text())
+        (out / "model.safetensors").write_bytes(content((source / "model.safetensors").read_bytes()))
+    return make
+
+
+def _drop_q(tensors: dict, layout: str) -> None:
+    del tensors["block.0.attn.qkv.weight" if layout == "original" else "model.layers.0.self_attn.q_proj.weight"]
+
+
+def _scales_as_float(tensors: dict, layout: str) -> None:
+    name = "block.1.mlp.mlp1_weight.scales" if layout == "original" else "model.layers.1.mlp.experts.gate_up_proj_scales"
+    tensors[name] = tensors[name].float()
+
+
+# case → (how to break a tiny checkpoint, what the message says, the file it names)
+CASES: dict[str, tuple[Break, str, str]] = {
+    "cut short": (_bytes(lambda data: data[:1_000_000]), "cut short", "model.safetensors"),
+    "garbage weights": (_bytes(lambda data: os.urandom(100_000)), "not a safetensors file", "model.safetensors"),
+    "empty weights": (_bytes(lambda data: b""), "not a safetensors file", "model.safetensors"),
+    "hidden_size disagrees": (_config(_set("hidden_size", 128)), "has shape (201088, 64), but", "model.safetensors"),
+    "more layers": (_config(_set("num_hidden_layers", 6)), "num_hidden_layers=6, but the weights", "config.json"),
+    "fewer layers": (_config(_set("num_hidden_layers", 2)), "hold 4 layers", "config.json"),
+    "a shape key missing": (_config(_without("hidden_size", "num_local_experts")), "not a gpt-oss config: it lacks", "config.json"),
+    "a string for a number": (_config(_set("num_hidden_layers", "4")), "num_hidden_layers must be an integer", "config.json"),
+    "NaN rope_theta": (_config(_set("rope_theta", float("nan"))), "rope_theta must be a number greater than 0", "config.json"),
+    "a JSON array": (_config(lambda data, layout: [1, 2]), "not a gpt-oss config: an array", "config.json"),
+    "an empty object": (_config(lambda data, layout: {}), "it lacks num_hidden_layers", "config.json"),
+    "a tensor missing": (_weights(_drop_q), "no .safetensors file holds", ""),
+    "float scales": (_weights(_scales_as_float), "is F32, expected U8", "model.safetensors"),
+}
+
+
+def _broken(case: str, layout: str, checkpoints: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """A broken copy of the session's tiny checkpoint (as `make-model --preset tiny` writes it) → (dir, expected)."""
+    make, expected, file = CASES[case]
+    out = tmp_path / f"{layout}-{case.replace(' ', '-')}"
+    out.mkdir()
+    make(checkpoints[layout], out, layout)
+    return out, f"{out}/{file}" if file else str(out)
+
+
+@pytest.mark.parametrize("layout", ["original", "hf"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_loader_says_which_file_is_wrong_and_how(case, layout, checkpoints, tmp_path):
+    path, names = _broken(case, layout, checkpoints, tmp_path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert message.startswith(names) and CASES[case][1] in message and "\n" not in message, message
+
+
+# Each layout at least once, and every reader (original and HF config, header, tensor checks).
+CLI_CASES = [("cut short", "original"), ("garbage weights", "hf"), ("hidden_size disagrees", "original"),
+             ("hidden_size disagrees", "hf"), ("more layers", "hf"), ("a shape key missing", "hf"),
+             ("a string for a number", "original"), ("a JSON array", "original"), ("an empty object", "original"),
+             ("a tensor missing", "hf"), ("float scales", "original")]
+
+
+@pytest.mark.parametrize("case, layout", CLI_CASES)
+def test_a_broken_checkpoint_is_one_line_and_exit_2(case, layout, checkpoints, tmp_path):
+    path, names = _broken(case, layout, checkpoints, tmp_path)
+    _one_clear_line(ossrun("generate", "--model", str(path), "--token-ids", "1"), f"error: {names}")
+
+
+def test_serve_says_the_same_in_one_line(checkpoints, tmp_path):
+    path, names = _broken("more layers", "original", checkpoints, tmp_path)
+    result = ossrun("serve", "--model", str(path), "--port", str(free_port()), "--data-dir", str(tmp_path / "data"))
+    _one_clear_line(result, f"error: {names}")
