@@ -487,3 +487,11 @@ def _reference_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
         above = ranked.cumsum(0) - ranked  # mass ranked strictly higher
         probs[order[above >= top_p]] = 0
     return probs
+
+
+@pytest.mark.parametrize("field, value", [("temperature", math.inf), ("temperature", float("1e309")), ("temperature", math.nan),
+                                          ("top_p", math.inf), ("top_p", math.nan), ("repetition_penalty", math.inf)])
+def test_non_finite_sampling_values_are_refused(field, value):
+    """`temperature >= 0` let inf through: every logit divided to 0, a uniformly random answer from `ossrun generate`."""
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})

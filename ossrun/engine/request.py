@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -40,11 +41,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be non-negative"),
+            # `>= 0` alone lets inf through (and a uniformly random answer out); NaN fails every comparison.
+            (0 <= self.temperature < math.inf, "temperature must be a finite number, 0 or more"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be non-negative"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be positive"),
+            (0 < self.repetition_penalty < math.inf, "repetition_penalty must be a finite number greater than 0"),
             (self.penalty_exempt_from is None or self.penalty_exempt_from >= 0, "penalty_exempt_from must be a token id"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
