@@ -151,3 +151,30 @@ def test_input_items_and_delete_on_both_prefixes(server):
         with pytest.raises(openai.BadRequestError):
             client.responses.create(model=MODEL, input="And tomorrow?", previous_response_id=second.id)
         assert client.responses.retrieve(first.id).id == first.id  # only the one named
+
+
+def test_a_stateless_client_gets_its_reasoning_back_through_encrypted_content(server):
+    """Before: `include: ["reasoning.encrypted_content"]` was ignored, so a store-false client (LangChain's documented
+    setup) had no reasoning to send back with the tool result, and the prompt lost the reasoning behind the call."""
+    tool = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    ask = {"role": "user", "content": "What is the weather in Paris?"}
+    base = {"model": MODEL, "tools": [tool], "store": False, "include": ["reasoning.encrypted_content"]}
+    first = post_json(server, "/v1/responses", {**base, "input": [ask]})
+    reasoning, call = first["output"]
+    assert reasoning["type"] == "reasoning" and call["type"] == "function_call"
+    sealed = reasoning["encrypted_content"]
+    assert isinstance(sealed, str) and reasoning["content"][0]["text"] not in sealed
+    result = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature_c": 7, "condition": "rainy"}'}
+    stateless = {"type": "reasoning", "id": reasoning["id"], "summary": [], "encrypted_content": sealed}
+    kept = post_json(server, "/v1/responses", {**base, "input": [ask, stateless, call, result]})
+    in_clear = post_json(server, "/v1/responses", {**base, "input": [ask, reasoning, call, result]})
+    without = post_json(server, "/v1/responses", {**base, "input": [ask, call, result]})
+    assert kept["usage"]["input_tokens"] == in_clear["usage"]["input_tokens"] > without["usage"]["input_tokens"]
+    assert kept["output_text"] == in_clear["output_text"]
+    foreign = {**stateless, "encrypted_content": "gAAAAABo-openai-blob"}
+    refused = post_json(server, "/v1/responses", {**base, "input": [ask, foreign, call, result]}, status=400)["error"]
+    assert refused["param"] == "input[1].encrypted_content" and "not made by this server" in refused["message"]
+    streamed = events(server, {**base, "input": [ask]})
+    (done,) = [e for e in streamed if e["type"] == "response.function_call_arguments.done"]
+    assert done["name"] == "get_weather"  # OpenAI's event has it (before: missing)

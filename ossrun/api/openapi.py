@@ -119,6 +119,8 @@ class ReasoningItem(_Out):
     id: str
     summary: list[Any]
     content: list[ReasoningText]
+    encrypted_content: str | None = Field(None, description="with include: ['reasoning.encrypted_content']: the reasoning, "
+                                          "for a later request to send back (store: false); not encrypted")
 
 
 class OutputText(_Out):
@@ -387,6 +389,7 @@ class ResponsesEvent(_Out):
     delta: str | None = None
     logprobs: list[TokenLogprobOut] | None = None  # on output_text deltas and dones: the text's tokens when asked for, else []
     item: OutputItem | None = None
+    name: str | None = None  # on function_call_arguments.done: the function's name, as OpenAI sends it
 
 
 class StreamErrorDetail(_Out):

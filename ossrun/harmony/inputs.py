@@ -233,7 +233,7 @@ def _responses_item(out: Converted, item: InputItem, where: str) -> None:
             raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")
         _add_tool_result(out, out.tool_names_by_call_id[item.call_id], _output_texts(item.output, where), item.call_id)
     elif isinstance(item, ReasoningInput):
-        _add_reasoning(out, "".join(part.text for part in item.content or []))
+        _add_reasoning(out, item.text)
 
 
 def _check_responses_outputs(out: Converted) -> None:

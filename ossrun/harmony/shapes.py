@@ -12,6 +12,8 @@ holding an image); a part, item or tool of a type gpt-oss cannot take is refused
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -24,6 +26,7 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -218,9 +221,44 @@ class ReasoningPart(Shape):
     text: str = ""
 
 
+# Responses' `encrypted_content` of a reasoning item (`include: ["reasoning.encrypted_content"]`): what lets a client
+# that keeps nothing on the server (`store: false`) send the reasoning back with the tool result that followed it. Not
+# encrypted: ossrun shows the reasoning in clear anyway; it is the text, encoded, so that it round-trips unchanged.
+_SEALED = "ossrun-reasoning-v1:"
+
+
+def seal_reasoning(text: str) -> str:
+    return _SEALED + base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def open_reasoning(sealed: str) -> str:
+    """The reasoning text of an `encrypted_content` this server made; ValueError for any other (OpenAI's, say)."""
+    try:
+        if not sealed.startswith(_SEALED):
+            raise ValueError
+        return base64.urlsafe_b64decode(sealed[len(_SEALED):].encode()).decode()
+    except (ValueError, binascii.Error):
+        raise ValueError("encrypted_content was not made by this server (it holds an ossrun reasoning item's, from "
+                         "include: ['reasoning.encrypted_content'])") from None
+
+
 class ReasoningInput(Shape):
     type: Literal["reasoning"]
     content: list[ReasoningPart] | None = None
+    encrypted_content: str | None = None  # read when `content` is absent
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _ours(cls, value: str | None) -> str | None:
+        if value is not None:
+            open_reasoning(value)
+        return value
+
+    @property
+    def text(self) -> str:
+        if self.content:
+            return "".join(part.text for part in self.content)
+        return open_reasoning(self.encrypted_content) if self.encrypted_content else ""
 
 
 ITEM_TYPES = {"message": InputMessage, "function_call": FunctionCallInput, "function_call_output": FunctionCallOutputInput,

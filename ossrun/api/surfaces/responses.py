@@ -14,7 +14,9 @@ from ossrun.api.errors import ApiError
 from ossrun.api.schemas import ResponsesInput
 from ossrun.api.service import Outcome
 from ossrun.api.surfaces.frames import frame
+from ossrun.harmony.shapes import seal_reasoning
 
+ENCRYPTED_REASONING = "reasoning.encrypted_content"  # an `include` value: reasoning items carry it (shapes.seal_reasoning)
 _DELTA = {"reasoning": "response.reasoning_text.delta", "message": "response.output_text.delta",
           "function_call": "response.function_call_arguments.delta"}
 
@@ -138,6 +140,8 @@ class ResponsesSurface:
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self.text}
             item["content"] = [part]
+            if self.request is not None and ENCRYPTED_REASONING in (self.request.include or ()):
+                item["encrypted_content"] = seal_reasoning(self.text)
             frames.append(self._event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
             frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
         elif item["type"] == "message":
@@ -148,7 +152,8 @@ class ResponsesSurface:
             frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
         else:
             item["arguments"], item["status"] = self.text, status
-            frames.append(self._event("response.function_call_arguments.done", **self._where(), arguments=self.text))
+            frames.append(self._event("response.function_call_arguments.done", **self._where(), name=item["name"],
+                                      arguments=self.text))
         frames.append(self._event("response.output_item.done", output_index=len(self.output) - 1, item=item))
         self.current = None
         return frames
