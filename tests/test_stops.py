@@ -34,3 +34,53 @@ def test_events_hold_only_answer_text_and_flush_before_the_message_ends():
     stops = StopStrings(["END"])
     assert stops.filter([ContentDelta("the END is"), MessageEnd("final"), Finished("length")]) == \
         [ContentDelta("the "), MessageEnd("final"), Finished("stop")]
+
+
+def _plain_feed(state: dict, stops: list[str], text: str) -> str:
+    """The matcher as it was first written (obviously right, O(held²) a piece): the reference."""
+    if state["matched"] is not None:
+        return ""
+    text, state["held"] = state["held"] + text, ""
+    found = [(text.find(stop), stop) for stop in stops if stop in text]
+    if found:
+        at, state["matched"] = min(found)
+        return text[:at]
+    keep = max((k for stop in stops for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])), default=0)
+    state["held"] = text[len(text) - keep:] if keep else ""
+    return text[:len(text) - keep]
+
+
+def test_the_incremental_matcher_equals_the_plain_search_piece_by_piece():
+    """Random texts, stops and ways to cut the text into pieces: the same text shown after each piece, the same
+    held-back tail and the same stop reported as the plain search."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        matcher, plain = StopStrings(stops), {"held": "", "matched": None}
+        for piece in pieces:
+            assert matcher.feed(piece) == _plain_feed(plain, stops, piece), (stops, pieces)
+            assert matcher.matched == plain["matched"], (stops, pieces)
+        assert matcher.flush() == ("" if plain["matched"] else plain["held"])
+
+
+def test_a_long_stop_the_text_keeps_half_matching_costs_steps_linear_in_the_text():
+    """Before: each piece cost O(held²) (a slice and a compare per prefix length): a 40 KB stop string that the answer
+    kept matching took the event loop for minutes over 3000 tokens. Counted in automaton steps, not in seconds."""
+    matcher = StopStrings(["a" * 40_000 + "b"])
+    automaton, steps = matcher._automata[0], 0
+    step = automaton.step
+
+    def counted(char: str) -> bool:
+        nonlocal steps
+        steps += 1
+        return step(char)
+
+    automaton.step = counted
+    assert all(matcher.feed("aaaaaaaa") == "" for _ in range(3000))  # 24,000 characters, all held back
+    assert steps == 24_000
+    assert matcher.feed("a" * 16_000 + "b!") == "" and matcher.matched == "a" * 40_000 + "b"

@@ -14,29 +14,71 @@ from collections.abc import Iterable
 from ossrun.harmony import ContentDelta, Event, Finished, MessageEnd
 
 
+class _Prefixes:
+    """One stop string's Knuth-Morris-Pratt automaton: after each character of the text, how long a prefix of the
+    stop the text ends with. A character costs O(1) amortised, however long the stop and the held-back tail: the
+    obvious check (does the text end with stop[:k], for every k) cost O(held²) a token, so a long stop string the
+    answer kept half-matching froze the event loop (cubic in the answer's length)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0
+        self._fail = [0] * len(stop)  # _fail[i]: the longest proper prefix of stop[:i + 1] that is also its suffix
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self._fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self._fail[i] = k
+
+    def step(self, char: str) -> bool:
+        """Advance by one character; True when the stop string has just been completed."""
+        k = self.state
+        if k == len(self.stop):
+            k = self._fail[k - 1]
+        while k and char != self.stop[k]:
+            k = self._fail[k - 1]
+        if char == self.stop[k]:
+            k += 1
+        self.state = k
+        return k == len(self.stop)
+
+
 class StopStrings:
     def __init__(self, stops: Iterable[str]):
         self.stops = tuple(stops)
         self.matched: str | None = None  # the stop string that ended the text, once one did
         self._held = ""  # a tail that is a prefix of some stop string: not yet safe to show
+        self._automata = [_Prefixes(stop) for stop in self.stops]
 
     def feed(self, text: str) -> str:
-        """The part of `text` (after what was held back) that can be shown now."""
+        """The part of `text` (after what was held back) that can be shown now. Of the matches completed in it, the
+        one that starts first wins (on a tie, the stop that sorts first)."""
         if self.matched is not None:
             return ""
+        start = len(self._held)
         text, self._held = self._held + text, ""
-        found = [(text.find(stop), stop) for stop in self.stops if stop in text]
-        if found:
-            at, self.matched = min(found)
+        best: tuple[int, str] | None = None  # (where the match starts, the stop)
+        for position in range(start, len(text)):
+            char = text[position]
+            for automaton in self._automata:
+                if automaton.step(char):
+                    candidate = (position + 1 - len(automaton.stop), automaton.stop)
+                    best = candidate if best is None else min(best, candidate)
+            if best is not None and best[0] > position:  # no match still to complete can start before it
+                break
+        if best is not None:
+            at, self.matched = best
             return text[:at]
-        keep = max((k for stop in self.stops for k in range(1, min(len(stop), len(text) + 1))
-                    if text.endswith(stop[:k])), default=0)
+        keep = max(automaton.state for automaton in self._automata)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
     def flush(self) -> str:
         """What was held back, now that the text ended without completing a stop string."""
         held, self._held = self._held, ""
+        for automaton in self._automata:  # what was held is shown now: no stop may start in it any more
+            automaton.state = 0
         return "" if self.matched is not None else held
 
     def filter(self, events: Iterable[Event]) -> list[Event]:
