@@ -13,7 +13,6 @@ holding an image); a part, item or tool of a type gpt-oss cannot take is refused
 from __future__ import annotations
 
 import base64
-import binascii
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -26,7 +25,6 @@ from pydantic import (
     Tag,
     ValidationError,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -225,6 +223,9 @@ class ReasoningPart(Shape):
 # that keeps nothing on the server (`store: false`) send the reasoning back with the tool result that followed it. Not
 # encrypted: ossrun shows the reasoning in clear anyway; it is the text, encoded, so that it round-trips unchanged.
 _SEALED = "ossrun-reasoning-v1:"
+# What seal_reasoning makes (url-safe base64 behind the prefix), stated in the shape so the OpenAPI document refuses
+# exactly what the server refuses.
+SEALED_PATTERN = "^" + _SEALED + r"(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?$"
 
 
 def seal_reasoning(text: str) -> str:
@@ -232,27 +233,16 @@ def seal_reasoning(text: str) -> str:
 
 
 def open_reasoning(sealed: str) -> str:
-    """The reasoning text of an `encrypted_content` this server made; ValueError for any other (OpenAI's, say)."""
-    try:
-        if not sealed.startswith(_SEALED):
-            raise ValueError
-        return base64.urlsafe_b64decode(sealed[len(_SEALED):].encode()).decode()
-    except (ValueError, binascii.Error):
-        raise ValueError("encrypted_content was not made by this server (it holds an ossrun reasoning item's, from "
-                         "include: ['reasoning.encrypted_content'])") from None
+    """The reasoning text of an `encrypted_content` matching SEALED_PATTERN (the shape checked it)."""
+    return base64.urlsafe_b64decode(sealed[len(_SEALED):].encode()).decode(errors="replace")
 
 
 class ReasoningInput(Shape):
     type: Literal["reasoning"]
     content: list[ReasoningPart] | None = None
-    encrypted_content: str | None = None  # read when `content` is absent
-
-    @field_validator("encrypted_content")
-    @classmethod
-    def _ours(cls, value: str | None) -> str | None:
-        if value is not None:
-            open_reasoning(value)
-        return value
+    # Read when `content` is absent; one this server did not make (OpenAI's, say) is refused by the pattern.
+    encrypted_content: str | None = Field(None, pattern=SEALED_PATTERN, description=(
+        "an ossrun reasoning item's encrypted_content (from include: ['reasoning.encrypted_content'])"))
 
     @property
     def text(self) -> str:
