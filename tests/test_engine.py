@@ -186,6 +186,24 @@ def test_interactive_requests_run_before_batch_work(model):
     assert finished == ["live", "batch"]
 
 
+def test_one_requests_many_choices_do_not_lock_out_a_request_sent_after_them(model):
+    """Before: the 16 rows of one client request (prompts × n, one group) held every slot, and a request added
+    after them waited until all 16 had finished (hunt_security #3). Now it runs within a step of arriving; a
+    lone group still fills every slot."""
+    engine = make_engine(model, max_num_seqs=4)
+    for i in range(16):
+        engine.add(Request(f"big{i}", [1, 2, 3 + i], SamplingParams(max_tokens=30, **GREEDY), group="big"))
+    for _ in range(3):
+        engine.step()
+    assert sorted(seq.request_id for seq in engine.scheduler.running) == [f"big{i}" for i in range(4)]
+    engine.add(Request("chat", [4, 5, 6], SamplingParams(max_tokens=2, **GREEDY)))
+    finished_at = next((step for step in range(1, 200) if any(e.finished for e in engine.step() if e.request_id == "chat")), None)
+    assert finished_at == 2  # its prompt, then its second token: no wait for the group's 16 rows
+    while engine.has_work:
+        engine.step()
+    assert engine.kv.full.num_used == 0
+
+
 def test_async_stream_and_cancellation(model):
     engine = AsyncEngine(make_engine(model))
 

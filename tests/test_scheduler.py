@@ -164,3 +164,58 @@ def test_a_batch_row_waiting_for_its_grammar_does_not_hold_up_an_interactive_ste
     assert run(s) == {"chat": 5, "b": 1} and run(s) == {"chat": 1, "b": 1}
     a.request.constraint = None  # its mask is there
     assert run(s) == {"chat": 1, "a": 1}
+
+
+# -- the sequences of one client request (a group) share the engine with other requests ------------------------
+
+def grouped(name: str, group: str, prompt_len: int = 5, priority: Priority = Priority.INTERACTIVE) -> Sequence:
+    return Sequence.from_request(Request(name, [1 + i % 50 for i in range(prompt_len)], priority=priority, group=group))
+
+
+def test_a_lone_group_fills_every_slot():
+    s = scheduler()
+    for i in range(16):
+        s.add(grouped(f"big{i}", "big"))
+    assert run(s) == {f"big{i}": 5 for i in range(8)}
+    assert run(s) == {f"big{i}": 1 for i in range(8)} and len(s.waiting) == 8
+
+
+def test_a_new_request_gets_a_slot_from_a_group_holding_every_slot():
+    """Before: one request's 16 rows (prompts × n) took every slot, and a request sent after them waited for all
+    of them (hunt_security #3: 100 s on a server). Now the group over its fair share gives up its youngest row."""
+    s = scheduler()
+    for i in range(16):
+        s.add(grouped(f"big{i}", "big"))
+    run(s)
+    s.add(grouped("chat", "chat"))
+    step = run(s)
+    assert step["chat"] == 5 and "big7" not in step and len(step) == 8
+    assert [seq.request_id for seq in s.waiting][0] == "big7"  # back in line, ahead of the rows that never ran
+    for _ in range(3):  # stable: no more preemption while the new group has its row running
+        step = run(s)
+        assert len(step) == 8 and "chat" in step and len(s.waiting) == 9
+
+
+def test_waiting_groups_are_admitted_round_robin_up_to_their_fair_share():
+    s = scheduler()
+    for i in range(16):
+        s.add(grouped(f"a{i}", "a"))
+    run(s)
+    for i in range(8):
+        s.add(grouped(f"b{i}", "b"))
+    step = run(s)  # a's 4 youngest rows make room: 8 slots, two groups, 4 each
+    assert sorted(step) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)]), step
+    s.add(grouped("c0", "c"))
+    step = run(s)  # a third group: one of the groups over 8 // 3 gives up a row
+    assert "c0" in step and len(step) == 8
+
+
+def test_two_groups_prefills_take_the_step_in_turns():
+    s = scheduler(budget=64)
+    for i in range(2):
+        s.add(grouped(f"a{i}", "a", 200))
+    run(s)  # a0 takes the first step's prefill chunk (32), a1 the rest
+    s.add(grouped("b0", "b", 200))
+    run(s)
+    step = run(s)  # a0 and b0 first (one turn each), a1 after them: b is not behind all of a's rows
+    assert step["b0"] == 32 and step["a0"] == 32 and "a1" not in step, step

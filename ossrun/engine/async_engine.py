@@ -133,7 +133,7 @@ class AsyncEngine:
     def _request(self, submission: Submission) -> Request:
         """The engine's request for a submission, its grammar compiled; context and grammar errors raised."""
         request = Request(submission.request_id, list(submission.prompt_token_ids), submission.params, submission.priority,
-                          submission.adapter)
+                          submission.adapter, group=submission.group)
         self.validate(request)
         if submission.grammar is not None:
             request.constraint = self._compiler_for().compile(submission.grammar)

@@ -31,6 +31,7 @@ class Submission:
     priority: Priority = Priority.INTERACTIVE
     adapter: str | None = None
     grammar: Grammar | None = None
+    group: str | None = None  # the client request it is one choice/prompt of (None: its own); see `Request.group`
 
 
 @dataclass(frozen=True, slots=True)

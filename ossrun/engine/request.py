@@ -75,6 +75,9 @@ class Request:
     lora: str | None = None
     # A grammar matcher (structured output); the sampler masks tokens it forbids. None = free.
     constraint: object | None = None
+    # The client request it belongs to (the choices × prompts of one HTTP request): groups share the engine's slots
+    # and tokens fairly, so one request with 256 choices cannot hold every slot. None = a group of its own.
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,20 @@ holds the interactive sequences first, then at most as many batch rows (taking t
 interactive request's step costs at most about twice its own, whatever the batch holds (16 structured-output
 items, each with its grammar work, once made a `Hello` 200-500× slower). An interactive request never waits
 for a slot that batch rows hold: the last batch row is preempted. Alone, the batch runs at full speed.
+
+Within a priority class, sequences of one client request (`Sequence.group`: the prompts × `n` choices of one HTTP
+request) share the engine with other requests' groups: waiting rows are admitted round-robin across groups (the group
+with the fewest rows running first), running rows take the step's tokens in turns by group, and when every slot is
+held, a group over its fair share (`max_num_seqs` / groups) gives up its youngest rows for a waiting group's first
+ones. One request of 256 choices once held every slot and a `Hi` sent after it waited for all of them (100 s); a lone
+group still gets every slot.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ossrun.engine.kv_cache import KVCacheManager
@@ -102,11 +110,11 @@ class Scheduler:
         step = Step()
         everyone = (*self.running, *self.waiting)
         if all(self._interactive(seq) for seq in everyone) or not any(self._interactive(seq) for seq in everyone):
-            budget = self._schedule_running(step, list(self.running), [], self.max_tokens_per_step)
-            if not step.preempted:
-                budget = self._admit(step, budget, [])
-                if len(step.scheduled) == 1:
-                    self._top_up(step, budget)
+            self._share_slots(step, lambda seq: True)
+            shared = len(step.preempted)
+            budget = self._run_then_admit(step, list(self.running), [], lambda seq: True)
+            if len(step.preempted) == shared and len(step.scheduled) == 1:  # the KV pools did not run dry
+                self._top_up(step, budget)
             return step
         return self._schedule_beside_interactive(step)
 
@@ -117,11 +125,8 @@ class Scheduler:
         for all of its rows (their grammar work, their prefill chunks), and the batch still moves."""
         idle = sorted((seq for seq in self.running if not self._interactive(seq)), key=lambda s: s.sort_key)
         self._free_slots_for_interactive(step, idle)
-        preempted = len(step.preempted)
-        budget = self._schedule_running(step, [seq for seq in self.running if self._interactive(seq)], idle,
-                                        self.max_tokens_per_step)
-        if len(step.preempted) == preempted:  # the KV pools did not run dry
-            budget = self._admit(step, budget, idle, only=self._interactive)
+        self._share_slots(step, self._interactive)
+        budget = self._run_then_admit(step, [seq for seq in self.running if self._interactive(seq)], idle, self._interactive)
         rows = len(step.scheduled)
         if rows == 0:  # none of it can run now: the batch goes on as if alone (and may free room for it)
             self._schedule_running(step, idle, [], budget)
@@ -139,12 +144,32 @@ class Scheduler:
             self._top_up(step, self.max_tokens_per_step - step.num_tokens)
         return step
 
+    def _run_then_admit(self, step: Step, queue: list[Sequence], spare: list[Sequence], only: Callable[[Sequence], bool]) -> int:
+        """The running sequences of `queue`, then waiting ones that `only` accepts (unless the KV pools ran dry), in
+        one step's budget; `spare` (running, not in this step) is preempted first when the pools run dry, and loses
+        those. Returns the budget left. While a group waits with no row running, its first row is admitted before
+        the other groups' second and later prefill chunks: one request's many prompts cannot hold a step's every
+        token while a new request waits."""
+        preempted = len(step.preempted)
+        turn = self._turns_in_group(sorted(queue, key=lambda s: s.sort_key))
+        running = {seq.group for seq in self.running}
+        later = []
+        if any(only(seq) and seq.group not in running for seq in self.waiting):
+            later = sorted((s for s in queue if turn[id(s)] > 0 and s.num_to_compute > 1), key=lambda s: (turn[id(s)], s.sort_key))
+        budget = self._schedule_running(step, [s for s in queue if s not in later], later + spare, self.max_tokens_per_step)
+        spare[:] = [s for s in spare if s.status is Status.RUNNING]
+        if len(step.preempted) == preempted:  # the KV pools did not run dry
+            budget = self._admit(step, budget, spare, only=only)
+        later = [s for s in later if s.status is Status.RUNNING]
+        return self._schedule_running(step, later, spare, budget) if later else budget
+
     def _schedule_running(self, step: Step, queue: list[Sequence], spare: list[Sequence], budget: int,
                           chunk: int | None = None) -> int:
         """Schedule the running sequences of `queue` (decodes first, then by priority) within `budget`, each at
         most `chunk` tokens; when the KV pools run dry, preempt from `spare` (running, not in this step) first,
         then the queue's least urgent. Returns the budget left."""
-        queue = sorted(queue, key=lambda s: (s.num_to_compute > 1, s.sort_key))
+        turn = self._turns_in_group(sorted(queue, key=lambda s: s.sort_key))
+        queue = sorted(queue, key=lambda s: (s.num_to_compute > 1, turn[id(s)], s.sort_key))
         chunk = min(chunk or self.max_prefill_chunk, self.max_prefill_chunk)
         while queue and budget > 0:
             seq = queue.pop(0)
@@ -177,6 +202,35 @@ class Scheduler:
         for _ in range(min(waiting - (self.max_num_seqs - len(self.running)), len(idle))):
             self._preempt(idle.pop(), step)
 
+    @staticmethod
+    def _turns_in_group(ordered: Iterable[Sequence], start: Counter | None = None) -> dict[int, int]:
+        """{id(seq): its turn}: the k-th sequence of a group (in the given order) gets turn start[group] + k, so
+        sorting by turn interleaves the groups (round-robin) instead of serving one request's rows all first."""
+        seen = Counter(start or {})
+        turn = {}
+        for seq in ordered:
+            turn[id(seq)] = seen[seq.group]
+            seen[seq.group] += 1
+        return turn
+
+    def _share_slots(self, step: Step, only: Callable[[Sequence], bool]) -> None:
+        """Every slot held while a group (among the sequences `only` accepts) waits with fewer rows running than its
+        fair share (`max_num_seqs` / groups): the group running the most rows, while over its share, gives up its
+        youngest (recomputed later, from the prefix cache mostly). One request's many choices cannot lock out the
+        requests sent after it; a group alone keeps every slot."""
+        running = Counter(seq.group for seq in self.running if only(seq))
+        waiting = Counter(seq.group for seq in self.waiting if only(seq))
+        if not waiting:
+            return
+        fair = max(1, self.max_num_seqs // len(running.keys() | waiting.keys()))
+        wanted = sum(min(n, fair - running[group]) for group, n in waiting.items() if running[group] < fair)
+        for _ in range(wanted - (self.max_num_seqs - len(self.running))):
+            hog, most = (running.most_common(1) or [(None, 0)])[0]
+            if most <= fair:
+                return
+            self._preempt(max((seq for seq in self.running if seq.group == hog and only(seq)), key=lambda s: s.arrival), step)
+            running[hog] -= 1
+
     def _top_up(self, step: Step, budget: int) -> None:
         """A prefill alone in its step gets the rest of the budget (never preempts). With others in the
         step it stays capped: a step's time grows with its prefill tokens, and theirs is waiting on it."""
@@ -190,12 +244,11 @@ class Scheduler:
 
     def _admit(self, step: Step, budget: int, spare: list[Sequence], only: Callable[[Sequence], bool] = lambda seq: True,
                most: int | None = None, chunk: int | None = None) -> int:
-        """Admit waiting sequences that `only` accepts, by priority (aged batch work counts as interactive), at most
+        """Admit waiting sequences that `only` accepts, in `_admission_order`, at most
         `most` of them. An interactive one that does not fit the KV pools preempts from `spare` (batch rows not in
         this step), else it and those behind it wait."""
-        self.waiting.sort(key=self._key)
         chunk = min(chunk or self.max_prefill_chunk, self.max_prefill_chunk)
-        for seq in [seq for seq in self.waiting if only(seq)]:
+        for seq in self._admission_order(only):
             if budget <= 0 or len(self.running) >= self.max_num_seqs or (most is not None and most <= 0):
                 break
             if not self.kv.fits_alone(len(seq.tokens)):  # never admitted, and never blocking those behind it
@@ -223,6 +276,14 @@ class Scheduler:
             budget -= n
             most = None if most is None else most - 1
         return budget
+
+    def _admission_order(self, only: Callable[[Sequence], bool]) -> list[Sequence]:
+        """The waiting sequences `only` accepts, by priority class (aged batch work counts as interactive), then
+        round-robin across groups (the group with the fewest rows running first), then arrival."""
+        self.waiting.sort(key=self._key)
+        candidates = [seq for seq in self.waiting if only(seq)]
+        turn = self._turns_in_group(candidates, Counter(seq.group for seq in self.running))
+        return sorted(candidates, key=lambda seq: (self._key(seq)[0], turn[id(seq)], self._key(seq)[1]))
 
     def _unfit(self, seq: Sequence, step: Step) -> None:
         if seq in self.running:

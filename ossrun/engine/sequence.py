@@ -47,6 +47,11 @@ class Sequence:
         return self.request.request_id
 
     @property
+    def group(self) -> str:
+        """The client request it belongs to: the scheduler shares slots and tokens fairly between groups."""
+        return self.request.group or self.request.request_id
+
+    @property
     def num_output(self) -> int:
         return len(self.tokens) - self.num_prompt_tokens
 
