@@ -3,6 +3,8 @@ seeded per choice so a seeded request is reproducible and its choices differ."""
 
 from __future__ import annotations
 
+import threading
+
 import openai
 import pytest
 
@@ -102,3 +104,25 @@ def test_completions_refuse_what_they_cannot_do(client):
         client.completions.create(**TEXT, echo=True, logprobs=1)
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(**TEXT, suffix="The end.")
+
+
+def test_a_request_with_many_choices_does_not_lock_out_a_request_sent_after_it(checkpoints, tmp_path_factory):
+    """Before: the 8 choices (2 prompts × n 4) of one request held both slots (`--max-num-seqs 2`) in turn, and a
+    chat request sent after its first token waited for 6 of them to finish (hunt_security #3: 100 s on a server).
+    Now each request's choices are one group in the engine, and groups share the slots: the chat request runs at
+    once, while most of the big request's tokens are still to come."""
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("data-fair"), "--rate-limit", "100000",
+                          "--max-num-seqs", "2")
+    try:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+        big = client.completions.create(**{**TEXT, "prompt": ["Once upon a time", "Tell me"], "max_tokens": 24}, n=4,
+                                        stream=True)
+        received = [next(iter(big))]
+        reader = threading.Thread(target=lambda: received.extend(big))
+        reader.start()
+        client.chat.completions.create(**{**CHAT, "max_tokens": 2})
+        seen_then = len(received)
+        reader.join()
+        assert seen_then < len(received) / 2, (seen_then, len(received))
+    finally:
+        server.stop()

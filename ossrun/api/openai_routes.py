@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -22,6 +23,9 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     ask = batch[0]
     planned = await asyncio.gather(*(service.plan_off_loop(one, openai=True) for one in batch))
     plans = [plan for first in planned for plan in service.choice_plans(first)]
+    group = uuid.uuid4().hex  # one group in the engine: its slots are shared fairly between requests, not choices
+    for plan in plans:
+        plan.group = group
     made = [surfaces.for_plan(service, plan, model, ask.include_usage) for plan in plans]
 
     def total():  # streamed and sync alike: each prompt once, every choice's completion tokens

@@ -55,6 +55,7 @@ class Plan:
     grammar: Grammar | None = None  # what the output must follow (the engine compiles it)
     stop: tuple[str, ...] = ()  # stop strings: matched on the answer text here, not by the engine
     json_mode: bool = False  # response_format / text.format asks for JSON: the Prompt result parses it
+    group: str | None = None  # the HTTP request its choice belongs to: the engine shares its slots fairly between groups
 
 
 @dataclass(slots=True)
@@ -333,7 +334,8 @@ class Service:
             raise bad_input(f"Error: {exc}") from None
 
     def _submission(self, plan: Plan) -> Submission:
-        return Submission(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.grammar)
+        return Submission(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.grammar,
+                          plan.group)
 
     def _check(self, plan: Plan) -> None:
         """What the engine would refuse, refused now (a 400 before any stream starts)."""
