@@ -4,6 +4,10 @@ Each fine-tune is a folder `finetunes/<id>/` with `meta.json` and the PEFT files
 Writes are atomic (temp file + rename), so a crash never leaves a half-written adapter. An uploaded
 asset is staged and checked before it replaces the stored one, so a refused upload changes nothing.
 
+An upload is written to disk as it arrives (`arrival`), in its own folder under `finetunes/.uploads/`, never held
+in memory: an adapter may be 300 MB. Only MAX_UPLOADS_IN_FLIGHT may be arriving or installing at once; each holds
+up to 300 MB of disk and installs wait their turn, so more would only queue bytes. Beyond that is a 429.
+
 Changing a fine-tune's rank takes two uploads, and after the first the two files disagree. Such a
 file (valid on its own, but of another rank than the stored other file) is neither refused nor
 stored: it waits in `pending/` until the other file of its rank arrives, and the two replace the
@@ -27,6 +31,10 @@ from pathlib import Path
 ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 PENDING = "pending"  # a fine-tune's subfolder for a file waiting for its pair
 MAX_ASSET_BYTES = 300 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT adapter_config.json is a KB or two; its check parses it whole, in memory
+MAX_UPLOADS_IN_FLIGHT = 2
+UPLOAD_RETRY_AFTER_S = 5  # an upload's place is free again once one in flight is stored (seconds, for 300 MB)
+ARRIVING = ".uploads"  # the store's folder of uploads still arriving, one subfolder each
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ID_SHAPE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)  # what `create` makes
 
@@ -34,10 +42,11 @@ _ID_SHAPE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 class FinetuneError(ValueError):
     """A fine-tune request that cannot be honoured; `code` is the API error code."""
 
-    def __init__(self, message: str, code: int = 5006, status: int = 400):
+    def __init__(self, message: str, code: int = 5006, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.status = status
+        self.headers = headers or {}
 
 
 class PairMismatch(Exception):
@@ -85,6 +94,14 @@ def _check_json_object(config: bytes) -> None:
         raise FinetuneError("adapter_config.json must hold a JSON object", code=5005)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)  # same folder tree: no copy of a 300 MB file
@@ -98,7 +115,12 @@ class FinetuneStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._upload_lock = threading.Lock()
-        for stale in self.root.glob("*/.staging-*"):  # an upload a crash interrupted; the stored files are intact
+        self._places_lock = threading.Lock()  # taken on the event loop: never held while anything slow runs
+        self._in_flight = 0
+        self.arrivals = self.root / ARRIVING
+        shutil.rmtree(self.arrivals, ignore_errors=True)  # uploads a crash or a stop interrupted
+        self.arrivals.mkdir()
+        for stale in self.root.glob("*/.staging-*"):  # where older versions staged; the stored files are intact
             shutil.rmtree(stale, ignore_errors=True)
 
     def create(self, model: str, name: str, description: str = "", reserved: Collection[str] = ()) -> Finetune:
@@ -133,29 +155,61 @@ class FinetuneStore:
         return (next((r for r in records if r.id == id_or_name.lower()), None)
                 or next((r for r in records if r.name == id_or_name), None))
 
-    def upload(self, id_or_name: str, file_name: str, data: bytes, serve: Serve | None = None) -> Finetune:
-        """Store one asset. It is staged in a folder beside the other asset: the pending one first, then the stored
-        one. `serve` must accept the pair; it installs the file (the pending partner with it) when it does. A file
-        the pair check finds valid but of another rank than both partners waits in `pending/` (see the module's
-        docstring); without any partner it is stored as is. Anything else raised on the way leaves the stored
-        fine-tune exactly as it was."""
+    def arrival(self) -> Path:
+        """Take a place for an upload → the file to write it to as it arrives, alone in a fresh folder of the data
+        directory (the fine-tunes' file system: installing it is a rename). None free: a 429 (3040) with
+        `Retry-After`. `upload` or `discard` gives the place back and removes the folder."""
+        with self._places_lock:
+            if self._in_flight >= MAX_UPLOADS_IN_FLIGHT:
+                raise FinetuneError(f"{MAX_UPLOADS_IN_FLIGHT} adapter uploads are in progress, the most this server "
+                                    f"takes at once; try again in a few seconds", code=3040, status=429,
+                                    headers={"Retry-After": str(UPLOAD_RETRY_AFTER_S)})
+            self._in_flight += 1
+        try:
+            return Path(tempfile.mkdtemp(dir=self.arrivals)) / "upload"
+        except BaseException:
+            self._give_back_place()
+            raise
+
+    def discard(self, arrived: Path) -> None:
+        """An upload is over, stored or not: its folder (whatever is left in it) goes, and its place is free."""
+        shutil.rmtree(arrived.parent, ignore_errors=True)
+        self._give_back_place()
+
+    def _give_back_place(self) -> None:
+        with self._places_lock:
+            self._in_flight -= 1
+
+    def upload(self, id_or_name: str, file_name: str, arrived: Path, serve: Serve | None = None) -> Finetune:
+        """Store one asset from `arrived` (the complete file `arrival` gave; it is moved, never read whole, and the
+        upload `discard`ed whatever happens). It is staged in its folder beside the other asset: the pending one
+        first, then the stored one. `serve` must accept the pair; it installs the file (the pending partner with
+        it) when it does. A file the pair check finds valid but of another rank than both partners waits in
+        `pending/` (see the module's docstring); without any partner it is stored as is. Anything else raised on
+        the way leaves the stored fine-tune exactly as it was."""
+        try:
+            record = self._checked(id_or_name, file_name, arrived)
+            with self._upload_lock:  # one upload at a time: each is checked against the other asset as it stays stored
+                staged = arrived.parent
+                _fsync(arrived)
+                os.replace(arrived, staged / file_name)
+                self._pair_and_install(record, staged, file_name, serve)
+            return record
+        finally:
+            self.discard(arrived)
+
+    def _checked(self, id_or_name: str, file_name: str, arrived: Path) -> Finetune:
+        """The fine-tune an upload is for, once the name and size of the file (and a config's JSON) pass."""
         record = self.get(id_or_name)
         if record is None:
             raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
         if file_name not in ASSET_NAMES:
             raise FinetuneError(f"file_name must be one of {', '.join(ASSET_NAMES)}, not {file_name!r}", code=3039)
-        if len(data) > MAX_ASSET_BYTES:
-            raise FinetuneError(f"{file_name} is {len(data)} bytes; the limit is {MAX_ASSET_BYTES}", code=3006, status=413)
+        size, limit = arrived.stat().st_size, MAX_CONFIG_BYTES if file_name == "adapter_config.json" else MAX_ASSET_BYTES
+        if size > limit:
+            raise FinetuneError(f"{file_name} is {size} bytes; the limit is {limit}", code=3006, status=413)
         if file_name == "adapter_config.json":
-            _check_json_object(data)  # alone it cannot be loaded; the loader checks the rest once the pair is complete
-        with self._upload_lock:  # one upload at a time: each is checked against the other asset as it stays stored
-            folder = self.folder(record)
-            staged = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-            try:
-                _atomic_write(staged / file_name, data)
-                self._pair_and_install(record, staged, file_name, serve)
-            finally:
-                shutil.rmtree(staged, ignore_errors=True)
+            _check_json_object(arrived.read_bytes())  # alone it cannot be loaded; the loader checks the rest with the pair
         return record
 
     def _pair_and_install(self, record: Finetune, staged: Path, file_name: str, serve: Serve | None) -> None:

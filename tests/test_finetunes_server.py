@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import pytest
 
+from ossrun.finetunes import MAX_CONFIG_BYTES, MAX_UPLOADS_IN_FLIGHT
 from ossrun.model.checkpoint import read_config
 from ossrun.model.lora import write_random_adapter
 from tests.server_util import MODEL, start_server
@@ -222,3 +226,89 @@ def test_a_finetune_changes_rank_in_two_uploads_and_each_version_gets_its_own_kv
         assert answer("ft") == want8
     finally:
         server.stop()
+
+
+# -- hunt_security #5: uploads stream to disk, and only MAX_UPLOADS_IN_FLIGHT at once ------------------------
+
+def proc_kib(pid: int, field: str) -> int:
+    """`VmRSS`, `VmHWM`, … of a process, in KiB (Linux `/proc/PID/status`)."""
+    line = next(line for line in open(f"/proc/{pid}/status") if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def uploads_arriving(server) -> list:
+    folder = server.data_dir / "finetunes" / ".uploads"
+    return list(folder.iterdir()) if folder.exists() else []
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def upload_server(checkpoints, tmp_path_factory):
+    server = start_server(checkpoints["original"], tmp_path_factory.mktemp("uploads") / "data")
+    assert create(server, "big").status_code == 200 and create(server, "small").status_code == 200
+    yield server
+    server.stop()
+
+
+def test_a_large_upload_goes_to_disk_as_it_arrives_not_into_memory(upload_server, tmp_path):
+    """Before: the route read the whole upload into one `bytes`, so every upload in flight added its size to the
+    server's memory (4 × 250 MB: +1 GB). Now it is written to a file in the data directory as it arrives and moved
+    into place: the server's peak RSS (reset just before) grows by a few MB for a 160 MB upload, the stored file is
+    the one sent, and nothing is left in the staging folder, nor after a refused upload. A config is parsed whole,
+    so it has a limit of its own (1 MB)."""
+    size = 160 * 2**20
+    sent = tmp_path / "adapter_model.safetensors"
+    sent.write_bytes(bytes(range(256)) * (size // 256))
+    pid = upload_server.process.pid
+    before = proc_kib(pid, "VmRSS")
+    with open(f"/proc/{pid}/clear_refs", "w") as clear:
+        clear.write("5")  # VmHWM := VmRSS now
+    with sent.open("rb") as f:
+        stored = httpx.post(api(upload_server, "/finetunes/big/finetune-assets"), data={"file_name": sent.name},
+                            files={"file": (sent.name, f)}, timeout=120)
+    grew_mib = (proc_kib(pid, "VmHWM") - before) / 1024
+    assert stored.status_code == 200, stored.text
+    assert grew_mib < 32, f"peak RSS grew by {grew_mib:.0f} MiB for a {size // 2**20} MiB upload"
+    finetune = upload_server.data_dir / "finetunes" / stored.json()["result"]["id"]
+    assert (finetune / sent.name).stat().st_size == size and (finetune / sent.name).read_bytes() == sent.read_bytes()
+    assert uploads_arriving(upload_server) == []
+    refused = upload(upload_server, "big", "adapter_config.json", b"[1, 2]")
+    assert refused.status_code == 400 and uploads_arriving(upload_server) == []
+    too_big = upload(upload_server, "big", "adapter_config.json", b" " * MAX_CONFIG_BYTES + b"{}")  # parsed whole: capped
+    assert too_big.status_code == 413 and too_big.json()["errors"][0]["code"] == 3006 and uploads_arriving(upload_server) == []
+
+
+def partial_upload(server, length: int) -> socket.socket:
+    """An upload whose first bytes are sent and the rest of its `length` never: it stays in flight."""
+    head = (b'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_model.safetensors\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(f"POST /client/v4/accounts/acct/ai/finetunes/big/finetune-assets HTTP/1.1\r\nHost: x\r\n"
+                 f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n".encode() + head)
+    return sock
+
+
+def test_uploads_in_flight_are_bounded_and_one_whose_client_leaves_leaves_nothing(upload_server):
+    """Before: any number of uploads could be in flight at once, each holding its size in memory. Now a third one
+    while two are arriving is a 429 (3040) with `Retry-After`, before its body is read; a client that leaves
+    mid-upload frees its place, and its partial file is removed."""
+    config = b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+    slow = [partial_upload(upload_server, 10 * 2**20) for _ in range(MAX_UPLOADS_IN_FLIGHT)]
+    try:
+        wait_for(lambda: len(uploads_arriving(upload_server)) == MAX_UPLOADS_IN_FLIGHT)
+        busy = upload(upload_server, "small", "adapter_config.json", config)
+        assert busy.status_code == 429 and busy.json()["errors"][0]["code"] == 3040, busy.text
+        assert int(busy.headers["Retry-After"]) > 0
+    finally:
+        for sock in slow:
+            sock.close()
+    assert wait_for(lambda: uploads_arriving(upload_server) == []), uploads_arriving(upload_server)
+    assert wait_for(lambda: upload(upload_server, "small", "adapter_config.json", config).status_code == 200)

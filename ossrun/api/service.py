@@ -189,11 +189,12 @@ class Service:
         apart, and the fine-tune would replace that adapter)."""
         return self.finetunes.create(model, name, description, reserved=self.settings.loras)
 
-    def upload_finetune_asset(self, id_or_name: str, file_name: str, data: bytes):
-        """Store an uploaded asset and serve the fine-tune once both are there. A complete pair is loaded from where
-        it is staged before the new file replaces the stored one, so a refused upload (400) changes nothing; a file of
-        another rank than the stored one waits for its pair (`FinetuneStore`). Blocking: run it off the event loop."""
-        return self.finetunes.upload(id_or_name, file_name, data, serve=self._serve_finetune)
+    def upload_finetune_asset(self, id_or_name: str, file_name: str, arrived: Path):
+        """Store an uploaded asset (the file `FinetuneStore.arrival` gave) and serve the fine-tune once both are there.
+        A complete pair is loaded from where it is staged before the new file replaces the stored one, so a refused
+        upload (400) changes nothing; a file of another rank than the stored one waits for its pair (`FinetuneStore`).
+        Blocking: run it off the event loop."""
+        return self.finetunes.upload(id_or_name, file_name, arrived, serve=self._serve_finetune)
 
     def _serve_finetune(self, record, folder: Path, install: Callable[[], Path]) -> None:
         """The store's `serve`: a pair of two valid files of different ranks is its PairMismatch (the file waits)."""

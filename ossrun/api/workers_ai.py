@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from fastapi import APIRouter, Request
-from starlette.requests import ClientDisconnect
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ossrun.api import ask as asks
 from ossrun.api import schemas, surfaces
@@ -206,25 +208,114 @@ async def list_finetunes(account_id: str, request: Request):
     return envelope([_finetune_json(r) for r in service_of(request).finetunes.list()])
 
 
+NOT_A_FORM = (400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'")
+MAX_FORM_FIELD = 1024  # bytes of a form field other than the file (a file name) or of a part's header
+WRITE_PIECE = 1024 * 1024  # bytes of the file gathered before they are written, off the event loop
+
+
+class UploadForm:
+    """An upload's multipart form, parsed as it arrives: the `file` part's bytes are gathered for the caller to
+    write (`take`), the other fields kept (names: a KB each at most). The file is never whole in memory: an adapter
+    may be 300 MB, and each upload in flight once held all of it (hunt_security #5)."""
+
+    def __init__(self, boundary: bytes):
+        self.fields: dict[str, str] = {}
+        self.files = 0
+        self.gathered = 0  # bytes of the file not yet taken
+        self._pieces: list[bytes] = []
+        self._header: list[bytes] = [b"", b""]  # the name and value of the part's header being read
+        self._disposition, self._name, self._data = b"", "", bytearray()
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_name, "on_header_value": self._header_value,
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data, "on_part_end": self._part_end})
+
+    def take(self) -> list[bytes]:
+        pieces, self._pieces, self.gathered = self._pieces, [], 0
+        return pieces
+
+    def _part_begin(self) -> None:
+        self._disposition, self._name, self._data = b"", "", bytearray()
+
+    def _header_name(self, data: bytes, start: int, end: int) -> None:
+        self._add_to_header(0, data[start:end])
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._add_to_header(1, data[start:end])
+
+    def _add_to_header(self, which: int, text: bytes) -> None:
+        if len(self._header[which]) + len(text) > MAX_FORM_FIELD:
+            _form_error("a part's header is too long")
+        self._header[which] += text
+
+    def _header_end(self) -> None:
+        if self._header[0].strip().lower() == b"content-disposition":
+            self._disposition = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        self._name = parse_options_header(self._disposition)[1].get(b"name", b"").decode("utf-8", "replace")
+        self.files += self._name == "file"
+        if self.files > 1:
+            _form_error("one 'file' per upload")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name == "file":
+            self._pieces.append(data[start:end])
+            self.gathered += end - start
+        elif len(self._data) + end - start <= MAX_FORM_FIELD:
+            self._data += data[start:end]
+        else:
+            _form_error(f"the field {self._name[:100]!r} is too long")
+
+    def _part_end(self) -> None:
+        if self._name != "file":
+            self.fields.setdefault(self._name, self._data.decode("utf-8", "replace"))
+
+
+def _form_error(what: str) -> NoReturn:
+    raise ApiError(400, 3039, f"AiError: {what} in the multipart form")
+
+
+async def receive_upload(request: Request, arrived: Path) -> str:
+    """Write the `file` of an upload's form to `arrived` as it comes (the body cap, deadline and decoding are the
+    middleware's) → its `file_name`."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type.lower() != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ApiError(*NOT_A_FORM)
+    form = UploadForm(options[b"boundary"])
+    with open(arrived, "wb") as out:
+        try:
+            async for chunk in request.stream():
+                form.parser.write(chunk)
+                if form.gathered >= WRITE_PIECE:
+                    await asyncio.to_thread(out.writelines, form.take())
+            form.parser.finalize()
+        except FormParserError:
+            raise ApiError(*NOT_A_FORM) from None
+        await asyncio.to_thread(out.writelines, form.take())
+    if "file_name" not in form.fields or not form.files:
+        raise ApiError(400, 3039, "AiError: missing 'file_name' or 'file' in the multipart form")
+    return form.fields["file_name"]
+
+
 @router.post("/finetunes/{id_or_name}/finetune-assets", summary="Upload adapter_config.json or adapter_model.safetensors")
 async def upload_asset(account_id: str, id_or_name: str, request: Request):
     service = service_of(request)
     from ossrun.finetunes import ASSET_NAMES, FinetuneError
 
     try:
-        form = await request.form()
-    except (ApiError, ClientDisconnect):  # the body cap or deadline; a client that left (499)
-        raise
-    except Exception:
-        raise ApiError(400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'") from None
-    file_name, upload = form.get("file_name"), form.get("file")
-    if not isinstance(file_name, str) or upload is None or isinstance(upload, str):
-        raise ApiError(400, 3039, "AiError: missing 'file_name' or 'file' in the multipart form")
-    data = await upload.read()
-    try:  # writing (fsync'd) and loading up to 300 MB takes a while: other requests' streams must not wait for it
-        record = await asyncio.to_thread(service.upload_finetune_asset, id_or_name, file_name, data)
+        arrived = service.finetunes.arrival()  # a place, or a 429 before the body is read
+        try:
+            file_name = await receive_upload(request, arrived)
+        except BaseException:  # a bad form, the body cap or deadline (ApiError), a client that left (499)
+            service.finetunes.discard(arrived)
+            raise
+        # Storing (fsync'd) and loading up to 300 MB takes a while: other requests' streams must not wait for it. The
+        # store discards the upload when done; shielded, so a cancelled request still leaves that to it.
+        record = await asyncio.shield(asyncio.to_thread(service.upload_finetune_asset, id_or_name, file_name, arrived))
     except FinetuneError as exc:
-        raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
+        raise ApiError(exc.status, exc.code, f"AiError: {exc}", headers=exc.headers) from None
     answer = envelope(_finetune_json(record))
     if file_name in service.finetunes.pending_assets(record):
         other = next(name for name in ASSET_NAMES if name != file_name)
