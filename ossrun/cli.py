@@ -281,6 +281,10 @@ def serve(
                                               "that takes nothing of an answer for as long is disconnected (its request cancelled)."),
     forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses, `*` for any) whose "
                                                                  "X-Forwarded-For names the client, e.g. for the rate limit (default: none)."),
+    allowed_origins: Optional[str] = typer.Option(None, envvar="OSSRUN_ALLOWED_ORIGINS",
+                                                  help="Web origins (comma-separated, e.g. http://localhost:3000; `*` for any) whose pages "
+                                                       "may call the server from a browser, with CORS (default: only the server's own, "
+                                                       "the playground)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
@@ -292,7 +296,8 @@ def serve(
                               data_dir=data_dir, rate_limit_per_minute=rate_limit, loras=lora, max_num_seqs=max_num_seqs,
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
                               request_timeout_s=request_timeout, max_model_len=max_model_len,
-                              client_timeout_s=client_timeout, forwarded_allow_ips=forwarded_allow_ips)
+                              client_timeout_s=client_timeout, forwarded_allow_ips=forwarded_allow_ips,
+                              allowed_origins=allowed_origins)
     with _reported(verbose):
         run_server(settings)
 

@@ -38,6 +38,7 @@ class ServerSettings:
     max_model_len: int = 128000
     client_timeout_s: float = 30.0  # for a request's headers, and between two pieces of its body
     forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-For is believed; None: nobody's
+    allowed_origins: str | None = None  # web origins (comma-separated, or *) whose pages may call; None: the server's own only
 
 
 class SettingsError(ValueError):
@@ -114,6 +115,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _browser_settings(settings: ServerSettings, sock: socket.socket) -> dict:
+    """`AppSettings`' allowed origins, and the `Host` names a loopback server answers besides the local ones (its
+    `--host`); on an address other machines reach, any `Host` (`access.BrowserPolicy`)."""
+    from ossrun.api.access import host_name, is_loopback, parse_origins
+
+    try:
+        origins = parse_origins(settings.allowed_origins)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    loopback = is_loopback(settings.host) or is_loopback(sock.getsockname()[0])
+    return {"allowed_origins": origins, "local_hosts": (host_name(settings.host),) if loopback else None}
+
+
 def load_engine(settings: ServerSettings):
     """Resolve and load the model, showing progress (loading a 20b checkpoint maps 13 GB)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -184,11 +198,12 @@ def serve(settings: ServerSettings) -> None:
     _check_lora_names(loras, data_dir)
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
+    browser = _browser_settings(settings, sock)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
-                                        client_timeout_s=settings.client_timeout_s))
+                                        client_timeout_s=settings.client_timeout_s, **browser))
     base = f"http://{settings.host}:{settings.port}"
     # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
     auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""

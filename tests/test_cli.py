@@ -112,7 +112,8 @@ def test_sampling_values_out_of_range_are_refused_before_loading():
 
 def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_path):
     base = ("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path))
-    for args, expected in ((("--lora", "x"), "--lora takes NAME=DIR"), (("--lora", "x=/nonexistent"), "no such directory")):
+    for args, expected in ((("--lora", "x"), "--lora takes NAME=DIR"), (("--lora", "x=/nonexistent"), "no such directory"),
+                           (("--allowed-origins", "http://a.example,b.example/app"), "--allowed-origins takes origins")):
         _one_clear_line(ossrun(*base, "--port", str(free_port()), *args), expected)
     for args in (("--request-timeout", "-1"), ("--kv-cache-gib", "0"), ("--port", "70000"), ("--rate-limit", "-1"),
                  ("--request-timeout", "nan"), ("--client-timeout", "nan"), ("--kv-cache-gib", "nan"), ("--kv-cache-gib", "inf")):

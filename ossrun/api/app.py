@@ -1,9 +1,10 @@
 """The FastAPI app, built by a factory that takes the engine (so tests run it on the tiny model).
 
-Cross-cutting checks live here as one middleware, in the order a request meets them: body size,
-authentication, rate limit. Errors leave in the envelope of the surface they came in on. Around it, HEAD
-is answered as GET without the body, an absolute-form target is read as its path, and outermost every request
-gets its `x-request-id` and its log line (`request_ids.py`).
+Cross-cutting checks live here as one middleware, in the order a request meets them: a browser's `Host` and
+`Origin` (a CORS preflight answered there), body size, authentication (wrong-token streaks first), rate limit.
+Errors leave in the envelope of the surface they came in on. Around it, HEAD is answered as GET without the body,
+an absolute-form target is read as its path, and outermost every request gets its `x-request-id` and its log line
+(`request_ids.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
-from ossrun.api.access import RateLimiter, bearer_token, token_matches
+from ossrun.api.access import BrowserPolicy, RateLimiter, WrongTokens, bearer_token, host_name, token_matches
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                rate_limited, too_large)
 from ossrun.api.metering import Metering
@@ -119,25 +120,88 @@ class AppSettings:
     batch_concurrency: int = 16
     batch_retention_s: float = 7 * 24 * 3600
     loras: dict[str, Path] = field(default_factory=dict)
+    allowed_origins: tuple[str, ...] = ()  # web origins besides the server's own that may call (`access.parse_origins`)
+    local_hosts: tuple[str, ...] | None = None  # on loopback: more `Host` names to answer (`access.BrowserPolicy`)
 
 
 def _error_response(path: str, error: ApiError) -> JSONResponse:
     return openai_error(error) if is_openai_path(path) else envelope_error(error)
 
 
-def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter) -> JSONResponse | None:
-    """403 for a missing or wrong token, 429 (with `Retry-After`) over the rate limit; None: go on."""
-    path = request.url.path
-    token = bearer_token(request.headers.get("authorization"))
-    if settings.api_token and not token_matches(token, settings.api_token):
-        return _error_response(path, ApiError(*AUTH_FAILED))
-    client = token if settings.api_token else (request.client.host if request.client else "?")
-    wait = limiter.retry_after(client) if request.method == "POST" else 0
-    if not wait:
-        return None
-    response = _error_response(path, rate_limited("token" if settings.api_token else "client address"))
+def _declared_too_large(request: Request) -> JSONResponse | None:
+    """413 for a `Content-Length` over the path's cap, before anything reads the body (`RequestBody` counts the rest)."""
+    try:
+        length = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        length = 0
+    limit = body_limit(request.url.path)
+    return _error_response(request.url.path, too_large(limit)) if length > limit else None
+
+
+def _retry_later(path: str, error: ApiError, wait: int) -> JSONResponse:
+    response = _error_response(path, error)
     response.headers["Retry-After"] = str(wait)
     return response
+
+
+def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter, wrong_tokens: WrongTokens) -> JSONResponse | None:
+    """429 for an address in a wrong-token streak (its token not even looked at), 403 for a missing or wrong token,
+    429 (with `Retry-After`) over the rate limit; None: go on."""
+    path = request.url.path
+    address = request.client.host if request.client else "?"
+    token = bearer_token(request.headers.get("authorization"))
+    if settings.api_token:
+        if wait := wrong_tokens.retry_after(address):
+            return _retry_later(path, ApiError(429, 3036, "Rate limit exceeded: too many wrong API tokens from this client "
+                                                          "address, try again later."), wait)
+        if not token_matches(token, settings.api_token):
+            if token is not None:  # a missing token is no guess (a browser opening /docs)
+                wrong_tokens.failed(address)
+            return _error_response(path, ApiError(*AUTH_FAILED))
+    wait = limiter.retry_after(token if settings.api_token else address) if request.method == "POST" else 0
+    return _retry_later(path, rate_limited("token" if settings.api_token else "client address"), wait) if wait else None
+
+
+def _browser_refusal(request: Request, policy: BrowserPolicy) -> JSONResponse | None:
+    """403 for a `Host` a DNS-rebinding page could send, or an `Origin` neither the server's own nor listed (a web
+    page the user happened to open); None: go on. Every path: the open ones too."""
+    host, origin = request.headers.get("host"), request.headers.get("origin")
+    if not policy.host_allowed(host):
+        message = (f"Authentication error: this server listens on loopback without --api-token and answers local names "
+                   f"only (localhost, IP addresses), not Host {host_name(host or '')[:100]!r}; --allowed-origins adds names")
+    elif origin is not None and not policy.same_origin(origin, host) and not policy.listed(origin):
+        message = (f"Authentication error: web pages from {origin[:100]!r} may not call this server; "
+                   "--allowed-origins lists those that may")
+    else:
+        return None
+    return _error_response(request.url.path, ApiError(403, AUTH_FAILED[1], message))
+
+
+def _preflight(app: FastAPI, request: Request) -> Response | None:
+    """A CORS preflight (it passed `_browser_refusal`, so from a listed origin): 204 with what the path allows, any
+    header asked for (the token is what guards), and Chrome's private-network consent. Before the token check:
+    browsers never send credentials with a preflight."""
+    headers = request.headers
+    if request.method != "OPTIONS" or "origin" not in headers or "access-control-request-method" not in headers:
+        return None
+    allowed = ", ".join(sorted(_allowed_methods(app, request.scope)))
+    answer = {"Allow": allowed, "Access-Control-Allow-Methods": allowed, "Access-Control-Max-Age": "600"}
+    if "access-control-request-headers" in headers:
+        answer["Access-Control-Allow-Headers"] = headers["access-control-request-headers"]
+    if headers.get("access-control-request-private-network") == "true":
+        answer["Access-Control-Allow-Private-Network"] = "true"
+    return Response(status_code=204, headers=answer)
+
+
+def _allow_cross_origin(request: Request, policy: BrowserPolicy, response: Response) -> None:
+    """CORS headers on the answer to a listed origin (refusals included, so its page can read why), the ids the SDKs
+    read exposed."""
+    origin = request.headers.get("origin")
+    if origin is None or policy.same_origin(origin, request.headers.get("host")) or not policy.listed(origin):
+        return  # a refused origin's page learns nothing, not even why
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = f"{request_ids.HEADER}, Retry-After"
+    response.headers.add_vary_header("Origin")
 
 
 def _route_path(scope, routes: list) -> str:
@@ -185,7 +249,8 @@ class HeadAsGet:
 
 def _internal_error(request: Request) -> Response:
     """The 500 of an unexpected exception (called while it is being handled): its traceback logged, a bare answer."""
-    log.exception("unhandled error on %s %s request_id=%s", request.method, request.url.path, request_ids.of_scope(request.scope))
+    log.exception("unhandled error on %s %s request_id=%s", request.method, request_ids.logged_path(request.scope),
+                  request_ids.of_scope(request.scope))
     return _error_response(request.url.path, ApiError(500, 3000, "AiError: internal error"))
 
 
@@ -220,26 +285,22 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         engine.abort_all()
 
     app.state.drain = drain
-    limiter = RateLimiter(settings.rate_limit_per_minute)
+    limiter, wrong_tokens = RateLimiter(settings.rate_limit_per_minute), WrongTokens()
+    policy = BrowserPolicy(settings.allowed_origins, None if settings.api_token else settings.local_hosts)
     app.add_middleware(RequestBody, patience_s=settings.client_timeout_s)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
         open_path = path in OPEN_PATHS or playground.is_playground_path(path)
-        try:
-            length = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
-        if length > body_limit(path):
-            response = _error_response(path, too_large(body_limit(path)))
-        else:
-            response = None if open_path else _refusal(request, settings, limiter)
+        response = (_browser_refusal(request, policy) or _preflight(app, request) or _declared_too_large(request)
+                    or (None if open_path else _refusal(request, settings, limiter, wrong_tokens)))
         if response is None:
             try:
                 response = await call_next(request)
             except Exception:  # answered here, inside the middlewares: counted, logged per request, its traceback once
                 response = _internal_error(request)
+        _allow_cross_origin(request, policy, response)
         service.metering.requests.labels(_route_path(request.scope, routes), str(response.status_code)).inc()  # refusals too
         return response
 

@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import quote
 
 from starlette.datastructures import MutableHeaders
 
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 HEADER = "x-request-id"
 CLIENT_HEADERS = (b"x-request-id", b"x-client-request-id")
 MAX_LOGGED_CLIENT_ID = 128  # a client's id is logged cut to this, and quoted: it is text the server did not write
+# What a logged path keeps as is: the URL's own punctuation and existing %-escapes; a space, a control character or
+# a byte beyond ASCII is %-escaped.
+PATH_SAFE = "/!$&'()*+,;=:@%~"
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -50,11 +54,18 @@ def _client_ids(scope: dict[str, Any]) -> str:
                    for name, value in scope["headers"] if name in CLIENT_HEADERS)
 
 
+def logged_path(scope: dict[str, Any]) -> str:
+    """The path as the client sent it (`raw_path`, still %-encoded), with whatever is not printable ASCII escaped: the
+    decoded path may hold a CR or LF (`%0d%0a`), which would write forged lines into the log, or spaces, which would
+    forge the fields of its own line (status, id, client)."""
+    return quote(scope.get("raw_path") or scope["path"].encode(), safe=PATH_SAFE)
+
+
 def log_answer(scope: dict[str, Any], status: int, seconds: float) -> None:
     """The request's one log line: method, path, status, time to the answer's start (a stream's first byte), ids."""
     client = scope.get("client")
     level = logging.WARNING if status >= 500 else logging.INFO
-    log.log(level, "%s %s %d %.3fs request_id=%s client=%s%s", scope["method"], scope["path"], status, seconds,
+    log.log(level, "%s %s %d %.3fs request_id=%s client=%s%s", scope["method"], logged_path(scope), status, seconds,
             of_scope(scope), client[0] if client else "?", _client_ids(scope))
 
 

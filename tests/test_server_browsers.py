@@ -1,0 +1,134 @@
+"""What a hostile client gets from the real server that the token does not cover (hunt_security round 4, #4, #6, #7):
+web pages the user opens (cross-origin "simple" POSTs, DNS rebinding) against a server without `--api-token`,
+forged lines in the `-v` log, and guessing the token at full speed."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from pathlib import Path
+
+from tests.server_util import MODEL, Server, start_server
+
+LISTED = "http://app.example:3000"
+EVIL = "http://evil.example"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+FINETUNES = "/client/v4/accounts/acct/ai/finetunes"
+
+
+def demo_server(data_dir: Path, *args: str, token: str | None = None) -> Server:
+    from ossrun.model.resolve import resolve_model
+
+    return start_server(resolve_model("demo"), data_dir, "--rate-limit", "0", *args, token=token)
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory):
+    """The default setup the attacks target: loopback, no token."""
+    s = demo_server(tmp_path_factory.mktemp("browsers"), "-v")
+    yield s
+    s.stop()
+
+
+def post_text(server: Server, path: str, body: str, **headers: str) -> httpx.Response:
+    """A body as a page's `fetch(url, {method: "POST", mode: "no-cors", body})` sends it: text/plain, no preflight."""
+    return httpx.post(server.base + path, content=body, timeout=60, headers={"Content-Type": "text/plain;charset=UTF-8", **headers})
+
+
+def test_a_page_from_another_origin_cannot_drive_a_server_without_token(open_server):
+    """Served before: a chat answer, a fine-tune created and an adapter config uploaded by any web page."""
+    chat = post_text(open_server, "/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "Hi"}]}' % MODEL,
+                     Origin=EVIL)
+    assert chat.status_code == 403 and "evil.example" in chat.json()["error"]["message"]
+    assert "access-control-allow-origin" not in chat.headers  # its page reads nothing, not even why
+    planted = post_text(open_server, FINETUNES, '{"model": "%s", "name": "planted"}' % MODEL, Origin="null")
+    assert planted.status_code == 403 and planted.json()["errors"][0]["code"] == 10000
+    upload = httpx.post(open_server.base + FINETUNES + "/planted/finetune-assets", headers={"Origin": EVIL}, timeout=60,
+                        data={"file_name": "adapter_config.json"}, files={"file": ("adapter_config.json", b'{"r": 8}')})
+    assert upload.status_code == 403
+    assert "planted" not in httpx.get(open_server.base + FINETUNES, timeout=60).text
+    preflight = httpx.options(open_server.base + "/v1/chat/completions", timeout=60,
+                              headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
+
+
+def test_clients_without_origin_and_the_servers_own_pages_are_served(open_server):
+    client = openai.OpenAI(base_url=f"{open_server.base}/v1", api_key="unused", max_retries=0)
+    assert client.chat.completions.create(**CHAT).choices[0].finish_reason in ("stop", "length")
+    own = httpx.post(open_server.base + "/v1/chat/completions", json=CHAT, headers={"Origin": open_server.base}, timeout=60)
+    assert own.status_code == 200 and "access-control-allow-origin" not in own.headers  # same origin: no CORS needed
+    https_proxy = httpx.get(open_server.base + "/v1/models", headers={"Origin": f"https://127.0.0.1:{open_server.port}"}, timeout=60)
+    assert https_proxy.status_code == 200  # behind a TLS proxy the page is https and the server sees http
+
+
+def test_a_rebinding_host_is_refused_and_local_names_are_not(open_server):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name, and the browser lets it read the answers."""
+    port = open_server.port
+    rebound = httpx.get(open_server.base + "/v1/models", headers={"Host": f"rebind.evil.example:{port}"}, timeout=60)
+    assert rebound.status_code == 403 and "rebind.evil.example" in rebound.json()["error"]["message"]
+    assert httpx.get(open_server.base + "/health", headers={"Host": f"rebind.evil.example:{port}"}, timeout=60).status_code == 403
+    for host in (f"localhost:{port}", f"LocalHost.:{port}", f"ui.localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}",
+                 f"10.1.2.3:{port}"):  # local names and IP literals: no DNS answer makes a browser send them for a page
+        assert httpx.get(open_server.base + "/v1/models", headers={"Host": host}, timeout=60).status_code == 200, host
+
+
+def test_a_listed_origin_gets_cors(tmp_path):
+    """`--allowed-origins`: what a web app on another origin needs, a preflight answered and the answers readable;
+    the origin's host is a name the server answers to (a proxy in front of it may keep `Host`)."""
+    open_server = demo_server(tmp_path, "--allowed-origins", f"{LISTED}/,http://localhost:5173")
+    try:
+        _check_cors(open_server)
+        assert httpx.get(open_server.base + "/v1/models", headers={"Host": "app.example"}, timeout=60).status_code == 200
+        assert httpx.get(open_server.base + "/v1/models", headers={"Origin": EVIL}, timeout=60).status_code == 403
+    finally:
+        open_server.stop()
+
+
+def _check_cors(open_server: Server) -> None:
+    preflight = httpx.options(open_server.base + "/v1/chat/completions", timeout=60,
+                              headers={"Origin": LISTED, "Access-Control-Request-Method": "POST",
+                                       "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+                                       "Access-Control-Request-Private-Network": "true"})
+    assert preflight.status_code == 204, preflight.text
+    assert preflight.headers["access-control-allow-origin"] == LISTED
+    assert set(preflight.headers["access-control-allow-methods"].replace(" ", "").split(",")) == {"OPTIONS", "POST"}
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type, x-stainless-os"
+    assert preflight.headers["access-control-allow-private-network"] == "true"
+    answer = httpx.post(open_server.base + "/v1/chat/completions", json=CHAT, headers={"Origin": LISTED}, timeout=60)
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == LISTED
+    assert "x-request-id" in answer.headers["access-control-expose-headers"] and "Origin" in answer.headers["vary"]
+
+
+def test_a_path_cannot_forge_log_lines(open_server):
+    """A percent-encoded CR/LF in the path wrote a line of the client's choosing, looking like the server's own."""
+    forged = "2026-12-01 22:20:00,000 INFO ossrun.api.request_ids: POST /v1/chat/completions 200 0.100s request_id=req_forged"
+    path = "/v1/x%0a" + forged.replace(" ", "%20") + "%0d"
+    answer = httpx.get(open_server.base + path, timeout=60)
+    assert answer.status_code == 404
+    lines = open_server.log.read_text().splitlines()
+    assert not any(line.startswith("2026-12-01 22:20:00,000") for line in lines)
+    line = next(line for line in lines if answer.headers["x-request-id"] in line)
+    assert " GET /v1/x%0a2026-12-01%2022:20:00,000%20INFO" in line and line.endswith("client=127.0.0.1")
+
+
+def test_a_token_server_answers_any_host(tmp_path):
+    """With a token a rebinding page has nothing to read: the token guards, and proxies may name the server freely. Wrong
+    tokens are bounded per client address; the right one is refused too while the address guesses, or guessing would
+    go on at full speed."""
+    server = demo_server(tmp_path, token="secret")
+    try:
+        url = server.base + "/v1/models"
+        assert httpx.get(url, headers={**server.headers, "Host": "models.example.com"}, timeout=60).status_code == 200
+        assert {httpx.get(url, timeout=60).status_code for _ in range(25)} == {403}  # no token is no guess (a browser on /docs)
+        assert [httpx.get(url, headers={"Authorization": f"Bearer guess{i}"}, timeout=60).status_code for i in range(20)] == [403] * 20
+        for headers in ({"Authorization": "Bearer guess20"}, server.headers):
+            blocked = httpx.get(url, headers=headers, timeout=60)
+            assert blocked.status_code == 429 and 1 <= int(blocked.headers["Retry-After"]) <= 60
+            assert "wrong API tokens" in blocked.json()["error"]["message"]
+        assert httpx.get(server.base + "/health", timeout=60).status_code == 200  # open paths stay open
+        warnings = [line for line in server.log.read_text().splitlines() if "wrong API tokens" in line]
+        assert len(warnings) == 1 and "WARNING" in warnings[0] and "127.0.0.1" in warnings[0]
+    finally:
+        server.stop()
