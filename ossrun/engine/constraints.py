@@ -86,6 +86,7 @@ class Constraint:
         self._left = grammar.max_tokens
         self._shortest = shortest
         self._candidates, self._runs = candidates, runs  # what the shortest-completion search tries
+        self._nesting = _TOP  # how deep in JSON the output is, for the search (see `_nested`)
         self._path: list[int] | None = path  # a way to a complete output from the current state, when known
         self._since_search = 0
         self._offered: torch.Tensor | None = None  # the last mask `allowed_tokens` gave
@@ -166,6 +167,7 @@ class Constraint:
         self._track_span(token_id)
         if self._left is not None:
             self._left -= 1
+            self._nesting = _nested(self._nesting, [token_id], self._tokenizer)
             self._follow_path(token_id)
         self._finished = token_id in self._grammar.final_tokens and self._matcher.is_stopped()
         self._pending = self._pool.submit(self._compute)
@@ -190,15 +192,14 @@ class Constraint:
             return
         self._since_search = 0
         try:
-            self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._vocab, limit=self._left,
-                                              runs=self._runs)
+            self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._tokenizer, limit=self._left,
+                                              runs=self._runs, nesting=self._nesting)
         except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
             self._path = None
         if not self._path:
             self._path = None
             log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
             return
-        self._path = retokenized(self._matcher, self._tokenizer, self._path)
         self._shortest = len(self._path)
 
     def _path_after(self, token: int, deadline: float, wide: bool) -> list[int] | None:
@@ -220,7 +221,8 @@ class Constraint:
         state = self._matcher.deep_copy()
         if not state.consume_token(token):
             return None
-        return completion_within(state, self._grammar, self._candidates, self._tokenizer, room, deadline, wide)
+        return completion_within(state, self._grammar, self._candidates, self._tokenizer, room, deadline, wide,
+                                 _nested(self._nesting, [token], self._tokenizer))
 
     def _follow_path(self, token: int) -> None:
         """After a sampled token: the known path goes on if still valid, else it is searched again."""
@@ -278,7 +280,10 @@ CLOSING_WINDOW = 32
 # refused, only the narrow one), and a step's searches stop after _CHECK_SECONDS (masks that take 0.5 s: 5000
 # properties). What they miss is refused, never let through.
 _CHECKED_CHOICES, _CHECK_STATES, _CHECK_SECONDS = 4, 256, 0.1
-_RETOKENIZED_GAIN = 2
+_RETOKENIZED_GAIN, _RETOKENIZED_RATIO = 2, 2
+# How deep in JSON a state is: (brackets open, inside a string, after a backslash in it); see `_nested`.
+Nesting = tuple[int, bool, bool]
+_TOP: Nesting = (0, False, False)
 # The search keeps this many states a step, and gives up after this many seconds (it then finds no path). From each
 # state it tries candidates until it has this many children that made progress, or has tried this many.
 _SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
@@ -299,12 +304,15 @@ class SearchPruned(SearchTimeout):
     beam drops states, so whether one exists is not known. Never a 400: the request runs without the guarantee."""
 
 
-def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int, *,
-                        limit: int | None = None, runs: frozenset[int] = frozenset()) -> list[int] | None:
+def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
+                        tokenizer: llguidance.LLTokenizer, *, limit: int | None = None,
+                        runs: frozenset[int] = frozenset(), nesting: Nesting = _TOP) -> list[int] | None:
     """A short token path from the matcher's state to a complete output (ending in a final token) of at most `limit`
     tokens (default: the grammar's max_tokens), or None when there is none: only when that is proven, by a search of
     every token the masks allow (`_prove_none`). A beam that found none proves nothing: SearchPruned then.
-    `runs`: the multi-character tokens among the candidates.
+    `runs`: the multi-character tokens among the candidates; `nesting`: how deep in JSON the state is. The path comes as the tokenizer spells it (`retokenized`),
+    and the beams go _RETOKENIZED_RATIO times deeper than `limit`: they spell in short tokens (`"k` `31` `"` `:` and
+    a `}` a token), about twice as many as the same text takes (objects nested 32 deep: 228 tokens, 118 retokenized).
     """
     limit = limit if limit is not None else grammar.max_tokens
     deadline = time.monotonic() + _SEARCH_SECONDS  # on a busy machine it may run out: SearchTimeout, not None
@@ -314,10 +322,12 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
     path, timed_out = None, None
     for tries, until in ((candidates, time.monotonic() + _SEARCH_SECONDS / 2), (without, deadline)):
         try:
-            found = _beam_search(matcher, grammar, tries, vocab_size, limit, min(until, deadline))
+            found = _beam_search(matcher, grammar, tries, tokenizer, None if limit is None else limit * _RETOKENIZED_RATIO,
+                                 min(until, deadline), nesting=nesting)
         except SearchTimeout as exc:
             timed_out = exc
             continue
+        found = None if found is None else retokenized(matcher, tokenizer, found)
         if found is not None and (path is None or len(found) < len(path)):
             path = found
         if path is not None and (limit is None or len(path) <= limit) or not runs:
@@ -328,11 +338,12 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
         raise timed_out
     if limit is None:
         return None
-    return _prove_none(matcher, grammar, vocab_size, limit, deadline)
+    return _prove_none(matcher, grammar, tokenizer.vocab_size, limit, deadline)
 
 
 def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
-                      tokenizer: llguidance.LLTokenizer, limit: int, deadline: float, wide: bool = True) -> list[int] | None:
+                      tokenizer: llguidance.LLTokenizer, limit: int, deadline: float, wide: bool = True,
+                      nesting: Nesting = _TOP) -> list[int] | None:
     """A path from the matcher's state to a complete output of at most `limit` tokens (retokenized), or None when
     the bounded search finds none before `deadline` (which proves nothing). For checking a token a step, so cheap
     first: a beam one state wide (a few dozen masks) finds most; then, when `wide`, one _SEARCH_WIDTH wide of at
@@ -340,8 +351,8 @@ def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidate
     `limit`: retokenizing shortens paths."""
     for width, states in ((1, None), (_SEARCH_WIDTH, _CHECK_STATES))[:2 if wide else 1]:
         try:
-            path = _beam_search(matcher, grammar, candidates, tokenizer.vocab_size, limit + _RETOKENIZED_GAIN, deadline,
-                                width=width, max_states=states)
+            path = _beam_search(matcher, grammar, candidates, tokenizer, limit + _RETOKENIZED_GAIN, deadline,
+                                width=width, max_states=states, nesting=nesting)
         except (GrammarError, SearchTimeout):
             path = None
         if path is not None:
@@ -400,23 +411,25 @@ def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int
     return None
 
 
-def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, vocab_size: int,
-                 limit: int | None, deadline: float, *, width: int | None = None, max_states: int | None = None) -> list[int] | None:
+def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, tokenizer: llguidance.LLTokenizer,
+                 limit: int | None, deadline: float, *, width: int | None = None, max_states: int | None = None,
+                 nesting: Nesting = _TOP) -> list[int] | None:
     """A short path (maybe longer than `limit`), or None when the beam found none within it.
 
     Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
     generation computes there) says which of `candidates` (token ids in the order to try them: see
-    `search_candidates`) it allows. A child whose mask differs from its parent's made progress (closed
-    a string, reached the `@` of an email); one with its parent's mask only repeated itself (one more
+    `search_candidates`) it allows. A child whose mask or JSON nesting differs from its parent's made progress (closed
+    a string, reached the `@` of an email, closed one of nested objects); one with both its parent's only repeated itself (one more
     character of the same string): a state keeps one such child, which goes on trying the tokens its
     parent did not, and only when the beam has room. A grammar error on the way,
     such as a parser limit, raises GrammarError: generation would hit it too. Past the deadline (checked each step)
     SearchTimeout. `width`: states kept a step (default _SEARCH_WIDTH); with `max_states`, past that many states
-    created or the deadline (then checked before each: a mask may take 0.5 s at 5000 properties), SearchPruned."""
+    created or the deadline (then checked before each: a mask may take 0.5 s at 5000 properties), SearchPruned.
+    `nesting`: how deep in JSON the matcher's state is (`_nested`)."""
     width = width or _SEARCH_WIDTH
-    bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-    start = _Node(matcher.deep_copy(), [])
-    done = start.settle(grammar, bits, candidates)
+    bits = torch.zeros((tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+    start = _Node(matcher.deep_copy(), [], nesting)
+    done = start.settle(grammar, bits, candidates, tokenizer)
     if done is not None:
         return done
     frontier, states = [start], 0
@@ -436,11 +449,11 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
                 child = node.state.deep_copy()
                 if not child.consume_token(node.allowed[index]):
                     raise GrammarError(_reason(child))
-                child_node = _Node(child, node.path + [node.allowed[index]])
-                done = child_node.settle(grammar, bits, candidates)
+                child_node = _Node(child, node.path, node.nesting).took([node.allowed[index]], tokenizer)
+                done = child_node.settle(grammar, bits, candidates, tokenizer)
                 if done is not None:
                     return done
-                if child_node.key != node.key:
+                if child_node.key != node.key or child_node.nesting[0] != node.nesting[0]:
                     moved.append(child_node)
                 elif not same:
                     same.append(child_node)
@@ -456,17 +469,27 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
 
 
 class _Node:
-    """A state of the search: its matcher, the path that reached it, and (once settled) its mask's key
-    and the candidates it allows."""
+    """A state of the search: its matcher, the path that reached it, how deep in JSON that path is, and (once
+    settled) its mask's key and the candidates it allows."""
 
-    def __init__(self, state: llguidance.LLMatcher, path: list[int]):
+    def __init__(self, state: llguidance.LLMatcher, path: list[int], nesting: Nesting = _TOP):
         self.state, self.path = state, path
         self.key = 0
         self.allowed: list[int] = []
         self.next = 0  # the first of `allowed` to try (a repeat goes on from where its parent stopped)
+        self.nesting = nesting  # how deep in JSON the state is (see `_nested`)
 
-    def settle(self, grammar: Grammar, bits: torch.Tensor, candidates: torch.Tensor) -> list[int] | None:
-        """Take the forced tokens and compute the mask; → the complete path when a final token was reached."""
+    def took(self, tokens: list[int], tokenizer: llguidance.LLTokenizer | None) -> _Node:
+        """The node after `tokens` (already consumed by its state): its path, and its nesting unless no tokenizer."""
+        self.path = self.path + tokens
+        if tokenizer is not None:
+            self.nesting = _nested(self.nesting, tokens, tokenizer)
+        return self
+
+    def settle(self, grammar: Grammar, bits: torch.Tensor, candidates: torch.Tensor,
+               tokenizer: llguidance.LLTokenizer | None = None) -> list[int] | None:
+        """Take the forced tokens and compute the mask; → the complete path when a final token was reached.
+        `tokenizer`: to follow the nesting (the beam's; the proof needs none)."""
         forced = self.state.compute_ff_tokens()
         for i, token in enumerate(forced):
             if token in grammar.final_tokens:
@@ -474,7 +497,7 @@ class _Node:
         if forced:
             if not self.state.consume_tokens(forced):
                 raise GrammarError(_reason(self.state))
-            self.path = self.path + forced
+            self.took(forced, tokenizer)
         self.state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
         if self.state.is_error():
             raise GrammarError(_reason(self.state))
@@ -484,6 +507,32 @@ class _Node:
             if token in grammar.final_tokens:
                 return self.path + [token]
         return None
+
+
+def _nested(nesting: Nesting, tokens: list[int], tokenizer: llguidance.LLTokenizer) -> Nesting:
+    """(brackets open, inside a string, after a backslash in it) after `tokens`, from `nesting` before them: how deep
+    in JSON their text is (JSON starts afresh after a special token: a harmony header, `<|message|>`). A mask does not
+    show it: after each `}` closing one of nested objects the mask is the same, so the beam took those closers for a
+    string's next character (no progress) and lost the way out of objects nested 6 or more deep (other paths, such as
+    `,` to a property the schema does not name, looked like progress). Inside a string a `}` is text: a search that
+    starts there is given the nesting so far (`Constraint` follows it), else it would take each `}` for progress."""
+    brackets, quoted, escaped = nesting
+    for token in tokens:
+        if tokenizer.is_special_token(token):
+            brackets, quoted, escaped = _TOP
+            continue
+        for byte in tokenizer.decode_bytes([token]):
+            if escaped:
+                escaped = False
+            elif quoted:
+                escaped, quoted = byte == 0x5C, byte != 0x22  # a backslash; the closing quote
+            elif byte == 0x22:
+                quoted = True
+            elif byte in b"{[":
+                brackets += 1
+            elif byte in b"}]":
+                brackets -= 1
+    return brackets, quoted, escaped
 
 
 def _round_robin(groups: list[list[_Node]], width: int) -> list[_Node]:
@@ -501,8 +550,9 @@ def search_candidates(grammar: Grammar, short: torch.Tensor, blank: torch.Tensor
     short tokens (`short`: runs of digits and letters, longest first, then single characters), whitespace last
     (`blank`: JSON allows it almost anywhere, and a beam of whitespace runs finds long paths). A path token that
     is a single digit, letter or `-` (`alnum`: the closers `0`, `1`, `-`) keeps its place among the short ones, after
-    the runs (else `-` `10` beats `10` for an integer, and `0` `1` beats `01` for a month)."""
-    path = torch.tensor(grammar.path_tokens, dtype=torch.int64)
+    the runs (else `-` `10` beats `10` for an integer, and `0` `1` beats `01` for a month). Each token once: the
+    closers and a schema's hints share some (`"`), and a token tried twice gives a state two identical children."""
+    path = torch.tensor(list(dict.fromkeys(grammar.path_tokens)), dtype=torch.int64)
     first = path[~torch.isin(path, blank) & ~torch.isin(path, alnum)]
     rest = short[~torch.isin(short, first)]
     return torch.cat([first, rest[~torch.isin(rest, blank)], rest[torch.isin(rest, blank)]])
@@ -566,14 +616,13 @@ class ConstraintCompiler:
         path = None
         if grammar.max_tokens is not None:
             try:
-                path = entry.shortest(matcher, grammar, self.tokenizer.vocab_size, self._runs)
+                path = entry.shortest(matcher, grammar, self.tokenizer, self._runs)
             except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
                 log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
                 return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs)
             if path is None:  # proven: every token the masks allow was tried
                 raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
                                    f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
-            path = retokenized(matcher, self.tokenizer, path)
         return Constraint(matcher, self._pool, grammar, self.tokenizer, None if path is None else len(path), entry.candidates,
                           self._runs, path)
 
@@ -647,7 +696,8 @@ class _Entry:
         self._unknown_within = 0  # the beam found none within this many, and the proof did not end
         self._timed_out = False  # a search ran out of time: later requests skip it (2 s each) and run unguaranteed
 
-    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, runs: frozenset[int]) -> list[int] | None:
+    def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, tokenizer: llguidance.LLTokenizer,
+                 runs: frozenset[int]) -> list[int] | None:
         """A complete output (tokens from the start state) of at most `grammar.max_tokens` tokens, the shortest found,
         or None when it is proven there is none; SearchTimeout (or SearchPruned) when that is not known."""
         with self._lock:
@@ -662,7 +712,7 @@ class _Entry:
             if self._timed_out:
                 raise SearchTimeout("an earlier search for this format ran out of time")
             try:
-                path = shortest_completion(start, grammar, self.candidates, vocab_size, runs=runs)
+                path = shortest_completion(start, grammar, self.candidates, tokenizer, runs=runs)
             except SearchPruned:
                 self._unknown_within = budget
                 raise
