@@ -7,6 +7,7 @@ token (`StreamParser`, what the streaming routes use), and validated with `jsons
 from __future__ import annotations
 
 import json
+import threading
 
 import jsonschema
 import pytest
@@ -241,6 +242,115 @@ def test_unconstrained_requests_pay_nothing(model, compiler, monkeypatch):
     assert masks_seen and all(m is None for m in masks_seen)  # no mask built, none applied
     beside = engine.generate([free("beside"), Request("json", prompt, sampled(seed=5), constraint=compiler.json_final(SCHEMAS[0], reasoning_budget=4))])
     assert generated(beside["beside"]) == alone  # a constrained neighbour changes nothing
+
+
+def nested(depth: int, leaf: dict | None = None) -> dict:
+    """Objects `depth` deep, one required property each (`{"k7": {"k6": … {"k0": leaf}}}`), as hunt_fuzz sent."""
+    schema = leaf or string(5)
+    for level in range(depth):
+        schema = {"type": "object", "properties": {f"k{level}": schema}, "required": [f"k{level}"]}
+    return schema
+
+
+ADDRESS = obj({"street": string(), "city": string(), "geo": obj({"lat": {"type": "number"}, "lon": {"type": "number"}})})
+ORDER = obj({"id": string(), "customer": obj({"name": string(), "address": ADDRESS}),
+             "items": {"type": "array", "minItems": 1, "items": obj({"sku": string(), "qty": integer()})}})
+
+
+def counted_searches(monkeypatch, most: int) -> list[bool]:
+    """Whether each budget search found a path; past `most` failures a search fails at once (as it would, slowly)."""
+    found, search = [], constraints.shortest_completion
+
+    def counting(*args, **kwargs):
+        if found.count(False) >= most:
+            found.append(False)
+            raise constraints.SearchTimeout("counted out")
+        try:
+            path = search(*args, **kwargs)
+        except constraints.SearchTimeout:
+            found.append(False)
+            raise
+        found.append(bool(path))
+        return path
+
+    monkeypatch.setattr(constraints, "shortest_completion", counting)
+    return found
+
+
+def test_objects_nested_8_deep_end_as_valid_json_within_max_tokens(model, compiler, monkeypatch):
+    """hunt_fuzz #1: the search did not find the way out of objects nested 6+ deep (each `}` leaves the mask as it
+    was, so it looked like no progress), the request ran without the guarantee and searched again, up to 2 s, on
+    every one of its last 128 tokens: 30-195 s, invalid JSON. Now the search follows the nesting, finds it, and
+    a request searches again only when the model left the path (found at once) or, after a failure, rarely."""
+    schema, max_tokens = nested(8), 100
+    found = counted_searches(monkeypatch, most=3)
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 60.0)  # the search ends by itself; a busy machine must not matter
+    prompt = render_request({"messages": [{"role": "user", "content": "hi"}]}).token_ids
+    constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=max_tokens)
+    results = make_engine(model).generate([Request("deep", prompt, sampled(seed=3, max_tokens=max_tokens),
+                                                   constraint=constraint)])
+    tokens = generated(results["deep"])
+    assert len(tokens) <= max_tokens and tokens[-1] == STOP_TOKENS[0]  # complete (the guard may have cut it: "length")
+    jsonschema.validate(json.loads(parse_completion(tokens).content), schema)
+    assert found and found[0] and found.count(False) <= constraints._FAILED_SEARCHES
+
+
+@pytest.mark.parametrize("schema, max_tokens", [(nested(16), 150), (nested(32), 150), (nested(6, ORDER), 200)])
+def test_the_budget_search_finds_the_way_out_of_deeper_nesting(compiler, monkeypatch, schema, max_tokens):
+    """Deeper still, and a realistic order → customer → address → geo nested in more objects: the compiler's search
+    finds a complete answer within max_tokens (objects 32 deep take 118 tokens; the search spells 228, twice as many)."""
+    found = counted_searches(monkeypatch, most=1)
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 60.0)
+    compiler.json_final(schema, reasoning_budget=0, max_tokens=max_tokens)
+    assert found == [True]
+
+
+def test_a_search_that_finds_nothing_is_not_run_again_every_token(compiler, monkeypatch, caplog):
+    """A search that finds nothing (here: out of time) would find nothing again next token: it ran on every one of
+    the last 128 (2 s each, holding the batch up). Now the next waits CLOSING_WINDOW tokens, then twice that, and
+    a request searches at most _FAILED_SEARCHES times in all; the log says nothing was proven."""
+    found = counted_searches(monkeypatch, most=50)
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)
+    constraint = compiler.json_final(obj({"k": integer(4, 6), "note": string(11)}), reasoning_budget=0, max_tokens=120)
+    with caplog.at_level("WARNING", logger="ossrun.engine.constraints"):
+        for _ in range(119):
+            take(constraint, lambda mask: encode(" ")[0] if mask[encode(" ")[0]] else lowest(mask))
+    assert found == [False] * 3  # the compiler's, then after 32 and 64 more tokens (_FAILED_SEARCHES); was every token
+    assert "no complete answer found within the search limits" in caplog.text and "fits" not in caplog.text
+
+
+def test_a_request_searching_its_answer_does_not_hold_up_the_others(model, compiler, monkeypatch):
+    """hunt_fuzz #1: the budget search ran inside the mask that every engine step waits for, so every request of the
+    batch waited for one request's search (a 20-token chat took 23-42 s). Now that row sits steps out while the
+    others run: here its search is held until the plain request beside it has finished."""
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)  # the compiler's search runs out of time: searched later
+    structured = compiler.json_final(obj({"k": integer(4, 6), "note": string(13)}), reasoning_budget=0, max_tokens=100)
+    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 2.0)
+    release, holding, search = threading.Event(), [], constraints.shortest_completion
+
+    def held(*args, **kwargs):
+        if not holding:
+            holding.append(True)
+            release.wait(timeout=60)
+            holding.append(False)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(constraints, "shortest_completion", held)
+    prompt = render_request({"messages": [{"role": "user", "content": "hi"}]}).token_ids
+    engine = make_engine(model)
+    engine.add(Request("json", prompt, sampled(seed=7, max_tokens=100), constraint=structured))
+    engine.add(Request("plain", prompt, SamplingParams(max_tokens=80, temperature=1.0, seed=8)))
+    results, ended_while_held = {"json": [], "plain": []}, False
+    while engine.has_work:
+        for event in engine.step():
+            results[event.request_id].append(event)
+            if event.request_id == "plain" and event.finish_reason is not None:
+                ended_while_held = holding == [True]
+                release.set()
+    assert ended_while_held and holding == [True, False]
+    tokens = generated(results["json"])
+    assert len(tokens) <= 100 and len(generated(results["plain"])) == 80
+    json.loads(parse_completion(tokens).content)
 
 
 # -- the grammar itself ---------------------------------------------------------------------------

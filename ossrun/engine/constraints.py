@@ -89,6 +89,12 @@ class Constraint:
         self._nesting = _TOP  # how deep in JSON the output is, for the search (see `_nested`)
         self._path: list[int] | None = path  # a way to a complete output from the current state, when known
         self._since_search = 0
+        # A search that found nothing costs up to _SEARCH_SECONDS and would find nothing again next token: the next
+        # one waits _quiet tokens (CLOSING_WINDOW, doubled after each failure), and after _FAILED_SEARCHES (the
+        # compiler's, which found none, counts) or a proof that none fits, the request searches no more.
+        self._failures = int(grammar.max_tokens is not None and path is None)
+        self._quiet = CLOSING_WINDOW if self._failures else 0
+        self.searching = False  # the next mask's computation searches a path (for the scheduler: it may take seconds)
         self._offered: torch.Tensor | None = None  # the last mask `allowed_tokens` gave
         self._chosen: tuple[int, list[int]] | None = None  # the token `choose` kept, and the path after it
         self.cut = False  # the guard refused a token the model sampled: max_tokens, not the model, shaped the answer
@@ -98,7 +104,7 @@ class Constraint:
         self._header: bytearray | None = None  # bytes of the header being read (after the span's opener)
         self._in_span = False
         self.span_tokens = 0
-        self._pending: Future[torch.Tensor] = pool.submit(self._compute)
+        self._pending: Future[torch.Tensor] = pool.submit(self._compute, self._search_due())
 
     @property
     def ready(self) -> bool:
@@ -167,40 +173,62 @@ class Constraint:
         self._track_span(token_id)
         if self._left is not None:
             self._left -= 1
+            self._quiet = max(0, self._quiet - 1)
             self._nesting = _nested(self._nesting, [token_id], self._tokenizer)
             self._follow_path(token_id)
         self._finished = token_id in self._grammar.final_tokens and self._matcher.is_stopped()
-        self._pending = self._pool.submit(self._compute)
+        self._pending = self._pool.submit(self._compute, self._search_due())
 
-    def _compute(self) -> torch.Tensor:
-        self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
-        if self._matcher.is_error():
-            raise ConstraintViolation(_reason(self._matcher))
-        self._find_path()
-        return self._unpack(self._bits)
+    def _compute(self, search: bool) -> torch.Tensor:
+        try:
+            self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
+            if self._matcher.is_error():
+                raise ConstraintViolation(_reason(self._matcher))
+            if search:
+                self._find_path()
+            return self._unpack(self._bits)
+        finally:
+            self.searching = False
+
+    def _search_due(self) -> bool:
+        """Whether the next mask's computation searches a way to a complete output (see `_find_path`). Decided
+        here, on the engine's thread before its next step, so that the scheduler knows (`searching`)."""
+        if self._left is None or self._finished or self._path is not None or self._quiet or self._failures >= _FAILED_SEARCHES:
+            return False
+        near = self._left <= (self._shortest or 0) + 4 * CLOSING_WINDOW
+        if not near and self._since_search < CLOSING_WINDOW:
+            return False
+        self.searching = True
+        return True
 
     def _find_path(self) -> None:
         """Know a way to a complete output that fits in the tokens left, for `choose` to keep (see `guarding`).
 
         The path is kept while the sampled tokens leave it valid (checked after each, cheap; `choose` hands over
         the one it found), and searched again when one did not (an opener such as `{"` in a recursive schema),
-        each step once within 4 × CLOSING_WINDOW of the end, else every CLOSING_WINDOW tokens at most."""
-        if self._left is None or self._finished or self._path is not None:
-            return
-        near = self._left <= (self._shortest or 0) + 4 * CLOSING_WINDOW
-        if not near and self._since_search < CLOSING_WINDOW:
-            return
+        each step once within 4 × CLOSING_WINDOW of the end, else every CLOSING_WINDOW tokens at most; after a
+        search that found none, only after a pause (`_quiet`), a few times (`_FAILED_SEARCHES`)."""
         self._since_search = 0
+        proven, why = False, ""
         try:
-            self._path = shortest_completion(self._matcher, self._grammar, self._candidates, self._tokenizer, limit=self._left,
-                                              runs=self._runs, nesting=self._nesting)
-        except (GrammarError, SearchTimeout):  # GrammarError on the search's copies: the request's matcher reports its own
-            self._path = None
-        if not self._path:
-            self._path = None
-            log.warning("structured output: no complete answer fits in the %d tokens left", self._left)
+            path = shortest_completion(self._matcher, self._grammar, self._candidates, self._tokenizer, limit=self._left,
+                                       runs=self._runs, nesting=self._nesting)
+            proven = path is None
+        except (GrammarError, SearchTimeout) as exc:  # GrammarError on the search's copies: the request's matcher reports its own
+            path, why = None, str(exc)
+        if path:
+            self._path, self._shortest, self._failures = path, len(path), 0
             return
-        self._shortest = len(self._path)
+        self._failures = _FAILED_SEARCHES if proven else self._failures + 1  # a proof holds for every state after this one
+        self._quiet = CLOSING_WINDOW << (self._failures - 1)
+        if proven:
+            log.warning("structured output: no complete answer fits in the %d tokens left (every token the grammar allows "
+                        "was tried): the answer ends cut at max_tokens", self._left)
+        else:
+            again = (f"the next search in {self._quiet} tokens" if self._failures < _FAILED_SEARCHES
+                     else "this request searches no more")
+            log.warning("structured output: no complete answer found within the search limits in the %d tokens left (%s); "
+                        "%s", self._left, why, again)
 
     def _path_after(self, token: int, deadline: float, wide: bool) -> list[int] | None:
         """A way to a complete output after `token` that fits in the tokens left after it, or None when none is
@@ -280,6 +308,8 @@ CLOSING_WINDOW = 32
 # refused, only the narrow one), and a step's searches stop after _CHECK_SECONDS (masks that take 0.5 s: 5000
 # properties). What they miss is refused, never let through.
 _CHECKED_CHOICES, _CHECK_STATES, _CHECK_SECONDS = 4, 256, 0.1
+# A request's searches that find nothing (see Constraint._find_path): at most this many, the compiler's included.
+_FAILED_SEARCHES = 3
 _RETOKENIZED_GAIN, _RETOKENIZED_RATIO = 2, 2
 # How deep in JSON a state is: (brackets open, inside a string, after a backslash in it); see `_nested`.
 Nesting = tuple[int, bool, bool]

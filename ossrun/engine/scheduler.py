@@ -108,25 +108,33 @@ class Scheduler:
     def schedule(self) -> Step:
         self.steps += 1
         step = Step()
+        # A decoding row whose grammar searches a complete answer (up to seconds: a budget search) would hold up the
+        # whole step: it sits steps out while anything else can run, and runs (the step waiting for it) when nothing can.
+        held = [seq for seq in self.running if seq.num_to_compute == 1 and seq.grammar_searching]
         everyone = (*self.running, *self.waiting)
         if all(self._interactive(seq) for seq in everyone) or not any(self._interactive(seq) for seq in everyone):
             self._share_slots(step, lambda seq: True)
             shared = len(step.preempted)
-            budget = self._run_then_admit(step, list(self.running), [], lambda seq: True)
+            budget = self._run_then_admit(step, [seq for seq in self.running if seq not in held], [], lambda seq: True)
             if len(step.preempted) == shared and len(step.scheduled) == 1:  # the KV pools did not run dry
                 self._top_up(step, budget)
-            return step
-        return self._schedule_beside_interactive(step)
+        else:
+            self._schedule_beside_interactive(step, held)
+        if not step.scheduled and not step.preempted:
+            self._schedule_running(step, [seq for seq in held if seq.status is Status.RUNNING], [], self.max_tokens_per_step)
+        return step
 
-    def _schedule_beside_interactive(self, step: Step) -> Step:
+    def _schedule_beside_interactive(self, step: Step, held: list[Sequence]) -> Step:
         """Interactive work first (running, then admitted); then batch rows share the step, at most as many as
         the interactive rows and as many tokens (or BATCH_CHUNK_BESIDE_INTERACTIVE), taking turns: the one that
         ran longest ago first. So an interactive request pays for a bounded share of the batch each token, not
-        for all of its rows (their grammar work, their prefill chunks), and the batch still moves."""
-        idle = sorted((seq for seq in self.running if not self._interactive(seq)), key=lambda s: s.sort_key)
+        for all of its rows (their grammar work, their prefill chunks), and the batch still moves. `held`: rows
+        that sit this step out (see `schedule`)."""
+        idle = sorted((seq for seq in self.running if not self._interactive(seq) and seq not in held), key=lambda s: s.sort_key)
         self._free_slots_for_interactive(step, idle)
         self._share_slots(step, self._interactive)
-        budget = self._run_then_admit(step, [seq for seq in self.running if self._interactive(seq)], idle, self._interactive)
+        budget = self._run_then_admit(step, [seq for seq in self.running if self._interactive(seq) and seq not in held], idle,
+                                      self._interactive)
         rows = len(step.scheduled)
         if rows == 0:  # none of it can run now: the batch goes on as if alone (and may free room for it)
             self._schedule_running(step, idle, [], budget)

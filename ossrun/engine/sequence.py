@@ -70,6 +70,12 @@ class Sequence:
         constraint = self.request.constraint
         return constraint is not None and not constraint.ready
 
+    @property
+    def grammar_searching(self) -> bool:
+        """Its structured output's next mask comes with a search for a complete answer (up to seconds)."""
+        constraint = self.request.constraint
+        return constraint is not None and constraint.searching
+
     def append(self, token_id: int) -> None:
         self.tokens.append(token_id)
         self.sampling.append(token_id)
