@@ -74,7 +74,7 @@ class Sequence:
     def grammar_searching(self) -> bool:
         """Its structured output's next mask comes with a search for a complete answer (up to seconds)."""
         constraint = self.request.constraint
-        return constraint is not None and constraint.searching
+        return constraint is not None and getattr(constraint, "searching", False)
 
     def append(self, token_id: int) -> None:
         self.tokens.append(token_id)
