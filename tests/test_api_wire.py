@@ -403,7 +403,7 @@ def test_head_sends_no_body_bytes_on_the_wire(server):
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\nGET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         raw = b""
         while chunk := s.recv(65536):
             raw += chunk

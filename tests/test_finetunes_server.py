@@ -291,7 +291,7 @@ def partial_upload(server, length: int) -> socket.socket:
     head = (b'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_model.safetensors\r\n'
             b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(f"POST /client/v4/accounts/acct/ai/finetunes/big/finetune-assets HTTP/1.1\r\nHost: x\r\n"
+    sock.sendall(f"POST /client/v4/accounts/acct/ai/finetunes/big/finetune-assets HTTP/1.1\r\nHost: localhost\r\n"
                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n".encode() + head)
     return sock
 

@@ -30,7 +30,7 @@ def send_raw(server, body: dict) -> socket.socket:
     """POST without waiting for the answer; closing the socket is the client leaving."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"POST /client/v4/accounts/a/ai/run/{MODEL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST /client/v4/accounts/a/ai/run/{MODEL} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 

@@ -38,7 +38,7 @@ def connect(server, source: str = "127.0.0.1") -> socket.socket:
 
 
 def request_head(method: str, target: str, length: int, content_type: str = "application/json") -> bytes:
-    return (f"{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+    return (f"{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
 
 
@@ -73,11 +73,11 @@ def test_a_connection_without_complete_headers_is_closed_after_the_client_timeou
     """Before: a connection that sent nothing, or half its headers (fresh, or after an answer on a kept-alive
     connection, whose idle timer the first byte cancelled), stayed open for ever."""
     kept_alive = connect(server)
-    kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert read_response(kept_alive).startswith(b"HTTP/1.1 200")
     kept_alive.sendall(b"GET /health HTTP/1.1\r\nHo")
     silent, half = connect(server), connect(server)
-    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-a")
+    half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-a")
     started, closed_after = time.monotonic(), {}
     kinds = {silent: "sends nothing", half: "half its headers", kept_alive: "half the next request's headers"}
     while len(closed_after) < len(kinds) and time.monotonic() - started < PATIENCE_S + 8:
@@ -214,7 +214,7 @@ def test_an_absolute_form_target_is_served_as_its_path(server):
         sock.sendall(request_head("POST", target, len(CHAT)) + CHAT)
         status, result = answer(read_response(sock))
         assert status == 200 and result["object"] == "chat.completion", result
-        sock.sendall(b"GET HTTP://elsewhere/health?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET HTTP://localhost/health?x=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, health = answer(read_response(sock))
         assert status == 200 and health["status"] == "ok"
 
