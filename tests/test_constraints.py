@@ -483,6 +483,48 @@ def test_a_parser_limit_is_a_grammar_error_before_generation(compiler, monkeypat
         fresh.close()
 
 
+@pytest.mark.parametrize("pattern", [r"^.{0,1000}a.{100}$", r"^.{0,100}a.{20}$"])
+def test_a_pattern_whose_lexer_explodes_is_a_grammar_error_before_generation(compiler, pattern):
+    """Such a pattern's automaton tracks every position the letter may have been at: generation filled llguidance's
+    lexer (250,000 states) and failed mid-answer with a 500 after up to two minutes (hunt_security #2)."""
+    schema = obj({"a": {"type": "string", "pattern": pattern}})
+    with pytest.raises(GrammarError, match="too complex for the grammar engine"):
+        compiler.json_final(schema, max_tokens=64)
+    with pytest.raises(GrammarError, match="too complex"):  # anywhere in the schema, and for tools too
+        compiler.tools({"f": obj({"items": {"type": "array", "items": {"type": "string", "pattern": pattern}}})}, "auto")
+
+
+def test_common_patterns_pass_the_lexer_probe(compiler):
+    patterns = [r"^\d{4}-\d{2}-\d{2}$", r"^[^@\s]+@[^@\s]+\.[^@\s]+$", r"^https?://[^\s/$.?#].[^\s]*$", r"^.{1,1000}$",
+                r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", r"^(\w+\s?){1,50}$", r"^[\s\S]{0,5000}$"]
+    compiler.json_final(obj({f"p{i}": {"type": "string", "pattern": p} for i, p in enumerate(patterns)}))
+
+
+def test_a_full_lexer_is_renewed_not_an_error_for_every_later_request(compiler, monkeypatch):
+    """llguidance's lexer states are shared by every copy of a compiled grammar and add up over its life: once at the
+    limit, every request with the cached format failed ("too many states"). A limit of 10,000 (not 250,000) makes
+    this quick; before the renewal the 5th request of this format failed."""
+    import random
+
+    import llguidance
+    from ossrun.engine import constraints
+
+    monkeypatch.setattr(constraints, "_LIMITS", llguidance.LLParserLimits(
+        verbose_errors=False, max_items_in_row=30_000, step_max_items=2_000_000, max_lexer_states=10_000))
+    fresh = ConstraintCompiler(llguidance_tokenizer(), workers=1)
+    grammar = harmony_grammar.json_final(obj({"note": {"type": "string", "pattern": r"^.{0,50}a.{10}$"}}), reasoning_budget=4)
+    rng = random.Random(0)
+    try:
+        for _ in range(16):
+            constraint = fresh.compile(grammar)
+            for _ in range(48):
+                constraint.advance(rng.choice(constraint.allowed_tokens().nonzero().flatten().tolist()))
+                if constraint.is_finished:
+                    break
+    finally:
+        fresh.close()
+
+
 @pytest.mark.parametrize("schema", [
     obj({"n": integer(3, 7)}),
     obj({"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}}),

@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -51,6 +52,20 @@ log = logging.getLogger(__name__)
 # limit is twice the most measured, and the check computes a mask in such a run (`_INSIDE`), so a schema beyond it is
 # refused before generation.
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=2_000_000)
+# llguidance builds its lexer's states lazily, as masks need them, and a compiled grammar's copies share them (every
+# request of a cached grammar, and the budget searches), up to max_lexer_states (250,000); past it every mask fails
+# ("too many states"). A `pattern` whose automaton is exponential (`.{0,1000}a.{100}`: every position an `a` may have
+# been at) reaches it within one answer. So each pattern of a schema is probed when checked: random walks of
+# _PATTERN_MASKS masks through a string with only that pattern, on a lexer limited to _PATTERN_STATES. Measured (64
+# masks): dates, e-mails, UUIDs, URLs, phone numbers 20-60 states; `^.{1,1000}$` 2,200, `^[\s\S]{0,5000}$` 1,600,
+# `^(\w+\s?){1,50}$` 700; exponential ones `.{0,50}a.{10}` 8,600, `.{0,100}a.{20}` 33,000, `.{0,1000}a.{100}` 68,000.
+_PATTERN_MASKS, _PATTERN_STATES, _PATTERN_SECONDS = 64, 12_000, 2.0
+_PATTERN_LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=2_000_000,
+                                            max_lexer_states=_PATTERN_STATES)
+# The error llguidance gives when the shared lexer is full (see above): a fresh compile of the grammar starts empty.
+_LEXER_FULL = "too many states"
+# A request renews its matcher's lexer at most this many times (a request that fills a fresh one alone fails).
+_LEXER_RENEWALS = 2
 # What a schema's value may start with; the first masks inside it are computed when it is checked.
 _OPENERS = ('{"', "{", "[", '"')
 # Within an object a whitespace run makes the mask visit the most rows (see _LIMITS): checked too.
@@ -73,10 +88,14 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
                  tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor,
-                 runs: frozenset[int] = frozenset(), path: list[int] | None = None):
+                 runs: frozenset[int] = frozenset(), path: list[int] | None = None,
+                 renew: Callable[[], llguidance.LLMatcher] | None = None):
         """`path`: a way to a complete output from the matcher's state within the budget, when known (the compiler's
-        search from the start state, so that the first mask need not search again)."""
+        search from the start state, so that the first mask need not search again). `renew`: a matcher at the same
+        start state with a lexer of its own (see `_renew_lexer`)."""
         self._matcher = matcher
+        self._renew, self._renewals = renew, 0
+        self._taken: list[int] = []  # the tokens the matcher consumed since the start state
         self._pool = pool
         self._grammar = grammar
         self._tokenizer = tokenizer
@@ -167,9 +186,10 @@ class Constraint:
         wait([self._pending])  # the matcher is not shared: let the running computation end first
         if self._error is not None:
             raise ConstraintViolation(self._error)
-        if not self._matcher.consume_token(token_id):
+        if not self._matcher.consume_token(token_id) and not (self._renew_lexer() and self._matcher.consume_token(token_id)):
             self._error = f"token {token_id} ({self._describe(token_id)}) is not allowed here: {_reason(self._matcher)}"
             raise ConstraintViolation(self._error)
+        self._taken.append(token_id)
         self._track_span(token_id)
         if self._left is not None:
             self._left -= 1
@@ -182,6 +202,8 @@ class Constraint:
     def _compute(self, search: bool) -> torch.Tensor:
         try:
             self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
+            if self._matcher.is_error() and self._renew_lexer():
+                self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
             if self._matcher.is_error():
                 raise ConstraintViolation(_reason(self._matcher))
             if search:
@@ -189,6 +211,24 @@ class Constraint:
             return self._unpack(self._bits)
         finally:
             self.searching = False
+
+    def _renew_lexer(self) -> bool:
+        """Whether the matcher failed because its lexer is full and was replaced by one with a fresh lexer, at the
+        same point: the lexer's states are shared by every copy of the compiled grammar (all its requests, their budget
+        searches) and add up over the grammar's life to llguidance's limit (`_LEXER_FULL`), which one request alone
+        rarely reaches. The new matcher replays the tokens taken; the compiler's cache keeps it for later requests.
+        At most _LEXER_RENEWALS times a request: one that fills a fresh lexer on its own fails."""
+        if (self._renew is None or self._renewals >= _LEXER_RENEWALS
+                or _LEXER_FULL not in (self._matcher.get_error() or "")):
+            return False
+        self._renewals += 1
+        matcher = self._renew()
+        if self._taken and not matcher.consume_tokens(self._taken):
+            return False
+        log.warning("structured output: the format's lexer was full (%s); renewed after %d tokens",
+                    _reason(self._matcher), len(self._taken))
+        self._matcher = matcher
+        return True
 
     def _search_due(self) -> bool:
         """Whether the next mask's computation searches a way to a complete output (see `_find_path`). Decided
@@ -649,12 +689,13 @@ class ConstraintCompiler:
                 path = entry.shortest(matcher, grammar, self.tokenizer, self._runs)
             except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
                 log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
-                return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs)
+                return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs,
+                                  renew=self._renewer(key, grammar))
             if path is None:  # proven: every token the masks allow was tried
                 raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
                                    f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
         return Constraint(matcher, self._pool, grammar, self.tokenizer, None if path is None else len(path), entry.candidates,
-                          self._runs, path)
+                          self._runs, path, renew=self._renewer(key, grammar))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -682,6 +723,33 @@ class ConstraintCompiler:
                 self._first_mask(what, state)
                 if opener == "{" and state.consume_tokens(self.tokenizer.tokenize_str(_INSIDE)):
                     self._first_mask(what, state)
+        deadline = time.monotonic() + _PATTERN_SECONDS
+        for pattern in sorted(set(_patterns(schema))):
+            self._probe_pattern(what, pattern, deadline)
+
+    def _probe_pattern(self, what: str, pattern: str, deadline: float) -> None:
+        """GrammarError when the pattern's lexer grows past _PATTERN_STATES within _PATTERN_MASKS masks of random
+        strings (see _PATTERN_LIMITS): generation would fill llguidance's lexer and fail mid-answer. Seeded, so a
+        schema is judged the same each time; a probe past `deadline` (all of a schema's patterns) stops early."""
+        compiled = llguidance.LLMatcher.grammar_from_json_schema(json.dumps({"type": "string", "pattern": pattern}))
+        start = llguidance.LLMatcher(self.tokenizer, compiled, log_level=0, limits=_PATTERN_LIMITS)
+        rng, state = random.Random(0), start.deep_copy()
+        for _ in range(_PATTERN_MASKS):
+            if time.monotonic() > deadline:
+                return
+            bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
+            state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
+            if state.is_error():
+                if _LEXER_FULL not in (state.get_error() or ""):
+                    raise GrammarError(f"invalid {what}: pattern {pattern!r}: {_reason(state)}")
+                raise GrammarError(f"invalid {what}: pattern {pattern!r} is too complex for the grammar engine: its "
+                                   f"automaton passed {_PATTERN_STATES} states within {_PATTERN_MASKS} tokens of sample "
+                                   "text (a bounded repeat beside what must follow it, such as `.{0,1000}a.{100}`, makes "
+                                   "it track every position); use a simpler pattern or maxLength")
+            allowed = torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
+            choices = allowed[:self.tokenizer.vocab_size].nonzero().flatten()
+            if state.is_stopped() or not len(choices) or not state.consume_token(int(choices[rng.randrange(len(choices))])):
+                state = start.deep_copy()  # the string ended: another one (the lexer's states stay, as they add up)
 
     def _first_mask(self, what: str, state: llguidance.LLMatcher) -> torch.Tensor:
         bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
@@ -689,6 +757,18 @@ class ConstraintCompiler:
         if state.is_error():
             raise GrammarError(f"invalid {what}: {_reason(state)}")
         return torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
+
+    def _renewer(self, key, grammar: Grammar) -> Callable[[], llguidance.LLMatcher]:
+        """For a constraint whose lexer is full (`Constraint._renew_lexer`): the grammar compiled again, which starts
+        with an empty lexer, made the cached start state for the requests that follow."""
+        def renew() -> llguidance.LLMatcher:
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar.lark, log_level=0, limits=_LIMITS)
+            with self._lock:
+                entry = self._cache.get(key)
+                if entry is not None:
+                    entry.matcher = matcher
+            return matcher.deep_copy()
+        return renew
 
     def _cached(self, key) -> tuple[llguidance.LLMatcher, _Entry] | None:
         with self._lock:
@@ -755,6 +835,19 @@ class _Entry:
             if self._shortest is None or len(path) < len(self._shortest):
                 self._shortest = path
             return list(self._shortest)
+
+
+def _patterns(schema: Any) -> Iterator[str]:
+    """Every `pattern` string in a JSON Schema, at any depth (a property named "pattern" holds a schema, not a string)."""
+    if isinstance(schema, Mapping):
+        for key, value in schema.items():
+            if key == "pattern" and isinstance(value, str):
+                yield value
+            else:
+                yield from _patterns(value)
+    elif isinstance(schema, list):
+        for item in schema:
+            yield from _patterns(item)
 
 
 def _reason(matcher: llguidance.LLMatcher) -> str:
