@@ -500,6 +500,13 @@ def test_common_patterns_pass_the_lexer_probe(compiler):
     compiler.json_final(obj({f"p{i}": {"type": "string", "pattern": p} for i, p in enumerate(patterns)}))
 
 
+def test_the_pattern_probe_leaves_bad_patterns_to_the_schemas_own_compile(compiler):
+    """A pattern where a lenient schema ignores it (inside `not`) never reaches generation: accepted as before the probe."""
+    compiler.json_final(obj({"a": {"type": "string", "not": {"pattern": "("}}}), strict=False)
+    with pytest.raises(GrammarError, match="unclosed group"):  # where generation uses it, the compile refuses it
+        compiler.json_final(obj({"a": {"type": "string", "pattern": "("}}), strict=False)
+
+
 def test_a_full_lexer_is_renewed_not_an_error_for_every_later_request(compiler, monkeypatch):
     """llguidance's lexer states are shared by every copy of a compiled grammar and add up over its life: once at the
     limit, every request with the cached format failed ("too many states"). A limit of 10,000 (not 250,000) makes
