@@ -21,6 +21,19 @@ def test_the_earliest_match_wins_and_text_after_it_in_the_same_piece_is_dropped(
     assert stops.feed("aaxyzb") == "aa" and stops.matched == "xyz"
 
 
+def test_the_first_stop_to_complete_wins_however_the_text_is_split_into_tokens():
+    """Before: of the matches completed within one piece the earliest start won, so ["s Pa", "France is Paris"] cut the
+    answer at "France" when " Paris" was one token and at "i" when it came in pieces (hunt_engine #4)."""
+    text = "The capital of France is Paris."
+    for stops, expected, matched in ((["s Pa", "France is Paris"], "The capital of France i", "s Pa"),
+                                     (["s Pa", "France is P"], "The capital of ", "France is P"),
+                                     (["France is Paris.", "s Pa"], "The capital of France i", "s Pa")):
+        for cut in range(len(text) + 1):
+            for pieces in ([text[:cut], text[cut:]], ["The", " capital", " of", " France", " is", " Paris", "."], [text]):
+                matcher = StopStrings(stops)
+                assert "".join(shown(matcher, pieces)) == expected and matcher.matched == matched, (stops, pieces)
+
+
 def test_a_false_start_is_released():
     stops = StopStrings(["abc"])
     assert shown(stops, ["xab", "d", "ab"]) == ["x", "abd", ""]
@@ -41,9 +54,9 @@ def _plain_feed(state: dict, stops: list[str], text: str) -> str:
     if state["matched"] is not None:
         return ""
     text, state["held"] = state["held"] + text, ""
-    found = [(text.find(stop), stop) for stop in stops if stop in text]
-    if found:
-        at, state["matched"] = min(found)
+    found = [(text.find(stop) + len(stop), text.find(stop), stop) for stop in stops if stop in text]
+    if found:  # the first to complete (its first occurrence ends first), then the earliest start
+        _, at, state["matched"] = min(found)
         return text[:at]
     keep = max((k for stop in stops for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])), default=0)
     state["held"] = text[len(text) - keep:] if keep else ""

@@ -52,8 +52,11 @@ class StopStrings:
         self._automata = [_Prefixes(stop) for stop in self.stops]
 
     def feed(self, text: str) -> str:
-        """The part of `text` (after what was held back) that can be shown now. Of the matches completed in it, the
-        one that starts first wins (on a tie, the stop that sorts first)."""
+        """The part of `text` (after what was held back) that can be shown now. The first match to complete wins, as
+        generation stops as soon as a stop string appears, so which stop ends the text does not depend on how it was
+        split into tokens (it did when the earliest start within one piece won: `["s Pa", "France is Paris"]` cut
+        "France is Paris." before "France" or in "is" by where a token ended). Of matches completed by the same
+        character, the one that starts first (the longer)."""
         if self.matched is not None:
             return ""
         start = len(self._held)
@@ -65,7 +68,7 @@ class StopStrings:
                 if automaton.step(char):
                     candidate = (position + 1 - len(automaton.stop), automaton.stop)
                     best = candidate if best is None else min(best, candidate)
-            if best is not None and best[0] > position:  # no match still to complete can start before it
+            if best is not None:
                 break
         if best is not None:
             at, self.matched = best
