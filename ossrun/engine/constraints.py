@@ -62,8 +62,9 @@ _LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_00
 _PATTERN_MASKS, _PATTERN_STATES, _PATTERN_SECONDS = 64, 12_000, 2.0
 _PATTERN_LIMITS = llguidance.LLParserLimits(verbose_errors=False, max_items_in_row=30_000, step_max_items=2_000_000,
                                             max_lexer_states=_PATTERN_STATES)
-# The error llguidance gives when the shared lexer is full (see above): a fresh compile of the grammar starts empty.
-_LEXER_FULL = "too many states"
+# The errors llguidance gives when the shared lexer is full (see above; the regexes' derivatives count too): a fresh
+# compile of the grammar starts empty.
+_LEXER_FULL = ("too many states", "too many expressions")
 # A request renews its matcher's lexer at most this many times (a request that fills a fresh one alone fails).
 _LEXER_RENEWALS = 2
 # What a schema's value may start with; the first masks inside it are computed when it is checked.
@@ -218,8 +219,7 @@ class Constraint:
         searches) and add up over the grammar's life to llguidance's limit (`_LEXER_FULL`), which one request alone
         rarely reaches. The new matcher replays the tokens taken; the compiler's cache keeps it for later requests.
         At most _LEXER_RENEWALS times a request: one that fills a fresh lexer on its own fails."""
-        if (self._renew is None or self._renewals >= _LEXER_RENEWALS
-                or _LEXER_FULL not in (self._matcher.get_error() or "")):
+        if self._renew is None or self._renewals >= _LEXER_RENEWALS or not _lexer_full(self._matcher):
             return False
         self._renewals += 1
         matcher = self._renew()
@@ -711,6 +711,9 @@ class ConstraintCompiler:
         error = llguidance.LLMatcher.validate_grammar(compiled, self.tokenizer, limits=_LIMITS)
         if error:
             raise GrammarError(f"invalid {what}: {error}")
+        deadline = time.monotonic() + _PATTERN_SECONDS  # before the first masks, which a pattern's lexer may fail
+        for pattern in sorted(set(_patterns(schema))):
+            self._probe_pattern(what, pattern, deadline)
         # Generation computes masks, and a parser limit shows only there: compute the first ones now.
         start = llguidance.LLMatcher(self.tokenizer, compiled, log_level=0, limits=_LIMITS)
         first = self._first_mask(what, start)
@@ -723,9 +726,6 @@ class ConstraintCompiler:
                 self._first_mask(what, state)
                 if opener == "{" and state.consume_tokens(self.tokenizer.tokenize_str(_INSIDE)):
                     self._first_mask(what, state)
-        deadline = time.monotonic() + _PATTERN_SECONDS
-        for pattern in sorted(set(_patterns(schema))):
-            self._probe_pattern(what, pattern, deadline)
 
     def _probe_pattern(self, what: str, pattern: str, deadline: float) -> None:
         """GrammarError when the pattern's lexer grows past _PATTERN_STATES within _PATTERN_MASKS masks of random
@@ -738,19 +738,19 @@ class ConstraintCompiler:
         except ValueError:
             return
         start = llguidance.LLMatcher(self.tokenizer, compiled, log_level=0, limits=_PATTERN_LIMITS)
+        if start.is_error():
+            return
         rng, state = random.Random(0), start.deep_copy()
         for _ in range(_PATTERN_MASKS):
             if time.monotonic() > deadline:
                 return
             bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
             state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-            if state.is_error():
-                if _LEXER_FULL not in (state.get_error() or ""):
-                    return
-                raise GrammarError(f"invalid {what}: pattern {pattern!r} is too complex for the grammar engine: its "
-                                   f"automaton passed {_PATTERN_STATES} states within {_PATTERN_MASKS} tokens of sample "
-                                   "text (a bounded repeat beside what must follow it, such as `.{0,1000}a.{100}`, makes "
-                                   "it track every position); use a simpler pattern or maxLength")
+            if state.is_error():  # it only took allowed tokens: a limit, the lexer's when it grew too fast
+                raise GrammarError(f"invalid {what}: pattern {pattern!r} is too complex for the grammar engine "
+                                   f"({_reason(state)} within {_PATTERN_MASKS} tokens of sample text; a bounded repeat "
+                                   "beside what must follow it, such as `.{0,1000}a.{100}`, makes its automaton track "
+                                   "every position): use a simpler pattern or maxLength")
             allowed = torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
             choices = allowed[:self.tokenizer.vocab_size].nonzero().flatten()
             if state.is_stopped() or not len(choices) or not state.consume_token(int(choices[rng.randrange(len(choices))])):
@@ -853,6 +853,12 @@ def _patterns(schema: Any) -> Iterator[str]:
     elif isinstance(schema, list):
         for item in schema:
             yield from _patterns(item)
+
+
+def _lexer_full(matcher: llguidance.LLMatcher) -> bool:
+    """The matcher failed on its lexer's size limits (see _LEXER_FULL)."""
+    error = matcher.get_error() or ""
+    return any(full in error for full in _LEXER_FULL)
 
 
 def _reason(matcher: llguidance.LLMatcher) -> str:
