@@ -465,6 +465,40 @@ def test_moe_layer_through_triton_equals_the_reference(tokens, kind, checkpoints
         assert rel_err((out - x).cpu(), (ref - x).cpu()) < 1e-2
 
 
+def test_a_layer_with_scale_bytes_the_kernels_cannot_decode_runs_the_reference(checkpoints, caplog):
+    """The kernels build a block's scale as an fp32 exponent field of s + 14: scale byte 241 decoded to NaN, 242+ to
+    sign-flipped garbage (hunt_kernels #1). Such a layer now keeps the PyTorch path, said in the log."""
+    from ossrun.model.checkpoint import load_checkpoint
+    from ossrun.model.gpt_oss import GptOss
+
+    moe = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32).blocks[0].mlp
+    assert moe._triton_decodes_scales(0)  # the tiny checkpoint's bytes are in range
+    for byte in (241, 254, 1):
+        saved = int(moe.mlp2_scales[0, 0, 0])
+        moe.mlp2_scales[0, 0, 0] = byte
+        assert not moe._triton_decodes_scales(0)
+        moe.mlp2_scales[0, 0, 0] = saved
+    assert "run the PyTorch path" in caplog.text
+
+
+@pytest.mark.parametrize("name, value, ok", [("OSSRUN_ATTN_DECODE_SPLITS", "3", False), ("OSSRUN_ATTN_DECODE_SPLITS", "0", False),
+                                             ("OSSRUN_ATTN_DECODE_SPLITS", "x", False), ("OSSRUN_ATTN_DECODE_SPLITS", "8", True),
+                                             ("OSSRUN_ATTN_DECODE_BLOCK_N", "8", False), ("OSSRUN_ATTN_DECODE_BLOCK_N", "96", False),
+                                             ("OSSRUN_ATTN_DECODE_BLOCK_N", "64", True)])
+def test_attention_settings_the_kernels_cannot_take_are_refused_with_their_name(monkeypatch, name, value, ok):
+    """A split count or key block that is not a power of two failed inside Triton at the first decode step (`arange's
+    range must be a power of 2`; a block under 16 does not compile for tl.dot on a GPU): hunt_kernels #3."""
+    from ossrun.model.kernels.triton_attention import decode_block_n, decode_splits
+
+    monkeypatch.setenv(name, value)
+    read = (lambda: decode_splits(8)) if name.endswith("SPLITS") else decode_block_n
+    if ok:
+        assert read() == int(value)
+    else:
+        with pytest.raises(ValueError, match=name):
+            read()
+
+
 def test_engine_with_triton_attention_generates_the_reference_tokens(checkpoints, device):
     """Through the engine, with the Triton attention and RoPE/cache-write kernels: chunked
     prefill (24-token steps) of prompts longer than the window (16 here, to keep the interpreter quick),

@@ -7,6 +7,8 @@ lets the engine batch prefills and decodes of many requests into one step.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,8 @@ from ossrun.model.kernels.blocks_cpu import NativeBlocks
 from ossrun.model.kernels.moe_cpu import Q8Experts, moe_q8_available
 from ossrun.model.kernels.gpu import linear, triton_available
 from ossrun.model.lora import LoraBatch
+
+log = logging.getLogger(__name__)
 
 SWIGLU_ALPHA = 1.702
 
@@ -205,7 +209,7 @@ class MoE(nn.Module):
             self.register_buffer(attr, weights[prefix + name].to(device), persistent=False)
         self.mlp1_bias = _weight(weights[prefix + "mlp1_bias"], dtype, device)
         self.mlp2_bias = _weight(weights[prefix + "mlp2_bias"], dtype, device)
-        self.use_triton = triton_available(device, precision)
+        self.use_triton = triton_available(device, precision) and self._triton_decodes_scales(layer)
         # Scale bytes all ≤ 128 (blocks up to 12): the tensor-core decode then scales with one multiply (triton_moe_mma).
         self.small_scales = self.use_triton and int(torch.maximum(self.mlp1_scales.max(), self.mlp2_scales.max())) <= 128
         self.use_kernel = mxfp4_kernel_available(device)
@@ -216,6 +220,21 @@ class MoE(nn.Module):
         if self.use_q8:  # fast precision: the whole layer's experts in one native call on int8 activations
             self.q8 = Q8Experts((self.mlp1_blocks, self.mlp1_scales, self.mlp1_bias_f32),
                                 (self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias_f32), config.swiglu_limit)
+
+    # kernels/triton_moe.py builds a block's scale 2^(s−127)·2^14 as the fp32 number whose exponent field is s + 14: exact
+    # for scale bytes 2..240 (241 gave NaN, 242+ flipped the sign). Real checkpoints use about 110..130.
+    TRITON_SCALE_BYTES = (2, 240)
+
+    def _triton_decodes_scales(self, layer: int) -> bool:
+        """Whether every expert scale byte of this layer is in the Triton kernels' exact range; a layer with others
+        runs the PyTorch path (correct, slower), said once in the log."""
+        low = int(torch.minimum(self.mlp1_scales.min(), self.mlp2_scales.min()))
+        high = int(torch.maximum(self.mlp1_scales.max(), self.mlp2_scales.max()))
+        if self.TRITON_SCALE_BYTES[0] <= low and high <= self.TRITON_SCALE_BYTES[1]:
+            return True
+        log.warning("layer %d: MXFP4 scale bytes %d..%d reach outside %d..%d, which the Triton kernels decode exactly; "
+                    "its experts run the PyTorch path", layer, low, high, *self.TRITON_SCALE_BYTES)
+        return False
 
     def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """→ expert ids [T, k] and their weights [T, k] (softmax over the k chosen logits only)."""

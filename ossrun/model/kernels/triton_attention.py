@@ -199,7 +199,7 @@ def decode_splits(programs: int) -> int:
     """Runs the keys of each decode query are split into (a power of two, 1 = the one-pass kernel). A decode launch
     has one program per (sequence, KV head), 8 at batch 1, each walking its whole context: splitting gives the GPU
     more programs where there are few; past 128 programs there are enough. OSSRUN_ATTN_DECODE_SPLITS sets it."""
-    splits = int(os.environ.get("OSSRUN_ATTN_DECODE_SPLITS", DECODE_SPLITS))
+    splits = _power_of_two_setting("OSSRUN_ATTN_DECODE_SPLITS", DECODE_SPLITS, least=1)
     return splits if programs < 128 else 1
 
 
@@ -210,7 +210,19 @@ def decode_block_n() -> int:
     """Keys per step of a decode program's walk over its context. A decode launch has one program per
     (sequence, KV head), 8 at batch 1, so its time is the number of serial steps; wider steps mean fewer.
     OSSRUN_ATTN_DECODE_BLOCK_N overrides it (bench/gpu.py's graph replay times the choices)."""
-    return int(os.environ.get("OSSRUN_ATTN_DECODE_BLOCK_N", DECODE_BLOCK_N))
+    return _power_of_two_setting("OSSRUN_ATTN_DECODE_BLOCK_N", DECODE_BLOCK_N, least=16)
+
+
+def _power_of_two_setting(name: str, default: int, least: int) -> int:
+    """An integer setting from the environment that the kernels take as a `tl.arange` length (a power of two) or a
+    `tl.dot` width (16 at least on a GPU): anything else failed inside Triton at the first decode step."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    number = int(value) if value.strip().isdigit() else 0
+    if number < least or number & (number - 1):
+        raise ValueError(f"{name}={value!r}: must be a power of two, at least {least}")
+    return number
 
 
 def paged_attention(
