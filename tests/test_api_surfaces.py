@@ -223,3 +223,37 @@ def test_responses_echo_tools_as_the_responses_function_tool(app, tool):
         Response.model_validate({**response, "usage": None}, strict=True)
     bare = client.post("/v1/responses", json={"model": MODEL, "input": "x", "tools": [{"name": "f"}]}).json()["tools"]
     assert bare == [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": False}]
+
+
+@pytest.mark.parametrize("script", ["think-answer", "preamble-calls", "two-thoughts"])
+def test_a_failed_response_holds_what_each_item_streamed(app, script):
+    """Scripted, cut after every token: the engine fails mid-answer only on a bug or a dead device (the real server's
+    shutdown is in test_server_aborts). Before: the item open at the failure was in `response.failed` as it was opened
+    (no text, no arguments, `in_progress`). Now it holds every delta, cut as `incomplete`; the event is the SDK's."""
+    from openai.types.responses import ResponseFailedEvent
+
+    from ossrun import harmony
+
+    engine, client = app
+    engine.script = SCRIPTS[script]
+    body = {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "get_weather"}], "stream": True}
+    for cut in range(1, len(harmony.encode(engine.script, allow_special=True))):
+        engine.fail_after = cut
+        events = frames(client.post("/v1/responses", json=body))
+        failed = events[-1]
+        assert failed["type"] == "response.failed", cut
+        streamed: dict[str, str] = {}
+        for event in events:
+            if event["type"].endswith(".delta"):
+                streamed[event["item_id"]] = streamed.get(event["item_id"], "") + event["delta"]
+        output, done = failed["response"]["output"], {e["item"]["id"] for e in events if e["type"] == "response.output_item.done"}
+        for item in output:
+            held = item["arguments"] if item["type"] == "function_call" else "".join(p["text"] for p in item["content"])
+            assert held == streamed.get(item["id"], ""), (cut, item)
+            if item["type"] != "reasoning":
+                assert item["status"] == ("completed" if item["id"] in done else "incomplete"), (cut, item)
+        assert failed["response"]["output_text"] == "".join(streamed.get(i["id"], "") for i in output if i["type"] == "message")
+        failed["response"]["usage"] = None  # as above: the SDK's usage wants fields this test is not about
+        ResponseFailedEvent.model_validate(failed, strict=True)
+    sync = client.post("/v1/responses", json={**body, "stream": False})  # no stream: an error answer, nothing half-made
+    assert sync.status_code == 500 and sync.json()["error"]["type"] == "server_error"

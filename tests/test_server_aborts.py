@@ -162,3 +162,42 @@ def test_a_stream_cut_by_shutdown_ends_in_its_surfaces_error_shape(checkpoints, 
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
     assert failed["response"]["error"] == {"code": "server_error", "message": "The server is shutting down, please try again."}
     assert failed["response"]["id"] == events[0]["response"]["id"] and failed["response"]["output"]
+
+
+def test_response_failed_carries_the_output_streamed_so_far(checkpoints, tmp_path):
+    """Before: `response.failed`'s response had the open item as it was opened (a message with `content: []` and
+    `status: "in_progress"`, `output_text: ""`) while its usage counted every token: the partial answer was lost to a
+    client reading the terminal object. Now each item holds its streamed text and none is left `in_progress`."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", timeout=60, max_retries=0)
+    events: list = []
+
+    def read() -> None:
+        for event in client.responses.create(model=MODEL, input="Hi", max_output_tokens=LONG, temperature=0, stream=True):
+            events.append(event)
+
+    try:
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 20
+        while sum(e.type.endswith(".delta") for e in list(events)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.process.terminate()
+        reader.join(timeout=30)
+    finally:
+        server.stop()
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.status == "failed"
+    streamed: dict[str, str] = {}
+    for event in events:
+        if event.type.endswith(".delta"):
+            streamed[event.item_id] = streamed.get(event.item_id, "") + event.delta
+    assert sum(map(len, streamed.values())) > 0
+    output = failed.response.output
+    assert [item.id for item in output] == [e.item.id for e in events if e.type == "response.output_item.added"]
+    for item in output:
+        held = item.arguments if item.type == "function_call" else "".join(part.text for part in item.content)
+        assert held == streamed.get(item.id, "")
+        assert item.type == "reasoning" or item.status in ("completed", "incomplete")
+    assert output[-1].type == "reasoning" or output[-1].status == "incomplete"  # the failure cut it
+    assert failed.response.output_text == "".join(streamed.get(item.id, "") for item in output if item.type == "message")

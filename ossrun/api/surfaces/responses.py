@@ -79,7 +79,12 @@ class ResponsesSurface:
     def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
         """Generation failed mid-way: `response.failed`, the Responses stream's own terminal event (an event of its
         kind and sequence, as clients dispatch on `type`), with the output so far and OpenAI's `error` object. Not
-        kept for `previous_response_id`: a failed response is no conversation to continue."""
+        kept for `previous_response_id`: a failed response is no conversation to continue. The item generation was in
+        holds what it streamed, `incomplete` as an item `max_output_tokens` cut (nothing will complete it); its done
+        events are not sent, since it did not end."""
+        if self.current is not None:
+            self._fill(cut=True)
+            self.current = None
         response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message}}
         response.pop("incomplete_details", None)
         return [self._event("response.failed", response=response)]
@@ -131,29 +136,38 @@ class ResponsesSurface:
         self.logprobs += new
         return new
 
-    def _close(self, cut: bool = False) -> list[bytes]:
-        """End the open item; `cut`: `max_output_tokens` ended it, so it is `incomplete`."""
-        if self.current is None:
-            return []
-        item, frames = self.current, []
-        status = "incomplete" if cut else "completed"
-        if item["type"] == "reasoning":
+    def _fill(self, cut: bool) -> dict[str, Any] | None:
+        """Put what the open item gathered into it: its text as its part (reasoning, message) or its arguments (a
+        call), and a message's or call's status (`cut`: `incomplete`). Returns the part (None for a call)."""
+        item = self.current
+        if item["type"] == "reasoning":  # OpenAI's reasoning items need no status; ossrun's never carry one
             part = {"type": "reasoning_text", "text": self.text}
             item["content"] = [part]
             if self.request is not None and ENCRYPTED_REASONING in (self.request.include or ()):
                 item["encrypted_content"] = seal_reasoning(self.text)
-            frames.append(self._event("response.reasoning_text.done", **self._where(), content_index=0, text=self.text))
-            frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
-        elif item["type"] == "message":
+            return part
+        item["status"] = "incomplete" if cut else "completed"
+        if item["type"] == "message":
             part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": self.logprobs}
-            item["content"], item["status"] = [part], status
-            frames.append(self._event("response.output_text.done", **self._where(), content_index=0, text=self.text,
-                                      logprobs=self.logprobs))
-            frames.append(self._event("response.content_part.done", **self._where(), content_index=0, part=part))
+            item["content"] = [part]
+            return part
+        item["arguments"] = self.text
+        return None
+
+    def _close(self, cut: bool = False) -> list[bytes]:
+        """End the open item and send its done events; `cut`: `max_output_tokens` ended it, so it is `incomplete`."""
+        if self.current is None:
+            return []
+        item, part = self.current, self._fill(cut)
+        where = self._where()
+        if item["type"] == "reasoning":
+            frames = [self._event("response.reasoning_text.done", **where, content_index=0, text=self.text)]
+        elif item["type"] == "message":
+            frames = [self._event("response.output_text.done", **where, content_index=0, text=self.text, logprobs=self.logprobs)]
         else:
-            item["arguments"], item["status"] = self.text, status
-            frames.append(self._event("response.function_call_arguments.done", **self._where(), name=item["name"],
-                                      arguments=self.text))
+            frames = [self._event("response.function_call_arguments.done", **where, name=item["name"], arguments=self.text)]
+        if part is not None:
+            frames.append(self._event("response.content_part.done", **where, content_index=0, part=part))
         frames.append(self._event("response.output_item.done", output_index=len(self.output) - 1, item=item))
         self.current = None
         return frames
