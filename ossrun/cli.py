@@ -282,7 +282,8 @@ def serve(
     forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses, `*` for any) whose "
                                                                  "X-Forwarded-For names the client, e.g. for the rate limit (default: none)."),
     allowed_origins: Optional[str] = typer.Option(None, envvar="OSSRUN_ALLOWED_ORIGINS",
-                                                  help="Web origins (comma-separated, e.g. http://localhost:3000; `*` for any) whose pages "
+                                                  help="Web origins (comma-separated, e.g. http://localhost:3000, https://*.example.com, "
+                                                       "http://localhost:*; `*` for any) whose pages "
                                                        "may call the server from a browser, with CORS (default: only the server's own, "
                                                        "the playground)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ossrun.api import schemas
-from ossrun.api.access import RateLimiter
+from ossrun.api.access import BrowserPolicy, RateLimiter, parse_origins
 from ossrun.api.app import MAX_BODY_BYTES, AppSettings, build_app
 from ossrun.api.errors import ApiError, is_openai_path
 from ossrun.api.metering import PRICES, USD_PER_NEURON
@@ -619,3 +619,28 @@ def test_an_upload_does_not_hold_the_event_loop(tmp_path):
         engine.adapters.health_answered.set()
         uploading.join(timeout=30)
         assert result["r"].status_code == 200 and engine.adapters.answered_while_loading
+
+
+@pytest.mark.parametrize("entry", ["http://user@localhost:3000", "http://localhost:3000#x", "http://localhost:3000?",
+                                   "http://localhost:3000/app", "localhost:3000", "null", "https://a.*.example.com",
+                                   "https://*example.com", "http://*:3000", "https://*", "http://localhost:0",
+                                   "http://localhost:65536", "https://bücher.example"])
+def test_allowed_origins_no_browser_sends_are_refused(entry):
+    """hunt_edges #2: each was taken, then never equal to an `Origin` a browser sends (a 403 in the browser only)."""
+    with pytest.raises(ValueError, match="--allowed-origins takes origins"):
+        parse_origins(entry)
+
+
+def test_allowed_origins_are_compared_as_browsers_spell_origins():
+    """Case and default ports as a browser serializes them; `*.` below a name, `:*` any port, nothing else a wildcard."""
+    listed = parse_origins("HTTPS://App.Example.com:443/, http://localhost:80, https://*.example.org, http://127.0.0.1:*")
+    assert listed == ("https://app.example.com", "http://localhost", "https://*.example.org", "http://127.0.0.1:*")
+    policy = BrowserPolicy(listed)
+    for origin in ("https://app.example.com", "http://localhost", "https://a.b.example.org", "http://127.0.0.1",
+                   "http://127.0.0.1:5173"):
+        assert policy.listed(origin), origin
+    for origin in ("http://app.example.com", "https://example.org", "https://evilexample.org", "http://localhost:3000",
+                   "https://127.0.0.1:5173", "null"):
+        assert not policy.listed(origin), origin
+    assert policy.same_origin("https://llm.example.com", "llm.example.com:443")  # a default port in Host
+    assert not policy.same_origin("http://llm.example.com", "llm.example.com:443")

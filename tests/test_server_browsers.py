@@ -132,3 +132,30 @@ def test_a_token_server_answers_any_host(tmp_path):
         assert len(warnings) == 1 and "WARNING" in warnings[0] and "127.0.0.1" in warnings[0]
     finally:
         server.stop()
+
+
+# -- hunt_edges round 5: origins that can never match (#2) -------------------------------------------------------
+
+
+def _get(server: Server, source: str = "127.0.0.1", path: str = "/v1/models", **headers: str) -> httpx.Response:
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60) as client:
+        return client.get(server.base + path, headers={**server.headers, **headers})
+
+
+def test_listed_wildcards_and_default_ports_match_and_refusals_name_the_list(tmp_path):
+    """Before: `https://*.example.com`, `http://localhost:*` and `https://app.example.com:443` were taken and never
+    matched a browser's `Origin` (all three pages got a 403 telling the operator to use the flag they had set)."""
+    server = demo_server(tmp_path, "--allowed-origins", "https://*.example.com,http://localhost:*,https://app.example.com:443")
+    try:
+        for origin in ("https://a.example.com", "https://b.c.example.com", "http://localhost:5173", "http://localhost",
+                       "https://app.example.com"):
+            answer = _get(server, Origin=origin)
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin, (origin, answer.text)
+        for origin in ("https://example.com", "http://a.example.com", "https://a.example.com:8443", "https://localhost:5173"):
+            refused = _get(server, Origin=origin)
+            assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers, origin
+            message = refused.json()["error"]["message"]
+            assert repr(origin) in message and "https://*.example.com, http://localhost:*, https://app.example.com" in message
+        assert _get(server, Host="api.example.com").status_code == 200  # a listed pattern's names are answered
+    finally:
+        server.stop()

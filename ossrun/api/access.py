@@ -15,14 +15,15 @@ a token answers only `Host` names that cannot be rebound: localhost, `*.localhos
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import ipaddress
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,74 @@ def is_loopback(host: str) -> bool:
     return name == "localhost" or (_is_ip(name) and ipaddress.ip_address(name).is_loopback)
 
 
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+# An origin as a browser serializes it (RFC 6454 §6.2), lower-cased: a scheme, a host (a name or a bracketed IPv6
+# literal; no user, path, query or fragment) and maybe a port. `*` is checked apart (`_origin`).
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\s/?#@\[\]:]+)(?::([0-9]{1,5}|\*))?")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """An origin as compared: lower case, without the scheme's default port (`https://x:443` is `https://x`, which is
+    what a browser sends). As an `--allowed-origins` entry, `host` may start with `*.` (any name below that one) and
+    `port` may be `*` (any port, or none)."""
+
+    scheme: str
+    host: str
+    port: str = ""  # "": the scheme's default
+
+    def matches(self, other: Origin) -> bool:
+        """Whether `other` (a page's origin) is this one, or one this pattern names."""
+        host = other.host.endswith(self.host[1:]) if self.host.startswith("*.") else other.host == self.host
+        return self.scheme == other.scheme and host and self.port in ("*", other.port)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}" + (f":{self.port}" if self.port else "")
+
+
+def _origin(text: str, pattern: bool = False) -> Origin | None:
+    """`text` as an `Origin` (a final `/` dropped), or None when no browser sends it: `null`, a user, a path, a query, a
+    fragment, a name beyond ASCII (browsers send its xn-- form), port 0 or over 65535; `*` only in a `pattern`, as
+    a host's first label or as the port."""
+    parts = _ORIGIN.fullmatch(text.strip().rstrip("/").lower())
+    if parts is None or not parts[0].isascii():
+        return None
+    scheme, host, port = parts[1], parts[2], parts[3] or ""
+    if "*" in (host.removeprefix("*.") if pattern else host) or host == "*." or (port == "*" and not pattern):
+        return None
+    if port not in ("", "*"):
+        if not 0 < int(port) < 65536:
+            return None
+        port = str(int(port))
+    return Origin(scheme, host, "" if port == DEFAULT_PORTS.get(scheme) else port)
+
+
 def parse_origins(value: str | None) -> tuple[str, ...]:
-    """`--allowed-origins`: comma-separated `scheme://host[:port]` (as a browser's `Origin` spells them; a final `/`
-    is dropped), or `*` for any. ValueError names a malformed one (a path, no scheme)."""
+    """`--allowed-origins`: comma-separated origins as `Origin` spells them (`https://app.example.com`, a final `/`
+    dropped, a default port too), `*.` before a host for every name below it, `:*` for any port, or `*` for any origin.
+    ValueError names an entry no browser's `Origin` could ever match (a path, a user, a query, a fragment, no scheme,
+    another wildcard): refused at start, not a 403 in the browser."""
     origins = []
     for item in (value or "").split(","):
-        item = item.strip().rstrip("/").lower()
+        item = item.strip()
         if not item:
             continue
-        parts = urlsplit(item)
-        if item != ANY_ORIGIN and not (parts.scheme and parts.netloc and not parts.path and not parts.query):
-            raise ValueError(f"--allowed-origins takes origins such as http://localhost:3000 (scheme://host[:port]), "
-                             f"or *, not {item!r}")
-        origins.append(item)
+        origin = ANY_ORIGIN if item == ANY_ORIGIN else _origin(item, pattern=True)
+        if origin is None:
+            raise ValueError(f"--allowed-origins takes origins as browsers send them, scheme://host[:port] (*.host for the "
+                             f"names below host, :* for any port, * alone for any origin), not {item!r}")
+        origins.append(str(origin))
     return tuple(origins)
+
+
+def _authority(host: str) -> tuple[str, str]:
+    """A `Host` value's name (lower case, IPv6 in brackets, as an origin spells it) and port ("" when absent)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else ""
+    name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+    return name, port
 
 
 @dataclass(frozen=True)
@@ -173,17 +228,27 @@ class BrowserPolicy:
     def any_origin(self) -> bool:
         return ANY_ORIGIN in self.allowed_origins
 
+    @functools.cached_property
+    def _patterns(self) -> tuple[Origin, ...]:
+        return tuple(origin for text in self.allowed_origins if (origin := _origin(text, pattern=True)) is not None)
+
     def host_allowed(self, host: str | None) -> bool:
         if self.local_hosts is None or self.any_origin or not host:  # no Host: HTTP/1.0, never a browser
             return True
         name = host_name(host)
         return (name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in self.local_hosts
-                or any(name == host_name(urlsplit(origin).netloc) for origin in self.allowed_origins))
+                or any(pattern.matches(Origin(pattern.scheme, name, pattern.port)) for pattern in self._patterns))
 
     def same_origin(self, origin: str, host: str | None) -> bool:
-        """A page of this server's own (the playground): its origin's authority is the `Host` it sent. The scheme is
-        not compared: behind a TLS proxy the page is https and the server sees http."""
-        return host is not None and urlsplit(origin.lower()).netloc == host.strip().lower()
+        """A page of this server's own (the playground): its origin's host and port are the `Host` it sent (a port
+        that is the origin's scheme's default may be left out of either). The scheme is not compared: behind a TLS
+        proxy the page is https and the server sees http."""
+        page = _origin(origin)
+        if page is None or host is None:
+            return False
+        name, port = _authority(host)
+        return page.host == name and page.port == ("" if port == DEFAULT_PORTS.get(page.scheme) else port)
 
     def listed(self, origin: str) -> bool:
-        return self.any_origin or origin.strip().rstrip("/").lower() in self.allowed_origins
+        page = _origin(origin)
+        return self.any_origin or (page is not None and any(pattern.matches(page) for pattern in self._patterns))

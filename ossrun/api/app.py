@@ -170,8 +170,9 @@ def _browser_refusal(request: Request, policy: BrowserPolicy) -> JSONResponse | 
         message = (f"Authentication error: this server listens on loopback without --api-token and answers local names "
                    f"only (localhost, IP addresses), not Host {host_name(host or '')[:100]!r}; --allowed-origins adds names")
     elif origin is not None and not policy.same_origin(origin, host) and not policy.listed(origin):
-        message = (f"Authentication error: web pages from {origin[:100]!r} may not call this server; "
-                   "--allowed-origins lists those that may")
+        listed = ", ".join(policy.allowed_origins) or "none"
+        message = (f"Authentication error: web pages from {origin[:100]!r} may not call this server: not its own origin "
+                   f"(Host {(host or '')[:100]!r}), and --allowed-origins lists {listed[:300]}")
     else:
         return None
     return _error_response(request.url.path, ApiError(403, AUTH_FAILED[1], message))
