@@ -279,8 +279,11 @@ def serve(
                                          help="Seconds a client may take to send a request's headers (then the connection is closed) "
                                               "or pause within its body (then a 408); a body must also average 8 KiB/s beyond that. A client "
                                               "that takes nothing of an answer for as long is disconnected (its request cancelled)."),
-    forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses, `*` for any) whose "
-                                                                 "X-Forwarded-For names the client, e.g. for the rate limit (default: none)."),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses or networks, `*` for any "
+                                                                 "peer) whose X-Forwarded-For names the client, e.g. for the rate "
+                                                                 "limit (default: none). With `*` a client that reaches the port "
+                                                                 "directly picks its own address: fine only when the proxy is "
+                                                                 "the only way in."),
     allowed_origins: Optional[str] = typer.Option(None, envvar="OSSRUN_ALLOWED_ORIGINS",
                                                   help="Web origins (comma-separated, e.g. http://localhost:3000, https://*.example.com, "
                                                        "http://localhost:*; `*` for any) whose pages "

@@ -116,16 +116,22 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _browser_settings(settings: ServerSettings, sock: socket.socket) -> dict:
-    """`AppSettings`' allowed origins, and the `Host` names a loopback server answers besides the local ones (its
-    `--host`); on an address other machines reach, any `Host` (`access.BrowserPolicy`)."""
-    from ossrun.api.access import host_name, is_loopback, parse_origins
+    """`AppSettings`' allowed origins, the `Host` names a loopback server answers besides the local ones (its
+    `--host`; on an address other machines reach, any `Host`: `access.BrowserPolicy`), and the proxies believed."""
+    from ossrun.api.access import TrustedProxies, host_name, is_loopback, parse_origins
 
     try:
         origins = parse_origins(settings.allowed_origins)
+        proxies = TrustedProxies(settings.forwarded_allow_ips)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    if proxies.any:
+        log.warning("--forwarded-allow-ips '*' believes X-Forwarded-For from any peer: a client that reaches port %d "
+                    "without the proxy names its own address, so the rate limit and the wrong-token limit do not hold "
+                    "for it; name the proxy's address or network instead where you can", settings.port)
     loopback = is_loopback(settings.host) or is_loopback(sock.getsockname()[0])
-    return {"allowed_origins": origins, "local_hosts": (host_name(settings.host),) if loopback else None}
+    return {"allowed_origins": origins, "local_hosts": (host_name(settings.host),) if loopback else None,
+            "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 
 def load_engine(settings: ServerSettings):
@@ -213,12 +219,11 @@ def serve(settings: ServerSettings) -> None:
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key={api_key})", flush=True)
     try:
-        # Proxy headers only from the proxies named: uvicorn believes 127.0.0.1's by default, and with the default
-        # --host every client connects from there, so any of them could pick its own rate-limit key.
-        trusted = settings.forwarded_allow_ips
+        # Proxy headers are read by the app, from the proxies named (`api.app.ForwardedHeaders`): uvicorn's would believe
+        # 127.0.0.1's by default, where every client of the default --host connects from.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                                 http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)),
-                                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
+                                proxy_headers=False)
         _draining_server(config, app.state.drain).run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ossrun.api import schemas
-from ossrun.api.access import BrowserPolicy, RateLimiter, parse_origins
+from ossrun.api.access import BrowserPolicy, RateLimiter, TrustedProxies, parse_origins
 from ossrun.api.app import MAX_BODY_BYTES, AppSettings, build_app
 from ossrun.api.errors import ApiError, is_openai_path
 from ossrun.api.metering import PRICES, USD_PER_NEURON
@@ -644,3 +644,14 @@ def test_allowed_origins_are_compared_as_browsers_spell_origins():
         assert not policy.listed(origin), origin
     assert policy.same_origin("https://llm.example.com", "llm.example.com:443")  # a default port in Host
     assert not policy.same_origin("http://llm.example.com", "llm.example.com:443")
+
+
+def test_forwarded_for_names_the_rightmost_untrusted_hop():
+    """hunt_edges #4: entries left of the nearest untrusted one are the client's own writing; with `*` the rightmost."""
+    named = TrustedProxies("127.0.0.1, 10.0.0.0/8")
+    assert named.client("198.51.100.1, 127.0.0.1") == "198.51.100.1"
+    assert named.client("9.9.9.9, 1.1.1.1, 10.2.3.4") == "1.1.1.1"
+    assert named.client("[2001:db8::1]:4711, 1.2.3.4:55") == "1.2.3.4" and named.client(" ") is None
+    assert named.trusts("::ffff:10.0.0.1") and not named.trusts("11.0.0.1")
+    assert TrustedProxies("*").client("made.up.by.client, 203.0.113.7") == "203.0.113.7"
+    assert not TrustedProxies(None) and not TrustedProxies(None).trusts("127.0.0.1")

@@ -114,8 +114,9 @@ def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_pa
     base = ("serve", "--model", str(checkpoints["original"]), "--data-dir", str(tmp_path))
     for args, expected in ((("--lora", "x"), "--lora takes NAME=DIR"), (("--lora", "x=/nonexistent"), "no such directory"),
                            (("--allowed-origins", "http://a.example,b.example/app"), "--allowed-origins takes origins"),
-                           # hunt_edges #2: a value that could never match a browser's Origin
-                           (("--allowed-origins", "https://*.example.com,http://localhost:3000#top"), "'http://localhost:3000#top'")):
+                           # hunt_edges #2, #4: values that could never match a browser's Origin or a peer's address
+                           (("--allowed-origins", "https://*.example.com,http://localhost:3000#top"), "'http://localhost:3000#top'"),
+                           (("--forwarded-allow-ips", "127.0.0.1,proxy.internal"), "--forwarded-allow-ips takes IP addresses")):
         _one_clear_line(ossrun(*base, "--port", str(free_port()), *args), expected)
     for args in (("--request-timeout", "-1"), ("--kv-cache-gib", "0"), ("--port", "70000"), ("--rate-limit", "-1"),
                  ("--request-timeout", "nan"), ("--client-timeout", "nan"), ("--kv-cache-gib", "nan"), ("--kv-cache-gib", "inf")):

@@ -134,7 +134,7 @@ def test_a_token_server_answers_any_host(tmp_path):
         server.stop()
 
 
-# -- hunt_edges round 5: origins that can never match (#2) -------------------------------------------------------
+# -- hunt_edges round 5: origins that can never match (#2), `*` proxies (#4) ----------------------------------------
 
 
 def _get(server: Server, source: str = "127.0.0.1", path: str = "/v1/models", **headers: str) -> httpx.Response:
@@ -159,3 +159,24 @@ def test_listed_wildcards_and_default_ports_match_and_refusals_name_the_list(tmp
         assert _get(server, Host="api.example.com").status_code == 200  # a listed pattern's names are answered
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def any_proxy_server(tmp_path_factory):
+    """A token server that believes any peer's proxy headers, as in Docker where the proxy's address is not known."""
+    s = demo_server(tmp_path_factory.mktemp("any-proxy"), "--forwarded-allow-ips", "*", token="secret")
+    yield s
+    s.stop()
+
+
+def test_any_proxy_takes_the_address_the_proxy_saw_and_warns(any_proxy_server):
+    """Before: with `--forwarded-allow-ips '*'` uvicorn took the leftmost X-Forwarded-For entry, which the client writes
+    (a proxy appends the address it saw): guesses at the token from rotating made-up addresses were never slowed, and
+    without a token the rate limit was void too. Now the rightmost entry counts, and the start warns that a client
+    reaching the port directly still names itself."""
+    server = any_proxy_server
+    guesses = [_get(server, Authorization=f"Bearer guess{i}", **{"X-Forwarded-For": f"198.51.100.{i}, 127.0.0.1"}).status_code
+               for i in range(21)]
+    assert guesses == [403] * 20 + [429]
+    lines = server.log.read_text().splitlines()
+    assert len([line for line in lines if "--forwarded-allow-ips '*'" in line and "WARNING" in line]) == 1

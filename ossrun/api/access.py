@@ -10,6 +10,9 @@ request needs no preflight, and this server reads every body as JSON), and a DNS
 pointed at 127.0.0.1) can read the answers too. So, as Ollama (`OLLAMA_ORIGINS`), Jupyter and vite do, a request
 that carries a foreign `Origin` is refused unless `--allowed-origins` lists it, and a server on loopback without
 a token answers only `Host` names that cannot be rebound: localhost, `*.localhost`, IP literals.
+
+A client's address is the connection's, or behind a proxy `--forwarded-allow-ips` names, the one the proxy saw
+(`TrustedProxies`): a client that could name its own would void the per-address limits.
 """
 
 from __future__ import annotations
@@ -252,3 +255,53 @@ class BrowserPolicy:
     def listed(self, origin: str) -> bool:
         page = _origin(origin)
         return self.any_origin or (page is not None and any(pattern.matches(page) for pattern in self._patterns))
+
+
+class TrustedProxies:
+    """`--forwarded-allow-ips`: the peers whose `X-Forwarded-*` headers are believed (comma-separated IP addresses and
+    networks, or `*` for any peer). ValueError names an entry that is neither (a host name never matches a peer)."""
+
+    def __init__(self, value: str | None):
+        self.any = False
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for item in (value or "").split(","):
+            item = item.strip()
+            if item == "*":
+                self.any = True
+            elif item:
+                try:
+                    self.networks.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    raise ValueError(f"--forwarded-allow-ips takes IP addresses and networks (127.0.0.1, 10.0.0.0/8) "
+                                     f"or *, not {item!r}") from None
+
+    def __bool__(self) -> bool:
+        return self.any or bool(self.networks)
+
+    def trusts(self, address: str | None) -> bool:
+        if self.any:
+            return True
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket's ::ffff:10.0.0.1 is 10.0.0.1
+        return any(ip in network for network in self.networks)
+
+    def client(self, forwarded_for: str) -> str | None:
+        """The client an `X-Forwarded-For` (of a trusted peer) names: each proxy appends the address it saw, so the
+        rightmost address that is no trusted proxy's (entries left of it are the client's own writing). With `*` every
+        address counts as a proxy's, and the rightmost is taken, the one the nearest proxy saw: uvicorn takes the
+        leftmost there, which any client picks itself. None when the header names nobody."""
+        hops = [hop for hop in (_forwarded_address(item) for item in forwarded_for.split(",")) if hop]
+        if not hops or self.any:
+            return hops[-1] if hops else None
+        return next((hop for hop in reversed(hops) if not self.trusts(hop)), hops[0])
+
+
+def _forwarded_address(item: str) -> str:
+    """An `X-Forwarded-For` entry's address, without a port (`203.0.113.7:4711`, `[2001:db8::1]:4711`)."""
+    item = item.strip()
+    if item.startswith("["):
+        return item[1:].partition("]")[0]
+    return item.partition(":")[0] if item.count(":") == 1 else item

@@ -3,8 +3,8 @@
 Cross-cutting checks live here as one middleware, in the order a request meets them: a browser's `Host` and
 `Origin` (a CORS preflight answered there), body size, authentication (wrong-token streaks first), rate limit.
 Errors leave in the envelope of the surface they came in on. Around it, HEAD is answered as GET without the body,
-an absolute-form target is read as its path, and outermost every request gets its `x-request-id` and its log line
-(`request_ids.py`).
+an absolute-form target is read as its path, every request gets its `x-request-id` and its log line
+(`request_ids.py`), and outermost a trusted proxy's `X-Forwarded-*` headers are read (`ForwardedHeaders`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
-from ossrun.api.access import BrowserPolicy, RateLimiter, WrongTokens, bearer_token, host_name, token_matches
+from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, host_name,
+                               token_matches)
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                rate_limited, too_large)
 from ossrun.api.metering import Metering
@@ -109,6 +110,37 @@ class OriginForm:
         await self.app(scope, receive, send)
 
 
+class ForwardedHeaders:
+    """`X-Forwarded-For` and `-Proto` from the peers `--forwarded-allow-ips` names (`access.TrustedProxies`), never
+    from another: the client's address (rate limit, wrong-token streaks, the log line) and the scheme. In the app rather than uvicorn's proxy headers: those cannot tell the app whether the peer was trusted, and with
+    `*` they take the leftmost `X-Forwarded-For` entry, which the client wrote. Outermost, so every layer sees the
+    client's address."""
+
+    def __init__(self, app, proxies: TrustedProxies):
+        self.app = app
+        self.proxies = proxies
+
+    async def __call__(self, scope, receive, send):
+        peer = scope.get("client")
+        if scope["type"] == "http" and self.proxies and self.proxies.trusts(peer[0] if peer else None):
+            scope = self._believed(scope)
+        await self.app(scope, receive, send)
+
+    def _believed(self, scope) -> dict:
+        """`scope` as the proxy's headers tell it: for the scheme, the proxy's own (rightmost) entry."""
+        values: dict[bytes, list[str]] = {}
+        for name, value in scope["headers"]:
+            if name.startswith(b"x-forwarded-"):
+                values.setdefault(name, []).append(value.decode("latin-1"))
+        joined = {name: ", ".join(values.get(name, [])) for name in (b"x-forwarded-for", b"x-forwarded-proto")}
+        scope = dict(scope)
+        if client := self.proxies.client(joined[b"x-forwarded-for"]):
+            scope["client"] = (client, 0)
+        if (proto := joined[b"x-forwarded-proto"].rpartition(",")[2].strip().lower()) in ("http", "https"):
+            scope["scheme"] = proto
+        return scope
+
+
 @dataclass
 class AppSettings:
     data_dir: Path
@@ -122,6 +154,7 @@ class AppSettings:
     loras: dict[str, Path] = field(default_factory=dict)
     allowed_origins: tuple[str, ...] = ()  # web origins besides the server's own that may call (`access.parse_origins`)
     local_hosts: tuple[str, ...] | None = None  # on loopback: more `Host` names to answer (`access.BrowserPolicy`)
+    forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-* headers are believed (`access.TrustedProxies`)
 
 
 def _error_response(path: str, error: ApiError) -> JSONResponse:
@@ -307,7 +340,8 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
 
     app.add_middleware(HeadAsGet)
     app.add_middleware(OriginForm)
-    app.add_middleware(request_ids.RequestIds)  # added last: the outermost, so every answer carries its id
+    app.add_middleware(request_ids.RequestIds)  # the outermost but one, so every answer carries its id
+    app.add_middleware(ForwardedHeaders, proxies=TrustedProxies(settings.forwarded_allow_ips))  # before the log line
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
