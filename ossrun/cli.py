@@ -281,7 +281,8 @@ def serve(
                                               "that takes nothing of an answer for as long is disconnected (its request cancelled)."),
     forwarded_allow_ips: Optional[str] = typer.Option(None, help="Proxies (comma-separated addresses or networks, `*` for any "
                                                                  "peer) whose X-Forwarded-For names the client, e.g. for the rate "
-                                                                 "limit (default: none). With `*` a client that reaches the port "
+                                                                 "limit, and whose X-Forwarded-Host names the playground's host "
+                                                                 "(default: none). With `*` a client that reaches the port "
                                                                  "directly picks its own address: fine only when the proxy is "
                                                                  "the only way in."),
     allowed_origins: Optional[str] = typer.Option(None, envvar="OSSRUN_ALLOWED_ORIGINS",

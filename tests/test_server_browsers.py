@@ -134,7 +134,9 @@ def test_a_token_server_answers_any_host(tmp_path):
         server.stop()
 
 
-# -- hunt_edges round 5: origins that can never match (#2), `*` proxies (#4) ----------------------------------------
+# -- hunt_edges round 5: origins that can never match (#2), a proxy that rewrites Host (#3), `*` proxies (#4) --------
+
+PROXY = "127.0.0.7"  # a second loopback address: the "proxy" the servers below trust, where 127.0.0.1 is a client
 
 
 def _get(server: Server, source: str = "127.0.0.1", path: str = "/v1/models", **headers: str) -> httpx.Response:
@@ -145,7 +147,8 @@ def _get(server: Server, source: str = "127.0.0.1", path: str = "/v1/models", **
 def test_listed_wildcards_and_default_ports_match_and_refusals_name_the_list(tmp_path):
     """Before: `https://*.example.com`, `http://localhost:*` and `https://app.example.com:443` were taken and never
     matched a browser's `Origin` (all three pages got a 403 telling the operator to use the flag they had set)."""
-    server = demo_server(tmp_path, "--allowed-origins", "https://*.example.com,http://localhost:*,https://app.example.com:443")
+    server = demo_server(tmp_path, "--allowed-origins", "https://*.example.com,http://localhost:*,https://app.example.com:443",
+                         "--forwarded-allow-ips", PROXY)
     try:
         for origin in ("https://a.example.com", "https://b.c.example.com", "http://localhost:5173", "http://localhost",
                        "https://app.example.com"):
@@ -157,6 +160,12 @@ def test_listed_wildcards_and_default_ports_match_and_refusals_name_the_list(tmp
             message = refused.json()["error"]["message"]
             assert repr(origin) in message and "https://*.example.com, http://localhost:*, https://app.example.com" in message
         assert _get(server, Host="api.example.com").status_code == 200  # a listed pattern's names are answered
+        # A page whose proxy's X-Forwarded-Host is not believed (127.0.0.1 is no proxy named) is told why.
+        untrusted = _get(server, Origin="https://llm.example.org", **{"X-Forwarded-Host": "llm.example.org"})
+        assert untrusted.status_code == 403 and "--forwarded-allow-ips" in untrusted.json()["error"]["message"]
+        # From the proxy named, a DNS-rebinding page's name is still no local name: its own origin does not count.
+        rebound = _get(server, PROXY, Origin="http://evil.example", **{"X-Forwarded-Host": "evil.example"})
+        assert rebound.status_code == 403 and "evil.example" in rebound.json()["error"]["message"]
     finally:
         server.stop()
 
@@ -167,6 +176,17 @@ def any_proxy_server(tmp_path_factory):
     s = demo_server(tmp_path_factory.mktemp("any-proxy"), "--forwarded-allow-ips", "*", token="secret")
     yield s
     s.stop()
+
+
+def test_the_playground_behind_a_proxy_that_rewrites_host_is_its_own_origin(any_proxy_server):
+    """Before: nginx's default `proxy_set_header Host $proxy_host` made the playground's own requests foreign (`Origin`
+    the public name, `Host` the upstream's): every one a 403, whatever --forwarded-allow-ips said."""
+    server = any_proxy_server
+    proxied = {"Host": f"127.0.0.1:{server.port}", "Origin": "https://llm.example.com", "X-Forwarded-Host": "llm.example.com",
+               "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    page = httpx.post(server.base + "/v1/chat/completions", json=CHAT, headers={**server.headers, **proxied}, timeout=60)
+    assert page.status_code == 200 and "access-control-allow-origin" not in page.headers, page.text
+    assert _get(server, **{**proxied, "Origin": "https://evil.example"}).status_code == 403
 
 
 def test_any_proxy_takes_the_address_the_proxy_saw_and_warns(any_proxy_server):

@@ -245,7 +245,8 @@ class BrowserPolicy:
     def same_origin(self, origin: str, host: str | None) -> bool:
         """A page of this server's own (the playground): its origin's host and port are the `Host` it sent (a port
         that is the origin's scheme's default may be left out of either). The scheme is not compared: behind a TLS
-        proxy the page is https and the server sees http."""
+        proxy the page is https and the server sees http (and a proxy's `X-Forwarded-Proto` is its own hop's, which
+        behind a TLS CDN is http too)."""
         page = _origin(origin)
         if page is None or host is None:
             return False

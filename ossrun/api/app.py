@@ -110,9 +110,14 @@ class OriginForm:
         await self.app(scope, receive, send)
 
 
+FORWARDED_HOST = "forwarded_host"  # in the request's state: the `X-Forwarded-Host` of a trusted proxy
+
+
 class ForwardedHeaders:
-    """`X-Forwarded-For` and `-Proto` from the peers `--forwarded-allow-ips` names (`access.TrustedProxies`), never
-    from another: the client's address (rate limit, wrong-token streaks, the log line) and the scheme. In the app rather than uvicorn's proxy headers: those cannot tell the app whether the peer was trusted, and with
+    """`X-Forwarded-For`, `-Proto` and `-Host` from the peers `--forwarded-allow-ips` names (`access.TrustedProxies`),
+    never from another: the client's address (rate limit, wrong-token streaks, the log line), the scheme, and the host
+    the browser asked for, which the same-origin check uses (nginx passes its upstream's name as `Host` by default).
+    In the app rather than uvicorn's proxy headers: those cannot tell the app whether the peer was trusted, and with
     `*` they take the leftmost `X-Forwarded-For` entry, which the client wrote. Outermost, so every layer sees the
     client's address."""
 
@@ -127,17 +132,19 @@ class ForwardedHeaders:
         await self.app(scope, receive, send)
 
     def _believed(self, scope) -> dict:
-        """`scope` as the proxy's headers tell it: for the scheme, the proxy's own (rightmost) entry."""
+        """`scope` as the proxy's headers tell it: for the scheme and the host, the proxy's own (rightmost) entry."""
         values: dict[bytes, list[str]] = {}
         for name, value in scope["headers"]:
             if name.startswith(b"x-forwarded-"):
                 values.setdefault(name, []).append(value.decode("latin-1"))
-        joined = {name: ", ".join(values.get(name, [])) for name in (b"x-forwarded-for", b"x-forwarded-proto")}
-        scope = dict(scope)
+        joined = {name: ", ".join(values.get(name, [])) for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")}
+        scope = {**scope, "state": scope.get("state", {})}  # the dict the request's `state` reads
         if client := self.proxies.client(joined[b"x-forwarded-for"]):
             scope["client"] = (client, 0)
         if (proto := joined[b"x-forwarded-proto"].rpartition(",")[2].strip().lower()) in ("http", "https"):
             scope["scheme"] = proto
+        if host := joined[b"x-forwarded-host"].rpartition(",")[2].strip():
+            scope["state"][FORWARDED_HOST] = host
         return scope
 
 
@@ -202,13 +209,37 @@ def _browser_refusal(request: Request, policy: BrowserPolicy) -> JSONResponse | 
     if not policy.host_allowed(host):
         message = (f"Authentication error: this server listens on loopback without --api-token and answers local names "
                    f"only (localhost, IP addresses), not Host {host_name(host or '')[:100]!r}; --allowed-origins adds names")
-    elif origin is not None and not policy.same_origin(origin, host) and not policy.listed(origin):
+    elif origin is not None and not _own_page(request, policy) and not policy.listed(origin):
         listed = ", ".join(policy.allowed_origins) or "none"
         message = (f"Authentication error: web pages from {origin[:100]!r} may not call this server: not its own origin "
-                   f"(Host {(host or '')[:100]!r}), and --allowed-origins lists {listed[:300]}")
+                   f"(Host {(_page_host(request, policy) or '')[:100]!r}), and --allowed-origins lists {listed[:300]}")
+        message += _forwarded_hint(request, policy)
     else:
         return None
     return _error_response(request.url.path, ApiError(403, AUTH_FAILED[1], message))
+
+
+def _forwarded_hint(request: Request, policy: BrowserPolicy) -> str:
+    """Why an `X-Forwarded-Host` did not count, for the operator reading a 403 behind a proxy."""
+    forwarded = request.scope.get("state", {}).get(FORWARDED_HOST)
+    if forwarded is None and request.headers.get("x-forwarded-host") is not None:
+        return "; an X-Forwarded-Host counts only from the proxies --forwarded-allow-ips names"
+    if forwarded is not None and not policy.host_allowed(forwarded):
+        return (f"; X-Forwarded-Host {host_name(forwarded)[:100]!r} is no local name, which a loopback server without "
+                "--api-token answers only when --allowed-origins lists it")
+    return ""
+
+
+def _page_host(request: Request, policy: BrowserPolicy) -> str | None:
+    """The host a page of the server's own was loaded from: a trusted proxy's `X-Forwarded-Host` (`ForwardedHeaders`)
+    when it is a name the server answers (so it never lets a DNS-rebinding page through the `Host` check), else `Host`."""
+    forwarded = request.scope.get("state", {}).get(FORWARDED_HOST)
+    return forwarded if forwarded is not None and policy.host_allowed(forwarded) else request.headers.get("host")
+
+
+def _own_page(request: Request, policy: BrowserPolicy) -> bool:
+    origin = request.headers.get("origin")
+    return origin is not None and policy.same_origin(origin, _page_host(request, policy))
 
 
 def _preflight(app: FastAPI, request: Request) -> Response | None:
@@ -231,7 +262,7 @@ def _allow_cross_origin(request: Request, policy: BrowserPolicy, response: Respo
     """CORS headers on the answer to a listed origin (refusals included, so its page can read why), the ids the SDKs
     read exposed."""
     origin = request.headers.get("origin")
-    if origin is None or policy.same_origin(origin, request.headers.get("host")) or not policy.listed(origin):
+    if origin is None or _own_page(request, policy) or not policy.listed(origin):
         return  # a refused origin's page learns nothing, not even why
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = f"{request_ids.HEADER}, Retry-After"
