@@ -592,6 +592,51 @@ def test_common_formats_fit_a_moderate_budget(compiler, schema):
         compiler.json_final(schema, reasoning_budget=0, max_tokens=budget)
 
 
+EMAIL_PATTERN = r"^[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}$"
+
+
+@pytest.mark.parametrize("pattern", [
+    EMAIL_PATTERN,
+    r"^cus_[A-Za-z0-9]{14,24}$",
+    r"^[A-Z][^.!?]{0,300}[.!?]$",
+    r"^[A-Za-z0-9 ,.'-]{1,100}, [A-Z]{2} \d{5}$",
+    r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$",
+])
+def test_a_string_pattern_gets_the_budget_guarantee(compiler, pattern):
+    """hunt_engine #3: within a pattern's string nearly every character leaves the mask as it was (after `x@x`, `x@x.`
+    and `x@x.c` alike), so the search, trying one character at a time, never wrote `.` and two letters in a row: the
+    usual e-mail regex found no answer even in 60 s, requests ran without the guarantee and ended cut mid-string.
+    The search now also tries to close such a string with the end of a short string the pattern matches."""
+    schema = obj({"v": {"type": "string", "pattern": pattern}})
+    constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=30)  # the search's own time limit
+    assert constraint._path is not None and len(constraint._path) <= 20
+    tokens = []
+    while not constraint.is_finished and len(tokens) <= 30:  # the lowest allowed token each time: the budget must close it
+        tokens.append(take(constraint, lowest))
+    assert len(tokens) <= 30
+    jsonschema.validate(json.loads(parse_completion(tokens).content), schema)
+
+
+def test_a_pattern_string_the_model_began_is_closed_within_the_budget(compiler):
+    """What the model wrote in hunt_engine #3 (cut there, invalid JSON): with 12 tokens left the guard closes it."""
+    schema = obj({"contact": {"type": "string", "pattern": EMAIL_PATTERN}})
+    constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=40)
+    tokens = feed(constraint, '<|channel|>final<|message|>{"contact": "Ukraine25.oria.10model15-02-0-0-9.-0.')
+    while not constraint.is_finished and len(tokens) <= 40:
+        tokens.append(take(constraint, lambda mask: encode("-0")[0] if mask[encode("-0")[0]] else lowest(mask)))
+    assert len(tokens) <= 40
+    jsonschema.validate(json.loads(parse_completion(tokens).content), schema)
+
+
+@pytest.mark.parametrize("pattern, sample", [
+    (EMAIL_PATTERN, "a@a.aa"), (r"^(GET|POST)$", "GET"), (r"^[^@]{1,64}@example\.com$", "a@example.com"),
+    (r"^#?([a-fA-F0-9]{6}|[a-fA-F0-9]{3})$", "aaa"), (r"^\d{4}-\d{2}(:\d{2})?Z\.pdf$", "0000-00Z.pdf"),
+    (r"(?=a)b", None), (r"\bword", None), (r"^\p{L}+$", None),
+])
+def test_pattern_samples_are_shortest_matches_or_none(pattern, sample):
+    assert constraints.pattern_sample(pattern) == sample
+
+
 def test_a_budget_too_small_is_refused_only_when_proven(compiler):
     """A 400 needs every token the masks allow tried (max_tokens 5 for a small object, 3 for two tools). Three required
     date-times at 40: the beam finds no answer and the proof is too large: no 400, run without the guarantee."""

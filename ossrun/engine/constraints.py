@@ -6,8 +6,9 @@ compiled matchers, and drives one matcher per request: `allowed_tokens()` before
 `choose(token, resample)` on the sampled one near the end of max_tokens, `advance(token)` after it.
 
 Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search over
-the real masks (forced tokens, then the grammar's `path_tokens`, digit runs and the tokenizer's single characters)
-finds a way from the current state to a complete output; at construction a budget that is proven too short (every
+the real masks (forced tokens, then the grammar's `path_tokens`, digit runs and the tokenizer's single characters;
+inside a string, also the ends of a short string each `pattern` matches, with the closing quote) finds a way from the
+current state to a complete output; at construction a budget that is proven too short (every
 allowed token tried: `_prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee.
 During generation the constraint keeps such a way (`_path`), and within CLOSING_WINDOW tokens of the point where it
 takes all the tokens left it is `guarding`: the mask stays the grammar's, and the engine hands each token it sampled
@@ -75,7 +76,7 @@ _INSIDE = " " * 12
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
 __all__ = ["CLOSING_WINDOW", "Constraint", "ConstraintCompiler", "ConstraintViolation", "Grammar", "GrammarError", "SearchPruned",
-           "SearchTimeout", "completion_within", "shortest_completion"]
+           "SearchTimeout", "completion_within", "pattern_sample", "shortest_completion"]
 
 
 class ConstraintViolation(RuntimeError):
@@ -90,7 +91,7 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher, pool: ThreadPoolExecutor, grammar: Grammar,
                  tokenizer: llguidance.LLTokenizer, shortest: int | None, candidates: torch.Tensor,
                  runs: frozenset[int] = frozenset(), path: list[int] | None = None,
-                 renew: Callable[[], llguidance.LLMatcher] | None = None):
+                 renew: Callable[[], llguidance.LLMatcher] | None = None, endings: Endings = ()):
         """`path`: a way to a complete output from the matcher's state within the budget, when known (the compiler's
         search from the start state, so that the first mask need not search again). `renew`: a matcher at the same
         start state with a lexer of its own (see `_renew_lexer`)."""
@@ -105,7 +106,7 @@ class Constraint:
         # The whole completion's budget: near its end, no token is taken after which no complete output fits.
         self._left = grammar.max_tokens
         self._shortest = shortest
-        self._candidates, self._runs = candidates, runs  # what the shortest-completion search tries
+        self._candidates, self._runs, self._endings = candidates, runs, endings  # what the shortest-completion search tries
         self._nesting = _TOP  # how deep in JSON the output is, for the search (see `_nested`)
         self._path: list[int] | None = path  # a way to a complete output from the current state, when known
         self._since_search = 0
@@ -252,7 +253,7 @@ class Constraint:
         proven, why = False, ""
         try:
             path = shortest_completion(self._matcher, self._grammar, self._candidates, self._tokenizer, limit=self._left,
-                                       runs=self._runs, nesting=self._nesting)
+                                       runs=self._runs, nesting=self._nesting, endings=self._endings)
             proven = path is None
         except (GrammarError, SearchTimeout) as exc:  # GrammarError on the search's copies: the request's matcher reports its own
             path, why = None, str(exc)
@@ -290,7 +291,7 @@ class Constraint:
         if not state.consume_token(token):
             return None
         return completion_within(state, self._grammar, self._candidates, self._tokenizer, room, deadline, wide,
-                                 _nested(self._nesting, [token], self._tokenizer))
+                                 _nested(self._nesting, [token], self._tokenizer), self._endings)
 
     def _follow_path(self, token: int) -> None:
         """After a sampled token: the known path goes on if still valid, else it is searched again."""
@@ -353,11 +354,15 @@ _FAILED_SEARCHES = 3
 _RETOKENIZED_GAIN, _RETOKENIZED_RATIO = 2, 2
 # How deep in JSON a state is: (brackets open, inside a string, after a backslash in it); see `_nested`.
 Nesting = tuple[int, bool, bool]
+# Token spellings of the ends of a format's pattern samples, each with the closing quote (see `_Node.ending`).
+Endings = tuple[tuple[int, ...], ...]
 _TOP: Nesting = (0, False, False)
 # The search keeps this many states a step, and gives up after this many seconds (it then finds no path). From each
 # state it tries candidates until it has this many children that made progress, or has tried this many.
 _SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
 _SEARCH_PROGRESS, _SEARCH_TRIES = 2, 8
+# A pattern's sample longer than this gives the search no endings (each is checked at every state inside a string).
+_SAMPLE_CHARS = 256
 # When the beam finds no answer within the limit, a search of every token the masks allow tries to prove there is none,
 # creating at most this many states (enough for a small budget); past that, nothing is known.
 _PROOF_STATES = 400
@@ -376,11 +381,12 @@ class SearchPruned(SearchTimeout):
 
 def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
                         tokenizer: llguidance.LLTokenizer, *, limit: int | None = None,
-                        runs: frozenset[int] = frozenset(), nesting: Nesting = _TOP) -> list[int] | None:
+                        runs: frozenset[int] = frozenset(), nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
     """A short token path from the matcher's state to a complete output (ending in a final token) of at most `limit`
     tokens (default: the grammar's max_tokens), or None when there is none: only when that is proven, by a search of
     every token the masks allow (`_prove_none`). A beam that found none proves nothing: SearchPruned then.
-    `runs`: the multi-character tokens among the candidates; `nesting`: how deep in JSON the state is. The path comes as the tokenizer spells it (`retokenized`),
+    `runs`: the multi-character tokens among the candidates; `nesting`: how deep in JSON the state is; `endings`: ways to
+    close a string that follows a pattern (`_Node.ending`). The path comes as the tokenizer spells it (`retokenized`),
     and the beams go _RETOKENIZED_RATIO times deeper than `limit`: they spell in short tokens (`"k` `31` `"` `:` and
     a `}` a token), about twice as many as the same text takes (objects nested 32 deep: 228 tokens, 118 retokenized).
     """
@@ -393,7 +399,7 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
     for tries, until in ((candidates, time.monotonic() + _SEARCH_SECONDS / 2), (without, deadline)):
         try:
             found = _beam_search(matcher, grammar, tries, tokenizer, None if limit is None else limit * _RETOKENIZED_RATIO,
-                                 min(until, deadline), nesting=nesting)
+                                 min(until, deadline), nesting=nesting, endings=endings)
         except SearchTimeout as exc:
             timed_out = exc
             continue
@@ -413,7 +419,7 @@ def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candida
 
 def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
                       tokenizer: llguidance.LLTokenizer, limit: int, deadline: float, wide: bool = True,
-                      nesting: Nesting = _TOP) -> list[int] | None:
+                      nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
     """A path from the matcher's state to a complete output of at most `limit` tokens (retokenized), or None when
     the bounded search finds none before `deadline` (which proves nothing). For checking a token a step, so cheap
     first: a beam one state wide (a few dozen masks) finds most; then, when `wide`, one _SEARCH_WIDTH wide of at
@@ -422,7 +428,7 @@ def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidate
     for width, states in ((1, None), (_SEARCH_WIDTH, _CHECK_STATES))[:2 if wide else 1]:
         try:
             path = _beam_search(matcher, grammar, candidates, tokenizer, limit + _RETOKENIZED_GAIN, deadline,
-                                width=width, max_states=states, nesting=nesting)
+                                width=width, max_states=states, nesting=nesting, endings=endings)
         except (GrammarError, SearchTimeout):
             path = None
         if path is not None:
@@ -483,7 +489,7 @@ def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int
 
 def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, tokenizer: llguidance.LLTokenizer,
                  limit: int | None, deadline: float, *, width: int | None = None, max_states: int | None = None,
-                 nesting: Nesting = _TOP) -> list[int] | None:
+                 nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
     """A short path (maybe longer than `limit`), or None when the beam found none within it.
 
     Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
@@ -495,7 +501,8 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
     such as a parser limit, raises GrammarError: generation would hit it too. Past the deadline (checked each step)
     SearchTimeout. `width`: states kept a step (default _SEARCH_WIDTH); with `max_states`, past that many states
     created or the deadline (then checked before each: a mask may take 0.5 s at 5000 properties), SearchPruned.
-    `nesting`: how deep in JSON the matcher's state is (`_nested`)."""
+    `nesting`: how deep in JSON the matcher's state is (`_nested`). Inside a string, the first child a state tries is
+    one of `endings` that closes it (`_Node.ending`), when one does."""
     width = width or _SEARCH_WIDTH
     bits = torch.zeros((tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
     start = _Node(matcher.deep_copy(), [], nesting)
@@ -512,14 +519,19 @@ def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: to
             if limit is not None and len(node.path) >= limit:
                 continue
             moved, same = [], []
+            ending = node.ending(endings)
+            if ending is not None:  # it closes the string: progress
+                states += 1
+                child_node = node.child(ending, tokenizer)
+                done = child_node.settle(grammar, bits, candidates, tokenizer)
+                if done is not None:
+                    return done
+                moved.append(child_node)
             for index in range(node.next, min(len(node.allowed), node.next + _SEARCH_TRIES)):
                 states += 1
                 if max_states is not None and (states > max_states or time.monotonic() > deadline):  # a bounded check
                     raise SearchPruned(f"no complete answer found within {max_states} states or the time")
-                child = node.state.deep_copy()
-                if not child.consume_token(node.allowed[index]):
-                    raise GrammarError(_reason(child))
-                child_node = _Node(child, node.path, node.nesting).took([node.allowed[index]], tokenizer)
+                child_node = node.child([node.allowed[index]], tokenizer)
                 done = child_node.settle(grammar, bits, candidates, tokenizer)
                 if done is not None:
                     return done
@@ -555,6 +567,22 @@ class _Node:
         if tokenizer is not None:
             self.nesting = _nested(self.nesting, tokens, tokenizer)
         return self
+
+    def child(self, tokens: list[int], tokenizer: llguidance.LLTokenizer) -> _Node:
+        """The node after `tokens`, not settled yet."""
+        state = self.state.deep_copy()
+        if not state.consume_tokens(tokens):
+            raise GrammarError(_reason(state))
+        return _Node(state, self.path, self.nesting).took(tokens, tokenizer)
+
+    def ending(self, endings: Endings) -> list[int] | None:
+        """Inside a string, the first of `endings` (token spellings of the ends of a pattern's sample, each with the
+        closing quote: `.aa"`, `a.aa"`, ... for an e-mail's `a@a.aa`) valid from this state, if any: a child that
+        closes the string where trying one character at a time would not see the way, the mask being the same after
+        each (see `pattern_sample`). Checked without masks (~1 µs each)."""
+        if not endings or not self.nesting[1] or self.nesting[2]:
+            return None
+        return next((list(e) for e in endings if self.state.validate_tokens(list(e)) == len(e)), None)
 
     def settle(self, grammar: Grammar, bits: torch.Tensor, candidates: torch.Tensor,
                tokenizer: llguidance.LLTokenizer | None = None) -> list[int] | None:
@@ -690,12 +718,12 @@ class ConstraintCompiler:
             except SearchTimeout as exc:  # unknown, not absent: run without the guarantee rather than refuse
                 log.warning("structured output: %s; this request's answer may not complete within max_tokens", exc)
                 return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs,
-                                  renew=self._renewer(key, grammar))
+                                  renew=self._renewer(key, grammar), endings=entry.endings)
             if path is None:  # proven: every token the masks allow was tried
                 raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
                                    f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
         return Constraint(matcher, self._pool, grammar, self.tokenizer, None if path is None else len(path), entry.candidates,
-                          self._runs, path, renew=self._renewer(key, grammar))
+                          self._runs, path, renew=self._renewer(key, grammar), endings=entry.endings)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -775,6 +803,13 @@ class ConstraintCompiler:
             return matcher.deep_copy()
         return renew
 
+    def _endings(self, grammar: Grammar) -> Endings:
+        """The ends of each of the grammar's pattern samples (`pattern_sample`) as JSON string text with the closing
+        quote, as the tokenizer spells them, fewest tokens first (the search tries them in that order)."""
+        samples = {pattern_sample(p) for _, schema in grammar.schemas for p in _patterns(schema)} - {None}
+        ends = {json.dumps(sample[i:])[1:] for sample in samples if len(sample) <= _SAMPLE_CHARS for i in range(len(sample))}
+        return tuple(sorted({tuple(self.tokenizer.tokenize_str(end)) for end in ends}, key=len))
+
     def _cached(self, key) -> tuple[llguidance.LLMatcher, _Entry] | None:
         with self._lock:
             entry = self._cache.get(key)
@@ -787,7 +822,7 @@ class ConstraintCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar.lark, log_level=0, limits=_LIMITS)  # drops the GIL while it compiles
         if matcher.is_error():
             raise GrammarError(_reason(matcher))
-        entry = _Entry(matcher, search_candidates(grammar, *self._short))
+        entry = _Entry(matcher, search_candidates(grammar, *self._short), self._endings(grammar))
         with self._lock:
             self.compiled += 1
             self._cache[key] = entry
@@ -802,9 +837,9 @@ class _Entry:
     with the same grammar starts from the same state, so a found length holds for any larger budget,
     and a proof that there is none within a budget holds for a smaller one)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, candidates: torch.Tensor):
+    def __init__(self, matcher: llguidance.LLMatcher, candidates: torch.Tensor, endings: Endings = ()):
         self.matcher = matcher
-        self.candidates = candidates
+        self.candidates, self.endings = candidates, endings
         self._lock = threading.Lock()
         self._shortest: list[int] | None = None  # the shortest complete output found, within the budget it was searched for
         self._none_within = 0  # proven: no complete output of at most this many tokens
@@ -827,7 +862,7 @@ class _Entry:
             if self._timed_out:
                 raise SearchTimeout("an earlier search for this format ran out of time")
             try:
-                path = shortest_completion(start, grammar, self.candidates, tokenizer, runs=runs)
+                path = shortest_completion(start, grammar, self.candidates, tokenizer, runs=runs, endings=self.endings)
             except SearchPruned:
                 self._unknown_within = budget
                 raise
@@ -864,3 +899,117 @@ def _lexer_full(matcher: llguidance.LLMatcher) -> bool:
 def _reason(matcher: llguidance.LLMatcher) -> str:
     """The first line of the matcher's error (the rest is a `<non-verbose/>` placeholder)."""
     return (matcher.get_error() or "rejected").splitlines()[0]
+
+
+# What a pattern's sample string uses where the pattern lets it choose (a class, `.`): plain characters first.
+_PLAIN = "aA0 -._" + "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "\"\\aA0-._")
+_ESCAPES = {"d": "0", "w": "a", "s": " ", "D": "a", "W": " ", "S": "a", "n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
+_CLASS_ESCAPES = {"d": "0123456789", "w": "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", "s": " \t\n\r"}
+
+
+def pattern_sample(pattern: str) -> str | None:
+    """A shortest string the regex matches (each repeat at its least, the shortest branch, a plain character for a
+    class), or None for syntax this reader does not know (lookarounds, `\\b`, `\\p{…}`, backreferences). Within a
+    string that follows a pattern nearly every character leaves the mask as it was: after `x@x` the mask is the same
+    as after `x@x.` and `x@x.c` (only the closing quote tells them apart, and it is allowed after `x@x.co` only), so
+    the search, which needs the mask to change to see progress, walked its list of characters and ran out of time.
+    The end of a sample, then the closing quote, shows it a way out (see `_Node.ending`)."""
+    try:
+        sample, end = _alternatives(pattern, 0)
+    except (ValueError, IndexError):
+        return None
+    return sample if end == len(pattern) else None
+
+
+def _alternatives(pattern: str, i: int) -> tuple[str, int]:
+    branches = []
+    while True:
+        branch, i = _sequence(pattern, i)
+        branches.append(branch)
+        if i == len(pattern) or pattern[i] != "|":
+            return min(branches, key=len), i
+        i += 1
+
+
+def _sequence(pattern: str, i: int) -> tuple[str, int]:
+    out = ""
+    while i < len(pattern) and pattern[i] not in "|)":
+        atom, i = _atom(pattern, i)
+        times, i = _least_repeats(pattern, i)
+        out += atom * times
+    return out, i
+
+
+def _atom(pattern: str, i: int) -> tuple[str, int]:
+    char = pattern[i]
+    if char == "(":
+        if pattern.startswith("(?", i):  # a group without capture or with a name: lookarounds are not read
+            close = {"(?:": i + 3, "(?<": pattern.find(">", i) + 1, "(?P": pattern.find(">", i) + 1}.get(pattern[i:i + 3], 0)
+            if close <= i or pattern.startswith(("(?<=", "(?<!"), i):
+                raise ValueError(pattern[i:i + 4])
+            i = close - 1
+        inner, i = _alternatives(pattern, i + 1)
+        if pattern[i] != ")":
+            raise ValueError("unclosed group")
+        return inner, i + 1
+    if char == "[":
+        return _class_sample(pattern, i)
+    if char == "\\":
+        escaped = pattern[i + 1]
+        if escaped in _ESCAPES:
+            return _ESCAPES[escaped], i + 2
+        if escaped in "ux":
+            digits = 4 if escaped == "u" else 2
+            return chr(int(pattern[i + 2:i + 2 + digits], 16)), i + 2 + digits
+        if escaped.isalnum():
+            raise ValueError(f"\\{escaped}")
+        return escaped, i + 2
+    if char in "^$":
+        return "", i + 1
+    if char in "*+?{":
+        if char == "{" and _least_repeats(pattern, i)[1] == i:
+            return char, i + 1  # a brace that is not a quantifier is itself
+        raise ValueError("a quantifier without an atom")
+    return ("a" if char == "." else char), i + 1
+
+
+def _least_repeats(pattern: str, i: int) -> tuple[int, int]:
+    """(the least number of times the quantifier at `i` allows, the index after it); (1, i) when there is none."""
+    if i == len(pattern) or pattern[i] not in "*+?{":
+        return 1, i
+    if pattern[i] == "{":
+        end = pattern.find("}", i)
+        least = pattern[i + 1:end].split(",")[0]
+        if end < 0 or not least.isdigit() or not all(c.isdigit() or c == "," for c in pattern[i + 1:end]):
+            return 1, i
+        times, i = int(least), end + 1
+    else:
+        times, i = int(pattern[i] == "+"), i + 1
+    return times, i + (i < len(pattern) and pattern[i] in "?+")  # lazy or possessive
+
+
+def _class_sample(pattern: str, i: int) -> tuple[str, int]:
+    """A plain character of the class at `i` (`[…]`, `[^…]`), and the index after it."""
+    negated = pattern.startswith("[^", i)
+    i += 1 + negated
+    members, first = [], True
+    while pattern[i] != "]" or first:
+        first = False
+        if pattern[i] == "\\":
+            escaped = pattern[i + 1]
+            if escaped in "DWS":
+                raise ValueError(f"\\{escaped} in a class")
+            members.append(_CLASS_ESCAPES.get(escaped) or _ESCAPES.get(escaped, escaped))
+            i += 2
+        elif pattern[i + 1] == "-" and pattern[i + 2] != "]":
+            end = pattern[i + 2] if pattern[i + 2] != "\\" else pattern[i + 3]
+            members.append("".join(chr(c) for c in range(ord(pattern[i]), ord(end) + 1)))
+            i += 3 + (pattern[i + 2] == "\\")
+        else:
+            members.append(pattern[i])
+            i += 1
+    allowed = set("".join(members))
+    choices = [c for c in _PLAIN if (c in allowed) != negated] or ([] if negated else sorted(allowed))
+    if not choices:
+        raise ValueError("an empty class")
+    return choices[0], i + 1
