@@ -240,7 +240,7 @@ def _decode(coding: str, data: bytes, limit: int = 10**6, size: int = 1) -> byte
 
     d = decoder(coding, limit)
     pieces = [data[at:at + size] for at in range(0, len(data), size)] or [b""]
-    return b"".join(d.feed(piece, final=i == len(pieces) - 1) for i, piece in enumerate(pieces))
+    return b"".join(b"".join(d.pieces(piece, final=i == len(pieces) - 1)) for i, piece in enumerate(pieces))
 
 
 def test_content_codings_decode_in_any_chunking():
@@ -266,10 +266,24 @@ def test_decoding_is_bounded_by_the_cap():
     decoder, handed_on = body.decoder("gzip", 1_000_000), 0
     with pytest.raises(ApiError) as refused:
         for at in range(0, len(bomb), 4096):
-            handed_on += len(decoder.feed(bomb[at:at + 4096], final=at + 4096 >= len(bomb)))
+            handed_on += sum(map(len, decoder.pieces(bomb[at:at + 4096], final=at + 4096 >= len(bomb))))
     # never inflated past the cap (one byte over is how it knows), never handed on past it
     assert refused.value.status == 413 and decoder.decoded == 1_000_001 and handed_on <= 1_000_000
     assert _decode("gzip", gzip.compress(b"x" * 1000), limit=1000) == b"x" * 1000  # exactly the cap is fine
+
+
+def test_a_chunk_is_decoded_in_bounded_pieces():
+    """A small compressed chunk inflates a thousandfold: its decoded bytes come out a piece at a time, each at most
+    DECODED_PIECE, never the whole chunk's (hunt_security #5: a 250 kB gzip once came out as one 250 MB `bytes`)."""
+    import gzip
+
+    from ossrun.api import body
+
+    size = 100 * 2**20
+    bomb = gzip.compress(bytes(size))  # 100 MB in 100 kB: one network chunk
+    decoder = body.decoder("gzip", 300 * 2**20)
+    sizes = [len(piece) for piece in decoder.pieces(bomb, final=True)]
+    assert max(sizes) <= body.DECODED_PIECE and sum(sizes) == size == decoder.decoded
 
 
 @pytest.mark.parametrize("coding", ["br", "zstd", "gzip, deflate", "unknown"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
@@ -53,7 +54,8 @@ def body_limit(path: str) -> int:
 class RequestBody:
     """The body as routes read it: capped, decoded and on time. Counts the bytes a body really has, so a chunked
     upload without Content-Length meets the same cap, and decodes `Content-Encoding: gzip` / `deflate` with the cap on
-    the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400). A body that stops
+    the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400), handing a network chunk's
+    decoded bytes on a piece at a time (`body.DECODED_PIECE`: one chunk may inflate to hundreds of MB). A body that stops
     coming is a 408 (`body.BodyClock`); once it is complete, waiting on the connection (for a client that leaves)
     is not timed.
 
@@ -71,21 +73,32 @@ class RequestBody:
         limit, seen, decoder = body_limit(scope["path"]), 0, None
         coding = ", ".join(value.decode("latin-1") for name, value in scope["headers"] if name == b"content-encoding")
         clock: body.BodyClock | None = body.BodyClock(self.patience_s)
+        pieces: Iterator[bytes] | None = None  # the decoded pieces of the last message, handed on one a call
+        ended = False  # that message was the body's last
 
         async def counted():
-            nonlocal seen, decoder, clock
-            message = await (clock.next(receive) if clock is not None else receive())
-            if message["type"] == "http.request":
-                if not message.get("more_body", False):
+            nonlocal seen, decoder, clock, pieces, ended
+            while True:
+                if pieces is not None:
+                    if (piece := next(pieces, None)) is not None:
+                        return {"type": "http.request", "body": piece, "more_body": True}
+                    pieces = None
+                    if ended:
+                        return {"type": "http.request", "body": b"", "more_body": False}
+                message = await (clock.next(receive) if clock is not None else receive())
+                if message["type"] != "http.request":
+                    return message
+                ended = not message.get("more_body", False)
+                if ended:
                     clock = None  # the body is complete
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise too_large(limit)
                 if coding and decoder is None:
                     decoder = body.decoder(coding, limit)  # None for identity; a 415 for a coding we cannot decode
-                if decoder is not None:
-                    message = {**message, "body": decoder.feed(message.get("body", b""), final=not message.get("more_body", False))}
-            return message
+                if decoder is None:
+                    return message
+                pieces = decoder.pieces(message.get("body", b""), final=ended)
 
         await self.app(scope, counted, send)
 

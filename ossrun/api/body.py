@@ -1,7 +1,7 @@
 """Reading a body safely: every malformed body is a 400, never a 500, and a body that stops coming is a 408.
 
-A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives (`Decoder`), and what it decodes
-to counts against the body cap, so a small zip bomb is a 413, not a full memory; another coding is a 415.
+A body sent with `Content-Encoding: gzip` or `deflate` is decoded as it arrives (`Decoder`), a MB at a time, and what
+it decodes to counts against the body cap, so a small zip bomb is a 413, not a full memory; another coding is a 415.
 
 `json.loads` recurses (a body nested a thousand deep raises `RecursionError`), and JSON may spell
 lone UTF-16 surrogates (`"\\ud800"`) that Python keeps in a `str` but that no encoder can write,
@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from ossrun.api.errors import BODY_TIMEOUT, ApiError, bad_input, param_of, too_large
@@ -93,6 +93,11 @@ def decoder(content_encoding: str, limit: int) -> Decoder | None:
     return Decoder(CODINGS[codings[0]], limit)
 
 
+# Decoded bytes handed on at a time. Compressed data inflates up to a thousandfold (a 250 kB gzip held 250 MB), so a
+# network chunk is never decoded whole: the route gets its decoded bytes in pieces of this size, one at a time.
+DECODED_PIECE = 1024 * 1024
+
+
 class Decoder:
     """Inflates a body chunk by chunk, never past `limit` decoded bytes (413); a corrupt or truncated stream is a
     400 naming the coding. gzip may hold several members (RFC 1952); deflate is the zlib format (RFC 9110), or the
@@ -103,32 +108,36 @@ class Decoder:
         self._stream = None  # zlib's decompressor, made once the first two bytes are here
         self._head = b""
 
-    def feed(self, data: bytes, final: bool) -> bytes:
-        """The decoded bytes of the next chunk of the body; `final`: the body ends with it."""
+    def pieces(self, data: bytes, final: bool) -> Iterator[bytes]:
+        """The decoded bytes of the next chunk of the body, in pieces of at most DECODED_PIECE bytes, each inflated
+        only when asked for (so no more than one is in memory); `final`: the body ends with this chunk."""
         if self._stream is None:
             data, self._head = self._head + data, b""
             if not data or (len(data) < 2 and not final):
                 self._head = data
-                return b""  # an empty body stays empty
+                return  # an empty body stays empty
             self._stream = self._new(data)
-        out = []
         try:
-            while data:
+            full = False  # the last piece filled its room: zlib may hold more output though all input is taken
+            while data or full:
                 if self._stream.eof:  # bytes after the end: gzip's next member, or garbage
+                    if not data:
+                        break
                     if self.coding != "gzip":
                         raise zlib.error("data after the end of the stream")
                     self._stream = self._new(data)
-                piece = self._stream.decompress(data, self.limit - self.decoded + 1)
+                room = min(DECODED_PIECE, self.limit - self.decoded + 1)
+                piece = self._stream.decompress(data, room)
                 self.decoded += len(piece)
                 if self.decoded > self.limit:
                     raise too_large(self.limit)
-                out.append(piece)
-                data = self._stream.unconsumed_tail or self._stream.unused_data
+                data, full = self._stream.unconsumed_tail or self._stream.unused_data, len(piece) == room
+                if piece:
+                    yield piece
         except zlib.error:
             raise self._corrupt() from None
         if final and not self._stream.eof:
             raise self._corrupt()
-        return b"".join(out)
 
     def _new(self, data: bytes):
         if self.coding == "gzip":
