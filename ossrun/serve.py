@@ -153,6 +153,7 @@ def load_engine(settings: ServerSettings):
                                         max_model_len=settings.max_model_len)
         progress.update(task, advance=1, description="warming up the tokenizer")
         harmony.get_encoding()
+        harmony.tokenizer.bpe()  # ~1 s: not on the first request's thread
         progress.update(task, advance=1, description=f"loaded {path}")
     return engine
 

@@ -35,22 +35,11 @@ from typing import Any, Literal
 from ossrun.engine.grammar import Grammar, GrammarError, Span
 
 from .shapes import TOOL_NAME_PATTERN
-from .tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, RETURN, VOCAB_FILE, VOCAB_SHA256, VOCAB_SIZE
-from .tokenizer import encode, ensure_vocab_file, get_encoding
+from .tokenizer import CALL, CHANNEL, END, ENDOFTEXT, MESSAGE, O200K_PATTERN, RETURN, VOCAB_SIZE
+from .tokenizer import encode, get_encoding, vocabulary
 
 ToolMode = Literal["auto", "required", "none"]
 
-# o200k's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it. llguidance uses it only
-# to tokenise text it forces, never to compute masks; tiktoken offers no way to get it without a download.
-_O200K_PATTERN = "|".join([
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
 # JSON whitespace: allowed (models write `{"a": 1}` and pretty-print), but at most 24 characters at
 # each place, so a model cannot pad its answer with whitespace until max_tokens.
 _JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,24}"}
@@ -70,9 +59,7 @@ def llguidance_tokenizer():
     out. The "EOS" llguidance allows once the grammar is complete is `<|endoftext|>`: the grammar ends
     with `<|return|>` or `<|call|>` itself, and the engine stops there."""
     import llguidance
-    from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(ensure_vocab_file() / VOCAB_FILE), expected_hash=VOCAB_SHA256)
     encoding = get_encoding()
     special = {}
     for name in encoding.special_tokens_set:
@@ -80,7 +67,7 @@ def llguidance_tokenizer():
         if token < VOCAB_SIZE:
             special[name] = token
     return llguidance.LLTokenizer.from_tiktoken(
-        encoder=ranks, special_tokens=special, pattern=_O200K_PATTERN, eos_token=ENDOFTEXT, n_vocab=VOCAB_SIZE
+        encoder=vocabulary(), special_tokens=special, pattern=O200K_PATTERN, eos_token=ENDOFTEXT, n_vocab=VOCAB_SIZE
     )
 
 

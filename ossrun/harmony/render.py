@@ -36,7 +36,7 @@ from openai_harmony import (
 
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning
 from .shapes import FunctionDef, InputItem, OpenAIMessage as ChatMessage, Shape, Tool, WrappedTool
-from .tokenizer import encode, get_encoding, has_long_run
+from .tokenizer import decode_bytes, encode, encode_unbounded, get_encoding, has_long_run, is_special
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 DEFAULT_EFFORT = "medium"
@@ -95,7 +95,7 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     messages = [_system_message(effort, conversation_start_date)]
     instructions = [*converted.instructions, *([response_format.text()] if response_format is not None else [])]
     if instructions or descriptions:
-        messages.append(_developer_message([stand_ins.text(t) for t in instructions], descriptions))
+        messages.append(_developer_message([stand_ins.instructions(instructions)] if instructions else [], descriptions))
     messages.extend(stand_ins.message(m) for m in drop_answered_reasoning(converted.messages))
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
@@ -150,41 +150,61 @@ def render_request(body: Mapping[str, Any], *, response_format: ResponseFormatSe
 
 
 class StandIns:
-    """Texts with a pathological run (see `tokenizer.MAX_RUN`) leave the library's rendering, which
-    would tokenise them in one quadratic call under the GIL: a short marker word stands in for each,
-    and after rendering the marker's tokens are replaced by the text's bounded encoding.
+    """The texts a request carries leave the library's rendering, which tokenises holding the GIL (a 9 MB prompt kept
+    every other thread, the server's event loop included, waiting for seconds): a short marker word stands in for
+    each, and after rendering the marker's tokens are replaced by the text's, from `tokenizer`, which lets other
+    threads run. The library then renders only the frame: headers, the system message, the tools.
 
-    A message's text sits between special tokens and instructions between blank lines, so the marker
-    (lowercase letters only) is tokenised on its own and found exactly; a message's ids are the same
-    as the library's whenever its own encoding of the text would be.
+    A message's text sits between special tokens and is a call of its own to the library's encoder, so its marker
+    (lowercase letters only) is tokenised on its own, found exactly, and replaced by the text's `encode`: the
+    library's own ids, but for a pathological run (see `tokenizer.MAX_RUN`), encoded in bounded chunks.
+
+    The developer message's instructions share one call with their `# Instructions` heading and the tools, so a
+    marker stands in for all of them: after rendering, that piece of the prompt is decoded, the instructions put
+    back in the marker's place and the piece encoded again as the library would have (`encode_unbounded`). An
+    instruction with a pathological run keeps a marker of its own there, spliced like a message's text.
     """
 
     def __init__(self) -> None:
         self._prefix = "ossrunstandin" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(12))
+        self._count = 0
         self._texts: list[tuple[list[int], str]] = []  # (marker ids, text), in rendering order
+        self._pieces: list[tuple[str, str]] = []  # (marker, text) of a piece of the prompt encoded again whole
 
-    def text(self, text: str) -> str:
-        """`text`, or the marker standing in for it."""
-        if not has_long_run(text):
-            return text
-        n, suffix = len(self._texts), ""
+    def _marker(self) -> str:
+        n, suffix = self._count, ""
+        self._count += 1
         while True:  # n in base 26, letters only
             n, digit = divmod(n, 26)
             suffix += string.ascii_lowercase[digit]
             if n == 0:
                 break
-        marker = self._prefix + suffix + "z"
+        return self._prefix + suffix + "z"
+
+    def _spliced(self, text: str) -> str:
+        marker = self._marker()
         self._texts.append((encode(marker), text))
         return marker
 
+    def text(self, text: str) -> str:
+        """An instruction, or the marker standing in for it when it has a pathological run."""
+        return self._spliced(text) if has_long_run(text) else text
+
+    def instructions(self, instructions: list[str]) -> str:
+        """The marker standing in for the developer message's instructions, joined as the library joins them."""
+        marker = self._marker()
+        self._pieces.append((marker, "\n\n".join(self.text(t) for t in instructions)))
+        return marker
+
     def message(self, message: Message) -> Message:
-        if not any(isinstance(c, TextContent) and has_long_run(c.text) for c in message.content):
-            return message
-        content = [TextContent(text=self.text(c.text)) if isinstance(c, TextContent) else c for c in message.content]
+        """The message with a marker standing in for each of its texts."""
+        content = [TextContent(text=self._spliced(c.text)) if isinstance(c, TextContent) else c for c in message.content]
         return message.model_copy(update={"content": content})
 
     def splice(self, ids: list[int]) -> list[int]:
         """The rendered ids with each marker's tokens replaced by its text's tokens."""
+        for marker, text in self._pieces:
+            ids = _encode_again(ids, marker, text)
         out, at = [], 0
         for marker, text in self._texts:
             found = _find(ids, marker, at)
@@ -195,12 +215,33 @@ class StandIns:
         return out + ids[at:]
 
 
+def _encode_again(ids: list[int], marker: str, text: str) -> list[int]:
+    """`ids` with the piece holding `marker` (the run of text tokens around it, between special tokens) encoded
+    again with `text` in the marker's place: token bytes spell the text they came from, so this is the piece the
+    library would have rendered with `text` in it."""
+    found = _find(ids, encode(marker), 0)
+    if found < 0:
+        raise RenderError("the instructions could not be placed in the prompt")
+    start, end = found, found
+    while start > 0 and not is_special(ids[start - 1]):
+        start -= 1
+    while end < len(ids) and not is_special(ids[end]):
+        end += 1
+    piece = decode_bytes(ids[start:end]).decode("utf-8")
+    return ids[:start] + encode_unbounded(piece.replace(marker, text, 1)) + ids[end:]
+
+
 def _find(ids: list[int], part: list[int], start: int) -> int:
-    """Index of the first occurrence of `part` in `ids` at or after `start`, or -1."""
-    for i in range(start, len(ids) - len(part) + 1):
-        if ids[i:i + len(part)] == part:
-            return i
-    return -1
+    """Index of the first occurrence of `part` in `ids` at or after `start`, or -1 (its first id found by
+    `list.index`: a Python loop over a long prompt's ids held the GIL for a fifth of a second)."""
+    try:
+        while True:
+            start = ids.index(part[0], start)
+            if ids[start:start + len(part)] == part:
+                return start
+            start += 1
+    except ValueError:
+        return -1
 
 
 def _render(conversation: Conversation) -> list[int]:

