@@ -40,13 +40,17 @@ class HealthWatch(threading.Thread):
 
     def __init__(self, server):
         super().__init__(daemon=True)
-        self.server, self.slowest, self.done = server, 0.0, threading.Event()
+        self.server, self.seconds, self.done = server, [], threading.Event()
+
+    @property
+    def slowest(self) -> float:
+        return max(self.seconds, default=0.0)
 
     def run(self):
         while not self.done.is_set():
             started = time.monotonic()
             httpx.get(self.server.base + "/health", timeout=30)
-            self.slowest = max(self.slowest, time.monotonic() - started)
+            self.seconds.append(time.monotonic() - started)
             time.sleep(0.1)
 
 
@@ -115,3 +119,43 @@ def test_the_served_context_window_is_what_search_states_and_errors_name_the_cal
     finally:
         server.stop()
         big.stop()
+
+
+def test_health_is_answered_while_multi_mb_prompts_are_tokenized(server):
+    """hunt_security #8. Planning runs on a worker thread so that the event loop keeps answering, but the harmony
+    library tokenized (and rendered) holding the GIL: four 9 MB prompts, each refused as too long, made `/health`
+    wait 11 s. Texts are now tokenized by an encoder that lets other threads run, the library renders only the frame
+    around them, and a refusal's token lists are freed on the worker thread. Four 8 MB prompts at once (a Prompt, a
+    chat system message, a raw completion, Responses instructions) are each refused with their exact token count,
+    and `/health` is answered within 2 s meanwhile (6 to 10 s before, under 1 s after, on a busy 2-core machine)."""
+    words = 1_400_000
+    text = "hello " * words  # 8.4 MB (the cap is 10), one token a word
+    requests = [
+        ("/client/v4/accounts/a/ai/run/" + MODEL, {"prompt": text, "max_tokens": 1}, f"prompt ({words + 57} tokens)"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": text},
+                                                               {"role": "user", "content": "Hi"}]},
+         f"the prompt ({words + 65} tokens) fills"),
+        ("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}, f"prompt ({words + 1} tokens)"),
+        ("/v1/responses", {"model": MODEL, "input": "Hi", "instructions": text, "max_output_tokens": 16},
+         f"prompt ({words + 65} tokens) + max_output_tokens (16)"),
+    ]
+    bodies = [(path, json.dumps(body).encode(), says) for path, body, says in requests]
+    answers: list[httpx.Response] = []
+
+    def post(path: str, data: bytes) -> None:
+        answers.append(httpx.post(server.base + path, content=data, headers={"Content-Type": "application/json"},
+                                  timeout=120))
+
+    watch = HealthWatch(server)
+    watch.start()
+    posts = [threading.Thread(target=post, args=(path, data)) for path, data, _ in bodies]
+    for thread in posts:
+        thread.start()
+    for thread in posts:
+        thread.join()
+    watch.done.set()
+    watch.join()
+    assert [a.status_code for a in answers] == [400] * len(bodies), [a.text[:300] for a in answers]
+    messages = " | ".join(a.text for a in answers)
+    assert all(says in messages for _, _, says in bodies), messages
+    assert watch.slowest < 2, f"/health took {[round(t, 2) for t in watch.seconds]}s while the prompts were tokenized"
