@@ -1,18 +1,16 @@
-"""Bounded tokenisation: pathological runs are cut into chunks, everything else keeps its exact ids.
+"""Long texts: the library's exact ids, in time linear in the text, without holding other threads.
 
 One pre-tokenizer piece costs the harmony library time quadratic in its length while it holds the GIL;
-`"x" * 200000` took minutes and froze the server. These tests pin both halves of that fix: normal
-text (any run shorter than MAX_RUN) gives the library's own ids, and no encoder call ever sees more
-than MAX_RUN characters of a long run, in raw prompts and in rendered conversations alike.
-
-Texts are encoded by tiktoken, which lets other threads run, and the library renders only the frame around them
-(hunt_security #8: its GIL-holding render of 9 MB prompts held `/health` for seconds): the ids are still the
-library's own, texts and rendered conversations alike.
+`"x" * 200000` took minutes and froze the server, so runs of 512+ characters were cut into chunks, whose ids then
+differed from the library's (any compact JSON that long: hunt_render #2). Texts are now encoded by tiktoken, which is
+not quadratic and lets other threads run, and the library renders only the frame around them (hunt_security #8: its
+GIL-holding render of 9 MB prompts held `/health` for seconds): the ids are the library's own, however long the runs.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import random
 import threading
 import time
@@ -34,7 +32,8 @@ def corpus() -> list[str]:
         "1234567890 3.14159 -42 1e10 0xFF " * 30, "\n\n\t  \r\n   \n" * 20, "<|start|>user<|message|>hi<|end|>" * 5,
         "https://example.com/a/very/long/path?with=query&and=more#fragment " * 10,
         base64.b64encode(bytes(range(256)) * 1).decode(),  # 344 characters, no space
-        "word" * 127, "a" * (tokenizer.MAX_RUN - 1), " " * (tokenizer.MAX_RUN - 1) + "x", "Straße" * 80,
+        "word" * 127, "a" * 511, " " * 511 + "x", "Straße" * 80, "a" * 700, " " * 600 + "x", "x" * 3000,
+        '{"name":"manager","role":"viewer","id":12345}' * 20,  # compact JSON: one 900-character run
     ]
     texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 3000))) for _ in range(60)]
     return texts
@@ -48,59 +47,22 @@ def library_encode(text: str, allow_special: bool) -> list[int]:
 @pytest.mark.parametrize("allow_special", [False, True])
 def test_normal_text_keeps_the_library_ids(allow_special):
     for text in corpus():
-        assert not tokenizer.has_long_run(text)
         assert harmony.encode(text, allow_special=allow_special) == library_encode(text, allow_special)
-
-
-def test_the_encoder_gives_the_library_ids_also_for_long_pieces():
-    """`encode_unbounded` (tiktoken) is the library's encoding of a whole piece of a prompt, long runs included."""
-    rng = random.Random(3)
-    texts = corpus() + ["x" * 5000, " " * 3000 + "y", "ab" * 2000, "".join(rng.choice("abc .\n") for _ in range(20_000))]
-    for text in texts:
-        assert tokenizer.encode_unbounded(text) == library_encode(text, False)
-
-
-@pytest.mark.parametrize("window", [1, 7, 600, 1 << 18])
-def test_long_runs_are_found_window_by_window_as_in_one_search(monkeypatch, window):
-    """Long texts are searched for runs a window at a time (`re` holds the GIL while it searches): the same runs."""
-    rng = random.Random(window)
-    texts = corpus() + ["".join(rng.choice(["x" * rng.randint(1, 1500), " " * rng.randint(1, 1500), "\x1c", "ab", "\n"])
-                                for _ in range(rng.randint(1, 40))) for _ in range(40)]
-    monkeypatch.setattr(tokenizer, "_WINDOW", window)
-    for text in texts:
-        assert [m.span() for m in tokenizer._long_runs(text)] == [m.span() for m in tokenizer._LONG_RUN.finditer(text)]
-
-
-class Recorder:
-    """The encoder, recording the longest text any single call was given."""
-
-    def __init__(self, inner):
-        self.inner, self.longest = inner, 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def encode(self, text, **kwargs):
-        self.longest = max(self.longest, len(text))
-        return self.inner.encode(text, **kwargs)
-
-    def encode_ordinary(self, text):
-        self.longest = max(self.longest, len(text))
-        return self.inner.encode_ordinary(text)
 
 
 @pytest.mark.parametrize("text", ["x" * 200_000, " " * 200_000, "ab" * 50_000 + " tail", "a<|start|>" * 30_000,
                                   "日" * 100_000, "word " * 100 + "y" * 5000 + "\n" + "z" * 3000])
-def test_long_runs_are_encoded_in_bounded_calls(monkeypatch, text):
-    recorder = Recorder(tokenizer.bpe())
-    monkeypatch.setattr(tokenizer, "bpe", lambda: recorder)
+def test_long_runs_are_encoded_whole_in_linear_time(text):
+    """No chunks: a long run's ids are the library's (checked on its first 4,000 characters, where the library's
+    quadratic encoder is still quick), and 200,000 characters take well under the minutes the library took."""
     started = time.perf_counter()
     ids = harmony.encode(text, allow_special=True)
-    assert time.perf_counter() - started < 5  # unbounded: minutes for the 200 000-character runs
-    assert 0 < recorder.longest <= tokenizer.MAX_RUN
-    assert harmony.decode(ids) == text  # nothing lost or doubled at the chunk edges
-    if "<|start|>" in text:  # a special token is never cut in two
+    assert time.perf_counter() - started < 5
+    assert harmony.decode(ids) == text
+    if "<|start|>" in text:
         assert ids.count(harmony.START) == text.count("<|start|>")
+    head = text[:4000]
+    assert harmony.encode(head, allow_special=True) == library_encode(head, True)
 
 
 def conversations() -> list[dict]:
@@ -115,19 +77,8 @@ def conversations() -> list[dict]:
     ]
 
 
-def strings(value) -> list[str]:
-    """Every string in a JSON value, in order (a run in any text the body renders is one of their concatenation's)."""
-    if isinstance(value, str):
-        return [value]
-    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return [text for child in children for text in strings(child)]
-
-
 class LibraryOnly:
     """No stand-ins: every text goes into the library's rendering, as before hunt_security #8."""
-
-    def text(self, text: str) -> str:
-        return text
 
     def instructions(self, instructions: list[str]) -> str:
         return "\n\n".join(instructions)
@@ -153,14 +104,24 @@ def edge_conversations() -> list[dict]:
 
 
 def test_rendering_gives_the_library_ids(monkeypatch):
-    """Texts stood in for by markers and encoded apart give exactly the library's own rendering of the conversation
-    (texts without a pathological run, whose bounded chunks are meant to differ), tools, instructions and their
-    joins included."""
-    bodies = [body for body in conversations() + edge_conversations() if not tokenizer.has_long_run("".join(strings(body)))]
+    """Texts stood in for by markers and encoded apart give exactly the library's own rendering of the conversation,
+    tools, instructions, long runs (a schema's compact response format section, a minified tool result: hunt_render
+    #2, where the chunks gave "man" + "ager") and their joins included."""
+    rows = json.dumps([{"id": i, "name": "manager", "active": True} for i in range(12)], separators=(",", ":"))
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(14)}}
+    long_runs = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": rows}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": rows}]},
+                 {"input": "Hi", "instructions": "Use this: " + rows}]
+    bodies = conversations() + edge_conversations() + long_runs
     assert len(bodies) > 100
+    section = render.ResponseFormatSection(schema)
     stood_in = [render.render_request(body).token_ids for body in bodies]
+    stood_in.append(render.render_request({"messages": [{"role": "user", "content": "Hi"}]}, response_format=section).token_ids)
     monkeypatch.setattr(render, "StandIns", LibraryOnly)
-    assert [render.render_request(body).token_ids for body in bodies] == stood_in
+    library = [render.render_request(body).token_ids for body in bodies]
+    library.append(render.render_request({"messages": [{"role": "user", "content": "Hi"}]}, response_format=section).token_ids)
+    assert library == stood_in
 
 
 def test_the_library_renders_no_text_of_the_request(monkeypatch):
@@ -202,13 +163,10 @@ def test_encoding_lets_other_threads_run():
 @pytest.mark.parametrize("body", [{"prompt": "x" * 200_000}, {"messages": [{"role": "system", "content": "s" * 100_000},
                                                                             {"role": "user", "content": "hi " + " " * 100_000 + "x" * 100_000}]},
                                   {"input": "y" * 200_000, "instructions": "z" * 50_000}])
-def test_long_conversations_render_in_bounded_calls(monkeypatch, body):
-    recorder = Recorder(tokenizer.bpe())
-    monkeypatch.setattr(tokenizer, "bpe", lambda: recorder)
+def test_long_conversations_render_in_linear_time(body):
     started = time.perf_counter()
     ids = render.render_request(body).token_ids
-    assert time.perf_counter() - started < 5
-    assert 0 < recorder.longest <= tokenizer.MAX_RUN
+    assert time.perf_counter() - started < 5  # the library alone: minutes
     assert ids[-2:] == [harmony.START, harmony.encode("assistant")[0]]
     text = harmony.decode(ids)
     for part in ("x" * 1000, "s" * 1000, "y" * 1000, "z" * 1000):

@@ -36,7 +36,7 @@ from openai_harmony import (
 
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning
 from .shapes import FunctionDef, InputItem, OpenAIMessage as ChatMessage, Shape, Tool, WrappedTool
-from .tokenizer import decode_bytes, encode, encode_unbounded, get_encoding, has_long_run, is_special
+from .tokenizer import decode_bytes, encode, get_encoding, is_special
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 DEFAULT_EFFORT = "medium"
@@ -157,12 +157,11 @@ class StandIns:
 
     A message's text sits between special tokens and is a call of its own to the library's encoder, so its marker
     (lowercase letters only) is tokenised on its own, found exactly, and replaced by the text's `encode`: the
-    library's own ids, but for a pathological run (see `tokenizer.MAX_RUN`), encoded in bounded chunks.
+    library's own ids.
 
     The developer message's instructions share one call with their `# Instructions` heading and the tools, so a
     marker stands in for all of them: after rendering, that piece of the prompt is decoded, the instructions put
-    back in the marker's place and the piece encoded again as the library would have (`encode_unbounded`). An
-    instruction with a pathological run keeps a marker of its own there, spliced like a message's text.
+    back in the marker's place and the piece encoded again as the library would have.
     """
 
     def __init__(self) -> None:
@@ -186,14 +185,10 @@ class StandIns:
         self._texts.append((encode(marker), text))
         return marker
 
-    def text(self, text: str) -> str:
-        """An instruction, or the marker standing in for it when it has a pathological run."""
-        return self._spliced(text) if has_long_run(text) else text
-
     def instructions(self, instructions: list[str]) -> str:
         """The marker standing in for the developer message's instructions, joined as the library joins them."""
         marker = self._marker()
-        self._pieces.append((marker, "\n\n".join(self.text(t) for t in instructions)))
+        self._pieces.append((marker, "\n\n".join(instructions)))
         return marker
 
     def message(self, message: Message) -> Message:
@@ -228,7 +223,7 @@ def _encode_again(ids: list[int], marker: str, text: str) -> list[int]:
     while end < len(ids) and not is_special(ids[end]):
         end += 1
     piece = decode_bytes(ids[start:end]).decode("utf-8")
-    return ids[:start] + encode_unbounded(piece.replace(marker, text, 1)) + ids[end:]
+    return ids[:start] + encode(piece.replace(marker, text, 1)) + ids[end:]
 
 
 def _find(ids: list[int], part: list[int], start: int) -> int:

@@ -19,12 +19,11 @@ import gzip
 import hashlib
 import logging
 import os
-import re
 import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import tiktoken
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
@@ -151,82 +150,19 @@ def bpe() -> tiktoken.Encoding:
     return tiktoken.Encoding("o200k_harmony", pat_str=O200K_PATTERN, mergeable_ranks=vocabulary(), special_tokens=special)
 
 
-# BPE merges within one pre-tokenizer piece cost the harmony library time quadratic in the piece's
-# length, holding the GIL: "x" * 200000 is one piece and took minutes, freezing the server. Such runs
-# were therefore cut: a piece never spans more than one run of non-space (or of space) characters plus
-# one character, so text without such a run of MAX_RUN characters is encoded exactly as the library
-# encodes it, in one call; a longer run is encoded in MAX_RUN-character chunks (its ids differ from the
-# unbounded encoding only at the chunk edges). tiktoken is not quadratic, but the chunks stay: they are
-# the ids such prompts have always had.
-MAX_RUN = 512
-_LONG_RUN = re.compile(r"\S{%d,}|\s{%d,}" % (MAX_RUN, MAX_RUN))
-_SPECIAL = re.compile(r"<\|[^\s|<>]{1,64}\|>")  # a spelled-out special token is never cut in two
-# `re` holds the GIL while it searches (0.3 s over 9 MB): long texts are searched a window at a time, so other threads
-# run in between. A window ends where space meets non-space, which no run crosses.
-_WINDOW = 1 << 16
-_KIND_CHANGE = re.compile(r"\s\S|\S\s")
-
-
-def _long_runs(text: str) -> Iterator[re.Match]:
-    """`_LONG_RUN.finditer(text)`, searched window by window: the same runs."""
-    at = 0
-    while at < len(text):
-        change = _KIND_CHANGE.search(text, at + _WINDOW - 1) if at + _WINDOW < len(text) else None
-        end = change.start() + 1 if change is not None else len(text)
-        yield from _LONG_RUN.finditer(text, at, end)
-        at = end
-
-
-def has_long_run(text: str) -> bool:
-    """Whether `text` has a run that `encode` must cut into chunks (pathological input)."""
-    return next(_long_runs(text), None) is not None
-
-
 def encode(text: str, allow_special: bool = False) -> list[int]:
-    """Token ids of `text`.
+    """Token ids of `text`, exactly the harmony library's, however long (tiktoken: other threads run meanwhile).
 
     With `allow_special` the spelled-out harmony tokens (`<|start|>` …) become special tokens
     (raw prompts, `ossrun tokenize`); without it they are ordinary text, so user content can
-    never inject message boundaries. Every encoder call sees a bounded piece (see MAX_RUN), and lets other
-    threads run.
+    never inject message boundaries. Runs of 512+ characters without spaces were once cut into chunks (their ids
+    then differed from the library's at each cut: any compact JSON of that length, a schema's response format
+    section among them) because the library's BPE is quadratic in a pre-tokenizer piece and held the GIL for minutes
+    on `"x" * 200000`; tiktoken's is not (1,000,000 × "x": 0.45 s), so nothing is cut.
     """
-    if not has_long_run(text):
-        return _encode(text, allow_special)
-    ids: list[int] = []
-    done = 0
-    for run in _long_runs(text):
-        ids += _encode(text[done:run.start()], allow_special)
-        for chunk in _chunks(run.group(), allow_special):
-            ids += _encode(chunk, allow_special)
-        done = run.end()
-    return ids + _encode(text[done:], allow_special)
-
-
-def _chunks(run: str, allow_special: bool) -> list[str]:
-    """A long run cut into pieces of at most MAX_RUN characters, never inside a spelled-out special token."""
-    specials = [m.span() for m in _SPECIAL.finditer(run)] if allow_special else []
-    chunks, start, k = [], 0, 0
-    while start < len(run):
-        end = min(start + MAX_RUN, len(run))
-        while k < len(specials) and specials[k][1] <= end:
-            k += 1
-        if k < len(specials) and specials[k][0] < end:  # the cut would split this special token
-            end = specials[k][0] if specials[k][0] > start else specials[k][1]
-        chunks.append(run[start:end])
-        start = end
-    return chunks
-
-
-def _encode(text: str, allow_special: bool) -> list[int]:
     if not text:
         return []
     return bpe().encode(text, allowed_special="all") if allow_special else bpe().encode_ordinary(text)
-
-
-def encode_unbounded(text: str) -> list[int]:
-    """The ids the harmony library gives `text` as one piece of a rendered prompt (no special tokens, long runs
-    not cut), computed by tiktoken: other threads run meanwhile, and a long run costs linear time."""
-    return bpe().encode_ordinary(text)
 
 
 def decode_bytes(token_ids: list[int]) -> bytes:
