@@ -86,6 +86,9 @@ class LibraryOnly:
     def message(self, message):
         return message
 
+    def tools(self, tools):
+        return tools
+
     def splice(self, ids: list[int]) -> list[int]:
         return ids
 
@@ -103,6 +106,23 @@ def edge_conversations() -> list[dict]:
     return bodies
 
 
+def tool_runs() -> list[dict]:
+    """Long runs in every text of a tool the library writes (and in `pattern`, which it does not)."""
+    run, blank, other = "x" * 700, " \t" * 200, "q\"\\" * 150
+    schema = {"type": "object", "properties": {
+        "plain": {"type": "string", "description": "before " + run + " after\nsecond line " + other},
+        run: {"type": "string", "enum": [run, "b", other]},
+        "spaced": {"type": "string", "description": "a" + blank + "b", "default": run, "examples": [other]},
+        "pat": {"type": "string", "pattern": "^(" + "|".join(["ab"] * 200) + ")$"}}, "required": [run, "plain"]}
+    tool = {"type": "function", "function": {"name": "get_weather", "description": run + "\n\n" + blank + "end", "parameters": schema}}
+    other_tool = {"type": "function", "function": {"name": "search", "description": "glued\x00" + run + "é" + blank,
+                                                   "parameters": {"type": "object"}}}  # markers spelled by other tokens
+    return [{"messages": [{"role": "user", "content": "Hi"}], "tools": [tool, other_tool]},
+            {"messages": [{"role": "system", "content": "Be brief. " + run}, {"role": "user", "content": "Hi"}], "tools": [tool]},
+            {"input": "Hi", "instructions": "Use it.", "tools": [{"type": "function", "name": "f", "description": run,
+                                                                  "parameters": {"type": "object", "properties": {"p": {"type": "string", "pattern": run}}}}]}]
+
+
 def test_rendering_gives_the_library_ids(monkeypatch):
     """Texts stood in for by markers and encoded apart give exactly the library's own rendering of the conversation,
     tools, instructions, long runs (a schema's compact response format section, a minified tool result: hunt_render
@@ -113,7 +133,7 @@ def test_rendering_gives_the_library_ids(monkeypatch):
                      {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": rows}}]},
                   {"role": "tool", "tool_call_id": "c1", "content": rows}]},
                  {"input": "Hi", "instructions": "Use this: " + rows}]
-    bodies = conversations() + edge_conversations() + long_runs
+    bodies = conversations() + edge_conversations() + long_runs + tool_runs()
     assert len(bodies) > 100
     section = render.ResponseFormatSection(schema)
     stood_in = [render.render_request(body).token_ids for body in bodies]
@@ -162,8 +182,13 @@ def test_encoding_lets_other_threads_run():
 
 @pytest.mark.parametrize("body", [{"prompt": "x" * 200_000}, {"messages": [{"role": "system", "content": "s" * 100_000},
                                                                             {"role": "user", "content": "hi " + " " * 100_000 + "x" * 100_000}]},
-                                  {"input": "y" * 200_000, "instructions": "z" * 50_000}])
+                                  {"input": "y" * 200_000, "instructions": "z" * 50_000},
+                                  {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+                                      "name": "f", "description": "x" * 200_000, "parameters": {"type": "object", "properties": {
+                                          "a": {"type": "string", "description": " " * 200_000, "enum": ["y" * 200_000]}}}}}]}])
 def test_long_conversations_render_in_linear_time(body):
+    """200,000-character runs, in messages, instructions and tools' texts (the library alone: 14 s for the tool's
+    description, quadratic in the run)."""
     started = time.perf_counter()
     ids = render.render_request(body).token_ids
     assert time.perf_counter() - started < 5  # the library alone: minutes

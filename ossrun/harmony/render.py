@@ -14,6 +14,7 @@ caller passes one, so the same request always gives the same tokens (and the sam
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from collections.abc import Mapping, Sequence
@@ -95,7 +96,8 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     messages = [_system_message(effort, conversation_start_date)]
     instructions = [*converted.instructions, *([response_format.text()] if response_format is not None else [])]
     if instructions or descriptions:
-        messages.append(_developer_message([stand_ins.instructions(instructions)] if instructions else [], descriptions))
+        messages.append(_developer_message([stand_ins.instructions(instructions)] if instructions else [],
+                                           stand_ins.tools(descriptions)))
     messages.extend(stand_ins.message(m) for m in drop_answered_reasoning(converted.messages))
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
@@ -168,7 +170,8 @@ class StandIns:
         self._prefix = "ossrunstandin" + "".join(secrets.choice(string.ascii_lowercase) for _ in range(12))
         self._count = 0
         self._texts: list[tuple[list[int], str]] = []  # (marker ids, text), in rendering order
-        self._pieces: list[tuple[str, str]] = []  # (marker, text) of a piece of the prompt encoded again whole
+        self._pieces: dict[str, str] = {}  # marker → text, in the one piece of the prompt encoded again whole
+        self._runs: dict[str, str] = {}  # a tool text's long run → its marker (one marker for each distinct run)
 
     def _marker(self) -> str:
         n, suffix = self._count, ""
@@ -188,8 +191,32 @@ class StandIns:
     def instructions(self, instructions: list[str]) -> str:
         """The marker standing in for the developer message's instructions, joined as the library joins them."""
         marker = self._marker()
-        self._pieces.append((marker, "\n\n".join(instructions)))
+        self._pieces[marker] = "\n\n".join(instructions)
         return marker
+
+    def tools(self, tools: list[ToolDescription]) -> list[ToolDescription]:
+        """The tools with a marker standing in for each long run (`_TOOL_RUN`) of their texts: the description and
+        every name and string of the parameters' schema. The library's encoder is quadratic in such a run and holds
+        the GIL (a 200,000-character description took 14 s, a megabyte minutes). It writes these strings as they
+        are, so the developer piece is encoded again with the runs in place, as the instructions are; equal runs
+        share a marker (a property's name in `properties` and in `required` stay equal)."""
+        return [ToolDescription.new(t.name, self._without_runs(t.description), self._without_runs(t.parameters))
+                for t in tools]
+
+    def _without_runs(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return _TOOL_RUN.sub(self._run_marker, value)
+        if isinstance(value, dict):
+            return {self._without_runs(k): self._without_runs(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._without_runs(v) for v in value]
+        return value
+
+    def _run_marker(self, run: re.Match) -> str:
+        if run.group() not in self._runs:
+            self._runs[run.group()] = marker = self._marker()
+            self._pieces[marker] = run.group()
+        return self._runs[run.group()]
 
     def message(self, message: Message) -> Message:
         """The message with a marker standing in for each of its texts."""
@@ -198,8 +225,8 @@ class StandIns:
 
     def splice(self, ids: list[int]) -> list[int]:
         """The rendered ids with each marker's tokens replaced by its text's tokens."""
-        for marker, text in self._pieces:
-            ids = _encode_again(ids, marker, text)
+        if self._pieces:
+            ids = _encode_again(ids, self._pieces, placed=len(self._pieces) > len(self._runs))
         out, at = [], 0
         for marker, text in self._texts:
             found = _find(ids, marker, at)
@@ -210,20 +237,33 @@ class StandIns:
         return out + ids[at:]
 
 
-def _encode_again(ids: list[int], marker: str, text: str) -> list[int]:
-    """`ids` with the piece holding `marker` (the run of text tokens around it, between special tokens) encoded
-    again with `text` in the marker's place: token bytes spell the text they came from, so this is the piece the
-    library would have rendered with `text` in it."""
-    found = _find(ids, encode(marker), 0)
-    if found < 0:
+def _encode_again(ids: list[int], texts: dict[str, str], placed: bool) -> list[int]:
+    """`ids` with each piece (the text tokens between two special tokens) that holds markers decoded, each marker's
+    text put in its place, and encoded again whole: token bytes spell the text they came from, so this is the piece
+    the library would have rendered with the texts in it. Found by text, not by the markers' own tokens: a marker
+    glued to the characters before it (`\x00` + a run) is spelled by other tokens. The ids are the frame (message
+    texts are spliced afterwards), so this is quick. A marker in a string the library does not write (a schema's
+    `pattern`) is in no piece; `placed`: one surely is (the instructions')."""
+    markers = re.compile("|".join(sorted(map(re.escape, texts), key=len, reverse=True)))
+    out, start, found = [], 0, False
+    for end in [k for k, token in enumerate(ids) if is_special(token)] + [len(ids)]:
+        piece = decode_bytes(ids[start:end]).decode("utf-8")
+        placed_here = markers.sub(lambda m: texts[m.group()], piece)
+        if placed_here != piece:
+            out += encode(placed_here)
+            found = True
+        else:
+            out += ids[start:end]
+        out += ids[end:end + 1]
+        start = end + 1
+    if placed and not found:
         raise RenderError("the instructions could not be placed in the prompt")
-    start, end = found, found
-    while start > 0 and not is_special(ids[start - 1]):
-        start -= 1
-    while end < len(ids) and not is_special(ids[end]):
-        end += 1
-    piece = decode_bytes(ids[start:end]).decode("utf-8")
-    return ids[:start] + encode(piece.replace(marker, text, 1)) + ids[end:]
+    return out
+
+
+# A run in a tool's texts that the library's encoder would take quadratic time over (one pre-tokenizer piece: no
+# spaces, or only spaces and tabs); shorter runs cost it little.
+_TOOL_RUN = re.compile(r"\S{256,}|[^\S\r\n]{256,}")
 
 
 def _find(ids: list[int], part: list[int], start: int) -> int:
