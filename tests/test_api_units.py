@@ -669,3 +669,33 @@ def test_forwarded_for_names_the_rightmost_untrusted_hop():
     assert named.trusts("::ffff:10.0.0.1") and not named.trusts("11.0.0.1")
     assert TrustedProxies("*").client("made.up.by.client, 203.0.113.7") == "203.0.113.7"
     assert not TrustedProxies(None) and not TrustedProxies(None).trusts("127.0.0.1")
+
+
+def test_forwarded_allow_ips_in_the_mapped_form_match_ipv4_peers():
+    """hunt_proxy #1: `::ffff:127.0.0.1` (the form a `--host ::` server logs an IPv4 proxy in) and `::ffff:0:0/96` were
+    taken and never matched: the peer was read as IPv4, the entries stayed IPv6."""
+    for entry, peer in (("::ffff:127.0.0.1", "127.0.0.1"), ("::ffff:127.0.0.1", "::ffff:127.0.0.1"),
+                        ("::ffff:0:0/96", "10.1.2.3"), ("::ffff:10.0.0.0/104", "10.9.9.9")):
+        proxies = TrustedProxies(entry)
+        assert proxies.trusts(peer), (entry, peer)
+        assert proxies.client(f"198.51.100.7, {peer}") == "198.51.100.7", (entry, peer)
+    assert not TrustedProxies("::ffff:0:0/96").trusts("::1") and not TrustedProxies("::ffff:10.0.0.0/104").trusts("11.0.0.1")
+
+
+def test_forwarded_for_believes_only_ip_addresses():
+    """hunt_proxy #2: any text of the deciding entry became the client (the log line's field, the rate-limit key), a
+    client-forged log field included. An entry that is no address names nobody: the peer stays the client."""
+    named, anyone = TrustedProxies("127.0.0.1"), TrustedProxies("*")
+    for forged in ("203.0.113.9 x-request-id='forged'\t\xff", "not an ip", "5.5.5.5\t6.6.6.6", "éÿ", "unknown",
+                   "1.2.3.4:x", "[2001:db8::1]x", "fe80::1%eth0\t", "9.9.9.9, junk"):
+        assert named.client(forged) is None and anyone.client(forged) is None, forged
+    assert named.client("junk, 198.51.100.1, 127.0.0.1") == "198.51.100.1"  # left of the deciding entry: not read
+    assert named.client("[2001:DB8:0::1]:4711") == "2001:db8::1" and anyone.client("::ffff:1.2.3.4") == "1.2.3.4"
+
+
+def test_the_logged_client_is_escaped():
+    """hunt_proxy #2: whatever names the client, it cannot forge fields or lines of the log (`logged_path`'s escaping)."""
+    from ossrun.api.request_ids import logged_client
+
+    assert logged_client({"client": ("1.2.3.4 GET /forged 200\r\nx\xff", 0)}) == "1.2.3.4%20GET%20/forged%20200%0D%0Ax%C3%BF"
+    assert logged_client({"client": ("2001:db8::1", 0)}) == "2001:db8::1" and logged_client({"client": None}) == "?"

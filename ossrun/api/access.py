@@ -271,7 +271,7 @@ class TrustedProxies:
                 self.any = True
             elif item:
                 try:
-                    self.networks.append(ipaddress.ip_network(item, strict=False))
+                    self.networks.append(_unmapped(ipaddress.ip_network(item, strict=False)))
                 except ValueError:
                     raise ValueError(f"--forwarded-allow-ips takes IP addresses and networks (127.0.0.1, 10.0.0.0/8) "
                                      f"or *, not {item!r}") from None
@@ -282,27 +282,54 @@ class TrustedProxies:
     def trusts(self, address: str | None) -> bool:
         if self.any:
             return True
-        try:
-            ip = ipaddress.ip_address(address or "")
-        except ValueError:
-            return False
-        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket's ::ffff:10.0.0.1 is 10.0.0.1
-        return any(ip in network for network in self.networks)
+        ip = _address(address or "")
+        return ip is not None and any(ip in network for network in self.networks)
 
     def client(self, forwarded_for: str) -> str | None:
         """The client an `X-Forwarded-For` (of a trusted peer) names: each proxy appends the address it saw, so the
         rightmost address that is no trusted proxy's (entries left of it are the client's own writing). With `*` every
         address counts as a proxy's, and the rightmost is taken, the one the nearest proxy saw: uvicorn takes the
-        leftmost there, which any client picks itself. None when the header names nobody."""
-        hops = [hop for hop in (_forwarded_address(item) for item in forwarded_for.split(",")) if hop]
-        if not hops or self.any:
-            return hops[-1] if hops else None
-        return next((hop for hop in reversed(hops) if not self.trusts(hop)), hops[0])
+        leftmost there, which any client picks itself. The address as `str(ipaddress)` spells it (IPv4 for a mapped
+        one), so one client is one rate-limit key. None when the header names nobody, or when the entry that decides is
+        no IP address (`unknown`, or text a client wrote to forge its log line): then the peer, the proxy, stays the
+        client; skipping to the entry left of it would take one the client wrote."""
+        hops = [item.strip() for item in forwarded_for.split(",") if item.strip()]
+        if not hops:
+            return None
+        decisive = hops[-1] if self.any else next((hop for hop in reversed(hops) if not self.trusts(_hop_address(hop))), hops[0])
+        address = _address(_hop_address(decisive))
+        return str(address) if address is not None else None
 
 
-def _forwarded_address(item: str) -> str:
-    """An `X-Forwarded-For` entry's address, without a port (`203.0.113.7:4711`, `[2001:db8::1]:4711`)."""
-    item = item.strip()
-    if item.startswith("["):
-        return item[1:].partition("]")[0]
-    return item.partition(":")[0] if item.count(":") == 1 else item
+def _unmapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (`::ffff:127.0.0.1`, `::ffff:0:0/96`) as the IPv4 one it maps: `_address` reads a peer
+    that way (a dual-stack socket's ::ffff:10.0.0.1 is 10.0.0.1), and the server logs an IPv4 peer of `--host ::`
+    in the mapped form, which an operator copies into `--forwarded-allow-ips`."""
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is None or network.prefixlen < 96:
+        return network
+    return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address, IPv4 for an IPv4-mapped one; None when it is none, or carries an IPv6 zone
+    (`fe80::1%eth0`), whose text may be anything."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if getattr(ip, "scope_id", None):
+        return None
+    return getattr(ip, "ipv4_mapped", None) or ip
+
+
+def _hop_address(hop: str) -> str:
+    """An `X-Forwarded-For` entry's address, without a port (`203.0.113.7:4711`, `[2001:db8::1]:4711`); "" when its
+    port or brackets are malformed (`_address` then refuses it)."""
+    if hop.startswith("["):
+        address, _, port = hop[1:].partition("]")
+        return address if port == "" or (port[:1] == ":" and port[1:].isdigit()) else ""
+    if hop.count(":") == 1:
+        address, _, port = hop.partition(":")
+        return address if port.isdigit() else ""
+    return hop

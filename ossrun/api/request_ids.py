@@ -54,19 +54,30 @@ def _client_ids(scope: dict[str, Any]) -> str:
                    for name, value in scope["headers"] if name in CLIENT_HEADERS)
 
 
+def escaped(text: str | bytes) -> str:
+    """`text` for a field of a log line: a space, a control character or a byte beyond ASCII %-escaped, since a CR or
+    LF would write forged lines into the log and a space would forge the fields of its own line (status, id, client)."""
+    return quote(text, safe=PATH_SAFE)
+
+
 def logged_path(scope: dict[str, Any]) -> str:
-    """The path as the client sent it (`raw_path`, still %-encoded), with whatever is not printable ASCII escaped: the
-    decoded path may hold a CR or LF (`%0d%0a`), which would write forged lines into the log, or spaces, which would
-    forge the fields of its own line (status, id, client)."""
-    return quote(scope.get("raw_path") or scope["path"].encode(), safe=PATH_SAFE)
+    """The path as the client sent it (`raw_path`, still %-encoded), `escaped`: the decoded path may hold a CR or LF
+    (`%0d%0a`) or spaces."""
+    return escaped(scope.get("raw_path") or scope["path"].encode())
+
+
+def logged_client(scope: dict[str, Any]) -> str:
+    """The client's address, `escaped`: behind a proxy it is text the proxy forwarded (`TrustedProxies.client` keeps
+    only IP addresses; this holds whatever else sets `scope["client"]`)."""
+    client = scope.get("client")
+    return escaped(str(client[0])) if client else "?"
 
 
 def log_answer(scope: dict[str, Any], status: int, seconds: float) -> None:
     """The request's one log line: method, path, status, time to the answer's start (a stream's first byte), ids."""
-    client = scope.get("client")
     level = logging.WARNING if status >= 500 else logging.INFO
     log.log(level, "%s %s %d %.3fs request_id=%s client=%s%s", scope["method"], logged_path(scope), status, seconds,
-            of_scope(scope), client[0] if client else "?", _client_ids(scope))
+            of_scope(scope), logged_client(scope), _client_ids(scope))
 
 
 class RequestIds:
