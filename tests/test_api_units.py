@@ -699,3 +699,12 @@ def test_the_logged_client_is_escaped():
 
     assert logged_client({"client": ("1.2.3.4 GET /forged 200\r\nx\xff", 0)}) == "1.2.3.4%20GET%20/forged%20200%0D%0Ax%C3%BF"
     assert logged_client({"client": ("2001:db8::1", 0)}) == "2001:db8::1" and logged_client({"client": None}) == "?"
+
+
+def test_a_proxys_forwarded_host_without_port_is_compared_by_name():
+    """hunt_proxy #3: nginx's `X-Forwarded-Host $host` has no port, the page's origin on a non-default port has one."""
+    policy = BrowserPolicy()
+    assert policy.same_origin("https://llm.example.com:8443", "llm.example.com", forwarded=True)
+    assert not policy.same_origin("https://evil.example:8443", "llm.example.com", forwarded=True)
+    assert not policy.same_origin("https://llm.example.com:9443", "llm.example.com:8443", forwarded=True)  # a port: exact
+    assert not policy.same_origin("https://llm.example.com:8443", "llm.example.com")  # a browser's own Host: exact

@@ -189,6 +189,19 @@ def test_the_playground_behind_a_proxy_that_rewrites_host_is_its_own_origin(any_
     assert _get(server, **{**proxied, "Origin": "https://evil.example"}).status_code == 403
 
 
+def test_the_playground_on_a_non_default_port_behind_nginx_host_is_its_own_origin(any_proxy_server):
+    """hunt_proxy #3: nginx's usual `proxy_set_header X-Forwarded-Host $host` carries no port, and the page's `Origin`
+    on `listen 8443` has `:8443`: every playground request was a 403. The name decides; another site's page does not
+    pass, nor does a port the proxy did name."""
+    server = any_proxy_server
+    proxied = {"Host": f"127.0.0.1:{server.port}", "Origin": "https://llm.example.com:8443",
+               "X-Forwarded-Host": "llm.example.com", "X-Forwarded-For": "203.0.113.9"}
+    page = httpx.post(server.base + "/v1/chat/completions", json=CHAT, headers={**server.headers, **proxied}, timeout=60)
+    assert page.status_code == 200 and "access-control-allow-origin" not in page.headers, page.text
+    assert _get(server, **{**proxied, "Origin": "https://evil.example:8443"}).status_code == 403
+    assert _get(server, **{**proxied, "X-Forwarded-Host": "llm.example.com:9443"}).status_code == 403
+
+
 def test_any_proxy_takes_the_address_the_proxy_saw_and_warns(any_proxy_server):
     """Before: with `--forwarded-allow-ips '*'` uvicorn took the leftmost X-Forwarded-For entry, which the client writes
     (a proxy appends the address it saw): guesses at the token from rotating made-up addresses were never slowed, and

@@ -242,15 +242,20 @@ class BrowserPolicy:
         return (name == "localhost" or name.endswith(".localhost") or _is_ip(name) or name in self.local_hosts
                 or any(pattern.matches(Origin(pattern.scheme, name, pattern.port)) for pattern in self._patterns))
 
-    def same_origin(self, origin: str, host: str | None) -> bool:
+    def same_origin(self, origin: str, host: str | None, forwarded: bool = False) -> bool:
         """A page of this server's own (the playground): its origin's host and port are the `Host` it sent (a port
         that is the origin's scheme's default may be left out of either). The scheme is not compared: behind a TLS
         proxy the page is https and the server sees http (and a proxy's `X-Forwarded-Proto` is its own hop's, which
-        behind a TLS CDN is http too)."""
+        behind a TLS CDN is http too). A proxy's `X-Forwarded-Host` (`forwarded`) without a port is compared by name
+        alone: nginx's usual `$host` never carries one, even when the page's origin does (`:8443`); the name is what
+        tells this server's page from another site's (`X-Forwarded-Port` is not read: like the scheme it is the
+        proxy's own hop's)."""
         page = _origin(origin)
         if page is None or host is None:
             return False
         name, port = _authority(host)
+        if forwarded and not port:
+            return page.host == name
         return page.host == name and page.port == ("" if port == DEFAULT_PORTS.get(page.scheme) else port)
 
     def listed(self, origin: str) -> bool:

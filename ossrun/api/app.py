@@ -243,16 +243,22 @@ def _forwarded_hint(request: Request, policy: BrowserPolicy) -> str:
     return ""
 
 
-def _page_host(request: Request, policy: BrowserPolicy) -> str | None:
-    """The host a page of the server's own was loaded from: a trusted proxy's `X-Forwarded-Host` (`ForwardedHeaders`)
-    when it is a name the server answers (so it never lets a DNS-rebinding page through the `Host` check), else `Host`."""
+def _forwarded_page_host(request: Request, policy: BrowserPolicy) -> str | None:
+    """A trusted proxy's `X-Forwarded-Host` (`ForwardedHeaders`) when it is a name the server answers (so it never lets
+    a DNS-rebinding page through the `Host` check); None otherwise."""
     forwarded = request.scope.get("state", {}).get(FORWARDED_HOST)
-    return forwarded if forwarded is not None and policy.host_allowed(forwarded) else request.headers.get("host")
+    return forwarded if forwarded is not None and policy.host_allowed(forwarded) else None
+
+
+def _page_host(request: Request, policy: BrowserPolicy) -> str | None:
+    """The host a page of the server's own was loaded from: the proxy's (`_forwarded_page_host`), else `Host`."""
+    return _forwarded_page_host(request, policy) or request.headers.get("host")
 
 
 def _own_page(request: Request, policy: BrowserPolicy) -> bool:
-    origin = request.headers.get("origin")
-    return origin is not None and policy.same_origin(origin, _page_host(request, policy))
+    origin, forwarded = request.headers.get("origin"), _forwarded_page_host(request, policy)
+    host = forwarded or request.headers.get("host")
+    return origin is not None and policy.same_origin(origin, host, forwarded=forwarded is not None)
 
 
 def _preflight(app: FastAPI, request: Request) -> Response | None:
