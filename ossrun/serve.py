@@ -98,20 +98,26 @@ def _claim(data_dir: Path) -> IO[str]:
     return handle
 
 
+def _authority(host: str, port: int) -> str:
+    """`host:port` as a URL spells it: an IPv6 literal in brackets (RFC 3986), or `http://::1:8080` is no URL curl
+    or an SDK takes."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The listening address bound before the model loads: a busy port (another server?) fails in a line, not
     after minutes of loading, and the "serving at" line is never printed for an address it cannot have."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise SettingsError(f"cannot listen on {_authority(host, port)}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise SettingsError(f"cannot listen on {_authority(host, port)}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -211,7 +217,7 @@ def serve(settings: ServerSettings) -> None:
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
                                         client_timeout_s=settings.client_timeout_s, **browser))
-    base = f"http://{settings.host}:{settings.port}"
+    base = f"http://{_authority(settings.host, settings.port)}"
     # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
     auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""
     api_key = "os.environ['OSSRUN_API_TOKEN']" if settings.api_token else "'unused'"

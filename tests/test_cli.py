@@ -136,6 +136,35 @@ def test_serve_on_a_busy_port_says_so_and_never_claims_to_serve(checkpoints, tmp
     assert "serving" not in result.stdout and "loaded" not in result.stdout
 
 
+def test_the_banner_on_an_ipv6_host_prints_urls_that_work(tmp_path):
+    """hunt_proxy #4: `--host ::1` printed `http://::1:PORT` in the serving line, the curl line and the SDK line: curl
+    and httpx refuse that URL."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ossrun.cli", "serve", "--model", "demo", "--host", "::1", "--port",
+                               str(port), "--data-dir", str(tmp_path), "--kv-cache-gib", "0.25"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = iter(server.stdout.readline, "")
+        banner = [next(line for line in lines if line.startswith("ossrun serving")), next(lines), next(lines)]
+        assert f" at http://[::1]:{port} " in banner[0], banner
+        assert f"curl http://[::1]:{port}/client/v4/" in banner[1], banner
+        assert f"OpenAI(base_url='http://[::1]:{port}/v1'" in banner[2], banner
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                assert httpx.get(f"http://[::1]:{port}/v1/models", timeout=5).status_code == 200
+                break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the printed URL never answered")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_a_kv_cache_too_small_says_how_much_is_needed(checkpoints, tmp_path):
     result = ossrun("serve", "--model", str(checkpoints["original"]), "--kv-cache-gib", "0.00001", "--port", str(free_port()),
                     "--data-dir", str(tmp_path), timeout=120)
