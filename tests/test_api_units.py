@@ -708,3 +708,5 @@ def test_a_proxys_forwarded_host_without_port_is_compared_by_name():
     assert not policy.same_origin("https://evil.example:8443", "llm.example.com", forwarded=True)
     assert not policy.same_origin("https://llm.example.com:9443", "llm.example.com:8443", forwarded=True)  # a port: exact
     assert not policy.same_origin("https://llm.example.com:8443", "llm.example.com")  # a browser's own Host: exact
+    for local in ("localhost", "127.0.0.1", "app.localhost"):  # another local port is another program's page
+        assert not policy.same_origin(f"http://{local}:5173", local, forwarded=True)

@@ -136,6 +136,18 @@ def test_serve_on_a_busy_port_says_so_and_never_claims_to_serve(checkpoints, tmp
     assert "serving" not in result.stdout and "loaded" not in result.stdout
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1) to serve on")
 def test_the_banner_on_an_ipv6_host_prints_urls_that_work(tmp_path):
     """hunt_proxy #4: `--host ::1` printed `http://::1:PORT` in the serving line, the curl line and the SDK line: curl
     and httpx refuse that URL."""

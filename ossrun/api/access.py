@@ -249,12 +249,12 @@ class BrowserPolicy:
         behind a TLS CDN is http too). A proxy's `X-Forwarded-Host` (`forwarded`) without a port is compared by name
         alone: nginx's usual `$host` never carries one, even when the page's origin does (`:8443`); the name is what
         tells this server's page from another site's (`X-Forwarded-Port` is not read: like the scheme it is the
-        proxy's own hop's)."""
+        proxy's own hop's). Not for a loopback name: every local port is another program's page."""
         page = _origin(origin)
         if page is None or host is None:
             return False
         name, port = _authority(host)
-        if forwarded and not port:
+        if forwarded and not port and not (name.endswith(".localhost") or is_loopback(name)):
             return page.host == name
         return page.host == name and page.port == ("" if port == DEFAULT_PORTS.get(page.scheme) else port)
 
