@@ -79,6 +79,8 @@ def test_repeated_prompt_hits_the_prefix_cache(model):
     assert first[-1].num_cached_tokens == 0
     assert second[-1].num_cached_tokens == 144  # 9 full blocks of 16; the last token is always recomputed
     assert tokens(first) == tokens(second)
+    # OpenAI's cache_write_tokens: the first wrote its 9 full blocks, the repeat none (its output's blocks not counted)
+    assert first[-1].num_cache_write_tokens == 144 and second[-1].num_cache_write_tokens == 0
 
 
 

@@ -4,6 +4,7 @@ its reasoning, logprobs of the answer text, and the stored responses' `delete` a
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import openai
@@ -178,3 +179,20 @@ def test_a_stateless_client_gets_its_reasoning_back_through_encrypted_content(se
     streamed = events(server, {**base, "input": [ask]})
     (done,) = [e for e in streamed if e["type"] == "response.function_call_arguments.done"]
     assert done["name"] == "get_weather"  # OpenAI's event has it (before: missing)
+
+
+def test_usage_has_the_cache_writes_the_openai_sdk_requires(server):
+    """Before: `input_tokens_details` had no `cache_write_tokens`, a required field of the openai SDK's `ResponseUsage`
+    (3.x), so `usage.input_tokens_details.cache_write_tokens` raised. A new prompt writes its full blocks; its repeat
+    is served from the prefix cache and writes nothing."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    words = " ".join(uuid.uuid4().hex for _ in range(8))  # a prompt no other test sent (the server is shared)
+    ask = {"model": MODEL, "input": f"Count these words: {words}", "max_output_tokens": 4, "temperature": 0}
+    first = client.responses.create(**ask).usage  # its frame (system message) is cached by earlier requests
+    assert first.input_tokens_details.cache_write_tokens > 0
+    assert first.input_tokens_details.cached_tokens + first.input_tokens_details.cache_write_tokens == first.input_tokens // 16 * 16
+    *_, last = client.responses.create(**ask, stream=True)  # response.incomplete (cut at 4 tokens)
+    again = last.response.usage
+    assert again.input_tokens_details.cached_tokens == (again.input_tokens - 1) // 16 * 16
+    assert again.input_tokens_details.cache_write_tokens == 0
+

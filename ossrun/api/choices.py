@@ -33,6 +33,7 @@ def combined(groups: list[list[Outcome]]) -> Outcome:
     once, every choice's completion tokens."""
     outcomes = [o for group in groups for o in group]
     return Outcome(prompt_tokens=sum(group[0].prompt_tokens for group in groups), cached_tokens=sum(group[0].cached_tokens for group in groups),
+                   cache_write_tokens=sum(group[0].cache_write_tokens for group in groups),
                    completion_tokens=sum(o.completion_tokens for o in outcomes),
                    reasoning_tokens=sum(o.reasoning_tokens for o in outcomes))
 

@@ -152,6 +152,7 @@ OutputItem = Annotated[Union[ReasoningItem, MessageItem, FunctionCallItem], Fiel
 
 class InputTokensDetails(_Out):
     cached_tokens: int = Field(ge=0)
+    cache_write_tokens: int = Field(ge=0, description="Prompt tokens this request made findable in the prefix cache")
 
 
 class OutputTokensDetails(_Out):

@@ -89,7 +89,7 @@ def responses_usage(outcome: Outcome, prices) -> dict[str, Any]:
     base = usage(outcome, prices)
     return {"input_tokens": outcome.prompt_tokens, "output_tokens": outcome.completion_tokens,
             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-            "input_tokens_details": {"cached_tokens": outcome.cached_tokens},
+            "input_tokens_details": {"cached_tokens": outcome.cached_tokens, "cache_write_tokens": outcome.cache_write_tokens},
             "output_tokens_details": {"reasoning_tokens": outcome.reasoning_tokens},
             "cost_usd": base["cost_usd"], "neurons": base["neurons"]}
 

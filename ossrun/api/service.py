@@ -81,6 +81,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # Responses' input_tokens_details (the current openai SDK requires it there)
     reasoning_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # tokens whose text the parser still holds
@@ -415,6 +416,7 @@ class Service:
         """Fold one step's counters into the outcome (shared by sync and streaming routes)."""
         token = step.token
         outcome.cached_tokens = token.num_cached_tokens
+        outcome.cache_write_tokens = token.num_cache_write_tokens
         if token.token_id is None:
             return
         outcome.completion_tokens += 1

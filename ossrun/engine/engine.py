@@ -140,8 +140,11 @@ class Engine:
             return events
         sampled, output = self.runner.run(step.scheduled)
         for item in step.scheduled:  # before postprocessing: a request that ends now frees its blocks, hashed
-            item.seq.num_computed += item.num_new_tokens
-            self.kv.commit(item.seq.blocks, item.seq.tokens, item.seq.num_computed, item.seq.adapter)
+            seq = item.seq
+            seq.num_computed += item.num_new_tokens
+            written = self.kv.commit(seq.blocks, seq.tokens, seq.num_computed, seq.adapter, seq.num_prompt_tokens)
+            # A prompt evicted while preempted is written again: still at most what was not served from the cache.
+            seq.num_cache_write_tokens = min(seq.num_cache_write_tokens + written, seq.num_prompt_tokens - seq.num_cached_tokens)
         for i, item in enumerate(sampled):
             try:
                 events.append(self._postprocess(item.seq, output, i))
@@ -239,6 +242,7 @@ class Engine:
             stop_reason=stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            num_cache_write_tokens=seq.num_cache_write_tokens,
             num_output_tokens=seq.num_output,
             error=error,
         )

@@ -71,11 +71,13 @@ class BlockPool:
         if self.ref_counts[block] == 0:
             self.free[block] = None
 
-    def register(self, block: int, block_hash: int) -> None:
-        """Make a full block findable by its prefix hash (first writer wins)."""
+    def register(self, block: int, block_hash: int) -> bool:
+        """Make a full block findable by its prefix hash (first writer wins) → whether this call did."""
         if self.block_hash[block] is None and block_hash not in self.by_hash:
             self.block_hash[block] = block_hash
             self.by_hash[block_hash] = block
+            return True
+        return False
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...], salt: str | None) -> int:
@@ -172,15 +174,20 @@ class KVCacheManager:
             blocks.sliding.append(self.sliding.allocate())
         return True
 
-    def commit(self, blocks: SequenceBlocks, tokens: list[int], num_computed: int, salt: str | None) -> None:
-        """After a step: hash newly full blocks, and give back sliding blocks the window has passed."""
+    def commit(self, blocks: SequenceBlocks, tokens: list[int], num_computed: int, salt: str | None,
+               num_prompt_tokens: int = 0) -> int:
+        """After a step: hash newly full blocks, and give back sliding blocks the window has passed
+        → how many of the first `num_prompt_tokens` tokens this call made findable in the prefix cache
+        (OpenAI's `cache_write_tokens`: a block another sequence indexed first was not written by this one)."""
+        written = 0
         if self.prefix_caching:
             while (len(blocks.hashes) + 1) * self.block_size <= num_computed:
                 i = len(blocks.hashes)
                 parent = blocks.hashes[-1] if blocks.hashes else None
                 h = chain_hash(parent, tuple(tokens[i * self.block_size:(i + 1) * self.block_size]), salt)
                 blocks.hashes.append(h)
-                self.full.register(blocks.full[i], h)
+                if self.full.register(blocks.full[i], h) and (i + 1) * self.block_size <= num_prompt_tokens:
+                    written += self.block_size
                 if blocks.sliding[i] != NULL_BLOCK:
                     self.sliding.register(blocks.sliding[i], h)
         first = self._first_sliding_block(num_computed)
@@ -190,6 +197,7 @@ class KVCacheManager:
                 self.sliding.release(blocks.sliding[i])
                 blocks.sliding[i] = NULL_BLOCK
             blocks.sliding_released += 1
+        return written
 
     def free(self, blocks: SequenceBlocks) -> None:
         """Give back everything; tail blocks first so the LRU evicts a prefix's end before its start."""

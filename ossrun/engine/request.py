@@ -102,6 +102,7 @@ class TokenEvent:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_cache_write_tokens: int = 0  # prompt tokens this request made findable in the prefix cache
     num_output_tokens: int = 0
     error: str | None = None
 

@@ -27,6 +27,7 @@ class Sequence:
     num_prompt_tokens: int
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache (first admission)
+    num_cache_write_tokens: int = 0  # of the prompt, made findable in the prefix cache by this sequence
     status: Status = Status.WAITING
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
     arrival: int = field(default_factory=lambda: next(_arrival))
