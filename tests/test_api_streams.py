@@ -108,6 +108,11 @@ def test_messages_stream_frames_in_order(server):
     assert finish[-1] == "stop" and not any(finish[:-1])
     usage = chunks[-1]  # /ai/run always ends with the usage chunk
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == sync["usage"]["completion_tokens"]
+    # The other chunks have no `usage` key: Cloudflare's LangChain package (langchain-cloudflare 0.4) reads a present
+    # one as an object, and a `null` on each chunk (OpenAI's convention, which this client did not ask for) broke it.
+    assert all("usage" not in c for c in chunks[:-1])
+    asked = stream(server, run_path(server), {"messages": FRANCE, "stream_options": {"include_usage": True}})[:-1]
+    assert asked[-1]["usage"] is not None and all("usage" in c and c["usage"] is None for c in asked[:-1])
 
 
 # U+1F99C (a parrot) is three o200k tokens, none a whole character: 4103 = F0 9F, 99 = A6, 250 = 9C. A bias on

@@ -52,7 +52,9 @@ def _reject_if_busy(service: Service, ask: Ask) -> None:
 
 def surface_of(service: Service, plan: Plan) -> surfaces.Surface:
     """The `/ai/run` surface a plan answers in (sync, streamed or as a batch item)."""
-    return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True)
+    # The usage chunk always ends an /ai/run stream; `"usage": null` on the others only for a client that asked for
+    # OpenAI's convention (Cloudflare's LangChain package reads every chunk's `usage` as an object when the key is there).
+    return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True, usage_nulls=plan.ask.include_usage)
 
 
 async def run_sync(service: Service, ask: Ask) -> dict[str, Any]:

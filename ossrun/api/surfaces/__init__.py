@@ -98,8 +98,11 @@ def time_limit(service: Service, plan: Plan) -> float | None:
     return None if plan.priority is Priority.BATCH else service.settings.request_timeout_s
 
 
-def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> Surface:
-    """The surface a plan's shape answers in (`model`: the name the answer carries)."""
+def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usage_nulls: bool | None = None) -> Surface:
+    """The surface a plan's shape answers in (`model`: the name the answer carries). `include_usage`: a stream ends
+    with a usage chunk; `usage_nulls` (default: the same): every other chunk says `"usage": null`, as OpenAI's do
+    for a client that sent `stream_options.include_usage`."""
+    usage_nulls = include_usage if usage_nulls is None else usage_nulls
     from ossrun.api.surfaces.chat import ChatSurface
     from ossrun.api.surfaces.completion import CompletionSurface
     from ossrun.api.surfaces.prompt import PromptSurface
@@ -109,9 +112,9 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool) -> S
     if plan.shape == "prompt":
         return PromptSurface(outcome, prices, plan.json_mode, ask.logprobs)
     if plan.shape == "messages":
-        return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions)
+        return ChatSurface(outcome, model, prices, ask.logprobs, include_usage, ask.legacy_functions, usage_nulls)
     if plan.shape == "completions":
-        return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "")
+        return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "", usage_nulls)
 
     def remember(response: dict[str, Any]) -> None:
         """The answer exists and is metered: a store that fails costs only its later `previous_response_id`."""

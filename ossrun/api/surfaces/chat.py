@@ -17,9 +17,11 @@ from ossrun.api.surfaces.frames import error_frames, frame
 class ChatSurface:
     failed = staticmethod(error_frames)
 
-    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, legacy_functions: bool = False):
+    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, legacy_functions: bool = False,
+                 usage_nulls: bool = True):
         self.outcome, self.model, self.prices = outcome, model, prices
         self.with_logprobs, self.include_usage, self.legacy = with_logprobs, include_usage, legacy_functions
+        self.usage_nulls = include_usage and usage_nulls
         self.id, self.created = results.new_id("chatcmpl"), int(time.time())
         self._sent_logprobs = 0  # entries of outcome.logprobs already sent: each content chunk carries its tokens'
 
@@ -29,7 +31,7 @@ class ChatSurface:
             choice["stop_reason"] = self.outcome.stop_reason
         data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [choice]}
-        if self.include_usage:
+        if self.usage_nulls:
             data["usage"] = None  # OpenAI: "all other chunks will also include a usage field, but with a null value"
         return frame(data)
 

@@ -15,9 +15,10 @@ from ossrun.api.surfaces.frames import error_frames, frame
 class CompletionSurface:
     failed = staticmethod(error_frames)
 
-    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, echo: str = ""):
+    def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, echo: str = "", usage_nulls: bool = True):
         self.outcome, self.model, self.prices = outcome, model, prices
         self.with_logprobs, self.include_usage = with_logprobs, include_usage
+        self.usage_nulls = include_usage and usage_nulls
         self.echo = echo  # the prompt's text, sent before the answer's (`echo: true`; never with logprobs)
         self.id, self.created = results.new_id("cmpl"), int(time.time())
         self._sent_logprobs, self._logprobs = 0, results.LegacyLogprobs()
@@ -27,7 +28,7 @@ class CompletionSurface:
         if finish is not None:
             choice["stop_reason"] = self.outcome.stop_reason
         data = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]}
-        if self.include_usage:
+        if self.usage_nulls:
             data["usage"] = None  # as on chat: every chunk but the usage one says null
         return frame(data)
 
