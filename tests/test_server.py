@@ -185,6 +185,27 @@ def test_models_search_and_schema(server):
     assert "oneOf" in schema["result"]["input"] and "output" in schema["result"]
 
 
+def test_models_search_pages_end_and_filters_apply(server):
+    """Before: every page and every filter gave the same list, so Cloudflare's SDKs, which ask page after page until
+    one is empty (`for m in client.ai.models.list(account_id=...)`), never stopped (hunt_cf #1)."""
+    def search(**params) -> httpx.Response:
+        return httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/search", params=params, headers=server.headers)
+
+    first = search().json()
+    assert [m["id"] for m in first["result"]] == [MODEL]
+    assert first["result_info"] == {"page": 1, "per_page": 20, "count": 1, "total_count": 1}
+    assert search(page=2).json()["result"] == [] and search(page=2, per_page=1).json()["result_info"]["count"] == 0
+    assert [m["id"] for m in search(page=1, per_page=1).json()["result"]] == [MODEL]
+    for params, hits in [({"search": "llama"}, 0), ({"search": "GPT-OSS"}, 1), ({"search": "reasoning"}, 1),
+                         ({"task": "Text Generation"}, 1), ({"task": "text-generation"}, 1), ({"task": "Translation"}, 0),
+                         ({"author": "openai"}, 1), ({"author": "meta"}, 0), ({"source": 1}, 1), ({"source": 2}, 0),
+                         ({"hide_experimental": "true"}, 1)]:
+        assert len(search(**params).json()["result"]) == hits, params
+    for bad in [{"page": 0}, {"per_page": "many"}, {"hide_experimental": "maybe"}]:
+        refused = search(**bad)
+        assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, (bad, refused.text)
+
+
 def test_schemas_state_the_defaults_sampled_with(server):
     """A field left out is sampled with Workers AI's defaults on /ai/run (temperature 0.6, 256 tokens) and OpenAI's on
     /v1 (1.0; 4096 tokens): both schemas said `default: null`, so a reader could not tell the surfaces apart."""

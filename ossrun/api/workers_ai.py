@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -175,10 +175,29 @@ def batch_executor(service: Service):
     return execute
 
 
-@router.get("/models/search", summary="The models this server serves")
-async def models_search(account_id: str, request: Request):
+@router.get("/models/search", summary="The models this server serves, filtered and paged as Cloudflare's search")
+async def models_search(account_id: str, request: Request, page: int = Query(1, ge=1), per_page: int = Query(20, ge=1),
+                        search: str | None = None, task: str | None = None, author: str | None = None,
+                        source: float | None = None, hide_experimental: bool = False):
+    """Cloudflare's SDKs list models by asking page after page until one is empty (`for m in client.ai.models.list()`):
+    a page past the end must be `[]`, or the loop never ends. `search` matches a name or description, `task` a task's
+    name or id, `author` the model's maker, as the hosted search does; none of ours is experimental."""
     service = service_of(request)
-    return envelope([_model_entry(name, service.engine.info.max_model_len) for name in service.model_names])
+    entries = [_model_entry(name, service.engine.info.max_model_len) for name in service.model_names]
+    found = [entry for entry in entries if _matches(entry, search, task, author, source)]
+    shown = found[(page - 1) * per_page: page * per_page]
+    return {**envelope(shown), "result_info": {"page": page, "per_page": per_page, "count": len(shown), "total_count": len(found)}}
+
+
+def _matches(entry: dict[str, Any], search: str | None, task: str | None, author: str | None, source: float | None) -> bool:
+    fold = str.casefold
+    return ((search is None or fold(search) in fold(entry["name"]) or fold(search) in fold(entry["description"]))
+            and (task is None or fold(task) in (fold(entry["task"]["name"]), fold(entry["task"]["id"])))
+            and (author is None or fold(author) == _AUTHOR)
+            and (source is None or source == entry["source"]))
+
+
+_AUTHOR = "openai"  # every model served here is one of OpenAI's gpt-oss
 
 
 def _model_entry(name: str, context_window: int) -> dict[str, Any]:
