@@ -66,6 +66,7 @@ class Finetune:
     created_at: str
     modified_at: str
     description: str = ""
+    public: bool = False  # Cloudflare's flag, kept and listed (`…/finetunes/public`); one server has no other accounts
 
 
 def _now() -> str:
@@ -123,7 +124,7 @@ class FinetuneStore:
         for stale in self.root.glob("*/.staging-*"):  # where older versions staged; the stored files are intact
             shutil.rmtree(stale, ignore_errors=True)
 
-    def create(self, model: str, name: str, description: str = "", reserved: Collection[str] = ()) -> Finetune:
+    def create(self, model: str, name: str, description: str = "", reserved: Collection[str] = (), public: bool = False) -> Finetune:
         """A new fine-tune. `reserved`: names served otherwise (the server's `--lora` adapters), refused like a taken one."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise FinetuneError("name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -137,7 +138,7 @@ class FinetuneStore:
             if _ID_SHAPE.match(name) or any(f.id == name for f in records):
                 raise FinetuneError(f"a fine-tune name cannot look like a fine-tune id: {name!r}")
             now = _now()
-            record = Finetune(str(uuid.uuid4()), name, model, now, now, description or "")
+            record = Finetune(str(uuid.uuid4()), name, model, now, now, description or "", public)
             folder = self.root / record.id
             folder.mkdir()
             _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())

@@ -259,6 +259,19 @@ def upload_server(checkpoints, tmp_path_factory):
     server.stop()
 
 
+def test_public_is_kept_answered_and_listed(upload_server):
+    """Before: `public` (Cloudflare's create field; its SDKs type the answer's `public: bool` as required) was
+    dropped without a word and `GET …/finetunes/public` was a 404 (hunt_cf #3)."""
+    made = httpx.post(api(upload_server, "/finetunes"), json={"model": MODEL, "name": "shared", "public": True}, timeout=30)
+    assert made.status_code == 200 and made.json()["result"]["public"] is True
+    listed = {f["name"]: f["public"] for f in httpx.get(api(upload_server, "/finetunes"), timeout=30).json()["result"]}
+    assert listed["shared"] is True and listed["big"] is False
+    public = httpx.get(api(upload_server, "/finetunes/public"), timeout=30).json()["result"]
+    assert [f["name"] for f in public] == ["shared"]
+    refused = httpx.post(api(upload_server, "/finetunes"), json={"model": MODEL, "name": "odd", "public": "yes"}, timeout=30)
+    assert refused.status_code == 400 and "public" in refused.json()["errors"][0]["message"]
+
+
 def test_a_large_upload_goes_to_disk_as_it_arrives_not_into_memory(upload_server, tmp_path):
     """Before: the route read the whole upload into one `bytes`, so every upload in flight added its size to the
     server's memory (4 × 250 MB: +1 GB). Now it is written to a file in the data directory as it arrives and moved

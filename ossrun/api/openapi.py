@@ -311,6 +311,7 @@ class FinetuneOut(_Out):
     created_at: str
     modified_at: str
     description: str
+    public: bool
 
 
 # -- stream frames (spec §5): one model per `data:` payload ---------------------------------------------
@@ -479,6 +480,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
     ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
+    ("/ai/finetunes/public", "get"): (FinetunesEnvelope, (), (403,)),
     ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
     ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 415, 429)),

@@ -426,6 +426,7 @@ class FinetuneCreate(_Open):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                       description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     description: str | None = None
+    public: bool = False
 
 
 SHAPES: dict[str, tuple[type[BaseModel], str]] = {

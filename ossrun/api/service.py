@@ -185,10 +185,10 @@ class Service:
         self._batch_planning = asyncio.Semaphore(1)
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
-    def create_finetune(self, model: str, name: str, description: str = ""):
+    def create_finetune(self, model: str, name: str, description: str = "", public: bool = False):
         """A new fine-tune; its name may not be one a `--lora` adapter is served under (requests could not tell them
         apart, and the fine-tune would replace that adapter)."""
-        return self.finetunes.create(model, name, description, reserved=self.settings.loras)
+        return self.finetunes.create(model, name, description, reserved=self.settings.loras, public=public)
 
     def upload_finetune_asset(self, id_or_name: str, file_name: str, arrived: Path):
         """Store an uploaded asset (the file `FinetuneStore.arrival` gave) and serve the fine-tune once both are there.

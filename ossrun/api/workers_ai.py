@@ -227,7 +227,7 @@ async def create_finetune(account_id: str, request: Request):
     from ossrun.finetunes import FinetuneError
 
     try:
-        record = service.create_finetune(spec.model, spec.name, spec.description or "")
+        record = service.create_finetune(spec.model, spec.name, spec.description or "", spec.public)
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
     return envelope(_finetune_json(record))
@@ -236,6 +236,11 @@ async def create_finetune(account_id: str, request: Request):
 @router.get("/finetunes", summary="List fine-tunes")
 async def list_finetunes(account_id: str, request: Request):
     return envelope([_finetune_json(r) for r in service_of(request).finetunes.list()])
+
+
+@router.get("/finetunes/public", summary="List the fine-tunes created with public: true")
+async def list_public_finetunes(account_id: str, request: Request):
+    return envelope([_finetune_json(r) for r in service_of(request).finetunes.list() if r.public])
 
 
 NOT_A_FORM = (400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'")
@@ -357,4 +362,4 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
 
 def _finetune_json(record) -> dict[str, Any]:
     return {"id": record.id, "name": record.name, "model": record.model, "created_at": record.created_at,
-            "modified_at": record.modified_at, "description": record.description}
+            "modified_at": record.modified_at, "description": record.description, "public": record.public}
