@@ -116,6 +116,19 @@ def test_repetition_penalty_divides_positive_multiplies_negative_on_prompt_and_o
     assert sample([logits], [state(prompt=[0], repetition_penalty=4.0, temperature=0)]).token_ids == [1]
 
 
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_tiny_repetition_penalty_keeps_logits_and_logprobs_finite(temperature):
+    """Before: a penalty just above 0 (Workers AI's range allows 7e-39) divided a positive logit past float32's
+    largest value: +inf logits, a NaN logprob, and a 500 when the answer was written as JSON (schemathesis found it).
+    The penalised tokens now stay the most likely, at the largest finite logit."""
+    s = state(prompt=[0, 1], repetition_penalty=7e-39, temperature=temperature, seed=3, logprobs=True, top_logprobs=4)
+    out = sample([[3.0, 2.5, 0.5, -1.0]], [s])
+    assert out.token_ids[0] in (0, 1)
+    values = [out.logprobs[0]] + [t.logprob for t in out.top_logprobs[0]]
+    assert all(math.isfinite(v) for v in values), values
+    assert all(v <= 0 for v in values)
+
+
 def test_frequency_and_presence_penalties_count_only_output_tokens():
     s = state(prompt=[1, 1, 1], outputs=[2, 2, 3], frequency_penalty=0.5, presence_penalty=0.25, temperature=0, logprobs=True, top_logprobs=6)
     out = sample([[0.0] * 6], [s])

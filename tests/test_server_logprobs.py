@@ -134,3 +134,10 @@ def test_prompt_shape_returns_the_logprobs_its_schema_offers(demo_server):
     assert texts and all(f["logprobs"]["content"] for f in texts)
     assert [e for f in texts for e in f["logprobs"]["content"]] == entries
     assert "logprobs" not in post_json(demo_server, path, {**body, "logprobs": None})["result"]
+
+
+def test_a_tiny_repetition_penalty_answers_with_finite_logprobs(client):
+    """Before: a 500 (schemathesis): `repetition_penalty` 7e-39 (in range) made +inf logits and NaN logprobs, which
+    no JSON answer can carry."""
+    choice = client.chat.completions.create(**ASK, extra_body={"repetition_penalty": 7e-39}).choices[0]
+    assert all(entry.logprob <= 0 and all(t.logprob <= 0 for t in entry.top_logprobs) for entry in choice.logprobs.content)

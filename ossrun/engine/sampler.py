@@ -328,7 +328,10 @@ def _apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> None:
     if repeated:
         index, penalty = _flat_index(repeated, vocab, logits.device)
         values = flat[index]
-        flat[index] = torch.where(values > 0, values / penalty, values * penalty)
+        # A penalty near 0 (7e-39 is in Workers AI's range) divides past float32: the largest finite logit instead
+        # of +inf, whose softmax is NaN.
+        largest = torch.finfo(flat.dtype).max
+        flat[index] = torch.where(values > 0, values / penalty, values * penalty).clamp_(min=-largest, max=largest)
     counted = _output_rows(states)
     if counted:
         index, amount = _flat_index(counted, vocab, logits.device)
