@@ -476,7 +476,7 @@ RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesE
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
     ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 415, 429)),
-    ("/ai/models/search", "get"): (ModelsEnvelope, (), (403,)),
+    ("/ai/models/search", "get"): (ModelsEnvelope, (), (400, 403)),
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
     ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
