@@ -566,6 +566,41 @@ def test_input_items_ids_are_unique_so_paging_ends(tmp_path):
     assert pages == items
 
 
+def test_item_references_find_the_items_of_a_file_from_before_they_were_indexed(tmp_path):
+    """A data directory written by an older version has responses but no `response_items`: opening it indexes their
+    items once, so an `item_reference` to an item of a conversation held across the upgrade is found (an item stored
+    without an id by the id `input_items` lists it with); a deleted response's items go with it."""
+    import sqlite3
+
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.api.schemas import ResponsesRequest
+    from ossrun.harmony.shapes import InputMessage, ReasoningInput
+
+    path = tmp_path / "batch.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL)")
+    output = [{"type": "reasoning", "id": "rs_out", "content": [{"type": "reasoning_text", "text": "Greet."}]},
+              {"type": "message", "id": "msg_out", "content": [{"type": "output_text", "text": "Hello"}]}]
+    replay = [{"role": "user", "content": "Hi"}, {"type": "reasoning", "id": "rs_out", "content": [{"text": "Greet."}]},
+              {"role": "assistant", "id": "msg_out", "content": "Hello"}]
+    old.execute("INSERT INTO responses VALUES ('resp_old', strftime('%s','now'), ?, ?)",
+                (json.dumps(replay), json.dumps({"id": "resp_old", "output": output})))
+    old.commit()
+    old.close()
+    store = ResponseStore(path)
+    (listed,) = store.input_items("resp_old")
+    references = [{"type": "item_reference", "id": item_id} for item_id in (listed["id"], "rs_out", "msg_out")]
+    request = store.expand(ResponsesRequest.model_validate({"model": "m", "input": references}))
+    assert [type(item) for item in request.input] == [InputMessage, ReasoningInput, InputMessage]
+    assert [item.content for item in request.input[::2]] == ["Hi", "Hello"] and request.input[1].text == "Greet."
+    assert request.input[2].role == "assistant" and request.input[2].model_extra["id"] == "msg_out"
+    rows = "SELECT count(*) FROM response_items"
+    assert store._db.execute(rows).fetchone() == ResponseStore(path)._db.execute(rows).fetchone() == (3,)  # indexed once
+    assert store.delete("resp_old")
+    with pytest.raises(ApiError, match="Item with id 'msg_out' not found"):
+        store.expand(ResponsesRequest.model_validate({"model": "m", "input": references[2:]}))
+
+
 FINETUNES = "/client/v4/accounts/a/ai/finetunes"
 
 

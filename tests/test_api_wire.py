@@ -318,6 +318,8 @@ SCHEMA_INVALID = [
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "no spaces"}),
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": ""}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"type": "web_search_call"}]}),
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"type": "item_reference"}]}),  # names no item
+    (RUN, "ResponsesInput", {"input": [{"type": "item_reference", "id": 7}]}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": []}),  # no prompt to answer (used to run on <|startoftext|>)
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [1, 2]}),  # token ids: text only
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "suffix": "end"}),  # no insertion
@@ -614,7 +616,7 @@ def test_an_unknown_responses_item_is_one_400_naming_its_type(server):
     response = call(server, "POST", "/v1/responses", json={"model": MODEL, "input": [{"type": "web_search_call", "id": "ws"}]})
     message, param = _error(response)
     assert message.endswith("Error: at '/input/0': input item type 'web_search_call' is not supported: items are message, "
-                            "function_call, function_call_output or reasoning") and param == "input[0]", message
+                            "function_call, function_call_output, reasoning or item_reference") and param == "input[0]", message
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", RUN])

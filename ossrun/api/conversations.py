@@ -6,7 +6,9 @@ input items that would replay it: its own input, then its output turned back int
 assistant text, function calls). A follow-up naming it gets those items in front of its own input.
 Every replayed item has an id, as OpenAI's items do: an output item keeps its own (`msg_`, `rs_`, `fc_`), an input
 item keeps the one it was sent with or gets one when stored, so `input_items` names the same item alike in every
-response of a conversation. Kept on disk so a restart does not break a conversation; bounded by count and by age.
+response of a conversation. Each item is also kept by its id (table `response_items`, a row per response holding it),
+so an `item_reference` in a later input finds it: the AI SDK sends one for each earlier output item rather than the
+item. Kept on disk so a restart does not break a conversation; bounded by count and by age.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +27,7 @@ from pydantic import TypeAdapter
 
 from ossrun.api.errors import bad_input
 from ossrun.api.schemas import ResponsesInput
-from ossrun.harmony.shapes import InputItem, InputMessage
+from ossrun.harmony.shapes import InputItem, InputMessage, ItemReference
 
 R = TypeVar("R", bound=ResponsesInput)
 
@@ -34,9 +37,19 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_age ON responses(created_at);
 """
+# Each stored item by the id `input_items` lists it with, one row per response holding it, for `item_reference`. Made
+# with the rows of the responses already stored when missing (a file of an older version): `_index_stored_items`.
+_ITEMS_SCHEMA = (
+    "CREATE TABLE response_items (id TEXT NOT NULL, response_id TEXT NOT NULL, item TEXT NOT NULL, "
+    "PRIMARY KEY (id, response_id))",
+    "CREATE INDEX response_items_response ON response_items(response_id)",
+    # Whatever deletes a response (DELETE, expiry, the count bound) deletes its items.
+    "CREATE TRIGGER responses_items AFTER DELETE ON responses BEGIN DELETE FROM response_items WHERE response_id = old.id; END",
+)
 
 
 _ITEMS = TypeAdapter(list[InputItem])
+_ITEM = TypeAdapter(InputItem)
 
 
 def as_input_items(input_: str | Sequence[InputItem]) -> list[InputItem]:
@@ -106,6 +119,29 @@ class ResponseStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._index_stored_items()
+
+    def expand(self, request: R) -> R:
+        """The request as the model reads it: each `item_reference` in its input replaced by the stored item it names
+        (as if sent inline, its id kept), then a `previous_response_id`'s conversation in front."""
+        request = self._resolve_references(request)
+        return request if request.previous_response_id is None else self.continue_from(request)
+
+    def _resolve_references(self, request: R) -> R:
+        if isinstance(request.input, str) or not any(isinstance(item, ItemReference) for item in request.input):
+            return request
+        return request.model_copy(update={"input": [self._referenced(item, i) if isinstance(item, ItemReference) else item
+                                                    for i, item in enumerate(request.input)]})
+
+    def _referenced(self, reference: ItemReference, index: int) -> InputItem:
+        """The stored item `input[index]` names (from the newest response holding it); a 400 in OpenAI's words if none."""
+        with self._lock:
+            row = self._db.execute("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id "
+                                   "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at DESC LIMIT 1",
+                                   (reference.id, time.time() - self.retention_s)).fetchone()
+        if row is None:
+            raise bad_input(f"Error: at '/input/{index}/id': Item with id {reference.id!r} not found.", f"input[{index}].id")
+        return _ITEM.validate_python(json.loads(row[0]))
 
     def continue_from(self, request: R) -> R:
         """The request with the named response's conversation in front of its input; 400 if unknown."""
@@ -132,16 +168,8 @@ class ResponseStore:
                                    (response_id, time.time() - self.retention_s)).fetchone()
         if row is None:
             return None
-        replay, output = json.loads(row[0]), json.loads(row[1]).get("output") or []
-        inputs = replay[:len(replay) - sum(output_as_input(item) is not None for item in output)]
-        listed, seen = [], set()
-        for index, item in enumerate(inputs):
-            # An id sent twice (the same output item passed back twice) is listed once: a page ending at a repeated
-            # id would send the SDK's auto-paging (`after` = that id) round in circles.
-            fallback = _derived_id(response_id, index, item)
-            listed.append(listed_item(item if item.get("id") not in seen else {**item, "id": fallback}, fallback))
-            seen.add(listed[-1]["id"])
-        return listed
+        inputs, _ = _split(json.loads(row[0]), json.loads(row[1]))
+        return [listed_item({**item, "id": item_id}, item_id) for item_id, item in zip(_listed_ids(response_id, inputs), inputs)]
 
     def delete(self, response_id: str) -> bool:
         """Forget a stored response (it can no longer be retrieved or continued); False if there was none."""
@@ -154,14 +182,39 @@ class ResponseStore:
         """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
         if not store or self.capacity <= 0:
             return
-        replay = [_with_id(item) for item in _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)]
-        replay += [i for i in map(output_as_input, response.get("output") or []) if i is not None]
+        inputs = [_with_id(item) for item in _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)]
+        outputs = [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
-        with self._lock:
+        with self._lock, self._transaction():
             self._db.execute("INSERT OR REPLACE INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",
-                             (response_id, now, json.dumps(replay), json.dumps(response)))
+                             (response_id, now, json.dumps(inputs + outputs), json.dumps(response)))
+            self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
+            # The trigger `responses_items` drops the items of every response deleted here.
             self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
                              "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+
+    def _index_stored_items(self) -> None:
+        """A file without `response_items` (an older version's) gets it, with every stored response's items, in one
+        transaction: a reference to an item of a conversation held across the upgrade is found."""
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'response_items'").fetchone():
+                return
+            for statement in _ITEMS_SCHEMA:
+                self._db.execute(statement)
+            for response_id, replay, response in self._db.execute("SELECT id, replay, response FROM responses").fetchall():
+                inputs, outputs = _split(json.loads(replay), json.loads(response))
+                self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction (the caller holds the lock): a response is kept with its items, or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _row(self, column: str, response_id: str) -> str | None:
         with self._lock:
@@ -172,6 +225,34 @@ class ResponseStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_INSERT_ITEM = "INSERT OR REPLACE INTO response_items (id, response_id, item) VALUES (?, ?, ?)"
+
+
+def _split(replay: list[dict[str, Any]], response: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A stored replay as (the input items the response was generated from, its output items as input)."""
+    outputs = sum(output_as_input(item) is not None for item in response.get("output") or [])
+    return replay[:len(replay) - outputs], replay[len(replay) - outputs:]
+
+
+def _listed_ids(response_id: str, inputs: list[dict[str, Any]]) -> list[str]:
+    """The id each input item is listed (and found) by: its own, or one derived from its place (an item stored
+    without one by an older version, or an id sent twice: a page ending at a repeated id would send the SDK's
+    auto-paging, `after` = that id, round in circles)."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    for index, item in enumerate(inputs):
+        own = item.get("id")
+        ids.append(own if isinstance(own, str) and own and own not in seen else _derived_id(response_id, index, item))
+        seen.add(ids[-1])
+    return ids
+
+
+def _item_rows(response_id: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The `response_items` rows of a stored response: each item it holds, by the id `input_items` lists it with."""
+    named = [*zip(_listed_ids(response_id, inputs), inputs), *((item["id"], item) for item in outputs)]
+    return [(item_id, response_id, json.dumps({**item, "id": item_id})) for item_id, item in named]
 
 
 def _derived_id(response_id: str, index: int, item: dict[str, Any]) -> str:

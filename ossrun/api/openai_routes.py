@@ -56,8 +56,7 @@ async def responses(request: Request):
     service: Service = service_of(request)
     body = schemas.parse(schemas.ResponsesRequest, await json_body(request))
     service.check_model(body.model)
-    if body.previous_response_id is not None:
-        body = service.responses.continue_from(body)
+    body = service.responses.expand(body)  # item references resolved, previous_response_id prepended
     return await _answer(request, service, asks.from_responses(body), body.model)
 
 

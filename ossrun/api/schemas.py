@@ -23,9 +23,11 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     FunctionDef,
     InputItem,
     InputMessage,
+    ItemReference,
     Message,
     OpenAIMessage,
     ReasoningInput,
+    RequestItem,
     Shape,
     TextPart,
     Tool,
@@ -247,7 +249,8 @@ def _responses_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
 
 class ResponsesInput(_Open):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(WORKERS_AI_DEFAULTS)
-    input: str_or_list(InputItem)  # type: ignore[valid-type]
+    # An `item_reference` is replaced by the stored item it names (`ResponseStore.expand`) before anything reads `input`.
+    input: str_or_list(RequestItem)  # type: ignore[valid-type]
     instructions: str | None = None
     reasoning: Reasoning | None = None
     tools: list[Tool] | None = None

@@ -38,8 +38,7 @@ def parse_run(service: Service, body: Any) -> Ask:
         return asks.from_prompt(model)
     if shape == "messages":
         return asks.from_messages(model)
-    if model.previous_response_id is not None:
-        model = service.responses.continue_from(model)
+    model = service.responses.expand(model)  # item references resolved, previous_response_id prepended
     return asks.from_responses(model)
 
 

@@ -234,6 +234,8 @@ def _responses_item(out: Converted, item: InputItem, where: str) -> None:
         _add_tool_result(out, out.tool_names_by_call_id[item.call_id], _output_texts(item.output, where), item.call_id)
     elif isinstance(item, ReasoningInput):
         _add_reasoning(out, item.text)
+    else:  # an `item_reference` the API left unresolved: a bug, never the caller's mistake
+        raise TypeError(f"{where}: an input item of type {type(item).__name__} cannot be rendered")
 
 
 def _check_responses_outputs(out: Converted) -> None:

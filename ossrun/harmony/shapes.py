@@ -255,19 +255,33 @@ ITEM_TYPES = {"message": InputMessage, "function_call": FunctionCallInput, "func
               "reasoning": ReasoningInput}
 
 
-def _known_item(item: Any) -> Any:
-    """An item of another type (`web_search_call`, `item_reference`, …) is refused by name."""
-    if isinstance(item, dict) and item.get("type", "message") not in tuple(ITEM_TYPES):
-        raise PydanticCustomError("item_type", "input item type {type} is not supported: items are {types}",
-                                  {"type": repr(item["type"]), "types": _or(tuple(ITEM_TYPES))})
-    return item
+class ItemReference(Shape):
+    """OpenAI's `item_reference`: an item of a stored response named by its id, in place of the item itself (the AI
+    SDK's `openai()` sends one for each earlier output item, as `store` is true by default). Never rendered: the API
+    puts the stored item in its place (`api/conversations.py`) before harmony reads the input."""
+
+    type: Literal["item_reference"]
+    id: str
 
 
-def _item_model(item: Any) -> str:
-    """The model an item is validated as, named as pydantic labels a union's models (which error paths leave out)."""
-    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    return ITEM_TYPES.get(kind if isinstance(kind, str) else "message", InputMessage).__name__
+def item_union(types: dict[str, type[Shape]]) -> Any:
+    """An input item of one of `types` (the branch its `type` names; none: a message), any other type refused by name
+    (`web_search_call`, …) with one error, where the union would list what each branch wanted."""
+
+    def known(item: Any) -> Any:
+        if isinstance(item, dict) and item.get("type", "message") not in types:
+            raise PydanticCustomError("item_type", "input item type {type} is not supported: items are {types}",
+                                      {"type": repr(item["type"]), "types": _or(tuple(types))})
+        return item
+
+    def model(item: Any) -> str:  # named as pydantic labels a union's models (which error paths leave out)
+        kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+        return types.get(kind if isinstance(kind, str) else "message", InputMessage).__name__
+
+    return Annotated[Union[tuple(Annotated[m, Tag(m.__name__)] for m in types.values())],  # type: ignore[misc]
+                     Discriminator(model), BeforeValidator(known)]
 
 
-InputItem = Annotated[Union[tuple(Annotated[model, Tag(model.__name__)] for model in ITEM_TYPES.values())],  # type: ignore[misc]
-                      Discriminator(_item_model), BeforeValidator(_known_item)]
+# What harmony renders, and what a request may send: the items, or a reference to a stored one.
+InputItem = item_union(ITEM_TYPES)
+RequestItem = item_union({**ITEM_TYPES, "item_reference": ItemReference})
