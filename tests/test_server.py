@@ -152,6 +152,32 @@ def test_openai_refuses_limits_and_sampling_it_would_ignore(server, which):
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=1, extra_body={"min_p": 0.5}).choices
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_responses_refuse_a_conversation_and_echo_background(server, which):
+    """`conversation` (OpenAI's Conversations API, sent by openai-node and the AI SDK) was accepted and ignored: the
+    model answered without the history the client believed it sent. A 400 naming it on every Responses surface (null
+    is accepted). `background: true` is served as a plain request (the answer is complete) and echoed as sent."""
+    client = clients(server)[which]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, conversation="conv_does_not_exist")
+    assert caught.value.body["param"] == "conversation"
+    assert "conversations are not supported: use previous_response_id" in caught.value.body["message"]
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"conversation": None}).background is False
+    served = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, background=True)
+    assert served.background is True and served.status in ("completed", "incomplete")
+    assert client.responses.retrieve(served.id).background is True
+    for body, where in (({"input": "Hi", "conversation": {"id": "conv_1"}}, ""),
+                        ({"requests": [{"input": "Hi", "conversation": "conv_1"}]}, " (in requests[0])")):
+        refused = post(server, body)
+        assert refused.status_code == 400 and error_code(refused) == 5006, refused.text
+        assert refused.json()["errors"][0]["message"].endswith(
+            f"at '/conversation': Value error, conversations are not supported: use previous_response_id{where}")
+    components = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()["components"]["schemas"]
+    shapes = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL},
+                       headers=server.headers).json()["result"]["input"]["$defs"]
+    assert components["ResponsesRequest"]["properties"]["conversation"]["type"] == shapes["ResponsesInput"]["properties"]["conversation"]["type"] == "null"
+
+
 # -- raw Workers AI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, key", [

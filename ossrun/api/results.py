@@ -102,7 +102,7 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
 # Request fields a Responses object repeats back, with OpenAI's value when the request left them out.
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
           "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None,
-          "top_logprobs": 0}
+          "top_logprobs": 0, "background": False}
 
 
 def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:

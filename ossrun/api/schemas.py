@@ -242,6 +242,13 @@ def _not_here(hint: str) -> Any:
     return Field(None, description=f"not a Responses parameter: {hint}")
 
 
+# Responses parameters of OpenAI's that ossrun does not implement and that would change what the model reads: ignored,
+# the answer would lack what the client believes it sent, so each is a 400 naming it (null is accepted). `conversation`
+# (OpenAI's Conversations API, which openai-node's `responses.create({conversation})` and the AI SDK's
+# `providerOptions.openai.conversation` send) would prepend that conversation's items and add the answer to it.
+UNSUPPORTED_RESPONSES = {"conversation": "conversations are not supported: use previous_response_id"}
+
+
 def _responses_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
     """`stated_defaults` without the names the Responses shape refuses."""
     return {name: value for name, value in stated_defaults(defaults).items() if name not in NOT_RESPONSES}
@@ -285,12 +292,23 @@ class ResponsesInput(_Open):
     top_k: None = _not_here(NOT_RESPONSES["top_k"])
     min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
+    conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
+    # OpenAI's background mode (answer `queued` at once, the client polls) is served as a plain request: the client
+    # gets the finished response, which it can retrieve later as well (stored unless `store: false`). Echoed as sent.
+    background: bool | None = None
 
     @field_validator(*NOT_RESPONSES, mode="before")
     @classmethod
     def _not_a_responses_parameter(cls, value: Any, info: ValidationInfo) -> Any:
         if value is not None:
             raise ValueError(f"{info.field_name} is not a Responses parameter: {NOT_RESPONSES[info.field_name]}")
+        return value
+
+    @field_validator(*UNSUPPORTED_RESPONSES, mode="before")
+    @classmethod
+    def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(UNSUPPORTED_RESPONSES[info.field_name])
         return value
 
 
