@@ -150,7 +150,7 @@ def generate(
     token_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated (bypasses the tokenizer)."),
     max_tokens: int = typer.Option(32, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
-    top_p: float = typer.Option(1.0, help="In (0, 1]."),
+    top_p: float = typer.Option(1.0, help="In [0, 1]; 0 keeps only the most likely token."),
     top_k: int = typer.Option(0, min=0, help="0: no top-k cut."),
     seed: Optional[int] = typer.Option(None),
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),

@@ -102,10 +102,10 @@ def test_a_prompt_the_engine_refuses_is_one_line(checkpoints, args, expected):
 
 def test_sampling_values_out_of_range_are_refused_before_loading():
     """inf and 1e309 (inf to a float) as --temperature sampled a uniformly random answer."""
-    for args, expected in ((("--top-p", "2"), "top_p must be in (0, 1]"), (("--top-k", "-1"), "--top-k"),
+    for args, expected in ((("--top-p", "2"), "top_p must be in [0, 1]"), (("--top-k", "-1"), "--top-k"),
                            (("--temperature", "inf"), "temperature must be a finite number"),
                            (("--temperature", "1e309"), "temperature must be a finite number"),
-                           (("--top-p", "inf"), "top_p must be in (0, 1]")):
+                           (("--top-p", "inf"), "top_p must be in [0, 1]")):
         result = ossrun("generate", "--model", "/nonexistent", "--token-ids", "1", *args)
         assert result.returncode == 2 and expected in result.stderr, result.stderr
 

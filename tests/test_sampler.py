@@ -258,6 +258,19 @@ def test_tiny_top_p_keeps_only_the_top_token(top_k):
         assert sample([DYADIC], [state(top_p=1e-9, top_k=top_k, seed=seed)]).token_ids == [1]
 
 
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_top_p_zero_is_the_smallest_nucleus(top_k):
+    """OpenAI's range takes top_p 0 (SamplingParams refused it): the most likely token alone, at any temperature, as
+    greedy picks it (ties → the lowest id), also when more tokens tie at the top than the nucleus' first candidates."""
+    flat = [NEG] * 2000
+    flat[700:1000] = [0.0] * 300  # 300 tokens tied at the top, more than the 128 candidates looked at first
+    for seed in range(20):
+        assert sample([DYADIC], [state(top_p=0.0, top_k=top_k, temperature=2.0, seed=seed)]).token_ids == [1]
+        assert sample([[0.0, 3.0, 3.0, 1.0]], [state(top_p=0.0, top_k=top_k, seed=seed)]).token_ids == [1]
+        assert sample([flat], [state(top_p=0.0, top_k=top_k, temperature=2.0, seed=seed)]).token_ids == [700]
+    assert sample([DYADIC, DYADIC], [state(top_p=0.0), state(temperature=0.0)]).token_ids == [1, 1]
+
+
 @pytest.mark.parametrize("top_k", [0, 4])
 def test_top_p_ties_keep_the_lowest_ids(top_k):
     logits = [0.0, 0.0, 0.0, 0.0, NEG, NEG]  # four tokens of exactly 1/4

@@ -178,6 +178,59 @@ def test_responses_refuse_a_conversation_and_echo_background(server, which):
     assert components["ResponsesRequest"]["properties"]["conversation"]["type"] == shapes["ResponsesInput"]["properties"]["conversation"]["type"] == "null"
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["bare", "account-prefixed"])
+def test_openai_routes_take_openais_sampling_ranges(server, which):
+    """`/v1` took Workers AI's ranges: `top_p: 0` was a 400 and `temperature` 2 … 5 was served (5 gave 4096 tokens of
+    noise). OpenAI's are temperature 0 … 2 and top_p 0 … 1, where 0 keeps only the most likely token: the greedy answer
+    at any temperature. The penalties' -2 … 2 are OpenAI's too."""
+    client = clients(server)[which]
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    greedy = client.chat.completions.create(**chat, temperature=0).choices[0].message.content
+    for seed in (1, 2):
+        assert client.chat.completions.create(**chat, temperature=2, top_p=0, seed=seed).choices[0].message.content == greedy
+    text = client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0).choices[0].text
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=2, top_p=0, seed=3).choices[0].text == text
+    answer = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, temperature=2, top_p=0)
+    assert (answer.temperature, answer.top_p) == (2.0, 0.0)
+    refused = [(lambda **kw: client.chat.completions.create(**chat, **kw)),
+               (lambda **kw: client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, **kw)),
+               (lambda **kw: client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, **kw))]
+    for create in refused:
+        for name, value in (("temperature", 2.5), ("temperature", 5), ("top_p", -0.1), ("top_p", 1.5)):
+            with pytest.raises(openai.BadRequestError) as caught:
+                create(**{name: value})
+            assert caught.value.body["param"] == name, (name, value)
+    for create in refused[:2]:
+        for name in ("frequency_penalty", "presence_penalty"):
+            create(**{name: -2.0})
+            with pytest.raises(openai.BadRequestError) as caught:
+                create(**{name: 2.5})
+            assert caught.value.body["param"] == name
+
+
+def test_ai_run_keeps_workers_ai_sampling_ranges(server):
+    """`/ai/run` takes Workers AI's ranges exactly (spec §2): temperature up to 5, top_p from 0.001; both documents
+    state each surface's ranges as its server takes them."""
+    for shape in ({"prompt": "Hi", "max_tokens": 3}, {"input": "Hi", "max_output_tokens": 3}):
+        assert post(server, {**shape, "temperature": 5, "top_p": 0.001}).status_code == 200
+        for name, value in (("top_p", 0), ("temperature", 5.5)):
+            refused = post(server, {**shape, name: value})
+            assert refused.status_code == 400 and f"at '/{name}'" in refused.text, refused.text
+    shapes = httpx.get(f"{server.base}/client/v4/accounts/acct/ai/models/schema", params={"model": MODEL},
+                       headers=server.headers).json()["result"]["input"]["$defs"]
+    components = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()["components"]["schemas"]
+
+    def ranges(schema: dict, field: str) -> tuple:
+        (number,) = [branch for branch in schema["properties"][field]["anyOf"] if branch.get("type") == "number"]
+        return number.get("minimum"), number.get("maximum")
+
+    for documents in (shapes, components):
+        for shape in ("PromptInput", "MessagesInput", "ResponsesInput"):
+            assert (ranges(documents[shape], "temperature"), ranges(documents[shape], "top_p")) == ((0, 5), (0.001, 1)), shape
+    for shape in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
+        assert (ranges(components[shape], "temperature"), ranges(components[shape], "top_p")) == ((0, 2), (0, 1)), shape
+
+
 # -- raw Workers AI -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, key", [

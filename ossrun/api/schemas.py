@@ -43,6 +43,11 @@ StopText = Annotated[str, Field(min_length=1)]
 # OpenAI's `seed` is any signed 64-bit integer (its OpenAPI spec, and vLLM, take the whole range); Workers AI's is
 # 1 … 9999999999 (spec §2), kept on `/ai/run`. The sampler folds any integer into its generator's range.
 OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
+# OpenAI's sampling ranges, on `/v1` (and `…/ai/v1`): `temperature` 0 … 2 and `top_p` 0 … 1, where 0 keeps only the
+# most likely token (the smallest nucleus). `/ai/run` keeps Workers AI's (spec §2: 0 … 5 and 0.001 … 1), so a body written
+# for either API is served as that API serves it. The penalties' ranges (-2 … 2) are the same on both.
+OpenAITemperature = Annotated[float | None, Field(None, ge=0, le=2)]
+OpenAITopP = Annotated[float | None, Field(None, ge=0, le=1)]
 
 # The largest answer limit (`max_tokens` and its siblings) a body may state: int32's, as most servers' limits are. Any
 # value past the context window is a code-8 400 naming the window; past this one it is a field error like any range.
@@ -383,6 +388,8 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
     model: str
     seed: OpenAISeed
+    temperature: OpenAITemperature
+    top_p: OpenAITopP
     messages: list[OpenAIMessage] = Field(min_length=1)  # OpenAI's legacy `function` role too
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
     # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
@@ -399,6 +406,8 @@ class ResponsesRequest(ResponsesInput):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(OPENAI_DEFAULTS)
     model: str
     seed: OpenAISeed
+    temperature: OpenAITemperature
+    top_p: OpenAITopP
 
 
 MAX_PROMPTS = 16
@@ -410,6 +419,8 @@ class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
                                                            {"properties": {"response_format": _FREE_TEXT}}]})
     model: str
     seed: OpenAISeed
+    temperature: OpenAITemperature
+    top_p: OpenAITopP
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(

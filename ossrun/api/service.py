@@ -155,7 +155,7 @@ def _sampling_params(ask: Ask, defaults: dict[str, Any], max_tokens: int, vocab_
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=ask.temperature if ask.temperature is not None else defaults["temperature"],
-            top_p=ask.top_p or 1.0,
+            top_p=ask.top_p if ask.top_p is not None else 1.0,  # 0 (OpenAI's minimum) keeps only the most likely token
             top_k=ask.top_k or 0,
             min_p=ask.min_p or 0.0,
             seed=ask.seed,

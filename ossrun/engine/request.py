@@ -43,7 +43,7 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             # `>= 0` alone lets inf through (and a uniformly random answer out); NaN fails every comparison.
             (0 <= self.temperature < math.inf, "temperature must be a finite number, 0 or more"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),  # 0: the smallest nucleus, the most likely token alone
             (self.top_k >= 0, "top_k must be non-negative"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (0 < self.repetition_penalty < math.inf, "repetition_penalty must be a finite number greater than 0"),

@@ -27,7 +27,8 @@ Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate`
    before top_p, as vLLM applies it, so top_p's nucleus is taken of what min_p left.
 9. top_p (1 = off): softmax over what is left, then keep the smallest set of highest-probability
    tokens whose cumulative probability is ≥ top_p (a token is kept iff the tokens ranked above it
-   sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept.
+   sum to < top_p: the same cut as vLLM's ascending `cumsum <= 1 - p`). The top token is always kept, so
+   top_p = 0 (OpenAI's minimum) is the smallest nucleus: the most likely token alone, as greedy picks it.
    Ties at the cut are broken by lowest token id, so the set is deterministic (vLLM's is arbitrary).
 10. Draw: an exponential race, as vLLM samples (`probs / Exp(1)`, argmax): token i gets its own
    E_i ~ Exp(1) and the largest p_i / E_i wins, which picks i with probability exactly p_i / Σp.
