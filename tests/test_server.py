@@ -280,6 +280,10 @@ def test_models_search_pages_end_and_filters_apply(server):
                          ({"author": "openai"}, 1), ({"author": "meta"}, 0), ({"source": 1}, 1), ({"source": 2}, 0),
                          ({"hide_experimental": "true"}, 1)]:
         assert len(search(**params).json()["result"]) == hits, params
+    base = f"{server.base}/client/v4/accounts/acct/ai"
+    # Cloudflare's SDKs' `ai.tasks.list` / `ai.authors.list` (were 404s): the served models' task and maker
+    assert [t["id"] for t in httpx.get(f"{base}/tasks/search", headers=server.headers).json()["result"]] == ["text-generation"]
+    assert [a["name"] for a in httpx.get(f"{base}/authors/search", headers=server.headers).json()["result"]] == ["openai"]
     for bad in [{"page": 0}, {"per_page": "many"}, {"hide_experimental": "maybe"}]:
         refused = search(**bad)
         assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, (bad, refused.text)

@@ -424,6 +424,20 @@ class ModelsEnvelope(_Envelope):
     result: list[ModelEntry]
 
 
+class TasksEnvelope(_Envelope):
+    result: list[Task]
+
+
+class Author(_Out):
+    id: str
+    name: str
+    description: str
+
+
+class AuthorsEnvelope(_Envelope):
+    result: list[Author]
+
+
 class SchemaEnvelope(_Envelope):
     result: ModelSchemas
 
@@ -470,13 +484,15 @@ class Health(_Out):
                                                   "(the queue stands still; interactive requests are still served)")
 
 
-RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
+RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, TasksEnvelope, AuthorsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
                    ChatCompletion, ResponseObject, ResponseDeleted, InputItemList, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
     ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 415, 429)),
     ("/ai/models/search", "get"): (ModelsEnvelope, (), (400, 403)),
+    ("/ai/tasks/search", "get"): (TasksEnvelope, (), (403,)),
+    ("/ai/authors/search", "get"): (AuthorsEnvelope, (), (403,)),
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
     ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),

@@ -174,6 +174,10 @@ def batch_executor(service: Service):
     return execute
 
 
+_TEXT_GENERATION = {"id": "text-generation", "name": "Text Generation",
+                    "description": "Family of generative text models, such as large language models (LLM), that can be adapted for a variety of natural language tasks."}
+
+
 @router.get("/models/search", summary="The models this server serves, filtered and paged as Cloudflare's search")
 async def models_search(account_id: str, request: Request, page: int = Query(1, ge=1), per_page: int = Query(20, ge=1),
                         search: str | None = None, task: str | None = None, author: str | None = None,
@@ -199,6 +203,16 @@ def _matches(entry: dict[str, Any], search: str | None, task: str | None, author
 _AUTHOR = "openai"  # every model served here is one of OpenAI's gpt-oss
 
 
+@router.get("/tasks/search", summary="The tasks of the models served (Cloudflare's SDKs: `ai.tasks.list`)")
+async def tasks_search(account_id: str, request: Request):
+    return envelope([_TEXT_GENERATION])
+
+
+@router.get("/authors/search", summary="The makers of the models served (Cloudflare's SDKs: `ai.authors.list`)")
+async def authors_search(account_id: str, request: Request):
+    return envelope([{"id": _AUTHOR, "name": _AUTHOR, "description": "OpenAI's open-weight gpt-oss models"}])
+
+
 def _model_entry(name: str, context_window: int) -> dict[str, Any]:
     """`context_window`: what this server serves (`--max-model-len`, or what the KV cache holds), which a client sizes its
     prompts by; not the model's 131072, which a request here may not get."""
@@ -206,8 +220,7 @@ def _model_entry(name: str, context_window: int) -> dict[str, Any]:
     return {
         "id": name, "source": 1, "name": name,
         "description": f"OpenAI's open-weight gpt-oss-{size} reasoning model, served locally by ossrun.",
-        "task": {"id": "text-generation", "name": "Text Generation",
-                 "description": "Family of generative text models, such as large language models (LLM), that can be adapted for a variety of natural language tasks."},
+        "task": _TEXT_GENERATION,
         "tags": [], "properties": [{"property_id": "context_window", "value": str(context_window)}, {"property_id": "lora", "value": "true"}],
     }
 
