@@ -196,3 +196,33 @@ def test_usage_has_the_cache_writes_the_openai_sdk_requires(server):
     assert again.input_tokens_details.cached_tokens == (again.input_tokens - 1) // 16 * 16
     assert again.input_tokens_details.cache_write_tokens == 0
 
+
+
+def test_a_response_object_always_has_error_incomplete_details_and_text(server):
+    """Before: a response left out `error` and `incomplete_details` when unset (OpenAI always sends both, null; openai-
+    node types them as required, so `response.error !== null` fired) and echoed `text: null` where OpenAI names the
+    format, `{"format": {"type": "text"}}` when none was asked. In every object: sync, stream frames, retrieve."""
+    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 64, "temperature": 0}
+    plain = {"error": None, "incomplete_details": None, "text": {"format": {"type": "text"}}}
+
+    def keys(response: dict) -> dict:
+        return {key: response.get(key, "missing") for key in plain}
+
+    sync = post_json(server, "/v1/responses", body)
+    assert sync["status"] == "completed" and keys(sync) == plain
+    assert keys(httpx.get(f"{server.base}/v1/responses/{sync['id']}", headers=server.headers).json()) == plain
+    streamed = [e["response"] for e in events(server, body) if "response" in e]
+    assert [r["status"] for r in streamed] == ["in_progress", "in_progress", "completed"]
+    assert all(keys(r) == plain for r in streamed)
+    run = httpx.post(server.run_url(), json=body, headers=server.headers, timeout=120).json()["result"]
+    assert keys(run) == plain
+    cut = post_json(server, "/v1/responses", {**body, "max_output_tokens": 8})
+    assert keys(cut) == {**plain, "incomplete_details": {"reason": "max_output_tokens"}}
+
+    fmt = {"type": "json_schema", "name": "city", "schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+           "strict": True}
+    asked = post_json(server, "/v1/responses", {**body, "text": {"format": fmt}})
+    assert asked["text"] == {"format": fmt}
+    chat_spelled = {"type": "json_schema", "json_schema": {"name": "city", "schema": fmt["schema"]}}
+    assert post_json(server, "/v1/responses", {**body, "response_format": chat_spelled})["text"] == {"format": {**fmt, "strict": False}}
+    assert post_json(server, "/v1/responses", {**body, "response_format": {"type": "json_object"}})["text"] == {"format": {"type": "json_object"}}

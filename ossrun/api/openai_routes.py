@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 
 from ossrun.api import ask as asks
-from ossrun.api import choices, schemas, surfaces
+from ossrun.api import choices, results, schemas, surfaces
 from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.service import Service, usage
 from ossrun.api.errors import ApiError, bad_input
@@ -97,7 +97,7 @@ async def stored_response(response_id: str, request: Request):
     response = service_of(request).responses.get(response_id)
     if response is None:
         raise _not_stored(response_id)
-    return response
+    return results.with_current_keys(response)
 
 
 async def delete_response(response_id: str, request: Request):

@@ -202,6 +202,18 @@ class ResponseError(_Out):
     message: str
 
 
+class TextFormat(_Out):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None  # json_schema: the format's name, its schema and strict beside it (the Responses spelling)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseText(_Out):
+    format: TextFormat = Field(description="The format the answer was held to (`text.format`, or a `response_format`) "
+                               "in the Responses spelling; `{\"type\": \"text\"}` when none was asked")
+
+
 class ResponseObject(_Out):
     id: str
     object: Literal["response"]
@@ -213,8 +225,11 @@ class ResponseObject(_Out):
     usage: ResponsesUsage | None
     tools: list[FunctionTool]
     parallel_tool_calls: bool
-    incomplete_details: IncompleteDetails | None = None
-    error: ResponseError | None = None  # with status "failed" (a stream's `response.failed`)
+    # Always present, null when unset, as OpenAI sends them: `error` with status "failed" (a stream's
+    # `response.failed`), `incomplete_details` with status "incomplete".
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    text: ResponseText
 
 
 # -- completions and models ------------------------------------------------------------------------------

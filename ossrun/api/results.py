@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 from ossrun import harmony
-from ossrun.api.schemas import NamedToolChoice, ResponsesInput, Tool, WrappedTool
+from ossrun.api.ask import final_format
+from ossrun.api.schemas import NamedToolChoice, ResponseFormat, ResponsesInput, Tool, WrappedTool
 from ossrun.api.service import Outcome, usage
 
 
@@ -99,10 +100,11 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
             "status": status}
 
 
-# Request fields a Responses object repeats back, with OpenAI's value when the request left them out.
+# Request fields a Responses object repeats back, with OpenAI's value when the request left them out (`text`: OpenAI
+# always names the answer's format, plain text when none was asked).
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
-          "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None,
-          "top_logprobs": 0, "background": False}
+          "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None, "reasoning": None, "text": {"format": {"type": "text"}},
+          "store": True, "metadata": None, "top_logprobs": 0, "background": False}
 
 
 def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:
@@ -117,7 +119,28 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
         fields["tools"] = [function_tool(tool) for tool in request.tools]
     if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
         fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
+    fields["text"] = echoed_text(request)
     return fields
+
+
+def echoed_text(request: ResponsesInput) -> dict[str, Any]:
+    """`text` as OpenAI echoes it, its `format` always set: the format the answer was held to (`text.format`, or the
+    `response_format` this shape also takes, which wins as in `ask.from_responses`) in the Responses spelling, and
+    `{"type": "text"}` when none was asked."""
+    sent = request.text.model_dump(mode="json", exclude_unset=True, exclude_none=True, by_alias=True) if request.text else {}
+    asked = request.response_format or (request.text.format if request.text else None)
+    return {**sent, "format": responses_format(asked) if asked is not None else {"type": "text"}}
+
+
+def responses_format(fmt: ResponseFormat) -> dict[str, Any]:
+    """A format in any of its spellings (chat's wrapper, Workers AI's bare schema, the Responses' flat one) as a
+    Responses `text.format`: a `json_schema` flat, with the name the model was told (`structured_output` when the
+    request gave none), its schema and `strict` as applied."""
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    final = final_format(fmt)
+    spelled = {"type": "json_schema", "name": final.name or "structured_output", "schema": final.schema, "strict": final.strict}
+    return spelled if final.description is None else {**spelled, "description": final.description}
 
 
 def function_tool(tool: Tool) -> dict[str, Any]:
@@ -132,15 +155,22 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
                     output: list[dict[str, Any]] | None = None, request: ResponsesInput | None = None,
                     sampling: dict[str, float] | None = None) -> dict[str, Any]:
     """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell.
-    `created_at` is the response's one creation time: every event and the stored copy carry the same."""
+    `created_at` is the response's one creation time: every event and the stored copy carry the same. `error` and
+    `incomplete_details` are always there, null when unset, as OpenAI sends them (openai-node types them as required:
+    `if (response.error !== null)` fires on a missing key)."""
     status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
-    body: dict[str, Any] = {"id": response_id, "object": "response", "created_at": created_at, "model": model,
-                            "status": status, "output": output or [], "output_text": text,
-                            "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request, sampling)}
-    if status == "incomplete":
-        body["incomplete_details"] = {"reason": "max_output_tokens"}
-    return body
+    return {"id": response_id, "object": "response", "created_at": created_at, "model": model, "status": status,
+            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "output": output or [], "output_text": text,
+            "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request, sampling)}
+
+
+def with_current_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored response as `response_object` builds it now: one kept by an older version lacks `error` and
+    `incomplete_details` and has `text: null` (plain text then, unless it had a `response_format`, which it no
+    longer says)."""
+    return {"error": None, "incomplete_details": None, **stored, "text": stored.get("text") or dict(ECHOED["text"])}
 
 
 class LegacyLogprobs:

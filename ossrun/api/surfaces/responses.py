@@ -85,8 +85,8 @@ class ResponsesSurface:
         if self.current is not None:
             self._fill(cut=True)
             self.current = None
-        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message}}
-        response.pop("incomplete_details", None)
+        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message},
+                    "incomplete_details": None}
         return [self._event("response.failed", response=response)]
 
     def result(self) -> dict[str, Any]:
