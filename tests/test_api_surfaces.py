@@ -182,16 +182,21 @@ def _sdk_event_types() -> dict:
     return found
 
 
+@pytest.mark.parametrize("summary", [None, "auto"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_responses_objects_and_events_validate_as_the_sdk_types(app, script):
-    """Strictly, as typed clients deserialize: `parallel_tool_calls` on every response, `logprobs` on answer text events."""
+def test_responses_objects_and_events_validate_as_the_sdk_types(app, script, summary):
+    """Strictly, as typed clients deserialize: `parallel_tool_calls` on every response, `logprobs` on answer text events,
+    and with `reasoning.summary` the summary parts and their events."""
     from openai.types.responses import Response
 
     engine, client = app
     engine.script = SCRIPTS[script]
     sdk = _sdk_event_types()
     sync, events = both(client, "/v1/responses", {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "search"}],
-                                                  "max_output_tokens": 400})
+                                                  "max_output_tokens": 400, "reasoning": {"summary": summary}})
+    for item in sync["output"]:
+        if item["type"] == "reasoning":
+            assert item["summary"] == ([{"type": "summary_text", "text": item["content"][0]["text"]}] if summary else [])
     assert sync["parallel_tool_calls"] is True
     for obj in json.loads(json.dumps([sync, *events])):
         response = obj if obj.get("object") == "response" else obj.get("response")
@@ -225,18 +230,21 @@ def test_responses_echo_tools_as_the_responses_function_tool(app, tool):
     assert bare == [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": False}]
 
 
+@pytest.mark.parametrize("summary", [None, "auto"])
 @pytest.mark.parametrize("script", ["think-answer", "preamble-calls", "two-thoughts"])
-def test_a_failed_response_holds_what_each_item_streamed(app, script):
+def test_a_failed_response_holds_what_each_item_streamed(app, script, summary):
     """Scripted, cut after every token: the engine fails mid-answer only on a bug or a dead device (the real server's
     shutdown is in test_server_aborts). Before: the item open at the failure was in `response.failed` as it was opened
-    (no text, no arguments, `in_progress`). Now it holds every delta, cut as `incomplete`; the event is the SDK's."""
+    (no text, no arguments, `in_progress`). Now it holds every delta, cut as `incomplete`; the event is the SDK's. With
+    `reasoning.summary`, a reasoning item's summary holds the same text."""
     from openai.types.responses import ResponseFailedEvent
 
     from ossrun import harmony
 
     engine, client = app
     engine.script = SCRIPTS[script]
-    body = {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "get_weather"}], "stream": True}
+    body = {"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "get_weather"}], "stream": True,
+            "reasoning": {"summary": summary}}
     for cut in range(1, len(harmony.encode(engine.script, allow_special=True))):
         engine.fail_after = cut
         events = frames(client.post("/v1/responses", json=body))
@@ -244,7 +252,7 @@ def test_a_failed_response_holds_what_each_item_streamed(app, script):
         assert failed["type"] == "response.failed", cut
         streamed: dict[str, str] = {}
         for event in events:
-            if event["type"].endswith(".delta"):
+            if event["type"].endswith(".delta") and "summary" not in event["type"]:  # a summary delta repeats its reasoning's
                 streamed[event["item_id"]] = streamed.get(event["item_id"], "") + event["delta"]
         output, done = failed["response"]["output"], {e["item"]["id"] for e in events if e["type"] == "response.output_item.done"}
         for item in output:
@@ -252,6 +260,8 @@ def test_a_failed_response_holds_what_each_item_streamed(app, script):
             assert held == streamed.get(item["id"], ""), (cut, item)
             if item["type"] != "reasoning":
                 assert item["status"] == ("completed" if item["id"] in done else "incomplete"), (cut, item)
+            elif summary:
+                assert item["summary"] == [{"type": "summary_text", "text": held}], (cut, item)
         assert failed["response"]["output_text"] == "".join(streamed.get(i["id"], "") for i in output if i["type"] == "message")
         failed["response"]["usage"] = None  # as above: the SDK's usage wants fields this test is not about
         ResponseFailedEvent.model_validate(failed, strict=True)

@@ -198,6 +198,45 @@ def test_usage_has_the_cache_writes_the_openai_sdk_requires(server):
 
 
 
+def test_reasoning_summary_carries_the_reasoning_text_sync_streamed_and_stored(server):
+    """Before: `reasoning.summary` was accepted and ignored (`summary: []`), so clients that read reasoning only from
+    the summary (the AI SDK's `openai()`, LangChain's streamed `useResponsesApi`) showed none. gpt-oss has no
+    summariser: the summary is the reasoning text, one `summary_text` part, streamed with OpenAI's summary events."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    ask = dict(model=MODEL, input="What is the capital of France?", temperature=0, max_output_tokens=64)
+    plain = client.responses.create(**ask).output[0]
+    assert plain.type == "reasoning" and plain.summary == []  # not asked: as before
+    summed = client.responses.create(**ask, reasoning={"summary": "auto"})
+    reasoning = summed.output[0]
+    assert [part.model_dump() for part in reasoning.content] == [part.model_dump() for part in plain.content]
+    assert [(s.type, s.text) for s in reasoning.summary] == [("summary_text", plain.content[0].text)]
+    assert client.responses.retrieve(summed.id).output[0].summary == reasoning.summary
+    follow = client.responses.create(**{**ask, "input": "What is 2 + 3?"}, previous_response_id=summed.id)
+    listed = [item for item in client.responses.input_items.list(follow.id, order="asc") if item.type == "reasoning"]
+    assert [(item.id, item.summary) for item in listed] == [(reasoning.id, reasoning.summary)]  # as it was answered
+
+    streamed = list(client.responses.create(**ask, reasoning={"summary": "detailed"}, stream=True))
+    final = streamed[-1].response.output[0]
+    assert final.summary == reasoning.summary and final.content == reasoning.content
+    summary = [e for e in streamed if "reasoning_summary" in e.type]
+    assert [e.type for e in summary] == (["response.reasoning_summary_part.added"]
+                                         + ["response.reasoning_summary_text.delta"] * (len(summary) - 3)
+                                         + ["response.reasoning_summary_text.done", "response.reasoning_summary_part.done"])
+    assert all(type(e).__name__.startswith("ResponseReasoningSummary") for e in summary)  # the SDK's own event types
+    assert {(e.item_id, e.output_index, e.summary_index) for e in summary} == {(final.id, 0, 0)}
+    assert "".join(e.delta for e in summary[1:-2]) == summary[-2].text == summary[-1].part.text == final.summary[0].text
+    assert summary[-1].status is None
+    done = next(i for i, e in enumerate(streamed) if e.type == "response.output_item.done")
+    assert streamed.index(summary[-1]) < done  # closed before its item, as OpenAI's server does
+
+    cut = list(client.responses.create(**{**ask, "max_output_tokens": 20}, reasoning={"summary": "concise"}, stream=True))
+    assert cut[-1].type == "response.incomplete"
+    (part_done,) = [e for e in cut if e.type == "response.reasoning_summary_part.done"]
+    assert part_done.status == "incomplete"  # max_output_tokens cut the reasoning
+    (item,) = cut[-1].response.output
+    assert [s.text for s in item.summary] == [part_done.part.text] == [item.content[0].text]
+
+
 def test_a_response_object_always_has_error_incomplete_details_and_text(server):
     """Before: a response left out `error` and `incomplete_details` when unset (OpenAI always sends both, null; openai-
     node types them as required, so `response.error !== null` fired) and echoed `text: null` where OpenAI names the

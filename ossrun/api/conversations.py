@@ -61,8 +61,9 @@ def as_input_items(input_: str | Sequence[InputItem]) -> list[InputItem]:
 
 def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
     """One output item of a response (our own JSON) as the input item that replays it (with the item's id)."""
-    if item["type"] == "reasoning":
-        return {"type": "reasoning", "id": item["id"], "content": item.get("content", [])}
+    if item["type"] == "reasoning":  # its summary (with `reasoning.summary`) too, so `input_items` lists it as it was
+        summary = {"summary": item["summary"]} if item.get("summary") else {}
+        return {"type": "reasoning", "id": item["id"], "content": item.get("content", []), **summary}
     if item["type"] == "message":
         return {"role": "assistant", "id": item["id"], "content": "".join(part.get("text", "") for part in item.get("content", []))}
     if item["type"] == "function_call":

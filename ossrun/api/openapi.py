@@ -114,10 +114,16 @@ class ReasoningText(_Out):
     text: str
 
 
+class SummaryText(_Out):
+    type: Literal["summary_text"]
+    text: str
+
+
 class ReasoningItem(_Out):
     type: Literal["reasoning"]
     id: str
-    summary: list[Any]
+    summary: list[SummaryText] = Field(description="With `reasoning.summary`: the reasoning text as one part (gpt-oss "
+                                       "has no separate summariser), else []")
     content: list[ReasoningText]
     encrypted_content: str | None = Field(None, description="with include: ['reasoning.encrypted_content']: the reasoning, "
                                           "for a later request to send back (store: false); not encrypted")
@@ -148,6 +154,7 @@ class FunctionCallItem(_Out):
 
 
 OutputItem = Annotated[Union[ReasoningItem, MessageItem, FunctionCallItem], Field(discriminator="type")]
+ContentPart = Annotated[Union[ReasoningText, OutputText, SummaryText], Field(discriminator="type")]
 
 
 class InputTokensDetails(_Out):
@@ -395,7 +402,9 @@ class CompletionChunk(_Out):
 class ResponsesEvent(_Out):
     type: Literal["response.created", "response.in_progress", "response.output_item.added", "response.output_item.done",
                   "response.content_part.added", "response.content_part.done", "response.reasoning_text.delta",
-                  "response.reasoning_text.done", "response.output_text.delta", "response.output_text.done",
+                  "response.reasoning_text.done", "response.reasoning_summary_part.added",
+                  "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+                  "response.reasoning_summary_part.done", "response.output_text.delta", "response.output_text.done",
                   "response.function_call_arguments.delta", "response.function_call_arguments.done",
                   "response.completed", "response.incomplete", "response.failed"]
     sequence_number: int = Field(ge=0)
@@ -403,6 +412,9 @@ class ResponsesEvent(_Out):
     output_index: int | None = None
     item_id: str | None = None
     content_index: int | None = None
+    summary_index: int | None = None  # on the reasoning_summary_* events (with `reasoning.summary`): always 0
+    part: ContentPart | None = None  # on content_part.* and reasoning_summary_part.*
+    status: Literal["incomplete"] | None = None  # on reasoning_summary_part.done: max_output_tokens cut the reasoning
     delta: str | None = None
     logprobs: list[TokenLogprobOut] | None = None  # on output_text deltas and dones: the text's tokens when asked for, else []
     item: OutputItem | None = None

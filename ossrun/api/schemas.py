@@ -228,7 +228,9 @@ class MessagesInput(Sampling, WithTools):
 
 class Reasoning(_Open):
     effort: Effort | None = None
-    summary: Literal["auto", "concise", "detailed"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = Field(None, description=(
+        "Any value: each reasoning item's summary is its reasoning text, one summary_text part (gpt-oss has no "
+        "separate summariser), streamed with the reasoning_summary events"))
 
 
 class TextConfig(_Open):

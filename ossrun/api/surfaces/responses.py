@@ -21,15 +21,25 @@ _DELTA = {"reasoning": "response.reasoning_text.delta", "message": "response.out
           "function_call": "response.function_call_arguments.delta"}
 
 
+def summary_asked(request: ResponsesInput | None) -> bool:
+    """`reasoning.summary` set (`auto`, `concise`, `detailed`). gpt-oss has no separate summariser, so the summary is
+    the reasoning text itself, as one `summary_text` part (clients such as the AI SDK's `openai()` read reasoning only
+    from the summary); the reasoning item's `content` holds the same text as without it."""
+    return request is not None and request.reasoning is not None and request.reasoning.summary is not None
+
+
 class ResponsesSurface:
     """`remember(response)` keeps the finished response for `previous_response_id` (both modes); `with_logprobs`:
     the answer text's tokens are listed (`include: ["message.output_text.logprobs"]`) in its `output_text` part and
-    in the deltas that show them, as the chat surface lists them; `sampling`: the temperature and top_p used, echoed."""
+    in the deltas that show them, as the chat surface lists them; `sampling`: the temperature and top_p used, echoed.
+    With `reasoning.summary` (`summary_asked`) a reasoning item also carries its text as its summary, streamed with
+    OpenAI's summary events beside the `reasoning_text` ones."""
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
                  remember: Callable[[dict[str, Any]], None], with_logprobs: bool = False, sampling: dict[str, float] | None = None):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
         self.with_logprobs, self.sampling = with_logprobs, sampling
+        self.with_summary = summary_asked(request)
         self.id, self.created = results.new_id("resp"), int(time.time())
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
@@ -50,16 +60,16 @@ class ResponsesSurface:
         if isinstance(event, harmony.ReasoningDelta):
             if kind != "reasoning":
                 frames += self._open({"type": "reasoning", "id": results.new_id("rs"), "summary": [], "content": []})
-            frames.append(self._delta(event.text))
+            frames += self._delta(event.text)
         elif isinstance(event, harmony.ContentDelta):
             if kind != "message":
                 frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
                                       "content": []})
-            frames.append(self._delta(event.text))
+            frames += self._delta(event.text)
         elif isinstance(event, harmony.ToolCallStart):
             frames += self._open(results.function_call_item(event.call_id, event.name, "", status="in_progress"))
         elif isinstance(event, harmony.ToolCallArgumentsDelta) and self.current is not None:
-            frames.append(self._delta(event.text))
+            frames += self._delta(event.text)
         elif isinstance(event, harmony.MessageEnd):  # on the last step of a `length` finish: cut off
             frames += self._close(cut=self._cut)
         return frames
@@ -117,14 +127,22 @@ class ResponsesSurface:
         elif item["type"] == "reasoning":  # its deltas name content part 0, so the part is added first (as OpenAI's server)
             frames.append(self._event("response.content_part.added", **self._where(), content_index=0,
                                       part={"type": "reasoning_text", "text": ""}))
+            if self.with_summary:  # OpenAI's summary part, opened as its server opens one
+                frames.append(self._event("response.reasoning_summary_part.added", **self._where(), summary_index=0,
+                                          part={"type": "summary_text", "text": ""}))
         return frames
 
-    def _delta(self, text: str) -> bytes:
+    def _delta(self, text: str) -> list[bytes]:
+        """The open item's delta event; a reasoning delta is its summary's delta too when a summary was asked for."""
         self.text += text
-        extra = {} if self.current["type"] == "function_call" else {"content_index": 0}
-        if self.current["type"] == "message":
+        kind = self.current["type"]
+        extra = {} if kind == "function_call" else {"content_index": 0}
+        if kind == "message":
             extra["logprobs"] = self._new_logprobs()  # OpenAI always sends it on answer text (empty unless asked for)
-        return self._event(_DELTA[self.current["type"]], **self._where(), **extra, delta=text)
+        frames = [self._event(_DELTA[kind], **self._where(), **extra, delta=text)]
+        if kind == "reasoning" and self.with_summary:
+            frames.append(self._event("response.reasoning_summary_text.delta", **self._where(), summary_index=0, delta=text))
+        return frames
 
     def _new_logprobs(self) -> list[dict[str, Any]]:
         """The entries not yet sent: those of the tokens whose text is now shown (the service lists exactly those,
@@ -143,6 +161,8 @@ class ResponsesSurface:
         if item["type"] == "reasoning":  # OpenAI's reasoning items need no status; ossrun's never carry one
             part = {"type": "reasoning_text", "text": self.text}
             item["content"] = [part]
+            if self.with_summary:
+                item["summary"] = [{"type": "summary_text", "text": self.text}]
             if self.request is not None and ENCRYPTED_REASONING in (self.request.include or ()):
                 item["encrypted_content"] = seal_reasoning(self.text)
             return part
@@ -168,6 +188,16 @@ class ResponsesSurface:
             frames = [self._event("response.function_call_arguments.done", **where, name=item["name"], arguments=self.text)]
         if part is not None:
             frames.append(self._event("response.content_part.done", **where, content_index=0, part=part))
+        if item["type"] == "reasoning" and self.with_summary:
+            frames += self._summary_done(cut)
         frames.append(self._event("response.output_item.done", output_index=len(self.output) - 1, item=item))
         self.current = None
         return frames
+
+    def _summary_done(self, cut: bool) -> list[bytes]:
+        """OpenAI's closing events of the reasoning's summary part (filled by `_fill`); the part is `incomplete` when
+        `max_output_tokens` cut the reasoning, as OpenAI marks a part whose generation was interrupted."""
+        where, (part,) = self._where(), self.current["summary"]
+        return [self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=self.text),
+                self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part,
+                            **({"status": "incomplete"} if cut else {}))]
