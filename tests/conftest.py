@@ -13,7 +13,9 @@ import torch
 os.environ.setdefault("OSSRUN_CACHE_DIR", tempfile.mkdtemp(prefix="ossrun-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test`: two workers) the cores are shared between the workers.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 from ossrun.model.checkpoint import write_random_checkpoint  # noqa: E402
 from ossrun.model.config import PRESETS  # noqa: E402
