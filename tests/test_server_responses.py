@@ -173,6 +173,10 @@ def test_a_stateless_client_gets_its_reasoning_back_through_encrypted_content(se
     without = post_json(server, "/v1/responses", {**base, "input": [ask, call, result]})
     assert kept["usage"]["input_tokens"] == in_clear["usage"]["input_tokens"] > without["usage"]["input_tokens"]
     assert kept["output_text"] == in_clear["output_text"]
+    # A client that kept only the summary (asked with `reasoning.summary`: the reasoning text itself) sends it back alone
+    summarized = {"type": "reasoning", "id": reasoning["id"], "summary": [{"type": "summary_text", "text": reasoning["content"][0]["text"]}]}
+    by_summary = post_json(server, "/v1/responses", {**base, "input": [ask, summarized, call, result]})
+    assert by_summary["usage"]["input_tokens"] == in_clear["usage"]["input_tokens"]
     foreign = {**stateless, "encrypted_content": "gAAAAABo-openai-blob"}
     refused = post_json(server, "/v1/responses", {**base, "input": [ask, foreign, call, result]}, status=400)["error"]
     assert refused["param"] == "input[1].encrypted_content" and "pattern" in refused["message"]

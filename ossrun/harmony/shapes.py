@@ -243,12 +243,17 @@ class ReasoningInput(Shape):
     # Read when `content` is absent; one this server did not make (OpenAI's, say) is refused by the pattern.
     encrypted_content: str | None = Field(None, pattern=SEALED_PATTERN, description=(
         "an ossrun reasoning item's encrypted_content (from include: ['reasoning.encrypted_content'])"))
+    # Read when both are absent: with `reasoning.summary` asked, ossrun's summary is the reasoning text itself, and the
+    # AI SDK's `openai()` with `store: false` sends a reasoning item back with its summary alone.
+    summary: list[ReasoningPart] | None = None
 
     @property
     def text(self) -> str:
         if self.content:
             return "".join(part.text for part in self.content)
-        return open_reasoning(self.encrypted_content) if self.encrypted_content else ""
+        if self.encrypted_content:
+            return open_reasoning(self.encrypted_content)
+        return "".join(part.text for part in self.summary or ())
 
 
 ITEM_TYPES = {"message": InputMessage, "function_call": FunctionCallInput, "function_call_output": FunctionCallOutputInput,
