@@ -278,13 +278,15 @@ def test_models_search_pages_end_and_filters_apply(server):
     for params, hits in [({"search": "llama"}, 0), ({"search": "GPT-OSS"}, 1), ({"search": "reasoning"}, 1),
                          ({"task": "Text Generation"}, 1), ({"task": "text-generation"}, 1), ({"task": "Translation"}, 0),
                          ({"author": "openai"}, 1), ({"author": "meta"}, 0), ({"source": 1}, 1), ({"source": 2}, 0),
-                         ({"hide_experimental": "true"}, 1)]:
+                         ({"hide_experimental": "true"}, 1), ({"search": "", "task": "", "author": ""}, 1)]:
         assert len(search(**params).json()["result"]) == hits, params
     base = f"{server.base}/client/v4/accounts/acct/ai"
     # Cloudflare's SDKs' `ai.tasks.list` / `ai.authors.list` (were 404s): the served models' task and maker
     assert [t["id"] for t in httpx.get(f"{base}/tasks/search", headers=server.headers).json()["result"]] == ["text-generation"]
     assert [a["name"] for a in httpx.get(f"{base}/authors/search", headers=server.headers).json()["result"]] == ["openai"]
-    for bad in [{"page": 0}, {"per_page": "many"}, {"hide_experimental": "maybe"}]:
+    # Empty filters are no filters; page sizes past int32 and non-finite sources are range errors (hunt_new #4)
+    for bad in [{"page": 0}, {"per_page": "many"}, {"hide_experimental": "maybe"}, {"page": 2**31}, {"per_page": 10**25},
+                {"source": "nan"}, {"source": "inf"}]:
         refused = search(**bad)
         assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, (bad, refused.text)
 

@@ -179,9 +179,10 @@ _TEXT_GENERATION = {"id": "text-generation", "name": "Text Generation",
 
 
 @router.get("/models/search", summary="The models this server serves, filtered and paged as Cloudflare's search")
-async def models_search(account_id: str, request: Request, page: int = Query(1, ge=1), per_page: int = Query(20, ge=1),
-                        search: str | None = None, task: str | None = None, author: str | None = None,
-                        source: float | None = None, hide_experimental: bool = False):
+async def models_search(account_id: str, request: Request, page: int = Query(1, ge=1, le=schemas.MAX_LIMIT),
+                        per_page: int = Query(20, ge=1, le=schemas.MAX_LIMIT), search: str | None = None, task: str | None = None,
+                        author: str | None = None, source: float | None = Query(None, allow_inf_nan=False),
+                        hide_experimental: bool = False):
     """Cloudflare's SDKs list models by asking page after page until one is empty (`for m in client.ai.models.list()`):
     a page past the end must be `[]`, or the loop never ends. `search` matches a name or description, `task` a task's
     name or id, `author` the model's maker, as the hosted search does; none of ours is experimental."""
@@ -193,7 +194,9 @@ async def models_search(account_id: str, request: Request, page: int = Query(1, 
 
 
 def _matches(entry: dict[str, Any], search: str | None, task: str | None, author: str | None, source: float | None) -> bool:
+    """An empty filter is no filter (a form or an SDK may send unset ones as empty strings)."""
     fold = str.casefold
+    search, task, author = search or None, task or None, author or None
     return ((search is None or fold(search) in fold(entry["name"]) or fold(search) in fold(entry["description"]))
             and (task is None or fold(task) in (fold(entry["task"]["name"]), fold(entry["task"]["id"])))
             and (author is None or fold(author) == _AUTHOR)
