@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,9 +19,20 @@ MODEL = "@cf/openai/gpt-oss-20b"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the ephemeral range and in a band of its own for each pytest-xdist worker: a server takes
+    seconds to bind its port, and a port the OS hands out (`bind(0)`) in that window could go to another worker's server,
+    whose /health the first one's start then takes for its own (its tests talk to the wrong server)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 10_000 + 2_000 * (worker % 10)  # 10000-29999: below Linux's ephemeral ports (32768-60999)
+    for _ in range(200):
+        port = random.randrange(low, low + 2_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + 1_999}")
 
 
 @dataclass
