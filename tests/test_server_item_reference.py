@@ -119,3 +119,58 @@ def test_an_unknown_reference_is_a_400_naming_its_id(server, client):
     client.responses.create(model=MODEL, input=[ref(message.id)], temperature=0, max_output_tokens=8)
     with pytest.raises(openai.BadRequestError, match="not found"):
         client.responses.create(model=MODEL, input=[user("Hi"), ref(reasoning.id)])
+
+
+def test_an_id_alone_is_a_reference(server, client):
+    """OpenAI's `ItemReferenceParam` has `type` optional: `{"id": …}` names the stored item (it was read as an empty user
+    message); the OpenAPI document takes it as a reference alone. With `role` or `content` it stays a message."""
+    hello, italy = user("Hello! My name is Ada."), user("What is the capital of Italy?")
+    first = client.responses.create(model=MODEL, input=[hello], temperature=0, max_output_tokens=64)
+    typed = client.responses.create(model=MODEL, input=[hello, *(ref(item.id) for item in first.output), italy],
+                                    temperature=0, max_output_tokens=64)
+    body = {"model": MODEL, "input": [hello, *({"id": item.id} for item in first.output), italy], "max_output_tokens": 64}
+    document = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()
+    components = document["components"]
+    item = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/ResponsesRequest", "components": components})
+    assert item.is_valid(body) and item.is_valid({**body, "input": [{"id": "msg_1", "role": "user"}]})
+    bare = client.responses.create(**body, temperature=0)
+    assert bare.usage.input_tokens == typed.usage.input_tokens and bare.output_text == typed.output_text
+    listed = client.responses.input_items.list(bare.id, order="asc").data
+    assert [(i.type, i.id) for i in listed[1:3]] == [(i.type, i.id) for i in first.output]
+    assert listed[2].role == "assistant" and listed[2].content[0].text == first.output[-1].content[0].text
+
+
+def test_a_reference_reads_the_item_as_first_stored(client):
+    """A later request sending an edited copy of an item under its id does not change what a reference to it reads
+    (the newest response holding the id was read: any request could redefine an item for every later reference)."""
+    first = client.responses.create(model=MODEL, input="What is the capital of Italy?", temperature=0, max_output_tokens=64)
+    message = first.output[-1]
+    client.responses.create(model=MODEL, input=[{"role": "assistant", "id": message.id, "content": "EDITED"}, user("ok")],
+                            max_output_tokens=1)
+    later = client.responses.create(model=MODEL, input=[ref(message.id), user("ok")], max_output_tokens=1)
+    (read, _) = client.responses.input_items.list(later.id, order="asc").data
+    assert read.id == message.id and read.content[0].text == message.content[0].text == "The capital of Italy is Rome."
+
+
+def test_an_item_twice_is_a_400_naming_the_repeat(server, client):
+    """As OpenAI answers it ("Duplicate item found with id …"): an id already in the `previous_response_id`
+    conversation, a reference sent twice, the same item inline twice (even unchanged) or inline beside its reference.
+    The model read such items twice (a doubled prompt, billed, and a worse answer). Id-less items are never repeats."""
+    first = client.responses.create(model=MODEL, input="Hello! My name is Ada.", temperature=0, max_output_tokens=64)
+    reasoning, message = first.output
+    again = message.model_dump(exclude_none=True)
+    cases = [([ref(reasoning.id), user("Hi")], {"previous_response_id": first.id}, 0, reasoning.id),
+             ([user("Hi"), ref(message.id), ref(message.id)], {}, 2, message.id),
+             ([again, user("Hi"), again], {}, 2, message.id),
+             ([ref(message.id), again], {"stream": True}, 1, message.id)]
+    for input_, extra, index, item_id in cases:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model=MODEL, input=input_, max_output_tokens=8, **extra)
+        error = refused.value.body
+        assert error["param"] == f"input[{index}].id", error
+        assert error["message"].endswith(f"Error: at '/input/{index}/id': Duplicate item found with id {item_id}. "
+                                         "Remove duplicate items from your input and try again."), error
+    run = httpx.post(server.base + RUN, json={"input": [ref(message.id), ref(message.id)]}, headers=server.headers, timeout=60)
+    assert run.status_code == 400 and "Duplicate item found with id" in run.json()["errors"][0]["message"]
+    ok = client.responses.create(model=MODEL, input=[user("Hi"), user("Hi")], previous_response_id=first.id, max_output_tokens=1)
+    assert ok.status in ("completed", "incomplete")

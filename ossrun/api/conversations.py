@@ -124,9 +124,12 @@ class ResponseStore:
 
     def expand(self, request: R) -> R:
         """The request as the model reads it: each `item_reference` in its input replaced by the stored item it names
-        (as if sent inline, its id kept), then a `previous_response_id`'s conversation in front."""
+        (as if sent inline, its id kept), then a `previous_response_id`'s conversation in front. An item of the input
+        whose id is already there is a 400, as OpenAI answers it: the model would read it twice."""
         request = self._resolve_references(request)
-        return request if request.previous_response_id is None else self.continue_from(request)
+        expanded = request if request.previous_response_id is None else self.continue_from(request)
+        _refuse_duplicates(expanded._stored_items, as_input_items(expanded.input))
+        return expanded
 
     def _resolve_references(self, request: R) -> R:
         if isinstance(request.input, str) or not any(isinstance(item, ItemReference) for item in request.input):
@@ -135,10 +138,12 @@ class ResponseStore:
                                                     for i, item in enumerate(request.input)]})
 
     def _referenced(self, reference: ItemReference, index: int) -> InputItem:
-        """The stored item `input[index]` names (from the newest response holding it); a 400 in OpenAI's words if none."""
+        """The stored item `input[index]` names; a 400 in OpenAI's words if none. The oldest response holding it is read
+        (the one that made it, or was first given it): a later request sending another item under that id (an edited
+        copy) does not change what the id names."""
         with self._lock:
             row = self._db.execute("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id "
-                                   "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at DESC LIMIT 1",
+                                   "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at ASC, r.rowid ASC LIMIT 1",
                                    (reference.id, time.time() - self.retention_s)).fetchone()
         if row is None:
             raise bad_input(f"Error: at '/input/{index}/id': Item with id {reference.id!r} not found.", f"input[{index}].id")
@@ -235,6 +240,24 @@ def _split(replay: list[dict[str, Any]], response: dict[str, Any]) -> tuple[list
     """A stored replay as (the input items the response was generated from, its output items as input)."""
     outputs = sum(output_as_input(item) is not None for item in response.get("output") or [])
     return replay[:len(replay) - outputs], replay[len(replay) - outputs:]
+
+
+def _refuse_duplicates(stored: int, items: list[InputItem]) -> None:
+    """A 400 naming the first item of the caller's own input (after `stored` items of a previous response's
+    conversation) whose id an item before it carries: sent or referenced twice, or already in that conversation. Only
+    ids items arrive with count (an id-less item is given a new one when stored)."""
+    seen = {_own_id(item) for item in items[:stored]}
+    for index, item in enumerate(items[stored:]):
+        item_id = _own_id(item)
+        if item_id is not None and item_id in seen:
+            raise bad_input(f"Error: at '/input/{index}/id': Duplicate item found with id {item_id}. Remove duplicate "
+                            "items from your input and try again.", f"input[{index}].id")
+        seen.add(item_id)
+
+
+def _own_id(item: InputItem) -> str | None:
+    item_id = getattr(item, "id", None)  # an extra field of the shape, kept as sent
+    return item_id if isinstance(item_id, str) and item_id else None
 
 
 def _listed_ids(response_id: str, inputs: list[dict[str, Any]]) -> list[str]:

@@ -196,6 +196,9 @@ class OpenAIMessage(Message):
 class InputMessage(Shape):
     """A Responses message item; without `role` it is the user's (as a bare string input is)."""
 
+    # `{"id": …}` with no `type`, `role` or `content` is an item reference (`item_union`), not a message.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": [key]} for key in ("type", "role", "content")]
+                              + [{"not": {"required": ["id"]}}]})
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"] = "user"
     content: Content = None
@@ -265,22 +268,34 @@ class ItemReference(Shape):
     SDK's `openai()` sends one for each earlier output item, as `store` is true by default). Never rendered: the API
     puts the stored item in its place (`api/conversations.py`) before harmony reads the input."""
 
-    type: Literal["item_reference"]
+    # OpenAI's `ItemReferenceParam` has `type` optional: `{"id": …}` alone (no `role`, no `content`) is a reference.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["type"]}, {"not": {"anyOf": [
+        {"required": ["role"]}, {"required": ["content"]}]}}]})
+    type: Literal["item_reference"] = "item_reference"
     id: str
 
 
+def _kind(item: dict[str, Any], types: dict[str, type[Shape]]) -> Any:
+    """The type an input item names; without one, a message, unless references are taken and it is `{"id": …}` with
+    neither `role` nor `content` (OpenAI's type-less reference, which would otherwise read as an empty user message)."""
+    if "type" in item:
+        return item["type"]
+    bare_reference = "item_reference" in types and "id" in item and "role" not in item and "content" not in item
+    return "item_reference" if bare_reference else "message"
+
+
 def item_union(types: dict[str, type[Shape]]) -> Any:
-    """An input item of one of `types` (the branch its `type` names; none: a message), any other type refused by name
+    """An input item of one of `types` (the branch its `type` names; none: a message, or a bare reference), any other type refused by name
     (`web_search_call`, …) with one error, where the union would list what each branch wanted."""
 
     def known(item: Any) -> Any:
-        if isinstance(item, dict) and item.get("type", "message") not in types:
+        if isinstance(item, dict) and _kind(item, types) not in types:
             raise PydanticCustomError("item_type", "input item type {type} is not supported: items are {types}",
                                       {"type": repr(item["type"]), "types": _or(tuple(types))})
         return item
 
     def model(item: Any) -> str:  # named as pydantic labels a union's models (which error paths leave out)
-        kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+        kind = _kind(item, types) if isinstance(item, dict) else getattr(item, "type", "message")
         return types.get(kind if isinstance(kind, str) else "message", InputMessage).__name__
 
     return Annotated[Union[tuple(Annotated[m, Tag(m.__name__)] for m in types.values())],  # type: ignore[misc]
