@@ -269,3 +269,16 @@ def test_a_response_object_always_has_error_incomplete_details_and_text(server):
     chat_spelled = {"type": "json_schema", "json_schema": {"name": "city", "schema": fmt["schema"]}}
     assert post_json(server, "/v1/responses", {**body, "response_format": chat_spelled})["text"] == {"format": {**fmt, "strict": False}}
     assert post_json(server, "/v1/responses", {**body, "response_format": {"type": "json_object"}})["text"] == {"format": {"type": "json_object"}}
+
+
+def test_reasoning_is_echoed_with_the_effort_used_and_the_summary_asked(server):
+    """Before: `reasoning` was echoed as sent (null when not sent); OpenAI echoes `{effort, summary}` for a reasoning
+    model, the effort it reasoned with included (round 8's fixer noticed)."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    ask = {"model": MODEL, "input": GERMANY, "max_output_tokens": 8}
+    assert client.responses.create(**ask).reasoning.model_dump(exclude_none=True) == {"effort": "medium"}
+    sent = client.responses.create(**ask, reasoning={"effort": "low", "summary": "auto"})
+    assert (sent.reasoning.effort, sent.reasoning.summary) == ("low", "auto")
+    assert client.responses.retrieve(sent.id).reasoning.effort == "low"
+    raw = post_json(server, "/v1/responses", ask)
+    assert raw["reasoning"] == {"effort": "medium", "summary": None}

@@ -103,7 +103,8 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
 # Request fields a Responses object repeats back, with OpenAI's value when the request left them out (`text`: OpenAI
 # always names the answer's format, plain text when none was asked).
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
-          "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None, "reasoning": None, "text": {"format": {"type": "text"}},
+          "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None,
+          "reasoning": {"effort": harmony.reasoning_effort(None), "summary": None}, "text": {"format": {"type": "text"}},
           "store": True, "metadata": None, "top_logprobs": 0, "background": False}
 
 
@@ -120,6 +121,10 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
     if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
         fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
     fields["text"] = echoed_text(request)
+    # As OpenAI echoes it for a reasoning model: the effort the prompt was rendered with and the summary asked, both
+    # always there (a client reading `response.reasoning.effort` gets the one used, not null).
+    fields["reasoning"] = {**fields["reasoning"], "effort": harmony.reasoning_effort(request.reasoning and request.reasoning.effort),
+                           "summary": request.reasoning.summary if request.reasoning else None}
     return fields
 
 
