@@ -410,6 +410,21 @@ def test_openai_sdk_parses_our_frames(server):
     assert events[-1].response.output[-1].type == "function_call"
 
 
+def test_chat_reasoning_also_under_the_name_reasoning(server):
+    """OpenAI's Agents SDK (chat-completions model) and vLLM's clients read `reasoning`, the contract names
+    `reasoning_content`: both carry the same text, sync and streamed (hunt_js M2: the Agents SDK saw no reasoning)."""
+    sdk = openai.OpenAI(base_url=server.base + "/v1", api_key=server.token)
+    message = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0).choices[0].message
+    assert "France" in message.reasoning_content and message.reasoning == message.reasoning_content
+    deltas = [c.choices[0].delta for c in sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, stream=True)
+              if c.choices]
+    streamed = [(getattr(d, "reasoning_content", None), getattr(d, "reasoning", None)) for d in deltas]
+    assert all(a == b for a, b in streamed)
+    assert "".join(a or "" for a, _ in streamed) == message.reasoning
+    run = post_json(server, run_path(server), {"messages": FRANCE, "temperature": 0})["result"]["choices"][0]["message"]
+    assert run["reasoning"] == run["reasoning_content"] == message.reasoning
+
+
 # -- /v1/completions: the raw harmony text ------------------------------------------------------------
 
 def test_completions_return_every_token(server):

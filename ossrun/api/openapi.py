@@ -71,6 +71,8 @@ class ChatMessageOut(_Out):
     role: Literal["assistant"]
     content: str | None
     reasoning_content: str | None = None
+    reasoning: str | None = Field(None, description="The same text as `reasoning_content`, under the name vLLM and "
+                                  "OpenAI's Agents SDK read")
     refusal: None = None
     tool_calls: list[ChatToolCall] = []
     function_call: FunctionCallOut | None = Field(None, description="The call, when the request offered legacy `functions` (/v1)")
@@ -361,6 +363,7 @@ class ChunkDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text as reasoning_content (ChatMessageOut.reasoning)
     tool_calls: list[ChunkToolCall] | None = None
     function_call: ChunkFunction | None = None  # the legacy `functions` call's name, then its arguments
 

@@ -63,7 +63,8 @@ def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool, c
                     created: int | None = None, legacy_functions: bool = False) -> dict[str, Any]:
     """`legacy_functions`: the call as `message.function_call` (a completion holds at most one: harmony stops at the call)."""
     message: dict[str, Any] = {"role": "assistant", "content": outcome.content if outcome.content or not outcome.tool_calls else None,
-                               "reasoning_content": outcome.reasoning or None, "refusal": None, "tool_calls": chat_tool_calls(outcome)}
+                               "reasoning_content": outcome.reasoning or None, "reasoning": outcome.reasoning or None,
+                               "refusal": None, "tool_calls": chat_tool_calls(outcome)}
     finish_reason = outcome.finish_reason
     if legacy_functions:
         calls, message["tool_calls"] = message["tool_calls"], []

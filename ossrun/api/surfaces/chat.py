@@ -40,7 +40,7 @@ class ChatSurface:
 
     def event(self, event: harmony.Event) -> list[bytes]:
         if isinstance(event, harmony.ReasoningDelta):
-            return [self._chunk({"reasoning_content": event.text})]
+            return [self._chunk({"reasoning_content": event.text, "reasoning": event.text})]
         if isinstance(event, harmony.ContentDelta):
             logprobs = {"content": self.outcome.logprobs[self._sent_logprobs:]} if self.with_logprobs else None
             self._sent_logprobs = len(self.outcome.logprobs)
