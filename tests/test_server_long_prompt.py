@@ -110,11 +110,16 @@ def test_the_served_context_window_is_what_search_states_and_errors_name_the_cal
             assert response.status_code == 400, response.text
             return response.json()["error"]["message"]
 
-        assert "+ max_output_tokens (100) =" in refused("/v1/responses", {"input": "Hi " * 150, "max_output_tokens": 100})
-        chat = {"messages": [{"role": "user", "content": "Hi " * 150}], "max_completion_tokens": 200}
-        assert "+ max_completion_tokens (200) =" in refused("/v1/chat/completions", chat)
-        assert "+ max_tokens (250) =" in refused("/v1/completions", {"prompt": "Hi " * 100, "max_tokens": 250})
-        assert "fills the model's context window of 300 tokens" in refused("/v1/completions", {"prompt": long_text})
+        messages = [refused("/v1/responses", {"input": "Hi " * 150, "max_output_tokens": 100}),
+                    refused("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi " * 150}], "max_completion_tokens": 200}),
+                    refused("/v1/completions", {"prompt": "Hi " * 100, "max_tokens": 250}),
+                    refused("/v1/completions", {"prompt": long_text})]
+        assert "+ max_output_tokens (100) =" in messages[0] and "+ max_completion_tokens (200) =" in messages[1]
+        assert "+ max_tokens (250) =" in messages[2] and "fills the context window of 300 tokens" in messages[3]
+        # hunt_py M2, hunt_js L1: the words clients recognise an overflow by (LiteLLM: "this model's maximum context
+        # length is"; LangChain.js: "exceeds the context window" or "maximum context length"); before, neither matched.
+        assert all(m.startswith("AiError: This model's maximum context length is 300 tokens: ") for m in messages)
+        assert all("exceeds the context window" in m for m in messages[:3])
         assert "the model's context is 131072 tokens: requests get at most that, not 200000" in big.log.read_text()
     finally:
         server.stop()

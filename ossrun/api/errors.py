@@ -38,12 +38,18 @@ def unknown_model(model: str) -> ApiError:
 
 def context_too_long(prompt_tokens: int, max_tokens: int, limit: int, limit_name: str | None) -> ApiError:
     """`limit_name`: the field the caller set the answer's limit with (`max_output_tokens` on Responses), None when it
-    set none (its default was cut to the room left, so only the prompt can be too long)."""
+    set none (its default was cut to the room left, so only the prompt can be too long).
+
+    The message opens with OpenAI's sentence ("This model's maximum context length is N tokens") and says "exceeds the
+    context window": clients recognise a context overflow by those words alone (LiteLLM's ContextWindowExceededError,
+    which DSPy and other agents catch to shorten their history; LangChain.js's ContextOverflowError), and code 8 is
+    the contract's."""
+    opening = f"AiError: This model's maximum context length is {limit} tokens"
     if limit_name is None:
-        return ApiError(400, 8, f"AiError: the prompt ({prompt_tokens} tokens) fills the model's context window of {limit} "
-                                "tokens: no room is left for an answer")
-    return ApiError(400, 8, f"AiError: prompt ({prompt_tokens} tokens) + {limit_name} ({max_tokens}) = {prompt_tokens + max_tokens} "
-                            f"exceeds the model's context window of {limit} tokens")
+        return ApiError(400, 8, f"{opening}: the prompt ({prompt_tokens} tokens) fills the context window of {limit} "
+                                "tokens, no room is left for an answer")
+    return ApiError(400, 8, f"{opening}: prompt ({prompt_tokens} tokens) + {limit_name} ({max_tokens}) = "
+                            f"{prompt_tokens + max_tokens} exceeds the context window of {limit} tokens")
 
 
 def too_large(limit: int) -> ApiError:
