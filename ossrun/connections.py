@@ -175,9 +175,12 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
                 self._write_stall.cancel()
                 self._write_stall = None
 
-        def handle_websocket_upgrade(self, event) -> None:
-            self._stop_watch()  # the connection is another protocol's now
-            super().handle_websocket_upgrade(event)
+        def _should_upgrade(self) -> bool:
+            """Never: the server speaks HTTP only (the hosted API has no WebSocket transport). An upgrade request is
+            answered as the plain request it also is, by the routes, in the surface's shape, with its request id and
+            log line; uvicorn would refuse it with a bare 403 (no route takes a WebSocket) that reads as a token
+            problem, or warn of a missing WebSocket library."""
+            return False
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_watch()

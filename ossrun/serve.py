@@ -230,7 +230,7 @@ def serve(settings: ServerSettings) -> None:
         # 127.0.0.1's by default, where every client of the default --host connects from.
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
                                 http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)),
-                                proxy_headers=False)
+                                proxy_headers=False, ws="none")
         _draining_server(config, app.state.drain).run(sockets=[sock])
     finally:
         engine.shutdown()

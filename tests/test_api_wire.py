@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 import jsonschema
@@ -152,6 +153,41 @@ def test_unknown_routes_and_methods_answer_in_the_surface_envelope(server):
     assert_surface_error(call(server, "GET", "/v1/nope"), "/v1/nope", 404, 7000)
     assert_surface_error(call(server, "GET", "/client/v4/accounts/a/ai/nope"), "/client/v4/accounts/a/ai/nope", 404, 7000)
     assert_surface_error(call(server, "DELETE", "/v1/chat/completions"), "/v1/chat/completions", 405, 7001)
+
+
+def _websocket_upgrade(server, path: str) -> tuple[str, dict[str, str], bytes]:
+    """A WebSocket opening handshake (RFC 6455), as the Agents SDK's Responses WebSocket transport sends it → the
+    status line, headers and body that came back."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     f"Authorization: Bearer {TOKEN}\r\n\r\n".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply and (chunk := sock.recv(65536)):
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        status, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        while len(body) < int(headers.get("content-length", 0)) and (chunk := sock.recv(65536)):
+            body += chunk
+    return status, headers, body
+
+
+@pytest.mark.parametrize("path,status", [("/v1/responses", "405"), ("/v1/nope", "404"), ("/health", "200")])
+def test_a_websocket_upgrade_is_answered_as_http(server, path, status):
+    """hunt_js L2: the Agents SDK's Responses WebSocket transport got a bare 403 (no body, no x-request-id, no log
+    line: uvicorn's refusal of a WebSocket no route accepted), which reads as a token problem. The server speaks
+    HTTP only: an upgrade request is answered as the plain request it also is, in the surface's shape."""
+    line, headers, body = _websocket_upgrade(server, path)
+    assert line.split(" ")[1] == status, (line, body)
+    assert headers["x-request-id"].startswith("req_")
+    answer = json.loads(body)
+    if status == "405":
+        assert "Method GET not allowed" in answer["error"]["message"] and headers["allow"].startswith("OPTIONS, POST")
+    elif status == "404":
+        assert answer["error"]["code"] == "7000"
+    else:
+        assert answer["status"] == "ok"
 
 
 @pytest.mark.parametrize("method,path", [("POST", "/client/v4/accounts/x/ai/run"), ("POST", "/client/v4/accounts/x/ai/run/"),
