@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ossrun.engine import constraints
+from ossrun.engine import budget_search
 from ossrun.engine.constraints import ConstraintCompiler, SearchTimeout
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.grammar import llguidance_tokenizer
@@ -63,14 +63,14 @@ def measure(compiler: ConstraintCompiler, name: str) -> str:
     grammar = harmony_grammar.json_final(schema, reasoning_budget=0, max_tokens=max_tokens)
     matcher, entry = compiler._compile((grammar.lark, grammar.path_tokens, time.monotonic()), grammar)
     masks = 0
-    settle = constraints._Node.settle
+    settle = budget_search._Node.settle
 
     def counted(node, *args, **kwargs):
         nonlocal masks
         masks += 1
         return settle(node, *args, **kwargs)
 
-    constraints._Node.settle = counted
+    budget_search._Node.settle = counted
     start = time.monotonic()
     try:
         path = entry.shortest(matcher, grammar, compiler.tokenizer, compiler._runs)
@@ -79,16 +79,16 @@ def measure(compiler: ConstraintCompiler, name: str) -> str:
     except SearchTimeout as exc:
         found = f"none: {exc}"
     finally:
-        constraints._Node.settle = settle
+        budget_search._Node.settle = settle
     return f"{name:17s} {time.monotonic() - start:6.2f} s {masks:6d} masks  {found}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=constraints._SEARCH_SECONDS)
+    parser.add_argument("--seconds", type=float, default=budget_search._SEARCH_SECONDS)
     parser.add_argument("--only", nargs="*", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
-    constraints._SEARCH_SECONDS = args.seconds
+    budget_search._SEARCH_SECONDS = args.seconds
     compiler = ConstraintCompiler(llguidance_tokenizer())
     print(f"search limit {args.seconds:g} s")
     for name in args.only:

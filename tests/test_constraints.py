@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 import torch
 
-from ossrun.engine import constraints
+from ossrun.engine import budget_search, constraints
 from ossrun.engine.constraints import ConstraintCompiler, ConstraintViolation, GrammarError
+from ossrun.engine.pattern_sample import pattern_sample
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.grammar import default_reasoning_budget, llguidance_tokenizer
 from ossrun.engine.engine import Engine, EngineOptions
@@ -284,7 +285,7 @@ def test_objects_nested_8_deep_end_as_valid_json_within_max_tokens(model, compil
     a request searches again only when the model left the path (found at once) or, after a failure, rarely."""
     schema, max_tokens = nested(8), 100
     found = counted_searches(monkeypatch, most=3)
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 60.0)  # the search ends by itself; a busy machine must not matter
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 60.0)  # the search ends by itself; a busy machine must not matter
     prompt = render_request({"messages": [{"role": "user", "content": "hi"}]}).token_ids
     constraint = compiler.json_final(schema, reasoning_budget=0, max_tokens=max_tokens)
     results = make_engine(model).generate([Request("deep", prompt, sampled(seed=3, max_tokens=max_tokens),
@@ -300,7 +301,7 @@ def test_the_budget_search_finds_the_way_out_of_deeper_nesting(compiler, monkeyp
     """Deeper still, and a realistic order → customer → address → geo nested in more objects: the compiler's search
     finds a complete answer within max_tokens (objects 32 deep take 118 tokens; the search spells 228, twice as many)."""
     found = counted_searches(monkeypatch, most=1)
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 60.0)
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 60.0)
     compiler.json_final(schema, reasoning_budget=0, max_tokens=max_tokens)
     assert found == [True]
 
@@ -310,7 +311,7 @@ def test_a_search_that_finds_nothing_is_not_run_again_every_token(compiler, monk
     the last 128 (2 s each, holding the batch up). Now the next waits CLOSING_WINDOW tokens, then twice that, and
     a request searches at most _FAILED_SEARCHES times in all; the log says nothing was proven."""
     found = counted_searches(monkeypatch, most=50)
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)
     constraint = compiler.json_final(obj({"k": integer(4, 6), "note": string(11)}), reasoning_budget=0, max_tokens=120)
     with caplog.at_level("WARNING", logger="ossrun.engine.constraints"):
         for _ in range(119):
@@ -323,9 +324,9 @@ def test_a_request_searching_its_answer_does_not_hold_up_the_others(model, compi
     """hunt_fuzz #1: the budget search ran inside the mask that every engine step waits for, so every request of the
     batch waited for one request's search (a 20-token chat took 23-42 s). Now that row sits steps out while the
     others run: here its search is held until the plain request beside it has finished."""
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)  # the compiler's search runs out of time: searched later
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)  # the compiler's search runs out of time: searched later
     structured = compiler.json_final(obj({"k": integer(4, 6), "note": string(13)}), reasoning_budget=0, max_tokens=100)
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 2.0)
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 2.0)
     release, holding, search = threading.Event(), [], constraints.shortest_completion
 
     def held(*args, **kwargs):
@@ -566,7 +567,7 @@ def test_required_with_two_tools_has_a_budget(compiler):
 def test_a_format_without_a_bounded_answer_runs_without_the_guarantee(compiler, schema, monkeypatch, caplog):
     """The beam finding no answer proves nothing (it drops states), and trying every token is too large here: not a 400
     (the rule that keeps a real answer that fits from being refused), the log says the budget is not guaranteed."""
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 120.0)  # the search ends by itself; a busy machine must not matter
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 120.0)  # the search ends by itself; a busy machine must not matter
     with caplog.at_level("WARNING", logger="ossrun.engine.constraints"):
         assert compiler.json_final(schema, max_tokens=300).allowed_tokens().any()
     assert "no complete answer of at most 300 tokens found, and too many to try them all" in caplog.text
@@ -634,7 +635,7 @@ def test_a_pattern_string_the_model_began_is_closed_within_the_budget(compiler):
     (r"(?=a)b", None), (r"\bword", None), (r"^\p{L}+$", None),
 ])
 def test_pattern_samples_are_shortest_matches_or_none(pattern, sample):
-    assert constraints.pattern_sample(pattern) == sample
+    assert pattern_sample(pattern) == sample
 
 
 def test_a_budget_too_small_is_refused_only_when_proven(compiler):
@@ -650,9 +651,9 @@ def test_a_search_out_of_time_runs_without_the_guarantee_and_is_not_a_400(compil
     """Out of time is not "no answer": refusing then would make a valid request's answer depend on how busy the
     machine is (and, cached, refuse the format for good). Later requests of the format skip the search (2 s each)."""
     schema = obj({"k": integer(4, 6), "note": string(3)})
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", -1.0)
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)
     assert compiler.json_final(schema, reasoning_budget=0, max_tokens=40).allowed_tokens().any()
-    monkeypatch.setattr(constraints, "_SEARCH_SECONDS", 120.0)
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 120.0)
     for budget in (40, 4):  # not refused, not searched again (budget 4 would be a 400 had it been)
         assert compiler.json_final(schema, reasoning_budget=0, max_tokens=budget).allowed_tokens().any()
     with pytest.raises(GrammarError, match="max_tokens 4 cannot"):  # the same format, searched in time: refused

@@ -5,11 +5,11 @@ harmony wrapper is written by `ossrun.harmony.grammar`); this module only compil
 compiled matchers, and drives one matcher per request: `allowed_tokens()` before each sampled token,
 `choose(token, resample)` on the sampled one near the end of max_tokens, `advance(token)` after it.
 
-Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search over
+Budget: a grammar with `max_tokens` must be complete within it. A bounded breadth-first search (`budget_search.py`) over
 the real masks (forced tokens, then the grammar's `path_tokens`, digit runs and the tokenizer's single characters;
-inside a string, also the ends of a short string each `pattern` matches, with the closing quote) finds a way from the
+inside a string, also the ends of a short string each `pattern` matches (`pattern_sample.py`), with the closing quote) finds a way from the
 current state to a complete output; at construction a budget that is proven too short (every
-allowed token tried: `_prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee.
+allowed token tried: `budget_search._prove_none`) is a GrammarError, and one the search could not settle runs without the guarantee.
 During generation the constraint keeps such a way (`_path`), and within CLOSING_WINDOW tokens of the point where it
 takes all the tokens left it is `guarding`: the mask stays the grammar's, and the engine hands each token it sampled
 to `choose`, which keeps it when a complete answer is still found within the tokens left after it (the path, a
@@ -40,7 +40,10 @@ from typing import Any
 import llguidance
 import torch
 
+from ossrun.engine.budget_search import (TOP, Endings, SearchPruned, SearchTimeout, completion_within, matcher_error, nested,
+                                         run_tokens, search_candidates, short_tokens, shortest_completion)
 from ossrun.engine.grammar import Grammar, GrammarError
+from ossrun.engine.pattern_sample import pattern_sample
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +110,10 @@ class Constraint:
         self._left = grammar.max_tokens
         self._shortest = shortest
         self._candidates, self._runs, self._endings = candidates, runs, endings  # what the shortest-completion search tries
-        self._nesting = _TOP  # how deep in JSON the output is, for the search (see `_nested`)
+        self._nesting = TOP  # how deep in JSON the output is, for the search (see `nested`)
         self._path: list[int] | None = path  # a way to a complete output from the current state, when known
         self._since_search = 0
-        # A search that found nothing costs up to _SEARCH_SECONDS and would find nothing again next token: the next
+        # A search that found nothing costs up to budget_search._SEARCH_SECONDS and would find nothing again next token: the next
         # one waits _quiet tokens (CLOSING_WINDOW, doubled after each failure), and after _FAILED_SEARCHES (the
         # compiler's, which found none, counts) or a proof that none fits, the request searches no more.
         self._failures = int(grammar.max_tokens is not None and path is None)
@@ -189,14 +192,14 @@ class Constraint:
         if self._error is not None:
             raise ConstraintViolation(self._error)
         if not self._matcher.consume_token(token_id) and not (self._renew_lexer() and self._matcher.consume_token(token_id)):
-            self._error = f"token {token_id} ({self._describe(token_id)}) is not allowed here: {_reason(self._matcher)}"
+            self._error = f"token {token_id} ({self._describe(token_id)}) is not allowed here: {matcher_error(self._matcher)}"
             raise ConstraintViolation(self._error)
         self._taken.append(token_id)
         self._track_span(token_id)
         if self._left is not None:
             self._left -= 1
             self._quiet = max(0, self._quiet - 1)
-            self._nesting = _nested(self._nesting, [token_id], self._tokenizer)
+            self._nesting = nested(self._nesting, [token_id], self._tokenizer)
             self._follow_path(token_id)
         self._finished = token_id in self._grammar.final_tokens and self._matcher.is_stopped()
         self._pending = self._pool.submit(self._compute, self._search_due())
@@ -207,7 +210,7 @@ class Constraint:
             if self._matcher.is_error() and self._renew_lexer():
                 self._matcher.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._words * 4)
             if self._matcher.is_error():
-                raise ConstraintViolation(_reason(self._matcher))
+                raise ConstraintViolation(matcher_error(self._matcher))
             if search:
                 self._find_path()
             return self._unpack(self._bits)
@@ -227,7 +230,7 @@ class Constraint:
         if self._taken and not matcher.consume_tokens(self._taken):
             return False
         log.warning("structured output: the format's lexer was full (%s); renewed after %d tokens",
-                    _reason(self._matcher), len(self._taken))
+                    matcher_error(self._matcher), len(self._taken))
         self._matcher = matcher
         return True
 
@@ -291,7 +294,7 @@ class Constraint:
         if not state.consume_token(token):
             return None
         return completion_within(state, self._grammar, self._candidates, self._tokenizer, room, deadline, wide,
-                                 _nested(self._nesting, [token], self._tokenizer), self._endings)
+                                 nested(self._nesting, [token], self._tokenizer), self._endings)
 
     def _follow_path(self, token: int) -> None:
         """After a sampled token: the known path goes on if still valid, else it is searched again."""
@@ -344,344 +347,15 @@ class Constraint:
 # one after which no complete answer fits in the tokens left (an opener, whitespace at the very end) is refused.
 CLOSING_WINDOW = 32
 # A step checks at most this many of the model's choices (the sampled token, then what it samples without the refused
-# ones: greedy, its next best), then takes the known path's token. Only the first choice gets the wide search, of at
-# most _CHECK_STATES states (measured: ~50 ms on 2 busy cores when it finds nothing; its alternatives, once that is
-# refused, only the narrow one), and a step's searches stop after _CHECK_SECONDS (masks that take 0.5 s: 5000
-# properties). What they miss is refused, never let through.
-_CHECKED_CHOICES, _CHECK_STATES, _CHECK_SECONDS = 4, 256, 0.1
+# ones: greedy, its next best), then takes the known path's token. Only the first choice gets the wide search (of at
+# most budget_search._CHECK_STATES states; its alternatives, once that is refused, only the narrow one), and a step's
+# searches stop after _CHECK_SECONDS (masks that take 0.5 s: 5000 properties). What they miss is refused, never let
+# through.
+_CHECKED_CHOICES, _CHECK_SECONDS = 4, 0.1
 # A request's searches that find nothing (see Constraint._find_path): at most this many, the compiler's included.
 _FAILED_SEARCHES = 3
-_RETOKENIZED_GAIN, _RETOKENIZED_RATIO = 2, 2
-# How deep in JSON a state is: (brackets open, inside a string, after a backslash in it); see `_nested`.
-Nesting = tuple[int, bool, bool]
-# Token spellings of the ends of a format's pattern samples, each with the closing quote (see `_Node.ending`).
-Endings = tuple[tuple[int, ...], ...]
-_TOP: Nesting = (0, False, False)
-# The search keeps this many states a step, and gives up after this many seconds (it then finds no path). From each
-# state it tries candidates until it has this many children that made progress, or has tried this many.
-_SEARCH_WIDTH, _SEARCH_SECONDS = 16, 2.0
-_SEARCH_PROGRESS, _SEARCH_TRIES = 2, 8
 # A pattern's sample longer than this gives the search no endings (each is checked at every state inside a string).
 _SAMPLE_CHARS = 256
-# When the beam finds no answer within the limit, a search of every token the masks allow tries to prove there is none,
-# creating at most this many states (enough for a small budget); past that, nothing is known.
-_PROOF_STATES = 400
-
-
-class SearchTimeout(Exception):
-    """The shortest-completion search ran out of time before it ended: whether a path exists is not known. Unlike
-    None (the search ended and found none within the limit), this depends on how busy the machine is, so it is
-    never a 400 and never cached: the request runs without the budget guarantee, as the log says."""
-
-
-class SearchPruned(SearchTimeout):
-    """The beam found no answer within the limit, and the search of every allowed token was too large to end: the
-    beam drops states, so whether one exists is not known. Never a 400: the request runs without the guarantee."""
-
-
-def shortest_completion(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
-                        tokenizer: llguidance.LLTokenizer, *, limit: int | None = None,
-                        runs: frozenset[int] = frozenset(), nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
-    """A short token path from the matcher's state to a complete output (ending in a final token) of at most `limit`
-    tokens (default: the grammar's max_tokens), or None when there is none: only when that is proven, by a search of
-    every token the masks allow (`_prove_none`). A beam that found none proves nothing: SearchPruned then.
-    `runs`: the multi-character tokens among the candidates; `nesting`: how deep in JSON the state is; `endings`: ways to
-    close a string that follows a pattern (`_Node.ending`). The path comes as the tokenizer spells it (`retokenized`),
-    and the beams go _RETOKENIZED_RATIO times deeper than `limit`: they spell in short tokens (`"k` `31` `"` `:` and
-    a `}` a token), about twice as many as the same text takes (objects nested 32 deep: 228 tokens, 118 retokenized).
-    """
-    limit = limit if limit is not None else grammar.max_tokens
-    deadline = time.monotonic() + _SEARCH_SECONDS  # on a busy machine it may run out: SearchTimeout, not None
-    # First with the runs (short paths for dates, numbers); a format bounded in length (an email) makes each longer run
-    # look like progress, and that beam may never reach its `@`: then again without them, in the time left.
-    without = candidates[~torch.isin(candidates, torch.tensor(sorted(runs), dtype=torch.int64))]
-    path, timed_out = None, None
-    for tries, until in ((candidates, time.monotonic() + _SEARCH_SECONDS / 2), (without, deadline)):
-        try:
-            found = _beam_search(matcher, grammar, tries, tokenizer, None if limit is None else limit * _RETOKENIZED_RATIO,
-                                 min(until, deadline), nesting=nesting, endings=endings)
-        except SearchTimeout as exc:
-            timed_out = exc
-            continue
-        found = None if found is None else retokenized(matcher, tokenizer, found)
-        if found is not None and (path is None or len(found) < len(path)):
-            path = found
-        if path is not None and (limit is None or len(path) <= limit) or not runs:
-            break
-    if path is not None and (limit is None or len(path) <= limit):
-        return path
-    if timed_out is not None and path is None:
-        raise timed_out
-    if limit is None:
-        return None
-    return _prove_none(matcher, grammar, tokenizer.vocab_size, limit, deadline)
-
-
-def completion_within(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor,
-                      tokenizer: llguidance.LLTokenizer, limit: int, deadline: float, wide: bool = True,
-                      nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
-    """A path from the matcher's state to a complete output of at most `limit` tokens (retokenized), or None when
-    the bounded search finds none before `deadline` (which proves nothing). For checking a token a step, so cheap
-    first: a beam one state wide (a few dozen masks) finds most; then, when `wide`, one _SEARCH_WIDTH wide of at
-    most _CHECK_STATES states finds shorter paths it missed. The beams may go _RETOKENIZED_GAIN tokens deeper than
-    `limit`: retokenizing shortens paths."""
-    for width, states in ((1, None), (_SEARCH_WIDTH, _CHECK_STATES))[:2 if wide else 1]:
-        try:
-            path = _beam_search(matcher, grammar, candidates, tokenizer, limit + _RETOKENIZED_GAIN, deadline,
-                                width=width, max_states=states, nesting=nesting, endings=endings)
-        except (GrammarError, SearchTimeout):
-            path = None
-        if path is not None:
-            path = retokenized(matcher, tokenizer, path)
-            if len(path) <= limit:
-                return path
-    return None
-
-
-def retokenized(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, path: list[int]) -> list[int]:
-    """The path's text as the tokenizer spells it (`","` `capital` for the search's `"` `,` `"` `capital`), when that
-    is shorter and valid from the matcher's state: the room an answer needs as a model spends it, not as the search's
-    single characters do. Special tokens stay; the text between them is tokenized again (~10 µs)."""
-    out, text = [], bytearray()
-    for token in path:
-        if tokenizer.is_special_token(token):
-            out += tokenizer.tokenize_bytes(bytes(text)) if text else []
-            out.append(token)
-            text.clear()
-        else:
-            text += tokenizer.decode_bytes([token])
-    out += tokenizer.tokenize_bytes(bytes(text)) if text else []
-    return out if len(out) < len(path) and matcher.validate_tokens(out) == len(out) else path
-
-
-def _prove_none(matcher: llguidance.LLMatcher, grammar: Grammar, vocab_size: int, limit: int, deadline: float) -> list[int] | None:
-    """Breadth first over every token each mask allows, without a beam: a path of at most `limit` tokens, or None when
-    there is none (proven: every state that could still finish within the limit was expanded). SearchPruned when that
-    takes more than _PROOF_STATES states (or the search's time)."""
-    bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
-    everything = torch.arange(vocab_size, dtype=torch.int64)
-    frontier, states = [_Node(matcher.deep_copy(), [])], 0
-    done = frontier[0].settle(grammar, bits, everything)
-    if done is not None:
-        return done if len(done) <= limit else None
-    while frontier:
-        children = []
-        for node in frontier:
-            if len(node.path) + 2 > limit:  # its children need one more token (a final one) at least
-                continue
-            states += len(node.allowed)
-            if states > _PROOF_STATES or time.monotonic() > deadline:
-                raise SearchPruned(f"no complete answer of at most {limit} tokens found, and too many to try them all")
-            for token in node.allowed:
-                child = node.state.deep_copy()
-                if not child.consume_token(token):
-                    raise GrammarError(_reason(child))
-                child_node = _Node(child, node.path + [token])
-                done = child_node.settle(grammar, bits, everything)
-                if done is not None:
-                    if len(done) <= limit:
-                        return done
-                    continue  # its shortest completion is too long: a dead end, nothing dropped
-                children.append(child_node)
-        frontier = children
-    return None
-
-
-def _beam_search(matcher: llguidance.LLMatcher, grammar: Grammar, candidates: torch.Tensor, tokenizer: llguidance.LLTokenizer,
-                 limit: int | None, deadline: float, *, width: int | None = None, max_states: int | None = None,
-                 nesting: Nesting = _TOP, endings: Endings = ()) -> list[int] | None:
-    """A short path (maybe longer than `limit`), or None when the beam found none within it.
-
-    Breadth first with a beam. A state's forced tokens are taken at once; otherwise its real mask (what
-    generation computes there) says which of `candidates` (token ids in the order to try them: see
-    `search_candidates`) it allows. A child whose mask or JSON nesting differs from its parent's made progress (closed
-    a string, reached the `@` of an email, closed one of nested objects); one with both its parent's only repeated itself (one more
-    character of the same string): a state keeps one such child, which goes on trying the tokens its
-    parent did not, and only when the beam has room. A grammar error on the way,
-    such as a parser limit, raises GrammarError: generation would hit it too. Past the deadline (checked each step)
-    SearchTimeout. `width`: states kept a step (default _SEARCH_WIDTH); with `max_states`, past that many states
-    created or the deadline (then checked before each: a mask may take 0.5 s at 5000 properties), SearchPruned.
-    `nesting`: how deep in JSON the matcher's state is (`_nested`). Inside a string, the first child a state tries is
-    one of `endings` that closes it (`_Node.ending`), when one does."""
-    width = width or _SEARCH_WIDTH
-    bits = torch.zeros((tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
-    start = _Node(matcher.deep_copy(), [], nesting)
-    done = start.settle(grammar, bits, candidates, tokenizer)
-    if done is not None:
-        return done
-    frontier, states = [start], 0
-    while frontier:
-        if time.monotonic() > deadline:
-            raise SearchTimeout(f"no complete answer found in {_SEARCH_SECONDS:g} s (the search did not end)")
-        progress: list[list[_Node]] = []
-        repeats: list[list[_Node]] = []
-        for node in frontier:
-            if limit is not None and len(node.path) >= limit:
-                continue
-            moved, same = [], []
-            ending = node.ending(endings)
-            if ending is not None:  # it closes the string: progress
-                states += 1
-                child_node = node.child(ending, tokenizer)
-                done = child_node.settle(grammar, bits, candidates, tokenizer)
-                if done is not None:
-                    return done
-                moved.append(child_node)
-            for index in range(node.next, min(len(node.allowed), node.next + _SEARCH_TRIES)):
-                states += 1
-                if max_states is not None and (states > max_states or time.monotonic() > deadline):  # a bounded check
-                    raise SearchPruned(f"no complete answer found within {max_states} states or the time")
-                child_node = node.child([node.allowed[index]], tokenizer)
-                done = child_node.settle(grammar, bits, candidates, tokenizer)
-                if done is not None:
-                    return done
-                if child_node.key != node.key or child_node.nesting[0] != node.nesting[0]:
-                    moved.append(child_node)
-                elif not same:
-                    same.append(child_node)
-                if len(moved) >= _SEARCH_PROGRESS:
-                    break
-            if same:  # the same mask allows the same tokens: the repeat goes on with those not tried yet
-                same[0].next = (index + 1) % len(node.allowed)
-            progress.append(moved)
-            repeats.append(same)
-        frontier = _round_robin(progress, width)
-        frontier += _round_robin(repeats, width - len(frontier))
-    return None
-
-
-class _Node:
-    """A state of the search: its matcher, the path that reached it, how deep in JSON that path is, and (once
-    settled) its mask's key and the candidates it allows."""
-
-    def __init__(self, state: llguidance.LLMatcher, path: list[int], nesting: Nesting = _TOP):
-        self.state, self.path = state, path
-        self.key = 0
-        self.allowed: list[int] = []
-        self.next = 0  # the first of `allowed` to try (a repeat goes on from where its parent stopped)
-        self.nesting = nesting  # how deep in JSON the state is (see `_nested`)
-
-    def took(self, tokens: list[int], tokenizer: llguidance.LLTokenizer | None) -> _Node:
-        """The node after `tokens` (already consumed by its state): its path, and its nesting unless no tokenizer."""
-        self.path = self.path + tokens
-        if tokenizer is not None:
-            self.nesting = _nested(self.nesting, tokens, tokenizer)
-        return self
-
-    def child(self, tokens: list[int], tokenizer: llguidance.LLTokenizer) -> _Node:
-        """The node after `tokens`, not settled yet."""
-        state = self.state.deep_copy()
-        if not state.consume_tokens(tokens):
-            raise GrammarError(_reason(state))
-        return _Node(state, self.path, self.nesting).took(tokens, tokenizer)
-
-    def ending(self, endings: Endings) -> list[int] | None:
-        """Inside a string, the first of `endings` (token spellings of the ends of a pattern's sample, each with the
-        closing quote: `.aa"`, `a.aa"`, ... for an e-mail's `a@a.aa`) valid from this state, if any: a child that
-        closes the string where trying one character at a time would not see the way, the mask being the same after
-        each (see `pattern_sample`). Checked without masks (~1 µs each)."""
-        if not endings or not self.nesting[1] or self.nesting[2]:
-            return None
-        return next((list(e) for e in endings if self.state.validate_tokens(list(e)) == len(e)), None)
-
-    def settle(self, grammar: Grammar, bits: torch.Tensor, candidates: torch.Tensor,
-               tokenizer: llguidance.LLTokenizer | None = None) -> list[int] | None:
-        """Take the forced tokens and compute the mask; → the complete path when a final token was reached.
-        `tokenizer`: to follow the nesting (the beam's; the proof needs none)."""
-        forced = self.state.compute_ff_tokens()
-        for i, token in enumerate(forced):
-            if token in grammar.final_tokens:
-                return self.path + forced[:i + 1]
-        if forced:
-            if not self.state.consume_tokens(forced):
-                raise GrammarError(_reason(self.state))
-            self.took(forced, tokenizer)
-        self.state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
-        if self.state.is_error():
-            raise GrammarError(_reason(self.state))
-        self.key = hash(bits.numpy().tobytes())
-        self.allowed = candidates[((bits[candidates >> 5] >> (candidates & 31)) & 1).bool()].tolist()
-        for token in self.allowed:
-            if token in grammar.final_tokens:
-                return self.path + [token]
-        return None
-
-
-def _nested(nesting: Nesting, tokens: list[int], tokenizer: llguidance.LLTokenizer) -> Nesting:
-    """(brackets open, inside a string, after a backslash in it) after `tokens`, from `nesting` before them: how deep
-    in JSON their text is (JSON starts afresh after a special token: a harmony header, `<|message|>`). A mask does not
-    show it: after each `}` closing one of nested objects the mask is the same, so the beam took those closers for a
-    string's next character (no progress) and lost the way out of objects nested 6 or more deep (other paths, such as
-    `,` to a property the schema does not name, looked like progress). Inside a string a `}` is text: a search that
-    starts there is given the nesting so far (`Constraint` follows it), else it would take each `}` for progress."""
-    brackets, quoted, escaped = nesting
-    for token in tokens:
-        if tokenizer.is_special_token(token):
-            brackets, quoted, escaped = _TOP
-            continue
-        for byte in tokenizer.decode_bytes([token]):
-            if escaped:
-                escaped = False
-            elif quoted:
-                escaped, quoted = byte == 0x5C, byte != 0x22  # a backslash; the closing quote
-            elif byte == 0x22:
-                quoted = True
-            elif byte in b"{[":
-                brackets += 1
-            elif byte in b"}]":
-                brackets -= 1
-    return brackets, quoted, escaped
-
-
-def _round_robin(groups: list[list[_Node]], width: int) -> list[_Node]:
-    """The first of each group, then the second of each, ... up to `width` (no state's children fill the beam alone)."""
-    out: list[_Node] = []
-    for rank in range(max((len(g) for g in groups), default=0)):
-        for group in groups:
-            if rank < len(group) and len(out) < width:
-                out.append(group[rank])
-    return out
-
-
-def search_candidates(grammar: Grammar, short: torch.Tensor, blank: torch.Tensor, alnum: torch.Tensor) -> torch.Tensor:
-    """What the search tries at a state, in order: the grammar's path tokens (closers, names), then the tokenizer's
-    short tokens (`short`: runs of digits and letters, longest first, then single characters), whitespace last
-    (`blank`: JSON allows it almost anywhere, and a beam of whitespace runs finds long paths). A path token that
-    is a single digit, letter or `-` (`alnum`: the closers `0`, `1`, `-`) keeps its place among the short ones, after
-    the runs (else `-` `10` beats `10` for an integer, and `0` `1` beats `01` for a month). Each token once: the
-    closers and a schema's hints share some (`"`), and a token tried twice gives a state two identical children."""
-    path = torch.tensor(list(dict.fromkeys(grammar.path_tokens)), dtype=torch.int64)
-    first = path[~torch.isin(path, blank) & ~torch.isin(path, alnum)]
-    rest = short[~torch.isin(short, first)]
-    return torch.cat([first, rest[~torch.isin(rest, blank)], rest[torch.isin(rest, blank)]])
-
-
-def short_tokens(tokenizer: llguidance.LLTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the tokenizer's short tokens in the order the search tries them, the whitespace among them, the single
-    digits, letters and `-` among them). Runs of 2 or 3 of the digits 0, 1 and 2 come first, longest first (o200k spells
-    0 to 999 in one token: `2000-01-01` takes 6 tokens, not 10; these 36 runs suffice for dates, times and most
-    numeric patterns, and a state that only repeats itself tries few of them before the single characters),
-    then the single-byte tokens: digits and letters, punctuation, whitespace and control bytes."""
-    single, runs = {}, []
-    for token in range(tokenizer.vocab_size):
-        if not tokenizer.is_special_token(token):
-            text = tokenizer.decode_bytes([token])
-            if len(text) == 1:
-                single.setdefault(text[0], token)
-            elif len(text) <= 3 and set(text) <= set(b"012"):
-                runs.append((-len(text), text, token))
-    def rank(byte: int) -> tuple[int, int]:
-        char = chr(byte)
-        return (0 if char.isascii() and char.isalnum() else 1 if 0x21 <= byte < 0x7F else 2, byte)
-    ordered = [token for *_, token in sorted(runs)] + [single[b] for b in sorted(single, key=rank)]
-    blank = [single[b] for b in single if chr(b) in " \t\n\r"]
-    alnum = [single[b] for b in single if rank(b)[0] == 0 or b == ord("-")]
-    return tuple(torch.tensor(t, dtype=torch.int64) for t in (ordered, blank, alnum))
-
-
-def run_tokens(short: torch.Tensor, tokenizer: llguidance.LLTokenizer) -> frozenset[int]:
-    """The multi-character tokens among `short`."""
-    return frozenset(t for t in short.tolist() if len(tokenizer.decode_bytes([t])) > 1)
 
 
 class ConstraintCompiler:
@@ -750,7 +424,7 @@ class ConstraintCompiler:
             if len(tokens) == 1 and bool(first[tokens[0]]):
                 state = start.deep_copy()
                 if not state.consume_tokens(tokens):
-                    raise GrammarError(f"invalid {what}: {_reason(state)}")
+                    raise GrammarError(f"invalid {what}: {matcher_error(state)}")
                 self._first_mask(what, state)
                 if opener == "{" and state.consume_tokens(self.tokenizer.tokenize_str(_INSIDE)):
                     self._first_mask(what, state)
@@ -776,7 +450,7 @@ class ConstraintCompiler:
             state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
             if state.is_error():  # it only took allowed tokens: a limit, the lexer's when it grew too fast
                 raise GrammarError(f"invalid {what}: pattern {pattern!r} is too complex for the grammar engine "
-                                   f"({_reason(state)} within {_PATTERN_MASKS} tokens of sample text; a bounded repeat "
+                                   f"({matcher_error(state)} within {_PATTERN_MASKS} tokens of sample text; a bounded repeat "
                                    "beside what must follow it, such as `.{0,1000}a.{100}`, makes its automaton track "
                                    "every position): use a simpler pattern or maxLength")
             allowed = torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
@@ -788,7 +462,7 @@ class ConstraintCompiler:
         bits = torch.zeros((self.tokenizer.vocab_size + 31) // 32, dtype=torch.int32)
         state.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
         if state.is_error():
-            raise GrammarError(f"invalid {what}: {_reason(state)}")
+            raise GrammarError(f"invalid {what}: {matcher_error(state)}")
         return torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)
 
     def _renewer(self, key, grammar: Grammar) -> Callable[[], llguidance.LLMatcher]:
@@ -821,7 +495,7 @@ class ConstraintCompiler:
     def _compile(self, key, grammar: Grammar) -> tuple[llguidance.LLMatcher, _Entry]:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar.lark, log_level=0, limits=_LIMITS)  # drops the GIL while it compiles
         if matcher.is_error():
-            raise GrammarError(_reason(matcher))
+            raise GrammarError(matcher_error(matcher))
         entry = _Entry(matcher, search_candidates(grammar, *self._short), self._endings(grammar))
         with self._lock:
             self.compiled += 1
@@ -894,122 +568,3 @@ def _lexer_full(matcher: llguidance.LLMatcher) -> bool:
     """The matcher failed on its lexer's size limits (see _LEXER_FULL)."""
     error = matcher.get_error() or ""
     return any(full in error for full in _LEXER_FULL)
-
-
-def _reason(matcher: llguidance.LLMatcher) -> str:
-    """The first line of the matcher's error (the rest is a `<non-verbose/>` placeholder)."""
-    return (matcher.get_error() or "rejected").splitlines()[0]
-
-
-# What a pattern's sample string uses where the pattern lets it choose (a class, `.`): plain characters first.
-_PLAIN = "aA0 -._" + "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "\"\\aA0-._")
-_ESCAPES = {"d": "0", "w": "a", "s": " ", "D": "a", "W": " ", "S": "a", "n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
-_CLASS_ESCAPES = {"d": "0123456789", "w": "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", "s": " \t\n\r"}
-
-
-def pattern_sample(pattern: str) -> str | None:
-    """A shortest string the regex matches (each repeat at its least, the shortest branch, a plain character for a
-    class), or None for syntax this reader does not know (lookarounds, `\\b`, `\\p{…}`, backreferences). Within a
-    string that follows a pattern nearly every character leaves the mask as it was: after `x@x` the mask is the same
-    as after `x@x.` and `x@x.c` (only the closing quote tells them apart, and it is allowed after `x@x.co` only), so
-    the search, which needs the mask to change to see progress, walked its list of characters and ran out of time.
-    The end of a sample, then the closing quote, shows it a way out (see `_Node.ending`)."""
-    try:
-        sample, end = _alternatives(pattern, 0)
-    except (ValueError, IndexError):
-        return None
-    return sample if end == len(pattern) else None
-
-
-def _alternatives(pattern: str, i: int) -> tuple[str, int]:
-    branches = []
-    while True:
-        branch, i = _sequence(pattern, i)
-        branches.append(branch)
-        if i == len(pattern) or pattern[i] != "|":
-            return min(branches, key=len), i
-        i += 1
-
-
-def _sequence(pattern: str, i: int) -> tuple[str, int]:
-    out = ""
-    while i < len(pattern) and pattern[i] not in "|)":
-        atom, i = _atom(pattern, i)
-        times, i = _least_repeats(pattern, i)
-        out += atom * times
-    return out, i
-
-
-def _atom(pattern: str, i: int) -> tuple[str, int]:
-    char = pattern[i]
-    if char == "(":
-        if pattern.startswith("(?", i):  # a group without capture or with a name: lookarounds are not read
-            close = {"(?:": i + 3, "(?<": pattern.find(">", i) + 1, "(?P": pattern.find(">", i) + 1}.get(pattern[i:i + 3], 0)
-            if close <= i or pattern.startswith(("(?<=", "(?<!"), i):
-                raise ValueError(pattern[i:i + 4])
-            i = close - 1
-        inner, i = _alternatives(pattern, i + 1)
-        if pattern[i] != ")":
-            raise ValueError("unclosed group")
-        return inner, i + 1
-    if char == "[":
-        return _class_sample(pattern, i)
-    if char == "\\":
-        escaped = pattern[i + 1]
-        if escaped in _ESCAPES:
-            return _ESCAPES[escaped], i + 2
-        if escaped in "ux":
-            digits = 4 if escaped == "u" else 2
-            return chr(int(pattern[i + 2:i + 2 + digits], 16)), i + 2 + digits
-        if escaped.isalnum():
-            raise ValueError(f"\\{escaped}")
-        return escaped, i + 2
-    if char in "^$":
-        return "", i + 1
-    if char in "*+?{":
-        if char == "{" and _least_repeats(pattern, i)[1] == i:
-            return char, i + 1  # a brace that is not a quantifier is itself
-        raise ValueError("a quantifier without an atom")
-    return ("a" if char == "." else char), i + 1
-
-
-def _least_repeats(pattern: str, i: int) -> tuple[int, int]:
-    """(the least number of times the quantifier at `i` allows, the index after it); (1, i) when there is none."""
-    if i == len(pattern) or pattern[i] not in "*+?{":
-        return 1, i
-    if pattern[i] == "{":
-        end = pattern.find("}", i)
-        least = pattern[i + 1:end].split(",")[0]
-        if end < 0 or not least.isdigit() or not all(c.isdigit() or c == "," for c in pattern[i + 1:end]):
-            return 1, i
-        times, i = int(least), end + 1
-    else:
-        times, i = int(pattern[i] == "+"), i + 1
-    return times, i + (i < len(pattern) and pattern[i] in "?+")  # lazy or possessive
-
-
-def _class_sample(pattern: str, i: int) -> tuple[str, int]:
-    """A plain character of the class at `i` (`[…]`, `[^…]`), and the index after it."""
-    negated = pattern.startswith("[^", i)
-    i += 1 + negated
-    members, first = [], True
-    while pattern[i] != "]" or first:
-        first = False
-        if pattern[i] == "\\":
-            escaped = pattern[i + 1]
-            if escaped in "DWS":
-                raise ValueError(f"\\{escaped} in a class")
-            members.append(_CLASS_ESCAPES.get(escaped) or _ESCAPES.get(escaped, escaped))
-            i += 2
-        elif pattern[i + 1] == "-" and pattern[i + 2] != "]":
-            end = pattern[i + 2] if pattern[i + 2] != "\\" else pattern[i + 3]
-            members.append("".join(chr(c) for c in range(ord(pattern[i]), ord(end) + 1)))
-            i += 3 + (pattern[i + 2] == "\\")
-        else:
-            members.append(pattern[i])
-            i += 1
-    allowed = set("".join(members))
-    choices = [c for c in _PLAIN if (c in allowed) != negated] or ([] if negated else sorted(allowed))
-    if not choices:
-        raise ValueError("an empty class")
-    return choices[0], i + 1
