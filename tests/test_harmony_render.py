@@ -346,6 +346,33 @@ def test_responses_items_with_calls_outputs_and_reasoning():
     assert ids(body) == expected
 
 
+def test_truncation_drops_the_oldest_items_a_call_with_its_outputs_never_instructions_nor_the_newest():
+    """Responses' `truncation: "auto"` drops whole items, oldest first (hunt_py MEDIUM-3): each entry is what goes together."""
+    from pydantic import TypeAdapter
+
+    from ossrun.harmony import droppable_items
+    from ossrun.harmony.shapes import InputItem
+
+    def fc(call_id: str) -> dict:
+        return {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": "{}"}
+
+    def out(call_id: str) -> dict:
+        return {"type": "function_call_output", "call_id": call_id, "output": "7"}
+
+    items = TypeAdapter(list[InputItem]).validate_python([
+        {"role": "developer", "content": "Be brief."},                                  # 0: instructions, kept
+        {"role": "user", "content": "Weather?"},                                       # 1
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "Two calls."}]},  # 2
+        fc("a"), fc("b"), out("b"), out("a"),                                          # 3-6: answered in another order
+        {"role": "system", "content": "Metric units."},                                # 7: kept
+        {"role": "assistant", "content": "7 and 7."},                                  # 8
+        fc("c"), out("c"),                                                              # 9-10: the newest answers its call
+    ])
+    assert droppable_items(items) == [(1,), (2,), (3, 6), (4, 5), (8,)]
+    assert droppable_items(items[:7]) == [(1,), (2,)]  # the newest answers call "a": it stays, and what follows it
+    assert droppable_items(items[:2]) == [] and droppable_items("Hi") == []
+
+
 def test_responses_assistant_output_text_is_a_final_message():
     body = {
         "input": [

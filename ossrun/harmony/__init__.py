@@ -17,7 +17,7 @@ from .events import (
     ToolCallArgumentsDelta,
     ToolCallStart,
 )
-from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses
+from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, droppable_items
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
 from .render import RenderedPrompt, ResponseFormatSection, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
 from .tokenizer import (
@@ -74,6 +74,7 @@ __all__ = [
     "convert_prompt",
     "convert_responses",
     "decode",
+    "droppable_items",
     "encode",
     "ensure_vocab_file",
     "fold_events",

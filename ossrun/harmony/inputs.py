@@ -221,6 +221,31 @@ def convert_responses(input_: str | Sequence[InputItem], instructions: str | Non
     return out
 
 
+def droppable_items(input_: str | Sequence[InputItem]) -> list[tuple[int, ...]]:
+    """What Responses' `truncation: "auto"` may drop from `input_` (a previous response's conversation in front), oldest
+    first, each entry the indices of items that go together. A function_call goes with the function_call_outputs that
+    answer it (an output alone would answer no call, a call alone would be unanswered: either is a RenderError);
+    system and developer messages stay (they are the instructions); the newest item never goes, nor a call it answers,
+    nor anything after such a call (only the oldest items go). So dropping the first k entries, for any k, leaves a
+    conversation that renders whenever the whole one does, and shorter the larger k is."""
+    if isinstance(input_, str):
+        return []
+    units: list[tuple[int, ...]] = []
+    taken: set[int] = set()
+    for i, item in enumerate(input_[:-1]):
+        if i in taken or (isinstance(item, InputMessage) and item.role in ("system", "developer")):
+            continue
+        unit = (i,)
+        if isinstance(item, FunctionCallInput):
+            unit += tuple(j for j in range(i + 1, len(input_)) if isinstance(input_[j], FunctionCallOutputInput)
+                          and input_[j].call_id == item.call_id)
+        if len(input_) - 1 in unit:
+            break
+        taken.update(unit)
+        units.append(unit)
+    return units
+
+
 def _responses_item(out: Converted, item: InputItem, where: str) -> None:
     if isinstance(item, InputMessage):
         if item.role in ("user", "assistant"):
