@@ -282,3 +282,102 @@ def test_reasoning_is_echoed_with_the_effort_used_and_the_summary_asked(server):
     assert client.responses.retrieve(sent.id).reasoning.effort == "low"
     raw = post_json(server, "/v1/responses", ask)
     assert raw["reasoning"] == {"effort": "medium", "summary": None}
+
+
+# -- truncation: "auto" ------------------------------------------------------------------------------------------------
+
+WINDOW = 512
+
+
+@pytest.fixture(scope="module")
+def small_window(checkpoints, tmp_path_factory):
+    """The real server on the tiny random checkpoint with a 512-token window: a conversation outgrows it in two turns."""
+    from tests.server_util import start_server
+
+    s = start_server(checkpoints["original"], tmp_path_factory.mktemp("small-window"), "--rate-limit", "0",
+                     "--max-model-len", str(WINDOW))
+    yield s
+    s.stop()
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _as_input(item) -> dict:
+    """An item `input_items` listed, as an input item (the caller sending the same conversation inline)."""
+    data = item.model_dump(exclude_none=True, exclude={"id", "status"})
+    if data["type"] == "message":
+        return {"role": data["role"], "content": "".join(part["text"] for part in data["content"])}
+    return data
+
+
+def test_truncation_auto_drops_the_oldest_turns_of_a_conversation_past_the_window(small_window):
+    """hunt_py MEDIUM-3. Before: `truncation` was an unknown field, ignored, so a `previous_response_id` chain that
+    outgrew the window was a 400 (code 8) for ever, "auto" or not. Now "auto" drops the oldest items (the first turn's
+    question here) until the prompt and `max_output_tokens` fit; the instructions stay; usage counts the prompt read,
+    which is the prompt of the kept items sent inline; `input_items` lists what the model read; "disabled" (the
+    default) keeps the 400."""
+    client = _client(small_window)
+    ask = dict(model=MODEL, instructions="Be brief.", max_output_tokens=16, temperature=0)
+    first = client.responses.create(**ask, input="hello " * 200)
+    question = "hello " * 200 + "Now say hi."
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**ask, previous_response_id=first.id, input=question)
+    assert refused.value.code == "8" and f"context window of {WINDOW} tokens" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as disabled:
+        client.responses.create(**ask, previous_response_id=first.id, input=question, truncation="disabled")
+    assert disabled.value.code == "8"
+
+    second = client.responses.create(**ask, previous_response_id=first.id, input=question, truncation="auto")
+    assert second.status in ("completed", "incomplete") and second.truncation == "auto"
+    assert second.usage.input_tokens + 16 <= WINDOW
+    items = list(client.responses.input_items.list(second.id, order="asc"))
+    assert items[-1].type == "message" and items[-1].content[0].text == question  # the newest item stays
+    read = [entry.id for entry in items]
+    first_items = list(client.responses.input_items.list(first.id))
+    assert first_items[0].id not in read  # the first question went
+    assert [o.id for o in first.output if o.id in read] == read[:-1]  # its answer stays: it fits
+    inline = client.responses.create(**ask, input=[_as_input(item) for item in items])
+    assert inline.usage.input_tokens == second.usage.input_tokens and inline.truncation == "disabled"
+    assert client.responses.retrieve(second.id).truncation == "auto"
+
+    third = client.responses.create(**ask, previous_response_id=second.id, input=question, truncation="auto")
+    assert third.usage.input_tokens + 16 <= WINDOW  # the chain goes on
+
+
+def test_truncation_auto_keeps_instructions_and_drops_a_call_with_its_output(small_window):
+    """A function_call goes with its function_call_output (the output alone would name no call: a 400), developer and
+    system messages stay (they are the instructions), and when even the newest item leaves no room the 400 (code 8)
+    is as without truncation."""
+    client = _client(small_window)
+    developer = {"role": "developer", "content": "Answer in French."}
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "rainy " * 450}
+    question = {"role": "user", "content": "What should I wear?"}
+    ask = dict(model=MODEL, tools=[WEATHER], max_output_tokens=16, temperature=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**ask, input=[developer, call, output, question])
+    assert refused.value.code == "8"
+    truncated = client.responses.create(**ask, input=[developer, call, output, question], truncation="auto")
+    items = list(client.responses.input_items.list(truncated.id, order="asc"))
+    assert [(item.type, item.role) for item in items] == [("message", "developer"), ("message", "user")]
+    kept = client.responses.create(**ask, input=[developer, question])
+    assert truncated.usage.input_tokens == kept.usage.input_tokens
+
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.responses.create(**ask, input=[question, {"role": "user", "content": "hello " * 600}], truncation="auto")
+    assert too_long.value.code == "8" and "+ max_output_tokens (16)" in too_long.value.message
+
+
+def test_truncation_auto_without_max_output_tokens_keeps_room_for_the_default_answer(small_window):
+    """Without `max_output_tokens` the room kept for the answer is the surface's default limit (4096 on /v1) but at
+    most half the window: the prompt is cut to 256 tokens here, where without truncation it fills the window up to
+    what the answer needs (a conversation near the edge would get answers of a token or two)."""
+    client = _client(small_window)
+    first = client.responses.create(model=MODEL, input="hello " * 200, max_output_tokens=16, temperature=0)
+    follow = dict(model=MODEL, previous_response_id=first.id, input="hello " * 100, temperature=0)
+    untruncated = client.responses.create(**follow, max_output_tokens=1)
+    assert untruncated.usage.input_tokens > WINDOW // 2
+    second = client.responses.create(**follow, truncation="auto")
+    assert second.usage.input_tokens <= WINDOW // 2

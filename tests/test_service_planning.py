@@ -40,3 +40,22 @@ def test_an_interactive_plan_does_not_queue_behind_batch_plans(tmp_path):
             assert len(await asyncio.gather(*batch)) == 40
 
     assert asyncio.run(scenario()) == "Hello"
+
+
+def test_truncation_finds_the_fewest_items_to_drop_from_any_guess():
+    """`truncation: "auto"` searches the fewest items to drop (a render per try) from a guess: whatever the guess,
+    the answer is the fewest that fit, or all of them when none does, and each count is tried at most once."""
+    from ossrun.api.service import _fewest
+
+    for total in range(1, 40):
+        for needed in range(1, total + 2):  # total + 1: even dropping all does not fit
+            for guess in range(1, total + 1):
+                tries: list[int] = []
+
+                def fits(count: int) -> bool:
+                    tries.append(count)
+                    return count >= needed
+
+                assert _fewest(fits, total, guess) == min(needed, total)
+                assert 1 <= min(tries) and max(tries) <= total and len(tries) == len(set(tries))
+                assert len(tries) <= 2 * total.bit_length() + 2

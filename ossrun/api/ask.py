@@ -33,6 +33,7 @@ class Ask:
     messages: Sequence[Message] | None = None  # Chat
     items: str | Sequence[InputItem] | None = None  # Responses
     stored_items: int = 0  # Responses: how many of `items` came from previous_response_id (in front)
+    truncate: bool = False  # Responses' `truncation: "auto"`: the oldest items may go to fit the window
     instructions: str | None = None
     prompt: str | None = None  # the Prompt shape's text, or the raw text (`raw`, /v1/completions)
     raw: bool = False
@@ -193,7 +194,7 @@ def from_responses(m: schemas.ResponsesInput) -> Ask:
     returns `logprobs: []`)."""
     mode, named = _choice(m.tool_choice)
     logprobs = OUTPUT_TEXT_LOGPROBS in (m.include or ())
-    return Ask("responses", items=m.input, stored_items=m._stored_items, instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
+    return Ask("responses", items=m.input, stored_items=m._stored_items, truncate=m.truncation == "auto", instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
                effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
                max_tokens=m.max_output_tokens, max_tokens_name="max_output_tokens", temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
                logprobs=logprobs, top_logprobs=(m.top_logprobs or 0) if logprobs else 0,

@@ -239,6 +239,8 @@ class ResponseObject(_Out):
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     text: ResponseText
+    truncation: Literal["auto", "disabled"] = Field(description="As sent (`disabled` when not): `auto` drops the "
+                                                    "conversation's oldest items when it does not fit the context window")
 
 
 # -- completions and models ------------------------------------------------------------------------------

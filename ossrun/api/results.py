@@ -106,7 +106,7 @@ def function_call_item(call_id: str, name: str, arguments: str, item_id: str | N
 ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
           "temperature": 1.0, "top_p": 1.0, "max_output_tokens": None,
           "reasoning": {"effort": harmony.reasoning_effort(None), "summary": None}, "text": {"format": {"type": "text"}},
-          "store": True, "metadata": None, "top_logprobs": 0, "background": False}
+          "store": True, "metadata": None, "top_logprobs": 0, "background": False, "truncation": "disabled"}
 
 
 def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:
@@ -173,10 +173,11 @@ def response_object(outcome: Outcome | None, model: str, prices, response_id: st
 
 
 def with_current_keys(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored response as `response_object` builds it now: one kept by an older version lacks `error` and
-    `incomplete_details` and has `text: null` (plain text then, unless it had a `response_format`, which it no
-    longer says)."""
-    return {"error": None, "incomplete_details": None, **stored, "text": stored.get("text") or dict(ECHOED["text"])}
+    """A stored response as `response_object` builds it now: one kept by an older version lacks `error`,
+    `incomplete_details` and `truncation` (it was not truncated) and has `text: null` (plain text then, unless it had a
+    `response_format`, which it no longer says)."""
+    return {"error": None, "incomplete_details": None, "truncation": ECHOED["truncation"], **stored,
+            "text": stored.get("text") or dict(ECHOED["text"])}
 
 
 class LegacyLogprobs:

@@ -303,6 +303,9 @@ class ResponsesInput(_Open):
     # OpenAI's background mode (answer `queued` at once, the client polls) is served as a plain request: the client
     # gets the finished response, which it can retrieve later as well (stored unless `store: false`). Echoed as sent.
     background: bool | None = None
+    # OpenAI's: "auto" drops the conversation's oldest items when it does not fit the window with the answer's room
+    # (`Service._truncated`); "disabled" (the default) keeps the 400. Echoed.
+    truncation: Literal["auto", "disabled"] | None = None
 
     @field_validator(*NOT_RESPONSES, mode="before")
     @classmethod

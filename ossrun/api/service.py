@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,58 @@ def _max_tokens(ask: Ask, defaults: dict[str, Any], room: int) -> int:
     if ask.max_tokens is not None:
         return ask.max_tokens
     return max(1, min(defaults["max_tokens"], room))
+
+
+def _answer_room(ask: Ask, defaults: dict[str, Any], window: int) -> int:
+    """The room `truncation: "auto"` keeps for the answer: `max_output_tokens`, else the surface's default limit (what
+    `_max_tokens` gives an answer when the context has room for it) but at most half the window, so that on a small
+    window the conversation keeps some history. Not just one token, though the prompt alone may leave the answer no
+    more: a conversation kept at the window's edge would get answers a token or two long, turn after turn."""
+    if ask.max_tokens is not None:
+        return ask.max_tokens
+    return min(defaults["max_tokens"], window // 2)
+
+
+def _dropping(ask: Ask, units: Sequence[tuple[int, ...]]) -> Ask:
+    """The ask without the items at the indices of `units` (`harmony.droppable_items`), `stored_items` counted again."""
+    dropped = {index for unit in units for index in unit}
+    items = [item for index, item in enumerate(ask.items) if index not in dropped]
+    return dataclasses.replace(ask, items=items, stored_items=ask.stored_items - sum(index < ask.stored_items for index in dropped))
+
+
+def _guess(items: Sequence[Any], units: Sequence[tuple[int, ...]], excess: int, prompt: int) -> int:
+    """How many `units` to drop so that `excess` of the `prompt`'s tokens go, counting each item's share of the prompt
+    by the length of its JSON."""
+    lengths = [len(item.model_dump_json()) for item in items]
+    per_char, dropped = prompt / max(1, sum(lengths)), 0.0
+    for count, unit in enumerate(units, 1):
+        dropped += per_char * sum(lengths[index] for index in unit)
+        if dropped >= excess:
+            return count
+    return len(units)
+
+
+def _fewest(fits: Callable[[int], bool], total: int, guess: int) -> int:
+    """The fewest of 1..`total` that `fits` (monotone; 0 does not fit), or `total` when none does: steps doubling away
+    from `guess` until the answer is bracketed, then bisection; `fits` is asked about each count once at most."""
+    if fits(guess):
+        low, high, step = guess - 1, guess, 1
+        while low > 0 and fits(low):
+            high, step = low, step * 2
+            low = max(0, high - step)
+    elif guess == total:
+        return total
+    else:
+        low, high, step = guess, guess + 1, 1
+        while not fits(high):
+            if high == total:
+                return total
+            low, step = high, step * 2
+            high = min(total, low + step)
+    while high - low > 1:  # `low` does not fit, `high` does
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 def _named_tool(ask: Ask, tool_names: tuple[str, ...]) -> str | None:
@@ -265,6 +317,22 @@ class Service:
         choice), in milliseconds. The batch queue checks its items with it before answering "queued"; compiling
         a schema and the budget search (up to seconds each) wait until the item runs."""
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
+        prompt_ids, forced = self._prompt(ask)
+        if ask.truncate:
+            ask, prompt_ids = self._truncated(ask, prompt_ids, defaults)
+        max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
+        params = _sampling_params(ask, defaults, max_tokens, self.engine.info.vocab_size)
+        lora = self.adapter_name(ask.lora) if ask.lora is not None else None
+        plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop)
+        self._check(plan)
+        if not ask.raw:
+            plan.grammar = self._grammar(ask, forced, max_tokens)
+            plan.json_mode = ask.final.structured
+        return plan
+
+    @staticmethod
+    def _prompt(ask: Ask) -> tuple[list[int], str | None]:
+        """The prompt's token ids (a named tool's call header included) and that tool; a 400 if it cannot be rendered."""
         forced = None
         try:
             if ask.raw:
@@ -287,15 +355,26 @@ class Service:
             raise bad_input("Error: the prompt cannot be tokenized (is it one enormous word?)") from None
         if not prompt_ids:
             raise bad_input("Error: the prompt renders to no tokens")
-        max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
-        params = _sampling_params(ask, defaults, max_tokens, self.engine.info.vocab_size)
-        lora = self.adapter_name(ask.lora) if ask.lora is not None else None
-        plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop)
-        self._check(plan)
-        if not ask.raw:
-            plan.grammar = self._grammar(ask, forced, max_tokens)
-            plan.json_mode = ask.final.structured
-        return plan
+        return prompt_ids, forced
+
+    def _truncated(self, ask: Ask, prompt_ids: list[int], defaults: dict[str, Any]) -> tuple[Ask, list[int]]:
+        """Responses' `truncation: "auto"`: the ask without as few of its oldest items (`harmony.droppable_items`) as
+        leave the answer its room (`_answer_room`), and its prompt; without all of them when even that is too
+        little (the context check then answers as without truncation, naming the shortest prompt). The prompt
+        shrinks as more items go, so the fewest is searched for (`_fewest`), a render per try (a second for 128k
+        tokens), from a guess by the items' length: a 10 MB input is cut in a few tries, not dozens."""
+        budget = self.engine.info.max_model_len - _answer_room(ask, defaults, self.engine.info.max_model_len)
+        units = harmony.droppable_items(ask.items) if len(prompt_ids) > budget else []
+        if not units:
+            return ask, prompt_ids
+        tried: dict[int, tuple[Ask, list[int]]] = {}
+
+        def fits(count: int) -> bool:
+            shorter = _dropping(ask, units[:count])
+            tried[count] = (shorter, self._prompt(shorter)[0])
+            return len(tried[count][1]) <= budget
+
+        return tried[_fewest(fits, len(units), _guess(ask.items, units, len(prompt_ids) - budget, len(prompt_ids)))]
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
         """One plan per choice of `n` (each its own seed; the engine gives each its own grammar state); [plan] for n = 1."""
