@@ -745,3 +745,25 @@ def test_a_proxys_forwarded_host_without_port_is_compared_by_name():
     assert not policy.same_origin("https://llm.example.com:8443", "llm.example.com")  # a browser's own Host: exact
     for local in ("localhost", "127.0.0.1", "app.localhost"):  # another local port is another program's page
         assert not policy.same_origin(f"http://{local}:5173", local, forwarded=True)
+
+
+def test_a_background_response_left_in_progress_by_a_dead_server_is_failed_at_start(tmp_path):
+    """A background response is stored `in_progress` from its start and replaced when it ends; a process killed under
+    it left it `in_progress`, and pollers (`retrieve` until the status changes) would wait for ever. Opening the file
+    stores it `failed`, an error saying why; a finished response is left as it was. While it runs, continuing from it
+    is a 400 (its output is not there yet)."""
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.api.schemas import ResponsesRequest
+
+    path = tmp_path / "batch.sqlite"
+    store = ResponseStore(path)
+    store.remember("resp_running", "Hi", True, {"id": "resp_running", "status": "in_progress", "error": None, "output": []})
+    store.remember("resp_done", "Hi", True, {"id": "resp_done", "status": "completed", "error": None, "output": []})
+    with pytest.raises(ApiError, match="'resp_running' is still in progress") as caught:
+        store.expand(ResponsesRequest.model_validate({"model": "m", "input": "And?", "previous_response_id": "resp_running"}))
+    assert caught.value.param == "previous_response_id"
+    store.close()
+    reopened = ResponseStore(path)
+    assert reopened.get("resp_running") == {"id": "resp_running", "status": "failed", "output": [], "error": {
+        "code": "server_error", "message": "the server stopped before this background response ended"}}
+    assert reopened.get("resp_done")["status"] == "completed"

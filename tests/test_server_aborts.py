@@ -201,3 +201,84 @@ def test_response_failed_carries_the_output_streamed_so_far(checkpoints, tmp_pat
         assert item.type == "reasoning" or item.status in ("completed", "incomplete")
     assert output[-1].type == "reasoning" or output[-1].status == "incomplete"  # the failure cut it
     assert failed.response.output_text == "".join(streamed.get(item.id, "") for item in output if item.type == "message")
+
+
+def _background_stream(server, seed: int, max_tokens: int = LONG):
+    """A background stream's response, its id read from `response.created`, the connection still open."""
+    import json
+
+    response = httpx.stream("POST", f"{server.base}/v1/responses", timeout=60, json={
+        "model": MODEL, "input": "Hi", "max_output_tokens": max_tokens, "background": True, "stream": True, "seed": seed})
+    opened = response.__enter__()
+    assert opened.status_code == 200
+    lines = opened.iter_lines()
+    for line in lines:
+        if line.startswith("data: "):
+            return response, json.loads(line[len("data: "):])["response"]["id"], lines
+    pytest.fail("no response.created")
+
+
+def _poll(server, rid: str, within: float = 30) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        stored = httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).json()
+        if stored.get("status") != "in_progress" or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.05)
+
+
+def test_a_background_stream_runs_on_when_its_client_leaves(server):
+    """Before: a `background: true` stream whose connection dropped was aborted like any stream and never stored, so
+    the retrieve OpenAI's background mode is made for was a 404. Now the run goes on to its end and is stored; while
+    it runs, retrieve answers `in_progress` and `?stream=true` follows it (from the first event, or after
+    `starting_after`) to its end."""
+    import json
+
+    for seed in range(8):
+        response, rid, _ = _background_stream(server, seed, max_tokens=200)  # seconds of work here, not a minute
+        response.__exit__(None, None, None)  # the client leaves
+        running = httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10)
+        assert running.status_code == 200, running.text
+        if running.json()["status"] == "in_progress":
+            break
+    else:
+        pytest.fail("every background run ended before its client left")
+    assert running.json()["background"] is True and running.json()["output"] == []
+    with httpx.stream("GET", f"{server.base}/v1/responses/{rid}", params={"stream": "true", "starting_after": 1},
+                      timeout=60) as followed:
+        assert followed.headers["content-type"].startswith("text/event-stream")
+        frames = [line[len("data: "):] for line in followed.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    events = [json.loads(data) for data in frames[:-1]]
+    assert [e["sequence_number"] for e in events] == list(range(2, len(events) + 2))
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    stored = _poll(server, rid)
+    assert stored == events[-1]["response"] and stored["status"] in ("completed", "incomplete")
+    assert stored["usage"]["output_tokens"] > 0
+
+
+def test_cancel_ends_a_running_background_response(server):
+    """Before: no cancel route (404 7000), and a background run could not be stopped but by dropping its stream. Now
+    `responses.cancel` aborts the engine request and the response is kept `cancelled` with the output made so far;
+    cancelling it again returns it unchanged, and its open stream ends."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", timeout=60, max_retries=0)
+    for seed in range(8):
+        response, rid, lines = _background_stream(server, seed)
+        try:
+            cancelled = client.responses.cancel(rid)
+        except openai.APIStatusError:
+            response.__exit__(None, None, None)
+            raise
+        if cancelled.status == "cancelled":
+            break
+        response.__exit__(None, None, None)
+    else:
+        pytest.fail("every background run ended before it was cancelled")
+    rest = [line for line in lines if line.startswith("data: ")]  # the stream ends
+    response.__exit__(None, None, None)
+    assert rest[-1] == "data: [DONE]"
+    stats = wait_idle(server, within=1.0)
+    assert stats["running"] == 0 and stats["waiting"] == 0, f"the cancelled run still runs: {stats}"
+    assert client.responses.retrieve(rid).model_dump() == cancelled.model_dump()
+    assert client.responses.cancel(rid).model_dump() == cancelled.model_dump()
+    assert cancelled.background is True and cancelled.usage is not None

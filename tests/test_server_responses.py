@@ -381,3 +381,81 @@ def test_truncation_auto_without_max_output_tokens_keeps_room_for_the_default_an
     assert untruncated.usage.input_tokens > WINDOW // 2
     second = client.responses.create(**follow, truncation="auto")
     assert second.usage.input_tokens <= WINDOW // 2
+
+
+def _collapsed(events_: list[dict]) -> list[dict]:
+    """A stream's events without `sequence_number`, the deltas of each kind between two other events as one delta with
+    their text joined (the live stream sends a delta per token, each reasoning one followed by its summary's, the
+    replay one per part)."""
+    out: list[dict] = []
+    since = 0  # where the deltas after the last other event start
+    for event in events_:
+        event = {key: value for key, value in event.items() if key != "sequence_number"}
+        same = [i for i in range(since, len(out)) if out[i]["type"] == event["type"]]
+        if event["type"].endswith(".delta") and same:
+            out[same[0]] = {**out[same[0]], "delta": out[same[0]]["delta"] + event["delta"]}
+        else:
+            out.append(event)
+            since = since if event["type"].endswith(".delta") else len(out)
+    return out
+
+
+def _sse(response: httpx.Response) -> list[dict]:
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream"), response.text
+    frames = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    return [json.loads(data) for data in frames[:-1]]
+
+
+def test_retrieve_with_stream_replays_the_stored_response_as_its_events(server):
+    """Before: `GET /v1/responses/{id}?stream=true` ignored `stream` and answered the JSON object, which the SDKs read
+    as an SSE stream of no events (`retrieve(id, stream=True)` yielded nothing, `responses.stream(response_id=…)` raised
+    "Didn't receive a `response.completed` event"). Now the stored response is replayed as the events the live stream
+    sent (one delta per part), from sequence_number 0 or after `starting_after`, on both prefixes."""
+    answer = events(server, {"model": MODEL, "input": GERMANY})
+    live = events(server, {"model": MODEL, "input": "What is the weather in Paris?", "tools": [WEATHER],
+                           "reasoning": {"summary": "auto"}})
+    assert [item["type"] for item in answer[-1]["response"]["output"]] == ["reasoning", "message"]
+    assert [item["type"] for item in live[-1]["response"]["output"]] == ["reasoning", "function_call"]
+    for streamed, prefix in ((answer, "/v1"), (live, "/v1"), (live, "/client/v4/accounts/acct/ai/v1")):
+        assert streamed[-1]["type"] == "response.completed"
+        rid = streamed[0]["response"]["id"]
+        replayed = _sse(httpx.get(f"{server.base}{prefix}/responses/{rid}", params={"stream": "true"}, headers=server.headers))
+        assert [e["sequence_number"] for e in replayed] == list(range(len(replayed)))
+        assert _collapsed(replayed) == _collapsed(streamed)
+        after = _sse(httpx.get(f"{server.base}{prefix}/responses/{rid}", params={"stream": "true", "starting_after": 3},
+                               headers=server.headers))
+        assert after == replayed[4:]
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    sdk = list(client.responses.retrieve(rid, stream=True, starting_after=2))
+    assert [e.sequence_number for e in sdk] == [e["sequence_number"] for e in replayed[3:]]
+    with client.responses.stream(response_id=rid) as stream:
+        final = stream.get_final_response()
+    assert final.id == rid and final.output[-1].arguments == live[-1]["response"]["output"][-1]["arguments"]
+    cut = post_json(server, "/v1/responses", {"model": MODEL, "input": GERMANY, "max_output_tokens": 20})
+    replay = _sse(httpx.get(f"{server.base}/v1/responses/{cut['id']}", params={"stream": "true"}, headers=server.headers))
+    assert replay[-1] == {"type": "response.incomplete", "sequence_number": len(replay) - 1, "response": cut}
+    assert replay[0]["response"]["status"] == "in_progress" and replay[0]["response"]["output"] == []
+    missing = httpx.get(f"{server.base}/v1/responses/resp_nothing", params={"stream": "true"}, headers=server.headers)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "5006"
+
+
+def test_background_needs_store_and_cancel_answers_as_openai_does(server):
+    """Before: `background: true` with `store: false` was accepted (OpenAI refuses it: a background response must be
+    kept to be fetched), and `POST /v1/responses/{id}/cancel` had no route (404 7000). A finished background response
+    is returned unchanged; one not created in background mode is a 400; an unknown id the retrieve's 404."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, background=True, store=False)
+    assert caught.value.body["param"] == "background" and "store" in caught.value.body["message"]
+    done = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8, background=True)
+    assert done.status in ("completed", "incomplete")
+    assert client.responses.cancel(done.id).model_dump() == client.responses.retrieve(done.id).model_dump()
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.cancel(plain.id)
+    assert caught.value.body["param"] == "response_id" and "background" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.cancel("resp_nothing")
+    assert caught.value.body["code"] == "5006"
+

@@ -75,6 +75,11 @@ class Ask:
         """Keep the finished response for `previous_response_id` (Responses' `store`, true unless false)."""
         return self.source is not None and self.source.store is not False
 
+    @property
+    def background(self) -> bool:
+        """Responses' `background: true`: the run outlives its connection (`api/background.py`)."""
+        return isinstance(self.source, schemas.ResponsesInput) and self.source.background is True  # chat keeps its body here too
+
 
 def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
     """`response_format` (any shape) or Responses `text.format`.

@@ -1,5 +1,5 @@
-"""`previous_response_id` and `/v1/responses/{id}` (retrieve, delete, input_items): finished responses kept in the
-data directory's SQLite file.
+"""`previous_response_id` and `/v1/responses/{id}` (retrieve, delete, input_items, cancel): finished responses kept in
+the data directory's SQLite file, and background ones from their start (`in_progress`, replaced when they end).
 
 Each finished response is kept twice over: as the response object (what `retrieve` returns) and as the
 input items that would replay it: its own input, then its output turned back into input (reasoning,
@@ -121,6 +121,7 @@ class ResponseStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._index_stored_items()
+        self._fail_interrupted()
 
     def expand(self, request: R) -> R:
         """The request as the model reads it: each `item_reference` in its input replaced by the stored item it names
@@ -156,6 +157,9 @@ class ResponseStore:
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
+        if (self.get(previous) or {}).get("status") == "in_progress":  # a background run: its output is not there yet
+            raise bad_input(f"Error: at '/previous_response_id': response {previous!r} is still in progress; continue "
+                            "from it once it has ended", "previous_response_id")
         stored = _ITEMS.validate_python(json.loads(row))
         continued = request.model_copy(update={"input": stored + as_input_items(request.input)})
         continued._stored_items = len(stored)
@@ -198,6 +202,14 @@ class ResponseStore:
             # The trigger `responses_items` drops the items of every response deleted here.
             self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
                              "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+
+    def _fail_interrupted(self) -> None:
+        """A background response still `in_progress` in the file was running when the last process ended: it will never
+        finish, so it is kept `failed` (a poller waiting for it to end stops), its output as its snapshot had it."""
+        error = json.dumps({"code": "server_error", "message": "the server stopped before this background response ended"})
+        with self._lock:
+            self._db.execute("UPDATE responses SET response = json_set(response, '$.status', 'failed', '$.error', json(?)) "
+                             "WHERE json_extract(response, '$.status') = 'in_progress'", (error,))
 
     def _index_stored_items(self) -> None:
         """A file without `response_items` (an older version's) gets it, with every stored response's items, in one

@@ -228,7 +228,7 @@ class ResponseObject(_Out):
     object: Literal["response"]
     created_at: int
     model: str
-    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    status: Literal["completed", "incomplete", "in_progress", "failed", "cancelled"]
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None
@@ -535,7 +535,8 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
-    ("/v1/responses/{response_id}", "get"): (ResponseObject, (), (403, 404)),
+    ("/v1/responses/{response_id}", "get"): (ResponseObject, (ResponsesEvent,), (400, 403, 404)),
+    ("/v1/responses/{response_id}/cancel", "post"): (ResponseObject, (), (400, 403, 404)),
     ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404)),
     ("/v1/responses/{response_id}/input_items", "get"): (InputItemList, (), (400, 403, 404)),
     ("/health", "get"): (Health, (), ()),

@@ -300,12 +300,20 @@ class ResponsesInput(_Open):
     min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
     conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
-    # OpenAI's background mode (answer `queued` at once, the client polls) is served as a plain request: the client
-    # gets the finished response, which it can retrieve later as well (stored unless `store: false`). Echoed as sent.
+    # OpenAI's background mode: a stream's run outlives its connection (`api/background.py`) and is fetched, followed
+    # or cancelled by id; a sync request is served as a plain one (the client gets the finished response). Echoed.
     background: bool | None = None
     # OpenAI's: "auto" drops the conversation's oldest items when it does not fit the window with the answer's room
     # (`Service._truncated`); "disabled" (the default) keeps the 400. Echoed.
     truncation: Literal["auto", "disabled"] | None = None
+
+    @model_validator(mode="after")
+    def _background_is_stored(self):
+        """A background response is fetched by id, so it must be kept: with `store: false` a 400, as OpenAI answers."""
+        if self.background is True and self.store is False:
+            raise bad_input("Error: at '/background': background mode needs the response stored; store: false refuses "
+                            "it (drop one of them)", "background")
+        return self
 
     @field_validator(*NOT_RESPONSES, mode="before")
     @classmethod

@@ -231,6 +231,9 @@ class Service:
         self.metering = metering
         self.batch_store = None  # set by the app factory
         self.responses = ResponseStore(Path(settings.data_dir) / "batch.sqlite")  # previous_response_id, GET /v1/responses/{id}
+        from ossrun.api.background import BackgroundRuns  # it imports the surfaces, which import this module
+
+        self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
         self.finetunes = None
         # Batch items are planned one at a time: they never take every thread of the pool that interactive
         # requests are planned on (a grammar check can take a second; 16 items took 15 s from a `Hello`).

@@ -47,12 +47,20 @@ class ResponsesSurface:
         self.text = ""
         self.logprobs: list[dict[str, Any]] = []  # the open message's entries
         self._sent_logprobs = 0  # entries of outcome.logprobs already in a delta
+        # A background run's snapshot was kept when it started (`shell`), so each way it ends is kept over it: failed
+        # and cancelled too, or a poller would read `in_progress` for ever.
+        self.keeps_every_end = False
+        self.finished = False  # the final object is built and kept: a cancel arriving now changes nothing
 
     # -- the surface --------------------------------------------------------------------------------
     def opening(self) -> list[bytes]:
-        shell = results.response_object(None, self.model, self.prices, self.id, self.created, request=self.request,
-                                        sampling=self.sampling)
+        shell = self.shell()
         return [self._event("response.created", response=shell), self._event("response.in_progress", response=shell)]
+
+    def shell(self) -> dict[str, Any]:
+        """The response as it starts: `in_progress`, no output (the opening events' object, a background run's snapshot)."""
+        return results.response_object(None, self.model, self.prices, self.id, self.created, request=self.request,
+                                       sampling=self.sampling)
 
     def event(self, event: harmony.Event) -> list[bytes]:
         kind = self.current["type"] if self.current else None
@@ -84,6 +92,7 @@ class ResponsesSurface:
             frames += self._close(cut=self._cut)
         final = self.result()
         self.remember(final)
+        self.finished = True
         return frames + [self._event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)]
 
     def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
@@ -92,12 +101,28 @@ class ResponsesSurface:
         kept for `previous_response_id`: a failed response is no conversation to continue. The item generation was in
         holds what it streamed, `incomplete` as an item `max_output_tokens` cut (nothing will complete it); its done
         events are not sent, since it did not end."""
+        self._cut_open_item()
+        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message},
+                    "incomplete_details": None}
+        if self.keeps_every_end:
+            self.remember(response)
+        return [self._event("response.failed", response=response)]
+
+    def cancelled(self) -> None:
+        """`POST /v1/responses/{id}/cancel` stopped a background run: it is kept `cancelled` with the output so far
+        (the open item cut off, as `failed` leaves it). Its stream gets no event for it (OpenAI's Responses events
+        have none): it ends. A run whose final object was already built and kept is left as it ended."""
+        if self.finished:
+            return
+        self._cut_open_item()
+        self.remember({**self.result(), "status": "cancelled", "incomplete_details": None})
+        self.finished = True
+
+    def _cut_open_item(self) -> None:
+        """The item generation was in holds what it streamed, `incomplete` (nothing will complete it); no done events."""
         if self.current is not None:
             self._fill(cut=True)
             self.current = None
-        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message},
-                    "incomplete_details": None}
-        return [self._event("response.failed", response=response)]
 
     def result(self) -> dict[str, Any]:
         return results.response_object(self.outcome, self.model, self.prices, self.id, self.created, output=self.output,
@@ -201,3 +226,68 @@ class ResponsesSurface:
         return [self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=self.text),
                 self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part,
                             **({"status": "incomplete"} if cut else {}))]
+
+
+# The event a stream ends with, by the response's status. `cancelled` has none among OpenAI's Responses events (its
+# stream just ends), nor has a run still `in_progress`.
+_TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete", "failed": "response.failed"}
+
+
+def replay(stored: dict[str, Any]) -> list[bytes]:
+    """A stored response as the events its live stream sends (`GET /v1/responses/{id}?stream=true`), event i with
+    sequence_number i: the opening events, each output item's events with its whole text as one delta, then the event
+    of its status. The same writers as the live stream's, so the two cannot drift."""
+    return _Replay(stored).frames()
+
+
+class _Replay(ResponsesSurface):
+    """The surface driven by a stored response's items instead of the engine's events: each item opened as the live
+    stream opens it, closed as it was kept (its logprobs, summary and encrypted reasoning included)."""
+
+    def __init__(self, stored: dict[str, Any]):
+        super().__init__(Outcome(), stored["model"], None, None, remember=lambda _: None)
+        self.id, self.created, self.stored = stored["id"], stored["created_at"], stored
+        self.kept: dict[str, Any] = {}  # the stored item being replayed
+
+    def shell(self) -> dict[str, Any]:
+        return {**self.stored, "status": "in_progress", "error": None, "incomplete_details": None, "output": [],
+                "output_text": "", "usage": None}
+
+    def frames(self) -> list[bytes]:
+        frames = self.opening()
+        items = self.stored.get("output") or []
+        for index, item in enumerate(items):
+            self.kept, self.with_summary = item, bool(item.get("summary"))
+            frames += self._open(_as_opened(item))
+            text = item.get("arguments", "") if item["type"] == "function_call" else _part_of(item).get("text", "")
+            if text:
+                frames += self._delta(text)
+            # Only the last item can have been cut, by max_output_tokens (the response is `incomplete`), a failure or a cancel.
+            cut = index == len(items) - 1 and (self.stored["status"] == "incomplete" or item.get("status") == "incomplete")
+            frames += self._close(cut=cut)
+        kind = _TERMINAL.get(self.stored["status"])
+        return frames + ([self._event(kind, response=self.stored)] if kind else [])
+
+    def _new_logprobs(self) -> list[dict[str, Any]]:
+        self.logprobs = list(_part_of(self.kept).get("logprobs") or [])
+        return self.logprobs
+
+    def _fill(self, cut: bool) -> dict[str, Any] | None:
+        self.current.clear()
+        self.current.update(self.kept)
+        return None if self.kept["type"] == "function_call" else (_part_of(self.kept) or None)
+
+
+def _part_of(item: dict[str, Any]) -> dict[str, Any]:
+    """A reasoning or message item's one content part ({} if it has none)."""
+    content = item.get("content") or []
+    return content[0] if content and isinstance(content[0], dict) else {}
+
+
+def _as_opened(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored output item as the live stream's `output_item.added` showed it, before anything was generated."""
+    if item["type"] == "function_call":
+        return results.function_call_item(item["call_id"], item["name"], "", item["id"], status="in_progress")
+    if item["type"] == "message":
+        return {"type": "message", "id": item["id"], "role": "assistant", "status": "in_progress", "content": []}
+    return {"type": "reasoning", "id": item["id"], "summary": [], "content": []}
