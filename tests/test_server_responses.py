@@ -459,3 +459,30 @@ def test_background_needs_store_and_cancel_answers_as_openai_does(server):
         client.responses.cancel("resp_nothing")
     assert caught.value.body["code"] == "5006"
 
+
+def test_input_tokens_count_is_the_usage_the_response_gets(server):
+    """Before: `POST /v1/responses/input_tokens` (`client.responses.input_tokens.count`) was a 405 naming GET and DELETE
+    (taken for a response id), as was `POST /v1/responses/compact`. Now it counts the prompt exactly as the same body
+    would be rendered by `POST /v1/responses`, a previous response's conversation and tools included."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    first = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER], temperature=0)
+    call = first.output[-1]
+    body = dict(model=MODEL, previous_response_id=first.id, tools=[WEATHER], instructions="Be brief.",
+                input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    counted = client.responses.input_tokens.count(**body)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == client.responses.create(**body, max_output_tokens=16).usage.input_tokens
+    assert client.responses.input_tokens.count(model=MODEL, input=GERMANY).input_tokens == \
+        post_json(server, "/v1/responses", {"model": MODEL, "input": GERMANY, "max_output_tokens": 4})["usage"]["input_tokens"]
+    prefixed = httpx.post(f"{server.base}/client/v4/accounts/acct/ai/v1/responses/input_tokens", headers=server.headers,
+                          json={"model": MODEL, "input": GERMANY})
+    assert prefixed.json() == {"object": "response.input_tokens", "input_tokens": counted_plain(client)}
+    refused = httpx.post(f"{server.base}/v1/responses/input_tokens", headers=server.headers, json={"model": MODEL})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+    for path in ("/v1/responses/compact", f"/v1/responses/{first.id}/steer"):
+        unrouted = httpx.post(f"{server.base}{path}", headers=server.headers, json={"model": MODEL, "input": "Hi"})
+        assert unrouted.status_code == 404 and unrouted.json()["error"]["code"] == "7000", unrouted.text
+
+
+def counted_plain(client: openai.OpenAI) -> int:
+    return client.responses.input_tokens.count(model=MODEL, input=GERMANY).input_tokens

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from ossrun.api import ask as asks
 from ossrun.api import choices, results, schemas, surfaces
@@ -150,6 +151,20 @@ async def cancel_response(response_id: str, request: Request):
     return results.with_current_keys(response)
 
 
+async def input_tokens(request: Request):
+    """`client.responses.input_tokens.count(...)`: the `usage.input_tokens` the same body would get from
+    `POST /v1/responses` (rendered the same way, a previous response's conversation included), without generating.
+    `model` may be left out, as OpenAI's endpoint allows: the served model counts."""
+    service: Service = service_of(request)
+    raw = await json_body(request)
+    if isinstance(raw, dict) and raw.get("model") is None:
+        raw = {**raw, "model": service.model_names[0]}
+    body = schemas.parse(schemas.ResponsesRequest, raw)
+    service.check_model(body.model)
+    ask = asks.from_responses(service.responses.expand(body))
+    return {"object": "response.input_tokens", "input_tokens": await asyncio.to_thread(service.count_prompt, ask)}
+
+
 async def delete_response(response_id: str, request: Request):
     """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`)."""
     if not service_of(request).responses.delete(response_id):
@@ -179,6 +194,16 @@ def cursor_page(items: list[dict[str, Any]], limit: int, after: str | None) -> d
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
+class ResponseId(StringConvertor):
+    """A response id in a path: any segment but the names OpenAI gives other Responses endpoints (`input_tokens`,
+    `compact`), so `POST /v1/responses/compact` is a 404 "No route", not a 405 offering a retrieve's GET and DELETE."""
+
+    regex = r"(?!(?:input_tokens|compact)(?:/|$))[^/]+"
+
+
+register_url_convertor("response_id", ResponseId())
+
+
 def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router = APIRouter(prefix=prefix, tags=["OpenAI"], include_in_schema=include_in_schema)
     router.add_api_route("/chat/completions", chat_completions, methods=["POST"], summary="Chat completions",
@@ -189,11 +214,13 @@ def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
                          openapi_extra=schemas.body_schema(schemas.CompletionRequest))
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
     router.add_api_route("/models/{model_id:path}", model, methods=["GET"], summary="One model")
-    router.add_api_route("/responses/{response_id}", stored_response, methods=["GET"], summary="A stored response")
-    router.add_api_route("/responses/{response_id}", delete_response, methods=["DELETE"], summary="Delete a stored response")
-    router.add_api_route("/responses/{response_id}/input_items", input_items, methods=["GET"],
+    router.add_api_route("/responses/input_tokens", input_tokens, methods=["POST"], summary="Count a Responses body's input tokens",
+                         openapi_extra=schemas.body_schema(schemas.ResponsesRequest))
+    router.add_api_route("/responses/{response_id:response_id}", stored_response, methods=["GET"], summary="A stored response")
+    router.add_api_route("/responses/{response_id:response_id}", delete_response, methods=["DELETE"], summary="Delete a stored response")
+    router.add_api_route("/responses/{response_id:response_id}/input_items", input_items, methods=["GET"],
                          summary="A stored response's input items")
-    router.add_api_route("/responses/{response_id}/cancel", cancel_response, methods=["POST"],
+    router.add_api_route("/responses/{response_id:response_id}/cancel", cancel_response, methods=["POST"],
                          summary="Cancel a background response")
     return router
 

@@ -184,6 +184,11 @@ class ResponseDeleted(_Out):
     deleted: Literal[True]
 
 
+class InputTokens(_Out):
+    object: Literal["response.input_tokens"]
+    input_tokens: int = Field(description="The usage.input_tokens POST /v1/responses reports for the same body")
+
+
 class InputItemList(_Out):
     object: Literal["list"]
     data: list[dict[str, Any]] = Field(description="Input items (message, function_call, function_call_output, reasoning), each with its id")
@@ -517,7 +522,7 @@ class Health(_Out):
 
 
 RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesEvent, StreamError, RunEnvelope, ModelsEnvelope, TasksEnvelope, AuthorsEnvelope, SchemaEnvelope, FinetuneEnvelope, FinetunesEnvelope, ErrorEnvelope,
-                   ChatCompletion, ResponseObject, ResponseDeleted, InputItemList, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
+                   ChatCompletion, ResponseObject, ResponseDeleted, InputItemList, InputTokens, TextCompletion, ModelCard, ModelList, OpenAIError, Health)
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
@@ -535,6 +540,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
+    ("/v1/responses/input_tokens", "post"): (InputTokens, (), (400, 403, 413, 415)),
     ("/v1/responses/{response_id}", "get"): (ResponseObject, (ResponsesEvent,), (400, 403, 404)),
     ("/v1/responses/{response_id}/cancel", "post"): (ResponseObject, (), (400, 403, 404)),
     ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404)),

@@ -333,8 +333,16 @@ class Service:
             plan.json_mode = ask.final.structured
         return plan
 
-    @staticmethod
-    def _prompt(ask: Ask) -> tuple[list[int], str | None]:
+    def count_prompt(self, ask: Ask) -> int:
+        """The prompt's tokens, as `plan` renders them (a forced call's header included, the oldest items dropped under
+        `truncation: "auto"`): the `input_tokens` its response's usage reports, counted without checking what only
+        generating needs (the window, the grammar)."""
+        prompt_ids = self._prompt(ask)[0]
+        if ask.truncate:
+            prompt_ids = self._truncated(ask, prompt_ids, OPENAI_DEFAULTS)[1]
+        return len(prompt_ids)
+
+    def _prompt(self, ask: Ask) -> tuple[list[int], str | None]:
         """The prompt's token ids (a named tool's call header included) and that tool; a 400 if it cannot be rendered."""
         forced = None
         try:
