@@ -341,6 +341,9 @@ def test_truncation_auto_drops_the_oldest_turns_of_a_conversation_past_the_windo
     inline = client.responses.create(**ask, input=[_as_input(item) for item in items])
     assert inline.usage.input_tokens == second.usage.input_tokens and inline.truncation == "disabled"
     assert client.responses.retrieve(second.id).truncation == "auto"
+    counted = client.responses.input_tokens.count(model=MODEL, instructions="Be brief.", previous_response_id=first.id,
+                                                  input=question, truncation="auto", extra_body={"max_output_tokens": 16})
+    assert counted.input_tokens == second.usage.input_tokens  # the count drops what the response would
 
     third = client.responses.create(**ask, previous_response_id=second.id, input=question, truncation="auto")
     assert third.usage.input_tokens + 16 <= WINDOW  # the chain goes on
