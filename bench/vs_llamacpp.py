@@ -4,7 +4,9 @@
         [--rows speed,fidelity,concurrency,depth] [--threads 1,2] [--depths 4096,16384]
         [--concurrency 1,4,16] [--precisions fast] [--layouts q8_0,bf16] [--reps 3]
 
-Needs the `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python builds llama.cpp, minutes).
+Needs the `bench` extra (`pip install -e '.[bench]'`: llama-cpp-python builds llama.cpp, minutes). On a CPU that
+reports AMX where the VM does not enable it, that native build's AMX kernels fault (a worker dies with -11): build
+it without them as bench/CPU_NOTES.md (2026-12-02) shows.
 The checkpoint is the project's own (`ossrun make-model`, original layout, MXFP4 experts), written
 once to `--model-dir` (default: the preset in ossrun's cache); `gguf_convert.py` writes it next to
 that directory as GGUF, experts kept MXFP4, dense weights in Q8_0 (the published layout) and in bf16.
