@@ -94,8 +94,9 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     descriptions = tool_descriptions(tools)
     stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
-    # An empty instructions text (LlamaIndex.TS sends `instructions: ""`) says nothing: no empty `# Instructions` section.
-    instructions = [*filter(None, converted.instructions), *([response_format.text()] if response_format is not None else [])]
+    # An empty or blank instructions text (LlamaIndex.TS sends `instructions: ""`, templates a newline) says nothing:
+    # no empty `# Instructions` section.
+    instructions = [*filter(str.strip, converted.instructions), *([response_format.text()] if response_format is not None else [])]
     if instructions or descriptions:
         messages.append(_developer_message([stand_ins.instructions(instructions)] if instructions else [],
                                            stand_ins.tools(descriptions)))
