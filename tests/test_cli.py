@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,14 @@ from tests.server_util import free_port
 def ossrun(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ossrun.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def test_python_dash_m_ossrun_is_the_command():
+    """`python -m ossrun` said "No module named ossrun.__main__" (round 10)."""
+    out = subprocess.run([sys.executable, "-m", "ossrun", "tokenize", "Hello, world!"], capture_output=True, text=True,
+                         timeout=180, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [13225, 11, 2375, 0]
 
 
 def test_tokenize_prints_the_harmony_ids():
