@@ -767,3 +767,30 @@ def test_a_background_response_left_in_progress_by_a_dead_server_is_failed_at_st
     assert reopened.get("resp_running") == {"id": "resp_running", "status": "failed", "output": [], "error": {
         "code": "server_error", "message": "the server stopped before this background response ended"}}
     assert reopened.get("resp_done")["status"] == "completed"
+
+
+def test_ended_background_runs_are_kept_for_a_grace_period_and_dropped_on_delete():
+    """hunt_new H1: a run's frames are kept after it ends (a resume after the end reads the live numbering), but only
+    the `kept` newest, each for `grace_s`; a deleted response's run is dropped at once (hunt_new M1)."""
+    import asyncio
+
+    from ossrun.api.background import BackgroundRuns
+
+    async def frames(n: int):
+        for i in range(n):
+            yield f"data: {i}\n\n".encode()
+
+    async def scenario() -> None:
+        runs = BackgroundRuns(kept=2, grace_s=60)
+        for key in ("a", "b", "c"):
+            runs.start(key, frames(3), on_cancel=lambda: None)
+        assert all(runs.get(key) is not None for key in "abc")  # in progress
+        await asyncio.gather(*(runs.get(key).task for key in "abc"))
+        assert runs.get("a") is None  # only the 2 that ended last are kept
+        assert [frame async for frame in runs.get("c").follow(0)] == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+        runs.drop("b")
+        assert runs.get("b") is None and runs.get("c") is not None
+        runs.grace_s = 0
+        assert runs.get("c") is None  # past the grace period
+
+    asyncio.run(scenario())

@@ -282,3 +282,69 @@ def test_cancel_ends_a_running_background_response(server):
     assert client.responses.retrieve(rid).model_dump() == cancelled.model_dump()
     assert client.responses.cancel(rid).model_dump() == cancelled.model_dump()
     assert cancelled.background is True and cancelled.usage is not None
+
+
+def _events_of(lines) -> list[dict]:
+    """The JSON events of an SSE stream's `data:` lines, up to its `[DONE]` (which must come)."""
+    import json
+
+    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    return [json.loads(item) for item in data[:-1]]
+
+
+def _resumed(server, rid: str, after: int) -> list[dict]:
+    """`GET /v1/responses/{id}?stream=true&starting_after=after`: the events it sends."""
+    with httpx.stream("GET", f"{server.base}/v1/responses/{rid}", params={"stream": "true", "starting_after": after},
+                      timeout=60) as resumed:
+        assert resumed.status_code == 200, resumed.read()
+        return _events_of(resumed.iter_lines())
+
+
+@pytest.fixture(scope="module")
+def stopped_under_a_run(checkpoints, tmp_path_factory):
+    """A server stopped (SIGTERM) while a background run it had streamed 20 events of was going, then started again on
+    its data directory: (the new server, the response's id, the last sequence_number its client saw)."""
+    data = tmp_path_factory.mktemp("data-restart")
+    first = start_server(checkpoints["original"], data, "--rate-limit", "100000")
+    try:
+        for seed in range(8):
+            response, rid, lines = _background_stream(first, seed)
+            seen: list[str] = []
+            for line in lines:
+                if line.startswith("data: "):
+                    seen.append(line)
+                if len(seen) == 20 or line == "data: [DONE]":
+                    break
+            if seen[-1] != "data: [DONE]":
+                break
+            response.__exit__(None, None, None)
+        else:
+            pytest.fail("every background run ended within 20 events")
+        import json
+
+        last_seen = json.loads(seen[-1][len("data: "):])["sequence_number"]
+        first.process.terminate()
+        first.process.wait(timeout=30)
+        response.__exit__(None, None, None)
+    finally:
+        first.stop()
+    second = start_server(checkpoints["original"], data, "--rate-limit", "100000")
+    yield second, rid, last_seen
+    second.stop()
+
+
+def test_a_resume_after_a_restart_still_gets_the_end(stopped_under_a_run):
+    """Before (hunt_new H1): after a restart the run's frames are gone and the replay of the stored (`failed`) response
+    has a few events; resuming with the last number the client saw (past the replay's) got none, so the client never
+    learned the run had failed. Now the replay always ends with its terminal event, numbered after the cursor when the
+    cursor is past the replay's own numbering."""
+    server, rid, last_seen = stopped_under_a_run
+    stored = httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).json()
+    assert stored["status"] == "failed"
+    resumed = _resumed(server, rid, last_seen)
+    assert [(e["type"], e["sequence_number"]) for e in resumed] == [("response.failed", last_seen + 1)]
+    assert resumed[0]["response"] == stored
+    whole = _resumed(server, rid, 0)  # a cursor inside the replay's numbering reads the replay from there
+    assert whole[0]["sequence_number"] == 1 and whole[-1]["type"] == "response.failed"
+    assert [e["sequence_number"] for e in whole] == list(range(1, len(whole) + 1))

@@ -489,3 +489,34 @@ def test_input_tokens_count_is_the_usage_the_response_gets(server):
 
 def counted_plain(client: openai.OpenAI) -> int:
     return client.responses.input_tokens.count(model=MODEL, input=GERMANY).input_tokens
+
+
+def sse_events(lines) -> list[dict]:
+    """The JSON events of an SSE stream's `data:` lines, up to its `[DONE]` (which must come)."""
+    data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    return [json.loads(item) for item in data[:-1]]
+
+
+def test_a_resume_after_a_background_run_ended_gets_the_events_the_live_stream_numbered(server):
+    """Before (hunt_new H1): once a background run had ended, `?stream=true&starting_after=N` answered from a replay of
+    the stored response (one delta per item), so N named another event: a client that dropped inside the answer and
+    resumed after the end got no event at all (not the rest of the text, not `response.completed`). Now a run's frames
+    are kept for a while after it ends, and the resume is exactly the live stream's events after N."""
+    with httpx.stream("POST", f"{server.base}/v1/responses", headers=server.headers, timeout=120, json={
+            "model": MODEL, "input": GERMANY, "max_output_tokens": 80, "temperature": 0, "background": True, "stream": True}) as r:
+        live = sse_events(r.iter_lines())
+    deltas = [e["sequence_number"] for e in live if e["type"].endswith(".delta")]
+    assert len(deltas) >= 4 and live[-1]["type"] in ("response.completed", "response.incomplete")
+    rid = live[0]["response"]["id"]
+    assert httpx.get(f"{server.base}/v1/responses/{rid}", headers=server.headers).json() == live[-1]["response"]
+
+    def resumed(after: int) -> list[dict]:
+        with httpx.stream("GET", f"{server.base}/v1/responses/{rid}", headers=server.headers, timeout=60,
+                          params={"stream": "true", "starting_after": after}) as answer:
+            assert answer.status_code == 200, answer.read()
+            return sse_events(answer.iter_lines())
+
+    for after in (0, deltas[1], deltas[-2], len(live) - 2):
+        assert resumed(after) == live[after + 1:], after
+    assert resumed(len(live) - 1) == []  # the client has seen the end

@@ -5,13 +5,17 @@ chain, aborting the engine request (`disconnect.py`). OpenAI's `background: true
 is generated to its end whoever listens, then fetched (`GET /v1/responses/{id}`, `?stream=true` to follow it) or
 stopped (`POST /v1/responses/{id}/cancel`). So a background run's chain is read by a task of its own into a buffer,
 and each listener (the creating request, any resuming one) follows the buffer: a listener that leaves stops only
-itself. The buffer holds the run's frames until it ends; then the stored response (`conversations.py`) serves it.
+itself. The buffer outlives the run for a while (`BackgroundRuns`): a client that resumes after the end
+(`starting_after=N`) gets the events numbered as the live stream numbered them. Past that, the stored response
+(`conversations.py`) serves it as a replay (`surfaces.responses.replay`), numbered its own way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 
@@ -73,15 +77,41 @@ class BackgroundRun:
 
 
 class BackgroundRuns:
-    """The background runs in progress, by response id; a run leaves when it ends (its response is stored by then)."""
+    """The background runs by response id: those in progress, and the `kept` that ended last, each for `grace_s` after
+    its end, so a resume after the end is served from the frames the live stream sent (a cursor names the same event
+    either way). A deleted response's run is dropped (`drop`): nothing serves it any more."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: int = 64, grace_s: float = 15 * 60) -> None:
+        self.kept, self.grace_s = kept, grace_s
         self._runs: dict[str, BackgroundRun] = {}
+        self._ended: OrderedDict[str, tuple[float, BackgroundRun]] = OrderedDict()  # oldest end first
 
     def start(self, key: str, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], None]) -> BackgroundRun:
-        run = BackgroundRun(frames, on_cancel, ended=lambda: self._runs.pop(key, None))
+        run = BackgroundRun(frames, on_cancel, ended=lambda: self._end(key))
         self._runs[key] = run
         return run
 
     def get(self, key: str) -> BackgroundRun | None:
-        return self._runs.get(key)
+        """The run in progress under `key`, or the one that ended within the grace period; None if neither."""
+        self._forget_old()
+        run = self._runs.get(key)
+        if run is None and key in self._ended:
+            run = self._ended[key][1]
+        return run
+
+    def drop(self, key: str) -> None:
+        """Forget the run under `key` (its response is deleted); a run in progress must have been cancelled first."""
+        self._runs.pop(key, None)
+        self._ended.pop(key, None)
+
+    def _end(self, key: str) -> None:
+        run = self._runs.pop(key, None)
+        if run is not None:
+            self._ended[key] = (time.monotonic(), run)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Ended runs past the grace period, or past the `kept` newest, go (the stored response still replays them)."""
+        too_old = time.monotonic() - self.grace_s
+        while self._ended and (len(self._ended) > self.kept or next(iter(self._ended.values()))[0] < too_old):
+            self._ended.popitem(last=False)

@@ -113,7 +113,8 @@ async def stored_response(response_id: str, request: Request, stream: bool = Fal
                           starting_after: int | None = Query(None, ge=0)):
     """`client.responses.retrieve(id)`: a stored response (a background one `in_progress` while it runs). With
     `stream=true` (`retrieve(id, stream=True)`, `responses.stream(response_id=…)`) its events after `starting_after`:
-    a running background response's as they come, a finished one's replayed from the stored object."""
+    a background run's as they came and come (also for a while after it ended: `BackgroundRuns`), else replayed from
+    the stored object (`replay`, which always ends with the terminal event)."""
     service = service_of(request)
     run = service.background.get(response_id) if stream else None
     if run is not None:
@@ -124,12 +125,12 @@ async def stored_response(response_id: str, request: Request, stream: bool = Fal
     response = results.with_current_keys(response)
     if not stream:
         return response
-    return EventStream(_replayed(replay(response), starting_after))
+    return EventStream(_replayed(replay(response, starting_after)))
 
 
-async def _replayed(frames: list[bytes], after: int | None) -> AsyncIterator[bytes]:
-    """A replay's events after the one numbered `after` (frame i is event i), then `[DONE]`."""
-    for frame in frames[0 if after is None else after + 1:]:
+async def _replayed(frames: list[bytes]) -> AsyncIterator[bytes]:
+    """A replay's events, then `[DONE]`."""
+    for frame in frames:
         yield frame
     yield DONE
 

@@ -233,11 +233,14 @@ class ResponsesSurface:
 _TERMINAL = {"completed": "response.completed", "incomplete": "response.incomplete", "failed": "response.failed"}
 
 
-def replay(stored: dict[str, Any]) -> list[bytes]:
+def replay(stored: dict[str, Any], after: int | None = None) -> list[bytes]:
     """A stored response as the events its live stream sends (`GET /v1/responses/{id}?stream=true`), event i with
     sequence_number i: the opening events, each output item's events with its whole text as one delta, then the event
-    of its status. The same writers as the live stream's, so the two cannot drift."""
-    return _Replay(stored).frames()
+    of its status. The same writers as the live stream's, so the two cannot drift. `after`: only the events numbered
+    above it, but the terminal event always, numbered after `after` when that is past the replay's numbering: a
+    cursor from the live stream (one delta per token) can be, once its frames are gone (`api/background.py`), and the
+    client must still learn the end and get the final object."""
+    return _Replay(stored).frames(after)
 
 
 class _Replay(ResponsesSurface):
@@ -253,7 +256,7 @@ class _Replay(ResponsesSurface):
         return {**self.stored, "status": "in_progress", "error": None, "incomplete_details": None, "output": [],
                 "output_text": "", "usage": None}
 
-    def frames(self) -> list[bytes]:
+    def frames(self, after: int | None) -> list[bytes]:
         frames = self.opening()
         items = self.stored.get("output") or []
         for index, item in enumerate(items):
@@ -265,8 +268,12 @@ class _Replay(ResponsesSurface):
             # Only the last item can have been cut, by max_output_tokens (the response is `incomplete`), a failure or a cancel.
             cut = index == len(items) - 1 and (self.stored["status"] == "incomplete" or item.get("status") == "incomplete")
             frames += self._close(cut=cut)
+        start = 0 if after is None else after + 1
         kind = _TERMINAL.get(self.stored["status"])
-        return frames + ([self._event(kind, response=self.stored)] if kind else [])
+        if kind is None:
+            return frames[start:]
+        self.sequence = max(self.sequence, start)
+        return frames[start:] + [self._event(kind, response=self.stored)]
 
     def _new_logprobs(self) -> list[dict[str, Any]]:
         self.logprobs = list(_part_of(self.kept).get("logprobs") or [])
