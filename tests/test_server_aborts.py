@@ -348,3 +348,33 @@ def test_a_resume_after_a_restart_still_gets_the_end(stopped_under_a_run):
     whole = _resumed(server, rid, 0)  # a cursor inside the replay's numbering reads the replay from there
     assert whole[0]["sequence_number"] == 1 and whole[-1]["type"] == "response.failed"
     assert [e["sequence_number"] for e in whole] == list(range(1, len(whole) + 1))
+
+
+def test_deleting_a_running_background_response_cancels_it_for_good(server):
+    """Before (hunt_new M1): DELETE of a running background response answered `deleted`, but the run went on and
+    stored it again when it ended (retrieve, input_items and previous_response_id worked again; a later cancel stored
+    it too). Now DELETE cancels the run first; the id stays a 404 everywhere."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", timeout=60, max_retries=0)
+    for seed in range(8):
+        response, rid, lines = _background_stream(server, seed)
+        if httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).json()["status"] == "in_progress":
+            break
+        response.__exit__(None, None, None)
+    else:
+        pytest.fail("every background run ended before it was deleted")
+    assert client.responses.delete(rid) is None  # the SDK's delete returns nothing on success
+    rest = [line for line in lines if line.startswith("data: ")]  # the creator's stream ends (or ran to its end)
+    response.__exit__(None, None, None)
+    assert rest[-1] == "data: [DONE]"
+    for path, params in ((rid, {}), (rid, {"stream": "true"}), (rid, {"stream": "true", "starting_after": 3}),
+                         (f"{rid}/input_items", {})):
+        gone = httpx.get(f"{server.base}/v1/responses/{path}", params=params, timeout=10)
+        assert gone.status_code == 404, (path, params, gone.text[:200])
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel(rid)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="Go on", max_output_tokens=4, previous_response_id=rid)
+    assert caught.value.body["param"] == "previous_response_id"
+    assert httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).status_code == 404  # still, after the cancel
+    stats = wait_idle(server, within=1.0)
+    assert stats["running"] == 0 and stats["waiting"] == 0, f"the deleted response's run still runs: {stats}"

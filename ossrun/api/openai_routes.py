@@ -167,8 +167,14 @@ async def input_tokens(request: Request):
 
 
 async def delete_response(response_id: str, request: Request):
-    """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`)."""
-    if not service_of(request).responses.delete(response_id):
+    """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`). A running
+    background one is cancelled first, since its end would store it again; its frames are forgotten with it."""
+    service = service_of(request)
+    run = service.background.get(response_id)
+    if run is not None:
+        await run.cancel()
+        service.background.drop(response_id)
+    if not service.responses.delete(response_id):
         raise _not_stored(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
