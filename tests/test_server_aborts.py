@@ -378,3 +378,31 @@ def test_deleting_a_running_background_response_cancels_it_for_good(server):
     assert httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).status_code == 404  # still, after the cancel
     stats = wait_idle(server, within=1.0)
     assert stats["running"] == 0 and stats["waiting"] == 0, f"the deleted response's run still runs: {stats}"
+
+
+def test_a_background_responses_input_items_keep_their_ids_when_it_ends(server):
+    """Before (hunt_new L1): the `in_progress` snapshot and the final response were each stored giving the input items
+    new ids, so `input_items` listed other ids once the run had ended, and the snapshot's item rows were left behind
+    (INSERT OR REPLACE fires no delete trigger). Now an item gets its id once and a response's rows are its own."""
+    import sqlite3
+
+    for seed in range(8):
+        response, rid, lines = _background_stream(server, seed, max_tokens=200)
+        running = httpx.get(f"{server.base}/v1/responses/{rid}/input_items", timeout=10).json()
+        if httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).json()["status"] == "in_progress":
+            break
+        response.__exit__(None, None, None)
+    else:
+        pytest.fail("every background run ended before its input items were listed")
+    assert _events_of(lines)[-1]["type"] in ("response.completed", "response.incomplete")
+    response.__exit__(None, None, None)
+    stored = _poll(server, rid)
+    assert stored["status"] in ("completed", "incomplete")
+    ended = httpx.get(f"{server.base}/v1/responses/{rid}/input_items", timeout=10).json()
+    assert [item["id"] for item in ended["data"]] == [item["id"] for item in running["data"]]
+    db = sqlite3.connect(server.data_dir / "batch.sqlite")
+    try:
+        rows = {row[0] for row in db.execute("SELECT id FROM response_items WHERE response_id = ?", (rid,))}
+    finally:
+        db.close()
+    assert rows == {item["id"] for item in ended["data"]} | {item["id"] for item in stored["output"]}

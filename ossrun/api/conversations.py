@@ -5,7 +5,7 @@ Each finished response is kept twice over: as the response object (what `retriev
 input items that would replay it: its own input, then its output turned back into input (reasoning,
 assistant text, function calls). A follow-up naming it gets those items in front of its own input.
 Every replayed item has an id, as OpenAI's items do: an output item keeps its own (`msg_`, `rs_`, `fc_`), an input
-item keeps the one it was sent with or gets one when stored, so `input_items` names the same item alike in every
+item keeps the one it was sent with or gets one when first stored (a background response is stored twice), so `input_items` names the same item alike in every
 response of a conversation. Each item is also kept by its id (table `response_items`, a row per response holding it),
 so an `item_reference` in a later input finds it: the AI SDK sends one for each earlier output item rather than the
 item. Kept on disk so a restart does not break a conversation; bounded by count and by age.
@@ -75,11 +75,13 @@ def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
 _ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
-def _with_id(item: dict[str, Any]) -> dict[str, Any]:
-    """A stored input item (JSON) with an id: its own, or a new one."""
+def _with_id(item: dict[str, Any], given: str | None = None) -> dict[str, Any]:
+    """A stored input item (JSON) with an id: its own, the one `given` it when first stored, or a new one."""
     from ossrun.api.results import new_id  # results imports the service, which imports this module
 
-    return item if isinstance(item.get("id"), str) else {**item, "id": new_id(_ID_PREFIX[item.get("type", "message")])}
+    if isinstance(item.get("id"), str):
+        return item
+    return {**item, "id": given or new_id(_ID_PREFIX[item.get("type", "message")])}
 
 
 def _text_parts(content: Any, role: str) -> list[Any]:
@@ -192,16 +194,31 @@ class ResponseStore:
         """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
         if not store or self.capacity <= 0:
             return
-        inputs = [_with_id(item) for item in _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)]
+        sent = _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)
         outputs = [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
         with self._lock, self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",
+            given = self._input_ids(response_id, len(sent))
+            inputs = [_with_id(item, item_id) for item, item_id in zip(sent, given)]
+            # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot
+            # would leave its item rows behind.
+            self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            self._db.execute("INSERT INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",
                              (response_id, now, json.dumps(inputs + outputs), json.dumps(response)))
             self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
             # The trigger `responses_items` drops the items of every response deleted here.
             self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
                              "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+
+    def _input_ids(self, response_id: str, count: int) -> list[str | None]:
+        """The ids the `count` input items of a response stored again (a background one: its `in_progress` snapshot,
+        then its end) were given the first time, so they are listed by the same ids throughout; Nones if it was not
+        stored with as many. The caller holds the lock."""
+        row = self._db.execute("SELECT replay, response FROM responses WHERE id = ?", (response_id,)).fetchone()
+        inputs = [] if row is None else _split(json.loads(row[0]), json.loads(row[1]))[0]
+        if len(inputs) != count:
+            return [None] * count
+        return [item.get("id") for item in inputs]
 
     def _fail_interrupted(self) -> None:
         """A background response still `in_progress` in the file was running when the last process ended: it will never
