@@ -794,3 +794,22 @@ def test_ended_background_runs_are_kept_for_a_grace_period_and_dropped_on_delete
         assert runs.get("c") is None  # past the grace period
 
     asyncio.run(scenario())
+
+
+def test_a_failed_response_is_no_conversation_to_continue_but_a_cancelled_or_cut_one_is(tmp_path):
+    """hunt_new L2: only a background response is stored `failed`; naming it is the 400 an unstored (non-background)
+    failure gets, saying it failed. `cancelled` and `incomplete` ones are continued, as on OpenAI."""
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.api.schemas import ResponsesRequest
+
+    store = ResponseStore(tmp_path / "batch.sqlite")
+    for status in ("failed", "cancelled", "incomplete"):
+        store.remember(f"resp_{status}", "Hi", True, {"id": f"resp_{status}", "status": status, "error": None, "output": []})
+    ask = {"model": "m", "input": "And?"}
+    with pytest.raises(ApiError, match="'resp_failed' failed; a failed response is no conversation") as caught:
+        store.expand(ResponsesRequest.model_validate({**ask, "previous_response_id": "resp_failed"}))
+    assert (caught.value.status, caught.value.param) == (400, "previous_response_id")
+    for status in ("cancelled", "incomplete"):
+        continued = store.expand(ResponsesRequest.model_validate({**ask, "previous_response_id": f"resp_{status}"}))
+        assert len(continued.input) == 2
+    store.close()

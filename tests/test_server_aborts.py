@@ -350,6 +350,21 @@ def test_a_resume_after_a_restart_still_gets_the_end(stopped_under_a_run):
     assert [e["sequence_number"] for e in whole] == list(range(1, len(whole) + 1))
 
 
+def test_a_failed_background_response_cannot_be_continued(stopped_under_a_run):
+    """Before (hunt_new L2): a background response stored `failed` (here: the server stopped under it) was accepted
+    as `previous_response_id`, and the model continued a conversation whose last turn never happened; a failed
+    response that is not in the background is not stored at all, so naming it is a 400. Now both are that 400."""
+    server, rid, _ = stopped_under_a_run
+    answer = httpx.post(f"{server.base}/v1/responses", timeout=60,
+                        json={"model": MODEL, "input": "Go on", "max_output_tokens": 4, "previous_response_id": rid})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "previous_response_id" and error["code"] == "5006" and "failed" in error["message"]
+    counted = httpx.post(f"{server.base}/v1/responses/input_tokens", timeout=60,
+                         json={"model": MODEL, "input": "Go on", "previous_response_id": rid})
+    assert counted.status_code == 400 and counted.json()["error"] == error
+
+
 def test_deleting_a_running_background_response_cancels_it_for_good(server):
     """Before (hunt_new M1): DELETE of a running background response answered `deleted`, but the run went on and
     stored it again when it ended (retrieve, input_items and previous_response_id worked again; a later cancel stored

@@ -159,9 +159,13 @@ class ResponseStore:
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
-        if (self.get(previous) or {}).get("status") == "in_progress":  # a background run: its output is not there yet
+        status = (self.get(previous) or {}).get("status")
+        if status == "in_progress":  # a background run: its output is not there yet
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} is still in progress; continue "
                             "from it once it has ended", "previous_response_id")
+        if status == "failed":  # only a background one is stored failed; another is not stored, so the same 400
+            raise bad_input(f"Error: at '/previous_response_id': response {previous!r} failed; a failed response is no "
+                            "conversation to continue (continue from the one before it)", "previous_response_id")
         stored = _ITEMS.validate_python(json.loads(row))
         continued = request.model_copy(update={"input": stored + as_input_items(request.input)})
         continued._stored_items = len(stored)

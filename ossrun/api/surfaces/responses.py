@@ -98,7 +98,8 @@ class ResponsesSurface:
     def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
         """Generation failed mid-way: `response.failed`, the Responses stream's own terminal event (an event of its
         kind and sequence, as clients dispatch on `type`), with the output so far and OpenAI's `error` object. Not
-        kept for `previous_response_id`: a failed response is no conversation to continue. The item generation was in
+        kept for `previous_response_id`: a failed response is no conversation to continue (a background one is kept,
+        to end its snapshot, and `ResponseStore.continue_from` refuses it). The item generation was in
         holds what it streamed, `incomplete` as an item `max_output_tokens` cut (nothing will complete it); its done
         events are not sent, since it did not end."""
         self._cut_open_item()
