@@ -491,6 +491,25 @@ def counted_plain(client: openai.OpenAI) -> int:
     return client.responses.input_tokens.count(model=MODEL, input=GERMANY).input_tokens
 
 
+def test_input_tokens_document_and_server_agree(server):
+    """Before (hunt_new L4): the document gave `POST /v1/responses/input_tokens` the create body (`model` required,
+    and `stream`, `background`, `store`… offered), while the server counts a body without `model` and reads none of
+    those (yet refused `background` with `store: false`). Now the document's body is what the count reads, `model`
+    optional, and the server ignores the rest as it ignores any field it does not know."""
+    document = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()
+    for path in ("/v1/responses/input_tokens", "/client/v4/accounts/{account_id}/ai/v1/responses/input_tokens"):
+        ref = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        body = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert body["required"] == ["input"], path
+        assert {"model", "input", "instructions", "tools", "previous_response_id", "truncation"} <= set(body["properties"])
+        assert not {"stream", "background", "store", "temperature", "metadata"} & set(body["properties"]), path
+    bare = httpx.post(f"{server.base}/v1/responses/input_tokens", headers=server.headers, json={"input": GERMANY})
+    assert bare.status_code == 200, bare.text
+    unread = httpx.post(f"{server.base}/v1/responses/input_tokens", headers=server.headers,
+                        json={"input": GERMANY, "stream": True, "background": True, "store": False, "temperature": 9})
+    assert unread.status_code == 200 and unread.json() == bare.json(), unread.text
+
+
 def sse_events(lines) -> list[dict]:
     """The JSON events of an SSE stream's `data:` lines, up to its `[DONE]` (which must come)."""
     data = [line[len("data: "):] for line in lines if line.startswith("data: ")]

@@ -155,13 +155,11 @@ async def cancel_response(response_id: str, request: Request):
 async def input_tokens(request: Request):
     """`client.responses.input_tokens.count(...)`: the `usage.input_tokens` the same body would get from
     `POST /v1/responses` (rendered the same way, a previous response's conversation included), without generating.
-    `model` may be left out, as OpenAI's endpoint allows: the served model counts."""
+    `model` may be left out, as OpenAI's endpoint allows: the served model counts. Only what the count reads is
+    validated (`schemas.InputTokensRequest`)."""
     service: Service = service_of(request)
-    raw = await json_body(request)
-    if isinstance(raw, dict) and raw.get("model") is None:
-        raw = {**raw, "model": service.model_names[0]}
-    body = schemas.parse(schemas.ResponsesRequest, raw)
-    service.check_model(body.model)
+    body = schemas.parse(schemas.InputTokensRequest, await json_body(request))
+    service.check_model(body.model or service.model_names[0])
     ask = asks.from_responses(service.responses.expand(body))
     return {"object": "response.input_tokens", "input_tokens": await asyncio.to_thread(service.count_prompt, ask)}
 
@@ -222,7 +220,7 @@ def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
     router.add_api_route("/models/{model_id:path}", model, methods=["GET"], summary="One model")
     router.add_api_route("/responses/input_tokens", input_tokens, methods=["POST"], summary="Count a Responses body's input tokens",
-                         openapi_extra=schemas.body_schema(schemas.ResponsesRequest))
+                         openapi_extra=schemas.body_schema(schemas.InputTokensRequest))
     router.add_api_route("/responses/{response_id:response_id}", stored_response, methods=["GET"], summary="A stored response")
     router.add_api_route("/responses/{response_id:response_id}", delete_response, methods=["DELETE"], summary="Delete a stored response")
     router.add_api_route("/responses/{response_id:response_id}/input_items", input_items, methods=["GET"],

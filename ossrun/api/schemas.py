@@ -423,6 +423,30 @@ class ResponsesRequest(ResponsesInput):
     top_p: OpenAITopP
 
 
+class InputTokensRequest(ResponsesRequest):
+    """`POST /v1/responses/input_tokens`: what the count reads of a Responses body, `model` optional (the served
+    model), as OpenAI's endpoint takes it. The rest (`stream`, `background`, `store`, sampling…) changes no input
+    token, so it is dropped unread, as any field a body's shape does not name is ignored: the document offers only
+    these fields and the server refuses none it leaves out, so the two agree both ways."""
+
+    COUNTED: ClassVar[tuple[str, ...]] = ("model", "input", "instructions", "reasoning", "tools", "tool_choice", "text",
+                                          "response_format", "previous_response_id", "truncation", "max_output_tokens")
+    model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_what_is_counted(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if k in cls.COUNTED} if isinstance(data, dict) else data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        body = handler.resolve_ref_schema(schema)
+        body["properties"] = {k: v for k, v in body.get("properties", {}).items() if k in cls.COUNTED}
+        body["required"] = [k for k in body.get("required", []) if k in cls.COUNTED]
+        return schema
+
+
 MAX_PROMPTS = 16
 
 
@@ -557,7 +581,7 @@ def body_schema(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 DOCUMENTED = (PromptInput, MessagesInput, ResponsesInput, BatchInput, PollInput, ChatCompletionRequest, ResponsesRequest,
-              CompletionRequest, FinetuneCreate)
+              InputTokensRequest, CompletionRequest, FinetuneCreate)
 
 
 def openapi_components() -> dict[str, Any]:
