@@ -5,10 +5,11 @@ Each finished response is kept twice over: as the response object (what `retriev
 input items that would replay it: its own input, then its output turned back into input (reasoning,
 assistant text, function calls). A follow-up naming it gets those items in front of its own input.
 Every replayed item has an id, as OpenAI's items do: an output item keeps its own (`msg_`, `rs_`, `fc_`), an input
-item keeps the one it was sent with or gets one when first stored (a background response is stored twice), so `input_items` names the same item alike in every
-response of a conversation. Each item is also kept by its id (table `response_items`, a row per response holding it),
-so an `item_reference` in a later input finds it: the AI SDK sends one for each earlier output item rather than the
-item. Kept on disk so a restart does not break a conversation; bounded by count and by age.
+item keeps the one it was sent with or gets one when first stored (a background response is stored twice), so
+`input_items` names the same item alike in every response of a conversation. Each item is also kept by its id
+(table `response_items`, a row per response holding it), so an `item_reference` in a later input finds it: the AI
+SDK sends one for each earlier output item rather than the item. Kept on disk so a restart does not break a
+conversation; bounded by count and by age.
 """
 
 from __future__ import annotations
