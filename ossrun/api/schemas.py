@@ -424,8 +424,8 @@ class ResponsesRequest(ResponsesInput):
 
 
 class InputTokensRequest(ResponsesRequest):
-    """`POST /v1/responses/input_tokens`: what the count reads of a Responses body, `model` optional (the served
-    model), as OpenAI's endpoint takes it. The rest (`stream`, `background`, `store`, sampling…) changes no input
+    """`POST /v1/responses/input_tokens`: what the count reads of a Responses body, `model` (the served model) and
+    `input` optional, as OpenAI's endpoint takes them. The rest (`stream`, `background`, `store`, sampling…) changes no input
     token, so it is dropped unread, as any field a body's shape does not name is ignored: the document offers only
     these fields and the server refuses none it leaves out, so the two agree both ways."""
 
@@ -436,14 +436,22 @@ class InputTokensRequest(ResponsesRequest):
     @model_validator(mode="before")
     @classmethod
     def _only_what_is_counted(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if k in cls.COUNTED} if isinstance(data, dict) else data
+        """Also `input` may be left out (or null), as OpenAI's endpoint allows: a `previous_response_id` conversation or
+        `instructions` alone is counted as it would be read with no new item."""
+        if not isinstance(data, dict):
+            return data
+        counted = {k: v for k, v in data.items() if k in cls.COUNTED}
+        if counted.get("input") is None:
+            counted["input"] = []
+        return counted
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = super().__get_pydantic_json_schema__(core_schema, handler)
         body = handler.resolve_ref_schema(schema)
         body["properties"] = {k: v for k, v in body.get("properties", {}).items() if k in cls.COUNTED}
-        body["required"] = [k for k in body.get("required", []) if k in cls.COUNTED]
+        body["properties"]["input"] = {"anyOf": [body["properties"]["input"], {"type": "null"}]}
+        body["required"] = [k for k in body.get("required", []) if k in cls.COUNTED and k != "input"]
         return schema
 
 
