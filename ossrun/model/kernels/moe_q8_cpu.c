@@ -15,8 +15,9 @@
  *
  * Code paths: AVX2 (decoded weights + 12 as maddubs' unsigned operand, the +12 taken back per block
  * from Σq; a one-row kernel for decode that reduces eight blocks at a time, and a row-group kernel
- * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd in the row-group
- * kernel), and portable C. Parallel work items are (expert group,
+ * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd; prefill puts sixteen
+ * weight rows in a 512-bit register's lanes and passes four activation rows over each block's weights
+ * while they sit in registers), and portable C. Parallel work items are (expert group,
  * output tile), so a step with a few rows per expert still keeps every core busy.
  */
 #include <stddef.h>
@@ -239,7 +240,7 @@ static inline Row row_at(const int8_t *q, const float *d, const int32_t *s, int 
 
 /* ---------------------------------------------------------------- prefill: 8 weight rows in the 8 lanes */
 
-#define SPAN 32      /* activation rows handled together by one work item */
+#define SPAN 64      /* activation rows handled together by one work item */
 #define RG 8         /* weight rows of a row group: one per int32 lane */
 #define RG_MIN_ROWS 5 /* a span this long takes the row-group kernel; shorter ones (decode) the per-row kernels */
 
@@ -338,6 +339,77 @@ static void rowgroup_rows(const uint8_t *w, const float *pw, int nb, const Row *
     }
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+/* ---------------------------------------------------------------- prefill with AVX-512 VNNI: 16 weight rows in the 16 lanes
+ *
+ * The row-group idea on 512-bit registers: 16 weight rows a group, so each broadcast activation dword meets 64
+ * weights in one dpbusd, and each block's eight weight vectors stay in registers while four activation rows pass
+ * (two dpbusd chains a row, evens and odds, so eight chains hide the instruction's latency). */
+#define RG16 16
+#define R16 4 /* activation rows a pass */
+
+/* Every block of rows 0..15 in the 16-lane layout: w + 512*b + 64*g holds lanes 0..7 as rowgroup_weights
+ * lays out rows 0..7 and lanes 8..15 the same for rows 8..15. */
+static void prepare_rowgroup16(const uint8_t *blk, int nb, uint8_t *w) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const size_t stride = (size_t)nb * 16;
+    for (int b = 0; b < nb; b++) {
+        __m256i lo[8], hi[8];
+        rowgroup_weights(blk, stride, b, lut, mask, lo);
+        rowgroup_weights(blk + 8 * stride, stride, b, lut, mask, hi);
+        for (int g = 0; g < 8; g++)
+            _mm512_storeu_si512((void *)(w + 512 * b + 64 * g), _mm512_inserti64x4(_mm512_castsi256_si512(lo[g]), hi[g], 1));
+    }
+}
+
+/* pw[b*16 + r] = 2^(s-128) of row r's block b. */
+static void rowgroup16_scales(const uint8_t *sc, int nb, float *pw) {
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < RG16; r++) pw[b * RG16 + r] = POW2[sc[r * nb + b]];
+}
+
+static inline __attribute__((always_inline)) __m512i bcast4_512(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* 16 prepared weight rows against activation rows rows[0..n-1] (n ≤ R16, a constant once inlined): res[t*ld + r]. */
+static inline __attribute__((always_inline)) void rowgroup16_pass(const uint8_t *w, const float *pw, int nb, const Row *rows,
+                                                                  const int n, float *res, int ld) {
+    __m512 acc[R16];
+    for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i W[8];
+        for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(w + 512 * b + 64 * g));
+        const __m512 scale = _mm512_loadu_ps(pw + RG16 * b);
+        const int ev = evens_at(b), od = odds_at(b, nb);
+        for (int t = 0; t < n; t++) {
+            const int8_t *q = rows[t].q;
+            __m512i even = _mm512_set1_epi32(-12 * rows[t].s[b]), odd = _mm512_setzero_si512();
+            for (int g = 0; g < 4; g++) {
+                even = _mm512_dpbusd_epi32(even, W[g], bcast4_512(q + ev + 4 * g));
+                odd = _mm512_dpbusd_epi32(odd, W[4 + g], bcast4_512(q + od + 4 * g));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_mul_ps(scale, _mm512_set1_ps(rows[t].d[b])), acc[t]);
+        }
+    }
+    for (int t = 0; t < n; t++) _mm512_storeu_ps(res + t * ld, acc[t]);
+}
+
+static void rowgroup16_rows(const uint8_t *w, const float *pw, int nb, const Row *rows, int n, float *res, int ld) {
+    int t = 0;
+    for (; t + R16 <= n; t += R16) rowgroup16_pass(w, pw, nb, rows + t, R16, res + t * ld, ld);
+    switch (n - t) {
+    case 3: rowgroup16_pass(w, pw, nb, rows + t, 3, res + t * ld, ld); break;
+    case 2: rowgroup16_pass(w, pw, nb, rows + t, 2, res + t * ld, ld); break;
+    case 1: rowgroup16_pass(w, pw, nb, rows + t, 1, res + t * ld, ld); break;
+    default: break;
+    }
+}
+#endif
 #endif
 
 /* Weight rows o_begin..o_end-1 (blocks/scales point at the expert's row 0) against activation rows
@@ -353,6 +425,17 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
         Row rows[SPAN];
         float pw[8 * nb];
         for (int t = 0; t < n; t++) rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+        {
+            float pw16[RG16 * nb];
+            uint8_t w16[512 * nb];
+            for (; o + RG16 <= o_end; o += RG16) {
+                rowgroup16_scales(scales + (size_t)o * nb, nb, pw16);
+                prepare_rowgroup16(blocks + (size_t)o * nb * 16, nb, w16);
+                rowgroup16_rows(w16, pw16, nb, rows, n, res + (o - o_begin), ld);
+            }
+        }
+#endif
         uint8_t w[256 * nb];
         for (; o + RG <= o_end; o += RG) {
             rowgroup_scales(scales + (size_t)o * nb, nb, pw);
