@@ -46,10 +46,13 @@ def test_activation_quantisation_is_bit_exact(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m,k,n", [(1, 32, 3), (1, 96, 7), (3, 2880, 33), (4, 4096, 5), (5, 160, 64), (70, 64, 9), (131, 96, 4)])
+@pytest.mark.parametrize("m,k,n", [(1, 32, 3), (1, 96, 7), (3, 2880, 33), (4, 4096, 5), (5, 160, 64), (70, 64, 9), (131, 96, 4),
+                                   (8, 96, 16), (67, 2880, 40), (19, 4096, 33)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_within_the_derived_bound(isa, m, k, n, with_bias, monkeypatch):
-    """Row counts cross the 4-row micro-kernel and the 64-row chunk; odd block counts hit the AVX-512 tail."""
+    """Row counts cross the 4-row micro-kernel and the 64-row chunk; odd block counts hit the AVX-512 tail. From 8
+    activation rows and 16 weight rows AVX-512 VNNI takes the grouped product (16 weight rows a group, 4 activation
+    rows a pass): the last shapes have whole groups, tails of weight rows (40 = 2·16 + 8) and of activation rows."""
     monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
     x, w, b = operands(m, k, n, seed=m * 1000 + k + n)
     b = b if with_bias else None

@@ -10,7 +10,8 @@
  *   AVX2: sign trick (|w| unsigned times x carrying w's sign) with maddubs, then madd to int32, four
  *         blocks reduced together so the scaling is vectorised too;
  *   AVX-512 BW: the same, two blocks per 512-bit register, sign applied with a mask;
- *   AVX-512 VNNI: dpbusd does the multiply and the int32 sums in one instruction.
+ *   AVX-512 VNNI: dpbusd does the multiply and the int32 sums in one instruction; from 8 activation rows
+ *         (a prompt, a batch of decodes) a register-blocked product instead (`grouped_product`, below).
  * maddubs cannot saturate: |w|, |x| <= 127, so a pair sums to at most 2 * 127 * 127 = 32258.
  * The portable path computes the same integers in plain C.
  */
@@ -220,6 +221,108 @@ int q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, 
     return 0;
 }
 
+#if defined(__AVX512VNNI__)
+/* ---------------------------------------------------------------- many rows with AVX-512 VNNI: a register-blocked product
+ *
+ * The per-row kernel above reduces every weight row against each activation row horizontally, which suits decode
+ * (each weight byte read once from memory) but leaves a prompt's product far below what dpbusd can do. With many
+ * activation rows, 16 weight rows are rearranged once into the lanes of 512-bit registers (lane r: row r's four
+ * bytes of a block position, + 128 so they are dpbusd's unsigned operand; the 128·Σq it adds is taken back per
+ * block), and every activation row passes over them four at a time: each broadcast dword of activations meets 64
+ * weights in one instruction, and a block's eight weight vectors stay in registers for the four rows. */
+#define GROUP 16         /* weight rows in the lanes */
+#define PASS 4           /* activation rows a pass (two dpbusd chains each: eight chains hide the latency) */
+#define GROUPED_MIN_ROWS 8 /* below this many activation rows the per-row kernel (weights read once) stays */
+
+/* Rows 0..15 of w (row length K) as w_g + 512*b + 64*g: lane r holds row r's bytes 32b+4g..32b+4g+3, plus 128. */
+static void prepare_group(const int8_t *w, int64_t K, uint8_t *w_g) {
+    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < K / QK; b++)
+        for (int g = 0; g < 8; g++) {
+            const __m512i v = _mm512_i32gather_epi32(at, (const void *)(w + b * QK + 4 * g), 1);
+            _mm512_storeu_si512((void *)(w_g + 512 * b + 64 * g), _mm512_xor_si512(v, flip));
+        }
+}
+
+static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *q) {
+    int32_t v;
+    memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* The 16 prepared rows (scales pw [nb, 16] as floats) against activation rows 0..n-1 of xq (n ≤ PASS, a constant
+ * once inlined; corr [., nb] = 128·Σq per block): y[t*N + r] = dot · wscale + bias[r]. */
+static inline __attribute__((always_inline)) void group_pass(const uint8_t *w_g, const float *pw, int64_t nb, const int8_t *xq,
+                                                             const float *xd, const int32_t *corr, int64_t K, const int n,
+                                                             float wscale, const float *bias, float *y, int64_t N) {
+    __m512 acc[PASS];
+    for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i W[8];
+        for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(w_g + 512 * b + 64 * g));
+        const __m512 scale = _mm512_loadu_ps(pw + GROUP * b);
+        for (int t = 0; t < n; t++) {
+            const int8_t *q = xq + t * K + b * QK;
+            __m512i lo = _mm512_set1_epi32(-corr[t * nb + b]), hi = _mm512_setzero_si512();
+            for (int g = 0; g < 4; g++) {
+                lo = _mm512_dpbusd_epi32(lo, W[g], bcast4(q + 4 * g));
+                hi = _mm512_dpbusd_epi32(hi, W[4 + g], bcast4(q + 16 + 4 * g));
+            }
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(scale, _mm512_set1_ps(xd[t * nb + b])), acc[t]);
+        }
+    }
+    const __m512 vbias = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps(), vscale = _mm512_set1_ps(wscale);
+    for (int t = 0; t < n; t++) _mm512_storeu_ps(y + t * N, _mm512_fmadd_ps(acc[t], vscale, vbias));
+}
+
+/* Weight rows 0 .. N - N%16 - 1 in groups of 16, split across threads, each group against every activation row. */
+static int grouped_product(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
+                           float wscale, int64_t N, const float *bias, float *y, int nthreads) {
+    const int64_t nb = K / QK, groups = N / GROUP;
+    int32_t *corr = malloc((size_t)(M * nb) * sizeof(int32_t));
+    if (!corr) return -2;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * nb; i++) {
+            int32_t sum = 0;
+            for (int j = 0; j < QK; j++) sum += xq[i * QK + j];
+            corr[i] = 128 * sum;
+        }
+        uint8_t *w_g = malloc((size_t)(512 * nb));
+        float *pw = malloc((size_t)(GROUP * nb) * sizeof(float));
+        if (!w_g || !pw) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t grp = 0; grp < groups; grp++) {
+            if (!w_g || !pw) continue;
+            const int64_t n0 = grp * GROUP;
+            prepare_group(wq + n0 * K, K, w_g);
+            for (int64_t b = 0; b < nb; b++)
+                for (int r = 0; r < GROUP; r++) pw[b * GROUP + r] = half_to_float(wd[(n0 + r) * nb + b]);
+            const float *gbias = bias ? bias + n0 : NULL;
+            int64_t m = 0;
+            for (; m + PASS <= M; m += PASS)
+                group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, PASS, wscale, gbias, y + m * N + n0, N);
+            switch (M - m) {
+            case 3: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 3, wscale, gbias, y + m * N + n0, N); break;
+            case 2: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 2, wscale, gbias, y + m * N + n0, N); break;
+            case 1: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 1, wscale, gbias, y + m * N + n0, N); break;
+            default: break;
+            }
+        }
+        free(w_g);
+        free(pw);
+    }
+    free(corr);
+    return failed ? -2 : 0;
+}
+#endif
+
 /* y [M, N] fp32 = x [M, K] fp32 times W^T (wq [N, K] int8, wd [N, K/32] fp16 bits, times wscale)
  * plus bias [N] (or NULL). Output rows are split across threads; every thread sees all of x. */
 int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd, float wscale, int64_t N,
@@ -228,13 +331,20 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
     if (ensure_scratch(M * K)) return -2;
     int8_t *xq = scratch_q;
     float *xd = scratch_d;
-    int64_t nb = K / QK;
+    int64_t nb = K / QK, n_begin = 0;
     q8_quantize_rows(x, M, K, xq, xd, nthreads);
+#if defined(__AVX512VNNI__)
+    if (M >= GROUPED_MIN_ROWS && N >= GROUP) {
+        const int status = grouped_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads);
+        if (status) return status;
+        n_begin = N - N % GROUP; /* the last < 16 weight rows: the per-row kernel */
+    }
+#endif
     #pragma omp parallel num_threads(nthreads)
     for (int64_t m0 = 0; m0 < M; m0 += MCHUNK) {
         int64_t m1 = m0 + MCHUNK < M ? m0 + MCHUNK : M;
         #pragma omp for schedule(dynamic, 64) /* 64 weight rows a grab: a core slowed by a neighbour no longer holds the other at the barrier */
-        for (int64_t n = 0; n < N; n++) {
+        for (int64_t n = n_begin; n < N; n++) {
             const int8_t *w = wq + n * K;
             const uint16_t *d = wd + n * nb;
             float b = bias ? bias[n] : 0.0f, out[MR];
