@@ -54,6 +54,24 @@ def test_linear_within_the_derived_bound(isa, m, k, n, with_bias, monkeypatch):
     activation rows and 16 weight rows AVX-512 VNNI takes the grouped product (16 weight rows a group, 4 activation
     rows a pass): the last shapes have whole groups, tails of weight rows (40 = 2·16 + 8) and of activation rows."""
     monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    monkeypatch.setenv("OSSRUN_CPU_AMX", "0")  # the AMX tiles have their own test, below
+    check_linear(m, k, n, with_bias)
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("m,k,n", [(16, 2880, 16), (67, 2880, 40), (19, 4096, 33), (300, 96, 48)])
+def test_many_rows_take_the_tiles_within_the_derived_bound(m, k, n, amx, monkeypatch):
+    """From 16 activation rows, AMX (where the CPU has it and Linux grants it) multiplies 16 x 16 tiles a block at a
+    time; without it the grouped VNNI product runs. Both within the bound, including tails of activation rows (not
+    a multiple of 16: zero rows computed, never stored), of weight rows (the per-row kernel) and an odd block count."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", ISAS[-1])
+    monkeypatch.setenv("OSSRUN_CPU_AMX", amx)
+    if amx == "1" and not dense_cpu.amx_active():
+        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni)")
+    check_linear(m, k, n, with_bias=True)
+
+
+def check_linear(m: int, k: int, n: int, with_bias: bool) -> None:
     x, w, b = operands(m, k, n, seed=m * 1000 + k + n)
     b = b if with_bias else None
     weight = dense_cpu.quantize_weight(w)

@@ -109,7 +109,16 @@ def _library() -> ctypes.CDLL | None:
         lib.q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, i64, ptr, ptr, ctypes.c_int]
         lib.q8_quantize_rows.restype = ctypes.c_int
         lib.q8_quantize_rows.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+        lib.q8_amx_active.restype = ctypes.c_int
+        lib.q8_amx_active.argtypes = []
     return lib
+
+
+def amx_active() -> bool:
+    """Whether products of many rows run on AMX tiles now: the CPU has them, Linux granted them, `OSSRUN_CPU_AMX` is
+    not 0 and the selected variant is avx512vnni (the one built with them)."""
+    lib = _library()
+    return lib is not None and bool(lib.q8_amx_active())
 
 
 def q8_kernel_available(device: torch.device) -> bool:

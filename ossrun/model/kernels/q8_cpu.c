@@ -22,6 +22,7 @@
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include "amx_cpu.h"
 
 #define QK 32     /* weights per block */
 #define MR 4      /* activation rows per micro-kernel call */
@@ -323,6 +324,139 @@ static int grouped_product(const int8_t *xq, const float *xd, int64_t M, int64_t
 }
 #endif
 
+#if defined(OSSRUN_AMX)
+/* ---------------------------------------------------------------- many rows with AMX: 16 x 16 tiles, one block a product
+ *
+ * Where the CPU has AMX (Sapphire Rapids and later), one tile instruction multiplies 16 weight rows by 16 activation
+ * rows over a block's 32 k (8,192 products) in a few cycles, so the product waits on the per-block scaling instead:
+ * the 16 x 16 int32 sums go to memory and come back as 16 vectors, each converted and scaled by its weight row's
+ * scale times the 16 activation rows' scales. The weights are the tile's first operand straight from memory (16
+ * rows of 32 bytes); the activations are rearranged once into the second operand's layout (4 bytes of each of 16
+ * rows a 64-byte row). Both signed: no offset to take back. */
+#define TILE_ROWS 16
+#define TILED_MIN_ROWS 16 /* fewer activation rows: the grouped VNNI product */
+
+/* xv + (a*nb + b)*512 + 64*g + 4*j = bytes 32b+4g .. 32b+4g+3 of activation row 16a+j, dv + (a*nb + b)*16 + j = its
+ * scale; rows past M are zeros (their products are computed and never stored). */
+static void tile_activations(const int8_t *xq, const float *xd, int64_t M, int64_t K, int8_t *xv, float *dv, int nthreads) {
+    const int64_t nb = K / QK, groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t a = 0; a < groups; a++)
+        for (int64_t b = 0; b < nb; b++) {
+            int8_t *tile = xv + (a * nb + b) * 512;
+            float *scales = dv + (a * nb + b) * TILE_ROWS;
+            for (int j = 0; j < TILE_ROWS; j++) {
+                const int64_t m = a * TILE_ROWS + j;
+                scales[j] = m < M ? xd[m * nb + b] : 0.0f;
+                for (int g = 0; g < 8; g++) {
+                    if (m < M) memcpy(tile + 64 * g + 4 * j, xq + m * K + b * QK + 4 * g, 4);
+                    else memset(tile + 64 * g + 4 * j, 0, 4);
+                }
+            }
+        }
+}
+
+/* acc[r] (lanes: the 16 activation rows) += the int32 tile c, row r, times scale_x (lanes) times pw[r]. */
+static inline __attribute__((always_inline)) void scale_tile(const int32_t *c, __m512 scale_x, const float *pw, __m512 acc[TILE_ROWS]) {
+    for (int r = 0; r < TILE_ROWS; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + TILE_ROWS * r))),
+                                 _mm512_mul_ps(scale_x, _mm512_set1_ps(pw[r])), acc[r]);
+}
+
+AMX_BEGIN
+/* Weight rows 0 .. N - N%16 - 1 by tiles of 16 x 16, split across threads by weight group (each group's 16 rows
+ * stay in cache while every activation group passes). Tiles: 0 and 3 the sums of two blocks in flight, 1 and 4
+ * their weights, 2 and 5 their activations. */
+static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
+                         float wscale, int64_t N, const float *bias, float *y, int nthreads) {
+    const int64_t nb = K / QK, groups = N / TILE_ROWS, act_groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+    int8_t *xv = aligned_alloc(64, (size_t)(act_groups * nb * 512));
+    float *dv = aligned_alloc(64, (size_t)(act_groups * nb * TILE_ROWS) * sizeof(float));
+    if (!xv || !dv) {
+        free(xv);
+        free(dv);
+        return -2;
+    }
+    tile_activations(xq, xd, M, K, xv, dv, nthreads);
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        TileConfig config = {0};
+        config.palette = 1;
+        for (int t = 0; t < 6; t++) {
+            const int kind = t % 3; /* 0: sums, 1: weights, 2: activations */
+            config.rows[t] = kind == 2 ? 8 : TILE_ROWS;
+            config.colsb[t] = kind == 1 ? QK : 64;
+        }
+        _tile_loadconfig(&config);
+        float *pw = malloc((size_t)(TILE_ROWS * nb) * sizeof(float));
+        int32_t sums[2][TILE_ROWS * TILE_ROWS] __attribute__((aligned(64)));
+        float out[TILE_ROWS * TILE_ROWS] __attribute__((aligned(64)));
+        if (!pw) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t grp = 0; grp < groups; grp++) {
+            if (!pw) continue;
+            const int64_t n0 = grp * TILE_ROWS;
+            const int8_t *w = wq + n0 * K;
+            for (int64_t b = 0; b < nb; b++)
+                for (int r = 0; r < TILE_ROWS; r++) pw[b * TILE_ROWS + r] = half_to_float(wd[(n0 + r) * nb + b]);
+            for (int64_t a = 0; a < act_groups; a++) {
+                const int8_t *x = xv + a * nb * 512;
+                const float *sx = dv + a * nb * TILE_ROWS;
+                __m512 acc[TILE_ROWS];
+                for (int r = 0; r < TILE_ROWS; r++) acc[r] = _mm512_setzero_ps();
+                int64_t b = 0;
+                for (; b + 2 <= nb; b += 2) {
+                    _tile_zero(0);
+                    _tile_zero(3);
+                    _tile_loadd(1, w + b * QK, K);
+                    _tile_loadd(2, x + b * 512, 64);
+                    _tile_loadd(4, w + (b + 1) * QK, K);
+                    _tile_loadd(5, x + (b + 1) * 512, 64);
+                    _tile_dpbssd(0, 1, 2);
+                    _tile_dpbssd(3, 4, 5);
+                    _tile_stored(0, sums[0], 64);
+                    _tile_stored(3, sums[1], 64);
+                    scale_tile(sums[0], _mm512_loadu_ps(sx + b * TILE_ROWS), pw + b * TILE_ROWS, acc);
+                    scale_tile(sums[1], _mm512_loadu_ps(sx + (b + 1) * TILE_ROWS), pw + (b + 1) * TILE_ROWS, acc);
+                }
+                if (b < nb) {
+                    _tile_zero(0);
+                    _tile_loadd(1, w + b * QK, K);
+                    _tile_loadd(2, x + b * 512, 64);
+                    _tile_dpbssd(0, 1, 2);
+                    _tile_stored(0, sums[0], 64);
+                    scale_tile(sums[0], _mm512_loadu_ps(sx + b * TILE_ROWS), pw + b * TILE_ROWS, acc);
+                }
+                for (int r = 0; r < TILE_ROWS; r++) _mm512_store_ps(out + TILE_ROWS * r, acc[r]);
+                for (int j = 0; j < TILE_ROWS && a * TILE_ROWS + j < M; j++) {
+                    float *row = y + (a * TILE_ROWS + j) * N + n0;
+                    for (int r = 0; r < TILE_ROWS; r++) row[r] = out[TILE_ROWS * r + j] * wscale + (bias ? bias[n0 + r] : 0.0f);
+                }
+            }
+        }
+        free(pw);
+        _tile_release();
+    }
+    free(xv);
+    free(dv);
+    return failed ? -2 : 0;
+}
+AMX_END
+#endif
+
+/* 1 when products of many rows take the AMX tiles now (see amx_cpu.h), else 0. */
+int q8_amx_active(void) {
+#if defined(OSSRUN_AMX)
+    return amx_on();
+#else
+    return 0;
+#endif
+}
+
 /* y [M, N] fp32 = x [M, K] fp32 times W^T (wq [N, K] int8, wd [N, K/32] fp16 bits, times wscale)
  * plus bias [N] (or NULL). Output rows are split across threads; every thread sees all of x. */
 int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd, float wscale, int64_t N,
@@ -335,7 +469,12 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
     q8_quantize_rows(x, M, K, xq, xd, nthreads);
 #if defined(__AVX512VNNI__)
     if (M >= GROUPED_MIN_ROWS && N >= GROUP) {
+#if defined(OSSRUN_AMX)
+        const int status = M >= TILED_MIN_ROWS && amx_on() ? tiled_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads)
+                                                            : grouped_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads);
+#else
         const int status = grouped_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads);
+#endif
         if (status) return status;
         n_begin = N - N % GROUP; /* the last < 16 weight rows: the per-row kernel */
     }
