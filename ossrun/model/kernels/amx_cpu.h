@@ -15,6 +15,7 @@
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define OSSRUN_AMX 1
 #include <cpuid.h>
+#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
@@ -53,6 +54,61 @@ typedef struct {
 #define AMX_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"amx-tile,amx-int8\")")
 #define AMX_END _Pragma("GCC pop_options")
 #endif
+
+/* The tile registers' shapes, the same in every kernel: 0 and 3 int32 sums (16 x 16), 1 and 4 the first operand
+ * (16 rows of one block's 32 int8), 2 and 5 the second (8 rows of 64 bytes: 4 bytes of each of 16 rows). Loaded
+ * by each thread that runs tile instructions (the configuration is per thread). */
+static inline void amx_config_tiles(TileConfig *config) {
+    *config = (TileConfig){0};
+    config->palette = 1;
+    for (int t = 0; t < 6; t++) {
+        const int kind = t % 3;
+        config->rows[t] = kind == 2 ? 8 : 16;
+        config->colsb[t] = kind == 1 ? 32 : 64;
+    }
+}
+
+/* The per-block scaling every tile product needs: acc[r] (lanes: the 16 rows of the second operand) += int32 sums
+ * c (row r: the first operand's row r) times scale_x (lanes) times scale_w[r]. */
+static inline __attribute__((always_inline)) void amx_scale_sums(const int32_t *c, __m512 scale_x, const float *scale_w, __m512 acc[16]) {
+    for (int r = 0; r < 16; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + 16 * r))),
+                                 _mm512_mul_ps(scale_x, _mm512_set1_ps(scale_w[r])), acc[r]);
+}
+
+AMX_BEGIN
+/* acc[r] lane j = Σ_b (Σ_k A_b[r][k]·B_b[k][j]) · scale_x_b[j] · scale_w_b[r] over nb blocks of 32 k, signed int8 both:
+ * A_b at a + b*a_step (16 rows, a_stride bytes apart), B_b at x + b*512 in the second operand's layout, scale_x_b at
+ * sx + 16b, scale_w_b at sw + 16b. Two blocks in flight (tiles 0-2 and 3-5); the tiles must be configured. */
+static inline void amx_dot_blocks(const int8_t *a, size_t a_step, size_t a_stride, const int8_t *x, const float *sx,
+                                  const float *sw, int64_t nb, __m512 acc[16]) {
+    int32_t sums[2][256] __attribute__((aligned(64)));
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _tile_zero(0);
+        _tile_zero(3);
+        _tile_loadd(1, a + b * a_step, a_stride);
+        _tile_loadd(2, x + b * 512, 64);
+        _tile_loadd(4, a + (b + 1) * a_step, a_stride);
+        _tile_loadd(5, x + (b + 1) * 512, 64);
+        _tile_dpbssd(0, 1, 2);
+        _tile_dpbssd(3, 4, 5);
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(3, sums[1], 64);
+        amx_scale_sums(sums[0], _mm512_loadu_ps(sx + 16 * b), sw + 16 * b, acc);
+        amx_scale_sums(sums[1], _mm512_loadu_ps(sx + 16 * (b + 1)), sw + 16 * (b + 1), acc);
+    }
+    if (b < nb) {
+        _tile_zero(0);
+        _tile_loadd(1, a + b * a_step, a_stride);
+        _tile_loadd(2, x + b * 512, 64);
+        _tile_dpbssd(0, 1, 2);
+        _tile_stored(0, sums[0], 64);
+        amx_scale_sums(sums[0], _mm512_loadu_ps(sx + 16 * b), sw + 16 * b, acc);
+    }
+}
+AMX_END
 #endif
 
 #endif

@@ -356,17 +356,9 @@ static void tile_activations(const int8_t *xq, const float *xd, int64_t M, int64
         }
 }
 
-/* acc[r] (lanes: the 16 activation rows) += the int32 tile c, row r, times scale_x (lanes) times pw[r]. */
-static inline __attribute__((always_inline)) void scale_tile(const int32_t *c, __m512 scale_x, const float *pw, __m512 acc[TILE_ROWS]) {
-    for (int r = 0; r < TILE_ROWS; r++)
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)(c + TILE_ROWS * r))),
-                                 _mm512_mul_ps(scale_x, _mm512_set1_ps(pw[r])), acc[r]);
-}
-
 AMX_BEGIN
 /* Weight rows 0 .. N - N%16 - 1 by tiles of 16 x 16, split across threads by weight group (each group's 16 rows
- * stay in cache while every activation group passes). Tiles: 0 and 3 the sums of two blocks in flight, 1 and 4
- * their weights, 2 and 5 their activations. */
+ * stay in cache while every activation group passes). */
 static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
                          float wscale, int64_t N, const float *bias, float *y, int nthreads) {
     const int64_t nb = K / QK, groups = N / TILE_ROWS, act_groups = (M + TILE_ROWS - 1) / TILE_ROWS;
@@ -381,16 +373,10 @@ static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        TileConfig config = {0};
-        config.palette = 1;
-        for (int t = 0; t < 6; t++) {
-            const int kind = t % 3; /* 0: sums, 1: weights, 2: activations */
-            config.rows[t] = kind == 2 ? 8 : TILE_ROWS;
-            config.colsb[t] = kind == 1 ? QK : 64;
-        }
+        TileConfig config;
+        amx_config_tiles(&config);
         _tile_loadconfig(&config);
         float *pw = malloc((size_t)(TILE_ROWS * nb) * sizeof(float));
-        int32_t sums[2][TILE_ROWS * TILE_ROWS] __attribute__((aligned(64)));
         float out[TILE_ROWS * TILE_ROWS] __attribute__((aligned(64)));
         if (!pw) {
             #pragma omp atomic write
@@ -400,37 +386,11 @@ static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K
         for (int64_t grp = 0; grp < groups; grp++) {
             if (!pw) continue;
             const int64_t n0 = grp * TILE_ROWS;
-            const int8_t *w = wq + n0 * K;
             for (int64_t b = 0; b < nb; b++)
                 for (int r = 0; r < TILE_ROWS; r++) pw[b * TILE_ROWS + r] = half_to_float(wd[(n0 + r) * nb + b]);
             for (int64_t a = 0; a < act_groups; a++) {
-                const int8_t *x = xv + a * nb * 512;
-                const float *sx = dv + a * nb * TILE_ROWS;
                 __m512 acc[TILE_ROWS];
-                for (int r = 0; r < TILE_ROWS; r++) acc[r] = _mm512_setzero_ps();
-                int64_t b = 0;
-                for (; b + 2 <= nb; b += 2) {
-                    _tile_zero(0);
-                    _tile_zero(3);
-                    _tile_loadd(1, w + b * QK, K);
-                    _tile_loadd(2, x + b * 512, 64);
-                    _tile_loadd(4, w + (b + 1) * QK, K);
-                    _tile_loadd(5, x + (b + 1) * 512, 64);
-                    _tile_dpbssd(0, 1, 2);
-                    _tile_dpbssd(3, 4, 5);
-                    _tile_stored(0, sums[0], 64);
-                    _tile_stored(3, sums[1], 64);
-                    scale_tile(sums[0], _mm512_loadu_ps(sx + b * TILE_ROWS), pw + b * TILE_ROWS, acc);
-                    scale_tile(sums[1], _mm512_loadu_ps(sx + (b + 1) * TILE_ROWS), pw + (b + 1) * TILE_ROWS, acc);
-                }
-                if (b < nb) {
-                    _tile_zero(0);
-                    _tile_loadd(1, w + b * QK, K);
-                    _tile_loadd(2, x + b * 512, 64);
-                    _tile_dpbssd(0, 1, 2);
-                    _tile_stored(0, sums[0], 64);
-                    scale_tile(sums[0], _mm512_loadu_ps(sx + b * TILE_ROWS), pw + b * TILE_ROWS, acc);
-                }
+                amx_dot_blocks(wq + n0 * K, QK, K, xv + a * nb * 512, dv + a * nb * TILE_ROWS, pw, nb, acc);
                 for (int r = 0; r < TILE_ROWS; r++) _mm512_store_ps(out + TILE_ROWS * r, acc[r]);
                 for (int j = 0; j < TILE_ROWS && a * TILE_ROWS + j < M; j++) {
                     float *row = y + (a * TILE_ROWS + j) * N + n0;
