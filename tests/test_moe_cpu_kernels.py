@@ -212,6 +212,23 @@ def test_fused_layer_against_the_exact_layer_on_tiny(tiny_layers, rows, isa, mon
     assert difference.max() > 0  # the fast path really ran (it quantises)
 
 
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_prompt_layer_on_tiles_against_the_exact_layer(tiny_layers, amx, monkeypatch):
+    """From 96 tokens, AMX (where the CPU has it and Linux grants it) runs both projections as 16 x 16 tile products;
+    without it the VNNI kernels do. 200 tokens: every expert's pairs end in a partly filled tile."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", ISAS[-1])
+    monkeypatch.setenv("OSSRUN_CPU_AMX", amx)
+    library = moe_cpu.library()
+    if amx == "1" and not (library is not None and library.moe_q8_amx_active()):
+        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni)")
+    exact, fast = tiny_layers
+    x = torch.randn(200, exact.config.hidden_size, generator=torch.Generator().manual_seed(200)) * 2
+    difference = (fast(x).double() - exact(x).double()).abs()
+    bound = moe_error_bound(exact, exact.norm(x)) + 4 * U * (x.double().abs() + 1)
+    assert (difference <= bound).all(), f"max excess {(difference - bound).max()}"
+    assert difference.max() > 0
+
+
 def test_expert_ids_out_of_range_are_refused(tiny_layers):
     _, fast = tiny_layers
     x = torch.zeros(2, fast.config.hidden_size)
@@ -234,10 +251,11 @@ def test_layer_groups_pairs_like_the_reference(tiny_layers):
     assert torch.allclose(together, one_by_one, rtol=1e-5, atol=1e-5 * float(one_by_one.abs().max()))
 
 
-def test_same_bits_at_any_thread_count(tiny_layers):
+@pytest.mark.parametrize("rows", [40, 200])  # the VNNI kernels; the tiles where AMX runs
+def test_same_bits_at_any_thread_count(tiny_layers, rows):
     """Each output is one work item's, summed in a fixed order: the team size (torch's thread count) changes no bit."""
     _, fast = tiny_layers
-    x = torch.randn(40, fast.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    x = torch.randn(rows, fast.config.hidden_size, generator=torch.Generator().manual_seed(11))
     before = torch.get_num_threads()
     try:
         results = []

@@ -23,6 +23,7 @@ _SIGNATURES = {
     "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P, _P]),
     "moe_q8_decode": (None, [_P, _I64, _P]),
     "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I]),
+    "moe_q8_amx_active": (ctypes.c_int, []),
     "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _I]),
 }
 _configured: set[int] = set()

@@ -17,16 +17,19 @@
  * from Σq; a one-row kernel for decode that reduces eight blocks at a time, and a row-group kernel
  * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd; prefill puts sixteen
  * weight rows in a 512-bit register's lanes and passes four activation rows over each block's weights
- * while they sit in registers), and portable C. Parallel work items are (expert group,
+ * while they sit in registers), AMX tiles for a prompt's layer where the CPU has them (moe_layer_tiled), and
+ * portable C. Parallel work items are (expert group,
  * output tile), so a step with a few rows per expert still keeps every core busy.
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#include "amx_cpu.h"
 
 #define QK 32      /* values per block, for the weights and the activations alike */
 #define TILE_O 64  /* output rows per work item of a plain projection */
@@ -585,6 +588,211 @@ static int group_pairs(const int64_t *topk, int64_t T, int k, int E, int64_t *of
     return G;
 }
 
+#if defined(OSSRUN_AMX)
+/* ---------------------------------------------------------------- a prompt's MoE on AMX tiles
+ *
+ * With a prompt's many tokens, each expert sees tens of pairs: the projections become 16 x 16 tile products, one
+ * block (32 k) a product, as in q8_cpu.c (amx_cpu.h). The experts' packed rows are decoded to signed int8 (E2M1 x 2)
+ * sixteen rows at a time, each block [its 16 even elements | its 16 odd ones], the order in which the pair layout
+ * keeps the activations; the activations of each expert's pairs are laid out once per projection as the second
+ * operand, sixteen pairs a tile (the last one padded with zero pairs, computed and never stored). */
+#define TILED_MIN_TOKENS 96 /* fewer tokens (decode, short prompts): the VNNI kernels, faster there (bench/moe_cpu.py: even at 64) */
+#define TILE_PAIRS 16
+
+/* The pair tiles of a layer: tile i holds pairs start[i] .. start[i]+count[i]-1 (one group's), first[g] is group g's
+ * first tile; x [tiles, nb, 512] and d [tiles, nb, 16] the second operand and its scales, for one projection. */
+typedef struct {
+    int64_t tiles, *start, *first;
+    int *count;
+    int8_t *x;
+    float *d;
+} PairTiles;
+
+/* Tile i of activations q (pair layout, K = 32*nb a row; pair p reads row row_of[p], or p when NULL). */
+static void fill_pair_tile(const PairTiles *pt, int64_t i, const int8_t *q, const float *dq, const int64_t *row_of, int nb) {
+    int8_t *x = pt->x + i * nb * 512;
+    float *d = pt->d + i * nb * TILE_PAIRS;
+    for (int j = 0; j < TILE_PAIRS; j++) {
+        const int64_t p = pt->start[i] + j, r = j < pt->count[i] ? (row_of ? row_of[p] : p) : -1;
+        const int8_t *row = r >= 0 ? q + r * (int64_t)nb * QK : NULL;
+        for (int b = 0; b < nb; b++) {
+            d[b * TILE_PAIRS + j] = row ? dq[r * nb + b] : 0.0f;
+            for (int g = 0; g < 8; g++) {
+                int8_t *to = x + b * 512 + 64 * g + 4 * j;
+                if (row) memcpy(to, row + (g < 4 ? evens_at(b) + 4 * g : odds_at(b, nb) + 4 * (g - 4)), 4);
+                else memset(to, 0, 4);
+            }
+        }
+    }
+}
+
+/* Rows o..o+15 of one expert's packed projection (nb blocks a row): w [nb, 16, 32] signed int8 (E2M1 x 2, evens then
+ * odds), sw [nb, 16] = 2^(s-128) (the 1/2 of the doubled values included). */
+static void decode_rows16(const uint8_t *blocks, const uint8_t *scales, int nb, int8_t *w, float *sw) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < 16; r++)
+        for (int b = 0; b < nb; b++) {
+            _mm256_storeu_si256((__m256i *)(w + b * 512 + 32 * r), decode_block(blocks + ((size_t)r * nb + b) * 16, lut, mask));
+            sw[b * 16 + r] = POW2[scales[(size_t)r * nb + b]];
+        }
+}
+
+/* Per-thread buffers of the tiled layer, grown on demand. */
+typedef struct {
+    int8_t *w;
+    float *sw, *h;
+    int64_t h_pairs;
+} TiledScratch;
+
+static int tiled_scratch(TiledScratch *t, int nb_max, int64_t pairs) {
+    if (!t->w) t->w = aligned_alloc(64, (size_t)nb_max * 512);
+    if (!t->sw) t->sw = malloc((size_t)nb_max * 16 * sizeof(float));
+    if (pairs > t->h_pairs) {
+        free(t->h);
+        t->h = malloc((size_t)pairs * TILE_1 * sizeof(float));
+        t->h_pairs = t->h ? pairs : 0;
+    }
+    return t->w && t->sw && t->h;
+}
+
+AMX_BEGIN
+/* mlp1 rows tile*64 .. +63 of group g's expert for all its pairs (tiles), + bias, SwiGLU, quantised: as mlp1_tile. */
+static void mlp1_tiled(const Layer *L, const PairTiles *pt, int g, int tile, TiledScratch *t) {
+    const int nb = L->H / QK, O = 2 * L->I, o_begin = tile * TILE_1;
+    const int64_t e = L->experts[g], pairs = L->offsets[g + 1] - L->offsets[g];
+    const size_t at = (size_t)e * O * nb;
+    float out[256] __attribute__((aligned(64)));
+    for (int sub = 0; sub < TILE_1 / 16; sub++) {
+        const size_t row0 = at + (size_t)(o_begin + 16 * sub) * nb;
+        decode_rows16(L->blocks1 + 16 * row0, L->scales1 + row0, nb, t->w, t->sw);
+        for (int64_t i = pt->first[g]; i < pt->first[g + 1]; i++) {
+            __m512 acc[16];
+            amx_dot_blocks(t->w, 512, 32, pt->x + i * nb * 512, pt->d + i * nb * TILE_PAIRS, t->sw, nb, acc);
+            for (int r = 0; r < 16; r++) _mm512_store_ps(out + 16 * r, acc[r]);
+            const int64_t local = pt->start[i] - L->offsets[g];
+            for (int j = 0; j < pt->count[i]; j++)
+                for (int r = 0; r < 16; r++) t->h[(local + j) * TILE_1 + 16 * sub + r] = out[16 * r + j];
+        }
+    }
+    const float *bias = L->bias1 + e * O + o_begin;
+    for (int64_t local = 0; local < pairs; local++) {
+        const float *ht = t->h + local * TILE_1;
+        float act[QK];
+        for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
+        const int64_t p = L->offsets[g] + local;
+        quantize_block(act, L->hq + p * L->I, tile, L->I / QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
+    }
+}
+
+/* mlp2 rows of one output tile for every group, added into the tokens' outputs: as mlp2_tile. */
+static void mlp2_tiled(const Layer *L, const PairTiles *pt, int G, int tile, TiledScratch *t) {
+    const int nb = L->I / QK, H = L->H, o_begin = tile * TILE_O;
+    const int o_end = o_begin + TILE_O < H ? o_begin + TILE_O : H;
+    float out[256] __attribute__((aligned(64)));
+    for (int g = 0; g < G; g++) {
+        const int64_t e = L->experts[g];
+        const float *bias = L->bias2 + e * H;
+        for (int o0 = o_begin; o0 < o_end; o0 += 16) {
+            const size_t row0 = ((size_t)e * H + o0) * nb;
+            decode_rows16(L->blocks2 + 16 * row0, L->scales2 + row0, nb, t->w, t->sw);
+            for (int64_t i = pt->first[g]; i < pt->first[g + 1]; i++) {
+                __m512 acc[16];
+                amx_dot_blocks(t->w, 512, 32, pt->x + i * nb * 512, pt->d + i * nb * TILE_PAIRS, t->sw, nb, acc);
+                for (int r = 0; r < 16; r++) _mm512_store_ps(out + 16 * r, acc[r]);
+                for (int j = 0; j < pt->count[i]; j++) {
+                    const int64_t p = pt->start[i] + j;
+                    float *y = L->out + L->pair_token[p] * H + o0;
+                    const float weight = L->topw[L->pair_slot[p]];
+                    for (int r = 0; r < 16; r++) y[r] += weight * (out[16 * r + j] + bias[o0 + r]);
+                }
+            }
+        }
+    }
+}
+
+/* The layer of moe_q8_layer on tiles (pairs already grouped; x quantised into L->xq by the caller's region). */
+static int moe_layer_tiled(const Layer *L, const float *x, int G, int threads) {
+    const int nb1 = L->H / QK, nb2 = L->I / QK, nb_max = nb1 > nb2 ? nb1 : nb2;
+    const int64_t P = L->offsets[G];
+    PairTiles pt = {0};
+    pt.first = malloc((size_t)(G + 1) * sizeof(int64_t));
+    int64_t tiles = 0;
+    for (int g = 0; g < G; g++) tiles += (L->offsets[g + 1] - L->offsets[g] + TILE_PAIRS - 1) / TILE_PAIRS;
+    pt.tiles = tiles;
+    pt.start = malloc((size_t)tiles * sizeof(int64_t));
+    pt.count = malloc((size_t)tiles * sizeof(int));
+    pt.x = aligned_alloc(64, (size_t)tiles * nb_max * 512);
+    pt.d = malloc((size_t)tiles * nb_max * TILE_PAIRS * sizeof(float));
+    int failed = !pt.first || !pt.start || !pt.count || !pt.x || !pt.d;
+    if (!failed) {
+        int64_t i = 0;
+        for (int g = 0; g < G; g++) {
+            pt.first[g] = i;
+            for (int64_t p = L->offsets[g]; p < L->offsets[g + 1]; p += TILE_PAIRS, i++) {
+                pt.start[i] = p;
+                pt.count[i] = (int)(L->offsets[g + 1] - p < TILE_PAIRS ? L->offsets[g + 1] - p : TILE_PAIRS);
+            }
+        }
+        pt.first[G] = i;
+    }
+    const int tiles1 = 2 * L->I / TILE_1, tiles2 = (L->H + TILE_O - 1) / TILE_O;
+    if (!failed) {
+        #pragma omp parallel num_threads(threads > 0 ? threads : 1)
+        {
+            TileConfig config;
+            amx_config_tiles(&config);
+            _tile_loadconfig(&config);
+            TiledScratch t = {0};
+            int64_t most = 0;
+            for (int g = 0; g < G; g++) most = L->offsets[g + 1] - L->offsets[g] > most ? L->offsets[g + 1] - L->offsets[g] : most;
+            const int ok = tiled_scratch(&t, nb_max, most);
+            if (!ok) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            #pragma omp for schedule(static)
+            for (int64_t r = 0; r < L->T; r++) {
+                quantize_row(x + r * L->H, L->H, L->xq + r * L->H, L->xd + r * nb1, L->xs + r * nb1);
+                for (int o = 0; o < L->H; o++) L->out[r * L->H + o] = 0.0f;
+            }
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < pt.tiles; i++) fill_pair_tile(&pt, i, L->xq, L->xd, L->pair_token, nb1);
+            #pragma omp for collapse(2) schedule(dynamic, 1)
+            for (int g = 0; g < G; g++)
+                for (int tile = 0; tile < tiles1; tile++)
+                    if (ok) mlp1_tiled(L, &pt, g, tile, &t);
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < pt.tiles; i++) fill_pair_tile(&pt, i, L->hq, L->hd, NULL, nb2);
+            #pragma omp for schedule(dynamic, 1)
+            for (int tile = 0; tile < tiles2; tile++)
+                if (ok) mlp2_tiled(L, &pt, G, tile, &t);
+            free(t.w);
+            free(t.sw);
+            free(t.h);
+            _tile_release();
+        }
+    }
+    (void)P;
+    free(pt.first);
+    free(pt.start);
+    free(pt.count);
+    free(pt.x);
+    free(pt.d);
+    return failed ? -3 : 0;
+}
+AMX_END
+#endif
+
+/* 1 when a prompt's layer takes the AMX tiles now (see amx_cpu.h), else 0. */
+int moe_q8_amx_active(void) {
+#if defined(OSSRUN_AMX)
+    return amx_on();
+#else
+    return 0;
+#endif
+}
+
 /* The routed experts of one MoE layer in one call: out[T, H] = Σ_j topw[t, j] * mlp2(swiglu(mlp1(x[t])))
  * over each token's k experts topk[t, j]. mlp1: blocks1 [E, 2I, H/32, 16], bias1 [E, 2I]; mlp2: blocks2
  * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd and xs [T, H/32],
@@ -602,6 +810,9 @@ int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, c
     if (G < 0) return -2;
     const Layer L = {T, H, I, pair_token, pair_slot, topw, offsets, experts, blocks1, scales1, blocks2, scales2,
                      bias1, bias2, limit, xq, hq, xd, hd, xs, hs, out};
+#if defined(OSSRUN_AMX)
+    if (T >= TILED_MIN_TOKENS && amx_on()) return moe_layer_tiled(&L, x, G, threads);
+#endif
     const int tiles1 = 2 * I / TILE_1, tiles2 = (H + TILE_O - 1) / TILE_O;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
