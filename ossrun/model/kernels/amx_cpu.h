@@ -79,34 +79,43 @@ static inline __attribute__((always_inline)) void amx_scale_sums(const int32_t *
 AMX_BEGIN
 /* acc[r] lane j = Σ_b (Σ_k A_b[r][k]·B_b[k][j]) · scale_x_b[j] · scale_w_b[r] over nb blocks of 32 k, signed int8 both:
  * A_b at a + b*a_step (16 rows, a_stride bytes apart), B_b at x + b*512 in the second operand's layout, scale_x_b at
- * sx + 16b, scale_w_b at sw + 16b. Two blocks in flight (tiles 0-2 and 3-5); the tiles must be configured. */
+ * sx + 16b, scale_w_b at sw + 16b. The tiles must be configured. A tile's sums can be read only once its product is
+ * done (tens of cycles) and its register reused only once they are read, so two blocks alternate (tiles 0-2, 3-5):
+ * each block's product is issued before the other block's sums are stored and scaled, and runs meanwhile. */
 static inline void amx_dot_blocks(const int8_t *a, size_t a_step, size_t a_stride, const int8_t *x, const float *sx,
                                   const float *sw, int64_t nb, __m512 acc[16]) {
-    int32_t sums[2][256] __attribute__((aligned(64)));
+    int32_t sums[256] __attribute__((aligned(64)));
     for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-    int64_t b = 0;
+    if (nb <= 0) return;
+#define AMX_PRODUCT(c, ta, tb, blk) \
+    do { \
+        _tile_zero(c); \
+        _tile_loadd(ta, a + (blk) * a_step, a_stride); \
+        _tile_loadd(tb, x + (blk) * 512, 64); \
+        _tile_dpbssd(c, ta, tb); \
+    } while (0)
+#define AMX_SCALE(c, blk) \
+    do { \
+        _tile_stored(c, sums, 64); \
+        amx_scale_sums(sums, _mm512_loadu_ps(sx + 16 * (blk)), sw + 16 * (blk), acc); \
+    } while (0)
+    AMX_PRODUCT(0, 1, 2, 0);
+    int64_t b = 1;
     for (; b + 2 <= nb; b += 2) {
-        _tile_zero(0);
-        _tile_zero(3);
-        _tile_loadd(1, a + b * a_step, a_stride);
-        _tile_loadd(2, x + b * 512, 64);
-        _tile_loadd(4, a + (b + 1) * a_step, a_stride);
-        _tile_loadd(5, x + (b + 1) * 512, 64);
-        _tile_dpbssd(0, 1, 2);
-        _tile_dpbssd(3, 4, 5);
-        _tile_stored(0, sums[0], 64);
-        _tile_stored(3, sums[1], 64);
-        amx_scale_sums(sums[0], _mm512_loadu_ps(sx + 16 * b), sw + 16 * b, acc);
-        amx_scale_sums(sums[1], _mm512_loadu_ps(sx + 16 * (b + 1)), sw + 16 * (b + 1), acc);
+        AMX_PRODUCT(3, 4, 5, b);
+        AMX_SCALE(0, b - 1);
+        AMX_PRODUCT(0, 1, 2, b + 1);
+        AMX_SCALE(3, b);
     }
     if (b < nb) {
-        _tile_zero(0);
-        _tile_loadd(1, a + b * a_step, a_stride);
-        _tile_loadd(2, x + b * 512, 64);
-        _tile_dpbssd(0, 1, 2);
-        _tile_stored(0, sums[0], 64);
-        amx_scale_sums(sums[0], _mm512_loadu_ps(sx + 16 * b), sw + 16 * b, acc);
+        AMX_PRODUCT(3, 4, 5, b);
+        AMX_SCALE(0, b - 1);
+        AMX_SCALE(3, b);
+    } else {
+        AMX_SCALE(0, b - 1);
     }
+#undef AMX_PRODUCT
+#undef AMX_SCALE
 }
 AMX_END
 #endif
