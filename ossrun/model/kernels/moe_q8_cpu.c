@@ -513,6 +513,42 @@ static inline float swiglu(float glu, float lin, float limit) {
     return glu / (1.0f + expf(-1.702f * glu)) * (lin + 1.0f);
 }
 
+/* One block of SwiGLU outputs: act[i] = swiglu(h[2i] + bias[2i], h[2i+1] + bias[2i+1]) for i < 32 (h interleaves glu
+ * and linear rows, as mlp1's rows are stored). With AVX-512 on 16 lanes (exp by a degree-7 polynomial after range
+ * reduction; outputs within 4 ulps of the scalar expf path's, measured over glu in [-60, 7], while the int8
+ * quantisation that follows moves them by up to half a step, ~10^5 ulps): a prompt computes millions of them. */
+static inline void swiglu_block(const float *h, const float *bias, float limit, float *act) {
+#if defined(__AVX512F__)
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512 vlimit = _mm512_set1_ps(limit), one = _mm512_set1_ps(1.0f);
+    for (int half = 0; half < 2; half++) {
+        const __m512 lo = _mm512_add_ps(_mm512_loadu_ps(h + 32 * half), _mm512_loadu_ps(bias + 32 * half));
+        const __m512 hi = _mm512_add_ps(_mm512_loadu_ps(h + 32 * half + 16), _mm512_loadu_ps(bias + 32 * half + 16));
+        /* min/max return their second operand for a NaN, as fminf/fmaxf return the number */
+        const __m512 glu = _mm512_min_ps(_mm512_permutex2var_ps(lo, even, hi), vlimit);
+        const __m512 lin = _mm512_min_ps(_mm512_max_ps(_mm512_permutex2var_ps(lo, odd, hi), _mm512_sub_ps(_mm512_setzero_ps(), vlimit)), vlimit);
+        /* exp(x), x = -1.702 glu: x = n ln2 + r, |r| <= ln2/2, e^r by Taylor to r^7, times 2^n (inf past the range) */
+        const __m512 x = _mm512_min_ps(_mm512_mul_ps(_mm512_set1_ps(-1.702f), glu), _mm512_set1_ps(100.0f));
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+        r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+        __m512 p = _mm512_set1_ps(1.0f / 5040);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, one);
+        p = _mm512_fmadd_ps(p, r, one);
+        const __m512 e = _mm512_scalef_ps(p, n);
+        _mm512_storeu_ps(act + 16 * half, _mm512_mul_ps(_mm512_div_ps(glu, _mm512_add_ps(one, e)), _mm512_add_ps(lin, one)));
+    }
+#else
+    for (int i = 0; i < QK; i++) act[i] = swiglu(h[2 * i] + bias[2 * i], h[2 * i + 1] + bias[2 * i + 1], limit);
+#endif
+}
+
 typedef struct {
     int64_t T;
     int H, I;
@@ -543,7 +579,7 @@ static void mlp1_tile(const Layer *L, int g, int tile) {
         for (int t = 0; t < n; t++) {
             const float *ht = h + t * TILE_1;
             float act[QK];
-            for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
+            swiglu_block(ht, bias, L->limit, act);
             const int64_t p = start + t;
             quantize_block(act, L->hq + p * L->I, tile, L->I / QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
         }
@@ -696,7 +732,7 @@ static void mlp1_tiled(const Layer *L, const PairTiles *pt, int g, int tile, Til
     for (int64_t local = 0; local < pairs; local++) {
         const float *ht = t->h + local * TILE_1;
         float act[QK];
-        for (int i = 0; i < QK; i++) act[i] = swiglu(ht[2 * i] + bias[2 * i], ht[2 * i + 1] + bias[2 * i + 1], L->limit);
+        swiglu_block(ht, bias, L->limit, act);
         const int64_t p = L->offsets[g] + local;
         quantize_block(act, L->hq + p * L->I, tile, L->I / QK, L->hd + p * (L->I / QK) + tile, L->hs + p * (L->I / QK) + tile);
     }
