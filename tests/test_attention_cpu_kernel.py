@@ -167,6 +167,20 @@ def test_same_bits_whatever_the_thread_count():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_512_bit_registers_give_the_256_bit_bits(cache_dtype):
+    """With AVX-512 the score and value products take 32 keys or dimensions a register pair; each lane is the same
+    chain of FMAs in the same order as with AVX2, so the two variants agree to the last bit (64-wide heads, a
+    prefill of 300 keys, a chunk over a cached prefix, and decodes)."""
+    wide = [isa for isa in ISAS if isa.startswith("avx512")]
+    if "avx2" not in ISAS or not wide:
+        pytest.skip("this CPU has no AVX-512 (or no AVX2): there is no pair of variants to compare")
+    case, _ = make_case([300, 150, 90], [300, 40, 1], window=None, n_kv=2, group=4, dim=64, cache_dtype=cache_dtype, seed=12)
+    narrow = paged_attention_cpu(**case, isa="avx2")
+    for isa in wide:
+        assert torch.equal(paged_attention_cpu(**case, isa=isa), narrow), isa
+
+
 def test_output_in_the_query_dtype():
     case, dense = make_case([40], [8], window=None, seed=8)
     case["q"] = case["q"].bfloat16()

@@ -8,7 +8,9 @@
  *
  * Each chunk of keys is converted to fp32 once per job (K transposed to [D, keys]) and the rows then
  * go through it MR at a time as small register-blocked matrix products: a K or V vector loaded feeds
- * MR rows' FMAs, so at depth, where attention is arithmetic and not memory, the FMA units stay busy.
+ * MR rows' FMAs, so at depth, where attention is arithmetic and not memory, the FMA units stay busy. With
+ * AVX-512 the score and value products take 32 keys (or dimensions) in two 512-bit registers a row: each lane's
+ * sum is the same chain of FMAs in the same order as the 256-bit path's, so the results are the same bits.
  *
  * The sink is one extra logit per query head with no value: the running max starts at the sink
  * and the running sum at exp(sink - max) = 1, so it joins the softmax exactly as a column of the
@@ -25,6 +27,7 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#include "vec_math.h"
 
 #define TILE_ROWS 64   /* query rows (tokens x heads of one KV head) per job: K/V conversions amortised over them */
 #define CHUNK_BYTES 16384 /* fp32 K (and V) converted together: many keys per softmax update, both still in L1 */
@@ -56,26 +59,6 @@ static void load_rows(const void *src, int bf16, size_t stride, int n, int D, fl
     }
 }
 
-#ifdef __AVX2__
-/* exp on 8 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp on [-88, 88]). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
-}
-
-#endif
 
 /* Query rows per micro-tile: each K/V vector loaded feeds MR rows' FMAs (a register-blocked GEMM at small M), so
  * the dot products run on the FMA units instead of waiting on loads. 4 rows x 16 keys = 8 accumulators. */
@@ -133,6 +116,25 @@ static void load_keys_transposed(const void *src, int bf16, size_t stride, int n
 /* s[r * ls + j] = q[r] · k_j for the MR rows and keys j0 ≤ j < j1 (multiples of 8), from kT [D, ld]. */
 static void score_tile(const float *const q[MR], const float *kT, int ld, int D, int j0, int j1, float *s, int ls) {
     int j = j0;
+#ifdef __AVX512F__
+    for (; j + 32 <= j1; j += 32) { /* 32 keys in two 512-bit registers a row: each key vector feeds MR rows */
+        __m512 a[MR][2];
+        for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+        for (int i = 0; i < D; i++) {
+            const float *k = kT + (size_t)i * ld + j;
+            __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
+            for (int r = 0; r < MR; r++) {
+                __m512 qr = _mm512_set1_ps(q[r][i]);
+                a[r][0] = _mm512_fmadd_ps(qr, k0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(qr, k1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            _mm512_storeu_ps(s + (size_t)r * ls + j, a[r][0]);
+            _mm512_storeu_ps(s + (size_t)r * ls + j + 16, a[r][1]);
+        }
+    }
+#endif
 #ifdef __AVX2__
     for (; j + 16 <= j1; j += 16) {
         __m256 a[MR][2];
@@ -240,6 +242,29 @@ static void accumulate(float *acc, float c, const float *p, const float *v, int 
  * each V vector loaded feeds MR rows. */
 static void accumulate_tile(float *acc, const float c[MR], const float *p, int lp, const float *v, int lo, int hi, int D) {
     int i = 0;
+#ifdef __AVX512F__
+    for (; i + 32 <= D; i += 32) { /* 32 dimensions in two 512-bit registers a row */
+        __m512 a[MR][2];
+        for (int r = 0; r < MR; r++) {
+            __m512 cr = _mm512_set1_ps(c[r]);
+            a[r][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * D + i), cr);
+            a[r][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * D + i + 16), cr);
+        }
+        for (int j = lo; j <= hi; j++) {
+            const float *vj = v + (size_t)j * D + i;
+            __m512 v0 = _mm512_loadu_ps(vj), v1 = _mm512_loadu_ps(vj + 16);
+            for (int r = 0; r < MR; r++) {
+                __m512 pr = _mm512_set1_ps(p[(size_t)r * lp + j]);
+                a[r][0] = _mm512_fmadd_ps(pr, v0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(pr, v1, a[r][1]);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            _mm512_storeu_ps(acc + (size_t)r * D + i, a[r][0]);
+            _mm512_storeu_ps(acc + (size_t)r * D + i + 16, a[r][1]);
+        }
+    }
+#endif
 #ifdef __AVX2__
     for (; i + 16 <= D; i += 16) {
         __m256 a[MR][2];
