@@ -195,6 +195,17 @@ static float exponentiate(float *s, int lo, int hi, float m) {
     int j = lo;
 #ifdef __AVX2__
     __m256 vm = _mm256_set1_ps(m), vsum = _mm256_setzero_ps();
+#ifdef __AVX512F__
+    /* 16 keys a step; the sum still goes into 8 lanes, low half first, so each lane adds the same keys in the same
+     * order as the 8-lane loop (the same bits) */
+    const __m512 vm16 = _mm512_set1_ps(m);
+    for (; j + 16 <= hi + 1; j += 16) {
+        __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm16));
+        _mm512_storeu_ps(s + j, p);
+        vsum = _mm256_add_ps(vsum, _mm512_castps512_ps256(p));
+        vsum = _mm256_add_ps(vsum, _mm512_extractf32x8_ps(p, 1));
+    }
+#endif
     for (; j + 8 <= hi + 1; j += 8) {
         __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
         _mm256_storeu_ps(s + j, p);
