@@ -112,6 +112,14 @@ def test_prefill_from_empty(isa, cache_dtype):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("window", [None, 128])
+def test_long_prefill_over_several_query_tiles(isa, window):
+    """400 tokens x 4 heads a KV head: several of the kernel's 256-row jobs, each with its own key range (windowed:
+    a later tile starts its keys where its first row's window does)."""
+    check(*make_case([400], [400], window=window, dim=64, seed=13), isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("context,dim", [(130, 16), (700, 16), (300, 64)])  # 700 / 300: several of the kernel's key chunks
 def test_chunked_prefill_over_a_cached_prefix(isa, context, dim):
     """A chunk of 40 tokens after a cached prefix: the chunk sees the prefix and its own past."""
