@@ -6,13 +6,17 @@ what the CPU reports, so a kernel never runs an instruction the machine lacks:
 
 - `portable`: plain C (`-O3`, no vector extensions beyond the x86-64 / aarch64 baseline);
 - `avx2`: AVX2 + FMA + F16C (Haswell, Zen);
+- `avxvnni`: `avx2` plus AVX-VNNI's 256-bit integer dot products (Alder Lake and later desktops and laptops,
+  which have no AVX-512);
 - `avx512`: AVX-512 F/BW/VL/DQ (Skylake-X and later, Zen 4);
-- `avx512vnni`: `avx512` plus VNNI integer dot products (Cascade Lake, Ice Lake, Zen 4).
+- `avx512vnni`: `avx512` plus VNNI integer dot products (Cascade Lake, Ice Lake, Zen 4), and AMX tiles where the
+  CPU has them (`amx_cpu.h` decides at run time).
 
-C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVX512F__`,
-`__AVX512VNNI__`), so one file serves every variant and the portable path is always there.
+C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVXVNNI__`, `__AVX512F__`,
+`__AVX512VNNI__`), so one file serves every variant and the portable path is always there. The variants are listed
+in order of preference: the last one the CPU supports is used.
 
-`OSSRUN_CPU_ISA=portable|avx2|avx512|avx512vnni` forces a variant (one the CPU lacks is refused, and
+`OSSRUN_CPU_ISA=portable|avx2|avxvnni|avx512|avx512vnni` forces a variant (one the CPU lacks is refused, and
 the best supported one is used instead, with a warning); `OSSRUN_KERNELS=0` turns every native
 kernel off (the PyTorch reference runs everywhere).
 """
@@ -34,10 +38,11 @@ from ossrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-# Weakest first. Each variant: the /proc/cpuinfo flags it needs, and the compiler flags that enable it.
+# In order of preference (the last supported one is chosen). Each variant: the /proc/cpuinfo flags it needs, and the compiler flags that enable it.
 ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "portable": ((), ()),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+    "avxvnni": (("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
     "avx512": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"),
                ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
     "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),

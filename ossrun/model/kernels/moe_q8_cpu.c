@@ -344,6 +344,10 @@ static inline __attribute__((always_inline)) __m256i rowgroup_block(const __m256
     __m256i acc = _mm256_set1_epi32(-sq12);
     for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_epi32(acc, w[g], broadcast4(g < 4 ? evens + 4 * g : odds + 4 * (g - 4)));
     return acc;
+#elif defined(__AVXVNNI__)
+    __m256i acc = _mm256_set1_epi32(-sq12);
+    for (int g = 0; g < 8; g++) acc = _mm256_dpbusd_avx_epi32(acc, w[g], broadcast4(g < 4 ? evens + 4 * g : odds + 4 * (g - 4)));
+    return acc;
 #else
     __m256i half[2];
     for (int h = 0; h < 2; h++) {

@@ -10,8 +10,9 @@
  *   AVX2: sign trick (|w| unsigned times x carrying w's sign) with maddubs, then madd to int32, four
  *         blocks reduced together so the scaling is vectorised too;
  *   AVX-512 BW: the same, two blocks per 512-bit register, sign applied with a mask;
- *   AVX-512 VNNI: dpbusd does the multiply and the int32 sums in one instruction; from 8 activation rows
- *         (a prompt, a batch of decodes) a register-blocked product instead (`grouped_product`, below).
+ *   AVX-512 VNNI: dpbusd does the multiply and the int32 sums in one instruction;
+ *   both VNNI builds (AVX-512 VNNI, and AVX-VNNI: AVX2 with dpbusd): from 8 activation rows (a prompt, a batch of
+ *         decodes) a register-blocked product instead (`grouped_product`, below).
  * maddubs cannot saturate: |w|, |x| <= 127, so a pair sums to at most 2 * 127 * 127 = 32258.
  * The portable path computes the same integers in plain C.
  */
@@ -222,62 +223,106 @@ int q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, 
     return 0;
 }
 
-#if defined(__AVX512VNNI__)
-/* ---------------------------------------------------------------- many rows with AVX-512 VNNI: a register-blocked product
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+/* ---------------------------------------------------------------- many rows with dpbusd: a register-blocked product
  *
  * The per-row kernel above reduces every weight row against each activation row horizontally, which suits decode
  * (each weight byte read once from memory) but leaves a prompt's product far below what dpbusd can do. With many
- * activation rows, 16 weight rows are rearranged once into the lanes of 512-bit registers (lane r: row r's four
- * bytes of a block position, + 128 so they are dpbusd's unsigned operand; the 128·Σq it adds is taken back per
- * block), and every activation row passes over them four at a time: each broadcast dword of activations meets 64
- * weights in one instruction, and a block's eight weight vectors stay in registers for the four rows. */
-#define GROUP 16         /* weight rows in the lanes */
-#define PASS 4           /* activation rows a pass (two dpbusd chains each: eight chains hide the latency) */
+ * activation rows, GROUP weight rows are rearranged once into a register's lanes (lane r: row r's four bytes of a
+ * block position, + 128 so they are dpbusd's unsigned operand; the 128·Σq it adds is taken back per block), and
+ * every activation row passes over them PASS at a time: each broadcast dword of activations meets 4·GROUP weights
+ * in one instruction, and a block's eight weight vectors stay in registers for the pass. One code for both widths:
+ * AVX-512 VNNI (16 lanes) and AVX-VNNI (8 lanes: Alder Lake and later desktops, which have no AVX-512). */
+#if defined(__AVX512VNNI__)
+#define GROUP 16
+typedef __m512i VecI;
+typedef __m512 VecF;
+#define VI_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define VI_STORE(p, v) _mm512_storeu_si512((void *)(p), (v))
+#define VI_SET1 _mm512_set1_epi32
+#define VI_ZERO _mm512_setzero_si512
+#define VI_ADD _mm512_add_epi32
+#define VI_XOR _mm512_xor_si512
+#define VI_DPBUSD _mm512_dpbusd_epi32
+#define VI_GATHER(at, base) _mm512_i32gather_epi32((at), (const void *)(base), 1)
+#define VI_LANES _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define VI_MULLO _mm512_mullo_epi32
+#define VF_LOAD _mm512_loadu_ps
+#define VF_STORE _mm512_storeu_ps
+#define VF_SET1 _mm512_set1_ps
+#define VF_ZERO _mm512_setzero_ps
+#define VF_FMADD _mm512_fmadd_ps
+#define VF_MUL _mm512_mul_ps
+#define VF_CVT _mm512_cvtepi32_ps
+#else
+#define GROUP 8
+typedef __m256i VecI;
+typedef __m256 VecF;
+#define VI_LOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define VI_STORE(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
+#define VI_SET1 _mm256_set1_epi32
+#define VI_ZERO _mm256_setzero_si256
+#define VI_ADD _mm256_add_epi32
+#define VI_XOR _mm256_xor_si256
+#define VI_DPBUSD _mm256_dpbusd_avx_epi32
+#define VI_GATHER(at, base) _mm256_i32gather_epi32((const int *)(base), (at), 1)
+#define VI_LANES _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+#define VI_MULLO _mm256_mullo_epi32
+#define VF_LOAD _mm256_loadu_ps
+#define VF_STORE _mm256_storeu_ps
+#define VF_SET1 _mm256_set1_ps
+#define VF_ZERO _mm256_setzero_ps
+#define VF_FMADD _mm256_fmadd_ps
+#define VF_MUL _mm256_mul_ps
+#define VF_CVT _mm256_cvtepi32_ps
+#endif
+#define PASS 4 /* activation rows a pass; with AVX-VNNI's 16 registers too (measured on qkv at 512 rows: 37 ms at 4, 39
+                  * at 3, 48 at 2) */
+#define GROUP_BYTES (8 * 4 * GROUP) /* one block of a prepared group: eight vectors of GROUP dwords */
 #define GROUPED_MIN_ROWS 8 /* below this many activation rows the per-row kernel (weights read once) stays */
 
-/* Rows 0..15 of w (row length K) as w_g + 512*b + 64*g: lane r holds row r's bytes 32b+4g..32b+4g+3, plus 128. */
+/* Rows 0..GROUP-1 of w (row length K) as w_g + GROUP_BYTES*b + 4*GROUP*g: lane r holds row r's bytes
+ * 32b+4g..32b+4g+3, plus 128. */
 static void prepare_group(const int8_t *w, int64_t K, uint8_t *w_g) {
-    const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const VecI at = VI_MULLO(VI_LANES, VI_SET1((int)K));
+    const VecI flip = VI_SET1((int)0x80808080u);
     for (int64_t b = 0; b < K / QK; b++)
-        for (int g = 0; g < 8; g++) {
-            const __m512i v = _mm512_i32gather_epi32(at, (const void *)(w + b * QK + 4 * g), 1);
-            _mm512_storeu_si512((void *)(w_g + 512 * b + 64 * g), _mm512_xor_si512(v, flip));
-        }
+        for (int g = 0; g < 8; g++) VI_STORE(w_g + GROUP_BYTES * b + 4 * GROUP * g, VI_XOR(VI_GATHER(at, w + b * QK + 4 * g), flip));
 }
 
-static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *q) {
+static inline __attribute__((always_inline)) VecI bcast4(const int8_t *q) {
     int32_t v;
     memcpy(&v, q, 4);
-    return _mm512_set1_epi32(v);
+    return VI_SET1(v);
 }
 
-/* The 16 prepared rows (scales pw [nb, 16] as floats) against activation rows 0..n-1 of xq (n ≤ PASS, a constant
- * once inlined; corr [., nb] = 128·Σq per block): y[t*N + r] = dot · wscale + bias[r]. */
+/* The GROUP prepared rows (scales pw [nb, GROUP] as floats) against activation rows 0..n-1 of xq (n ≤ PASS, a
+ * constant once inlined; corr [., nb] = 128·Σq per block): y[t*N + r] = dot · wscale + bias[r]. Two dpbusd chains a
+ * row (a block's first and second 16 bytes) hide the instruction's latency. */
 static inline __attribute__((always_inline)) void group_pass(const uint8_t *w_g, const float *pw, int64_t nb, const int8_t *xq,
                                                              const float *xd, const int32_t *corr, int64_t K, const int n,
                                                              float wscale, const float *bias, float *y, int64_t N) {
-    __m512 acc[PASS];
-    for (int t = 0; t < n; t++) acc[t] = _mm512_setzero_ps();
+    VecF acc[PASS];
+    for (int t = 0; t < n; t++) acc[t] = VF_ZERO();
     for (int64_t b = 0; b < nb; b++) {
-        __m512i W[8];
-        for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(w_g + 512 * b + 64 * g));
-        const __m512 scale = _mm512_loadu_ps(pw + GROUP * b);
+        VecI W[8];
+        for (int g = 0; g < 8; g++) W[g] = VI_LOAD(w_g + GROUP_BYTES * b + 4 * GROUP * g);
+        const VecF scale = VF_LOAD(pw + GROUP * b);
         for (int t = 0; t < n; t++) {
             const int8_t *q = xq + t * K + b * QK;
-            __m512i lo = _mm512_set1_epi32(-corr[t * nb + b]), hi = _mm512_setzero_si512();
+            VecI lo = VI_SET1(-corr[t * nb + b]), hi = VI_ZERO();
             for (int g = 0; g < 4; g++) {
-                lo = _mm512_dpbusd_epi32(lo, W[g], bcast4(q + 4 * g));
-                hi = _mm512_dpbusd_epi32(hi, W[4 + g], bcast4(q + 16 + 4 * g));
+                lo = VI_DPBUSD(lo, W[g], bcast4(q + 4 * g));
+                hi = VI_DPBUSD(hi, W[4 + g], bcast4(q + 16 + 4 * g));
             }
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(scale, _mm512_set1_ps(xd[t * nb + b])), acc[t]);
+            acc[t] = VF_FMADD(VF_CVT(VI_ADD(lo, hi)), VF_MUL(scale, VF_SET1(xd[t * nb + b])), acc[t]);
         }
     }
-    const __m512 vbias = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps(), vscale = _mm512_set1_ps(wscale);
-    for (int t = 0; t < n; t++) _mm512_storeu_ps(y + t * N, _mm512_fmadd_ps(acc[t], vscale, vbias));
+    const VecF vbias = bias ? VF_LOAD(bias) : VF_ZERO(), vscale = VF_SET1(wscale);
+    for (int t = 0; t < n; t++) VF_STORE(y + t * N, VF_FMADD(acc[t], vscale, vbias));
 }
 
-/* Weight rows 0 .. N - N%16 - 1 in groups of 16, split across threads, each group against every activation row. */
+/* Weight rows 0 .. N - N%GROUP - 1 in groups, split across threads, each group against every activation row. */
 static int grouped_product(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
                            float wscale, int64_t N, const float *bias, float *y, int nthreads) {
     const int64_t nb = K / QK, groups = N / GROUP;
@@ -292,7 +337,7 @@ static int grouped_product(const int8_t *xq, const float *xd, int64_t M, int64_t
             for (int j = 0; j < QK; j++) sum += xq[i * QK + j];
             corr[i] = 128 * sum;
         }
-        uint8_t *w_g = malloc((size_t)(512 * nb));
+        uint8_t *w_g = malloc((size_t)(GROUP_BYTES * nb));
         float *pw = malloc((size_t)(GROUP * nb) * sizeof(float));
         if (!w_g || !pw) {
             #pragma omp atomic write
@@ -309,7 +354,7 @@ static int grouped_product(const int8_t *xq, const float *xd, int64_t M, int64_t
             int64_t m = 0;
             for (; m + PASS <= M; m += PASS)
                 group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, PASS, wscale, gbias, y + m * N + n0, N);
-            switch (M - m) {
+            switch (M - m) { /* the last rows, fewer than PASS */
             case 3: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 3, wscale, gbias, y + m * N + n0, N); break;
             case 2: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 2, wscale, gbias, y + m * N + n0, N); break;
             case 1: group_pass(w_g, pw, nb, xq + m * K, xd + m * nb, corr + m * nb, K, 1, wscale, gbias, y + m * N + n0, N); break;
@@ -427,7 +472,7 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
     float *xd = scratch_d;
     int64_t nb = K / QK, n_begin = 0;
     q8_quantize_rows(x, M, K, xq, xd, nthreads);
-#if defined(__AVX512VNNI__)
+#if defined(GROUP)
     if (M >= GROUPED_MIN_ROWS && N >= GROUP) {
 #if defined(OSSRUN_AMX)
         const int status = M >= TILED_MIN_ROWS && amx_on() ? tiled_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads)
@@ -436,7 +481,7 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
         const int status = grouped_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads);
 #endif
         if (status) return status;
-        n_begin = N - N % GROUP; /* the last < 16 weight rows: the per-row kernel */
+        n_begin = N - N % GROUP; /* the last < GROUP weight rows: the per-row kernel */
     }
 #endif
     #pragma omp parallel num_threads(nthreads)
