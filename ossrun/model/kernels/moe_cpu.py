@@ -51,6 +51,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(status: int, what: str) -> None:
+    if status == -3:
+        raise MemoryError(f"{what}: the kernel could not allocate its working buffers")
     if status != 0:
         raise ValueError(f"{what}: the kernel rejected these shapes (sizes must be multiples of 32)")
 

@@ -884,7 +884,7 @@ int moe_q8_amx_active(void) {
  * [E, H, I/32, 16], bias2 [E, H]. Scratch (the caller's, reused across steps): xq [T, H], xd and xs [T, H/32],
  * hq [T*k, I], hd and hs [T*k, I/32], route [2*T*k + 2*E + 1]. `threads`: the OpenMP team (the caller
  * passes torch's thread count: OpenMP's own default is per calling thread, and the engine runs on its own). Returns 0, -1 for sizes that are not blocks,
- * -2 for an expert id outside 0..E-1. */
+ * -2 for an expert id outside 0..E-1, -3 when the tiled path cannot allocate its buffers. */
 int moe_q8_layer(const float *x, int64_t T, int H, int I, const int64_t *topk, const float *topw, int k, int E,
                  const uint8_t *blocks1, const uint8_t *scales1, const float *bias1,
                  const uint8_t *blocks2, const uint8_t *scales2, const float *bias2, float limit,
