@@ -111,6 +111,13 @@ GROUPINGS = {
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_grouped_linear_within_the_derived_bound(isa, grouping):
+    check_grouped_linear(grouping, lambda x: moe_cpu.quantize_rows(x, isa),
+                         lambda *operands: moe_cpu.q8_grouped_linear(*operands, isa))
+
+
+def check_grouped_linear(grouping: str, quantize, grouped_linear) -> None:
+    """`quantize(x)` and `grouped_linear(q, d, s, row_of, offsets, experts, blocks, scales, bias)` (a kernel variant's;
+    tests/test_arm_kernels.py passes its Arm builds) on one grouping, within the derived bound."""
     sizes, experts = GROUPINGS[grouping]
     # 11 blocks: one step of eight, a pair and a lone last block in the one-row kernel; 44 outputs: tiles of 16, 16
     # and 12 (one 8-row group + 4 single rows)
@@ -123,8 +130,8 @@ def test_grouped_linear_within_the_derived_bound(isa, grouping):
     rows = int(sum(sizes))
     row_of = torch.randint(0, x.shape[0], (rows,), generator=g)
     offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
-    q, d, s = moe_cpu.quantize_rows(x, isa)
-    y = moe_cpu.q8_grouped_linear(q, d, s, row_of, offsets, torch.tensor(experts), blocks, scales, bias, isa)
+    q, d, s = quantize(x)
+    y = grouped_linear(q, d, s, row_of, offsets, torch.tensor(experts), blocks, scales, bias)
     assert y.shape == (rows, out)
     for group, e in enumerate(experts):
         pick = row_of[offsets[group]:offsets[group + 1]]

@@ -71,11 +71,12 @@ def test_many_rows_take_the_tiles_within_the_derived_bound(m, k, n, amx, monkeyp
     check_linear(m, k, n, with_bias=True)
 
 
-def check_linear(m: int, k: int, n: int, with_bias: bool) -> None:
+def check_linear(m: int, k: int, n: int, with_bias: bool, linear=dense_cpu.q8_linear) -> None:
+    """`linear(x, weight, bias)` (the kernel; tests/test_arm_kernels.py passes its Arm builds) within the bound."""
     x, w, b = operands(m, k, n, seed=m * 1000 + k + n)
     b = b if with_bias else None
     weight = dense_cpu.quantize_weight(w)
-    got = dense_cpu.q8_linear(x, weight, b)
+    got = linear(x, weight, b)
     ref = dense_cpu.q8_linear_reference(x, weight, b).double()
     xq, xd = dense_cpu.quantize_activations(x)
     x_hat = (xq.view(m, k // 32, 32).double() * xd.double().unsqueeze(-1)).view(m, k)
@@ -123,3 +124,29 @@ def test_fast_layer_is_quantised_and_exact_layer_is_not():
     assert torch.equal(exact(x), F.linear(x, w, b))
     assert torch.allclose(fast(x), dense_cpu.q8_linear_reference(x, dense_cpu.quantize_weight(w), b), atol=1e-5)
     assert fast(x.bfloat16()).dtype == torch.bfloat16 and fast(x, torch.float32).dtype == torch.float32
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernel(tmp_path, monkeypatch, caplog):
+    """Apple's clang refuses -fopenmp: the kernel is built without it (one thread) and computes the same products."""
+    import ctypes
+    import shutil
+
+    from ossrun.model.kernels import build
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "unsupported option \'-fopenmp\'" >&2; exit 1; }}; done\n'
+                        f'exec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+    lib = build.load_library.__wrapped__(dense_cpu._SOURCE, "portable")  # not the cached library the other tests use
+    assert lib is not None and "no OpenMP" in caplog.text
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.q8_linear.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, i64, ptr, ptr, ctypes.c_int]
+    x, w, b = operands(5, 96, 7, seed=9)
+    weight = dense_cpu.quantize_weight(w)
+    y = torch.empty(5, 7)
+    assert lib.q8_linear(x.data_ptr(), 5, 96, weight.values.data_ptr(), weight.scales.data_ptr(), weight.scale, 7, b.data_ptr(),
+                         y.data_ptr(), 2) == 0
+    assert torch.allclose(y, dense_cpu.q8_linear_reference(x, weight, b), rtol=1e-5, atol=1e-4)

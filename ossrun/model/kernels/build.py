@@ -5,18 +5,25 @@ under `cache_dir()/kernels`, and loaded with ctypes. The instruction set is chos
 what the CPU reports, so a kernel never runs an instruction the machine lacks:
 
 - `portable`: plain C (`-O3`, no vector extensions beyond the x86-64 / aarch64 baseline);
+
+on x86-64:
 - `avx2`: AVX2 + FMA + F16C (Haswell, Zen);
 - `avxvnni`: `avx2` plus AVX-VNNI's 256-bit integer dot products (Alder Lake and later desktops and laptops,
   which have no AVX-512);
 - `avx512`: AVX-512 F/BW/VL/DQ (Skylake-X and later, Zen 4);
 - `avx512vnni`: `avx512` plus VNNI integer dot products (Cascade Lake, Ice Lake, Zen 4), and AMX tiles where the
-  CPU has them (`amx_cpu.h` decides at run time).
+  CPU has them (`amx_cpu.h` decides at run time);
+
+on aarch64 (Linux on Graviton, Ampere, a Raspberry Pi 5, Docker on an Apple-silicon Mac; macOS itself):
+- `dotprod`: Armv8.2's int8 dot products (`sdot`, the `asimddp` feature: every Apple M chip, Neoverse N1 and
+  later, Cortex-A76 and later).
 
 C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVXVNNI__`, `__AVX512F__`,
-`__AVX512VNNI__`), so one file serves every variant and the portable path is always there. The variants are listed
-in order of preference: the last one the CPU supports is used.
+`__AVX512VNNI__`, `__ARM_FEATURE_DOTPROD`), so one file serves every variant and the portable path is always there.
+The variants are listed in order of preference: the last one the CPU supports is used. A compiler without OpenMP
+(Apple's clang) still builds every kernel, for one thread (the `omp` pragmas are all the kernels ask of OpenMP).
 
-`OSSRUN_CPU_ISA=portable|avx2|avxvnni|avx512|avx512vnni` forces a variant (one the CPU lacks is refused, and
+`OSSRUN_CPU_ISA=<variant>` forces a variant (one the CPU lacks is refused, and
 the best supported one is used instead, with a warning); `OSSRUN_KERNELS=0` turns every native
 kernel off (the PyTorch reference runs everywhere).
 """
@@ -38,8 +45,10 @@ from ossrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-# In order of preference (the last supported one is chosen). Each variant: the /proc/cpuinfo flags it needs, and the compiler flags that enable it.
-ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+# In order of preference (the last supported one is chosen). Each variant: the CPU features it needs (as Linux's
+# /proc/cpuinfo names them), and the compiler flags that enable it.
+Variants = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+X86_VARIANTS: Variants = {
     "portable": ((), ()),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
     "avxvnni": (("avx2", "fma", "f16c", "avx_vnni"), ("-mavx2", "-mfma", "-mf16c", "-mavxvnni")),
@@ -48,26 +57,51 @@ ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
                    ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")),
 }
+ARM_VARIANTS: Variants = {
+    "portable": ((), ()),
+    "dotprod": (("asimddp",), ("-march=armv8.2-a+dotprod",)),
+}
+
+
+def architecture(machine: str | None = None) -> str:
+    """"x86_64", "aarch64" or the machine's own name (which gets only the portable variant)."""
+    name = (machine or platform.machine()).lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(name, name)
+
+
+def isa_variants(machine: str | None = None) -> Variants:
+    """The kernel variants of an architecture (`machine`: platform.machine()'s spelling; default this one's)."""
+    return {"x86_64": X86_VARIANTS, "aarch64": ARM_VARIANTS}.get(architecture(machine), {"portable": ((), ())})
+
+
+def compile_flags(isa: str, machine: str | None = None, openmp: bool = True) -> list[str]:
+    """The compiler's flags for a shared library of `isa` (a variant of `machine`'s architecture)."""
+    return ["-O3", *(["-fopenmp"] if openmp else []), "-shared", "-fPIC", *isa_variants(machine)[isa][1]]
 
 
 @cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    """The CPU's features as Linux's /proc/cpuinfo names them ("flags" on x86, "Features" on Arm; empty where
+    neither can be read). On macOS, Apple silicon's dot products are asked of sysctl."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if platform.system() == "Darwin":
+        try:
+            answer = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True, timeout=5)
+            return frozenset({"asimddp"}) if answer.stdout.strip() == "1" else frozenset()
+        except (OSError, subprocess.SubprocessError):
+            pass
     return frozenset()
 
 
 def supported_isas() -> list[str]:
     """Every variant this CPU can run, weakest first (always at least `portable`)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ["portable"]
     flags = cpu_flags()
-    return [name for name, (needs, _) in ISA_VARIANTS.items() if all(f in flags for f in needs)]
+    return [name for name, (needs, _) in isa_variants().items() if all(f in flags for f in needs)]
 
 
 def selected_isa() -> str:
@@ -102,7 +136,7 @@ def load_library(source: Path, isa: str, linked: tuple[Path, ...] = ()) -> ctype
     if compiler is None:
         log.info("no C compiler: %s falls back to PyTorch", source.name)
         return None
-    flags = ["-O3", "-fopenmp", "-shared", "-fPIC", *ISA_VARIANTS[isa][1]]
+    flags = compile_flags(isa)
     text = b"".join(path.read_bytes() for path in (source, *linked))
     for header in sorted(source.parent.glob("*.h")):  # shared headers are part of what is built
         text += header.read_bytes()
@@ -113,11 +147,17 @@ def load_library(source: Path, isa: str, linked: tuple[Path, ...] = ()) -> ctype
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                command = [compiler, *flags, str(source), *map(str, linked), "-o", str(built), "-lm"]
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode != 0:
-                    log.warning("%s (%s) did not compile: %s", source.name, isa, result.stderr.strip()[:800])
-                    return None
+                sources = [str(source), *map(str, linked)]
+                result = subprocess.run([compiler, *flags, *sources, "-o", str(built), "-lm"], capture_output=True, text=True)
+                if result.returncode != 0:  # a compiler without OpenMP (Apple's clang): the kernels on one thread
+                    alone = compile_flags(isa, openmp=False)
+                    retry = subprocess.run([compiler, *alone, "-Wno-unknown-pragmas", *sources, "-o", str(built), "-lm"],
+                                           capture_output=True, text=True)
+                    if retry.returncode != 0:
+                        log.warning("%s (%s) did not compile: %s", source.name, isa, result.stderr.strip()[:800])
+                        return None
+                    log.warning("%s (%s): the compiler has no OpenMP (%s); the kernel runs on one thread",
+                                source.name, isa, result.stderr.strip()[:200])
                 built.replace(target)  # atomic: concurrent first uses never load a half-written file
         return ctypes.CDLL(str(target))
     except Exception:

@@ -17,8 +17,9 @@
  * from Σq; a one-row kernel for decode that reduces eight blocks at a time, and a row-group kernel
  * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd; prefill puts sixteen
  * weight rows in a 512-bit register's lanes and passes four activation rows over each block's weights
- * while they sit in registers), AMX tiles for a prompt's layer where the CPU has them (moe_layer_tiled), and
- * portable C. Parallel work items are (expert group,
+ * while they sit in registers), AMX tiles for a prompt's layer where the CPU has them (moe_layer_tiled), Arm's
+ * dot products (sdot is signed times signed: the nibbles decode by one table lookup straight to E2M1 x 2, no
+ * offset; up to four activation rows meet each decoded block), and portable C. Parallel work items are (expert group,
  * output tile), so a step with a few rows per expert still keeps every core busy.
  */
 #include <stddef.h>
@@ -28,6 +29,9 @@
 #include <stdlib.h>
 #ifdef __AVX2__
 #include <immintrin.h>
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
 #endif
 #include "amx_cpu.h"
 #include "vec_math.h"
@@ -116,6 +120,29 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
     *s = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+#elif defined(__ARM_FEATURE_DOTPROD)
+    /* The same on 4 lanes: vld2 splits even and odd elements; vcvtn rounds to nearest even as nearbyintf does. */
+    float32x4x2_t v[4];
+    float32x4_t vmax = vdupq_n_f32(0.0f);
+    for (int i = 0; i < 4; i++) {
+        v[i] = vld2q_f32(x + 8 * i);
+        vmax = vmaxq_f32(vmax, vmaxq_f32(vabsq_f32(v[i].val[0]), vabsq_f32(v[i].val[1])));
+    }
+    const float amax = vmaxvq_f32(vmax);
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *d = amax / 127.0f;
+    int32x4_t sum = vdupq_n_s32(0);
+    for (int parity = 0; parity < 2; parity++) { /* evens, then odds */
+        int32x4_t qi[4];
+        for (int i = 0; i < 4; i++) {
+            qi[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i].val[parity], id));
+            sum = vaddq_s32(sum, qi[i]);
+        }
+        const int16x8_t lo = vcombine_s16(vqmovn_s32(qi[0]), vqmovn_s32(qi[1]));
+        const int16x8_t hi = vcombine_s16(vqmovn_s32(qi[2]), vqmovn_s32(qi[3]));
+        vst1q_s8(q + (parity ? odds_at(b, nb) : evens_at(b)), vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi)));
+    }
+    *s = vaddvq_s32(sum);
 #else
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
@@ -254,6 +281,72 @@ static void decode_blocks(const uint8_t *blocks, int64_t n, int8_t *out) {
     for (int64_t b = 0; b < n; b++) decode_block(blocks + 16 * b, out + QK * b);
 }
 
+#if defined(__ARM_FEATURE_DOTPROD)
+/* 2^(e-127) for 4 E8M0 exponents, exact (as pow2_x8: e = 0 is the subnormal 2^-127). */
+static inline float32x4_t pow2_x4(const uint8_t *e) {
+    uint32_t word;
+    memcpy(&word, e, 4);
+    const uint32x4_t wide = vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(word))));
+    return vreinterpretq_f32_u32(vmaxq_u32(vshlq_n_u32(wide, 23), vdupq_n_u32(1u << 22)));
+}
+
+/* One block's products for one activation row, in 4 int32 lanes: the decoded even and odd weights meet the
+ * row's even and odd activations (the pair layout keeps each 16 together). */
+static inline int32x4_t block_dot(int8x16_t w_even, int8x16_t w_odd, const int8_t *evens, const int8_t *odds) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), w_even, vld1q_s8(evens)), w_odd, vld1q_s8(odds));
+}
+
+/* Σ_k W[k]·x[k] for one packed weight row and n (≤ 4, a constant once inlined) activation rows: out[t]. Four
+ * blocks a step (two whole pairs of the pair layout: b is even), decoded once for the n rows by two table lookups
+ * each; each row's four blocks' lanes summed pairwise to one lane a block, so the conversion and both scales are
+ * one vector operation per four blocks. */
+static inline __attribute__((always_inline)) void gemv_rows(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
+                                                            const int n, float *out) {
+    const int8x16_t lut = vld1q_s8(E2M1_X2);
+    const uint8x16_t mask = vdupq_n_u8(0x0F);
+    float32x4_t acc[4];
+    for (int t = 0; t < n; t++) acc[t] = vdupq_n_f32(0.0f);
+    int b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        int8x16_t w_even[4], w_odd[4];
+        for (int i = 0; i < 4; i++) {
+            const uint8x16_t v = vld1q_u8(blk + 16 * (b + i));
+            w_even[i] = vqtbl1q_s8(lut, vandq_u8(v, mask));
+            w_odd[i] = vqtbl1q_s8(lut, vshrq_n_u8(v, 4));
+        }
+        const float32x4_t pw = pow2_x4(sc + b);
+        for (int t = 0; t < n; t++) {
+            const int8_t *q = rows[t].q + QK * b; /* [b evens | b+1 evens | b odds | b+1 odds | b+2 evens | ...] */
+            const int32x4_t p0 = block_dot(w_even[0], w_odd[0], q, q + 32), p1 = block_dot(w_even[1], w_odd[1], q + 16, q + 48);
+            const int32x4_t p2 = block_dot(w_even[2], w_odd[2], q + 64, q + 96), p3 = block_dot(w_even[3], w_odd[3], q + 80, q + 112);
+            const int32x4_t sums = vpaddq_s32(vpaddq_s32(p0, p1), vpaddq_s32(p2, p3)); /* block b+i in lane i */
+            acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(sums), vmulq_f32(pw, vld1q_f32(rows[t].d + b)));
+        }
+    }
+    for (int t = 0; t < n; t++) {
+        float tail = 0.0f; /* at most 3 blocks: per block, with POW2 = 2^(e-128) */
+        for (int c = b; c < nb; c++) {
+            const uint8x16_t v = vld1q_u8(blk + 16 * c);
+            const int32x4_t p = block_dot(vqtbl1q_s8(lut, vandq_u8(v, mask)), vqtbl1q_s8(lut, vshrq_n_u8(v, 4)),
+                                          rows[t].q + evens_at(c), rows[t].q + odds_at(c, nb));
+            tail += (float)vaddvq_s32(p) * (rows[t].d[c] * POW2[sc[c]]);
+        }
+        out[t] = vaddvq_f32(acc[t]) * 0.5f + tail; /* pow2_x4 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
+    }
+}
+
+/* Rows four at a time, so each weight block is decoded once for four. */
+static void gemv(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) gemv_rows(blk, sc, nb, rows + t, 4, out + t);
+    switch (n - t) {
+    case 3: gemv_rows(blk, sc, nb, rows + t, 3, out + t); break;
+    case 2: gemv_rows(blk, sc, nb, rows + t, 2, out + t); break;
+    case 1: gemv_rows(blk, sc, nb, rows + t, 1, out + t); break;
+    default: break;
+    }
+}
+#else
 static void gemv(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows, int n, float *out) {
     int8_t w[QK];
     for (int t = 0; t < n; t++) out[t] = 0.0f;
@@ -267,6 +360,7 @@ static void gemv(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
         }
     }
 }
+#endif
 #endif
 
 /* ---------------------------------------------------------------- exported entry points */

@@ -14,6 +14,8 @@
  *   both VNNI builds (AVX-512 VNNI, and AVX-VNNI: AVX2 with dpbusd): from 8 activation rows (a prompt, a batch of
  *         decodes) a register-blocked product instead (`grouped_product`, below).
  * maddubs cannot saturate: |w|, |x| <= 127, so a pair sums to at most 2 * 127 * 127 = 32258.
+ * Arm (the dotprod variant): sdot multiplies signed bytes and sums four products into each int32 lane, so a block is
+ * two instructions; four blocks reduced together, as on AVX2.
  * The portable path computes the same integers in plain C.
  */
 #include <math.h>
@@ -22,6 +24,9 @@
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
 #endif
 #include "amx_cpu.h"
 
@@ -75,6 +80,14 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
         __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
         packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(q + b * QK), packed);
+#elif defined(__ARM_FEATURE_DOTPROD)
+        int32x4_t qi[8]; /* vcvtn rounds to nearest even, as nearbyintf does */
+        for (int i = 0; i < 8; i++) qi[i] = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 4 * i), inv));
+        for (int h = 0; h < 2; h++) {
+            const int16x8_t lo = vcombine_s16(vqmovn_s32(qi[4 * h]), vqmovn_s32(qi[4 * h + 1]));
+            const int16x8_t hi = vcombine_s16(vqmovn_s32(qi[4 * h + 2]), vqmovn_s32(qi[4 * h + 3]));
+            vst1q_s8(q + b * QK + 16 * h, vcombine_s8(vqmovn_s16(lo), vqmovn_s16(hi)));
+        }
 #else
         for (int j = 0; j < QK; j++) q[b * QK + j] = (int8_t)nearbyintf(xb[j] * inv);
 #endif
@@ -171,6 +184,36 @@ static inline __attribute__((always_inline)) void dot_row(const int8_t *w, const
         }
     }
     for (int r = 0; r < rows; r++) out[r] = hsum8(acc[r]) + tail[r];
+#elif defined(__ARM_FEATURE_DOTPROD)
+    /* Four blocks a step: each block's two 16-byte halves by sdot into 4 int32 lanes, the four blocks' lanes summed
+     * pairwise to one lane a block, so the int→float conversion, both scales and the accumulation are one vector
+     * operation per four blocks and rows. */
+    float32x4_t acc[MR];
+    for (int r = 0; r < rows; r++) acc[r] = vdupq_n_f32(0.0f);
+    for (; b + 4 <= nb; b += 4) {
+        int8x16_t wv[8];
+        for (int i = 0; i < 8; i++) wv[i] = vld1q_s8(w + b * QK + 16 * i);
+        const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(wd + b)));
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xb = xq + r * K + b * QK;
+            int32x4_t p[4];
+            for (int i = 0; i < 4; i++)
+                p[i] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), wv[2 * i], vld1q_s8(xb + QK * i)), wv[2 * i + 1], vld1q_s8(xb + QK * i + 16));
+            const int32x4_t sums = vpaddq_s32(vpaddq_s32(p[0], p[1]), vpaddq_s32(p[2], p[3])); /* block b+i in lane i */
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(sums), vmulq_f32(dw, vld1q_f32(xd + r * (K / QK) + b)));
+        }
+    }
+    float tail[MR] = {0};
+    for (; b < nb; b++) {
+        const int8x16_t w0 = vld1q_s8(w + b * QK), w1 = vld1q_s8(w + b * QK + 16);
+        const float dw = half_to_float(wd[b]);
+        for (int r = 0; r < rows; r++) {
+            const int8_t *xb = xq + r * K + b * QK;
+            const int32x4_t p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb)), w1, vld1q_s8(xb + 16));
+            tail[r] += (float)vaddvq_s32(p) * (dw * xd[r * (K / QK) + b]);
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = vaddvq_f32(acc[r]) + tail[r];
 #else
     float acc[MR] = {0};
     for (; b < nb; b++) {

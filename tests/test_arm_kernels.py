@@ -1,0 +1,203 @@
+"""The Arm (aarch64) builds of the CPU kernels, run under qemu's user-mode emulation, against the same references and
+bounds as the x86 builds' tests.
+
+Every aarch64 variant (`build.ARM_VARIANTS`: portable, and `dotprod`'s sdot paths) is compiled by Debian's cross
+compiler with the flags `build.compile_flags` gives a real Arm machine, linked into one library as
+`blocks_cpu.py` links it, and called by `tests/native/kernel_call.c` (an aarch64 program too) on inputs made here in
+PyTorch; the outputs come back through files. The checks are the x86 tests' own (`check_linear`,
+`check_grouped_linear`, `moe_error_bound`): activation quantisation bit for bit, products within the derived
+bounds, a whole MoE layer against the exact layer. Emulation says nothing of speed (bench/CPU_NOTES.md says what was
+counted instead). `.ci/run` installs the cross compiler and qemu; without them these tests skip, saying so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ossrun.model.checkpoint import load_checkpoint, write_random_checkpoint
+from ossrun.model.config import PRESETS
+from ossrun.model.gpt_oss import MoE
+from ossrun.model.kernels import blocks_cpu, build, dense_cpu
+from ossrun.model.kernels.moe_cpu import Q8Experts
+from test_moe_cpu_kernels import U, check_grouped_linear, moe_error_bound, reference_quantize
+from test_q8_kernel import check_linear
+
+CROSS = shutil.which("aarch64-linux-gnu-gcc")
+QEMU = shutil.which("qemu-aarch64")
+SYSROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc, libgomp and loader, which qemu runs with
+pytestmark = pytest.mark.skipif(
+    not (CROSS and QEMU and SYSROOT.is_dir()),
+    reason="no aarch64 cross compiler and qemu here (Debian: gcc-aarch64-linux-gnu, qemu-user; .ci/run installs them)")
+
+ARM_ISAS = list(build.ARM_VARIANTS)
+THREADS = 2  # the kernels' OpenMP teams run as threads under qemu too
+
+
+class ArmLibrary:
+    """One aarch64 build of the kernels, called through kernel_call under qemu: `call(function, *arguments)` with
+    tensors (their bytes go in, and come back into the same tensors), ints, floats or None (a null pointer)."""
+
+    def __init__(self, library: Path, caller: Path, workdir: Path):
+        self.library, self.caller, self.workdir = library, caller, workdir
+        self.calls = 0
+
+    def call(self, function: str, *arguments) -> int:
+        self.calls += 1
+        folder = self.workdir / f"call{self.calls}"
+        folder.mkdir()
+        lines, tensors = [], {}
+        for k, value in enumerate(arguments):
+            if value is None:
+                lines.append("n")
+            elif isinstance(value, torch.Tensor):
+                assert value.is_contiguous() and value.device.type == "cpu"
+                (folder / f"a{k}").write_bytes(ctypes.string_at(value.data_ptr(), value.numel() * value.element_size()))
+                lines.append(f"p a{k}")
+                tensors[k] = value
+            elif isinstance(value, float):
+                lines.append(f"f {value!r}")
+            else:
+                lines.append(f"i {int(value)}")
+        (folder / "args").write_text("\n".join(lines) + "\n")
+        done = subprocess.run([QEMU, "-L", str(SYSROOT), str(self.caller), str(self.library), function, str(folder)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        for k, tensor in tensors.items():
+            data = (folder / f"a{k}.out").read_bytes()
+            ctypes.memmove(tensor.data_ptr(), data, len(data))
+        shutil.rmtree(folder)
+        return int(done.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def arm(tmp_path_factory) -> dict[str, ArmLibrary]:
+    """Each Arm variant built as a real Arm machine would build it (build.py's flags, blocks_cpu's sources)."""
+    folder = tmp_path_factory.mktemp("arm")
+    caller = folder / "kernel_call"
+    native = Path(__file__).parent / "native" / "kernel_call.c"
+    subprocess.run([CROSS, "-O1", str(native), "-o", str(caller), "-ldl"], check=True)
+    libraries = {}
+    for isa in ARM_ISAS:
+        library = folder / f"kernels-{isa}.so"
+        sources = [str(blocks_cpu._SOURCE), *map(str, blocks_cpu._LINKED)]
+        subprocess.run([CROSS, *build.compile_flags(isa, machine="aarch64"), *sources, "-o", str(library), "-lm"], check=True)
+        libraries[isa] = ArmLibrary(library, caller, folder)
+    return libraries
+
+
+def test_variants_are_chosen_by_the_cpu_features_linux_reports_on_arm():
+    """/proc/cpuinfo on Arm says "Features", with `asimddp` where the CPU has sdot (every Apple M chip, Graviton 2+)."""
+    assert build.isa_variants("aarch64") is build.ARM_VARIANTS and build.isa_variants("arm64") is build.ARM_VARIANTS
+    assert build.isa_variants("x86_64") is build.X86_VARIANTS and list(build.isa_variants("riscv64")) == ["portable"]
+    assert "-march=armv8.2-a+dotprod" in build.compile_flags("dotprod", machine="aarch64")
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+def test_activation_quantisation_is_bit_exact(arm, isa):
+    """Both layouts (the dense kernel's, the MoE's pairs), including an all-zero block and exact halves."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 2880, generator=g) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(960)
+    x[2, 32:64] = 0
+    x[3, :32] = torch.arange(32) - 15.5
+    x[4, 64:68] = torch.tensor([127.0, 2.5, 3.5, -2.5])
+    x[4, 68:96] = 0  # scale 1: the halves round to even
+    rows, k = x.shape
+    q, d = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows, k // 32)
+    assert arm[isa].call("q8_quantize_rows", x, rows, k, q, d, THREADS) == 0
+    q_ref, d_ref = dense_cpu.quantize_activations(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+    q, d, s = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows, k // 32), torch.empty(rows, k // 32, dtype=torch.int32)
+    assert arm[isa].call("moe_q8_quantize", x, rows, k, q, d, s) == 0
+    q_ref, d_ref, s_ref = reference_quantize(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+@pytest.mark.parametrize("m,k,n,with_bias", [(1, 96, 7, True), (3, 2880, 33, True), (5, 160, 64, False), (70, 64, 9, True),
+                                             (19, 4096, 33, False)])
+def test_dense_linear_within_the_derived_bound(arm, isa, m, k, n, with_bias):
+    """Row counts across the 4-row micro-kernel and the 64-row chunk; block counts with and without a tail after the
+    steps of four (3, 5, 2, 90, 128 blocks)."""
+
+    def linear(x: torch.Tensor, weight: dense_cpu.Q8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        y = torch.empty(x.shape[0], weight.values.shape[0])
+        status = arm[isa].call("q8_linear", x.float().contiguous(), x.shape[0], x.shape[1], weight.values, weight.scales,
+                               float(weight.scale), weight.values.shape[0], bias, y, THREADS)
+        assert status == 0
+        return y
+
+    check_linear(m, k, n, with_bias, linear)
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+@pytest.mark.parametrize("grouping", ["decode", "decode_4", "empty_groups", "prefill"])
+def test_grouped_moe_linear_within_the_derived_bound(arm, isa, grouping):
+    """Experts grouped as the layer groups them: one row, four rows of four experts, empty experts, long spans."""
+
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, k = x.shape
+        q, d, s = torch.empty(rows, k, dtype=torch.int8), torch.empty(rows, k // 32), torch.empty(rows, k // 32, dtype=torch.int32)
+        assert arm[isa].call("moe_q8_quantize", x.float().contiguous(), rows, k, q, d, s) == 0
+        return q, d, s
+
+    def grouped_linear(q, d, s, row_of, offsets, experts, blocks, scales, bias) -> torch.Tensor:
+        y = torch.empty(int(offsets[-1]), blocks.shape[1])
+        status = arm[isa].call("moe_q8_linear", q, d, s, row_of.to(torch.int64).contiguous(), q.shape[1], offsets.to(torch.int64),
+                               experts.to(torch.int64), len(experts), blocks.contiguous(), scales.contiguous(), blocks.shape[1],
+                               bias.float().contiguous(), y, THREADS)
+        assert status == 0
+        return y
+
+    check_grouped_linear(grouping, quantize, grouped_linear)
+
+
+def arm_moe_layer(library: ArmLibrary, q8: Q8Experts, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """What `q8(t, experts, weights)` computes, by the Arm build (the same arguments `Q8Experts.__call__` passes)."""
+    tokens, k = experts.shape
+    pairs = tokens * k
+    hidden, inter = q8.hidden, q8.inter
+    out = torch.empty(tokens, hidden)
+    scratch = [torch.empty(tokens * hidden, dtype=torch.int8), torch.empty(tokens * hidden // 32),
+               torch.empty(tokens * hidden // 32, dtype=torch.int32), torch.empty(pairs * inter, dtype=torch.int8),
+               torch.empty(pairs * inter // 32), torch.empty(pairs * inter // 32, dtype=torch.int32),
+               torch.empty(2 * pairs + 2 * q8.experts + 1, dtype=torch.int64)]
+    status = library.call("moe_q8_layer", t.float().contiguous(), tokens, hidden, inter, experts.to(torch.int64).contiguous(),
+                          weights.float().contiguous(), k, q8.experts, q8.blocks1, q8.scales1, q8.bias1, q8.blocks2, q8.scales2,
+                          q8.bias2, q8.limit, *scratch, out, THREADS)
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def wide_layers(tmp_path_factory) -> tuple[MoE, MoE]:
+    """One MoE layer of a tiny model made wider (hidden 352 = 11 blocks, intermediate 160 = 5): both projections
+    take the kernels' steps of four blocks and their tails. Exact and fast."""
+    config = PRESETS["tiny"].replace(vocab_size=1024, num_hidden_layers=1, hidden_size=352, intermediate_size=160)
+    checkpoint = load_checkpoint(write_random_checkpoint(config, tmp_path_factory.mktemp("wide"), "original", seed=3))
+    tensors = dict(checkpoint.tensors)
+    # mlp1's weights / 8: at this width the random ones put most SwiGLU inputs past the clamp, where errors vanish
+    tensors["block.0.mlp.mlp1_weight.scales"] = tensors["block.0.mlp.mlp1_weight.scales"] - 3
+    make = lambda precision: MoE(checkpoint.config, 0, tensors, torch.float32, torch.device("cpu"), precision)
+    return make("exact"), make("fast")
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_moe_layer_against_the_exact_layer(arm, wide_layers, isa, rows):
+    """The whole fast MoE layer (routing, both projections, SwiGLU, the weighted sum) against the exact layer."""
+    exact, fast = wide_layers
+    assert fast.use_q8 and not exact.use_q8
+    x = torch.randn(rows, exact.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 2
+    t = fast.norm(x)
+    experts, weights = fast.route(t)
+    got = x + arm_moe_layer(arm[isa], fast.q8, t, experts, weights)
+    difference = (got.double() - exact(x).double()).abs()
+    bound = moe_error_bound(exact, exact.norm(x)) + 4 * U * (x.double().abs() + 1)
+    assert (difference <= bound).all(), f"max excess {(difference - bound).max()}"
+    assert difference.max() > 0  # the kernel ran (it quantises)
