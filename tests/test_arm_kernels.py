@@ -6,7 +6,7 @@ compiler with the flags `build.compile_flags` gives a real Arm machine, linked i
 `blocks_cpu.py` links it, and called by `tests/native/kernel_call.c` (an aarch64 program too) on inputs made here in
 PyTorch; the outputs come back through files. The checks are the x86 tests' own (`check_linear`,
 `check_grouped_linear`, `moe_error_bound`): activation quantisation bit for bit, products within the derived
-bounds, a whole MoE layer against the exact layer. Emulation says nothing of speed (bench/CPU_NOTES.md says what was
+bounds, a whole MoE layer against the exact layer, paged attention against `attention_with_sinks`. Emulation says nothing of speed (bench/CPU_NOTES.md says what was
 counted instead). `.ci/run` installs the cross compiler and qemu; without them these tests skip, saying so.
 """
 
@@ -25,6 +25,7 @@ from ossrun.model.config import PRESETS
 from ossrun.model.gpt_oss import MoE
 from ossrun.model.kernels import blocks_cpu, build, dense_cpu
 from ossrun.model.kernels.moe_cpu import Q8Experts
+from test_attention_cpu_kernel import check, make_case
 from test_moe_cpu_kernels import U, check_grouped_linear, moe_error_bound, reference_quantize
 from test_q8_kernel import check_linear
 
@@ -201,3 +202,43 @@ def test_moe_layer_against_the_exact_layer(arm, wide_layers, isa, rows):
     bound = moe_error_bound(exact, exact.norm(x)) + 4 * U * (x.double().abs() + 1)
     assert (difference <= bound).all(), f"max excess {(difference - bound).max()}"
     assert difference.max() > 0  # the kernel ran (it quantises)
+
+
+def arm_attention(library: ArmLibrary):
+    """`paged_attention_cpu`'s call (the same arguments), by the Arm build."""
+
+    def attend(q, k_cache, v_cache, query_starts, query_lens, positions, block_tables, first_block, context_lens, sinks, window,
+               scale, isa=None) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        index = lambda t: t.to(torch.int64).contiguous()
+        _, block_size, n_kv, dim = k_cache.shape
+        status = library.call("paged_attention", q.float().contiguous(), out, k_cache.contiguous(), v_cache.contiguous(),
+                              int(k_cache.dtype == torch.bfloat16), block_size, n_kv, q.shape[1] // n_kv, dim, len(query_starts),
+                              index(query_starts), index(query_lens), index(positions), index(block_tables),
+                              block_tables.shape[1], index(first_block), index(context_lens), sinks.float().contiguous(),
+                              int(window or 0), float(scale), THREADS)
+        assert status == 0
+        return out
+
+    return attend
+
+
+# The x86 tests' cases (tests/test_attention_cpu_kernel.py): decodes over ragged tables, a prompt from empty, several
+# 256-row jobs, chunks over a cached prefix (several key chunks), mixed steps, windows shorter than the sequences.
+ATTENTION_CASES = {
+    "decode": dict(contexts=[1, 17, 50, 16, 100], new=[1, 1, 1, 1, 1], window=None),
+    "prefill": dict(contexts=[77], new=[77], window=None, seed=1),
+    "long_prefill_windowed": dict(contexts=[400], new=[400], window=128, dim=64, seed=13),
+    "chunk_over_prefix": dict(contexts=[700, 9], new=[40, 1], window=None, seed=2),
+    "chunk_over_prefix_dim64": dict(contexts=[300, 9], new=[40, 1], window=None, dim=64, seed=2),
+    "mixed": dict(contexts=[5, 200, 33, 64, 150], new=[5, 1, 20, 1, 64], window=None, seed=3),
+    "window_mid_block": dict(contexts=[300, 260, 45, 120], new=[1, 70, 45, 3], window=40, seed=4),
+}
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ATTENTION_CASES)
+def test_paged_attention_against_the_reference(arm, isa, cache_dtype, name):
+    case = dict(ATTENTION_CASES[name])
+    check(*make_case(case.pop("contexts"), case.pop("new"), cache_dtype=cache_dtype, **case), isa, arm_attention(arm[isa]))

@@ -88,8 +88,9 @@ def reference(case: dict, dense: tuple[list[torch.Tensor], list[torch.Tensor]]) 
 ISAS = supported_isas()
 
 
-def check(case: dict, dense, isa: str) -> float:
-    got = paged_attention_cpu(**case, isa=isa)
+def check(case: dict, dense, isa: str, attend=paged_attention_cpu) -> float:
+    """`attend(**case, isa=isa)` (the kernel; tests/test_arm_kernels.py passes its Arm builds) against the reference."""
+    got = attend(**case, isa=isa)
     want = reference(case, dense)
     assert got.shape == want.shape and got.dtype == torch.float32
     err = (got - want).abs().max().item()

@@ -10,7 +10,8 @@
  * go through it MR at a time as small register-blocked matrix products: a K or V vector loaded feeds
  * MR rows' FMAs, so at depth, where attention is arithmetic and not memory, the FMA units stay busy. With
  * AVX-512 the score and value products take 32 keys (or dimensions) in two 512-bit registers a row: each lane's
- * sum is the same chain of FMAs in the same order as the 256-bit path's, so the results are the same bits.
+ * sum is the same chain of FMAs in the same order as the 256-bit path's, so the results are the same bits. On Arm
+ * (the dotprod variant) the same loops run on NEON's 4-lane registers: 16 keys (or dimensions) in four a row.
  *
  * The sink is one extra logit per query head with no value: the running max starts at the sink
  * and the running sum at exp(sink - max) = 1, so it joins the softmax exactly as a column of the
@@ -57,6 +58,13 @@ static void load_rows(const void *src, int bf16, size_t stride, int n, int D, fl
             _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
         }
 #endif
+#if defined(__ARM_FEATURE_DOTPROD)
+        for (; i + 8 <= D; i += 8) {
+            const uint16x8_t h = vld1q_u16(s + i);
+            vst1q_f32(d + i, vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)));
+            vst1q_f32(d + i + 4, vreinterpretq_f32_u32(vshll_high_n_u16(h, 16)));
+        }
+#endif
         for (; i < D; i++) d[i] = bf16_to_f32(s[i]);
     }
 }
@@ -91,6 +99,23 @@ static inline void transpose8(__m256 r[8]) {
 }
 #endif
 
+#if defined(__ARM_FEATURE_DOTPROD)
+/* 4 fp32 values of a cache row (bf16 widened by a shift). */
+static inline float32x4_t load4(const void *src, int bf16, size_t at) {
+    if (!bf16) return vld1q_f32((const float *)src + at);
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)src + at), 16));
+}
+
+/* In-register 4x4 transpose: r[u] holds row u on entry, column u on return. */
+static inline void transpose4(float32x4_t r[4]) {
+    const float32x4x2_t a = vtrnq_f32(r[0], r[1]), b = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(a.val[0]), vget_low_f32(b.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(a.val[1]), vget_low_f32(b.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(a.val[0]), vget_high_f32(b.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(a.val[1]), vget_high_f32(b.val[1]));
+}
+#endif
+
 /* n keys of D values from the cache (rows `stride` elements apart) into columns col0 … col0+n-1 of kT [D, ld]:
  * transposed, so a score micro-tile loads 8 or 16 keys' values of one dimension in one vector. */
 static void load_keys_transposed(const void *src, int bf16, size_t stride, int n, int D, float *kT, int ld, int col0) {
@@ -103,6 +128,18 @@ static void load_keys_transposed(const void *src, int bf16, size_t stride, int n
                 for (int u = 0; u < 8; u++) r[u] = load8(src, bf16, (size_t)(j + u) * stride + i);
                 transpose8(r);
                 for (int u = 0; u < 8; u++) _mm256_storeu_ps(kT + (size_t)(i + u) * ld + col0 + j, r[u]);
+            }
+        }
+    }
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    if (D % 4 == 0) {
+        for (; j + 4 <= n; j += 4) {
+            for (int i = 0; i < D; i += 4) {
+                float32x4_t r[4];
+                for (int u = 0; u < 4; u++) r[u] = load4(src, bf16, (size_t)(j + u) * stride + i);
+                transpose4(r);
+                for (int u = 0; u < 4; u++) vst1q_f32(kT + (size_t)(i + u) * ld + col0 + j, r[u]);
             }
         }
     }
@@ -165,6 +202,35 @@ static void score_tile(const float *const q[MR], const float *kT, int ld, int D,
         for (int r = 0; r < MR; r++) _mm256_storeu_ps(s + (size_t)r * ls + j, a[r]);
     }
 #endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    for (; j + 16 <= j1; j += 16) { /* 16 keys in four registers a row: each key vector feeds MR rows */
+        float32x4_t a[MR][4];
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) a[r][u] = vdupq_n_f32(0.0f);
+        for (int i = 0; i < D; i++) {
+            const float *k = kT + (size_t)i * ld + j;
+            const float32x4_t k0 = vld1q_f32(k), k1 = vld1q_f32(k + 4), k2 = vld1q_f32(k + 8), k3 = vld1q_f32(k + 12);
+            for (int r = 0; r < MR; r++) {
+                const float32x4_t qr = vdupq_n_f32(q[r][i]);
+                a[r][0] = vfmaq_f32(a[r][0], qr, k0);
+                a[r][1] = vfmaq_f32(a[r][1], qr, k1);
+                a[r][2] = vfmaq_f32(a[r][2], qr, k2);
+                a[r][3] = vfmaq_f32(a[r][3], qr, k3);
+            }
+        }
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) vst1q_f32(s + (size_t)r * ls + j + 4 * u, a[r][u]);
+    }
+    for (; j + 4 <= j1; j += 4) {
+        float32x4_t a[MR];
+        for (int r = 0; r < MR; r++) a[r] = vdupq_n_f32(0.0f);
+        for (int i = 0; i < D; i++) {
+            const float32x4_t k0 = vld1q_f32(kT + (size_t)i * ld + j);
+            for (int r = 0; r < MR; r++) a[r] = vfmaq_f32(a[r], vdupq_n_f32(q[r][i]), k0);
+        }
+        for (int r = 0; r < MR; r++) vst1q_f32(s + (size_t)r * ls + j, a[r]);
+    }
+#endif
     for (; j < j1; j++) {
         for (int r = 0; r < MR; r++) {
             float d = 0.0f;
@@ -185,6 +251,14 @@ static float range_max(const float *s, int lo, int hi) {
         float lanes[8];
         _mm256_storeu_ps(lanes, vbest);
         for (int i = 0; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+    }
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    if (hi - lo + 1 >= 4) {
+        float32x4_t vbest = vdupq_n_f32(-INFINITY);
+        for (; j + 4 <= hi + 1; j += 4) vbest = vmaxq_f32(vbest, vld1q_f32(s + j));
+        const float lanes = vmaxvq_f32(vbest);
+        best = lanes > best ? lanes : best;
     }
 #endif
     for (; j <= hi; j++) best = s[j] > best ? s[j] : best;
@@ -217,6 +291,16 @@ static float exponentiate(float *s, int lo, int hi, float m) {
     _mm256_storeu_ps(part, vsum);
     for (int i = 0; i < 8; i++) sum += part[i];
 #endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    const float32x4_t vm = vdupq_n_f32(m);
+    float32x4_t vsum = vdupq_n_f32(0.0f);
+    for (; j + 4 <= hi + 1; j += 4) {
+        const float32x4_t p = exp4(vsubq_f32(vld1q_f32(s + j), vm));
+        vst1q_f32(s + j, p);
+        vsum = vaddq_f32(vsum, p);
+    }
+    sum += vaddvq_f32(vsum);
+#endif
     for (; j <= hi; j++) {
         s[j] = expf(s[j] - m);
         sum += s[j];
@@ -242,6 +326,23 @@ static void accumulate(float *acc, float c, const float *p, const float *v, int 
         __m256 a = _mm256_mul_ps(_mm256_loadu_ps(acc + i), _mm256_set1_ps(c));
         for (int j = lo; j <= hi; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + (size_t)j * D + i), a);
         _mm256_storeu_ps(acc + i, a);
+    }
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    for (; i + 16 <= D; i += 16) { /* 16 outputs in 4 registers: one broadcast of p[j] feeds 4 FMAs */
+        float32x4_t a[4];
+        for (int u = 0; u < 4; u++) a[u] = vmulq_n_f32(vld1q_f32(acc + i + 4 * u), c);
+        for (int j = lo; j <= hi; j++) {
+            const float32x4_t pj = vdupq_n_f32(p[j]);
+            const float *vj = v + (size_t)j * D + i;
+            for (int u = 0; u < 4; u++) a[u] = vfmaq_f32(a[u], pj, vld1q_f32(vj + 4 * u));
+        }
+        for (int u = 0; u < 4; u++) vst1q_f32(acc + i + 4 * u, a[u]);
+    }
+    for (; i + 4 <= D; i += 4) {
+        float32x4_t a = vmulq_n_f32(vld1q_f32(acc + i), c);
+        for (int j = lo; j <= hi; j++) a = vfmaq_f32(a, vdupq_n_f32(p[j]), vld1q_f32(v + (size_t)j * D + i));
+        vst1q_f32(acc + i, a);
     }
 #endif
     for (; i < D; i++) {
@@ -308,6 +409,35 @@ static void accumulate_tile(float *acc, const float c[MR], const float *p, int l
             for (int r = 0; r < MR; r++) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + (size_t)r * lp + j), vj, a[r]);
         }
         for (int r = 0; r < MR; r++) _mm256_storeu_ps(acc + (size_t)r * D + i, a[r]);
+    }
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+    for (; i + 16 <= D; i += 16) { /* 16 dimensions in four registers a row: each V vector loaded feeds MR rows */
+        float32x4_t a[MR][4];
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) a[r][u] = vmulq_n_f32(vld1q_f32(acc + (size_t)r * D + i + 4 * u), c[r]);
+        for (int j = lo; j <= hi; j++) {
+            const float *vj = v + (size_t)j * D + i;
+            const float32x4_t v0 = vld1q_f32(vj), v1 = vld1q_f32(vj + 4), v2 = vld1q_f32(vj + 8), v3 = vld1q_f32(vj + 12);
+            for (int r = 0; r < MR; r++) {
+                const float32x4_t pr = vdupq_n_f32(p[(size_t)r * lp + j]);
+                a[r][0] = vfmaq_f32(a[r][0], pr, v0);
+                a[r][1] = vfmaq_f32(a[r][1], pr, v1);
+                a[r][2] = vfmaq_f32(a[r][2], pr, v2);
+                a[r][3] = vfmaq_f32(a[r][3], pr, v3);
+            }
+        }
+        for (int r = 0; r < MR; r++)
+            for (int u = 0; u < 4; u++) vst1q_f32(acc + (size_t)r * D + i + 4 * u, a[r][u]);
+    }
+    for (; i + 4 <= D; i += 4) {
+        float32x4_t a[MR];
+        for (int r = 0; r < MR; r++) a[r] = vmulq_n_f32(vld1q_f32(acc + (size_t)r * D + i), c[r]);
+        for (int j = lo; j <= hi; j++) {
+            const float32x4_t vj = vld1q_f32(v + (size_t)j * D + i);
+            for (int r = 0; r < MR; r++) a[r] = vfmaq_f32(a[r], vdupq_n_f32(p[(size_t)r * lp + j]), vj);
+        }
+        for (int r = 0; r < MR; r++) vst1q_f32(acc + (size_t)r * D + i, a[r]);
     }
 #endif
     for (; i < D; i++) {
