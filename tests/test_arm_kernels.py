@@ -26,7 +26,7 @@ from ossrun.model.gpt_oss import MoE
 from ossrun.model.kernels import blocks_cpu, build, dense_cpu
 from ossrun.model.kernels.moe_cpu import Q8Experts
 from test_attention_cpu_kernel import check, make_case
-from test_moe_cpu_kernels import U, check_grouped_linear, moe_error_bound, reference_quantize
+from test_moe_cpu_kernels import U, check_grouped_linear, check_swiglu, moe_error_bound, reference_quantize, swiglu_operands
 from test_q8_kernel import check_linear
 
 CROSS = shutil.which("aarch64-linux-gnu-gcc")
@@ -156,6 +156,14 @@ def test_grouped_moe_linear_within_the_derived_bound(arm, isa, grouping):
         return y
 
     check_grouped_linear(grouping, quantize, grouped_linear)
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
+def test_swiglu_within_a_few_ulps(arm, isa):
+    h, bias = swiglu_operands(seed=12)
+    act = torch.empty(h.shape[0], h.shape[1] // 2)
+    arm[isa].call("moe_q8_swiglu", h, bias, h.numel() // 64, 7.0, act)
+    check_swiglu(act, h, bias, 7.0)
 
 
 def arm_moe_layer(library: ArmLibrary, q8: Q8Experts, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,36 @@ def test_variants_differ_only_by_summation_order(isa):
     assert ((variant.double() - portable.double()).abs() <= 4 * (2880 + 90 + 16) * U * magnitude).all()
 
 
+def swiglu_operands(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved (glu, linear) inputs and biases over the range where the vector exp is within its ulps: glu down
+    to -50 (past about -52, e^(-1.702 glu) meets the exp's clamp at 88.4 and only the sign and a tiny size are
+    promised), up past the limit (clamped to it), linear on both sides of ±limit."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.empty(40, 64)
+    h[:, 0::2] = torch.rand(40, 32, generator=g) * 60 - 50
+    h[:, 1::2] = torch.rand(40, 32, generator=g) * 20 - 10
+    h[0, 0:8] = torch.tensor([0.0, 0.0, 7.0, -7.0, 7.5, 7.0, -50.0, 3.0])
+    return h, torch.randn(40, 64, generator=g) * 0.1
+
+
+def check_swiglu(act: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, limit: float) -> None:
+    """Against the float64 reference: 8 ulps (the exp's ~1, 1 + e, a division, a product) plus the exponent's own
+    rounding, which e^x turns into a relative error of |x| times it: x = -1.702·glu is one fp32 product of an fp32
+    alpha (each ≤ 1 ulp of |x|), so 2·|x| ulps more (at glu = -50, 170 ulps: the conditioning, not the kernel)."""
+    x = h + bias  # in fp32, as the kernel adds them
+    exact = F_swiglu(x.double(), limit)
+    glu = x[..., 0::2].clamp(max=limit).double()
+    bound = (8 + 2 * 1.702 * glu.abs()) * U * exact.abs() + 1e-37
+    assert ((act.double() - exact).abs() <= bound).all(), ((act.double() - exact).abs() / bound).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_swiglu_within_a_few_ulps(isa):
+    """The layer's SwiGLU block (16, 8 or 1 lanes by variant): clamps, alpha, the vector exp."""
+    h, bias = swiglu_operands(seed=12)
+    check_swiglu(moe_cpu.swiglu_blocks(h, bias, 7.0, isa), h, bias, 7.0)
+
+
 def test_sizes_that_are_not_blocks_are_refused():
     with pytest.raises(ValueError):
         moe_cpu.quantize_rows(torch.zeros(2, 40))

@@ -87,6 +87,9 @@ int main(int argc, char **argv) {
                            float *, int))fn)(P(0), I(1), I(2), P(3), P(4), F(5), I(6), P(7), P(8), (int)I(9));
     } else if (!strcmp(name, "moe_q8_quantize")) {
         status = ((int (*)(const float *, int64_t, int, int8_t *, float *, int32_t *))fn)(P(0), I(1), (int)I(2), P(3), P(4), P(5));
+    } else if (!strcmp(name, "moe_q8_swiglu")) {
+        ((void (*)(const float *, const float *, int64_t, float, float *))fn)(P(0), P(1), I(2), F(3), P(4));
+        status = 0;
     } else if (!strcmp(name, "moe_q8_linear")) {
         status = ((int (*)(const int8_t *, const float *, const int32_t *, const int64_t *, int, const int64_t *, const int64_t *,
                            int, const uint8_t *, const uint8_t *, int, const float *, float *, int))fn)(

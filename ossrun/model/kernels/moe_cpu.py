@@ -22,6 +22,7 @@ _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "moe_q8_quantize": (ctypes.c_int, [_P, _I64, _I, _P, _P, _P]),
     "moe_q8_decode": (None, [_P, _I64, _P]),
+    "moe_q8_swiglu": (None, [_P, _P, _I64, _F, _P]),
     "moe_q8_linear": (ctypes.c_int, [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _P, _P, _I]),
     "moe_q8_amx_active": (ctypes.c_int, []),
     "moe_q8_layer": (ctypes.c_int, [_P, _I64, _I, _I, _P, _P, _I, _I, _P, _P, _P, _P, _P, _P, _F, _P, _P, _P, _P, _P, _P, _P, _P, _I]),
@@ -76,6 +77,14 @@ def decode_nibbles(blocks: torch.Tensor, isa: str | None = None) -> torch.Tensor
     out = torch.empty(*blocks.shape[:-1], 32, dtype=torch.int8)
     library(isa).moe_q8_decode(blocks.data_ptr(), n, out.data_ptr())
     return out
+
+
+def swiglu_blocks(h: torch.Tensor, bias: torch.Tensor, limit: float, isa: str | None = None) -> torch.Tensor:
+    """The layer's SwiGLU on its own (tests): h and bias [n, 64·m], glu and linear interleaved → [n, 32·m]."""
+    h, bias = h.float().contiguous(), bias.float().contiguous()
+    act = torch.empty(*h.shape[:-1], h.shape[-1] // 2, dtype=torch.float32)
+    library(isa).moe_q8_swiglu(h.data_ptr(), bias.data_ptr(), h.numel() // 64, limit, act.data_ptr())
+    return act
 
 
 def q8_grouped_linear(q: torch.Tensor, d: torch.Tensor, s: torch.Tensor, row_of: torch.Tensor | None, offsets: torch.Tensor,

@@ -686,9 +686,24 @@ static inline void swiglu_block(const float *h, const float *bias, float limit, 
         const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-1.702f), glu));
         _mm256_storeu_ps(act + 8 * quarter, _mm256_mul_ps(_mm256_div_ps(glu, _mm256_add_ps(one, e)), _mm256_add_ps(lin, one)));
     }
+#elif defined(__ARM_FEATURE_DOTPROD)
+    const float32x4_t vlimit = vdupq_n_f32(limit), one = vdupq_n_f32(1.0f);
+    for (int quarter = 0; quarter < 8; quarter++) { /* vld2 splits the interleaved (glu, linear) pairs */
+        const float32x4x2_t hv = vld2q_f32(h + 8 * quarter), bv = vld2q_f32(bias + 8 * quarter);
+        const float32x4_t glu = vminq_f32(vaddq_f32(hv.val[0], bv.val[0]), vlimit);
+        const float32x4_t lin = vminq_f32(vmaxq_f32(vaddq_f32(hv.val[1], bv.val[1]), vnegq_f32(vlimit)), vlimit);
+        const float32x4_t e = exp4(vmulq_f32(vdupq_n_f32(-1.702f), glu));
+        vst1q_f32(act + 4 * quarter, vmulq_f32(vdivq_f32(glu, vaddq_f32(one, e)), vaddq_f32(lin, one)));
+    }
 #else
     for (int i = 0; i < QK; i++) act[i] = swiglu(h[2 * i] + bias[2 * i], h[2 * i + 1] + bias[2 * i + 1], limit);
 #endif
+}
+
+/* act [n, 32] = SwiGLU of h + bias (each [n, 64], glu and linear interleaved) by the layer's own block code: exported
+ * for the tests, which hold every variant's vector exp and clamps to the reference. */
+void moe_q8_swiglu(const float *h, const float *bias, int64_t n, float limit, float *act) {
+    for (int64_t b = 0; b < n; b++) swiglu_block(h + 64 * b, bias + 64 * b, limit, act + 32 * b);
 }
 
 typedef struct {
