@@ -1,95 +1,37 @@
 """The Arm (aarch64) builds of the CPU kernels, run under qemu's user-mode emulation, against the same references and
 bounds as the x86 builds' tests.
 
-Every aarch64 variant (`build.ARM_VARIANTS`: portable, and `dotprod`'s sdot paths) is compiled by Debian's cross
-compiler with the flags `build.compile_flags` gives a real Arm machine, linked into one library as
-`blocks_cpu.py` links it, and called by `tests/native/kernel_call.c` (an aarch64 program too) on inputs made here in
-PyTorch; the outputs come back through files. The checks are the x86 tests' own (`check_linear`,
+Every aarch64 variant (`build.ARM_VARIANTS`: portable, and `dotprod`'s NEON and sdot paths) is built and called as
+`arm_emulation.py` says, on inputs made here in PyTorch. The checks are the x86 tests' own (`check_linear`,
 `check_grouped_linear`, `moe_error_bound`): activation quantisation bit for bit, products within the derived
-bounds, a whole MoE layer against the exact layer, paged attention against `attention_with_sinks`. Emulation says nothing of speed (bench/CPU_NOTES.md says what was
-counted instead). `.ci/run` installs the cross compiler and qemu; without them these tests skip, saying so.
+bounds, a whole MoE layer against the exact layer, paged attention against `attention_with_sinks`. Emulation says
+nothing of speed (bench/arm_kernels.py counts instructions instead). `.ci/run` installs the cross compiler and qemu; without them these tests skip, saying so.
 """
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
+from arm_emulation import MISSING, ArmLibrary, build_arm_libraries
 from ossrun.model.checkpoint import load_checkpoint, write_random_checkpoint
 from ossrun.model.config import PRESETS
 from ossrun.model.gpt_oss import MoE
-from ossrun.model.kernels import blocks_cpu, build, dense_cpu
+from ossrun.model.kernels import build, dense_cpu
 from ossrun.model.kernels.moe_cpu import Q8Experts
 from test_attention_cpu_kernel import check, make_case
 from test_moe_cpu_kernels import U, check_grouped_linear, check_swiglu, moe_error_bound, reference_quantize, swiglu_operands
 from test_q8_kernel import check_linear
 
-CROSS = shutil.which("aarch64-linux-gnu-gcc")
-QEMU = shutil.which("qemu-aarch64")
-SYSROOT = Path("/usr/aarch64-linux-gnu")  # the cross toolchain's libc, libgomp and loader, which qemu runs with
-pytestmark = pytest.mark.skipif(
-    not (CROSS and QEMU and SYSROOT.is_dir()),
-    reason="no aarch64 cross compiler and qemu here (Debian: gcc-aarch64-linux-gnu, qemu-user; .ci/run installs them)")
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 ARM_ISAS = list(build.ARM_VARIANTS)
 THREADS = 2  # the kernels' OpenMP teams run as threads under qemu too
 
 
-class ArmLibrary:
-    """One aarch64 build of the kernels, called through kernel_call under qemu: `call(function, *arguments)` with
-    tensors (their bytes go in, and come back into the same tensors), ints, floats or None (a null pointer)."""
-
-    def __init__(self, library: Path, caller: Path, workdir: Path):
-        self.library, self.caller, self.workdir = library, caller, workdir
-        self.calls = 0
-
-    def call(self, function: str, *arguments) -> int:
-        self.calls += 1
-        folder = self.workdir / f"call{self.calls}"
-        folder.mkdir()
-        lines, tensors = [], {}
-        for k, value in enumerate(arguments):
-            if value is None:
-                lines.append("n")
-            elif isinstance(value, torch.Tensor):
-                assert value.is_contiguous() and value.device.type == "cpu"
-                (folder / f"a{k}").write_bytes(ctypes.string_at(value.data_ptr(), value.numel() * value.element_size()))
-                lines.append(f"p a{k}")
-                tensors[k] = value
-            elif isinstance(value, float):
-                lines.append(f"f {value!r}")
-            else:
-                lines.append(f"i {int(value)}")
-        (folder / "args").write_text("\n".join(lines) + "\n")
-        done = subprocess.run([QEMU, "-L", str(SYSROOT), str(self.caller), str(self.library), function, str(folder)],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        for k, tensor in tensors.items():
-            data = (folder / f"a{k}.out").read_bytes()
-            ctypes.memmove(tensor.data_ptr(), data, len(data))
-        shutil.rmtree(folder)
-        return int(done.stdout.split()[-1])
-
-
 @pytest.fixture(scope="module")
 def arm(tmp_path_factory) -> dict[str, ArmLibrary]:
-    """Each Arm variant built as a real Arm machine would build it (build.py's flags, blocks_cpu's sources)."""
-    folder = tmp_path_factory.mktemp("arm")
-    caller = folder / "kernel_call"
-    native = Path(__file__).parent / "native" / "kernel_call.c"
-    subprocess.run([CROSS, "-O1", str(native), "-o", str(caller), "-ldl"], check=True)
-    libraries = {}
-    for isa in ARM_ISAS:
-        library = folder / f"kernels-{isa}.so"
-        sources = [str(blocks_cpu._SOURCE), *map(str, blocks_cpu._LINKED)]
-        subprocess.run([CROSS, *build.compile_flags(isa, machine="aarch64"), *sources, "-o", str(library), "-lm"], check=True)
-        libraries[isa] = ArmLibrary(library, caller, folder)
-    return libraries
+    return build_arm_libraries(tmp_path_factory.mktemp("arm"))
 
 
 def test_variants_are_chosen_by_the_cpu_features_linux_reports_on_arm():

@@ -8,6 +8,7 @@
  * DIR/args holds one argument a line, in the function's order: `i N` (an integer), `f X` (a float), `p NAME` (a
  * buffer: the bytes of DIR/NAME, written back to DIR/NAME.out after the call) or `n` (a null pointer). The status the
  * function returns is printed. */
+#define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -63,6 +64,8 @@ int main(int argc, char **argv) {
     if (!lib) { fprintf(stderr, "%s\n", dlerror()); return 2; }
     void *fn = dlsym(lib, argv[2]);
     if (!fn) { fprintf(stderr, "no function %s\n", argv[2]); return 2; }
+    Dl_info where;
+    if (dladdr(fn, &where)) fprintf(stderr, "library at %p\n", where.dli_fbase); /* bench/arm_kernels.py counts instructions there */
     char path[600];
     snprintf(path, sizeof path, "%s/args", argv[3]);
     FILE *f = fopen(path, "r");
