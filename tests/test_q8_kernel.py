@@ -7,6 +7,8 @@ accumulates ≤ K/32 block terms (plus a ≤ 16-lane horizontal sum) in fp32. Wi
 y_ref computed in float64.
 """
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,7 +131,6 @@ def test_fast_layer_is_quantised_and_exact_layer_is_not():
 def test_a_compiler_without_openmp_still_builds_the_kernel(tmp_path, monkeypatch, caplog):
     """Apple's clang refuses -fopenmp: the kernel is built without it (one thread) and computes the same products."""
     import ctypes
-    import shutil
 
     from ossrun.model.kernels import build
 
@@ -150,3 +151,26 @@ def test_a_compiler_without_openmp_still_builds_the_kernel(tmp_path, monkeypatch
     assert lib.q8_linear(x.data_ptr(), 5, 96, weight.values.data_ptr(), weight.scales.data_ptr(), weight.scale, 7, b.data_ptr(),
                          y.data_ptr(), 2) == 0
     assert torch.allclose(y, dense_cpu.q8_linear_reference(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+def test_a_variant_the_compiler_cannot_build_falls_back_to_a_weaker_one(tmp_path, monkeypatch, caplog):
+    """A compiler that refuses the selected variant's flags (an old one without -mavx512vnni, say) costs speed, not
+    every native kernel: the next weaker variant that builds is used, with a warning."""
+    from ossrun.model.kernels import build
+
+    if build.selected_isa() == "portable":
+        pytest.skip("this CPU runs only the portable variant: nothing weaker to fall back to")
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-without-vector-flags"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in -m*|-march=*) echo "unrecognized option $a" >&2; exit 1;; esac; done\n'
+                        f'exec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+    build.load_library.cache_clear()  # built anew with this compiler, and again with the real one by the tests after
+    try:
+        lib = build.load_selected(dense_cpu._SOURCE)
+    finally:
+        build.load_library.cache_clear()
+    assert lib is not None and "-portable-" in lib._name
+    assert f"the {build.selected_isa()} variant did not build; using portable" in caplog.text

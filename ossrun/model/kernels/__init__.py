@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.kernels.build import kernels_enabled, load_selected
 
 _SOURCE = Path(__file__).with_name("mxfp4_cpu.c")
 
@@ -20,7 +20,7 @@ _SOURCE = Path(__file__).with_name("mxfp4_cpu.c")
 def _library() -> ctypes.CDLL | None:
     if not kernels_enabled():
         return None
-    lib = load_library(_SOURCE, selected_isa())
+    lib = load_selected(_SOURCE)
     if lib is not None:
         lib.mxfp4_grouped_linear.restype = ctypes.c_int
         lib.mxfp4_grouped_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,

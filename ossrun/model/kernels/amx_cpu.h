@@ -56,8 +56,7 @@ typedef struct {
 #endif
 
 /* The tile registers' shapes, the same in every kernel: 0 and 3 int32 sums (16 x 16), 1 and 4 the first operand
- * (16 rows of one block's 32 int8), 2 and 5 the second (8 rows of 64 bytes: 4 bytes of each of 16 rows). Loaded
- * by each thread that runs tile instructions (the configuration is per thread). */
+ * (16 rows of one block's 32 int8), 2 and 5 the second (8 rows of 64 bytes: 4 bytes of each of 16 rows). */
 static inline void amx_config_tiles(TileConfig *config) {
     *config = (TileConfig){0};
     config->palette = 1;
@@ -117,6 +116,20 @@ static inline void amx_dot_blocks(const int8_t *a, size_t a_step, size_t a_strid
 #undef AMX_PRODUCT
 #undef AMX_SCALE
 }
+
+/* Each thread that runs tile instructions configures its tiles first (the configuration is per thread) and releases
+ * them after. Functions of their own, not inlined: clang outlines an OpenMP region's body into a function without
+ * this region's target, where a tile instruction cannot be compiled (clang 14: "Cannot select ... ldtilecfg"). */
+__attribute__((noinline)) static void amx_thread_begin(void) {
+    TileConfig config;
+    amx_config_tiles(&config);
+    /* gcc does not count ldtilecfg as reading the whole 64 bytes: alone in a function it dropped the stores of the
+     * tile shapes (every tile product then faulted). The empty asm reads all of it. */
+    __asm__ volatile("" : : "m"(config));
+    _tile_loadconfig(&config);
+}
+
+__attribute__((noinline)) static void amx_thread_end(void) { _tile_release(); }
 AMX_END
 #endif
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.kernels.build import kernels_enabled, load_library, load_selected
 
 _SOURCE = Path(__file__).with_name("attention_cpu.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -21,7 +21,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 def _library(isa: str | None = None) -> ctypes.CDLL | None:
     if not kernels_enabled():
         return None
-    lib = load_library(_SOURCE, isa or selected_isa())
+    lib = load_library(_SOURCE, isa) if isa else load_selected(_SOURCE)
     if lib is not None:
         lib.paged_attention.restype = ctypes.c_int
         lib.paged_attention.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _P, _I, ctypes.c_float, _I]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.kernels.build import kernels_enabled, load_selected
 from ossrun.model.lora import TARGETS, LoraBatch
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class _Step(ctypes.Structure):
 def _library() -> ctypes.CDLL | None:
     if not kernels_enabled():
         return None
-    lib = load_library(_SOURCE, selected_isa(), _LINKED)
+    lib = load_selected(_SOURCE, _LINKED)
     if lib is not None:
         lib.blocks_forward.restype = ctypes.c_int
         lib.blocks_forward.argtypes = [ctypes.POINTER(_Dims), ctypes.POINTER(_Layer), ctypes.POINTER(_Step), _P, _I]

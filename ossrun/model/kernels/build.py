@@ -21,7 +21,8 @@ on aarch64 (Linux on Graviton, Ampere, a Raspberry Pi 5, Docker on an Apple-sili
 C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVXVNNI__`, `__AVX512F__`,
 `__AVX512VNNI__`, `__ARM_FEATURE_DOTPROD`), so one file serves every variant and the portable path is always there.
 The variants are listed in order of preference: the last one the CPU supports is used. A compiler without OpenMP
-(Apple's clang) still builds every kernel, for one thread (the `omp` pragmas are all the kernels ask of OpenMP).
+(Apple's clang) still builds every kernel, for one thread (the `omp` pragmas are all the kernels ask of OpenMP), and
+a variant the compiler cannot build gives way to the next weaker one (`load_selected`).
 
 `OSSRUN_CPU_ISA=<variant>` forces a variant (one the CPU lacks is refused, and
 the best supported one is used instead, with a warning); `OSSRUN_KERNELS=0` turns every native
@@ -121,6 +122,21 @@ def kernels_enabled() -> bool:
 
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def load_selected(source: Path, linked: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
+    """`source` built for the selected variant or, where the compiler cannot build that one (an older compiler
+    without one of its flags, clang and a construct only gcc takes), the next weaker variant this CPU runs, down to
+    portable, with a warning: a compiler's gap costs some speed, never every native kernel. None if none builds."""
+    variants = supported_isas()
+    chosen = selected_isa()
+    for isa in [chosen, *reversed(variants[:variants.index(chosen)])]:
+        lib = load_library(source, isa, linked)
+        if lib is not None:
+            if isa != chosen:
+                log.warning("%s: the %s variant did not build; using %s", source.name, chosen, isa)
+            return lib
+    return None
 
 
 @cache

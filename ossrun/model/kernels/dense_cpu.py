@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.kernels.build import kernels_enabled, load_selected
 
 BLOCK = 32
 _SOURCE = Path(__file__).with_name("q8_cpu.c")
@@ -102,7 +102,7 @@ def q8_linear_reference(x: torch.Tensor, weight: Q8Weight, bias: torch.Tensor | 
 def _library() -> ctypes.CDLL | None:
     if not kernels_enabled():
         return None
-    lib = load_library(_SOURCE, selected_isa())
+    lib = load_selected(_SOURCE)
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.q8_linear.restype = ctypes.c_int

@@ -4,7 +4,7 @@ Activations are quantised per 32-value block to int8 with one fp32 scale; the ex
 and are decoded to int8 in registers, so a decode step reads only the 4.25-bit weights. One native
 call runs a whole MoE layer (both projections, biases, SwiGLU and the routing-weighted sum) for
 every expert routed that step. Every function takes `isa` to force a variant (the tests load each
-one); by default the variant is `build.selected_isa()`.
+one); by default the variant is `build.selected_isa()` (or the next weaker one, where that does not build).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ossrun.model.kernels.build import kernels_enabled, load_library, selected_isa
+from ossrun.model.kernels.build import kernels_enabled, load_library, load_selected
 
 _SOURCE = Path(__file__).with_name("moe_q8_cpu.c")
 _P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -34,7 +34,7 @@ def library(isa: str | None = None) -> ctypes.CDLL | None:
     """The kernel library for `isa` (default: the selected one), or None where it cannot be built or is turned off."""
     if not kernels_enabled():
         return None
-    lib = load_library(_SOURCE, isa or selected_isa())
+    lib = load_library(_SOURCE, isa) if isa else load_selected(_SOURCE)
     if lib is not None and id(lib) not in _configured:
         for name, (restype, argtypes) in _SIGNATURES.items():
             getattr(lib, name).restype = restype

@@ -109,7 +109,8 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
     for (int parity = 0; parity < 2; parity++) { /* evens, then odds */
         __m256i qv[2];
         for (int i = 0; i < 2; i++) {
-            const __m256 pick = _mm256_shuffle_ps(x4[2 * i], x4[2 * i + 1], parity ? 0xDD : 0x88);
+            const __m256 pick = parity ? _mm256_shuffle_ps(x4[2 * i], x4[2 * i + 1], 0xDD) /* constants: clang requires them */
+                                       : _mm256_shuffle_ps(x4[2 * i], x4[2 * i + 1], 0x88);
             qv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pick), 0xD8)), vid));
             sum = _mm256_add_epi32(sum, qv[i]);
         }
@@ -950,9 +951,7 @@ static int moe_layer_tiled(const Layer *L, const float *x, int G, int threads) {
     if (!failed) {
         #pragma omp parallel num_threads(threads > 0 ? threads : 1)
         {
-            TileConfig config;
-            amx_config_tiles(&config);
-            _tile_loadconfig(&config);
+            amx_thread_begin();
             TiledScratch t = {0};
             int64_t most = 0;
             for (int g = 0; g < G; g++) most = L->offsets[g + 1] - L->offsets[g] > most ? L->offsets[g + 1] - L->offsets[g] : most;
@@ -980,7 +979,7 @@ static int moe_layer_tiled(const Layer *L, const float *x, int G, int threads) {
             free(t.w);
             free(t.sw);
             free(t.h);
-            _tile_release();
+            amx_thread_end();
         }
     }
     (void)P;

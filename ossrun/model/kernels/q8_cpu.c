@@ -461,9 +461,7 @@ static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K
     int failed = 0;
     #pragma omp parallel num_threads(nthreads)
     {
-        TileConfig config;
-        amx_config_tiles(&config);
-        _tile_loadconfig(&config);
+        amx_thread_begin();
         float *pw = malloc((size_t)(TILE_ROWS * nb) * sizeof(float));
         float out[TILE_ROWS * TILE_ROWS] __attribute__((aligned(64)));
         if (!pw) {
@@ -487,7 +485,7 @@ static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K
             }
         }
         free(pw);
-        _tile_release();
+        amx_thread_end();
     }
     free(xv);
     free(dv);
