@@ -3,7 +3,7 @@
 No Arm machine is at hand, so this runs the aarch64 builds (`tests/arm_emulation.py`: the cross compiler, qemu's
 user-mode emulation) and counts the instructions executed inside the kernel library, one thread, on 20b-shaped
 work: a count, not a time (an Arm core retires ~3-4 a cycle; a decode step also waits on memory). `portable` is what
-every Arm machine ran before the `dotprod` variant (NEON and sdot). The last rows add the units of one 20b decode token
+every Arm machine ran before the `dotprod` variant (NEON and sdot); `i8mm` adds smmla for a prompt's MoE products. The last rows add the units of one 20b decode token
 (all 24 layers, 4 experts, the unembedding; attention at the given depth) into instructions per token.
 
     PYTHONPATH=. python bench/arm_kernels.py [--depth 2048]
@@ -115,6 +115,7 @@ def main() -> None:
             "dense decode": lambda lib: dense(lib, 1),
             "dense prefill (16 rows)": lambda lib: dense(lib, 16),
             "MoE decode": lambda lib: moe(lib, 1),
+            "MoE prefill (8 rows)": lambda lib: moe(lib, 8),
             "MoE prefill (64 rows)": lambda lib: moe(lib, 64),
             "quantise": quantize,
             "SwiGLU": swiglu,

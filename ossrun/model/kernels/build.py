@@ -16,7 +16,9 @@ on x86-64:
 
 on aarch64 (Linux on Graviton, Ampere, a Raspberry Pi 5, Docker on an Apple-silicon Mac; macOS itself):
 - `dotprod`: Armv8.2's int8 dot products (`sdot`, the `asimddp` feature: every Apple M chip, Neoverse N1 and
-  later, Cortex-A76 and later).
+  later, Cortex-A76 and later);
+- `i8mm`: `dotprod` plus the int8 matrix multiply (`smmla`: Apple M2 and later, Graviton 3 and later, Neoverse V1/N2)
+  for a prompt's MoE products.
 
 C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVXVNNI__`, `__AVX512F__`,
 `__AVX512VNNI__`, `__ARM_FEATURE_DOTPROD`), so one file serves every variant and the portable path is always there.
@@ -61,6 +63,7 @@ X86_VARIANTS: Variants = {
 ARM_VARIANTS: Variants = {
     "portable": ((), ()),
     "dotprod": (("asimddp",), ("-march=armv8.2-a+dotprod",)),
+    "i8mm": (("asimddp", "i8mm"), ("-march=armv8.2-a+dotprod+i8mm",)),
 }
 
 

@@ -29,6 +29,7 @@
 #include <arm_neon.h>
 #endif
 #include "amx_cpu.h"
+#include "mmla_cpu.h"
 
 #define QK 32     /* weights per block */
 #define MR 4      /* activation rows per micro-kernel call */
@@ -494,6 +495,87 @@ static int tiled_product(const int8_t *xq, const float *xd, int64_t M, int64_t K
 AMX_END
 #endif
 
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+#define MM_MIN_ROWS 4 /* activation rows from which the product takes smmla (mmla_cpu.h) */
+
+/* Weight rows 0 .. N - N%4 - 1 by smmla, 2 x 2 tiles of (weight pair, activation pair) held 2 x 2 in registers: the
+ * activation pairs laid out once (an odd last row paired with itself, its twin's sums not stored), each group of 4
+ * weight rows laid out by the thread that takes it, for every chunk of MCHUNK activation rows (which stay in cache). */
+static int mm_product(const int8_t *xq, const float *xd, int64_t M, int64_t K, const int8_t *wq, const uint16_t *wd,
+                      float wscale, int64_t N, const float *bias, float *y, int nthreads) {
+    const int64_t nb = K / QK, pairs = (M + 1) / 2;
+    int8_t *xm = malloc((size_t)(pairs * nb * 64));
+    float *dxm = malloc((size_t)(pairs * nb * 4) * sizeof(float));
+    if (!xm || !dxm) {
+        free(xm);
+        free(dxm);
+        return -2;
+    }
+    for (int64_t p = 0; p < pairs; p++) {
+        const int64_t m0 = 2 * p, m1 = 2 * p + 1 < M ? 2 * p + 1 : 2 * p;
+        for (int64_t b = 0; b < nb; b++) {
+            const int8_t *x0 = xq + m0 * K + b * QK, *x1 = xq + m1 * K + b * QK;
+            mm_interleave(vld1q_s8(x0), vld1q_s8(x0 + 16), vld1q_s8(x1), vld1q_s8(x1 + 16), xm + (p * nb + b) * 64);
+            float *d = dxm + (p * nb + b) * 4; /* the tile's lanes: (w0,x0) (w0,x1) (w1,x0) (w1,x1) */
+            d[0] = d[2] = xd[m0 * nb + b], d[1] = d[3] = xd[m1 * nb + b];
+        }
+    }
+    const int64_t groups = N / 4, chunk_pairs = MCHUNK / 2;
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int8_t *w = malloc((size_t)(2 * nb * 64));
+        float *dw = malloc((size_t)(2 * nb * 4) * sizeof(float));
+        if (!w || !dw) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t p0 = 0; p0 < pairs; p0 += chunk_pairs) {
+            const int64_t p1 = p0 + chunk_pairs < pairs ? p0 + chunk_pairs : pairs;
+            #pragma omp for schedule(dynamic, 4)
+            for (int64_t g = 0; g < groups; g++) {
+                if (!w || !dw) continue;
+                for (int wp = 0; wp < 2; wp++) {
+                    const int64_t n0 = 4 * g + 2 * wp;
+                    for (int64_t b = 0; b < nb; b++) {
+                        const int8_t *w0 = wq + n0 * K + b * QK, *w1 = w0 + K;
+                        mm_interleave(vld1q_s8(w0), vld1q_s8(w0 + 16), vld1q_s8(w1), vld1q_s8(w1 + 16), w + (wp * nb + b) * 64);
+                        float *d = dw + (wp * nb + b) * 4;
+                        d[0] = d[1] = half_to_float(wd[n0 * nb + b]), d[2] = d[3] = half_to_float(wd[(n0 + 1) * nb + b]);
+                    }
+                }
+                for (int64_t p = p0; p < p1; p += 2) {
+                    const int both = p + 1 < p1;
+                    float32x4_t acc[2][2] = {{vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}, {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}};
+                    for (int64_t b = 0; b < nb; b++)
+                        for (int ap = 0; ap < 1 + both; ap++) {
+                            const int8_t *x = xm + ((p + ap) * nb + b) * 64;
+                            const float32x4_t dx = vld1q_f32(dxm + ((p + ap) * nb + b) * 4);
+                            for (int wp = 0; wp < 2; wp++)
+                                acc[wp][ap] = vfmaq_f32(acc[wp][ap], vcvtq_f32_s32(mm_block(w + (wp * nb + b) * 64, x)),
+                                                        vmulq_f32(vld1q_f32(dw + (wp * nb + b) * 4), dx));
+                        }
+                    for (int ap = 0; ap < 1 + both; ap++)
+                        for (int wp = 0; wp < 2; wp++) {
+                            float lanes[4];
+                            vst1q_f32(lanes, acc[wp][ap]);
+                            const int64_t m = 2 * (p + ap), n = 4 * g + 2 * wp;
+                            const float b0 = bias ? bias[n] : 0.0f, b1 = bias ? bias[n + 1] : 0.0f;
+                            y[m * N + n] = lanes[0] * wscale + b0, y[m * N + n + 1] = lanes[2] * wscale + b1;
+                            if (m + 1 < M) y[(m + 1) * N + n] = lanes[1] * wscale + b0, y[(m + 1) * N + n + 1] = lanes[3] * wscale + b1;
+                        }
+                }
+            }
+        }
+        free(w);
+        free(dw);
+    }
+    free(xm);
+    free(dxm);
+    return failed ? -2 : 0;
+}
+#endif
+
 /* 1 when products of many rows take the AMX tiles now (see amx_cpu.h), else 0. */
 int q8_amx_active(void) {
 #if defined(OSSRUN_AMX)
@@ -513,6 +595,13 @@ int q8_linear(const float *x, int64_t M, int64_t K, const int8_t *wq, const uint
     float *xd = scratch_d;
     int64_t nb = K / QK, n_begin = 0;
     q8_quantize_rows(x, M, K, xq, xd, nthreads);
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+    if (M >= MM_MIN_ROWS && N >= 4) {
+        const int status = mm_product(xq, xd, M, K, wq, wd, wscale, N, bias, y, nthreads);
+        if (status) return status;
+        n_begin = N - N % 4; /* the last < 4 weight rows: the per-row kernel */
+    }
+#endif
 #if defined(GROUP)
     if (M >= GROUPED_MIN_ROWS && N >= GROUP) {
 #if defined(OSSRUN_AMX)
