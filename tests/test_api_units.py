@@ -79,7 +79,10 @@ BUILT_IN = "only function tools (type 'function') can be called here, not built-
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"input": "a", "tools": [{"type": "web_search"}]}, "tools[0].type", f"at '/tools/0/type': tool type 'web_search' is not supported: {BUILT_IN}"),
+    ({"input": "a", "tools": [{"type": "code_interpreter"}]}, "tools[0].type",
+     f"at '/tools/0/type': tool type 'code_interpreter' is not supported: {BUILT_IN}"),
+    ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "web_search"}]}, "tools[0].type",
+     f"at '/tools/0/type': tool type 'web_search' is not supported: {BUILT_IN}"),  # chat has no web search tool
     ({"input": "a", "tools": [{"type": "function", "name": "f"}, {"type": "file_search", "vector_store_ids": []}]}, "tools[1].type",
      f"at '/tools/1/type': tool type 'file_search' is not supported: {BUILT_IN}"),
     ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "custom", "name": "x"}]}, "tools[0].type",

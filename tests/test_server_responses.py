@@ -550,3 +550,53 @@ def test_a_resume_after_a_background_run_ended_gets_the_events_the_live_stream_n
     for after in (0, deltas[1], deltas[-2], len(live) - 2):
         assert resumed(after) == live[after + 1:], after
     assert resumed(len(live) - 1) == []  # the client has seen the end
+
+
+# What Codex (OpenAI's coding agent) sends by default (hunt round 10): a namespace tool grouping function tools, and a
+# web_search tool. Both were a 400, so every Codex turn failed.
+NAMESPACE = {"type": "namespace", "name": "weather", "description": "Weather tools",
+             "tools": [{**WEATHER, "strict": False}]}
+WEB_SEARCH = {"type": "web_search", "external_web_access": False}
+
+
+def test_namespace_tools_are_offered_as_dotted_functions_and_calls_name_their_namespace(server):
+    """A namespace's functions are offered as NAMESPACE.FUNCTION (the prompt is token for token the one of a plain
+    tool of that name); a call of one is a function_call item with `namespace` and the function's own name, as
+    OpenAI returns it, and that item sent back (with its output) is read as the same call. Web search is accepted and
+    not offered (the prompt is the same without it); both are echoed as sent."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    flat = {**WEATHER, "name": "weather.get_weather", "strict": False}
+    question = "What is the weather in Paris?"
+    count = lambda tools: client.responses.input_tokens.count(model=MODEL, input=question, tools=tools).input_tokens
+    assert count([NAMESPACE, WEB_SEARCH]) == count([NAMESPACE]) == count([flat]) != count([])
+    body = {"model": MODEL, "input": question, "tools": [NAMESPACE, WEB_SEARCH], "temperature": 0,
+            "tool_choice": {"type": "function", "name": "weather.get_weather"}}
+    answered = post_json(server, "/v1/responses", body)
+    (call,) = [item for item in answered["output"] if item["type"] == "function_call"]
+    assert call["namespace"] == "weather" and call["name"] == "get_weather" and "city" in json.loads(call["arguments"])
+    assert answered["tools"] == [{"type": "namespace", "name": "weather", "description": "Weather tools",
+                                  "tools": [{**WEATHER, "strict": False}]}, WEB_SEARCH]
+    streamed = events(server, body)
+    added = [e["item"] for e in streamed if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"]
+    assert [(item["namespace"], item["name"]) for item in added] == [("weather", "get_weather")]
+    sent_back = [{"type": "message", "role": "user", "content": question}, {k: call[k] for k in ("type", "call_id", "name", "namespace", "arguments")},
+                 {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature_c": 7, "condition": "rainy"}'}]
+    as_plain = [*sent_back[:1], {**sent_back[1], "name": "weather.get_weather", "namespace": None}, *sent_back[2:]]
+    assert client.responses.input_tokens.count(model=MODEL, input=sent_back, tools=[NAMESPACE]).input_tokens == \
+        client.responses.input_tokens.count(model=MODEL, input=as_plain, tools=[flat]).input_tokens
+    final = post_json(server, "/v1/responses", {"model": MODEL, "input": sent_back, "tools": [NAMESPACE, WEB_SEARCH], "temperature": 0})
+    assert final["status"] == "completed" and final["output_text"]
+
+
+def test_forcing_web_search_and_stored_prompts_are_refused_by_name(server):
+    """Web search is offered to nobody, so a tool_choice forcing it cannot be honoured; OpenAI's stored prompts
+    (`prompt: {id, version}`) were ignored (the answer lacked the stored instructions): each a 400 naming it."""
+    forced = post_json(server, "/v1/responses", {"model": MODEL, "input": "Hi", "tools": [WEB_SEARCH],
+                                                 "tool_choice": {"type": "web_search"}}, status=400)["error"]
+    assert forced["param"] == "tool_choice.type" and "web_search" in forced["message"]
+    stored = post_json(server, "/v1/responses", {"model": MODEL, "input": "Hi", "prompt": {"id": "pmpt_1", "version": "2"}},
+                       status=400)["error"]
+    assert stored["param"] == "prompt" and "stored prompts are not supported" in stored["message"]
+    chat = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                      "tools": [NAMESPACE]}, status=400)["error"]
+    assert chat["param"] == "tools[0].type" and "namespace" in chat["message"]

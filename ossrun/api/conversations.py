@@ -68,7 +68,8 @@ def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
     if item["type"] == "message":
         return {"role": "assistant", "id": item["id"], "content": "".join(part.get("text", "") for part in item.get("content", []))}
     if item["type"] == "function_call":
-        return {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
+        called = {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
+        return {**called, "namespace": item["namespace"]} if item.get("namespace") else called
     return None
 
 

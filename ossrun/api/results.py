@@ -9,7 +9,7 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api.ask import final_format
-from ossrun.api.schemas import NamedToolChoice, ResponseFormat, ResponsesInput, Tool, WrappedTool
+from ossrun.api.schemas import NamedToolChoice, NamespaceTool, ResponseFormat, ResponsesInput, Tool, WebSearchTool, tool_spec
 from ossrun.api.service import Outcome, usage
 
 
@@ -96,9 +96,12 @@ def responses_usage(outcome: Outcome, prices) -> dict[str, Any]:
             "cost_usd": base["cost_usd"], "neurons": base["neurons"]}
 
 
-def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed") -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
+def function_call_item(call_id: str, name: str, arguments: str, item_id: str | None = None, status: str = "completed",
+                       namespace: str | None = None) -> dict[str, Any]:
+    """`namespace`: the call is of a function of that namespace tool (`name` is the function's own name)."""
+    item = {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call_id, "name": name, "arguments": arguments,
             "status": status}
+    return {**item, "namespace": namespace} if namespace else item
 
 
 # Request fields a Responses object repeats back, with OpenAI's value when the request left them out (`text`: OpenAI
@@ -117,8 +120,8 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
         return {**ECHOED, **(sampling or {})}
     fields = {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True),
               **(sampling or {})}
-    if request.tools:
-        fields["tools"] = [function_tool(tool) for tool in request.tools]
+    if request.sent_tools:
+        fields["tools"] = [echoed_tool(tool) for tool in request.sent_tools]
     if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
         fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
     fields["text"] = echoed_text(request)
@@ -152,9 +155,18 @@ def responses_format(fmt: ResponseFormat) -> dict[str, Any]:
 def function_tool(tool: Tool) -> dict[str, Any]:
     """A tool as OpenAI's Responses objects echo it (`FunctionTool`: SDKs read `name` and `type` there), from the
     chat spelling or the flat one with or without `type`. `strict` as it was applied: absent is false here."""
-    spec = tool.function if isinstance(tool, WrappedTool) else tool
+    spec = tool_spec(tool)
     return {"type": "function", "name": spec.name, "description": spec.description, "parameters": spec.parameters,
             "strict": spec.strict is True}
+
+
+def echoed_tool(tool: Any) -> dict[str, Any]:
+    """A function tool as `function_tool`; a namespace with its functions so; web search as sent."""
+    if isinstance(tool, NamespaceTool):
+        return {"type": "namespace", "name": tool.name, "description": tool.description, "tools": [function_tool(t) for t in tool.tools]}
+    if isinstance(tool, WebSearchTool):
+        return tool.model_dump(mode="json", exclude_none=True)
+    return function_tool(tool)
 
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, created_at: int,

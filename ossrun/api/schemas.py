@@ -25,16 +25,20 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     InputMessage,
     ItemReference,
     Message,
+    NamespaceTool,
     OpenAIMessage,
     ReasoningInput,
     RequestItem,
+    ResponsesTool,
     Shape,
     TextPart,
     Tool,
     ToolCall,
     ToolCallFunction,
+    WebSearchTool,
     WrappedTool,
     function_or_flat,
+    tool_spec,
     str_or_list,
 )
 
@@ -253,7 +257,9 @@ def _not_here(hint: str) -> Any:
 # the answer would lack what the client believes it sent, so each is a 400 naming it (null is accepted). `conversation`
 # (OpenAI's Conversations API, which openai-node's `responses.create({conversation})` and the AI SDK's
 # `providerOptions.openai.conversation` send) would prepend that conversation's items and add the answer to it.
-UNSUPPORTED_RESPONSES = {"conversation": "conversations are not supported: use previous_response_id"}
+UNSUPPORTED_RESPONSES = {"conversation": "conversations are not supported: use previous_response_id",
+                         # OpenAI's stored prompt templates (`{id, version, variables}`), kept on OpenAI's side
+                         "prompt": "stored prompts are not supported: send their instructions and input"}
 
 
 def _responses_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +273,9 @@ class ResponsesInput(_Open):
     input: str_or_list(RequestItem)  # type: ignore[valid-type]
     instructions: str | None = None
     reasoning: Reasoning | None = None
-    tools: list[Tool] | None = None
+    # After validation: the function tools the model is offered (a namespace's as NAMESPACE.FUNCTION; web search
+    # left out); `sent_tools` keeps what the request sent, for the echo.
+    tools: list[ResponsesTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # echoed (OpenAI's default: true); the model makes one call per turn anyway
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
@@ -300,12 +308,40 @@ class ResponsesInput(_Open):
     min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
     conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
+    prompt: None = Field(None, description=UNSUPPORTED_RESPONSES["prompt"])
     # OpenAI's background mode: a stream's run outlives its connection (`api/background.py`) and is fetched, followed
     # or cancelled by id; a sync request is served as a plain one (the client gets the finished response). Echoed.
     background: bool | None = None
     # OpenAI's: "auto" drops the conversation's oldest items when it does not fit the window with the answer's room
     # (`Service._truncated`); "disabled" (the default) keeps the 400. Echoed.
     truncation: Literal["auto", "disabled"] | None = None
+
+    _sent_tools: list[Any] | None = PrivateAttr(None)
+    _namespaced: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)  # NAMESPACE.FUNCTION → both
+
+    @model_validator(mode="after")
+    def _offered_tools(self):
+        """Namespaces' functions offered as functions named NAMESPACE.FUNCTION, web search not offered."""
+        if self.tools and any(isinstance(tool, (NamespaceTool, WebSearchTool)) for tool in self.tools):
+            self._sent_tools, offered = self.tools, []
+            for tool in self.tools:
+                if isinstance(tool, NamespaceTool):
+                    for function, spec in zip(tool.functions(), tool.tools):
+                        self._namespaced[function.name] = (tool.name, tool_spec(spec).name)
+                        offered.append(function)
+                elif not isinstance(tool, WebSearchTool):
+                    offered.append(tool)
+            self.tools = offered
+        return self
+
+    @property
+    def sent_tools(self) -> list[Any] | None:
+        """The tools as the request sent them (namespaces and web search included)."""
+        return self._sent_tools if self._sent_tools is not None else self.tools
+
+    def called(self, name: str) -> tuple[str | None, str]:
+        """(namespace, function) of a function the model called by its offered name (namespace None: a plain one)."""
+        return self._namespaced.get(name, (None, name))
 
     @model_validator(mode="after")
     def _background_is_stored(self):

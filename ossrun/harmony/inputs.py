@@ -252,7 +252,7 @@ def _responses_item(out: Converted, item: InputItem, where: str) -> None:
             _check_responses_outputs(out)
         _responses_message(out, item)
     elif isinstance(item, FunctionCallInput):
-        _add_tool_call(out, item.name, item.arguments, item.call_id, where)
+        _add_tool_call(out, item.called, item.arguments, item.call_id, where)
     elif isinstance(item, FunctionCallOutputInput):
         if item.call_id not in out.tool_names_by_call_id:
             raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")

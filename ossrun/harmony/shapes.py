@@ -100,14 +100,61 @@ def _tool_model(tool: Any) -> str:
 
 
 def _function_tool(tool: Any) -> Any:
-    """`web_search`, `file_search`, `code_interpreter`, `custom`, …: one error naming the type, not every branch's."""
+    """`file_search`, `code_interpreter`, `custom`, …: one error naming the type, not every branch's."""
     return function_or_flat(tool, "tool", "only function tools (type 'function') can be called here, not built-in tools "
-                            "(web_search, file_search, code_interpreter, custom, …)",
+                            "(file_search, code_interpreter, custom, …; /v1/responses also takes namespaces of function "
+                            "tools, and web_search, which the model is not offered: it has no search here)",
                             "{'type': 'function', 'function': {'name': …}} or, flat, {'type': 'function', 'name': …}")
 
 
 Tool = Annotated[Union[Annotated[WrappedTool, Tag("WrappedTool")], Annotated[FlatTool, Tag("FlatTool")]],
                  Discriminator(_tool_model), BeforeValidator(_function_tool)]
+
+
+def tool_spec(tool: WrappedTool | FlatTool) -> FunctionDef:
+    """The function a tool offers, whichever spelling it came in."""
+    return tool.function if isinstance(tool, WrappedTool) else tool
+
+
+# A namespace's name: the part before the dot of the tool names it gives its functions (so no dot of its own).
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+class NamespaceTool(Shape):
+    """OpenAI's Responses tool that groups function tools under a name (Codex's `multi_agent_v1`, sent by default).
+    The model is offered each as a function named NAMESPACE.FUNCTION (a dotted name, as harmony's own tool namespaces
+    are written), and a call of one comes back as a `function_call` item with `namespace` and the function's own
+    name, as OpenAI returns it."""
+
+    type: Literal["namespace"]
+    name: str = Field(pattern=NAMESPACE_PATTERN)
+    description: str | None = None
+    tools: list[Tool] = Field(min_length=1)
+
+    def functions(self) -> list[FlatTool]:
+        return [FlatTool(type="function", name=f"{self.name}.{spec.name}", description=spec.description,
+                         parameters=spec.parameters, strict=spec.strict) for spec in map(tool_spec, self.tools)]
+
+
+# OpenAI's web search tool types. gpt-oss has no search backend here: the tool is accepted and not offered to the
+# model, which answers from what it knows, as it would had it not searched (agents such as Codex send one by default;
+# a 400 would end every turn). Forcing it (`tool_choice`) stays a 400: that cannot be honoured.
+WEB_SEARCH_TYPES = ("web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11")
+
+
+class WebSearchTool(Shape):
+    type: Literal[WEB_SEARCH_TYPES]  # type: ignore[valid-type]
+
+
+def _responses_tool_model(tool: Any) -> str:
+    kind = tool.type if isinstance(tool, (NamespaceTool, WebSearchTool)) else tool.get("type") if isinstance(tool, dict) else None
+    return "NamespaceTool" if kind == "namespace" else "WebSearchTool" if kind in WEB_SEARCH_TYPES else "Tool"
+
+
+# A Responses request's tools: function tools, namespaces of them, and web search (accepted, not offered). The tags
+# are capitalised, as pydantic's own labels are, so an error's path leaves them out (`tools[0].name`).
+ResponsesTool = Annotated[Union[Annotated[Tool, Tag("Tool")], Annotated[NamespaceTool, Tag("NamespaceTool")],
+                                Annotated[WebSearchTool, Tag("WebSearchTool")]], Discriminator(_responses_tool_model)]
 
 
 class ToolCallFunction(Shape):
@@ -209,6 +256,12 @@ class FunctionCallInput(Shape):
     name: str = Field(min_length=1)
     arguments: str | dict[str, Any] | None = None
     call_id: str | None = None
+    namespace: str | None = None  # a function of a namespace tool (`NamespaceTool`): the model called NAMESPACE.NAME
+
+    @property
+    def called(self) -> str:
+        """The function's name as the model wrote it."""
+        return f"{self.namespace}.{self.name}" if self.namespace else self.name
 
 
 class FunctionCallOutputInput(Shape):

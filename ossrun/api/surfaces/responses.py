@@ -75,7 +75,8 @@ class ResponsesSurface:
                                       "content": []})
             frames += self._delta(event.text)
         elif isinstance(event, harmony.ToolCallStart):
-            frames += self._open(results.function_call_item(event.call_id, event.name, "", status="in_progress"))
+            namespace, name = self.request.called(event.name) if self.request else (None, event.name)
+            frames += self._open(results.function_call_item(event.call_id, name, "", status="in_progress", namespace=namespace))
         elif isinstance(event, harmony.ToolCallArgumentsDelta) and self.current is not None:
             frames += self._delta(event.text)
         elif isinstance(event, harmony.MessageEnd):  # on the last step of a `length` finish: cut off
@@ -295,7 +296,8 @@ def _part_of(item: dict[str, Any]) -> dict[str, Any]:
 def _as_opened(item: dict[str, Any]) -> dict[str, Any]:
     """A stored output item as the live stream's `output_item.added` showed it, before anything was generated."""
     if item["type"] == "function_call":
-        return results.function_call_item(item["call_id"], item["name"], "", item["id"], status="in_progress")
+        return results.function_call_item(item["call_id"], item["name"], "", item["id"], status="in_progress",
+                                          namespace=item.get("namespace"))
     if item["type"] == "message":
         return {"type": "message", "id": item["id"], "role": "assistant", "status": "in_progress", "content": []}
     return {"type": "reasoning", "id": item["id"], "summary": [], "content": []}
