@@ -10,6 +10,8 @@ drops, repeats or misplaces a token fails. The last tests keep the scripted engi
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import httpx
 import openai
@@ -545,3 +547,46 @@ def test_line_separators_in_generated_text_stay_in_their_frame(client, engine, p
     payloads = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
     parsed = json.dumps(payloads, ensure_ascii=False)
     assert all(char in parsed for char in "\u2028\u2029\x85")  # the text itself, unchanged once parsed
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory):
+    """The demo model serving one request at a time, a stream silent for 0.2 s getting a keep-alive."""
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    os.environ["OSSRUN_SSE_KEEPALIVE_S"] = "0.2"
+    try:
+        s = start_server(resolve_model("demo"), tmp_path_factory.mktemp("keepalive"), "--max-num-seqs", "1", "--rate-limit", "0")
+    finally:
+        del os.environ["OSSRUN_SSE_KEEPALIVE_S"]
+    yield s
+    s.stop()
+
+
+def test_a_silent_stream_gets_keep_alive_comments_that_clients_skip(one_at_a_time):
+    """Hunt round 10, on the 20b on 2 cores: a 4k-token prompt streamed its role chunk, then nothing for 113 s until
+    the first token; the OpenAI SDK with `timeout=60` raised at 60 s (and httpx's default 5 s timeout at 5 s). Now a
+    stream that has sent nothing for a while sends an SSE comment, which every SSE parser skips. Here a stream waits
+    its turn behind another (one request at a time) long enough for several; the SDK reads it as if they were not there."""
+    server = one_at_a_time
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}
+    alone = post_json(server, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+    # A raw completion that cannot end (its stop tokens banned) holds the only slot for its 600 tokens.
+    banned = {str(token): -100 for token in (*harmony.STOP_TOKENS, harmony.tokenizer.END, harmony.tokenizer.ENDOFTEXT)}
+    holder = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 600, "logit_bias": banned, "stream": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=holder, headers=server.headers, timeout=120):
+        time.sleep(0.3)  # the long one holds the only slot
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+        raw, lines = [], []
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", json={**body, "stream": True}, headers=server.headers,
+                          timeout=120) as waiting:
+            for line in waiting.iter_lines():
+                raw.append(line)
+        streamed = client.chat.completions.create(**body, stream=True)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    comments = [line for line in raw if line.startswith(":")]
+    assert comments and set(comments) == {": keep-alive"}
+    first_data = next(i for i, line in enumerate(raw) if line.startswith("data: "))
+    assert any(line.startswith(":") for line in raw[first_data:])  # after the opening chunk, while it waited
+    assert text == alone and [line for line in raw if line][-1] == "data: [DONE]"

@@ -11,12 +11,15 @@ the poll's cancel scope fires.
 
 A stream is an async generator chain (surface frames → service → engine stream) whose `finally`s
 abort the engine requests; `EventStream` closes it however the response ends (see there), and each
-link closes the one it reads with `contextlib.aclosing`, so nothing waits for the garbage collector.
+link closes the one it reads with `contextlib.aclosing`, so nothing waits for the garbage collector. A stream silent
+for `KEEPALIVE_S` gets an SSE comment (`with_keepalives`), so a long prompt read on a CPU does not outlast the
+client's read timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
@@ -55,6 +58,41 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 SSE = "text/event-stream"
 NO_CACHE = {"Cache-Control": "no-cache"}  # no proxy may buffer or replay a stream
 
+# A stream silent this long gets an SSE comment line, which every SSE parser skips (openai-python's and Cloudflare's
+# SDKs, eventsource-parser, the browser's EventSource): on a CPU a long prompt is read for minutes before its first
+# token (20b, 4k tokens: ~2 minutes on 2 cores), and a client's read timeout (60 s is common; httpx's default is 5 s)
+# or a proxy's would end the stream meanwhile. A stream that is not silent never carries one.
+KEEPALIVE_S = float(os.environ.get("OSSRUN_SSE_KEEPALIVE_S", "4"))
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def with_keepalives(body: AsyncGenerator[bytes, None], every: float) -> AsyncGenerator[bytes, None]:
+    """`body`'s frames, and a keep-alive comment whenever `every` seconds pass without one. The next frame is
+    awaited in a task of its own, so a keep-alive does not interrupt it; closing this closes `body`."""
+    step: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if step is None:
+                step = asyncio.ensure_future(anext(body))
+            done, _ = await asyncio.wait((step,), timeout=every)
+            if not done:
+                yield KEEPALIVE
+                continue
+            finished, step = step, None
+            try:
+                frame = finished.result()
+            except StopAsyncIteration:
+                return
+            yield frame
+    finally:
+        if step is not None:  # closed while a frame was awaited: the body is stopped there (its cleanup runs)
+            step.cancel()
+            try:
+                await step
+            except (asyncio.CancelledError, StopAsyncIteration, Exception):
+                pass
+        await body.aclose()
+
 
 class EventStream(StreamingResponse):
     """Server-sent events whose body generator is closed however the response ends, so a client that
@@ -67,6 +105,7 @@ class EventStream(StreamingResponse):
     generating for nobody meanwhile. Closed here, shielded from the cancellation, it runs now."""
 
     def __init__(self, body: AsyncGenerator[bytes, None]):
+        body = with_keepalives(body, KEEPALIVE_S)
         super().__init__(body, media_type=SSE, headers=NO_CACHE)
         self.generator = body  # (`body_iterator` is typed as any async iterable)
 
