@@ -219,3 +219,20 @@ def test_two_groups_prefills_take_the_step_in_turns():
     run(s)
     step = run(s)  # a0 and b0 first (one turn each), a1 after them: b is not behind all of a's rows
     assert step["b0"] == 32 and step["a0"] == 32 and "a1" not in step, step
+
+
+def test_a_new_request_is_admitted_before_other_requests_second_prefill_chunks():
+    """Hunt round 10 (20b on 2 cores, 12-16 s a step): a `Hello` sent behind four 800-token prompts waited until every
+    one of them was read (49-55 s to its first token): two running prefills filled each step, admission came after
+    them, so it waited for all four prompts to be read. Now while a request waits, one running prefill takes its chunk,
+    the next waiting request (in arrival order) is admitted, the others share the rest: the `Hello` runs as soon as the
+    prompts before it have started (here the 4th step, not the 50th)."""
+    s = scheduler(budget=64)
+    for i in range(4):
+        s.add(sequence(f"p{i}", 800))
+    assert run(s) == {"p0": 32, "p1": 32}
+    s.add(sequence("hi", 5))
+    assert run(s) == {"p0": 32, "p2": 32}
+    assert run(s) == {"p0": 32, "p3": 32}
+    assert run(s) == {"p0": 32, "hi": 5, "p1": 27}
+    assert run(s) == {"hi": 1, "p0": 32, "p1": 31}  # it decodes first from then on

@@ -80,6 +80,7 @@ def test_completions_refuse_an_empty_prompt_list_and_token_ids(client):
 
 def test_streamed_usage_bills_the_prompt_once_as_the_sync_answer_does(client):
     """Streamed usage used to add every choice's cost, each with the prompt in it (the prompt billed n times)."""
+    client.chat.completions.create(**CHAT, n=3)  # both answers below find the prompt in the prefix cache (cached_tokens)
     sync = client.chat.completions.create(**CHAT, n=3).usage
     chunks = list(client.chat.completions.create(**CHAT, n=3, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.model_dump() == sync.model_dump()

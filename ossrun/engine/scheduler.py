@@ -155,15 +155,17 @@ class Scheduler:
     def _run_then_admit(self, step: Step, queue: list[Sequence], spare: list[Sequence], only: Callable[[Sequence], bool]) -> int:
         """The running sequences of `queue`, then waiting ones that `only` accepts (unless the KV pools ran dry), in
         one step's budget; `spare` (running, not in this step) is preempted first when the pools run dry, and loses
-        those. Returns the budget left. While a group waits with no row running, its first row is admitted before
-        the other groups' second and later prefill chunks: one request's many prompts cannot hold a step's every
-        token while a new request waits."""
+        those. Returns the budget left. While a group waits with no row running, one running prefill (the most
+        urgent: a group's first row before any group's second) takes its chunk, then the newcomer is admitted, then
+        the other running prefills share what is left: neither one request's many prompts nor several long prompts
+        (each capped at half a step, two fill it) hold a step's every token while a new request waits (four 800-token
+        prompts on a CPU once kept a `Hello` waiting 50 s for its first token)."""
         preempted = len(step.preempted)
         turn = self._turns_in_group(sorted(queue, key=lambda s: s.sort_key))
         running = {seq.group for seq in self.running}
         later = []
         if any(only(seq) and seq.group not in running for seq in self.waiting):
-            later = sorted((s for s in queue if turn[id(s)] > 0 and s.num_to_compute > 1), key=lambda s: (turn[id(s)], s.sort_key))
+            later = sorted((s for s in queue if s.num_to_compute > 1), key=lambda s: (turn[id(s)], s.sort_key))[1:]
         budget = self._schedule_running(step, [s for s in queue if s not in later], later + spare, self.max_tokens_per_step)
         spare[:] = [s for s in spare if s.status is Status.RUNNING]
         if len(step.preempted) == preempted:  # the KV pools did not run dry
