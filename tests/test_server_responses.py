@@ -4,6 +4,7 @@ its reasoning, logprobs of the answer text, and the stored responses' `delete` a
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
@@ -451,7 +452,7 @@ def test_background_needs_store_and_cancel_answers_as_openai_does(server):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, background=True, store=False)
     assert caught.value.body["param"] == "background" and "store" in caught.value.body["message"]
-    done = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8, background=True)
+    done = until_ended(client, client.responses.create(model=MODEL, input="Hi", max_output_tokens=8, background=True).id)
     assert done.status in ("completed", "incomplete")
     assert client.responses.cancel(done.id).model_dump() == client.responses.retrieve(done.id).model_dump()
     plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
@@ -461,6 +462,78 @@ def test_background_needs_store_and_cancel_answers_as_openai_does(server):
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.cancel("resp_nothing")
     assert caught.value.body["code"] == "5006"
+
+
+def until_ended(client: openai.OpenAI, rid: str, within: float = 60) -> openai.types.responses.Response:
+    """`responses.retrieve(rid)` polled, as an SDK user polls a background response, until it has ended."""
+    deadline = time.monotonic() + within
+    while True:
+        polled = client.responses.retrieve(rid)
+        if polled.status not in ("queued", "in_progress") or time.monotonic() > deadline:
+            return polled
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/client/v4/accounts/acct/ai/v1"], ids=["bare", "account-prefixed"])
+def test_a_background_create_without_stream_answers_at_once_and_is_polled(server, prefix):
+    """Before (tester, slow CPU): `background: true` without `stream` was served as a plain request: the create
+    answered only with the finished response (92 s for a 3000-token prompt on the 20b model), so a client whose timeout
+    was shorter got no id to poll, and its leaving cancelled the run. Now it answers at once with the response
+    `queued` (OpenAI's status for a just-created background response, as its SDK types it), and the run goes on
+    detached as a background stream's does: retrieve answers `in_progress` then the end, `?stream=true` follows it."""
+    client = openai.OpenAI(base_url=f"{server.base}{prefix}", api_key="secret", max_retries=0, timeout=60)
+    ask = dict(model=MODEL, input=GERMANY, max_output_tokens=400, temperature=0, metadata={"k": "v"})
+    created = client.responses.create(**ask, background=True)
+    assert created.status == "queued", created.status
+    assert created.id.startswith("resp_") and created.background is True and created.metadata == {"k": "v"}
+    assert created.output == [] and created.usage is None and created.error is None
+    done = until_ended(client, created.id)
+    assert done.status in ("completed", "incomplete") and done.usage.output_tokens > 0
+    assert (done.id, done.created_at, done.background) == (created.id, created.created_at, True)
+    plain = client.responses.create(**ask)  # the same answer a plain request gets
+    assert done.status == plain.status and done.output_text == plain.output_text
+    assert done.status == "incomplete" or done.output_text
+
+    # Followed live from its start: every event, ending with the stored response.
+    followed = client.responses.create(**ask, background=True)
+    with httpx.stream("GET", f"{server.base}{prefix}/responses/{followed.id}", params={"stream": "true"},
+                      headers=server.headers, timeout=60) as r:
+        live = sse_events(r.iter_lines())
+    assert [e["sequence_number"] for e in live] == list(range(len(live)))
+    assert live[0]["type"] == "response.created" and live[-1]["type"] == f"response.{done.status}"
+    stored = httpx.get(f"{server.base}{prefix}/responses/{followed.id}", headers=server.headers).json()
+    assert live[-1]["response"] == stored and stored["id"] == followed.id
+    assert live[-1]["response"]["output_text"] == plain.output_text
+
+
+def test_a_non_streamed_background_run_can_be_cancelled_and_a_refused_one_is_never_queued(server):
+    """The run a non-streamed background create starts is cancelled as a streamed one is (its engine request aborted,
+    kept `cancelled` with the output so far). What refuses the request (here a prompt and `max_output_tokens` past the
+    context window) is still its HTTP error, before anything is queued or stored."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0, timeout=60)
+    for seed in range(8):
+        created = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4000, background=True,
+                                          extra_body={"seed": seed})
+        assert created.status == "queued"
+        cancelled = client.responses.cancel(created.id)
+        if cancelled.status == "cancelled":
+            break
+    else:
+        pytest.fail("every background run ended before it was cancelled")
+    assert cancelled.id == created.id and cancelled.background is True and cancelled.usage is not None
+    assert cancelled.usage.output_tokens < 4000
+    deadline = time.monotonic() + 5
+    while (stats := server.health())["running"] or stats["waiting"]:
+        assert time.monotonic() < deadline, f"the cancelled run still runs: {stats}"
+        time.sleep(0.05)
+    assert client.responses.retrieve(created.id).model_dump() == cancelled.model_dump()
+    assert client.responses.cancel(created.id).model_dump() == cancelled.model_dump()
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=200000, background=True)
+    assert refused.value.code == "8" and "200000" in refused.value.message
+    stats = server.health()
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
 
 
 def test_input_tokens_count_is_the_usage_the_response_gets(server):

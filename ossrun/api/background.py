@@ -4,8 +4,8 @@ A stream's frames normally flow straight from the generator chain to the socket,
 chain, aborting the engine request (`disconnect.py`). OpenAI's `background: true` promises the opposite: the response
 is generated to its end whoever listens, then fetched (`GET /v1/responses/{id}`, `?stream=true` to follow it) or
 stopped (`POST /v1/responses/{id}/cancel`). So a background run's chain is read by a task of its own into a buffer,
-and each listener (the creating request, any resuming one) follows the buffer: a listener that leaves stops only
-itself. The buffer outlives the run for a while (`BackgroundRuns`): a client that resumes after the end
+and each listener (the creating request when it streams, any resuming one) follows the buffer: a listener that leaves
+stops only itself. A create without `stream` starts the same run and answers at once (`queued`), listening to nothing. The buffer outlives the run for a while (`BackgroundRuns`): a client that resumes after the end
 (`starting_after=N`) gets the events numbered as the live stream numbered them. Past that, the stored response
 (`conversations.py`) serves it as a replay (`surfaces.responses.replay`), numbered its own way.
 """

@@ -233,7 +233,8 @@ class ResponseObject(_Out):
     object: Literal["response"]
     created_at: int
     model: str
-    status: Literal["completed", "incomplete", "in_progress", "failed", "cancelled"]
+    # `queued`: only the answer to a `background: true` create without `stream` (the run then goes on; retrieve polls it).
+    status: Literal["completed", "incomplete", "in_progress", "failed", "cancelled", "queued"]
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None

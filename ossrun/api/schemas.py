@@ -309,8 +309,9 @@ class ResponsesInput(_Open):
     n: None = _not_here(NOT_RESPONSES["n"])
     conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
     prompt: None = Field(None, description=UNSUPPORTED_RESPONSES["prompt"])
-    # OpenAI's background mode: a stream's run outlives its connection (`api/background.py`) and is fetched, followed
-    # or cancelled by id; a sync request is served as a plain one (the client gets the finished response). Echoed.
+    # OpenAI's background mode, on the OpenAI routes: the run outlives its connection (`api/background.py`) and is
+    # fetched, followed or cancelled by id; without `stream` the create answers at once, `queued`, and the client polls.
+    # `/ai/run` serves it as a plain request, streamed or not. Echoed.
     background: bool | None = None
     # OpenAI's: "auto" drops the conversation's oldest items when it does not fit the window with the answer's room
     # (`Service._truncated`); "disabled" (the default) keeps the 400. Echoed.
