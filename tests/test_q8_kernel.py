@@ -128,19 +128,25 @@ def test_fast_layer_is_quantised_and_exact_layer_is_not():
     assert fast(x.bfloat16()).dtype == torch.bfloat16 and fast(x, torch.float32).dtype == torch.float32
 
 
+def compiler_refusing(flags: str, tmp_path, monkeypatch) -> None:
+    """CC is the machine's compiler, refusing the options a shell `case` pattern matches (as one that lacks them
+    does), and kernels are built into a fresh cache."""
+    real = shutil.which("cc") or shutil.which("gcc")
+    compiler = tmp_path / "cc-refusing"
+    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in {flags}) echo "unsupported option $a" >&2; exit 1;; esac; done\n'
+                        f'exec {real} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+
+
 def test_a_compiler_without_openmp_still_builds_the_kernel(tmp_path, monkeypatch, caplog):
     """Apple's clang refuses -fopenmp: the kernel is built without it (one thread) and computes the same products."""
     import ctypes
 
     from ossrun.model.kernels import build
 
-    real = shutil.which("cc") or shutil.which("gcc")
-    compiler = tmp_path / "cc-without-openmp"
-    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "unsupported option \'-fopenmp\'" >&2; exit 1; }}; done\n'
-                        f'exec {real} "$@"\n')
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CC", str(compiler))
-    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+    compiler_refusing("-fopenmp", tmp_path, monkeypatch)
     lib = build.load_library.__wrapped__(dense_cpu._SOURCE, "portable")  # not the cached library the other tests use
     assert lib is not None and "no OpenMP" in caplog.text
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -160,13 +166,7 @@ def test_a_variant_the_compiler_cannot_build_falls_back_to_a_weaker_one(tmp_path
 
     if build.selected_isa() == "portable":
         pytest.skip("this CPU runs only the portable variant: nothing weaker to fall back to")
-    real = shutil.which("cc") or shutil.which("gcc")
-    compiler = tmp_path / "cc-without-vector-flags"
-    compiler.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in -m*|-march=*) echo "unrecognized option $a" >&2; exit 1;; esac; done\n'
-                        f'exec {real} "$@"\n')
-    compiler.chmod(0o755)
-    monkeypatch.setenv("CC", str(compiler))
-    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+    compiler_refusing("-m*|-march=*", tmp_path, monkeypatch)
     build.load_library.cache_clear()  # built anew with this compiler, and again with the real one by the tests after
     try:
         lib = build.load_selected(dense_cpu._SOURCE)
