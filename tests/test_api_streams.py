@@ -578,7 +578,7 @@ def test_a_silent_stream_gets_keep_alive_comments_that_clients_skip(one_at_a_tim
     with httpx.stream("POST", f"{server.base}/v1/completions", json=holder, headers=server.headers, timeout=120):
         time.sleep(0.3)  # the long one holds the only slot
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
-        raw, lines = [], []
+        raw = []
         with httpx.stream("POST", f"{server.base}/v1/chat/completions", json={**body, "stream": True}, headers=server.headers,
                           timeout=120) as waiting:
             for line in waiting.iter_lines():

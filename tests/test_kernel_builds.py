@@ -4,13 +4,13 @@ The kernel tests build only the variants this CPU runs, with the machine's `cc`.
 clang (macOS, some distributions), CPUs with other features, Arm. Each compiler has its own gaps (clang refused a
 shuffle whose immediate was a conditional, and an AMX instruction in an OpenMP region's body; neither showed with
 gcc), so each (compiler, architecture, variant, source) is compiled here with the flags `build.compile_flags`
-gives a real machine of that kind. Compiling is all: what runs is tested elsewhere (x86 here, Arm under qemu).
+gives a real machine of that kind. Compiling is all: what runs is tested elsewhere (x86 here, Arm under qemu). Also here: how a machine's features
+choose the variants (Linux's /proc/cpuinfo on both architectures, sysctl on macOS).
 `.ci/run` installs clang and the aarch64 cross compiler; a compiler that is not here skips, saying so.
 """
 
 from __future__ import annotations
 
-import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,3 +51,25 @@ def test_kernel_compiles(name, arch, isa, source, tmp_path):
     result = subprocess.run([*command, *flags, "-c", str(KERNELS / source), "-o", str(tmp_path / "kernel.o")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_variants_are_chosen_by_the_cpu_features_linux_reports_on_arm():
+    """/proc/cpuinfo on Arm says "Features", with `asimddp` where the CPU has sdot (every Apple M chip, Graviton 2+)."""
+    assert build.isa_variants("aarch64") is build.ARM_VARIANTS and build.isa_variants("arm64") is build.ARM_VARIANTS
+    assert build.isa_variants("x86_64") is build.X86_VARIANTS and list(build.isa_variants("riscv64")) == ["portable"]
+    assert "-march=armv8.2-a+dotprod" in build.compile_flags("dotprod", machine="aarch64")
+
+
+def test_apple_silicon_features_come_from_sysctl(monkeypatch):
+    """macOS has no /proc/cpuinfo: `sysctl hw.optional.arm.FEAT_DotProd hw.optional.arm.FEAT_I8MM` answers (as an M2
+    does: `name: 1` a line; an M1 says 0 for i8mm), given Linux's names, so the variants are chosen as on Linux."""
+    def no_cpuinfo(self, *args, **kwargs):
+        raise OSError("no /proc on macOS")
+
+    answers = {"M2": "hw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 1\n",
+               "M1": "hw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 0\n"}
+    monkeypatch.setattr(Path, "read_text", no_cpuinfo)
+    monkeypatch.setattr(build.platform, "system", lambda: "Darwin")
+    for chip, expected in (("M2", {"asimddp", "i8mm"}), ("M1", {"asimddp"})):
+        monkeypatch.setattr(build.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 0, answers[chip], ""))
+        assert build.cpu_flags.__wrapped__() == expected

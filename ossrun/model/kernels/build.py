@@ -83,10 +83,14 @@ def compile_flags(isa: str, machine: str | None = None, openmp: bool = True) -> 
     return ["-O3", *(["-fopenmp"] if openmp else []), "-shared", "-fPIC", *isa_variants(machine)[isa][1]]
 
 
+# macOS names Arm features in sysctl (`hw.optional.arm.FEAT_…`, 1 where the CPU has it): Linux's names for them.
+DARWIN_FEATURES = {"hw.optional.arm.FEAT_DotProd": "asimddp", "hw.optional.arm.FEAT_I8MM": "i8mm"}
+
+
 @cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's features as Linux's /proc/cpuinfo names them ("flags" on x86, "Features" on Arm; empty where
-    neither can be read). On macOS, Apple silicon's dot products are asked of sysctl."""
+    neither can be read). On macOS, Apple silicon's are asked of sysctl and given Linux's names."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -95,10 +99,11 @@ def cpu_flags() -> frozenset[str]:
         pass
     if platform.system() == "Darwin":
         try:
-            answer = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True, timeout=5)
-            return frozenset({"asimddp"}) if answer.stdout.strip() == "1" else frozenset()
+            answer = subprocess.run(["sysctl", *DARWIN_FEATURES], capture_output=True, text=True, timeout=5)
         except (OSError, subprocess.SubprocessError):
-            pass
+            return frozenset()
+        values = dict(line.split(": ", 1) for line in answer.stdout.splitlines() if ": " in line)
+        return frozenset(name for key, name in DARWIN_FEATURES.items() if values.get(key, "").strip() == "1")
     return frozenset()
 
 
