@@ -583,8 +583,8 @@ static void rowgroup16_rows(const uint8_t *w, const float *pw, int nb, const Row
  * order (evens 0-7, evens 8-15, odds 0-7, odds 8-15), the same for both sides. The kernel holds 2 x 2 tiles (4 weight
  * rows, 4 activation rows) in registers; the activation pairs are laid out once a span, the weight pairs once a group
  * of 4 rows. */
-#define MM_MIN_ROWS 4 /* activation rows from which a span takes smmla (bench/arm_kernels.py: 6.2 vs 9.8 instructions a
-                       * row-block at 8 rows, 4.5 vs 9.6 at 64) */
+#define MM_MIN_ROWS 4 /* activation rows from which a span takes smmla (bench/arm_kernels.py, instructions a row-block:
+                       * 8.1 vs 10.0 at 4 rows, 6.2 vs 9.8 at 8, 4.5 vs 9.6 at 64; at 2 the per-row kernel) */
 
 /* Per-thread operand buffers, grown on demand and kept. */
 static __thread int8_t *mm_x;

@@ -496,7 +496,9 @@ AMX_END
 #endif
 
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-#define MM_MIN_ROWS 4 /* activation rows from which the product takes smmla (mmla_cpu.h) */
+#define MM_MIN_ROWS 6 /* activation rows from which the product takes smmla (mmla_cpu.h): below, laying out each group of
+                       * weight rows costs more than it saves (bench/arm_kernels.py's count, instructions a row-block:
+                       * 10.9 vs 9.5 at 4 rows, 9.2 vs 9.9 at 6, 8.0 vs 9.5 at 8, 6.5 vs 9.4 at 16) */
 
 /* Weight rows 0 .. N - N%4 - 1 by smmla, 2 x 2 tiles of (weight pair, activation pair) held 2 x 2 in registers: the
  * activation pairs laid out once (an odd last row paired with itself, its twin's sums not stored), each group of 4
