@@ -1,14 +1,16 @@
 """One 20b attention layer on the CPU at depth: the paged kernel's instruction-set variants against the reference.
 
     PYTHONPATH=. python bench/attention_cpu.py [--depths 0 4096 16384] [--queries 512] [--threads 2] [--repeats 3]
-                                               [--window 0] [--reference-max 4096]
+                                               [--window 0] [--reference-max 4096] [--variants avx512vnni avx512bf16]
+                                               [--clock wall|cpu]
 
 gpt-oss-20b's attention shapes (64 query heads over 8 KV heads, head_dim 64, sinks) with random keys and values in a
 bf16 paged cache of 16-token blocks: `--queries` new tokens (a prompt chunk) after `--depths` cached tokens, one
 call of `attention_cpu.paged_attention_cpu` per variant this CPU builds (portable is left out: it is the fallback,
 not a contender), and the exact path's `attention_with_sinks` over the gathered keys as the peer, up to
 `--reference-max` of depth (its score matrix grows with depth x queries). Each cell is the best of `--repeats`;
-GMAC/s counts the QK and PV multiply-adds the causal mask leaves. `bench/long_context.py` times the engine on the
+GMAC/s counts the QK and PV multiply-adds the causal mask leaves. `--clock cpu` times the process's CPU seconds instead of the wall
+clock (comparable between variants on a busy machine, at one thread). `bench/long_context.py` times the engine on the
 `tiny` preset, whose 16-wide heads make the softmax, not these products, the cost: this is the 20b-shaped view.
 """
 
@@ -51,14 +53,14 @@ def reference(case: dict) -> torch.Tensor:
     return attention_with_sinks(case["q"][None], k[None], v[None], case["sinks"], allowed[None], case["scale"])[0]
 
 
-def best_of(repeats: int, run) -> float:
+def best_of(repeats: int, run, clock=time.perf_counter) -> float:
     """The fastest of `repeats` calls after one untimed call (the first builds and loads the variant's library)."""
     run()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -76,12 +78,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=0, help="sliding window (0: full attention, as 20b's even layers)")
     parser.add_argument("--reference-max", type=int, default=4096)
+    parser.add_argument("--variants", nargs="+", help="the variants to time (default: every one this CPU builds)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     window = args.window or None
-    variants = [isa for isa in supported_isas() if isa != "portable"] or ["portable"]
+    variants = args.variants or [isa for isa in supported_isas() if isa != "portable"] or ["portable"]
     table = Table(title=f"20b attention layer, {args.queries} queries, bf16 cache, {args.threads} threads, "
-                        f"{'window ' + str(window) if window else 'full attention'}; ms (GMAC/s)")
+                        f"{'window ' + str(window) if window else 'full attention'}; {args.clock} ms (GMAC/s)")
     table.add_column("depth", justify="right")
     for name in [*variants, "reference"]:
         table.add_column(name, justify="right")
@@ -90,10 +95,10 @@ def main() -> None:
         macs = multiply_adds(depth, args.queries, window)
         cells = []
         for isa in variants:
-            seconds = best_of(args.repeats, lambda: paged_attention_cpu(**case, isa=isa))
+            seconds = best_of(args.repeats, lambda: paged_attention_cpu(**case, isa=isa), clock)
             cells.append(f"{seconds * 1e3:.0f} ({macs / seconds / 1e9:.0f})")
         if depth <= args.reference_max:
-            seconds = best_of(args.repeats, lambda: reference(case))
+            seconds = best_of(args.repeats, lambda: reference(case), clock)
             cells.append(f"{seconds * 1e3:.0f} ({macs / seconds / 1e9:.0f})")
         else:
             cells.append("skipped")

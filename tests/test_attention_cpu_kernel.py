@@ -3,12 +3,17 @@
 Each case builds a paged cache with shuffled physical blocks, the block tables the engine would
 pass, and an independent dense reference: per sequence, its keys in position order, the causal
 (and windowed) mask from `visibility`, and `attention_with_sinks`. Blocks a sequence must not read
-(table padding, the null block, blocks the window released) hold huge values, so reading one shows.
+(table padding, the null block, blocks the window released, slots past a context) hold NaN, so using one shows.
 
 Tolerance: float32 throughout, |q|, |k|, |v| ~ 1. The kernel sums in a different order (per key
 block, with online-softmax rescaling) and its exp is a ~1-ulp polynomial, so each output differs from
 torch's by a few ulps per accumulated term (5e-7 measured); 1e-5 absolute (about 80 ulps at 1.0) bounds that for the
 few hundred keys here with room, while a wrong mask, sink or block gives errors of order 0.1.
+
+The avx512bf16 variant over a bf16 cache rounds the query (times the scale) and the softmax weights to bf16 (its
+products run on bf16 pairs). Its reference takes the same rounded queries, so the scores agree as before; rounding a
+weight moves it by at most 2^-8 of itself, so an output element moves by at most 2^-8 of the same attention over
+|v| (each weight times its |v_j|), which `check` adds to its bound, per element.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from ossrun.model.kernels.attention_cpu import _library, paged_attention_cpu
 from ossrun.model.kernels.build import supported_isas
 
 ATOL = 1e-5
-POISON = 1e4  # what unreadable blocks hold: a kernel that reads one is off by far more than ATOL
+BF16_UNIT = 2.0 ** -8  # bf16 keeps 8 significant bits: round to nearest moves a value by at most 2^-8 of itself
+POISON = float("nan")  # what unreadable blocks and unwritten slots hold: a kernel that uses one, even times a zero
+# weight (0 x NaN is NaN), gives NaN, as a real cache's unwritten memory could
 
 pytestmark = pytest.mark.skipif(_library("portable") is None, reason="no C compiler: the kernel is not built")
 
@@ -88,14 +95,23 @@ def reference(case: dict, dense: tuple[list[torch.Tensor], list[torch.Tensor]]) 
 ISAS = supported_isas()
 
 
+def rounds_to_bf16(case: dict, isa: str) -> bool:
+    """Whether `isa` runs `case` on bf16 pairs: the avx512bf16 variant over a bf16 cache."""
+    return isa == "avx512bf16" and case["k_cache"].dtype == torch.bfloat16
+
+
 def check(case: dict, dense, isa: str, attend=paged_attention_cpu) -> float:
     """`attend(**case, isa=isa)` (the kernel; tests/test_arm_kernels.py passes its Arm builds) against the reference."""
     got = attend(**case, isa=isa)
+    bound = torch.tensor(ATOL)
+    if rounds_to_bf16(case, isa):
+        case = dict(case, q=(case["q"] * case["scale"]).bfloat16().float() / case["scale"])
+        bound = bound + BF16_UNIT * reference(case, (dense[0], [v.abs() for v in dense[1]]))
     want = reference(case, dense)
     assert got.shape == want.shape and got.dtype == torch.float32
-    err = (got - want).abs().max().item()
-    assert err <= ATOL, f"{isa}: max error {err}"
-    return err
+    err = (got - want).abs()
+    assert (err <= bound).all(), f"{isa}: max error {err.max().item()}, max excess over the bound {(err - bound).max().item()}"
+    return err.max().item()
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -140,6 +156,32 @@ def test_sliding_window_longer_than_the_window(isa, window):
     check(*make_case([300, 260, 45, 120], [1, 70, 45, 3], window=window, seed=4), isa)
 
 
+BF16_CASES = {  # the shapes of the tests above, over a bf16 cache: the cases the avx512bf16 variant runs on bf16 pairs
+    "long prefill, window 128": (([400], [400]), dict(window=128, dim=64, seed=13)),
+    "long prefill": (([400], [400]), dict(window=None, dim=64, seed=13)),
+    "chunk over a prefix, 16-wide heads": (([700, 9], [40, 1]), dict(window=None, dim=16, seed=2)),
+    "chunk over a prefix, 64-wide heads": (([300, 9], [40, 1]), dict(window=None, dim=64, seed=2)),
+    "window of whole blocks": (([300, 260, 45, 120], [1, 70, 45, 3]), dict(window=32, seed=4)),
+    "window ending mid-block": (([300, 260, 45, 120], [1, 70, 45, 3]), dict(window=40, seed=4)),
+    "odd window, 64-wide heads": (([300, 90], [200, 1]), dict(window=41, dim=64, seed=14)),
+    "sinks take most of the weight": (([90, 40], [30, 1]), dict(window=None, sink_shift=12.0, seed=5)),
+    "8 heads a KV head": (([70, 19], [25, 1]), dict(window=None, n_kv=1, group=8, dim=16, seed=6)),
+    "3 heads a KV head": (([70, 19], [25, 1]), dict(window=None, n_kv=2, group=3, dim=64, seed=6)),
+    "12-wide heads (no 16-wide vectors)": (([70, 19], [25, 1]), dict(window=None, n_kv=2, group=2, dim=12, seed=6)),
+    "blocks of 5 tokens": (([50, 23], [12, 1]), dict(window=20, block_size=5, seed=7)),
+}
+
+
+@pytest.mark.parametrize("name", BF16_CASES)
+def test_bf16_pairs_over_every_shape(name):
+    """The avx512bf16 variant's own code (keys and values paired, weights paired at a micro-tile's odd edges, masked
+    value slots) over the windowed, chunked, GQA and odd-sized cases, with the rounding-aware reference of `check`."""
+    if "avx512bf16" not in ISAS:
+        pytest.skip("this CPU has no AVX512-BF16: the variant does not run here (its build is checked in test_kernel_builds)")
+    (contexts, new), options = BF16_CASES[name]
+    check(*make_case(contexts, new, cache_dtype=torch.bfloat16, **options), "avx512bf16")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_sinks_that_take_most_of_the_weight(isa):
     """Sinks ~ +12 over scores ~ ±1: outputs shrink by ~e^-10 and must still match (no double-counted sink)."""
@@ -181,7 +223,7 @@ def test_512_bit_registers_give_the_256_bit_bits(cache_dtype):
     """With AVX-512 the score and value products take 32 keys or dimensions a register pair; each lane is the same
     chain of FMAs in the same order as with AVX2, so the two variants agree to the last bit (64-wide heads, a
     prefill of 300 keys, a chunk over a cached prefix, and decodes)."""
-    wide = [isa for isa in ISAS if isa.startswith("avx512")]
+    wide = [isa for isa in ISAS if isa.startswith("avx512") and not rounds_to_bf16({"k_cache": torch.empty(0, dtype=cache_dtype)}, isa)]
     if "avx2" not in ISAS or not wide:
         pytest.skip("this CPU has no AVX-512 (or no AVX2): there is no pair of variants to compare")
     case, _ = make_case([300, 150, 90], [300, 40, 1], window=None, n_kv=2, group=4, dim=64, cache_dtype=cache_dtype, seed=12)

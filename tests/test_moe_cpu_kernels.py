@@ -257,7 +257,7 @@ def test_prompt_layer_on_tiles_against_the_exact_layer(tiny_layers, amx, monkeyp
     monkeypatch.setenv("OSSRUN_CPU_AMX", amx)
     library = moe_cpu.library()
     if amx == "1" and not (library is not None and library.moe_q8_amx_active()):
-        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni)")
+        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni or avx512bf16)")
     exact, fast = tiny_layers
     x = torch.randn(200, exact.config.hidden_size, generator=torch.Generator().manual_seed(200)) * 2
     difference = (fast(x).double() - exact(x).double()).abs()

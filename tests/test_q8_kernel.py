@@ -69,7 +69,7 @@ def test_many_rows_take_the_tiles_within_the_derived_bound(m, k, n, amx, monkeyp
     monkeypatch.setenv("OSSRUN_CPU_ISA", ISAS[-1])
     monkeypatch.setenv("OSSRUN_CPU_AMX", amx)
     if amx == "1" and not dense_cpu.amx_active():
-        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni)")
+        pytest.skip("no AMX here (the CPU lacks AMX-INT8, Linux refused the tile state, or the variant is not avx512vnni or avx512bf16)")
     check_linear(m, k, n, with_bias=True)
 
 

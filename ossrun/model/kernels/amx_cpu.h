@@ -5,7 +5,7 @@
  * tile paths run only after `amx_on()` has asked and been granted; everywhere else the AVX-512 VNNI paths run.
  * OSSRUN_CPU_AMX=0 turns them off (read at every call, so tests can compare both paths in one process).
  *
- * Built into the avx512vnni variant with the compiler's AMX target enabled for the tile functions alone
+ * Built into the avx512vnni and avx512bf16 variants with the compiler's AMX target enabled for the tile functions alone
  * (`AMX_BEGIN` .. `AMX_END`), so no other code of the variant can use an AMX instruction by accident.
  */
 #ifndef OSSRUN_AMX_CPU_H

@@ -13,6 +13,10 @@
  * sum is the same chain of FMAs in the same order as the 256-bit path's, so the results are the same bits. On Arm
  * (the dotprod variant) the same loops run on NEON's 4-lane registers: 16 keys (or dimensions) in four a row.
  *
+ * With AVX512-BF16 (the avx512bf16 variant: Zen 4 and later, Sapphire Rapids) and a bf16 cache, both products run
+ * on vdpbf16ps instead (see "bf16 pairs" below): twice the multiply-adds an instruction, for a query and softmax
+ * weights rounded to bf16.
+ *
  * The sink is one extra logit per query head with no value: the running max starts at the sink
  * and the running sum at exp(sink - max) = 1, so it joins the softmax exactly as a column of the
  * score matrix would. Accumulation is fp32 whatever the cache holds (bf16 or fp32).
@@ -449,6 +453,163 @@ static void accumulate_tile(float *acc, const float c[MR], const float *p, int l
     }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+/* ---------------------------------------------------------------- bf16 pairs (the avx512bf16 variant, bf16 caches)
+ *
+ * vdpbf16ps adds to each fp32 lane the two products of a pair of bf16 values (32 multiply-adds a 512-bit register,
+ * twice an fp32 FMA's), so both products keep their operands as pairs in dwords: a query row as its dimensions
+ * (2i, 2i+1), a key chunk as kP [D/2, keys] (lane = key, as kT), a weight row as keys (2p, 2p+1), and a value chunk
+ * as vP [keys/2, D] (lane = dimension). Keys and values are bf16 in the cache already; the query (times the scale)
+ * and the softmax weights are rounded to bf16, to nearest even. Products of two bf16 are exact in fp32 and summed in
+ * fp32, so the only new error is that rounding: a score moves by at most 2^-8 of sum |q_i k_i|, an output by at most
+ * 2^-8 of the largest |v| for the weights (the bounds tests/test_attention_cpu_kernel.py holds this path to). */
+#define BF16_PAIRS 1
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as vcvtneps2bf16 (finite values) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* dst[0 … n-1] = x rounded to bf16. */
+static void round_to_bf16(const float *x, int n, uint16_t *dst) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < n; i++) dst[i] = f32_to_bf16(x[i]);
+}
+
+/* n keys of a bf16 cache (rows `stride` elements apart) into columns col0 … col0+n-1 of kP [(D+1)/2, ld]: dword i of
+ * a key is its dimensions 2i (low half) and 2i+1 (0 past D). A transpose of dwords: no conversion. */
+static void load_key_pairs(const uint16_t *src, size_t stride, int n, int D, uint32_t *kP, int ld, int col0) {
+    const int D2 = (D + 1) / 2;
+    int j = 0;
+    if (D % 16 == 0) {
+        for (; j + 8 <= n; j += 8) {
+            for (int i = 0; i < D2; i += 8) {
+                __m256 r[8];
+                for (int u = 0; u < 8; u++) r[u] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(src + (size_t)(j + u) * stride + 2 * i)));
+                transpose8(r);
+                for (int u = 0; u < 8; u++) _mm256_storeu_ps((float *)(kP + (size_t)(i + u) * ld + col0 + j), r[u]);
+            }
+        }
+    }
+    for (; j < n; j++) {
+        const uint16_t *k = src + (size_t)j * stride;
+        for (int i = 0; i < D2; i++) kP[(size_t)i * ld + col0 + j] = k[2 * i] | (2 * i + 1 < D ? (uint32_t)k[2 * i + 1] << 16 : 0u);
+    }
+}
+
+/* vP [p, D] = keys (2p, 2p+1) of v [., D] (bf16 rows) for the pairs holding keys lo … hi; a key outside lo … hi is
+ * 0 (a cache slot past the context may hold anything, and 0 x NaN would not be 0). */
+static void pair_values(const uint16_t *v, int lo, int hi, int D, uint32_t *vP) {
+    for (int p = lo / 2; p <= hi / 2; p++) {
+        const uint16_t *a = v + (size_t)(2 * p) * D, *b = a + D;
+        const int use_a = 2 * p >= lo, use_b = 2 * p + 1 <= hi;
+        uint32_t *dst = vP + (size_t)p * D;
+        int i = 0;
+        for (; i + 16 <= D; i += 16) {
+            __m512i lo16 = use_a ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + i))) : _mm512_setzero_si512();
+            __m512i hi16 = use_b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i))) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + i, _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16)));
+        }
+        for (; i < D; i++) dst[i] = (use_a ? a[i] : 0u) | (use_b ? (uint32_t)b[i] << 16 : 0u);
+    }
+}
+
+/* s[r * ls + j] = q[r] · k_j for the MR rows (pairs, D2 dwords) and keys j0 ≤ j < j1 (multiples of 8), kP [D2, ld]. */
+static void score_pairs(const uint32_t *const q[MR], const uint32_t *kP, int ld, int D2, int j0, int j1, float *s, int ls) {
+    int j = j0;
+    for (; j + 32 <= j1; j += 32) {
+        __m512 a[MR][2];
+        for (int r = 0; r < MR; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+        for (int i = 0; i < D2; i++) {
+            const uint32_t *k = kP + (size_t)i * ld + j;
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 16);
+            for (int r = 0; r < MR; r++) {
+                const __m512bh qr = (__m512bh)_mm512_set1_epi32((int)q[r][i]);
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], qr, k0);
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], qr, k1);
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            _mm512_storeu_ps(s + (size_t)r * ls + j, a[r][0]);
+            _mm512_storeu_ps(s + (size_t)r * ls + j + 16, a[r][1]);
+        }
+    }
+    for (; j < j1; j += 8) {
+        __m256 a[MR];
+        for (int r = 0; r < MR; r++) a[r] = _mm256_setzero_ps();
+        for (int i = 0; i < D2; i++) {
+            const __m256bh k0 = (__m256bh)_mm256_loadu_si256((const __m256i *)(kP + (size_t)i * ld + j));
+            for (int r = 0; r < MR; r++) a[r] = _mm256_dpbf16_ps(a[r], (__m256bh)_mm256_set1_epi32((int)q[r][i]), k0);
+        }
+        for (int r = 0; r < MR; r++) _mm256_storeu_ps(s + (size_t)r * ls + j, a[r]);
+    }
+}
+
+static inline float bf16_low(uint32_t pair) { return bf16_to_f32((uint16_t)pair); }
+static inline float bf16_high(uint32_t pair) { return bf16_to_f32((uint16_t)(pair >> 16)); }
+
+/* acc[r] = acc[r] * c[r] + sum over pairs p0 … p1 of row r's weight pairs (w [r * lw + p]) times vP's, for the first
+ * n rows (a constant once inlined; acc rows D apart). */
+static inline __attribute__((always_inline)) void accumulate_pairs(float *acc, const float *c, const uint32_t *w, int lw,
+                                                                   const uint32_t *vP, int p0, int p1, int D, const int n) {
+    int i = 0;
+    for (; i + 32 <= D; i += 32) {
+        __m512 a[MR][2];
+        for (int r = 0; r < n; r++) {
+            const __m512 cr = _mm512_set1_ps(c[r]);
+            a[r][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * D + i), cr);
+            a[r][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * D + i + 16), cr);
+        }
+        for (int p = p0; p <= p1; p++) {
+            const uint32_t *vp = vP + (size_t)p * D + i;
+            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vp), v1 = (__m512bh)_mm512_loadu_si512(vp + 16);
+            for (int r = 0; r < n; r++) {
+                const __m512bh wr = (__m512bh)_mm512_set1_epi32((int)w[(size_t)r * lw + p]);
+                a[r][0] = _mm512_dpbf16_ps(a[r][0], wr, v0);
+                a[r][1] = _mm512_dpbf16_ps(a[r][1], wr, v1);
+            }
+        }
+        for (int r = 0; r < n; r++) {
+            _mm512_storeu_ps(acc + (size_t)r * D + i, a[r][0]);
+            _mm512_storeu_ps(acc + (size_t)r * D + i + 16, a[r][1]);
+        }
+    }
+    for (; i + 16 <= D; i += 16) {
+        __m512 a[MR];
+        for (int r = 0; r < n; r++) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)r * D + i), _mm512_set1_ps(c[r]));
+        for (int p = p0; p <= p1; p++) {
+            const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vP + (size_t)p * D + i);
+            for (int r = 0; r < n; r++) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32((int)w[(size_t)r * lw + p]), v0);
+        }
+        for (int r = 0; r < n; r++) _mm512_storeu_ps(acc + (size_t)r * D + i, a[r]);
+    }
+    for (; i < D; i++) {
+        for (int r = 0; r < n; r++) {
+            float a = acc[(size_t)r * D + i] * c[r];
+            for (int p = p0; p <= p1; p++) {
+                const uint32_t wp = w[(size_t)r * lw + p], vp = vP[(size_t)p * D + i];
+                a += bf16_low(wp) * bf16_low(vp) + bf16_high(wp) * bf16_high(vp);
+            }
+            acc[(size_t)r * D + i] = a;
+        }
+    }
+}
+
+/* The n rows' weights s [r * ls + j] (keys ulo … uhi) rounded to bf16 pairs w [r * lw + p] for the pairs p holding
+ * those keys; the key sharing a pair with ulo or uhi gets weight 0. */
+static void pair_weights(const float *s, int ls, int n, int ulo, int uhi, uint32_t *w, int lw) {
+    const int j0 = ulo & ~1, j1 = uhi | 1;
+    for (int r = 0; r < n; r++) {
+        uint16_t *row = (uint16_t *)(w + (size_t)r * lw);
+        round_to_bf16(s + (size_t)r * ls + j0, j1 - j0 + 1, row + j0);
+        if (ulo & 1) row[ulo - 1] = 0;
+        if (!(uhi & 1)) row[uhi + 1] = 0;
+    }
+}
+#endif
+
 /* Keys per chunk: whole cache blocks, about CHUNK_BYTES of fp32 keys, at least one block. */
 static int chunk_keys(int block_size, int dim) {
     int keys = CHUNK_BYTES / (int)sizeof(float) / dim;
@@ -499,6 +660,13 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
     int64_t *lo = (int64_t *)(l + rows), *hi = lo + rows;
     const int chunk = chunk_keys(bs, D), width = padded(chunk);
     float *kT = (float *)(hi + rows), *vb = kT + (size_t)D * width, *s = vb + (size_t)chunk * D;
+#ifdef BF16_PAIRS
+    /* bf16 pairs: kP in kT, vP in vb; after s the rows' rounded queries, one micro-tile's weight pairs and the
+     * chunk's V rows as the cache holds them. */
+    const int pairs = P->bf16, D2 = (D + 1) / 2;
+    uint32_t *kP = (uint32_t *)kT, *vP = (uint32_t *)vb, *qP = (uint32_t *)(s + (size_t)MR * width), *wP = qP + (size_t)rows * D2;
+    uint16_t *v_raw = (uint16_t *)(wP + (size_t)MR * width / 2);
+#endif
     const int64_t first = P->first_block[b] * bs, limit = (P->first_block[b] + P->table_width) * bs - 1;
     const int64_t last_key = P->context_lens[b] - 1;
     int64_t tile_lo = INT64_MAX, tile_hi = -1;
@@ -509,6 +677,13 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
         const float *src = P->q + ((size_t)token * P->n_kv * G + head) * D;
         for (int i = 0; i < D; i++) q[(size_t)r * D + i] = src[i] * P->scale;
         memset(acc + (size_t)r * D, 0, sizeof(float) * D);
+#ifdef BF16_PAIRS
+        if (pairs) {
+            uint16_t *row = (uint16_t *)(qP + (size_t)r * D2);
+            round_to_bf16(q + (size_t)r * D, D, row);
+            if (D & 1) row[D] = 0;
+        }
+#endif
         m[r] = P->sinks[head]; /* the sink is the first logit seen: max = sink, sum = exp(0) = 1 */
         l[r] = 1.0f;
         lo[r] = P->window > 0 && pos - P->window + 1 > 0 ? pos - P->window + 1 : 0;
@@ -530,9 +705,20 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
             int64_t physical = P->block_tables[(size_t)b * P->table_width + (i - P->first_block[b])];
             size_t offset = ((size_t)physical * bs * P->n_kv + h) * D * elem;
             int col = (int)(i - block) * bs;
+#ifdef BF16_PAIRS
+            if (pairs) {
+                const uint16_t *v = (const uint16_t *)((const char *)P->v_cache + offset);
+                load_key_pairs((const uint16_t *)((const char *)P->k_cache + offset), token_stride, bs, D, kP, width, col);
+                for (int j = 0; j < bs; j++) memcpy(v_raw + (size_t)(col + j) * D, v + (size_t)j * token_stride, sizeof(uint16_t) * D);
+                continue;
+            }
+#endif
             load_keys_transposed((const char *)P->k_cache + offset, P->bf16, token_stride, bs, D, kT, width, col);
             load_rows((const char *)P->v_cache + offset, P->bf16, token_stride, bs, D, vb + (size_t)col * D);
         }
+#ifdef BF16_PAIRS
+        if (pairs) pair_values(v_raw, (int)((tile_lo > base ? tile_lo : base) - base), (int)(stop - base), D, vP);
+#endif
         for (int r0 = 0; r0 < rows; r0 += MR) {
             const int nr = rows - r0 < MR ? rows - r0 : MR;
             int jlo[MR], jhi[MR], ulo = INT32_MAX, uhi = -1;
@@ -545,6 +731,24 @@ static void attend_tile(const Problem *P, int b, int h, int64_t t0, int nt, floa
                 }
             }
             if (ulo > uhi) continue;
+#ifdef BF16_PAIRS
+            if (pairs) {
+                const uint32_t *rows_qp[MR];
+                for (int u = 0; u < MR; u++) rows_qp[u] = qP + (size_t)(r0 + (u < nr ? u : nr - 1)) * D2;
+                score_pairs(rows_qp, kP, width, D2, ulo / 8 * 8, padded(uhi + 1), s, width);
+                float c[MR];
+                for (int u = 0; u < nr; u++) c[u] = row_update(s + (size_t)u * width, ulo, uhi, jlo[u], jhi[u], m + r0 + u, l + r0 + u);
+                pair_weights(s, width, nr, ulo, uhi, wP, width / 2);
+                float *a = acc + (size_t)r0 * D;
+                switch (nr) { /* the row count a constant in each: the accumulators stay in registers */
+                case MR: accumulate_pairs(a, c, wP, width / 2, vP, ulo / 2, uhi / 2, D, MR); break;
+                case 3: accumulate_pairs(a, c, wP, width / 2, vP, ulo / 2, uhi / 2, D, 3); break;
+                case 2: accumulate_pairs(a, c, wP, width / 2, vP, ulo / 2, uhi / 2, D, 2); break;
+                default: accumulate_pairs(a, c, wP, width / 2, vP, ulo / 2, uhi / 2, D, 1); break;
+                }
+                continue;
+            }
+#endif
             const float *rows_q[MR];
             for (int u = 0; u < MR; u++) rows_q[u] = q + (size_t)(r0 + (u < nr ? u : nr - 1)) * D; /* spare lanes repeat a row */
             score_tile(rows_q, kT, width, D, ulo / 8 * 8, padded(uhi + 1), s, width);
@@ -585,7 +789,9 @@ int paged_attention(const float *q, float *out, const void *k_cache, const void 
     const int rows = tile_tokens * group;
     const int chunk = chunk_keys(block_size, dim);
     const size_t scratch_bytes = sizeof(float) * ((size_t)rows * (2 * dim + 2) + (size_t)padded(chunk) * (dim + MR) +
-                                                  (size_t)chunk * dim) + sizeof(int64_t) * 2 * rows;
+                                                  (size_t)chunk * dim) + sizeof(int64_t) * 2 * rows
+                                + sizeof(uint32_t) * ((size_t)rows * ((dim + 1) / 2) + (size_t)MR * padded(chunk) / 2) /* bf16 pairs */
+                                + sizeof(uint16_t) * (size_t)chunk * dim;
     int failed = 0;
     #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {

@@ -13,6 +13,8 @@ on x86-64:
 - `avx512`: AVX-512 F/BW/VL/DQ (Skylake-X and later, Zen 4);
 - `avx512vnni`: `avx512` plus VNNI integer dot products (Cascade Lake, Ice Lake, Zen 4), and AMX tiles where the
   CPU has them (`amx_cpu.h` decides at run time);
+- `avx512bf16`: `avx512vnni` plus AVX512-BF16's bf16 dot products (Zen 4 and later, Cooper Lake, Sapphire Rapids and
+  later), which attention over a bf16 KV cache runs on;
 
 on aarch64 (Linux on Graviton, Ampere, a Raspberry Pi 5, Docker on an Apple-silicon Mac; macOS itself):
 - `dotprod`: Armv8.2's int8 dot products (`sdot`, the `asimddp` feature: every Apple M chip, Neoverse N1 and
@@ -21,7 +23,7 @@ on aarch64 (Linux on Graviton, Ampere, a Raspberry Pi 5, Docker on an Apple-sili
   for a prompt's MoE products.
 
 C sources select their code paths with the compiler's own macros (`__AVX2__`, `__AVXVNNI__`, `__AVX512F__`,
-`__AVX512VNNI__`, `__ARM_FEATURE_DOTPROD`), so one file serves every variant and the portable path is always there.
+`__AVX512VNNI__`, `__AVX512BF16__`, `__ARM_FEATURE_DOTPROD`), so one file serves every variant and the portable path is always there.
 The variants are listed in order of preference: the last one the CPU supports is used. A compiler without OpenMP
 (Apple's clang) still builds every kernel, for one thread (the `omp` pragmas are all the kernels ask of OpenMP), and
 a variant the compiler cannot build gives way to the next weaker one (`load_selected`).
@@ -59,6 +61,9 @@ X86_VARIANTS: Variants = {
                ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")),
     "avx512vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
                    ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")),
+    "avx512bf16": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
+                   ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+                    "-mavx512bf16")),
 }
 ARM_VARIANTS: Variants = {
     "portable": ((), ()),

@@ -116,7 +116,7 @@ def _library() -> ctypes.CDLL | None:
 
 def amx_active() -> bool:
     """Whether products of many rows run on AMX tiles now: the CPU has them, Linux granted them, `OSSRUN_CPU_AMX` is
-    not 0 and the selected variant is avx512vnni (the one built with them)."""
+    not 0 and the selected variant is avx512vnni or avx512bf16 (the ones built with them)."""
     lib = _library()
     return lib is not None and bool(lib.q8_amx_active())
 
