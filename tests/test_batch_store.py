@@ -1,6 +1,7 @@
 """The durable queue on its own: exactly-once bookkeeping across a simulated crash (no model involved)."""
 
 import asyncio
+import logging
 import sqlite3
 import time
 
@@ -121,3 +122,61 @@ def test_worker_survives_a_failing_store_and_finishes_every_item(tmp_path, caplo
     assert sorted(runs) == sorted([str(i) for i in range(8)] + ["later"])  # each item ran once: no result was lost
     failures = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(failures) == 1 and "retrying" in failures[0].getMessage()  # one line per failure streak, not a flood
+
+
+class _CappedStore(SQLiteBatchStore):
+    """A real SQLite store that refuses, as a full disk does ("database or disk is full"), every write needing a page
+    more than it has: `PRAGMA max_page_count` on its own connection (a pragma holds only for the connection that sets
+    it). Marking items running rewrites pages it has, so claims keep working while results cannot be written."""
+
+    def cap(self, pages: int | None) -> None:
+        with self._lock:
+            if pages is None:
+                self._db.execute("PRAGMA max_page_count = 1073741823")
+            else:
+                self._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def pages(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA page_count").fetchone()[0]
+
+
+def test_a_full_disk_is_one_failure_streak_until_results_can_be_written_again(tmp_path, caplog):
+    """Before: any store call that worked (an empty claim, a read) ended the streak, so on a full disk the log had an
+    ERROR with a traceback and a "works again" per item, several a second, and /health flapped ok/failing."""
+    store = _CappedStore(tmp_path / "q.sqlite")
+    ran = asyncio.Event()
+    big = "x" * 20_000  # a result spans overflow pages: a write the full store must refuse
+
+    async def execute(model, body):
+        ran.set()
+        await asyncio.sleep(0.01)
+        return ItemOutcome(True, {"response": big + body["prompt"]}, 1, 2)
+
+    async def scenario():
+        worker = BatchWorker(store, execute, concurrency=8, poll_s=0.01)  # free slots: it keeps claiming nothing
+        worker.max_backoff_s = 0.05
+        batch_id = store.create("m", [{"prompt": str(i)} for i in range(6)])
+        store.cap(store.pages())  # the disk is full from here on
+        worker.start()
+        await ran.wait()
+        samples = []
+        for _ in range(60):  # 1.2 s of a full disk: retries, empty claims and reads all the while
+            await asyncio.sleep(0.02)
+            store.get(batch_id)
+            samples.append(worker.store_ok)
+        store.cap(None)  # space freed
+        await until_done(store, batch_id, 4.0)
+        await worker.stop()
+        return samples, store.get(batch_id), worker.store_ok
+
+    caplog.set_level(logging.WARNING)
+    samples, batch, ok_after = asyncio.run(scenario())
+    assert not any(samples), "the store said ok while results could not be written"
+    assert batch.status == "done" and ok_after
+    assert [i.result["response"] for i in batch.items] == [big + str(i) for i in range(6)]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(errors) == 1 and "database or disk is full" in errors[0].getMessage(), [r.getMessage() for r in errors]
+    assert errors[0].exc_info is None  # a full disk is one clear line, no traceback
+    assert len(warnings) == 1 and "takes writes again" in warnings[0].getMessage()

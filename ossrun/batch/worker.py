@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ossrun.batch.store import BatchItem, BatchStore
+from ossrun.storage import StorageHealth, write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ class BatchWorker:
     max_backoff_s = 5.0
 
     def __init__(self, store: BatchStore, execute: Executor, concurrency: int = 16, retention_s: float = 7 * 24 * 3600,
-                 poll_s: float = 0.5, on_done: Callable[[ItemOutcome], None] = _ignore):
-        """`on_done` hears of every item whose result was written (the server's metrics count them)."""
+                 poll_s: float = 0.5, on_done: Callable[[ItemOutcome], None] = _ignore, health: StorageHealth | None = None):
+        """`on_done` hears of every item whose result was written (the server's metrics count them); `health` is
+        the data directory's record of failing writes, shared with the API's own writes."""
         self.store = store
         self.execute = execute
         self.on_done = on_done
@@ -51,7 +53,7 @@ class BatchWorker:
         self._active: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.store_failing_since: float | None = None  # the start of a failure streak (logged once, start and end)
+        self.health = health or StorageHealth()
 
     def start(self) -> None:
         requeued = self.store.requeue_running()
@@ -63,7 +65,7 @@ class BatchWorker:
     @property
     def store_ok(self) -> bool:
         """False while the store keeps failing: /health and /metrics say so, since the queue then stands still."""
-        return self.store_failing_since is None
+        return self.health.ok
 
     def notify(self) -> None:
         """New work was queued: look now rather than at the next poll."""
@@ -81,13 +83,14 @@ class BatchWorker:
         while True:
             free = self.concurrency - len(self._active)
             if free > 0:
-                for item in await self._store("claim queued items", self.store.claim, free):
+                for item in await self._store("claim queued items", "claim", self.store.claim, free):
                     task = asyncio.create_task(self._process(item))
                     self._active.add(task)
                     task.add_done_callback(self._finished)
+            await self.health.recheck()
             if time.time() - last_cleanup > 60:
                 last_cleanup = time.time()
-                await self._store("delete old batches", self.store.delete_finished_before, time.time() - self.retention_s)
+                await self._store("delete old batches", "cleanup", self.store.delete_finished_before, time.time() - self.retention_s)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
@@ -107,26 +110,27 @@ class BatchWorker:
             log.exception("batch item %s/%d failed", item.batch_id, item.index)
             outcome = ItemOutcome(False, {"code": 3000, "message": f"AiError: {exc}"})
         # Until the result is written the item stays 'running' and holds its slot; a restart meanwhile queues it again.
-        await self._store(f"write the result of batch item {item.batch_id}/{item.index}", self.store.complete, item,
+        key = f"result {item.batch_id}/{item.index}"
+        await self._store(f"write the result of batch item {item.batch_id}/{item.index}", key, self.store.complete, item,
                           outcome.success, outcome.result, outcome.prompt_tokens, outcome.completion_tokens)
         self.on_done(outcome)
 
-    async def _store(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
-        """`call(*args)` in a thread, retried with back-off until the store accepts it."""
+    async def _store(self, what: str, key: str, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)` in a thread, retried with back-off until the store accepts it. `key` names the write in
+        `health`: only this write working again ends its part of a failure streak (an empty claim that works while
+        results cannot be written ends nothing)."""
         delay = self.poll_s
         while True:
             try:
                 result = await asyncio.to_thread(call, *args)
-            except Exception:
-                if self.store_failing_since is None:
-                    self.store_failing_since = time.time()
-                    log.exception("batch queue: the store failed to %s; retrying until it works again", what)
+            except Exception as exc:
+                cause = write_refusal(exc) or f"{type(exc).__name__}: {exc}"
+                self.health.failed(key, f"batch queue: the store failed to {what} ({cause}); retrying until it works again",
+                                   retried=True, exc=exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            if self.store_failing_since is not None:
-                self.store_failing_since = None
-                log.warning("batch queue: the store works again")
+            self.health.worked(key)
             return result
 
 

@@ -1,0 +1,70 @@
+"""Whether the data directory takes writes: one record the batch worker and the API's writes report to, and that
+/health (`batch_store`) and /metrics (`ossrun_batch_store_up`) read, so an alert on it neither misses nor flaps."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# A full disk or quota, a file-size limit, a read-only or failing filesystem, permissions taken away.
+_REFUSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+_SQLITE_REFUSALS = ("database or disk is full", "disk I/O error", "readonly database", "unable to open database file")
+
+
+def write_refusal(exc: BaseException) -> str | None:
+    """What the storage said when `exc` is it refusing a write, None for any other error (a bug keeps its traceback)."""
+    if isinstance(exc, sqlite3.OperationalError) and any(text in str(exc) for text in _SQLITE_REFUSALS):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _REFUSING_ERRNOS:
+        return exc.strerror or str(exc)
+    return None
+
+
+class StorageHealth:
+    """The writes that failed, by what they wrote: failing from the first until each has worked again. A read or an
+    empty claim that works meanwhile writes nothing, so it ends nothing (one ERROR per streak, one WARNING at its end).
+
+    A refused API write (a batch not queued, a fine-tune not created) is not retried by the server, so nothing would
+    end its mark: `recheck` (the batch worker calls it at its pace) writes a probe file in the data directory and clears
+    those marks once that works."""
+
+    def __init__(self, data_dir: Path | None = None):
+        self.probe = None if data_dir is None else Path(data_dir) / ".write-probe"
+        self._failing: dict[str, bool] = {}  # what failed → retried by its writer (else a refused API write)
+
+    @property
+    def ok(self) -> bool:
+        return not self._failing
+
+    def failed(self, what: str, line: str, retried: bool, exc: BaseException | None = None) -> None:
+        """`line` is logged when this starts a streak; with `exc`'s traceback only when it is no storage refusal."""
+        if not self._failing:
+            log.error(line, exc_info=exc if exc is not None and write_refusal(exc) is None else None)
+        self._failing[what] = retried
+
+    def worked(self, what: str) -> None:
+        if self._failing.pop(what, None) is not None and not self._failing:
+            log.warning("storage: the data directory takes writes again")
+
+    async def recheck(self) -> None:
+        refused = [what for what, retried in self._failing.items() if not retried]
+        if refused and self.probe is not None and await asyncio.to_thread(self._probe_writes):
+            for what in refused:
+                self.worked(what)
+
+    def _probe_writes(self) -> bool:
+        try:
+            with open(self.probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+            self.probe.unlink()
+        except OSError:
+            return False
+        return True
