@@ -145,7 +145,7 @@ def test_a_full_disk_is_one_failure_streak_until_results_can_be_written_again(tm
     """Before: any store call that worked (an empty claim, a read) ended the streak, so on a full disk the log had an
     ERROR with a traceback and a "works again" per item, several a second, and /health flapped ok/failing."""
     store = _CappedStore(tmp_path / "q.sqlite")
-    ran = asyncio.Event()
+    ran = asyncio.Event()  # an item ran: its result write comes next
     big = "x" * 20_000  # a result spans overflow pages: a write the full store must refuse
 
     async def execute(model, body):
@@ -160,6 +160,8 @@ def test_a_full_disk_is_one_failure_streak_until_results_can_be_written_again(tm
         store.cap(store.pages())  # the disk is full from here on
         worker.start()
         await ran.wait()
+        while worker.store_ok:  # the first result write is refused
+            await asyncio.sleep(0.01)
         samples = []
         for _ in range(60):  # 1.2 s of a full disk: retries, empty claims and reads all the while
             await asyncio.sleep(0.02)
