@@ -260,3 +260,37 @@ def test_health_and_metrics_say_when_the_batch_store_keeps_failing(checkpoints, 
         assert all(r["success"] for r in wait_done(server, request_id)["responses"])  # the queue moves again
     finally:
         server.stop()
+
+
+def test_a_write_the_disk_refuses_is_a_named_503_and_health_says_failing(checkpoints, tmp_path):
+    """Before: with the data directory's disk full, queueing a batch and creating a fine-tune were a bare 500 "internal
+    error" with a traceback in the log, and /health still said `batch_store: ok`. The disk refuses writes for real,
+    unprivileged: the server's file-size limit (RLIMIT_FSIZE) is set to 0 after it started, so every write to a file
+    fails in the kernel (EFBIG; SQLite says "disk I/O error"), as on a full disk, then lifted again."""
+    import resource
+
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    finetunes = server.base + "/client/v4/accounts/acct/ai/finetunes"
+    try:
+        _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (0, hard))
+        refused = httpx.post(server.run_url(), params={"queueRequest": "true"}, json={"requests": items(1)}, timeout=60)
+        assert refused.status_code == 503, refused.text
+        error = refused.json()["errors"][0]
+        assert error["code"] == 3040 and "the storage of the batch queue cannot be written (disk I/O error)" in error["message"]
+        created = httpx.post(finetunes, json={"model": "@cf/openai/gpt-oss-20b", "name": "ft1"}, timeout=60)
+        assert created.status_code == 503 and "the storage of the fine-tunes cannot be written" in created.text, created.text
+        assert server.health()["batch_store"] == "failing"
+        time.sleep(1.5)  # the worker's recheck finds the disk still full: no flapping
+        assert server.health()["batch_store"] == "failing"
+        assert "ossrun_batch_store_up 0.0" in httpx.get(server.base + "/metrics", timeout=30).text
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space freed
+        _until(lambda: server.health()["batch_store"] == "ok")
+        request_id = queue(server, items(2))
+        assert all(r["success"] for r in wait_done(server, request_id)["responses"])
+        assert httpx.post(finetunes, json={"model": "@cf/openai/gpt-oss-20b", "name": "ft1"}, timeout=60).status_code == 200
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "unhandled error" not in log and "Traceback" not in log
+    assert "storage: the data directory takes writes again" in log

@@ -347,8 +347,8 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     service.load_finetunes()
     service.metering.batch_backlog = service.batch_store.backlog
     worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s,
-                         on_done=service.metering.batch_item_done)
-    service.metering.batch_store_ok = lambda: worker.store_ok
+                         on_done=service.metering.batch_item_done, health=service.storage)
+    service.metering.batch_store_ok = lambda: worker.store_ok  # the API's refused writes too (`Service.writing`)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -66,6 +66,13 @@ def rate_limited(per: str) -> ApiError:
     return ApiError(429, 3036, f"Rate limit exceeded: too many requests for this {per}, try again later.")
 
 
+def storage_refused(store: str, cause: str) -> ApiError:
+    """503 for a write the data directory refused (a full disk, a read-only or failing filesystem): retryable once
+    the operator frees space, and named, since a bare "internal error" tells neither the client nor the operator why.
+    3040, as the other 503 (shutting down): the server cannot take the request now, the request is fine."""
+    return ApiError(503, 3040, f"AiError: the storage of {store} cannot be written ({cause}); please try again later.")
+
+
 AUTH_FAILED = (403, 10000, "Authentication error")
 BUSY = (429, 3040, "Capacity temporarily exceeded, please try again.")
 TIMEOUT = (408, 3007, "Request timeout.")

@@ -527,15 +527,15 @@ RESPONSE_MODELS = (PromptFrame, ChatCompletionChunk, CompletionChunk, ResponsesE
 
 # (path suffix, method) → (success model, stream frame models, error statuses). Suffixes match both OpenAI prefixes.
 ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel], ...], tuple[int, ...]]] = {
-    ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 415, 429)),
+    ("/ai/run/{model}", "post"): (RunEnvelope, (PromptFrame, ChatCompletionChunk, ResponsesEvent), (400, 403, 408, 413, 415, 429, 503)),
     ("/ai/models/search", "get"): (ModelsEnvelope, (), (400, 403)),
     ("/ai/tasks/search", "get"): (TasksEnvelope, (), (403,)),
     ("/ai/authors/search", "get"): (AuthorsEnvelope, (), (403,)),
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
-    ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
+    ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429, 503)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
     ("/ai/finetunes/public", "get"): (FinetunesEnvelope, (), (403,)),
-    ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429)),
+    ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429, 503)),
     ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 415, 429)),
     ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429)),
@@ -552,7 +552,8 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
 
 _REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
             404: "Not found", 408: "Timeout", 413: "Body over 10 MB (adapter uploads: 300 MB), decoded or not",
-            415: "Content-Encoding other than gzip or deflate", 429: "Rate limited, or busy with options.rejectIfBusy"}
+            415: "Content-Encoding other than gzip or deflate", 429: "Rate limited, or busy with options.rejectIfBusy",
+            503: "Shutting down, or the data directory refuses writes (a full disk): try again later"}
 
 ASSET_UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file_name", "file"],

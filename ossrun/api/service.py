@@ -9,9 +9,10 @@ with the parser's events for that token; `account` and `Outcome.add` fold them. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ossrun.api.ask import Ask, FinalFormat
 from ossrun.api.conversations import ResponseStore
 from ossrun.api.schemas import OPENAI_DEFAULTS, WORKERS_AI_DEFAULTS
 from ossrun.api.stops import StopStrings
-from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, unknown_lora
+from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, storage_refused, unknown_lora
 from ossrun.engine.client import (
     AdapterLoadError,
     AdapterRankMismatchError,
@@ -39,6 +40,7 @@ from ossrun.engine.client import (
 from ossrun.finetunes import PairMismatch
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool
+from ossrun.storage import StorageHealth, write_refusal
 
 
 @dataclass(slots=True)
@@ -235,9 +237,26 @@ class Service:
 
         self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
         self.finetunes = None
+        self.storage = StorageHealth(Path(settings.data_dir))  # the data directory's failing writes, shared with the batch worker
         # Batch items are planned one at a time: they never take every thread of the pool that interactive
         # requests are planned on (a grammar check can take a second; 16 items took 15 s from a `Hello`).
         self._batch_planning = asyncio.Semaphore(1)
+
+    @contextlib.contextmanager
+    def writing(self, store: str) -> Iterator[None]:
+        """A write to `store` ("the batch queue", "the fine-tunes") that the data directory may refuse (a full disk, a
+        read-only filesystem): then a 503 naming why, one log line per failure streak rather than a traceback, and
+        /health's `batch_store` failing until writes work again. Other errors pass through as they are."""
+        try:
+            yield
+        except Exception as exc:
+            cause = write_refusal(exc)
+            if cause is None:
+                raise
+            self.storage.failed(store, f"{store}: a write to the data directory was refused ({cause}); such requests "
+                                       "are answered 503 until it takes writes again", retried=False)
+            raise storage_refused(store, cause) from None
+        self.storage.worked(store)
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
     def create_finetune(self, model: str, name: str, description: str = "", public: bool = False):

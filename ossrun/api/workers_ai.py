@@ -126,7 +126,8 @@ async def _queue(service: Service, model: str, body: Any, request: Request) -> d
         raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(items)}")
     # Each item's error names requests[i]. A client that leaves meanwhile gets no request_id: nothing is queued for it.
     await unless_client_leaves(request, asyncio.to_thread(_check_items, service, items))
-    batch_id = service.batch_store.create(model, items)
+    with service.writing("the batch queue"):
+        batch_id = service.batch_store.create(model, items)
     request.app.state.batch_worker.notify()
     return envelope({"status": "queued", "request_id": batch_id, "model": model})
 
@@ -242,7 +243,8 @@ async def create_finetune(account_id: str, request: Request):
     from ossrun.finetunes import FinetuneError
 
     try:
-        record = service.create_finetune(spec.model, spec.name, spec.description or "", spec.public)
+        with service.writing("the fine-tunes"):
+            record = service.create_finetune(spec.model, spec.name, spec.description or "", spec.public)
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
     return envelope(_finetune_json(record))
@@ -355,15 +357,16 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
     from ossrun.finetunes import ASSET_NAMES, FinetuneError
 
     try:
-        arrived = service.finetunes.arrival()  # a place, or a 429 before the body is read
-        try:
-            file_name = await receive_upload(request, arrived)
-        except BaseException:  # a bad form, the body cap or deadline (ApiError), a client that left (499)
-            service.finetunes.discard(arrived)
-            raise
-        # Storing (fsync'd) and loading up to 300 MB takes a while: other requests' streams must not wait for it. The
-        # store discards the upload when done; shielded, so a cancelled request still leaves that to it.
-        record = await asyncio.shield(asyncio.to_thread(service.upload_finetune_asset, id_or_name, file_name, arrived))
+        with service.writing("the fine-tunes"):
+            arrived = service.finetunes.arrival()  # a place, or a 429 before the body is read
+            try:
+                file_name = await receive_upload(request, arrived)
+            except BaseException:  # a bad form, the body cap or deadline (ApiError), a client that left (499)
+                service.finetunes.discard(arrived)
+                raise
+            # Storing (fsync'd) and loading up to 300 MB takes a while: other requests' streams must not wait for it.
+            # The store discards the upload when done; shielded, so a cancelled request still leaves that to it.
+            record = await asyncio.shield(asyncio.to_thread(service.upload_finetune_asset, id_or_name, file_name, arrived))
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}", headers=exc.headers) from None
     answer = envelope(_finetune_json(record))
