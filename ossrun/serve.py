@@ -98,6 +98,24 @@ def _claim(data_dir: Path) -> IO[str]:
     return handle
 
 
+def _check_data_dir(data_dir: Path) -> None:
+    """The data directory's stores opened once before the model loads (minutes for 20b): a restored bad backup, a
+    corrupted `batch.sqlite`, a directory or a file where the other belongs is one line, not a traceback after the load."""
+    import sqlite3
+
+    from ossrun.batch.store import SQLiteBatchStore
+    from ossrun.finetunes import FinetuneStore
+
+    for name, open_store in (("batch.sqlite", lambda: SQLiteBatchStore(data_dir / "batch.sqlite").close()),
+                             ("finetunes", lambda: FinetuneStore(data_dir))):
+        try:
+            open_store()
+        except (sqlite3.Error, OSError) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SettingsError(f"--data-dir {data_dir}: {name} cannot be used ({cause}); move it aside or restore "
+                                "it from a backup") from None
+
+
 def _authority(host: str, port: int) -> str:
     """`host:port` as a URL spells it: an IPv6 literal in brackets (RFC 3986), or `http://::1:8080` is no URL curl
     or an SDK takes."""
@@ -208,6 +226,7 @@ def serve(settings: ServerSettings) -> None:
     loras = _parse_loras(settings.loras)
     check_device(settings.device)
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
+    _check_data_dir(data_dir)
     _check_lora_names(loras, data_dir)
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)

@@ -246,3 +246,17 @@ def test_operator_mistakes_with_the_data_dir_and_checkpoint_are_one_line(checkpo
     _one_clear_line(ossrun(*serve, "--model", str(not_json), "--data-dir", str(tmp_path / "d1")), "config.json is not JSON")
     _one_clear_line(ossrun(*serve, "--model", str(no_weights), "--data-dir", str(tmp_path / "d2")), "no .safetensors files")
     _one_clear_line(ossrun("make-model", "--out", str(a_file)), "is a file")
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    (lambda d: (d / "batch.sqlite").write_bytes(os.urandom(8192)), "batch.sqlite cannot be used (file is not a database)"),
+    (lambda d: (d / "batch.sqlite").mkdir(), "batch.sqlite cannot be used (unable to open database file)"),
+    (lambda d: (d / "finetunes").write_text("x"), "finetunes cannot be used (File exists)")])
+def test_an_unusable_file_in_the_data_dir_is_one_line_before_the_model_loads(spoil, expected, tmp_path):
+    """Before: the model loaded (minutes for 20b), then a 65-line traceback and exit 1. The model named here does not
+    exist, so the data directory's line shows that it is checked first."""
+    data = tmp_path / "data"
+    data.mkdir()
+    spoil(data)
+    _one_clear_line(ossrun("serve", "--model", "/nonexistent/model", "--port", str(free_port()), "--data-dir", str(data)),
+                    f"--data-dir {data}: {expected}")
