@@ -158,6 +158,66 @@ def _browser_settings(settings: ServerSettings, sock: socket.socket) -> dict:
             "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 
+def _available_memory(device: str) -> tuple[int, str] | None:
+    """(bytes free for the KV cache, where the number comes from), or None where nothing says: the device's free
+    memory on CUDA; on the CPU the least of MemAvailable, the cgroup's room and the address-space limit (`ulimit -v`)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
+    found = []
+    for what, read in (("MemAvailable", _mem_available), ("the cgroup's memory.max", _cgroup_room), ("ulimit -v", _address_space)):
+        try:
+            value = read()
+        except (OSError, ValueError):
+            value = None
+        if value is not None:
+            found.append((value, what))
+    return min(found) if found else None
+
+
+def _mem_available() -> int | None:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _address_space() -> int | None:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _cgroup_room() -> int | None:
+    limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    if limit == "max":
+        return None
+    return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+
+
+def _check_cache_fits(settings: ServerSettings) -> None:
+    """The KV cache is allocated whole at start, `--kv-cache-gib` capped by what `--max-num-seqs` × `--max-model-len`
+    can use: one the machine cannot hold would fail after the load (minutes for 20b) with a traceback, or start on
+    overcommitted memory and be killed under load. Refused only when the cache alone exceeds the memory there is
+    (the weights need more on top); the config is all it reads. A cache too small for the model is found here too."""
+    from ossrun.engine.async_engine import resolve_dtype
+    from ossrun.engine.engine import EngineOptions, planned_cache_bytes
+    from ossrun.model.checkpoint import read_config
+    from ossrun.model.resolve import resolve_model
+
+    options = EngineOptions(max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
+                            kv_dtype=resolve_dtype(settings.precision, settings.dtype), max_model_len=settings.max_model_len)
+    planned = planned_cache_bytes(read_config(resolve_model(settings.model)), options)
+    available = _available_memory(settings.device)
+    if available is not None and planned > available[0]:
+        raise SettingsError(f"--kv-cache-gib {settings.kv_cache_gib:g} plans a KV cache of {planned / 2**30:.3g} GiB (at most what "
+                            f"--max-num-seqs {settings.max_num_seqs} × --max-model-len {settings.max_model_len} tokens use), "
+                            f"but only {available[0] / 2**30:.3g} GiB is available ({available[1]}); lower --kv-cache-gib "
+                            "(or --max-num-seqs)")
+
+
 def load_engine(settings: ServerSettings):
     """Resolve and load the model, showing progress (loading a 20b checkpoint maps 13 GB)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -231,6 +291,7 @@ def serve(settings: ServerSettings) -> None:
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
     browser = _browser_settings(settings, sock)
+    _check_cache_fits(settings)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,

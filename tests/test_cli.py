@@ -260,3 +260,14 @@ def test_an_unusable_file_in_the_data_dir_is_one_line_before_the_model_loads(spo
     spoil(data)
     _one_clear_line(ossrun("serve", "--model", "/nonexistent/model", "--port", str(free_port()), "--data-dir", str(data)),
                     f"--data-dir {data}: {expected}")
+
+
+def test_a_kv_cache_larger_than_the_memory_there_is_is_one_line_before_the_model_loads(checkpoints, tmp_path):
+    """Before: any --kv-cache-gib started; the cache was allocated after the load, so one the machine cannot hold was a
+    100-line traceback and exit 1 (or, with overcommit, a server killed later under load). The cache asked here is
+    1e6 GiB, which --max-num-seqs × --max-model-len lets the pools use whole, far above any machine's MemAvailable."""
+    result = ossrun("serve", "--model", str(checkpoints["original"]), "--kv-cache-gib", "1e6", "--max-num-seqs", "1000000",
+                    "--max-model-len", "131072", "--port", str(free_port()), "--data-dir", str(tmp_path), timeout=120)
+    _one_clear_line(result, "--kv-cache-gib 1e+06 plans a KV cache of")
+    assert "lower --kv-cache-gib" in result.stderr and "GiB is available" in result.stderr
+    assert "loaded" not in result.stdout  # refused before the model loads

@@ -21,7 +21,7 @@ from ossrun.engine.runner import ModelRunner
 from ossrun.engine.sampler import Sampler
 from ossrun.engine.scheduler import Scheduler
 from ossrun.engine.sequence import Sequence, Status
-from ossrun.model.config import MAX_CONTEXT
+from ossrun.model.config import MAX_CONTEXT, ModelConfig
 from ossrun.model.gpt_oss import GptOss
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,28 @@ class EngineOptions:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the Triton kernels only)
 
 
-def plan_blocks(model: GptOss, options: EngineOptions) -> tuple[int, int]:
+def _layer_block_bytes(c: ModelConfig, options: EngineOptions) -> tuple[int, int, int]:
+    """(bytes of one layer's K and V for a block, sliding layers, full layers)."""
+    item = torch.empty((), dtype=options.kv_dtype).element_size()
+    n_sliding_layers = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
+    return 2 * options.block_size * c.num_key_value_heads * c.head_dim * item, n_sliding_layers, c.num_hidden_layers - n_sliding_layers
+
+
+def planned_cache_bytes(c: ModelConfig, options: EngineOptions) -> int:
+    """What the pools `plan_blocks` sizes take: allocated whole at start (the server checks it fits before loading)."""
+    full, sliding = plan_blocks(c, options)
+    per_layer_block, n_sliding_layers, n_full_layers = _layer_block_bytes(c, options)
+    return per_layer_block * (full * n_full_layers + sliding * n_sliding_layers)
+
+
+def plan_blocks(c: ModelConfig, options: EngineOptions) -> tuple[int, int]:
     """Split the KV budget into (full, sliding) pool sizes.
 
     The sliding pool needs only the window (plus the block being filled) for every running
     sequence and one step's worth of prefill; everything else goes to the full-attention layers.
     """
-    c, bs = model.config, options.block_size
-    item = torch.empty((), dtype=options.kv_dtype).element_size()
-    per_layer_block = 2 * bs * c.num_key_value_heads * c.head_dim * item
-    n_sliding_layers = sum(c.is_sliding(i) for i in range(c.num_hidden_layers))
-    n_full_layers = c.num_hidden_layers - n_sliding_layers
+    bs = options.block_size
+    per_layer_block, n_sliding_layers, n_full_layers = _layer_block_bytes(c, options)
     sliding = options.max_num_seqs * (c.sliding_window // bs + 2) + options.max_tokens_per_step // bs + 2
     remaining = options.kv_cache_bytes - sliding * per_layer_block * n_sliding_layers
     full = remaining // max(1, per_layer_block * n_full_layers)
@@ -71,7 +82,7 @@ class Engine:
     def __init__(self, model: GptOss, options: EngineOptions = EngineOptions(), decode_token: Callable[[int], bytes] | None = None):
         self.model = model
         self.options = options
-        full, sliding = plan_blocks(model, options)
+        full, sliding = plan_blocks(model.config, options)
         self.kv = KVCacheManager(full, sliding, options.block_size, model.config.sliding_window, options.prefix_caching)
         # The served context is what one sequence can hold: a longer request could never be scheduled.
         self.kv_tokens = self.kv.full.capacity * options.block_size
