@@ -256,11 +256,19 @@ class FinetuneStore:
         """Uploaded files waiting for the other file of their rank (not served yet)."""
         return [name for name in ASSET_NAMES if (self.folder(record) / PENDING / name).exists()]
 
+    def damaged(self) -> list[tuple[Path, str]]:
+        """(folder, why) of each fine-tune whose meta.json cannot be read (a disk error, a hand edit): every listing
+        skips it, not fatal, and the server says so once at start, so an operator knows that data was set aside."""
+        return self._scan()[1]
+
     def _all(self) -> list[Finetune]:
-        records = []
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[Finetune], list[tuple[Path, str]]]:
+        records, damaged = [], []
         for meta in self.root.glob("*/meta.json"):
             try:
                 records.append(Finetune(**json.loads(meta.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue  # a foreign or damaged folder is skipped, not fatal
-        return records
+            except (OSError, ValueError, TypeError) as exc:  # a foreign or damaged folder is skipped, not fatal
+                damaged.append((meta.parent, f"its meta.json is unreadable ({type(exc).__name__}: {exc})"))
+        return records, damaged

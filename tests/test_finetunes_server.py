@@ -358,3 +358,23 @@ def test_uploads_in_flight_are_bounded_and_one_whose_client_leaves_leaves_nothin
             sock.close()
     assert wait_for(lambda: uploads_arriving(upload_server) == []), uploads_arriving(upload_server)
     assert wait_for(lambda: upload(upload_server, "small", "adapter_config.json", config).status_code == 200)
+
+
+def test_a_finetune_whose_meta_json_is_damaged_is_set_aside_with_a_warning(checkpoints, tmp_path):
+    """Before: a fine-tune whose meta.json was damaged (a disk error, a hand edit) vanished from every listing without
+    a word in the log, and its name could be taken again over the orphaned folder."""
+    data = tmp_path / "data"
+    server = start_server(checkpoints["original"], data)
+    try:
+        finetune_id = create(server, "ft1").json()["result"]["id"]
+    finally:
+        server.stop()
+    folder = data / "finetunes" / finetune_id
+    (folder / "meta.json").write_text('{"id": "x"')
+    server = start_server(checkpoints["original"], data)
+    try:
+        assert httpx.get(api(server, "/finetunes")).json()["result"] == []  # skipped, not fatal
+    finally:
+        server.stop()
+    warnings = [line for line in server.log.read_text().splitlines() if "WARNING" in line and "set aside" in line]
+    assert len(warnings) == 1 and str(folder) in warnings[0] and "meta.json is unreadable" in warnings[0], warnings

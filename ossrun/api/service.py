@@ -291,15 +291,19 @@ class Service:
                                       f"({type(exc).__name__}: {exc})") from None
 
     def load_finetunes(self) -> None:
-        """At startup: every complete fine-tune on disk becomes servable again."""
+        """At startup: every complete fine-tune on disk becomes servable again; one warning for each that cannot."""
+        import logging
+
+        log = logging.getLogger(__name__)
+        for folder, why in self.finetunes.damaged():
+            log.warning("fine-tune folder %s is set aside: %s; its name is free again (move the folder away, or "
+                        "restore its meta.json and restart)", folder, why)
         for record in self.finetunes.list():
             if not self.finetunes.missing_assets(record):
                 try:
                     self.register_finetune(record)
                 except (ApiError, AdapterLoadError) as exc:
-                    import logging
-
-                    logging.getLogger(__name__).warning("fine-tune %s not loadable: %s", record.name, exc)
+                    log.warning("fine-tune %s not loadable: %s", record.name, exc)
 
     def adapter_name(self, lora: str) -> str:
         """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
