@@ -238,6 +238,8 @@ class FinetuneStore:
         folder = self.folder(record)
         with self._lock:
             if with_pending:
+                # Two renames, not atomic together: a crash between them leaves a pair of two ranks, which the next start
+                # does not load (its reason is logged and answered to requests; uploading the files again mends it).
                 other = next(name for name in ASSET_NAMES if name != file_name)
                 os.replace(folder / PENDING / other, folder / other)
             os.replace(staged / file_name, folder / file_name)

@@ -378,3 +378,30 @@ def test_a_finetune_whose_meta_json_is_damaged_is_set_aside_with_a_warning(check
         server.stop()
     warnings = [line for line in server.log.read_text().splitlines() if "WARNING" in line and "set aside" in line]
     assert len(warnings) == 1 and str(folder) in warnings[0] and "meta.json is unreadable" in warnings[0], warnings
+
+
+def test_a_finetune_whose_stored_files_do_not_load_says_why_to_the_client(checkpoints, tmp_path):
+    """Before: a stored pair that did not load at start (two ranks, what a crash between the two renames of a rank
+    change would leave; a truncated file) answered "missing a valid adapter", and only the log had the reason."""
+    config = read_config(checkpoints["original"])
+    rank8 = write_random_adapter(config, tmp_path / "rank8", rank=8, seed=3)
+    rank16 = write_random_adapter(config, tmp_path / "rank16", rank=16, seed=3)
+    data = tmp_path / "data"
+    server = start_server(checkpoints["original"], data)
+    try:
+        finetune_id = create(server, "ft1").json()["result"]["id"]
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            assert upload(server, "ft1", name, (rank8 / name).read_bytes()).status_code == 200
+    finally:
+        server.stop()
+    (data / "finetunes" / finetune_id / "adapter_config.json").write_bytes((rank16 / "adapter_config.json").read_bytes())
+    server = start_server(checkpoints["original"], data)
+    try:
+        refused = httpx.post(server.run_url(), json={"prompt": "hi", "lora": "ft1", "max_tokens": 3}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5005
+        message = refused.json()["errors"][0]["message"]
+        assert "its stored files did not load" in message and "r=16" in message and "upload them again" in message, message
+        assert upload(server, "ft1", "adapter_config.json", (rank8 / "adapter_config.json").read_bytes()).status_code == 200
+        assert httpx.post(server.run_url(), json={"prompt": "hi", "lora": "ft1", "max_tokens": 3}, timeout=60).status_code == 200
+    finally:
+        server.stop()

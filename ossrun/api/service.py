@@ -237,6 +237,7 @@ class Service:
 
         self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
         self.finetunes = None
+        self._unloadable: dict[str, str] = {}  # a fine-tune's name → why its stored files did not load at start
         self.storage = StorageHealth(Path(settings.data_dir))  # the data directory's failing writes, shared with the batch worker
         # Batch items are planned one at a time: they never take every thread of the pool that interactive
         # requests are planned on (a grammar check can take a second; 16 items took 15 s from a `Hello`).
@@ -282,6 +283,7 @@ class Service:
         """Serve a fine-tune under its name (requests may also use its id), from its folder or from `folder`."""
         try:
             self.engine.register_adapter(record.name, folder or self.finetunes.folder(record), install)
+            self._unloadable.pop(record.name, None)
         except AdapterRankMismatchError:
             raise
         except AdapterLoadError as exc:
@@ -304,6 +306,7 @@ class Service:
                     self.register_finetune(record)
                 except (ApiError, AdapterLoadError) as exc:
                     log.warning("fine-tune %s not loadable: %s", record.name, exc)
+                    self._unloadable[record.name] = str(exc).removeprefix("AiError: ")
 
     def adapter_name(self, lora: str) -> str:
         """A request's `lora` (a fine-tune's name or id, or a preloaded adapter) → the engine's adapter name."""
@@ -314,11 +317,18 @@ class Service:
         if record is not None and self.engine.has_adapter(record.name):
             return record.name
         if record is not None:
-            missing = ", ".join(self.finetunes.missing_assets(record)) or "a valid adapter"
-            waiting = "".join(f"; the uploaded {name} waits for the other file of its rank"
-                              for name in self.finetunes.pending_assets(record))
-            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: missing {missing}{waiting}")
+            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: {self._why_unloadable(record)}")
         raise unknown_lora(lora)
+
+    def _why_unloadable(self, record) -> str:
+        """What its owner can act on: the files missing, or why the stored ones did not load at start (a truncated
+        file, a pair of two ranks), which they fix by uploading them again."""
+        missing = ", ".join(self.finetunes.missing_assets(record))
+        waiting = "".join(f"; the uploaded {name} waits for the other file of its rank"
+                          for name in self.finetunes.pending_assets(record))
+        if not missing and record.name in self._unloadable:
+            return f"its stored files did not load ({self._unloadable[record.name]}); upload them again{waiting}"
+        return f"missing {missing or 'a valid adapter'}{waiting}"
 
     @property
     def model_names(self) -> list[str]:
