@@ -17,6 +17,8 @@ from typing import NoReturn, Optional
 
 import typer
 
+from ossrun.paths import data_dir as default_data_dir
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve OpenAI's gpt-oss models with the Workers AI API.")
 
 
@@ -44,6 +46,8 @@ class Precision(str, Enum):
 
 PRECISION_HELP = "fast: 8-bit dense weights and native kernels; exact: the reference computation (equal to transformers in float32)."
 DTYPE_HELP = "Activations and KV cache (default: float32 with --precision exact, bfloat16 with fast)."
+# A flag's value column: typer would show `<bool>`, as if `--json true` were taken (it is refused).
+FLAG = ""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -114,7 +118,10 @@ def make_model(
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file; it takes a directory")
     start = time.perf_counter()
-    write_random_checkpoint(PRESETS[preset.value], out, layout.value, seed)
+    try:
+        write_random_checkpoint(PRESETS[preset.value], out, layout.value, seed)
+    except OSError as exc:  # a read-only or full disk, no permission
+        _fail(f"--out {out}: cannot write the checkpoint ({exc.strerror or exc})")
     typer.echo(f"wrote {preset.value} ({layout.value} layout, seed {seed}) to {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -156,8 +163,8 @@ def generate(
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
-    as_json: bool = typer.Option(False, "--json", help='Print {"token_ids": [...], "text": "..."}.'),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    as_json: bool = typer.Option(False, "--json", metavar=FLAG, help='Print {"token_ids": [...], "text": "..."}.'),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG),
 ) -> None:
     """Generate one completion from the command line (greedy with --temperature 0)."""
     _setup_logging(verbose)
@@ -205,7 +212,7 @@ def train_demo(
     samples: Optional[int] = typer.Option(None, min=1, help="Conversations generated (default: the shipped recipe's)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="Torch threads (1 is fastest on a busy machine)."),
-    verbose: bool = typer.Option(True, "--verbose/--quiet", "-v"),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", "-v", metavar=FLAG),
 ) -> None:
     """Train the embedded demo model from scratch (seeded), export it, and show its greedy answers."""
     _setup_logging(verbose)
@@ -267,8 +274,10 @@ def serve(
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
-    data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", help="Where the batch queue and fine-tunes live."),
-    rate_limit: int = typer.Option(300, min=0, help="POST requests per minute per token (0: no limit)."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="OSSRUN_DATA_DIR", show_default=str(default_data_dir()),
+                                            help="Where the batch queue, fine-tunes and stored Responses live."),
+    rate_limit: int = typer.Option(300, min=0, help="POST requests per minute per token with --api-token, else per client "
+                                                    "address (0: no limit)."),
     lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable)."),
     max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
     kv_cache_gib: float = typer.Option(2.0, callback=_positive("--kv-cache-gib"), help="Memory for the KV cache."),
@@ -290,7 +299,7 @@ def serve(
                                                        "http://localhost:*; `*` for any) whose pages "
                                                        "may call the server from a browser, with CORS (default: only the server's own, "
                                                        "the playground)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
     _setup_logging(verbose)

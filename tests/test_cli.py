@@ -271,3 +271,28 @@ def test_a_kv_cache_larger_than_the_memory_there_is_is_one_line_before_the_model
     _one_clear_line(result, "--kv-cache-gib 1e+06 plans a KV cache of")
     assert "lower --kv-cache-gib" in result.stderr and "GiB is available" in result.stderr
     assert "loaded" not in result.stdout  # refused before the model loads
+
+
+def test_serve_help_says_what_the_flags_do():
+    """Before: --rate-limit said "per token" (without --api-token it counts per client address), --data-dir left out the
+    stored Responses and its default, and every flag showed a `<bool>` value that `--json true` refuses."""
+    result = ossrun("serve", "--help", env={**os.environ, "COLUMNS": "300"})
+    lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│ --")}
+    assert "per client address" in lines["--rate-limit"] and "stored Responses" in lines["--data-dir"]
+    assert "[default: (" in lines["--data-dir"]
+    assert "<bool>" not in lines["--verbose"]
+    generate = ossrun("generate", "--help", env={**os.environ, "COLUMNS": "300"}).stdout
+    assert all("<bool>" not in line for line in generate.splitlines() if "--json" in line or "--verbose" in line)
+
+
+def test_make_model_on_a_disk_that_refuses_writes_is_one_line(tmp_path):
+    """Before: a traceback (OSError) and exit 1. The disk refuses for real and unprivileged: the command's file-size
+    limit is 0 (root ignores a read-only mode bit, not this)."""
+    import resource
+
+    def no_file_writes() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run([sys.executable, "-m", "ossrun.cli", "make-model", "--out", str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=180, preexec_fn=no_file_writes)
+    _one_clear_line(result, f"--out {tmp_path / 'm'}: cannot write the checkpoint (File too large)")
