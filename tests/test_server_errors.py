@@ -29,6 +29,11 @@ def _disk_error(*args, **kwargs):
     raise sqlite3.OperationalError("disk I/O error")
 
 
+def _bug(*args, **kwargs):
+    """An unexpected error (a disk that refuses a write is no longer one: a named 503, tests/test_batch_server.py)."""
+    raise sqlite3.OperationalError("no such table: items")
+
+
 async def _post(app, path: str, body: dict) -> tuple[httpx.Response, str]:
     """The answer (the app's own exceptions are raised here, as the server would log them again) and /metrics after."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=120) as client:
@@ -37,7 +42,7 @@ async def _post(app, path: str, body: dict) -> tuple[httpx.Response, str]:
 
 
 def test_a_500_is_counted_logged_once_and_carries_its_id(served, monkeypatch, caplog):
-    monkeypatch.setattr(served.state.service.batch_store, "create", _disk_error)
+    monkeypatch.setattr(served.state.service.batch_store, "create", _bug)
     caplog.set_level(logging.INFO)
     answer, metrics = asyncio.run(_post(served, f"/client/v4/accounts/a/ai/run/{MODEL}",
                                         {"requests": [{"prompt": "Hi", "max_tokens": 2}]}))
