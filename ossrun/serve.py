@@ -197,19 +197,20 @@ def _cgroup_room() -> int | None:
     return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
 
 
-def _check_cache_fits(settings: ServerSettings) -> None:
+def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
     """The KV cache is allocated whole at start, `--kv-cache-gib` capped by what `--max-num-seqs` × `--max-model-len`
     can use: one the machine cannot hold would fail after the load (minutes for 20b) with a traceback, or start on
     overcommitted memory and be killed under load. Refused only when the cache alone exceeds the memory there is
-    (the weights need more on top); the config is all it reads. A cache too small for the model is found here too."""
+    (the weights need more on top); the checkpoint's config is all it reads, after the model is resolved (a preset's
+    first use writes it, under load_engine's progress) and before it loads. A cache too small for the model is found
+    here too."""
     from ossrun.engine.async_engine import resolve_dtype
     from ossrun.engine.engine import EngineOptions, planned_cache_bytes
     from ossrun.model.checkpoint import read_config
-    from ossrun.model.resolve import resolve_model
 
     options = EngineOptions(max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
                             kv_dtype=resolve_dtype(settings.precision, settings.dtype), max_model_len=settings.max_model_len)
-    planned = planned_cache_bytes(read_config(resolve_model(settings.model)), options)
+    planned = planned_cache_bytes(read_config(checkpoint), options)
     available = _available_memory(settings.device)
     if available is not None and planned > available[0]:
         raise SettingsError(f"--kv-cache-gib {settings.kv_cache_gib:g} plans a KV cache of {planned / 2**30:.3g} GiB (at most what "
@@ -230,6 +231,7 @@ def load_engine(settings: ServerSettings):
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("resolving the model", total=3)
         path = resolve_model(settings.model)
+        _check_cache_fits(settings, path)
         progress.update(task, advance=1, description=f"loading {path}")
         engine = AsyncEngine.from_model(path, settings.dtype, settings.device, settings.precision,
                                         decode_token=harmony.token_bytes, grammar_tokenizer=llguidance_tokenizer,
@@ -291,7 +293,6 @@ def serve(settings: ServerSettings) -> None:
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
     browser = _browser_settings(settings, sock)
-    _check_cache_fits(settings)
     engine = load_engine(settings)
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
