@@ -72,7 +72,7 @@ def test_document_covers_every_route_with_real_status_codes(fuzzed):
             if method == "post" and not path.endswith(("/finetune-assets", "/cancel")):  # multipart; OpenAI's cancel has no body
                 assert "application/json" in operation["requestBody"]["content"], path
     run = document["paths"]["/client/v4/accounts/{account_id}/ai/run/{model}"]["post"]
-    assert set(run["responses"]) == {"200", "400", "403", "404", "408", "413", "415", "429"}
+    assert set(run["responses"]) == {"200", "400", "403", "404", "408", "413", "415", "429", "503"}
     assert "text/event-stream" in run["responses"]["200"]["content"]
 
 
