@@ -30,6 +30,7 @@ from ossrun.harmony import (
     StreamParser,
     ToolCallArgumentsDelta,
     ToolCallStart,
+    decode,
     encode,
     fold_events,
     parse_completion,
@@ -401,7 +402,31 @@ def test_none_forbids_calls_and_auto_constrains_arguments(compiler):
     assert not auto.allowed_tokens()[encode("42")[0]]  # the schema wants a string here
     free = compiler.tools({"search": SEARCH}, "auto")
     feed(free, "<|channel|>final<|message|>Plain text, no call.<|return|>")
-    assert compiler.tools({}, "auto") is None and compiler.tools({}, "none") is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
+    """No tools (or tool_choice "none"): the grammar leaves no header a place for `to=`. Every header is
+    `<|channel|>` then "analysis" or "final" then `<|message|>`, and the final answer ends the completion (the
+    demo model, seed 23, wrote `<|end|>` after its answer and then a message to `functions`, read back as a call)."""
+    def header_tokens(constraint) -> set[str]:
+        """What the masks allow from here to the header's `<|message|>`, by each allowed token's text."""
+        allowed = constraint.allowed_tokens().nonzero().flatten().tolist()
+        assert allowed == [CHANNEL]  # a header starts with its channel: no room for a recipient before it
+        constraint.advance(CHANNEL)
+        return {decode([t]) for t in constraint.allowed_tokens().nonzero().flatten().tolist()}
+
+    plain = compiler.tools({}, mode)
+    words = header_tokens(plain)
+    assert words and all("analysis".startswith(w) or "final".startswith(w) for w in words), words
+    feed(plain, "analysis<|message|>" + "Thinking on and on. " * 100 + "<|end|><|start|>assistant")  # no reasoning budget
+    words = header_tokens(plain)
+    assert words and all("final".startswith(w) for w in words), words
+    feed(plain, "final<|message|>Helloot.")
+    assert not plain.allowed_tokens()[END] and plain.allowed_tokens()[encode("<|return|>", allow_special=True)[0]]
+    for recipient in ("<|channel|>commentary to=functions.get", "<|channel|>analysis to=python", " to=browser.search<|channel|>"):
+        with pytest.raises(AssertionError, match="refused"):
+            feed(compiler.tools({}, mode), recipient)
 
 
 @pytest.mark.parametrize(("build", "reason"), [

@@ -448,10 +448,12 @@ class Service:
             raise exc.with_traceback(None)
 
     # -- structured output ------------------------------------------------------------------------
-    def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar | None:
-        """The grammar a request's output must follow, or None (free). A named (prefilled) tool call
-        gets its arguments constrained; `required`/`auto` tools and `response_format` / Responses
-        `text.format` constrain the whole completion, leaving the reasoning free within a budget."""
+    def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar:
+        """The grammar a request's output must follow. A named (prefilled) tool call gets its arguments
+        constrained; `required`/`auto` tools and `response_format` / Responses `text.format` constrain the
+        whole completion, leaving the reasoning free within a budget. A plain answer (no tools, or
+        `tool_choice: "none"`) is constrained too, only so that no message to a recipient (a call nobody
+        offered) can be written: its reasoning keeps no budget and its text is free, as without a grammar."""
         try:
             tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)}
             # OpenAI restricts the schema language only for `strict: true` (absent: false, on every surface here).
@@ -459,9 +461,8 @@ class Service:
             lenient = {spec.name for spec in specs if spec.strict is not True}
             if forced is not None:
                 return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens, strict=forced not in lenient)
-            if not tools and not ask.final.structured:
-                return None
-            budget = harmony_grammar.default_reasoning_budget(max_tokens)
+            plain = not tools and not ask.final.structured
+            budget = None if plain else harmony_grammar.default_reasoning_budget(max_tokens)
             return harmony_grammar.tools(tools, ask.tool_choice, ask.final.schema, json_final=ask.final.structured,
                                          reasoning_budget=budget, max_tokens=max_tokens, lenient=lenient,
                                          final_strict=ask.final.strict)

@@ -63,8 +63,8 @@ def build_engine(model: str | Path, dtype: str | None = None, device: str = "cpu
 
 class AsyncEngine:
     """The engine behind the `EngineClient` protocol (`engine/client.py`). `grammar_tokenizer` builds the
-    llguidance tokenizer that grammars compile against (on first use: it takes about a second); without
-    it, a submission with a grammar is a GrammarError."""
+    llguidance tokenizer that grammars compile against (about a second, on a thread of its own from the start);
+    without it, a submission with a grammar is a GrammarError."""
 
     def __init__(self, engine: Engine, grammar_tokenizer: Callable[[], object] | None = None):
         self.engine = engine
@@ -82,6 +82,8 @@ class AsyncEngine:
         self._draining = False  # set by abort_all: shutdown has begun, nothing new is taken
         self._thread = threading.Thread(target=self._run, name="ossrun-engine", daemon=True)
         self._thread.start()
+        if grammar_tokenizer is not None:  # most requests come with a grammar: built now, not in the first one (seconds)
+            threading.Thread(target=self._compiler_for, name="ossrun-grammar-tokenizer", daemon=True).start()
 
     @classmethod
     def from_model(cls, model: str | Path, dtype: str | None = None, device: str = "cpu", precision: str = "fast",

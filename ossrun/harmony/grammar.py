@@ -108,11 +108,14 @@ def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: in
 
 def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_schema: Mapping[str, Any] | None = None, *,
           json_final: bool = False, reasoning_budget: int | None = None, max_tokens: int | None = None,
-          lenient: Collection[str] = (), final_strict: bool = True) -> Grammar | None:
+          lenient: Collection[str] = (), final_strict: bool = True) -> Grammar:
     """`tool_choice` "required" (some call), "auto" (a final message or a call whose arguments follow
-    its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any JSON object).
-    The final message is JSON against `final_schema` when given (any JSON object with `json_final`),
-    else free text. → None when there is nothing to constrain (no tools and a free final message).
+    its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any JSON object):
+    the tools that may be called, so a call of any other recipient is impossible. The final message is
+    JSON against `final_schema` when given (any JSON object with `json_final`), else free text. With no
+    tools (or "none") and a free final message the grammar only keeps the model off the call path: it
+    may reason, then answer (gpt-oss addresses its built-in `browser` / `python` tools unasked, and a
+    message to a recipient would be read back as a call that nobody offered).
     The tools named in `lenient` (and the final schema unless `final_strict`) are not strict: keywords
     the grammar engine does not implement (`uniqueItems`, `not`, ...) are ignored rather than refused."""
     if mode not in ("auto", "required", "none"):
@@ -120,8 +123,6 @@ def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_s
     if mode == "required" and not tools:
         raise GrammarError('tool_choice "required" needs at least one tool')
     structured = final_schema is not None or json_final
-    if not tools and not structured:
-        return None
     answers = [] if mode == "none" else [_call(name, parameters, i, name not in lenient)
                                          for i, (name, parameters) in enumerate(tools.items())]
     if mode != "required":
