@@ -92,8 +92,14 @@ BUILT_IN = "only function tools (type 'function') can be called here, not built-
                                      "(arguments are a JSON object), not 'array'"),
     ({"input": "a", "tools": [{"type": "function", "description": "x"}]}, "tools[0]",
      "at '/tools/0': a function tool needs the function's name: {'type': 'function', 'function': {'name': …}} or, flat, {'type': 'function', 'name': …}"),
-    ({"input": "a", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice.type",
-     "at '/tool_choice/type': tool_choice type 'allowed_tools' is not supported: tool_choice is 'none', 'auto', 'required' or one function tool"),
+    ({"input": "a", "tool_choice": {"type": "file_search"}}, "tool_choice.type",
+     "at '/tool_choice/type': tool_choice type 'file_search' is not supported: tool_choice is 'none', 'auto', 'required', one function "
+     "tool (type 'function') or allowed_tools"),
+    ({"input": "a", "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp", "server_label": "x"}]}},
+     "tool_choice.tools[0].type", "at '/tool_choice/tools/0/type': allowed tool type 'mcp' is not supported: allowed_tools lists "
+     "function tools"),
+    ({"messages": [{"role": "user", "content": "a"}], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "none", "tools": []}}},
+     "tool_choice.allowed_tools.mode", "at '/tool_choice/allowed_tools/mode': Input should be 'auto' or 'required'"),
     ({"input": "a", "tool_choice": "sometimes"}, "tool_choice", "at '/tool_choice': Input should be 'none', 'auto' or 'required'"),
 ])
 def test_a_tool_of_another_type_is_one_error_naming_it(body, param, message):

@@ -226,6 +226,42 @@ def test_no_call_comes_back_to_a_request_that_offers_no_tools(server):
         assert run["choices"][0]["finish_reason"] == "stop" and not run["choices"][0]["message"]["tool_calls"]
 
 
+def function(name: str, description: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description,
+                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_allowed_tools_restricts_the_calls_and_keeps_every_tool_in_the_prompt(server):
+    """OpenAI's `tool_choice: {type: "allowed_tools"}` (pydantic-ai's Responses model sends it to restrict the calls while
+    keeping the tool list cacheable) was a 400. Every tool stays in the prompt; only the listed ones may be called, and
+    `mode` is the tool_choice over them (`required` with one: that call, prefilled). Both surfaces, both spellings."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
+    tools = [WEATHER, function("get_time", "Get the local time in a city"), function("get_news", "Get the news of a city")]
+    flat = [{"type": "function", **tool["function"]} for tool in tools]
+    paris = "What is the weather in Paris?"
+    assert client.responses.create(model=MODEL, input=paris, tools=flat, tool_choice="required", temperature=0).output[-1].name == "get_weather"
+    not_weather = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"},
+                                                                          {"type": "function", "function": {"name": "get_news"}}]}
+    response = client.responses.create(model=MODEL, input=paris, tools=flat, tool_choice=not_weather, temperature=0)
+    assert response.output[-1].type == "function_call" and response.output[-1].name in ("get_time", "get_news")
+    assert response.tool_choice.type == "allowed_tools" and response.tool_choice.mode == "required"
+    assert response.tool_choice.tools == [{"type": "function", "name": "get_time"}, {"type": "function", "name": "get_news"}]
+    counts = [client.responses.input_tokens.count(model=MODEL, input=paris, tools=flat, **choice).input_tokens
+              for choice in ({}, {"tool_choice": {**not_weather, "mode": "auto"}})]
+    assert counts[0] == counts[1]  # the same prompt: every tool is described
+
+    only_weather = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_weather"}}]}}
+    choice = client.chat.completions.create(model=MODEL, messages=FRANCE, tools=tools, tool_choice=only_weather, temperature=0).choices[0]
+    assert choice.finish_reason == "tool_calls" and [call.function.name for call in choice.message.tool_calls] == ["get_weather"]
+    auto = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get_news"}}]}}
+    choice = client.chat.completions.create(model=MODEL, messages=FRANCE, tools=tools, tool_choice=auto, temperature=0).choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls and choice.message.content
+    with pytest.raises(openai.BadRequestError, match="allowed_tools names 'get_stock', which is not in 'tools'") as refused:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, tools=tools, tool_choice={
+            "type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get_stock"}}]}})
+    assert refused.value.body["param"] == "tool_choice"
+
+
 def test_second_turn_answers_from_the_tool_result(server):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}}
     messages = [{"role": "user", "content": "What is the weather in Tokyo?"},

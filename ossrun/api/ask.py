@@ -40,6 +40,7 @@ class Ask:
     tools: Sequence[Tool] = ()  # empty when tool_choice is "none": the model is not shown them
     tool_choice: str = "auto"  # auto | required | none
     named_tool: str | None = None  # a tool_choice naming one function
+    allowed: tuple[str, ...] | None = None  # `allowed_tools`: the only tools that may be called (None: any of `tools`)
     legacy_functions: bool = False  # /v1 chat offered `functions` (no `tools`): its call is answered as `function_call`
     effort: str | None = None
     final: FinalFormat = field(default_factory=FinalFormat)
@@ -107,14 +108,17 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> tuple[str, str | None]:
-    """(mode, named function) of a `tool_choice` in any spelling, or of a legacy `function_call`."""
+def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> dict[str, Any]:
+    """The `Ask` fields of a `tool_choice` in any spelling, or of a legacy `function_call`: its mode, the function it
+    names, the tools `allowed_tools` lets the model call."""
     if choice is None:
-        return "auto", None
+        return dict(tool_choice="auto")
     if isinstance(choice, str):
-        return choice, None
-    name = choice.function.name if isinstance(choice, schemas.NamedToolChoice) else choice.name
-    return "auto", name
+        return dict(tool_choice=choice)
+    if isinstance(choice, (schemas.AllowedToolsChoice, schemas.FlatAllowedToolsChoice)):
+        allowed = choice.allowed_tools if isinstance(choice, schemas.AllowedToolsChoice) else choice
+        return dict(tool_choice=allowed.mode, allowed=allowed.names())
+    return dict(tool_choice="auto", named_tool=choice.function.name if isinstance(choice, schemas.NamedToolChoice) else choice.name)
 
 
 def _tools(tools: Sequence[Tool] | None, mode: str) -> tuple[Tool, ...]:
@@ -160,18 +164,18 @@ def from_prompt(m: schemas.PromptInput) -> Ask:
                             "functions": bool(m.functions), "tool_choice": m.tool_choice not in (None, "none", "auto")},
                            "a raw prompt goes to the model as sent, so {field} cannot be honoured (leave it out, or send the "
                            "prompt without raw to have it rendered)")
-    mode, named = _choice(m.tool_choice)
-    tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
-    return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
+    choice = _choice(m.tool_choice)
+    tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
+    return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, **choice, final=final_format(m.response_format),
                logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, **_sampling(m))
 
 
 def from_messages(m: schemas.MessagesInput) -> Ask:
     # OpenAI's legacy `function_call` and answer shape; Workers AI has no `function_call` and answers `functions` as tool_calls.
     openai = isinstance(m, schemas.ChatCompletionRequest)
-    mode, named = _choice(m.function_call if openai and m.tool_choice is None else m.tool_choice)
-    tools = _tools([*(m.tools or []), *(m.functions or [])], mode)
-    return Ask("messages", messages=m.messages, tools=tools, tool_choice=mode, named_tool=named, final=final_format(m.response_format),
+    choice = _choice(m.function_call if openai and m.tool_choice is None else m.tool_choice)
+    tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
+    return Ask("messages", messages=m.messages, tools=tools, **choice, final=final_format(m.response_format),
                logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, legacy_functions=openai and bool(m.functions) and not m.tools,
                **_sampling(m))
 
@@ -197,9 +201,9 @@ OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
 def from_responses(m: schemas.ResponsesInput) -> Ask:
     """Logprobs only with `include: ["message.output_text.logprobs"]`, as on OpenAI (where `top_logprobs` alone
     returns `logprobs: []`)."""
-    mode, named = _choice(m.tool_choice)
+    choice = _choice(m.tool_choice)
     logprobs = OUTPUT_TEXT_LOGPROBS in (m.include or ())
-    return Ask("responses", items=m.input, stored_items=m._stored_items, truncate=m.truncation == "auto", instructions=m.instructions, tools=_tools(m.tools, mode), tool_choice=mode, named_tool=named,
+    return Ask("responses", items=m.input, stored_items=m._stored_items, truncate=m.truncation == "auto", instructions=m.instructions, tools=_tools(m.tools, choice["tool_choice"]), **choice,
                effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
                max_tokens=m.max_output_tokens, max_tokens_name="max_output_tokens", temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
                logprobs=logprobs, top_logprobs=(m.top_logprobs or 0) if logprobs else 0,

@@ -9,7 +9,8 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api.ask import final_format
-from ossrun.api.schemas import NamedToolChoice, NamespaceTool, ResponseFormat, ResponsesInput, Tool, WebSearchTool, tool_spec
+from ossrun.api.schemas import (AllowedToolsChoice, FlatAllowedToolsChoice, NamedToolChoice, NamespaceTool, ResponseFormat, ResponsesInput,
+                                Tool, WebSearchTool, tool_spec)
 from ossrun.api.service import Outcome, usage
 
 
@@ -115,7 +116,7 @@ ECHOED = {"instructions": None, "previous_response_id": None, "tools": [], "tool
 def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = None) -> dict[str, Any]:
     """The echoed fields as the request set them (JSON), OpenAI's defaults for the others; `sampling`: the
     temperature and top_p the request was sampled with (`/ai/run`'s defaults differ from OpenAI's), as OpenAI echoes
-    them; tools and a named tool_choice in the Responses spelling, whichever spelling the request used."""
+    them; tools and a named tool_choice (or allowed_tools) in the Responses spelling, whichever spelling the request used."""
     if request is None:
         return {**ECHOED, **(sampling or {})}
     fields = {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True),
@@ -124,6 +125,10 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
         fields["tools"] = [echoed_tool(tool) for tool in request.sent_tools]
     if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
         fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
+    if isinstance(request.tool_choice, (AllowedToolsChoice, FlatAllowedToolsChoice)):  # either spelling, its entries too
+        allowed = request.tool_choice.allowed_tools if isinstance(request.tool_choice, AllowedToolsChoice) else request.tool_choice
+        fields["tool_choice"] = {"type": "allowed_tools", "mode": allowed.mode,
+                                 "tools": [{"type": "function", "name": name} for name in allowed.names()]}
     fields["text"] = echoed_text(request)
     # As OpenAI echoes it for a reasoning model: the effort the prompt was rendered with and the summary asked, both
     # always there (a client reading `response.reasoning.effort` gets the one used, not null).

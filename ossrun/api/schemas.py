@@ -184,22 +184,67 @@ class FlatNamedToolChoice(_Open):
 
 
 def _choice_model(choice: Any) -> str:
-    """The branch a tool_choice is validated as, from its value: a mode, chat's `{function}`, or the flat `{name}`."""
-    if isinstance(choice, (NamedToolChoice, FlatNamedToolChoice)):
+    """The branch a tool_choice (or an allowed tool) is validated as, from its value: a mode, chat's `{function}`, the
+    flat `{name}`, or `allowed_tools` in chat's spelling (`{allowed_tools: {mode, tools}}`) or the flat one."""
+    if isinstance(choice, (NamedToolChoice, FlatNamedToolChoice, AllowedToolsChoice, FlatAllowedToolsChoice)):
         return type(choice).__name__
     if not isinstance(choice, dict):
         return "str"
+    if choice.get("type") == "allowed_tools":
+        return "AllowedToolsChoice" if "allowed_tools" in choice else "FlatAllowedToolsChoice"
     return "NamedToolChoice" if "function" in choice else "FlatNamedToolChoice"
 
 
+_ONE_FUNCTION = "{'type': 'function', 'function': {'name': …}} or {'type': 'function', 'name': …}"
+
+
 def _function_choice(choice: Any) -> Any:
-    """`allowed_tools`, a built-in tool's type, …: one error naming the type, not every branch's complaint."""
-    return function_or_flat(choice, "tool_choice", "tool_choice is 'none', 'auto', 'required' or one function tool (type 'function')",
-                            "{'type': 'function', 'function': {'name': …}} or {'type': 'function', 'name': …}")
+    """A built-in tool's type, …: one error naming the type, not every branch's complaint."""
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return choice
+    return function_or_flat(choice, "tool_choice", "tool_choice is 'none', 'auto', 'required', one function tool (type "
+                            "'function') or allowed_tools", _ONE_FUNCTION)
+
+
+def _allowed_function(tool: Any) -> Any:
+    return function_or_flat(tool, "allowed tool", "allowed_tools lists function tools (type 'function')", _ONE_FUNCTION)
+
+
+# One function in either spelling: what a named tool_choice, and each entry of allowed_tools, is.
+NamedFunction = Annotated[Union[Annotated[NamedToolChoice, Tag("NamedToolChoice")],
+                                Annotated[FlatNamedToolChoice, Tag("FlatNamedToolChoice")]],
+                          Discriminator(_choice_model), BeforeValidator(_allowed_function)]
+
+
+class AllowedTools(_Open):
+    """OpenAI's `allowed_tools`: only these of `tools` may be called; every tool stays in the prompt (which a prompt
+    cache keeps from request to request). `mode` is the tool_choice over them: `auto` or `required`."""
+
+    mode: Literal["auto", "required"]
+    tools: list[NamedFunction]
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.function.name if isinstance(t, NamedToolChoice) else t.name for t in self.tools))
+
+
+class AllowedToolsChoice(_Open):
+    """Chat's spelling: `{type: allowed_tools, allowed_tools: {mode, tools: [{type: function, function: {name}}]}}`."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
+class FlatAllowedToolsChoice(AllowedTools):
+    """The Responses spelling: `{type: allowed_tools, mode, tools: [{type: function, name}]}`."""
+
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["allowed_tools"]}})
+    type: Literal["allowed_tools"]
 
 
 ToolChoice = Annotated[Union[Annotated[Literal["none", "auto", "required"], Tag("str")],
-                             Annotated[NamedToolChoice, Tag("NamedToolChoice")], Annotated[FlatNamedToolChoice, Tag("FlatNamedToolChoice")]],
+                             Annotated[NamedToolChoice, Tag("NamedToolChoice")], Annotated[FlatNamedToolChoice, Tag("FlatNamedToolChoice")],
+                             Annotated[AllowedToolsChoice, Tag("AllowedToolsChoice")],
+                             Annotated[FlatAllowedToolsChoice, Tag("FlatAllowedToolsChoice")]],
                        Discriminator(_choice_model), BeforeValidator(_function_choice)]
 
 

@@ -162,14 +162,25 @@ def _fewest(fits: Callable[[int], bool], total: int, guess: int) -> int:
     return high
 
 
+def _callable(ask: Ask, tool_names: tuple[str, ...]) -> tuple[str, ...]:
+    """The tools the answer may call: those `allowed_tools` lists (each one of `tools`, or a 400 naming it), else all."""
+    if ask.allowed is None:
+        return tool_names
+    for name in ask.allowed:
+        if name not in tool_names:
+            raise bad_input(f"Error: at '/tool_choice': allowed_tools names {name!r}, which is not in 'tools'", "tool_choice")
+    return ask.allowed
+
+
 def _named_tool(ask: Ask, tool_names: tuple[str, ...]) -> str | None:
-    """The one function the answer must call: a named `tool_choice`, or `required` with a single tool."""
+    """The one function the answer must call: a named `tool_choice`, or `required` with a single tool it may call."""
     if ask.named_tool is not None:
         return ask.named_tool
+    callable_names = _callable(ask, tool_names)
     if ask.tool_choice == "required":
-        if not tool_names:
+        if not callable_names:
             raise bad_input("Error: at '/tool_choice': 'required' needs at least one tool in 'tools'", "tool_choice")
-        return tool_names[0] if len(tool_names) == 1 else None
+        return callable_names[0] if len(callable_names) == 1 else None
     return None
 
 
@@ -455,7 +466,9 @@ class Service:
         `tool_choice: "none"`) is constrained too, only so that no message to a recipient (a call nobody
         offered) can be written: its reasoning keeps no budget and its text is free, as without a grammar."""
         try:
-            tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)}
+            # The tools the model may call (`allowed_tools` leaves the others in the prompt, not in the grammar).
+            tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)
+                     if ask.allowed is None or t.name in ask.allowed}
             # OpenAI restricts the schema language only for `strict: true` (absent: false, on every surface here).
             specs = (t.function if isinstance(t, WrappedTool) else t for t in ask.tools)
             lenient = {spec.name for spec in specs if spec.strict is not True}
