@@ -16,6 +16,7 @@ import torch
 from ossrun.engine import budget_search, constraints
 from ossrun.engine.constraints import ConstraintCompiler, ConstraintViolation, GrammarError
 from ossrun.engine.pattern_sample import pattern_sample
+from ossrun.engine.sampler import _apply_masks
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.grammar import default_reasoning_budget, llguidance_tokenizer
 from ossrun.engine.engine import Engine, EngineOptions
@@ -427,6 +428,23 @@ def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
     for recipient in ("<|channel|>commentary to=functions.get", "<|channel|>analysis to=python", " to=browser.search<|channel|>"):
         with pytest.raises(AssertionError, match="refused"):
             feed(compiler.tools({}, mode), recipient)
+
+
+def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler):
+    """Free text forbids 1,410 of 201,088 tokens (the special tokens, some bytes): the sampler gets their ids and fills
+    them, where a bool mask cost it passes over the vocabulary (0.6 ms a token on one thread, every plain answer has
+    this grammar). The same tokens are forbidden either way; the budget guard and a spent span still read whole masks."""
+    plain = compiler.tools({}, "auto")
+    feed(plain, "<|channel|>final<|message|>Hello")
+    forbidden, allowed = plain.mask(), plain.allowed_tokens()
+    assert forbidden.dtype == torch.int64 and torch.equal(forbidden.sort().values, (~allowed).nonzero().flatten())
+    logits = torch.randn(1, VOCAB_SIZE).repeat(2, 1)
+    _apply_masks(logits, [forbidden, allowed])
+    assert torch.equal(logits[0], logits[1]) and logits[0, END] == float("-inf")
+    assert compiler.json_final(SCHEMAS[0], max_tokens=100).mask().dtype == torch.bool
+    spent = compiler.tools({"search": SEARCH}, "auto", reasoning_budget=2)
+    feed(spent, "<|channel|>analysis<|message|> one two")
+    assert spent.mask().nonzero().flatten().tolist() == [END]
 
 
 @pytest.mark.parametrize(("build", "reason"), [

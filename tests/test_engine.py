@@ -261,6 +261,8 @@ class _Refuses:
     def allowed_tokens(self):
         return torch.zeros(201088, dtype=torch.bool)
 
+    mask = allowed_tokens
+
     def advance(self, token_id):
         raise AssertionError("never reached")
 
@@ -273,6 +275,8 @@ class _OnlyToken:
         mask = torch.zeros(201088, dtype=torch.bool)
         mask[self.token] = True
         return mask
+
+    mask = allowed_tokens
 
     def advance(self, token_id):
         assert token_id == self.token

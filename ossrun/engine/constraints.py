@@ -145,13 +145,28 @@ class Constraint:
         if self._error is not None:
             raise ConstraintViolation(self._error)
         mask = self._pending.result()
-        span = self._grammar.span
-        if span is not None and self._in_span and self.span_tokens >= span.limit and bool(mask[span.close]):
+        if mask.dtype != torch.bool:  # the forbidden ids (see `mask`)
+            forbidden, mask = mask, torch.ones(self._vocab, dtype=torch.bool)
+            mask[forbidden] = False
+        if self._span_spent() and bool(mask[self._grammar.span.close]):
             # Span budget spent: close it now. (If its closing token is not allowed yet — a character
             # split across tokens — the text continues one more token.)
-            mask = self._only(span.close)
+            mask = self._only(self._grammar.span.close)
         self._offered = mask
         return mask
+
+    def mask(self) -> torch.Tensor:
+        """What the sampler applies: `allowed_tokens()`, or the ids (int64) of the forbidden tokens when they are few
+        (free text: the special tokens and some bytes; `_FEW_WORDS`) and neither the budget guard nor a spent span
+        needs the whole mask. The sampler fills those few ids, where a bool mask costs it passes over the vocabulary."""
+        if self._error is not None:
+            raise ConstraintViolation(self._error)
+        found = self._pending.result()
+        return self.allowed_tokens() if found.dtype == torch.bool or self._span_spent() else found
+
+    def _span_spent(self) -> bool:
+        span = self._grammar.span
+        return span is not None and self._in_span and self.span_tokens >= span.limit
 
     @property
     def guarding(self) -> bool:
@@ -213,7 +228,8 @@ class Constraint:
                 raise ConstraintViolation(matcher_error(self._matcher))
             if search:
                 self._find_path()
-            return self._unpack(self._bits)
+            forbidden = self._forbidden(self._bits) if self._left is None else None  # the budget guard reads whole masks
+            return self._unpack(self._bits) if forbidden is None else forbidden
         finally:
             self.searching = False
 
@@ -333,6 +349,15 @@ class Constraint:
         mask[token] = True
         return mask
 
+    def _forbidden(self, bits: torch.Tensor) -> torch.Tensor | None:
+        """The ids of the tokens `bits` forbids when they lie in at most _FEW_WORDS of its words (~80 µs), else None."""
+        words = (bits != -1).nonzero().flatten()
+        if len(words) > _FEW_WORDS:
+            return None
+        allowed = torch.index_select(_BYTE_TO_BOOLS, 0, bits[words].view(torch.uint8).int()).view(torch.bool).view(-1, 32)
+        ids = (words[:, None] * 32 + torch.arange(32))[~allowed]
+        return ids[ids < self._vocab]
+
     def _unpack(self, bits: torch.Tensor) -> torch.Tensor:
         """llguidance's int32 bitmask [ceil(V/32)] → bool [V] of allowed tokens (~40 µs)."""
         return torch.index_select(_BYTE_TO_BOOLS, 0, bits.view(torch.uint8).int()).view(torch.bool)[:self._vocab]
@@ -343,6 +368,10 @@ class Constraint:
         return repr(self._tokenizer.decode_bytes([token]).decode("utf-8", errors="replace"))
 
 
+# A mask whose forbidden tokens lie in at most this many of its 32-token words goes to the sampler as their ids
+# (`Constraint.mask`): free text forbids 1,410 tokens in 281 words (o200k_harmony's special tokens, ids 199998 and up,
+# and the byte tokens no UTF-8 text continues with there).
+_FEW_WORDS = 512
 # Within this many tokens of the end of max_tokens (beyond the known path's length), each sampled token is checked:
 # one after which no complete answer fits in the tokens left (an opener, whitespace at the very end) is refused.
 CLOSING_WINDOW = 32

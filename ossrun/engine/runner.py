@@ -147,16 +147,17 @@ class ModelRunner:
         return LoraBatch([(torch.tensor(r, dtype=torch.long, device=self.device), adapters[key]) for key, r in rows.items()])
 
     def _mask(self, item: Scheduled) -> torch.Tensor | None:
-        """The constraint's allowed tokens; a mask that allows nothing fails that request alone."""
+        """The constraint's mask for the sampler (`Constraint.mask`); a mask that allows nothing fails that request alone."""
         constraint = item.seq.request.constraint
         if constraint is None or item.seq.error is not None:
             return None
         try:
-            mask = constraint.allowed_tokens()
+            mask = constraint.mask()
         except Exception as exc:  # a broken grammar must not take the batch down with it
             item.seq.error = f"structured output failed: {exc}"
             return None
-        if mask is not None and not bool(mask.view(torch.uint8).max()):  # 40x cheaper than .any() on CPU
+        # Forbidden ids (int64) always leave some token; 40x cheaper than .any() on CPU.
+        if mask is not None and mask.dtype == torch.bool and not bool(mask.view(torch.uint8).max()):
             item.seq.error = "structured output: the constraint allows no token"
             return None
         return mask

@@ -3,7 +3,8 @@
 Pipeline, per row, in this order (vLLM v1 `Sampler.forward` order; HF `generate` agrees):
 
 1. Structured-output mask: forbidden tokens get -inf before anything else, so no later stage can
-   bring them back. A mask that allows nothing raises `ConstraintError` (a `ValueError`).
+   bring them back. A mask that allows nothing raises `ConstraintError` (a `ValueError`). A mask is a
+   bool row of the allowed tokens, or the ids of the forbidden ones when they are few.
 2. Logit bias (OpenAI `logit_bias`): each biased token's logit += its bias (in [-100, 100]), before the
    penalties, temperature, top_k and top_p, and for greedy rows too. After the mask, so the grammar wins:
    a masked token stays -inf whatever its bias, and a -100 bias cannot take away a token the grammar
@@ -198,7 +199,8 @@ class Sampler:
     ) -> SamplerOutput:
         """Pick one token per row. logits [B, V] float32 (one row per sequence, same order as states),
         consumed: masked, penalised and overwritten in place. masks[i], when given, is a bool tensor
-        [V] of ALLOWED tokens (structured output); forbidden tokens get -inf before anything else."""
+        [V] of ALLOWED tokens (structured output), or an int64 tensor of the FORBIDDEN ones' ids; forbidden
+        tokens get -inf before anything else."""
         logits = logits.float().contiguous()
         if masks is not None:
             _apply_masks(logits, masks)
@@ -302,8 +304,16 @@ def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_masks(logits: torch.Tensor, masks: list[torch.Tensor | None]) -> None:
-    """-inf on every forbidden token; raise `ConstraintError` first if some mask allows nothing."""
-    rows = [i for i, m in enumerate(masks) if m is not None]
+    """-inf on every forbidden token; raise `ConstraintError` first if some mask allows nothing. A mask is the allowed
+    tokens (bool [V]) or, where only a few are forbidden (a grammar's free text: the special tokens), the forbidden
+    ones' ids (int64): one indexed fill for all such rows, where a bool mask costs passes over every row's vocabulary
+    (0.6 ms a row on one CPU thread, for a token of the demo model that takes 4)."""
+    sparse = [(i, m) for i, m in enumerate(masks) if m is not None and m.dtype != torch.bool]
+    if sparse:
+        vocab = logits.shape[1]
+        index = torch.cat([m + i * vocab for i, m in sparse]).to(logits.device)
+        logits.view(-1).index_fill_(0, index, float("-inf"))
+    rows = [i for i, m in enumerate(masks) if m is not None and m.dtype == torch.bool]
     if not rows:
         return
     allowed = torch.stack([masks[i] for i in rows]).to(device=logits.device, dtype=torch.bool)
