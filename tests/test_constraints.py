@@ -407,31 +407,33 @@ def test_none_forbids_calls_and_auto_constrains_arguments(compiler):
 
 @pytest.mark.parametrize("mode", ["auto", "none"])
 def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
-    """No tools (or tool_choice "none"): the grammar leaves no header a place for `to=`. Every header is
-    `<|channel|>` then "analysis" or "final" then `<|message|>`, and the final answer ends the completion (the
-    demo model, seed 23, wrote `<|end|>` after its answer and then a message to `functions`, read back as a call)."""
-    def header_tokens(constraint) -> set[str]:
-        """What the masks allow from here to the header's `<|message|>`, by each allowed token's text."""
+    """No tool to call (no tools, tool_choice "none"): wherever the parser reads header text, no token with an `=` is
+    allowed, so `to=NAME` cannot be written; everything else is as free as without a grammar (the demo model, seed 23,
+    wrote `<|end|>` after its answer, then `<|start|>assistant<|channel|>commentary to=functions Riyadh.`, read back
+    as a call)."""
+    def no_equals_sign(constraint) -> bool:
         allowed = constraint.allowed_tokens().nonzero().flatten().tolist()
-        assert allowed == [CHANNEL]  # a header starts with its channel: no room for a recipient before it
-        constraint.advance(CHANNEL)
-        return {decode([t]) for t in constraint.allowed_tokens().nonzero().flatten().tolist()}
+        return len(allowed) > 190_000 and not [t for t in allowed if "=" in decode([t])]
 
-    plain = compiler.tools({}, mode)
-    words = header_tokens(plain)
-    assert words and all("analysis".startswith(w) or "final".startswith(w) for w in words), words
-    feed(plain, "analysis<|message|>" + "Thinking on and on. " * 100 + "<|end|><|start|>assistant")  # no reasoning budget
-    words = header_tokens(plain)
-    assert words and all("final".startswith(w) for w in words), words
-    feed(plain, "final<|message|>Helloot.")
-    assert not plain.allowed_tokens()[END] and plain.allowed_tokens()[encode("<|return|>", allow_special=True)[0]]
-    for recipient in ("<|channel|>commentary to=functions.get", "<|channel|>analysis to=python", " to=browser.search<|channel|>"):
+    headers = ["", "<|channel|>commentary to", "<|channel|>final<|message|>Helloot.<|end|>",
+               "<|channel|>final<|message|>Helloot.<|end|><|start|>assistant<|channel|>commentary ",
+               "<|channel|>analysis<|message|>x = 1<|channel|>", "assistant to"]  # a header the model spelled itself
+    for header in headers:
+        plain = compiler.tools({}, mode)
+        feed(plain, header)
+        assert no_equals_sign(plain), header
+    free = compiler.tools({}, mode)  # no budget, no structure: reasoning, text with `=`, any order of messages
+    feed(free, "Text with no header, " + "and on " * 300 + "<|end|><|channel|>final<|message|>1 + 1 = 2<|end|>"
+               "<|start|>assistant<|channel|>analysis<|message|>more<|channel|>final<|message|>done<|return|>")
+    assert free.is_finished and compiler.tools({"search": SEARCH}, "none").mask().dtype == torch.bool
+    for recipient in ("<|channel|>commentary to=functions.get", "<|channel|>analysis to=python", " to=browser.search<|channel|>",
+                      "<|channel|>final<|message|>Helloot.<|end|><|start|>assistant<|channel|>commentary to=functions"):
         with pytest.raises(AssertionError, match="refused"):
             feed(compiler.tools({}, mode), recipient)
 
 
 def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler):
-    """Free text forbids 1,410 of 201,088 tokens (the special tokens, some bytes): the sampler gets their ids and fills
+    """Free text forbids ~1,400 of 201,088 tokens (special tokens, some bytes): the sampler gets their ids and fills
     them, where a bool mask cost it passes over the vocabulary (0.6 ms a token on one thread, every plain answer has
     this grammar). The same tokens are forbidden either way; the budget guard and a spent span still read whole masks."""
     plain = compiler.tools({}, "auto")
@@ -440,7 +442,7 @@ def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler)
     assert forbidden.dtype == torch.int64 and torch.equal(forbidden.sort().values, (~allowed).nonzero().flatten())
     logits = torch.randn(1, VOCAB_SIZE).repeat(2, 1)
     _apply_masks(logits, [forbidden, allowed])
-    assert torch.equal(logits[0], logits[1]) and logits[0, END] == float("-inf")
+    assert torch.equal(logits[0], logits[1]) and logits[0, VOCAB_SIZE - 1] == float("-inf")  # a reserved special token
     assert compiler.json_final(SCHEMAS[0], max_tokens=100).mask().dtype == torch.bool
     spent = compiler.tools({"search": SEARCH}, "auto", reasoning_budget=2)
     feed(spent, "<|channel|>analysis<|message|> one two")

@@ -462,9 +462,9 @@ class Service:
     def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar:
         """The grammar a request's output must follow. A named (prefilled) tool call gets its arguments
         constrained; `required`/`auto` tools and `response_format` / Responses `text.format` constrain the
-        whole completion, leaving the reasoning free within a budget. A plain answer (no tools, or
-        `tool_choice: "none"`) is constrained too, only so that no message to a recipient (a call nobody
-        offered) can be written: its reasoning keeps no budget and its text is free, as without a grammar."""
+        whole completion, leaving the reasoning free within a budget. A plain answer (no tool to call, or
+        `tool_choice: "none"`) gets `harmony.grammar.no_recipient()`: free, as without a grammar, except that no
+        message can be addressed to a recipient (read back, a call nobody offered)."""
         try:
             # The tools the model may call (`allowed_tools` leaves the others in the prompt, not in the grammar).
             tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)
@@ -474,8 +474,7 @@ class Service:
             lenient = {spec.name for spec in specs if spec.strict is not True}
             if forced is not None:
                 return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens, strict=forced not in lenient)
-            plain = not tools and not ask.final.structured
-            budget = None if plain else harmony_grammar.default_reasoning_budget(max_tokens)
+            budget = harmony_grammar.default_reasoning_budget(max_tokens)  # a plain answer's grammar has none
             return harmony_grammar.tools(tools, ask.tool_choice, ask.final.schema, json_final=ask.final.structured,
                                          reasoning_budget=budget, max_tokens=max_tokens, lenient=lenient,
                                          final_strict=ask.final.strict)

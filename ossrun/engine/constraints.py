@@ -369,8 +369,8 @@ class Constraint:
 
 
 # A mask whose forbidden tokens lie in at most this many of its 32-token words goes to the sampler as their ids
-# (`Constraint.mask`): free text forbids 1,410 tokens in 281 words (o200k_harmony's special tokens, ids 199998 and up,
-# and the byte tokens no UTF-8 text continues with there).
+# (`Constraint.mask`): free text forbids ~1,400 tokens in ~280 words (o200k_harmony's special tokens, ids 199998 and
+# up, and the byte tokens no UTF-8 text continues with there).
 _FEW_WORDS = 512
 # Within this many tokens of the end of max_tokens (beyond the known path's length), each sampled token is checked:
 # one after which no complete answer fits in the tokens left (an opener, whitespace at the very end) is refused.

@@ -20,6 +20,9 @@ the answer (the hosted service returns an empty answer when it does). A grammar 
 after which the grammar forces the answer's header; `default_reasoning_budget(max_tokens)` keeps a
 share of max_tokens for the answer. Budget 0 forbids the analysis message altogether.
 
+A request that may call no tool and wants free text gets `no_recipient()` instead: no structure, only no `=` in
+header text, so that no message is addressed to a recipient.
+
 The builders return `engine.grammar.Grammar` values (plain data); the engine compiles them
 (`engine/constraints.py`) with the llguidance view of o200k_harmony built here (`llguidance_tokenizer`).
 """
@@ -112,10 +115,8 @@ def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_s
     """`tool_choice` "required" (some call), "auto" (a final message or a call whose arguments follow
     its schema) or "none" (no call). `tools` maps names to parameter schemas (None: any JSON object):
     the tools that may be called, so a call of any other recipient is impossible. The final message is
-    JSON against `final_schema` when given (any JSON object with `json_final`), else free text. With no
-    tools (or "none") and a free final message the grammar only keeps the model off the call path: it
-    may reason, then answer (gpt-oss addresses its built-in `browser` / `python` tools unasked, and a
-    message to a recipient would be read back as a call that nobody offered).
+    JSON against `final_schema` when given (any JSON object with `json_final`), else free text; with
+    no tool to call and free text, the grammar is `no_recipient()`.
     The tools named in `lenient` (and the final schema unless `final_strict`) are not strict: keywords
     the grammar engine does not implement (`uniqueItems`, `not`, ...) are ignored rather than refused."""
     if mode not in ("auto", "required", "none"):
@@ -123,12 +124,33 @@ def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_s
     if mode == "required" and not tools:
         raise GrammarError('tool_choice "required" needs at least one tool')
     structured = final_schema is not None or json_final
+    if (not tools or mode == "none") and not structured:
+        return no_recipient()
     answers = [] if mode == "none" else [_call(name, parameters, i, name not in lenient)
                                          for i, (name, parameters) in enumerate(tools.items())]
     if mode != "required":
         answers.append(_final(final_schema, structured, final_strict))
     # With "auto" and a free-text answer, a tiny budget is no error: the model may just answer, or be cut off.
     return _wrapper(answers, reasoning_budget, max_tokens if structured or mode == "required" else None)
+
+
+# Where `harmony.StreamParser` reads header text (after `<|start|>`, `<|end|>` or `<|channel|>`, and at the start)
+# and where message text (after `<|message|>`), as a grammar; a recipient (`to=NAME`) can only be written with an
+# `=` in header text. Specials other than harmony's framing are refused, as the parser would ignore them.
+_NO_RECIPIENT = r"""start: head (<|message|> text (leave head <|message|> text)* (leave head)?)? (<|return|> | <|call|>)
+leave: <|end|> | <|start|> | <|channel|>
+head: (HEADER_TEXT | <|start|> | <|channel|> | <|constrain|> | <|end|>)*
+text: (TEXT | <|message|> | <|constrain|>)*
+HEADER_TEXT: /[^=]+/
+TEXT: /(.|\n)+/"""
+
+
+def no_recipient() -> Grammar:
+    """A plain answer (no tool may be called, free text): whatever the model writes, as without a grammar, except an
+    `=` in a message header, so that no message can be addressed to a recipient, which the parser would read back as a
+    call nobody offered (gpt-oss writes to its built-in `browser` and `python` unasked). No reasoning budget, no
+    structure imposed: the parser's leniency (a missing header, odd headers of a fine-tune) stays as it is."""
+    return Grammar(_NO_RECIPIENT, (), _FINAL_TOKENS)
 
 
 def schema_hints(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
