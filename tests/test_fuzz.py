@@ -52,7 +52,7 @@ SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "can
             "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique",
             "needs at least one tool", "a JSON Schema object is required", "cannot look like a fine-tune id",
             "outside the vocabulary", "needs the prompt logprobs", "did not have response messages", "No tool output found",
-            "Item with id")
+            "Item with id", "which is not in 'tools'")
 
 
 def test_bounded_fuzz_positive_and_negative(checkpoints, tmp_path_factory):

@@ -137,7 +137,7 @@ class AsyncEngine:
         request = Request(submission.request_id, list(submission.prompt_token_ids), submission.params, submission.priority,
                           submission.adapter, group=submission.group)
         self.validate(request)
-        if submission.grammar is not None:
+        if submission.grammar is not None and not (submission.grammar.safeguard and self._grammar_tokenizer is None):
             request.constraint = self._compiler_for().compile(submission.grammar)
         return request
 

@@ -35,7 +35,9 @@ class Grammar:
     `schemas` are the JSON Schemas inlined in `lark`, each compiled alone first so that an error names
     the schema rather than a line of the wrapper. `final_tokens`: a sampled token among them that
     completes the grammar ends the request. `path_tokens`: what the shortest-completion search tries
-    besides forced tokens. `max_tokens`: the completion must be complete within it (None: it may be cut)."""
+    besides forced tokens. `max_tokens`: the completion must be complete within it (None: it may be cut).
+    `safeguard`: the grammar only keeps the model from what it should not write (a plain answer's recipient), so an
+    engine built without a grammar tokenizer (library use, tests) runs the request without it rather than refusing."""
 
     lark: str
     schemas: tuple[tuple[str, Mapping[str, Any]], ...] = ()
@@ -43,3 +45,4 @@ class Grammar:
     path_tokens: tuple[int, ...] = ()
     max_tokens: int | None = None
     span: Span | None = None
+    safeguard: bool = False

@@ -150,7 +150,7 @@ def no_recipient() -> Grammar:
     `=` in a message header, so that no message can be addressed to a recipient, which the parser would read back as a
     call nobody offered (gpt-oss writes to its built-in `browser` and `python` unasked). No reasoning budget, no
     structure imposed: the parser's leniency (a missing header, odd headers of a fine-tune) stays as it is."""
-    return Grammar(_NO_RECIPIENT, (), _FINAL_TOKENS)
+    return Grammar(_NO_RECIPIENT, (), _FINAL_TOKENS, safeguard=True)
 
 
 def schema_hints(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
