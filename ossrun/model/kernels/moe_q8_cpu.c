@@ -207,6 +207,30 @@ static inline __m256 pow2_x8(const uint8_t *e) {
     return _mm256_castsi256_ps(_mm256_max_epi32(bits, _mm256_set1_epi32(1 << 22)));
 }
 
+/* Blocks b..nb-1 (b even) of one weight row against one activation row, per block with POW2 = 2^(e-128): the few
+ * blocks past a kernel's last full step (pairs, then a lone last block when nb is odd). */
+static float gemv_tail(const uint8_t *blk, const uint8_t *sc, int nb, int b, const Row *row) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int8_t *q = row->q;
+    float tail = 0.0f;
+    for (int c = b; c + 2 <= nb; c += 2) {
+        const __m256i pr = _mm256_madd_epi16(pair_products(blk + 16 * c, q + QK * c, lut, mask), ones);
+        __m128i h = _mm_hadd_epi32(_mm256_castsi256_si128(pr), _mm256_extracti128_si256(pr, 1));
+        h = _mm_hadd_epi32(h, h); /* block c, block c+1, again */
+        tail += (float)(_mm_cvtsi128_si32(h) - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
+        tail += (float)(_mm_extract_epi32(h, 1) - 12 * row->s[c + 1]) * (row->d[c + 1] * POW2[sc[c + 1]]);
+    }
+    if ((nb - b) % 2) {
+        const int c = nb - 1;
+        int32_t dot = 0;
+        for (int j = 0; j < QK / 2; j++)
+            dot += E2M1_X2_PLUS12[blk[16 * c + j] & 0x0F] * q[QK * c + j] + E2M1_X2_PLUS12[blk[16 * c + j] >> 4] * q[QK * c + 16 + j];
+        tail += (float)(dot - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
+    }
+    return tail;
+}
+
 /* Σ_k W[k]·x[k] for one packed weight row (nb blocks at blk, E8M0 scales at sc) and n (1 or 2, a constant
  * once inlined) activation rows: out[t]. Eight blocks a step: four 32-byte loads, decoded once for the n
  * rows, and each row's int16 products of the eight blocks reduced by horizontal adds to one int32 per
@@ -243,26 +267,8 @@ static inline __attribute__((always_inline)) void gemv_rows(const uint8_t *blk, 
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(pw, _mm256_loadu_ps(rows[t].d + b)), acc[t]);
         }
     }
-    for (int t = 0; t < n; t++) {
-        const Row *row = rows + t;
-        const int8_t *q = row->q;
-        float tail = 0.0f; /* at most 3 pairs and a lone block: per block, with POW2 = 2^(e-128) */
-        for (int c = b; c + 2 <= nb; c += 2) {
-            const __m256i pr = _mm256_madd_epi16(pair_products(blk + 16 * c, q + QK * c, lut, mask), ones);
-            __m128i h = _mm_hadd_epi32(_mm256_castsi256_si128(pr), _mm256_extracti128_si256(pr, 1));
-            h = _mm_hadd_epi32(h, h); /* block c, block c+1, again */
-            tail += (float)(_mm_cvtsi128_si32(h) - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
-            tail += (float)(_mm_extract_epi32(h, 1) - 12 * row->s[c + 1]) * (row->d[c + 1] * POW2[sc[c + 1]]);
-        }
-        if ((nb - b) % 2) {
-            const int c = nb - 1;
-            int32_t dot = 0;
-            for (int j = 0; j < QK / 2; j++)
-                dot += E2M1_X2_PLUS12[blk[16 * c + j] & 0x0F] * q[QK * c + j] + E2M1_X2_PLUS12[blk[16 * c + j] >> 4] * q[QK * c + 16 + j];
-            tail += (float)(dot - 12 * row->s[c]) * (row->d[c] * POW2[sc[c]]);
-        }
-        out[t] = hsum(acc[t]) * 0.5f + tail; /* pow2_x8 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
-    }
+    for (int t = 0; t < n; t++) /* pow2_x8 is 2^(e-127): the 1/2 the doubled E2M1 integers carry, once */
+        out[t] = hsum(acc[t]) * 0.5f + gemv_tail(blk, sc, nb, b, rows + t);
 }
 
 /* Rows two at a time, so each weight block is decoded once for both. */
@@ -659,6 +665,96 @@ static int mm_rows(const uint8_t *blocks, const uint8_t *scales, int nb, int o, 
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+/* ---------------------------------------------------------------- decode with AVX-512 VNNI: four blocks a register
+ *
+ * Decode reads each weight once (a few activation rows): the product must keep up with memory on one core, and the
+ * AVX2 one-row kernel (maddubs, horizontal adds) reaches only ~21 GB/s from L2 on a Zen 4 core, about what one core
+ * reads from memory: two cores then share the read but not the arithmetic. Here a 64-byte load is four packed
+ * blocks; its low nibbles are their even elements and its high nibbles their odd ones, so two shuffles decode four
+ * blocks and two dpbusd take their dot products, with no horizontal adds: lane l sums block b + l/4's evens and
+ * odds 4(l%4)..4(l%4)+3. The activation side of that is laid out once per call, per row (QuadRow): the row's
+ * evens and odds of four blocks in those lanes, the -12·Σq that takes back the weights' +12 offset (as the starting
+ * value of the dpbusd chain), and each lane's activation scale. One float multiply-add per 16 lanes applies both
+ * scales. */
+#define QUAD_MAX_ROWS 4 /* spans of up to this many activation rows (decode) take this kernel */
+
+typedef struct {
+    __m512i evens, odds; /* blocks 4j..4j+3: evens (16 each), then odds, as the weights' nibbles meet them */
+    __m512i base;        /* int32 lanes: -12 · Σ of the eight activations the lane multiplies */
+    __m512 scale;        /* the lane's block's activation scale */
+} QuadRow;
+
+static const int32_t QUAD_LANE_BLOCK[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+
+/* Quads 0..nb/4-1 of one activation row (the pair layout: pairs 2j and 2j+1 hold blocks 4j..4j+3). */
+static void quad_row(const Row *row, int nb, QuadRow *out) {
+    const __m512i twelve = _mm512_set1_epi8(12), lane_block = _mm512_loadu_si512((const void *)QUAD_LANE_BLOCK);
+    for (int j = 0; j < nb / 4; j++) {
+        const __m512i p0 = _mm512_loadu_si512((const void *)(row->q + 128 * j)), p1 = _mm512_loadu_si512((const void *)(row->q + 128 * j + 64));
+        const __m512i evens = _mm512_shuffle_i64x2(p0, p1, _MM_SHUFFLE(1, 0, 1, 0)), odds = _mm512_shuffle_i64x2(p0, p1, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i twelve_sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), twelve, evens), twelve, odds);
+        out[j].evens = evens, out[j].odds = odds;
+        out[j].base = _mm512_sub_epi32(_mm512_setzero_si512(), twelve_sums);
+        out[j].scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(row->d + 4 * j)));
+    }
+}
+
+/* One quad of weights (64 packed bytes at w, its four scales as 2^(e-127) in `pw`'s lanes) against n rows' quads. */
+static inline __attribute__((always_inline)) void quad_step(const uint8_t *w, __m512 pw, const QuadRow *const *quads, int j,
+                                                            const int n, __m512i lut, __m512i mask, __m512 *acc) {
+    const __m512i v = _mm512_loadu_si512((const void *)w);
+    const __m512i evens = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, mask));
+    const __m512i odds = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+    for (int t = 0; t < n; t++) {
+        const QuadRow *x = quads[t] + j;
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x->base, evens, x->evens), odds, x->odds);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(pw, x->scale), acc[t]);
+    }
+}
+
+/* Σ_k W[k]·x[k] for one packed weight row and n (1 or 2, a constant once inlined) activation rows: out[t]. Quads
+ * two at a time (eight scales decoded at once), then the blocks past the last quad as the AVX2 kernel does them. */
+static inline __attribute__((always_inline)) void gemv_quads_rows(const uint8_t *blk, const uint8_t *sc, int nb, const Row *rows,
+                                                                  const QuadRow *const *quads, const int n, float *out) {
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)E2M1_X2_PLUS12));
+    const __m512i mask = _mm512_set1_epi8(0x0F), lane_block = _mm512_loadu_si512((const void *)QUAD_LANE_BLOCK);
+    const __m512i next_four = _mm512_add_epi32(lane_block, _mm512_set1_epi32(4));
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int nq = nb / 4;
+    int j = 0;
+    for (; j + 2 <= nq; j += 2) {
+        _mm_prefetch((const char *)(blk + 64 * j + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + 64 * j + PREFETCH + 64), _MM_HINT_T0);
+        const __m512 pw8 = _mm512_castps256_ps512(pow2_x8(sc + 4 * j));
+        quad_step(blk + 64 * j, _mm512_permutexvar_ps(lane_block, pw8), quads, j, n, lut, mask, acc);
+        quad_step(blk + 64 * j + 64, _mm512_permutexvar_ps(next_four, pw8), quads, j + 1, n, lut, mask, acc);
+    }
+    if (j < nq) {
+        uint8_t four[8] = {0};
+        memcpy(four, sc + 4 * j, 4); /* not 8: the row's scales may end here */
+        quad_step(blk + 64 * j, _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(pow2_x8(four))), quads, j, n, lut, mask, acc);
+    }
+    for (int t = 0; t < n; t++) out[t] = _mm512_reduce_add_ps(acc[t]) * 0.5f + gemv_tail(blk, sc, nb, 4 * nq, rows + t);
+}
+
+/* The decode product: weight rows o..o_end-1 against n ≤ QUAD_MAX_ROWS activation rows, res as span_dots. */
+static void gemv_quads(const uint8_t *blocks, const uint8_t *scales, int nb, int o, int o_end, const Row *rows, int n,
+                       float *res, int ld, int o_begin) {
+    QuadRow table[n][nb / 4 > 0 ? nb / 4 : 1];
+    const QuadRow *quads[QUAD_MAX_ROWS];
+    for (int t = 0; t < n; t++) quad_row(rows + t, nb, table[t]), quads[t] = table[t];
+    for (; o < o_end; o++) {
+        const uint8_t *blk = blocks + (size_t)o * nb * 16, *sc = scales + (size_t)o * nb;
+        float out[QUAD_MAX_ROWS];
+        int t = 0;
+        for (; t + 2 <= n; t += 2) gemv_quads_rows(blk, sc, nb, rows + t, quads + t, 2, out + t);
+        if (t < n) gemv_quads_rows(blk, sc, nb, rows + t, quads + t, 1, out + t);
+        for (t = 0; t < n; t++) res[t * ld + o - o_begin] = out[t];
+    }
+}
+#endif
+
 /* Weight rows o_begin..o_end-1 (blocks/scales point at the expert's row 0) against activation rows
  * start..start+n-1 (n ≤ SPAN; row p reads row_of[p], or p when NULL): res[t*(o_end-o_begin) + o-o_begin].
  * Long spans go 8 weight rows at a time through the row-group kernel; the rest (short spans, a tail of
@@ -694,6 +790,12 @@ static void span_dots(const uint8_t *blocks, const uint8_t *scales, int nb, int 
     if (o == o_end) return;
     Row rows[SPAN];
     for (int t = 0; t < n; t++) rows[t] = row_at(q, d, s, K, row_of ? row_of[start + t] : start + t);
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+    if (n <= QUAD_MAX_ROWS) {
+        gemv_quads(blocks, scales, nb, o, o_end, rows, n, res, ld, o_begin);
+        return;
+    }
+#endif
 #if defined(__ARM_FEATURE_MATMUL_INT8)
     if (n >= MM_MIN_ROWS && o_end - o >= 4) {
         const int left = mm_rows(blocks, scales, nb, o, o_end, rows, n, res, ld, o_begin);
