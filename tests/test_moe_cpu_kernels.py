@@ -110,18 +110,20 @@ GROUPINGS = {
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_linear_within_the_derived_bound(isa, grouping):
+# 11 blocks: one step of eight, a pair and a lone last block in the AVX2 one-row kernel, two quads (one step) and
+# the rest in the AVX-512 decode kernel; 13 blocks: three quads (a step and a lone quad), then a lone block
+@pytest.mark.parametrize("blocks", [11, 13])
+def test_grouped_linear_within_the_derived_bound(isa, grouping, blocks):
     check_grouped_linear(grouping, lambda x: moe_cpu.quantize_rows(x, isa),
-                         lambda *operands: moe_cpu.q8_grouped_linear(*operands, isa))
+                         lambda *operands: moe_cpu.q8_grouped_linear(*operands, isa), k=32 * blocks)
 
 
-def check_grouped_linear(grouping: str, quantize, grouped_linear) -> None:
+def check_grouped_linear(grouping: str, quantize, grouped_linear, k: int = 352) -> None:
     """`quantize(x)` and `grouped_linear(q, d, s, row_of, offsets, experts, blocks, scales, bias)` (a kernel variant's;
-    tests/test_arm_kernels.py passes its Arm builds) on one grouping, within the derived bound."""
+    tests/test_arm_kernels.py passes its Arm builds) on one grouping, within the derived bound, for inputs of width k."""
     sizes, experts = GROUPINGS[grouping]
-    # 11 blocks: one step of eight, a pair and a lone last block in the one-row kernel; 44 outputs: tiles of 16, 16
-    # and 12 (one 8-row group + 4 single rows)
-    k, out = 352, 44
+    # 44 outputs: tiles of 16, 16 and 12 (one 8-row group + 4 single rows)
+    out = 44
     blocks, scales = random_experts(7, out, k, seed=2)
     weight = mxfp4.dequantize(blocks, scales, torch.float64)
     bias = torch.randn(7, out, generator=torch.Generator().manual_seed(3))
