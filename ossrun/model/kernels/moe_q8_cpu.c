@@ -15,7 +15,8 @@
  *
  * Code paths: AVX2 (decoded weights + 12 as maddubs' unsigned operand, the +12 taken back per block
  * from Σq; a one-row kernel for decode that reduces eight blocks at a time, and a row-group kernel
- * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd; prefill puts sixteen
+ * for prefill that puts eight weight rows in the lanes), AVX-512 VNNI (dpbusd; decode decodes four blocks a 512-bit
+ * load into the lanes of the activations laid out to meet them, prefill puts sixteen
  * weight rows in a 512-bit register's lanes and passes four activation rows over each block's weights
  * while they sit in registers), AMX tiles for a prompt's layer where the CPU has them (moe_layer_tiled), Arm's
  * dot products (sdot is signed times signed: the nibbles decode by one table lookup straight to E2M1 x 2, no
