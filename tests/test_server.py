@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -440,6 +441,34 @@ def test_auth_and_body_cap(server):
     assert big.status_code == 413 and error_code(big) == 3006
     openai_style = httpx.post(f"{server.base}/v1/chat/completions", json={"model": MODEL}, headers=server.headers)
     assert openai_style.status_code == 400 and "error" in openai_style.json()
+
+
+def test_reject_if_busy_on_the_openai_routes(checkpoints, tmp_path):
+    """The hosted docs give `options.rejectIfBusy` for `…/ai/v1/chat/completions` too (a top-level `options`): hunt
+    round 12 found the OpenAI routes queueing such a request behind the running one instead of a 429, code 3040."""
+    s = start_server(checkpoints["original"], tmp_path, "--max-num-seqs", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{s.base}/v1", api_key="x", max_retries=0)
+        with httpx.stream("POST", s.run_url(), json={"prompt": "long", "max_tokens": 2000, "temperature": 0, "stream": True},
+                          timeout=60) as running:
+            lines = running.iter_lines()  # kept: a dropped iterator closes the stream, and the server cancels the run
+            first = next(lines)
+            assert s.health()["running"] == 1, first  # the only slot is taken
+            with pytest.raises(openai.RateLimitError, match="Capacity temporarily exceeded"):
+                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                               extra_body={"options": {"rejectIfBusy": True}}, timeout=30)
+            for path, body in (("/client/v4/accounts/a/ai/v1/responses", {"input": "a", "max_output_tokens": 2}),
+                               ("/v1/completions", {"prompt": "a", "max_tokens": 2})):
+                busy = httpx.post(f"{s.base}{path}", json={"model": MODEL, **body, "options": {"rejectIfBusy": True}}, timeout=30)
+                assert busy.status_code == 429 and "Capacity temporarily exceeded" in busy.text, (path, busy.text)
+        deadline = time.monotonic() + 30
+        while s.health()["running"] and time.monotonic() < deadline:  # the closed stream's run is cancelled
+            time.sleep(0.1)
+        answered = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}], max_tokens=2,
+                                                  extra_body={"options": {"rejectIfBusy": True}}, timeout=60)
+        assert answered.choices[0].finish_reason  # idle again: served
+    finally:
+        s.stop()
 
 
 def test_busy_rate_limit_and_timeout(small_server):

@@ -19,7 +19,7 @@ from ossrun.api.service import Plan, Service, usage
 from ossrun.api.errors import ApiError, bad_input
 from ossrun.api.surfaces.frames import DONE
 from ossrun.api.surfaces.responses import ResponsesSurface, replay
-from ossrun.api.workers_ai import json_body, service_of
+from ossrun.api.workers_ai import json_body, reject_if_busy, service_of
 
 
 async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.Ask], model: str):
@@ -27,6 +27,7 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     choice through its surface, choice i of prompt p at index p * n + i."""
     batch = ask if isinstance(ask, list) else [ask]
     ask = batch[0]
+    reject_if_busy(service, ask)
     planned = await asyncio.gather(*(service.plan_off_loop(one, openai=True) for one in batch))
     plans = [plan for first in planned for plan in service.choice_plans(first)]
     group = uuid.uuid4().hex  # one group in the engine: its slots are shared fairly between requests, not choices

@@ -42,7 +42,9 @@ def parse_run(service: Service, body: Any) -> Ask:
     return asks.from_responses(model)
 
 
-def _reject_if_busy(service: Service, ask: Ask) -> None:
+def reject_if_busy(service: Service, ask: Ask) -> None:
+    """`options.rejectIfBusy` (every surface: the hosted docs give it for `/ai/run` and the OpenAI routes alike): a 429,
+    code 3040, at once, rather than a wait in the queue."""
     if ask.reject_if_busy and service.is_busy():
         from ossrun.api.errors import BUSY
 
@@ -82,7 +84,7 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     if isinstance(body, dict) and "requests" in body:
         return await _queue(service, model, body, request)
     ask = parse_run(service, body)
-    _reject_if_busy(service, ask)
+    reject_if_busy(service, ask)
     if ask.stream:
         return stream_response(service, await service.plan_off_loop(ask))
     return envelope(await unless_client_leaves(request, run_sync(service, ask)))
