@@ -278,10 +278,7 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
 
 
 def serve(settings: ServerSettings) -> None:
-    import uvicorn
-
     from ossrun import connections
-    from ossrun.api.app import AppSettings, build_app
     from ossrun.model.gpt_oss import check_device
 
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
@@ -294,6 +291,20 @@ def serve(settings: ServerSettings) -> None:
     sock = _listen(settings.host, settings.port)
     browser = _browser_settings(settings, sock)
     engine = load_engine(settings)
+    try:
+        _serve_engine(engine, settings, data_dir, loras, open_files, sock, browser)
+    finally:  # also when building the app fails (an unusable --lora): the engine's threads end before the interpreter
+        engine.shutdown()
+
+
+def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[str, Path], open_files: int, sock: socket.socket,
+                  browser: dict) -> None:
+    """Build the app on a running engine and serve it until the server stops (the caller shuts the engine down)."""
+    import uvicorn
+
+    from ossrun import connections
+    from ossrun.api.app import AppSettings, build_app
+
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
@@ -306,12 +317,9 @@ def serve(settings: ServerSettings) -> None:
     print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
     print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key={api_key})", flush=True)
-    try:
-        # Proxy headers are read by the app, from the proxies named (`api.app.ForwardedHeaders`): uvicorn's would believe
-        # 127.0.0.1's by default, where every client of the default --host connects from.
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
-                                http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)),
-                                proxy_headers=False, ws="none")
-        _draining_server(config, app.state.drain).run(sockets=[sock])
-    finally:
-        engine.shutdown()
+    # Proxy headers are read by the app, from the proxies named (`api.app.ForwardedHeaders`): uvicorn's would believe
+    # 127.0.0.1's by default, where every client of the default --host connects from.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,
+                            http=connections.deadline_protocol(settings.client_timeout_s, connections.cap(open_files)),
+                            proxy_headers=False, ws="none")
+    _draining_server(config, app.state.drain).run(sockets=[sock])
