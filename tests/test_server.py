@@ -441,6 +441,14 @@ def test_auth_and_body_cap(server):
     assert big.status_code == 413 and error_code(big) == 3006
     openai_style = httpx.post(f"{server.base}/v1/chat/completions", json={"model": MODEL}, headers=server.headers)
     assert openai_style.status_code == 400 and "error" in openai_style.json()
+    # The bare /v1 surface answers OpenAI's 401, which the SDK raises as AuthenticationError (hunt round 12: a 403,
+    # PermissionDeniedError); the account-prefixed OpenAI routes keep Cloudflare's 403
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0).models.list()
+    missing = httpx.get(f"{server.base}/v1/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.PermissionDeniedError, match="Authentication error"):
+        openai.OpenAI(base_url=f"{server.base}/client/v4/accounts/a/ai/v1", api_key="wrong", max_retries=0).models.list()
 
 
 def test_reject_if_busy_on_the_openai_routes(checkpoints, tmp_path):

@@ -28,7 +28,7 @@ from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, host_name,
                                token_matches)
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
-                               rate_limited, too_large)
+                               openai_unauthorized, rate_limited, too_large)
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
@@ -198,7 +198,8 @@ def _retry_later(path: str, error: ApiError, wait: int) -> JSONResponse:
 
 
 def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter, wrong_tokens: WrongTokens) -> JSONResponse | None:
-    """429 for an address in a wrong-token streak (its token not even looked at), 403 for a missing or wrong token,
+    """429 for an address in a wrong-token streak (its token not even looked at), 403 for a missing or wrong token (401,
+    OpenAI's, on the bare `/v1` surface),
     429 (with `Retry-After`) over the rate limit; None: go on."""
     path = request.url.path
     address = request.client.host if request.client else "?"
@@ -210,7 +211,7 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter, wron
         if not token_matches(token, settings.api_token):
             if token is not None:  # a missing token is no guess (a browser opening /docs)
                 wrong_tokens.failed(address)
-            return _error_response(path, ApiError(*AUTH_FAILED))
+            return openai_unauthorized(token is not None) if path.startswith("/v1/") else _error_response(path, ApiError(*AUTH_FAILED))
     wait = limiter.retry_after(token if settings.api_token else address) if request.method == "POST" else 0
     return _retry_later(path, rate_limited("token" if settings.api_token else "client address"), wait) if wait else None
 

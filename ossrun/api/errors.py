@@ -103,6 +103,16 @@ def openai_error(error: ApiError) -> JSONResponse:
     return JSONResponse({"error": openai_error_object(error)}, status_code=error.status)
 
 
+def openai_unauthorized(token_given: bool) -> JSONResponse:
+    """A missing or wrong token on the bare `/v1` surface: OpenAI's 401 (`invalid_api_key`), which the OpenAI SDKs raise as
+    AuthenticationError (a 403 reads as PermissionDeniedError there). The account-prefixed routes keep Cloudflare's 403,
+    code 10000."""
+    message = ("Incorrect API key provided. This server takes the token it was started with (--api-token)." if token_given else
+               "You didn't provide an API key: send it as 'Authorization: Bearer TOKEN' (the server's --api-token).")
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
 def openai_error_object(error: ApiError) -> dict[str, Any]:
     """OpenAI's `{message, type, param, code}` (the code a string), in a body or a stream's error frame."""
     return {"message": error.message, "type": _OPENAI_TYPES.get(error.status, "server_error"), "param": error.param,
