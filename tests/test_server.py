@@ -542,3 +542,17 @@ def test_metrics_report_requests_and_cost(server):
     text = httpx.get(server.base + "/metrics").text
     assert "ossrun_requests_total" in text and "ossrun_cost_usd_total" in text and "ossrun_kv_cache_usage" in text
     assert 'ossrun_tokens_total{kind="completion"}' in text
+
+
+def test_a_message_without_its_content_is_refused(server):
+    """Hunt round 12: a user, system or tool message without `content` (or `content: null`) was answered as an empty turn,
+    a bare tool message with an invented result. OpenAI and the hosted schema refuse it; an assistant turn may omit it."""
+    for message in ({"role": "user"}, {"role": "user", "content": None}, {"role": "system"}, {"role": "tool"}):
+        refused = post(server, {"messages": [message], "max_tokens": 4})
+        assert refused.status_code == 400 and error_code(refused) == 5006 and "needs its 'content'" in refused.text, refused.text
+    for client in clients(server):
+        with pytest.raises(openai.BadRequestError, match="needs its 'content'"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=4)
+    kept = post(server, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "and?"}],
+                         "max_tokens": 4})
+    assert kept.status_code == 200, kept.text

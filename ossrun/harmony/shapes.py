@@ -210,7 +210,15 @@ Part = Annotated[Union[TextPart, RefusalPart], Field(discriminator="type"), Befo
 Content = Union[str_or_list(Part), None]
 
 
+# Roles whose message must carry `content` (OpenAI's rule, and the hosted schema's): only an assistant turn may leave it
+# out (its tool calls, or its reasoning alone, are the turn).
+_CONTENT_REQUIRED = ("system", "developer", "user", "tool", "function")
+_CONTENT_RULE = {"if": {"required": ["role"], "properties": {"role": {"enum": list(_CONTENT_REQUIRED)}}},
+                 "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}}
+
+
 class Message(Shape):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_CONTENT_RULE]})
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content = None
     tool_calls: list[ToolCall] | None = None
@@ -220,6 +228,15 @@ class Message(Shape):
     reasoning: str | None = None  # ... and as OpenRouter does
     function_call: ToolCallFunction | None = None  # the legacy single call
 
+    @model_validator(mode="after")
+    def _content_is_given(self) -> "Message":
+        """A user, system, developer or tool message without its text was answered as an empty turn (a tool message as an
+        invented result): a client's bug billed as an answer. OpenAI and the hosted schema refuse it."""
+        if self.content is None and self.role in _CONTENT_REQUIRED:
+            raise PydanticCustomError("missing_content", "a '{role}' message needs its 'content' (only an assistant turn may "
+                                      "leave it out)", {"role": self.role})
+        return self
+
 
 class OpenAIMessage(Message):
     """A `/v1/chat/completions` message: the five roles, plus OpenAI's legacy `function` role, which carries the
@@ -228,7 +245,7 @@ class OpenAIMessage(Message):
     `tool_call_id` is. Workers AI's spec lists five roles, and `/ai/run` never answers with a `function_call`, so its
     Messages shape keeps `Message`."""
 
-    model_config = ConfigDict(json_schema_extra={"allOf": [{
+    model_config = ConfigDict(json_schema_extra={"allOf": [_CONTENT_RULE, {
         "if": {"required": ["role"], "properties": {"role": {"const": "function"}}},
         "then": {"required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
