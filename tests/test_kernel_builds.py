@@ -11,8 +11,10 @@ choose the variants (Linux's /proc/cpuinfo on both architectures, sysctl on macO
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,23 @@ def test_apple_silicon_features_come_from_sysctl(monkeypatch):
     for chip, expected in (("M2", {"asimddp", "i8mm"}), ("M1", {"asimddp"})):
         monkeypatch.setattr(build.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 0, answers[chip], ""))
         assert build.cpu_flags.__wrapped__() == expected
+
+
+def _included(source: Path) -> set[str]:
+    """The files `source` names in `#include "..."` (the package's own headers; `<...>` ones are the system's)."""
+    return set(re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), re.MULTILINE))
+
+
+def test_package_data_ships_every_file_a_kernel_includes():
+    """Hunt round 12 C-F2: package-data listed `*.c` only, so `pip install .` (a wheel) shipped the kernels without
+    the headers they include, and every fast CPU kernel but one failed to compile there (the PyTorch fallbacks ran)."""
+    config = tomllib.loads((KERNELS.parents[2] / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["ossrun.model.kernels"]
+    shipped = {path.relative_to(KERNELS).as_posix() for pattern in patterns for path in KERNELS.glob(pattern)}
+    needed, todo = set(SOURCES), list(SOURCES)
+    while todo:  # headers that include headers: every file a build reads
+        for name in _included(KERNELS / todo.pop()) - needed:
+            needed.add(name)
+            todo.append(name)
+    assert needed - set(SOURCES), "no kernel includes a header: the test reads the sources wrong"
+    assert needed <= shipped, f"not in the package data {patterns}: {sorted(needed - shipped)}"
