@@ -72,6 +72,14 @@ def _check_lora_names(loras: dict[str, Path], data_dir: Path) -> None:
                                 "give the adapter another name")
 
 
+def _os_reason(exc: OSError) -> str:
+    """An OSError's reason in the user's words. mkdir says "File exists" where a file stands in a directory's place,
+    which reads as if existing were the fault."""
+    if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
+        return "a file, not a directory"
+    return exc.strerror or str(exc)
+
+
 def _claim(data_dir: Path) -> IO[str]:
     """An exclusive lock on the data directory, held while the server runs (the OS drops it when the process ends,
     however it ends). A second server on the same directory would take the first one's running batch items for
@@ -82,7 +90,7 @@ def _claim(data_dir: Path) -> IO[str]:
         data_dir.mkdir(parents=True, exist_ok=True)
         handle = open(data_dir / "server.lock", "a+")
     except OSError as exc:  # a file in the way, no permission, a read-only disk
-        raise SettingsError(f"--data-dir {data_dir}: cannot use it ({exc.strerror or exc})") from None
+        raise SettingsError(f"--data-dir {data_dir}: cannot use it ({_os_reason(exc)})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -111,7 +119,7 @@ def _check_data_dir(data_dir: Path) -> None:
         try:
             open_store()
         except (sqlite3.Error, OSError) as exc:
-            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            cause = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
             raise SettingsError(f"--data-dir {data_dir}: {name} cannot be used ({cause}); move it aside or restore "
                                 "it from a backup") from None
 

@@ -234,11 +234,14 @@ def test_serve_refuses_an_empty_api_token_rather_than_serve_without_one(args, en
 
 
 def test_operator_mistakes_with_the_data_dir_and_checkpoint_are_one_line(checkpoints, tmp_path):
-    """As README promises: one line and exit 2, not a traceback (a file where a directory belongs, a broken checkpoint)."""
+    """As README promises: one line and exit 2, not a traceback (a file where a directory belongs, a broken checkpoint).
+    Hunt round 12 C-F6: the data directory's line said "cannot use it (File exists)", mkdir's reason, which reads as if
+    existing were the fault; it says the path is a file."""
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     serve = ("serve", "--port", str(free_port()))
-    _one_clear_line(ossrun(*serve, "--model", str(checkpoints["original"]), "--data-dir", str(a_file)), f"--data-dir {a_file}")
+    _one_clear_line(ossrun(*serve, "--model", str(checkpoints["original"]), "--data-dir", str(a_file)),
+                    f"--data-dir {a_file}: cannot use it (a file, not a directory)")
     not_json, no_weights = tmp_path / "not-json", tmp_path / "no-weights"
     not_json.mkdir(), no_weights.mkdir()
     (not_json / "config.json").write_text("{oops")
@@ -251,7 +254,7 @@ def test_operator_mistakes_with_the_data_dir_and_checkpoint_are_one_line(checkpo
 @pytest.mark.parametrize("spoil, expected", [
     (lambda d: (d / "batch.sqlite").write_bytes(os.urandom(8192)), "batch.sqlite cannot be used (file is not a database)"),
     (lambda d: (d / "batch.sqlite").mkdir(), "batch.sqlite cannot be used (unable to open database file)"),
-    (lambda d: (d / "finetunes").write_text("x"), "finetunes cannot be used (File exists)")])
+    (lambda d: (d / "finetunes").write_text("x"), "finetunes cannot be used (a file, not a directory)")])
 def test_an_unusable_file_in_the_data_dir_is_one_line_before_the_model_loads(spoil, expected, tmp_path):
     """Before: the model loaded (minutes for 20b), then a 65-line traceback and exit 1. The model named here does not
     exist, so the data directory's line shows that it is checked first."""
