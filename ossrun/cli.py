@@ -164,7 +164,8 @@ def generate(
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help='Print {"token_ids": [...], "text": "..."}.'),
-    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG,
+                                 help="Log at info level (the model's load, the KV cache's size); a mistake's traceback too."),
 ) -> None:
     """Generate one completion from the command line (greedy with --temperature 0)."""
     _setup_logging(verbose)
@@ -212,7 +213,8 @@ def train_demo(
     samples: Optional[int] = typer.Option(None, min=1, help="Conversations generated (default: the shipped recipe's)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, min=1, help="Torch threads (1 is fastest on a busy machine)."),
-    verbose: bool = typer.Option(True, "--verbose/--quiet", "-v", metavar=FLAG),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", "-v/-q", metavar=FLAG,
+                                 help="Log each training step's loss; --quiet: warnings only."),
 ) -> None:
     """Train the embedded demo model from scratch (seeded), export it, and show its greedy answers."""
     _setup_logging(verbose)
@@ -299,7 +301,9 @@ def serve(
                                                        "http://localhost:*; `*` for any) whose pages "
                                                        "may call the server from a browser, with CORS (default: only the server's own, "
                                                        "the playground)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG,
+                                 help="Log at info level: one line per answer (method, path, status, request id), the "
+                                      "model's load; a mistake's traceback too."),
 ) -> None:
     """Serve the Workers AI and OpenAI APIs."""
     _setup_logging(verbose)

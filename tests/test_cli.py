@@ -288,6 +288,23 @@ def test_serve_help_says_what_the_flags_do():
     assert all("<bool>" not in line for line in generate.splitlines() if "--json" in line or "--verbose" in line)
 
 
+def _help_line(command: str, flag: str) -> str:
+    """`ossrun COMMAND --help`'s row for `flag`, wide enough to be one line."""
+    result = ossrun(command, "--help", env={**os.environ, "COLUMNS": "300"})
+    return next(line for line in result.stdout.splitlines() if line.startswith(f"│ {flag} "))
+
+
+def test_verbose_says_what_it_adds():
+    """Hunt round 12 C-F9: `-v/--verbose` had no help text in serve and generate, and train-demo showed
+    `--verbose -v --quiet [default: verbose]`, its `-v` the default and its --quiet with no short name or word."""
+    assert "one line per answer" in _help_line("serve", "--verbose") and "traceback" in _help_line("serve", "--verbose")
+    assert "model's load" in _help_line("generate", "--verbose") and "traceback" in _help_line("generate", "--verbose")
+    train = _help_line("train-demo", "--verbose")
+    assert "-q" in train.split() and "loss" in train and "warnings only" in train, train
+    refused = ossrun("train-demo", "-q", "--steps", "0")  # -q is taken; --steps 0 is refused, which keeps it fast
+    assert refused.returncode == 2 and "--steps" in refused.stderr and "No such option" not in refused.stderr, refused.stderr
+
+
 def test_make_model_on_a_disk_that_refuses_writes_is_one_line(tmp_path):
     """Before: a traceback (OSError) and exit 1. The disk refuses for real and unprivileged: the command's file-size
     limit is 0 (root ignores a read-only mode bit, not this)."""
