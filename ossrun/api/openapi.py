@@ -566,7 +566,10 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 
 def sse_event_schema(frames: tuple[type[BaseModel], ...]) -> dict[str, Any]:
-    """One server-sent event (OpenAPI 3.2's `itemSchema`): its `data` is a JSON frame, an error, or `[DONE]`."""
+    """One server-sent event: its `data` is a JSON frame, an error, or `[DONE]`.
+
+    The document is OpenAPI 3.1, where this goes in the stream's `schema` (3.2's `itemSchema` is refused by 3.1
+    validators and generators); SSE-aware tools such as Schemathesis read a 3.1 stream's `schema` as one event's."""
     payload = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [_ref(m) for m in (*frames, StreamError)]}}
     return {"type": "object", "required": ["data"],
             "properties": {"event": {"type": "string"}, "data": {"oneOf": [{"const": "[DONE]"}, payload]}}}
@@ -626,7 +629,7 @@ def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[st
                 operation["requestBody"] = ASSET_UPLOAD
             ok: dict[str, Any] = {"application/json": {"schema": _ref(model)}} if model else {"text/plain": {"schema": {"type": "string"}}}
             if frames:
-                ok["text/event-stream"] = {"itemSchema": sse_event_schema(frames)}
+                ok["text/event-stream"] = {"schema": sse_event_schema(frames)}
             error_model = OpenAIError if is_openai_path(path) else ErrorEnvelope
             responses = {"200": {"description": "Success" + (" (an SSE stream when `stream` is true)" if frames else ""), "content": ok}}
             # A path parameter that does not route (a '/' in account_id, say) meets no route: 404 in the envelope.
