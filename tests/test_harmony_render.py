@@ -498,3 +498,40 @@ def test_a_response_format_is_the_developer_message_section_the_format_guide_giv
     assert developer.index("# Response Formats") < developer.index("# Tools")
     assert "## structured_output\n" in decode(render_conversation(convert_responses("Hi"),
                                                                   response_format=ResponseFormatSection(schema)).token_ids)
+
+
+# --- preambles, cut turns and cut calls (hunt round 12 B-F1, B-F2, B-F3) ------------------------
+
+PARIS = {"role": "user", "content": "What's the weather in Paris?"}
+THOUGHT = "The user wants the weather in Paris."
+
+
+def _reasoning_item(text: str) -> dict:
+    return {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _preamble_item(text: str, **extra) -> dict:
+    return {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}], **extra}
+
+
+PARIS_CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+              "arguments": '{"location":"Paris"}'}
+PARIS_OUTPUT = {"type": "function_call_output", "call_id": "call_1", "output": "20"}
+
+
+def test_the_reasoning_of_a_cut_turn_goes_once_the_user_moves_on():
+    """B-F2: a turn cut by max_tokens inside its reasoning has no final answer, so its reasoning stayed in every later
+    prompt, followed by the user's next message (a sequence the model never saw; the demo model answered the new
+    question from the old thoughts). The user's message ends that turn: its reasoning goes, in both shapes. The
+    reasoning of the turn still open (after the last user message) stays."""
+    cut = {"role": "assistant", "content": "", "reasoning_content": "The user asks for 7 +"}
+    chat = {"messages": [{"role": "user", "content": "What is 7+5?"}, cut, {"role": "user", "content": "Capital of France?"}]}
+    items = {"input": [{"role": "user", "content": "What is 7+5?"}, _reasoning_item("The user asks for 7 +"),
+                       {"role": "user", "content": "Capital of France?"}]}
+    expected = reference(system(), user("What is 7+5?"), user("Capital of France?"))
+    assert ids(chat) == ids(items) == expected
+    open_turn = {"input": [*items["input"], _reasoning_item("Paris."), PARIS_CALL, PARIS_OUTPUT], "tools": [RESPONSES_TOOL]}
+    assert ids(open_turn) == reference(system(), developer(tools=[WEATHER]), user("What is 7+5?"), user("Capital of France?"),
+                                       assistant("Paris.", "analysis"), call("get_weather", '{"location":"Paris"}'),
+                                       tool_result("get_weather", "20"))

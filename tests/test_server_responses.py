@@ -555,7 +555,9 @@ def test_input_tokens_count_is_the_usage_the_response_gets(server):
     assert prefixed.json() == {"object": "response.input_tokens", "input_tokens": counted_plain(client)}
     # `input` may be left out (or null), as on OpenAI (recheck: it was a 400 "Field required"): the conversation alone
     # is counted as it is read with no new item.
-    answered = client.responses.create(model=MODEL, input=GERMANY, max_output_tokens=16, temperature=0)
+    # A whole answer: the reasoning of one cut by max_output_tokens goes from the prompt once a user message follows
+    # (B-F2), so a follow-up of a cut answer can count fewer tokens than the conversation alone.
+    answered = client.responses.create(model=MODEL, input=GERMANY, temperature=0)
     alone = client.responses.input_tokens.count(previous_response_id=answered.id, instructions="Be brief.")
     assert alone.input_tokens == client.responses.input_tokens.count(previous_response_id=answered.id,
                                                                      instructions="Be brief.", input=[]).input_tokens
@@ -673,3 +675,4 @@ def test_forcing_web_search_and_stored_prompts_are_refused_by_name(server):
     chat = post_json(server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                                       "tools": [NAMESPACE]}, status=400)["error"]
     assert chat["param"] == "tools[0].type" and "namespace" in chat["message"]
+

@@ -116,18 +116,22 @@ def _add_reasoning(out: Converted, text: str | None) -> None:
 
 
 def drop_answered_reasoning(messages: Sequence[Message]) -> list[Message]:
-    """The messages without the reasoning that an assistant `final` answer already followed.
+    """The messages without the reasoning of turns that are over: those a `final` answer or a user message followed.
 
     OpenAI's harmony guide: drop earlier chain of thought once the assistant's turn ended in a message to
     the final channel. openai-harmony's `auto_drop_analysis` drops only what comes before the *first* final
     message, so from the third turn on every later turn's reasoning (`reasoning_content` sent back,
     Responses `reasoning` items, a `previous_response_id` chain) would stay in the prompt: tokens paid on
-    every turn, and a model led by stale thoughts. As vLLM does, analysis before the *last* final goes;
-    reasoning after it (the open turn's, before a tool call) stays.
+    every turn, and a model led by stale thoughts. As vLLM does, analysis before the *last* final goes.
+    A turn cut by `max_tokens` (in its reasoning or inside a call) has no final answer, yet the user's next message
+    ends it too (hunt round 12 B-F2, B-F3): the model was never shown reasoning followed by a user message, and the
+    demo model answered the new question from the old thoughts (a weather call for "What is the capital of France?").
+    As OpenAI's reasoning guide puts it, only the reasoning since the last user message matters; so analysis before
+    the last user message goes too. Reasoning after both (the open turn's, before its tool calls) stays.
     """
-    last_final = max((i for i, m in enumerate(messages) if m.author.role == Role.ASSISTANT and m.channel == "final"),
-                     default=-1)
-    return [m for i, m in enumerate(messages) if i > last_final or m.channel != "analysis"]
+    over = max((i for i, m in enumerate(messages) if m.author.role == Role.USER
+                or m.author.role == Role.ASSISTANT and m.channel == "final"), default=-1)
+    return [m for i, m in enumerate(messages) if i > over or m.channel != "analysis"]
 
 
 # --- a Workers AI `prompt` --------------------------------------------------------------------
