@@ -267,3 +267,38 @@ def test_a_failed_response_holds_what_each_item_streamed(app, script, summary):
         ResponseFailedEvent.model_validate(failed, strict=True)
     sync = client.post("/v1/responses", json={**body, "stream": False})  # no stream: an error answer, nothing half-made
     assert sync.status_code == 500 and sync.json()["error"]["type"] == "server_error"
+
+
+def test_a_preamble_is_a_commentary_message_and_continues_as_one(app):
+    """B-F1: the text gpt-oss writes on the commentary channel before a call comes out as a message item with OpenAI's
+    `phase: "commentary"` (the answer's message is `final_answer`), and comes back as commentary, with its turn's
+    reasoning, by `previous_response_id` and by hand (with or without the phase): the prompt chat would render."""
+    import openai
+
+    from ossrun import harmony
+
+    engine, client = app
+    engine.script = "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant" + SCRIPTS["preamble-calls"]
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client, max_retries=0)
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    first = sdk.responses.create(model=MODEL, input="Weather in Oslo?", tools=tools)
+    assert [(item.type, getattr(item, "phase", None)) for item in first.output] == \
+        [("reasoning", None), ("message", "commentary"), ("function_call", None)]
+    with sdk.responses.stream(model=MODEL, input="Weather in Oslo?", tools=tools) as stream:
+        added = [e.item for e in stream if e.type == "response.output_item.added" and e.item.type == "message"]
+    assert [item.phase for item in added] == ["commentary"]
+    call = first.output[2]
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "-3"}
+    engine.script = SCRIPTS["think-answer"]
+    answer = sdk.responses.create(model=MODEL, previous_response_id=first.id, input=[output], tools=tools)
+    assert [item.phase for item in answer.output if item.type == "message"] == ["final_answer"]
+    chained = engine.requests[-1].prompt_token_ids
+    expected = ("<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>"
+                "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json")
+    assert expected in harmony.decode(chained)
+    by_hand = [{"role": "user", "content": "Weather in Oslo?"}, *(item.model_dump(exclude_none=True) for item in first.output), output]
+    sdk.responses.create(model=MODEL, input=by_hand, tools=tools, store=False)
+    assert engine.requests[-1].prompt_token_ids == chained
+    without_phase = [{k: v for k, v in item.items() if k != "phase"} for item in by_hand]
+    sdk.responses.create(model=MODEL, input=without_phase, tools=tools, store=False)
+    assert engine.requests[-1].prompt_token_ids == chained

@@ -520,6 +520,38 @@ PARIS_CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name"
 PARIS_OUTPUT = {"type": "function_call_output", "call_id": "call_1", "output": "20"}
 
 
+@pytest.mark.parametrize("phase", [{}, {"phase": "commentary"}])
+def test_a_responses_preamble_before_a_function_call_renders_as_chat_renders_it(phase):
+    """B-F1: an assistant message before a function_call of the same turn is a preamble, which gpt-oss wrote on the
+    commentary channel. Rendered as `final`, it ended the turn in the middle of the tool loop and made the turn's
+    reasoning look answered (dropped). Chat renders the same turn as commentary with its reasoning; now both agree,
+    with OpenAI's `phase: "commentary"` or without it."""
+    items = {"input": [PARIS, _reasoning_item(THOUGHT), _preamble_item("Let me check.", **phase), PARIS_CALL, PARIS_OUTPUT],
+             "tools": [RESPONSES_TOOL]}
+    chat = {"messages": [PARIS, {"role": "assistant", "content": "Let me check.", "reasoning_content": THOUGHT,
+                                 "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                                     "name": "get_weather", "arguments": '{"location":"Paris"}'}}]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "20"}],
+            "tools": [FLAT_TOOL]}
+    expected = reference(system(), developer(tools=[WEATHER]), user(PARIS["content"]), assistant(THOUGHT, "analysis"),
+                         assistant("Let me check.", "commentary"), call("get_weather", '{"location":"Paris"}'),
+                         tool_result("get_weather", "20"))
+    assert ids(items) == ids(chat) == expected
+
+
+def test_an_assistant_message_phase_decides_its_channel():
+    """OpenAI's `phase` says what a message was: `final_answer` is a final answer even before a call, `commentary` is
+    commentary even with no call after it; an unknown phase is a 400."""
+    final = {"input": [PARIS, _preamble_item("Sunny.", phase="final_answer"), PARIS_CALL, PARIS_OUTPUT], "tools": [RESPONSES_TOOL]}
+    assert ids(final) == reference(system(), developer(tools=[WEATHER]), user(PARIS["content"]), assistant("Sunny.", "final"),
+                                   call("get_weather", '{"location":"Paris"}'), tool_result("get_weather", "20"))
+    aside = {"input": [PARIS, _reasoning_item(THOUGHT), _preamble_item("One moment.", phase="commentary")]}
+    assert ids(aside) == reference(system(), user(PARIS["content"]), assistant(THOUGHT, "analysis"),
+                                   assistant("One moment.", "commentary"))
+    with pytest.raises(RenderError, match="phase"):
+        render_request({"input": [PARIS, _preamble_item("Hm.", phase="thinking")]})
+
+
 def test_the_reasoning_of_a_cut_turn_goes_once_the_user_moves_on():
     """B-F2: a turn cut by max_tokens inside its reasoning has no final answer, so its reasoning stayed in every later
     prompt, followed by the user's next message (a sequence the model never saw; the demo model answered the new

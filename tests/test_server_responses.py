@@ -676,3 +676,26 @@ def test_forcing_web_search_and_stored_prompts_are_refused_by_name(server):
                                                       "tools": [NAMESPACE]}, status=400)["error"]
     assert chat["param"] == "tools[0].type" and "namespace" in chat["message"]
 
+
+def test_a_preamble_item_renders_as_the_chat_turn_it_is(server):
+    """B-F1: an assistant message before a function_call (a preamble, which gpt-oss writes on the commentary channel)
+    was rendered as a final answer, which dropped the turn's reasoning: 167 input tokens where chat counts 188. The
+    demo model writes no preambles, so the conversation is sent by hand, as the SDK sends items back."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0, timeout=120)
+    ask, thought, preamble = "What is the weather in Paris?", "The user wants the weather in Paris.", "Let me check that for you."
+    items = [{"role": "user", "content": ask},
+             {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": thought}]},
+             {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+              "content": [{"type": "output_text", "text": preamble, "annotations": []}]},
+             {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": '{"temperature_c": 7, "condition": "rainy"}'}]
+    messages = [{"role": "user", "content": ask},
+                {"role": "assistant", "content": preamble, "reasoning_content": thought, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 7, "condition": "rainy"}'}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, tools=[{"type": "function", "function": {
+        k: v for k, v in WEATHER.items() if k != "type"}}], max_tokens=1).usage.prompt_tokens
+    assert client.responses.input_tokens.count(model=MODEL, input=items, tools=[WEATHER]).input_tokens == chat
+    labelled = [{**item, "phase": "commentary"} if item.get("type") == "message" else item for item in items]
+    assert client.responses.create(model=MODEL, input=labelled, tools=[WEATHER], max_output_tokens=16,
+                                   store=False).usage.input_tokens == chat

@@ -65,12 +65,18 @@ def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
     if item["type"] == "reasoning":  # its summary (with `reasoning.summary`) too, so `input_items` lists it as it was
         summary = {"summary": item["summary"]} if item.get("summary") else {}
         return {"type": "reasoning", "id": item["id"], "content": item.get("content", []), **summary}
-    if item["type"] == "message":
-        return {"role": "assistant", "id": item["id"], "content": "".join(part.get("text", "") for part in item.get("content", []))}
+    if item["type"] == "message":  # its phase says whether it was a preamble (commentary) or the answer
+        text = "".join(part.get("text", "") for part in item.get("content", []))
+        return {"role": "assistant", "id": item["id"], "content": text, **_kept(item, "phase")}
     if item["type"] == "function_call":
         called = {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
-        return {**called, "namespace": item["namespace"]} if item.get("namespace") else called
+        return {**called, **_kept(item, "namespace")}
     return None
+
+
+def _kept(item: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The fields of `item` among `keys` that it has and are not null."""
+    return {key: item[key] for key in keys if item.get(key) is not None}
 
 
 # An input item's id prefix, by type, as OpenAI spells them.

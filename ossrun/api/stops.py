@@ -91,11 +91,11 @@ class StopStrings:
             if isinstance(event, ContentDelta):
                 text = self.feed(event.text)
                 if text:
-                    out.append(ContentDelta(text))
+                    out.append(ContentDelta(text, event.channel))
                 continue
             if isinstance(event, (MessageEnd, Finished)):
-                if held := self.flush():
-                    out.append(ContentDelta(held))
+                if held := self.flush():  # the text of the message that ends (a MessageEnd names its channel)
+                    out.append(ContentDelta(held, event.channel if isinstance(event, MessageEnd) else "final"))
                 out.append(Finished("stop") if isinstance(event, Finished) and self.matched is not None else event)
             elif self.matched is None:
                 out.append(event)

@@ -19,9 +19,11 @@ class ReasoningDelta:
 
 @dataclass(frozen=True, slots=True)
 class ContentDelta:
-    """More user-visible answer text (`final`, or a `commentary` preamble without a recipient)."""
+    """More user-visible answer text (`final`, or a `commentary` preamble without a recipient): `channel` says which
+    (Responses labels a preamble's message `phase: "commentary"`, so that it is sent back as one)."""
 
     text: str
+    channel: str = "final"
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,10 +219,30 @@ def convert_responses(input_: str | Sequence[InputItem], instructions: str | Non
     if isinstance(input_, str):
         out.messages.append(_message(Author(role=Role.USER), [input_]))
         return out
+    preambles = _preambles(input_)
     for i, item in enumerate(input_):
-        _responses_item(out, item, f"input[{i - stored}]" if i >= stored else "previous_response_id")
+        _responses_item(out, item, f"input[{i - stored}]" if i >= stored else "previous_response_id", i in preambles)
     _check_responses_outputs(out)
     return out
+
+
+def _preambles(items: Sequence[InputItem]) -> set[int]:
+    """The indices of the assistant messages that are preambles: gpt-oss writes text before its tool calls on the
+    commentary channel, and a Responses output gives it as a `message` item before the `function_call` items (as chat
+    gives it as `content` beside `tool_calls`, rendered as commentary too). Rendered `final`, it would end the turn
+    in the middle of its tool loop and make the turn's reasoning look answered (`drop_answered_reasoning`). OpenAI's
+    `phase` says which a message is; without it, a message that a function_call follows (reasoning between aside)
+    is one."""
+    found: set[int] = set()
+    call_next = False  # whether the next item after this one, reasoning aside, is a function_call (read backwards: linear)
+    for i in range(len(items) - 1, -1, -1):
+        item = items[i]
+        if isinstance(item, InputMessage) and item.role == "assistant" and item.phase != "final_answer" \
+                and (item.phase == "commentary" or call_next):
+            found.add(i)
+        if not isinstance(item, ReasoningInput):
+            call_next = isinstance(item, FunctionCallInput)
+    return found
 
 
 def droppable_items(input_: str | Sequence[InputItem]) -> list[tuple[int, ...]]:
@@ -250,11 +270,11 @@ def droppable_items(input_: str | Sequence[InputItem]) -> list[tuple[int, ...]]:
     return units
 
 
-def _responses_item(out: Converted, item: InputItem, where: str) -> None:
+def _responses_item(out: Converted, item: InputItem, where: str, preamble: bool = False) -> None:
     if isinstance(item, InputMessage):
         if item.role in ("user", "assistant"):
             _check_responses_outputs(out)
-        _responses_message(out, item)
+        _responses_message(out, item, "commentary" if preamble else "final")
     elif isinstance(item, FunctionCallInput):
         _add_tool_call(out, item.called, item.arguments, item.call_id, where)
     elif isinstance(item, FunctionCallOutputInput):
@@ -297,11 +317,12 @@ def _output_texts(output: Any, where: str) -> list[str]:
     return texts
 
 
-def _responses_message(out: Converted, item: InputMessage) -> None:
+def _responses_message(out: Converted, item: InputMessage, channel: str) -> None:
+    """`channel`: an assistant message's (`final`, or `commentary` for a preamble)."""
     texts = text_parts(item.content)
     if item.role in ("system", "developer"):
         out.instructions.append("".join(texts))
     elif item.role == "user":
         out.messages.append(_message(Author(role=Role.USER), texts))
     else:  # assistant
-        out.messages.append(_assistant(texts, "final"))
+        out.messages.append(_assistant(texts, channel))

@@ -341,7 +341,7 @@ class StreamParser:
         elif self._kind is _Kind.REASONING:
             events.append(ReasoningDelta(text))
         else:
-            events.append(ContentDelta(text))
+            events.append(ContentDelta(text, self._channel))
 
     def _end_message(self, events: list[Event]) -> None:
         self._emit(self._decoder.flush(), events)

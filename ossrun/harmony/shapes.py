@@ -266,6 +266,10 @@ class InputMessage(Shape):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"] = "user"
     content: Content = None
+    # OpenAI's label of an assistant message: `commentary` (a preamble, harmony's commentary channel, before the turn's
+    # tool calls) or `final_answer`. ossrun's output messages carry it; without it a message is commentary when a
+    # function_call of its turn follows it (`harmony.inputs`).
+    phase: Literal["commentary", "final_answer"] | None = None
 
 
 class FunctionCallInput(Shape):

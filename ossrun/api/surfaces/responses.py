@@ -71,8 +71,7 @@ class ResponsesSurface:
             frames += self._delta(event.text)
         elif isinstance(event, harmony.ContentDelta):
             if kind != "message":
-                frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
-                                      "content": []})
+                frames += self._open(_message_item(event.channel))
             frames += self._delta(event.text)
         elif isinstance(event, harmony.ToolCallStart):
             namespace, name = self.request.called(event.name) if self.request else (None, event.name)
@@ -88,8 +87,7 @@ class ResponsesSurface:
         # A finished response has an answer, even if empty; one cut inside its reasoning has none, as on OpenAI (an
         # empty message would be an empty final turn when the output is sent back).
         if not self._cut and not any(item["type"] in ("message", "function_call") for item in self.output):
-            frames += self._open({"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress",
-                                  "content": []})
+            frames += self._open(_message_item("final"))
             frames += self._close(cut=self._cut)
         final = self.result()
         self.remember(final)
@@ -298,6 +296,15 @@ def _as_opened(item: dict[str, Any]) -> dict[str, Any]:
     if item["type"] == "function_call":
         return results.function_call_item(item["call_id"], item["name"], "", item["id"], status="in_progress",
                                           namespace=item.get("namespace"))
-    if item["type"] == "message":
-        return {"type": "message", "id": item["id"], "role": "assistant", "status": "in_progress", "content": []}
+    if item["type"] == "message":  # one stored before messages had a phase has none
+        phase = {"phase": item["phase"]} if "phase" in item else {}
+        return {"type": "message", "id": item["id"], "role": "assistant", "status": "in_progress", "content": [], **phase}
     return {"type": "reasoning", "id": item["id"], "summary": [], "content": []}
+
+
+def _message_item(channel: str) -> dict[str, Any]:
+    """A new assistant message item, labelled with OpenAI's `phase`: a preamble (harmony's commentary channel, before
+    the turn's tool calls) is `commentary`, an answer `final_answer`. Sent back with the phase, the message is rendered
+    on its channel again (`harmony.inputs`); OpenAI asks clients to preserve and resend it."""
+    return {"type": "message", "id": results.new_id("msg"), "role": "assistant", "status": "in_progress", "content": [],
+            "phase": "commentary" if channel == "commentary" else "final_answer"}
