@@ -552,6 +552,24 @@ def test_an_assistant_message_phase_decides_its_channel():
         render_request({"input": [PARIS, _preamble_item("Hm.", phase="thinking")]})
 
 
+@pytest.mark.parametrize("arguments", ["", '{"location":"Pa'])
+def test_a_function_call_cut_by_max_output_tokens_needs_no_output_and_is_left_out(arguments):
+    """B-F3: a response cut inside a function call (`incomplete`, its call `incomplete` with the arguments so far)
+    can be continued, as an incomplete response can: the call was never made, so no output answers it, and it is
+    left out of the prompt (half a call would teach the model to stop mid-arguments). Answered anyway, it stays."""
+    cut = {**PARIS_CALL, "status": "incomplete", "arguments": arguments}
+    then = {"role": "user", "content": "What is 7+5?"}
+    body = {"input": [PARIS, _reasoning_item(THOUGHT), cut, then], "tools": [RESPONSES_TOOL]}
+    assert ids(body) == reference(system(), developer(tools=[WEATHER]), user(PARIS["content"]), user(then["content"]))
+    ended = {"input": [PARIS, _reasoning_item(THOUGHT), cut], "tools": [RESPONSES_TOOL]}  # the model starts the call anew
+    assert ids(ended) == reference(system(), developer(tools=[WEATHER]), user(PARIS["content"]), assistant(THOUGHT, "analysis"))
+    answered = {"input": [PARIS, {**cut, "arguments": "{}"}, PARIS_OUTPUT, then], "tools": [RESPONSES_TOOL]}
+    assert ids(answered) == reference(system(), developer(tools=[WEATHER]), user(PARIS["content"]), call("get_weather", "{}"),
+                                      tool_result("get_weather", "20"), user(then["content"]))
+    with pytest.raises(RenderError, match="No tool output found for function call call_1"):  # a whole call still needs one
+        render_request({"input": [PARIS, {**PARIS_CALL, "status": "completed"}, then]})
+
+
 def test_the_reasoning_of_a_cut_turn_goes_once_the_user_moves_on():
     """B-F2: a turn cut by max_tokens inside its reasoning has no final answer, so its reasoning stayed in every later
     prompt, followed by the user's next message (a sequence the model never saw; the demo model answered the new

@@ -677,6 +677,31 @@ def test_forcing_web_search_and_stored_prompts_are_refused_by_name(server):
     assert chat["param"] == "tools[0].type" and "namespace" in chat["message"]
 
 
+def test_a_response_cut_inside_a_function_call_can_be_continued(server):
+    """B-F3: `max_output_tokens` cut the answer inside a function call (`incomplete`, the call `incomplete` with the
+    arguments so far); continuing it, as ROUTES.md says an incomplete response can be, was a 400 "No tool output found
+    for function call", by `previous_response_id` and with the items sent back. No client can answer a call whose
+    arguments were cut: it needs no output, and is left out of the next prompt."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0, timeout=120)
+    ask = "What is the weather in Paris?"
+    whole = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], temperature=0)
+    limit = whole.usage.output_tokens - 3  # inside the call's arguments, which end the answer
+    cut = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], temperature=0, max_output_tokens=limit)
+    call = cut.output[-1]
+    assert cut.status == "incomplete" and call.type == "function_call" and call.status == "incomplete", cut.output
+    then = "What is the capital of France?"
+    chained = client.responses.create(model=MODEL, previous_response_id=cut.id, input=then, tools=[WEATHER], temperature=0)
+    assert chained.status == "completed" and "Paris" in chained.output_text, chained.output
+    by_hand = [{"role": "user", "content": ask}, *(item.model_dump(exclude_none=True) for item in cut.output),
+               {"role": "user", "content": then}]
+    again = client.responses.create(model=MODEL, input=by_hand, tools=[WEATHER], temperature=0, store=False)
+    assert again.usage.input_tokens == chained.usage.input_tokens and again.output_text == chained.output_text
+    late = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}  # the cut call is no call
+    with pytest.raises(openai.BadRequestError, match="matches no earlier function_call item"):
+        client.responses.create(model=MODEL, previous_response_id=cut.id, input=[{"role": "user", "content": then}, late],
+                                tools=[WEATHER])
+
+
 def test_a_preamble_item_renders_as_the_chat_turn_it_is(server):
     """B-F1: an assistant message before a function_call (a preamble, which gpt-oss writes on the commentary channel)
     was rendered as a final answer, which dropped the turn's reasoning: 167 input tokens where chat counts 188. The

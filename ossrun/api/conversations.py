@@ -68,9 +68,9 @@ def output_as_input(item: dict[str, Any]) -> dict[str, Any] | None:
     if item["type"] == "message":  # its phase says whether it was a preamble (commentary) or the answer
         text = "".join(part.get("text", "") for part in item.get("content", []))
         return {"role": "assistant", "id": item["id"], "content": text, **_kept(item, "phase")}
-    if item["type"] == "function_call":
+    if item["type"] == "function_call":  # its status says whether it was cut (`incomplete`: it needs no output)
         called = {"type": "function_call", "id": item["id"], "call_id": item["call_id"], "name": item["name"], "arguments": item["arguments"]}
-        return {**called, **_kept(item, "namespace")}
+        return {**called, **_kept(item, "namespace", "status")}
     return None
 
 

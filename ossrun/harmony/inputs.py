@@ -52,6 +52,9 @@ class Converted:
     last_tool_name: str | None = None
     # Calls (by id) no result has answered yet → (function name, the call's place in the request).
     unanswered: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Responses calls cut while their arguments were written (`status: incomplete`) that no output has answered yet:
+    # (call id, its harmony message). They need none, and go from the prompt when the conversation moves on.
+    cut_calls: list[tuple[str | None, Message]] = field(default_factory=list)
 
 
 def text_parts(content: Content) -> list[str]:
@@ -84,12 +87,18 @@ def _arguments(raw: str | dict[str, Any] | None) -> str:
     return raw if isinstance(raw, str) else json.dumps(raw)
 
 
-def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None, where: str) -> None:
+def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None, where: str,
+                   cut: bool = False) -> None:
+    """A call of function `name`; `cut`: one cut while its arguments were written, which needs no result."""
     msg = _assistant([_arguments(arguments)], "commentary")
-    out.messages.append(msg.with_recipient(f"functions.{name}").with_content_type("<|constrain|>json"))
+    msg = msg.with_recipient(f"functions.{name}").with_content_type("<|constrain|>json")
+    out.messages.append(msg)
     out.last_tool_name = name
-    if call_id is not None:  # a call without an id (the legacy `function_call`) cannot be named as unanswered
+    if call_id is not None:
         out.tool_names_by_call_id[call_id] = name
+    if cut:
+        out.cut_calls.append((call_id, msg))
+    elif call_id is not None:  # a call without an id (the legacy `function_call`) cannot be named as unanswered
         out.unanswered[call_id] = (name, where)
 
 
@@ -101,6 +110,7 @@ def _add_tool_result(out: Converted, name: str, texts: list[str], call_id: str |
     if call_id is None:
         call_id = next((cid for cid, (called, _) in out.unanswered.items() if called == name), next(iter(out.unanswered), None))
     out.unanswered.pop(call_id, None)
+    out.cut_calls = [(cid, msg) for cid, msg in out.cut_calls if cid is None or cid != call_id]  # answered: it stays
 
 
 def _unanswered_calls(out: Converted) -> tuple[list[str], str] | None:
@@ -276,7 +286,7 @@ def _responses_item(out: Converted, item: InputItem, where: str, preamble: bool 
             _check_responses_outputs(out)
         _responses_message(out, item, "commentary" if preamble else "final")
     elif isinstance(item, FunctionCallInput):
-        _add_tool_call(out, item.called, item.arguments, item.call_id, where)
+        _add_tool_call(out, item.called, item.arguments, item.call_id, where, cut=item.status == "incomplete")
     elif isinstance(item, FunctionCallOutputInput):
         if item.call_id not in out.tool_names_by_call_id:
             raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")
@@ -290,11 +300,26 @@ def _responses_item(out: Converted, item: InputItem, where: str, preamble: bool 
 def _check_responses_outputs(out: Converted) -> None:
     """OpenAI's rule (its 400 in its words): every function_call is answered by a function_call_output before the
     next user or assistant message, and before the input ends; a `previous_response_id` that ended in a call needs
-    its output in the new `input`. `param` is `input`: the call may be the previous response's, not at an index of it."""
+    its output in the new `input`. `param` is `input`: the call may be the previous response's, not at an index of it.
+    A call cut while its arguments were written was never made: no output is due, and it leaves the prompt."""
+    _drop_cut_calls(out)
     unanswered = _unanswered_calls(out)
     if unanswered is not None:
         raise RenderError(f"No tool output found for function call {unanswered[0][0]}: send a function_call_output item "
                           f"with its call_id before the next message", "input")
+
+
+def _drop_cut_calls(out: Converted) -> None:
+    """Leave out the cut calls no output answered (an `incomplete` response continued, as ROUTES.md promises): half a
+    call would show the model a call it stopped writing mid-arguments, and no client can answer a call whose
+    arguments were cut. Their ids no longer name a call: a later output for one is the usual 400."""
+    if not out.cut_calls:
+        return
+    cut = {id(msg) for _, msg in out.cut_calls}
+    out.messages = [msg for msg in out.messages if id(msg) not in cut]
+    for call_id, _ in out.cut_calls:
+        out.tool_names_by_call_id.pop(call_id, None)
+    out.cut_calls.clear()
 
 
 def _output_texts(output: Any, where: str) -> list[str]:

@@ -278,6 +278,9 @@ class FunctionCallInput(Shape):
     arguments: str | dict[str, Any] | None = None
     call_id: str | None = None
     namespace: str | None = None  # a function of a namespace tool (`NamespaceTool`): the model called NAMESPACE.NAME
+    # `incomplete`: cut while its arguments were written (max_output_tokens, a cancel, a failure). Never made, so it
+    # needs no output: unanswered, it is left out of the prompt (`harmony.inputs`).
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
 
     @property
     def called(self) -> str:
