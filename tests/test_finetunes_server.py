@@ -405,3 +405,19 @@ def test_a_finetune_whose_stored_files_do_not_load_says_why_to_the_client(checkp
         assert httpx.post(server.run_url(), json={"prompt": "hi", "lora": "ft1", "max_tokens": 3}, timeout=60).status_code == 200
     finally:
         server.stop()
+
+
+def test_the_finetune_routes_answer_the_documented_trailing_slash(upload_server):
+    """Before: Cloudflare's LoRA page's curl commands (`POST …/ai/finetunes/`, `GET …/ai/finetunes/`,
+    `POST …/finetunes/{id}/finetune-assets/`) were 404 7000 here (hunt round 12 A-F1). Served as they are, no
+    redirect (a redirected POST loses its body in many clients); other routes stay exact."""
+    made = httpx.post(api(upload_server, "/finetunes/"), json={"model": MODEL, "name": "slashed"}, timeout=30)
+    assert made.status_code == 200 and made.json()["result"]["name"] == "slashed", made.text
+    assert "slashed" in [f["name"] for f in httpx.get(api(upload_server, "/finetunes/"), timeout=30).json()["result"]]
+    assert httpx.get(api(upload_server, "/finetunes/public/"), timeout=30).status_code == 200
+    stored = httpx.post(api(upload_server, "/finetunes/slashed/finetune-assets/"), timeout=30,
+                        files={"file": ("adapter_config.json", b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')},
+                        data={"file_name": "adapter_config.json"})
+    assert stored.status_code == 200, stored.text
+    other = httpx.get(api(upload_server, "/models/search/"), timeout=30)
+    assert other.status_code == 404 and other.json()["errors"][0]["code"] == 7000

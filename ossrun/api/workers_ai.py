@@ -237,7 +237,10 @@ async def models_schema(account_id: str, request: Request, model: str):
     return envelope({"input": schemas.input_schema(), "output": schemas.output_schema()})
 
 
+# The fine-tune routes alone also answer with a trailing `/`: Cloudflare's LoRA page writes its curl commands so
+# (`POST …/ai/finetunes/`, `…/finetune-assets/`). Served, not redirected: a redirected POST loses its body in many clients.
 @router.post("/finetunes", summary="Create a LoRA fine-tune", openapi_extra=schemas.body_schema(schemas.FinetuneCreate))
+@router.post("/finetunes/", include_in_schema=False)
 async def create_finetune(account_id: str, request: Request):
     service = service_of(request)
     spec = schemas.parse(schemas.FinetuneCreate, await json_body(request))
@@ -253,11 +256,13 @@ async def create_finetune(account_id: str, request: Request):
 
 
 @router.get("/finetunes", summary="List fine-tunes")
+@router.get("/finetunes/", include_in_schema=False)
 async def list_finetunes(account_id: str, request: Request):
     return envelope([_finetune_json(r) for r in service_of(request).finetunes.list()])
 
 
 @router.get("/finetunes/public", summary="List the fine-tunes created with public: true")
+@router.get("/finetunes/public/", include_in_schema=False)
 async def list_public_finetunes(account_id: str, request: Request):
     return envelope([_finetune_json(r) for r in service_of(request).finetunes.list() if r.public])
 
@@ -354,6 +359,7 @@ async def receive_upload(request: Request, arrived: Path) -> str:
 
 
 @router.post("/finetunes/{id_or_name}/finetune-assets", summary="Upload adapter_config.json or adapter_model.safetensors")
+@router.post("/finetunes/{id_or_name}/finetune-assets/", include_in_schema=False)
 async def upload_asset(account_id: str, id_or_name: str, request: Request):
     service = service_of(request)
     from ossrun.finetunes import ASSET_NAMES, FinetuneError
