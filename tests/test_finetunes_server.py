@@ -37,7 +37,7 @@ def test_upload_use_list_restart_and_errors(checkpoints, tmp_path):
         half = upload(server, "pirate", "adapter_config.json", (adapter / "adapter_config.json").read_bytes())
         assert half.status_code == 200
         not_ready = httpx.post(server.run_url(), json={"prompt": "hi", "lora": "pirate", "max_tokens": 3})
-        assert not_ready.status_code == 400 and not_ready.json()["errors"][0]["code"] == 5005
+        assert not_ready.status_code == 400 and not_ready.json()["errors"][0]["code"] == 3039  # missing files
         assert "adapter_model.safetensors" in not_ready.text
 
         missing = httpx.post(api(server, "/finetunes/pirate/finetune-assets"), data={"file_name": "adapter_model.safetensors"})
@@ -421,3 +421,19 @@ def test_the_finetune_routes_answer_the_documented_trailing_slash(upload_server)
     assert stored.status_code == 200, stored.text
     other = httpx.get(api(upload_server, "/models/search/"), timeout=30)
     assert other.status_code == 404 and other.json()["errors"][0]["code"] == 7000
+
+
+def test_a_finetune_missing_its_files_is_3039(upload_server):
+    """Before: 5005, the hosted code for "this model does not support LoRA"; the hosted errors page and the contract
+    (§7) give "Finetune is missing required files" 3039, HTTP 400 (hunt round 12 A-F3). An unknown one stays 5005."""
+    assert create(upload_server, "empty").status_code == 200
+    for body in ({"prompt": "hi", "lora": "empty", "max_tokens": 3}, {"input": "hi", "lora": "empty", "max_output_tokens": 3}):
+        refused = httpx.post(upload_server.run_url(), json=body, timeout=60)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["errors"][0]
+        assert error["code"] == 3039 and "adapter_config.json, adapter_model.safetensors" in error["message"], error
+    queued = httpx.post(upload_server.run_url(), params={"queueRequest": "true"}, timeout=60,
+                        json={"requests": [{"prompt": "hi", "max_tokens": 2}, {"prompt": "hi", "lora": "empty", "max_tokens": 2}]})
+    assert queued.status_code == 400 and queued.json()["errors"][0]["code"] == 3039 and "requests[1]" in queued.text
+    unknown = httpx.post(upload_server.run_url(), json={"prompt": "hi", "lora": "nobody", "max_tokens": 3}, timeout=60)
+    assert unknown.status_code == 400 and unknown.json()["errors"][0]["code"] == 5005

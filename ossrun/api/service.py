@@ -328,7 +328,10 @@ class Service:
         if record is not None and self.engine.has_adapter(record.name):
             return record.name
         if record is not None:
-            raise ApiError(400, 5005, f"AiError: fine-tune {lora!r} is not loadable: {self._why_unloadable(record)}")
+            # Files missing: the hosted errors page's "Finetune is missing required files", 3039 (the contract's §7);
+            # stored files that did not load stay 5005, the LoRA the model cannot take.
+            code = 3039 if self.finetunes.missing_assets(record) else 5005
+            raise ApiError(400, code, f"AiError: fine-tune {lora!r} is not loadable: {self._why_unloadable(record)}")
         raise unknown_lora(lora)
 
     def _why_unloadable(self, record) -> str:
