@@ -303,6 +303,7 @@ class BatchItemResult(_Out):
     id: int
     result: Any
     success: bool
+    external_reference: str | None = Field(description="As the item sent it; null when it sent none")
     usage: BatchUsage | None = Field(None, description="A failed item's tokens (a successful one's are in its result's usage)")
 
 

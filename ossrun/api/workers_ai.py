@@ -143,13 +143,13 @@ def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
         return envelope({"status": batch.status, "request_id": batch.batch_id})
     responses, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for item in batch.items:
-        entry = {"id": item.index, "result": item.result if item.success else {}, "success": bool(item.success)}
+        # `external_reference` always there, null when not sent, as the hosted poll examples show it
+        entry = {"id": item.index, "result": item.result if item.success else {}, "success": bool(item.success),
+                 "external_reference": item.external_reference}
         if not item.success:  # no result holds its usage: tokens it consumed before it failed are still in the total
             entry["errors"] = [item.result]
             entry["usage"] = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
                               "total_tokens": item.prompt_tokens + item.completion_tokens}
-        if item.external_reference is not None:
-            entry["external_reference"] = item.external_reference
         responses.append(entry)
         totals["prompt_tokens"] += item.prompt_tokens
         totals["completion_tokens"] += item.completion_tokens
