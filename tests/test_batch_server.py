@@ -295,3 +295,29 @@ def test_a_write_the_disk_refuses_is_a_named_503_and_health_says_failing(checkpo
     log = server.log.read_text()
     assert "unhandled error" not in log and "Traceback" not in log
     assert "storage: the data directory takes writes again" in log
+
+
+def test_a_batch_of_responses_items_is_also_answered_as_the_model_schema_documents(checkpoints, tmp_path):
+    """Before: gpt-oss's own model schema documents a finished batch of Responses items as `{"results": [Response…]}`
+    and ossrun answered only the generic batch pages' `responses: [{id, result, success}]` (hunt round 12 A-F2). Now
+    both: `results` holds the items' Response objects in request order, a failed one `status: "failed"` with its
+    `error`; `responses` is as it was. A batch with other shapes in it has no `results`."""
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        refused = {"input": "hi", "max_output_tokens": 40, "text": {"format": {"type": "json_schema", "name": "x",
+                                                                               "schema": {"type": "strnig"}}}}
+        done = wait_done(server, queue(server, [{"input": "What is the capital of France?", "reasoning": {"effort": "low"}, "max_output_tokens": 4},
+                                                refused, {"input": [{"role": "user", "content": "Hi"}], "max_output_tokens": 4}]))
+        assert [r["success"] for r in done["responses"]] == [True, False, True]
+        results = done["results"]
+        assert [r["object"] for r in results] == ["response"] * 3
+        assert results[0] == done["responses"][0]["result"] and results[2] == done["responses"][2]["result"]
+        assert results[0]["id"].startswith("resp_") and results[0]["error"] is None and results[0]["output"]
+        failed = results[1]
+        assert failed["status"] == "failed" and failed["output"] == [] and failed["id"] is None, failed
+        assert failed["error"]["code"] == "5006" and "strnig" in failed["error"]["message"], failed
+        assert failed["usage"] == {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        mixed = wait_done(server, queue(server, [{"input": "hi", "max_output_tokens": 2}, {"prompt": "hi", "max_tokens": 2}]))
+        assert "results" not in mixed and len(mixed["responses"]) == 2
+    finally:
+        server.stop()

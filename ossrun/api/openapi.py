@@ -307,10 +307,39 @@ class BatchItemResult(_Out):
     usage: BatchUsage | None = Field(None, description="A failed item's tokens (a successful one's are in its result's usage)")
 
 
+class BatchItemError(_Out):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: None
+    code: str = Field(description="The Workers AI error code, as a string (OpenAI's error object)")
+
+
+class BatchFailedUsage(_Out):
+    """The tokens a failed item consumed before it failed (in the batch's `usage` too)."""
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class BatchFailedResponse(_Out):
+    id: None = Field(description="No response was made")
+    object: Literal["response"]
+    created_at: int
+    model: str
+    status: Literal["failed"]
+    error: BatchItemError
+    output: list[OutputItem] = Field(max_length=0)
+    output_text: str
+    usage: BatchFailedUsage
+
+
 class BatchDone(_Out):
     status: Literal["done"]
     request_id: str
     responses: list[BatchItemResult]
+    results: list[ResponseObject | BatchFailedResponse] | None = Field(
+        None, description="Only when every item is Responses-shaped: the items' Response objects in request order, as "
+                          "gpt-oss's model schema documents a finished batch (`Responses_Async_Output`)")
     usage: BatchUsage
 
 

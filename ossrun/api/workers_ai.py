@@ -16,8 +16,9 @@ from ossrun.api import schemas, surfaces
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
 from ossrun.api.disconnect import EventStream, unless_client_leaves
-from ossrun.api.errors import ApiError, bad_input, envelope
+from ossrun.api.errors import ApiError, bad_input, envelope, openai_error_object
 from ossrun.api.service import Outcome, Plan, Service
+from ossrun.batch.store import Batch, BatchItem
 from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
@@ -154,7 +155,26 @@ def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
         totals["prompt_tokens"] += item.prompt_tokens
         totals["completion_tokens"] += item.completion_tokens
     totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
-    return envelope({"responses": responses, "usage": totals, "request_id": batch.batch_id, "status": "done"})
+    answer = {"responses": responses, "usage": totals, "request_id": batch.batch_id, "status": "done"}
+    if all("input" in item.body for item in batch.items):  # Responses items (the queue checked each item's shape)
+        answer["results"] = [_response_of(batch, item) for item in batch.items]
+    return envelope(answer)
+
+
+CLIENT_CODES = frozenset({8, 3039, 5005, 5006, 5007})  # an item's failures that are its request's fault (a 400 when sync)
+
+
+def _response_of(batch: Batch, item: BatchItem) -> dict[str, Any]:
+    """A Responses item's entry in `results`, the shape gpt-oss's model schema documents for a finished batch
+    (`Responses_Async_Output`): its Response object, or for a failed item a failed Response carrying `error` (no
+    response was made, so its `id` is null) and the tokens it consumed."""
+    if item.success:
+        return item.result
+    error = ApiError(400 if item.result["code"] in CLIENT_CODES else 500, item.result["code"], item.result["message"])
+    return {"id": None, "object": "response", "created_at": int(batch.created_at), "model": batch.model, "status": "failed",
+            "error": openai_error_object(error), "incomplete_details": None, "output": [], "output_text": "",
+            "usage": {"input_tokens": item.prompt_tokens, "output_tokens": item.completion_tokens,
+                      "total_tokens": item.prompt_tokens + item.completion_tokens}}
 
 
 def batch_executor(service: Service):
