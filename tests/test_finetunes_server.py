@@ -437,3 +437,32 @@ def test_a_finetune_missing_its_files_is_3039(upload_server):
     assert queued.status_code == 400 and queued.json()["errors"][0]["code"] == 3039 and "requests[1]" in queued.text
     unknown = httpx.post(upload_server.run_url(), json={"prompt": "hi", "lora": "nobody", "max_tokens": 3}, timeout=60)
     assert unknown.status_code == 400 and unknown.json()["errors"][0]["code"] == 5005
+
+
+def test_public_finetunes_are_paged_and_ordered_as_cloudflare_asks(upload_server):
+    """Before: `limit`, `offset` and `order_by` (what Cloudflare's SDKs send to `ai.finetunes.public.list`) were
+    ignored, so a client paging by offset re-read the whole list forever (hunt round 12 A-F10)."""
+    for name in ("pub-c", "pub-a", "pub-b"):
+        made = httpx.post(api(upload_server, "/finetunes"), json={"model": MODEL, "name": name, "public": True}, timeout=30)
+        assert made.status_code == 200, made.text
+
+    def names(**params) -> list[str]:
+        answer = httpx.get(api(upload_server, "/finetunes/public"), params=params, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return [f["name"] for f in answer.json()["result"] if f["name"].startswith("pub-")]
+
+    everything = names()
+    assert sorted(everything) == ["pub-a", "pub-b", "pub-c"]
+    assert names(order_by="name") == ["pub-a", "pub-b", "pub-c"]
+    public = [f["name"] for f in httpx.get(api(upload_server, "/finetunes/public"), params={"order_by": "name"}, timeout=30).json()["result"]]
+    paged, offset = [], 0
+    while page := [f["name"] for f in httpx.get(api(upload_server, "/finetunes/public"), timeout=30,
+                                                params={"order_by": "name", "limit": 2, "offset": offset}).json()["result"]]:
+        assert len(page) <= 2
+        paged, offset = paged + page, offset + 2
+    assert paged == public
+    assert names(order_by="name", limit=1, offset=1) == ["pub-b"]
+    assert names(limit=2, offset=100) == []
+    for params in ({"limit": 0}, {"offset": -1}, {"order_by": "colour"}, {"limit": "many"}):
+        refused = httpx.get(api(upload_server, "/finetunes/public"), params=params, timeout=30)
+        assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, (params, refused.text)

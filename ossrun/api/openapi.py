@@ -564,7 +564,7 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/ai/models/schema", "get"): (SchemaEnvelope, (), (400, 403)),
     ("/ai/finetunes", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429, 503)),
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
-    ("/ai/finetunes/public", "get"): (FinetunesEnvelope, (), (403,)),
+    ("/ai/finetunes/public", "get"): (FinetunesEnvelope, (), (400, 403)),
     ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429, 503)),
     ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429)),
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 415, 429)),

@@ -281,10 +281,22 @@ async def list_finetunes(account_id: str, request: Request):
     return envelope([_finetune_json(r) for r in service_of(request).finetunes.list()])
 
 
-@router.get("/finetunes/public", summary="List the fine-tunes created with public: true")
+FINETUNE_ORDER = ("id", "name", "model", "description", "created_at", "modified_at")  # the answer's own fields
+
+
+@router.get("/finetunes/public", summary="List the fine-tunes created with public: true, paged and ordered as Cloudflare's")
 @router.get("/finetunes/public/", include_in_schema=False)
-async def list_public_finetunes(account_id: str, request: Request):
-    return envelope([_finetune_json(r) for r in service_of(request).finetunes.list() if r.public])
+async def list_public_finetunes(account_id: str, request: Request, limit: int | None = Query(None, ge=1, le=schemas.MAX_LIMIT),
+                                offset: int = Query(0, ge=0, le=schemas.MAX_LIMIT), order_by: str | None = None):
+    """Cloudflare's SDKs send `limit`, `offset` and `order_by` (`ai.finetunes.public.list`); a client paging by
+    offset stops at a short page, so each must be honoured or the pager never ends. `order_by` names a field of
+    the answer (ascending); without it, `GET …/finetunes`' order (by creation)."""
+    if order_by and order_by not in FINETUNE_ORDER:
+        raise bad_input(f"Error: at '/order_by': must be one of {', '.join(FINETUNE_ORDER)}, not {order_by[:100]!r}", "order_by")
+    found = [_finetune_json(r) for r in service_of(request).finetunes.list() if r.public]
+    if order_by:
+        found.sort(key=lambda entry: entry[order_by])
+    return envelope(found[offset:None if limit is None else offset + limit])
 
 
 NOT_A_FORM = (400, 3039, "AiError: expected a multipart form with 'file_name' and 'file'")
