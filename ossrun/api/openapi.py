@@ -223,6 +223,21 @@ class TextFormat(_Out):
     strict: bool | None = None
 
 
+class NamespaceToolEcho(_Out):
+    """A namespace tool as a response echoes it (`results.echoed_tool`): its functions as `FunctionTool`s."""
+
+    type: Literal["namespace"]
+    name: str
+    description: str | None
+    tools: list[FunctionTool]
+
+
+class WebSearchToolEcho(_Out):
+    """A web search tool, echoed as sent (accepted, not offered to the model)."""
+
+    type: str
+
+
 class ResponseText(_Out):
     format: TextFormat = Field(description="The format the answer was held to (`text.format`, or a `response_format`) "
                                "in the Responses spelling; `{\"type\": \"text\"}` when none was asked")
@@ -238,7 +253,7 @@ class ResponseObject(_Out):
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None
-    tools: list[FunctionTool]
+    tools: list[FunctionTool | NamespaceToolEcho | WebSearchToolEcho]  # as `results.echoed_tool` spells each
     parallel_tool_calls: bool
     # Always present, null when unset, as OpenAI sends them: `error` with status "failed" (a stream's
     # `response.failed`), `incomplete_details` with status "incomplete".
