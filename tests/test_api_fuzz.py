@@ -13,7 +13,9 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from jsonschema import Draft202012Validator  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.core.parameters import ParameterLocation  # noqa: E402
 from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
     negative_data_rejection,
@@ -32,6 +34,27 @@ SCRIPTS = [
     "<|message|><|start|>garbage<|end|><|call|>",
 ]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+def refuses_truly_invalid_bodies(ctx, response, case):
+    """`negative_data_rejection`, for a body that the document really refuses. Schemathesis negates one branch of an
+    `anyOf`/`oneOf` without asking the others, so its "negative" body can be valid: CI once sent a message whose `name`
+    became null (`string | null` allows it) and a part whose `type` left TextPart's enum, which RefusalPart, the other
+    branch, accepts; the server rightly answered 200. Other negated places (query, path, headers) keep the check."""
+    meta = case.meta
+    only_body = meta is not None and all(location == ParameterLocation.BODY or not component.mode.is_negative
+                                         for location, component in meta.components.items())
+    if only_body and case.media_type == "application/json" and _document_accepts(case):
+        return None
+    return negative_data_rejection(ctx, response, case)
+
+
+def _document_accepts(case) -> bool:
+    """Whether the app's own OpenAPI document (JSON Schema 2020-12 in OpenAPI 3.1) accepts the case's body."""
+    document = case.operation.schema.raw_schema
+    body = document["paths"][case.operation.path][case.operation.method.lower()]["requestBody"]["content"]["application/json"]
+    schema = {**body["schema"], "components": document["components"]}
+    return Draft202012Validator(schema).is_valid(case.body)
 
 
 @pytest.fixture(scope="module")
@@ -82,5 +105,5 @@ def test_fuzz_valid_bodies_get_documented_answers(fuzzed):
 
 
 def test_fuzz_invalid_bodies_are_refused(fuzzed):
-    failures = run_operations(fuzzed, GenerationMode.NEGATIVE, CHECKS + [negative_data_rejection], max_examples=30)
+    failures = run_operations(fuzzed, GenerationMode.NEGATIVE, CHECKS + [refuses_truly_invalid_bodies], max_examples=30)
     assert not failures, "\n\n".join(failures)

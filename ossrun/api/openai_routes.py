@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from ossrun.api import ask as asks
@@ -122,7 +122,7 @@ def _not_stored(response_id: str) -> ApiError:
                     "response_id")
 
 
-async def stored_response(response_id: str, request: Request, stream: bool = False,
+async def stored_response(response_id: ResponseIdPath, request: Request, stream: bool = False,
                           starting_after: int | None = Query(None, ge=0)):
     """`client.responses.retrieve(id)`: a stored response (a background one `in_progress` while it runs). With
     `stream=true` (`retrieve(id, stream=True)`, `responses.stream(response_id=…)`) its events after `starting_after`:
@@ -148,7 +148,7 @@ async def _replayed(frames: list[bytes]) -> AsyncIterator[bytes]:
     yield DONE
 
 
-async def cancel_response(response_id: str, request: Request):
+async def cancel_response(response_id: ResponseIdPath, request: Request):
     """`client.responses.cancel(id)`: a running background response stops (its engine request aborted) and is kept
     `cancelled` with its output so far; a finished one is returned as it is. Only background responses can be
     cancelled (OpenAI's rule): another is a 400."""
@@ -177,7 +177,7 @@ async def input_tokens(request: Request):
     return {"object": "response.input_tokens", "input_tokens": await asyncio.to_thread(service.count_prompt, ask)}
 
 
-async def delete_response(response_id: str, request: Request):
+async def delete_response(response_id: ResponseIdPath, request: Request):
     """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`). A running
     background one is cancelled first, since its end would store it again; its frames are forgotten with it."""
     service = service_of(request)
@@ -190,7 +190,7 @@ async def delete_response(response_id: str, request: Request):
     return {"id": response_id, "object": "response", "deleted": True}
 
 
-async def input_items(response_id: str, request: Request, limit: int = Query(20, ge=1, le=100),
+async def input_items(response_id: ResponseIdPath, request: Request, limit: int = Query(20, ge=1, le=100),
                       order: Literal["asc", "desc"] = "desc", after: str | None = None):
     """`client.responses.input_items.list(id)`: the items the response was generated from, with ids, as OpenAI's
     cursor page (newest first unless `order=asc`; `after`: the id the previous page ended at)."""
@@ -220,6 +220,10 @@ class ResponseId(StringConvertor):
 
 
 register_url_convertor("response_id", ResponseId())
+# The same rule in the OpenAPI document, so that a client generated from it (or a fuzzer) knows that GET
+# /responses/input_tokens is not a retrieve (it is the 405 the count route answers).
+ResponseIdPath = Annotated[str, Path(description="A response's id",
+                                     json_schema_extra={"pattern": r"^(?!(?:input_tokens|compact)$)[^/]+$"})]
 
 
 def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
