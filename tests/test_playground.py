@@ -440,3 +440,36 @@ def test_curl_and_favicon(browser, demo_server):
     last_reply_done(browser, 1)
     curl = browser.find_element(By.ID, "curl").text
     assert "export OSSRUN_API_TOKEN=" in curl and curl.splitlines()[1].startswith("curl -N ")
+
+
+# The API document's page: Swagger UI served by the server itself (FastAPI's default loads it from a CDN, which left the
+# page blank offline, where ossrun runs).
+
+def test_docs_page_loads_nothing_from_elsewhere(demo_server):
+    page = httpx.get(demo_server.base + "/docs", headers=demo_server.headers, timeout=10)
+    assert page.status_code == 200 and "swagger-ui" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # every script, style and icon is ours
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
+        answer = httpx.get(f"{demo_server.base}/docs/assets/{asset}", timeout=10)  # no token: they hold nothing
+        assert answer.status_code == 200 and len(answer.content) > 500, asset
+    assert httpx.get(demo_server.base + "/docs/assets/../../openapi.json", timeout=10).status_code in (403, 404)
+    assert httpx.get(demo_server.base + "/docs/assets/index.html", timeout=10).status_code == 404
+    assert httpx.get(demo_server.base + "/docs", timeout=10).status_code == 403  # the page is behind the token as the API
+
+
+def test_docs_page_renders_every_route_offline(browser, demo_server):
+    """In Chromium: the operations appear, and every resource the page loaded came from the server."""
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": demo_server.headers})
+    try:
+        browser.get(demo_server.base + "/docs")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 20)
+        paths = texts(browser, ".opblock-summary-path")
+        assert "/v1/chat/completions" in paths and "/client/v4/accounts/{account_id}/ai/run/{model}" in paths
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(url.startswith(demo_server.base) for url in loaded), loaded
+        assert not browser.find_elements(By.CSS_SELECTOR, ".errors-wrapper")  # Swagger UI read the document
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from ossrun.api import body, openai_routes, playground, request_ids, workers_ai
+from ossrun.api import body, docs_page, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, host_name,
                                token_matches)
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
@@ -358,8 +358,9 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         await worker.stop()
 
     # No redirect_slashes: a path one '/' off a route answers the surface's 404, not a bare 307 no client expects.
-    app = FastAPI(title="ossrun", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
-                  description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
+    # FastAPI's /docs and /redoc load their scripts from a CDN: `docs_page` serves /docs offline instead.
+    app = FastAPI(title="ossrun", version="0.1.0", lifespan=lifespan, redirect_slashes=False, docs_url=None,
+                  redoc_url=None, description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
     app.state.service = service
     app.state.batch_worker = worker
 
@@ -377,7 +378,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        open_path = path in OPEN_PATHS or playground.is_playground_path(path)
+        open_path = path in OPEN_PATHS or playground.is_playground_path(path) or docs_page.is_asset_path(path)
         response = (_browser_refusal(request, policy) or _preflight(app, request) or _declared_too_large(request)
                     or (None if open_path else _refusal(request, settings, limiter, wrong_tokens)))
         if response is None:
@@ -452,7 +453,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     async def metrics():
         return Response(service.metering.render(), media_type="text/plain; version=0.0.4")
 
-    routers = (playground.router, workers_ai.router, openai_routes.prefixed, openai_routes.bare)
+    routers = (playground.router, docs_page.router, workers_ai.router, openai_routes.prefixed, openai_routes.bare)
     for router in routers:
         app.include_router(router)
     # Every route with its path, to name the route of a request refused before routing (the app's own list holds
