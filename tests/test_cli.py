@@ -316,3 +316,19 @@ def test_make_model_on_a_disk_that_refuses_writes_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ossrun.cli", "make-model", "--out", str(tmp_path / "m")],
                             capture_output=True, text=True, timeout=180, preexec_fn=no_file_writes)
     _one_clear_line(result, f"--out {tmp_path / 'm'}: cannot write the checkpoint (File too large)")
+
+
+def test_a_file_train_demo_wrote_is_a_model(tmp_path):
+    """`ossrun train-demo --out FILE` wrote weights `--model` refused ("is a file"); a compact demo file is expanded
+    in the cache as the shipped one is. (A copy of the shipped file: train-demo writes it with the same export.)"""
+    from ossrun.model.demo_weights import WEIGHTS_FILE
+
+    compact = tmp_path / "my-demo.safetensors"
+    compact.write_bytes(WEIGHTS_FILE.read_bytes())
+    result = ossrun("generate", "--model", str(compact), "--raw", "<|start|>user<|message|>Hi<|end|><|start|>assistant",
+                    "--max-tokens", "4", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 4
+    not_compact = tmp_path / "other.safetensors"
+    not_compact.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    _one_clear_line(ossrun("generate", "--model", str(not_compact), "--token-ids", "1"), "is a file; --model takes")

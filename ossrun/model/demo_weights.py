@@ -20,7 +20,7 @@ import torch
 
 from ossrun.model.checkpoint import write_checkpoint, write_once
 from ossrun.model.config import ModelConfig
-from ossrun.model.safetensors_io import TensorSpec, open_mmap, read_header, write_streaming
+from ossrun.model.safetensors_io import SafetensorsError, TensorSpec, open_mmap, read_header, write_streaming
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,15 @@ def read_compact(path: Path = WEIGHTS_FILE) -> tuple[ModelConfig, dict[str, torc
     _, header = read_header(path)
     metadata = header.get("__metadata__", {})
     return ModelConfig.from_original_json(json.loads(metadata["config"])), open_mmap(path), metadata
+
+
+def is_compact(path: Path) -> bool:
+    """Whether `path` is a compact demo file (what `ossrun train-demo --out FILE` writes)."""
+    try:
+        _, header = read_header(path)
+    except (SafetensorsError, OSError):  # not safetensors at all: the caller says what it wanted
+        return False
+    return TOKEN_IDS in header and "config" in header.get("__metadata__", {})
 
 
 def expand(compact: Path, out: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ossrun.model.checkpoint import write_once, write_random_checkpoint
 from ossrun.model.config import PRESETS
-from ossrun.model.demo_weights import demo_dir
+from ossrun.model.demo_weights import demo_dir, is_compact
 from ossrun.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
 
 
 def resolve_model(spec: str | Path | None) -> Path:
-    """A checkpoint directory for `spec`: an existing path, `demo`, a preset name, or a hub id already downloaded."""
+    """A checkpoint directory for `spec`: an existing path (a directory, or a compact demo file), `demo`, a preset name,
+    or a hub id already downloaded."""
     if spec is None:
         spec = DEFAULT_MODEL
     path = Path(spec).expanduser()
@@ -79,9 +80,13 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    """An existing path that must be a checkpoint directory (either layout)."""
+    """An existing path that must be a checkpoint directory (either layout), or a compact demo file (`ossrun
+    train-demo --out FILE`), expanded in the cache as the shipped one is."""
+    if path.is_file() and is_compact(path):
+        return demo_dir(cache_dir(), path)
     if not path.is_dir():
-        raise ModelNotFound(f"{path} is a file; --model takes a checkpoint directory")
+        raise ModelNotFound(f"{path} is a file; --model takes a checkpoint directory (or a file `ossrun train-demo "
+                            "--out` wrote)")
     if not (path / "config.json").exists() and not (path / "original" / "config.json").exists():
         raise ModelNotFound(f"{path}: no config.json and no original/config.json: not a gpt-oss checkpoint")
     return path
