@@ -51,6 +51,17 @@ def test_streamed_chunks_carry_their_tokens_logprobs(client):
     assert [e.token for e in entries] == [e.token for e in sync.logprobs.content]
 
 
+def test_chat_logprobs_carry_refusal_null_as_openai_requires(client):
+    """Hunt round 13 A-F1: `logprobs` was `{"content": [...]}` alone; OpenAI's schema requires `refusal` beside it (null
+    here: gpt-oss writes no refusal part), sync and in every streamed chunk that has logprobs."""
+    sync = client.chat.completions.with_raw_response.create(**ASK).http_response.json()
+    assert sync["choices"][0]["logprobs"]["refusal"] is None and sync["choices"][0]["logprobs"]["content"]
+    chunks = httpx.post(f"{client.base_url}chat/completions", json={**ASK, "stream": True}, timeout=120).text.splitlines()
+    frames = [json.loads(line[6:]) for line in chunks if line.startswith("data: {")]
+    carried = [f["choices"][0]["logprobs"] for f in frames if f["choices"] and f["choices"][0].get("logprobs")]
+    assert carried and all(set(logprobs) == {"content", "refusal"} and logprobs["refusal"] is None for logprobs in carried)
+
+
 TEXT = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 2}
 
 

@@ -272,6 +272,21 @@ def test_a_response_object_always_has_error_incomplete_details_and_text(server):
     assert post_json(server, "/v1/responses", {**body, "response_format": {"type": "json_object"}})["text"] == {"format": {"type": "json_object"}}
 
 
+def test_a_completed_response_says_when(server):
+    """Hunt round 13 A-F2: `completed_at` was never there; OpenAI sets it (Unix seconds) on a completed response and
+    leaves it null otherwise. Every copy of the final object (the answer, the stream's last event, retrieve) says the
+    same time."""
+    body = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 64, "temperature": 0}
+    sync = post_json(server, "/v1/responses", body)
+    assert sync["status"] == "completed" and isinstance(sync["completed_at"], int)
+    assert sync["created_at"] <= sync["completed_at"] <= time.time() + 1
+    assert httpx.get(f"{server.base}/v1/responses/{sync['id']}", headers=server.headers).json()["completed_at"] == sync["completed_at"]
+    streamed = [e["response"] for e in events(server, body) if "response" in e]
+    assert [r["completed_at"] for r in streamed[:-1]] == [None, None] and isinstance(streamed[-1]["completed_at"], int)
+    cut = post_json(server, "/v1/responses", {**body, "max_output_tokens": 8})
+    assert cut["status"] == "incomplete" and cut["completed_at"] is None
+
+
 def test_reasoning_is_echoed_with_the_effort_used_and_the_summary_asked(server):
     """Before: `reasoning` was echoed as sent (null when not sent); OpenAI echoes `{effort, summary}` for a reasoning
     model, the effort it reasoned with included (round 8's fixer noticed)."""

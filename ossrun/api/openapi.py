@@ -90,6 +90,7 @@ class TokenLogprobOut(TopLogprob):
 
 class ChoiceLogprobs(_Out):
     content: list[TokenLogprobOut]
+    refusal: None = Field(description="OpenAI's refusal tokens: always null (gpt-oss writes no refusal part)")
 
 
 class ChatChoice(_Out):
@@ -250,6 +251,7 @@ class ResponseObject(_Out):
     model: str
     # `queued`: only the answer to a `background: true` create without `stream` (the run then goes on; retrieve polls it).
     status: Literal["completed", "incomplete", "in_progress", "failed", "cancelled", "queued"]
+    completed_at: int | None = Field(description="When it completed (Unix seconds); null unless `status` is completed")
     output: list[OutputItem]
     output_text: str
     usage: ResponsesUsage | None

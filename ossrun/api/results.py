@@ -43,8 +43,14 @@ def prompt_result(outcome: Outcome, prices, json_mode: bool = False, with_logpro
     if outcome.tool_calls:
         result["tool_calls"] = prompt_tool_calls(outcome)
     if with_logprobs:
-        result["logprobs"] = {"content": outcome.logprobs}
+        result["logprobs"] = choice_logprobs(outcome.logprobs)
     return result
+
+
+def choice_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A choice's (or a frame's) `logprobs`: the text's tokens under `content`, and OpenAI's `refusal` beside, always
+    null (gpt-oss never writes a refusal part); OpenAI's schema requires both keys."""
+    return {"content": entries, "refusal": None}
 
 
 def prompt_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
@@ -80,7 +86,7 @@ def chat_completion(outcome: Outcome, model: str, prices, with_logprobs: bool, c
         "choices": [{
             "index": 0,
             "message": message,
-            "logprobs": {"content": outcome.logprobs} if with_logprobs else None,
+            "logprobs": choice_logprobs(outcome.logprobs) if with_logprobs else None,
             "finish_reason": finish_reason,
             "stop_reason": outcome.stop_reason,
         }],
@@ -176,24 +182,25 @@ def echoed_tool(tool: Any) -> dict[str, Any]:
 
 def response_object(outcome: Outcome | None, model: str, prices, response_id: str, created_at: int,
                     output: list[dict[str, Any]] | None = None, request: ResponsesInput | None = None,
-                    sampling: dict[str, float] | None = None) -> dict[str, Any]:
+                    sampling: dict[str, float] | None = None, completed_at: int | None = None) -> dict[str, Any]:
     """A Responses `response` with the given output items; with `outcome` None it is the in-progress shell.
-    `created_at` is the response's one creation time: every event and the stored copy carry the same. `error` and
+    `created_at` is the response's one creation time: every event and the stored copy carry the same; `completed_at`,
+    when it finished, is null unless the status is `completed` (OpenAI's rule). `error` and
     `incomplete_details` are always there, null when unset, as OpenAI sends them (openai-node types them as required:
     `if (response.error !== null)` fires on a missing key)."""
     status = "in_progress" if outcome is None else ("incomplete" if outcome.finish_reason == "length" else "completed")
     text = "".join(part["text"] for item in output or [] if item["type"] == "message" for part in item["content"])
     return {"id": response_id, "object": "response", "created_at": created_at, "model": model, "status": status,
-            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "completed_at": completed_at if status == "completed" else None, "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "output": output or [], "output_text": text,
             "usage": responses_usage(outcome, prices) if outcome is not None else None, **echoed(request, sampling)}
 
 
 def with_current_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored response as `response_object` builds it now: one kept by an older version lacks `error`,
-    `incomplete_details` and `truncation` (it was not truncated) and has `text: null` (plain text then, unless it had a
+    `incomplete_details`, `completed_at` (not known then) and `truncation` (it was not truncated) and has `text: null` (plain text then, unless it had a
     `response_format`, which it no longer says)."""
-    return {"error": None, "incomplete_details": None, "truncation": ECHOED["truncation"], **stored,
+    return {"error": None, "incomplete_details": None, "truncation": ECHOED["truncation"], "completed_at": None, **stored,
             "text": stored.get("text") or dict(ECHOED["text"])}
 
 

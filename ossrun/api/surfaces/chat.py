@@ -42,7 +42,7 @@ class ChatSurface:
         if isinstance(event, harmony.ReasoningDelta):
             return [self._chunk({"reasoning_content": event.text, "reasoning": event.text})]
         if isinstance(event, harmony.ContentDelta):
-            logprobs = {"content": self.outcome.logprobs[self._sent_logprobs:]} if self.with_logprobs else None
+            logprobs = results.choice_logprobs(self.outcome.logprobs[self._sent_logprobs:]) if self.with_logprobs else None
             self._sent_logprobs = len(self.outcome.logprobs)
             return [self._chunk({"content": event.text}, logprobs=logprobs)]
         if isinstance(event, harmony.ToolCallStart):

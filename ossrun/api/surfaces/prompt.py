@@ -27,7 +27,7 @@ class PromptSurface:
             return []
         data: dict[str, Any] = {"response": event.text}
         if self.with_logprobs:
-            data["logprobs"] = {"content": self.outcome.logprobs[self._sent_logprobs:]}
+            data["logprobs"] = results.choice_logprobs(self.outcome.logprobs[self._sent_logprobs:])
             self._sent_logprobs = len(self.outcome.logprobs)
         return [frame(data)]
 

@@ -41,6 +41,7 @@ class ResponsesSurface:
         self.with_logprobs, self.sampling = with_logprobs, sampling
         self.with_summary = summary_asked(request)
         self.id, self.created = results.new_id("resp"), int(time.time())
+        self.completed_at: int | None = None  # when the final object was first built: every copy of it says the same
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
         self.current: dict[str, Any] | None = None
@@ -102,8 +103,8 @@ class ResponsesSurface:
         holds what it streamed, `incomplete` as an item `max_output_tokens` cut (nothing will complete it); its done
         events are not sent, since it did not end."""
         self._cut_open_item()
-        response = {**self.result(), "status": "failed", "error": {"code": "server_error", "message": error.message},
-                    "incomplete_details": None}
+        response = {**self.result(), "status": "failed", "completed_at": None,
+                    "error": {"code": "server_error", "message": error.message}, "incomplete_details": None}
         if self.keeps_every_end:
             self.remember(response)
         return [self._event("response.failed", response=response)]
@@ -115,7 +116,7 @@ class ResponsesSurface:
         if self.finished:
             return
         self._cut_open_item()
-        self.remember({**self.result(), "status": "cancelled", "incomplete_details": None})
+        self.remember({**self.result(), "status": "cancelled", "completed_at": None, "incomplete_details": None})
         self.finished = True
 
     def _cut_open_item(self) -> None:
@@ -125,8 +126,9 @@ class ResponsesSurface:
             self.current = None
 
     def result(self) -> dict[str, Any]:
+        self.completed_at = self.completed_at or int(time.time())
         return results.response_object(self.outcome, self.model, self.prices, self.id, self.created, output=self.output,
-                                       request=self.request, sampling=self.sampling)
+                                       request=self.request, sampling=self.sampling, completed_at=self.completed_at)
 
     # -- output items -------------------------------------------------------------------------------
     @property
@@ -253,7 +255,7 @@ class _Replay(ResponsesSurface):
         self.kept: dict[str, Any] = {}  # the stored item being replayed
 
     def shell(self) -> dict[str, Any]:
-        return {**self.stored, "status": "in_progress", "error": None, "incomplete_details": None, "output": [],
+        return {**self.stored, "status": "in_progress", "completed_at": None, "error": None, "incomplete_details": None, "output": [],
                 "output_text": "", "usage": None}
 
     def frames(self, after: int | None) -> list[bytes]:
