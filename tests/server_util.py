@@ -57,6 +57,15 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.base + "/health", timeout=10).json()
 
+    def wait_idle(self, within: float = 10) -> dict:
+        """The engine's stats once nothing runs or waits, or the last stats seen when `within` runs out."""
+        deadline = time.monotonic() + within
+        while True:
+            stats = self.health()
+            if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -27,16 +27,6 @@ def server(checkpoints, tmp_path_factory):
     s.stop()
 
 
-def wait_idle(server, within: float) -> dict:
-    """The engine's stats once nothing runs or waits, or the last stats seen when `within` runs out."""
-    deadline = time.monotonic() + within
-    while True:
-        stats = server.health()
-        if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 def leave_early(server, path: str, body: dict) -> None:
     """Send until one request is still generating when its client gives up (the random model may draw an
     end token early on a quiet machine; a request that ended by itself proves nothing about orphans)."""
@@ -65,7 +55,7 @@ def test_sync_request_ends_when_its_client_leaves(server, route):
         leave_early(server, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": LONG})
     else:
         leave_early(server, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": LONG})
-    stats = wait_idle(server, within=1.0)
+    stats = server.wait_idle(within=1.0)
     assert stats["running"] == 0 and stats["waiting"] == 0, f"an orphan still runs after its client left: {stats}"
 
 
@@ -277,7 +267,7 @@ def test_cancel_ends_a_running_background_response(server):
     rest = [line for line in lines if line.startswith("data: ")]  # the stream ends
     response.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]"
-    stats = wait_idle(server, within=1.0)
+    stats = server.wait_idle(within=1.0)
     assert stats["running"] == 0 and stats["waiting"] == 0, f"the cancelled run still runs: {stats}"
     assert client.responses.retrieve(rid).model_dump() == cancelled.model_dump()
     assert client.responses.cancel(rid).model_dump() == cancelled.model_dump()
@@ -391,7 +381,7 @@ def test_deleting_a_running_background_response_cancels_it_for_good(server):
         client.responses.create(model=MODEL, input="Go on", max_output_tokens=4, previous_response_id=rid)
     assert caught.value.body["param"] == "previous_response_id"
     assert httpx.get(f"{server.base}/v1/responses/{rid}", timeout=10).status_code == 404  # still, after the cancel
-    stats = wait_idle(server, within=1.0)
+    stats = server.wait_idle(within=1.0)
     assert stats["running"] == 0 and stats["waiting"] == 0, f"the deleted response's run still runs: {stats}"
 
 

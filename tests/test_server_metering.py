@@ -79,15 +79,6 @@ def test_completions_with_n_choices_and_prompt_lists_are_metered_as_their_usage(
     assert sync["cost_usd"] == cost and sync["neurons"] == neurons
 
 
-def wait_idle(server) -> dict:
-    deadline = time.monotonic() + 10
-    while True:
-        stats = server.health()
-        if (stats["running"] == 0 and stats["waiting"] == 0) or time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
-
-
 def settled_metrics(server, generated: int, before: dict[str, float]) -> dict[str, float]:
     """/metrics once the completion tokens metered reach `generated` more than `before` (or after 5 s)."""
     deadline = time.monotonic() + 5
@@ -105,20 +96,20 @@ def settled_metrics(server, generated: int, before: dict[str, float]) -> dict[st
                               "n": 2}),
 ])
 def test_a_stream_left_early_is_metered_for_every_token_generated(server, path, body):
-    wait_idle(server)
+    server.wait_idle()
     before, generated_before = metrics(server), server.health()["generated_tokens_total"]
     with httpx.stream("POST", server.base + path, json=body, timeout=60) as response:
         for seen, _ in enumerate(response.iter_lines()):
             if seen >= 20:
                 break
-    stats = wait_idle(server)
+    stats = server.wait_idle()
     generated = stats["generated_tokens_total"] - generated_before
     assert generated > 5
     assert settled_metrics(server, generated, before)["completion"] - before["completion"] == generated
 
 
 def test_a_sync_request_left_early_is_metered_for_every_token_generated(server):
-    wait_idle(server)
+    server.wait_idle()
     for seed in range(8):
         before, generated_before = metrics(server), server.health()["generated_tokens_total"]
         try:
@@ -128,7 +119,7 @@ def test_a_sync_request_left_early_is_metered_for_every_token_generated(server):
             break
     else:
         pytest.fail("every request ended before its client's timeout: nothing left early")
-    stats = wait_idle(server)
+    stats = server.wait_idle()
     generated = stats["generated_tokens_total"] - generated_before
     assert generated > 5
     assert settled_metrics(server, generated, before)["completion"] - before["completion"] == generated
