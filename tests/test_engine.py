@@ -338,3 +338,26 @@ def test_a_failing_stop_string_check_ends_only_its_request(model):
     assert results["stops"][-1].finish_reason == "error" and "postprocessing failed" in results["stops"][-1].error
     assert len(tokens(results["plain"])) == 5
     assert engine.kv.full.num_used == 0
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="reads Linux's /proc/self/statm")
+def test_the_kv_cache_costs_memory_as_it_is_used_not_at_start(model, device):
+    """Before: the pools were torch.zeros, which writes every page: a server held its whole `--kv-cache-gib` plan from the
+    start (a demo server on a tiny model: 2.8 GB; the test suite's parallel servers ran the machine short). Now the CPU
+    pools lie in anonymous mappings, committed as blocks are written; their contents are still zeros."""
+    if device.type != "cpu":
+        pytest.skip("the CPU's pools")
+    before = _resident_bytes()
+    engine = make_engine(model, kv_cache_bytes=1024**3, max_model_len=131072, max_num_seqs=64)
+    assert sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in engine.runner.caches) == 1024**3
+    assert _resident_bytes() - before < 128 * 1024**2
+    assert all(not pool[block].any() for pool in engine.runner.caches[0] for block in (0, 1, -1))
+    prompt = list(range(1, 40))
+    result = engine.generate([Request("a", prompt, SamplingParams(max_tokens=8, **GREEDY))])
+    assert tokens(result["a"]) == tokens(make_engine(model).generate([Request("a", prompt, SamplingParams(max_tokens=8, **GREEDY))])["a"])
+    assert _resident_bytes() - before < 128 * 1024**2

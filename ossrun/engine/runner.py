@@ -6,6 +6,8 @@ sliding layers drawing on the smaller sliding pool) and builds each step's flat 
 
 from __future__ import annotations
 
+import math
+import mmap
 from array import array
 
 import torch
@@ -19,6 +21,17 @@ from ossrun.model.attention import PagedAttention, PagedGroup, paged_kernel
 from ossrun.model.gpt_oss import GptOss
 from ossrun.model.kernels.gpu import triton_available
 from ossrun.model.lora import LoraBatch
+
+
+def cache_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A layer's k or v pool, zeros. On the CPU it lies in an anonymous mapping, whose pages the OS hands out zeroed when
+    they are first written: the memory a server holds grows with the blocks its sequences have used, up to the plan
+    (`--kv-cache-gib`), instead of the whole plan at start (torch.zeros writes every page: a demo server on a tiny
+    model held 2.8 GB from its first second)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 class ModelRunner:
@@ -37,7 +50,7 @@ class ModelRunner:
         for layer in range(c.num_hidden_layers):
             blocks = kv.sliding.num_blocks if c.is_sliding(layer) else kv.full.num_blocks
             self.caches.append(
-                (torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device), torch.zeros(blocks, *shape, dtype=kv_dtype, device=self.device))
+                (cache_pool((blocks, *shape), kv_dtype, self.device), cache_pool((blocks, *shape), kv_dtype, self.device))
             )
         self.graphs: DecodeGraphs | None = None
         if self.triton_attention and cuda_graphs:
