@@ -159,6 +159,20 @@ def test_streamed_tool_call_on_ai_run(server):
     assert json.loads("".join(tc["function"]["arguments"] for tc in calls)) == {"city": "Paris"}
 
 
+@pytest.mark.parametrize("max_tokens, reason", [(20, "length"), (400, "stop")])
+def test_a_prompt_answer_says_whether_max_tokens_cut_it(server, max_tokens, reason):
+    """Hunt round 13 B-F1: on the Prompt shape, reasoning that ate the whole budget gave `response: ""` and a 200 with no
+    sign (the contract's §9 names it), and an answer cut mid-sentence looked whole. Now `finish_reason` says, sync, in
+    the stream's last frame, and on a prompt tool call."""
+    body = {"prompt": "Hi", "max_tokens": max_tokens}
+    sync = post_json(server, run_path(server), body)["result"]
+    assert sync["finish_reason"] == reason and (sync["response"] == "") == (reason == "length")
+    last = frames(server, run_path(server), body)[-1]
+    assert last["finish_reason"] == reason and "usage" in last
+    called = post_json(server, run_path(server), {"prompt": "What is the weather in Paris?", "tools": [WEATHER]})["result"]
+    assert called["tool_calls"] and called["finish_reason"] == "tool_calls"
+
+
 def test_a_call_cut_inside_its_header_leaves_no_answer_text(server):
     """Cut by max_tokens after the header's ` to` or ` to=` (before the tool's name), the header's rest came out as
     the answer (`content: "to="`, a Responses `message` item), sync and streamed. Every cut between the reasoning

@@ -46,8 +46,14 @@ class PromptToolCall(_Out):
     arguments: Any = Field(description="The parsed JSON arguments (the raw text when they do not parse)")
 
 
+FINISH_REASON = Field(description="Why it ended: `length` when `max_tokens` cut the answer (or the reasoning before it), "
+                     "`tool_calls`, or `stop`; not in the hosted shape, where a cut answer gave no sign")
+
+
 class PromptResult(_Out):
-    response: Any = Field(description="The answer text; in JSON mode (response_format) the parsed JSON value")
+    response: Any = Field(description="The answer text; in JSON mode (response_format) the parsed JSON value (the text "
+                          "as it is when `max_tokens` cut it)")
+    finish_reason: Literal["stop", "tool_calls", "length"] = FINISH_REASON
     usage: Usage
     tool_calls: list[PromptToolCall] | None = None
     logprobs: ChoiceLogprobs | None = Field(
@@ -397,6 +403,7 @@ class FinetuneOut(_Out):
 
 class PromptFrame(_Out):
     response: str
+    finish_reason: Literal["stop", "tool_calls", "length"] | None = None  # on the last frame only (with usage)
     usage: Usage | None = None
     tool_calls: list[PromptToolCall] | None = None
     logprobs: ChoiceLogprobs | None = None  # with `logprobs: true`, on each text frame: its tokens

@@ -31,15 +31,18 @@ def _arguments_object(text: str) -> Any:
 
 
 def prompt_result(outcome: Outcome, prices, json_mode: bool = False, with_logprobs: bool = False) -> dict[str, Any]:
-    """Workers AI's result; in JSON mode `response` is the parsed object, as the hosted JSON mode returns it.
-    `with_logprobs` (`logprobs: true`, which the shape's schema offers): the answer's tokens, spelled as chat's."""
+    """Workers AI's result; in JSON mode `response` is the parsed object, as the hosted JSON mode returns it (the text as
+    it is when `max_tokens` cut it). `finish_reason` (`stop`, `tool_calls`, `length`), which the hosted shape lacks, is
+    the signal that an answer was cut: without it, reasoning that ate the whole budget was an empty `response` and a
+    200 (the contract's §9). `with_logprobs` (`logprobs: true`, which the shape's schema offers): the answer's tokens,
+    spelled as chat's."""
     answer: Any = outcome.content
     if json_mode:
         try:
             answer = json.loads(outcome.content)
         except ValueError:  # cut off: the text as it is
             pass
-    result: dict[str, Any] = {"response": answer, "usage": usage(outcome, prices)}
+    result: dict[str, Any] = {"response": answer, "finish_reason": outcome.finish_reason, "usage": usage(outcome, prices)}
     if outcome.tool_calls:
         result["tool_calls"] = prompt_tool_calls(outcome)
     if with_logprobs:

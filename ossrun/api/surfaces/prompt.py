@@ -32,7 +32,8 @@ class PromptSurface:
         return [frame(data)]
 
     def closing(self) -> list[bytes]:
-        last: dict[str, Any] = {"response": "", "usage": usage(self.outcome, self.prices)}
+        last: dict[str, Any] = {"response": "", "finish_reason": self.outcome.finish_reason,
+                                "usage": usage(self.outcome, self.prices)}
         if self.outcome.tool_calls:
             last["tool_calls"] = results.prompt_tool_calls(self.outcome)
         return [frame(last)]
