@@ -616,6 +616,20 @@ def test_a_budget_too_small_for_the_schema_is_a_clear_400(server):
     response = call(server, "POST", "/v1/chat/completions", json=body)
     assert_surface_error(response, "/v1/chat/completions")
     assert "max_tokens 3 cannot hold a valid answer" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "max_tokens"
+    # Hunt round 13 B-F2: the message named max_tokens whatever field the caller had set (on Responses, a field it
+    # may not even send); it names the caller's own now.
+    renamed = {**body, "max_completion_tokens": 3}
+    del renamed["max_tokens"]
+    response = call(server, "POST", "/v1/chat/completions", json=renamed)
+    assert "max_completion_tokens 3 cannot hold" in response.json()["error"]["message"]
+    responses_body = {"model": MODEL, "input": "JSON", "max_output_tokens": 3, "text": {"format": {"type": "json_object"}}}
+    response = call(server, "POST", "/v1/responses", json=responses_body)
+    assert response.status_code == 400 and "max_output_tokens 3 cannot hold" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "max_output_tokens"
+    response = call(server, "POST", RUN, json={k: v for k, v in responses_body.items() if k != "model"})
+    assert_surface_error(response, RUN)
+    assert "max_output_tokens 3 cannot hold" in response.json()["errors"][0]["message"]
 
 
 def test_raw_on_a_conversation_is_ignored_not_refused(server):

@@ -26,6 +26,7 @@ from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_lo
 from ossrun.engine.client import (
     AdapterLoadError,
     AdapterRankMismatchError,
+    BudgetTooSmall,
     ContextLengthError,
     EngineClient,
     Grammar,
@@ -496,6 +497,8 @@ class Service:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit, plan.ask.limit_name) from None
         except UnknownAdapterError as exc:
             raise unknown_lora(exc.name) from None
+        except BudgetTooSmall as exc:  # named as the caller named it (`max_output_tokens` on Responses)
+            raise bad_input(f"Error: {exc.named(plan.ask.max_tokens_name)}", plan.ask.max_tokens_name) from None
         except ValueError as exc:  # GrammarError, a token outside the vocabulary
             raise bad_input(f"Error: {exc}") from None
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Protocol
 
 from ossrun.engine.errors import AdapterLoadError, AdapterRankMismatchError, ContextLengthError, ShuttingDownError, UnknownAdapterError
-from ossrun.engine.grammar import Grammar, GrammarError, Span
+from ossrun.engine.grammar import BudgetTooSmall, Grammar, GrammarError, Span
 from ossrun.engine.request import Priority, SamplingParams, TokenEvent, TokenLogprob
 
-__all__ = ["AdapterLoadError", "AdapterRankMismatchError", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar",
+__all__ = ["AdapterLoadError", "AdapterRankMismatchError", "BudgetTooSmall", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar",
            "GrammarError", "Priority", "SamplingParams", "ShuttingDownError", "Span", "Submission", "TokenEvent", "TokenLogprob", "UnknownAdapterError"]
 
 

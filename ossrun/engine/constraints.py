@@ -42,7 +42,7 @@ import torch
 
 from ossrun.engine.budget_search import (TOP, Endings, SearchPruned, SearchTimeout, completion_within, matcher_error, nested,
                                          run_tokens, search_candidates, short_tokens, shortest_completion)
-from ossrun.engine.grammar import Grammar, GrammarError
+from ossrun.engine.grammar import BudgetTooSmall, Grammar, GrammarError
 from ossrun.engine.pattern_sample import pattern_sample
 
 log = logging.getLogger(__name__)
@@ -423,8 +423,7 @@ class ConstraintCompiler:
                 return Constraint(matcher, self._pool, grammar, self.tokenizer, None, entry.candidates, self._runs,
                                   renew=self._renewer(key, grammar), endings=entry.endings)
             if path is None:  # proven: every token the masks allow was tried
-                raise GrammarError(f"max_tokens {grammar.max_tokens} cannot hold a valid answer: there is no complete answer "
-                                   f"of at most {grammar.max_tokens} tokens (the format's shortest answer is longer)")
+                raise BudgetTooSmall(grammar.max_tokens)
         return Constraint(matcher, self._pool, grammar, self.tokenizer, None if path is None else len(path), entry.candidates,
                           self._runs, path, renew=self._renewer(key, grammar), endings=entry.endings)
 

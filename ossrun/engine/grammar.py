@@ -16,6 +16,19 @@ class GrammarError(ValueError):
     """A grammar or schema that cannot be compiled, or a budget it cannot fit in; the message says why (→ 400)."""
 
 
+class BudgetTooSmall(GrammarError):
+    """Proven: no complete answer of the format fits in `max_tokens`. `field` is the name the caller gave the limit
+    (`max_output_tokens` on Responses): the API names it, the engine does not know it."""
+
+    def __init__(self, max_tokens: int, field: str = "max_tokens"):
+        self.max_tokens = max_tokens
+        super().__init__(f"{field} {max_tokens} cannot hold a valid answer: there is no complete answer of at most "
+                         f"{max_tokens} tokens (the format's shortest answer is longer)")
+
+    def named(self, field: str) -> "BudgetTooSmall":
+        return BudgetTooSmall(self.max_tokens, field)
+
+
 @dataclass(frozen=True, slots=True)
 class Span:
     """A bounded free-text span of the output (gpt-oss's reasoning): it starts when a header opened by
