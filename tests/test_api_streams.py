@@ -117,6 +117,26 @@ def test_messages_stream_frames_in_order(server):
     assert asked[-1]["usage"] is not None and all("usage" in c and c["usage"] is None for c in asked[:-1])
 
 
+@pytest.mark.parametrize("accept, streamed", [("application/json", False), ("application/json, text/event-stream", True),
+                                              ("text/event-stream", True), ("*/*", True), (None, True)])
+def test_a_client_that_accepts_only_json_gets_json_for_stream_true(server, accept, streamed):
+    """Hunt round 13: Cloudflare's SDKs send `Accept: application/json` on every call, and the hosted API answers their
+    `stream: true` with the JSON envelope; on ossrun `client.ai.run(..., stream=True)` raised (Python: 'str' object has
+    no attribute 'result') or gave undefined (Node) on the stream. A client that admits event streams gets one."""
+    headers = {**server.headers, **({"Accept": accept} if accept else {})}
+    request = httpx.Request("POST", server.run_url(), json={"prompt": "What is the capital of France?", "stream": True,
+                                                             "temperature": 0}, headers=headers)
+    assert ("accept" in request.headers) == (accept is not None)  # a bare Request has no default Accept
+    with httpx.Client(timeout=120) as client:
+        response = client.send(request)
+    assert response.status_code == 200
+    if streamed:
+        assert response.headers["content-type"].startswith("text/event-stream") and response.text.rstrip().endswith("[DONE]")
+    else:
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["success"] and response.json()["result"]["response"] == PARIS
+
+
 # U+1F99C (a parrot) is three o200k tokens, none a whole character: 4103 = F0 9F, 99 = A6, 250 = 9C. A bias on
 # them makes the demo model write characters split over tokens, as the real gpt-oss often does for CJK and emoji.
 SPLIT_CHARACTER_BIAS = {"4103": 26, "99": 26, "250": 26}

@@ -86,9 +86,24 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
         return await _queue(service, model, body, request)
     ask = parse_run(service, body)
     reject_if_busy(service, ask)
-    if ask.stream:
+    if ask.stream and reads_event_streams(request):
         return stream_response(service, await service.plan_off_loop(ask))
-    return envelope(await unless_client_leaves(request, run_sync(service, ask)))
+    return envelope(await unless_client_leaves(request, run_sync(service, dataclasses.replace(ask, stream=False))))
+
+
+# What a client that reads server-sent events accepts (parameters such as q= aside).
+_EVENT_STREAM_TYPES = frozenset({"text/event-stream", "text/*", "*/*"})
+
+
+def reads_event_streams(request: Request) -> bool:
+    """Whether the client can read a `text/event-stream` answer: it sent no `Accept`, or one that admits it. Cloudflare's
+    SDKs send `Accept: application/json` on every call, and the hosted API answers their `stream: true` with the JSON
+    envelope, which they parse; ossrun's stream made `client.ai.run(..., stream=True)` raise (Python) or return
+    undefined (Node). curl, fetch, httpx and the Vercel provider send `*/*` or nothing, and get the stream."""
+    accept = request.headers.get("accept")
+    if not accept:
+        return True
+    return any(part.split(";")[0].strip().lower() in _EVENT_STREAM_TYPES for part in accept.split(","))
 
 
 def _is_poll(body: Any) -> bool:
