@@ -302,11 +302,12 @@ FINETUNE_ORDER = ("id", "name", "model", "description", "created_at", "modified_
 @router.get("/finetunes/public", summary="List the fine-tunes created with public: true, paged and ordered as Cloudflare's")
 @router.get("/finetunes/public/", include_in_schema=False)
 async def list_public_finetunes(account_id: str, request: Request, limit: int | None = Query(None, ge=1, le=schemas.MAX_LIMIT),
-                                offset: int = Query(0, ge=0, le=schemas.MAX_LIMIT), order_by: str | None = None):
+                                offset: int = Query(0, ge=0, le=schemas.MAX_LIMIT),
+                                order_by: str | None = Query(None, json_schema_extra={"enum": list(FINETUNE_ORDER)})):
     """Cloudflare's SDKs send `limit`, `offset` and `order_by` (`ai.finetunes.public.list`); a client paging by
     offset stops at a short page, so each must be honoured or the pager never ends. `order_by` names a field of
     the answer (ascending); without it, `GET …/finetunes`' order (by creation)."""
-    if order_by and order_by not in FINETUNE_ORDER:
+    if order_by is not None and order_by not in FINETUNE_ORDER:  # the document states the names (the fuzzer found it did not)
         raise bad_input(f"Error: at '/order_by': must be one of {', '.join(FINETUNE_ORDER)}, not {order_by[:100]!r}", "order_by")
     found = [_finetune_json(r) for r in service_of(request).finetunes.list() if r.public]
     if order_by:
