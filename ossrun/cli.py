@@ -66,10 +66,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from ossrun.model.checkpoint import CheckpointError
     from ossrun.model.gpt_oss import DeviceError
     from ossrun.model.lora import AdapterError
-    from ossrun.model.resolve import ModelNotFound
+    from ossrun.model.resolve import CacheUnwritable, ModelNotFound
     from ossrun.serve import SettingsError
 
-    return ModelNotFound, CheckpointError, DeviceError, AdapterError, AdapterLoadError, CacheTooSmallError, SettingsError
+    return (ModelNotFound, CacheUnwritable, CheckpointError, DeviceError, AdapterError, AdapterLoadError, CacheTooSmallError,
+            SettingsError)
 
 
 @contextmanager
@@ -104,6 +105,32 @@ def _api_token(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _check_out(out: Path, directory: bool) -> None:
+    """An --out of the wrong kind, or in a folder that is not there or cannot be written, refused before any work
+    (train-demo trains for minutes before it writes)."""
+    if directory and out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file; it takes a directory")
+    if not directory and out.is_dir():
+        _fail(f"--out {out} is a directory; it takes a file")
+    if not directory and not out.parent.is_dir():  # a file's folder is not made for it
+        _fail(f"--out {out}: no folder {out.parent}")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists() and parent != parent.parent:  # directories are made; the first one that is there decides
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"--out {out}: {parent} cannot be written")
+
+
+@contextmanager
+def _writing(out: Path, what: str, directory: bool) -> Iterator[None]:
+    """`_check_out` first, then a write that fails anyway (a full disk, a file system refusing it) as one line."""
+    _check_out(out, directory)
+    try:
+        yield
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write {what} ({exc.strerror or exc})")
+
+
 @app.command("make-model")
 def make_model(
     preset: Preset = typer.Option(Preset.tiny, help="Architecture preset (random weights in the official format)."),
@@ -115,13 +142,9 @@ def make_model(
     from ossrun.model.checkpoint import write_random_checkpoint
     from ossrun.model.config import PRESETS
 
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file; it takes a directory")
     start = time.perf_counter()
-    try:
+    with _writing(out, "the checkpoint", directory=True):
         write_random_checkpoint(PRESETS[preset.value], out, layout.value, seed)
-    except OSError as exc:  # a read-only or full disk, no permission
-        _fail(f"--out {out}: cannot write the checkpoint ({exc.strerror or exc})")
     typer.echo(f"wrote {preset.value} ({layout.value} layout, seed {seed}) to {out} in {time.perf_counter() - start:.1f}s")
 
 
@@ -138,7 +161,9 @@ def make_adapter(
     from ossrun.model.resolve import resolve_model
 
     with _reported(verbose=False):
-        write_random_adapter(read_config(resolve_model(model)), out, rank=rank, seed=seed)
+        config = read_config(resolve_model(model))
+    with _writing(out, "the adapter", directory=True):
+        write_random_adapter(config, out, rank=rank, seed=seed)
     typer.echo(f"wrote a rank-{rank} adapter to {out}")
 
 
@@ -228,15 +253,20 @@ def train_demo(
     from ossrun.demo_model.train import DEMO_CONFIG, TrainSettings, train
     from ossrun.model.demo_weights import WEIGHTS_FILE, expand
 
+    if out is None and (steps is not None or samples is not None):  # the recipe's own run rewrites what ships, seeded
+        _fail("--steps or --samples without --out would replace the shipped demo weights with another model: give "
+              "--out FILE (and serve it with --model FILE)")
+    target = out or WEIGHTS_FILE
+    _check_out(target, directory=False)
     torch.set_num_threads(threads)
     settings = TrainSettings(seed=seed)
     changes = {name: value for name, value in (("steps", steps), ("samples", samples)) if value is not None}
     settings = dataclasses.replace(settings, **changes)
     result = train(DEMO_CONFIG, settings)
     final_loss = sum(result.losses[-20:]) / len(result.losses[-20:])
-    target = out or WEIGHTS_FILE
-    export(result.model, result.vocab, target, {"steps": str(settings.steps), "seed": str(seed),
-                                                "final_loss": f"{final_loss:.4f}", "seconds": f"{result.seconds:.0f}"})
+    with _writing(target, "the weights", directory=False):
+        export(result.model, result.vocab, target, {"steps": str(settings.steps), "seed": str(seed),
+                                                    "final_loss": f"{final_loss:.4f}", "seconds": f"{result.seconds:.0f}"})
     with tempfile.TemporaryDirectory() as tmp:
         model = evaluate.load(expand(target, Path(tmp) / "demo"))
         for question, completion in evaluate.report(model):

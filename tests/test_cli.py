@@ -332,3 +332,41 @@ def test_a_file_train_demo_wrote_is_a_model(tmp_path):
     not_compact = tmp_path / "other.safetensors"
     not_compact.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     _one_clear_line(ossrun("generate", "--model", str(not_compact), "--token-ids", "1"), "is a file; --model takes")
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tmp_path):
+    """Hunt round 13 C-F3: a cache that cannot take the demo model or a preset on first use (a read-only home, a
+    container's read-only root; here OSSRUN_CACHE_DIR names a file) was a 110-line traceback from serve and generate.
+    Text still works: the tokenizer's vocabulary goes to a temporary folder instead."""
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    env = {"OSSRUN_CACHE_DIR": str(not_a_folder)}
+    expected = f"{not_a_folder} cannot take it (Not a directory); set OSSRUN_CACHE_DIR"
+    _one_clear_line(ossrun("generate", "--prompt", "Hi", env=env), "the demo model is written to the cache on first use")
+    _one_clear_line(ossrun("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), env=env), expected)
+    _one_clear_line(ossrun("generate", "--model", "tiny", "--token-ids", "1", env=env), "the tiny preset model is written")
+    tokenized = ossrun("tokenize", "Hello", env=env)
+    assert tokenized.returncode == 0 and json.loads(tokenized.stdout) == [13225], tokenized.stderr
+
+
+def test_out_paths_that_cannot_be_written_are_one_line_before_any_work(tmp_path):
+    """Hunt round 13 C-F6, C-F7: make-adapter's --out on a file or a missing folder, and train-demo's on a folder or in
+    a missing one, were tracebacks; train-demo's came after the whole training run."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    _one_clear_line(ossrun("make-adapter", "--model", "demo", "--out", str(a_file)), f"--out {a_file} is a file")
+    started = time.monotonic()
+    _one_clear_line(ossrun("train-demo", "-q", "--out", str(tmp_path)), f"--out {tmp_path} is a directory; it takes a file")
+    _one_clear_line(ossrun("train-demo", "-q", "--out", str(tmp_path / "no" / "w.safetensors")), "no folder")
+    assert time.monotonic() - started < 60  # refused before training (the recipe trains for minutes)
+
+
+def test_train_demo_does_not_replace_the_shipped_weights_with_another_recipe():
+    """Hunt round 13 C-F8: `train-demo --steps 2` (the README's synopsis invites a quick try) silently replaced the
+    package's weights with a 2-step model, and `make demo` then spoke gibberish. A different recipe needs --out."""
+    from ossrun.model.demo_weights import WEIGHTS_FILE
+
+    before = WEIGHTS_FILE.read_bytes()
+    _one_clear_line(ossrun("train-demo", "-q", "--steps", "2"), "would replace the shipped demo weights")
+    _one_clear_line(ossrun("train-demo", "-q", "--samples", "5"), "give --out FILE")
+    assert WEIGHTS_FILE.read_bytes() == before

@@ -88,7 +88,13 @@ def ensure_vocab_file(directory: Path | None = None) -> Path:
     rather than trusted. The write goes through a temporary file so concurrent processes
     never see half a file.
     """
-    directory = directory or cache_dir() / "tiktoken"
+    if directory is None:
+        try:
+            return ensure_vocab_file(cache_dir() / "tiktoken")
+        except OSError as exc:  # a read-only cache (a container's root, OSSRUN_CACHE_DIR naming a file): text still works
+            fallback = Path(tempfile.mkdtemp(prefix="ossrun-tiktoken-"))
+            log.warning("the cache %s cannot take the vocabulary (%s); using %s", cache_dir(), exc.strerror or exc, fallback)
+            return ensure_vocab_file(fallback)
     target = directory / VOCAB_FILE
     if target.is_file() and _sha256(target.read_bytes()) == VOCAB_SHA256:
         return directory

@@ -9,6 +9,7 @@ want noise, benchmarks); hub ids resolve to the real weights in the Hugging Face
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ossrun.model.checkpoint import write_once, write_random_checkpoint
@@ -27,6 +28,19 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", 
 
 class ModelNotFound(Exception):
     """A model name that resolves to no checkpoint; the message says what was looked for."""
+
+
+class CacheUnwritable(Exception):
+    """The cache cannot take the checkpoint a model name expands to on first use (a read-only home, a container's
+    read-only root, `OSSRUN_CACHE_DIR` naming a file); the message says where and how to point it elsewhere."""
+
+
+def _in_cache(what: str, make: Callable[[], Path]) -> Path:
+    try:
+        return make()
+    except OSError as exc:
+        raise CacheUnwritable(f"the {what} model is written to the cache on first use, and {cache_dir()} cannot take "
+                              f"it ({exc.strerror or exc}); set OSSRUN_CACHE_DIR to a writable directory") from exc
 
 
 def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
@@ -50,9 +64,9 @@ def resolve_model(spec: str | Path | None) -> Path:
         return _checkpoint_dir(path)
     spec = str(spec)
     if spec == DEMO_MODEL:
-        return demo_dir(cache_dir())
+        return _in_cache("demo", lambda: demo_dir(cache_dir()))
     if spec in PRESETS:
-        return preset_dir(spec)
+        return _in_cache(f"{spec} preset", lambda: preset_dir(spec))
     if _looks_like_hub_id(spec):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -83,7 +97,7 @@ def _checkpoint_dir(path: Path) -> Path:
     """An existing path that must be a checkpoint directory (either layout), or a compact demo file (`ossrun
     train-demo --out FILE`), expanded in the cache as the shipped one is."""
     if path.is_file() and is_compact(path):
-        return demo_dir(cache_dir(), path)
+        return _in_cache(f"demo weights file {path}'s", lambda: demo_dir(cache_dir(), path))
     if not path.is_dir():
         raise ModelNotFound(f"{path} is a file; --model takes a checkpoint directory (or a file `ossrun train-demo "
                             "--out` wrote)")
