@@ -54,9 +54,30 @@ def test_a_500_is_counted_logged_once_and_carries_its_id(served, monkeypatch, ca
     assert lines[0].exc_info is not None and " 500 " in lines[1].getMessage()
 
 
+async def _health(app) -> str:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30) as client:
+        return (await client.get("/health")).json()["batch_store"]
+
+
+def _writes_work_again(app, monkeypatch) -> None:
+    """The disk takes writes again: the next response kept ends the streak (the module's app is shared)."""
+    monkeypatch.undo()
+    answer, _ = asyncio.run(_post(app, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 4}))
+    assert answer.status_code == 200 and asyncio.run(_health(app)) == "ok", answer.text
+
+
 def test_a_response_that_cannot_be_stored_is_still_answered(served, monkeypatch, caplog):
+    """Before (hunt round 13 C-F5): each refused store logged a full traceback, even without -v; now the data
+    directory's failure streak logs one line, no traceback (the batch queue's `StorageHealth`), and /health says so."""
     monkeypatch.setattr(served.state.service.responses, "remember", _disk_error)
-    answer, _ = asyncio.run(_post(served, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 8}))
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["status"] in ("completed", "incomplete") and answer.json()["usage"]["output_tokens"] > 0
-    assert any("could not store response" in r.getMessage() and r.exc_info for r in caplog.records)
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        answer, _ = asyncio.run(_post(served, "/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 8}))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] in ("completed", "incomplete") and answer.json()["usage"]["output_tokens"] > 0
+    refused = [r for r in caplog.records if "refused (disk I/O error)" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelname == "ERROR" and "cannot be continued" in refused[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records), [r.getMessage() for r in caplog.records if r.exc_info]
+    assert asyncio.run(_health(served)) == "failing"
+    _writes_work_again(served, monkeypatch)
+    assert any("takes writes again" in r.getMessage() for r in caplog.records)

@@ -256,20 +256,32 @@ class Service:
         self._batch_planning = asyncio.Semaphore(1)
 
     @contextlib.contextmanager
-    def writing(self, store: str) -> Iterator[None]:
-        """A write to `store` ("the batch queue", "the fine-tunes") that the data directory may refuse (a full disk, a
-        read-only filesystem): then a 503 naming why, one log line per failure streak rather than a traceback, and
-        /health's `batch_store` failing until writes work again. Other errors pass through as they are."""
+    def writing(self, store: str, meanwhile: str = "such requests are answered 503") -> Iterator[None]:
+        """A write to `store` ("the batch queue", "the fine-tunes", "the responses") that the data directory may refuse
+        (a full disk, a read-only filesystem): then a 503 naming why, one log line per failure streak rather than a
+        traceback (`meanwhile`: what clients get until it ends), and /health's `batch_store` failing until writes work
+        again. Other errors pass through as they are."""
         try:
             yield
         except Exception as exc:
             cause = write_refusal(exc)
             if cause is None:
                 raise
-            self.storage.failed(store, f"{store}: a write to the data directory was refused ({cause}); such requests "
-                                       "are answered 503 until it takes writes again", retried=False)
+            self.storage.failed(store, f"{store}: a write to the data directory was refused ({cause}); {meanwhile} "
+                                       "until it takes writes again", retried=False)
             raise storage_refused(store, cause) from None
         self.storage.worked(store)
+
+    def keep_response(self, ask: Ask, response: dict[str, Any]) -> None:
+        """Keep a Responses answer (retrieve, `previous_response_id`). The Responses store shares the batch queue's
+        file, so a refusal is the same streak, one line per streak, and /health's `batch_store` says so: the data
+        directory refusing writes is one condition, whichever store met it first. Raises the 503 (`writing`); a sync
+        answer's caller forgives it (`surfaces.for_plan`), a background create cannot (its store is all it is for)."""
+        if not ask.store:  # nothing is written, so nothing may end a failure streak as if a write had worked
+            return
+        with self.writing("the responses", "background responses are refused (503), others answered but not kept (they "
+                                           "cannot be continued)"):
+            self.responses.remember(response["id"], ask.items, ask.store, response)
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
     def create_finetune(self, model: str, name: str, description: str = "", public: bool = False):

@@ -119,8 +119,10 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usag
     def remember(response: dict[str, Any]) -> None:
         """The answer exists and is metered: a store that fails costs only its later `previous_response_id`."""
         try:
-            service.responses.remember(response["id"], ask.items, ask.store, response)
-        except Exception:
+            service.keep_response(ask, response)
+        except ApiError:  # the data directory refused the write: `Service.writing` logged the streak, once
+            pass
+        except Exception:  # a bug, not a full disk: its traceback
             log.exception("could not store response %s; it is answered but cannot be continued", response["id"])
 
     return ResponsesSurface(outcome, model, prices, ask.source, remember, ask.logprobs,
