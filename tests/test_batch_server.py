@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_util import start_server
+from tests.server_util import MODEL, start_server
 
 
 def queue(server, requests: list[dict]) -> str:
@@ -282,6 +282,13 @@ def test_a_write_the_disk_refuses_is_a_named_503_and_health_says_failing(checkpo
         assert error["code"] == 3040 and "the storage of the batch queue cannot be written (disk I/O error)" in error["message"]
         created = httpx.post(finetunes, json={"model": "@cf/openai/gpt-oss-20b", "name": "ft1"}, timeout=60)
         assert created.status_code == 503 and "the storage of the fine-tunes cannot be written" in created.text, created.text
+        # The Responses store shares the file (hunt round 13 C-F1): a background create, whose result would be lost, is
+        # refused in OpenAI's shape; a sync answer is still sent, only not kept.
+        response = {"model": MODEL, "input": "Hi", "max_output_tokens": 4}
+        background = httpx.post(server.base + "/v1/responses", json={**response, "background": True}, timeout=60)
+        assert background.status_code == 503, background.text
+        assert background.json()["error"]["code"] == "3040" and "the storage of the responses" in background.text
+        assert httpx.post(server.base + "/v1/responses", json=response, timeout=60).status_code == 200
         assert server.health()["batch_store"] == "failing"
         time.sleep(1.5)  # the worker's recheck finds the disk still full: no flapping
         assert server.health()["batch_store"] == "failing"

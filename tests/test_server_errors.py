@@ -81,3 +81,22 @@ def test_a_response_that_cannot_be_stored_is_still_answered(served, monkeypatch,
     assert asyncio.run(_health(served)) == "failing"
     _writes_work_again(served, monkeypatch)
     assert any("takes writes again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_background_response_the_store_refuses_is_a_503_before_it_runs(served, monkeypatch, stream):
+    """Before (hunt round 13 C-F1): with the data directory refusing writes, a background create was answered
+    `queued` and run, and its result lost (retrieve: 404). Its store is all a background run is for: refused, with
+    the batch queue's 503 (3040) in OpenAI's shape, and nothing started."""
+    service = served.state.service
+    started: list[str] = []
+    monkeypatch.setattr(service.responses, "remember", _disk_error)
+    monkeypatch.setattr(service.background, "start", lambda key, *args, **kwargs: started.append(key))
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 8, "background": True, "stream": stream}
+    answer, _ = asyncio.run(_post(served, "/v1/responses", body))
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "3040", error
+    assert "cannot be written (disk I/O error)" in error["message"], error
+    assert started == [] and asyncio.run(_health(served)) == "failing"
+    _writes_work_again(served, monkeypatch)

@@ -68,9 +68,11 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
 def _detached(service: Service, plan: Plan, surface: ResponsesSurface, tally: Tally) -> BackgroundRun:
     """A background run (streamed or not): its `in_progress` snapshot kept (retrieve answers it while it runs), then
     generated as a stream by a run of its own, so a listener that leaves (the creating request included) stops only its
-    own stream; a sync create is no listener at all."""
+    own stream; a sync create is no listener at all. A snapshot the data directory refuses is the 503 of
+    `Service.writing`, before anything runs: the store is where its result would be read, so a run nobody can
+    retrieve would be generated for nothing (a sync answer is still sent without its store; this one is not)."""
     surface.keeps_every_end = True
-    surface.remember(surface.shell())
+    service.keep_response(plan.ask, surface.shell())
     frames = surfaces.stream(service, plan, surface, tally, openai_shape=True)
     return service.background.start(surface.id, frames, on_cancel=surface.cancelled)
 
