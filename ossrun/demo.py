@@ -122,11 +122,33 @@ def tool_call(base: str) -> None:
                      ensure_ascii=False), flush=True)
 
 
+STOP_S = 10.0  # how long the server is given to exit before the next, stronger signal
+
+
+def stop_server(server: subprocess.Popen, interrupted: bool) -> None:
+    """Stop the server the demo started. After Ctrl-C the terminal has sent SIGINT to the whole foreground process
+    group, the server included: it is shutting down already, so it is waited for, not signalled again (a second
+    signal tells `ossrun serve` to stop waiting for its clients), and terminated only if it outlives `STOP_S` (the
+    demo alone was interrupted, `kill -INT`). Otherwise (the demo ended, failed or was terminated) it gets the SIGINT.
+    Further Ctrl-Cs reach the server themselves; the demo ignores them, or its wait would end in a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not interrupted and server.poll() is None:
+        server.send_signal(signal.SIGINT)
+    for stronger in (server.terminate, server.kill):
+        try:
+            server.wait(timeout=STOP_S)
+            return
+        except subprocess.TimeoutExpired:
+            stronger()
+    server.wait()
+
+
 def main() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "ossrun.cli", "serve", "--port", str(port)], env=os.environ.copy())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a terminated demo stops its server too (finally below)
+    interrupted = False
     try:
         _wait_healthy(base, server)
         sync_answer(base)
@@ -135,14 +157,9 @@ def main() -> None:
         print(f"\n{BOLD}The playground is at {base}/ and the server keeps running (Ctrl-C stops it).{RESET}", flush=True)
         server.wait()
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_server(server, interrupted)
 
 
 if __name__ == "__main__":

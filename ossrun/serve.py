@@ -7,9 +7,11 @@ tokenizer for stop strings and grammars; the engine → the API through its clie
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
+import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -256,7 +258,7 @@ GRACE_S = 3.0  # after draining, the longest uvicorn waits for connections befor
 
 
 def _draining_server(config, drain: Callable[[], Awaitable[None]]):
-    """A uvicorn server whose first exit signal also drains the app.
+    """A uvicorn server whose first exit signal also drains the app, and whose second one ends the wait for clients.
 
     uvicorn's graceful shutdown waits for every open request to finish; a sync request generating
     thousands of tokens would hold SIGTERM for minutes. Draining ends them all within an engine step.
@@ -275,14 +277,46 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
             connections.QuietAcceptErrors(self._loop)
             await super().startup(sockets)
 
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn's, without raising the signal that stopped the server again once it has: uvicorn does, for the
+            handler before it to act, and asyncio's SIGINT handler then throws a KeyboardInterrupt through the closing
+            event loop (a traceback from the app's lifespan when a second one follows). Stopped as asked, `serve` returns
+            and the process exits 0; a signal after that (the engine's threads are being joined) exits at once."""
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, _exit_now if self.should_exit else handler)
+
         def handle_exit(self, sig, frame) -> None:
-            first = not self.should_exit
+            """The first SIGINT/SIGTERM drains. A second one while shutting down (Ctrl-C pressed twice, or the demo's
+            terminal signalling the server's whole process group) means "stop waiting, exit now": every open connection
+            is closed as if its client had left (the drain has aborted their requests, which then end quietly), so
+            nothing waits out `GRACE_S` for a slow reader."""
+            if self.should_exit:
+                self._soon(self._close_connections)
+                return
             super().handle_exit(sig, frame)
-            if first and self._loop is not None:  # a signal handler: only hand the work to the loop
-                loop = self._loop
-                loop.call_soon_threadsafe(lambda: loop.create_task(drain()))
+            self._soon(lambda: self._loop.create_task(drain()))
+
+        def _soon(self, callback: Callable[[], object]) -> None:
+            """Run `callback` on the server's loop: a signal handler only hands the work over."""
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(callback)
+
+        def _close_connections(self) -> None:
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
 
     return DrainingServer(config)
+
+
+def _exit_now(sig: int, frame) -> None:
+    """A signal after the server has stopped: nothing is left to finish but joining threads (the stores are durable,
+    the OS drops the data directory's lock), so the process ends at once, without a KeyboardInterrupt's traceback."""
+    os._exit(0)
 
 
 def serve(settings: ServerSettings) -> None:

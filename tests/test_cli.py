@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -370,3 +371,58 @@ def test_train_demo_does_not_replace_the_shipped_weights_with_another_recipe():
     _one_clear_line(ossrun("train-demo", "-q", "--steps", "2"), "would replace the shipped demo weights")
     _one_clear_line(ossrun("train-demo", "-q", "--samples", "5"), "give --out FILE")
     assert WEIGHTS_FILE.read_bytes() == before
+
+def test_ctrl_c_in_the_demo_stops_it_and_its_server_quietly(tmp_path):
+    """Hunt round 13 C-F2: Ctrl-C in `make demo` (the terminal signals the whole process group: the demo and the server
+    it started) printed a uvicorn traceback: the demo sent the server a second SIGINT while it was shutting down.
+    Here the demo runs in a process group of its own, which gets the SIGINT as the terminal would send it."""
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "OSSRUN_DATA_DIR": str(tmp_path / "data")}
+    demo = subprocess.Popen([sys.executable, "-m", "ossrun.demo"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "1. A sync answer" not in log.read_text() and time.monotonic() < deadline:  # the server answers /health
+            assert demo.poll() is None, log.read_text()
+            time.sleep(0.1)
+        os.killpg(demo.pid, signal.SIGINT)
+        started = time.monotonic()
+        assert demo.wait(timeout=60) == 0
+        assert time.monotonic() - started < 8  # the server was waited for, not terminated after the demo's STOP_S
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+
+
+def test_the_demo_does_not_signal_a_server_its_ctrl_c_reached():
+    """The demo's side of C-F2: after Ctrl-C the server is waited for, not sent a second SIGINT; otherwise it gets one."""
+    from ossrun.demo import stop_server
+
+    class Server:
+        def __init__(self):
+            self.sent = []
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            self.sent.append(sig)
+
+        def terminate(self):
+            self.sent.append(signal.SIGTERM)
+
+        def kill(self):
+            self.sent.append(signal.SIGKILL)
+
+        def wait(self, timeout=None):
+            return 0
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        interrupted, ended = Server(), Server()
+        stop_server(interrupted, interrupted=True)
+        stop_server(ended, interrupted=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert interrupted.sent == [] and ended.sent == [signal.SIGINT]

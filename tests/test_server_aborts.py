@@ -6,6 +6,7 @@ or every SDK timeout (and its retry) leaves an orphan generating until `max_toke
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -96,6 +97,39 @@ def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):
         store = SQLiteBatchStore(tmp_path / "data" / "batch.sqlite")
         assert [(item.state, item.success) for item in store.get(batch).items] == [("running", None)] * 2
         store.close()
+    finally:
+        server.stop()
+
+
+def test_a_second_sigint_during_shutdown_exits_quietly(checkpoints, tmp_path):
+    """Hunt round 13 C-F2: Ctrl-C in `make demo` reached the server twice (the terminal's SIGINT to the process group,
+    then the demo's own), and uvicorn raised both again once it had shut down: a KeyboardInterrupt thrown through the
+    closing event loop, a traceback from the app's lifespan, 4 times in 4 with the signals 50 ms apart. A second
+    signal now closes the open connections and the server exits at once, quietly."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    try:
+        def stream():
+            try:
+                with httpx.stream("POST", server.run_url(), json={"prompt": "Hi", "max_tokens": LONG, "stream": True}, timeout=60) as r:
+                    for _ in r.iter_bytes():
+                        pass
+            except httpx.HTTPError:
+                pass
+
+        threads = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while server.health()["running"] < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        server.process.send_signal(signal.SIGINT)
+        server.process.wait(timeout=30)
+        assert time.monotonic() - started < 5.0
+        log = server.log.read_text()
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
     finally:
         server.stop()
 
