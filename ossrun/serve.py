@@ -168,21 +168,22 @@ def _browser_settings(settings: ServerSettings, sock: socket.socket) -> dict:
             "forwarded_allow_ips": settings.forwarded_allow_ips}
 
 
-def _available_memory(device: str) -> tuple[int, str] | None:
+def _available_memory(device: str, checkpoint: Path) -> tuple[int, str] | None:
     """(bytes free for the KV cache, where the number comes from), or None where nothing says: the device's free
-    memory on CUDA; on the CPU the least of MemAvailable, the cgroup's room and the address-space limit (`ulimit -v`)."""
+    memory on CUDA; on the CPU the least of MemAvailable, the cgroup's room and the address-space limit's."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
     found = []
-    for what, read in (("MemAvailable", _mem_available), ("the cgroup's memory.max", _cgroup_room), ("ulimit -v", _address_space)):
+    for what, read in (("MemAvailable", _mem_available), ("the cgroup's memory.max", _cgroup_room),
+                       ("ulimit -v, less what the process and the model's load map", lambda: _address_space_room(checkpoint))):
         try:
             value = read()
         except (OSError, ValueError):
             value = None
         if value is not None:
-            found.append((value, what))
+            found.append((max(value, 0), what))
     return min(found) if found else None
 
 
@@ -193,11 +194,30 @@ def _mem_available() -> int | None:
     return None
 
 
-def _address_space() -> int | None:
+LOAD_MARGIN = 1 << 30  # address space a load maps besides the weights: threads' stacks and malloc arenas, kernels, tables
+
+
+def _address_space_room(checkpoint: Path) -> int | None:
+    """The room `ulimit -v` (RLIMIT_AS) leaves the KV cache. The limit counts every mapping, not memory used, so
+    what the process maps already (`VmSize`: torch's libraries alone are ~0.7 GiB), the weights' files (mapped whole
+    by the load to come) and `LOAD_MARGIN` (~0.5 GiB measured on the demo model) come off it first."""
     import resource
 
+    from ossrun.model.checkpoint import weight_files
+
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
+    if soft == resource.RLIM_INFINITY:
+        return None
+    weights = sum(file.stat().st_size for file in weight_files(checkpoint))
+    return soft - _vm_size() - weights - LOAD_MARGIN
+
+
+def _vm_size() -> int:
+    """The process's mapped address space (`VmSize` in /proc/self/status), what RLIMIT_AS limits."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("/proc/self/status has no VmSize")
 
 
 def _cgroup_room() -> int | None:
@@ -211,7 +231,7 @@ def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
     """The KV cache is allocated whole at start, `--kv-cache-gib` capped by what `--max-num-seqs` × `--max-model-len`
     can use: one the machine cannot hold would fail after the load (minutes for 20b) with a traceback, or start on
     overcommitted memory and be killed under load. Refused only when the cache alone exceeds the memory there is
-    (the weights need more on top); the checkpoint's config is all it reads, after the model is resolved (a preset's
+    (the weights need more on top; only the address-space limit counts them, as it counts their mapping); the checkpoint's config is all it reads, after the model is resolved (a preset's
     first use writes it, under load_engine's progress) and before it loads. A cache too small for the model is found
     here too."""
     from ossrun.engine.async_engine import resolve_dtype
@@ -221,7 +241,7 @@ def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
     options = EngineOptions(max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
                             kv_dtype=resolve_dtype(settings.precision, settings.dtype), max_model_len=settings.max_model_len)
     planned = planned_cache_bytes(read_config(checkpoint), options)
-    available = _available_memory(settings.device)
+    available = _available_memory(settings.device, checkpoint)
     if available is not None and planned > available[0]:
         raise SettingsError(f"--kv-cache-gib {settings.kv_cache_gib:g} plans a KV cache of {planned / 2**30:.3g} GiB (at most what "
                             f"--max-num-seqs {settings.max_num_seqs} × --max-model-len {settings.max_model_len} tokens use), "

@@ -15,7 +15,7 @@ from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, SamplingParams
 from ossrun.model.checkpoint import load_checkpoint
 from ossrun.model.gpt_oss import GptOss
-from tests.server_util import free_port
+from tests.server_util import free_port, start_server
 
 
 def ossrun(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -275,6 +275,24 @@ def test_a_kv_cache_larger_than_the_memory_there_is_is_one_line_before_the_model
     _one_clear_line(result, "--kv-cache-gib 1e+06 plans a KV cache of")
     assert "lower --kv-cache-gib" in result.stderr and "GiB is available" in result.stderr
     assert "loaded" not in result.stdout  # refused before the model loads
+
+
+def test_a_kv_cache_the_address_space_limit_leaves_no_room_for_is_one_line(checkpoints, tmp_path):
+    """Hunt round 13 C-F4: under `ulimit -v 3000000` the default 2 GiB cache passed the check (it compared the cache
+    with the whole limit) and the load then failed in a 100-line `OSError: Cannot allocate memory` from the cache's
+    mmap. The limit counts every mapping: what the process maps (torch's ~0.7 GiB) and the load will map come off it.
+    Here the same limit and cache, on the tiny model."""
+    import resource
+
+    def limit_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (3_000_000 * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    with pytest.raises(RuntimeError) as refused:
+        start_server(checkpoints["original"], tmp_path / "data", preexec_fn=limit_address_space)
+    output = str(refused.value)
+    assert output.startswith("server exited (2)"), output
+    assert "error: --kv-cache-gib 2 plans a KV cache of" in output and "(ulimit -v, less what the process" in output, output
+    assert "Traceback" not in output and "Cannot allocate memory" not in output and "loaded" not in output, output
 
 
 def test_serve_help_says_what_the_flags_do():

@@ -161,11 +161,17 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{config_file}: {exc}") from None
 
 
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files a checkpoint loads (of the layout `detect_layout` chooses: a hub snapshot's other copy
+    is not read)."""
+    return sorted(detect_layout(Path(path))[1].glob("*.safetensors"))
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Config and weights, checked against each other before anything uses them (headers only: no weight is read)."""
     layout, directory = detect_layout(Path(path))
     config = read_config(directory)
-    files = sorted(directory.glob("*.safetensors"))
+    files = weight_files(directory)
     if not files:
         raise CheckpointError(f"{directory}: no .safetensors files")
     stored: dict[str, torch.Tensor] = {}
