@@ -11,9 +11,11 @@ choose the variants (Linux's /proc/cpuinfo on both architectures, sysctl on macO
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -95,3 +97,24 @@ def test_package_data_ships_every_file_a_kernel_includes():
             todo.append(name)
     assert needed - set(SOURCES), "no kernel includes a header: the test reads the sources wrong"
     assert needed <= shipped, f"not in the package data {patterns}: {sorted(needed - shipped)}"
+
+
+def _generate_with(env: dict[str, str], checkpoint: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`ossrun generate` on the fast precision in a controlled environment, with a fresh kernel cache (nothing built)."""
+    env = {"HOME": os.environ.get("HOME", "/root"), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "OSSRUN_CACHE_DIR": str(cache), **env}
+    return subprocess.run([sys.executable, "-m", "ossrun.cli", "generate", "--model", str(checkpoint), "--token-ids", "1,2",
+                           "--max-tokens", "2", "--precision", "fast"], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_no_compiler_is_one_warning_and_a_failing_one_a_line_a_kernel(checkpoints, tmp_path):
+    """Hunt round 13 C-F9: without a C compiler the native kernels were skipped at info level only (the demo ran ~2×
+    slower, unexplained), and a `CC` that cannot run printed ~25 tracebacks (one per kernel and variant)."""
+    alone = _generate_with({"PATH": str(Path(sys.executable).parent)}, checkpoints["original"], tmp_path / "none")
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stderr.count("WARNING") == 1 and build.NO_COMPILER in alone.stderr, alone.stderr
+    broken = _generate_with({"PATH": "/usr/bin:/bin", "CC": "/nonexistent/cc"}, checkpoints["original"], tmp_path / "broken")
+    assert broken.returncode == 0, broken.stderr
+    warned = [line.split("WARNING ossrun.model.kernels.build: ")[1].split()[0] for line in broken.stderr.splitlines() if "WARNING" in line]
+    assert warned and len(warned) == len(set(warned)) and set(warned) <= set(SOURCES), broken.stderr  # one line a kernel
+    assert "did not build (FileNotFoundError" in broken.stderr and "Traceback" not in broken.stderr, broken.stderr

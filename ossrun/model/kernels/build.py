@@ -140,7 +140,8 @@ def _compiler() -> str | None:
 def load_selected(source: Path, linked: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
     """`source` built for the selected variant or, where the compiler cannot build that one (an older compiler
     without one of its flags, clang and a construct only gcc takes), the next weaker variant this CPU runs, down to
-    portable, with a warning: a compiler's gap costs some speed, never every native kernel. None if none builds."""
+    portable, with a warning: a compiler's gap costs some speed, never every native kernel. None if none builds,
+    said in one warning a kernel (each variant's compiler output or traceback is logged at info: `-v`)."""
     variants = supported_isas()
     chosen = selected_isa()
     for isa in [chosen, *reversed(variants[:variants.index(chosen)])]:
@@ -149,7 +150,25 @@ def load_selected(source: Path, linked: tuple[Path, ...] = ()) -> ctypes.CDLL | 
             if isa != chosen:
                 log.warning("%s: the %s variant did not build; using %s", source.name, chosen, isa)
             return lib
+    if (source, chosen) in _failures:  # not when there is no compiler: that was said once for every kernel
+        _warn_once(f"{source.name} did not build ({_failures[source, chosen]}); it runs on PyTorch (-v shows why)")
     return None
+
+
+NO_COMPILER = "no C compiler (cc/gcc or $CC): native kernels off, --precision fast runs on PyTorch; install gcc"
+_failures: dict[tuple[Path, str], str] = {}  # why a (source, variant) did not build, in one line
+
+
+@cache
+def _warn_once(message: str) -> None:
+    """A warning said once a process: every kernel and variant, on every load, would repeat it."""
+    log.warning(message)
+
+
+def _failed(source: Path, isa: str, reason: str, detail: str = "", exc_info: bool = False) -> None:
+    """Note why `source` did not build for `isa` (`load_selected` warns once a kernel); the detail at info."""
+    _failures[source, isa] = reason
+    log.info("%s (%s) %s%s", source.name, isa, reason, detail, exc_info=exc_info)
 
 
 @cache
@@ -163,7 +182,7 @@ def load_library(source: Path, isa: str, linked: tuple[Path, ...] = ()) -> ctype
     """
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler: %s falls back to PyTorch", source.name)
+        _warn_once(NO_COMPILER)
         return None
     flags = compile_flags(isa)
     text = b"".join(path.read_bytes() for path in (source, *linked))
@@ -183,12 +202,12 @@ def load_library(source: Path, isa: str, linked: tuple[Path, ...] = ()) -> ctype
                     retry = subprocess.run([compiler, *alone, "-Wno-unknown-pragmas", *sources, "-o", str(built), "-lm"],
                                            capture_output=True, text=True)
                     if retry.returncode != 0:
-                        log.warning("%s (%s) did not compile: %s", source.name, isa, result.stderr.strip()[:800])
-                        return None
+                        lines = result.stderr.strip().splitlines() or ["no output"]
+                        first = next((line for line in lines if "error" in line), lines[0])
+                        return _failed(source, isa, f"{compiler} failed: {first[:200]}", ":\n" + "\n".join(lines)[:4000])
                     log.warning("%s (%s): the compiler has no OpenMP (%s); the kernel runs on one thread",
                                 source.name, isa, result.stderr.strip()[:200])
                 built.replace(target)  # atomic: concurrent first uses never load a half-written file
         return ctypes.CDLL(str(target))
-    except Exception:
-        log.exception("%s (%s) could not be built or loaded; using the PyTorch path", source.name, isa)
-        return None
+    except Exception as exc:  # a compiler that cannot be run ($CC misspelt), an unwritable cache, a library that does not load
+        return _failed(source, isa, f"{type(exc).__name__}: {exc}", exc_info=True)
