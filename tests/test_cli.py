@@ -390,6 +390,7 @@ def test_train_demo_does_not_replace_the_shipped_weights_with_another_recipe():
     _one_clear_line(ossrun("train-demo", "-q", "--samples", "5"), "give --out FILE")
     assert WEIGHTS_FILE.read_bytes() == before
 
+
 def test_ctrl_c_in_the_demo_stops_it_and_its_server_quietly(tmp_path):
     """Hunt round 13 C-F2: Ctrl-C in `make demo` (the terminal signals the whole process group: the demo and the server
     it started) printed a uvicorn traceback: the demo sent the server a second SIGINT while it was shutting down.
