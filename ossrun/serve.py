@@ -61,6 +61,21 @@ def _parse_loras(items: list[str]) -> dict[str, Path]:
     return loras
 
 
+def _check_adapters(loras: dict[str, Path], model: str | None) -> None:
+    """A broken --lora adapter (unreadable config, missing tensors, shapes of another model) found before the model
+    loads, which takes minutes for the 20b, not after it: each is read and checked against the checkpoint's config
+    alone, as the engine will read it again (adapters are megabytes)."""
+    if not loras:
+        return
+    from ossrun.model.checkpoint import read_config
+    from ossrun.model.lora import load_peft_adapter
+    from ossrun.model.resolve import resolve_model
+
+    config = read_config(resolve_model(model))
+    for name, path in loras.items():
+        load_peft_adapter(path, config, name)
+
+
 def _check_lora_names(loras: dict[str, Path], data_dir: Path) -> None:
     """A `--lora` name that names a fine-tune in the data directory (its name, or its id) would make one of them
     unreachable, and the fine-tune's uploads would replace the adapter: refused (a fine-tune cannot be renamed)."""
@@ -349,6 +364,7 @@ def serve(settings: ServerSettings) -> None:
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
     _check_data_dir(data_dir)
     _check_lora_names(loras, data_dir)
+    _check_adapters(loras, settings.model)
     open_files = connections.raise_file_limit()
     sock = _listen(settings.host, settings.port)
     browser = _browser_settings(settings, sock)

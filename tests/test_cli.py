@@ -226,6 +226,22 @@ def test_serve_refuses_a_lora_adapter_with_nan_weights(checkpoints, tmp_path):
     _one_clear_line(result, "NaN or infinite")
 
 
+def test_serve_checks_a_lora_adapter_before_it_loads_the_model(checkpoints, tmp_path):
+    """Hunt round 13 C-F10: a broken adapter was found only after the model had loaded (minutes for the 20b). Here the
+    checkpoint has its config but no weights: a load would fail first, so the adapter's error proves the order."""
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(checkpoints["original"] / "config.json", config_only / "config.json")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "adapter_config.json").write_text("[1,2")
+    result = ossrun("serve", "--model", str(config_only), "--data-dir", str(tmp_path / "data"), "--port", str(free_port()),
+                    "--lora", f"foo={unreadable}", timeout=180)
+    _one_clear_line(result, "adapter foo: adapter_config.json unreadable")
+
+
 @pytest.mark.parametrize("args, env", [(("--api-token", ""), {}), (("--api-token", "  "), {}), (("--api-token", " tok"), {}),
                                        ((), {"OSSRUN_API_TOKEN": ""}), ((), {"OSSRUN_API_TOKEN": " "})])
 def test_serve_refuses_an_empty_api_token_rather_than_serve_without_one(args, env, tmp_path):
