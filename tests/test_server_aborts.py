@@ -60,6 +60,16 @@ def test_sync_request_ends_when_its_client_leaves(server, route):
     assert stats["running"] == 0 and stats["waiting"] == 0, f"an orphan still runs after its client left: {stats}"
 
 
+def read_a_long_stream(server) -> None:
+    """A streamed request of LONG tokens, read to its end or until the server goes away."""
+    try:
+        with httpx.stream("POST", server.run_url(), json={"prompt": "Hi", "max_tokens": LONG, "stream": True}, timeout=60) as r:
+            for _ in r.iter_bytes():
+                pass
+    except httpx.HTTPError:
+        pass
+
+
 def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):
     server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
     try:
@@ -70,12 +80,7 @@ def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):
                 pass
 
         def stream():
-            try:
-                with httpx.stream("POST", server.run_url(), json={"prompt": "Hi", "max_tokens": LONG, "stream": True}, timeout=60) as r:
-                    for _ in r.iter_bytes():
-                        pass
-            except httpx.HTTPError:
-                pass
+            read_a_long_stream(server)
 
         batch = httpx.post(server.run_url(), params={"queueRequest": "true"}, timeout=30,
                            json={"requests": [{"prompt": f"item {i}", "max_tokens": LONG} for i in range(2)]}).json()["result"]["request_id"]
@@ -109,12 +114,7 @@ def test_a_second_sigint_during_shutdown_exits_quietly(checkpoints, tmp_path):
     server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
     try:
         def stream():
-            try:
-                with httpx.stream("POST", server.run_url(), json={"prompt": "Hi", "max_tokens": LONG, "stream": True}, timeout=60) as r:
-                    for _ in r.iter_bytes():
-                        pass
-            except httpx.HTTPError:
-                pass
+            read_a_long_stream(server)
 
         threads = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
         for t in threads:
