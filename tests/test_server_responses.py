@@ -551,6 +551,48 @@ def test_a_non_streamed_background_run_can_be_cancelled_and_a_refused_one_is_nev
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
 
 
+def test_a_background_run_whose_end_the_disk_refuses_is_polled_to_its_end(tmp_path):
+    """Before (session 31's note): a background run whose `in_progress` snapshot was stored, then whose end the data
+    directory refused (a disk that filled up while it ran), was retrieved `in_progress` until a restart failed it: a
+    poller waited for ever. Its end is now held in memory and retrieved; it cannot be continued (its output is not in
+    the file), which is a 400 saying so. The disk refuses for real: RLIMIT_FSIZE 0 on the server while the run runs."""
+    import resource
+
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    own = start_server(resolve_model("demo"), tmp_path / "data")
+    client = openai.OpenAI(base_url=f"{own.base}/v1", api_key="none", max_retries=0, timeout=60)
+    _, hard = resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE)
+    try:
+        for seed in range(8):
+            with client.responses.create(model=MODEL, input="Hi", max_output_tokens=4000, background=True, stream=True,
+                                         extra_body={"seed": seed}) as events:
+                first = next(iter(events))
+                resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (0, hard))
+                running = client.responses.retrieve(first.response.id).status == "in_progress"
+                ended = [event for event in events][-1]
+            if running:
+                break
+            resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        else:
+            pytest.fail("every background run ended before the disk filled up")
+        assert ended.type in ("response.completed", "response.incomplete")
+        polled = client.responses.retrieve(first.response.id)
+        assert polled.status == ended.response.status and polled.output_text == ended.response.output_text
+        assert polled.model_dump() == ended.response.model_dump()
+        resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model=MODEL, input="And?", previous_response_id=polled.id)
+        assert "its output was not stored" in refused.value.message and refused.value.param == "previous_response_id"
+        client.responses.delete(polled.id)  # the SDK returns nothing
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(polled.id)
+    finally:
+        own.stop()
+    assert "Traceback" not in own.log.read_text()
+
+
 def test_input_tokens_count_is_the_usage_the_response_gets(server):
     """Before: `POST /v1/responses/input_tokens` (`client.responses.input_tokens.count`) was a 405 naming GET and DELETE
     (taken for a response id), as was `POST /v1/responses/compact`. Now it counts the prompt exactly as the same body

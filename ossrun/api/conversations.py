@@ -19,6 +19,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,10 +122,15 @@ def listed_item(item: dict[str, Any], fallback_id: str) -> dict[str, Any]:
 
 
 class ResponseStore:
-    """SQLite (WAL, one connection behind a lock); `capacity` newest responses no older than `retention_s`."""
+    """SQLite (WAL, one connection behind a lock); `capacity` newest responses no older than `retention_s`.
 
-    def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600):
-        self.capacity, self.retention_s = capacity, retention_s
+    A response stored again whose new copy the file refuses (a background run's end on a disk that filled up meanwhile)
+    is held in memory (`held` newest) and read before the file's snapshot: a poller sees it end rather than
+    `in_progress` until a restart fails it. It cannot be continued (its output is not in the file)."""
+
+    def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600, held: int = 256):
+        self.capacity, self.retention_s, self.held = capacity, retention_s, held
+        self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by id: ends the file refused, oldest first
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -167,6 +173,9 @@ class ResponseStore:
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
+        if previous in self._held:
+            raise bad_input(f"Error: at '/previous_response_id': response {previous!r} ended while the data directory "
+                            "refused writes, so its output was not stored; it cannot be continued", "previous_response_id")
         status = (self.get(previous) or {}).get("status")
         if status == "in_progress":  # a background run: its output is not there yet
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} is still in progress; continue "
@@ -180,7 +189,9 @@ class ResponseStore:
         return continued
 
     def get(self, response_id: str) -> dict[str, Any] | None:
-        """The stored response object, or None."""
+        """The stored response object (held in memory if the file refused its last copy), or None."""
+        if response_id in self._held:
+            return self._held[response_id]
         row = self._row("response", response_id)
         return None if row is None else json.loads(row)
 
@@ -200,6 +211,7 @@ class ResponseStore:
         with self._lock:
             deleted = self._db.execute("DELETE FROM responses WHERE id = ? AND created_at >= ?",
                                        (response_id, time.time() - self.retention_s)).rowcount
+            self._held.pop(response_id, None)
         return deleted > 0
 
     def remember(self, response_id: str, items: str | Sequence[InputItem], store: bool, response: dict[str, Any]) -> None:
@@ -209,7 +221,7 @@ class ResponseStore:
         sent = _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)
         outputs = [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
-        with self._lock, self._transaction():
+        with self._lock, self._holding_if_refused(response_id, response), self._transaction():
             given = self._input_ids(response_id, len(sent))
             inputs = [_with_id(item, item_id) for item, item_id in zip(sent, given)]
             # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot
@@ -221,6 +233,27 @@ class ResponseStore:
             # The trigger `responses_items` drops the items of every response deleted here.
             self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
                              "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+
+    @contextmanager
+    def _holding_if_refused(self, response_id: str, response: dict[str, Any]) -> Iterator[None]:
+        """A write of a response the file already holds (a snapshot) that fails: the new copy is held in memory, then
+        the error raised as it was (the caller reports it). A write that works ends the hold. The caller holds the lock."""
+        try:
+            yield
+        except sqlite3.Error:
+            if self._holds_a_copy(response_id):
+                self._held[response_id] = response
+                self._held.move_to_end(response_id)
+                while len(self._held) > self.held:
+                    self._held.popitem(last=False)
+            raise
+        self._held.pop(response_id, None)
+
+    def _holds_a_copy(self, response_id: str) -> bool:
+        try:
+            return self._db.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone() is not None
+        except sqlite3.Error:  # the file cannot be read either: its last copy is as good as lost
+            return True
 
     def _input_ids(self, response_id: str, count: int) -> list[str | None]:
         """The ids the `count` input items of a response stored again (a background one: its `in_progress` snapshot,
