@@ -1,5 +1,9 @@
 """Block bookkeeping with exact block ids and reference counts on tiny pools (no model, no tensors)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from ossrun.engine.kv_cache import NULL_BLOCK, BlockPool, KVCacheManager, SequenceBlocks
@@ -77,3 +81,21 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
     kv2.free(c)
     kv2.allocate(SequenceBlocks(), 4)  # evicts one cached block: the tail (freed first)
     assert kv2.match_prefix(SequenceBlocks(), tokens, None) == 8
+
+
+def test_prefix_hashes_cannot_be_computed_outside_the_process():
+    """Hunt round 14 B-F2: block hashes were Python's `hash((parent, tokens, salt))`: 64 bits, unkeyed for ints and the
+    same in every process (PYTHONHASHSEED changes only str hashes), so a client could search offline for a block that
+    collides with another user's prefix, whose requests would then read the client's KV (vLLM's CVE-2025-25183). Now a
+    128-bit BLAKE2b keyed per process: the same tokens hash differently in two servers, and alike within one."""
+    code = ("from ossrun.engine.kv_cache import KVCacheManager as M; "
+            "print(M(8, 8, 4, 128).prefix_hashes(list(range(12)), None))")
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+            for _ in range(2)]
+    first, second = (eval(run) for run in runs)
+    assert len(first) == 3 and first != second and not set(first) & set(second)
+    manager = KVCacheManager(8, 8, 4, 128)
+    again = manager.prefix_hashes(list(range(12)), None)
+    assert again == manager.prefix_hashes(list(range(12)), None) and max(again).bit_length() > 64
+    assert manager.prefix_hashes(list(range(12)), "adapter-v1") != again  # an adapter's KV is another prefix

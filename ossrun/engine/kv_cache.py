@@ -6,12 +6,18 @@ ids a sequence's tokens live in. gpt-oss has two kinds of layers, so there are t
 ever read, so older blocks go back to the pool and a sequence's sliding memory stays bounded).
 
 Prefix caching: a block that is full gets a hash chained from its predecessor's (so equal hashes
-mean equal whole prefixes, not only equal blocks). Freed hashed blocks stay findable until the
+mean equal whole prefixes, not only equal blocks). The hash is a keyed 128-bit BLAKE2b whose key is drawn per
+process: a client who could make its block collide with another's prefix would have that request read its KV (a
+wrong answer, silently), and Python's `hash` of a tuple of ints is 64 bits, unkeyed and the same in every process,
+so such a block could be searched for offline (vLLM's CVE-2025-25183 was this). Freed hashed blocks stay findable until the
 pool needs them again (least recently freed first), so a repeated prefix is not recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -80,9 +86,17 @@ class BlockPool:
         return False
 
 
+_HASH_KEY = os.urandom(32)  # per process: block hashes are never stored, and nobody outside can predict them
+
+
 def chain_hash(parent: int | None, tokens: tuple[int, ...], salt: str | None) -> int:
-    """Hash of a whole prefix ending in `tokens`; `salt` (the LoRA adapter version) keeps different weights apart."""
-    return hash((parent, tokens, salt))
+    """Hash of a whole prefix ending in `tokens`; `salt` (the LoRA adapter version) keeps different weights apart.
+    Each part is written with its length or a fixed width, so no two different (parent, tokens, salt) read the same."""
+    digest = hashlib.blake2b(key=_HASH_KEY, digest_size=16)
+    digest.update(b"\x00" * 17 if parent is None else b"\x01" + parent.to_bytes(16, "little"))
+    digest.update(len(tokens).to_bytes(4, "little") + array("q", tokens).tobytes())
+    digest.update(b"" if salt is None else b"\x01" + salt.encode())
+    return int.from_bytes(digest.digest(), "little")
 
 
 @dataclass(slots=True)
