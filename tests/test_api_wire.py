@@ -752,3 +752,49 @@ def test_a_batch_item_raw_prompt_with_a_json_format_is_refused_when_queued(serve
     response = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [{"prompt": "hi", "max_tokens": 2}, item]})
     assert_surface_error(response, RUN)
     assert "in requests[1]" in _error(response)[0]
+
+
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "capital", "schema": {"type": "object", "properties": {
+    "capital": {"type": "string"}}, "required": ["capital"]}, "strict": True}}
+STOP_CASES = [
+    (RUN, "PromptInput", {"prompt": "Capital of France?", "response_format": {"type": "json_object"}, "stop": "}"}),
+    (RUN, "MessagesInput", {"messages": [{"role": "user", "content": "Capital?"}], "stop": [",", "Paris"],
+                            "response_format": {"type": "json_schema", "json_schema": {"type": "object"}}}),  # Workers AI's spelling
+    ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "Capital?"}],
+                                                       "response_format": JSON_SCHEMA, "stop": ["\"capital\""]}),
+]
+
+
+@pytest.mark.parametrize(("path", "component", "body"), STOP_CASES, ids=["prompt", "messages", "chat"])
+def test_stop_with_a_json_format_is_a_400_naming_stop(server, path, component, body):
+    """Hunt round 14 A-F2: a stop string cut the JSON answer into text that does not parse, reported as
+    `finish_reason: "stop"` (the Prompt shape's `response` a string, not the parsed value). Refused up front, as `raw`
+    with a JSON format is, and the document states it."""
+    assert not schema_accepts(document(server), component, body)
+    response = call(server, "POST", path, json={**body, "max_tokens": 8})
+    assert_surface_error(response, path)
+    message, param = _error(response)
+    assert "at '/stop': " in message and "promises an answer that parses" in message, message
+    assert param == ("stop" if path.startswith("/v1") else None)
+    free = {**body, "response_format": {"type": "text"}, "max_tokens": 2}  # text may stop anywhere
+    assert schema_accepts(document(server), component, free)
+    assert call(server, "POST", path, json=free).status_code == 200
+    no_stop = {**body, "stop": [], "max_tokens": 2}
+    assert schema_accepts(document(server), component, no_stop)
+
+
+def test_stop_with_a_json_format_is_refused_by_the_openai_sdk_call(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=TOKEN, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Capital?"}], max_tokens=8,
+                                       response_format=JSON_SCHEMA, stop=["}"])
+    assert refused.value.param == "stop" and refused.value.code == "5006"
+
+
+def test_a_batch_item_with_stop_and_a_json_format_is_refused_when_queued(server):
+    item = {"messages": [{"role": "user", "content": "Capital?"}], "response_format": {"type": "json_object"}, "stop": "}"}
+    response = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [{"prompt": "hi", "max_tokens": 2}, item]})
+    assert_surface_error(response, RUN)
+    assert "in requests[1]" in _error(response)[0] and "/stop" in _error(response)[0]

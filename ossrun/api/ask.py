@@ -156,6 +156,14 @@ def _structured(fmt: schemas.ResponseFormat | None) -> bool:
     return fmt is not None and fmt.type != "text"
 
 
+def _refuse_stop_with_json(m: schemas.Sampling) -> None:
+    """A stop string matched inside a JSON answer would end it as invalid JSON reported as `stop` (a complete answer):
+    the format promises JSON that parses, so the two together are a 400 naming `stop`, as the document states."""
+    _refuse_unhonoured({"stop": bool(m.stop) and _structured(m.response_format)},
+                       "a JSON response_format promises an answer that parses, and a {field} string would cut it "
+                       "(leave {field} out, or ask for text)")
+
+
 def from_prompt(m: schemas.PromptInput) -> Ask:
     if m.raw:
         # Nothing renders the tools or the format into a raw prompt, and the grammars of JSON answers and tool calls
@@ -164,6 +172,7 @@ def from_prompt(m: schemas.PromptInput) -> Ask:
                             "functions": bool(m.functions), "tool_choice": m.tool_choice not in (None, "none", "auto")},
                            "a raw prompt goes to the model as sent, so {field} cannot be honoured (leave it out, or send the "
                            "prompt without raw to have it rendered)")
+    _refuse_stop_with_json(m)
     choice = _choice(m.tool_choice)
     tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
     return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, **choice, final=final_format(m.response_format),
@@ -173,6 +182,7 @@ def from_prompt(m: schemas.PromptInput) -> Ask:
 def from_messages(m: schemas.MessagesInput) -> Ask:
     # OpenAI's legacy `function_call` and answer shape; Workers AI has no `function_call` and answers `functions` as tool_calls.
     openai = isinstance(m, schemas.ChatCompletionRequest)
+    _refuse_stop_with_json(m)
     choice = _choice(m.function_call if openai and m.tool_choice is None else m.tool_choice)
     tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
     return Ask("messages", messages=m.messages, tools=tools, **choice, final=final_format(m.response_format),

@@ -266,12 +266,20 @@ _RAW_RULE = {"if": {"required": ["raw"], "properties": {"raw": {"const": True}}}
                                      "tool_choice": {"anyOf": [{"type": "null"}, {"enum": ["none", "auto"]}]}}}}
 
 
+# A JSON `response_format` promises an answer that parses, which a stop string would cut: `stop` with one is the
+# 400 `ask.py` answers (none, or an empty list, is accepted).
+_STOP_RULE = {"if": {"required": ["response_format"], "properties": {"response_format": {
+                  "type": "object", "required": ["type"], "properties": {"type": {"enum": ["json_object", "json_schema"]}}}}},
+              "then": {"properties": {"stop": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}}
+
+
 class PromptInput(Sampling, WithTools):
-    model_config = ConfigDict(json_schema_extra={"allOf": [_RAW_RULE]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [_RAW_RULE, _STOP_RULE]})
     prompt: str = Field(min_length=1)
 
 
 class MessagesInput(Sampling, WithTools):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STOP_RULE]})
     messages: list[Message] = Field(min_length=1)
 
 
@@ -480,7 +488,8 @@ class _OpenAIRules(_Open):
 
 class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
-    model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs")]})
+    model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"), _when("top_logprobs", "logprobs"),
+                                                           _STOP_RULE]})
     model: str
     seed: OpenAISeed
     temperature: OpenAITemperature
