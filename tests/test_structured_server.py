@@ -10,6 +10,7 @@ import jsonschema
 import openai
 import pytest
 
+from ossrun import harmony
 from tests.server_util import MODEL, start_server
 from tests.test_constraints import SCHEMAS, TOOLS, WEATHER
 
@@ -103,6 +104,43 @@ def test_a_bad_schema_is_a_5006_with_the_reason(server):
         "name": "bad", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}}, timeout=60)
     assert response.status_code == 400 and response.json()["errors"][0]["code"] == 5006
     assert "schema" in response.json()["errors"][0]["message"]
+
+
+def _forced_arguments(server, parameters: dict | None, favoured: str) -> list:
+    """The arguments of forced calls of a tool with these `parameters` (None: none declared), the model pushed towards
+    `favoured` by logit_bias (which only the grammar beats), over three seeds, sync and streamed."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x")
+    function = {"name": "act", **({} if parameters is None else {"parameters": parameters})}
+    (token,) = harmony.encode(favoured)
+    found = []
+    for seed in (1, 2, 3):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Act"}], tools=[{"type": "function", "function": function}],
+            tool_choice={"type": "function", "function": {"name": "act"}}, max_tokens=40, temperature=1.0, seed=seed,
+            logit_bias={str(token): 100})
+        found.append(json.loads(reply.choices[0].message.tool_calls[0].function.arguments))
+    return found
+
+
+def test_a_tool_without_parameters_is_called_with_none(server):
+    """Hunt round 14 A-F3: a tool declared without `parameters` (OpenAI: an empty parameter list; harmony shows the model
+    `() => any`) was called with any object the model wrote (`{"city": "Paris"}`), which `fn(**arguments)` refuses."""
+    assert _forced_arguments(server, None, '{"') == [{}, {}, {}]
+
+
+@pytest.mark.parametrize("parameters", [{"properties": {"a": {"type": "string"}}},
+                                        {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}, {"type": "string"}]}],
+                         ids=["bare-properties", "root-anyOf"])
+@pytest.mark.parametrize("favoured", ["1", '"'])
+def test_arguments_are_an_object_when_the_schema_has_no_type(server, parameters, favoured):
+    """Hunt round 14 A-F3: without a top-level `type` the schema also allowed a number or a string as the arguments
+    (`2024.1421`), which chat's contract (a JSON object) and the Prompt shape's `arguments` object break."""
+    assert all(isinstance(arguments, dict) for arguments in _forced_arguments(server, parameters, favoured))
+
+
+def test_a_tool_whose_parameters_are_empty_takes_any_object(server):
+    """`parameters: {}` is a schema that says nothing (ROUTES: any object), unlike no `parameters` at all."""
+    assert any(_forced_arguments(server, {}, '{"'))
 
 
 UNIQUE = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},

@@ -482,8 +482,10 @@ class Service:
         `tool_choice: "none"`) gets `harmony.grammar.no_recipient()`: free, as without a grammar, except that no
         message can be addressed to a recipient (read back, a call nobody offered)."""
         try:
-            # The tools the model may call (`allowed_tools` leaves the others in the prompt, not in the grammar).
-            tools = {t.name: t.parameters or None for t in harmony.tool_descriptions(ask.tools)
+            # The tools the model may call (`allowed_tools` leaves the others in the prompt, not in the grammar); one
+            # without `parameters` takes none, and `{}` (a schema that says nothing) any object.
+            tools = {t.name: harmony_grammar.NO_PARAMETERS if t.parameters is None else t.parameters or None
+                     for t in harmony.tool_descriptions(ask.tools)
                      if ask.allowed is None or t.name in ask.allowed}
             # OpenAI restricts the schema language only for `strict: true` (absent: false, on every surface here).
             specs = (t.function if isinstance(t, WrappedTool) else t for t in ask.tools)

@@ -49,6 +49,9 @@ _JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{1,24}"}
 # A name the harmony header parser reads back whole (its recipient pattern, without `/`).
 _TOOL_NAME = re.compile(TOOL_NAME_PATTERN)
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# A function declared without `parameters` takes none (OpenAI: "Omitting `parameters` defines a function with an empty
+# parameter list"), as harmony shows it to the model (`() => any`): its arguments are `{}`.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 _FINAL_TOKENS = (RETURN, CALL)  # the grammar ends with one of them, and the request with it
 # What the shortest-completion search tries: complete values before openers (it keeps the first children it finds).
 _CLOSERS = ('"', "}", "]", '""', "{}", "[]", '"}', '"]', "}}", "]}", "0", "1", "null", "true", "false", "{", "[", '{"', ",", ":",
@@ -104,7 +107,7 @@ def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: in
     """The arguments of a call whose header the prompt already holds (a forced `tool_choice` is
     prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
     _call(name, parameters, 0, strict)  # the same name check as a generated call
-    schema = _with_options(parameters, strict)
+    schema = _with_options(_object_only(parameters), strict)
     return Grammar(f"start: args_0 <|call|>\nargs_0: %json {json.dumps(schema)}", ((f"parameters of tool {name!r}", schema),),
                    _FINAL_TOKENS, _path_tokens(parameters), max_tokens)
 
@@ -217,7 +220,17 @@ def _call(name: str, parameters: Mapping[str, Any] | None, i: int, strict: bool 
     # The header gpt-oss writes: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
     header = json.dumps(f"commentary to=functions.{name} ")
     return (f'<|channel|> {header} <|constrain|> "json" <|message|> args_{i} <|call|>',
-            (f"args_{i}", f"parameters of tool {name!r}", parameters, strict))
+            (f"args_{i}", f"parameters of tool {name!r}", _object_only(parameters), strict))
+
+
+def _object_only(parameters: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A call's arguments are a JSON object whatever the schema: one without a top-level `type` (bare `properties`, a
+    root `anyOf`) would also allow a string or a number, so it gets `type: object` beside its keywords (which JSON
+    Schema applies together, and which keeps its `$ref`s resolving against the same root). The API has refused any
+    other `type` (`shapes.ObjectSchema`)."""
+    if isinstance(parameters, Mapping) and "type" not in parameters:
+        return {**parameters, "type": "object"}
+    return parameters
 
 
 def _with_options(schema: Mapping[str, Any] | None, strict: bool = True) -> dict[str, Any]:
