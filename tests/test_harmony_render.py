@@ -295,10 +295,16 @@ def test_tool_without_description_or_parameters():
     assert ids(body) == reference(system(), developer(tools=[ToolDescription.new("ping", "")]), user("Hi"))
 
 
-def test_tool_choice_none_offers_no_tools():
-    rendered = render_request({"messages": [{"role": "user", "content": "Hi"}], "tools": [FLAT_TOOL], "tool_choice": "none"})
-    assert rendered.token_ids == reference(system(), user("Hi"))
-    assert rendered.tool_names == ()
+def test_tool_choice_none_keeps_the_tools_in_the_prompt():
+    """Hunt round 14 A-F4: `tool_choice: "none"` used to drop the tools (this test asserted a prompt without them), so
+    an agent's "answer now" turn lost the prefix cache after the system message and showed the model calls of functions
+    no longer declared. Now the prompt is `auto`'s, as vLLM renders it and as `allowed_tools` keeps every tool; the
+    grammar refuses a call (`harmony.grammar.no_recipient`)."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [FLAT_TOOL]}
+    rendered = render_request({**body, "tool_choice": "none"})
+    assert rendered.token_ids == reference(system(), developer(tools=[WEATHER]), user("Hi"))
+    assert rendered.token_ids == render_request({**body, "tool_choice": "auto"}).token_ids
+    assert rendered.tool_names == ("get_weather",)
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,22 @@ def test_a_tool_whose_parameters_are_empty_takes_any_object(server):
     assert any(_forced_arguments(server, {}, '{"'))
 
 
+def test_tool_choice_none_keeps_the_prompt_and_its_cache(server):
+    """Hunt round 14 A-F4: `tool_choice: "none"` dropped the tools from the prompt, so an agent's "answer now" turn
+    re-read the whole conversation (the prefix cache lost after the system message) and the model saw calls of functions
+    no longer declared. The prompt is now `auto`'s; the grammar still refuses a call."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x")
+    history = [{"role": "user", "content": "Weather in Paris? " * 40}, {"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]
+    args = dict(model=MODEL, messages=history, tools=TOOLS, max_tokens=30, temperature=1.0, seed=4)
+    auto = client.chat.completions.create(tool_choice="auto", **args)
+    none = client.chat.completions.create(tool_choice="none", **args)
+    assert none.usage.prompt_tokens == auto.usage.prompt_tokens
+    assert none.usage.prompt_tokens_details.cached_tokens >= none.usage.prompt_tokens - 64  # all but the last block
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason in ("stop", "length")
+
+
 UNIQUE = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},
           "required": ["tags"], "additionalProperties": False}
 

@@ -37,7 +37,7 @@ class Ask:
     instructions: str | None = None
     prompt: str | None = None  # the Prompt shape's text, or the raw text (`raw`, /v1/completions)
     raw: bool = False
-    tools: Sequence[Tool] = ()  # empty when tool_choice is "none": the model is not shown them
+    tools: Sequence[Tool] = ()  # shown to the model whatever tool_choice says ("none": the grammar refuses a call)
     tool_choice: str = "auto"  # auto | required | none
     named_tool: str | None = None  # a tool_choice naming one function
     allowed: tuple[str, ...] | None = None  # `allowed_tools`: the only tools that may be called (None: any of `tools`)
@@ -121,10 +121,6 @@ def _choice(choice: schemas.ToolChoice | schemas.FunctionName | None) -> dict[st
     return dict(tool_choice="auto", named_tool=choice.function.name if isinstance(choice, schemas.NamedToolChoice) else choice.name)
 
 
-def _tools(tools: Sequence[Tool] | None, mode: str) -> tuple[Tool, ...]:
-    return () if mode == "none" else tuple(tools or ())
-
-
 def _sampling(m: schemas.Sampling) -> dict[str, Any]:
     """The fields every Sampling-based shape (Prompt, Messages, /v1 chat and completions) shares."""
     stop = () if m.stop is None else ((m.stop,) if isinstance(m.stop, str) else tuple(m.stop))
@@ -174,7 +170,7 @@ def from_prompt(m: schemas.PromptInput) -> Ask:
                            "prompt without raw to have it rendered)")
     _refuse_stop_with_json(m)
     choice = _choice(m.tool_choice)
-    tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
+    tools = (*(m.tools or []), *(m.functions or []))
     return Ask("prompt", prompt=m.prompt, raw=m.raw, tools=tools, **choice, final=final_format(m.response_format),
                logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, **_sampling(m))
 
@@ -184,7 +180,7 @@ def from_messages(m: schemas.MessagesInput) -> Ask:
     openai = isinstance(m, schemas.ChatCompletionRequest)
     _refuse_stop_with_json(m)
     choice = _choice(m.function_call if openai and m.tool_choice is None else m.tool_choice)
-    tools = _tools([*(m.tools or []), *(m.functions or [])], choice["tool_choice"])
+    tools = (*(m.tools or []), *(m.functions or []))
     return Ask("messages", messages=m.messages, tools=tools, **choice, final=final_format(m.response_format),
                logprobs=bool(m.logprobs), top_logprobs=m.top_logprobs or 0, legacy_functions=openai and bool(m.functions) and not m.tools,
                **_sampling(m))
@@ -213,7 +209,7 @@ def from_responses(m: schemas.ResponsesInput) -> Ask:
     returns `logprobs: []`)."""
     choice = _choice(m.tool_choice)
     logprobs = OUTPUT_TEXT_LOGPROBS in (m.include or ())
-    return Ask("responses", items=m.input, stored_items=m._stored_items, truncate=m.truncation == "auto", instructions=m.instructions, tools=_tools(m.tools, choice["tool_choice"]), **choice,
+    return Ask("responses", items=m.input, stored_items=m._stored_items, truncate=m.truncation == "auto", instructions=m.instructions, tools=tuple(m.tools or ()), **choice,
                effort=m.reasoning.effort if m.reasoning else None, final=final_format(m.response_format or (m.text.format if m.text else None)),
                max_tokens=m.max_output_tokens, max_tokens_name="max_output_tokens", temperature=m.temperature, top_p=m.top_p, seed=m.seed, lora=m.lora, stream=m.stream,
                logprobs=logprobs, top_logprobs=(m.top_logprobs or 0) if logprobs else 0,

@@ -147,7 +147,7 @@ def render_request(body: Mapping[str, Any], *, response_format: ResponseFormatSe
         converted = convert_responses(request.input, request.instructions)
     else:
         converted = convert_prompt(request.prompt)
-    tools = [] if request.tool_choice == "none" else [*(request.tools or []), *(request.functions or [])]
+    tools = [*(request.tools or []), *(request.functions or [])]  # `tool_choice: "none"` too: the grammar refuses calls
     effort = request.reasoning_effort if request.reasoning_effort is not None else (request.reasoning.effort if request.reasoning else None)
     return render_conversation(converted, tools, effort, response_format=response_format,
                                conversation_start_date=conversation_start_date)
@@ -312,8 +312,8 @@ def reasoning_effort(effort: str | None) -> str:
 def tool_descriptions(tools: Sequence[Tool]) -> list[ToolDescription]:
     """The function tools, in either spelling (`{type: function, function: {...}}` or the flat
     `{name, description, parameters}`), as harmony describes them; names must be unique.
-    (`tool_choice: "none"` offers none: the caller leaves them out, since a model that is not shown
-    tools cannot call them.)"""
+    (`tool_choice: "none"` keeps them: the prompt, and its prefix cache, stay those of the turns that called them, and
+    the request's grammar refuses a call.)"""
     out = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
     names = [t.name for t in out]
     if len(set(names)) != len(names):
