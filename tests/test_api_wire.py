@@ -798,3 +798,57 @@ def test_a_batch_item_with_stop_and_a_json_format_is_refused_when_queued(server)
     response = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [{"prompt": "hi", "max_tokens": 2}, item]})
     assert_surface_error(response, RUN)
     assert "in requests[1]" in _error(response)[0] and "/stop" in _error(response)[0]
+
+
+WRAPPER_SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(("wrapper", "param"), [
+    ({"name": "x", "schema": WRAPPER_SCHEMA, "strict": "true"}, "response_format.json_schema.strict"),
+    ({"name": "x", "schema": WRAPPER_SCHEMA, "strict": 1}, "response_format.json_schema.strict"),
+    ({"name": 3, "schema": WRAPPER_SCHEMA}, "response_format.json_schema.name"),
+    ({"name": "x", "description": ["d"], "schema": WRAPPER_SCHEMA}, "response_format.json_schema.description"),
+    ({"name": "x", "strict": True}, "response_format.json_schema.schema"),  # a JS client's `schema: undefined`
+    ({"name": "x"}, "response_format.json_schema.schema"),
+], ids=["strict-string", "strict-1", "name-number", "description-list", "no-schema", "name-only"])
+@pytest.mark.parametrize("path", [RUN, "/v1/chat/completions"])
+def test_the_json_schema_wrapper_is_typed(server, path, wrapper, param):
+    """Hunt round 14 A-F5: `strict: "true"` was accepted and read as not strict (Responses' `text.format.strict` refused
+    it), `name` and `description` were unchecked, and a wrapper without `schema` was taken as Workers AI's bare schema,
+    constraining nothing (the answer a bare number)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "JSON"}], "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": wrapper}}
+    component = "ChatCompletionRequest" if path.startswith("/v1") else "MessagesInput"
+    assert not schema_accepts(document(server), component, body)  # the document states it
+    response = call(server, "POST", path, json=body)
+    assert_surface_error(response, path)
+    message, got = _error(response)
+    assert f"at '/{param.replace('.', '/')}'" in message, message
+    assert got == (param if path.startswith("/v1") else None)
+
+
+@pytest.mark.parametrize("wrapper", [
+    WRAPPER_SCHEMA,  # Workers AI's spelling: the schema itself
+    {"type": "object", "description": "an object", "properties": {"a": {"type": "integer"}}},  # a schema naming itself
+    {},  # a schema that says nothing: any JSON
+    {"name": "x", "schema": WRAPPER_SCHEMA, "strict": None, "description": None},
+    {"name": "x", "schema": WRAPPER_SCHEMA, "strict": False, "description": "d"},
+], ids=["bare", "bare-described", "empty", "nulls", "typed"])
+def test_well_typed_and_bare_json_schemas_are_served(server, wrapper):
+    body = {"messages": [{"role": "user", "content": "JSON"}], "max_tokens": 60,
+            "response_format": {"type": "json_schema", "json_schema": wrapper}}
+    assert schema_accepts(document(server), "MessagesInput", body)
+    response = call(server, "POST", RUN, json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_the_openai_sdk_gets_the_wrapper_key_it_mistyped(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=TOKEN, max_retries=0)
+    for wrapper, param in (({"name": "x", "schema": WRAPPER_SCHEMA, "strict": "true"}, "response_format.json_schema.strict"),
+                           ({"name": "x", "strict": True}, "response_format.json_schema.schema")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON"}], max_tokens=8,
+                                           response_format={"type": "json_schema", "json_schema": wrapper})
+        assert refused.value.param == param and refused.value.code == "5006"

@@ -87,7 +87,8 @@ def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:
 
     `json_schema` comes in three spellings, all accepted: OpenAI chat's `{"json_schema": {"name", "schema"}}`,
     Responses' flat `{"name", "schema"}`, and Workers AI's `{"json_schema": <the schema itself>}` (one without a
-    `schema` key: `schemas.ResponseFormat` refuses a wrapper with other keys or a non-object schema).
+    `schema` key: `schemas.ResponseFormat` refuses a wrapper with other keys, a non-object schema, a `name`,
+    `description` or `strict` of another type, and one of only those keys, which lacks its schema).
     `json_object`: any JSON object. `text` or absent: free text."""
     if fmt is None or fmt.type == "text":
         return FinalFormat()

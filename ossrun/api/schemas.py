@@ -38,6 +38,7 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
     WebSearchTool,
     WrappedTool,
     function_or_flat,
+    refused,
     tool_spec,
     str_or_list,
 )
@@ -99,11 +100,18 @@ class _Open(Shape):
 
 
 OPENAI_WRAPPER = ("name", "description", "schema", "strict")
+# The wrapper's other keys and their types, as the Responses flat spelling types them (null: left out).
+_WRAPPER_TYPES = {"name": (str, "string"), "description": (str, "string"), "strict": (bool, "boolean")}
 # A `json_schema` with a `schema` key is OpenAI's wrapper, else Workers AI's schema itself: the wrapper takes
-# only OpenAI's keys, and its `schema` is an object (as OpenAI's API refuses anything else with a 400).
+# only OpenAI's keys, typed, and its `schema` is an object (as OpenAI's API refuses anything else with a 400). One
+# without `schema` whose keys are all the wrapper's (`{"name": "x", "strict": true}`: a client's schema variable left
+# undefined) is a wrapper missing its schema, not a schema (`strict` is no JSON Schema keyword): it would constrain nothing.
 _WRAPPER_RULE = {"if": {"type": "object", "required": ["schema"]},
-                 "then": {"properties": {**{key: {} for key in OPENAI_WRAPPER}, "schema": {"type": "object"}},
-                          "additionalProperties": False}}
+                 "then": {"properties": {**{key: {"type": [kind, "null"]} for key, (_, kind) in _WRAPPER_TYPES.items()},
+                                         "schema": {"type": "object"}},
+                          "additionalProperties": False},
+                 "else": {"not": {"type": "object", "minProperties": 1,
+                                  "propertyNames": {"enum": [key for key in OPENAI_WRAPPER if key != "schema"]}}}}
 
 
 class ResponseFormat(_Open):
@@ -119,13 +127,22 @@ class ResponseFormat(_Open):
     @field_validator("json_schema")
     @classmethod
     def _openai_wrapper(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is None or "schema" not in value:
+        if value is None:
             return value
+        if "schema" not in value:
+            if value and all(key in _WRAPPER_TYPES for key in value):
+                raise refused("schema", value, "wrapper_schema", "json_schema has OpenAI's wrapper keys ({keys}) but no "
+                              "schema: send the JSON Schema as json_schema.schema", {"keys": ", ".join(value)})
+            return value  # Workers AI's spelling: the schema itself
         if not isinstance(value["schema"], dict):
             raise ValueError("json_schema.schema must be a JSON Schema object")
         unknown = [key for key in value if key not in OPENAI_WRAPPER]
         if unknown:
             raise ValueError(f"json_schema has unknown key {unknown[0]!r} (a wrapper with 'schema' takes {', '.join(OPENAI_WRAPPER)})")
+        for key, (kind, name) in _WRAPPER_TYPES.items():
+            if value.get(key) is not None and not isinstance(value[key], kind):
+                raise refused(key, value[key], "wrapper_type", "json_schema.{key} must be a {kind} or null, not {value}",
+                              {"key": key, "kind": name, "value": repr(value[key])})
         return value
 
 
