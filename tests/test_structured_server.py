@@ -159,6 +159,37 @@ def test_tool_choice_none_keeps_the_prompt_and_its_cache(server):
     assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason in ("stop", "length")
 
 
+BAD = {"type": "object", "properties": {"a": {"type": "no-such-type"}}}
+
+
+def test_a_bad_schema_names_its_field_in_param(server):
+    """Hunt round 14 A-F6: a schema the grammar engine refused was a 400 with `param: null`; it names the field as the
+    request spelled it."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=20)
+    function = {"name": "t2", "parameters": BAD}
+    ok = {"name": "t1", "parameters": {"type": "object"}}
+    cases = [
+        (lambda: client.chat.completions.create(response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": BAD}},
+                                                **chat), "response_format"),
+        (lambda: client.chat.completions.create(tools=[{"type": "function", "function": ok}, {"type": "function", "function": function}],
+                                                tool_choice="required", **chat), "tools[1].function.parameters"),
+        (lambda: client.chat.completions.create(functions=[ok, function], function_call={"name": "t2"}, **chat),
+         "functions[1].parameters"),
+        (lambda: client.responses.create(model=MODEL, input="x", text={"format": {"type": "json_schema", "name": "b", "schema": BAD}}),
+         "text.format"),
+        (lambda: client.responses.create(model=MODEL, input="x", tools=[{"type": "function", **ok}, {"type": "function", **function}],
+                                         tool_choice="required"), "tools[1].parameters"),
+        (lambda: client.responses.create(model=MODEL, input="x", tool_choice="required", tools=[
+            {"type": "web_search"}, {"type": "namespace", "name": "ns", "description": "d", "tools": [{"type": "function", **function}]}]),
+         "tools[1].tools[0].parameters"),
+    ]
+    for create, param in cases:
+        with pytest.raises(openai.BadRequestError, match="no-such-type") as refused:
+            create()
+        assert refused.value.param == param and refused.value.code == "5006"
+
+
 UNIQUE = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},
           "required": ["tags"], "additionalProperties": False}
 

@@ -7,13 +7,13 @@ that holds the output budget, where the JSON format is named, what `logprobs` me
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ossrun.api import schemas
 from ossrun.api.errors import bad_input
-from ossrun.harmony.shapes import InputItem, Message, Tool
+from ossrun.harmony.shapes import InputItem, Message, NamespaceTool, Tool, WebSearchTool, WrappedTool, tool_spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +72,18 @@ class Ask:
         return None if self.max_tokens is None else self.max_tokens_name
 
     @property
+    def format_name(self) -> str:
+        """The field that set the answer's JSON format, for an error to name (Responses' `text.format`)."""
+        responses = isinstance(self.source, schemas.ResponsesInput)
+        return "text.format" if responses and self.source.response_format is None else "response_format"
+
+    def parameters_name(self, tool: str) -> str | None:
+        """The field holding the parameters of the tool offered as `tool`, as the body spells it, for an error to name:
+        `tools[0].function.parameters`, the flat `tools[0].parameters`, a namespace's `tools[0].tools[1].parameters`,
+        the legacy `functions[0].parameters`."""
+        return next((f"{where}.parameters" for name, where in _tool_fields(self.source) if name == tool), None)
+
+    @property
     def store(self) -> bool:
         """Keep the finished response for `previous_response_id` (Responses' `store`, true unless false)."""
         return self.source is not None and self.source.store is not False
@@ -80,6 +92,22 @@ class Ask:
     def background(self) -> bool:
         """Responses' `background: true`: the run outlives its connection (`api/background.py`)."""
         return isinstance(self.source, schemas.ResponsesInput) and self.source.background is True  # chat keeps its body here too
+
+
+def _tool_fields(body: Any) -> Iterator[tuple[str, str]]:
+    """(the name the model is offered it by, where the body holds it) of each function tool a body sent."""
+    sent = body.sent_tools if isinstance(body, schemas.ResponsesInput) else getattr(body, "tools", None)
+    for key, tools in (("tools", sent), ("functions", getattr(body, "functions", None))):
+        for i, tool in enumerate(tools or ()):
+            if isinstance(tool, NamespaceTool):
+                for j, spec in enumerate(tool.tools):
+                    yield f"{tool.name}.{tool_spec(spec).name}", f"{key}[{i}].tools[{j}]" + _wrapped(spec)
+            elif not isinstance(tool, WebSearchTool):
+                yield tool_spec(tool).name, f"{key}[{i}]" + _wrapped(tool)
+
+
+def _wrapped(tool: Any) -> str:
+    return ".function" if isinstance(tool, WrappedTool) else ""
 
 
 def final_format(fmt: schemas.ResponseFormat | None) -> FinalFormat:

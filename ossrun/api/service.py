@@ -40,7 +40,7 @@ from ossrun.engine.client import (
 )
 from ossrun.finetunes import PairMismatch
 from ossrun.harmony import grammar as harmony_grammar
-from ossrun.harmony.shapes import WrappedTool
+from ossrun.harmony.shapes import WrappedTool, tool_spec
 from ossrun.storage import StorageHealth, write_refusal
 
 
@@ -183,6 +183,17 @@ def _named_tool(ask: Ask, tool_names: tuple[str, ...]) -> str | None:
             raise bad_input("Error: at '/tool_choice': 'required' needs at least one tool in 'tools'", "tool_choice")
         return callable_names[0] if len(callable_names) == 1 else None
     return None
+
+
+def _schema_field(ask: Ask, label: str | None) -> str | None:
+    """The field of the schema a grammar labels `label` (`GrammarError.schema`): the answer's format or a tool's
+    parameters, as the request spelled it; None when no schema is to blame."""
+    if label is None:
+        return None
+    if label == harmony_grammar.schema_label(None):
+        return ask.format_name
+    return next((ask.parameters_name(spec.name) for spec in map(tool_spec, ask.tools)
+                 if harmony_grammar.schema_label(spec.name) == label), None)
 
 
 def _converted(ask: Ask) -> harmony.Converted:
@@ -513,8 +524,8 @@ class Service:
             raise unknown_lora(exc.name) from None
         except BudgetTooSmall as exc:  # named as the caller named it (`max_output_tokens` on Responses)
             raise bad_input(f"Error: {exc.named(plan.ask.max_tokens_name)}", plan.ask.max_tokens_name) from None
-        except ValueError as exc:  # GrammarError, a token outside the vocabulary
-            raise bad_input(f"Error: {exc}") from None
+        except ValueError as exc:  # GrammarError (a schema the grammar engine refuses names its field), a token outside the vocabulary
+            raise bad_input(f"Error: {exc}", _schema_field(plan.ask, getattr(exc, "schema", None))) from None
 
     def is_busy(self) -> bool:
         stats = self.engine.stats()

@@ -411,7 +411,10 @@ class ConstraintCompiler:
         found = self._cached(key)
         if found is None:
             for what, schema in grammar.schemas:
-                self._check(what, schema)
+                try:
+                    self._check(what, schema)
+                except GrammarError as exc:  # the label travels with it, for the API to name the field
+                    raise GrammarError(str(exc), schema=what) from None
             found = self._compile(key, grammar)
         matcher, entry = found
         path = None

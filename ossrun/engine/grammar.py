@@ -13,7 +13,12 @@ from typing import Any
 
 
 class GrammarError(ValueError):
-    """A grammar or schema that cannot be compiled, or a budget it cannot fit in; the message says why (→ 400)."""
+    """A grammar or schema that cannot be compiled, or a budget it cannot fit in; the message says why (→ 400).
+    `schema`: the label of the grammar's schema at fault (`Grammar.schemas`), so that its writer can name the field."""
+
+    def __init__(self, message: str, schema: str | None = None):
+        super().__init__(message)
+        self.schema = schema
 
 
 class BudgetTooSmall(GrammarError):

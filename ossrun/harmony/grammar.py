@@ -108,7 +108,7 @@ def arguments(name: str, parameters: Mapping[str, Any] | None, *, max_tokens: in
     prefilled, so it costs no generation budget): JSON valid against `parameters`, then `<|call|>`."""
     _call(name, parameters, 0, strict)  # the same name check as a generated call
     schema = _with_options(_object_only(parameters), strict)
-    return Grammar(f"start: args_0 <|call|>\nargs_0: %json {json.dumps(schema)}", ((f"parameters of tool {name!r}", schema),),
+    return Grammar(f"start: args_0 <|call|>\nargs_0: %json {json.dumps(schema)}", ((schema_label(name), schema),),
                    _FINAL_TOKENS, _path_tokens(parameters), max_tokens)
 
 
@@ -211,7 +211,7 @@ def _wrapper(answers: list[_Answer], reasoning_budget: int | None, max_tokens: i
 def _final(schema: Mapping[str, Any] | None, structured: bool, strict: bool = True) -> _Answer:
     if not structured:
         return '<|channel|> "final" <|message|> TEXT <|return|>', None
-    return '<|channel|> "final" <|message|> final_json <|return|>', ("final_json", "response_format schema", schema, strict)
+    return '<|channel|> "final" <|message|> final_json <|return|>', ("final_json", schema_label(None), schema, strict)
 
 
 def _call(name: str, parameters: Mapping[str, Any] | None, i: int, strict: bool = True) -> _Answer:
@@ -220,7 +220,13 @@ def _call(name: str, parameters: Mapping[str, Any] | None, i: int, strict: bool 
     # The header gpt-oss writes: `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>`.
     header = json.dumps(f"commentary to=functions.{name} ")
     return (f'<|channel|> {header} <|constrain|> "json" <|message|> args_{i} <|call|>',
-            (f"args_{i}", f"parameters of tool {name!r}", _object_only(parameters), strict))
+            (f"args_{i}", schema_label(name), _object_only(parameters), strict))
+
+
+def schema_label(tool: str | None) -> str:
+    """What a grammar calls one of its schemas (the label a `GrammarError` about it carries as `schema`): the final
+    answer's (`tool` None) or the parameters of the tool named `tool`."""
+    return "response_format schema" if tool is None else f"parameters of tool {tool!r}"
 
 
 def _object_only(parameters: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
