@@ -190,6 +190,23 @@ def test_a_bad_schema_names_its_field_in_param(server):
         assert refused.value.param == param and refused.value.code == "5006"
 
 
+@pytest.mark.parametrize(("key", "bound", "served"), [("minimum", 1e17, True), ("minimum", 1e20, False), ("maximum", -1e20, False)])
+def test_a_numeric_bound_beyond_the_grammar_engines_range_is_a_clear_400(server, key, bound, served):
+    """Hunt round 14 A-F7: `minimum: 1e20` is valid JSON Schema that llguidance cannot run (it writes the range as a
+    pattern over 64-bit values); ROUTES lists the limit. A 400 naming it and the field, never a 500."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    schema = {"type": "object", "properties": {"n": {"type": "number", key: bound}}, "required": ["n"]}
+    create = lambda: client.chat.completions.create(  # noqa: E731
+        model=MODEL, messages=[{"role": "user", "content": "A big number"}], max_tokens=60, temperature=1.0, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "big", "schema": schema}})
+    if served:
+        jsonschema.validate(json.loads(create().choices[0].message.content), schema)
+        return
+    with pytest.raises(openai.BadRequestError, match="float range") as refused:
+        create()
+    assert refused.value.param == "response_format"
+
+
 UNIQUE = {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2, "uniqueItems": True}},
           "required": ["tags"], "additionalProperties": False}
 
