@@ -427,3 +427,20 @@ def test_a_forced_call_that_fits_max_tokens_keeps_its_arguments(server, choice):
     cut = client.chat.completions.create(max_tokens=natural - 1, **args)
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens <= natural - 1
     assert isinstance(json.loads(cut.choices[0].message.tool_calls[0].function.arguments)["city"], str)
+
+
+SUM = [{"role": "user", "content": "What is 19+18?"}]  # at effort high the demo model reasons ~110 tokens over it
+
+
+def test_an_unused_tool_leaves_the_reasoning_as_without_it(server):
+    """Hunt round 14 A-F1: offering a tool (`auto`, never called) gave the reasoning a budget of max_tokens less a reserve
+    for an answer that need not fit anyway: at max_tokens 150 it was ended at 75 tokens mid-sum (`34+3=`), the answer
+    wrong, `finish_reason: "stop"`. `auto` with a free-text answer has no reasoning budget, as a request without tools."""
+    body = {"model": MODEL, "messages": SUM, "max_tokens": 150, "reasoning_effort": "high"}
+    plain = post_json(server, "/v1/chat/completions", body)
+    offered = post_json(server, "/v1/chat/completions", {**body, "tools": [WEATHER]})
+    for reply in (plain, offered):
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        assert reply["choices"][0]["message"]["content"] == "19 + 18 = 37."
+    assert offered["choices"][0]["message"]["reasoning_content"] == plain["choices"][0]["message"]["reasoning_content"]
+    assert offered["usage"]["completion_tokens_details"] == plain["usage"]["completion_tokens_details"]

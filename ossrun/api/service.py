@@ -489,7 +489,8 @@ class Service:
     def _grammar(self, ask: Ask, forced: str | None, max_tokens: int) -> Grammar:
         """The grammar a request's output must follow. A named (prefilled) tool call gets its arguments
         constrained; `required`/`auto` tools and `response_format` / Responses `text.format` constrain the
-        whole completion, leaving the reasoning free within a budget. A plain answer (no tool to call, or
+        whole completion, leaving the reasoning free (within a budget where the answer must fit in max_tokens: a JSON
+        answer, a `required` call; `harmony.grammar.answer_must_fit`). A plain answer (no tool to call, or
         `tool_choice: "none"`) gets `harmony.grammar.no_recipient()`: free, as without a grammar, except that no
         message can be addressed to a recipient (read back, a call nobody offered)."""
         try:
@@ -503,7 +504,10 @@ class Service:
             lenient = {spec.name for spec in specs if spec.strict is not True}
             if forced is not None:
                 return harmony_grammar.arguments(forced, tools.get(forced), max_tokens=max_tokens, strict=forced not in lenient)
-            budget = harmony_grammar.default_reasoning_budget(max_tokens)  # a plain answer's grammar has none
+            # Reasoning is bounded only to leave room for an answer that must fit (hunt round 14 A-F1: "auto" with a
+            # free-text answer had its reasoning ended at half a small max_tokens, for nothing).
+            must_fit = harmony_grammar.answer_must_fit(ask.tool_choice, ask.final.structured)
+            budget = harmony_grammar.default_reasoning_budget(max_tokens) if must_fit else None
             return harmony_grammar.tools(tools, ask.tool_choice, ask.final.schema, json_final=ask.final.structured,
                                          reasoning_budget=budget, max_tokens=max_tokens, lenient=lenient,
                                          final_strict=ask.final.strict)

@@ -18,7 +18,9 @@ Reasoning budget: reasoning is gpt-oss's strength, so it is allowed by default, 
 the answer (the hosted service returns an empty answer when it does). A grammar built with
 `reasoning_budget=n` lets the analysis message run for at most n tokens, then allows only `<|end|>`,
 after which the grammar forces the answer's header; `default_reasoning_budget(max_tokens)` keeps a
-share of max_tokens for the answer. Budget 0 forbids the analysis message altogether.
+share of max_tokens for the answer. Budget 0 forbids the analysis message altogether. The API gives a budget only
+where the answer must fit (`answer_must_fit`: a JSON answer, a required call): an answer that may be free text, or
+be cut, needs no room kept, and a budget would only end the reasoning early.
 
 A request that may call no tool and wants free text gets `no_recipient()` instead: no structure, only no `=` in
 header text, so that no message is addressed to a recipient.
@@ -134,7 +136,14 @@ def tools(tools: Mapping[str, Mapping[str, Any] | None], mode: ToolMode, final_s
     if mode != "required":
         answers.append(_final(final_schema, structured, final_strict))
     # With "auto" and a free-text answer, a tiny budget is no error: the model may just answer, or be cut off.
-    return _wrapper(answers, reasoning_budget, max_tokens if structured or mode == "required" else None)
+    return _wrapper(answers, reasoning_budget, max_tokens if answer_must_fit(mode, structured) else None)
+
+
+def answer_must_fit(mode: ToolMode, structured: bool) -> bool:
+    """Whether the grammar of `tools` holds its answer to `max_tokens`: a JSON answer (`structured`) or a call that
+    must come (`required`) is closed within it. A reasoning budget is worth its cost only then: it leaves the answer
+    room; where the model may answer in free text (or be cut off), it would only end the reasoning early."""
+    return structured or mode == "required"
 
 
 # Where `harmony.StreamParser` reads header text (after `<|start|>`, `<|end|>` or `<|channel|>`, and at the start)
