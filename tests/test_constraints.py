@@ -170,6 +170,8 @@ def feed(constraint, text: str) -> list[int]:
 # -- on the engine ------------------------------------------------------------------------------
 
 def test_twenty_json_schema_requests_parse_and_validate(model, compiler):
+    """The random model never ends its reasoning itself: each one that reasons has it ended by the budget, which is
+    reported "length" (hunt round 14 A-F1: it was "stop", as for an answer max_tokens had not shaped)."""
     prompt = render_request({"messages": [{"role": "user", "content": "Describe it as JSON."}]}).token_ids
     requests = [Request(str(i), prompt, sampled(seed=i + 1),
                         constraint=compiler.json_final(SCHEMAS[i % len(SCHEMAS)], reasoning_budget=16)) for i in range(20)]
@@ -177,8 +179,9 @@ def test_twenty_json_schema_requests_parse_and_validate(model, compiler):
     reasoned = 0
     for i in range(20):
         tokens, schema = generated(results[str(i)]), SCHEMAS[i % len(SCHEMAS)]
-        assert results[str(i)][-1].finish_reason == "stop" and tokens[-1] == STOP_TOKENS[0], f"request {i}"
+        assert tokens[-1] == STOP_TOKENS[0], f"request {i}"
         whole = parse_completion(tokens)
+        assert results[str(i)][-1].finish_reason == ("length" if whole.reasoning else "stop"), f"request {i}"
         events, stream = streamed(tokens)
         assert whole.finish_reason == stream.finish_reason == "stop" and not whole.anomalies
         assert whole.content == stream.content and not whole.tool_calls
@@ -384,11 +387,23 @@ def test_reasoning_is_free_text_without_special_tokens(compiler):
 
 
 def test_reasoning_budget_closes_the_analysis_message(compiler):
-    constraint = compiler.json_final(SCHEMAS[0], reasoning_budget=3)
-    feed(constraint, "<|channel|>analysis<|message|> one two three")
-    assert constraint.span_tokens == 3
-    assert constraint.allowed_tokens().nonzero().flatten().tolist() == [END]
-    feed(constraint, '<|end|><|start|>assistant<|channel|>final<|message|>{"name":"x","color":"red","count":1}<|return|>')
+    """At the budget the mask stays the grammar's (it allowed only `<|end|>` before: hunt round 14 A-F1), so the model's
+    own choice is seen: `choose` keeps its `<|end|>` (it ended the reasoning itself, not cut), and replaces any other
+    token with `<|end|>` (the budget ended it: cut, reported "length"). Past the limit nothing but `<|end|>` is taken."""
+    more = encode(" four")[0]
+    for wanted, cut in ((END, False), (more, True)):
+        constraint = compiler.json_final(SCHEMAS[0], reasoning_budget=3)
+        feed(constraint, "<|channel|>analysis<|message|> one two three")
+        assert constraint.span_tokens == 3 and constraint.guarding and constraint.allowed_tokens()[more]
+        offered = []
+        assert constraint.choose(wanted, lambda mask: offered.append(mask) or lowest(mask)) == END
+        assert (constraint.cut, [m.nonzero().flatten().tolist() for m in offered]) == (cut, [[END]] if cut else [])
+        feed(constraint, '<|end|><|start|>assistant<|channel|>final<|message|>{"name":"x","color":"red","count":1}<|return|>')
+        assert constraint.is_finished and constraint.cut == cut
+    skipped = compiler.json_final(SCHEMAS[0], reasoning_budget=3)
+    feed(skipped, "<|channel|>analysis<|message|> one two three")
+    with pytest.raises(ConstraintViolation, match="past the span's limit"):  # a caller that did not ask `choose`
+        skipped.advance(more)
     no_reasoning = compiler.json_final(SCHEMAS[0], reasoning_budget=0)
     assert no_reasoning.allowed_tokens().nonzero().flatten().tolist() == [CHANNEL]
     no_reasoning.advance(CHANNEL)
@@ -436,7 +451,8 @@ def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
 def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler):
     """Free text forbids ~1,400 of 201,088 tokens (special tokens, some bytes): the sampler gets their ids and fills
     them, where a bool mask cost it passes over the vocabulary (0.6 ms a token on one thread, every plain answer has
-    this grammar). The same tokens are forbidden either way; the budget guard and a spent span still read whole masks."""
+    this grammar). The same tokens are forbidden either way; the budget guard still reads whole masks (a spent span
+    no longer needs one: the model's token goes to `choose`, which takes `<|end|>`)."""
     plain = compiler.tools({}, "auto")
     feed(plain, "<|channel|>final<|message|>Hello")
     forbidden, allowed = plain.mask(), plain.allowed_tokens()
@@ -447,7 +463,7 @@ def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler)
     assert compiler.json_final(SCHEMAS[0], max_tokens=100).mask().dtype == torch.bool
     spent = compiler.tools({"search": SEARCH}, "auto", reasoning_budget=2)
     feed(spent, "<|channel|>analysis<|message|> one two")
-    assert spent.mask().nonzero().flatten().tolist() == [END]
+    assert spent.mask().dtype == torch.int64 and spent.guarding and spent.choose(encode(" three")[0], lowest) == END
 
 
 @pytest.mark.parametrize(("build", "reason"), [
@@ -573,7 +589,7 @@ def test_a_full_lexer_is_renewed_not_an_error_for_every_later_request(compiler, 
         for _ in range(16):
             constraint = fresh.compile(grammar)
             for _ in range(48):
-                constraint.advance(rng.choice(constraint.allowed_tokens().nonzero().flatten().tolist()))
+                take(constraint, lambda mask: rng.choice(mask.nonzero().flatten().tolist()))  # `choose` ends the reasoning
                 if constraint.is_finished:
                     break
     finally:

@@ -387,16 +387,19 @@ def test_structured_output_that_fits_max_tokens_comes_out_as_without_the_guard(s
     answer that fitted easily was rewritten: at max_tokens 80 `{"country"     :    "","capital":""}` with finish_reason
     stop (the natural answer takes ~57 tokens). Now a token is kept whenever a complete answer still fits after it: the
     same content at a generous budget and at one equal to the answer's length. Below that, the answer stays valid JSON,
-    but the guard shaped it: finish_reason length (the SDK's parse() raises), Responses incomplete."""
+    but the guard shaped it: finish_reason length (the SDK's parse() raises), Responses incomplete.
+    At effort low the reasoning (14 tokens) fits its budget (half of these max_tokens) at every budget here: at medium
+    (29 tokens) the budget ended it at max_tokens = the answer's length, which is reported length since hunt round 14
+    A-F1, as max_tokens, not the model, ended it."""
     client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
-    args = dict(model=MODEL, messages=FRANCE, temperature=0, response_format=Capital)
+    args = dict(model=MODEL, messages=FRANCE, temperature=0, response_format=Capital, reasoning_effort="low")
     free = client.chat.completions.parse(max_tokens=400, **args)
     natural = free.usage.completion_tokens
     assert free.choices[0].message.parsed == Capital(country="France", capital="Paris")
     for budget in (natural, natural + 3, natural + 23):
         tight = client.chat.completions.parse(max_tokens=budget, **args)
         assert (tight.choices[0].message.content, tight.choices[0].finish_reason) == (free.choices[0].message.content, "stop")
-    short = 30  # the reasoning budget keeps half for the answer; the answer's ~19 tokens (with its header) do not fit in 15
+    short = 30  # after the reasoning (14 tokens) the answer's ~22 (with its header) do not fit in the 16 left
     with pytest.raises(openai.LengthFinishReasonError) as caught:
         client.chat.completions.parse(max_tokens=short, **args)
     cut = caught.value.completion
@@ -444,3 +447,26 @@ def test_an_unused_tool_leaves_the_reasoning_as_without_it(server):
         assert reply["choices"][0]["message"]["content"] == "19 + 18 = 37."
     assert offered["choices"][0]["message"]["reasoning_content"] == plain["choices"][0]["message"]["reasoning_content"]
     assert offered["usage"]["completion_tokens_details"] == plain["usage"]["completion_tokens_details"]
+
+
+def test_reasoning_the_budget_ended_is_reported_as_cut_by_max_tokens(server):
+    """Hunt round 14 A-F1: a JSON answer must fit in max_tokens, so its reasoning has a budget (150 → 75 tokens), and
+    when the budget ends reasoning the model had not ended, the answer is shaped by max_tokens as much as a cut one:
+    it was reported `stop` / `completed`. Now `length` (Responses: incomplete, max_output_tokens) on every surface,
+    and a budget large enough for the model's own end of reasoning changes nothing."""
+    fmt = {"type": "json_object"}
+    body = {"model": MODEL, "messages": SUM, "reasoning_effort": "high", "response_format": fmt}
+    chat = post_json(server, "/v1/chat/completions", {**body, "max_tokens": 150})
+    assert chat["choices"][0]["finish_reason"] == "length"
+    assert chat["usage"]["completion_tokens_details"]["reasoning_tokens"] == 75  # the budget: 150 - 150 // 2
+    json.loads(chat["choices"][0]["message"]["content"])  # the answer after it is still whole JSON
+    streamed = frames(server, "/v1/chat/completions", {**body, "max_tokens": 150})
+    assert [c["choices"][0]["finish_reason"] for c in streamed if c["choices"]][-1] == "length"
+    ai_run = post_json(server, run_path(server), {**body, "max_tokens": 150})["result"]
+    assert ai_run["choices"][0]["finish_reason"] == "length"
+    responses = post_json(server, "/v1/responses", {"model": MODEL, "input": SUM[0]["content"], "max_output_tokens": 150,
+                                                    "reasoning": {"effort": "high"}, "text": {"format": fmt}})
+    assert responses["status"] == "incomplete" and responses["incomplete_details"] == {"reason": "max_output_tokens"}
+    roomy = post_json(server, "/v1/chat/completions", {**body, "max_tokens": 400})  # budget 300: the model ends at ~110
+    assert roomy["choices"][0]["finish_reason"] == "stop"
+    assert roomy["usage"]["completion_tokens_details"]["reasoning_tokens"] < 300

@@ -17,7 +17,9 @@ suffix of it, or a short search from there), else samples again without it (the 
 then takes the path's next token. So an answer that fits (with the room the search finds) comes out as without the
 guard, and one that would not is changed only where it must be, and reported `cut` (its finish reason is then "length"). A token further from the end
 that lengthens the path by more than the window can still overshoot. A grammar's `span` (gpt-oss's reasoning) is a
-free-text stretch allowed at most `limit` tokens, after which only its closing token is.
+free-text stretch allowed at most `limit` tokens, after which only its closing token is: at the limit the constraint is
+`guarding` too, and `choose` keeps the model's own closing token, or refuses any other and takes the closing token,
+which makes the limit, not the model, the span's end: reported `cut` as well.
 
 Overlap: after `advance` the next mask is computed on the compiler's thread pool (llguidance drops the
 GIL while it works), so it runs during the next forward; `allowed_tokens` only waits for it.
@@ -121,7 +123,9 @@ class Constraint:
         self.searching = False  # the next mask's computation searches a path (for the scheduler: it may take seconds)
         self._offered: torch.Tensor | None = None  # the last mask `allowed_tokens` gave
         self._chosen: tuple[int, list[int]] | None = None  # the token `choose` kept, and the path after it
-        self.cut = False  # the guard refused a token the model sampled: max_tokens, not the model, shaped the answer
+        # The guard refused a token the model sampled (or the span's limit ended it): max_tokens, not the model, shaped
+        # the answer.
+        self.cut = False
         self._bits = torch.zeros(self._words, dtype=torch.int32)
         self._finished = False
         self._error: str | None = None
@@ -148,33 +152,34 @@ class Constraint:
         if mask.dtype != torch.bool:  # the forbidden ids (see `mask`)
             forbidden, mask = mask, torch.ones(self._vocab, dtype=torch.bool)
             mask[forbidden] = False
-        if self._span_spent() and bool(mask[self._grammar.span.close]):
-            # Span budget spent: close it now. (If its closing token is not allowed yet — a character
-            # split across tokens — the text continues one more token.)
-            mask = self._only(self._grammar.span.close)
         self._offered = mask
         return mask
 
     def mask(self) -> torch.Tensor:
         """What the sampler applies: `allowed_tokens()`, or the ids (int64) of the forbidden tokens when they are few
-        (free text: the special tokens and some bytes; `_FEW_WORDS`) and neither the budget guard nor a spent span
-        needs the whole mask. The sampler fills those few ids, where a bool mask costs it passes over the vocabulary."""
+        (free text: the special tokens and some bytes; `_FEW_WORDS`) and the budget guard does not need the whole mask.
+        The sampler fills those few ids, where a bool mask costs it passes over the vocabulary."""
         if self._error is not None:
             raise ConstraintViolation(self._error)
         found = self._pending.result()
-        return self.allowed_tokens() if found.dtype == torch.bool or self._span_spent() else found
+        return self.allowed_tokens() if found.dtype == torch.bool else found
 
-    def _span_spent(self) -> bool:
+    def _span_closing(self) -> bool:
+        """The span has used its `limit` and its closing token is allowed: that token must come next (`choose` takes
+        it). While the closing token is not allowed yet (a character split across tokens), the text goes on a token."""
         span = self._grammar.span
-        return span is not None and self._in_span and self.span_tokens >= span.limit
+        if span is None or not self._in_span or self.span_tokens < span.limit or self._pending.exception() is not None:
+            return False
+        found = self._pending.result()
+        return bool(found[span.close]) if found.dtype == torch.bool else not bool((found == span.close).any())
 
     @property
     def guarding(self) -> bool:
-        """Within CLOSING_WINDOW tokens of the end of max_tokens (beyond the known path's length): the token
-        sampled under `allowed_tokens()` must go through `choose`, which may refuse it."""
+        """Within CLOSING_WINDOW tokens of the end of max_tokens (beyond the known path's length), or at the span's
+        limit: the token sampled under `allowed_tokens()` must go through `choose`, which may refuse it."""
         wait([self._pending])  # the path is searched with the mask
-        return (self._left is not None and self._path is not None and not self._finished
-                and self._left - len(self._path) <= CLOSING_WINDOW)
+        return self._span_closing() or (self._left is not None and self._path is not None and not self._finished
+                                         and self._left - len(self._path) <= CLOSING_WINDOW)
 
     def choose(self, token: int, resample: Callable[[torch.Tensor], int]) -> int:
         """The token to take, given the one sampled under `allowed_tokens()`; call it while `guarding`.
@@ -182,9 +187,12 @@ class Constraint:
         A token after which a complete answer is found within the tokens left (`_path_after`) is kept, so an
         answer that fits comes out as without the guard. Else it is refused (`cut` becomes True) and the row
         is sampled again without the tokens refused so far (`resample(mask)` → the new token): the model's
-        next choice is checked, up to _CHECKED_CHOICES of them; then the known path's next token is taken."""
+        next choice is checked, up to _CHECKED_CHOICES of them; then the known path's next token is taken.
+        At the span's limit, see `_close_span`."""
         if not self.guarding:
             return token
+        if self._span_closing():
+            return self._close_span(token, resample)
         mask, deadline = None, time.monotonic() + _CHECK_SECONDS
         for checked in range(1, _CHECKED_CHOICES + 1):
             after = self._path_after(token, deadline, wide=checked == 1)
@@ -201,10 +209,23 @@ class Constraint:
         self._chosen = (token, self._path[1:])
         return token
 
+    def _close_span(self, token: int, resample: Callable[[torch.Tensor], int]) -> int:
+        """At the span's limit: the model's own closing token is kept (it ended the span itself, nothing changes);
+        any other is refused and the closing token taken (`resample`, for its logprobs), so the limit ended the span
+        where the model would have gone on: `cut`, as for a token the budget guard refused (finish reason "length")."""
+        close = self._grammar.span.close
+        if token == close:
+            return token
+        self.cut = True
+        return resample(self._only(close))
+
     def advance(self, token_id: int) -> None:
         """Move the grammar past the sampled token and start computing the next mask."""
         wait([self._pending])  # the matcher is not shared: let the running computation end first
         if self._error is not None:
+            raise ConstraintViolation(self._error)
+        if self._span_closing() and token_id != self._grammar.span.close:  # a caller that skipped `choose`
+            self._error = f"token {token_id} ({self._describe(token_id)}) is past the span's limit ({self._grammar.span.limit})"
             raise ConstraintViolation(self._error)
         if not self._matcher.consume_token(token_id) and not (self._renew_lexer() and self._matcher.consume_token(token_id)):
             self._error = f"token {token_id} ({self._describe(token_id)}) is not allowed here: {matcher_error(self._matcher)}"

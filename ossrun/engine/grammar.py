@@ -37,7 +37,8 @@ class BudgetTooSmall(GrammarError):
 @dataclass(frozen=True, slots=True)
 class Span:
     """A bounded free-text span of the output (gpt-oss's reasoning): it starts when a header opened by
-    `opener` reads `tag` at `body`, and ends at `close`; after `limit` text tokens only `close` is allowed."""
+    `opener` reads `tag` at `body`, and ends at `close`; after `limit` text tokens only `close` is allowed. A `close`
+    the limit forced (the model sampled another token) marks the output cut, as the budget guard's refusals do."""
 
     opener: int
     tag: bytes

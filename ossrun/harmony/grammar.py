@@ -20,7 +20,8 @@ the answer (the hosted service returns an empty answer when it does). A grammar 
 after which the grammar forces the answer's header; `default_reasoning_budget(max_tokens)` keeps a
 share of max_tokens for the answer. Budget 0 forbids the analysis message altogether. The API gives a budget only
 where the answer must fit (`answer_must_fit`: a JSON answer, a required call): an answer that may be free text, or
-be cut, needs no room kept, and a budget would only end the reasoning early.
+be cut, needs no room kept, and a budget would only end the reasoning early. Where the budget ends reasoning the model
+would have continued, the engine reports the output cut (finish reason "length"): max_tokens shaped it.
 
 A request that may call no tool and wants free text gets `no_recipient()` instead: no structure, only no `=` in
 header text, so that no message is addressed to a recipient.
