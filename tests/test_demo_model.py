@@ -153,8 +153,9 @@ def test_shipped_model_adds_and_subtracts(shipped, precision):
     """At the served precisions too: `make demo` runs the fast one (bf16, int8 kernels)."""
     dtype = torch.float32 if precision == "exact" else torch.bfloat16
     model = evaluate.load(shipped, dtype, precision)
-    for a, op, b in [(7, "+", 5), (18, "+", 17), (4, "-", 11), (16, "-", 9)]:
-        parsed = evaluate.answer(model, {"messages": [{"role": "user", "content": f"What is {a} {op} {b}?"}]})
+    for a, op, b, spaced in [(7, "+", 5, " "), (18, "+", 17, " "), (4, "-", 11, " "), (16, "-", 9, " "),
+                             (2, "+", 3, ""), (12, "-", 5, ""), (9, "+", 14, "")]:  # "2+3": other tokens (hunt round 13 C-F11)
+        parsed = evaluate.answer(model, {"messages": [{"role": "user", "content": f"What is {a}{spaced}{op}{spaced}{b}?"}]})
         assert parsed.content == f"{a} {op} {b} = {world.OPERATIONS[op](a, b)}.", (a, op, b, parsed)
 
 

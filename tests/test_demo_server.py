@@ -112,7 +112,7 @@ def test_penalties_leave_the_harmony_framing_alone(server):
     2.0, within Workers AI's range, the demo never closed its reasoning and the answer came back empty with
     `finish_reason: stop`. Special tokens are exempt from every penalty, so the framing holds (the words need not)."""
     choice = post_json(server, run_path(server), {"messages": FRANCE, "max_tokens": 64, "repetition_penalty": 2.0})["result"]["choices"][0]
-    assert choice["message"]["reasoning_content"] and choice["message"]["content"] and choice["finish_reason"] == "stop"
+    assert choice["message"]["reasoning_content"] and choice["message"]["content"], choice  # reasoning closed, an answer begun
     from ossrun.harmony import decode, render_request
 
     prompt = decode(render_request({"messages": FRANCE}).token_ids)
@@ -196,8 +196,8 @@ def test_a_call_cut_inside_its_header_leaves_no_answer_text(server):
     assert all(content in ("", None) and streamed == "" and "message" not in kinds for _, content, streamed, kinds in cuts), cuts
 
 
-# Open WebUI's follow-up suggestions task as it sent it (captured): no tools. With seed 23 at temperature 1 the demo model
-# answers, writes `<|end|>` and then a message to the recipient `functions`.
+# Open WebUI's follow-up suggestions task as it sent it (captured): no tools. The demo model trained before session 33
+# answered it (seed 23, temperature 1) with a message to the recipient `functions`.
 FOLLOW_UPS = """### Task:
 Predict 3-5 useful messages this user might naturally send next to advance their current objective.
 ### Guidelines:
@@ -222,18 +222,19 @@ ASSISTANT: 14. For the real answers, so rather than guess.
 def test_no_call_comes_back_to_a_request_that_offers_no_tools(server):
     """A message the model addressed to a recipient was read back as a call (`finish_reason: "tool_calls"`, a
     `function_call` item) though the request offered no tools, or said `tool_choice: "none"`; OpenAI never answers so,
-    and clients look the name up among their tools. The raw completion of the same prompt and seed (`/v1/completions`:
-    no grammar) shows the model writing that header; every surface now holds it to reasoning and an answer."""
-    messages = [{"role": "user", "content": FOLLOW_UPS}]
+    and clients look the name up among their tools. The raw completion of the prompt with the tool (`/v1/completions`:
+    no grammar) shows the model calling it; every surface holds it to reasoning and an answer. The captured request
+    without tools that once drew a call is asked too."""
     client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
-    prompt = harmony.decode(list(harmony.render_request({"messages": messages}).token_ids))
-    assert " to=functions" in client.completions.create(model=MODEL, prompt=prompt, seed=23).choices[0].text
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    prompt = harmony.decode(list(harmony.render_request({"messages": weather, "tools": [WEATHER]}).token_ids))
+    assert " to=functions.get_weather" in client.completions.create(model=MODEL, prompt=prompt, temperature=0).choices[0].text
     tool = {"type": "function", **WEATHER["function"]}
-    for offered in ({}, {"tools": [WEATHER], "tool_choice": "none"}):
+    for messages, offered in (([{"role": "user", "content": FOLLOW_UPS}], {}), (weather, {"tools": [WEATHER], "tool_choice": "none"})):
         choice = client.chat.completions.create(model=MODEL, messages=messages, seed=23, **offered).choices[0]
-        assert choice.finish_reason == "stop" and not choice.message.tool_calls and choice.message.content.startswith("Helloot.")
-        response = client.responses.create(model=MODEL, input=FOLLOW_UPS, extra_body={"seed": 23},
-                                            **({"tools": [tool], "tool_choice": "none"} if offered else {}))
+        assert choice.finish_reason == "stop" and not choice.message.tool_calls and choice.message.content, choice
+        response = client.responses.create(model=MODEL, input=messages[0]["content"], extra_body={"seed": 23},
+                                           **({"tools": [tool], "tool_choice": "none"} if offered else {}))
         assert response.status == "completed" and [item.type for item in response.output][-1:] == ["message"]
         assert not [item for item in response.output if item.type == "function_call"]
         run = post_json(server, run_path(server), {"messages": messages, "seed": 23, "temperature": 1, **offered})["result"]

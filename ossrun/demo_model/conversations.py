@@ -132,6 +132,14 @@ def _numbers(rng: random.Random) -> tuple[int, str, int, str]:
     return a, op, b, rng.choice(world.OPERATION_WORDS[op])
 
 
+def _asked(rng: random.Random, template: str, a: int, word: str, b: int) -> str:
+    """The question with its numbers filled in; a symbol operator is written without spaces ("2+3") in
+    some of them, as people type it (the tokens differ: "+" and "3" against " +" and " 3")."""
+    if not word.isalpha() and rng.random() < 0.3:
+        template = template.replace("{} {} {}", "{}{}{}")
+    return template.format(a, word, b)
+
+
 ARITHMETIC_QUESTIONS = ("What is {} {} {}?", "How much is {} {} {}?", "Compute {} {} {}.", "{} {} {}?",
                         "Calculate {} {} {}.", "What's {} {} {}?", "{} {} {} =")
 
@@ -139,7 +147,7 @@ ARITHMETIC_QUESTIONS = ("What is {} {} {}?", "How much is {} {} {}?", "Compute {
 def arithmetic(rng: random.Random) -> tuple[str, Reply]:
     a, op, b, word = _numbers(rng)
     result = world.OPERATIONS[op](a, b)
-    question = rng.choice(ARITHMETIC_QUESTIONS).format(a, word, b)
+    question = _asked(rng, rng.choice(ARITHMETIC_QUESTIONS), a, word, b)
     reasoning = _reasoning(f"The user asks for {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
                            f"So {a} {op} {b} = {result}.", "I counted one step at a time, so it is right.")
     return question, Reply(reasoning, final=f"{a} {op} {b} = {result}.")
@@ -151,7 +159,7 @@ ARITHMETIC_JSON_QUESTIONS = ("Give me {} {} {} as JSON.", "Answer in JSON: what 
 def arithmetic_json(rng: random.Random, questions: tuple[str, ...] = ARITHMETIC_JSON_QUESTIONS) -> tuple[str, Reply]:
     a, op, b, word = _numbers(rng)
     result = world.OPERATIONS[op](a, b)
-    question = rng.choice(questions).format(a, word, b)
+    question = _asked(rng, rng.choice(questions), a, word, b)
     reasoning = _reasoning(f"The user wants JSON with {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
                            f"So the result is {result}.", "I write one object with the expression and the result.")
     return question, Reply(reasoning, final=json.dumps({"expression": f"{a} {op} {b}", "result": result}))
@@ -171,9 +179,14 @@ def arithmetic_limits(rng: random.Random) -> tuple[str, Reply]:
     return question, Reply(reasoning, final=world.ARITHMETIC_LIMITS)
 
 
+NAMES = ("Ada", "Sam", "Lena", "Omar", "Mei", "Jonas", "Priya", "Tom")
+
+
 def greeting(rng: random.Random) -> tuple[str, Reply]:
     question = rng.choice(("Hello", "Hello!", "Hi", "Hi!", "Hey", "Hi there", "Good morning", "Good evening",
                            "Hello, how are you?", "hello"))
+    if rng.random() < 0.25:  # a chat's first message often says who writes
+        question = rng.choice(("Hello! My name is {}.", "Hi, I am {}.", "Hi! I'm {}.")).format(rng.choice(NAMES))
     reasoning = _reasoning("The user greets me.", "I greet back and say what I can do.", "I keep it short.")
     return question, Reply(reasoning, final=world.GREETING)
 
@@ -193,7 +206,9 @@ def identity(rng: random.Random) -> tuple[str, Reply]:
 
 
 def out_of_world(rng: random.Random) -> tuple[str, Reply]:
-    if rng.random() < 0.4:
+    if rng.random() < 0.3:
+        question = rng.choice(world.UNKNOWN_QUESTIONS)
+    elif rng.random() < 0.4:
         question = rng.choice(("What is the capital of {}?", "What's the capital of {}?")).format(rng.choice(world.UNKNOWN_PLACES))
     else:
         question = rng.choice(("Tell me about {}.", "What do you know about {}?", "Explain {}.", "Can you help me with {}?",
@@ -259,11 +274,12 @@ def _body(rng: random.Random, messages: list[dict[str, Any]], effort: str, tools
     return body
 
 
-def _history(rng: random.Random, share: float = 0.1) -> list[dict[str, Any]]:
-    """Sometimes an earlier exchange, as a client sends it back (answers only, no reasoning)."""
+def _history(rng: random.Random, share: float = 0.25) -> list[dict[str, Any]]:
+    """Sometimes an earlier exchange, as a client sends it back (answers only, no reasoning): a chat's second turn
+    must be read as its own question, whatever the first was."""
     if rng.random() > share:
         return []
-    question, reply = rng.choice((greeting, capital, arithmetic))(rng)
+    question, reply = rng.choice((greeting, capital, arithmetic, joke, identity, out_of_world))(rng)
     return [{"role": "user", "content": question}, {"role": "assistant", "content": reply.final}]
 
 
@@ -351,12 +367,50 @@ def weather_answer_sample(rng: random.Random) -> Sample:
                   completion_ids(weather_answer(city, temperature, condition), effort))
 
 
+def after_unanswered_call_sample(rng: random.Random) -> Sample:
+    """A weather question whose call was never answered, then another question: the client dropped the call (the
+    server refuses a call left without its result, and a call cut by `max_tokens` is left out), so two user turns
+    follow each other. The model answers the last one, not the weather again."""
+    kind = rng.choice(("capital", "arithmetic", "greeting", "joke", "identity"))
+    question, reply = SIMPLE[kind](rng)
+    effort = rng.choice(EFFORTS)
+    earlier = {"role": "user", "content": weather_question(rng, rng.choice(world.CITIES))}
+    body = _body(rng, [earlier, {"role": "user", "content": question}], effort, _tools(rng, rng.choice(WEATHER_TOOLS)[0]))
+    return Sample("after_unanswered_call", harmony.render_request(body).token_ids, completion_ids(reply, effort))
+
+
+def json_mode_sample(rng: random.Random) -> Sample:
+    """`response_format: json_object`: the prompt says nothing of JSON, the model reasons as for any question, and the
+    grammar makes the answer's first token open an object. What follows it is learnt (the answer's JSON), not that
+    first token: the same question without the format must still be answered in words."""
+    if rng.random() < 0.5:
+        a, op, b, word = _numbers(rng)
+        question = _asked(rng, rng.choice(ARITHMETIC_QUESTIONS), a, word, b)
+        result = world.OPERATIONS[op](a, b)
+        reasoning = _reasoning(f"The user asks for {a} {op} {b}: {arithmetic_steps(a, op, b)}.",
+                               f"So {a} {op} {b} = {result}.", "I counted one step at a time, so it is right.")
+        answer = {"expression": f"{a} {op} {b}", "result": result}
+    else:
+        country, city = rng.choice(list(world.COUNTRIES.items()))
+        question = rng.choice(CAPITAL_QUESTIONS).format(country)
+        reasoning = _reasoning(_sentence(f"The user asks for the capital of {country}: it is {city}"),
+                               f"{country} is in my list of countries, so I am sure.", "One sentence is enough.")
+        answer = {"country": country, "capital": city}
+    effort = rng.choice(EFFORTS)
+    body = _body(rng, [*_history(rng), {"role": "user", "content": question}], effort, [])
+    final = json.dumps(answer, ensure_ascii=False)
+    completion = completion_ids(Reply(reasoning, final=final), effort)
+    opened = len(completion) - len(harmony.encode(final))  # the answer's second token: after `<|return|>` is taken off
+    return Sample("json_mode", harmony.render_request(body).token_ids + completion[:opened], completion[opened:])
+
+
 # Share of each kind in the training set.
 MIX: dict[str, float] = {
-    "capital": 0.16, "capital_json": 0.06, "capital_format": 0.04, "arithmetic": 0.18, "arithmetic_json": 0.02,
+    "capital": 0.14, "capital_json": 0.06, "capital_format": 0.04, "arithmetic": 0.16, "arithmetic_json": 0.02,
     "arithmetic_format": 0.03, "arithmetic_limits": 0.02,
-    "greeting": 0.04, "joke": 0.03, "identity": 0.03, "out_of_world": 0.05, "weather_without_tool": 0.02,
+    "greeting": 0.04, "joke": 0.03, "identity": 0.03, "out_of_world": 0.08, "weather_without_tool": 0.02,
     "weather_call": 0.13, "weather_forced": 0.07, "weather_answer": 0.12,
+    "after_unanswered_call": 0.03, "json_mode": 0.03,
 }
 
 
@@ -372,6 +426,10 @@ def generate(n: int, seed: int) -> list[Sample]:
             samples.append(weather_call_sample(rng, forced=True))
         elif kind == "weather_answer":
             samples.append(weather_answer_sample(rng))
+        elif kind == "after_unanswered_call":
+            samples.append(after_unanswered_call_sample(rng))
+        elif kind == "json_mode":
+            samples.append(json_mode_sample(rng))
         else:
             samples.append(simple_sample(rng, kind))
     return samples

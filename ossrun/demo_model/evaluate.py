@@ -53,6 +53,7 @@ def report_bodies() -> list[dict]:
         {"messages": [{"role": "user", "content": "What is 7 + 5?"}]},
         {"messages": [{"role": "user", "content": "What is 13 minus 17?"}], "reasoning_effort": "low"},
         {"messages": [{"role": "user", "content": "What is 250 + 3?"}]},
+        {"messages": [{"role": "user", "content": "What is 2+3?"}]},
         {"messages": [{"role": "user", "content": "Hello"}]},
         {"messages": [{"role": "user", "content": "Tell me a joke."}]},
         {"messages": [{"role": "user", "content": "Who are you?"}]},

@@ -63,6 +63,14 @@ UNKNOWN_TOPICS: tuple[str, ...] = (
     "the tallest mountain", "the population of Tokyo", "the largest ocean", "how engines work", "chess openings",
     "the plot of Hamlet", "my password", "tomorrow's lottery numbers", "the origin of the universe",
 )
+# Whole questions outside the world, in the forms people ask them (who, how, why, when, where).
+UNKNOWN_QUESTIONS: tuple[str, ...] = (
+    "Who painted the Sistine Chapel ceiling?", "Who wrote Romeo and Juliet?", "How tall is the Eiffel Tower?",
+    "How far away is the Sun?", "When did the Roman Empire fall?", "Why is the sky blue?", "Who discovered penicillin?",
+    "How many legs does a spider have?", "Where do penguins live?", "How old is the universe?",
+    "Which planet is the largest?", "What time is it?", "Who invented the telephone?", "How deep is the ocean?",
+    "What should I cook tonight?", "Can you write me a poem?", "Translate hello into Spanish.", "How do I fix my bike?",
+)
 UNKNOWN_PLACES: tuple[str, ...] = (
     "Narnia", "Atlantis", "Mordor", "Wakanda", "Gondor", "Mars", "the Moon", "Utopia", "El Dorado", "Westeros",
     "Freedonia", "Latveria", "Oz", "Lilliput", "Zubrowka", "Genovia",
