@@ -12,13 +12,33 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+DATABASE = "batch.sqlite"  # the data directory's SQLite file: the batch queue and the stored Responses
+# How long a write waits for another connection's write lock before SQLite gives up ("database is locked"): ours hold
+# it for milliseconds; an operator's `sqlite3` shell left in a transaction holds it until it ends.
+BUSY_TIMEOUT_S = 5.0
+
 # A full disk or quota, a file-size limit, a read-only or failing filesystem, permissions taken away.
 _REFUSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 _SQLITE_REFUSALS = ("database or disk is full", "disk I/O error", "readonly database", "unable to open database file")
+LOCKED = "database is locked"  # SQLITE_BUSY past the busy timeout: another process holds the write lock
+
+
+def open_database(path: str | Path) -> sqlite3.Connection:
+    """A connection to the data directory's SQLite file as every store opens one: usable from any thread (each store
+    guards its own), in autocommit (stores begin their transactions), WAL (a reader never waits for a writer),
+    synchronous FULL ("stored" means on disk, power loss included), a write waiting `BUSY_TIMEOUT_S` for a lock."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
 
 
 def write_refusal(exc: BaseException) -> str | None:
-    """What the storage said when `exc` is it refusing a write, None for any other error (a bug keeps its traceback)."""
+    """What the storage said when `exc` is it refusing a write, None for any other error (a bug keeps its traceback).
+    Another process holding the database's write lock past `BUSY_TIMEOUT_S` (an operator's `sqlite3` shell in a
+    transaction, a VACUUM) refuses it too, for as long as it holds it."""
+    if isinstance(exc, sqlite3.OperationalError) and LOCKED in str(exc):
+        return f"{exc}: another process has held its write lock for over {BUSY_TIMEOUT_S:g} s"
     if isinstance(exc, sqlite3.OperationalError) and any(text in str(exc) for text in _SQLITE_REFUSALS):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _REFUSING_ERRNOS:

@@ -329,3 +329,51 @@ def test_a_batch_of_responses_items_is_also_answered_as_the_model_schema_documen
         assert "results" not in mixed and len(mixed["responses"]) == 2
     finally:
         server.stop()
+
+
+def test_another_process_holding_the_write_lock_neither_freezes_the_server_nor_makes_500s(checkpoints, tmp_path):
+    """Hunt round 15 A-F2: while another process held batch.sqlite's write lock (an operator's sqlite3 shell in a
+    transaction), queueing a batch, a background create and a DELETE each waited SQLite's busy timeout on the event
+    loop, so /health and every stream stood still for 5 s at a time, then answered 500 "internal error". The writes now
+    wait on threads, the reads a poll or /health make never wait behind them, and a write still locked out after the
+    busy timeout is the storage 503 (3040) naming the lock; a sync answer is still sent (not kept). Once the lock is
+    released, writes work again."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    response = {"model": MODEL, "input": "Hi", "max_output_tokens": 4}
+    try:
+        stored = httpx.post(server.base + "/v1/responses", json=response, timeout=60).json()["id"]
+        batch = queue(server, items(1))
+        outside = sqlite3.connect(tmp_path / "data" / "batch.sqlite", isolation_level=None)
+        outside.execute("BEGIN IMMEDIATE")
+        with ThreadPoolExecutor(4) as pool:
+            writes = {"queue": pool.submit(httpx.post, server.run_url(), params={"queueRequest": "true"},
+                                           json={"requests": items(1)}, timeout=60),
+                      "background": pool.submit(httpx.post, server.base + "/v1/responses", json={**response, "background": True}, timeout=60),
+                      "delete": pool.submit(httpx.delete, f"{server.base}/v1/responses/{stored}", timeout=60)}
+            answered = pool.submit(httpx.post, server.base + "/v1/responses", json=response, timeout=60)
+            slowest = 0.0
+            while not all(write.done() for write in writes.values()):
+                started = time.monotonic()
+                assert server.health()["status"] == "ok" and poll(server, batch)["status"] in ("queued", "running", "done")
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.1)
+            assert answered.result().status_code == 200, answered.result().text
+        assert slowest < 1, f"/health and a poll took {slowest:.1f} s while writes waited for the lock"
+        assert server.health()["batch_store"] == "failing"
+        for name, write in writes.items():
+            answer = write.result()
+            assert answer.status_code == 503, (name, answer.text)
+            error = answer.json()["error"] if "error" in answer.json() else answer.json()["errors"][0]
+            assert str(error["code"]) == "3040" and "(database is locked: another process has held its write lock" in error["message"], error
+        outside.execute("ROLLBACK")
+        outside.close()
+        _until(lambda: server.health()["batch_store"] == "ok")
+        assert httpx.delete(f"{server.base}/v1/responses/{stored}", timeout=60).status_code == 200
+        assert all(r["success"] for r in wait_done(server, queue(server, items(1)))["responses"])
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "unhandled error" not in log and "Traceback" not in log

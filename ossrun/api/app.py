@@ -35,6 +35,7 @@ from ossrun.batch.store import SQLiteBatchStore
 from ossrun.engine.client import EngineClient
 from ossrun.batch.worker import BatchWorker
 from ossrun.finetunes import MAX_ASSET_BYTES, FinetuneStore
+from ossrun.storage import DATABASE
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def _internal_error(request: Request) -> Response:
 
 def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     service = Service(engine, settings, Metering(engine.info.served_name, engine))
-    service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / "batch.sqlite")
+    service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / DATABASE)
     service.finetunes = FinetuneStore(settings.data_dir)
     for name, path in settings.loras.items():
         engine.register_adapter(name, path)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from ossrun.api.surfaces.frames import DONE
@@ -28,20 +28,21 @@ class BackgroundRun:
     """One run's frames as its task reads them; `follow` streams them to a listener. Frame i of a Responses stream is
     its event with sequence_number i (every frame is an event, numbered from 0), so `follow(after)` skips by index."""
 
-    def __init__(self, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], None], ended: Callable[[], None]):
+    def __init__(self, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], Awaitable[None]], ended: Callable[[], None]):
         self.frames: list[bytes] = []
         self.done = False
         self._grew = asyncio.Event()  # replaced after each wake-up: a listener waits on the one it saw
         self.task = asyncio.get_running_loop().create_task(self._pump(frames, on_cancel, ended))
 
-    async def _pump(self, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], None], ended: Callable[[], None]) -> None:
+    async def _pump(self, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], Awaitable[None]],
+                    ended: Callable[[], None]) -> None:
         try:
             async with aclosing(frames) as source:  # closed however the run ends: the engine request is aborted
                 async for frame in source:
                     if frame != DONE:  # `follow` ends every listener's stream with its own
                         self._add(frame)
         except asyncio.CancelledError:
-            on_cancel()  # `cancel`: the response is kept `cancelled` before any listener learns the run has ended
+            await on_cancel()  # `cancel`: the response is kept `cancelled` before any listener learns the run has ended
         except Exception:  # the stream turns generation's failures into its failure frames: this is a bug
             log.exception("background run failed")
         finally:
@@ -86,7 +87,7 @@ class BackgroundRuns:
         self._runs: dict[str, BackgroundRun] = {}
         self._ended: OrderedDict[str, tuple[float, BackgroundRun]] = OrderedDict()  # oldest end first
 
-    def start(self, key: str, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], None]) -> BackgroundRun:
+    def start(self, key: str, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], Awaitable[None]]) -> BackgroundRun:
         run = BackgroundRun(frames, on_cancel, ended=lambda: self._end(key))
         self._runs[key] = run
         return run

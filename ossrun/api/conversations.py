@@ -30,6 +30,7 @@ from pydantic import TypeAdapter
 from ossrun.api.errors import bad_input
 from ossrun.api.schemas import ResponsesInput
 from ossrun.harmony.shapes import InputItem, InputMessage, ItemReference
+from ossrun.storage import open_database
 
 R = TypeVar("R", bound=ResponsesInput)
 
@@ -122,7 +123,9 @@ def listed_item(item: dict[str, Any], fallback_id: str) -> dict[str, Any]:
 
 
 class ResponseStore:
-    """SQLite (WAL, one connection behind a lock); `capacity` newest responses no older than `retention_s`.
+    """SQLite (`storage.open_database`: WAL); `capacity` newest responses no older than `retention_s`. A connection for
+    writes and one for reads, each behind its own lock: a write (on a thread: `Service.write`) can wait out another
+    process's write lock, and a read (a retrieve, a `previous_response_id`, on the event loop) never waits behind it.
 
     A response stored again whose new copy the file refuses (a background run's end on a disk that filled up meanwhile)
     is held in memory (`held` newest) and read before the file's snapshot: a poller sees it end rather than
@@ -133,11 +136,12 @@ class ResponseStore:
         self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by id: ends the file refused, oldest first
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_database(path)
         self._db.executescript(_SCHEMA)
         self._index_stored_items()
         self._fail_interrupted()
+        self._read_lock = threading.Lock()
+        self._reader = open_database(path)
 
     def expand(self, request: R) -> R:
         """The request as the model reads it: each `item_reference` in its input replaced by the stored item it names
@@ -158,10 +162,10 @@ class ResponseStore:
         """The stored item `input[index]` names; a 400 in OpenAI's words if none. The oldest response holding it is read
         (the one that made it, or was first given it): a later request sending another item under that id (an edited
         copy) does not change what the id names."""
-        with self._lock:
-            row = self._db.execute("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id "
-                                   "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at ASC, r.rowid ASC LIMIT 1",
-                                   (reference.id, time.time() - self.retention_s)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id "
+                                       "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at ASC, r.rowid ASC LIMIT 1",
+                                       (reference.id, time.time() - self.retention_s)).fetchone()
         if row is None:
             raise bad_input(f"Error: at '/input/{index}/id': Item with id {reference.id!r} not found.", f"input[{index}].id")
         return _ITEM.validate_python(json.loads(row[0]))
@@ -173,7 +177,7 @@ class ResponseStore:
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
-        if previous in self._held:
+        if self._held.get(previous) is not None:
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} ended while the data directory "
                             "refused writes, so its output was not stored; it cannot be continued", "previous_response_id")
         status = (self.get(previous) or {}).get("status")
@@ -190,17 +194,18 @@ class ResponseStore:
 
     def get(self, response_id: str) -> dict[str, Any] | None:
         """The stored response object (held in memory if the file refused its last copy), or None."""
-        if response_id in self._held:
-            return self._held[response_id]
+        held = self._held.get(response_id)  # written on a writer's thread: read once
+        if held is not None:
+            return held
         row = self._row("response", response_id)
         return None if row is None else json.loads(row)
 
     def input_items(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items a stored response was generated from, in order (a previous response's conversation included:
         what the model read), each with its id; None if unknown. The replay is these items then the output's."""
-        with self._lock:
-            row = self._db.execute("SELECT replay, response FROM responses WHERE id = ? AND created_at >= ?",
-                                   (response_id, time.time() - self.retention_s)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT replay, response FROM responses WHERE id = ? AND created_at >= ?",
+                                       (response_id, time.time() - self.retention_s)).fetchone()
         if row is None:
             return None
         inputs, _ = _split(json.loads(row[0]), json.loads(row[1]))
@@ -297,14 +302,15 @@ class ResponseStore:
         self._db.execute("COMMIT")
 
     def _row(self, column: str, response_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {column} FROM responses WHERE id = ? AND created_at >= ?",
-                                   (response_id, time.time() - self.retention_s)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute(f"SELECT {column} FROM responses WHERE id = ? AND created_at >= ?",
+                                       (response_id, time.time() - self.retention_s)).fetchone()
         return None if row is None else row[0]
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
 
 _INSERT_ITEM = "INSERT OR REPLACE INTO response_items (id, response_id, item) VALUES (?, ?, ?)"

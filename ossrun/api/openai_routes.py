@@ -47,7 +47,7 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     # (validation, planning: a prompt past the window, a schema that does not compile) was raised above, as the HTTP
     # error, before anything is queued or stored.
     if ask.background:
-        run = _detached(service, plans[0], made[0], tally)
+        run = await _detached(service, plans[0], made[0], tally)
         if ask.stream:
             return EventStream(run.follow())
         # Without a stream the client gets the snapshot at once and polls `GET /v1/responses/{id}` (OpenAI's way: a
@@ -65,14 +65,14 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     return choices.merge_results(answers, total_usage())
 
 
-def _detached(service: Service, plan: Plan, surface: ResponsesSurface, tally: Tally) -> BackgroundRun:
+async def _detached(service: Service, plan: Plan, surface: ResponsesSurface, tally: Tally) -> BackgroundRun:
     """A background run (streamed or not): its `in_progress` snapshot kept (retrieve answers it while it runs), then
     generated as a stream by a run of its own, so a listener that leaves (the creating request included) stops only its
     own stream; a sync create is no listener at all. A snapshot the data directory refuses is the 503 of
     `Service.writing`, before anything runs: the store is where its result would be read, so a run nobody can
     retrieve would be generated for nothing (a sync answer is still sent without its store; this one is not)."""
     surface.keeps_every_end = True
-    service.keep_response(plan.ask, surface.shell())
+    await service.keep_response(plan.ask, surface.shell())
     frames = surfaces.stream(service, plan, surface, tally, openai_shape=True)
     return service.background.start(surface.id, frames, on_cancel=surface.cancelled)
 
@@ -187,7 +187,7 @@ async def delete_response(response_id: ResponseIdPath, request: Request):
     if run is not None:
         await run.cancel()
         service.background.drop(response_id)
-    if not service.responses.delete(response_id):
+    if not await service.write("the responses", service.responses.delete, response_id):
         raise _not_stored(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 

@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ossrun import harmony
 from ossrun.api.ask import Ask, FinalFormat
@@ -41,7 +41,9 @@ from ossrun.engine.client import (
 from ossrun.finetunes import PairMismatch
 from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool, tool_spec
-from ossrun.storage import StorageHealth, write_refusal
+from ossrun.storage import DATABASE, StorageHealth, write_refusal
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -255,7 +257,7 @@ class Service:
         self.settings = settings
         self.metering = metering
         self.batch_store = None  # set by the app factory
-        self.responses = ResponseStore(Path(settings.data_dir) / "batch.sqlite")  # previous_response_id, GET /v1/responses/{id}
+        self.responses = ResponseStore(Path(settings.data_dir) / DATABASE)  # previous_response_id, GET /v1/responses/{id}
         from ossrun.api.background import BackgroundRuns  # it imports the surfaces, which import this module
 
         self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
@@ -283,16 +285,24 @@ class Service:
             raise storage_refused(store, cause) from None
         self.storage.worked(store)
 
-    def keep_response(self, ask: Ask, response: dict[str, Any]) -> None:
+    async def write(self, store: str, call: Callable[..., T], *args: Any, meanwhile: str = "such requests are answered 503") -> T:
+        """`call(*args)`, a write to the data directory's database, on a thread, reported as `writing` reports it:
+        SQLite waits out another process's write lock (up to `storage.BUSY_TIMEOUT_S`) there, not on the event loop,
+        where every stream and /health would wait with it. A cancellation meanwhile is raised once the write has
+        ended: it happens either way, and whoever the cancellation serves (a cancel, then a retrieve) reads it done."""
+        with self.writing(store, meanwhile):
+            return await _to_its_end(asyncio.to_thread(call, *args))
+
+    async def keep_response(self, ask: Ask, response: dict[str, Any]) -> None:
         """Keep a Responses answer (retrieve, `previous_response_id`). The Responses store shares the batch queue's
         file, so a refusal is the same streak, one line per streak, and /health's `batch_store` says so: the data
-        directory refusing writes is one condition, whichever store met it first. Raises the 503 (`writing`); a sync
+        directory refusing writes is one condition, whichever store met it first. Raises the 503 (`write`); a sync
         answer's caller forgives it (`surfaces.for_plan`), a background create cannot (its store is all it is for)."""
         if not ask.store:  # nothing is written, so nothing may end a failure streak as if a write had worked
             return
-        with self.writing("the responses", "background responses are refused (503), others answered but not kept (they "
-                                           "cannot be continued)"):
-            self.responses.remember(response["id"], ask.items, ask.store, response)
+        await self.write("the responses", self.responses.remember, response["id"], ask.items, ask.store, response,
+                         meanwhile="background responses are refused (503), others answered but not kept (they cannot be "
+                                   "continued)")
 
     # -- LoRA fine-tunes --------------------------------------------------------------------------
     def create_finetune(self, model: str, name: str, description: str = "", public: bool = False):
@@ -627,6 +637,19 @@ class Service:
             pending.clear()
         if step.hidden:
             pending.clear()
+
+
+async def _to_its_end(work: Awaitable[T]) -> T:
+    """`work`'s result, awaited to its end even when the caller is cancelled meanwhile (then the cancellation is
+    raised after it, and its own outcome dropped)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller hears the cancellation
+        raise
 
 
 def characters_started(entry: dict[str, Any]) -> int:

@@ -144,8 +144,7 @@ async def _queue(service: Service, model: str, body: Any, request: Request) -> d
         raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(items)}")
     # Each item's error names requests[i]. A client that leaves meanwhile gets no request_id: nothing is queued for it.
     await unless_client_leaves(request, asyncio.to_thread(_check_items, service, items))
-    with service.writing("the batch queue"):
-        batch_id = service.batch_store.create(model, items)
+    batch_id = await service.write("the batch queue", service.batch_store.create, model, items)
     request.app.state.batch_worker.notify()
     return envelope({"status": "queued", "request_id": batch_id, "model": model})
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ossrun.storage import open_database
+
 
 @dataclass(slots=True)
 class BatchItem:
@@ -78,21 +80,25 @@ CREATE INDEX IF NOT EXISTS items_state ON items(state, batch_id, idx);
 
 
 class SQLiteBatchStore:
-    """SQLite in WAL mode; one connection guarded by a lock (the queue is not the hot path)."""
+    """SQLite in WAL mode (`storage.open_database`: "queued" means on disk); a connection for writes and one for reads,
+    each behind its own lock (the queue is not the hot path). A write can wait out another process's write lock
+    (`storage.BUSY_TIMEOUT_S`, on the worker's or the API's thread); a read (a poll, a /metrics scrape, on the event
+    loop) never waits behind it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # "queued" means on disk, power loss included
+        self._db = open_database(self.path)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._read_lock = threading.Lock()
+        self._reader = open_database(self.path)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str:
         batch_id = str(uuid.uuid4())
@@ -107,14 +113,16 @@ class SQLiteBatchStore:
         return batch_id
 
     def get(self, batch_id: str) -> Batch | None:
-        with self._lock:
-            row = self._db.execute("SELECT id, model, created_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
-            if row is None:
-                return None
-            items = self._db.execute(
-                "SELECT batch_id, idx, body, external_reference, state, success, result, prompt_tokens, completion_tokens "
-                "FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)).fetchall()
-        return Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items])
+        with self._read_lock:
+            self._reader.execute("BEGIN")  # one snapshot: the batch and its items as one commit left them
+            try:
+                row = self._reader.execute("SELECT id, model, created_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+                items = [] if row is None else self._reader.execute(
+                    "SELECT batch_id, idx, body, external_reference, state, success, result, prompt_tokens, completion_tokens "
+                    "FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)).fetchall()
+            finally:
+                self._reader.execute("COMMIT")
+        return None if row is None else Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items])
 
     def claim(self, limit: int) -> list[BatchItem]:
         """Mark up to `limit` queued items running (oldest batch first) and return them."""
@@ -151,8 +159,9 @@ class SQLiteBatchStore:
     def backlog(self) -> dict[str, int]:
         """{"queued": n, "running": m}: items not done yet (counted on the state index, so a scrape costs what the
         backlog holds, not what the retained results do)."""
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'running') GROUP BY state").fetchall()
+        with self._read_lock:
+            rows = self._reader.execute("SELECT state, COUNT(*) FROM items WHERE state IN ('queued', 'running') "
+                                        "GROUP BY state").fetchall()
         return {"queued": 0, "running": 0, **dict(rows)}
 
     def _transaction(self):

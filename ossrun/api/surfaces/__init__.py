@@ -43,6 +43,9 @@ class Surface(Protocol):
     def failed(self, error: ApiError, openai_shape: bool) -> list[bytes]:
         """Frames that end a stream whose generation failed (`openai_shape`: a /v1 route), before `[DONE]`."""
 
+    async def keep(self) -> None:
+        """The writes the end `closing` or `failed` built needs before its frames go out (the Responses store)."""
+
 
 async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None) -> AsyncIterator[bytes]:
     """The request's frames, from the engine's first step to the closing ones; metered however it
@@ -60,10 +63,25 @@ async def drive(service: Service, plan: Plan, surface: Surface, tally: Tally | N
                     outcome.add(event)
                     for frame in surface.event(event):
                         yield frame
-        for frame in surface.closing():
+        closing = surface.closing()
+        interrupted = await _kept(surface)
+        for frame in closing:
             yield frame
+        if interrupted is not None:
+            raise interrupted
     finally:
         tally.ended()
+
+
+async def _kept(surface: Surface) -> asyncio.CancelledError | None:
+    """`surface.keep()`. A cancellation that arrives meanwhile (raised once the write has ended: `Service.write`) is
+    returned, for the caller to raise after the frames that say how the answer ended: a cancel too late to stop a
+    background run leaves its listeners the terminal event of the end its store holds."""
+    try:
+        await surface.keep()
+    except asyncio.CancelledError as cancelled:
+        return cancelled
+    return None
 
 
 async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | None = None,
@@ -74,8 +92,12 @@ async def stream(service: Service, plan: Plan, surface: Surface, tally: Tally | 
             async for frame in frames:
                 yield frame
     except Exception as exc:
-        for frame in surface.failed(stream_error(exc), openai_shape):
+        failing = surface.failed(stream_error(exc), openai_shape)
+        interrupted = await _kept(surface)
+        for frame in failing:
             yield frame
+        if interrupted is not None:
+            raise interrupted from None
     yield DONE
 
 
@@ -116,10 +138,10 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usag
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "", usage_nulls)
 
-    def remember(response: dict[str, Any]) -> None:
+    async def remember(response: dict[str, Any]) -> None:
         """The answer exists and is metered: a store that fails costs only its later `previous_response_id`."""
         try:
-            service.keep_response(ask, response)
+            await service.keep_response(ask, response)
         except ApiError:  # the data directory refused the write: `Service.writing` logged the streak, once
             pass
         except Exception:  # a bug, not a full disk: its traceback

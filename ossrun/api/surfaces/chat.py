@@ -11,11 +11,12 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api import results
 from ossrun.api.service import Outcome, usage
-from ossrun.api.surfaces.frames import error_frames, frame
+from ossrun.api.surfaces.frames import error_frames, frame, nothing_to_keep
 
 
 class ChatSurface:
     failed = staticmethod(error_frames)
+    keep = staticmethod(nothing_to_keep)
 
     def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, legacy_functions: bool = False,
                  usage_nulls: bool = True):

@@ -9,11 +9,12 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api import results
 from ossrun.api.service import Outcome, usage
-from ossrun.api.surfaces.frames import error_frames, frame
+from ossrun.api.surfaces.frames import error_frames, frame, nothing_to_keep
 
 
 class CompletionSurface:
     failed = staticmethod(error_frames)
+    keep = staticmethod(nothing_to_keep)
 
     def __init__(self, outcome: Outcome, model: str, prices, with_logprobs: bool, include_usage: bool, echo: str = "", usage_nulls: bool = True):
         self.outcome, self.model, self.prices = outcome, model, prices

@@ -38,3 +38,7 @@ def error_frames(error: ApiError, openai_shape: bool) -> list[bytes]:
     SDKs raise `APIError` from), Workers AI's `{message, code}` on /ai/run."""
     detail = openai_error_object(error) if openai_shape else {"message": error.message, "code": error.code}
     return [frame({"error": detail})]
+
+
+async def nothing_to_keep() -> None:
+    """A surface's `keep` where the answer's end writes nothing (every surface but the Responses one)."""

@@ -9,11 +9,12 @@ from typing import Any
 from ossrun import harmony
 from ossrun.api import results
 from ossrun.api.service import Outcome, usage
-from ossrun.api.surfaces.frames import error_frames, frame
+from ossrun.api.surfaces.frames import error_frames, frame, nothing_to_keep
 
 
 class PromptSurface:
     failed = staticmethod(error_frames)
+    keep = staticmethod(nothing_to_keep)
 
     def __init__(self, outcome: Outcome, prices, json_mode: bool, with_logprobs: bool = False):
         self.outcome, self.prices, self.json_mode, self.with_logprobs = outcome, prices, json_mode, with_logprobs

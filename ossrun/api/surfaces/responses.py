@@ -5,7 +5,7 @@ each item's events; its final `response.completed` object is the sync result, bu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ossrun import harmony
@@ -13,7 +13,7 @@ from ossrun.api import results
 from ossrun.api.errors import ApiError
 from ossrun.api.schemas import ResponsesInput
 from ossrun.api.service import Outcome
-from ossrun.api.surfaces.frames import frame
+from ossrun.api.surfaces.frames import frame, nothing_to_keep
 from ossrun.harmony.shapes import seal_reasoning
 
 ENCRYPTED_REASONING = "reasoning.encrypted_content"  # an `include` value: reasoning items carry it (shapes.seal_reasoning)
@@ -29,14 +29,16 @@ def summary_asked(request: ResponsesInput | None) -> bool:
 
 
 class ResponsesSurface:
-    """`remember(response)` keeps the finished response for `previous_response_id` (both modes); `with_logprobs`:
+    """`remember(response)` keeps the finished response for `previous_response_id` (both modes; `keep` awaits it before
+    the terminal event goes out, so a client that read the end can retrieve and continue it); `with_logprobs`:
     the answer text's tokens are listed (`include: ["message.output_text.logprobs"]`) in its `output_text` part and
     in the deltas that show them, as the chat surface lists them; `sampling`: the temperature and top_p used, echoed.
     With `reasoning.summary` (`summary_asked`) a reasoning item also carries its text as its summary, streamed with
     OpenAI's summary events beside the `reasoning_text` ones."""
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
-                 remember: Callable[[dict[str, Any]], None], with_logprobs: bool = False, sampling: dict[str, float] | None = None):
+                 remember: Callable[[dict[str, Any]], Awaitable[None]], with_logprobs: bool = False,
+                 sampling: dict[str, float] | None = None):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
         self.with_logprobs, self.sampling = with_logprobs, sampling
         self.with_summary = summary_asked(request)
@@ -52,6 +54,7 @@ class ResponsesSurface:
         # and cancelled too, or a poller would read `in_progress` for ever.
         self.keeps_every_end = False
         self.finished = False  # the final object is built and kept: a cancel arriving now changes nothing
+        self._unkept: dict[str, Any] | None = None  # the end `closing` or `failed` built, for `keep`
 
     # -- the surface --------------------------------------------------------------------------------
     def opening(self) -> list[bytes]:
@@ -90,8 +93,7 @@ class ResponsesSurface:
         if not self._cut and not any(item["type"] in ("message", "function_call") for item in self.output):
             frames += self._open(_message_item("final"))
             frames += self._close(cut=self._cut)
-        final = self.result()
-        self.remember(final)
+        final = self._unkept = self.result()
         self.finished = True
         return frames + [self._event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)]
 
@@ -106,18 +108,24 @@ class ResponsesSurface:
         response = {**self.result(), "status": "failed", "completed_at": None,
                     "error": {"code": "server_error", "message": error.message}, "incomplete_details": None}
         if self.keeps_every_end:
-            self.remember(response)
+            self._unkept = response
         return [self._event("response.failed", response=response)]
 
-    def cancelled(self) -> None:
+    async def keep(self) -> None:
+        """Keep the end `closing` or `failed` built (the caller sends its frames after this)."""
+        response, self._unkept = self._unkept, None
+        if response is not None:
+            await self.remember(response)
+
+    async def cancelled(self) -> None:
         """`POST /v1/responses/{id}/cancel` stopped a background run: it is kept `cancelled` with the output so far
         (the open item cut off, as `failed` leaves it). Its stream gets no event for it (OpenAI's Responses events
         have none): it ends. A run whose final object was already built and kept is left as it ended."""
         if self.finished:
             return
         self._cut_open_item()
-        self.remember({**self.result(), "status": "cancelled", "completed_at": None, "incomplete_details": None})
         self.finished = True
+        await self.remember({**self.result(), "status": "cancelled", "completed_at": None, "incomplete_details": None})
 
     def _cut_open_item(self) -> None:
         """The item generation was in holds what it streamed, `incomplete` (nothing will complete it); no done events."""
@@ -250,7 +258,7 @@ class _Replay(ResponsesSurface):
     stream opens it, closed as it was kept (its logprobs, summary and encrypted reasoning included)."""
 
     def __init__(self, stored: dict[str, Any]):
-        super().__init__(Outcome(), stored["model"], None, None, remember=lambda _: None)
+        super().__init__(Outcome(), stored["model"], None, None, remember=lambda _: nothing_to_keep())
         self.id, self.created, self.stored = stored["id"], stored["created_at"], stored
         self.kept: dict[str, Any] = {}  # the stored item being replayed
 
