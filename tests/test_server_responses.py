@@ -593,6 +593,51 @@ def test_a_background_run_whose_end_the_disk_refuses_is_polled_to_its_end(tmp_pa
     assert "Traceback" not in own.log.read_text()
 
 
+def test_a_delete_the_disk_refuses_is_a_503_that_leaves_a_running_background_response_running(tmp_path):
+    """Hunt round 15 A-F1: with the data directory refusing writes, DELETE /v1/responses/{id} was a 500 "internal
+    error" with a traceback, /health said nothing, and a running background response was cancelled before the delete
+    failed. Now it is the storage 503 (3040) the other writes answer, /health says failing, and the run goes on; once
+    the disk takes writes again the delete works, the run stopped with it. RLIMIT_FSIZE 0 on the server refuses for real."""
+    import resource
+
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    own = start_server(resolve_model("demo"), tmp_path / "data")
+    client = openai.OpenAI(base_url=f"{own.base}/v1", api_key="none", max_retries=0, timeout=60)
+    _, hard = resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE)
+    try:
+        stored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
+        for seed in range(8):
+            running = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4000, background=True, extra_body={"seed": seed})
+            resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (0, hard))
+            refused = [httpx.delete(f"{own.base}/v1/responses/{rid}", timeout=60) for rid in (stored.id, running.id)]
+            if client.responses.retrieve(running.id).status == "in_progress":
+                break
+            resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        else:
+            pytest.fail("every background run ended before the delete")
+        for answer in refused:
+            assert answer.status_code == 503, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "3040" and "the storage of the responses cannot be written" in error["message"], error
+        assert own.health()["batch_store"] == "failing"
+        assert client.responses.retrieve(stored.id).id == stored.id
+        resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        for rid in (stored.id, running.id):
+            client.responses.delete(rid)  # the SDK returns nothing
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(rid)
+        idle = own.wait_idle()
+        assert idle["running"] == 0 and idle["waiting"] == 0, idle  # the deleted run was stopped
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(running.id)  # its end did not store it again
+    finally:
+        own.stop()
+    log = own.log.read_text()
+    assert "unhandled error" not in log and "Traceback" not in log
+
+
 def test_input_tokens_count_is_the_usage_the_response_gets(server):
     """Before: `POST /v1/responses/input_tokens` (`client.responses.input_tokens.count`) was a 405 naming GET and DELETE
     (taken for a response id), as was `POST /v1/responses/compact`. Now it counts the prompt exactly as the same body

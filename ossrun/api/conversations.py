@@ -219,14 +219,19 @@ class ResponseStore:
             self._held.pop(response_id, None)
         return deleted > 0
 
-    def remember(self, response_id: str, items: str | Sequence[InputItem], store: bool, response: dict[str, Any]) -> None:
-        """Keep a finished response (unless the client sent `store: false`), then drop what is past retention."""
+    def remember(self, response_id: str, items: str | Sequence[InputItem], store: bool, response: dict[str, Any],
+                 replacing: bool = False) -> None:
+        """Keep a finished response (unless the client sent `store: false`), then drop what is past retention.
+        `replacing`: only over the copy the file holds (a background run's end over its snapshot), so a response
+        deleted while it ran stays deleted."""
         if not store or self.capacity <= 0:
             return
         sent = _ITEMS.dump_python(as_input_items(items), mode="json", exclude_unset=True)
         outputs = [i for i in map(output_as_input, response.get("output") or []) if i is not None]
         now = time.time()
         with self._lock, self._holding_if_refused(response_id, response), self._transaction():
+            if replacing and not self._holds_a_copy(response_id):
+                return
             given = self._input_ids(response_id, len(sent))
             inputs = [_with_id(item, item_id) for item, item_id in zip(sent, given)]
             # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot

@@ -181,14 +181,16 @@ async def input_tokens(request: Request):
 
 async def delete_response(response_id: ResponseIdPath, request: Request):
     """`client.responses.delete(id)`: the stored response is gone (no retrieve, no `previous_response_id`). A running
-    background one is cancelled first, since its end would store it again; its frames are forgotten with it."""
+    background one is cancelled once it is deleted (its end then finds no snapshot to replace:
+    `ResponseStore.remember`'s `replacing`), and its frames are forgotten with it; a delete the data directory refuses
+    is the 503 of `Service.write`, with the run going on."""
     service = service_of(request)
+    if not await service.write("the responses", service.responses.delete, response_id):
+        raise _not_stored(response_id)
     run = service.background.get(response_id)
     if run is not None:
         await run.cancel()
         service.background.drop(response_id)
-    if not await service.write("the responses", service.responses.delete, response_id):
-        raise _not_stored(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 

@@ -293,14 +293,15 @@ class Service:
         with self.writing(store, meanwhile):
             return await _to_its_end(asyncio.to_thread(call, *args))
 
-    async def keep_response(self, ask: Ask, response: dict[str, Any]) -> None:
-        """Keep a Responses answer (retrieve, `previous_response_id`). The Responses store shares the batch queue's
-        file, so a refusal is the same streak, one line per streak, and /health's `batch_store` says so: the data
-        directory refusing writes is one condition, whichever store met it first. Raises the 503 (`write`); a sync
-        answer's caller forgives it (`surfaces.for_plan`), a background create cannot (its store is all it is for)."""
+    async def keep_response(self, ask: Ask, response: dict[str, Any], replacing: bool = False) -> None:
+        """Keep a Responses answer (retrieve, `previous_response_id`); `replacing`: only over its stored snapshot (a
+        background run's end: a response deleted meanwhile stays deleted). The Responses store shares the batch
+        queue's file, so a refusal is the same streak, one line per streak, and /health's `batch_store` says so: the
+        data directory refusing writes is one condition, whichever store met it first. Raises the 503 (`write`); a
+        sync answer's caller forgives it (`surfaces.for_plan`), a background create cannot (its store is all it is for)."""
         if not ask.store:  # nothing is written, so nothing may end a failure streak as if a write had worked
             return
-        await self.write("the responses", self.responses.remember, response["id"], ask.items, ask.store, response,
+        await self.write("the responses", self.responses.remember, response["id"], ask.items, ask.store, response, replacing,
                          meanwhile="background responses are refused (503), others answered but not kept (they cannot be "
                                    "continued)")
 
