@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class StorageHealth:
     empty claim that works meanwhile writes nothing, so it ends nothing (one ERROR per streak, one WARNING at its end).
 
     A refused API write (a batch not queued, a fine-tune not created) is not retried by the server, so nothing would
-    end its mark: `recheck` (the batch worker calls it at its pace) writes a probe file in the data directory and clears
-    those marks once that works."""
+    end its mark: `recheck` (the batch worker calls it at its pace) writes a probe file in the data directory and a
+    probe row in its database, and clears those marks once both work."""
 
     def __init__(self, data_dir: Path | None = None):
         self.probe = None if data_dir is None else Path(data_dir) / ".write-probe"
+        self.database = None if data_dir is None else Path(data_dir) / DATABASE
         self._failing: dict[str, bool] = {}  # what failed → retried by its writer (else a refused API write)
 
     @property
@@ -79,12 +81,25 @@ class StorageHealth:
                 self.worked(what)
 
     def _probe_writes(self) -> bool:
+        """A file written and synced, and a transaction the database commits: a disk, quota or file-size limit with a
+        few KB left, a read-only or damaged database file, or another process's write lock pass the first alone."""
         try:
             with open(self.probe, "wb") as f:
                 f.write(b"ok")
                 f.flush()
                 os.fsync(f.fileno())
             self.probe.unlink()
-        except OSError:
+            self._probe_database()
+        except (OSError, sqlite3.Error):
             return False
         return True
+
+    def _probe_database(self) -> None:
+        db = open_database(self.database)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)")
+            db.execute("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, ?)", (time.time(),))
+            db.execute("COMMIT")
+        finally:
+            db.close()  # a transaction left open is rolled back

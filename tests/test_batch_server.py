@@ -331,6 +331,32 @@ def test_a_batch_of_responses_items_is_also_answered_as_the_model_schema_documen
         server.stop()
 
 
+def test_a_database_that_refuses_writes_keeps_health_failing_though_a_small_file_fits(checkpoints, tmp_path):
+    """Hunt round 15 A-F6: /health said `ok` again 1.5 s after a refused write, though the database still refused every
+    write, because its probe only wrote a 2-byte file. Here a file-size limit of 1 KB lets that file through while no
+    SQLite write fits (a WAL frame is 4 KB); the probe now commits a row in the database too."""
+    import resource
+
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    background = {"model": MODEL, "input": "Hi", "max_output_tokens": 4, "background": True}
+    try:
+        _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (1024, hard))
+        for _ in range(2):
+            refused = httpx.post(server.base + "/v1/responses", json=background, timeout=60)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "3040", refused.text
+            time.sleep(2)  # four of the worker's rechecks
+            assert server.health()["batch_store"] == "failing"
+            assert metrics(server)["ossrun_batch_store_up"] == 0
+        resource.prlimit(server.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        _until(lambda: server.health()["batch_store"] == "ok")
+        assert httpx.post(server.base + "/v1/responses", json=background, timeout=60).status_code == 200
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "Traceback" not in log and log.count("storage: the data directory takes writes again") == 1, log
+
+
 def test_another_process_holding_the_write_lock_neither_freezes_the_server_nor_makes_500s(checkpoints, tmp_path):
     """Hunt round 15 A-F2: while another process held batch.sqlite's write lock (an operator's sqlite3 shell in a
     transaction), queueing a batch, a background create and a DELETE each waited SQLite's busy timeout on the event
