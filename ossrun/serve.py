@@ -97,30 +97,50 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _claim(data_dir: Path) -> IO[str]:
+PID_FILE = "server.lock"  # the pid of the server holding the data directory, for the refusal's message
+
+
+def _claim(data_dir: Path) -> tuple[int, IO[str]]:
     """An exclusive lock on the data directory, held while the server runs (the OS drops it when the process ends,
     however it ends). A second server on the same directory would take the first one's running batch items for
-    abandoned, queue and run them again, and write the same fine-tunes; it is refused before anything loads."""
+    abandoned, queue and run them again, fail its running background responses, and write the same fine-tunes; it is
+    refused before anything loads. The directory itself is locked: a lock file can be deleted (a "stale lock" reflex)
+    and a new one made and locked beside the old lock. `PID_FILE` names the holder, and is locked too, as older
+    servers lock only it."""
     import fcntl
 
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(data_dir / "server.lock", "a+")
+        directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise SettingsError(f"--data-dir {data_dir}: cannot use it ({_os_reason(exc)})") from None
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(directory)
+        raise _in_use(data_dir) from None
+    try:
+        handle = open(data_dir / PID_FILE, "a+")
+    except OSError as exc:  # a directory in its place
         raise SettingsError(f"--data-dir {data_dir}: cannot use it ({_os_reason(exc)})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
         handle.close()
-        raise SettingsError(f"{data_dir} is in use by another ossrun server (pid {holder}); "
-                            "give each server its own --data-dir") from None
+        raise _in_use(data_dir) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-    return handle
+    return directory, handle
+
+
+def _in_use(data_dir: Path) -> SettingsError:
+    try:
+        holder = (data_dir / PID_FILE).read_text().strip() or "unknown"
+    except OSError:  # deleted while its server runs
+        holder = "unknown"
+    return SettingsError(f"{data_dir} is in use by another ossrun server (pid {holder}); give each server its own --data-dir")
 
 
 def _check_data_dir(data_dir: Path) -> None:

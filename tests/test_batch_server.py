@@ -150,6 +150,22 @@ def test_a_second_server_on_the_same_data_dir_is_refused_and_takes_no_work(check
     again.stop()
 
 
+def test_a_deleted_lock_file_does_not_let_a_second_server_in(checkpoints, tmp_path):
+    """Hunt round 15 A-F4: the lock was a flock on `server.lock`, so deleting that file (a "stale lock" reflex) let a
+    second server start on the directory, queue the first one's running batch items again and fail its live background
+    responses. The directory itself is locked now."""
+    data = tmp_path / "data"
+    first = start_server(checkpoints["original"], data)
+    try:
+        (data / "server.lock").unlink()
+        with pytest.raises(RuntimeError, match="server exited \\(2\\)") as refused:
+            start_server(checkpoints["original"], data).stop()  # stopped when it starts: the failure leaves no server
+        assert f"{data} is in use by another ossrun server (pid unknown); give each server its own --data-dir" in str(refused.value)
+        assert "Traceback" not in str(refused.value) and first.health()["status"] == "ok"
+    finally:
+        first.stop()
+
+
 def metrics(server) -> dict[str, float]:
     """Every sample of /metrics by its name and labels, e.g. `ossrun_batch_items{state="queued"}`."""
     lines = httpx.get(server.base + "/metrics", timeout=30).text.splitlines()
