@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,19 +147,43 @@ def _in_use(data_dir: Path) -> SettingsError:
 def _check_data_dir(data_dir: Path) -> None:
     """The data directory's stores opened once before the model loads (minutes for 20b): a restored bad backup, a
     corrupted `batch.sqlite`, a directory or a file where the other belongs is one line, not a traceback after the load."""
-    import sqlite3
-
-    from ossrun.batch.store import SQLiteBatchStore
     from ossrun.finetunes import FinetuneStore
+    from ossrun.storage import DATABASE
 
-    for name, open_store in (("batch.sqlite", lambda: SQLiteBatchStore(data_dir / "batch.sqlite").close()),
+    for name, open_store in ((DATABASE, lambda: _open_database(data_dir / DATABASE)),
                              ("finetunes", lambda: FinetuneStore(data_dir))):
         try:
             open_store()
         except (sqlite3.Error, OSError) as exc:
-            cause = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
-            raise SettingsError(f"--data-dir {data_dir}: {name} cannot be used ({cause}); move it aside or restore "
-                                "it from a backup") from None
+            raise _unusable(data_dir, name, exc) from None
+
+
+def _open_database(path: Path) -> None:
+    """Both stores of the database file opened (and closed) as the app will open them: the Responses store writes at
+    once (a missing table made, responses left running failed), so a lock another process holds is found here too."""
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.batch.store import SQLiteBatchStore
+
+    SQLiteBatchStore(path).close()
+    ResponseStore(path).close()
+
+
+def _unusable(data_dir: Path, name: str, exc: sqlite3.Error | OSError) -> SettingsError:
+    """Why `name` in the data directory cannot be used, and what to do. A directory refusing the writes opening takes
+    (a full disk, a quota, permissions) holds files that are fine: freeing space is the fix, not a backup that would
+    lose what was stored since; so is another process's write lock. A directory where `batch.sqlite` belongs is in the
+    way (SQLite says "unable to open database file" for it too)."""
+    from ossrun.storage import DATABASE, LOCKED, write_refusal
+
+    cause = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+    refusal = write_refusal(exc)
+    if refusal is not None and LOCKED in refusal:
+        return SettingsError(f"--data-dir {data_dir}: {name} cannot be written ({refusal}); end that process's "
+                             "transaction, then start again")
+    if refusal is not None and not (name == DATABASE and (data_dir / name).is_dir()):
+        return SettingsError(f"--data-dir {data_dir}: the data directory refuses writes ({name}: {cause}); free space "
+                             "or fix its permissions")
+    return SettingsError(f"--data-dir {data_dir}: {name} cannot be used ({cause}); move it aside or restore it from a backup")
 
 
 def _authority(host: str, port: int) -> str:

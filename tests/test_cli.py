@@ -282,6 +282,52 @@ def test_an_unusable_file_in_the_data_dir_is_one_line_before_the_model_loads(spo
                     f"--data-dir {data}: {expected}")
 
 
+def test_a_data_dir_on_a_full_disk_at_start_says_so_and_sends_nobody_to_a_backup(tmp_path):
+    """Hunt round 15 A-F5: a data directory whose disk was full at start (SQLite cannot make batch.sqlite's 32 KB WAL
+    index) was called corrupt: "move it aside or restore it from a backup", which would throw away every batch and
+    response stored since. The file is intact: it says the directory refuses writes. The disk refuses for real: a
+    file-size limit below the WAL index's size."""
+    import resource
+
+    from ossrun.batch.store import SQLiteBatchStore
+
+    data = tmp_path / "data"
+    store = SQLiteBatchStore(data / "batch.sqlite")
+    batch = store.create("m", [{"prompt": "Hi"}])
+    store.close()
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run([sys.executable, "-m", "ossrun.cli", "serve", "--model", "/nonexistent/model", "--port",
+                             str(free_port()), "--data-dir", str(data)], capture_output=True, text=True, timeout=180,
+                            preexec_fn=small_files_only)
+    _one_clear_line(result, f"--data-dir {data}: the data directory refuses writes (batch.sqlite: disk I/O error); free "
+                            "space or fix its permissions")
+    assert "backup" not in result.stderr
+    store = SQLiteBatchStore(data / "batch.sqlite")  # intact once the disk takes writes
+    assert store.get(batch).items[0].body == {"prompt": "Hi"}
+    store.close()
+
+
+def test_a_data_dir_whose_database_another_process_locks_at_start_says_so(tmp_path):
+    """With the lock refusals of hunt round 15 A-F2, a start while another process holds batch.sqlite's write lock (an
+    operator's sqlite3 shell in a transaction) is one line naming the lock, before the model loads (the model here does
+    not exist); it was a traceback after the load."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = sqlite3.connect(data / "batch.sqlite", isolation_level=None)
+    outside.execute("BEGIN IMMEDIATE")
+    try:
+        result = ossrun("serve", "--model", "/nonexistent/model", "--port", str(free_port()), "--data-dir", str(data))
+    finally:
+        outside.close()
+    _one_clear_line(result, f"--data-dir {data}: batch.sqlite cannot be written (database is locked: another process has "
+                            "held its write lock for over 5 s); end that process's transaction, then start again")
+
+
 def test_a_kv_cache_larger_than_the_memory_there_is_is_one_line_before_the_model_loads(checkpoints, tmp_path):
     """Before: any --kv-cache-gib started; the cache was allocated after the load, so one the machine cannot hold was a
     100-line traceback and exit 1 (or, with overcommit, a server killed later under load). The cache asked here is
