@@ -6,8 +6,9 @@ tokenizer for stop strings and grammars; the engine → the API through its clie
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import faulthandler
+import logging
 import os
 import signal
 import socket
@@ -403,6 +404,9 @@ def serve(settings: ServerSettings) -> None:
     from ossrun import connections
     from ossrun.model.gpt_oss import check_device
 
+    # A fatal signal explained on stderr with every thread's stack: SQLite maps its WAL index (batch.sqlite-shm), and a
+    # data directory that stops taking writes under the running server can end it with SIGBUS (README, data directory).
+    faulthandler.enable()
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     loras = _parse_loras(settings.loras)
     check_device(settings.device)

@@ -328,6 +328,20 @@ def test_a_data_dir_whose_database_another_process_locks_at_start_says_so(tmp_pa
                             "held its write lock for over 5 s); end that process's transaction, then start again")
 
 
+def test_a_fatal_signal_in_the_server_is_explained_on_stderr(checkpoints, tmp_path):
+    """Hunt round 15 A-F3: SQLite maps batch.sqlite's WAL index, and a data directory that stops taking writes under
+    the running server can end it with SIGBUS: it died with no line at all. The server now has faulthandler on, so
+    such a death names the signal and shows every thread's stack (here the signal is sent, as the kernel would)."""
+    server = start_server(checkpoints["original"], tmp_path / "data")
+    try:
+        os.kill(server.process.pid, signal.SIGBUS)
+        assert server.process.wait(timeout=30) == -signal.SIGBUS
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "Fatal Python error: Bus error" in log and "most recent call first" in log, log[-2000:]
+
+
 def test_a_kv_cache_larger_than_the_memory_there_is_is_one_line_before_the_model_loads(checkpoints, tmp_path):
     """Before: any --kv-cache-gib started; the cache was allocated after the load, so one the machine cannot hold was a
     100-line traceback and exit 1 (or, with overcommit, a server killed later under load). The cache asked here is
