@@ -9,6 +9,7 @@ import zlib
 import httpx
 import pytest
 
+from ossrun.api.workers_ai import MAX_FORM_PARTS
 from ossrun.finetunes import MAX_CONFIG_BYTES, MAX_UPLOADS_IN_FLIGHT
 from ossrun.model.checkpoint import read_config
 from ossrun.model.lora import write_random_adapter
@@ -466,3 +467,49 @@ def test_public_finetunes_are_paged_and_ordered_as_cloudflare_asks(upload_server
     for params in ({"limit": 0}, {"offset": -1}, {"order_by": "colour"}, {"limit": "many"}):
         refused = httpx.get(api(upload_server, "/finetunes/public"), params=params, timeout=30)
         assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 5006, (params, refused.text)
+
+
+CONFIG = b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+
+
+def form(*parts: tuple[str, bytes], closed: bool = True) -> bytes:
+    """A multipart body (boundary `b`) of (name, value) parts, ending with its closing boundary when `closed`."""
+    body = b"".join(b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value)
+                    for name, value in parts)
+    return body + (b"--b--\r\n" if closed else b"")
+
+
+def post_form(server, name: str, body: bytes) -> httpx.Response:
+    return httpx.post(api(server, f"/finetunes/{name}/finetune-assets"), content=body, timeout=60,
+                      headers={"Content-Type": "multipart/form-data; boundary=b"})
+
+
+def test_a_form_of_many_parts_is_refused_and_unread_fields_are_not_kept(upload_server):
+    """Hunt round 15 B-F6. Before: every part's field was kept whatever its name, so a body of 4.5 million empty fields
+    held 290 MB while it was parsed on the event loop (44 s), and was then stored as a valid upload. Now the route
+    keeps only `file_name`, and a form of more than 16 parts is a 400 (3039) as soon as the 17th begins; a few fields
+    it does not read beside the two it does are still an upload."""
+    assert create(upload_server, "parts").status_code == 200
+    extra = [(f"note{i}", b"x") for i in range(MAX_FORM_PARTS - 2)]
+    kept = post_form(upload_server, "parts", form(*extra, ("file_name", b"adapter_config.json"), ("file", CONFIG)))
+    assert kept.status_code == 200, kept.text
+    many = [(f"f{i}", b"") for i in range(100_000)]
+    refused = post_form(upload_server, "parts", form(*many, ("file_name", b"adapter_config.json"), ("file", CONFIG)))
+    assert refused.status_code == 400 and refused.json()["errors"][0]["code"] == 3039, refused.text
+    assert f"more than {MAX_FORM_PARTS} parts" in refused.json()["errors"][0]["message"]
+    assert uploads_arriving(upload_server) == []
+
+
+def test_a_form_without_its_closing_boundary_is_incomplete_and_nothing_is_stored(upload_server):
+    """Hunt round 15 B-F7. Before: `finalize` does not check that the closing boundary came, so a body cut short was
+    taken as a whole form: a valid file cut at a part boundary was stored (200). Now it is a 400 (3039) saying the form
+    is incomplete, what arrived is discarded, and the fine-tune still misses that file."""
+    assert create(upload_server, "cut").status_code == 200
+    parts = (("file_name", b"adapter_config.json"), ("file", CONFIG))
+    cut = post_form(upload_server, "cut", form(*parts, closed=False))
+    assert cut.status_code == 400 and cut.json()["errors"][0]["code"] == 3039, cut.text
+    assert "incomplete" in cut.json()["errors"][0]["message"]
+    assert uploads_arriving(upload_server) == []
+    using = httpx.post(upload_server.run_url(), json={"prompt": "hi", "lora": "cut", "max_tokens": 2}, timeout=60)
+    assert using.status_code == 400 and "adapter_config.json" in using.json()["errors"][0]["message"], using.text
+    assert post_form(upload_server, "cut", form(*parts)).status_code == 200  # the same form, whole
