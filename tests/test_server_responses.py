@@ -826,3 +826,40 @@ def test_a_preamble_item_renders_as_the_chat_turn_it_is(server):
     labelled = [{**item, "phase": "commentary"} if item.get("type") == "message" else item for item in items]
     assert client.responses.create(model=MODEL, input=labelled, tools=[WEATHER], max_output_tokens=16,
                                    store=False).usage.input_tokens == chat
+
+
+def test_metadata_and_a_json_format_are_bounded_as_they_are_stored_uncosted(server):
+    """Hunt round 15 B-F3, B-F4. Before: `metadata` took anything (a 9 MB value was stored with each response, 10,000
+    kept, and repeated in each full-object event of a background run's buffer: 29 MB a run), and a JSON format too long
+    to be stated to the model (so no token paid for it) was echoed and stored whole (9 MB in its `description`). Now
+    `metadata` has OpenAI's limits (16 pairs, keys of 64 characters, string values of 512), a JSON format over
+    262,144 characters is refused, each a 400 naming its field in the surface's envelope, before anything runs or is
+    stored; within the limits both are served and echoed as sent."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0, timeout=60)
+    ask = dict(model=MODEL, input="Hi", max_output_tokens=8, temperature=0)
+    most = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    assert client.responses.create(**ask, metadata=most).metadata == most
+    for metadata, param in (({"k": "v" * 513}, "metadata.k"), ({f"k{i}": "v" for i in range(17)}, "metadata"),
+                            ({"k" * 10_000: "v"}, "metadata." + "k" * 64 + "…"), ({"k": 1}, "metadata.k")):
+        for background in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.create(**ask, metadata=metadata, background=background)
+            error = refused.value.body
+            assert error["param"] == param and error["code"] == "5006" and "'/metadata" in error["message"], error
+    run = httpx.post(server.run_url(), json={"input": "Hi", "max_output_tokens": 8, "metadata": {"k": "v" * 9_000_000}},
+                     headers=server.headers, timeout=60)
+    assert run.status_code == 400 and run.json()["errors"][0]["code"] == 5006, run.text[:300]
+    assert "'/metadata/k'" in run.json()["errors"][0]["message"] and len(run.text) < 1000
+
+    wide = {"type": "object", "description": "x" * 300_000, "properties": {"a": {"type": "string"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**ask, text={"format": {"type": "json_schema", "name": "w", "schema": wide}}, background=True)
+    assert refused.value.body["param"] == "text.format" and "262144" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": wide}})
+    assert refused.value.body["param"] == "response_format"
+    unstated = {**wide, "description": "x" * 200_000}  # not stated to the model, but within the bound: served
+    answer = client.responses.create(**{**ask, "max_output_tokens": 64},
+                                     text={"format": {"type": "json_schema", "name": "w", "schema": unstated}})
+    assert answer.text.format.schema_ == unstated

@@ -307,6 +307,17 @@ class Reasoning(_Open):
         "separate summariser), streamed with the reasoning_summary events"))
 
 
+# OpenAI's limits on `metadata` (its API reference): at most 16 pairs, keys of at most 64 characters, values strings of
+# at most 512. It is echoed on the response object, so stored with it and repeated in each full-object event of a stream,
+# and no token pays for it: a 9 MB value made every stored response 9 MB (10,000 kept: ~90 GB) and every background
+# run's buffer 29 MB (hunt round 15 B-F3, B-F4).
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+Metadata = Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)], Annotated[str, Field(max_length=MAX_METADATA_VALUE)]],
+                     Field(max_length=MAX_METADATA_PAIRS, description=(
+                         f"at most {MAX_METADATA_PAIRS} pairs, keys of at most {MAX_METADATA_KEY} characters, values "
+                         f"strings of at most {MAX_METADATA_VALUE} (OpenAI's limits); echoed and stored with the response"))]
+
+
 class TextConfig(_Open):
     format: ResponseFormat | None = None
 
@@ -359,7 +370,7 @@ class ResponsesInput(_Open):
     lora: str | None = None
     seed: int | None = Field(None, ge=1, le=9999999999)
     options: RunOptions | None = None
-    metadata: dict[str, Any] | None = None  # echoed on the response object
+    metadata: Metadata | None = None  # echoed on the response object (and so stored with it)
     # OpenAI's names: "message.output_text.logprobs" asks for the answer text's logprobs; the others name what a
     # gpt-oss server has nothing of (search results, images, encrypted reasoning) and are accepted, ignored.
     include: list[str] | None = None
@@ -632,9 +643,15 @@ _TYPE_LABEL = re.compile(r".*\[.*|[A-Z].*|str|list|dict|int|float|bool|none|unio
                          r"|(constrained|function|is|definition)-[a-z-]+")
 
 
+# The most characters of one part of an error's location (a key of the body's) that the error repeats: a metadata key
+# of megabytes is named by its start.
+MAX_LOC_PART = 64
+
+
 def _field_loc(loc: tuple) -> tuple:
-    """An error's location without pydantic's union labels and tags: the field as the body spells it."""
-    return loc[:1] + tuple(p for p in loc[1:] if not (isinstance(p, str) and _TYPE_LABEL.fullmatch(p)))
+    """An error's location without pydantic's union labels and tags: the field as the body spells it, a long key cut."""
+    parts = (p for p in loc[1:] if not (isinstance(p, str) and _TYPE_LABEL.fullmatch(p)))
+    return loc[:1] + tuple(p[:MAX_LOC_PART] + "…" if isinstance(p, str) and len(p) > MAX_LOC_PART else p for p in parts)
 
 
 def describe(error: ValidationError) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ossrun import harmony
-from ossrun.api.ask import Ask, FinalFormat
+from ossrun.api.ask import Ask
 from ossrun.api.conversations import ResponseStore
 from ossrun.api.schemas import OPENAI_DEFAULTS, WORKERS_AI_DEFAULTS
 from ossrun.api.stops import StopStrings
@@ -209,15 +209,26 @@ def _converted(ask: Ask) -> harmony.Converted:
 # A schema longer than this (as compact JSON) is not stated to the model: a 5000-property object would add ~60k
 # prompt tokens to every request. The grammar holds the answer to it either way.
 MAX_STATED_SCHEMA_CHARS = 32_000
+# The most characters a JSON format may take as the developer message would state it (name, description, schema).
+# Past MAX_STATED_SCHEMA_CHARS no prompt token pays for it, yet a Responses answer echoes it in each full-object event
+# and stores it: a 9 MB `description` inside the schema was stored with every response (hunt round 15 B-F3). 5000
+# properties with short names take ~150,000 characters, and the grammar engine runs no object of more than 7499.
+MAX_FORMAT_CHARS = 262_144
 
 
-def _response_format(final: FinalFormat) -> harmony.ResponseFormatSection | None:
+def _response_format(ask: Ask) -> harmony.ResponseFormatSection | None:
     """The answer's JSON Schema as the developer message states it (none for free text, any JSON object, or a
-    schema over MAX_STATED_SCHEMA_CHARS)."""
+    schema over MAX_STATED_SCHEMA_CHARS); a 400 naming the format's field when it is over MAX_FORMAT_CHARS."""
+    final = ask.final
     if final.schema is None:
         return None
     section = harmony.ResponseFormatSection(final.schema, final.name, final.description)
-    return section if len(section.text()) <= MAX_STATED_SCHEMA_CHARS else None
+    length = len(section.text())
+    if length > MAX_FORMAT_CHARS:
+        raise bad_input(f"Error: at '/{ask.format_name.replace('.', '/')}': the JSON format takes {length} characters "
+                        f"(its name, description and schema as compact JSON), more than the {MAX_FORMAT_CHARS} taken",
+                        ask.format_name)
+    return section if length <= MAX_STATED_SCHEMA_CHARS else None
 
 
 def _logit_bias(ask: Ask, vocab_size: int) -> tuple[tuple[int, float], ...]:
@@ -432,7 +443,7 @@ class Service:
                 prompt_ids = harmony.encode(ask.prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
             else:
                 rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort,
-                                                       response_format=_response_format(ask.final))
+                                                       response_format=_response_format(ask))
                 prompt_ids = list(rendered.token_ids)
                 forced = _named_tool(ask, rendered.tool_names)
                 if forced is not None:
