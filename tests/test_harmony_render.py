@@ -591,3 +591,58 @@ def test_the_reasoning_of_a_cut_turn_goes_once_the_user_moves_on():
     assert ids(open_turn) == reference(system(), developer(tools=[WEATHER]), user("What is 7+5?"), user("Capital of France?"),
                                        assistant("Paris.", "analysis"), call("get_weather", '{"location":"Paris"}'),
                                        tool_result("get_weather", "20"))
+
+
+# --- hunt round 15 B-F1: a conversation its count of messages proves too long is refused unrendered ---------------
+
+SHORTEST = {  # the shortest message of each kind a conversation can end with, after a user message
+    "user": [{"role": "user", "content": ""}],
+    "assistant": [{"role": "assistant", "content": ""}],
+    "reasoning": [{"role": "assistant", "content": None, "reasoning_content": "a"}],
+    "call and result": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}]}, {"role": "tool", "tool_call_id": "c", "content": ""}],
+}
+
+
+@pytest.mark.parametrize("kind", SHORTEST)
+def test_no_message_takes_fewer_tokens_than_the_bound_counts(kind):
+    """The bound's floors, measured with the library's renderer: each message of the shortest of its kind, and each
+    function tool of a one-letter name without parameters, takes at least MIN_MESSAGE_TOKENS / MIN_TOOL_TOKENS."""
+    from ossrun.harmony.render import MIN_MESSAGE_TOKENS, MIN_TOOL_TOKENS
+
+    first = [{"role": "user", "content": ""}]
+    one, eleven = (len(render_request({"messages": first + SHORTEST[kind] * n}).token_ids) for n in (1, 11))
+    per_message = (eleven - one) / (10 * len(SHORTEST[kind]))
+    assert per_message >= MIN_MESSAGE_TOKENS, (kind, per_message)
+    tools = [{"name": letter} for letter in "abcdefghijk"]
+    one, eleven = (len(render_request({"messages": first, "tools": tools[:n]}).token_ids) for n in (1, 11))
+    assert (eleven - one) / 10 >= MIN_TOOL_TOKENS
+
+
+def test_a_conversation_too_many_messages_to_fit_is_refused_before_the_library_renders_it(monkeypatch):
+    """Before: 100,000 one-letter messages were rendered whole by the library, which holds the GIL (8.7 s in which no
+    other thread ran, the server's event loop included), and only then refused as longer than the window. Now the
+    count of messages (and tools) alone refuses it, PromptTooLong saying the fewest tokens it takes, and the library is
+    never called. What the count does not prove too long is rendered as before: messages that render to nothing
+    (empty system messages, answered reasoning) are not counted, and a conversation of exactly the window renders."""
+    from ossrun.harmony import PromptTooLong, convert_chat, render_conversation
+    from ossrun.harmony import render as render_module
+    from ossrun.harmony.render import RenderBody
+
+    def chat(messages: list[dict], tools: list[dict] | None = None) -> tuple:
+        body = RenderBody.model_validate({"messages": messages, "tools": tools})
+        return convert_chat(body.messages), body.tools or []
+
+    many, _ = chat([{"role": "user", "content": "a"}] * 100_000)
+    rendered = render_module._render
+    monkeypatch.setattr(render_module, "_render", lambda conversation: pytest.fail("the library rendered it"))
+    with pytest.raises(PromptTooLong) as refused:
+        render_conversation(many, token_limit=131_072)
+    assert refused.value.least == 400_000 and "100000 messages" in str(refused.value)
+    with pytest.raises(PromptTooLong, match="1 messages and 40000 tools"):
+        render_conversation(*chat([{"role": "user", "content": "a"}], [{"name": f"f{i}"} for i in range(40_000)]),
+                            token_limit=131_072)
+    monkeypatch.setattr(render_module, "_render", rendered)
+    uncounted, _ = chat([{"role": "system", "content": ""}] * 1000 + [{"role": "user", "content": "Hi"}])
+    exact = len(render_conversation(uncounted).token_ids)
+    assert len(render_conversation(uncounted, token_limit=exact).token_ids) == exact

@@ -164,3 +164,41 @@ def test_health_is_answered_while_multi_mb_prompts_are_tokenized(server):
     messages = " | ".join(a.text for a in answers)
     assert all(says in messages for _, _, says in bodies), messages
     assert watch.slowest < 2, f"/health took {[round(t, 2) for t in watch.seconds]}s while the prompts were tokenized"
+
+
+def test_health_is_answered_while_conversations_too_many_messages_to_fit_are_refused(server):
+    """Hunt round 15 B-F1. Before: a conversation of many tiny messages was rendered whole by the harmony library,
+    which holds the GIL (100,000 one-letter messages: 8.7 s), and only then refused as longer than the window: the
+    event loop stood still meanwhile (`/health` 12 s, a small chat 31 s for two such bodies), and `input_tokens`
+    counted it. Now a conversation whose messages and tools alone (4 tokens each at least) take more than the window
+    is refused before anything renders it, with the context window's 400 (code 8) naming the fewest tokens it takes,
+    on every path that renders: chat, `/ai/run`, a batch item, Responses and `input_tokens`. `/health` is answered
+    within 2 s meanwhile (each body here stalled it about 5 s before; the JSON is still parsed on the event loop)."""
+    count = 60_000  # 240,000 tokens at least: past the window (128,000 here; gpt-oss's 131,072 at most)
+    tiny = [{"role": "user", "content": "a"}] * count
+    least = f"at least {4 * count} tokens: {count} messages"
+    run = "/client/v4/accounts/a/ai/run/" + MODEL
+    requests = [
+        ("/v1/chat/completions", {"model": MODEL, "messages": tiny, "max_tokens": 8},
+         f"prompt ({least}) + max_tokens (8) = at least {4 * count + 8} exceeds the context window of 128000 tokens"),
+        (run, {"messages": tiny}, f"the prompt ({least}) fills the context window of 128000 tokens"),
+        (run + "?queueRequest=true", {"requests": [{"prompt": "Hi"}, {"messages": tiny}]}, f"({least}) fills"),
+        ("/v1/responses", {"model": MODEL, "input": tiny, "max_output_tokens": 16}, f"({least}) + max_output_tokens (16)"),
+        ("/v1/responses/input_tokens", {"model": MODEL, "input": tiny}, f"({least}) fills"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": tiny[:1],
+                                  "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(count)]},
+         f"(at least {4 + 4 * count} tokens: 1 messages and {count} tools) fills"),
+    ]
+    watch = HealthWatch(server)
+    watch.start()
+    answers = [httpx.post(server.base + path, content=json.dumps(body).encode(), timeout=120,
+                          headers={"Content-Type": "application/json"}) for path, body, _ in requests]
+    watch.done.set()
+    watch.join()
+    for answer, (path, _, says) in zip(answers, requests):
+        assert answer.status_code == 400, (path, answer.text[:300])
+        error = answer.json()["error"] if "error" in answer.json() else answer.json()["errors"][0]
+        assert str(error["code"]) == "8" and error["message"].startswith("AiError: This model's maximum context length is "), error
+        assert says in error["message"], (path, error["message"])
+    assert "(in requests[1])" in answers[2].text
+    assert watch.slowest < 2, f"/health took {[round(t, 2) for t in watch.seconds]}s while the conversations were refused"

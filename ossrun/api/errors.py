@@ -36,20 +36,26 @@ def unknown_model(model: str) -> ApiError:
     return ApiError(400, 5007, f"No such model {model} or task")
 
 
-def context_too_long(prompt_tokens: int, max_tokens: int, limit: int, limit_name: str | None) -> ApiError:
+def context_too_long(prompt_tokens: int, max_tokens: int, limit: int, limit_name: str | None,
+                     at_least: str | None = None) -> ApiError:
     """`limit_name`: the field the caller set the answer's limit with (`max_output_tokens` on Responses), None when it
-    set none (its default was cut to the room left, so only the prompt can be too long).
+    set none (its default was cut to the room left, so only the prompt can be too long). `at_least`: the prompt was
+    refused before it was rendered, `prompt_tokens` being the fewest it can take, for the reason this says (its count
+    of messages).
 
     The message opens with OpenAI's sentence ("This model's maximum context length is N tokens") and says "exceeds the
     context window": clients recognise a context overflow by those words alone (LiteLLM's ContextWindowExceededError,
     which DSPy and other agents catch to shorten their history; LangChain.js's ContextOverflowError), and code 8 is
     the contract's."""
     opening = f"AiError: This model's maximum context length is {limit} tokens"
+    prompt, bound = f"{prompt_tokens} tokens", ""
+    if at_least is not None:
+        prompt, bound = f"at least {prompt_tokens} tokens: {at_least}", "at least "
     if limit_name is None:
-        return ApiError(400, 8, f"{opening}: the prompt ({prompt_tokens} tokens) fills the context window of {limit} "
+        return ApiError(400, 8, f"{opening}: the prompt ({prompt}) fills the context window of {limit} "
                                 "tokens, no room is left for an answer")
-    return ApiError(400, 8, f"{opening}: prompt ({prompt_tokens} tokens) + {limit_name} ({max_tokens}) = "
-                            f"{prompt_tokens + max_tokens} exceeds the context window of {limit} tokens")
+    return ApiError(400, 8, f"{opening}: prompt ({prompt}) + {limit_name} ({max_tokens}) = "
+                            f"{bound}{prompt_tokens + max_tokens} exceeds the context window of {limit} tokens")
 
 
 def too_large(limit: int) -> ApiError:

@@ -413,9 +413,7 @@ class Service:
         choice), in milliseconds. The batch queue checks its items with it before answering "queued"; compiling
         a schema and the budget search (up to seconds each) wait until the item runs."""
         defaults = OPENAI_DEFAULTS if openai else WORKERS_AI_DEFAULTS
-        prompt_ids, forced = self._prompt(ask)
-        if ask.truncate:
-            ask, prompt_ids = self._truncated(ask, prompt_ids, defaults)
+        ask, prompt_ids, forced = self._prompt(ask, defaults)
         max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
         params = _sampling_params(ask, defaults, max_tokens, self.engine.info.vocab_size)
         lora = self.adapter_name(ask.lora) if ask.lora is not None else None
@@ -430,26 +428,38 @@ class Service:
         """The prompt's tokens, as `plan` renders them (a forced call's header included, the oldest items dropped under
         `truncation: "auto"`): the `input_tokens` its response's usage reports, counted without checking what only
         generating needs (the window, the grammar)."""
-        prompt_ids = self._prompt(ask)[0]
-        if ask.truncate:
-            prompt_ids = self._truncated(ask, prompt_ids, OPENAI_DEFAULTS)[1]
-        return len(prompt_ids)
+        return len(self._prompt(ask, OPENAI_DEFAULTS)[1])
 
-    def _prompt(self, ask: Ask) -> tuple[list[int], str | None]:
-        """The prompt's token ids (a named tool's call header included) and that tool; a 400 if it cannot be rendered."""
+    def _prompt(self, ask: Ask, defaults: dict[str, Any]) -> tuple[Ask, list[int], str | None]:
+        """The ask as it is rendered (under `truncation: "auto"`, without its oldest items when it does not fit), its
+        prompt's token ids and the tool a named tool_choice calls. A 400 if it cannot be rendered; the context window's
+        400 (code 8, the fewest tokens it can take for the prompt's) when its messages and tools alone cannot fit the
+        window, before anything renders them (`harmony.PromptTooLong`), as a prompt over the window is refused after."""
+        try:
+            return self._truncated(ask, defaults) if ask.truncate else (ask, *self._rendered(ask))
+        except harmony.PromptTooLong as exc:
+            raise context_too_long(exc.least, ask.max_tokens or 0, self.engine.info.max_model_len, ask.limit_name,
+                                   at_least=exc.why) from None
+
+    def _rendered(self, ask: Ask) -> tuple[list[int], str | None]:
+        """The prompt's token ids (a named tool's call header included) and that tool; a 400 if it cannot be rendered,
+        PromptTooLong if its messages alone cannot fit the window."""
         forced = None
         try:
             if ask.raw:
                 prompt_ids = harmony.encode(ask.prompt, allow_special=True) or [harmony.STARTOFTEXT]  # OpenAI accepts prompt ""
             else:
                 rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort,
-                                                       response_format=_response_format(ask))
+                                                       response_format=_response_format(ask),
+                                                       token_limit=self.engine.info.max_model_len)
                 prompt_ids = list(rendered.token_ids)
                 forced = _named_tool(ask, rendered.tool_names)
                 if forced is not None:
                     if forced not in rendered.tool_names:
                         raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
                     prompt_ids += harmony.tool_call_prefix(forced)
+        except harmony.PromptTooLong:
+            raise
         except harmony.RenderError as exc:
             raise bad_input(f"Error: {exc}", exc.param) from None
         except BaseException as exc:
@@ -461,24 +471,35 @@ class Service:
             raise bad_input("Error: the prompt renders to no tokens")
         return prompt_ids, forced
 
-    def _truncated(self, ask: Ask, prompt_ids: list[int], defaults: dict[str, Any]) -> tuple[Ask, list[int]]:
+    def _truncated(self, ask: Ask, defaults: dict[str, Any]) -> tuple[Ask, list[int], str | None]:
         """Responses' `truncation: "auto"`: the ask without as few of its oldest items (`harmony.droppable_items`) as
-        leave the answer its room (`_answer_room`), and its prompt; without all of them when even that is too
-        little (the context check then answers as without truncation, naming the shortest prompt). The prompt
+        leave the answer its room (`_answer_room`), its prompt and forced tool; without all of them when even that is
+        too little (the context check then answers as without truncation, naming the shortest prompt). The prompt
         shrinks as more items go, so the fewest is searched for (`_fewest`), a render per try (a second for 128k
-        tokens), from a guess by the items' length: a 10 MB input is cut in a few tries, not dozens."""
+        tokens), from a guess by the items' length: a 10 MB input is cut in a few tries, not dozens. A conversation
+        whose items alone cannot fit the window (PromptTooLong) is not rendered: it does not fit, and its fewest tokens
+        stand for its length in the guess. PromptTooLong when even the shortest cannot fit."""
         budget = self.engine.info.max_model_len - _answer_room(ask, defaults, self.engine.info.max_model_len)
-        units = harmony.droppable_items(ask.items) if len(prompt_ids) > budget else []
-        if not units:
-            return ask, prompt_ids
-        tried: dict[int, tuple[Ask, list[int]]] = {}
+        whole = self._rendered_or_too_long(ask)
+        length = len(whole[1]) if isinstance(whole, tuple) else whole.least
+        units = harmony.droppable_items(ask.items) if length > budget else []
+        tried: dict[int, tuple[Ask, list[int], str | None] | harmony.PromptTooLong] = {0: whole}
 
         def fits(count: int) -> bool:
-            shorter = _dropping(ask, units[:count])
-            tried[count] = (shorter, self._prompt(shorter)[0])
-            return len(tried[count][1]) <= budget
+            tried[count] = self._rendered_or_too_long(_dropping(ask, units[:count]))
+            return isinstance(tried[count], tuple) and len(tried[count][1]) <= budget
 
-        return tried[_fewest(fits, len(units), _guess(ask.items, units, len(prompt_ids) - budget, len(prompt_ids)))]
+        fewest = _fewest(fits, len(units), _guess(ask.items, units, length - budget, length)) if units else 0
+        if isinstance(tried[fewest], harmony.PromptTooLong):
+            raise tried[fewest]
+        return tried[fewest]
+
+    def _rendered_or_too_long(self, ask: Ask) -> tuple[Ask, list[int], str | None] | harmony.PromptTooLong:
+        """`ask` with its prompt and forced tool, or the PromptTooLong rendering it raised (truncation tries another)."""
+        try:
+            return (ask, *self._rendered(ask))
+        except harmony.PromptTooLong as exc:
+            return exc
 
     def choice_plans(self, plan: Plan) -> list[Plan]:
         """One plan per choice of `n` (each its own seed; the engine gives each its own grammar state); [plan] for n = 1."""

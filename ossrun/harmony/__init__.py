@@ -19,7 +19,7 @@ from .events import (
 )
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, droppable_items
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
-from .render import RenderedPrompt, ResponseFormatSection, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
+from .render import PromptTooLong, RenderedPrompt, ResponseFormatSection, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -61,6 +61,7 @@ __all__ = [
     "MessageEnd",
     "ParsedCompletion",
     "ParsedToolCall",
+    "PromptTooLong",
     "ReasoningDelta",
     "RenderError",
     "RenderedPrompt",

@@ -45,6 +45,22 @@ DEFAULT_FORMAT_NAME = "structured_output"  # a response format's name when the r
 # openai-harmony parses the conversation as JSON with serde's 128-level limit; a tool's schema sits
 # about a dozen levels down, so 64 leaves room and is far beyond any real schema.
 MAX_PARAMETERS_DEPTH = 64
+# The fewest tokens a message of the prompt takes: `<|start|>`, its role (a token at least), `<|message|>` and `<|end|>`,
+# which an empty user message is, measured with the library's renderer (every other kind takes more). A function tool
+# takes `type`, its name, `=`, `()`, `=>`, `any` and `;` (seven tokens, measured); four is a safe floor.
+MIN_MESSAGE_TOKENS = 4
+MIN_TOOL_TOKENS = 4
+
+
+class PromptTooLong(RenderError):
+    """The conversation cannot fit the tokens the caller has room for, known before it is rendered: its messages and
+    tools alone take more (`least` tokens at least; `why` says how many of each). The library renders holding the GIL
+    (100,000 one-letter messages: 8.7 s in which no other thread ran, the server's event loop included), so such a
+    conversation is refused by its count."""
+
+    def __init__(self, least: int, why: str, limit: int) -> None:
+        super().__init__(f"the prompt takes at least {least} tokens ({why}), more than the {limit} it may take")
+        self.least, self.why = least, why
 
 
 def json_depth(value: Any) -> int:
@@ -86,12 +102,17 @@ class RenderedPrompt:
 
 
 def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort: str | None = None, *,
-           response_format: ResponseFormatSection | None = None, conversation_start_date: str | None = None) -> RenderedPrompt:
+           response_format: ResponseFormatSection | None = None, conversation_start_date: str | None = None,
+           token_limit: int | None = None) -> RenderedPrompt:
     """Prompt tokens for a converted conversation, the function tools offered, a reasoning effort (low, medium
     or high; None: medium) and the answer's JSON Schema, if any (after the instructions, as vLLM places it).
-    Raises RenderError saying what is wrong."""
+    Raises RenderError saying what is wrong; PromptTooLong, before rendering, when its messages and tools alone take
+    more than `token_limit` tokens."""
     effort = reasoning_effort(effort)
     descriptions = tool_descriptions(tools)
+    kept = drop_answered_reasoning(converted.messages)
+    if token_limit is not None:
+        _refuse_past(token_limit, len(kept), len(descriptions))
     stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
     # An empty or blank instructions text (LlamaIndex.TS sends `instructions: ""`, templates a newline) says nothing:
@@ -100,9 +121,16 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     if instructions or descriptions:
         messages.append(_developer_message([stand_ins.instructions(instructions)] if instructions else [],
                                            stand_ins.tools(descriptions)))
-    messages.extend(stand_ins.message(m) for m in drop_answered_reasoning(converted.messages))
+    messages.extend(stand_ins.message(m) for m in kept)
     ids = stand_ins.splice(_render(Conversation.from_messages(messages)))
     return RenderedPrompt(token_ids=ids, tool_names=tuple(t.name for t in descriptions), reasoning_effort=effort)
+
+
+def _refuse_past(token_limit: int, messages: int, tools: int) -> None:
+    """PromptTooLong when `messages` messages and `tools` tools take more than `token_limit` tokens however short."""
+    least = MIN_MESSAGE_TOKENS * messages + MIN_TOOL_TOKENS * tools
+    if least > token_limit:
+        raise PromptTooLong(least, f"{messages} messages" + (f" and {tools} tools" if tools else ""), token_limit)
 
 
 class EffortConfig(Shape):
