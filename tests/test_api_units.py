@@ -809,6 +809,31 @@ def test_ended_background_runs_are_kept_for_a_grace_period_and_dropped_on_delete
     asyncio.run(scenario())
 
 
+def test_ended_background_runs_are_kept_within_a_byte_budget():
+    """Hunt round 15 B-F4. Before: ended runs were bounded by count and age only, and each full-object event repeats
+    what the response echoes, so 64 runs of a 9 MB `metadata` held 1.9 GB for 15 minutes. Now the ended runs' frames
+    are also bounded in bytes: past `kept_bytes` the oldest go (the stored response replays them), however few."""
+    import asyncio
+
+    from ossrun.api.background import BackgroundRuns
+
+    async def frames(size: int):
+        for _ in range(3):
+            yield b"x" * size
+
+    async def scenario() -> None:
+        runs = BackgroundRuns(kept=64, grace_s=60, kept_bytes=10_000)
+        for key, size in (("a", 2000), ("b", 2000), ("c", 1000)):
+            runs.start(key, frames(size), on_cancel=lambda: None)
+            await runs.get(key).task
+        assert [runs.get(key) is not None for key in "abc"] == [False, True, True]  # 6000 + 3000 fit, 15000 did not
+        runs.start("d", frames(4000), on_cancel=lambda: None)
+        await runs.get("d").task
+        assert [runs.get(key) is not None for key in "bcd"] == [False, False, False]  # alone over the budget: all go
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_response_is_no_conversation_to_continue_but_a_cancelled_or_cut_one_is(tmp_path):
     """hunt_new L2: only a background response is stored `failed`; naming it is the 400 an unstored (non-background)
     failure gets, saying it failed. `cancelled` and `incomplete` ones are continued, as on OpenAI."""

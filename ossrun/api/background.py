@@ -30,6 +30,7 @@ class BackgroundRun:
 
     def __init__(self, frames: AsyncGenerator[bytes, None], on_cancel: Callable[[], Awaitable[None]], ended: Callable[[], None]):
         self.frames: list[bytes] = []
+        self.size = 0  # bytes of the frames
         self.done = False
         self._grew = asyncio.Event()  # replaced after each wake-up: a listener waits on the one it saw
         self.task = asyncio.get_running_loop().create_task(self._pump(frames, on_cancel, ended))
@@ -52,6 +53,7 @@ class BackgroundRun:
 
     def _add(self, frame: bytes) -> None:
         self.frames.append(frame)
+        self.size += len(frame)
         self._wake()
 
     def _wake(self) -> None:
@@ -79,11 +81,14 @@ class BackgroundRun:
 
 class BackgroundRuns:
     """The background runs by response id: those in progress, and the `kept` that ended last, each for `grace_s` after
-    its end, so a resume after the end is served from the frames the live stream sent (a cursor names the same event
-    either way). A deleted response's run is dropped (`drop`): nothing serves it any more."""
+    its end and together at most `kept_bytes` of frames, so a resume after the end is served from the frames the live
+    stream sent (a cursor names the same event either way). A deleted response's run is dropped (`drop`): nothing
+    serves it any more. The bytes are bounded apart from the count: each full-object event repeats what the response
+    echoes (a 9 MB `metadata` made a run's buffer 29 MB, 64 runs 1.9 GB, hunt round 15 B-F4), while a long answer's
+    buffer takes about 1 MB (4000 tokens)."""
 
-    def __init__(self, kept: int = 64, grace_s: float = 15 * 60) -> None:
-        self.kept, self.grace_s = kept, grace_s
+    def __init__(self, kept: int = 64, grace_s: float = 15 * 60, kept_bytes: int = 256 * 2**20) -> None:
+        self.kept, self.grace_s, self.kept_bytes = kept, grace_s, kept_bytes
         self._runs: dict[str, BackgroundRun] = {}
         self._ended: OrderedDict[str, tuple[float, BackgroundRun]] = OrderedDict()  # oldest end first
 
@@ -112,7 +117,10 @@ class BackgroundRuns:
         self._forget_old()
 
     def _forget_old(self) -> None:
-        """Ended runs past the grace period, or past the `kept` newest, go (the stored response still replays them)."""
+        """Ended runs past the grace period, past the `kept` newest, or beyond `kept_bytes` of frames go, oldest first
+        (the stored response still replays them)."""
         too_old = time.monotonic() - self.grace_s
-        while self._ended and (len(self._ended) > self.kept or next(iter(self._ended.values()))[0] < too_old):
-            self._ended.popitem(last=False)
+        size = sum(run.size for _, run in self._ended.values())
+        while self._ended and (len(self._ended) > self.kept or size > self.kept_bytes
+                               or next(iter(self._ended.values()))[0] < too_old):
+            size -= self._ended.popitem(last=False)[1][1].size
