@@ -851,3 +851,30 @@ def test_a_failed_response_is_no_conversation_to_continue_but_a_cancelled_or_cut
         continued = store.expand(ResponsesRequest.model_validate({**ask, "previous_response_id": f"resp_{status}"}))
         assert len(continued.input) == 2
     store.close()
+
+
+def test_stored_responses_are_bounded_in_bytes(tmp_path):
+    """Hunt round 15 B-F3: the store was bounded by count (10,000) and age only, so responses of large inputs filled
+    the data directory (9 MB each). The newest within `capacity_bytes` are kept, the oldest dropped first; a file of
+    an older version (no `size` column) gets its rows measured once when opened."""
+    import sqlite3
+
+    from ossrun.api.conversations import ResponseStore
+    from ossrun.harmony.shapes import InputMessage
+
+    path = tmp_path / "batch.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL)")
+    old.execute("INSERT INTO responses VALUES ('resp_old', 1, ?, '{\"id\": \"resp_old\", \"output\": []}')",
+                (json.dumps([{"role": "user", "content": "é" * 1000}], ensure_ascii=False),))
+    old.commit()
+    old.close()
+    store = ResponseStore(path, retention_s=float("inf"), capacity_bytes=5000)
+    (size,) = store._db.execute("SELECT size FROM responses WHERE id = 'resp_old'").fetchone()
+    assert 2000 < size < 2100  # bytes, not characters
+    for n in range(4):
+        store.remember(f"resp_{n}", [InputMessage(role="user", content=str(n) * 1500)], True, {"id": f"resp_{n}", "output": []})
+    kept = [row[0] for row in store._db.execute("SELECT id FROM responses ORDER BY created_at")]
+    assert kept == ["resp_1", "resp_2", "resp_3"], kept
+    assert store.get("resp_old") is None and store.input_items("resp_0") is None and store.get("resp_3")["id"] == "resp_3"
+    assert store._db.execute("SELECT count(*) FROM response_items WHERE response_id = 'resp_0'").fetchone() == (0,)

@@ -36,7 +36,8 @@ R = TypeVar("R", bound=ResponsesInput)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
-    id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS responses_age ON responses(created_at);
 """
@@ -49,6 +50,18 @@ _ITEMS_SCHEMA = (
     # Whatever deletes a response (DELETE, expiry, the count bound) deletes its items.
     "CREATE TRIGGER responses_items AFTER DELETE ON responses BEGIN DELETE FROM response_items WHERE response_id = old.id; END",
 )
+
+
+# The stored responses' bytes (their replay and JSON), newest kept: the count and age bounds alone let a client fill the
+# disk with responses of large inputs (hunt round 15 B-F3: 9 MB each, 10,000 kept), and the batch queue and the
+# fine-tunes share the data directory. The oldest go first, as past the count.
+STORED_BYTES = 2 << 30
+_DROP_PAST_BYTES = ("DELETE FROM responses WHERE id IN (SELECT id FROM (SELECT id, SUM(size) OVER "
+                    "(ORDER BY created_at DESC, id DESC) AS newer FROM responses) WHERE newer > ?)")
+
+
+def _stored_size(replay: str, response: str) -> int:
+    return len(replay.encode()) + len(response.encode())
 
 
 _ITEMS = TypeAdapter(list[InputItem])
@@ -123,7 +136,8 @@ def listed_item(item: dict[str, Any], fallback_id: str) -> dict[str, Any]:
 
 
 class ResponseStore:
-    """SQLite (`storage.open_database`: WAL); `capacity` newest responses no older than `retention_s`. A connection for
+    """SQLite (`storage.open_database`: WAL); the `capacity` newest responses no older than `retention_s`, within
+    `capacity_bytes` (`STORED_BYTES`) of stored JSON. A connection for
     writes and one for reads, each behind its own lock: a write (on a thread: `Service.write`) can wait out another
     process's write lock, and a read (a retrieve, a `previous_response_id`, on the event loop) never waits behind it.
 
@@ -131,13 +145,15 @@ class ResponseStore:
     is held in memory (`held` newest) and read before the file's snapshot: a poller sees it end rather than
     `in_progress` until a restart fails it. It cannot be continued (its output is not in the file)."""
 
-    def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600, held: int = 256):
-        self.capacity, self.retention_s, self.held = capacity, retention_s, held
+    def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600, held: int = 256,
+                 capacity_bytes: int = STORED_BYTES):
+        self.capacity, self.retention_s, self.held, self.capacity_bytes = capacity, retention_s, held, capacity_bytes
         self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by id: ends the file refused, oldest first
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = open_database(path)
         self._db.executescript(_SCHEMA)
+        self._measure_stored_rows()
         self._index_stored_items()
         self._fail_interrupted()
         self._read_lock = threading.Lock()
@@ -237,12 +253,14 @@ class ResponseStore:
             # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot
             # would leave its item rows behind.
             self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
-            self._db.execute("INSERT INTO responses (id, created_at, replay, response) VALUES (?, ?, ?, ?)",
-                             (response_id, now, json.dumps(inputs + outputs), json.dumps(response)))
+            replay, kept = json.dumps(inputs + outputs), json.dumps(response)
+            self._db.execute("INSERT INTO responses (id, created_at, replay, response, size) VALUES (?, ?, ?, ?, ?)",
+                             (response_id, now, replay, kept, _stored_size(replay, kept)))
             self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
             # The trigger `responses_items` drops the items of every response deleted here.
             self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
                              "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+            self._db.execute(_DROP_PAST_BYTES, (self.capacity_bytes,))
 
     @contextmanager
     def _holding_if_refused(self, response_id: str, response: dict[str, Any]) -> Iterator[None]:
@@ -282,6 +300,14 @@ class ResponseStore:
         with self._lock:
             self._db.execute("UPDATE responses SET response = json_set(response, '$.status', 'failed', '$.error', json(?)) "
                              "WHERE json_extract(response, '$.status') = 'in_progress'", (error,))
+
+    def _measure_stored_rows(self) -> None:
+        """A file of an older version has no `size` column: added, with every stored row's size, once."""
+        with self._lock, self._transaction():
+            if any(column[1] == "size" for column in self._db.execute("PRAGMA table_info(responses)")):
+                return
+            self._db.execute("ALTER TABLE responses ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE responses SET size = length(CAST(replay AS BLOB)) + length(CAST(response AS BLOB))")
 
     def _index_stored_items(self) -> None:
         """A file without `response_items` (an older version's) gets it, with every stored response's items, in one
