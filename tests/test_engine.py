@@ -206,6 +206,22 @@ def test_one_requests_many_choices_do_not_lock_out_a_request_sent_after_them(mod
     assert engine.kv.full.num_used == 0
 
 
+def test_one_clients_many_requests_do_not_keep_another_clients_request_waiting(model):
+    """Hunt round 15 B-F2: one client's 16 requests (each a group of its own) held every slot and another client's
+    request waited until they had finished. Now clients share the slots first: it runs within a step of arriving."""
+    engine = make_engine(model, max_num_seqs=4)
+    for i in range(16):
+        engine.add(Request(f"flood{i}", [1, 2, 3 + i], SamplingParams(max_tokens=30, **GREEDY), client="10.0.0.1"))
+    for _ in range(3):
+        engine.step()
+    engine.add(Request("chat", [4, 5, 6], SamplingParams(max_tokens=2, **GREEDY), client="10.0.0.2"))
+    finished_at = next((step for step in range(1, 200) if any(e.finished for e in engine.step() if e.request_id == "chat")), None)
+    assert finished_at == 2  # its prompt, then its second token: no wait for the other client's 16 requests
+    while engine.has_work:
+        engine.step()
+    assert engine.kv.full.num_used == 0
+
+
 def test_async_stream_and_cancellation(model):
     engine = AsyncEngine(make_engine(model))
 

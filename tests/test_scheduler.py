@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from ossrun.engine.kv_cache import KVCacheManager
 from ossrun.engine.request import Priority, Request
-from ossrun.engine.scheduler import BATCH_CHUNK_BESIDE_INTERACTIVE, Scheduler
+from ossrun.engine.scheduler import BATCH_CHUNK_BESIDE_INTERACTIVE, Scheduler, fair_shares
 from ossrun.engine.sequence import Sequence
 
 
@@ -236,3 +238,91 @@ def test_a_new_request_is_admitted_before_other_requests_second_prefill_chunks()
     assert run(s) == {"p0": 32, "p3": 32}
     assert run(s) == {"p0": 32, "hi": 5, "p1": 27}
     assert run(s) == {"hi": 1, "p0": 32, "p1": 31}  # it decodes first from then on
+
+
+# -- clients share the engine first, then each client's requests share its part -----------------------------------
+
+def from_client(name: str, client: str | None, group: str | None = None, prompt_len: int = 5) -> Sequence:
+    return Sequence.from_request(Request(name, [1 + i % 50 for i in range(prompt_len)], group=group, client=client))
+
+
+def rows_by_client(s: Scheduler) -> dict[str, int]:
+    return dict(Counter(seq.client for seq in s.running))
+
+
+def test_fair_shares_are_max_min_fair_whole_slots():
+    assert fair_shares({"flood": 250, "b": 1}, 64) == {"flood": 63, "b": 1}
+    assert fair_shares({"a": 10, "b": 1, "c": 3}, 8) == {"a": 4, "b": 1, "c": 3}
+    assert fair_shares({"a": 5, "b": 5, "c": 5}, 8) == {"a": 3, "b": 3, "c": 2}  # the odd slots to the first listed
+    assert fair_shares({f"g{i}": 1 for i in range(10)}, 4) == {f"g{i}": int(i < 4) for i in range(10)}
+    assert fair_shares({"a": 2}, 8) == {"a": 2}
+
+
+def test_one_clients_many_requests_do_not_keep_another_clients_request_waiting():
+    """Hunt round 15 B-F2: one client's 250 open streams (each request a group of its own) held every slot, and another
+    client's `Hi` came after the flood's ~190 waiting groups: 411 s. Now clients share the slots first: the flood gives
+    up its youngest row at once, and the newcomer runs in the next step, however many requests the flood adds."""
+    s = scheduler()
+    for i in range(30):
+        s.add(from_client(f"flood{i}", "10.0.0.1"))
+    run(s)
+    s.add(from_client("hi", "10.0.0.2"))
+    for i in range(30, 40):  # the flood keeps sending
+        s.add(from_client(f"flood{i}", "10.0.0.1"))
+    step = run(s)
+    assert step["hi"] == 5 and len(step) == 8 and "flood7" not in step
+    assert rows_by_client(s) == {"10.0.0.1": 7, "10.0.0.2": 1}
+    for _ in range(3):  # stable: the flood's waiting requests take no slot back while the newcomer runs
+        assert "hi" in run(s) and rows_by_client(s) == {"10.0.0.1": 7, "10.0.0.2": 1}
+
+
+def test_without_client_names_each_request_counts_as_a_client():
+    """The same load with no client named (the engine's own callers; before B-F2's fix, everyone): each request is a
+    group and a client of its own, and the newcomer waits behind the flood's earlier requests, as it always did."""
+    s = scheduler()
+    for i in range(30):
+        s.add(from_client(f"flood{i}", None))
+    run(s)
+    s.add(from_client("hi", None))
+    assert "hi" not in run(s) and len(s.running) == 8
+
+
+def test_clients_get_equal_shares_of_the_slots_and_a_newcomer_its_own():
+    s = scheduler()
+    for i in range(30):
+        s.add(from_client(f"flood{i}", "a"))
+    run(s)
+    for i in range(6):
+        s.add(from_client(f"b{i}", "b"))
+    run(s)
+    assert rows_by_client(s) == {"a": 4, "b": 4}  # 8 slots, two clients wanting more than 4 each
+    s.add(from_client("c0", "c"))
+    assert "c0" in run(s) and sorted(rows_by_client(s).values()) == [1, 3, 4]
+
+
+def test_within_a_client_its_many_choices_do_not_lock_out_its_own_later_request():
+    """The per-request fairness holds inside a client: one request's 16 choices and the same client's later `Hi` share
+    the client's part of the slots (here, beside another client's request, 7 of 8)."""
+    s = scheduler()
+    for i in range(16):
+        s.add(from_client(f"big{i}", "a", group="big"))
+    s.add(from_client("other", "b"))
+    run(s)
+    assert rows_by_client(s) == {"a": 7, "b": 1}
+    s.add(from_client("hi", "a"))
+    step = run(s)
+    assert step["hi"] == 5 and "other" in step and rows_by_client(s) == {"a": 7, "b": 1}
+    assert sum(seq.group == "big" for seq in s.running) == 6
+
+
+def test_running_prefills_take_the_step_in_turns_by_client():
+    """Two requests of one client and one of another, each a long prompt: the other client's chunk comes in the first
+    turn, before the first client's second request (by request alone, both of its prompts came first)."""
+    s = scheduler(budget=64)
+    for i in range(2):
+        s.add(from_client(f"a{i}", "a", prompt_len=200))
+    run(s)
+    s.add(from_client("b0", "b", prompt_len=200))
+    run(s)
+    step = run(s)
+    assert step == {"a0": 32, "b0": 32}, step

@@ -135,7 +135,7 @@ class AsyncEngine:
     def _request(self, submission: Submission) -> Request:
         """The engine's request for a submission, its grammar compiled; context and grammar errors raised."""
         request = Request(submission.request_id, list(submission.prompt_token_ids), submission.params, submission.priority,
-                          submission.adapter, group=submission.group)
+                          submission.adapter, group=submission.group, client=submission.client)
         self.validate(request)
         if submission.grammar is not None and not (submission.grammar.safeguard and self._grammar_tokenizer is None):
             request.constraint = self._compiler_for().compile(submission.grammar)

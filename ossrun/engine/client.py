@@ -2,8 +2,9 @@
 
 `api/` talks to the engine only through `EngineClient` (the real one is `AsyncEngine`; API tests use a
 scripted fake that implements the same protocol). What crosses it: a `Submission` (prompt ids, validated
-`SamplingParams`, priority, adapter name, an optional `Grammar` as data) in, `TokenEvent`s out, and the
-errors of `engine/errors.py`. The engine compiles grammars itself, so no engine internals leave it.
+`SamplingParams`, priority, adapter name, an optional `Grammar` as data, the HTTP request and the client it comes
+from, as opaque names) in, `TokenEvent`s out, and the errors of `engine/errors.py`. The engine compiles grammars
+itself, so no engine internals leave it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Submission:
     adapter: str | None = None
     grammar: Grammar | None = None
     group: str | None = None  # the client request it is one choice/prompt of (None: its own); see `Request.group`
+    client: str | None = None  # who sent it, as the caller names clients (None: its group alone); see `Request.client`
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,9 @@ class Request:
     # The client request it belongs to (the choices × prompts of one HTTP request): groups share the engine's slots
     # and tokens fairly, so one request with 256 choices cannot hold every slot. None = a group of its own.
     group: str | None = None
+    # Who sent it (the API's name for a caller, opaque here): clients share the engine fairly first, then each client's
+    # groups share its part, so one client's 250 open streams cannot make another's `Hi` wait. None = its group alone.
+    client: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

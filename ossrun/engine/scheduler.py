@@ -17,12 +17,16 @@ interactive request's step costs at most about twice its own, whatever the batch
 items, each with its grammar work, once made a `Hello` 200-500× slower). An interactive request never waits
 for a slot that batch rows hold: the last batch row is preempted. Alone, the batch runs at full speed.
 
-Within a priority class, sequences of one client request (`Sequence.group`: the prompts × `n` choices of one HTTP
-request) share the engine with other requests' groups: waiting rows are admitted round-robin across groups (the group
-with the fewest rows running first), running rows take the step's tokens in turns by group, and when every slot is
-held, a group over its fair share (`max_num_seqs` / groups) gives up its youngest rows for a waiting group's first
-ones. One request of 256 choices once held every slot and a `Hi` sent after it waited for all of them (100 s); a lone
-group still gets every slot.
+Within a priority class the engine is shared fairly in two levels: first between clients (`Sequence.client`: who
+sent the request, as the API names its callers), then between one client's requests (`Sequence.group`: the prompts ×
+`n` choices of one HTTP request). Waiting rows are admitted round-robin across clients, and within a client across its
+groups (the client, then the group, with the fewest rows running first); running rows take the step's tokens in the
+same turns; and when every slot is held, the group most over its due share (`_slot_targets`: `max_num_seqs` shared
+max-min fairly between clients by the rows each has, then each client's part between its groups) gives up its
+youngest rows for a waiting group's. One request of 256 choices once held every slot and a `Hi` sent after it waited
+for all of them (100 s); one client's 250 streams once kept another client's `Hi` waiting 411 s, since each request
+was a group of its own and the newcomer's one group came after the flood's 190 waiting ones. A lone group still gets
+every slot, and a client alone shares them all between its requests.
 """
 
 from __future__ import annotations
@@ -161,7 +165,7 @@ class Scheduler:
         (each capped at half a step, two fill it) hold a step's every token while a new request waits (four 800-token
         prompts on a CPU once kept a `Hello` waiting 50 s for its first token)."""
         preempted = len(step.preempted)
-        turn = self._turns_in_group(sorted(queue, key=lambda s: s.sort_key))
+        turn = self._turns(sorted(queue, key=lambda s: s.sort_key))
         running = {seq.group for seq in self.running}
         later = []
         if any(only(seq) and seq.group not in running for seq in self.waiting):
@@ -178,7 +182,7 @@ class Scheduler:
         """Schedule the running sequences of `queue` (decodes first, then by priority) within `budget`, each at
         most `chunk` tokens; when the KV pools run dry, preempt from `spare` (running, not in this step) first,
         then the queue's least urgent. Returns the budget left."""
-        turn = self._turns_in_group(sorted(queue, key=lambda s: s.sort_key))
+        turn = self._turns(sorted(queue, key=lambda s: s.sort_key))
         queue = sorted(queue, key=lambda s: (s.num_to_compute > 1, turn[id(s)], s.sort_key))
         chunk = min(chunk or self.max_prefill_chunk, self.max_prefill_chunk)
         while queue and budget > 0:
@@ -213,33 +217,49 @@ class Scheduler:
             self._preempt(idle.pop(), step)
 
     @staticmethod
-    def _turns_in_group(ordered: Iterable[Sequence], start: Counter | None = None) -> dict[int, int]:
-        """{id(seq): its turn}: the k-th sequence of a group (in the given order) gets turn start[group] + k, so
-        sorting by turn interleaves the groups (round-robin) instead of serving one request's rows all first."""
-        seen = Counter(start or {})
-        turn = {}
-        for seq in ordered:
-            turn[id(seq)] = seen[seq.group]
-            seen[seq.group] += 1
-        return turn
+    def _turns(ordered: list[Sequence], running: Iterable[Sequence] = ()) -> dict[int, int]:
+        """{id(seq): its turn}, round-robin across clients and, within a client, across its groups: the k-th sequence
+        of a group (in the given order) gets group turn k after the group's rows in `running`; a client's sequences,
+        taken by group turn, then get turns after the client's rows in `running`. Sorting by turn interleaves the
+        clients (one client's 250 requests do not all go before another's one) and a client's own requests (its 256
+        choices do not all go before its later `Hi`). Where each client is one group, the two turns are the same."""
+        running = list(running)
+        in_group = _counted(ordered, lambda seq: seq.group, Counter(seq.group for seq in running))
+        by_group_turn = sorted(ordered, key=lambda seq: in_group[id(seq)])  # stable: the given order within a turn
+        return _counted(by_group_turn, lambda seq: seq.client, Counter(seq.client for seq in running))
 
     def _share_slots(self, step: Step, only: Callable[[Sequence], bool]) -> None:
         """Every slot held while a group (among the sequences `only` accepts) waits with fewer rows running than its
-        fair share (`max_num_seqs` / groups): the group running the most rows, while over its share, gives up its
-        youngest (recomputed later, from the prefix cache mostly). One request's many choices cannot lock out the
-        requests sent after it; a group alone keeps every slot."""
-        running = Counter(seq.group for seq in self.running if only(seq))
+        fair share (`_slot_targets`: between clients first, then between a client's groups): the group most over its
+        share gives up its youngest row (recomputed later, from the prefix cache mostly), until the waiting groups'
+        due rows have room. So neither one client's many requests nor one request's many choices lock out the
+        requests sent after them; a group alone keeps every slot."""
         waiting = Counter(seq.group for seq in self.waiting if only(seq))
-        if not waiting:
+        free = self.max_num_seqs - len(self.running)
+        if sum(waiting.values()) <= free:
             return
-        fair = max(1, self.max_num_seqs // len(running.keys() | waiting.keys()))
-        wanted = sum(min(n, fair - running[group]) for group, n in waiting.items() if running[group] < fair)
-        for _ in range(wanted - (self.max_num_seqs - len(self.running))):
-            hog, most = (running.most_common(1) or [(None, 0)])[0]
-            if most <= fair:
+        target = self._slot_targets([seq for seq in (*self.running, *self.waiting) if only(seq)])
+        running = Counter(seq.group for seq in self.running if only(seq))
+        due = sum(min(n, target[group] - running[group]) for group, n in waiting.items() if running[group] < target[group])
+        for _ in range(due - free):
+            hog = max(running, key=lambda group: running[group] - target[group], default=None)
+            if hog is None or running[hog] <= target[hog]:  # none over its share (other classes' rows hold the slots)
                 return
             self._preempt(max((seq for seq in self.running if seq.group == hog and only(seq)), key=lambda s: s.arrival), step)
             running[hog] -= 1
+
+    def _slot_targets(self, rows: list[Sequence]) -> dict[str, int]:
+        """{group: the slots it is due}: `max_num_seqs` shared max-min fairly (`fair_shares`) between the clients by
+        how many rows each has (running or waiting), then each client's part between its groups the same way. A slot
+        left over from an even split goes to the client (the group) with the most rows running, then the oldest: the
+        one `_admission_order` would give it to, so no row is preempted only to be admitted again."""
+        clients = Counter(seq.client for seq in rows if seq.status is Status.RUNNING)
+        groups = Counter(seq.group for seq in rows if seq.status is Status.RUNNING)
+        by_client: dict[str, Counter] = {}
+        for seq in sorted(rows, key=lambda s: (-clients[s.client], -groups[s.group], s.arrival)):
+            by_client.setdefault(seq.client, Counter())[seq.group] += 1
+        parts = fair_shares({client: demand.total() for client, demand in by_client.items()}, self.max_num_seqs)
+        return {group: n for client, demand in by_client.items() for group, n in fair_shares(demand, parts[client]).items()}
 
     def _top_up(self, step: Step, budget: int) -> None:
         """A prefill alone in its step gets the rest of the budget (never preempts). With others in the
@@ -289,10 +309,11 @@ class Scheduler:
 
     def _admission_order(self, only: Callable[[Sequence], bool]) -> list[Sequence]:
         """The waiting sequences `only` accepts, by priority class (aged batch work counts as interactive), then
-        round-robin across groups (the group with the fewest rows running first), then arrival."""
+        round-robin across clients and within a client across its groups (`_turns`: the client, then the group, with
+        the fewest rows running first), then arrival."""
         self.waiting.sort(key=self._key)
         candidates = [seq for seq in self.waiting if only(seq)]
-        turn = self._turns_in_group(candidates, Counter(seq.group for seq in self.running))
+        turn = self._turns(candidates, self.running)
         return sorted(candidates, key=lambda seq: (self._key(seq)[0], turn[id(seq)], self._key(seq)[1]))
 
     def _unfit(self, seq: Sequence, step: Step) -> None:
@@ -308,3 +329,28 @@ class Scheduler:
         seq.num_computed = 0
         step.preempted.append(seq)
         self.add(seq)
+
+
+def fair_shares(demand: dict[str, int], slots: int) -> dict[str, int]:
+    """{key: its whole share of `slots`}, max-min fair: each key gets what it asks (`demand`) or an equal part of what
+    the others leave, whichever is less. Slots that do not divide evenly go to the keys first in `demand`'s order."""
+    share = dict.fromkeys(demand, 0)
+    hungry = [key for key in demand if demand[key] > 0]
+    while slots > 0 and hungry:
+        each = max(1, slots // len(hungry))
+        for key in hungry:
+            given = min(each, demand[key] - share[key], slots)
+            share[key] += given
+            slots -= given
+        hungry = [key for key in hungry if share[key] < demand[key]]
+    return share
+
+
+def _counted(ordered: Iterable[Sequence], key: Callable[[Sequence], str], start: Counter) -> dict[int, int]:
+    """{id(seq): start[its key] + how many sequences of its key come before it in `ordered`}."""
+    seen = Counter(start)
+    turn = {}
+    for seq in ordered:
+        turn[id(seq)] = seen[key(seq)]
+        seen[key(seq)] += 1
+    return turn

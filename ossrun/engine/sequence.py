@@ -53,6 +53,11 @@ class Sequence:
         return self.request.group or self.request.request_id
 
     @property
+    def client(self) -> str:
+        """Who sent it: the scheduler shares slots and tokens fairly between clients, then between a client's groups."""
+        return self.request.client or self.group
+
+    @property
     def num_output(self) -> int:
         return len(self.tokens) - self.num_prompt_tokens
 
