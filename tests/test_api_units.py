@@ -9,6 +9,7 @@ frame by frame, is checked on the real server and the demo model in `test_api_st
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -739,6 +740,29 @@ def test_forwarded_for_believes_only_ip_addresses():
         assert named.client(forged) is None and anyone.client(forged) is None, forged
     assert named.client("junk, 198.51.100.1, 127.0.0.1") == "198.51.100.1"  # left of the deciding entry: not read
     assert named.client("[2001:DB8:0::1]:4711") == "2001:db8::1" and anyone.client("::ffff:1.2.3.4") == "1.2.3.4"
+
+
+def test_each_route_names_the_client_to_the_engine_by_its_address(tmp_path):
+    """Hunt round 15 B-F2: the engine shares itself between clients, so each generating route passes the client's
+    address (a trusted proxy's `X-Forwarded-For`, as the rate limit reads it) with every submission, `n` choices and
+    background runs included."""
+    engine = FakeEngine()
+    settings = AppSettings(data_dir=tmp_path, rate_limit_per_minute=0, forwarded_allow_ips="*")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(build_app(engine, settings)) as c:
+        for address, path, body in (("10.0.0.1", "/v1/chat/completions", {**chat, "n": 2}),
+                                    ("10.0.0.2", "/v1/completions", {"model": MODEL, "prompt": "hi"}),
+                                    ("10.0.0.3", "/v1/responses", {"model": MODEL, "input": "hi", "background": True}),
+                                    ("10.0.0.4", RUN, {"prompt": "hi"}),
+                                    ("10.0.0.5", RUN, {"prompt": "hi", "stream": True})):
+            assert c.post(path, json=body, headers={"X-Forwarded-For": address}).status_code == 200, path
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200  # no proxy header: the peer itself
+        for _ in range(100):
+            if len(engine.requests) == 7:
+                break
+            time.sleep(0.02)  # the background run submits on its own
+    clients = sorted(r.client for r in engine.requests)
+    assert clients == ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "testclient"], clients
 
 
 def test_the_logged_client_is_escaped():

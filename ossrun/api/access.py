@@ -12,7 +12,8 @@ that carries a foreign `Origin` is refused unless `--allowed-origins` lists it, 
 a token answers only `Host` names that cannot be rebound: localhost, `*.localhost`, IP literals.
 
 A client's address is the connection's, or behind a proxy `--forwarded-allow-ips` names, the one the proxy saw
-(`TrustedProxies`): a client that could name its own would void the per-address limits.
+(`TrustedProxies`): a client that could name its own would void the per-address limits. The engine shares itself
+fairly between the same addresses (`client_address`), so one client's many requests cannot crowd out another's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+
+from starlette.requests import HTTPConnection
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,14 @@ def bearer_token(header: str | None) -> str | None:
     scheme, _, token = (header or "").strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def client_address(request: HTTPConnection) -> str:
+    """Who is calling: the connection's peer, or the client a trusted proxy names (`app.ForwardedHeaders` has put it in
+    the scope). The rate limit without a token and the wrong-token streaks key on it, and the engine shares its slots
+    fairly between such clients before it shares a client's part between its requests (`Submission.client`). Not the
+    token: the server has one, which every client of it presents."""
+    return request.client.host if request.client else "?"
 
 
 def token_matches(presented: str | None, expected: str) -> bool:

@@ -25,8 +25,8 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from ossrun.api import body, docs_page, openai_routes, playground, request_ids, workers_ai
-from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, host_name,
-                               token_matches)
+from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, client_address,
+                               host_name, token_matches)
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                openai_unauthorized, rate_limited, too_large)
 from ossrun.api.metering import Metering
@@ -203,7 +203,7 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter, wron
     OpenAI's, on the bare `/v1` surface),
     429 (with `Retry-After`) over the rate limit; None: go on."""
     path = request.url.path
-    address = request.client.host if request.client else "?"
+    address = client_address(request)
     token = bearer_token(request.headers.get("authorization"))
     if settings.api_token:
         if wait := wrong_tokens.retry_after(address):

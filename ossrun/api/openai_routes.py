@@ -12,6 +12,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from ossrun.api import ask as asks
 from ossrun.api import choices, results, schemas, surfaces
+from ossrun.api.access import client_address
 from ossrun.api.background import BackgroundRun
 from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.metering import Tally
@@ -28,7 +29,8 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     batch = ask if isinstance(ask, list) else [ask]
     ask = batch[0]
     reject_if_busy(service, ask)
-    planned = await asyncio.gather(*(service.plan_off_loop(one, openai=True) for one in batch))
+    client = client_address(request)  # the engine shares itself between clients, then between a client's requests
+    planned = await asyncio.gather(*(service.plan_off_loop(one, openai=True, client=client) for one in batch))
     plans = [plan for first in planned for plan in service.choice_plans(first)]
     group = uuid.uuid4().hex  # one group in the engine: its slots are shared fairly between requests, not choices
     for plan in plans:

@@ -61,6 +61,7 @@ class Plan:
     stop: tuple[str, ...] = ()  # stop strings: matched on the answer text here, not by the engine
     json_mode: bool = False  # response_format / text.format asks for JSON: the Prompt result parses it
     group: str | None = None  # the HTTP request its choice belongs to: the engine shares its slots fairly between groups
+    client: str | None = None  # who sent it (`access.client_address`): the engine shares itself between clients first
 
 
 @dataclass(slots=True)
@@ -401,14 +402,15 @@ class Service:
             raise unknown_model(model)
 
     # -- planning -------------------------------------------------------------------------------
-    def plan(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
-        """The request as the engine runs it, every check done: a 400 here is one before any stream starts."""
-        plan = self.draft(ask, openai, priority)
+    def plan(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE, client: str | None = None) -> Plan:
+        """The request as the engine runs it, every check done: a 400 here is one before any stream starts. `client`:
+        who sent it (`Plan.client`)."""
+        plan = self.draft(ask, openai, priority, client)
         if plan.grammar is not None:
             self._check(plan)  # compiles the grammar and searches its shortest answer within max_tokens
         return plan
 
-    def draft(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE) -> Plan:
+    def draft(self, ask: Ask, openai: bool = False, priority: Priority = Priority.INTERACTIVE, client: str | None = None) -> Plan:
         """`plan` without compiling its grammar: what is cheap to check (rendering, fields, context, LoRA, tool
         choice), in milliseconds. The batch queue checks its items with it before answering "queued"; compiling
         a schema and the budget search (up to seconds each) wait until the item runs."""
@@ -417,7 +419,7 @@ class Service:
         max_tokens = _max_tokens(ask, defaults, self.engine.info.max_model_len - len(prompt_ids))
         params = _sampling_params(ask, defaults, max_tokens, self.engine.info.vocab_size)
         lora = self.adapter_name(ask.lora) if ask.lora is not None else None
-        plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop)
+        plan = Plan(ask.shape, ask, prompt_ids, params, lora, forced, ask.raw, ask.stream, priority, stop=ask.stop, client=client)
         self._check(plan)
         if not ask.raw:
             plan.grammar = self._grammar(ask, forced, max_tokens)
@@ -559,7 +561,7 @@ class Service:
 
     def _submission(self, plan: Plan) -> Submission:
         return Submission(uuid.uuid4().hex, plan.prompt_ids, plan.params, plan.priority, plan.lora, plan.grammar,
-                          plan.group)
+                          plan.group, plan.client)
 
     def _check(self, plan: Plan) -> None:
         """What the engine would refuse, refused now (a 400 before any stream starts)."""

@@ -13,6 +13,7 @@ from python_multipart.multipart import MultipartParser, MultipartState, parse_op
 
 from ossrun.api import ask as asks
 from ossrun.api import schemas, surfaces
+from ossrun.api.access import client_address
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_json
 from ossrun.api.disconnect import EventStream, unless_client_leaves
@@ -59,9 +60,9 @@ def surface_of(service: Service, plan: Plan) -> surfaces.Surface:
     return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True, usage_nulls=plan.ask.include_usage)
 
 
-async def run_sync(service: Service, ask: Ask) -> dict[str, Any]:
-    """The sync result of one `/ai/run` request (a batch item's is made the same way: `batch_executor`)."""
-    plan = await service.plan_off_loop(ask)
+async def run_sync(service: Service, ask: Ask, client: str | None = None) -> dict[str, Any]:
+    """The sync result of one `/ai/run` request from `client` (a batch item's is made the same way: `batch_executor`)."""
+    plan = await service.plan_off_loop(ask, client=client)
     return await surfaces.complete(service, plan, surface_of(service, plan))
 
 
@@ -86,9 +87,10 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
         return await _queue(service, model, body, request)
     ask = parse_run(service, body)
     reject_if_busy(service, ask)
+    client = client_address(request)  # the engine shares itself between clients, then between a client's requests
     if ask.stream and reads_event_streams(request):
-        return stream_response(service, await service.plan_off_loop(ask))
-    return envelope(await unless_client_leaves(request, run_sync(service, dataclasses.replace(ask, stream=False))))
+        return stream_response(service, await service.plan_off_loop(ask, client=client))
+    return envelope(await unless_client_leaves(request, run_sync(service, dataclasses.replace(ask, stream=False), client)))
 
 
 # What a client that reads server-sent events accepts (parameters such as q= aside).
