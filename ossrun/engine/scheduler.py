@@ -251,8 +251,9 @@ class Scheduler:
     def _slot_targets(self, rows: list[Sequence]) -> dict[str, int]:
         """{group: the slots it is due}: `max_num_seqs` shared max-min fairly (`fair_shares`) between the clients by
         how many rows each has (running or waiting), then each client's part between its groups the same way. A slot
-        left over from an even split goes to the client (the group) with the most rows running, then the oldest: the
-        one `_admission_order` would give it to, so no row is preempted only to be admitted again."""
+        left over from an even split goes to the client (the group) running the most rows, then the oldest: the one
+        already holding it. Given to another, it would be taken from a row that admission (fewest rows running first)
+        hands it straight back to, step after step."""
         clients = Counter(seq.client for seq in rows if seq.status is Status.RUNNING)
         groups = Counter(seq.group for seq in rows if seq.status is Status.RUNNING)
         by_client: dict[str, Counter] = {}
