@@ -326,3 +326,16 @@ def test_running_prefills_take_the_step_in_turns_by_client():
     run(s)
     step = run(s)
     assert step == {"a0": 32, "b0": 32}, step
+
+
+def test_an_uneven_split_leaves_running_rows_where_they_are():
+    """4 slots, 3 clients: one of them holds 2. The slot over an even split stays with that client: given to the oldest
+    client instead (b, with more waiting), a's second row would be preempted, and admission (fewest rows running first,
+    then arrival) would hand it straight back to a's row, its prompt read again every step."""
+    s = Scheduler(KVCacheManager(4096, 4096, 16, 128, prefix_caching=False), max_num_seqs=4, max_tokens_per_step=64)
+    for name, client in (("b0", "b"), ("a0", "a"), ("a1", "a"), ("c0", "c")):
+        s.add(from_client(name, client))
+    run(s)
+    s.add(from_client("b1", "b"))
+    for _ in range(3):
+        assert run(s) == {"b0": 1, "a0": 1, "a1": 1, "c0": 1}
