@@ -679,6 +679,34 @@ def counted_plain(client: openai.OpenAI) -> int:
     return client.responses.input_tokens.count(model=MODEL, input=GERMANY).input_tokens
 
 
+def test_a_create_may_leave_input_out_as_openai_allows(server):
+    """Before (hunt round 16 A-F4): `responses.create(previous_response_id=…)` with no new item (to continue an answer
+    cut by max_output_tokens) and `responses.create(instructions=…)` alone were a 400 "at '/input': Field required",
+    though OpenAI's API and SDK take `input` as optional (and ossrun's own count did). Now a left-out or null `input`
+    is no new item, on create as on the count; the document says so."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    cut = client.responses.create(model=MODEL, input=GERMANY, max_output_tokens=12, temperature=0)
+    assert cut.status == "incomplete"
+    resumed = client.responses.create(model=MODEL, previous_response_id=cut.id, max_output_tokens=64, temperature=0)
+    assert resumed.status in ("completed", "incomplete") and resumed.output
+    as_empty = client.responses.create(model=MODEL, previous_response_id=cut.id, input=[], max_output_tokens=64,
+                                       temperature=0)
+    assert resumed.usage.input_tokens == as_empty.usage.input_tokens
+    assert [item.model_dump(exclude={"id"}) for item in resumed.output] == \
+        [item.model_dump(exclude={"id"}) for item in as_empty.output]
+    told = client.responses.create(model=MODEL, instructions="Greet the user.", max_output_tokens=64)
+    assert told.output and told.usage.input_tokens > 0
+    null = httpx.post(f"{server.base}/v1/responses", headers=server.headers,
+                      json={"model": MODEL, "input": None, "instructions": "Greet the user.", "max_output_tokens": 8})
+    assert null.status_code == 200, null.text
+    document = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()
+    ref = document["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert "input" not in body["required"] and {"type": "null"} in body["properties"]["input"]["anyOf"]
+    wrong = httpx.post(f"{server.base}/v1/responses", headers=server.headers, json={"model": MODEL, "input": 5})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "input", wrong.text
+
+
 def test_input_tokens_document_and_server_agree(server):
     """Before (hunt_new L4): the document gave `POST /v1/responses/input_tokens` the create body (`model` required,
     and `stream`, `background`, `store`… offered), while the server counts a body without `model` and reads none of

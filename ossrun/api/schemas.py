@@ -541,6 +541,24 @@ class ResponsesRequest(ResponsesInput):
     temperature: OpenAITemperature
     top_p: OpenAITopP
 
+    @model_validator(mode="before")
+    @classmethod
+    def _input_may_be_left_out(cls, data: Any) -> Any:
+        """`input` left out (or null) is no new item, as OpenAI takes it: `previous_response_id` alone continues a
+        conversation (a response cut by `max_output_tokens`), `instructions` alone are answered. (`/ai/run` picks the
+        Responses shape by its `input` key: there it stays required.)"""
+        if isinstance(data, dict) and data.get("input") is None:
+            data = {**data, "input": []}
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = super().__get_pydantic_json_schema__(core_schema, handler)
+        body = handler.resolve_ref_schema(schema)
+        body["properties"]["input"] = {"anyOf": [body["properties"]["input"], {"type": "null"}]}
+        body["required"] = [k for k in body.get("required", []) if k != "input"]
+        return schema
+
 
 class InputTokensRequest(ResponsesRequest):
     """`POST /v1/responses/input_tokens`: what the count reads of a Responses body, `model` (the served model) and
@@ -555,22 +573,18 @@ class InputTokensRequest(ResponsesRequest):
     @model_validator(mode="before")
     @classmethod
     def _only_what_is_counted(cls, data: Any) -> Any:
-        """Also `input` may be left out (or null), as OpenAI's endpoint allows: a `previous_response_id` conversation or
+        """`input` may be left out as on create (`ResponsesRequest`): a `previous_response_id` conversation or
         `instructions` alone is counted as it would be read with no new item."""
         if not isinstance(data, dict):
             return data
-        counted = {k: v for k, v in data.items() if k in cls.COUNTED}
-        if counted.get("input") is None:
-            counted["input"] = []
-        return counted
+        return {k: v for k, v in data.items() if k in cls.COUNTED}
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         schema = super().__get_pydantic_json_schema__(core_schema, handler)
         body = handler.resolve_ref_schema(schema)
         body["properties"] = {k: v for k, v in body.get("properties", {}).items() if k in cls.COUNTED}
-        body["properties"]["input"] = {"anyOf": [body["properties"]["input"], {"type": "null"}]}
-        body["required"] = [k for k in body.get("required", []) if k in cls.COUNTED and k != "input"]
+        body["required"] = [k for k in body.get("required", []) if k in cls.COUNTED]
         return schema
 
 
