@@ -433,6 +433,19 @@ def test_a_tool_call_without_its_result_is_refused(body, param, says):
     assert says in str(info.value) and info.value.param == param
 
 
+@pytest.mark.parametrize("part", [{"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+                                  {"type": "input_file", "file_data": "eA==", "filename": "a.txt"}, 5])
+def test_a_function_call_outputs_part_that_is_not_text_is_refused_by_its_place(part):
+    """Before (hunt round 16 A-F2): the 400 had `param: null`, though every other refused part names its place
+    (`input[0].content[1]`, `messages[2].content[1]`). Now it names the output part."""
+    body = {"input": [ASK, {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "call_a", "output": [{"type": "input_text", "text": "21C"}, part]}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]}
+    with pytest.raises(RenderError) as info:
+        render_request(body)
+    assert "is not supported: gpt-oss takes text only" in str(info.value) and info.value.param == "input[2].output[1]"
+
+
 def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():
     """What stays accepted: results in any order, tool messages without an id answered by `name` (or, without one,
     the calls just made), a legacy `function` result, a conversation ending with its results, and a legacy

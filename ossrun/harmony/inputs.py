@@ -331,14 +331,15 @@ def _output_texts(output: Any, where: str) -> list[str]:
     if not isinstance(output, list):
         return [json.dumps(output)]
     texts = []
-    for part in output:
+    for index, part in enumerate(output):
         if isinstance(part, str):
             texts.append(part)
         elif isinstance(part, Mapping) and part.get("type") in TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise RenderError(f"{where}: output part type {kind!r} is not supported: gpt-oss takes text only (text parts)")
+            raise RenderError(f"{where}: output part type {kind!r} is not supported: gpt-oss takes text only (text parts)",
+                              f"{where}.output[{index}]")
     return texts
 
 
