@@ -314,7 +314,7 @@ def serve(
     max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
     kv_cache_gib: float = typer.Option(2.0, callback=_positive("--kv-cache-gib"), help="Memory for the KV cache."),
     max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),
-    request_timeout: float = typer.Option(600.0, callback=_positive("--request-timeout"), help="Seconds a sync request may run before a 408."),
+    request_timeout: float = typer.Option(540.0, callback=_positive("--request-timeout"), help="Seconds a sync request may run before a 408 (under the openai SDKs' 600 s timeout, so that they see it and do not retry)."),
     max_model_len: int = typer.Option(128000, min=16, help="Served context window (prompt + max_tokens)."),
     client_timeout: float = typer.Option(30.0, callback=_positive("--client-timeout"),
                                          help="Seconds a client may take to send a request's headers (then the connection is closed) "

@@ -38,7 +38,9 @@ class ServerSettings:
     max_num_seqs: int = 64
     kv_cache_gib: float = 2.0
     max_batch_requests: int = 1000
-    request_timeout_s: float = 600.0
+    # Under the openai SDKs' 600 s read timeout: a sync request over it gets its 408 (with `x-should-retry: false`)
+    # before the SDK gives up, which would otherwise retry it twice, each try a whole generation (hunt round 16 A-F3).
+    request_timeout_s: float = 540.0
     max_model_len: int = 128000
     client_timeout_s: float = 30.0  # for a request's headers, and between two pieces of its body
     forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-For is believed; None: nobody's

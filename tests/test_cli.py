@@ -134,6 +134,22 @@ def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_pa
         assert result.returncode == 2 and "Invalid value" in result.stderr, (args, result.stderr)
 
 
+def test_the_default_request_timeout_answers_before_the_openai_sdk_gives_up():
+    """Before (hunt round 16 A-F3): `--request-timeout` defaulted to 600 s, the openai SDKs' own read timeout, which
+    fired ~10 ms before the 408 came: the SDK never saw its `x-should-retry: false` and retried twice, each try a whole
+    generation, ending in APITimeoutError. Both defaults (the command's and ServerSettings') now end first."""
+    import openai
+    import typer.main
+
+    from ossrun.cli import app
+    from ossrun.serve import ServerSettings
+
+    serve = typer.main.get_command(app).commands["serve"]
+    default = next(p.default for p in serve.params if p.name == "request_timeout")
+    sdk = openai.DEFAULT_TIMEOUT.read
+    assert default == ServerSettings.request_timeout_s and default <= sdk - 30, (default, sdk)
+
+
 def test_serve_on_a_busy_port_says_so_and_never_claims_to_serve(checkpoints, tmp_path):
     import socket
 
