@@ -147,6 +147,21 @@ def test_openai_refuses_limits_and_sampling_it_would_ignore(server, which):
             client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={name: value})
         assert caught.value.body["param"] == name and "not a Responses parameter" in caught.value.body["message"], name
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"max_tokens": None, "mirostat": 2}).id
+    with pytest.raises(openai.BadRequestError) as caught:  # hunt round 16 B-F1: it was read as the default effort
+        client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, extra_body={"reasoning_effort": "low"})
+    assert caught.value.body["param"] == "reasoning_effort" and '{"effort"' in caught.value.body["message"]
+    # The other way (hunt round 16 B-F1): Responses' names on chat and completions were ignored (max_output_tokens: 5
+    # gave a 43-token answer; effort, format, instructions and a stored conversation went unread).
+    responses_only = {"max_output_tokens": 5, "reasoning": {"effort": "low"}, "instructions": "Be brief.",
+                      "text": {"format": {"type": "json_object"}}, "previous_response_id": "resp_1"}
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    for name, value in responses_only.items():
+        for create in (lambda: client.chat.completions.create(**chat, extra_body={name: value}),
+                       lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={name: value})):
+            with pytest.raises(openai.BadRequestError) as caught:
+                create()
+            assert caught.value.body["param"] == name and "is a Responses parameter" in caught.value.body["message"], name
+    assert client.chat.completions.create(**chat, extra_body={"max_output_tokens": None, "mirostat": 2}).id
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, best_of=4)
     assert caught.value.body["param"] == "best_of" and "not supported" in caught.value.body["message"]
@@ -397,6 +412,8 @@ def error_code(response: httpx.Response) -> int:
     ({"prompt": "a", "seed": 0}, "/seed"),
     ({"input": "a", "max_tokens": 7}, "at '/max_tokens': Value error, max_tokens is not a Responses parameter: use max_output_tokens"),
     ({"input": "a", "frequency_penalty": 1}, "at '/frequency_penalty'"),
+    ({"prompt": "a", "max_output_tokens": 7}, "at '/max_output_tokens': Value error, max_output_tokens is a Responses parameter"),
+    ({"messages": [{"role": "user", "content": "b"}], "reasoning": {"effort": "low"}}, "use reasoning_effort"),
     ({"prompt": ""}, "/prompt"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "/messages/0/role"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "nope"}]}, "tool_call_id"),

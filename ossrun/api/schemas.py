@@ -154,6 +154,15 @@ class RunOptions(_Open):
     rejectIfBusy: bool | None = None
 
 
+# The mirror of NOT_RESPONSES: what the Responses shape names, which the Prompt and Messages shapes (and chat and
+# completions) spell otherwise or have not. Sent beside `messages` or `prompt`, each would be ignored (a client porting
+# Responses code would lose its `max_output_tokens` cost cap, its effort, its JSON format, its instructions or the
+# stored conversation: hunt round 16 B-F1), so each is a 400 naming it, as OpenAI's chat refuses an unknown argument.
+NOT_SAMPLING = {"max_output_tokens": "use max_tokens (or max_completion_tokens)", "reasoning": "use reasoning_effort",
+                "text": "use response_format", "instructions": "send them as a system or developer message",
+                "previous_response_id": "send the conversation itself (only the Responses shape reads a stored one)"}
+
+
 class Sampling(_Open):
     """Sampling fields shared by the Prompt and Messages shapes (spec §2)."""
 
@@ -179,6 +188,19 @@ class Sampling(_Open):
     stream_options: StreamOptions | None = None
     reasoning_effort: Effort | None = None
     options: RunOptions | None = None
+    max_output_tokens: None = Field(None, description=f"a Responses parameter: {NOT_SAMPLING['max_output_tokens']}")
+    reasoning: None = Field(None, description=f"a Responses parameter: {NOT_SAMPLING['reasoning']}")
+    text: None = Field(None, description=f"a Responses parameter: {NOT_SAMPLING['text']}")
+    instructions: None = Field(None, description=f"a Responses parameter: {NOT_SAMPLING['instructions']}")
+    previous_response_id: None = Field(None, description=f"a Responses parameter: {NOT_SAMPLING['previous_response_id']}")
+
+    @field_validator(*NOT_SAMPLING, mode="before")
+    @classmethod
+    def _a_responses_parameter(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is a Responses parameter (a body with `input`), not this one's: "
+                             f"{NOT_SAMPLING[info.field_name]}")
+        return value
 
 
 class FunctionName(_Open):
@@ -326,6 +348,7 @@ class TextConfig(_Open):
 # `input`, each would be ignored (a client porting chat code would silently lose its `max_tokens` cost cap), so each
 # is a 400 naming it, as OpenAI refuses them; other unknown names stay accepted and ignored. → what to do instead.
 NOT_RESPONSES = {"max_tokens": "use max_output_tokens", "max_completion_tokens": "use max_output_tokens",
+                 "reasoning_effort": "use reasoning: {\"effort\": ...}",
                  **{name: "the Responses shape has none, so it would be ignored" for name in (
                      "stop", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "min_p", "n")}}
 
@@ -388,6 +411,7 @@ class ResponsesInput(_Open):
     top_k: None = _not_here(NOT_RESPONSES["top_k"])
     min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
+    reasoning_effort: None = _not_here(NOT_RESPONSES["reasoning_effort"])
     conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
     prompt: None = Field(None, description=UNSUPPORTED_RESPONSES["prompt"])
     # OpenAI's background mode, on the OpenAI routes: the run outlives its connection (`api/background.py`) and is
