@@ -86,7 +86,7 @@ class _Open(Shape):
         schema = handler(core_schema)
         properties = handler.resolve_ref_schema(schema).get("properties", {})
         for name, value in cls.STATED_DEFAULTS.items():
-            if name in properties:
+            if name in properties and properties[name].get("type") != "null":  # a sibling shape's name, refused here
                 properties[name]["default"] = value
         return schema
 
@@ -366,13 +366,8 @@ UNSUPPORTED_RESPONSES = {"conversation": "conversations are not supported: use p
                          "prompt": "stored prompts are not supported: send their instructions and input"}
 
 
-def _responses_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
-    """`stated_defaults` without the names the Responses shape refuses."""
-    return {name: value for name, value in stated_defaults(defaults).items() if name not in NOT_RESPONSES}
-
-
 class ResponsesInput(_Open):
-    STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(WORKERS_AI_DEFAULTS)
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
     # An `item_reference` is replaced by the stored item it names (`ResponseStore.expand`) before anything reads `input`.
     input: str_or_list(RequestItem)  # type: ignore[valid-type]
     instructions: str | None = None
@@ -559,7 +554,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
 
 
 class ResponsesRequest(ResponsesInput):
-    STATED_DEFAULTS: ClassVar[dict[str, Any]] = _responses_defaults(OPENAI_DEFAULTS)
+    STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model: str
     seed: OpenAISeed
     temperature: OpenAITemperature
