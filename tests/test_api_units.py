@@ -858,6 +858,29 @@ def test_ended_background_runs_are_kept_within_a_byte_budget():
     asyncio.run(scenario())
 
 
+def test_an_ended_background_run_goes_after_its_grace_period_on_an_idle_server():
+    """Hunt round 16 C-F1. Before: the ended runs were pruned only when a background run started, ended or was looked
+    up, so on a server that saw no other background request they kept their frames (up to 256 MiB) for good."""
+    import asyncio
+
+    from ossrun.api.background import BackgroundRuns
+
+    async def frames():
+        for _ in range(3):
+            yield b"x" * 1000
+
+    async def scenario() -> None:
+        runs = BackgroundRuns(kept=64, grace_s=0.2)
+        for key in "ab":
+            runs.start(key, frames(), on_cancel=lambda: None)
+            await runs._runs[key].task
+        assert len(runs._ended) == 2
+        await asyncio.sleep(0.5)  # nothing touches `runs` meanwhile
+        assert not runs._ended, "the ended runs outlived their grace period"
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_response_is_no_conversation_to_continue_but_a_cancelled_or_cut_one_is(tmp_path):
     """hunt_new L2: only a background response is stored `failed`; naming it is the 400 an unstored (non-background)
     failure gets, saying it failed. `cancelled` and `incomplete` ones are continued, as on OpenAI."""
