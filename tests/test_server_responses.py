@@ -721,6 +721,11 @@ def test_input_tokens_document_and_server_agree(server):
         assert not {"stream", "background", "store", "temperature", "metadata"} & set(body["properties"]), path
     bare = httpx.post(f"{server.base}/v1/responses/input_tokens", headers=server.headers, json={"input": GERMANY})
     assert bare.status_code == 200, bare.text
+    # The fuzzer's negative case (2026-12-03): an id against its pattern, `input_tokens`, is the count route's 405; the
+    # document lists that status on the retrieve and the delete.
+    for method, operation in (("GET", "get"), ("DELETE", "delete")):
+        wrong = httpx.request(method, f"{server.base}/v1/responses/input_tokens", headers=server.headers)
+        assert wrong.status_code == 405 and "405" in document["paths"]["/v1/responses/{response_id}"][operation]["responses"]
     unread = httpx.post(f"{server.base}/v1/responses/input_tokens", headers=server.headers,
                         json={"input": GERMANY, "stream": True, "background": True, "store": False, "temperature": 9})
     assert unread.status_code == 200 and unread.json() == bare.json(), unread.text

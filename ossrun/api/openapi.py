@@ -596,16 +596,18 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
     ("/v1/responses/input_tokens", "post"): (InputTokens, (), (400, 403, 413, 415)),
-    ("/v1/responses/{response_id}", "get"): (ResponseObject, (ResponsesEvent,), (400, 403, 404)),
+    # 405: a path naming another endpoint's (`/v1/responses/input_tokens`, POST only), which the id's pattern excludes
+    ("/v1/responses/{response_id}", "get"): (ResponseObject, (ResponsesEvent,), (400, 403, 404, 405)),
     ("/v1/responses/{response_id}/cancel", "post"): (ResponseObject, (), (400, 403, 404)),
-    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404)),
+    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404, 405)),
     ("/v1/responses/{response_id}/input_items", "get"): (InputItemList, (), (400, 403, 404)),
     ("/health", "get"): (Health, (), ()),
     ("/metrics", "get"): (None, (), ()),
 }
 
 _REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
-            404: "Not found", 408: "Timeout", 413: "Body over 10 MB (adapter uploads: 300 MB), decoded or not",
+            404: "Not found", 405: "Method not allowed: the path names another endpoint (input_tokens takes POST only)",
+            408: "Timeout", 413: "Body over 10 MB (adapter uploads: 300 MB), decoded or not",
             415: "Content-Encoding other than gzip or deflate", 429: "Rate limited, or busy with options.rejectIfBusy",
             503: "Shutting down, or the data directory refuses writes (a full disk): try again later"}
 
