@@ -75,7 +75,8 @@ class FakeEngine:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": 0, "kv_blocks_used": len(self.running), "kv_blocks_total": 100,
-                "kv_sliding_blocks_used": 0, "generated_tokens_total": self.generated, "unread_tokens_total": 0}
+                "kv_sliding_blocks_used": 0, "generated_tokens_total": self.generated, "unread_tokens_total": 0,
+                "preemptions_total": 0}
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -202,3 +203,25 @@ def test_health_is_answered_while_conversations_too_many_messages_to_fit_are_ref
         assert says in error["message"], (path, error["message"])
     assert "(in requests[1])" in answers[2].text
     assert watch.slowest < 2, f"/health took {[round(t, 2) for t in watch.seconds]}s while the conversations were refused"
+
+
+def test_preemptions_are_counted_on_metrics_and_health(checkpoints, tmp_path):
+    """Before: nothing counted preemptions (not /metrics, /health or the log), so an operator could not tell that
+    `--kv-cache-gib` was too small for the load: requests were recomputed, silently slower."""
+    small = start_server(checkpoints["original"], tmp_path, "--rate-limit", "100000", "--kv-cache-gib", "0.001",
+                         "--max-num-seqs", "4")
+    try:
+        assert small.health()["preemptions_total"] == 0
+        held = small.health()["kv_blocks_total"] * 16  # tokens the whole cache holds (16 a block)
+        body = {"prompt": "word " * (held // 3), "max_tokens": held // 5, "temperature": 1.0}  # over half the cache each
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: httpx.post(small.base + "/v1/completions", json={**body, "model": MODEL},
+                                                         timeout=120), range(4)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        preempted = small.health()["preemptions_total"]
+        assert preempted > 0  # two such requests cannot both run to their end at once
+        line = [ln for ln in httpx.get(small.base + "/metrics", timeout=10).text.splitlines()
+                if ln.startswith("ossrun_preemptions_total ")]
+        assert line and float(line[0].split()[1]) == preempted, line
+    finally:
+        small.stop()

@@ -54,6 +54,8 @@ class Metering:
         self.running = Gauge("ossrun_running_requests", "Requests the engine is running", registry=r)
         self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
         self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
+        self.preemptions = Counter("ossrun_preemptions", "Running requests preempted (their KV blocks taken back, "
+                                   "recomputed later): often means --kv-cache-gib is small for the load", registry=r)
         self.batch_items = Gauge("ossrun_batch_items", "Batch queue items not done yet, by state (queued, running)",
                                  ["state"], registry=r)
         self.batch_finished = Counter("ossrun_batch_items_finished_total", "Batch queue items finished, by success",
@@ -66,6 +68,7 @@ class Metering:
         self.batch_store_ok: Callable[[], bool] = lambda: True  # the batch worker's `store_ok`, once the app has one
         self._last = (0, 0.0)
         self._unread = 0
+        self._preempted = 0
 
     def record(self, model: str, outcome) -> None:
         self.tokens.labels("prompt").inc(outcome.prompt_tokens)
@@ -95,6 +98,9 @@ class Metering:
             self.tps.set((stats["generated_tokens_total"] - last_tokens) / max(1e-9, now - last_time))
         self._last = (stats["generated_tokens_total"], now)
         self._meter_unread(stats.get("unread_tokens_total", 0))
+        preempted = stats.get("preemptions_total", 0)
+        self.preemptions.inc(max(0, preempted - self._preempted))
+        self._preempted = preempted
         self._meter_batch_store()
         return generate_latest(self.registry)
 

@@ -74,4 +74,5 @@ class EngineClient(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Counters for /health and /metrics: running, waiting, KV blocks, generated tokens (`unread_tokens_total`:
-        those generated for streams closed before reading them, counted once their request has ended)."""
+        those generated for streams closed before reading them, counted once their request has ended), and
+        `preemptions_total`: running requests whose KV blocks were taken back (recomputed later)."""

@@ -278,4 +278,5 @@ class Engine:
             "kv_blocks_total": self.kv.full.num_blocks - 1,
             "kv_sliding_blocks_used": self.kv.sliding.num_used,
             "generated_tokens_total": self.generated_tokens,
+            "preemptions_total": self.scheduler.preemptions,
         }

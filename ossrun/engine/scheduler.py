@@ -82,6 +82,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # kept sorted by sort_key
         self.running: list[Sequence] = []
         self.steps = 0
+        self.preemptions = 0  # since start: operators size the KV cache by it (`ossrun_preemptions_total`)
         self._waiting_since: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -329,6 +330,7 @@ class Scheduler:
         self.kv.free(seq.blocks)
         seq.num_computed = 0
         step.preempted.append(seq)
+        self.preemptions += 1
         self.add(seq)
 
 
