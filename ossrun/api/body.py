@@ -16,12 +16,19 @@ import json
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from ossrun.api.errors import BODY_TIMEOUT, ApiError, bad_input, param_of, too_large
 
 # No legitimate body nests deeper; tool parameter schemas have their own, smaller limit (harmony).
 MAX_DEPTH = 128
+
+# From this size on, a body is parsed (and read into its types) on a worker thread: at ~9 MB the JSON walk and the typed
+# parse take about a second, which on the event loop stalled every other request, /health included; on a thread they
+# let the loop in every few milliseconds (the interpreter's switch interval). Small bodies stay on the loop (no hop).
+OFF_LOOP_BYTES = 256 * 1024
+
+T = TypeVar("T")
 
 
 def _not_json(literal: str) -> Any:
@@ -45,6 +52,13 @@ def parse_json(raw: bytes) -> Any:
         raise bad_input("Error: the body is not valid JSON") from None
     check_value(value)
     return value
+
+
+async def parse_body(raw: bytes, into: Callable[[Any], T]) -> T:
+    """`into(the body's JSON value)`: a typed request, or a 400; on a worker thread for a large body."""
+    if len(raw) < OFF_LOOP_BYTES:
+        return into(parse_json(raw))
+    return await asyncio.to_thread(lambda: into(parse_json(raw)))
 
 
 def check_value(value: Any) -> None:

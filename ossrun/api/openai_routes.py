@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from functools import partial
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -81,14 +82,14 @@ async def _detached(service: Service, plan: Plan, surface: ResponsesSurface, tal
 
 async def chat_completions(request: Request):
     service: Service = service_of(request)
-    body = schemas.parse(schemas.ChatCompletionRequest, await json_body(request))
+    body = await json_body(request, partial(schemas.parse, schemas.ChatCompletionRequest))
     service.check_model(body.model)
     return await _answer(request, service, asks.from_messages(body), body.model)
 
 
 async def responses(request: Request):
     service: Service = service_of(request)
-    body = schemas.parse(schemas.ResponsesRequest, await json_body(request))
+    body = await json_body(request, partial(schemas.parse, schemas.ResponsesRequest))
     service.check_model(body.model)
     body = service.responses.expand(body)  # item references resolved, previous_response_id prepended
     return await _answer(request, service, asks.from_responses(body), body.model)
@@ -96,7 +97,7 @@ async def responses(request: Request):
 
 async def completions(request: Request):
     service: Service = service_of(request)
-    body = schemas.parse(schemas.CompletionRequest, await json_body(request))
+    body = await json_body(request, partial(schemas.parse, schemas.CompletionRequest))
     service.check_model(body.model)
     return await _answer(request, service, asks.from_completion(body), body.model)
 
@@ -175,7 +176,7 @@ async def input_tokens(request: Request):
     `model` may be left out, as OpenAI's endpoint allows: the served model counts. Only what the count reads is
     validated (`schemas.InputTokensRequest`)."""
     service: Service = service_of(request)
-    body = schemas.parse(schemas.InputTokensRequest, await json_body(request))
+    body = await json_body(request, partial(schemas.parse, schemas.InputTokensRequest))
     service.check_model(body.model or service.model_names[0])
     ask = asks.from_responses(service.responses.expand(body))
     return {"object": "response.input_tokens", "input_tokens": await asyncio.to_thread(service.count_prompt, ask)}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from python_multipart.exceptions import FormParserError
@@ -15,7 +17,7 @@ from ossrun.api import ask as asks
 from ossrun.api import schemas, surfaces
 from ossrun.api.access import client_address
 from ossrun.api.ask import Ask
-from ossrun.api.body import parse_json
+from ossrun.api.body import parse_body
 from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope, openai_error_object
 from ossrun.api.service import Outcome, Plan, Service
@@ -23,14 +25,17 @@ from ossrun.batch.store import Batch, BatchItem
 from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
+T = TypeVar("T")
+
 router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-async def json_body(request: Request) -> Any:
-    return parse_json(await request.body())
+async def json_body(request: Request, into: Callable[[Any], T] = lambda body: body) -> T:
+    """The body read into its type by `into` (its JSON value by default); off the event loop when it is large."""
+    return await parse_body(await request.body(), into)
 
 
 def parse_run(service: Service, body: Any) -> Ask:
@@ -78,14 +83,11 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     if not model:  # `…/ai/run/`: no model segment is no route, as `…/ai/run` is
         raise ApiError(404, 7000, f"No route for {request.url.path}")
     service.check_model(model)
-    body = await json_body(request)
+    body, ask = await json_body(request, lambda body: (body, _single(service, body)))
     if _is_poll(body):  # the hosted docs poll on either URL
         return _poll(service, body)
-    # The body decides, as the document's oneOf does: a `requests` batch is queued (the hosted API wants
-    # ?queueRequest=true with it, and that URL also runs a single request rather than refusing it).
-    if isinstance(body, dict) and "requests" in body:
+    if ask is None:
         return await _queue(service, model, body, request)
-    ask = parse_run(service, body)
     reject_if_busy(service, ask)
     client = client_address(request)  # the engine shares itself between clients, then between a client's requests
     if ask.stream and reads_event_streams(request):
@@ -106,6 +108,15 @@ def reads_event_streams(request: Request) -> bool:
     if not accept:
         return True
     return any(part.split(";")[0].strip().lower() in _EVENT_STREAM_TYPES for part in accept.split(","))
+
+
+def _single(service: Service, body: Any) -> Ask | None:
+    """The typed request of a body that runs one, or None for a poll or a batch. The body decides, as the document's
+    oneOf does: a `requests` batch is queued (the hosted API wants ?queueRequest=true with it, and that URL also runs a
+    single request rather than refusing it)."""
+    if _is_poll(body) or (isinstance(body, dict) and "requests" in body):
+        return None
+    return parse_run(service, body)
 
 
 def _is_poll(body: Any) -> bool:
@@ -200,7 +211,7 @@ def batch_executor(service: Service):
         surface = None
         try:
             service.check_model(model)
-            ask = dataclasses.replace(parse_run(service, body), stream=False)
+            ask = dataclasses.replace(await asyncio.to_thread(parse_run, service, body), stream=False)  # bodies of MBs
             plan = await service.plan_off_loop(ask, priority=Priority.BATCH)  # the grammar's checks run here, not at queue time
             surface = surface_of(service, plan)
             result = await surfaces.complete(service, plan, surface)
@@ -279,7 +290,7 @@ async def models_schema(account_id: str, request: Request, model: str):
 @router.post("/finetunes/", include_in_schema=False)
 async def create_finetune(account_id: str, request: Request):
     service = service_of(request)
-    spec = schemas.parse(schemas.FinetuneCreate, await json_body(request))
+    spec = await json_body(request, partial(schemas.parse, schemas.FinetuneCreate))
     service.check_model(spec.model)
     from ossrun.finetunes import FinetuneError
 
