@@ -58,6 +58,18 @@ class HealthWatch(threading.Thread):
             time.sleep(0.1)
 
 
+def posted_at_once(server, bodies: list[tuple[str, bytes]]) -> tuple[list[httpx.Response], HealthWatch]:
+    """POST every (path, JSON bytes) at once while `/health` is polled → the answers (in order) and the watch."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        watch = HealthWatch(server)
+        watch.start()
+        answers = list(pool.map(lambda sent: httpx.post(server.base + sent[0], content=sent[1], timeout=120,
+                                                        headers={"Content-Type": "application/json"}), bodies))
+    watch.done.set()
+    watch.join()
+    return answers, watch
+
+
 def test_small_requests_and_health_are_served_while_a_long_prompt_is_prefilled(server):
     watch = HealthWatch(server)
     watch.start()
@@ -149,21 +161,7 @@ def test_health_is_answered_while_multi_mb_prompts_are_tokenized(server):
          f"prompt ({words + 65} tokens) + max_output_tokens (16)"),
     ]
     bodies = [(path, json.dumps(body).encode(), says) for path, body, says in requests]
-    answers: list[httpx.Response] = []
-
-    def post(path: str, data: bytes) -> None:
-        answers.append(httpx.post(server.base + path, content=data, headers={"Content-Type": "application/json"},
-                                  timeout=120))
-
-    watch = HealthWatch(server)
-    watch.start()
-    posts = [threading.Thread(target=post, args=(path, data)) for path, data, _ in bodies]
-    for thread in posts:
-        thread.start()
-    for thread in posts:
-        thread.join()
-    watch.done.set()
-    watch.join()
+    answers, watch = posted_at_once(server, [(path, data) for path, data, _ in bodies])
     assert [a.status_code for a in answers] == [400] * len(bodies), [a.text[:300] for a in answers]
     messages = " | ".join(a.text for a in answers)
     assert all(says in messages for _, _, says in bodies), messages
@@ -247,21 +245,7 @@ def test_health_is_answered_while_large_bodies_are_parsed(server):
     ]
     bodies = [(path, json.dumps(body).encode()) for path, body in requests]
     assert all(8_000_000 < len(data) < 10_000_000 for _, data in bodies)  # under the 10 MB cap
-    answers: list[httpx.Response] = []
-
-    def post(path: str, data: bytes) -> None:
-        answers.append(httpx.post(server.base + path, content=data, headers={"Content-Type": "application/json"},
-                                  timeout=120))
-
-    watch = HealthWatch(server)
-    watch.start()
-    posts = [threading.Thread(target=post, args=(path, data)) for path, data in bodies]
-    for thread in posts:
-        thread.start()
-    for thread in posts:
-        thread.join()
-    watch.done.set()
-    watch.join()
+    answers, watch = posted_at_once(server, bodies)
     assert [a.status_code for a in answers] == [400] * len(bodies), [a.text[:300] for a in answers]
     assert all("exceeds the context window" in a.text or "fills the context window" in a.text for a in answers), \
         [a.text[:300] for a in answers]
