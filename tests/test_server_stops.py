@@ -135,3 +135,16 @@ def test_logprobs_stop_where_the_text_stops(server, demo_server):
     chunks = [c.choices[0] for c in client.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
     assert [t for c in chunks for t in c.logprobs.tokens] == choice.logprobs.tokens
     assert [o for c in chunks for o in c.logprobs.text_offset] == choice.logprobs.text_offset
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/client/v4/accounts/a/ai/run/" + MODEL])
+def test_a_stop_string_longer_than_4096_characters_is_a_400_naming_it(server, path):
+    """Hunt round 17 A-F1: stop strings had no length limit (four of 200k characters, each choice's matcher built on
+    the event loop, froze the server for 137 s). 4,096 characters is the limit, as ROUTES says."""
+    body = {"prompt": "Hi"} if "completions" in path and "chat" not in path else {"messages": MESSAGES}
+    if path.startswith("/v1"):
+        body["model"] = MODEL
+    refused = httpx.post(server.base + path, json={**body, "max_tokens": 2, "stop": ["x", "y" * 4097]}, timeout=60)
+    assert refused.status_code == 400 and "4096" in refused.text and "stop" in refused.text, refused.text
+    taken = httpx.post(server.base + path, json={**body, "max_tokens": 2, "stop": ["x", "y" * 4096]}, timeout=60)
+    assert taken.status_code == 200, taken.text

@@ -97,3 +97,12 @@ def test_a_long_stop_the_text_keeps_half_matching_costs_steps_linear_in_the_text
     assert all(matcher.feed("aaaaaaaa") == "" for _ in range(3000))  # 24,000 characters, all held back
     assert steps == 24_000
     assert matcher.feed("a" * 16_000 + "b!") == "" and matcher.matched == "a" * 40_000 + "b"
+
+
+def test_choices_with_the_same_stop_share_its_table():
+    """Hunt round 17 A-F1: each choice (a prompt list × `n`: up to 256) built its own table for every stop string on
+    the event loop; four stops of 200k characters froze the server for 137 s. The table is built once and shared."""
+    stop = "ab" * 2000 + "c"
+    first, second = StopStrings([stop]), StopStrings([stop])
+    assert first._automata[0]._fail is second._automata[0]._fail
+    assert first.feed("ab" * 2000) == "" and second.feed("x") == "x"  # the states stay each choice's own

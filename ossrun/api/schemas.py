@@ -44,7 +44,10 @@ from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmo
 )
 
 Effort = Literal["low", "medium", "high"]
-StopText = Annotated[str, Field(min_length=1)]
+# A stop string is a delimiter: 4,096 characters is far beyond any, and bounds what the matcher holds back of a streamed
+# answer while the text half-matches it (it cannot show what may still become the stop) and its table's size.
+STOP_MAX_CHARS = 4096
+StopText = Annotated[str, Field(min_length=1, max_length=STOP_MAX_CHARS)]
 # OpenAI's `seed` is any signed 64-bit integer (its OpenAPI spec, and vLLM, take the whole range); Workers AI's is
 # 1 … 9999999999 (spec §2), kept on `/ai/run`. The sampler folds any integer into its generator's range.
 OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
