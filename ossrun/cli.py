@@ -167,6 +167,19 @@ def make_adapter(
     typer.echo(f"wrote a rank-{rank} adapter to {out}")
 
 
+def _argument_text(value: str | None) -> str | None:
+    """The value itself, or for `@FILE` the file's text (`@-`: stdin), as curl reads its `-d @file`: a command line
+    holds at most ~128 KiB an argument (Linux's MAX_ARG_STRLEN), about 22k tokens of text, so a long-context prompt
+    could not be given at all."""
+    if value is None or not value.startswith("@"):
+        return value
+    name = value[1:]
+    try:
+        return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read the prompt from {name!r}: {getattr(exc, 'strerror', None) or exc}")
+
+
 def _parse_token_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -177,7 +190,8 @@ def _parse_token_ids(text: str) -> list[int]:
 @app.command()
 def generate(
     model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
-    raw: Optional[str] = typer.Option(None, help="Prompt text, tokenised with harmony special tokens allowed (no chat template)."),
+    raw: Optional[str] = typer.Option(None, help="Prompt text, tokenised with harmony special tokens allowed (no chat template). "
+                                                 "Each prompt option takes @FILE (or @- for stdin) for a long one."),
     prompt: Optional[str] = typer.Option(None, help="One user turn, rendered in the harmony chat format."),
     token_ids: Optional[str] = typer.Option(None, help="Prompt token ids, comma-separated (bypasses the tokenizer)."),
     max_tokens: int = typer.Option(32, min=1),
@@ -203,6 +217,7 @@ def generate(
     given = [x for x in (raw, prompt, token_ids) if x is not None]
     if len(given) != 1:
         raise typer.BadParameter("give exactly one of --raw, --prompt, --token-ids")
+    raw, prompt, token_ids = (_argument_text(x) for x in (raw, prompt, token_ids))
     if token_ids is not None:
         ids = _parse_token_ids(token_ids)
     elif raw is not None:

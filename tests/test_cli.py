@@ -57,6 +57,24 @@ def test_generate_raw_text(checkpoints):
     assert len(json.loads(result.stdout)["token_ids"]) <= 4
 
 
+def test_generate_reads_a_long_prompt_from_a_file_or_stdin(checkpoints, tmp_path):
+    """Hunt round 17 C-F2: the prompt options took only the command line, where Linux allows ~128 KiB an argument (about
+    22k tokens of text): a long-context prompt could not be given. `@FILE` and `@-` (stdin) read it, as curl's `-d`."""
+    raw = "<|start|>user<|message|>Hi<|end|><|start|>assistant"
+    (tmp_path / "prompt.txt").write_text(raw)
+    (tmp_path / "ids.txt").write_text(",".join(["100000" + " " * 54] * 2_500))  # 150 KB: over one argument's limit
+    common = ("generate", "--model", str(checkpoints["original"]), "--max-tokens", "3", "--precision", "exact", "--json")
+    inline = ossrun(*common, "--raw", raw)
+    from_file = ossrun(*common, "--raw", f"@{tmp_path / 'prompt.txt'}")
+    from_stdin = subprocess.run([sys.executable, "-m", "ossrun.cli", *common, "--raw", "@-"], input=raw,
+                                capture_output=True, text=True, timeout=180)
+    assert inline.returncode == from_file.returncode == from_stdin.returncode == 0, (from_file.stderr, from_stdin.stderr)
+    assert json.loads(from_file.stdout) == json.loads(from_stdin.stdout) == json.loads(inline.stdout)
+    long = ossrun(*common[:3], "--max-tokens", "1", "--json", "--token-ids", f"@{tmp_path / 'ids.txt'}")
+    assert long.returncode == 0 and len(json.loads(long.stdout)["token_ids"]) == 1, long.stderr
+    _one_clear_line(ossrun(*common, "--raw", f"@{tmp_path / 'missing.txt'}"), "cannot read the prompt from")
+
+
 def test_make_model_writes_a_loadable_checkpoint(tmp_path):
     result = ossrun("make-model", "--preset", "tiny", "--layout", "hf", "--seed", "3", "--out", str(tmp_path / "m"))
     assert result.returncode == 0, result.stderr
