@@ -154,8 +154,37 @@ def test_chat_logprobs_of_a_salvaged_header_spell_only_text_the_answer_has(app, 
     streamed = "".join(e["token"] for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
                        for e in c["choices"][0]["logprobs"]["content"])
     assert content.endswith(spelled) and streamed == spelled, (content, spelled, streamed)
-    if "<|channel|>" not in script:
+    if "<|channel|>" not in script or script == SCRIPTS["header-salvaged"]:
         assert spelled == content
+
+
+def _spelled(entries: list) -> str:
+    return b"".join(bytes(entry["bytes"]) for entry in entries).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("script", [SCRIPTS["header-salvaged"], " hi<|channel|> x<|constrain|>, y<|channel|>",
+                                    "<|channel|>final<|message|>A<|end|><|channel|>xyz<|channel|> b<|return|>"])
+def test_logprobs_of_a_salvaged_header_hold_the_text_on_both_sides_of_its_special_tokens(app, script):
+    """Hunt round 17 B-F1: a special token inside a header without <|message|> (a stray `<|channel|>` or
+    `<|constrain|>`) cleared the tokens waiting for their text, so the entries spelled only the answer's text after its last
+    special token (` x` of ` hi x`), on every surface that lists them: chat, /ai/run's Prompt shape and Responses'
+    `output_text.logprobs`, sync and streamed. The answer's text is the ordinary text on both sides of it."""
+    engine, client = app
+    engine.script = script
+    chat, chunks = both(client, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                         "logprobs": True})
+    content = chat["choices"][0]["message"]["content"]
+    assert content and _spelled(chat["choices"][0]["logprobs"]["content"]) == content
+    assert _spelled([e for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+                     for e in c["choices"][0]["logprobs"]["content"]]) == content
+    prompt, frames_ = both(client, RUN, {"prompt": "x", "logprobs": True})
+    assert prompt["result"]["response"] == content and _spelled(prompt["result"]["logprobs"]["content"]) == content
+    assert _spelled([e for f in frames_ if f.get("logprobs") for e in f["logprobs"]["content"]]) == content
+    responses, events = both(client, "/v1/responses", {"model": MODEL, "input": "x", "include": ["message.output_text.logprobs"]})
+    parts = [part for item in responses["output"] if item["type"] == "message" for part in item["content"]]
+    assert "".join(part["text"] for part in parts) == content
+    assert _spelled([e for part in parts for e in part["logprobs"]]) == content
+    assert _spelled([e for ev in events if ev["type"] == "response.output_text.delta" for e in ev["logprobs"]]) == content
 
 def test_a_response_has_one_creation_time(app):
     """`created_at` is when the request came: the same in every event and in the stored copy, however long it runs."""

@@ -220,7 +220,7 @@ def test_a_header_less_answer_keeps_the_whitespace_it_starts_with():
 
 @pytest.mark.parametrize(("generated", "whole"), [
     ("<|channel|>final Hello there", 1),  # `final` is a piece, ` Hello` straddles the text's start, ` there` is in it
-    (" hi<|channel|> x", 1),  # only the tokens after the last special token are counted
+    (" hi<|channel|> x", 2),  # the text on both sides of a special token (hunt round 17 B-F1: only ` x` was counted)
     ("\tnull cilind", 2),  # no piece of the model's: all of it (two tokens) is text
 ])
 def test_a_salvaged_header_says_how_many_of_its_last_tokens_the_text_holds_whole(generated, whole):
@@ -231,6 +231,16 @@ def test_a_salvaged_header_says_how_many_of_its_last_tokens_the_text_holds_whole
     assert parser.take_salvaged() is None  # nothing salvaged yet
     parser.feed(toks("<|return|>")[0])
     assert parser.take_salvaged() == whole and parser.take_salvaged() is None
+
+def test_a_special_token_inside_a_header_leaves_it_open():
+    """What a caller listing the tokens behind the answer needs (hunt round 17 B-F1): a stray or unknown special token
+    inside a header keeps its earlier text in play (`in_open_header`); `<|start|>` or `<|message|>` does not."""
+    parser, opened = StreamParser(), []
+    for token in encode(" hi") + toks("<|channel|>") + [200010] + toks("<|start|><|channel|>final<|message|>"):  # 200010: reserved
+        parser.feed(token)
+        opened.append(parser.in_open_header)
+    assert opened == [True, True, True, False, True, True, False]
+
 
 def test_header_text_spelling_a_special_token_is_ordinary_text():
     """Ordinary tokens that spell `<|channel|>` are text the model wrote, so a salvaged header keeps them."""

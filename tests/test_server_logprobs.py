@@ -62,6 +62,21 @@ def test_chat_logprobs_carry_refusal_null_as_openai_requires(client):
     assert carried and all(set(logprobs) == {"content", "refusal"} and logprobs["refusal"] is None for logprobs in carried)
 
 
+def test_logprobs_of_a_header_read_as_the_answer_spell_all_of_it(client):
+    """Hunt round 17 B-F1: seeded and biased towards `<|channel|>`, the model writes its text with no header and
+    `<|channel|>`s in it (` Mannheimлаша emoções<|channel|>OTIONასა…<|channel|>.artist`): no `<|message|>` ever
+    comes, so all of it is read as the answer, the specials dropped. Each special token cleared the tokens still
+    waiting for their text, so the entries spelled only `.artist`, sync and streamed."""
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "seed": 1, "temperature": 1.0,
+           "logit_bias": {"200005": 12}, "logprobs": True}
+    sync = client.chat.completions.create(**ask)
+    content, entries = sync.choices[0].message.content, sync.choices[0].logprobs.content
+    assert len(entries) < sync.usage.completion_tokens  # hidden `<|channel|>`s among the answer's tokens
+    assert content.endswith(".artist") and text_of(entries) == content
+    chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [e.token for c in chunks for e in c.logprobs.content] == [e.token for e in entries]
+
+
 TEXT = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "logprobs": 2}
 
 

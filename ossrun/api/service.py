@@ -72,6 +72,7 @@ class Step:
     hidden: bool = False  # the token's text is never answer text (a harmony special in chat, a stop token in completions)
     reasoning: bool = False  # the token is text of a reasoning message (counted in reasoning_tokens)
     salvaged: int | None = None  # a header was read as answer text: only its last `salvaged` tokens are wholly in it
+    in_header: bool = False  # the token went into a header that is still open (its earlier tokens may yet be answer)
 
 
 @dataclass(slots=True)
@@ -612,12 +613,12 @@ class Service:
                         events += stops.filter(closing)
                         shown += _text_length(events)
                         yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events,
-                                   parsed - shown, is_hidden, is_reasoning, parser.take_salvaged())
+                                   parsed - shown, is_hidden, is_reasoning, parser.take_salvaged(), parser.in_open_header)
                         return
                     shown += _text_length(events)
                     if stops.matched is not None:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
-                yield Step(token, events, parsed - shown, is_hidden, is_reasoning, parser.take_salvaged())
+                yield Step(token, events, parsed - shown, is_hidden, is_reasoning, parser.take_salvaged(), parser.in_open_header)
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit, plan.ask.limit_name) from None
         except UnknownAdapterError as exc:
@@ -655,7 +656,9 @@ class Service:
         means the waiting tokens were not the answer's. A token whose text is not wholly shown yet (held back
         by a stop string) keeps waiting; after a match, for ever: a token straddling the cut is not listed,
         so the entries never spell text the answer does not have. When a header without `<|message|>` is read as
-        the answer, the tokens that spelled its pieces (or straddle into its text) were not the answer's either."""
+        the answer, the tokens that spelled its pieces (or straddle into its text) were not the answer's either;
+        those of its text were, on both sides of a special token inside it (a stray `<|channel|>`), so such a
+        token, hidden, keeps the header's tokens waiting."""
         token, events = step.token, step.events
         pending = outcome.pending_logprobs
         if not step.hidden:
@@ -670,7 +673,7 @@ class Service:
             del pending[:keep]
         elif any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
             pending.clear()
-        if step.hidden:
+        if step.hidden and not step.in_header:
             pending.clear()
 
 
@@ -715,6 +718,8 @@ class PlainText:
     def take_salvaged() -> None:
         """No headers here: nothing is ever salvaged from one."""
         return None
+
+    in_open_header = False  # nor is any token held in one
 
     @staticmethod
     def hides(token_id: int) -> bool:

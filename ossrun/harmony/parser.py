@@ -89,6 +89,7 @@ class StreamParser:
         self._after_stop_noted = False
         self._pending: list[Event] = []
         self._salvaged: int | None = None
+        self.in_open_header = False  # the last token fed went into a header still open (`feed`)
         self._begin_header(has_role=True, initial=b"assistant")
         if prompt_ids is not None:
             self._resume_after(prompt_ids)
@@ -98,6 +99,7 @@ class StreamParser:
     def feed(self, token_id: int) -> list[Event]:
         """Events caused by one generated token (often none, e.g. inside a header)."""
         events, self._pending = self._pending, []
+        header = self._open_header()
         try:
             token = self._valid_token(token_id)
             if token is not None:
@@ -106,6 +108,9 @@ class StreamParser:
             log.exception("harmony parser failed on token %r; continuing as final content", token_id)
             self._note(f"parser error on token {token_id!r}: {exc!r}")
             self._recover(token_id, events)
+        # A special token inside a header (a stray `<|channel|>`, an unknown one) leaves it open: the header's
+        # earlier text may still be read as the answer, so a caller listing the tokens behind it keeps them.
+        self.in_open_header = header is not None and header is self._open_header()
         return events
 
     @property
@@ -115,9 +120,14 @@ class StreamParser:
         shows no text until its last token)."""
         return self._state is _State.CONTENT and self._kind is _Kind.REASONING
 
+    def _open_header(self) -> bytearray | None:
+        """The header being read (each header is a new object), None outside one."""
+        return self._header if self._state is _State.HEADER else None
+
     def take_salvaged(self) -> int | None:
         """After a header without <|message|> was read as message text (since the last call): how many of the
-        header's last ordinary tokens, back to its last special token, have their whole text in that message.
+        header's last ordinary tokens have their whole text in that message: those from the text's start on (a
+        special token among them spells none of it, and the ordinary text on both sides of it is kept).
         The tokens before them spelled header pieces or the whitespace after one (`assistant`, `final`,
         `to=...`), which the message leaves out; a caller listing the tokens behind the text (logprobs) drops
         them. None: no header was salvaged."""
@@ -270,7 +280,7 @@ class StreamParser:
         header = self._parse_header(record=not truncated, cut=truncated)
         self._state = _State.EXPECT_START
         rest = self._text_length(header)
-        self._salvaged = self._tokens_from(len(self._header) - rest)
+        self._salvaged = sum(1 for start in self._token_starts if start >= len(self._header) - rest)
         text = self._ordinary_header_bytes(rest)
         if not text:
             if not truncated:
@@ -298,11 +308,6 @@ class StreamParser:
             return False
         alone = parse_header(self._header[start:end].decode("utf-8", "surrogateescape"), has_role=False)
         return not (alone.role or alone.channel or alone.recipient or alone.content_type)
-
-    def _tokens_from(self, offset: int) -> int:
-        """How many of the header's ordinary tokens after its last special token begin at or after `offset`."""
-        after = self._specials[-1][1] if self._specials else 0
-        return sum(1 for start in self._token_starts if start >= max(offset, after))
 
     def _ordinary_header_bytes(self, tail: int) -> bytes:
         """The header's last `tail` bytes without those that special tokens spelled."""
@@ -396,7 +401,7 @@ class StreamParser:
         if self._state is _State.HEADER:
             self._given = len(self._header)
         self.anomalies.clear()  # oddities of the caller's prompt are not the model's
-        self._salvaged = None
+        self._salvaged, self.in_open_header = None, False
 
 
 def parse_completion(
