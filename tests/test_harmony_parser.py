@@ -232,6 +232,30 @@ def test_a_salvaged_header_says_how_many_of_its_last_tokens_the_text_holds_whole
     parser.feed(toks("<|return|>")[0])
     assert parser.take_salvaged() == whole and parser.take_salvaged() is None
 
+@pytest.mark.parametrize(("generated", "counted"), [
+    ("<|channel|>analysis Lowell surprisingly", 2),  # ` Lowell` is text but for its space
+    ("<|channel|>analysis Lowell surprisingly<|end|>", 2),  # given up on at <|end|>, not at the end of generation
+    ("<|channel|>analysis\n\n Lowell", 1),  # the whitespace that ends the header's pieces is no part of the text
+    ("<|channel|>final Lowell surprisingly", 0),  # the answer's, not reasoning
+    ("<|channel|>analysis<|message|>Hmm.<|end|>", 2),  # a message as it should be: `Hmm`, `.`
+])
+def test_a_header_read_as_reasoning_counts_the_tokens_of_its_text(generated, counted):
+    """Hunt round 17 B-F3: reasoning read from a header that never got its <|message|> is reasoning text, so its
+    tokens are reasoning tokens; they were fed while the parser was in the header and none was counted."""
+    parser = StreamParser()
+    for token in toks(generated):
+        parser.feed(token)
+    parser.finish()
+    assert parser.reasoning_tokens == counted
+
+
+def test_a_raw_prompt_s_own_reasoning_is_not_counted():
+    """Tokens the prompt already holds are replayed to find where it left off; none of them is generated."""
+    parser = StreamParser(prompt_ids=toks("<|start|>assistant<|channel|>analysis<|message|>Thinking so far"))
+    parser.feed(encode(" more")[0])
+    assert parser.reasoning_tokens == 1
+
+
 def test_a_special_token_inside_a_header_leaves_it_open():
     """What a caller listing the tokens behind the answer needs (hunt round 17 B-F1): a stray or unknown special token
     inside a header keeps its earlier text in play (`in_open_header`); `<|start|>` or `<|message|>` does not."""

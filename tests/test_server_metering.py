@@ -79,6 +79,27 @@ def test_completions_with_n_choices_and_prompt_lists_are_metered_as_their_usage(
     assert sync["cost_usd"] == cost and sync["neurons"] == neurons
 
 
+# A raw prompt that leaves the analysis header open: the random model never writes its <|message|>.
+ANALYSIS_OPEN = {"prompt": "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>analysis", "max_tokens": 8, "seed": 1,
+                 "temperature": 1.0}
+
+
+def test_reasoning_read_from_a_header_without_its_message_token_is_counted(server):
+    """Hunt round 17 B-F3: a header left without `<|message|>` becomes message text, here reasoning (its channel
+    is `analysis`): all 8 tokens (` Mannheim-Net sprak…`) went to it, and `reasoning_tokens` said 0, since they were
+    fed while the parser was in the header. On /ai/run (sync and streamed), on /v1/completions (whose text shows the
+    message as is) and on /metrics, they are the reasoning message's tokens."""
+    server.wait_idle()
+    before, run = metrics(server), server.run_url()[len(server.base):]
+    raw = httpx.post(server.base + run, json={**ANALYSIS_OPEN, "raw": True}, timeout=60).json()["result"]
+    streamed = sse_usage(server, run, {**ANALYSIS_OPEN, "raw": True, "stream": True})
+    text = httpx.post(server.base + "/v1/completions", json={"model": MODEL, **ANALYSIS_OPEN}, timeout=60).json()
+    assert raw["response"] == "" and text["choices"][0]["text"].startswith(" Mannheim-Net")
+    for usage in raw["usage"], streamed, text["usage"]:
+        assert usage["completion_tokens"] == usage["completion_tokens_details"]["reasoning_tokens"] == 8
+    assert_metered_as(before, metrics(server), [raw["usage"], streamed, text["usage"]])
+
+
 def settled_metrics(server, generated: int, before: dict[str, float]) -> dict[str, float]:
     """/metrics once the completion tokens metered reach `generated` more than `before` (or after 5 s)."""
     deadline = time.monotonic() + 5

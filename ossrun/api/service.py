@@ -70,7 +70,7 @@ class Step:
     events: list[Any]
     unshown: int = 0  # characters of answer text parsed so far that stop strings hold back or cut off
     hidden: bool = False  # the token's text is never answer text (a harmony special in chat, a stop token in completions)
-    reasoning: bool = False  # the token is text of a reasoning message (counted in reasoning_tokens)
+    reasoning: int = 0  # tokens of reasoning messages' text this step adds (this one, or a header's read as reasoning)
     salvaged: int | None = None  # a header was read as answer text: only its last `salvaged` tokens are wholly in it
     in_header: bool = False  # the token went into a header that is still open (its earlier tokens may yet be answer)
 
@@ -595,9 +595,8 @@ class Service:
                     raise ApiError(500, 3000, f"AiError: {token.error or 'generation failed'}")
                 if token.finish_reason == "abort":  # only shutdown aborts a request whose client still listens
                     raise ShuttingDownError("aborted")
-                was_reasoning = parser.in_reasoning
+                counted = parser.reasoning_tokens  # `feed` and `finish` count this step's reasoning (a header's too)
                 events = parser.feed(token.token_id) if token.token_id is not None else []
-                is_reasoning = was_reasoning and parser.in_reasoning
                 if token.finished:
                     reason = "length" if token.finish_reason == "length" else "stop"
                     events += parser.finish(reason)
@@ -613,12 +612,14 @@ class Service:
                         events += stops.filter(closing)
                         shown += _text_length(events)
                         yield Step(dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched), events,
-                                   parsed - shown, is_hidden, is_reasoning, parser.take_salvaged(), parser.in_open_header)
+                                   parsed - shown, is_hidden, parser.reasoning_tokens - counted, parser.take_salvaged(),
+                                   parser.in_open_header)
                         return
                     shown += _text_length(events)
                     if stops.matched is not None:
                         token = dataclasses.replace(token, finish_reason="stop", stop_reason=stops.matched)
-                yield Step(token, events, parsed - shown, is_hidden, is_reasoning, parser.take_salvaged(), parser.in_open_header)
+                yield Step(token, events, parsed - shown, is_hidden, parser.reasoning_tokens - counted, parser.take_salvaged(),
+                           parser.in_open_header)
         except ContextLengthError as exc:
             raise context_too_long(exc.prompt_tokens, exc.max_tokens, exc.limit, plan.ask.limit_name) from None
         except UnknownAdapterError as exc:
@@ -634,11 +635,10 @@ class Service:
         token = step.token
         outcome.cached_tokens = token.num_cached_tokens
         outcome.cache_write_tokens = token.num_cache_write_tokens
+        outcome.reasoning_tokens += step.reasoning  # a header read as reasoning at the end counts its earlier tokens
         if token.token_id is None:
             return
         outcome.completion_tokens += 1
-        if step.reasoning:
-            outcome.reasoning_tokens += 1
         if token.logprob is not None:
             Service._account_logprobs(outcome, step)
         if token.finished and token.finish_reason == "length":
@@ -711,8 +711,8 @@ class PlainText:
         self._channels = harmony.StreamParser(prompt_ids=prompt_ids)
 
     @property
-    def in_reasoning(self) -> bool:
-        return self._channels.in_reasoning
+    def reasoning_tokens(self) -> int:
+        return self._channels.reasoning_tokens
 
     @staticmethod
     def take_salvaged() -> None:
@@ -732,6 +732,7 @@ class PlainText:
         return [harmony.ContentDelta(text)] if text else []
 
     def finish(self, reason: str) -> list[harmony.Event]:
+        self._channels.finish(reason)  # a header left without <|message|> may be read as reasoning
         text = self._decoder.flush()
         return [*([harmony.ContentDelta(text)] if text else []), harmony.Finished(reason)]
 

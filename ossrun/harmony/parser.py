@@ -90,6 +90,7 @@ class StreamParser:
         self._pending: list[Event] = []
         self._salvaged: int | None = None
         self.in_open_header = False  # the last token fed went into a header still open (`feed`)
+        self.reasoning_tokens = 0  # how many tokens so far are text of a reasoning message (`feed`, `_salvage_header`)
         self._begin_header(has_role=True, initial=b"assistant")
         if prompt_ids is not None:
             self._resume_after(prompt_ids)
@@ -99,7 +100,7 @@ class StreamParser:
     def feed(self, token_id: int) -> list[Event]:
         """Events caused by one generated token (often none, e.g. inside a header)."""
         events, self._pending = self._pending, []
-        header = self._open_header()
+        header, was_reasoning = self._open_header(), self._in_reasoning
         try:
             token = self._valid_token(token_id)
             if token is not None:
@@ -111,13 +112,13 @@ class StreamParser:
         # A special token inside a header (a stray `<|channel|>`, an unknown one) leaves it open: the header's
         # earlier text may still be read as the answer, so a caller listing the tokens behind it keeps them.
         self.in_open_header = header is not None and header is self._open_header()
+        # A token fed inside a reasoning message and still inside one after is reasoning, whether or not its bytes
+        # finish a character yet (a split CJK character or emoji shows no text until its last token).
+        self.reasoning_tokens += int(was_reasoning and self._in_reasoning)
         return events
 
     @property
-    def in_reasoning(self) -> bool:
-        """Inside the text of a reasoning (analysis) message: a token fed now and still inside one after
-        is reasoning, whether or not its bytes finish a character yet (a split CJK character or emoji
-        shows no text until its last token)."""
+    def _in_reasoning(self) -> bool:
         return self._state is _State.CONTENT and self._kind is _Kind.REASONING
 
     def _open_header(self) -> bytearray | None:
@@ -248,7 +249,7 @@ class StreamParser:
         self._header = bytearray(initial)
         self._given = len(initial)  # the header's first bytes came with the prompt (its role), not from the model
         self._specials: list[tuple[int, int]] = []  # byte spans of the header spelled by special tokens
-        self._token_starts: list[int] = []  # where each ordinary token's bytes begin in the header
+        self._token_spans: list[tuple[int, int]] = []  # each ordinary token's bytes in the header
         self._header_tokens = 0
         self._has_role = has_role
 
@@ -256,7 +257,7 @@ class StreamParser:
         if special:
             self._specials.append((len(self._header), len(self._header) + len(data)))
         else:
-            self._token_starts.append(len(self._header))
+            self._token_spans.append((len(self._header), len(self._header) + len(data)))
         self._header += data
         self._header_tokens += 1
         if self._header_tokens > MAX_HEADER_TOKENS:
@@ -280,7 +281,8 @@ class StreamParser:
         header = self._parse_header(record=not truncated, cut=truncated)
         self._state = _State.EXPECT_START
         rest = self._text_length(header)
-        self._salvaged = sum(1 for start in self._token_starts if start >= len(self._header) - rest)
+        offset = len(self._header) - rest
+        self._salvaged = sum(1 for start, _ in self._token_spans if start >= offset)
         text = self._ordinary_header_bytes(rest)
         if not text:
             if not truncated:
@@ -289,6 +291,8 @@ class StreamParser:
         if not truncated:
             self._note("header without <|message|>: text after it read as the message")
         self._open_message(header, events)
+        if self._in_reasoning:  # its tokens were fed to the header, so `feed` counted none: those of its text count
+            self.reasoning_tokens += sum(1 for _, end in self._token_spans if end > offset)
         self._emit(self._decoder.feed_bytes(text), events)
 
     def _text_length(self, header: Header) -> int:
@@ -401,7 +405,7 @@ class StreamParser:
         if self._state is _State.HEADER:
             self._given = len(self._header)
         self.anomalies.clear()  # oddities of the caller's prompt are not the model's
-        self._salvaged, self.in_open_header = None, False
+        self._salvaged, self.in_open_header, self.reasoning_tokens = None, False, 0
 
 
 def parse_completion(
