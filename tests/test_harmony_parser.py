@@ -256,6 +256,31 @@ def test_a_raw_prompt_s_own_reasoning_is_not_counted():
     assert parser.reasoning_tokens == 1
 
 
+@pytest.mark.parametrize(("generated", "preview"), [
+    (" Hello there", " Hello there"),  # no piece of the model's: all it wrote, as `finish` would read it
+    ("<|channel|>final Hello there", "Hello there"),  # the text after the header's pieces
+    ("<|channel|>final to", ""), (" Hello to", " Hello "),  # ` to` may yet be ` to=functions.…`: left out for now
+    ("<|channel|>commentary to=functions.get_weather", ""), ("<|channel|>analysis Hmm", ""),  # a call, reasoning: no answer
+    ("<|channel|>final<|message|>Hi", ""),  # a message's text is the parser's own to emit
+])
+def test_the_answer_preview_is_the_text_an_open_header_would_become(generated, preview):
+    """What stop strings look ahead at (hunt round 17 B-F2): a header's text is the answer only once the header is
+    given up on, and a stop string completing there must end generation now, not up to 64 tokens later."""
+    parser = StreamParser()
+    for token in toks(generated):
+        parser.feed(token)
+    assert parser.answer_preview() == preview
+    if preview:
+        assert merged(parser.finish()).pop(0).text.startswith(preview)
+
+
+def test_the_answer_preview_leaves_out_a_character_not_finished_yet():
+    parser = StreamParser()
+    for token in encode(" Hi") + [4103]:  # 4103: the first two bytes of a four-byte character
+        parser.feed(token)
+    assert parser.answer_preview() == " Hi"
+
+
 def test_a_special_token_inside_a_header_leaves_it_open():
     """What a caller listing the tokens behind the answer needs (hunt round 17 B-F1): a stray or unknown special token
     inside a header keeps its earlier text in play (`in_open_header`); `<|start|>` or `<|message|>` does not."""

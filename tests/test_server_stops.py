@@ -14,10 +14,11 @@ import httpx
 import openai
 import pytest
 
-from tests.server_util import MODEL, start_server
+from tests.server_util import MODEL, post_json, start_server
 
 GREEDY = {"temperature": 0, "max_tokens": 40}
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,49 @@ def test_text_that_only_begins_a_stop_string_is_shown_in_the_end(server):
             text, finish = choice.text, choice.finish_reason
         assert text == free and finish == "length"
 
+
+
+def until_stop(entries: list[dict], stops: str) -> tuple[int, str]:
+    """(how many tokens generation takes before one of the one-character `stops` completes, the text before it)."""
+    for count in range(1, len(entries) + 1):
+        text = b"".join(bytes(entry["bytes"]) for entry in entries[:count]).decode("utf-8", "ignore")
+        if any(stop in text for stop in stops):
+            return count, text[:min(text.find(stop) for stop in stops if stop in text)]
+    raise AssertionError("no stop string in the answer")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "stream_options": {"include_usage": True}}),
+    (RUN, {"messages": [{"role": "user", "content": "hi"}]}),
+    (RUN, {"prompt": "<|start|>user<|message|>hi<|end|><|start|>assistant", "raw": True, "stream": True}),
+])
+def test_a_stop_string_in_an_answer_written_without_a_header_ends_generation(server, path, body):
+    """Hunt round 17 B-F2: the random model writes its answer with no harmony header, so the parser reads it as the
+    answer only once the header is given up on (its end, or 64 tokens); until then the stop strings saw no text, and
+    a stop completing in the third token ended the answer with `finish_reason: stop` billed all 30 `max_tokens`. Now
+    a stop completing in the text a header would become ends generation there, on every route, sync and streamed."""
+    body = {**body, "max_tokens": 30, "seed": 4, "temperature": 1.0}
+    free = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+    answer = post_json(server, path, {**free, "logprobs": True})
+    answer = answer.get("result", answer)
+    entries = (answer.get("choices") or [answer])[0]["logprobs"]["content"]
+    count, before = until_stop(entries, "ea")
+    assert 1 < count < 30
+    if body.get("stream"):
+        with httpx.stream("POST", server.base + path, json={**body, "stop": ["e", "a"]}, timeout=60) as response:
+            frames = sse(response)
+        text = "".join(f.get("response") or (f["choices"][0]["delta"].get("content") or "" if f.get("choices") else "")
+                       for f in frames)
+        usage = [f["usage"] for f in frames if f.get("usage")][-1]
+    else:
+        stopped = post_json(server, path, {**free, "stop": ["e", "a"]})
+        stopped = stopped.get("result", stopped)
+        text = stopped.get("response") or stopped["choices"][0]["message"]["content"]
+        usage = stopped["usage"]
+    assert text == before and usage["completion_tokens"] == count
+    assert_idle(server)
 
 
 def listed(tokens: list[str], text: str) -> list[str]:

@@ -106,3 +106,13 @@ def test_choices_with_the_same_stop_share_its_table():
     first, second = StopStrings([stop]), StopStrings([stop])
     assert first._automata[0]._fail is second._automata[0]._fail
     assert first.feed("ab" * 2000) == "" and second.feed("x") == "x"  # the states stay each choice's own
+
+
+def test_a_look_ahead_says_whether_a_stop_would_complete_and_changes_nothing():
+    """What the service asks of a header's text before the parser reads it as the answer (hunt round 17 B-F2): a stop
+    completing there (after the held-back tail) ends generation; the matcher's own state is left as it was."""
+    stops = StopStrings(["HOLDER"])
+    assert stops.feed("a placeHOL") == "a place"
+    assert stops.completes_in("DER") and not stops.completes_in("DE") and not stops.completes_in("HOLDER"[3:5] + "x")
+    assert stops.feed("DER and more") == "" and stops.matched == "HOLDER"
+    assert not stops.completes_in("HOLDER")  # already ended

@@ -606,7 +606,9 @@ class Service:
                 if stops is not None:
                     parsed += _text_length(events)
                     events = stops.filter(events)
-                    if stops.matched is not None and not token.finished:  # leaving the loop ends the engine request
+                    # A stop string completing in a header's text ends the answer too: finishing reads it as the answer.
+                    ends = stops.matched is not None or stops.completes_in(parser.answer_preview())
+                    if ends and not token.finished:  # leaving the loop ends the engine request
                         closing = parser.finish("stop")
                         parsed += _text_length(closing)
                         events += stops.filter(closing)
@@ -720,6 +722,11 @@ class PlainText:
         return None
 
     in_open_header = False  # nor is any token held in one
+
+    @staticmethod
+    def answer_preview() -> str:
+        """Every token's text is shown at once: none waits in a header for stop strings to look ahead at."""
+        return ""
 
     @staticmethod
     def hides(token_id: int) -> bool:

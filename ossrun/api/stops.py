@@ -87,6 +87,18 @@ class StopStrings:
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
+    def completes_in(self, text: str) -> bool:
+        """Whether a stop string would complete in `text` fed now, the matcher left as it was: text that is not the
+        answer's yet (a header the parser may still read as the answer) is checked without being shown or held."""
+        if self.matched is not None:
+            return False
+        states = [automaton.state for automaton in self._automata]
+        try:
+            return any(automaton.step(char) for char in text for automaton in self._automata)
+        finally:
+            for automaton, state in zip(self._automata, states):
+                automaton.state = state
+
     def flush(self) -> str:
         """What was held back, now that the text ended without completing a stop string."""
         held, self._held = self._held, ""

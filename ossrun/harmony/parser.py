@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import operator
+import re
 import secrets
 from typing import Callable, Iterable, Sequence
 
@@ -29,7 +30,7 @@ from .events import (
     ToolCallArgumentsDelta,
     ToolCallStart,
 )
-from .header import Header, parse_header
+from .header import PARTIAL_PIECES, Header, parse_header
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -120,6 +121,21 @@ class StreamParser:
     @property
     def _in_reasoning(self) -> bool:
         return self._state is _State.CONTENT and self._kind is _Kind.REASONING
+
+    def answer_preview(self) -> str:
+        """The answer text the open header would become if generation ended now (`finish`): stop strings watch it, so
+        that one completing there ends generation at once, not when the header is given up on (at its end, or
+        MAX_HEADER_TOKENS later: until then the answer was billed tokens past its stop). A last word that may still
+        grow into a header piece (` to` before `=functions.…`) is left out, as is a character not finished yet.
+        Empty outside a header, or when the header would open no answer (a reasoning message, a tool call)."""
+        if self._state is not _State.HEADER:
+            return ""
+        header = self._parse_header(record=False, cut=True)
+        if header.tool_name or header.channel == "analysis":
+            return ""
+        text = TextDecoder().feed_bytes(self._ordinary_header_bytes(self._text_length(header)))
+        word = re.search(r"\S*$", text).group()
+        return text[:len(text) - len(word)] if word and any(piece.startswith(word) for piece in PARTIAL_PIECES) else text
 
     def _open_header(self) -> bytearray | None:
         """The header being read (each header is a new object), None outside one."""
