@@ -162,7 +162,7 @@ def _spelled(entries: list) -> str:
     return b"".join(bytes(entry["bytes"]) for entry in entries).decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("script", [SCRIPTS["header-salvaged"], " hi<|channel|> x<|constrain|>, y<|channel|>",
+@pytest.mark.parametrize("script", [SCRIPTS["header-salvaged"], " hi<|channel|> x<|constrain|>, y<|channel|>", " hi<|start|>",
                                     "<|channel|>final<|message|>A<|end|><|channel|>xyz<|channel|> b<|return|>"])
 def test_logprobs_of_a_salvaged_header_hold_the_text_on_both_sides_of_its_special_tokens(app, script):
     """Hunt round 17 B-F1: a special token inside a header without <|message|> (a stray `<|channel|>` or

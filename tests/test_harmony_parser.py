@@ -291,6 +291,16 @@ def test_a_special_token_inside_a_header_leaves_it_open():
     assert opened == [True, True, True, False, True, True, False]
 
 
+def test_a_header_ended_by_the_last_token_keeps_its_count():
+    """Hunt round 17 B-F1: `<|start|>` as the last token read the header before it as the answer, and `finish` then
+    gave up on the new, empty header: its count (0) replaced the first one's, and the whole last text lost its logprobs."""
+    parser = StreamParser()
+    for token in encode(" hi") + toks("<|channel|>") + encode(" x") + toks("<|start|>"):
+        parser.feed(token)
+    parser.finish()
+    assert parser.take_salvaged() == 2
+
+
 def test_header_text_spelling_a_special_token_is_ordinary_text():
     """Ordinary tokens that spell `<|channel|>` are text the model wrote, so a salvaged header keeps them."""
     result = parse_completion(encode(" hi<|channel|> x") + toks("<|return|>"))

@@ -298,7 +298,8 @@ class StreamParser:
         self._state = _State.EXPECT_START
         rest = self._text_length(header)
         offset = len(self._header) - rest
-        self._salvaged = sum(1 for start, _ in self._token_spans if start >= offset)
+        if self._token_spans:  # a header of special tokens alone (`<|start|>` as the last token) keeps an earlier count
+            self._salvaged = sum(1 for start, _ in self._token_spans if start >= offset)
         text = self._ordinary_header_bytes(rest)
         if not text:
             if not truncated:
