@@ -900,6 +900,36 @@ def test_a_failed_response_is_no_conversation_to_continue_but_a_cancelled_or_cut
     store.close()
 
 
+def test_item_references_are_refused_when_repeated_before_any_lookup_and_bounded_in_what_they_read(tmp_path):
+    """Hunt round 17 A-F9: every reference was looked up and parsed before the duplicate check, so 30,000 references
+    to one stored 40 KB item took 57 s and 1.1 GB (on the event loop) to be refused as duplicates, and distinct
+    references could read without bound. Now a repeated id is the duplicate 400 before any lookup (an unknown id twice
+    too), each id is read once, and the items read may take `referenced_chars` at most, a 400 naming the reference
+    that passes it before it is parsed."""
+    from ossrun.api.conversations import REFERENCED_CHARS, ResponseStore
+    from ossrun.api.schemas import ResponsesRequest
+    from ossrun.harmony.shapes import InputMessage
+
+    assert REFERENCED_CHARS == 10 * 1024 * 1024  # the body cap: references read no more than a body could send inline
+    store = ResponseStore(tmp_path / "batch.sqlite", referenced_chars=4000)
+    for n in range(3):
+        store.remember(f"resp_{n}", [InputMessage.model_validate({"role": "user", "content": str(n) * 1500, "id": f"msg_{n}"})],
+                       True, {"id": f"resp_{n}", "output": []})
+    lookups: list[str] = []
+    store._reader.set_trace_callback(lookups.append)
+    request = lambda *ids: ResponsesRequest.model_validate({"model": "m", "input": [{"type": "item_reference", "id": i} for i in ids]})
+    for ids, index in ((("msg_0", "msg_1", "msg_0"), 2), (("msg_gone", "msg_gone"), 1)):
+        with pytest.raises(ApiError, match=f"at '/input/{index}/id': Duplicate item found with id {ids[0]}") as refused:
+            store.expand(request(*ids))
+        assert refused.value.param == f"input[{index}].id" and lookups == []
+    assert [item.content for item in store.expand(request("msg_0", "msg_1")).input] == ["0" * 1500, "1" * 1500]
+    assert len(lookups) == 2  # one query a reference
+    with pytest.raises(ApiError, match="at '/input/2/id': the items referenced take more than the 4000 characters") as refused:
+        store.expand(request("msg_0", "msg_1", "msg_2"))
+    assert refused.value.param == "input[2].id" and refused.value.status == 400
+    store.close()
+
+
 def test_stored_responses_are_bounded_in_bytes(tmp_path):
     """Hunt round 15 B-F3: the store was bounded by count (10,000) and age only, so responses of large inputs filled
     the data directory (9 MB each). The newest within `capacity_bytes` are kept, the oldest dropped first; a file of

@@ -174,3 +174,22 @@ def test_an_item_twice_is_a_400_naming_the_repeat(server, client):
     assert run.status_code == 400 and "Duplicate item found with id" in run.json()["errors"][0]["message"]
     ok = client.responses.create(model=MODEL, input=[user("Hi"), user("Hi")], previous_response_id=first.id, max_output_tokens=1)
     assert ok.status in ("completed", "incomplete")
+
+
+def test_a_repeated_reference_is_refused_before_it_is_looked_up_on_every_route(server):
+    """Hunt round 17 A-F9: references were each looked up and parsed (on the event loop) before the duplicate check, so
+    thousands of references to one stored item stalled the server for seconds before their 400. The repeat is now
+    refused first: an id of no stored item sent twice is the duplicate 400 (naming the repeat), not the first one's
+    "not found", on every route that takes Responses input; the same references once are still looked up."""
+    twice = [ref("msg_never_stored"), ref("msg_never_stored")]
+    for path in ("/v1/responses", "/v1/responses/input_tokens", "/client/v4/accounts/acct/ai/v1/responses"):
+        answer = httpx.post(server.base + path, json={"model": MODEL, "input": twice, "max_output_tokens": 8},
+                            headers=server.headers, timeout=60)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["param"] == "input[1].id", (path, error)
+        assert "Duplicate item found with id msg_never_stored" in error["message"], (path, error)
+    run = httpx.post(server.base + RUN, json={"input": twice}, headers=server.headers, timeout=60)
+    assert run.status_code == 400 and "at '/input/1/id': Duplicate item found" in run.json()["errors"][0]["message"]
+    once = httpx.post(server.base + "/v1/responses/input_tokens", json={"model": MODEL, "input": twice[:1]},
+                      headers=server.headers, timeout=60)
+    assert once.status_code == 400 and once.json()["error"]["param"] == "input[0].id" and "not found" in once.text

@@ -60,6 +60,14 @@ _DROP_PAST_BYTES = ("DELETE FROM responses WHERE id IN (SELECT id FROM (SELECT i
                     "(ORDER BY created_at DESC, id DESC) AS newer FROM responses) WHERE newer > ?)")
 
 
+# The most characters (the stored items' JSON) the `item_reference`s of one request may read: the body cap
+# (`app.MAX_BODY_BYTES`), so that references let a request read no more than it could send inline. A conversation
+# that fits the context window (131,072 tokens, a few characters each) takes a small part of it; the window's own
+# rule (a conversation of more messages than it could hold is refused before it is rendered) applies after the
+# references are resolved.
+REFERENCED_CHARS = 10 * 1024 * 1024
+
+
 def _stored_size(replay: str, response: str) -> int:
     return len(replay.encode()) + len(response.encode())
 
@@ -146,8 +154,9 @@ class ResponseStore:
     `in_progress` until a restart fails it. It cannot be continued (its output is not in the file)."""
 
     def __init__(self, path: str | Path, capacity: int = 10_000, retention_s: float = 30 * 24 * 3600, held: int = 256,
-                 capacity_bytes: int = STORED_BYTES):
+                 capacity_bytes: int = STORED_BYTES, referenced_chars: int = REFERENCED_CHARS):
         self.capacity, self.retention_s, self.held, self.capacity_bytes = capacity, retention_s, held, capacity_bytes
+        self.referenced_chars = referenced_chars
         self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by id: ends the file refused, oldest first
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -162,7 +171,12 @@ class ResponseStore:
     def expand(self, request: R) -> R:
         """The request as the model reads it: each `item_reference` in its input replaced by the stored item it names
         (as if sent inline, its id kept), then a `previous_response_id`'s conversation in front. An item of the input
-        whose id is already there is a 400, as OpenAI answers it: the model would read it twice."""
+        whose id is already there is a 400, as OpenAI answers it: the model would read it twice. An id repeated in the
+        input itself is refused before any reference is looked up (each lookup is a query and a parse: 30,000
+        references to one 40 KB item took 57 s and 1.1 GB before the duplicate was found, hunt round 17 A-F9), so each
+        id is resolved once at most. Reads the file and parses what it holds: callers run it on a worker thread."""
+        if not isinstance(request.input, str):
+            _refuse_duplicates(0, list(request.input))
         request = self._resolve_references(request)
         expanded = request if request.previous_response_id is None else self.continue_from(request)
         _refuse_duplicates(expanded._stored_items, as_input_items(expanded.input))
@@ -171,19 +185,26 @@ class ResponseStore:
     def _resolve_references(self, request: R) -> R:
         if isinstance(request.input, str) or not any(isinstance(item, ItemReference) for item in request.input):
             return request
-        return request.model_copy(update={"input": [self._referenced(item, i) if isinstance(item, ItemReference) else item
+        read = [0]  # the characters of the stored items read so far
+        return request.model_copy(update={"input": [self._referenced(item, i, read) if isinstance(item, ItemReference) else item
                                                     for i, item in enumerate(request.input)]})
 
-    def _referenced(self, reference: ItemReference, index: int) -> InputItem:
+    def _referenced(self, reference: ItemReference, index: int, read: list[int]) -> InputItem:
         """The stored item `input[index]` names; a 400 in OpenAI's words if none. The oldest response holding it is read
         (the one that made it, or was first given it): a later request sending another item under that id (an edited
-        copy) does not change what the id names."""
+        copy) does not change what the id names. `read` counts the characters the references read, a 400 past
+        `referenced_chars` (REFERENCED_CHARS), before the item that would pass it is parsed."""
         with self._read_lock:
             row = self._reader.execute("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id "
                                        "WHERE i.id = ? AND r.created_at >= ? ORDER BY r.created_at ASC, r.rowid ASC LIMIT 1",
                                        (reference.id, time.time() - self.retention_s)).fetchone()
         if row is None:
             raise bad_input(f"Error: at '/input/{index}/id': Item with id {reference.id!r} not found.", f"input[{index}].id")
+        read[0] += len(row[0])
+        if read[0] > self.referenced_chars:
+            raise bad_input(f"Error: at '/input/{index}/id': the items referenced take more than the {self.referenced_chars} "
+                            "characters (as stored JSON) that references may read, as much as a body may send inline; "
+                            "send fewer references (or the items themselves)", f"input[{index}].id")
         return _ITEM.validate_python(json.loads(row[0]))
 
     def continue_from(self, request: R) -> R:

@@ -21,7 +21,7 @@ from ossrun.api.service import Plan, Service, usage
 from ossrun.api.errors import ApiError, bad_input
 from ossrun.api.surfaces.frames import DONE
 from ossrun.api.surfaces.responses import ResponsesSurface, replay
-from ossrun.api.workers_ai import json_body, reject_if_busy, service_of
+from ossrun.api.workers_ai import expanded, json_body, reject_if_busy, service_of
 
 
 async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.Ask], model: str):
@@ -91,7 +91,7 @@ async def responses(request: Request):
     service: Service = service_of(request)
     body = await json_body(request, partial(schemas.parse, schemas.ResponsesRequest))
     service.check_model(body.model)
-    body = service.responses.expand(body)  # item references resolved, previous_response_id prepended
+    body = await expanded(service, body)  # item references resolved, previous_response_id prepended
     return await _answer(request, service, asks.from_responses(body), body.model)
 
 
@@ -178,7 +178,7 @@ async def input_tokens(request: Request):
     service: Service = service_of(request)
     body = await json_body(request, partial(schemas.parse, schemas.InputTokensRequest))
     service.check_model(body.model or service.model_names[0])
-    ask = asks.from_responses(service.responses.expand(body))
+    ask = asks.from_responses(await expanded(service, body))
     return {"object": "response.input_tokens", "input_tokens": await asyncio.to_thread(service.count_prompt, ask)}
 
 

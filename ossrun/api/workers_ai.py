@@ -26,6 +26,7 @@ from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
 T = TypeVar("T")
+R = TypeVar("R", bound=schemas.ResponsesInput)
 
 router = APIRouter(prefix="/client/v4/accounts/{account_id}/ai", tags=["Workers AI"])
 
@@ -38,9 +39,23 @@ async def json_body(request: Request, into: Callable[[Any], T] = lambda body: bo
     return await parse_body(await request.body(), into)
 
 
+async def expanded(service: Service, request: R) -> R:
+    """A Responses request with its item references resolved and its `previous_response_id` conversation in front
+    (`ResponseStore.expand`), on a worker thread whatever the body's size: each reference is a query and a parse of a
+    stored item, and a body small enough to be parsed on the event loop still holds thousands of them (hunt round 17
+    A-F9: references to one stored item stalled every request, /health included, for 57 s)."""
+    return await asyncio.to_thread(service.responses.expand, request)
+
+
 def parse_run(service: Service, body: Any) -> Ask:
-    """An `/ai/run` body → its typed request (Prompt, Messages or Responses shape), parsed once."""
-    shape, model = schemas.classify(body)
+    """An `/ai/run` body → its typed request (Prompt, Messages or Responses shape), parsed once (on a worker thread:
+    a Responses body's references are resolved here)."""
+    return ask_of(service, *schemas.classify(body))
+
+
+def ask_of(service: Service, shape: str, model: Any) -> Ask:
+    """The request of a body `schemas.classify` typed; a Responses one expanded (`ResponseStore.expand`: not on the
+    event loop)."""
     if shape == "prompt":
         return asks.from_prompt(model)
     if shape == "messages":
@@ -83,11 +98,12 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     if not model:  # `…/ai/run/`: no model segment is no route, as `…/ai/run` is
         raise ApiError(404, 7000, f"No route for {request.url.path}")
     service.check_model(model)
-    body, ask = await json_body(request, lambda body: (body, _single(service, body)))
+    body, typed = await json_body(request, lambda body: (body, _single(body)))
     if _is_poll(body):  # the hosted docs poll on either URL
         return _poll(service, body)
-    if ask is None:
+    if typed is None:
         return await _queue(service, model, body, request)
+    ask = await asyncio.to_thread(ask_of, service, *typed) if typed[0] == "responses" else ask_of(service, *typed)
     reject_if_busy(service, ask)
     client = client_address(request)  # the engine shares itself between clients, then between a client's requests
     if ask.stream and reads_event_streams(request):
@@ -110,13 +126,13 @@ def reads_event_streams(request: Request) -> bool:
     return any(part.split(";")[0].strip().lower() in _EVENT_STREAM_TYPES for part in accept.split(","))
 
 
-def _single(service: Service, body: Any) -> Ask | None:
-    """The typed request of a body that runs one, or None for a poll or a batch. The body decides, as the document's
-    oneOf does: a `requests` batch is queued (the hosted API wants ?queueRequest=true with it, and that URL also runs a
-    single request rather than refusing it)."""
+def _single(body: Any) -> tuple[str, Any] | None:
+    """The shape and typed body (`schemas.classify`) of a body that runs one, or None for a poll or a batch. The body
+    decides, as the document's oneOf does: a `requests` batch is queued (the hosted API wants ?queueRequest=true with
+    it, and that URL also runs a single request rather than refusing it)."""
     if _is_poll(body) or (isinstance(body, dict) and "requests" in body):
         return None
-    return parse_run(service, body)
+    return schemas.classify(body)
 
 
 def _is_poll(body: Any) -> bool:
