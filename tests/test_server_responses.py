@@ -896,3 +896,41 @@ def test_metadata_and_a_json_format_are_bounded_as_they_are_stored_uncosted(serv
     answer = client.responses.create(**{**ask, "max_output_tokens": 64},
                                      text={"format": {"type": "json_schema", "name": "w", "schema": unstated}})
     assert answer.text.format.schema_ == unstated
+
+
+def test_echoed_fields_no_token_pays_for_are_bounded(server):
+    """Hunt round 17 A-F4. Before: a web search tool's fields, a namespace's `description`, `text.verbosity` and
+    `reasoning.generate_summary` took any string (8 MB each made a 25 MB stream: three full-object events, and an 8 MB
+    stored response of 57 prompt tokens), as did any other key of `text`, `reasoning` or a named `tool_choice`. Now the
+    two enums take OpenAI's values, the namespaces' descriptions and web search tools take 32,768 characters in all
+    (each a 400 naming its field before anything runs or is stored), and other keys are ignored, not echoed."""
+    from ossrun.api.schemas import MAX_UNSTATED_TOOL_CHARS
+
+    ask = {"model": MODEL, "input": "Hi", "max_output_tokens": 8, "temperature": 0}
+    function = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    namespace = lambda description: {"type": "namespace", "name": "ns", "description": description, "tools": [function]}
+    search = lambda domains: {"type": "web_search", "external_web_access": False, "filters": {"allowed_domains": domains}}
+    sized = json.dumps(search([]), separators=(",", ":"))
+    domains = ["d" * (MAX_UNSTATED_TOOL_CHARS - 100 - len(sized) - 2)]  # with 100 characters of description: the limit
+    refused = [({"text": {"verbosity": "loud"}}, "text.verbosity"), ({"reasoning": {"generate_summary": "x" * 100}}, "reasoning.generate_summary"),
+               ({"tools": [namespace("x" * (MAX_UNSTATED_TOOL_CHARS + 1))]}, "tools[0].description"),
+               ({"tools": [namespace("x" * 101), search(domains)]}, "tools[1]"),
+               ({"tools": [search(domains), namespace("x" * 101)]}, "tools[1].description")]
+    for extra, param in refused:
+        for background in (False, True):
+            answer = httpx.post(f"{server.base}/v1/responses", json={**ask, **extra, "background": background},
+                                headers=server.headers, timeout=60)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (param, answer.text[:300])
+            assert len(answer.text) < 2000
+    tools = [namespace("x" * 100), search(domains)]
+    junk = "j" * 100_000
+    body = {**ask, "tools": tools, "tool_choice": {"type": "function", "name": "ns.f", "junk": junk},
+            "text": {"verbosity": "low", "junk": junk}, "reasoning": {"effort": "low", "generate_summary": "auto", "junk": junk}}
+    answered = post_json(server, "/v1/responses", body)
+    stored = httpx.get(f"{server.base}/v1/responses/{answered['id']}", headers=server.headers, timeout=60).json()
+    for response in (answered, stored):
+        assert response["tools"][1] == search(domains) and response["tools"][0]["description"] == "x" * 100
+        assert response["text"] == {"verbosity": "low", "format": {"type": "text"}}
+        assert response["reasoning"] == {"effort": "low", "summary": None, "generate_summary": "auto"}
+        assert response["tool_choice"] == {"type": "function", "name": "ns.f"}
+        assert junk not in json.dumps(response)

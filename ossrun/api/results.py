@@ -9,8 +9,8 @@ from typing import Any
 
 from ossrun import harmony
 from ossrun.api.ask import final_format
-from ossrun.api.schemas import (AllowedToolsChoice, FlatAllowedToolsChoice, NamedToolChoice, NamespaceTool, ResponseFormat, ResponsesInput,
-                                Tool, WebSearchTool, tool_spec)
+from ossrun.api.schemas import (AllowedToolsChoice, FlatAllowedToolsChoice, FlatNamedToolChoice, NamedToolChoice, NamespaceTool,
+                                ResponseFormat, ResponsesInput, Tool, WebSearchTool, tool_spec)
 from ossrun.api.service import Outcome, usage
 
 
@@ -128,12 +128,15 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
     them; tools and a named tool_choice (or allowed_tools) in the Responses spelling, whichever spelling the request used."""
     if request is None:
         return {**ECHOED, **(sampling or {})}
-    fields = {**ECHOED, **request.model_dump(mode="json", include=set(ECHOED), exclude_unset=True, exclude_none=True, by_alias=True),
+    copied = set(ECHOED) - {"tools", "text", "reasoning"}  # those three are built below, from their known keys
+    fields = {**ECHOED, **request.model_dump(mode="json", include=copied, exclude_unset=True, exclude_none=True, by_alias=True),
               **(sampling or {})}
     if request.sent_tools:
         fields["tools"] = [echoed_tool(tool) for tool in request.sent_tools]
     if isinstance(request.tool_choice, NamedToolChoice):  # chat's spelling
         fields["tool_choice"] = {"type": "function", "name": request.tool_choice.function.name}
+    if isinstance(request.tool_choice, FlatNamedToolChoice):  # its own keys only: another is ignored, so not echoed
+        fields["tool_choice"] = {"type": "function", "name": request.tool_choice.name}
     if isinstance(request.tool_choice, (AllowedToolsChoice, FlatAllowedToolsChoice)):  # either spelling, its entries too
         allowed = request.tool_choice.allowed_tools if isinstance(request.tool_choice, AllowedToolsChoice) else request.tool_choice
         fields["tool_choice"] = {"type": "allowed_tools", "mode": allowed.mode,
@@ -141,8 +144,11 @@ def echoed(request: ResponsesInput | None, sampling: dict[str, float] | None = N
     fields["text"] = echoed_text(request)
     # As OpenAI echoes it for a reasoning model: the effort the prompt was rendered with and the summary asked, both
     # always there (a client reading `response.reasoning.effort` gets the one used, not null).
-    fields["reasoning"] = {**fields["reasoning"], "effort": harmony.reasoning_effort(request.reasoning and request.reasoning.effort),
-                           "summary": request.reasoning.summary if request.reasoning else None}
+    # Only OpenAI's keys: another key of `reasoning` (or `text`) is ignored, so not echoed (no token pays for it).
+    fields["reasoning"] = {"effort": harmony.reasoning_effort(request.reasoning and request.reasoning.effort),
+                           "summary": request.reasoning.summary if request.reasoning else None,
+                           **(request.reasoning.model_dump(mode="json", include={"generate_summary"}, exclude_none=True)
+                              if request.reasoning else {})}
     return fields
 
 
@@ -150,7 +156,7 @@ def echoed_text(request: ResponsesInput) -> dict[str, Any]:
     """`text` as OpenAI echoes it, its `format` always set: the format the answer was held to (`text.format`, or the
     `response_format` this shape also takes, which wins as in `ask.from_responses`) in the Responses spelling, and
     `{"type": "text"}` when none was asked."""
-    sent = request.text.model_dump(mode="json", exclude_unset=True, exclude_none=True, by_alias=True) if request.text else {}
+    sent = request.text.model_dump(mode="json", include={"verbosity"}, exclude_none=True) if request.text else {}
     asked = request.response_format or (request.text.format if request.text else None)
     return {**sent, "format": responses_format(asked) if asked is not None else {"type": "text"}}
 

@@ -7,6 +7,7 @@ JSON Schema's `oneOf` does, and says what was expected when none or several matc
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -325,11 +326,19 @@ class MessagesInput(Sampling, WithTools):
     messages: list[Message] = Field(min_length=1)
 
 
+SummaryKind = Literal["auto", "concise", "detailed"]
+
+
 class Reasoning(_Open):
+    """Echoed as `{effort, summary}` (and `generate_summary` when sent), its other keys ignored and not echoed."""
+
     effort: Effort | None = None
-    summary: Literal["auto", "concise", "detailed"] | None = Field(None, description=(
+    summary: SummaryKind | None = Field(None, description=(
         "Any value: each reasoning item's summary is its reasoning text, one summary_text part (gpt-oss has no "
         "separate summariser), streamed with the reasoning_summary events"))
+    # OpenAI's deprecated spelling of `summary` (its values, as the openai SDK types it): echoed as sent. Any string
+    # was taken and echoed (an 8 MB one in each full-object event of a stream, and stored: hunt round 17 A-F4).
+    generate_summary: SummaryKind | None = None
 
 
 # OpenAI's limits on `metadata` (its API reference): at most 16 pairs, keys of at most 64 characters, values strings of
@@ -344,7 +353,12 @@ Metadata = Annotated[dict[Annotated[str, Field(max_length=MAX_METADATA_KEY)], An
 
 
 class TextConfig(_Open):
+    """Echoed as `{format, verbosity}`, its other keys ignored and not echoed."""
+
     format: ResponseFormat | None = None
+    # OpenAI's enum, echoed (gpt-oss has no verbosity setting: its answers are as long as it writes them). Any string
+    # was taken and echoed (hunt round 17 A-F4).
+    verbosity: Literal["low", "medium", "high"] | None = None
 
 
 # The limit and sampling names of the sibling shapes (Chat, Prompt) that the Responses shape has not: sent with
@@ -369,6 +383,34 @@ UNSUPPORTED_RESPONSES = {"conversation": "conversations are not supported: use p
                          "prompt": "stored prompts are not supported: send their instructions and input"}
 
 
+# The characters a Responses request's tools may hold that the model is never told, in all: the namespaces'
+# descriptions and the web search tools (each as compact JSON, as echoed: it is echoed as sent, Codex's
+# `external_web_access` included). Both are echoed in each full-object event of a stream and stored, and no token pays
+# for them: 8 MB in one made a 25 MB stream and an 8 MB stored response of 57 prompt tokens (hunt round 17 A-F4), and
+# ~256 such requests could evict every other client's stored responses (`STORED_BYTES`). 32,768 takes OpenAI's web
+# search allow-list (100 domains) many times over and the namespace descriptions agents send (a sentence or two each),
+# and at the store's count bound (10,000) such responses take ~330 MB, far under its byte bound.
+MAX_UNSTATED_TOOL_CHARS = 32_768
+
+
+def _refuse_unstated_past_limit(tools: list[Any]) -> None:
+    """A 400 naming the tool (a namespace's `description`, or a web search tool) with which the characters the model is
+    never told pass MAX_UNSTATED_TOOL_CHARS."""
+    total = 0
+    for index, tool in enumerate(tools):
+        if isinstance(tool, NamespaceTool):
+            total, path = total + len(tool.description or ""), ("tools", index, "description")
+        elif isinstance(tool, WebSearchTool):
+            dumped = tool.model_dump(mode="json", exclude_none=True)
+            total, path = total + len(json.dumps(dumped, separators=(",", ":"), ensure_ascii=False)), ("tools", index)
+        else:
+            continue
+        if total > MAX_UNSTATED_TOOL_CHARS:
+            raise bad_input(f"Error: at '/{'/'.join(map(str, path))}': the namespace descriptions and web search tools "
+                            f"take more than {MAX_UNSTATED_TOOL_CHARS} characters in all (web search tools as compact "
+                            "JSON): they are echoed and stored, but never stated to the model", param_of(path))
+
+
 class ResponsesInput(_Open):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
     # An `item_reference` is replaced by the stored item it names (`ResponseStore.expand`) before anything reads `input`.
@@ -377,7 +419,9 @@ class ResponsesInput(_Open):
     reasoning: Reasoning | None = None
     # After validation: the function tools the model is offered (a namespace's as NAMESPACE.FUNCTION; web search
     # left out); `sent_tools` keeps what the request sent, for the echo.
-    tools: list[ResponsesTool] | None = None
+    tools: list[ResponsesTool] | None = Field(None, description=(
+        f"namespace descriptions and web search tools (as compact JSON) take at most {MAX_UNSTATED_TOOL_CHARS} characters "
+        "in all: echoed and stored, never stated to the model"))
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # echoed (OpenAI's default: true); the model makes one call per turn anyway
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_LIMIT)
@@ -427,6 +471,7 @@ class ResponsesInput(_Open):
     def _offered_tools(self):
         """Namespaces' functions offered as functions named NAMESPACE.FUNCTION, web search not offered."""
         if self.tools and any(isinstance(tool, (NamespaceTool, WebSearchTool)) for tool in self.tools):
+            _refuse_unstated_past_limit(self.tools)
             self._sent_tools, offered = self.tools, []
             for tool in self.tools:
                 if isinstance(tool, NamespaceTool):
