@@ -955,3 +955,24 @@ def test_stored_responses_are_bounded_in_bytes(tmp_path):
     assert kept == ["resp_1", "resp_2", "resp_3"], kept
     assert store.get("resp_old") is None and store.input_items("resp_0") is None and store.get("resp_3")["id"] == "resp_3"
     assert store._db.execute("SELECT count(*) FROM response_items WHERE response_id = 'resp_0'").fetchone() == (0,)
+
+
+def test_a_full_batch_queue_refuses_new_batches_until_results_are_polled(client):
+    """Hunt round 17 A-F5: the queue had no byte bound. Past it (`SQLiteBatchStore.capacity_bytes`, 2 GiB) a new batch is
+    a 503 (3040) saying the queue is full, nothing queued; a finished batch's results, once polled, make room."""
+    store = client.app.state.service.batch_store
+    queue = lambda: client.post(RUN, json={"requests": [{"prompt": "hi" * 200, "max_tokens": 2}]})
+    first = queue()
+    assert first.status_code == 200, first.text
+    store.capacity_bytes = store._db.execute("SELECT SUM(size) FROM batches").fetchone()[0] + 100
+    full = queue()
+    assert full.status_code == 503 and full.json()["errors"][0]["code"] == 3040, full.text
+    assert "the batch queue is full" in full.json()["errors"][0]["message"]
+    request_id = first.json()["result"]["request_id"]
+    for _ in range(500):
+        polled = client.post(RUN, json={"request_id": request_id}).json()["result"]
+        if polled["status"] == "done":
+            break
+        time.sleep(0.02)
+    assert polled["status"] == "done" and store.get(request_id).collected
+    assert queue().status_code == 200 and store.get(request_id) is None  # the collected batch made room

@@ -53,6 +53,56 @@ def test_retention_deletes_only_finished_batches(tmp_path):
     assert store.get(done) is None and store.get(open_batch) is not None
 
 
+def test_the_queue_is_bounded_in_bytes_and_drops_only_collected_results(tmp_path):
+    """Hunt round 17 A-F5: the queue was bounded by age only (7 days), so near-free batches with a 9 MB
+    `external_reference` filled the disk at ~13 MB/s. Now it holds `capacity_bytes` (bodies, references, results): past
+    it the batches whose results were polled go first, oldest finished first, and when they cannot make room a new batch
+    is refused (`QueueFull`, nothing written); queued work and unread results are never dropped."""
+    from ossrun.batch.store import STORED_BYTES, QueueFull
+
+    assert SQLiteBatchStore(tmp_path / "default.sqlite").capacity_bytes == STORED_BYTES == 2 << 30
+    store = SQLiteBatchStore(tmp_path / "q.sqlite", capacity_bytes=1000)
+    item = lambda tag: {"prompt": tag * 200, "external_reference": "r" * 50}  # ~265 bytes stored
+    first, second, third = (store.create("m", [item(tag)]) for tag in "abc")
+    try:
+        store.create("m", [item("d")])
+        raise AssertionError("a batch past the bound was queued")
+    except QueueFull as full:
+        assert full.limit == 1000 and full.used > 750 and full.adding > 250
+    for claimed in store.claim(2):  # the first two finish; only the first one's results are read
+        store.complete(claimed, True, {"response": "x" * 10}, 1, 1)
+    store.collect(first)
+    store.collect(third)  # not finished: collecting it marks nothing
+    fourth = store.create("m", [item("d")])
+    assert store.get(first) is None and store.get(second).status == "done" and store.get(third).status == "queued"
+    assert not store.get(second).collected and store.get(fourth) is not None
+    try:
+        store.create("m", [item("e")])  # the unread results and the queued work stay
+        raise AssertionError("unread results or queued work were dropped")
+    except QueueFull:
+        assert [store.get(b) is not None for b in (second, third, fourth)] == [True, True, True]
+
+
+def test_a_queue_file_of_an_older_version_is_measured_once(tmp_path):
+    """A `batch.sqlite` from before the byte bound (no `size` column): its batches are measured when it is opened, so
+    they count against the bound."""
+    path = tmp_path / "q.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE batches (id TEXT PRIMARY KEY, model TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL);"
+                      "CREATE TABLE items (batch_id TEXT NOT NULL, idx INTEGER NOT NULL, body TEXT NOT NULL, external_reference TEXT,"
+                      " state TEXT NOT NULL DEFAULT 'queued', success INTEGER, result TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0,"
+                      " completion_tokens INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch_id, idx));"
+                      "INSERT INTO batches VALUES ('b', 'm', 1, NULL);"
+                      "INSERT INTO items (batch_id, idx, body, external_reference) VALUES ('b', 0, '{\"prompt\": \"é\"}', 'ref');")
+    old.commit()
+    old.close()
+    store = SQLiteBatchStore(path)
+    assert store._db.execute("SELECT size FROM batches").fetchone() == (len('{"prompt": "é"}'.encode()) + 3,)
+    assert store.get("b").items[0].external_reference == "ref" and not store.get("b").collected
+    store.close()
+    assert SQLiteBatchStore(path)._db.execute("SELECT size FROM batches").fetchone()[0] == 19  # measured once
+
+
 def test_worker_runs_every_item_once_and_survives_a_failing_one(tmp_path):
     store = SQLiteBatchStore(tmp_path / "q.sqlite")
     seen = []

@@ -21,7 +21,7 @@ from ossrun.api.body import parse_body
 from ossrun.api.disconnect import EventStream, unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope, openai_error_object
 from ossrun.api.service import Outcome, Plan, Service
-from ossrun.batch.store import Batch, BatchItem
+from ossrun.batch.store import Batch, BatchItem, QueueFull
 from ossrun.batch.worker import ItemOutcome
 from ossrun.engine.client import Priority
 
@@ -100,7 +100,7 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     service.check_model(model)
     body, typed = await json_body(request, lambda body: (body, _single(body)))
     if _is_poll(body):  # the hosted docs poll on either URL
-        return _poll(service, body)
+        return await _poll(service, body)
     if typed is None:
         return await _queue(service, model, body, request)
     ask = await asyncio.to_thread(ask_of, service, *typed) if typed[0] == "responses" else ask_of(service, *typed)
@@ -148,6 +148,9 @@ def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
         if reference is not None and not isinstance(reference, str):  # as QueuedItem says: echoed as sent, so a string
             raise bad_input(f"Error: at '/requests/{index}/external_reference': Input should be a valid string",
                             f"requests[{index}].external_reference")
+        if reference is not None and len(reference) > schemas.MAX_EXTERNAL_REFERENCE:
+            raise bad_input(f"Error: at '/requests/{index}/external_reference': String should have at most "
+                            f"{schemas.MAX_EXTERNAL_REFERENCE} characters", f"requests[{index}].external_reference")
         item = {k: v for k, v in item.items() if k != "external_reference"}
         if (error := _item_error(service, index, item)) is not None:
             raise error
@@ -173,18 +176,28 @@ async def _queue(service: Service, model: str, body: Any, request: Request) -> d
         raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(items)}")
     # Each item's error names requests[i]. A client that leaves meanwhile gets no request_id: nothing is queued for it.
     await unless_client_leaves(request, asyncio.to_thread(_check_items, service, items))
-    batch_id = await service.write("the batch queue", service.batch_store.create, model, items)
+    try:
+        batch_id = await service.write("the batch queue", service.batch_store.create, model, items)
+    except QueueFull as full:
+        raise ApiError(503, 3040, f"AiError: the batch queue is full: it holds {full.used} of its {full.limit} bytes and "
+                                  f"this batch takes {full.adding} (finished batches are kept until their results are "
+                                  "polled, or expire); poll the finished batches' results or try again later.") from None
     request.app.state.batch_worker.notify()
     return envelope({"status": "queued", "request_id": batch_id, "model": model})
 
 
-def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
+async def _poll(service: Service, body: dict[str, Any]) -> dict[str, Any]:
     poll = schemas.parse(schemas.PollInput, body)
     batch = service.batch_store.get(poll.request_id)
     if batch is None:
         raise bad_input(f"Error: no queued request with request_id {poll.request_id!r} (unknown, or its results expired)")
     if batch.status != "done":
         return envelope({"status": batch.status, "request_id": batch.batch_id})
+    if not batch.collected:  # its results read: they may make room for new batches (`batch.store.STORED_BYTES`)
+        try:
+            await service.write("the batch queue", service.batch_store.collect, batch.batch_id)
+        except ApiError:
+            pass  # the results are answered all the same; the batch stays uncollected (kept) until a poll marks it
     responses, totals = [], {"prompt_tokens": 0, "completion_tokens": 0}
     for item in batch.items:
         # `external_reference` always there, null when not sent, as the hosted poll examples show it

@@ -40,6 +40,7 @@ class Batch:
     model: str
     created_at: float
     items: list[BatchItem] = field(default_factory=list)
+    collected: bool = False  # polled once it was done: its results may make room for new batches (`STORED_BYTES`)
 
     @property
     def status(self) -> str:
@@ -49,9 +50,27 @@ class Batch:
         return "running" if states & {"running", "done"} else "queued"
 
 
+class QueueFull(Exception):
+    """The queue holds `STORED_BYTES` (or the store's own bound): a new batch is refused, nothing queued is dropped."""
+
+    def __init__(self, used: int, adding: int, limit: int):
+        super().__init__(f"the batch queue holds {used} of its {limit} bytes; a batch of {adding} does not fit")
+        self.used, self.adding, self.limit = used, adding, limit
+
+
+# The bytes the batch queue may hold (items' bodies, `external_reference`s and results): the age bound alone (7 days)
+# let one client fill the disk with cheap batches (hunt round 17 A-F5: 9 MB each, ~13 MB/s, kept 7 days), and
+# the stored responses and the fine-tunes share the data directory. A durable queue drops nothing it acknowledged: past
+# the bound the oldest batches whose results were collected (polled once done) go first, and when they do not make
+# room the new batch is refused (503) until polls, retention or finished items do. 2 GiB, as the stored responses':
+# ~200 batches of the largest body, far more than a server's batch backlog for a week.
+STORED_BYTES = 2 << 30
+
+
 class BatchStore(Protocol):
     def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str: ...
     def get(self, batch_id: str) -> Batch | None: ...
+    def collect(self, batch_id: str) -> None: ...
     def claim(self, limit: int) -> list[BatchItem]: ...
     def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
     def requeue_running(self) -> int: ...
@@ -77,6 +96,20 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_state ON items(state, batch_id, idx);
 """
+# Added to a file of an older version by `_measure_batches`: a batch's bytes (its items' bodies, references and results)
+# and when its results were first polled.
+_SIZE_COLUMNS = ("ALTER TABLE batches ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+                 "ALTER TABLE batches ADD COLUMN collected_at REAL",
+                 "UPDATE batches SET size = (SELECT COALESCE(SUM(length(CAST(body AS BLOB)) + COALESCE(length(CAST("
+                 "external_reference AS BLOB)), 0) + COALESCE(length(CAST(result AS BLOB)), 0)), 0) FROM items "
+                 "WHERE items.batch_id = batches.id)")
+# The collected batches to drop, oldest finished first, until `?` bytes are freed.
+_DROP_COLLECTED = ("DELETE FROM batches WHERE id IN (SELECT id FROM (SELECT id, size, SUM(size) OVER (ORDER BY finished_at, id) "
+                   "AS freed FROM batches WHERE collected_at IS NOT NULL AND finished_at IS NOT NULL) WHERE freed - size < ?)")
+
+
+def _bytes(text: str | None) -> int:
+    return 0 if text is None else len(text.encode())
 
 
 class SQLiteBatchStore:
@@ -85,13 +118,14 @@ class SQLiteBatchStore:
     (`storage.BUSY_TIMEOUT_S`, on the worker's or the API's thread); a read (a poll, a /metrics scrape, on the event
     loop) never waits behind it."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, capacity_bytes: int = STORED_BYTES):
+        self.path, self.capacity_bytes = Path(path), capacity_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = open_database(self.path)
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._measure_batches()
         self._read_lock = threading.Lock()
         self._reader = open_database(self.path)
 
@@ -100,29 +134,60 @@ class SQLiteBatchStore:
             self._db.close()
             self._reader.close()
 
+    def _measure_batches(self) -> None:
+        """A file of an older version has no `size` and `collected_at` columns: added, every batch measured, once."""
+        with self._lock, self._transaction():
+            if any(column[1] == "size" for column in self._db.execute("PRAGMA table_info(batches)")):
+                return
+            for statement in _SIZE_COLUMNS:
+                self._db.execute(statement)
+
     def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str:
+        """Queue a batch; `QueueFull` (nothing written) when it does not fit `capacity_bytes` even after the collected
+        batches, oldest finished first, made room."""
         batch_id = str(uuid.uuid4())
         rows = []
         for index, body in enumerate(bodies):
             body = dict(body)
             reference = body.pop("external_reference", None)
             rows.append((batch_id, index, json.dumps(body), None if reference is None else str(reference)))
+        size = sum(_bytes(body) + _bytes(reference) for _, _, body, reference in rows)
         with self._lock, self._transaction():
-            self._db.execute("INSERT INTO batches (id, model, created_at) VALUES (?, ?, ?)", (batch_id, model, time.time()))
+            self._make_room(size)
+            self._db.execute("INSERT INTO batches (id, model, created_at, size) VALUES (?, ?, ?, ?)",
+                             (batch_id, model, time.time(), size))
             self._db.executemany("INSERT INTO items (batch_id, idx, body, external_reference) VALUES (?, ?, ?, ?)", rows)
         return batch_id
+
+    def _make_room(self, size: int) -> None:
+        """Room for `size` more bytes within `capacity_bytes`: collected batches dropped, oldest finished first, as
+        few as free it; else `QueueFull`. The caller holds the lock, in a transaction."""
+        used = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+        if used + size <= self.capacity_bytes:
+            return
+        self._db.execute(_DROP_COLLECTED, (used + size - self.capacity_bytes,))
+        used = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM batches").fetchone()[0]
+        if used + size > self.capacity_bytes:
+            raise QueueFull(used, size, self.capacity_bytes)
+
+    def collect(self, batch_id: str) -> None:
+        """A poll answered the finished batch's results: from now on they may make room for new batches."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE batches SET collected_at = ? WHERE id = ? AND collected_at IS NULL AND finished_at IS NOT NULL",
+                             (time.time(), batch_id))
 
     def get(self, batch_id: str) -> Batch | None:
         with self._read_lock:
             self._reader.execute("BEGIN")  # one snapshot: the batch and its items as one commit left them
             try:
-                row = self._reader.execute("SELECT id, model, created_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+                row = self._reader.execute("SELECT id, model, created_at, collected_at FROM batches WHERE id = ?",
+                                           (batch_id,)).fetchone()
                 items = [] if row is None else self._reader.execute(
                     "SELECT batch_id, idx, body, external_reference, state, success, result, prompt_tokens, completion_tokens "
                     "FROM items WHERE batch_id = ? ORDER BY idx", (batch_id,)).fetchall()
             finally:
                 self._reader.execute("COMMIT")
-        return None if row is None else Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items])
+        return None if row is None else Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items], row[3] is not None)
 
     def claim(self, limit: int) -> list[BatchItem]:
         """Mark up to `limit` queued items running (oldest batch first) and return them."""
@@ -138,11 +203,14 @@ class SQLiteBatchStore:
         return items
 
     def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None:
+        kept = json.dumps(result)
         with self._lock, self._transaction():
-            self._db.execute(
+            done = self._db.execute(
                 "UPDATE items SET state = 'done', success = ?, result = ?, prompt_tokens = ?, completion_tokens = ? "
                 "WHERE batch_id = ? AND idx = ? AND state != 'done'",
-                (int(success), json.dumps(result), prompt_tokens, completion_tokens, item.batch_id, item.index))
+                (int(success), kept, prompt_tokens, completion_tokens, item.batch_id, item.index)).rowcount
+            if done:  # counted against the bound, never refused: the work was acknowledged when it was queued
+                self._db.execute("UPDATE batches SET size = size + ? WHERE id = ?", (_bytes(kept), item.batch_id))
             remaining = self._db.execute("SELECT COUNT(*) FROM items WHERE batch_id = ? AND state != 'done'", (item.batch_id,)).fetchone()[0]
             if remaining == 0:
                 self._db.execute("UPDATE batches SET finished_at = ? WHERE id = ? AND finished_at IS NULL", (time.time(), item.batch_id))
