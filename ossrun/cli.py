@@ -96,12 +96,19 @@ def _positive(name: str) -> Callable[[float], float]:
 def _api_token(value: Optional[str]) -> Optional[str]:
     """An empty token (often a secret that did not resolve: `-e OSSRUN_API_TOKEN=$UNSET`) would serve with no
     authentication at all, and one with spaces around it could never be presented (the header's value is stripped):
-    both refused. click reads an empty variable as unset, hence the look at the environment itself."""
+    both refused. So is one of other characters than printable ASCII: header values arrive as Latin-1, so clients
+    sending UTF-8 (curl in a UTF-8 shell) never matched 'sécret', and the OpenAI SDK cannot send it at all (hunt round
+    17 A-F6); a control character cannot be in a header. click reads an empty variable as unset, hence the look at the
+    environment itself."""
     if value is None and "OSSRUN_API_TOKEN" in os.environ:
         value = os.environ["OSSRUN_API_TOKEN"]
     if value is not None and (not value.strip() or value != value.strip()):
         raise typer.BadParameter("the token is empty or has spaces around it (from --api-token or OSSRUN_API_TOKEN); "
                                  "leave both unset to serve without a token")
+    if value is not None and not (value.isascii() and value.isprintable()):
+        odd = next(c for c in value if not (c.isascii() and c.isprintable()))
+        _fail(f"--api-token (or OSSRUN_API_TOKEN) holds {ascii(odd)}, which HTTP clients cannot send in a header as the "
+              "server reads it; use printable ASCII characters only")
     return value
 
 

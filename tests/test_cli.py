@@ -284,6 +284,15 @@ def test_serve_refuses_an_empty_api_token_rather_than_serve_without_one(args, en
     assert result.returncode == 2 and "--api-token" in result.stderr and "empty" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("args, env", [(("--api-token", "sécret"), {}), (("--api-token", "tab\there"), {}),
+                                       ((), {"OSSRUN_API_TOKEN": "sécret"})])
+def test_serve_refuses_an_api_token_no_client_can_present(args, env, tmp_path):
+    """Before: `--api-token sécret` started, and the right token sent as UTF-8 (curl in a UTF-8 shell) was a 401 and a
+    wrong-token strike (headers are read as Latin-1); the OpenAI SDK could not send it at all."""
+    result = ossrun("serve", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--port", str(free_port()), *args, env=env)
+    _one_clear_line(result, "printable ASCII characters only")
+
+
 def test_operator_mistakes_with_the_data_dir_and_checkpoint_are_one_line(checkpoints, tmp_path):
     """As README promises: one line and exit 2, not a traceback (a file where a directory belongs, a broken checkpoint).
     Hunt round 12 C-F6: the data directory's line said "cannot use it (File exists)", mkdir's reason, which reads as if
