@@ -227,6 +227,17 @@ class ResponseId(StringConvertor):
 
 
 register_url_convertor("response_id", ResponseId())
+
+
+class ModelId(StringConvertor):
+    """A model id in a path: slashes inside (`@cf/openai/gpt-oss-20b`), none first or last, so `GET /v1/models/` and
+    `/v1/models/{id}/`, a path one `/` off a route, are the 404 "No route" (7000) as every such path is, not a model
+    named "" or "…/" (5007; hunt round 17 A-F7)."""
+
+    regex = r"[^/](?:.*[^/])?"
+
+
+register_url_convertor("model_id", ModelId())
 # The same rule in the OpenAPI document, so that a client generated from it (or a fuzzer) knows that GET
 # /responses/input_tokens is not a retrieve (it is the 405 the count route answers).
 ResponseIdPath = Annotated[str, Path(description="A response's id",
@@ -242,7 +253,7 @@ def make_router(prefix: str, include_in_schema: bool) -> APIRouter:
     router.add_api_route("/completions", completions, methods=["POST"], summary="Text completions",
                          openapi_extra=schemas.body_schema(schemas.CompletionRequest))
     router.add_api_route("/models", models, methods=["GET"], summary="Models")
-    router.add_api_route("/models/{model_id:path}", model, methods=["GET"], summary="One model")
+    router.add_api_route("/models/{model_id:model_id}", model, methods=["GET"], summary="One model")
     router.add_api_route("/responses/input_tokens", input_tokens, methods=["POST"], summary="Count a Responses body's input tokens",
                          openapi_extra=schemas.body_schema(schemas.InputTokensRequest))
     router.add_api_route("/responses/{response_id:response_id}", stored_response, methods=["GET"], summary="A stored response")
