@@ -513,3 +513,15 @@ def test_a_form_without_its_closing_boundary_is_incomplete_and_nothing_is_stored
     using = httpx.post(upload_server.run_url(), json={"prompt": "hi", "lora": "cut", "max_tokens": 2}, timeout=60)
     assert using.status_code == 400 and "adapter_config.json" in using.json()["errors"][0]["message"], using.text
     assert post_form(upload_server, "cut", form(*parts)).status_code == 200  # the same form, whole
+
+
+def test_an_upload_to_the_trailing_slash_route_has_the_upload_cap(upload_server):
+    """Before: `…/finetune-assets/` (as Cloudflare's curl commands write it) had the 10 MB body cap, not the 300 MB
+    one, so a real adapter (well over 10 MB) was a 413 there (hunt round 17 A-F3)."""
+    assert create(upload_server, "slash-big").status_code == 200
+    data = bytes(11 * 2**20)
+    stored = httpx.post(api(upload_server, "/finetunes/slash-big/finetune-assets/"), data={"file_name": "adapter_model.safetensors"},
+                        files={"file": ("adapter_model.safetensors", data)}, timeout=120)
+    assert stored.status_code == 200, stored.text
+    kept = upload_server.data_dir / "finetunes" / stored.json()["result"]["id"] / "adapter_model.safetensors"
+    assert kept.stat().st_size == len(data)

@@ -49,7 +49,8 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 def body_limit(path: str) -> int:
-    return MAX_ASSET_BODY_BYTES if path.endswith("/finetune-assets") else MAX_BODY_BYTES
+    # `…/finetune-assets/` too: the route is served with a trailing `/`, as Cloudflare's curl commands write it
+    return MAX_ASSET_BODY_BYTES if path.endswith(("/finetune-assets", "/finetune-assets/")) else MAX_BODY_BYTES
 
 
 class RequestBody:
