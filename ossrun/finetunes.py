@@ -33,6 +33,10 @@ PENDING = "pending"  # a fine-tune's subfolder for a file waiting for its pair
 MAX_ASSET_BYTES = 300 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024  # a PEFT adapter_config.json is a KB or two; its check parses it whole, in memory
 MAX_UPLOADS_IN_FLIGHT = 2
+# A fine-tune's description, in characters. Cloudflare's is a line of free text ("Summarizes support tickets"); it is
+# stored, kept in memory and answered in every listing, and no token pays for it: 30 descriptions of 9 MB made each
+# listing 283 MB and stalled the server for seconds (hunt round 17 A-F2). 4,096 is a long paragraph or two.
+MAX_DESCRIPTION = 4096
 UPLOAD_RETRY_AFTER_S = 5  # an upload's place is free again once one in flight is stored (seconds, for 300 MB)
 ARRIVING = ".uploads"  # the store's folder of uploads still arriving, one subfolder each
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -114,7 +118,7 @@ class FinetuneStore:
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir) / "finetunes"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `create` reads the index (`_known`) holding it
         self._upload_lock = threading.Lock()
         self._places_lock = threading.Lock()  # taken on the event loop: never held while anything slow runs
         self._in_flight = 0
@@ -123,38 +127,41 @@ class FinetuneStore:
         self.arrivals.mkdir()
         for stale in self.root.glob("*/.staging-*"):  # where older versions staged; the stored files are intact
             shutil.rmtree(stale, ignore_errors=True)
+        self._index: _Index | None = None  # read from disk on first use, then kept: see `_known`
 
     def create(self, model: str, name: str, description: str = "", reserved: Collection[str] = (), public: bool = False) -> Finetune:
-        """A new fine-tune. `reserved`: names served otherwise (the server's `--lora` adapters), refused like a taken one."""
+        """A new fine-tune. `reserved`: names served otherwise (the server's `--lora` adapters), refused like a taken one.
+        Writes (and fsyncs) its meta.json: run it off the event loop."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise FinetuneError("name must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
         if name in reserved:
             raise FinetuneError(f"{name!r} is the name of an adapter this server preloads (--lora); choose another name")
+        if description and len(description) > MAX_DESCRIPTION:
+            raise FinetuneError(f"description is {len(description)} characters; the limit is {MAX_DESCRIPTION}")
         with self._lock:
-            records = self._all()
-            if any(f.name == name for f in records):
+            index = self._known()
+            if name in index.by_name:
                 raise FinetuneError(f"a fine-tune named {name!r} already exists")
             # `id_or_name` must name one fine-tune: a name may not be, or later become, another one's id
-            if _ID_SHAPE.match(name) or any(f.id == name for f in records):
+            if _ID_SHAPE.match(name) or name in index.by_id:
                 raise FinetuneError(f"a fine-tune name cannot look like a fine-tune id: {name!r}")
             now = _now()
             record = Finetune(str(uuid.uuid4()), name, model, now, now, description or "", public)
             folder = self.root / record.id
             folder.mkdir()
             _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+            self._index = index.adding(record)
         return record
 
     def list(self) -> list[Finetune]:
-        with self._lock:
-            return sorted(self._all(), key=lambda f: f.created_at)
+        """Every readable fine-tune, by creation (from memory: no file is read after the first call)."""
+        return list(self._known().records)
 
     def get(self, id_or_name: str) -> Finetune | None:
         """The fine-tune with this id (in any case, as UUIDs are), else the one with this name (ids first: older data
         may hold a name equal to an id)."""
-        with self._lock:
-            records = self._all()
-        return (next((r for r in records if r.id == id_or_name.lower()), None)
-                or next((r for r in records if r.name == id_or_name), None))
+        index = self._known()
+        return index.by_id.get(id_or_name.lower()) or index.by_name.get(id_or_name)
 
     def arrival(self) -> Path:
         """Take a place for an upload → the file to write it to as it arrives, alone in a fresh folder of the data
@@ -244,8 +251,9 @@ class FinetuneStore:
                 os.replace(folder / PENDING / other, folder / other)
             os.replace(staged / file_name, folder / file_name)
             shutil.rmtree(folder / PENDING, ignore_errors=True)
-            record.modified_at = _now()
-            _atomic_write(folder / "meta.json", json.dumps(asdict(record)).encode())
+            modified_at = _now()
+            _atomic_write(folder / "meta.json", json.dumps({**asdict(record), "modified_at": modified_at}).encode())
+            record.modified_at = modified_at  # the record `get` answers (the one kept in memory), once the file says so
         return folder
 
     def folder(self, record: Finetune) -> Path:
@@ -261,16 +269,48 @@ class FinetuneStore:
     def damaged(self) -> list[tuple[Path, str]]:
         """(folder, why) of each fine-tune whose meta.json cannot be read (a disk error, a hand edit): every listing
         skips it, not fatal, and the server says so once at start, so an operator knows that data was set aside."""
-        return self._scan()[1]
+        return list(self._known().damaged)
 
-    def _all(self) -> list[Finetune]:
-        return self._scan()[0]
+    def _known(self) -> _Index:
+        """The fine-tunes, read from disk once (the server reads them at start) and kept up to date by `create` and
+        `_install`, the only writers while the server runs (a folder is removed with the server stopped). Reading
+        every meta.json on each list, get and create, on the event loop, stalled every request for seconds once they
+        were large (hunt round 17 A-F2). Readers take the current index without the lock: a writer replaces it whole."""
+        index = self._index
+        if index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = _Index.read(self.root)
+                index = self._index
+        return index
 
-    def _scan(self) -> tuple[list[Finetune], list[tuple[Path, str]]]:
+
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """The fine-tunes as read: by creation, by id and by name (the first created of a name, should older data hold
+    two), and the folders set aside. Never changed: `adding` makes the next one."""
+
+    records: tuple[Finetune, ...]
+    by_id: dict[str, Finetune]
+    by_name: dict[str, Finetune]
+    damaged: tuple[tuple[Path, str], ...] = ()
+
+    @classmethod
+    def read(cls, root: Path) -> _Index:
         records, damaged = [], []
-        for meta in self.root.glob("*/meta.json"):
+        for meta in root.glob("*/meta.json"):
             try:
                 records.append(Finetune(**json.loads(meta.read_text())))
             except (OSError, ValueError, TypeError) as exc:  # a foreign or damaged folder is skipped, not fatal
                 damaged.append((meta.parent, f"its meta.json is unreadable ({type(exc).__name__}: {exc})"))
-        return records, damaged
+        return cls.of(sorted(records, key=lambda f: f.created_at), tuple(damaged))
+
+    @classmethod
+    def of(cls, records: list[Finetune], damaged: tuple[tuple[Path, str], ...]) -> _Index:
+        by_name: dict[str, Finetune] = {}
+        for record in records:
+            by_name.setdefault(record.name, record)
+        return cls(tuple(records), {record.id.lower(): record for record in records}, by_name, damaged)
+
+    def adding(self, record: Finetune) -> _Index:
+        return _Index.of([*self.records, record], self.damaged)

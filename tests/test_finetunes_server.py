@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from ossrun.api.workers_ai import MAX_FORM_PARTS
-from ossrun.finetunes import MAX_CONFIG_BYTES, MAX_UPLOADS_IN_FLIGHT
+from ossrun.finetunes import MAX_CONFIG_BYTES, MAX_DESCRIPTION, MAX_UPLOADS_IN_FLIGHT, FinetuneError, FinetuneStore
 from ossrun.model.checkpoint import read_config
 from ossrun.model.lora import write_random_adapter
 from tests.server_util import MODEL, start_server
@@ -525,3 +525,33 @@ def test_an_upload_to_the_trailing_slash_route_has_the_upload_cap(upload_server)
     assert stored.status_code == 200, stored.text
     kept = upload_server.data_dir / "finetunes" / stored.json()["result"]["id"] / "adapter_model.safetensors"
     assert kept.stat().st_size == len(data)
+
+
+def test_a_finetune_description_has_a_documented_limit(upload_server):
+    """Before: a description had no limit; 30 of 9 MB made each listing 283 MB, and every list and create read all
+    of them again, on the event loop, stalling the server for seconds (hunt round 17 A-F2)."""
+    made = httpx.post(api(upload_server, "/finetunes"), json={"model": MODEL, "name": "described",
+                                                              "description": "d" * MAX_DESCRIPTION}, timeout=30)
+    assert made.status_code == 200 and made.json()["result"]["description"] == "d" * MAX_DESCRIPTION, made.text
+    refused = httpx.post(api(upload_server, "/finetunes"), json={"model": MODEL, "name": "verbose",
+                                                                 "description": "d" * (MAX_DESCRIPTION + 1)}, timeout=30)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["errors"][0]
+    assert error["code"] == 5006 and "/description" in error["message"] and str(MAX_DESCRIPTION) in error["message"], error
+    assert "verbose" not in [f["name"] for f in httpx.get(api(upload_server, "/finetunes"), timeout=30).json()["result"]]
+
+
+def test_the_store_reads_its_finetunes_once(tmp_path):
+    """Before: every list, get and create parsed every stored meta.json again (on the event loop, in the routes). Now
+    they are read once and kept: a meta.json changed on disk afterwards (the server is its only writer) is not read."""
+    store = FinetuneStore(tmp_path)
+    first = store.create(MODEL, "first", "one")
+    again = FinetuneStore(tmp_path)  # as a restarted server: read from disk
+    assert [(f.id, f.description) for f in again.list()] == [(first.id, "one")]
+    (store.folder(first) / "meta.json").write_text("not json")
+    second = again.create(MODEL, "second")
+    assert [f.name for f in again.list()] == ["first", "second"] and again.get("first").id == first.id
+    assert again.get(first.id.upper()) is again.get("first") and again.get(second.id).name == "second"
+    assert again.damaged() == [] and [folder for folder, _ in FinetuneStore(tmp_path).damaged()] == [store.folder(first)]
+    with pytest.raises(FinetuneError, match=f"the limit is {MAX_DESCRIPTION}"):
+        again.create(MODEL, "third", "d" * (MAX_DESCRIPTION + 1))

@@ -18,6 +18,7 @@ from pydantic_core import CoreSchema
 
 from ossrun.api.errors import ApiError, bad_input, param_of
 from ossrun.api.openapi import ChatCompletion, PromptResult, ResponseObject
+from ossrun.finetunes import MAX_DESCRIPTION
 from ossrun.harmony.shapes import (  # noqa: F401  the conversation shapes harmony renders, part of these bodies
     FunctionCallInput,
     FunctionCallOutputInput,
@@ -709,7 +710,8 @@ class FinetuneCreate(_Open):
     model: str
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                       description="1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    description: str | None = None
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION, description=(
+        f"free text of at most {MAX_DESCRIPTION} characters: stored and answered in every listing"))
     public: bool = False
 
 

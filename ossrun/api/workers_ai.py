@@ -323,9 +323,9 @@ async def create_finetune(account_id: str, request: Request):
     service.check_model(spec.model)
     from ossrun.finetunes import FinetuneError
 
-    try:
-        with service.writing("the fine-tunes"):
-            record = service.create_finetune(spec.model, spec.name, spec.description or "", spec.public)
+    try:  # on a thread: it writes and fsyncs the fine-tune's meta.json
+        record = await service.write("the fine-tunes", service.create_finetune, spec.model, spec.name, spec.description or "",
+                                     spec.public)
     except FinetuneError as exc:
         raise ApiError(exc.status, exc.code, f"AiError: {exc}") from None
     return envelope(_finetune_json(record))
