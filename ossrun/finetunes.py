@@ -99,6 +99,12 @@ def _check_json_object(config: bytes) -> None:
         raise FinetuneError("adapter_config.json must hold a JSON object", code=5005)
 
 
+def check_file_name(file_name: str) -> None:
+    """An upload's `file_name` names one of the two assets, else a 400 (3039)."""
+    if file_name not in ASSET_NAMES:
+        raise FinetuneError(f"file_name must be one of {', '.join(ASSET_NAMES)}, not {file_name!r}", code=3039)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -163,6 +169,13 @@ class FinetuneStore:
         index = self._known()
         return index.by_id.get(id_or_name.lower()) or index.by_name.get(id_or_name)
 
+    def existing(self, id_or_name: str) -> Finetune:
+        """`get`, or the 400 (5005) of an upload to no fine-tune (the route asks before the body arrives)."""
+        record = self.get(id_or_name)
+        if record is None:
+            raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
+        return record
+
     def arrival(self) -> Path:
         """Take a place for an upload → the file to write it to as it arrives, alone in a fresh folder of the data
         directory (the fine-tunes' file system: installing it is a rename). None free: a 429 (3040) with
@@ -208,11 +221,8 @@ class FinetuneStore:
 
     def _checked(self, id_or_name: str, file_name: str, arrived: Path) -> Finetune:
         """The fine-tune an upload is for, once the name and size of the file (and a config's JSON) pass."""
-        record = self.get(id_or_name)
-        if record is None:
-            raise FinetuneError(f"no fine-tune {id_or_name!r}", code=5005)
-        if file_name not in ASSET_NAMES:
-            raise FinetuneError(f"file_name must be one of {', '.join(ASSET_NAMES)}, not {file_name!r}", code=3039)
+        record = self.existing(id_or_name)
+        check_file_name(file_name)
         size, limit = arrived.stat().st_size, MAX_CONFIG_BYTES if file_name == "adapter_config.json" else MAX_ASSET_BYTES
         if size > limit:
             raise FinetuneError(f"{file_name} is {size} bytes; the limit is {limit}", code=3006, status=413)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import zlib
@@ -333,12 +334,12 @@ def test_a_gzipped_upload_is_decoded_in_bounded_pieces(upload_server):
     assert uploads_arriving(upload_server) == []
 
 
-def partial_upload(server, length: int) -> socket.socket:
+def partial_upload(server, length: int, name: str = "big", file_name: str = "adapter_model.safetensors") -> socket.socket:
     """An upload whose first bytes are sent and the rest of its `length` never: it stays in flight."""
-    head = (b'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\nadapter_model.safetensors\r\n'
+    head = (f'--b\r\nContent-Disposition: form-data; name="file_name"\r\n\r\n{file_name}\r\n'.encode() +
             b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(f"POST /client/v4/accounts/acct/ai/finetunes/big/finetune-assets HTTP/1.1\r\nHost: localhost\r\n"
+    sock.sendall(f"POST /client/v4/accounts/acct/ai/finetunes/{name}/finetune-assets HTTP/1.1\r\nHost: localhost\r\n"
                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {length}\r\n\r\n".encode() + head)
     return sock
 
@@ -525,6 +526,37 @@ def test_an_upload_to_the_trailing_slash_route_has_the_upload_cap(upload_server)
     assert stored.status_code == 200, stored.text
     kept = upload_server.data_dir / "finetunes" / stored.json()["result"]["id"] / "adapter_model.safetensors"
     assert kept.stat().st_size == len(data)
+
+
+def answer_before_the_body(server, name: str, file_name: str) -> tuple[int, dict]:
+    """An upload declared 50 MB of which 100 kB are sent, the rest never: (status, body) of its answer, which must come
+    without the rest of the body."""
+    sock = partial_upload(server, 50 * 2**20, name, file_name)
+    try:
+        received = b""
+        while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < int(
+                received.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0] or 1 << 30):
+            chunk = sock.recv(65536)  # the socket's 30 s timeout: no answer is a failure
+            assert chunk, received
+            received += chunk
+    finally:
+        sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_an_upload_to_no_finetune_or_of_no_asset_is_refused_before_its_body(upload_server):
+    """Before: an upload to a fine-tune that does not exist, or with a `file_name` that is no asset, was refused only
+    once its whole body had arrived (up to 300 MB), holding one of the 2 upload places all along, so every other upload
+    was a 429 meanwhile (hunt round 17 A-F8). Now both are answered without the body, and no place is taken."""
+    config = b'{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+    for _ in range(MAX_UPLOADS_IN_FLIGHT + 1):
+        status, body = answer_before_the_body(upload_server, "no-such-finetune", "adapter_model.safetensors")
+        assert status == 400 and body["errors"][0]["code"] == 5005 and "no-such-finetune" in body["errors"][0]["message"], body
+        status, body = answer_before_the_body(upload_server, "small", "weights.bin")
+        assert status == 400 and body["errors"][0]["code"] == 3039 and "weights.bin" in body["errors"][0]["message"], body
+    assert wait_for(lambda: uploads_arriving(upload_server) == [])
+    assert upload(upload_server, "small", "adapter_config.json", config).status_code == 200
 
 
 def test_a_finetune_description_has_a_documented_limit(upload_server):

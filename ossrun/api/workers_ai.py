@@ -440,17 +440,27 @@ def _form_error(what: str) -> NoReturn:
     raise ApiError(400, 3039, f"AiError: {what} in the multipart form")
 
 
-async def receive_upload(request: Request, arrived: Path) -> str:
-    """Write the `file` of an upload's form to `arrived` as it comes (the body cap, deadline and decoding are the
-    middleware's) → its `file_name`."""
+def check_form(request: Request) -> bytes:
+    """An upload's multipart boundary, else the 400 of a body that is no form (before it is read)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type.lower() != b"multipart/form-data" or not options.get(b"boundary"):
         raise ApiError(*NOT_A_FORM)
-    form = UploadForm(options[b"boundary"])
+    return options[b"boundary"]
+
+
+async def receive_upload(request: Request, arrived: Path) -> str:
+    """Write the `file` of an upload's form to `arrived` as it comes (the body cap, deadline and decoding are the
+    middleware's) → its `file_name`. A `file_name` naming no asset is refused as soon as it has arrived (curl's `-F`
+    sends it before the file), not after up to 300 MB more."""
+    from ossrun.finetunes import check_file_name
+
+    form = UploadForm(check_form(request))
     with open(arrived, "wb") as out:
         try:
             async for chunk in request.stream():
                 form.parser.write(chunk)
+                if "file_name" in form.fields:
+                    check_file_name(form.fields["file_name"])
                 if form.gathered >= WRITE_PIECE:
                     await asyncio.to_thread(out.writelines, form.take())
             form.parser.finalize()
@@ -471,6 +481,10 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
     from ossrun.finetunes import ASSET_NAMES, FinetuneError
 
     try:
+        # What is known before the body, before an upload place is taken: a bogus upload holding one for as long as it
+        # sends (up to 300 MB) kept every other at 429 (hunt round 17 A-F8).
+        service.finetunes.existing(id_or_name)  # in memory: no file is read
+        check_form(request)
         with service.writing("the fine-tunes"):
             arrived = service.finetunes.arrival()  # a place, or a 429 before the body is read
             try:
