@@ -21,7 +21,8 @@ from tests.server_util import MODEL, start_server
 
 PATIENCE_S = 2.0  # --client-timeout of the server under test
 RUN = f"/client/v4/accounts/acct/ai/run/{MODEL}"
-UPLOAD = "/client/v4/accounts/acct/ai/finetunes/nobody/finetune-assets"
+# An upload to a fine-tune that exists (the fixture makes it): one to no fine-tune is refused before its body is read
+UPLOAD = "/client/v4/accounts/acct/ai/finetunes/slow/finetune-assets"
 CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
 
 
@@ -29,6 +30,8 @@ CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"
 def server(checkpoints, tmp_path_factory):
     s = start_server(checkpoints["original"], tmp_path_factory.mktemp("slow-clients"), "--client-timeout", str(PATIENCE_S),
                      "--rate-limit", "0", "--max-model-len", "256")
+    made = httpx.post(s.base + "/client/v4/accounts/acct/ai/finetunes", json={"model": MODEL, "name": "slow"}, timeout=60)
+    assert made.status_code == 200, made.text
     yield s
     s.stop()
 
