@@ -688,6 +688,22 @@ def test_an_unknown_responses_item_is_one_400_naming_its_type(server):
                             "function_call, function_call_output, reasoning or item_reference") and param == "input[0]", message
 
 
+@pytest.mark.parametrize(("path", "body", "where"), [
+    (RUN, {"input": [{"type": [], "role": "user", "content": "hi"}]}, "input/0"),
+    (RUN + "?queueRequest=true", {"requests": [{"input": [{"type": {}, "role": "user", "content": "hi"}]}]}, "input/0"),
+    ("/v1/responses", {"model": MODEL, "input": [{"type": ["message"], "role": "user", "content": "hi"}]}, "input/0"),
+    ("/v1/responses/input_tokens", {"input": [{"content": "hi"}, {"type": {}, "role": "user", "content": "hi"}]}, "input/1"),
+    ("/client/v4/accounts/acct/ai/v1/responses", {"model": MODEL, "input": [{"type": [], "call_id": "c", "name": "f"}]}, "input/0"),
+])
+def test_an_item_type_that_is_no_string_is_a_400_naming_it(server, path, body, where):
+    """Hunt round 18 C-F1: a list or object `type` was a 500 ('unhashable type' testing it against the item types)."""
+    response = call(server, "POST", path, json=body)
+    assert response.status_code == 400 and "5006" in response.text, response.text
+    message, param = _error(response)
+    assert f"at '/{where}/type': input item type " in message and "is not supported: items are message" in message, message
+    assert param == (where.replace("/", "[") + "].type" if "/v1/" in path else None)
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", RUN])
 def test_an_assistant_refusal_part_is_served_as_that_turns_answer(server, path):
     """A history replayed from an OpenAI model may hold a refusal; it was a 400 ('Input should be text, ...')."""

@@ -366,9 +366,15 @@ def item_union(types: dict[str, type[Shape]]) -> Any:
     (`web_search_call`, …) with one error, where the union would list what each branch wanted."""
 
     def known(item: Any) -> Any:
-        if isinstance(item, dict) and _kind(item, types) not in types:
-            raise PydanticCustomError("item_type", "input item type {type} is not supported: items are {types}",
-                                      {"type": repr(item["type"]), "types": _or(tuple(types))})
+        if not isinstance(item, dict):
+            return item
+        kind = _kind(item, types)
+        message = "input item type {type} is not supported: items are {types}"
+        context = {"type": repr(kind), "types": _or(tuple(types))}
+        if not isinstance(kind, str):  # a list or an object (unhashable: a 500 once), refused at the field itself
+            raise refused("type", kind, "item_type", message, context)
+        if kind not in types:
+            raise PydanticCustomError("item_type", message, context)
         return item
 
     def model(item: Any) -> str:  # named as pydantic labels a union's models (which error paths leave out)
