@@ -424,6 +424,25 @@ def test_bad_input_is_5006_and_says_what(server, body, fragment):
     assert fragment in response.json()["errors"][0]["message"]
 
 
+@pytest.mark.parametrize("body, matches", [
+    ({"request_id": "b", "prompt": "Hi", "max_tokens": 2}, "(prompt, poll)"),
+    ({"request_id": "b", "input": "Hi", "max_output_tokens": 2}, "(responses, poll)"),
+    ({"requests": [{"prompt": "Hi", "max_tokens": 2}], "prompt": "Hi"}, "(prompt, batch)"),
+    ({"requests": [{"prompt": "Hi", "max_tokens": 2}], "request_id": "b"}, "(batch, poll)"),
+])
+def test_a_body_with_two_shape_keys_is_refused_as_the_document_refuses_it(server, body, matches):
+    """Hunt round 18 C-F2: `request_id` beside a prompt ran (and billed) the prompt where the client expected a poll, and
+    `requests` beside a prompt or a `request_id` queued a new batch; the document's oneOf refuses all four."""
+    response = post(server, body)
+    assert response.status_code == 400 and error_code(response) == 5006, response.text
+    message = response.json()["errors"][0]["message"]
+    assert f"oneOf at '/' not met, 2 matches {matches}" in message and "are 'request_id'" in message, message
+    document = httpx.get(server.base + "/openapi.json", headers=server.headers, timeout=30).json()
+    run = document["paths"]["/client/v4/accounts/{account_id}/ai/run/{model}"]["post"]
+    schema = run["requestBody"]["content"]["application/json"]["schema"]
+    assert not Draft202012Validator({**schema, "components": document["components"]}).is_valid(body)
+
+
 @pytest.mark.parametrize("literal", ["9" * 4300, "9" * 4301, "1e300", "3000000000"])
 def test_a_huge_integer_is_a_range_error_naming_its_field(server, literal):
     """Before: 4300 digits answered Python's own advice (`sys.set_int_max_str_digits()`), 4301 "the body is not valid

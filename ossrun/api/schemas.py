@@ -720,6 +720,9 @@ SHAPES: dict[str, tuple[type[BaseModel], str]] = {
     "messages": (MessagesInput, "messages"),
     "responses": (ResponsesInput, "input"),
 }
+# The key each branch of `/ai/run`'s body requires (the document's oneOf: the three shapes, a batch, a poll): a body
+# carries exactly one. `request_id` beside a prompt ran the prompt where the client expected a poll (hunt round 18 C-F2).
+RUN_KEYS: dict[str, str] = {**{name: key for name, (_, key) in SHAPES.items()}, "batch": "requests", "poll": "request_id"}
 
 
 def _pointer(loc: tuple) -> str:
@@ -763,15 +766,21 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
 
 def classify(body: Any) -> tuple[str, BaseModel]:
     """Which `/ai/run` shape this body is → (shape name, validated model). Exactly one must match."""
+    name = branch_of(body, {name: key for name, (_, key) in SHAPES.items()})
+    return name, parse(SHAPES[name][0], body)
+
+
+def branch_of(body: Any, keys: dict[str, str]) -> str:
+    """The one branch of a oneOf whose branches each require a key (`keys`: branch → key) the body is, as the hosted
+    validator words a refusal: none or several match."""
     if not isinstance(body, dict):
         raise bad_input("Error: type at '/' must be object")
-    present = [name for name, (_, key) in SHAPES.items() if key in body]
+    present = [name for name, key in keys.items() if key in body]
     if len(present) != 1:
         matches = "0 matches" if not present else f"{len(present)} matches ({', '.join(present)})"
-        expected = "; ".join(f"required properties at '/' are '{key}'" for _, key in SHAPES.values())
+        expected = "; ".join(f"required properties at '/' are '{key}'" for key in keys.values())
         raise ApiError(400, 5006, f"AiError: Bad input: Error: oneOf at '/' not met, {matches}: {expected}")
-    name = present[0]
-    return name, parse(SHAPES[name][0], body)
+    return present[0]
 
 
 def one_of(branches: dict[str, type[BaseModel]]) -> dict[str, Any]:

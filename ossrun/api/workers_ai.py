@@ -98,12 +98,12 @@ async def run(account_id: str, model: str, request: Request, queueRequest: bool 
     if not model:  # `…/ai/run/`: no model segment is no route, as `…/ai/run` is
         raise ApiError(404, 7000, f"No route for {request.url.path}")
     service.check_model(model)
-    body, typed = await json_body(request, lambda body: (body, _single(body)))
-    if _is_poll(body):  # the hosted docs poll on either URL
+    body, (shape, typed) = await json_body(request, lambda body: (body, _typed(body)))
+    if shape == "poll":  # the hosted docs poll on either URL
         return await _poll(service, body)
-    if typed is None:
+    if shape == "batch":
         return await _queue(service, model, body, request)
-    ask = await asyncio.to_thread(ask_of, service, *typed) if typed[0] == "responses" else ask_of(service, *typed)
+    ask = await asyncio.to_thread(ask_of, service, shape, typed) if shape == "responses" else ask_of(service, shape, typed)
     reject_if_busy(service, ask)
     client = client_address(request)  # the engine shares itself between clients, then between a client's requests
     if ask.stream and reads_event_streams(request):
@@ -126,17 +126,12 @@ def reads_event_streams(request: Request) -> bool:
     return any(part.split(";")[0].strip().lower() in _EVENT_STREAM_TYPES for part in accept.split(","))
 
 
-def _single(body: Any) -> tuple[str, Any] | None:
-    """The shape and typed body (`schemas.classify`) of a body that runs one, or None for a poll or a batch. The body
-    decides, as the document's oneOf does: a `requests` batch is queued (the hosted API wants ?queueRequest=true with
-    it, and that URL also runs a single request rather than refusing it)."""
-    if _is_poll(body) or (isinstance(body, dict) and "requests" in body):
-        return None
-    return schemas.classify(body)
-
-
-def _is_poll(body: Any) -> bool:
-    return isinstance(body, dict) and "request_id" in body and not any(k in body for k in ("prompt", "messages", "input", "requests"))
+def _typed(body: Any) -> tuple[str, Any]:
+    """The body's branch (`schemas.RUN_KEYS`: its one key decides, as the document's oneOf does) and, for a shape that
+    runs, its typed body (None for a poll or a batch). A `requests` batch is queued with or without ?queueRequest=true
+    (the hosted API wants it, and that URL also runs a single request rather than refusing it)."""
+    shape = schemas.branch_of(body, schemas.RUN_KEYS)
+    return shape, schemas.parse(schemas.SHAPES[shape][0], body) if shape in schemas.SHAPES else None
 
 
 def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
