@@ -10,6 +10,7 @@ import uuid
 import httpx
 import openai
 import pytest
+from jsonschema import Draft202012Validator
 
 from tests.server_util import MODEL, post_json
 
@@ -240,6 +241,24 @@ def test_reasoning_summary_carries_the_reasoning_text_sync_streamed_and_stored(s
     assert part_done.status == "incomplete"  # max_output_tokens cut the reasoning
     (item,) = cut[-1].response.output
     assert [s.text for s in item.summary] == [part_done.part.text] == [item.content[0].text]
+
+
+def test_generate_summary_asks_for_the_summary_as_summary_does(server):
+    """Hunt round 18 C-F5: `reasoning.generate_summary` (OpenAI's deprecated name of `summary`) was echoed and ignored:
+    a client using the old name asked for a summary and got `summary: []`, the echo saying `summary: null`."""
+    ask = {"model": MODEL, "input": "What is the capital of France?", "max_output_tokens": 64}
+    by_name = post_json(server, "/v1/responses", {**ask, "reasoning": {"summary": "concise"}})
+    for reasoning in ({"generate_summary": "concise"}, {"generate_summary": "concise", "summary": "concise"}):
+        answer = post_json(server, "/v1/responses", {**ask, "reasoning": reasoning})
+        assert answer["output"][0]["summary"] == by_name["output"][0]["summary"] != [], answer["output"][0]
+        assert answer["reasoning"] == {"effort": "medium", "summary": "concise", "generate_summary": "concise"}
+    two = {**ask, "reasoning": {"summary": "auto", "generate_summary": "detailed"}}
+    refused = httpx.post(f"{server.base}/v1/responses", json=two, headers=server.headers, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "reasoning.generate_summary", refused.text
+    assert "generate_summary (OpenAI's deprecated name of summary) is 'detailed' but summary is 'auto'" in refused.text
+    document = httpx.get(f"{server.base}/openapi.json", headers=server.headers).json()
+    accepts = Draft202012Validator({"$ref": "#/components/schemas/ResponsesRequest", "components": document["components"]}).is_valid
+    assert not accepts(two) and accepts({**ask, "reasoning": {"summary": "auto", "generate_summary": "auto"}})
 
 
 def test_a_response_object_always_has_error_incomplete_details_and_text(server):
@@ -931,6 +950,6 @@ def test_echoed_fields_no_token_pays_for_are_bounded(server):
     for response in (answered, stored):
         assert response["tools"][1] == search(domains) and response["tools"][0]["description"] == "x" * 100
         assert response["text"] == {"verbosity": "low", "format": {"type": "text"}}
-        assert response["reasoning"] == {"effort": "low", "summary": None, "generate_summary": "auto"}
+        assert response["reasoning"] == {"effort": "low", "summary": "auto", "generate_summary": "auto"}
         assert response["tool_choice"] == {"type": "function", "name": "ns.f"}
         assert junk not in json.dumps(response)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import (BaseModel, PrivateAttr, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
                       ValidationInfo, WithJsonSchema, field_validator, model_validator)
@@ -328,18 +328,37 @@ class MessagesInput(Sampling, WithTools):
 
 
 SummaryKind = Literal["auto", "concise", "detailed"]
+# Both spellings of the summary given: the same value (the document's side of `Reasoning._one_summary`).
+_ONE_SUMMARY = {"allOf": [{"if": {"required": ["generate_summary", "summary"], "properties": {
+    "generate_summary": {"const": kind}, "summary": {"not": {"type": "null"}}}}, "then": {"properties": {"summary": {"const": kind}}}}
+    for kind in get_args(SummaryKind)]}
 
 
 class Reasoning(_Open):
-    """Echoed as `{effort, summary}` (and `generate_summary` when sent), its other keys ignored and not echoed."""
+    """Echoed as `{effort, summary}` (the summary asked by either name; `generate_summary` too when sent), its other keys
+    ignored and not echoed."""
 
+    model_config = ConfigDict(json_schema_extra=_ONE_SUMMARY)
     effort: Effort | None = None
     summary: SummaryKind | None = Field(None, description=(
         "Any value: each reasoning item's summary is its reasoning text, one summary_text part (gpt-oss has no "
         "separate summariser), streamed with the reasoning_summary events"))
     # OpenAI's deprecated spelling of `summary` (its values, as the openai SDK types it): echoed as sent. Any string
     # was taken and echoed (an 8 MB one in each full-object event of a stream, and stored: hunt round 17 A-F4).
-    generate_summary: SummaryKind | None = None
+    generate_summary: SummaryKind | None = Field(None, description="OpenAI's deprecated name of `summary`, read as it "
+                                                 "when `summary` is not given (both given: the same value)")
+
+    @model_validator(mode="after")
+    def _one_summary(self) -> "Reasoning":
+        """`generate_summary` asks for what `summary` does: it was echoed and ignored, so a client using the old name
+        got no summary (hunt round 18 C-F5). Two different answers to one question are refused."""
+        if self.summary is None:
+            self.summary = self.generate_summary
+        elif self.generate_summary not in (None, self.summary):
+            raise refused("generate_summary", self.generate_summary, "summary_mismatch", "generate_summary (OpenAI's "
+                          "deprecated name of summary) is {sent} but summary is {summary}: send one of them",
+                          {"sent": repr(self.generate_summary), "summary": repr(self.summary)})
+        return self
 
 
 # OpenAI's limits on `metadata` (its API reference): at most 16 pairs, keys of at most 64 characters, values strings of
