@@ -339,6 +339,19 @@ def test_document_is_valid_openapi_3_1(server):
     assert stream["schema"]["required"] == ["data"], stream  # each event's frames are still documented
 
 
+def test_every_stream_schema_takes_its_done_frame(server):
+    """Hunt round 18 C-F4: `data` was oneOf [the `[DONE]` const, a JSON frame by contentMediaType/contentSchema], which
+    are annotations in JSON Schema 2020-12: any string matched the second branch too, so "[DONE]" matched both and a
+    validator refused the frame every stream ends with."""
+    doc = document(server)
+    streams = [(path, content["text/event-stream"]["schema"]) for path, operations in doc["paths"].items()
+               for operation in operations.values() if "text/event-stream" in (content := operation["responses"]["200"]["content"])]
+    assert len(streams) >= 6
+    for path, schema in streams:
+        validator = jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+        assert validator.is_valid({"data": "[DONE]"}) and not validator.is_valid({"data": 5}), path
+
+
 def test_every_path_parameter_is_declared(server):
     for path, operations in document(server)["paths"].items():
         for method, operation in operations.items():

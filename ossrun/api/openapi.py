@@ -625,10 +625,13 @@ def sse_event_schema(frames: tuple[type[BaseModel], ...]) -> dict[str, Any]:
     """One server-sent event: its `data` is a JSON frame, an error, or `[DONE]`.
 
     The document is OpenAPI 3.1, where this goes in the stream's `schema` (3.2's `itemSchema` is refused by 3.1
-    validators and generators); SSE-aware tools such as Schemathesis read a 3.1 stream's `schema` as one event's."""
-    payload = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [_ref(m) for m in (*frames, StreamError)]}}
+    validators and generators); SSE-aware tools such as Schemathesis read a 3.1 stream's `schema` as one event's.
+    `anyOf`, not `oneOf`: contentMediaType and contentSchema are annotations in JSON Schema 2020-12, so the JSON
+    branch matches any string, `[DONE]` included, and a oneOf refused the frame every stream ends with."""
+    payload = {"type": "string", "contentMediaType": "application/json",
+               "contentSchema": {"anyOf": [_ref(m) for m in (*frames, StreamError)]}}
     return {"type": "object", "required": ["data"],
-            "properties": {"event": {"type": "string"}, "data": {"oneOf": [{"const": "[DONE]"}, payload]}}}
+            "properties": {"event": {"type": "string"}, "data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
 
 
 def _route_for(path: str, method: str):
