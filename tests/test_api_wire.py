@@ -371,6 +371,11 @@ SCHEMA_VALID = [
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": "hi",
                                            "tools": [{"type": "function", "name": "w", "parameters": {}}]}),
     (RUN, "ResponsesInput", {"max_output_tokens": 2, "input": [{"type": "message", "content": [{"type": "input_text", "text": "hi"}]}]}),
+    # What the document's background/store and echo/logprobs rules leave served (hunt round 18 C-F6).
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": "hi", "background": False, "store": False}),
+    ("/v1/responses/input_tokens", "InputTokensRequest", {"input": "hi", "background": True, "store": False}),  # neither is read
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": True, "logprobs": None}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": False, "logprobs": 1}),
     ("/client/v4/accounts/acct/ai/finetunes", "FinetuneCreate", {"model": MODEL, "name": "Ada.v2_final-1"}),
 ]
 
@@ -399,6 +404,10 @@ SCHEMA_INVALID = [
     ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                                        "stream_options": {"include_usage": True}}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "stream": False, "stream_options": {"include_usage": True}}),
+    # Hunt round 18 C-F6: two more the document did not state.
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "background": True, "store": False}),
+    (RUN, "ResponsesInput", {"input": "hi", "background": True, "store": False}),
+    ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "echo": True, "logprobs": 0}),
     # A function's arguments are a JSON object, so its parameters must be an object schema (OpenAI refuses others).
     ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
                                                        "tools": [{"type": "function", "function": {"name": "w", "parameters": {"type": "string"}}}]}),

@@ -431,8 +431,14 @@ def _refuse_unstated_past_limit(tools: list[Any]) -> None:
                             "JSON): they are echoed and stored, but never stated to the model", param_of(path))
 
 
+# `background: true` with `store: false`: the 400 `ResponsesInput._background_is_stored` answers, stated in the document.
+_BACKGROUND_RULE = {"if": {"required": ["background"], "properties": {"background": {"const": True}}},
+                    "then": {"properties": {"store": {"not": {"const": False}}}}}
+
+
 class ResponsesInput(_Open):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(WORKERS_AI_DEFAULTS)
+    model_config = ConfigDict(json_schema_extra={"allOf": [_BACKGROUND_RULE]})
     # An `item_reference` is replaced by the stored item it names (`ResponseStore.expand`) before anything reads `input`.
     input: str_or_list(RequestItem)  # type: ignore[valid-type]
     instructions: str | None = None
@@ -662,6 +668,7 @@ class InputTokensRequest(ResponsesRequest):
 
     COUNTED: ClassVar[tuple[str, ...]] = ("model", "input", "instructions", "reasoning", "tools", "tool_choice", "text",
                                           "response_format", "previous_response_id", "truncation", "max_output_tokens")
+    model_config = ConfigDict(json_schema_extra=None)  # `background` and `store` are not read here: nor is their rule
     model: str | None = None
 
     @model_validator(mode="before")
@@ -685,10 +692,15 @@ class InputTokensRequest(ResponsesRequest):
 MAX_PROMPTS = 16
 
 
+# `echo: true` with `logprobs`: the 400 `ask.from_completion` answers (no prompt logprobs here), stated in the document.
+_ECHO_RULE = {"if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+              "then": {"properties": {"logprobs": {"type": "null"}}}}
+
+
 class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"),
-                                                           {"properties": {"response_format": _FREE_TEXT}}]})
+                                                           {"properties": {"response_format": _FREE_TEXT}}, _ECHO_RULE]})
     model: str
     seed: OpenAISeed
     temperature: OpenAITemperature
