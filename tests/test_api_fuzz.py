@@ -97,6 +97,11 @@ def test_document_covers_every_route_with_real_status_codes(fuzzed):
     run = document["paths"]["/client/v4/accounts/{account_id}/ai/run/{model}"]["post"]
     assert set(run["responses"]) == {"200", "400", "403", "404", "408", "413", "415", "429", "503"}
     assert "text/event-stream" in run["responses"]["200"]["content"]
+    # Hunt round 18 C-F3: what generates ends its requests with a 503 on SIGTERM (`SHUTTING_DOWN`); a delete the data
+    # directory refuses is one too (`Service.write`).
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/client/v4/accounts/{account_id}/ai/v1/chat/completions"):
+        assert "503" in document["paths"][path]["post"]["responses"], path
+    assert "503" in document["paths"]["/v1/responses/{response_id}"]["delete"]["responses"]
 
 
 def test_fuzz_valid_bodies_get_documented_answers(fuzzed):

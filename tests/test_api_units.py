@@ -226,6 +226,20 @@ def test_rate_limit_answers_3036_in_each_surface(tmp_path):
         assert c.get("/health").status_code == 200  # liveness is never limited
 
 
+def test_the_document_lists_the_rate_limit_only_where_it_counts(tmp_path):
+    """Hunt round 18 C-F3: POST /v1/responses/input_tokens (and a cancel) is rate limited, but its operation listed no
+    429. Every POST now lists it when --rate-limit is on, none when it is off, and without a token no scheme is stated."""
+    count, cancel = ("/v1/responses/input_tokens", "post"), ("/v1/responses/{response_id}/cancel", "post")
+    for per_minute in (0, 2):
+        with TestClient(build_app(FakeEngine(), AppSettings(data_dir=tmp_path / str(per_minute), rate_limit_per_minute=per_minute))) as c:
+            document = c.get("/openapi.json").json()
+            listed = lambda path, method: "429" in document["paths"][path][method]["responses"]
+            assert listed(*count) == listed(*cancel) == bool(per_minute) and not listed("/v1/models", "get")
+            assert "securitySchemes" not in document["components"] and "security" not in document
+            codes = [c.post(count[0], json={"input": "hi"}).status_code for _ in range(3)]
+            assert codes == ([200, 200, 429] if per_minute else [200] * 3)
+
+
 def chunks(total: int, size: int = 1024 * 1024):
     yield b'{"prompt": "'
     sent = 0

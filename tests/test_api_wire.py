@@ -352,6 +352,30 @@ def test_every_stream_schema_takes_its_done_frame(server):
         assert validator.is_valid({"data": "[DONE]"}) and not validator.is_valid({"data": 5}), path
 
 
+def test_the_document_states_the_token_and_what_a_missing_one_gets(server):
+    """Hunt round 18 C-F3: with --api-token, a bare /v1 route without the token is a 401 (OpenAI's), which no operation
+    listed (only 403), nor the 429 of 20 wrong tokens; and no security scheme was stated, so /docs could not send one."""
+    doc = document(server)
+    assert doc["components"]["securitySchemes"]["bearer"] | {"description": ""} == {"type": "http", "scheme": "bearer", "description": ""}
+    assert doc["security"] == [{"bearer": []}]
+    concrete = {"{response_id}": "resp_x", "{model_id}": MODEL, "{account_id}": "acct", "{model}": MODEL, "{id_or_name}": "x"}
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path in ("/health", "/metrics"):
+                assert operation["security"] == [] and "429" not in responses, path
+                continue
+            refusal = "401" if path.startswith("/v1/") else "403"
+            assert "security" not in operation and {refusal, "429"} <= set(responses), (method, path)
+            url = path
+            for name, value in concrete.items():
+                url = url.replace(name, value)
+            answer = httpx.request(method.upper(), server.base + url, timeout=30)  # no token: not counted as a wrong one
+            assert str(answer.status_code) == refusal, (method, path, answer.text)
+            schema = responses[refusal]["content"]["application/json"]["schema"]
+            jsonschema.validate(answer.json(), {**schema, "components": doc["components"]})
+
+
 def test_every_path_parameter_is_declared(server):
     for path, operations in document(server)["paths"].items():
         for method, operation in operations.items():

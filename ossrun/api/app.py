@@ -466,12 +466,13 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            from ossrun.api.openapi import finish_document
+            from ossrun.api.openapi import Guard, finish_document
             from ossrun.api.schemas import openapi_components
 
             document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             document.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
-            finish_document(document, service.model_names)
+            guard = Guard(token=bool(settings.api_token), rate_limited=settings.rate_limit_per_minute > 0, open_paths=OPEN_PATHS)
+            finish_document(document, service.model_names, guard)
             app.openapi_schema = document
         return app.openapi_schema
 

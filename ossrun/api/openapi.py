@@ -8,6 +8,7 @@ server really sends (400, never FastAPI's default 422) in the envelope of their 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -590,26 +591,48 @@ ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | None, tuple[type[BaseModel
     ("/ai/finetunes", "get"): (FinetunesEnvelope, (), (403,)),
     ("/ai/finetunes/public", "get"): (FinetunesEnvelope, (), (400, 403)),
     ("/finetune-assets", "post"): (FinetuneEnvelope, (), (400, 403, 413, 415, 429, 503)),
-    ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429)),
+    ("/v1/chat/completions", "post"): (ChatCompletion, (ChatCompletionChunk,), (400, 403, 408, 413, 415, 429, 503)),
     ("/v1/responses", "post"): (ResponseObject, (ResponsesEvent,), (400, 403, 408, 413, 415, 429, 503)),
-    ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429)),
+    ("/v1/completions", "post"): (TextCompletion, (CompletionChunk,), (400, 403, 408, 413, 415, 429, 503)),
     ("/v1/models", "get"): (ModelList, (), (403,)),
     ("/v1/models/{model_id}", "get"): (ModelCard, (), (403, 404)),
     ("/v1/responses/input_tokens", "post"): (InputTokens, (), (400, 403, 413, 415)),
     # 405: a path naming another endpoint's (`/v1/responses/input_tokens`, POST only), which the id's pattern excludes
     ("/v1/responses/{response_id}", "get"): (ResponseObject, (ResponsesEvent,), (400, 403, 404, 405)),
     ("/v1/responses/{response_id}/cancel", "post"): (ResponseObject, (), (400, 403, 404)),
-    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404, 405)),
+    ("/v1/responses/{response_id}", "delete"): (ResponseDeleted, (), (403, 404, 405, 503)),
     ("/v1/responses/{response_id}/input_items", "get"): (InputItemList, (), (400, 403, 404)),
     ("/health", "get"): (Health, (), ()),
     ("/metrics", "get"): (None, (), ()),
 }
 
-_REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported", 403: "Authentication error",
+_REASONS = {400: "Bad input, unknown model, context too long or LoRA not supported",
+            401: "A wrong or missing API token (OpenAI's answer, on the bare /v1 routes)",
+            403: "Authentication error: a wrong or missing API token (/v1: 401), or a web page's foreign origin",
             404: "Not found", 405: "Method not allowed: the path names another endpoint (input_tokens takes POST only)",
             408: "Timeout", 413: "Body over 10 MB (adapter uploads: 300 MB), decoded or not",
-            415: "Content-Encoding other than gzip or deflate", 429: "Rate limited, or busy with options.rejectIfBusy",
+            415: "Content-Encoding other than gzip or deflate",
+            429: "Rate limited (POST requests a minute; too many wrong API tokens), or busy (options.rejectIfBusy, uploads)",
             503: "Shutting down, or the data directory refuses writes (a full disk): try again later"}
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What the app's guard (`app._refusal`) answers before any route runs, by the server's settings: the document
+    lists those statuses, and the token's scheme, only where they can come."""
+
+    token: bool  # --api-token: a wrong or missing one is a 401 (bare /v1) or 403, and 20 wrong ones a 429
+    rate_limited: bool  # --rate-limit above 0: a POST over it is a 429
+    open_paths: frozenset[str] = frozenset()  # what needs no token and counts in no limit (/health, /metrics)
+
+    def statuses(self, path: str, method: str) -> set[int]:
+        if path in self.open_paths:
+            return set()
+        refused = {429, 401 if path.startswith("/v1/") else 403} if self.token else set()
+        return refused | ({429} if self.rate_limited and method == "post" else set())
+
+
+BEARER = {"bearer": {"type": "http", "scheme": "bearer", "description": "The server's --api-token"}}
 
 ASSET_UPLOAD = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file_name", "file"],
@@ -668,8 +691,19 @@ def _declare_path_parameters(path: str, operation: dict[str, Any]) -> None:
                                                            "schema": {"type": "string", "title": name.replace("_", " ").title()}})
 
 
-def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[str, Any]:
-    """Write every route's real answers (success, stream, errors) into a FastAPI-generated document."""
+def _require_token(document: dict[str, Any], guard: Guard) -> None:
+    """The bearer scheme (Swagger UI's Authorize sends it), required everywhere but the open paths; none without a token."""
+    if not guard.token:
+        return
+    document["components"]["securitySchemes"] = BEARER
+    document["security"] = [{"bearer": []}]
+    for path in guard.open_paths & set(document.get("paths", {})):
+        for operation in document["paths"][path].values():
+            operation["security"] = []
+
+
+def finish_document(document: dict[str, Any], model_names: list[str], guard: Guard) -> dict[str, Any]:
+    """Write every route's real answers (success, stream, errors, the guard's refusals) into a FastAPI-generated document."""
     from pydantic.json_schema import models_json_schema
 
     _, top = models_json_schema([(m, "validation") for m in RESPONSE_MODELS], ref_template="#/components/schemas/{model}")
@@ -692,8 +726,9 @@ def finish_document(document: dict[str, Any], model_names: list[str]) -> dict[st
             error_model = OpenAIError if is_openai_path(path) else ErrorEnvelope
             responses = {"200": {"description": "Success" + (" (an SSE stream when `stream` is true)" if frames else ""), "content": ok}}
             # A path parameter that does not route (a '/' in account_id, say) meets no route: 404 in the envelope.
-            for status in sorted({*errors, *((404,) if "{" in path else ())}):
+            for status in sorted({*errors, *((404,) if "{" in path else ()), *guard.statuses(path, method)}):
                 responses[str(status)] = {"description": _REASONS[status], "content": {"application/json": {"schema": _ref(error_model)}}}
             operation["responses"] = responses
     _pin_model_names(document, model_names)
+    _require_token(document, guard)
     return document
