@@ -957,7 +957,7 @@ def test_stored_responses_are_bounded_in_bytes(tmp_path):
     old = sqlite3.connect(path)
     old.execute("CREATE TABLE responses (id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, response TEXT NOT NULL)")
     old.execute("INSERT INTO responses VALUES ('resp_old', 1, ?, '{\"id\": \"resp_old\", \"output\": []}')",
-                (json.dumps([{"role": "user", "content": "é" * 1000}], ensure_ascii=False),))
+                (json.dumps([{"role": "user", "id": "msg_old", "content": "é" * 1000}], ensure_ascii=False),))
     old.commit()
     old.close()
     store = ResponseStore(path, retention_s=float("inf"), capacity_bytes=5000)

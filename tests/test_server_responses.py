@@ -953,3 +953,70 @@ def test_echoed_fields_no_token_pays_for_are_bounded(server):
         assert response["reasoning"] == {"effort": "low", "summary": "auto", "generate_summary": "auto"}
         assert response["tool_choice"] == {"type": "function", "name": "ns.f"}
         assert junk not in json.dumps(response)
+
+
+# -- data directories of older versions, and hand damage ---------------------------------------------------------------
+
+def _first_stored_responses_file(path) -> tuple[str, list[str]]:
+    """`batch.sqlite` as the versions that first stored responses (f5078f8, from 222d994 to 622520b) wrote it: one table
+    (no `size`, no `response_items`), a replay of the input then the output turned back into input items with no ids
+    (that version's `output_as_input`), the response object as it was answered (its output items with ids). → (the
+    response's id, its output items' ids)."""
+    import sqlite3
+
+    output = [{"type": "reasoning", "id": "rs_0a1b2c3d4e5f60718293a4b5", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "The capital of France is Paris."}]},
+              {"type": "message", "id": "msg_0a1b2c3d4e5f60718293a4b5", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "The capital of France is Paris.", "annotations": []}]}]
+    response = {"id": "resp_0a1b2c3d4e5f60718293a4b5", "object": "response", "created_at": int(time.time()), "model": MODEL,
+                "status": "completed", "output": output, "output_text": "The capital of France is Paris.",
+                "usage": {"input_tokens": 20, "output_tokens": 16, "total_tokens": 36}, "instructions": None,
+                "previous_response_id": None, "tools": [], "tool_choice": "auto", "temperature": None, "top_p": None,
+                "max_output_tokens": None, "reasoning": None, "text": None, "store": True, "metadata": None}
+    replay = [{"role": "user", "content": "What is the capital of France?"},
+              {"type": "reasoning", "content": output[0]["content"]},
+              {"role": "assistant", "content": "The capital of France is Paris."}]
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript("CREATE TABLE responses (id TEXT PRIMARY KEY, created_at REAL NOT NULL, replay TEXT NOT NULL, "
+                     "response TEXT NOT NULL); CREATE INDEX responses_age ON responses(created_at);")
+    db.execute("INSERT INTO responses VALUES (?, ?, ?, ?)", (response["id"], time.time(), json.dumps(replay), json.dumps(response)))
+    db.commit()
+    db.close()
+    return response["id"], [item["id"] for item in output]
+
+
+def test_a_data_directory_of_the_first_version_that_stored_responses_is_served(tmp_path):
+    """Hunt round 18 B-F1: the server did not start on the data directory of the versions that first stored responses
+    (their replay's output items have no ids): indexing the stored items, once, read each output item's id (KeyError
+    'id'), and the batch queue and the fine-tunes went offline with it. Now each such item takes the id its response
+    was answered with (and an input item the one `input_items` lists it by), so an `item_reference` to it is found and
+    a continuation lists the same ids."""
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    data = tmp_path / "data"
+    data.mkdir()
+    old_id, (reasoning_id, message_id) = _first_stored_responses_file(data / "batch.sqlite")
+    own = start_server(resolve_model("demo"), data)
+    try:
+        client = _client(own)
+        assert client.responses.retrieve(old_id).output_text == "The capital of France is Paris."
+        (asked,) = client.responses.input_items.list(old_id).data
+        assert asked.role == "user" and asked.id.startswith("msg_")
+        italy = {"role": "user", "content": "What is the capital of Italy?"}
+        by_reference = client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": item_id} for item_id in
+                                                                   (asked.id, reasoning_id, message_id)] + [italy],
+                                               temperature=0, max_output_tokens=64)
+        continued = client.responses.create(model=MODEL, previous_response_id=old_id, input=[italy], temperature=0,
+                                            max_output_tokens=64)
+        assert by_reference.output_text == continued.output_text == "The capital of Italy is Rome."
+        assert by_reference.usage.input_tokens == continued.usage.input_tokens
+        listed = [item.id for item in client.responses.input_items.list(continued.id, order="asc").data]
+        assert listed[:3] == [asked.id, reasoning_id, message_id] and len(set(listed)) == 4, listed
+        with pytest.raises(openai.BadRequestError, match="Duplicate item"):  # the conversation already holds it
+            client.responses.create(model=MODEL, previous_response_id=old_id, input=[{"type": "item_reference", "id": message_id}])
+    finally:
+        own.stop()
+    assert "Traceback" not in own.log.read_text()
+

@@ -339,8 +339,18 @@ class ResponseStore:
             for statement in _ITEMS_SCHEMA:
                 self._db.execute(statement)
             for response_id, replay, response in self._db.execute("SELECT id, replay, response FROM responses").fetchall():
-                inputs, outputs = _split(json.loads(replay), json.loads(response))
-                self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
+                self._index_stored_row(response_id, json.loads(replay), json.loads(response))
+
+    def _index_stored_row(self, response_id: str, replay: list[dict[str, Any]], response: dict[str, Any]) -> None:
+        """One stored response's items indexed; a replay of the versions that first stored responses (f5078f8, from
+        222d994 to 622520b), whose items have no ids, is written again with them (`_named_items`), so a continuation
+        carries the ids its items are listed and referenced by (hunt round 18 B-F1: a KeyError here kept the server
+        from starting). The caller holds the lock, in a transaction."""
+        inputs, outputs = _named_items(response_id, *_split(replay, response), response)
+        if inputs + outputs != replay:
+            named, kept = json.dumps(inputs + outputs), json.dumps(response)
+            self._db.execute("UPDATE responses SET replay = ?, size = ? WHERE id = ?", (named, _stored_size(named, kept), response_id))
+        self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -409,6 +419,16 @@ def _item_rows(response_id: str, inputs: list[dict[str, Any]], outputs: list[dic
     """The `response_items` rows of a stored response: each item it holds, by the id `input_items` lists it with."""
     named = [*zip(_listed_ids(response_id, inputs), inputs), *((item["id"], item) for item in outputs)]
     return [(item_id, response_id, json.dumps({**item, "id": item_id})) for item_id, item in named]
+
+
+def _named_items(response_id: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
+                 response: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A stored response's replayed items, each with an id: an input item stored without one by the id `input_items`
+    lists it with (`_listed_ids`), an output item by the id of the response's output item it replays (the one the
+    client was answered with, and sends back as an `item_reference`)."""
+    output_ids = [item["id"] for item in response.get("output") or [] if output_as_input(item) is not None]
+    return ([_with_id(item, item_id) for item, item_id in zip(inputs, _listed_ids(response_id, inputs))],
+            [_with_id(item, item_id) for item, item_id in zip(outputs, output_ids)])
 
 
 def _derived_id(response_id: str, index: int, item: dict[str, Any]) -> str:
