@@ -25,8 +25,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 ASSET_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 PENDING = "pending"  # a fine-tune's subfolder for a file waiting for its pair
@@ -71,6 +72,20 @@ class Finetune:
     modified_at: str
     description: str = ""
     public: bool = False  # Cloudflare's flag, kept and listed (`…/finetunes/public`); one server has no other accounts
+
+
+def _record(meta: Any) -> Finetune:
+    """A meta.json's fields as a `Finetune`, each of its declared type, else a TypeError naming it: one edited by hand
+    (`created_at` null or an epoch, an `id` number) made sorting or looking up the fine-tunes raise at start, stopping
+    the server, and a `public` string counted as true (hunt round 18 B-F2)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"it holds a JSON {type(meta).__name__}, not an object")
+    record = Finetune(**meta)  # a missing or unknown field: TypeError
+    for field in fields(record):
+        value = getattr(record, field.name)
+        if type(value).__name__ != field.type:  # the annotation's name ("str", "bool": annotations are not evaluated)
+            raise TypeError(f"{field.name} is {json.dumps(value)}, not a {field.type}")
+    return record
 
 
 def _now() -> str:
@@ -310,7 +325,7 @@ class _Index:
         records, damaged = [], []
         for meta in root.glob("*/meta.json"):
             try:
-                records.append(Finetune(**json.loads(meta.read_text())))
+                records.append(_record(json.loads(meta.read_text())))
             except (OSError, ValueError, TypeError) as exc:  # a foreign or damaged folder is skipped, not fatal
                 damaged.append((meta.parent, f"its meta.json is unreadable ({type(exc).__name__}: {exc})"))
         return cls.of(sorted(records, key=lambda f: f.created_at), tuple(damaged))

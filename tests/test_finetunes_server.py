@@ -382,6 +382,35 @@ def test_a_finetune_whose_meta_json_is_damaged_is_set_aside_with_a_warning(check
     assert len(warnings) == 1 and str(folder) in warnings[0] and "meta.json is unreadable" in warnings[0], warnings
 
 
+def test_a_finetune_whose_meta_json_has_a_field_of_the_wrong_type_is_set_aside_with_a_warning(checkpoints, tmp_path):
+    """Hunt round 18 B-F2: a meta.json edited by hand with a field of the wrong type (`created_at` null or an epoch, an
+    `id` number) stopped the server at start (sorting by creation, or lowering the id, raised), after the model had
+    loaded; a `name` number was listed and a `public` string counted as true. Each field is now checked by type as the
+    file is read: such a folder is set aside as a damaged one is, the others served."""
+    data = tmp_path / "data"
+    edits = {"created-null": ("created_at", None), "created-epoch": ("created_at", 1733000000), "id-number": ("id", 123),
+             "name-number": ("name", 5), "public-string": ("public", "false"), "description-list": ("description", ["x"])}
+    server = start_server(checkpoints["original"], data)
+    try:
+        ids = {name: create(server, name).json()["result"]["id"] for name in ["kept", *edits]}
+    finally:
+        server.stop()
+    for name, (field, value) in edits.items():
+        meta = data / "finetunes" / ids[name] / "meta.json"
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), field: value}))
+    server = start_server(checkpoints["original"], data)
+    try:
+        assert [f["name"] for f in httpx.get(api(server, "/finetunes")).json()["result"]] == ["kept"]
+        assert create(server, "created-null").status_code == 200  # its name is free again, as the warning says
+    finally:
+        server.stop()
+    warnings = [line for line in server.log.read_text().splitlines() if "WARNING" in line and "set aside" in line]
+    for name, (field, _) in edits.items():
+        (warning,) = [line for line in warnings if ids[name] in line]
+        assert "meta.json is unreadable" in warning and field in warning, warning
+    assert len(warnings) == len(edits) and "Traceback" not in server.log.read_text()
+
+
 def test_a_finetune_whose_stored_files_do_not_load_says_why_to_the_client(checkpoints, tmp_path):
     """Before: a stored pair that did not load at start (two ranks, what a crash between the two renames of a rank
     change would leave; a truncated file) answered "missing a valid adapter", and only the log had the reason."""
