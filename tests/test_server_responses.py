@@ -1020,3 +1020,39 @@ def test_a_data_directory_of_the_first_version_that_stored_responses_is_served(t
         own.stop()
     assert "Traceback" not in own.log.read_text()
 
+
+def test_a_stored_response_whose_json_is_damaged_is_skipped_and_named_at_start(tmp_path):
+    """Hunt round 18 B-F3: one stored response whose JSON was cut short (a hand edit, a partial restore) stopped the
+    server at start (failing the background runs a stop interrupted read every row's status: "malformed JSON"), and the
+    error said to move `batch.sqlite` aside, losing the batch queue and every other response with it. Now such a row is
+    skipped, named in a warning (once), and the others are served: an interrupted background one is still failed."""
+    import sqlite3
+
+    from ossrun.model.resolve import resolve_model
+    from tests.server_util import start_server
+
+    data = tmp_path / "data"
+    own = start_server(resolve_model("demo"), data)
+    try:
+        client = _client(own)
+        damaged, running = (client.responses.create(model=MODEL, input="Hi", max_output_tokens=8).id for _ in range(2))
+    finally:
+        own.stop()
+    db = sqlite3.connect(data / "batch.sqlite")
+    db.execute("UPDATE responses SET response = substr(response, 1, 40) WHERE id = ?", (damaged,))
+    db.execute("UPDATE responses SET response = json_set(response, '$.status', 'in_progress') WHERE id = ?", (running,))
+    db.commit()
+    db.close()
+    own = start_server(resolve_model("demo"), data)
+    try:
+        client = _client(own)
+        assert client.responses.retrieve(running).status == "failed"  # a stop interrupted it
+        fresh = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
+        assert client.responses.retrieve(fresh.id).status == fresh.status
+        client.responses.delete(damaged)  # what the warning advises
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(damaged)
+    finally:
+        own.stop()
+    warnings = [line for line in own.log.read_text().splitlines() if "WARNING" in line and damaged in line]
+    assert len(warnings) == 1 and "cannot be read" in warnings[0], warnings

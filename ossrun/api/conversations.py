@@ -163,6 +163,7 @@ class ResponseStore:
         self._db = open_database(path)
         self._db.executescript(_SCHEMA)
         self._measure_stored_rows()
+        self.damaged = self._damaged_rows()  # the server names them once at start (`Service`)
         self._index_stored_items()
         self._fail_interrupted()
         self._read_lock = threading.Lock()
@@ -320,7 +321,16 @@ class ResponseStore:
         error = json.dumps({"code": "server_error", "message": "the server stopped before this background response ended"})
         with self._lock:
             self._db.execute("UPDATE responses SET response = json_set(response, '$.status', 'failed', '$.error', json(?)) "
-                             "WHERE json_extract(response, '$.status') = 'in_progress'", (error,))
+                             "WHERE CASE WHEN json_valid(response) THEN json_extract(response, '$.status') END = 'in_progress'",
+                             (error,))
+
+    def _damaged_rows(self) -> tuple[str, ...]:
+        """The ids of the stored responses whose JSON cannot be read (a hand edit, a partial restore), which the passes
+        over every row at start skip: one such row stopped the server ("malformed JSON"), and the error said to move the
+        whole file aside, the batch queue with it (hunt round 18 B-F3)."""
+        with self._lock:
+            return tuple(row[0] for row in self._db.execute(
+                "SELECT id FROM responses WHERE NOT (json_valid(replay) AND json_valid(response))"))
 
     def _measure_stored_rows(self) -> None:
         """A file of an older version has no `size` column: added, with every stored row's size, once."""
@@ -338,7 +348,8 @@ class ResponseStore:
                 return
             for statement in _ITEMS_SCHEMA:
                 self._db.execute(statement)
-            for response_id, replay, response in self._db.execute("SELECT id, replay, response FROM responses").fetchall():
+            rows = self._db.execute("SELECT id, replay, response FROM responses WHERE json_valid(replay) AND json_valid(response)")
+            for response_id, replay, response in rows.fetchall():
                 self._index_stored_row(response_id, json.loads(replay), json.loads(response))
 
     def _index_stored_row(self, response_id: str, replay: list[dict[str, Any]], response: dict[str, Any]) -> None:

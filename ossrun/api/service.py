@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from ossrun.harmony import grammar as harmony_grammar
 from ossrun.harmony.shapes import WrappedTool, tool_spec
 from ossrun.storage import DATABASE, StorageHealth, write_refusal
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -271,6 +273,10 @@ class Service:
         self.metering = metering
         self.batch_store = None  # set by the app factory
         self.responses = ResponseStore(Path(settings.data_dir) / DATABASE)  # previous_response_id, GET /v1/responses/{id}
+        for response_id in self.responses.damaged:  # once, at start (`serve` opens the file before, quietly)
+            log.warning("stored response %s is set aside: its JSON in %s cannot be read (a hand edit, a partial restore?); "
+                        "it cannot be retrieved or continued: delete it (DELETE /v1/responses/%s) or restore it, and restart",
+                        response_id, DATABASE, response_id)
         from ossrun.api.background import BackgroundRuns  # it imports the surfaces, which import this module
 
         self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
@@ -353,9 +359,6 @@ class Service:
 
     def load_finetunes(self) -> None:
         """At startup: every complete fine-tune on disk becomes servable again; one warning for each that cannot."""
-        import logging
-
-        log = logging.getLogger(__name__)
         for folder, why in self.finetunes.damaged():
             log.warning("fine-tune folder %s is set aside: %s; its name is free again (move the folder away, or "
                         "restore its meta.json and restart)", folder, why)
