@@ -421,3 +421,33 @@ def test_another_process_holding_the_write_lock_neither_freezes_the_server_nor_m
         server.stop()
     log = server.log.read_text()
     assert "unhandled error" not in log and "Traceback" not in log
+
+
+def test_a_responses_item_run_again_after_a_crash_replaces_its_first_stored_response(checkpoints, tmp_path):
+    """Hunt round 18 B-F4: a Responses item's answer is stored (`store`) before the item is marked done, in another
+    transaction: a crash between the two ran it again at the next start and stored a second response, the first left
+    an orphan no client knew (30 days against the bounds, and what an `item_reference` to its items read). The run
+    again now stores its response under the first run's id, replacing it. The crash is the state it leaves on disk:
+    the response stored, the item `running` with no result."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    server = start_server(checkpoints["original"], data)
+    try:
+        batch = queue(server, [{"input": "Hi", "max_output_tokens": 4, "temperature": 0}])
+        (first,) = wait_done(server, batch)["responses"]
+    finally:
+        server.stop()
+    db = sqlite3.connect(data / "batch.sqlite")
+    db.execute("UPDATE items SET state = 'running', success = NULL, result = NULL, prompt_tokens = 0, completion_tokens = 0")
+    db.execute("UPDATE batches SET finished_at = NULL, collected_at = NULL")
+    db.commit()
+    server = start_server(checkpoints["original"], data)
+    try:
+        (again,) = wait_done(server, batch)["responses"]
+        assert again["result"]["id"] == first["result"]["id"]
+        assert httpx.get(f"{server.base}/v1/responses/{first['result']['id']}", timeout=30).json() == again["result"]
+    finally:
+        server.stop()
+    assert db.execute("SELECT id FROM responses").fetchall() == [(first["result"]["id"],)]
+    db.close()

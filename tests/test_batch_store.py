@@ -107,7 +107,7 @@ def test_worker_runs_every_item_once_and_survives_a_failing_one(tmp_path):
     store = SQLiteBatchStore(tmp_path / "q.sqlite")
     seen = []
 
-    async def execute(model, body):
+    async def execute(model, body, key):
         seen.append(body["prompt"])
         await asyncio.sleep(0.01)
         if body["prompt"] == "boom":
@@ -145,7 +145,7 @@ def test_worker_survives_a_failing_store_and_finishes_every_item(tmp_path, caplo
     store = _FlakyStore(tmp_path / "q.sqlite")
     runs = []
 
-    async def execute(model, body):
+    async def execute(model, body, key):
         if not runs:
             store.fail_writes = 12  # from the first item on: its result, the next claims, the other results
         runs.append(body["prompt"])
@@ -198,7 +198,7 @@ def test_a_full_disk_is_one_failure_streak_until_results_can_be_written_again(tm
     ran = asyncio.Event()  # an item ran: its result write comes next
     big = "x" * 20_000  # a result spans overflow pages: a write the full store must refuse
 
-    async def execute(model, body):
+    async def execute(model, body, key):
         ran.set()
         await asyncio.sleep(0.01)
         return ItemOutcome(True, {"response": big + body["prompt"]}, 1, 2)

@@ -14,7 +14,6 @@ conversation; bounded by count and by age.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -443,5 +442,6 @@ def _named_items(response_id: str, inputs: list[dict[str, Any]], outputs: list[d
 
 
 def _derived_id(response_id: str, index: int, item: dict[str, Any]) -> str:
-    digest = hashlib.sha256(f"{response_id}/{index}".encode()).hexdigest()[:24]
-    return f"{_ID_PREFIX[item.get('type', 'message')]}_{digest}"
+    from ossrun.api.results import new_id  # results imports the service, which imports this module
+
+    return new_id(_ID_PREFIX[item.get("type", "message")], f"{response_id}/{index}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -18,8 +19,10 @@ from ossrun.api.service import Outcome, usage
 _UNDERSCORED = ("resp", "msg", "rs", "fc", "fco")
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}{'_' if prefix in _UNDERSCORED else '-'}{secrets.token_hex(12)}"
+def new_id(prefix: str, key: str | None = None) -> str:
+    """A fresh id, or with `key` one of the same shape that is the same for the same key (its digest)."""
+    digits = secrets.token_hex(12) if key is None else hashlib.sha256(key.encode()).hexdigest()[:24]
+    return f"{prefix}{'_' if prefix in _UNDERSCORED else '-'}{digits}"
 
 
 def _arguments_object(text: str) -> Any:

@@ -14,7 +14,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from ossrun.api import ask as asks
-from ossrun.api import schemas, surfaces
+from ossrun.api import results, schemas, surfaces
 from ossrun.api.access import client_address
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_body
@@ -73,11 +73,12 @@ def reject_if_busy(service: Service, ask: Ask) -> None:
         raise ApiError(*BUSY)
 
 
-def surface_of(service: Service, plan: Plan) -> surfaces.Surface:
-    """The `/ai/run` surface a plan answers in (sync, streamed or as a batch item)."""
+def surface_of(service: Service, plan: Plan, response_id: str | None = None) -> surfaces.Surface:
+    """The `/ai/run` surface a plan answers in (sync, streamed or as a batch item; `response_id`: see `for_plan`)."""
     # The usage chunk always ends an /ai/run stream; `"usage": null` on the others only for a client that asked for
     # OpenAI's convention (Cloudflare's LangChain package reads every chunk's `usage` as an object when the key is there).
-    return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True, usage_nulls=plan.ask.include_usage)
+    return surfaces.for_plan(service, plan, service.engine.info.served_name, include_usage=True, usage_nulls=plan.ask.include_usage,
+                             response_id=response_id)
 
 
 async def run_sync(service: Service, ask: Ask, client: str | None = None) -> dict[str, Any]:
@@ -231,13 +232,15 @@ def _response_of(batch: Batch, item: BatchItem) -> dict[str, Any]:
 def batch_executor(service: Service):
     """What the batch worker runs per item: exactly the sync path, at batch priority."""
 
-    async def execute(model: str, body: dict[str, Any]) -> ItemOutcome:
+    async def execute(model: str, body: dict[str, Any], key: str) -> ItemOutcome:
         surface = None
         try:
             service.check_model(model)
             ask = dataclasses.replace(await asyncio.to_thread(parse_run, service, body), stream=False)  # bodies of MBs
             plan = await service.plan_off_loop(ask, priority=Priority.BATCH)  # the grammar's checks run here, not at queue time
-            surface = surface_of(service, plan)
+            # A Responses answer is stored before the worker marks the item done: run again after a crash between the
+            # two, the item's answer replaces the first under its id rather than leaving it an orphan (hunt round 18 B-F4).
+            surface = surface_of(service, plan, response_id=results.new_id("resp", f"batch/{key}"))
             result = await surfaces.complete(service, plan, surface)
             return ItemOutcome(True, result, surface.outcome.prompt_tokens, surface.outcome.completion_tokens)
         except ApiError as exc:

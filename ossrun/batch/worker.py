@@ -27,7 +27,8 @@ class ItemOutcome:
     completion_tokens: int = 0
 
 
-Executor = Callable[[str, dict[str, Any]], Awaitable[ItemOutcome]]
+# (model, body, the item's key: its batch id and index, the same when a restart runs it again) → its outcome
+Executor = Callable[[str, dict[str, Any], str], Awaitable[ItemOutcome]]
 
 
 def _ignore(outcome: ItemOutcome) -> None:
@@ -103,7 +104,7 @@ class BatchWorker:
 
     async def _process(self, item: BatchItem) -> None:
         try:
-            outcome = await self.execute(item.model, item.body)
+            outcome = await self.execute(item.model, item.body, f"{item.batch_id}/{item.index}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one bad item never stops the queue

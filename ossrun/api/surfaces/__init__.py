@@ -120,10 +120,11 @@ def time_limit(service: Service, plan: Plan) -> float | None:
     return None if plan.priority is Priority.BATCH else service.settings.request_timeout_s
 
 
-def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usage_nulls: bool | None = None) -> Surface:
+def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usage_nulls: bool | None = None,
+             response_id: str | None = None) -> Surface:
     """The surface a plan's shape answers in (`model`: the name the answer carries). `include_usage`: a stream ends
     with a usage chunk; `usage_nulls` (default: the same): every other chunk says `"usage": null`, as OpenAI's do
-    for a client that sent `stream_options.include_usage`."""
+    for a client that sent `stream_options.include_usage`. `response_id`: a Responses answer's id (a new one if None)."""
     usage_nulls = include_usage if usage_nulls is None else usage_nulls
     from ossrun.api.surfaces.chat import ChatSurface
     from ossrun.api.surfaces.completion import CompletionSurface
@@ -149,4 +150,4 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usag
             log.exception("could not store response %s; it is answered but cannot be continued", response["id"])
 
     return ResponsesSurface(outcome, model, prices, ask.source, remember, ask.logprobs,
-                            {"temperature": plan.params.temperature, "top_p": plan.params.top_p})
+                            {"temperature": plan.params.temperature, "top_p": plan.params.top_p}, response_id)

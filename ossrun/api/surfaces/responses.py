@@ -38,11 +38,11 @@ class ResponsesSurface:
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
                  remember: Callable[[dict[str, Any]], Awaitable[None]], with_logprobs: bool = False,
-                 sampling: dict[str, float] | None = None):
+                 sampling: dict[str, float] | None = None, response_id: str | None = None):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
         self.with_logprobs, self.sampling = with_logprobs, sampling
         self.with_summary = summary_asked(request)
-        self.id, self.created = results.new_id("resp"), int(time.time())
+        self.id, self.created = response_id or results.new_id("resp"), int(time.time())
         self.completed_at: int | None = None  # when the final object was first built: every copy of it says the same
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
