@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import math
 import os
 import signal
 import socket
@@ -99,6 +100,29 @@ def _os_reason(exc: OSError) -> str:
     if isinstance(exc, FileExistsError) and exc.filename and not Path(exc.filename).is_dir():
         return "a file, not a directory"
     return exc.strerror or str(exc)
+
+
+KEEPALIVE_VARIABLE = "OSSRUN_SSE_KEEPALIVE_S"
+
+
+def _keepalive_s() -> float:
+    """A silent stream's keep-alive interval (`OSSRUN_SSE_KEEPALIVE_S`, seconds), read once before the model loads.
+    Where the API read it, 0 or a negative value (an operator's "off") starved every stream of its frames with
+    endless keep-alives at full CPU, and a non-number was a traceback once the model had loaded (hunt round 18 A-F1,
+    A-F6); an infinite one would never send any. Unset or empty: the default."""
+    from ossrun.api.disconnect import KEEPALIVE_S
+
+    text = os.environ.get(KEEPALIVE_VARIABLE) or None
+    if text is None:
+        return KEEPALIVE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise SettingsError(f"{KEEPALIVE_VARIABLE}={text!r}: the keep-alive interval must be a finite number of seconds "
+                            f"greater than 0 (unset: {KEEPALIVE_S:g})")
+    return value
 
 
 PID_FILE = "server.lock"  # the pid of the server holding the data directory, for the refusal's message
@@ -411,6 +435,7 @@ def serve(settings: ServerSettings) -> None:
     faulthandler.enable()
     data_dir = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     loras = _parse_loras(settings.loras)
+    keepalive_s = _keepalive_s()
     check_device(settings.device)
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
     _check_data_dir(data_dir)
@@ -421,14 +446,15 @@ def serve(settings: ServerSettings) -> None:
     browser = _browser_settings(settings, sock)
     engine = load_engine(settings)
     try:
-        _serve_engine(engine, settings, data_dir, loras, open_files, sock, browser)
+        _serve_engine(engine, settings, data_dir, loras, open_files, sock, {**browser, "sse_keepalive_s": keepalive_s})
     finally:  # also when building the app fails (an unusable --lora): the engine's threads end before the interpreter
         engine.shutdown()
 
 
 def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[str, Path], open_files: int, sock: socket.socket,
-                  browser: dict) -> None:
-    """Build the app on a running engine and serve it until the server stops (the caller shuts the engine down)."""
+                  checked: dict) -> None:
+    """Build the app on a running engine and serve it until the server stops (the caller shuts the engine down).
+    `checked`: the `AppSettings` fields `serve` parsed and checked before the model loaded."""
     import uvicorn
 
     from ossrun import connections
@@ -437,7 +463,7 @@ def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
-                                        client_timeout_s=settings.client_timeout_s, **browser))
+                                        client_timeout_s=settings.client_timeout_s, **checked))
     base = f"http://{_authority(settings.host, settings.port)}"
     # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
     auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""

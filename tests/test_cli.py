@@ -152,6 +152,17 @@ def test_serve_refuses_bad_settings_before_loading_the_model(checkpoints, tmp_pa
         assert result.returncode == 2 and "Invalid value" in result.stderr, (args, result.stderr)
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf"])
+def test_a_keepalive_interval_that_cannot_work_is_one_line_before_the_model_loads(value, tmp_path):
+    """Hunt round 18 A-F1, A-F6: OSSRUN_SSE_KEEPALIVE_S=0 (an operator's "off") or -1 starved every stream with endless
+    keep-alives at full CPU, its frames never sent; "abc" was a traceback once the model had loaded (minutes for the
+    20b). Each is refused at start, before the model (which does not exist here) is looked at."""
+    result = ossrun("serve", "--model", "/nonexistent/model", "--port", str(free_port()), "--data-dir", str(tmp_path),
+                    env={"OSSRUN_SSE_KEEPALIVE_S": value})
+    _one_clear_line(result, f"OSSRUN_SSE_KEEPALIVE_S={value!r}: the keep-alive interval must be a finite number of "
+                            "seconds greater than 0")
+
+
 def test_the_default_request_timeout_answers_before_the_openai_sdk_gives_up():
     """Before (hunt round 16 A-F3): `--request-timeout` defaulted to 600 s, the openai SDKs' own read timeout, which
     fired ~10 ms before the 408 came: the SDK never saw its `x-should-retry: false` and retried twice, each try a whole

@@ -27,6 +27,7 @@ from starlette.routing import Match
 from ossrun.api import body, docs_page, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, client_address,
                                host_name, token_matches)
+from ossrun.api.disconnect import KEEPALIVE_S
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                openai_unauthorized, rate_limited, too_large)
 from ossrun.api.metering import Metering
@@ -177,6 +178,7 @@ class AppSettings:
     allowed_origins: tuple[str, ...] = ()  # web origins besides the server's own that may call (`access.parse_origins`)
     local_hosts: tuple[str, ...] | None = None  # on loopback: more `Host` names to answer (`access.BrowserPolicy`)
     forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-* headers are believed (`access.TrustedProxies`)
+    sse_keepalive_s: float = KEEPALIVE_S  # a silent stream's keep-alive interval (`disconnect.with_keepalives`)
 
 
 def _error_response(path: str, error: ApiError) -> JSONResponse:

@@ -12,14 +12,13 @@ the poll's cancel scope fires.
 A stream is an async generator chain (surface frames → service → engine stream) whose `finally`s
 abort the engine requests; `EventStream` closes it however the response ends (see there), and each
 link closes the one it reads with `contextlib.aclosing`, so nothing waits for the garbage collector. A stream silent
-for `KEEPALIVE_S` gets an SSE comment (`with_keepalives`), so a long prompt read on a CPU does not outlast the
-client's read timeout.
+for the keep-alive interval (`KEEPALIVE_S`, or `OSSRUN_SSE_KEEPALIVE_S` as `serve` reads it) gets an SSE comment
+(`with_keepalives`), so a long prompt read on a CPU does not outlast the client's read timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
@@ -61,14 +60,17 @@ NO_CACHE = {"Cache-Control": "no-cache"}  # no proxy may buffer or replay a stre
 # A stream silent this long gets an SSE comment line, which every SSE parser skips (openai-python's and Cloudflare's
 # SDKs, eventsource-parser, the browser's EventSource): on a CPU a long prompt is read for minutes before its first
 # token (20b, 4k tokens: ~2 minutes on 2 cores), and a client's read timeout (60 s is common; httpx's default is 5 s)
-# or a proxy's would end the stream meanwhile. A stream that is not silent never carries one.
-KEEPALIVE_S = float(os.environ.get("OSSRUN_SSE_KEEPALIVE_S", "3"))
+# or a proxy's would end the stream meanwhile. A stream that is not silent never carries one. The default; `serve` reads
+# OSSRUN_SSE_KEEPALIVE_S once at start and refuses a value that is not a finite number of seconds above 0.
+KEEPALIVE_S = 3.0
 KEEPALIVE = b": keep-alive\n\n"
 _END = object()
 
 
 async def with_keepalives(body: AsyncGenerator[bytes, None], every: float) -> AsyncGenerator[bytes, None]:
     """`body`'s frames, and a keep-alive comment once `every` seconds (checked twice as often) pass without one.
+    `every` is above 0: at 0 the timer fired on every turn of the loop and its keep-alives took the queue before each
+    frame could, so a stream never ended (hunt round 18 A-F1).
 
     The body is read by a task of its own into a one-frame queue (so a client that does not read still holds it back),
     and a timer puts a keep-alive in the queue when the body has been silent: per frame this costs a queue handoff
@@ -127,8 +129,8 @@ class EventStream(StreamingResponse):
     engine abort) would run only when the garbage collector reached it, seconds later, the request
     generating for nobody meanwhile. Closed here, shielded from the cancellation, it runs now."""
 
-    def __init__(self, body: AsyncGenerator[bytes, None]):
-        body = with_keepalives(body, KEEPALIVE_S)
+    def __init__(self, body: AsyncGenerator[bytes, None], keepalive_s: float):
+        body = with_keepalives(body, keepalive_s)
         super().__init__(body, media_type=SSE, headers=NO_CACHE)
         self.generator = body  # (`body_iterator` is typed as any async iterable)
 

@@ -52,7 +52,7 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
     if ask.background:
         run = await _detached(service, plans[0], made[0], tally)
         if ask.stream:
-            return EventStream(run.follow())
+            return EventStream(run.follow(), service.settings.sse_keepalive_s)
         # Without a stream the client gets the snapshot at once and polls `GET /v1/responses/{id}` (OpenAI's way: a
         # client timeout shorter than the generation would otherwise cancel it and leave no id to poll). Its status is
         # OpenAI's for a just-created background response, `queued`: the run's task is scheduled, not yet started. The
@@ -61,7 +61,8 @@ async def _answer(request: Request, service: Service, ask: asks.Ask | list[asks.
         return {**made[0].shell(), "status": "queued"}
     if ask.stream:
         streams = [surfaces.stream(service, plan, surface, tally, openai_shape=True) for plan, surface in zip(plans, made)]
-        return EventStream(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage))
+        return EventStream(streams[0] if len(streams) == 1 else choices.merged_stream(streams, total_usage),
+                           service.settings.sse_keepalive_s)
     answers = await unless_client_leaves(request, asyncio.gather(*(surfaces.complete(service, p, s, tally) for p, s in zip(plans, made))))
     if len(answers) == 1:
         return answers[0]
@@ -136,14 +137,14 @@ async def stored_response(response_id: ResponseIdPath, request: Request, stream:
     service = service_of(request)
     run = service.background.get(response_id) if stream else None
     if run is not None:
-        return EventStream(run.follow(starting_after))
+        return EventStream(run.follow(starting_after), service.settings.sse_keepalive_s)
     response = service.responses.get(response_id)
     if response is None:
         raise _not_stored(response_id)
     response = results.with_current_keys(response)
     if not stream:
         return response
-    return EventStream(_replayed(replay(response, starting_after)))
+    return EventStream(_replayed(replay(response, starting_after)), service.settings.sse_keepalive_s)
 
 
 async def _replayed(frames: list[bytes]) -> AsyncIterator[bytes]:

@@ -88,7 +88,7 @@ async def run_sync(service: Service, ask: Ask, client: str | None = None) -> dic
 
 
 def stream_response(service: Service, plan: Plan) -> EventStream:
-    return EventStream(surfaces.stream(service, plan, surface_of(service, plan)))
+    return EventStream(surfaces.stream(service, plan, surface_of(service, plan)), service.settings.sse_keepalive_s)
 
 
 @router.post("/run/{model:path}", summary="Run the model (Prompt, Messages, Responses, batch queue, batch poll)",
