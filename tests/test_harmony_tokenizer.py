@@ -78,6 +78,23 @@ def test_loading_restores_tiktoken_encodings_base(tmp_path: Path, monkeypatch):
     assert os.environ["TIKTOKEN_ENCODINGS_BASE"] == "/somewhere/else"
 
 
+def test_a_cache_that_cannot_take_the_vocabulary_leaves_nothing_in_the_temporary_folder(tmp_path: Path):
+    """Hunt round 18 A-F3: with a cache that cannot be written (a container's read-only root; here OSSRUN_CACHE_DIR
+    names a file), every command copied the 3.5 MB vocabulary into two fresh temporary folders, never removed, and
+    warned twice. Now one folder a process, removed at exit."""
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "OSSRUN_CACHE_DIR": str(not_a_folder), "TMPDIR": str(temporary)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-m", "ossrun.cli", "tokenize", "Hello"], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == "[13225]", out.stderr
+        assert out.stderr.count("cannot take the vocabulary") == 1, out.stderr
+    assert list(temporary.iterdir()) == []
+
+
 _NO_NETWORK_PRELUDE = """
 import socket
 def refuse(*args, **kwargs):

@@ -13,12 +13,15 @@ piece. `openai-harmony` still renders the conversation's frame (`render.py`) and
 
 from __future__ import annotations
 
+import atexit
+import base64
 import codecs
 import functools
 import gzip
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from importlib import resources
@@ -92,9 +95,7 @@ def ensure_vocab_file(directory: Path | None = None) -> Path:
         try:
             return ensure_vocab_file(cache_dir() / "tiktoken")
         except OSError as exc:  # a read-only cache (a container's root, OSSRUN_CACHE_DIR naming a file): text still works
-            fallback = Path(tempfile.mkdtemp(prefix="ossrun-tiktoken-"))
-            log.warning("the cache %s cannot take the vocabulary (%s); using %s", cache_dir(), exc.strerror or exc, fallback)
-            return ensure_vocab_file(fallback)
+            return _fallback_dir(exc)
     target = directory / VOCAB_FILE
     if target.is_file() and _sha256(target.read_bytes()) == VOCAB_SHA256:
         return directory
@@ -106,6 +107,24 @@ def ensure_vocab_file(directory: Path | None = None) -> Path:
     os.replace(tmp.name, target)
     log.info("wrote verified %s to %s", VOCAB_FILE, directory)
     return directory
+
+
+_fallback_lock = threading.Lock()
+_fallback: Path | None = None
+
+
+def _fallback_dir(exc: OSError) -> Path:
+    """The vocabulary in a temporary folder, for a cache that cannot take it: one folder a process (the encoding and
+    the vocabulary both ask), removed at exit. A folder for each ask, never removed, left two 3.5 MB copies in /tmp
+    for every command (often a RAM-backed tmpfs in containers), and the warning twice (hunt round 18 A-F3)."""
+    global _fallback
+    with _fallback_lock:
+        if _fallback is None:
+            directory = Path(tempfile.mkdtemp(prefix="ossrun-tiktoken-"))
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            log.warning("the cache %s cannot take the vocabulary (%s); using %s", cache_dir(), exc.strerror or exc, directory)
+            _fallback = ensure_vocab_file(directory)
+        return _fallback
 
 
 _lock = threading.Lock()
@@ -141,10 +160,13 @@ def get_encoding() -> HarmonyEncoding:
 
 @functools.cache
 def vocabulary() -> dict[bytes, int]:
-    """The verified o200k vocabulary as tiktoken reads it (token bytes → id; ~1 s, once per process)."""
-    from tiktoken.load import load_tiktoken_bpe
-
-    return load_tiktoken_bpe(str(ensure_vocab_file() / VOCAB_FILE), expected_hash=VOCAB_SHA256)
+    """The verified o200k vocabulary as tiktoken reads it (token bytes → id; ~1 s, once per process). Parsed here as
+    `tiktoken.load.load_tiktoken_bpe` parses it, which also copies the file into a cache of its own keyed by its path
+    (`$TMPDIR/data-gym-cache`): for a temporary folder's vocabulary, 3.5 MB more in /tmp at every start (A-F3)."""
+    data = (ensure_vocab_file() / VOCAB_FILE).read_bytes()
+    if _sha256(data) != VOCAB_SHA256:
+        raise TokenizerError(f"{VOCAB_FILE} changed on disk while in use; run again")
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
 
 
 @functools.cache
