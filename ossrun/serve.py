@@ -156,10 +156,13 @@ def _claim(data_dir: Path) -> tuple[int, IO[str]]:
     except BlockingIOError:
         handle.close()
         raise _in_use(data_dir) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    try:  # unbuffered: a write refused now cannot be refused again when the handle closes
+        os.ftruncate(handle.fileno(), 0)
+        os.write(handle.fileno(), str(os.getpid()).encode())
+    except OSError as exc:  # a full disk, a quota: a new data directory's first write (hunt round 18 A-F6)
+        handle.close()
+        os.close(directory)
+        raise _unusable(data_dir, PID_FILE, exc) from None
     return directory, handle
 
 
@@ -314,6 +317,19 @@ def _cgroup_room() -> int | None:
     return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
 
 
+MAX_CACHE_BYTES = 2**63  # 8 EiB: no machine's memory, and what a tensor's size can count to
+
+
+def _kv_cache_bytes(settings: ServerSettings) -> int:
+    """`--kv-cache-gib` in bytes. A size no machine has is refused before anything loads: above ~1.6e299 GiB the
+    bytes are an infinite float, which int() refused with an OverflowError's traceback (hunt round 18 A-F6)."""
+    size = settings.kv_cache_gib * 2**30
+    if size >= MAX_CACHE_BYTES:
+        raise SettingsError(f"--kv-cache-gib {settings.kv_cache_gib:g} is more memory than any machine has (less than "
+                            f"{MAX_CACHE_BYTES / 2**30:.0f} GiB)")
+    return int(size)
+
+
 def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
     """The KV cache is allocated whole at start, `--kv-cache-gib` capped by what `--max-num-seqs` × `--max-model-len`
     can use: one the machine cannot hold would fail after the load (minutes for 20b) with a traceback, or start on
@@ -325,7 +341,7 @@ def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
     from ossrun.engine.engine import EngineOptions, planned_cache_bytes
     from ossrun.model.checkpoint import read_config
 
-    options = EngineOptions(max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
+    options = EngineOptions(max_num_seqs=settings.max_num_seqs, kv_cache_bytes=_kv_cache_bytes(settings),
                             kv_dtype=resolve_dtype(settings.precision, settings.dtype), max_model_len=settings.max_model_len)
     planned = planned_cache_bytes(read_config(checkpoint), options)
     available = _available_memory(settings.device, checkpoint)
@@ -352,7 +368,7 @@ def load_engine(settings: ServerSettings):
         progress.update(task, advance=1, description=f"loading {path}")
         engine = AsyncEngine.from_model(path, settings.dtype, settings.device, settings.precision,
                                         decode_token=harmony.token_bytes, grammar_tokenizer=llguidance_tokenizer,
-                                        max_num_seqs=settings.max_num_seqs, kv_cache_bytes=int(settings.kv_cache_gib * 1024**3),
+                                        max_num_seqs=settings.max_num_seqs, kv_cache_bytes=_kv_cache_bytes(settings),
                                         max_model_len=settings.max_model_len)
         progress.update(task, advance=1, description="warming up the tokenizer")
         harmony.get_encoding()
@@ -437,6 +453,7 @@ def serve(settings: ServerSettings) -> None:
     loras = _parse_loras(settings.loras)
     keepalive_s = _keepalive_s()
     check_device(settings.device)
+    _kv_cache_bytes(settings)
     lock = _claim(data_dir)  # noqa: F841  held until the process ends
     _check_data_dir(data_dir)
     _check_lora_names(loras, data_dir)

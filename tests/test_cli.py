@@ -336,32 +336,53 @@ def test_an_unusable_file_in_the_data_dir_is_one_line_before_the_model_loads(spo
                     f"--data-dir {data}: {expected}")
 
 
+def _serve_with_file_limit(data: Path, limit: int) -> subprocess.CompletedProcess:
+    """`serve` on `data` (a model that does not exist) in a process whose files cannot grow past `limit` bytes: a disk
+    that refuses writes for real (Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return subprocess.run([sys.executable, "-m", "ossrun.cli", "serve", "--model", "/nonexistent/model", "--port",
+                           str(free_port()), "--data-dir", str(data)], capture_output=True, text=True, timeout=180,
+                          preexec_fn=limited)
+
+
 def test_a_data_dir_on_a_full_disk_at_start_says_so_and_sends_nobody_to_a_backup(tmp_path):
     """Hunt round 15 A-F5: a data directory whose disk was full at start (SQLite cannot make batch.sqlite's 32 KB WAL
     index) was called corrupt: "move it aside or restore it from a backup", which would throw away every batch and
     response stored since. The file is intact: it says the directory refuses writes. The disk refuses for real: a
     file-size limit below the WAL index's size."""
-    import resource
-
     from ossrun.batch.store import SQLiteBatchStore
 
     data = tmp_path / "data"
     store = SQLiteBatchStore(data / "batch.sqlite")
     batch = store.create("m", [{"prompt": "Hi"}])
     store.close()
-
-    def small_files_only() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    result = subprocess.run([sys.executable, "-m", "ossrun.cli", "serve", "--model", "/nonexistent/model", "--port",
-                             str(free_port()), "--data-dir", str(data)], capture_output=True, text=True, timeout=180,
-                            preexec_fn=small_files_only)
+    result = _serve_with_file_limit(data, 16384)
     _one_clear_line(result, f"--data-dir {data}: the data directory refuses writes (batch.sqlite: disk I/O error); free "
                             "space or fix its permissions")
     assert "backup" not in result.stderr
     store = SQLiteBatchStore(data / "batch.sqlite")  # intact once the disk takes writes
     assert store.get(batch).items[0].body == {"prompt": "Hi"}
     store.close()
+
+
+def test_a_new_data_dir_on_a_full_disk_is_one_line_naming_the_lock_file(tmp_path):
+    """Hunt round 18 A-F6: a new data directory on a full disk was a 34-line traceback from writing `server.lock`'s pid
+    (outside the check that reports the directory's other refusals). The disk refuses for real: no file may grow."""
+    data = tmp_path / "data"
+    _one_clear_line(_serve_with_file_limit(data, 0), f"--data-dir {data}: the data directory refuses writes (server.lock: File too large); free "
+                            "space or fix its permissions")
+
+
+def test_a_kv_cache_size_no_machine_has_is_one_line_before_the_model_loads(tmp_path):
+    """Hunt round 18 A-F6: --kv-cache-gib 1e300 passed the finite-number check, then its bytes (1e300 × 2^30) were
+    infinite and int() raised OverflowError, a traceback after the model was resolved."""
+    result = ossrun("serve", "--model", "/nonexistent/model", "--port", str(free_port()), "--data-dir", str(tmp_path),
+                    "--kv-cache-gib", "1e300")
+    _one_clear_line(result, "--kv-cache-gib 1e+300 is more memory than any machine has")
 
 
 def test_a_data_dir_whose_database_another_process_locks_at_start_says_so(tmp_path):
