@@ -19,6 +19,7 @@ import typer
 
 from ossrun.paths import data_dir as default_data_dir
 
+log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve OpenAI's gpt-oss models with the Workers AI API.")
 
 
@@ -44,6 +45,9 @@ class Precision(str, Enum):
     exact = "exact"
 
 
+MODEL_HELP = ("Checkpoint directory, `demo`, downloaded hub id (`ossrun download openai/gpt-oss-20b`), or preset name "
+              "(tiny, small, 20b, 120b: random weights for tests and benchmarks, written to the cache on first use, "
+              "13.8 GB for 20b, 65 GB for 120b). Default: the demo model.")
 PRECISION_HELP = "fast: 8-bit dense weights and native kernels; exact: the reference computation (equal to transformers in float32)."
 DTYPE_HELP = "Activations and KV cache (default: float32 with --precision exact, bfloat16 with fast)."
 # A flag's value column: typer would show `<bool>`, as if `--json true` were taken (it is refused).
@@ -196,7 +200,7 @@ def _parse_token_ids(text: str) -> list[int]:
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     raw: Optional[str] = typer.Option(None, help="Prompt text, tokenised with harmony special tokens allowed (no chat template). "
                                                  "Each prompt option takes @FILE (or @- for stdin) for a long one."),
     prompt: Optional[str] = typer.Option(None, help="One user turn, rendered in the harmony chat format."),
@@ -219,7 +223,7 @@ def generate(
     from ossrun.engine.async_engine import build_engine
     from ossrun.engine.request import Request, SamplingParams
     from ossrun.model.gpt_oss import check_device
-    from ossrun.model.resolve import resolve_model
+    from ossrun.model.resolve import preset_warning, resolve_model
 
     given = [x for x in (raw, prompt, token_ids) if x is not None]
     if len(given) != 1:
@@ -236,6 +240,9 @@ def generate(
                                 stop_token_ids=tuple(harmony.STOP_TOKENS))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    warning = preset_warning(model)
+    if warning:
+        log.warning(warning)
     with _reported(verbose):
         check_device(device)
         engine = build_engine(resolve_model(model), dtype and dtype.value, device, precision.value, decode_token=harmony.token_bytes)
@@ -321,7 +328,7 @@ def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"), revision: Opti
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, help="Checkpoint directory, `demo`, preset name or downloaded hub id (default: the demo model)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8787, min=1, max=65535),
     api_token: Optional[str] = typer.Option(None, envvar="OSSRUN_API_TOKEN", callback=_api_token, help="Require `Authorization: Bearer TOKEN`."),

@@ -476,6 +476,7 @@ def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[
 
     from ossrun import connections
     from ossrun.api.app import AppSettings, build_app
+    from ossrun.model.resolve import preset_warning
 
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
@@ -485,6 +486,9 @@ def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[
     # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
     auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""
     api_key = "os.environ['OSSRUN_API_TOKEN']" if settings.api_token else "'unused'"
+    warning = preset_warning(settings.model)
+    if warning:  # beside the banner, once the write (its own warning) and the load are over
+        log.warning(warning)
     print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
     print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
           f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)

@@ -369,6 +369,27 @@ def test_a_data_dir_on_a_full_disk_at_start_says_so_and_sends_nobody_to_a_backup
     store.close()
 
 
+def test_a_preset_says_it_is_random_weights_when_written_used_and_served(tmp_path, monkeypatch):
+    """Hunt round 18 A-F2: `--model 20b` (beside `ossrun download openai/gpt-oss-20b` in the README) silently wrote
+    13.8 GB of random weights into the cache and served noise as @cf/openai/gpt-oss-20b; only an info log said
+    "writing the 20b preset". Now the write says its size and what it is, and generate and serve say what a preset
+    answers (the tiny preset here: the same path, seconds to write)."""
+    monkeypatch.setenv("OSSRUN_CACHE_DIR", str(tmp_path / "cache"))
+    warning = ("--model tiny is a preset: random weights for tests and benchmarks, which answer noise (as "
+               "@cf/openai/gpt-oss-20b); for the real model run `ossrun download openai/gpt-oss-20b`")
+    first = ossrun("generate", "--model", "tiny", "--token-ids", "1", "--max-tokens", "1")
+    assert first.returncode == 0, first.stderr
+    assert "writing the tiny preset to" in first.stderr and "0.0519 GB of random weights, for tests and benchmarks only" in first.stderr
+    assert warning in first.stderr
+    server = start_server("tiny", tmp_path / "data")
+    try:
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    assert "writing the tiny preset" not in log and warning in log
+    assert log.index(warning) < log.index("ossrun serving")
+
+
 def test_a_new_data_dir_on_a_full_disk_is_one_line_naming_the_lock_file(tmp_path):
     """Hunt round 18 A-F6: a new data directory on a full disk was a 34-line traceback from writing `server.lock`'s pid
     (outside the check that reports the directory's other refusals). The disk refuses for real: no file may grow."""

@@ -4,9 +4,13 @@ the first write of a checkpoint wins, the others use it, nobody fails and no hal
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+
+import pytest
 
 from ossrun.model.checkpoint import load_checkpoint, write_once, write_random_checkpoint
 from ossrun.model.config import PRESETS
+from ossrun.model.resolve import CacheUnwritable, check_room
 
 
 def _resolve_tiny(cache: str, start, results) -> None:
@@ -86,3 +90,15 @@ def test_a_killed_writers_partial_is_removed_by_the_next_writer_and_a_live_ones_
     finally:
         live.kill()
         live.join()
+
+
+def test_a_preset_the_disk_has_no_room_for_is_refused_before_a_byte_is_written(tmp_path):
+    """Hunt round 18 A-F2: the 120b preset (65 GB) was written until the disk was full. A checkpoint larger than the
+    free space of the disk it goes to (the nearest folder that exists) is refused first, in words."""
+    path = tmp_path / "cache" / "models" / "120b-original-seed0"
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CacheUnwritable, match=r"the 120b preset is [\d.,]+ GB of random weights and .* GB free; free "
+                                              "space or set OSSRUN_CACHE_DIR to a disk with room"):
+        check_room(path, free + 2**40, "the 120b preset")
+    check_room(path, 1, "the tiny preset")
+    assert list(tmp_path.iterdir()) == []

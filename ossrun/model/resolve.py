@@ -9,10 +9,11 @@ want noise, benchmarks); hub ids resolve to the real weights in the Hugging Face
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ossrun.model.checkpoint import write_once, write_random_checkpoint
+from ossrun.model.checkpoint import original_specs, write_once, write_random_checkpoint
 from ossrun.model.config import PRESETS
 from ossrun.model.demo_weights import demo_dir, is_compact
 from ossrun.paths import cache_dir
@@ -44,14 +45,47 @@ def _in_cache(what: str, make: Callable[[], Path]) -> Path:
 
 
 def preset_dir(preset: str, seed: int = 0, layout: str = "original") -> Path:
-    """The preset's checkpoint in the cache, written on first use (the embedded default model)."""
+    """The preset's checkpoint in the cache, written on first use. `20b` and `120b` are 13.8 and 65 GB of random
+    weights under the real models' shapes and names, for benchmarks: the write was once silent (an info log), so
+    `--model 20b`, read as gpt-oss-20b, filled the disk and served noise without a word (hunt round 18 A-F2). Now it
+    says what it writes, and a disk without the room refuses it before the first byte."""
     if preset not in PRESETS:
         raise ModelNotFound(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     path = cache_dir() / "models" / f"{preset}-{layout}-seed{seed}"
     if not (path / "config.json").exists():
-        log.info("writing the %s preset to %s", preset, path)
+        size = sum(spec.nbytes for spec in original_specs(PRESETS[preset]))
+        check_room(path, size, f"the {preset} preset")
+        log.warning("writing the %s preset to %s: %s of random weights, for tests and benchmarks only", preset, path,
+                    _gb(size))
         write_once(path, lambda out: write_random_checkpoint(PRESETS[preset], out, layout, seed))
     return path
+
+
+def check_room(path: Path, size: int, what: str) -> None:
+    """`CacheUnwritable` when the disk `path` goes to (its nearest existing folder's) has less than `size` bytes free:
+    a checkpoint that does not fit would fill the disk, minutes in, before failing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < size:
+        raise CacheUnwritable(f"{what} is {_gb(size)} of random weights and {existing} has {_gb(free)} free; free "
+                              "space or set OSSRUN_CACHE_DIR to a disk with room")
+
+
+def _gb(size: int) -> str:
+    value = size / 1e9
+    return f"{value:.3g} GB" if value < 1000 else f"{value:,.0f} GB"
+
+
+def preset_warning(spec: str | Path | None) -> str | None:
+    """What a user who named a preset must know (said by `serve` at start and by `generate`): it answers noise under
+    the real model's name. None for anything else."""
+    if spec not in PRESETS:
+        return None
+    real = next((hub for hub in HUB_MODELS if hub.endswith(f"-{spec}")), HUB_MODELS[0])
+    return (f"--model {spec} is a preset: random weights for tests and benchmarks, which answer noise (as "
+            f"{PRESETS[spec].served_name}); for the real model run `ossrun download {real}`, then --model {real}")
 
 
 def resolve_model(spec: str | Path | None) -> Path:
