@@ -49,8 +49,22 @@ def _wait_healthy(base: str, server: subprocess.Popen, timeout: float = 300) -> 
     raise SystemExit("the server did not become healthy in time")
 
 
+def _token() -> str | None:
+    """The token the demo's server requires: `serve` reads OSSRUN_API_TOKEN, and the server inherits the demo's
+    environment. Sent with every request, as a client of that server must (the demo sent none: a 403 and a traceback,
+    hunt round 18 A-F4). The server keeps it rather than starting without: a user who set a token asked for a server
+    that other local users cannot call."""
+    return os.environ.get("OSSRUN_API_TOKEN") or None
+
+
+def _auth_headers() -> dict[str, str]:
+    token = _token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **_auth_headers()})
     with urllib.request.urlopen(request, timeout=300) as response:
         return json.loads(response.read())
 
@@ -60,7 +74,10 @@ def _title(text: str) -> None:
 
 
 def _curl(url: str, body: dict) -> None:
-    print(f"$ curl {url} \\\n    -H 'Content-Type: application/json' \\\n    -d '{json.dumps(body, ensure_ascii=False)}'", flush=True)
+    """The request as a user would send it (the token as `serve`'s banner shows it: its variable, never its value)."""
+    auth = ' \\\n    -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if _token() else ""
+    print(f"$ curl {url}{auth} \\\n    -H 'Content-Type: application/json' \\\n    -d '{json.dumps(body, ensure_ascii=False)}'",
+          flush=True)
 
 
 def sync_answer(base: str) -> None:
@@ -73,8 +90,9 @@ def sync_answer(base: str) -> None:
 
 def streamed_answer(base: str) -> None:
     _title("2. A streamed answer with its reasoning (OpenAI SDK)")
+    api_key = "os.environ['OSSRUN_API_TOKEN']" if _token() else '"unused"'
     print(f"""from openai import OpenAI
-client = OpenAI(base_url="{base}/v1", api_key="unused")
+client = OpenAI(base_url="{base}/v1", api_key={api_key})
 stream = client.chat.completions.create(model="{MODEL}", stream=True, reasoning_effort="high",
     messages=[{{"role": "user", "content": "Tell me a joke."}}])
 for chunk in stream:  # reasoning_content first, then content, token by token
@@ -84,7 +102,7 @@ for chunk in stream:  # reasoning_content first, then content, token by token
     except ImportError:
         print("(the openai package is not installed: pip install openai)")
         return
-    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    client = OpenAI(base_url=f"{base}/v1", api_key=_token() or "unused")
     stream = client.chat.completions.create(model=MODEL, stream=True, reasoning_effort="high",
                                             messages=[{"role": "user", "content": "Tell me a joke."}])
     section = None

@@ -563,6 +563,19 @@ def test_train_demo_does_not_replace_the_shipped_weights_with_another_recipe():
     assert WEIGHTS_FILE.read_bytes() == before
 
 
+def _demo(tmp_path: Path, log: Path, **env: str) -> subprocess.Popen:
+    """`make demo` in a process group of its own (signalled as a terminal would), its output in `log`."""
+    return subprocess.Popen([sys.executable, "-m", "ossrun.demo"], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "OSSRUN_DATA_DIR": str(tmp_path / "data"), **env}, start_new_session=True)
+
+
+def _wait_for(demo: subprocess.Popen, log: Path, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("server_first", [False, True])
 def test_ctrl_c_in_the_demo_stops_it_and_its_server_quietly(tmp_path, server_first):
     """Hunt round 13 C-F2: Ctrl-C in `make demo` (the terminal signals the whole process group: the demo and the server
@@ -571,14 +584,9 @@ def test_ctrl_c_in_the_demo_stops_it_and_its_server_quietly(tmp_path, server_fir
     `server_first`, the server hears it 0.3 s before the demo, as a busy machine can schedule them: the demo's request
     got the server's 503 first, and the demo ended in a traceback and status 1 (the fresh clone's CI saw it)."""
     log = tmp_path / "demo.log"
-    env = {**os.environ, "OSSRUN_DATA_DIR": str(tmp_path / "data")}
-    demo = subprocess.Popen([sys.executable, "-m", "ossrun.demo"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    demo = _demo(tmp_path, log)
     try:
-        deadline = time.monotonic() + 120
-        while "1. A sync answer" not in log.read_text() and time.monotonic() < deadline:  # the server answers /health
-            assert demo.poll() is None, log.read_text()
-            time.sleep(0.1)
+        _wait_for(demo, log, "1. A sync answer")  # the server answers /health
         if server_first:
             server = int(subprocess.run(["pgrep", "-P", str(demo.pid)], capture_output=True, text=True).stdout.split()[0])
             os.kill(server, signal.SIGINT)
@@ -591,6 +599,25 @@ def test_ctrl_c_in_the_demo_stops_it_and_its_server_quietly(tmp_path, server_fir
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
+
+
+def test_the_demo_sends_the_token_its_server_requires(tmp_path):
+    """Hunt round 18 A-F4: with OSSRUN_API_TOKEN exported (serve's documented variable; the demo's server inherits
+    it), the demo's requests sent no token: a 403 and a urllib traceback. Now it sends it, and shows it as serve's
+    banner does (the variable, never the value)."""
+    log = tmp_path / "demo.log"
+    demo = _demo(tmp_path, log, OSSRUN_API_TOKEN="s3cret-token")
+    try:
+        _wait_for(demo, log, "The playground is at")
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and "[answer]" in text and '"tool_calls"' in text, text
+    assert '-H "Authorization: Bearer $OSSRUN_API_TOKEN"' in text and "api_key=os.environ['OSSRUN_API_TOKEN']" in text
+    assert "s3cret-token" not in text
 
 
 def test_the_demo_does_not_signal_a_server_its_ctrl_c_reached():
