@@ -148,8 +148,12 @@ def stop_server(server: subprocess.Popen, interrupted: bool) -> None:
     group, the server included: it is shutting down already, so it is waited for, not signalled again (a second
     signal tells `ossrun serve` to stop waiting for its clients), and terminated only if it outlives `STOP_S` (the
     demo alone was interrupted, `kill -INT`). Otherwise (the demo ended, failed or was terminated) it gets the SIGINT.
-    Further Ctrl-Cs reach the server themselves; the demo ignores them, or its wait would end in a traceback."""
+    Further Ctrl-Cs reach the server themselves; the demo ignores them, or its wait would end in a traceback. A SIGTERM
+    meanwhile (an IDE's stop after a `kill -INT`) is passed on to the server at once: `main`'s handler raised
+    SystemExit out of the wait, and the demo exited leaving its server running, holding the port and the data
+    directory (hunt round 18 A-F5)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     if not interrupted and server.poll() is None:
         server.send_signal(signal.SIGINT)
     for stronger in (server.terminate, server.kill):

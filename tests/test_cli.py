@@ -1,5 +1,6 @@
 """The command line as a user runs it (subprocesses, the tiny model, no network)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -618,6 +619,29 @@ def test_the_demo_sends_the_token_its_server_requires(tmp_path):
     assert "Traceback" not in text and "[answer]" in text and '"tool_calls"' in text, text
     assert '-H "Authorization: Bearer $OSSRUN_API_TOKEN"' in text and "api_key=os.environ['OSSRUN_API_TOKEN']" in text
     assert "s3cret-token" not in text
+
+
+def test_a_demo_interrupted_then_terminated_stops_its_server(tmp_path):
+    """Hunt round 18 A-F5: SIGINT to the demo alone (`kill -INT`, an IDE's stop button), then SIGTERM within the demo's
+    wait for its server: the SIGTERM's SystemExit ended the wait, and the server ran on, orphaned, holding its port
+    and the data directory (the next demo was refused). Now the SIGTERM is passed on and the server is waited for."""
+    log = tmp_path / "demo.log"
+    demo = _demo(tmp_path, log)
+    server = None
+    try:
+        _wait_for(demo, log, "1. A sync answer")
+        server = int(subprocess.run(["pgrep", "-P", str(demo.pid)], capture_output=True, text=True).stdout.split()[0])
+        os.kill(demo.pid, signal.SIGINT)
+        time.sleep(1)
+        os.kill(demo.pid, signal.SIGTERM)
+        demo.wait(timeout=30)
+        with pytest.raises(ProcessLookupError):  # ended and reaped by the demo
+            os.kill(server, 0)
+    finally:
+        for pid in (demo.pid, server):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_the_demo_does_not_signal_a_server_its_ctrl_c_reached():
