@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +353,37 @@ def _check_cache_fits(settings: ServerSettings, checkpoint: Path) -> None:
                             "(or --max-num-seqs)")
 
 
+def _stdout_gone() -> None:
+    """stdout's reader has gone (`ossrun serve | head -1`, a log filter that ended or restarts). What the server writes
+    there (the load's progress, the banner) is informational, so from then on it goes to /dev/null (the rest of
+    stdout's buffer too, which would fail again at exit), the server serves on, and stderr says so. It ended the
+    process, status 1 and not a word on stderr: rich and click both exit on the BrokenPipeError (hunt round 18 A-F7)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    log.warning("stdout's reader has gone (a closed pipe); serving on without it")
+
+
+@contextlib.contextmanager
+def _informational() -> Iterator[None]:
+    """`print`s to stdout that a closed pipe must not stop (`_stdout_gone`)."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _progress_console():
+    """rich's console on stdout, but a closed pipe is `_stdout_gone`, where rich's own `on_broken_pipe` exits."""
+    from rich.console import Console
+
+    class InformationalConsole(Console):
+        def on_broken_pipe(self) -> None:
+            _stdout_gone()
+
+    return InformationalConsole()
+
+
 def load_engine(settings: ServerSettings):
     """Resolve and load the model, showing progress (loading a 20b checkpoint maps 13 GB)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -361,7 +393,8 @@ def load_engine(settings: ServerSettings):
     from ossrun.harmony.grammar import llguidance_tokenizer
     from ossrun.model.resolve import resolve_model
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as progress:
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False,
+                  console=_progress_console()) as progress:
         task = progress.add_task("resolving the model", total=3)
         path = resolve_model(settings.model)
         _check_cache_fits(settings, path)
@@ -489,10 +522,11 @@ def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[
     warning = preset_warning(settings.model)
     if warning:  # beside the banner, once the write (its own warning) and the load are over
         log.warning(warning)
-    print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
-    print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
-          f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
-    print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key={api_key})", flush=True)
+    with _informational():
+        print(f"ossrun serving {engine.config.served_name} at {base} (data in {data_dir})", flush=True)
+        print(f"  curl {base}/client/v4/accounts/local/ai/run/{engine.config.served_name}{auth} "
+              f"-H 'Content-Type: application/json' -d '{{\"prompt\": \"Hello\"}}'", flush=True)
+        print(f"  OpenAI SDK: OpenAI(base_url='{base}/v1', api_key={api_key})", flush=True)
     # Proxy headers are read by the app, from the proxies named (`api.app.ForwardedHeaders`): uvicorn's would believe
     # 127.0.0.1's by default, where every client of the default --host connects from.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=GRACE_S,

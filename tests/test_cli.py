@@ -164,6 +164,37 @@ def test_a_keepalive_interval_that_cannot_work_is_one_line_before_the_model_load
                             "seconds greater than 0")
 
 
+def test_serve_goes_on_when_its_stdout_is_a_closed_pipe(tmp_path):
+    """Hunt round 18 A-F7: `ossrun serve | head -1` ended the server once head had its line: the next write to stdout
+    (the banner) raised BrokenPipeError, which click turns into exit status 1 with nothing on stderr. What serve writes
+    there is informational: it serves on, and says once on stderr that stdout has gone. Here the pipe's reader is
+    closed before the server writes anything."""
+    import httpx
+
+    read, write = os.pipe()
+    port = free_port()
+    errors = tmp_path / "stderr.log"
+    server = subprocess.Popen([sys.executable, "-m", "ossrun.cli", "serve", "--port", str(port), "--data-dir",
+                               str(tmp_path / "data")], stdout=write, stderr=errors.open("wb"))
+    os.close(write)
+    os.close(read)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, errors.read_text()
+            assert time.monotonic() < deadline, errors.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert errors.read_text().count("stdout's reader has gone (a closed pipe); serving on without it") == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in errors.read_text(), errors.read_text()
+
+
 def test_the_default_request_timeout_answers_before_the_openai_sdk_gives_up():
     """Before (hunt round 16 A-F3): `--request-timeout` defaulted to 600 s, the openai SDKs' own read timeout, which
     fired ~10 ms before the 408 came: the SDK never saw its `x-should-retry: false` and retried twice, each try a whole
