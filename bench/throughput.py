@@ -85,13 +85,15 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    from transformers import GptOssForCausalLM
+    from transformers import GptOssForCausalLM, Mxfp4Config
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     path = preset_dir("small", layout="hf")
     ours = GptOss.from_checkpoint(load_checkpoint(path), dtype)
-    hf = GptOssForCausalLM.from_pretrained(path, dtype=dtype).to(dtype).eval()
+    # Dequantised on request: transformers ≥ 5.25 with Triton installed reaches for a hub kernel on the CPU.
+    hf = GptOssForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=Mxfp4Config(dequantize=True))
+    hf = hf.to(dtype).eval()
 
     table = Table(title=f"small preset, {args.dtype}, prompt {args.prompt_len}, {args.max_tokens} new tokens, {torch.get_num_threads()} threads")
     for column in ("model", "concurrent", "ossrun tok/s", "HF tok/s", "ratio", "ossrun TTFT s", "HF TTFT s"):

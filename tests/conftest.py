@@ -59,12 +59,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def load_hf_reference(path: Path):
-    """Hugging Face's GptOssForCausalLM on the same checkpoint, in float32 (MXFP4 dequantised exactly)."""
-    from transformers import GptOssForCausalLM
+    """Hugging Face's GptOssForCausalLM on the same checkpoint, in float32 (MXFP4 dequantised exactly).
+
+    Dequantisation is asked for, not left to transformers: from 5.25 it depends on `kernels`, and with Triton
+    installed (the interpreter tests need it) it reaches for a hub kernel on the CPU, which offline is an error."""
+    from transformers import GptOssForCausalLM, Mxfp4Config
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    model = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+    )
     return model.float().eval()
 
 
