@@ -5,21 +5,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 TORCH := torch==2.13.0
 # Where the CPU build comes from: a wheel pip already finds on disk (its find-links, as on these machines), else
 # PyTorch's CPU index. Asked only when .venv is set up; `make TORCH_INDEX= test` takes whatever PyPI gives.
 TORCH_INDEX ?= $(shell $(PYTHON) -m pip install --dry-run --no-index --no-deps --quiet $(TORCH) >/dev/null 2>&1 \
                  || echo --index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test bench clean
+# constraints.txt holds the versions the suite last passed with, so that a release upstream cannot fail a clean
+# clone's CI overnight (transformers 5.25 did: it began fetching a hub kernel). `make lock` rewrites it from .venv;
+# pyproject.toml keeps the ranges a user's `pip install` resolves.
+.PHONY: setup demo test bench clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_INDEX) $(TORCH)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]' $(TORCH) -c constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -32,6 +35,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+
+lock: setup
+	$(BIN)/pip freeze --exclude-editable --disable-pip-version-check | grep -viE '^(torch|ossrun)==' > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
