@@ -131,6 +131,13 @@ def test_one_of_says_what_was_expected(body, matches):
     assert all(f"required properties at '/' are '{key}'" in message for key in ("prompt", "messages", "input"))
 
 
+def test_a_null_branch_key_picks_no_branch():
+    """`prompt: null` beside `input` is a valid Responses body (its `prompt` may be null) and no Prompt body (a prompt is
+    a string), so the oneOf has one match; counting the key's presence alone made it "2 matches" (test_fuzz found it)."""
+    name, parsed = schemas.classify({"input": "x", "prompt": None})
+    assert name == "responses" and parsed.input == "x"
+
+
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
 

@@ -803,10 +803,11 @@ def classify(body: Any) -> tuple[str, BaseModel]:
 
 def branch_of(body: Any, keys: dict[str, str]) -> str:
     """The one branch of a oneOf whose branches each require a key (`keys`: branch → key) the body is, as the hosted
-    validator words a refusal: none or several match."""
+    validator words a refusal: none or several match. A key whose value is null counts as absent: no branch's key
+    may be null (a prompt is a string, messages a list...), so that branch fails whatever else the body holds."""
     if not isinstance(body, dict):
         raise bad_input("Error: type at '/' must be object")
-    present = [name for name, key in keys.items() if key in body]
+    present = [name for name, key in keys.items() if body.get(key) is not None]
     if len(present) != 1:
         matches = "0 matches" if not present else f"{len(present)} matches ({', '.join(present)})"
         expected = "; ".join(f"required properties at '/' are '{key}'" for key in keys.values())
