@@ -46,12 +46,12 @@ def test_openapi_fuzz(fuzz_server):
 
 # 400s that no schema can express: references to state (earlier calls, stored responses and items, fine-tunes; a call no later
 # message answers, refused as OpenAI does), the
-# served model's vocabulary (logit_bias ids), the context window, the token budget, one field's meaning depending on another's (tool_choice 'required' with no tools;
+# served model's vocabulary (logit_bias ids, and two keys naming one id), the context window, the token budget, one field's meaning depending on another's (tool_choice 'required' with no tools;
 # response_format type 'json_schema' with no schema, which OpenAI refuses too). Any other 5006 on a schema-valid body means schema and server disagree.
 SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "cannot hold a valid answer", "no tool named",
             "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique",
             "needs at least one tool", "a JSON Schema object is required", "cannot look like a fine-tune id",
-            "outside the vocabulary", "needs the prompt logprobs", "did not have response messages", "No tool output found",
+            "outside the vocabulary", "is biased twice", "needs the prompt logprobs", "did not have response messages", "No tool output found",
             "Item with id", "which is not in 'tools'")
 
 

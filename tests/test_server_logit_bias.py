@@ -79,3 +79,21 @@ def test_min_p_cuts_the_sampled_tokens_to_those_near_the_top_one(client):
         client.completions.create(**args, extra_body={"min_p": 1.5})
     with pytest.raises(openai.BadRequestError, match="min_p is not a Responses parameter"):
         client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, extra_body={"min_p": 0.1})
+
+
+def test_two_keys_naming_one_token_are_a_400_naming_the_second_key(client):
+    """Before: `{"1": 5, "01": -5}` (both keys match the documented pattern and name token 1) was a 400 naming no field
+    (`param: null`) and neither key, from the engine's own check (hunt round 19 A-F1)."""
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    for bias, key in (({"1": 5, "01": -5}, "01"), ({"007": 1, "7": 2}, "7")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**chat, logit_bias=bias)
+        assert f"at '/logit_bias/{key}'" in caught.value.message and "token id" in caught.value.message
+        assert caught.value.body["param"] == f"logit_bias.{key}"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, logit_bias={"1": 5, "0001": 5})
+    assert caught.value.body["param"] == "logit_bias.0001"
+    with pytest.raises(openai.BadRequestError) as caught:  # the vocabulary's 400 names the key as the schema's do
+        complete(client, {201088: 1})
+    assert caught.value.body["param"] == "logit_bias.201088"
+    assert complete(client, {token(" Lima"): 100}) == " Lima"  # one key per token is still served

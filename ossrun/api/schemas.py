@@ -11,7 +11,7 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import (BaseModel, PrivateAttr, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
+from pydantic import (AfterValidator, BaseModel, PrivateAttr, BeforeValidator, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, ValidationError,
                       ValidationInfo, WithJsonSchema, field_validator, model_validator)
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 from pydantic_core import CoreSchema
@@ -577,14 +577,30 @@ class PollInput(_Open):
 
 TOKEN_ID_KEY = r"^[0-9]{1,10}$"
 MAX_LOGIT_BIAS = 300  # OpenAI's limit
+
+
+def _one_key_a_token(bias: dict[str, float]) -> dict[str, float]:
+    """Two keys naming one token ("1" and "01", both the pattern's) would bias it twice, once in each direction maybe:
+    a 400 naming the second key, which JSON Schema cannot state (hunt round 19 A-F1)."""
+    seen: dict[int, str] = {}
+    for key in bias:
+        first = seen.setdefault(int(key), key)
+        if first != key:
+            raise refused(key, bias[key], "logit_bias_repeated", "token id {id} is biased twice: by {first} and {key} "
+                          "(send each token once)", {"id": int(key), "first": repr(first), "key": repr(key)})
+    return bias
+
+
 # OpenAI's `logit_bias` (chat and completions): token id (a decimal string) → bias added to its logit. Not on
-# Workers AI, whose schema does not list it. The document states what pydantic checks (no other keys, at most 300).
+# Workers AI, whose schema does not list it. The document states what pydantic checks (no other keys, at most 300)
+# but one: each token once, however its id is spelled (`_one_key_a_token`).
 LogitBias = Annotated[
     dict[Annotated[str, Field(pattern=TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]],
-    Field(max_length=MAX_LOGIT_BIAS),
+    Field(max_length=MAX_LOGIT_BIAS), AfterValidator(_one_key_a_token),
     WithJsonSchema({"type": "object", "maxProperties": MAX_LOGIT_BIAS, "additionalProperties": False,
                     "patternProperties": {TOKEN_ID_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
-                    "description": "token id → bias in [-100, 100], added to that token's logit before sampling"}),
+                    "description": "token id → bias in [-100, 100], added to that token's logit before sampling; each token "
+                                   "once (\"1\" and \"01\" are one token)"}),
 ]
 
 

@@ -240,7 +240,7 @@ def _logit_bias(ask: Ask, vocab_size: int) -> tuple[tuple[int, float], ...]:
     for token, _ in ask.logit_bias:
         if token >= vocab_size:
             raise bad_input(f"Error: at '/logit_bias/{token}': token id {token} is outside the vocabulary (0..{vocab_size - 1})",
-                            "logit_bias")
+                            f"logit_bias.{token}")
     return ask.logit_bias
 
 
