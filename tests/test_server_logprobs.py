@@ -125,6 +125,21 @@ def test_completions_top_logprobs_hold_the_sampled_token(client, n):
     assert [t for c in chunks for t in c.logprobs.top_logprobs] == lp.top_logprobs
 
 
+def test_completions_refuse_chat_top_logprobs_naming_logprobs(client):
+    """Before: `/v1/completions` took chat's `top_logprobs` (its document listed it, 21 was a 400) and dropped it: no
+    alternatives, no error (hunt round 19 A-F2). OpenAI's legacy completions have no such field (`logprobs: N` is the
+    top N there), so it is a 400 saying so; null is accepted, and the document types it null."""
+    for extra in ({"top_logprobs": 5}, {"logprobs": 1, "top_logprobs": 5}, {"top_logprobs": 0}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body=extra)
+        assert "at '/top_logprobs'" in caught.value.message and "logprobs: N" in caught.value.message
+        assert caught.value.body["param"] == "top_logprobs"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"top_logprobs": None}).choices
+    document = httpx.get(f"{str(client.base_url).removesuffix('/v1/')}/openapi.json").json()
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert document["components"]["schemas"][body.split("/")[-1]]["properties"]["top_logprobs"]["type"] == "null"
+
+
 def test_completions_logprobs_match_the_text_special_tokens_included(demo_server):
     """`/v1/completions` shows harmony's special tokens in its text; their logprobs used to be left out, so
     `tokens` did not add up to `text` and every `text_offset` was off (the demo model answers with a header)."""

@@ -713,6 +713,15 @@ _ECHO_RULE = {"if": {"required": ["echo"], "properties": {"echo": {"const": True
               "then": {"properties": {"logprobs": {"type": "null"}}}}
 
 
+# What `/v1/completions` refuses by name (null accepted), each of which the caller would believe served. `suffix`
+# (insertion, which vLLM refuses too); chat's `top_logprobs`, which OpenAI's legacy completions do not have (its
+# `logprobs: N` is the top N): accepted, it was dropped, a client porting chat code getting no alternatives (hunt round
+# 19 A-F2).
+NOT_COMPLETIONS = {"suffix": "not supported: gpt-oss does not insert text before a suffix",
+                   "top_logprobs": "chat's parameter: legacy completions take logprobs: N (0..5), the N most likely tokens at "
+                                   "each position"}
+
+
 class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
     STATED_DEFAULTS: ClassVar[dict[str, Any]] = stated_defaults(OPENAI_DEFAULTS)
     model_config = ConfigDict(json_schema_extra={"allOf": [_when("stream_options", "stream"),
@@ -743,13 +752,14 @@ class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
             raise ValueError("best_of is not supported: ask for n choices (each is generated and billed) and pick among them")
         return value
 
-    suffix: None = Field(None, description="not supported: gpt-oss does not insert text before a suffix")
+    suffix: None = Field(None, description=NOT_COMPLETIONS["suffix"])
+    top_logprobs: None = Field(None, description=NOT_COMPLETIONS["top_logprobs"])
 
-    @field_validator("suffix", mode="before")
+    @field_validator(*NOT_COMPLETIONS, mode="before")
     @classmethod
-    def _no_suffix(cls, value: Any) -> Any:
-        if value is not None:  # vLLM refuses it too
-            raise ValueError("suffix is not supported: gpt-oss does not insert text before a suffix")
+    def _not_a_completions_parameter(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(f"{info.field_name} is {NOT_COMPLETIONS[info.field_name]}")
         return value
 
 
