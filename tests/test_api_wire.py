@@ -421,6 +421,7 @@ SCHEMA_INVALID = [
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": [1, 2]}),  # token ids: text only
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "suffix": "end"}),  # no insertion
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "hi", "top_logprobs": 2}),  # chat's: logprobs: N here
+    ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": "hi", "logprobs": True}),  # chat's: include here
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
     # Combinations OpenAI refuses: the document states them (if/then), the server answers 400 naming the field.
     ("/v1/chat/completions", "ChatCompletionRequest", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),

@@ -99,6 +99,21 @@ def test_output_text_logprobs_sync_and_streamed(server):
     assert unasked.output[-1].content[0].logprobs == []
 
 
+def test_chat_logprobs_switch_is_refused_naming_the_include(server):
+    """Before: chat's `logprobs: true` was accepted and ignored (`output_text` came back with `logprobs: []`), where the
+    shape refuses chat's other fields and OpenAI's Responses API has no such parameter (hunt round 19 A-F3). `include`
+    is the switch here; `top_logprobs` stays, as OpenAI's."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    for value in (True, False):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, top_logprobs=3, extra_body={"logprobs": value})
+        assert caught.value.body["param"] == "logprobs"
+        assert "logprobs is not a Responses parameter" in caught.value.message and "message.output_text.logprobs" in caught.value.message
+    refused = httpx.post(server.run_url(), json={"input": "Hi", "max_output_tokens": 4, "logprobs": True}, headers=server.headers)
+    assert refused.status_code == 400 and "at '/logprobs'" in refused.json()["errors"][0]["message"]
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=4, extra_body={"logprobs": None}).output
+
+
 def test_echoes_the_temperature_and_top_p_sampled_with(server):
     """OpenAI's Response object echoes the values used (1.0 and 1.0 when not sent), and `/ai/run` samples at Workers
     AI's 0.6: both were echoed as null. The in-progress shell, the final object and the stored copy agree."""

@@ -386,6 +386,8 @@ class TextConfig(_Open):
 # is a 400 naming it, as OpenAI refuses them; other unknown names stay accepted and ignored. → what to do instead.
 NOT_RESPONSES = {"max_tokens": "use max_output_tokens", "max_completion_tokens": "use max_output_tokens",
                  "reasoning_effort": "use reasoning: {\"effort\": ...}",
+                 # chat's switch (hunt round 19 A-F3); OpenAI's Responses API takes `top_logprobs` but has no `logprobs`
+                 "logprobs": "use include: [\"message.output_text.logprobs\"] (with top_logprobs)",
                  **{name: "the Responses shape has none, so it would be ignored" for name in (
                      "stop", "logit_bias", "frequency_penalty", "presence_penalty", "repetition_penalty", "top_k", "min_p", "n")}}
 
@@ -480,6 +482,7 @@ class ResponsesInput(_Open):
     min_p: None = _not_here(NOT_RESPONSES["min_p"])
     n: None = _not_here(NOT_RESPONSES["n"])
     reasoning_effort: None = _not_here(NOT_RESPONSES["reasoning_effort"])
+    logprobs: None = _not_here(NOT_RESPONSES["logprobs"])
     conversation: None = Field(None, description=UNSUPPORTED_RESPONSES["conversation"])
     prompt: None = Field(None, description=UNSUPPORTED_RESPONSES["prompt"])
     # OpenAI's background mode, on the OpenAI routes: the run outlives its connection (`api/background.py`) and is
