@@ -97,3 +97,22 @@ def test_two_keys_naming_one_token_are_a_400_naming_the_second_key(client):
         complete(client, {201088: 1})
     assert caught.value.body["param"] == "logit_bias.201088"
     assert complete(client, {token(" Lima"): 100}) == " Lima"  # one key per token is still served
+
+
+def test_v1_top_k_minus_one_and_zero_are_off_as_vllm_reads_them(client):
+    """Before: `/v1` held vLLM's `top_k` extension to Workers AI's 1..50, so a vLLM client's explicit "off" (-1, 0) was
+    a 400 (hunt round 19 A-F4). Now they sample exactly as no top_k does; 1..50 still cut, and the rest stays a 400
+    naming the field. `/ai/run` keeps Workers AI's range (its 400 for 0 is tested in test_server.py)."""
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=2.0, n=4, seed=5)
+    free = [c.text for c in client.completions.create(**args).choices]
+    for off in (-1, 0):
+        assert [c.text for c in client.completions.create(**args, extra_body={"top_k": off}).choices] == free
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+    assert [c.text for c in client.completions.create(**args, extra_body={"top_k": 1}).choices] == [greedy] * 4
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Capital of Peru?"}], max_tokens=6, n=2, seed=5, temperature=2.0)
+    free_chat = [c.message.content for c in client.chat.completions.create(**chat).choices]
+    assert [c.message.content for c in client.chat.completions.create(**chat, extra_body={"top_k": -1}).choices] == free_chat
+    for bad in (-2, 51):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**chat, extra_body={"top_k": bad})
+        assert caught.value.body["param"] == "top_k"

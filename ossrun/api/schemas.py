@@ -58,6 +58,13 @@ OpenAISeed = Annotated[int | None, Field(None, ge=-2**63, le=2**63 - 1)]
 # for either API is served as that API serves it. The penalties' ranges (-2 … 2) are the same on both.
 OpenAITemperature = Annotated[float | None, Field(None, ge=0, le=2)]
 OpenAITopP = Annotated[float | None, Field(None, ge=0, le=1)]
+# `top_k` on `/v1` is vLLM's extension (OpenAI has none), where -1 and 0 mean "off": vLLM clients send them explicitly
+# (hunt round 19 A-F4), so they parse to None, as if left out. The cut itself keeps Workers AI's 1 … 50 (the sampler's
+# candidate path takes the k best of the vocabulary every step: a wide k costs every row of the step; top_p and min_p
+# cut wide), and `/ai/run` keeps its schema's 1 … 50 with no "off" value.
+VLLMTopK = Annotated[int | None, Field(None, ge=-1, le=50, description="vLLM's extension: keep the k most likely tokens "
+                                       "(ties with the k-th kept); -1 or 0: off, as left out"),
+                     AfterValidator(lambda k: None if k is not None and k <= 0 else k)]
 
 # The largest answer limit (`max_tokens` and its siblings) a body may state: int32's, as most servers' limits are. Any
 # value past the context window is a code-8 400 naming the window; past this one it is a field error like any range.
@@ -641,6 +648,7 @@ class ChatCompletionRequest(_OpenAIRules, MessagesInput, OpenAISampling):
     seed: OpenAISeed
     temperature: OpenAITemperature
     top_p: OpenAITopP
+    top_k: VLLMTopK
     messages: list[OpenAIMessage] = Field(min_length=1)  # OpenAI's legacy `function` role too
     n: int | None = Field(None, ge=1, le=16)  # the OpenAI surface serves several choices
     # The legacy spelling of `tool_choice` (which wins when both are given), as OpenAI still takes it.
@@ -733,6 +741,7 @@ class CompletionRequest(_OpenAIRules, Sampling, OpenAISampling):
     seed: OpenAISeed
     temperature: OpenAITemperature
     top_p: OpenAITopP
+    top_k: VLLMTopK
     n: int | None = Field(None, ge=1, le=16)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy completions: how many top alternatives per token
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
