@@ -32,7 +32,7 @@ class NameSet:
     def __init__(self) -> None:
         self.names: set[str] = set()
 
-    def register(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+    def register(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
         if install is not None:
             install()
         self.names.add(name)
@@ -84,8 +84,8 @@ class FakeEngine:
     def abort_all(self) -> None:
         self.aborted.extend(self.running)
 
-    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
-        self.adapters.register(name, path, install)
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
+        self.adapters.register(name, path, install, resident)
 
     def has_adapter(self, name: str) -> bool:
         return self.adapters.known(name)

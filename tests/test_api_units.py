@@ -680,7 +680,7 @@ def test_an_upload_does_not_hold_the_event_loop(tmp_path):
             self.loading, self.health_answered, self.names = threading.Event(), threading.Event(), set()
             self.answered_while_loading = False
 
-        def register(self, name, path, install=None) -> None:
+        def register(self, name, path, install=None, resident=False) -> None:
             self.loading.set()
             self.answered_while_loading = self.health_answered.wait(timeout=10)
             if install is not None:

@@ -87,6 +87,39 @@ def test_preloaded_adapter_and_bad_adapter_upload(checkpoints, tmp_path):
         server.stop()
 
 
+def test_a_preloaded_adapter_does_not_read_its_files_again(checkpoints, tmp_path):
+    """Hunt round 19 C-F1. Before: a `--lora` adapter was served through a memory map of the operator's file, so
+    rewriting it in place (`cp`, a trainer saving into the same folder) changed the served weights under the same
+    adapter version (mixing them with its cached KV), and truncating it killed the server with SIGBUS. Now its
+    tensors are read into the server's memory once, at start: the files may change, the answers do not."""
+    import shutil
+
+    config = read_config(checkpoints["original"])
+    live = tmp_path / "live"
+    shutil.copytree(write_random_adapter(config, tmp_path / "first", rank=4, seed=1), live)
+    other = write_random_adapter(config, tmp_path / "second", rank=4, seed=2)
+    server = start_server(checkpoints["original"], tmp_path / "data", "--lora", f"live={live}", "--lora", f"other={other}")
+    body = {"prompt": "Tell me a story about a lighthouse keeper and the sea", "max_tokens": 6, "temperature": 0}
+
+    def answer(lora: str = "live") -> str:
+        response = httpx.post(server.run_url(), json={**body, "lora": lora}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["result"]["response"]
+
+    try:
+        before = answer()
+        assert answer("other") != before  # the rewrite below would show
+        with open(live / "adapter_model.safetensors", "wb") as f:  # in place: same inode, truncated, rewritten
+            f.write((other / "adapter_model.safetensors").read_bytes())
+        assert answer() == before
+        with open(live / "adapter_model.safetensors", "r+b") as f:
+            f.truncate(100)
+        assert answer() == before
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+
+
 def create(server, name: str) -> httpx.Response:
     return httpx.post(api(server, "/finetunes"), json={"model": MODEL, "name": name}, timeout=60)
 

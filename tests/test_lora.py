@@ -152,6 +152,42 @@ def test_eviction_under_budget_reloads_on_demand(model, adapters):
     assert len(out) == 3 and e.adapters.loaded_names == ["one"]
 
 
+def test_a_loaded_adapter_holds_its_weights_in_memory(model, adapters, tmp_path):
+    """Hunt round 19 C-F1. Before: its tensors were views of a private map of the file, whose pages not yet
+    written show the file's later contents: a rewrite in place changed the loaded adapter."""
+    import shutil
+
+    folder = tmp_path / "live"
+    shutil.copytree(adapters["one"], folder)
+    adapter = load_peft_adapter(folder, model.config, "live")
+    before = {(layer, target): (a.clone(), b.clone()) for layer, pairs in adapter.weights.items() for target, (a, b) in pairs.items()}
+    other = write_random_adapter(model.config, tmp_path / "other", rank=8, seed=9)  # the same size, other numbers
+    with open(folder / "adapter_model.safetensors", "wb") as f:
+        f.write((other / "adapter_model.safetensors").read_bytes())
+    for layer, pairs in adapter.weights.items():
+        for target, (a, b) in pairs.items():
+            assert torch.equal(a, before[layer, target][0]) and torch.equal(b, before[layer, target][1])
+
+
+def test_a_resident_adapter_is_never_evicted_nor_read_again(model, adapters, tmp_path):
+    """Hunt round 19 C-F1. A `--lora` adapter lives in the operator's folder, which may change while the server runs:
+    evicted and read again under the same version, it came back with other weights (and the old version's cached
+    KV). Registered `resident`, it stays in memory until it is replaced, whatever the budget."""
+    import shutil
+
+    folder = tmp_path / "live"
+    shutil.copytree(adapters["one"], folder)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, adapter_budget_bytes=1))
+    e.adapters.register("live", folder, resident=True)
+    want = [ev.token_id for ev in e.generate([Request("a", [5, 6, 7], params, lora="live")])["a"]]
+    e.adapters.register("two", adapters["two"])  # over budget: only what may be read again goes
+    assert e.adapters.loaded_names == ["live", "two"]
+    shutil.copyfile(adapters["two"] / "adapter_config.json", folder / "adapter_config.json")
+    shutil.copyfile(adapters["two"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    assert [ev.token_id for ev in e.generate([Request("b", [5, 6, 7], params, lora="live")])["b"]] == want
+
+
 @pytest.mark.parametrize("change, message", [
     ({"r": 64}, "over the maximum of 32"),
     ({"target_modules": ["q_proj", "gate_up_proj"]}, "not supported"),

@@ -348,7 +348,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     service.batch_store = SQLiteBatchStore(Path(settings.data_dir) / DATABASE)
     service.finetunes = FinetuneStore(settings.data_dir)
     for name, path in settings.loras.items():
-        engine.register_adapter(name, path)
+        engine.register_adapter(name, path, resident=True)  # the operator's folder: read once
     service.load_finetunes()
     service.metering.batch_backlog = service.batch_store.backlog
     worker = BatchWorker(service.batch_store, workers_ai.batch_executor(service), settings.batch_concurrency, settings.batch_retention_s,

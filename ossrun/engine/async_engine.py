@@ -119,11 +119,11 @@ class AsyncEngine:
             async for event in events:
                 yield event
 
-    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
         from ossrun.model.lora import AdapterError, AdapterRankMismatch
 
         try:
-            self.engine.adapters.register(name, path, install)
+            self.engine.adapters.register(name, path, install, resident)
         except AdapterRankMismatch as exc:
             raise AdapterRankMismatchError(str(exc)) from None
         except AdapterError as exc:

@@ -64,11 +64,12 @@ class EngineClient(Protocol):
     def abort_all(self) -> None:
         """Shutdown begins: every running request ends within a step ("abort" events); new ones are refused."""
 
-    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None) -> None:
+    def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
         """Serve the PEFT LoRA adapter at `path` as `name`'s new version (requests already running keep theirs, and
         no KV is shared between versions); AdapterLoadError (AdapterRankMismatchError: the two files are each valid
         but of different ranks), or any error of unreadable files, when it cannot be. `install`, called once the
-        adapter is accepted, moves its files to where they stay and returns that folder."""
+        adapter is accepted, moves its files to where they stay and returns that folder. `resident`: read once and kept in
+        memory, never read again (a `--lora` folder, which may change while the server runs)."""
 
     def has_adapter(self, name: str) -> bool: ...
 

@@ -5,6 +5,8 @@ version current when it is added and keeps it to its last token; the key salts i
 re-registered adapter (a fine-tune's new upload) never reuses KV computed with the old weights. A version that
 requests still hold is never evicted (its files may be gone), and it is dropped when its last request ends.
 Adapters needed by the current step are pinned too, so eviction never pulls weights from under a running batch.
+A *resident* adapter (a `--lora` one, in the operator's folder, which may change while the server runs) is read once
+and never evicted: read again, it could come back with other weights under the same version.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ class AdapterRegistry:
         self.budget_bytes = budget_bytes
         self._current: dict[str, str] = {}  # name → the key of its current version
         self._paths: dict[str, Path] = {}  # key → where it is (re)loaded from: current versions only
+        self._resident: set[str] = set()  # keys never evicted (nor read again)
         self._loaded: OrderedDict[str, LoraAdapter] = OrderedDict()  # key → weights, least recently used first
         self._users: Counter[str] = Counter()  # key → requests pinned to it
         self._versions = itertools.count(1)
         self._lock = threading.Lock()  # registration comes from the server's threads, use from the engine's
 
-    def register(self, name: str, path: str | Path, install: Callable[[], Path] | None = None) -> LoraAdapter:
+    def register(self, name: str, path: str | Path, install: Callable[[], Path] | None = None,
+                 resident: bool = False) -> LoraAdapter:
         """Make the adapter at `path` the current version of `name`; it is loaded (and so checked) now. Raises
         AdapterError. `install`, called once it is accepted, moves the files to where they stay and returns that
-        folder (a fine-tune's upload, checked where it was staged): no reload can run between the move and the switch."""
+        folder (a fine-tune's upload, checked where it was staged): no reload can run between the move and the switch.
+        `resident`: kept in memory until replaced, its files never read again (they are not the server's to keep)."""
         adapter = load_peft_adapter(path, self.config, name, self.dtype, self.device)
         with self._lock:
             old = self._current.get(name)
@@ -51,8 +56,11 @@ class AdapterRegistry:
             home = Path(install()) if install is not None else Path(path)
             key = f"{name}#{next(self._versions)}"
             self._current[name], self._paths[key], self._loaded[key] = key, home, adapter
+            if resident:
+                self._resident.add(key)
             if old is not None:
                 self._paths.pop(old, None)
+                self._resident.discard(old)
                 self._drop_if_unused(old)
             self._evict(pinned={key})
         return adapter
@@ -112,11 +120,11 @@ class AdapterRegistry:
             self._loaded.pop(key, None)
 
     def _evict(self, pinned: set[str]) -> None:
-        """Over budget: drop least recently used current versions no step needs (a replaced version cannot be
-        reloaded, so it stays until its requests end)."""
+        """Over budget: drop least recently used current versions no step needs and that are not resident (a replaced
+        version cannot be reloaded, so it stays until its requests end)."""
         total = sum(a.nbytes for a in self._loaded.values())
         for key in list(self._loaded):
             if total <= self.budget_bytes:
                 break
-            if key not in pinned and key in self._paths:
+            if key not in pinned and key in self._paths and key not in self._resident:
                 total -= self._loaded.pop(key).nbytes

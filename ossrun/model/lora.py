@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ossrun.model.config import ModelConfig
-from ossrun.model.safetensors_io import DTYPE_NAMES, TensorSpec, open_mmap, write_streaming
+from ossrun.model.safetensors_io import DTYPE_NAMES, TensorSpec, read_whole, write_streaming
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MAX_RANK = 32
@@ -141,9 +141,10 @@ def _check_targets(targets: object, name: str) -> None:
 
 
 def _read_pairs(path: Path, config: ModelConfig, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """`adapter_model.safetensors` checked on its own (the rank is the tensors' own) → (layer, target) → (A, B)."""
+    """`adapter_model.safetensors` checked on its own (the rank is the tensors' own) → (layer, target) → (A, B). Read
+    whole into memory, not mapped: the adapter is served from what was read, whatever becomes of the file."""
     try:
-        stored = open_mmap(path / "adapter_model.safetensors")
+        stored = read_whole(path / "adapter_model.safetensors")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, MemoryError, struct_error) as exc:
         raise AdapterError(f"adapter {name}: adapter_model.safetensors is not a readable safetensors file ({exc})") from None
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

@@ -1,13 +1,15 @@
 """Zero-copy safetensors reading and streaming writing.
 
 The `safetensors` library copies every tensor it loads into process memory; a 13 GB checkpoint
-must instead stay memory-mapped so that only the pages a step touches become resident. Writing
+must instead stay memory-mapped so that only the pages a step touches become resident (a small file
+that may change under the server, a LoRA adapter, is read whole instead: `read_whole`). Writing
 streams tensor by tensor so the `20b` random checkpoint is never whole in memory. The file format
 is the library's own (and our tests read our files back with it).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import mmap
 import os
@@ -15,6 +17,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -48,17 +51,20 @@ def read_header(path: Path) -> tuple[int, dict]:
     """(where the data starts, the JSON header); a SafetensorsError for a file that is not safetensors (a header
     length beyond the file would otherwise ask for exabytes of memory)."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise SafetensorsError(f"not a safetensors file: {size} bytes, too short for a header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            raise SafetensorsError(f"not a safetensors file: its header length {length} runs past the end of the file")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SafetensorsError(f"not a safetensors file: its header is not JSON ({exc})") from None
+        return _header(f, os.fstat(f.fileno()).st_size)
+
+
+def _header(f: BinaryIO, size: int) -> tuple[int, dict]:
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise SafetensorsError(f"not a safetensors file: {size} bytes, too short for a header")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > size - 8:
+        raise SafetensorsError(f"not a safetensors file: its header length {length} runs past the end of the file")
+    try:
+        header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"not a safetensors file: its header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise SafetensorsError("not a safetensors file: its header is not a JSON object")
     return 8 + length, header
@@ -114,13 +120,28 @@ def open_mmap(path: Path) -> dict[str, torch.Tensor]:
     data_start, header = read_header(path)
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return _tensors(mapped, data_start, header)
+
+
+def read_whole(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one small file, read into the process's memory in one read: what they hold never changes after,
+    whatever happens to the file (a map shows the file's later contents in pages not yet touched, and faults with
+    SIGBUS past the end of a file cut short). For files that are not ours to keep still, such as a LoRA adapter in
+    an operator's folder. The header is checked first (SafetensorsError)."""
+    data = bytearray(path.read_bytes())
+    data_start, header = _header(io.BytesIO(data), len(data))
+    return _tensors(data, data_start, header)
+
+
+def _tensors(buffer: mmap.mmap | bytearray, data_start: int, header: dict) -> dict[str, torch.Tensor]:
+    """The header's tensors as views into `buffer` (the whole file)."""
     tensors = {}
-    for name, entry in _entries(header, len(mapped) - data_start).items():
+    for name, entry in _entries(header, len(buffer) - data_start).items():
         if entry.end == entry.begin:
             tensors[name] = torch.empty(entry.shape, dtype=entry.dtype)
             continue
         count = (entry.end - entry.begin) // entry.dtype.itemsize
-        tensors[name] = torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=data_start + entry.begin).view(entry.shape)
+        tensors[name] = torch.frombuffer(buffer, dtype=entry.dtype, count=count, offset=data_start + entry.begin).view(entry.shape)
     return tensors
 
 
