@@ -192,6 +192,10 @@ def test_a_resident_adapter_is_never_evicted_nor_read_again(model, adapters, tmp
     ({"r": 64}, "over the maximum of 32"),
     ({"target_modules": ["q_proj", "gate_up_proj"]}, "not supported"),
     ({"use_dora": True}, "DoRA"),
+    # hunt round 19 C-F2: an activated LoRA applies only from its invocation tokens on; it was served on every token
+    ({"alora_invocation_tokens": [200006, 173781]}, "alora_invocation_tokens"),
+    ({"kasa_config": {"init_method": "svd"}}, "kasa_config"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
 ])
 def test_bad_adapters_are_explained(model, adapters, tmp_path, change, message):
     import shutil

@@ -30,6 +30,19 @@ PEFT_DEFAULT_ALPHA = 8  # `LoraConfig.lora_alpha`'s default: what PEFT uses when
 # A sanity bound, not a limit of the maths: fine-tunes use alphas from 1 to a few thousand (rsLoRA); at 1e30 and
 # beyond the product overflows the activations into inf/NaN, and every answer of the adapter is garbage.
 MAX_ALPHA = 1e6
+# PEFT `LoraConfig` settings that change what an adapter computes, which we do not implement: refused when set (at
+# their defaults an adapter is plain LoRA). Any other setting either means plain LoRA or only matters in training.
+_UNSUPPORTED = {
+    "use_dora": "DoRA, weight-decomposed LoRA",
+    "alora_invocation_tokens": "activated LoRA, applied only from its invocation tokens on",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "modules_to_save": "fully trained modules beside the LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA",
+    "arrow_config": "Arrow routing",
+    "monteclora_config": "MonteCLoRA",
+}
 _NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])(?:\.default)?\.weight")
 
 
@@ -104,10 +117,11 @@ def _read_settings(path: Path, name: str) -> tuple[int, float]:
         raise AdapterError(f"adapter {name}: not a PEFT LoRA adapter (peft_type LORA with an integer r)")
     if rank > MAX_RANK:
         raise AdapterError(f"adapter {name}: rank {rank} is over the maximum of {MAX_RANK}")
-    if settings.get("use_dora") or settings.get("rank_pattern") or settings.get("alpha_pattern") or settings.get("bias", "none") != "none":
-        raise AdapterError(f"adapter {name}: DoRA, per-module rank/alpha patterns and LoRA biases are not supported")
-    if settings.get("modules_to_save"):
-        raise AdapterError(f"adapter {name}: modules_to_save (fully trained modules beside the LoRA) is not supported")
+    for key, what in _UNSUPPORTED.items():
+        if settings.get(key):
+            raise AdapterError(f"adapter {name}: {key} ({what}) is not supported")
+    if settings.get("bias", "none") != "none":
+        raise AdapterError(f"adapter {name}: bias {settings['bias']!r} (biases trained beside the LoRA) is not supported")
     _check_targets(settings.get("target_modules"), name)
     alpha = settings.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not _is_number(alpha) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
