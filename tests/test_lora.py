@@ -51,6 +51,59 @@ def test_logits_equal_transformers_with_peft(model, adapters, checkpoints, name)
     assert not torch.allclose(ours, logits(model, ids), atol=1e-2)  # the adapter does change the output
 
 
+def test_an_all_linear_adapter_saved_by_peft_equals_peft(model, checkpoints, tmp_path):
+    """Hunt round 19 C-F3. PEFT saves `target_modules="all-linear"` as the full module paths it matched
+    (`model.layers.0.self_attn.k_proj`, ...): it was refused, the message calling q_proj "not supported"."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(3)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(load_hf_reference(checkpoints["hf"]), peft_config).save_pretrained(tmp_path / "all")
+    assert "model.layers.0.self_attn.k_proj" in json.loads((tmp_path / "all" / "adapter_config.json").read_text())["target_modules"]
+    ids = torch.randint(0, 201088, (40,), generator=torch.Generator().manual_seed(5))
+    adapter = load_peft_adapter(tmp_path / "all", model.config, "all")
+    ours = logits(model, ids, LoraBatch([(torch.arange(len(ids)), adapter)]))
+    reference = PeftModel.from_pretrained(load_hf_reference(checkpoints["hf"]), tmp_path / "all").eval()
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=0), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize("targets", [
+    "all-linear", "ALL-Linear", r".*\.(q_proj|k_proj|v_proj|o_proj)", r"model\.layers\.\d+\.self_attn\.[qkvo]_proj",
+    ["self_attn.q_proj", "k_proj", "model.layers.0.self_attn.v_proj", "v_proj", "o_proj"],
+])
+def test_target_modules_are_matched_as_peft_matches_them(model, adapters, tmp_path, targets):
+    """Hunt round 19 C-F3: a list entry names a module by its full path or by a dotted tail of it, a string is a
+    regular expression over the full path (PEFT's `check_target_module_exists`), "all-linear" the linear layers."""
+    import shutil
+
+    shutil.copytree(adapters["one"], tmp_path / "a")
+    settings = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**settings, "target_modules": targets}))
+    loaded = load_peft_adapter(tmp_path / "a", model.config, "a")
+    plain = load_peft_adapter(adapters["one"], model.config, "one")
+    assert loaded.weights.keys() == plain.weights.keys() and loaded.scaling == plain.scaling
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["q_proj", "router"], r"target_modules matches modules we do not adapt: mlp\.router \(only q_proj"),
+    (["q_proj", "lm_head"], r"target_modules matches modules we do not adapt: lm_head \("),
+    (r".*mlp.*", r"target_modules matches modules we do not adapt: mlp, mlp\.experts, mlp\.router \("),
+    (["q_proj", "gate_up_proj"], r"target_modules \['gate_up_proj'\] name no module of the model"),
+    (r"nothing", r"target_modules 'nothing' matches no module of the model"),
+    (r"(", r"target_modules '\(' is not a regular expression"),
+])
+def test_target_modules_we_do_not_adapt_are_named(model, adapters, tmp_path, targets, message):
+    import shutil
+
+    shutil.copytree(adapters["one"], tmp_path / "a")
+    settings = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**settings, "target_modules": targets}))
+    with pytest.raises(AdapterError, match=message):
+        load_peft_adapter(tmp_path / "a", model.config, "a")
+
+
 def test_mixed_batch_equals_each_request_alone(model, adapters):
     def engine():
         e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, max_tokens_per_step=128))
@@ -190,7 +243,6 @@ def test_a_resident_adapter_is_never_evicted_nor_read_again(model, adapters, tmp
 
 @pytest.mark.parametrize("change, message", [
     ({"r": 64}, "over the maximum of 32"),
-    ({"target_modules": ["q_proj", "gate_up_proj"]}, "not supported"),
     ({"use_dora": True}, "DoRA"),
     # hunt round 19 C-F2: an activated LoRA applies only from its invocation tokens on; it was served on every token
     ({"alora_invocation_tokens": [200006, 173781]}, "alora_invocation_tokens"),

@@ -44,6 +44,7 @@ _UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA",
 }
 _NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])(?:\.default)?\.weight")
+_PROJECTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
 
 
 class AdapterError(ValueError):
@@ -86,7 +87,7 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     then the pair: a config whose `r` differs from the rank the tensors have raises `AdapterRankMismatch`, so a
     caller can tell "this file fits another partner" from "this file is wrong"."""
     path = Path(path)
-    rank, scaling = _read_settings(path, name)
+    rank, scaling, _ = _read_settings(path, config, name)
     pairs = _read_pairs(path, config, name)
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) > 1:
@@ -103,8 +104,8 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     return adapter
 
 
-def _read_settings(path: Path, name: str) -> tuple[int, float]:
-    """`adapter_config.json` checked on its own → (rank, scaling). Types are checked as PEFT's `LoraConfig` declares
+def _read_settings(path: Path, config: ModelConfig, name: str) -> tuple[int, float, frozenset[tuple[int, str]] | None]:
+    """`adapter_config.json` checked on its own → (rank, scaling, the projections it targets: `_targeted`). Types are checked as PEFT's `LoraConfig` declares
     them, so a wrong one is named here rather than surfacing as a Python error or as a silently different adapter."""
     try:
         settings = json.loads((path / "adapter_config.json").read_text())
@@ -122,14 +123,14 @@ def _read_settings(path: Path, name: str) -> tuple[int, float]:
             raise AdapterError(f"adapter {name}: {key} ({what}) is not supported")
     if settings.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name}: bias {settings['bias']!r} (biases trained beside the LoRA) is not supported")
-    _check_targets(settings.get("target_modules"), name)
+    targets = _targeted(settings.get("target_modules"), config, name)
     alpha = settings.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not _is_number(alpha) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
         raise AdapterError(f"adapter {name}: lora_alpha must be a number of magnitude at most {MAX_ALPHA:g}, not {alpha!r}")
     rslora = settings.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise AdapterError(f"adapter {name}: use_rslora must be true or false, not {rslora!r}")
-    return rank, alpha / math.sqrt(rank) if rslora else alpha / rank
+    return rank, alpha / math.sqrt(rank) if rslora else alpha / rank, targets
 
 
 def _is_int(value: object) -> bool:
@@ -140,18 +141,62 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_targets(targets: object, name: str) -> None:
-    """PEFT's `target_modules`: a module name (PEFT reads a string as a regex; the plain names are what we serve) or a
-    list of names; absent, the tensors say which modules they adapt."""
+def _targeted(targets: object, config: ModelConfig, name: str) -> frozenset[tuple[int, str]] | None:
+    """PEFT's `target_modules` → the (layer, projection) pairs it adapts, matched as PEFT matches it against the module
+    names of transformers' GptOssForCausalLM (`check_target_module_exists`): a list entry names a module by its full
+    path or by a dotted tail of it, a string is a regular expression the full path must match, and "all-linear" is
+    every linear layer but the output head (in gpt-oss: the attention projections; PEFT saves it as the full paths).
+    A module matched that we do not adapt is refused, and so is an entry that names no module. Absent: None, the
+    tensors say which projections they adapt."""
     if targets is None:
-        return
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise AdapterError(f"adapter {name}: target_modules must be a list of module names, not {targets!r}")
-    unsupported = sorted(set(targets) - set(TARGETS))
-    if unsupported:
-        raise AdapterError(f"adapter {name}: target modules {unsupported} are not supported (only {', '.join(TARGETS)})")
+        return None
+    modules = _module_names(config)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        matched = [m for m in modules if _projection(m) is not None]
+    elif isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise AdapterError(f"adapter {name}: target_modules {targets!r} is not a regular expression ({exc})") from None
+        matched = [m for m in modules if pattern.fullmatch(m)]
+        if not matched:
+            raise AdapterError(f"adapter {name}: target_modules {targets!r} matches no module of the model")
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        unmatched = [t for t in targets if not any(_names(m, t) for m in modules)]
+        if unmatched:
+            raise AdapterError(f"adapter {name}: target_modules {unmatched} name no module of the model (we adapt "
+                               f"{', '.join(TARGETS)})")
+        matched = [m for m in modules if any(_names(m, t) for t in targets)]
+    else:
+        raise AdapterError(f"adapter {name}: target_modules must be a list of module names or a regular expression, "
+                           f"not {targets!r}")
+    others = sorted({re.sub(r"^model\.(layers\.\d+\.)?", "", m) for m in matched if _projection(m) is None})
+    if others:
+        raise AdapterError(f"adapter {name}: target_modules matches modules we do not adapt: {_listed(others)} "
+                           f"(only {', '.join(TARGETS)} of the attention)")
+    return frozenset(_projection(m) for m in matched)
+
+
+def _module_names(config: ModelConfig) -> list[str]:
+    """The names PEFT matches `target_modules` against: the modules of transformers' GptOssForCausalLM."""
+    layer = ("", ".self_attn", *(f".self_attn.{t}" for t in TARGETS), ".mlp", ".mlp.router", ".mlp.experts",
+             ".input_layernorm", ".post_attention_layernorm")
+    return ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head",
+            *(f"model.layers.{i}{part}" for i in range(config.num_hidden_layers) for part in layer)]
+
+
+def _names(module: str, entry: str) -> bool:
+    """PEFT's rule for a list entry: the module's full name, or a tail of it after a dot."""
+    return module == entry or module.endswith("." + entry)
+
+
+def _projection(module: str) -> tuple[int, str] | None:
+    match = _PROJECTION.fullmatch(module)
+    return (int(match[1]), match[2]) if match else None
+
+
+def _listed(items: list, most: int = 8) -> str:
+    return ", ".join(map(str, items[:most])) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _read_pairs(path: Path, config: ModelConfig, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
