@@ -339,7 +339,8 @@ def serve(
                                             help="Where the batch queue, fine-tunes and stored Responses live."),
     rate_limit: int = typer.Option(300, min=0, help="POST requests per minute per token with --api-token, else per client "
                                                     "address (0: no limit)."),
-    lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable); read once, at start (later changes to DIR take effect at the next start)."),
+    lora: list[str] = typer.Option([], help="Preload an adapter: NAME=DIR (repeatable); read once, at start (a change "
+                                            "to DIR takes effect at the next start)."),
     max_num_seqs: int = typer.Option(64, min=1, help="Requests batched together at most."),
     kv_cache_gib: float = typer.Option(2.0, callback=_positive("--kv-cache-gib"), help="Memory for the KV cache."),
     max_batch_requests: int = typer.Option(1000, min=1, help="Requests per queued batch at most."),

@@ -8,9 +8,9 @@ An upload is written to disk as it arrives (`arrival`), in its own folder under 
 in memory: an adapter may be 300 MB. Only MAX_UPLOADS_IN_FLIGHT may be arriving or installing at once; each holds
 up to 300 MB of disk and installs wait their turn, so more would only queue bytes. Beyond that is a 429.
 
-Changing a fine-tune's rank takes two uploads, and after the first the two files disagree. Such a
-file (valid on its own, but of another rank than the stored other file) is neither refused nor
-stored: it waits in `pending/` until the other file of its rank arrives, and the two replace the
+Changing a fine-tune's rank or target modules takes two uploads, and after the first the two files disagree.
+Such a file (valid on its own, but of another rank or targeting other modules than the stored other file) is
+neither refused nor stored: it waits in `pending/` until the other file that fits it arrives, and the two replace the
 stored pair together; until then the fine-tune serves its last complete pair.
 """
 
@@ -220,7 +220,7 @@ class FinetuneStore:
         """Store one asset from `arrived` (the complete file `arrival` gave; it is moved, never read whole, and the
         upload `discard`ed whatever happens). It is staged in its folder beside the other asset: the pending one
         first, then the stored one. `serve` must accept the pair; it installs the file (the pending partner with
-        it) when it does. A file the pair check finds valid but of another rank than both partners waits in
+        it) when it does. A file the pair check finds valid but disagreeing with both partners waits in
         `pending/` (see the module's docstring); without any partner it is stored as is. Anything else raised on
         the way leaves the stored fine-tune exactly as it was."""
         try:
@@ -260,7 +260,7 @@ class FinetuneStore:
                 serve(record, staged, lambda: self._install(record, staged, file_name, with_pending=use_pending))
                 return
             except PairMismatch:
-                continue  # valid, but of another rank than this partner
+                continue  # valid, but not of this partner's pair (rank, target modules)
         (folder / PENDING).mkdir(exist_ok=True)
         os.replace(staged / file_name, folder / PENDING / file_name)
 
@@ -288,7 +288,7 @@ class FinetuneStore:
         return [name for name in ASSET_NAMES if not (self.folder(record) / name).exists()]
 
     def pending_assets(self, record: Finetune) -> list[str]:
-        """Uploaded files waiting for the other file of their rank (not served yet)."""
+        """Uploaded files waiting for the other file of their pair (not served yet)."""
         return [name for name in ASSET_NAMES if (self.folder(record) / PENDING / name).exists()]
 
     def damaged(self) -> list[tuple[Path, str]]:

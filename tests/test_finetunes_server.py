@@ -264,6 +264,42 @@ def test_a_finetune_changes_rank_in_two_uploads_and_each_version_gets_its_own_kv
         server.stop()
 
 
+def test_a_finetune_changes_its_target_modules_in_two_uploads(checkpoints, tmp_path):
+    """Hunt round 19 C-F4. Before: a config and tensors that disagree on the modules adapted were served as the
+    tensors say (PEFT follows the config). Now such a pair is not served: as a pair of two ranks, a file that does
+    not fit the stored other file waits for the one that does, the old pair serving meanwhile."""
+    config = read_config(checkpoints["original"])
+    full = write_random_adapter(config, tmp_path / "full", rank=4, seed=3)
+    qv = write_random_adapter(config, tmp_path / "qv", rank=4, seed=4, targets=("q_proj", "v_proj"))
+    server = start_server(checkpoints["original"], tmp_path / "data", "--lora", f"full={full}", "--lora", f"qv={qv}")
+    body = {"prompt": "Once upon a time, in a land far away", "max_tokens": 8, "temperature": 0}
+
+    def answer(lora: str) -> httpx.Response:
+        return httpx.post(server.run_url(), json={**body, "lora": lora}, timeout=120)
+
+    def send(name: str, folder, file_name: str) -> httpx.Response:
+        return upload(server, name, file_name, (folder / file_name).read_bytes())
+
+    try:
+        want_full, want_qv = answer("full").json()["result"]["response"], answer("qv").json()["result"]["response"]
+        assert want_full != want_qv
+        assert create(server, "ft").status_code == 200
+        assert [send("ft", full, name).status_code for name in ("adapter_config.json", "adapter_model.safetensors")] == [200, 200]
+        waits = send("ft", qv, "adapter_config.json")
+        assert waits.status_code == 200 and "waits" in waits.json()["messages"][0]["message"], waits.text
+        assert answer("ft").json()["result"]["response"] == want_full
+        assert send("ft", qv, "adapter_model.safetensors").json()["messages"] == []
+        assert answer("ft").json()["result"]["response"] == want_qv
+
+        assert create(server, "mixed").status_code == 200  # qv's config with full's tensors: never served
+        assert send("mixed", qv, "adapter_config.json").status_code == 200
+        assert send("mixed", full, "adapter_model.safetensors").json()["messages"], "served a pair that disagrees"
+        refused = answer("mixed")
+        assert refused.status_code == 400 and "waits" in refused.json()["errors"][0]["message"], refused.text
+    finally:
+        server.stop()
+
+
 # -- hunt_security #5: uploads stream to disk, and only MAX_UPLOADS_IN_FLIGHT at once ------------------------
 
 def proc_kib(pid: int, field: str) -> int:

@@ -104,6 +104,69 @@ def test_target_modules_we_do_not_adapt_are_named(model, adapters, tmp_path, tar
         load_peft_adapter(tmp_path / "a", model.config, "a")
 
 
+def _edited(source: Path, out: Path, settings: dict, layers: set[int] | None = None) -> Path:
+    """A copy of the adapter at `source` with its config updated by `settings`, and only `layers`' tensors."""
+    import shutil
+
+    shutil.copytree(source, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, **settings}))
+    if layers is not None:
+        values = {k: v.clone() for k, v in open_mmap(source / "adapter_model.safetensors").items()
+                  if int(k.split(".layers.")[1].split(".")[0]) in layers}
+        write_streaming(out / "adapter_model.safetensors", [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in values.items()],
+                        lambda spec: values[spec.name])
+    return out
+
+
+@pytest.mark.parametrize("adapter, settings, message", [
+    ("one", {"target_modules": ["q_proj"]}, "adapts layer 0 k_proj, layer 0 o_proj, .* which adapter_config.json does not target"),
+    ("one", {"layers_to_transform": [0]}, "adapts layer 1 k_proj, .* which adapter_config.json does not target"),
+    ("one", {"layers_to_transform": 1}, "adapts layer 0 k_proj, .* which adapter_config.json does not target"),
+    ("one", {"layers_to_transform": [0], "layers_pattern": "layers"}, "adapts layer 1 k_proj"),
+    ("one", {"exclude_modules": ["q_proj"]}, "adapts layer 0 q_proj, layer 1 q_proj, .* which adapter_config.json does not target"),
+    ("one", {"exclude_modules": r".*\.3\..*"}, "adapts layer 3 k_proj"),
+    ("two", {"target_modules": ["q_proj", "k_proj", "v_proj"]}, "targets layer 0 k_proj, .* which adapter_model.safetensors has no tensors for"),
+])
+def test_a_config_and_tensors_that_disagree_on_the_modules_are_not_a_pair(model, adapters, tmp_path, adapter, settings, message):
+    """Hunt round 19 C-F4. Before: every tensor was applied whatever the config targets (PEFT follows the config, so
+    answers differed). Now a disagreement is told as a pair mismatch (each file may fit another partner)."""
+    from ossrun.model.lora import AdapterPairMismatch
+
+    with pytest.raises(AdapterPairMismatch, match=message):
+        load_peft_adapter(_edited(adapters[adapter], tmp_path / "a", settings), model.config, "a")
+
+
+@pytest.mark.parametrize("settings, layers", [
+    ({"layers_to_transform": [0, 2]}, {0, 2}),
+    ({"layers_to_transform": 3, "layers_pattern": "layers"}, {3}),
+    ({"target_modules": ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj",
+                         "model.layers.1.self_attn.o_proj"], "layers_to_transform": [0]}, {1}),  # PEFT: a full path is exact
+    ({"exclude_modules": ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "layers.0.self_attn.v_proj",
+                          "0.self_attn.o_proj"]}, {1, 2, 3}),
+])
+def test_a_config_that_limits_its_layers_fits_the_tensors_of_those(model, adapters, tmp_path, settings, layers):
+    adapter = load_peft_adapter(_edited(adapters["one"], tmp_path / "a", settings, layers), model.config, "a")
+    assert set(adapter.weights) == layers
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lora_bias": True}, "lora_bias"),
+    ({"layer_replication": [[0, 2], [1, 4]]}, "layer_replication"),
+    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    ({"layers_to_transform": "0"}, "layers_to_transform must be"),
+    ({"layers_to_transform": [0.0]}, "layers_to_transform must be"),
+    ({"layers_pattern": 3, "layers_to_transform": [0]}, "layers_pattern must be"),
+    ({"exclude_modules": 5}, "exclude_modules must be"),
+    ({"exclude_modules": "("}, "exclude_modules '\\(' is not a regular expression"),
+    ({"layers_to_transform": [0], "layers_pattern": ["blocks"]}, "targets no module"),
+    ({"layers_to_transform": [0], "layers_pattern": "("}, "layers_pattern '\\(' is not a regular expression"),
+])
+def test_settings_that_change_where_the_lora_applies_are_checked(model, adapters, tmp_path, settings, message):
+    with pytest.raises(AdapterError, match=message):
+        load_peft_adapter(_edited(adapters["one"], tmp_path / "a", settings), model.config, "a")
+
+
 def test_mixed_batch_equals_each_request_alone(model, adapters):
     def engine():
         e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, max_tokens_per_step=128))
@@ -382,10 +445,10 @@ def test_unusable_adapter_values_are_explained(model, adapters, tmp_path, settin
 
 def test_lora_alpha_defaults_as_in_peft_and_a_rank_mismatch_is_told_apart(model, adapters, tmp_path):
     """PEFT's `LoraConfig.lora_alpha` defaults to 8 (it was taken as r); a config whose r is not the tensors' rank
-    raises `AdapterRankMismatch` (each file is fine alone: a fine-tune changing rank has sent one of the two)."""
+    raises `AdapterPairMismatch` (each file is fine alone: a fine-tune changing rank has sent one of the two)."""
     import shutil
 
-    from ossrun.model.lora import AdapterRankMismatch
+    from ossrun.model.lora import AdapterPairMismatch
 
     folder = tmp_path / "a"
     shutil.copytree(adapters["two"], folder)  # rank 4
@@ -394,5 +457,5 @@ def test_lora_alpha_defaults_as_in_peft_and_a_rank_mismatch_is_told_apart(model,
     (folder / "adapter_config.json").write_text(json.dumps(config))
     assert load_peft_adapter(folder, model.config, "a").scaling == 8 / 4
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    with pytest.raises(AdapterRankMismatch, match="r=8 but the tensors of adapter_model.safetensors have rank 4"):
+    with pytest.raises(AdapterPairMismatch, match="r=8 but the tensors of adapter_model.safetensors have rank 4"):
         load_peft_adapter(folder, model.config, "a")

@@ -26,7 +26,7 @@ from ossrun.api.stops import StopStrings
 from ossrun.api.errors import SHUTTING_DOWN, ApiError, bad_input, context_too_long, storage_refused, unknown_lora
 from ossrun.engine.client import (
     AdapterLoadError,
-    AdapterRankMismatchError,
+    AdapterPairMismatchError,
     BudgetTooSmall,
     ContextLengthError,
     EngineClient,
@@ -333,15 +333,16 @@ class Service:
     def upload_finetune_asset(self, id_or_name: str, file_name: str, arrived: Path):
         """Store an uploaded asset (the file `FinetuneStore.arrival` gave) and serve the fine-tune once both are there.
         A complete pair is loaded from where it is staged before the new file replaces the stored one, so a refused
-        upload (400) changes nothing; a file of another rank than the stored one waits for its pair (`FinetuneStore`).
+        upload (400) changes nothing; a file that does not fit the stored one (another rank, other target modules)
+        waits for its pair (`FinetuneStore`).
         Blocking: run it off the event loop."""
         return self.finetunes.upload(id_or_name, file_name, arrived, serve=self._serve_finetune)
 
     def _serve_finetune(self, record, folder: Path, install: Callable[[], Path]) -> None:
-        """The store's `serve`: a pair of two valid files of different ranks is its PairMismatch (the file waits)."""
+        """The store's `serve`: a pair of two valid files that disagree is its PairMismatch (the file waits)."""
         try:
             self.register_finetune(record, folder, install)
-        except AdapterRankMismatchError:
+        except AdapterPairMismatchError:
             raise PairMismatch() from None
 
     def register_finetune(self, record, folder: Path | None = None, install: Callable[[], Path] | None = None) -> None:
@@ -349,7 +350,7 @@ class Service:
         try:
             self.engine.register_adapter(record.name, folder or self.finetunes.folder(record), install)
             self._unloadable.pop(record.name, None)
-        except AdapterRankMismatchError:
+        except AdapterPairMismatchError:
             raise
         except AdapterLoadError as exc:
             raise ApiError(400, 5005, f"AiError: {exc}") from None
@@ -387,9 +388,9 @@ class Service:
 
     def _why_unloadable(self, record) -> str:
         """What its owner can act on: the files missing, or why the stored ones did not load at start (a truncated
-        file, a pair of two ranks), which they fix by uploading them again."""
+        file, a pair that disagrees), which they fix by uploading them again."""
         missing = ", ".join(self.finetunes.missing_assets(record))
-        waiting = "".join(f"; the uploaded {name} waits for the other file of its rank"
+        waiting = "".join(f"; the uploaded {name} waits for the other file that fits it (its rank, its target modules)"
                           for name in self.finetunes.pending_assets(record))
         if not missing and record.name in self._unloadable:
             return f"its stored files did not load ({self._unloadable[record.name]}); upload them again{waiting}"

@@ -498,9 +498,9 @@ async def upload_asset(account_id: str, id_or_name: str, request: Request):
     answer = envelope(_finetune_json(record))
     if file_name in service.finetunes.pending_assets(record):
         other = next(name for name in ASSET_NAMES if name != file_name)
-        answer["messages"].append({"code": 5005, "message": f"{file_name} is of another rank than the stored {other}: it waits "
-                                                            f"for the {other} of its rank, and the fine-tune serves its "
-                                                            f"previous pair until then"})
+        answer["messages"].append({"code": 5005, "message": f"{file_name} does not fit the stored {other} (another rank, "
+                                                            f"or other target modules): it waits for the {other} that "
+                                                            f"fits it, and the fine-tune serves its previous pair until then"})
     return answer
 
 

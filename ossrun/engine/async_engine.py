@@ -19,7 +19,7 @@ import torch
 
 from ossrun.engine.client import EngineInfo, Submission
 from ossrun.engine.engine import Engine, EngineOptions
-from ossrun.engine.errors import AdapterLoadError, AdapterRankMismatchError, ShuttingDownError
+from ossrun.engine.errors import AdapterLoadError, AdapterPairMismatchError, ShuttingDownError
 from ossrun.engine.grammar import GrammarError
 from ossrun.engine.request import Request, TokenEvent
 from ossrun.model.checkpoint import load_checkpoint
@@ -120,12 +120,12 @@ class AsyncEngine:
                 yield event
 
     def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
-        from ossrun.model.lora import AdapterError, AdapterRankMismatch
+        from ossrun.model.lora import AdapterError, AdapterPairMismatch
 
         try:
             self.engine.adapters.register(name, path, install, resident)
-        except AdapterRankMismatch as exc:
-            raise AdapterRankMismatchError(str(exc)) from None
+        except AdapterPairMismatch as exc:
+            raise AdapterPairMismatchError(str(exc)) from None
         except AdapterError as exc:
             raise AdapterLoadError(str(exc)) from None
 

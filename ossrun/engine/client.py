@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ossrun.engine.errors import AdapterLoadError, AdapterRankMismatchError, ContextLengthError, ShuttingDownError, UnknownAdapterError
+from ossrun.engine.errors import AdapterLoadError, AdapterPairMismatchError, ContextLengthError, ShuttingDownError, UnknownAdapterError
 from ossrun.engine.grammar import BudgetTooSmall, Grammar, GrammarError, Span
 from ossrun.engine.request import Priority, SamplingParams, TokenEvent, TokenLogprob
 
-__all__ = ["AdapterLoadError", "AdapterRankMismatchError", "BudgetTooSmall", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar",
+__all__ = ["AdapterLoadError", "AdapterPairMismatchError", "BudgetTooSmall", "ContextLengthError", "EngineClient", "EngineInfo", "Grammar",
            "GrammarError", "Priority", "SamplingParams", "ShuttingDownError", "Span", "Submission", "TokenEvent", "TokenLogprob", "UnknownAdapterError"]
 
 
@@ -66,8 +66,8 @@ class EngineClient(Protocol):
 
     def register_adapter(self, name: str, path: Path, install: Callable[[], Path] | None = None, resident: bool = False) -> None:
         """Serve the PEFT LoRA adapter at `path` as `name`'s new version (requests already running keep theirs, and
-        no KV is shared between versions); AdapterLoadError (AdapterRankMismatchError: the two files are each valid
-        but of different ranks), or any error of unreadable files, when it cannot be. `install`, called once the
+        no KV is shared between versions); AdapterLoadError (AdapterPairMismatchError: the two files are each valid
+        but disagree: rank, target modules), or any error of unreadable files, when it cannot be. `install`, called once the
         adapter is accepted, moves its files to where they stay and returns that folder. `resident`: read once and kept in
         memory, never read again (a `--lora` folder, which may change while the server runs)."""
 

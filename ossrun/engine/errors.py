@@ -36,6 +36,7 @@ class AdapterLoadError(ValueError):
     """A LoRA adapter that cannot be served (wrong modules, rank, shapes); the message says why."""
 
 
-class AdapterRankMismatchError(AdapterLoadError):
-    """Each of the adapter's two files is valid alone, but the config's `r` is not the tensors' rank: one of them
-    belongs to another pair (a fine-tune changing rank has replaced one file so far)."""
+class AdapterPairMismatchError(AdapterLoadError):
+    """Each of the adapter's two files is valid alone, but they disagree (the config's `r` is not the tensors' rank, or
+    it targets other projections than the tensors adapt): one of them belongs to another pair (a fine-tune changing
+    rank or target modules has replaced one file so far)."""

@@ -42,6 +42,9 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA",
     "arrow_config": "Arrow routing",
     "monteclora_config": "MonteCLoRA",
+    "lora_bias": "a trained bias on lora_B",
+    "layer_replication": "layers repeated",
+    "target_parameters": "LoRA on parameters, such as the experts'",
 }
 _NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.lora_([AB])(?:\.default)?\.weight")
 _PROJECTION = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
@@ -51,12 +54,9 @@ class AdapterError(ValueError):
     """An adapter that cannot be used with this model; the message says why."""
 
 
-class AdapterRankMismatch(AdapterError):
-    """Each file is a valid adapter half on its own, but the config's `r` is not the rank of the tensors."""
-
-    def __init__(self, message: str, config_rank: int, tensor_rank: int):
-        super().__init__(message)
-        self.config_rank, self.tensor_rank = config_rank, tensor_rank
+class AdapterPairMismatch(AdapterError):
+    """Each file is a valid adapter half on its own, but the two disagree: the config's `r` is not the rank of the
+    tensors, or the config targets other projections than the tensors adapt (one file belongs to another pair)."""
 
 
 @dataclass(slots=True)
@@ -84,10 +84,11 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     """Read and check a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
 
     Each file is checked on its own first (the config's settings; the tensors' names, shapes, dtypes and values),
-    then the pair: a config whose `r` differs from the rank the tensors have raises `AdapterRankMismatch`, so a
-    caller can tell "this file fits another partner" from "this file is wrong"."""
+    then the pair: a config whose `r` differs from the rank the tensors have, or that targets other projections than
+    the tensors adapt, raises `AdapterPairMismatch`, so a caller can tell "this file fits another partner" from "this
+    file is wrong"."""
     path = Path(path)
-    rank, scaling, _ = _read_settings(path, config, name)
+    rank, scaling, (targets, every_target) = _read_settings(path, config, name)
     pairs = _read_pairs(path, config, name)
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) > 1:
@@ -96,17 +97,33 @@ def load_peft_adapter(path: str | Path, config: ModelConfig, name: str, dtype: t
     if tensor_rank > MAX_RANK:
         raise AdapterError(f"adapter {name}: rank {tensor_rank} is over the maximum of {MAX_RANK}")
     if tensor_rank != rank:
-        raise AdapterRankMismatch(f"adapter {name}: adapter_config.json says r={rank} but the tensors of "
-                                  f"adapter_model.safetensors have rank {tensor_rank}", rank, tensor_rank)
+        raise AdapterPairMismatch(f"adapter {name}: adapter_config.json says r={rank} but the tensors of "
+                                  f"adapter_model.safetensors have rank {tensor_rank}")
+    _check_modules(targets, every_target, set(pairs), name)
     adapter = LoraAdapter(name, rank, scaling)
     for (layer, target), (a, b) in pairs.items():
         adapter.weights.setdefault(layer, {})[target] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
     return adapter
 
 
-def _read_settings(path: Path, config: ModelConfig, name: str) -> tuple[int, float, frozenset[tuple[int, str]] | None]:
-    """`adapter_config.json` checked on its own → (rank, scaling, the projections it targets: `_targeted`). Types are checked as PEFT's `LoraConfig` declares
-    them, so a wrong one is named here rather than surfacing as a Python error or as a silently different adapter."""
+def _check_modules(targets: frozenset[tuple[int, str]], every_target: bool, adapted: set[tuple[int, str]], name: str) -> None:
+    """The tensors adapt exactly the projections the config targets (PEFT would ignore the others, and leave a target
+    without tensors at its initial weights): else AdapterPairMismatch, naming the difference."""
+    def listed(modules: set[tuple[int, str]]) -> str:
+        return _listed([f"layer {layer} {target}" for layer, target in sorted(modules)])
+
+    if adapted - targets:
+        raise AdapterPairMismatch(f"adapter {name}: adapter_model.safetensors adapts {listed(adapted - targets)}, which "
+                                  "adapter_config.json does not target")
+    if every_target and targets - adapted:
+        raise AdapterPairMismatch(f"adapter {name}: adapter_config.json targets {listed(targets - adapted)}, which "
+                                  "adapter_model.safetensors has no tensors for")
+
+
+def _read_settings(path: Path, config: ModelConfig, name: str) -> tuple[int, float, tuple[frozenset[tuple[int, str]], bool]]:
+    """`adapter_config.json` checked on its own → (rank, scaling, where it applies: `_targeted`). Types are checked as
+    PEFT's `LoraConfig` declares them, so a wrong one is named here rather than surfacing as a Python error or as a
+    silently different adapter."""
     try:
         settings = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8 at all
@@ -123,7 +140,7 @@ def _read_settings(path: Path, config: ModelConfig, name: str) -> tuple[int, flo
             raise AdapterError(f"adapter {name}: {key} ({what}) is not supported")
     if settings.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name}: bias {settings['bias']!r} (biases trained beside the LoRA) is not supported")
-    targets = _targeted(settings.get("target_modules"), config, name)
+    targets = _targeted(settings, config, name)
     alpha = settings.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not _is_number(alpha) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
         raise AdapterError(f"adapter {name}: lora_alpha must be a number of magnitude at most {MAX_ALPHA:g}, not {alpha!r}")
@@ -141,32 +158,33 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _targeted(targets: object, config: ModelConfig, name: str) -> frozenset[tuple[int, str]] | None:
-    """PEFT's `target_modules` → the (layer, projection) pairs it adapts, matched as PEFT matches it against the module
-    names of transformers' GptOssForCausalLM (`check_target_module_exists`): a list entry names a module by its full
-    path or by a dotted tail of it, a string is a regular expression the full path must match, and "all-linear" is
-    every linear layer but the output head (in gpt-oss: the attention projections; PEFT saves it as the full paths).
-    A module matched that we do not adapt is refused, and so is an entry that names no module. Absent: None, the
-    tensors say which projections they adapt."""
-    if targets is None:
-        return None
+def _targeted(settings: dict, config: ModelConfig, name: str) -> tuple[frozenset[tuple[int, str]], bool]:
+    """Where the config applies the LoRA → (the (layer, projection) pairs, whether the tensors must adapt every one).
+
+    Matched as PEFT matches it (`check_target_module_exists`) against the module names of transformers'
+    GptOssForCausalLM: `exclude_modules` first (a list entry names a module by its full path or by a dotted tail of
+    it; a string is a regular expression the full path must match), then `target_modules` (the same two forms, and
+    "all-linear": every linear layer but the output head, in gpt-oss the attention projections; PEFT saves it as the
+    full paths), a list entry other than a full path only in `layers_to_transform` (the layer index found by
+    `layers_pattern`). A module matched that we do not adapt is refused, and so is an entry that names no module.
+    Without `target_modules` (PEFT has no default for gpt-oss) the tensors say which projections they adapt."""
+    targets, exclude = settings.get("target_modules"), settings.get("exclude_modules")
+    _check_layer_settings(settings, name)
     modules = _module_names(config)
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        matched = [m for m in modules if _projection(m) is not None]
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise AdapterError(f"adapter {name}: target_modules {targets!r} is not a regular expression ({exc})") from None
-        matched = [m for m in modules if pattern.fullmatch(m)]
-        if not matched:
-            raise AdapterError(f"adapter {name}: target_modules {targets!r} matches no module of the model")
-    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
-        unmatched = [t for t in targets if not any(_names(m, t) for m in modules)]
+    kept = [m for m in modules if not _matches(exclude, m, "exclude_modules", name)]
+    if targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        entries = list(TARGETS) if targets is None else targets
+        unmatched = [t for t in entries if not any(_names(m, t) for m in modules)]
         if unmatched:
             raise AdapterError(f"adapter {name}: target_modules {unmatched} name no module of the model (we adapt "
                                f"{', '.join(TARGETS)})")
-        matched = [m for m in modules if any(_names(m, t) for t in targets)]
+        matched = [m for m in kept if m in entries or any(_names(m, t) for t in entries) and _in_layers(m, settings)]
+    elif isinstance(targets, str) and targets.lower() == "all-linear":
+        matched = [m for m in kept if _projection(m) is not None]
+    elif isinstance(targets, str):
+        if not any(_matches(targets, m, "target_modules", name) for m in modules):
+            raise AdapterError(f"adapter {name}: target_modules {targets!r} matches no module of the model")
+        matched = [m for m in kept if _matches(targets, m, "target_modules", name)]
     else:
         raise AdapterError(f"adapter {name}: target_modules must be a list of module names or a regular expression, "
                            f"not {targets!r}")
@@ -174,7 +192,48 @@ def _targeted(targets: object, config: ModelConfig, name: str) -> frozenset[tupl
     if others:
         raise AdapterError(f"adapter {name}: target_modules matches modules we do not adapt: {_listed(others)} "
                            f"(only {', '.join(TARGETS)} of the attention)")
-    return frozenset(_projection(m) for m in matched)
+    if not matched:
+        raise AdapterError(f"adapter {name}: adapter_config.json targets no module (exclude_modules and "
+                           "layers_to_transform leave none)")
+    return frozenset(_projection(m) for m in matched), targets is not None
+
+
+def _check_layer_settings(settings: dict, name: str) -> None:
+    """The types PEFT declares for the settings that narrow the targets (a layers_pattern is a regular expression)."""
+    layers, pattern, exclude = settings.get("layers_to_transform"), settings.get("layers_pattern"), settings.get("exclude_modules")
+    if not (layers is None or _is_int(layers) or isinstance(layers, list) and all(_is_int(i) for i in layers)):
+        raise AdapterError(f"adapter {name}: layers_to_transform must be a layer index or a list of them, not {layers!r}")
+    for key, value in (("layers_pattern", pattern), ("exclude_modules", exclude)):
+        if not (value is None or isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise AdapterError(f"adapter {name}: {key} must be a string or a list of strings, not {value!r}")
+    for value in [pattern] if isinstance(pattern, str) else pattern or []:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise AdapterError(f"adapter {name}: layers_pattern {value!r} is not a regular expression ({exc})") from None
+
+
+def _matches(spec: str | list[str] | None, module: str, key: str, name: str) -> bool:
+    """A `target_modules` / `exclude_modules` value names `module`: a string as a regular expression, a list by names."""
+    if not spec:
+        return False
+    if isinstance(spec, list):
+        return any(_names(module, entry) for entry in spec)
+    try:
+        return re.fullmatch(spec, module) is not None
+    except re.error as exc:
+        raise AdapterError(f"adapter {name}: {key} {spec!r} is not a regular expression ({exc})") from None
+
+
+def _in_layers(module: str, settings: dict) -> bool:
+    """PEFT's `layers_to_transform`: the first numbered path segment (after one of `layers_pattern`) is among them."""
+    layers, pattern = settings.get("layers_to_transform"), settings.get("layers_pattern")
+    if layers is None or layers == []:
+        return True
+    patterns = [pattern] if isinstance(pattern, str) else pattern or []
+    found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", module) for p in patterns] if patterns else [re.match(r".*?\.[^.]*\.(\d+)\.", module)]
+    index = next((int(m[1]) for m in found if m), None)
+    return index is not None and (index == layers if _is_int(layers) else index in layers)
 
 
 def _module_names(config: ModelConfig) -> list[str]:
