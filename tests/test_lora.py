@@ -167,6 +167,24 @@ def test_settings_that_change_where_the_lora_applies_are_checked(model, adapters
         load_peft_adapter(_edited(adapters["one"], tmp_path / "a", settings), model.config, "a")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("settings, key", [
+    ({"target_modules": "(.*)*x"}, "target_modules"),
+    ({"exclude_modules": "(.|.)*x"}, "exclude_modules"),
+    ({"layers_to_transform": [0], "layers_pattern": "(.*)*x"}, "layers_pattern"),
+])
+def test_a_regular_expression_that_backtracks_without_end_is_refused_in_seconds(model, adapters, tmp_path, settings, key):
+    """A config's regular expression is the uploader's: `(.*)*x` against a 31-character module name backtracks for
+    minutes in Python's `re`, holding the GIL (one upload froze the server). It is matched in a child process with
+    a deadline and refused by name."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(AdapterError, match=rf"{key} .* did not finish matching the model's \d+ module names in 5 s"):
+        load_peft_adapter(_edited(adapters["one"], tmp_path / "a", settings), model.config, "a")
+    assert time.monotonic() - start < 30
+
+
 def test_mixed_batch_equals_each_request_alone(model, adapters):
     def engine():
         e = Engine(model, EngineOptions(kv_dtype=torch.float32, kv_cache_bytes=32 * 1024**2, max_model_len=2048, max_tokens_per_step=128))

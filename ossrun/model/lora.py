@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from struct import error as struct_error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,20 +173,23 @@ def _targeted(settings: dict, config: ModelConfig, name: str) -> tuple[frozenset
     targets, exclude = settings.get("target_modules"), settings.get("exclude_modules")
     _check_layer_settings(settings, name)
     modules = _module_names(config)
-    kept = [m for m in modules if not _matches(exclude, m, "exclude_modules", name)]
+    excluded = _matching(exclude, modules, "exclude_modules", name)
+    kept = [m for m in modules if m not in excluded]
+    in_layers = _in_layers(modules, settings, name)
     if targets is None or isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         entries = list(TARGETS) if targets is None else targets
         unmatched = [t for t in entries if not any(_names(m, t) for m in modules)]
         if unmatched:
             raise AdapterError(f"adapter {name}: target_modules {unmatched} name no module of the model (we adapt "
                                f"{', '.join(TARGETS)})")
-        matched = [m for m in kept if m in entries or any(_names(m, t) for t in entries) and _in_layers(m, settings)]
+        matched = [m for m in kept if m in entries or any(_names(m, t) for t in entries) and m in in_layers]
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         matched = [m for m in kept if _projection(m) is not None]
     elif isinstance(targets, str):
-        if not any(_matches(targets, m, "target_modules", name) for m in modules):
+        chosen = _matching(targets, modules, "target_modules", name)
+        if not chosen:
             raise AdapterError(f"adapter {name}: target_modules {targets!r} matches no module of the model")
-        matched = [m for m in kept if _matches(targets, m, "target_modules", name)]
+        matched = [m for m in kept if m in chosen]
     else:
         raise AdapterError(f"adapter {name}: target_modules must be a list of module names or a regular expression, "
                            f"not {targets!r}")
@@ -208,32 +213,69 @@ def _check_layer_settings(settings: dict, name: str) -> None:
             raise AdapterError(f"adapter {name}: {key} must be a string or a list of strings, not {value!r}")
     for value in [pattern] if isinstance(pattern, str) else pattern or []:
         try:
-            re.compile(value)
+            re.compile(value)  # compiling is bounded by the pattern's length; matching runs in `_user_regex_matches`
         except re.error as exc:
             raise AdapterError(f"adapter {name}: layers_pattern {value!r} is not a regular expression ({exc})") from None
 
 
-def _matches(spec: str | list[str] | None, module: str, key: str, name: str) -> bool:
-    """A `target_modules` / `exclude_modules` value names `module`: a string as a regular expression, a list by names."""
+def _matching(spec: str | list[str] | None, modules: list[str], key: str, name: str) -> set[str]:
+    """The modules a `target_modules` / `exclude_modules` value names: a string as a regular expression the full path
+    must match, a list by names."""
     if not spec:
-        return False
+        return set()
     if isinstance(spec, list):
-        return any(_names(module, entry) for entry in spec)
-    try:
-        return re.fullmatch(spec, module) is not None
-    except re.error as exc:
-        raise AdapterError(f"adapter {name}: {key} {spec!r} is not a regular expression ({exc})") from None
+        return {m for m in modules if any(_names(m, entry) for entry in spec)}
+    found = _user_regex_matches(spec, "fullmatch", modules, f"{key} {spec!r}", name)
+    return {m for m, groups in zip(modules, found) if groups is not None}
 
 
-def _in_layers(module: str, settings: dict) -> bool:
-    """PEFT's `layers_to_transform`: the first numbered path segment (after one of `layers_pattern`) is among them."""
+def _in_layers(modules: list[str], settings: dict, name: str) -> set[str]:
+    """PEFT's `layers_to_transform`: the modules whose first numbered path segment (after one of `layers_pattern`)
+    is among them."""
     layers, pattern = settings.get("layers_to_transform"), settings.get("layers_pattern")
     if layers is None or layers == []:
-        return True
+        return set(modules)
+    wanted = {layers} if _is_int(layers) else set(layers)
     patterns = [pattern] if isinstance(pattern, str) else pattern or []
-    found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", module) for p in patterns] if patterns else [re.match(r".*?\.[^.]*\.(\d+)\.", module)]
-    index = next((int(m[1]) for m in found if m), None)
-    return index is not None and (index == layers if _is_int(layers) else index in layers)
+    if patterns:
+        found: list[tuple | None] = [None] * len(modules)
+        for p in patterns:  # the first pattern that finds a layer index decides
+            matches = _user_regex_matches(rf"(?:^|.*?\.){p}\.(\d+)\.", "match", modules, f"layers_pattern {p!r}", name)
+            found = [f if f is not None else g for f, g in zip(found, matches)]
+    else:
+        found = [m.groups() if (m := _ANY_LAYER.match(module)) else None for module in modules]
+    return {m for m, groups in zip(modules, found) if groups is not None and int(groups[-1]) in wanted}
+
+
+_ANY_LAYER = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's layer index without a layers_pattern
+
+
+# A regular expression from an adapter's config runs in a child process with a deadline: Python's `re` backtracks
+# without bound (`(.*)*x` against a 31-character module name runs for minutes) and holds the GIL all the while, so
+# in the server's own process one upload would freeze every request.
+_REGEX_SECONDS = 5.0
+_REGEX_CHILD = ("import json, re, sys\n"
+                "regex, how, texts = json.load(sys.stdin)\n"
+                "try:\n    compiled = re.compile(regex)\n"
+                "except re.error as exc:\n    json.dump({'error': str(exc)}, sys.stdout); sys.exit()\n"
+                "json.dump({'groups': [m and m.groups() for m in map(getattr(compiled, how), texts)]}, sys.stdout)\n")
+
+
+def _user_regex_matches(regex: str, how: str, texts: list[str], what: str, name: str) -> list[tuple | None]:
+    """`re.<how>(regex, text).groups()` (how: "match" or "fullmatch"; None where it does not match) for each text,
+    computed in a child process that is killed after `_REGEX_SECONDS`. `what` names the setting in the errors."""
+    try:
+        child = subprocess.run([sys.executable, "-I", "-S", "-c", _REGEX_CHILD], input=json.dumps([regex, how, texts]),
+                               capture_output=True, text=True, timeout=_REGEX_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise AdapterError(f"adapter {name}: {what} did not finish matching the model's {len(texts)} module names "
+                           f"in {_REGEX_SECONDS:g} s (a regular expression that backtracks without end)") from None
+    if child.returncode != 0:
+        raise AdapterError(f"adapter {name}: {what} could not be matched ({child.stderr.strip()[-200:]})")
+    answer = json.loads(child.stdout)
+    if "error" in answer:
+        raise AdapterError(f"adapter {name}: {what} is not a regular expression ({answer['error']})")
+    return [tuple(g) if g is not None else None for g in answer["groups"]]
 
 
 def _module_names(config: ModelConfig) -> list[str]:
