@@ -997,3 +997,13 @@ def test_a_full_batch_queue_refuses_new_batches_until_results_are_polled(client)
         time.sleep(0.02)
     assert polled["status"] == "done" and store.get(request_id).collected
     assert queue().status_code == 200 and store.get(request_id) is None  # the collected batch made room
+
+
+def test_model_json_reads_numbers_as_the_hosted_runtime_writes_them():
+    """Hunt round 19 B-F1: a number beyond a double's range became Python's inf, which no JSON answer can carry (a 500).
+    JavaScript reads it as Infinity and writes null; text that is not JSON (or nests past Python's parser) stays text."""
+    from ossrun.api.results import model_json
+    assert model_json('{"x": 935E100151070, "y": [-1e400, 1.5, 12345678901234567890123, 1' + "0" * 400 + "]}") == \
+        {"x": None, "y": [None, 1.5, 12345678901234567890123, None]}
+    for text in ('{"x": NaN}', '[Infinity]', '{"x": 1', "[" * 100_000 + "]" * 100_000):
+        assert model_json(text) == text

@@ -44,6 +44,17 @@ def test_a_crash_requeues_running_items_and_keeps_done_ones(tmp_path):
     assert reopened.get(batch_id).items[0].result == {"response": "done 0"}
 
 
+def test_a_result_json_cannot_carry_is_stored_as_javascript_writes_it(tmp_path):
+    """Hunt round 19 B-F1: a result holding inf was stored as `Infinity` (Python's, not JSON), read back as inf, and every
+    poll of its batch was a 500 (its other items' results lost). JSON.stringify writes a non-finite number as null."""
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+    batch_id = store.create("m", [{"prompt": "x"}])
+    store.complete(store.claim(1)[0], True, {"response": {"x": float("inf"), "y": [float("-inf"), float("nan"), 1.5]}}, 1, 1)
+    assert store.get(batch_id).items[0].result == {"response": {"x": None, "y": [None, None, 1.5]}}
+    stored = sqlite3.connect(tmp_path / "q.sqlite").execute("SELECT result FROM items").fetchone()[0]
+    assert "Infinity" not in stored and "NaN" not in stored
+
+
 def test_retention_deletes_only_finished_batches(tmp_path):
     store = SQLiteBatchStore(tmp_path / "q.sqlite")
     done = store.create("m", [{"prompt": "x"}])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import jsonschema
@@ -270,3 +271,69 @@ def test_a_date_time_fits_a_moderate_budget(server):
         # The random model never writes a date-time: the budget guard closes it, so the valid answer ends with length.
         assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= budget
         jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+
+
+# With these seeds the demo model writes a number beyond a double's range (`{"x":935E100151070}`): valid JSON, valid
+# against the schema (JSON and the grammar allow any exponent).
+HUGE_NUMBER_SEED, HUGE_ARGUMENT_SEED = 13, 78
+NUMBER_OBJECT = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"], "additionalProperties": False}
+NUMBER_TOOL = {"name": "f", "description": "d", "parameters": NUMBER_OBJECT}
+
+
+def strict_json(text: str):
+    """JSON as a strict parser (JavaScript's `JSON.parse`) reads it: Python's `Infinity` and `NaN` are no JSON."""
+    def refuse(literal: str):
+        raise ValueError(f"{literal} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def huge_number_body(**fields) -> dict:
+    return {"prompt": "Give me the data.", "seed": HUGE_NUMBER_SEED, "temperature": 1.0, "max_tokens": 120,
+            "response_format": {"type": "json_schema", "json_schema": NUMBER_OBJECT}, **fields}
+
+
+def test_a_number_beyond_a_doubles_range_is_null_in_a_parsed_answer_and_text_in_a_written_one(demo_server):
+    """Hunt round 19 B-F1: Python read the number as inf, which JSON cannot carry: the Prompt shape's JSON answer was
+    a 500 (after the tokens were generated and metered). The hosted JSON.parse reads it as Infinity and JSON.stringify
+    writes that as null: so does ossrun where it parses the answer; a stream's text keeps what the model wrote."""
+    sync = httpx.post(demo_server.run_url(), json=huge_number_body(), headers=demo_server.headers, timeout=120)
+    assert sync.status_code == 200, sync.text
+    result = strict_json(sync.text)["result"]
+    assert result["response"] == {"x": None} and result["finish_reason"] == "stop"
+    streamed = httpx.post(demo_server.run_url(), json=huge_number_body(stream=True), headers=demo_server.headers, timeout=120)
+    frames = [strict_json(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    written = "".join(f.get("response", "") for f in frames)
+    assert json.loads(written) == {"x": float("inf")}  # the model's text, as written
+
+
+def test_a_tool_argument_beyond_a_doubles_range_is_null_sync_and_streamed(demo_server):
+    """Hunt round 19 B-F1: the Prompt shape's tool call (`arguments` an object) was a 500 sync, and streamed its last
+    frame held `{"x": Infinity}`, which no strict JSON parser reads."""
+    body = {"prompt": "Give me the data.", "seed": HUGE_ARGUMENT_SEED, "temperature": 1.0, "max_tokens": 120, "tools": [NUMBER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    sync = httpx.post(demo_server.run_url(), json=body, headers=demo_server.headers, timeout=120)
+    assert sync.status_code == 200, sync.text
+    assert strict_json(sync.text)["result"]["tool_calls"] == [{"name": "f", "arguments": {"x": None}}]
+    streamed = httpx.post(demo_server.run_url(), json={**body, "stream": True}, headers=demo_server.headers, timeout=120)
+    last = strict_json([line for line in streamed.text.splitlines() if line.startswith("data: {")][-1][6:])
+    assert last["finish_reason"] == "tool_calls" and last["tool_calls"] == [{"name": "f", "arguments": {"x": None}}]
+
+
+def test_a_batch_holding_a_number_beyond_a_doubles_range_can_be_polled(demo_server):
+    """Hunt round 19 B-F1: the item's result was stored as `Infinity`, so every poll of its batch was a 500 and the
+    other items' results could never be collected."""
+    queued = httpx.post(demo_server.run_url(), params={"queueRequest": "true"}, headers=demo_server.headers, timeout=60, json={
+        "requests": [{"prompt": "Hello", "max_tokens": 20, "external_reference": "innocent"},
+                     {**huge_number_body(), "external_reference": "number"}]})
+    assert queued.status_code == 200, queued.text
+    request_id = queued.json()["result"]["request_id"]
+    for _ in range(600):
+        poll = httpx.post(demo_server.run_url(), json={"request_id": request_id}, headers=demo_server.headers, timeout=60)
+        assert poll.status_code == 200, poll.text
+        result = strict_json(poll.text)["result"]
+        if "responses" in result:
+            break
+        time.sleep(0.2)
+    innocent, number = result["responses"]
+    assert innocent["success"] and innocent["external_reference"] == "innocent" and innocent["result"]["usage"]["completion_tokens"]
+    assert number["success"] and number["external_reference"] == "number" and number["result"]["response"] == {"x": None}

@@ -31,7 +31,8 @@ OFF_LOOP_BYTES = 256 * 1024
 T = TypeVar("T")
 
 
-def _not_json(literal: str) -> Any:
+def not_json(literal: str) -> Any:
+    """`parse_constant` for JSON that must be JSON: Python's `NaN`, `Infinity` and `-Infinity` are not."""
     raise ValueError(f"{literal} is not JSON")
 
 
@@ -45,7 +46,7 @@ def _integer(literal: str) -> int | float:
 def parse_json(raw: bytes) -> Any:
     """The body's JSON value, or a 400 saying what is wrong with it."""
     try:
-        value = json.loads(raw, parse_constant=_not_json, parse_int=_integer)
+        value = json.loads(raw, parse_constant=not_json, parse_int=_integer)
     except RecursionError:
         raise bad_input(f"Error: the body nests deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # also UnicodeDecodeError: bytes that are not UTF-8

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 import time
 from typing import Any
 
 from ossrun import harmony
 from ossrun.api.ask import final_format
+from ossrun.api.body import not_json
 from ossrun.api.schemas import (AllowedToolsChoice, FlatAllowedToolsChoice, FlatNamedToolChoice, NamedToolChoice, NamespaceTool,
                                 ResponseFormat, ResponsesInput, Tool, WebSearchTool, tool_spec)
 from ossrun.api.service import Outcome, usage
@@ -25,11 +27,21 @@ def new_id(prefix: str, key: str | None = None) -> str:
     return f"{prefix}{'_' if prefix in _UNDERSCORED else '-'}{digits}"
 
 
-def _arguments_object(text: str) -> Any:
-    """Prompt-shape tool calls carry arguments as an object; unparseable text stays a string."""
+def _number(literal: str, kind: type) -> Any:
+    """A number of the model's JSON as the hosted runtime's `JSON.parse` reads it and `JSON.stringify` writes it again:
+    one beyond a double's range (JSON and the grammar allow any exponent: `935E100151070`) is Infinity there, written
+    null. Python's inf is no JSON: it was a 500 sync, `Infinity` in a stream's frame and in the batch store."""
+    return kind(literal) if math.isfinite(float(literal)) else None
+
+
+def model_json(text: str) -> Any:
+    """The model's JSON text as a value (`_number`), where a shape carries it parsed (the Prompt shape's JSON answer and
+    its tool calls' `arguments`); the text as it is when it is not JSON (cut by `max_tokens`, a call no grammar held)
+    or nests deeper than Python's parser goes."""
     try:
-        return json.loads(text)
-    except ValueError:
+        return json.loads(text, parse_float=lambda literal: _number(literal, float),
+                          parse_int=lambda literal: _number(literal, int), parse_constant=not_json)
+    except (ValueError, RecursionError):
         return text
 
 
@@ -39,12 +51,7 @@ def prompt_result(outcome: Outcome, prices, json_mode: bool = False, with_logpro
     the signal that an answer was cut: without it, reasoning that ate the whole budget was an empty `response` and a
     200 (the contract's §9). `with_logprobs` (`logprobs: true`, which the shape's schema offers): the answer's tokens,
     spelled as chat's."""
-    answer: Any = outcome.content
-    if json_mode:
-        try:
-            answer = json.loads(outcome.content)
-        except ValueError:  # cut off: the text as it is
-            pass
+    answer = model_json(outcome.content) if json_mode else outcome.content
     result: dict[str, Any] = {"response": answer, "finish_reason": outcome.finish_reason, "usage": usage(outcome, prices)}
     if outcome.tool_calls:
         result["tool_calls"] = prompt_tool_calls(outcome)
@@ -60,7 +67,7 @@ def choice_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def prompt_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:
-    return [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in outcome.tool_calls]
+    return [{"name": c.name, "arguments": model_json(c.arguments)} for c in outcome.tool_calls]
 
 
 def chat_tool_calls(outcome: Outcome) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ item is either done (reported as it was) or not (run again): each is reported ex
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -203,7 +204,7 @@ class SQLiteBatchStore:
         return items
 
     def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None:
-        kept = json.dumps(result)
+        kept = _json_text(result)
         with self._lock, self._transaction():
             done = self._db.execute(
                 "UPDATE items SET state = 'done', success = ?, result = ?, prompt_tokens = ?, completion_tokens = ? "
@@ -263,7 +264,28 @@ class _Transaction:
                 pass  # the error that got us here is the one to report
 
 
+def _json_text(value: Any) -> str:
+    """A result as JSON text, a non-finite number written null as JavaScript's `JSON.stringify` writes it: Python's
+    `Infinity` is no JSON, and read back as inf it made every poll of the batch a 500 (its other results lost)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _item(row: tuple, model: str) -> BatchItem:
+    """A row as an item; `Infinity` or `NaN` in a result an older version stored is read as the null it now writes."""
     batch_id, index, body, reference, state, success, result, prompt_tokens, completion_tokens = row
     return BatchItem(batch_id, index, json.loads(body), reference, state, None if success is None else bool(success),
-                     None if result is None else json.loads(result), prompt_tokens, completion_tokens, model)
+                     None if result is None else json.loads(result, parse_constant=lambda _: None), prompt_tokens,
+                     completion_tokens, model)

@@ -20,9 +20,11 @@ _LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": 
 
 
 def frame(data: Any, event: str | None = None) -> bytes:
-    """The one writer of a stream's frames: `data: <json>`, after `event: <name>` when given."""
+    """The one writer of a stream's frames: `data: <json>`, after `event: <name>` when given. Strict JSON, as a sync
+    answer's (`JSONResponse`): a value JSON cannot carry (inf, NaN) fails the stream with its error frame rather than
+    send Python's `Infinity`, which `JSON.parse` refuses."""
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n".encode()
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, allow_nan=False).translate(_LINE_BREAKS)}\n\n".encode()
 
 
 def stream_error(exc: Exception) -> ApiError:
