@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -728,7 +729,8 @@ def test_a_budget_too_small_is_refused_only_when_proven(compiler):
 
 def test_a_search_out_of_time_runs_without_the_guarantee_and_is_not_a_400(compiler, monkeypatch):
     """Out of time is not "no answer": refusing then would make a valid request's answer depend on how busy the
-    machine is (and, cached, refuse the format for good). Later requests of the format skip the search (2 s each)."""
+    machine is (and, cached, refuse the format for good). Later requests of the format skip the search (2 s each) for a
+    while (see the next test)."""
     schema = obj({"k": integer(4, 6), "note": string(3)})
     monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)
     assert compiler.json_final(schema, reasoning_budget=0, max_tokens=40).allowed_tokens().any()
@@ -737,6 +739,31 @@ def test_a_search_out_of_time_runs_without_the_guarantee_and_is_not_a_400(compil
         assert compiler.json_final(schema, reasoning_budget=0, max_tokens=budget).allowed_tokens().any()
     with pytest.raises(GrammarError, match="max_tokens 4 cannot"):  # the same format, searched in time: refused
         compiler.json_final(obj({"k": integer(4, 6), "note": string(4)}), reasoning_budget=0, max_tokens=4)
+
+
+def test_a_search_out_of_time_is_tried_again_later_less_often_each_time(compiler, monkeypatch):
+    """Hunt round 19 B-F2: one search that ran out of time (the machine busy when the format was first used) turned the
+    guard off for that format until a restart: hours later, on an idle machine, its answers still ended cut at
+    max_tokens, invalid JSON. Now a later request searches again once a wait has passed, twice as long after each
+    search that runs out again (a format whose search always runs out costs a request its 2 s only now and then)."""
+    monkeypatch.setattr(constraints, "_RETRY_FIRST_S", 0.5)
+    found = counted_searches(monkeypatch, most=50)
+    schema = obj({"k": integer(4, 6), "retried": string(5)})
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)
+    for _ in range(2):  # the first runs out (0.5 s to wait), the second skips it
+        assert compiler.json_final(schema, reasoning_budget=0, max_tokens=40).allowed_tokens().any()
+    assert found == [False]
+    time.sleep(0.6)
+    compiler.json_final(schema, reasoning_budget=0, max_tokens=40)  # searched again, out of time again: 1 s to wait
+    assert found == [False, False]
+    monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 120.0)
+    time.sleep(0.6)
+    assert compiler.json_final(schema, reasoning_budget=0, max_tokens=4).allowed_tokens().any()  # still waiting
+    assert len(found) == 2
+    time.sleep(0.5)
+    with pytest.raises(GrammarError, match="max_tokens 4 cannot"):  # searched in time: the guard holds again
+        compiler.json_final(schema, reasoning_budget=0, max_tokens=4)
+    assert len(found) == 3
 
 
 def test_a_token_that_lengthens_the_path_cannot_cut_the_answer(compiler):

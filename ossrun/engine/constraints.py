@@ -77,6 +77,11 @@ _LEXER_RENEWALS = 2
 _OPENERS = ('{"', "{", "[", '"')
 # Within an object a whitespace run makes the mask visit the most rows (see _LIMITS): checked too.
 _INSIDE = " " * 12
+# A budget search that ran out of time says nothing of its format (the machine may have been busy a moment): the format's
+# later requests skip it (it costs each up to 2 s) for _RETRY_FIRST_S, then one searches again, and each search that
+# runs out again doubles the wait, up to _RETRY_MOST_S. A busy moment used to turn the guard off for the format until a
+# restart; a format whose search always runs out costs a request its 2 s now and then.
+_RETRY_FIRST_S, _RETRY_MOST_S = 10.0, 600.0
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
@@ -570,7 +575,8 @@ class _Entry:
         self._shortest: list[int] | None = None  # the shortest complete output found, within the budget it was searched for
         self._none_within = 0  # proven: no complete output of at most this many tokens
         self._unknown_within = 0  # the beam found none within this many, and the proof did not end
-        self._timed_out = False  # a search ran out of time: later requests skip it (2 s each) and run unguaranteed
+        self._retry_at = 0.0  # a search ran out of time: until then (time.monotonic) requests skip it, unguaranteed
+        self._retry_wait = 0.0  # the wait the last search out of time set (the next one doubles it)
 
     def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, tokenizer: llguidance.LLTokenizer,
                  runs: frozenset[int]) -> list[int] | None:
@@ -585,16 +591,19 @@ class _Entry:
             if budget <= self._unknown_within:
                 raise SearchPruned(f"an earlier search found no complete answer of at most {self._unknown_within} tokens "
                                    f"and could not try them all")
-            if self._timed_out:
-                raise SearchTimeout("an earlier search for this format ran out of time")
+            if time.monotonic() < self._retry_at:
+                raise SearchTimeout(f"an earlier search for this format ran out of time (searched again within "
+                                    f"{self._retry_wait:g} s of it)")
             try:
                 path = shortest_completion(start, grammar, self.candidates, tokenizer, runs=runs, endings=self.endings)
             except SearchPruned:
                 self._unknown_within = budget
                 raise
             except SearchTimeout:
-                self._timed_out = True
+                self._retry_wait = min(2 * self._retry_wait or _RETRY_FIRST_S, _RETRY_MOST_S)
+                self._retry_at = time.monotonic() + self._retry_wait
                 raise
+            self._retry_wait = 0.0  # in time: a later run out of time is a new busy moment
             if path is None:
                 self._none_within = budget
                 return None
