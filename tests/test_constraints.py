@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import jsonschema
 import pytest
@@ -746,21 +745,22 @@ def test_a_search_out_of_time_is_tried_again_later_less_often_each_time(compiler
     guard off for that format until a restart: hours later, on an idle machine, its answers still ended cut at
     max_tokens, invalid JSON. Now a later request searches again once a wait has passed, twice as long after each
     search that runs out again (a format whose search always runs out costs a request its 2 s only now and then)."""
-    monkeypatch.setattr(constraints, "_RETRY_FIRST_S", 0.5)
+    now = [1000.0]  # the retry waits' clock, stepped by hand: a busy machine cannot make the steps overlap
+    monkeypatch.setattr(constraints, "_clock", lambda: now[0])
     found = counted_searches(monkeypatch, most=50)
     schema = obj({"k": integer(4, 6), "retried": string(5)})
     monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", -1.0)
-    for _ in range(2):  # the first runs out (0.5 s to wait), the second skips it
+    for _ in range(2):  # the first runs out (10 s to wait), the second skips it
         assert compiler.json_final(schema, reasoning_budget=0, max_tokens=40).allowed_tokens().any()
     assert found == [False]
-    time.sleep(0.6)
-    compiler.json_final(schema, reasoning_budget=0, max_tokens=40)  # searched again, out of time again: 1 s to wait
+    now[0] += 10.5
+    compiler.json_final(schema, reasoning_budget=0, max_tokens=40)  # searched again, out of time again: 20 s to wait
     assert found == [False, False]
     monkeypatch.setattr(budget_search, "_SEARCH_SECONDS", 120.0)
-    time.sleep(0.6)
+    now[0] += 19
     assert compiler.json_final(schema, reasoning_budget=0, max_tokens=4).allowed_tokens().any()  # still waiting
     assert len(found) == 2
-    time.sleep(0.5)
+    now[0] += 1.5
     with pytest.raises(GrammarError, match="max_tokens 4 cannot"):  # searched in time: the guard holds again
         compiler.json_final(schema, reasoning_budget=0, max_tokens=4)
     assert len(found) == 3

@@ -82,6 +82,7 @@ _INSIDE = " " * 12
 # runs out again doubles the wait, up to _RETRY_MOST_S. A busy moment used to turn the guard off for the format until a
 # restart; a format whose search always runs out costs a request its 2 s now and then.
 _RETRY_FIRST_S, _RETRY_MOST_S = 10.0, 600.0
+_clock = time.monotonic  # the retry waits' clock (a test steps its own)
 # 256 entries of 8 bools each, as int64: a bitmask byte → its 8 allowed flags in one lookup.
 _BYTE_TO_BOOLS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool().view(torch.int64).view(-1)
 
@@ -575,7 +576,7 @@ class _Entry:
         self._shortest: list[int] | None = None  # the shortest complete output found, within the budget it was searched for
         self._none_within = 0  # proven: no complete output of at most this many tokens
         self._unknown_within = 0  # the beam found none within this many, and the proof did not end
-        self._retry_at = 0.0  # a search ran out of time: until then (time.monotonic) requests skip it, unguaranteed
+        self._retry_at = 0.0  # a search ran out of time: until then (_clock) requests skip it, unguaranteed
         self._retry_wait = 0.0  # the wait the last search out of time set (the next one doubles it)
 
     def shortest(self, start: llguidance.LLMatcher, grammar: Grammar, tokenizer: llguidance.LLTokenizer,
@@ -591,7 +592,7 @@ class _Entry:
             if budget <= self._unknown_within:
                 raise SearchPruned(f"an earlier search found no complete answer of at most {self._unknown_within} tokens "
                                    f"and could not try them all")
-            if time.monotonic() < self._retry_at:
+            if _clock() < self._retry_at:
                 raise SearchTimeout(f"an earlier search for this format ran out of time (searched again within "
                                     f"{self._retry_wait:g} s of it)")
             try:
@@ -601,7 +602,7 @@ class _Entry:
                 raise
             except SearchTimeout:
                 self._retry_wait = min(2 * self._retry_wait or _RETRY_FIRST_S, _RETRY_MOST_S)
-                self._retry_at = time.monotonic() + self._retry_wait
+                self._retry_at = _clock() + self._retry_wait
                 raise
             self._retry_wait = 0.0  # in time: a later run out of time is a new busy moment
             if path is None:
