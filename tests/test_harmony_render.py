@@ -402,6 +402,15 @@ def test_a_refusal_part_is_the_assistant_answer_in_both_shapes():
     assert ids(chat) == ids(items) == expected
 
 
+def test_an_assistant_refusal_field_is_the_answer():
+    """Hunt round 20 A-F2: openai-python returns a refusal as `message.refusal` with `content: null`; a client that
+    appends that message to its history had it rendered as an empty answer, the refusal's text lost."""
+    refused = {"role": "assistant", "content": None, "refusal": "I cannot help with that."}
+    chat = {"messages": [{"role": "user", "content": "Hi"}, refused, {"role": "user", "content": "Bye"}]}
+    expected = reference(system(), user("Hi"), assistant("I cannot help with that.", "final"), user("Bye"))
+    assert ids(chat) == expected
+
+
 # --- every tool call answered ----------------------------------------------------------------
 
 ASK = {"role": "user", "content": "Weather in Oslo and the time?"}

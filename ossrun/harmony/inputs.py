@@ -190,7 +190,10 @@ def _check_chat_results(out: Converted, before: str) -> None:
 
 
 def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str], where: str) -> None:
-    """Reasoning, then the text, then the tool calls: the order the model produces them in."""
+    """Reasoning, then the text, then the tool calls: the order the model produces them in. OpenAI's `refusal` field
+    is text the user was shown, after any `content`, as a refusal part is."""
+    if msg.refusal:
+        texts = [*texts, msg.refusal]
     reasoning = msg.reasoning_content or msg.reasoning
     _add_reasoning(out, reasoning)
     calls: list[tuple[ToolCallFunction, str | None]] = [(call.function, call.id) for call in msg.tool_calls or []]

@@ -227,6 +227,8 @@ class Message(Shape):
     reasoning_content: str | None = None  # an assistant turn's reasoning, as vLLM and DeepSeek spell it
     reasoning: str | None = None  # ... and as OpenRouter does
     function_call: ToolCallFunction | None = None  # the legacy single call
+    # An assistant turn that declined, as OpenAI answers it (`content` null): its text is the answer, as a refusal part's.
+    refusal: str | None = None
 
     @model_validator(mode="after")
     def _content_is_given(self) -> "Message":
