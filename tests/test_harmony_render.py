@@ -255,6 +255,24 @@ def test_responses_reasoning_items_of_answered_turns_are_dropped_and_the_open_tu
     assert ids(body) == expected
 
 
+def test_json_objects_are_rendered_as_the_model_writes_json():
+    """Hunt round 20 A-F3: arguments and outputs sent as JSON objects (/ai/run's Prompt shape answers a call's arguments
+    as one) were rendered by `json.dumps` defaults, `{"city": "Z\\u00fcrich"}`: a text gpt-oss never wrote, more tokens,
+    and a prefix-cache miss. It writes compact JSON with the characters themselves, as the harmony guide shows."""
+    arguments, output = {"location": "Zürich", "days": 2}, {"sky": "☀ soleil", "c": [1, 2]}
+    chat = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                               "function": {"name": "get_weather", "arguments": arguments}}]},
+                         {"role": "tool", "tool_call_id": "c", "content": '{"sky":"☀ soleil","c":[1,2]}'}], "tools": [FLAT_TOOL]}
+    items = {"input": [{"role": "user", "content": "Weather?"},
+                       {"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": arguments},
+                       {"type": "function_call_output", "call_id": "c", "output": output}], "tools": [RESPONSES_TOOL]}
+    expected = reference(system(), developer(tools=[WEATHER]), user("Weather?"),
+                         call("get_weather", '{"location":"Zürich","days":2}'),
+                         tool_result("get_weather", '{"sky":"☀ soleil","c":[1,2]}'))
+    assert ids(chat) == ids(items) == expected
+
+
 def test_text_beside_tool_calls_is_a_commentary_preamble():
     body = {
         "messages": [
@@ -274,7 +292,7 @@ def test_text_beside_tool_calls_is_a_commentary_preamble():
         developer(tools=[WEATHER]),
         user("Weather?"),
         assistant("Let me check.", "commentary"),
-        call("get_weather", '{"location": "Rome"}'),
+        call("get_weather", '{"location":"Rome"}'),
         tool_result("get_weather", "sunny"),
         assistant("It is sunny.", "final"),
     )

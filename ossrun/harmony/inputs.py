@@ -80,11 +80,18 @@ def _assistant(texts: list[str], channel: str) -> Message:
     return _message(Author(role=Role.ASSISTANT), texts).with_channel(channel)
 
 
+def written_json(value: Any) -> str:
+    """A JSON value as gpt-oss writes JSON (the harmony guide's calls: `{"location":"Tokyo"}`): compact, characters
+    as themselves. `json.dumps`' defaults (`", "`, `\\u00fc`) would show the model text it never wrote, in more
+    tokens, and miss the prefix cache of the turn it did write (/ai/run answers a call's arguments as an object)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def _arguments(raw: str | dict[str, Any] | None) -> str:
     """Tool-call arguments as the JSON text the model would have written."""
     if raw is None:
         return "{}"
-    return raw if isinstance(raw, str) else json.dumps(raw)
+    return raw if isinstance(raw, str) else written_json(raw)
 
 
 def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None, where: str,
@@ -332,7 +339,7 @@ def _output_texts(output: Any, where: str) -> list[str]:
     if isinstance(output, str):
         return [output]
     if not isinstance(output, list):
-        return [json.dumps(output)]
+        return [written_json(output)]
     texts = []
     for index, part in enumerate(output):
         if isinstance(part, str):

@@ -13,7 +13,6 @@ caller passes one, so the same request always gives the same tokens (and the sam
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import string
@@ -35,7 +34,8 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning
+from .inputs import (Converted, RenderError, convert_chat, convert_prompt, convert_responses, drop_answered_reasoning,
+                     written_json)
 from .shapes import FunctionDef, InputItem, OpenAIMessage as ChatMessage, Shape, Tool, WrappedTool
 from .tokenizer import decode_bytes, encode, get_encoding, is_special
 
@@ -87,8 +87,7 @@ class ResponseFormatSection:
 
     def text(self) -> str:
         comment = "".join(f"// {line}\n" for line in self.description.splitlines()) if self.description else ""
-        schema = json.dumps(self.schema, separators=(",", ":"), ensure_ascii=False)
-        return f"# Response Formats\n\n## {self.name or DEFAULT_FORMAT_NAME}\n\n{comment}{schema}"
+        return f"# Response Formats\n\n## {self.name or DEFAULT_FORMAT_NAME}\n\n{comment}{written_json(self.schema)}"
 
 
 @dataclass(frozen=True, slots=True)
