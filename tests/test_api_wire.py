@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import jsonschema
@@ -381,6 +382,25 @@ def test_every_path_parameter_is_declared(server):
         for method, operation in operations.items():
             declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
             assert declared >= {part[1:-1] for part in path.split("/") if part.startswith("{")}, (method, path)
+
+
+def test_a_failed_batch_items_errors_are_in_the_document(server):
+    """Hunt round 20 C-F4: `BatchItemResult` listed no `errors`, the only place a failed item's reason is (its
+    `result` is `{}`), so a client generated from the document had no typed field for it."""
+    failing = {"prompt": "hi", "max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {
+        "type": "object", "properties": {"a": {"type": "strnig"}}}}}
+    request_id = call(server, "POST", RUN + "?queueRequest=true", json={"requests": [failing]}).json()["result"]["request_id"]
+    for _ in range(300):
+        result = call(server, "POST", RUN, json={"request_id": request_id}).json()["result"]
+        if result["status"] == "done":
+            break
+        time.sleep(0.1)
+    item = result["responses"][0]
+    assert item["success"] is False and item["errors"], item
+    doc = document(server)
+    declared = doc["components"]["schemas"]["BatchItemResult"]["properties"]
+    assert set(item) <= set(declared), set(item) - set(declared)
+    jsonschema.validate(item["errors"], {**declared["errors"], "components": doc["components"]})
 
 
 SCHEMA_VALID = [

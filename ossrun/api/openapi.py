@@ -329,6 +329,7 @@ class BatchItemResult(_Out):
     success: bool
     external_reference: str | None = Field(description="As the item sent it; null when it sent none")
     usage: BatchUsage | None = Field(None, description="A failed item's tokens (a successful one's are in its result's usage)")
+    errors: list[ErrorItem] | None = Field(None, description="A failed item's error (its `result` is `{}`); absent on success")
 
 
 class BatchItemError(_Out):
