@@ -513,6 +513,28 @@ def test_background_needs_store_and_cancel_answers_as_openai_does(server):
     assert caught.value.body["code"] == "5006"
 
 
+def test_a_background_body_on_ai_run_is_stored_and_continued(server):
+    """Hunt round 20 C-F1: `/ai/run` serves `background: true` as a plain request (sync, streamed or a batch item), and
+    its answer said `store: true`, but it was stored only over a background snapshot that `/ai/run` never makes: the
+    retrieve was a 404 and `previous_response_id` a 400, the conversation lost without a signal."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="secret", max_retries=0)
+    body = {"input": "Hi", "max_output_tokens": 8, "background": True}
+    sync = httpx.post(server.run_url(), json=body, headers=server.headers, timeout=60).json()["result"]
+    with httpx.stream("POST", server.run_url(), json={**body, "stream": True}, headers=server.headers, timeout=60) as r:
+        streamed = sse_events(r.iter_lines())[-1]["response"]
+    queued = httpx.post(server.run_url(), params={"queueRequest": "true"}, json={"requests": [body]}, headers=server.headers,
+                        timeout=60).json()["result"]["request_id"]
+    for _ in range(600):
+        polled = httpx.post(server.run_url(), json={"request_id": queued}, headers=server.headers, timeout=60).json()["result"]
+        if polled["status"] == "done":
+            break
+        time.sleep(0.05)
+    for answer in (sync, streamed, polled["results"][0]):
+        assert answer["store"] is True and answer["background"] is True, answer
+        assert client.responses.retrieve(answer["id"]).output_text == answer["output_text"]
+        assert client.responses.create(model=MODEL, input="More", max_output_tokens=3, previous_response_id=answer["id"]).id
+
+
 def until_ended(client: openai.OpenAI, rid: str, within: float = 60) -> openai.types.responses.Response:
     """`responses.retrieve(rid)` polled, as an SDK user polls a background response, until it has ended."""
     deadline = time.monotonic() + within

@@ -139,11 +139,13 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usag
     if plan.shape == "completions":
         return CompletionSurface(outcome, model, prices, ask.logprobs, include_usage, ask.prompt if ask.echo else "", usage_nulls)
 
-    async def remember(response: dict[str, Any]) -> None:
-        """The answer exists and is metered: a store that fails costs only its later `previous_response_id`. A
-        background run's ends replace its snapshot, and only that (one deleted meanwhile stays deleted)."""
+    async def remember(response: dict[str, Any], replacing: bool) -> None:
+        """The answer exists and is metered: a store that fails costs only its later `previous_response_id`.
+        `replacing`: a background run's ends replace its snapshot, and only that (one deleted meanwhile stays
+        deleted). The surface says so, not the body: `/ai/run` serves `background: true` as a plain request (no
+        snapshot), whose answer is stored as any other."""
         try:
-            await service.keep_response(ask, response, replacing=ask.background)
+            await service.keep_response(ask, response, replacing=replacing)
         except ApiError:  # the data directory refused the write: `Service.writing` logged the streak, once
             pass
         except Exception:  # a bug, not a full disk: its traceback

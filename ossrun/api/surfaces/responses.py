@@ -29,7 +29,7 @@ def summary_asked(request: ResponsesInput | None) -> bool:
 
 
 class ResponsesSurface:
-    """`remember(response)` keeps the finished response for `previous_response_id` (both modes; `keep` awaits it before
+    """`remember(response, replacing)` keeps the finished response for `previous_response_id` (both modes; `keep` awaits it before
     the terminal event goes out, so a client that read the end can retrieve and continue it); `with_logprobs`:
     the answer text's tokens are listed (`include: ["message.output_text.logprobs"]`) in its `output_text` part and
     in the deltas that show them, as the chat surface lists them; `sampling`: the temperature and top_p used, echoed.
@@ -37,7 +37,7 @@ class ResponsesSurface:
     OpenAI's summary events beside the `reasoning_text` ones."""
 
     def __init__(self, outcome: Outcome, model: str, prices, request: ResponsesInput | None,
-                 remember: Callable[[dict[str, Any]], Awaitable[None]], with_logprobs: bool = False,
+                 remember: Callable[[dict[str, Any], bool], Awaitable[None]], with_logprobs: bool = False,
                  sampling: dict[str, float] | None = None, response_id: str | None = None):
         self.outcome, self.model, self.prices, self.request, self.remember = outcome, model, prices, request, remember
         self.with_logprobs, self.sampling = with_logprobs, sampling
@@ -115,7 +115,7 @@ class ResponsesSurface:
         """Keep the end `closing` or `failed` built (the caller sends its frames after this)."""
         response, self._unkept = self._unkept, None
         if response is not None:
-            await self.remember(response)
+            await self.remember(response, self.keeps_every_end)
 
     async def cancelled(self) -> None:
         """`POST /v1/responses/{id}/cancel` stopped a background run: it is kept `cancelled` with the output so far
@@ -125,7 +125,8 @@ class ResponsesSurface:
             return
         self._cut_open_item()
         self.finished = True
-        await self.remember({**self.result(), "status": "cancelled", "completed_at": None, "incomplete_details": None})
+        await self.remember({**self.result(), "status": "cancelled", "completed_at": None, "incomplete_details": None},
+                            self.keeps_every_end)
 
     def _cut_open_item(self) -> None:
         """The item generation was in holds what it streamed, `incomplete` (nothing will complete it); no done events."""
