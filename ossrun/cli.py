@@ -97,6 +97,21 @@ def _positive(name: str) -> Callable[[float], float]:
     return check
 
 
+def _conversation_date(value: str) -> str:
+    """`today`, `none` or a date YYYY-MM-DD, refused in one line before the model loads."""
+    from ossrun.harmony import check_conversation_date
+
+    try:
+        return check_conversation_date(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+CONVERSATION_DATE_HELP = ("The date the system message states (harmony's `Current date:`, as OpenAI's and vLLM's renderings "
+                          "give it): `today` (UTC, the day each prompt is rendered), a fixed date YYYY-MM-DD, or `none` "
+                          "to leave it out (the same prompt's tokens every day).")
+
+
 def _api_token(value: Optional[str]) -> Optional[str]:
     """An empty token (often a secret that did not resolve: `-e OSSRUN_API_TOKEN=$UNSET`) would serve with no
     authentication at all, and one with spaces around it could never be presented (the header's value is stripped):
@@ -213,6 +228,7 @@ def generate(
     precision: Precision = typer.Option(Precision.fast, help=PRECISION_HELP),
     dtype: Optional[DType] = typer.Option(None, help=DTYPE_HELP),
     device: str = typer.Option("cpu"),
+    conversation_date: str = typer.Option("today", callback=_conversation_date, help=CONVERSATION_DATE_HELP),
     as_json: bool = typer.Option(False, "--json", metavar=FLAG, help='Print {"token_ids": [...], "text": "..."}.'),
     verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG,
                                  help="Log at info level (the model's load, the KV cache's size); a mistake's traceback too."),
@@ -234,7 +250,7 @@ def generate(
     elif raw is not None:
         ids = harmony.encode(raw, allow_special=True)
     else:
-        ids = harmony.render_request({"prompt": prompt}).token_ids
+        ids = harmony.render_request({"prompt": prompt}, conversation_start_date=harmony.conversation_date(conversation_date)).token_ids
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                 stop_token_ids=tuple(harmony.STOP_TOKENS))
@@ -361,6 +377,7 @@ def serve(
                                                        "http://localhost:*; `*` for any) whose pages "
                                                        "may call the server from a browser, with CORS (default: only the server's own, "
                                                        "the playground)."),
+    conversation_date: str = typer.Option("today", callback=_conversation_date, help=CONVERSATION_DATE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", metavar=FLAG,
                                  help="Log at info level: one line per answer (method, path, status, request id), the "
                                       "model's load; a mistake's traceback too."),
@@ -375,7 +392,7 @@ def serve(
                               kv_cache_gib=kv_cache_gib, max_batch_requests=max_batch_requests,
                               request_timeout_s=request_timeout, max_model_len=max_model_len,
                               client_timeout_s=client_timeout, forwarded_allow_ips=forwarded_allow_ips,
-                              allowed_origins=allowed_origins)
+                              allowed_origins=allowed_origins, conversation_date=conversation_date)
     with _reported(verbose):
         run_server(settings)
 

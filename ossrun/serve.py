@@ -47,6 +47,7 @@ class ServerSettings:
     client_timeout_s: float = 30.0  # for a request's headers, and between two pieces of its body
     forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-For is believed; None: nobody's
     allowed_origins: str | None = None  # web origins (comma-separated, or *) whose pages may call; None: the server's own only
+    conversation_date: str = "today"  # the system message's date: `harmony.check_conversation_date`'s settings
 
 
 class SettingsError(ValueError):
@@ -514,7 +515,8 @@ def _serve_engine(engine, settings: ServerSettings, data_dir: Path, loras: dict[
     app = build_app(engine, AppSettings(data_dir=data_dir, api_token=settings.api_token,
                                         rate_limit_per_minute=settings.rate_limit_per_minute, loras=loras,
                                         max_batch_requests=settings.max_batch_requests, request_timeout_s=settings.request_timeout_s,
-                                        client_timeout_s=settings.client_timeout_s, **checked))
+                                        client_timeout_s=settings.client_timeout_s,
+                                        conversation_date=settings.conversation_date, **checked))
     base = f"http://{_authority(settings.host, settings.port)}"
     # The token itself never: stdout ends up in journald / docker / k8s logs, often shipped elsewhere.
     auth = ' -H "Authorization: Bearer $OSSRUN_API_TOKEN"' if settings.api_token else ""

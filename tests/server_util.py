@@ -77,13 +77,17 @@ class Server:
 
 
 def start_server(model_dir: Path, data_dir: Path, *args: str, token: str | None = None, timeout: float = 120,
-                 preexec_fn: Callable[[], None] | None = None) -> Server:
-    """`preexec_fn` runs in the server's process before it starts (to lower a resource limit)."""
+                 preexec_fn: Callable[[], None] | None = None, conversation_date: str | None = "none") -> Server:
+    """`preexec_fn` runs in the server's process before it starts (to lower a resource limit). `conversation_date`:
+    `--conversation-date`, by default `none` (no date: seed-exact answers do not change from day to day); None: serve's
+    own default (today's)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / f"server-{port}.log"
     command = [sys.executable, "-m", "ossrun.cli", "serve", "--model", str(model_dir), "--port", str(port),
                "--data-dir", str(data_dir), "--precision", "exact", "--dtype", "float32", *args]
+    if conversation_date is not None:
+        command += ["--conversation-date", conversation_date]
     if token:
         command += ["--api-token", token]
     env = {name: value for name, value in os.environ.items() if name != "OSSRUN_API_TOKEN"}  # only `token` counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 
@@ -592,3 +593,38 @@ def test_a_message_without_its_content_is_refused(server):
     kept = post(server, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "and?"}],
                          "max_tokens": 4})
     assert kept.status_code == 200, kept.text
+
+
+# -- the conversation's date ------------------------------------------------------------------------
+
+def _dated_prompt_tokens(date: str | None, text: str) -> int:
+    """openai-harmony's own count of a one-turn chat prompt whose system message states `date` (None: no date)."""
+    from openai_harmony import Conversation, Message, ReasoningEffort, Role, SystemContent
+
+    from ossrun.harmony import get_encoding
+
+    content = SystemContent.new().with_reasoning_effort(ReasoningEffort.MEDIUM)
+    if date is not None:
+        content = content.with_conversation_start_date(date)
+    messages = [Message.from_role_and_content(Role.SYSTEM, content), Message.from_role_and_content(Role.USER, text)]
+    return len(get_encoding().render_conversation_for_completion(Conversation.from_messages(messages), Role.ASSISTANT))
+
+
+@pytest.mark.parametrize("setting", ["today", "2025-08-05"], ids=["default", "fixed"])
+def test_the_system_message_states_the_conversation_date(checkpoints, tmp_path, setting):
+    """Hunt round 20 A-F1: the model was never told the date (no `Current date:` line, which the harmony guide, the
+    weights' chat template, OpenAI's reference servers and vLLM all give), so it answered "what year is it" from a guess
+    near its 2024-06 cutoff. `serve` states today's (UTC) by default (start_server passes `none` unless told), or the
+    date `--conversation-date` fixes."""
+    s = start_server(checkpoints["original"], tmp_path, conversation_date=None if setting == "today" else setting)
+    try:
+        client = openai.OpenAI(base_url=f"{s.base}/v1", api_key="x", max_retries=0)
+        days = [datetime.datetime.now(datetime.timezone.utc).date().isoformat()]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is today's date?"}],
+                                               max_tokens=1)
+        days.append(datetime.datetime.now(datetime.timezone.utc).date().isoformat())  # a midnight between: either day
+        dates = set(days) if setting == "today" else {setting}
+        assert reply.usage.prompt_tokens in {_dated_prompt_tokens(d, "What is today's date?") for d in dates}
+        assert reply.usage.prompt_tokens > _dated_prompt_tokens(None, "What is today's date?")
+    finally:
+        s.stop()

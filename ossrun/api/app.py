@@ -179,6 +179,7 @@ class AppSettings:
     local_hosts: tuple[str, ...] | None = None  # on loopback: more `Host` names to answer (`access.BrowserPolicy`)
     forwarded_allow_ips: str | None = None  # proxies whose X-Forwarded-* headers are believed (`access.TrustedProxies`)
     sse_keepalive_s: float = KEEPALIVE_S  # a silent stream's keep-alive interval (`disconnect.with_keepalives`)
+    conversation_date: str = "today"  # the system message's date: `harmony.check_conversation_date`'s settings
 
 
 def _error_response(path: str, error: ApiError) -> JSONResponse:

@@ -458,6 +458,7 @@ class Service:
             else:
                 rendered = harmony.render_conversation(_converted(ask), ask.tools, ask.effort,
                                                        response_format=_response_format(ask),
+                                                       conversation_start_date=harmony.conversation_date(self.settings.conversation_date),
                                                        token_limit=self.engine.info.max_model_len)
                 prompt_ids = list(rendered.token_ids)
                 forced = _named_tool(ask, rendered.tool_names)

@@ -19,7 +19,8 @@ from .events import (
 )
 from .inputs import Converted, RenderError, convert_chat, convert_prompt, convert_responses, droppable_items
 from .parser import StreamParser, fold_events, new_call_id, parse_completion
-from .render import PromptTooLong, RenderedPrompt, ResponseFormatSection, reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions
+from .render import (NO_DATE, TODAY, PromptTooLong, RenderedPrompt, ResponseFormatSection, check_conversation_date, conversation_date,
+                     reasoning_effort, render_conversation, render_request, tool_call_prefix, tool_descriptions)
 from .tokenizer import (
     CALL,
     CHANNEL,
@@ -57,6 +58,8 @@ __all__ = [
     "ContentDelta",
     "Converted",
     "Event",
+    "NO_DATE",
+    "TODAY",
     "Finished",
     "MessageEnd",
     "ParsedCompletion",
@@ -71,6 +74,8 @@ __all__ = [
     "ToolCallArgumentsDelta",
     "ToolCallStart",
     "TokenizerError",
+    "check_conversation_date",
+    "conversation_date",
     "convert_chat",
     "convert_prompt",
     "convert_responses",

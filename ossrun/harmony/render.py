@@ -7,12 +7,16 @@ format, and the `functions` tool namespace) when there is anything to put in it,
 reasoning that a final answer already followed: `inputs.drop_answered_reasoning`), ending with `<|start|>assistant`
 so the model writes the reply.
 
-Rendering is deterministic: the system message carries no conversation start date unless the
-caller passes one, so the same request always gives the same tokens (and the same prefix-cache hits).
+The system message carries the conversation's date (`Current date: YYYY-MM-DD`) when the caller passes one, as the
+harmony guide, the weights' chat template, OpenAI's reference servers and vLLM give it; without it the model answers
+date-relative questions from a guess near its knowledge cutoff. The server passes the day a request is rendered (UTC)
+unless its `--conversation-date` fixes one or leaves it out (`conversation_date`): a fixed date keeps the same
+request's tokens (and prefix-cache hits) the same from day to day.
 """
 
 from __future__ import annotations
 
+import datetime
 import re
 import secrets
 import string
@@ -353,6 +357,29 @@ def _tool(tool: Tool, where: str) -> ToolDescription:
     if spec.parameters is not None and json_depth(spec.parameters) > MAX_PARAMETERS_DEPTH:
         raise RenderError(f"{where}: parameters nest deeper than {MAX_PARAMETERS_DEPTH} levels")
     return ToolDescription.new(spec.name, spec.description or "", dict(spec.parameters) if spec.parameters is not None else None)
+
+
+TODAY, NO_DATE = "today", "none"  # the `--conversation-date` settings other than a fixed date
+
+
+def check_conversation_date(setting: str) -> str:
+    """A `--conversation-date` setting, checked once where it is given: `today`, `none` or a date YYYY-MM-DD (a
+    ValueError saying so otherwise)."""
+    if setting not in (TODAY, NO_DATE):
+        try:
+            datetime.date.fromisoformat(setting)
+        except ValueError:
+            raise ValueError(f"--conversation-date takes {TODAY!r}, {NO_DATE!r} or a date YYYY-MM-DD, not {setting!r}") from None
+        if len(setting) != 10:  # fromisoformat also reads 20251203 and 2025-W49-3
+            raise ValueError(f"--conversation-date takes a date as YYYY-MM-DD, not {setting!r}")
+    return setting
+
+
+def conversation_date(setting: str) -> str | None:
+    """The date a prompt rendered now states under a checked setting: today's in UTC, the fixed one, or None (none)."""
+    if setting == TODAY:
+        return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return None if setting == NO_DATE else setting
 
 
 def _system_message(effort: str, conversation_start_date: str | None) -> Message:
