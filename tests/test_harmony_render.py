@@ -204,8 +204,8 @@ def test_tool_calls_tool_results_and_null_content():
         assistant("Need both cities.", "analysis"),
         call("get_weather", '{"location":"Tokyo"}'),
         call("get_weather", '{"location":"Paris"}'),
+        tool_result("get_weather", '{"temp": 25}'),  # in the calls' order (call_1's first), as harmony pairs them
         tool_result("get_weather", '{"temp": 18}'),
-        tool_result("get_weather", '{"temp": 25}'),
     )
     assert ids(body) == expected
     assert "Need both cities." in decode(expected)  # the library keeps reasoning while the turn is open
@@ -487,6 +487,27 @@ def test_a_function_call_outputs_part_that_is_not_text_is_refused_by_its_place(p
     with pytest.raises(RenderError) as info:
         render_request(body)
     assert "is not supported: gpt-oss takes text only" in str(info.value) and info.value.param == "input[2].output[1]"
+
+
+def test_results_of_parallel_calls_are_shown_in_the_calls_order():
+    """Hunt round 20 A-F4: results answered in another order than the calls (OpenAI allows any; the ids pair them) were
+    rendered in the client's order, without the ids, which harmony has no place for: the model pairs them by position,
+    so Paris was shown London's rain. They are rendered in the order of the calls."""
+    paris, london = '{"city":"Paris"}', '{"city":"London"}'
+    chat = {"messages": [ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_paris", "type": "function", "function": {"name": "get_weather", "arguments": paris}},
+        {"id": "call_london", "type": "function", "function": {"name": "get_weather", "arguments": london}}]},
+        {"role": "tool", "tool_call_id": "call_london", "content": "9C rain"},
+        {"role": "tool", "tool_call_id": "call_paris", "content": "24C sun"}, THEN], "tools": [FLAT_TOOL]}
+    items = {"input": [ASK, *({"type": "function_call", "call_id": c, "name": "get_weather", "arguments": a}
+                              for c, a in (("call_paris", paris), ("call_london", london))),
+                       {"type": "function_call_output", "call_id": "call_london", "output": "9C rain"},
+                       {"type": "function_call_output", "call_id": "call_paris", "output": "24C sun"}, THEN],
+             "tools": [RESPONSES_TOOL]}
+    expected = reference(system(), developer(tools=[WEATHER]), user(ASK["content"]), call("get_weather", paris),
+                         call("get_weather", london), tool_result("get_weather", "24C sun"),
+                         tool_result("get_weather", "9C rain"), user(THEN["content"]))
+    assert ids(chat) == ids(items) == expected
 
 
 def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():

@@ -55,6 +55,10 @@ class Converted:
     # Responses calls cut while their arguments were written (`status: incomplete`) that no output has answered yet:
     # (call id, its harmony message). They need none, and go from the prompt when the conversation moves on.
     cut_calls: list[tuple[str | None, Message]] = field(default_factory=list)
+    # Each call's place among the calls (by id), and each rendered result's (by the message's id()): results are shown
+    # in the order of their calls (`_add_tool_result`).
+    call_ranks: dict[str, int] = field(default_factory=dict)
+    result_ranks: dict[int, int] = field(default_factory=dict)
 
 
 def text_parts(content: Content) -> list[str]:
@@ -103,6 +107,7 @@ def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | 
     out.last_tool_name = name
     if call_id is not None:
         out.tool_names_by_call_id[call_id] = name
+        out.call_ranks[call_id] = len(out.call_ranks)
     if cut:
         out.cut_calls.append((call_id, msg))
     elif call_id is not None:  # a call without an id (the legacy `function_call`) cannot be named as unanswered
@@ -111,11 +116,20 @@ def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | 
 
 def _add_tool_result(out: Converted, name: str, texts: list[str], call_id: str | None = None) -> None:
     """The result of call `call_id`; without an id, of the first unanswered call of that function (else the first
-    unanswered call: clients that omit the id answer the calls just made)."""
+    unanswered call: clients that omit the id answer the calls just made). Harmony has no place for a call's id: the
+    model pairs parallel calls with their results by position, so a result goes before the results next to it that
+    answer later calls (OpenAI's clients may answer in any order; the ids say which result is whose)."""
     author = Author(role=Role.TOOL, name=f"functions.{name}")
-    out.messages.append(_message(author, texts).with_recipient("assistant").with_channel("commentary"))
+    msg = _message(author, texts).with_recipient("assistant").with_channel("commentary")
     if call_id is None:
         call_id = next((cid for cid, (called, _) in out.unanswered.items() if called == name), next(iter(out.unanswered), None))
+    at = len(out.messages)
+    rank = out.call_ranks.get(call_id) if call_id is not None else None
+    if rank is not None:
+        while at > 0 and out.result_ranks.get(id(out.messages[at - 1]), -1) > rank:
+            at -= 1
+        out.result_ranks[id(msg)] = rank
+    out.messages.insert(at, msg)
     out.unanswered.pop(call_id, None)
     out.cut_calls = [(cid, msg) for cid, msg in out.cut_calls if cid is None or cid != call_id]  # answered: it stays
 
