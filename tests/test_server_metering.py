@@ -8,9 +8,12 @@ import json
 import time
 
 import httpx
+import openai
 import pytest
 
+from ossrun import harmony
 from ossrun.api.metering import PRICES
+from ossrun.model.resolve import resolve_model
 from tests.server_util import MODEL, start_server
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Write a line"}], "max_tokens": 12, "temperature": 1.0, "seed": 3}
@@ -144,3 +147,51 @@ def test_a_sync_request_left_early_is_metered_for_every_token_generated(server):
     generated = stats["generated_tokens_total"] - generated_before
     assert generated > 5
     assert settled_metrics(server, generated, before)["completion"] - before["completion"] == generated
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory):
+    """The demo model, one request at a time, sync requests cut at 3 s: a long stream holds the slot, others queue."""
+    server = start_server(resolve_model("demo"), tmp_path_factory.mktemp("data-one-slot"), "--max-num-seqs", "1",
+                          "--request-timeout", "3", "--rate-limit", "0")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_request_that_never_left_the_queue_is_not_metered(one_slot):
+    """Hunt round 20 B-F1: a request whose client left while it waited behind another (499), one past
+    `--request-timeout` while it waited (408) and a background response cancelled before it ran were each metered for
+    their whole prompt (tokens, cost, neurons), and the cancelled response said `input_tokens: 137`. The engine never
+    read those prompts: nothing is metered for them, and the response says 0. The request holding the slot, cut once
+    they are done, keeps its prompt metered."""
+    server = one_slot
+    banned = {str(token): -100 for token in (*harmony.STOP_TOKENS, harmony.tokenizer.END, harmony.tokenizer.ENDOFTEXT)}
+    holder = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "logit_bias": banned, "stream": True}
+    holder_prompt = httpx.post(server.base + "/v1/completions", json={**holder, "max_tokens": 1, "stream": False},
+                               timeout=60).json()["usage"]["prompt_tokens"]
+    probe = "Tell me about the capital of France. " * 10
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0)
+    server.wait_idle()
+    before = metrics(server)
+    with httpx.stream("POST", server.base + "/v1/completions", json=holder, timeout=120) as held:
+        assert held.status_code == 200, held.read()
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        next(lines)  # the holder runs: the probes wait behind it
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.run_url(), json={"prompt": probe, "max_tokens": 50}, timeout=1.5)
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": probe}], max_tokens=50)
+        assert timed_out.value.status_code == 408
+        queued = client.responses.create(model=MODEL, input=probe, background=True, max_output_tokens=50)
+        time.sleep(0.5)
+        cancelled = client.responses.cancel(queued.id)
+        assert cancelled.status == "cancelled" and cancelled.usage.input_tokens == cancelled.usage.output_tokens == 0
+        stats = server.health()
+        assert stats["running"] == 1 and stats["waiting"] == 0  # the probes left without ever running
+        assert delta(before, metrics(server))["prompt"] == 0
+    server.wait_idle()
+    got = delta(before, settled_metrics(server, 1, before))
+    assert got["prompt"] == holder_prompt and got["cached"] == 0
+    assert got["cost"] == pytest.approx(PRICES[MODEL].cost(holder_prompt, int(got["completion"]))[0], rel=1e-6)

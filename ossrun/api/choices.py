@@ -31,11 +31,16 @@ def derive_seed(seed: int | None, index: int) -> int | None:
 def combined(groups: list[list[Outcome]]) -> Outcome:
     """Usage of all choices, grouped by prompt (one group but for a `/v1/completions` batch): each prompt
     once, every choice's completion tokens."""
-    outcomes = [o for group in groups for o in group]
-    return Outcome(prompt_tokens=sum(group[0].prompt_tokens for group in groups), cached_tokens=sum(group[0].cached_tokens for group in groups),
-                   cache_write_tokens=sum(group[0].cache_write_tokens for group in groups),
+    outcomes, read = [o for group in groups for o in group], [_read(group) for group in groups]
+    return Outcome(prompt_tokens=sum(o.prompt_tokens for o in read), cached_tokens=sum(o.cached_tokens for o in read),
+                   cache_write_tokens=sum(o.cache_write_tokens for o in read),
                    completion_tokens=sum(o.completion_tokens for o in outcomes),
                    reasoning_tokens=sum(o.reasoning_tokens for o in outcomes))
+
+
+def _read(group: list[Outcome]) -> Outcome:
+    """The prompt's counts from a choice the engine read it for (`Service.account`), if one was."""
+    return next((o for o in group if o.prompt_tokens), group[0])
 
 
 def merge_results(results: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:

@@ -638,8 +638,11 @@ class Service:
 
     @staticmethod
     def account(outcome: Outcome, step: Step) -> None:
-        """Fold one step's counters into the outcome (shared by sync and streaming routes)."""
+        """Fold one step's counters into the outcome (shared by sync and streaming routes). The prompt counts from
+        the first step: a request that ends before the engine gave it one (its client left, or it timed out or was
+        cancelled, while it waited) was never read, and is neither answered nor metered as if it had been."""
         token = step.token
+        outcome.prompt_tokens = token.num_prompt_tokens
         outcome.cached_tokens = token.num_cached_tokens
         outcome.cache_write_tokens = token.num_cache_write_tokens
         outcome.reasoning_tokens += step.reasoning  # a header read as reasoning at the end counts its earlier tokens

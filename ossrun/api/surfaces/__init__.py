@@ -131,7 +131,7 @@ def for_plan(service: Service, plan: Plan, model: str, include_usage: bool, usag
     from ossrun.api.surfaces.prompt import PromptSurface
     from ossrun.api.surfaces.responses import ResponsesSurface
 
-    outcome, prices, ask = Outcome(prompt_tokens=len(plan.prompt_ids)), service.metering.prices, plan.ask
+    outcome, prices, ask = Outcome(), service.metering.prices, plan.ask  # its prompt counts once the engine read it
     if plan.shape == "prompt":
         return PromptSurface(outcome, prices, plan.json_mode, ask.logprobs)
     if plan.shape == "messages":
