@@ -1007,3 +1007,33 @@ def test_model_json_reads_numbers_as_the_hosted_runtime_writes_them():
         {"x": None, "y": [None, 1.5, 12345678901234567890123, None]}
     for text in ('{"x": NaN}', '[Infinity]', '{"x": 1', "[" * 100_000 + "]" * 100_000):
         assert model_json(text) == text
+
+
+def test_a_batch_poll_does_not_hold_the_event_loop(client):
+    """Hunt round 20 C-F3: a poll read the batch (every item's stored body and result: ~65 ms for 1000 items) and built
+    its answer inside the async route, so each poll stalled every stream and /health. Here the read waits until
+    `/health` has answered: on the event loop, it never could."""
+    import threading
+
+    store = client.app.state.service.batch_store
+    request_id = client.post(RUN, json={"requests": [{"prompt": "hi", "max_tokens": 2}]}).json()["result"]["request_id"]
+    for _ in range(500):
+        if client.post(RUN, json={"request_id": request_id}).json()["result"]["status"] == "done":
+            break
+        time.sleep(0.02)
+    reading, health_answered, seen = threading.Event(), threading.Event(), {}
+    read = store.get
+
+    def slow_get(batch_id: str):
+        reading.set()
+        seen["answered_while_reading"] = health_answered.wait(timeout=10)
+        return read(batch_id)
+
+    store.get = slow_get
+    polling = threading.Thread(target=lambda: seen.update(polled=client.post(RUN, json={"request_id": request_id})))
+    polling.start()
+    assert reading.wait(timeout=10)
+    assert client.get("/health").status_code == 200
+    health_answered.set()
+    polling.join(timeout=30)
+    assert seen["answered_while_reading"] and seen["polled"].json()["result"]["status"] == "done"

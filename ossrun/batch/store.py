@@ -45,10 +45,14 @@ class Batch:
 
     @property
     def status(self) -> str:
-        states = {item.state for item in self.items}
-        if states == {"done"}:
-            return "done"
-        return "running" if states & {"running", "done"} else "queued"
+        return status_of({item.state for item in self.items})
+
+
+def status_of(states: set[str]) -> str:
+    """A batch's status from its items' states: done when all are, running once any has started, else queued."""
+    if states == {"done"}:
+        return "done"
+    return "running" if states & {"running", "done"} else "queued"
 
 
 class QueueFull(Exception):
@@ -71,6 +75,7 @@ STORED_BYTES = 2 << 30
 class BatchStore(Protocol):
     def create(self, model: str, bodies: list[dict[str, Any]], priority_hint: int = 0) -> str: ...
     def get(self, batch_id: str) -> Batch | None: ...
+    def status(self, batch_id: str) -> str | None: ...
     def collect(self, batch_id: str) -> None: ...
     def claim(self, limit: int) -> list[BatchItem]: ...
     def complete(self, item: BatchItem, success: bool, result: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
@@ -116,8 +121,8 @@ def _bytes(text: str | None) -> int:
 class SQLiteBatchStore:
     """SQLite in WAL mode (`storage.open_database`: "queued" means on disk); a connection for writes and one for reads,
     each behind its own lock (the queue is not the hot path). A write can wait out another process's write lock
-    (`storage.BUSY_TIMEOUT_S`, on the worker's or the API's thread); a read (a poll, a /metrics scrape, on the event
-    loop) never waits behind it."""
+    (`storage.BUSY_TIMEOUT_S`, on the worker's or the API's thread); a read (a poll's status and a /metrics scrape on
+    the event loop, a finished batch's results on a worker thread) never waits behind it."""
 
     def __init__(self, path: str | Path, capacity_bytes: int = STORED_BYTES):
         self.path, self.capacity_bytes = Path(path), capacity_bytes
@@ -189,6 +194,14 @@ class SQLiteBatchStore:
             finally:
                 self._reader.execute("COMMIT")
         return None if row is None else Batch(row[0], row[1], row[2], [_item(r, row[1]) for r in items], row[3] is not None)
+
+    def status(self, batch_id: str) -> str | None:
+        """The batch's status (None: unknown), read on the state index without its items' bodies and results: cheap
+        enough for the event loop, where a poll of a batch not done reads it, so it never waits for a thread that
+        writes may all be holding (SQLite's busy timeout, another process holding the write lock)."""
+        with self._read_lock:
+            rows = self._reader.execute("SELECT DISTINCT state FROM items WHERE batch_id = ?", (batch_id,)).fetchall()
+        return status_of({row[0] for row in rows}) if rows else None
 
     def claim(self, limit: int) -> list[BatchItem]:
         """Mark up to `limit` queued items running (oldest batch first) and return them."""
