@@ -251,3 +251,21 @@ def test_a_full_disk_is_one_failure_streak_until_results_can_be_written_again(tm
     assert len(errors) == 1 and "database or disk is full" in errors[0].getMessage(), [r.getMessage() for r in errors]
     assert errors[0].exc_info is None  # a full disk is one clear line, no traceback
     assert len(warnings) == 1 and "takes writes again" in warnings[0].getMessage()
+
+
+def test_claims_are_fair_between_batches(tmp_path):
+    """Hunt round 20 C-F2: items were claimed oldest batch first, so a 1-item batch waited until every item of an
+    earlier 1000-item one had been claimed (hours on real hardware). Now the next item is the batch's with the fewest
+    running, ties to the oldest; a batch's items still go in order and its results stay in request order."""
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+    big = store.create("m", [{"prompt": str(i)} for i in range(6)])
+    first = store.claim(2)
+    assert [(i.batch_id, i.index) for i in first] == [(big, 0), (big, 1)]
+    small, other = store.create("m", [{"prompt": "s"}]), store.create("m", [{"prompt": "o0"}, {"prompt": "o1"}])
+    second = store.claim(4)
+    assert [(i.batch_id, i.index) for i in second] == [(small, 0), (other, 0), (other, 1), (big, 2)]
+    rest = store.claim(10)
+    assert [(i.batch_id, i.index) for i in rest] == [(big, 3), (big, 4), (big, 5)] and store.claim(10) == []
+    for item in reversed(first + second + rest):
+        store.complete(item, True, {"response": f"{item.batch_id}:{item.index}"}, 1, 1)
+    assert [i.result["response"] for i in store.get(big).items] == [f"{big}:{n}" for n in range(6)]

@@ -8,6 +8,7 @@ item is either done (reported as it was) or not (run again): each is reported ex
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import sqlite3
@@ -114,6 +115,34 @@ _DROP_COLLECTED = ("DELETE FROM batches WHERE id IN (SELECT id FROM (SELECT id, 
                    "AS freed FROM batches WHERE collected_at IS NOT NULL AND finished_at IS NOT NULL) WHERE freed - size < ?)")
 
 
+# Per batch with items queued, oldest first: (its id, items running, items queued). Read on the state index.
+_BACKLOG_BY_BATCH = ("SELECT i.batch_id, SUM(i.state = 'running'), SUM(i.state = 'queued') FROM items i JOIN batches b "
+                     "ON b.id = i.batch_id WHERE i.state IN ('queued', 'running') GROUP BY i.batch_id "
+                     "HAVING SUM(i.state = 'queued') > 0 ORDER BY b.created_at, b.rowid")
+# A batch's next `?` queued items, in request order.
+_NEXT_QUEUED = ("SELECT i.batch_id, i.idx, i.body, i.external_reference, i.state, i.success, i.result, i.prompt_tokens, "
+                "i.completion_tokens, b.model FROM items i JOIN batches b ON b.id = i.batch_id "
+                "WHERE i.batch_id = ? AND i.state = 'queued' ORDER BY i.idx LIMIT ?")
+
+
+def _fair_shares(backlog: list[tuple[str, int, int]], limit: int) -> dict[str, int]:
+    """How many of `limit` items each batch gets, in the order first given: one at a time to the batch with the fewest
+    running (those given here counted), ties to the oldest (`backlog` is oldest first), none past its queued ones. So a
+    small batch starts as soon as a slot frees, whatever an earlier batch still has queued, and batches that are
+    queued alone run as before, each in turn."""
+    heap = [(running, age, batch_id, queued) for age, (batch_id, running, queued) in enumerate(backlog)]
+    heapq.heapify(heap)
+    shares: dict[str, int] = {}
+    for _ in range(limit):
+        if not heap:
+            break
+        running, age, batch_id, queued = heapq.heappop(heap)
+        shares[batch_id] = shares.get(batch_id, 0) + 1
+        if queued > 1:
+            heapq.heappush(heap, (running + 1, age, batch_id, queued - 1))
+    return shares
+
+
 def _bytes(text: str | None) -> int:
     return 0 if text is None else len(text.encode())
 
@@ -204,12 +233,12 @@ class SQLiteBatchStore:
         return status_of({row[0] for row in rows}) if rows else None
 
     def claim(self, limit: int) -> list[BatchItem]:
-        """Mark up to `limit` queued items running (oldest batch first) and return them."""
+        """Mark up to `limit` queued items running and return them, fairly between batches (`_fair_shares`), each
+        batch's in order. Claimed oldest batch first, a 1-item batch waited until every item of a 1000-item one queued
+        before it had been claimed (hunt round 20 C-F2)."""
         with self._lock, self._transaction():
-            rows = self._db.execute(
-                "SELECT i.batch_id, i.idx, i.body, i.external_reference, i.state, i.success, i.result, i.prompt_tokens, i.completion_tokens, b.model "
-                "FROM items i JOIN batches b ON b.id = i.batch_id WHERE i.state = 'queued' "
-                "ORDER BY b.created_at, i.batch_id, i.idx LIMIT ?", (limit,)).fetchall()
+            shares = _fair_shares(self._db.execute(_BACKLOG_BY_BATCH).fetchall(), limit)
+            rows = [row for batch_id, count in shares.items() for row in self._db.execute(_NEXT_QUEUED, (batch_id, count))]
             self._db.executemany("UPDATE items SET state = 'running' WHERE batch_id = ? AND idx = ?", [(r[0], r[1]) for r in rows])
         items = [_item(r[:-1], r[-1]) for r in rows]
         for item in items:
