@@ -74,7 +74,8 @@ class FakeEngine:
             _compiler().compile(submission.grammar)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.running), "waiting": 0, "kv_blocks_used": len(self.running), "kv_blocks_total": 100,
+        return {"running": len(self.running), "waiting": 0, "running_requests": len(self.running), "waiting_requests": 0,
+                "kv_blocks_used": len(self.running), "kv_blocks_total": 100,
                 "kv_sliding_blocks_used": 0, "generated_tokens_total": self.generated, "unread_tokens_total": 0,
                 "preemptions_total": 0}
 

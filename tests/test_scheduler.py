@@ -339,3 +339,15 @@ def test_an_uneven_split_leaves_running_rows_where_they_are():
     s.add(from_client("b1", "b"))
     for _ in range(3):
         assert run(s) == {"b0": 1, "a0": 1, "a1": 1, "c0": 1}
+
+
+def test_requests_count_each_group_once_running_if_any_of_its_sequences_runs():
+    """Hunt round 21 A-F1: the request gauges counted sequences (one `n=16` request on 4 slots: 4 running, 12 queued)."""
+    s = Scheduler(KVCacheManager(4096, 4096, 16, 128, prefix_caching=False), max_num_seqs=4, max_tokens_per_step=512)
+    for i in range(6):
+        s.add(from_client(f"wide{i}", "a", group="wide"))
+    run(s)
+    assert (len(s.running), len(s.waiting)) == (4, 2) and s.requests() == (1, 0)
+    s.add(from_client("late", "a", group="late"))
+    s.add(from_client("later", "a", group="later"))
+    assert s.requests() == (1, 2)

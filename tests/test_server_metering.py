@@ -195,3 +195,29 @@ def test_a_request_that_never_left_the_queue_is_not_metered(one_slot):
     got = delta(before, settled_metrics(server, 1, before))
     assert got["prompt"] == holder_prompt and got["cached"] == 0
     assert got["cost"] == pytest.approx(PRICES[MODEL].cost(holder_prompt, int(got["completion"]))[0], rel=1e-6)
+
+
+def gauges(server) -> dict[str, float]:
+    names = ("ossrun_running_requests", "ossrun_queue_depth", "ossrun_running_sequences", "ossrun_waiting_sequences")
+    lines = (line.rpartition(" ") for line in httpx.get(server.base + "/metrics", timeout=10).text.splitlines())
+    return {name: float(value) for name, _, value in lines if name in names}
+
+
+def test_the_request_gauges_count_requests_and_the_sequence_gauges_their_choices(one_slot):
+    """Hunt round 21 A-F1: `ossrun_running_requests` and `ossrun_queue_depth` counted the engine's sequences, so one
+    `n=3` request on one slot showed 1 running and 2 queued while nobody waited. A request runs once any of its choices
+    runs and is queued while none does; `ossrun_running_sequences` and `ossrun_waiting_sequences` count the choices."""
+    server = one_slot
+    banned = {str(token): -100 for token in (*harmony.STOP_TOKENS, harmony.tokenizer.END, harmony.tokenizer.ENDOFTEXT)}
+    holder = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "logit_bias": banned, "stream": True, "n": 3}
+    server.wait_idle()
+    with httpx.stream("POST", server.base + "/v1/completions", json=holder, timeout=120) as held:
+        assert held.status_code == 200, held.read()
+        lines = held.iter_lines()  # kept: a dropped iterator would close the stream
+        next(lines)  # one choice holds the only slot, the other two wait
+        assert gauges(server) == {"ossrun_running_requests": 1, "ossrun_queue_depth": 0,
+                                  "ossrun_running_sequences": 1, "ossrun_waiting_sequences": 2}
+    stats = server.wait_idle()
+    assert stats["running"] == stats["waiting"] == 0
+    assert gauges(server) == dict.fromkeys(("ossrun_running_requests", "ossrun_queue_depth", "ossrun_running_sequences",
+                                            "ossrun_waiting_sequences"), 0)

@@ -50,8 +50,16 @@ class Metering:
         self.tokens = Counter("ossrun_tokens_total", "Tokens by kind", ["kind"], registry=r)
         self.cost = Counter("ossrun_cost_usd_total", "Estimated cost at the hosted prices (USD)", registry=r)
         self.neurons = Counter("ossrun_neurons_total", "Estimated neurons at the hosted rates", registry=r)
-        self.queue = Gauge("ossrun_queue_depth", "Requests waiting for the engine", registry=r)
-        self.running = Gauge("ossrun_running_requests", "Requests the engine is running", registry=r)
+        # Requests as clients sent them (the names dashboards know); the sequences (each choice of `n`, each prompt
+        # of a list) are what takes the engine's `--max-num-seqs` slots.
+        self.queue = Gauge("ossrun_queue_depth", "Requests waiting for the engine: none of their sequences is running",
+                           registry=r)
+        self.running = Gauge("ossrun_running_requests", "Requests the engine is running: at least one of their sequences "
+                             "is running", registry=r)
+        self.waiting_seqs = Gauge("ossrun_waiting_sequences", "Sequences (a request's choices of n, for each of its "
+                                  "prompts) waiting for an engine slot", registry=r)
+        self.running_seqs = Gauge("ossrun_running_sequences", "Sequences (a request's choices of n, for each of its "
+                                  "prompts) holding an engine slot (at most --max-num-seqs)", registry=r)
         self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
         self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
         self.preemptions = Counter("ossrun_preemptions", "Running requests preempted (their KV blocks taken back, "
@@ -90,8 +98,10 @@ class Metering:
 
     def render(self) -> bytes:
         stats = self.engine.stats()
-        self.queue.set(stats["waiting"])
-        self.running.set(stats["running"])
+        self.queue.set(stats["waiting_requests"])
+        self.running.set(stats["running_requests"])
+        self.waiting_seqs.set(stats["waiting"])
+        self.running_seqs.set(stats["running"])
         self.kv.set(stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"]))
         now, (last_tokens, last_time) = time.monotonic(), self._last
         if last_time:

@@ -570,8 +570,10 @@ class OpenAIError(_Out):
 class Health(_Out):
     status: Literal["ok"]
     model: str
-    running: int
-    waiting: int
+    running: int = Field(description="Sequences holding an engine slot: each choice of `n`, for each prompt of a list")
+    waiting: int = Field(description="Sequences waiting for an engine slot")
+    running_requests: int = Field(description="Requests with at least one sequence running (`ossrun_running_requests`)")
+    waiting_requests: int = Field(description="Requests with no sequence running yet (`ossrun_queue_depth`)")
     kv_blocks_used: int
     kv_blocks_total: int
     batch_store: Literal["ok", "failing"] = Field(description="\"failing\" while the batch queue's store keeps failing "

@@ -74,6 +74,7 @@ class EngineClient(Protocol):
     def has_adapter(self, name: str) -> bool: ...
 
     def stats(self) -> dict[str, int]:
-        """Counters for /health and /metrics: running, waiting, KV blocks, generated tokens (`unread_tokens_total`:
+        """Counters for /health and /metrics: running and waiting sequences (each choice of each prompt), the
+        requests they belong to (`running_requests`: one of its sequences runs; `waiting_requests`: none does), KV blocks, generated tokens (`unread_tokens_total`:
         those generated for streams closed before reading them, counted once their request has ended), and
         `preemptions_total`: running requests whose KV blocks were taken back (recomputed later)."""

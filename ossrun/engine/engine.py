@@ -271,9 +271,12 @@ class Engine:
         return results
 
     def stats(self) -> dict[str, int]:
+        running_requests, waiting_requests = self.scheduler.requests()
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "running_requests": running_requests,
+            "waiting_requests": waiting_requests,
             "kv_blocks_used": self.kv.full.num_used,
             "kv_blocks_total": self.kv.full.num_blocks - 1,
             "kv_sliding_blocks_used": self.kv.sliding.num_used,

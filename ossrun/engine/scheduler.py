@@ -88,6 +88,14 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def requests(self) -> tuple[int, int]:
+        """(running, waiting) client requests, where `running` and `waiting` hold their sequences (`n` choices of a
+        prompt list each): operators count requests, so one whose choices are partly running is running, not also
+        queued. Read from the server's loop while the engine thread steps: copied first, and counted from the copies."""
+        running = {seq.group for seq in list(self.running)}
+        waiting = {seq.group for seq in list(self.waiting)}
+        return len(running), len(waiting - running)
+
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self._waiting_since.setdefault(id(seq), self.steps)
