@@ -62,7 +62,7 @@ class Metering:
                                   "prompts) holding an engine slot (at most --max-num-seqs)", registry=r)
         self.kv = Gauge("ossrun_kv_cache_usage", "Fraction of full-attention KV blocks in use", registry=r)
         self.tps = Gauge("ossrun_generated_tokens_per_second", "Generated tokens per second since the last scrape", registry=r)
-        self.preemptions = Counter("ossrun_preemptions", "Running requests preempted (their KV blocks taken back, "
+        self.preemptions = Counter("ossrun_preemptions", "Running sequences preempted (their KV blocks taken back, "
                                    "recomputed later): often means --kv-cache-gib is small for the load", registry=r)
         self.batch_items = Gauge("ossrun_batch_items", "Batch queue items not done yet, by state (queued, running)",
                                  ["state"], registry=r)
