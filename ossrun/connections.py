@@ -9,6 +9,9 @@ has waited longest for its headers (a real client sends them at once); and the s
 A client that stops reading an answer (its buffers full) has the client timeout to take some of it, else the
 connection is closed and its request cancelled. A body has its own deadline, in the app (`api.body.BodyClock`, a 408). An answer given while the client is still
 sending its request (that 408, or a 400 on a malformed one) is followed by a lingering close (`LingeringTransport`).
+A request h11 cannot parse, and one with both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1: the request
+smuggling setup behind a proxy that frames by `Content-Length`), are refused by the app in its error shape
+(`REFUSED`), and the connection is closed after the answer.
 Should `accept` fail all the same (a burst of
 connections past the cap), asyncio retries a second later, and its error is logged once a minute.
 """
@@ -22,6 +25,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable
+from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ except ImportError:
 
 SPARE_FILES = 256  # file descriptors kept for the server's own files (checkpoint, SQLite, uploads, logs)
 LINGER_S = 2.0  # how long a lingering close drops what the client still sends before it closes all the same
+# In a request's scope state: (status, message) of a request the protocol refused, answered by the app (`api.app`).
+REFUSED = "ossrun.refused"
 
 
 def raise_file_limit() -> int | None:
@@ -102,16 +108,44 @@ class LingeringTransport:
         self._transport.close()
 
 
+def head_refusal(request) -> tuple[int, str] | None:
+    """Why an `h11.Request` that h11 accepted is refused (status, message); None: it is not."""
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, ("Invalid HTTP request: both Content-Length and Transfer-Encoding; a request frames its body one "
+                     "way (RFC 9112 §6.1)")
+    return None
+
+
 def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers and a cap on connections."""
+    """uvicorn's HTTP/1.1 protocol (h11) with a deadline for a request's headers, a cap on connections, and refusals
+    answered by the app."""
     import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+    class CheckedConnection(h11.Connection):
+        """h11's connection, refusing what h11 lets through (`head_refusal`) as h11 refuses what it cannot parse, and
+        keeping why for the answer (uvicorn's handler of h11's errors is told nothing)."""
+        refusal: tuple[int, str] | None = None
+        request: h11.Request | None = None  # the request refused, when h11 parsed it
+
+        def next_event(self):
+            event = super().next_event()
+            if isinstance(event, h11.Request) and (refusal := head_refusal(event)):
+                self.refusal, self.request = refusal, event
+                raise h11.RemoteProtocolError(refusal[1], error_status_hint=refusal[0])
+            return event
 
     class DeadlineProtocol(H11Protocol):
         # Connections waiting for a request's headers, the longest-waiting first (a dict keeps insertion order).
         waiting: dict[DeadlineProtocol, None] = {}
         _deadline: asyncio.TimerHandle | None = None
         _write_stall: asyncio.TimerHandle | None = None
+        refused = False  # nothing more is read on this connection
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = CheckedConnection(h11.SERVER)
 
         def connection_made(self, transport) -> None:
             super().connection_made(LingeringTransport(transport, self._client_still_sending))
@@ -120,8 +154,8 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
                 self._make_room()
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.lingering:
-                return  # the rest of a request already answered
+            if self.transport.lingering or self.refused:
+                return  # the rest of a request already answered, or refused (a pipelined one after it included)
             super().data_received(data)
             self._watch_headers()
 
@@ -174,6 +208,46 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
             if self._write_stall is not None:
                 self._write_stall.cancel()
                 self._write_stall = None
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request h11 refused was a bare text/plain 400: no request id, not counted, logged
+            without its client, and a head over h11's limit a 400, not a 431. The app answers it instead, in the
+            surface's error shape (`api.app`): a request whose body was malformed by its route (which reads the
+            refusal from the scope's state when it reads the body), any other by a request of its own. Nothing more
+            is read from the connection, which closes after the answer."""
+            if self.refused:
+                return
+            self.refused = True
+            self.flow.pause_reading()
+            refusal = self.conn.refusal or (400, msg)
+            if self.cycle is not None and not self.cycle.response_complete:  # in the body of a request being answered
+                if self.cycle.response_started:
+                    self.transport.close()
+                else:
+                    self.cycle.scope["state"][REFUSED] = refusal
+                    self.cycle.message_event.set()
+                return
+            self._answer_refusal(refusal)
+
+        def _answer_refusal(self, refusal: tuple[int, str]) -> None:
+            """Runs the app on a request that carries the refusal: the one h11 parsed (its method and target, for the
+            route and the error shape), or `- -` for one it could not."""
+            request = self.conn.request
+            raw_path, _, query = request.target.partition(b"?") if request else (b"-", b"", b"")
+            scope = {"type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
+                     "server": self.server, "client": self.client, "scheme": self.scheme,
+                     "method": request.method.decode("ascii") if request else "-", "root_path": self.root_path,
+                     "path": self.root_path + (unquote(raw_path.decode("latin-1")) if request else ""),
+                     "raw_path": raw_path, "query_string": query, "headers": [],
+                     "state": {**self.app_state, REFUSED: refusal}}
+            self.cycle = RequestResponseCycle(scope=scope, conn=self.conn, transport=self.transport, flow=self.flow,
+                                              logger=self.logger, access_logger=self.access_logger, access_log=self.access_log,
+                                              default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+                                              on_response=self.on_response_complete)
+            self.cycle.more_body = False
+            task = self.loop.create_task(self.cycle.run_asgi(self.app))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
         def _should_upgrade(self) -> bool:
             """Never: the server speaks HTTP only (the hosted API has no WebSocket transport). An upgrade request is

@@ -254,3 +254,30 @@ def test_forwarded_for_is_believed_from_the_proxies_named(limited_server):
     """--forwarded-allow-ips: behind a proxy, each client the proxy names has its own budget."""
     assert [chat_from(limited_server, PROXY, "198.51.100.1").status_code for _ in range(4)] == [200, 200, 200, 429]
     assert chat_from(limited_server, PROXY, "198.51.100.2").status_code == 200
+
+
+# -- requests h11 lets through or refuses bare (hunt round 21, C-F1 and C-F2) -----------------------------
+
+def refused_answer(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    """The one answer on a connection the server closed after it: status, headers (lower-case names), JSON body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert raw.count(b"\r\n\r\n") == 1, raw  # nothing more was served on the connection
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_the_connection_closed(server):
+    """Before: served as chunked (Transfer-Encoding won) and the connection kept open, so a request pipelined after it
+    was served too: RFC 9112 §6.1 says the server MUST close it (a proxy framing by Content-Length would read the rest
+    of the body as the next request: request smuggling)."""
+    before = requests_counted(server, "/v1/chat/completions", 400)
+    with connect(server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+                     + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, error = refused_answer(until_closed(sock))
+    assert status == 400 and headers["connection"] == "close" and headers["x-request-id"].startswith("req_")
+    assert "Content-Length and Transfer-Encoding" in error["error"]["message"], error
+    assert requests_counted(server, "/v1/chat/completions", 400) == before + 1
+

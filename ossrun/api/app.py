@@ -29,12 +29,13 @@ from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, Wrong
                                host_name, token_matches)
 from ossrun.api.disconnect import KEEPALIVE_S
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
-                               openai_unauthorized, rate_limited, too_large)
+                               openai_unauthorized, rate_limited, refused, too_large)
 from ossrun.api.metering import Metering
 from ossrun.api.service import Service
 from ossrun.batch.store import SQLiteBatchStore
 from ossrun.engine.client import EngineClient
 from ossrun.batch.worker import BatchWorker
+from ossrun.connections import REFUSED
 from ossrun.finetunes import MAX_ASSET_BYTES, FinetuneStore
 from ossrun.storage import DATABASE
 
@@ -89,6 +90,8 @@ class RequestBody:
                     if ended:
                         return {"type": "http.request", "body": b"", "more_body": False}
                 message = await (clock.next(receive) if clock is not None else receive())
+                if refusal := scope["state"].get(REFUSED):  # the server could not read the rest (a malformed chunk)
+                    raise refused(*refusal)
                 if message["type"] != "http.request":
                     return message
                 ended = not message.get("more_body", False)
@@ -219,6 +222,18 @@ def _refusal(request: Request, settings: AppSettings, limiter: RateLimiter, wron
             return openai_unauthorized(token is not None) if path.startswith("/v1/") else _error_response(path, ApiError(*AUTH_FAILED))
     wait = limiter.retry_after(token if settings.api_token else address) if request.method == "POST" else 0
     return _retry_later(path, rate_limited("token" if settings.api_token else "client address"), wait) if wait else None
+
+
+def _refused(request: Request) -> JSONResponse | None:
+    """The answer to a request the server's HTTP protocol refused before any route (`connections.REFUSED`): one h11
+    could not parse, with both Content-Length and Transfer-Encoding, or with a head too large; None: go on."""
+    refusal = request.scope["state"].get(REFUSED)
+    if refusal is None:
+        return None
+    error = refused(*refusal)
+    response = _error_response(request.url.path, error)
+    response.headers.update(error.headers)
+    return response
 
 
 def _browser_refusal(request: Request, policy: BrowserPolicy) -> JSONResponse | None:
@@ -384,7 +399,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
     async def guard(request: Request, call_next):
         path = request.url.path
         open_path = path in OPEN_PATHS or playground.is_playground_path(path) or docs_page.is_asset_path(path)
-        response = (_browser_refusal(request, policy) or _preflight(app, request) or _declared_too_large(request)
+        response = (_refused(request) or _browser_refusal(request, policy) or _preflight(app, request) or _declared_too_large(request)
                     or (None if open_path else _refusal(request, settings, limiter, wrong_tokens)))
         if response is None:
             try:

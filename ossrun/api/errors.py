@@ -63,6 +63,12 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, 3006, f"Request is too large: the body exceeds {limit // 2**20} MB.")
 
 
+def refused(status: int, message: str) -> ApiError:
+    """A request the server's HTTP protocol refused (`connections.REFUSED`: malformed, a 400; its head too large, a
+    431), answered in the surface's shape; the connection is closed after it (what follows on it cannot be framed)."""
+    return ApiError(status, 5006 if status == 400 else 3006, message, headers={"Connection": "close"})
+
+
 def unknown_lora(name: str) -> ApiError:
     return ApiError(400, 5005, f"AiError: the model does not support LoRA {name!r} (no such fine-tune, or it is not loadable)")
 
