@@ -9,9 +9,9 @@ has waited longest for its headers (a real client sends them at once); and the s
 A client that stops reading an answer (its buffers full) has the client timeout to take some of it, else the
 connection is closed and its request cancelled. A body has its own deadline, in the app (`api.body.BodyClock`, a 408). An answer given while the client is still
 sending its request (that 408, or a 400 on a malformed one) is followed by a lingering close (`LingeringTransport`).
-A request h11 cannot parse, and one with both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1: the request
-smuggling setup behind a proxy that frames by `Content-Length`), are refused by the app in its error shape
-(`REFUSED`), and the connection is closed after the answer.
+A request h11 cannot parse, one with both `Content-Length` and `Transfer-Encoding` (RFC 9112 §6.1: the request
+smuggling setup behind a proxy that frames by `Content-Length`), and a head over MAX_HEAD_BYTES are refused by the app
+in its error shape (`REFUSED`), and the connection is closed after the answer.
 Should `accept` fail all the same (a burst of
 connections past the cap), asyncio retries a second later, and its error is logged once a minute.
 """
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import struct
 import sys
 from collections.abc import Callable
@@ -39,6 +40,12 @@ except ImportError:
 
 SPARE_FILES = 256  # file descriptors kept for the server's own files (checkpoint, SQLite, uploads, logs)
 LINGER_S = 2.0  # how long a lingering close drops what the client still sends before it closes all the same
+# A request's head: its method, target and header names and values, counted as parsed, so the limit is the same
+# however the bytes arrive (h11 checks its own only while a head is incomplete: 16 KiB in 1 KiB pieces, unbounded
+# in one write). h11's is kept well above it, so a head between the two is parsed and refused here, as a 431 either way.
+MAX_HEAD_BYTES = 64 * 1024
+H11_BUFFER_BYTES = 4 * MAX_HEAD_BYTES
+HEAD_TOO_LARGE = f"Request header fields too large: the request line and headers take over {MAX_HEAD_BYTES // 1024} KiB."
 # In a request's scope state: (status, message) of a request the protocol refused, answered by the app (`api.app`).
 REFUSED = "ossrun.refused"
 
@@ -108,13 +115,19 @@ class LingeringTransport:
         self._transport.close()
 
 
+def _without_bytes(error: Exception) -> str:
+    """h11's message without the client's bytes it quotes (`illegal request line: bytearray(b'…')`)."""
+    return re.sub(r":? (?:bytearray\()?b['\"].*", "", str(error), flags=re.DOTALL)
+
+
 def head_refusal(request) -> tuple[int, str] | None:
     """Why an `h11.Request` that h11 accepted is refused (status, message); None: it is not."""
     names = {name for name, _ in request.headers}
     if b"content-length" in names and b"transfer-encoding" in names:
         return 400, ("Invalid HTTP request: both Content-Length and Transfer-Encoding; a request frames its body one "
                      "way (RFC 9112 §6.1)")
-    return None
+    size = len(request.method) + len(request.target) + sum(len(name) + len(value) for name, value in request.headers)
+    return (431, HEAD_TOO_LARGE) if size > MAX_HEAD_BYTES else None
 
 
 def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asyncio.Protocol]:
@@ -130,7 +143,12 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
         request: h11.Request | None = None  # the request refused, when h11 parsed it
 
         def next_event(self):
-            event = super().next_event()
+            try:
+                event = super().next_event()
+            except h11.RemoteProtocolError as exc:
+                too_large = exc.error_status_hint == 431  # h11's own limit on an incomplete head
+                self.refusal = (431, HEAD_TOO_LARGE) if too_large else (400, f"Invalid HTTP request: {_without_bytes(exc)}")
+                raise
             if isinstance(event, h11.Request) and (refusal := head_refusal(event)):
                 self.refusal, self.request = refusal, event
                 raise h11.RemoteProtocolError(refusal[1], error_status_hint=refusal[0])
@@ -145,7 +163,7 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.conn = CheckedConnection(h11.SERVER)
+            self.conn = CheckedConnection(h11.SERVER, H11_BUFFER_BYTES)
 
         def connection_made(self, transport) -> None:
             super().connection_made(LingeringTransport(transport, self._client_still_sending))
@@ -220,6 +238,7 @@ def deadline_protocol(timeout_s: float, max_connections: int | None) -> type[asy
             self.refused = True
             self.flow.pause_reading()
             refusal = self.conn.refusal or (400, msg)
+            log.warning("refused a request from %s (%d): %s", self.client[0] if self.client else "?", *refusal)
             if self.cycle is not None and not self.cycle.response_complete:  # in the body of a request being answered
                 if self.cycle.response_started:
                     self.transport.close()
