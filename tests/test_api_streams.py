@@ -610,3 +610,35 @@ def test_a_silent_stream_gets_keep_alive_comments_that_clients_skip(one_at_a_tim
     first_data = next(i for i, line in enumerate(raw) if line.startswith("data: "))
     assert any(line.startswith(":") for line in raw[first_data:])  # after the opening chunk, while it waited
     assert text == alone and [line for line in raw if line][-1] == "data: [DONE]"
+
+
+def _chat_both(client: TestClient, body: dict) -> tuple[dict, list[dict]]:
+    """A scripted chat completion, sync and streamed (the streamed chunks, `[DONE]` left out)."""
+    body = {"model": MODEL, "messages": FRANCE, **body}
+    sync = client.post("/v1/chat/completions", json=body).json()
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    return sync, [c for c in chunks if c["choices"]]
+
+
+def _streamed(chunks: list[dict], field: str) -> str:
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in chunks)
+
+
+def test_messages_of_one_field_are_joined_with_a_newline(client, engine):
+    """Scripted: the demo model writes one message per channel. Before: a preamble and the final answer, or two
+    analysis messages, were glued (`'Let me check.Answer.'`); vLLM's gpt-oss parsing joins them with "\\n" (hunt
+    round 21 B-F4). The streamed deltas still add up to the sync text; an empty message adds no separator."""
+    engine.script = ("<|channel|>analysis<|message|>First thought.<|end|><|start|>assistant<|channel|>analysis<|message|>"
+                     "<|end|><|start|>assistant<|channel|>analysis<|message|>Second thought.<|end|><|start|>assistant"
+                     "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant<|channel|>final<|message|>"
+                     "Answer.<|return|>")
+    sync, chunks = _chat_both(client, {})
+    message = sync["choices"][0]["message"]
+    assert message["content"] == "Let me check.\nAnswer." == _streamed(chunks, "content")
+    assert message["reasoning_content"] == "First thought.\nSecond thought." == _streamed(chunks, "reasoning_content")
+    assert client.post(SCRIPTED_RUN, json={"prompt": "x"}).json()["result"]["response"] == "Let me check.\nAnswer."
+    frames = scripted_stream(client, {"prompt": "x"})
+    assert "".join(json.loads(f).get("response", "") for f in frames[:-1]) == "Let me check.\nAnswer."
+    output = client.post("/v1/responses", json={"model": MODEL, "input": "x"}).json()["output"]
+    assert [item["content"][0]["text"] for item in output if item["type"] == "message"] == ["Let me check.", "Answer."]

@@ -592,6 +592,7 @@ class Service:
         parser = PlainText(plan.prompt_ids) if plan.shape == "completions" else harmony.StreamParser(prompt_ids=plan.prompt_ids)
         hidden = PlainText.hides if plan.shape == "completions" else harmony.is_special
         stops = StopStrings(plan.stop) if plan.stop else None
+        joined = JoinedMessages() if plan.shape in JOINED_SHAPES else None
         parsed = shown = 0  # answer characters from the parser, and those the stop strings let through
         stream = self.engine.submit(self._submission(plan))
         try:
@@ -607,14 +608,18 @@ class Service:
                     events += parser.finish(reason)
                     if reason == "length":  # also an answer that ended on <|return|>/<|call|> but was shaped by max_tokens
                         events = [harmony.Finished("length") if isinstance(e, harmony.Finished) else e for e in events]
+                if joined is not None:
+                    events = joined.join(events)
                 is_hidden = token.token_id is not None and hidden(token.token_id)
                 if stops is not None:
                     parsed += _text_length(events)
                     events = stops.filter(events)
                     # A stop string completing in a header's text ends the answer too: finishing reads it as the answer.
-                    ends = stops.matched is not None or stops.completes_in(parser.answer_preview())
+                    ends = stops.matched is not None or stops.completes_in(
+                        joined.preview(parser.answer_preview()) if joined is not None else parser.answer_preview())
                     if ends and not token.finished:  # leaving the loop ends the engine request
                         closing = parser.finish("stop")
+                        closing = joined.join(closing) if joined is not None else closing
                         parsed += _text_length(closing)
                         events += stops.filter(closing)
                         shown += _text_length(events)
@@ -698,6 +703,39 @@ async def _to_its_end(work: Awaitable[T]) -> T:
         if not task.cancelled():
             task.exception()  # retrieved: the caller hears the cancellation
         raise
+
+
+# The shapes whose answer is one text per field (chat `content` and `reasoning_content`, /ai/run `response`): the
+# texts of a field's messages are joined there. Responses keeps each message an item; /v1/completions is raw text.
+JOINED_SHAPES = ("prompt", "messages")
+
+
+class JoinedMessages:
+    """The texts of several messages that go into one field joined with "\n", as vLLM's gpt-oss parsing joins them:
+    glued, a preamble and the answer read `'Let me check.Answer.'`. The "\n" opens the next message's first text, only
+    when both sides have text, so a stream's deltas still add up to the sync text."""
+
+    def __init__(self) -> None:
+        self._written: set[type] = set()  # the fields (delta types) that have text
+        self._ended: set[type] = set()  # those of them whose last message has ended since
+
+    def join(self, events: list[harmony.Event]) -> list[harmony.Event]:
+        out: list[harmony.Event] = []
+        for event in events:
+            if isinstance(event, harmony.MessageEnd):
+                self._ended |= self._written
+            elif isinstance(event, (harmony.ContentDelta, harmony.ReasoningDelta)) and event.text:
+                kind = type(event)
+                if kind in self._ended:
+                    event = dataclasses.replace(event, text="\n" + event.text)
+                self._written.add(kind)
+                self._ended.discard(kind)
+            out.append(event)
+        return out
+
+    def preview(self, text: str) -> str:
+        """`text` as the answer would show it if it became the next answer message's (`StreamParser.answer_preview`)."""
+        return "\n" + text if text and harmony.ContentDelta in self._ended else text
 
 
 def characters_started(entry: dict[str, Any]) -> int:
