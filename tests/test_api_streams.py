@@ -642,3 +642,21 @@ def test_messages_of_one_field_are_joined_with_a_newline(client, engine):
     assert "".join(json.loads(f).get("response", "") for f in frames[:-1]) == "Let me check.\nAnswer."
     output = client.post("/v1/responses", json={"model": MODEL, "input": "x"}).json()["output"]
     assert [item["content"][0]["text"] for item in output if item["type"] == "message"] == ["Let me check.", "Answer."]
+
+
+@pytest.mark.parametrize("stop, content", [("check.\nAns", "Let me "), ("\nAnswer", "Let me check."), ("k.\n", "Let me chec")])
+def test_a_stop_string_spanning_the_join_of_two_messages_cuts_there(client, engine, stop, content):
+    """Scripted, as above. Before: the matcher was reset at each message's end, so a stop spanning the join of a
+    preamble and the answer was returned to the client (hunt round 21 B-F1). It is matched over the text the client
+    gets, the "\\n" between the messages included."""
+    engine.script = ("<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>commentary<|message|>"
+                     "Let me check.<|end|><|start|>assistant<|channel|>final<|message|>Answer.<|return|>")
+    sync, chunks = _chat_both(client, {"stop": stop})
+    choice = sync["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"], choice["stop_reason"]) == (content, "stop", stop)
+    assert _streamed(chunks, "content") == content
+    assert [c["choices"][0].get("stop_reason") for c in chunks if c["choices"][0]["finish_reason"]] == [stop]
+    assert client.post(SCRIPTED_RUN, json={"prompt": "x", "stop": stop}).json()["result"]["response"] == content
+    frames = scripted_stream(client, {"messages": FRANCE, "stop": stop})
+    assert "".join(json.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-1]
+                   if json.loads(f).get("choices")) == content

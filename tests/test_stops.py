@@ -40,13 +40,23 @@ def test_a_false_start_is_released():
     assert stops.flush() == "ab" and stops.matched is None
 
 
-def test_events_hold_only_answer_text_and_flush_before_the_message_ends():
+def test_events_hold_only_answer_text_and_flush_when_generation_ends():
     stops = StopStrings(["END"])
     events = stops.filter([ReasoningDelta("thinking EN"), ContentDelta("answer E"), MessageEnd("final"), Finished("length")])
-    assert events == [ReasoningDelta("thinking EN"), ContentDelta("answer "), ContentDelta("E"), MessageEnd("final"), Finished("length")]
+    assert events == [ReasoningDelta("thinking EN"), ContentDelta("answer "), MessageEnd("final"), ContentDelta("E"), Finished("length")]
     stops = StopStrings(["END"])
     assert stops.filter([ContentDelta("the END is"), MessageEnd("final"), Finished("length")]) == \
         [ContentDelta("the "), MessageEnd("final"), Finished("stop")]
+
+
+def test_a_message_end_neither_shows_what_is_held_nor_restarts_the_matching():
+    """The answer's messages are one text to the client (joined with "\\n"): before, a message's end flushed and reset
+    the matcher, so a stop spanning two messages was returned (hunt round 21 B-F1)."""
+    stops = StopStrings(["check.\nAns"])
+    events = stops.filter([ContentDelta("Let me check."), MessageEnd("commentary"), ContentDelta("\nAnswer."),
+                           MessageEnd("final"), Finished("stop")])
+    assert events == [ContentDelta("Let me "), MessageEnd("commentary"), MessageEnd("final"), Finished("stop")]
+    assert stops.matched == "check.\nAns"
 
 
 def _plain_feed(state: dict, stops: list[str], text: str) -> str:

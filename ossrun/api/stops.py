@@ -107,7 +107,9 @@ class StopStrings:
         return "" if self.matched is not None else held
 
     def filter(self, events: Iterable[Event]) -> list[Event]:
-        """Parser events with the answer text cut and held back; after a match only closing events pass."""
+        """Parser events with the answer text cut and held back; after a match only closing events pass. The answer's
+        messages are one text to the client (`service.JoinedMessages`), so a message's end neither shows what is held
+        nor restarts the matching: reset there, a stop spanning the join of a preamble and the answer was returned."""
         out: list[Event] = []
         for event in events:
             if isinstance(event, ContentDelta):
@@ -115,10 +117,10 @@ class StopStrings:
                 if text:
                     out.append(ContentDelta(text, event.channel))
                 continue
-            if isinstance(event, (MessageEnd, Finished)):
-                if held := self.flush():  # the text of the message that ends (a MessageEnd names its channel)
-                    out.append(ContentDelta(held, event.channel if isinstance(event, MessageEnd) else "final"))
-                out.append(Finished("stop") if isinstance(event, Finished) and self.matched is not None else event)
-            elif self.matched is None:
+            if isinstance(event, Finished):
+                if held := self.flush():
+                    out.append(ContentDelta(held))
+                out.append(Finished("stop") if self.matched is not None else event)
+            elif isinstance(event, MessageEnd) or self.matched is None:
                 out.append(event)
         return out
