@@ -9,6 +9,7 @@ drops, repeats or misplaces a token fails. The last tests keep the scripted engi
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import time
@@ -173,7 +174,8 @@ def test_completions_logprobs_spell_split_characters_as_bytes(server):
     assert "\U0001F99C" in text
     spelled = b"".join(bytes.fromhex(t[len("bytes:"):].replace("\\x", "")) if t.startswith("bytes:") else t.encode()
                        for t in logprobs["tokens"])
-    assert spelled.decode("utf-8", "replace") == text
+    # A cut (max_tokens) inside a character drops its incomplete bytes from the text, not from the entries (B-F2).
+    assert codecs.getincrementaldecoder("utf-8")("replace").decode(spelled) == text
     # Distinct keys: the 2 best and the sampled token (OpenAI's legacy completions add it when it is not among them).
     assert all(len(top) == 2 + (token not in list(top)[:2]) and token in top
                for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]))
@@ -660,3 +662,26 @@ def test_a_stop_string_spanning_the_join_of_two_messages_cuts_there(client, engi
     frames = scripted_stream(client, {"messages": FRANCE, "stop": stop})
     assert "".join(json.loads(f)["choices"][0]["delta"].get("content") or "" for f in frames[:-1]
                    if json.loads(f).get("choices")) == content
+
+
+def test_a_finish_inside_a_character_drops_its_incomplete_bytes_on_every_route(client, engine):
+    """Scripted: the split `' 🎉'` (b' \\xf0\\x9f\\x8e' + b'\\x89') must fall exactly at max_tokens. Before: the pieces
+    became U+FFFD (`'Party �'`), while a failure at the same token already dropped them (hunt round 21 B-F2)."""
+    head = "<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>final<|message|>Party"
+    engine.script = head + " 🎉🎉 time<|return|>"
+    cut = token_count(head) + 1
+    sync, chunks = _chat_both(client, {"max_tokens": cut})
+    assert (sync["choices"][0]["message"]["content"], sync["choices"][0]["finish_reason"]) == ("Party ", "length")
+    assert _streamed(chunks, "content") == "Party " and sync["usage"]["completion_tokens"] == cut
+    assert client.post(SCRIPTED_RUN, json={"prompt": "x", "max_tokens": cut}).json()["result"]["response"] == "Party "
+    response = client.post("/v1/responses", json={"model": MODEL, "input": "x", "max_output_tokens": cut}).json()
+    assert response["output_text"] == "Party "
+    text = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": cut}).json()["choices"][0]["text"]
+    assert text.endswith("Party ")
+    call = ('<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather '
+            '<|constrain|>json<|message|>{"city":"Bogotá')
+    engine.script = call + ' 🎉🎉"}<|call|>'
+    sync, chunks = _chat_both(client, {"tools": TOOLS, "max_tokens": token_count(call) + 1})
+    assert sync["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"city":"Bogotá '
+    assert "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"].get("arguments", "")
+                   for c in chunks if c["choices"][0]["delta"].get("tool_calls")) == '{"city":"Bogotá '

@@ -441,10 +441,10 @@ def test_split_character_in_tool_arguments():
     assert result.tool_calls[0].arguments == f'{{"text":"{char}"}}'
 
 
-def test_truncated_character_at_length_becomes_a_replacement():
+def test_truncated_character_at_length_is_dropped():
     char = _multi_token_char()
     tokens = toks("<|channel|>final<|message|>") + encode(char)[:1]
-    assert parse_completion(tokens).content == "\ufffd"
+    assert parse_completion(tokens).content == ""
 
 
 # --- raw prompts: start where the prompt left off -----------------------------------------------
@@ -499,3 +499,21 @@ def test_agrees_with_openai_harmony(text):
     assert result.content == texts["final"] + texts["commentary"] or result.content == texts["commentary"] + texts["final"]
     assert [(c.name, c.arguments) for c in result.tool_calls] == calls
     assert result.anomalies == []
+
+
+def test_a_cut_inside_a_character_drops_its_bytes_but_a_real_end_after_them_shows_u_fffd():
+    """Before: `finish` (max_tokens, a stop string, a cancel) turned the pieces of a character it cut into U+FFFD, which
+    a client continuing the text carried on (hunt round 21 B-F2); vLLM never shows a partial character. A message the
+    model itself ended after a partial character is invalid UTF-8, and shows as such."""
+    head = toks("<|channel|>final<|message|>Party")
+    partial = toks(" 🎉🎉")[0]  # b' \xf0\x9f\x8e'
+    from ossrun.harmony import token_bytes
+    assert token_bytes(partial) == b" \xf0\x9f\x8e"
+    events, _ = run(head + [partial], "length")
+    assert fold_events(events).content == "Party "
+    for end in ("<|end|>", "<|return|>"):
+        events, _ = run(head + [partial] + toks(end), "length")
+        assert fold_events(events).content == "Party \ufffd"
+    call = toks('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a":"')
+    events, _ = run(call + [partial], "length")
+    assert fold_events(events).tool_calls[0].arguments == '{"a":" '

@@ -102,7 +102,8 @@ def test_completions_text_offset_counts_each_invalid_byte_as_its_own_character(c
     expected = [len(b"".join(bytes(_token_bytes(t)) for t in lp.tokens[:i]).decode("utf-8", "replace"))
                 for i in range(len(lp.tokens))]
     assert lp.text_offset == expected and (offsets is None or lp.text_offset == offsets)
-    assert choice.text == "\ufffd" * len(lp.tokens)
+    # max_tokens cuts after a lone lead byte, which may still begin a character: it is dropped (hunt round 21 B-F2)
+    assert choice.text == "\ufffd" * (len(lp.tokens) - 1)
     streamed = [c.choices[0].logprobs for c in client.completions.create(**args, stream=True) if c.choices and c.choices[0].logprobs]
     assert [o for lp_chunk in streamed for o in lp_chunk.text_offset] == lp.text_offset
 

@@ -757,6 +757,7 @@ class PlainText:
     def __init__(self, prompt_ids: list[int]) -> None:
         self._decoder = harmony.TextDecoder()
         self._channels = harmony.StreamParser(prompt_ids=prompt_ids)
+        self._ended = False  # the last token fed ended generation (<|return|>, <|call|>): the model's own end
 
     @property
     def reasoning_tokens(self) -> int:
@@ -781,12 +782,13 @@ class PlainText:
 
     def feed(self, token_id: int) -> list[harmony.Event]:
         self._channels.feed(token_id)  # its events are not shown here: only where a reasoning message is
+        self._ended = self.hides(token_id)
         text = "" if self.hides(token_id) else self._decoder.feed(token_id)
         return [harmony.ContentDelta(text)] if text else []
 
     def finish(self, reason: str) -> list[harmony.Event]:
         self._channels.finish(reason)  # a header left without <|message|> may be read as reasoning
-        text = self._decoder.flush()
+        text = self._decoder.flush() if self._ended else self._decoder.cut()  # a cut drops an incomplete character
         return [*([harmony.ContentDelta(text)] if text else []), harmony.Finished(reason)]
 
 

@@ -160,7 +160,7 @@ class StreamParser:
             if self._state is _State.HEADER:
                 self._salvage_header(events, truncated=True)
             if self._state is _State.CONTENT:
-                self._end_message(events)
+                self._end_message(events, cut=True)
         except Exception as exc:
             log.exception("harmony parser failed while finishing")
             self._note(f"parser error at finish: {exc!r}")
@@ -369,8 +369,9 @@ class StreamParser:
         else:
             events.append(ContentDelta(text, self._channel))
 
-    def _end_message(self, events: list[Event]) -> None:
-        self._emit(self._decoder.flush(), events)
+    def _end_message(self, events: list[Event], *, cut: bool = False) -> None:
+        """`cut`: generation ended inside the message (`finish`), not the model (`TextDecoder.cut`)."""
+        self._emit(self._decoder.cut() if cut else self._decoder.flush(), events)
         events.append(MessageEnd(self._channel, self._recipient))
         self._state = _State.EXPECT_START
 

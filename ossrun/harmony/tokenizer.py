@@ -252,3 +252,10 @@ class TextDecoder:
     def flush(self) -> str:
         """Whatever is still buffered, with an incomplete character replaced by U+FFFD."""
         return self._decoder.decode(b"", final=True)
+
+    def cut(self) -> str:
+        """Nothing: generation was cut (max_tokens, a stop string, a cancel) inside a character, whose incomplete bytes
+        are dropped, as vLLM drops them; shown as U+FFFD, a client continuing the text carried it into the next turn.
+        A message the model itself ended there is invalid UTF-8, and `flush`ed."""
+        self._decoder.reset()
+        return ""
