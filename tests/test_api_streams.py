@@ -685,3 +685,18 @@ def test_a_finish_inside_a_character_drops_its_incomplete_bytes_on_every_route(c
     assert sync["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"city":"Bogotá '
     assert "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"].get("arguments", "")
                    for c in chunks if c["choices"][0]["delta"].get("tool_calls")) == '{"city":"Bogotá '
+
+
+def test_logprobs_of_text_held_over_a_message_end_are_listed(client, engine):
+    """Scripted. A stop string's partial match held the preamble's tail (" check.") over the message's end; the
+    end's special token dropped the waiting entries, so the answer read 'Let me check.\\nAnswer.' but its logprobs
+    spelled 'Let meAnswer.' (found merging hunt round 21 B-F1). Every character the client gets but the joining
+    "\\n" is spelled by the entries, sync and streamed."""
+    engine.script = ("<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant<|channel|>final"
+                     "<|message|>Answer.<|return|>")
+    sync, chunks = _chat_both(client, {"stop": "check.\nX", "logprobs": True})
+    content = sync["choices"][0]["message"]["content"]
+    assert content == "Let me check.\nAnswer."
+    assert "".join(e["token"] for e in sync["choices"][0]["logprobs"]["content"]) == content.replace("\n", "")
+    streamed = [e for c in chunks if c["choices"][0].get("logprobs") for e in c["choices"][0]["logprobs"]["content"]]
+    assert "".join(e["token"] for e in streamed) == content.replace("\n", "")

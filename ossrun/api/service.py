@@ -94,6 +94,7 @@ class Outcome:
     reasoning_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # tokens whose text the parser still holds
+    held_logprobs: list[dict[str, Any]] = field(default_factory=list)  # tokens of a message's text stop strings hold
     anomalies: list[str] = field(default_factory=list)
 
     def add(self, event: harmony.Event) -> None:
@@ -675,20 +676,22 @@ class Service:
         those of its text were, on both sides of a special token inside it (a stray `<|channel|>`), so such a
         token, hidden, keeps the header's tokens waiting."""
         token, events = step.token, step.events
-        pending = outcome.pending_logprobs
+        pending, held = outcome.pending_logprobs, outcome.held_logprobs
         if not step.hidden:
             pending.append(logprob_entry(token))
         if step.salvaged is not None:
             del pending[:max(0, len(pending) - step.salvaged)]
         if any(isinstance(e, harmony.ContentDelta) for e in events):
-            keep, tail = len(pending), 0
-            while keep and tail < step.unshown:  # the last tokens' text is (partly) held back or cut off
-                keep, tail = keep - 1, tail + characters_started(pending[keep - 1])
+            pending[:0], held[:] = held, []
+            keep = _first_unshown(pending, step.unshown)
             outcome.logprobs += pending[:keep]
             del pending[:keep]
         elif any(isinstance(e, (harmony.ReasoningDelta, harmony.ToolCallStart, harmony.ToolCallArgumentsDelta)) for e in events):
             pending.clear()
         if step.hidden and not step.in_header:
+            # A message's end: stop strings may still hold its text's tail (the next message's text joins it), so
+            # its tokens wait beside the next header's, which are not the answer's.
+            held += pending[_first_unshown(pending, step.unshown - sum(map(characters_started, held))):]
             pending.clear()
 
 
@@ -736,6 +739,15 @@ class JoinedMessages:
     def preview(self, text: str) -> str:
         """`text` as the answer would show it if it became the next answer message's (`StreamParser.answer_preview`)."""
         return "\n" + text if text and harmony.ContentDelta in self._ended else text
+
+
+def _first_unshown(entries: list[dict[str, Any]], unshown: int) -> int:
+    """Index of the first of `entries` (a text's last tokens) whose text is (partly) among its `unshown` last
+    characters: held back or cut off by stop strings."""
+    first, tail = len(entries), 0
+    while first and tail < unshown:
+        first, tail = first - 1, tail + characters_started(entries[first - 1])
+    return first
 
 
 def characters_started(entry: dict[str, Any]) -> int:
