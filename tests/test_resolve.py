@@ -37,3 +37,26 @@ def test_a_served_name_key_in_the_config_renames_nothing(tmp_path):
     """The name was once read from an undocumented `served_name` key of original/config.json; it is derived only."""
     path = _write_config(tmp_path, "tiny", "original", served_name="@cf/meta/llama-3-8b-instruct")
     assert read_config(path).served_name == "@cf/openai/gpt-oss-20b"
+
+
+# openai/gpt-oss-20b's files on the hub (its repository listing): both copies of the weights, the root HF shards and
+# original/, plus the Metal build and the tokenizer files transformers reads.
+GPT_OSS_20B_FILES = [
+    ".gitattributes", "LICENSE", "README.md", "USAGE_POLICY", "chat_template.jinja", "config.json",
+    "generation_config.json", "metal/model.bin", "model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors", "model.safetensors.index.json", "original/config.json", "original/dtypes.json",
+    "original/model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+]
+
+
+def test_download_fetches_the_one_copy_of_the_weights_the_loader_reads():
+    """Hunt round 22 B-F2: `*.safetensors` matched the root shards and `original/*` the original copy (fnmatch's `*`
+    crosses `/`), so `ossrun download` fetched 27.5 GB for the 13.8 GB the loader reads (it prefers original/).
+    Filtered as huggingface_hub filters them, the patterns now keep original/ alone (the tokenizer ships in the
+    package, so no tokenizer file is needed)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from ossrun.model.resolve import HUB_PATTERNS
+
+    fetched = set(filter_repo_objects(GPT_OSS_20B_FILES, allow_patterns=HUB_PATTERNS))
+    assert fetched == {"original/config.json", "original/dtypes.json", "original/model.safetensors"}

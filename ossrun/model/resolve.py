@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 DEMO_MODEL = "demo"
 DEFAULT_MODEL = DEMO_MODEL
 HUB_MODELS = ("openai/gpt-oss-20b", "openai/gpt-oss-120b")
-# Only what the engine reads: both layouts' weights and configs, not the metal/ or GGUF copies.
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "original/*", "generation_config.json"]
+# Only what the loader reads: the hub's original/ folder (config, weights, and its small dtypes/index files), which
+# `detect_layout` prefers. Not the root HF shards, a second copy of the same weights (13.8 GB more for 20b, 65 GB for
+# 120b: hunt round 22 B-F2), nor the metal/ build; the tokenizer ships in the package.
+HUB_PATTERNS = ["original/*"]
 
 
 class ModelNotFound(Exception):
@@ -141,7 +143,8 @@ def _checkpoint_dir(path: Path) -> Path:
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch the real weights from the Hugging Face hub (progress bars are huggingface_hub's own)."""
+    """Fetch the real weights (the `original/` copy only) from the Hugging Face hub (progress bars are
+    huggingface_hub's own)."""
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
