@@ -329,7 +329,9 @@ def tokenize(text: str = typer.Argument(..., help="Text; harmony special tokens 
 
 
 @app.command()
-def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"), revision: Optional[str] = typer.Option(None)) -> None:
+def download(repo_id: str = typer.Argument("openai/gpt-oss-20b"),
+             revision: Optional[str] = typer.Option(None, help="A branch, tag or commit instead of main; the id names "
+                                                    "main, so serve it by the snapshot directory printed.")) -> None:
     """Fetch the real weights from the Hugging Face hub into its local cache."""
     from ossrun.model.resolve import download as fetch
 

@@ -104,16 +104,42 @@ def resolve_model(spec: str | Path | None) -> Path:
     if spec in PRESETS:
         return _in_cache(f"{spec} preset", lambda: preset_dir(spec))
     if _looks_like_hub_id(spec):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS, local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise ModelNotFound(f"{spec} is not downloaded; run `ossrun download {spec}` first") from None
+        return _hub_snapshot(spec)
     if "/" in spec or spec.startswith((".", "~")):
         raise ModelNotFound(f"{spec}: no such directory")
     raise ModelNotFound(f"{spec!r} is neither a directory, {DEMO_MODEL!r}, a preset ({', '.join(PRESETS)}) nor a hub id")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The snapshot of `repo_id`'s main revision in the Hugging Face cache, holding what `download` fetches; each
+    other case says what is there and what to do (hunt round 22 B-F7: a pinned or cut-short download was met by
+    advice that sent the operator the wrong way)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelNotFound(_not_downloaded(repo_id)) from None
+    original = path / "original"
+    if not (original / "config.json").is_file() or not any(f.is_file() for f in original.glob("*.safetensors")):
+        raise ModelNotFound(f"{repo_id}: the download in {path} is incomplete (no original/ weights); run `ossrun "
+                            f"download {repo_id}` again")
+    return path
+
+
+def _not_downloaded(repo_id: str) -> str:
+    """Why `repo_id` has no main snapshot: never downloaded, or downloaded at a pinned revision (`download --revision`
+    writes no refs/main, and `--model` takes no revision), whose snapshot directory is then the model to pass."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    found = sorted(str(p) for p in snapshots.glob("*") if p.is_dir())
+    if not found:
+        return f"{repo_id} is not downloaded; run `ossrun download {repo_id}` first"
+    return (f"{repo_id} is downloaded only at a pinned revision (`ossrun download --revision`), which its id does not "
+            f"name: pass the snapshot, --model {' or --model '.join(found)}")
 
 
 def _looks_like_hub_id(spec: str) -> bool:
