@@ -510,6 +510,86 @@ def test_results_of_parallel_calls_are_shown_in_the_calls_order():
     assert ids(chat) == ids(items) == expected
 
 
+def _city_calls(*pairs: tuple[str, str]) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": cid, "type": "function", "function": {"name": "get_weather", "arguments": f'{{"city":"{city}"}}'}}
+        for cid, city in pairs]}
+
+
+def _city_items(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"type": "function_call", "call_id": cid, "name": "get_weather", "arguments": f'{{"city":"{city}"}}'}
+            for cid, city in pairs]
+
+
+def _results(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": "tool", "tool_call_id": cid, "content": text} for cid, text in pairs]
+
+
+def _outputs(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"type": "function_call_output", "call_id": cid, "output": text} for cid, text in pairs]
+
+
+def test_ids_reused_across_turns_pair_each_result_with_its_own_turns_call():
+    """Hunt round 22 A-F1: clients that number calls per turn send `call_0`, `call_1` in every turn. Each id kept one
+    rank for the whole conversation, so the second turn's results, answered Oslo then Rome, were shown in that order
+    under the calls Rome, Oslo: the model read Oslo's weather as Rome's. An id names the latest call carrying it."""
+    first, answer, second = "Tokyo and Paris?", {"role": "assistant", "content": "21C and 10C."}, "And Rome and Oslo?"
+    chat = {"messages": [{"role": "user", "content": first}, _city_calls(("call_0", "Tokyo"), ("call_1", "Paris")),
+                         *_results(("call_0", "21C"), ("call_1", "10C")), answer, {"role": "user", "content": second},
+                         _city_calls(("call_0", "Rome"), ("call_1", "Oslo")), *_results(("call_1", "-3C"), ("call_0", "18C"))]}
+    items = {"input": [{"role": "user", "content": first}, *_city_items(("call_0", "Tokyo"), ("call_1", "Paris")),
+                       *_outputs(("call_0", "21C"), ("call_1", "10C")), answer, {"role": "user", "content": second},
+                       *_city_items(("call_0", "Rome"), ("call_1", "Oslo")), *_outputs(("call_1", "-3C"), ("call_0", "18C"))]}
+    expected = reference(system(), user(first), call("get_weather", '{"city":"Tokyo"}'), call("get_weather", '{"city":"Paris"}'),
+                         tool_result("get_weather", "21C"), tool_result("get_weather", "10C"), assistant("21C and 10C.", "final"),
+                         user(second), call("get_weather", '{"city":"Rome"}'), call("get_weather", '{"city":"Oslo"}'),
+                         tool_result("get_weather", "18C"), tool_result("get_weather", "-3C"))
+    assert ids(chat) == ids(items) == expected
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [ASK, _city_calls(("call_0", "Tokyo"), ("call_0", "Paris")), *_results(("call_0", "21C"))]},
+     "messages[1].tool_calls[1].id"),
+    ({"input": [ASK, *_city_items(("call_0", "Tokyo"), ("call_0", "Paris")), *_outputs(("call_0", "21C"))]},
+     "input[2].call_id"),
+])
+def test_two_waiting_calls_with_one_id_are_refused(body, param):
+    """Hunt round 22 A-F1: two calls of one turn sharing an id, answered once, were served: the call left without its
+    result slipped past the missing-result 400. No result could say which of them it answers: a 400 naming the id."""
+    with pytest.raises(RenderError) as info:
+        render_request(body)
+    assert "'call_0' is repeated" in str(info.value) and info.value.param == param
+
+
+def test_calls_with_empty_ids_are_answered_in_order_and_each_needs_its_result():
+    """Hunt round 22 A-F1: calls with an empty id are paired with results positionally (what harmony does anyway), and
+    a call left without its result is the missing-result 400, as with distinct ids."""
+    chat = {"messages": [ASK, _city_calls(("", "Tokyo"), ("", "Paris")), *_results(("", "21C"), ("", "10C"))]}
+    expected = reference(system(), user(ASK["content"]), call("get_weather", '{"city":"Tokyo"}'),
+                         call("get_weather", '{"city":"Paris"}'), tool_result("get_weather", "21C"),
+                         tool_result("get_weather", "10C"))
+    assert ids(chat) == expected
+    with pytest.raises(RenderError) as info:
+        render_request({"messages": [ASK, _city_calls(("", "Tokyo"), ("", "Paris")), *_results(("", "21C")), THEN]})
+    assert info.value.param == "messages[1].tool_calls"
+
+
+def test_a_chained_call_sent_again_inline_is_refused():
+    """Hunt round 22 A-F1: with previous_response_id, the previous response's function_call sent again inline (without
+    its item id) was read by the model twice. OpenAI refuses duplicate items: a 400 naming the item."""
+    from pydantic import TypeAdapter
+
+    from ossrun.harmony import convert_responses
+    from ossrun.harmony.shapes import InputItem
+
+    chain = [ASK, *_city_items(("call_0", "Tokyo"))]
+    items = TypeAdapter(list[InputItem]).validate_python([*chain, *_city_items(("call_0", "Tokyo")), *_outputs(("call_0", "21C"))])
+    with pytest.raises(RenderError) as info:
+        convert_responses(items, stored=len(chain))
+    assert "already in the conversation of previous_response_id" in str(info.value) and info.value.param == "input[0].call_id"
+    assert convert_responses(items[:2] + items[3:], stored=len(chain)).messages
+
+
 def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():
     """What stays accepted: results in any order, tool messages without an id answered by `name` (or, without one,
     the calls just made), a legacy `function` result, a conversation ending with its results, and a legacy

@@ -13,6 +13,7 @@ back to the assistant.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,18 @@ class RenderError(ValueError):
 
 
 @dataclass(slots=True)
+class _Call:
+    """A tool call of the conversation, for the result that answers it."""
+
+    name: str
+    rank: int  # its place among the conversation's calls: results are shown in the order of their calls
+    call_id: str | None
+    where: str  # the field a missing result's 400 names (`messages[1].tool_calls`)
+    msg: Message
+    cut: bool = False  # cut while its arguments were written: it needs no result
+
+
+@dataclass(slots=True)
 class Converted:
     """What a conversation turns into: developer instructions, and the harmony messages in order."""
 
@@ -50,14 +63,13 @@ class Converted:
     messages: list[Message] = field(default_factory=list)
     tool_names_by_call_id: dict[str, str] = field(default_factory=dict)
     last_tool_name: str | None = None
-    # Calls (by id) no result has answered yet → (function name, the call's place in the request).
-    unanswered: dict[str, tuple[str, str]] = field(default_factory=dict)
-    # Responses calls cut while their arguments were written (`status: incomplete`) that no output has answered yet:
-    # (call id, its harmony message). They need none, and go from the prompt when the conversation moves on.
-    cut_calls: list[tuple[str | None, Message]] = field(default_factory=list)
-    # Each call's place among the calls (by id), and each rendered result's (by the message's id()): results are shown
-    # in the order of their calls (`_add_tool_result`).
-    call_ranks: dict[str, int] = field(default_factory=dict)
+    calls_made: int = 0
+    # The calls no result has answered yet, by rank, in call order (an OrderedDict: its first entry is found in O(1)
+    # however many were taken before), and the rank of each by its id. Ids repeat across turns (clients that number
+    # calls per turn, `call_0` in each): an id names the most recent call that carries it.
+    waiting: OrderedDict[int, _Call] = field(default_factory=OrderedDict)
+    waiting_ids: dict[str, int] = field(default_factory=dict)
+    # Each rendered result's call rank (by the message's id()): results are shown in the order of their calls.
     result_ranks: dict[int, int] = field(default_factory=dict)
 
 
@@ -99,46 +111,67 @@ def _arguments(raw: str | dict[str, Any] | None) -> str:
 
 
 def _add_tool_call(out: Converted, name: str, arguments: str | dict[str, Any] | None, call_id: str | None, where: str,
-                   cut: bool = False) -> None:
-    """A call of function `name`; `cut`: one cut while its arguments were written, which needs no result."""
+                   id_field: str, cut: bool = False) -> None:
+    """A call of function `name`, made at `where` with its id at `id_field`; `cut`: one cut while its arguments were
+    written, which needs no result. A call without an id (the legacy `function_call`) cannot be named as unanswered.
+    Two waiting calls with one id would leave no way to say which a result answers: a 400 (an empty id is no name,
+    and its calls are answered in order)."""
     msg = _assistant([_arguments(arguments)], "commentary")
     msg = msg.with_recipient(f"functions.{name}").with_content_type("<|constrain|>json")
     out.messages.append(msg)
     out.last_tool_name = name
+    if call_id is None and not cut:
+        return
+    if call_id and call_id in out.waiting_ids:
+        raise RenderError(f"{id_field}: tool call id {call_id!r} is repeated among the calls still waiting for their "
+                          f"results: each call needs its own id, which its result names", id_field)
+    call = _Call(name, out.calls_made, call_id, where, msg, cut)
+    out.calls_made += 1
+    out.waiting[call.rank] = call
     if call_id is not None:
         out.tool_names_by_call_id[call_id] = name
-        out.call_ranks[call_id] = len(out.call_ranks)
-    if cut:
-        out.cut_calls.append((call_id, msg))
-    elif call_id is not None:  # a call without an id (the legacy `function_call`) cannot be named as unanswered
-        out.unanswered[call_id] = (name, where)
+    if call_id:
+        out.waiting_ids[call_id] = call.rank
 
 
-def _add_tool_result(out: Converted, name: str, texts: list[str], call_id: str | None = None) -> None:
-    """The result of call `call_id`; without an id, of the first unanswered call of that function (else the first
-    unanswered call: clients that omit the id answer the calls just made). Harmony has no place for a call's id: the
-    model pairs parallel calls with their results by position, so a result goes before the results next to it that
-    answer later calls (OpenAI's clients may answer in any order; the ids say which result is whose)."""
+def _take_call(out: Converted, call_id: str | None, name: str | None) -> _Call | None:
+    """The waiting call a result answers, no longer waiting: the one its id names; without an id (or with an empty one,
+    which names no call), the first waiting call of function `name` (any first, without a name) or of an empty id.
+    None when no call waits for it."""
+    if call_id:
+        rank = out.waiting_ids.get(call_id)
+    elif call_id == "":
+        rank = next((r for r, call in out.waiting.items() if call.call_id == ""), None)
+    else:
+        rank = next((r for r, call in out.waiting.items() if call.name == name), next(iter(out.waiting), None))
+    if rank is None:
+        return None
+    call = out.waiting.pop(rank)
+    if call.call_id:
+        del out.waiting_ids[call.call_id]
+    return call
+
+
+def _add_tool_result(out: Converted, name: str, texts: list[str], call: _Call | None) -> None:
+    """The result of `call` (None: of no call waiting for one). Harmony has no place for a call's id: the model pairs
+    parallel calls with their results by position, so a result goes before the results next to it that answer later
+    calls (OpenAI's clients may answer in any order; the ids say which result is whose)."""
     author = Author(role=Role.TOOL, name=f"functions.{name}")
     msg = _message(author, texts).with_recipient("assistant").with_channel("commentary")
-    if call_id is None:
-        call_id = next((cid for cid, (called, _) in out.unanswered.items() if called == name), next(iter(out.unanswered), None))
     at = len(out.messages)
-    rank = out.call_ranks.get(call_id) if call_id is not None else None
-    if rank is not None:
-        while at > 0 and out.result_ranks.get(id(out.messages[at - 1]), -1) > rank:
+    if call is not None:
+        while at > 0 and out.result_ranks.get(id(out.messages[at - 1]), -1) > call.rank:
             at -= 1
-        out.result_ranks[id(msg)] = rank
+        out.result_ranks[id(msg)] = call.rank
     out.messages.insert(at, msg)
-    out.unanswered.pop(call_id, None)
-    out.cut_calls = [(cid, msg) for cid, msg in out.cut_calls if cid is None or cid != call_id]  # answered: it stays
 
 
 def _unanswered_calls(out: Converted) -> tuple[list[str], str] | None:
     """The ids of the calls still waiting for their results and where the first was made, or None."""
-    if not out.unanswered:
+    calls = [call for call in out.waiting.values() if not call.cut]
+    if not calls:
         return None
-    return list(out.unanswered), next(iter(out.unanswered.values()))[1]
+    return [call.call_id or "''" for call in calls], calls[0].where
 
 
 def _add_reasoning(out: Converted, text: str | None) -> None:
@@ -196,7 +229,7 @@ def _chat_message(out: Converted, msg: ChatMessage, where: str) -> None:
     elif msg.role == "assistant":
         _chat_assistant(out, msg, texts, where)
     else:  # tool, or OpenAI's legacy function result (which has a `name` and no id)
-        _add_tool_result(out, _tool_result_name(out, msg, where), texts, msg.tool_call_id)
+        _chat_result(out, msg, texts, where)
 
 
 def _check_chat_results(out: Converted, before: str) -> None:
@@ -223,22 +256,25 @@ def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str], where: s
     if any(texts) or not (calls or reasoning):
         # Text next to tool calls is a preamble, which harmony puts on the commentary channel.
         out.messages.append(_assistant(texts, "commentary" if calls else "final"))
-    for function, call_id in calls:
-        _add_tool_call(out, function.name, function.arguments, call_id, f"{where}.tool_calls")
+    for j, (function, call_id) in enumerate(calls):
+        _add_tool_call(out, function.name, function.arguments, call_id, f"{where}.tool_calls", f"{where}.tool_calls[{j}].id")
 
 
-def _tool_result_name(out: Converted, msg: ChatMessage, where: str) -> str:
-    """The function a tool message answers: found through its tool_call_id, else its `name`, else the first call
-    still unanswered, else the latest (clients that omit the id answer the calls just made, in order)."""
-    if msg.tool_call_id is not None:
-        if msg.tool_call_id not in out.tool_names_by_call_id:
-            raise RenderError(f"{where}: tool_call_id {msg.tool_call_id!r} matches no earlier assistant tool call",
-                              f"{where}.tool_call_id")
-        return out.tool_names_by_call_id[msg.tool_call_id]
-    if msg.name:
-        return msg.name
-    waiting = next(iter(out.unanswered.values()), None)
-    return waiting[0] if waiting is not None else out.last_tool_name or "tool"
+def _chat_result(out: Converted, msg: ChatMessage, texts: list[str], where: str) -> None:
+    """A tool (or legacy function) message: the result of the call its tool_call_id names, else of the first call
+    still waiting of its `name`, else of the first waiting (clients that omit the id answer the calls just made, in
+    order); of no waiting call, it is shown as the result of its `name`, else of the latest call."""
+    if msg.tool_call_id is not None and msg.tool_call_id not in out.tool_names_by_call_id:
+        raise RenderError(f"{where}: tool_call_id {msg.tool_call_id!r} matches no earlier assistant tool call",
+                          f"{where}.tool_call_id")
+    call = _take_call(out, msg.tool_call_id, msg.name)
+    if call is not None:
+        name = call.name
+    elif msg.tool_call_id is not None:
+        name = out.tool_names_by_call_id[msg.tool_call_id]
+    else:
+        name = msg.name or out.last_tool_name or "tool"
+    _add_tool_result(out, name, texts, call)
 
 
 # --- Responses `input` ----------------------------------------------------------------------
@@ -253,11 +289,22 @@ def convert_responses(input_: str | Sequence[InputItem], instructions: str | Non
     if isinstance(input_, str):
         out.messages.append(_message(Author(role=Role.USER), [input_]))
         return out
+    _check_chain_repeats(input_, stored)
     preambles = _preambles(input_)
     for i, item in enumerate(input_):
         _responses_item(out, item, f"input[{i - stored}]" if i >= stored else "previous_response_id", i in preambles)
     _check_responses_outputs(out)
     return out
+
+
+def _check_chain_repeats(items: Sequence[InputItem], stored: int) -> None:
+    """A 400 for a function_call of `input` that repeats a call of the previous response's conversation (its first
+    `stored` items): the model would read the call twice. OpenAI refuses duplicate items; send only its output."""
+    chained = {item.call_id for item in items[:stored] if isinstance(item, FunctionCallInput) and item.call_id}
+    for i, item in enumerate(items[stored:]):
+        if isinstance(item, FunctionCallInput) and item.call_id in chained:
+            raise RenderError(f"input[{i}]: function_call with call_id {item.call_id!r} is already in the conversation of "
+                              f"previous_response_id: send only its function_call_output", f"input[{i}].call_id")
 
 
 def _preambles(items: Sequence[InputItem]) -> set[int]:
@@ -310,11 +357,14 @@ def _responses_item(out: Converted, item: InputItem, where: str, preamble: bool 
             _check_responses_outputs(out)
         _responses_message(out, item, "commentary" if preamble else "final")
     elif isinstance(item, FunctionCallInput):
-        _add_tool_call(out, item.called, item.arguments, item.call_id, where, cut=item.status == "incomplete")
+        _add_tool_call(out, item.called, item.arguments, item.call_id, where, f"{where}.call_id",
+                       cut=item.status == "incomplete")
     elif isinstance(item, FunctionCallOutputInput):
         if item.call_id not in out.tool_names_by_call_id:
             raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")
-        _add_tool_result(out, out.tool_names_by_call_id[item.call_id], _output_texts(item.output, where), item.call_id)
+        call = _take_call(out, item.call_id, None)
+        name = call.name if call is not None else out.tool_names_by_call_id[item.call_id]
+        _add_tool_result(out, name, _output_texts(item.output, where), call)
     elif isinstance(item, ReasoningInput):
         _add_reasoning(out, item.text)
     else:  # an `item_reference` the API left unresolved: a bug, never the caller's mistake
@@ -337,13 +387,16 @@ def _drop_cut_calls(out: Converted) -> None:
     """Leave out the cut calls no output answered (an `incomplete` response continued, as ROUTES.md promises): half a
     call would show the model a call it stopped writing mid-arguments, and no client can answer a call whose
     arguments were cut. Their ids no longer name a call: a later output for one is the usual 400."""
-    if not out.cut_calls:
+    cut = [call for call in out.waiting.values() if call.cut]
+    if not cut:
         return
-    cut = {id(msg) for _, msg in out.cut_calls}
-    out.messages = [msg for msg in out.messages if id(msg) not in cut]
-    for call_id, _ in out.cut_calls:
-        out.tool_names_by_call_id.pop(call_id, None)
-    out.cut_calls.clear()
+    dropped = {id(call.msg) for call in cut}
+    out.messages = [msg for msg in out.messages if id(msg) not in dropped]
+    for call in cut:
+        del out.waiting[call.rank]
+        if call.call_id is not None:
+            out.tool_names_by_call_id.pop(call.call_id, None)
+            out.waiting_ids.pop(call.call_id, None)
 
 
 def _output_texts(output: Any, where: str) -> list[str]:
