@@ -23,8 +23,11 @@ from ossrun.harmony.grammar import default_reasoning_budget, llguidance_tokenize
 from ossrun.engine.engine import Engine, EngineOptions
 from ossrun.engine.request import Request, SamplingParams
 from ossrun.harmony import (
+    CALL,
     CHANNEL,
     END,
+    MESSAGE,
+    RETURN,
     START,
     STOP_TOKENS,
     VOCAB_SIZE,
@@ -429,7 +432,7 @@ def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
     as a call)."""
     def no_equals_sign(constraint) -> bool:
         allowed = constraint.allowed_tokens().nonzero().flatten().tolist()
-        return len(allowed) > 190_000 and not [t for t in allowed if "=" in decode([t])]
+        return len(allowed) > 3_000 and MESSAGE in allowed and not [t for t in allowed if "=" in decode([t])]
 
     headers = ["", "<|channel|>commentary to", "<|channel|>final<|message|>Helloot.<|end|>",
                "<|channel|>final<|message|>Helloot.<|end|><|start|>assistant<|channel|>commentary ",
@@ -439,13 +442,40 @@ def test_a_plain_answer_cannot_address_a_recipient(compiler, mode):
         feed(plain, header)
         assert no_equals_sign(plain), header
     free = compiler.tools({}, mode)  # no budget, no structure: reasoning, text with `=`, any order of messages
-    feed(free, "Text with no header, " + "and on " * 300 + "<|end|><|channel|>final<|message|>1 + 1 = 2<|end|>"
+    feed(free, "<|channel|>analysis<|message|>" + "and on " * 300 + "<|end|><|channel|>final<|message|>1 + 1 = 2<|end|>"
                "<|start|>assistant<|channel|>analysis<|message|>more<|channel|>final<|message|>done<|return|>")
+    assert free.is_finished
+    free = compiler.tools({}, mode)  # an answer without any header (a fine-tune's), as long as it likes
+    feed(free, "Text with no header, " + "and on " * 300 + "<|return|>")
     assert free.is_finished and compiler.tools({"search": SEARCH}, "none").mask().dtype == torch.bool
     for recipient in ("<|channel|>commentary to=functions.get", "<|channel|>analysis to=python", " to=browser.search<|channel|>",
                       "<|channel|>final<|message|>Helloot.<|end|><|start|>assistant<|channel|>commentary to=functions"):
         with pytest.raises(AssertionError, match="refused"):
             feed(compiler.tools({}, mode), recipient)
+
+
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_a_plain_answer_cannot_end_a_header_without_its_message(compiler, mode):
+    """Hunt round 22 A-F2: with tools and `tool_choice: "none"` the demo model wrote `<|channel|>commentary to`, was
+    refused the `=`, wrote the arguments and ended with `<|call|>`; the parser read the header text no `<|message|>`
+    followed as the message's, and `to{"city": "Tokyo"}` came back as the answer. No message may end with `<|call|>`,
+    and header text is followed by its `<|message|>` (within fewer tokens than the parser reads as a header)."""
+    def allowed(constraint) -> set[int]:
+        return set(constraint.allowed_tokens().nonzero().flatten().tolist())
+
+    header = compiler.tools({}, mode)
+    feed(header, '<|channel|>commentary to{')
+    assert MESSAGE in allowed(header) and not {CALL, RETURN, END, START} & allowed(header)
+    with pytest.raises(AssertionError, match="refused"):  # ever more header text: the parser would read it as the answer
+        feed(compiler.tools({}, mode), "<|channel|>commentary" + " and on" * 10)
+    for text in ("<|channel|>final<|message|>Hi", "<|channel|>commentary<|message|>Hi", "<|channel|>final<|message|>Hi<|end|>"):
+        message = compiler.tools({}, mode)
+        feed(message, text)
+        assert RETURN in allowed(message) and CALL not in allowed(message), text
+    for text in ("<|channel|>final<|message|>Hi<|end|><|start|>assistant<|channel|>final", "<|channel|>final<|message|>Hi<|end|>x"):
+        cut = compiler.tools({}, mode)
+        feed(cut, text)
+        assert not {RETURN, END, START} & allowed(cut), text
 
 
 def test_a_free_text_mask_goes_to_the_sampler_as_its_few_forbidden_ids(compiler):

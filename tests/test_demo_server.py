@@ -241,6 +241,26 @@ def test_no_call_comes_back_to_a_request_that_offers_no_tools(server):
         assert run["choices"][0]["finish_reason"] == "stop" and not run["choices"][0]["message"]["tool_calls"]
 
 
+def test_a_stopped_call_leaves_no_header_text_in_the_answer(server):
+    """Hunt round 22 A-F2: offered the weather tool with `tool_choice: "none"`, the demo model wrote `<|channel|>commentary
+    to`, was refused the `=`, wrote `{"city": "Tokyo"}` and ended with `<|call|>`: the answer was `to{"city": "Tokyo"}`
+    on every surface, its `to` in no logprob. The grammar lets no message end with `<|call|>` and header text end
+    without its `<|message|>`: the answer is message text only, the text its logprobs spell."""
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=server.token, max_retries=0)
+    question = "What is the weather in Tokyo?"
+    choice = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}], tools=[WEATHER],
+                                            tool_choice="none", temperature=0, max_tokens=200, logprobs=True).choices[0]
+    answer = choice.message.content
+    assert choice.finish_reason == "stop" and answer and not answer.startswith("to")
+    assert answer == "".join(token.token for token in choice.logprobs.content)
+    response = client.responses.create(model=MODEL, input=question, tools=[{"type": "function", **WEATHER["function"]}],
+                                       tool_choice="none", temperature=0, max_output_tokens=200)
+    assert response.output_text == answer
+    run = post_json(server, run_path(server), {"prompt": question, "tools": [WEATHER["function"]], "tool_choice": "none",
+                                               "temperature": 0, "max_tokens": 200})["result"]
+    assert run["response"] == answer
+
+
 def function(name: str, description: str) -> dict:
     return {"type": "function", "function": {"name": name, "description": description,
                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

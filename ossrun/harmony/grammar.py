@@ -149,21 +149,27 @@ def answer_must_fit(mode: ToolMode, structured: bool) -> bool:
 
 # Where `harmony.StreamParser` reads header text (after `<|start|>`, `<|end|>` or `<|channel|>`, and at the start)
 # and where message text (after `<|message|>`), as a grammar; a recipient (`to=NAME`) can only be written with an
-# `=` in header text. Specials other than harmony's framing are refused, as the parser would ignore them.
-_NO_RECIPIENT = r"""start: head (<|message|> text (leave head <|message|> text)* (leave head)?)? (<|return|> | <|call|>)
-leave: <|end|> | <|start|> | <|channel|>
-head: (HEADER_TEXT | <|start|> | <|channel|> | <|constrain|> | <|end|>)*
+# `=` in header text. Specials other than harmony's framing are refused, as the parser would ignore them. A message
+# ends with `<|return|>` or `<|end|>`, never `<|call|>` (no message is a call), and header text is always followed by
+# its `<|message|>`: the parser reads the text of a header that `<|end|>`, `<|start|>` or the end cut short as the
+# message's, so a call the grammar stopped (`<|channel|>commentary to` and its arguments) came back as the answer
+# `to{"city": …}` (hunt round 22 A-F2). Only an answer with no header at all (a fine-tune's) may end without one.
+_NO_RECIPIENT = r"""start: (BARE_TEXT? | head <|message|> text (leave head <|message|> text)* <|end|>?) <|return|>
+leave: <|end|> <|start|>? | <|start|> | <|channel|>
+head: HEADER_TEXT? ((<|channel|> | <|constrain|>) HEADER_TEXT?)~0..3
 text: (TEXT | <|message|> | <|constrain|>)*
-HEADER_TEXT: /[^=]+/
+BARE_TEXT: /[^=]+/
+HEADER_TEXT: /[\t\n\r\x20-\x3c\x3e-\x7e]{1,15}/
 TEXT: /(.|\n)+/"""
 
 
 def no_recipient() -> Grammar:
     """A plain answer (no tool may be called, free text): whatever the model writes, as without a grammar, except an
     `=` in a message header, so that no message can be addressed to a recipient, which the parser would read back as a
-    call nobody offered (gpt-oss writes to its built-in `browser` and `python` unasked). No reasoning budget, no
+    call nobody offered (gpt-oss writes to its built-in `browser` and `python` unasked), and a message ended by
+    `<|call|>` or a header that no `<|message|>` follows, which the parser would read back as answer text. No reasoning budget, no
     structure imposed: the parser's leniency (a missing header, odd headers of a fine-tune) stays as it is."""
-    return Grammar(_NO_RECIPIENT, (), _FINAL_TOKENS, safeguard=True)
+    return Grammar(_NO_RECIPIENT, (), (RETURN,), safeguard=True)
 
 
 def schema_hints(*schemas: Mapping[str, Any] | None) -> tuple[int, ...]:
