@@ -590,6 +590,30 @@ def test_a_chained_call_sent_again_inline_is_refused():
     assert convert_responses(items[:2] + items[3:], stored=len(chain)).messages
 
 
+def test_putting_results_in_call_order_takes_linear_time():
+    """Hunt round 22 A-F3: each result walked back past every later result before it (`list.insert`), so 16,000 results
+    answered in reverse took 13.6 s before the message-count guard refused the request (1.2 s in order). Each run of
+    results is sorted once, after the guard: reversed answers cost what answers in order cost."""
+    import time
+
+    from ossrun.harmony import convert_chat
+    from ossrun.harmony.shapes import OpenAIMessage
+
+    def seconds(reverse: bool) -> float:
+        made = [(f"c{i}", str(i)) for i in range(8000)]
+        results = _results(*(made[::-1] if reverse else made))
+        messages = [OpenAIMessage.model_validate(m) for m in [ASK, _city_calls(*made), *results]]
+        start = time.perf_counter()
+        converted = convert_chat(messages)
+        ordered = converted.in_call_order(converted.messages)
+        assert [m.content[0].text for m in ordered[-3:]] == ["7997", "7998", "7999"]
+        return time.perf_counter() - start
+
+    in_order = min(seconds(False) for _ in range(2))
+    reversed_ = min(seconds(True) for _ in range(2))
+    assert reversed_ < 3 * in_order + 2, (reversed_, in_order)
+
+
 def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():
     """What stays accepted: results in any order, tool messages without an id answered by `name` (or, without one,
     the calls just made), a legacy `function` result, a conversation ending with its results, and a legacy

@@ -116,6 +116,7 @@ def render_conversation(converted: Converted, tools: Sequence[Tool] = (), effort
     kept = drop_answered_reasoning(converted.messages)
     if token_limit is not None:
         _refuse_past(token_limit, len(kept), len(descriptions))
+    kept = converted.in_call_order(kept)
     stand_ins = StandIns()
     messages = [_system_message(effort, conversation_start_date)]
     # An empty or blank instructions text (LlamaIndex.TS sends `instructions: ""`, templates a newline) says nothing:
