@@ -408,7 +408,9 @@ SCHEMA_VALID = [
      {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Weather?"},
                                                     {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
                                                     {"role": "tool", "content": "sunny"}]}),
-    (RUN, "MessagesInput", {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}),
+    # A tool message without an id answers the call before it (with no call before it, it answers nothing: a 400).
+    (RUN, "MessagesInput", {"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]}, {"role": "tool", "content": "42"}]}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": "", "max_tokens": 2}),
     ("/v1/completions", "CompletionRequest", {"model": MODEL, "prompt": ["", "hi"], "max_tokens": 2}),
     ("/v1/responses", "ResponsesRequest", {"model": MODEL, "max_output_tokens": 2, "input": [{"content": "hi"}]}),

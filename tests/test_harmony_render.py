@@ -614,6 +614,26 @@ def test_putting_results_in_call_order_takes_linear_time():
     assert reversed_ < 3 * in_order + 2, (reversed_, in_order)
 
 
+@pytest.mark.parametrize("body, param, says", [
+    ({"messages": [ASK, {"role": "tool", "content": "Jakarta"}]}, "messages[1].tool_call_id",
+     "must be a response to a preceding message with 'tool_calls'"),
+    ({"messages": [ASK, _city_calls(("call_0", "Tokyo")), *_results(("call_0", "21C")), THEN, *_results(("call_0", "21C"))]},
+     "messages[4].tool_call_id", "the call 'call_0' already has its result"),
+    ({"messages": [ASK, _city_calls(("call_0", "Tokyo")), *_results(("call_0", "21C"), ("call_0", "22C"))]},
+     "messages[3].tool_call_id", "the call 'call_0' already has its result"),
+    ({"input": [ASK, *_city_items(("call_0", "Tokyo")), *_outputs(("call_0", "21C")), THEN, *_outputs(("call_0", "21C"))]},
+     "input[4].call_id", "the call 'call_0' already has its result"),
+    ({"input": [ASK, {"type": "function_call", "name": "get_weather", "arguments": "{}"}]}, None, "at '/input/1/call_id': Field required"),
+])
+def test_results_that_answer_no_waiting_call_are_refused(body, param, says):
+    """Hunt round 22 A-F4: a tool message with no id and no call before it was shown as the result of a function named
+    `tool`; a result for a call already answered (after a new question) was read as the answer to it; a function_call
+    without `call_id` could never be answered, so the missing-output 400 did not fire. Each is a 400 naming the field."""
+    with pytest.raises(RenderError) as info:
+        render_request(body)
+    assert says in str(info.value) and (param is None or info.value.param == param)
+
+
 def test_tool_results_in_any_order_by_id_or_by_name_answer_every_call():
     """What stays accepted: results in any order, tool messages without an id answered by `name` (or, without one,
     the calls just made), a legacy `function` result, a conversation ending with its results, and a legacy

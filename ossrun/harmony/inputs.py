@@ -280,18 +280,29 @@ def _chat_assistant(out: Converted, msg: ChatMessage, texts: list[str], where: s
 def _chat_result(out: Converted, msg: ChatMessage, texts: list[str], where: str) -> None:
     """A tool (or legacy function) message: the result of the call its tool_call_id names, else of the first call
     still waiting of its `name`, else of the first waiting (clients that omit the id answer the calls just made, in
-    order); of no waiting call, it is shown as the result of its `name`, else of the latest call."""
+    order); without an id and with no call waiting, it is shown as the result of its `name`, else of the latest call.
+    A tool message with neither an id nor any call before it answers nothing: a 400, as on OpenAI."""
     if msg.tool_call_id is not None and msg.tool_call_id not in out.tool_names_by_call_id:
         raise RenderError(f"{where}: tool_call_id {msg.tool_call_id!r} matches no earlier assistant tool call",
                           f"{where}.tool_call_id")
+    if msg.role == "tool" and msg.tool_call_id is None and out.last_tool_name is None:
+        raise RenderError(f"{where}: messages with role 'tool' must be a response to a preceding message with 'tool_calls' "
+                          f"(this one has no tool_call_id and no call comes before it)", f"{where}.tool_call_id")
     call = _take_call(out, msg.tool_call_id, msg.name)
-    if call is not None:
-        name = call.name
-    elif msg.tool_call_id is not None:
-        name = out.tool_names_by_call_id[msg.tool_call_id]
+    if msg.tool_call_id is not None:
+        name = _answered(call, msg.tool_call_id, f"{where}.tool_call_id").name
     else:
-        name = msg.name or out.last_tool_name or "tool"
+        name = call.name if call is not None else msg.name or out.last_tool_name or "tool"
     _add_tool_result(out, name, texts, call)
+
+
+def _answered(call: _Call | None, call_id: str, field: str) -> _Call:
+    """The call a result naming `call_id` answers, or a 400 naming `field` when every call with that id has its result:
+    the model would read a second result (after a later question, an earlier turn's) as this turn's."""
+    if call is None:
+        raise RenderError(f"{field.rsplit('.', 1)[0]}: the call {call_id!r} already has its result: each call takes one "
+                          f"result, before the next user or assistant message", field)
+    return call
 
 
 # --- Responses `input` ----------------------------------------------------------------------
@@ -379,9 +390,8 @@ def _responses_item(out: Converted, item: InputItem, where: str, preamble: bool 
     elif isinstance(item, FunctionCallOutputInput):
         if item.call_id not in out.tool_names_by_call_id:
             raise RenderError(f"{where}: call_id {item.call_id!r} matches no earlier function_call item", f"{where}.call_id")
-        call = _take_call(out, item.call_id, None)
-        name = call.name if call is not None else out.tool_names_by_call_id[item.call_id]
-        _add_tool_result(out, name, _output_texts(item.output, where), call)
+        call = _answered(_take_call(out, item.call_id, None), item.call_id, f"{where}.call_id")
+        _add_tool_result(out, call.name, _output_texts(item.output, where), call)
     elif isinstance(item, ReasoningInput):
         _add_reasoning(out, item.text)
     else:  # an `item_reference` the API left unresolved: a bug, never the caller's mistake

@@ -278,7 +278,8 @@ class FunctionCallInput(Shape):
     type: Literal["function_call"]
     name: str = Field(min_length=1)
     arguments: str | dict[str, Any] | None = None
-    call_id: str | None = None
+    # The id its function_call_output names (OpenAI requires it): without one, no output could answer the call.
+    call_id: str
     namespace: str | None = None  # a function of a namespace tool (`NamespaceTool`): the model called NAMESPACE.NAME
     # `incomplete`: cut while its arguments were written (max_output_tokens, a cancel, a failure). Never made, so it
     # needs no output: unanswered, it is left out of the prompt (`harmony.inputs`).
