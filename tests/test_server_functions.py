@@ -56,8 +56,25 @@ def test_function_call_by_name_forces_the_call(client):
     choice = chat(client, FRANCE, functions=[FUNCTION], function_call={"name": "get_weather"})
     assert choice.finish_reason == "function_call" and choice.message.function_call.name == "get_weather"
     json.loads(choice.message.function_call.arguments)  # valid JSON for its parameters
-    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'"):
+    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'") as refused:
         chat(client, FRANCE, functions=[FUNCTION], function_call={"name": "nope"})
+    assert refused.value.body["param"] == "tool_choice"  # the field the message names (`at '/tool_choice'`)
+
+
+def test_tool_400s_name_their_field(client):
+    """Hunt round 22 A-F5: a named tool_choice naming no declared tool and duplicate tool names were 400s with
+    `param: null` (allowed_tools' twin of the first says `tool_choice`)."""
+    tool = {"type": "function", "function": FUNCTION}
+    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'") as refused:
+        chat(client, FRANCE, tools=[tool], tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert refused.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'") as refused:
+        client.responses.create(model=MODEL, input="Hi", tools=[{"type": "function", **FUNCTION}],
+                                tool_choice={"type": "function", "name": "nope"})
+    assert refused.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError, match="tool names must be unique") as refused:
+        chat(client, FRANCE, tools=[tool, tool])
+    assert refused.value.body["param"] == "tools"
 
 
 def test_tool_choice_wins_over_function_call_and_tools_answer_as_tool_calls(client):

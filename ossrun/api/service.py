@@ -465,7 +465,7 @@ class Service:
                 forced = _named_tool(ask, rendered.tool_names)
                 if forced is not None:
                     if forced not in rendered.tool_names:
-                        raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'")
+                        raise bad_input(f"Error: at '/tool_choice': no tool named {forced!r} in 'tools'", "tool_choice")
                     prompt_ids += harmony.tool_call_prefix(forced)
         except harmony.PromptTooLong:
             raise

@@ -349,7 +349,7 @@ def tool_descriptions(tools: Sequence[Tool]) -> list[ToolDescription]:
     out = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
     names = [t.name for t in out]
     if len(set(names)) != len(names):
-        raise RenderError(f"tool names must be unique, got {names}")
+        raise RenderError(f"tool names must be unique, got {names}", "tools")
     return out
 
 
