@@ -52,7 +52,8 @@ SEMANTIC = ("previous_response_id", "matches no earlier", "already exists", "can
             "the prompt renders to no tokens", "not loadable", "no fine-tune", "no queued request", "tool names must be unique",
             "needs at least one tool", "a JSON Schema object is required", "cannot look like a fine-tune id",
             "outside the vocabulary", "is biased twice", "needs the prompt logprobs", "did not have response messages", "No tool output found",
-            "Item with id", "which is not in 'tools'")
+            "Item with id", "which is not in 'tools'", "a preceding message with 'tool_calls'", "already has its result",
+            "is repeated among the calls still waiting", "already in the conversation of previous_response_id")
 
 
 def test_bounded_fuzz_positive_and_negative(checkpoints, tmp_path_factory):
