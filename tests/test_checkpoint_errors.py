@@ -60,6 +60,24 @@ def _bytes(content: Callable[[bytes], bytes]) -> Break:
     return make
 
 
+def _index(data: dict, out: Path) -> None:
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": data}))
+
+
+def _shard_missing(source: Path, out: Path, layout: str) -> None:
+    """The hub's index names two shards; only the first is there."""
+    (out / "config.json").write_text((source / "config.json").read_text())
+    (out / "model-00001-of-00002.safetensors").symlink_to(source / "model.safetensors")
+    names = list(open_mmap(source / "model.safetensors"))
+    _index({name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(names)}, out)
+
+
+def _two_copies(source: Path, out: Path, layout: str) -> None:
+    """No index, and a second file holding the same tensors (another save left beside this one)."""
+    _config(lambda data, layout: data)(source, out, layout)
+    (out / "copy.safetensors").symlink_to(source / "model.safetensors")
+
+
 def _drop_q(tensors: dict, layout: str) -> None:
     del tensors["block.0.attn.qkv.weight" if layout == "original" else "model.layers.0.self_attn.q_proj.weight"]
 
@@ -84,6 +102,9 @@ CASES: dict[str, tuple[Break, str, str]] = {
     "an empty object": (_config(lambda data, layout: {}), "it lacks num_hidden_layers", "config.json"),
     "a tensor missing": (_weights(_drop_q), "no .safetensors file holds", ""),
     "float scales": (_weights(_scales_as_float), "is F32, expected U8", "model.safetensors"),
+    "an indexed shard missing": (_shard_missing, "missing, though model.safetensors.index.json names it",
+                                 "model-00002-of-00002.safetensors"),
+    "a tensor in two files": (_two_copies, ".safetensors (two copies of one tensor", "model.safetensors"),
 }
 
 
@@ -110,7 +131,22 @@ def test_the_loader_says_which_file_is_wrong_and_how(case, layout, checkpoints, 
 CLI_CASES = [("cut short", "original"), ("garbage weights", "hf"), ("hidden_size disagrees", "original"),
              ("hidden_size disagrees", "hf"), ("more layers", "hf"), ("a shape key missing", "hf"),
              ("a string for a number", "original"), ("a JSON array", "original"), ("an empty object", "original"),
-             ("a tensor missing", "hf"), ("float scales", "original")]
+             ("a tensor missing", "hf"), ("float scales", "original"), ("an indexed shard missing", "hf"),
+             ("a tensor in two files", "original")]
+
+
+@pytest.mark.parametrize("layout", ["original", "hf"])
+def test_with_an_index_only_the_files_it_names_are_read(layout, checkpoints, tmp_path):
+    """A stray file beside the index (an older save, another model's copy) overrode the checkpoint's tensors
+    (hunt round 22 B-F3); transformers reads only what the index names, and so does ossrun now."""
+    source = checkpoints[layout]
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    (tmp_path / "model.safetensors").symlink_to(source / "model.safetensors")
+    _index(dict.fromkeys(open_mmap(source / "model.safetensors"), "model.safetensors"), tmp_path)
+    norm = "norm.scale" if layout == "original" else "model.norm.weight"
+    stray = torch.zeros_like(open_mmap(source / "model.safetensors")[norm])
+    write_streaming(tmp_path / "old.safetensors", [TensorSpec(norm, stray.dtype, tuple(stray.shape))], lambda spec: stray)
+    assert torch.equal(load_checkpoint(tmp_path).tensors["norm.scale"], load_checkpoint(source).tensors["norm.scale"])
 
 
 @pytest.mark.parametrize("case, layout", CLI_CASES)

@@ -161,10 +161,30 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{config_file}: {exc}") from None
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """The safetensors files a checkpoint loads (of the layout `detect_layout` chooses: a hub snapshot's other copy
-    is not read)."""
-    return sorted(detect_layout(Path(path))[1].glob("*.safetensors"))
+    is not read). With the hub's index exactly the files it names, as transformers reads them: a stray file beside
+    the shards (an older save, a copy of another model) is not read, and a missing shard is named."""
+    directory = detect_layout(Path(path))[1]
+    if not (directory / INDEX_FILE).exists():
+        return sorted(directory.glob("*.safetensors"))
+    files = [directory / name for name in _indexed_names(directory / INDEX_FILE)]
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing, though {INDEX_FILE} names it (a partial download?)")
+    return files
+
+
+def _indexed_names(index: Path) -> list[str]:
+    """The file names an index's `weight_map` ({tensor: file}) holds, sorted."""
+    data = _config_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index}: no weight_map of tensor names to file names")
+    return sorted(set(weight_map.values()))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -178,12 +198,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     origin: dict[str, Path] = {}
     for file in files:
         tensors = _open_weights(file)
+        _refuse_duplicates(file, tensors, origin)
         stored.update(tensors)
         origin.update(dict.fromkeys(tensors, file))
     _check_tensors(config, layout, stored, origin, directory)
     tensors = stored if layout == "original" else _from_hf_names(config, stored)
     log.info("loaded %s checkpoint from %s (%d tensors)", layout, directory, len(tensors))
     return Checkpoint(config, tensors, layout, directory)
+
+
+def _refuse_duplicates(file: Path, tensors: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+    """A tensor two files hold: which copy is meant cannot be told (one of them is likely another model's)."""
+    for name in tensors:
+        if name in origin:
+            raise CheckpointError(f"{file}: {name} is also in {origin[name]} (two copies of one tensor: remove the "
+                                  "stray file)")
 
 
 def _open_weights(file: Path) -> dict[str, torch.Tensor]:
