@@ -149,6 +149,23 @@ def test_with_an_index_only_the_files_it_names_are_read(layout, checkpoints, tmp
     assert torch.equal(load_checkpoint(tmp_path).tensors["norm.scale"], load_checkpoint(source).tensors["norm.scale"])
 
 
+# Values ossrun would have run as something else (hunt round 22 B-F5): (layout, edit, what the message says)
+REINTERPRETED = {
+    "a window as long as the context": ("hf", _set("sliding_window", 131072), "sliding_window must be less than"),
+    "an absurd window": ("original", _set("sliding_window", 10**9), "sliding_window must be less than"),
+}
+
+
+@pytest.mark.parametrize("case", list(REINTERPRETED))
+def test_values_ossrun_would_reinterpret_are_refused_by_key(case, checkpoints, tmp_path):
+    """A window as long as the context was blamed on --kv-cache-gib."""
+    layout, edit, expected = REINTERPRETED[case]
+    _config(edit)(checkpoints[layout], tmp_path, layout)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path}/config.json: ") and expected in str(caught.value), caught.value
+
+
 @pytest.mark.parametrize("case, layout", CLI_CASES)
 def test_a_broken_checkpoint_is_one_line_and_exit_2(case, layout, checkpoints, tmp_path):
     path, names = _broken(case, layout, checkpoints, tmp_path)

@@ -70,6 +70,9 @@ class ModelConfig:
             raise ConfigError("experts_per_token must be in 1..num_experts")
         if self.head_dim % 2:
             raise ConfigError("head_dim must be even (RoPE rotates halves)")
+        if self.sliding_window >= MAX_CONTEXT:
+            raise ConfigError(f"sliding_window must be less than the model's context of {MAX_CONTEXT} tokens (gpt-oss's "
+                              f"is 128), not {self.sliding_window}")
 
     # -- derived sizes ------------------------------------------------------------------------
     @property
