@@ -38,6 +38,14 @@ def _set(key: str, value: object) -> Callable[[dict, str], dict]:
     return lambda data, layout: {**data, key: value}
 
 
+def _layers(n: int) -> Callable[[dict, str], dict]:
+    """num_hidden_layers changed, and HF's layer_types with it (else the config disagrees with itself first)."""
+    def edit(data: dict, layout: str) -> dict:
+        types = {"layer_types": ["sliding_attention", "full_attention"] * (n // 2)} if layout == "hf" else {}
+        return {**data, "num_hidden_layers": n, **types}
+    return edit
+
+
 def _without(original_key: str, hf_key: str) -> Callable[[dict, str], dict]:
     return lambda data, layout: {k: v for k, v in data.items() if k != (original_key if layout == "original" else hf_key)}
 
@@ -93,8 +101,8 @@ CASES: dict[str, tuple[Break, str, str]] = {
     "garbage weights": (_bytes(lambda data: os.urandom(100_000)), "not a safetensors file", "model.safetensors"),
     "empty weights": (_bytes(lambda data: b""), "not a safetensors file", "model.safetensors"),
     "hidden_size disagrees": (_config(_set("hidden_size", 128)), "has shape (201088, 64), but", "model.safetensors"),
-    "more layers": (_config(_set("num_hidden_layers", 6)), "num_hidden_layers=6, but the weights", "config.json"),
-    "fewer layers": (_config(_set("num_hidden_layers", 2)), "hold 4 layers", "config.json"),
+    "more layers": (_config(_layers(6)), "num_hidden_layers=6, but the weights", "config.json"),
+    "fewer layers": (_config(_layers(2)), "hold 4 layers", "config.json"),
     "a shape key missing": (_config(_without("hidden_size", "num_local_experts")), "not a gpt-oss config: it lacks", "config.json"),
     "a string for a number": (_config(_set("num_hidden_layers", "4")), "num_hidden_layers must be an integer", "config.json"),
     "NaN rope_theta": (_config(_set("rope_theta", float("nan"))), "rope_theta must be a number greater than 0", "config.json"),
@@ -149,16 +157,30 @@ def test_with_an_index_only_the_files_it_names_are_read(layout, checkpoints, tmp
     assert torch.equal(load_checkpoint(tmp_path).tensors["norm.scale"], load_checkpoint(source).tensors["norm.scale"])
 
 
-# Values ossrun would have run as something else (hunt round 22 B-F5): (layout, edit, what the message says)
+def _rope(key: str, value: object) -> Callable[[dict, str], dict]:
+    return lambda data, layout: {**data, "rope_scaling": {**data["rope_scaling"], key: value}}
+
+
+# Values ossrun would have run as something else (hunt round 22 B-F5, B-F8): (layout, edit, what the message says)
 REINTERPRETED = {
     "a window as long as the context": ("hf", _set("sliding_window", 131072), "sliding_window must be less than"),
     "an absurd window": ("original", _set("sliding_window", 10**9), "sliding_window must be less than"),
+    "another model_type": ("hf", _set("model_type", "llama"), "model_type must be gpt_oss, not 'llama'"),
+    "linear RoPE": ("hf", _rope("rope_type", "linear"), "rope_scaling.rope_type must be yarn"),
+    "all layers full": ("hf", lambda data, layout: {**data, "layer_types": ["full_attention"] * 4},
+                        "layer_types must be sliding_attention on even layers and full_attention on odd ones, one per "
+                        "layer (the pattern ossrun runs); it differs at layer 0"),
+    "too few layer_types": ("hf", lambda data, layout: {**data, "layer_types": data["layer_types"][:3]}, "differs at layer 3"),
+    "absurd trained context": ("hf", _rope("original_max_position_embeddings", 10**30),
+                               "rope_scaling.original_max_position_embeddings must be an integer in 1..131072"),
+    "absurd initial context": ("original", _set("initial_context_length", 10**30), "initial_context_length must be at most"),
 }
 
 
 @pytest.mark.parametrize("case", list(REINTERPRETED))
 def test_values_ossrun_would_reinterpret_are_refused_by_key(case, checkpoints, tmp_path):
-    """A window as long as the context was blamed on --kv-cache-gib."""
+    """They loaded and ran as gpt-oss's own values (linear RoPE as YaRN, any layer_types as the alternation), or the
+    window was blamed on --kv-cache-gib."""
     layout, edit, expected = REINTERPRETED[case]
     _config(edit)(checkpoints[layout], tmp_path, layout)
     with pytest.raises(CheckpointError) as caught:

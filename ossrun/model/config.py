@@ -73,6 +73,9 @@ class ModelConfig:
         if self.sliding_window >= MAX_CONTEXT:
             raise ConfigError(f"sliding_window must be less than the model's context of {MAX_CONTEXT} tokens (gpt-oss's "
                               f"is 128), not {self.sliding_window}")
+        if self.initial_context_length > MAX_CONTEXT:
+            raise ConfigError(f"initial_context_length must be at most {MAX_CONTEXT} (gpt-oss's is 4096), not "
+                              f"{self.initial_context_length}")
 
     # -- derived sizes ------------------------------------------------------------------------
     @property
@@ -102,6 +105,10 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         """Even layers attend within the sliding window, odd layers to the full context."""
         return layer % 2 == 0
+
+    def layer_types(self) -> list[str]:
+        """HF's `layer_types`: the attention of each layer, as `is_sliding` says."""
+        return ["sliding_attention" if self.is_sliding(i) else "full_attention" for i in range(self.num_hidden_layers)]
 
     # -- original/config.json -----------------------------------------------------------------
     def to_original_json(self) -> dict[str, Any]:
@@ -143,10 +150,7 @@ class ModelConfig:
                 "original_max_position_embeddings": self.initial_context_length,
                 "truncate": False,
             },
-            "layer_types": [
-                "sliding_attention" if self.is_sliding(i) else "full_attention"
-                for i in range(self.num_hidden_layers)
-            ],
+            "layer_types": self.layer_types(),
             "rms_norm_eps": self.rms_norm_eps,
             "attention_bias": True,
             "attention_dropout": 0.0,
@@ -176,10 +180,11 @@ class ModelConfig:
         rope = data.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"rope_scaling must be an object, not {rope!r}")
+        _refuse_other_models(data, rope)
         if "head_dim" not in data:
             for key in ("hidden_size", "num_attention_heads"):
                 _number(key, data[key], "int")
-        return cls(
+        config = cls(
             num_hidden_layers=data["num_hidden_layers"],
             num_experts=data["num_local_experts"],
             experts_per_token=data.get("num_experts_per_tok", data.get("experts_per_token", 4)),
@@ -198,9 +203,38 @@ class ModelConfig:
             rope_ntk_beta=rope.get("beta_fast", 32.0),
             rms_norm_eps=data.get("rms_norm_eps", 1e-5),
         )
+        _check_layer_types(data.get("layer_types"), config)
+        return config
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _refuse_other_models(data: dict[str, Any], rope: dict[str, Any]) -> None:
+    """HF keys that ossrun does not follow but would contradict: a config with them is another model (or a hand
+    edit), which ossrun would run as gpt-oss and so give other logits than transformers does without a word."""
+    model_type = data.get("model_type", "gpt_oss")
+    if model_type != "gpt_oss":
+        raise ConfigError(f"model_type must be gpt_oss, not {model_type!r}: ossrun runs gpt-oss models only")
+    rope_type = rope.get("rope_type", rope.get("type", "yarn"))
+    if rope_type != "yarn":
+        raise ConfigError(f"rope_scaling.rope_type must be yarn (gpt-oss's RoPE, the one ossrun runs), not {rope_type!r}")
+    trained = rope.get("original_max_position_embeddings", 4096)
+    if not (_is_number(trained, "int") and 0 < trained <= MAX_CONTEXT):
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be an integer in 1..{MAX_CONTEXT} "
+                          f"(gpt-oss's is 4096), not {trained!r}")
+
+
+def _check_layer_types(layer_types: Any, config: ModelConfig) -> None:
+    """HF's per-layer attention kinds, where given, are the ones ossrun runs (it alternates by index)."""
+    expected = config.layer_types()
+    if layer_types is None or layer_types == expected:
+        return
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"layer_types must be a list, not {layer_types!r}")
+    differs = next((i for i, (a, b) in enumerate(zip(layer_types, expected)) if a != b), min(len(layer_types), len(expected)))
+    raise ConfigError(f"layer_types must be sliding_attention on even layers and full_attention on odd ones, one per "
+                      f"layer (the pattern ossrun runs); it differs at layer {differs}")
 
 
 def _is_number(value: Any, kind: str) -> bool:
