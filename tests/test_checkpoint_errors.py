@@ -157,6 +157,29 @@ def test_with_an_index_only_the_files_it_names_are_read(layout, checkpoints, tmp
     assert torch.equal(load_checkpoint(tmp_path).tensors["norm.scale"], load_checkpoint(source).tensors["norm.scale"])
 
 
+def _dequantized(source: Path, out: Path, layout: str) -> None:
+    """What transformers' `Mxfp4Config(dequantize=True)` + `save_pretrained` writes: bf16 experts, no quantization_config."""
+    _weights(_experts_as_bf16)(source, out, layout)
+    data = json.loads((source / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "quantization_config"}))
+
+
+def _experts_as_bf16(tensors: dict, layout: str) -> None:
+    for name in [name for name in tensors if name.endswith(("_blocks", "_scales"))]:
+        packed = tensors.pop(name)
+        if name.endswith("_blocks"):
+            tensors[name.removesuffix("_blocks")] = torch.zeros(packed.shape[:2] + (packed.shape[2] * 32,), dtype=torch.bfloat16)
+
+
+def test_unquantized_experts_are_named_as_such(checkpoints, tmp_path):
+    """They were refused as "a partial download?", sending the operator to download again (hunt round 22 B-F6)."""
+    _dequantized(checkpoints["hf"], tmp_path, "hf")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path)
+    assert str(caught.value) == (f"{tmp_path}/config.json: experts stored unquantized (bf16), e.g. a dequantized or "
+                                 "-BF16 upload; ossrun serves the MXFP4 checkpoints (openai/gpt-oss-20b / -120b)")
+
+
 def _rope(key: str, value: object) -> Callable[[dict, str], dict]:
     return lambda data, layout: {**data, "rope_scaling": {**data["rope_scaling"], key: value}}
 

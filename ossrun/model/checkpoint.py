@@ -238,6 +238,7 @@ def _check_tensors(config: ModelConfig, layout: str, stored: dict[str, torch.Ten
     for spec in specs:
         tensor = stored.get(spec.name)
         if tensor is None:
+            _refuse_unquantized(spec.name, stored, config_file)
             raise CheckpointError(f"{directory}: no .safetensors file holds {spec.name}, which {config_file.name} implies "
                                   "(a partial download?)")
         if tuple(tensor.shape) != spec.shape:
@@ -247,6 +248,18 @@ def _check_tensors(config: ModelConfig, layout: str, stored: dict[str, torch.Ten
         if (tensor.dtype == torch.uint8) != packed or not (packed or tensor.is_floating_point()):
             expected = "U8 (packed MXFP4)" if packed else "floating point (BF16, F16 or F32)"
             raise CheckpointError(f"{origin[spec.name]}: {spec.name} is {DTYPE_NAMES[tensor.dtype]}, expected {expected}")
+
+
+def _refuse_unquantized(missing: str, stored: dict[str, torch.Tensor], config_file: Path) -> None:
+    """An HF checkpoint whose experts are plain floats (transformers' dequantized save, the hub's -BF16 uploads) is
+    complete, just not MXFP4: it lacks the packed `..._blocks` and holds the unquantized tensor, and its config has
+    no MXFP4 quantization_config. Said as such, not as a partial download that sends the operator to re-download."""
+    plain = stored.get(missing.removesuffix("_blocks")) if missing.endswith("_blocks") else None
+    quantization = _config_json(config_file).get("quantization_config") or {}
+    if plain is None or (isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"):
+        return
+    raise CheckpointError(f"{config_file}: experts stored unquantized ({DTYPE_NAMES[plain.dtype].lower()}), e.g. a "
+                          "dequantized or -BF16 upload; ossrun serves the MXFP4 checkpoints (openai/gpt-oss-20b / -120b)")
 
 
 def _layers_stored(stored: dict[str, torch.Tensor]) -> int:
