@@ -267,8 +267,10 @@ def generate(
         engine.validate(request)  # an empty prompt, a token id outside the vocabulary, too long for the context
     except ValueError as exc:
         _fail(str(exc))
-    events = engine.generate([request])
-    out = [e.token_id for e in next(iter(events.values())) if e.token_id is not None]
+    (events,) = engine.generate([request]).values()
+    if events[-1].finish_reason == "error":  # e.g. logits all NaN: no fabricated tokens, one line and a failure
+        _fail(events[-1].error)
+    out = [e.token_id for e in events if e.token_id is not None]
     text = harmony.decode(out)
     if as_json:
         typer.echo(json.dumps({"token_ids": out, "text": text}, ensure_ascii=False))

@@ -86,6 +86,18 @@ def _two_copies(source: Path, out: Path, layout: str) -> None:
     (out / "copy.safetensors").symlink_to(source / "model.safetensors")
 
 
+def _nan_norm(tensors: dict, layout: str) -> None:
+    name = "norm.scale" if layout == "original" else "model.norm.weight"
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+
+
+def _overflowing(tensors: dict, layout: str) -> None:
+    """Finite but huge attention output weights (not checked at load: too big to read): the residual overflows to
+    inf and the next norm makes every logit NaN."""
+    name = "block.0.attn.out.weight" if layout == "original" else "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = torch.full_like(tensors[name], 1e38)
+
+
 def _drop_q(tensors: dict, layout: str) -> None:
     del tensors["block.0.attn.qkv.weight" if layout == "original" else "model.layers.0.self_attn.q_proj.weight"]
 
@@ -110,6 +122,7 @@ CASES: dict[str, tuple[Break, str, str]] = {
     "an empty object": (_config(lambda data, layout: {}), "it lacks num_hidden_layers", "config.json"),
     "a tensor missing": (_weights(_drop_q), "no .safetensors file holds", ""),
     "float scales": (_weights(_scales_as_float), "is F32, expected U8", "model.safetensors"),
+    "a NaN norm": (_weights(_nan_norm), "holds NaN or infinite values (a corrupt file?)", "model.safetensors"),
     "an indexed shard missing": (_shard_missing, "missing, though model.safetensors.index.json names it",
                                  "model-00002-of-00002.safetensors"),
     "a tensor in two files": (_two_copies, ".safetensors (two copies of one tensor", "model.safetensors"),
@@ -140,7 +153,7 @@ CLI_CASES = [("cut short", "original"), ("garbage weights", "hf"), ("hidden_size
              ("hidden_size disagrees", "hf"), ("more layers", "hf"), ("a shape key missing", "hf"),
              ("a string for a number", "original"), ("a JSON array", "original"), ("an empty object", "original"),
              ("a tensor missing", "hf"), ("float scales", "original"), ("an indexed shard missing", "hf"),
-             ("a tensor in two files", "original")]
+             ("a tensor in two files", "original"), ("a NaN norm", "hf")]
 
 
 @pytest.mark.parametrize("layout", ["original", "hf"])
@@ -209,6 +222,13 @@ def test_values_ossrun_would_reinterpret_are_refused_by_key(case, checkpoints, t
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path}/config.json: ") and expected in str(caught.value), caught.value
+
+
+def test_logits_all_nan_end_generate_in_one_line(checkpoints, tmp_path):
+    """They were sampled: greedy gave token 0 over and over ("!!!!!!"), exit 0 (hunt round 22 B-F4)."""
+    _weights(_overflowing)(checkpoints["original"], tmp_path, "original")
+    result = ossrun("generate", "--model", str(tmp_path), "--token-ids", "1,2,3", "--max-tokens", "3")
+    _one_clear_line(result, "error: the model's logits are all NaN or infinite (broken weights?)")
 
 
 @pytest.mark.parametrize("case, layout", CLI_CASES)

@@ -377,3 +377,18 @@ def test_the_kv_cache_costs_memory_as_it_is_used_not_at_start(model, device):
     result = engine.generate([Request("a", prompt, SamplingParams(max_tokens=8, **GREEDY))])
     assert tokens(result["a"]) == tokens(make_engine(model).generate([Request("a", prompt, SamplingParams(max_tokens=8, **GREEDY))])["a"])
     assert _resident_bytes() - before < 128 * 1024**2
+
+
+def test_logits_all_nan_end_the_request_with_an_error_logged_once(checkpoints, device, caplog):
+    """They were sampled: greedy took token 0 every step, sampling drew noise, and nothing was said (hunt round 22
+    B-F4). The load refuses a NaN norm; here one is put into the loaded weights, as an overflow would make them."""
+    checkpoint = load_checkpoint(checkpoints["hf"])
+    checkpoint.tensors["norm.scale"] = torch.full_like(checkpoint.tensors["norm.scale"], float("nan"))
+    engine = make_engine(GptOss.from_checkpoint(checkpoint, torch.float32, device))
+    results = engine.generate([Request("greedy", [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY)),
+                               Request("sampled", [4, 5, 6], SamplingParams(max_tokens=4, temperature=1.0, seed=3))])
+    for events in results.values():
+        assert tokens(events) == [] and events[-1].finish_reason == "error"
+        assert events[-1].error == "the model's logits are all NaN or infinite (broken weights?)"
+    assert [r.levelname for r in caplog.records if "NaN" in r.getMessage()] == ["ERROR"]
+    assert engine.kv.full.num_used == 0

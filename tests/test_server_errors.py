@@ -100,3 +100,20 @@ def test_a_background_response_the_store_refuses_is_a_503_before_it_runs(served,
     assert "cannot be written (disk I/O error)" in error["message"], error
     assert started == [] and asyncio.run(_health(served)) == "failing"
     _writes_work_again(served, monkeypatch)
+
+
+def test_logits_all_nan_are_a_500_naming_them_not_made_up_tokens(checkpoints, tmp_path, caplog):
+    """Weights that make every logit NaN were answered 200 with noise (hunt round 22 B-F4)."""
+    from tests.test_checkpoint_errors import _overflowing, _weights
+
+    _weights(_overflowing)(checkpoints["original"], tmp_path, "original")
+    engine = AsyncEngine.from_model(tmp_path, "float32", precision="exact", kv_cache_bytes=16 * 1024**2)
+    try:
+        app = build_app(engine, AppSettings(data_dir=tmp_path / "data", rate_limit_per_minute=0))
+        for _ in range(2):
+            answer, _ = asyncio.run(_post(app, f"/client/v4/accounts/a/ai/run/{MODEL}", {"prompt": "Hi", "max_tokens": 2}))
+            assert answer.status_code == 500 and answer.json()["errors"][0] == {
+                "code": 3000, "message": "AiError: the model's logits are all NaN or infinite (broken weights?)"}
+    finally:
+        engine.shutdown()
+    assert len([r for r in caplog.records if "logits are all NaN" in r.getMessage()]) == 1

@@ -6,6 +6,7 @@ sliding layers drawing on the smaller sliding pool) and builds each step's flat 
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from array import array
@@ -21,6 +22,10 @@ from ossrun.model.attention import PagedAttention, PagedGroup, paged_kernel
 from ossrun.model.gpt_oss import GptOss
 from ossrun.model.kernels.gpu import triton_available
 from ossrun.model.lora import LoraBatch
+
+log = logging.getLogger(__name__)
+
+NON_FINITE = "the model's logits are all NaN or infinite (broken weights?)"
 
 
 def cache_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -42,6 +47,7 @@ class ModelRunner:
         self.sampler = sampler
         self.adapters = adapters
         self.device = model.device
+        self.reported_non_finite = False
         self.triton_attention = triton_available(model.device, model.precision)
         self.attention_kernel = paged_kernel(model.device, model.precision)
         c = model.config
@@ -84,6 +90,7 @@ class ModelRunner:
                 return [], None
             last = [starts[i] + lens[i] - 1 for i, item in enumerate(scheduled) if item.samples]
             logits = self.model(tokens_t, positions_t, attention, torch.tensor(last, device=device), lora)
+        self._refuse_non_finite(logits, sampling)
         masks = [self._mask(item) for item in sampling]
         # Rows whose constraint checks the sampled token keep their logits, to sample again if it is refused.
         kept = {i: logits[i].clone() for i, item in enumerate(sampling) if masks[i] is not None and self._guarding(item)}
@@ -91,6 +98,20 @@ class ModelRunner:
         for i, row in kept.items():
             self._keep_budget(sampling[i], row, output, i)
         return sampling, output
+
+    def _refuse_non_finite(self, logits: torch.Tensor, sampling: list[Scheduled]) -> None:
+        """A row with no finite logit (NaN weights, an overflow) would be sampled as noise, or as token 0 by greedy
+        argmax: its request ends with an error instead, logged once. One reduction over the batch; the row is zeroed
+        so that sampling it does not fail and overwrite the error."""
+        finite = torch.isfinite(logits).any(-1)
+        if bool(finite.all()):
+            return
+        for i in (~finite).nonzero().flatten().tolist():
+            sampling[i].seq.error = NON_FINITE
+            logits[i] = 0
+        if not self.reported_non_finite:
+            self.reported_non_finite = True
+            log.error("%s: the requests they came for end with an error (logged once)", NON_FINITE)
 
     @staticmethod
     def _guarding(item: Scheduled) -> bool:

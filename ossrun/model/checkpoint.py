@@ -202,6 +202,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         stored.update(tensors)
         origin.update(dict.fromkeys(tensors, file))
     _check_tensors(config, layout, stored, origin, directory)
+    _check_finite(config, layout, stored, origin)
     tensors = stored if layout == "original" else _from_hf_names(config, stored)
     log.info("loaded %s checkpoint from %s (%d tensors)", layout, directory, len(tensors))
     return Checkpoint(config, tensors, layout, directory)
@@ -234,8 +235,7 @@ def _check_tensors(config: ModelConfig, layout: str, stored: dict[str, torch.Ten
     if layers != config.num_hidden_layers:
         raise CheckpointError(f"{config_file} says num_hidden_layers={config.num_hidden_layers}, but the weights in "
                               f"{directory} hold {layers} layers")
-    specs = original_specs(config) if layout == "original" else [spec for spec, _, _ in hf_specs(config)]
-    for spec in specs:
+    for spec, _ in _layout_specs(config, layout):
         tensor = stored.get(spec.name)
         if tensor is None:
             _refuse_unquantized(spec.name, stored, config_file)
@@ -248,6 +248,26 @@ def _check_tensors(config: ModelConfig, layout: str, stored: dict[str, torch.Ten
         if (tensor.dtype == torch.uint8) != packed or not (packed or tensor.is_floating_point()):
             expected = "U8 (packed MXFP4)" if packed else "floating point (BF16, F16 or F32)"
             raise CheckpointError(f"{origin[spec.name]}: {spec.name} is {DTYPE_NAMES[tensor.dtype]}, expected {expected}")
+
+
+def _layout_specs(config: ModelConfig, layout: str) -> list[tuple[TensorSpec, str]]:
+    """The tensors of a checkpoint in `layout`, each with the original name it is (or is part of)."""
+    if layout == "original":
+        return [(spec, spec.name) for spec in original_specs(config)]
+    return [(spec, source) for spec, source, _ in hf_specs(config)]
+
+
+# The small dense tensors (by original name): norms, sinks, biases and the router. A NaN or inf in one makes every
+# logit NaN, and they are ~0.1% of the weights (9M values for 20b: ~40 ms, 54M for 120b); the big matrices are not read.
+_CHECKED_FINITE = re.compile(r"(\.scale|sinks|bias|gate\.weight)$")
+
+
+def _check_finite(config: ModelConfig, layout: str, stored: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+    """A corrupt or overflowed small tensor is refused by name: it would make every answer noise ("!!!!" greedy)."""
+    for spec, source in _layout_specs(config, layout):
+        # A float64 sum is non-finite iff a value is (no float32 values overflow it), at 10x isfinite's speed on bf16.
+        if _CHECKED_FINITE.search(source) and not math.isfinite(stored[spec.name].sum(dtype=torch.float64)):
+            raise CheckpointError(f"{origin[spec.name]}: {spec.name} holds NaN or infinite values (a corrupt file?)")
 
 
 def _refuse_unquantized(missing: str, stored: dict[str, torch.Tensor], config_file: Path) -> None:

@@ -155,4 +155,14 @@ def q8_linear(x: torch.Tensor, weight: Q8Weight, bias: torch.Tensor | None = Non
                            bias_ptr, y.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise ValueError(f"q8_linear rejected x={tuple(x.shape)} weight={weight.shape} (status {status})")
+    return _keep_non_finite(x, y)
+
+
+def _keep_non_finite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The kernel quantises a NaN or infinite activation to a finite integer, so a broken row (NaN weights, an
+    overflow) came out as plausible numbers (all-zero logits: greedy "!!!!"); it is NaN, as an unquantised product
+    makes it, so the engine can tell. One reduction over x; finite rows are untouched."""
+    finite = torch.isfinite(x).all(-1)
+    if not bool(finite.all()):
+        y[~finite] = float("nan")
     return y
