@@ -66,13 +66,17 @@ def test_logprobs_of_a_header_read_as_the_answer_spell_all_of_it(client):
     """Hunt round 17 B-F1: seeded and biased towards `<|channel|>`, the model writes its text with no header and
     `<|channel|>`s in it (` Mannheimлаша emoções<|channel|>OTIONასა…<|channel|>.artist`): no `<|message|>` ever
     comes, so all of it is read as the answer, the specials dropped. Each special token cleared the tokens still
-    waiting for their text, so the entries spelled only `.artist`, sync and streamed."""
+    waiting for their text, so the entries spelled only `.artist`, sync and streamed. Since hunt round 22 A-F2 the plain
+    answer's grammar no longer lets the model write `<|channel|>` into header-less text (it writes other tokens there,
+    ` Mannheimлаша emoções Purdue…`); the hidden-special case is kept by the scripted test in test_api_surfaces.py
+    (`test_logprobs_of_a_salvaged_header_hold_the_text_on_both_sides_of_its_special`). Here: a header-less text cut by
+    max_tokens is the answer, and its entries spell all of it, one a token, sync and streamed."""
     ask = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "seed": 1, "temperature": 1.0,
            "logit_bias": {"200005": 12}, "logprobs": True}
     sync = client.chat.completions.create(**ask)
     content, entries = sync.choices[0].message.content, sync.choices[0].logprobs.content
-    assert len(entries) < sync.usage.completion_tokens  # hidden `<|channel|>`s among the answer's tokens
-    assert content.endswith(".artist") and text_of(entries) == content
+    assert sync.choices[0].finish_reason == "length" and len(entries) == sync.usage.completion_tokens
+    assert content and text_of(entries) == content
     chunks = [c.choices[0] for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
     assert [e.token for c in chunks for e in c.logprobs.content] == [e.token for e in entries]
 
