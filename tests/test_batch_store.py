@@ -152,6 +152,29 @@ class _FlakyStore(SQLiteBatchStore):
         return super()._transaction()
 
 
+def test_stop_ends_the_worker_when_new_work_wakes_it_at_the_same_moment(tmp_path):
+    """CI hung 600 s at a server's shutdown: a batch queued just before it set the worker's wake-up as `stop`
+    cancelled the worker's wait, and Python 3.11's `asyncio.wait_for` returned the wake-up and dropped the
+    cancellation, so the loop went on and `stop` waited for it forever."""
+    store = SQLiteBatchStore(tmp_path / "q.sqlite")
+
+    async def execute(model, body, key):
+        return ItemOutcome(True, {}, 0, 0)
+
+    async def scenario():
+        worker = BatchWorker(store, execute, concurrency=1, poll_s=30)
+        worker.start()
+        for _ in range(1000):  # until the loop waits for its wake-up (the claim runs in a thread first)
+            if worker._wake._waiters:
+                break
+            await asyncio.sleep(0.005)
+        assert worker._wake._waiters
+        worker.notify()
+        await asyncio.wait_for(worker.stop(), 10)  # a bound, not a speed: the hang waited 30 s a loop, forever
+
+    asyncio.run(scenario())
+
+
 def test_worker_survives_a_failing_store_and_finishes_every_item(tmp_path, caplog):
     store = _FlakyStore(tmp_path / "q.sqlite")
     runs = []

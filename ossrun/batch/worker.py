@@ -93,9 +93,12 @@ class BatchWorker:
                 last_cleanup = time.time()
                 await self._store("delete old batches", "cleanup", self.store.delete_finished_before, time.time() - self.retention_s)
             self._wake.clear()
+            # Not `asyncio.wait_for`: on Python 3.11 a cancellation that lands as the wake-up does is swallowed there
+            # (the woken wait's result is returned instead), and `stop` then waited for this loop forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     def _finished(self, task: asyncio.Task) -> None:
