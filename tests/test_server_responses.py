@@ -1072,11 +1072,12 @@ def test_a_stored_response_whose_json_is_damaged_is_skipped_and_named_at_start(t
     own = start_server(resolve_model("demo"), data)
     try:
         client = _client(own)
-        damaged, running = (client.responses.create(model=MODEL, input="Hi", max_output_tokens=8).id for _ in range(2))
+        damaged, running, cut_input = (client.responses.create(model=MODEL, input="Hi", max_output_tokens=8).id for _ in range(3))
     finally:
         own.stop()
     db = sqlite3.connect(data / "batch.sqlite")
     db.execute("UPDATE responses SET response = substr(response, 1, 40) WHERE id = ?", (damaged,))
+    db.execute("UPDATE responses SET replay = 'not json' WHERE id = ?", (cut_input,))
     db.execute("UPDATE responses SET response = json_set(response, '$.status', 'in_progress') WHERE id = ?", (running,))
     db.commit()
     db.close()
@@ -1086,6 +1087,7 @@ def test_a_stored_response_whose_json_is_damaged_is_skipped_and_named_at_start(t
         assert client.responses.retrieve(running).status == "failed"  # a stop interrupted it
         fresh = client.responses.create(model=MODEL, input="Hi", max_output_tokens=8)
         assert client.responses.retrieve(fresh.id).status == fresh.status
+        _damaged_reads_are_named(own, client, damaged, cut_input)
         client.responses.delete(damaged)  # what the warning advises
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(damaged)
@@ -1093,3 +1095,22 @@ def test_a_stored_response_whose_json_is_damaged_is_skipped_and_named_at_start(t
         own.stop()
     warnings = [line for line in own.log.read_text().splitlines() if "WARNING" in line and damaged in line]
     assert len(warnings) == 1 and "cannot be read" in warnings[0], warnings
+    assert "Traceback" not in own.log.read_text()
+
+
+def _damaged_reads_are_named(own, client, damaged: str, cut_input: str) -> None:
+    """Hunt round 23 C-F1: retrieve, input_items, the streamed replay and `previous_response_id` of a set-aside row were
+    500s with a traceback (each retried twice by the SDK). Now the 404 (by path) or 400 (continued) an unusable id
+    gets, naming the damaged copy and what to do."""
+    for reads in (lambda: client.responses.retrieve(damaged), lambda: client.responses.input_items.list(damaged),
+                  lambda: client.responses.input_items.list(cut_input)):
+        with pytest.raises(openai.NotFoundError) as refused:
+            reads()
+        assert "is damaged" in refused.value.message and "DELETE" in refused.value.message, refused.value.message
+    streamed = httpx.get(f"{own.base}/v1/responses/{damaged}", params={"stream": "true"}, timeout=60)
+    assert streamed.status_code == 404 and "is damaged" in streamed.text, streamed.text
+    assert client.responses.retrieve(cut_input).id == cut_input  # its response JSON is whole
+    for previous in (damaged, cut_input):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model=MODEL, input="And?", previous_response_id=previous)
+        assert "is damaged" in refused.value.message and refused.value.param == "previous_response_id"

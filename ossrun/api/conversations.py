@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter
 
-from ossrun.api.errors import bad_input
+from ossrun.api.errors import ApiError, bad_input
 from ossrun.api.schemas import ResponsesInput
 from ossrun.harmony.shapes import InputItem, InputMessage, ItemReference
 from ossrun.storage import open_database
@@ -217,14 +217,14 @@ class ResponseStore:
         if self._held.get(previous) is not None:
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} ended while the data directory "
                             "refused writes, so its output was not stored; it cannot be continued", "previous_response_id")
-        status = (self.get(previous) or {}).get("status")
+        status = _loaded(self._row("response", previous) or "{}", previous, 400, "previous_response_id").get("status")
         if status == "in_progress":  # a background run: its output is not there yet
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} is still in progress; continue "
                             "from it once it has ended", "previous_response_id")
         if status == "failed":  # only a background one is stored failed; another is not stored, so the same 400
             raise bad_input(f"Error: at '/previous_response_id': response {previous!r} failed; a failed response is no "
                             "conversation to continue (continue from the one before it)", "previous_response_id")
-        stored = _ITEMS.validate_python(json.loads(row))
+        stored = _ITEMS.validate_python(_loaded(row, previous, 400, "previous_response_id"))
         continued = request.model_copy(update={"input": stored + as_input_items(request.input)})
         continued._stored_items = len(stored)
         return continued
@@ -235,7 +235,7 @@ class ResponseStore:
         if held is not None:
             return held
         row = self._row("response", response_id)
-        return None if row is None else json.loads(row)
+        return None if row is None else _loaded(row, response_id)
 
     def input_items(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items a stored response was generated from, in order (a previous response's conversation included:
@@ -245,7 +245,7 @@ class ResponseStore:
                                        (response_id, time.time() - self.retention_s)).fetchone()
         if row is None:
             return None
-        inputs, _ = _split(json.loads(row[0]), json.loads(row[1]))
+        inputs, _ = _split(_loaded(row[0], response_id), _loaded(row[1], response_id))
         return [listed_item({**item, "id": item_id}, item_id) for item_id, item in zip(_listed_ids(response_id, inputs), inputs)]
 
     def delete(self, response_id: str) -> bool:
@@ -386,6 +386,18 @@ class ResponseStore:
 
 
 _INSERT_ITEM = "INSERT OR REPLACE INTO response_items (id, response_id, item) VALUES (?, ?, ?)"
+
+
+def _loaded(text: str, response_id: str, status: int = 404, param: str = "response_id") -> Any:
+    """A stored row's JSON. A damaged one (a hand edit, a partial restore: set aside and named at start,
+    `_damaged_rows`) is the 4xx an unusable id gets (404 by its path, 400 as `previous_response_id`), naming the damaged
+    copy and what to do: it was a 500 with a traceback, retried twice by the SDKs (hunt round 23 C-F1)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ApiError(status, 5006, f"AiError: stored response {response_id!r} cannot be read: its JSON in the data "
+                                     f"directory is damaged (a hand edit, a partial restore?); delete it (DELETE "
+                                     f"/v1/responses/{response_id}) or restore it", param) from None
 
 
 def _split(replay: list[dict[str, Any]], response: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
