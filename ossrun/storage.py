@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ class StorageHealth:
     end its mark: `recheck` (the batch worker calls it at its pace) writes a probe file in the data directory and a
     probe row in its database, and clears those marks once both work."""
 
-    def __init__(self, data_dir: Path | None = None):
+    def __init__(self, data_dir: Path | None = None, writable: Callable[[], bool] | None = None):
         self.probe = None if data_dir is None else Path(data_dir) / ".write-probe"
         self.database = None if data_dir is None else Path(data_dir) / DATABASE
+        self.writable = writable  # on a thread, when a recheck finds writes work again: writes what waited for it, True once all is
         self._failing: dict[str, bool] = {}  # what failed → retried by its writer (else a refused API write)
 
     @property
@@ -77,6 +79,8 @@ class StorageHealth:
     async def recheck(self) -> None:
         refused = [what for what, retried in self._failing.items() if not retried]
         if refused and self.probe is not None and await asyncio.to_thread(self._probe_writes):
+            if self.writable is not None and not await asyncio.to_thread(self.writable):
+                return  # what waited is not all written yet: still failing, tried again at the next recheck
             for what in refused:
                 self.worked(what)
 

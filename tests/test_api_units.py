@@ -823,7 +823,8 @@ def test_a_background_response_left_in_progress_by_a_dead_server_is_failed_at_st
     store.close()
     reopened = ResponseStore(path)
     assert reopened.get("resp_running") == {"id": "resp_running", "status": "failed", "output": [], "error": {
-        "code": "server_error", "message": "the server stopped before this background response ended"}}
+        "code": "server_error", "message": "the server stopped before this background response's end was stored (it was still running, "
+                                "or the data directory refused to store it)"}}
     assert reopened.get("resp_done")["status"] == "completed"
 
 

@@ -637,16 +637,30 @@ def test_a_background_run_whose_end_the_disk_refuses_is_polled_to_its_end(tmp_pa
         polled = client.responses.retrieve(first.response.id)
         assert polled.status == ended.response.status and polled.output_text == ended.response.output_text
         assert polled.model_dump() == ended.response.model_dump()
-        resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
         with pytest.raises(openai.BadRequestError) as refused:
             client.responses.create(model=MODEL, input="And?", previous_response_id=polled.id)
         assert "its output was not stored" in refused.value.message and refused.value.param == "previous_response_id"
+        # Hunt round 23 C-F2: the held end stayed in memory only, and a restart read it `failed` ("the server stopped
+        # before this background response ended"). Once the data directory takes writes again it is written.
+        resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        deadline = time.monotonic() + 30
+        while own.health()["batch_store"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.responses.create(model=MODEL, input="And?", previous_response_id=polled.id, max_output_tokens=8).id
+        items = client.responses.input_items.list(polled.id, order="asc").data
+    finally:
+        own.stop()
+    assert "Traceback" not in own.log.read_text()
+    own = start_server(resolve_model("demo"), tmp_path / "data")
+    try:
+        client = openai.OpenAI(base_url=f"{own.base}/v1", api_key="none", max_retries=0, timeout=60)
+        assert client.responses.retrieve(polled.id).model_dump() == polled.model_dump()  # as it ended, not failed
+        assert client.responses.input_items.list(polled.id, order="asc").data == items  # the same ids
         client.responses.delete(polled.id)  # the SDK returns nothing
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(polled.id)
     finally:
         own.stop()
-    assert "Traceback" not in own.log.read_text()
 
 
 def test_a_delete_the_disk_refuses_is_a_503_that_leaves_a_running_background_response_running(tmp_path):

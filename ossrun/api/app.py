@@ -9,6 +9,7 @@ an absolute-form target is read as its path, every request gets its `x-request-i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -376,6 +377,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
         worker.start()
         yield
         await worker.stop()
+        await asyncio.to_thread(service.responses.write_held)  # a graceful stop loses no held background end
 
     # No redirect_slashes: a path one '/' off a route answers the surface's 404, not a bare 307 no client expects.
     # FastAPI's /docs and /redoc load their scripts from a CDN: `docs_page` serves /docs offline instead.

@@ -270,18 +270,46 @@ class ResponseStore:
             if replacing and not self._holds_a_copy(response_id):
                 return
             given = self._input_ids(response_id, len(sent))
-            inputs = [_with_id(item, item_id) for item, item_id in zip(sent, given)]
-            # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot
-            # would leave its item rows behind.
-            self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
-            replay, kept = json.dumps(inputs + outputs), json.dumps(response)
-            self._db.execute("INSERT INTO responses (id, created_at, replay, response, size) VALUES (?, ?, ?, ?, ?)",
-                             (response_id, now, replay, kept, _stored_size(replay, kept)))
-            self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
-            # The trigger `responses_items` drops the items of every response deleted here.
-            self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
-                             "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
-            self._db.execute(_DROP_PAST_BYTES, (self.capacity_bytes,))
+            self._store(response_id, [_with_id(item, item_id) for item, item_id in zip(sent, given)], outputs, response, now)
+
+    def _store(self, response_id: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], response: dict[str, Any],
+               now: float) -> None:
+        """One response's row and items written, then what is past retention dropped. The caller holds the lock, in a
+        transaction."""
+        # Deleted, not replaced: INSERT OR REPLACE fires no delete trigger, so a background response's snapshot
+        # would leave its item rows behind.
+        self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+        replay, kept = json.dumps(inputs + outputs), json.dumps(response)
+        self._db.execute("INSERT INTO responses (id, created_at, replay, response, size) VALUES (?, ?, ?, ?, ?)",
+                         (response_id, now, replay, kept, _stored_size(replay, kept)))
+        self._db.executemany(_INSERT_ITEM, _item_rows(response_id, inputs, outputs))
+        # The trigger `responses_items` drops the items of every response deleted here.
+        self._db.execute("DELETE FROM responses WHERE created_at < ? OR id IN "
+                         "(SELECT id FROM responses ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (now - self.retention_s, self.capacity))
+        self._db.execute(_DROP_PAST_BYTES, (self.capacity_bytes,))
+
+    def write_held(self) -> bool:
+        """The ends held in memory (`_holding_if_refused`) written over their snapshots, oldest first, once the data
+        directory takes writes again (`StorageHealth.recheck`) and at a graceful stop: they were kept in memory only,
+        so a restart read each as interrupted though a poller had seen it complete (hunt round 23 C-F2). One the file
+        still refuses stays held (and those after it); one deleted meanwhile stays deleted. True once none is held."""
+        with self._lock:
+            for response_id, response in list(self._held.items()):
+                try:
+                    with self._transaction():
+                        self._store_held(response_id, response)
+                except sqlite3.Error:  # the streak goes on (`StorageHealth.recheck` tries again)
+                    return False
+                del self._held[response_id]
+        return True
+
+    def _store_held(self, response_id: str, response: dict[str, Any]) -> None:
+        """A held end written with the input items (and their ids) of the snapshot it replaces. The caller holds the
+        lock, in a transaction."""
+        inputs = self._stored_inputs(response_id)
+        if inputs is not None:
+            outputs = [i for i in map(output_as_input, response.get("output") or []) if i is not None]
+            self._store(response_id, inputs, outputs, response, time.time())
 
     @contextmanager
     def _holding_if_refused(self, response_id: str, response: dict[str, Any]) -> Iterator[None]:
@@ -308,16 +336,23 @@ class ResponseStore:
         """The ids the `count` input items of a response stored again (a background one: its `in_progress` snapshot,
         then its end) were given the first time, so they are listed by the same ids throughout; Nones if it was not
         stored with as many. The caller holds the lock."""
-        row = self._db.execute("SELECT replay, response FROM responses WHERE id = ?", (response_id,)).fetchone()
-        inputs = [] if row is None else _split(json.loads(row[0]), json.loads(row[1]))[0]
+        inputs = self._stored_inputs(response_id) or []
         if len(inputs) != count:
             return [None] * count
         return [item.get("id") for item in inputs]
 
+    def _stored_inputs(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The input items of the copy the file holds (with their ids), None if none. The caller holds the lock."""
+        row = self._db.execute("SELECT replay, response FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return None if row is None else _split(json.loads(row[0]), json.loads(row[1]))[0]
+
     def _fail_interrupted(self) -> None:
-        """A background response still `in_progress` in the file was running when the last process ended: it will never
-        finish, so it is kept `failed` (a poller waiting for it to end stops), its output as its snapshot had it."""
-        error = json.dumps({"code": "server_error", "message": "the server stopped before this background response ended"})
+        """A background response still `in_progress` in the file was running when the last process ended, or ended while
+        the data directory refused writes until the process stopped (its end held in memory, `write_held`): it will
+        never be stored, so it is kept `failed` (a poller waiting for it to end stops), its output as its snapshot had
+        it. The message says both, not only that it was interrupted (hunt round 23 C-F2)."""
+        error = json.dumps({"code": "server_error", "message": "the server stopped before this background response's end "
+                            "was stored (it was still running, or the data directory refused to store it)"})
         with self._lock:
             self._db.execute("UPDATE responses SET response = json_set(response, '$.status', 'failed', '$.error', json(?)) "
                              "WHERE CASE WHEN json_valid(response) THEN json_extract(response, '$.status') END = 'in_progress'",

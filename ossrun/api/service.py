@@ -283,7 +283,9 @@ class Service:
         self.background = BackgroundRuns()  # Responses' background runs in progress, by response id
         self.finetunes = None
         self._unloadable: dict[str, str] = {}  # a fine-tune's name → why its stored files did not load at start
-        self.storage = StorageHealth(Path(settings.data_dir))  # the data directory's failing writes, shared with the batch worker
+        # The data directory's failing writes, shared with the batch worker; once they work again, the background ends
+        # held in memory meanwhile are written.
+        self.storage = StorageHealth(Path(settings.data_dir), writable=self.responses.write_held)
         # Batch items are planned one at a time: they never take every thread of the pool that interactive
         # requests are planned on (a grammar check can take a second; 16 items took 15 s from a `Hello`).
         self._batch_planning = asyncio.Semaphore(1)
