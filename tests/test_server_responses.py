@@ -160,6 +160,9 @@ def test_input_items_and_delete_on_both_prefixes(server):
         path = f"{client.base_url}responses/{second.id}"
         page = httpx.get(f"{path}/input_items", params={"limit": 2, "after": items[-1].id}, headers=server.headers).json()
         assert page["object"] == "list" and [i["id"] for i in page["data"]] == [items[2].id, items[1].id] and page["has_more"]
+        for bad, param in (({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"order": "up"}, "order"), ({"after": "x"}, "after")):
+            refused = httpx.get(f"{path}/input_items", params=bad, headers=server.headers)  # hunt round 23 C-F4: param was null
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
         deleted = httpx.delete(path, headers=server.headers)
         assert deleted.status_code == 200 and deleted.json() == {"id": second.id, "object": "response", "deleted": True}
         for gone in (lambda: client.responses.retrieve(second.id), lambda: client.responses.delete(second.id),
