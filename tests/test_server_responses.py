@@ -643,6 +643,14 @@ def test_a_background_run_whose_end_the_disk_refuses_is_polled_to_its_end(tmp_pa
         with pytest.raises(openai.BadRequestError) as refused:
             client.responses.create(model=MODEL, input="And?", previous_response_id=polled.id)
         assert "its output was not stored" in refused.value.message and refused.value.param == "previous_response_id"
+        # Hunt round 23 C-F3: a plain response answered now (200: the answer exists) is not kept, and its continuation
+        # said "unknown, or expired". It says why.
+        unkept = client.responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+        for why in (lambda: client.responses.create(model=MODEL, input="And?", previous_response_id=unkept.id),
+                    lambda: client.responses.retrieve(unkept.id)):
+            with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as refused:
+                why()
+            assert "refused writes" in refused.value.message and "not stored" in refused.value.message, refused.value.message
         # Hunt round 23 C-F2: the held end stayed in memory only, and a restart read it `failed` ("the server stopped
         # before this background response ended"). Once the data directory takes writes again it is written.
         resource.prlimit(own.process.pid, resource.RLIMIT_FSIZE, (hard, hard))

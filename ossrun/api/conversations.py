@@ -157,6 +157,7 @@ class ResponseStore:
         self.capacity, self.retention_s, self.held, self.capacity_bytes = capacity, retention_s, held, capacity_bytes
         self.referenced_chars = referenced_chars
         self._held: OrderedDict[str, dict[str, Any]] = OrderedDict()  # by id: ends the file refused, oldest first
+        self._unkept: OrderedDict[str, None] = OrderedDict()  # answered responses whose only copy it refused, oldest first
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = open_database(path)
@@ -211,6 +212,10 @@ class ResponseStore:
         """The request with the named response's conversation in front of its input; 400 if unknown."""
         previous = request.previous_response_id
         row = self._row("replay", previous)
+        if row is None and self.unkept(previous):
+            raise bad_input(f"Error: at '/previous_response_id': response {previous!r} was answered while the data "
+                            "directory refused writes (a full disk?), so it was not stored; it cannot be continued",
+                            "previous_response_id")
         if row is None:
             raise bad_input(f"Error: at '/previous_response_id': no stored response {previous!r} (unknown, or expired)",
                             "previous_response_id")
@@ -236,6 +241,11 @@ class ResponseStore:
             return held
         row = self._row("response", response_id)
         return None if row is None else _loaded(row, response_id)
+
+    def unkept(self, response_id: str) -> bool:
+        """Whether `response_id` was answered while the file refused to store it (`_holding_if_refused`): its later
+        retrieve or continuation says so rather than "unknown" (hunt round 23 C-F3). In memory: until a restart."""
+        return response_id in self._unkept
 
     def input_items(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items a stored response was generated from, in order (a previous response's conversation included:
@@ -313,16 +323,16 @@ class ResponseStore:
 
     @contextmanager
     def _holding_if_refused(self, response_id: str, response: dict[str, Any]) -> Iterator[None]:
-        """A write of a response the file already holds (a snapshot) that fails: the new copy is held in memory, then
-        the error raised as it was (the caller reports it). A write that works ends the hold. The caller holds the lock."""
+        """A write of a response the file already holds (a snapshot) that fails: the new copy is held in memory; one it
+        does not hold is named as not kept (`unkept`). Then the error raised as it was (the caller reports it). A write
+        that works ends the hold. The caller holds the lock."""
         try:
             yield
         except sqlite3.Error:
             if self._holds_a_copy(response_id):
-                self._held[response_id] = response
-                self._held.move_to_end(response_id)
-                while len(self._held) > self.held:
-                    self._held.popitem(last=False)
+                _bounded_put(self._held, response_id, response, self.held)
+            else:
+                _bounded_put(self._unkept, response_id, None, self.held)
             raise
         self._held.pop(response_id, None)
 
@@ -421,6 +431,14 @@ class ResponseStore:
 
 
 _INSERT_ITEM = "INSERT OR REPLACE INTO response_items (id, response_id, item) VALUES (?, ?, ?)"
+
+
+def _bounded_put(kept: OrderedDict[str, Any], key: str, value: Any, most: int) -> None:
+    """`kept[key] = value` as its newest, the oldest dropped past `most`."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > most:
+        kept.popitem(last=False)
 
 
 def _loaded(text: str, response_id: str, status: int = 404, param: str = "response_id") -> Any:

@@ -123,7 +123,11 @@ async def model(model_id: str, request: Request):
     return _model_card(model_id)
 
 
-def _not_stored(response_id: str) -> ApiError:
+def _not_stored(service: Service, response_id: str) -> ApiError:
+    """The 404 of an id the store does not hold; one answered while the data directory refused to store it says so."""
+    if service.responses.unkept(response_id):
+        return ApiError(404, 5006, f"Response {response_id!r} was answered while the data directory refused writes (a full "
+                                   "disk?), so it was not stored", "response_id")
     return ApiError(404, 5006, f"No stored response {response_id!r} (unknown, expired, deleted, or created with store: false)",
                     "response_id")
 
@@ -140,7 +144,7 @@ async def stored_response(response_id: ResponseIdPath, request: Request, stream:
         return EventStream(run.follow(starting_after), service.settings.sse_keepalive_s)
     response = service.responses.get(response_id)
     if response is None:
-        raise _not_stored(response_id)
+        raise _not_stored(service, response_id)
     response = results.with_current_keys(response)
     if not stream:
         return response
@@ -164,7 +168,7 @@ async def cancel_response(response_id: ResponseIdPath, request: Request):
         await run.cancel()
     response = service.responses.get(response_id)
     if response is None:
-        raise _not_stored(response_id)
+        raise _not_stored(service, response_id)
     if response.get("background") is not True:
         raise bad_input(f"Error: response {response_id!r} was not created with background: true; only a background "
                         "response can be cancelled", "response_id")
@@ -190,7 +194,7 @@ async def delete_response(response_id: ResponseIdPath, request: Request):
     is the 503 of `Service.write`, with the run going on."""
     service = service_of(request)
     if not await service.write("the responses", service.responses.delete, response_id):
-        raise _not_stored(response_id)
+        raise _not_stored(service, response_id)
     run = service.background.get(response_id)
     if run is not None:
         await run.cancel()
@@ -202,9 +206,10 @@ async def input_items(response_id: ResponseIdPath, request: Request, limit: int 
                       order: Literal["asc", "desc"] = "desc", after: str | None = None):
     """`client.responses.input_items.list(id)`: the items the response was generated from, with ids, as OpenAI's
     cursor page (newest first unless `order=asc`; `after`: the id the previous page ended at)."""
-    items = service_of(request).responses.input_items(response_id)
+    service = service_of(request)
+    items = service.responses.input_items(response_id)
     if items is None:
-        raise _not_stored(response_id)
+        raise _not_stored(service, response_id)
     return cursor_page(items if order == "asc" else items[::-1], limit, after)
 
 
