@@ -6,7 +6,10 @@ or every SDK timeout (and its retry) leaves an orphan generating until `max_toke
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import threading
 import time
 
@@ -68,6 +71,50 @@ def read_a_long_stream(server) -> None:
                 pass
     except httpx.HTTPError:
         pass
+
+
+def _cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (user and system)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _post_raw(server, path: str, body: bytes, send: int | None = None) -> socket.socket:
+    """A connection that has sent a POST of `body` (its first `send` bytes only, when given), without reading."""
+    connection = socket.create_connection(("127.0.0.1", server.port))
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    connection.sendall(head + body[:send])
+    return connection
+
+
+def _slow_batch() -> bytes:
+    """A batch of 1000 items (the most one may have) that its checks take seconds over: 40 long messages an item."""
+    words = " ".join(f"word{i}" for i in range(30))  # 8 MB: under the 10 MB a body may have
+    messages = [{"role": ("user", "assistant")[i % 2], "content": f"m{i} {words}"} for i in range(40)]
+    return json.dumps({"requests": [{"messages": messages, "max_tokens": 5}] * 1000}).encode()
+
+
+def test_a_batchs_item_checks_stop_when_its_client_leaves(checkpoints, tmp_path):
+    """Hunt round 23 A-F1: a batch's items are checked on a thread, which a departed client's cancellation did not
+    reach: the checks ran on for nobody (seconds of CPU each), and at a stop `asyncio.run` waited for them all, holding
+    the data directory's lock. Here two clients leave once their checks are under way; the server goes idle."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    try:
+        body, before = _slow_batch(), _cpu_s(server.process.pid)
+        clients = [_post_raw(server, f"/client/v4/accounts/a/ai/run/{MODEL}?queueRequest=true", body) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while _cpu_s(server.process.pid) - before < 2.0 and time.monotonic() < deadline:  # the bodies are parsed by now
+            time.sleep(0.1)
+        for client in clients:  # a reset, as a killed client leaves
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.close()
+        time.sleep(1.0)
+        start = _cpu_s(server.process.pid)
+        time.sleep(3.0)
+        assert _cpu_s(server.process.pid) - start < 1.0, "the item checks ran on after their clients left"
+    finally:
+        server.stop()
 
 
 def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):

@@ -19,8 +19,9 @@ for the keep-alive interval (`KEEPALIVE_S`, or `OSSRUN_SSE_KEEPALIVE_S` as `serv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
-from typing import TypeVar
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -52,6 +53,19 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
             if not pending.done():
                 pending.cancel()
         await asyncio.gather(task, watch, return_exceptions=True)
+
+
+async def stoppable_thread(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args, stop)` on a worker thread, `stop` (a threading.Event) set when the await is cancelled (its client
+    left, or the server is stopping): a thread cannot be cancelled, so a long loop checks `stop` at each step and ends.
+    Without it the work ran on for nobody, and `asyncio.run` waits for every such thread at exit with no timeout: a
+    stop took 15 s, holding the data directory's lock (hunt round 23 A-F1)."""
+    stop = threading.Event()
+    try:
+        return await asyncio.to_thread(call, *args, stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
 
 
 SSE = "text/event-stream"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from ossrun.api import results, schemas, surfaces
 from ossrun.api.access import client_address
 from ossrun.api.ask import Ask
 from ossrun.api.body import parse_body
-from ossrun.api.disconnect import EventStream, unless_client_leaves
+from ossrun.api.disconnect import EventStream, stoppable_thread, unless_client_leaves
 from ossrun.api.errors import ApiError, bad_input, envelope, openai_error_object
 from ossrun.api.service import Outcome, Plan, Service
 from ossrun.batch.store import Batch, BatchItem, QueueFull
@@ -136,11 +137,14 @@ def _typed(body: Any) -> tuple[str, Any]:
     return shape, schemas.parse(schemas.SHAPES[shape][0], body) if shape in schemas.SHAPES else None
 
 
-def _check_items(service: Service, items: list[dict[str, Any]]) -> None:
+def _check_items(service: Service, items: list[dict[str, Any]], stop: threading.Event) -> None:
     """Reject bad items now, not hours later, with what is cheap to check (`Service.draft`: milliseconds an item,
     on a worker thread). Compiling an item's schema and searching its budget take up to seconds each, so they
-    wait until the item runs: a thousand items are acknowledged in seconds, not half an hour."""
+    wait until the item runs: a thousand items are acknowledged in seconds, not half an hour. Ends at the next item
+    once `stop` is set (`stoppable_thread`: nobody awaits the answer any more)."""
     for index, item in enumerate(items):
+        if stop.is_set():
+            return
         reference = item.get("external_reference")
         if reference is not None and not isinstance(reference, str):  # as QueuedItem says: echoed as sent, so a string
             raise bad_input(f"Error: at '/requests/{index}/external_reference': Input should be a valid string",
@@ -172,7 +176,7 @@ async def _queue(service: Service, model: str, body: Any, request: Request) -> d
     if len(items) > limit:
         raise bad_input(f"Error: at '/requests': at most {limit} requests per batch, got {len(items)}")
     # Each item's error names requests[i]. A client that leaves meanwhile gets no request_id: nothing is queued for it.
-    await unless_client_leaves(request, asyncio.to_thread(_check_items, service, items))
+    await unless_client_leaves(request, stoppable_thread(_check_items, service, items))
     try:
         batch_id = await service.write("the batch queue", service.batch_store.create, model, items)
     except QueueFull as full:
