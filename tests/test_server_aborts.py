@@ -117,6 +117,44 @@ def test_a_batchs_item_checks_stop_when_its_client_leaves(checkpoints, tmp_path)
         server.stop()
 
 
+def _answer(connection: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """The status line, headers (lower-case names) and body of the response on `connection`, read to its close."""
+    connection.settimeout(30)
+    raw = b""
+    while chunk := connection.recv(65536):
+        raw += chunk
+    head, _, content = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}, content
+
+
+@pytest.mark.parametrize("path, half", [(f"/client/v4/accounts/a/ai/run/{MODEL}", True),
+                                        (f"/client/v4/accounts/a/ai/run/{MODEL}?queueRequest=true", False)])
+def test_sigterm_answers_a_request_receiving_its_body_or_checking_it_503(checkpoints, tmp_path, path, half):
+    """Hunt round 23 A-F2: at SIGTERM a request still receiving its body, or whose batch was still being checked on a
+    thread, was cancelled when uvicorn's grace period ended: uvicorn's bare text/plain 500 and an ERROR traceback. The
+    drain now ends it with the documented 503 3040 in the route's envelope, and closes the connection."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    try:
+        body, before = _slow_batch(), _cpu_s(server.process.pid)
+        client = _post_raw(server, path, body, send=len(body) // 2 if half else None)
+        deadline = time.monotonic() + 60
+        while not half and _cpu_s(server.process.pid) - before < 1.5 and time.monotonic() < deadline:  # checks under way
+            time.sleep(0.1)
+        time.sleep(1.0 if half else 0)  # the half that was sent has arrived
+        server.process.terminate()
+        status, headers, content = _answer(client)
+        assert status == "HTTP/1.1 503 Service Unavailable", (status, content[:300])
+        assert headers["connection"] == "close"
+        answer = json.loads(content)
+        assert answer["success"] is False and answer["errors"][0]["code"] == 3040, answer
+        assert answer["errors"][0]["message"] == "The server is shutting down, please try again."
+        server.process.wait(timeout=30)
+        assert "Traceback" not in server.log.read_text(), server.log.read_text()[-3000:]
+    finally:
+        server.stop()
+
+
 def test_sigterm_with_requests_in_flight_exits_within_5s(checkpoints, tmp_path):
     server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
     try:

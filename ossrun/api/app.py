@@ -28,7 +28,7 @@ from starlette.routing import Match
 from ossrun.api import body, docs_page, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, client_address,
                                host_name, token_matches)
-from ossrun.api.disconnect import KEEPALIVE_S
+from ossrun.api.disconnect import KEEPALIVE_S, unless_stopping
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                openai_unauthorized, param_of, rate_limited, refused, too_large)
 from ossrun.api.metering import Metering
@@ -62,14 +62,16 @@ class RequestBody:
     the decoded bytes too (`body.decoder`: another coding is a 415, a corrupt stream a 400), handing a network chunk's
     decoded bytes on a piece at a time (`body.DECODED_PIECE`: one chunk may inflate to hundreds of MB). A body that stops
     coming is a 408 (`body.BodyClock`); once it is complete, waiting on the connection (for a client that leaves)
-    is not timed.
+    is not timed. A body still arriving when the server starts shutting down (`stopping`, set by the drain) is the 503
+    "shutting down" at once: waited on, it was cancelled at the end of uvicorn's grace period, which answers a bare 500.
 
     Raising from `receive` lands in the route, whose exception handler answers in the surface's envelope; a route
     that reads no body is never refused for it.
     """
 
-    def __init__(self, app, patience_s: float = 30.0):
+    def __init__(self, app, stopping: asyncio.Event, patience_s: float = 30.0):
         self.app = app
+        self.stopping = stopping
         self.patience_s = patience_s
 
     async def __call__(self, scope, receive, send):
@@ -90,7 +92,7 @@ class RequestBody:
                     pieces = None
                     if ended:
                         return {"type": "http.request", "body": b"", "more_body": False}
-                message = await (clock.next(receive) if clock is not None else receive())
+                message = await (unless_stopping(self.stopping, clock.next(receive)) if clock is not None else receive())
                 if refusal := scope["state"].get(REFUSED):  # the server could not read the rest (a malformed chunk)
                     raise refused(*refusal)
                 if message["type"] != "http.request":
@@ -385,17 +387,20 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
                   redoc_url=None, description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
     app.state.service = service
     app.state.batch_worker = worker
+    app.state.stopping = asyncio.Event()
 
     async def drain() -> None:
         """Shutdown's first move (on SIGTERM, before uvicorn waits for open requests): batch items stop
-        first and stay queued for the next start, then every other request ends within a step."""
+        first and stay queued for the next start, then every other request ends within a step: a generation by the
+        engine's abort, a body still arriving or work on a thread by `stopping` (`disconnect.unless_client_leaves`)."""
+        app.state.stopping.set()
         await worker.stop()
         engine.abort_all()
 
     app.state.drain = drain
     limiter, wrong_tokens = RateLimiter(settings.rate_limit_per_minute), WrongTokens()
     policy = BrowserPolicy(settings.allowed_origins, None if settings.api_token else settings.local_hosts)
-    app.add_middleware(RequestBody, patience_s=settings.client_timeout_s)
+    app.add_middleware(RequestBody, stopping=app.state.stopping, patience_s=settings.client_timeout_s)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ossrun.api.errors import CLIENT_GONE, ApiError
+from ossrun.api.errors import CLIENT_GONE, SHUTTING_DOWN, ApiError
 
 T = TypeVar("T")
 
@@ -40,19 +40,37 @@ async def _disconnected(request: Request) -> None:
 
 
 async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """The result of `work`; if the client leaves first, `work` is cancelled and ApiError(499) raised."""
+    """The result of `work`; if the client leaves first, `work` is cancelled and ApiError(499) raised; if the server
+    starts shutting down first (`app.state.stopping`, set by the drain), it is cancelled and the 503 raised, in the
+    route's envelope rather than uvicorn's bare 500 when its grace period ends (hunt round 23 A-F2)."""
+    return await _unless(work, {_disconnected(request): ApiError(*CLIENT_GONE),
+                                request.app.state.stopping.wait(): shutting_down()})
+
+
+async def unless_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T:
+    """The result of `work`, or the 503 once the server starts shutting down (a body still arriving: `RequestBody`)."""
+    return await _unless(work, {stopping.wait(): shutting_down()})
+
+
+def shutting_down() -> ApiError:
+    """The 503 for a request the drain ends: the connection closes after it (its body may still be on its way)."""
+    return ApiError(*SHUTTING_DOWN, headers={"Connection": "close"})
+
+
+async def _unless(work: Awaitable[T], refusals: dict[Awaitable[object], ApiError]) -> T:
+    """The result of `work`, or the refusal whose watch ends first; whatever has not ended is cancelled."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watches = {asyncio.ensure_future(watch): refusal for watch, refusal in refusals.items()}
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, *watches}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        raise ApiError(*CLIENT_GONE)
+        raise next(refusal for watch, refusal in watches.items() if watch.done())
     finally:
-        for pending in (task, watch):
+        for pending in (task, *watches):
             if not pending.done():
                 pending.cancel()
-        await asyncio.gather(task, watch, return_exceptions=True)
+        await asyncio.gather(task, *watches, return_exceptions=True)
 
 
 async def stoppable_thread(call: Callable[..., T], *args: Any) -> T:
