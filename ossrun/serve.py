@@ -464,8 +464,10 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
                 self._loop.call_soon_threadsafe(callback)
 
         def _close_connections(self) -> None:
+            """At once: a plain close of a connection whose client is still sending lingers (`LingeringTransport`:
+            LINGER_S, for its answer to arrive), and the server waited that out (hunt round 23 A-F3)."""
             for connection in list(self.server_state.connections):
-                connection.transport.close()
+                connection.transport.close_now()
 
     return DrainingServer(config)
 

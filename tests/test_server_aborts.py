@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from ossrun.batch.store import SQLiteBatchStore
+from ossrun.connections import LINGER_S
 from tests.server_util import MODEL, start_server
 
 LONG = 4000  # far more tokens than the tiny model makes in the client's timeout
@@ -215,6 +216,31 @@ def test_a_second_sigint_during_shutdown_exits_quietly(checkpoints, tmp_path):
         assert time.monotonic() - started < 5.0
         log = server.log.read_text()
         assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    finally:
+        server.stop()
+
+
+def test_a_second_sigint_drops_a_connection_still_sending_at_once(checkpoints, tmp_path):
+    """Hunt round 23 A-F3: a connection whose client is still sending its body closes lingering (`LINGER_S`, for its
+    answer to arrive), and a second Ctrl-C closed it the same way: the server waited out the linger before it exited.
+    The second signal now drops it at once: the client's next sends meet a reset, long before LINGER_S."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}).encode()
+        client = _post_raw(server, "/v1/chat/completions", body, send=10)
+        time.sleep(1.0)  # the head and the first bytes have arrived
+        server.process.send_signal(signal.SIGINT)
+        status, _, _ = _answer(client)  # answered (503) and half closed: the server lingers for the rest of the body
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        server.process.send_signal(signal.SIGINT)
+        sent, started = 0, time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - started < LINGER_S:
+                client.sendall(b" " * 100)
+                sent += 1
+                time.sleep(0.02)
+        assert time.monotonic() - started < LINGER_S / 2, f"the connection lingered after the second signal ({sent} sends)"
+        server.process.wait(timeout=30)
     finally:
         server.stop()
 
