@@ -379,6 +379,18 @@ def test_the_kv_cache_costs_memory_as_it_is_used_not_at_start(model, device):
     assert _resident_bytes() - before < 128 * 1024**2
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_a_nan_embedding_row_mid_prompt_ends_the_request_with_an_error(checkpoints, device, precision):
+    """On the fast CPU path (native blocks) the NaN row's q/k/v were quantised to finite numbers and went into the KV
+    cache, so every later row was finite and the request went on, on a corrupted context, where exact ends it (hunt
+    round 23 B-F1). A corrupt embedding row stands for any row that overflows."""
+    model = GptOss.from_checkpoint(load_checkpoint(checkpoints["hf"]), torch.float32, device, precision=precision)
+    model.embedding[7] = float("nan")
+    events = make_engine(model).generate([Request("a", list(range(1, 20)), SamplingParams(max_tokens=4, **GREEDY))])["a"]
+    assert tokens(events) == [] and events[-1].finish_reason == "error"
+    assert events[-1].error == "the model's logits are all NaN or infinite (broken weights?)"
+
+
 def test_logits_all_nan_end_the_request_with_an_error_logged_once(checkpoints, device, caplog):
     """They were sampled: greedy took token 0 every step, sampling drew noise, and nothing was said (hunt round 22
     B-F4). The load refuses a NaN norm; here one is put into the loaded weights, as an overflow would make them."""

@@ -99,6 +99,17 @@ def test_activation_quantisation_is_bit_exact(isa):
     assert torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_non_finite_block_has_a_nan_scale(isa):
+    """Its max ignored NaN and the conversion saturated inf, so the block quantised to finite numbers (hunt round 23
+    B-F1): a NaN scale carries it into every product of the row, as an unquantised product does."""
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4))
+    for row, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+        x[row, 40] = value
+    _, d, _ = moe_cpu.quantize_rows(x, isa)
+    assert d[:, 1].isnan().all() and torch.isfinite(d[:, [0, 2]]).all()
+
+
 # Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4 rows, 8 per chunk).
 GROUPINGS = {
     "decode": ([1], [2]),

@@ -48,6 +48,25 @@ def test_activation_quantisation_is_bit_exact(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_a_non_finite_value_makes_its_row_nan(isa, amx, monkeypatch):
+    """The scale's max ignored NaN and the int8 conversion saturated inf, so a broken row came out as plausible numbers
+    (on the native blocks, which call the kernel directly, into the KV cache; hunt round 23 B-F1). Its block's scale is
+    NaN, and so is every product of the row, as an unquantised product makes it; 33 rows take the AMX tiles."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    monkeypatch.setenv("OSSRUN_CPU_AMX", amx)
+    x, w, b = operands(33, 2880, 40, seed=5)
+    broken = [2, 17, 30]
+    for row, value in zip(broken, (float("nan"), float("inf"), float("-inf"))):
+        x[row, 100] = value
+    _, d = dense_cpu.q8_quantize_activations(x)
+    assert d[broken, 3].isnan().all() and int(torch.isfinite(d).sum()) == d.numel() - len(broken)
+    y = dense_cpu.q8_linear(x, dense_cpu.quantize_weight(w), b)
+    rest = [r for r in range(33) if r not in broken]
+    assert y[broken].isnan().all() and torch.isfinite(y[rest]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 32, 3), (1, 96, 7), (3, 2880, 33), (4, 4096, 5), (5, 160, 64), (70, 64, 9), (131, 96, 4),
                                    (8, 96, 16), (67, 2880, 40), (19, 4096, 33)])
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -76,10 +76,12 @@ def _blocks(rows: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] → int8 [M, K], fp32 scales [M, K/32]: the kernel's own activation rounding (reference)."""
+    """[M, K] → int8 [M, K], fp32 scales [M, K/32]: the kernel's own activation rounding (reference). A block holding
+    NaN or inf has scale NaN (its values are then meaningless)."""
     m, k = x.shape
     blocks = x.float().reshape(m, k // BLOCK, BLOCK)
     d = blocks.abs().amax(dim=-1) / 127.0
+    d = torch.where(torch.isfinite(blocks).all(-1), d, torch.full_like(d, float("nan")))
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(blocks * inv.unsqueeze(-1)).to(torch.int8)
     return q.reshape(m, k), d
@@ -155,14 +157,4 @@ def q8_linear(x: torch.Tensor, weight: Q8Weight, bias: torch.Tensor | None = Non
                            bias_ptr, y.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise ValueError(f"q8_linear rejected x={tuple(x.shape)} weight={weight.shape} (status {status})")
-    return _keep_non_finite(x, y)
-
-
-def _keep_non_finite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The kernel quantises a NaN or infinite activation to a finite integer, so a broken row (NaN weights, an
-    overflow) came out as plausible numbers (all-zero logits: greedy "!!!!"); it is NaN, as an unquantised product
-    makes it, so the engine can tell. One reduction over x; finite rows are untouched."""
-    finite = torch.isfinite(x).all(-1)
-    if not bool(finite.all()):
-        y[~finite] = float("nan")
     return y

@@ -30,6 +30,7 @@
 #endif
 #include "amx_cpu.h"
 #include "mmla_cpu.h"
+#include "quant_cpu.h"
 
 #define QK 32     /* weights per block */
 #define MR 4      /* activation rows per micro-kernel call */
@@ -69,8 +70,8 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-        d[b] = scale;
+        const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        d[b] = scale_or_nan(xb, scale);
 #if defined(__AVX2__)
         const __m256 vinv = _mm256_set1_ps(inv);
         __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
