@@ -55,6 +55,26 @@ def test_activation_quantisation_is_bit_exact(arm, isa):
 
 
 @pytest.mark.parametrize("isa", ARM_ISAS)
+def test_quantisation_of_non_finite_and_tiny_blocks(arm, isa):
+    """Both quantisers: a block holding NaN or ±inf has scale NaN (hunt round 23 B-F1); one too small for its inverse
+    scale (max |x| below ~3.7e-37) quantises to 0, as the reference does (B-F2)."""
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(3))
+    for row, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+        x[row, 40] = value
+    x[3, 32:64] = torch.linspace(-1e-40, 1e-40, 32)
+    x[3, 64:96] = torch.linspace(-1e-36, 1e-36, 32)
+    q, d = torch.empty(4, 96, dtype=torch.int8), torch.empty(4, 3)
+    assert arm[isa].call("q8_quantize_rows", x, 4, 96, q, d, THREADS) == 0
+    q_ref, d_ref = dense_cpu.quantize_activations(x)
+    assert d[:3, 1].isnan().all() and torch.isfinite(d[3]).all() and torch.equal(q[3], q_ref[3]) and torch.equal(d[3], d_ref[3])
+    q, d, s = torch.empty(4, 96, dtype=torch.int8), torch.empty(4, 3), torch.empty(4, 3, dtype=torch.int32)
+    assert arm[isa].call("moe_q8_quantize", x, 4, 96, q, d, s) == 0
+    q_ref, d_ref, s_ref = reference_quantize(x)
+    assert d[:3, 1].isnan().all() and torch.isfinite(d[3]).all()
+    assert torch.equal(q[3], q_ref[3]) and torch.equal(d[3], d_ref[3]) and torch.equal(s[3], s_ref[3])
+
+
+@pytest.mark.parametrize("isa", ARM_ISAS)
 @pytest.mark.parametrize("m,k,n,with_bias", [(1, 96, 7, True), (3, 2880, 33, True), (5, 160, 64, False), (70, 64, 9, True),
                                              (19, 4096, 33, False)])
 def test_dense_linear_within_the_derived_bound(arm, isa, m, k, n, with_bias):

@@ -57,7 +57,8 @@ def reference_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     → q in the pair layout, d, and each block's Σq."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inverse = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    inverse = torch.tensor(127.0) / amax
+    inverse = torch.where(torch.isfinite(inverse), inverse, torch.zeros_like(inverse))  # all-zero and tiny blocks
     q = torch.round(blocks * inverse).to(torch.int8)
     return to_pair_layout(q.reshape(x.shape)), (amax / 127.0).squeeze(-1), q.int().sum(-1)
 
@@ -108,6 +109,18 @@ def test_a_non_finite_block_has_a_nan_scale(isa):
         x[row, 40] = value
     _, d, _ = moe_cpu.quantize_rows(x, isa)
     assert d[:, 1].isnan().all() and torch.isfinite(d[:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_block_too_small_to_invert_quantises_to_zero(isa):
+    """127/amax overflowed below amax ≈ 3.7e-37: -128 on the SIMD variants, 0 on portable (hunt round 23 B-F2)."""
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
+    x[1, 32:64] = torch.linspace(-1e-40, 1e-40, 32)
+    x[1, 64:96] = torch.linspace(-1e-36, 1e-36, 32)
+    q, d, s = moe_cpu.quantize_rows(x, isa)
+    q_ref, d_ref, s_ref = reference_quantize(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref) and torch.equal(s, s_ref)
+    assert not q[1, 16:32].any() and not q[1, 48:64].any()  # block 1's evens and odds in the pair layout
 
 
 # Groups of rows per expert: empty experts, one row, odd counts, and more rows than one register tile (4 rows, 8 per chunk).

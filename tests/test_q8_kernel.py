@@ -67,6 +67,20 @@ def test_a_non_finite_value_makes_its_row_nan(isa, amx, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_a_block_too_small_to_invert_quantises_to_zero(isa, monkeypatch):
+    """Below max |x| ≈ 3.7e-37 the inverse scale overflows: x · inf gave -128 on the SIMD variants (outside [-127, 127])
+    and 0 on portable (hunt round 23 B-F2). Now 0 everywhere; a block just above still quantises as the reference does."""
+    monkeypatch.setenv("OSSRUN_CPU_ISA", isa)
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(2))
+    x[1, 32:64] = torch.linspace(-1e-40, 1e-40, 32)
+    x[1, 64:96] = torch.linspace(-1e-36, 1e-36, 32)
+    q, d = dense_cpu.q8_quantize_activations(x)
+    q_ref, d_ref = dense_cpu.quantize_activations(x)
+    assert torch.equal(q, q_ref) and torch.equal(d, d_ref)
+    assert not q[1, 32:64].any() and q[1, 64:96].abs().max() == 127
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 32, 3), (1, 96, 7), (3, 2880, 33), (4, 4096, 5), (5, 160, 64), (70, 64, 9), (131, 96, 4),
                                    (8, 96, 16), (67, 2880, 40), (19, 4096, 33)])
 @pytest.mark.parametrize("with_bias", [True, False])

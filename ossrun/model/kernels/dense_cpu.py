@@ -77,12 +77,13 @@ def _blocks(rows: torch.Tensor) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] → int8 [M, K], fp32 scales [M, K/32]: the kernel's own activation rounding (reference). A block holding
-    NaN or inf has scale NaN (its values are then meaningless)."""
+    NaN or inf has scale NaN (its values are then meaningless); one whose inverse scale is not finite quantises to 0."""
     m, k = x.shape
     blocks = x.float().reshape(m, k // BLOCK, BLOCK)
     d = blocks.abs().amax(dim=-1) / 127.0
     d = torch.where(torch.isfinite(blocks).all(-1), d, torch.full_like(d, float("nan")))
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    inv = 1.0 / d
+    inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
     q = torch.round(blocks * inv.unsqueeze(-1)).to(torch.int8)
     return q.reshape(m, k), d
 

@@ -85,7 +85,7 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
      * nearbyintf does in the default mode): the same bits, without a prompt's millions of scalar roundings. */
     const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float id = finite_or_zero(127.0f / amax);
     *d = scale_or_nan(x, amax / 127.0f);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
@@ -105,7 +105,7 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float id = finite_or_zero(127.0f / amax);
     *d = scale_or_nan(x, amax / 127.0f);
     const __m256 vid = _mm256_set1_ps(id);
     __m256i sum = _mm256_setzero_si256();
@@ -133,7 +133,7 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
         vmax = vmaxq_f32(vmax, vmaxq_f32(vabsq_f32(v[i].val[0]), vabsq_f32(v[i].val[1])));
     }
     const float amax = vmaxvq_f32(vmax);
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float id = finite_or_zero(127.0f / amax);
     *d = scale_or_nan(x, amax / 127.0f);
     int32x4_t sum = vdupq_n_s32(0);
     for (int parity = 0; parity < 2; parity++) { /* evens, then odds */
@@ -150,7 +150,7 @@ static inline void quantize_block(const float *x, int8_t *q, int b, int nb, floa
 #else
     float amax = 0.0f;
     for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-    float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    float id = finite_or_zero(127.0f / amax);
     *d = scale_or_nan(x, amax / 127.0f);
     int8_t *evens = q + evens_at(b), *odds = q + odds_at(b, nb);
     int32_t sum = 0;

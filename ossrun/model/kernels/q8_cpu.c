@@ -70,7 +70,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        const float scale = amax / 127.0f, inv = finite_or_zero(1.0f / scale);
         d[b] = scale_or_nan(xb, scale);
 #if defined(__AVX2__)
         const __m256 vinv = _mm256_set1_ps(inv);

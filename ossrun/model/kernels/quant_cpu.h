@@ -1,8 +1,9 @@
 /* What the two activation quantisers (q8_cpu.c's dense one, moe_q8_cpu.c's) share, in every variant: how a block's
- * scale treats the values a plain amax/127 gets wrong. */
+ * scale and its inverse treat the values a plain amax/127 gets wrong. */
 #ifndef OSSRUN_QUANT_CPU_H
 #define OSSRUN_QUANT_CPU_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -22,5 +23,10 @@ static inline float scale_or_nan(const float *x, float scale) {
     }
     return top >= 0x7f800000u ? NAN : scale;
 }
+
+/* An inverse scale that is not finite (an all-zero block; a block whose largest |x| is below ~3.7e-37, whose
+ * inverse overflows; a NaN or inf block) becomes 0, so the block quantises to 0 on every variant: x·inf converted
+ * to int8 gave -128, outside the documented [-127, 127], where the portable build gave 0. */
+static inline float finite_or_zero(float inverse) { return inverse <= FLT_MAX ? inverse : 0.0f; }
 
 #endif
