@@ -6,6 +6,7 @@ tokenizer for stop strings and grammars; the engine → the API through its clie
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import logging
@@ -439,13 +440,17 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
             """uvicorn's, without raising the signal that stopped the server again once it has: uvicorn does, for the
             handler before it to act, and asyncio's SIGINT handler then throws a KeyboardInterrupt through the closing
             event loop (a traceback from the app's lifespan when a second one follows). Stopped as asked, `serve` returns
-            and the process exits 0; a signal after that (the engine's threads are being joined) exits at once."""
+            and the process exits 0; a signal after that (the engine's threads are being joined) exits at once, and one
+            in the interpreter's last ~0.5 s (its modules torn down, where Python has put back the default handlers that
+            die of the signal: rc -2) is ignored."""
             previous = {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
             try:
                 yield
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, _exit_now if self.should_exit else handler)
+                if self.should_exit:
+                    atexit.register(_ignore_exit_signals)
 
         def handle_exit(self, sig, frame) -> None:
             """The first SIGINT/SIGTERM drains. A second one while shutting down (Ctrl-C pressed twice, or the demo's
@@ -470,6 +475,13 @@ def _draining_server(config, drain: Callable[[], Awaitable[None]]):
                 connection.transport.close_now()
 
     return DrainingServer(config)
+
+
+def _ignore_exit_signals() -> None:
+    """At exit, after the threads are joined: Python's finalisation resets a signal handled in Python to the default
+    (the process then dies of it) but leaves an ignored one ignored, and nothing is left that a signal could hurry."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _exit_now(sig: int, frame) -> None:

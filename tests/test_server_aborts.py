@@ -220,6 +220,33 @@ def test_a_second_sigint_during_shutdown_exits_quietly(checkpoints, tmp_path):
         server.stop()
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether the process has a handler of its own for SIGINT (its SigCgt mask in /proc), not the default or ignore."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    raise AssertionError("no SigCgt line")
+
+
+def test_a_signal_while_the_interpreter_finishes_still_exits_0(checkpoints, tmp_path):
+    """Found fixing hunt round 23 A-F3: an idle server's second Ctrl-C 0.3-0.6 s after the first killed it (rc -2):
+    once `serve` has returned, Python's finalisation puts back the default handlers, which die of the signal, for its
+    last ~0.5 s. Here the second SIGINT comes when the process no longer catches SIGINT itself."""
+    server = start_server(checkpoints["original"], tmp_path / "data", "--rate-limit", "100000")
+    try:
+        server.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        try:
+            while _catches_sigint(server.process.pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            server.process.send_signal(signal.SIGINT)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # ended first
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
 def test_a_second_sigint_drops_a_connection_still_sending_at_once(checkpoints, tmp_path):
     """Hunt round 23 A-F3: a connection whose client is still sending its body closes lingering (`LINGER_S`, for its
     answer to arrive), and a second Ctrl-C closed it the same way: the server waited out the linger before it exited.
