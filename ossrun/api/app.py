@@ -28,7 +28,7 @@ from starlette.routing import Match
 from ossrun.api import body, docs_page, openai_routes, playground, request_ids, workers_ai
 from ossrun.api.access import (BrowserPolicy, RateLimiter, TrustedProxies, WrongTokens, bearer_token, client_address,
                                host_name, token_matches)
-from ossrun.api.disconnect import KEEPALIVE_S, unless_stopping
+from ossrun.api.disconnect import KEEPALIVE_S, Stopping, unless_stopping
 from ossrun.api.errors import (AUTH_FAILED, CLIENT_GONE, ApiError, bad_input, envelope_error, is_openai_path, openai_error,
                                openai_unauthorized, param_of, rate_limited, refused, too_large)
 from ossrun.api.metering import Metering
@@ -69,7 +69,7 @@ class RequestBody:
     that reads no body is never refused for it.
     """
 
-    def __init__(self, app, stopping: asyncio.Event, patience_s: float = 30.0):
+    def __init__(self, app, stopping: Stopping, patience_s: float = 30.0):
         self.app = app
         self.stopping = stopping
         self.patience_s = patience_s
@@ -387,7 +387,7 @@ def build_app(engine: EngineClient, settings: AppSettings) -> FastAPI:
                   redoc_url=None, description="OpenAI's gpt-oss served with the Workers AI and OpenAI APIs.")
     app.state.service = service
     app.state.batch_worker = worker
-    app.state.stopping = asyncio.Event()
+    app.state.stopping = Stopping()
 
     async def drain() -> None:
         """Shutdown's first move (on SIGTERM, before uvicorn waits for open requests): batch items stop

@@ -47,7 +47,40 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
                                 request.app.state.stopping.wait(): shutting_down()})
 
 
-async def unless_stopping(stopping: asyncio.Event, work: Awaitable[T]) -> T:
+class Stopping:
+    """Set once, by the drain; awaited by requests on any event loop. Not an `asyncio.Event`, which binds to the first
+    loop that waits on it: an app driven from several loops (the ASGI tests, an `asyncio.run` a call) got a RuntimeError
+    from the watch on the second, which `_unless` read as the 503 "shutting down" of a server that was not stopping."""
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        for waiter in list(self._waiters):
+            waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def unless_stopping(stopping: Stopping, work: Awaitable[T]) -> T:
     """The result of `work`, or the 503 once the server starts shutting down (a body still arriving: `RequestBody`)."""
     return await _unless(work, {stopping.wait(): shutting_down()})
 
